@@ -1,0 +1,45 @@
+"""The `shark` console command: `shark <subcommand> [flags]`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable, Dict, List, Optional
+
+from shark_torchrec.config import parse_cli
+
+
+def train_main(argv: List[str]) -> int:
+    """Train DLRM under DistributedModelParallel (TorchRec planner, TrainPipelineSparseDist)."""
+    from shark_torchrec.data.schema import DataError
+    from shark_torchrec.distributed.env import launch
+    from shark_torchrec.train.checkpoint import CheckpointError
+    from shark_torchrec.train.trainer import train_job
+
+    cfg = parse_cli(argv, prog="shark train", description=train_main.__doc__ or "")
+    try:
+        metrics = launch(train_job, cfg.run.nproc, cfg)
+    except (DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"shark train: error: {e}", file=sys.stderr)
+        return 2
+    if metrics is not None:
+        brief = {k: metrics[k] for k in ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes")}
+        print(json.dumps(brief, indent=2))
+    return 0
+
+
+COMMANDS: Dict[str, Callable[[List[str]], int]] = {"train": train_main}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: shark {" + ",".join(COMMANDS) + "} [flags]   (shark CMD --help for flags)")
+        for name, fn in COMMANDS.items():
+            print(f"  {name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

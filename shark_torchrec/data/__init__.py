@@ -1,0 +1,119 @@
+"""Data sources: `synthetic`, `criteo:DIR`, `csv:DIR`, all streamed as rank-aligned batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from shark_torchrec.config import DataConfig
+from shark_torchrec.data.batch import Batch, make_batch
+from shark_torchrec.data.files import BadLineStats, CsvLayout, FileSplit, HashEncoder, VocabEncoder
+from shark_torchrec.data.schema import DataError, Schema
+from shark_torchrec.data.synthetic import DENSE_NAMES, SyntheticGenerator, SyntheticSplit
+
+SPLIT_NAMES = ("train", "dev", "test")
+
+__all__ = ["Batch", "DataError", "Dataset", "Schema", "open_dataset"]
+
+
+def _names(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class Dataset:
+    """A schema plus three splits that yield local batches for (rank, world)."""
+
+    def __init__(self, schema: Schema, splits: Dict[str, object], encoder=None, truth=None) -> None:
+        self.schema = schema
+        self.splits = splits
+        self.encoder = encoder
+        self.truth = truth
+
+    def num_batches(self, split: str, global_batch: int) -> int:
+        return -(-self.splits[split].num_lines() // global_batch)
+
+    def batches(
+        self, split: str, global_batch: int, rank: int = 0, world: int = 1, skip_batches: int = 0
+    ) -> Iterator[Batch]:
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
+        source = self.splits[split]
+        if self.encoder is None:
+            arrays = source.local_batches(global_batch, rank, world, skip_batches)
+        else:
+            arrays = source.local_batches(self.encoder, global_batch, rank, world, skip_batches)
+        for labels, dense, ids, valid in arrays:
+            yield make_batch(self.schema.sparse_names, labels, dense, ids, valid)
+
+    def bad_lines(self, split: str) -> Optional[BadLineStats]:
+        return getattr(self.splits[split], "stats", None)
+
+
+def _encoder(cfg: DataConfig, train: FileSplit, num_fields: int):
+    if cfg.encoding == "hash":
+        return HashEncoder(cfg.hash_size)
+    return VocabEncoder.build((cats for _, _, cats in train.parsed()), num_fields, cfg.min_count)
+
+
+def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, has_header: bool) -> Dataset:
+    splits = {
+        s: FileSplit(
+            root / f"{s}{suffix}", layout.parse, has_header,
+            len(layout.dense_names), len(layout.sparse_names), cfg.strict,
+        )
+        for s in SPLIT_NAMES
+    }
+    train = splits["train"]
+    if cfg.encoding == "hash":
+        encoder = HashEncoder(cfg.hash_size)
+    else:
+        cats = (c for _, _, c in train.parsed())
+        encoder = VocabEncoder.build(cats, len(layout.sparse_names), cfg.min_count)
+    sizes = [encoder.num_embeddings(j) for j in range(len(layout.sparse_names))]
+    return Dataset(Schema(layout.dense_names, layout.sparse_names, sizes), splits, encoder)
+
+
+def _csv(cfg: DataConfig, root: Path) -> Dataset:
+    found = [p for p in (root / "train.csv", root / "train.tsv") if p.is_file()]
+    if not found:
+        raise DataError(f"missing split file: {root}/train.csv (or train.tsv)")
+    train = found[0]
+    layout = CsvLayout.from_header(train, cfg.label, _names(cfg.categorical), _names(cfg.dense), _names(cfg.drop))
+    return _from_layout(cfg, root, layout, train.suffix, has_header=True)
+
+
+def _criteo(cfg: DataConfig, root: Path) -> Dataset:
+    return _from_layout(cfg, root, CsvLayout.criteo(_names(cfg.drop)), ".tsv", has_header=False)
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    gen = SyntheticGenerator(seed, cfg.synthetic_scale)
+    drop = set(_names(cfg.drop))
+    known = {f.name for f in gen.fields} | set(DENSE_NAMES)
+    if drop - known:
+        raise DataError(f"--drop: unknown synthetic column(s) {', '.join(sorted(drop - known))}")
+    keep = [j for j, f in enumerate(gen.fields) if f.name not in drop]
+    dense_keep = [j for j, n in enumerate(DENSE_NAMES) if n not in drop]
+    rows = {"train": cfg.synthetic_train_rows, "dev": cfg.synthetic_eval_rows, "test": cfg.synthetic_eval_rows}
+    for s, n in rows.items():
+        if n <= 0:
+            raise DataError(f"synthetic: the {s} split must have at least one row")
+    schema = Schema(
+        [DENSE_NAMES[j] for j in dense_keep],
+        [gen.fields[j].name for j in keep],
+        [gen.fields[j].cardinality for j in keep],
+    )
+    splits = {s: SyntheticSplit(gen, s, n, keep, dense_keep) for s, n in rows.items()}
+    return Dataset(schema, splits, truth=gen.truth())
+
+
+def open_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    kind, _, arg = cfg.data.partition(":")
+    if kind == "synthetic":
+        return _synthetic(cfg, seed)
+    if kind in ("criteo", "csv"):
+        root = Path(arg)
+        if not arg or not root.is_dir():
+            raise DataError(f"--data {cfg.data}: directory {arg!r} not found")
+        return _criteo(cfg, root) if kind == "criteo" else _csv(cfg, root)
+    raise DataError(f"--data {cfg.data!r}: expected synthetic, criteo:DIR or csv:DIR")

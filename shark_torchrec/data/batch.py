@@ -1,0 +1,119 @@
+"""The batch the training pipeline moves around, and its construction from numpy arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One rank's share of a global batch.
+
+    Local batches have a fixed size (global batch / world size). Slots left empty by skipped
+    bad lines or by the end of a split are padding: their `sample_weights` is 0 and their
+    features are empty, so they add nothing to the loss, the gradients or the metrics.
+    """
+
+    dense_features: torch.Tensor  # [B, num_dense] float32
+    sparse_features: KeyedJaggedTensor  # one key per categorical field, unweighted
+    labels: torch.Tensor  # [B] float32
+    sample_weights: torch.Tensor  # [B] float32, 1 for a real sample, 0 for padding
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            self.dense_features.to(device=device, non_blocking=non_blocking),
+            self.sparse_features.to(device=device, non_blocking=non_blocking),
+            self.labels.to(device=device, non_blocking=non_blocking),
+            self.sample_weights.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense_features.record_stream(stream)
+        self.sparse_features.record_stream(stream)
+        self.labels.record_stream(stream)
+        self.sample_weights.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            self.dense_features.pin_memory(),
+            self.sparse_features.pin_memory(),
+            self.labels.pin_memory(),
+            self.sample_weights.pin_memory(),
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sample_weights.sum().item())
+
+    def id_label_weights(self) -> KeyedJaggedTensor:
+        """The sparse features with each id weighted by its sample's label.
+
+        This is how a per-id label reaches the rank that owns the id's row: the weights
+        travel with the ids through TorchRec's input all-to-all.
+        """
+        kjt = self.sparse_features
+        per_sample = self.labels.repeat(len(kjt.keys()))
+        weights = torch.repeat_interleave(per_sample, kjt.lengths())
+        return KeyedJaggedTensor(
+            keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights
+        )
+
+
+def make_batch(
+    keys: List[str],
+    labels: np.ndarray,
+    dense: np.ndarray,
+    ids: np.ndarray,
+    valid: np.ndarray,
+) -> Batch:
+    """Build a Batch from per-sample arrays of single-valued categorical fields.
+
+    labels [B], dense [B, Nd], ids [B, Ns] (int64), valid [B] bool (False = padding).
+    """
+    B = labels.shape[0]
+    mask = np.broadcast_to(valid[None, :], (len(keys), B))  # key-major, as KJT lays out
+    lengths = mask.astype(np.int32).reshape(-1)
+    values = ids.T[mask]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(keys),
+        values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+        lengths=torch.from_numpy(lengths),
+    )
+    w = valid.astype(np.float32)
+    return Batch(
+        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32) * w[:, None]),
+        sparse_features=kjt,
+        labels=torch.from_numpy(labels.astype(np.float32) * w),
+        sample_weights=torch.from_numpy(w),
+    )
+
+
+def empty_arrays(batch_size: int, num_dense: int, num_sparse: int):
+    return (
+        np.zeros(batch_size, np.float32),
+        np.zeros((batch_size, num_dense), np.float32),
+        np.zeros((batch_size, num_sparse), np.int64),
+        np.zeros(batch_size, bool),
+    )
+
+
+def concat_batches(batches: List[Batch], keys: Optional[List[str]] = None) -> Batch:
+    """Concatenate local batches along the batch dimension (used by tests and references)."""
+    keys = keys or batches[0].sparse_features.keys()
+    per_key = [
+        [b.sparse_features[k] for b in batches] for k in keys
+    ]
+    values = torch.cat([jt.values() for jts in per_key for jt in jts])
+    lengths = torch.cat([jt.lengths() for jts in per_key for jt in jts])
+    return Batch(
+        torch.cat([b.dense_features for b in batches]),
+        KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=values, lengths=lengths),
+        torch.cat([b.labels for b in batches]),
+        torch.cat([b.sample_weights for b in batches]),
+    )

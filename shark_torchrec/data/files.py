@@ -1,0 +1,299 @@
+"""Streaming readers for Criteo-format TSV and headed CSV/TSV files.
+
+A split is read line by line, never loaded whole. Global batch k is the k-th block of
+`global_batch` raw lines; rank r parses only the lines i of that block with i % world == r
+and fills its fixed-size local batch, leaving padding where a line was bad or the file
+ended. Every rank therefore sees the same number of batches whatever lines are skipped,
+and the union of the ranks' batches is exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from shark_torchrec.data.schema import DataError
+
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
+CRITEO_COLUMNS = 1 + len(CRITEO_DENSE) + len(CRITEO_SPARSE)
+
+ParsedLine = Tuple[float, List[float], List[str]]
+
+
+class BadLine(Exception):
+    """A line that cannot be parsed; the reason is the message."""
+
+
+@dataclass
+class BadLineStats:
+    """Counts skipped lines and keeps the first few as `file:line: reason`."""
+
+    max_examples: int = 5
+    count: int = 0
+    examples: List[str] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{where}: {reason}")
+
+
+def _parse_label(text: str) -> float:
+    t = text.strip()
+    if t in ("0", "1"):
+        return float(t)
+    try:
+        v = float(t)
+    except ValueError:
+        raise BadLine(f"label {text!r} is not 0 or 1") from None
+    if v not in (0.0, 1.0):
+        raise BadLine(f"label {text!r} is not 0 or 1")
+    return v
+
+
+def _parse_number(text: str, column: str) -> float:
+    t = text.strip()
+    if not t:
+        return 0.0
+    try:
+        v = float(t)
+    except ValueError:
+        raise BadLine(f"column {column}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise BadLine(f"column {column}: {text!r} is not finite")
+    return v
+
+
+@dataclass
+class CsvLayout:
+    """Which columns of a headed CSV/TSV are label, dense and categorical."""
+
+    delimiter: str
+    num_columns: int
+    label_index: int
+    dense_names: List[str]
+    dense_index: List[int]
+    sparse_names: List[str]
+    sparse_index: List[int]
+    log_dense: bool = False
+    """Criteo: dense values become log(1 + max(x, 0))."""
+
+    @staticmethod
+    def from_header(
+        path: Path,
+        label: str,
+        categorical: Sequence[str],
+        dense: Sequence[str],
+        drop: Sequence[str],
+    ) -> "CsvLayout":
+        delimiter = "\t" if path.suffix == ".tsv" else ","
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            header_line = f.readline()
+        if not header_line.strip():
+            raise DataError(f"{path}: empty file (a header line is expected)")
+        header = next(csv.reader([header_line], delimiter=delimiter))
+        header = [h.strip() for h in header]
+        index = {h: i for i, h in enumerate(header)}
+
+        def lookup(names: Sequence[str], what: str) -> List[int]:
+            missing = [n for n in names if n not in index]
+            if missing:
+                raise DataError(
+                    f"{path}: {what} column(s) {', '.join(missing)} not in header "
+                    f"({', '.join(header)})"
+                )
+            return [index[n] for n in names]
+
+        (label_index,) = lookup([label], "label")
+        dense_index = lookup(dense, "dense")
+        lookup(drop, "dropped")
+        if categorical:
+            sparse = list(categorical)
+        else:
+            taken = {label, *dense, *drop}
+            sparse = [h for h in header if h not in taken]
+        sparse_index = lookup(sparse, "categorical")
+        overlap = set(sparse) & set(dense)
+        if overlap:
+            raise DataError(f"{path}: column(s) {', '.join(sorted(overlap))} both dense and categorical")
+        if not sparse:
+            raise DataError(f"{path}: no categorical columns selected")
+        return CsvLayout(delimiter, len(header), label_index, list(dense), dense_index, sparse, sparse_index)
+
+    @staticmethod
+    def criteo(drop: Sequence[str] = ()) -> "CsvLayout":
+        """Criteo's fixed 40 columns: label, I1..I13, C1..C26 (no header)."""
+        unknown = set(drop) - set(CRITEO_DENSE) - set(CRITEO_SPARSE)
+        if unknown:
+            raise DataError(f"--drop: unknown Criteo column(s) {', '.join(sorted(unknown))}")
+        dense = [(1 + i, c) for i, c in enumerate(CRITEO_DENSE) if c not in drop]
+        sparse = [(14 + i, c) for i, c in enumerate(CRITEO_SPARSE) if c not in drop]
+        return CsvLayout(
+            "\t", CRITEO_COLUMNS, 0,
+            [c for _, c in dense], [i for i, _ in dense],
+            [c for _, c in sparse], [i for i, _ in sparse],
+            log_dense=True,
+        )
+
+    def parse(self, line: str) -> ParsedLine:
+        line = line.rstrip("\r\n")
+        if self.log_dense:  # Criteo: plain tab-separated, no quoting
+            cols = line.split("\t")
+        else:
+            cols = next(csv.reader([line], delimiter=self.delimiter), [])
+        if len(cols) != self.num_columns:
+            raise BadLine(f"expected {self.num_columns} columns, got {len(cols)}")
+        label = _parse_label(cols[self.label_index])
+        dense = [_parse_number(cols[i], n) for i, n in zip(self.dense_index, self.dense_names)]
+        if self.log_dense:
+            dense = [math.log1p(max(v, 0.0)) for v in dense]
+        return label, dense, [cols[i].strip() for i in self.sparse_index]
+
+
+class Encoder:
+    """Maps a categorical string of field j to a row id."""
+
+    def num_embeddings(self, j: int) -> int:
+        raise NotImplementedError
+
+    def encode(self, j: int, value: str) -> int:
+        raise NotImplementedError
+
+
+class HashEncoder(Encoder):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def num_embeddings(self, j: int) -> int:
+        return self.size
+
+    def encode(self, j: int, value: str) -> int:
+        # crc32 is stable across processes and Python versions, unlike hash().
+        return zlib.crc32(f"{j}:{value}".encode()) % self.size
+
+
+class VocabEncoder(Encoder):
+    """Vocabulary per field from the train split; row 0 is the out-of-vocabulary row."""
+
+    def __init__(self, vocabs: List[dict]) -> None:
+        self.vocabs = vocabs
+
+    @staticmethod
+    def build(values: Iterator[List[str]], num_fields: int, min_count: int) -> "VocabEncoder":
+        counters = [Counter() for _ in range(num_fields)]
+        for cats in values:
+            for c, v in zip(counters, cats):
+                c[v] += 1
+        vocabs = []
+        for c in counters:
+            kept = sorted((v for v, n in c.items() if n >= min_count), key=lambda v: (-c[v], v))
+            vocabs.append({v: i + 1 for i, v in enumerate(kept)})
+        return VocabEncoder(vocabs)
+
+    def num_embeddings(self, j: int) -> int:
+        return len(self.vocabs[j]) + 1
+
+    def encode(self, j: int, value: str) -> int:
+        return self.vocabs[j].get(value, 0)
+
+
+class FileSplit:
+    """One split file, streamed into fixed-size local batches."""
+
+    def __init__(
+        self,
+        path: Path,
+        parse: Callable[[str], ParsedLine],
+        has_header: bool,
+        num_dense: int,
+        num_sparse: int,
+        strict: bool,
+        max_examples: int = 5,
+    ) -> None:
+        if not path.is_file():
+            raise DataError(f"missing split file: {path}")
+        self.path = path
+        self.parse = parse
+        self.has_header = has_header
+        self.num_dense = num_dense
+        self.num_sparse = num_sparse
+        self.strict = strict
+        self.stats = BadLineStats(max_examples)
+        self._num_lines: Optional[int] = None
+
+    def num_lines(self) -> int:
+        """Data lines in the file (a cheap byte scan, cached)."""
+        if self._num_lines is None:
+            n = 0
+            last = b"\n"
+            with open(self.path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    n += chunk.count(b"\n")
+                    last = chunk[-1:]
+            if last != b"\n":
+                n += 1
+            self._num_lines = n - (1 if self.has_header and n > 0 else 0)
+            if self._num_lines <= 0:
+                raise DataError(f"empty split: {self.path} has no data lines")
+        return self._num_lines
+
+    def _numbered_lines(self) -> Iterator[Tuple[int, str]]:
+        f = open(self.path, newline="", encoding="utf-8", errors="replace")
+        with f:
+            start = 1
+            if self.has_header:
+                f.readline()
+                start = 2
+            yield from enumerate(f, start)
+
+    def parsed(self) -> Iterator[ParsedLine]:
+        """Every good line of the file (for vocabulary building)."""
+        for lineno, line in self._numbered_lines():
+            try:
+                yield self.parse(line)
+            except BadLine as e:
+                if self.strict:
+                    raise DataError(f"{self.path}:{lineno}: {e}") from None
+
+    def local_batches(
+        self,
+        encoder: Encoder,
+        global_batch: int,
+        rank: int,
+        world: int,
+        skip_batches: int = 0,
+    ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        from shark_torchrec.data.batch import empty_arrays
+
+        self.num_lines()  # refuses an empty split before any batch is made
+        local = global_batch // world
+        lines = self._numbered_lines()
+        if skip_batches:
+            lines = itertools.islice(lines, skip_batches * global_batch, None)
+        while True:
+            block = list(itertools.islice(lines, global_batch))
+            if not block:
+                return
+            labels, dense, ids, valid = empty_arrays(local, self.num_dense, self.num_sparse)
+            for slot, (lineno, line) in enumerate(block[rank::world]):
+                try:
+                    label, dense_values, cats = self.parse(line)
+                except BadLine as e:
+                    if self.strict:
+                        raise DataError(f"{self.path}:{lineno}: {e}") from None
+                    self.stats.add(f"{self.path}:{lineno}", str(e))
+                    continue
+                labels[slot] = label
+                dense[slot] = dense_values
+                ids[slot] = [encoder.encode(j, v) for j, v in enumerate(cats)]
+                valid[slot] = True
+            yield labels, dense, ids, valid

@@ -1,0 +1,182 @@
+"""Shard a model with TorchRec's planner and DistributedModelParallel."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from shark_torchrec.config import TrainConfig
+from shark_torchrec.distributed.env import DistEnv
+
+INIT_BLOCK_ROWS = 1 << 16
+
+
+def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
+    """Sharders whose kernels train with FBGEMM's fused row-wise Adagrad."""
+    fused = {
+        "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "learning_rate": cfg.lr,
+        "eps": cfg.eps,
+    }
+    return [EmbeddingBagCollectionSharder(fused_params=fused)]
+
+
+def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
+    """Every embedding table config in an (unsharded) model, by table name."""
+    out: Dict[str, BaseEmbeddingConfig] = {}
+    for m in model.modules():
+        if hasattr(m, "embedding_bag_configs"):
+            out.update({c.name: c for c in m.embedding_bag_configs()})
+        elif hasattr(m, "embedding_configs"):
+            out.update({c.name: c for c in m.embedding_configs()})
+    return out
+
+
+def sharding_constraints(
+    tables: Iterable[str], cfg: TrainConfig
+) -> Dict[str, ParameterConstraints]:
+    types = list(cfg.sharding_types) or [
+        ShardingType.TABLE_WISE.value,
+        ShardingType.ROW_WISE.value,
+        ShardingType.COLUMN_WISE.value,
+        ShardingType.TABLE_COLUMN_WISE.value,
+        ShardingType.TABLE_ROW_WISE.value,
+        ShardingType.DATA_PARALLEL.value,
+    ]
+    if not cfg.allow_data_parallel:
+        types = [t for t in types if t != ShardingType.DATA_PARALLEL.value]
+    if not types:
+        raise ValueError("no sharding type left: allow data_parallel or name a sharded type")
+    return {t: ParameterConstraints(sharding_types=list(types)) for t in tables}
+
+
+def plan_sharding(
+    model: nn.Module,
+    env: DistEnv,
+    cfg: TrainConfig,
+    sharders: Sequence[ModuleSharder[nn.Module]],
+) -> ShardingPlan:
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=env.world_size, compute_device=env.device.type),
+        constraints=sharding_constraints(embedding_configs(model), cfg),
+    )
+    return planner.collective_plan(model, list(sharders), dist.GroupMember.WORLD)
+
+
+def shard_model(
+    model: nn.Module,
+    env: DistEnv,
+    cfg: TrainConfig,
+    sharders: Optional[Sequence[ModuleSharder[nn.Module]]] = None,
+    plan: Optional[ShardingPlan] = None,
+) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    sharders = list(sharders or default_sharders(cfg))
+    plan = plan or plan_sharding(model, env, cfg, sharders)
+    dmp = DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=env.device,
+        plan=plan,
+        sharders=sharders,
+    )
+    return dmp, plan
+
+
+def _table_index(name: str) -> int:
+    # A stable number per table name (not Python's salted hash).
+    import zlib
+
+    return zlib.crc32(name.encode())
+
+
+def _init_rows(
+    seed: int, table: str, num_rows: int, dim: int, row0: int, row1: int, bound: float
+) -> torch.Tensor:
+    """Rows [row0, row1) of a table's initial weights, uniform(-bound, bound).
+
+    Rows come in blocks drawn from generators seeded by (seed, table, block), so a shard's
+    values do not depend on how the table was sharded or on the world size.
+    """
+    out = []
+    for b in range(row0 // INIT_BLOCK_ROWS, (row1 - 1) // INIT_BLOCK_ROWS + 1):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + _table_index(table) * 7919 + b) % (2**63))
+        lo = b * INIT_BLOCK_ROWS
+        hi = min(lo + INIT_BLOCK_ROWS, num_rows)
+        block = torch.rand((hi - lo, dim), generator=g) * (2 * bound) - bound
+        out.append(block[max(row0, lo) - lo : min(row1, hi) - lo])
+    return torch.cat(out) if out else torch.empty(0, dim)
+
+
+def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfig], seed: int) -> None:
+    """Deterministic, sharding-independent init of every table (TorchRec's default law:
+    uniform(+-sqrt(1 / num_embeddings)))."""
+    state = dmp.state_dict()
+    with torch.no_grad():
+        for key, tensor in state.items():
+            table = _table_of_key(key, configs)
+            if table is None:
+                continue
+            cfg = configs[table]
+            bound = (1.0 / cfg.num_embeddings) ** 0.5
+            rows, dim = cfg.num_embeddings, cfg.embedding_dim
+            if isinstance(tensor, ShardedTensor):
+                for shard in tensor.local_shards():
+                    r0, c0 = shard.metadata.shard_offsets
+                    nr, nc = shard.metadata.shard_sizes
+                    if nr == 0 or nc == 0:
+                        continue
+                    full = _init_rows(seed, table, rows, dim, r0, r0 + nr, bound)
+                    shard.tensor.copy_(full[:, c0 : c0 + nc])
+            else:
+                tensor.copy_(_init_rows(seed, table, rows, dim, 0, rows, bound))
+
+
+def _table_of_key(key: str, configs: Dict[str, BaseEmbeddingConfig]) -> Optional[str]:
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in configs:
+        return parts[-2]
+    return None
+
+
+def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:
+    """Fused optimizer of the sharded tables + Adagrad for the dense part.
+
+    Data-parallel tables (only when allowed) get TorchRec's RowWiseAdagrad at the embedding
+    learning rate, the same rule as the fused tables, instead of the dense optimizer.
+    """
+    params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dp_tables = {k: v for k, v in params.items() if ".embedding_bags." in k}
+    dense = {k: v for k, v in params.items() if k not in dp_tables}
+    optims = [
+        ("fused", dmp.fused_optimizer),
+        (
+            "dense",
+            KeyedOptimizerWrapper(
+                dense, lambda p: torch.optim.Adagrad(p, lr=cfg.dense_lr, eps=cfg.eps)
+            ),
+        ),
+    ]
+    if dp_tables:
+        optims.append(
+            (
+                "dp_tables",
+                KeyedOptimizerWrapper(
+                    dp_tables, lambda p: RowWiseAdagrad(p, lr=cfg.lr, eps=cfg.eps)
+                ),
+            )
+        )
+    return CombinedOptimizer(optims)

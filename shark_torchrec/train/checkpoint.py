@@ -1,0 +1,130 @@
+"""Checkpoints on torch.distributed.checkpoint, written atomically.
+
+Layout: CHECKPOINT_DIR/step_00000123/ holds DCP's files plus `meta.json` (progress, table
+shapes, config). Every rank writes into `step_00000123.partial-<id>/`; once all ranks are
+done, rank 0 writes meta.json and renames the folder. A rename is atomic, so a crash
+mid-save leaves only a `.partial-*` folder, which is never loaded and is swept later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def table_shapes(configs: Mapping[str, BaseEmbeddingConfig]) -> Dict[str, List[int]]:
+    return {name: [c.num_embeddings, c.embedding_dim] for name, c in sorted(configs.items())}
+
+
+def _broadcast_str(value: str) -> str:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def list_checkpoints(root: Path) -> List[Path]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / META).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest one inside a checkpoint directory."""
+    p = Path(path)
+    if (p / META).is_file():
+        return p
+    found = list_checkpoints(p)
+    if not found:
+        raise CheckpointError(f"no checkpoint found at {p}")
+    return found[-1]
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: Dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = root / f"step_{step:08d}"
+    tmp = Path(_broadcast_str(str(root / f"{final.name}.partial-{uuid.uuid4().hex[:8]}")))
+    if rank == 0:
+        tmp.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        if final.exists():  # re-saving the same step (e.g. final save after a resume)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def read_meta(path: Path) -> Dict[str, Any]:
+    return json.loads((path / META).read_text())
+
+
+def check_tables(path: Path, meta: Dict[str, Any], expected: Dict[str, List[int]]) -> None:
+    saved = {k: list(v) for k, v in meta.get("tables", {}).items()}
+    if saved == expected:
+        return
+    problems = []
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing:
+        problems.append(f"model tables not in the checkpoint: {', '.join(missing)}")
+    if extra:
+        problems.append(f"checkpoint tables not in the model: {', '.join(extra)}")
+    for t in sorted(set(saved) & set(expected)):
+        if saved[t] != expected[t]:
+            problems.append(f"table {t}: checkpoint has [rows, dim] = {saved[t]}, model has {expected[t]}")
+    raise CheckpointError(f"checkpoint {path} does not match this model: " + "; ".join(problems))
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    expected_tables: Dict[str, List[int]],
+) -> Dict[str, Any]:
+    """Load weights (and optimizer state) in place; refuse other tables by name."""
+    meta = read_meta(path)
+    check_tables(path, meta, expected_tables)
+    state: Dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    return meta

@@ -1,0 +1,248 @@
+"""The training job behind `shark train`: data, DMP model, pipeline, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from shark_torchrec.config import JobConfig, config_to_dict, save_config
+from shark_torchrec.data import Dataset, open_dataset
+from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.distributed.sharding import (
+    build_optimizer,
+    embedding_configs,
+    init_embedding_weights,
+    shard_model,
+)
+from shark_torchrec.memory import embedding_memory
+from shark_torchrec.models.dlrm import build_dlrm
+from shark_torchrec.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    table_shapes,
+)
+from shark_torchrec.train.evaluation import evaluate
+
+log = logging.getLogger("shark")
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries besides the tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_dev_auc: float = float("-inf")
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainedModel:
+    """What later stages (importance, pruning, compression) start from."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    dataset: Dataset
+    env: DistEnv
+    configs: Dict[str, Any]
+    state: TrainState
+
+
+def _report_bad_lines(dataset: Dataset, env: DistEnv) -> Dict[str, int]:
+    counts = {}
+    for split in ("train", "dev", "test"):
+        stats = dataset.bad_lines(split)
+        if stats is None:
+            continue
+        n = torch.tensor([stats.count])
+        examples = [stats.examples]
+        if env.world_size > 1:
+            dist.all_reduce(n)
+            gathered: List[Any] = [None] * env.world_size
+            dist.all_gather_object(gathered, stats.examples)
+            examples = gathered
+        counts[split] = int(n.item())
+        if counts[split] and env.is_main:
+            first = [e for ex in examples for e in ex][: stats.max_examples]
+            log.warning("skipped %d malformed line(s) in %s; first: %s", counts[split], split, "; ".join(first))
+    return counts
+
+
+def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
+    model = build_dlrm(dataset.schema, cfg.model, seed=cfg.train.seed)
+    configs = embedding_configs(model)
+    dmp, plan = shard_model(model, env, cfg.train)
+    init_embedding_weights(dmp, configs, cfg.train.seed)
+    optimizer = build_optimizer(dmp, cfg.train)
+    return dmp, optimizer, configs, plan
+
+
+def _meta(cfg: JobConfig, state: TrainState, configs, env: DistEnv) -> Dict[str, Any]:
+    return {
+        **asdict(state),
+        "tables": table_shapes(configs),
+        "world_size": env.world_size,
+        "config": config_to_dict(cfg),
+    }
+
+
+def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> TrainedModel:
+    """Train (or resume) a model as the config says; returns it with its state."""
+    t, run = cfg.train, cfg.run
+    if t.batch_size % env.world_size or t.eval_batch_size % env.world_size:
+        raise ValueError(
+            f"batch sizes ({t.batch_size}, {t.eval_batch_size}) must be divisible by the {env.world_size} ranks"
+        )
+    dataset = dataset or open_dataset(cfg.dataset, t.seed)
+    out_dir = Path(run.out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.toml")
+        if dataset.truth is not None:
+            (out_dir / "synthetic_fields.json").write_text(json.dumps(dataset.truth, indent=2))
+    dmp, optimizer, configs, plan = build_model(cfg, dataset, env)
+    if env.is_main:
+        (out_dir / "sharding_plan.txt").write_text(str(plan))
+    shapes = table_shapes(configs)
+    state = TrainState()
+    ckpt_root = cfg.checkpoint_dir
+    resumed_from = None
+    if run.resume and list_checkpoints(ckpt_root):
+        path = resolve_checkpoint(ckpt_root)
+        meta = load_checkpoint(path, dmp, optimizer, shapes)
+        state = TrainState(**{k: meta[k] for k in asdict(TrainState()) if k in meta})
+        resumed_from = str(path)
+    elif run.checkpoint:
+        path = resolve_checkpoint(run.checkpoint)
+        load_checkpoint(path, dmp, optimizer, shapes)
+        resumed_from = str(path)
+    if resumed_from and env.is_main:
+        log.info("loaded %s (step %d)", resumed_from, state.step)
+
+    steps_per_epoch = dataset.num_batches("train", t.batch_size)
+    show = run.progress and env.is_main
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env), run.keep_checkpoints)
+
+    def dev_eval() -> bool:
+        """Evaluate on dev; True when early stopping says stop."""
+        m = evaluate(dmp, dataset, "dev", t.eval_batch_size, env, show)
+        improved = m["auc"] > state.best_dev_auc
+        if improved:
+            state.best_dev_auc, state.evals_since_best = m["auc"], 0
+        else:
+            state.evals_since_best += 1
+        state.history.append({"step": state.step, "epoch": state.epoch, "dev_auc": m["auc"], "dev_logloss": m["logloss"]})
+        if show:
+            tqdm.write(f"step {state.step}: dev auc {m['auc']:.4f} logloss {m['logloss']:.4f}")
+        return bool(t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience)
+
+    start = time.perf_counter()
+    done = state.stopped_early or (t.max_steps and state.step >= t.max_steps)
+    while not done and state.epoch < t.epochs:
+        batches = dataset.batches("train", t.batch_size, env.rank, env.world_size, state.batch_in_epoch)
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+        bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"train epoch {state.epoch}", disable=not show)
+        while True:
+            if t.max_steps and state.step >= t.max_steps:
+                done = True
+                break
+            try:
+                loss, *_ = pipeline.progress(batches)
+            except StopIteration:
+                break
+            state.step += 1
+            state.batch_in_epoch += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if t.eval_every and state.step % t.eval_every == 0:
+                pipeline.detach()
+                stop = dev_eval()
+                pipeline.attach(dmp)
+                if stop:
+                    state.stopped_early = done = True
+            if run.checkpoint_every and state.step % run.checkpoint_every == 0:
+                checkpoint()
+            if run.fail_at_step and state.step == run.fail_at_step:
+                os._exit(17)  # testing aid: die as a killed job would, without cleanup
+            if done:
+                break
+        pipeline.detach()
+        bar.close()
+        if state.batch_in_epoch >= steps_per_epoch:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if not t.eval_every and not done and dev_eval():
+                state.stopped_early = done = True
+    train_seconds = time.perf_counter() - start
+    checkpoint()
+    trained = TrainedModel(dmp, optimizer, dataset, env, configs, state)
+    trained.train_seconds = train_seconds  # type: ignore[attr-defined]
+    return trained
+
+
+def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
+    env, t = trained.env, cfg.train
+    show = cfg.run.progress and env.is_main
+    test = evaluate(trained.model, trained.dataset, "test", t.eval_batch_size, env, show)
+    dev = evaluate(trained.model, trained.dataset, "dev", t.eval_batch_size, env, show)
+    memory = embedding_memory(trained.model, trained.optimizer, trained.configs)
+    bad = _report_bad_lines(trained.dataset, env)
+    return {
+        "test_auc": test["auc"],
+        "test_logloss": test["logloss"],
+        "dev_auc": dev["auc"],
+        "dev_logloss": dev["logloss"],
+        "train_seconds": getattr(trained, "train_seconds", 0.0),
+        "steps": trained.state.step,
+        "epochs_completed": trained.state.epoch,
+        "stopped_early": trained.state.stopped_early,
+        "embedding_bytes": memory["embedding_bytes"],
+        "optimizer_bytes": memory["optimizer_bytes"],
+        "fp32_embedding_bytes": memory["fp32_embedding_bytes"],
+        "tables": memory["tables"],
+        "bad_lines": bad,
+        "world_size": env.world_size,
+        "dev_history": trained.state.history,
+    }
+
+
+def write_metrics(cfg: JobConfig, metrics: Dict[str, Any]) -> None:
+    text = json.dumps(metrics, indent=2)
+    Path(cfg.run.out_dir, "metrics.json").write_text(text)
+    if cfg.run.metrics_out:
+        p = Path(cfg.run.metrics_out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+def train_job(cfg: JobConfig) -> Dict[str, Any]:
+    """One rank of `shark train`; returns the metrics (on every rank)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("torchrec", "torch.distributed", "fbgemm_gpu"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    env = init_distributed()
+    try:
+        trained = fit(cfg, env)
+        metrics = final_metrics(cfg, trained)
+        if env.is_main:
+            write_metrics(cfg, metrics)
+        return metrics
+    finally:
+        shutdown_distributed()
