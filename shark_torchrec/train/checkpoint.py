@@ -128,3 +128,16 @@ def load_checkpoint(
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     return meta
+
+
+def load_full_state(path: str | Path) -> Dict[str, Any]:
+    """A checkpoint as plain, unsharded tensors (any process, no process group needed)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = resolve_checkpoint(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(path), str(out))
+        return torch.load(out, weights_only=False)

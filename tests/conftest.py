@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (the shared data folder lies beside the checkout)")
+    return path
+
+
+def run_shark(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the `shark` console command of this environment."""
+    shark = Path(sys.executable).parent / "shark"
+    proc = subprocess.run([str(shark), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"shark {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+# Small synthetic problem used by most training tests.
+TINY = [
+    "--synthetic-train-rows", "6000",
+    "--synthetic-eval-rows", "2000",
+    "--synthetic-scale", "0.02",
+    "--batch-size", "128",
+    "--eval-batch-size", "1024",
+    "--embedding-dim", "8",
+    "--dense-arch", "16",
+    "--over-arch", "16",
+    "--no-progress",
+]

@@ -1,0 +1,36 @@
+import pytest
+
+from shark_torchrec.config import ConfigError, JobConfig, load_config, parse_cli, save_config
+
+
+def test_toml_defaults_and_flag_overrides(tmp_path):
+    f = tmp_path / "job.toml"
+    f.write_text('[train]\nlr = 0.05\nepochs = 3\n[model]\nembedding_dim = 32\ndense_arch = [128, 64]\n[dataset]\ndata = "csv:x"\n')
+    cfg = parse_cli(["--config", str(f), "--epochs", "5", "--seed", "7"])
+    assert cfg.train.lr == 0.05 and cfg.train.epochs == 5 and cfg.train.seed == 7
+    assert cfg.model.embedding_dim == 32 and cfg.model.dense_arch == (128, 64)
+    assert cfg.dataset.data == "csv:x"
+    # the effective config round-trips through TOML
+    save_config(cfg, tmp_path / "saved.toml")
+    again = load_config(tmp_path / "saved.toml")
+    again.config = cfg.config
+    assert again == cfg
+
+
+def test_unknown_fields_are_named(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[train]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown field train\.learning_rate"):
+        load_config(f)
+    f.write_text("[trian]\nlr = 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\]"):
+        load_config(f)
+    with pytest.raises(SystemExit):
+        parse_cli(["--no-such-flag", "1"])
+
+
+def test_validation_names_the_field():
+    cfg = JobConfig()
+    cfg.model.embedding_dim = 10
+    with pytest.raises(ConfigError, match="embedding_dim=10"):
+        cfg.validate()
