@@ -90,7 +90,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on dev every N steps (0: at the end of each epoch)."""
     early_stopping_patience: int = 0
-    """Stop when dev AUC has not improved for this many evaluations (0: off)."""
+    """Stop when dev AUC has not improved for this many evaluations and return the model of
+    the best one (0: off; the last model is returned)."""
     allow_data_parallel: bool = False
     """Let the planner place tables data-parallel. Off by default: every table is sharded and
     trained by FBGEMM's fused row-wise Adagrad. When on, data-parallel tables are trained by
@@ -104,8 +105,9 @@ class TrainConfig:
 class RunConfig:
     nproc: int = 1
     """Local processes; 1 runs in-process. Ignored under torchrun/TorchX, which set the world."""
-    out_dir: str = "runs/latest"
-    """Run directory: effective config, metrics and (by default) checkpoints go here."""
+    out_dir: str = ""
+    """Run directory: effective config, metrics and (by default) checkpoints go here
+    (default: runs/<UTC date-time>, a new one per run)."""
     checkpoint_dir: str = ""
     """Where checkpoints are written (default: OUT_DIR/checkpoints)."""
     checkpoint_every: int = 0

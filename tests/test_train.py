@@ -83,3 +83,8 @@ def test_checkpoint_of_other_tables_is_refused(tmp_path):
         "--checkpoint", str(base / "checkpoints"), "--out-dir", str(tmp_path / "dim"), check=False,
     )
     assert proc.returncode == 2 and "[rows, dim]" in proc.stderr
+    # a fresh run never writes over an earlier run's checkpoints
+    before = sorted(p.name for p in (base / "checkpoints").iterdir())
+    proc = run_shark("train", *TINY, "--synthetic-train-rows", "500", "--out-dir", str(base), check=False)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    assert sorted(p.name for p in (base / "checkpoints").iterdir()) == before

@@ -32,7 +32,7 @@ def table_shapes(configs: Mapping[str, BaseEmbeddingConfig]) -> Dict[str, List[i
     return {name: [c.num_embeddings, c.embedding_dim] for name, c in sorted(configs.items())}
 
 
-def _broadcast_str(value: str) -> str:
+def broadcast_str(value: str) -> str:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     box = [value]
@@ -68,7 +68,7 @@ def save_checkpoint(
 ) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = root / f"step_{step:08d}"
-    tmp = Path(_broadcast_str(str(root / f"{final.name}.partial-{uuid.uuid4().hex[:8]}")))
+    tmp = Path(broadcast_str(str(root / f"{final.name}.partial-{uuid.uuid4().hex[:8]}")))
     if rank == 0:
         tmp.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():

@@ -27,6 +27,8 @@ from shark_torchrec.distributed.sharding import (
 from shark_torchrec.memory import embedding_memory
 from shark_torchrec.models.dlrm import build_dlrm
 from shark_torchrec.train.checkpoint import (
+    CheckpointError,
+    broadcast_str,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
@@ -108,6 +110,15 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         raise ValueError(
             f"batch sizes ({t.batch_size}, {t.eval_batch_size}) must be divisible by the {env.world_size} ranks"
         )
+    if not run.out_dir:
+        # Every rank must agree on the name: rank 0's clock decides.
+        run.out_dir = broadcast_str(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
+    ckpt_root = cfg.checkpoint_dir
+    if not run.resume and list_checkpoints(ckpt_root):
+        raise CheckpointError(
+            f"{ckpt_root} already holds checkpoints of an earlier run: pass --resume to continue "
+            "it, or choose another --out-dir / --checkpoint-dir (nothing was overwritten)"
+        )
     dataset = dataset or open_dataset(cfg.dataset, t.seed)
     out_dir = Path(run.out_dir)
     if env.is_main:
@@ -120,7 +131,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         (out_dir / "sharding_plan.txt").write_text(str(plan))
     shapes = table_shapes(configs)
     state = TrainState()
-    ckpt_root = cfg.checkpoint_dir
+    best_root = ckpt_root / "best"
     resumed_from = None
     if run.resume and list_checkpoints(ckpt_root):
         path = resolve_checkpoint(ckpt_root)
@@ -146,6 +157,9 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         improved = m["auc"] > state.best_dev_auc
         if improved:
             state.best_dev_auc, state.evals_since_best = m["auc"], 0
+            if t.early_stopping_patience:
+                # Early stopping returns the best model, so keep it as it is now.
+                save_checkpoint(best_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env), keep=1)
         else:
             state.evals_since_best += 1
         state.history.append({"step": state.step, "epoch": state.epoch, "dev_auc": m["auc"], "dev_logloss": m["logloss"]})
@@ -191,10 +205,25 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             if not t.eval_every and not done and dev_eval():
                 state.stopped_early = done = True
     train_seconds = time.perf_counter() - start
+    if t.early_stopping_patience and list_checkpoints(best_root):
+        best = resolve_checkpoint(best_root)
+        load_checkpoint(best, dmp, optimizer, shapes)
+        if env.is_main:
+            log.info("early stopping: restored the best dev model (%s)", best.name)
     checkpoint()
     trained = TrainedModel(dmp, optimizer, dataset, env, configs, state)
     trained.train_seconds = train_seconds  # type: ignore[attr-defined]
     return trained
+
+
+def peak_rss_bytes(env: DistEnv) -> int:
+    """The largest peak resident set size over the ranks (Linux reports KiB)."""
+    import resource
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.float64)
+    if env.world_size > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return int(peak.item())
 
 
 def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
@@ -219,6 +248,7 @@ def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
         "tables": memory["tables"],
         "bad_lines": bad,
         "world_size": env.world_size,
+        "peak_rss_bytes": peak_rss_bytes(env),
         "dev_history": trained.state.history,
     }
 
@@ -232,11 +262,20 @@ def write_metrics(cfg: JobConfig, metrics: Dict[str, Any]) -> None:
         p.write_text(text)
 
 
+def quiet_libraries() -> None:
+    """Keep our progress readable: TorchRec/torch deprecation chatter is not for users."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("torchrec", "torch", "fbgemm_gpu"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def train_job(cfg: JobConfig) -> Dict[str, Any]:
     """One rank of `shark train`; returns the metrics (on every rank)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("torchrec", "torch.distributed", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
     env = init_distributed()
     try:
         trained = fit(cfg, env)
