@@ -31,10 +31,15 @@ def test_main_job_tiny(tmp_path):
     assert list_checkpoints(out / "checkpoints")
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "data_parallel"])
 def test_two_ranks_match_one_rank(tmp_path, sharding):
-    """2-process DMP (gloo) over the same global batches ends where 1 process does."""
+    """2-process DMP (gloo) over the same global batches ends where 1 process does.
+
+    data_parallel tables are trained by RowWiseAdagrad (not the dense optimizer) and must
+    neither diverge nor differ from the sharded rule's single-process result."""
     args = [*TINY, "--synthetic-train-rows", "2000", "--sharding-types", sharding]
+    if sharding == "data_parallel":
+        args.append("--allow-data-parallel")
     one, two = tmp_path / "one", tmp_path / "two"
     run_shark("train", *args, "--out-dir", str(one), "--metrics-out", str(one / "m.json"))
     run_shark("train", *args, "--nproc", "2", "--out-dir", str(two), "--metrics-out", str(two / "m.json"))
@@ -88,3 +93,15 @@ def test_checkpoint_of_other_tables_is_refused(tmp_path):
     proc = run_shark("train", *TINY, "--synthetic-train-rows", "500", "--out-dir", str(base), check=False)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
     assert sorted(p.name for p in (base / "checkpoints").iterdir()) == before
+
+
+def test_early_stopping_returns_the_best_dev_model(tmp_path):
+    out = tmp_path / "es"
+    args = [*TINY, "--synthetic-train-rows", "4000", "--epochs", "6", "--lr", "0.5", "--dense-lr", "0.1",
+            "--eval-every", "8", "--early-stopping-patience", "2"]
+    run_shark("train", *args, "--out-dir", str(out), "--metrics-out", str(out / "m.json"))
+    m = json.loads((out / "m.json").read_text())
+    history = [h["dev_auc"] for h in m["dev_history"]]
+    assert m["stopped_early"] and m["epochs_completed"] < 6
+    assert history[-1] < max(history)  # it stopped after a decline ...
+    assert m["dev_auc"] == pytest.approx(max(history), abs=1e-6)  # ... and returned the best
