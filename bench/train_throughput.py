@@ -19,8 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-def run_once(nproc: int, args: argparse.Namespace, tmp: Path) -> dict:
-    out = tmp / f"n{nproc}"
+def run_once(nproc: int, repeat: int, args: argparse.Namespace, tmp: Path) -> dict:
+    out = tmp / f"n{nproc}-r{repeat}"
     cmd = [
         str(Path(sys.executable).parent / "shark"), "train",
         "--nproc", str(nproc),
@@ -49,8 +49,8 @@ def main() -> None:
     results = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(n, r) for r in range(args.repeats) for n in (1, 2)]  # interleaved: drift hits both
-        for nproc, _ in tqdm(runs, desc="bench runs"):
-            results[nproc].append(run_once(nproc, args, Path(tmp)))
+        for nproc, repeat in tqdm(runs, desc="bench runs"):
+            results[nproc].append(run_once(nproc, repeat, args, Path(tmp)))
     summary = {}
     for nproc, rs in results.items():
         summary[nproc] = {
