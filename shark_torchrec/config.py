@@ -156,9 +156,6 @@ class JobConfig:
         return Path(self.run.checkpoint_dir or Path(self.run.out_dir) / "checkpoints")
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig) if f.name != "config"}
-
-
 def _group_classes() -> dict[str, type]:
     return {
         "dataset": DataConfig,

@@ -63,6 +63,7 @@ class TrainedModel:
     env: DistEnv
     configs: Dict[str, Any]
     state: TrainState
+    train_seconds: float = 0.0
 
 
 def _report_bad_lines(dataset: Dataset, env: DistEnv) -> Dict[str, int]:
@@ -211,9 +212,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         if env.is_main:
             log.info("early stopping: restored the best dev model (%s)", best.name)
     checkpoint()
-    trained = TrainedModel(dmp, optimizer, dataset, env, configs, state)
-    trained.train_seconds = train_seconds  # type: ignore[attr-defined]
-    return trained
+    return TrainedModel(dmp, optimizer, dataset, env, configs, state, train_seconds)
 
 
 def peak_rss_bytes(env: DistEnv) -> int:
@@ -238,7 +237,7 @@ def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
         "test_logloss": test["logloss"],
         "dev_auc": dev["auc"],
         "dev_logloss": dev["logloss"],
-        "train_seconds": getattr(trained, "train_seconds", 0.0),
+        "train_seconds": trained.train_seconds,
         "steps": trained.state.step,
         "epochs_completed": trained.state.epoch,
         "stopped_early": trained.state.stopped_early,
