@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from shark_torchrec.config import DataConfig
@@ -131,3 +132,16 @@ def test_real_criteo_and_frappe_read():
     assert sum(b.num_samples for b in ds.batches("test", 512)) == 391
     fr = open_dataset(DataConfig(data=f"csv:{shared_data('frappe')}", label="click"))
     assert fr.schema.num_sparse == 10 and fr.schema.num_dense == 0
+
+
+def test_batches_carry_a_label_per_id(tmp_path):
+    lines = [criteo_line("1"), criteo_line("0"), criteo_line("1")]
+    root = write_criteo(tmp_path / "c", lines)
+    ds = open_dataset(DataConfig(data=f"criteo:{root}"))
+    (b,) = list(ds.batches("train", 4))  # 3 real samples + 1 padding slot
+    kjt = b.id_label_weights()
+    assert kjt.keys() == b.sparse_features.keys()
+    assert torch.equal(kjt.values(), b.sparse_features.values())
+    # every id of a sample carries that sample's label; padding has no ids at all
+    for key in kjt.keys():
+        assert kjt[key].weights().tolist() == [1.0, 0.0, 1.0]

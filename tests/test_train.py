@@ -105,3 +105,12 @@ def test_early_stopping_returns_the_best_dev_model(tmp_path):
     assert m["stopped_early"] and m["epochs_completed"] < 6
     assert history[-1] < max(history)  # it stopped after a decline ...
     assert m["dev_auc"] == pytest.approx(max(history), abs=1e-6)  # ... and returned the best
+
+
+def test_dlrm_dcn_trains(tmp_path):
+    out = tmp_path / "dcn"
+    run_shark("train", *TINY, "--arch", "dlrm_dcn", "--dcn-low-rank-dim", "8", "--out-dir", str(out),
+              "--metrics-out", str(out / "m.json"))
+    m = json.loads((out / "m.json").read_text())
+    assert 0.6 < m["test_auc"] <= 1.0
+    assert any("inter_arch.crossnet" in k for k in model_tensors(out / "checkpoints"))
