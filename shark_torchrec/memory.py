@@ -11,7 +11,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
 
-def _table_of(key: str, tables: Iterable[str]) -> str | None:
+def table_of_key(key: str, tables: Iterable[str]) -> str | None:
+    """The table a state-dict key belongs to (a dotted component equal to its name)."""
     for part in key.replace("/", ".").split("."):
         if part in tables:
             return part
@@ -29,7 +30,7 @@ def _local_bytes(t) -> tuple[int, bool]:
 
 def _accumulate(state: Mapping[str, object], tables, out: Dict[str, int], rank: int) -> None:
     for key, value in state.items():
-        table = _table_of(key, tables)
+        table = table_of_key(key, tables)
         if table is None:
             continue
         if isinstance(value, Mapping):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
@@ -102,18 +102,3 @@ def empty_arrays(batch_size: int, num_dense: int, num_sparse: int):
         np.zeros(batch_size, bool),
     )
 
-
-def concat_batches(batches: List[Batch], keys: Optional[List[str]] = None) -> Batch:
-    """Concatenate local batches along the batch dimension (used by tests and references)."""
-    keys = keys or batches[0].sparse_features.keys()
-    per_key = [
-        [b.sparse_features[k] for b in batches] for k in keys
-    ]
-    values = torch.cat([jt.values() for jts in per_key for jt in jts])
-    lengths = torch.cat([jt.lengths() for jts in per_key for jt in jts])
-    return Batch(
-        torch.cat([b.dense_features for b in batches]),
-        KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=values, lengths=lengths),
-        torch.cat([b.labels for b in batches]),
-        torch.cat([b.sample_weights for b in batches]),
-    )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import List
 
 
 class DataError(ValueError):
@@ -16,7 +16,6 @@ class Schema:
     sparse_names: List[str]
     num_embeddings: List[int]
     """Rows of each categorical field's table, in `sparse_names` order."""
-    extra: Dict[str, object] = field(default_factory=dict)
 
     @property
     def num_dense(self) -> int:
@@ -30,5 +29,3 @@ class Schema:
     def table_name(feature: str) -> str:
         return f"t_{feature}"
 
-    def tables(self) -> Dict[str, int]:
-        return {self.table_name(f): n for f, n in zip(self.sparse_names, self.num_embeddings)}

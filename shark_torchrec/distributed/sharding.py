@@ -21,6 +21,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from shark_torchrec.config import TrainConfig
 from shark_torchrec.distributed.env import DistEnv
+from shark_torchrec.memory import table_of_key
 
 INIT_BLOCK_ROWS = 1 << 16
 
@@ -127,7 +128,7 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
     state = dmp.state_dict()
     with torch.no_grad():
         for key, tensor in state.items():
-            table = _table_of_key(key, configs)
+            table = table_of_key(key, configs) if key.endswith(".weight") else None
             if table is None:
                 continue
             cfg = configs[table]
@@ -143,13 +144,6 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
                     shard.tensor.copy_(full[:, c0 : c0 + nc])
             else:
                 tensor.copy_(_init_rows(seed, table, rows, dim, 0, rows, bound))
-
-
-def _table_of_key(key: str, configs: Dict[str, BaseEmbeddingConfig]) -> Optional[str]:
-    parts = key.split(".")
-    if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in configs:
-        return parts[-2]
-    return None
 
 
 def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:
