@@ -1,0 +1,1 @@
+"""Unsharded modules and their configs (TorchRec's `torchrec/modules` counterpart)."""

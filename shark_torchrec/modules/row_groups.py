@@ -1,0 +1,508 @@
+"""The rows of one or more embedding tables kept in fp32, fp16 and int8 groups.
+
+A `RowGroupStore` is what one rank holds of a set of tables (whole tables, row ranges or
+column slices): per row a group tag and a slot (the row map), and one FBGEMM inference
+table-batched embedding buffer with three tables, one per group. Lookups run FBGEMM's
+mixed-precision forward (`int_nbit_split_embedding_codegen_lookup_function`, which reads
+fp32, fp16 and int8 rows in one call). FBGEMM trains none of this, so the backward pass is
+ours: per-row gradients, the optimizer (row-wise Adagrad or SGD, the same rule in every
+group), and a write back with stochastic rounding for fp16 and int8 rows. No fp32 copy of a
+low-precision row exists outside the rows being updated at this step.
+
+The store has no distributed state except, for replicated (data-parallel) tables, the
+process group over which gradients and counts are summed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from torch import nn
+
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.precision.labels import split_tagged
+from shark_torchrec.precision.priority import (
+    FP16,
+    FP32,
+    GROUP_NAMES,
+    INT8,
+    ROW_MAP_BYTES,
+    decayed,
+    row_bytes,
+    updated,
+)
+from shark_torchrec.precision.quantize import (
+    dequantize_rows_int8,
+    quantize_rows_int8,
+    round_fp16_stochastic,
+    rounding_noise,
+)
+
+_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8)
+_ALIGN = 128  # byte alignment of each group's table in the buffer
+CHUNK_ROWS = 1 << 16  # rows converted at a time when groups change
+
+
+class IdError(ValueError):
+    """An id outside its table."""
+
+
+@dataclass(frozen=True)
+class LocalTable:
+    """What this store holds of one table."""
+
+    name: str
+    rows: int
+    dim: int
+    row_offset: int = 0  # first global row held here
+    col_offset: int = 0  # first global column held here
+    global_rows: int = -1
+    table_id: int = 0  # stable id for the rounding noise (crc32 of the name)
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows if self.global_rows < 0 else self.global_rows
+
+
+class StepCounter:
+    """The training step shared by the stores of one module (rounding noise, score decay)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+def _round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, store, values, lengths, weights, batch_size):  # type: ignore[override]
+        out, saved = store._forward(values, lengths, weights, batch_size)
+        ctx.store = store
+        ctx.saved = saved
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.store.training_enabled:
+            ctx.store._backward(ctx.saved, grad)
+        return (None,) * 6
+
+
+class RowGroupStore(nn.Module):
+    def __init__(
+        self,
+        tables: Sequence[LocalTable],
+        feature_names: Sequence[str],
+        feature_tables: Sequence[int],
+        policy: PrecisionPolicy,
+        step: StepCounter,
+        pooling: str = "sum",
+        label_tagged: bool = True,
+        weighted: bool = False,
+        replicated_pg: Optional[dist.ProcessGroup] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        dims = {t.dim for t in tables}
+        if len(dims) > 1:
+            raise NotImplementedError(f"one store holds tables of one dim, got {sorted(dims)}")
+        self.tables = list(tables)
+        self.dim = dims.pop() if dims else 4
+        if self.dim % 4:
+            raise ValueError(f"embedding dims must be multiples of 4 (FBGEMM), got {self.dim}")
+        self.feature_names = list(feature_names)
+        self.policy = policy
+        self.step = step
+        self.pooling = pooling
+        self.label_tagged = label_tagged
+        self.weighted = weighted
+        self.replicated_pg = replicated_pg
+        self.device = device or torch.device("cpu")
+        self.row_alignment = 1 if self.device.type == "cpu" else 16
+        self.training_enabled = True
+        self.nonfinite_rows = 0
+
+        base = [0]
+        for t in self.tables:
+            base.append(base[-1] + t.rows)
+        self.num_rows = base[-1]
+        self.table_base = torch.tensor(base, dtype=torch.int64)
+        ft = torch.tensor(list(feature_tables), dtype=torch.int64)
+        self.feature_tables = ft
+        self.feature_base = self.table_base[ft] if len(ft) else ft
+        self.feature_rows = torch.tensor([t.rows for t in self.tables], dtype=torch.int64)[ft] if len(ft) else ft
+        self.feature_row_offset = (
+            torch.tensor([t.row_offset for t in self.tables], dtype=torch.int64)[ft] if len(ft) else ft
+        )
+        self._row_offset = torch.tensor([t.row_offset for t in self.tables], dtype=torch.int64)
+        self._col_offset = torch.tensor([t.col_offset for t in self.tables], dtype=torch.int64)
+        self._table_ids = torch.tensor([t.table_id for t in self.tables], dtype=torch.int64)
+
+        n = self.num_rows
+        self.row_group = torch.full((n,), INT8, dtype=torch.int8)
+        self.row_slot = torch.zeros(n, dtype=torch.int32)
+        self.momentum = torch.zeros(n if policy.optimizer == "rowwise_adagrad" else 0)
+        scored = policy.scored
+        self.row_priority = torch.zeros(n if scored else 0)
+        self.row_seen_step = torch.zeros(n if scored else 0, dtype=torch.int32)
+        self.capacity = [0, 0, 0]
+        self.weights = torch.zeros(0, dtype=torch.uint8)
+        self._offsets = [0, 0, 0]
+        self._anchor = torch.zeros(0, requires_grad=True)
+        self._build_op_buffers()
+
+    # ------------------------------------------------------------------ layout
+    def _row_bytes(self, g: int) -> int:
+        return row_bytes(self.dim, g, self.row_alignment)
+
+    def _build_op_buffers(self) -> None:
+        F, D = len(self.feature_names), self.dim
+        # Sub-feature g * F + f reads feature f's ids that live in group g.
+        self._op_D_offsets = torch.arange(0, 3 * F * D + 1, D, dtype=torch.int32)
+        self._op_tys = torch.tensor(
+            [_TYPES[g].as_int() for g in range(3) for _ in range(F)], dtype=torch.uint8
+        )
+        self._op_placements = torch.full((3 * F,), EmbeddingLocation.HOST.value, dtype=torch.int32)
+        self._op_offsets = torch.tensor(
+            [self._offsets[g] for g in range(3) for _ in range(F)], dtype=torch.int64
+        )
+
+    def group_view(self, g: int, weights: Optional[torch.Tensor] = None, offsets=None, capacity=None):
+        """Views into a group's table: fp32 [cap, D]; fp16 [cap, D]; int8 (codes [cap, D],
+        scale_bias fp16 [cap, 2])."""
+        w = self.weights if weights is None else weights
+        off = (self._offsets if offsets is None else offsets)[g]
+        cap = (self.capacity if capacity is None else capacity)[g]
+        rb = self._row_bytes(g)
+        raw = w[off : off + cap * rb].view(cap, rb)
+        D = self.dim
+        if g == FP32:
+            return raw[:, : 4 * D].view(torch.float32)
+        if g == FP16:
+            return raw[:, : 2 * D].view(torch.float16)
+        return raw[:, 4 : 4 + D], raw[:, :4].view(torch.float16)
+
+    def _raw_view(self, g, weights, offsets, capacity) -> torch.Tensor:
+        rb = self._row_bytes(g)
+        return weights[offsets[g] : offsets[g] + capacity[g] * rb].view(capacity[g], rb)
+
+    # ------------------------------------------------------------------ row addressing
+    def table_of_rows(self, keys: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.table_base, keys, right=True) - 1
+
+    def global_rows(self, keys: torch.Tensor) -> torch.Tensor:
+        t = self.table_of_rows(keys)
+        return keys - self.table_base[t] + self._row_offset[t]
+
+    def _noise(self, keys: torch.Tensor, step: int) -> torch.Tensor:
+        t = self.table_of_rows(keys)
+        rows = keys - self.table_base[t] + self._row_offset[t]
+        cols = self._col_offset[t][:, None] + torch.arange(self.dim)[None, :]
+        return rounding_noise(self.policy.seed, step, self._table_ids[t], rows, cols)
+
+    # ------------------------------------------------------------------ values
+    def read_rows(self, keys: torch.Tensor) -> torch.Tensor:
+        """Dequantized fp32 values of rows (by key in the store's row space)."""
+        out = torch.empty(len(keys), self.dim)
+        g = self.row_group[keys]
+        s = self.row_slot[keys].long()
+        for grp in range(3):
+            m = g == grp
+            if not bool(m.any()):
+                continue
+            view = self.group_view(grp)
+            if grp == INT8:
+                codes, sb = view
+                out[m] = dequantize_rows_int8(codes[s[m]], sb[s[m]])
+            else:
+                out[m] = view[s[m]].float()
+        return out
+
+    def write_rows(self, keys: torch.Tensor, values: torch.Tensor, step: Optional[int] = None) -> None:
+        """Store fp32 values into rows in their current groups; with `step`, fp16 and int8
+        rows are rounded stochastically with that step's noise, else to nearest."""
+        g = self.row_group[keys]
+        s = self.row_slot[keys].long()
+        for grp in range(3):
+            m = g == grp
+            if not bool(m.any()):
+                continue
+            v = values[m]
+            view = self.group_view(grp)
+            if grp == FP32:
+                view[s[m]] = v
+            elif grp == FP16:
+                if step is None:
+                    view[s[m]] = v.clamp(-65504.0, 65504.0).half()
+                else:
+                    view[s[m]] = round_fp16_stochastic(v, self._noise(keys[m], step))
+            else:
+                noise = None if step is None else self._noise(keys[m], step)
+                codes, sb = quantize_rows_int8(v, noise)
+                cview, sview = view
+                cview[s[m]] = codes
+                sview[s[m]] = sb
+
+    def int8_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
+        """fp16 [n, 2] scale/bias of rows (zeros for rows not in int8)."""
+        out = torch.zeros(len(keys), 2, dtype=torch.float16)
+        m = self.row_group[keys] == INT8
+        if bool(m.any()):
+            _, sb = self.group_view(INT8)
+            out[m] = sb[self.row_slot[keys[m]].long()]
+        return out
+
+    def write_int8_exact(self, keys: torch.Tensor, values: torch.Tensor, scale_bias: torch.Tensor) -> None:
+        """Restore int8 rows whose values are code * scale + bias under the given scale/bias."""
+        from shark_torchrec.precision.quantize import requantize_with
+
+        s = self.row_slot[keys].long()
+        codes, sb = self.group_view(INT8)
+        codes[s] = requantize_with(values, scale_bias)
+        sb[s] = scale_bias
+
+    # ------------------------------------------------------------------ groups
+    def set_groups(self, groups: torch.Tensor) -> Dict[str, int]:
+        """Move rows to the given groups (int8 tensor over the row space). Rows that stay keep
+        their bytes; rows that move are converted (rounded to nearest). The buffer is rebuilt
+        with exactly the rows each group needs. Returns how many rows moved into each group."""
+        groups = groups.to(torch.int8)
+        old_groups, old_slots = self.row_group, self.row_slot
+        old_w, old_off, old_cap = self.weights, list(self._offsets), list(self.capacity)
+        counts = [int((groups == g).sum()) for g in range(3)]
+        offsets, total = [], 0
+        for g in range(3):
+            offsets.append(total)
+            total = _round_up(total + counts[g] * self._row_bytes(g), _ALIGN)
+        new_w = torch.zeros(total, dtype=torch.uint8)
+        new_slots = torch.zeros(self.num_rows, dtype=torch.int32)
+        for g in range(3):
+            idx = (groups == g).nonzero().flatten()
+            new_slots[idx] = torch.arange(len(idx), dtype=torch.int32)
+        fresh = old_cap == [0, 0, 0] and old_w.numel() == 0
+        moved = {name: 0 for name in GROUP_NAMES}
+        self.weights, self._offsets, self.capacity = new_w, offsets, counts
+        self.row_slot, self.row_group = new_slots, groups
+        if not fresh:
+            for g in range(3):
+                stay = ((groups == g) & (old_groups == g)).nonzero().flatten()
+                if len(stay):
+                    self._raw_view(g, new_w, offsets, counts)[new_slots[stay].long()] = self._raw_view(
+                        g, old_w, old_off, old_cap
+                    )[old_slots[stay].long()]
+            move = (groups != old_groups).nonzero().flatten()
+            for start in range(0, len(move), CHUNK_ROWS):
+                keys = move[start : start + CHUNK_ROWS]
+                values = self._read_from(keys, old_groups, old_slots, old_w, old_off, old_cap)
+                self.write_rows(keys, values)
+            for g in range(3):
+                moved[GROUP_NAMES[g]] = int(((groups == g) & (old_groups != g)).sum())
+        self._build_op_buffers()
+        return moved
+
+    def _read_from(self, keys, groups, slots, weights, offsets, capacity) -> torch.Tensor:
+        out = torch.empty(len(keys), self.dim)
+        g = groups[keys]
+        s = slots[keys].long()
+        for grp in range(3):
+            m = g == grp
+            if not bool(m.any()):
+                continue
+            view = self.group_view(grp, weights, offsets, capacity)
+            if grp == INT8:
+                out[m] = dequantize_rows_int8(view[0][s[m]], view[1][s[m]])
+            else:
+                out[m] = view[s[m]].float()
+        return out
+
+    def group_counts(self) -> List[int]:
+        return [int((self.row_group == g).sum()) for g in range(3)]
+
+    def scores_now(self) -> torch.Tensor:
+        """Priorities decayed to the current step."""
+        return decayed(self.row_priority, self.row_seen_step, self.step.value, self.policy.beta)
+
+    # ------------------------------------------------------------------ memory
+    def table_bytes(self) -> List[Dict[str, int]]:
+        """Per local table: embedding bytes (weights + row map), optimizer and priority bytes.
+        Group tables are shared by the store's tables: each table is charged for its rows,
+        and the alignment padding goes to the first table."""
+        out = []
+        pad = self.weights.numel() - sum(c * self._row_bytes(g) for g, c in enumerate(self.capacity))
+        for i, t in enumerate(self.tables):
+            lo, hi = int(self.table_base[i]), int(self.table_base[i + 1])
+            grp = self.row_group[lo:hi]
+            counts = [int((grp == g).sum()) for g in range(3)]
+            weights = sum(c * self._row_bytes(g) for g, c in enumerate(counts))
+            out.append(
+                {
+                    "embedding_bytes": weights + t.rows * ROW_MAP_BYTES + (pad if i == 0 else 0),
+                    "optimizer_bytes": (hi - lo) * 4 if self.momentum.numel() else 0,
+                    "priority_bytes": (hi - lo) * 8 if self.row_priority.numel() else 0,
+                    "rows_fp32": counts[0],
+                    "rows_fp16": counts[1],
+                    "rows_int8": counts[2],
+                }
+            )
+        return out
+
+    # ------------------------------------------------------------------ lookup
+    def forward(
+        self,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        batch_size: int,
+    ) -> torch.Tensor:
+        return _Lookup.apply(self._anchor, self, values, lengths, weights, batch_size)
+
+    def _check_ids(self, values: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        limit = self.feature_rows[feature]
+        bad = (values < 0) | (values >= limit)
+        if not bool(bad.any()):
+            return values
+        if self.policy.bad_ids == "row0":
+            return torch.where(bad, torch.zeros_like(values), values)
+        i = int(bad.nonzero()[0])
+        f = int(feature[i])
+        gid = int(values[i]) + int(self.feature_row_offset[f])
+        t = self.tables[int(self.feature_tables[f])]
+        raise IdError(
+            f"feature {self.feature_names[f]!r}: id {gid} is outside table {t.name!r} "
+            f"(rows 0..{t.total_rows - 1}); {int(bad.sum())} such ids in this batch"
+        )
+
+    def _forward(self, values, lengths, weights, B):
+        F, D = len(self.feature_names), self.dim
+        values = values.long()
+        seg = torch.repeat_interleave(torch.arange(F * B), lengths.long())
+        feature = seg // B
+        values = self._check_ids(values, feature)
+        keys = self.feature_base[feature] + values
+        g = self.row_group[keys].long()
+        order = (g * F + feature) * B + (seg - feature * B)
+        perm = torch.argsort(order, stable=True)
+        counts = torch.bincount(order, minlength=3 * F * B)
+        offsets = torch.zeros(3 * F * B + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        labels = None
+        psw = None
+        if weights is not None:
+            if self.label_tagged:
+                real, labels = split_tagged(weights)
+                if self.weighted:
+                    psw = real
+            elif self.weighted:
+                psw = weights
+        out = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+            dev_weights=self.weights,
+            uvm_weights=torch.empty(0, dtype=torch.uint8),
+            weights_placements=self._op_placements,
+            weights_offsets=self._op_offsets,
+            weights_tys=self._op_tys,
+            D_offsets=self._op_D_offsets,
+            total_D=3 * F * D,
+            max_int2_D=0,
+            max_int4_D=0,
+            max_int8_D=D,
+            max_float16_D=D,
+            max_float32_D=D,
+            indices=self.row_slot[keys][perm].long(),
+            offsets=offsets,
+            pooling_mode=int(PoolingMode.NONE if self.pooling == "none" else PoolingMode.SUM),
+            indice_weights=None if psw is None else psw[perm].float(),
+            output_dtype=SparseType.FP32.as_int(),
+            lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
+            lxu_cache_locations=torch.empty(0, dtype=torch.int32),
+            row_alignment=self.row_alignment,
+            max_float8_D=0,
+            fp8_exponent_bits=-1,
+            fp8_exponent_bias=-1,
+        )
+        if self.pooling == "none":
+            res = torch.empty_like(out)
+            res[perm] = out
+        else:
+            res = out.view(B, 3, F * D).sum(1) if F else out.new_zeros(B, 0)
+            if self.pooling == "mean":
+                n = lengths.view(F, B).t().clamp_min(1).to(res.dtype)
+                res = (res.view(B, F, D) / n[:, :, None]).view(B, F * D)
+        return res, (seg, feature, keys, psw, labels, lengths, B)
+
+    # ------------------------------------------------------------------ training
+    def _backward(self, saved, grad: torch.Tensor) -> None:
+        seg, feature, keys, psw, labels, lengths, B = saved
+        F, D = len(self.feature_names), self.dim
+        if self.pooling == "none":
+            per_id = grad
+        else:
+            if self.pooling == "mean":
+                n = lengths.view(F, B).t().clamp_min(1).to(grad.dtype)
+                grad = (grad.view(B, F, D) / n[:, :, None]).view(B, F * D)
+            per_bag = grad.reshape(B, F, D).transpose(0, 1).reshape(F * B, D)
+            per_id = per_bag[seg]
+        if psw is not None:
+            per_id = per_id * psw[:, None]
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        row_grad = torch.zeros(len(uniq), D).index_add_(0, inv, per_id.float())
+        total = torch.bincount(inv, minlength=len(uniq)).float()
+        pos = (
+            torch.zeros(len(uniq)).index_add_(0, inv, labels)
+            if labels is not None
+            else torch.zeros(len(uniq))
+        )
+        if self.replicated_pg is not None:
+            uniq, row_grad, total, pos = self._sum_replicas(uniq, row_grad, total, pos)
+        self.apply_update(uniq, row_grad, total, pos)
+
+    def _sum_replicas(self, uniq, row_grad, total, pos):
+        """Data-parallel tables: every replica sees only its own batch, so gradients and
+        counts are summed over ranks (gradients averaged, as DDP would) before anyone
+        updates; then every replica applies the same update."""
+        pg = self.replicated_pg
+        world = dist.get_world_size(pg)
+        n = self.num_rows
+        dense = torch.zeros(n, self.dim + 2)
+        dense[uniq, : self.dim] = row_grad
+        dense[uniq, self.dim] = total
+        dense[uniq, self.dim + 1] = pos
+        dist.all_reduce(dense, group=pg)
+        touched = (dense[:, self.dim] > 0).nonzero().flatten()
+        d = dense[touched]
+        return touched, d[:, : self.dim] / world, d[:, self.dim], d[:, self.dim + 1]
+
+    @torch.no_grad()
+    def apply_update(self, keys: torch.Tensor, row_grad: torch.Tensor, total: torch.Tensor, pos: torch.Tensor) -> None:
+        """Optimizer step on the touched rows, then their priorities (Eq. 7)."""
+        step = self.step.value
+        p = self.policy
+        if p.scored and len(keys):
+            neg = total - pos
+            self.row_priority[keys] = updated(
+                self.row_priority[keys], self.row_seen_step[keys], step, pos, neg,
+                p.effective_alpha, p.beta,
+            )
+            self.row_seen_step[keys] = step
+        finite = torch.isfinite(row_grad).all(dim=1)
+        if not bool(finite.all()):
+            # A non-finite gradient would poison the row (and its int8 scale): skip it.
+            self.nonfinite_rows += int((~finite).sum())
+            keys, row_grad = keys[finite], row_grad[finite]
+        if not len(keys):
+            return
+        if p.optimizer == "rowwise_adagrad":
+            m = self.momentum[keys] + (row_grad * row_grad).mean(dim=1)
+            self.momentum[keys] = m
+            update = row_grad * (p.learning_rate / (m.sqrt() + p.eps))[:, None]
+        else:
+            update = row_grad * p.learning_rate
+        self.write_rows(keys, self.read_rows(keys) - update, step=step)

@@ -1,0 +1,118 @@
+"""Row priority (paper Eq. 7) and the rules that turn priorities into precision groups.
+
+Eq. 7, applied every step to every row:  w <- (1 - beta) * w + beta * (alpha * c_pos + c_neg),
+with c_pos / c_neg the positive / negative examples of the step's batch that contain the row.
+A row absent from a batch only decays, so we store (w, step last updated) and apply the
+missing (1 - beta)^k factors when the row is next seen or when scores are read.
+
+What beta does in practice: 1 / beta is roughly the memory of the score in steps. The
+paper's beta = 0.99 keeps 1% of the past per step, so the score is essentially the weighted
+count of the row in the last batch that contained it, and it falls a hundredfold for every
+step the row is absent: a recency signal. Small beta (0.01) averages over ~100 steps: a
+frequency signal. In threshold mode the scale matters too: a row seen in every batch with
+mean weighted count c per batch converges to c, so t8 and t16 are weighted occurrences per
+batch (of our global batch size), not the paper's absolute numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+FP32, FP16, INT8 = 0, 1, 2  # group ids, from most to least precise
+GROUP_NAMES = ("fp32", "fp16", "int8")
+ROW_MAP_BYTES = 5  # int8 group tag + int32 slot per row
+
+
+def decayed(score: torch.Tensor, last_step: torch.Tensor, step: int, beta: float) -> torch.Tensor:
+    """Scores as of `step`, applying the decay of the steps since each row was last updated."""
+    k = (step - last_step).clamp_min(0).to(torch.float32)
+    return score * torch.pow(torch.tensor(1.0 - beta, dtype=torch.float32), k)
+
+
+def updated(
+    score: torch.Tensor,
+    last_step: torch.Tensor,
+    step: int,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    alpha: float,
+    beta: float,
+) -> torch.Tensor:
+    """Eq. 7 for rows present at `step` (score as of step - 1, then this step's update)."""
+    prev = decayed(score, last_step, step - 1, beta)
+    return (1.0 - beta) * prev + beta * (alpha * positives + negatives)
+
+
+def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
+    """Bytes of one row's weights in a group (int8 rows carry an fp16 scale and bias)."""
+    raw = (4 * dim, 2 * dim, dim + 4)[group]
+    return (raw + row_alignment - 1) // row_alignment * row_alignment
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    fp32: int
+    fp16: int
+    int8: int
+
+    def as_tuple(self) -> Tuple[int, int, int]:
+        return (self.fp32, self.fp16, self.int8)
+
+
+class BudgetError(ValueError):
+    pass
+
+
+def budget_counts(
+    rows: int, dim: int, budget: float, fp32_fraction: float, row_alignment: int = 1, table: str = ""
+) -> GroupCounts:
+    """Rows per group for a table whose embedding bytes (weights + row map) must stay within
+    `budget` x its fp32 bytes. Up to `fp32_fraction` of the rows stay fp32, then as many rows
+    as fit are fp16, and the rest int8. Raises BudgetError when even all-int8 does not fit."""
+    cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES
+    b32, b16, b8 = (row_bytes(dim, g, row_alignment) for g in (FP32, FP16, INT8))
+    floor = rows * b8
+    if cap < floor - 1e-6:
+        need = (floor + rows * ROW_MAP_BYTES) / max(rows * dim * 4, 1)
+        raise BudgetError(
+            f"memory budget {budget} is below what table {table or '?'} (dim {dim}) can reach: "
+            f"all rows int8 plus the row map take {need:.3f} of fp32"
+        )
+    spare = cap - floor
+    n32 = min(int(fp32_fraction * rows), int(spare // (b32 - b8)))
+    spare -= n32 * (b32 - b8)
+    n16 = min(rows - n32, int(spare // (b16 - b8)))
+    return GroupCounts(n32, n16, rows - n32 - n16)
+
+
+def groups_by_threshold(scores: torch.Tensor, t8: float, t16: float) -> torch.Tensor:
+    """Threshold mode (the paper): w < t8 -> int8, t8 <= w < t16 -> fp16, else fp32."""
+    g = torch.full(scores.shape, FP32, dtype=torch.int8)
+    g[scores < t16] = FP16
+    g[scores < t8] = INT8
+    return g
+
+
+def ranking_keys(scores: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
+    """A unique int64 per row ordering rows by (score descending, global row ascending).
+
+    Scores are non-negative fp32, whose bit patterns order like the values; the low 32 bits
+    hold the complement of the row id so ties go to the lower row id. A larger key means a
+    higher priority.
+    """
+    bits = scores.clamp_min(0).contiguous().view(torch.int32).to(torch.int64)
+    return (bits << 32) | (0xFFFFFFFF - global_rows.to(torch.int64))
+
+
+def groups_by_cuts(keys: torch.Tensor, cut32: int, cut16: int) -> torch.Tensor:
+    """Budget mode: keys >= cut32 -> fp32, >= cut16 -> fp16, else int8."""
+    g = torch.full(keys.shape, INT8, dtype=torch.int8)
+    g[keys >= cut16] = FP16
+    g[keys >= cut32] = FP32
+    return g
+
+
+NO_CUT = (1 << 63) - 1  # a cut no key reaches: keys are below 2^63 - 2^32

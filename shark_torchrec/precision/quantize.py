@@ -1,0 +1,118 @@
+"""Row-wise int8 quantization and stochastic rounding with reproducible noise.
+
+Int8 rows use FBGEMM's inference layout: per row an fp16 scale and an fp16 bias, value =
+code * scale + bias with codes in [0, 255] (asymmetric, so the step is (max - min) / 255;
+the paper's Eq. 6 divides a symmetric range by 255 where 127 would be right, which an
+asymmetric code avoids).
+
+Stochastic rounding draws its uniform noise from a hash of (seed, step, table, row, column):
+every replica of a row rounds the same way, and a resumed or differently sharded run
+reproduces the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+FP16_MAX = 65504.0
+INT8_LEVELS = 255
+
+# splitmix64 constants, written as signed int64.
+_M1 = -7046029254386353131  # 0x9E3779B97F4A7C15
+_M2 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_M3 = -7723592293110705685  # 0x94D049BB133111EB
+_LOW = {s: (1 << (64 - s)) - 1 for s in (30, 27, 31)}
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiply, logical shifts)."""
+    x = x ^ ((x >> 30) & _LOW[30])
+    x = x * _M2
+    x = x ^ ((x >> 27) & _LOW[27])
+    x = x * _M3
+    return x ^ ((x >> 31) & _LOW[31])
+
+
+def rounding_noise(
+    seed: int,
+    step: int,
+    tables: torch.Tensor | int,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """Uniform [0, 1) noise of shape [len(rows), D], a pure function of
+    (seed, step, table id, global row, global column).
+
+    `tables` is one id or one per row; `cols` is [D] or [len(rows), D] global columns.
+    """
+    head = _mix(torch.tensor(((seed * 1_000_003 + step) * 998_244_353) % (1 << 62)))
+    t = torch.as_tensor(tables, dtype=torch.int64)
+    r = _mix(_mix(t * _M3 + head) + rows.to(torch.int64) * _M1)
+    c = cols.to(torch.int64)
+    x = _mix(r[:, None] + (c[None, :] if c.dim() == 1 else c) * _M1)
+    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def round_fp16_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 -> fp16, rounding up with probability equal to the distance to the lower fp16
+    neighbour over the gap, so E[result] = value (values are clamped to +-65504 first)."""
+    v = values.clamp(-FP16_MAX, FP16_MAX)
+    near = v.to(torch.float16)
+    lo = torch.where(near.float() > v, torch.nextafter(near, near.new_tensor(-float("inf"))), near)
+    hi = torch.nextafter(lo, lo.new_tensor(float("inf")))
+    lo32, hi32 = lo.float(), hi.float()
+    gap = hi32 - lo32
+    p = torch.where(gap > 0, (v - lo32) / gap, torch.zeros_like(v))
+    return torch.where(noise < p, hi, lo)
+
+
+def _round_down_fp16(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float16)
+    return torch.where(h.float() > x, torch.nextafter(h, h.new_tensor(-float("inf"))), h)
+
+
+def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, torch.nextafter(h, h.new_tensor(float("inf"))), h)
+
+
+def quantize_rows_int8(
+    values: torch.Tensor, noise: torch.Tensor | None = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise asymmetric int8: returns (codes uint8 [n, D], scale_bias fp16 [n, 2]).
+
+    The bias is the row minimum rounded down to fp16 and the scale the range over 255
+    rounded up to fp16, so every value lies inside the code range. With `noise`, codes are
+    rounded stochastically (unbiased); without, to nearest. Values beyond the fp16 range are
+    clamped to +-65504; an all-equal row gets scale 0.
+    """
+    v = values.float().clamp(-FP16_MAX, FP16_MAX)
+    if v.shape[0] == 0:
+        return torch.empty(v.shape, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.float16)
+    lo = v.min(dim=1).values
+    hi = v.max(dim=1).values
+    bias = _round_down_fp16(lo)
+    scale = _round_up_fp16((hi - bias.float()) / INT8_LEVELS)
+    s32 = scale.float()[:, None]
+    safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
+    x = (v - bias.float()[:, None]) / safe
+    x = torch.floor(x + noise) if noise is not None else torch.round(x)
+    codes = torch.where(s32 > 0, x, torch.zeros_like(x)).clamp(0, INT8_LEVELS).to(torch.uint8)
+    return codes, torch.stack([scale, bias], dim=1)
+
+
+def dequantize_rows_int8(codes: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
+    sb = scale_bias.float()
+    return codes.float() * sb[:, :1] + sb[:, 1:2]
+
+
+def requantize_with(codes_values: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
+    """Codes that reproduce `codes_values` (values already of the form code * scale + bias)
+    under the given scale/bias: used to restore int8 rows exactly from a checkpoint."""
+    sb = scale_bias.float()
+    s = sb[:, :1]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    x = torch.round((codes_values.float() - sb[:, 1:2]) / safe)
+    return torch.where(s > 0, x, torch.zeros_like(x)).clamp(0, INT8_LEVELS).to(torch.uint8)
