@@ -127,10 +127,57 @@ class RunConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    precision: Literal["fp32", "fp16", "int8", "freq", "shark"] = "fp32"
+    """Embedding rows: `fp32` stock TorchRec tables (the reference); `fp16` / `int8` our
+    mixed-precision module with every row in that group; `freq` our module with rows ranked by
+    frequency (alpha = 1); `shark` the full method (paper Eq. 7 priorities)."""
+    memory_budget: Optional[float] = None
+    """shark/freq budget mode: embedding bytes (weights, scales, row map) at most this fraction
+    of the fp32 bytes, per table (default 0.35 unless --t8/--t16 are given)."""
+    fp32_fraction: float = 0.02
+    """Budget mode: at most this fraction of each table's rows stays fp32."""
+    t8: Optional[float] = None
+    """Threshold mode: rows scoring below t8 are int8 (give --t16 too)."""
+    t16: Optional[float] = None
+    """Threshold mode: rows scoring in [t8, t16) are fp16, the rest fp32."""
+    alpha: float = 2.0
+    """Weight of positive examples in the priority (paper Eq. 7)."""
+    beta: float = 0.99
+    """Priority update rate (paper Eq. 7): 0.99 = recency, 0.01 = ~100-step average."""
+    reassign_every: int = 100
+    """Steps between moves of rows between groups."""
+    bad_ids: Literal["error", "row0"] = "error"
+    """Ids outside their table: `error` names feature and value; `row0` maps them to row 0."""
+
+    def policy(self, lr: float, eps: float, seed: int):
+        from shark_torchrec.modules.precision_policy import PrecisionPolicy
+
+        budget = self.memory_budget
+        if budget is None and self.t8 is None and self.precision in ("shark", "freq"):
+            budget = 0.35
+        return PrecisionPolicy(
+            mode=self.precision,
+            memory_budget=budget if self.precision in ("shark", "freq") else None,
+            fp32_fraction=self.fp32_fraction,
+            t8=self.t8,
+            t16=self.t16,
+            alpha=self.alpha,
+            beta=self.beta,
+            reassign_every=self.reassign_every,
+            learning_rate=lr,
+            eps=eps,
+            seed=seed,
+            bad_ids=self.bad_ids,
+        )
+
+
+@dataclass
 class JobConfig:
     dataset: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    quant: PrecisionConfig = field(default_factory=PrecisionConfig)
     run: RunConfig = field(default_factory=RunConfig)
     config: Optional[str] = None
     """TOML file with the job's defaults; flags given beside it override it."""
@@ -149,6 +196,15 @@ class JobConfig:
             raise ConfigError("run.nproc must be >= 1")
         if self.dataset.min_count < 1 or self.dataset.hash_size < 1:
             raise ConfigError("data.min_count and data.hash_size must be >= 1")
+        q = self.quant
+        if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None):
+            raise ConfigError(f"quant: --memory-budget/--t8/--t16 need --precision shark or freq, not {q.precision}")
+        try:
+            q.policy(t.lr, t.eps, t.seed)
+        except ValueError as e:
+            raise ConfigError(f"quant: {e}") from e
+        if q.precision != "fp32" and self.model.embedding_dim % 4:
+            raise ConfigError("model.embedding_dim must be a multiple of 4 for mixed precision")
         return self
 
     @property
@@ -161,6 +217,7 @@ def _group_classes() -> dict[str, type]:
         "dataset": DataConfig,
         "model": ModelConfig,
         "train": TrainConfig,
+        "quant": PrecisionConfig,
         "run": RunConfig,
     }
 
@@ -212,8 +269,9 @@ def load_config(path: str | Path) -> JobConfig:
 def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     out.pop("config", None)
+    # TOML has no null: unset optional fields are left out (they load back as unset).
     return {
-        s: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        s: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
         for s, d in out.items()
     }
 

@@ -47,24 +47,38 @@ def embedding_memory(
     optimizer,
     configs: Mapping[str, BaseEmbeddingConfig],
 ) -> Dict[str, object]:
-    """Bytes per table and in total: weights (`embedding_bytes`), optimizer state
-    (`optimizer_bytes`), and the same tables as fp32 weights (`fp32_embedding_bytes`)."""
+    """Bytes per table and in total: weights (`embedding_bytes`; for mixed-precision tables
+    with int8 scales/biases, the row map and alignment padding), optimizer state
+    (`optimizer_bytes`), the same tables as fp32 weights (`fp32_embedding_bytes`), and for
+    mixed-precision tables the priority scores (`priority_bytes`, training-only state like
+    the optimizer's) and rows per group (`rows_fp32`, `rows_fp16`, `rows_int8`)."""
+    from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionEmbeddingBagCollection
+
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tables = list(configs)
+    mixed: Dict[str, Dict[str, int]] = {}
+    for m in model.modules():
+        if isinstance(m, ShardedMixedPrecisionEmbeddingBagCollection):
+            mixed.update(m.precision_memory())
+    tables = [t for t in configs if t not in mixed]
     weights: Dict[str, int] = defaultdict(int)
     optim: Dict[str, int] = defaultdict(int)
-    _accumulate(model.state_dict(), tables, weights, rank)
-    _accumulate(optimizer.state_dict()["state"], tables, optim, rank)
+    if tables:
+        _accumulate(model.state_dict(), tables, weights, rank)
+        _accumulate(optimizer.state_dict()["state"], tables, optim, rank)
     vec = torch.tensor([[weights[t], optim[t]] for t in tables], dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(vec)
-    per_table = {
+    per_table: Dict[str, Dict[str, int]] = {
         t: {
             "embedding_bytes": int(vec[i, 0]),
             "optimizer_bytes": int(vec[i, 1]),
-            "fp32_embedding_bytes": configs[t].num_embeddings * configs[t].embedding_dim * 4,
+            "rows_fp32": configs[t].num_embeddings,
         }
         for i, t in enumerate(tables)
     }
-    total = {k: sum(v[k] for v in per_table.values()) for k in ("embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes")}
-    return {**total, "tables": per_table}
+    per_table.update(mixed)
+    for t, c in configs.items():
+        per_table[t]["fp32_embedding_bytes"] = c.num_embeddings * c.embedding_dim * 4
+    keys = ("embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes", "priority_bytes", "rows_fp32", "rows_fp16", "rows_int8")
+    total = {k: sum(v.get(k, 0) for v in per_table.values()) for k in keys}
+    return {**total, "tables": {t: per_table[t] for t in configs}}

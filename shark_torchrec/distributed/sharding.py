@@ -27,13 +27,16 @@ INIT_BLOCK_ROWS = 1 << 16
 
 
 def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
-    """Sharders whose kernels train with FBGEMM's fused row-wise Adagrad."""
+    """Our mixed-precision sharder, and TorchRec's EBC sharder whose kernels train with
+    FBGEMM's fused row-wise Adagrad."""
+    from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
+
     fused = {
         "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         "learning_rate": cfg.lr,
         "eps": cfg.eps,
     }
-    return [EmbeddingBagCollectionSharder(fused_params=fused)]
+    return [MixedPrecisionEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder(fused_params=fused)]
 
 
 def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
@@ -125,11 +128,25 @@ def _init_rows(
 def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfig], seed: int) -> None:
     """Deterministic, sharding-independent init of every table (TorchRec's default law:
     uniform(+-sqrt(1 / num_embeddings)))."""
+    from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionEmbeddingBagCollection
+
+    def law(table: str, r0: int, r1: int) -> torch.Tensor:
+        cfg = configs[table]
+        bound = (1.0 / cfg.num_embeddings) ** 0.5
+        return _init_rows(seed, table, cfg.num_embeddings, cfg.embedding_dim, r0, r1, bound)
+
+    mixed = set()
+    for m in dmp.modules():
+        if isinstance(m, ShardedMixedPrecisionEmbeddingBagCollection):
+            m.fill_rows(law)
+            mixed.update(m._table_names)
+    if len(mixed) == len(configs):
+        return
     state = dmp.state_dict()
     with torch.no_grad():
         for key, tensor in state.items():
             table = table_of_key(key, configs) if key.endswith(".weight") else None
-            if table is None:
+            if table is None or table in mixed:
                 continue
             cfg = configs[table]
             bound = (1.0 / cfg.num_embeddings) ** 0.5

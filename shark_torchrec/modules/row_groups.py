@@ -65,6 +65,7 @@ class LocalTable:
     col_offset: int = 0  # first global column held here
     global_rows: int = -1
     table_id: int = 0  # stable id for the rounding noise (crc32 of the name)
+    counts_once: bool = True  # False for copies of rows counted elsewhere (replicas, column slices)
 
     @property
     def total_rows(self) -> int:
@@ -328,8 +329,8 @@ class RowGroupStore(nn.Module):
         return [int((self.row_group == g).sum()) for g in range(3)]
 
     def scores_now(self) -> torch.Tensor:
-        """Priorities decayed to the current step."""
-        return decayed(self.row_priority, self.row_seen_step, self.step.value, self.policy.beta)
+        """Priorities as of the last completed step (the counter has already moved past it)."""
+        return decayed(self.row_priority, self.row_seen_step, self.step.value - 1, self.policy.beta)
 
     # ------------------------------------------------------------------ memory
     def table_bytes(self) -> List[Dict[str, int]]:

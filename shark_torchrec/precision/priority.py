@@ -66,22 +66,26 @@ class BudgetError(ValueError):
     pass
 
 
+GROUP_PADDING_BYTES = 3 * 128  # each group's table is 128-byte aligned in the store's buffer
+
+
 def budget_counts(
     rows: int, dim: int, budget: float, fp32_fraction: float, row_alignment: int = 1, table: str = ""
 ) -> GroupCounts:
-    """Rows per group for a table whose embedding bytes (weights + row map) must stay within
-    `budget` x its fp32 bytes. Up to `fp32_fraction` of the rows stay fp32, then as many rows
-    as fit are fp16, and the rest int8. Raises BudgetError when even all-int8 does not fit."""
-    cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES
+    """Rows per group for a table whose embedding bytes (weights + row map + alignment
+    padding) must stay within `budget` x its fp32 bytes. Up to `fp32_fraction` of the rows
+    stay fp32, then as many rows as fit are fp16, and the rest int8. Raises BudgetError when
+    even all-int8 does not fit."""
+    cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES - GROUP_PADDING_BYTES
     b32, b16, b8 = (row_bytes(dim, g, row_alignment) for g in (FP32, FP16, INT8))
     floor = rows * b8
-    if cap < floor - 1e-6:
+    if cap < floor - 1e-6 and rows > 0:
         need = (floor + rows * ROW_MAP_BYTES) / max(rows * dim * 4, 1)
         raise BudgetError(
             f"memory budget {budget} is below what table {table or '?'} (dim {dim}) can reach: "
             f"all rows int8 plus the row map take {need:.3f} of fp32"
         )
-    spare = cap - floor
+    spare = max(cap - floor, 0.0)
     n32 = min(int(fp32_fraction * rows), int(spare // (b32 - b8)))
     spare -= n32 * (b32 - b8)
     n16 = min(rows - n32, int(spare // (b16 - b8)))
@@ -116,3 +120,21 @@ def groups_by_cuts(keys: torch.Tensor, cut32: int, cut16: int) -> torch.Tensor:
 
 
 NO_CUT = (1 << 63) - 1  # a cut no key reaches: keys are below 2^63 - 2^32
+
+
+def kth_largest_cuts(count_at_least, targets: torch.Tensor) -> torch.Tensor:
+    """For each entry n of `targets` (int64, any shape), the largest cut K with
+    count_at_least(K) >= n: exactly the n rows of highest key have key >= K (keys are unique).
+    Entries with n = 0 get NO_CUT. `count_at_least` maps a cut tensor of the targets' shape to
+    counts of that shape (a collective over shards, in the distributed case); it is called
+    the same number of times everywhere, as the loop only reads its results."""
+    lo = torch.zeros_like(targets)
+    hi = torch.full_like(targets, NO_CUT)
+    for _ in range(64):
+        if bool(((hi - lo) <= 1).all()):
+            break
+        mid = lo + (hi - lo) // 2
+        ok = count_at_least(mid) >= targets
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    return torch.where(targets > 0, lo, torch.full_like(targets, NO_CUT))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,9 @@ from shark_torchrec.distributed.sharding import (
     shard_model,
 )
 from shark_torchrec.memory import embedding_memory
-from shark_torchrec.models.dlrm import build_dlrm
+from shark_torchrec.models.dlrm import build_dlrm, table_configs
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.precision.labels import tag_labels
 from shark_torchrec.train.checkpoint import (
     CheckpointError,
     broadcast_str,
@@ -87,7 +90,13 @@ def _report_bad_lines(dataset: Dataset, env: DistEnv) -> Dict[str, int]:
 
 
 def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
-    model = build_dlrm(dataset.schema, cfg.model, seed=cfg.train.seed)
+    ebc = None
+    if cfg.quant.precision != "fp32":
+        ebc = MixedPrecisionEmbeddingBagCollection(
+            tables=table_configs(dataset.schema, cfg.model.embedding_dim),
+            precision_policy=cfg.quant.policy(cfg.train.lr, cfg.train.eps, cfg.train.seed),
+        )
+    model = build_dlrm(dataset.schema, cfg.model, ebc=ebc, seed=cfg.train.seed)
     configs = embedding_configs(model)
     dmp, plan = shard_model(model, env, cfg.train)
     init_embedding_weights(dmp, configs, cfg.train.seed)
@@ -172,6 +181,8 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     done = state.stopped_early or (t.max_steps and state.step >= t.max_steps)
     while not done and state.epoch < t.epochs:
         batches = dataset.batches("train", t.batch_size, env.rank, env.world_size, state.batch_in_epoch)
+        if cfg.quant.precision != "fp32":
+            batches = label_tagged(batches)
         pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
         bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"train epoch {state.epoch}", disable=not show)
         while True:
@@ -215,6 +226,12 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     return TrainedModel(dmp, optimizer, dataset, env, configs, state, train_seconds)
 
 
+def label_tagged(batches):
+    """Training batches whose ids carry their sample's label (for the row priorities)."""
+    for b in batches:
+        yield dataclasses.replace(b, sparse_features=tag_labels(b.sparse_features, b.labels))
+
+
 def peak_rss_bytes(env: DistEnv) -> int:
     """The largest peak resident set size over the ranks (Linux reports KiB)."""
     import resource
@@ -244,6 +261,11 @@ def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
         "embedding_bytes": memory["embedding_bytes"],
         "optimizer_bytes": memory["optimizer_bytes"],
         "fp32_embedding_bytes": memory["fp32_embedding_bytes"],
+        "priority_bytes": memory["priority_bytes"],
+        "rows_fp32": memory["rows_fp32"],
+        "rows_fp16": memory["rows_fp16"],
+        "rows_int8": memory["rows_int8"],
+        "precision": cfg.quant.precision,
         "tables": memory["tables"],
         "bad_lines": bad,
         "world_size": env.world_size,

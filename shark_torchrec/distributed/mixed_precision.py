@@ -1,0 +1,490 @@
+"""Sharding `MixedPrecisionEmbeddingBagCollection` with DistributedModelParallel.
+
+The shape follows TorchRec's ITEP: a sharder for our module type, a subclass of the stock
+`ShardedEmbeddingBagCollection` (so input and output all-to-alls, every sharding type and
+`TrainPipelineSparseDist` are TorchRec's own), whose lookups build our kernel: a
+`RowGroupStore` per group of local shards instead of FBGEMM's training TBE.
+
+The planner sees the `fused` kernel (so its estimators apply); `shard()` switches each table
+to `customized_kernel` before the sharded module is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata, TensorProperties
+from torchrec.distributed.embedding_kernel import BaseEmbedding
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, GroupedEmbeddingConfig
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptimizerModule
+from torchrec.optim.keyed import KeyedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shark_torchrec.distributed.reassign import reassign_stores
+from shark_torchrec.modules.mixed_precision import (
+    UNIT,
+    MixedPrecisionEmbeddingBagCollection,
+    fill_table_state,
+    initial_groups,
+    load_local_table_state,
+    local_table_state,
+    table_id,
+    target_counts,
+)
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
+
+# Column scale of each state tensor against the table's columns (see modules.mixed_precision).
+STATE_COLUMNS = {"weight": 1.0, "qparams": 2 / UNIT, "row_group": 1 / UNIT, "row_priority": 1 / UNIT, "momentum": 1 / UNIT}
+STATE_DTYPES = {
+    "weight": torch.float32,
+    "qparams": torch.float16,
+    "row_group": torch.int8,
+    "row_priority": torch.float32,
+    "momentum": torch.float32,
+}
+
+
+class MixedPrecisionEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
+    """The kernel of one group of local shards: forward and fused update via a RowGroupStore."""
+
+    def __init__(
+        self,
+        config: GroupedEmbeddingConfig,
+        pg: Optional[dist.ProcessGroup],
+        sharding_type: Optional[str],
+        policy: PrecisionPolicy,
+        step: StepCounter,
+        label_tagged: bool,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self._config = config
+        replicated = sharding_type == ShardingType.DATA_PARALLEL.value
+        rank = dist.get_rank(pg) if pg is not None else 0
+        tables, features, ftab = [], [], []
+        for i, t in enumerate(config.embedding_tables):
+            md = t.local_metadata
+            r0, c0 = (md.shard_offsets if md is not None else (0, 0))
+            tables.append(
+                LocalTable(
+                    name=t.name,
+                    rows=t.local_rows,
+                    dim=t.local_cols,
+                    row_offset=r0,
+                    col_offset=c0,
+                    global_rows=t.num_embeddings,
+                    table_id=table_id(t.name),
+                    counts_once=c0 == 0 and (not replicated or rank == 0),
+                )
+            )
+            features += t.feature_names
+            ftab += [i] * len(t.feature_names)
+        self.store = RowGroupStore(
+            tables,
+            features,
+            ftab,
+            policy,
+            step,
+            pooling="mean" if config.pooling == PoolingType.MEAN else "sum",
+            label_tagged=label_tagged,
+            weighted=config.is_weighted,
+            replicated_pg=pg if replicated else None,
+            device=device,
+        )
+        self._optim = EmptyFusedOptimizer()
+
+    @property
+    def config(self) -> GroupedEmbeddingConfig:
+        return self._config
+
+    @property
+    def fused_optimizer(self) -> FusedOptimizer:
+        return self._optim
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        self.store.training_enabled = self.training
+        return self.store(features.values(), features.lengths(), features.weights_or_none(), features.stride())
+
+    def flush(self) -> None:
+        pass
+
+    def purge(self) -> None:
+        pass
+
+    def named_parameters_by_table(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        return iter(())
+
+    def named_split_embedding_weights(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return iter(())
+
+
+class MixedPrecisionPooledLookup(GroupedPooledEmbeddingsLookup):
+    def __init__(self, *args: Any, policy: PrecisionPolicy, step: StepCounter, label_tagged: bool, **kwargs: Any) -> None:
+        self._mp_args = (policy, step, label_tagged)
+        super().__init__(*args, **kwargs)
+
+    def _create_embedding_kernel(self, config, device, pg, sharding_type, env=None) -> BaseEmbedding:
+        policy, step, label_tagged = self._mp_args
+        return MixedPrecisionEmbeddingBag(config, pg, sharding_type.value if sharding_type else None, policy, step, label_tagged, device)
+
+    def flush(self) -> None:
+        pass
+
+    def purge(self) -> None:
+        pass
+
+
+class MixedPrecisionOptimizer(KeyedOptimizer):
+    """The module's entry in DMP's fused optimizer: the row updates happen in backward;
+    `step()` advances the module's step and reassigns rows when due. Its `lr` (param group
+    0) is the embedding learning rate, so LR schedulers work."""
+
+    def __init__(self, module: "ShardedMixedPrecisionEmbeddingBagCollection") -> None:
+        self._module = module
+        super().__init__({}, {}, [{"params": [], "lr": module.precision_policy.learning_rate}])
+
+    def step(self, closure: Any = None) -> None:
+        self._module.precision_policy.learning_rate = self.param_groups[0]["lr"]
+        self._module.advance_step()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        pass
+
+
+class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+    def __init__(
+        self,
+        module: MixedPrecisionEmbeddingBagCollection,
+        table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        fused_params: Optional[Dict[str, Any]] = None,
+        device: Optional[torch.device] = None,
+        qcomm_codecs_registry=None,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        object.__setattr__(self, "precision_policy", dataclasses.replace(module.precision_policy))
+        object.__setattr__(self, "step_counter", StepCounter())
+        object.__setattr__(self, "_label_tagged", module.label_tagged)
+        super().__init__(
+            module=module,
+            table_name_to_parameter_sharding=table_name_to_parameter_sharding,
+            env=env,
+            fused_params=fused_params,
+            device=device,
+            qcomm_codecs_registry=qcomm_codecs_registry,
+            module_fqn=module_fqn,
+        )
+        self._pg = env.process_group
+        self._table_rows = {c.name: c.num_embeddings for c in module.embedding_bag_configs()}
+        self._feature_rows = {f: c.num_embeddings for c in module.embedding_bag_configs() for f in c.feature_names}
+        self._budget_tables = {
+            name: (self._table_rows[name], self._budget_dim(name, ps)) for name, ps in table_name_to_parameter_sharding.items()
+        }
+        self._mp_optimizer = MixedPrecisionOptimizer(self)
+        self.last_moved: Dict[str, int] = {}
+        self._assign_initial_groups()
+
+    # ------------------------------------------------------------------ construction
+    def _create_lookups(self) -> None:
+        for sharding, st in zip(self._embedding_shardings, self._sharding_types):
+            pg = self._env.process_group if st == ShardingType.DATA_PARALLEL.value else sharding._pg
+            self._lookups.append(
+                MixedPrecisionPooledLookup(
+                    grouped_configs=sharding._grouped_embedding_configs,
+                    pg=pg,
+                    device=self._device,
+                    sharding_type=ShardingType(st),
+                    env=self._env,
+                    policy=self.precision_policy,
+                    step=self.step_counter,
+                    label_tagged=self._label_tagged,
+                )
+            )
+
+    def init_data_parallel(self) -> None:
+        # Our kernels sum data-parallel gradients themselves (RowGroupStore._sum_replicas):
+        # no DDP wrapper, which would find no parameter to reduce.
+        pass
+
+    def _initialize_torch_state(self, skip_registering: bool = False) -> None:
+        self.embedding_bags = nn.ModuleDict({t: nn.Module() for t in self._table_names})
+        self._model_parallel_name_to_local_shards = OrderedDict()
+        self._model_parallel_name_to_shards_wrapper = OrderedDict()
+        self._model_parallel_name_to_sharded_tensor = OrderedDict()
+        self._model_parallel_name_to_dtensor = OrderedDict()
+        if not skip_registering:
+            self._register_state_dict_hook(ShardedMixedPrecisionEmbeddingBagCollection._mp_state_dict_hook)
+            self._register_load_state_dict_pre_hook(self._mp_load_hook, with_module=False)
+
+    def reset_parameters(self) -> None:
+        pass
+
+    @staticmethod
+    def _budget_dim(name: str, ps: ParameterSharding) -> int:
+        spec = ps.sharding_spec
+        if spec is None or not getattr(spec, "shards", None):
+            return -1
+        return min(s.shard_sizes[1] for s in spec.shards)
+
+    def stores(self) -> List[Tuple[RowGroupStore, str]]:
+        out = []
+        for lookup, st in zip(self._lookups, self._sharding_types):
+            for kernel in lookup._emb_modules:
+                out.append((kernel.store, st))
+        return out
+
+    def _tables_for_budget(self) -> Dict[str, Tuple[int, int]]:
+        dims = {c.name: c.embedding_dim for c in self._embedding_bag_configs}
+        return {n: (r, d if d > 0 else dims[n]) for n, (r, d) in self._budget_tables.items()}
+
+    @torch.no_grad()
+    def _assign_initial_groups(self) -> None:
+        tables = self._tables_for_budget()
+        for store, _ in self.stores():
+            parts = []
+            for i, t in enumerate(store.tables):
+                counts = target_counts(self.precision_policy, *tables[t.name], t.name)
+                parts.append(initial_groups(self.precision_policy, counts, torch.arange(t.row_offset, t.row_offset + t.rows)))
+            store.set_groups(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8))
+
+    @torch.no_grad()
+    def fill_rows(self, init) -> None:
+        """Write initial values: `init(table, row0, row1)` returns fp32 [row1 - row0, dim] of
+        the logical table; each shard takes its block (rounded to nearest in its group)."""
+        for store, _ in self.stores():
+            for i, t in enumerate(store.tables):
+                lo = int(store.table_base[i])
+                for r in range(0, t.rows, 1 << 16):
+                    n = min(1 << 16, t.rows - r)
+                    values = init(t.name, t.row_offset + r, t.row_offset + r + n)
+                    store.write_rows(torch.arange(lo + r, lo + r + n), values[:, t.col_offset : t.col_offset + t.dim])
+
+    # ------------------------------------------------------------------ training
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        return self._mp_optimizer
+
+    def advance_step(self) -> None:
+        self.step_counter.value += 1
+        p = self.precision_policy
+        if p.scored and self.step_counter.value % p.reassign_every == 0:
+            self.reassign()
+
+    def reassign(self) -> Dict[str, int]:
+        """Regroup all rows by score now (collective: every rank calls it)."""
+        moved = reassign_stores([s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg)
+        vec = torch.tensor([moved["fp32"], moved["fp16"], moved["int8"]], dtype=torch.int64)
+        self.last_moved = dict(zip(("fp32", "fp16", "int8"), vec.tolist()))
+        return self.last_moved
+
+    def input_dist(self, ctx, features: KeyedJaggedTensor):
+        features = self._check_ids(features)
+        return super().input_dist(ctx, features)
+
+    def _check_ids(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Ids must lie in their table: checked on the global ids, before the all-to-all."""
+        values = features.values()
+        if values.numel() == 0:
+            return features
+        lengths = features.length_per_key()
+        limits = torch.repeat_interleave(
+            torch.tensor([self._feature_rows.get(k, 1 << 62) for k in features.keys()], dtype=torch.int64),
+            torch.tensor(lengths, dtype=torch.int64),
+        )
+        bad = (values < 0) | (values >= limits)
+        if not bool(bad.any()):
+            return features
+        if self.precision_policy.bad_ids == "row0":
+            return KeyedJaggedTensor(
+                keys=features.keys(),
+                values=torch.where(bad, torch.zeros_like(values), values),
+                lengths=features.lengths(),
+                weights=features.weights_or_none(),
+            )
+        i = int(bad.nonzero()[0])
+        f = int(torch.searchsorted(torch.tensor(lengths).cumsum(0), torch.tensor(i), right=True))
+        key = features.keys()[f]
+        raise IdError(
+            f"feature {key!r}: id {int(values[i])} is outside its table "
+            f"(rows 0..{self._feature_rows[key] - 1}); {int(bad.sum())} such ids in this batch"
+        )
+
+    # ------------------------------------------------------------------ memory
+    def precision_memory(self) -> Dict[str, Dict[str, int]]:
+        """Per table, summed over ranks (collective): embedding/optimizer/priority bytes and
+        rows per group (rows of column-wise slices and replicas counted once)."""
+        names = sorted(self._table_rows)
+        fields = ("embedding_bytes", "optimizer_bytes", "priority_bytes", "rows_fp32", "rows_fp16", "rows_int8")
+        vec = torch.zeros(len(names), len(fields), dtype=torch.float64)
+        rank = dist.get_rank(self._pg)
+        for store, st in self.stores():
+            replicated = st == ShardingType.DATA_PARALLEL.value
+            if replicated and rank != 0:
+                continue
+            for t, b in zip(store.tables, store.table_bytes()):
+                i = names.index(t.name)
+                for j, f in enumerate(fields):
+                    if f.startswith("rows_") and t.col_offset != 0:
+                        continue
+                    vec[i, j] += b[f]
+        if dist.get_world_size(self._pg) > 1:
+            dist.all_reduce(vec, group=self._pg)
+        return {n: {f: int(vec[i, j]) for j, f in enumerate(fields)} for i, n in enumerate(names)}
+
+    # ------------------------------------------------------------------ state dict
+    def _state_metadata(self, table: str, key: str, dim: int) -> Optional[ShardedTensorMetadata]:
+        spec = self.module_sharding_plan[table].sharding_spec
+        if spec is None:
+            return None
+        k = STATE_COLUMNS[key]
+        shards = [
+            ShardMetadata(
+                shard_offsets=[s.shard_offsets[0], int(s.shard_offsets[1] * k)],
+                shard_sizes=[s.shard_sizes[0], int(s.shard_sizes[1] * k)],
+                placement=s.placement,
+            )
+            for s in spec.shards
+        ]
+        return ShardedTensorMetadata(
+            shards_metadata=shards,
+            size=torch.Size([self._table_rows[table], int(dim * k)]),
+            tensor_properties=TensorProperties(dtype=STATE_DTYPES[key]),
+        )
+
+    def _local_state(self) -> Dict[str, Dict[str, List[Tuple[ShardMetadata, torch.Tensor]]]]:
+        """table -> key -> [(shard metadata, local tensor)] for the shards on this rank."""
+        out: Dict[str, Dict[str, list]] = {}
+        for store, st in self.stores():
+            for i, t in enumerate(store.tables):
+                for key, tensor in local_table_state(store, i).items():
+                    k = STATE_COLUMNS[key]
+                    md = ShardMetadata(
+                        shard_offsets=[t.row_offset, int(t.col_offset * k)],
+                        shard_sizes=[t.rows, int(t.dim * k)],
+                        placement=f"rank:{dist.get_rank()}/{self._device.type if self._device else 'cpu'}",
+                    )
+                    out.setdefault(t.name, {}).setdefault(key, []).append((md, tensor, st))
+        return out
+
+    @staticmethod
+    def _mp_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
+        local = module._local_state()
+        dims = {c.name: c.embedding_dim for c in module._embedding_bag_configs}
+        keys = ["weight", "qparams", "row_group"]
+        if module.precision_policy.scored:
+            keys.append("row_priority")
+        if module.precision_policy.optimizer == "rowwise_adagrad":
+            keys.append("momentum")
+        for table in module._table_names:
+            for key in keys:
+                md = module._state_metadata(table, key, dims[table])
+                entries = local.get(table, {}).get(key, [])
+                name = f"{prefix}embedding_bags.{table}.{key}"
+                if md is None:  # data-parallel: a plain, replicated tensor
+                    destination[name] = entries[0][1]
+                    continue
+                shards = [Shard(tensor=t, metadata=m) for m, t, _ in entries]
+                destination[name] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                    shards, sharded_tensor_metadata=md, process_group=module._pg
+                )
+        destination[f"{prefix}precision_step"] = torch.tensor([module.step_counter.value], dtype=torch.int64)
+
+    def _mp_load_hook(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        step_key = f"{prefix}precision_step"
+        if step_key in state_dict:
+            self.step_counter.value = int(state_dict.pop(step_key)[0])
+        per_table: Dict[str, Dict[str, torch.Tensor]] = {}
+        for table in self._table_names:
+            for key in STATE_COLUMNS:
+                name = f"{prefix}embedding_bags.{table}.{key}"
+                if name in state_dict:
+                    per_table.setdefault(table, {})[key] = state_dict.pop(name)
+        missing = [t for t in self._table_names if "weight" not in per_table.get(t, {})]
+        if missing:
+            raise KeyError(f"state dict has no weights for tables {missing}")
+        tables = self._tables_for_budget()
+        for store, _ in self.stores():
+            states, groups = [], []
+            for i, t in enumerate(store.tables):
+                s = {k: self._local_piece(v, k, t) for k, v in per_table[t.name].items()}
+                states.append(s)
+                counts = target_counts(self.precision_policy, *tables[t.name], t.name)
+                fallback = initial_groups(self.precision_policy, counts, torch.arange(t.row_offset, t.row_offset + t.rows))
+                groups.append(load_local_table_state(store, i, s, fallback))
+            store.set_groups(torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int8))
+            for i, s in enumerate(states):
+                fill_table_state(store, i, s)
+
+    @staticmethod
+    def _local_piece(value, key: str, t: LocalTable) -> torch.Tensor:
+        """This shard's block of a state tensor (sharded, or a full plain tensor)."""
+        k = STATE_COLUMNS[key]
+        c0, c1 = int(t.col_offset * k), int((t.col_offset + t.dim) * k)
+        if isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                if list(shard.metadata.shard_offsets) == [t.row_offset, c0]:
+                    return shard.tensor
+            raise KeyError(f"{key} of table {t.name}: no local shard at row {t.row_offset}, column {c0}")
+        return value[t.row_offset : t.row_offset + t.rows, c0:c1]
+
+
+class MixedPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """Add this to DMP's sharders (before the defaults) to shard our collection."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [
+            ShardingType.DATA_PARALLEL.value,
+            ShardingType.TABLE_WISE.value,
+            ShardingType.ROW_WISE.value,
+            ShardingType.COLUMN_WISE.value,
+            ShardingType.TABLE_COLUMN_WISE.value,
+        ]  # table_row_wise (row-wise within a node) is not wired up yet
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        if sharding_type == ShardingType.DATA_PARALLEL.value:
+            return [EmbeddingComputeKernel.DENSE.value]
+        return [EmbeddingComputeKernel.FUSED.value]
+
+    def shard(
+        self,
+        module: MixedPrecisionEmbeddingBagCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedMixedPrecisionEmbeddingBagCollection:
+        custom = {
+            name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value)
+            for name, ps in params.items()
+        }
+        return ShardedMixedPrecisionEmbeddingBagCollection(
+            module=module,
+            table_name_to_parameter_sharding=custom,
+            env=env,
+            fused_params=self.fused_params,
+            device=device,
+            qcomm_codecs_registry=self.qcomm_codecs_registry,
+            module_fqn=module_fqn,
+        )
+
+    @property
+    def module_type(self) -> Type[MixedPrecisionEmbeddingBagCollection]:
+        return MixedPrecisionEmbeddingBagCollection
+
+    @property
+    def sharded_module_type(self) -> Type[ShardedMixedPrecisionEmbeddingBagCollection]:
+        return ShardedMixedPrecisionEmbeddingBagCollection

@@ -1,0 +1,237 @@
+"""`MixedPrecisionEmbeddingBagCollection`: TorchRec's EmbeddingBagCollection with rows kept
+in fp32, fp16 and int8 groups.
+
+Constructed like `EmbeddingBagCollection` (table configs) plus a `PrecisionPolicy`. The
+TorchRec parameters stay on the meta device (the planner reads their shapes); the rows live
+in a `RowGroupStore`. Sharded by DMP with `MixedPrecisionEmbeddingBagCollectionSharder`
+(`shark_torchrec.distributed.mixed_precision`); used unsharded, it holds every table in one
+store and trains in its own backward pass (call `step()` after each optimizer step).
+
+State dict, per table (the same keys sharded and unsharded, so checkpoints move between
+plans): `embedding_bags.<table>.weight` fp32 [rows, D] (the dequantized rows, made when the
+state dict is taken), and per 4-column unit (so that column-wise shards of any width can be
+restored): `qparams` fp16 [rows, D/2] (int8 scale and bias), `row_group` int8 [rows, D/4],
+`row_priority` fp32 [rows, D/4] and `momentum` fp32 [rows, D/4]; plus `precision_step`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+from shark_torchrec.precision.priority import (
+    FP16,
+    FP32,
+    INT8,
+    BudgetError,
+    GroupCounts,
+    budget_counts,
+    groups_by_threshold,
+)
+
+UNIT = 4  # columns per unit of per-row checkpoint state
+STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "momentum")
+
+
+def table_id(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def target_counts(policy: PrecisionPolicy, rows: int, dim: int, table: str) -> GroupCounts:
+    """Rows per group of a whole table in budget mode or a one-group mode."""
+    if policy.mode == "fp32":
+        return GroupCounts(rows, 0, 0)
+    if policy.mode == "fp16":
+        return GroupCounts(0, rows, 0)
+    if policy.mode == "int8" or policy.threshold_mode:
+        return GroupCounts(0, 0, rows)
+    return budget_counts(rows, dim, policy.memory_budget, policy.fp32_fraction, table=table)
+
+
+def initial_groups(policy: PrecisionPolicy, counts: GroupCounts, global_rows: torch.Tensor) -> torch.Tensor:
+    """Groups before any score exists. Threshold mode: every row int8 (all scores are 0 <
+    t8, unless t8 = 0). Other modes: the budget rule on all-zero scores, i.e. by row id, the
+    lowest ids most precise (with vocabularies sorted by frequency, the hottest rows)."""
+    if policy.threshold_mode:
+        return groups_by_threshold(torch.zeros(len(global_rows)), policy.t8, policy.t16)
+    g = torch.full((len(global_rows),), INT8, dtype=torch.int8)
+    g[global_rows < counts.fp32 + counts.fp16] = FP16
+    g[global_rows < counts.fp32] = FP32
+    return g
+
+
+def _units(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Repeat a per-row value [n] or [n, k] over the row's dim / UNIT units."""
+    n = dim // UNIT
+    return x[:, None].expand(-1, n).contiguous() if x.dim() == 1 else x.repeat(1, n)
+
+
+def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tensor]:
+    """Checkpoint tensors of the rows of one table held by a store (see module doc)."""
+    lo, hi = int(store.table_base[index]), int(store.table_base[index + 1])
+    keys = torch.arange(lo, hi)
+    D = store.dim
+    out = {
+        "weight": store.read_rows(keys) if hi > lo else torch.empty(0, D),
+        "qparams": _units(store.int8_scale_bias(keys), D),
+        "row_group": _units(store.row_group[lo:hi], D),
+    }
+    if store.row_priority.numel():
+        out["row_priority"] = _units(store.scores_now()[lo:hi], D)
+    if store.momentum.numel():
+        out["momentum"] = _units(store.momentum[lo:hi], D)
+    return out
+
+
+def _per_row(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first unit's value per row, whether all units of the row agree)."""
+    first = units[:, :1]
+    return first[:, 0], (units == first).all(dim=1)
+
+
+def load_local_table_state(
+    store: RowGroupStore, index: int, state: Dict[str, torch.Tensor], fallback_groups: torch.Tensor
+) -> torch.Tensor:
+    """Groups (over this table's rows) and values from checkpoint tensors. Returns the groups;
+    the caller applies all tables' groups with one `set_groups` before `fill_table_state`."""
+    if "row_group" in state:
+        groups, _ = _per_row(state["row_group"])
+        return groups.to(torch.int8)
+    return fallback_groups
+
+
+@torch.no_grad()
+def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Tensor]) -> None:
+    lo, hi = int(store.table_base[index]), int(store.table_base[index + 1])
+    if hi == lo:
+        return
+    keys = torch.arange(lo, hi)
+    values = state["weight"].float()
+    store.write_rows(keys, values)
+    if "qparams" in state:
+        q = state["qparams"].view(hi - lo, -1, 2)
+        same = (q == q[:, :1]).all(dim=2).all(dim=1)
+        exact = (store.row_group[keys] == INT8) & same & (q[:, 0, 0] != 0)
+        if bool(exact.any()):
+            store.write_int8_exact(keys[exact], values[exact], q[exact, 0])
+    if "momentum" in state and store.momentum.numel():
+        store.momentum[lo:hi] = state["momentum"].float().mean(dim=1)
+    if "row_priority" in state and store.row_priority.numel():
+        store.row_priority[lo:hi] = state["row_priority"].float().mean(dim=1)
+        store.row_seen_step[lo:hi] = store.step.value - 1
+
+
+class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollection):
+    """Drop-in for `EmbeddingBagCollection` whose rows live in fp32/fp16/int8 groups.
+
+    `label_tagged`: training batches carry labels in the per-id weights
+    (`shark_torchrec.precision.labels.tag_labels`); they count for the priorities and are
+    never pooling weights unless the collection `is_weighted`.
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        precision_policy: Optional[PrecisionPolicy] = None,
+        label_tagged: bool = True,
+    ) -> None:
+        super().__init__(tables=tables, is_weighted=is_weighted, device=torch.device("meta"))
+        for t in tables:
+            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise ValueError(f"table {t.name}: pooling {t.pooling} is not supported")
+        self.precision_policy = precision_policy or PrecisionPolicy()
+        self.label_tagged = label_tagged
+        self.step_counter = StepCounter()
+        self._stores: List[RowGroupStore] = []
+        self._store_features: List[List[str]] = []
+        if device is not None and torch.device(device).type != "meta":
+            self.materialize(torch.device(device))
+
+    # ------------------------------------------------------------------ unsharded use
+    def materialize(self, device: torch.device, init: Optional[Callable[[str, int, int], torch.Tensor]] = None) -> None:
+        """Allocate the rows on `device` for unsharded use; `init(table, row0, row1)` gives
+        fp32 initial values (default: TorchRec's uniform(+-sqrt(1/rows)))."""
+        policy = self.precision_policy
+        by_pooling: Dict[PoolingType, List[EmbeddingBagConfig]] = {}
+        for c in self.embedding_bag_configs():
+            by_pooling.setdefault((c.pooling, c.embedding_dim), []).append(c)
+        self._stores, self._store_features = [], []
+        for (pooling, dim), cfgs in by_pooling.items():
+            features, ftab = [], []
+            for i, c in enumerate(cfgs):
+                features += c.feature_names
+                ftab += [i] * len(c.feature_names)
+            store = RowGroupStore(
+                [LocalTable(c.name, c.num_embeddings, dim, global_rows=c.num_embeddings, table_id=table_id(c.name)) for c in cfgs],
+                features,
+                ftab,
+                policy,
+                self.step_counter,
+                pooling="mean" if pooling == PoolingType.MEAN else "sum",
+                label_tagged=self.label_tagged,
+                weighted=self.is_weighted(),
+                device=device,
+            )
+            groups = torch.cat(
+                [
+                    initial_groups(policy, target_counts(policy, c.num_embeddings, dim, c.name), torch.arange(c.num_embeddings))
+                    for c in cfgs
+                ]
+            )
+            store.set_groups(groups)
+            for i, c in enumerate(cfgs):
+                lo = int(store.table_base[i])
+                values = init(c.name, 0, c.num_embeddings) if init else (
+                    torch.rand(c.num_embeddings, dim) * 2 - 1
+                ) * (1.0 / c.num_embeddings) ** 0.5
+                store.write_rows(torch.arange(lo, lo + c.num_embeddings), values)
+            self._stores.append(store)
+            self._store_features.append(features)
+
+    @property
+    def stores(self) -> List[RowGroupStore]:
+        return self._stores
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if not self._stores:
+            raise RuntimeError(
+                "MixedPrecisionEmbeddingBagCollection has no rows here: shard it with DMP and "
+                "MixedPrecisionEmbeddingBagCollectionSharder, or call materialize(device)"
+            )
+        feature_dict = features.to_dict()
+        outs, keys, lengths = [], [], []
+        for store, names in zip(self._stores, self._store_features):
+            for n in names:
+                if n not in feature_dict:
+                    raise KeyError(f"feature {n!r} is missing from the input")
+            sub = features.permute([features.keys().index(n) for n in names])
+            store.training_enabled = self.training
+            outs.append(store(sub.values(), sub.lengths(), sub.weights_or_none(), sub.stride()))
+            keys += names
+            lengths += [store.dim] * len(names)
+        return KeyedTensor(keys=keys, length_per_key=lengths, values=torch.cat(outs, dim=1))
+
+    def step(self) -> None:
+        """Advance one training step (unsharded use): reassign rows when due."""
+        self.step_counter.value += 1
+        p = self.precision_policy
+        if p.scored and self.step_counter.value % p.reassign_every == 0:
+            self.reassign()
+
+    def reassign(self) -> None:
+        from shark_torchrec.distributed.reassign import reassign_stores
+
+        reassign_stores(self._stores, self.precision_policy, self._budget_tables(), pg=None)
+
+    def _budget_tables(self) -> Dict[str, tuple]:
+        return {c.name: (c.num_embeddings, c.embedding_dim) for c in self.embedding_bag_configs()}

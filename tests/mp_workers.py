@@ -1,0 +1,148 @@
+"""Worker functions for the 2-process tests of the mixed-precision collection (importable by
+spawned ranks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
+from shark_torchrec.distributed.mixed_precision import (
+    MixedPrecisionEmbeddingBagCollectionSharder,
+    ShardedMixedPrecisionEmbeddingBagCollection,
+)
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.precision.labels import tag_labels
+
+TABLES = [("t0", 300, ["f0"]), ("t1", 120, ["f1", "f1b"]), ("t2", 64, ["f2"])]
+DIM = 16
+GLOBAL_BATCH = 32
+
+
+def tables():
+    return [EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=f) for n, r, f in TABLES]
+
+
+def policy(**kw) -> PrecisionPolicy:
+    base = dict(mode="shark", memory_budget=0.6, fp32_fraction=0.1, reassign_every=1000, learning_rate=0.5)
+    base.update(kw)
+    return PrecisionPolicy(**base)
+
+
+def init_values(table: str, r0: int, r1: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(map(ord, table)))
+    rows = dict((n, r) for n, r, _ in TABLES)[table]
+    full = torch.rand(rows, DIM, generator=g) * 2 - 1
+    return full[r0:r1]
+
+
+def batch(step: int):
+    """A global batch (KJT, labels, output-gradient weights), the same on every rank."""
+    g = torch.Generator().manual_seed(1000 + step)
+    keys, lengths, values = [], [], []
+    for n, rows, feats in TABLES:
+        for f in feats:
+            ln = torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+            # Skewed ids so that some rows repeat within the batch.
+            v = (torch.rand(int(ln.sum()), generator=g) ** 3 * rows).long()
+            keys.append(f)
+            lengths.append(ln)
+            values.append(v)
+    labels = (torch.rand(GLOBAL_BATCH, generator=g) < 0.4).float()
+    G = torch.randn(GLOBAL_BATCH, DIM * len(keys), generator=g)
+    return keys, torch.stack(lengths), values, labels, G
+
+
+def local_kjt(keys, lengths, values, labels, rank: int, world: int):
+    B = GLOBAL_BATCH // world
+    lo, hi = rank * B, (rank + 1) * B
+    vals, lens = [], []
+    for i in range(len(keys)):
+        off = torch.cat([torch.zeros(1, dtype=torch.long), lengths[i].cumsum(0)])
+        vals.append(values[i][off[lo] : off[hi]])
+        lens.append(lengths[i][lo:hi])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(vals), lengths=torch.cat(lens).int())
+    return tag_labels(kjt, labels[lo:hi]), lo, hi
+
+
+class Wrap(nn.Module):
+    def __init__(self, ebc):
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, kjt):
+        return self.ebc(kjt)
+
+
+def logical_tables(module) -> dict:
+    """Dequantized tables and groups gathered on every rank, from the state dict."""
+    sd = module.state_dict()
+    out = {}
+    for n, rows, _ in TABLES:
+        for key in ("weight", "row_group"):
+            v = sd[f"embedding_bags.{n}.{key}"]
+            if hasattr(v, "local_shards"):
+                full = torch.zeros(v.size(), dtype=v.dtype) if dist.get_rank() == 0 else None
+                v.gather(0, full)
+                out[f"{n}.{key}"] = full
+            else:
+                out[f"{n}.{key}"] = v.clone()
+    return out
+
+
+def sharded_run(sharding_type: str, steps: int, pol_kw: dict):
+    env = init_distributed()
+    rank, world = env.rank, env.world_size
+    ebc = MixedPrecisionEmbeddingBagCollection(tables(), precision_policy=policy(**pol_kw))
+    model = Wrap(ebc)
+    sharders = [MixedPrecisionEmbeddingBagCollectionSharder()]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"),
+        constraints={n: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for n, _, _ in TABLES},
+    )
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)
+    smod = dmp.module.ebc
+    assert isinstance(smod, ShardedMixedPrecisionEmbeddingBagCollection)
+    smod.fill_rows(init_values)
+    widths = sorted({t.dim for store, _ in smod.stores() for t in store.tables})
+    outs = []
+    for step in range(steps):
+        keys, lengths, values, labels, G = batch(step)
+        kjt, lo, hi = local_kjt(keys, lengths, values, labels, rank, world)
+        kt = dmp(kjt)
+        pooled = torch.cat([kt.to_dict()[k] for k in keys], dim=1)
+        loss = (pooled * G[lo:hi]).sum() / (hi - lo)
+        loss.backward()
+        dmp.fused_optimizer.step()
+        gathered = [torch.zeros_like(pooled) for _ in range(world)]
+        dist.all_gather(gathered, pooled.detach())
+        outs.append(torch.cat(gathered))
+    all_widths = [None] * world
+    dist.all_gather_object(all_widths, widths)
+    result = {"widths": all_widths, "outputs": outs, "tables": logical_tables(smod), "memory": smod.precision_memory()}
+    shutdown_distributed()
+    return result
+
+
+def reference_run(steps: int, pol_kw: dict):
+    ebc = MixedPrecisionEmbeddingBagCollection(tables(), precision_policy=policy(**pol_kw))
+    ebc.materialize(torch.device("cpu"), init=init_values)
+    outs = []
+    for step in range(steps):
+        keys, lengths, values, labels, G = batch(step)
+        kjt, lo, hi = local_kjt(keys, lengths, values, labels, 0, 1)
+        kt = ebc(kjt)
+        pooled = torch.cat([kt.to_dict()[k] for k in keys], dim=1)
+        ((pooled * G).sum() / GLOBAL_BATCH).backward()
+        ebc.step()
+        outs.append(pooled.detach())
+    return {"outputs": outs, "stores": ebc.stores}
