@@ -46,7 +46,7 @@ from shark_torchrec.precision.quantize import (
 )
 
 _TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8)
-_ALIGN = 128  # byte alignment of each group's table in the buffer
+_ALIGN = 4  # group tables start 4-byte aligned (dtype views); rows are multiples of 4 bytes, so no padding
 CHUNK_ROWS = 1 << 16  # rows converted at a time when groups change
 
 

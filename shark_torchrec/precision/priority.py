@@ -66,17 +66,13 @@ class BudgetError(ValueError):
     pass
 
 
-GROUP_PADDING_BYTES = 3 * 128  # each group's table is 128-byte aligned in the store's buffer
-
-
 def budget_counts(
     rows: int, dim: int, budget: float, fp32_fraction: float, row_alignment: int = 1, table: str = ""
 ) -> GroupCounts:
-    """Rows per group for a table whose embedding bytes (weights + row map + alignment
-    padding) must stay within `budget` x its fp32 bytes. Up to `fp32_fraction` of the rows
+    """Rows per group for a table whose embedding bytes (weights + row map) must stay within `budget` x its fp32 bytes. Up to `fp32_fraction` of the rows
     stay fp32, then as many rows as fit are fp16, and the rest int8. Raises BudgetError when
     even all-int8 does not fit."""
-    cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES - GROUP_PADDING_BYTES
+    cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES
     b32, b16, b8 = (row_bytes(dim, g, row_alignment) for g in (FP32, FP16, INT8))
     floor = rows * b8
     if cap < floor - 1e-6 and rows > 0:

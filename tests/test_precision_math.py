@@ -1,0 +1,176 @@
+"""The pure math of F-Quantization: quantization, stochastic rounding, priorities, budgets."""
+
+import torch
+
+from shark_torchrec.precision.labels import split_tagged, tag_labels
+from shark_torchrec.precision.priority import (
+    FP16,
+    FP32,
+    INT8,
+    NO_CUT,
+    BudgetError,
+    budget_counts,
+    decayed,
+    groups_by_cuts,
+    groups_by_threshold,
+    kth_largest_cuts,
+    ranking_keys,
+    row_bytes,
+    updated,
+)
+from shark_torchrec.precision.quantize import (
+    dequantize_rows_int8,
+    quantize_rows_int8,
+    requantize_with,
+    round_fp16_stochastic,
+    rounding_noise,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def noise_for(step, n, d, table=7):
+    return rounding_noise(3, step, table, torch.arange(n), torch.arange(d))
+
+
+def test_int8_rows_error_bounds_and_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat(
+        [
+            torch.randn(50, 16, generator=g) * 0.01,
+            torch.randn(50, 16, generator=g) * 100,
+            torch.zeros(1, 16),  # all-zero row
+            torch.full((1, 16), 3.0),  # constant row
+            torch.tensor([[1e30, -1e30] + [0.0] * 14]),  # beyond fp16
+        ]
+    )
+    for noise in (None, noise_for(0, len(rows), 16)):
+        codes, sb = quantize_rows_int8(rows, noise)
+        back = dequantize_rows_int8(codes, sb)
+        assert torch.isfinite(back).all() and torch.isfinite(sb.float()).all()
+        scale = sb[:, 0].float()
+        clamped = rows.clamp(-65504, 65504)
+        err = (back - clamped).abs().max(dim=1).values
+        # Nearest: half a step; stochastic: under one step (plus fp32 arithmetic).
+        bound = scale * (0.5 if noise is None else 1.0) + 1e-6 * clamped.abs().max(dim=1).values + 1e-7
+        assert (err[:-1] <= bound[:-1]).all(), err[:-1] - bound[:-1]
+        assert back[100].abs().max() == 0 and (back[101] == 3.0).all()
+    # Restoring from saved values and scale/bias gives the same codes.
+    codes, sb = quantize_rows_int8(rows[:100], noise_for(1, 100, 16))
+    assert torch.equal(requantize_with(dequantize_rows_int8(codes, sb), sb), codes)
+
+
+def test_rounding_noise_is_a_deterministic_function():
+    a = rounding_noise(1, 5, 9, torch.tensor([3, 4, 1 << 40]), torch.arange(8))
+    b = rounding_noise(1, 5, 9, torch.tensor([3, 4, 1 << 40]), torch.arange(8))
+    c = rounding_noise(1, 6, 9, torch.tensor([3, 4, 1 << 40]), torch.arange(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() < 1
+    big = rounding_noise(0, 0, 0, torch.arange(20000), torch.arange(16))
+    assert abs(big.mean().item() - 0.5) < 0.01
+    # A row's noise does not depend on which other rows are rounded with it.
+    assert torch.equal(a[1], rounding_noise(1, 5, 9, torch.tensor([4]), torch.arange(8))[0])
+
+
+def test_fp16_stochastic_rounding_keeps_tiny_updates():
+    """1000 updates of -1e-4 from 1.0 (a fifth of an fp16 step): round-to-nearest loses them
+    all, stochastic rounding moves the values as fp32 would, on average."""
+    n, steps, delta = 512, 1000, -1e-4
+    sr = torch.ones(n, 1, dtype=torch.float16)
+    nearest = torch.ones(n, 1, dtype=torch.float16)
+    for s in range(steps):
+        sr = round_fp16_stochastic(sr.float() + delta, noise_for(s, n, 1))
+        nearest = (nearest.float() + delta).half()
+    assert (nearest == 1.0).all()
+    assert abs(sr.float().mean().item() - (1.0 + steps * delta)) < 0.003
+
+
+def test_int8_stochastic_rounding_is_unbiased():
+    n, steps, delta = 256, 1000, -1e-4
+    base = torch.linspace(-1, 1, 16).repeat(n, 1)
+    rows_sr = base.clone()
+    rows_nearest = base.clone()
+    for s in range(steps):
+        upd = torch.zeros_like(base)
+        upd[:, 5] = delta
+        c, sb = quantize_rows_int8(rows_sr + upd, noise_for(s, n, 16))
+        rows_sr = dequantize_rows_int8(c, sb)
+        c, sb = quantize_rows_int8(rows_nearest + upd)
+        rows_nearest = dequantize_rows_int8(c, sb)
+    want = base[0, 5] + steps * delta
+    assert abs(rows_sr[:, 5].mean().item() - want) < 0.03
+    assert abs(rows_nearest[:, 5].mean().item() - want) > 0.09  # stuck: the update vanished
+
+
+def test_lazy_decay_equals_eager_updates():
+    alpha, beta = 2.0, 0.3
+    present = [0, 3, 4, 9]
+    pos = {0: 1.0, 3: 0.0, 4: 2.0, 9: 1.0}
+    neg = {0: 2.0, 3: 1.0, 4: 0.0, 9: 0.0}
+    eager = 0.0
+    for step in range(12):
+        x = alpha * pos.get(step, 0) + neg.get(step, 0)
+        eager = (1 - beta) * eager + beta * x
+    score, last = torch.zeros(1), torch.zeros(1, dtype=torch.int32)
+    for step in present:
+        score = updated(score, last, step, torch.tensor([pos[step]]), torch.tensor([neg[step]]), alpha, beta)
+        last = torch.tensor([step], dtype=torch.int32)
+    assert abs(decayed(score, last, 11, beta).item() - eager) < 1e-6
+
+
+def test_budget_counts_fit_and_refuse_impossible_budgets():
+    for dim in (16, 64):
+        for budget in (0.35, 0.5, 0.8):
+            try:
+                c = budget_counts(10_000, dim, budget, 0.02)
+            except BudgetError:
+                assert dim == 16 and budget == 0.35  # int8 + metadata alone is 0.39 at dim 16
+                continue
+            used = sum(n * row_bytes(dim, g) for g, n in enumerate(c.as_tuple())) + 10_000 * 5
+            assert used <= budget * 10_000 * dim * 4
+            assert sum(c.as_tuple()) == 10_000 and c.fp32 <= 200
+    c35 = budget_counts(10_000, 64, 0.35, 0.02)
+    assert c35.int8 > 0 and c35.fp16 > 0 and c35.fp32 > 0
+
+
+def test_thresholds_and_cuts():
+    s = torch.tensor([0.0, 5.0, 50.0, 500.0])
+    assert groups_by_threshold(s, 10, 100).tolist() == [INT8, INT8, FP16, FP32]
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(1000, generator=g).round(decimals=1)  # many ties
+    rows = torch.randperm(1000, generator=g)
+    keys = ranking_keys(scores, rows)
+    assert len(set(keys.tolist())) == 1000
+    shards = [torch.sort(keys[:600]).values, torch.sort(keys[600:]).values]
+
+    def count(cuts):
+        return sum(len(sk) - torch.searchsorted(sk, cuts) for sk in shards)
+
+    cuts = kth_largest_cuts(count, torch.tensor([37, 400, 0]))
+    groups = groups_by_cuts(keys, cuts[0], cuts[1])
+    assert [(groups == k).sum().item() for k in (FP32, FP16, INT8)] == [37, 363, 600]
+    assert cuts[2] == NO_CUT
+    # Monotone: a higher score never gets a less precise group.
+    assert scores[groups == FP32].min() >= scores[groups == FP16].max()
+    assert scores[groups == FP16].min() >= scores[groups == INT8].max()
+    # Ties go to the lower row id.
+    tied = (scores == scores[keys == cuts[1]]).nonzero().flatten()
+    fp16_tied = rows[tied][groups[tied] == FP16]
+    int8_tied = rows[tied][groups[tied] == INT8]
+    if len(fp16_tied) and len(int8_tied):
+        assert fp16_tied.max() < int8_tied.min()
+
+
+def test_labels_travel_in_the_weights():
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.arange(5), lengths=torch.tensor([1, 2, 0, 2], dtype=torch.int32)
+    )
+    labels = torch.tensor([1.0, 0.0])
+    w, lab = split_tagged(tag_labels(kjt, labels).weights())
+    assert lab.tolist() == [1, 0, 0, 0, 0] and (w == 1.0).all()
+    weighted = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.arange(5), lengths=torch.tensor([1, 2, 0, 2], dtype=torch.int32),
+        weights=torch.tensor([0.5, 2.0, 3.0, -1.5, 7.25]),
+    )
+    w, lab = split_tagged(tag_labels(weighted, torch.tensor([0.0, 1.0])).weights())
+    assert lab.tolist() == [0, 1, 1, 1, 1]
+    assert torch.allclose(w, weighted.weights(), rtol=1e-6)
