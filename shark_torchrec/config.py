@@ -118,6 +118,10 @@ class RunConfig:
     """Continue from the newest checkpoint in checkpoint-dir."""
     checkpoint: str = ""
     """Start from a trained model: a checkpoint directory (or a directory of them)."""
+    init_from: str = ""
+    """Start from the weights of a checkpoint of another precision (e.g. a trained fp32 model
+    into --precision shark): rows are rounded into their starting groups; optimizer state,
+    scores and progress start fresh."""
     metrics_out: str = ""
     """Write the run's figures as JSON to this file."""
     progress: bool = True
@@ -196,6 +200,8 @@ class JobConfig:
             raise ConfigError("run.nproc must be >= 1")
         if self.dataset.min_count < 1 or self.dataset.hash_size < 1:
             raise ConfigError("data.min_count and data.hash_size must be >= 1")
+        if self.run.checkpoint and self.run.init_from:
+            raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
         q = self.quant
         if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None):
             raise ConfigError(f"quant: --memory-budget/--t8/--t16 need --precision shark or freq, not {q.precision}")

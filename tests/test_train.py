@@ -55,8 +55,11 @@ def test_two_ranks_match_one_rank(tmp_path, sharding):
     assert ma["embedding_bytes"] == mb["embedding_bytes"]
 
 
-def test_kill_and_resume_is_bit_exact(tmp_path):
-    args = [*TINY, "--synthetic-train-rows", "3000", "--epochs", "2", "--checkpoint-every", "7"]
+@pytest.mark.parametrize("precision", ["fp32", "shark"])
+def test_kill_and_resume_is_bit_exact(tmp_path, precision):
+    """Mixed precision too: stochastic rounding noise, scores, groups and the step resume."""
+    extra = ["--precision", "shark", "--memory-budget", "0.7", "--reassign-every", "5"] if precision == "shark" else []
+    args = [*TINY, "--synthetic-train-rows", "3000", "--epochs", "2", "--checkpoint-every", "7", *extra]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_shark("train", *args, "--out-dir", str(straight))
     killed = run_shark("train", *args, "--out-dir", str(broken), "--fail-at-step", "30", check=False)

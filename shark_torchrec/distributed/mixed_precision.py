@@ -48,12 +48,20 @@ from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
 
 # Column scale of each state tensor against the table's columns (see modules.mixed_precision).
-STATE_COLUMNS = {"weight": 1.0, "qparams": 2 / UNIT, "row_group": 1 / UNIT, "row_priority": 1 / UNIT, "momentum": 1 / UNIT}
+STATE_COLUMNS = {
+    "weight": 1.0,
+    "qparams": 2 / UNIT,
+    "row_group": 1 / UNIT,
+    "row_priority": 1 / UNIT,
+    "row_seen_step": 1 / UNIT,
+    "momentum": 1 / UNIT,
+}
 STATE_DTYPES = {
     "weight": torch.float32,
     "qparams": torch.float16,
     "row_group": torch.int8,
     "row_priority": torch.float32,
+    "row_seen_step": torch.int32,
     "momentum": torch.float32,
 }
 
@@ -386,7 +394,7 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
         dims = {c.name: c.embedding_dim for c in module._embedding_bag_configs}
         keys = ["weight", "qparams", "row_group"]
         if module.precision_policy.scored:
-            keys.append("row_priority")
+            keys += ["row_priority", "row_seen_step"]
         if module.precision_policy.optimizer == "rowwise_adagrad":
             keys.append("momentum")
         for table in module._table_names:

@@ -11,7 +11,8 @@ State dict, per table (the same keys sharded and unsharded, so checkpoints move 
 plans): `embedding_bags.<table>.weight` fp32 [rows, D] (the dequantized rows, made when the
 state dict is taken), and per 4-column unit (so that column-wise shards of any width can be
 restored): `qparams` fp16 [rows, D/2] (int8 scale and bias), `row_group` int8 [rows, D/4],
-`row_priority` fp32 [rows, D/4] and `momentum` fp32 [rows, D/4]; plus `precision_step`.
+`row_priority` fp32 and `row_seen_step` int32 [rows, D/4] (score as of the step the row was
+last seen) and `momentum` fp32 [rows, D/4]; plus `precision_step`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from shark_torchrec.precision.priority import (
 )
 
 UNIT = 4  # columns per unit of per-row checkpoint state
-STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "momentum")
+STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum")
 
 
 def table_id(name: str) -> int:
@@ -85,7 +86,10 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
         "row_group": _units(store.row_group[lo:hi], D),
     }
     if store.row_priority.numel():
-        out["row_priority"] = _units(store.scores_now()[lo:hi], D)
+        # Scores as stored (as of each row's last update) with that step: decaying them here
+        # would round differently from a run that never stopped.
+        out["row_priority"] = _units(store.row_priority[lo:hi], D)
+        out["row_seen_step"] = _units(store.row_seen_step[lo:hi], D)
     if store.momentum.numel():
         out["momentum"] = _units(store.momentum[lo:hi], D)
     return out
@@ -125,8 +129,8 @@ def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Te
     if "momentum" in state and store.momentum.numel():
         store.momentum[lo:hi] = state["momentum"].float().mean(dim=1)
     if "row_priority" in state and store.row_priority.numel():
-        store.row_priority[lo:hi] = state["row_priority"].float().mean(dim=1)
-        store.row_seen_step[lo:hi] = store.step.value - 1
+        store.row_priority[lo:hi] = state["row_priority"].float()[:, 0]
+        store.row_seen_step[lo:hi] = state["row_seen_step"][:, 0].to(torch.int32)
 
 
 class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollection):

@@ -120,6 +120,12 @@ def load_checkpoint(
     """Load weights (and optimizer state) in place; refuse other tables by name."""
     meta = read_meta(path)
     check_tables(path, meta, expected_tables)
+    precision = getattr(model, "_shark_precision", None)
+    if precision is not None and saved_precision(meta) != precision:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with --precision {saved_precision(meta)}, this model is "
+            f"--precision {precision}: start from it with --init-from to convert (nothing was loaded)"
+        )
     state: Dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
@@ -127,6 +133,26 @@ def load_checkpoint(
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
+    return meta
+
+
+def saved_precision(meta: Dict[str, Any]) -> str:
+    return meta.get("config", {}).get("quant", {}).get("precision", "fp32")
+
+
+def load_weights(path: Path, model: torch.nn.Module, expected_tables: Dict[str, List[int]]) -> Dict[str, Any]:
+    """Load only the model tensors a checkpoint has (of any precision): how a trained fp32
+    model becomes a mixed-precision one. Tables it lacks state for (row groups, scores,
+    optimizer state) start as a fresh model's do; the values of each row are rounded to
+    nearest into its starting group."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = read_meta(path)
+    check_tables(path, meta, expected_tables)
+    saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    wanted = {k: v for k, v in model.state_dict().items() if f"model.{k}" in saved}
+    dcp.load({"model": wanted}, checkpoint_id=str(path))
+    model.load_state_dict(wanted, strict=False)
     return meta
 
 

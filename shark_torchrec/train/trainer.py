@@ -34,6 +34,7 @@ from shark_torchrec.train.checkpoint import (
     broadcast_str,
     list_checkpoints,
     load_checkpoint,
+    load_weights,
     resolve_checkpoint,
     save_checkpoint,
     table_shapes,
@@ -100,6 +101,7 @@ def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
     configs = embedding_configs(model)
     dmp, plan = shard_model(model, env, cfg.train)
     init_embedding_weights(dmp, configs, cfg.train.seed)
+    dmp._shark_precision = cfg.quant.precision  # checked against a checkpoint's before loading
     optimizer = build_optimizer(dmp, cfg.train)
     return dmp, optimizer, configs, plan
 
@@ -151,6 +153,10 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     elif run.checkpoint:
         path = resolve_checkpoint(run.checkpoint)
         load_checkpoint(path, dmp, optimizer, shapes)
+        resumed_from = str(path)
+    elif run.init_from:
+        path = resolve_checkpoint(run.init_from)
+        load_weights(path, dmp, shapes)
         resumed_from = str(path)
     if resumed_from and env.is_main:
         log.info("loaded %s (step %d)", resumed_from, state.step)
