@@ -212,3 +212,29 @@ def test_data_parallel_placement_trains_without_nan(tmp_path):
     m = json.loads((out / "m.json").read_text())
     assert m["test_auc"] == m["test_auc"] and m["test_auc"] > 0.6  # not NaN, and learned
     assert m["test_logloss"] == m["test_logloss"]
+
+
+def test_planner_fits_what_fp32_cannot():
+    """Memory for 0.45 of the fp32 tables: TorchRec's planner refuses the fp32 model, and
+    plans ours with our storage estimator."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.planner.types import PlannerError
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
+    from shark_torchrec.planner.storage import make_planner, shard_bytes
+
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=4_000_000, feature_names=[f"f{i}"]) for i in range(4)]
+    fp32 = 4 * 4_000_000 * 64 * 4
+    topology = lambda: Topology(world_size=2, compute_device="cpu", ddr_cap=int(fp32 * 0.45 / 2 * 2))
+    with pytest.raises(PlannerError):
+        make_planner(topology()).plan(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), [EmbeddingBagCollectionSharder()])
+    policy = PrecisionPolicy(memory_budget=0.35)
+    ours = MixedPrecisionEmbeddingBagCollection(tables, precision_policy=policy)
+    plan = make_planner(topology()).plan(ours, [MixedPrecisionEmbeddingBagCollectionSharder()])
+    assert set(plan.plan[""]) == {t.name for t in tables}
+    # The estimate is the module's own accounting: weights + row map within the budget,
+    # plus optimizer state and scores.
+    assert shard_bytes(policy, "t0", 4_000_000, 4_000_000, 64) <= (0.35 * 256 + 12) * 4_000_000

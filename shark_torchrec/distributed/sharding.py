@@ -74,9 +74,11 @@ def plan_sharding(
     cfg: TrainConfig,
     sharders: Sequence[ModuleSharder[nn.Module]],
 ) -> ShardingPlan:
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=env.world_size, compute_device=env.device.type),
-        constraints=sharding_constraints(embedding_configs(model), cfg),
+    from shark_torchrec.planner.storage import make_planner
+
+    planner = make_planner(
+        Topology(world_size=env.world_size, compute_device=env.device.type),
+        sharding_constraints(embedding_configs(model), cfg),
     )
     return planner.collective_plan(model, list(sharders), dist.GroupMember.WORLD)
 

@@ -1,0 +1,1 @@
+"""Planner pieces: how TorchRec's sharding planner sees our tables."""

@@ -1,0 +1,95 @@
+"""A storage estimator that tells TorchRec's planner what our tables really take.
+
+TorchRec's `EmbeddingStorageEstimator` sizes a table from its (fp32) parameter. For tables of
+a `MixedPrecisionEmbeddingBagCollection` this estimator runs after it and replaces the fp32
+tensor bytes of each shard by ours: weights in the policy's groups, int8 scales/biases, the
+row map, the row-wise optimizer state and the priority scores.
+
+In budget mode a table's group counts are fixed, but which rows (and so which row-wise
+shard) hold the fp32 and fp16 ones follows the scores, so each shard is sized for the worst
+case: as many of the table's most precise rows as it can hold. Whole-table shards (table-
+wise, column-wise, data-parallel) are sized exactly. Threshold mode has no bound (every row
+may reach fp32), so shards are sized as fp32 rows plus our metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
+
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, target_counts
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.precision.priority import FP16, FP32, INT8, ROW_MAP_BYTES, GroupCounts, row_bytes
+
+
+def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows: int, shard_cols: int) -> int:
+    """Upper bound on what one shard of a table takes in training (see module doc)."""
+    if policy.threshold_mode:
+        counts = GroupCounts(table_rows, 0, 0)
+    else:
+        counts = target_counts(policy, table_rows, shard_cols, table)
+    x32 = min(shard_rows, counts.fp32)
+    x16 = min(shard_rows - x32, counts.fp16)
+    x8 = shard_rows - x32 - x16
+    weights = x32 * row_bytes(shard_cols, FP32) + x16 * row_bytes(shard_cols, FP16) + x8 * row_bytes(shard_cols, INT8)
+    extra = ROW_MAP_BYTES
+    if policy.optimizer == "rowwise_adagrad":
+        extra += 4
+    if policy.scored:
+        extra += 8
+    return weights + shard_rows * extra
+
+
+class MixedPrecisionStorageEstimator(ShardEstimator):
+    """Put after TorchRec's storage estimator (see `estimators`)."""
+
+    def __init__(self, topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None) -> None:
+        self._topology = topology
+
+    def estimate(self, sharding_options: List[ShardingOption], sharder_data_map=None, **_: object) -> None:
+        gpu = self._topology.compute_device != "cpu"
+        for option in sharding_options:
+            module = option.module[1]
+            if not isinstance(module, MixedPrecisionEmbeddingBagCollection):
+                continue
+            policy = module.precision_policy
+            rows = option.tensor.shape[0]
+            for shard in option.shards:
+                if shard.storage is None:
+                    continue
+                r, c = shard.size
+                fp32 = r * c * option.tensor.element_size()
+                ours = shard_bytes(policy, option.name, rows, r, c)
+                if gpu:
+                    shard.storage.hbm = max(shard.storage.hbm - fp32, 0) + ours
+                else:
+                    shard.storage.ddr = max(shard.storage.ddr - fp32, 0) + ours
+
+
+def estimators(topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None) -> List[ShardEstimator]:
+    """TorchRec's default estimators followed by ours: pass to `EmbeddingEnumerator`."""
+    from torchrec.distributed.planner.constants import DEFAULT_PERF_ESTIMATOR
+    from torchrec.distributed.planner.shard_estimators import (
+        EmbeddingPerfEstimatorFactory,
+        EmbeddingStorageEstimator,
+    )
+
+    return [
+        EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR, topology=topology, constraints=constraints),
+        EmbeddingStorageEstimator(topology=topology, constraints=constraints),
+        MixedPrecisionStorageEstimator(topology, constraints),
+    ]
+
+
+def make_planner(topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None, batch_size: Optional[int] = None):
+    """TorchRec's EmbeddingShardingPlanner, sizing mixed-precision tables with our bytes."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.constants import BATCH_SIZE
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+
+    bs = batch_size or BATCH_SIZE
+    enumerator = EmbeddingEnumerator(
+        topology=topology, batch_size=bs, constraints=constraints, estimator=estimators(topology, constraints)
+    )
+    return EmbeddingShardingPlanner(topology=topology, batch_size=bs, enumerator=enumerator, constraints=constraints)
