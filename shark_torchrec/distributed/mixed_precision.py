@@ -266,7 +266,7 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
             parts = []
             for i, t in enumerate(store.tables):
                 counts = target_counts(self.precision_policy, *tables[t.name], t.name)
-                parts.append(initial_groups(self.precision_policy, counts, torch.arange(t.row_offset, t.row_offset + t.rows)))
+                parts.append(initial_groups(self.precision_policy, counts, t.row_offset, t.rows))
             store.set_groups(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8))
 
     @torch.no_grad()
@@ -431,7 +431,7 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
                 s = {k: self._local_piece(v, k, t) for k, v in per_table[t.name].items()}
                 states.append(s)
                 counts = target_counts(self.precision_policy, *tables[t.name], t.name)
-                fallback = initial_groups(self.precision_policy, counts, torch.arange(t.row_offset, t.row_offset + t.rows))
+                fallback = initial_groups(self.precision_policy, counts, t.row_offset, t.rows)
                 groups.append(load_local_table_state(store, i, s, fallback))
             store.set_groups(torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int8))
             for i, s in enumerate(states):

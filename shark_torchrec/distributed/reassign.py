@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
-from shark_torchrec.modules.row_groups import RowGroupStore
+from shark_torchrec.modules.row_groups import CHUNK_ROWS, RowGroupStore
 from shark_torchrec.precision.priority import (
     groups_by_cuts,
     groups_by_threshold,
@@ -36,6 +37,11 @@ def budget_targets(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]], 
     return out
 
 
+def _chunks(lo: int, hi: int):
+    for a in range(lo, hi, CHUNK_ROWS):
+        yield a, min(a + CHUNK_ROWS, hi)
+
+
 @torch.no_grad()
 def reassign_stores(
     stores: Sequence[RowGroupStore],
@@ -45,29 +51,39 @@ def reassign_stores(
 ) -> Dict[str, int]:
     """Regroup every row of `stores` by its current score. `tables` maps every table of the
     module (on all ranks, the same) to (global rows, dim used for the budget). Collective over
-    `pg` in budget mode: all ranks call it together. Returns rows moved into each group."""
+    `pg` in budget mode: all ranks call it together. Returns rows moved into each group.
+
+    Memory: scores and keys are made a chunk of rows at a time; the only full-size
+    temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
+    sorted keys (8 bytes a row, sorted in place).
+    """
     moved = {"fp32": 0, "fp16": 0, "int8": 0}
     if policy.threshold_mode:
         for s in stores:
-            for k, v in s.set_groups(groups_by_threshold(s.scores_now(), policy.t8, policy.t16)).items():
+            groups = torch.empty(s.num_rows, dtype=torch.int8)
+            for a, b in _chunks(0, s.num_rows):
+                groups[a:b] = groups_by_threshold(s.scores_now(a, b), policy.t8, policy.t16)
+            for k, v in s.set_groups(groups).items():
                 moved[k] += v
         return moved
     names = sorted(tables)
     index = {n: i for i, n in enumerate(names)}
     targets = budget_targets(policy, tables, names)
-    keys: List[torch.Tensor] = []
+
+    def keys_of(s: RowGroupStore, a: int, b: int) -> torch.Tensor:
+        return ranking_keys(s.scores_now(a, b), s.global_rows(torch.arange(a, b)))
+
     sorted_keys: List[Tuple[int, torch.Tensor]] = []
-    row_tables: List[torch.Tensor] = []
     for s in stores:
-        all_rows = torch.arange(s.num_rows)
-        k = ranking_keys(s.scores_now() if s.row_priority.numel() else torch.zeros(s.num_rows), s.global_rows(all_rows))
-        keys.append(k)
-        t_local = s.table_of_rows(all_rows)
-        row_tables.append(torch.tensor([index[t.name] for t in s.tables], dtype=torch.int64)[t_local] if s.num_rows else t_local)
         for i, t in enumerate(s.tables):
-            if t.counts_once:
-                lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
-                sorted_keys.append((index[t.name], torch.sort(k[lo:hi]).values))
+            if not t.counts_once:
+                continue
+            lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
+            buf = np.empty(hi - lo, dtype=np.int64)
+            for a, b in _chunks(lo, hi):
+                buf[a - lo : b - lo] = keys_of(s, a, b).numpy()
+            buf.sort()  # in place: no second copy, no index array
+            sorted_keys.append((index[t.name], torch.from_numpy(buf)))
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
@@ -78,7 +94,13 @@ def reassign_stores(
         return out
 
     cuts = kth_largest_cuts(count_at_least, targets)
-    for s, k, rt in zip(stores, keys, row_tables):
-        for name, v in s.set_groups(groups_by_cuts(k, cuts[rt, 0], cuts[rt, 1])).items():
+    del sorted_keys
+    for s in stores:
+        groups = torch.empty(s.num_rows, dtype=torch.int8)
+        for i, t in enumerate(s.tables):
+            c32, c16 = (int(x) for x in cuts[index[t.name]])
+            for a, b in _chunks(int(s.table_base[i]), int(s.table_base[i + 1])):
+                groups[a:b] = groups_by_cuts(keys_of(s, a, b), c32, c16)
+        for name, v in s.set_groups(groups).items():
             moved[name] += v
     return moved

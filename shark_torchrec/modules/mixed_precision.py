@@ -57,15 +57,21 @@ def target_counts(policy: PrecisionPolicy, rows: int, dim: int, table: str) -> G
     return budget_counts(rows, dim, policy.memory_budget, policy.fp32_fraction, table=table)
 
 
-def initial_groups(policy: PrecisionPolicy, counts: GroupCounts, global_rows: torch.Tensor) -> torch.Tensor:
+def initial_groups(policy: PrecisionPolicy, counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
     """Groups before any score exists. Threshold mode: every row int8 (all scores are 0 <
     t8, unless t8 = 0). Other modes: the budget rule on all-zero scores, i.e. by row id, the
     lowest ids most precise (with vocabularies sorted by frequency, the hottest rows)."""
     if policy.threshold_mode:
-        return groups_by_threshold(torch.zeros(len(global_rows)), policy.t8, policy.t16)
-    g = torch.full((len(global_rows),), INT8, dtype=torch.int8)
-    g[global_rows < counts.fp32 + counts.fp16] = FP16
-    g[global_rows < counts.fp32] = FP32
+        return groups_by_threshold(torch.zeros(1), policy.t8, policy.t16).expand(rows).clone()
+    return groups_by_row_id(counts, row_offset, rows)
+
+
+def groups_by_row_id(counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
+    """The budget rule on all-zero scores for rows [row_offset, row_offset + rows): the
+    lowest global ids most precise (slices, no per-row temporaries)."""
+    g = torch.full((rows,), INT8, dtype=torch.int8)
+    g[: max(0, counts.fp32 + counts.fp16 - row_offset)] = FP16
+    g[: max(0, counts.fp32 - row_offset)] = FP32
     return g
 
 
@@ -188,17 +194,19 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollection):
             )
             groups = torch.cat(
                 [
-                    initial_groups(policy, target_counts(policy, c.num_embeddings, dim, c.name), torch.arange(c.num_embeddings))
+                    initial_groups(policy, target_counts(policy, c.num_embeddings, dim, c.name), 0, c.num_embeddings)
                     for c in cfgs
                 ]
             )
             store.set_groups(groups)
             for i, c in enumerate(cfgs):
                 lo = int(store.table_base[i])
-                values = init(c.name, 0, c.num_embeddings) if init else (
-                    torch.rand(c.num_embeddings, dim) * 2 - 1
-                ) * (1.0 / c.num_embeddings) ** 0.5
-                store.write_rows(torch.arange(lo, lo + c.num_embeddings), values)
+                for r0 in range(0, c.num_embeddings, 1 << 16):
+                    r1 = min(r0 + (1 << 16), c.num_embeddings)
+                    values = init(c.name, r0, r1) if init else (
+                        torch.rand(r1 - r0, dim) * 2 - 1
+                    ) * (1.0 / c.num_embeddings) ** 0.5
+                    store.write_rows(torch.arange(lo + r0, lo + r1), values)
             self._stores.append(store)
             self._store_features.append(features)
 

@@ -274,41 +274,88 @@ class RowGroupStore(nn.Module):
     # ------------------------------------------------------------------ groups
     def set_groups(self, groups: torch.Tensor) -> Dict[str, int]:
         """Move rows to the given groups (int8 tensor over the row space). Rows that stay keep
-        their bytes; rows that move are converted (rounded to nearest). The buffer is rebuilt
-        with exactly the rows each group needs. Returns how many rows moved into each group."""
+        their bytes; rows that move are converted (rounded to nearest). When every group keeps
+        its size (budget mode on whole tables) rows move in place: a row entering a group
+        takes a slot freed by a row leaving it, and only the moving rows are copied (in their
+        old precision). Otherwise the buffer is rebuilt with exactly the rows each group
+        needs. Returns how many rows moved into each group."""
         groups = groups.to(torch.int8)
+        counts = [int((groups == g).sum()) for g in range(3)]
+        fresh = self.capacity == [0, 0, 0] and self.weights.numel() == 0
+        moved = {
+            GROUP_NAMES[g]: 0 if fresh else int(((groups == g) & (self.row_group != g)).sum()) for g in range(3)
+        }
+        if fresh:
+            self._rebuild(groups, counts, copy=False)
+        elif counts == self.capacity:
+            self._move_in_place(groups)
+        else:
+            self._rebuild(groups, counts, copy=True)
+        self._build_op_buffers()
+        return moved
+
+    def _move_in_place(self, groups: torch.Tensor) -> None:
+        old_groups = self.row_group
+        move = (groups != old_groups).nonzero().flatten()
+        if not len(move):
+            return
+        # Raw bytes of the moving rows, per old group, before any slot is reused.
+        saved = []
+        for g in range(3):
+            rows = move[old_groups[move] == g]
+            saved.append((rows, self._raw_view(g, self.weights, self._offsets, self.capacity)[self.row_slot[rows].long()].clone()))
+        # A row entering group g takes a slot that a row leaving g freed (as many leave as enter).
+        old_slots = self.row_slot[move].clone()
+        for g in range(3):
+            self.row_slot[move[groups[move] == g]] = old_slots[old_groups[move] == g]
+        self.row_group = groups
+        for g, (rows, raw) in enumerate(saved):
+            for start in range(0, len(rows), CHUNK_ROWS):
+                chunk = raw[start : start + CHUNK_ROWS]
+                self.write_rows(rows[start : start + CHUNK_ROWS], self._decode(g, chunk))
+
+    def _decode(self, g: int, raw: torch.Tensor) -> torch.Tensor:
+        D = self.dim
+        if g == FP32:
+            return raw[:, : 4 * D].contiguous().view(torch.float32)
+        if g == FP16:
+            return raw[:, : 2 * D].contiguous().view(torch.float16).float()
+        return dequantize_rows_int8(raw[:, 4 : 4 + D], raw[:, :4].contiguous().view(torch.float16))
+
+    def _rebuild(self, groups: torch.Tensor, counts: List[int], copy: bool) -> None:
         old_groups, old_slots = self.row_group, self.row_slot
         old_w, old_off, old_cap = self.weights, list(self._offsets), list(self.capacity)
-        counts = [int((groups == g).sum()) for g in range(3)]
         offsets, total = [], 0
         for g in range(3):
             offsets.append(total)
             total = _round_up(total + counts[g] * self._row_bytes(g), _ALIGN)
         new_w = torch.zeros(total, dtype=torch.uint8)
         new_slots = torch.zeros(self.num_rows, dtype=torch.int32)
-        for g in range(3):
-            idx = (groups == g).nonzero().flatten()
-            new_slots[idx] = torch.arange(len(idx), dtype=torch.int32)
-        fresh = old_cap == [0, 0, 0] and old_w.numel() == 0
-        moved = {name: 0 for name in GROUP_NAMES}
+        filled = [0, 0, 0]
+        for a in range(0, self.num_rows, CHUNK_ROWS):  # slots in row order, a chunk at a time
+            chunk = groups[a : a + CHUNK_ROWS]
+            out = new_slots[a : a + CHUNK_ROWS]
+            for g in range(3):
+                m = chunk == g
+                n = int(m.sum())
+                if n:
+                    out[m] = torch.arange(filled[g], filled[g] + n, dtype=torch.int32)
+                    filled[g] += n
         self.weights, self._offsets, self.capacity = new_w, offsets, counts
         self.row_slot, self.row_group = new_slots, groups
-        if not fresh:
-            for g in range(3):
-                stay = ((groups == g) & (old_groups == g)).nonzero().flatten()
-                if len(stay):
-                    self._raw_view(g, new_w, offsets, counts)[new_slots[stay].long()] = self._raw_view(
-                        g, old_w, old_off, old_cap
-                    )[old_slots[stay].long()]
-            move = (groups != old_groups).nonzero().flatten()
-            for start in range(0, len(move), CHUNK_ROWS):
-                keys = move[start : start + CHUNK_ROWS]
-                values = self._read_from(keys, old_groups, old_slots, old_w, old_off, old_cap)
-                self.write_rows(keys, values)
-            for g in range(3):
-                moved[GROUP_NAMES[g]] = int(((groups == g) & (old_groups != g)).sum())
-        self._build_op_buffers()
-        return moved
+        if not copy:
+            return
+        for g in range(3):
+            stay = ((groups == g) & (old_groups == g)).nonzero().flatten()
+            if len(stay):
+                self._raw_view(g, new_w, offsets, counts)[new_slots[stay].long()] = self._raw_view(
+                    g, old_w, old_off, old_cap
+                )[old_slots[stay].long()]
+        move = (groups != old_groups).nonzero().flatten()
+        for start in range(0, len(move), CHUNK_ROWS):
+            keys = move[start : start + CHUNK_ROWS]
+            values = self._read_from(keys, old_groups, old_slots, old_w, old_off, old_cap)
+            self.write_rows(keys, values)
 
     def _read_from(self, keys, groups, slots, weights, offsets, capacity) -> torch.Tensor:
         out = torch.empty(len(keys), self.dim)
@@ -328,9 +375,13 @@ class RowGroupStore(nn.Module):
     def group_counts(self) -> List[int]:
         return [int((self.row_group == g).sum()) for g in range(3)]
 
-    def scores_now(self) -> torch.Tensor:
-        """Priorities as of the last completed step (the counter has already moved past it)."""
-        return decayed(self.row_priority, self.row_seen_step, self.step.value - 1, self.policy.beta)
+    def scores_now(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Priorities of rows [lo, hi) as of the last completed step (the counter has already
+        moved past it); zeros when the policy keeps no scores."""
+        hi = self.num_rows if hi is None else hi
+        if not self.row_priority.numel():
+            return torch.zeros(hi - lo)
+        return decayed(self.row_priority[lo:hi], self.row_seen_step[lo:hi], self.step.value - 1, self.policy.beta)
 
     # ------------------------------------------------------------------ memory
     def table_bytes(self) -> List[Dict[str, int]]:
