@@ -52,12 +52,12 @@ def embedding_memory(
     (`optimizer_bytes`), the same tables as fp32 weights (`fp32_embedding_bytes`), and for
     mixed-precision tables the priority scores (`priority_bytes`, training-only state like
     the optimizer's) and rows per group (`rows_fp32`, `rows_fp16`, `rows_int8`)."""
-    from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionEmbeddingBagCollection
+    from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     mixed: Dict[str, Dict[str, int]] = {}
     for m in model.modules():
-        if isinstance(m, ShardedMixedPrecisionEmbeddingBagCollection):
+        if isinstance(m, ShardedMixedPrecisionModule):
             mixed.update(m.precision_memory())
     tables = [t for t in configs if t not in mixed]
     weights: Dict[str, int] = defaultdict(int)

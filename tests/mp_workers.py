@@ -10,15 +10,16 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
 from shark_torchrec.distributed.mixed_precision import (
     MixedPrecisionEmbeddingBagCollectionSharder,
-    ShardedMixedPrecisionEmbeddingBagCollection,
+    MixedPrecisionEmbeddingCollectionSharder,
+    ShardedMixedPrecisionModule,
 )
-from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.labels import tag_labels
 
@@ -27,8 +28,18 @@ DIM = 16
 GLOBAL_BATCH = 32
 
 
-def tables():
-    return [EmbeddingBagConfig(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=f) for n, r, f in TABLES]
+def tables(sequence: bool = False):
+    cls = EmbeddingConfig if sequence else EmbeddingBagConfig
+    return [cls(name=n, embedding_dim=DIM, num_embeddings=r, feature_names=f) for n, r, f in TABLES]
+
+
+def make_module(sequence: bool, pol_kw: dict):
+    if sequence:
+        return MixedPrecisionEmbeddingCollection(tables(True), precision_policy=policy(**pol_kw))
+    return MixedPrecisionEmbeddingBagCollection(tables(), precision_policy=policy(**pol_kw))
+
+
+ID_GRAD = torch.randn(7, DIM, generator=torch.Generator().manual_seed(5))
 
 
 def policy(**kw) -> PrecisionPolicy:
@@ -82,13 +93,13 @@ class Wrap(nn.Module):
         return self.ebc(kjt)
 
 
-def logical_tables(module) -> dict:
+def logical_tables(module, prefix: str = "embedding_bags") -> dict:
     """Dequantized tables and groups gathered on every rank, from the state dict."""
     sd = module.state_dict()
     out = {}
     for n, rows, _ in TABLES:
         for key in ("weight", "row_group"):
-            v = sd[f"embedding_bags.{n}.{key}"]
+            v = sd[f"{prefix}.{n}.{key}"]
             if hasattr(v, "local_shards"):
                 full = torch.zeros(v.size(), dtype=v.dtype) if dist.get_rank() == 0 else None
                 v.gather(0, full)
@@ -98,12 +109,17 @@ def logical_tables(module) -> dict:
     return out
 
 
-def sharded_run(sharding_type: str, steps: int, pol_kw: dict):
+def sequence_loss(out, keys, kjt, batch: int):
+    values = torch.cat([out[k].values() for k in keys])
+    ids = kjt.values()
+    return values, (values * ID_GRAD[ids % 7]).sum() / batch
+
+
+def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = False):
     env = init_distributed()
     rank, world = env.rank, env.world_size
-    ebc = MixedPrecisionEmbeddingBagCollection(tables(), precision_policy=policy(**pol_kw))
-    model = Wrap(ebc)
-    sharders = [MixedPrecisionEmbeddingBagCollectionSharder()]
+    model = Wrap(make_module(sequence, pol_kw))
+    sharders = [MixedPrecisionEmbeddingCollectionSharder() if sequence else MixedPrecisionEmbeddingBagCollectionSharder()]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"),
         constraints={n: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for n, _, _ in TABLES},
@@ -111,38 +127,53 @@ def sharded_run(sharding_type: str, steps: int, pol_kw: dict):
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)
     smod = dmp.module.ebc
-    assert isinstance(smod, ShardedMixedPrecisionEmbeddingBagCollection)
+    assert isinstance(smod, ShardedMixedPrecisionModule)
     smod.fill_rows(init_values)
     widths = sorted({t.dim for store, _ in smod.stores() for t in store.tables})
     outs = []
     for step in range(steps):
         keys, lengths, values, labels, G = batch(step)
         kjt, lo, hi = local_kjt(keys, lengths, values, labels, rank, world)
-        kt = dmp(kjt)
-        pooled = torch.cat([kt.to_dict()[k] for k in keys], dim=1)
-        loss = (pooled * G[lo:hi]).sum() / (hi - lo)
+        out = dmp(kjt)
+        if sequence:
+            pooled, loss = sequence_loss(out, keys, kjt, hi - lo)
+        else:
+            pooled = torch.cat([out.to_dict()[k] for k in keys], dim=1)
+            loss = (pooled * G[lo:hi]).sum() / (hi - lo)
         loss.backward()
         dmp.fused_optimizer.step()
-        gathered = [torch.zeros_like(pooled) for _ in range(world)]
-        dist.all_gather(gathered, pooled.detach())
-        outs.append(torch.cat(gathered))
+        if sequence:  # per-id vectors: rank 0's share is comparable with the reference's head
+            outs.append(pooled.detach() if rank == 0 else None)
+        else:
+            gathered = [torch.zeros_like(pooled) for _ in range(world)]
+            dist.all_gather(gathered, pooled.detach())
+            outs.append(torch.cat(gathered))
     all_widths = [None] * world
     dist.all_gather_object(all_widths, widths)
-    result = {"widths": all_widths, "outputs": outs, "tables": logical_tables(smod), "memory": smod.precision_memory()}
+    result = {"widths": all_widths, "outputs": outs, "tables": logical_tables(smod, smod._mp_prefix), "memory": smod.precision_memory()}
     shutdown_distributed()
     return result
 
 
-def reference_run(steps: int, pol_kw: dict):
-    ebc = MixedPrecisionEmbeddingBagCollection(tables(), precision_policy=policy(**pol_kw))
+def reference_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
+    ebc = make_module(sequence, pol_kw)
     ebc.materialize(torch.device("cpu"), init=init_values)
     outs = []
     for step in range(steps):
         keys, lengths, values, labels, G = batch(step)
         kjt, lo, hi = local_kjt(keys, lengths, values, labels, 0, 1)
-        kt = ebc(kjt)
-        pooled = torch.cat([kt.to_dict()[k] for k in keys], dim=1)
-        ((pooled * G).sum() / GLOBAL_BATCH).backward()
+        out = ebc(kjt)
+        if sequence:
+            vec, loss = sequence_loss(out, keys, kjt, GLOBAL_BATCH)
+            # Rank 0 of `world` holds the first samples of each feature: its ids, in order.
+            head, _, _ = local_kjt(keys, lengths, values, labels, 0, world)
+            sel = torch.cat([torch.arange(o, o + n) for o, n in zip(
+                [0] + torch.tensor(kjt.length_per_key()).cumsum(0).tolist()[:-1], head.length_per_key())])
+            outs.append(vec.detach()[sel])
+        else:
+            vec = torch.cat([out.to_dict()[k] for k in keys], dim=1)
+            loss = (vec * G).sum() / GLOBAL_BATCH
+            outs.append(vec.detach())
+        loss.backward()
         ebc.step()
-        outs.append(pooled.detach())
     return {"outputs": outs, "stores": ebc.stores}

@@ -266,3 +266,21 @@ def test_memory_saving_is_real(tmp_path):
     assert m["embedding_bytes"] <= 0.35 * m["fp32_bytes"]
     assert m["peak_rss_bytes"] < 0.8 * m["fp32_bytes"], m
     assert m["peak_rss_bytes"] - m["rss_before_bytes"] < 0.6 * m["fp32_bytes"], m
+
+
+@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise", "data_parallel", "column_wise"])
+def test_sequence_twin_two_ranks_match_the_unsharded_module(sharding_type):
+    """MixedPrecisionEmbeddingCollection (one vector per id): the same equality and
+    reassignment checks as the bag collection."""
+    overrides, tol = CASES[sharding_type]
+    steps = 3
+    got = launch(W.sharded_run, 2, sharding_type, steps, overrides, True)
+    ref = W.reference_run(steps, overrides, True)
+    for a, b in zip(got["outputs"], ref["outputs"]):
+        assert a.shape == b.shape and (a - b).abs().max() <= tol
+    store = ref["stores"][0]
+    assert all(c > 0 for c in store.group_counts()), store.group_counts()
+    for i, t in enumerate(store.tables):
+        lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+        assert (got["tables"][f"{t.name}.weight"] - store.read_rows(torch.arange(lo, hi))).abs().max() <= tol, t.name
+        assert torch.equal(got["tables"][f"{t.name}.row_group"][:, 0], store.row_group[lo:hi]), t.name

@@ -12,6 +12,7 @@ to `customized_kernel` before the sharded module is built.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
@@ -21,7 +22,8 @@ from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata, TensorProperties
 from torchrec.distributed.embedding_kernel import BaseEmbedding
-from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
+from torchrec.distributed.embedding_lookup import GroupedEmbeddingsLookup, GroupedPooledEmbeddingsLookup
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, GroupedEmbeddingConfig
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionSharder,
@@ -37,6 +39,7 @@ from shark_torchrec.distributed.reassign import reassign_stores
 from shark_torchrec.modules.mixed_precision import (
     UNIT,
     MixedPrecisionEmbeddingBagCollection,
+    MixedPrecisionEmbeddingCollection,
     fill_table_state,
     initial_groups,
     load_local_table_state,
@@ -78,6 +81,7 @@ class MixedPrecisionEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         step: StepCounter,
         label_tagged: bool,
         device: Optional[torch.device] = None,
+        sequence: bool = False,
     ) -> None:
         super().__init__()
         self._config = config
@@ -107,9 +111,9 @@ class MixedPrecisionEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
             ftab,
             policy,
             step,
-            pooling="mean" if config.pooling == PoolingType.MEAN else "sum",
+            pooling="none" if sequence else ("mean" if config.pooling == PoolingType.MEAN else "sum"),
             label_tagged=label_tagged,
-            weighted=config.is_weighted,
+            weighted=config.is_weighted and not sequence,
             replicated_pg=pg if replicated else None,
             device=device,
         )
@@ -156,12 +160,28 @@ class MixedPrecisionPooledLookup(GroupedPooledEmbeddingsLookup):
         pass
 
 
+class MixedPrecisionSequenceLookup(GroupedEmbeddingsLookup):
+    def __init__(self, *args: Any, sharding_type: str, policy: PrecisionPolicy, step: StepCounter, label_tagged: bool, **kwargs: Any) -> None:
+        self._mp_args = (sharding_type, policy, step, label_tagged)
+        super().__init__(*args, **kwargs)
+
+    def _create_embedding_kernel(self, config, pg, device, env=None) -> BaseEmbedding:
+        sharding_type, policy, step, label_tagged = self._mp_args
+        return MixedPrecisionEmbeddingBag(config, pg, sharding_type, policy, step, label_tagged, device, sequence=True)
+
+    def flush(self) -> None:
+        pass
+
+    def purge(self) -> None:
+        pass
+
+
 class MixedPrecisionOptimizer(KeyedOptimizer):
     """The module's entry in DMP's fused optimizer: the row updates happen in backward;
     `step()` advances the module's step and reassigns rows when due. Its `lr` (param group
     0) is the embedding learning rate, so LR schedulers work."""
 
-    def __init__(self, module: "ShardedMixedPrecisionEmbeddingBagCollection") -> None:
+    def __init__(self, module: "ShardedMixedPrecisionModule") -> None:
         self._module = module
         super().__init__({}, {}, [{"params": [], "lr": module.precision_policy.learning_rate}])
 
@@ -173,43 +193,59 @@ class MixedPrecisionOptimizer(KeyedOptimizer):
         pass
 
 
-class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+class ShardedMixedPrecisionModule:
+    """What the sharded bag and sequence collections share (put before the TorchRec base)."""
+
+    _mp_prefix = "embedding_bags"
+    _mp_sequence = False
+
     def __init__(
         self,
-        module: MixedPrecisionEmbeddingBagCollection,
+        module: Any,
         table_name_to_parameter_sharding: Dict[str, ParameterSharding],
         env: ShardingEnv,
-        fused_params: Optional[Dict[str, Any]] = None,
-        device: Optional[torch.device] = None,
-        qcomm_codecs_registry=None,
-        module_fqn: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
         object.__setattr__(self, "precision_policy", dataclasses.replace(module.precision_policy))
         object.__setattr__(self, "step_counter", StepCounter())
         object.__setattr__(self, "_label_tagged", module.label_tagged)
-        super().__init__(
-            module=module,
-            table_name_to_parameter_sharding=table_name_to_parameter_sharding,
-            env=env,
-            fused_params=fused_params,
-            device=device,
-            qcomm_codecs_registry=qcomm_codecs_registry,
-            module_fqn=module_fqn,
-        )
+        super().__init__(module, table_name_to_parameter_sharding, env, **kwargs)
+        configs = module.embedding_configs() if self._mp_sequence else module.embedding_bag_configs()
+        self._mp_configs = list(configs)
         self._pg = env.process_group
-        self._table_rows = {c.name: c.num_embeddings for c in module.embedding_bag_configs()}
-        self._feature_rows = {f: c.num_embeddings for c in module.embedding_bag_configs() for f in c.feature_names}
+        self._table_rows = {c.name: c.num_embeddings for c in configs}
+        self._feature_rows = {f: c.num_embeddings for c in configs for f in c.feature_names}
         self._budget_tables = {
             name: (self._table_rows[name], self._budget_dim(name, ps)) for name, ps in table_name_to_parameter_sharding.items()
         }
         self._mp_optimizer = MixedPrecisionOptimizer(self)
         self.last_moved: Dict[str, int] = {}
+        self.reassign_seconds = 0.0
         self._assign_initial_groups()
+
+    def _mp_shardings(self) -> List[Tuple[Any, str]]:
+        if self._mp_sequence:
+            return [(sh, st) for st, sh in self._sharding_type_to_sharding.items()]
+        return list(zip(self._embedding_shardings, self._sharding_types))
 
     # ------------------------------------------------------------------ construction
     def _create_lookups(self) -> None:
-        for sharding, st in zip(self._embedding_shardings, self._sharding_types):
+        for sharding, st in self._mp_shardings():
             pg = self._env.process_group if st == ShardingType.DATA_PARALLEL.value else sharding._pg
+            if self._mp_sequence:
+                self._lookups.append(
+                    MixedPrecisionSequenceLookup(
+                        grouped_configs=sharding._grouped_embedding_configs,
+                        pg=pg,
+                        device=self._device,
+                        env=self._env,
+                        sharding_type=st,
+                        policy=self.precision_policy,
+                        step=self.step_counter,
+                        label_tagged=self._label_tagged,
+                    )
+                )
+                continue
             self._lookups.append(
                 MixedPrecisionPooledLookup(
                     grouped_configs=sharding._grouped_embedding_configs,
@@ -229,13 +265,13 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
         pass
 
     def _initialize_torch_state(self, skip_registering: bool = False) -> None:
-        self.embedding_bags = nn.ModuleDict({t: nn.Module() for t in self._table_names})
+        setattr(self, self._mp_prefix, nn.ModuleDict({t: nn.Module() for t in self._table_names}))
         self._model_parallel_name_to_local_shards = OrderedDict()
         self._model_parallel_name_to_shards_wrapper = OrderedDict()
         self._model_parallel_name_to_sharded_tensor = OrderedDict()
         self._model_parallel_name_to_dtensor = OrderedDict()
         if not skip_registering:
-            self._register_state_dict_hook(ShardedMixedPrecisionEmbeddingBagCollection._mp_state_dict_hook)
+            self._register_state_dict_hook(ShardedMixedPrecisionModule._mp_state_dict_hook)
             self._register_load_state_dict_pre_hook(self._mp_load_hook, with_module=False)
 
     def reset_parameters(self) -> None:
@@ -250,13 +286,13 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
 
     def stores(self) -> List[Tuple[RowGroupStore, str]]:
         out = []
-        for lookup, st in zip(self._lookups, self._sharding_types):
+        for lookup, (_, st) in zip(self._lookups, self._mp_shardings()):
             for kernel in lookup._emb_modules:
                 out.append((kernel.store, st))
         return out
 
     def _tables_for_budget(self) -> Dict[str, Tuple[int, int]]:
-        dims = {c.name: c.embedding_dim for c in self._embedding_bag_configs}
+        dims = {c.name: c.embedding_dim for c in self._mp_configs}
         return {n: (r, d if d > 0 else dims[n]) for n, (r, d) in self._budget_tables.items()}
 
     @torch.no_grad()
@@ -294,7 +330,9 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
 
     def reassign(self) -> Dict[str, int]:
         """Regroup all rows by score now (collective: every rank calls it)."""
+        t0 = time.perf_counter()
         moved = reassign_stores([s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg)
+        self.reassign_seconds += time.perf_counter() - t0
         vec = torch.tensor([moved["fp32"], moved["fp16"], moved["int8"]], dtype=torch.int64)
         self.last_moved = dict(zip(("fp32", "fp16", "int8"), vec.tolist()))
         return self.last_moved
@@ -332,6 +370,13 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
         )
 
     # ------------------------------------------------------------------ memory
+    def overhead_seconds(self) -> Dict[str, float]:
+        """Time this rank spent on priority updates and on reassignments."""
+        return {
+            "priority_seconds": sum(s.priority_seconds for s, _ in self.stores()),
+            "reassign_seconds": self.reassign_seconds,
+        }
+
     def precision_memory(self) -> Dict[str, Dict[str, int]]:
         """Per table, summed over ranks (collective): embedding/optimizer/priority bytes and
         rows per group (rows of column-wise slices and replicas counted once)."""
@@ -391,7 +436,7 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
     @staticmethod
     def _mp_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
         local = module._local_state()
-        dims = {c.name: c.embedding_dim for c in module._embedding_bag_configs}
+        dims = {c.name: c.embedding_dim for c in module._mp_configs}
         keys = ["weight", "qparams", "row_group"]
         if module.precision_policy.scored:
             keys += ["row_priority", "row_seen_step"]
@@ -401,7 +446,7 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
             for key in keys:
                 md = module._state_metadata(table, key, dims[table])
                 entries = local.get(table, {}).get(key, [])
-                name = f"{prefix}embedding_bags.{table}.{key}"
+                name = f"{prefix}{module._mp_prefix}.{table}.{key}"
                 if md is None:  # data-parallel: a plain, replicated tensor
                     destination[name] = entries[0][1]
                     continue
@@ -418,7 +463,7 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
         per_table: Dict[str, Dict[str, torch.Tensor]] = {}
         for table in self._table_names:
             for key in STATE_COLUMNS:
-                name = f"{prefix}embedding_bags.{table}.{key}"
+                name = f"{prefix}{self._mp_prefix}.{table}.{key}"
                 if name in state_dict:
                     per_table.setdefault(table, {})[key] = state_dict.pop(name)
         missing = [t for t in self._table_names if "weight" not in per_table.get(t, {})]
@@ -448,6 +493,16 @@ class ShardedMixedPrecisionEmbeddingBagCollection(ShardedEmbeddingBagCollection)
                     return shard.tensor
             raise KeyError(f"{key} of table {t.name}: no local shard at row {t.row_offset}, column {c0}")
         return value[t.row_offset : t.row_offset + t.rows, c0:c1]
+
+
+class ShardedMixedPrecisionEmbeddingBagCollection(ShardedMixedPrecisionModule, ShardedEmbeddingBagCollection):
+    _mp_prefix = "embedding_bags"
+    _mp_sequence = False
+
+
+class ShardedMixedPrecisionEmbeddingCollection(ShardedMixedPrecisionModule, ShardedEmbeddingCollection):
+    _mp_prefix = "embeddings"
+    _mp_sequence = True
 
 
 class MixedPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
@@ -480,9 +535,9 @@ class MixedPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder)
             for name, ps in params.items()
         }
         return ShardedMixedPrecisionEmbeddingBagCollection(
-            module=module,
-            table_name_to_parameter_sharding=custom,
-            env=env,
+            module,
+            custom,
+            env,
             fused_params=self.fused_params,
             device=device,
             qcomm_codecs_registry=self.qcomm_codecs_registry,
@@ -496,3 +551,43 @@ class MixedPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder)
     @property
     def sharded_module_type(self) -> Type[ShardedMixedPrecisionEmbeddingBagCollection]:
         return ShardedMixedPrecisionEmbeddingBagCollection
+
+
+class MixedPrecisionEmbeddingCollectionSharder(EmbeddingCollectionSharder):
+    """The sequence twin: add it to DMP's sharders to shard MixedPrecisionEmbeddingCollection."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [
+            ShardingType.DATA_PARALLEL.value,
+            ShardingType.TABLE_WISE.value,
+            ShardingType.ROW_WISE.value,
+            ShardingType.COLUMN_WISE.value,
+        ]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        if sharding_type == ShardingType.DATA_PARALLEL.value:
+            return [EmbeddingComputeKernel.DENSE.value]
+        return [EmbeddingComputeKernel.FUSED.value]
+
+    def shard(self, module, params, env, device=None, module_fqn=None) -> ShardedMixedPrecisionEmbeddingCollection:
+        custom = {
+            name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value)
+            for name, ps in params.items()
+        }
+        return ShardedMixedPrecisionEmbeddingCollection(
+            module,
+            custom,
+            env,
+            fused_params=self.fused_params,
+            device=device,
+            qcomm_codecs_registry=self.qcomm_codecs_registry,
+            module_fqn=module_fqn,
+        )
+
+    @property
+    def module_type(self) -> Type[MixedPrecisionEmbeddingCollection]:
+        return MixedPrecisionEmbeddingCollection
+
+    @property
+    def sharded_module_type(self) -> Type[ShardedMixedPrecisionEmbeddingCollection]:
+        return ShardedMixedPrecisionEmbeddingCollection

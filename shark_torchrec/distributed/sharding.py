@@ -29,14 +29,21 @@ INIT_BLOCK_ROWS = 1 << 16
 def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
     """Our mixed-precision sharder, and TorchRec's EBC sharder whose kernels train with
     FBGEMM's fused row-wise Adagrad."""
-    from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
+    from shark_torchrec.distributed.mixed_precision import (
+        MixedPrecisionEmbeddingBagCollectionSharder,
+        MixedPrecisionEmbeddingCollectionSharder,
+    )
 
     fused = {
         "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         "learning_rate": cfg.lr,
         "eps": cfg.eps,
     }
-    return [MixedPrecisionEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder(fused_params=fused)]
+    return [
+        MixedPrecisionEmbeddingBagCollectionSharder(),
+        MixedPrecisionEmbeddingCollectionSharder(),
+        EmbeddingBagCollectionSharder(fused_params=fused),
+    ]
 
 
 def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
@@ -130,7 +137,7 @@ def _init_rows(
 def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfig], seed: int) -> None:
     """Deterministic, sharding-independent init of every table (TorchRec's default law:
     uniform(+-sqrt(1 / num_embeddings)))."""
-    from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionEmbeddingBagCollection
+    from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 
     def law(table: str, r0: int, r1: int) -> torch.Tensor:
         cfg = configs[table]
@@ -139,7 +146,7 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
 
     mixed = set()
     for m in dmp.modules():
-        if isinstance(m, ShardedMixedPrecisionEmbeddingBagCollection):
+        if isinstance(m, ShardedMixedPrecisionModule):
             m.fill_rows(law)
             mixed.update(m._table_names)
     if len(mixed) == len(configs):

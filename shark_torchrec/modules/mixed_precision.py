@@ -1,5 +1,5 @@
-"""`MixedPrecisionEmbeddingBagCollection`: TorchRec's EmbeddingBagCollection with rows kept
-in fp32, fp16 and int8 groups.
+"""`MixedPrecisionEmbeddingBagCollection` and `MixedPrecisionEmbeddingCollection`: TorchRec's
+collections with rows kept in fp32, fp16 and int8 groups.
 
 Constructed like `EmbeddingBagCollection` (table configs) plus a `PrecisionPolicy`. The
 TorchRec parameters stay on the meta device (the planner reads their shapes); the rows live
@@ -22,9 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
@@ -139,7 +139,118 @@ def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Te
         store.row_seen_step[lo:hi] = state["row_seen_step"][:, 0].to(torch.int32)
 
 
-class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollection):
+def build_stores(
+    configs: Sequence[Any],
+    policy: PrecisionPolicy,
+    step: StepCounter,
+    label_tagged: bool,
+    weighted: bool,
+    sequence: bool,
+    device: torch.device,
+    init: Optional[Callable[[str, int, int], torch.Tensor]] = None,
+) -> tuple[List[RowGroupStore], List[List[str]]]:
+    """One store per (pooling, dim) holding whole tables, filled from `init(table, r0, r1)`
+    (default: TorchRec's uniform(+-sqrt(1/rows))), a chunk of rows at a time."""
+    by_kind: Dict[tuple, List[Any]] = {}
+    for c in configs:
+        pooling = "none" if sequence else ("mean" if c.pooling == PoolingType.MEAN else "sum")
+        by_kind.setdefault((pooling, c.embedding_dim), []).append(c)
+    stores, store_features = [], []
+    for (pooling, dim), cfgs in by_kind.items():
+        features, ftab = [], []
+        for i, c in enumerate(cfgs):
+            features += c.feature_names
+            ftab += [i] * len(c.feature_names)
+        store = RowGroupStore(
+            [LocalTable(c.name, c.num_embeddings, dim, global_rows=c.num_embeddings, table_id=table_id(c.name)) for c in cfgs],
+            features,
+            ftab,
+            policy,
+            step,
+            pooling=pooling,
+            label_tagged=label_tagged,
+            weighted=weighted,
+            device=device,
+        )
+        store.set_groups(
+            torch.cat([initial_groups(policy, target_counts(policy, c.num_embeddings, dim, c.name), 0, c.num_embeddings) for c in cfgs])
+        )
+        for i, c in enumerate(cfgs):
+            lo = int(store.table_base[i])
+            for r0 in range(0, c.num_embeddings, 1 << 16):
+                r1 = min(r0 + (1 << 16), c.num_embeddings)
+                values = init(c.name, r0, r1) if init else (torch.rand(r1 - r0, dim) * 2 - 1) * (1.0 / c.num_embeddings) ** 0.5
+                store.write_rows(torch.arange(lo + r0, lo + r1), values)
+        stores.append(store)
+        store_features.append(features)
+    return stores, store_features
+
+
+class _MixedPrecisionRows:
+    """What the bag and sequence collections share when used unsharded."""
+
+    _sequence = False
+
+    def _mp_init(self, policy: Optional[PrecisionPolicy], label_tagged: bool, device) -> None:
+        self.precision_policy = policy or PrecisionPolicy()
+        self.label_tagged = label_tagged
+        self.step_counter = StepCounter()
+        self._stores: List[RowGroupStore] = []
+        self._store_features: List[List[str]] = []
+        if device is not None and torch.device(device).type != "meta":
+            self.materialize(torch.device(device))
+
+    def _mp_configs(self) -> List[Any]:
+        raise NotImplementedError
+
+    def _mp_weighted(self) -> bool:
+        return False
+
+    def materialize(self, device: torch.device, init: Optional[Callable[[str, int, int], torch.Tensor]] = None) -> None:
+        """Allocate the rows on `device` for unsharded use; `init(table, row0, row1)` gives
+        fp32 initial values (default: TorchRec's uniform(+-sqrt(1/rows)))."""
+        self._stores, self._store_features = build_stores(
+            self._mp_configs(), self.precision_policy, self.step_counter, self.label_tagged,
+            self._mp_weighted(), self._sequence, device, init,
+        )
+
+    @property
+    def stores(self) -> List[RowGroupStore]:
+        return self._stores
+
+    def _lookup_all(self, features: KeyedJaggedTensor):
+        """[(feature names, store output)] per store."""
+        if not self._stores:
+            raise RuntimeError(
+                f"{type(self).__name__} has no rows here: shard it with DMP and our sharder, "
+                "or call materialize(device)"
+            )
+        keys = features.keys()
+        out = []
+        for store, names in zip(self._stores, self._store_features):
+            missing = [n for n in names if n not in keys]
+            if missing:
+                raise KeyError(f"features {missing} are missing from the input")
+            sub = features.permute([keys.index(n) for n in names])
+            store.training_enabled = self.training
+            out.append((names, sub, store(sub.values(), sub.lengths(), sub.weights_or_none(), sub.stride())))
+        return out
+
+    def step(self) -> None:
+        """Advance one training step (unsharded use): reassign rows when due."""
+        self.step_counter.value += 1
+        p = self.precision_policy
+        if p.scored and self.step_counter.value % p.reassign_every == 0:
+            self.reassign()
+
+    def reassign(self) -> None:
+        from shark_torchrec.distributed.reassign import reassign_stores
+
+        tables = {c.name: (c.num_embeddings, c.embedding_dim) for c in self._mp_configs()}
+        reassign_stores(self._stores, self.precision_policy, tables, pg=None)
+
+
+class MixedPrecisionEmbeddingBagCollection(_MixedPrecisionRows, EmbeddingBagCollection):
     """Drop-in for `EmbeddingBagCollection` whose rows live in fp32/fp16/int8 groups.
 
     `label_tagged`: training batches carry labels in the per-id weights
@@ -155,95 +266,51 @@ class MixedPrecisionEmbeddingBagCollection(EmbeddingBagCollection):
         precision_policy: Optional[PrecisionPolicy] = None,
         label_tagged: bool = True,
     ) -> None:
-        super().__init__(tables=tables, is_weighted=is_weighted, device=torch.device("meta"))
+        EmbeddingBagCollection.__init__(self, tables=tables, is_weighted=is_weighted, device=torch.device("meta"))
         for t in tables:
             if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
                 raise ValueError(f"table {t.name}: pooling {t.pooling} is not supported")
-        self.precision_policy = precision_policy or PrecisionPolicy()
-        self.label_tagged = label_tagged
-        self.step_counter = StepCounter()
-        self._stores: List[RowGroupStore] = []
-        self._store_features: List[List[str]] = []
-        if device is not None and torch.device(device).type != "meta":
-            self.materialize(torch.device(device))
+        self._mp_init(precision_policy, label_tagged, device)
 
-    # ------------------------------------------------------------------ unsharded use
-    def materialize(self, device: torch.device, init: Optional[Callable[[str, int, int], torch.Tensor]] = None) -> None:
-        """Allocate the rows on `device` for unsharded use; `init(table, row0, row1)` gives
-        fp32 initial values (default: TorchRec's uniform(+-sqrt(1/rows)))."""
-        policy = self.precision_policy
-        by_pooling: Dict[PoolingType, List[EmbeddingBagConfig]] = {}
-        for c in self.embedding_bag_configs():
-            by_pooling.setdefault((c.pooling, c.embedding_dim), []).append(c)
-        self._stores, self._store_features = [], []
-        for (pooling, dim), cfgs in by_pooling.items():
-            features, ftab = [], []
-            for i, c in enumerate(cfgs):
-                features += c.feature_names
-                ftab += [i] * len(c.feature_names)
-            store = RowGroupStore(
-                [LocalTable(c.name, c.num_embeddings, dim, global_rows=c.num_embeddings, table_id=table_id(c.name)) for c in cfgs],
-                features,
-                ftab,
-                policy,
-                self.step_counter,
-                pooling="mean" if pooling == PoolingType.MEAN else "sum",
-                label_tagged=self.label_tagged,
-                weighted=self.is_weighted(),
-                device=device,
-            )
-            groups = torch.cat(
-                [
-                    initial_groups(policy, target_counts(policy, c.num_embeddings, dim, c.name), 0, c.num_embeddings)
-                    for c in cfgs
-                ]
-            )
-            store.set_groups(groups)
-            for i, c in enumerate(cfgs):
-                lo = int(store.table_base[i])
-                for r0 in range(0, c.num_embeddings, 1 << 16):
-                    r1 = min(r0 + (1 << 16), c.num_embeddings)
-                    values = init(c.name, r0, r1) if init else (
-                        torch.rand(r1 - r0, dim) * 2 - 1
-                    ) * (1.0 / c.num_embeddings) ** 0.5
-                    store.write_rows(torch.arange(lo + r0, lo + r1), values)
-            self._stores.append(store)
-            self._store_features.append(features)
+    def _mp_configs(self):
+        return self.embedding_bag_configs()
 
-    @property
-    def stores(self) -> List[RowGroupStore]:
-        return self._stores
+    def _mp_weighted(self) -> bool:
+        return self.is_weighted()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if not self._stores:
-            raise RuntimeError(
-                "MixedPrecisionEmbeddingBagCollection has no rows here: shard it with DMP and "
-                "MixedPrecisionEmbeddingBagCollectionSharder, or call materialize(device)"
-            )
-        feature_dict = features.to_dict()
-        outs, keys, lengths = [], [], []
-        for store, names in zip(self._stores, self._store_features):
-            for n in names:
-                if n not in feature_dict:
-                    raise KeyError(f"feature {n!r} is missing from the input")
-            sub = features.permute([features.keys().index(n) for n in names])
-            store.training_enabled = self.training
-            outs.append(store(sub.values(), sub.lengths(), sub.weights_or_none(), sub.stride()))
+        keys, lengths, values = [], [], []
+        for names, _, out in self._lookup_all(features):
             keys += names
-            lengths += [store.dim] * len(names)
-        return KeyedTensor(keys=keys, length_per_key=lengths, values=torch.cat(outs, dim=1))
+            lengths += [out.shape[1] // max(len(names), 1)] * len(names)
+            values.append(out)
+        return KeyedTensor(keys=keys, length_per_key=lengths, values=torch.cat(values, dim=1))
 
-    def step(self) -> None:
-        """Advance one training step (unsharded use): reassign rows when due."""
-        self.step_counter.value += 1
-        p = self.precision_policy
-        if p.scored and self.step_counter.value % p.reassign_every == 0:
-            self.reassign()
 
-    def reassign(self) -> None:
-        from shark_torchrec.distributed.reassign import reassign_stores
+class MixedPrecisionEmbeddingCollection(_MixedPrecisionRows, EmbeddingCollection):
+    """Drop-in for `EmbeddingCollection` (sequence features, one vector per id) whose rows
+    live in fp32/fp16/int8 groups. Per-id weights carry only labels here (TorchRec's
+    EmbeddingCollection has no pooling weights)."""
 
-        reassign_stores(self._stores, self.precision_policy, self._budget_tables(), pg=None)
+    _sequence = True
 
-    def _budget_tables(self) -> Dict[str, tuple]:
-        return {c.name: (c.num_embeddings, c.embedding_dim) for c in self.embedding_bag_configs()}
+    def __init__(
+        self,
+        tables: List[EmbeddingConfig],
+        device: Optional[torch.device] = None,
+        precision_policy: Optional[PrecisionPolicy] = None,
+        label_tagged: bool = True,
+    ) -> None:
+        EmbeddingCollection.__init__(self, tables=tables, device=torch.device("meta"))
+        self._mp_init(precision_policy, label_tagged, device)
+
+    def _mp_configs(self):
+        return self.embedding_configs()
+
+    def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+        out: Dict[str, JaggedTensor] = {}
+        for names, sub, values in self._lookup_all(features):
+            lengths = sub.length_per_key()
+            for name, part, jt in zip(names, torch.split(values, lengths), sub.to_dict().values()):
+                out[name] = JaggedTensor(values=part, lengths=jt.lengths())
+        return out

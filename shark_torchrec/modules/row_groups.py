@@ -16,6 +16,7 @@ process group over which gradients and counts are summed.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -131,6 +132,7 @@ class RowGroupStore(nn.Module):
         self.row_alignment = 1 if self.device.type == "cpu" else 16
         self.training_enabled = True
         self.nonfinite_rows = 0
+        self.priority_seconds = 0.0  # time spent on Eq. 7 updates (for the overhead report)
 
         base = [0]
         for t in self.tables:
@@ -538,12 +540,14 @@ class RowGroupStore(nn.Module):
         step = self.step.value
         p = self.policy
         if p.scored and len(keys):
+            t0 = time.perf_counter()
             neg = total - pos
             self.row_priority[keys] = updated(
                 self.row_priority[keys], self.row_seen_step[keys], step, pos, neg,
                 p.effective_alpha, p.beta,
             )
             self.row_seen_step[keys] = step
+            self.priority_seconds += time.perf_counter() - t0
         finite = torch.isfinite(row_grad).all(dim=1)
         if not bool(finite.all()):
             # A non-finite gradient would poison the row (and its int8 scale): skip it.

@@ -27,6 +27,7 @@ from shark_torchrec.distributed.sharding import (
 )
 from shark_torchrec.memory import embedding_memory
 from shark_torchrec.models.dlrm import build_dlrm, table_configs
+from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.precision.labels import tag_labels
 from shark_torchrec.train.checkpoint import (
@@ -255,6 +256,11 @@ def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
     dev = evaluate(trained.model, trained.dataset, "dev", t.eval_batch_size, env, show)
     memory = embedding_memory(trained.model, trained.optimizer, trained.configs)
     bad = _report_bad_lines(trained.dataset, env)
+    overhead = {"priority_seconds": 0.0, "reassign_seconds": 0.0}
+    for m in trained.model.modules():
+        if isinstance(m, ShardedMixedPrecisionModule):
+            for k, v in m.overhead_seconds().items():
+                overhead[k] += v
     return {
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
@@ -272,6 +278,7 @@ def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
         "rows_fp16": memory["rows_fp16"],
         "rows_int8": memory["rows_int8"],
         "precision": cfg.quant.precision,
+        **overhead,
         "tables": memory["tables"],
         "bad_lines": bad,
         "world_size": env.world_size,
