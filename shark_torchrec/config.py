@@ -80,7 +80,10 @@ class TrainConfig:
     eval_batch_size: int = 4096
     """Global batch size for dev/test evaluation."""
     lr: float = 0.1
-    """Learning rate of the embedding tables (FBGEMM fused row-wise Adagrad)."""
+    """Learning rate of the embedding tables."""
+    emb_optimizer: Literal["rowwise_adagrad", "sgd"] = "rowwise_adagrad"
+    """Embedding optimizer (fused in the backward pass): FBGEMM's exact row-wise Adagrad or
+    SGD; mixed-precision tables apply the same rule in every group."""
     dense_lr: float = 0.01
     """Learning rate of the dense part (torch Adagrad)."""
     eps: float = 1e-8
@@ -154,7 +157,7 @@ class PrecisionConfig:
     bad_ids: Literal["error", "row0"] = "error"
     """Ids outside their table: `error` names feature and value; `row0` maps them to row 0."""
 
-    def policy(self, lr: float, eps: float, seed: int):
+    def policy(self, lr: float, eps: float, seed: int, optimizer: str = "rowwise_adagrad"):
         from shark_torchrec.modules.precision_policy import PrecisionPolicy
 
         budget = self.memory_budget
@@ -169,6 +172,7 @@ class PrecisionConfig:
             alpha=self.alpha,
             beta=self.beta,
             reassign_every=self.reassign_every,
+            optimizer=optimizer,
             learning_rate=lr,
             eps=eps,
             seed=seed,
@@ -206,7 +210,7 @@ class JobConfig:
         if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None):
             raise ConfigError(f"quant: --memory-budget/--t8/--t16 need --precision shark or freq, not {q.precision}")
         try:
-            q.policy(t.lr, t.eps, t.seed)
+            q.policy(t.lr, t.eps, t.seed, t.emb_optimizer)
         except ValueError as e:
             raise ConfigError(f"quant: {e}") from e
         if q.precision != "fp32" and self.model.embedding_dim % 4:

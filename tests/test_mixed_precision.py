@@ -284,3 +284,21 @@ def test_sequence_twin_two_ranks_match_the_unsharded_module(sharding_type):
         lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
         assert (got["tables"][f"{t.name}.weight"] - store.read_rows(torch.arange(lo, hi))).abs().max() <= tol, t.name
         assert torch.equal(got["tables"][f"{t.name}.row_group"][:, 0], store.row_group[lo:hi]), t.name
+
+
+def test_stock_collection_converts_in_memory():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from shark_torchrec.modules.mixed_precision import to_mixed_precision
+
+    torch.manual_seed(0)
+    stock = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=300, feature_names=["f"])])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.randint(0, 300, (40,)), lengths=torch.full((20,), 2, dtype=torch.int32))
+    want = stock(kjt).values()
+    exact = to_mixed_precision(stock, PrecisionPolicy(mode="fp32", memory_budget=None))
+    assert torch.allclose(exact(kjt).values(), want, atol=1e-6)
+    small = to_mixed_precision(stock, PrecisionPolicy(memory_budget=0.5))
+    assert all(c > 0 for c in small.stores[0].group_counts())
+    step = (stock.embedding_bags["t"].weight.max(1).values - stock.embedding_bags["t"].weight.min(1).values).max() / 255
+    assert (small(kjt).values() - want).abs().max() <= 2 * step  # two ids a bag, half a step each

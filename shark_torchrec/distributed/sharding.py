@@ -35,7 +35,7 @@ def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
     )
 
     fused = {
-        "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "optimizer": EmbOptimType.EXACT_SGD if cfg.emb_optimizer == "sgd" else EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         "learning_rate": cfg.lr,
         "eps": cfg.eps,
     }
@@ -195,7 +195,10 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> Combined
             (
                 "dp_tables",
                 KeyedOptimizerWrapper(
-                    dp_tables, lambda p: RowWiseAdagrad(p, lr=cfg.lr, eps=cfg.eps)
+                    dp_tables,
+                    lambda p: torch.optim.SGD(p, lr=cfg.lr)
+                    if cfg.emb_optimizer == "sgd"
+                    else RowWiseAdagrad(p, lr=cfg.lr, eps=cfg.eps),
                 ),
             )
         )

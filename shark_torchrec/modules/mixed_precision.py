@@ -314,3 +314,27 @@ class MixedPrecisionEmbeddingCollection(_MixedPrecisionRows, EmbeddingCollection
             for name, part, jt in zip(names, torch.split(values, lengths), sub.to_dict().values()):
                 out[name] = JaggedTensor(values=part, lengths=jt.lengths())
         return out
+
+
+def to_mixed_precision(module: Any, policy: Optional[PrecisionPolicy] = None, label_tagged: bool = True):
+    """An unsharded TorchRec `EmbeddingBagCollection` / `EmbeddingCollection` with
+    materialised weights, as our module: the same tables, each row rounded to nearest into its
+    starting group. (For sharded models and checkpoints: `shark train --init-from CKPT`, or
+    `shark_torchrec.train.checkpoint.load_weights`.)"""
+    if isinstance(module, _MixedPrecisionRows):
+        raise TypeError("already a mixed-precision collection")
+    if isinstance(module, EmbeddingBagCollection):
+        configs = module.embedding_bag_configs()
+        new = MixedPrecisionEmbeddingBagCollection(configs, is_weighted=module.is_weighted(), precision_policy=policy, label_tagged=label_tagged)
+        weights = {c.name: module.embedding_bags[c.name].weight for c in configs}
+    elif isinstance(module, EmbeddingCollection):
+        configs = module.embedding_configs()
+        new = MixedPrecisionEmbeddingCollection(configs, precision_policy=policy, label_tagged=label_tagged)
+        weights = {c.name: module.embeddings[c.name].weight for c in configs}
+    else:
+        raise TypeError(f"expected a TorchRec EmbeddingBagCollection or EmbeddingCollection, got {type(module).__name__}")
+    device = next(iter(weights.values())).device
+    if device.type == "meta":
+        raise ValueError("the collection's weights are on the meta device: nothing to convert")
+    new.materialize(device, init=lambda t, r0, r1: weights[t][r0:r1].detach().float())
+    return new

@@ -96,7 +96,7 @@ def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
     if cfg.quant.precision != "fp32":
         ebc = MixedPrecisionEmbeddingBagCollection(
             tables=table_configs(dataset.schema, cfg.model.embedding_dim),
-            precision_policy=cfg.quant.policy(cfg.train.lr, cfg.train.eps, cfg.train.seed),
+            precision_policy=cfg.quant.policy(cfg.train.lr, cfg.train.eps, cfg.train.seed, cfg.train.emb_optimizer),
         )
     model = build_dlrm(dataset.schema, cfg.model, ebc=ebc, seed=cfg.train.seed)
     configs = embedding_configs(model)
