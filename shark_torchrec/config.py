@@ -45,6 +45,12 @@ class DataConfig:
     """hash: rows per table."""
     strict: bool = False
     """Fail on the first malformed line (naming file and line) instead of skipping it."""
+    folds: int = 0
+    """criteo/csv: k-fold cross-validation over the lines of train, dev and test together
+    (line i belongs to fold i % folds): fold `fold` is test, the next one dev, the rest
+    train. 0: the files' own splits."""
+    fold: int = 0
+    """criteo/csv with --folds: which fold is the test split."""
     synthetic_train_rows: int = 200_000
     """synthetic: rows in the train split (streamed; millions are fine)."""
     synthetic_eval_rows: int = 20_000
@@ -202,6 +208,8 @@ class JobConfig:
             )
         if self.run.nproc < 1:
             raise ConfigError("run.nproc must be >= 1")
+        if self.dataset.folds and not (self.dataset.folds >= 3 and 0 <= self.dataset.fold < self.dataset.folds):
+            raise ConfigError("data.folds must be >= 3 and data.fold in [0, folds)")
         if self.dataset.min_count < 1 or self.dataset.hash_size < 1:
             raise ConfigError("data.min_count and data.hash_size must be >= 1")
         if self.run.checkpoint and self.run.init_from:

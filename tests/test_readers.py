@@ -145,3 +145,21 @@ def test_batches_carry_a_label_per_id(tmp_path):
     # every id of a sample carries that sample's label; padding has no ids at all
     for key in kjt.keys():
         assert kjt[key].weights().tolist() == [1.0, 0.0, 1.0]
+
+
+def test_folds_partition_all_lines(tmp_path):
+    from shark_torchrec.config import DataConfig
+    from shark_torchrec.data import open_dataset
+
+    lines = {s: [f"{i % 2},{s}{i}" for i in range(n)] for s, n in (("train", 7), ("dev", 3), ("test", 2))}
+    for s, rows in lines.items():
+        (tmp_path / f"{s}.csv").write_text("label,c\n" + "\n".join(rows) + "\n")
+    seen = {}
+    for fold in range(4):
+        ds = open_dataset(DataConfig(data=f"csv:{tmp_path}", folds=4, fold=fold))
+        for split in ("train", "dev", "test"):
+            n = ds.splits[split].num_lines()
+            got = [int(b.sample_weights.sum()) for b in ds.batches(split, 64)]
+            assert sum(got) == n
+        seen[fold] = ds.splits["test"].num_lines()
+    assert sum(seen.values()) == 12  # every line is test exactly once

@@ -7,7 +7,7 @@ from typing import Dict, Iterator, List, Optional
 
 from shark_torchrec.config import DataConfig
 from shark_torchrec.data.batch import Batch, make_batch
-from shark_torchrec.data.files import BadLineStats, CsvLayout, FileSplit, HashEncoder, VocabEncoder
+from shark_torchrec.data.files import BadLineStats, CsvLayout, FileSplit, FoldSplit, HashEncoder, VocabEncoder
 from shark_torchrec.data.schema import DataError, Schema
 from shark_torchrec.data.synthetic import DENSE_NAMES, SyntheticGenerator, SyntheticSplit
 
@@ -63,6 +63,16 @@ def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, ha
         )
         for s in SPLIT_NAMES
     }
+    if cfg.folds:
+        # k-fold cross-validation over the lines of all three files: fold `fold` is test, the
+        # next one dev, the rest train.
+        files = [splits[s] for s in SPLIT_NAMES]
+        k, f = cfg.folds, cfg.fold
+        splits = {
+            "train": FoldSplit(files, k, [r for r in range(k) if r not in (f, (f + 1) % k)]),
+            "dev": FoldSplit(files, k, [(f + 1) % k]),
+            "test": FoldSplit(files, k, [f]),
+        }
     train = splits["train"]
     if cfg.encoding == "hash":
         encoder = HashEncoder(cfg.hash_size)

@@ -255,6 +255,9 @@ class FileSplit:
                 start = 2
             yield from enumerate(f, start)
 
+    def _where(self, lineno) -> str:
+        return f"{self.path}:{lineno}"
+
     def parsed(self) -> Iterator[ParsedLine]:
         """Every good line of the file (for vocabulary building)."""
         for lineno, line in self._numbered_lines():
@@ -262,7 +265,7 @@ class FileSplit:
                 yield self.parse(line)
             except BadLine as e:
                 if self.strict:
-                    raise DataError(f"{self.path}:{lineno}: {e}") from None
+                    raise DataError(f"{self._where(lineno)}: {e}") from None
 
     def local_batches(
         self,
@@ -289,11 +292,43 @@ class FileSplit:
                     label, dense_values, cats = self.parse(line)
                 except BadLine as e:
                     if self.strict:
-                        raise DataError(f"{self.path}:{lineno}: {e}") from None
-                    self.stats.add(f"{self.path}:{lineno}", str(e))
+                        raise DataError(f"{self._where(lineno)}: {e}") from None
+                    self.stats.add(self._where(lineno), str(e))
                     continue
                 labels[slot] = label
                 dense[slot] = dense_values
                 ids[slot] = [encoder.encode(j, v) for j, v in enumerate(cats)]
                 valid[slot] = True
             yield labels, dense, ids, valid
+
+
+class FoldSplit(FileSplit):
+    """One part of a k-fold split over the lines of several files, taken in order: line i
+    (counted over all files) belongs here when i % folds is in `residues`."""
+
+    def __init__(self, sources: Sequence[FileSplit], folds: int, residues: Sequence[int]) -> None:
+        first = sources[0]
+        super().__init__(first.path, first.parse, first.has_header, first.num_dense, first.num_sparse, first.strict)
+        self.sources = list(sources)
+        self.folds = folds
+        self.residues = set(residues)
+
+    def num_lines(self) -> int:
+        if self._num_lines is None:
+            total = sum(s.num_lines() for s in self.sources)
+            self._num_lines = sum(1 for r in range(self.folds) if r in self.residues for _ in range(r, total, self.folds))
+            if self._num_lines <= 0:
+                raise DataError(f"fold of {self.folds} over {total} lines is empty")
+        return self._num_lines
+
+    def _numbered_lines(self):
+        i = 0
+        for src in self.sources:
+            for lineno, line in src._numbered_lines():
+                if i % self.folds in self.residues:
+                    yield (src.path, lineno), line
+                i += 1
+
+    def _where(self, lineno) -> str:
+        path, n = lineno
+        return f"{path}:{n}"
