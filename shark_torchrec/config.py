@@ -150,6 +150,9 @@ class PrecisionConfig:
     of the fp32 bytes, per table (default 0.35 unless --t8/--t16 are given)."""
     fp32_fraction: float = 0.02
     """Budget mode: at most this fraction of each table's rows stays fp32."""
+    row_fractions: Tuple[float, ...] = ()
+    """shark/freq: fixed fractions of each table's rows in fp32 and fp16 (two numbers; the rest
+    int8), instead of a byte budget."""
     t8: Optional[float] = None
     """Threshold mode: rows scoring below t8 are int8 (give --t16 too)."""
     t16: Optional[float] = None
@@ -167,12 +170,16 @@ class PrecisionConfig:
         from shark_torchrec.modules.precision_policy import PrecisionPolicy
 
         budget = self.memory_budget
-        if budget is None and self.t8 is None and self.precision in ("shark", "freq"):
+        fractions = tuple(self.row_fractions) or None
+        if fractions is not None and len(fractions) != 2:
+            raise ValueError(f"row_fractions needs two numbers (fp32, fp16), got {list(fractions)}")
+        if budget is None and self.t8 is None and fractions is None and self.precision in ("shark", "freq"):
             budget = 0.35
         return PrecisionPolicy(
             mode=self.precision,
             memory_budget=budget if self.precision in ("shark", "freq") else None,
             fp32_fraction=self.fp32_fraction,
+            row_fractions=fractions if self.precision in ("shark", "freq") else None,
             t8=self.t8,
             t16=self.t16,
             alpha=self.alpha,
@@ -215,8 +222,8 @@ class JobConfig:
         if self.run.checkpoint and self.run.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
         q = self.quant
-        if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None):
-            raise ConfigError(f"quant: --memory-budget/--t8/--t16 need --precision shark or freq, not {q.precision}")
+        if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None or q.row_fractions):
+            raise ConfigError(f"quant: --memory-budget/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}")
         try:
             q.policy(t.lr, t.eps, t.seed, t.emb_optimizer)
         except ValueError as e:

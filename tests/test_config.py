@@ -34,3 +34,27 @@ def test_validation_names_the_field():
     cfg.model.embedding_dim = 10
     with pytest.raises(ConfigError, match="embedding_dim=10"):
         cfg.validate()
+
+
+def test_precision_flags_are_validated():
+    import pytest
+
+    from shark_torchrec.config import ConfigError, JobConfig, PrecisionConfig
+
+    def check(**kw):
+        return JobConfig(quant=PrecisionConfig(**kw)).validate()
+
+    check(precision="shark", memory_budget=0.5)
+    check(precision="shark", row_fractions=(0.05, 0.3))
+    check(precision="shark", t8=1.0, t16=3.0)
+    for bad, field in (
+        (dict(precision="shark", t8=5.0, t16=1.0), "t8/t16"),
+        (dict(precision="shark", t8=1.0), "t8/t16"),
+        (dict(precision="shark", memory_budget=0.5, t8=1.0, t16=2.0), "memory_budget"),
+        (dict(precision="fp16", memory_budget=0.5), "--memory-budget"),
+        (dict(precision="shark", row_fractions=(0.6, 0.6)), "row_fractions"),
+        (dict(precision="shark", memory_budget=0.0), "memory_budget"),
+        (dict(precision="shark", reassign_every=0), "reassign_every"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            check(**bad)

@@ -54,6 +54,10 @@ def target_counts(policy: PrecisionPolicy, rows: int, dim: int, table: str) -> G
         return GroupCounts(0, rows, 0)
     if policy.mode == "int8" or policy.threshold_mode:
         return GroupCounts(0, 0, rows)
+    if policy.row_fractions is not None:
+        n32 = int(policy.row_fractions[0] * rows)
+        n16 = min(rows - n32, int(policy.row_fractions[1] * rows))
+        return GroupCounts(n32, n16, rows - n32 - n16)
     return budget_counts(rows, dim, policy.memory_budget, policy.fp32_fraction, table=table)
 
 

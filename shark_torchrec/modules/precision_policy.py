@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 MODES = ("shark", "freq", "fp32", "fp16", "int8")
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
@@ -20,6 +20,8 @@ class PrecisionPolicy:
       scales/biases, row map) stay within this fraction of its fp32 bytes, from the first
       step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are fp16, the
       rest int8; which rows go where follows the score ranking over all shards of a table.
+    row_fractions: (fp32, fp16) fractions of each table's rows instead of a byte budget (the
+      rest int8); the same ranking decides which rows.
     t8, t16: threshold mode (the paper): score < t8 -> int8, < t16 -> fp16, else fp32. Set
       both and leave memory_budget None. Rows start in int8 (every score starts at 0).
     reassign_every: steps between reassignments.
@@ -28,6 +30,7 @@ class PrecisionPolicy:
     mode: str = "shark"
     memory_budget: Optional[float] = 0.35
     fp32_fraction: float = 0.02
+    row_fractions: Optional[Tuple[float, float]] = None
     t8: Optional[float] = None
     t16: Optional[float] = None
     alpha: float = 2.0
@@ -71,8 +74,14 @@ class PrecisionPolicy:
                 raise bad("t8/t16", f"need 0 <= t8 <= t16, got t8={self.t8}, t16={self.t16}")
             if self.memory_budget is not None and self.scored:
                 raise bad("memory_budget", "and t8/t16 exclude each other: set one of them")
+        elif self.row_fractions is not None:
+            if self.memory_budget is not None:
+                raise bad("row_fractions", "and memory_budget exclude each other: set one of them")
+            f32, f16 = self.row_fractions
+            if f32 < 0 or f16 < 0 or f32 + f16 > 1:
+                raise bad("row_fractions", f"need fp32 >= 0, fp16 >= 0, fp32 + fp16 <= 1, got {self.row_fractions}")
         elif self.scored and self.memory_budget is None:
-            raise bad("memory_budget", "or t8/t16 is needed for mode " + self.mode)
+            raise bad("memory_budget", "(or row_fractions, or t8/t16) is needed for mode " + self.mode)
         if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
             raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
         if not 0 <= self.fp32_fraction <= 1:
