@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/precision_quality.py --seeds 5 --dims 16,64 --out bench/results/frappe \
         -- --data csv:../shared/data/frappe --label click --epochs 15 --early-stopping-patience 2
+    .venv/bin/python bench/precision_quality.py --seeds 5 --cv 5 --dims 16,64 --out bench/results/criteo \
+        -- --data criteo:../shared/data/criteo_kaggle_8k --epochs 3 --early-stopping-patience 1
 
 For every (dim, seed) each method trains with the same seed as its fp32 twin: the same
 initial values (before rounding into groups) and the same data order. Reported: embedding
@@ -24,8 +26,10 @@ from tqdm import tqdm
 METHODS = ("fp32", "fp16", "int8", "freq", "shark")
 
 
-def run(extra, method, dim, seed, budget, out: Path) -> dict:
+def run(extra, method, dim, seed, budget, out: Path, cv: int = 0) -> dict:
     flags = ["--precision", method, "--embedding-dim", str(dim), "--seed", str(seed)]
+    if cv:
+        flags += ["--folds", str(cv), "--fold", str(seed)]  # "seed" s is fold s
     if method in ("freq", "shark"):
         flags += ["--memory-budget", str(budget)]
     cmd = [str(Path(sys.executable).parent / "shark"), "train", *extra, *flags, "--no-progress",
@@ -105,6 +109,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.35, help="memory budget of freq and shark")
     p.add_argument("--budget-dim16", type=float, default=0.5,
                    help="budget at dim 16, where int8 rows and the row map alone take 0.39")
+    p.add_argument("--cv", type=int, default=0, help="k-fold cross-validation: run s uses fold s (seeds = folds)")
     p.add_argument("--out", required=True)
     args = p.parse_args(own)
     out = Path(args.out)
@@ -117,7 +122,7 @@ def main() -> None:
     jobs = [(m, d, s) for d in dims for s in range(args.seeds) for m in methods if (m, d, s) not in done]
     for method, dim, seed in tqdm(jobs, desc="runs"):
         budget = args.budget_dim16 if dim <= 16 else args.budget
-        rows.append(run(extra, method, dim, seed, budget, out / "runs" / f"{method}-d{dim}-s{seed}"))
+        rows.append(run(extra, method, dim, seed, budget, out / "runs" / f"{method}-d{dim}-s{seed}", args.cv))
         results_path.write_text(json.dumps(rows, indent=2))  # resumable: finished runs are kept
     summary = summarize(rows, methods, dims)
     command = "bench/precision_quality.py " + " ".join(argv)
