@@ -213,47 +213,57 @@ class RowGroupStore(nn.Module):
         return rounding_noise(self.policy.seed, step, self._table_ids[t], rows, cols)
 
     # ------------------------------------------------------------------ values
-    def read_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        """Dequantized fp32 values of rows (by key in the store's row space)."""
-        out = torch.empty(len(keys), self.dim)
+    def grouping(self, keys: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """(slots, [(positions in `keys`, their slots) per group]): one sort instead of a
+        boolean mask per group and per pass."""
         g = self.row_group[keys]
         s = self.row_slot[keys].long()
-        for grp in range(3):
-            m = g == grp
-            if not bool(m.any()):
+        order = torch.argsort(g, stable=True)
+        bounds = torch.bincount(g.long(), minlength=3).tolist()
+        out, a = [], 0
+        for n in bounds:
+            pos = order[a : a + n]
+            out.append((pos, s[pos]))
+            a += n
+        return s, out
+
+    def read_rows(self, keys: torch.Tensor, grouping=None) -> torch.Tensor:
+        """Dequantized fp32 values of rows (by key in the store's row space)."""
+        out = torch.empty(len(keys), self.dim)
+        _, parts = grouping or self.grouping(keys)
+        for grp, (pos, slots) in enumerate(parts):
+            if not len(pos):
                 continue
             view = self.group_view(grp)
             if grp == INT8:
                 codes, sb = view
-                out[m] = dequantize_rows_int8(codes[s[m]], sb[s[m]])
+                out[pos] = dequantize_rows_int8(codes[slots], sb[slots])
             else:
-                out[m] = view[s[m]].float()
+                out[pos] = view[slots].float()
         return out
 
-    def write_rows(self, keys: torch.Tensor, values: torch.Tensor, step: Optional[int] = None) -> None:
+    def write_rows(self, keys: torch.Tensor, values: torch.Tensor, step: Optional[int] = None, grouping=None) -> None:
         """Store fp32 values into rows in their current groups; with `step`, fp16 and int8
         rows are rounded stochastically with that step's noise, else to nearest."""
-        g = self.row_group[keys]
-        s = self.row_slot[keys].long()
-        for grp in range(3):
-            m = g == grp
-            if not bool(m.any()):
+        _, parts = grouping or self.grouping(keys)
+        for grp, (pos, slots) in enumerate(parts):
+            if not len(pos):
                 continue
-            v = values[m]
+            v = values[pos]
             view = self.group_view(grp)
             if grp == FP32:
-                view[s[m]] = v
+                view[slots] = v
             elif grp == FP16:
                 if step is None:
-                    view[s[m]] = v.clamp(-65504.0, 65504.0).half()
+                    view[slots] = v.clamp(-65504.0, 65504.0).half()
                 else:
-                    view[s[m]] = round_fp16_stochastic(v, self._noise(keys[m], step))
+                    view[slots] = round_fp16_stochastic(v, self._noise(keys[pos], step))
             else:
-                noise = None if step is None else self._noise(keys[m], step)
+                noise = None if step is None else self._noise(keys[pos], step)
                 codes, sb = quantize_rows_int8(v, noise)
                 cview, sview = view
-                cview[s[m]] = codes
-                sview[s[m]] = sb
+                cview[slots] = codes
+                sview[slots] = sb
 
     def int8_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
         """fp16 [n, 2] scale/bias of rows (zeros for rows not in int8)."""
@@ -548,7 +558,7 @@ class RowGroupStore(nn.Module):
             )
             self.row_seen_step[keys] = step
             self.priority_seconds += time.perf_counter() - t0
-        finite = torch.isfinite(row_grad).all(dim=1)
+        finite = torch.isfinite(row_grad.sum(dim=1))  # a NaN or inf anywhere makes the sum non-finite
         if not bool(finite.all()):
             # A non-finite gradient would poison the row (and its int8 scale): skip it.
             self.nonfinite_rows += int((~finite).sum())
@@ -561,4 +571,5 @@ class RowGroupStore(nn.Module):
             update = row_grad * (p.learning_rate / (m.sqrt() + p.eps))[:, None]
         else:
             update = row_grad * p.learning_rate
-        self.write_rows(keys, self.read_rows(keys) - update, step=step)
+        grouping = self.grouping(keys)
+        self.write_rows(keys, self.read_rows(keys, grouping) - update, step=step, grouping=grouping)

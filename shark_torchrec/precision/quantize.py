@@ -35,6 +35,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & _LOW[31])
 
 
+_NOISE_BITS = 20
+_NOISE_MASK = (1 << _NOISE_BITS) - 1
+_NOISE_TABLE: list = []
+
+
+def _noise_table() -> torch.Tensor:
+    """2^20 uniform [0, 1) floats from a fixed generator: the same in every process."""
+    if not _NOISE_TABLE:
+        g = torch.Generator().manual_seed(0x5EED5A7C)
+        _NOISE_TABLE.append(torch.rand(1 << _NOISE_BITS, generator=g))
+    return _NOISE_TABLE[0]
+
+
 def rounding_noise(
     seed: int,
     step: int,
@@ -49,16 +62,35 @@ def rounding_noise(
     """
     head = _mix(torch.tensor(((seed * 1_000_003 + step) * 998_244_353) % (1 << 62)))
     t = torch.as_tensor(tables, dtype=torch.int64)
+    # Hashing is per row; per element it is one add, one mask and one gather from a fixed
+    # table of uniform numbers (hashing every element cost more than the update itself):
+    # element (row, col) reads entry (offset(row) + global col) mod 2^20.
     r = _mix(_mix(t * _M3 + head) + rows.to(torch.int64) * _M1)
-    c = cols.to(torch.int64)
-    x = _mix(r[:, None] + (c[None, :] if c.dim() == 1 else c) * _M1)
-    return ((x >> 40) & ((1 << 24) - 1)).to(torch.float32) * (1.0 / (1 << 24))
+    off = ((r >> 24) & _NOISE_MASK).to(torch.int32)
+    c = cols.to(torch.int32)
+    idx = (off[:, None] + (c[None, :] if c.dim() == 1 else c)) & _NOISE_MASK
+    return _noise_table()[idx]
+
+
+FP16_MIN_NORMAL = 2.0**-14
 
 
 def round_fp16_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """fp32 -> fp16, rounding up with probability equal to the distance to the lower fp16
-    neighbour over the gap, so E[result] = value (values are clamped to +-65504 first)."""
-    v = values.clamp(-FP16_MAX, FP16_MAX)
+    """fp32 -> fp16, rounding away from zero with probability equal to the distance to the
+    fp16 value below (in magnitude) over the gap, so E[result] = value (values are clamped to
+    +-65504 first). Normal range: add noise to the 13 fp32 mantissa bits fp16 drops, then
+    truncate; fp16 subnormals take the exact (slower) path."""
+    v = values.clamp(-FP16_MAX, FP16_MAX).contiguous()
+    bits = v.view(torch.int32)
+    r = (noise * 8192).to(torch.int32)
+    fast = ((bits + r) & ~0x1FFF).view(torch.float32).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    tiny = v.abs() < FP16_MIN_NORMAL
+    if bool(tiny.any()):
+        fast[tiny] = _round_fp16_exact(v[tiny], noise[tiny])
+    return fast
+
+
+def _round_fp16_exact(v: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     near = v.to(torch.float16)
     lo = torch.where(near.float() > v, torch.nextafter(near, near.new_tensor(-float("inf"))), near)
     hi = torch.nextafter(lo, lo.new_tensor(float("inf")))
