@@ -168,16 +168,12 @@ class RowGroupStore(nn.Module):
         return row_bytes(self.dim, g, self.row_alignment)
 
     def _build_op_buffers(self) -> None:
-        F, D = len(self.feature_names), self.dim
-        # Sub-feature g * F + f reads feature f's ids that live in group g.
-        self._op_D_offsets = torch.arange(0, 3 * F * D + 1, D, dtype=torch.int32)
-        self._op_tys = torch.tensor(
-            [_TYPES[g].as_int() for g in range(3) for _ in range(F)], dtype=torch.uint8
-        )
-        self._op_placements = torch.full((3 * F,), EmbeddingLocation.HOST.value, dtype=torch.int32)
-        self._op_offsets = torch.tensor(
-            [self._offsets[g] for g in range(3) for _ in range(F)], dtype=torch.int64
-        )
+        D = self.dim
+        # Three sequence features for the TBE, one per group table (fp32, fp16, int8).
+        self._op_D_offsets = torch.arange(0, 3 * D + 1, D, dtype=torch.int32)
+        self._op_tys = torch.tensor([_TYPES[g].as_int() for g in range(3)], dtype=torch.uint8)
+        self._op_placements = torch.full((3,), EmbeddingLocation.HOST.value, dtype=torch.int32)
+        self._op_offsets = torch.tensor(list(self._offsets), dtype=torch.int64)
 
     def group_view(self, g: int, weights: Optional[torch.Tensor] = None, offsets=None, capacity=None):
         """Views into a group's table: fp32 [cap, D]; fp16 [cap, D]; int8 (codes [cap, D],
@@ -446,18 +442,31 @@ class RowGroupStore(nn.Module):
         )
 
     def _forward(self, values, lengths, weights, B):
+        """Every id's row through one FBGEMM call, then pooling here.
+
+        The ids are sorted by group; the TBE sees three sequence features (one per group
+        table, every id a bag of one) and returns one row per id. Pooling the rows here,
+        rather than asking the TBE for a pooled output per (feature, group), keeps the output
+        at the size of the ids instead of three times the pooled output (which, zero-filled
+        every step, cost more than the lookup itself on CPU).
+        """
         F, D = len(self.feature_names), self.dim
         values = values.long()
-        seg = torch.repeat_interleave(torch.arange(F * B), lengths.long())
+        lengths = lengths.long()
+        nnz = values.numel()
+        seg = torch.repeat_interleave(torch.arange(F * B), lengths)
         feature = seg // B
         values = self._check_ids(values, feature)
         keys = self.feature_base[feature] + values
-        g = self.row_group[keys].long()
-        order = (g * F + feature) * B + (seg - feature * B)
-        perm = torch.argsort(order, stable=True)
-        counts = torch.bincount(order, minlength=3 * F * B)
-        offsets = torch.zeros(3 * F * B + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=offsets[1:])
+        g = self.row_group[keys]
+        perm = torch.argsort(g, stable=True)
+        per_group = torch.bincount(g.long(), minlength=3)
+        bags = max(int(per_group.max()), 1) if nnz else 1
+        # Offsets of 3 features x `bags` bags: group k's ids are its first per_group[k] bags.
+        ends = torch.arange(1, bags + 1, dtype=torch.int64)[None, :].clamp(max=per_group[:, None]) + (
+            torch.cumsum(per_group, 0) - per_group
+        )[:, None]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), ends.flatten()])
         labels = None
         psw = None
         if weights is not None:
@@ -467,14 +476,14 @@ class RowGroupStore(nn.Module):
                     psw = real
             elif self.weighted:
                 psw = weights
-        out = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+        rows = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
             dev_weights=self.weights,
             uvm_weights=torch.empty(0, dtype=torch.uint8),
             weights_placements=self._op_placements,
             weights_offsets=self._op_offsets,
             weights_tys=self._op_tys,
             D_offsets=self._op_D_offsets,
-            total_D=3 * F * D,
+            total_D=3 * D,
             max_int2_D=0,
             max_int4_D=0,
             max_int8_D=D,
@@ -482,8 +491,8 @@ class RowGroupStore(nn.Module):
             max_float32_D=D,
             indices=self.row_slot[keys][perm].long(),
             offsets=offsets,
-            pooling_mode=int(PoolingMode.NONE if self.pooling == "none" else PoolingMode.SUM),
-            indice_weights=None if psw is None else psw[perm].float(),
+            pooling_mode=int(PoolingMode.NONE),
+            indice_weights=None,
             output_dtype=SparseType.FP32.as_int(),
             lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
             lxu_cache_locations=torch.empty(0, dtype=torch.int32),
@@ -492,38 +501,42 @@ class RowGroupStore(nn.Module):
             fp8_exponent_bits=-1,
             fp8_exponent_bias=-1,
         )
+        per_id = torch.empty_like(rows)
+        per_id[perm] = rows  # back to the input order
         if self.pooling == "none":
-            res = torch.empty_like(out)
-            res[perm] = out
+            return per_id, (seg, feature, keys, psw, labels, lengths, B)
+        if psw is not None:
+            per_id = per_id * psw[:, None]
+        if nnz == F * B and bool((lengths == 1).all()):
+            pooled = per_id  # one id a bag (the common DLRM case): nothing to add up
         else:
-            res = out.view(B, 3, F * D).sum(1) if F else out.new_zeros(B, 0)
-            if self.pooling == "mean":
-                n = lengths.view(F, B).t().clamp_min(1).to(res.dtype)
-                res = (res.view(B, F, D) / n[:, :, None]).view(B, F * D)
+            pooled = torch.segment_reduce(per_id, "sum", lengths=lengths, axis=0, unsafe=True) if F * B else per_id.new_zeros(0, D)
+        if self.pooling == "mean":
+            pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
+        res = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
         return res, (seg, feature, keys, psw, labels, lengths, B)
 
     # ------------------------------------------------------------------ training
     def _backward(self, saved, grad: torch.Tensor) -> None:
         seg, feature, keys, psw, labels, lengths, B = saved
         F, D = len(self.feature_names), self.dim
+        # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
+        order = torch.argsort(keys, stable=True)
+        uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
         if self.pooling == "none":
-            per_id = grad
+            per_id = grad[order]
         else:
+            s = seg[order]
+            # grad is [B, F * D]: bag (f, b) is row b, columns f * D ... (f + 1) * D.
+            per_id = grad.reshape(B * F, D)[(s % B) * F + s // B]
             if self.pooling == "mean":
-                n = lengths.view(F, B).t().clamp_min(1).to(grad.dtype)
-                grad = (grad.view(B, F, D) / n[:, :, None]).view(B, F * D)
-            per_bag = grad.reshape(B, F, D).transpose(0, 1).reshape(F * B, D)
-            per_id = per_bag[seg]
+                per_id = per_id / lengths[s].clamp_min(1).to(per_id.dtype)[:, None]
         if psw is not None:
-            per_id = per_id * psw[:, None]
-        uniq, inv = torch.unique(keys, return_inverse=True)
-        row_grad = torch.zeros(len(uniq), D).index_add_(0, inv, per_id.float())
-        total = torch.bincount(inv, minlength=len(uniq)).float()
-        pos = (
-            torch.zeros(len(uniq)).index_add_(0, inv, labels)
-            if labels is not None
-            else torch.zeros(len(uniq))
-        )
+            per_id = per_id * psw[order][:, None]
+        run = torch.repeat_interleave(torch.arange(len(uniq)), counts)  # sorted: index_add is fast
+        row_grad = torch.zeros(len(uniq), D).index_add_(0, run, per_id.float())
+        total = counts.float()
+        pos = torch.zeros(len(uniq)).index_add_(0, run, labels[order]) if labels is not None else torch.zeros(len(uniq))
         if self.replicated_pg is not None:
             uniq, row_grad, total, pos = self._sum_replicas(uniq, row_grad, total, pos)
         self.apply_update(uniq, row_grad, total, pos)
@@ -568,8 +581,23 @@ class RowGroupStore(nn.Module):
         if p.optimizer == "rowwise_adagrad":
             m = self.momentum[keys] + (row_grad * row_grad).mean(dim=1)
             self.momentum[keys] = m
-            update = row_grad * (p.learning_rate / (m.sqrt() + p.eps))[:, None]
+            scale = p.learning_rate / (m.sqrt() + p.eps)
         else:
-            update = row_grad * p.learning_rate
-        grouping = self.grouping(keys)
-        self.write_rows(keys, self.read_rows(keys, grouping) - update, step=step, grouping=grouping)
+            scale = torch.full((len(keys),), p.learning_rate)
+        # Group by group: read the rows, step, round back (no full-size gather and scatter).
+        _, parts = self.grouping(keys)
+        for grp, (pos, slots) in enumerate(parts):
+            if not len(pos):
+                continue
+            update = row_grad[pos] * scale[pos][:, None]
+            view = self.group_view(grp)
+            if grp == FP32:
+                view[slots] -= update
+            elif grp == FP16:
+                view[slots] = round_fp16_stochastic(view[slots].float() - update, self._noise(keys[pos], step))
+            else:
+                codes, sb = view
+                new = dequantize_rows_int8(codes[slots], sb[slots]) - update
+                c, q = quantize_rows_int8(new, self._noise(keys[pos], step))
+                codes[slots] = c
+                sb[slots] = q

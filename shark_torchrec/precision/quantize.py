@@ -37,14 +37,17 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 _NOISE_BITS = 20
 _NOISE_MASK = (1 << _NOISE_BITS) - 1
+_NOISE_TAIL = 1 << 13  # rows up to 8192 columns read a window without wrapping
 _NOISE_TABLE: list = []
 
 
 def _noise_table() -> torch.Tensor:
-    """2^20 uniform [0, 1) floats from a fixed generator: the same in every process."""
+    """2^20 uniform [0, 1) floats from a fixed generator (the same in every process), followed
+    by a copy of its first entries so that any window of up to _NOISE_TAIL starts anywhere."""
     if not _NOISE_TABLE:
         g = torch.Generator().manual_seed(0x5EED5A7C)
-        _NOISE_TABLE.append(torch.rand(1 << _NOISE_BITS, generator=g))
+        t = torch.rand(1 << _NOISE_BITS, generator=g)
+        _NOISE_TABLE.append(torch.cat([t, t[:_NOISE_TAIL]]))
     return _NOISE_TABLE[0]
 
 
@@ -66,10 +69,17 @@ def rounding_noise(
     # table of uniform numbers (hashing every element cost more than the update itself):
     # element (row, col) reads entry (offset(row) + global col) mod 2^20.
     r = _mix(_mix(t * _M3 + head) + rows.to(torch.int64) * _M1)
-    off = ((r >> 24) & _NOISE_MASK).to(torch.int32)
-    c = cols.to(torch.int32)
-    idx = (off[:, None] + (c[None, :] if c.dim() == 1 else c)) & _NOISE_MASK
-    return _noise_table()[idx]
+    off = (r >> 24) & _NOISE_MASK
+    table = _noise_table()
+    if cols.dim() == 2:  # [n, D] global columns, consecutive per row: a window per row
+        D = cols.shape[1]
+        if D and bool((cols[:, -1] - cols[:, 0] == D - 1).all()) and D <= _NOISE_TAIL:
+            start = (off + cols[:, 0].to(torch.int64)) & _NOISE_MASK
+            return table.as_strided((len(table) - D + 1, D), (1, 1))[start]
+        idx = (off[:, None] + cols.to(torch.int64)) & _NOISE_MASK
+        return table[idx]
+    idx = (off[:, None] + cols.to(torch.int64)[None, :]) & _NOISE_MASK
+    return table[idx]
 
 
 FP16_MIN_NORMAL = 2.0**-14
@@ -83,8 +93,8 @@ def round_fp16_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Te
     v = values.clamp(-FP16_MAX, FP16_MAX).contiguous()
     bits = v.view(torch.int32)
     r = (noise * 8192).to(torch.int32)
-    fast = ((bits + r) & ~0x1FFF).view(torch.float32).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
-    tiny = v.abs() < FP16_MIN_NORMAL
+    fast = ((bits + r) & ~0x1FFF).view(torch.float32).clamp_(-FP16_MAX, FP16_MAX).to(torch.float16)
+    tiny = (bits & 0x7FFFFFFF) < 0x38800000  # |v| < 2^-14: an fp16 subnormal
     if bool(tiny.any()):
         fast[tiny] = _round_fp16_exact(v[tiny], noise[tiny])
     return fast
@@ -123,15 +133,18 @@ def quantize_rows_int8(
     v = values.float().clamp(-FP16_MAX, FP16_MAX)
     if v.shape[0] == 0:
         return torch.empty(v.shape, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.float16)
-    lo = v.min(dim=1).values
-    hi = v.max(dim=1).values
+    lo, hi = torch.aminmax(v, dim=1)
     bias = _round_down_fp16(lo)
     scale = _round_up_fp16((hi - bias.float()) / INT8_LEVELS)
-    s32 = scale.float()[:, None]
-    safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
-    x = (v - bias.float()[:, None]) / safe
-    x = torch.floor(x + noise) if noise is not None else torch.round(x)
-    codes = torch.where(s32 > 0, x, torch.zeros_like(x)).clamp(0, INT8_LEVELS).to(torch.uint8)
+    s32 = scale.float()
+    # An all-equal row has scale 0: multiplying by 0 sends every code to 0 (= the bias).
+    inv = torch.where(s32 > 0, 1.0 / s32.clamp_min(1e-30), torch.zeros_like(s32))
+    x = (v - bias.float()[:, None]) * inv[:, None]
+    if noise is not None:
+        x = torch.floor_(x.add_(noise))
+    else:
+        x = torch.round_(x)
+    codes = x.clamp_(0, INT8_LEVELS).to(torch.uint8)
     return codes, torch.stack([scale, bias], dim=1)
 
 
