@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import shark_train, split_passthrough  # noqa: E402
 
 METHODS = ("fp32", "fp16", "int8", "freq", "shark")
 
@@ -32,12 +34,7 @@ def run(extra, method, dim, seed, budget, out: Path, cv: int = 0) -> dict:
         flags += ["--folds", str(cv), "--fold", str(seed)]  # "seed" s is fold s
     if method in ("freq", "shark"):
         flags += ["--memory-budget", str(budget)]
-    cmd = [str(Path(sys.executable).parent / "shark"), "train", *extra, *flags, "--no-progress",
-           "--out-dir", str(out), "--metrics-out", str(out / "m.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    m = json.loads((out / "m.json").read_text())
+    m = shark_train([*extra, *flags], out)
     return {
         "method": method, "dim": dim, "seed": seed,
         "memory_ratio": m["embedding_bytes"] / m["fp32_embedding_bytes"],
@@ -100,8 +97,7 @@ def plot(summary, path: Path) -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, extra = split_passthrough(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--dims", default="16,64")

@@ -10,18 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import shark_train, split_passthrough  # noqa: E402
+
 
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, extra = split_passthrough(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--json-out", default="")
@@ -30,10 +30,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in tqdm(range(args.seeds), desc="seeds"):
             out = Path(tmp) / f"s{seed}"
-            cmd = [str(Path(sys.executable).parent / "shark"), "train", *extra, "--seed", str(seed),
-                   "--no-progress", "--out-dir", str(out), "--metrics-out", str(out / "m.json")]
-            subprocess.run(cmd, check=True, capture_output=True)
-            m = json.loads((out / "m.json").read_text())
+            m = shark_train([*extra, "--seed", str(seed)], out)
             rows.append({"seed": seed, "test_auc": m["test_auc"], "test_logloss": m["test_logloss"],
                          "train_seconds": m["train_seconds"], "epochs": m["epochs_completed"]})
     print("shark train " + " ".join(extra))

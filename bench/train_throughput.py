@@ -11,30 +11,27 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import shark_train  # noqa: E402
+
 
 def run_once(nproc: int, repeat: int, args: argparse.Namespace, tmp: Path) -> dict:
     out = tmp / f"n{nproc}-r{repeat}"
     cmd = [
-        str(Path(sys.executable).parent / "shark"), "train",
         "--nproc", str(nproc),
         "--synthetic-train-rows", str(args.steps * args.batch_size),
         "--synthetic-eval-rows", "4096",
         "--batch-size", str(args.batch_size),
         "--eval-batch-size", "4096",
         "--embedding-dim", str(args.embedding_dim),
-        "--no-progress",
-        "--out-dir", str(out),
-        "--metrics-out", str(out / "m.json"),
     ]
-    subprocess.run(cmd, check=True, capture_output=True)
-    m = json.loads((out / "m.json").read_text())
+    m = shark_train(cmd, out)
     return {"samples_per_s": m["steps"] * args.batch_size / m["train_seconds"], "peak_rss_gib": m["peak_rss_bytes"] / 2**30, "embedding_bytes": m["embedding_bytes"]}
 
 

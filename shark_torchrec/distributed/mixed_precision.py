@@ -505,17 +505,16 @@ class ShardedMixedPrecisionEmbeddingCollection(ShardedMixedPrecisionModule, Shar
     _mp_sequence = True
 
 
-class MixedPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
-    """Add this to DMP's sharders (before the defaults) to shard our collection."""
+class _MixedPrecisionSharder:
+    """What both sharders share: the sharding types offered, the `fused` kernel advertised to
+    the planner (so its estimators apply), and the switch to our kernel in `shard()`."""
+
+    _module_cls: Type[nn.Module]
+    _sharded_cls: Type[nn.Module]
+    _types: Tuple[str, ...]
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [
-            ShardingType.DATA_PARALLEL.value,
-            ShardingType.TABLE_WISE.value,
-            ShardingType.ROW_WISE.value,
-            ShardingType.COLUMN_WISE.value,
-            ShardingType.TABLE_COLUMN_WISE.value,
-        ]  # table_row_wise (row-wise within a node) is not wired up yet
+        return list(self._types)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         if sharding_type == ShardingType.DATA_PARALLEL.value:
@@ -524,17 +523,17 @@ class MixedPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder)
 
     def shard(
         self,
-        module: MixedPrecisionEmbeddingBagCollection,
+        module: nn.Module,
         params: Dict[str, ParameterSharding],
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
-    ) -> ShardedMixedPrecisionEmbeddingBagCollection:
+    ) -> nn.Module:
         custom = {
             name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value)
             for name, ps in params.items()
         }
-        return ShardedMixedPrecisionEmbeddingBagCollection(
+        return self._sharded_cls(
             module,
             custom,
             env,
@@ -545,49 +544,37 @@ class MixedPrecisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder)
         )
 
     @property
-    def module_type(self) -> Type[MixedPrecisionEmbeddingBagCollection]:
-        return MixedPrecisionEmbeddingBagCollection
+    def module_type(self) -> Type[nn.Module]:
+        return self._module_cls
 
     @property
-    def sharded_module_type(self) -> Type[ShardedMixedPrecisionEmbeddingBagCollection]:
-        return ShardedMixedPrecisionEmbeddingBagCollection
+    def sharded_module_type(self) -> Type[nn.Module]:
+        return self._sharded_cls
 
 
-class MixedPrecisionEmbeddingCollectionSharder(EmbeddingCollectionSharder):
+class MixedPrecisionEmbeddingBagCollectionSharder(_MixedPrecisionSharder, EmbeddingBagCollectionSharder):
+    """Add this to DMP's sharders (before the defaults) to shard our bag collection.
+    (table_row_wise, row-wise within a node, is not wired up yet.)"""
+
+    _module_cls = MixedPrecisionEmbeddingBagCollection
+    _sharded_cls = ShardedMixedPrecisionEmbeddingBagCollection
+    _types = (
+        ShardingType.DATA_PARALLEL.value,
+        ShardingType.TABLE_WISE.value,
+        ShardingType.ROW_WISE.value,
+        ShardingType.COLUMN_WISE.value,
+        ShardingType.TABLE_COLUMN_WISE.value,
+    )
+
+
+class MixedPrecisionEmbeddingCollectionSharder(_MixedPrecisionSharder, EmbeddingCollectionSharder):
     """The sequence twin: add it to DMP's sharders to shard MixedPrecisionEmbeddingCollection."""
 
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [
-            ShardingType.DATA_PARALLEL.value,
-            ShardingType.TABLE_WISE.value,
-            ShardingType.ROW_WISE.value,
-            ShardingType.COLUMN_WISE.value,
-        ]
-
-    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        if sharding_type == ShardingType.DATA_PARALLEL.value:
-            return [EmbeddingComputeKernel.DENSE.value]
-        return [EmbeddingComputeKernel.FUSED.value]
-
-    def shard(self, module, params, env, device=None, module_fqn=None) -> ShardedMixedPrecisionEmbeddingCollection:
-        custom = {
-            name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value)
-            for name, ps in params.items()
-        }
-        return ShardedMixedPrecisionEmbeddingCollection(
-            module,
-            custom,
-            env,
-            fused_params=self.fused_params,
-            device=device,
-            qcomm_codecs_registry=self.qcomm_codecs_registry,
-            module_fqn=module_fqn,
-        )
-
-    @property
-    def module_type(self) -> Type[MixedPrecisionEmbeddingCollection]:
-        return MixedPrecisionEmbeddingCollection
-
-    @property
-    def sharded_module_type(self) -> Type[ShardedMixedPrecisionEmbeddingCollection]:
-        return ShardedMixedPrecisionEmbeddingCollection
+    _module_cls = MixedPrecisionEmbeddingCollection
+    _sharded_cls = ShardedMixedPrecisionEmbeddingCollection
+    _types = (
+        ShardingType.DATA_PARALLEL.value,
+        ShardingType.TABLE_WISE.value,
+        ShardingType.ROW_WISE.value,
+        ShardingType.COLUMN_WISE.value,
+    )

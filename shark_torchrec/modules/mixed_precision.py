@@ -21,7 +21,6 @@ import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -32,7 +31,6 @@ from shark_torchrec.precision.priority import (
     FP16,
     FP32,
     INT8,
-    BudgetError,
     GroupCounts,
     budget_counts,
     groups_by_threshold,

@@ -15,7 +15,6 @@ process group over which gradients and counts are summed.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
