@@ -115,7 +115,7 @@ def sequence_loss(out, keys, kjt, batch: int):
     return values, (values * ID_GRAD[ids % 7]).sum() / batch
 
 
-def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = False):
+def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = False, save_to: str = ""):
     env = init_distributed()
     rank, world = env.rank, env.world_size
     model = Wrap(make_module(sequence, pol_kw))
@@ -148,6 +148,10 @@ def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = F
             gathered = [torch.zeros_like(pooled) for _ in range(world)]
             dist.all_gather(gathered, pooled.detach())
             outs.append(torch.cat(gathered))
+    if save_to:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(smod.state_dict(), checkpoint_id=save_to)
     all_widths = [None] * world
     dist.all_gather_object(all_widths, widths)
     result = {"widths": all_widths, "outputs": outs, "tables": logical_tables(smod, smod._mp_prefix), "memory": smod.precision_memory()}

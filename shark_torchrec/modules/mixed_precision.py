@@ -192,6 +192,7 @@ class _MixedPrecisionRows:
     """What the bag and sequence collections share when used unsharded."""
 
     _sequence = False
+    _mp_prefix = "embedding_bags"
 
     def _mp_init(self, policy: Optional[PrecisionPolicy], label_tagged: bool, device) -> None:
         self.precision_policy = policy or PrecisionPolicy()
@@ -199,8 +200,55 @@ class _MixedPrecisionRows:
         self.step_counter = StepCounter()
         self._stores: List[RowGroupStore] = []
         self._store_features: List[List[str]] = []
+        self._register_state_dict_hook(_MixedPrecisionRows._rows_state_dict_hook)
+        self._register_load_state_dict_pre_hook(self._rows_load_hook, with_module=False)
+        self.register_load_state_dict_post_hook(_MixedPrecisionRows._meta_weights_not_missing)
         if device is not None and torch.device(device).type != "meta":
             self.materialize(torch.device(device))
+
+    # The same state dict keys as the sharded module (plain, whole-table tensors here), so
+    # checkpoints move between unsharded and sharded use. Before `materialize` the module
+    # only describes its tables (meta parameters), as TorchRec's do.
+    @staticmethod
+    def _rows_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
+        if not module._stores:
+            return
+        for store in module._stores:
+            for i, t in enumerate(store.tables):
+                for key, value in local_table_state(store, i).items():
+                    destination[f"{prefix}{module._mp_prefix}.{t.name}.{key}"] = value
+        destination[f"{prefix}precision_step"] = torch.tensor([module.step_counter.value], dtype=torch.int64)
+
+    def _rows_load_hook(self, state_dict, prefix, *args) -> None:
+        if not self._stores:
+            raise RuntimeError(f"{type(self).__name__}: call materialize(device) before loading a state dict")
+        step_key = f"{prefix}precision_step"
+        if step_key in state_dict:
+            self.step_counter.value = int(state_dict.pop(step_key)[0])
+        for store in self._stores:
+            states, groups = [], []
+            for i, t in enumerate(store.tables):
+                found = {}
+                for key in STATE_KEYS:
+                    name = f"{prefix}{self._mp_prefix}.{t.name}.{key}"
+                    if name in state_dict:
+                        found[key] = state_dict.pop(name)
+                if "weight" not in found:
+                    raise KeyError(f"state dict has no weights for table {t.name!r}")
+                states.append(found)
+                counts = target_counts(self.precision_policy, t.rows, t.dim, t.name)
+                groups.append(load_local_table_state(store, i, found, initial_groups(self.precision_policy, counts, 0, t.rows)))
+            store.set_groups(torch.cat(groups))
+            for i, found in enumerate(states):
+                fill_table_state(store, i, found)
+
+    @staticmethod
+    def _meta_weights_not_missing(module, incompatible_keys) -> None:
+        # The meta `weight` parameters TorchRec's base class registers are fed by our hook.
+        names = {f"{module._mp_prefix}.{c.name}.weight" for c in module._mp_configs()}
+        incompatible_keys.missing_keys[:] = [
+            k for k in incompatible_keys.missing_keys if not any(k.endswith(n) for n in names)
+        ]
 
     def _mp_configs(self) -> List[Any]:
         raise NotImplementedError
@@ -295,6 +343,7 @@ class MixedPrecisionEmbeddingCollection(_MixedPrecisionRows, EmbeddingCollection
     EmbeddingCollection has no pooling weights)."""
 
     _sequence = True
+    _mp_prefix = "embeddings"
 
     def __init__(
         self,
