@@ -81,12 +81,13 @@ def plot(summary, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for dim, marker in zip(sorted({s["dim"] for s in summary}), "os^"):
         for s in (s for s in summary if s["dim"] == dim):
-            ax.errorbar(s["memory_ratio"], s["auc_diff_mean"], yerr=s["auc_diff_std"], fmt=marker, capsize=3)
-            ax.annotate(f"{s['method']} d{dim}", (s["memory_ratio"], s["auc_diff_mean"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.errorbar(s["memory_ratio"], s["auc_diff_mean"], yerr=s["auc_diff_std"], fmt=marker, capsize=3,
+                        color=colors.get(s["method"], "k"), label=f"{s['method']} dim {dim}")
+    ax.legend(fontsize=7, ncol=2)
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_xlabel("embedding bytes / fp32 bytes")
     ax.set_ylabel("test AUC - fp32 twin")

@@ -190,8 +190,10 @@ class RowGroupStore(nn.Module):
         return raw[:, 4 : 4 + D], raw[:, :4].view(torch.float16)
 
     def _raw_view(self, g, weights, offsets, capacity) -> torch.Tensor:
+        """A group's rows as int32 words (row sizes are multiples of 4 bytes): copying rows
+        word by word is several times faster than byte by byte."""
         rb = self._row_bytes(g)
-        return weights[offsets[g] : offsets[g] + capacity[g] * rb].view(capacity[g], rb)
+        return weights[offsets[g] : offsets[g] + capacity[g] * rb].view(torch.int32).view(capacity[g], rb // 4)
 
     # ------------------------------------------------------------------ row addressing
     def table_of_rows(self, keys: torch.Tensor) -> torch.Tensor:
@@ -323,6 +325,7 @@ class RowGroupStore(nn.Module):
 
     def _decode(self, g: int, raw: torch.Tensor) -> torch.Tensor:
         D = self.dim
+        raw = raw.contiguous().view(torch.uint8)
         if g == FP32:
             return raw[:, : 4 * D].contiguous().view(torch.float32)
         if g == FP16:
