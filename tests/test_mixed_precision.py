@@ -332,3 +332,28 @@ def test_sharded_checkpoint_loads_unsharded(tmp_path, sharding_type):
             assert ((w[int8] - want[int8]).abs().max(dim=1).values <= int8_step(want[int8]) + 1e-6).all()
         else:
             assert torch.equal(w, want)
+
+
+def test_weighted_collection_keeps_its_weights_and_counts_labels():
+    """Tables with real per-id weights: the label bit rides in the weight, pooling still uses
+    the weight (to one ulp), and the positives are counted."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from shark_torchrec.modules.mixed_precision import to_mixed_precision
+    from shark_torchrec.precision.labels import tag_labels
+
+    torch.manual_seed(0)
+    stock = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])], is_weighted=True)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f"], values=torch.tensor([1, 2, 3, 1]), lengths=torch.tensor([2, 2], dtype=torch.int32),
+        weights=torch.tensor([0.5, 2.0, -1.0, 3.0]),
+    )
+    ours = to_mixed_precision(stock, PrecisionPolicy(mode="shark", row_fractions=(1.0, 0.0), alpha=2.0, beta=1.0))
+    out = ours(tag_labels(kjt, torch.tensor([1.0, 0.0])))
+    assert torch.allclose(out.values(), stock(kjt).values(), rtol=1e-6, atol=1e-6)
+    out.values().sum().backward()
+    ours.step()
+    # beta = 1: the score is this batch's alpha * positives + negatives.
+    scores = ours.stores[0].scores_now()
+    assert scores[1].item() == 2.0 + 1.0 and scores[2].item() == 2.0 and scores[3].item() == 1.0

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 MODES = ("shark", "freq", "fp32", "fp16", "int8")
+DEFAULT_BUDGET = 0.35
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
 BAD_ID_POLICIES = ("error", "row0")
 
@@ -16,9 +17,9 @@ class PrecisionPolicy:
 
     mode: `shark` scores rows with paper Eq. 7 (positives weigh `alpha`); `freq` is the same
       with alpha = 1 (plain frequency); `fp32` / `fp16` / `int8` keep every row in one group.
-    memory_budget: budget mode (default): each table's embedding bytes (weights, int8
-      scales/biases, row map) stay within this fraction of its fp32 bytes, from the first
-      step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are fp16, the
+    memory_budget: budget mode (the default: 0.35 when no other mode is set): each table's
+      embedding bytes (weights, int8 scales/biases, row map) stay within this fraction of its
+      fp32 bytes, from the first step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are fp16, the
       rest int8; which rows go where follows the score ranking over all shards of a table.
     row_fractions: (fp32, fp16) fractions of each table's rows instead of a byte budget (the
       rest int8); the same ranking decides which rows.
@@ -28,7 +29,7 @@ class PrecisionPolicy:
     """
 
     mode: str = "shark"
-    memory_budget: Optional[float] = 0.35
+    memory_budget: Optional[float] = None
     fp32_fraction: float = 0.02
     row_fractions: Optional[Tuple[float, float]] = None
     t8: Optional[float] = None
@@ -43,6 +44,8 @@ class PrecisionPolicy:
     bad_ids: str = "error"
 
     def __post_init__(self) -> None:
+        if self.scored and self.memory_budget is None and self.row_fractions is None and self.t8 is None:
+            self.memory_budget = DEFAULT_BUDGET
         self.validate()
 
     @property
