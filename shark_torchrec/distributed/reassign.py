@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -55,7 +54,7 @@ def reassign_stores(
 
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
-    sorted keys (8 bytes a row, sorted in place).
+    keys and their sorted copy (8 bytes a row each, one table at a time for the unsorted ones).
     """
     moved = {"fp32": 0, "fp16": 0, "int8": 0}
     if policy.threshold_mode:
@@ -70,8 +69,10 @@ def reassign_stores(
     index = {n: i for i, n in enumerate(names)}
     targets = budget_targets(policy, tables, names)
 
-    def keys_of(s: RowGroupStore, a: int, b: int) -> torch.Tensor:
-        return ranking_keys(s.scores_now(a, b), s.global_rows(torch.arange(a, b)))
+    def keys_of(s: RowGroupStore, i: int, a: int, b: int) -> torch.Tensor:
+        # Rows [a, b) of local table i: global row = position in the table + its row offset.
+        first = s.tables[i].row_offset - int(s.table_base[i])
+        return ranking_keys(s.scores_now(a, b), torch.arange(a + first, b + first))
 
     sorted_keys: List[Tuple[int, torch.Tensor]] = []
     for s in stores:
@@ -79,11 +80,11 @@ def reassign_stores(
             if not t.counts_once:
                 continue
             lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
-            buf = np.empty(hi - lo, dtype=np.int64)
+            buf = torch.empty(hi - lo, dtype=torch.int64)
             for a, b in _chunks(lo, hi):
-                buf[a - lo : b - lo] = keys_of(s, a, b).numpy()
-            buf.sort()  # in place: no second copy, no index array
-            sorted_keys.append((index[t.name], torch.from_numpy(buf)))
+                buf[a - lo : b - lo] = keys_of(s, i, a, b)
+            sorted_keys.append((index[t.name], torch.msort(buf)))  # values only, no index array
+            del buf
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
@@ -100,7 +101,7 @@ def reassign_stores(
         for i, t in enumerate(s.tables):
             c32, c16 = (int(x) for x in cuts[index[t.name]])
             for a, b in _chunks(int(s.table_base[i]), int(s.table_base[i + 1])):
-                groups[a:b] = groups_by_cuts(keys_of(s, a, b), c32, c16)
+                groups[a:b] = groups_by_cuts(keys_of(s, i, a, b), c32, c16)
         for name, v in s.set_groups(groups).items():
             moved[name] += v
     return moved
