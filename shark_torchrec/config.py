@@ -169,15 +169,13 @@ class PrecisionConfig:
     def policy(self, lr: float, eps: float, seed: int, optimizer: str = "rowwise_adagrad"):
         from shark_torchrec.modules.precision_policy import PrecisionPolicy
 
-        budget = self.memory_budget
         fractions = tuple(self.row_fractions) or None
         if fractions is not None and len(fractions) != 2:
             raise ValueError(f"row_fractions needs two numbers (fp32, fp16), got {list(fractions)}")
-        if budget is None and self.t8 is None and fractions is None and self.precision in ("shark", "freq"):
-            budget = 0.35
+        # An unset budget becomes the policy's default (0.35) when no other mode is given.
         return PrecisionPolicy(
             mode=self.precision,
-            memory_budget=budget if self.precision in ("shark", "freq") else None,
+            memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
             fp32_fraction=self.fp32_fraction,
             row_fractions=fractions if self.precision in ("shark", "freq") else None,
             t8=self.t8,

@@ -40,15 +40,16 @@ from shark_torchrec.modules.mixed_precision import (
     UNIT,
     MixedPrecisionEmbeddingBagCollection,
     MixedPrecisionEmbeddingCollection,
-    fill_table_state,
-    initial_groups,
-    load_local_table_state,
+    check_ids,
+    feature_tables,
     local_table_state,
+    pop_table_states,
+    restore_store,
+    starting_groups,
     table_id,
-    target_counts,
 )
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
-from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
+from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 
 # Column scale of each state tensor against the table's columns (see modules.mixed_precision).
 STATE_COLUMNS = {
@@ -214,7 +215,7 @@ class ShardedMixedPrecisionModule:
         self._mp_configs = list(configs)
         self._pg = env.process_group
         self._table_rows = {c.name: c.num_embeddings for c in configs}
-        self._feature_rows = {f: c.num_embeddings for c in configs for f in c.feature_names}
+        self._feature_tables = feature_tables(configs)
         self._budget_tables = {
             name: (self._table_rows[name], self._budget_dim(name, ps)) for name, ps in table_name_to_parameter_sharding.items()
         }
@@ -295,15 +296,14 @@ class ShardedMixedPrecisionModule:
         dims = {c.name: c.embedding_dim for c in self._mp_configs}
         return {n: (r, d if d > 0 else dims[n]) for n, (r, d) in self._budget_tables.items()}
 
+    def _budget_dims(self) -> Dict[str, int]:
+        return {n: d for n, (_, d) in self._tables_for_budget().items()}
+
     @torch.no_grad()
     def _assign_initial_groups(self) -> None:
-        tables = self._tables_for_budget()
+        dims = self._budget_dims()
         for store, _ in self.stores():
-            parts = []
-            for i, t in enumerate(store.tables):
-                counts = target_counts(self.precision_policy, *tables[t.name], t.name)
-                parts.append(initial_groups(self.precision_policy, counts, t.row_offset, t.rows))
-            store.set_groups(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8))
+            store.set_groups(starting_groups(store, self.precision_policy, dims))
 
     @torch.no_grad()
     def fill_rows(self, init) -> None:
@@ -333,41 +333,13 @@ class ShardedMixedPrecisionModule:
         t0 = time.perf_counter()
         moved = reassign_stores([s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg)
         self.reassign_seconds += time.perf_counter() - t0
-        vec = torch.tensor([moved["fp32"], moved["fp16"], moved["int8"]], dtype=torch.int64)
-        self.last_moved = dict(zip(("fp32", "fp16", "int8"), vec.tolist()))
-        return self.last_moved
+        self.last_moved = moved
+        return moved
 
     def input_dist(self, ctx, features: KeyedJaggedTensor):
-        features = self._check_ids(features)
+        # Ids are checked here, on the global ids, once; the kernels trust them.
+        features = check_ids(features, self._feature_tables, self.precision_policy.bad_ids)
         return super().input_dist(ctx, features)
-
-    def _check_ids(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Ids must lie in their table: checked on the global ids, before the all-to-all."""
-        values = features.values()
-        if values.numel() == 0:
-            return features
-        lengths = features.length_per_key()
-        limits = torch.repeat_interleave(
-            torch.tensor([self._feature_rows.get(k, 1 << 62) for k in features.keys()], dtype=torch.int64),
-            torch.tensor(lengths, dtype=torch.int64),
-        )
-        bad = (values < 0) | (values >= limits)
-        if not bool(bad.any()):
-            return features
-        if self.precision_policy.bad_ids == "row0":
-            return KeyedJaggedTensor(
-                keys=features.keys(),
-                values=torch.where(bad, torch.zeros_like(values), values),
-                lengths=features.lengths(),
-                weights=features.weights_or_none(),
-            )
-        i = int(bad.nonzero()[0])
-        f = int(torch.searchsorted(torch.tensor(lengths).cumsum(0), torch.tensor(i), right=True))
-        key = features.keys()[f]
-        raise IdError(
-            f"feature {key!r}: id {int(values[i])} is outside its table "
-            f"(rows 0..{self._feature_rows[key] - 1}); {int(bad.sum())} such ids in this batch"
-        )
 
     # ------------------------------------------------------------------ memory
     def overhead_seconds(self) -> Dict[str, float]:
@@ -421,7 +393,7 @@ class ShardedMixedPrecisionModule:
     def _local_state(self) -> Dict[str, Dict[str, List[Tuple[ShardMetadata, torch.Tensor]]]]:
         """table -> key -> [(shard metadata, local tensor)] for the shards on this rank."""
         out: Dict[str, Dict[str, list]] = {}
-        for store, st in self.stores():
+        for store, _ in self.stores():
             for i, t in enumerate(store.tables):
                 for key, tensor in local_table_state(store, i).items():
                     k = STATE_COLUMNS[key]
@@ -430,7 +402,7 @@ class ShardedMixedPrecisionModule:
                         shard_sizes=[t.rows, int(t.dim * k)],
                         placement=f"rank:{dist.get_rank()}/{self._device.type if self._device else 'cpu'}",
                     )
-                    out.setdefault(t.name, {}).setdefault(key, []).append((md, tensor, st))
+                    out.setdefault(t.name, {}).setdefault(key, []).append((md, tensor))
         return out
 
     @staticmethod
@@ -450,7 +422,7 @@ class ShardedMixedPrecisionModule:
                 if md is None:  # data-parallel: a plain, replicated tensor
                     destination[name] = entries[0][1]
                     continue
-                shards = [Shard(tensor=t, metadata=m) for m, t, _ in entries]
+                shards = [Shard(tensor=t, metadata=m) for m, t in entries]
                 destination[name] = ShardedTensor._init_from_local_shards_and_global_metadata(
                     shards, sharded_tensor_metadata=md, process_group=module._pg
                 )
@@ -460,27 +432,11 @@ class ShardedMixedPrecisionModule:
         step_key = f"{prefix}precision_step"
         if step_key in state_dict:
             self.step_counter.value = int(state_dict.pop(step_key)[0])
-        per_table: Dict[str, Dict[str, torch.Tensor]] = {}
-        for table in self._table_names:
-            for key in STATE_COLUMNS:
-                name = f"{prefix}{self._mp_prefix}.{table}.{key}"
-                if name in state_dict:
-                    per_table.setdefault(table, {})[key] = state_dict.pop(name)
-        missing = [t for t in self._table_names if "weight" not in per_table.get(t, {})]
-        if missing:
-            raise KeyError(f"state dict has no weights for tables {missing}")
-        tables = self._tables_for_budget()
+        per_table = pop_table_states(state_dict, prefix, self._mp_prefix, self._table_names)
+        dims = self._budget_dims()
         for store, _ in self.stores():
-            states, groups = [], []
-            for i, t in enumerate(store.tables):
-                s = {k: self._local_piece(v, k, t) for k, v in per_table[t.name].items()}
-                states.append(s)
-                counts = target_counts(self.precision_policy, *tables[t.name], t.name)
-                fallback = initial_groups(self.precision_policy, counts, t.row_offset, t.rows)
-                groups.append(load_local_table_state(store, i, s, fallback))
-            store.set_groups(torch.cat(groups) if groups else torch.zeros(0, dtype=torch.int8))
-            for i, s in enumerate(states):
-                fill_table_state(store, i, s)
+            states = [{k: self._local_piece(v, k, t) for k, v in per_table[t.name].items()} for t in store.tables]
+            restore_store(store, states, self.precision_policy, dims)
 
     @staticmethod
     def _local_piece(value, key: str, t: LocalTable) -> torch.Tensor:

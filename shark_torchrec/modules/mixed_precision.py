@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
-from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import (
     FP16,
     FP32,
@@ -77,6 +77,82 @@ def groups_by_row_id(counts: GroupCounts, row_offset: int, rows: int) -> torch.T
     return g
 
 
+def feature_tables(configs: Sequence[Any]) -> Dict[str, tuple]:
+    """feature -> (table name, rows) of a collection's configs."""
+    return {f: (c.name, c.num_embeddings) for c in configs for f in c.feature_names}
+
+
+def check_ids(features: KeyedJaggedTensor, tables: Dict[str, tuple], bad_ids: str) -> KeyedJaggedTensor:
+    """Ids must lie in their table. Checked once, on the input's global ids (before any
+    all-to-all), by the unsharded and the sharded collections alike. `bad_ids="error"`:
+    IdError naming the feature, the id and the table; `"row0"`: such ids become row 0."""
+    values = features.values()
+    if values.numel() == 0:
+        return features
+    keys = features.keys()
+    lengths = features.length_per_key()
+    limits = torch.repeat_interleave(
+        torch.tensor([tables[k][1] if k in tables else 1 << 62 for k in keys], dtype=torch.int64),
+        torch.tensor(lengths, dtype=torch.int64),
+    )
+    bad = (values < 0) | (values >= limits)
+    if not bool(bad.any()):
+        return features
+    if bad_ids == "row0":
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.where(bad, torch.zeros_like(values), values),
+            lengths=features.lengths(),
+            weights=features.weights_or_none(),
+        )
+    i = int(bad.nonzero()[0])
+    key = keys[int(torch.searchsorted(torch.tensor(lengths).cumsum(0), torch.tensor(i), right=True))]
+    table, rows = tables[key]
+    raise IdError(
+        f"feature {key!r}: id {int(values[i])} is outside table {table!r} "
+        f"(rows 0..{rows - 1}); {int(bad.sum())} such ids in this batch"
+    )
+
+
+def starting_groups(store: RowGroupStore, policy: PrecisionPolicy, budget_dims: Dict[str, int]) -> torch.Tensor:
+    """Every row's group before any score exists (see `initial_groups`), over the store's
+    row space; `budget_dims[table]` is the width the table's budget is computed for."""
+    parts = [
+        initial_groups(policy, target_counts(policy, t.total_rows, budget_dims[t.name], t.name), t.row_offset, t.rows)
+        for t in store.tables
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8)
+
+
+def pop_table_states(state_dict: Dict[str, Any], prefix: str, collection: str, tables: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Take our keys (see module doc) out of a state dict being loaded: table -> key -> value.
+    A table without `weight` is an error naming it."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for table in tables:
+        for key in STATE_KEYS:
+            name = f"{prefix}{collection}.{table}.{key}"
+            if name in state_dict:
+                out.setdefault(table, {})[key] = state_dict.pop(name)
+    missing = [t for t in tables if "weight" not in out.get(t, {})]
+    if missing:
+        raise KeyError(f"state dict has no weights for tables {missing}")
+    return out
+
+
+@torch.no_grad()
+def restore_store(store: RowGroupStore, states: Sequence[Dict[str, torch.Tensor]], policy: PrecisionPolicy, budget_dims: Dict[str, int]) -> None:
+    """Load one state per local table: groups from the checkpoint (or the starting groups
+    when it has none, e.g. an fp32 TorchRec checkpoint), then values, scores and optimizer."""
+    fallback = starting_groups(store, policy, budget_dims)
+    groups = []
+    for i, state in enumerate(states):
+        lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+        groups.append(state["row_group"][:, 0].to(torch.int8) if "row_group" in state else fallback[lo:hi])
+    store.set_groups(torch.cat(groups) if groups else fallback)
+    for i, state in enumerate(states):
+        fill_table_state(store, i, state)
+
+
 def _units(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Repeat a per-row value [n] or [n, k] over the row's dim / UNIT units."""
     n = dim // UNIT
@@ -101,23 +177,6 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
     if store.momentum.numel():
         out["momentum"] = _units(store.momentum[lo:hi], D)
     return out
-
-
-def _per_row(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first unit's value per row, whether all units of the row agree)."""
-    first = units[:, :1]
-    return first[:, 0], (units == first).all(dim=1)
-
-
-def load_local_table_state(
-    store: RowGroupStore, index: int, state: Dict[str, torch.Tensor], fallback_groups: torch.Tensor
-) -> torch.Tensor:
-    """Groups (over this table's rows) and values from checkpoint tensors. Returns the groups;
-    the caller applies all tables' groups with one `set_groups` before `fill_table_state`."""
-    if "row_group" in state:
-        groups, _ = _per_row(state["row_group"])
-        return groups.to(torch.int8)
-    return fallback_groups
 
 
 @torch.no_grad()
@@ -174,9 +233,7 @@ def build_stores(
             weighted=weighted,
             device=device,
         )
-        store.set_groups(
-            torch.cat([initial_groups(policy, target_counts(policy, c.num_embeddings, dim, c.name), 0, c.num_embeddings) for c in cfgs])
-        )
+        store.set_groups(starting_groups(store, policy, {c.name: dim for c in cfgs}))
         for i, c in enumerate(cfgs):
             lo = int(store.table_base[i])
             for r0 in range(0, c.num_embeddings, 1 << 16):
@@ -200,6 +257,7 @@ class _MixedPrecisionRows:
         self.step_counter = StepCounter()
         self._stores: List[RowGroupStore] = []
         self._store_features: List[List[str]] = []
+        self._feature_tables = feature_tables(self._mp_configs())
         self._register_state_dict_hook(_MixedPrecisionRows._rows_state_dict_hook)
         self._register_load_state_dict_pre_hook(self._rows_load_hook, with_module=False)
         self.register_load_state_dict_post_hook(_MixedPrecisionRows._meta_weights_not_missing)
@@ -225,22 +283,11 @@ class _MixedPrecisionRows:
         step_key = f"{prefix}precision_step"
         if step_key in state_dict:
             self.step_counter.value = int(state_dict.pop(step_key)[0])
+        configs = self._mp_configs()
+        states = pop_table_states(state_dict, prefix, self._mp_prefix, [c.name for c in configs])
+        dims = {c.name: c.embedding_dim for c in configs}
         for store in self._stores:
-            states, groups = [], []
-            for i, t in enumerate(store.tables):
-                found = {}
-                for key in STATE_KEYS:
-                    name = f"{prefix}{self._mp_prefix}.{t.name}.{key}"
-                    if name in state_dict:
-                        found[key] = state_dict.pop(name)
-                if "weight" not in found:
-                    raise KeyError(f"state dict has no weights for table {t.name!r}")
-                states.append(found)
-                counts = target_counts(self.precision_policy, t.rows, t.dim, t.name)
-                groups.append(load_local_table_state(store, i, found, initial_groups(self.precision_policy, counts, 0, t.rows)))
-            store.set_groups(torch.cat(groups))
-            for i, found in enumerate(states):
-                fill_table_state(store, i, found)
+            restore_store(store, [states[t.name] for t in store.tables], self.precision_policy, dims)
 
     @staticmethod
     def _meta_weights_not_missing(module, incompatible_keys) -> None:
@@ -275,6 +322,7 @@ class _MixedPrecisionRows:
                 f"{type(self).__name__} has no rows here: shard it with DMP and our sharder, "
                 "or call materialize(device)"
             )
+        features = check_ids(features, self._feature_tables, self.precision_policy.bad_ids)
         keys = features.keys()
         out = []
         for store, names in zip(self._stores, self._store_features):

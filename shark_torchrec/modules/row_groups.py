@@ -41,12 +41,12 @@ from shark_torchrec.precision.priority import (
 from shark_torchrec.precision.quantize import (
     dequantize_rows_int8,
     quantize_rows_int8,
+    requantize_with,
     round_fp16_stochastic,
     rounding_noise,
 )
 
 _TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8)
-_ALIGN = 4  # group tables start 4-byte aligned (dtype views); rows are multiples of 4 bytes, so no padding
 CHUNK_ROWS = 1 << 16  # rows converted at a time when groups change
 
 
@@ -77,10 +77,6 @@ class StepCounter:
 
     def __init__(self) -> None:
         self.value = 0
-
-
-def _round_up(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
 
 
 class _Lookup(torch.autograd.Function):
@@ -139,12 +135,7 @@ class RowGroupStore(nn.Module):
         self.num_rows = base[-1]
         self.table_base = torch.tensor(base, dtype=torch.int64)
         ft = torch.tensor(list(feature_tables), dtype=torch.int64)
-        self.feature_tables = ft
-        self.feature_base = self.table_base[ft] if len(ft) else ft
-        self.feature_rows = torch.tensor([t.rows for t in self.tables], dtype=torch.int64)[ft] if len(ft) else ft
-        self.feature_row_offset = (
-            torch.tensor([t.row_offset for t in self.tables], dtype=torch.int64)[ft] if len(ft) else ft
-        )
+        self.feature_base = self.table_base[ft] if len(ft) else ft  # first key of each feature's table
         self._row_offset = torch.tensor([t.row_offset for t in self.tables], dtype=torch.int64)
         self._col_offset = torch.tensor([t.col_offset for t in self.tables], dtype=torch.int64)
         self._table_ids = torch.tensor([t.table_id for t in self.tables], dtype=torch.int64)
@@ -199,10 +190,6 @@ class RowGroupStore(nn.Module):
     def table_of_rows(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self.table_base, keys, right=True) - 1
 
-    def global_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        t = self.table_of_rows(keys)
-        return keys - self.table_base[t] + self._row_offset[t]
-
     def _noise(self, keys: torch.Tensor, step: int) -> torch.Tensor:
         t = self.table_of_rows(keys)
         rows = keys - self.table_base[t] + self._row_offset[t]
@@ -210,57 +197,57 @@ class RowGroupStore(nn.Module):
         return rounding_noise(self.policy.seed, step, self._table_ids[t], rows, cols)
 
     # ------------------------------------------------------------------ values
-    def grouping(self, keys: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """(slots, [(positions in `keys`, their slots) per group]): one sort instead of a
-        boolean mask per group and per pass."""
+    def grouping(self, keys: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """[(positions in `keys`, their slots)] per group: one sort instead of a boolean mask
+        per group and per pass."""
         g = self.row_group[keys]
         s = self.row_slot[keys].long()
         order = torch.argsort(g, stable=True)
-        bounds = torch.bincount(g.long(), minlength=3).tolist()
         out, a = [], 0
-        for n in bounds:
+        for n in torch.bincount(g.long(), minlength=3).tolist():
             pos = order[a : a + n]
             out.append((pos, s[pos]))
             a += n
-        return s, out
-
-    def read_rows(self, keys: torch.Tensor, grouping=None) -> torch.Tensor:
-        """Dequantized fp32 values of rows (by key in the store's row space)."""
-        out = torch.empty(len(keys), self.dim)
-        _, parts = grouping or self.grouping(keys)
-        for grp, (pos, slots) in enumerate(parts):
-            if not len(pos):
-                continue
-            view = self.group_view(grp)
-            if grp == INT8:
-                codes, sb = view
-                out[pos] = dequantize_rows_int8(codes[slots], sb[slots])
-            else:
-                out[pos] = view[slots].float()
         return out
 
-    def write_rows(self, keys: torch.Tensor, values: torch.Tensor, step: Optional[int] = None, grouping=None) -> None:
+    @staticmethod
+    def _dequantize(grp: int, view, slots: torch.Tensor) -> torch.Tensor:
+        """fp32 values of the given slots of a group view."""
+        if grp == INT8:
+            codes, sb = view
+            return dequantize_rows_int8(codes[slots], sb[slots])
+        return view[slots].float()
+
+    def _round_into(self, grp: int, view, slots: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, step: Optional[int]) -> None:
+        """Store fp32 values into slots of a group: exact for fp32; for fp16 and int8 rounded
+        stochastically with `step`'s noise (rows `keys`), or to nearest without a step."""
+        if grp == FP32:
+            view[slots] = values
+        elif grp == FP16:
+            if step is None:
+                view[slots] = values.clamp(-65504.0, 65504.0).half()
+            else:
+                view[slots] = round_fp16_stochastic(values, self._noise(keys, step))
+        else:
+            codes, sb = quantize_rows_int8(values, None if step is None else self._noise(keys, step))
+            cview, sview = view
+            cview[slots] = codes
+            sview[slots] = sb
+
+    def read_rows(self, keys: torch.Tensor) -> torch.Tensor:
+        """Dequantized fp32 values of rows (by key in the store's row space)."""
+        out = torch.empty(len(keys), self.dim)
+        for grp, (pos, slots) in enumerate(self.grouping(keys)):
+            if len(pos):
+                out[pos] = self._dequantize(grp, self.group_view(grp), slots)
+        return out
+
+    def write_rows(self, keys: torch.Tensor, values: torch.Tensor, step: Optional[int] = None) -> None:
         """Store fp32 values into rows in their current groups; with `step`, fp16 and int8
         rows are rounded stochastically with that step's noise, else to nearest."""
-        _, parts = grouping or self.grouping(keys)
-        for grp, (pos, slots) in enumerate(parts):
-            if not len(pos):
-                continue
-            v = values[pos]
-            view = self.group_view(grp)
-            if grp == FP32:
-                view[slots] = v
-            elif grp == FP16:
-                if step is None:
-                    view[slots] = v.clamp(-65504.0, 65504.0).half()
-                else:
-                    view[slots] = round_fp16_stochastic(v, self._noise(keys[pos], step))
-            else:
-                noise = None if step is None else self._noise(keys[pos], step)
-                codes, sb = quantize_rows_int8(v, noise)
-                cview, sview = view
-                cview[slots] = codes
-                sview[slots] = sb
+        for grp, (pos, slots) in enumerate(self.grouping(keys)):
+            if len(pos):
+                self._round_into(grp, self.group_view(grp), slots, values[pos], keys[pos], step)
 
     def int8_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
         """fp16 [n, 2] scale/bias of rows (zeros for rows not in int8)."""
@@ -273,8 +260,6 @@ class RowGroupStore(nn.Module):
 
     def write_int8_exact(self, keys: torch.Tensor, values: torch.Tensor, scale_bias: torch.Tensor) -> None:
         """Restore int8 rows whose values are code * scale + bias under the given scale/bias."""
-        from shark_torchrec.precision.quantize import requantize_with
-
         s = self.row_slot[keys].long()
         codes, sb = self.group_view(INT8)
         codes[s] = requantize_with(values, scale_bias)
@@ -335,10 +320,12 @@ class RowGroupStore(nn.Module):
     def _rebuild(self, groups: torch.Tensor, counts: List[int], copy: bool) -> None:
         old_groups, old_slots = self.row_group, self.row_slot
         old_w, old_off, old_cap = self.weights, list(self._offsets), list(self.capacity)
+        # Group tables back to back: row sizes are multiples of 4 bytes (dims are), so every
+        # table starts aligned for its dtype view.
         offsets, total = [], 0
         for g in range(3):
             offsets.append(total)
-            total = _round_up(total + counts[g] * self._row_bytes(g), _ALIGN)
+            total += counts[g] * self._row_bytes(g)
         new_w = torch.zeros(total, dtype=torch.uint8)
         new_slots = torch.zeros(self.num_rows, dtype=torch.int32)
         filled = [0, 0, 0]
@@ -368,18 +355,14 @@ class RowGroupStore(nn.Module):
             self.write_rows(keys, values)
 
     def _read_from(self, keys, groups, slots, weights, offsets, capacity) -> torch.Tensor:
+        """Like `read_rows`, from an earlier layout (groups, slots and buffer)."""
         out = torch.empty(len(keys), self.dim)
         g = groups[keys]
         s = slots[keys].long()
         for grp in range(3):
             m = g == grp
-            if not bool(m.any()):
-                continue
-            view = self.group_view(grp, weights, offsets, capacity)
-            if grp == INT8:
-                out[m] = dequantize_rows_int8(view[0][s[m]], view[1][s[m]])
-            else:
-                out[m] = view[s[m]].float()
+            if bool(m.any()):
+                out[m] = self._dequantize(grp, self.group_view(grp, weights, offsets, capacity), s[m])
         return out
 
     def group_counts(self) -> List[int]:
@@ -396,10 +379,8 @@ class RowGroupStore(nn.Module):
     # ------------------------------------------------------------------ memory
     def table_bytes(self) -> List[Dict[str, int]]:
         """Per local table: embedding bytes (weights + row map), optimizer and priority bytes.
-        Group tables are shared by the store's tables: each table is charged for its rows,
-        and the alignment padding goes to the first table."""
+        Group tables are shared by the store's tables: each table is charged for its rows."""
         out = []
-        pad = self.weights.numel() - sum(c * self._row_bytes(g) for g, c in enumerate(self.capacity))
         for i, t in enumerate(self.tables):
             lo, hi = int(self.table_base[i]), int(self.table_base[i + 1])
             grp = self.row_group[lo:hi]
@@ -407,7 +388,7 @@ class RowGroupStore(nn.Module):
             weights = sum(c * self._row_bytes(g) for g, c in enumerate(counts))
             out.append(
                 {
-                    "embedding_bytes": weights + t.rows * ROW_MAP_BYTES + (pad if i == 0 else 0),
+                    "embedding_bytes": weights + t.rows * ROW_MAP_BYTES,
                     "optimizer_bytes": (hi - lo) * 4 if self.momentum.numel() else 0,
                     "priority_bytes": (hi - lo) * 8 if self.row_priority.numel() else 0,
                     "rows_fp32": counts[0],
@@ -427,22 +408,6 @@ class RowGroupStore(nn.Module):
     ) -> torch.Tensor:
         return _Lookup.apply(self._anchor, self, values, lengths, weights, batch_size)
 
-    def _check_ids(self, values: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        limit = self.feature_rows[feature]
-        bad = (values < 0) | (values >= limit)
-        if not bool(bad.any()):
-            return values
-        if self.policy.bad_ids == "row0":
-            return torch.where(bad, torch.zeros_like(values), values)
-        i = int(bad.nonzero()[0])
-        f = int(feature[i])
-        gid = int(values[i]) + int(self.feature_row_offset[f])
-        t = self.tables[int(self.feature_tables[f])]
-        raise IdError(
-            f"feature {self.feature_names[f]!r}: id {gid} is outside table {t.name!r} "
-            f"(rows 0..{t.total_rows - 1}); {int(bad.sum())} such ids in this batch"
-        )
-
     def _forward(self, values, lengths, weights, B):
         """Every id's row through one FBGEMM call, then pooling here.
 
@@ -457,9 +422,7 @@ class RowGroupStore(nn.Module):
         lengths = lengths.long()
         nnz = values.numel()
         seg = torch.repeat_interleave(torch.arange(F * B), lengths)
-        feature = seg // B
-        values = self._check_ids(values, feature)
-        keys = self.feature_base[feature] + values
+        keys = self.feature_base[seg // B] + values  # ids were checked by the collection
         g = self.row_group[keys]
         perm = torch.argsort(g, stable=True)
         per_group = torch.bincount(g.long(), minlength=3)
@@ -506,7 +469,7 @@ class RowGroupStore(nn.Module):
         per_id = torch.empty_like(rows)
         per_id[perm] = rows  # back to the input order
         if self.pooling == "none":
-            return per_id, (seg, feature, keys, psw, labels, lengths, B)
+            return per_id, (seg, keys, psw, labels, lengths, B)
         if psw is not None:
             per_id = per_id * psw[:, None]
         if nnz == F * B and bool((lengths == 1).all()):
@@ -516,11 +479,11 @@ class RowGroupStore(nn.Module):
         if self.pooling == "mean":
             pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
         res = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
-        return res, (seg, feature, keys, psw, labels, lengths, B)
+        return res, (seg, keys, psw, labels, lengths, B)
 
     # ------------------------------------------------------------------ training
     def _backward(self, saved, grad: torch.Tensor) -> None:
-        seg, feature, keys, psw, labels, lengths, B = saved
+        seg, keys, psw, labels, lengths, B = saved
         F, D = len(self.feature_names), self.dim
         # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
         order = torch.argsort(keys, stable=True)
@@ -587,19 +550,9 @@ class RowGroupStore(nn.Module):
         else:
             scale = torch.full((len(keys),), p.learning_rate)
         # Group by group: read the rows, step, round back (no full-size gather and scatter).
-        _, parts = self.grouping(keys)
-        for grp, (pos, slots) in enumerate(parts):
+        for grp, (pos, slots) in enumerate(self.grouping(keys)):
             if not len(pos):
                 continue
-            update = row_grad[pos] * scale[pos][:, None]
             view = self.group_view(grp)
-            if grp == FP32:
-                view[slots] -= update
-            elif grp == FP16:
-                view[slots] = round_fp16_stochastic(view[slots].float() - update, self._noise(keys[pos], step))
-            else:
-                codes, sb = view
-                new = dequantize_rows_int8(codes[slots], sb[slots]) - update
-                c, q = quantize_rows_int8(new, self._noise(keys[pos], step))
-                codes[slots] = c
-                sb[slots] = q
+            new = self._dequantize(grp, view, slots) - row_grad[pos] * scale[pos][:, None]
+            self._round_into(grp, view, slots, new, keys[pos], step)

@@ -82,9 +82,6 @@ def rounding_noise(
     return table[idx]
 
 
-FP16_MIN_NORMAL = 2.0**-14
-
-
 def round_fp16_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """fp32 -> fp16, rounding away from zero with probability equal to the distance to the
     fp16 value below (in magnitude) over the gap, so E[result] = value (values are clamped to

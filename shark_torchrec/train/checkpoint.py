@@ -116,11 +116,12 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: Optional[torch.optim.Optimizer],
     expected_tables: Dict[str, List[int]],
+    precision: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Load weights (and optimizer state) in place; refuse other tables by name."""
+    """Load weights (and optimizer state) in place; refuse other tables by name, and, when
+    `precision` is given, a checkpoint trained with another one."""
     meta = read_meta(path)
     check_tables(path, meta, expected_tables)
-    precision = getattr(model, "_shark_precision", None)
     if precision is not None and saved_precision(meta) != precision:
         raise CheckpointError(
             f"checkpoint {path} was trained with --precision {saved_precision(meta)}, this model is "

@@ -102,7 +102,6 @@ def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
     configs = embedding_configs(model)
     dmp, plan = shard_model(model, env, cfg.train)
     init_embedding_weights(dmp, configs, cfg.train.seed)
-    dmp._shark_precision = cfg.quant.precision  # checked against a checkpoint's before loading
     optimizer = build_optimizer(dmp, cfg.train)
     return dmp, optimizer, configs, plan
 
@@ -148,12 +147,12 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     resumed_from = None
     if run.resume and list_checkpoints(ckpt_root):
         path = resolve_checkpoint(ckpt_root)
-        meta = load_checkpoint(path, dmp, optimizer, shapes)
+        meta = load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
         state = TrainState(**{k: meta[k] for k in asdict(TrainState()) if k in meta})
         resumed_from = str(path)
     elif run.checkpoint:
         path = resolve_checkpoint(run.checkpoint)
-        load_checkpoint(path, dmp, optimizer, shapes)
+        load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
         resumed_from = str(path)
     elif run.init_from:
         path = resolve_checkpoint(run.init_from)
@@ -226,7 +225,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     train_seconds = time.perf_counter() - start
     if t.early_stopping_patience and list_checkpoints(best_root):
         best = resolve_checkpoint(best_root)
-        load_checkpoint(best, dmp, optimizer, shapes)
+        load_checkpoint(best, dmp, optimizer, shapes, cfg.quant.precision)
         if env.is_main:
             log.info("early stopping: restored the best dev model (%s)", best.name)
     checkpoint()
