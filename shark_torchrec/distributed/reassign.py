@@ -54,7 +54,7 @@ def reassign_stores(
 
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
-    keys and their sorted copy (8 bytes a row each, one table at a time for the unsorted ones).
+    sorted keys (8 bytes a row, sorted in place).
     """
     moved = {"fp32": 0, "fp16": 0, "int8": 0}
     if policy.threshold_mode:
@@ -83,8 +83,8 @@ def reassign_stores(
             buf = torch.empty(hi - lo, dtype=torch.int64)
             for a, b in _chunks(lo, hi):
                 buf[a - lo : b - lo] = keys_of(s, i, a, b)
-            sorted_keys.append((index[t.name], torch.msort(buf)))  # values only, no index array
-            del buf
+            buf.numpy().sort()  # in place: no second copy, no index array (torch.sort makes both)
+            sorted_keys.append((index[t.name], buf))
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
