@@ -28,7 +28,47 @@ def train_main(argv: List[str]) -> int:
     return 0
 
 
-COMMANDS: Dict[str, Callable[[List[str]], int]] = {"train": train_main}
+def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
+    from shark_torchrec.data.schema import DataError
+    from shark_torchrec.distributed.env import launch
+    from shark_torchrec.train.checkpoint import CheckpointError
+
+    cfg = parse_cli(argv, prog=prog, description=doc)
+    try:
+        return launch(job, cfg.run.nproc, cfg)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None
+
+
+def importance_main(argv: List[str]) -> int:
+    """Rank feature fields by importance (F-Permutation's Taylor score, Permutation, random)."""
+    from shark_torchrec.train.pruning import importance_job
+
+    metrics = _run("shark importance", importance_job, argv, importance_main.__doc__ or "")
+    if metrics is None:
+        return 2
+    print(json.dumps({k: metrics[k] for k in ("method", "scoring_seconds", "ranking")}, indent=2))
+    return 0
+
+
+def prune_main(argv: List[str]) -> int:
+    """Prune feature fields iteratively (score, remove, fine-tune, evaluate; paper Algorithm 1)."""
+    from shark_torchrec.train.pruning import prune_job
+
+    metrics = _run("shark prune", prune_job, argv, prune_main.__doc__ or "")
+    if metrics is None:
+        return 2
+    keys = ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    return 0
+
+
+COMMANDS: Dict[str, Callable[[List[str]], int]] = {
+    "train": train_main,
+    "importance": importance_main,
+    "prune": prune_main,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -73,6 +73,12 @@ class ModelConfig:
     """dlrm_dcn: cross layers."""
     dcn_low_rank_dim: int = 32
     """dlrm_dcn: rank of each cross layer."""
+    kept_fields: Tuple[str, ...] = ()
+    """A pruned model: the categorical fields it keeps (empty: all). Written by `shark prune`;
+    the data's other fields are read and ignored."""
+    field_removal: Literal["slice", "constant"] = "slice"
+    """How removed fields left the model: `slice` drops their interaction columns from the
+    over-arch (dlrm only); `constant` feeds their mean embedding E[v] instead of a lookup."""
 
 
 @dataclass
@@ -192,11 +198,37 @@ class PrecisionConfig:
 
 
 @dataclass
+class PruneConfig:
+    method: Literal["taylor", "taylor-abs", "permutation", "random"] = "taylor-abs"
+    """Field importance: `taylor-abs` (F-Permutation, mean |g . (E[v] - v)|), `taylor` (the
+    literal signed mean of paper Eq. 4), `permutation` (shuffle one field within each batch,
+    `rounds` times), `random` (seeded)."""
+    rounds: int = 1
+    """permutation: shuffles per field (T)."""
+    score_split: Literal["dev", "train"] = "dev"
+    """Data the fields are scored on (never test)."""
+    target_memory: float = 0.5
+    """Stop pruning once the embedding memory is at most this fraction of the base model's."""
+    max_auc_drop: float = 0.001
+    """Stop (and keep the previous model) when dev AUC falls more than this below the base
+    model's (absolute AUC)."""
+    fields_per_step: int = 1
+    """Fields removed per iteration (f)."""
+    support_rows: int = 50_000
+    """Rows of train sampled (seeded, new sample each iteration) to fine-tune on after a removal."""
+    finetune_epochs: int = 1
+    """Passes over the support sample per iteration."""
+    max_iterations: int = 0
+    """Stop after this many removals (0: no limit)."""
+
+
+@dataclass
 class JobConfig:
     dataset: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: PrecisionConfig = field(default_factory=PrecisionConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     config: Optional[str] = None
     """TOML file with the job's defaults; flags given beside it override it."""
@@ -211,6 +243,8 @@ class JobConfig:
             raise ConfigError(
                 f"model.embedding_dim={m.embedding_dim}: FBGEMM needs a positive multiple of 4"
             )
+        if m.kept_fields and m.field_removal == "slice" and m.arch != "dlrm":
+            raise ConfigError("model.field_removal=slice needs model.arch=dlrm; use constant for dlrm_dcn")
         if self.run.nproc < 1:
             raise ConfigError("run.nproc must be >= 1")
         if self.dataset.folds and not (self.dataset.folds >= 3 and 0 <= self.dataset.fold < self.dataset.folds):
@@ -219,6 +253,13 @@ class JobConfig:
             raise ConfigError("data.min_count and data.hash_size must be >= 1")
         if self.run.checkpoint and self.run.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
+        p = self.prune
+        if p.rounds < 1 or p.fields_per_step < 1 or p.finetune_epochs < 0 or p.support_rows < 0 or p.max_iterations < 0:
+            raise ConfigError("prune: rounds and fields_per_step must be >= 1; finetune_epochs, support_rows and max_iterations >= 0")
+        if not 0.0 < p.target_memory <= 1.0:
+            raise ConfigError(f"prune.target_memory={p.target_memory}: a fraction of the base model's memory in (0, 1]")
+        if p.max_auc_drop < 0:
+            raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
         q = self.quant
         if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None or q.row_fractions):
             raise ConfigError(f"quant: --memory-budget/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}")
@@ -241,6 +282,7 @@ def _group_classes() -> dict[str, type]:
         "model": ModelConfig,
         "train": TrainConfig,
         "quant": PrecisionConfig,
+        "prune": PruneConfig,
         "run": RunConfig,
     }
 

@@ -28,6 +28,19 @@ class Dataset:
         self.splits = splits
         self.encoder = encoder
         self.truth = truth
+        self.full_schema = schema  # every categorical field the files carry
+        self.columns: Optional[List[int]] = None  # sparse columns kept (None: all)
+
+    def with_fields(self, kept: List[str]) -> "Dataset":
+        """The same data with only the `kept` categorical fields (a pruned model's input):
+        the other columns are still read and checked, then dropped from every batch."""
+        from shark_torchrec.models.pruned import kept_schema
+
+        full = self.full_schema
+        view = Dataset(kept_schema(full, kept), self.splits, self.encoder, self.truth)
+        view.full_schema = full
+        view.columns = [full.sparse_names.index(f) for f in view.schema.sparse_names]
+        return view
 
     def num_batches(self, split: str, global_batch: int) -> int:
         return -(-self.splits[split].num_lines() // global_batch)
@@ -43,6 +56,8 @@ class Dataset:
         else:
             arrays = source.local_batches(self.encoder, global_batch, rank, world, skip_batches)
         for labels, dense, ids, valid in arrays:
+            if self.columns is not None:
+                ids = ids[:, self.columns]
             yield make_batch(self.schema.sparse_names, labels, dense, ids, valid)
 
     def bad_lines(self, split: str) -> Optional[BadLineStats]:

@@ -58,8 +58,26 @@ def build_dlrm(
     """Build the model; the EBC is on the meta device (DMP materialises it, sharded).
 
     Dense weights are initialised from `seed`, so every rank and every world size starts
-    from the same dense model.
+    from the same dense model. With `cfg.kept_fields`, `schema` is still the full one and the
+    model is the pruned DLRM over the kept fields (`ebc`, if given, holds only those).
     """
+    if cfg.kept_fields:
+        return _build_pruned(schema, cfg, ebc, seed)
+    return DLRMTrainModule(_build(schema, cfg, ebc, seed))
+
+
+def _build_pruned(schema: Schema, cfg: ModelConfig, ebc, seed: int) -> DLRMTrainModule:
+    from shark_torchrec.models.pruned import DLRMWithConstantFields, kept_schema
+
+    kept = kept_schema(schema, cfg.kept_fields)
+    kept_model = _build(kept, cfg, ebc, seed)
+    if cfg.field_removal == "slice":
+        return DLRMTrainModule(kept_model)
+    full_model = _build(schema, cfg, None, seed)
+    return DLRMTrainModule(DLRMWithConstantFields(kept_model, full_model, schema.sparse_names, kept.sparse_names))
+
+
+def _build(schema: Schema, cfg: ModelConfig, ebc: Optional[EmbeddingBagCollection], seed: int):
     if ebc is None:
         ebc = EmbeddingBagCollection(
             tables=table_configs(schema, cfg.embedding_dim), device=torch.device("meta")
@@ -83,4 +101,4 @@ def build_dlrm(
             dense_arch_layer_sizes=dense,
             over_arch_layer_sizes=over,
         )
-    return DLRMTrainModule(model)
+    return model

@@ -168,3 +168,46 @@ def load_full_state(path: str | Path) -> Dict[str, Any]:
         out = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(path), str(out))
         return torch.load(out, weights_only=False)
+
+
+def load_matching(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> List[str]:
+    """Load every tensor of `model` (and `optimizer`) that the checkpoint has with the same
+    shape, resharding as DCP does; return the flattened keys left as they were.
+
+    This is how a pruned model inherits the trained one: kept tables (weights, optimizer
+    state, mixed-precision state) and dense layers whose shape did not change.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata, BytesStorageMetadata
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state: Dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    flat, mapping = flatten_state_dict(state)
+    wanted, left = {}, []
+    for key, value in flat.items():
+        meta = saved.get(key)
+        if isinstance(meta, TensorStorageMetadata) and isinstance(value, torch.Tensor) and list(meta.size) == list(value.shape):
+            wanted[key] = value
+        elif isinstance(meta, BytesStorageMetadata) and not isinstance(value, torch.Tensor):
+            wanted[key] = value
+        else:
+            left.append(key)
+    dcp.load(wanted, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    for key, value in wanted.items():
+        if not isinstance(value, torch.Tensor):
+            # Non-tensor entries (e.g. optimizer hyper-parameters) come back by value.
+            _set_nested(state, mapping[key], value)
+    model.load_state_dict(state["model"], strict=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    return left
+
+
+def _set_nested(state: Dict[str, Any], path, value: Any) -> None:
+    node = state
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value

@@ -98,7 +98,7 @@ def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
             tables=table_configs(dataset.schema, cfg.model.embedding_dim),
             precision_policy=cfg.quant.policy(cfg.train.lr, cfg.train.eps, cfg.train.seed, cfg.train.emb_optimizer),
         )
-    model = build_dlrm(dataset.schema, cfg.model, ebc=ebc, seed=cfg.train.seed)
+    model = build_dlrm(dataset.full_schema, cfg.model, ebc=ebc, seed=cfg.train.seed)
     configs = embedding_configs(model)
     dmp, plan = shard_model(model, env, cfg.train)
     init_embedding_weights(dmp, configs, cfg.train.seed)
@@ -132,6 +132,8 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             "it, or choose another --out-dir / --checkpoint-dir (nothing was overwritten)"
         )
     dataset = dataset or open_dataset(cfg.dataset, t.seed)
+    if cfg.model.kept_fields and dataset.columns is None:
+        dataset = dataset.with_fields(list(cfg.model.kept_fields))
     out_dir = Path(run.out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +232,25 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             log.info("early stopping: restored the best dev model (%s)", best.name)
     checkpoint()
     return TrainedModel(dmp, optimizer, dataset, env, configs, state, train_seconds)
+
+
+def train_steps(model, optimizer, batches, env: DistEnv, precision: str, total: int = 0, desc: str = "train", show: bool = False) -> int:
+    """Train over `batches` (already this rank's share) with TorchRec's pipeline; returns steps."""
+    if precision != "fp32":
+        batches = label_tagged(batches)
+    pipeline = TrainPipelineSparseDist(model, optimizer, env.device, execute_all_batches=True)
+    steps = 0
+    with tqdm(total=total or None, desc=desc, disable=not show, leave=False) as bar:
+        while True:
+            try:
+                loss, *_ = pipeline.progress(batches)
+            except StopIteration:
+                break
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    pipeline.detach()
+    return steps
 
 
 def label_tagged(batches):

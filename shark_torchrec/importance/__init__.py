@@ -1,0 +1,1 @@
+"""F-Permutation: feature-field importance (Taylor, Permutation, random) and pruning."""

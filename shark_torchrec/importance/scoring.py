@@ -1,0 +1,257 @@
+"""Score a trained (sharded) DLRM's feature fields over a data split.
+
+The model is split at the interaction: *lookup* = the dense arch plus the embedding
+collection (TorchRec's sharded lookup under DMP, our mixed-precision one, or a plain
+collection) and *head* = interaction plus over-arch. Every method does one lookup per batch
+and only differentiates or re-runs the head, which is small, so a sharded model is scored
+with the same all-to-alls as its evaluation.
+
+Fields: the categorical features in the model's order, and, when the data has continuous
+features, `dense_features`: the dense arch's output vector, scored as one more field (as the
+paper counts Criteo's 13 counts as one field). It is reported, never pruned: it holds no
+embedding memory.
+
+Each rank scores its own share of every global batch; the sums are all-reduced, so one rank
+and N ranks over the same data agree (Taylor methods, up to float summation order).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchrec.models.dlrm import DLRM
+from tqdm import tqdm
+
+from shark_torchrec.data import Dataset
+from shark_torchrec.distributed.env import DistEnv
+from shark_torchrec.importance.scores import (
+    ABSOLUTE,
+    SIGNED,
+    TaylorSums,
+    accumulate_gradients,
+    accumulate_values,
+    permutation_index,
+    rank_fields,
+    taylor_scores,
+)
+
+METHODS = ("taylor", "taylor-abs", "permutation", "random")
+DENSE_FIELD = "dense_features"
+SCORE_SPLITS = ("dev", "train")
+
+
+@dataclass
+class FieldImportance:
+    method: str
+    fields: List[str]
+    scores: List[float]
+    scoring_seconds: float
+    samples: int
+    means: Optional[torch.Tensor] = field(default=None, repr=False)
+    """E[v] per field ([F, D]), when the method looked the data up."""
+    prunable: List[str] = field(default_factory=list)
+    """Fields that may be removed (the categorical ones)."""
+
+    def ranking(self) -> List[dict]:
+        """Fields from least to most important."""
+        return rank_fields(self.fields, self.scores)
+
+    def lowest(self, k: int) -> List[str]:
+        """The k least important prunable fields."""
+        return [r["field"] for r in self.ranking() if r["field"] in self.prunable][:k]
+
+    def mean_of(self, name: str) -> torch.Tensor:
+        return self.means[self.fields.index(name)]
+
+    def to_json(self) -> Dict:
+        return {
+            "method": self.method,
+            "samples": self.samples,
+            "scoring_seconds": self.scoring_seconds,
+            "ranking": self.ranking(),
+        }
+
+
+def find_dlrm(model: torch.nn.Module) -> DLRM:
+    for m in model.modules():
+        if isinstance(m, DLRM):
+            return m
+    raise TypeError("field scoring needs a TorchRec DLRM (or DLRM_DCN) inside the model")
+
+
+class FieldView:
+    """A DLRM seen as lookup -> [B, 1 + F, D] field vectors -> head -> logits."""
+
+    def __init__(self, model: torch.nn.Module, has_dense: bool) -> None:
+        self.dlrm = find_dlrm(model)
+        self.has_dense = has_dense
+        self.sparse_names = list(self.dlrm.sparse_arch.sparse_feature_names)
+
+    @property
+    def names(self) -> List[str]:
+        return ([DENSE_FIELD] if self.has_dense else []) + self.sparse_names
+
+    def lookup(self, batch) -> torch.Tensor:
+        dense = self.dlrm.dense_arch(batch.dense_features)
+        sparse = self.dlrm.sparse_arch(batch.sparse_features)
+        return torch.cat([dense.unsqueeze(1), sparse], 1)
+
+    def head(self, vectors: torch.Tensor) -> torch.Tensor:
+        dense, sparse = vectors[:, 0], vectors[:, 1:]
+        fill = getattr(self.dlrm, "fill_removed", None)
+        if fill is not None:
+            sparse = fill(sparse)
+        inter = self.dlrm.inter_arch(dense_features=dense, sparse_features=sparse)
+        return self.dlrm.over_arch(inter).squeeze(-1)
+
+    def reported(self, per_field: torch.Tensor) -> torch.Tensor:
+        """Drop the dense slot when the data has no dense features (its vector is constant)."""
+        return per_field if self.has_dense else per_field[1:]
+
+
+def _sample_losses(logits: torch.Tensor, batch) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none") * batch.sample_weights
+
+
+def _all_reduce(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class _Clock:
+    """Seconds spent in model computation and collectives (not in reading data)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self._t
+
+
+def score_fields(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    method: str = "taylor",
+    split: str = "dev",
+    global_batch: int = 4096,
+    env: Optional[DistEnv] = None,
+    rounds: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> FieldImportance:
+    """Importance of every field of `model` on `split` (dev, or train; never test)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown importance method {method!r} (one of {', '.join(METHODS)})")
+    if split not in SCORE_SPLITS:
+        raise ValueError(f"fields are scored on dev or train data, not {split!r} (test is for reporting)")
+    env = env or DistEnv(0, 1, torch.device("cpu"), "none")
+    view = FieldView(model, has_dense=dataset.schema.num_dense > 0)
+    prunable = list(view.sparse_names)
+    clock = _Clock()
+    if method == "random":
+        with clock:
+            g = torch.Generator().manual_seed(seed)
+            scores = torch.rand(len(view.names), generator=g, dtype=torch.float64)
+        return FieldImportance(method, view.names, scores.tolist(), clock.seconds, 0, None, prunable)
+
+    was_training = model.training
+    model.eval()
+    show = progress and env.is_main
+    total = dataset.num_batches(split, global_batch)
+
+    def batches(desc: str):
+        it = dataset.batches(split, global_batch, env.rank, env.world_size)
+        return tqdm(it, total=total, desc=desc, disable=not show, leave=False)
+
+    dim = find_dlrm(model).sparse_arch.D
+    sums = TaylorSums(1 + len(view.sparse_names), dim)
+    try:
+        if method == "taylor":
+            for batch in batches("taylor scores"):
+                batch = batch.to(env.device)
+                with clock:
+                    v, g = _vectors_and_gradients(view, batch)
+                    accumulate_gradients(sums, v, g, batch.sample_weights)
+            with clock:
+                sums.load_flat(_all_reduce(sums.flat(), env))
+                scores = taylor_scores(sums, SIGNED)
+        elif method == "taylor-abs":
+            # Pass 1, lookups only: E[v]. Pass 2: forward/backward of the head.
+            for batch in batches("field means"):
+                batch = batch.to(env.device)
+                with clock, torch.no_grad():
+                    accumulate_values(sums, view.lookup(batch), batch.sample_weights)
+            with clock:
+                sums.load_flat(_all_reduce(sums.flat(), env))
+                means = sums.means()
+                abs_sums = TaylorSums(sums.num_fields, dim)
+            for batch in batches("taylor-abs scores"):
+                batch = batch.to(env.device)
+                with clock:
+                    v, g = _vectors_and_gradients(view, batch)
+                    accumulate_gradients(abs_sums, v, g, batch.sample_weights, means)
+            with clock:
+                abs_sums.load_flat(_all_reduce(abs_sums.flat(), env))
+                scores = taylor_scores(abs_sums, ABSOLUTE)
+        else:
+            increase = torch.zeros(sums.num_fields, dtype=torch.float64)
+            gen = torch.Generator().manual_seed(seed * 65_537 + env.rank)
+            for batch in batches("permutation scores"):
+                batch = batch.to(env.device)
+                with clock, torch.no_grad():
+                    increase += _permutation_increase(view, batch, rounds, gen, sums)
+            with clock:
+                sums.load_flat(_all_reduce(sums.flat(), env))
+                increase = _all_reduce(increase, env)
+                scores = increase / sums.samples.clamp_min(1) / rounds
+    finally:
+        model.train(was_training)
+    seconds = torch.tensor([clock.seconds])
+    if env.world_size > 1:
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return FieldImportance(
+        method,
+        view.names,
+        view.reported(scores).tolist(),
+        float(seconds.item()),
+        int(sums.samples.item()),
+        view.reported(sums.means()).float(),
+        prunable,
+    )
+
+
+def _vectors_and_gradients(view: FieldView, batch):
+    """One lookup, one forward and backward of the head: the field vectors and d(sum of
+    per-sample losses)/d(vectors), which is each sample's own gradient."""
+    with torch.no_grad():
+        v = view.lookup(batch)
+    v = v.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = _sample_losses(view.head(v), batch).sum()
+        (g,) = torch.autograd.grad(loss, v)
+    return v.detach(), g
+
+
+def _permutation_increase(view: FieldView, batch, rounds: int, gen: torch.Generator, sums: TaylorSums) -> torch.Tensor:
+    """Sum over samples of the loss increase when one field's vectors are shuffled within the
+    batch, for every field, summed over `rounds` shuffles: one lookup, 1 + F * rounds heads."""
+    v = view.lookup(batch)
+    accumulate_values(sums, v, batch.sample_weights)
+    base = _sample_losses(view.head(v), batch)
+    out = torch.zeros(v.shape[1], dtype=torch.float64)
+    for f in range(0 if view.has_dense else 1, v.shape[1]):
+        for _ in range(rounds):
+            idx = permutation_index(batch.sample_weights, gen)
+            shuffled = v.clone()
+            shuffled[:, f] = v[idx, f]
+            out[f] += (_sample_losses(view.head(shuffled), batch) - base).sum().double()
+    return out

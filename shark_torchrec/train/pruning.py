@@ -1,0 +1,319 @@
+"""F-Permutation's iterative pruning (paper Algorithm 1) and the jobs behind `shark importance`
+and `shark prune`.
+
+Each iteration scores the current model's fields on dev, removes the `fields_per_step` least
+important ones (`prune_tables`: a new plan without their tables), fine-tunes on a fresh
+seeded sample of train (the support set), and evaluates on dev. The loop stops when the
+embedding memory is at most `target_memory` of the base model's (that model is kept), or
+when dev AUC falls more than `max_auc_drop` below the base (that model is dropped and the
+previous one kept). Test AUC is logged for every model and never used for a decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from shark_torchrec.config import JobConfig
+from shark_torchrec.data import Batch, Dataset
+from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.importance.scoring import FieldImportance, score_fields
+from shark_torchrec.memory import embedding_memory
+from shark_torchrec.planner.pruning import prune_tables
+from shark_torchrec.train.checkpoint import (
+    broadcast_str,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+    table_shapes,
+)
+from shark_torchrec.train.evaluation import evaluate
+from shark_torchrec.train.trainer import (
+    TrainedModel,
+    TrainState,
+    _meta,
+    final_metrics,
+    fit,
+    quiet_libraries,
+    train_steps,
+    write_metrics,
+)
+
+log = logging.getLogger("shark")
+
+
+def support_batches(dataset: Dataset, rows: int, global_batch: int, env: DistEnv, seed: int) -> Iterator[Batch]:
+    """About `rows` rows of train, as whole global batches each kept with probability
+    rows / train rows. The choice is seeded, so every rank keeps the same batches."""
+    total = dataset.splits["train"].num_lines()
+    keep = min(1.0, rows / max(total, 1))
+    limit = math.ceil(rows / global_batch)
+    gen = torch.Generator().manual_seed(seed)
+    taken = 0
+    for b in dataset.batches("train", global_batch, env.rank, env.world_size):
+        if taken >= limit:
+            return
+        if keep >= 1.0 or torch.rand((), generator=gen).item() < keep:
+            taken += 1
+            yield b
+
+
+def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
+    """`--checkpoint` of a pruned model: take its kept fields and removal from its config."""
+    if not cfg.run.checkpoint:
+        return cfg
+    saved = read_meta(resolve_checkpoint(cfg.run.checkpoint)).get("config", {}).get("model", {})
+    cfg = copy.deepcopy(cfg)
+    cfg.model.kept_fields = tuple(saved.get("kept_fields", ()))
+    cfg.model.field_removal = saved.get("field_removal", cfg.model.field_removal)
+    cfg.train.epochs = 0  # a trained model: score or prune it as it is
+    return cfg.validate()
+
+
+def base_model(cfg: JobConfig, env: DistEnv) -> TrainedModel:
+    """The model to start from: `--checkpoint` if given, else one trained now."""
+    return fit(adopt_checkpoint_model(cfg), env)
+
+
+def score(cfg: JobConfig, trained_model, dataset: Dataset, env: DistEnv) -> FieldImportance:
+    p = cfg.prune
+    return score_fields(
+        trained_model, dataset, p.method, p.score_split, cfg.train.eval_batch_size, env,
+        rounds=p.rounds, seed=cfg.train.seed, progress=cfg.run.progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# shark importance
+
+
+def write_importance(imp: FieldImportance, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranking = imp.ranking()
+    (out_dir / "importance.json").write_text(json.dumps(imp.to_json(), indent=2))
+    with open(out_dir / "importance.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank_from_least", "field", "score"])
+        for i, r in enumerate(ranking):
+            w.writerow([i, r["field"], f"{r['score']:.9g}"])
+    plot_importance(imp, out_dir / "importance.png")
+
+
+def plot_importance(imp: FieldImportance, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranking = imp.ranking()[::-1]  # most important on top
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(ranking) + 1.2))
+    ax.barh([r["field"] for r in ranking][::-1], [r["score"] for r in ranking][::-1], color="tab:blue")
+    ax.set_xlabel(f"{imp.method} score (larger = more important)")
+    ax.set_title(f"Feature-field importance ({imp.method}, {imp.samples} samples)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def importance_job(cfg: JobConfig) -> Dict[str, Any]:
+    """One rank of `shark importance`."""
+    quiet_libraries()
+    env = init_distributed()
+    try:
+        trained = base_model(cfg, env)
+        imp = score(cfg, trained.model, trained.dataset, env)
+        metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
+        if env.is_main:
+            write_importance(imp, Path(cfg.run.out_dir))
+            _write_json(cfg, metrics)
+        return metrics
+    finally:
+        shutdown_distributed()
+
+
+def _write_json(cfg: JobConfig, metrics: Dict[str, Any]) -> None:
+    text = json.dumps(metrics, indent=2)
+    Path(cfg.run.out_dir, "metrics.json").write_text(text)
+    if cfg.run.metrics_out:
+        p = Path(cfg.run.metrics_out)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------
+# shark prune
+
+
+@dataclass
+class Candidate:
+    """A model of the loop with what it was evaluated to."""
+
+    cfg: JobConfig
+    model: Any
+    optimizer: Any
+    configs: Dict[str, Any]
+    dataset: Dataset
+    checkpoint: Path
+    embedding_bytes: int
+
+
+def _bytes(model, optimizer, configs) -> int:
+    return int(embedding_memory(model, optimizer, configs)["embedding_bytes"])
+
+
+def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
+    """Algorithm 1; returns (accepted candidate, step log, stop reason, base metrics)."""
+    p, t = cfg.prune, cfg.train
+    show = cfg.run.progress and env.is_main
+    steps_root = out_dir / "prune_steps"
+    base_cfg = adopt_checkpoint_model(cfg)
+
+    def evaluate_both(model, dataset):
+        dev = evaluate(model, dataset, "dev", t.eval_batch_size, env)
+        test = evaluate(model, dataset, "test", t.eval_batch_size, env)
+        return dev, test
+
+    dev, test = evaluate_both(base.model, base.dataset)
+    base_bytes = _bytes(base.model, base.optimizer, base.configs)
+    ckpt = save_checkpoint(steps_root, 0, base.model, base.optimizer, _meta(base_cfg, TrainState(), base.configs, env), keep=2)
+    accepted = Candidate(base_cfg, base.model, base.optimizer, base.configs, base.dataset, ckpt, base_bytes)
+    fields = list(base.dataset.schema.sparse_names)
+    log_rows: List[Dict[str, Any]] = [
+        {"iteration": 0, "removed": [], "kept": fields, "memory_ratio": 1.0, "embedding_bytes": base_bytes,
+         "dev_auc": dev["auc"], "dev_logloss": dev["logloss"], "test_auc": test["auc"],
+         "test_logloss": test["logloss"], "seconds": 0.0, "scoring_seconds": 0.0, "accepted": True}
+    ]
+    base_dev_auc = dev["auc"]
+    if show:
+        log.info("base model: %d fields, dev AUC %.4f, test AUC %.4f", len(fields), dev["auc"], test["auc"])
+    reason = None
+    iteration = 0
+    while reason is None:
+        kept = list(accepted.dataset.schema.sparse_names)
+        if accepted.embedding_bytes <= p.target_memory * base_bytes:
+            reason = "target_memory"
+            break
+        if len(kept) <= 1:
+            reason = "one_field_left"
+            break
+        if p.max_iterations and iteration >= p.max_iterations:
+            reason = "max_iterations"
+            break
+        iteration += 1
+        start = time.perf_counter()
+        imp = score(cfg, accepted.model, accepted.dataset, env)
+        removed = imp.lowest(min(p.fields_per_step, len(kept) - 1))
+        means = {f: imp.mean_of(f) for f in removed}
+        pruned = prune_tables(
+            accepted.model, accepted.optimizer, accepted.cfg, accepted.dataset, env, removed, accepted.checkpoint, means
+        )
+        support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration)
+        for epoch in range(p.finetune_epochs):
+            train_steps(pruned.model, pruned.optimizer, support, env, cfg.quant.precision, desc=f"fine-tune {iteration}.{epoch}", show=show)
+            support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration)
+        dev, test = evaluate_both(pruned.model, pruned.dataset)
+        nbytes = _bytes(pruned.model, pruned.optimizer, pruned.configs)
+        ok = base_dev_auc - dev["auc"] <= p.max_auc_drop
+        row = {
+            "iteration": iteration, "removed": removed, "kept": list(pruned.dataset.schema.sparse_names),
+            "memory_ratio": nbytes / base_bytes, "embedding_bytes": nbytes,
+            "dev_auc": dev["auc"], "dev_logloss": dev["logloss"], "test_auc": test["auc"],
+            "test_logloss": test["logloss"], "seconds": time.perf_counter() - start,
+            "scoring_seconds": imp.scoring_seconds, "accepted": ok,
+        }
+        log_rows.append(row)
+        if show:
+            log.info(
+                "iteration %d: removed %s -> memory %.3f, dev AUC %.4f (base %.4f), test AUC %.4f%s",
+                iteration, ",".join(removed), row["memory_ratio"], dev["auc"], base_dev_auc, test["auc"],
+                "" if ok else "  [over the AUC bound: keeping the previous model]",
+            )
+        if not ok:
+            reason = "max_auc_drop"
+            break
+        ckpt = save_checkpoint(
+            steps_root, iteration, pruned.model, pruned.optimizer, _meta(pruned.cfg, TrainState(step=iteration), pruned.configs, env), keep=2
+        )
+        accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
+    return accepted, log_rows, reason, {"dev_auc": base_dev_auc, "test_auc": log_rows[0]["test_auc"], "embedding_bytes": base_bytes}
+
+
+def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
+    (out_dir / "prune_log.json").write_text(json.dumps(rows, indent=2))
+    keys = ["iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "dev_logloss", "test_logloss", "seconds", "scoring_seconds", "accepted"]
+    with open(out_dir / "prune_log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for r in rows:
+            w.writerow([";".join(r[k]) if isinstance(r[k], list) else r[k] for k in keys])
+    plot_prune_log(rows, out_dir / "auc_vs_memory.png")
+
+
+def plot_prune_log(rows: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    mem = [r["memory_ratio"] for r in rows]
+    ax.plot(mem, [r["dev_auc"] for r in rows], "o-", label="dev AUC")
+    ax.plot(mem, [r["test_auc"] for r in rows], "s--", label="test AUC")
+    for r in rows[1:]:
+        ax.annotate("-" + ",".join(r["removed"]), (r["memory_ratio"], r["dev_auc"]), fontsize=7, rotation=20)
+    rejected = [r for r in rows if not r["accepted"]]
+    if rejected:
+        ax.scatter([r["memory_ratio"] for r in rejected], [r["dev_auc"] for r in rejected], marker="x", color="red", s=80, label="rejected")
+    ax.invert_xaxis()
+    ax.set_xlabel("embedding memory / base model")
+    ax.set_ylabel("AUC")
+    ax.set_title("F-Permutation: AUC against memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def prune_job(cfg: JobConfig) -> Dict[str, Any]:
+    """One rank of `shark prune`."""
+    quiet_libraries()
+    env = init_distributed()
+    try:
+        base = base_model(cfg, env)
+        out_dir = Path(cfg.run.out_dir)
+        accepted, rows, reason, base_metrics = prune_loop(cfg, env, base, out_dir)
+        # The pruned model, as a checkpoint any shark command can start from.
+        final_cfg = copy.deepcopy(accepted.cfg)
+        final_cfg.run.out_dir = cfg.run.out_dir
+        save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env), keep=1)
+        trained = TrainedModel(accepted.model, accepted.optimizer, accepted.dataset, env, accepted.configs, TrainState(), base.train_seconds)
+        metrics = final_metrics(final_cfg, trained)
+        full = list(base.dataset.schema.sparse_names)
+        kept = list(accepted.dataset.schema.sparse_names)
+        metrics.update(
+            base_test_auc=base_metrics["test_auc"],
+            base_dev_auc=base_metrics["dev_auc"],
+            base_embedding_bytes=base_metrics["embedding_bytes"],
+            memory_ratio=metrics["embedding_bytes"] / base_metrics["embedding_bytes"],
+            kept_fields=kept,
+            pruned_fields=[f for f in full if f not in kept],
+            stop_reason=reason,
+            iterations=rows,
+            method=cfg.prune.method,
+            field_removal=cfg.model.field_removal,
+        )
+        if env.is_main:
+            write_prune_log(rows, out_dir)
+            write_metrics(cfg, metrics)
+        return metrics
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,260 @@
+"""F-Permutation: Taylor scores, the Permutation baseline, pruning and the planner hook."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+import prune_workers as PW
+from conftest import TINY, run_shark
+from shark_torchrec.config import DataConfig, ModelConfig
+from shark_torchrec.data import open_dataset
+from shark_torchrec.distributed.env import launch
+from shark_torchrec.importance.scores import (
+    ABSOLUTE,
+    SIGNED,
+    TaylorSums,
+    accumulate_gradients,
+    accumulate_jagged,
+    accumulate_values,
+    taylor_scores,
+)
+from shark_torchrec.importance.scoring import FieldView, score_fields
+from shark_torchrec.models.dlrm import build_dlrm, table_configs
+from shark_torchrec.train.checkpoint import load_full_state, resolve_checkpoint
+
+
+# --- the math, on a loss linear in the field vectors (where the first-order term is exact) ---
+
+
+def brute_force(v, a, weights):
+    """Expected loss change per field when v_i is replaced by a draw from its empirical
+    distribution (paper Eq. 1-2), for loss(v) = sum_i a_i . v_i: signed and absolute means."""
+    real = v[weights > 0]
+    n, nf, _ = real.shape
+    loss = lambda x: (x * a).sum((-1, -2))  # noqa: E731
+    signed, absolute = torch.zeros(nf, dtype=torch.float64), torch.zeros(nf, dtype=torch.float64)
+    for i in range(nf):
+        for x in range(n):
+            swapped = real[x].expand(n, -1, -1).clone()
+            swapped[:, i] = real[:, i]  # every candidate value of field i, equally likely
+            change = (loss(swapped) - loss(real[x])).mean()
+            signed[i] += change / n
+            absolute[i] += change.abs() / n
+    return signed, absolute
+
+
+def test_taylor_equals_brute_force_on_a_linear_loss():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(60, 4, 3, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    weights = (torch.rand(60, generator=g) > 0.2).double()  # padding rows must not count
+    grads = a.expand(60, -1, -1) * weights[:, None, None]
+    want_signed, want_abs = brute_force(v, a, weights)
+    signed = TaylorSums(4, 3)
+    for s in (slice(0, 25), slice(25, 60)):  # batches add up
+        accumulate_gradients(signed, v[s], grads[s], weights[s])
+    torch.testing.assert_close(taylor_scores(signed, SIGNED), want_signed)
+    means = TaylorSums(4, 3)
+    accumulate_values(means, v, weights)
+    absolute = TaylorSums(4, 3)
+    for s in (slice(0, 31), slice(31, 60)):
+        accumulate_gradients(absolute, v[s], grads[s], weights[s], means.means())
+    torch.testing.assert_close(taylor_scores(absolute, ABSOLUTE), want_abs)
+    assert want_abs.min() > 0 and want_signed.abs().max() < 1e-9  # linear: signed mean is 0
+
+
+def test_sequence_field_taylor_equals_brute_force():
+    """A sequence field: loss(sample) = sum over its positions of a . v_p, every id of a sample
+    replaced by an average id (E over all positions)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([2, 0, 3, 1, 4])
+    v = torch.randn(int(lengths.sum()), 3, generator=g, dtype=torch.float64)
+    a = torch.randn(3, generator=g, dtype=torch.float64)
+    grads = a.expand_as(v)
+    sample = torch.repeat_interleave(torch.arange(5), lengths)
+    changes = torch.zeros(5, dtype=torch.float64)
+    for n in range(5):
+        mine = v[sample == n]
+        # expected loss over replacing each position by any position vector of the data
+        changes[n] = (mine.shape[0] * (v @ a).mean()) - (mine @ a).sum()
+    sums = TaylorSums(1, 3)
+    accumulate_jagged(sums, 0, v, grads, lengths, count_samples=True)
+    torch.testing.assert_close(taylor_scores(sums, SIGNED), changes.mean().view(1))
+    absolute = TaylorSums(1, 3)
+    accumulate_jagged(absolute, 0, v, grads, lengths, sums.means(), count_samples=True)
+    torch.testing.assert_close(taylor_scores(absolute, ABSOLUTE), changes.abs().mean().view(1))
+
+
+# --- the batched scorer on a real DLRM against a per-sample loop ---
+
+
+def tiny_dlrm_and_data():
+    data = DataConfig(synthetic_train_rows=200, synthetic_eval_rows=300, synthetic_scale=0.01)
+    dataset = open_dataset(data, seed=0)
+    cfg = ModelConfig(embedding_dim=8, dense_arch=(16,), over_arch=(16,))
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(tables=table_configs(dataset.schema, 8))
+    for p in ebc.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return build_dlrm(dataset.schema, cfg, ebc=ebc), dataset
+
+
+def test_batched_scores_equal_a_per_sample_loop():
+    model, dataset = tiny_dlrm_and_data()
+    view = FieldView(model, has_dense=True)
+    vs, gs = [], []
+    for batch in dataset.batches("dev", 128):
+        for n in torch.nonzero(batch.sample_weights > 0).squeeze(-1).tolist():
+            with torch.no_grad():
+                v = view.lookup(batch)[n : n + 1]
+            v.requires_grad_(True)
+            loss = F.binary_cross_entropy_with_logits(view.head(v), batch.labels[n : n + 1])
+            (g,) = torch.autograd.grad(loss, v)
+            vs.append(v.detach()[0])
+            gs.append(g[0])
+    v, g = torch.stack(vs).double(), torch.stack(gs).double()
+    mean = v.mean(0)
+    want_signed = (g * (mean - v)).sum(-1).mean(0)
+    want_abs = (g * (mean - v)).sum(-1).abs().mean(0)
+    for method, want in (("taylor", want_signed), ("taylor-abs", want_abs)):
+        got = score_fields(model, dataset, method, "dev", 128)
+        assert got.samples == 300 and got.fields[0] == "dense_features" and len(got.fields) == 12
+        torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="not 'test'"):
+        score_fields(model, dataset, "taylor", "test")
+
+
+def test_permutation_scores_shuffled_fields():
+    """T rounds average the loss increase; a field the head ignores scores exactly 0."""
+    model, dataset = tiny_dlrm_and_data()
+    dlrm = model.model
+    with torch.no_grad():
+        # Make the head blind to field c5: zero every over-arch input column it touches.
+        from shark_torchrec.models.pruned import interaction_columns
+
+        names = list(dlrm.sparse_arch.sparse_feature_names)
+        keep = set(interaction_columns(8, names, [f for f in names if f != "c5"]))
+        w = dlrm.over_arch.model[0]._mlp[0]._linear.weight
+        w[:, [c for c in range(w.shape[1]) if c not in keep]] = 0
+    one = score_fields(model, dataset, "permutation", "dev", 128, seed=3)
+    three = score_fields(model, dataset, "permutation", "dev", 128, rounds=3, seed=3)
+    assert one.scores[one.fields.index("c5")] == 0.0
+    assert one.ranking()[0]["field"] == "c5" or one.ranking()[0]["score"] <= 0
+    assert max(three.scores) > 0 and one.scores != three.scores
+    r1, r2 = (score_fields(model, dataset, "random", seed=s) for s in (1, 1))
+    assert r1.ranking() == r2.ranking() and r1.scoring_seconds < 1
+
+
+# --- distributed, CLI, planted fields ---
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    run_shark("train", *TINY, "--synthetic-train-rows", "20000", "--epochs", "2", "--out-dir", str(out))
+    return out
+
+
+def test_scores_agree_on_one_and_two_ranks(trained, tmp_path):
+    for method in ("taylor", "taylor-abs"):
+        got = {}
+        for n in (1, 2):
+            out = tmp_path / f"{method}{n}"
+            run_shark(
+                "importance", *TINY, "--synthetic-train-rows", "20000", "--checkpoint", str(trained / "checkpoints"),
+                "--method", method, "--nproc", str(n), "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
+            )
+            got[n] = {r["field"]: r["score"] for r in json.loads((out / "m.json").read_text())["ranking"]}
+        assert got[1].keys() == got[2].keys() and len(got[1]) == 12
+        for f in got[1]:
+            assert got[1][f] == pytest.approx(got[2][f], rel=1e-4, abs=1e-8), (method, f)
+
+
+def test_noise_fields_rank_below_strong_and_medium(trained, tmp_path):
+    out = tmp_path / "imp"
+    proc = run_shark(
+        "importance", *TINY, "--synthetic-train-rows", "20000", "--checkpoint", str(trained / "checkpoints"),
+        "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
+    )
+    m = json.loads((out / "m.json").read_text())
+    assert m["method"] == "taylor-abs" and m["scoring_seconds"] > 0 and "ranking" in proc.stdout
+    order = [r["field"] for r in m["ranking"]]
+    truth = json.loads((trained / "synthetic_fields.json").read_text())
+    role = {f["name"]: f["role"] for f in truth["fields"]} if "fields" in truth else truth
+    noise = [f for f in order if role.get(f) == "noise"]
+    useful = [f for f in order if role.get(f) in ("strong", "medium")]
+    assert noise and useful
+    assert max(order.index(f) for f in noise) < min(order.index(f) for f in useful), order
+    for name in ("importance.csv", "importance.json", "importance.png"):
+        assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "precision,removal,nproc", [("fp32", "slice", 2), ("fp32", "constant", 1), ("shark", "slice", 2)]
+)
+def test_pruned_model_is_planned_without_its_tables_and_trains(tmp_path, precision, removal, nproc):
+    """The pruned model (before fine-tuning) computes exactly what the old head computes with
+    the removed fields set to 0 (slice) or E[v] (constant); kept tables keep their values and
+    optimizer state through the re-plan; the pruned model then trains under DMP."""
+    removed = ["c9", "c3"]
+    got = launch(PW.prune_and_compare, nproc, str(tmp_path), precision, removal, removed)
+    assert not set(got["planned"]) & {"t_c9", "t_c3"} and len(got["planned"]) == 9
+    assert got["max_diff"] < 1e-5
+    assert got["steps"] > 0 and got["auc_after"] > 0.6
+    old = load_full_state(tmp_path / "checkpoints")
+    new = load_full_state(tmp_path / "pruned")
+    assert not [k for k in new["model"] if "t_c9" in k or "t_c3" in k]
+    kept = [k for k in new["model"] if ".t_c1." in k]
+    assert kept
+    for k in kept:
+        assert torch.equal(old["model"][k], new["model"][k]), k
+    if precision == "shark":  # row groups, scores and momentum live in the module's state
+        assert {"row_group", "row_priority", "momentum"} <= {k.rsplit(".", 1)[-1] for k in kept}
+    moments = [k for k in new["optim"]["state"] if ".t_c1." in k]
+    assert moments or precision == "shark"
+    for k in moments:
+        for name, t in new["optim"]["state"][k].items():
+            assert torch.equal(old["optim"]["state"][k][name], t), (k, name)
+
+
+def prune_cli(tmp_path, name, *extra):
+    out = tmp_path / name
+    run_shark(
+        "prune", *TINY, "--synthetic-train-rows", "20000", "--epochs", "2", "--support-rows", "3000",
+        "--out-dir", str(out), "--metrics-out", str(out / "m.json"), *extra,
+    )
+    return out, json.loads((out / "m.json").read_text())
+
+
+def test_prune_stops_at_the_target_memory(tmp_path):
+    out, m = prune_cli(tmp_path, "mem", "--target-memory", "0.9", "--max-auc-drop", "1")
+    assert m["stop_reason"] == "target_memory"
+    rows = m["iterations"]
+    assert rows[-1]["memory_ratio"] <= 0.9 < rows[-2]["memory_ratio"]
+    assert m["memory_ratio"] == pytest.approx(rows[-1]["memory_ratio"])
+    for key in ("test_auc", "embedding_bytes", "base_test_auc", "kept_fields", "pruned_fields"):
+        assert key in m
+    assert set(m["pruned_fields"]) == {f for r in rows for f in r["removed"]}
+    for name in ("prune_log.csv", "prune_log.json", "auc_vs_memory.png", "pruned"):
+        assert (out / name).exists()
+    # The pruned checkpoint is a model any command starts from: score it again.
+    imp = tmp_path / "again"
+    run_shark("importance", *TINY, "--checkpoint", str(out / "pruned"), "--out-dir", str(imp), "--metrics-out", str(imp / "m.json"))
+    fields = {r["field"] for r in json.loads((imp / "m.json").read_text())["ranking"]}
+    assert fields == set(m["kept_fields"]) | {"dense_features"}
+
+
+def test_prune_stops_at_the_auc_bound_and_keeps_the_previous_model(tmp_path):
+    out, m = prune_cli(tmp_path, "auc", "--target-memory", "0.01", "--max-auc-drop", "0", "--finetune-epochs", "0")
+    assert m["stop_reason"] == "max_auc_drop"
+    rows = m["iterations"]
+    assert not rows[-1]["accepted"] and all(r["accepted"] for r in rows[:-1])
+    assert rows[-1]["dev_auc"] < rows[0]["dev_auc"]
+    kept_model = rows[-2]
+    assert m["kept_fields"] == kept_model["kept"]
+    assert m["dev_auc"] == pytest.approx(kept_model["dev_auc"], abs=1e-6)
+    assert m["dev_auc"] >= rows[0]["dev_auc"]
+    assert m["base_test_auc"] == pytest.approx(rows[0]["test_auc"])
