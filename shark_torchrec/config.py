@@ -57,6 +57,8 @@ class DataConfig:
     """synthetic: rows in each of the dev and test splits."""
     synthetic_scale: float = 1.0
     """synthetic: multiplies every field's cardinality (tests use small values)."""
+    synthetic_noise_fields: int = 0
+    """synthetic: extra noise fields after the 11 planted ones (a wider model)."""
 
 
 @dataclass
@@ -249,6 +251,8 @@ class JobConfig:
             raise ConfigError("run.nproc must be >= 1")
         if self.dataset.folds and not (self.dataset.folds >= 3 and 0 <= self.dataset.fold < self.dataset.folds):
             raise ConfigError("data.folds must be >= 3 and data.fold in [0, folds)")
+        if self.dataset.synthetic_noise_fields < 0:
+            raise ConfigError("data.synthetic_noise_fields must be >= 0")
         if self.dataset.min_count < 1 or self.dataset.hash_size < 1:
             raise ConfigError("data.min_count and data.hash_size must be >= 1")
         if self.run.checkpoint and self.run.init_from:

@@ -119,8 +119,8 @@ def test_batched_scores_equal_a_per_sample_loop():
     mean = v.mean(0)
     want_signed = (g * (mean - v)).sum(-1).mean(0)
     want_abs = (g * (mean - v)).sum(-1).abs().mean(0)
-    for method, want in (("taylor", want_signed), ("taylor-abs", want_abs)):
-        got = score_fields(model, dataset, method, "dev", 128)
+    for method, want, cache in (("taylor", want_signed, 0), ("taylor-abs", want_abs, 1 << 30), ("taylor-abs", want_abs, 0)):
+        got = score_fields(model, dataset, method, "dev", 128, cache_bytes=cache)
         assert got.samples == 300 and got.fields[0] == "dense_features" and len(got.fields) == 12
         torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="not 'test'"):

@@ -112,7 +112,7 @@ def _criteo(cfg: DataConfig, root: Path) -> Dataset:
 
 
 def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
-    gen = SyntheticGenerator(seed, cfg.synthetic_scale)
+    gen = SyntheticGenerator(seed, cfg.synthetic_scale, cfg.synthetic_noise_fields)
     drop = set(_names(cfg.drop))
     known = {f.name for f in gen.fields} | set(DENSE_NAMES)
     if drop - known:

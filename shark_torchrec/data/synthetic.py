@@ -58,17 +58,20 @@ BIAS = -1.3
 LABEL_NOISE = 0.05
 
 
-def scaled_fields(scale: float) -> List[PlantedField]:
+def scaled_fields(scale: float, extra_noise_fields: int = 0) -> List[PlantedField]:
+    """The default fields, then `extra_noise_fields` more noise fields (1,000 ids each before
+    scaling): a wider model for the benchmarks whose cost grows with the field count."""
+    extra = tuple(PlantedField(f"c{len(DEFAULT_FIELDS) + 1 + k}", 1_000, "noise", 0.0) for k in range(extra_noise_fields))
     return [
         PlantedField(f.name, max(10, int(round(f.cardinality * scale))), f.role, f.strength)
-        for f in DEFAULT_FIELDS
+        for f in DEFAULT_FIELDS + extra
     ]
 
 
 class SyntheticGenerator:
-    def __init__(self, seed: int, scale: float = 1.0) -> None:
+    def __init__(self, seed: int, scale: float = 1.0, extra_noise_fields: int = 0) -> None:
         self.seed = seed
-        self.fields = scaled_fields(scale)
+        self.fields = scaled_fields(scale, extra_noise_fields)
         root = np.random.default_rng([seed, 7919])
         self._cdf = {}
         self._perm = {}

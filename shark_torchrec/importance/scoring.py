@@ -147,8 +147,12 @@ def score_fields(
     rounds: int = 1,
     seed: int = 0,
     progress: bool = False,
+    cache_bytes: int = 1 << 30,
 ) -> FieldImportance:
-    """Importance of every field of `model` on `split` (dev, or train; never test)."""
+    """Importance of every field of `model` on `split` (dev, or train; never test).
+
+    `cache_bytes`: taylor-abs keeps up to this many bytes of field vectors between its passes.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r} (one of {', '.join(METHODS)})")
     if split not in SCORE_SPLITS:
@@ -185,19 +189,27 @@ def score_fields(
                 sums.load_flat(_all_reduce(sums.flat(), env))
                 scores = taylor_scores(sums, SIGNED)
         elif method == "taylor-abs":
-            # Pass 1, lookups only: E[v]. Pass 2: forward/backward of the head.
+            # Pass 1, lookups only: E[v]. Pass 2: forward/backward of the head. The vectors of
+            # pass 1 are kept for pass 2 while they fit in `cache_bytes` (a dev split usually
+            # does), which saves pass 2 its lookups.
+            cache: List[torch.Tensor] = []
+            cached = 0
             for batch in batches("field means"):
                 batch = batch.to(env.device)
                 with clock, torch.no_grad():
-                    accumulate_values(sums, view.lookup(batch), batch.sample_weights)
+                    v = view.lookup(batch)
+                    accumulate_values(sums, v, batch.sample_weights)
+                    cached += v.numel() * v.element_size()
+                    if cached <= cache_bytes:
+                        cache.append(v)
             with clock:
                 sums.load_flat(_all_reduce(sums.flat(), env))
                 means = sums.means()
                 abs_sums = TaylorSums(sums.num_fields, dim)
-            for batch in batches("taylor-abs scores"):
+            for k, batch in enumerate(batches("taylor-abs scores")):
                 batch = batch.to(env.device)
                 with clock:
-                    v, g = _vectors_and_gradients(view, batch)
+                    v, g = _vectors_and_gradients(view, batch, cache[k] if k < len(cache) else None)
                     accumulate_gradients(abs_sums, v, g, batch.sample_weights, means)
             with clock:
                 abs_sums.load_flat(_all_reduce(abs_sums.flat(), env))
@@ -229,11 +241,13 @@ def score_fields(
     )
 
 
-def _vectors_and_gradients(view: FieldView, batch):
-    """One lookup, one forward and backward of the head: the field vectors and d(sum of
-    per-sample losses)/d(vectors), which is each sample's own gradient."""
-    with torch.no_grad():
-        v = view.lookup(batch)
+def _vectors_and_gradients(view: FieldView, batch, vectors: Optional[torch.Tensor] = None):
+    """One lookup (unless `vectors` are given), one forward and backward of the head: the
+    field vectors and d(sum of per-sample losses)/d(vectors), each sample's own gradient."""
+    v = vectors
+    if v is None:
+        with torch.no_grad():
+            v = view.lookup(batch)
     v = v.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = _sample_losses(view.head(v), batch).sum()
