@@ -13,9 +13,10 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Tuple
+from typing import Annotated, Any, Literal, Optional, Sequence, Tuple
 
 import tomli_w
+import tyro
 
 
 class ConfigError(ValueError):
@@ -122,7 +123,7 @@ class TrainConfig:
 class RunConfig:
     nproc: int = 1
     """Local processes; 1 runs in-process. Ignored under torchrun/TorchX, which set the world."""
-    out_dir: str = ""
+    out_dir: Annotated[str, tyro.conf.arg(aliases=("--out",))] = ""
     """Run directory: effective config, metrics and (by default) checkpoints go here
     (default: runs/<UTC date-time>, a new one per run)."""
     checkpoint_dir: str = ""

@@ -58,3 +58,23 @@ def test_precision_flags_are_validated():
     ):
         with pytest.raises(ConfigError, match=field):
             check(**bad)
+
+
+def test_pruning_flags_are_validated(tmp_path, capsys):
+    cfg = parse_cli(["--method", "permutation", "--rounds", "3", "--target-memory", "0.4", "--out", "x"])
+    assert cfg.prune.method == "permutation" and cfg.prune.rounds == 3 and cfg.run.out_dir == "x"
+    for bad, field in (
+        (["--target-memory", "1.5"], "prune.target_memory"),
+        (["--max-auc-drop", "-0.1"], "prune.max_auc_drop"),
+        (["--kept-fields", "c1", "c2", "--arch", "dlrm_dcn"], "model.field_removal=slice"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_cli(bad, prog="shark prune")
+        assert field in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_cli(["--method", "shapley"])
+    # a pruned model's config round-trips (kept fields and removal)
+    cfg = parse_cli(["--kept-fields", "c1", "c3", "--field-removal", "constant"])
+    save_config(cfg, tmp_path / "p.toml")
+    again = load_config(tmp_path / "p.toml")
+    assert again.model.kept_fields == ("c1", "c3") and again.model.field_removal == "constant"

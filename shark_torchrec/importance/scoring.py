@@ -66,6 +66,8 @@ class FieldImportance:
         return [r["field"] for r in self.ranking() if r["field"] in self.prunable][:k]
 
     def mean_of(self, name: str) -> torch.Tensor:
+        if self.means is None:
+            raise ValueError(f"{self.method} scores carry no field means: use field_means()")
         return self.means[self.fields.index(name)]
 
     def to_json(self) -> Dict:
@@ -239,6 +241,27 @@ def score_fields(
         view.reported(sums.means()).float(),
         prunable,
     )
+
+
+def field_means(
+    model: torch.nn.Module, dataset: Dataset, split: str = "dev", global_batch: int = 4096, env: Optional[DistEnv] = None
+) -> Dict[str, torch.Tensor]:
+    """E[v] of every field over a split (one lookup pass, all-reduced): what `constant`
+    removal feeds in place of a removed field."""
+    env = env or DistEnv(0, 1, torch.device("cpu"), "none")
+    view = FieldView(model, has_dense=dataset.schema.num_dense > 0)
+    sums = TaylorSums(1 + len(view.sparse_names), find_dlrm(model).sparse_arch.D)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in dataset.batches(split, global_batch, env.rank, env.world_size):
+                batch = batch.to(env.device)
+                accumulate_values(sums, view.lookup(batch), batch.sample_weights)
+    finally:
+        model.train(was_training)
+    sums.load_flat(_all_reduce(sums.flat(), env))
+    return dict(zip(view.names, view.reported(sums.means()).float()))
 
 
 def _vectors_and_gradients(view: FieldView, batch, vectors: Optional[torch.Tensor] = None):

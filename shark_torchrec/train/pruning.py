@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,11 @@ import torch
 from shark_torchrec.config import JobConfig
 from shark_torchrec.data import Batch, Dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
-from shark_torchrec.importance.scoring import FieldImportance, score_fields
+from shark_torchrec.importance.scoring import FieldImportance, field_means, score_fields
 from shark_torchrec.memory import embedding_memory
 from shark_torchrec.planner.pruning import prune_tables
 from shark_torchrec.train.checkpoint import (
-    broadcast_str,
+    load_checkpoint,
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
@@ -170,6 +171,31 @@ def _bytes(model, optimizer, configs) -> int:
     return int(embedding_memory(model, optimizer, configs)["embedding_bytes"])
 
 
+def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, show: bool):
+    """Fine-tune on support samples, keeping the state of best dev AUC among the pruned model
+    as it is (epoch 0) and after each epoch: a model that has already seen all of train can
+    overfit when it sees it again, and then fine-tuning must not be kept.
+
+    Returns (dev, test metrics, checkpoint of the kept state, epochs kept)."""
+    p, t = cfg.prune, cfg.train
+    shapes = table_shapes(pruned.configs)
+    meta = _meta(pruned.cfg, TrainState(step=iteration), pruned.configs, env)
+    dev = evaluate(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
+    best, best_epoch = dev, 0
+    ckpt = save_checkpoint(root, 0, pruned.model, pruned.optimizer, meta, keep=1)
+    for epoch in range(1, p.finetune_epochs + 1):
+        support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration * 10 + epoch)
+        train_steps(pruned.model, pruned.optimizer, support, env, cfg.quant.precision, desc=f"fine-tune {iteration}.{epoch}", show=show)
+        dev = evaluate(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
+        if dev["auc"] > best["auc"]:
+            best, best_epoch = dev, epoch
+            ckpt = save_checkpoint(root, epoch, pruned.model, pruned.optimizer, meta, keep=1)
+    if best_epoch != p.finetune_epochs:
+        load_checkpoint(ckpt, pruned.model, pruned.optimizer, shapes, cfg.quant.precision)
+    test = evaluate(pruned.model, pruned.dataset, "test", t.eval_batch_size, env)
+    return best, test, ckpt, best_epoch
+
+
 def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     """Algorithm 1; returns (accepted candidate, step log, stop reason, base metrics)."""
     p, t = cfg.prune, cfg.train
@@ -184,13 +210,13 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
 
     dev, test = evaluate_both(base.model, base.dataset)
     base_bytes = _bytes(base.model, base.optimizer, base.configs)
-    ckpt = save_checkpoint(steps_root, 0, base.model, base.optimizer, _meta(base_cfg, TrainState(), base.configs, env), keep=2)
+    ckpt = save_checkpoint(steps_root / "iteration_000", 0, base.model, base.optimizer, _meta(base_cfg, TrainState(), base.configs, env), keep=1)
     accepted = Candidate(base_cfg, base.model, base.optimizer, base.configs, base.dataset, ckpt, base_bytes)
     fields = list(base.dataset.schema.sparse_names)
     log_rows: List[Dict[str, Any]] = [
         {"iteration": 0, "removed": [], "kept": fields, "memory_ratio": 1.0, "embedding_bytes": base_bytes,
          "dev_auc": dev["auc"], "dev_logloss": dev["logloss"], "test_auc": test["auc"],
-         "test_logloss": test["logloss"], "seconds": 0.0, "scoring_seconds": 0.0, "accepted": True}
+         "test_logloss": test["logloss"], "seconds": 0.0, "scoring_seconds": 0.0, "finetune_epochs_kept": 0, "accepted": True}
     ]
     base_dev_auc = dev["auc"]
     if show:
@@ -212,15 +238,14 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         start = time.perf_counter()
         imp = score(cfg, accepted.model, accepted.dataset, env)
         removed = imp.lowest(min(p.fields_per_step, len(kept) - 1))
-        means = {f: imp.mean_of(f) for f in removed}
+        if imp.means is None:  # random ranking: no lookups were made
+            means = field_means(accepted.model, accepted.dataset, p.score_split, t.eval_batch_size, env)
+        else:
+            means = {f: imp.mean_of(f) for f in removed}
         pruned = prune_tables(
             accepted.model, accepted.optimizer, accepted.cfg, accepted.dataset, env, removed, accepted.checkpoint, means
         )
-        support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration)
-        for epoch in range(p.finetune_epochs):
-            train_steps(pruned.model, pruned.optimizer, support, env, cfg.quant.precision, desc=f"fine-tune {iteration}.{epoch}", show=show)
-            support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration)
-        dev, test = evaluate_both(pruned.model, pruned.dataset)
+        dev, test, ckpt, epochs = finetune(cfg, pruned, env, steps_root / f"iteration_{iteration:03d}", iteration, show)
         nbytes = _bytes(pruned.model, pruned.optimizer, pruned.configs)
         ok = base_dev_auc - dev["auc"] <= p.max_auc_drop
         row = {
@@ -228,7 +253,7 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
             "memory_ratio": nbytes / base_bytes, "embedding_bytes": nbytes,
             "dev_auc": dev["auc"], "dev_logloss": dev["logloss"], "test_auc": test["auc"],
             "test_logloss": test["logloss"], "seconds": time.perf_counter() - start,
-            "scoring_seconds": imp.scoring_seconds, "accepted": ok,
+            "scoring_seconds": imp.scoring_seconds, "finetune_epochs_kept": epochs, "accepted": ok,
         }
         log_rows.append(row)
         if show:
@@ -240,21 +265,20 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         if not ok:
             reason = "max_auc_drop"
             break
-        ckpt = save_checkpoint(
-            steps_root, iteration, pruned.model, pruned.optimizer, _meta(pruned.cfg, TrainState(step=iteration), pruned.configs, env), keep=2
-        )
+        if env.is_main:  # every rank has loaded what it needed from the previous model
+            shutil.rmtree(accepted.checkpoint.parent, ignore_errors=True)
         accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
     return accepted, log_rows, reason, {"dev_auc": base_dev_auc, "test_auc": log_rows[0]["test_auc"], "embedding_bytes": base_bytes}
 
 
 def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
     (out_dir / "prune_log.json").write_text(json.dumps(rows, indent=2))
-    keys = ["iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "dev_logloss", "test_logloss", "seconds", "scoring_seconds", "accepted"]
+    keys = ["iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "dev_logloss", "test_logloss", "seconds", "scoring_seconds", "finetune_epochs_kept", "accepted"]
     with open(out_dir / "prune_log.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)
         for r in rows:
-            w.writerow([";".join(r[k]) if isinstance(r[k], list) else r[k] for k in keys])
+            w.writerow([";".join(r[k]) if isinstance(r[k], list) else r.get(k, "") for k in keys])
     plot_prune_log(rows, out_dir / "auc_vs_memory.png")
 
 
