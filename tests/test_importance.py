@@ -23,7 +23,7 @@ from shark_torchrec.importance.scores import (
 )
 from shark_torchrec.importance.scoring import FieldView, score_fields
 from shark_torchrec.models.dlrm import build_dlrm, table_configs
-from shark_torchrec.train.checkpoint import load_full_state, resolve_checkpoint
+from shark_torchrec.train.checkpoint import load_full_state
 
 
 # --- the math, on a loss linear in the field vectors (where the first-order term is exact) ---

@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 
@@ -135,19 +135,10 @@ def importance_job(cfg: JobConfig) -> Dict[str, Any]:
         metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
         if env.is_main:
             write_importance(imp, Path(cfg.run.out_dir))
-            _write_json(cfg, metrics)
+            write_metrics(cfg, metrics)
         return metrics
     finally:
         shutdown_distributed()
-
-
-def _write_json(cfg: JobConfig, metrics: Dict[str, Any]) -> None:
-    text = json.dumps(metrics, indent=2)
-    Path(cfg.run.out_dir, "metrics.json").write_text(text)
-    if cfg.run.metrics_out:
-        p = Path(cfg.run.metrics_out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------
