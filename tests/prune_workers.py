@@ -30,9 +30,12 @@ def tiny_config(out: str, precision: str = "fp32", removal: str = "slice") -> Jo
     return cfg.validate()
 
 
-def prune_and_compare(out: str, precision: str, removal: str, removed: List[str]) -> Dict:
+def prune_and_compare(out: str, precision: str, removal: str, removed: List[str], feed_full: bool = False) -> Dict:
     """Train, remove `removed`, and compare the pruned model's logits with the old model's
-    head fed v_i = 0 (slice) or E[v_i] (constant); then fine-tune the pruned model."""
+    head fed v_i = 0 (slice) or E[v_i] (constant); then fine-tune the pruned model.
+
+    `feed_full`: the pruned model gets batches that still carry the removed features (instead
+    of the pruned dataset view) for comparison, evaluation and training."""
     quiet_libraries()
     env = init_distributed()
     try:
@@ -52,9 +55,11 @@ def prune_and_compare(out: str, precision: str, removal: str, removed: List[str]
         diff = 0.0
         with torch.no_grad():
             full = tm.dataset.batches("dev", 512, env.rank, env.world_size)
-            view = pruned.dataset.batches("dev", 512, env.rank, env.world_size)
+            data = tm.dataset if feed_full else pruned.dataset
+            view = data.batches("dev", 512, env.rank, env.world_size)
             for batch, small in zip(full, view):
-                assert small.sparse_features.keys() == [f for f in old.sparse_names if f not in removed]
+                kept = [f for f in old.sparse_names if f not in removed]
+                assert small.sparse_features.keys() == (old.sparse_names if feed_full else kept)
                 v = old.lookup(batch)
                 for f in removed:
                     i = 1 + old.sparse_names.index(f)
@@ -62,11 +67,11 @@ def prune_and_compare(out: str, precision: str, removal: str, removed: List[str]
                 want = old.head(v)
                 _, (_, got, _, _) = pruned.model(small)
                 diff = max(diff, (got - want).abs().max().item())
-        before = evaluate(pruned.model, pruned.dataset, "dev", 512, env)
+        before = evaluate(pruned.model, data, "dev", 512, env)
         pruned.model.train()
-        batches = pruned.dataset.batches("train", 128, env.rank, env.world_size)
+        batches = data.batches("train", 128, env.rank, env.world_size)
         steps = train_steps(pruned.model, pruned.optimizer, batches, env, precision)
-        after = evaluate(pruned.model, pruned.dataset, "dev", 512, env)
+        after = evaluate(pruned.model, data, "dev", 512, env)
         return {"planned": planned, "max_diff": diff, "steps": steps, "auc_before": before["auc"], "auc_after": after["auc"]}
     finally:
         shutdown_distributed()

@@ -193,14 +193,16 @@ def test_noise_fields_rank_below_strong_and_medium(trained, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "precision,removal,nproc", [("fp32", "slice", 2), ("fp32", "constant", 1), ("shark", "slice", 2)]
+    "precision,removal,nproc,feed_full",
+    [("fp32", "slice", 2, True), ("fp32", "constant", 1, False), ("shark", "slice", 2, False)],
 )
-def test_pruned_model_is_planned_without_its_tables_and_trains(tmp_path, precision, removal, nproc):
+def test_pruned_model_is_planned_without_its_tables_and_trains(tmp_path, precision, removal, nproc, feed_full):
     """The pruned model (before fine-tuning) computes exactly what the old head computes with
     the removed fields set to 0 (slice) or E[v] (constant); kept tables keep their values and
-    optimizer state through the re-plan; the pruned model then trains under DMP."""
+    optimizer state through the re-plan; the pruned model then trains under DMP, fed batches
+    that still carry the removed features (feed_full) or the pruned dataset view."""
     removed = ["c9", "c3"]
-    got = launch(PW.prune_and_compare, nproc, str(tmp_path), precision, removal, removed)
+    got = launch(PW.prune_and_compare, nproc, str(tmp_path), precision, removal, removed, feed_full)
     assert not set(got["planned"]) & {"t_c9", "t_c3"} and len(got["planned"]) == 9
     assert got["max_diff"] < 1e-5
     assert got["steps"] > 0 and got["auc_after"] > 0.6
