@@ -115,23 +115,32 @@ def markdown(summary, command: str, total_fields: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLORS = {"taylor": "tab:blue", "taylor-abs": "tab:orange", "permutation": "tab:green", "random": "tab:red"}
+
+
 def plot(summary, path: Path, removal: str) -> None:
+    """Left: every method. Right: taylor-abs against permutation, zoomed, with the spread of
+    their paired difference (std over seeds) as error bars on permutation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for method in METHODS:
-        pts = sorted((s["kept"], s["auc"]) for s in summary if s["method"] == method and s["removal"] == removal)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
     base = next(s["auc"] for s in summary if s["method"] == "base")
-    ax.axhline(base, color="gray", ls="--", label="all fields")
-    ax.set_xlabel("fields kept")
-    ax.set_ylabel("test AUC (mean over seeds)")
-    ax.set_title(f"Pruning by field ranking ({removal} removal, fine-tuned)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, methods in zip(axes, (METHODS, (REFERENCE, "permutation"))):
+        zoom = len(methods) == 2
+        for method in methods:
+            pts = sorted((s["kept"], s["auc"], (s["diff"] or (0, 0))[1]) for s in summary if s["method"] == method and s["removal"] == removal)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts] if zoom else None,
+                            fmt="o-", capsize=3, color=COLORS[method], label=method)
+        ax.axhline(base, color="gray", ls="--", label="all fields")
+        ax.set_xlabel("fields kept")
+        ax.set_ylabel("test AUC (mean over seeds)")
+        ax.set_title(f"Pruning by field ranking ({removal} removal, fine-tuned)" if not zoom else
+                     f"{REFERENCE} vs permutation (bars: std of the paired difference)", fontsize=10)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
