@@ -64,10 +64,23 @@ def prune_main(argv: List[str]) -> int:
     return 0
 
 
+def compress_main(argv: List[str]) -> int:
+    """Compress a model: train (or --checkpoint), prune fields (F-P), quantize rows (F-Q), evaluate."""
+    from shark_torchrec.train.compress import compress_job
+
+    metrics = _run("shark compress", compress_job, argv, compress_main.__doc__ or "")
+    if metrics is None:
+        return 2
+    keys = ("base_test_auc", "test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "train": train_main,
     "importance": importance_main,
     "prune": prune_main,
+    "compress": compress_main,
 }
 
 

@@ -226,12 +226,23 @@ class PruneConfig:
 
 
 @dataclass
+class CompressConfig:
+    quant_budget: Optional[float] = None
+    """`shark compress`: F-Quantization's per-table budget (fraction of the pruned model's fp32
+    bytes). Default: target-memory / the memory ratio pruning left, clipped to what int8 can
+    reach and to 1."""
+    quant_epochs: int = 1
+    """`shark compress`: epochs of F-Quantization fine-tuning of the pruned model."""
+
+
+@dataclass
 class JobConfig:
     dataset: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: PrecisionConfig = field(default_factory=PrecisionConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     run: RunConfig = field(default_factory=RunConfig)
     config: Optional[str] = None
     """TOML file with the job's defaults; flags given beside it override it."""
@@ -265,6 +276,18 @@ class JobConfig:
             raise ConfigError(f"prune.target_memory={p.target_memory}: a fraction of the base model's memory in (0, 1]")
         if p.max_auc_drop < 0:
             raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
+        c = self.compress
+        if c.quant_epochs < 0:
+            raise ConfigError("compress.quant_epochs must be >= 0")
+        if c.quant_budget is not None:
+            from shark_torchrec.precision.priority import min_budget
+
+            floor = min_budget(m.embedding_dim)
+            if not floor <= c.quant_budget <= 1.0:
+                raise ConfigError(
+                    f"compress.quant_budget={c.quant_budget}: at embedding_dim {m.embedding_dim} it must be in "
+                    f"[{floor:.3f}, 1] (all rows int8 plus the row map take {floor:.3f} of fp32)"
+                )
         q = self.quant
         if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None or q.row_fractions):
             raise ConfigError(f"quant: --memory-budget/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}")
@@ -288,6 +311,7 @@ def _group_classes() -> dict[str, type]:
         "train": TrainConfig,
         "quant": PrecisionConfig,
         "prune": PruneConfig,
+        "compress": CompressConfig,
         "run": RunConfig,
     }
 

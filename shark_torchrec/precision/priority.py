@@ -52,6 +52,12 @@ def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
+def min_budget(dim: int) -> float:
+    """The smallest budget (fraction of fp32 bytes) a table of this dim can reach: every row
+    int8 (codes, fp16 scale and bias) plus the row map."""
+    return (row_bytes(dim, INT8) + ROW_MAP_BYTES) / (4 * dim)
+
+
 @dataclass(frozen=True)
 class GroupCounts:
     fp32: int

@@ -1,0 +1,215 @@
+"""`shark compress`: base model -> F-Permutation pruning -> F-Quantization fine-tuning.
+
+Run directory layout (`--out DIR`):
+
+    DIR/stages.json        finished stages and what they produced (written atomically)
+    DIR/base/              the base model: a `shark train` run (config, metrics, checkpoints)
+    DIR/prune/             the pruning loop: prune_log.csv/json, auc_vs_memory.png, pruned/
+    DIR/quantize/          the pruned model converted to mixed precision and fine-tuned
+    DIR/metrics.json       the pipeline's figures (also --metrics-out)
+
+Memory split: `--target-memory R` is the whole pipeline's target (embedding bytes over the
+base model's fp32 bytes). Pruning goes down to R as far as the AUC bound allows and leaves a
+ratio p; F-Quantization then gets the per-table budget R / p, clipped to what all-int8 rows can
+reach and to 1 (`--quant-budget` overrides it). F-Quantization starts from the pruned model's
+weights (`--init-from`), not from scratch, and fine-tunes for `--quant-epochs`.
+
+Resume: a stage is recorded in stages.json only once it has finished, so `--resume` skips the
+finished stages and redoes the rest: training stages continue from their newest checkpoint
+(bit-exact, as `shark train --resume`), an interrupted pruning loop starts over from the base
+model. Without `--resume`, a directory that already holds a pipeline is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch.distributed as dist
+
+from shark_torchrec.config import JobConfig, PrecisionConfig, save_config
+from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.precision.priority import min_budget
+from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint, save_checkpoint
+from shark_torchrec.train.pruning import base_model, prune_loop, write_prune_log
+from shark_torchrec.train.trainer import (
+    TrainedModel,
+    TrainState,
+    _meta,
+    final_metrics,
+    fit,
+    quiet_libraries,
+    write_metrics,
+)
+
+log = logging.getLogger("shark")
+
+STAGES = ("base", "prune", "quantize")
+STAGES_FILE = "stages.json"
+
+
+def read_stages(out: Path) -> Dict[str, Any]:
+    path = out / STAGES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record(out: Path, stages: Dict[str, Any], env: DistEnv) -> None:
+    if env.is_main:
+        tmp = out / f"{STAGES_FILE}.tmp"
+        tmp.write_text(json.dumps(stages, indent=2))
+        os.replace(tmp, out / STAGES_FILE)  # atomic: a stage is finished or not recorded
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def quant_budget(cfg: JobConfig, prune_ratio: float) -> float:
+    """F-Quantization's per-table budget after pruning left `prune_ratio` of the memory."""
+    if cfg.compress.quant_budget is not None:
+        return cfg.compress.quant_budget
+    want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
+    return min(1.0, max(want, min_budget(cfg.model.embedding_dim)))
+
+
+def _stage_config(cfg: JobConfig, out: Path, stage: str) -> JobConfig:
+    c = copy.deepcopy(cfg)
+    c.run.out_dir = str(out / stage)
+    c.run.checkpoint_dir = ""
+    c.run.metrics_out = ""
+    c.run.resume = bool(cfg.run.resume and list_checkpoints(out / stage / "checkpoints"))
+    return c
+
+
+def run_base(cfg: JobConfig, out: Path, env: DistEnv):
+    b = _stage_config(cfg, out, "base")
+    b.quant = PrecisionConfig()  # the base model is stock fp32 TorchRec
+    if b.run.resume:
+        b.run.checkpoint = ""  # continue the interrupted training, not the starting point
+    trained = base_model(b, env)
+    metrics = final_metrics(b, trained)
+    if env.is_main:
+        write_metrics(b, metrics)
+    record = {
+        "checkpoint": str(resolve_checkpoint(b.checkpoint_dir)),
+        "test_auc": metrics["test_auc"],
+        "dev_auc": metrics["dev_auc"],
+        "embedding_bytes": metrics["embedding_bytes"],
+    }
+    return record, trained
+
+
+def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, Any], base: Optional[TrainedModel]):
+    p = _stage_config(cfg, out, "prune")
+    p.quant = PrecisionConfig()
+    p.run.resume = False
+    p.run.checkpoint = base_record["checkpoint"]
+    if base is None:  # resumed: the base model comes back from its checkpoint
+        b = copy.deepcopy(p)
+        b.run.out_dir = str(out / "prune" / "base_loaded")
+        base = base_model(b, env)
+    stage_dir = Path(p.run.out_dir)
+    accepted, rows, reason, base_metrics = prune_loop(p, env, base, stage_dir)
+    final_cfg = copy.deepcopy(accepted.cfg)
+    ckpt = save_checkpoint(stage_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env), keep=1)
+    if env.is_main:
+        write_prune_log(rows, stage_dir)
+    full = list(base.dataset.schema.sparse_names)
+    kept = list(accepted.dataset.schema.sparse_names)
+    last = next(r for r in reversed(rows) if r["accepted"])
+    return {
+        "checkpoint": str(ckpt),
+        "kept_fields": kept,
+        "pruned_fields": [f for f in full if f not in kept],
+        "field_removal": final_cfg.model.field_removal,
+        "memory_ratio": accepted.embedding_bytes / base_metrics["embedding_bytes"],
+        "stop_reason": reason,
+        "dev_auc": last["dev_auc"],
+        "test_auc": last["test_auc"],
+    }
+
+
+def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]):
+    budget = quant_budget(cfg, pruned["memory_ratio"])
+    q = _stage_config(cfg, out, "quantize")
+    q.model.kept_fields = tuple(pruned["kept_fields"])
+    q.model.field_removal = pruned["field_removal"]
+    if q.quant.precision not in ("shark", "freq"):
+        q.quant.precision = "shark"
+    if q.quant.t8 is None and not q.quant.row_fractions:
+        q.quant.memory_budget = budget
+    q.train.epochs = cfg.compress.quant_epochs
+    q.run.checkpoint = ""
+    q.run.init_from = "" if q.run.resume else pruned["checkpoint"]
+    q.validate()
+    trained = fit(q, env)
+    metrics = final_metrics(q, trained)
+    if env.is_main:
+        write_metrics(q, metrics)
+    return {"checkpoint": str(resolve_checkpoint(q.checkpoint_dir)), "budget": budget, "metrics": metrics}
+
+
+def compress_job(cfg: JobConfig) -> Dict[str, Any]:
+    """One rank of `shark compress`."""
+    quiet_libraries()
+    env = init_distributed()
+    try:
+        out = Path(cfg.run.out_dir or time.strftime("runs/compress-%Y%m%d-%H%M%S", time.gmtime()))
+        cfg.run.out_dir = str(out)
+        stages = read_stages(out)
+        if stages and not cfg.run.resume:
+            raise CheckpointError(
+                f"{out} already holds a compression run (stages {', '.join(stages)}): pass --resume to "
+                "continue it, or choose another --out (nothing was overwritten)"
+            )
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.toml")
+        if env.world_size > 1:
+            dist.barrier()
+        timings: Dict[str, float] = {}
+        base = None
+        if "base" not in stages:
+            t0 = time.perf_counter()
+            stages["base"], base = run_base(cfg, out, env)
+            stages["base"]["seconds"] = time.perf_counter() - t0
+            _record(out, stages, env)
+        if "prune" not in stages:
+            t0 = time.perf_counter()
+            stages["prune"] = run_prune(cfg, out, env, stages["base"], base)
+            stages["prune"]["seconds"] = time.perf_counter() - t0
+            _record(out, stages, env)
+        del base
+        if "quantize" not in stages:
+            t0 = time.perf_counter()
+            q = run_quantize(cfg, out, env, stages["prune"])
+            stages["quantize"] = {
+                "checkpoint": q["checkpoint"], "budget": q["budget"],
+                "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
+                "seconds": time.perf_counter() - t0,
+            }
+            _record(out, stages, env)
+            metrics = q["metrics"]
+        else:
+            metrics = json.loads((out / "quantize" / "metrics.json").read_text())
+        timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
+        metrics = {
+            **metrics,
+            "base_test_auc": stages["base"]["test_auc"],
+            "base_embedding_bytes": stages["base"]["embedding_bytes"],
+            "memory_ratio": metrics["embedding_bytes"] / stages["base"]["embedding_bytes"],
+            "prune_memory_ratio": stages["prune"]["memory_ratio"],
+            "quant_budget": stages["quantize"]["budget"],
+            "kept_fields": stages["prune"]["kept_fields"],
+            "pruned_fields": stages["prune"]["pruned_fields"],
+            "stop_reason": stages["prune"]["stop_reason"],
+            "stage_seconds": timings,
+        }
+        if env.is_main:
+            write_metrics(cfg, metrics)
+        return metrics
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,51 @@
+"""`shark compress`: stages, resume after an interruption, and config refusal."""
+
+import json
+
+import torch
+
+from conftest import TINY, run_shark
+from shark_torchrec.train.checkpoint import load_full_state
+
+ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.01", "--max-iterations", "2",
+        "--support-rows", "2000", "--quant-epochs", "2", "--checkpoint-every", "10"]
+
+
+def test_compress_resumes_from_the_last_finished_stage(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_shark("compress", *ARGS, "--out", str(straight), "--metrics-out", str(straight / "m.json"))
+    m = json.loads((straight / "m.json").read_text())
+    for key in ("test_auc", "embedding_bytes", "base_test_auc", "kept_fields", "pruned_fields", "memory_ratio", "quant_budget"):
+        assert key in m, key
+    assert m["precision"] == "shark" and m["rows_int8"] > 0
+    assert len(m["pruned_fields"]) == 2 and m["memory_ratio"] < m["prune_memory_ratio"] < 1
+    for part in ("base/metrics.json", "prune/prune_log.csv", "prune/auc_vs_memory.png", "quantize/metrics.json", "stages.json"):
+        assert (straight / part).exists(), part
+
+    # The base stage has 47 steps, so step 60 falls in the quantize stage (2 epochs, 94 steps).
+    killed = run_shark("compress", *ARGS, "--out", str(broken), "--fail-at-step", "60", check=False)
+    assert killed.returncode == 17
+    stages = json.loads((broken / "stages.json").read_text())
+    assert set(stages) == {"base", "prune"}
+    base_ckpt = stages["base"]["checkpoint"]
+    refused = run_shark("compress", *ARGS, "--out", str(broken), check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    run_shark("compress", *ARGS, "--out", str(broken), "--resume")
+    after = json.loads((broken / "stages.json").read_text())
+    assert after["base"] == stages["base"] and after["prune"] == stages["prune"]  # not redone
+    assert after["base"]["checkpoint"] == base_ckpt
+    a = load_full_state(straight / "quantize" / "checkpoints")["model"]
+    b = load_full_state(broken / "quantize" / "checkpoints")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_bad_compress_config_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    proc = run_shark("compress", *TINY, "--quant-budget", "0.2", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "compress.quant_budget" in proc.stderr
+    proc = run_shark("compress", *TINY, "--t8", "5", "--t16", "1", "--precision", "shark", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "t8" in proc.stderr
+    assert not out.exists()
