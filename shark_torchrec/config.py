@@ -291,6 +291,15 @@ class JobConfig:
         q = self.quant
         if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None or q.row_fractions):
             raise ConfigError(f"quant: --memory-budget/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}")
+        if q.precision in ("shark", "freq") and q.memory_budget is not None:
+            from shark_torchrec.precision.priority import min_budget
+
+            floor = min_budget(m.embedding_dim)
+            if q.memory_budget < floor:
+                raise ConfigError(
+                    f"quant.memory_budget={q.memory_budget} is below what embedding_dim {m.embedding_dim} can reach: "
+                    f"all rows int8 plus the row map take {floor:.3f} of fp32"
+                )
         try:
             q.policy(t.lr, t.eps, t.seed, t.emb_optimizer)
         except ValueError as e:

@@ -5,6 +5,7 @@ import json
 import torch
 
 from conftest import TINY, run_shark
+from test_export import compare_export
 from shark_torchrec.train.checkpoint import load_full_state
 
 ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.01", "--max-iterations", "2",
@@ -21,6 +22,10 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     assert len(m["pruned_fields"]) == 2 and m["memory_ratio"] < m["prune_memory_ratio"] < 1
     for part in ("base/metrics.json", "prune/prune_log.csv", "prune/auc_vs_memory.png", "quantize/metrics.json", "stages.json"):
         assert (straight / part).exists(), part
+    # The pruned, quantized model exports to the inference module with the same logits and bytes.
+    quantized = json.loads((straight / "quantize" / "metrics.json").read_text())
+    diff, ebc = compare_export(straight / "quantize" / "checkpoints", quantized)
+    assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
 
     # The base stage has 47 steps, so step 60 falls in the quantize stage (2 epochs, 94 steps).
     killed = run_shark("compress", *ARGS, "--out", str(broken), "--fail-at-step", "60", check=False)

@@ -114,7 +114,7 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
     stage_dir = Path(p.run.out_dir)
     accepted, rows, reason, base_metrics = prune_loop(p, env, base, stage_dir)
     final_cfg = copy.deepcopy(accepted.cfg)
-    ckpt = save_checkpoint(stage_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env), keep=1)
+    ckpt = save_checkpoint(stage_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
     if env.is_main:
         write_prune_log(rows, stage_dir)
     full = list(base.dataset.schema.sparse_names)

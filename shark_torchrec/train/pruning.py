@@ -170,7 +170,7 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
     Returns (dev, test metrics, checkpoint of the kept state, epochs kept)."""
     p, t = cfg.prune, cfg.train
     shapes = table_shapes(pruned.configs)
-    meta = _meta(pruned.cfg, TrainState(step=iteration), pruned.configs, env)
+    meta = _meta(pruned.cfg, TrainState(step=iteration), pruned.configs, env, pruned.dataset.full_schema)
     dev = evaluate(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
     best, best_epoch = dev, 0
     ckpt = save_checkpoint(root, 0, pruned.model, pruned.optimizer, meta, keep=1)
@@ -201,7 +201,7 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
 
     dev, test = evaluate_both(base.model, base.dataset)
     base_bytes = _bytes(base.model, base.optimizer, base.configs)
-    ckpt = save_checkpoint(steps_root / "iteration_000", 0, base.model, base.optimizer, _meta(base_cfg, TrainState(), base.configs, env), keep=1)
+    ckpt = save_checkpoint(steps_root / "iteration_000", 0, base.model, base.optimizer, _meta(base_cfg, TrainState(), base.configs, env, base.dataset.full_schema), keep=1)
     accepted = Candidate(base_cfg, base.model, base.optimizer, base.configs, base.dataset, ckpt, base_bytes)
     fields = list(base.dataset.schema.sparse_names)
     log_rows: List[Dict[str, Any]] = [
@@ -309,7 +309,7 @@ def prune_job(cfg: JobConfig) -> Dict[str, Any]:
         # The pruned model, as a checkpoint any shark command can start from.
         final_cfg = copy.deepcopy(accepted.cfg)
         final_cfg.run.out_dir = cfg.run.out_dir
-        save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env), keep=1)
+        save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
         trained = TrainedModel(accepted.model, accepted.optimizer, accepted.dataset, env, accepted.configs, TrainState(), base.train_seconds)
         metrics = final_metrics(final_cfg, trained)
         full = list(base.dataset.schema.sparse_names)

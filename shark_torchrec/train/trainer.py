@@ -106,12 +106,15 @@ def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
     return dmp, optimizer, configs, plan
 
 
-def _meta(cfg: JobConfig, state: TrainState, configs, env: DistEnv) -> Dict[str, Any]:
+def _meta(cfg: JobConfig, state: TrainState, configs, env: DistEnv, schema) -> Dict[str, Any]:
+    """What a checkpoint says about itself; `schema` (the data's full field list, in order)
+    lets a model be rebuilt from the checkpoint alone (export)."""
     return {
         **asdict(state),
         "tables": table_shapes(configs),
         "world_size": env.world_size,
         "config": config_to_dict(cfg),
+        "schema": asdict(schema),
     }
 
 
@@ -167,7 +170,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     show = run.progress and env.is_main
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env), run.keep_checkpoints)
+        save_checkpoint(ckpt_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env, dataset.full_schema), run.keep_checkpoints)
 
     def dev_eval() -> bool:
         """Evaluate on dev; True when early stopping says stop."""
@@ -177,7 +180,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             state.best_dev_auc, state.evals_since_best = m["auc"], 0
             if t.early_stopping_patience:
                 # Early stopping returns the best model, so keep it as it is now.
-                save_checkpoint(best_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env), keep=1)
+                save_checkpoint(best_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env, dataset.full_schema), keep=1)
         else:
             state.evals_since_best += 1
         state.history.append({"step": state.step, "epoch": state.epoch, "dev_auc": m["auc"], "dev_logloss": m["logloss"]})

@@ -1,0 +1,76 @@
+"""The inference module: exported from a trained mixed-precision model, same logits, same bytes."""
+
+import json
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from conftest import TINY, run_shark
+from shark_torchrec.data import open_dataset
+from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
+from shark_torchrec.train.checkpoint import CheckpointError
+from shark_torchrec.train.export import export_inference_model, load_trained_model
+
+
+def compare_export(ckpt, metrics):
+    """Max |logit difference| of the export against the trained model on the test split, and
+    the export's collection; its bytes and group rows must be the trained model's."""
+    trained, cfg = load_trained_model(ckpt)
+    exported, _ = export_inference_model(ckpt)
+    ebc = exported.model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, MixedPrecisionInferenceEmbeddingBagCollection)
+    assert ebc.memory_bytes() == metrics["embedding_bytes"]
+    assert ebc.group_rows() == {k: metrics[k] for k in ("rows_fp32", "rows_fp16", "rows_int8")}
+    # no training state is carried: weights, row map and lookup metadata only
+    assert not [n for n, _ in ebc.named_buffers() if "momentum" in n or "priority" in n]
+    data = open_dataset(cfg.dataset, cfg.train.seed)
+    if cfg.model.kept_fields:
+        data = data.with_fields(list(cfg.model.kept_fields))
+    diff = 0.0
+    with torch.no_grad():
+        for batch in data.batches("test", 1024):
+            _, (_, want, _, _) = trained(batch)
+            _, (_, got, _, _) = exported(batch)
+            diff = max(diff, (want - got).abs().max().item())
+    return diff, ebc
+
+
+@pytest.fixture(scope="module")
+def shark_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shark")
+    run_shark("train", *TINY, "--embedding-dim", "16", "--precision", "shark", "--memory-budget", "0.6", "--fp32-fraction", "0.1", "--reassign-every", "10",
+              "--out", str(out), "--metrics-out", str(out / "m.json"))
+    return out, json.loads((out / "m.json").read_text())
+
+
+def test_export_matches_the_trained_model(shark_run):
+    out, metrics = shark_run
+    assert metrics["rows_int8"] and metrics["rows_fp16"] and metrics["rows_fp32"]
+    diff, _ = compare_export(out / "checkpoints", metrics)
+    assert diff < 1e-5  # the same rows through the same FBGEMM kernel
+
+
+def test_export_scripts_and_exports(shark_run):
+    """TorchRec's quantized EmbeddingBagCollection goes through torch.export here (its
+    torch.jit.script fails on this stack); ours goes through both."""
+    out, _ = shark_run
+    exported, _ = export_inference_model(out / "checkpoints")
+    ebc = exported.model.sparse_arch.embedding_bag_collection
+    names = ebc.feature_names
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=names, values=torch.arange(len(names) * 3) % 7, lengths=torch.ones(len(names) * 3, dtype=torch.int64)
+    )
+    want = ebc(kjt).values()
+    torch.testing.assert_close(torch.jit.script(ebc)(kjt).values(), want, rtol=0, atol=0)
+    program = torch.export.export(ebc, (kjt,))
+    torch.testing.assert_close(program.module()(kjt).values(), want, rtol=0, atol=0)
+    bad = KeyedJaggedTensor.from_lengths_sync(keys=names, values=torch.tensor([10**6] * len(names)), lengths=torch.ones(len(names), dtype=torch.int64))
+    with pytest.raises(ValueError, match=f"feature {names[0]}: id 1000000 outside its table"):
+        ebc(bad)
+
+
+def test_fp32_checkpoint_is_not_exported_as_mixed_precision(tmp_path):
+    run_shark("train", *TINY, "--synthetic-train-rows", "1000", "--out", str(tmp_path))
+    with pytest.raises(CheckpointError, match="fp32 TorchRec tables"):
+        export_inference_model(tmp_path / "checkpoints")
