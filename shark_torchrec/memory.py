@@ -82,3 +82,20 @@ def embedding_memory(
     keys = ("embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes", "priority_bytes", "rows_fp32", "rows_fp16", "rows_int8")
     total = {k: sum(v.get(k, 0) for v in per_table.values()) for k in keys}
     return {**total, "tables": {t: per_table[t] for t in configs}}
+
+
+# TorchRec's `quantize_embeddings` builds FBGEMM inference tables with FBGEMM's default row
+# alignment (16 bytes) on every device; tests check this against a real allocation.
+TORCHREC_QUANT_ROW_ALIGNMENT = 16
+
+
+def torchrec_int8_bytes(configs: Iterable[BaseEmbeddingConfig]) -> int:
+    """Bytes of the same tables after TorchRec's `quantize_embeddings(dtype=torch.qint8)`: per
+    row, the int8 codes plus an fp16 scale and bias, rounded up to the row alignment."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
+
+    return sum(
+        c.num_embeddings * rounded_row_size_in_bytes(c.embedding_dim, SparseType.INT8, TORCHREC_QUANT_ROW_ALIGNMENT)
+        for c in configs
+    )

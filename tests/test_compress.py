@@ -20,12 +20,16 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
         assert key in m, key
     assert m["precision"] == "shark" and m["rows_int8"] > 0
     assert len(m["pruned_fields"]) == 2 and m["memory_ratio"] < m["prune_memory_ratio"] < 1
-    for part in ("base/metrics.json", "prune/prune_log.csv", "prune/auc_vs_memory.png", "quantize/metrics.json", "stages.json"):
+    for part in ("base/metrics.json", "prune/prune_log.csv", "prune/auc_vs_memory.png", "quantize/metrics.json",
+                 "export/model.pt", "export/embedding_collection.pt", "export/export.json", "stages.json"):
         assert (straight / part).exists(), part
     # The pruned, quantized model exports to the inference module with the same logits and bytes.
     quantized = json.loads((straight / "quantize" / "metrics.json").read_text())
     diff, ebc = compare_export(straight / "quantize" / "checkpoints", quantized)
     assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
+    e = m["export"]
+    assert e["max_abs_logit_diff_dev"] < 1e-5 and e["inference_bytes"] == quantized["embedding_bytes"]
+    assert e["inference_bytes"] < e["fp32_bytes"] < e["base_fp32_bytes"]
 
     # The base stage has 47 steps, so step 60 falls in the quantize stage (2 epochs, 94 steps).
     killed = run_shark("compress", *ARGS, "--out", str(broken), "--fail-at-step", "60", check=False)

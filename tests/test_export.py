@@ -74,3 +74,17 @@ def test_fp32_checkpoint_is_not_exported_as_mixed_precision(tmp_path):
     run_shark("train", *TINY, "--synthetic-train-rows", "1000", "--out", str(tmp_path))
     with pytest.raises(CheckpointError, match="fp32 TorchRec tables"):
         export_inference_model(tmp_path / "checkpoints")
+
+
+def test_torchrec_int8_baseline_bytes_are_what_quantize_embeddings_allocates():
+    from torchrec.inference.modules import quantize_embeddings
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from shark_torchrec.memory import torchrec_int8_bytes
+
+    tables = [EmbeddingBagConfig(name=f"t{d}", embedding_dim=d, num_embeddings=50 + d, feature_names=[f"f{d}"]) for d in (16, 64)]
+    for cfgs in ([tables[0]], [tables[1]]):
+        q = quantize_embeddings(torch.nn.Sequential(EmbeddingBagCollection(tables=cfgs)), dtype=torch.qint8, inplace=False)
+        allocated = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+        assert allocated == torchrec_int8_bytes(cfgs)

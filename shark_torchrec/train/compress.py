@@ -6,6 +6,8 @@ Run directory layout (`--out DIR`):
     DIR/base/              the base model: a `shark train` run (config, metrics, checkpoints)
     DIR/prune/             the pruning loop: prune_log.csv/json, auc_vs_memory.png, pruned/
     DIR/quantize/          the pruned model converted to mixed precision and fine-tuned
+    DIR/export/            model.pt (the inference model, torch.save), embedding_collection.pt
+                           (its collection, torch.jit.script), export.json (bytes and checks)
     DIR/metrics.json       the pipeline's figures (also --metrics-out)
 
 Memory split: `--target-memory R` is the whole pipeline's target (embedding bytes over the
@@ -49,7 +51,7 @@ from shark_torchrec.train.trainer import (
 
 log = logging.getLogger("shark")
 
-STAGES = ("base", "prune", "quantize")
+STAGES = ("base", "prune", "quantize", "export")
 STAGES_FILE = "stages.json"
 
 
@@ -152,6 +154,71 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
     return {"checkpoint": str(resolve_checkpoint(q.checkpoint_dir)), "budget": budget, "metrics": metrics}
 
 
+def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) -> Dict[str, Any]:
+    """Rank 0 exports the quantized model and checks it against the trained one on dev."""
+    record: Dict[str, Any] = {}
+    if env.is_main:
+        record = export_model(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"])
+    if env.world_size > 1:
+        box = [record]
+        dist.broadcast_object_list(box, src=0)
+        record = box[0]
+    return record
+
+
+def export_model(checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None) -> Dict[str, Any]:
+    """Write the inference model and its figures: bytes beside the fp32 tables and beside
+    TorchRec's per-table int8 (`quantize_embeddings`), and the largest logit difference to the
+    trained model over the dev split."""
+    import torch
+
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.memory import torchrec_int8_bytes
+    from shark_torchrec.train.export import export_inference_model, load_trained_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    trained, qcfg = load_trained_model(checkpoint)
+    exported, _ = export_inference_model(checkpoint)
+    ebc = exported.model.sparse_arch.embedding_bag_collection
+    data = open_dataset(qcfg.dataset, qcfg.train.seed)
+    if qcfg.model.kept_fields:
+        data = data.with_fields(list(qcfg.model.kept_fields))
+    diff = 0.0
+    with torch.no_grad():
+        for batch in data.batches("dev", qcfg.train.eval_batch_size):
+            _, (_, want, _, _) = trained(batch)
+            _, (_, got, _, _) = exported(batch)
+            diff = max(diff, (want - got).abs().max().item())
+    configs = ebc.embedding_bag_configs()
+    record: Dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "inference_bytes": ebc.memory_bytes(),
+        **ebc.group_rows(),
+        "fp32_bytes": sum(c.num_embeddings * c.embedding_dim * 4 for c in configs),
+        "torchrec_int8_bytes": torchrec_int8_bytes(configs),
+        "max_abs_logit_diff_dev": diff,
+    }
+    if base_checkpoint:
+        from shark_torchrec.train.checkpoint import read_meta, resolve_checkpoint
+
+        shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
+        record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
+        record["base_torchrec_int8_bytes"] = sum(
+            torchrec_int8_bytes([_Shape(r, d)]) for r, d in shapes.values()
+        )
+    torch.save(exported, out / "model.pt")
+    torch.jit.script(ebc).save(str(out / "embedding_collection.pt"))
+    (out / "export.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+class _Shape:
+    """A table's rows and dim, as `torchrec_int8_bytes` reads them."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        self.num_embeddings, self.embedding_dim = rows, dim
+
+
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
     """One rank of `shark compress`."""
     quiet_libraries()
@@ -195,6 +262,11 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             metrics = q["metrics"]
         else:
             metrics = json.loads((out / "quantize" / "metrics.json").read_text())
+        if "export" not in stages:
+            t0 = time.perf_counter()
+            stages["export"] = run_export(cfg, out, env, stages)
+            stages["export"]["seconds"] = time.perf_counter() - t0
+            _record(out, stages, env)
         timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
         metrics = {
             **metrics,
@@ -207,6 +279,7 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             "pruned_fields": stages["prune"]["pruned_fields"],
             "stop_reason": stages["prune"]["stop_reason"],
             "stage_seconds": timings,
+            "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
         }
         if env.is_main:
             write_metrics(cfg, metrics)
