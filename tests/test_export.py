@@ -65,6 +65,15 @@ def test_export_scripts_and_exports(shark_run):
     torch.testing.assert_close(torch.jit.script(ebc)(kjt).values(), want, rtol=0, atol=0)
     program = torch.export.export(ebc, (kjt,))
     torch.testing.assert_close(program.module()(kjt).values(), want, rtol=0, atol=0)
+    # Bags of several ids and empty bags take the general path; the trained collection agrees.
+    trained, _ = load_trained_model(out / "checkpoints")
+    n = len(names) * 3
+    lengths = torch.tensor([2, 0, 1] * len(names))
+    multi = KeyedJaggedTensor.from_lengths_sync(keys=names, values=torch.arange(int(lengths.sum())) % 7, lengths=lengths)
+    with torch.no_grad():
+        want = trained.model.sparse_arch.embedding_bag_collection(multi).values()
+    torch.testing.assert_close(ebc(multi).values(), want, rtol=0, atol=1e-6)
+    assert n == lengths.numel()
     bad = KeyedJaggedTensor.from_lengths_sync(keys=names, values=torch.tensor([10**6] * len(names)), lengths=torch.ones(len(names), dtype=torch.int64))
     with pytest.raises(ValueError, match=f"feature {names[0]}: id 1000000 outside its table"):
         ebc(bad)

@@ -96,47 +96,78 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
         counts = torch.bincount(self.row_group.long(), minlength=3).tolist()
         return {"rows_fp32": counts[0], "rows_fp16": counts[1], "rows_int8": counts[2]}
 
-    def _check_ids(self, values: torch.Tensor, feature: torch.Tensor) -> None:
-        bad = (values < 0) | (values >= self.feature_rows[feature])
+    def _check_ids(self, values: torch.Tensor, per_feature: torch.Tensor) -> None:
+        limit = torch.repeat_interleave(self.feature_rows, per_feature, output_size=values.numel())
+        bad = (values < 0) | (values >= limit)
         if bool(bad.any()):
             at = int(torch.nonzero(bad)[0])
-            f = int(feature[at])
+            f = int(torch.searchsorted(torch.cumsum(per_feature, 0), at, right=True))
             raise ValueError(
                 f"feature {self.feature_names[f]}: id {int(values[at])} outside its table of {int(self.feature_rows[f])} rows"
             )
 
+    def _one_id_per_bag(self, lengths: torch.Tensor, nnz: int, bags: int) -> bool:
+        """Eager only: the fast path's data-dependent test (exported programs take the
+        general path)."""
+        return not torch.compiler.is_exporting() and nnz == bags and bool((lengths == 1).all())
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        # No data-dependent shapes or branches below (besides the eager id check), so the
-        # module scripts (torch.jit.script) and exports (torch.export) as well as it runs.
+        # No data-dependent shapes below, and data-dependent branches only in eager mode, so
+        # the module scripts (torch.jit.script) and exports (torch.export) as well as it runs.
         keys = features.keys()
-        order = [keys.index(n) for n in self.feature_names]
-        kjt = features.permute(order)
+        kjt = features
+        if keys != self.feature_names:
+            kjt = features.permute([keys.index(n) for n in self.feature_names])
         F, D, B = len(self.feature_names), self.dim, kjt.stride()
         values = kjt.values().long()
-        lengths = kjt.lengths().long()
+        lengths = kjt.lengths()
         nnz = values.numel()
-        seg = torch.repeat_interleave(torch.arange(F * B, device=values.device), lengths, output_size=nnz)
-        feature = seg // B
+        per_feature = lengths.view(F, B).sum(1)
+        base = torch.repeat_interleave(self.feature_base, per_feature, output_size=nnz)
         if torch.jit.is_scripting():
-            self._check_ids(values, feature)
+            self._check_ids(values, per_feature)
         elif torch.compiler.is_exporting():
-            torch._assert_async(
-                ~((values < 0) | (values >= self.feature_rows[feature])).any(), "an id is outside its table"
-            )
+            limit = torch.repeat_interleave(self.feature_rows, per_feature, output_size=nnz)
+            torch._assert_async(~((values < 0) | (values >= limit)).any(), "an id is outside its table")
         else:
-            self._check_ids(values, feature)
-        rows_of = self.feature_base[feature] + values
+            self._check_ids(values, per_feature)
+        rows_of = base + values
         g = self.row_group[rows_of]
-        perm = torch.sort(g, stable=True)[1]
-        groups = torch.arange(3, dtype=g.dtype, device=g.device)
-        per_group = (g[None, :] == groups[:, None]).sum(1)
-        # 3 sequence features (one per group table) of nnz + 1 bags: group k's ids fill its
-        # first per_group[k] bags, one id each; the rest are empty.
-        ends = torch.arange(1, nnz + 2, dtype=torch.int64, device=g.device)[None, :].clamp(max=per_group[:, None]) + (
-            torch.cumsum(per_group, 0) - per_group
+        slot = self.row_slot[rows_of]
+        # Ids grouped by precision, each group in input order, by counting (no sort): dest[i]
+        # is where id i goes. The TBE then sees 3 sequence features (one per group table) of
+        # nnz + 1 bags, group k's ids filling its first per_group[k] bags, one id each.
+        in0, in1 = g == 0, g == 1
+        c0, c1 = torch.cumsum(in0, 0), torch.cumsum(in1, 0)
+        n0 = c0[-1:] if nnz else torch.zeros(1, dtype=torch.int64, device=g.device)
+        n1 = c1[-1:] if nnz else torch.zeros(1, dtype=torch.int64, device=g.device)
+        position = torch.arange(1, nnz + 1, device=g.device)
+        dest = torch.where(in0, c0, torch.where(in1, n0 + c1, n0 + n1 + position - c0 - c1)) - 1
+        grouped = torch.empty_like(slot).index_put_((dest,), slot)
+        per_group = torch.cat([n0, n1, nnz - n0 - n1]).to(torch.int32)
+        ends = torch.arange(1, nnz + 2, dtype=torch.int32, device=g.device)[None, :].clamp(max=per_group[:, None]) + (
+            torch.cumsum(per_group, 0, dtype=torch.int32) - per_group
         )[:, None]
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=g.device), ends.flatten()])
-        rows = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int32, device=g.device), ends.flatten()])
+        rows = self._lookup(grouped, offsets)
+        single = False
+        if not torch.jit.is_scripting():
+            single = self._one_id_per_bag(lengths, nnz, F * B)
+        if single:
+            # One id per bag (DLRM's usual input): pooling is putting each row where its
+            # (sample, feature) goes in the [B, F * D] output; one gather does it.
+            out = rows.index_select(0, dest.view(F, B).t().reshape(-1)).view(B, F * D)
+            return KeyedTensor(keys=self.feature_names, length_per_key=[D] * F, values=out)
+        seg = torch.repeat_interleave(torch.arange(F * B, device=values.device), lengths, output_size=nnz)
+        pooled = torch.zeros(F * B, D, dtype=rows.dtype, device=rows.device).index_add_(0, seg, rows.index_select(0, dest))
+        if self.mean_pooling:
+            pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
+        out = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
+        return KeyedTensor(keys=self.feature_names, length_per_key=[D] * F, values=out)
+
+    def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        D = self.dim
+        return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
             dev_weights=self.weights,
             uvm_weights=torch.empty(0, dtype=torch.uint8),
             weights_placements=self._placements,
@@ -149,7 +180,7 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
             max_int8_D=D,
             max_float16_D=D,
             max_float32_D=D,
-            indices=self.row_slot[rows_of][perm].long(),
+            indices=indices,
             offsets=offsets,
             pooling_mode=self.pooling_none,
             indice_weights=None,
@@ -161,10 +192,3 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
             fp8_exponent_bits=-1,
             fp8_exponent_bias=-1,
         )
-        per_id = torch.empty_like(rows)
-        per_id[perm] = rows
-        pooled = torch.zeros(F * B, D, dtype=per_id.dtype, device=per_id.device).index_add_(0, seg, per_id)
-        if self.mean_pooling:
-            pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
-        out = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
-        return KeyedTensor(keys=self.feature_names, length_per_key=[D] * F, values=out)

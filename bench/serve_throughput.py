@@ -1,0 +1,148 @@
+"""CPU inference throughput: our mixed-precision inference module against TorchRec's own.
+
+    .venv/bin/python bench/serve_throughput.py [--scale 3] [--dim 64] [--batches 256,1024,4096] [--repeats 5]
+
+One DLRM (synthetic schema, `--scale` x the default cardinalities: scale 3 is 3.6 M rows, 0.9 GB
+at dim 64 in fp32) is served three ways, with the same dense weights and the same batches:
+- `torchrec fp32`: `quantize_embeddings(dtype=torch.float)`, TorchRec's fp32 inference module;
+- `torchrec int8`: `quantize_embeddings(dtype=torch.qint8)`, per-table int8;
+- `shark`: `MixedPrecisionInferenceEmbeddingBagCollection` exported from a
+  `MixedPrecisionEmbeddingBagCollection` at `--budget` (rows in fp32/fp16/int8 groups).
+For each batch size the three run in turns, `--repeats` rounds of `--steps` forwards after a
+warm-up; the table gives median samples/s of the whole model's forward and the ratio to fp32,
+and each module's embedding bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from torchrec.inference.modules import quantize_embeddings  # noqa: E402
+from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+
+from shark_torchrec.config import DataConfig, ModelConfig  # noqa: E402
+from shark_torchrec.data import open_dataset  # noqa: E402
+from shark_torchrec.models.dlrm import build_dlrm, table_configs  # noqa: E402
+from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection  # noqa: E402
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection  # noqa: E402
+from shark_torchrec.modules.precision_policy import PrecisionPolicy  # noqa: E402
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--budget", type=float, default=0.35)
+    p.add_argument("--batches", default="256,1024,4096")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=str(ROOT / "bench/results/serve"))
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    data = open_dataset(DataConfig(synthetic_scale=args.scale, synthetic_eval_rows=max(int(b) for b in args.batches.split(",")) * 4), 0)
+    schema = data.schema
+    tables = table_configs(schema, args.dim)
+    mcfg = ModelConfig(embedding_dim=args.dim)
+
+    # Our module, materialized at the budget (groups as a fresh model starts them), then exported.
+    mp = MixedPrecisionEmbeddingBagCollection(
+        tables=tables, precision_policy=PrecisionPolicy(memory_budget=args.budget), device=torch.device("cpu")
+    )
+    shark_ebc = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(mp)
+    del mp
+    dense = build_dlrm(schema, mcfg, ebc=EmbeddingBagCollection(tables=tables, device=torch.device("meta")), seed=0)
+
+    def with_ebc(ebc) -> torch.nn.Module:
+        m = copy.deepcopy(dense)
+        m.model.sparse_arch.embedding_bag_collection = ebc
+        return m.eval()
+
+    stock = EmbeddingBagCollection(tables=tables)  # fp32 weights, from which TorchRec quantizes
+    holder = torch.nn.Sequential(stock)
+    fp32 = quantize_embeddings(holder, dtype=torch.float, inplace=False)[0]
+    int8 = quantize_embeddings(holder, dtype=torch.qint8, inplace=False)[0]
+    del holder, stock
+    models = {"torchrec fp32": with_ebc(fp32), "torchrec int8": with_ebc(int8), "shark": with_ebc(shark_ebc)}
+    sizes = {"torchrec fp32": state_bytes(fp32), "torchrec int8": state_bytes(int8), "shark": shark_ebc.memory_bytes()}
+
+    rows = []
+    for bs in [int(b) for b in args.batches.split(",")]:
+        batches = [b for _, b in zip(range(args.steps), data.batches("test", bs))]
+        times = {k: [] for k in models}
+        with torch.inference_mode():
+            for k, m in models.items():  # warm-up
+                for b in batches[:2]:
+                    m(b)
+            for _ in range(args.repeats):
+                for k, m in models.items():
+                    t0 = time.perf_counter()
+                    for b in batches:
+                        m(b)
+                    times[k].append(time.perf_counter() - t0)
+        n = sum(b.labels.numel() for b in batches)
+        for k in models:
+            sps = n / statistics.median(times[k])
+            rows.append({"batch": bs, "module": k, "samples_per_s": sps, "embedding_bytes": sizes[k]})
+        base = next(r["samples_per_s"] for r in rows if r["batch"] == bs and r["module"] == "torchrec fp32")
+        for r in rows:
+            if r["batch"] == bs:
+                r["vs_fp32"] = r["samples_per_s"] / base
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    total_rows = sum(c.num_embeddings for c in tables)
+    lines = [
+        f"`bench/serve_throughput.py --scale {args.scale} --dim {args.dim} --budget {args.budget} --batches {args.batches} --repeats {args.repeats}`"
+        f" ({total_rows:,} rows, 1 process, CPU, median of {args.repeats} rounds of {args.steps} batches)",
+        "",
+        "| batch | module | samples/s | vs torchrec fp32 | embedding bytes | bytes vs fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['module']} | {r['samples_per_s']:,.0f} | {r['vs_fp32']:.2f}x | "
+            f"{r['embedding_bytes']:,} | {r['embedding_bytes'] / sizes['torchrec fp32']:.3f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    plot(rows, out / "serve_throughput.png")
+    print(text)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for k in dict.fromkeys(r["module"] for r in rows):
+        pts = [(r["batch"], r["samples_per_s"]) for r in rows if r["module"] == k]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("samples/s (median)")
+    ax.set_title("CPU inference throughput (DLRM forward)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
