@@ -76,11 +76,27 @@ def compress_main(argv: List[str]) -> int:
     return 0
 
 
+def report_main(argv: List[str]) -> int:
+    """Write RUN_DIR/report.md (tables and plots) for a `shark compress` run directory."""
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: shark report RUN_DIR", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from shark_torchrec.report import write_report
+
+    try:
+        print(write_report(argv[0]))
+    except (FileNotFoundError, KeyError) as e:
+        print(f"shark report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "train": train_main,
     "importance": importance_main,
     "prune": prune_main,
     "compress": compress_main,
+    "report": report_main,
 }
 
 

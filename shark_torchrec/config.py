@@ -233,6 +233,9 @@ class CompressConfig:
     reach and to 1."""
     quant_epochs: int = 1
     """`shark compress`: epochs of F-Quantization fine-tuning of the pruned model."""
+    quant_evals_per_epoch: int = 4
+    """`shark compress`: dev evaluations per epoch of that fine-tuning; the best state is kept
+    (0: only at the end of each epoch, as --eval-every says)."""
 
 
 @dataclass
@@ -277,8 +280,8 @@ class JobConfig:
         if p.max_auc_drop < 0:
             raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
         c = self.compress
-        if c.quant_epochs < 0:
-            raise ConfigError("compress.quant_epochs must be >= 0")
+        if c.quant_epochs < 0 or c.quant_evals_per_epoch < 0:
+            raise ConfigError("compress.quant_epochs and compress.quant_evals_per_epoch must be >= 0")
         if c.quant_budget is not None:
             from shark_torchrec.precision.priority import min_budget
 

@@ -9,6 +9,7 @@ Run directory layout (`--out DIR`):
     DIR/export/            model.pt (the inference model, torch.save), embedding_collection.pt
                            (its collection, torch.jit.script), export.json (bytes and checks)
     DIR/metrics.json       the pipeline's figures (also --metrics-out)
+    DIR/report.md          `shark report DIR`, the last stage (with report_auc_vs_memory.png)
 
 Memory split: `--target-memory R` is the whole pipeline's target (embedding bytes over the
 base model's fp32 bytes). Pruning goes down to R as far as the AUC bound allows and leaves a
@@ -35,6 +36,7 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 
 from shark_torchrec.config import JobConfig, PrecisionConfig, save_config
+from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.precision.priority import min_budget
 from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint, save_checkpoint
@@ -146,8 +148,15 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
     q.train.epochs = cfg.compress.quant_epochs
     q.run.checkpoint = ""
     q.run.init_from = "" if q.run.resume else pruned["checkpoint"]
+    dataset = open_dataset(q.dataset, q.train.seed)
+    if not q.train.eval_every and cfg.compress.quant_evals_per_epoch:
+        # A base model that has seen all of train can overfit when it sees it again: watch dev
+        # within the epoch and keep the best state.
+        steps = dataset.num_batches("train", q.train.batch_size)
+        q.train.eval_every = max(1, steps // cfg.compress.quant_evals_per_epoch)
+        q.train.early_stopping_patience = q.train.early_stopping_patience or 2
     q.validate()
-    trained = fit(q, env)
+    trained = fit(q, env, dataset)
     metrics = final_metrics(q, trained)
     if env.is_main:
         write_metrics(q, metrics)
@@ -283,6 +292,9 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
         }
         if env.is_main:
             write_metrics(cfg, metrics)
+            from shark_torchrec.report import write_report
+
+            write_report(out)
         return metrics
     finally:
         shutdown_distributed()

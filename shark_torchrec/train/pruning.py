@@ -229,6 +229,8 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         start = time.perf_counter()
         imp = score(cfg, accepted.model, accepted.dataset, env)
         removed = imp.lowest(min(p.fields_per_step, len(kept) - 1))
+        if iteration == 1 and env.is_main:  # the base model's ranking, for the report
+            write_importance(imp, out_dir / "importance")
         if imp.means is None:  # random ranking: no lookups were made
             means = field_means(accepted.model, accepted.dataset, p.score_split, t.eval_batch_size, env)
         else:

@@ -1,0 +1,132 @@
+"""`shark report RUN_DIR`: a markdown report of a `shark compress` run, with plots.
+
+It reads the run directory's layout (see `shark_torchrec.train.compress`) and, when present,
+`RUN_DIR/baselines/<name>/metrics.json` written by `bench/compress_quality.py` (fp16-all,
+int8-all, freq, F-Q alone, Permutation pruning), and writes `RUN_DIR/report.md` and
+`RUN_DIR/report_auc_vs_memory.png`. Memory is always embedding bytes over the base model's
+fp32 embedding bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+
+def _load(path: Path) -> Optional[Any]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(run: Path) -> Dict[str, Any]:
+    stages = _load(run / "stages.json")
+    if not stages or "base" not in stages:
+        raise FileNotFoundError(f"{run} is not a `shark compress` run directory (no stages.json with a base stage)")
+    base = _load(run / "base" / "metrics.json") or {}
+    base_bytes = stages["base"]["embedding_bytes"]
+    points: List[Dict[str, Any]] = [
+        {"name": "base (fp32)", "auc": base.get("test_auc"), "logloss": base.get("test_logloss"), "memory": 1.0}
+    ]
+    prune_log = _load(run / "prune" / "prune_log.json") or []
+    if "prune" in stages:
+        last = next((r for r in reversed(prune_log) if r["accepted"]), None)
+        if last:
+            points.append({"name": "F-P", "auc": last["test_auc"], "logloss": last["test_logloss"], "memory": last["memory_ratio"]})
+    quant = _load(run / "quantize" / "metrics.json")
+    if quant:
+        points.append({"name": "F-Q + F-P", "auc": quant["test_auc"], "logloss": quant["test_logloss"],
+                       "memory": quant["embedding_bytes"] / base_bytes})
+    baselines = []
+    for path in sorted((run / "baselines").glob("*/metrics.json")):
+        m = _load(path)
+        baselines.append({"name": path.parent.name, "auc": m["test_auc"], "logloss": m["test_logloss"],
+                          "memory": m["embedding_bytes"] / base_bytes})
+    return {
+        "stages": stages,
+        "points": points,
+        "baselines": baselines,
+        "prune_log": prune_log,
+        "export": _load(run / "export" / "export.json"),
+        "importance": _load(run / "prune" / "importance" / "importance.json"),
+    }
+
+
+def plot(info: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    log = info["prune_log"]
+    if log:
+        ok = [r for r in log if r["accepted"]]
+        ax.plot([r["memory_ratio"] for r in ok], [r["test_auc"] for r in ok], "o-", color="tab:blue", label="F-P iterations")
+    for p in info["points"]:
+        ax.scatter([p["memory"]], [p["auc"]], s=90, zorder=3, label=p["name"])
+    for b in info["baselines"]:
+        ax.scatter([b["memory"]], [b["auc"]], marker="x", s=70, zorder=3, label=b["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding memory / base fp32 (log)")
+    ax.set_ylabel("test AUC")
+    ax.set_title("AUC against memory: F-P, F-Q and both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    info = collect(run)
+    plot(info, run / "report_auc_vs_memory.png")
+    lines = [f"# SHARK compression report: `{run}`", ""]
+    lines += ["| model | test AUC | test log loss | memory (of base fp32) |", "|---|---|---|---|"]
+    for p in info["points"] + info["baselines"]:
+        lines.append(f"| {p['name']} | {p['auc']:.4f} | {p['logloss']:.4f} | {100 * p['memory']:.1f}% |")
+    lines += ["", "![AUC against memory](report_auc_vs_memory.png)", ""]
+    st = info["stages"]
+    if "prune" in st:
+        pr = st["prune"]
+        lines += [
+            "## F-Permutation",
+            "",
+            f"Removed {len(pr['pruned_fields'])} field(s): {', '.join(pr['pruned_fields']) or 'none'} "
+            f"(stop: {pr['stop_reason']}); kept {', '.join(pr['kept_fields'])}.",
+            "",
+        ]
+        if info["importance"]:
+            lines += ["Field importance of the base model (least important first):", "",
+                      "| field | score |", "|---|---|"]
+            lines += [f"| {r['field']} | {r['score']:.6g} |" for r in info["importance"]["ranking"]]
+            lines += ["", "![importance](prune/importance/importance.png)", ""]
+        lines += ["Iterations (`prune/prune_log.csv`):", "", "| iteration | removed | memory | dev AUC | test AUC | kept |",
+                  "|---|---|---|---|---|---|"]
+        for r in info["prune_log"]:
+            lines.append(f"| {r['iteration']} | {', '.join(r['removed'])} | {r['memory_ratio']:.3f} | {r['dev_auc']:.4f} | "
+                         f"{r['test_auc']:.4f} | {'yes' if r['accepted'] else 'no'} |")
+        lines.append("")
+    if "quantize" in st:
+        q = st["quantize"]
+        lines += ["## F-Quantization", "", f"Per-table budget {q['budget']:.3f} of the pruned model's fp32 bytes; "
+                  f"test AUC {q['test_auc']:.4f}.", ""]
+    if info["export"]:
+        e = info["export"]
+        lines += [
+            "## Inference export",
+            "",
+            "| tables | bytes |",
+            "|---|---|",
+            f"| base model, fp32 | {e.get('base_fp32_bytes', 0):,} |",
+            f"| base model, TorchRec int8 (`quantize_embeddings`) | {e.get('base_torchrec_int8_bytes', 0):,} |",
+            f"| pruned tables, fp32 | {e['fp32_bytes']:,} |",
+            f"| pruned tables, TorchRec int8 | {e['torchrec_int8_bytes']:,} |",
+            f"| **exported (fp32/fp16/int8 groups + row map)** | **{e['inference_bytes']:,}** |",
+            "",
+            f"Rows: {e['rows_fp32']:,} fp32, {e['rows_fp16']:,} fp16, {e['rows_int8']:,} int8. Largest |logit| "
+            f"difference to the trained model over dev: {e['max_abs_logit_diff_dev']:.2e}.",
+            "",
+        ]
+    path = run / "report.md"
+    path.write_text("\n".join(lines))
+    return path
