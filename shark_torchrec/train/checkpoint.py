@@ -141,20 +141,72 @@ def saved_precision(meta: Dict[str, Any]) -> str:
     return meta.get("config", {}).get("quant", {}).get("precision", "fp32")
 
 
-def load_weights(path: Path, model: torch.nn.Module, expected_tables: Dict[str, List[int]]) -> Dict[str, Any]:
-    """Load only the model tensors a checkpoint has (of any precision): how a trained fp32
-    model becomes a mixed-precision one. Tables it lacks state for (row groups, scores,
-    optimizer state) start as a fresh model's do; the values of each row are rounded to
-    nearest into its starting group."""
+def load_weights(
+    path: Path, model: torch.nn.Module, expected_tables: Dict[str, List[int]], optimizer: Optional[torch.optim.Optimizer] = None
+) -> Dict[str, Any]:
+    """Load the model tensors a checkpoint has (of any precision): how a trained fp32 model
+    becomes a mixed-precision one. The values of each row are rounded to nearest into its
+    starting group; row groups and scores start as a fresh model's do.
+
+    With `optimizer`, its state comes along where it can: every entry of the same name and
+    shape (the dense part's Adagrad state), and each mixed-precision table's row-wise Adagrad
+    momentum from the fused optimizer's `momentum1` of the same table. Fine-tuning a trained
+    model with fresh Adagrad state would take full-size first steps and undo its training."""
     from torch.distributed.checkpoint import FileSystemReader
 
     meta = read_meta(path)
     check_tables(path, meta, expected_tables)
-    saved = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved_meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = set(saved_meta)
     wanted = {k: v for k, v in model.state_dict().items() if f"model.{k}" in saved}
     dcp.load({"model": wanted}, checkpoint_id=str(path))
     model.load_state_dict(wanted, strict=False)
+    if optimizer is not None:
+        _load_optimizer_matching(path, optimizer, saved_meta)
+        _load_mixed_precision_momentum(path, model, saved_meta)
     return meta
+
+
+def _load_optimizer_matching(path: Path, optimizer, saved_meta) -> None:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    state = {"optim": optimizer.state_dict()}
+    flat, _ = flatten_state_dict(state)
+    wanted = {
+        k: v for k, v in flat.items()
+        if isinstance(v, torch.Tensor) and isinstance(saved_meta.get(k), TensorStorageMetadata)
+        and list(saved_meta[k].size) == list(v.shape)
+    }
+    if wanted:
+        dcp.load(wanted, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+        optimizer.load_state_dict(state["optim"])
+
+
+def _load_mixed_precision_momentum(path: Path, model: torch.nn.Module, saved_meta) -> None:
+    """Each rank reads a table's whole momentum vector (4 bytes a row, one table at a time) and
+    keeps the rows its shards hold."""
+    from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
+    from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
+
+    stores = []
+    for m in model.modules():
+        if isinstance(m, ShardedMixedPrecisionModule):
+            stores += [s for s, _ in m.stores()]
+        elif isinstance(m, (MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection)):
+            stores += list(m.stores)
+    for store in stores:
+        if not store.momentum.numel():
+            continue
+        for i, t in enumerate(store.tables):
+            key = next((k for k in saved_meta if k.startswith("optim.") and k.endswith(f".{t.name}.momentum1")), None)
+            if key is None:
+                continue
+            full = torch.zeros(list(saved_meta[key].size))
+            dcp.load({key: full}, checkpoint_id=str(path))
+            lo = int(store.table_base[i])
+            store.momentum[lo : lo + t.rows] = full[t.row_offset : t.row_offset + t.rows]
 
 
 def load_full_state(path: str | Path) -> Dict[str, Any]:

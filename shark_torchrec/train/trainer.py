@@ -161,7 +161,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         resumed_from = str(path)
     elif run.init_from:
         path = resolve_checkpoint(run.init_from)
-        load_weights(path, dmp, shapes)
+        load_weights(path, dmp, shapes, optimizer)
         resumed_from = str(path)
     if resumed_from and env.is_main:
         log.info("loaded %s (step %d)", resumed_from, state.step)
@@ -189,6 +189,10 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         return bool(t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience)
 
     start = time.perf_counter()
+    if run.init_from and t.early_stopping_patience and state.step == 0 and not state.history:
+        # A converted model is a candidate as it is: fine-tuning a trained model on data it
+        # has seen can only make it worse, and early stopping then keeps the conversion.
+        dev_eval()
     done = state.stopped_early or (t.max_steps and state.step >= t.max_steps)
     while not done and state.epoch < t.epochs:
         batches = dataset.batches("train", t.batch_size, env.rank, env.world_size, state.batch_in_epoch)
