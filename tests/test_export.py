@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from conftest import TINY, run_shark
 from shark_torchrec.data import open_dataset
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
-from shark_torchrec.train.checkpoint import CheckpointError
+from shark_torchrec.train.checkpoint import CheckpointError, load_full_state
 from shark_torchrec.train.export import export_inference_model, load_trained_model
 
 
@@ -97,3 +97,24 @@ def test_torchrec_int8_baseline_bytes_are_what_quantize_embeddings_allocates():
         q = quantize_embeddings(torch.nn.Sequential(EmbeddingBagCollection(tables=cfgs)), dtype=torch.qint8, inplace=False)
         allocated = sum(t.numel() * t.element_size() for t in q.state_dict().values())
         assert allocated == torchrec_int8_bytes(cfgs)
+
+
+def test_conversion_carries_optimizer_state_on_two_ranks(tmp_path):
+    """--init-from into our module on 2 ranks: each table's row-wise momentum and the dense
+    Adagrad state come from the fp32 checkpoint (a fresh state would undo its training)."""
+    fp32, mp = tmp_path / "fp32", tmp_path / "mp"
+    args = [*TINY, "--embedding-dim", "16", "--synthetic-train-rows", "3000"]
+    run_shark("train", *args, "--out", str(fp32))
+    run_shark("train", *args, "--nproc", "2", "--precision", "shark", "--memory-budget", "0.6",
+              "--init-from", str(fp32 / "checkpoints"), "--epochs", "0", "--out", str(mp))
+    a, b = load_full_state(fp32 / "checkpoints"), load_full_state(mp / "checkpoints")
+    tables = [k for k in b["model"] if k.endswith(".momentum")]
+    assert tables
+    for key in tables:
+        table = key.rsplit(".", 2)[-2]
+        old = next(v for k, s in a["optim"]["state"].items() if k.endswith(f".{table}.weight") for n, v in s.items() if n.endswith("momentum1"))
+        torch.testing.assert_close(b["model"][key], old[:, None].expand_as(b["model"][key]), rtol=0, atol=0)
+    dense = [k for k in a["optim"]["state"] if ".over_arch." in k]
+    assert dense
+    for k in dense:
+        torch.testing.assert_close(b["optim"]["state"][k]["sum"], a["optim"]["state"][k]["sum"], rtol=0, atol=0)

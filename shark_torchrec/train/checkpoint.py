@@ -168,6 +168,7 @@ def load_weights(
 
 
 def _load_optimizer_matching(path: Path, optimizer, saved_meta) -> None:
+    """Every rank calls DCP once (it is collective), with whatever entries it can take."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -179,34 +180,39 @@ def _load_optimizer_matching(path: Path, optimizer, saved_meta) -> None:
         if isinstance(v, torch.Tensor) and isinstance(saved_meta.get(k), TensorStorageMetadata)
         and list(saved_meta[k].size) == list(v.shape)
     }
-    if wanted:
-        dcp.load(wanted, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
-        optimizer.load_state_dict(state["optim"])
+    dcp.load(wanted, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    optimizer.load_state_dict(state["optim"])
 
 
 def _load_mixed_precision_momentum(path: Path, model: torch.nn.Module, saved_meta) -> None:
-    """Each rank reads a table's whole momentum vector (4 bytes a row, one table at a time) and
-    keeps the rows its shards hold."""
+    """Row-wise Adagrad momentum of the checkpoint's fused tables into our mixed-precision ones.
+
+    DCP loads are collective, so every rank loads every saved momentum vector, in the same
+    order (one table at a time: 4 bytes a row), and keeps the rows its shards hold."""
     from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
     from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
 
-    stores = []
+    stores, mixed = [], False
     for m in model.modules():
         if isinstance(m, ShardedMixedPrecisionModule):
             stores += [s for s, _ in m.stores()]
+            mixed = True
         elif isinstance(m, (MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection)):
             stores += list(m.stores)
-    for store in stores:
-        if not store.momentum.numel():
-            continue
-        for i, t in enumerate(store.tables):
-            key = next((k for k in saved_meta if k.startswith("optim.") and k.endswith(f".{t.name}.momentum1")), None)
-            if key is None:
+            mixed = True
+    if not mixed:
+        return
+    for key in sorted(k for k in saved_meta if k.startswith("optim.") and k.endswith(".momentum1")):
+        table = key.rsplit(".", 2)[-2]
+        full = torch.zeros(list(saved_meta[key].size))
+        dcp.load({key: full}, checkpoint_id=str(path))
+        for store in stores:
+            if not store.momentum.numel():
                 continue
-            full = torch.zeros(list(saved_meta[key].size))
-            dcp.load({key: full}, checkpoint_id=str(path))
-            lo = int(store.table_base[i])
-            store.momentum[lo : lo + t.rows] = full[t.row_offset : t.row_offset + t.rows]
+            for i, t in enumerate(store.tables):
+                if t.name == table:
+                    lo = int(store.table_base[i])
+                    store.momentum[lo : lo + t.rows] = full[t.row_offset : t.row_offset + t.rows]
 
 
 def load_full_state(path: str | Path) -> Dict[str, Any]:
