@@ -19,11 +19,12 @@ from typing import Dict, List
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from shark_torchrec.modules.row_groups import group_lookup
 from shark_torchrec.precision.priority import ROW_MAP_BYTES
 
 _TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8)
@@ -66,8 +67,6 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
         self.register_buffer("_tys", torch.tensor([t.as_int() for t in _TYPES], dtype=torch.uint8))
         self.register_buffer("_placements", torch.full((3,), EmbeddingLocation.HOST.value, dtype=torch.int32))
         self.register_buffer("_offsets", torch.tensor(list(group_offsets), dtype=torch.int64))
-        self.pooling_none: int = int(PoolingMode.NONE)
-        self.fp32_out: int = SparseType.FP32.as_int()
 
     @classmethod
     def from_trained(cls, collection) -> "MixedPrecisionInferenceEmbeddingBagCollection":
@@ -166,29 +165,7 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
         return KeyedTensor(keys=self.feature_names, length_per_key=[D] * F, values=out)
 
     def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        D = self.dim
-        return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
-            dev_weights=self.weights,
-            uvm_weights=torch.empty(0, dtype=torch.uint8),
-            weights_placements=self._placements,
-            weights_offsets=self._offsets,
-            weights_tys=self._tys,
-            D_offsets=self._D_offsets,
-            total_D=3 * D,
-            max_int2_D=0,
-            max_int4_D=0,
-            max_int8_D=D,
-            max_float16_D=D,
-            max_float32_D=D,
-            indices=indices,
-            offsets=offsets,
-            pooling_mode=self.pooling_none,
-            indice_weights=None,
-            output_dtype=self.fp32_out,
-            lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
-            lxu_cache_locations=torch.empty(0, dtype=torch.int32),
-            row_alignment=self.row_alignment,
-            max_float8_D=0,
-            fp8_exponent_bits=-1,
-            fp8_exponent_bias=-1,
+        return group_lookup(
+            self.weights, self._offsets, self._tys, self._D_offsets, self._placements,
+            self.dim, indices, offsets, self.row_alignment,
         )

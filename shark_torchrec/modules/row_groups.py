@@ -79,6 +79,52 @@ class StepCounter:
         self.value = 0
 
 
+# FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
+assert int(PoolingMode.NONE) == 2 and SparseType.FP32.as_int() == 0
+
+
+def group_lookup(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_types: torch.Tensor,
+    D_offsets: torch.Tensor,
+    placements: torch.Tensor,
+    dim: int,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    row_alignment: int,
+) -> torch.Tensor:
+    """One fp32 row per index from the three group tables (fp32, fp16, int8) of one uint8
+    buffer, through FBGEMM's mixed-precision inference TBE: the tables are its 3 sequence
+    features, `offsets` its bags. Shared by training (`RowGroupStore`) and serving
+    (`MixedPrecisionInferenceEmbeddingBagCollection`); TorchScript compiles it."""
+    return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+        dev_weights=weights,
+        uvm_weights=torch.empty(0, dtype=torch.uint8),
+        weights_placements=placements,
+        weights_offsets=group_offsets,
+        weights_tys=group_types,
+        D_offsets=D_offsets,
+        total_D=3 * dim,
+        max_int2_D=0,
+        max_int4_D=0,
+        max_int8_D=dim,
+        max_float16_D=dim,
+        max_float32_D=dim,
+        indices=indices,
+        offsets=offsets,
+        pooling_mode=2,  # PoolingMode.NONE
+        indice_weights=None,
+        output_dtype=0,  # SparseType.FP32
+        lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
+        lxu_cache_locations=torch.empty(0, dtype=torch.int32),
+        row_alignment=row_alignment,
+        max_float8_D=0,
+        fp8_exponent_bits=-1,
+        fp8_exponent_bias=-1,
+    )
+
+
 class _Lookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, store, values, lengths, weights, batch_size):  # type: ignore[override]
@@ -441,30 +487,9 @@ class RowGroupStore(nn.Module):
                     psw = real
             elif self.weighted:
                 psw = weights
-        rows = torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
-            dev_weights=self.weights,
-            uvm_weights=torch.empty(0, dtype=torch.uint8),
-            weights_placements=self._op_placements,
-            weights_offsets=self._op_offsets,
-            weights_tys=self._op_tys,
-            D_offsets=self._op_D_offsets,
-            total_D=3 * D,
-            max_int2_D=0,
-            max_int4_D=0,
-            max_int8_D=D,
-            max_float16_D=D,
-            max_float32_D=D,
-            indices=self.row_slot[keys][perm].long(),
-            offsets=offsets,
-            pooling_mode=int(PoolingMode.NONE),
-            indice_weights=None,
-            output_dtype=SparseType.FP32.as_int(),
-            lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
-            lxu_cache_locations=torch.empty(0, dtype=torch.int32),
-            row_alignment=self.row_alignment,
-            max_float8_D=0,
-            fp8_exponent_bits=-1,
-            fp8_exponent_bias=-1,
+        rows = group_lookup(
+            self.weights, self._op_offsets, self._op_tys, self._op_D_offsets, self._op_placements,
+            D, self.row_slot[keys][perm].long(), offsets, self.row_alignment,
         )
         per_id = torch.empty_like(rows)
         per_id[perm] = rows  # back to the input order
