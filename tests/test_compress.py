@@ -27,6 +27,14 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     quantized = json.loads((straight / "quantize" / "metrics.json").read_text())
     diff, ebc = compare_export(straight / "quantize" / "checkpoints", quantized)
     assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
+    report = (straight / "report.md").read_text()
+    for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png"):
+        assert part in report, part
+    assert (straight / "report_auc_vs_memory.png").stat().st_size > 0
+    again = run_shark("report", str(straight))
+    assert "report.md" in again.stdout
+    missing = run_shark("report", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 2 and "not a `shark compress` run directory" in missing.stderr
     e = m["export"]
     assert e["max_abs_logit_diff_dev"] < 1e-5 and e["inference_bytes"] == quantized["embedding_bytes"]
     assert e["inference_bytes"] < e["fp32_bytes"] < e["base_fp32_bytes"]
