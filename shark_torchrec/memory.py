@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Tuple
 
 import torch
 import torch.distributed as dist
@@ -89,13 +89,10 @@ def embedding_memory(
 TORCHREC_QUANT_ROW_ALIGNMENT = 16
 
 
-def torchrec_int8_bytes(configs: Iterable[BaseEmbeddingConfig]) -> int:
-    """Bytes of the same tables after TorchRec's `quantize_embeddings(dtype=torch.qint8)`: per
-    row, the int8 codes plus an fp16 scale and bias, rounded up to the row alignment."""
+def torchrec_int8_bytes(shapes: Iterable[Tuple[int, int]]) -> int:
+    """Bytes of tables of these (rows, dim) after TorchRec's `quantize_embeddings(dtype=torch.qint8)`:
+    per row, the int8 codes plus an fp16 scale and bias, rounded up to the row alignment."""
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 
-    return sum(
-        c.num_embeddings * rounded_row_size_in_bytes(c.embedding_dim, SparseType.INT8, TORCHREC_QUANT_ROW_ALIGNMENT)
-        for c in configs
-    )
+    return sum(rows * rounded_row_size_in_bytes(dim, SparseType.INT8, TORCHREC_QUANT_ROW_ALIGNMENT) for rows, dim in shapes)

@@ -96,7 +96,7 @@ def test_torchrec_int8_baseline_bytes_are_what_quantize_embeddings_allocates():
     for cfgs in ([tables[0]], [tables[1]]):
         q = quantize_embeddings(torch.nn.Sequential(EmbeddingBagCollection(tables=cfgs)), dtype=torch.qint8, inplace=False)
         allocated = sum(t.numel() * t.element_size() for t in q.state_dict().values())
-        assert allocated == torchrec_int8_bytes(cfgs)
+        assert allocated == torchrec_int8_bytes((c.num_embeddings, c.embedding_dim) for c in cfgs)
 
 
 def test_conversion_carries_optimizer_state_on_two_ranks(tmp_path):

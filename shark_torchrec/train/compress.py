@@ -204,7 +204,7 @@ def export_model(checkpoint: Path, out: Path, base_checkpoint: Optional[str] = N
         "inference_bytes": ebc.memory_bytes(),
         **ebc.group_rows(),
         "fp32_bytes": sum(c.num_embeddings * c.embedding_dim * 4 for c in configs),
-        "torchrec_int8_bytes": torchrec_int8_bytes(configs),
+        "torchrec_int8_bytes": torchrec_int8_bytes((c.num_embeddings, c.embedding_dim) for c in configs),
         "max_abs_logit_diff_dev": diff,
     }
     if base_checkpoint:
@@ -212,20 +212,11 @@ def export_model(checkpoint: Path, out: Path, base_checkpoint: Optional[str] = N
 
         shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
         record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
-        record["base_torchrec_int8_bytes"] = sum(
-            torchrec_int8_bytes([_Shape(r, d)]) for r, d in shapes.values()
-        )
+        record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(shapes.values())
     torch.save(exported, out / "model.pt")
     torch.jit.script(ebc).save(str(out / "embedding_collection.pt"))
     (out / "export.json").write_text(json.dumps(record, indent=2))
     return record
-
-
-class _Shape:
-    """A table's rows and dim, as `torchrec_int8_bytes` reads them."""
-
-    def __init__(self, rows: int, dim: int) -> None:
-        self.num_embeddings, self.embedding_dim = rows, dim
 
 
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
