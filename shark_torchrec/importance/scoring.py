@@ -178,7 +178,7 @@ def score_fields(
         it = dataset.batches(split, global_batch, env.rank, env.world_size)
         return tqdm(it, total=total, desc=desc, disable=not show, leave=False)
 
-    dim = find_dlrm(model).sparse_arch.D
+    dim = view.dlrm.sparse_arch.D
     sums = TaylorSums(1 + len(view.sparse_names), dim)
     try:
         if method == "taylor":
@@ -250,7 +250,7 @@ def field_means(
     removal feeds in place of a removed field."""
     env = env or DistEnv(0, 1, torch.device("cpu"), "none")
     view = FieldView(model, has_dense=dataset.schema.num_dense > 0)
-    sums = TaylorSums(1 + len(view.sparse_names), find_dlrm(model).sparse_arch.D)
+    sums = TaylorSums(1 + len(view.sparse_names), view.dlrm.sparse_arch.D)
     was_training = model.training
     model.eval()
     try:

@@ -168,19 +168,10 @@ def load_weights(
 
 
 def _load_optimizer_matching(path: Path, optimizer, saved_meta) -> None:
-    """Every rank calls DCP once (it is collective), with whatever entries it can take."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
+    """Optimizer tensors of the same name and shape (not hyper-parameters: this run's flags
+    keep theirs). Every rank calls DCP once (it is collective)."""
     state = {"optim": optimizer.state_dict()}
-    flat, _ = flatten_state_dict(state)
-    wanted = {
-        k: v for k, v in flat.items()
-        if isinstance(v, torch.Tensor) and isinstance(saved_meta.get(k), TensorStorageMetadata)
-        and list(saved_meta[k].size) == list(v.shape)
-    }
-    dcp.load(wanted, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    _load_same_shape(path, state, saved_meta, values=False)
     optimizer.load_state_dict(state["optim"])
 
 
@@ -235,21 +226,34 @@ def load_matching(path: Path, model: torch.nn.Module, optimizer: Optional[torch.
     This is how a pruned model inherits the trained one: kept tables (weights, optimizer
     state, mixed-precision state) and dense layers whose shape did not change.
     """
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata, BytesStorageMetadata
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint import FileSystemReader
 
     saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state: Dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
+    left = _load_same_shape(path, state, saved, values=True)
+    model.load_state_dict(state["model"], strict=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    return left
+
+
+def _load_same_shape(path: Path, state: Dict[str, Any], saved_meta, values: bool) -> List[str]:
+    """Fill `state` (nested, as a state dict) in place from the checkpoint: every tensor saved
+    with the same flattened name and shape and, with `values`, every non-tensor entry saved
+    under its name. One collective DCP call; returns the flattened keys left as they were."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
     flat, mapping = flatten_state_dict(state)
     wanted, left = {}, []
     for key, value in flat.items():
-        meta = saved.get(key)
+        meta = saved_meta.get(key)
         if isinstance(meta, TensorStorageMetadata) and isinstance(value, torch.Tensor) and list(meta.size) == list(value.shape):
             wanted[key] = value
-        elif isinstance(meta, BytesStorageMetadata) and not isinstance(value, torch.Tensor):
+        elif values and isinstance(meta, BytesStorageMetadata) and not isinstance(value, torch.Tensor):
             wanted[key] = value
         else:
             left.append(key)
@@ -258,9 +262,6 @@ def load_matching(path: Path, model: torch.nn.Module, optimizer: Optional[torch.
         if not isinstance(value, torch.Tensor):
             # Non-tensor entries (e.g. optimizer hyper-parameters) come back by value.
             _set_nested(state, mapping[key], value)
-    model.load_state_dict(state["model"], strict=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optim"])
     return left
 
 

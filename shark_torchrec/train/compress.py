@@ -183,21 +183,23 @@ def export_model(checkpoint: Path, out: Path, base_checkpoint: Optional[str] = N
 
     from shark_torchrec.data import open_dataset
     from shark_torchrec.memory import torchrec_int8_bytes
-    from shark_torchrec.train.export import export_inference_model, load_trained_model
+    from shark_torchrec.train.export import load_trained_model, to_inference
 
     out.mkdir(parents=True, exist_ok=True)
-    trained, qcfg = load_trained_model(checkpoint)
-    exported, _ = export_inference_model(checkpoint)
-    ebc = exported.model.sparse_arch.embedding_bag_collection
+    model, qcfg = load_trained_model(checkpoint)  # read once: logits first, then swapped in place
     data = open_dataset(qcfg.dataset, qcfg.train.seed)
     if qcfg.model.kept_fields:
         data = data.with_fields(list(qcfg.model.kept_fields))
-    diff = 0.0
-    with torch.no_grad():
-        for batch in data.batches("dev", qcfg.train.eval_batch_size):
-            _, (_, want, _, _) = trained(batch)
-            _, (_, got, _, _) = exported(batch)
-            diff = max(diff, (want - got).abs().max().item())
+
+    def dev_logits():
+        with torch.no_grad():
+            return [model(b)[1][1] for b in data.batches("dev", qcfg.train.eval_batch_size)]
+
+    want = dev_logits()
+    exported = to_inference(model)
+    got = dev_logits()
+    diff = max((w - g).abs().max().item() for w, g in zip(want, got)) if want else 0.0
+    ebc = exported.model.sparse_arch.embedding_bag_collection
     configs = ebc.embedding_bag_configs()
     record: Dict[str, Any] = {
         "checkpoint": str(checkpoint),

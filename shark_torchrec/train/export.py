@@ -62,8 +62,14 @@ def export_inference_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig
             f"checkpoint {path} holds fp32 TorchRec tables: there are no row groups to export "
             "(TorchRec's quantize_embeddings serves such a model)"
         )
+    return to_inference(model), cfg
+
+
+def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
+    """Swap a loaded mixed-precision model's collection for its inference twin, in place (the
+    training store, with its scores and optimizer state, is dropped)."""
     sparse_arch = model.model.sparse_arch
     sparse_arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(
         sparse_arch.embedding_bag_collection
     )
-    return model.eval(), cfg
+    return model.eval()
