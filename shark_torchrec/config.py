@@ -13,7 +13,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence, Tuple
+from typing import Annotated, Any, List, Literal, Optional, Sequence, Tuple
 
 import tomli_w
 import tyro
@@ -42,16 +42,16 @@ class DataConfig:
     the out-of-vocabulary row); `hash` hashes values into `hash-size` rows."""
     min_count: int = 1
     """vocab: values seen fewer times in train map to the out-of-vocabulary row."""
-    hash_size: int = 100_000
-    """hash: rows per table."""
+    hash_size: Optional[int] = None
+    """hash: rows per table (default 100000; only with --encoding hash)."""
     strict: bool = False
     """Fail on the first malformed line (naming file and line) instead of skipping it."""
     folds: int = 0
     """criteo/csv: k-fold cross-validation over the lines of train, dev and test together
     (line i belongs to fold i % folds): fold `fold` is test, the next one dev, the rest
     train. 0: the files' own splits."""
-    fold: int = 0
-    """criteo/csv with --folds: which fold is the test split."""
+    fold: Optional[int] = None
+    """criteo/csv with --folds: which fold is the test split (default 0)."""
     synthetic_train_rows: int = 200_000
     """synthetic: rows in the train split (streamed; millions are fine)."""
     synthetic_eval_rows: int = 20_000
@@ -60,6 +60,52 @@ class DataConfig:
     """synthetic: multiplies every field's cardinality (tests use small values)."""
     synthetic_noise_fields: int = 0
     """synthetic: extra noise fields after the 11 planted ones (a wider model)."""
+
+
+    def validate(self) -> None:
+        """Checks of this group alone (JobConfig.validate calls it); ConfigError names the flag."""
+        if self.folds and self.folds < 3:
+            raise ConfigError(f"dataset.folds={self.folds} (--folds) must be >= 3 (or 0: the files' own splits)")
+        if self.fold is not None and not self.folds:
+            raise ConfigError("dataset.fold (--fold) needs --folds K (k-fold cross-validation)")
+        if self.folds and not 0 <= (self.fold or 0) < self.folds:
+            raise ConfigError(f"dataset.fold={self.fold} (--fold) must be in [0, {self.folds})")
+        if self.synthetic_noise_fields < 0:
+            raise ConfigError("dataset.synthetic_noise_fields (--synthetic-noise-fields) must be >= 0")
+        if self.min_count < 1:
+            raise ConfigError(f"dataset.min_count={self.min_count} (--min-count) must be >= 1")
+        if self.hash_size is not None:
+            if self.encoding != "hash":
+                raise ConfigError("dataset.hash_size (--hash-size) only applies with --encoding hash")
+            if self.hash_size < 1:
+                raise ConfigError(f"dataset.hash_size={self.hash_size} (--hash-size) must be >= 1")
+        if self.min_count != 1 and self.encoding == "hash":
+            raise ConfigError("dataset.min_count (--min-count) only applies with --encoding vocab")
+        columns = {"categorical": _names(self.categorical), "dense": _names(self.dense), "drop": _names(self.drop)}
+        for flag, names in columns.items():
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigError(f"dataset.{flag} (--{flag}) names {', '.join(twice)} more than once")
+            if self.label in names:
+                raise ConfigError(f"dataset.{flag} (--{flag}) names the label column {self.label!r} (--label)")
+        for a, b in (("categorical", "dense"), ("categorical", "drop"), ("dense", "drop")):
+            both = sorted(set(columns[a]) & set(columns[b]))
+            if both:
+                raise ConfigError(f"column(s) {', '.join(both)} given to both --{a} and --{b}")
+
+    @property
+    def hash_rows(self) -> int:
+        """Rows per table with --encoding hash."""
+        return self.hash_size if self.hash_size is not None else 100_000
+
+    @property
+    def test_fold(self) -> int:
+        return self.fold or 0
+
+
+def _names(text: str) -> List[str]:
+    """The names of a comma-separated flag value."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @dataclass
@@ -156,7 +202,9 @@ class PrecisionConfig:
     frequency (alpha = 1); `shark` the full method (paper Eq. 7 priorities)."""
     memory_budget: Optional[float] = None
     """shark/freq budget mode: embedding bytes (weights, scales, row map) at most this fraction
-    of the fp32 bytes, per table (default 0.35 unless --t8/--t16 are given)."""
+    of the fp32 bytes, per table (unless --t8/--t16 or --row-fractions are given). Default:
+    0.35, or where all-int8 rows cannot reach that (dims below 29) their floor plus 0.05
+    (0.45 at dim 16)."""
     fp32_fraction: float = 0.02
     """Budget mode: at most this fraction of each table's rows stays fp32."""
     row_fractions: Tuple[float, ...] = ()
@@ -181,7 +229,8 @@ class PrecisionConfig:
         fractions = tuple(self.row_fractions) or None
         if fractions is not None and len(fractions) != 2:
             raise ValueError(f"row_fractions needs two numbers (fp32, fp16), got {list(fractions)}")
-        # An unset budget becomes the policy's default (0.35) when no other mode is given.
+        # An unset budget gets the default for the tables' dims when the collection is built
+        # (PrecisionPolicy.resolved, the one place defaults are decided).
         return PrecisionPolicy(
             mode=self.precision,
             memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
@@ -252,8 +301,12 @@ class JobConfig:
 
     def validate(self) -> "JobConfig":
         t, m = self.train, self.model
+        self.dataset.validate()
         if t.batch_size <= 0 or t.eval_batch_size <= 0:
             raise ConfigError("train.batch_size and train.eval_batch_size must be positive")
+        for name in ("lr", "dense_lr", "eps"):
+            if not getattr(t, name) > 0:
+                raise ConfigError(f"train.{name}={getattr(t, name)} (--{name.replace('_', '-')}) must be > 0")
         if t.epochs < 0 or t.max_steps < 0:
             raise ConfigError("train.epochs and train.max_steps must be >= 0")
         if m.embedding_dim <= 0 or m.embedding_dim % 4:
@@ -264,14 +317,13 @@ class JobConfig:
             raise ConfigError("model.field_removal=slice needs model.arch=dlrm; use constant for dlrm_dcn")
         if self.run.nproc < 1:
             raise ConfigError("run.nproc must be >= 1")
-        if self.dataset.folds and not (self.dataset.folds >= 3 and 0 <= self.dataset.fold < self.dataset.folds):
-            raise ConfigError("data.folds must be >= 3 and data.fold in [0, folds)")
-        if self.dataset.synthetic_noise_fields < 0:
-            raise ConfigError("data.synthetic_noise_fields must be >= 0")
-        if self.dataset.min_count < 1 or self.dataset.hash_size < 1:
-            raise ConfigError("data.min_count and data.hash_size must be >= 1")
         if self.run.checkpoint and self.run.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
+        if self.run.resume and (self.run.checkpoint or self.run.init_from):
+            raise ConfigError(
+                "run.resume (--resume) continues this run's own checkpoints; run.checkpoint / run.init_from start "
+                "a new run from another one: give one of them"
+            )
         p = self.prune
         if p.rounds < 1 or p.fields_per_step < 1 or p.finetune_epochs < 0 or p.support_rows < 0 or p.max_iterations < 0:
             raise ConfigError("prune: rounds and fields_per_step must be >= 1; finetune_epochs, support_rows and max_iterations >= 0")
@@ -330,6 +382,7 @@ def _group_classes() -> dict[str, type]:
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> JobConfig:
     """Build a JobConfig from nested dicts, refusing unknown sections and fields by name."""
+    raw = _upgrade(raw)
     groups = {}
     for section, values in raw.items():
         cls = _group_classes().get(section)
@@ -361,6 +414,21 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> JobConfig:
     return JobConfig(**groups)
 
 
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before `dataset.fold` and `dataset.hash_size` became optional carry
+    their old defaults explicitly (fold 0 without folds, hash_size with the vocab encoding),
+    which would now be refused as contradictions: read them as unset."""
+    data = raw.get("dataset")
+    if not isinstance(data, dict):
+        return raw
+    data = dict(data)
+    if data.get("fold") == 0 and not data.get("folds"):
+        data.pop("fold")
+    if "hash_size" in data and data.get("encoding", "vocab") != "hash" and data["hash_size"] == 100_000:
+        data.pop("hash_size")
+    return {**raw, "dataset": data}
+
+
 def load_config(path: str | Path) -> JobConfig:
     path = Path(path)
     if not path.is_file():
@@ -388,25 +456,52 @@ def save_config(cfg: JobConfig, path: str | Path) -> None:
     path.write_text(tomli_w.dumps(config_to_dict(cfg)))
 
 
-def parse_cli(args: Sequence[str], prog: str = "shark train", description: str = "") -> JobConfig:
-    """Parse flags into a JobConfig; `--config FILE` supplies defaults that flags override."""
+def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
+    """The value of `--flag X` or `--flag=X` in args (the last one given), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def parse_cli(
+    args: Sequence[str], prog: str = "shark train", description: str = "", base: Optional[dict[str, Any]] = None
+) -> JobConfig:
+    """Parse flags into a JobConfig.
+
+    Args:
+        args: the command's flags.
+        prog, description: for help and error messages.
+        base: groups (as TOML tables) to start from, e.g. the data and model of the checkpoint
+            that `--checkpoint` names; a `--config FILE` overrides them field by field, and
+            flags override both.
+
+    Returns:
+        The validated config; a ConfigError is printed as one line and exits 2.
+    """
     import tyro
 
     args = list(args)
-    default = JobConfig()
-    for i, a in enumerate(args):
-        path = None
-        if a == "--config" and i + 1 < len(args):
-            path = args[i + 1]
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
+    path = _flag_value(args, "--config")
+    try:
+        raw = {g: dict(v) for g, v in (base or {}).items()}
         if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
             try:
-                default = load_config(path)
-            except ConfigError as e:
-                print(f"{prog}: error: {e}", file=sys.stderr)
-                raise SystemExit(2)
-            default.config = path
+                from_file = tomllib.loads(Path(path).read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: not valid TOML: {e}") from e
+            for group, values in from_file.items():
+                raw[group] = {**raw.get(group, {}), **values} if isinstance(values, dict) else values
+        default = config_from_dict(raw, where=path or "config")
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    default.config = path
     cfg = tyro.cli(
         tyro.conf.OmitArgPrefixes[JobConfig],  # type: ignore[misc]
         args=args,

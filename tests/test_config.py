@@ -78,3 +78,32 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
     save_config(cfg, tmp_path / "p.toml")
     again = load_config(tmp_path / "p.toml")
     assert again.model.kept_fields == ("c1", "c3") and again.model.field_removal == "constant"
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--data", "csv:x", "--label", "click", "--categorical", "click,user"], "--categorical) names the label column 'click'"),
+        (["--data", "csv:x", "--label", "click", "--dense", "click"], "--dense) names the label column 'click'"),
+        (["--data", "csv:x", "--categorical", "user,user"], "--categorical) names user more than once"),
+        (["--data", "csv:x", "--categorical", "user", "--dense", "user"], "--categorical and --dense"),
+        (["--lr", "-0.1"], "--lr) must be > 0"),
+        (["--dense-lr", "0"], "--dense-lr) must be > 0"),
+        (["--resume", "--checkpoint", "ckpt"], "run.resume (--resume)"),
+        (["--resume", "--init-from", "ckpt"], "run.resume (--resume)"),
+        (["--hash-size", "1000"], "--hash-size) only applies with --encoding hash"),
+        (["--fold", "2"], "--fold) needs --folds"),
+        (["--folds", "5", "--fold", "5"], "--fold) must be in [0, 5)"),
+    ],
+)
+def test_silently_wrong_flags_are_refused_by_name(flags, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_cli(flags)
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_flags_that_belong_together_pass():
+    cfg = parse_cli(["--encoding", "hash", "--hash-size", "1000", "--folds", "5", "--fold", "4"])
+    assert cfg.dataset.hash_rows == 1000 and cfg.dataset.test_fold == 4
+    assert parse_cli([]).dataset.hash_rows == 100_000

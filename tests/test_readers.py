@@ -163,3 +163,27 @@ def test_folds_partition_all_lines(tmp_path):
             assert sum(got) == n
         seen[fold] = ds.splits["test"].num_lines()
     assert sum(seen.values()) == 12  # every line is test exactly once
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    """A file saved with a BOM (as some editors do): the first column is still `click`, and no
+    line is lost or malformed."""
+    root = tmp_path / "bom"
+    root.mkdir()
+    text = "click,city\n1,paris\n0,rome\n1,oslo\n"
+    for s in ("train", "dev", "test"):
+        (root / f"{s}.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    ds = open_dataset(DataConfig(data=f"csv:{root}", label="click"))
+    assert ds.schema.sparse_names == ["city"]
+    (b,) = list(ds.batches("train", 4))
+    assert b.num_samples == 3 and ds.bad_lines("train").count == 0
+
+
+def test_label_named_as_a_feature_is_refused_by_the_reader(tmp_path):
+    root = tmp_path / "csv"
+    root.mkdir()
+    for s in ("train", "dev", "test"):
+        (root / f"{s}.csv").write_text("click,city\n1,paris\n")
+    for kw in ({"categorical": "click,city"}, {"dense": "click"}):
+        with pytest.raises(DataError, match="label column 'click'"):
+            open_dataset(DataConfig(data=f"csv:{root}", label="click", **kw))

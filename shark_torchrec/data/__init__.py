@@ -66,7 +66,7 @@ class Dataset:
 
 def _encoder(cfg: DataConfig, train: FileSplit, num_fields: int):
     if cfg.encoding == "hash":
-        return HashEncoder(cfg.hash_size)
+        return HashEncoder(cfg.hash_rows)
     return VocabEncoder.build((cats for _, _, cats in train.parsed()), num_fields, cfg.min_count)
 
 
@@ -82,7 +82,7 @@ def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, ha
         # k-fold cross-validation over the lines of all three files: fold `fold` is test, the
         # next one dev, the rest train.
         files = [splits[s] for s in SPLIT_NAMES]
-        k, f = cfg.folds, cfg.fold
+        k, f = cfg.folds, cfg.test_fold
         splits = {
             "train": FoldSplit(files, k, [r for r in range(k) if r not in (f, (f + 1) % k)]),
             "dev": FoldSplit(files, k, [(f + 1) % k]),
@@ -90,7 +90,7 @@ def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, ha
         }
     train = splits["train"]
     if cfg.encoding == "hash":
-        encoder = HashEncoder(cfg.hash_size)
+        encoder = HashEncoder(cfg.hash_rows)
     else:
         cats = (c for _, _, c in train.parsed())
         encoder = VocabEncoder.build(cats, len(layout.sparse_names), cfg.min_count)

@@ -96,7 +96,7 @@ class CsvLayout:
         drop: Sequence[str],
     ) -> "CsvLayout":
         delimiter = "\t" if path.suffix == ".tsv" else ","
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             header_line = f.readline()
         if not header_line.strip():
             raise DataError(f"{path}: empty file (a header line is expected)")
@@ -122,6 +122,11 @@ class CsvLayout:
             taken = {label, *dense, *drop}
             sparse = [h for h in header if h not in taken]
         sparse_index = lookup(sparse, "categorical")
+        for what, names in (("categorical", sparse), ("dense", dense)):
+            if label in names:
+                raise DataError(f"{path}: the label column {label!r} is also given as a {what} column")
+            if len(set(names)) != len(names):
+                raise DataError(f"{path}: a {what} column is named twice ({', '.join(names)})")
         overlap = set(sparse) & set(dense)
         if overlap:
             raise DataError(f"{path}: column(s) {', '.join(sorted(overlap))} both dense and categorical")
@@ -247,7 +252,8 @@ class FileSplit:
         return self._num_lines
 
     def _numbered_lines(self) -> Iterator[Tuple[int, str]]:
-        f = open(self.path, newline="", encoding="utf-8", errors="replace")
+        # utf-8-sig: a byte-order mark (as some editors write) is not part of the first line.
+        f = open(self.path, newline="", encoding="utf-8-sig", errors="replace")
         with f:
             start = 1
             if self.has_header:
