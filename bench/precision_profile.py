@@ -48,7 +48,7 @@ def main() -> None:
     args = p.parse_args()
     T, R, D, B = args.tables, args.rows, args.dim, args.batch_size
     torch.manual_seed(0)
-    policy = PrecisionPolicy(memory_budget=0.35)
+    policy = PrecisionPolicy(memory_budget=0.35, optimizer="rowwise_adagrad", learning_rate=0.1).resolved([D])
     store = RowGroupStore(
         [LocalTable(f"t{i}", R, D, global_rows=R, table_id=i) for i in range(T)],
         [f"f{i}" for i in range(T)], list(range(T)), policy, StepCounter(),

@@ -43,7 +43,7 @@ ID_GRAD = torch.randn(7, DIM, generator=torch.Generator().manual_seed(5))
 
 
 def policy(**kw) -> PrecisionPolicy:
-    base = dict(mode="shark", memory_budget=0.6, fp32_fraction=0.1, reassign_every=1000, learning_rate=0.5)
+    base = dict(mode="shark", memory_budget=0.6, fp32_fraction=0.1, reassign_every=1000, optimizer="rowwise_adagrad", learning_rate=0.5)
     base.update(kw)
     return PrecisionPolicy(**base)
 
@@ -179,5 +179,5 @@ def reference_run(steps: int, pol_kw: dict, sequence: bool = False, world: int =
             loss = (vec * G).sum() / GLOBAL_BATCH
             outs.append(vec.detach())
         loss.backward()
-        ebc.step()
+
     return {"outputs": outs, "stores": ebc.stores}

@@ -178,17 +178,32 @@ class MixedPrecisionSequenceLookup(GroupedEmbeddingsLookup):
 
 
 class MixedPrecisionOptimizer(KeyedOptimizer):
-    """The module's entry in DMP's fused optimizer: the row updates happen in backward;
-    `step()` advances the module's step and reassigns rows when due. Its `lr` (param group
-    0) is the embedding learning rate, so LR schedulers work."""
+    """The module's entry in DMP's fused optimizer, shaped as TorchRec's fused tables' one.
+
+    Per table a parameter key `<collection>.<table>.weight` and, for row-wise Adagrad, its state
+    `<table>.momentum1`: a ShardedTensor over the stores' momentum (views, no copy), so
+    `fused_optimizer.state_dict()`, DCP and `load_state_dict` see and restore the optimizer state
+    as for stock fused tables (and an fp32 checkpoint's momentum loads by name). A column-wise
+    table's `momentum1` holds its first column slice's state; every slice's own state is also in
+    the module's state dict (`momentum`, per 4-column unit).
+
+    Rows update in the backward pass; `step()` only carries the param group's `lr` (which LR
+    schedulers set) into the next update, as FBGEMM's fused optimizer does.
+    """
 
     def __init__(self, module: "ShardedMixedPrecisionModule") -> None:
         self._module = module
-        super().__init__({}, {}, [{"params": [], "lr": module.precision_policy.learning_rate}])
+        params: Dict[str, torch.Tensor] = {}
+        state: Dict[Any, Any] = {}
+        momentum = module._momentum_state()
+        for table in module._table_names:
+            key = torch.empty(0)  # the parameter's identity: no fp32 weight exists
+            params[f"{module._mp_prefix}.{table}.weight"] = key
+            state[key] = {f"{table}.momentum1": momentum[table]} if table in momentum else {}
+        super().__init__(params, state, [{"params": list(params.values()), "lr": module.precision_policy.learning_rate}])
 
     def step(self, closure: Any = None) -> None:
         self._module.precision_policy.learning_rate = self.param_groups[0]["lr"]
-        self._module.advance_step()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         pass
@@ -207,7 +222,8 @@ class ShardedMixedPrecisionModule:
         env: ShardingEnv,
         **kwargs: Any,
     ) -> None:
-        object.__setattr__(self, "precision_policy", dataclasses.replace(module.precision_policy))
+        # The user's policy, its unset fields taken from this sharder's TorchRec fused_params.
+        object.__setattr__(self, "precision_policy", module.resolved_policy(kwargs.get("fused_params")))
         object.__setattr__(self, "step_counter", StepCounter())
         object.__setattr__(self, "_label_tagged", module.label_tagged)
         super().__init__(module, table_name_to_parameter_sharding, env, **kwargs)
@@ -219,10 +235,11 @@ class ShardedMixedPrecisionModule:
         self._budget_tables = {
             name: (self._table_rows[name], self._budget_dim(name, ps)) for name, ps in table_name_to_parameter_sharding.items()
         }
-        self._mp_optimizer = MixedPrecisionOptimizer(self)
         self.last_moved: Dict[str, int] = {}
         self.reassign_seconds = 0.0
         self._assign_initial_groups()
+        self.step_counter.on_step_end = self._end_of_step
+        self._mp_optimizer = MixedPrecisionOptimizer(self)
 
     def _mp_shardings(self) -> List[Tuple[Any, str]]:
         if self._mp_sequence:
@@ -322,10 +339,11 @@ class ShardedMixedPrecisionModule:
     def fused_optimizer(self) -> KeyedOptimizer:
         return self._mp_optimizer
 
-    def advance_step(self) -> None:
-        self.step_counter.value += 1
+    def _end_of_step(self, step: int) -> None:
+        """A backward pass updated the rows: reassign them when due (all ranks reach this
+        point in the same step, so the collective reassignment lines up)."""
         p = self.precision_policy
-        if p.scored and self.step_counter.value % p.reassign_every == 0:
+        if p.scored and step % p.reassign_every == 0:
             self.reassign()
 
     def reassign(self) -> Dict[str, int]:
@@ -371,6 +389,42 @@ class ShardedMixedPrecisionModule:
         return {n: {f: int(vec[i, j]) for j, f in enumerate(fields)} for i, n in enumerate(names)}
 
     # ------------------------------------------------------------------ state dict
+    def _momentum_state(self) -> Dict[str, Any]:
+        """table -> its row-wise Adagrad state as TorchRec lays out `momentum1`: a ShardedTensor
+        [rows] over this rank's stores (views), or for a data-parallel table the plain tensor.
+        Column slices other than the first are left out (see MixedPrecisionOptimizer)."""
+        if self.precision_policy.optimizer != "rowwise_adagrad":
+            return {}
+        local: Dict[str, List[Tuple[LocalTable, torch.Tensor]]] = {}
+        for store, _ in self.stores():
+            for i, t in enumerate(store.tables):
+                if t.col_offset == 0:
+                    lo = int(store.table_base[i])
+                    local.setdefault(t.name, []).append((t, store.momentum[lo : lo + t.rows]))
+        out: Dict[str, Any] = {}
+        for table in self._table_names:
+            spec = self.module_sharding_plan[table].sharding_spec
+            entries = local.get(table, [])
+            if spec is None:  # data-parallel: every rank holds the whole table
+                out[table] = entries[0][1]
+                continue
+            first = {(s.shard_offsets[0], s.shard_sizes[0]): s for s in spec.shards if s.shard_offsets[1] == 0}
+            shards_md = [
+                ShardMetadata(shard_offsets=[r0], shard_sizes=[n], placement=s.placement) for (r0, n), s in sorted(first.items())
+            ]
+            md = ShardedTensorMetadata(
+                shards_metadata=shards_md,
+                size=torch.Size([self._table_rows[table]]),
+                tensor_properties=TensorProperties(dtype=torch.float32),
+            )
+            shards = [
+                Shard(tensor=m, metadata=next(x for x in shards_md if x.shard_offsets[0] == t.row_offset)) for t, m in entries
+            ]
+            out[table] = ShardedTensor._init_from_local_shards_and_global_metadata(
+                shards, sharded_tensor_metadata=md, process_group=self._pg
+            )
+        return out
+
     def _state_metadata(self, table: str, key: str, dim: int) -> Optional[ShardedTensorMetadata]:
         spec = self.module_sharding_plan[table].sharding_spec
         if spec is None:
@@ -471,6 +525,10 @@ class _MixedPrecisionSharder:
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         return list(self._types)
+
+    def shardable_parameters(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        """Each table's shape, as a meta tensor: our module registers no parameters."""
+        return {c.name: torch.empty(c.num_embeddings, c.embedding_dim, device="meta") for c in module._mp_configs()}
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         if sharding_type == ShardingType.DATA_PARALLEL.value:

@@ -27,8 +27,8 @@ INIT_BLOCK_ROWS = 1 << 16
 
 
 def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
-    """Our mixed-precision sharder, and TorchRec's EBC sharder whose kernels train with
-    FBGEMM's fused row-wise Adagrad."""
+    """Our mixed-precision sharders and TorchRec's EBC sharder, all given the same fused_params
+    (FBGEMM's fused row-wise Adagrad or SGD at the embedding learning rate)."""
     from shark_torchrec.distributed.mixed_precision import (
         MixedPrecisionEmbeddingBagCollectionSharder,
         MixedPrecisionEmbeddingCollectionSharder,
@@ -40,8 +40,8 @@ def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
         "eps": cfg.eps,
     }
     return [
-        MixedPrecisionEmbeddingBagCollectionSharder(),
-        MixedPrecisionEmbeddingCollectionSharder(),
+        MixedPrecisionEmbeddingBagCollectionSharder(fused_params=fused),
+        MixedPrecisionEmbeddingCollectionSharder(fused_params=fused),
         EmbeddingBagCollectionSharder(fused_params=fused),
     ]
 

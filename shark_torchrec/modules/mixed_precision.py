@@ -4,8 +4,10 @@ collections with rows kept in fp32, fp16 and int8 groups.
 Constructed like `EmbeddingBagCollection` (table configs) plus a `PrecisionPolicy`. The
 TorchRec parameters stay on the meta device (the planner reads their shapes); the rows live
 in a `RowGroupStore`. Sharded by DMP with `MixedPrecisionEmbeddingBagCollectionSharder`
-(`shark_torchrec.distributed.mixed_precision`); used unsharded, it holds every table in one
-store and trains in its own backward pass (call `step()` after each optimizer step).
+(`shark_torchrec.distributed.mixed_precision`); used unsharded (after `materialize(device)`),
+it holds every table in one store. Either way the rows train in the backward pass, as FBGEMM's
+fused tables do, and a training step (with its reassignment when due) ends with that backward
+pass: no optimizer call is needed. The module exposes no parameters.
 
 State dict, per table (the same keys sharded and unsharded, so checkpoints move between
 plans): `embedding_bags.<table>.weight` fp32 [rows, D] (the dequantized rows, made when the
@@ -23,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
@@ -45,7 +48,8 @@ def table_id(name: str) -> int:
 
 
 def target_counts(policy: PrecisionPolicy, rows: int, dim: int, table: str) -> GroupCounts:
-    """Rows per group of a whole table in budget mode or a one-group mode."""
+    """Rows per group of a whole table in budget mode or a one-group mode (the policy must be
+    resolved: `PrecisionPolicy.resolved`)."""
     if policy.mode == "fp32":
         return GroupCounts(rows, 0, 0)
     if policy.mode == "fp16":
@@ -56,6 +60,8 @@ def target_counts(policy: PrecisionPolicy, rows: int, dim: int, table: str) -> G
         n32 = int(policy.row_fractions[0] * rows)
         n16 = min(rows - n32, int(policy.row_fractions[1] * rows))
         return GroupCounts(n32, n16, rows - n32 - n16)
+    if policy.memory_budget is None:
+        raise ValueError("target_counts needs a resolved policy (PrecisionPolicy.resolved sets the default budget)")
     return budget_counts(rows, dim, policy.memory_budget, policy.fp32_fraction, table=table)
 
 
@@ -252,24 +258,40 @@ class _MixedPrecisionRows:
     _mp_prefix = "embedding_bags"
 
     def _mp_init(self, policy: Optional[PrecisionPolicy], label_tagged: bool, device) -> None:
+        configs = self._mp_configs()
+        # The policy as the user gave it: a sharder resolves it again with its fused_params.
         self.precision_policy = policy or PrecisionPolicy()
+        # Resolved now, so that an unreachable budget is refused when the module is built.
+        self._unsharded_policy = self.precision_policy.resolved([c.embedding_dim for c in configs])
         self.label_tagged = label_tagged
         self.step_counter = StepCounter()
+        self.step_counter.on_step_end = self._end_of_step
         self._stores: List[RowGroupStore] = []
         self._store_features: List[List[str]] = []
-        self._feature_tables = feature_tables(self._mp_configs())
+        self._feature_tables = feature_tables(configs)
+        # TorchRec's constructor registered a meta `weight` parameter per table; the rows live
+        # in our stores, so none is exposed (the state dict still names each table's weight).
+        setattr(self, self._mp_prefix, nn.ModuleDict({c.name: nn.Module() for c in configs}))
         self._register_state_dict_hook(_MixedPrecisionRows._rows_state_dict_hook)
         self._register_load_state_dict_pre_hook(self._rows_load_hook, with_module=False)
-        self.register_load_state_dict_post_hook(_MixedPrecisionRows._meta_weights_not_missing)
         if device is not None and torch.device(device).type != "meta":
             self.materialize(torch.device(device))
 
+    def resolved_policy(self, fused_params: Optional[Dict[str, Any]] = None) -> PrecisionPolicy:
+        """The policy with its defaults applied for these tables (see `PrecisionPolicy.resolved`)."""
+        return self.precision_policy.resolved([c.embedding_dim for c in self._mp_configs()], fused_params)
+
     # The same state dict keys as the sharded module (plain, whole-table tensors here), so
     # checkpoints move between unsharded and sharded use. Before `materialize` the module
-    # only describes its tables (meta parameters), as TorchRec's do.
+    # only describes its tables: a meta tensor per table's weight, which is what TorchRec's
+    # sharding reads (shapes), as for its own collections.
     @staticmethod
     def _rows_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
         if not module._stores:
+            for c in module._mp_configs():
+                destination[f"{prefix}{module._mp_prefix}.{c.name}.weight"] = torch.empty(
+                    c.num_embeddings, c.embedding_dim, device="meta"
+                )
             return
         for store in module._stores:
             for i, t in enumerate(store.tables):
@@ -287,15 +309,7 @@ class _MixedPrecisionRows:
         states = pop_table_states(state_dict, prefix, self._mp_prefix, [c.name for c in configs])
         dims = {c.name: c.embedding_dim for c in configs}
         for store in self._stores:
-            restore_store(store, [states[t.name] for t in store.tables], self.precision_policy, dims)
-
-    @staticmethod
-    def _meta_weights_not_missing(module, incompatible_keys) -> None:
-        # The meta `weight` parameters TorchRec's base class registers are fed by our hook.
-        names = {f"{module._mp_prefix}.{c.name}.weight" for c in module._mp_configs()}
-        incompatible_keys.missing_keys[:] = [
-            k for k in incompatible_keys.missing_keys if not any(k.endswith(n) for n in names)
-        ]
+            restore_store(store, [states[t.name] for t in store.tables], self._unsharded_policy, dims)
 
     def _mp_configs(self) -> List[Any]:
         raise NotImplementedError
@@ -307,7 +321,7 @@ class _MixedPrecisionRows:
         """Allocate the rows on `device` for unsharded use; `init(table, row0, row1)` gives
         fp32 initial values (default: TorchRec's uniform(+-sqrt(1/rows)))."""
         self._stores, self._store_features = build_stores(
-            self._mp_configs(), self.precision_policy, self.step_counter, self.label_tagged,
+            self._mp_configs(), self._unsharded_policy, self.step_counter, self.label_tagged,
             self._mp_weighted(), self._sequence, device, init,
         )
 
@@ -322,7 +336,7 @@ class _MixedPrecisionRows:
                 f"{type(self).__name__} has no rows here: shard it with DMP and our sharder, "
                 "or call materialize(device)"
             )
-        features = check_ids(features, self._feature_tables, self.precision_policy.bad_ids)
+        features = check_ids(features, self._feature_tables, self._unsharded_policy.bad_ids)
         keys = features.keys()
         out = []
         for store, names in zip(self._stores, self._store_features):
@@ -334,18 +348,18 @@ class _MixedPrecisionRows:
             out.append((names, sub, store(sub.values(), sub.lengths(), sub.weights_or_none(), sub.stride())))
         return out
 
-    def step(self) -> None:
-        """Advance one training step (unsharded use): reassign rows when due."""
-        self.step_counter.value += 1
-        p = self.precision_policy
-        if p.scored and self.step_counter.value % p.reassign_every == 0:
+    def _end_of_step(self, step: int) -> None:
+        """A backward pass updated the rows (unsharded use): reassign rows when due."""
+        p = self._unsharded_policy
+        if p.scored and step % p.reassign_every == 0:
             self.reassign()
 
     def reassign(self) -> None:
+        """Regroup every row by its score now."""
         from shark_torchrec.distributed.reassign import reassign_stores
 
         tables = {c.name: (c.num_embeddings, c.embedding_dim) for c in self._mp_configs()}
-        reassign_stores(self._stores, self.precision_policy, tables, pg=None)
+        reassign_stores(self._stores, self._unsharded_policy, tables, pg=None)
 
 
 class MixedPrecisionEmbeddingBagCollection(_MixedPrecisionRows, EmbeddingBagCollection):

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from shark_torchrec.precision.priority import BudgetError, default_budget, min_budget
 
 MODES = ("shark", "freq", "fp32", "fp16", "int8")
-DEFAULT_BUDGET = 0.35
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
 BAD_ID_POLICIES = ("error", "row0")
+# What FBGEMM's table-batched embeddings train with when nothing is said (its constructor's
+# defaults): a collection given no optimizer by its policy or its sharder's fused_params
+# trains as a stock fused table would.
+FBGEMM_DEFAULTS = {"optimizer": "sgd", "learning_rate": 0.01, "eps": 1.0e-8}
+# fused_params keys that change nothing in our update (TorchRec and FBGEMM pass them along).
+_NEUTRAL_FUSED_PARAMS = {
+    "stochastic_rounding",  # our fp16/int8 rows always round stochastically
+    "output_dtype", "cache_load_factor", "cache_precision", "prefetch_pipeline", "bounds_check_mode",
+    "use_cpu", "weights_precision", "gradient_clipping", "max_gradient",
+}
 
 
 @dataclass
@@ -17,15 +29,22 @@ class PrecisionPolicy:
 
     mode: `shark` scores rows with paper Eq. 7 (positives weigh `alpha`); `freq` is the same
       with alpha = 1 (plain frequency); `fp32` / `fp16` / `int8` keep every row in one group.
-    memory_budget: budget mode (the default: 0.35 when no other mode is set): each table's
-      embedding bytes (weights, int8 scales/biases, row map) stay within this fraction of its
-      fp32 bytes, from the first step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are fp16, the
-      rest int8; which rows go where follows the score ranking over all shards of a table.
+    memory_budget: budget mode (the default when no other mode is set): each table's embedding
+      bytes (weights, int8 scales/biases, row map) stay within this fraction of its fp32 bytes,
+      from the first step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are
+      fp16, the rest int8; which rows go where follows the score ranking over all shards of a
+      table. None: the default for the collection's dims (`default_budget`: 0.35, or the
+      all-int8 floor plus 0.05 where 0.35 cannot be reached, 0.45 at dim 16), resolved when
+      the collection is built.
     row_fractions: (fp32, fp16) fractions of each table's rows instead of a byte budget (the
       rest int8); the same ranking decides which rows.
     t8, t16: threshold mode (the paper): score < t8 -> int8, < t16 -> fp16, else fp32. Set
       both and leave memory_budget None. Rows start in int8 (every score starts at 0).
-    reassign_every: steps between reassignments.
+    reassign_every: training steps between reassignments (a step ends with the backward pass).
+    optimizer, learning_rate, eps: the row update (`rowwise_adagrad`: FBGEMM's
+      EXACT_ROWWISE_ADAGRAD rule, or `sgd`). None: taken from the sharder's TorchRec
+      `fused_params` (`optimizer` as an `EmbOptimType`, `learning_rate`, `eps`), else FBGEMM's
+      defaults (EXACT_SGD, 0.01, 1e-8), as for a stock fused table.
     """
 
     mode: str = "shark"
@@ -37,15 +56,13 @@ class PrecisionPolicy:
     alpha: float = 2.0
     beta: float = 0.99
     reassign_every: int = 100
-    optimizer: str = "rowwise_adagrad"
-    learning_rate: float = 0.1
-    eps: float = 1e-8
+    optimizer: Optional[str] = None
+    learning_rate: Optional[float] = None
+    eps: Optional[float] = None
     seed: int = 0
     bad_ids: str = "error"
 
     def __post_init__(self) -> None:
-        if self.scored and self.memory_budget is None and self.row_fractions is None and self.t8 is None:
-            self.memory_budget = DEFAULT_BUDGET
         self.validate()
 
     @property
@@ -60,14 +77,22 @@ class PrecisionPolicy:
     def threshold_mode(self) -> bool:
         return self.scored and self.t8 is not None
 
+    @property
+    def budget_mode(self) -> bool:
+        return self.scored and self.t8 is None and self.row_fractions is None
+
     def validate(self) -> None:
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"precision policy: {field} {why}")
 
         if self.mode not in MODES:
             raise bad("mode", f"must be one of {MODES}, got {self.mode!r}")
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.eps is not None and not self.eps > 0:
+            raise bad("eps", f"must be > 0, got {self.eps}")
         if self.bad_ids not in BAD_ID_POLICIES:
             raise bad("bad_ids", f"must be one of {BAD_ID_POLICIES}, got {self.bad_ids!r}")
         if (self.t8 is None) != (self.t16 is None):
@@ -83,8 +108,6 @@ class PrecisionPolicy:
             f32, f16 = self.row_fractions
             if f32 < 0 or f16 < 0 or f32 + f16 > 1:
                 raise bad("row_fractions", f"need fp32 >= 0, fp16 >= 0, fp32 + fp16 <= 1, got {self.row_fractions}")
-        elif self.scored and self.memory_budget is None:
-            raise bad("memory_budget", "(or row_fractions, or t8/t16) is needed for mode " + self.mode)
         if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
             raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
         if not 0 <= self.fp32_fraction <= 1:
@@ -95,3 +118,93 @@ class PrecisionPolicy:
             raise bad("alpha", f"must be >= 0, got {self.alpha}")
         if self.reassign_every < 1:
             raise bad("reassign_every", f"must be >= 1, got {self.reassign_every}")
+
+    def resolved(self, dims: Iterable[int], fused_params: Optional[Mapping[str, Any]] = None) -> "PrecisionPolicy":
+        """This policy with every unset field decided: the one place defaults are applied.
+
+        Args:
+            dims: embedding dims of the tables the policy governs (for the default budget and
+                the check that an explicit budget is reachable).
+            fused_params: the sharder's TorchRec `fused_params`, if any (optimizer, lr, eps).
+
+        Returns:
+            A copy whose budget (in budget mode), optimizer, learning rate and eps are set.
+
+        Raises:
+            BudgetError: the budget is below what all-int8 rows reach at these dims.
+            ValueError: fused_params ask for an optimizer we do not implement, or contradict
+                a field this policy sets.
+        """
+        dims = list(dims)
+        changes: Dict[str, Any] = training_from_fused_params(fused_params or {}, self)
+        if self.budget_mode:
+            budget = self.memory_budget if self.memory_budget is not None else default_budget(dims)
+            narrowest = min(dims, default=0)
+            if dims and budget < min_budget(narrowest) - 1e-12:
+                raise BudgetError(
+                    f"memory budget {budget} is below what tables of dim {narrowest} can reach: all rows int8 "
+                    f"plus the row map take {min_budget(narrowest):.3f} of fp32"
+                )
+            changes["memory_budget"] = budget
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.optimizer, self.learning_rate, self.eps) and (
+            not self.budget_mode or self.memory_budget is not None
+        )
+
+
+def training_from_fused_params(fused_params: Mapping[str, Any], policy: PrecisionPolicy) -> Dict[str, Any]:
+    """The optimizer, learning rate and eps a policy trains with, given TorchRec `fused_params`.
+
+    Args:
+        fused_params: as given to a TorchRec sharder (`optimizer` an `EmbOptimType`).
+        policy: fields it sets win only where fused_params say nothing or the same.
+
+    Returns:
+        {"optimizer", "learning_rate", "eps"}: policy's value, else fused_params', else FBGEMM's
+        default.
+
+    Raises:
+        ValueError: an optimizer other than EXACT_ROWWISE_ADAGRAD / EXACT_SGD, a fused
+            parameter that would change the update and that we do not implement (weight decay,
+            momentum, ...), or a contradiction with the policy.
+    """
+    from_fused: Dict[str, Any] = {}
+    unknown = []
+    for key, value in fused_params.items():
+        if key == "optimizer":
+            from_fused["optimizer"] = _optimizer_name(value)
+        elif key in ("learning_rate", "eps"):
+            from_fused[key] = float(value)
+        elif key == "weight_decay" and not value:
+            pass
+        elif key not in _NEUTRAL_FUSED_PARAMS:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"fused_params {sorted(unknown)} are not supported by the mixed-precision collections "
+            "(they implement optimizer, learning_rate and eps)"
+        )
+    out = {}
+    for key in ("optimizer", "learning_rate", "eps"):
+        mine, theirs = getattr(policy, key), from_fused.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"PrecisionPolicy.{key}={mine!r} contradicts the sharder's fused_params {key}={theirs!r}: set it in one place")
+        out[key] = mine if mine is not None else theirs if theirs is not None else FBGEMM_DEFAULTS[key]
+    return out
+
+
+def _optimizer_name(value: Any) -> str:
+    """Our name for a TorchRec/FBGEMM optimizer (EmbOptimType or its name)."""
+    name = getattr(value, "name", str(value)).upper()
+    names = {"EXACT_ROWWISE_ADAGRAD": "rowwise_adagrad", "ROWWISE_ADAGRAD": "rowwise_adagrad", "EXACT_SGD": "sgd", "SGD": "sgd"}
+    if name.lower() in OPTIMIZERS:
+        return name.lower()
+    if name not in names:
+        raise ValueError(
+            f"fused_params optimizer {name} is not supported by the mixed-precision collections "
+            "(supported: EXACT_ROWWISE_ADAGRAD, EXACT_SGD)"
+        )
+    return names[name]

@@ -16,8 +16,9 @@ process group over which gradients and counts are summed.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
@@ -73,10 +74,35 @@ class LocalTable:
 
 
 class StepCounter:
-    """The training step shared by the stores of one module (rounding noise, score decay)."""
+    """The training step shared by the stores of one module (rounding noise, score decay).
+
+    A step ends when a backward pass through the module's stores has updated their rows, as
+    FBGEMM's fused tables update in backward: every store's lookup takes `anchor` as an input,
+    and once the gradients of all of them have reached it (one backward pass) the counter
+    advances and `on_step_end(new_step)` runs (the module's reassignment when it is due). No
+    optimizer call is needed.
+    """
 
     def __init__(self) -> None:
         self.value = 0
+        self.on_step_end: Optional[Callable[[int], None]] = None
+        self.warned_no_labels = False
+        self._updated = False
+        self.anchor = torch.zeros(0, requires_grad=True)
+        self.anchor.register_post_accumulate_grad_hook(self._end_of_step)
+
+    def mark_updated(self) -> None:
+        """A store applied this step's update (called from its backward)."""
+        self._updated = True
+
+    def _end_of_step(self, anchor: torch.Tensor) -> None:
+        anchor.grad = None
+        if not self._updated:
+            return
+        self._updated = False
+        self.value += 1
+        if self.on_step_end is not None:
+            self.on_step_end(self.value)
 
 
 # FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
@@ -137,7 +163,9 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         if ctx.store.training_enabled:
             ctx.store._backward(ctx.saved, grad)
-        return (None,) * 6
+            ctx.store.step.mark_updated()
+        # A gradient for the step anchor (empty): its arrival marks the end of the step.
+        return (torch.zeros(0),) + (None,) * 5
 
 
 class RowGroupStore(nn.Module):
@@ -163,6 +191,8 @@ class RowGroupStore(nn.Module):
         if self.dim % 4:
             raise ValueError(f"embedding dims must be multiples of 4 (FBGEMM), got {self.dim}")
         self.feature_names = list(feature_names)
+        if not policy.is_resolved:
+            raise ValueError("RowGroupStore needs a resolved policy: PrecisionPolicy.resolved(dims, fused_params)")
         self.policy = policy
         self.step = step
         self.pooling = pooling
@@ -196,7 +226,6 @@ class RowGroupStore(nn.Module):
         self.capacity = [0, 0, 0]
         self.weights = torch.zeros(0, dtype=torch.uint8)
         self._offsets = [0, 0, 0]
-        self._anchor = torch.zeros(0, requires_grad=True)
         self._build_op_buffers()
 
     # ------------------------------------------------------------------ layout
@@ -452,7 +481,9 @@ class RowGroupStore(nn.Module):
         weights: Optional[torch.Tensor],
         batch_size: int,
     ) -> torch.Tensor:
-        return _Lookup.apply(self._anchor, self, values, lengths, weights, batch_size)
+        if weights is None and self.label_tagged and self.policy.scored and self.training_enabled and torch.is_grad_enabled():
+            self._warn_no_labels()  # (autograd runs _forward with grad off: checked here)
+        return _Lookup.apply(self.step.anchor, self, values, lengths, weights, batch_size)
 
     def _forward(self, values, lengths, weights, B):
         """Every id's row through one FBGEMM call, then pooling here.
@@ -505,6 +536,18 @@ class RowGroupStore(nn.Module):
             pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
         res = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
         return res, (seg, keys, psw, labels, lengths, B)
+
+    def _warn_no_labels(self) -> None:
+        if self.step.warned_no_labels:
+            return
+        self.step.warned_no_labels = True
+        warnings.warn(
+            "mixed-precision embedding collection: a training batch carries no labels, so paper Eq. 7 falls "
+            "back to counting occurrences (every id counts as a negative). Feed batches through "
+            "shark_torchrec.distributed.train_pipeline.LabelTaggingTrainPipeline, or tag the ids with "
+            "shark_torchrec.precision.labels.tag_labels(kjt, labels).",
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ training
     def _backward(self, saved, grad: torch.Tensor) -> None:

@@ -53,7 +53,8 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
             module = option.module[1]
             if not isinstance(module, MixedPrecisionEmbeddingBagCollection):
                 continue
-            policy = module.precision_policy
+            sharder = (sharder_data_map or {}).get(option.module_type_key)
+            policy = module.resolved_policy(getattr(sharder, "fused_params", None))
             rows = option.tensor.shape[0]
             for shard in option.shards:
                 if shard.storage is None:

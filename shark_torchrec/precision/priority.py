@@ -16,14 +16,17 @@ batch (of our global batch size), not the paper's absolute numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Iterable, Tuple
 
 import torch
 
 FP32, FP16, INT8 = 0, 1, 2  # group ids, from most to least precise
 GROUP_NAMES = ("fp32", "fp16", "int8")
 ROW_MAP_BYTES = 5  # int8 group tag + int32 slot per row
+DEFAULT_BUDGET = 0.35  # the default budget wherever int8 rows leave room for it (dim >= 29)
+BUDGET_MARGIN = 0.05  # the default's room above the all-int8 floor at smaller dims
 
 
 def decayed(score: torch.Tensor, last_step: torch.Tensor, step: int, beta: float) -> torch.Tensor:
@@ -56,6 +59,21 @@ def min_budget(dim: int) -> float:
     """The smallest budget (fraction of fp32 bytes) a table of this dim can reach: every row
     int8 (codes, fp16 scale and bias) plus the row map."""
     return (row_bytes(dim, INT8) + ROW_MAP_BYTES) / (4 * dim)
+
+
+def default_budget(dims: Iterable[int]) -> float:
+    """The budget a policy gets when none is given, for tables of these dims: 0.35 of fp32
+    bytes, or the all-int8 floor of the narrowest table plus a margin where 0.35 is out of
+    reach (0.45 at dim 16), rounded up to a hundredth.
+
+    Args:
+        dims: the embedding dims of the tables the budget applies to.
+
+    Returns:
+        A budget every table of these dims can meet.
+    """
+    floor = max((min_budget(d) for d in dims), default=0.0)
+    return max(DEFAULT_BUDGET, math.ceil((floor + BUDGET_MARGIN) * 100 - 1e-9) / 100)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from shark_torchrec.memory import embedding_memory
 from shark_torchrec.models.dlrm import build_dlrm, table_configs
 from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
-from shark_torchrec.precision.labels import tag_labels
+from shark_torchrec.distributed.train_pipeline import LabelTaggingTrainPipeline
 from shark_torchrec.train.checkpoint import (
     CheckpointError,
     broadcast_str,
@@ -196,9 +195,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     done = state.stopped_early or (t.max_steps and state.step >= t.max_steps)
     while not done and state.epoch < t.epochs:
         batches = dataset.batches("train", t.batch_size, env.rank, env.world_size, state.batch_in_epoch)
-        if cfg.quant.precision != "fp32":
-            batches = label_tagged(batches)
-        pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device, execute_all_batches=True)
+        pipeline = train_pipeline(dmp, optimizer, env.device, cfg.quant.precision)
         bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"train epoch {state.epoch}", disable=not show)
         while True:
             if t.max_steps and state.step >= t.max_steps:
@@ -243,9 +240,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
 
 def train_steps(model, optimizer, batches, env: DistEnv, precision: str, total: int = 0, desc: str = "train", show: bool = False) -> int:
     """Train over `batches` (already this rank's share) with TorchRec's pipeline; returns steps."""
-    if precision != "fp32":
-        batches = label_tagged(batches)
-    pipeline = TrainPipelineSparseDist(model, optimizer, env.device, execute_all_batches=True)
+    pipeline = train_pipeline(model, optimizer, env.device, precision)
     steps = 0
     with tqdm(total=total or None, desc=desc, disable=not show, leave=False) as bar:
         while True:
@@ -260,10 +255,12 @@ def train_steps(model, optimizer, batches, env: DistEnv, precision: str, total: 
     return steps
 
 
-def label_tagged(batches):
-    """Training batches whose ids carry their sample's label (for the row priorities)."""
-    for b in batches:
-        yield dataclasses.replace(b, sparse_features=tag_labels(b.sparse_features, b.labels))
+def train_pipeline(model, optimizer, device: torch.device, precision: str) -> TrainPipelineSparseDist:
+    """TorchRec's pipeline; for our mixed-precision tables the one that gives them the labels
+    (stock fp32 tables would pool with the tagged weights, so they get the plain one)."""
+    if precision == "fp32":
+        return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
+    return LabelTaggingTrainPipeline(model, optimizer, device, features=["sparse_features"], execute_all_batches=True)
 
 
 def peak_rss_bytes(env: DistEnv) -> int:

@@ -1,0 +1,225 @@
+"""What a TorchRec user expects of a drop-in collection: defaults that work, TorchRec's
+fused_params honoured, steps that end with the backward pass, labels handed over by a train
+pipeline (or a warning), optimizer state in `fused_optimizer`, no meta parameters, errors from
+spawned ranks as one line; and a model of the user's own on 2 ranks (examples/own_model.py)."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from conftest import ROOT, TINY, run_shark
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.precision.labels import tag_labels
+from shark_torchrec.precision.priority import BudgetError, FP32, min_budget
+
+
+def bag_tables(dim=16, rows=(200, 50)):
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"f{i}"]) for i, r in enumerate(rows)]
+
+
+def kjt(ids_per_feature, lengths=None):
+    keys = [f"f{i}" for i in range(len(ids_per_feature))]
+    values = torch.cat([torch.as_tensor(v) for v in ids_per_feature])
+    if lengths is None:
+        lengths = torch.ones(len(values), dtype=torch.int32)
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+
+
+# --- defaults -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim, budget", [(16, 0.45), (64, 0.35), (8, 0.59)])
+def test_default_policy_works_at_every_dim(dim, budget):
+    """PrecisionPolicy() with no budget: the reachable floor for the dims plus a margin (0.35
+    where int8 leaves room for it), and the bytes stay within it."""
+    ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(dim, (4000,)), device=torch.device("cpu"), precision_policy=PrecisionPolicy())
+    store = ebc.stores[0]
+    assert ebc._unsharded_policy.memory_budget == budget > min_budget(dim)
+    assert store.table_bytes()[0]["embedding_bytes"] <= budget * 4000 * dim * 4
+    assert all(c > 0 for c in store.group_counts()), store.group_counts()
+
+
+def test_explicit_budget_below_the_floor_is_refused_when_the_module_is_built():
+    with pytest.raises(BudgetError, match="below what tables of dim 16 can reach: .* 0.391"):
+        MixedPrecisionEmbeddingBagCollection(bag_tables(16), precision_policy=PrecisionPolicy(memory_budget=0.35))
+
+
+@pytest.mark.parametrize("precision", ["shark", "freq", "fp16", "int8"])
+def test_every_precision_trains_with_no_other_flag(tmp_path, precision):
+    """At the default dim (16), where the old default budget 0.35 was out of reach."""
+    args = [a for a in TINY if a not in ("--embedding-dim", "8")]
+    out = tmp_path / precision
+    run_shark("train", *args, "--synthetic-train-rows", "1000", "--precision", precision, "--out", str(out), "--metrics-out", str(out / "m.json"))
+    m = json.loads((out / "m.json").read_text())
+    assert m["embedding_bytes"] < m["fp32_embedding_bytes"]
+    if precision in ("shark", "freq"):
+        assert m["embedding_bytes"] <= 0.45 * m["fp32_embedding_bytes"]
+
+
+def test_errors_from_spawned_ranks_are_the_one_line_of_one_rank(tmp_path):
+    """A checkpoint that does not exist, found inside the ranks: the same one line, exit 2."""
+    outputs = {}
+    for nproc in ("1", "2"):
+        proc = run_shark("train", *TINY, "--nproc", nproc, "--checkpoint", str(tmp_path / "nowhere"),
+                         "--out", str(tmp_path / f"run{nproc}"), check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("shark train: error:")]
+        assert lines and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        outputs[nproc] = lines[0]
+    assert outputs["1"] == outputs["2"]
+    assert "no checkpoint found" in outputs["1"]
+
+
+# --- TorchRec semantics ---------------------------------------------------------
+
+
+def test_no_parameter_is_exposed():
+    for module in (
+        MixedPrecisionEmbeddingBagCollection(bag_tables()),
+        MixedPrecisionEmbeddingBagCollection(bag_tables(), device=torch.device("cpu")),
+        MixedPrecisionEmbeddingCollection([EmbeddingConfig(name="s", embedding_dim=8, num_embeddings=30, feature_names=["q"])]),
+    ):
+        assert list(module.parameters()) == []
+        assert not any(t.is_meta for t in module.buffers())
+
+
+def test_fused_params_set_the_update_and_unsupported_ones_are_refused():
+    policy = PrecisionPolicy(mode="fp32")
+    sgd = policy.resolved([16], {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.3, "eps": 1e-6})
+    assert (sgd.optimizer, sgd.learning_rate, sgd.eps) == ("sgd", 0.3, 1e-6)
+    adagrad = policy.resolved([16], {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD})
+    assert (adagrad.optimizer, adagrad.learning_rate) == ("rowwise_adagrad", 0.01)  # FBGEMM's default lr
+    plain = policy.resolved([16])
+    assert (plain.optimizer, plain.learning_rate, plain.eps) == ("sgd", 0.01, 1e-8)  # FBGEMM's defaults
+    with pytest.raises(ValueError, match="optimizer ADAM is not supported"):
+        policy.resolved([16], {"optimizer": EmbOptimType.ADAM})
+    with pytest.raises(ValueError, match=r"fused_params \['momentum'\] are not supported"):
+        policy.resolved([16], {"momentum": 0.9})
+    with pytest.raises(ValueError, match="learning_rate=0.5 contradicts"):
+        PrecisionPolicy(learning_rate=0.5).resolved([16], {"learning_rate": 0.1})
+
+
+def test_the_sharded_update_uses_the_sharders_fused_learning_rate():
+    """One SGD step through DMP with fused_params lr = 0.25: an fp32 row moves by -0.25 x its
+    gradient (the policy sets no learning rate)."""
+    from shark_torchrec.distributed.env import launch
+
+    got = launch(_one_sgd_step, 1, 0.25)
+    torch.testing.assert_close(got["after"], got["before"] - 0.25 * got["grad"], rtol=0, atol=1e-6)
+    assert got["policy_lr"] == 0.25
+
+
+def _one_sgd_step(lr: float):
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
+    from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
+
+    init_distributed()
+    try:
+        ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(8, (20,)), precision_policy=PrecisionPolicy(mode="fp32"))
+        sharders = [MixedPrecisionEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})]
+        plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu")).collective_plan(ebc, sharders, dist.GroupMember.WORLD)
+        dmp = DistributedModelParallel(ebc, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)
+        module = dmp.module
+        module.fill_rows(lambda t, r0, r1: torch.arange(r0 * 8, r1 * 8, dtype=torch.float32).view(-1, 8) / 100)
+        before = module.state_dict()["embedding_bags.t0.weight"].local_shards()[0].tensor.clone()
+        grad = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+        out = dmp(tag_labels(kjt([[3]]), torch.ones(1))).values()
+        (out * grad).sum().backward()
+        after = module.state_dict()["embedding_bags.t0.weight"].local_shards()[0].tensor
+        expect = torch.zeros(20, 8)
+        expect[3] = grad[0]
+        return {"before": before, "after": after, "grad": expect, "policy_lr": module.precision_policy.learning_rate}
+    finally:
+        shutdown_distributed()
+
+
+def test_a_step_ends_with_the_backward_pass_and_reassigns_when_due():
+    """No step() call: the counter advances once per backward (not per forward, not in eval),
+    and rows are regrouped by score every reassign_every steps."""
+    policy = PrecisionPolicy(mode="shark", row_fractions=(0.01, 0.0), reassign_every=2, optimizer="sgd", learning_rate=0.1)
+    ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(16, (200,)), device=torch.device("cpu"), precision_policy=policy)
+    store = ebc.stores[0]
+    assert store.row_group[0] == FP32 and store.row_group[150] != FP32  # before any score: lowest ids
+    hot = torch.tensor([150, 150, 7])
+    batch = tag_labels(kjt([hot]), torch.ones(3))
+    ebc(batch).values().sum().backward()
+    assert ebc.step_counter.value == 1
+    ebc(batch)  # a forward without backward is no step
+    with torch.no_grad():
+        ebc(batch)
+    ebc.eval()
+    out = ebc(batch).values().sum()
+    out.backward()  # eval mode: no update, no step
+    assert ebc.step_counter.value == 1
+    ebc.train()
+    assert store.row_group[150] != FP32
+    ebc(batch).values().sum().backward()
+    assert ebc.step_counter.value == 2
+    assert store.row_group[150] == FP32 and store.row_group[0] != FP32  # regrouped at step 2
+
+
+def test_missing_labels_warn_once_and_tagged_ones_do_not():
+    ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(), device=torch.device("cpu"), precision_policy=PrecisionPolicy(optimizer="sgd"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ebc(tag_labels(kjt([[1], [2]]), torch.ones(1))).values().sum().backward()
+    assert not [w for w in seen if "no labels" in str(w.message)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            ebc(kjt([[1], [2]])).values().sum().backward()
+    msgs = [str(w.message) for w in seen if "no labels" in str(w.message)]
+    assert len(msgs) == 1 and "falls back to counting" in msgs[0] and "LabelTaggingTrainPipeline" in msgs[0]
+
+
+def test_label_tagging_pipeline_tags_the_named_features():
+    from shark_torchrec.data.batch import Batch
+    from shark_torchrec.distributed.train_pipeline import tag_batch
+    from shark_torchrec.precision.labels import split_tagged
+
+    features = kjt([[1, 2], [3, 4]], torch.ones(4, dtype=torch.int32))
+    batch = Batch(torch.zeros(2, 1), features, torch.tensor([1.0, 0.0]), torch.ones(2))
+    tagged = tag_batch(batch, lambda b: b.labels)
+    _, labels = split_tagged(tagged.sparse_features.weights())
+    assert labels.tolist() == [1, 0, 1, 0]
+    assert batch.sparse_features.weights_or_none() is None  # the original is left alone
+
+
+# --- a model of the user's own ----------------------------------------------------
+
+
+def test_own_model_example_on_two_ranks(tmp_path):
+    """examples/own_model.py, as a user runs it: torchrun, 2 ranks, not DLRM, a bag and a
+    sequence collection, our pipeline, DCP save and load into a fresh model."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "own_model.py")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # rank 0 alone prints
+    r = json.loads(lines[0])
+    assert r["world_size"] == 2 and r["steps"] == 40  # steps advanced with no optimizer call
+    assert r["loss_last_quarter"] < r["loss_first_quarter"]
+    assert all(n > 0 for n in r["rows_fp32_fp16_int8"]), r
+    assert r["memory_budget"] == 0.45 and r["learning_rate"] == 0.05  # default budget, fused lr
+    assert r["momentum_keys"] == ["item_ids.momentum1", "user_id.momentum1", "user_tags.momentum1"]
+    assert r["reloaded_predictions_equal"] and r["reloaded_momentum_equal"]
+    assert "no labels" not in proc.stderr
