@@ -3,42 +3,73 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
 from shark_torchrec.config import parse_cli
 
 
-def train_main(argv: List[str]) -> int:
-    """Train DLRM under DistributedModelParallel (TorchRec planner, TrainPipelineSparseDist)."""
-    from shark_torchrec.data.schema import DataError
-    from shark_torchrec.distributed.env import launch
-    from shark_torchrec.train.checkpoint import CheckpointError
-    from shark_torchrec.train.trainer import train_job
-
-    cfg = parse_cli(argv, prog="shark train", description=train_main.__doc__ or "")
-    try:
-        metrics = launch(train_job, cfg.run.nproc, cfg)
-    except (DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"shark train: error: {e}", file=sys.stderr)
-        return 2
-    if metrics is not None:
-        brief = {k: metrics[k] for k in ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes")}
-        print(json.dumps(brief, indent=2))
-    return 0
+def _is_main_rank() -> bool:
+    """Under torchrun/TorchX every rank runs the command; only rank 0 prints the result."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
-    from shark_torchrec.data.schema import DataError
+    """Parse flags, run `job` on --nproc ranks (or the torchrun world); a user error (bad
+    config, data, checkpoint, budget or id) on any rank is one line on stderr, and None."""
     from shark_torchrec.distributed.env import launch
-    from shark_torchrec.train.checkpoint import CheckpointError
 
-    cfg = parse_cli(argv, prog=prog, description=doc)
+    cfg = parse_cli(argv, prog=prog, description=doc, base=checkpoint_defaults(argv))
     try:
         return launch(job, cfg.run.nproc, cfg)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
+        if not _user_error(e):
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return None
+
+
+def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
+    """The data and model settings of the checkpoint `--checkpoint` / `--init-from` names, as
+    defaults: a command started from a trained model reads the data and builds the model it
+    was trained with, unless flags (or --config) say otherwise. Empty when no readable
+    checkpoint is named (the job then reports what is wrong with it)."""
+    from shark_torchrec.config import _flag_value
+    from shark_torchrec.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+
+    path = _flag_value(argv, "--checkpoint") or _flag_value(argv, "--init-from")
+    if not path:
+        return {}
+    try:
+        saved = read_meta(resolve_checkpoint(path)).get("config", {})
+    except (CheckpointError, OSError, ValueError):
+        return {}
+    return {group: saved[group] for group in ("dataset", "model") if isinstance(saved.get(group), dict)}
+
+
+def _user_error(e: BaseException) -> bool:
+    """Errors that describe the user's input or files rather than a fault of ours."""
+    from shark_torchrec.data.schema import DataError
+    from shark_torchrec.train.checkpoint import CheckpointError
+
+    return isinstance(e, (ValueError, OSError, DataError, CheckpointError))
+
+
+def _print_result(metrics: dict, keys) -> None:
+    if _is_main_rank():
+        print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+
+
+def train_main(argv: List[str]) -> int:
+    """Train DLRM under DistributedModelParallel (TorchRec planner, TrainPipelineSparseDist)."""
+    from shark_torchrec.train.trainer import train_job
+
+    metrics = _run("shark train", train_job, argv, train_main.__doc__ or "")
+    if metrics is None:
+        return 2
+    _print_result(metrics, ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes"))
+    return 0
 
 
 def importance_main(argv: List[str]) -> int:
@@ -48,7 +79,7 @@ def importance_main(argv: List[str]) -> int:
     metrics = _run("shark importance", importance_job, argv, importance_main.__doc__ or "")
     if metrics is None:
         return 2
-    print(json.dumps({k: metrics[k] for k in ("method", "scoring_seconds", "ranking")}, indent=2))
+    _print_result(metrics, ("method", "scoring_seconds", "ranking"))
     return 0
 
 
@@ -59,8 +90,7 @@ def prune_main(argv: List[str]) -> int:
     metrics = _run("shark prune", prune_job, argv, prune_main.__doc__ or "")
     if metrics is None:
         return 2
-    keys = ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason")
-    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    _print_result(metrics, ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason"))
     return 0
 
 
@@ -71,8 +101,7 @@ def compress_main(argv: List[str]) -> int:
     metrics = _run("shark compress", compress_job, argv, compress_main.__doc__ or "")
     if metrics is None:
         return 2
-    keys = ("base_test_auc", "test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields")
-    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    _print_result(metrics, ("base_test_auc", "test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields"))
     return 0
 
 

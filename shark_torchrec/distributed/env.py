@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -55,12 +56,27 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> Any:
+def launch(fn: Callable[..., Any], nproc: int, *args: Any, prefer: Tuple[Type[BaseException], ...] = (ValueError, OSError)) -> Any:
     """Run `fn(*args)` on `nproc` local ranks and return rank 0's result.
 
     nproc == 1 or an existing torchrun world runs it in this process. Otherwise it uses
     torch's elastic launcher (what torchrun runs), so a spawned job and a torchrun job
     behave the same.
+
+    Args:
+        fn: a module-level function (spawned ranks import it).
+        nproc: local ranks.
+        args: its arguments (picklable).
+        prefer: when ranks fail, the exception re-raised here is the first (by rank) of these
+            types, else the first of any type: a rank that failed with a user error (a bad
+            config, a bad line) is the cause, and the others only saw their peer leave.
+
+    Returns:
+        What rank 0's `fn` returned.
+
+    Raises:
+        The exception a rank raised, as it raised it (so the caller reports it as on one rank);
+        RuntimeError naming the rank and carrying its traceback when it cannot be sent back.
     """
     if nproc == 1 or launched_by_torchrun():
         return fn(*args)
@@ -77,5 +93,36 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> Any:
         monitor_interval=0.2,
         start_method="spawn",
     )
-    results: Dict[int, Any] = elastic_launch(config, fn)(*args)
-    return results[0]
+    results: Dict[int, Any] = elastic_launch(config, _catching)(fn, *args)
+    failures = [(rank, results[rank]) for rank in sorted(results) if isinstance(results[rank], _RankFailure)]
+    if not failures:
+        return results[0]
+    preferred = [f for f in failures if isinstance(f[1].error, prefer)] or failures
+    rank, failure = preferred[0]
+    if failure.error is not None:
+        raise failure.error
+    raise RuntimeError(f"rank {rank} failed:\n{failure.text}")
+
+
+@dataclass
+class _RankFailure:
+    """An exception a spawned rank raised, sent back to the launching process."""
+
+    error: Any  # the exception itself when it pickles, else None
+    text: str  # its traceback
+
+
+def _catching(fn: Callable[..., Any], *args: Any) -> Any:
+    """A spawned rank's entry point: a rank that raises returns the exception instead, so the
+    launcher re-raises the cause rather than the elastic agent's report of a dead child."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 (sent back whole, re-raised by launch)
+        import pickle
+
+        text = traceback.format_exc()
+        try:
+            pickle.loads(pickle.dumps(e))
+            return _RankFailure(e, text)
+        except Exception:  # noqa: BLE001
+            return _RankFailure(None, text)
