@@ -234,7 +234,8 @@ class ShardedMixedPrecisionModule:
         for sharding, st in self._mp_shardings():
             pg = self._env.process_group if st == ShardingType.DATA_PARALLEL.value else sharding._pg
             if st == ShardingType.TABLE_ROW_WISE.value:
-                # TwRw keeps every rank's groups (the hosts' row shards), not just its own.
+                # TwRw keeps the groups of every rank (no `_grouped_embedding_configs`): this
+                # rank's are its row slices of its host's tables.
                 grouped_configs = sharding._grouped_embedding_configs_per_rank[sharding._rank]
             else:
                 grouped_configs = sharding._grouped_embedding_configs
