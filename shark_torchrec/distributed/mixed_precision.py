@@ -250,10 +250,16 @@ class ShardedMixedPrecisionModule:
     def _create_lookups(self) -> None:
         for sharding, st in self._mp_shardings():
             pg = self._env.process_group if st == ShardingType.DATA_PARALLEL.value else sharding._pg
+            if st == ShardingType.TABLE_ROW_WISE.value:
+                # TwRw keeps the groups of every rank (no `_grouped_embedding_configs`): this
+                # rank's are its row slices of its host's tables.
+                grouped_configs = sharding._grouped_embedding_configs_per_rank[sharding._rank]
+            else:
+                grouped_configs = sharding._grouped_embedding_configs
             if self._mp_sequence:
                 self._lookups.append(
                     MixedPrecisionSequenceLookup(
-                        grouped_configs=sharding._grouped_embedding_configs,
+                        grouped_configs=grouped_configs,
                         pg=pg,
                         device=self._device,
                         env=self._env,
@@ -266,7 +272,7 @@ class ShardedMixedPrecisionModule:
                 continue
             self._lookups.append(
                 MixedPrecisionPooledLookup(
-                    grouped_configs=sharding._grouped_embedding_configs,
+                    grouped_configs=grouped_configs,
                     pg=pg,
                     device=self._device,
                     sharding_type=ShardingType(st),
@@ -568,7 +574,8 @@ class _MixedPrecisionSharder:
 
 class MixedPrecisionEmbeddingBagCollectionSharder(_MixedPrecisionSharder, EmbeddingBagCollectionSharder):
     """Add this to DMP's sharders (before the defaults) to shard our bag collection.
-    (table_row_wise, row-wise within a node, is not wired up yet.)"""
+    table_row_wise (row-wise within a host) is offered here only: TorchRec 1.8 has no
+    sequence TwRw sharding."""
 
     _module_cls = MixedPrecisionEmbeddingBagCollection
     _sharded_cls = ShardedMixedPrecisionEmbeddingBagCollection
@@ -576,6 +583,7 @@ class MixedPrecisionEmbeddingBagCollectionSharder(_MixedPrecisionSharder, Embedd
         ShardingType.DATA_PARALLEL.value,
         ShardingType.TABLE_WISE.value,
         ShardingType.ROW_WISE.value,
+        ShardingType.TABLE_ROW_WISE.value,
         ShardingType.COLUMN_WISE.value,
         ShardingType.TABLE_COLUMN_WISE.value,
     )

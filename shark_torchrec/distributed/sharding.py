@@ -9,6 +9,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import Topology
@@ -83,8 +84,13 @@ def plan_sharding(
 ) -> ShardingPlan:
     from shark_torchrec.planner.storage import make_planner
 
+    # The planner's host size must be the one TorchRec's sharding reads from LOCAL_WORLD_SIZE
+    # (table_row_wise splits a table over one host's ranks): Topology's default, the whole
+    # world, would plan TwRw shards over every rank of a multi-host job. (A world of one has
+    # no such variable to read: get_local_size would only warn.)
+    local_world_size = get_local_size(env.world_size) if env.world_size > 1 else 1
     planner = make_planner(
-        Topology(world_size=env.world_size, compute_device=env.device.type),
+        Topology(world_size=env.world_size, local_world_size=local_world_size, compute_device=env.device.type),
         sharding_constraints(embedding_configs(model), cfg),
     )
     return planner.collective_plan(model, list(sharders), dist.GroupMember.WORLD)

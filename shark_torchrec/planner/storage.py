@@ -1,14 +1,16 @@
 """A storage estimator that tells TorchRec's planner what our tables really take.
 
 TorchRec's `EmbeddingStorageEstimator` sizes a table from its (fp32) parameter. For tables of
-a `MixedPrecisionEmbeddingBagCollection` this estimator runs after it and replaces the fp32
-tensor bytes of each shard by ours: weights in the policy's groups, int8 scales/biases, the
-row map, the row-wise optimizer state and the priority scores.
+a `MixedPrecisionEmbeddingBagCollection` or `MixedPrecisionEmbeddingCollection` this
+estimator runs after it and replaces the fp32 tensor bytes of each shard by ours: weights in
+the policy's groups, int8 scales/biases, the row map, the row-wise optimizer state and the
+priority scores.
 
-In budget mode a table's group counts are fixed, but which rows (and so which row-wise
-shard) hold the fp32 and fp16 ones follows the scores, so each shard is sized for the worst
-case: as many of the table's most precise rows as it can hold. Whole-table shards (table-
-wise, column-wise, data-parallel) are sized exactly. Threshold mode has no bound (every row
+In budget mode a table's group counts are fixed, but which rows (and so which row-wise or
+table-row-wise shard) hold the fp32 and fp16 ones follows the scores, so each shard is sized
+for the worst case: as many of the table's most precise rows as it can hold. Whole-table
+shards (table-wise, column-wise, data-parallel) are sized exactly: what the built store
+allocates (tests/test_planner_storage.py). Threshold mode has no bound (every row
 may reach fp32), so shards are sized as fp32 rows plus our metadata.
 """
 
@@ -18,7 +20,11 @@ from typing import Dict, List, Optional
 
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
 
-from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, target_counts
+from shark_torchrec.modules.mixed_precision import (
+    MixedPrecisionEmbeddingBagCollection,
+    MixedPrecisionEmbeddingCollection,
+    target_counts,
+)
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.priority import FP16, FP32, INT8, ROW_MAP_BYTES, GroupCounts, row_bytes
 
@@ -51,7 +57,9 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
         gpu = self._topology.compute_device != "cpu"
         for option in sharding_options:
             module = option.module[1]
-            if not isinstance(module, MixedPrecisionEmbeddingBagCollection):
+            # Both collections keep their rows in a RowGroupStore; their meta fp32
+            # parameters are only shapes for the planner.
+            if not isinstance(module, (MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection)):
                 continue
             sharder = (sharder_data_map or {}).get(option.module_type_key)
             policy = module.resolved_policy(getattr(sharder, "fused_params", None))
