@@ -87,8 +87,9 @@ def twrw_run(steps: int, pol_kw: dict, save_to: str):
     rank, world = env.rank, env.world_size
     model = W.Wrap(W.make_module(False, pol_kw))
     # shark train's own planning (its sharders, our storage estimator, its topology) with
-    # only table_row_wise allowed.
-    dmp, plan = shard_model(model, env, TrainConfig(sharding_types=(ShardingType.TABLE_ROW_WISE.value,)))
+    # only table_row_wise allowed; its fused_params must agree with the policy's learning rate.
+    train = TrainConfig(sharding_types=(ShardingType.TABLE_ROW_WISE.value,), lr=W.policy(**pol_kw).learning_rate)
+    dmp, plan = shard_model(model, env, train)
     smod = dmp.module.ebc
     assert isinstance(smod, ShardedMixedPrecisionModule)
     smod.fill_rows(W.init_values)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import tempfile
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple, Type
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -80,6 +84,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, prefer: Tuple[Type[Ba
     """
     if nproc == 1 or launched_by_torchrun():
         return fn(*args)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
@@ -93,36 +98,55 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, prefer: Tuple[Type[Ba
         monitor_interval=0.2,
         start_method="spawn",
     )
-    results: Dict[int, Any] = elastic_launch(config, _catching)(fn, *args)
-    failures = [(rank, results[rank]) for rank in sorted(results) if isinstance(results[rank], _RankFailure)]
-    if not failures:
-        return results[0]
-    preferred = [f for f in failures if isinstance(f[1].error, prefer)] or failures
-    rank, failure = preferred[0]
-    if failure.error is not None:
-        raise failure.error
-    raise RuntimeError(f"rank {rank} failed:\n{failure.text}")
+    # The agent logs each failed child as a wall of ProcessExitedException tracebacks; the
+    # failure that matters is re-raised below (with the rank's own traceback when needed).
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory() as failures_dir:
+        try:
+            results: Dict[int, Any] = elastic_launch(config, _catching)(failures_dir, fn, *args)
+        except ChildFailedError:
+            failures = _read_failures(Path(failures_dir))
+            if not failures:
+                raise
+            preferred = [f for f in failures if isinstance(f[1], prefer)] or failures
+            rank, error, text = preferred[0]
+            if error is not None:
+                raise error from None
+            raise RuntimeError(f"rank {rank} failed:\n{text}") from None
+        finally:
+            elastic_log.setLevel(level)
+    return results[0]
 
 
-@dataclass
-class _RankFailure:
-    """An exception a spawned rank raised, sent back to the launching process."""
+def _read_failures(folder: Path) -> List[Tuple[int, Any, str]]:
+    """(rank, exception or None, traceback) of every rank that recorded its failure."""
+    out = []
+    for path in sorted(folder.glob("rank_*.pkl"), key=lambda p: int(p.stem.split("_")[1])):
+        try:
+            error, text = pickle.loads(path.read_bytes())
+        except Exception:  # noqa: BLE001 (a half-written record: the traceback is lost, not the run)
+            continue
+        out.append((int(path.stem.split("_")[1]), error, text))
+    return out
 
-    error: Any  # the exception itself when it pickles, else None
-    text: str  # its traceback
 
-
-def _catching(fn: Callable[..., Any], *args: Any) -> Any:
-    """A spawned rank's entry point: a rank that raises returns the exception instead, so the
-    launcher re-raises the cause rather than the elastic agent's report of a dead child."""
+def _catching(failures_dir: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """A spawned rank's entry point: a rank that raises records the exception (for `launch` to
+    re-raise as it was) and then fails as before, so the launcher stops the other ranks, which
+    may be waiting for it in a collective."""
     try:
         return fn(*args)
-    except Exception as e:  # noqa: BLE001 (sent back whole, re-raised by launch)
-        import pickle
-
+    except Exception as e:  # noqa: BLE001 (recorded whole, then re-raised)
         text = traceback.format_exc()
         try:
-            pickle.loads(pickle.dumps(e))
-            return _RankFailure(e, text)
-        except Exception:  # noqa: BLE001
-            return _RankFailure(None, text)
+            record = pickle.dumps((e, text))
+            pickle.loads(record)
+        except Exception:  # noqa: BLE001 (an exception that does not pickle: its text only)
+            record = pickle.dumps((None, text))
+        rank = int(os.environ.get("RANK", "0"))
+        tmp = Path(failures_dir) / f".rank_{rank}.tmp"
+        tmp.write_bytes(record)
+        tmp.rename(Path(failures_dir) / f"rank_{rank}.pkl")
+        raise

@@ -33,7 +33,7 @@ from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingT
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.distributed.reassign import reassign_stores
 from shark_torchrec.modules.mixed_precision import (
@@ -359,6 +359,31 @@ class ShardedMixedPrecisionModule:
         self.reassign_seconds += time.perf_counter() - t0
         self.last_moved = moved
         return moved
+
+    def output_dist(self, ctx, output):
+        return self._tied_to_step(super().output_dist(ctx, output))
+
+    def compute_and_output_dist(self, ctx, input):
+        return self._tied_to_step(super().compute_and_output_dist(ctx, input))
+
+    def _tied_to_step(self, awaitable):
+        """In a training forward, the module's output goes through the step anchor, so its
+        backward pass ends a step on every rank, also one whose lookups hold no rows (their
+        outputs are empty and would carry no gradient to the anchor)."""
+        if self.training and torch.is_grad_enabled():
+            self.step_counter.begin()
+            awaitable.callbacks.append(self._through_anchor)
+        return awaitable
+
+    def _through_anchor(self, out):
+        zero = self.step_counter.anchor.sum()  # 0, and d zero / d anchor exists
+        if isinstance(out, KeyedTensor):
+            return KeyedTensor(keys=out.keys(), length_per_key=out.length_per_key(), values=out.values() + zero, key_dim=out.key_dim())
+        if out:  # sequence collection: {feature: JaggedTensor}
+            name = next(iter(out))
+            jt = out[name]
+            out[name] = JaggedTensor(values=jt.values() + zero, lengths=jt.lengths(), weights=jt.weights_or_none())
+        return out
 
     def input_dist(self, ctx, features: KeyedJaggedTensor):
         # Ids are checked here, on the global ids, once; the kernels trust them.

@@ -76,30 +76,31 @@ class LocalTable:
 class StepCounter:
     """The training step shared by the stores of one module (rounding noise, score decay).
 
-    A step ends when a backward pass through the module's stores has updated their rows, as
-    FBGEMM's fused tables update in backward: every store's lookup takes `anchor` as an input,
-    and once the gradients of all of them have reached it (one backward pass) the counter
-    advances and `on_step_end(new_step)` runs (the module's reassignment when it is due). No
-    optimizer call is needed.
+    A step ends when a backward pass through the module has updated its rows, as FBGEMM's fused
+    tables update in backward. The module calls `begin()` in a training forward and makes its
+    output depend on `anchor` (every store's lookup takes it as an input too); once the
+    gradients of all of them have reached it (one backward pass), the counter advances and
+    `on_step_end(new_step)` runs (the module's reassignment when it is due). No optimizer call
+    is needed, and a rank that holds no rows of the module still advances with the others.
     """
 
     def __init__(self) -> None:
         self.value = 0
         self.on_step_end: Optional[Callable[[int], None]] = None
         self.warned_no_labels = False
-        self._updated = False
+        self._pending = False
         self.anchor = torch.zeros(0, requires_grad=True)
         self.anchor.register_post_accumulate_grad_hook(self._end_of_step)
 
-    def mark_updated(self) -> None:
-        """A store applied this step's update (called from its backward)."""
-        self._updated = True
+    def begin(self) -> None:
+        """A training forward ran: the next backward pass through `anchor` ends a step."""
+        self._pending = True
 
     def _end_of_step(self, anchor: torch.Tensor) -> None:
         anchor.grad = None
-        if not self._updated:
+        if not self._pending:
             return
-        self._updated = False
+        self._pending = False
         self.value += 1
         if self.on_step_end is not None:
             self.on_step_end(self.value)
@@ -163,7 +164,6 @@ class _Lookup(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         if ctx.store.training_enabled:
             ctx.store._backward(ctx.saved, grad)
-            ctx.store.step.mark_updated()
         # A gradient for the step anchor (empty): its arrival marks the end of the step.
         return (torch.zeros(0),) + (None,) * 5
 
