@@ -370,9 +370,10 @@ class ShardedMixedPrecisionModule:
         """In a training forward, the module's output goes through the step anchor, so its
         backward pass ends a step on every rank, also one whose lookups hold no rows (their
         outputs are empty and would carry no gradient to the anchor)."""
-        if self.training and torch.is_grad_enabled():
-            self.step_counter.begin()
-            awaitable.callbacks.append(self._through_anchor)
+        if torch.is_grad_enabled():
+            self.step_counter.begin(self.training)
+            if self.training:
+                awaitable.callbacks.append(self._through_anchor)
         return awaitable
 
     def _through_anchor(self, out):

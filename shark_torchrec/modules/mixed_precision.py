@@ -337,8 +337,8 @@ class _MixedPrecisionRows:
                 "or call materialize(device)"
             )
         features = check_ids(features, self._feature_tables, self._unsharded_policy.bad_ids)
-        if self.training and torch.is_grad_enabled():
-            self.step_counter.begin()
+        if torch.is_grad_enabled():
+            self.step_counter.begin(self.training)
         keys = features.keys()
         out = []
         for store, names in zip(self._stores, self._store_features):

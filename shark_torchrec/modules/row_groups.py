@@ -92,9 +92,10 @@ class StepCounter:
         self.anchor = torch.zeros(0, requires_grad=True)
         self.anchor.register_post_accumulate_grad_hook(self._end_of_step)
 
-    def begin(self) -> None:
-        """A training forward ran: the next backward pass through `anchor` ends a step."""
-        self._pending = True
+    def begin(self, training: bool) -> None:
+        """A forward with autograd on ran: after a training one, the next backward pass through
+        `anchor` ends a step; after an eval one it does not (its backward updates nothing)."""
+        self._pending = training
 
     def _end_of_step(self, anchor: torch.Tensor) -> None:
         anchor.grad = None
