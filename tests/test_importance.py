@@ -26,18 +26,20 @@ from shark_torchrec.models.dlrm import build_dlrm, table_configs
 from shark_torchrec.train.checkpoint import load_full_state
 
 
-# --- the math, on a loss linear in the field vectors (where the first-order term is exact) ---
+# --- the math, on per-sample losses linear in the field vectors (the first-order term is exact) ---
 
 
 def brute_force(v, a, weights):
     """Expected loss change per field when v_i is replaced by a draw from its empirical
-    distribution (paper Eq. 1-2), for loss(v) = sum_i a_i . v_i: signed and absolute means."""
-    real = v[weights > 0]
+    distribution (paper Eq. 1-2), for per-sample losses loss_n(v_n) = sum_i a[n, i] . v_n,i:
+    signed and absolute means."""
+    keep = weights > 0
+    real, coef = v[keep], a[keep]
     n, nf, _ = real.shape
-    loss = lambda x: (x * a).sum((-1, -2))  # noqa: E731
     signed, absolute = torch.zeros(nf, dtype=torch.float64), torch.zeros(nf, dtype=torch.float64)
-    for i in range(nf):
-        for x in range(n):
+    for x in range(n):
+        loss = lambda y: (y * coef[x]).sum((-1, -2))  # noqa: E731 -- sample x's own loss
+        for i in range(nf):
             swapped = real[x].expand(n, -1, -1).clone()
             swapped[:, i] = real[:, i]  # every candidate value of field i, equally likely
             change = (loss(swapped) - loss(real[x])).mean()
@@ -49,10 +51,14 @@ def brute_force(v, a, weights):
 def test_taylor_equals_brute_force_on_a_linear_loss():
     g = torch.Generator().manual_seed(0)
     v = torch.randn(60, 4, 3, generator=g, dtype=torch.float64)
-    a = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    # Per-sample gradients that move with the values (as a convex loss's do): then
+    # sum_n a_n . (E[v] - v_n) = -0.5 * sum_n |v_n - E[v]|^2 != 0, so the signed score is not
+    # the identically zero mean that one shared gradient gives.
+    a = torch.randn(4, 3, generator=g, dtype=torch.float64) + 0.5 * v
     weights = (torch.rand(60, generator=g) > 0.2).double()  # padding rows must not count
-    grads = a.expand(60, -1, -1) * weights[:, None, None]
+    grads = a * weights[:, None, None]
     want_signed, want_abs = brute_force(v, a, weights)
+    assert (want_signed < -0.5).all() and (want_abs > want_signed.abs()).all()
     signed = TaylorSums(4, 3)
     for s in (slice(0, 25), slice(25, 60)):  # batches add up
         accumulate_gradients(signed, v[s], grads[s], weights[s])
@@ -63,7 +69,6 @@ def test_taylor_equals_brute_force_on_a_linear_loss():
     for s in (slice(0, 31), slice(31, 60)):
         accumulate_gradients(absolute, v[s], grads[s], weights[s], means.means())
     torch.testing.assert_close(taylor_scores(absolute, ABSOLUTE), want_abs)
-    assert want_abs.min() > 0 and want_signed.abs().max() < 1e-9  # linear: signed mean is 0
 
 
 def test_sequence_field_taylor_equals_brute_force():
