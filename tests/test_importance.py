@@ -19,6 +19,7 @@ from shark_torchrec.importance.scores import (
     accumulate_gradients,
     accumulate_jagged,
     accumulate_values,
+    permutation_index,
     taylor_scores,
 )
 from shark_torchrec.importance.scoring import FieldView, score_fields
@@ -132,25 +133,101 @@ def test_batched_scores_equal_a_per_sample_loop():
         score_fields(model, dataset, "taylor", "test")
 
 
-def test_permutation_scores_shuffled_fields():
-    """T rounds average the loss increase; a field the head ignores scores exactly 0."""
-    model, dataset = tiny_dlrm_and_data()
-    dlrm = model.model
-    with torch.no_grad():
-        # Make the head blind to field c5: zero every over-arch input column it touches.
-        from shark_torchrec.models.pruned import interaction_columns
+def blind_to(model, field: str) -> None:
+    """Make the head ignore one field: zero every over-arch input column it touches."""
+    from shark_torchrec.models.pruned import interaction_columns
 
-        names = list(dlrm.sparse_arch.sparse_feature_names)
-        keep = set(interaction_columns(8, names, [f for f in names if f != "c5"]))
+    dlrm = model.model
+    names = list(dlrm.sparse_arch.sparse_feature_names)
+    keep = set(interaction_columns(8, names, [f for f in names if f != field]))
+    with torch.no_grad():
         w = dlrm.over_arch.model[0]._mlp[0]._linear.weight
         w[:, [c for c in range(w.shape[1]) if c not in keep]] = 0
+
+
+def rotate_real(weights: torch.Tensor, generator=None) -> torch.Tensor:
+    """A fixed shuffle in place of the scorer's random ones: every real sample takes the next
+    real sample's value (the last takes the first's); padding stays put."""
+    idx = torch.arange(weights.numel())
+    real = torch.nonzero(weights > 0).squeeze(-1)
+    idx[real] = real.roll(-1)
+    return idx
+
+
+def with_field_from(batch, field: str, idx: torch.Tensor):
+    """The batch with sample n's input of one field (the dense features, or one categorical
+    feature's bag of ids) taken from sample idx[n]: the model's own input, not its vectors."""
+    from dataclasses import replace
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    if field == "dense_features":
+        return replace(batch, dense_features=batch.dense_features[idx])
+    kjt = batch.sparse_features
+    lengths, values = [], []
+    for key, jt in kjt.to_dict().items():
+        off = jt.offsets()
+        order = idx if key == field else torch.arange(len(jt.lengths()))
+        lengths.append(jt.lengths()[order])
+        values += [jt.values()[off[n] : off[n + 1]] for n in order.tolist()]
+    return replace(batch, sparse_features=KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths)))
+
+
+def test_permutation_scores_are_the_mean_loss_increase_of_the_shuffles(monkeypatch):
+    """Permutation scoring = the loss increase per real sample when a field is shuffled within
+    each batch, averaged over T rounds. With the shuffle fixed (every round the same), each
+    score equals that increase computed through the whole model on batches whose inputs of
+    the field were rotated, for T = 1 and T = 3; a field the head ignores scores exactly 0, and
+    random shuffles differ from round to round."""
+    import shark_torchrec.importance.scoring as scoring
+
+    model, dataset = tiny_dlrm_and_data()
+    blind_to(model, "c5")
+    dlrm = model.model
+    # The reference: the model's forward on the batch as it is and with one field rotated.
+    increase, samples = None, 0
+    with torch.no_grad():
+        for batch in dataset.batches("dev", 128):
+            real = batch.sample_weights > 0
+            loss = lambda b: F.binary_cross_entropy_with_logits(  # noqa: E731
+                dlrm(b.dense_features, b.sparse_features).squeeze(-1), b.labels, reduction="none"
+            )[real].double()
+            base = loss(batch)
+            fields = ["dense_features", *dlrm.sparse_arch.sparse_feature_names]
+            idx = rotate_real(batch.sample_weights)
+            per_field = torch.stack([(loss(with_field_from(batch, f, idx)) - base).sum() for f in fields])
+            increase = per_field if increase is None else increase + per_field
+            samples += int(real.sum())
+    want = increase / samples
+    assert samples == 300 and (want != 0).sum() == len(fields) - 1  # only c5 is ignored
+
+    monkeypatch.setattr(scoring, "permutation_index", rotate_real)
+    for rounds in (1, 3):
+        got = score_fields(model, dataset, "permutation", "dev", 128, rounds=rounds, seed=3)
+        assert got.fields == fields and got.samples == 300
+        # The same float32 per-sample losses (the head is the model's own): only the order of
+        # the float64 sums differs, and the scores are ~1e-3.
+        torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-6, atol=1e-7)
+        assert got.scores[fields.index("c5")] == 0.0
+    monkeypatch.undo()
+
     one = score_fields(model, dataset, "permutation", "dev", 128, seed=3)
     three = score_fields(model, dataset, "permutation", "dev", 128, rounds=3, seed=3)
-    assert one.scores[one.fields.index("c5")] == 0.0
-    assert one.ranking()[0]["field"] == "c5" or one.ranking()[0]["score"] <= 0
-    assert max(three.scores) > 0 and one.scores != three.scores
+    assert one.scores[one.fields.index("c5")] == 0.0 and three.scores[three.fields.index("c5")] == 0.0
+    assert one.scores != three.scores  # the rounds shuffle differently
     r1, r2 = (score_fields(model, dataset, "random", seed=s) for s in (1, 1))
     assert r1.ranking() == r2.ranking() and r1.scoring_seconds < 1
+
+
+def test_permutation_index_shuffles_real_samples_among_themselves():
+    weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = [permutation_index(weights, g) for _ in range(20)]
+    real = torch.nonzero(weights > 0).squeeze(-1)
+    for idx in draws:
+        assert torch.equal(idx[weights == 0], torch.tensor([1, 4]))
+        assert torch.equal(idx[real].sort().values, real)
+    assert len({tuple(d.tolist()) for d in draws}) > 10
 
 
 # --- distributed, CLI, planted fields ---
