@@ -353,7 +353,7 @@ def test_weighted_collection_keeps_its_weights_and_counts_labels():
     out = ours(tag_labels(kjt, torch.tensor([1.0, 0.0])))
     assert torch.allclose(out.values(), stock(kjt).values(), rtol=1e-6, atol=1e-6)
     out.values().sum().backward()
-    ours.step()
+    W.end_of_step(ours)
     # beta = 1: the score is this batch's alpha * positives + negatives.
     scores = ours.stores[0].scores_now()
     assert scores[1].item() == 2.0 + 1.0 and scores[2].item() == 2.0 and scores[3].item() == 1.0
