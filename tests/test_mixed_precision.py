@@ -106,6 +106,39 @@ def test_nonfinite_gradients_are_skipped():
     assert torch.isfinite(store.momentum).all()
 
 
+def test_training_updates_round_stochastically():
+    """Updates far below a rounding step, through the store's update (`apply_update`, what
+    training runs): fp16 and int8 rows move by the sum of their updates on average. Rounded to
+    nearest they would not move at all (the math alone: tests/test_precision_math.py)."""
+    n, steps = 128, 100
+    store = make_store(rows=(2 * n,), dim=16, optimizer="sgd", learning_rate=1.0)
+    fp16_rows, int8_rows = torch.arange(n), torch.arange(n, 2 * n)
+    store.set_groups(torch.tensor([FP16] * n + [INT8] * n, dtype=torch.int8))
+    start = torch.cat([torch.ones(n, 16), torch.linspace(-1, 1, 16).repeat(n, 1)])
+    store.write_rows(torch.arange(2 * n), start)
+    start = store.read_rows(torch.arange(2 * n))
+    # Per step: -2e-4 on every fp16 value (0.41 of the fp16 step below 1.0, 2^-11), -2e-3 on
+    # column 5 of the int8 rows (0.26 of their step 2/255; columns 0 and 15 hold the row's
+    # min and max, so the scale and bias stay).
+    grad = torch.zeros(2 * n, 16)
+    grad[fp16_rows] = 2e-4
+    grad[int8_rows, 5] = 2e-3
+    keys = torch.arange(2 * n)
+    for _ in range(steps):
+        store.apply_update(keys, grad, torch.ones(2 * n), torch.zeros(2 * n))
+        store.step.value += 1  # each step draws new rounding noise
+    moved = start - store.read_rows(keys)
+    assert (store.row_group[fp16_rows] == FP16).all() and (store.row_group[int8_rows] == INT8).all()
+    # Nearest rounding moves nothing. Stochastic: a sum of 100 unbiased roundings, per value a
+    # standard deviation under sqrt(100) / 2 rounding steps, so the mean over 128 x 16 fp16
+    # values is within ~5e-5 of the sum of the updates (0.02) and over 128 int8 values within
+    # ~4e-3 (of 0.2).
+    assert abs(moved[fp16_rows].mean().item() - steps * 2e-4) < 0.002
+    assert abs(moved[int8_rows, 5].mean().item() - steps * 2e-3) < 0.02
+    others = torch.tensor([c for c in range(16) if c != 5])
+    assert moved[int8_rows][:, others].abs().max() < 0.01  # untouched columns stay within a step
+
+
 def tables_dim8():
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
