@@ -158,6 +158,30 @@ def test_ids_outside_their_table_are_named():
     assert torch.equal(out.values(), row0.values())
 
 
+def test_default_policy_weighs_positives_twice():
+    """Paper Eq. 7's default alpha = 2, as the policy and the CLI (`--precision shark`) build
+    it: after one step, a row seen once in a positive sample scores twice a row seen once in a
+    negative one."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from shark_torchrec.config import PrecisionConfig, parse_cli
+    from shark_torchrec.precision.labels import tag_labels
+
+    policies = {
+        "PrecisionPolicy()": PrecisionPolicy(),
+        "PrecisionConfig": PrecisionConfig(precision="shark").policy(0.1, 1e-8, 0),
+        "cli": parse_cli(["--precision", "shark"]).quant.policy(0.1, 1e-8, 0),
+    }
+    table = EmbeddingBagConfig(name="t", embedding_dim=32, num_embeddings=10, feature_names=["f"])
+    for name, policy in policies.items():
+        ebc = MixedPrecisionEmbeddingBagCollection([table], device=torch.device("cpu"), precision_policy=policy)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([3, 5]), lengths=torch.tensor([1, 1], dtype=torch.int32))
+        ebc(tag_labels(kjt, torch.tensor([1.0, 0.0]))).values().sum().backward()  # row 3 positive, row 5 negative
+        W.end_of_step(ebc)
+        scores = ebc.stores[0].scores_now()
+        assert scores[5] > 0 and scores[3] == 2 * scores[5], (name, scores[3].item(), scores[5].item())
+
+
 CASES = {
     # sharding type: (policy overrides, tolerance of the comparison with the unsharded module)
     "table_wise": ({"reassign_every": 1}, 1e-5),
