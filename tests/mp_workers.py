@@ -169,7 +169,8 @@ def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = F
     return result
 
 
-def reference_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
+def unsharded_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
+    """The steps of `sharded_run` on the unsharded module (whole global batches)."""
     ebc = make_module(sequence, pol_kw)
     ebc.materialize(torch.device("cpu"), init=init_values)
     outs = []

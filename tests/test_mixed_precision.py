@@ -199,7 +199,7 @@ def test_two_ranks_match_the_unsharded_module(sharding_type):
     overrides, tol = CASES[sharding_type]
     steps = 3
     got = launch(W.sharded_run, 2, sharding_type, steps, overrides)
-    ref = W.reference_run(steps, overrides)
+    ref = W.unsharded_run(steps, overrides)
     if sharding_type == "column_wise":
         assert got["widths"] == [[8], [8]]  # really sliced
     for a, b in zip(got["outputs"], ref["outputs"]):
@@ -332,7 +332,7 @@ def test_sequence_twin_two_ranks_match_the_unsharded_module(sharding_type):
     overrides, tol = CASES[sharding_type]
     steps = 3
     got = launch(W.sharded_run, 2, sharding_type, steps, overrides, True)
-    ref = W.reference_run(steps, overrides, True)
+    ref = W.unsharded_run(steps, overrides, True)
     for a, b in zip(got["outputs"], ref["outputs"]):
         assert a.shape == b.shape and (a - b).abs().max() <= tol
     store = ref["stores"][0]
