@@ -191,4 +191,35 @@ def unsharded_run(steps: int, pol_kw: dict, sequence: bool = False, world: int =
             outs.append(vec.detach())
         loss.backward()
         end_of_step(ebc)
-    return {"outputs": outs, "stores": ebc.stores}
+    return {"outputs": outs, "stores": ebc.stores, "tables": logical_tables(ebc, ebc._mp_prefix)}
+
+
+def reference_math_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
+    """The steps of `sharded_run` through the plain-torch reference (tests/reference.py),
+    outputs shaped as `sharded_run` returns them."""
+    from reference import Reference, bag_id_grads
+
+    p = policy(**pol_kw)
+    ref = Reference(
+        {n: init_values(n, 0, rows) for n, rows, _ in TABLES},
+        [(f, n) for n, _, feats in TABLES for f in feats],
+        learning_rate=p.learning_rate, eps=p.eps, alpha=p.alpha, beta=p.beta, seed=p.seed,
+        memory_budget=p.memory_budget, fp32_fraction=p.fp32_fraction, reassign_every=p.reassign_every,
+    )
+    head = GLOBAL_BATCH // world  # rank 0's samples
+    outs = []
+    for step in range(steps):
+        keys, lengths, values, labels, G = batch(step)
+        bag_lengths, ids = dict(zip(keys, lengths)), dict(zip(keys, values))
+        id_labels = {f: labels[torch.repeat_interleave(torch.arange(GLOBAL_BATCH), bag_lengths[f])] for f in keys}
+        if sequence:
+            vectors = ref.per_id(ids)
+            outs.append(torch.cat([vectors[f][: int(bag_lengths[f][:head].sum())] for f in keys]))
+            # loss = sum over ids of row . ID_GRAD[id % 7], over the global batch
+            id_grads = {f: ID_GRAD[ids[f] % 7] / GLOBAL_BATCH for f in keys}
+        else:
+            outs.append(ref.pooled(bag_lengths, ids))
+            # loss = sum(pooled * G) over the global batch
+            id_grads = bag_id_grads(G / GLOBAL_BATCH, bag_lengths, keys, DIM)
+        ref.train_step(step, ids, id_grads, id_labels)
+    return {"outputs": outs, "tables": ref.state(), "moved_rows": ref.moved_rows}

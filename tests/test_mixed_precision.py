@@ -194,12 +194,44 @@ CASES = {
 }
 
 
+def assert_follows_the_reference(got: dict, want: dict) -> None:
+    """A run (`sharded_run` / `unsharded_run`) against tests/reference.py on the same steps:
+    outputs within 1e-5 (pooling and all-to-alls add in other orders), groups exactly (every
+    4-column unit of a row alike), values within 1e-6. The same rounding noise and the same
+    fp32 operations make the values equal bit for bit where a row's gradient is summed in the
+    same order; data-parallel replicas sum their shares apart and all-reduce, which moves fp32
+    values by a few ulps (and could flip a stochastic rounding only for a value within those
+    ulps of its threshold: none here)."""
+    assert want["moved_rows"] > 0  # reassignments moved rows (rounded to nearest)
+    assert len(got["outputs"]) == len(want["outputs"])
+    for step, (a, b) in enumerate(zip(got["outputs"], want["outputs"])):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5, step
+    for n, _, _ in W.TABLES:
+        groups = got["tables"][f"{n}.row_group"]
+        assert (groups == groups[:, :1]).all(), n
+        assert torch.equal(groups[:, 0], want["tables"][f"{n}.row_group"]), n
+        assert all(int((groups[:, 0] == g).sum()) > 0 for g in range(3)), n
+        assert (got["tables"][f"{n}.weight"] - want["tables"][f"{n}.weight"]).abs().max() <= 1e-6, n
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["bags", "sequence"])
+def test_unsharded_module_follows_the_reference(sequence):
+    """The training math (outputs, Adagrad, stochastic rounding, Eq. 7, budget reassignment)
+    against a plain-torch reference that shares no code with the store."""
+    overrides = {"reassign_every": 1}
+    assert_follows_the_reference(W.unsharded_run(3, overrides, sequence), W.reference_math_run(3, overrides, sequence))
+
+
 @pytest.mark.parametrize("sharding_type", list(CASES))
 def test_two_ranks_match_the_unsharded_module(sharding_type):
+    """Sharded on 2 ranks: the same as the unsharded module (the same store code in another
+    layout) and, but for column-wise slices, as the plain-torch reference (the math)."""
     overrides, tol = CASES[sharding_type]
     steps = 3
     got = launch(W.sharded_run, 2, sharding_type, steps, overrides)
     ref = W.unsharded_run(steps, overrides)
+    if sharding_type != "column_wise":
+        assert_follows_the_reference(got, W.reference_math_run(steps, overrides))
     if sharding_type == "column_wise":
         assert got["widths"] == [[8], [8]]  # really sliced
     for a, b in zip(got["outputs"], ref["outputs"]):
@@ -328,11 +360,13 @@ def test_memory_saving_is_real(tmp_path):
 @pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise", "data_parallel", "column_wise"])
 def test_sequence_twin_two_ranks_match_the_unsharded_module(sharding_type):
     """MixedPrecisionEmbeddingCollection (one vector per id): the same equality and
-    reassignment checks as the bag collection."""
+    reassignment checks as the bag collection, and the same plain-torch reference."""
     overrides, tol = CASES[sharding_type]
     steps = 3
     got = launch(W.sharded_run, 2, sharding_type, steps, overrides, True)
     ref = W.unsharded_run(steps, overrides, True)
+    if sharding_type != "column_wise":
+        assert_follows_the_reference(got, W.reference_math_run(steps, overrides, True))
     for a, b in zip(got["outputs"], ref["outputs"]):
         assert a.shape == b.shape and (a - b).abs().max() <= tol
     store = ref["stores"][0]
