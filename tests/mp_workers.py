@@ -104,11 +104,14 @@ class Wrap(nn.Module):
 
 
 def logical_tables(module, prefix: str = "embedding_bags") -> dict:
-    """Dequantized tables and groups gathered on every rank, from the state dict."""
+    """Whole tables from the state dict (sharded ones gathered on rank 0): dequantized
+    values, groups and, when the policy scores rows, scores and the step each was taken."""
     sd = module.state_dict()
     out = {}
     for n, rows, _ in TABLES:
-        for key in ("weight", "row_group"):
+        for key in ("weight", "row_group", "row_priority", "row_seen_step"):
+            if f"{prefix}.{n}.{key}" not in sd:
+                continue
             v = sd[f"{prefix}.{n}.{key}"]
             if hasattr(v, "local_shards"):
                 full = torch.zeros(v.size(), dtype=v.dtype) if dist.get_rank() == 0 else None

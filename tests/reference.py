@@ -52,6 +52,17 @@ def rounded_stochastically(values: torch.Tensor, groups: torch.Tensor, noise: to
     return out
 
 
+def budget_groups(scores: torch.Tensor, fp32_rows: int, fp16_rows: int) -> torch.Tensor:
+    """Groups of a whole table's rows (scores in global row order): ranked by score
+    descending, then row ascending, the first `fp32_rows` fp32, the next `fp16_rows` fp16."""
+    # Rows are in ascending order; a stable sort by descending score keeps ties so.
+    order = torch.sort(-scores, stable=True).indices
+    group = torch.full((len(scores),), INT8, dtype=torch.int8)
+    group[order[:fp32_rows]] = FP32
+    group[order[fp32_rows : fp32_rows + fp16_rows]] = FP16
+    return group
+
+
 class ReferenceTable:
     """One whole table: logical values [rows, D] and per-row group, momentum and score."""
 
@@ -152,12 +163,7 @@ class Reference:
     def reassign(self, step: int) -> None:
         """The budget rule on the scores as of `step`."""
         for t in self.tables.values():
-            score = decayed(t.score, t.seen_step, step, self.beta)
-            # Rows are in ascending order; a stable sort by descending score keeps ties so.
-            order = torch.sort(-score, stable=True).indices
-            group = torch.full((t.rows,), INT8, dtype=torch.int8)
-            group[order[: t.fp32_rows]] = FP32
-            group[order[t.fp32_rows : t.fp32_rows + t.fp16_rows]] = FP16
+            group = budget_groups(decayed(t.score, t.seen_step, step, self.beta), t.fp32_rows, t.fp16_rows)
             moved = group != t.group
             t.values[moved] = rounded_to_nearest(t.values[moved], group[moved])
             t.group = group

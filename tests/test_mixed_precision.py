@@ -250,6 +250,33 @@ def test_two_ranks_match_the_unsharded_module(sharding_type):
         ]
 
 
+def test_column_wise_budget_counts_each_row_once():
+    """Budget mode on 2 column-wise slices of every table: each slice holds every row, and a
+    row is ranked once (not once per slice). Rows per group are the budget rule's counts for
+    the slice width (each slice is a table of that width with its own row map,
+    `_budget_dim`), every slice of a row is in the same group, and the groups are the
+    rule's ranking of the scores."""
+    from reference import budget_groups
+
+    from shark_torchrec.precision.priority import budget_counts, decayed
+
+    steps, overrides = 3, {"reassign_every": 1, "memory_budget": 0.6}
+    got = launch(W.sharded_run, 2, "column_wise", steps, overrides)
+    assert got["widths"] == [[8], [8]]  # really sliced
+    policy = W.policy(**overrides)
+    for n, rows, _ in W.TABLES:
+        counts = budget_counts(rows, 8, policy.memory_budget, policy.fp32_fraction)
+        groups = got["tables"][f"{n}.row_group"]
+        assert groups.shape == (rows, W.DIM // 4) and (groups == groups[:, :1]).all(), n  # slices alike
+        assert [int((groups[:, 0] == g).sum()) for g in range(3)] == list(counts.as_tuple()), n
+        mem = got["memory"][n]
+        assert [mem["rows_fp32"], mem["rows_fp16"], mem["rows_int8"]] == list(counts.as_tuple()), n
+        # The last reassignment (after the last step) ranked the scores as of that step.
+        scores = decayed(got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
+        assert not torch.equal(groups[:, 0], budget_groups(torch.zeros(rows), counts.fp32, counts.fp16)), n  # not the start
+        assert torch.equal(groups[:, 0], budget_groups(scores, counts.fp32, counts.fp16)), n
+
+
 SMALL = [*TINY, "--precision", "shark", "--memory-budget", "0.55", "--reassign-every", "10"]
 
 
