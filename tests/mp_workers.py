@@ -84,6 +84,14 @@ def local_kjt(keys, lengths, values, labels, rank: int, world: int):
     return tag_labels(kjt, labels[lo:hi]), lo, hi
 
 
+def end_of_step(trained) -> None:
+    """What a TorchRec user does after the backward pass: DMP's fused optimizer `step()`, which
+    for our modules only carries the learning rate (the step itself ended with the backward
+    pass, so it must not advance twice); nothing for the unsharded collection."""
+    if isinstance(trained, DistributedModelParallel):
+        trained.fused_optimizer.step()
+
+
 class Wrap(nn.Module):
     def __init__(self, ebc):
         super().__init__()
@@ -94,11 +102,14 @@ class Wrap(nn.Module):
 
 
 def logical_tables(module, prefix: str = "embedding_bags") -> dict:
-    """Dequantized tables and groups gathered on every rank, from the state dict."""
+    """Whole tables from the state dict (sharded ones gathered on rank 0): dequantized
+    values, groups and, when the policy scores rows, scores and the step each was taken."""
     sd = module.state_dict()
     out = {}
     for n, rows, _ in TABLES:
-        for key in ("weight", "row_group"):
+        for key in ("weight", "row_group", "row_priority", "row_seen_step"):
+            if f"{prefix}.{n}.{key}" not in sd:
+                continue
             v = sd[f"{prefix}.{n}.{key}"]
             if hasattr(v, "local_shards"):
                 full = torch.zeros(v.size(), dtype=v.dtype) if dist.get_rank() == 0 else None
@@ -141,7 +152,7 @@ def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = F
             pooled = torch.cat([out.to_dict()[k] for k in keys], dim=1)
             loss = (pooled * G[lo:hi]).sum() / (hi - lo)
         loss.backward()
-        dmp.fused_optimizer.step()
+        end_of_step(dmp)
         if sequence:  # per-id vectors: rank 0's share is comparable with the reference's head
             outs.append(pooled.detach() if rank == 0 else None)
         else:
@@ -159,7 +170,8 @@ def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = F
     return result
 
 
-def reference_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
+def unsharded_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
+    """The steps of `sharded_run` on the unsharded module (whole global batches)."""
     ebc = make_module(sequence, pol_kw)
     ebc.materialize(torch.device("cpu"), init=init_values)
     outs = []
@@ -179,5 +191,36 @@ def reference_run(steps: int, pol_kw: dict, sequence: bool = False, world: int =
             loss = (vec * G).sum() / GLOBAL_BATCH
             outs.append(vec.detach())
         loss.backward()
+        end_of_step(ebc)
+    return {"outputs": outs, "stores": ebc.stores, "tables": logical_tables(ebc, ebc._mp_prefix)}
 
-    return {"outputs": outs, "stores": ebc.stores}
+
+def reference_math_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
+    """The steps of `sharded_run` through the plain-torch reference (tests/reference.py),
+    outputs shaped as `sharded_run` returns them."""
+    from reference import Reference, bag_id_grads
+
+    p = policy(**pol_kw).resolved([DIM])
+    ref = Reference(
+        {n: init_values(n, 0, rows) for n, rows, _ in TABLES},
+        [(f, n) for n, _, feats in TABLES for f in feats],
+        learning_rate=p.learning_rate, eps=p.eps, alpha=p.alpha, beta=p.beta, seed=p.seed,
+        memory_budget=p.memory_budget, fp32_fraction=p.fp32_fraction, reassign_every=p.reassign_every,
+    )
+    head = GLOBAL_BATCH // world  # rank 0's samples
+    outs = []
+    for step in range(steps):
+        keys, lengths, values, labels, G = batch(step)
+        bag_lengths, ids = dict(zip(keys, lengths)), dict(zip(keys, values))
+        id_labels = {f: labels[torch.repeat_interleave(torch.arange(GLOBAL_BATCH), bag_lengths[f])] for f in keys}
+        if sequence:
+            vectors = ref.per_id(ids)
+            outs.append(torch.cat([vectors[f][: int(bag_lengths[f][:head].sum())] for f in keys]))
+            # loss = sum over ids of row . ID_GRAD[id % 7], over the global batch
+            id_grads = {f: ID_GRAD[ids[f] % 7] / GLOBAL_BATCH for f in keys}
+        else:
+            outs.append(ref.pooled(bag_lengths, ids))
+            # loss = sum(pooled * G) over the global batch
+            id_grads = bag_id_grads(G / GLOBAL_BATCH, bag_lengths, keys, DIM)
+        ref.train_step(step, ids, id_grads, id_labels)
+    return {"outputs": outs, "tables": ref.state(), "moved_rows": ref.moved_rows}

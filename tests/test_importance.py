@@ -19,6 +19,7 @@ from shark_torchrec.importance.scores import (
     accumulate_gradients,
     accumulate_jagged,
     accumulate_values,
+    permutation_index,
     taylor_scores,
 )
 from shark_torchrec.importance.scoring import FieldView, score_fields
@@ -26,18 +27,20 @@ from shark_torchrec.models.dlrm import build_dlrm, table_configs
 from shark_torchrec.train.checkpoint import load_full_state
 
 
-# --- the math, on a loss linear in the field vectors (where the first-order term is exact) ---
+# --- the math, on per-sample losses linear in the field vectors (the first-order term is exact) ---
 
 
 def brute_force(v, a, weights):
     """Expected loss change per field when v_i is replaced by a draw from its empirical
-    distribution (paper Eq. 1-2), for loss(v) = sum_i a_i . v_i: signed and absolute means."""
-    real = v[weights > 0]
+    distribution (paper Eq. 1-2), for per-sample losses loss_n(v_n) = sum_i a[n, i] . v_n,i:
+    signed and absolute means."""
+    keep = weights > 0
+    real, coef = v[keep], a[keep]
     n, nf, _ = real.shape
-    loss = lambda x: (x * a).sum((-1, -2))  # noqa: E731
     signed, absolute = torch.zeros(nf, dtype=torch.float64), torch.zeros(nf, dtype=torch.float64)
-    for i in range(nf):
-        for x in range(n):
+    for x in range(n):
+        loss = lambda y: (y * coef[x]).sum((-1, -2))  # noqa: E731 -- sample x's own loss
+        for i in range(nf):
             swapped = real[x].expand(n, -1, -1).clone()
             swapped[:, i] = real[:, i]  # every candidate value of field i, equally likely
             change = (loss(swapped) - loss(real[x])).mean()
@@ -49,10 +52,14 @@ def brute_force(v, a, weights):
 def test_taylor_equals_brute_force_on_a_linear_loss():
     g = torch.Generator().manual_seed(0)
     v = torch.randn(60, 4, 3, generator=g, dtype=torch.float64)
-    a = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    # Per-sample gradients that move with the values (as a convex loss's do): then
+    # sum_n a_n . (E[v] - v_n) = -0.5 * sum_n |v_n - E[v]|^2 != 0, so the signed score is not
+    # the identically zero mean that one shared gradient gives.
+    a = torch.randn(4, 3, generator=g, dtype=torch.float64) + 0.5 * v
     weights = (torch.rand(60, generator=g) > 0.2).double()  # padding rows must not count
-    grads = a.expand(60, -1, -1) * weights[:, None, None]
+    grads = a * weights[:, None, None]
     want_signed, want_abs = brute_force(v, a, weights)
+    assert (want_signed < -0.5).all() and (want_abs > want_signed.abs()).all()
     signed = TaylorSums(4, 3)
     for s in (slice(0, 25), slice(25, 60)):  # batches add up
         accumulate_gradients(signed, v[s], grads[s], weights[s])
@@ -63,7 +70,6 @@ def test_taylor_equals_brute_force_on_a_linear_loss():
     for s in (slice(0, 31), slice(31, 60)):
         accumulate_gradients(absolute, v[s], grads[s], weights[s], means.means())
     torch.testing.assert_close(taylor_scores(absolute, ABSOLUTE), want_abs)
-    assert want_abs.min() > 0 and want_signed.abs().max() < 1e-9  # linear: signed mean is 0
 
 
 def test_sequence_field_taylor_equals_brute_force():
@@ -127,25 +133,101 @@ def test_batched_scores_equal_a_per_sample_loop():
         score_fields(model, dataset, "taylor", "test")
 
 
-def test_permutation_scores_shuffled_fields():
-    """T rounds average the loss increase; a field the head ignores scores exactly 0."""
-    model, dataset = tiny_dlrm_and_data()
-    dlrm = model.model
-    with torch.no_grad():
-        # Make the head blind to field c5: zero every over-arch input column it touches.
-        from shark_torchrec.models.pruned import interaction_columns
+def blind_to(model, field: str) -> None:
+    """Make the head ignore one field: zero every over-arch input column it touches."""
+    from shark_torchrec.models.pruned import interaction_columns
 
-        names = list(dlrm.sparse_arch.sparse_feature_names)
-        keep = set(interaction_columns(8, names, [f for f in names if f != "c5"]))
+    dlrm = model.model
+    names = list(dlrm.sparse_arch.sparse_feature_names)
+    keep = set(interaction_columns(8, names, [f for f in names if f != field]))
+    with torch.no_grad():
         w = dlrm.over_arch.model[0]._mlp[0]._linear.weight
         w[:, [c for c in range(w.shape[1]) if c not in keep]] = 0
+
+
+def rotate_real(weights: torch.Tensor, generator=None) -> torch.Tensor:
+    """A fixed shuffle in place of the scorer's random ones: every real sample takes the next
+    real sample's value (the last takes the first's); padding stays put."""
+    idx = torch.arange(weights.numel())
+    real = torch.nonzero(weights > 0).squeeze(-1)
+    idx[real] = real.roll(-1)
+    return idx
+
+
+def with_field_from(batch, field: str, idx: torch.Tensor):
+    """The batch with sample n's input of one field (the dense features, or one categorical
+    feature's bag of ids) taken from sample idx[n]: the model's own input, not its vectors."""
+    from dataclasses import replace
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    if field == "dense_features":
+        return replace(batch, dense_features=batch.dense_features[idx])
+    kjt = batch.sparse_features
+    lengths, values = [], []
+    for key, jt in kjt.to_dict().items():
+        off = jt.offsets()
+        order = idx if key == field else torch.arange(len(jt.lengths()))
+        lengths.append(jt.lengths()[order])
+        values += [jt.values()[off[n] : off[n + 1]] for n in order.tolist()]
+    return replace(batch, sparse_features=KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths)))
+
+
+def test_permutation_scores_are_the_mean_loss_increase_of_the_shuffles(monkeypatch):
+    """Permutation scoring = the loss increase per real sample when a field is shuffled within
+    each batch, averaged over T rounds. With the shuffle fixed (every round the same), each
+    score equals that increase computed through the whole model on batches whose inputs of
+    the field were rotated, for T = 1 and T = 3; a field the head ignores scores exactly 0, and
+    random shuffles differ from round to round."""
+    import shark_torchrec.importance.scoring as scoring
+
+    model, dataset = tiny_dlrm_and_data()
+    blind_to(model, "c5")
+    dlrm = model.model
+    # The reference: the model's forward on the batch as it is and with one field rotated.
+    increase, samples = None, 0
+    with torch.no_grad():
+        for batch in dataset.batches("dev", 128):
+            real = batch.sample_weights > 0
+            loss = lambda b: F.binary_cross_entropy_with_logits(  # noqa: E731
+                dlrm(b.dense_features, b.sparse_features).squeeze(-1), b.labels, reduction="none"
+            )[real].double()
+            base = loss(batch)
+            fields = ["dense_features", *dlrm.sparse_arch.sparse_feature_names]
+            idx = rotate_real(batch.sample_weights)
+            per_field = torch.stack([(loss(with_field_from(batch, f, idx)) - base).sum() for f in fields])
+            increase = per_field if increase is None else increase + per_field
+            samples += int(real.sum())
+    want = increase / samples
+    assert samples == 300 and (want != 0).sum() == len(fields) - 1  # only c5 is ignored
+
+    monkeypatch.setattr(scoring, "permutation_index", rotate_real)
+    for rounds in (1, 3):
+        got = score_fields(model, dataset, "permutation", "dev", 128, rounds=rounds, seed=3)
+        assert got.fields == fields and got.samples == 300
+        # The same float32 per-sample losses (the head is the model's own): only the order of
+        # the float64 sums differs, and the scores are ~1e-3.
+        torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-6, atol=1e-7)
+        assert got.scores[fields.index("c5")] == 0.0
+    monkeypatch.undo()
+
     one = score_fields(model, dataset, "permutation", "dev", 128, seed=3)
     three = score_fields(model, dataset, "permutation", "dev", 128, rounds=3, seed=3)
-    assert one.scores[one.fields.index("c5")] == 0.0
-    assert one.ranking()[0]["field"] == "c5" or one.ranking()[0]["score"] <= 0
-    assert max(three.scores) > 0 and one.scores != three.scores
+    assert one.scores[one.fields.index("c5")] == 0.0 and three.scores[three.fields.index("c5")] == 0.0
+    assert one.scores != three.scores  # the rounds shuffle differently
     r1, r2 = (score_fields(model, dataset, "random", seed=s) for s in (1, 1))
     assert r1.ranking() == r2.ranking() and r1.scoring_seconds < 1
+
+
+def test_permutation_index_shuffles_real_samples_among_themselves():
+    weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = [permutation_index(weights, g) for _ in range(20)]
+    real = torch.nonzero(weights > 0).squeeze(-1)
+    for idx in draws:
+        assert torch.equal(idx[weights == 0], torch.tensor([1, 4]))
+        assert torch.equal(idx[real].sort().values, real)
+    assert len({tuple(d.tolist()) for d in draws}) > 10
 
 
 # --- distributed, CLI, planted fields ---

@@ -106,6 +106,39 @@ def test_nonfinite_gradients_are_skipped():
     assert torch.isfinite(store.momentum).all()
 
 
+def test_training_updates_round_stochastically():
+    """Updates far below a rounding step, through the store's update (`apply_update`, what
+    training runs): fp16 and int8 rows move by the sum of their updates on average. Rounded to
+    nearest they would not move at all (the math alone: tests/test_precision_math.py)."""
+    n, steps = 128, 100
+    store = make_store(rows=(2 * n,), dim=16, optimizer="sgd", learning_rate=1.0)
+    fp16_rows, int8_rows = torch.arange(n), torch.arange(n, 2 * n)
+    store.set_groups(torch.tensor([FP16] * n + [INT8] * n, dtype=torch.int8))
+    start = torch.cat([torch.ones(n, 16), torch.linspace(-1, 1, 16).repeat(n, 1)])
+    store.write_rows(torch.arange(2 * n), start)
+    start = store.read_rows(torch.arange(2 * n))
+    # Per step: -2e-4 on every fp16 value (0.41 of the fp16 step below 1.0, 2^-11), -2e-3 on
+    # column 5 of the int8 rows (0.26 of their step 2/255; columns 0 and 15 hold the row's
+    # min and max, so the scale and bias stay).
+    grad = torch.zeros(2 * n, 16)
+    grad[fp16_rows] = 2e-4
+    grad[int8_rows, 5] = 2e-3
+    keys = torch.arange(2 * n)
+    for _ in range(steps):
+        store.apply_update(keys, grad, torch.ones(2 * n), torch.zeros(2 * n))
+        store.step.value += 1  # each step draws new rounding noise
+    moved = start - store.read_rows(keys)
+    assert (store.row_group[fp16_rows] == FP16).all() and (store.row_group[int8_rows] == INT8).all()
+    # Nearest rounding moves nothing. Stochastic: a sum of 100 unbiased roundings, per value a
+    # standard deviation under sqrt(100) / 2 rounding steps, so the mean over 128 x 16 fp16
+    # values is within ~5e-5 of the sum of the updates (0.02) and over 128 int8 values within
+    # ~4e-3 (of 0.2).
+    assert abs(moved[fp16_rows].mean().item() - steps * 2e-4) < 0.002
+    assert abs(moved[int8_rows, 5].mean().item() - steps * 2e-3) < 0.02
+    others = torch.tensor([c for c in range(16) if c != 5])
+    assert moved[int8_rows][:, others].abs().max() < 0.01  # untouched columns stay within a step
+
+
 def tables_dim8():
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -125,6 +158,30 @@ def test_ids_outside_their_table_are_named():
     assert torch.equal(out.values(), row0.values())
 
 
+def test_default_policy_weighs_positives_twice():
+    """Paper Eq. 7's default alpha = 2, as the policy and the CLI (`--precision shark`) build
+    it: after one step, a row seen once in a positive sample scores twice a row seen once in a
+    negative one."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from shark_torchrec.config import PrecisionConfig, parse_cli
+    from shark_torchrec.precision.labels import tag_labels
+
+    policies = {
+        "PrecisionPolicy()": PrecisionPolicy(),
+        "PrecisionConfig": PrecisionConfig(precision="shark").policy(0.1, 1e-8, 0),
+        "cli": parse_cli(["--precision", "shark"]).quant.policy(0.1, 1e-8, 0),
+    }
+    table = EmbeddingBagConfig(name="t", embedding_dim=32, num_embeddings=10, feature_names=["f"])
+    for name, policy in policies.items():
+        ebc = MixedPrecisionEmbeddingBagCollection([table], device=torch.device("cpu"), precision_policy=policy)
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([3, 5]), lengths=torch.tensor([1, 1], dtype=torch.int32))
+        ebc(tag_labels(kjt, torch.tensor([1.0, 0.0]))).values().sum().backward()  # row 3 positive, row 5 negative
+        W.end_of_step(ebc)
+        scores = ebc.stores[0].scores_now()
+        assert scores[5] > 0 and scores[3] == 2 * scores[5], (name, scores[3].item(), scores[5].item())
+
+
 CASES = {
     # sharding type: (policy overrides, tolerance of the comparison with the unsharded module)
     "table_wise": ({"reassign_every": 1}, 1e-5),
@@ -137,12 +194,44 @@ CASES = {
 }
 
 
+def assert_follows_the_reference(got: dict, want: dict) -> None:
+    """A run (`sharded_run` / `unsharded_run`) against tests/reference.py on the same steps:
+    outputs within 1e-5 (pooling and all-to-alls add in other orders), groups exactly (every
+    4-column unit of a row alike), values within 1e-6. The same rounding noise and the same
+    fp32 operations make the values equal bit for bit where a row's gradient is summed in the
+    same order; data-parallel replicas sum their shares apart and all-reduce, which moves fp32
+    values by a few ulps (and could flip a stochastic rounding only for a value within those
+    ulps of its threshold: none here)."""
+    assert want["moved_rows"] > 0  # reassignments moved rows (rounded to nearest)
+    assert len(got["outputs"]) == len(want["outputs"])
+    for step, (a, b) in enumerate(zip(got["outputs"], want["outputs"])):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5, step
+    for n, _, _ in W.TABLES:
+        groups = got["tables"][f"{n}.row_group"]
+        assert (groups == groups[:, :1]).all(), n
+        assert torch.equal(groups[:, 0], want["tables"][f"{n}.row_group"]), n
+        assert all(int((groups[:, 0] == g).sum()) > 0 for g in range(3)), n
+        assert (got["tables"][f"{n}.weight"] - want["tables"][f"{n}.weight"]).abs().max() <= 1e-6, n
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["bags", "sequence"])
+def test_unsharded_module_follows_the_reference(sequence):
+    """The training math (outputs, Adagrad, stochastic rounding, Eq. 7, budget reassignment)
+    against a plain-torch reference that shares no code with the store."""
+    overrides = {"reassign_every": 1}
+    assert_follows_the_reference(W.unsharded_run(3, overrides, sequence), W.reference_math_run(3, overrides, sequence))
+
+
 @pytest.mark.parametrize("sharding_type", list(CASES))
 def test_two_ranks_match_the_unsharded_module(sharding_type):
+    """Sharded on 2 ranks: the same as the unsharded module (the same store code in another
+    layout) and, but for column-wise slices, as the plain-torch reference (the math)."""
     overrides, tol = CASES[sharding_type]
     steps = 3
     got = launch(W.sharded_run, 2, sharding_type, steps, overrides)
-    ref = W.reference_run(steps, overrides)
+    ref = W.unsharded_run(steps, overrides)
+    if sharding_type != "column_wise":
+        assert_follows_the_reference(got, W.reference_math_run(steps, overrides))
     if sharding_type == "column_wise":
         assert got["widths"] == [[8], [8]]  # really sliced
     for a, b in zip(got["outputs"], ref["outputs"]):
@@ -159,6 +248,33 @@ def test_two_ranks_match_the_unsharded_module(sharding_type):
         assert [mem["rows_fp32"], mem["rows_fp16"], mem["rows_int8"]] == [
             int((store.row_group[lo:hi] == g).sum()) for g in range(3)
         ]
+
+
+def test_column_wise_budget_counts_each_row_once():
+    """Budget mode on 2 column-wise slices of every table: each slice holds every row, and a
+    row is ranked once (not once per slice). Rows per group are the budget rule's counts for
+    the slice width (each slice is a table of that width with its own row map,
+    `_budget_dim`), every slice of a row is in the same group, and the groups are the
+    rule's ranking of the scores."""
+    from reference import budget_groups
+
+    from shark_torchrec.precision.priority import budget_counts, decayed
+
+    steps, overrides = 3, {"reassign_every": 1, "memory_budget": 0.6}
+    got = launch(W.sharded_run, 2, "column_wise", steps, overrides)
+    assert got["widths"] == [[8], [8]]  # really sliced
+    policy = W.policy(**overrides)
+    for n, rows, _ in W.TABLES:
+        counts = budget_counts(rows, 8, policy.memory_budget, policy.fp32_fraction)
+        groups = got["tables"][f"{n}.row_group"]
+        assert groups.shape == (rows, W.DIM // 4) and (groups == groups[:, :1]).all(), n  # slices alike
+        assert [int((groups[:, 0] == g).sum()) for g in range(3)] == list(counts.as_tuple()), n
+        mem = got["memory"][n]
+        assert [mem["rows_fp32"], mem["rows_fp16"], mem["rows_int8"]] == list(counts.as_tuple()), n
+        # The last reassignment (after the last step) ranked the scores as of that step.
+        scores = decayed(got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
+        assert not torch.equal(groups[:, 0], budget_groups(torch.zeros(rows), counts.fp32, counts.fp16)), n  # not the start
+        assert torch.equal(groups[:, 0], budget_groups(scores, counts.fp32, counts.fp16)), n
 
 
 SMALL = [*TINY, "--precision", "shark", "--memory-budget", "0.55", "--reassign-every", "10"]
@@ -271,11 +387,13 @@ def test_memory_saving_is_real(tmp_path):
 @pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise", "data_parallel", "column_wise"])
 def test_sequence_twin_two_ranks_match_the_unsharded_module(sharding_type):
     """MixedPrecisionEmbeddingCollection (one vector per id): the same equality and
-    reassignment checks as the bag collection."""
+    reassignment checks as the bag collection, and the same plain-torch reference."""
     overrides, tol = CASES[sharding_type]
     steps = 3
     got = launch(W.sharded_run, 2, sharding_type, steps, overrides, True)
-    ref = W.reference_run(steps, overrides, True)
+    ref = W.unsharded_run(steps, overrides, True)
+    if sharding_type != "column_wise":
+        assert_follows_the_reference(got, W.reference_math_run(steps, overrides, True))
     for a, b in zip(got["outputs"], ref["outputs"]):
         assert a.shape == b.shape and (a - b).abs().max() <= tol
     store = ref["stores"][0]
@@ -353,7 +471,7 @@ def test_weighted_collection_keeps_its_weights_and_counts_labels():
     out = ours(tag_labels(kjt, torch.tensor([1.0, 0.0])))
     assert torch.allclose(out.values(), stock(kjt).values(), rtol=1e-6, atol=1e-6)
     out.values().sum().backward()
-
+    W.end_of_step(ours)
     # beta = 1: the score is this batch's alpha * positives + negatives.
     scores = ours.stores[0].scores_now()
     assert scores[1].item() == 2.0 + 1.0 and scores[2].item() == 2.0 and scores[3].item() == 1.0

@@ -1,0 +1,187 @@
+"""What a mixed-precision embedding collection should compute in training, in plain torch.
+
+Each table is kept as its logical fp32 values plus, per row, a precision group, the row-wise
+Adagrad momentum and the paper's Eq. 7 score. One training step, written out from the method
+(not from the store): pooled outputs (sum pooling, bags of any length) or per-id vectors
+(sequence features); per-row gradients summed from the output gradient; row-wise Adagrad as
+FBGEMM's EXACT_ROWWISE_ADAGRAD (m += mean(g^2); w -= lr * g / (sqrt(m) + eps)); each updated
+row rounded back into its group, stochastically, with the noise of (seed, step, table, global
+row, global column); Eq. 7 scores; and every `reassign_every` steps the budget rule (rows
+ranked by score descending, then global row ascending; the first fp32 count fp32, the next
+fp16 count fp16, the rest int8), moved rows rounded to nearest into their new group.
+
+It shares no code with RowGroupStore, the modules or the distributed package: only the pure
+functions of `shark_torchrec.precision` (the rounding noise, fp16 stochastic rounding, int8
+quantization, Eq. 7's update and decay, the budget counts), which tests/test_precision_math.py
+checks on their own.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from shark_torchrec.precision.priority import FP16, FP32, INT8, budget_counts, decayed, updated
+from shark_torchrec.precision.quantize import (
+    dequantize_rows_int8,
+    quantize_rows_int8,
+    round_fp16_stochastic,
+    rounding_noise,
+)
+
+
+def rounded_to_nearest(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The fp32 values rows take when stored to nearest in their groups."""
+    out = values.clone()
+    half = groups == FP16
+    out[half] = values[half].clamp(-65504.0, 65504.0).half().float()
+    int8 = groups == INT8
+    out[int8] = dequantize_rows_int8(*quantize_rows_int8(values[int8]))
+    return out
+
+
+def rounded_stochastically(values: torch.Tensor, groups: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The fp32 values rows take when stored in their groups with stochastic rounding."""
+    out = values.clone()
+    half = groups == FP16
+    out[half] = round_fp16_stochastic(values[half], noise[half]).float()
+    int8 = groups == INT8
+    out[int8] = dequantize_rows_int8(*quantize_rows_int8(values[int8], noise[int8]))
+    return out
+
+
+def budget_groups(scores: torch.Tensor, fp32_rows: int, fp16_rows: int) -> torch.Tensor:
+    """Groups of a whole table's rows (scores in global row order): ranked by score
+    descending, then row ascending, the first `fp32_rows` fp32, the next `fp16_rows` fp16."""
+    # Rows are in ascending order; a stable sort by descending score keeps ties so.
+    order = torch.sort(-scores, stable=True).indices
+    group = torch.full((len(scores),), INT8, dtype=torch.int8)
+    group[order[:fp32_rows]] = FP32
+    group[order[fp32_rows : fp32_rows + fp16_rows]] = FP16
+    return group
+
+
+class ReferenceTable:
+    """One whole table: logical values [rows, D] and per-row group, momentum and score."""
+
+    def __init__(self, name: str, values: torch.Tensor, budget: float, fp32_fraction: float) -> None:
+        self.name = name
+        self.table_id = zlib.crc32(name.encode())
+        self.rows, self.dim = values.shape
+        counts = budget_counts(self.rows, self.dim, budget, fp32_fraction)
+        self.fp32_rows, self.fp16_rows = counts.fp32, counts.fp16
+        # Before any score: the lowest row ids most precise.
+        self.group = torch.full((self.rows,), INT8, dtype=torch.int8)
+        self.group[: self.fp32_rows + self.fp16_rows] = FP16
+        self.group[: self.fp32_rows] = FP32
+        self.values = rounded_to_nearest(values.float(), self.group)
+        self.momentum = torch.zeros(self.rows)
+        self.score = torch.zeros(self.rows)
+        self.seen_step = torch.zeros(self.rows, dtype=torch.int32)
+
+
+class Reference:
+    """Tables and features of a collection; `features` lists (feature, table) in the
+    collection's order (a table's features in the order of its config)."""
+
+    def __init__(
+        self,
+        tables: Dict[str, torch.Tensor],
+        features: Sequence[Tuple[str, str]],
+        *,
+        learning_rate: float,
+        eps: float,
+        alpha: float,
+        beta: float,
+        seed: int,
+        memory_budget: float,
+        fp32_fraction: float,
+        reassign_every: int,
+    ) -> None:
+        self.tables = {n: ReferenceTable(n, v, memory_budget, fp32_fraction) for n, v in tables.items()}
+        self.features = list(features)
+        self.lr, self.eps, self.alpha, self.beta, self.seed = learning_rate, eps, alpha, beta, seed
+        self.reassign_every = reassign_every
+        self.moved_rows = 0  # rows that changed group in reassignments so far
+
+    # ------------------------------------------------------------------ forward
+    def pooled(self, lengths: Dict[str, torch.Tensor], ids: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, F * D]: per sample, each feature's rows summed (sum pooling), features side by side."""
+        out = []
+        for feature, table in self.features:
+            t = self.tables[table]
+            bag = torch.repeat_interleave(torch.arange(len(lengths[feature])), lengths[feature])
+            out.append(torch.zeros(len(lengths[feature]), t.dim).index_add_(0, bag, t.values[ids[feature]]))
+        return torch.cat(out, dim=1)
+
+    def per_id(self, ids: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Sequence features: one row per id."""
+        return {f: self.tables[t].values[ids[f]] for f, t in self.features}
+
+    # ------------------------------------------------------------------ training
+    def train_step(
+        self,
+        step: int,
+        ids: Dict[str, torch.Tensor],
+        id_grads: Dict[str, torch.Tensor],
+        id_labels: Dict[str, torch.Tensor],
+    ) -> None:
+        """Update every row the step's ids touched. Per feature: `ids` [n], `id_grads` [n, D]
+        the loss gradient of each id's row (for sum pooling, its bag's output gradient),
+        `id_labels` [n] the label of each id's sample. Then reassign when due."""
+        for name, t in self.tables.items():
+            mine = [f for f, table in self.features if table == name]
+            if not mine:
+                continue
+            rows = torch.cat([ids[f] for f in mine])
+            # A row's gradient is the sum over its ids, taken in the order of the collection's
+            # features and samples (floating-point sums depend on order; the rounding after
+            # them is exact only for identical inputs).
+            grad = torch.zeros(t.rows, t.dim).index_add_(0, rows, torch.cat([id_grads[f] for f in mine]))
+            seen = torch.bincount(rows, minlength=t.rows).float()
+            positives = torch.zeros(t.rows).index_add_(0, rows, torch.cat([id_labels[f] for f in mine]))
+            touched = (seen > 0).nonzero().flatten()
+            # Eq. 7: w <- (1 - beta) w + beta (alpha c_pos + c_neg), absent steps decayed lazily.
+            t.score[touched] = updated(
+                t.score[touched], t.seen_step[touched], step,
+                positives[touched], seen[touched] - positives[touched], self.alpha, self.beta,
+            )
+            t.seen_step[touched] = step
+            # Row-wise Adagrad. lr / (sqrt(m) + eps) is formed first, as the module does, so that
+            # both round the same fp32 numbers and the stochastic rounding can match bit for bit.
+            g = grad[touched]
+            m = t.momentum[touched] + (g * g).mean(dim=1)
+            t.momentum[touched] = m
+            new = t.values[touched] - g * (self.lr / (m.sqrt() + self.eps))[:, None]
+            noise = rounding_noise(self.seed, step, t.table_id, touched, torch.arange(t.dim))
+            t.values[touched] = rounded_stochastically(new, t.group[touched], noise)
+        if (step + 1) % self.reassign_every == 0:
+            self.reassign(step)
+
+    def reassign(self, step: int) -> None:
+        """The budget rule on the scores as of `step`."""
+        for t in self.tables.values():
+            group = budget_groups(decayed(t.score, t.seen_step, step, self.beta), t.fp32_rows, t.fp16_rows)
+            moved = group != t.group
+            t.values[moved] = rounded_to_nearest(t.values[moved], group[moved])
+            t.group = group
+            self.moved_rows += int(moved.sum())
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        for n, t in self.tables.items():
+            out[f"{n}.weight"] = t.values.clone()
+            out[f"{n}.row_group"] = t.group.clone()
+        return out
+
+
+def bag_id_grads(out_grad: torch.Tensor, lengths: Dict[str, torch.Tensor], features: List[str], dim: int) -> Dict[str, torch.Tensor]:
+    """Sum pooling: every id of bag (sample b, feature f) gets the bag's output gradient,
+    out_grad[b, f * dim : (f + 1) * dim]."""
+    out = {}
+    for k, f in enumerate(features):
+        bag = torch.repeat_interleave(torch.arange(len(lengths[f])), lengths[f])
+        out[f] = out_grad[:, k * dim : (k + 1) * dim][bag]
+    return out
