@@ -329,7 +329,10 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Importing fbgemm_gpu calls logging.info, which sets the root logger up first (WARNING, bare
+    # format): force ours, and let our own INFO lines (resume point, early stopping) through.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("shark").setLevel(logging.INFO)
     for noisy in ("torchrec", "torch", "fbgemm_gpu"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
