@@ -39,7 +39,7 @@ from shark_torchrec.config import JobConfig, PrecisionConfig, save_config
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.precision.priority import min_budget
-from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint, save_checkpoint
+from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
 from shark_torchrec.train.pruning import base_model, prune_loop, write_prune_log
 from shark_torchrec.train.trainer import (
     TrainedModel,
@@ -98,7 +98,7 @@ def run_base(cfg: JobConfig, out: Path, env: DistEnv):
     if env.is_main:
         write_metrics(b, metrics)
     record = {
-        "checkpoint": str(resolve_checkpoint(b.checkpoint_dir)),
+        "checkpoint": str(resolve_checkpoint_on_rank0(b.checkpoint_dir)),
         "test_auc": metrics["test_auc"],
         "dev_auc": metrics["dev_auc"],
         "embedding_bytes": metrics["embedding_bytes"],
@@ -160,7 +160,7 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
     metrics = final_metrics(q, trained)
     if env.is_main:
         write_metrics(q, metrics)
-    return {"checkpoint": str(resolve_checkpoint(q.checkpoint_dir)), "budget": budget, "metrics": metrics}
+    return {"checkpoint": str(resolve_checkpoint_on_rank0(q.checkpoint_dir)), "budget": budget, "metrics": metrics}
 
 
 def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) -> Dict[str, Any]:

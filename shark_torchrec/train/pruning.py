@@ -33,7 +33,7 @@ from shark_torchrec.planner.pruning import prune_tables
 from shark_torchrec.train.checkpoint import (
     load_checkpoint,
     read_meta,
-    resolve_checkpoint,
+    resolve_checkpoint_on_rank0,
     save_checkpoint,
     table_shapes,
 )
@@ -72,7 +72,7 @@ def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
     """`--checkpoint` of a pruned model: take its kept fields and removal from its config."""
     if not cfg.run.checkpoint:
         return cfg
-    saved = read_meta(resolve_checkpoint(cfg.run.checkpoint)).get("config", {}).get("model", {})
+    saved = read_meta(resolve_checkpoint_on_rank0(cfg.run.checkpoint)).get("config", {}).get("model", {})
     cfg = copy.deepcopy(cfg)
     cfg.model.kept_fields = tuple(saved.get("kept_fields", ()))
     cfg.model.field_removal = saved.get("field_removal", cfg.model.field_removal)

@@ -36,7 +36,7 @@ from shark_torchrec.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_weights,
-    resolve_checkpoint,
+    resolve_checkpoint_on_rank0,
     save_checkpoint,
     table_shapes,
 )
@@ -151,16 +151,16 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     best_root = ckpt_root / "best"
     resumed_from = None
     if run.resume and list_checkpoints(ckpt_root):
-        path = resolve_checkpoint(ckpt_root)
+        path = resolve_checkpoint_on_rank0(ckpt_root)
         meta = load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
         state = TrainState(**{k: meta[k] for k in asdict(TrainState()) if k in meta})
         resumed_from = str(path)
     elif run.checkpoint:
-        path = resolve_checkpoint(run.checkpoint)
+        path = resolve_checkpoint_on_rank0(run.checkpoint)
         load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
         resumed_from = str(path)
     elif run.init_from:
-        path = resolve_checkpoint(run.init_from)
+        path = resolve_checkpoint_on_rank0(run.init_from)
         load_weights(path, dmp, shapes, optimizer)
         resumed_from = str(path)
     if resumed_from and env.is_main:
@@ -233,7 +233,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
                 state.stopped_early = done = True
     train_seconds = time.perf_counter() - start
     if t.early_stopping_patience and list_checkpoints(best_root):
-        best = resolve_checkpoint(best_root)
+        best = resolve_checkpoint_on_rank0(best_root)
         load_checkpoint(best, dmp, optimizer, shapes, cfg.quant.precision)
         if env.is_main:
             log.info("early stopping: restored the best dev model (%s)", best.name)
