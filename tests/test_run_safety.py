@@ -1,9 +1,10 @@
-"""Runs that do not collide or lose work: checkpoint checksums."""
+"""Runs that do not collide or lose work: checkpoint checksums, and where a resumed run picked up."""
 
 import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,52 @@ from shark_torchrec.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+
+from conftest import TINY, run_shark
+
+# 3000 train rows: 24 steps an epoch. Checkpoints every 5 steps; killed after step 16, the
+# run leaves step_10 and step_15 (two are kept).
+SMALL = [*TINY, "--synthetic-train-rows", "3000", "--checkpoint-every", "5"]
+KILL_AT = "16"
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> Path:
+    """A `shark train` run killed hard (os._exit) after step 16, with its checkpoints."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    proc = run_shark("train", *SMALL, "--out-dir", str(out), "--fail-at-step", KILL_AT, check=False)
+    assert proc.returncode == 17
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint checksums
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(killed_run, tmp_path):
+    out = copy_of(killed_run, tmp_path)
+    newest = out / "checkpoints" / "step_00000015"
+    data = newest / "__0_0.distcp"
+    size = data.stat().st_size
+    os.truncate(data, size // 2)
+    # Named explicitly, a corrupt checkpoint is an error naming its file.
+    proc = run_shark("train", *SMALL, "--checkpoint", str(newest), "--out-dir", str(tmp_path / "other"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"shark train: error: checkpoint {newest} is corrupt: {data} has {size // 2} bytes, {size} were written "
+        "(truncated or overwritten)"
+    )
+    # --resume takes the newest one that passes, and says which one it skipped and why.
+    proc = run_shark("train", *SMALL, "--out-dir", str(out), "--resume")
+    assert f"skipping corrupt checkpoint {newest}: {data} has {size // 2} bytes" in proc.stderr
+    assert f"resumed from {out / 'checkpoints' / 'step_00000010'} at step 10 (epoch 0," in proc.stderr
+    assert resolve_checkpoint(out / "checkpoints").name == "step_00000024"  # the run's end, valid
 
 
 @pytest.fixture

@@ -149,24 +149,28 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     shapes = table_shapes(configs)
     state = TrainState()
     best_root = ckpt_root / "best"
-    resumed_from = None
+    steps_per_epoch = dataset.num_batches("train", t.batch_size)
+    loaded_from = None
     if run.resume and list_checkpoints(ckpt_root):
         path = resolve_checkpoint_on_rank0(ckpt_root)
         meta = load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
         state = TrainState(**{k: meta[k] for k in asdict(TrainState()) if k in meta})
-        resumed_from = str(path)
+        if env.is_main:
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d of %d)",
+                path, state.step, state.epoch, state.batch_in_epoch, steps_per_epoch,
+            )
     elif run.checkpoint:
-        path = resolve_checkpoint_on_rank0(run.checkpoint)
-        load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
-        resumed_from = str(path)
+        loaded_from = resolve_checkpoint_on_rank0(run.checkpoint)
+        load_checkpoint(loaded_from, dmp, optimizer, shapes, cfg.quant.precision)
     elif run.init_from:
-        path = resolve_checkpoint_on_rank0(run.init_from)
-        load_weights(path, dmp, shapes, optimizer)
-        resumed_from = str(path)
-    if resumed_from and env.is_main:
-        log.info("loaded %s (step %d)", resumed_from, state.step)
+        loaded_from = resolve_checkpoint_on_rank0(run.init_from)
+        load_weights(loaded_from, dmp, shapes, optimizer)
+    elif run.resume and env.is_main:
+        log.info("nothing to resume in %s: starting at step 0", ckpt_root)
+    if loaded_from and env.is_main:
+        log.info("loaded %s (step %d)", loaded_from, state.step)
 
-    steps_per_epoch = dataset.num_batches("train", t.batch_size)
     show = run.progress and env.is_main
 
     def checkpoint() -> None:
