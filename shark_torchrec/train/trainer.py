@@ -32,7 +32,6 @@ from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCol
 from shark_torchrec.precision.labels import tag_labels
 from shark_torchrec.train.checkpoint import (
     CheckpointError,
-    broadcast_str,
     list_checkpoints,
     load_checkpoint,
     load_weights,
@@ -41,8 +40,11 @@ from shark_torchrec.train.checkpoint import (
     table_shapes,
 )
 from shark_torchrec.train.evaluation import evaluate
+from shark_torchrec.train.run_dir import check_writable, default_out_dir, run_dir_lock
 
 log = logging.getLogger("shark")
+
+TRAIN_OUT_DIR = "runs/%Y%m%d-%H%M%S"  # a run without --out-dir: a new directory per run (UTC)
 
 
 @dataclass
@@ -125,15 +127,15 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         raise ValueError(
             f"batch sizes ({t.batch_size}, {t.eval_batch_size}) must be divisible by the {env.world_size} ranks"
         )
-    if not run.out_dir:
-        # Every rank must agree on the name: rank 0's clock decides.
-        run.out_dir = broadcast_str(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
+    default_out_dir(run, TRAIN_OUT_DIR)
     ckpt_root = cfg.checkpoint_dir
     if not run.resume and list_checkpoints(ckpt_root):
         raise CheckpointError(
             f"{ckpt_root} already holds checkpoints of an earlier run: pass --resume to continue "
             "it, or choose another --out-dir / --checkpoint-dir (nothing was overwritten)"
         )
+    # Before any work: a place that cannot be written would otherwise fail the first save.
+    check_writable({"--out-dir": Path(run.out_dir), "--checkpoint-dir": ckpt_root})
     dataset = dataset or open_dataset(cfg.dataset, t.seed)
     if cfg.model.kept_fields and dataset.columns is None:
         dataset = dataset.with_fields(list(cfg.model.kept_fields))
@@ -346,10 +348,11 @@ def train_job(cfg: JobConfig) -> Dict[str, Any]:
     quiet_libraries()
     env = init_distributed()
     try:
-        trained = fit(cfg, env)
-        metrics = final_metrics(cfg, trained)
-        if env.is_main:
-            write_metrics(cfg, metrics)
+        with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
+            trained = fit(cfg, env)
+            metrics = final_metrics(cfg, trained)
+            if env.is_main:
+                write_metrics(cfg, metrics)
         return metrics
     finally:
         shutdown_distributed()
