@@ -165,7 +165,11 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         if size != want["bytes"]:
             return f"{f} has {size} bytes, {want['bytes']} were written (truncated or overwritten)"
     for name, want in sorted(files.items()):
-        if _crc32(path / name) != want["crc32"]:
+        try:
+            crc = _crc32(path / name)
+        except OSError as e:  # e.g. EIO on a bad sector: as untrustworthy as a wrong sum
+            return f"{path / name} cannot be read ({e.strerror or e})"
+        if crc != want["crc32"]:
             return f"{path / name} fails its CRC-32 check (its bytes changed after they were written)"
     _checked[str(path.absolute())] = signature
     return None
