@@ -4,24 +4,37 @@ Layout: CHECKPOINT_DIR/step_00000123/ holds DCP's files plus `meta.json` (progre
 shapes, config). Every rank writes into `step_00000123.partial-<id>/`; once all ranks are
 done, rank 0 writes meta.json and renames the folder. A rename is atomic, so a crash
 mid-save leaves only a `.partial-*` folder, which is never loaded and is swept later.
+
+Checksums: before the rename, meta.json records the size and CRC-32 of every file DCP wrote
+(`files`). A checkpoint is checked against them when it is chosen (`resolve_checkpoint`): a
+directory of checkpoints yields its newest one that passes, warning about each newer one it
+skips; a checkpoint named explicitly that fails is an error naming the file. Checkpoints from
+before checksums (no `files`) load unchecked. CRC-32 (zlib, several GB/s) is enough: it guards
+against truncation and flipped bits, not against tampering.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import uuid
+import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
+log = logging.getLogger("shark")
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 META = "meta.json"
+FILES = "files"  # meta.json key: {file name: {"bytes": size, "crc32": 8 hex digits}}
+_READ_BLOCK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -48,14 +61,140 @@ def list_checkpoints(root: Path) -> List[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the newest one inside a checkpoint directory."""
+    """The checkpoint to load from `path`, checked against its checksums.
+
+    Args:
+        path: a checkpoint folder (`step_N`), or a directory of them.
+
+    Returns:
+        The folder itself, or the newest checkpoint in the directory that passes its check;
+        each newer one that fails is skipped with a warning naming it and why.
+
+    Raises:
+        CheckpointError: a checkpoint folder that fails its check (naming the file), or a
+        directory without checkpoints or without one that passes.
+    """
     p = Path(path)
     if (p / META).is_file():
+        problem = checkpoint_problem(p)
+        if problem:
+            raise CheckpointError(f"checkpoint {p} is corrupt: {problem}")
         return p
     found = list_checkpoints(p)
     if not found:
         raise CheckpointError(f"no checkpoint found at {p}")
-    return found[-1]
+    for ckpt in reversed(found):
+        problem = checkpoint_problem(ckpt)
+        if not problem:
+            return ckpt
+        log.warning("skipping corrupt checkpoint %s: %s", ckpt, problem)
+    raise CheckpointError(f"no valid checkpoint at {p}: all {len(found)} fail their check (see the warnings)")
+
+
+def resolve_checkpoint_on_rank0(path: str | Path) -> Path:
+    """`resolve_checkpoint` run by rank 0 alone (checking reads every file) and its answer, or
+    its error, given to every rank. Collective: every rank must call it.
+
+    Args:
+        path: a checkpoint folder, or a directory of them.
+
+    Returns:
+        The checkpoint folder, the same on every rank.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return resolve_checkpoint(path)
+    box: List[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", str(resolve_checkpoint(path)))
+        except CheckpointError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value)
+
+
+def file_checksums(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """Size and CRC-32 of every file in a checkpoint folder, each file read once.
+
+    Args:
+        folder: a checkpoint folder, before meta.json is written into it.
+
+    Returns:
+        {path relative to `folder`: {"bytes": size, "crc32": 8 hex digits}}.
+    """
+    return {
+        f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "crc32": _crc32(f)}
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a checkpoint cannot be trusted, or None when it passes (or has no checksums).
+
+    Sizes are compared first (no reading), then each file is read once for its CRC-32. A
+    checkpoint this process saved or checked before, with no file changed since (size and
+    mtime), is not read again.
+
+    Args:
+        path: a checkpoint folder (holding meta.json).
+
+    Returns:
+        One line naming the file that fails and how, or None.
+    """
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as e:
+        return f"{path / META} cannot be read ({e})"
+    files = meta.get(FILES) if isinstance(meta, dict) else None
+    if files is None:
+        return None  # saved before checkpoints carried checksums: loads unchecked
+    if not isinstance(files, dict) or not all(isinstance(w, dict) and {"bytes", "crc32"} <= w.keys() for w in files.values()):
+        return f"{path / META} has a malformed `{FILES}` list"
+    signature = _signature(path)
+    if _checked.get(str(path.absolute())) == signature:
+        return None
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{f} has {size} bytes, {want['bytes']} were written (truncated or overwritten)"
+    for name, want in sorted(files.items()):
+        try:
+            crc = _crc32(path / name)
+        except OSError as e:  # e.g. EIO on a bad sector: as untrustworthy as a wrong sum
+            return f"{path / name} cannot be read ({e.strerror or e})"
+        if crc != want["crc32"]:
+            return f"{path / name} fails its CRC-32 check (its bytes changed after they were written)"
+    _checked[str(path.absolute())] = signature
+    return None
+
+
+# Checkpoints known good in this process, by absolute path -> _signature when known good.
+_checked: Dict[str, Tuple[Tuple[str, int, int], ...]] = {}
+
+
+def _signature(path: Path) -> Tuple[Tuple[str, int, int], ...]:
+    """Name, size and mtime of every file: any write since changes it."""
+    out = []
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            out.append((f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
 
 
 def save_checkpoint(
@@ -77,10 +216,13 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        # Every rank's files are complete (barrier): rank 0 reads them once, as they are on disk.
+        files = file_checksums(tmp)
+        (tmp / META).write_text(json.dumps({**meta, "step": step, FILES: files}, indent=2))
         if final.exists():  # re-saving the same step (e.g. final save after a resume)
             shutil.rmtree(final)
         tmp.rename(final)
+        _checked[str(final.absolute())] = _signature(final)  # just summed: resolving it needs no re-read
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.partial-*"):

@@ -2,6 +2,7 @@
 
 Run directory layout (`--out DIR`):
 
+    DIR/.lock              held while a `shark compress` job runs here (one for all stages)
     DIR/stages.json        finished stages and what they produced (written atomically)
     DIR/base/              the base model: a `shark train` run (config, metrics, checkpoints)
     DIR/prune/             the pruning loop: prune_log.csv/json, auc_vs_memory.png, pruned/
@@ -39,8 +40,9 @@ from shark_torchrec.config import JobConfig, PrecisionConfig, save_config
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.precision.priority import min_budget
-from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint, save_checkpoint
+from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
 from shark_torchrec.train.pruning import base_model, prune_loop, write_prune_log
+from shark_torchrec.train.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.train.trainer import (
     TrainedModel,
     TrainState,
@@ -98,7 +100,7 @@ def run_base(cfg: JobConfig, out: Path, env: DistEnv):
     if env.is_main:
         write_metrics(b, metrics)
     record = {
-        "checkpoint": str(resolve_checkpoint(b.checkpoint_dir)),
+        "checkpoint": str(resolve_checkpoint_on_rank0(b.checkpoint_dir)),
         "test_auc": metrics["test_auc"],
         "dev_auc": metrics["dev_auc"],
         "embedding_bytes": metrics["embedding_bytes"],
@@ -160,7 +162,7 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
     metrics = final_metrics(q, trained)
     if env.is_main:
         write_metrics(q, metrics)
-    return {"checkpoint": str(resolve_checkpoint(q.checkpoint_dir)), "budget": budget, "metrics": metrics}
+    return {"checkpoint": str(resolve_checkpoint_on_rank0(q.checkpoint_dir)), "budget": budget, "metrics": metrics}
 
 
 def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) -> Dict[str, Any]:
@@ -226,68 +228,69 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
     quiet_libraries()
     env = init_distributed()
     try:
-        out = Path(cfg.run.out_dir or time.strftime("runs/compress-%Y%m%d-%H%M%S", time.gmtime()))
-        cfg.run.out_dir = str(out)
-        stages = read_stages(out)
-        if stages and not cfg.run.resume:
-            raise CheckpointError(
-                f"{out} already holds a compression run (stages {', '.join(stages)}): pass --resume to "
-                "continue it, or choose another --out (nothing was overwritten)"
-            )
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.toml")
-        if env.world_size > 1:
-            dist.barrier()
-        timings: Dict[str, float] = {}
-        base = None
-        if "base" not in stages:
-            t0 = time.perf_counter()
-            stages["base"], base = run_base(cfg, out, env)
-            stages["base"]["seconds"] = time.perf_counter() - t0
-            _record(out, stages, env)
-        if "prune" not in stages:
-            t0 = time.perf_counter()
-            stages["prune"] = run_prune(cfg, out, env, stages["base"], base)
-            stages["prune"]["seconds"] = time.perf_counter() - t0
-            _record(out, stages, env)
-        del base
-        if "quantize" not in stages:
-            t0 = time.perf_counter()
-            q = run_quantize(cfg, out, env, stages["prune"])
-            stages["quantize"] = {
-                "checkpoint": q["checkpoint"], "budget": q["budget"],
-                "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
-                "seconds": time.perf_counter() - t0,
+        out = Path(default_out_dir(cfg.run, "runs/compress-%Y%m%d-%H%M%S"))
+        # One lock for the whole run directory: the stages are calls inside this job, not jobs.
+        with run_dir_lock(out, env.is_main):
+            stages = read_stages(out)
+            if stages and not cfg.run.resume:
+                raise CheckpointError(
+                    f"{out} already holds a compression run (stages {', '.join(stages)}): pass --resume to "
+                    "continue it, or choose another --out (nothing was overwritten)"
+                )
+            if env.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, out / "config.toml")
+            if env.world_size > 1:
+                dist.barrier()
+            timings: Dict[str, float] = {}
+            base = None
+            if "base" not in stages:
+                t0 = time.perf_counter()
+                stages["base"], base = run_base(cfg, out, env)
+                stages["base"]["seconds"] = time.perf_counter() - t0
+                _record(out, stages, env)
+            if "prune" not in stages:
+                t0 = time.perf_counter()
+                stages["prune"] = run_prune(cfg, out, env, stages["base"], base)
+                stages["prune"]["seconds"] = time.perf_counter() - t0
+                _record(out, stages, env)
+            del base
+            if "quantize" not in stages:
+                t0 = time.perf_counter()
+                q = run_quantize(cfg, out, env, stages["prune"])
+                stages["quantize"] = {
+                    "checkpoint": q["checkpoint"], "budget": q["budget"],
+                    "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
+                    "seconds": time.perf_counter() - t0,
+                }
+                _record(out, stages, env)
+                metrics = q["metrics"]
+            else:
+                metrics = json.loads((out / "quantize" / "metrics.json").read_text())
+            if "export" not in stages:
+                t0 = time.perf_counter()
+                stages["export"] = run_export(cfg, out, env, stages)
+                stages["export"]["seconds"] = time.perf_counter() - t0
+                _record(out, stages, env)
+            timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
+            metrics = {
+                **metrics,
+                "base_test_auc": stages["base"]["test_auc"],
+                "base_embedding_bytes": stages["base"]["embedding_bytes"],
+                "memory_ratio": metrics["embedding_bytes"] / stages["base"]["embedding_bytes"],
+                "prune_memory_ratio": stages["prune"]["memory_ratio"],
+                "quant_budget": stages["quantize"]["budget"],
+                "kept_fields": stages["prune"]["kept_fields"],
+                "pruned_fields": stages["prune"]["pruned_fields"],
+                "stop_reason": stages["prune"]["stop_reason"],
+                "stage_seconds": timings,
+                "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
             }
-            _record(out, stages, env)
-            metrics = q["metrics"]
-        else:
-            metrics = json.loads((out / "quantize" / "metrics.json").read_text())
-        if "export" not in stages:
-            t0 = time.perf_counter()
-            stages["export"] = run_export(cfg, out, env, stages)
-            stages["export"]["seconds"] = time.perf_counter() - t0
-            _record(out, stages, env)
-        timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
-        metrics = {
-            **metrics,
-            "base_test_auc": stages["base"]["test_auc"],
-            "base_embedding_bytes": stages["base"]["embedding_bytes"],
-            "memory_ratio": metrics["embedding_bytes"] / stages["base"]["embedding_bytes"],
-            "prune_memory_ratio": stages["prune"]["memory_ratio"],
-            "quant_budget": stages["quantize"]["budget"],
-            "kept_fields": stages["prune"]["kept_fields"],
-            "pruned_fields": stages["prune"]["pruned_fields"],
-            "stop_reason": stages["prune"]["stop_reason"],
-            "stage_seconds": timings,
-            "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
-        }
-        if env.is_main:
-            write_metrics(cfg, metrics)
-            from shark_torchrec.report import write_report
+            if env.is_main:
+                write_metrics(cfg, metrics)
+                from shark_torchrec.report import write_report
 
-            write_report(out)
-        return metrics
+                write_report(out)
+            return metrics
     finally:
         shutdown_distributed()

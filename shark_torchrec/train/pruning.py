@@ -33,12 +33,14 @@ from shark_torchrec.planner.pruning import prune_tables
 from shark_torchrec.train.checkpoint import (
     load_checkpoint,
     read_meta,
-    resolve_checkpoint,
+    resolve_checkpoint_on_rank0,
     save_checkpoint,
     table_shapes,
 )
 from shark_torchrec.train.evaluation import evaluate
+from shark_torchrec.train.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.train.trainer import (
+    TRAIN_OUT_DIR,
     TrainedModel,
     TrainState,
     _meta,
@@ -72,7 +74,7 @@ def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
     """`--checkpoint` of a pruned model: take its kept fields and removal from its config."""
     if not cfg.run.checkpoint:
         return cfg
-    saved = read_meta(resolve_checkpoint(cfg.run.checkpoint)).get("config", {}).get("model", {})
+    saved = read_meta(resolve_checkpoint_on_rank0(cfg.run.checkpoint)).get("config", {}).get("model", {})
     cfg = copy.deepcopy(cfg)
     cfg.model.kept_fields = tuple(saved.get("kept_fields", ()))
     cfg.model.field_removal = saved.get("field_removal", cfg.model.field_removal)
@@ -130,12 +132,13 @@ def importance_job(cfg: JobConfig) -> Dict[str, Any]:
     quiet_libraries()
     env = init_distributed()
     try:
-        trained = base_model(cfg, env)
-        imp = score(cfg, trained.model, trained.dataset, env)
-        metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
-        if env.is_main:
-            write_importance(imp, Path(cfg.run.out_dir))
-            write_metrics(cfg, metrics)
+        with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
+            trained = base_model(cfg, env)
+            imp = score(cfg, trained.model, trained.dataset, env)
+            metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
+            if env.is_main:
+                write_importance(imp, Path(cfg.run.out_dir))
+                write_metrics(cfg, metrics)
         return metrics
     finally:
         shutdown_distributed()
@@ -305,32 +308,33 @@ def prune_job(cfg: JobConfig) -> Dict[str, Any]:
     quiet_libraries()
     env = init_distributed()
     try:
-        base = base_model(cfg, env)
-        out_dir = Path(cfg.run.out_dir)
-        accepted, rows, reason, base_metrics = prune_loop(cfg, env, base, out_dir)
-        # The pruned model, as a checkpoint any shark command can start from.
-        final_cfg = copy.deepcopy(accepted.cfg)
-        final_cfg.run.out_dir = cfg.run.out_dir
-        save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
-        trained = TrainedModel(accepted.model, accepted.optimizer, accepted.dataset, env, accepted.configs, TrainState(), base.train_seconds)
-        metrics = final_metrics(final_cfg, trained)
-        full = list(base.dataset.schema.sparse_names)
-        kept = list(accepted.dataset.schema.sparse_names)
-        metrics.update(
-            base_test_auc=base_metrics["test_auc"],
-            base_dev_auc=base_metrics["dev_auc"],
-            base_embedding_bytes=base_metrics["embedding_bytes"],
-            memory_ratio=metrics["embedding_bytes"] / base_metrics["embedding_bytes"],
-            kept_fields=kept,
-            pruned_fields=[f for f in full if f not in kept],
-            stop_reason=reason,
-            iterations=rows,
-            method=cfg.prune.method,
-            field_removal=cfg.model.field_removal,
-        )
-        if env.is_main:
-            write_prune_log(rows, out_dir)
-            write_metrics(cfg, metrics)
+        with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
+            base = base_model(cfg, env)
+            out_dir = Path(cfg.run.out_dir)
+            accepted, rows, reason, base_metrics = prune_loop(cfg, env, base, out_dir)
+            # The pruned model, as a checkpoint any shark command can start from.
+            final_cfg = copy.deepcopy(accepted.cfg)
+            final_cfg.run.out_dir = cfg.run.out_dir
+            save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
+            trained = TrainedModel(accepted.model, accepted.optimizer, accepted.dataset, env, accepted.configs, TrainState(), base.train_seconds)
+            metrics = final_metrics(final_cfg, trained)
+            full = list(base.dataset.schema.sparse_names)
+            kept = list(accepted.dataset.schema.sparse_names)
+            metrics.update(
+                base_test_auc=base_metrics["test_auc"],
+                base_dev_auc=base_metrics["dev_auc"],
+                base_embedding_bytes=base_metrics["embedding_bytes"],
+                memory_ratio=metrics["embedding_bytes"] / base_metrics["embedding_bytes"],
+                kept_fields=kept,
+                pruned_fields=[f for f in full if f not in kept],
+                stop_reason=reason,
+                iterations=rows,
+                method=cfg.prune.method,
+                field_removal=cfg.model.field_removal,
+            )
+            if env.is_main:
+                write_prune_log(rows, out_dir)
+                write_metrics(cfg, metrics)
         return metrics
     finally:
         shutdown_distributed()

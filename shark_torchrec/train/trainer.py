@@ -31,17 +31,19 @@ from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCol
 from shark_torchrec.distributed.train_pipeline import LabelTaggingTrainPipeline
 from shark_torchrec.train.checkpoint import (
     CheckpointError,
-    broadcast_str,
     list_checkpoints,
     load_checkpoint,
     load_weights,
-    resolve_checkpoint,
+    resolve_checkpoint_on_rank0,
     save_checkpoint,
     table_shapes,
 )
 from shark_torchrec.train.evaluation import evaluate
+from shark_torchrec.train.run_dir import check_writable, default_out_dir, run_dir_lock
 
 log = logging.getLogger("shark")
+
+TRAIN_OUT_DIR = "runs/%Y%m%d-%H%M%S"  # a run without --out-dir: a new directory per run (UTC)
 
 
 @dataclass
@@ -124,15 +126,15 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         raise ValueError(
             f"batch sizes ({t.batch_size}, {t.eval_batch_size}) must be divisible by the {env.world_size} ranks"
         )
-    if not run.out_dir:
-        # Every rank must agree on the name: rank 0's clock decides.
-        run.out_dir = broadcast_str(time.strftime("runs/%Y%m%d-%H%M%S", time.gmtime()))
+    default_out_dir(run, TRAIN_OUT_DIR)
     ckpt_root = cfg.checkpoint_dir
     if not run.resume and list_checkpoints(ckpt_root):
         raise CheckpointError(
             f"{ckpt_root} already holds checkpoints of an earlier run: pass --resume to continue "
             "it, or choose another --out-dir / --checkpoint-dir (nothing was overwritten)"
         )
+    # Before any work: a place that cannot be written would otherwise fail the first save.
+    check_writable({"--out-dir": Path(run.out_dir), "--checkpoint-dir": ckpt_root})
     dataset = dataset or open_dataset(cfg.dataset, t.seed)
     if cfg.model.kept_fields and dataset.columns is None:
         dataset = dataset.with_fields(list(cfg.model.kept_fields))
@@ -148,24 +150,28 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     shapes = table_shapes(configs)
     state = TrainState()
     best_root = ckpt_root / "best"
-    resumed_from = None
+    steps_per_epoch = dataset.num_batches("train", t.batch_size)
+    loaded_from = None
     if run.resume and list_checkpoints(ckpt_root):
-        path = resolve_checkpoint(ckpt_root)
+        path = resolve_checkpoint_on_rank0(ckpt_root)
         meta = load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
         state = TrainState(**{k: meta[k] for k in asdict(TrainState()) if k in meta})
-        resumed_from = str(path)
+        if env.is_main:
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d of %d)",
+                path, state.step, state.epoch, state.batch_in_epoch, steps_per_epoch,
+            )
     elif run.checkpoint:
-        path = resolve_checkpoint(run.checkpoint)
-        load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
-        resumed_from = str(path)
+        loaded_from = resolve_checkpoint_on_rank0(run.checkpoint)
+        load_checkpoint(loaded_from, dmp, optimizer, shapes, cfg.quant.precision)
     elif run.init_from:
-        path = resolve_checkpoint(run.init_from)
-        load_weights(path, dmp, shapes, optimizer)
-        resumed_from = str(path)
-    if resumed_from and env.is_main:
-        log.info("loaded %s (step %d)", resumed_from, state.step)
+        loaded_from = resolve_checkpoint_on_rank0(run.init_from)
+        load_weights(loaded_from, dmp, shapes, optimizer)
+    elif run.resume and env.is_main:
+        log.info("nothing to resume in %s: starting at step 0", ckpt_root)
+    if loaded_from and env.is_main:
+        log.info("loaded %s (step %d)", loaded_from, state.step)
 
-    steps_per_epoch = dataset.num_batches("train", t.batch_size)
     show = run.progress and env.is_main
 
     def checkpoint() -> None:
@@ -230,7 +236,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
                 state.stopped_early = done = True
     train_seconds = time.perf_counter() - start
     if t.early_stopping_patience and list_checkpoints(best_root):
-        best = resolve_checkpoint(best_root)
+        best = resolve_checkpoint_on_rank0(best_root)
         load_checkpoint(best, dmp, optimizer, shapes, cfg.quant.precision)
         if env.is_main:
             log.info("early stopping: restored the best dev model (%s)", best.name)
@@ -326,7 +332,10 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Importing fbgemm_gpu calls logging.info, which sets the root logger up first (WARNING, bare
+    # format): force ours, and let our own INFO lines (resume point, early stopping) through.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("shark").setLevel(logging.INFO)
     for noisy in ("torchrec", "torch", "fbgemm_gpu"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -336,10 +345,11 @@ def train_job(cfg: JobConfig) -> Dict[str, Any]:
     quiet_libraries()
     env = init_distributed()
     try:
-        trained = fit(cfg, env)
-        metrics = final_metrics(cfg, trained)
-        if env.is_main:
-            write_metrics(cfg, metrics)
+        with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
+            trained = fit(cfg, env)
+            metrics = final_metrics(cfg, trained)
+            if env.is_main:
+                write_metrics(cfg, metrics)
         return metrics
     finally:
         shutdown_distributed()
