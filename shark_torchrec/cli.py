@@ -120,11 +120,38 @@ def report_main(argv: List[str]) -> int:
     return 0
 
 
+def export_main(argv: List[str]) -> int:
+    """Export a mixed-precision checkpoint for serving (inference model, TorchScript model, vocabularies, serve.py)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="shark export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a directory of them (the newest is taken)")
+    parser.add_argument("--out", required=True, help="the export directory (created; earlier export files replaced)")
+    parser.add_argument("--base-checkpoint", default="", help="the uncompressed model's checkpoint, for the bytes beside it")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from shark_torchrec.data.schema import DataError
+    from shark_torchrec.train.checkpoint import CheckpointError
+    from shark_torchrec.train.export import export_checkpoint
+    from shark_torchrec.train.trainer import quiet_libraries
+
+    quiet_libraries()
+    try:
+        record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"shark export: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, **record}, indent=2))
+    return 0
+
+
 COMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "train": train_main,
     "importance": importance_main,
     "prune": prune_main,
     "compress": compress_main,
+    "export": export_main,
     "report": report_main,
 }
 

@@ -21,8 +21,14 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     assert m["precision"] == "shark" and m["rows_int8"] > 0
     assert len(m["pruned_fields"]) == 2 and m["memory_ratio"] < m["prune_memory_ratio"] < 1
     for part in ("base/metrics.json", "prune/prune_log.csv", "prune/auc_vs_memory.png", "quantize/metrics.json",
-                 "export/model.pt", "export/embedding_collection.pt", "export/export.json", "stages.json"):
+                 "export/model.pt", "export/embedding_collection.pt", "export/export.json", "stages.json",
+                 "export/serving_model.pt", "export/serving.json", "export/serve.py", "export/README.md"):
         assert (straight / part).exists(), part
+    # The serving export of the pruned model (synthetic data: tensors in, no raw-line layout);
+    # its scripted model's dev logits are the trained model's.
+    serving = json.loads((straight / "export" / "serving.json").read_text())
+    assert serving["fields"] == m["kept_fields"] and serving["parsing"] is None
+    assert serving["max_abs_logit_diff_dev"] < 1e-5
     # The pruned, quantized model exports to the inference module with the same logits and bytes.
     quantized = json.loads((straight / "quantize" / "metrics.json").read_text())
     diff, ebc = compare_export(straight / "quantize" / "checkpoints", quantized)

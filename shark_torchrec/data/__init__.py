@@ -23,11 +23,14 @@ def _names(text: str) -> List[str]:
 class Dataset:
     """A schema plus three splits that yield local batches for (rank, world)."""
 
-    def __init__(self, schema: Schema, splits: Dict[str, object], encoder=None, truth=None) -> None:
+    def __init__(
+        self, schema: Schema, splits: Dict[str, object], encoder=None, truth=None, layout: Optional[CsvLayout] = None
+    ) -> None:
         self.schema = schema
         self.splits = splits
         self.encoder = encoder
         self.truth = truth
+        self.layout = layout  # how a raw line parses (files only; None for synthetic data)
         self.full_schema = schema  # every categorical field the files carry
         self.columns: Optional[List[int]] = None  # sparse columns kept (None: all)
 
@@ -37,7 +40,7 @@ class Dataset:
         from shark_torchrec.models.pruned import kept_schema
 
         full = self.full_schema
-        view = Dataset(kept_schema(full, kept), self.splits, self.encoder, self.truth)
+        view = Dataset(kept_schema(full, kept), self.splits, self.encoder, self.truth, self.layout)
         view.full_schema = full
         view.columns = [full.sparse_names.index(f) for f in view.schema.sparse_names]
         return view
@@ -95,7 +98,7 @@ def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, ha
         cats = (c for _, _, c in train.parsed())
         encoder = VocabEncoder.build(cats, len(layout.sparse_names), cfg.min_count)
     sizes = [encoder.num_embeddings(j) for j in range(len(layout.sparse_names))]
-    return Dataset(Schema(layout.dense_names, layout.sparse_names, sizes), splits, encoder)
+    return Dataset(Schema(layout.dense_names, layout.sparse_names, sizes), splits, encoder, layout=layout)
 
 
 def _csv(cfg: DataConfig, root: Path) -> Dataset:

@@ -16,7 +16,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,6 +86,8 @@ class CsvLayout:
     sparse_index: List[int]
     log_dense: bool = False
     """Criteo: dense values become log(1 + max(x, 0))."""
+    header: Optional[List[str]] = None
+    """The files' header names (stripped); None: the files have no header line."""
 
     @staticmethod
     def from_header(
@@ -132,7 +134,9 @@ class CsvLayout:
             raise DataError(f"{path}: column(s) {', '.join(sorted(overlap))} both dense and categorical")
         if not sparse:
             raise DataError(f"{path}: no categorical columns selected")
-        return CsvLayout(delimiter, len(header), label_index, list(dense), dense_index, sparse, sparse_index)
+        return CsvLayout(
+            delimiter, len(header), label_index, list(dense), dense_index, sparse, sparse_index, header=header
+        )
 
     @staticmethod
     def criteo(drop: Sequence[str] = ()) -> "CsvLayout":
@@ -163,6 +167,28 @@ class CsvLayout:
             dense = [math.log1p(max(v, 0.0)) for v in dense]
         return label, dense, [cols[i].strip() for i in self.sparse_index]
 
+    def describe(self) -> Dict[str, Any]:
+        """The parsing rules of `parse` as JSON-able data, for a serving export (whose recipe,
+        `shark_torchrec/serve.py`, applies them to raw lines).
+
+        Returns:
+            delimiter, quoting (`csv`: Python's csv module, default dialect; `none`: a plain
+            split), header (names or None), num_columns, label_column, dense (name and column
+            of each dense feature), dense_transform (`log1p_clamp0`: log(1 + max(x, 0)), or
+            `none`), categorical (name and column of every categorical field, in field-index
+            order: the index the hash encoding mixes in).
+        """
+        return {
+            "delimiter": self.delimiter,
+            "quoting": "none" if self.log_dense else "csv",
+            "header": self.header,
+            "num_columns": self.num_columns,
+            "label_column": self.label_index,
+            "dense": [{"name": n, "column": i} for n, i in zip(self.dense_names, self.dense_index)],
+            "dense_transform": "log1p_clamp0" if self.log_dense else "none",
+            "categorical": [{"name": n, "column": i} for n, i in zip(self.sparse_names, self.sparse_index)],
+        }
+
 
 class Encoder:
     """Maps a categorical string of field j to a row id."""
@@ -184,6 +210,11 @@ class HashEncoder(Encoder):
     def encode(self, j: int, value: str) -> int:
         # crc32 is stable across processes and Python versions, unlike hash().
         return zlib.crc32(f"{j}:{value}".encode()) % self.size
+
+    def describe(self, fields: Sequence[str]) -> Dict[str, Any]:
+        """The encoding as JSON-able data (for a serving export); `fields` are ignored (one
+        rule for every field)."""
+        return {"kind": "hash", "size": self.size, "rule": "zlib.crc32(f'{field_index}:{value}'.encode()) % size"}
 
 
 class VocabEncoder(Encoder):
@@ -209,6 +240,26 @@ class VocabEncoder(Encoder):
 
     def encode(self, j: int, value: str) -> int:
         return self.vocabs[j].get(value, 0)
+
+    def describe(self, fields: Sequence[str]) -> Dict[str, Any]:
+        """The encoding as JSON-able data (for a serving export).
+
+        Args:
+            fields: the categorical field names, in field-index order.
+
+        Returns:
+            kind `vocab` and, per field, its values in row order: value k of the list is row
+            k + 1 (row 0, the out-of-vocabulary row, takes every other value).
+        """
+        if len(fields) != len(self.vocabs):
+            raise ValueError(f"{len(fields)} field names for {len(self.vocabs)} vocabularies")
+        values = {}
+        for name, vocab in zip(fields, self.vocabs):
+            ordered = sorted(vocab, key=vocab.__getitem__)
+            if [vocab[v] for v in ordered] != list(range(1, len(ordered) + 1)):
+                raise ValueError(f"vocabulary of field {name}: rows are not 1..{len(ordered)}")
+            values[name] = ordered
+        return {"kind": "vocab", "oov_row": 0, "values": values}
 
 
 class FileSplit:

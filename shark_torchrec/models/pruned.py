@@ -52,6 +52,22 @@ def interaction_columns(dense_dim: int, fields: Sequence[str], kept: Sequence[st
     return cols
 
 
+def fill_constant_fields(sparse: torch.Tensor, constants: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The pooled kept fields with the removed fields' constant vectors put in their places.
+
+    Args:
+        sparse: [B, kept, D] pooled embeddings of the kept fields.
+        constants: [removed, D] one vector per removed field.
+        order: [all fields] position of every original field in [kept..., removed...].
+
+    Returns:
+        [B, all fields, D] in the original field order. (Shared by the model and its serving
+        export, so both compute exactly the same.)
+    """
+    consts = constants.to(sparse.dtype)[None].expand(sparse.shape[0], -1, -1)
+    return torch.cat([sparse, consts], 1).index_select(1, order)
+
+
 class DLRMWithConstantFields(DLRM):
     """A DLRM whose embedding collection holds only the kept fields; the removed ones enter
     the interaction as constant vectors (`field_constants`, one row per removed field)."""
@@ -72,8 +88,7 @@ class DLRMWithConstantFields(DLRM):
 
     def fill_removed(self, sparse: torch.Tensor) -> torch.Tensor:
         """[B, kept, D] -> [B, all fields, D] with the constants in the removed slots."""
-        consts = self.field_constants.to(sparse.dtype)[None].expand(sparse.shape[0], -1, -1)
-        return torch.cat([sparse, consts], 1).index_select(1, self._order)
+        return fill_constant_fields(sparse, self.field_constants, self._order)
 
     def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:
         embedded_dense = self.dense_arch(dense_features)

@@ -9,7 +9,9 @@ state, no fp32 copy. A lookup is one call to FBGEMM's mixed-precision inference 
 collections), which runs the three precisions in one module on CPU and GPU; pooling is done here.
 
 It stands where TorchRec's quantized `EmbeddingBagCollection` would: `forward(KJT) -> KeyedTensor`
-and `embedding_bag_configs()`, so `DLRM(embedding_bag_collection=...)` takes it.
+and `embedding_bag_configs()`, so `DLRM(embedding_bag_collection=...)` takes it. Its lookup and
+pooling live in `MixedPrecisionPooledLookup`, which takes plain tensors (ids and bag lengths) and
+so scripts into an artifact that loads without TorchRec (the serving export).
 """
 
 from __future__ import annotations
@@ -30,10 +32,31 @@ from shark_torchrec.precision.priority import ROW_MAP_BYTES
 _TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8)
 
 
-class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
+class MixedPrecisionPooledLookup(nn.Module):
+    """The lookup and pooling of the inference collection on plain tensors: ids and bag
+    lengths in, pooled rows out. No TorchRec type appears in its methods, so a scripted copy
+    loads with torch alone (plus `import fbgemm_gpu` for the TBE op); the serving export
+    (`shark_torchrec.models.serving`) holds one.
+
+    Args:
+        feature_names: the features, in the order of the output's blocks of `dim` columns.
+        feature_base: per feature, the first row of its table in the row map.
+        feature_rows: per feature, the rows of its table.
+        dim: embedding dim of every table.
+        mean_pooling: bags are averaged (else summed).
+        weights: FBGEMM's uint8 buffer of the three group tables (fp32, fp16, int8 rows).
+        row_group, row_slot: the row map (group and slot of every row).
+        group_offsets: byte offset of each group table in `weights`.
+        row_alignment: FBGEMM's row alignment of the buffer.
+    """
+
     def __init__(
         self,
-        tables: List[EmbeddingBagConfig],
+        feature_names: List[str],
+        feature_base: List[int],
+        feature_rows: List[int],
+        dim: int,
+        mean_pooling: bool,
         weights: torch.Tensor,
         row_group: torch.Tensor,
         row_slot: torch.Tensor,
@@ -41,22 +64,14 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
         row_alignment: int = 1,
     ) -> None:
         super().__init__()
-        dims = {t.embedding_dim for t in tables}
-        poolings = {t.pooling for t in tables}
-        if len(dims) != 1 or len(poolings) != 1 or poolings.pop() not in (PoolingType.SUM, PoolingType.MEAN):
-            raise NotImplementedError("one module serves tables of one dim and one pooling (sum or mean)")
-        self._configs = list(tables)
-        self.dim: int = dims.pop()
-        self.mean_pooling: bool = tables[0].pooling == PoolingType.MEAN
+        if not (len(feature_names) == len(feature_base) == len(feature_rows)):
+            raise ValueError(
+                f"{len(feature_names)} features, {len(feature_base)} table bases, {len(feature_rows)} table sizes"
+            )
+        self.dim: int = dim
+        self.mean_pooling: bool = mean_pooling
         self.row_alignment: int = row_alignment
-        self.feature_names: List[str] = [f for t in tables for f in t.feature_names]
-        base, feature_base, feature_rows = [0], [], []
-        for t in tables:
-            feature_base += [base[-1]] * len(t.feature_names)
-            feature_rows += [t.num_embeddings] * len(t.feature_names)
-            base.append(base[-1] + t.num_embeddings)
-        if row_group.numel() != base[-1]:
-            raise ValueError(f"row map has {row_group.numel()} rows, the tables {base[-1]}")
+        self.feature_names: List[str] = list(feature_names)
         self.register_buffer("weights", weights)
         self.register_buffer("row_group", row_group.to(torch.int8))
         self.register_buffer("row_slot", row_slot.to(torch.int32))
@@ -68,24 +83,29 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
         self.register_buffer("_placements", torch.full((3,), EmbeddingLocation.HOST.value, dtype=torch.int32))
         self.register_buffer("_offsets", torch.tensor(list(group_offsets), dtype=torch.int64))
 
-    @classmethod
-    def from_trained(cls, collection) -> "MixedPrecisionInferenceEmbeddingBagCollection":
-        """From a materialized (unsharded) `MixedPrecisionEmbeddingBagCollection`: the same
-        bytes of every row, the same groups; the training state is left behind."""
-        stores = collection.stores
-        if len(stores) != 1:
-            raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
-        s = stores[0]
-        return cls(
-            collection.embedding_bag_configs(), s.weights.clone(), s.row_group.clone(), s.row_slot.clone(),
-            list(s._offsets), s.row_alignment,
+    def plain_lookup(self) -> "MixedPrecisionPooledLookup":
+        """A `MixedPrecisionPooledLookup` over the same tensors (shared, not copied): this
+        module without whatever a subclass adds (the collection's KJT interface)."""
+        return MixedPrecisionPooledLookup(
+            self.feature_names, self.feature_base.tolist(), self.feature_rows.tolist(), self.dim,
+            self.mean_pooling, self.weights, self.row_group, self.row_slot, self._offsets.tolist(),
+            self.row_alignment,
         )
 
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._configs
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Pooled rows of bags laid out feature-major, as a KJT lays them out.
 
-    def is_weighted(self) -> bool:
-        return False
+        Args:
+            values: [nnz] int ids, each within its feature's table.
+            lengths: [F * B] ids per bag; bag f * B + b is feature f of sample b.
+
+        Returns:
+            [B, F * dim] float32: sample b's pooled rows, feature by feature.
+        """
+        F = len(self.feature_names)
+        if lengths.dim() != 1 or lengths.numel() % F != 0:
+            raise ValueError(f"lengths of shape {list(lengths.shape)}: expected [{F} features * batch]")
+        return self.pooled(values, lengths, lengths.numel() // F)
 
     def memory_bytes(self) -> int:
         """Weights (with int8 scales and biases) plus the row map."""
@@ -110,16 +130,18 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
         general path)."""
         return not torch.compiler.is_exporting() and nnz == bags and bool((lengths == 1).all())
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return group_lookup(
+            self.weights, self._offsets, self._tys, self._D_offsets, self._placements,
+            self.dim, indices, offsets, self.row_alignment,
+        )
+
+    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
+        """`forward` with the batch size given: [B, F * dim] from feature-major bags."""
         # No data-dependent shapes below, and data-dependent branches only in eager mode, so
         # the module scripts (torch.jit.script) and exports (torch.export) as well as it runs.
-        keys = features.keys()
-        kjt = features
-        if keys != self.feature_names:
-            kjt = features.permute([keys.index(n) for n in self.feature_names])
-        F, D, B = len(self.feature_names), self.dim, kjt.stride()
-        values = kjt.values().long()
-        lengths = kjt.lengths()
+        F, D = len(self.feature_names), self.dim
+        values = values.long()
         nnz = values.numel()
         per_feature = lengths.view(F, B).sum(1)
         base = torch.repeat_interleave(self.feature_base, per_feature, output_size=nnz)
@@ -155,17 +177,63 @@ class MixedPrecisionInferenceEmbeddingBagCollection(nn.Module):
         if single:
             # One id per bag (DLRM's usual input): pooling is putting each row where its
             # (sample, feature) goes in the [B, F * D] output; one gather does it.
-            out = rows.index_select(0, dest.view(F, B).t().reshape(-1)).view(B, F * D)
-            return KeyedTensor(keys=self.feature_names, length_per_key=[D] * F, values=out)
+            return rows.index_select(0, dest.view(F, B).t().reshape(-1)).view(B, F * D)
         seg = torch.repeat_interleave(torch.arange(F * B, device=values.device), lengths, output_size=nnz)
         pooled = torch.zeros(F * B, D, dtype=rows.dtype, device=rows.device).index_add_(0, seg, rows.index_select(0, dest))
         if self.mean_pooling:
             pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
-        out = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
-        return KeyedTensor(keys=self.feature_names, length_per_key=[D] * F, values=out)
+        return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
 
-    def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return group_lookup(
-            self.weights, self._offsets, self._tys, self._D_offsets, self._placements,
-            self.dim, indices, offsets, self.row_alignment,
+class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        weights: torch.Tensor,
+        row_group: torch.Tensor,
+        row_slot: torch.Tensor,
+        group_offsets: List[int],
+        row_alignment: int = 1,
+    ) -> None:
+        dims = {t.embedding_dim for t in tables}
+        poolings = {t.pooling for t in tables}
+        if len(dims) != 1 or len(poolings) != 1 or poolings.pop() not in (PoolingType.SUM, PoolingType.MEAN):
+            raise NotImplementedError("one module serves tables of one dim and one pooling (sum or mean)")
+        base, feature_base, feature_rows = [0], [], []
+        for t in tables:
+            feature_base += [base[-1]] * len(t.feature_names)
+            feature_rows += [t.num_embeddings] * len(t.feature_names)
+            base.append(base[-1] + t.num_embeddings)
+        if row_group.numel() != base[-1]:
+            raise ValueError(f"row map has {row_group.numel()} rows, the tables {base[-1]}")
+        super().__init__(
+            [f for t in tables for f in t.feature_names], feature_base, feature_rows, dims.pop(),
+            tables[0].pooling == PoolingType.MEAN, weights, row_group, row_slot, group_offsets, row_alignment,
         )
+        self._configs = list(tables)
+
+    @classmethod
+    def from_trained(cls, collection) -> "MixedPrecisionInferenceEmbeddingBagCollection":
+        """From a materialized (unsharded) `MixedPrecisionEmbeddingBagCollection`: the same
+        bytes of every row, the same groups; the training state is left behind."""
+        stores = collection.stores
+        if len(stores) != 1:
+            raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
+        s = stores[0]
+        return cls(
+            collection.embedding_bag_configs(), s.weights.clone(), s.row_group.clone(), s.row_slot.clone(),
+            list(s._offsets), s.row_alignment,
+        )
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        return False
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:  # type: ignore[override]
+        keys = features.keys()
+        kjt = features
+        if keys != self.feature_names:
+            kjt = features.permute([keys.index(n) for n in self.feature_names])
+        out = self.pooled(kjt.values(), kjt.lengths(), kjt.stride())
+        return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.feature_names), values=out)

@@ -8,7 +8,9 @@ Run directory layout (`--out DIR`):
     DIR/prune/             the pruning loop: prune_log.csv/json, auc_vs_memory.png, pruned/
     DIR/quantize/          the pruned model converted to mixed precision and fine-tuned
     DIR/export/            model.pt (the inference model, torch.save), embedding_collection.pt
-                           (its collection, torch.jit.script), export.json (bytes and checks)
+                           (its collection, torch.jit.script), export.json (bytes and checks),
+                           and what serves raw lines with torch alone: serving_model.pt,
+                           serving.json, vocab.json, serve.py, README.md (train/export.py)
     DIR/metrics.json       the pipeline's figures (also --metrics-out)
     DIR/report.md          `shark report DIR`, the last stage (with report_auc_vs_memory.png)
 
@@ -178,49 +180,11 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
 
 
 def export_model(checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None) -> Dict[str, Any]:
-    """Write the inference model and its figures: bytes beside the fp32 tables and beside
-    TorchRec's per-table int8 (`quantize_embeddings`), and the largest logit difference to the
-    trained model over the dev split."""
-    import torch
+    """The export stage's work: `shark_torchrec.train.export.export_checkpoint` (the export
+    directory, export.json's record returned)."""
+    from shark_torchrec.train.export import export_checkpoint
 
-    from shark_torchrec.data import open_dataset
-    from shark_torchrec.memory import torchrec_int8_bytes
-    from shark_torchrec.train.export import load_trained_model, to_inference
-
-    out.mkdir(parents=True, exist_ok=True)
-    model, qcfg = load_trained_model(checkpoint)  # read once: logits first, then swapped in place
-    data = open_dataset(qcfg.dataset, qcfg.train.seed)
-    if qcfg.model.kept_fields:
-        data = data.with_fields(list(qcfg.model.kept_fields))
-
-    def dev_logits():
-        with torch.no_grad():
-            return [model(b)[1][1] for b in data.batches("dev", qcfg.train.eval_batch_size)]
-
-    want = dev_logits()
-    exported = to_inference(model)
-    got = dev_logits()
-    diff = max((w - g).abs().max().item() for w, g in zip(want, got)) if want else 0.0
-    ebc = exported.model.sparse_arch.embedding_bag_collection
-    configs = ebc.embedding_bag_configs()
-    record: Dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "inference_bytes": ebc.memory_bytes(),
-        **ebc.group_rows(),
-        "fp32_bytes": sum(c.num_embeddings * c.embedding_dim * 4 for c in configs),
-        "torchrec_int8_bytes": torchrec_int8_bytes((c.num_embeddings, c.embedding_dim) for c in configs),
-        "max_abs_logit_diff_dev": diff,
-    }
-    if base_checkpoint:
-        from shark_torchrec.train.checkpoint import read_meta, resolve_checkpoint
-
-        shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
-        record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
-        record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(shapes.values())
-    torch.save(exported, out / "model.pt")
-    torch.jit.script(ebc).save(str(out / "embedding_collection.pt"))
-    (out / "export.json").write_text(json.dumps(record, indent=2))
-    return record
+    return export_checkpoint(checkpoint, out, base_checkpoint)
 
 
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
