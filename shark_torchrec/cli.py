@@ -126,7 +126,8 @@ def export_main(argv: List[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="shark export", description=export_main.__doc__)
     parser.add_argument("checkpoint", help="a checkpoint directory, or a directory of them (the newest is taken)")
-    parser.add_argument("--out", required=True, help="the export directory (created; earlier export files replaced)")
+    parser.add_argument("--out", required=True, help="the export directory (created; one that holds files is refused unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export files of an earlier export in --out")
     parser.add_argument("--base-checkpoint", default="", help="the uncompressed model's checkpoint, for the bytes beside it")
     args = parser.parse_args(argv)
     from pathlib import Path
@@ -137,6 +138,11 @@ def export_main(argv: List[str]) -> int:
     from shark_torchrec.train.trainer import quiet_libraries
 
     quiet_libraries()
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        print(f"shark export: error: {out} already holds files: pass --overwrite to replace them, or choose another --out "
+              "(nothing was written)", file=sys.stderr)
+        return 2
     try:
         record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:

@@ -126,6 +126,14 @@ def test_shark_export_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert "shark export: error:" in capsys.readouterr().err
 
 
+def test_shark_export_keeps_an_earlier_export_unless_told(frappe_export, capsys):
+    _, ckpt, export = frappe_export
+    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
+    assert shark_main(["export", str(ckpt), "--out", str(export)]) == 2
+    assert "already holds files: pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before  # nothing written
+
+
 def _criteo_files(root: Path, rng: random.Random) -> None:
     """Criteo-format TSV: empty and negative counts, empty categorical values, rare values."""
     root.mkdir()
