@@ -150,7 +150,8 @@ class TrainConfig:
     eps: float = 1e-8
     """Adagrad epsilon, embeddings and dense part."""
     max_steps: int = 0
-    """Stop after this many training steps in total (0: no limit)."""
+    """Stop after this many training steps in total (0: no limit); in the pruning loop, the
+    limit of each fine-tuning epoch."""
     eval_every: int = 0
     """Evaluate on dev every N steps (0: at the end of each epoch)."""
     early_stopping_patience: int = 0

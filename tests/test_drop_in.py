@@ -223,3 +223,14 @@ def test_own_model_example_on_two_ranks(tmp_path):
     assert r["momentum_keys"] == ["item_ids.momentum1", "user_id.momentum1", "user_tags.momentum1"]
     assert r["reloaded_predictions_equal"] and r["reloaded_momentum_equal"]
     assert "no labels" not in proc.stderr
+
+
+def test_under_torchrun_only_rank_zero_prints_the_result(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "apps" / "train.py"), *TINY,
+         "--synthetic-train-rows", "1000", "--out", str(tmp_path / "run")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"test_auc"') == 1, proc.stdout

@@ -179,7 +179,8 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
     ckpt = save_checkpoint(root, 0, pruned.model, pruned.optimizer, meta, keep=1)
     for epoch in range(1, p.finetune_epochs + 1):
         support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration * 10 + epoch)
-        train_steps(pruned.model, pruned.optimizer, support, env, cfg.quant.precision, desc=f"fine-tune {iteration}.{epoch}", show=show)
+        train_steps(pruned.model, pruned.optimizer, support, env, cfg.quant.precision, desc=f"fine-tune {iteration}.{epoch}",
+                    show=show, max_steps=t.max_steps)
         dev = evaluate(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
         if dev["auc"] > best["auc"]:
             best, best_epoch = dev, epoch

@@ -244,12 +244,16 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     return TrainedModel(dmp, optimizer, dataset, env, configs, state, train_seconds)
 
 
-def train_steps(model, optimizer, batches, env: DistEnv, precision: str, total: int = 0, desc: str = "train", show: bool = False) -> int:
-    """Train over `batches` (already this rank's share) with TorchRec's pipeline; returns steps."""
+def train_steps(
+    model, optimizer, batches, env: DistEnv, precision: str, total: int = 0, desc: str = "train", show: bool = False,
+    max_steps: int = 0,
+) -> int:
+    """Train over `batches` (already this rank's share) with TorchRec's pipeline, for at most
+    `max_steps` steps (0: all of them); returns the steps taken."""
     pipeline = train_pipeline(model, optimizer, env.device, precision)
     steps = 0
     with tqdm(total=total or None, desc=desc, disable=not show, leave=False) as bar:
-        while True:
+        while not (max_steps and steps >= max_steps):
             try:
                 loss, *_ = pipeline.progress(batches)
             except StopIteration:
