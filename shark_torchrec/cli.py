@@ -56,53 +56,46 @@ def _user_error(e: BaseException) -> bool:
     return isinstance(e, (ValueError, OSError, DataError, CheckpointError))
 
 
-def _print_result(metrics: dict, keys) -> None:
+def _job_main(prog: str, job: Callable, argv: List[str], doc: str, keys: tuple) -> int:
+    """Run a job command; on success rank 0 prints `keys` of its metrics as JSON (exit 0), a
+    user error is one line on stderr (exit 2)."""
+    metrics = _run(prog, job, argv, doc)
+    if metrics is None:
+        return 2
     if _is_main_rank():
         print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    return 0
 
 
 def train_main(argv: List[str]) -> int:
     """Train DLRM under DistributedModelParallel (TorchRec planner, TrainPipelineSparseDist)."""
     from shark_torchrec.train.trainer import train_job
 
-    metrics = _run("shark train", train_job, argv, train_main.__doc__ or "")
-    if metrics is None:
-        return 2
-    _print_result(metrics, ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes"))
-    return 0
+    keys = ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes")
+    return _job_main("shark train", train_job, argv, train_main.__doc__ or "", keys)
 
 
 def importance_main(argv: List[str]) -> int:
     """Rank feature fields by importance (F-Permutation's Taylor score, Permutation, random)."""
     from shark_torchrec.train.pruning import importance_job
 
-    metrics = _run("shark importance", importance_job, argv, importance_main.__doc__ or "")
-    if metrics is None:
-        return 2
-    _print_result(metrics, ("method", "scoring_seconds", "ranking"))
-    return 0
+    return _job_main("shark importance", importance_job, argv, importance_main.__doc__ or "", ("method", "scoring_seconds", "ranking"))
 
 
 def prune_main(argv: List[str]) -> int:
     """Prune feature fields iteratively (score, remove, fine-tune, evaluate; paper Algorithm 1)."""
     from shark_torchrec.train.pruning import prune_job
 
-    metrics = _run("shark prune", prune_job, argv, prune_main.__doc__ or "")
-    if metrics is None:
-        return 2
-    _print_result(metrics, ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason"))
-    return 0
+    keys = ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason")
+    return _job_main("shark prune", prune_job, argv, prune_main.__doc__ or "", keys)
 
 
 def compress_main(argv: List[str]) -> int:
     """Compress a model: train (or --checkpoint), prune fields (F-P), quantize rows (F-Q), evaluate."""
     from shark_torchrec.train.compress import compress_job
 
-    metrics = _run("shark compress", compress_job, argv, compress_main.__doc__ or "")
-    if metrics is None:
-        return 2
-    _print_result(metrics, ("base_test_auc", "test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields"))
-    return 0
+    keys = ("base_test_auc", "test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields")
+    return _job_main("shark compress", compress_job, argv, compress_main.__doc__ or "", keys)
 
 
 def report_main(argv: List[str]) -> int:
