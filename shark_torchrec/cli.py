@@ -31,21 +31,24 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
 
 
 def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
-    """The data and model settings of the checkpoint `--checkpoint` / `--init-from` names, as
-    defaults: a command started from a trained model reads the data and builds the model it
-    was trained with, unless flags (or --config) say otherwise. Empty when no readable
-    checkpoint is named (the job then reports what is wrong with it)."""
+    """The settings of the checkpoint `--checkpoint` / `--init-from` names, as defaults: a
+    command started from a trained model reads the data and builds the model it was trained
+    with (`--checkpoint`: in its precision too; `--init-from` converts to the precision the
+    flags give), unless flags (or --config) say otherwise. Empty when no readable checkpoint is
+    named (the job then reports what is wrong with it)."""
     from shark_torchrec.config import _flag_value
     from shark_torchrec.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 
-    path = _flag_value(argv, "--checkpoint") or _flag_value(argv, "--init-from")
+    path, groups = _flag_value(argv, "--checkpoint"), ("dataset", "model", "quant")
+    if not path:
+        path, groups = _flag_value(argv, "--init-from"), ("dataset", "model")
     if not path:
         return {}
     try:
         saved = read_meta(resolve_checkpoint(path)).get("config", {})
     except (CheckpointError, OSError, ValueError):
         return {}
-    return {group: saved[group] for group in ("dataset", "model") if isinstance(saved.get(group), dict)}
+    return {group: saved[group] for group in groups if isinstance(saved.get(group), dict)}
 
 
 def _user_error(e: BaseException) -> bool:

@@ -204,8 +204,7 @@ class PrecisionConfig:
     memory_budget: Optional[float] = None
     """shark/freq budget mode: embedding bytes (weights, scales, row map) at most this fraction
     of the fp32 bytes, per table (unless --t8/--t16 or --row-fractions are given). Default:
-    0.35, or where all-int8 rows cannot reach that (dims below 29) their floor plus 0.05
-    (0.45 at dim 16)."""
+    the larger of 0.35 and the all-int8 floor plus 0.05 (0.45 at dim 16, 0.35 from dim 45)."""
     fp32_fraction: float = 0.02
     """Budget mode: at most this fraction of each table's rows stays fp32."""
     row_fractions: Tuple[float, ...] = ()

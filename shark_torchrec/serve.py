@@ -209,7 +209,8 @@ class ServedModel:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
         out: List[torch.Tensor] = []
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        # utf-8-sig: a byte-order mark is not part of the header (as training reads it).
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             lineno = 1
             header = self.parsing and self.parsing["header"]
             if header:

@@ -234,3 +234,18 @@ def test_under_torchrun_only_rank_zero_prints_the_result(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"test_auc"') == 1, proc.stdout
+
+
+def test_a_checkpoint_brings_its_data_model_and_precision(tmp_path):
+    """`--checkpoint` alone is enough to score a trained model: the data, model and precision
+    it was trained with are the defaults (the README's `shark importance --checkpoint` line)."""
+    run = tmp_path / "run"
+    run_shark("train", *TINY, "--synthetic-train-rows", "1000", "--synthetic-scale", "0.01", "--precision", "shark",
+              "--memory-budget", "0.7", "--out", str(run))
+    out = tmp_path / "imp"
+    run_shark("importance", "--checkpoint", str(run / "checkpoints"), "--method", "permutation", "--no-progress",
+              "--out", str(out), "--metrics-out", str(out / "m.json"))
+    saved = (out / "config.toml").read_text()
+    for line in ('precision = "shark"', "memory_budget = 0.7", "synthetic_scale = 0.01", "embedding_dim = 8"):
+        assert line in saved, line
+    assert json.loads((out / "m.json").read_text())["method"] == "permutation"

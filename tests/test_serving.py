@@ -271,6 +271,11 @@ def test_bad_serving_input_is_named(tmp_path):
     bad_header.write_text("site,cost,click,city,noise,age\nc,1,0,z,0.5,30\n")
     with pytest.raises(ValueError, match="header"):
         served.score_file(bad_header)
+    # A byte-order mark (as some editors write) is not part of the header, as in training.
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_text("site,price,click,city,noise,age\nc,1,0,z,0.5,30\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    torch.testing.assert_close(served.score_file(marked), served.score_file(plain), rtol=0, atol=0)
     F = len(served.fields)
     with pytest.raises(Exception, match="expected \\[2 fields \\* batch 1\\]"):
         served(torch.zeros(1, 2), torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.int32))

@@ -33,9 +33,9 @@ class PrecisionPolicy:
       bytes (weights, int8 scales/biases, row map) stay within this fraction of its fp32 bytes,
       from the first step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are
       fp16, the rest int8; which rows go where follows the score ranking over all shards of a
-      table. None: the default for the collection's dims (`default_budget`: 0.35, or the
-      all-int8 floor plus 0.05 where 0.35 cannot be reached, 0.45 at dim 16), resolved when
-      the collection is built.
+      table. None: the default for the collection's dims (`default_budget`: the larger of 0.35
+      and the narrowest table's all-int8 floor plus 0.05, so 0.45 at dim 16 and 0.35 from dim
+      45 up), resolved when the collection is built.
     row_fractions: (fp32, fp16) fractions of each table's rows instead of a byte budget (the
       rest int8); the same ranking decides which rows.
     t8, t16: threshold mode (the paper): score < t8 -> int8, < t16 -> fp16, else fp32. Set
