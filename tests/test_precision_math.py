@@ -174,3 +174,55 @@ def test_labels_travel_in_the_weights():
     w, lab = split_tagged(tag_labels(weighted, torch.tensor([0.0, 1.0])).weights())
     assert lab.tolist() == [0, 1, 1, 1, 1]
     assert torch.allclose(w, weighted.weights(), rtol=1e-6)
+
+
+def test_low_bit_rows_error_bounds_and_unbiased_rounding():
+    """Int4 and int2 follow the int8 rules with 15 and 3 levels: within half a step to nearest,
+    under a step stochastically, and stochastic rounding is unbiased: averaged over many noise
+    draws a row comes back as it was, where rounding to nearest stays off by up to half a step."""
+    from shark_torchrec.precision.quantize import dequantize_rows, levels, quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 16, generator=g)
+    width = rows.max(dim=1).values - rows.min(dim=1).values
+    for bits in (4, 2):
+        top = levels(bits)
+        for noise, half in ((None, 0.5), (noise_for(0, 64, 16), 1.0)):
+            codes, sb = quantize_rows(rows, bits, noise)
+            assert int(codes.max()) <= top
+            err = (dequantize_rows(codes, sb) - rows).abs().max(dim=1).values
+            assert (err <= sb[:, 0].float() * half + 1e-6).all(), bits
+            assert (sb[:, 0].float() <= width / top * 1.01 + 1e-6).all()
+        scale = quantize_rows(rows, bits)[1][:, :1].float()
+        draws = 400
+        mean = sum(dequantize_rows(*quantize_rows(rows, bits, noise_for(s, 64, 16))) for s in range(draws)) / draws
+        # Each draw is off by at most one step, so the mean of 400 is within 4 sigma < 0.1 step.
+        assert ((mean - rows).abs() <= 0.1 * scale + 1e-6).all(), bits
+        nearest = dequantize_rows(*quantize_rows(rows, bits))
+        assert ((nearest - rows).abs() > 0.2 * scale).float().mean() > 0.3  # to nearest: biased
+
+
+def test_packed_codes_are_what_fbgemm_reads():
+    """Our packing of int4/int2 rows, looked up through FBGEMM's INT4/INT2 inference TBE, gives
+    the values we dequantize."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+    from shark_torchrec.precision.quantize import dequantize_rows, pack_codes, quantize_rows, unpack_codes
+
+    rows = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    for bits, ty in ((4, SparseType.INT4), (2, SparseType.INT2), (8, SparseType.INT8)):
+        codes, sb = quantize_rows(rows, bits, noise_for(2, 6, 16))
+        packed = pack_codes(codes, bits)
+        assert packed.shape == (6, 16 * bits // 8) and torch.equal(unpack_codes(packed, bits), codes)
+        tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+            [("t", 6, 16, ty, EmbeddingLocation.HOST)], device="cpu", pooling_mode=PoolingMode.NONE, row_alignment=1,
+            output_dtype=SparseType.FP32,
+        )
+        tbe.fill_random_weights()
+        w, scale_bias = tbe.split_embedding_weights()[0]
+        w.copy_(packed)
+        scale_bias.copy_(sb.contiguous().view(torch.uint8))
+        got = tbe(torch.arange(6, dtype=torch.int32), torch.arange(7, dtype=torch.int32)).float()
+        torch.testing.assert_close(got, dequantize_rows(codes, sb), rtol=0, atol=1e-6)

@@ -1,9 +1,10 @@
-"""Row-wise int8 quantization and stochastic rounding with reproducible noise.
+"""Row-wise int8, int4 and int2 quantization and stochastic rounding with reproducible noise.
 
-Int8 rows use FBGEMM's inference layout: per row an fp16 scale and an fp16 bias, value =
-code * scale + bias with codes in [0, 255] (asymmetric, so the step is (max - min) / 255;
-the paper's Eq. 6 divides a symmetric range by 255 where 127 would be right, which an
-asymmetric code avoids).
+Integer rows use FBGEMM's inference layout: per row an fp16 scale and an fp16 bias, value =
+code * scale + bias with codes in [0, 2^bits - 1] (asymmetric, so the int8 step is
+(max - min) / 255; the paper's Eq. 6 divides a symmetric range by 255 where 127 would be
+right, which an asymmetric code avoids). Int4 and int2 codes are packed two and four to a
+byte, low bits first (`pack_codes`).
 
 Stochastic rounding draws its uniform noise from a hash of (seed, step, table, row, column):
 every replica of a row rounds the same way, and a resumed or differently sharded run
@@ -17,7 +18,6 @@ from typing import Tuple
 import torch
 
 FP16_MAX = 65504.0
-INT8_LEVELS = 255
 
 # splitmix64 constants, written as signed int64.
 _M1 = -7046029254386353131  # 0x9E3779B97F4A7C15
@@ -117,22 +117,39 @@ def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, torch.nextafter(h, h.new_tensor(float("inf"))), h)
 
 
-def quantize_rows_int8(
-    values: torch.Tensor, noise: torch.Tensor | None = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise asymmetric int8: returns (codes uint8 [n, D], scale_bias fp16 [n, 2]).
+def levels(bits: int) -> int:
+    """The largest code of a `bits`-bit row (codes 0..levels)."""
+    if bits not in (8, 4, 2):
+        raise ValueError(f"integer rows have 8, 4 or 2 bits, not {bits}")
+    return (1 << bits) - 1
 
-    The bias is the row minimum rounded down to fp16 and the scale the range over 255
-    rounded up to fp16, so every value lies inside the code range. With `noise`, codes are
-    rounded stochastically (unbiased); without, to nearest. Values beyond the fp16 range are
-    clamped to +-65504; an all-equal row gets scale 0.
+
+def quantize_rows(
+    values: torch.Tensor, bits: int, noise: torch.Tensor | None = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise asymmetric `bits`-bit integers (8, 4 or 2): returns (codes uint8 [n, D], one
+    code per value in 0..2^bits - 1, unpacked; scale_bias fp16 [n, 2]).
+
+    The bias is the row minimum rounded down to fp16 and the scale the range over the largest
+    code rounded up to fp16, so every value lies inside the code range. With `noise`, codes
+    are rounded stochastically (unbiased); without, to nearest. Values beyond the fp16 range
+    are clamped to +-65504; an all-equal row gets scale 0.
+
+    Args:
+        values: [n, D] rows.
+        bits: 8, 4 or 2.
+        noise: uniform [0, 1) noise [n, D] for stochastic rounding (see `rounding_noise`).
+
+    Returns:
+        (codes, scale_bias); `pack_codes` lays codes out as FBGEMM reads them.
     """
+    top = levels(bits)
     v = values.float().clamp(-FP16_MAX, FP16_MAX)
     if v.shape[0] == 0:
         return torch.empty(v.shape, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.float16)
     lo, hi = torch.aminmax(v, dim=1)
     bias = _round_down_fp16(lo)
-    scale = _round_up_fp16((hi - bias.float()) / INT8_LEVELS)
+    scale = _round_up_fp16((hi - bias.float()) / top)
     s32 = scale.float()
     # An all-equal row has scale 0: multiplying by 0 sends every code to 0 (= the bias).
     inv = torch.where(s32 > 0, 1.0 / s32.clamp_min(1e-30), torch.zeros_like(s32))
@@ -141,20 +158,56 @@ def quantize_rows_int8(
         x = torch.floor_(x.add_(noise))
     else:
         x = torch.round_(x)
-    codes = x.clamp_(0, INT8_LEVELS).to(torch.uint8)
+    codes = x.clamp_(0, top).to(torch.uint8)
     return codes, torch.stack([scale, bias], dim=1)
 
 
-def dequantize_rows_int8(codes: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
+def quantize_rows_int8(
+    values: torch.Tensor, noise: torch.Tensor | None = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` with 8 bits: (codes uint8 [n, D], scale_bias fp16 [n, 2])."""
+    return quantize_rows(values, 8, noise)
+
+
+def dequantize_rows(codes: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
+    """fp32 values code * scale + bias of unpacked codes (any bit width)."""
     sb = scale_bias.float()
     return codes.float() * sb[:, :1] + sb[:, 1:2]
 
 
-def requantize_with(codes_values: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
+dequantize_rows_int8 = dequantize_rows
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpacked codes [n, D] -> FBGEMM's packed row bytes [n, D * bits / 8]: value j of a row
+    sits in byte j * bits // 8 at bit (j * bits) % 8, low bits first (what its INT4 and INT2
+    table-batched embeddings read). D must be a multiple of 8 / bits."""
+    per_byte = 8 // bits
+    if bits == 8:
+        return codes
+    n, D = codes.shape
+    if D % per_byte:
+        raise ValueError(f"a {bits}-bit row packs {per_byte} values a byte: dim {D} is not a multiple of {per_byte}")
+    c = codes.view(n, D // per_byte, per_byte).to(torch.int32)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+    return (c << shifts).sum(dim=2).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """FBGEMM's packed row bytes [n, B] -> unpacked codes [n, B * 8 / bits]."""
+    if bits == 8:
+        return packed
+    n, nbytes = packed.shape
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+    c = (packed.to(torch.int32)[:, :, None] >> shifts) & levels(bits)
+    return c.view(n, nbytes * (8 // bits)).to(torch.uint8)
+
+
+def requantize_with(codes_values: torch.Tensor, scale_bias: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Codes that reproduce `codes_values` (values already of the form code * scale + bias)
-    under the given scale/bias: used to restore int8 rows exactly from a checkpoint."""
+    under the given scale/bias: used to restore integer rows exactly from a checkpoint."""
     sb = scale_bias.float()
     s = sb[:, :1]
     safe = torch.where(s > 0, s, torch.ones_like(s))
     x = torch.round((codes_values.float() - sb[:, 1:2]) / safe)
-    return torch.where(s > 0, x, torch.zeros_like(x)).clamp(0, INT8_LEVELS).to(torch.uint8)
+    return torch.where(s > 0, x, torch.zeros_like(x)).clamp(0, levels(bits)).to(torch.uint8)
