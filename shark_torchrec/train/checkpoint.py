@@ -272,11 +272,32 @@ def load_checkpoint(
     state: Dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), planner=_planner_for(path, state))
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     return meta
+
+
+def _planner_for(path: Path, state: Dict[str, Any]):
+    """DCP's load planner for `state`: a strict one, except that a checkpoint written before the
+    mixed-precision tables' optimizer state (`<table>.momentum1`) was exposed in
+    `fused_optimizer` may lack it; their momentum then comes from the module's own state
+    (`momentum`, which such checkpoints hold). Any other missing entry is an error naming it."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    flat, _ = flatten_state_dict(state)
+    missing = sorted(k for k, v in flat.items() if isinstance(v, torch.Tensor) or hasattr(v, "local_shards") if k not in saved)
+    if not missing:
+        return DefaultLoadPlanner()
+    tables = {k.rsplit(".", 2)[-2] for k in saved if k.startswith("model.") and k.endswith(".row_group")}
+    older = all(k.startswith("optim.") and k.endswith(".momentum1") and k.rsplit(".", 2)[-2] in tables for k in missing)
+    if not older:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint {path} lacks what this model holds: {shown} (nothing was loaded)")
+    return DefaultLoadPlanner(allow_partial_load=True)
 
 
 def saved_precision(meta: Dict[str, Any]) -> str:
