@@ -4,7 +4,6 @@ import pytest
 
 from shark_torchrec.config import DataConfig
 from shark_torchrec.data import DataError, open_dataset
-from shark_torchrec.data.files import CsvLayout
 
 from conftest import shared_data
 

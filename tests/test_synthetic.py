@@ -2,8 +2,6 @@ import json
 
 import numpy as np
 
-from shark_torchrec.config import DataConfig
-from shark_torchrec.data import open_dataset
 from shark_torchrec.data.synthetic import SyntheticGenerator
 
 from conftest import TINY, run_shark

@@ -43,6 +43,7 @@ from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.precision.priority import min_budget
 from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
+from shark_torchrec.train.export import export_checkpoint
 from shark_torchrec.train.pruning import base_model, prune_loop, write_prune_log
 from shark_torchrec.train.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.train.trainer import (
@@ -171,20 +172,12 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
     """Rank 0 exports the quantized model and checks it against the trained one on dev."""
     record: Dict[str, Any] = {}
     if env.is_main:
-        record = export_model(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"])
+        record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"])
     if env.world_size > 1:
         box = [record]
         dist.broadcast_object_list(box, src=0)
         record = box[0]
     return record
-
-
-def export_model(checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None) -> Dict[str, Any]:
-    """The export stage's work: `shark_torchrec.train.export.export_checkpoint` (the export
-    directory, export.json's record returned)."""
-    from shark_torchrec.train.export import export_checkpoint
-
-    return export_checkpoint(checkpoint, out, base_checkpoint)
 
 
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
