@@ -197,10 +197,14 @@ class RunConfig:
 
 @dataclass
 class PrecisionConfig:
-    precision: Literal["fp32", "fp16", "int8", "freq", "shark"] = "fp32"
-    """Embedding rows: `fp32` stock TorchRec tables (the reference); `fp16` / `int8` our
-    mixed-precision module with every row in that group; `freq` our module with rows ranked by
-    frequency (alpha = 1); `shark` the full method (paper Eq. 7 priorities)."""
+    precision: Literal["fp32", "fp16", "int8", "int4", "int2", "freq", "shark"] = "fp32"
+    """Embedding rows: `fp32` stock TorchRec tables (the reference); `fp16` / `int8` / `int4` /
+    `int2` our mixed-precision module with every row in that group (trained in place with
+    stochastic rounding); `freq` our module with rows ranked by frequency (alpha = 1); `shark`
+    the full method (paper Eq. 7 priorities)."""
+    tiers: Tuple[str, ...] = ("fp32", "fp16", "int8")
+    """shark/freq: the groups rows are ranked into, from fp32 fp16 int8 int4 int2 (the
+    paper's three by default; int2 needs embedding dims that are multiples of 8)."""
     memory_budget: Optional[float] = None
     """shark/freq budget mode: embedding bytes (weights, scales, row map) at most this fraction
     of the fp32 bytes, per table (unless --t8/--t16 or --row-fractions are given). Default:
@@ -208,8 +212,9 @@ class PrecisionConfig:
     fp32_fraction: float = 0.02
     """Budget mode: at most this fraction of each table's rows stays fp32."""
     row_fractions: Tuple[float, ...] = ()
-    """shark/freq: fixed fractions of each table's rows in fp32 and fp16 (two numbers; the rest
-    int8), instead of a byte budget."""
+    """shark/freq: fixed fractions of each table's rows in each tier but the last, most precise
+    first (with the paper's tiers two numbers, fp32 and fp16; the rest int8), instead of a
+    byte budget."""
     t8: Optional[float] = None
     """Threshold mode: rows scoring below t8 are int8 (give --t16 too)."""
     t16: Optional[float] = None
@@ -227,12 +232,11 @@ class PrecisionConfig:
         from shark_torchrec.modules.precision_policy import PrecisionPolicy
 
         fractions = tuple(self.row_fractions) or None
-        if fractions is not None and len(fractions) != 2:
-            raise ValueError(f"row_fractions needs two numbers (fp32, fp16), got {list(fractions)}")
         # An unset budget gets the default for the tables' dims when the collection is built
         # (PrecisionPolicy.resolved, the one place defaults are decided).
         return PrecisionPolicy(
             mode=self.precision,
+            tiers=tuple(self.tiers),
             memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
             fp32_fraction=self.fp32_fraction,
             row_fractions=fractions if self.precision in ("shark", "freq") else None,
@@ -334,31 +338,26 @@ class JobConfig:
         c = self.compress
         if c.quant_epochs < 0 or c.quant_evals_per_epoch < 0:
             raise ConfigError("compress.quant_epochs and compress.quant_evals_per_epoch must be >= 0")
+        q = self.quant
+        if q.precision not in ("shark", "freq") and (q.t8 is not None or q.memory_budget is not None or q.row_fractions):
+            raise ConfigError(f"quant: --memory-budget/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}")
+        try:
+            # The policy's own rules (tiers, fractions, thresholds, a reachable budget at this
+            # dim), checked here so that a bad config stops before any work.
+            policy = q.policy(t.lr, t.eps, t.seed, t.emb_optimizer)
+            policy.resolved([m.embedding_dim])
+        except ValueError as e:
+            raise ConfigError(f"quant: {e}") from e
         if c.quant_budget is not None:
-            from shark_torchrec.precision.priority import min_budget
+            from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 
-            floor = min_budget(m.embedding_dim)
+            cheapest = policy.groups[-1] if policy.scored else GROUP_NAMES.index("int8")
+            floor = min_budget(m.embedding_dim, cheapest)
             if not floor <= c.quant_budget <= 1.0:
                 raise ConfigError(
                     f"compress.quant_budget={c.quant_budget}: at embedding_dim {m.embedding_dim} it must be in "
-                    f"[{floor:.3f}, 1] (all rows int8 plus the row map take {floor:.3f} of fp32)"
+                    f"[{floor:.3f}, 1] (all rows {GROUP_NAMES[cheapest]} plus the row map take {floor:.3f} of fp32)"
                 )
-        q = self.quant
-        if q.precision in ("fp32", "fp16", "int8") and (q.t8 is not None or q.memory_budget is not None or q.row_fractions):
-            raise ConfigError(f"quant: --memory-budget/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}")
-        if q.precision in ("shark", "freq") and q.memory_budget is not None:
-            from shark_torchrec.precision.priority import min_budget
-
-            floor = min_budget(m.embedding_dim)
-            if q.memory_budget < floor:
-                raise ConfigError(
-                    f"quant.memory_budget={q.memory_budget} is below what embedding_dim {m.embedding_dim} can reach: "
-                    f"all rows int8 plus the row map take {floor:.3f} of fp32"
-                )
-        try:
-            q.policy(t.lr, t.eps, t.seed, t.emb_optimizer)
-        except ValueError as e:
-            raise ConfigError(f"quant: {e}") from e
         if q.precision != "fp32" and self.model.embedding_dim % 4:
             raise ConfigError("model.embedding_dim must be a multiple of 4 for mixed precision")
         return self

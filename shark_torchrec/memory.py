@@ -10,6 +10,8 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
+from shark_torchrec.precision.priority import GROUP_NAMES
+
 
 def table_of_key(key: str, tables: Iterable[str]) -> str | None:
     """The table a state-dict key belongs to (a dotted component equal to its name)."""
@@ -51,7 +53,8 @@ def embedding_memory(
     with int8 scales/biases, the row map and alignment padding), optimizer state
     (`optimizer_bytes`), the same tables as fp32 weights (`fp32_embedding_bytes`), and for
     mixed-precision tables the priority scores (`priority_bytes`, training-only state like
-    the optimizer's) and rows per group (`rows_fp32`, `rows_fp16`, `rows_int8`)."""
+    the optimizer's) and rows per group (`rows_fp32`, `rows_fp16`, `rows_int8`, `rows_int4`,
+    `rows_int2`)."""
     from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -79,7 +82,7 @@ def embedding_memory(
     per_table.update(mixed)
     for t, c in configs.items():
         per_table[t]["fp32_embedding_bytes"] = c.num_embeddings * c.embedding_dim * 4
-    keys = ("embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes", "priority_bytes", "rows_fp32", "rows_fp16", "rows_int8")
+    keys = ("embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes", "priority_bytes", *(f"rows_{g}" for g in GROUP_NAMES))
     total = {k: sum(v.get(k, 0) for v in per_table.values()) for k in keys}
     return {**total, "tables": {t: per_table[t] for t in configs}}
 

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from shark_torchrec.precision.priority import GROUP_NAMES
+
 
 def _load(path: Path) -> Optional[Any]:
     return json.loads(path.read_text()) if path.is_file() else None
@@ -121,9 +123,9 @@ def write_report(run: str | Path) -> Path:
             f"| base model, TorchRec int8 (`quantize_embeddings`) | {e.get('base_torchrec_int8_bytes', 0):,} |",
             f"| pruned tables, fp32 | {e['fp32_bytes']:,} |",
             f"| pruned tables, TorchRec int8 | {e['torchrec_int8_bytes']:,} |",
-            f"| **exported (fp32/fp16/int8 groups + row map)** | **{e['inference_bytes']:,}** |",
+            f"| **exported (row groups + row map)** | **{e['inference_bytes']:,}** |",
             "",
-            f"Rows: {e['rows_fp32']:,} fp32, {e['rows_fp16']:,} fp16, {e['rows_int8']:,} int8. Largest |logit| "
+            "Rows: " + ", ".join(f"{e[f'rows_{g}']:,} {g}" for g in GROUP_NAMES if e.get(f"rows_{g}")) + ". Largest |logit| "
             f"difference to the trained model over dev: {e['max_abs_logit_diff_dev']:.2e}.",
             "",
         ]

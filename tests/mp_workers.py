@@ -206,6 +206,7 @@ def reference_math_run(steps: int, pol_kw: dict, sequence: bool = False, world: 
         [(f, n) for n, _, feats in TABLES for f in feats],
         learning_rate=p.learning_rate, eps=p.eps, alpha=p.alpha, beta=p.beta, seed=p.seed,
         memory_budget=p.memory_budget, fp32_fraction=p.fp32_fraction, reassign_every=p.reassign_every,
+        groups=p.groups, row_fractions=p.row_fractions,
     )
     head = GLOBAL_BATCH // world  # rank 0's samples
     outs = []

@@ -7,8 +7,9 @@ Adagrad momentum and the paper's Eq. 7 score. One training step, written out fro
 FBGEMM's EXACT_ROWWISE_ADAGRAD (m += mean(g^2); w -= lr * g / (sqrt(m) + eps)); each updated
 row rounded back into its group, stochastically, with the noise of (seed, step, table, global
 row, global column); Eq. 7 scores; and every `reassign_every` steps the budget rule (rows
-ranked by score descending, then global row ascending; the first fp32 count fp32, the next
-fp16 count fp16, the rest int8), moved rows rounded to nearest into their new group.
+ranked by score descending, then global row ascending; the budget's count of the most precise
+group first, then the next group's count, ...: with the paper's groups fp32, fp16, the rest
+int8), moved rows rounded to nearest into their new group. Groups may include int4 and int2.
 
 It shares no code with RowGroupStore, the modules or the distributed package: only the pure
 functions of `shark_torchrec.precision` (the rounding noise, fp16 stochastic rounding, int8
@@ -19,14 +20,14 @@ checks on their own.
 from __future__ import annotations
 
 import zlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from shark_torchrec.precision.priority import FP16, FP32, INT8, budget_counts, decayed, updated
+from shark_torchrec.precision.priority import FP16, INT_BITS, PAPER_GROUPS, budget_counts, decayed, updated
 from shark_torchrec.precision.quantize import (
-    dequantize_rows_int8,
-    quantize_rows_int8,
+    dequantize_rows,
+    quantize_rows,
     round_fp16_stochastic,
     rounding_noise,
 )
@@ -37,8 +38,9 @@ def rounded_to_nearest(values: torch.Tensor, groups: torch.Tensor) -> torch.Tens
     out = values.clone()
     half = groups == FP16
     out[half] = values[half].clamp(-65504.0, 65504.0).half().float()
-    int8 = groups == INT8
-    out[int8] = dequantize_rows_int8(*quantize_rows_int8(values[int8]))
+    for g, bits in INT_BITS.items():
+        m = groups == g
+        out[m] = dequantize_rows(*quantize_rows(values[m], bits))
     return out
 
 
@@ -47,35 +49,49 @@ def rounded_stochastically(values: torch.Tensor, groups: torch.Tensor, noise: to
     out = values.clone()
     half = groups == FP16
     out[half] = round_fp16_stochastic(values[half], noise[half]).float()
-    int8 = groups == INT8
-    out[int8] = dequantize_rows_int8(*quantize_rows_int8(values[int8], noise[int8]))
+    for g, bits in INT_BITS.items():
+        m = groups == g
+        out[m] = dequantize_rows(*quantize_rows(values[m], bits, noise[m]))
     return out
 
 
-def budget_groups(scores: torch.Tensor, fp32_rows: int, fp16_rows: int) -> torch.Tensor:
+def budget_groups(scores: torch.Tensor, counts: Sequence[Tuple[int, int]]) -> torch.Tensor:
     """Groups of a whole table's rows (scores in global row order): ranked by score
-    descending, then row ascending, the first `fp32_rows` fp32, the next `fp16_rows` fp16."""
+    descending, then row ascending, the first `counts[0][1]` rows in group `counts[0][0]`, the
+    next `counts[1][1]` in `counts[1][0]`, ... (groups most precise first)."""
     # Rows are in ascending order; a stable sort by descending score keeps ties so.
     order = torch.sort(-scores, stable=True).indices
-    group = torch.full((len(scores),), INT8, dtype=torch.int8)
-    group[order[:fp32_rows]] = FP32
-    group[order[fp32_rows : fp32_rows + fp16_rows]] = FP16
+    group = torch.empty(len(scores), dtype=torch.int8)
+    start = 0
+    for g, n in counts:
+        group[order[start : start + n]] = g
+        start += n
     return group
 
 
 class ReferenceTable:
     """One whole table: logical values [rows, D] and per-row group, momentum and score."""
 
-    def __init__(self, name: str, values: torch.Tensor, budget: float, fp32_fraction: float) -> None:
+    def __init__(
+        self, name: str, values: torch.Tensor, budget: Optional[float], fp32_fraction: float, groups: Sequence[int],
+        fractions: Optional[Sequence[float]] = None,
+    ) -> None:
         self.name = name
         self.table_id = zlib.crc32(name.encode())
         self.rows, self.dim = values.shape
-        counts = budget_counts(self.rows, self.dim, budget, fp32_fraction)
-        self.fp32_rows, self.fp16_rows = counts.fp32, counts.fp16
+        groups = sorted(groups)
+        if fractions is not None:  # fixed fractions of the rows per group, the rest the last
+            sizes = [int(f * self.rows) for f in fractions]
+            self.counts = [*zip(groups, sizes), (groups[-1], self.rows - sum(sizes))]
+        else:
+            per_group = budget_counts(self.rows, self.dim, budget, fp32_fraction, groups=groups).as_tuple()
+            self.counts = [(g, per_group[g]) for g in groups]
         # Before any score: the lowest row ids most precise.
-        self.group = torch.full((self.rows,), INT8, dtype=torch.int8)
-        self.group[: self.fp32_rows + self.fp16_rows] = FP16
-        self.group[: self.fp32_rows] = FP32
+        self.group = torch.empty(self.rows, dtype=torch.int8)
+        start = 0
+        for g, n in self.counts:
+            self.group[start : start + n] = g
+            start += n
         self.values = rounded_to_nearest(values.float(), self.group)
         self.momentum = torch.zeros(self.rows)
         self.score = torch.zeros(self.rows)
@@ -99,8 +115,12 @@ class Reference:
         memory_budget: float,
         fp32_fraction: float,
         reassign_every: int,
+        groups: Sequence[int] = PAPER_GROUPS,
+        row_fractions: Optional[Sequence[float]] = None,
     ) -> None:
-        self.tables = {n: ReferenceTable(n, v, memory_budget, fp32_fraction) for n, v in tables.items()}
+        self.tables = {
+            n: ReferenceTable(n, v, memory_budget, fp32_fraction, groups, row_fractions) for n, v in tables.items()
+        }
         self.features = list(features)
         self.lr, self.eps, self.alpha, self.beta, self.seed = learning_rate, eps, alpha, beta, seed
         self.reassign_every = reassign_every
@@ -163,7 +183,7 @@ class Reference:
     def reassign(self, step: int) -> None:
         """The budget rule on the scores as of `step`."""
         for t in self.tables.values():
-            group = budget_groups(decayed(t.score, t.seen_step, step, self.beta), t.fp32_rows, t.fp16_rows)
+            group = budget_groups(decayed(t.score, t.seen_step, step, self.beta), t.counts)
             moved = group != t.group
             t.values[moved] = rounded_to_nearest(t.values[moved], group[moved])
             t.group = group

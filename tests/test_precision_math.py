@@ -146,7 +146,7 @@ def test_thresholds_and_cuts():
         return sum(len(sk) - torch.searchsorted(sk, cuts) for sk in shards)
 
     cuts = kth_largest_cuts(count, torch.tensor([37, 400, 0]))
-    groups = groups_by_cuts(keys, cuts[0], cuts[1])
+    groups = groups_by_cuts(keys, cuts[:2])
     assert [(groups == k).sum().item() for k in (FP32, FP16, INT8)] == [37, 363, 600]
     assert cuts[2] == NO_CUT
     # Monotone: a higher score never gets a less precise group.

@@ -50,6 +50,7 @@ from shark_torchrec.modules.mixed_precision import (
 )
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+from shark_torchrec.precision.priority import GROUP_NAMES
 
 # Column scale of each state tensor against the table's columns (see modules.mixed_precision).
 STATE_COLUMNS = {
@@ -403,7 +404,7 @@ class ShardedMixedPrecisionModule:
         """Per table, summed over ranks (collective): embedding/optimizer/priority bytes and
         rows per group (rows of column-wise slices and replicas counted once)."""
         names = sorted(self._table_rows)
-        fields = ("embedding_bytes", "optimizer_bytes", "priority_bytes", "rows_fp32", "rows_fp16", "rows_int8")
+        fields = ("embedding_bytes", "optimizer_bytes", "priority_bytes", *(f"rows_{g}" for g in GROUP_NAMES))
         vec = torch.zeros(len(names), len(fields), dtype=torch.float64)
         rank = dist.get_rank(self._pg)
         for store, st in self.stores():

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS, RowGroupStore
 from shark_torchrec.precision.priority import (
+    GROUP_NAMES,
     groups_by_cuts,
     groups_by_threshold,
     kth_largest_cuts,
@@ -24,15 +25,17 @@ from shark_torchrec.precision.priority import (
 
 
 def budget_targets(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]], names: Sequence[str]) -> torch.Tensor:
-    """[T, 2] int64: rows in fp32, rows in fp32 or fp16, per table (global counts)."""
+    """[T, K - 1] int64 for the policy's K groups: per table (global counts), the rows in the
+    most precise group, in the two most precise, ... (with the paper's: fp32, fp32 or fp16)."""
     from shark_torchrec.modules.mixed_precision import target_counts
 
-    out = torch.zeros(len(names), 2, dtype=torch.int64)
+    groups = policy.groups
+    out = torch.zeros(len(names), len(groups) - 1, dtype=torch.int64)
     for i, n in enumerate(names):
         rows, dim = tables[n]
-        c = target_counts(policy, rows, dim, n)
-        out[i, 0] = c.fp32
-        out[i, 1] = c.fp32 + c.fp16
+        per_group = target_counts(policy, rows, dim, n).as_tuple()
+        for k in range(len(groups) - 1):
+            out[i, k] = sum(per_group[g] for g in groups[: k + 1])
     return out
 
 
@@ -56,7 +59,7 @@ def reassign_stores(
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
     sorted keys (8 bytes a row, sorted in place).
     """
-    moved = {"fp32": 0, "fp16": 0, "int8": 0}
+    moved = {name: 0 for name in GROUP_NAMES}
     if policy.threshold_mode:
         for s in stores:
             groups = torch.empty(s.num_rows, dtype=torch.int8)
@@ -99,9 +102,9 @@ def reassign_stores(
     for s in stores:
         groups = torch.empty(s.num_rows, dtype=torch.int8)
         for i, t in enumerate(s.tables):
-            c32, c16 = (int(x) for x in cuts[index[t.name]])
+            table_cuts = [int(x) for x in cuts[index[t.name]]]
             for a, b in _chunks(int(s.table_base[i]), int(s.table_base[i + 1])):
-                groups[a:b] = groups_by_cuts(keys_of(s, i, a, b), c32, c16)
+                groups[a:b] = groups_by_cuts(keys_of(s, i, a, b), table_cuts, policy.groups)
         for name, v in s.set_groups(groups).items():
             moved[name] += v
     return moved

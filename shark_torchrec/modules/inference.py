@@ -27,9 +27,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.modules.row_groups import group_lookup
-from shark_torchrec.precision.priority import ROW_MAP_BYTES
+from shark_torchrec.precision.priority import GROUP_NAMES, ROW_MAP_BYTES
 
-_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8)
+_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
 
 class MixedPrecisionPooledLookup(nn.Module):
@@ -44,9 +44,10 @@ class MixedPrecisionPooledLookup(nn.Module):
         feature_rows: per feature, the rows of its table.
         dim: embedding dim of every table.
         mean_pooling: bags are averaged (else summed).
-        weights: FBGEMM's uint8 buffer of the three group tables (fp32, fp16, int8 rows).
+        weights: FBGEMM's uint8 buffer of the group tables (fp32, fp16, int8, int4, int2 rows).
         row_group, row_slot: the row map (group and slot of every row).
-        group_offsets: byte offset of each group table in `weights`.
+        group_offsets: byte offset of each group table in `weights` (the groups up to the
+            least precise one in use are looked up; tables beyond it are empty).
         row_alignment: FBGEMM's row alignment of the buffer.
     """
 
@@ -78,10 +79,14 @@ class MixedPrecisionPooledLookup(nn.Module):
         self.register_buffer("feature_base", torch.tensor(feature_base, dtype=torch.int64))
         self.register_buffer("feature_rows", torch.tensor(feature_rows, dtype=torch.int64))
         D = self.dim
-        self.register_buffer("_D_offsets", torch.arange(0, 3 * D + 1, D, dtype=torch.int32))
-        self.register_buffer("_tys", torch.tensor([t.as_int() for t in _TYPES], dtype=torch.uint8))
-        self.register_buffer("_placements", torch.full((3,), EmbeddingLocation.HOST.value, dtype=torch.int32))
-        self.register_buffer("_offsets", torch.tensor(list(group_offsets), dtype=torch.int64))
+        # Only the groups up to the least precise one in use go to the TBE (3 for the paper's
+        # fp32/fp16/int8): fewer tables, fewer passes of the grouping below.
+        groups = max(int(row_group.max()) + 1 if row_group.numel() else 1, 1)
+        self.groups: int = groups
+        self.register_buffer("_D_offsets", torch.arange(0, groups * D + 1, D, dtype=torch.int32))
+        self.register_buffer("_tys", torch.tensor([t.as_int() for t in _TYPES[:groups]], dtype=torch.uint8))
+        self.register_buffer("_placements", torch.full((groups,), EmbeddingLocation.HOST.value, dtype=torch.int32))
+        self.register_buffer("_offsets", torch.tensor(list(group_offsets)[:groups], dtype=torch.int64))
 
     def plain_lookup(self) -> "MixedPrecisionPooledLookup":
         """A `MixedPrecisionPooledLookup` over the same tensors (shared, not copied): this
@@ -112,8 +117,9 @@ class MixedPrecisionPooledLookup(nn.Module):
         return int(self.weights.numel() + self.row_group.numel() * ROW_MAP_BYTES)
 
     def group_rows(self) -> Dict[str, int]:
-        counts = torch.bincount(self.row_group.long(), minlength=3).tolist()
-        return {"rows_fp32": counts[0], "rows_fp16": counts[1], "rows_int8": counts[2]}
+        """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2."""
+        counts = torch.bincount(self.row_group.long(), minlength=len(GROUP_NAMES)).tolist()
+        return {f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)}
 
     def _check_ids(self, values: torch.Tensor, per_feature: torch.Tensor) -> None:
         limit = torch.repeat_interleave(self.feature_rows, per_feature, output_size=values.numel())
@@ -156,16 +162,20 @@ class MixedPrecisionPooledLookup(nn.Module):
         g = self.row_group[rows_of]
         slot = self.row_slot[rows_of]
         # Ids grouped by precision, each group in input order, by counting (no sort): dest[i]
-        # is where id i goes. The TBE then sees 3 sequence features (one per group table) of
+        # is where id i goes. The TBE then sees one sequence feature per group table, of
         # nnz + 1 bags, group k's ids filling its first per_group[k] bags, one id each.
-        in0, in1 = g == 0, g == 1
-        c0, c1 = torch.cumsum(in0, 0), torch.cumsum(in1, 0)
-        n0 = c0[-1:] if nnz else torch.zeros(1, dtype=torch.int64, device=g.device)
-        n1 = c1[-1:] if nnz else torch.zeros(1, dtype=torch.int64, device=g.device)
-        position = torch.arange(1, nnz + 1, device=g.device)
-        dest = torch.where(in0, c0, torch.where(in1, n0 + c1, n0 + n1 + position - c0 - c1)) - 1
+        dest = torch.zeros_like(values)
+        start = torch.zeros(1, dtype=torch.int64, device=g.device)
+        counts: List[torch.Tensor] = []
+        for k in range(self.groups):
+            in_k = g == k
+            c_k = torch.cumsum(in_k, 0)
+            dest = torch.where(in_k, start + c_k - 1, dest)
+            n_k = c_k[-1:] if nnz else torch.zeros(1, dtype=torch.int64, device=g.device)
+            counts.append(n_k)
+            start = start + n_k
         grouped = torch.empty_like(slot).index_put_((dest,), slot)
-        per_group = torch.cat([n0, n1, nnz - n0 - n1]).to(torch.int32)
+        per_group = torch.cat(counts).to(torch.int32)
         ends = torch.arange(1, nnz + 2, dtype=torch.int32, device=g.device)[None, :].clamp(max=per_group[:, None]) + (
             torch.cumsum(per_group, 0, dtype=torch.int32) - per_group
         )[:, None]

@@ -31,9 +31,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import (
-    FP16,
-    FP32,
     INT8,
+    INT_BITS,
     GroupCounts,
     budget_counts,
     groups_by_threshold,
@@ -48,21 +47,23 @@ def table_id(name: str) -> int:
 
 
 def target_counts(policy: PrecisionPolicy, rows: int, dim: int, table: str) -> GroupCounts:
-    """Rows per group of a whole table in budget mode or a one-group mode (the policy must be
-    resolved: `PrecisionPolicy.resolved`)."""
-    if policy.mode == "fp32":
-        return GroupCounts(rows, 0, 0)
-    if policy.mode == "fp16":
-        return GroupCounts(0, rows, 0)
-    if policy.mode == "int8" or policy.threshold_mode:
-        return GroupCounts(0, 0, rows)
+    """Rows per group of a whole table in budget mode, row-fractions mode or a one-group mode
+    (the policy must be resolved: `PrecisionPolicy.resolved`)."""
+    groups = policy.groups
+    if not policy.scored:
+        return GroupCounts.of({groups[0]: rows})
+    if policy.threshold_mode:
+        return GroupCounts.of({INT8: rows})
     if policy.row_fractions is not None:
-        n32 = int(policy.row_fractions[0] * rows)
-        n16 = min(rows - n32, int(policy.row_fractions[1] * rows))
-        return GroupCounts(n32, n16, rows - n32 - n16)
+        counts, left = {}, rows
+        for g, fraction in zip(groups, policy.row_fractions):
+            counts[g] = min(left, int(fraction * rows))
+            left -= counts[g]
+        counts[groups[-1]] = left
+        return GroupCounts.of(counts)
     if policy.memory_budget is None:
         raise ValueError("target_counts needs a resolved policy (PrecisionPolicy.resolved sets the default budget)")
-    return budget_counts(rows, dim, policy.memory_budget, policy.fp32_fraction, table=table)
+    return budget_counts(rows, dim, policy.memory_budget, policy.fp32_fraction, table=table, groups=groups)
 
 
 def initial_groups(policy: PrecisionPolicy, counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
@@ -77,9 +78,12 @@ def initial_groups(policy: PrecisionPolicy, counts: GroupCounts, row_offset: int
 def groups_by_row_id(counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
     """The budget rule on all-zero scores for rows [row_offset, row_offset + rows): the
     lowest global ids most precise (slices, no per-row temporaries)."""
-    g = torch.full((rows,), INT8, dtype=torch.int8)
-    g[: max(0, counts.fp32 + counts.fp16 - row_offset)] = FP16
-    g[: max(0, counts.fp32 - row_offset)] = FP32
+    per_group = counts.as_tuple()
+    cheapest = max(g for g, n in enumerate(per_group) if n) if any(per_group) else INT8
+    g = torch.full((rows,), cheapest, dtype=torch.int8)
+    # Most precise last: group k takes the global rows below the cumulative count up to k.
+    for group in reversed(range(cheapest)):
+        g[: max(0, sum(per_group[: group + 1]) - row_offset)] = group
     return g
 
 
@@ -172,7 +176,7 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
     D = store.dim
     out = {
         "weight": store.read_rows(keys) if hi > lo else torch.empty(0, D),
-        "qparams": _units(store.int8_scale_bias(keys), D),
+        "qparams": _units(store.int_scale_bias(keys), D),
         "row_group": _units(store.row_group[lo:hi], D),
     }
     if store.row_priority.numel():
@@ -194,11 +198,15 @@ def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Te
     values = state["weight"].float()
     store.write_rows(keys, values)
     if "qparams" in state:
+        # Integer rows whose scale/bias is one per row (not several column slices' own) get
+        # their exact codes back under it.
         q = state["qparams"].view(hi - lo, -1, 2)
-        same = (q == q[:, :1]).all(dim=2).all(dim=1)
-        exact = (store.row_group[keys] == INT8) & same & (q[:, 0, 0] != 0)
-        if bool(exact.any()):
-            store.write_int8_exact(keys[exact], values[exact], q[exact, 0])
+        same = (q == q[:, :1]).all(dim=2).all(dim=1) & (q[:, 0, 0] != 0)
+        groups = store.row_group[keys]
+        for g in INT_BITS:
+            exact = (groups == g) & same
+            if bool(exact.any()):
+                store.write_int_exact(g, keys[exact], values[exact], q[exact, 0])
     if "momentum" in state and store.momentum.numel():
         store.momentum[lo:hi] = state["momentum"].float().mean(dim=1)
     if "row_priority" in state and store.row_priority.numel():

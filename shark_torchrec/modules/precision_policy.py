@@ -6,9 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from shark_torchrec.precision.priority import BudgetError, default_budget, min_budget
+from shark_torchrec.precision.priority import GROUP_NAMES, INT2, BudgetError, default_budget, min_budget
 
-MODES = ("shark", "freq", "fp32", "fp16", "int8")
+MODES = ("shark", "freq", "fp32", "fp16", "int8", "int4", "int2")
+PAPER_TIERS = ("fp32", "fp16", "int8")
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
 BAD_ID_POLICIES = ("error", "row0")
 # What FBGEMM's table-batched embeddings train with when nothing is said (its constructor's
@@ -25,10 +26,14 @@ _NEUTRAL_FUSED_PARAMS = {
 
 @dataclass
 class PrecisionPolicy:
-    """How rows are split between the fp32, fp16 and int8 groups and how they train.
+    """How rows are split between precision groups (tiers) and how they train.
 
     mode: `shark` scores rows with paper Eq. 7 (positives weigh `alpha`); `freq` is the same
-      with alpha = 1 (plain frequency); `fp32` / `fp16` / `int8` keep every row in one group.
+      with alpha = 1 (plain frequency); `fp32` / `fp16` / `int8` / `int4` / `int2` keep every
+      row in that one group.
+    tiers: the groups `shark` / `freq` rank rows into, from fp32, fp16, int8, int4, int2 (the
+      paper's fp32, fp16, int8 by default). Int4 and int2 rows are packed as FBGEMM reads them
+      (int2 needs dims that are multiples of 8).
     memory_budget: budget mode (the default when no other mode is set): each table's embedding
       bytes (weights, int8 scales/biases, row map) stay within this fraction of its fp32 bytes,
       from the first step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are
@@ -36,10 +41,12 @@ class PrecisionPolicy:
       table. None: the default for the collection's dims (`default_budget`: the larger of 0.35
       and the narrowest table's all-int8 floor plus 0.05, so 0.45 at dim 16 and 0.35 from dim
       45 up), resolved when the collection is built.
-    row_fractions: (fp32, fp16) fractions of each table's rows instead of a byte budget (the
-      rest int8); the same ranking decides which rows.
-    t8, t16: threshold mode (the paper): score < t8 -> int8, < t16 -> fp16, else fp32. Set
-      both and leave memory_budget None. Rows start in int8 (every score starts at 0).
+    row_fractions: fractions of each table's rows in each tier but the last, from the most
+      precise (with the paper's tiers: fp32, fp16; the rest int8), instead of a byte budget;
+      the same ranking decides which rows.
+    t8, t16: threshold mode (the paper, its tiers only): score < t8 -> int8, < t16 -> fp16,
+      else fp32. Set both and leave memory_budget None. Rows start in int8 (every score starts
+      at 0).
     reassign_every: training steps between reassignments (a step ends with the backward pass).
     optimizer, learning_rate, eps: the row update (`rowwise_adagrad`: FBGEMM's
       EXACT_ROWWISE_ADAGRAD rule, or `sgd`). None: taken from the sharder's TorchRec
@@ -48,9 +55,10 @@ class PrecisionPolicy:
     """
 
     mode: str = "shark"
+    tiers: Tuple[str, ...] = PAPER_TIERS
     memory_budget: Optional[float] = None
     fp32_fraction: float = 0.02
-    row_fractions: Optional[Tuple[float, float]] = None
+    row_fractions: Optional[Tuple[float, ...]] = None
     t8: Optional[float] = None
     t16: Optional[float] = None
     alpha: float = 2.0
@@ -81,6 +89,13 @@ class PrecisionPolicy:
     def budget_mode(self) -> bool:
         return self.scored and self.t8 is None and self.row_fractions is None
 
+    @property
+    def groups(self) -> Tuple[int, ...]:
+        """The group ids rows can be in, most precise first."""
+        if not self.scored:
+            return (GROUP_NAMES.index(self.mode),)
+        return tuple(sorted(GROUP_NAMES.index(t) for t in self.tiers))
+
     def validate(self) -> None:
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"precision policy: {field} {why}")
@@ -95,6 +110,13 @@ class PrecisionPolicy:
             raise bad("eps", f"must be > 0, got {self.eps}")
         if self.bad_ids not in BAD_ID_POLICIES:
             raise bad("bad_ids", f"must be one of {BAD_ID_POLICIES}, got {self.bad_ids!r}")
+        unknown = [t for t in self.tiers if t not in GROUP_NAMES]
+        if unknown or len(set(self.tiers)) != len(self.tiers):
+            raise bad("tiers", f"must be distinct names from {GROUP_NAMES}, got {tuple(self.tiers)}")
+        if self.scored and len(self.tiers) < 2:
+            raise bad("tiers", f"mode {self.mode} ranks rows into 2 or more tiers, got {tuple(self.tiers)} (one tier: mode={self.tiers[0] if self.tiers else '?'})")
+        if self.t8 is not None and tuple(sorted(self.tiers, key=GROUP_NAMES.index)) != PAPER_TIERS:
+            raise bad("t8/t16", f"threshold mode is the paper's and needs its tiers {PAPER_TIERS}, got {tuple(self.tiers)}")
         if (self.t8 is None) != (self.t16 is None):
             raise bad("t8/t16", "must be given together")
         if self.t8 is not None:
@@ -105,9 +127,11 @@ class PrecisionPolicy:
         elif self.row_fractions is not None:
             if self.memory_budget is not None:
                 raise bad("row_fractions", "and memory_budget exclude each other: set one of them")
-            f32, f16 = self.row_fractions
-            if f32 < 0 or f16 < 0 or f32 + f16 > 1:
-                raise bad("row_fractions", f"need fp32 >= 0, fp16 >= 0, fp32 + fp16 <= 1, got {self.row_fractions}")
+            want = len(self.tiers) - 1
+            if len(self.row_fractions) != want:
+                raise bad("row_fractions", f"needs {want} numbers (tiers {tuple(self.tiers)} but the last), got {list(self.row_fractions)}")
+            if min(self.row_fractions) < 0 or sum(self.row_fractions) > 1:
+                raise bad("row_fractions", f"need fractions >= 0 that sum to at most 1, got {self.row_fractions}")
         if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
             raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
         if not 0 <= self.fp32_fraction <= 1:
@@ -131,19 +155,22 @@ class PrecisionPolicy:
             A copy whose budget (in budget mode), optimizer, learning rate and eps are set.
 
         Raises:
-            BudgetError: the budget is below what all-int8 rows reach at these dims.
+            BudgetError: the budget is below what rows all in the cheapest tier reach at these dims.
             ValueError: fused_params ask for an optimizer we do not implement, or contradict
                 a field this policy sets.
         """
         dims = list(dims)
         changes: Dict[str, Any] = training_from_fused_params(fused_params or {}, self)
+        if INT2 in self.groups and any(d % 8 for d in dims):
+            raise ValueError(f"precision policy: int2 rows need embedding dims that are multiples of 8, got {sorted(set(dims))}")
         if self.budget_mode:
-            budget = self.memory_budget if self.memory_budget is not None else default_budget(dims)
+            cheapest = self.groups[-1]
+            budget = self.memory_budget if self.memory_budget is not None else default_budget(dims, cheapest)
             narrowest = min(dims, default=0)
-            if dims and budget < min_budget(narrowest) - 1e-12:
+            if dims and budget < min_budget(narrowest, cheapest) - 1e-12:
                 raise BudgetError(
-                    f"memory budget {budget} is below what tables of dim {narrowest} can reach: all rows int8 "
-                    f"plus the row map take {min_budget(narrowest):.3f} of fp32"
+                    f"memory budget {budget} is below what tables of dim {narrowest} can reach: all rows "
+                    f"{GROUP_NAMES[cheapest]} plus the row map take {min_budget(narrowest, cheapest):.3f} of fp32"
                 )
             changes["memory_budget"] = budget
         return dataclasses.replace(self, **changes)

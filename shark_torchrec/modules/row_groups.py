@@ -1,13 +1,14 @@
-"""The rows of one or more embedding tables kept in fp32, fp16 and int8 groups.
+"""The rows of one or more embedding tables kept in fp32, fp16, int8, int4 and int2 groups.
 
 A `RowGroupStore` is what one rank holds of a set of tables (whole tables, row ranges or
 column slices): per row a group tag and a slot (the row map), and one FBGEMM inference
-table-batched embedding buffer with three tables, one per group. Lookups run FBGEMM's
-mixed-precision forward (`int_nbit_split_embedding_codegen_lookup_function`, which reads
-fp32, fp16 and int8 rows in one call). FBGEMM trains none of this, so the backward pass is
-ours: per-row gradients, the optimizer (row-wise Adagrad or SGD, the same rule in every
-group), and a write back with stochastic rounding for fp16 and int8 rows. No fp32 copy of a
-low-precision row exists outside the rows being updated at this step.
+table-batched embedding buffer with five tables, one per group (empty for groups the policy
+does not use). Lookups run FBGEMM's mixed-precision forward
+(`int_nbit_split_embedding_codegen_lookup_function`, which reads fp32, fp16, int8, int4 and int2
+rows in one call). FBGEMM trains none of this, so the backward pass is ours: per-row
+gradients, the optimizer (row-wise Adagrad or SGD, the same rule in every group), and a write
+back with stochastic rounding for fp16 and integer rows. No fp32 copy of a low-precision row
+exists outside the rows being updated at this step.
 
 The store has no distributed state except, for replicated (data-parallel) tables, the
 process group over which gradients and counts are summed.
@@ -33,21 +34,24 @@ from shark_torchrec.precision.priority import (
     FP16,
     FP32,
     GROUP_NAMES,
-    INT8,
+    INT_BITS,
     ROW_MAP_BYTES,
     decayed,
     row_bytes,
     updated,
 )
 from shark_torchrec.precision.quantize import (
-    dequantize_rows_int8,
-    quantize_rows_int8,
+    dequantize_rows,
+    pack_codes,
+    quantize_rows,
     requantize_with,
     round_fp16_stochastic,
     rounding_noise,
+    unpack_codes,
 )
 
-_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8)
+_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
+GROUPS = len(_TYPES)  # group tables in every buffer, in group-id order
 CHUNK_ROWS = 1 << 16  # rows converted at a time when groups change
 
 
@@ -122,10 +126,11 @@ def group_lookup(
     offsets: torch.Tensor,
     row_alignment: int,
 ) -> torch.Tensor:
-    """One fp32 row per index from the three group tables (fp32, fp16, int8) of one uint8
-    buffer, through FBGEMM's mixed-precision inference TBE: the tables are its 3 sequence
-    features, `offsets` its bags. Shared by training (`RowGroupStore`) and serving
-    (`MixedPrecisionInferenceEmbeddingBagCollection`); TorchScript compiles it."""
+    """One fp32 row per index from the group tables (fp32, fp16, int8, int4, int2; as many as
+    `group_types` lists) of one uint8 buffer, through FBGEMM's mixed-precision inference TBE:
+    the tables are its sequence features, `offsets` its bags. Shared by training
+    (`RowGroupStore`) and serving (`MixedPrecisionInferenceEmbeddingBagCollection`);
+    TorchScript compiles it."""
     return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
         dev_weights=weights,
         uvm_weights=torch.empty(0, dtype=torch.uint8),
@@ -133,9 +138,9 @@ def group_lookup(
         weights_offsets=group_offsets,
         weights_tys=group_types,
         D_offsets=D_offsets,
-        total_D=3 * dim,
-        max_int2_D=0,
-        max_int4_D=0,
+        total_D=(D_offsets.numel() - 1) * dim,
+        max_int2_D=dim,
+        max_int4_D=dim,
         max_int8_D=dim,
         max_float16_D=dim,
         max_float32_D=dim,
@@ -218,15 +223,15 @@ class RowGroupStore(nn.Module):
         self._table_ids = torch.tensor([t.table_id for t in self.tables], dtype=torch.int64)
 
         n = self.num_rows
-        self.row_group = torch.full((n,), INT8, dtype=torch.int8)
+        self.row_group = torch.full((n,), policy.groups[-1], dtype=torch.int8)
         self.row_slot = torch.zeros(n, dtype=torch.int32)
         self.momentum = torch.zeros(n if policy.optimizer == "rowwise_adagrad" else 0)
         scored = policy.scored
         self.row_priority = torch.zeros(n if scored else 0)
         self.row_seen_step = torch.zeros(n if scored else 0, dtype=torch.int32)
-        self.capacity = [0, 0, 0]
+        self.capacity = [0] * GROUPS
         self.weights = torch.zeros(0, dtype=torch.uint8)
-        self._offsets = [0, 0, 0]
+        self._offsets = [0] * GROUPS
         self._build_op_buffers()
 
     # ------------------------------------------------------------------ layout
@@ -235,15 +240,15 @@ class RowGroupStore(nn.Module):
 
     def _build_op_buffers(self) -> None:
         D = self.dim
-        # Three sequence features for the TBE, one per group table (fp32, fp16, int8).
-        self._op_D_offsets = torch.arange(0, 3 * D + 1, D, dtype=torch.int32)
-        self._op_tys = torch.tensor([_TYPES[g].as_int() for g in range(3)], dtype=torch.uint8)
-        self._op_placements = torch.full((3,), EmbeddingLocation.HOST.value, dtype=torch.int32)
+        # One sequence feature for the TBE per group table (fp32, fp16, int8, int4, int2).
+        self._op_D_offsets = torch.arange(0, GROUPS * D + 1, D, dtype=torch.int32)
+        self._op_tys = torch.tensor([t.as_int() for t in _TYPES], dtype=torch.uint8)
+        self._op_placements = torch.full((GROUPS,), EmbeddingLocation.HOST.value, dtype=torch.int32)
         self._op_offsets = torch.tensor(list(self._offsets), dtype=torch.int64)
 
     def group_view(self, g: int, weights: Optional[torch.Tensor] = None, offsets=None, capacity=None):
-        """Views into a group's table: fp32 [cap, D]; fp16 [cap, D]; int8 (codes [cap, D],
-        scale_bias fp16 [cap, 2])."""
+        """Views into a group's table: fp32 [cap, D]; fp16 [cap, D]; int8 / int4 / int2
+        (packed codes uint8 [cap, D * bits / 8], scale_bias fp16 [cap, 2])."""
         w = self.weights if weights is None else weights
         off = (self._offsets if offsets is None else offsets)[g]
         cap = (self.capacity if capacity is None else capacity)[g]
@@ -254,13 +259,16 @@ class RowGroupStore(nn.Module):
             return raw[:, : 4 * D].view(torch.float32)
         if g == FP16:
             return raw[:, : 2 * D].view(torch.float16)
-        return raw[:, 4 : 4 + D], raw[:, :4].view(torch.float16)
+        return raw[:, 4 : 4 + D * INT_BITS[g] // 8], raw[:, :4].view(torch.float16)
 
     def _raw_view(self, g, weights, offsets, capacity) -> torch.Tensor:
-        """A group's rows as int32 words (row sizes are multiples of 4 bytes): copying rows
-        word by word is several times faster than byte by byte."""
+        """A group's rows as int32 words (int16 where a row is not a multiple of 4 bytes, as
+        int4 rows at dims that are not multiples of 8): copying rows word by word is several
+        times faster than byte by byte. Group tables start at multiples of 4 bytes."""
         rb = self._row_bytes(g)
-        return weights[offsets[g] : offsets[g] + capacity[g] * rb].view(torch.int32).view(capacity[g], rb // 4)
+        word = torch.int32 if rb % 4 == 0 else torch.int16
+        size = 4 if word == torch.int32 else 2
+        return weights[offsets[g] : offsets[g] + capacity[g] * rb].view(word).view(capacity[g], rb // size)
 
     # ------------------------------------------------------------------ row addressing
     def table_of_rows(self, keys: torch.Tensor) -> torch.Tensor:
@@ -280,7 +288,7 @@ class RowGroupStore(nn.Module):
         s = self.row_slot[keys].long()
         order = torch.argsort(g, stable=True)
         out, a = [], 0
-        for n in torch.bincount(g.long(), minlength=3).tolist():
+        for n in torch.bincount(g.long(), minlength=GROUPS).tolist():
             pos = order[a : a + n]
             out.append((pos, s[pos]))
             a += n
@@ -289,14 +297,14 @@ class RowGroupStore(nn.Module):
     @staticmethod
     def _dequantize(grp: int, view, slots: torch.Tensor) -> torch.Tensor:
         """fp32 values of the given slots of a group view."""
-        if grp == INT8:
+        if grp in INT_BITS:
             codes, sb = view
-            return dequantize_rows_int8(codes[slots], sb[slots])
+            return dequantize_rows(unpack_codes(codes[slots], INT_BITS[grp]), sb[slots])
         return view[slots].float()
 
     def _round_into(self, grp: int, view, slots: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, step: Optional[int]) -> None:
-        """Store fp32 values into slots of a group: exact for fp32; for fp16 and int8 rounded
-        stochastically with `step`'s noise (rows `keys`), or to nearest without a step."""
+        """Store fp32 values into slots of a group: exact for fp32; for fp16 and integer rows
+        rounded stochastically with `step`'s noise (rows `keys`), or to nearest without a step."""
         if grp == FP32:
             view[slots] = values
         elif grp == FP16:
@@ -305,9 +313,10 @@ class RowGroupStore(nn.Module):
             else:
                 view[slots] = round_fp16_stochastic(values, self._noise(keys, step))
         else:
-            codes, sb = quantize_rows_int8(values, None if step is None else self._noise(keys, step))
+            bits = INT_BITS[grp]
+            codes, sb = quantize_rows(values, bits, None if step is None else self._noise(keys, step))
             cview, sview = view
-            cview[slots] = codes
+            cview[slots] = pack_codes(codes, bits)
             sview[slots] = sb
 
     def read_rows(self, keys: torch.Tensor) -> torch.Tensor:
@@ -325,20 +334,23 @@ class RowGroupStore(nn.Module):
             if len(pos):
                 self._round_into(grp, self.group_view(grp), slots, values[pos], keys[pos], step)
 
-    def int8_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
-        """fp16 [n, 2] scale/bias of rows (zeros for rows not in int8)."""
+    def int_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
+        """fp16 [n, 2] scale/bias of rows (zeros for rows not in an integer group)."""
         out = torch.zeros(len(keys), 2, dtype=torch.float16)
-        m = self.row_group[keys] == INT8
-        if bool(m.any()):
-            _, sb = self.group_view(INT8)
-            out[m] = sb[self.row_slot[keys[m]].long()]
+        groups = self.row_group[keys]
+        for g in INT_BITS:
+            m = groups == g
+            if bool(m.any()):
+                _, sb = self.group_view(g)
+                out[m] = sb[self.row_slot[keys[m]].long()]
         return out
 
-    def write_int8_exact(self, keys: torch.Tensor, values: torch.Tensor, scale_bias: torch.Tensor) -> None:
-        """Restore int8 rows whose values are code * scale + bias under the given scale/bias."""
+    def write_int_exact(self, g: int, keys: torch.Tensor, values: torch.Tensor, scale_bias: torch.Tensor) -> None:
+        """Restore rows of integer group `g` whose values are code * scale + bias under the
+        given scale/bias (from a checkpoint): their codes come back exactly."""
         s = self.row_slot[keys].long()
-        codes, sb = self.group_view(INT8)
-        codes[s] = requantize_with(values, scale_bias)
+        codes, sb = self.group_view(g)
+        codes[s] = pack_codes(requantize_with(values, scale_bias, INT_BITS[g]), INT_BITS[g])
         sb[s] = scale_bias
 
     # ------------------------------------------------------------------ groups
@@ -350,10 +362,10 @@ class RowGroupStore(nn.Module):
         old precision). Otherwise the buffer is rebuilt with exactly the rows each group
         needs. Returns how many rows moved into each group."""
         groups = groups.to(torch.int8)
-        counts = [int((groups == g).sum()) for g in range(3)]
-        fresh = self.capacity == [0, 0, 0] and self.weights.numel() == 0
+        counts = torch.bincount(groups.long(), minlength=GROUPS).tolist()
+        fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
         moved = {
-            GROUP_NAMES[g]: 0 if fresh else int(((groups == g) & (self.row_group != g)).sum()) for g in range(3)
+            GROUP_NAMES[g]: 0 if fresh else int(((groups == g) & (self.row_group != g)).sum()) for g in range(GROUPS)
         }
         if fresh:
             self._rebuild(groups, counts, copy=False)
@@ -371,12 +383,12 @@ class RowGroupStore(nn.Module):
             return
         # Raw bytes of the moving rows, per old group, before any slot is reused.
         saved = []
-        for g in range(3):
+        for g in range(GROUPS):
             rows = move[old_groups[move] == g]
             saved.append((rows, self._raw_view(g, self.weights, self._offsets, self.capacity)[self.row_slot[rows].long()].clone()))
         # A row entering group g takes a slot that a row leaving g freed (as many leave as enter).
         old_slots = self.row_slot[move].clone()
-        for g in range(3):
+        for g in range(GROUPS):
             self.row_slot[move[groups[move] == g]] = old_slots[old_groups[move] == g]
         self.row_group = groups
         for g, (rows, raw) in enumerate(saved):
@@ -391,24 +403,30 @@ class RowGroupStore(nn.Module):
             return raw[:, : 4 * D].contiguous().view(torch.float32)
         if g == FP16:
             return raw[:, : 2 * D].contiguous().view(torch.float16).float()
-        return dequantize_rows_int8(raw[:, 4 : 4 + D], raw[:, :4].contiguous().view(torch.float16))
+        bits = INT_BITS[g]
+        codes = unpack_codes(raw[:, 4 : 4 + D * bits // 8], bits)
+        return dequantize_rows(codes, raw[:, :4].contiguous().view(torch.float16))
 
     def _rebuild(self, groups: torch.Tensor, counts: List[int], copy: bool) -> None:
         old_groups, old_slots = self.row_group, self.row_slot
         old_w, old_off, old_cap = self.weights, list(self._offsets), list(self.capacity)
-        # Group tables back to back: row sizes are multiples of 4 bytes (dims are), so every
-        # table starts aligned for its dtype view.
+        # Group tables back to back, each starting at a multiple of 4 bytes (for its dtype
+        # views). Rows of fp32, fp16 and int8 are multiples of 4 bytes (dims are), and int4
+        # rows are unless the dim is 4 mod 8, which int2 (then the only table after int4)
+        # does not allow: no padding ever lands between tables in use.
         offsets, total = [], 0
-        for g in range(3):
+        for g in range(GROUPS):
+            if counts[g]:
+                total = (total + 3) // 4 * 4
             offsets.append(total)
             total += counts[g] * self._row_bytes(g)
         new_w = torch.zeros(total, dtype=torch.uint8)
         new_slots = torch.zeros(self.num_rows, dtype=torch.int32)
-        filled = [0, 0, 0]
+        filled = [0] * GROUPS
         for a in range(0, self.num_rows, CHUNK_ROWS):  # slots in row order, a chunk at a time
             chunk = groups[a : a + CHUNK_ROWS]
             out = new_slots[a : a + CHUNK_ROWS]
-            for g in range(3):
+            for g in range(GROUPS):
                 m = chunk == g
                 n = int(m.sum())
                 if n:
@@ -418,7 +436,7 @@ class RowGroupStore(nn.Module):
         self.row_slot, self.row_group = new_slots, groups
         if not copy:
             return
-        for g in range(3):
+        for g in range(GROUPS):
             stay = ((groups == g) & (old_groups == g)).nonzero().flatten()
             if len(stay):
                 self._raw_view(g, new_w, offsets, counts)[new_slots[stay].long()] = self._raw_view(
@@ -435,14 +453,17 @@ class RowGroupStore(nn.Module):
         out = torch.empty(len(keys), self.dim)
         g = groups[keys]
         s = slots[keys].long()
-        for grp in range(3):
+        for grp in range(GROUPS):
             m = g == grp
             if bool(m.any()):
                 out[m] = self._dequantize(grp, self.group_view(grp, weights, offsets, capacity), s[m])
         return out
 
     def group_counts(self) -> List[int]:
-        return [int((self.row_group == g).sum()) for g in range(3)]
+        """Rows in each of the policy's groups, most precise first (fp32, fp16, int8 for the
+        paper's tiers)."""
+        counts = torch.bincount(self.row_group.long(), minlength=GROUPS).tolist()
+        return [counts[g] for g in self.policy.groups]
 
     def scores_now(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         """Priorities of rows [lo, hi) as of the last completed step (the counter has already
@@ -459,17 +480,14 @@ class RowGroupStore(nn.Module):
         out = []
         for i, t in enumerate(self.tables):
             lo, hi = int(self.table_base[i]), int(self.table_base[i + 1])
-            grp = self.row_group[lo:hi]
-            counts = [int((grp == g).sum()) for g in range(3)]
+            counts = torch.bincount(self.row_group[lo:hi].long(), minlength=GROUPS).tolist()
             weights = sum(c * self._row_bytes(g) for g, c in enumerate(counts))
             out.append(
                 {
                     "embedding_bytes": weights + t.rows * ROW_MAP_BYTES,
                     "optimizer_bytes": (hi - lo) * 4 if self.momentum.numel() else 0,
                     "priority_bytes": (hi - lo) * 8 if self.row_priority.numel() else 0,
-                    "rows_fp32": counts[0],
-                    "rows_fp16": counts[1],
-                    "rows_int8": counts[2],
+                    **{f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)},
                 }
             )
         return out
@@ -489,7 +507,7 @@ class RowGroupStore(nn.Module):
     def _forward(self, values, lengths, weights, B):
         """Every id's row through one FBGEMM call, then pooling here.
 
-        The ids are sorted by group; the TBE sees three sequence features (one per group
+        The ids are sorted by group; the TBE sees five sequence features (one per group
         table, every id a bag of one) and returns one row per id. Pooling the rows here,
         rather than asking the TBE for a pooled output per (feature, group), keeps the output
         at the size of the ids instead of three times the pooled output (which, zero-filled
@@ -503,9 +521,9 @@ class RowGroupStore(nn.Module):
         keys = self.feature_base[seg // B] + values  # ids were checked by the collection
         g = self.row_group[keys]
         perm = torch.argsort(g, stable=True)
-        per_group = torch.bincount(g.long(), minlength=3)
+        per_group = torch.bincount(g.long(), minlength=GROUPS)
         bags = max(int(per_group.max()), 1) if nnz else 1
-        # Offsets of 3 features x `bags` bags: group k's ids are its first per_group[k] bags.
+        # Offsets of 5 features x `bags` bags: group k's ids are its first per_group[k] bags.
         ends = torch.arange(1, bags + 1, dtype=torch.int64)[None, :].clamp(max=per_group[:, None]) + (
             torch.cumsum(per_group, 0) - per_group
         )[:, None]

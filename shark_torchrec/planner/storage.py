@@ -26,7 +26,7 @@ from shark_torchrec.modules.mixed_precision import (
     target_counts,
 )
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
-from shark_torchrec.precision.priority import FP16, FP32, INT8, ROW_MAP_BYTES, GroupCounts, row_bytes
+from shark_torchrec.precision.priority import ROW_MAP_BYTES, GroupCounts, row_bytes
 
 
 def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows: int, shard_cols: int) -> int:
@@ -35,10 +35,12 @@ def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows
         counts = GroupCounts(table_rows, 0, 0)
     else:
         counts = target_counts(policy, table_rows, shard_cols, table)
-    x32 = min(shard_rows, counts.fp32)
-    x16 = min(shard_rows - x32, counts.fp16)
-    x8 = shard_rows - x32 - x16
-    weights = x32 * row_bytes(shard_cols, FP32) + x16 * row_bytes(shard_cols, FP16) + x8 * row_bytes(shard_cols, INT8)
+    # The shard holds as many of the table's most precise rows as it can (the worst case).
+    weights, left = 0, shard_rows
+    for g, n in enumerate(counts.as_tuple()):
+        x = min(left, n)
+        weights += x * row_bytes(shard_cols, g)
+        left -= x
     extra = ROW_MAP_BYTES
     if policy.optimizer == "rowwise_adagrad":
         extra += 4

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 
-FP32, FP16, INT8 = 0, 1, 2  # group ids, from most to least precise
-GROUP_NAMES = ("fp32", "fp16", "int8")
+FP32, FP16, INT8, INT4, INT2 = 0, 1, 2, 3, 4  # group (tier) ids, from most to least precise
+GROUP_NAMES = ("fp32", "fp16", "int8", "int4", "int2")
+PAPER_GROUPS = (FP32, FP16, INT8)  # the paper's tiers, the default
+INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 ROW_MAP_BYTES = 5  # int8 group tag + int32 slot per row
-DEFAULT_BUDGET = 0.35  # the default budget wherever int8 rows leave room for it (dim >= 29)
+DEFAULT_BUDGET = 0.35  # the paper tiers' default budget wherever int8 rows leave room for it (dim >= 45)
 BUDGET_MARGIN = 0.05  # the default's room above the all-int8 floor at smaller dims
 
 
@@ -50,18 +52,19 @@ def updated(
 
 
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
-    """Bytes of one row's weights in a group (int8 rows carry an fp16 scale and bias)."""
-    raw = (4 * dim, 2 * dim, dim + 4)[group]
+    """Bytes of one row's weights in a group (integer rows carry an fp16 scale and bias, then
+    their codes packed 1, 2 or 4 to a byte)."""
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
-def min_budget(dim: int) -> float:
+def min_budget(dim: int, cheapest: int = INT8) -> float:
     """The smallest budget (fraction of fp32 bytes) a table of this dim can reach: every row
-    int8 (codes, fp16 scale and bias) plus the row map."""
-    return (row_bytes(dim, INT8) + ROW_MAP_BYTES) / (4 * dim)
+    in the cheapest group (int8 by default: codes, fp16 scale and bias) plus the row map."""
+    return (row_bytes(dim, cheapest) + ROW_MAP_BYTES) / (4 * dim)
 
 
-def default_budget(dims: Iterable[int]) -> float:
+def default_budget(dims: Iterable[int], cheapest: int = INT8) -> float:
     """The budget a policy gets when none is given, for tables of these dims: the larger of
     0.35 of fp32 bytes and the narrowest table's all-int8 floor plus 0.05 (room for some
     fp16/fp32 rows), rounded up to a hundredth: 0.45 at dim 16, 0.38 at 32, 0.35 from 45 up.
@@ -72,18 +75,30 @@ def default_budget(dims: Iterable[int]) -> float:
     Returns:
         A budget every table of these dims can meet.
     """
-    floor = max((min_budget(d) for d in dims), default=0.0)
+    floor = max((min_budget(d, cheapest) for d in dims), default=0.0)
+    if cheapest != INT8:  # below int8: the floor plus the margin, not the paper tiers' 0.35
+        return math.ceil((floor + BUDGET_MARGIN) * 100 - 1e-9) / 100
     return max(DEFAULT_BUDGET, math.ceil((floor + BUDGET_MARGIN) * 100 - 1e-9) / 100)
 
 
 @dataclass(frozen=True)
 class GroupCounts:
+    """Rows per group of a table (0 for groups the policy does not use)."""
+
     fp32: int
     fp16: int
     int8: int
+    int4: int = 0
+    int2: int = 0
 
-    def as_tuple(self) -> Tuple[int, int, int]:
-        return (self.fp32, self.fp16, self.int8)
+    def as_tuple(self) -> Tuple[int, ...]:
+        """Rows per group, in group-id order (fp32, fp16, int8, int4, int2)."""
+        return (self.fp32, self.fp16, self.int8, self.int4, self.int2)
+
+    @staticmethod
+    def of(counts: Dict[int, int]) -> "GroupCounts":
+        """From {group id: rows}."""
+        return GroupCounts(*(int(counts.get(g, 0)) for g in range(len(GROUP_NAMES))))
 
 
 class BudgetError(ValueError):
@@ -91,25 +106,38 @@ class BudgetError(ValueError):
 
 
 def budget_counts(
-    rows: int, dim: int, budget: float, fp32_fraction: float, row_alignment: int = 1, table: str = ""
+    rows: int, dim: int, budget: float, fp32_fraction: float, row_alignment: int = 1, table: str = "",
+    groups: Sequence[int] = PAPER_GROUPS,
 ) -> GroupCounts:
-    """Rows per group for a table whose embedding bytes (weights + row map) must stay within `budget` x its fp32 bytes. Up to `fp32_fraction` of the rows
-    stay fp32, then as many rows as fit are fp16, and the rest int8. Raises BudgetError when
-    even all-int8 does not fit."""
+    """Rows per group for a table whose embedding bytes (weights + row map) must stay within
+    `budget` x its fp32 bytes: from the most precise of `groups` down, each takes as many rows
+    as fit while the rest stay in the cheapest one (fp32 at most `fp32_fraction` of the rows).
+    With the paper's groups: up to `fp32_fraction` fp32, as many fp16 as fit, the rest int8.
+
+    Raises:
+        BudgetError: even every row in the cheapest group does not fit.
+    """
+    groups = sorted(groups)
+    cheapest = groups[-1]
     cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES
-    b32, b16, b8 = (row_bytes(dim, g, row_alignment) for g in (FP32, FP16, INT8))
-    floor = rows * b8
+    bytes_of = {g: row_bytes(dim, g, row_alignment) for g in groups}
+    floor = rows * bytes_of[cheapest]
     if cap < floor - 1e-6 and rows > 0:
         need = (floor + rows * ROW_MAP_BYTES) / max(rows * dim * 4, 1)
         raise BudgetError(
             f"memory budget {budget} is below what table {table or '?'} (dim {dim}) can reach: "
-            f"all rows int8 plus the row map take {need:.3f} of fp32"
+            f"all rows {GROUP_NAMES[cheapest]} plus the row map take {need:.3f} of fp32"
         )
     spare = max(cap - floor, 0.0)
-    n32 = min(int(fp32_fraction * rows), int(spare // (b32 - b8)))
-    spare -= n32 * (b32 - b8)
-    n16 = min(rows - n32, int(spare // (b16 - b8)))
-    return GroupCounts(n32, n16, rows - n32 - n16)
+    counts: Dict[int, int] = {}
+    left = rows
+    for g in groups[:-1]:
+        limit = min(left, int(fp32_fraction * rows)) if g == FP32 else left
+        counts[g] = min(limit, int(spare // (bytes_of[g] - bytes_of[cheapest])))
+        spare -= counts[g] * (bytes_of[g] - bytes_of[cheapest])
+        left -= counts[g]
+    counts[cheapest] = left
+    return GroupCounts.of(counts)
 
 
 def groups_by_threshold(scores: torch.Tensor, t8: float, t16: float) -> torch.Tensor:
@@ -131,11 +159,13 @@ def ranking_keys(scores: torch.Tensor, global_rows: torch.Tensor) -> torch.Tenso
     return (bits << 32) | (0xFFFFFFFF - global_rows.to(torch.int64))
 
 
-def groups_by_cuts(keys: torch.Tensor, cut32: int, cut16: int) -> torch.Tensor:
-    """Budget mode: keys >= cut32 -> fp32, >= cut16 -> fp16, else int8."""
-    g = torch.full(keys.shape, INT8, dtype=torch.int8)
-    g[keys >= cut16] = FP16
-    g[keys >= cut32] = FP32
+def groups_by_cuts(keys: torch.Tensor, cuts: Sequence[int], groups: Sequence[int] = PAPER_GROUPS) -> torch.Tensor:
+    """Budget mode: keys >= cuts[0] -> groups[0] (the most precise), >= cuts[1] -> groups[1],
+    ..., else the last (cheapest) group; len(cuts) = len(groups) - 1."""
+    groups = sorted(groups)
+    g = torch.full(keys.shape, groups[-1], dtype=torch.int8)
+    for cut, group in reversed(list(zip(cuts, groups[:-1]))):
+        g[keys >= cut] = group
     return g
 
 
