@@ -1,0 +1,609 @@
+"""AUC against embedding bytes: our row tiers beside TorchRec's own post-training quantization.
+
+    .venv/bin/python bench/frontier.py --seeds 10 --dims 64,16 --out bench/results/frontier_frappe \\
+        -- --data csv:../shared/data/frappe --label click --epochs 10 --early-stopping-patience 2
+    .venv/bin/python bench/frontier.py --seeds 2 --cv 5 --dims 64,16 --out bench/results/frontier_criteo \\
+        -- --data criteo:../shared/data/criteo_kaggle_8k --epochs 3 --early-stopping-patience 1
+
+The benchmark of issue 10 ("Numbers to reach"). One invocation; per dim and per unit (a seed, or
+with `--cv K` a (seed, fold) pair: K folds for each of `--seeds` seeds) every method sees the
+same data splits, and the methods are paired:
+
+- `fp32`: `shark train --precision fp32`, stock TorchRec fp32 tables (FBGEMM fused row-wise
+  Adagrad), with the flags after `--` (early stopping on dev AUC as they say; the best dev model
+  is kept). The reference: "AUC - fp32" is the per-unit difference to this run.
+- `torchrec-fp16`, `torchrec-int8`, `torchrec-int4`, `torchrec-int2`: TorchRec's post-training
+  quantization of that same fp32 model, nothing retrained. The checkpoint is loaded unsharded on
+  CPU (`load_trained_model`), its EmbeddingBagCollection goes through
+  `torchrec.inference.modules.quantize_embeddings(dtype=...)` with dtype `torch.half`,
+  `torch.qint8`, `torch.quint4x2` or `torch.quint2x4` (TorchRec maps these to DataType
+  FP16/INT8/INT4/INT2, `dtype_to_data_type`), the dense part is unchanged, and the model is
+  evaluated on the test split with the same batches and the same AUC/log-loss code as
+  `shark train` (`binary_metrics`, torchmetrics). Each quantized module is checked before use:
+  its FBGEMM TBE's table types are the SparseType asked for, each state-dict row has FBGEMM's
+  padded row size, and looking up every row once gives at most 2^bits distinct values per row
+  (16 for int4, 4 for int2) within half a quantization step of the fp32 row.
+- `shark-int4`, `shark-int2`: `shark train --precision int4|int2`, every row in that tier,
+  trained in place from the start (stochastic rounding, no fp32 copy).
+- `shark:TIER/TIER/...@BUDGET` (e.g. `shark:int8/int4/int2@0.12`): `--precision shark --tiers ...
+  --memory-budget BUDGET`, rows ranked by Eq. 7 into those tiers.
+- `shark-paper`: `shark train --precision shark` trained from the start, our module with the
+  paper's tiers (fp32/fp16/int8 rows chosen by priority, Eq. 7), at the default budget for the
+  dim (0.35 at dim 64, 0.45 at dim 16), same seed as its fp32 twin (same initial values before
+  rounding, same data order). `--budgets 0.3,0.5` adds `shark-paper@0.30`, `shark-paper@0.50`
+  (budgets below a dim's int8 floor are skipped there).
+
+Bytes, two ways, as fractions of the fp32 tables' bytes (rows x dim x 4):
+- allocated: fp32 and ours, the metrics' `embedding_bytes` (for ours: weights, int8 scales and
+  biases and the 5-byte row map, rows padded to 1 B on CPU); TorchRec's quantized module, the
+  sum of its state-dict tensors (rows padded to 16 B by FBGEMM's row alignment). Its TBE buffer
+  also aligns each table's start (`tbe_buffer_bytes` in results.json, a few hundred bytes more).
+- unpadded: codes + scales/biases (+ row map for ours), i.e. for TorchRec rows x (ceil(dim x
+  bits / 8) + 4) (fp16/fp32: rows x dim x 2 or 4), for ours the sum over tiers of rows x row
+  bytes plus 5 bytes a row.
+
+Reported per method: mean test AUC and log loss, the mean paired AUC difference to fp32 with its
+95% confidence interval (t distribution over the units; with --cv the folds of one seed share
+data, so the interval is approximate) and its standard error, and both byte ratios; then paired
+differences between each trained method and each TorchRec post-training int8/int4/int2. Per dim, written to
+`<out>_d<dim>/`: `results.json` (every run, written as each finishes), `table.md` and
+`auc_vs_bytes.png`. `--resume` keeps every finished run of an earlier invocation with the same
+flags and computes only what is missing. Everything after `--` goes to `shark train`; each
+training run is a fresh process (`runs/<method>-<unit>/`).
+
+Adding a method: one entry in `methods_for()` (a `shark train` method with its flags, or a
+post-training transform of the fp32 model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # shark_torchrec: the installed one, or PYTHONPATH's (code_provenance)
+
+from common import shark_train, split_passthrough
+
+FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "train": a `shark train` run; "post": a transform of the unit's fp32 model
+    what: str  # one line for the table's notes
+    flags: tuple[str, ...] = ()  # train: shark train flags (besides data, dim, seed, fold)
+    qdtype: str = ""  # post: torch dtype name given to quantize_embeddings
+    bits: int = 32
+    budget: float | None = None
+
+
+POST = {  # name: (torch dtype name, bits)
+    "torchrec-fp16": ("half", 16),
+    "torchrec-int8": ("qint8", 8),
+    "torchrec-int4": ("quint4x2", 4),
+    "torchrec-int2": ("quint2x4", 2),
+}
+DEFAULT_METHODS = ("fp32", "torchrec-fp16", "torchrec-int8", "torchrec-int4", "torchrec-int2", "shark-paper")
+
+
+def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tuple[list[Method], list[str]]:
+    """The methods to run at this dim (fp32 always first: every other one is paired with it)
+    and notes on what was skipped."""
+    from shark_torchrec.precision.priority import default_budget, min_budget
+
+    out: list[Method] = [Method("fp32", "train", "stock TorchRec fp32 tables (shark train --precision fp32)",
+                                ("--precision", "fp32"))]
+    notes: list[str] = []
+    for n in names:
+        if n == "fp32":
+            continue
+        if n in POST:
+            dt, bits = POST[n]
+            out.append(Method(n, "post", f"TorchRec quantize_embeddings(dtype=torch.{dt}) of the fp32 model, post-training",
+                              qdtype=dt, bits=bits))
+        elif n == "shark-paper":
+            b = default_budget([dim])
+            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority, trained from the start, default budget {b:.2f}",
+                              ("--precision", "shark"), budget=b))
+            for b in budgets:
+                if abs(b - default_budget([dim])) < 1e-9:
+                    notes.append(f"shark-paper@{b:.2f} at dim {dim} is shark-paper (the default budget): not run twice")
+                    continue
+                if b < min_budget(dim):
+                    notes.append(f"shark-paper@{b:.2f} skipped at dim {dim}: below the int8 floor {min_budget(dim):.3f}")
+                    continue
+                out.append(Method(f"shark-paper@{b:.2f}", "train",
+                                  f"our module, fp32/fp16/int8 rows by priority, trained from the start, budget {b:.2f}",
+                                  ("--precision", "shark", "--memory-budget", f"{b}"), budget=b))
+        elif n in ("shark-int4", "shark-int2"):
+            tier = n.split("-")[1]
+            out.append(Method(n, "train", f"our module, every row {tier}, trained in place from the start (stochastic rounding)",
+                              ("--precision", tier)))
+        elif n.startswith("shark:"):
+            # shark:TIER/TIER/...@BUDGET: rows ranked by Eq. 7 into these tiers within the budget.
+            spec, _, b = n[len("shark:"):].partition("@")
+            tiers = spec.split("/")
+            budget = float(b) if b else None
+            from shark_torchrec.precision.priority import GROUP_NAMES
+
+            floor = min_budget(dim, max(GROUP_NAMES.index(t) for t in tiers))
+            if budget is not None and budget < floor:
+                notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
+                continue
+            flags = ("--precision", "shark", "--tiers", ",".join(tiers)) + (("--memory-budget", b) if b else ())
+            out.append(Method(n, "train", f"our module, {'/'.join(tiers)} rows by priority (Eq. 7), trained from the start, "
+                              f"budget {b or 'default'}", flags, budget=budget))
+        else:
+            raise SystemExit(f"unknown method {n!r} (known: fp32, {', '.join(POST)}, shark-paper, shark-int4, shark-int2, "
+                             "shark:TIER/TIER/...@BUDGET)")
+    return out, notes
+
+
+# ---------------------------------------------------------------------------------- units
+@dataclass(frozen=True)
+class Unit:
+    seed: int
+    fold: int | None
+    folds: int
+
+    @property
+    def key(self) -> str:
+        return f"s{self.seed}" if self.fold is None else f"s{self.seed}f{self.fold}"
+
+    def flags(self) -> list[str]:
+        f = ["--seed", str(self.seed)]
+        return f + (["--folds", str(self.folds), "--fold", str(self.fold)] if self.fold is not None else [])
+
+
+def units(seeds: int, cv: int) -> list[Unit]:
+    if cv:
+        return [Unit(s, f, cv) for s in range(seeds) for f in range(cv)]
+    return [Unit(s, None, 0) for s in range(seeds)]
+
+
+# ---------------------------------------------------------------------------------- bytes
+def torchrec_unpadded_bytes(shapes: Sequence[tuple[int, int]], bits: int) -> int:
+    """Codes + fp16 scale and bias per row (no alignment); fp16/fp32: the values only."""
+    if bits >= 16:
+        return sum(r * d * bits // 8 for r, d in shapes)
+    return sum(r * (math.ceil(d * bits / 8) + 4) for r, d in shapes)
+
+
+def shark_unpadded_bytes(metrics: dict, dim: int) -> int:
+    """Our module's bytes without alignment: per tier its rows x row bytes (int8: codes + fp16
+    scale and bias), plus the row map for every row."""
+    from shark_torchrec.precision.priority import ROW_MAP_BYTES
+
+    per_row = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 4,
+               "int4": math.ceil(dim / 2) + 4, "int2": math.ceil(dim / 4) + 4, "dropped": 0}
+    tiers = {k[len("rows_"):]: v for k, v in metrics.items() if k.startswith("rows_") and isinstance(v, int)}
+    unknown = set(tiers) - set(per_row)
+    if unknown:
+        raise SystemExit(f"shark_unpadded_bytes: no row size for tiers {sorted(unknown)}: add them")
+    rows = metrics["fp32_embedding_bytes"] // (4 * dim)
+    return sum(per_row[t] * n for t, n in tiers.items()) + ROW_MAP_BYTES * rows
+
+
+# ---------------------------------------------------------------------------------- runs
+def run_train(method: Method, extra: list[str], dim: int, unit: Unit, run_dir: Path) -> dict:
+    """One `shark train` run (reusing its metrics if an earlier invocation finished it)."""
+    m_path = run_dir / "m.json"
+    if m_path.is_file():
+        m = json.loads(m_path.read_text())
+    else:
+        if run_dir.exists():  # an interrupted run: start it again
+            shutil.rmtree(run_dir)
+        flags = [*extra, *method.flags, "--embedding-dim", str(dim), *unit.flags()]
+        m = shark_train(flags, run_dir)
+    fp32_bytes = m["fp32_embedding_bytes"]
+    alloc = m["embedding_bytes"]
+    unpadded = alloc if method.name == "fp32" else shark_unpadded_bytes(m, dim)
+    rec = {
+        "test_auc": m["test_auc"], "test_logloss": m["test_logloss"], "dev_auc": m["dev_auc"],
+        "bytes_allocated": alloc, "bytes_unpadded": unpadded, "fp32_bytes": fp32_bytes,
+        "train_seconds": m["train_seconds"], "steps": m["steps"], "epochs_completed": m["epochs_completed"],
+        "rows": {k[len("rows_"):]: v for k, v in m.items() if k.startswith("rows_")},
+        "optimizer_bytes": m.get("optimizer_bytes"), "priority_bytes": m.get("priority_bytes"),
+    }
+    if method.budget is not None:
+        rec["budget"] = method.budget
+    return rec
+
+
+class FP32Model:
+    """A unit's trained fp32 model, loaded once for its post-training methods."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import torch
+
+        from shark_torchrec.data import open_dataset
+        from shark_torchrec.train.export import load_trained_model
+
+        self.model, self.cfg = load_trained_model(run_dir / "checkpoints")
+        self.data = open_dataset(self.cfg.dataset, self.cfg.train.seed)
+        if self.cfg.model.kept_fields:
+            self.data = self.data.with_fields(list(self.cfg.model.kept_fields))
+        self.ebc = self.model.model.sparse_arch.embedding_bag_collection
+        self.configs = self.ebc.embedding_bag_configs()
+        self.shapes = [(c.num_embeddings, c.embedding_dim) for c in self.configs]
+        self.torch = torch
+
+    def evaluate(self, ebc=None) -> dict:
+        """Test AUC and log loss with `ebc` in place of the trained collection (same batches
+        and metric code as `shark train`, one process)."""
+        from shark_torchrec.train.evaluation import binary_metrics
+
+        torch = self.torch
+        arch = self.model.model.sparse_arch
+        arch.embedding_bag_collection = ebc if ebc is not None else self.ebc
+        try:
+            logits, labels = [], []
+            with torch.no_grad():
+                for b in self.data.batches("test", self.cfg.train.eval_batch_size):
+                    _, (_, out, y, w) = self.model(b)
+                    keep = w > 0
+                    logits.append(out.float()[keep])
+                    labels.append(y[keep])
+            return binary_metrics(torch.cat(logits), torch.cat(labels))
+        finally:
+            arch.embedding_bag_collection = self.ebc
+
+    def every_row_kjt(self):
+        """One bag per row of every table (shorter tables padded with empty bags)."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        torch = self.torch
+        batch = max(r for r, _ in self.shapes)
+        keys, values, lengths = [], [], []
+        for c in self.configs:
+            for f in c.feature_names:
+                keys.append(f)
+                values.append(torch.arange(c.num_embeddings, dtype=torch.long))
+                lengths.append(torch.cat([torch.ones(c.num_embeddings, dtype=torch.int32),
+                                          torch.zeros(batch - c.num_embeddings, dtype=torch.int32)]))
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def quantize_checked(fp: FP32Model, method: Method):
+    """TorchRec's post-training quantization of the fp32 collection, checked (see the module
+    docstring); returns (quantized collection, check record)."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+        rounded_row_size_in_bytes,
+    )
+    from torchrec.inference.modules import quantize_embeddings
+
+    torch = fp.torch
+    dtype = getattr(torch, method.qdtype)
+    want = {16: SparseType.FP16, 8: SparseType.INT8, 4: SparseType.INT4, 2: SparseType.INT2}[method.bits]
+    q = quantize_embeddings(torch.nn.Sequential(fp.ebc), dtype=dtype, inplace=False)[0].eval()
+    tbes = list(q._emb_modules)
+    tys = {SparseType.from_int(int(t)) for tbe in tbes for t in tbe.weights_tys}
+    if tys != {want}:
+        raise SystemExit(f"{method.name}: quantize_embeddings built tables of {sorted(map(str, tys))}, not {want}")
+    state = q.state_dict()
+    allocated = 0
+    for c in fp.configs:
+        w = state[f"embedding_bags.{c.name}.weight"].view(torch.uint8)  # UInt4/UInt2Tensor: the packed bytes
+        row = rounded_row_size_in_bytes(c.embedding_dim, want, getattr(tbes[0], "row_alignment", 16))
+        if tuple(w.shape) != (c.num_embeddings, row):
+            raise SystemExit(f"{method.name}: table {c.name} holds {tuple(w.shape)} bytes, expected ({c.num_embeddings}, {row})")
+    for t in state.values():
+        allocated += t.view(torch.uint8).numel() if t.dtype == torch.uint8 else t.numel() * t.element_size()
+    tbe_buffer = sum(int(getattr(tbe, n).numel() * getattr(tbe, n).element_size())
+                     for tbe in tbes for n in ("weights_host", "weights_dev", "weights_uvm"))
+    # Every row looked up once: distinct values per row and the error against the fp32 row.
+    kjt = fp.every_row_kjt()
+    with torch.no_grad():
+        got, ref = q(kjt).to_dict(), fp.ebc(kjt).to_dict()
+    levels, rel_err = 0, 0.0
+    for c in fp.configs:
+        for f in c.feature_names:
+            g, r = got[f][: c.num_embeddings].float(), ref[f][: c.num_embeddings].float()
+            s = torch.sort(g, dim=1).values
+            levels = max(levels, int(((s[:, 1:] != s[:, :-1]).sum(1) + 1).max()))
+            span = (r.max(1).values - r.min(1).values).clamp_min(1e-12)
+            rel_err = max(rel_err, float(((g - r).abs().max(1).values / span).max()))
+    if method.bits <= 8:
+        bound = 0.5 / (2 ** method.bits - 1)
+        if levels > 2 ** method.bits or rel_err > 1.05 * bound + 2e-3:  # fp16 scale and bias round too
+            raise SystemExit(f"{method.name}: {levels} distinct values in a row (at most {2 ** method.bits}), "
+                             f"largest error {rel_err:.4f} of a row's range (bound {bound:.4f})")
+    return q, {"sparse_type": str(want), "max_levels_per_row": levels, "max_rel_err": rel_err,
+               "bytes_allocated": allocated, "tbe_buffer_bytes": tbe_buffer}
+
+
+def run_post(method: Method, fp: FP32Model) -> dict:
+    t0 = time.perf_counter()
+    q, check = quantize_checked(fp, method)
+    m = fp.evaluate(q)
+    fp32_bytes = sum(r * d * 4 for r, d in fp.shapes)
+    return {
+        "test_auc": m["auc"], "test_logloss": m["logloss"],
+        "bytes_allocated": check.pop("bytes_allocated"), "bytes_unpadded": torchrec_unpadded_bytes(fp.shapes, method.bits),
+        "fp32_bytes": fp32_bytes, "check": check, "seconds": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------- statistics
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (Numerical Recipes)."""
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+            c = 1.0 + aa / c
+            c = c if abs(c) > 1e-300 else 1e-300
+            h *= d * c
+            if aa < 0 and abs(d * c - 1.0) < 1e-15:
+                return h
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1 - x) / b
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile for p in (0.5, 1), by bisection on the CDF."""
+    def cdf(t: float) -> float:
+        return 1.0 - 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+    lo, hi = 0.0, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(diffs: Sequence[float]) -> dict:
+    n = len(diffs)
+    mean = statistics.mean(diffs) if diffs else float("nan")
+    if n < 2:
+        return {"mean": mean, "se": float("nan"), "ci": (float("nan"), float("nan")), "n": n}
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    h = t_quantile(0.975, n - 1) * se
+    return {"mean": mean, "se": se, "ci": (mean - h, mean + h), "n": n}
+
+
+def summarize(records: list[dict], methods: list[Method]) -> tuple[list[dict], list[dict]]:
+    by = {(r["method"], r["unit"]): r for r in records}
+    base = {u: r for (m, u), r in by.items() if m == "fp32"}
+    rows = []
+    for method in methods:
+        rs = [r for r in records if r["method"] == method.name]
+        if not rs:
+            continue
+        diff = paired([r["test_auc"] - base[r["unit"]]["test_auc"] for r in rs if r["unit"] in base])
+        rows.append({
+            "method": method.name, "kind": method.kind, "n": len(rs),
+            "test_auc": statistics.mean(r["test_auc"] for r in rs),
+            "test_logloss": statistics.mean(r["test_logloss"] for r in rs),
+            "alloc_ratio": statistics.mean(r["bytes_allocated"] / r["fp32_bytes"] for r in rs),
+            "unpadded_ratio": statistics.mean(r["bytes_unpadded"] / r["fp32_bytes"] for r in rs),
+            "diff": diff,
+        })
+    pairs = []
+    for a in (m for m in methods if m.kind == "train" and m.name != "fp32"):
+        for b in (m for m in methods if m.kind == "post" and m.bits <= 8):
+            common = sorted({r["unit"] for r in records if r["method"] == a.name} & {r["unit"] for r in records if r["method"] == b.name})
+            if common:
+                d = paired([by[(a.name, u)]["test_auc"] - by[(b.name, u)]["test_auc"] for u in common])
+                pairs.append({"a": a.name, "b": b.name, "diff": d})
+    return rows, pairs
+
+
+def _ci(d: dict) -> str:
+    if d["n"] < 2:
+        return f"{d['mean']:+.4f} (n={d['n']})"
+    return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+
+
+def markdown(dim: int, rows: list[dict], pairs: list[dict], methods: list[Method], notes: list[str], command: str, data: str) -> str:
+    lines = [f"### {data}, dim {dim}", "", f"`{command}`", "",
+             "| method | bytes / fp32 (allocated) | bytes / fp32 (unpadded) | test AUC | log loss | AUC - fp32, mean [95% CI] | SE | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in rows:
+        d, ref = s["diff"], s["method"] == "fp32"
+        diff, se = ("(reference)", "") if ref else (_ci(d), f"{d['se']:.4f}")
+        lines.append(f"| {s['method']} | {s['alloc_ratio']:.3f} | {s['unpadded_ratio']:.3f} | {s['test_auc']:.4f} | "
+                     f"{s['test_logloss']:.4f} | {diff} | {se} | {s['n']} |")
+    if pairs:
+        lines += ["", "| paired difference (test AUC) | mean [95% CI] | SE | n |", "|---|---|---|---|"]
+        for p in pairs:
+            lines.append(f"| {p['a']} - {p['b']} | {_ci(p['diff'])} | {p['diff']['se']:.4f} | {p['diff']['n']} |")
+    lines += ["", *[f"- `{m.name}`: {m.what}" for m in methods], *[f"- {n}" for n in notes]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(dim: int, rows: list[dict], path: Path, data: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, s in enumerate(rows):
+        d, color = s["diff"], f"C{i}"
+        y = 0.0 if s["method"] == "fp32" else d["mean"]
+        err = None
+        if s["method"] != "fp32" and d["n"] > 1:
+            err = [[y - d["ci"][0]], [d["ci"][1] - y]]
+        x_a, x_u = 100 * s["alloc_ratio"], 100 * s["unpadded_ratio"]
+        ax.errorbar([x_a], [y], yerr=err, fmt="o", color=color, capsize=3, label=f"{s['method']} (n={s['n']})")
+        if abs(x_u - x_a) > 1e-9:
+            ax.plot([x_u, x_a], [y, y], color=color, lw=0.8, ls=":")
+            ax.plot([x_u], [y], marker="o", mfc="none", color=color, ls="none")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xscale("log")
+    ticks = [5, 10, 15, 20, 30, 50, 100]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.set_xlabel("embedding bytes, % of fp32 (log; filled: as allocated, hollow: unpadded)")
+    ax.set_ylabel("test AUC - fp32 (paired mean, 95% CI)")
+    ax.set_title(f"{data}, dim {dim}: AUC against embedding bytes", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- main
+def data_name(extra: list[str]) -> str:
+    data = "synthetic"
+    for i, a in enumerate(extra):
+        if a == "--data" and i + 1 < len(extra):
+            data = extra[i + 1]
+        elif a.startswith("--data="):
+            data = a.split("=", 1)[1]
+    kind, _, arg = data.partition(":")
+    return Path(arg).name if arg else kind
+
+
+def code_provenance() -> dict:
+    """Which shark_torchrec the runs use (this process and `shark train` import the same one): its
+    folder, and the git commit with whether its files differ from it, or a snapshot's COMMIT file."""
+    import subprocess
+
+    import shark_torchrec
+
+    pkg = Path(shark_torchrec.__file__).resolve().parent
+    out: dict = {"shark_torchrec": str(pkg)}
+    stamp = pkg.parent / "COMMIT"
+    if stamp.is_file():
+        out["commit"] = stamp.read_text().strip()
+        out["snapshot"] = True
+        return out
+    try:
+        git = ["git", "-C", str(pkg.parent)]
+        out["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        out["dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--", "shark_torchrec"],
+                                           capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    own, extra = split_passthrough(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--cv", type=int, default=0, help="k-fold cross-validation: every seed runs every fold (seeds x folds units)")
+    p.add_argument("--dims", default="64,16")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--budgets", default="", help="extra budgets for shark-paper, e.g. 0.35,0.5")
+    p.add_argument("--out", default="", help="output prefix: writes <out>_d<dim>/ (default bench/results/frontier_<data>)")
+    p.add_argument("--resume", action="store_true", help="keep an earlier invocation's finished runs (same flags)")
+    args = p.parse_args(own)
+    data = data_name(extra)
+    prefix = args.out or str(ROOT / "bench" / "results" / f"frontier_{data}")
+    dims = [int(d) for d in args.dims.split(",") if d]
+    names = [m for m in args.methods.split(",") if m]
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    command = "bench/frontier.py " + " ".join(argv)
+    all_units = units(args.seeds, args.cv)
+
+    code = code_provenance()
+    if code.get("dirty"):
+        tqdm.write(f"warning: {code['shark_torchrec']} differs from commit {code['commit']} (uncommitted changes)", file=sys.stderr)
+    plan = {}
+    for dim in dims:
+        out = Path(f"{prefix}_d{dim}")
+        path = out / "results.json"
+        methods, notes = methods_for(names, dim, budgets)
+        records: list[dict] = []
+        if path.exists():
+            old = json.loads(path.read_text())
+            if not args.resume:
+                raise SystemExit(f"{path} exists: pass --resume to keep its runs, or choose another --out")
+            if old.get("shark_train_flags") != extra or old.get("cv") != args.cv:
+                raise SystemExit(f"{path} was written with other flags ({old.get('shark_train_flags')}, cv {old.get('cv')}): "
+                                 "its runs would not be paired with these; choose another --out")
+            records = old["records"]
+            if old.get("code", {}).get("commit") != code.get("commit"):
+                tqdm.write(f"warning: {path}'s runs used shark_torchrec at {old.get('code', {}).get('commit')}, "
+                           f"this invocation {code.get('commit')}", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        done = {(r["method"], r["unit"]) for r in records}
+        todo = [(u, m) for u in all_units for m in methods if (m.name, u.key) not in done]
+        plan[dim] = (out, path, methods, notes, records, todo)
+
+    total = sum(len(v[-1]) for v in plan.values())
+    texts = []
+    start = time.perf_counter()
+    with tqdm(total=total, desc="runs", file=sys.stderr) as bar:
+        for dim, (out, path, methods, notes, records, todo) in plan.items():
+            meta = {"format": FORMAT, "command": command, "shark_train_flags": extra, "cv": args.cv, "dim": dim, "data": data,
+                    "code": code}
+
+            def save(out=out, path=path, meta=meta, records=records, methods=methods, notes=notes, dim=dim) -> None:
+                write_json(path, {**meta, "records": records})
+                rows, pairs = summarize(records, methods)
+                (out / "table.md").write_text(markdown(dim, rows, pairs, methods, notes, command, data))
+                plot(dim, rows, out / "auc_vs_bytes.png", data)
+
+            for unit in all_units:
+                mine = [m for u, m in todo if u == unit]
+                fp: FP32Model | None = None
+                for method in mine:
+                    bar.set_postfix_str(f"d{dim} {unit.key} {method.name}")
+                    rec = {"method": method.name, "unit": unit.key, "seed": unit.seed, "fold": unit.fold, "dim": dim}
+                    if method.kind == "train":
+                        rec.update(run_train(method, extra, dim, unit, out / "runs" / f"{method.name.replace(':', '_').replace('/', '-')}-{unit.key}"))
+                    else:
+                        if fp is None:
+                            fp = FP32Model(out / "runs" / f"fp32-{unit.key}")
+                            fp32_rec = next(r for r in records if r["method"] == "fp32" and r["unit"] == unit.key)
+                            again = fp.evaluate()
+                            # Our evaluation of the loaded fp32 model against shark train's own figure.
+                            fp32_rec["reevaluated_test_auc"] = again["auc"]
+                            if abs(again["auc"] - fp32_rec["test_auc"]) > 1e-4:
+                                raise SystemExit(f"fp32 {unit.key}: re-evaluated test AUC {again['auc']:.6f} is not "
+                                                 f"shark train's {fp32_rec['test_auc']:.6f}: the evaluations differ")
+                        rec.update(run_post(method, fp))
+                    records.append(rec)
+                    save()
+                    bar.update(1)
+                    tqdm.write(f"d{dim} {unit.key} {method.name}: test AUC {rec['test_auc']:.4f}, "
+                               f"bytes {rec['bytes_allocated'] / rec['fp32_bytes']:.3f} of fp32", file=sys.stderr)
+            save()
+            texts.append((out / "table.md").read_text())
+    print("\n".join(texts))
+    print(f"wall time {time.perf_counter() - start:.0f} s ({total} runs)")
+
+
+if __name__ == "__main__":
+    main()
