@@ -144,7 +144,7 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             if budget is not None and budget < floor:
                 notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
                 continue
-            flags = ("--precision", "shark", "--tiers", ",".join(tiers)) + (("--memory-budget", b) if b else ())
+            flags = ("--precision", "shark", "--tiers", *tiers) + (("--memory-budget", b) if b else ())
             out.append(Method(n, "train", f"our module, {'/'.join(tiers)} rows by priority (Eq. 7), trained from the start, "
                               f"budget {b or 'default'}", flags, budget=budget))
         else:
