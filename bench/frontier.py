@@ -26,7 +26,8 @@ same data splits, and the methods are paired:
 - `shark-int4`, `shark-int2`: `shark train --precision int4|int2`, every row in that tier,
   trained in place from the start (stochastic rounding, no fp32 copy).
 - `shark:TIER/TIER/...@BUDGET` (e.g. `shark:int8/int4/int2@0.12`): `--precision shark --tiers ...
-  --memory-budget BUDGET`, rows ranked by Eq. 7 into those tiers.
+  --memory-budget BUDGET`, rows ranked by Eq. 7 into those tiers; `shark-model:...` the same
+  with `--budget-scope model` (one budget for all tables).
 - `shark-paper`: `shark train --precision shark` trained from the start, our module with the
   paper's tiers (fp32/fp16/int8 rows chosen by priority, Eq. 7), at the default budget for the
   dim (0.35 at dim 64, 0.45 at dim 16), same seed as its fp32 twin (same initial values before
@@ -133,9 +134,11 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             tier = n.split("-")[1]
             out.append(Method(n, "train", f"our module, every row {tier}, trained in place from the start (stochastic rounding)",
                               ("--precision", tier)))
-        elif n.startswith("shark:"):
-            # shark:TIER/TIER/...@BUDGET: rows ranked by Eq. 7 into these tiers within the budget.
-            spec, _, b = n[len("shark:"):].partition("@")
+        elif n.startswith(("shark:", "shark-model:")):
+            # shark:TIER/TIER/...@BUDGET: rows ranked by Eq. 7 into these tiers within the budget
+            # (shark-model: one budget for all tables, --budget-scope model).
+            scope, _, rest = n.partition(":")
+            spec, _, b = rest.partition("@")
             tiers = spec.split("/")
             budget = float(b) if b else None
             from shark_torchrec.precision.priority import GROUP_NAMES
@@ -144,9 +147,11 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             if budget is not None and budget < floor:
                 notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
                 continue
-            flags = ("--precision", "shark", "--tiers", *tiers) + (("--memory-budget", b) if b else ())
+            model = scope == "shark-model"
+            flags = ("--precision", "shark", "--tiers", *tiers) + (("--memory-budget", b) if b else ()) + (
+                ("--budget-scope", "model") if model else ())
             out.append(Method(n, "train", f"our module, {'/'.join(tiers)} rows by priority (Eq. 7), trained from the start, "
-                              f"budget {b or 'default'}", flags, budget=budget))
+                              f"budget {b or 'default'} {'for all tables together' if model else 'per table'}", flags, budget=budget))
         else:
             raise SystemExit(f"unknown method {n!r} (known: fp32, {', '.join(POST)}, shark-paper, shark-int4, shark-int2, "
                              "shark:TIER/TIER/...@BUDGET)")

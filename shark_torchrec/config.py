@@ -209,8 +209,13 @@ class PrecisionConfig:
     """shark/freq budget mode: embedding bytes (weights, scales, row map) at most this fraction
     of the fp32 bytes, per table (unless --t8/--t16 or --row-fractions are given). Default:
     the larger of 0.35 and the all-int8 floor plus 0.05 (0.45 at dim 16, 0.35 from dim 45)."""
+    budget_scope: Literal["table", "model"] = "table"
+    """Budget mode: `table` (the paper) holds every table to the budget on its own; `model`
+    holds the sum over all tables to it, rows of all tables competing by priority per byte (a
+    small hot table keeps precision a large cold one gives up)."""
     fp32_fraction: float = 0.02
-    """Budget mode: at most this fraction of each table's rows stays fp32."""
+    """Budget mode: at most this fraction of each table's rows (of all rows, with
+    --budget-scope model) stays fp32."""
     row_fractions: Tuple[float, ...] = ()
     """shark/freq: fixed fractions of each table's rows in each tier but the last, most precise
     first (with the paper's tiers two numbers, fp32 and fp16; the rest int8), instead of a
@@ -238,6 +243,7 @@ class PrecisionConfig:
             mode=self.precision,
             tiers=tuple(self.tiers),
             memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
+            budget_scope=self.budget_scope,
             fp32_fraction=self.fp32_fraction,
             row_fractions=fractions if self.precision in ("shark", "freq") else None,
             t8=self.t8,
@@ -339,8 +345,12 @@ class JobConfig:
         if c.quant_epochs < 0 or c.quant_evals_per_epoch < 0:
             raise ConfigError("compress.quant_epochs and compress.quant_evals_per_epoch must be >= 0")
         q = self.quant
-        if q.precision not in ("shark", "freq") and (q.t8 is not None or q.memory_budget is not None or q.row_fractions):
-            raise ConfigError(f"quant: --memory-budget/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}")
+        if q.precision not in ("shark", "freq") and (
+            q.t8 is not None or q.memory_budget is not None or q.row_fractions or q.budget_scope != "table"
+        ):
+            raise ConfigError(
+                f"quant: --memory-budget/--budget-scope/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}"
+            )
         try:
             # The policy's own rules (tiers, fractions, thresholds, a reachable budget at this
             # dim), checked here so that a bad config stops before any work.

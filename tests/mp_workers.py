@@ -126,14 +126,17 @@ def sequence_loss(out, keys, kjt, batch: int):
     return values, (values * ID_GRAD[ids % 7]).sum() / batch
 
 
-def sharded_run(sharding_type: str, steps: int, pol_kw: dict, sequence: bool = False, save_to: str = ""):
+def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False, save_to: str = ""):
     env = init_distributed()
     rank, world = env.rank, env.world_size
     model = Wrap(make_module(sequence, pol_kw))
     sharders = [MixedPrecisionEmbeddingCollectionSharder() if sequence else MixedPrecisionEmbeddingBagCollectionSharder()]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"),
-        constraints={n: ParameterConstraints(sharding_types=[sharding_type], min_partition=8) for n, _, _ in TABLES},
+        constraints={
+            n: ParameterConstraints(sharding_types=[sharding_type[n] if isinstance(sharding_type, dict) else sharding_type], min_partition=8)
+            for n, _, _ in TABLES
+        },
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)

@@ -205,3 +205,43 @@ def bag_id_grads(out_grad: torch.Tensor, lengths: Dict[str, torch.Tensor], featu
         bag = torch.repeat_interleave(torch.arange(len(lengths[f])), lengths[f])
         out[f] = out_grad[:, k * dim : (k + 1) * dim][bag]
     return out
+
+
+def model_budget_groups(
+    scores: Dict[str, torch.Tensor], widths: Dict[str, Sequence[int]], budget: float, fp32_fraction: float,
+    groups: Sequence[int] = PAPER_GROUPS,
+) -> Dict[str, torch.Tensor]:
+    """One budget over all tables, row by row: every row of every table in one list, ranked
+    by score over the row's fp32 bytes (descending; ties: tables by name, then row ascending);
+    every row starts in the cheapest group; then each group from the most precise takes the
+    next rows of the list while its extra bytes fit in what the budget leaves (fp32 at most
+    `fp32_fraction` of all rows), stopping at the first row that does not fit."""
+    groups = sorted(groups)
+    cheapest = groups[-1]
+
+    def cost(name: str, g: int) -> int:  # bytes of one row in group g over its slices, row map included
+        per_value = {0: 4.0, 1: 2.0, 2: 1.0, 3: 0.5, 4: 0.25}[g]
+        return sum(int(w * per_value) + (4 if g >= 2 else 0) + 5 for w in widths[name])
+
+    entries = []
+    for name in sorted(scores):
+        dim = sum(widths[name])
+        for row, s in enumerate(scores[name].tolist()):
+            entries.append((-(torch.tensor(s, dtype=torch.float32) / (4 * dim)).item(), name, row))
+    entries.sort(key=lambda e: (e[0], sorted(scores).index(e[1]), e[2]))
+    fp32_bytes = sum(4 * sum(widths[n]) * len(scores[n]) for n in scores)
+    spare = budget * fp32_bytes - sum(cost(n, cheapest) * len(scores[n]) for n in scores)
+    out = {n: torch.full((len(scores[n]),), cheapest, dtype=torch.int8) for n in scores}
+    at = 0
+    for g in groups[:-1]:
+        taken = 0
+        while at < len(entries):
+            _, name, row = entries[at]
+            extra = cost(name, g) - cost(name, cheapest)
+            if extra > spare + 1e-6 or (g == 0 and taken + 1 > fp32_fraction * len(entries) + 1e-9):
+                break
+            spare -= extra
+            out[name][row] = g
+            taken += 1
+            at += 1
+    return out

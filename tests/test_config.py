@@ -52,6 +52,8 @@ def test_precision_flags_are_validated():
         (dict(precision="shark", t8=1.0), "t8/t16"),
         (dict(precision="shark", memory_budget=0.5, t8=1.0, t16=2.0), "memory_budget"),
         (dict(precision="fp16", memory_budget=0.5), "--memory-budget"),
+        (dict(precision="int8", budget_scope="model"), "--budget-scope"),
+        (dict(precision="shark", budget_scope="model", row_fractions=(0.1, 0.2)), "budget_scope"),
         (dict(precision="shark", row_fractions=(0.6, 0.6)), "row_fractions"),
         (dict(precision="shark", memory_budget=0.0), "memory_budget"),
         (dict(precision="shark", reassign_every=0), "reassign_every"),

@@ -236,6 +236,7 @@ class ShardedMixedPrecisionModule:
         self._budget_tables = {
             name: (self._table_rows[name], self._budget_dim(name, ps)) for name, ps in table_name_to_parameter_sharding.items()
         }
+        self._slice_widths = {name: self._column_widths(name, ps) for name, ps in table_name_to_parameter_sharding.items()}
         self.last_moved: Dict[str, int] = {}
         self.reassign_seconds = 0.0
         self._assign_initial_groups()
@@ -309,6 +310,15 @@ class ShardedMixedPrecisionModule:
             return -1
         return min(s.shard_sizes[1] for s in spec.shards)
 
+    def _column_widths(self, name: str, ps: ParameterSharding) -> Tuple[int, ...]:
+        """The widths of a table's column slices (one full-width slice unless column-wise)."""
+        dim = next(c.embedding_dim for c in self._mp_configs if c.name == name)
+        spec = ps.sharding_spec
+        if spec is None or not getattr(spec, "shards", None):
+            return (dim,)
+        by_col = {s.shard_offsets[1]: s.shard_sizes[1] for s in spec.shards}
+        return tuple(by_col[c] for c in sorted(by_col))
+
     def stores(self) -> List[Tuple[RowGroupStore, str]]:
         out = []
         for lookup, (_, st) in zip(self._lookups, self._mp_shardings()):
@@ -356,7 +366,9 @@ class ShardedMixedPrecisionModule:
     def reassign(self) -> Dict[str, int]:
         """Regroup all rows by score now (collective: every rank calls it)."""
         t0 = time.perf_counter()
-        moved = reassign_stores([s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg)
+        moved = reassign_stores(
+            [s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg, self._slice_widths
+        )
         self.reassign_seconds += time.perf_counter() - t0
         self.last_moved = moved
         return moved

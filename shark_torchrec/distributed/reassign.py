@@ -20,6 +20,8 @@ from shark_torchrec.precision.priority import (
     groups_by_cuts,
     groups_by_threshold,
     kth_largest_cuts,
+    model_budget_cuts,
+    per_byte_scores,
     ranking_keys,
 )
 
@@ -50,10 +52,13 @@ def reassign_stores(
     policy: PrecisionPolicy,
     tables: Dict[str, Tuple[int, int]],
     pg: Optional[dist.ProcessGroup],
+    widths: Optional[Dict[str, Tuple[int, ...]]] = None,
 ) -> Dict[str, int]:
     """Regroup every row of `stores` by its current score. `tables` maps every table of the
-    module (on all ranks, the same) to (global rows, dim used for the budget). Collective over
-    `pg` in budget mode: all ranks call it together. Returns rows moved into each group.
+    module (on all ranks, the same) to (global rows, dim used for the budget); `widths` maps
+    it to its column-slice widths (default: one slice of that dim), which the model-wide
+    budget (`policy.budget_scope == "model"`) charges. Collective over `pg` in budget mode:
+    all ranks call it together. Returns rows moved into each group.
 
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
@@ -70,12 +75,22 @@ def reassign_stores(
         return moved
     names = sorted(tables)
     index = {n: i for i, n in enumerate(names)}
-    targets = budget_targets(policy, tables, names)
+    model_scope = policy.budget_mode and policy.budget_scope == "model"
+    widths = {n: tuple(widths[n]) if widths and n in widths else (tables[n][1],) for n in names}
+    full_dim = {n: sum(widths[n]) for n in names}
+    # Model scope: keys unique across tables (ties go to the lower row of the table first by name).
+    model_base = dict(zip(names, torch.tensor([0] + [tables[n][0] for n in names]).cumsum(0).tolist()))
+    if model_scope and sum(tables[n][0] for n in names) >= 1 << 32:
+        raise ValueError("budget_scope='model' ranks at most 2^32 rows over all tables of a collection: use 'table'")
 
     def keys_of(s: RowGroupStore, i: int, a: int, b: int) -> torch.Tensor:
         # Rows [a, b) of local table i: global row = position in the table + its row offset.
-        first = s.tables[i].row_offset - int(s.table_base[i])
-        return ranking_keys(s.scores_now(a, b), torch.arange(a + first, b + first))
+        t = s.tables[i]
+        first = t.row_offset - int(s.table_base[i])
+        rows = torch.arange(a + first, b + first)
+        if model_scope:
+            return ranking_keys(per_byte_scores(s.scores_now(a, b), full_dim[t.name]), rows + model_base[t.name])
+        return ranking_keys(s.scores_now(a, b), rows)
 
     sorted_keys: List[Tuple[int, torch.Tensor]] = []
     for s in stores:
@@ -97,7 +112,15 @@ def reassign_stores(
             dist.all_reduce(out, group=pg)
         return out
 
-    cuts = kth_largest_cuts(count_at_least, targets)
+    if model_scope:
+        shared = model_budget_cuts(
+            lambda cut: count_at_least(torch.full((len(names), 1), cut, dtype=torch.int64))[:, 0],
+            [tables[n][0] for n in names], [widths[n] for n in names], [full_dim[n] for n in names],
+            policy.memory_budget, policy.fp32_fraction, policy.groups,
+        )
+        cuts = torch.tensor([shared] * len(names), dtype=torch.int64).reshape(len(names), -1)
+    else:
+        cuts = kth_largest_cuts(count_at_least, budget_targets(policy, tables, names))
     del sorted_keys
     for s in stores:
         groups = torch.empty(s.num_rows, dtype=torch.int8)

@@ -10,6 +10,7 @@ from shark_torchrec.precision.priority import GROUP_NAMES, INT2, BudgetError, de
 
 MODES = ("shark", "freq", "fp32", "fp16", "int8", "int4", "int2")
 PAPER_TIERS = ("fp32", "fp16", "int8")
+BUDGET_SCOPES = ("table", "model")
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
 BAD_ID_POLICIES = ("error", "row0")
 # What FBGEMM's table-batched embeddings train with when nothing is said (its constructor's
@@ -41,6 +42,11 @@ class PrecisionPolicy:
       table. None: the default for the collection's dims (`default_budget`: the larger of 0.35
       and the narrowest table's all-int8 floor plus 0.05, so 0.45 at dim 16 and 0.35 from dim
       45 up), resolved when the collection is built.
+    budget_scope: `table` (the paper): every table within the budget on its own; `model`: one
+      budget for all tables of the collection, rows of all tables competing by priority per
+      byte (score over the row's fp32 bytes), so a small hot table keeps precision that a
+      large cold one gives up (fp32 then at most `fp32_fraction` of all rows). Rows start
+      under the per-table rule until scores exist.
     row_fractions: fractions of each table's rows in each tier but the last, from the most
       precise (with the paper's tiers: fp32, fp16; the rest int8), instead of a byte budget;
       the same ranking decides which rows.
@@ -57,6 +63,7 @@ class PrecisionPolicy:
     mode: str = "shark"
     tiers: Tuple[str, ...] = PAPER_TIERS
     memory_budget: Optional[float] = None
+    budget_scope: str = "table"
     fp32_fraction: float = 0.02
     row_fractions: Optional[Tuple[float, ...]] = None
     t8: Optional[float] = None
@@ -132,6 +139,10 @@ class PrecisionPolicy:
                 raise bad("row_fractions", f"needs {want} numbers (tiers {tuple(self.tiers)} but the last), got {list(self.row_fractions)}")
             if min(self.row_fractions) < 0 or sum(self.row_fractions) > 1:
                 raise bad("row_fractions", f"need fractions >= 0 that sum to at most 1, got {self.row_fractions}")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise bad("budget_scope", f"must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
+        if self.budget_scope != "table" and self.scored and not self.budget_mode:
+            raise bad("budget_scope", f"{self.budget_scope!r} applies to a memory budget, not to row_fractions or t8/t16")
         if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
             raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
         if not 0 <= self.fp32_fraction <= 1:

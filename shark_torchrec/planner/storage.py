@@ -10,13 +10,16 @@ In budget mode a table's group counts are fixed, but which rows (and so which ro
 table-row-wise shard) hold the fp32 and fp16 ones follows the scores, so each shard is sized
 for the worst case: as many of the table's most precise rows as it can hold. Whole-table
 shards (table-wise, column-wise, data-parallel) are sized exactly: what the built store
-allocates (tests/test_planner_storage.py). Threshold mode has no bound (every row
+allocates (tests/test_planner_storage.py). With one budget for all tables of a collection
+(`budget_scope="model"`) a table is sized for the most it can take: the model's budget less the
+other tables at their floor (`model_scope_share`). Threshold mode has no bound (every row
 may reach fp32), so shards are sized as fp32 rows plus our metadata.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import dataclasses
+from typing import Dict, List, Optional, Tuple
 
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
 
@@ -29,8 +32,36 @@ from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.priority import ROW_MAP_BYTES, GroupCounts, row_bytes
 
 
+def model_scope_share(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]]) -> Dict[str, PrecisionPolicy]:
+    """With one budget for all tables (`budget_scope="model"`) a table may take more than the
+    budget of its own bytes, up to what the others leave at their floor: per table, a policy
+    whose per-table budget is that bound (fp32 rows capped by the model's fp32 share), for
+    sizing its shards.
+
+    Args:
+        policy: the collection's resolved policy.
+        tables: every table of the collection: name -> (rows, dim).
+
+    Returns:
+        name -> the policy to size that table's shards with (per-table scope).
+    """
+    cheapest = policy.groups[-1]
+    total_fp32 = sum(r * d * 4 for r, d in tables.values())
+    floors = {n: r * (row_bytes(d, cheapest) + ROW_MAP_BYTES) for n, (r, d) in tables.items()}
+    all_rows = sum(r for r, _ in tables.values())
+    out = {}
+    for n, (r, d) in tables.items():
+        cap = policy.memory_budget * total_fp32 - (sum(floors.values()) - floors[n])
+        out[n] = dataclasses.replace(
+            policy, budget_scope="table", memory_budget=min(max(cap / max(r * d * 4, 1), 1e-9), 1.5),  # 1.5: above all-fp32 plus the row map
+            fp32_fraction=min(1.0, policy.fp32_fraction * all_rows / max(r, 1)),
+        )
+    return out
+
+
 def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows: int, shard_cols: int) -> int:
-    """Upper bound on what one shard of a table takes in training (see module doc)."""
+    """Upper bound on what one shard of a table takes in training (see module doc); with a
+    model-wide budget, pass the table's policy from `model_scope_share`."""
     if policy.threshold_mode:
         counts = GroupCounts(table_rows, 0, 0)
     else:
@@ -65,6 +96,9 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
                 continue
             sharder = (sharder_data_map or {}).get(option.module_type_key)
             policy = module.resolved_policy(getattr(sharder, "fused_params", None))
+            if policy.budget_mode and policy.budget_scope == "model":
+                configs = module.embedding_configs() if isinstance(module, MixedPrecisionEmbeddingCollection) else module.embedding_bag_configs()
+                policy = model_scope_share(policy, {c.name: (c.num_embeddings, c.embedding_dim) for c in configs})[option.name]
             rows = option.tensor.shape[0]
             for shard in option.shards:
                 if shard.storage is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -188,3 +188,99 @@ def kth_largest_cuts(count_at_least, targets: torch.Tensor) -> torch.Tensor:
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     return torch.where(targets > 0, lo, torch.full_like(targets, NO_CUT))
+
+
+def sliced_row_bytes(widths: Sequence[int], group: int, row_alignment: int = 1) -> int:
+    """Bytes one row of a table costs in a group, over all its column slices (each slice a
+    row of its own width, integer slices with their own scale and bias), row map included."""
+    return sum(row_bytes(w, group, row_alignment) + ROW_MAP_BYTES for w in widths)
+
+
+def per_byte_scores(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Priority per byte for the model-wide budget: a row's score over its fp32 bytes (4 x dim),
+    so that a row of a wide table must earn its precision with a higher score."""
+    return scores / float(4 * dim)
+
+
+def model_budget_cuts(
+    count_at_least: Callable[[int], torch.Tensor],
+    rows: Sequence[int],
+    widths: Sequence[Sequence[int]],
+    dims: Sequence[int],
+    budget: float,
+    fp32_fraction: float,
+    groups: Sequence[int] = PAPER_GROUPS,
+    row_alignment: int = 1,
+) -> List[int]:
+    """One budget for all tables (`--budget-scope model`): the ranking-key cuts that put rows
+    into the groups, the same cuts for every table, so rows of all tables compete by key
+    (priority per byte, `per_byte_scores`; keys unique across tables).
+
+    The rule of `budget_counts`, over the whole model: every row starts in the cheapest group,
+    which must fit; then from the most precise group down, each takes the rows of highest key
+    while the spare bytes last (fp32 at most `fp32_fraction` of all rows). The sum over tables
+    of embedding bytes (weights, scales, row map) stays within `budget` x their fp32 bytes.
+
+    Args:
+        count_at_least: cut -> int64 [T], per table the rows whose key is >= cut (a collective
+            over the shards when sharded; called the same number of times on every rank, as
+            the search only reads its results).
+        rows, widths, dims: per table its global rows, column-slice widths and full dim.
+        budget: fraction of the tables' fp32 bytes.
+        fp32_fraction: at most this fraction of all rows in fp32.
+        groups: the group ids rows can be in.
+
+    Returns:
+        len(groups) - 1 non-increasing cuts for `groups_by_cuts`.
+
+    Raises:
+        BudgetError: every row in the cheapest group does not fit.
+    """
+    groups = sorted(groups)
+    cheapest = groups[-1]
+    n = torch.tensor([int(r) for r in rows], dtype=torch.float64)
+    cost = torch.tensor([[sliced_row_bytes(w, g, row_alignment) for g in range(len(GROUP_NAMES))] for w in widths],
+                        dtype=torch.float64).reshape(len(rows), len(GROUP_NAMES))
+    fp32_total = float((n * torch.tensor([4.0 * d for d in dims], dtype=torch.float64)).sum())
+    floor = float((n * cost[:, cheapest]).sum()) if len(rows) else 0.0
+    cap = budget * fp32_total
+    if floor > cap + 1e-6:
+        raise BudgetError(
+            f"memory budget {budget} is below what the model's tables can reach: all rows "
+            f"{GROUP_NAMES[cheapest]} plus the row map take {floor / max(fp32_total, 1.0):.3f} of fp32"
+        )
+    spare = cap - floor
+    total_rows = float(n.sum())
+    spent = 0.0
+    prev_cut, prev_counts = NO_CUT, torch.zeros(len(rows), dtype=torch.int64)
+    cuts: List[int] = []
+    for g in groups[:-1]:
+        extra = cost[:, g] - cost[:, cheapest]
+
+        def fits(cut: int) -> Tuple[bool, float, torch.Tensor]:
+            c = count_at_least(cut)
+            more = float(((c - prev_counts).to(torch.float64) * extra).sum())
+            ok = spent + more <= spare + 1e-6
+            if g == FP32:
+                ok = ok and float(c.sum()) <= fp32_fraction * total_rows + 1e-9
+            return ok, more, c
+
+        # The smallest cut in [0, prev_cut] that fits (prev_cut itself adds nothing): bisection.
+        ok, more, counts = fits(0)
+        if ok:
+            cut = 0
+        else:
+            lo, hi = 0, prev_cut
+            more, counts = 0.0, prev_counts
+            while hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                ok, m, c = fits(mid)
+                if ok:
+                    hi, more, counts = mid, m, c
+                else:
+                    lo = mid
+            cut = hi
+        spent += more
+        prev_cut, prev_counts = cut, counts
+        cuts.append(cut)
+    return cuts

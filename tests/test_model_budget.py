@@ -1,0 +1,142 @@
+"""One memory budget for all tables of a collection (`budget_scope="model"`): rows of every
+table compete by priority per byte; sharded on 2 ranks (row-wise, column-wise and
+data-parallel tables in one module) it picks the rows a row-by-row reference picks."""
+
+import pytest
+import torch
+
+import mp_workers as W
+from reference import model_budget_groups
+from shark_torchrec.distributed.env import launch
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.precision.priority import (
+    FP16,
+    FP32,
+    INT8,
+    BudgetError,
+    decayed,
+    model_budget_cuts,
+    per_byte_scores,
+    ranking_keys,
+    sliced_row_bytes,
+)
+
+
+def cuts_for(scores, dims, budget, fp32_fraction=0.02, groups=(FP32, FP16, INT8)):
+    """model_budget_cuts on whole tables held in one process."""
+    keys, base = [], 0
+    for s, d in zip(scores, dims):
+        keys.append(torch.sort(ranking_keys(per_byte_scores(s, d), torch.arange(len(s)) + base)).values)
+        base += len(s)
+
+    def count_at_least(cut):
+        return torch.tensor([len(k) - int(torch.searchsorted(k, torch.tensor(cut))) for k in keys])
+
+    cuts = model_budget_cuts(count_at_least, [len(s) for s in scores], [(d,) for d in dims], dims, budget, fp32_fraction, groups)
+    out, base = [], 0
+    for s, d in zip(scores, dims):
+        k = ranking_keys(per_byte_scores(s, d), torch.arange(len(s)) + base)
+        base += len(s)
+        g = torch.full((len(s),), max(groups), dtype=torch.int8)
+        for cut, group in reversed(list(zip(cuts, sorted(groups)[:-1]))):
+            g[k >= cut] = group
+        out.append(g)
+    return out
+
+
+def used_bytes(groups, dims):
+    return sum(sum(sliced_row_bytes((d,), int(x)) for x in g.tolist()) for g, d in zip(groups, dims))
+
+
+def test_a_small_hot_table_keeps_precision_a_large_cold_one_gives_up():
+    gen = torch.Generator().manual_seed(0)
+    hot, cold = torch.rand(20, generator=gen) + 10.0, torch.rand(2000, generator=gen)
+    dims = [16, 16]
+    per_table = PrecisionPolicy(memory_budget=0.45, fp32_fraction=0.0, optimizer="sgd", learning_rate=0.1, eps=1e-8)
+    assert per_table.budget_scope == "table"
+    groups = cuts_for([hot, cold], dims, 0.45, fp32_fraction=0.0)
+    assert bool((groups[0] == FP16).all())  # every hot row fp16: a table-wise 0.45 would keep most int8
+    fp32_bytes = (20 + 2000) * 16 * 4
+    assert used_bytes(groups, dims) <= 0.45 * fp32_bytes
+    # The spare bytes are spent: one more fp16 row would not fit.
+    assert used_bytes(groups, dims) + sliced_row_bytes((16,), FP16) - sliced_row_bytes((16,), INT8) > 0.45 * fp32_bytes
+    # Reference, row by row.
+    want = model_budget_groups({"a": hot, "b": cold}, {"a": (16,), "b": (16,)}, 0.45, 0.0)
+    assert torch.equal(groups[0], want["a"]) and torch.equal(groups[1], want["b"])
+
+
+def test_priority_is_per_byte_and_budget_is_monotone():
+    gen = torch.Generator().manual_seed(1)
+    narrow, wide = torch.rand(300, generator=gen), torch.rand(300, generator=gen)
+    dims = [16, 64]
+    fp32_bytes = 300 * 16 * 4 + 300 * 64 * 4
+    used, precise = [], []
+    for budget in (0.4, 0.5, 0.7, 0.9, 1.2):
+        groups = cuts_for([narrow, wide], dims, budget, fp32_fraction=0.05)
+        want = model_budget_groups({"a": narrow, "b": wide}, {"a": (16,), "b": (64,)}, budget, 0.05)
+        assert torch.equal(groups[0], want["a"]) and torch.equal(groups[1], want["b"]), budget
+        used.append(used_bytes(groups, dims))
+        precise.append(sum(int((g != INT8).sum()) for g in groups))
+        assert used[-1] <= budget * fp32_bytes
+    assert used == sorted(used) and precise == sorted(precise)
+    # Equal scores: a row of the narrow table is worth four of the wide one per byte.
+    same = torch.full((300,), 0.5)
+    groups = cuts_for([same, same], dims, 0.45, fp32_fraction=0.0)
+    assert bool((groups[0] == FP16).all()) and 0 < int((groups[1] == FP16).sum()) < 300  # narrow first
+
+
+def test_a_model_budget_below_the_floor_is_refused():
+    with pytest.raises(BudgetError, match="model's tables"):
+        cuts_for([torch.rand(10), torch.rand(10)], [16, 16], 0.3)
+    with pytest.raises(ValueError, match="budget_scope"):
+        PrecisionPolicy(budget_scope="model", row_fractions=(0.1, 0.2))
+    with pytest.raises(ValueError, match="budget_scope"):
+        PrecisionPolicy(budget_scope="rack")
+
+
+MIXED = {"t0": "row_wise", "t1": "column_wise", "t2": "data_parallel"}
+
+
+def test_two_ranks_row_column_and_data_parallel_tables_share_one_budget():
+    """Row-wise, column-wise (2 slices of 8 columns) and data-parallel tables of one module on
+    2 ranks under one budget: after the last reassignment every slice and replica of a row is
+    in the same group, the groups are the row-by-row reference's on the final scores, they
+    differ from the per-table rule's, and the bytes the module reports fit the budget."""
+    steps = 3
+    overrides = {"reassign_every": 1, "memory_budget": 0.6, "budget_scope": "model", "fp32_fraction": 0.05}
+    got = launch(W.sharded_run, 2, MIXED, steps, overrides)
+    policy = W.policy(**overrides)
+    scores, widths = {}, {}
+    for n, rows, _ in W.TABLES:
+        groups = got["tables"][f"{n}.row_group"]
+        assert (groups == groups[:, :1]).all(), n  # every 4-column unit (slice) of a row alike
+        scores[n] = decayed(got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
+        widths[n] = (8, 8) if MIXED[n] == "column_wise" else (W.DIM,)
+    assert sorted(w for ws in got["widths"] for w in ws) == [8, 8, 16, 16]  # t1 really sliced
+    want = model_budget_groups(scores, widths, 0.6, 0.05)
+    for n, rows, _ in W.TABLES:
+        assert torch.equal(got["tables"][f"{n}.row_group"][:, 0], want[n]), n
+    per_table = [int((want[n] != INT8).sum()) / rows for n, rows, _ in W.TABLES]
+    assert max(per_table) - min(per_table) > 0.2, per_table  # not each table's own share
+    mem = got["memory"]
+    fp32 = sum(rows * W.DIM * 4 for _, rows, _ in W.TABLES)
+    assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) <= 0.6 * fp32
+    assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) > 0.55 * fp32  # and spent
+
+
+def test_the_planner_sizes_a_table_for_the_most_the_model_budget_lets_it_take():
+    """The storage estimate of a whole table under a model budget bounds its bytes when its
+    rows outrank every other table's (the most it can take), and exceeds the per-table one."""
+    from shark_torchrec.planner.storage import model_scope_share, shard_bytes
+
+    policy = W.policy(memory_budget=0.6, budget_scope="model", fp32_fraction=0.05).resolved([W.DIM])
+    tables = {n: (rows, W.DIM) for n, rows, _ in W.TABLES}
+    share = model_scope_share(policy, tables)
+    metadata = 5 + 4 + 8  # row map, Adagrad state, score: what shard_bytes adds per row besides weights
+    for hot, rows, _ in W.TABLES:
+        scores = [torch.full((r,), 10.0) if n == hot else torch.rand(r) for n, r, _ in W.TABLES]
+        groups = cuts_for(scores, [W.DIM] * len(scores), 0.6, fp32_fraction=0.05)
+        taken = used_bytes([groups[[n for n, _, _ in W.TABLES].index(hot)]], [W.DIM])
+        estimate = shard_bytes(share[hot], hot, rows, rows, W.DIM) - rows * (metadata - 5)
+        assert taken <= estimate, hot
+        assert estimate > shard_bytes(policy, hot, rows, rows, W.DIM) - rows * (metadata - 5), hot
