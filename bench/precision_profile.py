@@ -53,7 +53,7 @@ def main() -> None:
         [LocalTable(f"t{i}", R, D, global_rows=R, table_id=i) for i in range(T)],
         [f"f{i}" for i in range(T)], list(range(T)), policy, StepCounter(),
     )
-    store.set_groups(starting_groups(store, policy, {f"t{i}": D for i in range(T)}))
+    store.set_groups(starting_groups(store, policy, {f"t{i}": (R, D) for i in range(T)}))
     ids = (torch.rand(T * B) ** 3 * R).long()  # skewed: hot rows repeat
     lengths = torch.ones(T * B, dtype=torch.int64)
     labels = torch.ones(T * B)

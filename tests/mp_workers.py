@@ -107,7 +107,7 @@ def logical_tables(module, prefix: str = "embedding_bags") -> dict:
     sd = module.state_dict()
     out = {}
     for n, rows, _ in TABLES:
-        for key in ("weight", "row_group", "row_priority", "row_seen_step"):
+        for key in ("weight", "row_group", "row_priority", "row_seen_step", "fallback"):
             if f"{prefix}.{n}.{key}" not in sd:
                 continue
             v = sd[f"{prefix}.{n}.{key}"]
@@ -162,13 +162,27 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
             gathered = [torch.zeros_like(pooled) for _ in range(world)]
             dist.all_gather(gathered, pooled.detach())
             outs.append(torch.cat(gathered))
+    copies = None
     if save_to:
         import torch.distributed.checkpoint as dcp
 
         dcp.save(smod.state_dict(), checkpoint_id=save_to)
+        if any(s.has_dropped for s, _ in smod.stores()):
+            # Load it back over zeroed fallback rows: each shard's copy must come back (the
+            # checkpoint holds each table's fallback once, from the shard at row 0).
+            for store, _ in smod.stores():
+                for i in range(len(store.tables)):
+                    store.set_fallback_rows(i, torch.zeros(store.dim), 0.0)
+            state = smod.state_dict()
+            dcp.load(state, checkpoint_id=save_to)
+            smod.load_state_dict(state)
+            mine = [(t.name, t.row_offset, store.fallback_rows()[i].clone()) for store, _ in smod.stores() for i, t in enumerate(store.tables)]
+            copies = [None] * world
+            dist.all_gather_object(copies, mine)
     all_widths = [None] * world
     dist.all_gather_object(all_widths, widths)
-    result = {"widths": all_widths, "outputs": outs, "tables": logical_tables(smod, smod._mp_prefix), "memory": smod.precision_memory()}
+    result = {"widths": all_widths, "outputs": outs, "tables": logical_tables(smod, smod._mp_prefix), "memory": smod.precision_memory(),
+              "fallback_copies": copies}
     shutdown_distributed()
     return result
 

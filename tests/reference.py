@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from shark_torchrec.precision.priority import FP16, INT_BITS, PAPER_GROUPS, budget_counts, decayed, updated
+from shark_torchrec.precision.priority import DROPPED, FP16, INT_BITS, PAPER_GROUPS, budget_counts, decayed, updated
 from shark_torchrec.precision.quantize import (
     dequantize_rows,
     quantize_rows,
@@ -72,6 +72,11 @@ def budget_groups(scores: torch.Tensor, counts: Sequence[Tuple[int, int]]) -> to
 class ReferenceTable:
     """One whole table: logical values [rows, D] and per-row group, momentum and score."""
 
+    def looked_up(self) -> torch.Tensor:
+        """What a lookup of each row returns: its value, or for a dropped row the fallback."""
+        dropped = self.group == DROPPED
+        return torch.where(dropped[:, None], self.fallback.expand(self.rows, -1), self.values)
+
     def __init__(
         self, name: str, values: torch.Tensor, budget: Optional[float], fp32_fraction: float, groups: Sequence[int],
         fractions: Optional[Sequence[float]] = None,
@@ -93,6 +98,10 @@ class ReferenceTable:
             self.group[start : start + n] = g
             start += n
         self.values = rounded_to_nearest(values.float(), self.group)
+        # Dropped rows: no value of their own; they read the table's fallback row, which
+        # starts at zero and takes the summed gradient of the table's dropped ids.
+        self.fallback = torch.zeros(self.dim)
+        self.fallback_momentum = torch.zeros(())
         self.momentum = torch.zeros(self.rows)
         self.score = torch.zeros(self.rows)
         self.seen_step = torch.zeros(self.rows, dtype=torch.int32)
@@ -133,12 +142,12 @@ class Reference:
         for feature, table in self.features:
             t = self.tables[table]
             bag = torch.repeat_interleave(torch.arange(len(lengths[feature])), lengths[feature])
-            out.append(torch.zeros(len(lengths[feature]), t.dim).index_add_(0, bag, t.values[ids[feature]]))
+            out.append(torch.zeros(len(lengths[feature]), t.dim).index_add_(0, bag, t.looked_up()[ids[feature]]))
         return torch.cat(out, dim=1)
 
     def per_id(self, ids: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Sequence features: one row per id."""
-        return {f: self.tables[t].values[ids[f]] for f, t in self.features}
+        return {f: self.tables[t].looked_up()[ids[f]] for f, t in self.features}
 
     # ------------------------------------------------------------------ training
     def train_step(
@@ -169,6 +178,12 @@ class Reference:
                 positives[touched], seen[touched] - positives[touched], self.alpha, self.beta,
             )
             t.seen_step[touched] = step
+            dropped = t.group[touched] == DROPPED
+            if bool(dropped.any()):  # the fallback row's step: the sum of the dropped ids' gradients
+                fg = grad[touched[dropped]].sum(dim=0)
+                t.fallback_momentum = t.fallback_momentum + (fg * fg).mean()
+                t.fallback = t.fallback - fg * (self.lr / (t.fallback_momentum.sqrt() + self.eps))
+                touched = touched[~dropped]
             # Row-wise Adagrad. lr / (sqrt(m) + eps) is formed first, as the module does, so that
             # both round the same fp32 numbers and the stochastic rounding can match bit for bit.
             g = grad[touched]
@@ -185,6 +200,8 @@ class Reference:
         for t in self.tables.values():
             group = budget_groups(decayed(t.score, t.seen_step, step, self.beta), t.counts)
             moved = group != t.group
+            revived = moved & (t.group == DROPPED)  # a dropped row comes back as the fallback
+            t.values[revived] = t.fallback
             t.values[moved] = rounded_to_nearest(t.values[moved], group[moved])
             t.group = group
             self.moved_rows += int(moved.sum())
@@ -192,8 +209,9 @@ class Reference:
     def state(self) -> Dict[str, torch.Tensor]:
         out: Dict[str, torch.Tensor] = {}
         for n, t in self.tables.items():
-            out[f"{n}.weight"] = t.values.clone()
+            out[f"{n}.weight"] = t.looked_up().clone()
             out[f"{n}.row_group"] = t.group.clone()
+            out[f"{n}.fallback"] = t.fallback.clone()
         return out
 
 

@@ -28,13 +28,18 @@ def int8_step(values: torch.Tensor) -> torch.Tensor:
 
 
 def check_row_map(store: RowGroupStore) -> None:
-    """Every row in exactly one group, in a slot of that group that no other row holds."""
+    """Every row in exactly one group, in a slot of that group that no other row holds; a
+    dropped row's slot is its table's fallback row, kept after the fp32 rows."""
+    fallbacks = len(store.tables) if store.has_dropped else 0
     for g in range(len(store.capacity)):
         slots = store.row_slot[store.row_group == g].long()
-        assert len(slots) == store.capacity[g]
+        own = store.capacity[g] - (fallbacks if g == FP32 else 0)
+        assert len(slots) == own
         assert len(torch.unique(slots)) == len(slots)
-        assert len(slots) == 0 or (slots.min() >= 0 and slots.max() < store.capacity[g])
-    assert sum(store.capacity) == store.num_rows
+        assert len(slots) == 0 or (slots.min() >= 0 and slots.max() < own)
+    dropped = (store.row_group == 5).nonzero().flatten()
+    assert torch.equal(store.row_slot[dropped].long(), store.fallback_slot0 + store.table_of_rows(dropped))
+    assert sum(store.capacity) - fallbacks + len(dropped) == store.num_rows
 
 
 def test_reassignment_keeps_every_row_once_and_its_values():

@@ -50,7 +50,7 @@ from shark_torchrec.modules.mixed_precision import (
 )
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
-from shark_torchrec.precision.priority import GROUP_NAMES
+from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES
 
 # Column scale of each state tensor against the table's columns (see modules.mixed_precision).
 STATE_COLUMNS = {
@@ -60,7 +60,10 @@ STATE_COLUMNS = {
     "row_priority": 1 / UNIT,
     "row_seen_step": 1 / UNIT,
     "momentum": 1 / UNIT,
+    "fallback": 1.0,  # [1, D]: one row per table
+    "fallback_momentum": 1 / UNIT,
 }
+FALLBACK_KEYS = ("fallback", "fallback_momentum")
 STATE_DTYPES = {
     "weight": torch.float32,
     "qparams": torch.float16,
@@ -68,6 +71,8 @@ STATE_DTYPES = {
     "row_priority": torch.float32,
     "row_seen_step": torch.int32,
     "momentum": torch.float32,
+    "fallback": torch.float32,
+    "fallback_momentum": torch.float32,
 }
 
 
@@ -330,14 +335,11 @@ class ShardedMixedPrecisionModule:
         dims = {c.name: c.embedding_dim for c in self._mp_configs}
         return {n: (r, d if d > 0 else dims[n]) for n, (r, d) in self._budget_tables.items()}
 
-    def _budget_dims(self) -> Dict[str, int]:
-        return {n: d for n, (_, d) in self._tables_for_budget().items()}
-
     @torch.no_grad()
     def _assign_initial_groups(self) -> None:
-        dims = self._budget_dims()
+        tables = self._tables_for_budget()
         for store, _ in self.stores():
-            store.set_groups(starting_groups(store, self.precision_policy, dims))
+            store.set_groups(starting_groups(store, self.precision_policy, tables))
 
     @torch.no_grad()
     def fill_rows(self, init) -> None:
@@ -360,8 +362,69 @@ class ShardedMixedPrecisionModule:
         """A backward pass updated the rows: reassign them when due (all ranks reach this
         point in the same step, so the collective reassignment lines up)."""
         p = self.precision_policy
+        if DROPPED in p.groups:
+            self._sum_fallback_grads()
+            for store, _ in self.stores():
+                store.apply_fallback_update()
         if p.scored and step % p.reassign_every == 0:
             self.reassign()
+
+    # ------------------------------------------------------------------ dropped rows' fallback
+    def _row_split_tables(self) -> List[str]:
+        """Tables whose rows are split over ranks: each shard keeps a copy of the fallback row."""
+        split = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
+        return sorted(n for n, ps in self.module_sharding_plan.items() if ps.sharding_type in split)
+
+    def _fallback_exchange(self, fill) -> Optional[Tuple[Dict[str, int], torch.Tensor]]:
+        """All-reduce (sum) over ranks a [row-split tables, dim + 1] buffer that `fill(buf,
+        index, store, i, table)` writes into for each local shard of such a table; None when
+        the module has none (nothing to exchange: whole tables, column slices and replicas
+        see every dropped id of their rows themselves)."""
+        names = self._row_split_tables()
+        if not names:
+            return None
+        index = {n: i for i, n in enumerate(names)}
+        dims = {c.name: c.embedding_dim for c in self._mp_configs}
+        buf = torch.zeros(len(names), max(dims[n] for n in names) + 1)
+        for store, _ in self.stores():
+            for i, t in enumerate(store.tables):
+                if t.name in index:
+                    fill(buf, index[t.name], store, i, t)
+        if dist.get_world_size(self._pg) > 1:
+            dist.all_reduce(buf, group=self._pg)
+        return index, buf
+
+    def _sum_fallback_grads(self) -> None:
+        """A row-split table's fallback gradient is the sum over its shards' dropped ids: every
+        shard's copy of the row then takes the same step (so 1 and 2 ranks agree)."""
+        def fill(buf, k, store, i, t):
+            buf[k, : t.dim] += store.fallback_grad[i]
+
+        done = self._fallback_exchange(fill)
+        if done is None:
+            return
+        index, buf = done
+        for store, _ in self.stores():
+            for i, t in enumerate(store.tables):
+                if t.name in index:
+                    store.fallback_grad[i] = buf[index[t.name], : t.dim]
+
+    def _share_loaded_fallbacks(self) -> None:
+        """After a load: a row-split table's fallback row (and its optimizer state) reaches
+        every shard from the one at row 0, the only one the checkpoint hands it to."""
+        def fill(buf, k, store, i, t):
+            if t.row_offset == 0:
+                buf[k, : t.dim] = store.fallback_rows()[i]
+                buf[k, -1] = store.fallback_momentum[i] if store.fallback_momentum.numel() else 0.0
+
+        done = self._fallback_exchange(fill)
+        if done is None:
+            return
+        index, buf = done
+        for store, _ in self.stores():
+            for i, t in enumerate(store.tables):
+                if t.name in index:
+                    store.set_fallback_rows(i, buf[index[t.name], : t.dim], buf[index[t.name], -1])
 
     def reassign(self) -> Dict[str, int]:
         """Regroup all rows by score now (collective: every rank calls it)."""
@@ -475,6 +538,17 @@ class ShardedMixedPrecisionModule:
         if spec is None:
             return None
         k = STATE_COLUMNS[key]
+        if key in FALLBACK_KEYS:
+            # One row: each column slice's piece comes from the shard at row 0 (the others hold copies).
+            first = [s for s in spec.shards if s.shard_offsets[0] == 0]
+            return ShardedTensorMetadata(
+                shards_metadata=[
+                    ShardMetadata(shard_offsets=[0, int(s.shard_offsets[1] * k)], shard_sizes=[1, int(s.shard_sizes[1] * k)], placement=s.placement)
+                    for s in first
+                ],
+                size=torch.Size([1, int(dim * k)]),
+                tensor_properties=TensorProperties(dtype=STATE_DTYPES[key]),
+            )
         shards = [
             ShardMetadata(
                 shard_offsets=[s.shard_offsets[0], int(s.shard_offsets[1] * k)],
@@ -496,9 +570,12 @@ class ShardedMixedPrecisionModule:
             for i, t in enumerate(store.tables):
                 for key, tensor in local_table_state(store, i).items():
                     k = STATE_COLUMNS[key]
+                    fallback = key in FALLBACK_KEYS
+                    if fallback and t.row_offset != 0:
+                        continue  # a copy: the shard at row 0 writes the table's fallback row
                     md = ShardMetadata(
-                        shard_offsets=[t.row_offset, int(t.col_offset * k)],
-                        shard_sizes=[t.rows, int(t.dim * k)],
+                        shard_offsets=[0 if fallback else t.row_offset, int(t.col_offset * k)],
+                        shard_sizes=[1 if fallback else t.rows, int(t.dim * k)],
                         placement=f"rank:{dist.get_rank()}/{self._device.type if self._device else 'cpu'}",
                     )
                     out.setdefault(t.name, {}).setdefault(key, []).append((md, tensor))
@@ -513,6 +590,10 @@ class ShardedMixedPrecisionModule:
             keys += ["row_priority", "row_seen_step"]
         if module.precision_policy.optimizer == "rowwise_adagrad":
             keys.append("momentum")
+        if DROPPED in module.precision_policy.groups:
+            keys.append("fallback")
+            if module.precision_policy.optimizer == "rowwise_adagrad":
+                keys.append("fallback_momentum")
         for table in module._table_names:
             for key in keys:
                 md = module._state_metadata(table, key, dims[table])
@@ -532,16 +613,27 @@ class ShardedMixedPrecisionModule:
         if step_key in state_dict:
             self.step_counter.value = int(state_dict.pop(step_key)[0])
         per_table = pop_table_states(state_dict, prefix, self._mp_prefix, self._table_names)
-        dims = self._budget_dims()
+        tables = self._tables_for_budget()
         for store, _ in self.stores():
             states = [{k: self._local_piece(v, k, t) for k, v in per_table[t.name].items()} for t in store.tables]
-            restore_store(store, states, self.precision_policy, dims)
+            restore_store(store, states, self.precision_policy, tables)
+        if DROPPED in self.precision_policy.groups:
+            self._share_loaded_fallbacks()
 
     @staticmethod
-    def _local_piece(value, key: str, t: LocalTable) -> torch.Tensor:
+    def _local_piece(value, key: str, t: LocalTable) -> Optional[torch.Tensor]:
         """This shard's block of a state tensor (sharded, or a full plain tensor)."""
         k = STATE_COLUMNS[key]
         c0, c1 = int(t.col_offset * k), int((t.col_offset + t.dim) * k)
+        if key in FALLBACK_KEYS:
+            if isinstance(value, ShardedTensor):
+                if t.row_offset != 0:
+                    return None  # filled from the shard at row 0 after the load
+                for shard in value.local_shards():
+                    if list(shard.metadata.shard_offsets) == [0, c0]:
+                        return shard.tensor
+                raise KeyError(f"{key} of table {t.name}: no local shard at column {c0}")
+            return value[:, c0:c1]
         if isinstance(value, ShardedTensor):
             for shard in value.local_shards():
                 if list(shard.metadata.shard_offsets) == [t.row_offset, c0]:

@@ -27,7 +27,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.modules.row_groups import group_lookup
-from shark_torchrec.precision.priority import GROUP_NAMES, ROW_MAP_BYTES
+from shark_torchrec.precision.priority import DROPPED, FP32, GROUP_NAMES, ROW_MAP_BYTES
 
 _TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
@@ -220,6 +220,7 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
             tables[0].pooling == PoolingType.MEAN, weights, row_group, row_slot, group_offsets, row_alignment,
         )
         self._configs = list(tables)
+        self.dropped_rows: int = 0  # rows that read their table's fallback row (counted as fp32 in row_group)
 
     @classmethod
     def from_trained(cls, collection) -> "MixedPrecisionInferenceEmbeddingBagCollection":
@@ -229,10 +230,22 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
         if len(stores) != 1:
             raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
         s = stores[0]
-        return cls(
-            collection.embedding_bag_configs(), s.weights.clone(), s.row_group.clone(), s.row_slot.clone(),
+        groups = s.row_group.clone()
+        dropped = groups == DROPPED
+        groups[dropped] = FP32  # a dropped row is served from its table's fallback row, an fp32 row its slot points at
+        out = cls(
+            collection.embedding_bag_configs(), s.weights.clone(), groups, s.row_slot.clone(),
             list(s._offsets), s.row_alignment,
         )
+        out.dropped_rows = int(dropped.sum())
+        return out
+
+    def group_rows(self) -> Dict[str, int]:
+        """Rows per group (rows_fp32 ... rows_int2, rows_dropped: rows served by a fallback row)."""
+        out = super().group_rows()
+        out["rows_fp32"] -= self.dropped_rows
+        out["rows_dropped"] = self.dropped_rows
+        return out
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._configs

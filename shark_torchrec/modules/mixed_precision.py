@@ -19,8 +19,10 @@ last seen) and `momentum` fp32 [rows, D/4]; plus `precision_step`.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
@@ -31,7 +33,12 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import (
+    DROPPED,
+    FP32,
     INT8,
+    ROW_MAP_BYTES,
+    BudgetError,
+    row_bytes,
     INT_BITS,
     GroupCounts,
     budget_counts,
@@ -39,7 +46,7 @@ from shark_torchrec.precision.priority import (
 )
 
 UNIT = 4  # columns per unit of per-row checkpoint state
-STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum")
+STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum", "fallback", "fallback_momentum")
 
 
 def table_id(name: str) -> int:
@@ -124,13 +131,69 @@ def check_ids(features: KeyedJaggedTensor, tables: Dict[str, tuple], bad_ids: st
     )
 
 
-def starting_groups(store: RowGroupStore, policy: PrecisionPolicy, budget_dims: Dict[str, int]) -> torch.Tensor:
+def model_start_budgets(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]]) -> Dict[str, float]:
+    """Per-table budgets that start a model-wide budget (`budget_scope="model"`) before any
+    score exists: every table at the model's budget, except that a table whose own floor (all
+    rows in the cheapest tier, with the dropped tier its row map and fallback row) lies above
+    it gets that floor, paid for by the others in proportion to their room above theirs. The
+    tables' bytes then add up to at most the model's budget.
+
+    Args:
+        policy: a resolved budget-mode policy.
+        tables: every table of the collection -> (global rows, dim its budget uses).
+
+    Returns:
+        table -> budget (fraction of its own fp32 bytes).
+
+    Raises:
+        BudgetError: the tables' floors add up to more than the model's budget.
+    """
+    budget = policy.memory_budget
+    cheapest = policy.groups[-1]
+    fp32 = {n: r * d * 4 for n, (r, d) in tables.items()}
+    floor = {}
+    for n, (r, d) in tables.items():
+        extra = row_bytes(d, FP32) if cheapest == DROPPED else 0  # the fallback row
+        floor[n] = (r * (row_bytes(d, cheapest) + ROW_MAP_BYTES) + extra) / max(fp32[n], 1)
+    excess = sum((floor[n] - budget) * fp32[n] for n in tables if floor[n] > budget)
+    room = {n: (budget - floor[n]) * fp32[n] for n in tables if floor[n] <= budget}
+    if excess > sum(room.values()) + 1e-6:
+        total = sum(fp32.values())
+        raise BudgetError(
+            f"memory budget {budget} is below what the model's tables can reach: their floors take "
+            f"{sum(floor[n] * fp32[n] for n in tables) / max(total, 1):.3f} of fp32"
+        )
+    share = sum(room.values())
+    out = {}
+    for n in tables:
+        if floor[n] > budget:
+            out[n] = floor[n]
+        else:
+            out[n] = budget - (excess * room[n] / share / fp32[n] if share > 0 else 0.0)
+    return out
+
+
+def starting_groups(store: RowGroupStore, policy: PrecisionPolicy, budget_tables: Dict[str, Tuple[int, int]]) -> torch.Tensor:
     """Every row's group before any score exists (see `initial_groups`), over the store's
-    row space; `budget_dims[table]` is the width the table's budget is computed for."""
-    parts = [
-        initial_groups(policy, target_counts(policy, t.total_rows, budget_dims[t.name], t.name), t.row_offset, t.rows)
-        for t in store.tables
-    ]
+    row space; `budget_tables[table]` is (global rows, the width its budget is computed for),
+    for every table of the collection. With a model-wide budget each table starts at its
+    share (`model_start_budgets`)."""
+    shares = None
+    if policy.budget_mode and policy.budget_scope == "model":
+        shares = model_start_budgets(policy, budget_tables)
+    parts = []
+    for t in store.tables:
+        table_policy = policy
+        if shares is not None:
+            table_policy = dataclasses.replace(policy, budget_scope="table", memory_budget=min(shares[t.name], 1.5))
+        counts = target_counts(table_policy, t.total_rows, budget_tables[t.name][1], t.name)
+        if t.total_rows and counts.dropped == t.total_rows and t.row_offset == 0 and t.col_offset == 0:
+            warnings.warn(
+                f"table {t.name!r}: the memory budget {policy.memory_budget} drops every one of its {t.total_rows} rows "
+                "(each lookup returns the table's one fallback row); raise the budget to keep some",
+                stacklevel=2,
+            )
+        parts.append(initial_groups(policy, counts, t.row_offset, t.rows))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8)
 
 
@@ -150,10 +213,13 @@ def pop_table_states(state_dict: Dict[str, Any], prefix: str, collection: str, t
 
 
 @torch.no_grad()
-def restore_store(store: RowGroupStore, states: Sequence[Dict[str, torch.Tensor]], policy: PrecisionPolicy, budget_dims: Dict[str, int]) -> None:
+def restore_store(
+    store: RowGroupStore, states: Sequence[Dict[str, torch.Tensor]], policy: PrecisionPolicy, budget_tables: Dict[str, Tuple[int, int]]
+) -> None:
     """Load one state per local table: groups from the checkpoint (or the starting groups
-    when it has none, e.g. an fp32 TorchRec checkpoint), then values, scores and optimizer."""
-    fallback = starting_groups(store, policy, budget_dims)
+    when it has none, e.g. an fp32 TorchRec checkpoint), then values, scores and optimizer.
+    `budget_tables`: every table of the collection -> (global rows, dim its budget uses)."""
+    fallback = starting_groups(store, policy, budget_tables)
     groups = []
     for i, state in enumerate(states):
         lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
@@ -186,6 +252,11 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
         out["row_seen_step"] = _units(store.row_seen_step[lo:hi], D)
     if store.momentum.numel():
         out["momentum"] = _units(store.momentum[lo:hi], D)
+    if store.has_dropped:
+        # The table's fallback row (what its dropped rows read) and its optimizer state.
+        out["fallback"] = store.fallback_rows()[index : index + 1]
+        if store.fallback_momentum.numel():
+            out["fallback_momentum"] = _units(store.fallback_momentum[index : index + 1], D)
     return out
 
 
@@ -212,6 +283,9 @@ def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Te
     if "row_priority" in state and store.row_priority.numel():
         store.row_priority[lo:hi] = state["row_priority"].float()[:, 0]
         store.row_seen_step[lo:hi] = state["row_seen_step"][:, 0].to(torch.int32)
+    if store.has_dropped and state.get("fallback") is not None:
+        fm = state.get("fallback_momentum")
+        store.set_fallback_rows(index, state["fallback"], None if fm is None else fm.float().mean())
 
 
 def build_stores(
@@ -247,7 +321,7 @@ def build_stores(
             weighted=weighted,
             device=device,
         )
-        store.set_groups(starting_groups(store, policy, {c.name: dim for c in cfgs}))
+        store.set_groups(starting_groups(store, policy, {c.name: (c.num_embeddings, c.embedding_dim) for c in configs}))
         for i, c in enumerate(cfgs):
             lo = int(store.table_base[i])
             for r0 in range(0, c.num_embeddings, 1 << 16):
@@ -315,9 +389,9 @@ class _MixedPrecisionRows:
             self.step_counter.value = int(state_dict.pop(step_key)[0])
         configs = self._mp_configs()
         states = pop_table_states(state_dict, prefix, self._mp_prefix, [c.name for c in configs])
-        dims = {c.name: c.embedding_dim for c in configs}
+        tables = {c.name: (c.num_embeddings, c.embedding_dim) for c in configs}
         for store in self._stores:
-            restore_store(store, [states[t.name] for t in store.tables], self._unsharded_policy, dims)
+            restore_store(store, [states[t.name] for t in store.tables], self._unsharded_policy, tables)
 
     def _mp_configs(self) -> List[Any]:
         raise NotImplementedError
@@ -359,7 +433,10 @@ class _MixedPrecisionRows:
         return out
 
     def _end_of_step(self, step: int) -> None:
-        """A backward pass updated the rows (unsharded use): reassign rows when due."""
+        """A backward pass updated the rows (unsharded use): the fallback rows of dropped ids
+        take their step, then rows are reassigned when due."""
+        for store in self._stores:
+            store.apply_fallback_update()
         p = self._unsharded_policy
         if p.scored and step % p.reassign_every == 0:
             self.reassign()

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from shark_torchrec.precision.priority import GROUP_NAMES, INT2, BudgetError, default_budget, min_budget
+from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES, INT2, BudgetError, default_budget, min_budget
 
 MODES = ("shark", "freq", "fp32", "fp16", "int8", "int4", "int2")
 PAPER_TIERS = ("fp32", "fp16", "int8")
@@ -34,7 +34,11 @@ class PrecisionPolicy:
       row in that one group.
     tiers: the groups `shark` / `freq` rank rows into, from fp32, fp16, int8, int4, int2 (the
       paper's fp32, fp16, int8 by default). Int4 and int2 rows are packed as FBGEMM reads them
-      (int2 needs dims that are multiples of 8).
+      (int2 needs dims that are multiples of 8). `dropped`: a row with no bytes of its own,
+      whose lookups return its table's fallback row (one fp32 row per table, trained by the
+      summed gradients of the table's dropped ids); rows are dropped, lowest priority first,
+      only when the budget cannot keep them all in the cheapest stored tier, and a dropped row
+      comes back (starting from the fallback) when its priority earns it.
     memory_budget: budget mode (the default when no other mode is set): each table's embedding
       bytes (weights, int8 scales/biases, row map) stay within this fraction of its fp32 bytes,
       from the first step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are
@@ -120,6 +124,8 @@ class PrecisionPolicy:
         unknown = [t for t in self.tiers if t not in GROUP_NAMES]
         if unknown or len(set(self.tiers)) != len(self.tiers):
             raise bad("tiers", f"must be distinct names from {GROUP_NAMES}, got {tuple(self.tiers)}")
+        if self.tiers and all(t == "dropped" for t in self.tiers):
+            raise bad("tiers", "need a tier that stores rows besides 'dropped'")
         if self.scored and len(self.tiers) < 2:
             raise bad("tiers", f"mode {self.mode} ranks rows into 2 or more tiers, got {tuple(self.tiers)} (one tier: mode={self.tiers[0] if self.tiers else '?'})")
         if self.t8 is not None and tuple(sorted(self.tiers, key=GROUP_NAMES.index)) != PAPER_TIERS:
@@ -176,7 +182,9 @@ class PrecisionPolicy:
             raise ValueError(f"precision policy: int2 rows need embedding dims that are multiples of 8, got {sorted(set(dims))}")
         if self.budget_mode:
             cheapest = self.groups[-1]
-            budget = self.memory_budget if self.memory_budget is not None else default_budget(dims, cheapest)
+            # The default keeps every row stored (dropping is for budgets chosen to need it).
+            stored = [g for g in self.groups if g != DROPPED]
+            budget = self.memory_budget if self.memory_budget is not None else default_budget(dims, stored[-1])
             narrowest = min(dims, default=0)
             if dims and budget < min_budget(narrowest, cheapest) - 1e-12:
                 raise BudgetError(

@@ -31,6 +31,7 @@ from torch import nn
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.labels import split_tagged
 from shark_torchrec.precision.priority import (
+    DROPPED,
     FP16,
     FP32,
     GROUP_NAMES,
@@ -229,6 +230,13 @@ class RowGroupStore(nn.Module):
         scored = policy.scored
         self.row_priority = torch.zeros(n if scored else 0)
         self.row_seen_step = torch.zeros(n if scored else 0, dtype=torch.int32)
+        # The dropped tier: a dropped row has no bytes of its own; its lookups read its table's
+        # fallback row, one fp32 row per local table kept after the fp32 rows (its slot
+        # points there), trained with the summed gradients of the table's dropped ids.
+        self.has_dropped = DROPPED in policy.groups
+        T = len(self.tables) if self.has_dropped else 0
+        self.fallback_grad = torch.zeros(T, self.dim)
+        self.fallback_momentum = torch.zeros(T if policy.optimizer == "rowwise_adagrad" else 0)
         self.capacity = [0] * GROUPS
         self.weights = torch.zeros(0, dtype=torch.uint8)
         self._offsets = [0] * GROUPS
@@ -274,6 +282,16 @@ class RowGroupStore(nn.Module):
     def table_of_rows(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self.table_base, keys, right=True) - 1
 
+    @property
+    def fallback_slot0(self) -> int:
+        """The fp32 slot of the first local table's fallback row (they follow the fp32 rows)."""
+        return self.capacity[FP32] - (len(self.tables) if self.has_dropped else 0)
+
+    def _lookup_groups(self, g: torch.Tensor) -> torch.Tensor:
+        """Group tags as the TBE reads them: a dropped row is read from the fp32 table (its
+        slot is its table's fallback row)."""
+        return torch.where(g == DROPPED, torch.zeros_like(g), g) if self.has_dropped else g
+
     def _noise(self, keys: torch.Tensor, step: int) -> torch.Tensor:
         t = self.table_of_rows(keys)
         rows = keys - self.table_base[t] + self._row_offset[t]
@@ -281,14 +299,17 @@ class RowGroupStore(nn.Module):
         return rounding_noise(self.policy.seed, step, self._table_ids[t], rows, cols)
 
     # ------------------------------------------------------------------ values
-    def grouping(self, keys: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """[(positions in `keys`, their slots)] per group: one sort instead of a boolean mask
-        per group and per pass."""
+    def grouping(self, keys: torch.Tensor, reads: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """[(positions in `keys`, their slots)] per stored group: one sort instead of a boolean
+        mask per group and per pass. Dropped rows: with `reads`, in the fp32 group at their
+        fallback slot (what a lookup returns); otherwise left out (nothing to write)."""
         g = self.row_group[keys]
+        if reads:
+            g = self._lookup_groups(g)
         s = self.row_slot[keys].long()
         order = torch.argsort(g, stable=True)
         out, a = [], 0
-        for n in torch.bincount(g.long(), minlength=GROUPS).tolist():
+        for n in torch.bincount(g.long(), minlength=GROUPS).tolist()[:GROUPS]:  # dropped rows sort last
             pos = order[a : a + n]
             out.append((pos, s[pos]))
             a += n
@@ -322,14 +343,15 @@ class RowGroupStore(nn.Module):
     def read_rows(self, keys: torch.Tensor) -> torch.Tensor:
         """Dequantized fp32 values of rows (by key in the store's row space)."""
         out = torch.empty(len(keys), self.dim)
-        for grp, (pos, slots) in enumerate(self.grouping(keys)):
+        for grp, (pos, slots) in enumerate(self.grouping(keys, reads=True)):
             if len(pos):
                 out[pos] = self._dequantize(grp, self.group_view(grp), slots)
         return out
 
     def write_rows(self, keys: torch.Tensor, values: torch.Tensor, step: Optional[int] = None) -> None:
         """Store fp32 values into rows in their current groups; with `step`, fp16 and int8
-        rows are rounded stochastically with that step's noise, else to nearest."""
+        rows are rounded stochastically with that step's noise, else to nearest. Dropped rows
+        keep nothing (their values are gone: they read the fallback row)."""
         for grp, (pos, slots) in enumerate(self.grouping(keys)):
             if len(pos):
                 self._round_into(grp, self.group_view(grp), slots, values[pos], keys[pos], step)
@@ -362,14 +384,18 @@ class RowGroupStore(nn.Module):
         old precision). Otherwise the buffer is rebuilt with exactly the rows each group
         needs. Returns how many rows moved into each group."""
         groups = groups.to(torch.int8)
-        counts = torch.bincount(groups.long(), minlength=GROUPS).tolist()
+        counts = torch.bincount(groups.long(), minlength=len(GROUP_NAMES)).tolist()[:GROUPS]
+        if self.has_dropped:
+            counts[FP32] += len(self.tables)  # the fallback rows
+        elif bool((groups == DROPPED).any()):
+            raise ValueError("rows can be dropped only under a policy whose tiers include 'dropped'")
         fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
         moved = {
-            GROUP_NAMES[g]: 0 if fresh else int(((groups == g) & (self.row_group != g)).sum()) for g in range(GROUPS)
+            GROUP_NAMES[g]: 0 if fresh else int(((groups == g) & (self.row_group != g)).sum()) for g in range(len(GROUP_NAMES))
         }
         if fresh:
             self._rebuild(groups, counts, copy=False)
-        elif counts == self.capacity:
+        elif counts == self.capacity and not self.has_dropped:
             self._move_in_place(groups)
         else:
             self._rebuild(groups, counts, copy=True)
@@ -423,6 +449,8 @@ class RowGroupStore(nn.Module):
         new_w = torch.zeros(total, dtype=torch.uint8)
         new_slots = torch.zeros(self.num_rows, dtype=torch.int32)
         filled = [0] * GROUPS
+        T = len(self.tables) if self.has_dropped else 0
+        fallback0 = counts[FP32] - T
         for a in range(0, self.num_rows, CHUNK_ROWS):  # slots in row order, a chunk at a time
             chunk = groups[a : a + CHUNK_ROWS]
             out = new_slots[a : a + CHUNK_ROWS]
@@ -432,8 +460,16 @@ class RowGroupStore(nn.Module):
                 if n:
                     out[m] = torch.arange(filled[g], filled[g] + n, dtype=torch.int32)
                     filled[g] += n
+            if T:
+                m = chunk == DROPPED
+                if bool(m.any()):  # a dropped row's slot is its table's fallback row
+                    out[m] = (fallback0 + self.table_of_rows(torch.arange(a, a + len(chunk))[m])).to(torch.int32)
+        old_fallback0 = self.fallback_slot0
         self.weights, self._offsets, self.capacity = new_w, offsets, counts
         self.row_slot, self.row_group = new_slots, groups
+        if T and copy and old_cap[FP32] >= T:  # the fallback rows, bytes as they were
+            fp32_new = self._raw_view(FP32, new_w, offsets, counts)
+            fp32_new[fallback0 : fallback0 + T] = self._raw_view(FP32, old_w, old_off, old_cap)[old_fallback0 : old_fallback0 + T]
         if not copy:
             return
         for g in range(GROUPS):
@@ -451,7 +487,7 @@ class RowGroupStore(nn.Module):
     def _read_from(self, keys, groups, slots, weights, offsets, capacity) -> torch.Tensor:
         """Like `read_rows`, from an earlier layout (groups, slots and buffer)."""
         out = torch.empty(len(keys), self.dim)
-        g = groups[keys]
+        g = self._lookup_groups(groups[keys])
         s = slots[keys].long()
         for grp in range(GROUPS):
             m = g == grp
@@ -462,7 +498,7 @@ class RowGroupStore(nn.Module):
     def group_counts(self) -> List[int]:
         """Rows in each of the policy's groups, most precise first (fp32, fp16, int8 for the
         paper's tiers)."""
-        counts = torch.bincount(self.row_group.long(), minlength=GROUPS).tolist()
+        counts = torch.bincount(self.row_group.long(), minlength=len(GROUP_NAMES)).tolist()
         return [counts[g] for g in self.policy.groups]
 
     def scores_now(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
@@ -480,8 +516,10 @@ class RowGroupStore(nn.Module):
         out = []
         for i, t in enumerate(self.tables):
             lo, hi = int(self.table_base[i]), int(self.table_base[i + 1])
-            counts = torch.bincount(self.row_group[lo:hi].long(), minlength=GROUPS).tolist()
+            counts = torch.bincount(self.row_group[lo:hi].long(), minlength=len(GROUP_NAMES)).tolist()
             weights = sum(c * self._row_bytes(g) for g, c in enumerate(counts))
+            if self.has_dropped:
+                weights += self._row_bytes(FP32)  # the table's fallback row
             out.append(
                 {
                     "embedding_bytes": weights + t.rows * ROW_MAP_BYTES,
@@ -519,7 +557,7 @@ class RowGroupStore(nn.Module):
         nnz = values.numel()
         seg = torch.repeat_interleave(torch.arange(F * B), lengths)
         keys = self.feature_base[seg // B] + values  # ids were checked by the collection
-        g = self.row_group[keys]
+        g = self._lookup_groups(self.row_group[keys])
         perm = torch.argsort(g, stable=True)
         per_group = torch.bincount(g.long(), minlength=GROUPS)
         bags = max(int(per_group.max()), 1) if nnz else 1
@@ -628,6 +666,14 @@ class RowGroupStore(nn.Module):
             # A non-finite gradient would poison the row (and its int8 scale): skip it.
             self.nonfinite_rows += int((~finite).sum())
             keys, row_grad = keys[finite], row_grad[finite]
+        if self.has_dropped:
+            dropped = self.row_group[keys] == DROPPED
+            if bool(dropped.any()):
+                # A dropped id's gradient is its table's fallback row's: summed here, applied
+                # at the end of the step (`apply_fallback_update`, after the module has summed
+                # the shards of row-split tables).
+                self.fallback_grad.index_add_(0, self.table_of_rows(keys[dropped]), row_grad[dropped])
+                keys, row_grad = keys[~dropped], row_grad[~dropped]
         if not len(keys):
             return
         if p.optimizer == "rowwise_adagrad":
@@ -643,3 +689,38 @@ class RowGroupStore(nn.Module):
             view = self.group_view(grp)
             new = self._dequantize(grp, view, slots) - row_grad[pos] * scale[pos][:, None]
             self._round_into(grp, view, slots, new, keys[pos], step)
+
+    @torch.no_grad()
+    def apply_fallback_update(self) -> None:
+        """The step's update of every table's fallback row from the summed gradients of its
+        dropped ids (the same optimizer as the rows; exact, fp32). The module calls it at the
+        end of the step, once `fallback_grad` holds the sum over all shards of the table."""
+        if not self.has_dropped:
+            return
+        touched = (self.fallback_grad != 0).any(dim=1).nonzero().flatten()
+        if len(touched):
+            g = self.fallback_grad[touched]
+            p = self.policy
+            if p.optimizer == "rowwise_adagrad":
+                m = self.fallback_momentum[touched] + (g * g).mean(dim=1)
+                self.fallback_momentum[touched] = m
+                scale = p.learning_rate / (m.sqrt() + p.eps)
+            else:
+                scale = torch.full((len(touched),), p.learning_rate)
+            view = self.group_view(FP32)
+            slots = self.fallback_slot0 + touched
+            view[slots] = view[slots] - g * scale[:, None]
+        self.fallback_grad.zero_()
+
+    def fallback_rows(self) -> torch.Tensor:
+        """fp32 [local tables, dim]: every local table's fallback row (empty without the tier)."""
+        if not self.has_dropped:
+            return torch.zeros(0, self.dim)
+        return self.group_view(FP32)[self.fallback_slot0 : self.fallback_slot0 + len(self.tables)].clone()
+
+    @torch.no_grad()
+    def set_fallback_rows(self, index: int, value: torch.Tensor, momentum: Optional[torch.Tensor] = None) -> None:
+        """Set local table `index`'s fallback row (and its optimizer state)."""
+        self.group_view(FP32)[self.fallback_slot0 + index] = value.float().reshape(self.dim)
+        if momentum is not None and self.fallback_momentum.numel():
+            self.fallback_momentum[index] = float(momentum)

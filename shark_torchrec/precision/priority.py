@@ -22,8 +22,9 @@ from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 
-FP32, FP16, INT8, INT4, INT2 = 0, 1, 2, 3, 4  # group (tier) ids, from most to least precise
-GROUP_NAMES = ("fp32", "fp16", "int8", "int4", "int2")
+FP32, FP16, INT8, INT4, INT2, DROPPED = 0, 1, 2, 3, 4, 5  # group (tier) ids, from most to least precise
+GROUP_NAMES = ("fp32", "fp16", "int8", "int4", "int2", "dropped")
+STORED = (FP32, FP16, INT8, INT4, INT2)  # tiers with bytes of their own (a dropped row reads its table's fallback row)
 PAPER_GROUPS = (FP32, FP16, INT8)  # the paper's tiers, the default
 INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 ROW_MAP_BYTES = 5  # int8 group tag + int32 slot per row
@@ -53,8 +54,8 @@ def updated(
 
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     """Bytes of one row's weights in a group (integer rows carry an fp16 scale and bias, then
-    their codes packed 1, 2 or 4 to a byte)."""
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4)[group]
+    their codes packed 1, 2 or 4 to a byte; a dropped row has none)."""
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
@@ -90,10 +91,11 @@ class GroupCounts:
     int8: int
     int4: int = 0
     int2: int = 0
+    dropped: int = 0
 
     def as_tuple(self) -> Tuple[int, ...]:
-        """Rows per group, in group-id order (fp32, fp16, int8, int4, int2)."""
-        return (self.fp32, self.fp16, self.int8, self.int4, self.int2)
+        """Rows per group, in group-id order (fp32, fp16, int8, int4, int2, dropped)."""
+        return (self.fp32, self.fp16, self.int8, self.int4, self.int2, self.dropped)
 
     @staticmethod
     def of(counts: Dict[int, int]) -> "GroupCounts":
@@ -107,19 +109,41 @@ class BudgetError(ValueError):
 
 def budget_counts(
     rows: int, dim: int, budget: float, fp32_fraction: float, row_alignment: int = 1, table: str = "",
-    groups: Sequence[int] = PAPER_GROUPS,
+    groups: Sequence[int] = PAPER_GROUPS, reserved: float = 0.0,
 ) -> GroupCounts:
     """Rows per group for a table whose embedding bytes (weights + row map) must stay within
     `budget` x its fp32 bytes: from the most precise of `groups` down, each takes as many rows
     as fit while the rest stay in the cheapest one (fp32 at most `fp32_fraction` of the rows).
     With the paper's groups: up to `fp32_fraction` fp32, as many fp16 as fit, the rest int8.
+    With the dropped tier, rows are dropped (lowest ranked first) only when the budget cannot
+    keep them all in the cheapest stored tier, and the table's fp32 fallback row is paid for
+    first. `reserved`: bytes taken off the budget before the rows share it.
 
     Raises:
         BudgetError: even every row in the cheapest group does not fit.
     """
     groups = sorted(groups)
+    if DROPPED in groups and len(groups) > 1:
+        # Dropping is the last resort: rows are dropped (lowest ranked first) only when the
+        # budget cannot keep every row in the cheapest stored tier; otherwise the stored
+        # tiers share the budget by the rule below and nothing is dropped.
+        stored = groups[:-1]
+        cheapest = stored[-1]
+        reserved += row_bytes(dim, FP32, row_alignment)  # the fallback row
+        cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES - reserved
+        kept_bytes = row_bytes(dim, cheapest, row_alignment)
+        if cap < rows * kept_bytes - 1e-6:
+            if cap < -1e-6:
+                need = (rows * ROW_MAP_BYTES + reserved) / max(rows * dim * 4, 1)
+                raise BudgetError(
+                    f"memory budget {budget} is below what table {table or '?'} (dim {dim}, {rows} rows) can reach: "
+                    f"every row dropped, the row map and the fallback row take {need:.3f} of fp32"
+                )
+            kept = min(rows, int(max(cap, 0.0) // kept_bytes))
+            return GroupCounts.of({cheapest: kept, DROPPED: rows - kept})
+        return budget_counts(rows, dim, budget, fp32_fraction, row_alignment, table, stored, reserved)
     cheapest = groups[-1]
-    cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES
+    cap = budget * rows * dim * 4 - rows * ROW_MAP_BYTES - reserved
     bytes_of = {g: row_bytes(dim, g, row_alignment) for g in groups}
     floor = rows * bytes_of[cheapest]
     if cap < floor - 1e-6 and rows > 0:
@@ -211,6 +235,7 @@ def model_budget_cuts(
     fp32_fraction: float,
     groups: Sequence[int] = PAPER_GROUPS,
     row_alignment: int = 1,
+    reserved: float = 0.0,
 ) -> List[int]:
     """One budget for all tables (`--budget-scope model`): the ranking-key cuts that put rows
     into the groups, the same cuts for every table, so rows of all tables compete by key
@@ -237,13 +262,41 @@ def model_budget_cuts(
         BudgetError: every row in the cheapest group does not fit.
     """
     groups = sorted(groups)
+    if DROPPED in groups and len(groups) > 1:
+        # Dropping is the last resort (as in `budget_counts`): only when the rows cannot all
+        # stay in the cheapest stored tier are the lowest ranked ones dropped.
+        stored = groups[:-1]
+        kept = stored[-1]
+        fp32_total = sum(4.0 * d * int(r) for r, d in zip(rows, dims))
+        map_bytes = sum(int(r) * ROW_MAP_BYTES * len(w) for r, w in zip(rows, widths))
+        kept_cost = torch.tensor([float(sum(row_bytes(x, kept, row_alignment) for x in w)) for w in widths], dtype=torch.float64)
+        fallbacks = sum(float(sum(row_bytes(x, FP32, row_alignment) for x in w)) for w in widths)  # a row per table
+        cap = budget * fp32_total - map_bytes - fallbacks
+        if cap >= float((torch.tensor([int(r) for r in rows], dtype=torch.float64) * kept_cost).sum()) - 1e-6:
+            return model_budget_cuts(
+                count_at_least, rows, widths, dims, budget, fp32_fraction, stored, row_alignment, reserved=fallbacks
+            ) + [0]
+        if cap < -1e-6:
+            raise BudgetError(
+                f"memory budget {budget} is below what the model's tables can reach: every row dropped, "
+                f"the row map alone takes {map_bytes / max(fp32_total, 1.0):.3f} of fp32"
+            )
+
+        def fits(cut: int) -> bool:
+            return float((count_at_least(cut).to(torch.float64) * kept_cost).sum()) <= cap + 1e-6
+
+        lo, hi = 0, NO_CUT  # the smallest cut whose rows all fit in the kept tier
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        return [NO_CUT] * (len(stored) - 1) + [hi]
     cheapest = groups[-1]
     n = torch.tensor([int(r) for r in rows], dtype=torch.float64)
     cost = torch.tensor([[sliced_row_bytes(w, g, row_alignment) for g in range(len(GROUP_NAMES))] for w in widths],
                         dtype=torch.float64).reshape(len(rows), len(GROUP_NAMES))
     fp32_total = float((n * torch.tensor([4.0 * d for d in dims], dtype=torch.float64)).sum())
     floor = float((n * cost[:, cheapest]).sum()) if len(rows) else 0.0
-    cap = budget * fp32_total
+    cap = budget * fp32_total - reserved
     if floor > cap + 1e-6:
         raise BudgetError(
             f"memory budget {budget} is below what the model's tables can reach: all rows "
