@@ -241,7 +241,7 @@ class PrecisionConfig:
         # (PrecisionPolicy.resolved, the one place defaults are decided).
         return PrecisionPolicy(
             mode=self.precision,
-            tiers=tuple(self.tiers),
+            tiers=tuple(t for item in self.tiers for t in item.split(",") if t),  # "int8,int4" reads as two tiers
             memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
             budget_scope=self.budget_scope,
             fp32_fraction=self.fp32_fraction,

@@ -124,6 +124,8 @@ def test_low_bit_flags_are_checked_by_name(capsys):
             parse_cli(flags)
         assert named in capsys.readouterr().err, flags
     assert parse_cli(["--precision", "shark", "--tiers", "int4", "int2", "--memory-budget", "0.25"]).quant.tiers == ("int4", "int2")
+    commas = parse_cli(["--precision", "shark", "--tiers", "int4,int2", "--memory-budget", "0.25"])
+    assert commas.quant.policy(0.1, 1e-8, 0).tiers == ("int4", "int2")
 
 
 LOW_BIT = {"reassign_every": 1, "tiers": ("fp16", "int8", "int4", "int2"), "memory_budget": None, "row_fractions": (0.1, 0.2, 0.3)}
