@@ -30,18 +30,19 @@ same data splits, and the methods are paired:
   with `--budget-scope model` (one budget for all tables).
 - `shark-paper`: `shark train --precision shark` trained from the start, our module with the
   paper's tiers (fp32/fp16/int8 rows chosen by priority, Eq. 7), at the default budget for the
-  dim (0.35 at dim 64, 0.45 at dim 16), same seed as its fp32 twin (same initial values before
+  dim (0.35 at dim 64; 0.45 at dim 16 before the 4-byte row map, 0.43 after: each run's
+  `budget` is in results.json), same seed as its fp32 twin (same initial values before
   rounding, same data order). `--budgets 0.3,0.5` adds `shark-paper@0.30`, `shark-paper@0.50`
   (budgets below a dim's int8 floor are skipped there).
 
 Bytes, two ways, as fractions of the fp32 tables' bytes (rows x dim x 4):
 - allocated: fp32 and ours, the metrics' `embedding_bytes` (for ours: weights, int8 scales and
-  biases and the 5-byte row map, rows padded to 1 B on CPU); TorchRec's quantized module, the
+  biases and the row map (5 bytes a row before commit "4-byte row map", 4 after), rows padded to 1 B on CPU); TorchRec's quantized module, the
   sum of its state-dict tensors (rows padded to 16 B by FBGEMM's row alignment). Its TBE buffer
   also aligns each table's start (`tbe_buffer_bytes` in results.json, a few hundred bytes more).
 - unpadded: codes + scales/biases (+ row map for ours), i.e. for TorchRec rows x (ceil(dim x
   bits / 8) + 4) (fp16/fp32: rows x dim x 2 or 4), for ours the sum over tiers of rows x row
-  bytes plus 5 bytes a row.
+  bytes plus the row map (`ROW_MAP_BYTES` of the code that ran).
 
 Reported per method: mean test AUC and log loss, the mean paired AUC difference to fp32 with its
 95% confidence interval (t distribution over the units; with --cv the folds of one seed share
@@ -118,7 +119,8 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                               qdtype=dt, bits=bits))
         elif n == "shark-paper":
             b = default_budget([dim])
-            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority, trained from the start, default budget {b:.2f}",
+            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority, trained from the start, the default budget "
+                              f"(as each run recorded it: `budget` in results.json; {b:.2f} with this code)",
                               ("--precision", "shark"), budget=b))
             for b in budgets:
                 if abs(b - default_budget([dim])) < 1e-9:

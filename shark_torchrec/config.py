@@ -208,7 +208,7 @@ class PrecisionConfig:
     memory_budget: Optional[float] = None
     """shark/freq budget mode: embedding bytes (weights, scales, row map) at most this fraction
     of the fp32 bytes, per table (unless --t8/--t16 or --row-fractions are given). Default:
-    the larger of 0.35 and the all-int8 floor plus 0.05 (0.45 at dim 16, 0.35 from dim 45)."""
+    the larger of 0.35 and the all-int8 floor plus 0.05 (0.43 at dim 16, 0.35 from dim 40)."""
     budget_scope: Literal["table", "model"] = "table"
     """Budget mode: `table` (the paper) holds every table to the budget on its own; `model`
     holds the sum over all tables to it, rows of all tables competing by priority per byte (a

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from shark_torchrec.precision.priority import DROPPED, FP16, INT_BITS, PAPER_GROUPS, budget_counts, decayed, updated
+from shark_torchrec.precision.priority import DROPPED, FP16, INT_BITS, PAPER_GROUPS, ROW_MAP_BYTES, budget_counts, decayed, updated
 from shark_torchrec.precision.quantize import (
     dequantize_rows,
     quantize_rows,
@@ -239,7 +239,7 @@ def model_budget_groups(
 
     def cost(name: str, g: int) -> int:  # bytes of one row in group g over its slices, row map included
         per_value = {0: 4.0, 1: 2.0, 2: 1.0, 3: 0.5, 4: 0.25}[g]
-        return sum(int(w * per_value) + (4 if g >= 2 else 0) + 5 for w in widths[name])
+        return sum(int(w * per_value) + (4 if g >= 2 else 0) + ROW_MAP_BYTES for w in widths[name])
 
     entries = []
     for name in sorted(scores):

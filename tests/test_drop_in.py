@@ -38,7 +38,7 @@ def kjt(ids_per_feature, lengths=None):
 # --- defaults -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dim, budget", [(16, 0.45), (64, 0.35), (8, 0.59)])
+@pytest.mark.parametrize("dim, budget", [(16, 0.43), (64, 0.35), (8, 0.55)])
 def test_default_policy_works_at_every_dim(dim, budget):
     """PrecisionPolicy() with no budget: the reachable floor for the dims plus a margin (0.35
     where int8 leaves room for it), and the bytes stay within it."""
@@ -50,7 +50,7 @@ def test_default_policy_works_at_every_dim(dim, budget):
 
 
 def test_explicit_budget_below_the_floor_is_refused_when_the_module_is_built():
-    with pytest.raises(BudgetError, match="below what tables of dim 16 can reach: .* 0.391"):
+    with pytest.raises(BudgetError, match="below what tables of dim 16 can reach: .* 0.375"):
         MixedPrecisionEmbeddingBagCollection(bag_tables(16), precision_policy=PrecisionPolicy(memory_budget=0.35))
 
 
@@ -63,7 +63,7 @@ def test_every_precision_trains_with_no_other_flag(tmp_path, precision):
     m = json.loads((out / "m.json").read_text())
     assert m["embedding_bytes"] < m["fp32_embedding_bytes"]
     if precision in ("shark", "freq"):
-        assert m["embedding_bytes"] <= 0.45 * m["fp32_embedding_bytes"]
+        assert m["embedding_bytes"] <= 0.43 * m["fp32_embedding_bytes"]
 
 
 def test_errors_from_spawned_ranks_are_the_one_line_of_one_rank(tmp_path):
@@ -219,7 +219,7 @@ def test_own_model_example_on_two_ranks(tmp_path):
     assert r["world_size"] == 2 and r["steps"] == 40  # steps advanced with no optimizer call
     assert r["loss_last_quarter"] < r["loss_first_quarter"]
     assert all(n > 0 for n in r["rows_fp32_fp16_int8"]), r
-    assert r["memory_budget"] == 0.45 and r["learning_rate"] == 0.05  # default budget, fused lr
+    assert r["memory_budget"] == 0.43 and r["learning_rate"] == 0.05  # default budget, fused lr
     assert r["momentum_keys"] == ["item_ids.momentum1", "user_id.momentum1", "user_tags.momentum1"]
     assert r["reloaded_predictions_equal"] and r["reloaded_momentum_equal"]
     assert "no labels" not in proc.stderr

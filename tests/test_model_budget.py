@@ -13,6 +13,7 @@ from shark_torchrec.precision.priority import (
     FP16,
     FP32,
     INT8,
+    ROW_MAP_BYTES,
     BudgetError,
     decayed,
     model_budget_cuts,
@@ -132,11 +133,11 @@ def test_the_planner_sizes_a_table_for_the_most_the_model_budget_lets_it_take():
     policy = W.policy(memory_budget=0.6, budget_scope="model", fp32_fraction=0.05).resolved([W.DIM])
     tables = {n: (rows, W.DIM) for n, rows, _ in W.TABLES}
     share = model_scope_share(policy, tables)
-    metadata = 5 + 4 + 8  # row map, Adagrad state, score: what shard_bytes adds per row besides weights
+    metadata = ROW_MAP_BYTES + 4 + 8  # row map, Adagrad state, score: what shard_bytes adds per row besides weights
     for hot, rows, _ in W.TABLES:
         scores = [torch.full((r,), 10.0) if n == hot else torch.rand(r) for n, r, _ in W.TABLES]
         groups = cuts_for(scores, [W.DIM] * len(scores), 0.6, fp32_fraction=0.05)
         taken = used_bytes([groups[[n for n, _, _ in W.TABLES].index(hot)]], [W.DIM])
-        estimate = shard_bytes(share[hot], hot, rows, rows, W.DIM) - rows * (metadata - 5)
+        estimate = shard_bytes(share[hot], hot, rows, rows, W.DIM) - rows * (metadata - ROW_MAP_BYTES)
         assert taken <= estimate, hot
-        assert estimate > shard_bytes(policy, hot, rows, rows, W.DIM) - rows * (metadata - 5), hot
+        assert estimate > shard_bytes(policy, hot, rows, rows, W.DIM) - rows * (metadata - ROW_MAP_BYTES), hot

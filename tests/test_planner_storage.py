@@ -63,9 +63,9 @@ def test_both_collections_are_sized_by_our_bytes(sequence):
 
 
 def allocated_bytes(store) -> int:
-    """What a store really holds for its rows: the group buffer, the row map (group tag and
-    slot), the row-wise optimizer state and the priority state."""
-    tensors = (store.weights, store.row_group, store.row_slot, store.momentum, store.row_priority, store.row_seen_step)
+    """What a store really holds for its rows: the group buffer, the row map (one int32 a
+    row), the row-wise optimizer state and the priority state."""
+    tensors = (store.weights, store.row_map, store.momentum, store.row_priority, store.row_seen_step)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

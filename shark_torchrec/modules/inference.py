@@ -2,8 +2,9 @@
 collection.
 
 It keeps what a lookup needs and nothing a trainer needs: one uint8 buffer with three FBGEMM
-inference table-batched-embedding tables (fp32 rows, fp16 rows, int8 rows with their fp16 scale
-and bias), and the row map (an int8 group and an int32 slot per row). No scores, no optimizer
+inference table-batched-embedding tables (fp32, fp16, int8, int4 and int2 rows, integer rows
+with their fp16 scale and bias), and the row map (one int32 per row: a slot numbered across the
+group tables, whose range gives the group; dropped rows point at their table's fallback row). No scores, no optimizer
 state, no fp32 copy. A lookup is one call to FBGEMM's mixed-precision inference TBE
 (`int_nbit_split_embedding_codegen_lookup_function`, the kernel behind TorchRec's quantized
 collections), which runs the three precisions in one module on CPU and GPU; pooling is done here.
@@ -27,7 +28,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.modules.row_groups import group_lookup
-from shark_torchrec.precision.priority import DROPPED, FP32, GROUP_NAMES, ROW_MAP_BYTES
+from shark_torchrec.precision.priority import GROUP_NAMES, ROW_MAP_BYTES
 
 _TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
@@ -45,7 +46,11 @@ class MixedPrecisionPooledLookup(nn.Module):
         dim: embedding dim of every table.
         mean_pooling: bags are averaged (else summed).
         weights: FBGEMM's uint8 buffer of the group tables (fp32, fp16, int8, int4, int2 rows).
-        row_group, row_slot: the row map (group and slot of every row).
+        row_map: int32 per row, its slot numbered across the group tables (fp32 rows, fp16,
+            int8, int4, int2, then the fallback rows of dropped rows).
+        range_ends: int32 [5], where each stored group's numbers end; range_shift: int32 [6],
+            per group (dropped last) what to subtract from a row map value to get the slot
+            in the table the lookup reads (a dropped row reads the fp32 table).
         group_offsets: byte offset of each group table in `weights` (the groups up to the
             least precise one in use are looked up; tables beyond it are empty).
         row_alignment: FBGEMM's row alignment of the buffer.
@@ -59,8 +64,9 @@ class MixedPrecisionPooledLookup(nn.Module):
         dim: int,
         mean_pooling: bool,
         weights: torch.Tensor,
-        row_group: torch.Tensor,
-        row_slot: torch.Tensor,
+        row_map: torch.Tensor,
+        range_ends: torch.Tensor,
+        range_shift: torch.Tensor,
         group_offsets: List[int],
         row_alignment: int = 1,
     ) -> None:
@@ -74,14 +80,18 @@ class MixedPrecisionPooledLookup(nn.Module):
         self.row_alignment: int = row_alignment
         self.feature_names: List[str] = list(feature_names)
         self.register_buffer("weights", weights)
-        self.register_buffer("row_group", row_group.to(torch.int8))
-        self.register_buffer("row_slot", row_slot.to(torch.int32))
+        self.register_buffer("row_map", row_map.to(torch.int32))
+        self.register_buffer("range_ends", range_ends.to(torch.int32))
+        self.register_buffer("range_shift", range_shift.to(torch.int32))
+        # A dropped row (group 5) is read from the fp32 table.
+        self.register_buffer("_lookup_group", torch.tensor([0, 1, 2, 3, 4, 0], dtype=torch.int64))
         self.register_buffer("feature_base", torch.tensor(feature_base, dtype=torch.int64))
         self.register_buffer("feature_rows", torch.tensor(feature_rows, dtype=torch.int64))
         D = self.dim
         # Only the groups up to the least precise one in use go to the TBE (3 for the paper's
         # fp32/fp16/int8): fewer tables, fewer passes of the grouping below.
-        groups = max(int(row_group.max()) + 1 if row_group.numel() else 1, 1)
+        used = self._lookup_group[torch.bucketize(row_map, self.range_ends, right=True)] if row_map.numel() else row_map.long()
+        groups = max(int(used.max()) + 1 if row_map.numel() else 1, 1)
         self.groups: int = groups
         self.register_buffer("_D_offsets", torch.arange(0, groups * D + 1, D, dtype=torch.int32))
         self.register_buffer("_tys", torch.tensor([t.as_int() for t in _TYPES[:groups]], dtype=torch.uint8))
@@ -93,7 +103,7 @@ class MixedPrecisionPooledLookup(nn.Module):
         module without whatever a subclass adds (the collection's KJT interface)."""
         return MixedPrecisionPooledLookup(
             self.feature_names, self.feature_base.tolist(), self.feature_rows.tolist(), self.dim,
-            self.mean_pooling, self.weights, self.row_group, self.row_slot, self._offsets.tolist(),
+            self.mean_pooling, self.weights, self.row_map, self.range_ends, self.range_shift, self._offsets.tolist(),
             self.row_alignment,
         )
 
@@ -114,11 +124,12 @@ class MixedPrecisionPooledLookup(nn.Module):
 
     def memory_bytes(self) -> int:
         """Weights (with int8 scales and biases) plus the row map."""
-        return int(self.weights.numel() + self.row_group.numel() * ROW_MAP_BYTES)
+        return int(self.weights.numel() + self.row_map.numel() * ROW_MAP_BYTES)
 
     def group_rows(self) -> Dict[str, int]:
-        """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2."""
-        counts = torch.bincount(self.row_group.long(), minlength=len(GROUP_NAMES)).tolist()
+        """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2, rows_dropped."""
+        groups = torch.bucketize(self.row_map, self.range_ends, right=True)
+        counts = torch.bincount(groups, minlength=len(GROUP_NAMES)).tolist()
         return {f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)}
 
     def _check_ids(self, values: torch.Tensor, per_feature: torch.Tensor) -> None:
@@ -159,8 +170,10 @@ class MixedPrecisionPooledLookup(nn.Module):
         else:
             self._check_ids(values, per_feature)
         rows_of = base + values
-        g = self.row_group[rows_of]
-        slot = self.row_slot[rows_of]
+        m = self.row_map[rows_of]
+        tier = torch.bucketize(m, self.range_ends, right=True)
+        slot = m - self.range_shift[tier]  # int32, as the offsets below
+        g = self._lookup_group[tier]
         # Ids grouped by precision, each group in input order, by counting (no sort): dest[i]
         # is where id i goes. The TBE then sees one sequence feature per group table, of
         # nnz + 1 bags, group k's ids filling its first per_group[k] bags, one id each.
@@ -199,8 +212,9 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
         self,
         tables: List[EmbeddingBagConfig],
         weights: torch.Tensor,
-        row_group: torch.Tensor,
-        row_slot: torch.Tensor,
+        row_map: torch.Tensor,
+        range_ends: torch.Tensor,
+        range_shift: torch.Tensor,
         group_offsets: List[int],
         row_alignment: int = 1,
     ) -> None:
@@ -213,14 +227,13 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
             feature_base += [base[-1]] * len(t.feature_names)
             feature_rows += [t.num_embeddings] * len(t.feature_names)
             base.append(base[-1] + t.num_embeddings)
-        if row_group.numel() != base[-1]:
-            raise ValueError(f"row map has {row_group.numel()} rows, the tables {base[-1]}")
+        if row_map.numel() != base[-1]:
+            raise ValueError(f"row map has {row_map.numel()} rows, the tables {base[-1]}")
         super().__init__(
             [f for t in tables for f in t.feature_names], feature_base, feature_rows, dims.pop(),
-            tables[0].pooling == PoolingType.MEAN, weights, row_group, row_slot, group_offsets, row_alignment,
+            tables[0].pooling == PoolingType.MEAN, weights, row_map, range_ends, range_shift, group_offsets, row_alignment,
         )
         self._configs = list(tables)
-        self.dropped_rows: int = 0  # rows that read their table's fallback row (counted as fp32 in row_group)
 
     @classmethod
     def from_trained(cls, collection) -> "MixedPrecisionInferenceEmbeddingBagCollection":
@@ -230,22 +243,10 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
         if len(stores) != 1:
             raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
         s = stores[0]
-        groups = s.row_group.clone()
-        dropped = groups == DROPPED
-        groups[dropped] = FP32  # a dropped row is served from its table's fallback row, an fp32 row its slot points at
-        out = cls(
-            collection.embedding_bag_configs(), s.weights.clone(), groups, s.row_slot.clone(),
-            list(s._offsets), s.row_alignment,
+        return cls(
+            collection.embedding_bag_configs(), s.weights.clone(), s.row_map.clone(), s._range_ends.clone(),
+            s._range_shift.clone(), list(s._offsets), s.row_alignment,
         )
-        out.dropped_rows = int(dropped.sum())
-        return out
-
-    def group_rows(self) -> Dict[str, int]:
-        """Rows per group (rows_fp32 ... rows_int2, rows_dropped: rows served by a fallback row)."""
-        out = super().group_rows()
-        out["rows_fp32"] -= self.dropped_rows
-        out["rows_dropped"] = self.dropped_rows
-        return out
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._configs

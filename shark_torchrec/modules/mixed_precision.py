@@ -243,7 +243,7 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
     out = {
         "weight": store.read_rows(keys) if hi > lo else torch.empty(0, D),
         "qparams": _units(store.int_scale_bias(keys), D),
-        "row_group": _units(store.row_group[lo:hi], D),
+        "row_group": _units(store.groups_of(keys), D),
     }
     if store.row_priority.numel():
         # Scores as stored (as of each row's last update) with that step: decaying them here
@@ -273,7 +273,7 @@ def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Te
         # their exact codes back under it.
         q = state["qparams"].view(hi - lo, -1, 2)
         same = (q == q[:, :1]).all(dim=2).all(dim=1) & (q[:, 0, 0] != 0)
-        groups = store.row_group[keys]
+        groups = store.groups_of(keys)
         for g in INT_BITS:
             exact = (groups == g) & same
             if bool(exact.any()):

@@ -44,8 +44,8 @@ class PrecisionPolicy:
       from the first step on. Up to `fp32_fraction` of the rows stay fp32, as many as fit are
       fp16, the rest int8; which rows go where follows the score ranking over all shards of a
       table. None: the default for the collection's dims (`default_budget`: the larger of 0.35
-      and the narrowest table's all-int8 floor plus 0.05, so 0.45 at dim 16 and 0.35 from dim
-      45 up), resolved when the collection is built.
+      and the narrowest table's all-int8 floor plus 0.05, so 0.43 at dim 16 and 0.35 from dim
+      40 up), resolved when the collection is built.
     budget_scope: `table` (the paper): every table within the budget on its own; `model`: one
       budget for all tables of the collection, rows of all tables competing by priority per
       byte (score over the row's fp32 bytes), so a small hot table keeps precision that a

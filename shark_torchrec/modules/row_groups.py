@@ -224,8 +224,12 @@ class RowGroupStore(nn.Module):
         self._table_ids = torch.tensor([t.table_id for t in self.tables], dtype=torch.int64)
 
         n = self.num_rows
-        self.row_group = torch.full((n,), policy.groups[-1], dtype=torch.int8)
-        self.row_slot = torch.zeros(n, dtype=torch.int32)
+        # The row map, 4 bytes a row: one int32 slot numbered across the group tables, group by
+        # group (fp32 rows, fp16, int8, int4, int2, then the fallback rows that dropped rows
+        # point at), so a row's group follows from its slot's range (`_decode`).
+        self.row_map = torch.zeros(n, dtype=torch.int32)
+        self._range_ends = torch.zeros(GROUPS, dtype=torch.int32)  # end of each stored group's range
+        self._range_shift = torch.zeros(GROUPS + 1, dtype=torch.int32)  # map value - lookup slot, per group
         self.momentum = torch.zeros(n if policy.optimizer == "rowwise_adagrad" else 0)
         scored = policy.scored
         self.row_priority = torch.zeros(n if scored else 0)
@@ -287,6 +291,53 @@ class RowGroupStore(nn.Module):
         """The fp32 slot of the first local table's fallback row (they follow the fp32 rows)."""
         return self.capacity[FP32] - (len(self.tables) if self.has_dropped else 0)
 
+    def _decode_map(self, m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row map values -> (group int64, slot in the group's table as the lookup reads it:
+        a dropped row's is its table's fallback row in the fp32 table)."""
+        g = torch.bucketize(m, self._range_ends, right=True)
+        return g, (m - self._range_shift[g]).long()
+
+    def groups_of(self, keys: torch.Tensor) -> torch.Tensor:
+        """int8 group of each row key."""
+        return self._decode_map(self.row_map[keys])[0].to(torch.int8)
+
+    def slots_of(self, keys: torch.Tensor) -> torch.Tensor:
+        """int64 lookup slot of each row key."""
+        return self._decode_map(self.row_map[keys])[1]
+
+    @property
+    def row_group(self) -> torch.Tensor:
+        """int8 [rows]: every row's group (decoded from the row map)."""
+        out = torch.empty(self.num_rows, dtype=torch.int8)
+        for a in range(0, self.num_rows, CHUNK_ROWS):
+            out[a : a + CHUNK_ROWS] = self.groups_of(torch.arange(a, min(a + CHUNK_ROWS, self.num_rows)))
+        return out
+
+    @property
+    def row_slot(self) -> torch.Tensor:
+        """int32 [rows]: every row's slot in its group's table (decoded from the row map)."""
+        out = torch.empty(self.num_rows, dtype=torch.int32)
+        for a in range(0, self.num_rows, CHUNK_ROWS):
+            out[a : a + CHUNK_ROWS] = self.slots_of(torch.arange(a, min(a + CHUNK_ROWS, self.num_rows)))
+        return out
+
+    def _set_map(self, groups: torch.Tensor, slots: torch.Tensor, counts: List[int]) -> None:
+        """Encode (group, lookup slot) per row into the row map, for group tables of `counts` rows."""
+        T = len(self.tables) if self.has_dropped else 0
+        own = list(counts)
+        own[FP32] -= T  # the fp32 table's last T rows are the fallback rows, numbered after int2
+        ends = torch.tensor(own, dtype=torch.int64).cumsum(0)
+        shift = torch.zeros(GROUPS + 1, dtype=torch.int64)
+        shift[1:GROUPS] = ends[: GROUPS - 1]
+        shift[DROPPED] = int(ends[-1]) - own[FP32]  # map = ends[-1] + t, lookup slot = own fp32 + t
+        if int(ends[-1]) + T >= 1 << 31:
+            raise ValueError(f"a store holds at most 2^31 rows, got {int(ends[-1]) + T}")
+        self._range_ends = ends.to(torch.int32)
+        self._range_shift = shift.to(torch.int32)
+        for a in range(0, self.num_rows, CHUNK_ROWS):
+            g = groups[a : a + CHUNK_ROWS].long()
+            self.row_map[a : a + CHUNK_ROWS] = (slots[a : a + CHUNK_ROWS].long() + shift[g]).to(torch.int32)
+
     def _lookup_groups(self, g: torch.Tensor) -> torch.Tensor:
         """Group tags as the TBE reads them: a dropped row is read from the fp32 table (its
         slot is its table's fallback row)."""
@@ -303,10 +354,9 @@ class RowGroupStore(nn.Module):
         """[(positions in `keys`, their slots)] per stored group: one sort instead of a boolean
         mask per group and per pass. Dropped rows: with `reads`, in the fp32 group at their
         fallback slot (what a lookup returns); otherwise left out (nothing to write)."""
-        g = self.row_group[keys]
+        g, s = self._decode_map(self.row_map[keys])
         if reads:
             g = self._lookup_groups(g)
-        s = self.row_slot[keys].long()
         order = torch.argsort(g, stable=True)
         out, a = [], 0
         for n in torch.bincount(g.long(), minlength=GROUPS).tolist()[:GROUPS]:  # dropped rows sort last
@@ -359,18 +409,18 @@ class RowGroupStore(nn.Module):
     def int_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
         """fp16 [n, 2] scale/bias of rows (zeros for rows not in an integer group)."""
         out = torch.zeros(len(keys), 2, dtype=torch.float16)
-        groups = self.row_group[keys]
+        groups, slots = self._decode_map(self.row_map[keys])
         for g in INT_BITS:
             m = groups == g
             if bool(m.any()):
                 _, sb = self.group_view(g)
-                out[m] = sb[self.row_slot[keys[m]].long()]
+                out[m] = sb[slots[m]]
         return out
 
     def write_int_exact(self, g: int, keys: torch.Tensor, values: torch.Tensor, scale_bias: torch.Tensor) -> None:
         """Restore rows of integer group `g` whose values are code * scale + bias under the
         given scale/bias (from a checkpoint): their codes come back exactly."""
-        s = self.row_slot[keys].long()
+        s = self.slots_of(keys)
         codes, sb = self.group_view(g)
         codes[s] = pack_codes(requantize_with(values, scale_bias, INT_BITS[g]), INT_BITS[g])
         sb[s] = scale_bias
@@ -390,8 +440,9 @@ class RowGroupStore(nn.Module):
         elif bool((groups == DROPPED).any()):
             raise ValueError("rows can be dropped only under a policy whose tiers include 'dropped'")
         fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
+        old = None if fresh else self.row_group
         moved = {
-            GROUP_NAMES[g]: 0 if fresh else int(((groups == g) & (self.row_group != g)).sum()) for g in range(len(GROUP_NAMES))
+            GROUP_NAMES[g]: 0 if old is None else int(((groups == g) & (old != g)).sum()) for g in range(len(GROUP_NAMES))
         }
         if fresh:
             self._rebuild(groups, counts, copy=False)
@@ -403,7 +454,7 @@ class RowGroupStore(nn.Module):
         return moved
 
     def _move_in_place(self, groups: torch.Tensor) -> None:
-        old_groups = self.row_group
+        old_groups, slots = self.row_group, self.row_slot
         move = (groups != old_groups).nonzero().flatten()
         if not len(move):
             return
@@ -411,12 +462,12 @@ class RowGroupStore(nn.Module):
         saved = []
         for g in range(GROUPS):
             rows = move[old_groups[move] == g]
-            saved.append((rows, self._raw_view(g, self.weights, self._offsets, self.capacity)[self.row_slot[rows].long()].clone()))
+            saved.append((rows, self._raw_view(g, self.weights, self._offsets, self.capacity)[slots[rows].long()].clone()))
         # A row entering group g takes a slot that a row leaving g freed (as many leave as enter).
-        old_slots = self.row_slot[move].clone()
+        old_slots = slots[move].clone()
         for g in range(GROUPS):
-            self.row_slot[move[groups[move] == g]] = old_slots[old_groups[move] == g]
-        self.row_group = groups
+            slots[move[groups[move] == g]] = old_slots[old_groups[move] == g]
+        self._set_map(groups, slots, self.capacity)
         for g, (rows, raw) in enumerate(saved):
             for start in range(0, len(rows), CHUNK_ROWS):
                 chunk = raw[start : start + CHUNK_ROWS]
@@ -466,7 +517,7 @@ class RowGroupStore(nn.Module):
                     out[m] = (fallback0 + self.table_of_rows(torch.arange(a, a + len(chunk))[m])).to(torch.int32)
         old_fallback0 = self.fallback_slot0
         self.weights, self._offsets, self.capacity = new_w, offsets, counts
-        self.row_slot, self.row_group = new_slots, groups
+        self._set_map(groups, new_slots, counts)
         if T and copy and old_cap[FP32] >= T:  # the fallback rows, bytes as they were
             fp32_new = self._raw_view(FP32, new_w, offsets, counts)
             fp32_new[fallback0 : fallback0 + T] = self._raw_view(FP32, old_w, old_off, old_cap)[old_fallback0 : old_fallback0 + T]
@@ -516,7 +567,7 @@ class RowGroupStore(nn.Module):
         out = []
         for i, t in enumerate(self.tables):
             lo, hi = int(self.table_base[i]), int(self.table_base[i + 1])
-            counts = torch.bincount(self.row_group[lo:hi].long(), minlength=len(GROUP_NAMES)).tolist()
+            counts = torch.bincount(self.groups_of(torch.arange(lo, hi)).long(), minlength=len(GROUP_NAMES)).tolist()
             weights = sum(c * self._row_bytes(g) for g, c in enumerate(counts))
             if self.has_dropped:
                 weights += self._row_bytes(FP32)  # the table's fallback row
@@ -557,7 +608,8 @@ class RowGroupStore(nn.Module):
         nnz = values.numel()
         seg = torch.repeat_interleave(torch.arange(F * B), lengths)
         keys = self.feature_base[seg // B] + values  # ids were checked by the collection
-        g = self._lookup_groups(self.row_group[keys])
+        g, key_slots = self._decode_map(self.row_map[keys])
+        g = self._lookup_groups(g)
         perm = torch.argsort(g, stable=True)
         per_group = torch.bincount(g.long(), minlength=GROUPS)
         bags = max(int(per_group.max()), 1) if nnz else 1
@@ -577,7 +629,7 @@ class RowGroupStore(nn.Module):
                 psw = weights
         rows = group_lookup(
             self.weights, self._op_offsets, self._op_tys, self._op_D_offsets, self._op_placements,
-            D, self.row_slot[keys][perm].long(), offsets, self.row_alignment,
+            D, key_slots[perm], offsets, self.row_alignment,
         )
         per_id = torch.empty_like(rows)
         per_id[perm] = rows  # back to the input order
@@ -667,7 +719,7 @@ class RowGroupStore(nn.Module):
             self.nonfinite_rows += int((~finite).sum())
             keys, row_grad = keys[finite], row_grad[finite]
         if self.has_dropped:
-            dropped = self.row_group[keys] == DROPPED
+            dropped = self.groups_of(keys) == DROPPED
             if bool(dropped.any()):
                 # A dropped id's gradient is its table's fallback row's: summed here, applied
                 # at the end of the step (`apply_fallback_update`, after the module has summed

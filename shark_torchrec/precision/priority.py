@@ -27,7 +27,7 @@ GROUP_NAMES = ("fp32", "fp16", "int8", "int4", "int2", "dropped")
 STORED = (FP32, FP16, INT8, INT4, INT2)  # tiers with bytes of their own (a dropped row reads its table's fallback row)
 PAPER_GROUPS = (FP32, FP16, INT8)  # the paper's tiers, the default
 INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
-ROW_MAP_BYTES = 5  # int8 group tag + int32 slot per row
+ROW_MAP_BYTES = 4  # one int32 slot per row, numbered across the group tables (the group follows from its range)
 DEFAULT_BUDGET = 0.35  # the paper tiers' default budget wherever int8 rows leave room for it (dim >= 45)
 BUDGET_MARGIN = 0.05  # the default's room above the all-int8 floor at smaller dims
 
@@ -68,7 +68,7 @@ def min_budget(dim: int, cheapest: int = INT8) -> float:
 def default_budget(dims: Iterable[int], cheapest: int = INT8) -> float:
     """The budget a policy gets when none is given, for tables of these dims: the larger of
     0.35 of fp32 bytes and the narrowest table's all-int8 floor plus 0.05 (room for some
-    fp16/fp32 rows), rounded up to a hundredth: 0.45 at dim 16, 0.38 at 32, 0.35 from 45 up.
+    fp16/fp32 rows), rounded up to a hundredth: 0.43 at dim 16, 0.37 at 32, 0.35 from 40 up.
 
     Args:
         dims: the embedding dims of the tables the budget applies to.
