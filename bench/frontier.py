@@ -28,6 +28,10 @@ same data splits, and the methods are paired:
 - `shark:TIER/TIER/...@BUDGET` (e.g. `shark:int8/int4/int2@0.12`): `--precision shark --tiers ...
   --memory-budget BUDGET`, rows ranked by Eq. 7 into those tiers; `shark-model:...` the same
   with `--budget-scope model` (one budget for all tables).
+- `shark-paper>TIER/TIER/...@BUDGET` (e.g. `shark-paper>int8/int4/int2@0.125`): the unit's
+  shark-paper model, its rows put into those tiers for serving by the priorities they had at the
+  end of training, rounded to nearest, one budget for all tables (`shark export --tiers ...
+  --memory-budget B`, `regroup_for_serving`); dropped rows read their table's mean row.
 - `shark-paper`: `shark train --precision shark` trained from the start, our module with the
   paper's tiers (fp32/fp16/int8 rows chosen by priority, Eq. 7), at the default budget for the
   dim (0.35 at dim 64; 0.45 at dim 16 before the 4-byte row map, 0.43 after: each run's
@@ -91,6 +95,8 @@ class Method:
     qdtype: str = ""  # post: torch dtype name given to quantize_embeddings
     bits: int = 32
     budget: float | None = None
+    base: str = ""  # serve: the trained method whose model is regrouped
+    tiers: tuple[str, ...] = ()  # serve: the serving tiers
 
 
 POST = {  # name: (torch dtype name, bits)
@@ -132,6 +138,23 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                 out.append(Method(f"shark-paper@{b:.2f}", "train",
                                   f"our module, fp32/fp16/int8 rows by priority, trained from the start, budget {b:.2f}",
                                   ("--precision", "shark", "--memory-budget", f"{b}"), budget=b))
+        elif n.startswith("shark-paper>"):
+            # shark-paper>TIER/TIER/...@BUDGET: the shark-paper model of the unit, its rows put
+            # into these tiers for serving by their trained priorities (one budget for all
+            # tables), rounded to nearest: `shark export --tiers ... --memory-budget B`.
+            spec, _, b = n[len("shark-paper>"):].partition("@")
+            tiers = tuple(spec.split("/"))
+            if not any(m.name == "shark-paper" for m in out):
+                raise SystemExit(f"{n}: list shark-paper before it in --methods (its model is the one served)")
+            from shark_torchrec.precision.priority import GROUP_NAMES
+
+            floor = min_budget(dim, max(GROUP_NAMES.index(t) for t in tiers))
+            if float(b) < floor:
+                notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
+                continue
+            out.append(Method(n, "serve", f"the shark-paper model served in {'/'.join(tiers)} rows chosen by its trained priorities "
+                              f"(shark export --tiers {' '.join(tiers)} --memory-budget {b}, one budget for all tables)",
+                              budget=float(b), base="shark-paper", tiers=tiers))
         elif n in ("shark-int4", "shark-int2"):
             tier = n.split("-")[1]
             out.append(Method(n, "train", f"our module, every row {tier}, trained in place from the start (stochastic rounding)",
@@ -334,6 +357,28 @@ def quantize_checked(fp: FP32Model, method: Method):
                "bytes_allocated": allocated, "tbe_buffer_bytes": tbe_buffer}
 
 
+def run_serve(method: Method, base: FP32Model) -> dict:
+    """A trained mixed-precision model regrouped for serving (`regroup_for_serving`)."""
+    from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
+    from shark_torchrec.train.export import ServingTiers, regroup_for_serving
+
+    t0 = time.perf_counter()
+    arch = base.model.model.sparse_arch
+    try:
+        regroup_for_serving(base.model, ServingTiers(method.tiers, method.budget, "model"))
+        ebc = arch.embedding_bag_collection
+    finally:
+        arch.embedding_bag_collection = base.ebc
+    m = base.evaluate(ebc)
+    served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
+    fp32_bytes = sum(r * d * 4 for r, d in base.shapes)
+    return {
+        "test_auc": m["auc"], "test_logloss": m["logloss"], "bytes_allocated": served.memory_bytes(),
+        "bytes_unpadded": served.memory_bytes(), "fp32_bytes": fp32_bytes, "rows": served.group_rows(),
+        "budget": method.budget, "seconds": time.perf_counter() - t0,
+    }
+
+
 def run_post(method: Method, fp: FP32Model) -> dict:
     t0 = time.perf_counter()
     q, check = quantize_checked(fp, method)
@@ -415,7 +460,7 @@ def summarize(records: list[dict], methods: list[Method]) -> tuple[list[dict], l
             "diff": diff,
         })
     pairs = []
-    for a in (m for m in methods if m.kind == "train" and m.name != "fp32"):
+    for a in (m for m in methods if m.kind in ("train", "serve") and m.name != "fp32"):
         for b in (m for m in methods if m.kind == "post" and m.bits <= 8):
             common = sorted({r["unit"] for r in records if r["method"] == a.name} & {r["unit"] for r in records if r["method"] == b.name})
             if common:
@@ -585,11 +630,21 @@ def main() -> None:
             for unit in all_units:
                 mine = [m for u, m in todo if u == unit]
                 fp: FP32Model | None = None
+                served: dict = {}
                 for method in mine:
                     bar.set_postfix_str(f"d{dim} {unit.key} {method.name}")
                     rec = {"method": method.name, "unit": unit.key, "seed": unit.seed, "fold": unit.fold, "dim": dim}
                     if method.kind == "train":
                         rec.update(run_train(method, extra, dim, unit, out / "runs" / f"{method.name.replace(':', '_').replace('/', '-')}-{unit.key}"))
+                    elif method.kind == "serve":
+                        if method.base not in served:
+                            served[method.base] = FP32Model(out / "runs" / f"{method.base}-{unit.key}")
+                            base_rec = next(r for r in records if r["method"] == method.base and r["unit"] == unit.key)
+                            again = served[method.base].evaluate()
+                            if abs(again["auc"] - base_rec["test_auc"]) > 1e-4:
+                                raise SystemExit(f"{method.base} {unit.key}: re-evaluated test AUC {again['auc']:.6f} is not "
+                                                 f"shark train's {base_rec['test_auc']:.6f}: the evaluations differ")
+                        rec.update(run_serve(method, served[method.base]))
                     else:
                         if fp is None:
                             fp = FP32Model(out / "runs" / f"fp32-{unit.key}")

@@ -125,12 +125,19 @@ def export_main(argv: List[str]) -> int:
     parser.add_argument("--out", required=True, help="the export directory (created; one that holds files is refused unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace the export files of an earlier export in --out")
     parser.add_argument("--base-checkpoint", default="", help="the uncompressed model's checkpoint, for the bytes beside it")
+    parser.add_argument("--tiers", nargs="+", default=None,
+                        help="serve in these tiers (e.g. int8 int4 int2 dropped), rows ranked by their trained priorities "
+                             "and rounded to nearest; needs --memory-budget (default: the rows as trained)")
+    parser.add_argument("--memory-budget", type=float, default=None, help="with --tiers: embedding bytes / fp32 bytes to serve in")
+    parser.add_argument("--budget-scope", choices=("table", "model"), default="model", help="with --tiers: one budget per table or for all (default model)")
     args = parser.parse_args(argv)
+    if (args.tiers is None) != (args.memory_budget is None):
+        parser.error("--tiers and --memory-budget go together")
     from pathlib import Path
 
     from shark_torchrec.data.schema import DataError
     from shark_torchrec.train.checkpoint import CheckpointError
-    from shark_torchrec.train.export import export_checkpoint
+    from shark_torchrec.train.export import ServingTiers, export_checkpoint
     from shark_torchrec.train.trainer import quiet_libraries
 
     quiet_libraries()
@@ -140,7 +147,11 @@ def export_main(argv: List[str]) -> int:
               "(nothing was written)", file=sys.stderr)
         return 2
     try:
-        record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None)
+        serving = None
+        if args.tiers is not None:
+            tiers = tuple(t for item in args.tiers for t in item.split(",") if t)
+            serving = ServingTiers(tiers, args.memory_budget, args.budget_scope)
+        record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"shark export: error: {e}", file=sys.stderr)
         return 2

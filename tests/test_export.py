@@ -118,3 +118,49 @@ def test_conversion_carries_optimizer_state_on_two_ranks(tmp_path):
     assert dense
     for k in dense:
         torch.testing.assert_close(b["optim"]["state"][k]["sum"], a["optim"]["state"][k]["sum"], rtol=0, atol=0)
+
+
+def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run, tmp_path):
+    """`shark export --tiers int8 int4 int2 dropped --memory-budget 0.2`: the rows of a model
+    trained in fp32/fp16/int8 are put into the serving tiers by their trained priorities (a
+    row never gets a less precise tier than a lower-ranked one), each rounded to nearest from
+    its trained value, dropped rows read their table's mean row, the bytes fit the budget, and
+    the export serves exactly the regrouped model."""
+    from shark_torchrec.precision.priority import DROPPED, INT_BITS, per_byte_scores
+    from shark_torchrec.train.export import ServingTiers, regroup_for_serving
+
+    out, _ = shark_run
+    ckpt = out / "checkpoints"
+    model, _ = load_trained_model(ckpt)
+    trained = model.model.sparse_arch.embedding_bag_collection
+    store0 = trained.stores[0]
+    before = store0.read_rows(torch.arange(store0.num_rows))
+    scores = store0.scores_now()
+    record = regroup_for_serving(model, ServingTiers(("int8", "int4", "int2", "dropped"), 0.14, "model"))
+    assert record["serving_budget"] == 0.14
+    store = model.model.sparse_arch.embedding_bag_collection.stores[0]
+    groups = store.row_group
+    assert bool((groups == DROPPED).any()) and bool((groups == 4).any())  # 0.14 is below the int2 floor (0.19 at dim 16)
+    fp32 = sum(c.num_embeddings * c.embedding_dim * 4 for c in trained.embedding_bag_configs())
+    assert sum(b["embedding_bytes"] for b in store.table_bytes()) <= 0.14 * fp32
+    # Ranked by the trained priorities (per byte, as ranked: one dim here): every kept row outranks every dropped one.
+    per_byte = per_byte_scores(scores, store.dim)
+    assert float(per_byte[groups != DROPPED].min()) >= float(per_byte[groups == DROPPED].max())
+    after = store.read_rows(torch.arange(store.num_rows))
+    for g, bits in INT_BITS.items():
+        m = groups == g
+        if bool(m.any()):
+            step = (before[m].max(1).values - before[m].min(1).values) / ((1 << bits) - 1)
+            assert ((after[m] - before[m]).abs().max(1).values <= 0.5 * step * 1.01 + 1e-3).all(), g  # to nearest (fp16 scale/bias)
+    for i in range(len(store.tables)):
+        lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+        mine = (groups[lo:hi] == DROPPED).nonzero().flatten() + lo
+        if len(mine):
+            assert torch.allclose(after[mine], before[mine].mean(0).expand(len(mine), -1), atol=1e-6)
+    exported = tmp_path / "served"
+    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int8", "int4", "int2", "dropped", "--memory-budget", "0.14")
+    rec = json.loads((exported / "export.json").read_text())
+    assert rec["max_abs_logit_diff_dev"] == 0.0 and rec["inference_bytes"] <= 0.14 * rec["fp32_bytes"]
+    assert rec["rows_dropped"] == int((groups == DROPPED).sum()) and rec["serving_tiers"] == ["int8", "int4", "int2", "dropped"]
+    bad = run_shark("export", str(ckpt), "--out", str(tmp_path / "x"), "--tiers", "int4", check=False)
+    assert bad.returncode == 2 and "--tiers and --memory-budget go together" in bad.stderr

@@ -20,7 +20,9 @@ Export directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -33,6 +35,7 @@ from shark_torchrec.models.pruned import kept_schema
 from shark_torchrec.models.serving import serving_model
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.precision.priority import DROPPED
 from shark_torchrec.train.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
 
 
@@ -81,6 +84,62 @@ def export_inference_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig
     return to_inference(model), cfg
 
 
+@dataclass(frozen=True)
+class ServingTiers:
+    """Tiers for serving chosen at export from the trained priorities: `tiers` (e.g. int8,
+    int4, int2, dropped), a `memory_budget` and its `budget_scope` (`table` or `model`)."""
+
+    tiers: Tuple[str, ...]
+    memory_budget: float
+    budget_scope: str = "model"
+
+
+@torch.no_grad()
+def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[str, Any]:
+    """Put a loaded mixed-precision model's rows into other tiers for serving, in place: rows
+    ranked by the priorities they had at the end of training (the budget rule of `serving`)
+    and rounded to nearest from their trained values, so low tiers are reached without
+    training in them. A table's fallback row (for its dropped rows) is the mean of the trained
+    values of the rows it replaces.
+
+    Args:
+        model: from `load_trained_model`, trained with `--precision shark` or `freq`.
+        serving: the tiers and the budget.
+
+    Returns:
+        {"serving_tiers", "serving_budget", "serving_budget_scope"} for the export record.
+
+    Raises:
+        CheckpointError: the model has no priorities (stock fp32 tables or a one-tier run).
+        ValueError / BudgetError: tiers or budget the policy refuses, named.
+    """
+    arch = model.model.sparse_arch
+    trained = arch.embedding_bag_collection
+    policy = getattr(trained, "precision_policy", None)
+    if not isinstance(trained, MixedPrecisionEmbeddingBagCollection) or not policy.scored:
+        raise CheckpointError("serving tiers are chosen by the trained priorities: export a model trained with --precision shark or freq")
+    new_policy = dataclasses.replace(
+        policy, tiers=tuple(serving.tiers), memory_budget=serving.memory_budget, budget_scope=serving.budget_scope,
+        row_fractions=None, t8=None, t16=None,
+    )
+    configs = trained.embedding_bag_configs()
+    ebc = MixedPrecisionEmbeddingBagCollection(tables=configs, precision_policy=new_policy, device=torch.device("cpu"))
+    ebc.load_state_dict(trained.state_dict())  # trained values in their trained groups, scores, step
+    values = [s.read_rows(torch.arange(s.num_rows)) for s in ebc.stores]
+    ebc.reassign()
+    for store, before in zip(ebc.stores, values):
+        if not store.has_dropped:
+            continue
+        dropped = store.row_group == DROPPED
+        for i in range(len(store.tables)):
+            lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+            mine = dropped[lo:hi]
+            if bool(mine.any()):
+                store.set_fallback_rows(i, before[lo:hi][mine].mean(dim=0))
+    arch.embedding_bag_collection = ebc
+    return {"serving_tiers": list(serving.tiers), "serving_budget": serving.memory_budget, "serving_budget_scope": serving.budget_scope}
+
+
 def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
     """Swap a loaded mixed-precision model's collection for its inference twin, in place (the
     training store, with its scores and optimizer state, is dropped)."""
@@ -97,13 +156,17 @@ VOCAB_FILE = "vocab.json"
 RECIPE_FILE = "serve.py"
 
 
-def export_checkpoint(checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None) -> Dict[str, Any]:
+def export_checkpoint(
+    checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None, serving: Optional[ServingTiers] = None
+) -> Dict[str, Any]:
     """Write the export directory of a mixed-precision checkpoint (see the module docstring).
 
     Args:
         checkpoint: a checkpoint (or a directory of them: the newest) of a mixed-precision model.
         out: the export directory (created if absent; files of an earlier export are replaced).
         base_checkpoint: the uncompressed model's checkpoint, for the figures beside it.
+        serving: tiers and budget to serve in, chosen from the trained priorities
+            (`regroup_for_serving`); None: the rows as trained.
 
     Returns:
         export.json's record: bytes beside the fp32 tables and beside TorchRec's per-table int8
@@ -131,6 +194,9 @@ def export_checkpoint(checkpoint: Path, out: Path, base_checkpoint: Optional[str
     def largest_difference(want, got) -> float:
         return max((w - g).abs().max().item() for w, g in zip(want, got)) if want else 0.0
 
+    regrouped: Dict[str, Any] = {}
+    if serving is not None:
+        regrouped = regroup_for_serving(model, serving)
     want = dev_logits(lambda b: model(b)[1][1])
     exported = to_inference(model)
     diff = largest_difference(want, dev_logits(lambda b: exported(b)[1][1]))
@@ -143,6 +209,7 @@ def export_checkpoint(checkpoint: Path, out: Path, base_checkpoint: Optional[str
         "fp32_bytes": sum(c.num_embeddings * c.embedding_dim * 4 for c in configs),
         "torchrec_int8_bytes": torchrec_int8_bytes((c.num_embeddings, c.embedding_dim) for c in configs),
         "max_abs_logit_diff_dev": diff,
+        **regrouped,
     }
     if base_checkpoint:
         shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
