@@ -160,3 +160,29 @@ def test_a_model_budget_starts_small_tables_at_their_floor_paid_by_the_large_one
     with pytest.raises(BudgetError, match="model's tables"):
         model_start_budgets(PrecisionPolicy(tiers=("int8", "int2", "dropped"), memory_budget=0.0626, budget_scope="model",
                                             optimizer="sgd", learning_rate=0.1).resolved([16]), tables)
+
+
+def test_a_resumed_module_with_dropped_rows_continues_bit_for_bit():
+    """State dict taken after 2 steps, loaded into a fresh module: 2 more steps give exactly
+    the tensors of the module that never stopped (fallback rows and their optimizer state
+    included), with rows dropped and revived at every step."""
+    def train(module, steps):
+        for step in steps:
+            keys, lengths, values, labels, G = W.batch(step)
+            kjt, _, _ = W.local_kjt(keys, lengths, values, labels, 0, 1)
+            out = module(kjt)
+            (torch.cat([out.to_dict()[k] for k in keys], dim=1) * G).sum().backward()
+
+    straight = W.make_module(False, DROP)
+    straight.materialize(torch.device("cpu"), init=W.init_values)
+    train(straight, range(2))
+    saved = {k: v.clone() for k, v in straight.state_dict().items()}
+    train(straight, range(2, 4))
+    resumed = W.make_module(False, DROP)
+    resumed.materialize(torch.device("cpu"))
+    resumed.load_state_dict(saved)
+    train(resumed, range(2, 4))
+    want, got = straight.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys() and any(k.endswith(".fallback") for k in want)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
