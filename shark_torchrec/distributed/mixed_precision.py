@@ -375,24 +375,25 @@ class ShardedMixedPrecisionModule:
         split = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
         return sorted(n for n, ps in self.module_sharding_plan.items() if ps.sharding_type in split)
 
-    def _fallback_exchange(self, fill) -> Optional[Tuple[Dict[str, int], torch.Tensor]]:
+    def _fallback_exchange(self, fill, take) -> None:
         """All-reduce (sum) over ranks a [row-split tables, dim + 1] buffer that `fill(buf,
-        index, store, i, table)` writes into for each local shard of such a table; None when
-        the module has none (nothing to exchange: whole tables, column slices and replicas
-        see every dropped id of their rows themselves)."""
+        index, store, i, table)` writes into for each local shard of such a table, then hand
+        each such shard its table's summed row, `take(store, i, table, row)`. Nothing when the
+        module has no row-split table (whole tables, column slices and replicas see every
+        dropped id of their rows themselves)."""
         names = self._row_split_tables()
         if not names:
-            return None
+            return
         index = {n: i for i, n in enumerate(names)}
         dims = {c.name: c.embedding_dim for c in self._mp_configs}
         buf = torch.zeros(len(names), max(dims[n] for n in names) + 1)
-        for store, _ in self.stores():
-            for i, t in enumerate(store.tables):
-                if t.name in index:
-                    fill(buf, index[t.name], store, i, t)
+        local = [(store, i, t) for store, _ in self.stores() for i, t in enumerate(store.tables) if t.name in index]
+        for store, i, t in local:
+            fill(buf, index[t.name], store, i, t)
         if dist.get_world_size(self._pg) > 1:
             dist.all_reduce(buf, group=self._pg)
-        return index, buf
+        for store, i, t in local:
+            take(store, i, t, buf[index[t.name]])
 
     def _sum_fallback_grads(self) -> None:
         """A row-split table's fallback gradient is the sum over its shards' dropped ids: every
@@ -400,14 +401,10 @@ class ShardedMixedPrecisionModule:
         def fill(buf, k, store, i, t):
             buf[k, : t.dim] += store.fallback_grad[i]
 
-        done = self._fallback_exchange(fill)
-        if done is None:
-            return
-        index, buf = done
-        for store, _ in self.stores():
-            for i, t in enumerate(store.tables):
-                if t.name in index:
-                    store.fallback_grad[i] = buf[index[t.name], : t.dim]
+        def take(store, i, t, row):
+            store.fallback_grad[i] = row[: t.dim]
+
+        self._fallback_exchange(fill, take)
 
     def _share_loaded_fallbacks(self) -> None:
         """After a load: a row-split table's fallback row (and its optimizer state) reaches
@@ -417,14 +414,10 @@ class ShardedMixedPrecisionModule:
                 buf[k, : t.dim] = store.fallback_rows()[i]
                 buf[k, -1] = store.fallback_momentum[i] if store.fallback_momentum.numel() else 0.0
 
-        done = self._fallback_exchange(fill)
-        if done is None:
-            return
-        index, buf = done
-        for store, _ in self.stores():
-            for i, t in enumerate(store.tables):
-                if t.name in index:
-                    store.set_fallback_rows(i, buf[index[t.name], : t.dim], buf[index[t.name], -1])
+        def take(store, i, t, row):
+            store.set_fallback_rows(i, row[: t.dim], row[-1])
+
+        self._fallback_exchange(fill, take)
 
     def reassign(self) -> Dict[str, int]:
         """Regroup all rows by score now (collective: every rank calls it)."""
