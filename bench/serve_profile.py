@@ -49,7 +49,9 @@ def main() -> None:
         F, B = len(ours.feature_names), kjt.stride()
         values, nnz = kjt.values().long(), kjt.values().numel()
         rows_of = torch.repeat_interleave(ours.feature_base, kjt.lengths().view(F, B).sum(1), output_size=nnz) + values
-        g, slot = ours.row_group[rows_of], ours.row_slot[rows_of]
+        m = ours.row_map[rows_of]
+        tier = torch.bucketize(m, ours.range_ends, right=True)
+        g, slot = ours._lookup_group[tier], m - ours.range_shift[tier]
         grouped = torch.cat([slot[g == k] for k in range(3)])
         per_group = torch.stack([(g == k).sum() for k in range(3)]).to(torch.int32)
         ends = torch.arange(1, nnz + 2, dtype=torch.int32)[None, :].clamp(max=per_group[:, None]) + (

@@ -143,6 +143,11 @@ def test_dropped_rows_train_export_and_serve_from_the_command_line(tmp_path):
     assert m["rows_dropped"] > 0 and m["rows_int2"] > 0 and m["embedding_bytes"] <= 0.15 * m["fp32_embedding_bytes"]
     diff, ebc = compare_export(out / "checkpoints", m)
     assert diff < 1e-5 and ebc.group_rows()["rows_dropped"] == m["rows_dropped"]
+    # Served in tiers without `dropped`: the rows dropped in training come back (as their fallback row).
+    served = tmp_path / "served"
+    run_shark("export", str(out / "checkpoints"), "--out", str(served), "--tiers", "fp16", "int8", "--memory-budget", "0.5")
+    rec = json.loads((served / "export.json").read_text())
+    assert rec["rows_dropped"] == 0 and rec["rows_fp16"] + rec["rows_int8"] == sum(v for k, v in m.items() if k.startswith("rows_"))
 
 
 def test_a_model_budget_starts_small_tables_at_their_floor_paid_by_the_large_ones():

@@ -104,7 +104,7 @@ def test_two_ranks_row_column_and_data_parallel_tables_share_one_budget():
     in the same group, the groups are the row-by-row reference's on the final scores, they
     differ from the per-table rule's, and the bytes the module reports fit the budget."""
     steps = 3
-    overrides = {"reassign_every": 1, "memory_budget": 0.6, "budget_scope": "model", "fp32_fraction": 0.05}
+    overrides = {"reassign_every": 1, "memory_budget": 0.5, "budget_scope": "model", "fp32_fraction": 0.05}
     got = launch(W.sharded_run, 2, MIXED, steps, overrides)
     policy = W.policy(**overrides)
     scores, widths = {}, {}
@@ -114,15 +114,15 @@ def test_two_ranks_row_column_and_data_parallel_tables_share_one_budget():
         scores[n] = decayed(got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
         widths[n] = (8, 8) if MIXED[n] == "column_wise" else (W.DIM,)
     assert sorted(w for ws in got["widths"] for w in ws) == [8, 8, 16, 16]  # t1 really sliced
-    want = model_budget_groups(scores, widths, 0.6, 0.05)
+    want = model_budget_groups(scores, widths, 0.5, 0.05)
     for n, rows, _ in W.TABLES:
         assert torch.equal(got["tables"][f"{n}.row_group"][:, 0], want[n]), n
     per_table = [int((want[n] != INT8).sum()) / rows for n, rows, _ in W.TABLES]
     assert max(per_table) - min(per_table) > 0.2, per_table  # not each table's own share
     mem = got["memory"]
     fp32 = sum(rows * W.DIM * 4 for _, rows, _ in W.TABLES)
-    assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) <= 0.6 * fp32
-    assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) > 0.55 * fp32  # and spent
+    assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) <= 0.5 * fp32
+    assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) > 0.45 * fp32  # and spent
 
 
 def test_the_planner_sizes_a_table_for_the_most_the_model_budget_lets_it_take():

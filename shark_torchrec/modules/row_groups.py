@@ -485,6 +485,8 @@ class RowGroupStore(nn.Module):
         return dequantize_rows(codes, raw[:, :4].contiguous().view(torch.float16))
 
     def _rebuild(self, groups: torch.Tensor, counts: List[int], copy: bool) -> None:
+        if sum(counts) >= 1 << 31:  # the row map's int32 (checked before anything changes)
+            raise ValueError(f"a store holds at most 2^31 rows, got {sum(counts)}")
         old_groups, old_slots = self.row_group, self.row_slot
         old_w, old_off, old_cap = self.weights, list(self._offsets), list(self.capacity)
         # Group tables back to back, each starting at a multiple of 4 bytes (for its dtype

@@ -29,7 +29,7 @@ from shark_torchrec.modules.mixed_precision import (
     target_counts,
 )
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
-from shark_torchrec.precision.priority import ROW_MAP_BYTES, GroupCounts, row_bytes
+from shark_torchrec.precision.priority import DROPPED, FP32, ROW_MAP_BYTES, GroupCounts, row_bytes
 
 
 def model_scope_share(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]]) -> Dict[str, PrecisionPolicy]:
@@ -72,6 +72,8 @@ def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows
         x = min(left, n)
         weights += x * row_bytes(shard_cols, g)
         left -= x
+    if DROPPED in policy.groups:
+        weights += row_bytes(shard_cols, FP32)  # every shard keeps its copy of the table's fallback row
     extra = ROW_MAP_BYTES
     if policy.optimizer == "rowwise_adagrad":
         extra += 4

@@ -127,6 +127,8 @@ def budget_counts(
         # Dropping is the last resort: rows are dropped (lowest ranked first) only when the
         # budget cannot keep every row in the cheapest stored tier; otherwise the stored
         # tiers share the budget by the rule below and nothing is dropped.
+        if rows == 0:
+            return GroupCounts.of({})
         stored = groups[:-1]
         cheapest = stored[-1]
         reserved += row_bytes(dim, FP32, row_alignment)  # the fallback row
@@ -270,11 +272,11 @@ def model_budget_cuts(
         fp32_total = sum(4.0 * d * int(r) for r, d in zip(rows, dims))
         map_bytes = sum(int(r) * ROW_MAP_BYTES * len(w) for r, w in zip(rows, widths))
         kept_cost = torch.tensor([float(sum(row_bytes(x, kept, row_alignment) for x in w)) for w in widths], dtype=torch.float64)
-        fallbacks = sum(float(sum(row_bytes(x, FP32, row_alignment) for x in w)) for w in widths)  # a row per table
-        cap = budget * fp32_total - map_bytes - fallbacks
+        reserved += sum(float(sum(row_bytes(x, FP32, row_alignment) for x in w)) for w in widths)  # a fallback row per table
+        cap = budget * fp32_total - map_bytes - reserved
         if cap >= float((torch.tensor([int(r) for r in rows], dtype=torch.float64) * kept_cost).sum()) - 1e-6:
             return model_budget_cuts(
-                count_at_least, rows, widths, dims, budget, fp32_fraction, stored, row_alignment, reserved=fallbacks
+                count_at_least, rows, widths, dims, budget, fp32_fraction, stored, row_alignment, reserved=reserved
             ) + [0]
         if cap < -1e-6:
             raise BudgetError(

@@ -124,7 +124,15 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
     )
     configs = trained.embedding_bag_configs()
     ebc = MixedPrecisionEmbeddingBagCollection(tables=configs, precision_policy=new_policy, device=torch.device("cpu"))
-    ebc.load_state_dict(trained.state_dict())  # trained values in their trained groups, scores, step
+    state = trained.state_dict()  # trained values in their trained groups, scores, step
+    if "dropped" not in serving.tiers:
+        # Rows dropped in training load as stored rows of the cheapest serving tier, with the
+        # value they served (their fallback row's), before they are ranked again.
+        cheapest = ebc.resolved_policy().groups[-1]
+        for key, value in state.items():
+            if key.endswith(".row_group"):
+                state[key] = torch.where(value == DROPPED, torch.full_like(value, cheapest), value)
+    ebc.load_state_dict(state)
     values = [s.read_rows(torch.arange(s.num_rows)) for s in ebc.stores]
     ebc.reassign()
     for store, before in zip(ebc.stores, values):
