@@ -498,18 +498,20 @@ def plot(dim: int, rows: list[dict], path: Path, data: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {"train": "o", "post": "s", "serve": "^"}  # trained (ours in place, fp32), TorchRec post-training, served
     for i, s in enumerate(rows):
-        d, color = s["diff"], f"C{i}"
+        d, color = s["diff"], plt.cm.tab20(i % 20)
         y = 0.0 if s["method"] == "fp32" else d["mean"]
         err = None
         if s["method"] != "fp32" and d["n"] > 1:
             err = [[y - d["ci"][0]], [d["ci"][1] - y]]
         x_a, x_u = 100 * s["alloc_ratio"], 100 * s["unpadded_ratio"]
-        ax.errorbar([x_a], [y], yerr=err, fmt="o", color=color, capsize=3, label=f"{s['method']} (n={s['n']})")
+        marker = markers.get(s["kind"], "o")
+        ax.errorbar([x_a], [y], yerr=err, fmt=marker, color=color, capsize=3, label=f"{s['method']} (n={s['n']})")
         if abs(x_u - x_a) > 1e-9:
             ax.plot([x_u, x_a], [y, y], color=color, lw=0.8, ls=":")
-            ax.plot([x_u], [y], marker="o", mfc="none", color=color, ls="none")
+            ax.plot([x_u], [y], marker=marker, mfc="none", color=color, ls="none")
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_xscale("log")
     ticks = [5, 10, 15, 20, 30, 50, 100]
@@ -519,8 +521,8 @@ def plot(dim: int, rows: list[dict], path: Path, data: str) -> None:
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_xlabel("embedding bytes, % of fp32 (log; filled: as allocated, hollow: unpadded)")
     ax.set_ylabel("test AUC - fp32 (paired mean, 95% CI)")
-    ax.set_title(f"{data}, dim {dim}: AUC against embedding bytes", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{data}, dim {dim}: AUC against embedding bytes (o trained, s TorchRec post-training, ^ served)", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
