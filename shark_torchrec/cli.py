@@ -64,10 +64,27 @@ def _job_main(prog: str, job: Callable, argv: List[str], doc: str, keys: tuple) 
     user error is one line on stderr (exit 2)."""
     metrics = _run(prog, job, argv, doc)
     if metrics is None:
-        return 2
+        return _leave(2)
     if _is_main_rank():
         print(json.dumps({k: metrics[k] for k in keys}, indent=2))
-    return 0
+    return _leave(0)
+
+
+def _leave(code: int) -> int:
+    """The exit code, or under torchrun / TorchX (an elastic agent's worker) the exit itself once
+    the output is flushed: such a rank, its job done and its results written and printed, was
+    seen to abort while the interpreter tore down ("terminate called without an active
+    exception", SIGABRT, after the process group was destroyed; 2 of the torchrun runs of one
+    day on the 2-core CI machine, cause not found), which fails the whole job. Leaving with
+    os._exit skips that teardown; nothing is left to write."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return code
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def train_main(argv: List[str]) -> int:
