@@ -74,9 +74,9 @@ def _leave(code: int) -> int:
     """The exit code, or under torchrun / TorchX (an elastic agent's worker) the exit itself once
     the output is flushed: such a rank, its job done and its results written and printed, was
     seen to abort while the interpreter tore down ("terminate called without an active
-    exception", SIGABRT, after the process group was destroyed; 2 of the torchrun runs of one
-    day on the 2-core CI machine, cause not found), which fails the whole job. Leaving with
-    os._exit skips that teardown; nothing is left to write."""
+    exception", SIGABRT, after the process group was destroyed; once, in a clean-clone CI run
+    of the README's torchx block on the 2-core machine; cause not found), which fails the whole
+    job. Leaving with os._exit skips that teardown; nothing is left to write."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return code
     import logging
