@@ -305,21 +305,26 @@ class RowGroupStore(nn.Module):
         """int64 lookup slot of each row key."""
         return self._decode_map(self.row_map[keys])[1]
 
+    def decoded_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(int8 group, int32 lookup slot) of every row, decoded from the row map in one pass
+        (a chunk of rows at a time)."""
+        groups = torch.empty(self.num_rows, dtype=torch.int8)
+        slots = torch.empty(self.num_rows, dtype=torch.int32)
+        for a in range(0, self.num_rows, CHUNK_ROWS):
+            g, s = self._decode_map(self.row_map[a : a + CHUNK_ROWS])
+            groups[a : a + CHUNK_ROWS] = g
+            slots[a : a + CHUNK_ROWS] = s
+        return groups, slots
+
     @property
     def row_group(self) -> torch.Tensor:
         """int8 [rows]: every row's group (decoded from the row map)."""
-        out = torch.empty(self.num_rows, dtype=torch.int8)
-        for a in range(0, self.num_rows, CHUNK_ROWS):
-            out[a : a + CHUNK_ROWS] = self.groups_of(torch.arange(a, min(a + CHUNK_ROWS, self.num_rows)))
-        return out
+        return self.decoded_map()[0]
 
     @property
     def row_slot(self) -> torch.Tensor:
         """int32 [rows]: every row's slot in its group's table (decoded from the row map)."""
-        out = torch.empty(self.num_rows, dtype=torch.int32)
-        for a in range(0, self.num_rows, CHUNK_ROWS):
-            out[a : a + CHUNK_ROWS] = self.slots_of(torch.arange(a, min(a + CHUNK_ROWS, self.num_rows)))
-        return out
+        return self.decoded_map()[1]
 
     def _set_map(self, groups: torch.Tensor, slots: torch.Tensor, counts: List[int]) -> None:
         """Encode (group, lookup slot) per row into the row map, for group tables of `counts` rows."""
@@ -330,8 +335,6 @@ class RowGroupStore(nn.Module):
         shift = torch.zeros(GROUPS + 1, dtype=torch.int64)
         shift[1:GROUPS] = ends[: GROUPS - 1]
         shift[DROPPED] = int(ends[-1]) - own[FP32]  # map = ends[-1] + t, lookup slot = own fp32 + t
-        if int(ends[-1]) + T >= 1 << 31:
-            raise ValueError(f"a store holds at most 2^31 rows, got {int(ends[-1]) + T}")
         self._range_ends = ends.to(torch.int32)
         self._range_shift = shift.to(torch.int32)
         for a in range(0, self.num_rows, CHUNK_ROWS):
@@ -440,21 +443,20 @@ class RowGroupStore(nn.Module):
         elif bool((groups == DROPPED).any()):
             raise ValueError("rows can be dropped only under a policy whose tiers include 'dropped'")
         fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
-        old = None if fresh else self.row_group
+        old = None if fresh else self.decoded_map()  # (groups, slots): decoded once, for all below
         moved = {
-            GROUP_NAMES[g]: 0 if old is None else int(((groups == g) & (old != g)).sum()) for g in range(len(GROUP_NAMES))
+            GROUP_NAMES[g]: 0 if old is None else int(((groups == g) & (old[0] != g)).sum()) for g in range(len(GROUP_NAMES))
         }
-        if fresh:
-            self._rebuild(groups, counts, copy=False)
+        if old is None:
+            self._rebuild(groups, counts, None)
         elif counts == self.capacity and not self.has_dropped:
-            self._move_in_place(groups)
+            self._move_in_place(groups, *old)
         else:
-            self._rebuild(groups, counts, copy=True)
+            self._rebuild(groups, counts, old)
         self._build_op_buffers()
         return moved
 
-    def _move_in_place(self, groups: torch.Tensor) -> None:
-        old_groups, slots = self.row_group, self.row_slot
+    def _move_in_place(self, groups: torch.Tensor, old_groups: torch.Tensor, slots: torch.Tensor) -> None:
         move = (groups != old_groups).nonzero().flatten()
         if not len(move):
             return
@@ -484,10 +486,13 @@ class RowGroupStore(nn.Module):
         codes = unpack_codes(raw[:, 4 : 4 + D * bits // 8], bits)
         return dequantize_rows(codes, raw[:, :4].contiguous().view(torch.float16))
 
-    def _rebuild(self, groups: torch.Tensor, counts: List[int], copy: bool) -> None:
+    def _rebuild(self, groups: torch.Tensor, counts: List[int], old: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Lay the group tables out anew for `counts`; with `old` (the row map decoded before
+        the change), carry every row over from the old buffer."""
         if sum(counts) >= 1 << 31:  # the row map's int32 (checked before anything changes)
             raise ValueError(f"a store holds at most 2^31 rows, got {sum(counts)}")
-        old_groups, old_slots = self.row_group, self.row_slot
+        copy = old is not None
+        old_groups, old_slots = old if copy else (None, None)
         old_w, old_off, old_cap = self.weights, list(self._offsets), list(self.capacity)
         # Group tables back to back, each starting at a multiple of 4 bytes (for its dtype
         # views). Rows of fp32, fp16 and int8 are multiples of 4 bytes (dims are), and int4
@@ -730,12 +735,7 @@ class RowGroupStore(nn.Module):
                 keys, row_grad = keys[~dropped], row_grad[~dropped]
         if not len(keys):
             return
-        if p.optimizer == "rowwise_adagrad":
-            m = self.momentum[keys] + (row_grad * row_grad).mean(dim=1)
-            self.momentum[keys] = m
-            scale = p.learning_rate / (m.sqrt() + p.eps)
-        else:
-            scale = torch.full((len(keys),), p.learning_rate)
+        scale = self._step_scale(self.momentum, keys, row_grad)
         # Group by group: read the rows, step, round back (no full-size gather and scatter).
         for grp, (pos, slots) in enumerate(self.grouping(keys)):
             if not len(pos):
@@ -743,6 +743,17 @@ class RowGroupStore(nn.Module):
             view = self.group_view(grp)
             new = self._dequantize(grp, view, slots) - row_grad[pos] * scale[pos][:, None]
             self._round_into(grp, view, slots, new, keys[pos], step)
+
+    def _step_scale(self, momentum: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Per row, what its gradient is multiplied by in this step's update: row-wise Adagrad
+        (FBGEMM's EXACT_ROWWISE_ADAGRAD: `momentum[index]` += mean(g^2), then lr / (sqrt(m) +
+        eps)) or SGD (lr). Shared by the rows and the fallback rows."""
+        p = self.policy
+        if p.optimizer == "rowwise_adagrad":
+            m = momentum[index] + (grad * grad).mean(dim=1)
+            momentum[index] = m
+            return p.learning_rate / (m.sqrt() + p.eps)
+        return torch.full((len(index),), p.learning_rate)
 
     @torch.no_grad()
     def apply_fallback_update(self) -> None:
@@ -754,13 +765,7 @@ class RowGroupStore(nn.Module):
         touched = (self.fallback_grad != 0).any(dim=1).nonzero().flatten()
         if len(touched):
             g = self.fallback_grad[touched]
-            p = self.policy
-            if p.optimizer == "rowwise_adagrad":
-                m = self.fallback_momentum[touched] + (g * g).mean(dim=1)
-                self.fallback_momentum[touched] = m
-                scale = p.learning_rate / (m.sqrt() + p.eps)
-            else:
-                scale = torch.full((len(touched),), p.learning_rate)
+            scale = self._step_scale(self.fallback_momentum, touched, g)
             view = self.group_view(FP32)
             slots = self.fallback_slot0 + touched
             view[slots] = view[slots] - g * scale[:, None]
