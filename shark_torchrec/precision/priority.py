@@ -24,7 +24,6 @@ import torch
 
 FP32, FP16, INT8, INT4, INT2, DROPPED = 0, 1, 2, 3, 4, 5  # group (tier) ids, from most to least precise
 GROUP_NAMES = ("fp32", "fp16", "int8", "int4", "int2", "dropped")
-STORED = (FP32, FP16, INT8, INT4, INT2)  # tiers with bytes of their own (a dropped row reads its table's fallback row)
 PAPER_GROUPS = (FP32, FP16, INT8)  # the paper's tiers, the default
 INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 ROW_MAP_BYTES = 4  # one int32 slot per row, numbered across the group tables (the group follows from its range)
@@ -216,6 +215,22 @@ def kth_largest_cuts(count_at_least, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(targets > 0, lo, torch.full_like(targets, NO_CUT))
 
 
+def smallest_fitting_cut(fits: Callable[[int], bool], hi: int = NO_CUT) -> int:
+    """The smallest cut K in [0, hi] with `fits(K)`, for a `fits` that holds at `hi` and keeps
+    holding as the cut rises (a higher cut admits fewer rows): `fits(0)`, then bisection. Its
+    calls depend only on its results, so a collective `fits` is called alike on every rank."""
+    if fits(0):
+        return 0
+    lo = 0
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def sliced_row_bytes(widths: Sequence[int], group: int, row_alignment: int = 1) -> int:
     """Bytes one row of a table costs in a group, over all its column slices (each slice a
     row of its own width, integer slices with their own scale and bias), row map included."""
@@ -284,14 +299,10 @@ def model_budget_cuts(
                 f"the row map alone takes {map_bytes / max(fp32_total, 1.0):.3f} of fp32"
             )
 
-        def fits(cut: int) -> bool:
+        def fits(cut: int) -> bool:  # the rows of key >= cut all fit in the kept tier
             return float((count_at_least(cut).to(torch.float64) * kept_cost).sum()) <= cap + 1e-6
 
-        lo, hi = 0, NO_CUT  # the smallest cut whose rows all fit in the kept tier
-        while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-        return [NO_CUT] * (len(stored) - 1) + [hi]
+        return [NO_CUT] * (len(stored) - 1) + [smallest_fitting_cut(fits)]
     cheapest = groups[-1]
     n = torch.tensor([int(r) for r in rows], dtype=torch.float64)
     cost = torch.tensor([[sliced_row_bytes(w, g, row_alignment) for g in range(len(GROUP_NAMES))] for w in widths],
@@ -311,30 +322,21 @@ def model_budget_cuts(
     cuts: List[int] = []
     for g in groups[:-1]:
         extra = cost[:, g] - cost[:, cheapest]
+        # (fits, extra bytes, counts) per cut tried; prev_cut itself adds nothing.
+        tried: Dict[int, Tuple[bool, float, torch.Tensor]] = {prev_cut: (True, 0.0, prev_counts)}
 
-        def fits(cut: int) -> Tuple[bool, float, torch.Tensor]:
-            c = count_at_least(cut)
-            more = float(((c - prev_counts).to(torch.float64) * extra).sum())
-            ok = spent + more <= spare + 1e-6
-            if g == FP32:
-                ok = ok and float(c.sum()) <= fp32_fraction * total_rows + 1e-9
-            return ok, more, c
+        def fits(cut: int) -> bool:
+            if cut not in tried:
+                c = count_at_least(cut)
+                more = float(((c - prev_counts).to(torch.float64) * extra).sum())
+                ok = spent + more <= spare + 1e-6
+                if g == FP32:
+                    ok = ok and float(c.sum()) <= fp32_fraction * total_rows + 1e-9
+                tried[cut] = (ok, more, c)
+            return tried[cut][0]
 
-        # The smallest cut in [0, prev_cut] that fits (prev_cut itself adds nothing): bisection.
-        ok, more, counts = fits(0)
-        if ok:
-            cut = 0
-        else:
-            lo, hi = 0, prev_cut
-            more, counts = 0.0, prev_counts
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                ok, m, c = fits(mid)
-                if ok:
-                    hi, more, counts = mid, m, c
-                else:
-                    lo = mid
-            cut = hi
+        cut = smallest_fitting_cut(fits, prev_cut)
+        _, more, counts = tried[cut]
         spent += more
         prev_cut, prev_counts = cut, counts
         cuts.append(cut)
