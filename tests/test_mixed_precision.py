@@ -259,7 +259,7 @@ def test_column_wise_budget_counts_each_row_once():
     """Budget mode on 2 column-wise slices of every table: each slice holds every row, and a
     row is ranked once (not once per slice). Rows per group are the budget rule's counts for
     the slice width (each slice is a table of that width with its own row map,
-    `_budget_dim`), every slice of a row is in the same group, and the groups are the
+    `_tables_for_budget`), every slice of a row is in the same group, and the groups are the
     rule's ranking of the scores."""
     from reference import budget_groups
 

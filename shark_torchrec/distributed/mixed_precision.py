@@ -238,9 +238,6 @@ class ShardedMixedPrecisionModule:
         self._pg = env.process_group
         self._table_rows = {c.name: c.num_embeddings for c in configs}
         self._feature_tables = feature_tables(configs)
-        self._budget_tables = {
-            name: (self._table_rows[name], self._budget_dim(name, ps)) for name, ps in table_name_to_parameter_sharding.items()
-        }
         self._slice_widths = {name: self._column_widths(name, ps) for name, ps in table_name_to_parameter_sharding.items()}
         self.last_moved: Dict[str, int] = {}
         self.reassign_seconds = 0.0
@@ -308,13 +305,6 @@ class ShardedMixedPrecisionModule:
     def reset_parameters(self) -> None:
         pass
 
-    @staticmethod
-    def _budget_dim(name: str, ps: ParameterSharding) -> int:
-        spec = ps.sharding_spec
-        if spec is None or not getattr(spec, "shards", None):
-            return -1
-        return min(s.shard_sizes[1] for s in spec.shards)
-
     def _column_widths(self, name: str, ps: ParameterSharding) -> Tuple[int, ...]:
         """The widths of a table's column slices (one full-width slice unless column-wise)."""
         dim = next(c.embedding_dim for c in self._mp_configs if c.name == name)
@@ -332,8 +322,9 @@ class ShardedMixedPrecisionModule:
         return out
 
     def _tables_for_budget(self) -> Dict[str, Tuple[int, int]]:
-        dims = {c.name: c.embedding_dim for c in self._mp_configs}
-        return {n: (r, d if d > 0 else dims[n]) for n, (r, d) in self._budget_tables.items()}
+        """table -> (global rows, the width its per-table budget is computed at: its narrowest
+        column slice, each slice being a table of that width with its own row map)."""
+        return {n: (self._table_rows[n], min(w)) for n, w in self._slice_widths.items()}
 
     @torch.no_grad()
     def _assign_initial_groups(self) -> None:
