@@ -153,6 +153,7 @@ def export_main(argv: List[str]) -> int:
     from pathlib import Path
 
     from shark_torchrec.data.schema import DataError
+    from shark_torchrec.modules.precision_policy import split_tiers
     from shark_torchrec.train.checkpoint import CheckpointError
     from shark_torchrec.train.export import ServingTiers, export_checkpoint
     from shark_torchrec.train.trainer import quiet_libraries
@@ -166,8 +167,7 @@ def export_main(argv: List[str]) -> int:
     try:
         serving = None
         if args.tiers is not None:
-            tiers = tuple(t for item in args.tiers for t in item.split(",") if t)
-            serving = ServingTiers(tiers, args.memory_budget, args.budget_scope)
+            serving = ServingTiers(split_tiers(args.tiers), args.memory_budget, args.budget_scope)
         record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"shark export: error: {e}", file=sys.stderr)

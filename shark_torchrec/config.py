@@ -234,14 +234,14 @@ class PrecisionConfig:
     """Ids outside their table: `error` names feature and value; `row0` maps them to row 0."""
 
     def policy(self, lr: float, eps: float, seed: int, optimizer: str = "rowwise_adagrad"):
-        from shark_torchrec.modules.precision_policy import PrecisionPolicy
+        from shark_torchrec.modules.precision_policy import PrecisionPolicy, split_tiers
 
         fractions = tuple(self.row_fractions) or None
         # An unset budget gets the default for the tables' dims when the collection is built
         # (PrecisionPolicy.resolved, the one place defaults are decided).
         return PrecisionPolicy(
             mode=self.precision,
-            tiers=tuple(t for item in self.tiers for t in item.split(",") if t),  # "int8,int4" reads as two tiers
+            tiers=split_tiers(self.tiers),
             memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
             budget_scope=self.budget_scope,
             fp32_fraction=self.fp32_fraction,

@@ -36,13 +36,13 @@ from shark_torchrec.precision.priority import (
     DROPPED,
     FP32,
     INT8,
+    INT_BITS,
     ROW_MAP_BYTES,
     BudgetError,
-    row_bytes,
-    INT_BITS,
     GroupCounts,
     budget_counts,
     groups_by_threshold,
+    row_bytes,
 )
 
 UNIT = 4  # columns per unit of per-row checkpoint state

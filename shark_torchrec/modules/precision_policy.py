@@ -201,6 +201,19 @@ class PrecisionPolicy:
         )
 
 
+def split_tiers(items: Iterable[str]) -> Tuple[str, ...]:
+    """Tier names as given on a command line, each word possibly a comma-separated list
+    (`int8 int4` or `int8,int4`).
+
+    Args:
+        items: the words given.
+
+    Returns:
+        The tier names in order (validated by `PrecisionPolicy`).
+    """
+    return tuple(t for item in items for t in item.split(",") if t)
+
+
 def training_from_fused_params(fused_params: Mapping[str, Any], policy: PrecisionPolicy) -> Dict[str, Any]:
     """The optimizer, learning rate and eps a policy trains with, given TorchRec `fused_params`.
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from shark_torchrec.config import JobConfig, PrecisionConfig, save_config
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.modules.precision_policy import split_tiers
 from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
 from shark_torchrec.train.export import export_checkpoint
@@ -81,7 +82,7 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> float:
     if cfg.compress.quant_budget is not None:
         return cfg.compress.quant_budget
     want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
-    cheapest = max(GROUP_NAMES.index(t) for t in cfg.quant.tiers)  # the quantize stage ranks into these
+    cheapest = max(GROUP_NAMES.index(t) for t in split_tiers(cfg.quant.tiers))  # the quantize stage ranks into these
     return min(1.0, max(want, min_budget(cfg.model.embedding_dim, cheapest)))
 
 
