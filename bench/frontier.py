@@ -123,11 +123,16 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             dt, bits = POST[n]
             out.append(Method(n, "post", f"TorchRec quantize_embeddings(dtype=torch.{dt}) of the fp32 model, post-training",
                               qdtype=dt, bits=bits))
-        elif n == "shark-paper":
+        elif n in ("shark-paper", "shark-paper+grad"):
             b = default_budget([dim])
-            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority, trained from the start, the default budget "
+            grad = n.endswith("+grad")
+            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority "
+                              f"({'Eq. 7 weighted by the row gradient norm, --signal eq7-grad' if grad else 'Eq. 7'}), "
+                              f"trained from the start, the default budget "
                               f"(as each run recorded it: `budget` in results.json; {b:.2f} with this code)",
-                              ("--precision", "shark"), budget=b))
+                              ("--precision", "shark") + (("--signal", "eq7-grad") if grad else ()), budget=b))
+            if grad:
+                continue
             for b in budgets:
                 if abs(b - default_budget([dim])) < 1e-9:
                     notes.append(f"shark-paper@{b:.2f} at dim {dim} is shark-paper (the default budget): not run twice")
@@ -138,23 +143,24 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                 out.append(Method(f"shark-paper@{b:.2f}", "train",
                                   f"our module, fp32/fp16/int8 rows by priority, trained from the start, budget {b:.2f}",
                                   ("--precision", "shark", "--memory-budget", f"{b}"), budget=b))
-        elif n.startswith("shark-paper>"):
+        elif n.startswith(("shark-paper>", "shark-paper+grad>")):
             # shark-paper>TIER/TIER/...@BUDGET: the shark-paper model of the unit, its rows put
             # into these tiers for serving by their trained priorities (one budget for all
             # tables), rounded to nearest: `shark export --tiers ... --memory-budget B`.
-            spec, _, b = n[len("shark-paper>"):].partition("@")
+            base, _, rest = n.partition(">")
+            spec, _, b = rest.partition("@")
             tiers = tuple(spec.split("/"))
-            if not any(m.name == "shark-paper" for m in out):
-                raise SystemExit(f"{n}: list shark-paper before it in --methods (its model is the one served)")
+            if not any(m.name == base for m in out):
+                raise SystemExit(f"{n}: list {base} before it in --methods (its model is the one served)")
             from shark_torchrec.precision.priority import GROUP_NAMES
 
             floor = min_budget(dim, max(GROUP_NAMES.index(t) for t in tiers))
             if float(b) < floor:
                 notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
                 continue
-            out.append(Method(n, "serve", f"the shark-paper model served in {'/'.join(tiers)} rows chosen by its trained priorities "
+            out.append(Method(n, "serve", f"the {base} model served in {'/'.join(tiers)} rows chosen by its trained priorities "
                               f"(shark export --tiers {' '.join(tiers)} --memory-budget {b}, one budget for all tables)",
-                              budget=float(b), base="shark-paper", tiers=tiers))
+                              budget=float(b), base=base, tiers=tiers))
         elif n in ("shark-int4", "shark-int2"):
             tier = n.split("-")[1]
             out.append(Method(n, "train", f"our module, every row {tier}, trained in place from the start (stochastic rounding)",

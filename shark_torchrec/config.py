@@ -213,6 +213,10 @@ class PrecisionConfig:
     """Budget mode: `table` (the paper) holds every table to the budget on its own; `model`
     holds the sum over all tables to it, rows of all tables competing by priority per byte (a
     small hot table keeps precision a large cold one gives up)."""
+    signal: Literal["eq7", "eq7-grad"] = "eq7"
+    """shark/freq: what a row's priority counts: `eq7` the paper's (label-weighted
+    occurrences, decayed); `eq7-grad` each step's Eq. 7 increment weighted by the norm of the
+    row's gradient (ranks only: not with --t8/--t16; no column-wise sharding)."""
     fp32_fraction: float = 0.02
     """Budget mode: at most this fraction of each table's rows (of all rows, with
     --budget-scope model) stays fp32."""
@@ -244,6 +248,7 @@ class PrecisionConfig:
             tiers=split_tiers(self.tiers),
             memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
             budget_scope=self.budget_scope,
+            signal=self.signal,
             fp32_fraction=self.fp32_fraction,
             row_fractions=fractions if self.precision in ("shark", "freq") else None,
             t8=self.t8,
@@ -347,9 +352,10 @@ class JobConfig:
         q = self.quant
         if q.precision not in ("shark", "freq") and (
             q.t8 is not None or q.memory_budget is not None or q.row_fractions or q.budget_scope != "table"
+            or q.signal != "eq7"
         ):
             raise ConfigError(
-                f"quant: --memory-budget/--budget-scope/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}"
+                f"quant: --memory-budget/--budget-scope/--signal/--row-fractions/--t8/--t16 need --precision shark or freq, not {q.precision}"
             )
         try:
             # The policy's own rules (tiers, fractions, thresholds, a reachable budget at this

@@ -161,3 +161,21 @@ def test_low_bit_checkpoint_moves_between_plans_and_world_sizes(tmp_path):
     assert all(int((groups == g).sum()) > 0 for g in (FP16, INT8, INT4, INT2))
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_grad_signal_weights_each_step_by_the_row_gradient_norm():
+    """`eq7-grad`: two rows seen equally often score in proportion to their gradient norms
+    (Eq. 7 alone scores them the same); t8/t16 refuse the signal."""
+    scores = {}
+    for signal in ("eq7", "eq7-grad"):
+        store = store_of(signal=signal, beta=0.5)
+        store.step.value = 1
+        keys = torch.tensor([0, 1])
+        grad = torch.zeros(2, store.dim)
+        grad[0, 0], grad[1, 0] = 1.0, 3.0
+        store.apply_update(keys, grad, total=torch.tensor([2.0, 2.0]), pos=torch.tensor([1.0, 1.0]))
+        scores[signal] = store.row_priority[keys].clone()
+    assert scores["eq7"][0] == scores["eq7"][1] > 0
+    assert torch.allclose(scores["eq7-grad"], scores["eq7"] * torch.tensor([1.0, 3.0]))
+    with pytest.raises(ValueError, match="signal 'eq7-grad'"):
+        PrecisionPolicy(mode="shark", t8=1.0, t16=2.0, signal="eq7-grad")

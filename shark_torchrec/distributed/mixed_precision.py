@@ -239,6 +239,14 @@ class ShardedMixedPrecisionModule:
         self._table_rows = {c.name: c.num_embeddings for c in configs}
         self._feature_tables = feature_tables(configs)
         self._slice_widths = {name: self._column_widths(name, ps) for name, ps in table_name_to_parameter_sharding.items()}
+        sliced = sorted(n for n, w in self._slice_widths.items() if len(w) > 1)
+        if self.precision_policy.signal != "eq7" and sliced:
+            # Each column slice sees only its columns' gradient: its copy of a row's score
+            # would differ from the other slices', and the row's slices could part tiers.
+            raise ValueError(
+                f"precision policy: signal {self.precision_policy.signal!r} needs whole rows, but tables {sliced} "
+                "are sharded by columns: use signal 'eq7' or a plan without column-wise sharding"
+            )
         self.last_moved: Dict[str, int] = {}
         self.reassign_seconds = 0.0
         self._assign_initial_groups()

@@ -11,6 +11,7 @@ from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES, INT2, Budget
 MODES = ("shark", "freq", "fp32", "fp16", "int8", "int4", "int2")
 PAPER_TIERS = ("fp32", "fp16", "int8")
 BUDGET_SCOPES = ("table", "model")
+SIGNALS = ("eq7", "eq7-grad")
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
 BAD_ID_POLICIES = ("error", "row0")
 # What FBGEMM's table-batched embeddings train with when nothing is said (its constructor's
@@ -54,6 +55,11 @@ class PrecisionPolicy:
     row_fractions: fractions of each table's rows in each tier but the last, from the most
       precise (with the paper's tiers: fp32, fp16; the rest int8), instead of a byte budget;
       the same ranking decides which rows.
+    signal: what a row's priority counts. `eq7` (the paper): each occurrence adds alpha
+      (positive) or 1 (negative), decayed by beta per step. `eq7-grad`: each step's Eq. 7
+      increment weighted by the norm of the row's gradient in that step (rows the loss is
+      sensitive to rank higher than equally frequent ones it is not); ranks only (a budget or
+      row fractions, not t8/t16), and needs whole rows (no column-wise sharding).
     t8, t16: threshold mode (the paper, its tiers only): score < t8 -> int8, < t16 -> fp16,
       else fp32. Set both and leave memory_budget None. Rows start in int8 (every score starts
       at 0).
@@ -68,6 +74,7 @@ class PrecisionPolicy:
     tiers: Tuple[str, ...] = PAPER_TIERS
     memory_budget: Optional[float] = None
     budget_scope: str = "table"
+    signal: str = "eq7"
     fp32_fraction: float = 0.02
     row_fractions: Optional[Tuple[float, ...]] = None
     t8: Optional[float] = None
@@ -149,6 +156,10 @@ class PrecisionPolicy:
             raise bad("budget_scope", f"must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
         if self.budget_scope != "table" and self.scored and not self.budget_mode:
             raise bad("budget_scope", f"{self.budget_scope!r} applies to a memory budget, not to row_fractions or t8/t16")
+        if self.signal not in SIGNALS:
+            raise bad("signal", f"must be one of {SIGNALS}, got {self.signal!r}")
+        if self.signal != "eq7" and self.threshold_mode:
+            raise bad("signal", f"{self.signal!r} scores are not on Eq. 7's scale: rank them (a memory budget or row_fractions), not t8/t16")
         if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
             raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
         if not 0 <= self.fp32_fraction <= 1:

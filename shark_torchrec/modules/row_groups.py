@@ -714,6 +714,10 @@ class RowGroupStore(nn.Module):
         if p.scored and len(keys):
             t0 = time.perf_counter()
             neg = total - pos
+            if p.signal == "eq7-grad":
+                # The step's occurrences weighted by how much the loss moved the row.
+                norm = torch.nan_to_num(row_grad.norm(dim=1), nan=0.0, posinf=0.0)
+                pos, neg = pos * norm, neg * norm
             self.row_priority[keys] = updated(
                 self.row_priority[keys], self.row_seen_step[keys], step, pos, neg,
                 p.effective_alpha, p.beta,
