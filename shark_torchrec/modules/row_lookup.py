@@ -1,0 +1,225 @@
+"""The lookup of a `RowGroupStore` and its autograd.
+
+The forward reads every id's row from the store's group tables in one call of FBGEMM's
+mixed-precision inference TBE (`group_lookup`, also what the serving module scripts) and pools
+here; the backward (`_Lookup`, an autograd Function, since FBGEMM trains none of this) turns the
+output gradient into per-row gradients, occurrence counts and positive-label counts, sums them
+over replicas for data-parallel tables, and hands them to the optimizer (`apply_update`,
+`shark_torchrec.modules.row_optimizer`).
+
+Kept apart from the tier layout (`shark_torchrec.modules.row_groups`, which imports this module)
+so that the layout, the lookup and the row optimizer can each be read on their own. This module
+imports nothing of the store: `RowLookup` is a mixin that reaches the store's state through
+`self`. The group tables' FBGEMM types (`_TYPES`, `GROUPS`) are defined here, with the op that
+reads them, and imported by the layout.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+
+from shark_torchrec.precision.labels import split_tagged
+
+_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
+GROUPS = len(_TYPES)  # group tables in every buffer, in group-id order
+
+
+# FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
+assert int(PoolingMode.NONE) == 2 and SparseType.FP32.as_int() == 0
+
+
+def group_lookup(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_types: torch.Tensor,
+    D_offsets: torch.Tensor,
+    placements: torch.Tensor,
+    dim: int,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    row_alignment: int,
+) -> torch.Tensor:
+    """One fp32 row per index from the group tables (fp32, fp16, int8, int4, int2; as many as
+    `group_types` lists) of one uint8 buffer, through FBGEMM's mixed-precision inference TBE:
+    the tables are its sequence features, `offsets` its bags. Shared by training
+    (`RowGroupStore`) and serving (`MixedPrecisionInferenceEmbeddingBagCollection`);
+    TorchScript compiles it."""
+    return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+        dev_weights=weights,
+        uvm_weights=torch.empty(0, dtype=torch.uint8),
+        weights_placements=placements,
+        weights_offsets=group_offsets,
+        weights_tys=group_types,
+        D_offsets=D_offsets,
+        total_D=(D_offsets.numel() - 1) * dim,
+        max_int2_D=dim,
+        max_int4_D=dim,
+        max_int8_D=dim,
+        max_float16_D=dim,
+        max_float32_D=dim,
+        indices=indices,
+        offsets=offsets,
+        pooling_mode=2,  # PoolingMode.NONE
+        indice_weights=None,
+        output_dtype=0,  # SparseType.FP32
+        lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
+        lxu_cache_locations=torch.empty(0, dtype=torch.int32),
+        row_alignment=row_alignment,
+        max_float8_D=0,
+        fp8_exponent_bits=-1,
+        fp8_exponent_bias=-1,
+    )
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, store, values, lengths, weights, batch_size):  # type: ignore[override]
+        out, saved = store._forward(values, lengths, weights, batch_size)
+        ctx.store = store
+        ctx.saved = saved
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.store.training_enabled:
+            ctx.store._backward(ctx.saved, grad)
+        # A gradient for the step anchor (empty): its arrival marks the end of the step.
+        return (torch.zeros(0),) + (None,) * 5
+
+
+class RowLookup:
+    """The forward and backward of a `RowGroupStore` (mixed into it; not usable alone).
+
+    Reads of the store: `feature_names`, `feature_base`, `dim`, `pooling`, `label_tagged`,
+    `weighted`, `policy` (`scored`), `training_enabled`, `step` (`anchor`, and
+    `warned_no_labels`, which it sets once), `row_map` with `_decode_map` and
+    `_lookup_groups`, the group tables (`weights`) with the op buffers (`_op_offsets`,
+    `_op_tys`, `_op_D_offsets`, `_op_placements`) and `row_alignment`; for data-parallel
+    tables `replicated_pg` and `num_rows`. It writes no store state itself: the backward
+    ends in the store's `apply_update` (`RowOptimizer`), which updates the rows.
+    """
+
+    # ------------------------------------------------------------------ lookup
+    def forward(
+        self,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        batch_size: int,
+    ) -> torch.Tensor:
+        if weights is None and self.label_tagged and self.policy.scored and self.training_enabled and torch.is_grad_enabled():
+            self._warn_no_labels()  # (autograd runs _forward with grad off: checked here)
+        return _Lookup.apply(self.step.anchor, self, values, lengths, weights, batch_size)
+
+    def _forward(self, values, lengths, weights, B):
+        """Every id's row through one FBGEMM call, then pooling here.
+
+        The ids are sorted by group; the TBE sees five sequence features (one per group
+        table, every id a bag of one) and returns one row per id. Pooling the rows here,
+        rather than asking the TBE for a pooled output per (feature, group), keeps the output
+        at the size of the ids instead of three times the pooled output (which, zero-filled
+        every step, cost more than the lookup itself on CPU).
+        """
+        F, D = len(self.feature_names), self.dim
+        values = values.long()
+        lengths = lengths.long()
+        nnz = values.numel()
+        seg = torch.repeat_interleave(torch.arange(F * B), lengths)
+        keys = self.feature_base[seg // B] + values  # ids were checked by the collection
+        g, key_slots = self._decode_map(self.row_map[keys])
+        g = self._lookup_groups(g)
+        perm = torch.argsort(g, stable=True)
+        per_group = torch.bincount(g.long(), minlength=GROUPS)
+        bags = max(int(per_group.max()), 1) if nnz else 1
+        # Offsets of 5 features x `bags` bags: group k's ids are its first per_group[k] bags.
+        ends = torch.arange(1, bags + 1, dtype=torch.int64)[None, :].clamp(max=per_group[:, None]) + (
+            torch.cumsum(per_group, 0) - per_group
+        )[:, None]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), ends.flatten()])
+        labels = None
+        psw = None
+        if weights is not None:
+            if self.label_tagged:
+                real, labels = split_tagged(weights)
+                if self.weighted:
+                    psw = real
+            elif self.weighted:
+                psw = weights
+        rows = group_lookup(
+            self.weights, self._op_offsets, self._op_tys, self._op_D_offsets, self._op_placements,
+            D, key_slots[perm], offsets, self.row_alignment,
+        )
+        per_id = torch.empty_like(rows)
+        per_id[perm] = rows  # back to the input order
+        if self.pooling == "none":
+            return per_id, (seg, keys, psw, labels, lengths, B)
+        if psw is not None:
+            per_id = per_id * psw[:, None]
+        if nnz == F * B and bool((lengths == 1).all()):
+            pooled = per_id  # one id a bag (the common DLRM case): nothing to add up
+        else:
+            pooled = torch.segment_reduce(per_id, "sum", lengths=lengths, axis=0, unsafe=True) if F * B else per_id.new_zeros(0, D)
+        if self.pooling == "mean":
+            pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
+        res = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
+        return res, (seg, keys, psw, labels, lengths, B)
+
+    def _warn_no_labels(self) -> None:
+        if self.step.warned_no_labels:
+            return
+        self.step.warned_no_labels = True
+        warnings.warn(
+            "mixed-precision embedding collection: a training batch carries no labels, so paper Eq. 7 falls "
+            "back to counting occurrences (every id counts as a negative). Feed batches through "
+            "shark_torchrec.distributed.train_pipeline.LabelTaggingTrainPipeline, or tag the ids with "
+            "shark_torchrec.precision.labels.tag_labels(kjt, labels).",
+            stacklevel=3,
+        )
+
+    # ------------------------------------------------------------------ backward
+    def _backward(self, saved, grad: torch.Tensor) -> None:
+        seg, keys, psw, labels, lengths, B = saved
+        F, D = len(self.feature_names), self.dim
+        # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
+        order = torch.argsort(keys, stable=True)
+        uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
+        if self.pooling == "none":
+            per_id = grad[order]
+        else:
+            s = seg[order]
+            # grad is [B, F * D]: bag (f, b) is row b, columns f * D ... (f + 1) * D.
+            per_id = grad.reshape(B * F, D)[(s % B) * F + s // B]
+            if self.pooling == "mean":
+                per_id = per_id / lengths[s].clamp_min(1).to(per_id.dtype)[:, None]
+        if psw is not None:
+            per_id = per_id * psw[order][:, None]
+        run = torch.repeat_interleave(torch.arange(len(uniq)), counts)  # sorted: index_add is fast
+        row_grad = torch.zeros(len(uniq), D).index_add_(0, run, per_id.float())
+        total = counts.float()
+        pos = torch.zeros(len(uniq)).index_add_(0, run, labels[order]) if labels is not None else torch.zeros(len(uniq))
+        if self.replicated_pg is not None:
+            uniq, row_grad, total, pos = self._sum_replicas(uniq, row_grad, total, pos)
+        self.apply_update(uniq, row_grad, total, pos)
+
+    def _sum_replicas(self, uniq, row_grad, total, pos):
+        """Data-parallel tables: every replica sees only its own batch, so gradients and
+        counts are summed over ranks (gradients averaged, as DDP would) before anyone
+        updates; then every replica applies the same update."""
+        pg = self.replicated_pg
+        world = dist.get_world_size(pg)
+        n = self.num_rows
+        dense = torch.zeros(n, self.dim + 2)
+        dense[uniq, : self.dim] = row_grad
+        dense[uniq, self.dim] = total
+        dense[uniq, self.dim + 1] = pos
+        dist.all_reduce(dense, group=pg)
+        touched = (dense[:, self.dim] > 0).nonzero().flatten()
+        d = dense[touched]
+        return touched, d[:, : self.dim] / world, d[:, self.dim], d[:, self.dim + 1]

@@ -1,0 +1,103 @@
+"""The row optimizer of a `RowGroupStore`, with the priority update of paper Eq. 7.
+
+At each step the touched rows' priorities are updated (Eq. 7, or its gradient-weighted
+variant), then the rows themselves: row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) or SGD,
+the same rule in every group, each row read from its group table, stepped in fp32 and
+written back with stochastic rounding for fp16 and integer rows. Dropped rows' gradients are
+summed into their table's fallback row, stepped at the end of the step
+(`apply_fallback_update`).
+
+Kept apart from the tier layout (`shark_torchrec.modules.row_groups`, which imports this module)
+and the lookup (`shark_torchrec.modules.row_lookup`, whose backward calls `apply_update`).
+This module imports nothing of the store: `RowOptimizer` is a mixin that reaches the store's
+state through `self`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from shark_torchrec.precision.priority import DROPPED, FP32, updated
+
+
+class RowOptimizer:
+    """The optimizer step and Eq. 7 of a `RowGroupStore` (mixed into it; not usable alone).
+
+    Reads of the store: `policy`, `step` (`value`), `has_dropped`, and its layout through
+    `groups_of`, `table_of_rows`, `grouping`, `group_view`, `_dequantize` and
+    `fallback_slot0`. Writes: `row_priority`, `row_seen_step`, `priority_seconds`,
+    `nonfinite_rows`, `momentum`, `fallback_grad`, `fallback_momentum`, and the rows'
+    bytes in the group tables (through `_round_into`, with stochastic rounding, and the
+    fp32 fallback rows directly).
+    """
+
+    @torch.no_grad()
+    def apply_update(self, keys: torch.Tensor, row_grad: torch.Tensor, total: torch.Tensor, pos: torch.Tensor) -> None:
+        """The touched rows' priorities (Eq. 7), then their optimizer step."""
+        step = self.step.value
+        p = self.policy
+        if p.scored and len(keys):
+            t0 = time.perf_counter()
+            neg = total - pos
+            if p.signal == "eq7-grad":
+                # The step's occurrences weighted by how much the loss moved the row.
+                norm = torch.nan_to_num(row_grad.norm(dim=1), nan=0.0, posinf=0.0)
+                pos, neg = pos * norm, neg * norm
+            self.row_priority[keys] = updated(
+                self.row_priority[keys], self.row_seen_step[keys], step, pos, neg,
+                p.effective_alpha, p.beta,
+            )
+            self.row_seen_step[keys] = step
+            self.priority_seconds += time.perf_counter() - t0
+        finite = torch.isfinite(row_grad.sum(dim=1))  # a NaN or inf anywhere makes the sum non-finite
+        if not bool(finite.all()):
+            # A non-finite gradient would poison the row (and its int8 scale): skip it.
+            self.nonfinite_rows += int((~finite).sum())
+            keys, row_grad = keys[finite], row_grad[finite]
+        if self.has_dropped:
+            dropped = self.groups_of(keys) == DROPPED
+            if bool(dropped.any()):
+                # A dropped id's gradient is its table's fallback row's: summed here, applied
+                # at the end of the step (`apply_fallback_update`, after the module has summed
+                # the shards of row-split tables).
+                self.fallback_grad.index_add_(0, self.table_of_rows(keys[dropped]), row_grad[dropped])
+                keys, row_grad = keys[~dropped], row_grad[~dropped]
+        if not len(keys):
+            return
+        scale = self._step_scale(self.momentum, keys, row_grad)
+        # Group by group: read the rows, step, round back (no full-size gather and scatter).
+        for grp, (pos, slots) in enumerate(self.grouping(keys)):
+            if not len(pos):
+                continue
+            view = self.group_view(grp)
+            new = self._dequantize(grp, view, slots) - row_grad[pos] * scale[pos][:, None]
+            self._round_into(grp, view, slots, new, keys[pos], step)
+
+    def _step_scale(self, momentum: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Per row, what its gradient is multiplied by in this step's update: row-wise Adagrad
+        (FBGEMM's EXACT_ROWWISE_ADAGRAD: `momentum[index]` += mean(g^2), then lr / (sqrt(m) +
+        eps)) or SGD (lr). Shared by the rows and the fallback rows."""
+        p = self.policy
+        if p.optimizer == "rowwise_adagrad":
+            m = momentum[index] + (grad * grad).mean(dim=1)
+            momentum[index] = m
+            return p.learning_rate / (m.sqrt() + p.eps)
+        return torch.full((len(index),), p.learning_rate)
+
+    @torch.no_grad()
+    def apply_fallback_update(self) -> None:
+        """The step's update of every table's fallback row from the summed gradients of its
+        dropped ids (the same optimizer as the rows; exact, fp32). The module calls it at the
+        end of the step, once `fallback_grad` holds the sum over all shards of the table."""
+        if not self.has_dropped:
+            return
+        touched = (self.fallback_grad != 0).any(dim=1).nonzero().flatten()
+        if len(touched):
+            g = self.fallback_grad[touched]
+            scale = self._step_scale(self.fallback_momentum, touched, g)
+            view = self.group_view(FP32)
+            slots = self.fallback_slot0 + touched
+            view[slots] = view[slots] - g * scale[:, None]
+        self.fallback_grad.zero_()
