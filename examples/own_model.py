@@ -43,6 +43,7 @@ from shark_torchrec.modules.mixed_precision import (  # SHARK: in place of Embed
     MixedPrecisionEmbeddingBagCollection,
     MixedPrecisionEmbeddingCollection,
 )
+from shark_torchrec.modules.model_budget import share_model_budget  # SHARK: one budget over all collections
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 
 DIM = 16
@@ -168,6 +169,7 @@ def main() -> int:
     torch.manual_seed(0)  # the same dense weights on every rank
 
     dmp = shard(make_model(), world, device)
+    share_model_budget(dmp)  # SHARK: with budget_scope="model", one budget over both collections (here: per table, a no-op)
     dense_params = {k: v for k, v in dmp.named_parameters() if "head" in k}
     dense_opt = torch.optim.Adagrad(dense_params.values(), lr=0.05)
     pipeline = LabelTaggingTrainPipeline(dmp, dense_opt, device, features=["user_features", "history"])  # SHARK

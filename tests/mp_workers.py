@@ -242,3 +242,62 @@ def reference_math_run(steps: int, pol_kw: dict, sequence: bool = False, world: 
             id_grads = bag_id_grads(G / GLOBAL_BATCH, bag_lengths, keys, DIM)
         ref.train_step(step, ids, id_grads, id_labels)
     return {"outputs": outs, "tables": ref.state(), "moved_rows": ref.moved_rows}
+
+
+# Two collections of one model under one budget: t0 and t1 in the first, t2 in the second.
+SPLIT = (("a", ("t0", "t1")), ("b", ("t2",)))
+
+
+class TwoCollections(nn.Module):
+    def __init__(self, pol_kw: dict, device=None):
+        super().__init__()
+        by_name = {c.name: c for c in tables()}
+        self.a, self.b = (
+            MixedPrecisionEmbeddingBagCollection([by_name[n] for n in names], precision_policy=policy(**pol_kw), device=device)
+            for _, names in SPLIT
+        )
+
+    def forward(self, kjt):
+        a_keys = [f for n, _, feats in TABLES if n in SPLIT[0][1] for f in feats]
+        first, second = kjt.split([len(a_keys), len(kjt.keys()) - len(a_keys)])
+        return {**self.a(first).to_dict(), **self.b(second).to_dict()}
+
+
+def two_collection_steps(model, steps: int, rank: int, world: int) -> None:
+    for step in range(steps):
+        keys, lengths, values, labels, G = batch(step)
+        kjt, lo, hi = local_kjt(keys, lengths, values, labels, rank, world)
+        out = model(kjt)
+        pooled = torch.cat([out[k] for k in keys], dim=1)
+        ((pooled * G[lo:hi]).sum() / (hi - lo)).backward()
+        end_of_step(model)
+
+
+def two_collection_run(sharding_type: dict, steps: int, pol_kw: dict, share: bool = True):
+    """`sharded_run` with the tables split over two collections of one model, sharing one
+    model budget (`share_model_budget`)."""
+    from shark_torchrec.modules.model_budget import share_model_budget
+
+    env = init_distributed()
+    rank, world = env.rank, env.world_size
+    model = TwoCollections(pol_kw, device=torch.device("meta"))
+    sharders = [MixedPrecisionEmbeddingBagCollectionSharder()]
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"),
+        constraints={n: ParameterConstraints(sharding_types=[sharding_type[n]], min_partition=8) for n, _, _ in TABLES},
+    )
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)
+    if share:
+        share_model_budget(dmp)
+    mods = [dmp.module.a, dmp.module.b]
+    for m in mods:
+        assert isinstance(m, ShardedMixedPrecisionModule)
+        m.fill_rows(init_values)
+    two_collection_steps(dmp, steps, rank, world)
+    result = {"tables": {}, "memory": {}}
+    for m in mods:
+        result["tables"].update(logical_tables(m, m._mp_prefix))
+        result["memory"].update(m.precision_memory())
+    shutdown_distributed()
+    return result

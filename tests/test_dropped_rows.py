@@ -151,7 +151,7 @@ def test_dropped_rows_train_export_and_serve_from_the_command_line(tmp_path):
 
 
 def test_a_model_budget_starts_small_tables_at_their_floor_paid_by_the_large_ones():
-    from shark_torchrec.modules.mixed_precision import model_start_budgets
+    from shark_torchrec.precision.budget import model_start_budgets
 
     policy = PrecisionPolicy(tiers=("int8", "int2", "dropped"), memory_budget=0.1, budget_scope="model",
                              optimizer="sgd", learning_rate=0.1).resolved([16])

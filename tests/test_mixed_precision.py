@@ -80,7 +80,7 @@ def test_reassignment_keeps_every_row_once_and_its_values():
 def test_budget_mode_monotone_and_within_budget():
     store = make_store(rows=(2000,), dim=64, memory_budget=0.35, fp32_fraction=0.05)
     ebc_policy = store.policy
-    from shark_torchrec.distributed.reassign import reassign_stores
+    from shark_torchrec.modules.reassign import reassign_stores
 
     store.set_groups(torch.full((2000,), INT8, dtype=torch.int8))
     store.row_priority = torch.rand(2000, generator=torch.Generator().manual_seed(0)).round(decimals=2)

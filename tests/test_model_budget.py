@@ -1,6 +1,9 @@
 """One memory budget for all tables of a collection (`budget_scope="model"`): rows of every
 table compete by priority per byte; sharded on 2 ranks (row-wise, column-wise and
-data-parallel tables in one module) it picks the rows a row-by-row reference picks."""
+data-parallel tables) it picks the rows a row-by-row reference picks, also when the tables
+belong to two collections of one model (`share_model_budget`)."""
+
+import warnings
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 import mp_workers as W
 from reference import model_budget_groups
 from shark_torchrec.distributed.env import launch
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.priority import (
     FP16,
@@ -96,33 +100,74 @@ def test_a_model_budget_below_the_floor_is_refused():
 
 
 MIXED = {"t0": "row_wise", "t1": "column_wise", "t2": "data_parallel"}
+SHARED = {"reassign_every": 1, "memory_budget": 0.5, "budget_scope": "model", "fp32_fraction": 0.05}
 
 
-def test_two_ranks_row_column_and_data_parallel_tables_share_one_budget():
-    """Row-wise, column-wise (2 slices of 8 columns) and data-parallel tables of one module on
-    2 ranks under one budget: after the last reassignment every slice and replica of a row is
-    in the same group, the groups are the row-by-row reference's on the final scores, they
-    differ from the per-table rule's, and the bytes the module reports fit the budget."""
-    steps = 3
-    overrides = {"reassign_every": 1, "memory_budget": 0.5, "budget_scope": "model", "fp32_fraction": 0.05}
-    got = launch(W.sharded_run, 2, MIXED, steps, overrides)
-    policy = W.policy(**overrides)
-    scores, widths = {}, {}
+def final_groups_and_reference(tables, steps, widths):
+    """Each table's groups (every 4-column unit alike) and the row-by-row reference's on the
+    final scores of all tables under one budget."""
+    policy = W.policy(**SHARED)
+    scores = {}
     for n, rows, _ in W.TABLES:
-        groups = got["tables"][f"{n}.row_group"]
+        groups = tables[f"{n}.row_group"]
         assert (groups == groups[:, :1]).all(), n  # every 4-column unit (slice) of a row alike
-        scores[n] = decayed(got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
-        widths[n] = (8, 8) if MIXED[n] == "column_wise" else (W.DIM,)
-    assert sorted(w for ws in got["widths"] for w in ws) == [8, 8, 16, 16]  # t1 really sliced
-    want = model_budget_groups(scores, widths, 0.5, 0.05)
+        scores[n] = decayed(tables[f"{n}.row_priority"][:, 0], tables[f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
+    want = model_budget_groups(scores, widths, SHARED["memory_budget"], SHARED["fp32_fraction"])
+    return {n: tables[f"{n}.row_group"][:, 0] for n, _, _ in W.TABLES}, want
+
+
+def test_two_collections_on_two_ranks_share_one_budget():
+    """Row-wise and column-wise tables in one collection, a data-parallel table in another, on
+    2 ranks under one model budget (`share_model_budget`): after the last reassignment every
+    slice and replica of a row is in the same group, the groups are the row-by-row
+    reference's over all three tables' final scores, they differ from the per-table rule's,
+    and the bytes the collections report fit the budget together."""
+    steps = 3
+    got = launch(W.two_collection_run, 2, MIXED, steps, SHARED)
+    widths = {n: (8, 8) if MIXED[n] == "column_wise" else (W.DIM,) for n, _, _ in W.TABLES}
+    groups, want = final_groups_and_reference(got["tables"], steps, widths)
     for n, rows, _ in W.TABLES:
-        assert torch.equal(got["tables"][f"{n}.row_group"][:, 0], want[n]), n
+        assert torch.equal(groups[n], want[n]), n
     per_table = [int((want[n] != INT8).sum()) / rows for n, rows, _ in W.TABLES]
     assert max(per_table) - min(per_table) > 0.2, per_table  # not each table's own share
     mem = got["memory"]
     fp32 = sum(rows * W.DIM * 4 for _, rows, _ in W.TABLES)
     assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) <= 0.5 * fp32
     assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) > 0.45 * fp32  # and spent
+
+
+def test_collections_of_one_model_share_one_budget_unsharded():
+    """The same on one process: coupled, the groups are the reference's over all tables;
+    left alone, each collection spends the budget on its own tables (other groups, a warning);
+    collections whose policies differ cannot share."""
+    from shark_torchrec.modules.model_budget import share_model_budget
+
+    steps = 3
+    widths = {n: (W.DIM,) for n, _, _ in W.TABLES}
+    results = {}
+    for share in (True, False):
+        model = W.TwoCollections(SHARED)
+        for m in (model.a, model.b):
+            m.materialize(torch.device("cpu"), init=W.init_values)
+        budget = share_model_budget(model) if share else None
+        assert (budget is not None) == share
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            W.two_collection_steps(model, steps, 0, 1)
+        assert any("share_model_budget" in str(w.message) for w in caught) != share
+        tables = {**W.logical_tables(model.a), **W.logical_tables(model.b)}
+        results[share] = final_groups_and_reference(tables, steps, widths)
+    groups, want = results[True]
+    for n, _, _ in W.TABLES:
+        assert torch.equal(groups[n], want[n]), n
+    alone, _ = results[False]
+    assert any(not torch.equal(alone[n], want[n]) for n, _, _ in W.TABLES)
+    odd = W.TwoCollections(SHARED)
+    odd.b = MixedPrecisionEmbeddingBagCollection(W.tables()[2:], precision_policy=W.policy(**{**SHARED, "memory_budget": 0.6}))
+    for m in (odd.a, odd.b):
+        m.materialize(torch.device("cpu"))
+    with pytest.raises(ValueError, match="differ in memory_budget"):
+        share_model_budget(odd)
 
 
 def test_the_planner_sizes_a_table_for_the_most_the_model_budget_lets_it_take():

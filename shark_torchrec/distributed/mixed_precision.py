@@ -35,7 +35,6 @@ from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptim
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from shark_torchrec.distributed.reassign import reassign_stores
 from shark_torchrec.modules.mixed_precision import (
     UNIT,
     MixedPrecisionEmbeddingBagCollection,
@@ -48,7 +47,9 @@ from shark_torchrec.modules.mixed_precision import (
     starting_groups,
     table_id,
 )
+from shark_torchrec.modules.model_budget import ModelBudget, warn_alone
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.modules.reassign import reassign_stores
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES
 
@@ -249,6 +250,8 @@ class ShardedMixedPrecisionModule:
             )
         self.last_moved: Dict[str, int] = {}
         self.reassign_seconds = 0.0
+        self.model_budget: Optional[ModelBudget] = None  # set by share_model_budget
+        self._warned_alone = False
         self._assign_initial_groups()
         self.step_counter.on_step_end = self._end_of_step
         self._mp_optimizer = MixedPrecisionOptimizer(self)
@@ -335,10 +338,31 @@ class ShardedMixedPrecisionModule:
         return {n: (self._table_rows[n], min(w)) for n, w in self._slice_widths.items()}
 
     @torch.no_grad()
-    def _assign_initial_groups(self) -> None:
+    def _assign_initial_groups(self, shares: Optional[Dict[str, float]] = None) -> None:
         tables = self._tables_for_budget()
         for store, _ in self.stores():
-            store.set_groups(starting_groups(store, self.precision_policy, tables))
+            store.set_groups(starting_groups(store, self.precision_policy, tables, shares))
+        self.groups_fresh = True
+
+    # ------------------------------------------------------------------ one model budget (BudgetMember)
+    def budget_policy(self) -> PrecisionPolicy:
+        return self.precision_policy
+
+    def budget_stores(self) -> List[RowGroupStore]:
+        return [s for s, _ in self.stores()]
+
+    def budget_tables(self) -> Dict[str, Tuple[int, int]]:
+        return self._tables_for_budget()
+
+    def budget_widths(self) -> Dict[str, Tuple[int, ...]]:
+        return dict(self._slice_widths)
+
+    def budget_group(self) -> Optional[dist.ProcessGroup]:
+        return self._pg
+
+    def restart_groups(self, shares: Dict[str, float]) -> None:
+        """Start the rows again at these per-table shares of a model-wide budget."""
+        self._assign_initial_groups(shares)
 
     @torch.no_grad()
     def fill_rows(self, init) -> None:
@@ -366,7 +390,10 @@ class ShardedMixedPrecisionModule:
             for store, _ in self.stores():
                 store.apply_fallback_update()
         if p.scored and step % p.reassign_every == 0:
-            self.reassign()
+            if self.model_budget is not None:
+                self.model_budget.step_ended(self)  # the last collection to end the step regroups them all
+            else:
+                self.reassign()
 
     # ------------------------------------------------------------------ dropped rows' fallback
     def _row_split_tables(self) -> List[str]:
@@ -419,11 +446,19 @@ class ShardedMixedPrecisionModule:
         self._fallback_exchange(fill, take)
 
     def reassign(self) -> Dict[str, int]:
-        """Regroup all rows by score now (collective: every rank calls it)."""
+        """Regroup all rows by score now (collective: every rank calls it); with a shared
+        model budget, the rows of every collection under it."""
         t0 = time.perf_counter()
-        moved = reassign_stores(
-            [s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg, self._slice_widths
-        )
+        self.groups_fresh = False
+        if self.model_budget is not None:
+            moved = self.model_budget.reassign()
+        else:
+            if self.precision_policy.budget_scope == "model" and not self._warned_alone:
+                self._warned_alone = True
+                warn_alone(type(self).__name__)
+            moved = reassign_stores(
+                [s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg, self._slice_widths
+            )
         self.reassign_seconds += time.perf_counter() - t0
         self.last_moved = moved
         return moved
@@ -601,6 +636,7 @@ class ShardedMixedPrecisionModule:
         destination[f"{prefix}precision_step"] = torch.tensor([module.step_counter.value], dtype=torch.int64)
 
     def _mp_load_hook(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        self.groups_fresh = False
         step_key = f"{prefix}precision_step"
         if step_key in state_dict:
             self.step_counter.value = int(state_dict.pop(step_key)[0])

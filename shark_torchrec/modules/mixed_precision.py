@@ -32,18 +32,10 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
-from shark_torchrec.precision.priority import (
-    DROPPED,
-    FP32,
-    INT8,
-    INT_BITS,
-    ROW_MAP_BYTES,
-    BudgetError,
-    GroupCounts,
-    budget_counts,
-    groups_by_threshold,
-    row_bytes,
-)
+from shark_torchrec.modules.model_budget import ModelBudget, warn_alone
+from shark_torchrec.modules.reassign import reassign_stores
+from shark_torchrec.precision.budget import initial_groups, model_start_budgets, target_counts
+from shark_torchrec.precision.priority import INT_BITS
 
 UNIT = 4  # columns per unit of per-row checkpoint state
 STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum", "fallback", "fallback_momentum")
@@ -51,47 +43,6 @@ STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "row_seen_step",
 
 def table_id(name: str) -> int:
     return zlib.crc32(name.encode())
-
-
-def target_counts(policy: PrecisionPolicy, rows: int, dim: int, table: str) -> GroupCounts:
-    """Rows per group of a whole table in budget mode, row-fractions mode or a one-group mode
-    (the policy must be resolved: `PrecisionPolicy.resolved`)."""
-    groups = policy.groups
-    if not policy.scored:
-        return GroupCounts.of({groups[0]: rows})
-    if policy.threshold_mode:
-        return GroupCounts.of({INT8: rows})
-    if policy.row_fractions is not None:
-        counts, left = {}, rows
-        for g, fraction in zip(groups, policy.row_fractions):
-            counts[g] = min(left, int(fraction * rows))
-            left -= counts[g]
-        counts[groups[-1]] = left
-        return GroupCounts.of(counts)
-    if policy.memory_budget is None:
-        raise ValueError("target_counts needs a resolved policy (PrecisionPolicy.resolved sets the default budget)")
-    return budget_counts(rows, dim, policy.memory_budget, policy.fp32_fraction, table=table, groups=groups)
-
-
-def initial_groups(policy: PrecisionPolicy, counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
-    """Groups before any score exists. Threshold mode: every row int8 (all scores are 0 <
-    t8, unless t8 = 0). Other modes: the budget rule on all-zero scores, i.e. by row id, the
-    lowest ids most precise (with vocabularies sorted by frequency, the hottest rows)."""
-    if policy.threshold_mode:
-        return groups_by_threshold(torch.zeros(1), policy.t8, policy.t16).expand(rows).clone()
-    return groups_by_row_id(counts, row_offset, rows)
-
-
-def groups_by_row_id(counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
-    """The budget rule on all-zero scores for rows [row_offset, row_offset + rows): the
-    lowest global ids most precise (slices, no per-row temporaries)."""
-    per_group = counts.as_tuple()
-    cheapest = max(g for g, n in enumerate(per_group) if n) if any(per_group) else INT8
-    g = torch.full((rows,), cheapest, dtype=torch.int8)
-    # Most precise last: group k takes the global rows below the cumulative count up to k.
-    for group in reversed(range(cheapest)):
-        g[: max(0, sum(per_group[: group + 1]) - row_offset)] = group
-    return g
 
 
 def feature_tables(configs: Sequence[Any]) -> Dict[str, tuple]:
@@ -131,55 +82,27 @@ def check_ids(features: KeyedJaggedTensor, tables: Dict[str, tuple], bad_ids: st
     )
 
 
-def model_start_budgets(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]]) -> Dict[str, float]:
-    """Per-table budgets that start a model-wide budget (`budget_scope="model"`) before any
-    score exists: every table at the model's budget, except that a table whose own floor (all
-    rows in the cheapest tier, with the dropped tier its row map and fallback row) lies above
-    it gets that floor, paid for by the others in proportion to their room above theirs. The
-    tables' bytes then add up to at most the model's budget.
+def starting_groups(
+    store: RowGroupStore,
+    policy: PrecisionPolicy,
+    budget_tables: Dict[str, Tuple[int, int]],
+    shares: Optional[Dict[str, float]] = None,
+) -> torch.Tensor:
+    """Every row's group before any score exists (see `initial_groups`).
 
     Args:
-        policy: a resolved budget-mode policy.
-        tables: every table of the collection -> (global rows, dim its budget uses).
+        store: the rows (its local tables).
+        policy: the collection's resolved policy.
+        budget_tables: every table of the collection -> (global rows, the width its budget
+            is computed for).
+        shares: with a model-wide budget, each table's starting budget; default: the
+            collection's tables alone under the budget (`model_start_budgets`). A budget
+            shared by several collections (`ModelBudget`) passes the model's.
 
     Returns:
-        table -> budget (fraction of its own fp32 bytes).
-
-    Raises:
-        BudgetError: the tables' floors add up to more than the model's budget.
+        int8 group ids over the store's row space.
     """
-    budget = policy.memory_budget
-    cheapest = policy.groups[-1]
-    fp32 = {n: r * d * 4 for n, (r, d) in tables.items()}
-    floor = {}
-    for n, (r, d) in tables.items():
-        extra = row_bytes(d, FP32) if cheapest == DROPPED else 0  # the fallback row
-        floor[n] = (r * (row_bytes(d, cheapest) + ROW_MAP_BYTES) + extra) / max(fp32[n], 1)
-    excess = sum((floor[n] - budget) * fp32[n] for n in tables if floor[n] > budget)
-    room = {n: (budget - floor[n]) * fp32[n] for n in tables if floor[n] <= budget}
-    if excess > sum(room.values()) + 1e-6:
-        total = sum(fp32.values())
-        raise BudgetError(
-            f"memory budget {budget} is below what the model's tables can reach: their floors take "
-            f"{sum(floor[n] * fp32[n] for n in tables) / max(total, 1):.3f} of fp32"
-        )
-    share = sum(room.values())
-    out = {}
-    for n in tables:
-        if floor[n] > budget:
-            out[n] = floor[n]
-        else:
-            out[n] = budget - (excess * room[n] / share / fp32[n] if share > 0 else 0.0)
-    return out
-
-
-def starting_groups(store: RowGroupStore, policy: PrecisionPolicy, budget_tables: Dict[str, Tuple[int, int]]) -> torch.Tensor:
-    """Every row's group before any score exists (see `initial_groups`), over the store's
-    row space; `budget_tables[table]` is (global rows, the width its budget is computed for),
-    for every table of the collection. With a model-wide budget each table starts at its
-    share (`model_start_budgets`)."""
-    shares = None
-    if policy.budget_mode and policy.budget_scope == "model":
+    if shares is None and policy.budget_mode and policy.budget_scope == "model":
         shares = model_start_budgets(policy, budget_tables)
     parts = []
     for t in store.tables:
@@ -348,6 +271,9 @@ class _MixedPrecisionRows:
         self.label_tagged = label_tagged
         self.step_counter = StepCounter()
         self.step_counter.on_step_end = self._end_of_step
+        self.model_budget: Optional[ModelBudget] = None  # set by share_model_budget
+        self.groups_fresh = True
+        self._warned_alone = False
         self._stores: List[RowGroupStore] = []
         self._store_features: List[List[str]] = []
         self._feature_tables = feature_tables(configs)
@@ -384,6 +310,7 @@ class _MixedPrecisionRows:
     def _rows_load_hook(self, state_dict, prefix, *args) -> None:
         if not self._stores:
             raise RuntimeError(f"{type(self).__name__}: call materialize(device) before loading a state dict")
+        self.groups_fresh = False
         step_key = f"{prefix}precision_step"
         if step_key in state_dict:
             self.step_counter.value = int(state_dict.pop(step_key)[0])
@@ -439,14 +366,48 @@ class _MixedPrecisionRows:
             store.apply_fallback_update()
         p = self._unsharded_policy
         if p.scored and step % p.reassign_every == 0:
-            self.reassign()
+            if self.model_budget is not None:
+                self.model_budget.step_ended(self)  # the last collection to end the step regroups them all
+            else:
+                self.reassign()
 
     def reassign(self) -> None:
-        """Regroup every row by its score now."""
-        from shark_torchrec.distributed.reassign import reassign_stores
+        """Regroup every row by its score now (with a shared model budget: every collection's)."""
+        self.groups_fresh = False
+        if self.model_budget is not None:
+            self.model_budget.reassign()
+            return
+        if self._unsharded_policy.budget_scope == "model" and not self._warned_alone:
+            self._warned_alone = True
+            warn_alone(type(self).__name__)
+        reassign_stores(self._stores, self._unsharded_policy, self.budget_tables(), pg=None)
 
-        tables = {c.name: (c.num_embeddings, c.embedding_dim) for c in self._mp_configs()}
-        reassign_stores(self._stores, self._unsharded_policy, tables, pg=None)
+    # ------------------------------------------------------------------ one model budget (BudgetMember)
+    def budget_policy(self) -> PrecisionPolicy:
+        return self._unsharded_policy
+
+    def budget_stores(self) -> List[RowGroupStore]:
+        if not self._stores:
+            raise RuntimeError(
+                f"{type(self).__name__} holds no rows: share the model budget of the model DMP returns, "
+                "or after materialize(device)"
+            )
+        return self._stores
+
+    def budget_tables(self) -> Dict[str, Tuple[int, int]]:
+        return {c.name: (c.num_embeddings, c.embedding_dim) for c in self._mp_configs()}
+
+    def budget_widths(self) -> Dict[str, Tuple[int, ...]]:
+        return {c.name: (c.embedding_dim,) for c in self._mp_configs()}
+
+    def budget_group(self):
+        return None
+
+    @torch.no_grad()
+    def restart_groups(self, shares: Dict[str, float]) -> None:
+        """Start the rows again at these per-table shares of a model-wide budget."""
+        for store in self.budget_stores():
+            store.set_groups(starting_groups(store, self._unsharded_policy, self.budget_tables(), shares))
 
 
 class MixedPrecisionEmbeddingBagCollection(_MixedPrecisionRows, EmbeddingBagCollection):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS, RowGroupStore
+from shark_torchrec.precision.budget import budget_targets
 from shark_torchrec.precision.priority import (
     GROUP_NAMES,
     groups_by_cuts,
@@ -24,21 +25,6 @@ from shark_torchrec.precision.priority import (
     per_byte_scores,
     ranking_keys,
 )
-
-
-def budget_targets(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]], names: Sequence[str]) -> torch.Tensor:
-    """[T, K - 1] int64 for the policy's K groups: per table (global counts), the rows in the
-    most precise group, in the two most precise, ... (with the paper's: fp32, fp32 or fp16)."""
-    from shark_torchrec.modules.mixed_precision import target_counts
-
-    groups = policy.groups
-    out = torch.zeros(len(names), len(groups) - 1, dtype=torch.int64)
-    for i, n in enumerate(names):
-        rows, dim = tables[n]
-        per_group = target_counts(policy, rows, dim, n).as_tuple()
-        for k in range(len(groups) - 1):
-            out[i, k] = sum(per_group[g] for g in groups[: k + 1])
-    return out
 
 
 def _chunks(lo: int, hi: int):
@@ -53,12 +39,15 @@ def reassign_stores(
     tables: Dict[str, Tuple[int, int]],
     pg: Optional[dist.ProcessGroup],
     widths: Optional[Dict[str, Tuple[int, ...]]] = None,
+    prefixes: Optional[Sequence[str]] = None,
 ) -> Dict[str, int]:
     """Regroup every row of `stores` by its current score. `tables` maps every table of the
     module (on all ranks, the same) to (global rows, dim used for the budget); `widths` maps
     it to its column-slice widths (default: one slice of that dim), which the model-wide
-    budget (`policy.budget_scope == "model"`) charges. Collective over `pg` in budget mode:
-    all ranks call it together. Returns rows moved into each group.
+    budget (`policy.budget_scope == "model"`) charges. `prefixes` (one per store) name the
+    tables of stores from several collections apart: a table is `tables[prefix + name]`.
+    Collective over `pg` in budget mode: all ranks call it together. Returns rows moved into
+    each group.
 
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
@@ -81,28 +70,30 @@ def reassign_stores(
     # Model scope: keys unique across tables (ties go to the lower row of the table first by name).
     model_base = dict(zip(names, torch.tensor([0] + [tables[n][0] for n in names]).cumsum(0).tolist()))
     if model_scope and sum(tables[n][0] for n in names) >= 1 << 32:
-        raise ValueError("budget_scope='model' ranks at most 2^32 rows over all tables of a collection: use 'table'")
+        raise ValueError("budget_scope='model' ranks at most 2^32 rows over all tables under the budget: use 'table'")
 
-    def keys_of(s: RowGroupStore, i: int, a: int, b: int) -> torch.Tensor:
+    prefixes = list(prefixes) if prefixes is not None else [""] * len(stores)
+
+    def keys_of(s: RowGroupStore, name: str, i: int, a: int, b: int) -> torch.Tensor:
         # Rows [a, b) of local table i: global row = position in the table + its row offset.
         t = s.tables[i]
         first = t.row_offset - int(s.table_base[i])
         rows = torch.arange(a + first, b + first)
         if model_scope:
-            return ranking_keys(per_byte_scores(s.scores_now(a, b), full_dim[t.name]), rows + model_base[t.name])
+            return ranking_keys(per_byte_scores(s.scores_now(a, b), full_dim[name]), rows + model_base[name])
         return ranking_keys(s.scores_now(a, b), rows)
 
     sorted_keys: List[Tuple[int, torch.Tensor]] = []
-    for s in stores:
+    for s, prefix in zip(stores, prefixes):
         for i, t in enumerate(s.tables):
             if not t.counts_once:
                 continue
             lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
             buf = torch.empty(hi - lo, dtype=torch.int64)
             for a, b in _chunks(lo, hi):
-                buf[a - lo : b - lo] = keys_of(s, i, a, b)
+                buf[a - lo : b - lo] = keys_of(s, prefix + t.name, i, a, b)
             buf.numpy().sort()  # in place: no second copy, no index array (torch.sort makes both)
-            sorted_keys.append((index[t.name], buf))
+            sorted_keys.append((index[prefix + t.name], buf))
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
@@ -122,12 +113,12 @@ def reassign_stores(
     else:
         cuts = kth_largest_cuts(count_at_least, budget_targets(policy, tables, names))
     del sorted_keys
-    for s in stores:
+    for s, prefix in zip(stores, prefixes):
         groups = torch.empty(s.num_rows, dtype=torch.int8)
         for i, t in enumerate(s.tables):
-            table_cuts = [int(x) for x in cuts[index[t.name]]]
+            table_cuts = [int(x) for x in cuts[index[prefix + t.name]]]
             for a, b in _chunks(int(s.table_base[i]), int(s.table_base[i + 1])):
-                groups[a:b] = groups_by_cuts(keys_of(s, i, a, b), table_cuts, policy.groups)
+                groups[a:b] = groups_by_cuts(keys_of(s, prefix + t.name, i, a, b), table_cuts, policy.groups)
         for name, v in s.set_groups(groups).items():
             moved[name] += v
     return moved

@@ -23,12 +23,9 @@ from typing import Dict, List, Optional, Tuple
 
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
 
-from shark_torchrec.modules.mixed_precision import (
-    MixedPrecisionEmbeddingBagCollection,
-    MixedPrecisionEmbeddingCollection,
-    target_counts,
-)
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.precision.budget import table_floor_bytes, target_counts
 from shark_torchrec.precision.priority import DROPPED, FP32, ROW_MAP_BYTES, GroupCounts, row_bytes
 
 
@@ -45,9 +42,8 @@ def model_scope_share(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]
     Returns:
         name -> the policy to size that table's shards with (per-table scope).
     """
-    cheapest = policy.groups[-1]
     total_fp32 = sum(r * d * 4 for r, d in tables.values())
-    floors = {n: r * (row_bytes(d, cheapest) + ROW_MAP_BYTES) for n, (r, d) in tables.items()}
+    floors = {n: table_floor_bytes(r, d, policy.groups) for n, (r, d) in tables.items()}
     all_rows = sum(r for r, _ in tables.values())
     out = {}
     for n, (r, d) in tables.items():

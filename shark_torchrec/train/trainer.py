@@ -28,6 +28,7 @@ from shark_torchrec.memory import embedding_memory
 from shark_torchrec.models.dlrm import build_dlrm, table_configs
 from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.modules.model_budget import share_model_budget
 from shark_torchrec.distributed.train_pipeline import LabelTaggingTrainPipeline
 from shark_torchrec.train.checkpoint import (
     CheckpointError,
@@ -102,6 +103,9 @@ def build_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
     model = build_dlrm(dataset.full_schema, cfg.model, ebc=ebc, seed=cfg.train.seed)
     configs = embedding_configs(model)
     dmp, plan = shard_model(model, env, cfg.train)
+    # --budget-scope model: one budget over every mixed-precision collection (before the rows
+    # are written, so they start in the tiers the shared budget gives them).
+    share_model_budget(dmp)
     init_embedding_weights(dmp, configs, cfg.train.seed)
     optimizer = build_optimizer(dmp, cfg.train)
     return dmp, optimizer, configs, plan

@@ -1,0 +1,157 @@
+"""One memory budget over every mixed-precision collection of a model.
+
+With `budget_scope="model"` the rows of all tables compete for one budget by priority per
+byte. A collection sees only its own tables; `share_model_budget(model)` puts every
+mixed-precision collection of the model (sharded by DMP or not) under one `ModelBudget`,
+which starts the tables at their shares of the model's budget and, at each reassignment,
+regroups the rows of all of them together: one ranking, one set of cuts, one collective
+search over ranks.
+
+Call it once the model is built (after DMP, before training and before a checkpoint is
+loaded); every collection under it must take part in every training step, as the
+collections of one model do (the reassignment runs when the last of them ends the step).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch.distributed as dist
+from torch import nn
+
+from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.modules.reassign import reassign_stores
+from shark_torchrec.modules.row_groups import RowGroupStore
+from shark_torchrec.precision.budget import model_start_budgets
+
+# Policy fields that must agree between collections under one budget.
+_SHARED_FIELDS = ("memory_budget", "fp32_fraction", "tiers", "reassign_every", "signal")
+
+
+class BudgetMember(Protocol):
+    """What a collection shows the model's budget (ours, sharded and unsharded, do)."""
+
+    model_budget: Optional["ModelBudget"]
+    groups_fresh: bool  # groups as the collection started them (no reassignment, no load yet)
+
+    def budget_policy(self) -> PrecisionPolicy: ...
+
+    def budget_stores(self) -> List[RowGroupStore]: ...
+
+    def budget_tables(self) -> Dict[str, Tuple[int, int]]: ...
+
+    def budget_widths(self) -> Dict[str, Tuple[int, ...]]: ...
+
+    def budget_group(self) -> Optional[dist.ProcessGroup]: ...
+
+    def restart_groups(self, shares: Dict[str, float]) -> None: ...
+
+
+class ModelBudget:
+    """The budget shared by several collections (see module doc); built by `share_model_budget`."""
+
+    def __init__(self, members: Sequence[Tuple[str, BudgetMember]]) -> None:
+        if not members:
+            raise ValueError("ModelBudget needs at least one collection")
+        self.members = list(members)
+        first_path, first = self.members[0]
+        policy = first.budget_policy()
+        for path, m in self.members[1:]:
+            other = m.budget_policy()
+            for f in _SHARED_FIELDS:
+                if getattr(other, f) != getattr(policy, f):
+                    raise ValueError(
+                        f"one model budget: collections {first_path!r} and {path!r} differ in {f} "
+                        f"({getattr(policy, f)!r} vs {getattr(other, f)!r}); give them the same policy"
+                    )
+        groups = [m.budget_group() for _, m in self.members]
+        sizes = {dist.get_world_size(g) if g is not None else 1 for g in groups}
+        if len(sizes) > 1:
+            raise ValueError(f"one model budget: the collections are sharded over process groups of different sizes {sorted(sizes)}")
+        self.policy = policy
+        self.pg = next((g for g in groups if g is not None), None)
+        self._ended: set = set()
+        for _, m in self.members:
+            m.model_budget = self
+
+    def _prefix(self, path: str) -> str:
+        return f"{path}/"
+
+    def tables(self) -> Dict[str, Tuple[int, int]]:
+        """Every table under the budget, named `<collection path>/<table>`: (global rows, width its budget uses)."""
+        return {self._prefix(p) + n: v for p, m in self.members for n, v in m.budget_tables().items()}
+
+    def widths(self) -> Dict[str, Tuple[int, ...]]:
+        return {self._prefix(p) + n: v for p, m in self.members for n, v in m.budget_widths().items()}
+
+    def restart(self) -> None:
+        """Put every table at its share of the model's budget (`model_start_budgets` over all
+        tables), as a collection alone starts its own: for a model that has not trained yet."""
+        shares = model_start_budgets(self.policy, self.tables())
+        for p, m in self.members:
+            pre = self._prefix(p)
+            m.restart_groups({n: shares[pre + n] for n in m.budget_tables()})
+
+    def step_ended(self, member: BudgetMember) -> None:
+        """A collection ended a step at which the rows are due for reassignment; the last one
+        to do so regroups them all."""
+        self._ended.add(id(member))
+        if len(self._ended) == len(self.members):
+            self._ended.clear()
+            self.reassign()
+
+    def reassign(self) -> Dict[str, int]:
+        """Regroup the rows of every collection by score now (collective over the ranks).
+
+        Returns:
+            Rows moved into each group, over all collections.
+        """
+        stores, prefixes = [], []
+        for p, m in self.members:
+            for s in m.budget_stores():
+                stores.append(s)
+                prefixes.append(self._prefix(p))
+        return reassign_stores(stores, self.policy, self.tables(), self.pg, self.widths(), prefixes)
+
+
+def share_model_budget(model: nn.Module) -> Optional[ModelBudget]:
+    """Hold every mixed-precision collection of `model` whose policy has
+    `budget_scope="model"` to one budget (see module doc). Collections with per-table budgets
+    are left as they are.
+
+    Args:
+        model: the model (a DMP-wrapped one or a plain module holding our collections).
+
+    Returns:
+        The shared budget, or None when no collection has `budget_scope="model"`.
+
+    Raises:
+        ValueError: the collections' policies differ in budget, tiers, fp32 fraction,
+            reassignment period or signal.
+        BudgetError: the tables' floors together exceed the budget.
+    """
+    members = []
+    for path, mod in model.named_modules():
+        if not callable(getattr(mod, "budget_policy", None)):
+            continue
+        policy = mod.budget_policy()
+        if policy.budget_mode and policy.budget_scope == "model":
+            members.append((path, mod))
+    if not members:
+        return None
+    budget = ModelBudget(members)
+    if all(m.groups_fresh for _, m in members):
+        budget.restart()
+    return budget
+
+
+
+def warn_alone(collection: str) -> None:
+    """A collection with `budget_scope="model"` reassigns its rows on its own budget."""
+    warnings.warn(
+        f"{collection}: budget_scope='model' holds this collection's tables to the budget on their own; "
+        "to hold every mixed-precision collection of the model to one budget, call "
+        "shark_torchrec.modules.model_budget.share_model_budget(model) once the model is built",
+        stacklevel=3,
+    )
