@@ -105,6 +105,8 @@ POST = {  # name: (torch dtype name, bits)
     "torchrec-int4": ("quint4x2", 4),
     "torchrec-int2": ("quint2x4", 2),
 }
+SIGNAL_VARIANTS = {"shark-paper+eq7": "eq7", "shark-paper+grad": "eq7-grad"}  # method -> --signal
+DROP_UNSEEN = "drop-unseen+int8"
 DEFAULT_METHODS = ("fp32", "torchrec-fp16", "torchrec-int8", "torchrec-int4", "torchrec-int2", "shark-paper")
 
 
@@ -119,19 +121,24 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
     for n in names:
         if n == "fp32":
             continue
-        if n in POST:
+        if n == DROP_UNSEEN:
+            out.append(Method(n, "post", "the fp32 model with every row never seen in training dropped (its lookups return the "
+                              "table's fallback row, the mean of the dropped rows) and every seen row int8 (rounded to nearest), "
+                              "served by our inference module: what dropping unseen rows alone gives", bits=8))
+        elif n in POST:
             dt, bits = POST[n]
             out.append(Method(n, "post", f"TorchRec quantize_embeddings(dtype=torch.{dt}) of the fp32 model, post-training",
                               qdtype=dt, bits=bits))
-        elif n in ("shark-paper", "shark-paper+grad"):
+        elif n in ("shark-paper", *SIGNAL_VARIANTS):
+            # shark-paper+SIGNAL: the same with the priority signal given explicitly (+eq7: the
+            # paper's, a fresh run at this commit, the paired baseline of the other signals).
             b = default_budget([dim])
-            grad = n.endswith("+grad")
+            signal = SIGNAL_VARIANTS.get(n)
             out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority "
-                              f"({'Eq. 7 weighted by the row gradient norm, --signal eq7-grad' if grad else 'Eq. 7'}), "
-                              f"trained from the start, the default budget "
+                              f"({'--signal ' + signal if signal else 'Eq. 7'}), trained from the start, the default budget "
                               f"(as each run recorded it: `budget` in results.json; {b:.2f} with this code)",
-                              ("--precision", "shark") + (("--signal", "eq7-grad") if grad else ()), budget=b))
-            if grad:
+                              ("--precision", "shark") + (("--signal", signal) if signal else ()), budget=b))
+            if signal:
                 continue
             for b in budgets:
                 if abs(b - default_budget([dim])) < 1e-9:
@@ -143,7 +150,7 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                 out.append(Method(f"shark-paper@{b:.2f}", "train",
                                   f"our module, fp32/fp16/int8 rows by priority, trained from the start, budget {b:.2f}",
                                   ("--precision", "shark", "--memory-budget", f"{b}"), budget=b))
-        elif n.startswith(("shark-paper>", "shark-paper+grad>")):
+        elif n.startswith(tuple(f"{v}>" for v in ("shark-paper", *SIGNAL_VARIANTS))):
             # shark-paper>TIER/TIER/...@BUDGET: the shark-paper model of the unit, its rows put
             # into these tiers for serving by their trained priorities (one budget for all
             # tables), rounded to nearest: `shark export --tiers ... --memory-budget B`.
@@ -184,8 +191,9 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             out.append(Method(n, "train", f"our module, {'/'.join(tiers)} rows by priority (Eq. 7), trained from the start, "
                               f"budget {b or 'default'} {'for all tables together' if model else 'per table'}", flags, budget=budget))
         else:
-            raise SystemExit(f"unknown method {n!r} (known: fp32, {', '.join(POST)}, shark-paper, shark-int4, shark-int2, "
-                             "shark:TIER/TIER/...@BUDGET)")
+            raise SystemExit(f"unknown method {n!r} (known: fp32, {', '.join(POST)}, {DROP_UNSEEN}, shark-paper, "
+                             f"{', '.join(SIGNAL_VARIANTS)}, shark-int4, shark-int2, shark:TIER/TIER/...@BUDGET, "
+                             "shark-model:TIER/TIER/...@BUDGET, shark-paper>TIER/TIER/...@BUDGET)")
     return out, notes
 
 
@@ -385,7 +393,62 @@ def run_serve(method: Method, base: FP32Model) -> dict:
     }
 
 
+def seen_rows(fp: FP32Model) -> dict:
+    """table -> bool [rows]: the rows some training batch of the unit looked up."""
+    torch = fp.torch
+    seen = {c.name: torch.zeros(c.num_embeddings, dtype=torch.bool) for c in fp.configs}
+    table_of = {f: c.name for c in fp.configs for f in c.feature_names}
+    for b in tqdm(fp.data.batches("train", 65536), desc="seen rows", file=sys.stderr, leave=False):
+        kjt = b.sparse_features
+        for f, jt in kjt.to_dict().items():
+            if f in table_of:
+                seen[table_of[f]][jt.values()] = True
+    return seen
+
+
+def run_drop_unseen(method: Method, fp: FP32Model) -> dict:
+    """The `drop-unseen+int8` baseline (see its description)."""
+    import dataclasses
+
+    from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
+    from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.precision.priority import DROPPED, INT8
+
+    torch = fp.torch
+    t0 = time.perf_counter()
+    seen = seen_rows(fp)
+    policy = PrecisionPolicy(mode="shark", tiers=("int8", "dropped"), row_fractions=(1.0,), optimizer="sgd", learning_rate=0.1, eps=1e-8)
+    ebc = MixedPrecisionEmbeddingBagCollection(tables=[dataclasses.replace(c) for c in fp.configs], precision_policy=policy,
+                                              device=torch.device("cpu"))
+    ebc.load_state_dict({f"embedding_bags.{c.name}.weight": w for c, w in
+                         ((c, fp.ebc.state_dict()[f"embedding_bags.{c.name}.weight"]) for c in fp.configs)}, strict=False)
+    for store in ebc.stores:
+        values = store.read_rows(torch.arange(store.num_rows))
+        groups = torch.cat([torch.where(seen[t.name], INT8, DROPPED).to(torch.int8) for t in store.tables])
+        store.set_groups(groups)
+        for i, t in enumerate(store.tables):
+            lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+            unseen = ~seen[t.name]
+            if bool(unseen.any()):
+                store.set_fallback_rows(i, values[lo:hi][unseen].mean(dim=0))
+            # Seen rows from their fp32 values, rounded to nearest (set_groups moved them already).
+            keep = torch.arange(lo, hi)[seen[t.name]]
+            store.write_rows(keep, values[keep])
+    m = fp.evaluate(ebc)
+    served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
+    fp32_bytes = sum(r * d * 4 for r, d in fp.shapes)
+    seen_fraction = {name: float(v.float().mean()) for name, v in seen.items()}
+    return {
+        "test_auc": m["auc"], "test_logloss": m["logloss"], "bytes_allocated": served.memory_bytes(),
+        "bytes_unpadded": served.memory_bytes(), "fp32_bytes": fp32_bytes, "rows": served.group_rows(),
+        "seen_fraction": seen_fraction, "seconds": time.perf_counter() - t0,
+    }
+
+
 def run_post(method: Method, fp: FP32Model) -> dict:
+    if method.name == DROP_UNSEEN:
+        return run_drop_unseen(method, fp)
     t0 = time.perf_counter()
     q, check = quantize_checked(fp, method)
     m = fp.evaluate(q)
@@ -472,6 +535,15 @@ def summarize(records: list[dict], methods: list[Method]) -> tuple[list[dict], l
             if common:
                 d = paired([by[(a.name, u)]["test_auc"] - by[(b.name, u)]["test_auc"] for u in common])
                 pairs.append({"a": a.name, "b": b.name, "diff": d})
+    # Each signal against the paper's Eq. 7 run at the same commit, trained and served alike.
+    names = {m.name for m in methods}
+    for a in (m for m in methods if m.name.startswith("shark-paper+") and not m.name.startswith("shark-paper+eq7")):
+        variant = a.name.split(">")[0]
+        twin = a.name.replace(variant, "shark-paper+eq7", 1)
+        if twin in names:
+            common = sorted({r["unit"] for r in records if r["method"] == a.name} & {r["unit"] for r in records if r["method"] == twin})
+            if common:
+                pairs.append({"a": a.name, "b": twin, "diff": paired([by[(a.name, u)]["test_auc"] - by[(twin, u)]["test_auc"] for u in common])})
     return rows, pairs
 
 
