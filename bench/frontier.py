@@ -105,7 +105,12 @@ POST = {  # name: (torch dtype name, bits)
     "torchrec-int4": ("quint4x2", 4),
     "torchrec-int2": ("quint2x4", 2),
 }
-SIGNAL_VARIANTS = {"shark-paper+eq7": "eq7", "shark-paper+grad": "eq7-grad"}  # method -> --signal
+# shark-paper trained with other priority settings: method -> (shark train flags, what).
+SIGNAL_VARIANTS = {
+    "shark-paper+eq7": (("--signal", "eq7"), "Eq. 7 as the paper sets it, run again at this commit"),
+    "shark-paper+grad": (("--signal", "eq7-grad"), "Eq. 7 weighted by the row gradient norm, --signal eq7-grad"),
+    "shark-paper+avg": (("--beta", "0.01"), "Eq. 7 with beta 0.01: a ~100-step average instead of the paper's recency"),
+}
 DROP_UNSEEN = "drop-unseen+int8"
 DEFAULT_METHODS = ("fp32", "torchrec-fp16", "torchrec-int8", "torchrec-int4", "torchrec-int2", "shark-paper")
 
@@ -133,12 +138,11 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             # shark-paper+SIGNAL: the same with the priority signal given explicitly (+eq7: the
             # paper's, a fresh run at this commit, the paired baseline of the other signals).
             b = default_budget([dim])
-            signal = SIGNAL_VARIANTS.get(n)
-            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority "
-                              f"({'--signal ' + signal if signal else 'Eq. 7'}), trained from the start, the default budget "
-                              f"(as each run recorded it: `budget` in results.json; {b:.2f} with this code)",
-                              ("--precision", "shark") + (("--signal", signal) if signal else ()), budget=b))
-            if signal:
+            flags, what = SIGNAL_VARIANTS.get(n, ((), "Eq. 7"))
+            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority ({what}), trained from the start, "
+                              f"the default budget (as each run recorded it: `budget` in results.json; {b:.2f} with this code)",
+                              ("--precision", "shark", *flags), budget=b))
+            if n in SIGNAL_VARIANTS:
                 continue
             for b in budgets:
                 if abs(b - default_budget([dim])) < 1e-9:
