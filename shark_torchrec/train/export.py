@@ -35,7 +35,9 @@ from shark_torchrec.models.pruned import kept_schema
 from shark_torchrec.models.serving import serving_model
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
-from shark_torchrec.precision.priority import DROPPED
+from shark_torchrec.modules.row_groups import CHUNK_ROWS
+from shark_torchrec.precision.priority import DROPPED, INT_BITS
+from shark_torchrec.precision.quantize import fitted_scale_bias
 from shark_torchrec.train.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
 
 
@@ -84,22 +86,33 @@ def export_inference_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig
     return to_inference(model), cfg
 
 
+SERVING_ROUNDING = ("nearest", "fitted")
+
+
 @dataclass(frozen=True)
 class ServingTiers:
     """Tiers for serving chosen at export from the trained priorities: `tiers` (e.g. int8,
-    int4, int2, dropped), a `memory_budget` and its `budget_scope` (`table` or `model`)."""
+    int4, int2, dropped), a `memory_budget` and its `budget_scope` (`table` or `model`), and
+    how integer rows get their scale and bias: `nearest` (the row's min/max range, rounded to
+    nearest, as TorchRec's post-training quantization) or `fitted` (`fitted_scale_bias`: the
+    range refit by least squares, a smaller error per row)."""
 
     tiers: Tuple[str, ...]
     memory_budget: float
     budget_scope: str = "model"
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        if self.rounding not in SERVING_ROUNDING:
+            raise ValueError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
 
 
 @torch.no_grad()
 def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[str, Any]:
     """Put a loaded mixed-precision model's rows into other tiers for serving, in place: rows
     ranked by the priorities they had at the end of training (the budget rule of `serving`)
-    and rounded to nearest from their trained values, so low tiers are reached without
-    training in them. A table's fallback row (for its dropped rows) is the mean of the trained
+    and quantized from their trained values (`serving.rounding`), so low tiers are reached
+    without training in them. A table's fallback row (for its dropped rows) is the mean of the trained
     values of the rows it replaces.
 
     Args:
@@ -107,7 +120,7 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
         serving: the tiers and the budget.
 
     Returns:
-        {"serving_tiers", "serving_budget", "serving_budget_scope"} for the export record.
+        {"serving_tiers", "serving_budget", "serving_budget_scope", "serving_rounding"} for the export record.
 
     Raises:
         CheckpointError: the model has no priorities (stock fp32 tables or a one-tier run).
@@ -144,8 +157,17 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
             mine = dropped[lo:hi]
             if bool(mine.any()):
                 store.set_fallback_rows(i, before[lo:hi][mine].mean(dim=0))
+    if serving.rounding == "fitted":
+        for store, before in zip(ebc.stores, values):
+            groups = store.row_group
+            for g, bits in INT_BITS.items():
+                keys = (groups == g).nonzero().flatten()
+                for a in range(0, len(keys), CHUNK_ROWS):
+                    k = keys[a : a + CHUNK_ROWS]
+                    store.write_int_exact(g, k, before[k], fitted_scale_bias(before[k], bits))
     arch.embedding_bag_collection = ebc
-    return {"serving_tiers": list(serving.tiers), "serving_budget": serving.memory_budget, "serving_budget_scope": serving.budget_scope}
+    return {"serving_tiers": list(serving.tiers), "serving_budget": serving.memory_budget,
+            "serving_budget_scope": serving.budget_scope, "serving_rounding": serving.rounding}
 
 
 def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
