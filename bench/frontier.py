@@ -155,8 +155,9 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                 out.append(Method(f"shark-paper@{b:.2f}", "train",
                                   f"our module, fp32/fp16/int8 rows by priority, trained from the start, budget {b:.2f}",
                                   ("--precision", "shark", "--memory-budget", f"{b}"), budget=b))
-        elif n.startswith(tuple(f"{v}>" for v in ("shark-paper", *SIGNAL_VARIANTS))):
-            # shark-paper>TIER/TIER/...@BUDGET: the shark-paper model of the unit, its rows put
+        elif ">" in n:
+            # BASE>TIER/TIER/...@BUDGET: the unit's model of BASE (a trained method with
+            # priorities listed before it: shark-paper, shark:..., shark-model:...), its rows put
             # into these tiers for serving by their trained priorities (one budget for all
             # tables), rounded to nearest: `shark export --tiers ... --memory-budget B`.
             # A trailing ~fit: integer rows' scale and bias refit by least squares (--rounding fitted).
@@ -219,6 +220,11 @@ class Unit:
     def flags(self) -> list[str]:
         f = ["--seed", str(self.seed)]
         return f + (["--folds", str(self.folds), "--fold", str(self.fold)] if self.fold is not None else [])
+
+
+def run_name(method: str, unit: Unit) -> str:
+    """A trained method's run directory name for a unit."""
+    return f"{method.replace(':', '_').replace('/', '-')}-{unit.key}"
 
 
 def units(seeds: int, cv: int) -> list[Unit]:
@@ -723,10 +729,10 @@ def main() -> None:
                     bar.set_postfix_str(f"d{dim} {unit.key} {method.name}")
                     rec = {"method": method.name, "unit": unit.key, "seed": unit.seed, "fold": unit.fold, "dim": dim}
                     if method.kind == "train":
-                        rec.update(run_train(method, extra, dim, unit, out / "runs" / f"{method.name.replace(':', '_').replace('/', '-')}-{unit.key}"))
+                        rec.update(run_train(method, extra, dim, unit, out / "runs" / run_name(method.name, unit)))
                     elif method.kind == "serve":
                         if method.base not in served:
-                            served[method.base] = FP32Model(out / "runs" / f"{method.base}-{unit.key}")
+                            served[method.base] = FP32Model(out / "runs" / run_name(method.base, unit))
                             base_rec = next(r for r in records if r["method"] == method.base and r["unit"] == unit.key)
                             again = served[method.base].evaluate()
                             if abs(again["auc"] - base_rec["test_auc"]) > 1e-4:
