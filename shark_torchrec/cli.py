@@ -147,9 +147,9 @@ def export_main(argv: List[str]) -> int:
                              "and rounded to nearest; needs --memory-budget (default: the rows as trained)")
     parser.add_argument("--memory-budget", type=float, default=None, help="with --tiers: embedding bytes / fp32 bytes to serve in")
     parser.add_argument("--budget-scope", choices=("table", "model"), default="model", help="with --tiers: one budget per table or for all (default model)")
-    parser.add_argument("--rounding", choices=("nearest", "fitted"), default="nearest",
-                        help="with --tiers: integer rows' scale and bias from the row's min/max (nearest, as TorchRec's "
-                             "quantize_embeddings) or refit by least squares for a smaller error (fitted)")
+    parser.add_argument("--rounding", choices=("fitted", "nearest"), default="fitted",
+                        help="with --tiers: integer rows' scale and bias refit by least squares for a smaller error "
+                             "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings)")
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
         parser.error("--tiers and --memory-budget go together")

@@ -121,11 +121,12 @@ def test_conversion_carries_optimizer_state_on_two_ranks(tmp_path):
 
 
 def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run, tmp_path):
-    """`shark export --tiers int8 int4 int2 dropped --memory-budget 0.2`: the rows of a model
+    """`shark export --tiers int8 int4 int2 dropped --memory-budget 0.14`: the rows of a model
     trained in fp32/fp16/int8 are put into the serving tiers by their trained priorities (a
-    row never gets a less precise tier than a lower-ranked one), each rounded to nearest from
-    its trained value, dropped rows read their table's mean row, the bytes fit the budget, and
-    the export serves exactly the regrouped model."""
+    row never gets a less precise tier than a lower-ranked one), each quantized from its
+    trained value (`nearest`: within half a step; `fitted`, the default: the same tiers, a
+    smaller error per tier), dropped rows read their table's mean row, the bytes fit the
+    budget, and the export serves exactly the regrouped model."""
     from shark_torchrec.precision.priority import DROPPED, INT_BITS, per_byte_scores
     from shark_torchrec.train.export import ServingTiers, regroup_for_serving
 
@@ -136,7 +137,7 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
     store0 = trained.stores[0]
     before = store0.read_rows(torch.arange(store0.num_rows))
     scores = store0.scores_now()
-    record = regroup_for_serving(model, ServingTiers(("int8", "int4", "int2", "dropped"), 0.14, "model"))
+    record = regroup_for_serving(model, ServingTiers(("int8", "int4", "int2", "dropped"), 0.14, "model", "nearest"))
     assert record["serving_budget"] == 0.14
     store = model.model.sparse_arch.embedding_bag_collection.stores[0]
     groups = store.row_group
@@ -157,7 +158,7 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
         mine = (groups[lo:hi] == DROPPED).nonzero().flatten() + lo
         if len(mine):
             assert torch.allclose(after[mine], before[mine].mean(0).expand(len(mine), -1), atol=1e-6)
-    # --rounding fitted: the same rows in the same tiers, each integer tier closer to the trained values.
+    # Fitted rounding (the default): the same rows in the same tiers, each integer tier closer to the trained values.
     fitted_model, _ = load_trained_model(ckpt)
     regroup_for_serving(fitted_model, ServingTiers(("int8", "int4", "int2", "dropped"), 0.14, "model", "fitted"))
     fitted_store = fitted_model.model.sparse_arch.embedding_bag_collection.stores[0]
@@ -169,8 +170,7 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
     m = groups == 4
     assert float(((fitted[m] - before[m]) ** 2).sum()) < 0.9 * float(((after[m] - before[m]) ** 2).sum())  # int2
     exported = tmp_path / "served"
-    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int8", "int4", "int2", "dropped", "--memory-budget", "0.14",
-              "--rounding", "fitted")
+    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int8", "int4", "int2", "dropped", "--memory-budget", "0.14")
     rec = json.loads((exported / "export.json").read_text())
     assert rec["max_abs_logit_diff_dev"] == 0.0 and rec["inference_bytes"] <= 0.14 * rec["fp32_bytes"]
     assert rec["rows_dropped"] == int((groups == DROPPED).sum()) and rec["serving_tiers"] == ["int8", "int4", "int2", "dropped"]
