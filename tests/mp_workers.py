@@ -299,5 +299,12 @@ def two_collection_run(sharding_type: dict, steps: int, pol_kw: dict, share: boo
     for m in mods:
         result["tables"].update(logical_tables(m, m._mp_prefix))
         result["memory"].update(m.precision_memory())
+    try:  # the gradient-weighted signal under the same plan (a column-wise table): refused
+        DistributedModelParallel(TwoCollections({**pol_kw, "signal": "eq7-grad"}, device=torch.device("meta")),
+                                 env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"),
+                                 plan=plan, sharders=sharders)
+        result["grad_signal_refusal"] = None
+    except ValueError as e:
+        result["grad_signal_refusal"] = str(e)
     shutdown_distributed()
     return result

@@ -121,7 +121,8 @@ def test_two_collections_on_two_ranks_share_one_budget():
     2 ranks under one model budget (`share_model_budget`): after the last reassignment every
     slice and replica of a row is in the same group, the groups are the row-by-row
     reference's over all three tables' final scores, they differ from the per-table rule's,
-    and the bytes the collections report fit the budget together."""
+    and the bytes the collections report fit the budget together; the gradient-weighted
+    signal is refused for the column-wise table."""
     steps = 3
     got = launch(W.two_collection_run, 2, MIXED, steps, SHARED)
     widths = {n: (8, 8) if MIXED[n] == "column_wise" else (W.DIM,) for n, _, _ in W.TABLES}
@@ -134,6 +135,8 @@ def test_two_collections_on_two_ranks_share_one_budget():
     fp32 = sum(rows * W.DIM * 4 for _, rows, _ in W.TABLES)
     assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) <= 0.5 * fp32
     assert sum(mem[n]["embedding_bytes"] for n, _, _ in W.TABLES) > 0.45 * fp32  # and spent
+    # signal="eq7-grad" needs whole rows: the same plan (t1 column-wise) is refused, naming the table.
+    assert "needs whole rows" in got["grad_signal_refusal"] and "['t1']" in got["grad_signal_refusal"]
 
 
 def test_collections_of_one_model_share_one_budget_unsharded():
@@ -160,7 +163,8 @@ def test_collections_of_one_model_share_one_budget_unsharded():
     groups, want = results[True]
     for n, _, _ in W.TABLES:
         assert torch.equal(groups[n], want[n]), n
-    alone, _ = results[False]
+    assert not model.a.groups_fresh and not model.b.groups_fresh
+    alone, _ = results[False]  # (model: the unshared one, last built)
     assert any(not torch.equal(alone[n], want[n]) for n, _, _ in W.TABLES)
     odd = W.TwoCollections(SHARED)
     odd.b = MixedPrecisionEmbeddingBagCollection(W.tables()[2:], precision_policy=W.policy(**{**SHARED, "memory_budget": 0.6}))
@@ -186,3 +190,36 @@ def test_the_planner_sizes_a_table_for_the_most_the_model_budget_lets_it_take():
         estimate = shard_bytes(share[hot], hot, rows, rows, W.DIM) - rows * (metadata - ROW_MAP_BYTES)
         assert taken <= estimate, hot
         assert estimate > shard_bytes(policy, hot, rows, rows, W.DIM) - rows * (metadata - ROW_MAP_BYTES), hot
+
+
+def test_a_collection_below_its_floor_is_paid_for_by_the_others_once_shared():
+    """Tiers int8/int2/dropped at 0.07 of fp32: the second collection's one small table cannot
+    meet it alone (its row map and fallback row), so it starts at its floor with a warning;
+    shared, every table starts at its share and the model's bytes fit the budget, and one step
+    counter serves both collections (one that sits out a step still sees it counted)."""
+    from shark_torchrec.modules.model_budget import share_model_budget
+
+    kw = {"tiers": ("int8", "int2", "dropped"), "memory_budget": 0.07, "budget_scope": "model", "reassign_every": 1}
+    fp32 = sum(rows * W.DIM * 4 for _, rows, _ in W.TABLES)
+
+    def embedding_bytes(model):
+        return sum(b["embedding_bytes"] for m in (model.a, model.b) for s in m.stores for b in s.table_bytes())
+
+    with pytest.warns(UserWarning, match="start at their floors"):
+        alone = W.TwoCollections(kw)
+        for m in (alone.a, alone.b):
+            m.materialize(torch.device("cpu"), init=W.init_values)
+    assert embedding_bytes(alone) > 0.07 * fp32
+    shared = W.TwoCollections(kw)
+    for m in (shared.a, shared.b):
+        m.materialize(torch.device("cpu"), init=W.init_values)
+    share_model_budget(shared)
+    assert embedding_bytes(shared) <= 0.07 * fp32
+    keys, lengths, values, labels, G = W.batch(0)
+    kjt, _, _ = W.local_kjt(keys, lengths, values, labels, 0, 1)
+    first, _ = kjt.split([3, 1])
+    sum(v.sum() for v in shared.a(first).to_dict().values()).backward()  # only collection a trains
+    W.two_collection_steps(shared, 1, 0, 1)  # then both: one step each, counted once
+    assert shared.a.step_counter is shared.b.step_counter and shared.a.step_counter.value == 2
+    assert all(s.step is shared.a.step_counter for m in (shared.a, shared.b) for s in m.stores)
+    assert not shared.b.groups_fresh and embedding_bytes(shared) <= 0.07 * fp32

@@ -384,16 +384,24 @@ class ShardedMixedPrecisionModule:
     def _end_of_step(self, step: int) -> None:
         """A backward pass updated the rows: reassign them when due (all ranks reach this
         point in the same step, so the collective reassignment lines up)."""
+        self.finish_step()
         p = self.precision_policy
-        if DROPPED in p.groups:
+        if p.scored and step % p.reassign_every == 0:
+            self.reassign()
+
+    def finish_step(self) -> None:
+        """The step's update of the fallback rows (gradients summed over a row-split table's
+        shards first: collective)."""
+        if DROPPED in self.precision_policy.groups:
             self._sum_fallback_grads()
             for store, _ in self.stores():
                 store.apply_fallback_update()
-        if p.scored and step % p.reassign_every == 0:
-            if self.model_budget is not None:
-                self.model_budget.step_ended(self)  # the last collection to end the step regroups them all
-            else:
-                self.reassign()
+
+    def use_step_counter(self, counter: StepCounter) -> None:
+        """Count steps with `counter` (a shared model budget's), in the stores too."""
+        object.__setattr__(self, "step_counter", counter)
+        for store, _ in self.stores():
+            store.step = counter
 
     # ------------------------------------------------------------------ dropped rows' fallback
     def _row_split_tables(self) -> List[str]:
@@ -448,20 +456,24 @@ class ShardedMixedPrecisionModule:
     def reassign(self) -> Dict[str, int]:
         """Regroup all rows by score now (collective: every rank calls it); with a shared
         model budget, the rows of every collection under it."""
-        t0 = time.perf_counter()
-        self.groups_fresh = False
         if self.model_budget is not None:
-            moved = self.model_budget.reassign()
-        else:
-            if self.precision_policy.budget_scope == "model" and not self._warned_alone:
-                self._warned_alone = True
-                warn_alone(type(self).__name__)
-            moved = reassign_stores(
-                [s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg, self._slice_widths
-            )
-        self.reassign_seconds += time.perf_counter() - t0
-        self.last_moved = moved
+            return self.model_budget.reassign()  # it records the moves and time on every collection
+        t0 = time.perf_counter()
+        if self.precision_policy.budget_scope == "model" and not self._warned_alone:
+            self._warned_alone = True
+            warn_alone(type(self).__name__)
+        moved = reassign_stores(
+            [s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg, self._slice_widths
+        )
+        self.note_reassigned(moved, time.perf_counter() - t0)
         return moved
+
+    def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None:
+        """This collection's rows were regrouped (by itself, or by a shared model budget, which
+        splits its time between its collections)."""
+        self.groups_fresh = False
+        self.reassign_seconds += seconds
+        self.last_moved = moved
 
     def output_dist(self, ctx, output):
         return self._tied_to_step(super().output_dist(ctx, output))

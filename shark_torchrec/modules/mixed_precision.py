@@ -34,8 +34,8 @@ from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.modules.model_budget import ModelBudget, warn_alone
 from shark_torchrec.modules.reassign import reassign_stores
-from shark_torchrec.precision.budget import initial_groups, model_start_budgets, target_counts
-from shark_torchrec.precision.priority import INT_BITS
+from shark_torchrec.precision.budget import initial_groups, model_start_budgets, table_floor_bytes, target_counts
+from shark_torchrec.precision.priority import INT_BITS, BudgetError
 
 UNIT = 4  # columns per unit of per-row checkpoint state
 STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum", "fallback", "fallback_momentum")
@@ -103,7 +103,19 @@ def starting_groups(
         int8 group ids over the store's row space.
     """
     if shares is None and policy.budget_mode and policy.budget_scope == "model":
-        shares = model_start_budgets(policy, budget_tables)
+        try:
+            shares = model_start_budgets(policy, budget_tables)
+        except BudgetError as e:
+            # This collection's tables alone cannot meet the budget; other collections may
+            # pay for them once the model's budget is shared (share_model_budget restarts
+            # every table at its share, or refuses the budget for the whole model).
+            warnings.warn(
+                f"{e}: the collection's tables start at their floors; share the model's budget with its other "
+                "collections (share_model_budget), or its first reassignment will refuse the budget",
+                stacklevel=2,
+            )
+            shares = {n: max(policy.memory_budget, table_floor_bytes(r, d, policy.groups) / max(r * d * 4, 1))
+                      for n, (r, d) in budget_tables.items()}
     parts = []
     for t in store.tables:
         table_policy = policy
@@ -362,25 +374,36 @@ class _MixedPrecisionRows:
     def _end_of_step(self, step: int) -> None:
         """A backward pass updated the rows (unsharded use): the fallback rows of dropped ids
         take their step, then rows are reassigned when due."""
-        for store in self._stores:
-            store.apply_fallback_update()
+        self.finish_step()
         p = self._unsharded_policy
         if p.scored and step % p.reassign_every == 0:
-            if self.model_budget is not None:
-                self.model_budget.step_ended(self)  # the last collection to end the step regroups them all
-            else:
-                self.reassign()
+            self.reassign()
+
+    def finish_step(self) -> None:
+        """The step's update of the fallback rows (from their dropped ids' gradients)."""
+        for store in self._stores:
+            store.apply_fallback_update()
+
+    def use_step_counter(self, counter: StepCounter) -> None:
+        """Count steps with `counter` (a shared model budget's), in the stores too."""
+        self.step_counter = counter
+        for store in self._stores:
+            store.step = counter
 
     def reassign(self) -> None:
         """Regroup every row by its score now (with a shared model budget: every collection's)."""
-        self.groups_fresh = False
         if self.model_budget is not None:
             self.model_budget.reassign()
             return
+        self.groups_fresh = False
         if self._unsharded_policy.budget_scope == "model" and not self._warned_alone:
             self._warned_alone = True
             warn_alone(type(self).__name__)
         reassign_stores(self._stores, self._unsharded_policy, self.budget_tables(), pg=None)
+
+    def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None:
+        """A shared model budget regrouped this collection's rows."""
+        self.groups_fresh = False
 
     # ------------------------------------------------------------------ one model budget (BudgetMember)
     def budget_policy(self) -> PrecisionPolicy:

@@ -3,17 +3,18 @@
 With `budget_scope="model"` the rows of all tables compete for one budget by priority per
 byte. A collection sees only its own tables; `share_model_budget(model)` puts every
 mixed-precision collection of the model (sharded by DMP or not) under one `ModelBudget`,
-which starts the tables at their shares of the model's budget and, at each reassignment,
-regroups the rows of all of them together: one ranking, one set of cuts, one collective
-search over ranks.
+which starts the tables at their shares of the model's budget, counts training steps for all
+of them with one step counter (a step ends once per backward pass through the model), and at
+each reassignment regroups the rows of all of them together: one ranking, one set of cuts,
+one collective search over ranks.
 
 Call it once the model is built (after DMP, before training and before a checkpoint is
-loaded); every collection under it must take part in every training step, as the
-collections of one model do (the reassignment runs when the last of them ends the step).
+loaded).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
@@ -22,11 +23,12 @@ from torch import nn
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.reassign import reassign_stores
-from shark_torchrec.modules.row_groups import RowGroupStore
+from shark_torchrec.modules.row_groups import RowGroupStore, StepCounter
 from shark_torchrec.precision.budget import model_start_budgets
 
 # Policy fields that must agree between collections under one budget.
-_SHARED_FIELDS = ("memory_budget", "fp32_fraction", "tiers", "reassign_every", "signal")
+# (mode, alpha, beta and signal put the scores on one scale, so that they can be ranked together.)
+_SHARED_FIELDS = ("memory_budget", "fp32_fraction", "tiers", "reassign_every", "mode", "alpha", "beta", "signal")
 
 
 class BudgetMember(Protocol):
@@ -34,6 +36,7 @@ class BudgetMember(Protocol):
 
     model_budget: Optional["ModelBudget"]
     groups_fresh: bool  # groups as the collection started them (no reassignment, no load yet)
+    step_counter: StepCounter
 
     def budget_policy(self) -> PrecisionPolicy: ...
 
@@ -46,6 +49,12 @@ class BudgetMember(Protocol):
     def budget_group(self) -> Optional[dist.ProcessGroup]: ...
 
     def restart_groups(self, shares: Dict[str, float]) -> None: ...
+
+    def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None: ...
+
+    def finish_step(self) -> None: ...
+
+    def use_step_counter(self, counter: StepCounter) -> None: ...
 
 
 class ModelBudget:
@@ -66,14 +75,23 @@ class ModelBudget:
                         f"({getattr(policy, f)!r} vs {getattr(other, f)!r}); give them the same policy"
                     )
         groups = [m.budget_group() for _, m in self.members]
-        sizes = {dist.get_world_size(g) if g is not None else 1 for g in groups}
-        if len(sizes) > 1:
-            raise ValueError(f"one model budget: the collections are sharded over process groups of different sizes {sorted(sizes)}")
+        sizes = {p: dist.get_world_size(g) if g is not None else 1 for (p, _), g in zip(self.members, groups)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"one model budget: the collections are sharded over process groups of different sizes {sizes}")
+        steps = {p: m.step_counter.value for p, m in self.members}
+        if len(set(steps.values())) > 1:
+            raise ValueError(f"one model budget: the collections have trained different numbers of steps {steps}")
         self.policy = policy
         self.pg = next((g for g in groups if g is not None), None)
-        self._ended: set = set()
+        # One step counter for all: a step ends once per backward pass through the model (a
+        # collection that sits out a step still sees it counted), so every score decays to
+        # the same step and the regrouping runs once.
+        self.step_counter = StepCounter()
+        self.step_counter.value = next(iter(steps.values()))
+        self.step_counter.on_step_end = self._end_of_step
         for _, m in self.members:
             m.model_budget = self
+            m.use_step_counter(self.step_counter)
 
     def _prefix(self, path: str) -> str:
         return f"{path}/"
@@ -93,26 +111,32 @@ class ModelBudget:
             pre = self._prefix(p)
             m.restart_groups({n: shares[pre + n] for n in m.budget_tables()})
 
-    def step_ended(self, member: BudgetMember) -> None:
-        """A collection ended a step at which the rows are due for reassignment; the last one
-        to do so regroups them all."""
-        self._ended.add(id(member))
-        if len(self._ended) == len(self.members):
-            self._ended.clear()
+    def _end_of_step(self, step: int) -> None:
+        """The shared counter ended a step (one backward pass through every collection that
+        took part): each collection finishes its step, then all rows are regrouped when due."""
+        for _, m in self.members:
+            m.finish_step()
+        if self.policy.scored and step % self.policy.reassign_every == 0:
             self.reassign()
 
     def reassign(self) -> Dict[str, int]:
-        """Regroup the rows of every collection by score now (collective over the ranks).
+        """Regroup the rows of every collection by score now (collective over the ranks); each
+        collection records the moves and its share of the time (`note_reassigned`).
 
         Returns:
             Rows moved into each group, over all collections.
         """
+        t0 = time.perf_counter()
         stores, prefixes = [], []
         for p, m in self.members:
             for s in m.budget_stores():
                 stores.append(s)
                 prefixes.append(self._prefix(p))
-        return reassign_stores(stores, self.policy, self.tables(), self.pg, self.widths(), prefixes)
+        moved = reassign_stores(stores, self.policy, self.tables(), self.pg, self.widths(), prefixes)
+        seconds = time.perf_counter() - t0
+        for _, m in self.members:
+            m.note_reassigned(moved, seconds / len(self.members))
+        return moved
 
 
 def share_model_budget(model: nn.Module) -> Optional[ModelBudget]:

@@ -12,7 +12,8 @@ for the worst case: as many of the table's most precise rows as it can hold. Who
 shards (table-wise, column-wise, data-parallel) are sized exactly: what the built store
 allocates (tests/test_planner_storage.py). With one budget for all tables of a collection
 (`budget_scope="model"`) a table is sized for the most it can take: the model's budget less the
-other tables at their floor (`model_scope_share`). Threshold mode has no bound (every row
+other tables at their floor, over every model-scope collection of the model (they may share one
+budget, `share_model_budget`; `model_scope_share`). Threshold mode has no bound (every row
 may reach fp32), so shards are sized as fp32 rows plus our metadata.
 """
 
@@ -37,10 +38,11 @@ def model_scope_share(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]
 
     Args:
         policy: the collection's resolved policy.
-        tables: every table of the collection: name -> (rows, dim).
+        tables: every table under the budget (of every model-scope collection of the model,
+            which may share it: `share_model_budget`): key -> (rows, dim).
 
     Returns:
-        name -> the policy to size that table's shards with (per-table scope).
+        key -> the policy to size that table's shards with (per-table scope).
     """
     total_fp32 = sum(r * d * 4 for r, d in tables.values())
     floors = {n: table_floor_bytes(r, d, policy.groups) for n, (r, d) in tables.items()}
@@ -86,17 +88,23 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
 
     def estimate(self, sharding_options: List[ShardingOption], sharder_data_map=None, **_: object) -> None:
         gpu = self._topology.compute_device != "cpu"
-        for option in sharding_options:
-            module = option.module[1]
+        ours = [o for o in sharding_options if isinstance(o.module[1], (MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection))]
+        policies = {}
+        for option in ours:
+            sharder = (sharder_data_map or {}).get(option.module_type_key)
             # Both collections keep their rows in a RowGroupStore; their meta fp32
             # parameters are only shapes for the planner.
-            if not isinstance(module, (MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection)):
-                continue
-            sharder = (sharder_data_map or {}).get(option.module_type_key)
-            policy = module.resolved_policy(getattr(sharder, "fused_params", None))
-            if policy.budget_mode and policy.budget_scope == "model":
-                configs = module.embedding_configs() if isinstance(module, MixedPrecisionEmbeddingCollection) else module.embedding_bag_configs()
-                policy = model_scope_share(policy, {c.name: (c.num_embeddings, c.embedding_dim) for c in configs})[option.name]
+            policies[id(option)] = option.module[1].resolved_policy(getattr(sharder, "fused_params", None))
+        # With a model-wide budget a table may take what every other model-scope table of the
+        # model leaves at its floor (the collections may share one budget: share_model_budget).
+        model_tables = {
+            (o.module[0], o.name): (o.tensor.shape[0], o.tensor.shape[1])
+            for o in ours if policies[id(o)].budget_mode and policies[id(o)].budget_scope == "model"
+        }
+        for option in ours:
+            policy = policies[id(option)]
+            if (option.module[0], option.name) in model_tables:
+                policy = model_scope_share(policy, model_tables)[(option.module[0], option.name)]
             rows = option.tensor.shape[0]
             for shard in option.shards:
                 if shard.storage is None:

@@ -35,6 +35,7 @@ from shark_torchrec.models.pruned import kept_schema
 from shark_torchrec.models.serving import serving_model
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.modules.model_budget import ModelBudget
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
 from shark_torchrec.precision.priority import DROPPED, INT_BITS
 from shark_torchrec.precision.quantize import fitted_scale_bias
@@ -148,7 +149,11 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
                 state[key] = torch.where(value == DROPPED, torch.full_like(value, cheapest), value)
     ebc.load_state_dict(state)
     values = [s.read_rows(torch.arange(s.num_rows)) for s in ebc.stores]
-    ebc.reassign()
+    if serving.budget_scope == "model":
+        # The model's only collection: its budget is the model's (no warning that it stands alone).
+        ModelBudget([("embedding_bag_collection", ebc)]).reassign()
+    else:
+        ebc.reassign()
     for store, before in zip(ebc.stores, values):
         if not store.has_dropped:
             continue
