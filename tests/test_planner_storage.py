@@ -2,6 +2,7 @@
 bytes, and whole-table shards sized exactly as the built store allocates them."""
 
 import pytest
+import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import Topology
@@ -98,3 +99,24 @@ def test_whole_table_estimate_is_what_the_store_allocates(sequence, policy_name)
         assert sum(estimate.values()) == sum(allocated_bytes(s) for s in stores)
     finally:
         shutdown_distributed()
+
+
+def test_a_model_budget_sizes_tables_against_every_collection_of_the_model():
+    """Two collections with budget_scope="model" (they may share one budget): a table is sized
+    for what every model-scope table of the model leaves it, not its own collection alone."""
+    from shark_torchrec.planner.storage import model_scope_share
+
+    kw = {"memory_budget": 0.5, "budget_scope": "model", "fp32_fraction": 0.05}
+    model = W.TwoCollections(kw, device=torch.device("meta"))
+    topology = Topology(world_size=2, compute_device="cpu")
+    stock = storage_by_shard(model, False, topology, ours=False)
+    got = storage_by_shard(model, False, topology, ours=True)
+    policy = W.policy(**kw).resolved([W.DIM])
+    every = {(path, n): (rows, W.DIM) for path, names in W.SPLIT for n, rows, _ in W.TABLES if n in names}
+    alone = {k: v for k, v in every.items() if k[0] == "b"}
+    rows = dict((n, r) for n, r, _ in W.TABLES)["t2"]
+    want = shard_bytes(model_scope_share(policy, every)[("b", "t2")], "t2", rows, rows, W.DIM)
+    narrower = shard_bytes(model_scope_share(policy, alone)[("b", "t2")], "t2", rows, rows, W.DIM)
+    assert want > narrower
+    key = ("t2", ShardingType.TABLE_WISE.value, 0)
+    assert got[key][0] - stock[key][0] == want - rows * W.DIM * 4
