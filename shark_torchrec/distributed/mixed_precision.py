@@ -12,7 +12,6 @@ to `customized_kernel` before the sharded module is built.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
@@ -47,9 +46,8 @@ from shark_torchrec.modules.mixed_precision import (
     starting_groups,
     table_id,
 )
-from shark_torchrec.modules.model_budget import ModelBudget, warn_alone
+from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
-from shark_torchrec.modules.reassign import reassign_stores
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES
 
@@ -251,7 +249,7 @@ class ShardedMixedPrecisionModule:
         self.last_moved: Dict[str, int] = {}
         self.reassign_seconds = 0.0
         self.model_budget: Optional[ModelBudget] = None  # set by share_model_budget
-        self._warned_alone = False
+        self.warned_alone = False
         self._assign_initial_groups()
         self.step_counter.on_step_end = self._end_of_step
         self._mp_optimizer = MixedPrecisionOptimizer(self)
@@ -456,17 +454,7 @@ class ShardedMixedPrecisionModule:
     def reassign(self) -> Dict[str, int]:
         """Regroup all rows by score now (collective: every rank calls it); with a shared
         model budget, the rows of every collection under it."""
-        if self.model_budget is not None:
-            return self.model_budget.reassign()  # it records the moves and time on every collection
-        t0 = time.perf_counter()
-        if self.precision_policy.budget_scope == "model" and not self._warned_alone:
-            self._warned_alone = True
-            warn_alone(type(self).__name__)
-        moved = reassign_stores(
-            [s for s, _ in self.stores()], self.precision_policy, self._tables_for_budget(), self._pg, self._slice_widths
-        )
-        self.note_reassigned(moved, time.perf_counter() - t0)
-        return moved
+        return reassign_collection(self)
 
     def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None:
         """This collection's rows were regrouped (by itself, or by a shared model budget, which

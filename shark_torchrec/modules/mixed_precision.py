@@ -32,8 +32,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
-from shark_torchrec.modules.model_budget import ModelBudget, warn_alone
-from shark_torchrec.modules.reassign import reassign_stores
+from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.precision.budget import initial_groups, model_start_budgets, table_floor_bytes, target_counts
 from shark_torchrec.precision.priority import INT_BITS, BudgetError
 
@@ -285,7 +284,7 @@ class _MixedPrecisionRows:
         self.step_counter.on_step_end = self._end_of_step
         self.model_budget: Optional[ModelBudget] = None  # set by share_model_budget
         self.groups_fresh = True
-        self._warned_alone = False
+        self.warned_alone = False
         self._stores: List[RowGroupStore] = []
         self._store_features: List[List[str]] = []
         self._feature_tables = feature_tables(configs)
@@ -392,17 +391,10 @@ class _MixedPrecisionRows:
 
     def reassign(self) -> None:
         """Regroup every row by its score now (with a shared model budget: every collection's)."""
-        if self.model_budget is not None:
-            self.model_budget.reassign()
-            return
-        self.groups_fresh = False
-        if self._unsharded_policy.budget_scope == "model" and not self._warned_alone:
-            self._warned_alone = True
-            warn_alone(type(self).__name__)
-        reassign_stores(self._stores, self._unsharded_policy, self.budget_tables(), pg=None)
+        reassign_collection(self)
 
     def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None:
-        """A shared model budget regrouped this collection's rows."""
+        """This collection's rows were regrouped."""
         self.groups_fresh = False
 
     # ------------------------------------------------------------------ one model budget (BudgetMember)

@@ -36,6 +36,7 @@ class BudgetMember(Protocol):
 
     model_budget: Optional["ModelBudget"]
     groups_fresh: bool  # groups as the collection started them (no reassignment, no load yet)
+    warned_alone: bool  # `reassign_collection` warned that a model-wide budget covers it alone
     step_counter: StepCounter
 
     def budget_policy(self) -> PrecisionPolicy: ...
@@ -152,7 +153,8 @@ def share_model_budget(model: nn.Module) -> Optional[ModelBudget]:
 
     Raises:
         ValueError: the collections' policies differ in budget, tiers, fp32 fraction,
-            reassignment period or signal.
+            reassignment period, mode, alpha, beta or signal, or they are sharded over process
+            groups of different sizes, or have trained different numbers of steps.
         BudgetError: the tables' floors together exceed the budget.
     """
     members = []
@@ -170,12 +172,27 @@ def share_model_budget(model: nn.Module) -> Optional[ModelBudget]:
     return budget
 
 
+def reassign_collection(member: BudgetMember) -> Dict[str, int]:
+    """Regroup a collection's rows by score now (collective over its ranks): with a shared
+    model budget, every collection's under it; alone, its own tables, with a warning (once)
+    when its policy asks for a model-wide budget. The collection records the moves and time
+    (`note_reassigned`).
 
-def warn_alone(collection: str) -> None:
-    """A collection with `budget_scope="model"` reassigns its rows on its own budget."""
-    warnings.warn(
-        f"{collection}: budget_scope='model' holds this collection's tables to the budget on their own; "
-        "to hold every mixed-precision collection of the model to one budget, call "
-        "shark_torchrec.modules.model_budget.share_model_budget(model) once the model is built",
-        stacklevel=3,
-    )
+    Returns:
+        Rows moved into each group.
+    """
+    if member.model_budget is not None:
+        return member.model_budget.reassign()
+    t0 = time.perf_counter()
+    policy = member.budget_policy()
+    if policy.budget_scope == "model" and not member.warned_alone:
+        member.warned_alone = True
+        warnings.warn(
+            f"{type(member).__name__}: budget_scope='model' holds this collection's tables to the budget on their own; "
+            "to hold every mixed-precision collection of the model to one budget, call "
+            "shark_torchrec.modules.model_budget.share_model_budget(model) once the model is built",
+            stacklevel=3,
+        )
+    moved = reassign_stores(member.budget_stores(), policy, member.budget_tables(), member.budget_group(), member.budget_widths())
+    member.note_reassigned(moved, time.perf_counter() - t0)
+    return moved

@@ -238,13 +238,15 @@ def fitted_scale_bias(values: torch.Tensor, bits: int, iterations: int = 20) -> 
         codes = requantize_with(values, sb, bits).float()
         return ((codes * sb[:, :1] + sb[:, 1:2] - values) ** 2).sum(dim=1), codes
 
+    mean = values.mean(dim=1, keepdim=True)
+    centred = values - mean  # the same every refit
     best, codes = error(best_sb)
     for _ in range(iterations):
-        c = codes - codes.mean(dim=1, keepdim=True)
-        v = values - values.mean(dim=1, keepdim=True)
+        code_mean = codes.mean(dim=1, keepdim=True)
+        c = codes - code_mean
         var = (c * c).sum(dim=1)
-        scale = torch.where(var > 0, (c * v).sum(dim=1) / var.clamp_min(1e-30), best_sb[:, 0])
-        bias = values.mean(dim=1) - scale * codes.mean(dim=1)
+        scale = torch.where(var > 0, (c * centred).sum(dim=1) / var.clamp_min(1e-30), best_sb[:, 0])
+        bias = mean[:, 0] - scale * code_mean[:, 0]
         sb = torch.stack([scale.clamp(0, 65504.0), bias.clamp(-65504.0, 65504.0)], dim=1).half().float()
         err, new_codes = error(sb)
         better = err < best
