@@ -392,7 +392,6 @@ def quantize_checked(fp: FP32Model, method: Method):
 
 def run_serve(method: Method, base: FP32Model) -> dict:
     """A trained mixed-precision model regrouped for serving (`regroup_for_serving`)."""
-    from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
     from shark_torchrec.train.export import ServingTiers, regroup_for_serving
 
     t0 = time.perf_counter()
@@ -402,13 +401,20 @@ def run_serve(method: Method, base: FP32Model) -> dict:
         ebc = arch.embedding_bag_collection
     finally:
         arch.embedding_bag_collection = base.ebc
-    m = base.evaluate(ebc)
+    return {**served_record(base, ebc), "budget": method.budget, "seconds": time.perf_counter() - t0}
+
+
+def served_record(model: FP32Model, ebc) -> dict:
+    """Test AUC and log loss of `model` with our collection `ebc` in place of its own, and the
+    bytes and rows per tier of its serving module (allocated = unpadded on CPU: 1-byte rows)."""
+    from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
+
+    m = model.evaluate(ebc)
     served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
-    fp32_bytes = sum(r * d * 4 for r, d in base.shapes)
     return {
         "test_auc": m["auc"], "test_logloss": m["logloss"], "bytes_allocated": served.memory_bytes(),
-        "bytes_unpadded": served.memory_bytes(), "fp32_bytes": fp32_bytes, "rows": served.group_rows(),
-        "budget": method.budget, "seconds": time.perf_counter() - t0,
+        "bytes_unpadded": served.memory_bytes(), "fp32_bytes": sum(r * d * 4 for r, d in model.shapes),
+        "rows": served.group_rows(),
     }
 
 
@@ -429,7 +435,6 @@ def run_drop_unseen(method: Method, fp: FP32Model) -> dict:
     """The `drop-unseen+int8` baseline (see its description)."""
     import dataclasses
 
-    from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
     from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.precision.priority import DROPPED, INT8
@@ -440,29 +445,22 @@ def run_drop_unseen(method: Method, fp: FP32Model) -> dict:
     policy = PrecisionPolicy(mode="shark", tiers=("int8", "dropped"), row_fractions=(1.0,), optimizer="sgd", learning_rate=0.1, eps=1e-8)
     ebc = MixedPrecisionEmbeddingBagCollection(tables=[dataclasses.replace(c) for c in fp.configs], precision_policy=policy,
                                               device=torch.device("cpu"))
-    ebc.load_state_dict({f"embedding_bags.{c.name}.weight": w for c, w in
-                         ((c, fp.ebc.state_dict()[f"embedding_bags.{c.name}.weight"]) for c in fp.configs)}, strict=False)
+    state = fp.ebc.state_dict()
+    weights = {c.name: state[f"embedding_bags.{c.name}.weight"].float() for c in fp.configs}
+    ebc.load_state_dict({f"embedding_bags.{n}.weight": w for n, w in weights.items()}, strict=False)
     for store in ebc.stores:
-        values = store.read_rows(torch.arange(store.num_rows))
         groups = torch.cat([torch.where(seen[t.name], INT8, DROPPED).to(torch.int8) for t in store.tables])
         store.set_groups(groups)
         for i, t in enumerate(store.tables):
-            lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+            lo = int(store.table_base[i])
             unseen = ~seen[t.name]
             if bool(unseen.any()):
-                store.set_fallback_rows(i, values[lo:hi][unseen].mean(dim=0))
-            # Seen rows from their fp32 values, rounded to nearest (set_groups moved them already).
-            keep = torch.arange(lo, hi)[seen[t.name]]
-            store.write_rows(keep, values[keep])
-    m = fp.evaluate(ebc)
-    served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
-    fp32_bytes = sum(r * d * 4 for r, d in fp.shapes)
+                store.set_fallback_rows(i, weights[t.name][unseen].mean(dim=0))
+            # Seen rows rounded to nearest from their fp32 values (the load had put every row in int8).
+            rows = seen[t.name].nonzero().flatten()
+            store.write_rows(rows + lo, weights[t.name][rows])
     seen_fraction = {name: float(v.float().mean()) for name, v in seen.items()}
-    return {
-        "test_auc": m["auc"], "test_logloss": m["logloss"], "bytes_allocated": served.memory_bytes(),
-        "bytes_unpadded": served.memory_bytes(), "fp32_bytes": fp32_bytes, "rows": served.group_rows(),
-        "seen_fraction": seen_fraction, "seconds": time.perf_counter() - t0,
-    }
+    return {**served_record(fp, ebc), "seen_fraction": seen_fraction, "seconds": time.perf_counter() - t0}
 
 
 def run_post(method: Method, fp: FP32Model) -> dict:
