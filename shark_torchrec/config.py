@@ -219,7 +219,8 @@ class PrecisionConfig:
     row's gradient (ranks only: not with --t8/--t16; no column-wise sharding)."""
     fp32_fraction: float = 0.02
     """Budget mode: at most this fraction of each table's rows (of all rows, with
-    --budget-scope model) stays fp32."""
+    --budget-scope model) stays fp32. With the dropped tier it also sizes the head: that many
+    of the highest ranked rows keep the most precise stored tier before any row is dropped."""
     row_fractions: Tuple[float, ...] = ()
     """shark/freq: fixed fractions of each table's rows in each tier but the last, most precise
     first (with the paper's tiers two numbers, fp32 and fp16; the rest int8), instead of a

@@ -227,19 +227,26 @@ def bag_id_grads(out_grad: torch.Tensor, lengths: Dict[str, torch.Tensor], featu
 
 def model_budget_groups(
     scores: Dict[str, torch.Tensor], widths: Dict[str, Sequence[int]], budget: float, fp32_fraction: float,
-    groups: Sequence[int] = PAPER_GROUPS,
+    groups: Sequence[int] = PAPER_GROUPS, reserved: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """One budget over all tables, row by row: every row of every table in one list, ranked
     by score over the row's fp32 bytes (descending; ties: tables by name, then row ascending);
     every row starts in the cheapest group; then each group from the most precise takes the
     next rows of the list while its extra bytes fit in what the budget leaves (fp32 at most
-    `fp32_fraction` of all rows), stopping at the first row that does not fit."""
+    `fp32_fraction` of all rows), stopping at the first row that does not fit.
+
+    With the dropped tier: a fp32 fallback row per table is paid first; then the head, the
+    first rows of the list while they number at most `fp32_fraction` of all rows and their
+    weights take at most half of what the budget leaves for weights, goes to the most precise
+    stored tier; if every other row then fits in the cheapest stored tier, the rule above over
+    the stored tiers (the fallback rows reserved); else the next rows of the list take the
+    cheapest stored tier while they fit and the rest are dropped."""
     groups = sorted(groups)
     cheapest = groups[-1]
 
     def cost(name: str, g: int) -> int:  # bytes of one row in group g over its slices, row map included
-        per_value = {0: 4.0, 1: 2.0, 2: 1.0, 3: 0.5, 4: 0.25}[g]
-        return sum(int(w * per_value) + (4 if g >= 2 else 0) + ROW_MAP_BYTES for w in widths[name])
+        per_value = {0: 4.0, 1: 2.0, 2: 1.0, 3: 0.5, 4: 0.25, DROPPED: 0.0}[g]
+        return sum(int(w * per_value) + (4 if g in INT_BITS else 0) + ROW_MAP_BYTES for w in widths[name])
 
     entries = []
     for name in sorted(scores):
@@ -248,7 +255,32 @@ def model_budget_groups(
             entries.append((-(torch.tensor(s, dtype=torch.float32) / (4 * dim)).item(), name, row))
     entries.sort(key=lambda e: (e[0], sorted(scores).index(e[1]), e[2]))
     fp32_bytes = sum(4 * sum(widths[n]) * len(scores[n]) for n in scores)
-    spare = budget * fp32_bytes - sum(cost(n, cheapest) * len(scores[n]) for n in scores)
+    if cheapest == DROPPED and len(groups) > 1:
+        stored = groups[:-1]
+        top, kept = stored[0], stored[-1]
+        fallbacks = sum(4 * sum(widths[n]) for n in scores)
+        weights = budget * fp32_bytes - reserved - fallbacks - sum(cost(n, DROPPED) * len(scores[n]) for n in scores)
+        out = {n: torch.full((len(scores[n]),), DROPPED, dtype=torch.int8) for n in scores}
+        head_bytes, at = 0.0, 0
+        while top != kept and at < len(entries):
+            _, name, row = entries[at]
+            extra = cost(name, top) - cost(name, DROPPED)
+            if at + 1 > fp32_fraction * len(entries) + 1e-9 or head_bytes + extra > 0.5 * weights + 1e-6:
+                break
+            head_bytes += extra
+            out[name][row] = top
+            at += 1
+        left = weights - head_bytes
+        if sum(cost(name, kept) - cost(name, DROPPED) for _, name, _ in entries[at:]) <= left + 1e-6:
+            return model_budget_groups(scores, widths, budget, fp32_fraction, stored, reserved + fallbacks)
+        for _, name, row in entries[at:]:
+            extra = cost(name, kept) - cost(name, DROPPED)
+            if extra > left + 1e-6:
+                break
+            left -= extra
+            out[name][row] = kept
+        return out
+    spare = budget * fp32_bytes - reserved - sum(cost(n, cheapest) * len(scores[n]) for n in scores)
     out = {n: torch.full((len(scores[n]),), cheapest, dtype=torch.int8) for n in scores}
     at = 0
     for g in groups[:-1]:

@@ -87,6 +87,43 @@ def test_rows_are_dropped_only_when_the_budget_needs_it():
         budget_counts(rows, dim, 0.05, 0.0, groups=groups)
 
 
+def test_a_tight_budget_keeps_a_head_in_the_top_tier_before_dropping():
+    """Tiers int8/int4/int2/dropped, fp32_fraction 0.02: where the budget drops rows, the
+    highest ranked 2% (within half the weight bytes) stay int8 and the rest of the kept rows are
+    int2; where every row fits stored, at least that head stays int8. Rows only gain
+    precision as the budget grows (the rows in the k most precise tiers never shrink), and
+    the bytes fit. With the head's size 0 (fp32_fraction 0) or no tier above the cheapest
+    stored one, every kept row is in the cheapest one."""
+    from shark_torchrec.precision.priority import INT2, INT4
+
+    rows, dim = 10_000, 64
+    groups = (INT8, INT4, INT2, DROPPED)
+    fp32 = rows * dim * 4
+    last = None
+    for budget in (0.02, 0.03, 0.05, 0.07, 0.0939, 0.094, 0.1, 0.15, 0.3):
+        c = budget_counts(rows, dim, budget, 0.02, groups=groups).as_tuple()
+        used = sum(n * row_bytes(dim, g) for g, n in enumerate(c)) + rows * ROW_MAP_BYTES + 4 * dim
+        assert used <= budget * fp32 + 1e-6, budget
+        weights = budget * fp32 - rows * ROW_MAP_BYTES - 4 * dim
+        head = min(200, int(weights / 2 // row_bytes(dim, INT8)))
+        if c[DROPPED]:
+            assert c[INT8] == head and c[INT4] == 0, (budget, c)
+            # Nothing is dropped that the bytes the head leaves could keep in int2.
+            assert used + row_bytes(dim, INT2) > budget * fp32, budget
+        else:
+            assert c[INT8] >= 200, (budget, c)
+        cumulative = [sum(c[: g + 1]) for g in groups]
+        if last is not None:
+            assert all(a >= b for a, b in zip(cumulative, last)), budget
+        last = cumulative
+    assert budget_counts(rows, dim, 0.05, 0.02, groups=groups).int8 == 200  # the head at 0.05
+    assert budget_counts(rows, dim, 0.02, 0.02, groups=groups).int8 < 200  # capped by half the weight bytes
+    tail_only = budget_counts(rows, dim, 0.05, 0.0, groups=groups)
+    assert tail_only.int8 == 0 and tail_only.dropped > 0
+    no_head = budget_counts(rows, dim, 0.05, 0.02, groups=(INT2, DROPPED))
+    assert no_head.int2 + no_head.dropped == rows and no_head.dropped > 0
+
+
 def test_a_budget_that_drops_every_row_of_a_table_warns_naming_it():
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 

@@ -90,6 +90,34 @@ def test_priority_is_per_byte_and_budget_is_monotone():
     assert bool((groups[0] == FP16).all()) and 0 < int((groups[1] == FP16).sum()) < 300  # narrow first
 
 
+def test_a_model_budget_with_dropped_rows_keeps_a_head_as_the_reference_does():
+    """Tiers int8/int4/int2/dropped over two tables of different dims, at budgets that drop
+    rows and budgets that do not: the cuts give the row-by-row reference's groups (the head of
+    the model-wide ranking int8, the next rows int2, the rest dropped), the bytes (with a
+    fallback row per table) fit, and rows only gain precision as the budget grows."""
+    from shark_torchrec.precision.priority import DROPPED, INT2, INT4
+
+    gen = torch.Generator().manual_seed(2)
+    narrow, wide = torch.rand(600, generator=gen) ** 4, torch.rand(400, generator=gen) ** 4
+    dims = [16, 64]
+    groups = (INT8, INT4, INT2, DROPPED)
+    fp32_bytes = 600 * 16 * 4 + 400 * 64 * 4
+    last = None
+    for budget in (0.04, 0.06, 0.08, 0.1, 0.14, 0.2, 0.3):
+        got = cuts_for([narrow, wide], dims, budget, fp32_fraction=0.05, groups=groups)
+        want = model_budget_groups({"a": narrow, "b": wide}, {"a": (16,), "b": (64,)}, budget, 0.05, groups)
+        assert torch.equal(got[0], want["a"]) and torch.equal(got[1], want["b"]), budget
+        assert used_bytes(got, dims) + 4 * (16 + 64) <= budget * fp32_bytes, budget
+        everything = torch.cat(got)
+        if bool((everything == DROPPED).any()):
+            assert 0 < int((everything == INT8).sum()) <= 50 and not bool((everything == INT4).any()), budget
+        cumulative = [int((everything <= g).sum()) for g in groups]
+        if last is not None:
+            assert all(a >= b for a, b in zip(cumulative, last)), budget
+        last = cumulative
+    assert bool((torch.cat(cuts_for([narrow, wide], dims, 0.08, 0.05, groups)) == DROPPED).any())
+
+
 def test_a_model_budget_below_the_floor_is_refused():
     with pytest.raises(BudgetError, match="model's tables"):
         cuts_for([torch.rand(10), torch.rand(10)], [16, 16], 0.3)

@@ -37,8 +37,10 @@ class PrecisionPolicy:
       paper's fp32, fp16, int8 by default). Int4 and int2 rows are packed as FBGEMM reads them
       (int2 needs dims that are multiples of 8). `dropped`: a row with no bytes of its own,
       whose lookups return its table's fallback row (one fp32 row per table, trained by the
-      summed gradients of the table's dropped ids); rows are dropped, lowest priority first,
-      only when the budget cannot keep them all in the cheapest stored tier, and a dropped row
+      summed gradients of the table's dropped ids). With it, the highest ranked rows (at most
+      `fp32_fraction` of them, in at most half the bytes the budget leaves for weights) keep
+      the most precise stored tier first; rows are then dropped, lowest priority first, only
+      when the budget cannot keep the rest in the cheapest stored tier, and a dropped row
       comes back (starting from the fallback) when its priority earns it.
     memory_budget: budget mode (the default when no other mode is set): each table's embedding
       bytes (weights, int8 scales/biases, row map) stay within this fraction of its fp32 bytes,
