@@ -278,8 +278,13 @@ class PruneConfig:
     target_memory: float = 0.5
     """Stop pruning once the embedding memory is at most this fraction of the base model's."""
     max_auc_drop: float = 0.001
-    """Stop (and keep the previous model) when dev AUC falls more than this below the base
-    model's (absolute AUC)."""
+    """Stop (and keep the previous model) unless the candidate's dev AUC is, with
+    --confidence, at most this far below the base model's (absolute AUC): the one-sided upper
+    confidence bound of the paired drop (DeLong's standard error) must be within it."""
+    confidence: float = 0.95
+    """Confidence of the stop test over the whole sequence of pruning steps: step k spends
+    (1 - confidence) / (k (k + 1)) of the error rate, so at most 1 - confidence of runs accept
+    some step whose true dev AUC drop exceeds --max-auc-drop."""
     fields_per_step: int = 1
     """Fields removed per iteration (f)."""
     support_rows: int = 50_000
@@ -347,6 +352,8 @@ class JobConfig:
             raise ConfigError(f"prune.target_memory={p.target_memory}: a fraction of the base model's memory in (0, 1]")
         if p.max_auc_drop < 0:
             raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
+        if not 0.5 <= p.confidence < 1.0:
+            raise ConfigError(f"prune.confidence={p.confidence} must be in [0.5, 1)")
         c = self.compress
         if c.quant_epochs < 0 or c.quant_evals_per_epoch < 0:
             raise ConfigError("compress.quant_epochs and compress.quant_evals_per_epoch must be >= 0")

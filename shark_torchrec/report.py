@@ -97,16 +97,30 @@ def write_report(run: str | Path) -> Path:
             f"(stop: {pr['stop_reason']}); kept {', '.join(pr['kept_fields'])}.",
             "",
         ]
+        res = pr.get("selection_resolution")
+        if res:
+            lines += [
+                f"The stop test: a step is kept when the one-sided upper bound of its paired dev AUC drop (DeLong's "
+                f"standard error, confidence {res['confidence']} over all steps) is within {res['max_auc_drop']}. "
+                f"Dev ({res['dev_rows']:,} rows) measures the base model's AUC to a standard error of "
+                f"{res['dev_auc_standard_error']:.4f}.",
+                "",
+            ]
+            if res.get("warning"):
+                lines += [f"**Warning:** {res['warning']}.", ""]
         if info["importance"]:
             lines += ["Field importance of the base model (least important first):", "",
                       "| field | score |", "|---|---|"]
             lines += [f"| {r['field']} | {r['score']:.6g} |" for r in info["importance"]["ranking"]]
             lines += ["", "![importance](prune/importance/importance.png)", ""]
-        lines += ["Iterations (`prune/prune_log.csv`):", "", "| iteration | removed | memory | dev AUC | test AUC | kept |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["Iterations (`prune/prune_log.csv`):", "",
+                  "| iteration | removed | memory | dev AUC | dev drop (SE) | drop upper bound | test AUC | kept |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in info["prune_log"]:
+            drop = (f"{r['dev_auc_drop']:+.4f} ({r['dev_auc_drop_standard_error']:.4f}) | {r['dev_auc_drop_upper_bound']:+.4f}"
+                    if "dev_auc_drop" in r else " | ")
             lines.append(f"| {r['iteration']} | {', '.join(r['removed'])} | {r['memory_ratio']:.3f} | {r['dev_auc']:.4f} | "
-                         f"{r['test_auc']:.4f} | {'yes' if r['accepted'] else 'no'} |")
+                         f"{drop} | {r['test_auc']:.4f} | {'yes' if r['accepted'] else 'no'} |")
         lines.append("")
     if "quantize" in st:
         q = st["quantize"]

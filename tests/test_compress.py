@@ -34,7 +34,8 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     diff, ebc = compare_export(straight / "quantize" / "checkpoints", quantized)
     assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
     report = (straight / "report.md").read_text()
-    for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png"):
+    for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png",
+                 "The stop test: a step is kept when the one-sided upper bound", "| dev drop (SE) | drop upper bound |"):
         assert part in report, part
     assert (straight / "report_auc_vs_memory.png").stat().st_size > 0
     again = run_shark("report", str(straight))

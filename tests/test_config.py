@@ -68,6 +68,7 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
     for bad, field in (
         (["--target-memory", "1.5"], "prune.target_memory"),
         (["--max-auc-drop", "-0.1"], "prune.max_auc_drop"),
+        (["--confidence", "1.0"], "prune.confidence"),
         (["--kept-fields", "c1", "c2", "--arch", "dlrm_dcn"], "model.field_removal=slice"),
     ):
         with pytest.raises(SystemExit):

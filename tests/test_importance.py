@@ -342,3 +342,12 @@ def test_prune_stops_at_the_auc_bound_and_keeps_the_previous_model(tmp_path):
     assert m["dev_auc"] == pytest.approx(kept_model["dev_auc"], abs=1e-6)
     assert m["dev_auc"] >= rows[0]["dev_auc"]
     assert m["base_test_auc"] == pytest.approx(rows[0]["test_auc"])
+    # The stop is the drop test's: the rejected step's upper bound (drop + z x DeLong's SE) is
+    # over the bound, and a dev split that cannot resolve the bound is reported before pruning.
+    last = rows[-1]
+    assert last["dev_auc_drop"] == pytest.approx(rows[0]["dev_auc"] - last["dev_auc"], abs=1e-6)
+    assert last["dev_auc_drop_upper_bound"] == pytest.approx(last["dev_auc_drop"] + last["z"] * last["dev_auc_drop_standard_error"])
+    assert last["dev_auc_drop_upper_bound"] > 0 and last["dev_auc_drop_standard_error"] > 0
+    res = m["selection_resolution"]
+    assert res["dev_auc_standard_error"] > 0 and "cannot be told from noise" in res["warning"]
+    assert res["confidence"] == 0.95 and res["dev_rows"] > 0

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from shark_torchrec.importance.significance import midranks, paired_auc
+from shark_torchrec.importance.significance import auc_standard_error, drop_test, midranks, paired_auc, spent_alpha
 
 
 def brute_force(a, b, y):
@@ -60,3 +60,67 @@ def test_midranks_share_ties_and_errors_name_the_problem():
         paired_auc([0.1, 0.2], [0.2, 0.1], [1, 1])
     with pytest.raises(ValueError, match="differ in length"):
         paired_auc([0.1, 0.2], [0.2], [1, 0])
+
+
+def test_one_auc_standard_error_matches_the_definition():
+    rng = np.random.default_rng(3)
+    y = (rng.random(50) < 0.3).astype(int)
+    y[:2] = [0, 1]
+    a = np.round(y * 0.8 + rng.normal(size=50), 1)
+    # One AUC's variance is the paired one's with a classifier that carries no variance of its own.
+    flat = np.zeros(50)
+    auc, se = auc_standard_error(a, y)
+    auc_a, _, se_pair = brute_force(a.tolist(), flat.tolist(), y.tolist())
+    assert auc == pytest.approx(auc_a, abs=1e-12) and se == pytest.approx(se_pair, rel=1e-9)
+
+
+def test_the_error_rate_is_spent_over_the_sequence_of_tests():
+    shares = [spent_alpha(0.95, k) for k in range(1, 10_000)]
+    assert sum(shares) <= 0.05 and sum(shares) > 0.0499
+    assert shares == sorted(shares, reverse=True)  # later looks are stricter
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence"):
+            spent_alpha(bad, 1)
+    with pytest.raises(ValueError, match="test_index"):
+        spent_alpha(0.95, 0)
+
+
+def planted_steps(seed, n=500, steps=8, loss_per_step=0.01):
+    """A base model and a sequence of pruned candidates on a small dev split (n rows): the
+    candidate of step k has lost k * loss_per_step of the base model's separation of the
+    classes and adds noise of its own (fine-tuning on a fresh sample), so its true AUC drop
+    grows with k from about 0.0065 at step 1 (measured on 200,000 rows)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    signal = rng.normal(size=n)
+    base = 1.2 * y + signal
+    cands = [(1.2 - loss_per_step * k) * y + signal + rng.normal(scale=0.2, size=n) for k in range(1, steps + 1)]
+    return y, base, cands
+
+
+def first_rejected(y, base, cands, accept):
+    for k, c in enumerate(cands, start=1):
+        if not accept(k, paired_auc(c, base, y)):
+            return k
+    return len(cands) + 1
+
+
+def test_a_noisy_dev_split_fools_the_point_rule_but_not_the_drop_test():
+    """The planted sequence's every step truly drops AUC by more than the bound 0.005 (the
+    first by about 0.0065), so any accepted step is a wrong decision. The point rule (dev
+    drop <= bound: the old loop's) accepts a step in many runs: the paired difference's noise
+    (SE about 0.0044 on 500 rows) lets a lucky candidate pass. The drop test accepts a
+    step in at most 5% of runs (its confidence), and the spread of its decisions is noise,
+    not a rule that never accepts (with a loose bound it accepts)."""
+    bound, runs = 0.005, 200
+    point_wrong = test_wrong = 0
+    for seed in range(runs):
+        y, base, cands = planted_steps(seed)
+        point_wrong += first_rejected(y, base, cands, lambda k, p: -p.difference <= bound) > 1
+        test_wrong += first_rejected(y, base, cands, lambda k, p: drop_test(p, bound, 0.95, k).accepted) > 1
+    assert point_wrong / runs > 0.2, point_wrong
+    assert test_wrong / runs <= 0.05, test_wrong
+    y, base, cands = planted_steps(0)
+    assert drop_test(paired_auc(cands[0], base, y), 0.2, 0.95, 1).accepted
+    d = drop_test(paired_auc(cands[0], base, y), bound, 0.95, 3)
+    assert d.upper_bound == pytest.approx(d.drop + d.z * d.standard_error) and d.z > 2.3  # step 3 spends 0.05 / 12

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -101,3 +102,64 @@ def paired_auc(scores_a: Sequence[float], scores_b: Sequence[float], labels: Seq
     var = (np.var(d10, ddof=1) if m > 1 else 0.0) / m + (np.var(d01, ddof=1) if n > 1 else 0.0) / n
     auc_a, auc_b = float(va10.mean()), float(vb10.mean())
     return PairedAUC(auc_a, auc_b, auc_a - auc_b, math.sqrt(max(var, 0.0)))
+
+
+def auc_standard_error(scores: Sequence[float], labels: Sequence[float]) -> Tuple[float, float]:
+    """One classifier's AUC and DeLong's standard error of it.
+
+    Args:
+        scores: [n] scores.
+        labels: [n] 0/1.
+
+    Returns:
+        (AUC, standard error).
+    """
+    v10, v01 = structural_components(np.asarray(scores), np.asarray(labels))
+    m, n = len(v10), len(v01)
+    var = (np.var(v10, ddof=1) if m > 1 else 0.0) / m + (np.var(v01, ddof=1) if n > 1 else 0.0) / n
+    return float(v10.mean()), math.sqrt(max(var, 0.0))
+
+
+def spent_alpha(confidence: float, test_index: int) -> float:
+    """The error rate test `test_index` (1-based) of a sequence may spend so that all of them
+    together spend at most 1 - `confidence`: alpha / (k (k + 1)), which sums to alpha over
+    k = 1, 2, ... (a Bonferroni split that needs no bound on the number of tests)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if test_index < 1:
+        raise ValueError(f"test_index counts from 1, got {test_index}")
+    return (1.0 - confidence) / (test_index * (test_index + 1))
+
+
+@dataclass(frozen=True)
+class DropTest:
+    """One step of the noise-aware stop: is the candidate's AUC drop below the base model's
+    within `max_drop`, with the stated confidence over the whole sequence of steps?"""
+
+    drop: float  # base AUC - candidate AUC on the selection split
+    standard_error: float  # DeLong's, of that paired difference
+    z: float  # the normal quantile this step uses (its share of the error rate)
+    upper_bound: float  # drop + z * standard_error
+    max_drop: float
+    accepted: bool  # upper_bound <= max_drop
+
+
+def drop_test(paired: PairedAUC, max_drop: float, confidence: float, test_index: int) -> DropTest:
+    """Accept a candidate only when the one-sided upper confidence bound of its AUC drop is
+    within `max_drop`, each test of the sequence at its share of the error rate
+    (`spent_alpha`): with 18 looks at a noisy split, a point estimate within the bound is
+    accepted by luck; the bound is not, at rate at most 1 - confidence over all looks.
+
+    Args:
+        paired: `paired_auc(candidate, base, labels)` on the selection split.
+        max_drop: the largest AUC drop to accept (absolute AUC).
+        confidence: the confidence over the whole sequence (0.95: at most 5% of sequences
+            accept some step whose true drop exceeds `max_drop`).
+        test_index: this test's place in the sequence, from 1.
+
+    Returns:
+        `DropTest`.
+    """
+    z = NormalDist().inv_cdf(1.0 - spent_alpha(confidence, test_index))
+    upper = paired.upper_bound(z)
+    return DropTest(-paired.difference, paired.standard_error, z, upper, max_drop, upper <= max_drop)

@@ -138,6 +138,7 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
         "field_removal": final_cfg.model.field_removal,
         "memory_ratio": accepted.embedding_bytes / base_metrics["embedding_bytes"],
         "stop_reason": reason,
+        "selection_resolution": base_metrics["resolution"],
         "dev_auc": last["dev_auc"],
         "test_auc": last["test_auc"],
     }

@@ -5,8 +5,12 @@ Each iteration scores the current model's fields on dev, removes the `fields_per
 important ones (`prune_tables`: a new plan without their tables), fine-tunes on a fresh
 seeded sample of train (the support set), and evaluates on dev. The loop stops when the
 embedding memory is at most `target_memory` of the base model's (that model is kept), or
-when dev AUC falls more than `max_auc_drop` below the base (that model is dropped and the
-previous one kept). Test AUC is logged for every model and never used for a decision.
+when dev AUC may have fallen more than `max_auc_drop` below the base (that model is dropped
+and the previous one kept): the drop's one-sided upper confidence bound, from DeLong's
+standard error of the paired difference on dev and each step's share of the error rate
+(`importance.significance.drop_test`), must be within the bound. A dev split too small to
+resolve the bound is reported before any pruning. Test AUC is logged for every model and
+never used for a decision.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from shark_torchrec.config import JobConfig
 from shark_torchrec.data import Batch, Dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.importance.scoring import FieldImportance, field_means, score_fields
+from shark_torchrec.importance.significance import auc_standard_error, drop_test, paired_auc
 from shark_torchrec.memory import embedding_memory
 from shark_torchrec.planner.pruning import prune_tables
 from shark_torchrec.train.checkpoint import (
@@ -37,7 +42,7 @@ from shark_torchrec.train.checkpoint import (
     save_checkpoint,
     table_shapes,
 )
-from shark_torchrec.train.evaluation import evaluate
+from shark_torchrec.train.evaluation import binary_metrics, evaluate, predict
 from shark_torchrec.train.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.train.trainer import (
     TRAIN_OUT_DIR,
@@ -198,12 +203,20 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     steps_root = out_dir / "prune_steps"
     base_cfg = adopt_checkpoint_model(cfg)
 
-    def evaluate_both(model, dataset):
-        dev = evaluate(model, dataset, "dev", t.eval_batch_size, env)
-        test = evaluate(model, dataset, "test", t.eval_batch_size, env)
-        return dev, test
-
-    dev, test = evaluate_both(base.model, base.dataset)
+    base_logits, dev_labels = predict(base.model, base.dataset, "dev", t.eval_batch_size, env)
+    dev = binary_metrics(base_logits, dev_labels)
+    test = evaluate(base.model, base.dataset, "test", t.eval_batch_size, env)
+    _, dev_se = auc_standard_error(base_logits.numpy(), dev_labels.numpy())
+    resolution = {"dev_rows": int(dev_labels.numel()), "dev_auc_standard_error": dev_se, "max_auc_drop": p.max_auc_drop,
+                  "confidence": p.confidence}
+    if dev_se > p.max_auc_drop:
+        resolution["warning"] = (
+            f"the dev split ({dev_labels.numel()} rows) measures AUC to a standard error of {dev_se:.4f}, larger than "
+            f"--max-auc-drop {p.max_auc_drop}: a drop that small cannot be told from noise, so pruning will stop early; "
+            "a bigger dev split, or a looser bound, lets it go further"
+        )
+        if env.is_main:
+            log.warning(resolution["warning"])
     base_bytes = _bytes(base.model, base.optimizer, base.configs)
     ckpt = save_checkpoint(steps_root / "iteration_000", 0, base.model, base.optimizer, _meta(base_cfg, TrainState(), base.configs, env, base.dataset.full_schema), keep=1)
     accepted = Candidate(base_cfg, base.model, base.optimizer, base.configs, base.dataset, ckpt, base_bytes)
@@ -244,20 +257,27 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         )
         dev, test, ckpt, epochs = finetune(cfg, pruned, env, steps_root / f"iteration_{iteration:03d}", iteration, show)
         nbytes = _bytes(pruned.model, pruned.optimizer, pruned.configs)
-        ok = base_dev_auc - dev["auc"] <= p.max_auc_drop
+        logits, labels = predict(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
+        if not torch.equal(labels, dev_labels):
+            raise RuntimeError(f"iteration {iteration}: the dev split's labels changed order; the paired test needs the same rows")
+        decision = drop_test(paired_auc(logits.numpy(), base_logits.numpy(), labels.numpy()), p.max_auc_drop, p.confidence, iteration)
+        ok = decision.accepted
         row = {
             "iteration": iteration, "removed": removed, "kept": list(pruned.dataset.schema.sparse_names),
             "memory_ratio": nbytes / base_bytes, "embedding_bytes": nbytes,
             "dev_auc": dev["auc"], "dev_logloss": dev["logloss"], "test_auc": test["auc"],
-            "test_logloss": test["logloss"], "seconds": time.perf_counter() - start,
+            "test_logloss": test["logloss"], "dev_auc_drop": decision.drop,
+            "dev_auc_drop_standard_error": decision.standard_error, "dev_auc_drop_upper_bound": decision.upper_bound,
+            "z": decision.z, "seconds": time.perf_counter() - start,
             "scoring_seconds": imp.scoring_seconds, "finetune_epochs_kept": epochs, "accepted": ok,
         }
         log_rows.append(row)
         if show:
             log.info(
-                "iteration %d: removed %s -> memory %.3f, dev AUC %.4f (base %.4f), test AUC %.4f%s",
-                iteration, ",".join(removed), row["memory_ratio"], dev["auc"], base_dev_auc, test["auc"],
-                "" if ok else "  [over the AUC bound: keeping the previous model]",
+                "iteration %d: removed %s -> memory %.3f, dev AUC %.4f (base %.4f; drop %.4f, upper bound %.4f at z %.2f), test AUC %.4f%s",
+                iteration, ",".join(removed), row["memory_ratio"], dev["auc"], base_dev_auc, decision.drop,
+                decision.upper_bound, decision.z, test["auc"],
+                "" if ok else f"  [the drop may exceed {p.max_auc_drop}: keeping the previous model]",
             )
         if not ok:
             reason = "max_auc_drop"
@@ -265,17 +285,19 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         if env.is_main:  # every rank has loaded what it needed from the previous model
             shutil.rmtree(accepted.checkpoint.parent, ignore_errors=True)
         accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
-    return accepted, log_rows, reason, {"dev_auc": base_dev_auc, "test_auc": log_rows[0]["test_auc"], "embedding_bytes": base_bytes}
+    return accepted, log_rows, reason, {"dev_auc": base_dev_auc, "test_auc": log_rows[0]["test_auc"], "embedding_bytes": base_bytes,
+                                        "resolution": resolution}
 
 
 def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
     (out_dir / "prune_log.json").write_text(json.dumps(rows, indent=2))
-    keys = ["iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "dev_logloss", "test_logloss", "seconds", "scoring_seconds", "finetune_epochs_kept", "accepted"]
+    keys = ["iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "dev_logloss", "test_logloss", "dev_auc_drop",
+            "dev_auc_drop_standard_error", "dev_auc_drop_upper_bound", "seconds", "scoring_seconds", "finetune_epochs_kept", "accepted"]
     with open(out_dir / "prune_log.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)
         for r in rows:
-            w.writerow([";".join(r[k]) if isinstance(r[k], list) else r.get(k, "") for k in keys])
+            w.writerow([";".join(r[k]) if isinstance(r.get(k), list) else r.get(k, "") for k in keys])
     plot_prune_log(rows, out_dir / "auc_vs_memory.png")
 
 
@@ -329,6 +351,7 @@ def prune_job(cfg: JobConfig) -> Dict[str, Any]:
                 kept_fields=kept,
                 pruned_fields=[f for f in full if f not in kept],
                 stop_reason=reason,
+                selection_resolution=base_metrics["resolution"],
                 iterations=rows,
                 method=cfg.prune.method,
                 field_removal=cfg.model.field_removal,
