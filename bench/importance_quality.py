@@ -9,7 +9,7 @@ removed from that same base model (`prune_tables`, `--removals` slice and/or con
 pruned model is fine-tuned on train for `--finetune-epochs`, keeping the epoch of best dev AUC
 (epoch 0: no fine-tuning);
 its test AUC is recorded. Methods share base model, data order and fine-tuning, so the table
-gives each method's mean test AUC and its paired difference to taylor-abs (mean ± std over
+gives each method's mean test AUC and its paired difference to taylor (mean ± std over
 seeds). Finished seeds are kept in results.json (the script resumes).
 """
 
@@ -38,7 +38,7 @@ from shark_torchrec.train.evaluation import evaluate  # noqa: E402
 from shark_torchrec.train.pruning import support_batches  # noqa: E402
 from shark_torchrec.train.trainer import fit, quiet_libraries, train_steps  # noqa: E402
 
-REFERENCE = "taylor-abs"
+REFERENCE = "taylor"
 
 
 def one_seed(base_cfg, seed: int, cv: int, sizes, keep_mode: bool, removals, epochs: int, out: Path, env) -> list:
@@ -115,11 +115,11 @@ def markdown(summary, command: str, total_fields: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-COLORS = {"taylor": "tab:blue", "taylor-abs": "tab:orange", "permutation": "tab:green", "random": "tab:red"}
+COLORS = {"taylor-signed": "tab:blue", "taylor": "tab:orange", "permutation": "tab:green", "random": "tab:red"}
 
 
 def plot(summary, path: Path, removal: str) -> None:
-    """Left: every method. Right: taylor-abs against permutation, zoomed, with the spread of
+    """Left: every method. Right: taylor against permutation, zoomed, with the spread of
     their paired difference (std over seeds) as error bars on permutation."""
     import matplotlib
 
@@ -168,6 +168,8 @@ def main() -> None:
     removals = args.removals.split(",")
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    if any(r["method"] == "taylor-abs" for r in rows):  # written before the rename
+        rows = [{**r, "method": {"taylor-abs": "taylor", "taylor": "taylor-signed"}.get(r["method"], r["method"])} for r in rows]
     done = {r["seed"] for r in rows}
     seeds = range(args.cv or args.seeds)
     for seed in tqdm([s for s in seeds if s not in done], desc="seeds"):

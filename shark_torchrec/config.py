@@ -267,10 +267,11 @@ class PrecisionConfig:
 
 @dataclass
 class PruneConfig:
-    method: Literal["taylor", "taylor-abs", "permutation", "random"] = "taylor-abs"
-    """Field importance: `taylor-abs` (F-Permutation, mean |g . (E[v] - v)|), `taylor` (the
-    literal signed mean of paper Eq. 4), `permutation` (shuffle one field within each batch,
-    `rounds` times), `random` (seeded)."""
+    method: Literal["taylor", "taylor-signed", "taylor-abs", "permutation", "random"] = "taylor"
+    """Field importance: `taylor` (F-Permutation's importance, mean |g . (E[v] - v)|; `taylor-abs`
+    is an alias of it), `permutation` (shuffle one field within each batch, `rounds` times),
+    `random` (seeded). `taylor-signed`, the signed mean of paper Eq. 4's term, is a diagnostic,
+    not an importance ranking to prune by (it can rank the strongest fields last)."""
     rounds: int = 1
     """permutation: shuffles per field (T)."""
     score_split: Literal["dev", "train"] = "dev"

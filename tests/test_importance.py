@@ -22,7 +22,7 @@ from shark_torchrec.importance.scores import (
     permutation_index,
     taylor_scores,
 )
-from shark_torchrec.importance.scoring import FieldView, score_fields
+from shark_torchrec.importance.scoring import METHODS, FieldView, score_fields
 from shark_torchrec.models.dlrm import build_dlrm, table_configs
 from shark_torchrec.train.checkpoint import load_full_state
 
@@ -125,12 +125,30 @@ def test_batched_scores_equal_a_per_sample_loop():
     mean = v.mean(0)
     want_signed = (g * (mean - v)).sum(-1).mean(0)
     want_abs = (g * (mean - v)).sum(-1).abs().mean(0)
-    for method, want, cache in (("taylor", want_signed, 0), ("taylor-abs", want_abs, 1 << 30), ("taylor-abs", want_abs, 0)):
+    for method, want, cache in (("taylor-signed", want_signed, 0), ("taylor", want_abs, 1 << 30), ("taylor", want_abs, 0)):
         got = score_fields(model, dataset, method, "dev", 128, cache_bytes=cache)
         assert got.samples == 300 and got.fields[0] == "dense_features" and len(got.fields) == 12
         torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="not 'test'"):
         score_fields(model, dataset, "taylor", "test")
+
+
+def test_taylor_is_the_magnitude_and_taylor_abs_its_alias():
+    """`taylor` (also the default) is the paper's importance, mean |g . (E[v] - v)|, not the
+    signed mean; `taylor-abs`, its old name, gives the same scores bit for bit, named `taylor`."""
+    model, dataset = tiny_dlrm_and_data()
+    taylor = score_fields(model, dataset, "taylor", "dev", 128)
+    signed = score_fields(model, dataset, "taylor-signed", "dev", 128)
+    alias = score_fields(model, dataset, "taylor-abs", "dev", 128, cache_bytes=0)
+    default = score_fields(model, dataset, split="dev", global_batch=128)
+    assert METHODS == ("taylor", "taylor-signed", "permutation", "random")
+    assert (taylor.method, signed.method, alias.method, default.method) == ("taylor", "taylor-signed", "taylor", "taylor")
+    assert alias.scores == taylor.scores and default.scores == taylor.scores
+    assert alias.to_json() == {**taylor.to_json(), "scoring_seconds": alias.scoring_seconds}
+    mag, sig = torch.tensor(taylor.scores), torch.tensor(signed.scores)
+    assert (mag >= 0).all() and (mag > 1.5 * sig.abs()).all()  # here |mean| is well below mean |.|
+    with pytest.raises(ValueError, match="unknown importance method 'abs'"):
+        score_fields(model, dataset, "abs", "dev", 128)
 
 
 def blind_to(model, field: str) -> None:
@@ -241,7 +259,8 @@ def trained(tmp_path_factory):
 
 
 def test_scores_agree_on_one_and_two_ranks(trained, tmp_path):
-    for method in ("taylor", "taylor-abs"):
+    scores = {}
+    for method in ("taylor", "taylor-signed"):
         got = {}
         for n in (1, 2):
             out = tmp_path / f"{method}{n}"
@@ -249,10 +268,31 @@ def test_scores_agree_on_one_and_two_ranks(trained, tmp_path):
                 "importance", *TINY, "--synthetic-train-rows", "20000", "--checkpoint", str(trained / "checkpoints"),
                 "--method", method, "--nproc", str(n), "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
             )
-            got[n] = {r["field"]: r["score"] for r in json.loads((out / "m.json").read_text())["ranking"]}
+            m = json.loads((out / "m.json").read_text())
+            assert m["method"] == method
+            got[n] = {r["field"]: r["score"] for r in m["ranking"]}
         assert got[1].keys() == got[2].keys() and len(got[1]) == 12
         for f in got[1]:
             assert got[1][f] == pytest.approx(got[2][f], rel=1e-4, abs=1e-8), (method, f)
+        scores[method] = got[1]
+    # Planted fields: `taylor` ranks every strong and medium field above every noise field and
+    # is non-negative, while the signed sum of some of those useful fields is negative (near a
+    # trained optimum the per-sample terms cancel): the signed mean is not the importance.
+    truth = json.loads((trained / "synthetic_fields.json").read_text())
+    role = {f["name"]: f["role"] for f in truth["fields"]} if "fields" in truth else truth
+    useful = [f for f in scores["taylor"] if role.get(f) in ("strong", "medium")]
+    noise = [f for f in scores["taylor"] if role.get(f) == "noise"]
+    assert useful and noise and all(s >= 0 for s in scores["taylor"].values())
+    assert min(scores["taylor"][f] for f in useful) > max(scores["taylor"][f] for f in noise)
+    assert any(scores["taylor-signed"][f] < 0 for f in useful), scores
+    # the old name still runs, gives the same numbers and is recorded as `taylor`
+    out = tmp_path / "alias"
+    run_shark(
+        "importance", *TINY, "--synthetic-train-rows", "20000", "--checkpoint", str(trained / "checkpoints"),
+        "--method", "taylor-abs", "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
+    )
+    m = json.loads((out / "m.json").read_text())
+    assert m["method"] == "taylor" and {r["field"]: r["score"] for r in m["ranking"]} == scores["taylor"]
 
 
 def test_noise_fields_rank_below_strong_and_medium(trained, tmp_path):
@@ -262,7 +302,7 @@ def test_noise_fields_rank_below_strong_and_medium(trained, tmp_path):
         "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
     )
     m = json.loads((out / "m.json").read_text())
-    assert m["method"] == "taylor-abs" and m["scoring_seconds"] > 0 and "ranking" in proc.stdout
+    assert m["method"] == "taylor" and m["scoring_seconds"] > 0 and "ranking" in proc.stdout
     order = [r["field"] for r in m["ranking"]]
     truth = json.loads((trained / "synthetic_fields.json").read_text())
     role = {f["name"]: f["role"] for f in truth["fields"]} if "fields" in truth else truth

@@ -5,14 +5,17 @@ feature, or DLRM's dense-feature vector. For F fields of dimension D and a batch
 `v` is [B, F, D] (each sample's field vectors) and `g` = d loss / d v, [B, F, D], where the
 loss is the *sum* of per-sample losses, so that g[n] is the gradient of sample n's own loss.
 
-F-Permutation's score of field i (paper Eq. 4, averaged over the data as Eq. 2):
+F-Permutation's importance of field i: the magnitude of paper Eq. 4's first-order term,
+averaged over the data as Eq. 2 (variant `abs`, the scorer's method `taylor`):
 
-    score(i) = mean_n  g[n, i] . (E[v_i] - v[n, i])
+    score(i) = mean_n  |g[n, i] . (E[v_i] - v[n, i])|
 
-`signed` is that literal mean. Because it is linear in g . v, one pass suffices:
-sum_n g.(m - v) = (sum_n g) . m - sum_n g.v, with m = E[v_i] known only at the end.
-`abs` averages |g[n, i] . (E[v_i] - v[n, i])| (what public reimplementations use); it needs
-E[v_i] before the pass that takes gradients, so it costs one more lookup-only pass.
+It needs E[v_i] before the pass that takes gradients, so it costs one lookup-only pass more.
+Variant `signed` (method `taylor-signed`) is the literal mean of g[n, i] . (E[v_i] - v[n, i]),
+a diagnostic, not an importance to prune by: near a trained optimum the per-sample terms
+cancel and the fields the model leans on most get the most negative sums. Because it is linear
+in g . v, one pass suffices: sum_n g.(m - v) = (sum_n g) . m - sum_n g.v, with m = E[v_i]
+known only at the end.
 
 Sequence features (an EmbeddingCollection) have one vector per position rather than one per
 sample. There v_i is the set of a sample's position vectors, E[v_i] is the mean vector over all
@@ -133,7 +136,8 @@ def accumulate_jagged(
 
 
 def taylor_scores(sums: TaylorSums, variant: str = SIGNED) -> torch.Tensor:
-    """score(i) per field, [F] float64 (larger = more important)."""
+    """score(i) per field, [F] float64. `abs` (method `taylor`): the importance, larger = more
+    important. `signed` (method `taylor-signed`): the diagnostic signed mean, not a ranking."""
     n = sums.samples.clamp_min(1)
     if variant == ABSOLUTE:
         return sums.sum_abs / n

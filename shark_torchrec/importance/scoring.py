@@ -40,7 +40,12 @@ from shark_torchrec.importance.scores import (
     taylor_scores,
 )
 
-METHODS = ("taylor", "taylor-abs", "permutation", "random")
+METHODS = ("taylor", "taylor-signed", "permutation", "random")
+"""`taylor`: the paper's importance, mean |g . (E[v] - v)| (the default). `taylor-signed`: the
+signed mean of the same first-order term, a diagnostic only: near a trained optimum it ranks the
+fields the model leans on most lowest, so never prune by it."""
+METHOD_ALIASES = {"taylor-abs": "taylor"}
+"""Older names still accepted: `taylor-abs` is `taylor` (same scores, recorded as `taylor`)."""
 DENSE_FIELD = "dense_features"
 SCORE_SPLITS = ("dev", "train")
 
@@ -153,10 +158,10 @@ def score_fields(
 ) -> FieldImportance:
     """Importance of every field of `model` on `split` (dev, or train; never test).
 
-    `cache_bytes`: taylor-abs keeps up to this many bytes of field vectors between its passes.
+    `method`: one of METHODS, or an alias of METHOD_ALIASES (the result names the method itself).
+    `cache_bytes`: taylor keeps up to this many bytes of field vectors between its passes.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown importance method {method!r} (one of {', '.join(METHODS)})")
+    method = canonical_method(method)
     if split not in SCORE_SPLITS:
         raise ValueError(f"fields are scored on dev or train data, not {split!r} (test is for reporting)")
     env = env or DistEnv(0, 1, torch.device("cpu"), "none")
@@ -181,8 +186,8 @@ def score_fields(
     dim = view.dlrm.sparse_arch.D
     sums = TaylorSums(1 + len(view.sparse_names), dim)
     try:
-        if method == "taylor":
-            for batch in batches("taylor scores"):
+        if method == "taylor-signed":
+            for batch in batches("taylor-signed scores"):
                 batch = batch.to(env.device)
                 with clock:
                     v, g = _vectors_and_gradients(view, batch)
@@ -190,7 +195,7 @@ def score_fields(
             with clock:
                 sums.load_flat(_all_reduce(sums.flat(), env))
                 scores = taylor_scores(sums, SIGNED)
-        elif method == "taylor-abs":
+        elif method == "taylor":
             # Pass 1, lookups only: E[v]. Pass 2: forward/backward of the head. The vectors of
             # pass 1 are kept for pass 2 while they fit in `cache_bytes` (a dev split usually
             # does), which saves pass 2 its lookups.
@@ -208,7 +213,7 @@ def score_fields(
                 sums.load_flat(_all_reduce(sums.flat(), env))
                 means = sums.means()
                 abs_sums = TaylorSums(sums.num_fields, dim)
-            for k, batch in enumerate(batches("taylor-abs scores")):
+            for k, batch in enumerate(batches("taylor scores")):
                 batch = batch.to(env.device)
                 with clock:
                     v, g = _vectors_and_gradients(view, batch, cache[k] if k < len(cache) else None)
@@ -241,6 +246,15 @@ def score_fields(
         view.reported(sums.means()).float(),
         prunable,
     )
+
+
+def canonical_method(method: str) -> str:
+    """The method's own name (`taylor-abs` -> `taylor`); ValueError for an unknown one."""
+    name = METHOD_ALIASES.get(method, method)
+    if name not in METHODS:
+        known = ", ".join([*METHODS, *(f"{a} (= {m})" for a, m in METHOD_ALIASES.items())])
+        raise ValueError(f"unknown importance method {method!r} (one of {known})")
+    return name
 
 
 def field_means(
