@@ -60,6 +60,12 @@ class DataConfig:
     """synthetic: multiplies every field's cardinality (tests use small values)."""
     synthetic_noise_fields: int = 0
     """synthetic: extra noise fields after the 11 planted ones (a wider model)."""
+    selection_fraction: float = 0.0
+    """Set this fraction of train's lines aside (line i when i % 100 < 100 x F) as the
+    selection split that `shark prune` / `compress` decide on, with all of dev kept to confirm
+    the result; no model trains on them. 0: those commands decide on dev's even lines and
+    confirm on its odd ones. A base model for `prune --checkpoint` must be trained with the
+    same value (`shark train --selection-fraction F`)."""
 
 
     def validate(self) -> None:
@@ -70,6 +76,11 @@ class DataConfig:
             raise ConfigError("dataset.fold (--fold) needs --folds K (k-fold cross-validation)")
         if self.folds and not 0 <= (self.fold or 0) < self.folds:
             raise ConfigError(f"dataset.fold={self.fold} (--fold) must be in [0, {self.folds})")
+        if not 0.0 <= self.selection_fraction < 1.0 or round(100 * self.selection_fraction) != 100 * self.selection_fraction:
+            raise ConfigError(
+                f"dataset.selection_fraction={self.selection_fraction} (--selection-fraction) must be in [0, 1) "
+                "in steps of 0.01"
+            )
         if self.synthetic_noise_fields < 0:
             raise ConfigError("dataset.synthetic_noise_fields (--synthetic-noise-fields) must be >= 0")
         if self.min_count < 1:

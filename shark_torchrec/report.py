@@ -58,6 +58,7 @@ def plot(info: Dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     log = info["prune_log"]
@@ -71,6 +72,10 @@ def plot(info: Dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("embedding memory / base fp32 (log)")
     ax.set_ylabel("test AUC")
+    # Plain tick labels: AUCs close together otherwise come out as "+7.5e-1" offsets.
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda x, _: ""))
     ax.set_title("AUC against memory: F-P, F-Q and both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -87,6 +92,15 @@ def write_report(run: str | Path) -> Path:
     for p in info["points"] + info["baselines"]:
         lines.append(f"| {p['name']} | {p['auc']:.4f} | {p['logloss']:.4f} | {100 * p['memory']:.1f}% |")
     lines += ["", "![AUC against memory](report_auc_vs_memory.png)", ""]
+    t = (_load(run / "metrics.json") or {}).get("targets")
+    if t:
+        got = f"Memory: {t['memory_ratio']:.3f} of the base model's bytes, target {t['target_memory']}: "
+        got += "met." if t["memory_met"] else f"**missed** by {t['memory_ratio'] - t['target_memory']:.3f}."
+        if "auc_drop" in t:
+            got += (f" AUC drop on the confirmation split: {t['auc_drop']:+.4f} (95% upper bound "
+                    f"{t['auc_drop_upper_bound_95']:+.4f}), bound {t['max_auc_drop']}: ")
+            got += "within it." if t["auc_met"] else "**over it**."
+        lines += ["## Targets", "", got, ""]
     st = info["stages"]
     if "prune" in st:
         pr = st["prune"]
@@ -108,6 +122,15 @@ def write_report(run: str | Path) -> Path:
             ]
             if res.get("warning"):
                 lines += [f"**Warning:** {res['warning']}.", ""]
+        for stage, what in (("prune", "the pruned model"), ("quantize", "the final (pruned, quantized) model")):
+            c = st.get(stage, {}).get("confirmation")
+            if c:
+                lines += [
+                    f"Confirmation split ({c['rows']:,} rows, read by no decision), {what} against the base model: "
+                    f"AUC {c['auc']:.4f} vs {c['base_auc']:.4f}, drop {c['drop']:+.4f} (SE {c['standard_error']:.4f}, "
+                    f"95% upper bound {c['upper_bound_95']:+.4f}).",
+                    "",
+                ]
         if info["importance"]:
             lines += ["Field importance of the base model (least important first):", "",
                       "| field | score |", "|---|---|"]
@@ -126,6 +149,9 @@ def write_report(run: str | Path) -> Path:
         q = st["quantize"]
         lines += ["## F-Quantization", "", f"Per-table budget {q['budget']:.3f} of the pruned model's fp32 bytes; "
                   f"test AUC {q['test_auc']:.4f}.", ""]
+        why = q.get("budget_reason")
+        if why:
+            lines += [why, ""]
     if info["export"]:
         e = info["export"]
         lines += [

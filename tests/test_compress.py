@@ -8,7 +8,7 @@ from conftest import TINY, run_shark
 from test_export import compare_export
 from shark_torchrec.train.checkpoint import load_full_state
 
-ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.01", "--max-iterations", "2",
+ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2",
         "--support-rows", "2000", "--quant-epochs", "2", "--quant-evals-per-epoch", "0", "--checkpoint-every", "10"]
 
 
@@ -35,7 +35,10 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
     report = (straight / "report.md").read_text()
     for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png",
-                 "The stop test: a step is kept when the one-sided upper bound", "| dev drop (SE) | drop upper bound |"):
+                 "The stop test: a step is kept when the one-sided upper bound", "| dev drop (SE) | drop upper bound |",
+                 "Confirmation split (1,000 rows, read by no decision), the final (pruned, quantized) model",
+                 # dim 8: all-int8 rows take 0.5 of fp32, so the 0.3 target is missed, and the report says so
+                 "## Targets", "target 0.3: **missed** by", "clipped up to 0.500", "so the pipeline misses --target-memory 0.3"):
         assert part in report, part
     assert (straight / "report_auc_vs_memory.png").stat().st_size > 0
     again = run_shark("report", str(straight))

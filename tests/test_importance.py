@@ -390,4 +390,9 @@ def test_prune_stops_at_the_auc_bound_and_keeps_the_previous_model(tmp_path):
     assert last["dev_auc_drop_upper_bound"] > 0 and last["dev_auc_drop_standard_error"] > 0
     res = m["selection_resolution"]
     assert res["dev_auc_standard_error"] > 0 and "cannot be told from noise" in res["warning"]
-    assert res["confidence"] == 0.95 and res["dev_rows"] > 0
+    assert res["confidence"] == 0.95 and res["dev_rows"] == 1000  # dev's even lines (TINY: 2000 dev rows)
+    # The final figure comes from dev's odd lines, which no decision read: the kept model
+    # against the base model, paired.
+    c = m["confirmation"]
+    assert c["split"] == "confirm" and c["rows"] == 1000 and c["drop"] == pytest.approx(c["base_auc"] - c["auc"])
+    assert c["upper_bound_95"] == pytest.approx(c["drop"] + 1.6449 * c["standard_error"], abs=1e-4)

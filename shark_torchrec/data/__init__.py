@@ -12,6 +12,18 @@ from shark_torchrec.data.schema import DataError, Schema
 from shark_torchrec.data.synthetic import DENSE_NAMES, SyntheticGenerator, SyntheticSplit
 
 SPLIT_NAMES = ("train", "dev", "test")
+SELECTION, CONFIRM = "selection", "confirm"  # carved splits (see `Dataset.decision_splits`)
+SELECTION_MODULUS = 100  # --selection-fraction F carves train's lines i with i % 100 < 100 F
+
+
+def carve_selection(splits: Dict[str, object], fraction: float) -> Dict[str, object]:
+    """`splits` with `fraction` of train's lines moved to a `selection` split (none when 0)."""
+    k = round(SELECTION_MODULUS * fraction)
+    if k == 0:
+        return splits
+    train = splits["train"]
+    return {**splits, "train": train.subset(SELECTION_MODULUS, range(k, SELECTION_MODULUS)),
+            SELECTION: train.subset(SELECTION_MODULUS, range(k))}
 
 __all__ = ["Batch", "DataError", "Dataset", "Schema", "open_dataset"]
 
@@ -43,6 +55,23 @@ class Dataset:
         view = Dataset(kept_schema(full, kept), self.splits, self.encoder, self.truth, self.layout)
         view.full_schema = full
         view.columns = [full.sparse_names.index(f) for f in view.schema.sparse_names]
+        return view
+
+    def decision_splits(self) -> "Dataset":
+        """The same data with the splits `shark prune` / `compress` use: `dev` is the selection
+        split every decision reads (the stop test, early stopping of fine-tuning), `confirm`
+        one no decision reads, for the final figure, and `test` as before (only logged).
+        With `--selection-fraction F` the selection split is the carved part of train and
+        `confirm` all of dev; without, dev's even lines select and its odd lines confirm.
+        Disjoint by construction: carved by line position, residues that do not overlap."""
+        splits = dict(self.splits)
+        if SELECTION in splits:
+            splits["dev"], splits[CONFIRM] = splits.pop(SELECTION), self.splits["dev"]
+        else:
+            dev = self.splits["dev"]
+            splits["dev"], splits[CONFIRM] = dev.subset(2, (0,)), dev.subset(2, (1,))
+        view = Dataset(self.schema, splits, self.encoder, self.truth, self.layout)
+        view.full_schema, view.columns = self.full_schema, self.columns
         return view
 
     def num_batches(self, split: str, global_batch: int) -> int:
@@ -91,7 +120,8 @@ def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, ha
             "dev": FoldSplit(files, k, [(f + 1) % k]),
             "test": FoldSplit(files, k, [f]),
         }
-    train = splits["train"]
+    splits = carve_selection(splits, cfg.selection_fraction)
+    train = splits["train"]  # the vocabulary comes from the lines models train on
     if cfg.encoding == "hash":
         encoder = HashEncoder(cfg.hash_rows)
     else:
@@ -132,7 +162,7 @@ def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
         [gen.fields[j].cardinality for j in keep],
     )
     splits = {s: SyntheticSplit(gen, s, n, keep, dense_keep) for s, n in rows.items()}
-    return Dataset(schema, splits, truth=gen.truth())
+    return Dataset(schema, carve_selection(splits, cfg.selection_fraction), truth=gen.truth())
 
 
 def open_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:

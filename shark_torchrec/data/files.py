@@ -315,6 +315,10 @@ class FileSplit:
     def _where(self, lineno) -> str:
         return f"{self.path}:{lineno}"
 
+    def subset(self, modulus: int, residues: Sequence[int]) -> "LineSubset":
+        """The lines i of this split (in its order) with i % modulus in `residues`."""
+        return LineSubset(self, modulus, residues)
+
     def parsed(self) -> Iterator[ParsedLine]:
         """Every good line of the file (for vocabulary building)."""
         for lineno, line in self._numbered_lines():
@@ -357,6 +361,38 @@ class FileSplit:
                 ids[slot] = [encoder.encode(j, v) for j, v in enumerate(cats)]
                 valid[slot] = True
             yield labels, dense, ids, valid
+
+
+def residue_count(total: int, modulus: int, residues: Sequence[int]) -> int:
+    """How many of the indices 0..total-1 have index % modulus in `residues`."""
+    return sum(len(range(r, total, modulus)) for r in set(residues))
+
+
+class LineSubset(FileSplit):
+    """The lines i (counted in `source`'s order) of a split with i % modulus in `residues`: a
+    split carved from another, disjoint from the subset of the other residues by construction."""
+
+    def __init__(self, source: FileSplit, modulus: int, residues: Sequence[int]) -> None:
+        super().__init__(source.path, source.parse, source.has_header, source.num_dense, source.num_sparse, source.strict)
+        self.source = source
+        self.modulus = modulus
+        self.residues = frozenset(residues)
+
+    def num_lines(self) -> int:
+        if self._num_lines is None:
+            self._num_lines = residue_count(self.source.num_lines(), self.modulus, self.residues)
+            if self._num_lines <= 0:
+                raise DataError(f"{self.source.path}: carving residues {sorted(self.residues)} of {self.modulus} "
+                                f"from {self.source.num_lines()} lines leaves none")
+        return self._num_lines
+
+    def _numbered_lines(self):
+        for i, (lineno, line) in enumerate(self.source._numbered_lines()):
+            if i % self.modulus in self.residues:
+                yield lineno, line
+
+    def _where(self, lineno) -> str:
+        return self.source._where(lineno)
 
 
 class FoldSplit(FileSplit):

@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -137,20 +137,44 @@ class SyntheticGenerator:
 
 
 class SyntheticSplit:
-    """A split of `num_rows` synthetic rows, streamed as fixed-size local batches."""
+    """A split of `num_rows` synthetic rows, streamed as fixed-size local batches; with
+    `modulus` and `residues`, only the rows i of those `num_rows` with i % modulus in
+    `residues` (a split carved from another, as `files.LineSubset` carves file lines)."""
 
-    def __init__(self, gen: SyntheticGenerator, split: str, num_rows: int, keep: List[int], dense_keep: List[int]) -> None:
-        self.gen, self.split, self.n = gen, split, num_rows
+    def __init__(
+        self, gen: SyntheticGenerator, split: str, num_rows: int, keep: List[int], dense_keep: List[int],
+        modulus: int = 1, residues: Sequence[int] = (0,),
+    ) -> None:
+        self.gen, self.split, self.source_rows = gen, split, num_rows
         self.keep, self.dense_keep = keep, dense_keep
+        self.modulus, self.residues = modulus, tuple(sorted(set(residues)))
+        self.n = sum(len(range(r, num_rows, modulus)) for r in self.residues)
 
     def num_lines(self) -> int:
         return self.n
+
+    def subset(self, modulus: int, residues: Sequence[int]) -> "SyntheticSplit":
+        """The rows j of this split (in its order) with j % modulus in `residues`."""
+        if self.modulus != 1:
+            raise ValueError("a carved synthetic split is not carved again")
+        return SyntheticSplit(self.gen, self.split, self.source_rows, self.keep, self.dense_keep, modulus, residues)
+
+    def _rows(self, start: int, stop: int):
+        """Rows [start, stop) of this split: the source rows they map to."""
+        if self.modulus == 1:
+            return self.gen.rows(self.split, start, stop)
+        j = np.arange(start, stop)
+        per = len(self.residues)
+        source = (j // per) * self.modulus + np.asarray(self.residues)[j % per]
+        labels, dense, ids = self.gen.rows(self.split, int(source[0]), int(source[-1]) + 1)
+        pick = source - source[0]
+        return labels[pick], dense[pick], ids[pick]
 
     def local_batches(self, global_batch: int, rank: int, world: int, skip_batches: int = 0) -> Iterator:
         local = global_batch // world
         for k in range(skip_batches, -(-self.n // global_batch)):
             start, stop = k * global_batch, min((k + 1) * global_batch, self.n)
-            labels, dense, ids = self.gen.rows(self.split, start, stop)
+            labels, dense, ids = self._rows(start, stop)
             labels, dense, ids = labels[rank::world], dense[rank::world], ids[rank::world]
             m = labels.shape[0]
             valid = np.zeros(local, bool)

@@ -20,6 +20,12 @@ ratio p; F-Quantization then gets the per-table budget R / p, clipped to what al
 reach and to 1 (`--quant-budget` overrides it). F-Quantization starts from the pruned model's
 weights (`--init-from`), not from scratch, and fine-tunes for `--quant-epochs`.
 
+Splits (`Dataset.decision_splits`): every decision (the base model's and fine-tunings' early
+stopping, the pruning loop's stop test) reads the selection split, dev's even lines or with
+`--selection-fraction F` a carved part of train; the final figure, the chosen model against the
+base model, comes from the confirmation split (dev's odd lines, or all of dev), which no
+decision reads (`metrics.json` `confirmation`); test is logged and drives nothing.
+
 Resume: a stage is recorded in stages.json only once it has finished, so `--resume` skips the
 finished stages and redoes the rest: training stages continue from their newest checkpoint
 (bit-exact, as `shark train --resume`), an interrupted pruning loop starts over from the base
@@ -34,8 +40,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 from shark_torchrec.config import JobConfig, PrecisionConfig, save_config
@@ -45,7 +52,7 @@ from shark_torchrec.modules.precision_policy import split_tiers
 from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
 from shark_torchrec.train.export import export_checkpoint
-from shark_torchrec.train.pruning import base_model, prune_loop, write_prune_log
+from shark_torchrec.train.pruning import base_model, confirmation_check, prune_loop, write_prune_log
 from shark_torchrec.train.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.train.trainer import (
     TrainedModel,
@@ -61,6 +68,7 @@ log = logging.getLogger("shark")
 
 STAGES = ("base", "prune", "quantize", "export")
 STAGES_FILE = "stages.json"
+CONFIRM_BASE_FILE = "confirm_base_logits.pt"  # the base model's predictions on the confirmation split
 
 
 def read_stages(out: Path) -> Dict[str, Any]:
@@ -77,13 +85,39 @@ def _record(out: Path, stages: Dict[str, Any], env: DistEnv) -> None:
         dist.barrier()
 
 
-def quant_budget(cfg: JobConfig, prune_ratio: float) -> float:
-    """F-Quantization's per-table budget after pruning left `prune_ratio` of the memory."""
+def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
+    """F-Quantization's per-table budget after pruning left `prune_ratio` of the memory.
+
+    Returns:
+        (budget, why: a sentence for the report saying where it came from and what it missed).
+    """
     if cfg.compress.quant_budget is not None:
-        return cfg.compress.quant_budget
-    want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
+        return cfg.compress.quant_budget, f"Set by --quant-budget {cfg.compress.quant_budget}."
+    target = cfg.prune.target_memory
+    want = target / max(prune_ratio, 1e-12)
     cheapest = max(GROUP_NAMES.index(t) for t in split_tiers(cfg.quant.tiers))  # the quantize stage ranks into these
-    return min(1.0, max(want, min_budget(cfg.model.embedding_dim, cheapest)))
+    floor = min_budget(cfg.model.embedding_dim, cheapest)
+    budget = min(1.0, max(want, floor))
+    why = f"--target-memory {target} over the {prune_ratio:.3f} of memory pruning left asks {want:.3f}"
+    if want < floor:
+        why += (f"; clipped up to {floor:.3f}, the fewest bytes all-{GROUP_NAMES[cheapest]} rows (tiers "
+                f"{', '.join(split_tiers(cfg.quant.tiers))}) can reach at dim {cfg.model.embedding_dim}, so the pipeline "
+                f"misses --target-memory {target}: it ends near {floor * prune_ratio:.3f} of the base model's bytes")
+    elif want > 1.0:
+        why += "; clipped to 1 (pruning alone met the target)"
+    return budget, why + "."
+
+
+def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """What the run asked and what it got: memory against --target-memory, and the final
+    model's AUC drop on the confirmation split against --max-auc-drop (point estimate and its
+    one-sided 95% bound)."""
+    out: Dict[str, Any] = {"target_memory": cfg.prune.target_memory, "memory_ratio": memory_ratio,
+                           "memory_met": memory_ratio <= cfg.prune.target_memory + 1e-9, "max_auc_drop": cfg.prune.max_auc_drop}
+    if confirmation:
+        out.update(auc_drop=confirmation["drop"], auc_drop_upper_bound_95=confirmation["upper_bound_95"],
+                   auc_met=confirmation["drop"] <= cfg.prune.max_auc_drop)
+    return out
 
 
 def _stage_config(cfg: JobConfig, out: Path, stage: str) -> JobConfig:
@@ -128,6 +162,9 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
     ckpt = save_checkpoint(stage_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
     if env.is_main:
         write_prune_log(rows, stage_dir)
+        torch.save(base_metrics["base_confirm"], stage_dir / CONFIRM_BASE_FILE)  # for the final model's check
+    if env.world_size > 1:
+        dist.barrier()
     full = list(base.dataset.schema.sparse_names)
     kept = list(accepted.dataset.schema.sparse_names)
     last = next(r for r in reversed(rows) if r["accepted"])
@@ -139,13 +176,15 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
         "memory_ratio": accepted.embedding_bytes / base_metrics["embedding_bytes"],
         "stop_reason": reason,
         "selection_resolution": base_metrics["resolution"],
+        "confirmation": base_metrics["confirmation"],
+        "base_confirm": str(stage_dir / CONFIRM_BASE_FILE),
         "dev_auc": last["dev_auc"],
         "test_auc": last["test_auc"],
     }
 
 
 def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]):
-    budget = quant_budget(cfg, pruned["memory_ratio"])
+    budget, budget_reason = quant_budget(cfg, pruned["memory_ratio"])
     q = _stage_config(cfg, out, "quantize")
     q.model.kept_fields = tuple(pruned["kept_fields"])
     q.model.field_removal = pruned["field_removal"]
@@ -156,7 +195,7 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
     q.train.epochs = cfg.compress.quant_epochs
     q.run.checkpoint = ""
     q.run.init_from = "" if q.run.resume else pruned["checkpoint"]
-    dataset = open_dataset(q.dataset, q.train.seed)
+    dataset = open_dataset(q.dataset, q.train.seed).decision_splits()  # early stopping reads the selection split
     if not q.train.eval_every and cfg.compress.quant_evals_per_epoch:
         # A base model that has seen all of train can overfit when it sees it again: watch dev
         # within the epoch and keep the best state.
@@ -166,9 +205,13 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
     q.validate()
     trained = fit(q, env, dataset)
     metrics = final_metrics(q, trained)
+    if "base_confirm" in pruned:  # (a prune stage recorded before the confirmation split has none)
+        base_confirm = torch.load(pruned["base_confirm"])
+        metrics["confirmation"] = confirmation_check(trained.model, trained.dataset, base_confirm, q.train.eval_batch_size, env)
     if env.is_main:
         write_metrics(q, metrics)
-    return {"checkpoint": str(resolve_checkpoint_on_rank0(q.checkpoint_dir)), "budget": budget, "metrics": metrics}
+    return {"checkpoint": str(resolve_checkpoint_on_rank0(q.checkpoint_dir)), "budget": budget, "budget_reason": budget_reason,
+            "metrics": metrics}
 
 
 def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) -> Dict[str, Any]:
@@ -219,8 +262,9 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 t0 = time.perf_counter()
                 q = run_quantize(cfg, out, env, stages["prune"])
                 stages["quantize"] = {
-                    "checkpoint": q["checkpoint"], "budget": q["budget"],
+                    "checkpoint": q["checkpoint"], "budget": q["budget"], "budget_reason": q["budget_reason"],
                     "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
+                    "confirmation": q["metrics"].get("confirmation"),
                     "seconds": time.perf_counter() - t0,
                 }
                 _record(out, stages, env)
@@ -243,6 +287,9 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 "kept_fields": stages["prune"]["kept_fields"],
                 "pruned_fields": stages["prune"]["pruned_fields"],
                 "stop_reason": stages["prune"]["stop_reason"],
+                "confirmation": stages["quantize"].get("confirmation"),
+                "targets": targets(cfg, metrics["embedding_bytes"] / stages["base"]["embedding_bytes"],
+                                   stages["quantize"].get("confirmation")),
                 "stage_seconds": timings,
                 "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
             }

@@ -24,14 +24,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Dict, Iterator, List
 
 import torch
 
-from shark_torchrec.config import JobConfig
-from shark_torchrec.data import Batch, Dataset
+from shark_torchrec.config import ConfigError, JobConfig
+from shark_torchrec.data import CONFIRM, Batch, Dataset, open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
-from shark_torchrec.importance.scoring import FieldImportance, field_means, score_fields
+from shark_torchrec.importance.scoring import FieldImportance, canonical_method, field_means, score_fields
 from shark_torchrec.importance.significance import auc_standard_error, drop_test, paired_auc
 from shark_torchrec.memory import embedding_memory
 from shark_torchrec.planner.pruning import prune_tables
@@ -76,10 +77,23 @@ def support_batches(dataset: Dataset, rows: int, global_batch: int, env: DistEnv
 
 
 def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
-    """`--checkpoint` of a pruned model: take its kept fields and removal from its config."""
+    """`--checkpoint` of a pruned model: take its kept fields and removal from its config.
+
+    Raises:
+        ConfigError: the checkpoint was trained with another --selection-fraction (it trained
+            on lines the selection split now holds, or its vocabulary differs).
+    """
     if not cfg.run.checkpoint:
         return cfg
-    saved = read_meta(resolve_checkpoint_on_rank0(cfg.run.checkpoint)).get("config", {}).get("model", {})
+    config = read_meta(resolve_checkpoint_on_rank0(cfg.run.checkpoint)).get("config", {})
+    carved = float(config.get("dataset", {}).get("selection_fraction", 0.0))
+    if carved != cfg.dataset.selection_fraction:
+        raise ConfigError(
+            f"--checkpoint {cfg.run.checkpoint} was trained with --selection-fraction {carved}, this run asks "
+            f"{cfg.dataset.selection_fraction}: the selection split would hold lines the model trained on (or miss "
+            "lines of its vocabulary); pass the same value, or train the base model with this one"
+        )
+    saved = config.get("model", {})
     cfg = copy.deepcopy(cfg)
     cfg.model.kept_fields = tuple(saved.get("kept_fields", ()))
     cfg.model.field_removal = saved.get("field_removal", cfg.model.field_removal)
@@ -88,8 +102,32 @@ def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
 
 
 def base_model(cfg: JobConfig, env: DistEnv) -> TrainedModel:
-    """The model to start from: `--checkpoint` if given, else one trained now."""
-    return fit(adopt_checkpoint_model(cfg), env)
+    """The model to start from: `--checkpoint` if given, else one trained now, on the splits
+    decisions use (`Dataset.decision_splits`: its early stopping reads the selection split)."""
+    cfg = adopt_checkpoint_model(cfg)
+    return fit(cfg, env, open_dataset(cfg.dataset, cfg.train.seed).decision_splits())
+
+
+def confirmation_check(model, dataset: Dataset, base: Dict[str, torch.Tensor], eval_batch: int, env: DistEnv) -> Dict[str, Any]:
+    """The final figure no decision saw: `model` against the base model on the confirmation
+    split (`Dataset.decision_splits`), paired (DeLong).
+
+    Args:
+        model: the chosen model.
+        dataset: its dataset view (with the `confirm` split).
+        base: {"logits", "labels"}: the base model's predictions on that split.
+        eval_batch, env: as for `evaluate`.
+
+    Returns:
+        {"split", "rows", "base_auc", "auc", "drop", "standard_error", "upper_bound_95"} (drop =
+        base AUC - the model's; the bound one-sided, for this single test).
+    """
+    logits, labels = predict(model, dataset, CONFIRM, eval_batch, env)
+    if not torch.equal(labels, base["labels"]):
+        raise RuntimeError("the confirmation split's labels changed order; the paired check needs the same rows")
+    p = paired_auc(logits.numpy(), base["logits"].numpy(), labels.numpy())
+    return {"split": CONFIRM, "rows": int(labels.numel()), "base_auc": p.auc_b, "auc": p.auc_a, "drop": -p.difference,
+            "standard_error": p.standard_error, "upper_bound_95": p.upper_bound(NormalDist().inv_cdf(0.95))}
 
 
 def score(cfg: JobConfig, trained_model, dataset: Dataset, env: DistEnv) -> FieldImportance:
@@ -138,7 +176,7 @@ def importance_job(cfg: JobConfig) -> Dict[str, Any]:
     env = init_distributed()
     try:
         with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
-            trained = base_model(cfg, env)
+            trained = fit(adopt_checkpoint_model(cfg), env)  # scored on dev itself: no decision follows
             imp = score(cfg, trained.model, trained.dataset, env)
             metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
             if env.is_main:
@@ -203,6 +241,8 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     steps_root = out_dir / "prune_steps"
     base_cfg = adopt_checkpoint_model(cfg)
 
+    confirm_logits, confirm_labels = predict(base.model, base.dataset, CONFIRM, t.eval_batch_size, env)
+    base_confirm = {"logits": confirm_logits, "labels": confirm_labels}
     base_logits, dev_labels = predict(base.model, base.dataset, "dev", t.eval_batch_size, env)
     dev = binary_metrics(base_logits, dev_labels)
     test = evaluate(base.model, base.dataset, "test", t.eval_batch_size, env)
@@ -285,8 +325,12 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         if env.is_main:  # every rank has loaded what it needed from the previous model
             shutil.rmtree(accepted.checkpoint.parent, ignore_errors=True)
         accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
+    confirmed = confirmation_check(accepted.model, accepted.dataset, base_confirm, t.eval_batch_size, env)
+    if show:
+        log.info("confirmation split (%d rows, no decision read it): AUC %.4f against the base model's %.4f, drop %.4f (SE %.4f)",
+                 confirmed["rows"], confirmed["auc"], confirmed["base_auc"], confirmed["drop"], confirmed["standard_error"])
     return accepted, log_rows, reason, {"dev_auc": base_dev_auc, "test_auc": log_rows[0]["test_auc"], "embedding_bytes": base_bytes,
-                                        "resolution": resolution}
+                                        "resolution": resolution, "confirmation": confirmed, "base_confirm": base_confirm}
 
 
 def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
@@ -352,8 +396,9 @@ def prune_job(cfg: JobConfig) -> Dict[str, Any]:
                 pruned_fields=[f for f in full if f not in kept],
                 stop_reason=reason,
                 selection_resolution=base_metrics["resolution"],
+                confirmation=base_metrics["confirmation"],
                 iterations=rows,
-                method=cfg.prune.method,
+                method=canonical_method(cfg.prune.method),
                 field_removal=cfg.model.field_removal,
             )
             if env.is_main:
