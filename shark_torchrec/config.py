@@ -299,6 +299,18 @@ class PruneConfig:
     some step whose true dev AUC drop exceeds --max-auc-drop."""
     fields_per_step: int = 1
     """Fields removed per iteration (f)."""
+    order: Literal["per-byte", "importance"] = "per-byte"
+    """Which fields go first: `per-byte`, the lowest importance per byte their table frees
+    (expected AUC cost per byte saved); `importance`, the lowest importance (the paper's
+    Algorithm 1)."""
+    max_rejections: int = 1
+    """Stop after this many candidates in a row fail the stop test (each rejected field is not
+    tried again; 1: stop at the first, the paper's Algorithm 1). More lets a per-byte order
+    that tried a large important table go on to the next candidate; every test spends its
+    share of --confidence's error rate."""
+    min_saving: float = 0.01
+    """Fields whose table is less than this fraction of the current model's embedding bytes
+    are not tried (a stop test spent on them buys almost no memory)."""
     support_rows: int = 50_000
     """Rows of train sampled (seeded, new sample each iteration) to fine-tune on after a removal."""
     finetune_epochs: int = 1
@@ -318,6 +330,11 @@ class CompressConfig:
     quant_evals_per_epoch: int = 4
     """`shark compress`: dev evaluations per epoch of that fine-tuning; the best state is kept
     (0: only at the end of each epoch, as --eval-every says)."""
+    fallback: Literal["none", "torchrec"] = "none"
+    """`shark compress`: `torchrec` also exports TorchRec's post-training int4 of the base model
+    (export/torchrec_int4_model.pt) when, on the confirmation split, it is no worse than the
+    compressed model (not below it by more than one standard error) and no larger; the report
+    says which one to serve. `none`: the comparison is reported, nothing else is exported."""
 
 
 @dataclass
@@ -364,6 +381,10 @@ class JobConfig:
             raise ConfigError(f"prune.target_memory={p.target_memory}: a fraction of the base model's memory in (0, 1]")
         if p.max_auc_drop < 0:
             raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
+        if p.max_rejections < 1:
+            raise ConfigError(f"prune.max_rejections={p.max_rejections} must be >= 1")
+        if not 0.0 <= p.min_saving < 1.0:
+            raise ConfigError(f"prune.min_saving={p.min_saving} must be in [0, 1)")
         if not 0.5 <= p.confidence < 1.0:
             raise ConfigError(f"prune.confidence={p.confidence} must be in [0.5, 1)")
         c = self.compress

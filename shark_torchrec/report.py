@@ -116,8 +116,8 @@ def write_report(run: str | Path) -> Path:
             lines += [
                 f"The stop test: a step is kept when the one-sided upper bound of its paired dev AUC drop (DeLong's "
                 f"standard error, confidence {res['confidence']} over all steps) is within {res['max_auc_drop']}. "
-                f"Dev ({res['dev_rows']:,} rows) measures the base model's AUC to a standard error of "
-                f"{res['dev_auc_standard_error']:.4f}.",
+                f"The selection split ({res['selection_rows']:,} rows) measures the base model's AUC to a standard error of "
+                f"{res['selection_auc_standard_error']:.4f}.",
                 "",
             ]
             if res.get("warning"):
@@ -169,6 +169,34 @@ def write_report(run: str | Path) -> Path:
             f"difference to the trained model over dev: {e['max_abs_logit_diff_dev']:.2e}.",
             "",
         ]
+    easy = (info["export"] or {}).get("easy_path")
+    if easy:
+        lines += _easy_path_lines(easy)
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
+    """The compressed model beside TorchRec's post-training quantization of the base model."""
+    lines = [
+        "## Against TorchRec's post-training quantization",
+        "",
+        f"On the confirmation split ({e['rows']:,} rows, read by no decision); drops paired against the base model "
+        "(DeLong standard errors); bytes as allocated.",
+        "",
+        "| model | AUC | drop from base (SE) | memory (of base fp32) | minus ours (SE) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, name in (("base", "base (fp32)"), ("final", "ours (F-P + F-Q)"), ("torchrec-int8", "TorchRec int8 of the base"),
+                      ("torchrec-int4", "TorchRec int4 of the base")):
+        r = e[key]
+        vs = f"{r['minus_final']:+.4f} ({r['minus_final_standard_error']:.4f})" if "minus_final" in r else ""
+        lines.append(f"| {name} | {r['auc']:.4f} | {r['drop']:+.4f} ({r['drop_standard_error']:.4f}) | "
+                     f"{100 * r['memory']:.1f}% | {vs} |")
+    lines.append("")
+    if e["torchrec_int4_no_worse_and_smaller"]:
+        where = (f" It was exported as `{Path(e['exported']).name}` (`--fallback torchrec`)." if e.get("exported")
+                 else " `--fallback torchrec` exports it.")
+        lines += [f"**TorchRec's int4 of the base model is no larger and no worse than ours here: serve it.**{where}", ""]
+    return lines

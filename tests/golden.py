@@ -135,7 +135,8 @@ GOLDEN_TRAIN = [
     "--reassign-every", "10", "--lr", "0.1", "--alpha", "2.0", "--beta", "0.99", "--seed", "0",
 ]
 GOLDEN_COMPRESS = [
-    *TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2", "--support-rows", "2000",
+    *TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2", "--order", "per-byte", "--min-saving", "0.01",
+    "--max-rejections", "1", "--confidence", "0.95", "--support-rows", "2000",
     "--quant-epochs", "2", "--quant-evals-per-epoch", "0", "--checkpoint-every", "10", "--lr", "0.1", "--seed", "0",
 ]
 COMMANDS = {"train": ["train", *GOLDEN_TRAIN], "compress": ["compress", *GOLDEN_COMPRESS]}

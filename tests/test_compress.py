@@ -8,7 +8,7 @@ from conftest import TINY, run_shark
 from test_export import compare_export
 from shark_torchrec.train.checkpoint import load_full_state
 
-ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2",
+ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2", "--order", "importance", "--min-saving", "0",
         "--support-rows", "2000", "--quant-epochs", "2", "--quant-evals-per-epoch", "0", "--checkpoint-every", "10"]
 
 
@@ -76,3 +76,49 @@ def test_bad_compress_config_is_refused_before_any_work(tmp_path):
     proc = run_shark("compress", *TINY, "--t8", "5", "--t16", "1", "--precision", "shark", "--out", str(out), check=False)
     assert proc.returncode == 2 and "t8" in proc.stderr
     assert not out.exists()
+
+
+def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
+    """With a quantization budget that leaves our model larger than TorchRec's int4 of the
+    base model (0.9 of fp32 at dim 8, where TorchRec's padded int4 rows take 0.5) and no
+    better, `--fallback torchrec` exports TorchRec's int4 model and the report says to serve
+    it; the saved model loads in a fresh process and scores a batch as TorchRec's own
+    quantization of the base model does."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fb"
+    args = [*ARGS, "--max-iterations", "1", "--quant-budget", "0.9", "--quant-epochs", "1", "--fallback", "torchrec"]
+    run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
+    easy = json.loads((out / "export" / "export.json").read_text())["easy_path"]
+    assert easy["torchrec-int4"]["memory"] == 0.5 and easy["torchrec-int8"]["memory"] == 0.5
+    assert easy["final"]["memory"] > 0.5 and easy["torchrec_int4_no_worse_and_smaller"]
+    assert easy["rows"] == 1000 and easy["exported"].endswith("torchrec_int4_model.pt")
+    report = (out / "report.md").read_text()
+    assert "## Against TorchRec's post-training quantization" in report and "serve it" in report
+    script = (
+        "import sys, torch, json\n"
+        "from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC\n"
+        "from shark_torchrec.config import DataConfig\n"
+        "from shark_torchrec.data import open_dataset\n"
+        "m = torch.load(sys.argv[1], weights_only=False)\n"
+        "assert isinstance(m.model.sparse_arch.embedding_bag_collection, QuantEBC)\n"
+        "d = open_dataset(DataConfig(synthetic_train_rows=6000, synthetic_eval_rows=2000, synthetic_scale=0.02))\n"
+        "b = next(iter(d.batches('test', 256)))\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(m(b)[1][1].tolist()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, easy["exported"]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    from shark_torchrec.config import DataConfig
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.train.easy_path import torchrec_quantized
+    from shark_torchrec.train.export import load_trained_model
+
+    base, _ = load_trained_model(json.loads((out / "stages.json").read_text())["base"]["checkpoint"])
+    want_model = torchrec_quantized(base, torch.quint4x2)
+    b = next(iter(open_dataset(DataConfig(synthetic_train_rows=6000, synthetic_eval_rows=2000, synthetic_scale=0.02)).batches("test", 256)))
+    with torch.no_grad():
+        want = want_model(b)[1][1]
+    assert torch.allclose(got, want, atol=1e-6)

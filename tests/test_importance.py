@@ -389,10 +389,42 @@ def test_prune_stops_at_the_auc_bound_and_keeps_the_previous_model(tmp_path):
     assert last["dev_auc_drop_upper_bound"] == pytest.approx(last["dev_auc_drop"] + last["z"] * last["dev_auc_drop_standard_error"])
     assert last["dev_auc_drop_upper_bound"] > 0 and last["dev_auc_drop_standard_error"] > 0
     res = m["selection_resolution"]
-    assert res["dev_auc_standard_error"] > 0 and "cannot be told from noise" in res["warning"]
-    assert res["confidence"] == 0.95 and res["dev_rows"] == 1000  # dev's even lines (TINY: 2000 dev rows)
+    assert res["selection_auc_standard_error"] > 0 and "cannot be told from noise" in res["warning"]
+    assert res["confidence"] == 0.95 and res["selection_rows"] == 1000  # dev's even lines (TINY: 2000 dev rows)
     # The final figure comes from dev's odd lines, which no decision read: the kept model
     # against the base model, paired.
     c = m["confirmation"]
     assert c["split"] == "confirm" and c["rows"] == 1000 and c["drop"] == pytest.approx(c["base_auc"] - c["auc"])
     assert c["upper_bound_95"] == pytest.approx(c["drop"] + 1.6449 * c["standard_error"], abs=1e-4)
+
+
+def test_fields_are_removed_by_importance_per_byte_and_negligible_ones_are_skipped():
+    """Ranked per byte, the tables that free the most memory per unit of expected AUC cost go
+    first: a huge weak table before a tiny weaker one, and even a strong table ten times the
+    tiny one's size whose score is not ten times larger (the stop test then guards AUC); the
+    paper's order takes the weakest first; a table below --min-saving of the model is never
+    tried; dense features never are."""
+    from shark_torchrec.importance.scoring import FieldImportance
+
+    imp = FieldImportance("taylor", ["dense_features", "tiny", "huge", "strong"], [0.01, 0.01, 0.02, 0.5], 0.0, 100,
+                          prunable=["tiny", "huge", "strong"])
+    sizes = {"tiny": 4_000, "huge": 4_000_000, "strong": 400_000}
+    assert imp.removal_order(sizes, "importance", 0.0) == ["tiny", "huge", "strong"]
+    assert imp.removal_order(sizes, "per-byte", 0.0) == ["huge", "strong", "tiny"]
+    assert imp.removal_order(sizes, "per-byte", 0.01) == ["huge", "strong"]  # tiny is 0.1% of the bytes
+    with pytest.raises(ValueError, match="removal order"):
+        imp.removal_order(sizes, "alphabetical")
+
+
+def test_prune_tries_the_next_candidate_after_a_rejection_when_asked(tmp_path):
+    """--max-rejections 2 with a bound no removal meets: two different candidates are tried
+    from the same model (scored once), both rejected, then the loop stops with the base
+    fields kept; each test at its own share of the error rate (z grows)."""
+    out, m = prune_cli(tmp_path, "rej", "--target-memory", "0.01", "--max-auc-drop", "0", "--finetune-epochs", "0",
+                       "--max-rejections", "2", "--min-saving", "0")
+    rows = m["iterations"]
+    assert m["stop_reason"] == "max_auc_drop" and len(rows) == 3
+    assert not rows[1]["accepted"] and not rows[2]["accepted"] and rows[1]["removed"] != rows[2]["removed"]
+    assert rows[1]["scoring_seconds"] == rows[2]["scoring_seconds"]  # the same scores, not a second scoring
+    assert rows[2]["z"] > rows[1]["z"]
+    assert m["kept_fields"] == rows[0]["kept"] and m["pruned_fields"] == []

@@ -46,6 +46,7 @@ signed mean of the same first-order term, a diagnostic only: near a trained opti
 fields the model leans on most lowest, so never prune by it."""
 METHOD_ALIASES = {"taylor-abs": "taylor"}
 """Older names still accepted: `taylor-abs` is `taylor` (same scores, recorded as `taylor`)."""
+REMOVAL_ORDERS = ("per-byte", "importance")
 DENSE_FIELD = "dense_features"
 SCORE_SPLITS = ("dev", "train")
 
@@ -69,6 +70,29 @@ class FieldImportance:
     def lowest(self, k: int) -> List[str]:
         """The k least important prunable fields."""
         return [r["field"] for r in self.ranking() if r["field"] in self.prunable][:k]
+
+    def removal_order(self, field_bytes: Dict[str, int], order: str = "per-byte", min_saving: float = 0.0) -> List[str]:
+        """Prunable fields in the order to remove them, most removable first.
+
+        Args:
+            field_bytes: field -> embedding bytes its removal frees (its table's).
+            order: `per-byte`: by score over bytes freed (expected AUC cost per byte saved,
+                so a large weak table goes before a tiny weak one); `importance`: by score
+                alone (the paper's Algorithm 1).
+            min_saving: fields whose removal frees less than this fraction of all of
+                `field_bytes` are left out (no stop test is spent on them).
+
+        Returns:
+            Field names.
+        """
+        if order not in REMOVAL_ORDERS:
+            raise ValueError(f"unknown removal order {order!r} (one of {', '.join(REMOVAL_ORDERS)})")
+        total = sum(field_bytes.values())
+        rows = [r for r in self.ranking() if r["field"] in self.prunable
+                and field_bytes.get(r["field"], 0) >= min_saving * total and field_bytes.get(r["field"], 0) > 0]
+        if order == "per-byte":
+            rows.sort(key=lambda r: r["score"] / field_bytes[r["field"]])  # stable: ties keep the ranking's order
+        return [r["field"] for r in rows]
 
     def mean_of(self, name: str) -> torch.Tensor:
         if self.means is None:

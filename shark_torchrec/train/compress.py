@@ -51,6 +51,7 @@ from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_d
 from shark_torchrec.modules.precision_policy import split_tiers
 from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
+from shark_torchrec.train.easy_path import easy_path
 from shark_torchrec.train.export import export_checkpoint
 from shark_torchrec.train.pruning import base_model, confirmation_check, prune_loop, write_prune_log
 from shark_torchrec.train.run_dir import default_out_dir, run_dir_lock
@@ -69,6 +70,7 @@ log = logging.getLogger("shark")
 STAGES = ("base", "prune", "quantize", "export")
 STAGES_FILE = "stages.json"
 CONFIRM_BASE_FILE = "confirm_base_logits.pt"  # the base model's predictions on the confirmation split
+TORCHREC_FALLBACK_FILE = "torchrec_int4_model.pt"  # --fallback torchrec: TorchRec's int4 of the base model
 
 
 def read_stages(out: Path) -> Dict[str, Any]:
@@ -219,6 +221,12 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
     record: Dict[str, Any] = {}
     if env.is_main:
         record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"])
+        # Beside TorchRec's own post-training int8 / int4 of the base model (one process).
+        data = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
+        fallback = out / "export" / TORCHREC_FALLBACK_FILE if cfg.compress.fallback == "torchrec" else None
+        record["easy_path"] = easy_path(stages["base"]["checkpoint"], stages["quantize"]["checkpoint"], data,
+                                        cfg.train.eval_batch_size, record["inference_bytes"], fallback)
+        (out / "export" / "export.json").write_text(json.dumps(record, indent=2))
     if env.world_size > 1:
         box = [record]
         dist.broadcast_object_list(box, src=0)

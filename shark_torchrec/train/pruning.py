@@ -247,13 +247,13 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     dev = binary_metrics(base_logits, dev_labels)
     test = evaluate(base.model, base.dataset, "test", t.eval_batch_size, env)
     _, dev_se = auc_standard_error(base_logits.numpy(), dev_labels.numpy())
-    resolution = {"dev_rows": int(dev_labels.numel()), "dev_auc_standard_error": dev_se, "max_auc_drop": p.max_auc_drop,
+    resolution = {"selection_rows": int(dev_labels.numel()), "selection_auc_standard_error": dev_se, "max_auc_drop": p.max_auc_drop,
                   "confidence": p.confidence}
     if dev_se > p.max_auc_drop:
         resolution["warning"] = (
-            f"the dev split ({dev_labels.numel()} rows) measures AUC to a standard error of {dev_se:.4f}, larger than "
+            f"the selection split ({dev_labels.numel()} rows) measures AUC to a standard error of {dev_se:.4f}, larger than "
             f"--max-auc-drop {p.max_auc_drop}: a drop that small cannot be told from noise, so pruning will stop early; "
-            "a bigger dev split, or a looser bound, lets it go further"
+            "a bigger selection split (--selection-fraction), or a looser bound, lets it go further"
         )
         if env.is_main:
             log.warning(resolution["warning"])
@@ -271,6 +271,9 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         log.info("base model: %d fields, dev AUC %.4f, test AUC %.4f", len(fields), dev["auc"], test["auc"])
     reason = None
     iteration = 0
+    rejected: set = set()  # fields whose removal failed the stop test (not tried again)
+    rejections_in_a_row = 0
+    imp, scored_for = None, None
     while reason is None:
         kept = list(accepted.dataset.schema.sparse_names)
         if accepted.embedding_bytes <= p.target_memory * base_bytes:
@@ -284,10 +287,17 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
             break
         iteration += 1
         start = time.perf_counter()
-        imp = score(cfg, accepted.model, accepted.dataset, env)
-        removed = imp.lowest(min(p.fields_per_step, len(kept) - 1))
+        if scored_for != accepted.checkpoint:  # after a rejection the model is the same: its scores too
+            imp, scored_for = score(cfg, accepted.model, accepted.dataset, env), accepted.checkpoint
+        field_bytes = {f: c.num_embeddings * c.embedding_dim * 4 for c in accepted.configs.values() for f in c.feature_names}
+        candidates = [f for f in imp.removal_order(field_bytes, p.order, p.min_saving) if f not in rejected]
+        removed = candidates[: min(p.fields_per_step, len(kept) - 1)]
         if iteration == 1 and env.is_main:  # the base model's ranking, for the report
             write_importance(imp, out_dir / "importance")
+        if not removed:
+            # Every field left frees less than --min-saving, or was tried and rejected.
+            reason = "max_auc_drop" if rejected else "min_saving"
+            break
         if imp.means is None:  # random ranking: no lookups were made
             means = field_means(accepted.model, accepted.dataset, p.score_split, t.eval_batch_size, env)
         else:
@@ -320,8 +330,15 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
                 "" if ok else f"  [the drop may exceed {p.max_auc_drop}: keeping the previous model]",
             )
         if not ok:
-            reason = "max_auc_drop"
-            break
+            rejected.update(removed)
+            rejections_in_a_row += 1
+            if rejections_in_a_row >= p.max_rejections:
+                reason = "max_auc_drop"
+                break
+            if env.is_main:
+                shutil.rmtree(ckpt.parent, ignore_errors=True)  # the rejected candidate
+            continue
+        rejections_in_a_row = 0
         if env.is_main:  # every rank has loaded what it needed from the previous model
             shutil.rmtree(accepted.checkpoint.parent, ignore_errors=True)
         accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
