@@ -125,12 +125,40 @@ def test_batched_scores_equal_a_per_sample_loop():
     mean = v.mean(0)
     want_signed = (g * (mean - v)).sum(-1).mean(0)
     want_abs = (g * (mean - v)).sum(-1).abs().mean(0)
-    for method, want, cache in (("taylor-signed", want_signed, 0), ("taylor", want_abs, 1 << 30), ("taylor", want_abs, 0)):
+    for method, want, cache in (("taylor-signed", want_signed, 0), ("taylor", want_abs, 1 << 30), ("taylor", want_abs, 0),
+                                ("taylor", want_abs, 60_000), ("taylor", want_abs, 20_000)):
         got = score_fields(model, dataset, method, "dev", 128, cache_bytes=cache)
         assert got.samples == 300 and got.fields[0] == "dense_features" and len(got.fields) == 12
         torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="not 'test'"):
         score_fields(model, dataset, "taylor", "test")
+
+
+def test_taylor_reads_the_data_once_when_the_split_fits_its_cache():
+    """Pass 2 of `taylor` runs on the batches (and vectors) pass 1 kept: with the split's
+    batches in the cache every batch is read once, also when their vectors do not fit beside
+    them; with no cache, twice; with a cache that ends partway, once plus the batches past it.
+    (Scores at each of these caches: `test_batched_scores_equal_a_per_sample_loop`.)"""
+    model, dataset = tiny_dlrm_and_data()
+    total = dataset.num_batches("dev", 128)
+    read = []
+    original = dataset.batches
+
+    def counting(*args, **kwargs):
+        for b in original(*args, **kwargs):
+            read.append(1)
+            yield b
+
+    dataset.batches = counting
+    from shark_torchrec.importance.scoring import _batch_bytes
+
+    sizes = [_batch_bytes(b) for b in original("dev", 128)]
+    vectors = 128 * 12 * 8 * 4  # one batch's field vectors (12 fields, dim 8, fp32)
+    assert sum(sizes) < 60_000 < sum(sizes) + 3 * vectors and sizes[0] < 20_000 < sizes[0] + sizes[1]
+    for cache, want in ((1 << 30, total), (60_000, total), (0, 2 * total), (20_000, 2 * total - 1)):
+        read.clear()
+        score_fields(model, dataset, "taylor", "dev", 128, cache_bytes=cache)
+        assert len(read) == want, (cache, len(read), total)
 
 
 def test_taylor_is_the_magnitude_and_taylor_abs_its_alias():

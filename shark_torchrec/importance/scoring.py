@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -145,6 +145,13 @@ class FieldView:
         return per_field if self.has_dense else per_field[1:]
 
 
+def _batch_bytes(batch) -> int:
+    """Bytes a batch holds (dense features, ids and lengths, labels, weights)."""
+    kjt = batch.sparse_features
+    tensors = (batch.dense_features, kjt.values(), kjt.lengths(), batch.labels, batch.sample_weights)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _sample_losses(logits: torch.Tensor, batch) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none") * batch.sample_weights
 
@@ -183,7 +190,8 @@ def score_fields(
     """Importance of every field of `model` on `split` (dev, or train; never test).
 
     `method`: one of METHODS, or an alias of METHOD_ALIASES (the result names the method itself).
-    `cache_bytes`: taylor keeps up to this many bytes of field vectors between its passes.
+    `cache_bytes`: taylor keeps up to this many bytes of batches (and their field vectors)
+    between its passes; when the split's batches fit, its data is read once.
     """
     method = canonical_method(method)
     if split not in SCORE_SPLITS:
@@ -220,28 +228,41 @@ def score_fields(
                 sums.load_flat(_all_reduce(sums.flat(), env))
                 scores = taylor_scores(sums, SIGNED)
         elif method == "taylor":
-            # Pass 1, lookups only: E[v]. Pass 2: forward/backward of the head. The vectors of
-            # pass 1 are kept for pass 2 while they fit in `cache_bytes` (a dev split usually
-            # does), which saves pass 2 its lookups.
-            cache: List[torch.Tensor] = []
+            # Pass 1, lookups only: E[v]. Pass 2: forward/backward of the head. Pass 1 keeps
+            # the batches while they fit in `cache_bytes`, and their field vectors too while
+            # those fit beside them (a dev split usually does): pass 2 then reads no data
+            # (and, with the vectors, looks nothing up). Batches past the cache are read again.
+            cache: List[Tuple[Optional[torch.Tensor], object]] = []
             cached = 0
-            for batch in batches("field means"):
+            for k, batch in enumerate(batches("field means")):
                 batch = batch.to(env.device)
                 with clock, torch.no_grad():
                     v = view.lookup(batch)
                     accumulate_values(sums, v, batch.sample_weights)
-                    cached += v.numel() * v.element_size()
+                    size = _batch_bytes(batch)
+                    cached += size
                     if cached <= cache_bytes:
-                        cache.append(v)
+                        # Vectors only where the batches still to come (about this one's size
+                        # each) keep their room: not reading the data again comes first.
+                        vector_bytes = v.numel() * v.element_size()
+                        keep_v = cached + vector_bytes + size * (total - k - 1) <= cache_bytes
+                        cached += vector_bytes if keep_v else 0
+                        cache.append((v if keep_v else None, batch))
             with clock:
                 sums.load_flat(_all_reduce(sums.flat(), env))
                 means = sums.means()
                 abs_sums = TaylorSums(sums.num_fields, dim)
-            for k, batch in enumerate(batches("taylor scores")):
-                batch = batch.to(env.device)
+            for v, batch in tqdm(cache, desc="taylor scores", disable=not show, leave=False):
                 with clock:
-                    v, g = _vectors_and_gradients(view, batch, cache[k] if k < len(cache) else None)
+                    v, g = _vectors_and_gradients(view, batch, v)
                     accumulate_gradients(abs_sums, v, g, batch.sample_weights, means)
+            if len(cache) < total:
+                rest = dataset.batches(split, global_batch, env.rank, env.world_size, skip_batches=len(cache))
+                for batch in tqdm(rest, total=total - len(cache), desc="taylor scores (past the cache)", disable=not show, leave=False):
+                    batch = batch.to(env.device)
+                    with clock:
+                        v, g = _vectors_and_gradients(view, batch)
+                        accumulate_gradients(abs_sums, v, g, batch.sample_weights, means)
             with clock:
                 abs_sums.load_flat(_all_reduce(abs_sums.flat(), env))
                 scores = taylor_scores(abs_sums, ABSOLUTE)
