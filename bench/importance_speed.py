@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench/results/importance_speed"))
     p.add_argument("--shared", default=str(ROOT.parent / "shared/data"))
     p.add_argument("--eval-rows", type=int, default=20_000, help="synthetic: dev rows scored")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (0 where one round takes minutes)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,27 +66,27 @@ def main() -> None:
         seconds = {m: [] for m in METHODS}
         wall = {m: [] for m in METHODS}
         fields = samples = 0
-        for _ in tqdm(range(args.repeats + 1), desc=name):  # the first round warms up
+        for _ in tqdm(range(args.repeats + args.warmup), desc=name):  # the first --warmup rounds warm up
             for m in METHODS:
                 t0 = time.perf_counter()
                 r = score_fields(trained.model, trained.dataset, m, split, cfg.train.eval_batch_size, env)
                 wall[m].append(time.perf_counter() - t0)
                 seconds[m].append(r.scoring_seconds)
                 fields, samples = len(r.fields), r.samples
-        med = {m: statistics.median(s[1:]) for m, s in seconds.items()}
-        med_wall = {m: statistics.median(s[1:]) for m, s in wall.items()}
+        med = {m: statistics.median(s[args.warmup:]) for m, s in seconds.items()}
+        med_wall = {m: statistics.median(s[args.warmup:]) for m, s in wall.items()}
         rows.append({
             "dataset": name, "fields": fields, "rows": samples, "split": split,
             "seconds": med, "all_seconds": seconds, "wall_seconds": med_wall, "all_wall_seconds": wall,
             "permutation_over_taylor": med["permutation"] / med["taylor"],
             "permutation_over_taylor_signed": med["permutation"] / med["taylor-signed"],
             "permutation_over_taylor_wall": med_wall["permutation"] / med_wall["taylor"],
-            "wall_spread": {m: [min(s[1:]), max(s[1:])] for m, s in wall.items()},
+            "wall_spread": {m: [min(s[args.warmup:]), max(s[args.warmup:])] for m, s in wall.items()},
             "goal_n_over_4": fields / 4,
         })
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     lines = [
-        f"`bench/importance_speed.py --repeats {args.repeats} --eval-rows {args.eval_rows}` (1 rank, CPU; median of "
+        f"`bench/importance_speed.py --repeats {args.repeats} --eval-rows {args.eval_rows} --warmup {args.warmup}` (1 rank, CPU; median of "
         f"{args.repeats} timed rounds; wall = the whole call, reading included, [min, max])",
         "",
         "| data | fields (N) | rows scored | taylor s | taylor-signed s | permutation s | perm / taylor | perm / taylor-signed | goal N/4 "
