@@ -76,7 +76,8 @@ class DataConfig:
             raise ConfigError("dataset.fold (--fold) needs --folds K (k-fold cross-validation)")
         if self.folds and not 0 <= (self.fold or 0) < self.folds:
             raise ConfigError(f"dataset.fold={self.fold} (--fold) must be in [0, {self.folds})")
-        if not 0.0 <= self.selection_fraction < 1.0 or round(100 * self.selection_fraction) != 100 * self.selection_fraction:
+        hundredths = 100 * self.selection_fraction
+        if not 0.0 <= self.selection_fraction < 1.0 or abs(hundredths - round(hundredths)) > 1e-9:
             raise ConfigError(
                 f"dataset.selection_fraction={self.selection_fraction} (--selection-fraction) must be in [0, 1) "
                 "in steps of 0.01"
@@ -382,11 +383,11 @@ class JobConfig:
         if p.max_auc_drop < 0:
             raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
         if p.max_rejections < 1:
-            raise ConfigError(f"prune.max_rejections={p.max_rejections} must be >= 1")
+            raise ConfigError(f"prune.max_rejections={p.max_rejections} (--max-rejections) must be >= 1")
         if not 0.0 <= p.min_saving < 1.0:
-            raise ConfigError(f"prune.min_saving={p.min_saving} must be in [0, 1)")
+            raise ConfigError(f"prune.min_saving={p.min_saving} (--min-saving) must be in [0, 1)")
         if not 0.5 <= p.confidence < 1.0:
-            raise ConfigError(f"prune.confidence={p.confidence} must be in [0.5, 1)")
+            raise ConfigError(f"prune.confidence={p.confidence} (--confidence) must be in [0.5, 1)")
         c = self.compress
         if c.quant_epochs < 0 or c.quant_evals_per_epoch < 0:
             raise ConfigError("compress.quant_epochs and compress.quant_evals_per_epoch must be >= 0")

@@ -114,14 +114,18 @@ def write_report(run: str | Path) -> Path:
         res = pr.get("selection_resolution")
         if res:
             lines += [
-                f"The stop test: a step is kept when the one-sided upper bound of its paired dev AUC drop (DeLong's "
+                f"The stop test: a step is kept when the one-sided upper bound of its paired AUC drop on the selection split (DeLong's "
                 f"standard error, confidence {res['confidence']} over all steps) is within {res['max_auc_drop']}. "
-                f"The selection split ({res['selection_rows']:,} rows) measures the base model's AUC to a standard error of "
-                f"{res['selection_auc_standard_error']:.4f}.",
+                f"The selection split ({res.get('selection_rows', res.get('dev_rows', 0)):,} rows) measures the base "
+                f"model's AUC to a standard error of "
+                f"{res.get('selection_auc_standard_error', res.get('dev_auc_standard_error', float('nan'))):.4f}.",
                 "",
             ]
             if res.get("warning"):
                 lines += [f"**Warning:** {res['warning']}.", ""]
+        if st["base"].get("given_checkpoint"):
+            lines += ["The base model came from `--checkpoint` (trained elsewhere): if its early stopping read dev, it read "
+                      "the confirmation split too, which favours the base model in the figures below.", ""]
         for stage, what in (("prune", "the pruned model"), ("quantize", "the final (pruned, quantized) model")):
             c = st.get(stage, {}).get("confirmation")
             if c:
@@ -137,7 +141,7 @@ def write_report(run: str | Path) -> Path:
             lines += [f"| {r['field']} | {r['score']:.6g} |" for r in info["importance"]["ranking"]]
             lines += ["", "![importance](prune/importance/importance.png)", ""]
         lines += ["Iterations (`prune/prune_log.csv`):", "",
-                  "| iteration | removed | memory | dev AUC | dev drop (SE) | drop upper bound | test AUC | kept |",
+                  "| iteration | removed | memory | selection AUC | selection drop (SE) | drop upper bound | test AUC | kept |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in info["prune_log"]:
             drop = (f"{r['dev_auc_drop']:+.4f} ({r['dev_auc_drop_standard_error']:.4f}) | {r['dev_auc_drop_upper_bound']:+.4f}"

@@ -35,7 +35,7 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
     report = (straight / "report.md").read_text()
     for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png",
-                 "The stop test: a step is kept when the one-sided upper bound", "| dev drop (SE) | drop upper bound |",
+                 "The stop test: a step is kept when the one-sided upper bound", "| selection drop (SE) | drop upper bound |",
                  "Confirmation split (1,000 rows, read by no decision), the final (pruned, quantized) model",
                  # dim 8: all-int8 rows take 0.5 of fp32, so the 0.3 target is missed, and the report says so
                  "## Targets", "target 0.3: **missed** by", "clipped up to 0.500", "so the pipeline misses --target-memory 0.3"):

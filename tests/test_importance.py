@@ -456,3 +456,14 @@ def test_prune_tries_the_next_candidate_after_a_rejection_when_asked(tmp_path):
     assert rows[1]["scoring_seconds"] == rows[2]["scoring_seconds"]  # the same scores, not a second scoring
     assert rows[2]["z"] > rows[1]["z"]
     assert m["kept_fields"] == rows[0]["kept"] and m["pruned_fields"] == []
+
+
+def test_fields_with_no_expected_cost_go_first_largest_first():
+    """Zero or negative scores (Permutation on noise fields) cost nothing expected: the largest
+    such table goes first, then the others by score per byte."""
+    from shark_torchrec.importance.scoring import FieldImportance
+
+    imp = FieldImportance("permutation", ["small", "big", "zero", "pos"], [-0.0001, -0.001, 0.0, 0.01], 0.0, 100,
+                          prunable=["small", "big", "zero", "pos"])
+    sizes = {"small": 1_000, "big": 100_000_000, "zero": 50_000, "pos": 10_000_000}
+    assert imp.removal_order(sizes, "per-byte", 0.0) == ["big", "zero", "small", "pos"]

@@ -64,6 +64,8 @@ class Dataset:
         With `--selection-fraction F` the selection split is the carved part of train and
         `confirm` all of dev; without, dev's even lines select and its odd lines confirm.
         Disjoint by construction: carved by line position, residues that do not overlap."""
+        if CONFIRM in self.splits:
+            return self  # already the decision view (a second carving would halve dev again)
         splits = dict(self.splits)
         if SELECTION in splits:
             splits["dev"], splits[CONFIRM] = splits.pop(SELECTION), self.splits["dev"]

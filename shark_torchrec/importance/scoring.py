@@ -91,7 +91,11 @@ class FieldImportance:
         rows = [r for r in self.ranking() if r["field"] in self.prunable
                 and field_bytes.get(r["field"], 0) >= min_saving * total and field_bytes.get(r["field"], 0) > 0]
         if order == "per-byte":
-            rows.sort(key=lambda r: r["score"] / field_bytes[r["field"]])  # stable: ties keep the ranking's order
+            # A field whose score is 0 or negative costs nothing expected to remove: the
+            # largest of those go first; then the rest by score per byte (stable sort: ties
+            # keep the ranking's order).
+            rows.sort(key=lambda r: (0, -field_bytes[r["field"]]) if r["score"] <= 0
+                      else (1, r["score"] / field_bytes[r["field"]]))
         return [r["field"] for r in rows]
 
     def mean_of(self, name: str) -> torch.Tensor:
@@ -146,10 +150,11 @@ class FieldView:
 
 
 def _batch_bytes(batch) -> int:
-    """Bytes a batch holds (dense features, ids and lengths, labels, weights)."""
-    kjt = batch.sparse_features
-    tensors = (batch.dense_features, kjt.values(), kjt.lengths(), batch.labels, batch.sample_weights)
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes a batch's slots take, counting one id per field and slot (dense features, ids and
+    lengths, labels, weights). From the local batch's fixed size, not the ids it happens to
+    hold, so that every rank makes the same caching decisions (its lookups are collectives)."""
+    slots, fields = batch.labels.numel(), len(batch.sparse_features.keys())
+    return slots * (4 * batch.dense_features.shape[1] + fields * (8 + 4) + 4 + 4)
 
 
 def _sample_losses(logits: torch.Tensor, batch) -> torch.Tensor:

@@ -145,6 +145,9 @@ def run_base(cfg: JobConfig, out: Path, env: DistEnv):
         "test_auc": metrics["test_auc"],
         "dev_auc": metrics["dev_auc"],
         "embedding_bytes": metrics["embedding_bytes"],
+        # A base given by --checkpoint was trained elsewhere: its early stopping may have read
+        # the confirmation split (the report says so).
+        "given_checkpoint": str(b.run.checkpoint or ""),
     }
     return record, trained
 
@@ -180,12 +183,18 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
         "selection_resolution": base_metrics["resolution"],
         "confirmation": base_metrics["confirmation"],
         "base_confirm": str(stage_dir / CONFIRM_BASE_FILE),
+        "world_size": env.world_size,  # the order of the saved predictions (rank-interleaved)
         "dev_auc": last["dev_auc"],
         "test_auc": last["test_auc"],
     }
 
 
 def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]):
+    if "base_confirm" in pruned and pruned.get("world_size", env.world_size) != env.world_size:
+        raise CheckpointError(
+            f"the prune stage of this run ran on {pruned['world_size']} processes and this one on {env.world_size}: "
+            "the confirmation check pairs predictions gathered in that order; resume with the same --nproc"
+        )
     budget, budget_reason = quant_budget(cfg, pruned["memory_ratio"])
     q = _stage_config(cfg, out, "quantize")
     q.model.kept_fields = tuple(pruned["kept_fields"])

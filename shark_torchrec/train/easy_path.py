@@ -68,11 +68,13 @@ def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: D
         entries also their paired difference to the final model (theirs - ours) and its SE.
     """
     env = DistEnv(0, 1, torch.device("cpu"), "none")
-    base, _ = load_trained_model(base_checkpoint)
+    base, bcfg = load_trained_model(base_checkpoint)
     final, fcfg = load_trained_model(final_checkpoint)
     final = to_inference(final)
+    # Each model reads its own fields (a base given by --checkpoint may itself be pruned).
+    base_data = data.with_fields(list(bcfg.model.kept_fields)) if bcfg.model.kept_fields else data
     final_data = data.with_fields(list(fcfg.model.kept_fields)) if fcfg.model.kept_fields else data
-    base_logits, labels = predict(base, data, CONFIRM, eval_batch, env)
+    base_logits, labels = predict(base, base_data, CONFIRM, eval_batch, env)
     final_logits, final_labels = predict(final, final_data, CONFIRM, eval_batch, env)
     if not torch.equal(labels, final_labels):
         raise RuntimeError("the confirmation split's labels differ between the base and the final model")
@@ -90,7 +92,7 @@ def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: D
     quantized = {}
     for name, dtype in TORCHREC_POST_TRAINING.items():
         q = quantized[name] = torchrec_quantized(base, dtype)
-        logits, _ = predict(q, data, CONFIRM, eval_batch, env)
+        logits, _ = predict(q, base_data, CONFIRM, eval_batch, env)
         rec = entry(logits, allocated_bytes(q.model.sparse_arch.embedding_bag_collection))
         vs = paired_auc(logits.numpy(), final_logits.numpy(), y)
         rec.update(minus_final=vs.difference, minus_final_standard_error=vs.standard_error)

@@ -14,10 +14,12 @@ from shark_torchrec.data import Dataset
 from shark_torchrec.distributed.env import DistEnv
 
 
-def gather_valid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's valid entries, in rank order (uneven counts allowed)."""
+def gather_valid(values: torch.Tensor, valid: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's valid entries, in rank order (uneven counts allowed). A job of
+    `world_size` 1 gathers nothing, also inside a multi-process group (one rank evaluating a
+    model of its own)."""
     local = values[valid]
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if world_size == 1 or not dist.is_initialized() or dist.get_world_size() == 1:
         return local
     n = torch.tensor([local.numel()], dtype=torch.long)
     counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
@@ -55,7 +57,7 @@ def predict(
         valid.append(w.cpu() > 0)
     model.train(was_training)
     v = torch.cat(valid)
-    return gather_valid(torch.cat(logits), v), gather_valid(torch.cat(labels), v)
+    return gather_valid(torch.cat(logits), v, env.world_size), gather_valid(torch.cat(labels), v, env.world_size)
 
 
 def evaluate(model, dataset: Dataset, split: str, global_batch: int, env: DistEnv, progress: bool = False) -> Dict[str, float]:

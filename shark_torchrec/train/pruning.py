@@ -28,6 +28,7 @@ from statistics import NormalDist
 from typing import Any, Dict, Iterator, List
 
 import torch
+import torch.distributed as dist
 
 from shark_torchrec.config import ConfigError, JobConfig
 from shark_torchrec.data import CONFIRM, Batch, Dataset, open_dataset
@@ -240,6 +241,10 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     show = cfg.run.progress and env.is_main
     steps_root = out_dir / "prune_steps"
     base_cfg = adopt_checkpoint_model(cfg)
+    if env.is_main:  # a restarted loop starts over: steps of an earlier attempt would pass for this one's
+        shutil.rmtree(steps_root, ignore_errors=True)
+    if env.world_size > 1:
+        dist.barrier()
 
     confirm_logits, confirm_labels = predict(base.model, base.dataset, CONFIRM, t.eval_batch_size, env)
     base_confirm = {"logits": confirm_logits, "labels": confirm_labels}
@@ -309,7 +314,7 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         nbytes = _bytes(pruned.model, pruned.optimizer, pruned.configs)
         logits, labels = predict(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
         if not torch.equal(labels, dev_labels):
-            raise RuntimeError(f"iteration {iteration}: the dev split's labels changed order; the paired test needs the same rows")
+            raise RuntimeError(f"iteration {iteration}: the selection split's labels changed order; the paired test needs the same rows")
         decision = drop_test(paired_auc(logits.numpy(), base_logits.numpy(), labels.numpy()), p.max_auc_drop, p.confidence, iteration)
         ok = decision.accepted
         row = {
