@@ -72,3 +72,23 @@ def test_a_checkpoint_trained_on_the_selection_lines_is_refused(tmp_path):
     for value in ("0.005", "1.0"):
         bad = run_shark("train", *TINY, "--selection-fraction", value, "--out-dir", str(tmp_path / "x"), check=False)
         assert bad.returncode != 0 and "--selection-fraction" in bad.stderr
+
+
+def test_splits_too_small_to_decide_on_are_refused_naming_the_fix():
+    tiny = open_dataset(DataConfig(synthetic_train_rows=1000, synthetic_eval_rows=1, synthetic_scale=0.02))
+    with pytest.raises(Exception, match="the confirmation split is empty: dev has 1 rows.*--selection-fraction F"):
+        tiny.decision_splits()
+    view = open_dataset(DataConfig(synthetic_train_rows=1000, synthetic_eval_rows=10, synthetic_scale=0.02)).decision_splits()
+    assert view.decision_splits() is view  # idempotent: dev is not halved twice
+
+
+def test_a_selection_split_of_one_class_is_refused_naming_it(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = {"train": [f"{i % 2},a{i % 5},b{i % 3}" for i in range(400)], "dev": [f"0,a{i % 5},b{i % 3}" for i in range(40)],
+            "test": [f"{i % 2},a{i % 5},b{i % 3}" for i in range(40)]}
+    for s, lines in rows.items():
+        (data / f"{s}.csv").write_text("label,c,d\n" + "\n".join(lines) + "\n")
+    bad = run_shark("prune", "--data", f"csv:{data}", "--epochs", "1", "--batch-size", "64", "--eval-batch-size", "64",
+                    "--embedding-dim", "8", "--no-progress", "--out-dir", str(tmp_path / "p"), check=False)
+    assert bad.returncode != 0 and "the selection split's 20 rows are all negative" in bad.stderr, bad.stderr[-2000:]

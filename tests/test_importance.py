@@ -400,15 +400,19 @@ def test_prune_stops_at_the_target_memory(tmp_path):
 
 
 def test_prune_stops_at_the_auc_bound_and_keeps_the_previous_model(tmp_path):
-    out, m = prune_cli(tmp_path, "auc", "--target-memory", "0.01", "--max-auc-drop", "0", "--finetune-epochs", "0")
+    """A bound no removal meets, with --max-rejections 2: two different candidates are tried
+    from the same model (scored once), both rejected, each test at its own share of the error
+    rate (z grows); then the loop stops and keeps the base model."""
+    out, m = prune_cli(tmp_path, "auc", "--target-memory", "0.01", "--max-auc-drop", "0", "--finetune-epochs", "0",
+                       "--max-rejections", "2", "--min-saving", "0")
     assert m["stop_reason"] == "max_auc_drop"
     rows = m["iterations"]
-    assert not rows[-1]["accepted"] and all(r["accepted"] for r in rows[:-1])
-    assert rows[-1]["dev_auc"] < rows[0]["dev_auc"]
-    kept_model = rows[-2]
-    assert m["kept_fields"] == kept_model["kept"]
-    assert m["dev_auc"] == pytest.approx(kept_model["dev_auc"], abs=1e-6)
-    assert m["dev_auc"] >= rows[0]["dev_auc"]
+    assert len(rows) == 3 and rows[0]["accepted"] and not rows[1]["accepted"] and not rows[2]["accepted"]
+    assert rows[1]["removed"] != rows[2]["removed"]
+    assert rows[1]["scoring_seconds"] == rows[2]["scoring_seconds"]  # the same scores, not a second scoring
+    assert rows[2]["z"] > rows[1]["z"]
+    assert m["kept_fields"] == rows[0]["kept"] and m["pruned_fields"] == []
+    assert m["dev_auc"] == pytest.approx(rows[0]["dev_auc"], abs=1e-6)
     assert m["base_test_auc"] == pytest.approx(rows[0]["test_auc"])
     # The stop is the drop test's: the rejected step's upper bound (drop + z x DeLong's SE) is
     # over the bound, and a dev split that cannot resolve the bound is reported before pruning.
@@ -443,19 +447,6 @@ def test_fields_are_removed_by_importance_per_byte_and_negligible_ones_are_skipp
     with pytest.raises(ValueError, match="removal order"):
         imp.removal_order(sizes, "alphabetical")
 
-
-def test_prune_tries_the_next_candidate_after_a_rejection_when_asked(tmp_path):
-    """--max-rejections 2 with a bound no removal meets: two different candidates are tried
-    from the same model (scored once), both rejected, then the loop stops with the base
-    fields kept; each test at its own share of the error rate (z grows)."""
-    out, m = prune_cli(tmp_path, "rej", "--target-memory", "0.01", "--max-auc-drop", "0", "--finetune-epochs", "0",
-                       "--max-rejections", "2", "--min-saving", "0")
-    rows = m["iterations"]
-    assert m["stop_reason"] == "max_auc_drop" and len(rows) == 3
-    assert not rows[1]["accepted"] and not rows[2]["accepted"] and rows[1]["removed"] != rows[2]["removed"]
-    assert rows[1]["scoring_seconds"] == rows[2]["scoring_seconds"]  # the same scores, not a second scoring
-    assert rows[2]["z"] > rows[1]["z"]
-    assert m["kept_fields"] == rows[0]["kept"] and m["pruned_fields"] == []
 
 
 def test_fields_with_no_expected_cost_go_first_largest_first():

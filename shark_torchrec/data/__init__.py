@@ -72,6 +72,17 @@ class Dataset:
         else:
             dev = self.splits["dev"]
             splits["dev"], splits[CONFIRM] = dev.subset(2, (0,)), dev.subset(2, (1,))
+        for name, what in (("dev", "selection"), (CONFIRM, "confirmation")):
+            try:
+                rows = splits[name].num_lines()
+            except DataError:
+                rows = 0
+            if rows == 0:
+                raise DataError(
+                    f"the {what} split is empty: dev has {self.splits['dev'].num_lines()} rows and "
+                    f"--selection-fraction {'carves' if SELECTION in self.splits else 'is 0, so dev is halved'}; "
+                    "prune and compress need rows in both (a larger dev split, or --selection-fraction F)"
+                )
         view = Dataset(self.schema, splits, self.encoder, self.truth, self.layout)
         view.full_schema, view.columns = self.full_schema, self.columns
         return view
