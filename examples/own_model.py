@@ -232,7 +232,7 @@ def main() -> int:
         print(json.dumps(result))
     # Both ranks done before the group goes: tearing gloo down while the other rank still
     # finishes its last collective aborted rank 0 ("terminate called without an active
-    # exception") in 2 of 34 runs here.
+    # exception") in 2 of 25 runs here.
     dist.barrier()
     dist.destroy_process_group()
     return 0
