@@ -343,25 +343,23 @@ def quantize_checked(fp: FP32Model, method: Method):
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
         rounded_row_size_in_bytes,
     )
-    from torchrec.inference.modules import quantize_embeddings
+    from shark_torchrec.train.easy_path import allocated_bytes, quantized_collection
 
     torch = fp.torch
     dtype = getattr(torch, method.qdtype)
     want = {16: SparseType.FP16, 8: SparseType.INT8, 4: SparseType.INT4, 2: SparseType.INT2}[method.bits]
-    q = quantize_embeddings(torch.nn.Sequential(fp.ebc), dtype=dtype, inplace=False)[0].eval()
+    q = quantized_collection(fp.ebc, dtype)
     tbes = list(q._emb_modules)
     tys = {SparseType.from_int(int(t)) for tbe in tbes for t in tbe.weights_tys}
     if tys != {want}:
         raise SystemExit(f"{method.name}: quantize_embeddings built tables of {sorted(map(str, tys))}, not {want}")
     state = q.state_dict()
-    allocated = 0
     for c in fp.configs:
         w = state[f"embedding_bags.{c.name}.weight"].view(torch.uint8)  # UInt4/UInt2Tensor: the packed bytes
         row = rounded_row_size_in_bytes(c.embedding_dim, want, getattr(tbes[0], "row_alignment", 16))
         if tuple(w.shape) != (c.num_embeddings, row):
             raise SystemExit(f"{method.name}: table {c.name} holds {tuple(w.shape)} bytes, expected ({c.num_embeddings}, {row})")
-    for t in state.values():
-        allocated += t.view(torch.uint8).numel() if t.dtype == torch.uint8 else t.numel() * t.element_size()
+    allocated = allocated_bytes(q)
     tbe_buffer = sum(int(getattr(tbe, n).numel() * getattr(tbe, n).element_size())
                      for tbe in tbes for n in ("weights_host", "weights_dev", "weights_uvm"))
     # Every row looked up once: distinct values per row and the error against the fp32 row.

@@ -67,10 +67,6 @@ class FieldImportance:
         """Fields from least to most important."""
         return rank_fields(self.fields, self.scores)
 
-    def lowest(self, k: int) -> List[str]:
-        """The k least important prunable fields."""
-        return [r["field"] for r in self.ranking() if r["field"] in self.prunable][:k]
-
     def removal_order(self, field_bytes: Dict[str, int], order: str = "per-byte", min_saving: float = 0.0) -> List[str]:
         """Prunable fields in the order to remove them, most removable first.
 

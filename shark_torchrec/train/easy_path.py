@@ -26,16 +26,19 @@ from shark_torchrec.train.export import load_trained_model, to_inference
 TORCHREC_POST_TRAINING = {"int8": torch.qint8, "int4": torch.quint4x2}
 
 
-def torchrec_quantized(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of a loaded fp32 DLRM whose embedding collection is TorchRec's post-training
-    quantization of it (`quantize_embeddings`, as a TorchRec user would call it)."""
+def quantized_collection(ebc: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """TorchRec's post-training quantization of an fp32 embedding collection
+    (`quantize_embeddings`, as a TorchRec user would call it), in eval mode; `ebc` is kept."""
     from torchrec.inference.modules import quantize_embeddings
 
+    return quantize_embeddings(torch.nn.Sequential(ebc), dtype=dtype, inplace=False)[0].eval()
+
+
+def torchrec_quantized(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of a loaded fp32 DLRM whose embedding collection is `quantized_collection` of its own."""
     out = copy.deepcopy(model)
     arch = out.model.sparse_arch
-    arch.embedding_bag_collection = quantize_embeddings(
-        torch.nn.Sequential(arch.embedding_bag_collection), dtype=dtype, inplace=False
-    )[0].eval()
+    arch.embedding_bag_collection = quantized_collection(arch.embedding_bag_collection, dtype)
     return out
 
 

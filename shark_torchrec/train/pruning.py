@@ -214,25 +214,31 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
     as it is (epoch 0) and after each epoch: a model that has already seen all of train can
     overfit when it sees it again, and then fine-tuning must not be kept.
 
-    Returns (dev, test metrics, checkpoint of the kept state, epochs kept)."""
+    Returns (dev metrics, test metrics, checkpoint of the kept state, epochs kept, the kept
+    state's (logits, labels) on dev, for the paired stop test)."""
     p, t = cfg.prune, cfg.train
     shapes = table_shapes(pruned.configs)
     meta = _meta(pruned.cfg, TrainState(step=iteration), pruned.configs, env, pruned.dataset.full_schema)
-    dev = evaluate(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
-    best, best_epoch = dev, 0
+
+    def on_dev():
+        logits, labels = predict(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
+        return binary_metrics(logits, labels), (logits, labels)
+
+    dev, predictions = on_dev()
+    best, best_epoch, best_predictions = dev, 0, predictions
     ckpt = save_checkpoint(root, 0, pruned.model, pruned.optimizer, meta, keep=1)
     for epoch in range(1, p.finetune_epochs + 1):
         support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration * 10 + epoch)
         train_steps(pruned.model, pruned.optimizer, support, env, cfg.quant.precision, desc=f"fine-tune {iteration}.{epoch}",
                     show=show, max_steps=t.max_steps)
-        dev = evaluate(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
+        dev, predictions = on_dev()
         if dev["auc"] > best["auc"]:
-            best, best_epoch = dev, epoch
+            best, best_epoch, best_predictions = dev, epoch, predictions
             ckpt = save_checkpoint(root, epoch, pruned.model, pruned.optimizer, meta, keep=1)
     if best_epoch != p.finetune_epochs:
         load_checkpoint(ckpt, pruned.model, pruned.optimizer, shapes, cfg.quant.precision)
     test = evaluate(pruned.model, pruned.dataset, "test", t.eval_batch_size, env)
-    return best, test, ckpt, best_epoch
+    return best, test, ckpt, best_epoch, best_predictions
 
 
 def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
@@ -317,9 +323,8 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         pruned = prune_tables(
             accepted.model, accepted.optimizer, accepted.cfg, accepted.dataset, env, removed, accepted.checkpoint, means
         )
-        dev, test, ckpt, epochs = finetune(cfg, pruned, env, steps_root / f"iteration_{iteration:03d}", iteration, show)
+        dev, test, ckpt, epochs, (logits, labels) = finetune(cfg, pruned, env, steps_root / f"iteration_{iteration:03d}", iteration, show)
         nbytes = _bytes(pruned.model, pruned.optimizer, pruned.configs)
-        logits, labels = predict(pruned.model, pruned.dataset, "dev", t.eval_batch_size, env)
         if not torch.equal(labels, dev_labels):
             raise RuntimeError(f"iteration {iteration}: the selection split's labels changed order; the paired test needs the same rows")
         decision = drop_test(paired_auc(logits.numpy(), base_logits.numpy(), labels.numpy()), p.max_auc_drop, p.confidence, iteration)
