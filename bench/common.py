@@ -1,8 +1,11 @@
-"""Helpers the benchmark scripts share: arguments after `--`, and one `shark train` run."""
+"""Helpers the benchmark scripts share: arguments after `--`, one `shark train` run, and the
+statistics of paired differences and of error rates."""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +29,78 @@ def shark_train(args: Sequence[str], out: Path) -> Dict:
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return json.loads((out / "m.json").read_text())
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (Numerical Recipes)."""
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+            c = 1.0 + aa / c
+            c = c if abs(c) > 1e-300 else 1e-300
+            h *= d * c
+            if aa < 0 and abs(d * c - 1.0) < 1e-15:
+                return h
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1 - x) / b
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile for p in (0.5, 1), by bisection on the CDF."""
+    def cdf(t: float) -> float:
+        return 1.0 - 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+
+    lo, hi = 0.0, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(diffs: Sequence[float]) -> dict:
+    n = len(diffs)
+    mean = statistics.mean(diffs) if diffs else float("nan")
+    if n < 2:
+        return {"mean": mean, "se": float("nan"), "ci": (float("nan"), float("nan")), "n": n}
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    h = t_quantile(0.975, n - 1) * se
+    return {"mean": mean, "se": se, "ci": (mean - h, mean + h), "n": n}
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Tuple[float, float]:
+    """The exact (Clopper-Pearson) two-sided interval of a binomial rate from k of n.
+
+    Args:
+        k: events (runs over the bound).
+        n: trials (runs).
+        confidence: of the interval.
+
+    Returns:
+        (lower, upper).
+    """
+    alpha = 1.0 - confidence
+
+    def beta_quantile(p: float, a: float, b: float) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _betainc(a, b, mid) < p else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if k == 0 else beta_quantile(alpha / 2, k, n - k + 1)
+    upper = 1.0 if k == n else beta_quantile(1 - alpha / 2, k + 1, n - k)
+    return lower, upper

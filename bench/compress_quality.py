@@ -1,14 +1,24 @@
-"""The paper's Table 4 on our data: base, F-Q, F-P and F-Q + F-P, over paired seeds.
+"""Can a user trust `shark compress`? Over many seeds (or folds x seeds): how often the served
+model's test AUC drop from the base model exceeds `--max-auc-drop`, with its binomial interval,
+the memory each run saved, and the served model beside TorchRec's post-training int8 and int4
+of the same base model, on test (which no decision of the pipeline reads).
 
-    .venv/bin/python bench/compress_quality.py --seeds 5 --out DIR -- --data csv:../shared/data/frappe --label click \\
-        --epochs 10 --early-stopping-patience 2 --target-memory 0.25 --max-auc-drop 0.002
+    .venv/bin/python bench/compress_quality.py --seeds 10 --out DIR -- --data csv:../shared/data/frappe \\
+        --label click --epochs 10 --early-stopping-patience 2 --target-memory 0.15 --max-auc-drop 0.002 \\
+        --tiers fp32 fp16 int8 int4 int2 --fallback torchrec
+    ... --dev-rows 500 ...          # the small-dev variant: dev cut to its first 500 lines
+    ... --cv 5 --seeds 2 ...        # k-fold (--folds/--fold) x seeds, e.g. criteo_kaggle_8k
 
-Per seed (`--seed s`, or fold s with `--cv`): one `shark compress` run in DIR/runs/s<s> (base,
-F-P, F-Q + F-P), then baselines written into that run's `baselines/` folder, each starting from
-the same base checkpoint: `fq` (F-Q alone: our module at the budget max(R, int8 floor)),
-`fp16`, `int8` and `freq` (the same fine-tuning), and `fp_permutation` (the pruning loop ranked
-by Permutation). Then `shark report` for the run. Memory is embedding bytes over the base
-model's fp32 bytes. Finished seeds are kept (the script resumes).
+Per run (seed s, fold f): one `shark compress` run in DIR/runs/s<s>[f<f>] (resumed if cut off),
+then rank-0 predictions on test of the base model, ours (the pruned, quantized model as
+served), and TorchRec's int8 and int4 of the base model (`quantize_embeddings`), each paired
+against the base model. "Served" is what the run exported (`export.json` `exported_model`:
+ours, or with `--fallback torchrec` a TorchRec model chosen on the selection split). Memory
+is embedding bytes as allocated over the base model's fp32 bytes. Finished runs are kept in
+DIR/results.json (the script resumes); DIR/table.md and DIR/drop_vs_memory.png are rewritten.
+
+`--table4` also writes the paper's Table 4 baselines into each run's `baselines/` (F-Q alone,
+fp16-all, int8-all, freq, Permutation pruning), as `shark report` shows them.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,13 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import split_passthrough  # noqa: E402
+from common import clopper_pearson, paired, split_passthrough  # noqa: E402
 from shark_torchrec.config import parse_cli  # noqa: E402
-from shark_torchrec.data import open_dataset  # noqa: E402
-from shark_torchrec.precision.priority import min_budget  # noqa: E402
 
 SHARK = str(Path(sys.executable).parent / "shark")
-ROWS = ("base (fp32)", "F-Q", "F-P", "F-Q + F-P")
+MODELS = ("served", "final", "torchrec-int4", "torchrec-int8")
+NAMES = {"served": "served (what the run exported)", "final": "ours (F-P + F-Q)",
+         "torchrec-int4": "TorchRec int4 of the base", "torchrec-int8": "TorchRec int8 of the base"}
 
 
 def sh(*args: str) -> None:
@@ -42,14 +54,169 @@ def sh(*args: str) -> None:
         raise SystemExit(f"failed: shark {' '.join(args)}\n{proc.stderr[-3000:]}")
 
 
-def one_seed(extra, seed: int, cv: int, run: Path) -> dict:
-    common = [*extra, "--seed", str(seed), "--no-progress"] + (["--folds", str(cv), "--fold", str(seed)] if cv else [])
+def small_dev(extra: list[str], rows: int) -> list[str]:
+    """`extra` with `--data csv:DIR` pointing at a copy of DIR whose dev file keeps its header and
+    first `rows` lines (made once under the system's temp folder, never in the repository; the
+    other files are links)."""
+    i = extra.index("--data")
+    kind, _, src = extra[i + 1].partition(":")
+    if kind != "csv":
+        raise SystemExit("--dev-rows needs --data csv:DIR")
+    src_dir = Path(src).resolve()
+    dst = Path(tempfile.gettempdir()) / "shark-bench-data" / f"{src_dir.name}-dev{rows}"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src_dir.iterdir():
+        target = dst / f.name
+        if f.stem == "dev":
+            if not target.is_file():
+                with f.open() as inp:
+                    lines = [next(inp) for _ in range(rows + 1)]
+                tmp = target.with_suffix(".tmp")
+                tmp.write_text("".join(lines))
+                tmp.replace(target)
+        elif not target.exists():
+            target.symlink_to(f)
+    return [*extra[: i + 1], f"csv:{dst}", *extra[i + 2 :]]
+
+
+def test_figures(run: Path, cfg, seed: int) -> dict:
+    """Test AUC of the base model, ours and TorchRec's int8/int4 of the base, each paired
+    against the base model (one process)."""
+    import torch
+
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.distributed.env import DistEnv
+    from shark_torchrec.importance.significance import paired_auc
+    from shark_torchrec.train.easy_path import TORCHREC_POST_TRAINING, torchrec_quantized
+    from shark_torchrec.train.evaluation import predict
+    from shark_torchrec.train.export import load_trained_model, to_inference
+
+    stages = json.loads((run / "stages.json").read_text())
+    env = DistEnv(0, 1, torch.device("cpu"), "none")
+    data = open_dataset(cfg.dataset, seed).decision_splits()
+    base, _ = load_trained_model(stages["base"]["checkpoint"])
+    final, fcfg = load_trained_model(stages["quantize"]["checkpoint"])
+    models = {"base": (base, data), "final": (to_inference(final), data.with_fields(list(fcfg.model.kept_fields)))}
+    for name, dtype in TORCHREC_POST_TRAINING.items():
+        models[f"torchrec-{name}"] = (torchrec_quantized(base, dtype), data)
+    logits = {}
+    with torch.no_grad():
+        for key, (model, view) in models.items():
+            logits[key], y = predict(model, view, "test", cfg.train.eval_batch_size, env)
+    out = {}
+    for key in models:
+        p = paired_auc(logits[key].numpy(), logits["base"].numpy(), y.numpy())
+        out[key] = {"test_auc": p.auc_a, "test_drop": -p.difference, "test_drop_se": p.standard_error}
+    return out
+
+
+def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path, table4: bool) -> dict:
+    common = [*extra, "--seed", str(seed), "--no-progress"] + (["--folds", str(folds), "--fold", str(fold)] if folds else [])
     cfg = parse_cli(common, prog="compress_quality")
+    t0 = time.perf_counter()
     if not (run / "metrics.json").is_file():
         sh("compress", *common, "--out", str(run), *(["--resume"] if (run / "stages.json").is_file() else []))
+    seconds = time.perf_counter() - t0
+    metrics = json.loads((run / "metrics.json").read_text())
+    easy = metrics["export"]["easy_path"]
+    models = test_figures(run, cfg, seed)
+    for key in ("base", "final", "torchrec-int4", "torchrec-int8"):
+        models[key]["memory"] = easy[key]["memory"]
+        models[key]["confirm_drop"] = easy[key]["drop"]
+    if table4:
+        table4_baselines(common, cfg, seed, run)
+    return {
+        "seed": seed, "fold": fold, "seconds": seconds, "models": models, "served": easy["exported_model"],
+        "served_passed_selection_test": easy["exported_within_bound"],
+        "pruned_fields": metrics["pruned_fields"], "stop_reason": metrics["stop_reason"],
+        "quant_budget": metrics["quant_budget"], "selection_rows": easy.get("selection_rows"), "confirm_rows": easy["rows"],
+        "max_auc_drop": cfg.prune.max_auc_drop,
+    }
+
+
+def served(record: dict, key: str) -> dict:
+    return record["models"][record["served"] if key == "served" else key]
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    bound = records[0]["max_auc_drop"]
+    out = []
+    for key in MODELS:
+        rows = [served(r, key) for r in records]
+        over = sum(m["test_drop"] > bound for m in rows)
+        out.append({
+            "model": key, "n": len(rows), "over": over, "rate": over / len(rows), "rate_ci": clopper_pearson(over, len(rows)),
+            "drop": paired([m["test_drop"] for m in rows]),
+            "drop_range": (min(m["test_drop"] for m in rows), max(m["test_drop"] for m in rows)),
+            "memory": statistics.mean(m["memory"] for m in rows),
+            "memory_range": (min(m["memory"] for m in rows), max(m["memory"] for m in rows)),
+            "vs_int4": paired([m["test_auc"] - r["models"]["torchrec-int4"]["test_auc"] for m, r in zip(rows, records)]),
+        })
+    return out
+
+
+def markdown(records: list[dict], summary: list[dict], command: str) -> str:
+    bound = records[0]["max_auc_drop"]
+    n = len(records)
+    served_counts = {k: sum(r["served"] == k for r in records) for k in ("final", "torchrec-int4", "torchrec-int8")}
+    lines = [f"`{command}`", "",
+             f"{n} runs; bound --max-auc-drop {bound}; test rows per run: the base model's test split. "
+             "Drops are base minus model test AUC, paired per run; rates with Clopper-Pearson 95% intervals; "
+             "memory is embedding bytes as allocated over the base model's fp32 bytes.", "",
+             "| model | runs over the bound | rate [95% CI] | test AUC drop, mean [95% CI] (min, max) | "
+             "memory, mean (min, max) | AUC - TorchRec int4, mean [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for s in summary:
+        d, v = s["drop"], s["vs_int4"]
+        lines.append(
+            f"| {NAMES[s['model']]} | {s['over']}/{s['n']} | {s['rate']:.2f} [{s['rate_ci'][0]:.2f}, {s['rate_ci'][1]:.2f}] | "
+            f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] ({s['drop_range'][0]:+.4f}, {s['drop_range'][1]:+.4f}) | "
+            f"{s['memory']:.3f} ({s['memory_range'][0]:.3f}, {s['memory_range'][1]:.3f}) | "
+            + ("" if s["model"] == "torchrec-int4" else f"{v['mean']:+.4f} [{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}]") + " |")
+    lines += ["", "Served: " + ", ".join(f"{NAMES[k]} {c}" for k, c in served_counts.items()) + ".", "",
+              "| run | fields pruned | F-Q budget | served | passed its selection test | memory saved | test AUC drop | confirm drop |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        m = served(r, "served")
+        name = f"s{r['seed']}" + (f"f{r['fold']}" if r["fold"] is not None else "")
+        lines.append(f"| {name} | {len(r['pruned_fields'])} | {r['quant_budget']:.3f} | {r['served']} | "
+                     f"{'yes' if r['served_passed_selection_test'] else 'no'} | {1 - m['memory']:.3f} | "
+                     f"{m['test_drop']:+.4f} | {m['confirm_drop']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bound = records[0]["max_auc_drop"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, marker in (("final", "o"), ("torchrec-int4", "s"), ("torchrec-int8", "^"), ("served", "x")):
+        rows = [served(r, key) for r in records]
+        ax.scatter([m["memory"] for m in rows], [m["test_drop"] for m in rows], marker=marker, label=NAMES[key],
+                   s=40 if key == "served" else 25, alpha=0.8)
+    ax.axhline(bound, color="k", linestyle="--", linewidth=1, label=f"--max-auc-drop {bound}")
+    ax.ticklabel_format(useOffset=False, style="plain", axis="y")
+    ax.set_xlabel("embedding memory, fraction of the base model's fp32 bytes")
+    ax.set_ylabel("test AUC drop from the base model (per run)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------ the paper's Table 4
+def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> None:
+    """F-Q alone, fp16, int8 and freq from the same base checkpoint, and Permutation pruning,
+    written into the run's `baselines/` (what `shark report` shows beside the pipeline)."""
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.precision.priority import min_budget
+
     base_ckpt = json.loads((run / "stages.json").read_text())["base"]["checkpoint"]
-    data = open_dataset(cfg.dataset, seed)
-    steps = data.num_batches("train", cfg.train.batch_size)
+    steps = open_dataset(cfg.dataset, seed).num_batches("train", cfg.train.batch_size)
     finetune = ["--init-from", base_ckpt, "--epochs", str(cfg.compress.quant_epochs),
                 "--eval-every", str(max(1, steps // max(cfg.compress.quant_evals_per_epoch, 1))), "--early-stopping-patience", "2"]
     budget = math.ceil(max(cfg.prune.target_memory, min_budget(cfg.model.embedding_dim)) * 1e4) / 1e4
@@ -59,59 +226,25 @@ def one_seed(extra, seed: int, cv: int, run: Path) -> dict:
         "int8": ["--precision", "int8"],
         "freq": ["--precision", "freq", "--memory-budget", f"{budget:.4f}"],
     }
+    train_args = _without(common, ("--epochs", "--early-stopping-patience", "--eval-every", "--tiers", "--fallback"))
     for name, flags in baselines.items():
         out = run / "baselines" / name
         if not (out / "metrics.json").is_file():
-            sh("train", *_without(common, ("--epochs", "--early-stopping-patience", "--eval-every")), *finetune, *flags, "--out", str(out))
+            sh("train", *train_args, *finetune, *flags, "--out", str(out))
     out = run / "baselines" / "fp_permutation"
     if not (out / "metrics.json").is_file():
-        sh("prune", *common, "--checkpoint", base_ckpt, "--method", "permutation", "--out", str(out))
+        sh("prune", *_without(common, ("--tiers", "--fallback")), "--checkpoint", base_ckpt, "--method", "permutation", "--out", str(out))
     sh("report", str(run))
-    from shark_torchrec.report import collect
-
-    info = collect(run)
-    by_name = {p["name"]: p for p in info["points"] + info["baselines"]}
-    return {
-        "seed": seed,
-        "rows": {
-            "base (fp32)": by_name["base (fp32)"],
-            "F-Q": by_name["fq"],
-            "F-P": by_name.get("F-P", by_name["base (fp32)"]),
-            "F-Q + F-P": by_name["F-Q + F-P"],
-            **{n: by_name[n] for n in ("fp16", "int8", "freq", "fp_permutation")},
-        },
-        "kept_fields": info["stages"]["prune"]["kept_fields"],
-    }
 
 
-def _without(args, flags):
-    """`args` minus each flag in `flags` and its value."""
+def _without(args: list[str], flags) -> list[str]:
+    """`args` minus each flag in `flags` and its values (up to the next flag)."""
     out, skip = [], False
     for a in args:
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = True
-            continue
-        out.append(a)
-    return out
-
-
-def summarize(results):
-    names = list(results[0]["rows"])
-    out = []
-    for n in names:
-        auc = [r["rows"][n]["auc"] for r in results]
-        diff = [r["rows"][n]["auc"] - r["rows"]["base (fp32)"]["auc"] for r in results]
-        out.append({
-            "name": n,
-            "auc": statistics.mean(auc),
-            "logloss": statistics.mean(r["rows"][n]["logloss"] for r in results),
-            "memory": statistics.mean(r["rows"][n]["memory"] for r in results),
-            "diff": (statistics.mean(diff), statistics.stdev(diff) if len(diff) > 1 else 0.0),
-            "n": len(results),
-        })
+        if a.startswith("--"):
+            skip = a in flags
+        if not skip:
+            out.append(a)
     return out
 
 
@@ -119,48 +252,29 @@ def main() -> None:
     argv = sys.argv[1:]
     own, extra = split_passthrough(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--cv", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--cv", type=int, default=0, help="folds per seed (--folds/--fold); 0: the given splits")
+    p.add_argument("--dev-rows", type=int, default=0, help="cut dev to its first N lines (csv data)")
+    p.add_argument("--table4", action="store_true", help="also the paper's Table 4 baselines per run")
     p.add_argument("--out", required=True)
     args = p.parse_args(own)
+    if args.dev_rows:
+        extra = small_dev(extra, args.dev_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else []
-    done = {r["seed"] for r in results}
-    for seed in tqdm([s for s in range(args.cv or args.seeds) if s not in done], desc="seeds"):
-        results.append(one_seed(extra, seed, args.cv, out / "runs" / f"s{seed}"))
+    done = {(r["seed"], r["fold"]) for r in results}
+    units = [(s, f) for s in range(args.seeds) for f in (range(args.cv) if args.cv else [None])]
+    for seed, fold in tqdm([u for u in units if u not in done], desc="runs"):
+        name = f"s{seed}" + (f"f{fold}" if fold is not None else "")
+        results.append(one_run(extra, seed, fold, args.cv, out / "runs" / name, args.table4))
         path.write_text(json.dumps(results, indent=2))
-    summary = summarize(results)
-    lines = [f"`bench/compress_quality.py {' '.join(argv)}`", "",
-             "| model | test AUC | log loss | memory (of fp32) | AUC - base (mean ± std, paired) |", "|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['name']} | {s['auc']:.4f} | {s['logloss']:.4f} | {100 * s['memory']:.1f}% | "
-                     f"{s['diff'][0]:+.4f} ± {s['diff'][1]:.4f} (n={s['n']}) |")
-    text = "\n".join(lines) + "\n"
+    command = "bench/compress_quality.py " + " ".join(argv)
+    text = markdown(results, summarize(results), command)
     (out / "table.md").write_text(text)
-    plot(summary, out / "auc_vs_memory.png")
+    plot(results, out / "drop_vs_memory.png", f"{out.name}: test AUC drop against memory, per run")
     print(text)
-
-
-def plot(summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for s in summary:
-        main_row = s["name"] in ROWS
-        ax.errorbar([100 * s["memory"]], [s["auc"]], yerr=[s["diff"][1]], fmt="o" if main_row else "x", capsize=3, label=s["name"])
-    ax.set_xscale("log")
-    ax.set_xlabel("embedding memory, % of fp32 (log)")
-    ax.set_ylabel("test AUC (mean over seeds)")
-    ax.set_title("SHARK: F-Q, F-P and both (bars: std of the paired AUC difference to base)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -332,10 +332,11 @@ class CompressConfig:
     """`shark compress`: dev evaluations per epoch of that fine-tuning; the best state is kept
     (0: only at the end of each epoch, as --eval-every says)."""
     fallback: Literal["none", "torchrec"] = "none"
-    """`shark compress`: `torchrec` also exports TorchRec's post-training int4 of the base model
-    (export/torchrec_int4_model.pt) when, on the confirmation split, it is no worse than the
-    compressed model (not below it by more than one standard error) and no larger; the report
-    says which one to serve. `none`: the comparison is reported, nothing else is exported."""
+    """`shark compress`: `torchrec` also tries TorchRec's post-training int4 and int8 of the base
+    model: the candidates, ours among them, are tried from the fewest bytes up with the stop
+    test on the selection split, and the first within --max-auc-drop is served (a TorchRec one
+    exported as export/torchrec_<int4|int8>_model.pt beside ours). `none`: ours is served and
+    tested; the comparison with TorchRec's is reported."""
 
 
 @dataclass

@@ -94,12 +94,15 @@ def write_report(run: str | Path) -> Path:
     lines += ["", "![AUC against memory](report_auc_vs_memory.png)", ""]
     t = (_load(run / "metrics.json") or {}).get("targets")
     if t:
-        got = f"Memory: {t['memory_ratio']:.3f} of the base model's bytes, target {t['target_memory']}: "
+        who = "" if t.get("served", "final") == "final" else f"The served model is {SERVED_NAMES[t['served']]}. "
+        got = who + f"Memory: {t['memory_ratio']:.3f} of the base model's bytes, target {t['target_memory']}: "
         got += "met." if t["memory_met"] else f"**missed** by {t['memory_ratio'] - t['target_memory']:.3f}."
         if "auc_drop" in t:
             got += (f" AUC drop on the confirmation split: {t['auc_drop']:+.4f} (95% upper bound "
                     f"{t['auc_drop_upper_bound_95']:+.4f}), bound {t['max_auc_drop']}: ")
             got += "within it." if t["auc_met"] else "**over it**."
+        if t.get("selection_test_passed") is False:
+            got += " The served model **failed** the stop test on the selection split."
         lines += ["## Targets", "", got, ""]
     st = info["stages"]
     if "prune" in st:
@@ -181,26 +184,49 @@ def write_report(run: str | Path) -> Path:
     return path
 
 
+SERVED_NAMES = {"final": "ours (F-P + F-Q)", "torchrec-int8": "TorchRec int8 of the base",
+                "torchrec-int4": "TorchRec int4 of the base"}
+
+
 def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
-    """The compressed model beside TorchRec's post-training quantization of the base model."""
+    """The compressed model beside TorchRec's post-training quantization of the base model, and
+    which of them is served (chosen on the selection split)."""
     lines = [
         "## Against TorchRec's post-training quantization",
         "",
-        f"On the confirmation split ({e['rows']:,} rows, read by no decision); drops paired against the base model "
-        "(DeLong standard errors); bytes as allocated.",
+        f"Figures on the confirmation split ({e['rows']:,} rows, read by no decision); drops paired against the base "
+        "model (DeLong standard errors); bytes as allocated. The last column is the choice, made on the selection "
+        f"split ({e.get('selection_rows', 0):,} rows): the candidates tried from the fewest bytes up, each with the stop "
+        "test, the first that passes served.",
         "",
-        "| model | AUC | drop from base (SE) | memory (of base fp32) | minus ours (SE) |",
-        "|---|---|---|---|---|",
+        "| model | AUC | drop from base (SE) | memory (of base fp32) | minus ours (SE) | selection: drop, upper bound |",
+        "|---|---|---|---|---|---|",
     ]
-    for key, name in (("base", "base (fp32)"), ("final", "ours (F-P + F-Q)"), ("torchrec-int8", "TorchRec int8 of the base"),
-                      ("torchrec-int4", "TorchRec int4 of the base")):
+    for key, name in (("base", "base (fp32)"), *SERVED_NAMES.items()):
         r = e[key]
         vs = f"{r['minus_final']:+.4f} ({r['minus_final_standard_error']:.4f})" if "minus_final" in r else ""
+        sel = r.get("selection") or {}
+        choice = ""
+        if sel.get("test_index"):
+            choice = (f"{sel['drop']:+.4f}, {sel['upper_bound']:+.4f} (test {sel['test_index']}): "
+                      + ("**passed**" if sel["accepted"] else "failed"))
+        elif sel:
+            choice = f"{sel['drop']:+.4f} (SE {sel['standard_error']:.4f}), not tried"
         lines.append(f"| {name} | {r['auc']:.4f} | {r['drop']:+.4f} ({r['drop_standard_error']:.4f}) | "
-                     f"{100 * r['memory']:.1f}% | {vs} |")
+                     f"{100 * r['memory']:.1f}% | {vs} | {choice} |")
     lines.append("")
-    if e["torchrec_int4_no_worse_and_smaller"]:
-        where = (f" It was exported as `{Path(e['exported']).name}` (`--fallback torchrec`)." if e.get("exported")
-                 else " `--fallback torchrec` exports it.")
-        lines += [f"**TorchRec's int4 of the base model is no larger and no worse than ours here: serve it.**{where}", ""]
+    if "exported_model" not in e:  # a run exported before the choice existed
+        return lines
+    served = e["exported_model"]
+    if served != "final":
+        lines += [f"**Served: {SERVED_NAMES[served]}**, the fewest bytes within the bound, exported as "
+                  f"`{Path(e['exported']).name}` (`--fallback torchrec`); `model.pt` is ours.", ""]
+    elif e["exported_within_bound"]:
+        lines += ["Served: ours (it passed the stop test on the selection split).", ""]
+    else:
+        lines += ["**Ours failed the stop test on the selection split: its AUC drop may exceed --max-auc-drop.** "
+                  "It was exported as asked; " + ("no TorchRec model passed either, so only the base model is known to "
+                  "meet the bound." if e["recommended"] is None and "upper_bound" in e["torchrec-int4"]["selection"]
+                  else "`--fallback torchrec` also tries TorchRec's int4 and int8 of the base model and serves the "
+                  "smallest that passes."), ""]
     return lines

@@ -93,10 +93,13 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
     easy = json.loads((out / "export" / "export.json").read_text())["easy_path"]
     assert easy["torchrec-int4"]["memory"] == 0.5 and easy["torchrec-int8"]["memory"] == 0.5
-    assert easy["final"]["memory"] > 0.5 and easy["torchrec_int4_no_worse_and_smaller"]
+    assert easy["final"]["memory"] > 0.5 and easy["recommended"] == easy["exported_model"] == "torchrec-int4"
+    assert easy["torchrec-int4"]["selection"]["test_index"] == 1 and easy["final"]["selection"]["test_index"] is None
     assert easy["rows"] == 1000 and easy["exported"].endswith("torchrec_int4_model.pt")
+    targets = json.loads((out / "m.json").read_text())["targets"]
+    assert targets["served"] == "torchrec-int4" and targets["memory_ratio"] == 0.5 and targets["selection_test_passed"]
     report = (out / "report.md").read_text()
-    assert "## Against TorchRec's post-training quantization" in report and "serve it" in report
+    assert "## Against TorchRec's post-training quantization" in report and "**Served: TorchRec int4 of the base**" in report
     script = (
         "import sys, torch, json\n"
         "from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC\n"

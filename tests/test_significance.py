@@ -124,3 +124,26 @@ def test_a_noisy_dev_split_fools_the_point_rule_but_not_the_drop_test():
     assert drop_test(paired_auc(cands[0], base, y), 0.2, 0.95, 1).accepted
     d = drop_test(paired_auc(cands[0], base, y), bound, 0.95, 3)
     assert d.upper_bound == pytest.approx(d.drop + d.z * d.standard_error) and d.z > 2.3  # step 3 spends 0.05 / 12
+
+
+def test_the_served_model_is_the_smallest_that_passes_its_test_in_the_sequence():
+    """`choose_served` tries candidates from the fewest bytes up, test k at its share of the
+    error rate, and stops at the first that passes; none passing serves nothing."""
+    from shark_torchrec.importance.significance import PairedAUC
+    from shark_torchrec.train.easy_path import choose_served
+
+    def drop(d, se):
+        return PairedAUC(0.9 - d, 0.9, -d, se)
+
+    # int4 (fewest bytes) fails, ours passes at test 2, int8 (most bytes) is never tried.
+    cands = [("final", 300, drop(0.0005, 0.0005)), ("torchrec-int4", 250, drop(0.004, 0.001)),
+             ("torchrec-int8", 500, drop(0.0, 0.0001))]
+    chosen, tests = choose_served(cands, max_auc_drop=0.002, confidence=0.95)
+    assert chosen == "final" and list(tests) == ["torchrec-int4", "final"]
+    assert tests["final"].z == drop_test(drop(0.0005, 0.0005), 0.002, 0.95, 2).z > drop_test(drop(0, 0), 0, 0.95, 1).z
+    # A drop whose bound passes as the first test but not as the second: the order matters.
+    near = drop(0.0, 0.0009)  # test 1: 1.96 * SE = 0.0018 passes; test 2: 2.39 * SE = 0.0022 does not
+    assert choose_served([("final", 300, near)], 0.002, 0.95)[0] == "final"
+    assert choose_served([("torchrec-int4", 250, drop(0.01, 0.001)), ("final", 300, near)], 0.002, 0.95)[0] is None
+    # Ties in bytes keep the given order (ours first).
+    assert list(choose_served([("final", 250, drop(0, 0)), ("torchrec-int4", 250, drop(0, 0))], 0.002, 0.95)[1]) == ["final"]

@@ -40,6 +40,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -70,7 +71,6 @@ log = logging.getLogger("shark")
 STAGES = ("base", "prune", "quantize", "export")
 STAGES_FILE = "stages.json"
 CONFIRM_BASE_FILE = "confirm_base_logits.pt"  # the base model's predictions on the confirmation split
-TORCHREC_FALLBACK_FILE = "torchrec_int4_model.pt"  # --fallback torchrec: TorchRec's int4 of the base model
 
 
 def read_stages(out: Path) -> Dict[str, Any]:
@@ -110,15 +110,33 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     return budget, why + "."
 
 
-def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """What the run asked and what it got: memory against --target-memory, and the final
-    model's AUC drop on the confirmation split against --max-auc-drop (point estimate and its
-    one-sided 95% bound)."""
-    out: Dict[str, Any] = {"target_memory": cfg.prune.target_memory, "memory_ratio": memory_ratio,
-                           "memory_met": memory_ratio <= cfg.prune.target_memory + 1e-9, "max_auc_drop": cfg.prune.max_auc_drop}
+def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str, Any]],
+            easy: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What the run asked and what the served model got: memory against --target-memory, and
+    its AUC drop on the confirmation split against --max-auc-drop (point estimate and its
+    one-sided 95% bound), with whether it passed the stop test on the selection split.
+
+    Args:
+        cfg: the run's config.
+        memory_ratio: our final model's embedding bytes over the base model's.
+        confirmation: our final model's confirmation check (`confirmation_check`), or None.
+        easy: the export's `easy_path` record; when it serves a TorchRec model, the targets are
+            that model's.
+    """
+    out: Dict[str, Any] = {"target_memory": cfg.prune.target_memory, "max_auc_drop": cfg.prune.max_auc_drop,
+                           "served": "final"}
+    if easy and easy.get("exported_model", "final") != "final":
+        served = easy[easy["exported_model"]]
+        memory_ratio = served["memory"]
+        confirmation = {"drop": served["drop"],
+                        "upper_bound_95": served["drop"] + NormalDist().inv_cdf(0.95) * served["drop_standard_error"]}
+        out["served"] = easy["exported_model"]
+    out.update(memory_ratio=memory_ratio, memory_met=memory_ratio <= cfg.prune.target_memory + 1e-9)
     if confirmation:
         out.update(auc_drop=confirmation["drop"], auc_drop_upper_bound_95=confirmation["upper_bound_95"],
                    auc_met=confirmation["drop"] <= cfg.prune.max_auc_drop)
+    if easy and "exported_within_bound" in easy:
+        out["selection_test_passed"] = easy["exported_within_bound"]
     return out
 
 
@@ -232,9 +250,10 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
         record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"])
         # Beside TorchRec's own post-training int8 / int4 of the base model (one process).
         data = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
-        fallback = out / "export" / TORCHREC_FALLBACK_FILE if cfg.compress.fallback == "torchrec" else None
+        fallback_dir = out / "export" if cfg.compress.fallback == "torchrec" else None
         record["easy_path"] = easy_path(stages["base"]["checkpoint"], stages["quantize"]["checkpoint"], data,
-                                        cfg.train.eval_batch_size, record["inference_bytes"], fallback)
+                                        cfg.train.eval_batch_size, record["inference_bytes"], cfg.prune.max_auc_drop,
+                                        cfg.prune.confidence, fallback_dir)
         (out / "export" / "export.json").write_text(json.dumps(record, indent=2))
     if env.world_size > 1:
         box = [record]
@@ -306,7 +325,7 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 "stop_reason": stages["prune"]["stop_reason"],
                 "confirmation": stages["quantize"].get("confirmation"),
                 "targets": targets(cfg, metrics["embedding_bytes"] / stages["base"]["embedding_bytes"],
-                                   stages["quantize"].get("confirmation")),
+                                   stages["quantize"].get("confirmation"), stages["export"].get("easy_path")),
                 "stage_seconds": timings,
                 "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
             }

@@ -1,27 +1,33 @@
 """What a TorchRec user gets without SHARK, beside what `shark compress` made: TorchRec's own
-post-training quantization (`quantize_embeddings`) of the base fp32 model, int8 and int4.
+post-training quantization (`quantize_embeddings`) of the base fp32 model, int8 and int4, and
+the choice of which to serve.
 
-The comparison is read on the confirmation split (`Dataset.decision_splits`), which no
-decision of the pipeline read, and paired (DeLong): each model against the base model, and
-TorchRec's int4 against the compressed model. "No worse" means not below by more than one
-standard error (the frontier benchmark's rule). Bytes are as allocated: TorchRec's rows padded
-to its row alignment, ours as the inference module holds them.
+The choice is a decision, so it reads the selection split (`Dataset.decision_splits`). With
+`--fallback torchrec` the candidates are ours and TorchRec's int4 and int8 of the base model,
+tried from the fewest bytes up, each with the pruning loop's stop test (the one-sided upper
+confidence bound of its paired AUC drop from the base model within `--max-auc-drop`, test k of
+the sequence at its share of the error rate, `spent_alpha`); the first that passes is served.
+Without it, ours is the only candidate and the test says whether it meets the bound. The
+figures the report gives for every model come from the confirmation split, which no decision
+read, paired against the base model (DeLong). Bytes are as allocated: TorchRec's rows padded to
+its row alignment, ours as the inference module holds them.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from shark_torchrec.data import CONFIRM, Dataset
 from shark_torchrec.distributed.env import DistEnv
-from shark_torchrec.importance.significance import paired_auc
+from shark_torchrec.importance.significance import DropTest, PairedAUC, drop_test, paired_auc
 from shark_torchrec.train.evaluation import predict
 from shark_torchrec.train.export import load_trained_model, to_inference
 
+SELECTION_SPLIT = "dev"  # the decision view's name for the selection split
 # quantize_embeddings' dtype per post-training tier (TorchRec maps them to FBGEMM's INT8 / INT4).
 TORCHREC_POST_TRAINING = {"int8": torch.qint8, "int4": torch.quint4x2}
 
@@ -50,25 +56,61 @@ def allocated_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+CANDIDATES = ("final", "torchrec-int4", "torchrec-int8")  # ours, then TorchRec's of the base model
+
+
+def choose_served(candidates: Sequence[Tuple[str, int, PairedAUC]], max_auc_drop: float,
+                  confidence: float) -> Tuple[Optional[str], Dict[str, DropTest]]:
+    """The model to serve: the candidates tried from the fewest bytes up (the given order on a
+    tie), each with the stop test at its place in the sequence, the first that passes.
+
+    Args:
+        candidates: (name, bytes, `paired_auc(candidate, base, labels)` on the selection split).
+        max_auc_drop: the largest AUC drop from the base model to accept.
+        confidence: over the whole sequence of tests (`drop_test`).
+
+    Returns:
+        (the chosen name, None when none passed; {name: DropTest} of the tests run, in order).
+    """
+    order = sorted(range(len(candidates)), key=lambda i: (candidates[i][1], i))
+    tests: Dict[str, DropTest] = {}
+    for index, i in enumerate(order, start=1):
+        name, _, paired = candidates[i]
+        tests[name] = drop_test(paired, max_auc_drop, confidence, index)
+        if tests[name].accepted:
+            return name, tests
+    return None, tests
+
+
 def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: Dataset, eval_batch: int,
-              final_bytes: int, fallback_to: Optional[Path] = None) -> Dict[str, Any]:
-    """Our compressed model beside TorchRec's post-training int8 and int4 of the base model.
+              final_bytes: int, max_auc_drop: float, confidence: float,
+              fallback_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """Our compressed model beside TorchRec's post-training int8 and int4 of the base model, and
+    which of them to serve.
 
     Args:
         base_checkpoint: the base fp32 model's checkpoint.
         final_checkpoint: the compressed (pruned, mixed-precision) model's checkpoint.
-        data: the decision-split view of the pipeline's data (with the `confirm` split, all fields).
+        data: the decision-split view of the pipeline's data (`dev` the selection split,
+            `confirm` the confirmation split; all fields).
         eval_batch: global batch of the evaluation (one process).
         final_bytes: the compressed model's embedding bytes as served (the export's).
-        fallback_to: where to save TorchRec's int4 model (`torch.save` of the whole DLRM) when
-            it is no worse and smaller (`--fallback torchrec`); None: never saved.
+        max_auc_drop: the largest AUC drop from the base model a served model may have.
+        confidence: the stop test's confidence over the sequence of candidates tried.
+        fallback_dir: with `--fallback torchrec`, where to save TorchRec's model when it is the
+            one to serve (`torch.save` of the whole DLRM, `torchrec_<int4|int8>_model.pt`);
+            None: ours is the only candidate.
 
     Returns:
-        {"split", "rows", "base": {...}, "final": {...}, "torchrec-int8": {...},
-        "torchrec-int4": {...}, "torchrec_int4_no_worse_and_smaller": bool, "exported": the
-        path of the saved fallback or None}: per model its
-        AUC, bytes, and the paired drop from the base model with its standard error; TorchRec's
-        entries also their paired difference to the final model (theirs - ours) and its SE.
+        {"split", "rows", "selection_rows", "base", "final", "torchrec-int8", "torchrec-int4",
+        "recommended", "exported_model", "exported", "exported_within_bound"}: per model its
+        confirmation-split AUC, bytes, memory and paired drop from the base model with its
+        standard error (TorchRec's also their paired difference to ours, theirs - ours), and per
+        candidate its selection-split drop with, when it was tried, its stop test ("selection").
+        "recommended": the first candidate tried whose stop test passed (None: none did);
+        "exported_model": the one served (ours, or the recommended TorchRec model); "exported":
+        the path of a saved TorchRec model or None; "exported_within_bound": whether the served
+        model passed its stop test.
     """
     env = DistEnv(0, 1, torch.device("cpu"), "none")
     base, bcfg = load_trained_model(base_checkpoint)
@@ -77,36 +119,51 @@ def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: D
     # Each model reads its own fields (a base given by --checkpoint may itself be pruned).
     base_data = data.with_fields(list(bcfg.model.kept_fields)) if bcfg.model.kept_fields else data
     final_data = data.with_fields(list(fcfg.model.kept_fields)) if fcfg.model.kept_fields else data
-    base_logits, labels = predict(base, base_data, CONFIRM, eval_batch, env)
-    final_logits, final_labels = predict(final, final_data, CONFIRM, eval_batch, env)
-    if not torch.equal(labels, final_labels):
-        raise RuntimeError("the confirmation split's labels differ between the base and the final model")
-    y = labels.numpy()
     ebc = base.model.sparse_arch.embedding_bag_collection
     fp32_bytes = sum(c.num_embeddings * c.embedding_dim * 4 for c in ebc.embedding_bag_configs())
+    quantized = {name: torchrec_quantized(base, dtype) for name, dtype in TORCHREC_POST_TRAINING.items()}
+    models = {"base": (base, base_data, fp32_bytes), "final": (final, final_data, final_bytes)}
+    for name, q in quantized.items():
+        models[f"torchrec-{name}"] = (q, base_data, allocated_bytes(q.model.sparse_arch.embedding_bag_collection))
+    logits: Dict[str, Dict[str, torch.Tensor]] = {SELECTION_SPLIT: {}, CONFIRM: {}}
+    labels: Dict[str, torch.Tensor] = {}
+    for split, by_model in logits.items():
+        for key, (model, model_data, _) in models.items():
+            by_model[key], y = predict(model, model_data, split, eval_batch, env)
+            if split in labels and not torch.equal(labels[split], y):
+                raise RuntimeError(f"the {split} split's labels differ between the base model and {key}")
+            labels[split] = y
 
-    def entry(logits: torch.Tensor, nbytes: int) -> Dict[str, Any]:
-        p = paired_auc(logits.numpy(), base_logits.numpy(), y)
-        return {"auc": p.auc_a, "bytes": nbytes, "memory": nbytes / fp32_bytes, "drop": -p.difference,
-                "drop_standard_error": p.standard_error}
+    def paired(split: str, key: str, against: str = "base"):
+        return paired_auc(logits[split][key].numpy(), logits[split][against].numpy(), labels[split].numpy())
 
-    out: Dict[str, Any] = {"split": CONFIRM, "rows": int(labels.numel()), "base": entry(base_logits, fp32_bytes),
-                           "final": entry(final_logits, final_bytes)}
-    quantized = {}
-    for name, dtype in TORCHREC_POST_TRAINING.items():
-        q = quantized[name] = torchrec_quantized(base, dtype)
-        logits, _ = predict(q, base_data, CONFIRM, eval_batch, env)
-        rec = entry(logits, allocated_bytes(q.model.sparse_arch.embedding_bag_collection))
-        vs = paired_auc(logits.numpy(), final_logits.numpy(), y)
-        rec.update(minus_final=vs.difference, minus_final_standard_error=vs.standard_error)
-        out[f"torchrec-{name}"] = rec
-    int4 = out["torchrec-int4"]
-    out["torchrec_int4_no_worse_and_smaller"] = bool(
-        int4["bytes"] <= final_bytes and int4["minus_final"] >= -int4["minus_final_standard_error"]
-    )
-    out["exported"] = None
-    if fallback_to is not None and out["torchrec_int4_no_worse_and_smaller"]:
-        fallback_to.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(quantized["int4"], fallback_to)
-        out["exported"] = str(fallback_to)
+    out: Dict[str, Any] = {"split": CONFIRM, "rows": int(labels[CONFIRM].numel()),
+                           "selection_rows": int(labels[SELECTION_SPLIT].numel())}
+    for key, (_, _, nbytes) in models.items():
+        p = paired(CONFIRM, key)
+        out[key] = {"auc": p.auc_a, "bytes": nbytes, "memory": nbytes / fp32_bytes, "drop": -p.difference,
+                    "drop_standard_error": p.standard_error}
+        if key.startswith("torchrec-"):
+            vs = paired(CONFIRM, key, "final")
+            out[key].update(minus_final=vs.difference, minus_final_standard_error=vs.standard_error)
+    # The choice, on the selection split: fewest bytes first (ours first on a tie), the first
+    # that passes. Models not tried get their drop and standard error as figures, not a test.
+    for key in CANDIDATES:
+        p = paired(SELECTION_SPLIT, key)
+        out[key]["selection"] = {"drop": -p.difference, "standard_error": p.standard_error, "test_index": None}
+    tried = CANDIDATES if fallback_dir is not None else ("final",)
+    out["recommended"], tests = choose_served([(k, out[k]["bytes"], paired(SELECTION_SPLIT, k)) for k in tried],
+                                              max_auc_drop, confidence)
+    for index, (key, test) in enumerate(tests.items(), start=1):
+        out[key]["selection"].update(test_index=index, z=test.z, upper_bound=test.upper_bound, accepted=test.accepted)
+    exported, out["exported"] = "final", None
+    if out["recommended"] not in (None, "final"):  # a TorchRec model: only tried with fallback_dir
+        exported = out["recommended"]
+        name = exported.removeprefix("torchrec-")
+        path = fallback_dir / f"torchrec_{name}_model.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(quantized[name], path)
+        out["exported"] = str(path)
+    out["exported_model"] = exported
+    out["exported_within_bound"] = out["recommended"] is not None
     return out
