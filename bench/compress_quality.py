@@ -9,10 +9,10 @@ of the same base model, on test (which no decision of the pipeline reads).
     ... --dev-rows 500 ...          # the small-dev variant: dev cut to its first 500 lines
     ... --cv 5 --seeds 2 ...        # k-fold (--folds/--fold) x seeds, e.g. criteo_kaggle_8k
 
-Per run (seed s, fold f): one `shark compress` run in DIR/runs/s<s>[f<f>] (resumed if cut off),
-then rank-0 predictions on test of the base model, ours (the pruned, quantized model as
-served), and TorchRec's int8 and int4 of the base model (`quantize_embeddings`), each paired
-against the base model. "Served" is what the run exported (`export.json` `exported_model`:
+Per run (seed s, fold f): one `shark compress` run in DIR/runs/s<s>[f<f>] (resumed if cut off);
+its export stage logs test figures of the base model, ours (the pruned, quantized model as
+exported) and TorchRec's int8 and int4 of the base model (`quantize_embeddings`), each paired
+against the base model (`export.json` `easy_path`), and this script reads them. "Served" is what the run exported (`export.json` `exported_model`:
 ours, or with `--fallback torchrec` a TorchRec model chosen on the selection split). Memory
 is embedding bytes as allocated over the base model's fp32 bytes. Finished runs are kept in
 DIR/results.json (the script resumes); DIR/table.md and DIR/drop_vs_memory.png are rewritten.
@@ -79,37 +79,6 @@ def small_dev(extra: list[str], rows: int) -> list[str]:
     return [*extra[: i + 1], f"csv:{dst}", *extra[i + 2 :]]
 
 
-def test_figures(run: Path, cfg, seed: int) -> dict:
-    """Test AUC of the base model, ours and TorchRec's int8/int4 of the base, each paired
-    against the base model (one process)."""
-    import torch
-
-    from shark_torchrec.data import open_dataset
-    from shark_torchrec.distributed.env import DistEnv
-    from shark_torchrec.importance.significance import paired_auc
-    from shark_torchrec.train.easy_path import TORCHREC_POST_TRAINING, torchrec_quantized
-    from shark_torchrec.train.evaluation import predict
-    from shark_torchrec.train.export import load_trained_model, to_inference
-
-    stages = json.loads((run / "stages.json").read_text())
-    env = DistEnv(0, 1, torch.device("cpu"), "none")
-    data = open_dataset(cfg.dataset, seed).decision_splits()
-    base, _ = load_trained_model(stages["base"]["checkpoint"])
-    final, fcfg = load_trained_model(stages["quantize"]["checkpoint"])
-    models = {"base": (base, data), "final": (to_inference(final), data.with_fields(list(fcfg.model.kept_fields)))}
-    for name, dtype in TORCHREC_POST_TRAINING.items():
-        models[f"torchrec-{name}"] = (torchrec_quantized(base, dtype), data)
-    logits = {}
-    with torch.no_grad():
-        for key, (model, view) in models.items():
-            logits[key], y = predict(model, view, "test", cfg.train.eval_batch_size, env)
-    out = {}
-    for key in models:
-        p = paired_auc(logits[key].numpy(), logits["base"].numpy(), y.numpy())
-        out[key] = {"test_auc": p.auc_a, "test_drop": -p.difference, "test_drop_se": p.standard_error}
-    return out
-
-
 def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path, table4: bool) -> dict:
     common = [*extra, "--seed", str(seed), "--no-progress"] + (["--folds", str(folds), "--fold", str(fold)] if folds else [])
     cfg = parse_cli(common, prog="compress_quality")
@@ -119,10 +88,10 @@ def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path
     seconds = time.perf_counter() - t0
     metrics = json.loads((run / "metrics.json").read_text())
     easy = metrics["export"]["easy_path"]
-    models = test_figures(run, cfg, seed)
-    for key in ("base", "final", "torchrec-int4", "torchrec-int8"):
-        models[key]["memory"] = easy[key]["memory"]
-        models[key]["confirm_drop"] = easy[key]["drop"]
+    models = {key: {"test_auc": easy[key]["test"]["auc"], "test_drop": easy[key]["test"]["drop"],
+                    "test_drop_se": easy[key]["test"]["drop_standard_error"], "memory": easy[key]["memory"],
+                    "confirm_drop": easy[key]["drop"]}
+              for key in ("base", "final", "torchrec-int4", "torchrec-int8")}
     if table4:
         table4_baselines(common, cfg, seed, run)
     return {

@@ -331,6 +331,12 @@ class CompressConfig:
     quant_evals_per_epoch: int = 4
     """`shark compress`: dev evaluations per epoch of that fine-tuning; the best state is kept
     (0: only at the end of each epoch, as --eval-every says)."""
+    serve_tiers: Tuple[str, ...] = ()
+    """`shark compress`: tiers the export serves rows in, ranked by the priorities the quantize
+    stage trained (as `shark export --tiers`; e.g. `int8 int4 int2`). The quantize stage trains
+    in --tiers; the export regroups its rows, with fitted scales, to the budget --target-memory
+    leaves (the target over the memory ratio pruning left, clipped to these tiers' floor and
+    to 1), model-wide. Empty: rows are served as they trained."""
     fallback: Literal["none", "torchrec"] = "none"
     """`shark compress`: `torchrec` also tries TorchRec's post-training int4 and int8 of the base
     model: the candidates, ours among them, are tried from the fewest bytes up with the stop
@@ -417,6 +423,16 @@ class JobConfig:
                     f"compress.quant_budget={c.quant_budget}: at embedding_dim {m.embedding_dim} it must be in "
                     f"[{floor:.3f}, 1] (all rows {GROUP_NAMES[cheapest]} plus the row map take {floor:.3f} of fp32)"
                 )
+        if c.serve_tiers:
+            import dataclasses
+
+            from shark_torchrec.modules.precision_policy import split_tiers
+
+            try:
+                dataclasses.replace(policy, tiers=split_tiers(c.serve_tiers), memory_budget=1.0, budget_scope="model",
+                                    row_fractions=None, t8=None, t16=None).resolved([m.embedding_dim])
+            except ValueError as e:
+                raise ConfigError(f"compress.serve_tiers (--serve-tiers): {e}") from e
         if q.precision != "fp32" and self.model.embedding_dim % 4:
             raise ConfigError("model.embedding_dim must be a multiple of 4 for mixed precision")
         return self

@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Optional
 
 from shark_torchrec.precision.priority import GROUP_NAMES
 
+SERVED_NAMES = {"final": "ours (F-P + F-Q)", "torchrec-int8": "TorchRec int8 of the base",
+                "torchrec-int4": "TorchRec int4 of the base"}
+
 
 def _load(path: Path) -> Optional[Any]:
     return json.loads(path.read_text()) if path.is_file() else None
@@ -91,6 +94,11 @@ def write_report(run: str | Path) -> Path:
     lines += ["| model | test AUC | test log loss | memory (of base fp32) |", "|---|---|---|---|"]
     for p in info["points"] + info["baselines"]:
         lines.append(f"| {p['name']} | {p['auc']:.4f} | {p['logloss']:.4f} | {100 * p['memory']:.1f}% |")
+    easy = (info["export"] or {}).get("easy_path") or {}
+    if "exported_model" in easy and "test" in easy["final"]:
+        served = easy[easy["exported_model"]]
+        lines.append(f"| **served: {SERVED_NAMES[easy['exported_model']]}**, as exported | {served['test']['auc']:.4f} | | "
+                     f"{100 * served['memory']:.1f}% |")
     lines += ["", "![AUC against memory](report_auc_vs_memory.png)", ""]
     t = (_load(run / "metrics.json") or {}).get("targets")
     if t:
@@ -173,19 +181,17 @@ def write_report(run: str | Path) -> Path:
             f"| **exported (row groups + row map)** | **{e['inference_bytes']:,}** |",
             "",
             "Rows: " + ", ".join(f"{e[f'rows_{g}']:,} {g}" for g in GROUP_NAMES if e.get(f"rows_{g}")) + ". Largest |logit| "
-            f"difference to the trained model over dev: {e['max_abs_logit_diff_dev']:.2e}.",
+            f"difference to the {'regrouped' if e.get('serving_tiers') else 'trained'} model over dev: {e['max_abs_logit_diff_dev']:.2e}.",
             "",
         ]
+        if e.get("serving_budget_reason"):
+            lines += [e["serving_budget_reason"], ""]
     easy = (info["export"] or {}).get("easy_path")
     if easy:
         lines += _easy_path_lines(easy)
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-SERVED_NAMES = {"final": "ours (F-P + F-Q)", "torchrec-int8": "TorchRec int8 of the base",
-                "torchrec-int4": "TorchRec int4 of the base"}
 
 
 def _easy_path_lines(e: Dict[str, Any]) -> List[str]:

@@ -126,3 +126,26 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     with torch.no_grad():
         want = want_model(b)[1][1]
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path):
+    """--serve-tiers: the quantize stage trains in the paper's tiers, the export regroups the
+    rows into the serving tiers at --target-memory over what pruning left (clipped to their
+    floor), and the served model is what the choice and the targets read."""
+    from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
+
+    out = tmp_path / "serve"
+    args = [*ARGS, "--max-iterations", "1", "--quant-epochs", "1", "--serve-tiers", "int8,int4"]
+    run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
+    m = json.loads((out / "m.json").read_text())
+    stages = json.loads((out / "stages.json").read_text())
+    e = stages["export"]
+    want = max(0.3 / stages["prune"]["memory_ratio"], min_budget(8, GROUP_NAMES.index("int4")))
+    assert e["serving_tiers"] == ["int8", "int4"] and abs(e["serving_budget"] - min(1.0, want)) < 1e-12
+    assert e["rows_int4"] > 0 and e["rows_int4"] + e.get("rows_int8", 0) == m["rows_int8"] + m["rows_fp16"] + m["rows_fp32"]
+    assert e["max_abs_logit_diff_dev"] < 1e-5  # the inference module serves the regrouped rows
+    assert m["memory_ratio"] == e["inference_bytes"] / m["base_embedding_bytes"] < m["embedding_bytes"] / m["base_embedding_bytes"]
+    easy = e["easy_path"]
+    assert easy["final"]["bytes"] == e["inference_bytes"] and easy["exported_model"] == "final"
+    assert m["targets"]["memory_ratio"] == easy["final"]["memory"] and "test" in easy["final"]
+    assert "Served in int8, int4 at" in (out / "report.md").read_text()

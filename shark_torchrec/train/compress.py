@@ -53,7 +53,7 @@ from shark_torchrec.modules.precision_policy import split_tiers
 from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 from shark_torchrec.train.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
 from shark_torchrec.train.easy_path import easy_path
-from shark_torchrec.train.export import export_checkpoint
+from shark_torchrec.train.export import ServingTiers, export_checkpoint
 from shark_torchrec.train.pruning import base_model, confirmation_check, prune_loop, write_prune_log
 from shark_torchrec.train.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.train.trainer import (
@@ -87,6 +87,14 @@ def _record(out: Path, stages: Dict[str, Any], env: DistEnv) -> None:
         dist.barrier()
 
 
+def _budget_after_pruning(cfg: JobConfig, prune_ratio: float, tiers: Tuple[str, ...]) -> Tuple[float, float, float]:
+    """(budget, what the target asks, the floor of `tiers`): --target-memory over the memory
+    ratio pruning left, clipped to what all rows in the cheapest of `tiers` can reach and to 1."""
+    want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
+    floor = min_budget(cfg.model.embedding_dim, max(GROUP_NAMES.index(t) for t in tiers))
+    return min(1.0, max(want, floor)), want, floor
+
+
 def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     """F-Quantization's per-table budget after pruning left `prune_ratio` of the memory.
 
@@ -95,18 +103,31 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     """
     if cfg.compress.quant_budget is not None:
         return cfg.compress.quant_budget, f"Set by --quant-budget {cfg.compress.quant_budget}."
+    tiers = split_tiers(cfg.quant.tiers)  # the quantize stage ranks into these
+    budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
     target = cfg.prune.target_memory
-    want = target / max(prune_ratio, 1e-12)
-    cheapest = max(GROUP_NAMES.index(t) for t in split_tiers(cfg.quant.tiers))  # the quantize stage ranks into these
-    floor = min_budget(cfg.model.embedding_dim, cheapest)
-    budget = min(1.0, max(want, floor))
     why = f"--target-memory {target} over the {prune_ratio:.3f} of memory pruning left asks {want:.3f}"
     if want < floor:
-        why += (f"; clipped up to {floor:.3f}, the fewest bytes all-{GROUP_NAMES[cheapest]} rows (tiers "
-                f"{', '.join(split_tiers(cfg.quant.tiers))}) can reach at dim {cfg.model.embedding_dim}, so the pipeline "
-                f"misses --target-memory {target}: it ends near {floor * prune_ratio:.3f} of the base model's bytes")
+        why += (f"; clipped up to {floor:.3f}, the fewest bytes all-{max(tiers, key=GROUP_NAMES.index)} rows (tiers "
+                f"{', '.join(tiers)}) can reach at dim {cfg.model.embedding_dim}")
+        why += (" (for training: the export serves in --serve-tiers)" if cfg.compress.serve_tiers else
+                f", so the pipeline misses --target-memory {target}: it ends near {floor * prune_ratio:.3f} of the base model's bytes")
     elif want > 1.0:
         why += "; clipped to 1 (pruning alone met the target)"
+    return budget, why + "."
+
+
+def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
+    """The budget the export regroups rows to in --serve-tiers (model-wide), and why."""
+    tiers = split_tiers(cfg.compress.serve_tiers)
+    budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
+    why = (f"Served in {', '.join(tiers)} at {budget:.3f} of the pruned model's fp32 bytes (model-wide), chosen by the "
+           f"trained priorities with fitted scales: --target-memory {cfg.prune.target_memory} over the {prune_ratio:.3f} "
+           f"pruning left asks {want:.3f}")
+    if want < floor:
+        why += f"; clipped up to {floor:.3f}, these tiers' floor at dim {cfg.model.embedding_dim}"
+    elif want > 1.0:
+        why += "; clipped to 1"
     return budget, why + "."
 
 
@@ -120,12 +141,12 @@ def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str
         cfg: the run's config.
         memory_ratio: our final model's embedding bytes over the base model's.
         confirmation: our final model's confirmation check (`confirmation_check`), or None.
-        easy: the export's `easy_path` record; when it serves a TorchRec model, the targets are
-            that model's.
+        easy: the export's `easy_path` record; when given, the targets are the served model's
+            as exported (ours, regrouped if --serve-tiers, or TorchRec's).
     """
     out: Dict[str, Any] = {"target_memory": cfg.prune.target_memory, "max_auc_drop": cfg.prune.max_auc_drop,
                            "served": "final"}
-    if easy and easy.get("exported_model", "final") != "final":
+    if easy and "exported_model" in easy:  # the served model as exported (ours regrouped, or TorchRec's)
         served = easy[easy["exported_model"]]
         memory_ratio = served["memory"]
         confirmation = {"drop": served["drop"],
@@ -247,11 +268,18 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
     """Rank 0 exports the quantized model and checks it against the trained one on dev."""
     record: Dict[str, Any] = {}
     if env.is_main:
-        record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"])
+        serving, why = None, None
+        if cfg.compress.serve_tiers:
+            budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"])
+            serving = ServingTiers(split_tiers(cfg.compress.serve_tiers), budget, "model")
+        record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving)
+        if why:
+            record["serving_budget_reason"] = why
         # Beside TorchRec's own post-training int8 / int4 of the base model (one process).
         data = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
         fallback_dir = out / "export" if cfg.compress.fallback == "torchrec" else None
-        record["easy_path"] = easy_path(stages["base"]["checkpoint"], stages["quantize"]["checkpoint"], data,
+        exported = torch.load(out / "export" / "model.pt", weights_only=False)  # what is served, as export wrote it
+        record["easy_path"] = easy_path(stages["base"]["checkpoint"], exported, stages["prune"]["kept_fields"], data,
                                         cfg.train.eval_batch_size, record["inference_bytes"], cfg.prune.max_auc_drop,
                                         cfg.prune.confidence, fallback_dir)
         (out / "export" / "export.json").write_text(json.dumps(record, indent=2))
@@ -313,18 +341,21 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 stages["export"]["seconds"] = time.perf_counter() - t0
                 _record(out, stages, env)
             timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
+            memory_ratio = metrics["embedding_bytes"] / stages["base"]["embedding_bytes"]
+            if cfg.compress.serve_tiers:  # served in other tiers than it trained in
+                memory_ratio = stages["export"]["inference_bytes"] / stages["base"]["embedding_bytes"]
             metrics = {
                 **metrics,
                 "base_test_auc": stages["base"]["test_auc"],
                 "base_embedding_bytes": stages["base"]["embedding_bytes"],
-                "memory_ratio": metrics["embedding_bytes"] / stages["base"]["embedding_bytes"],
+                "memory_ratio": memory_ratio,
                 "prune_memory_ratio": stages["prune"]["memory_ratio"],
                 "quant_budget": stages["quantize"]["budget"],
                 "kept_fields": stages["prune"]["kept_fields"],
                 "pruned_fields": stages["prune"]["pruned_fields"],
                 "stop_reason": stages["prune"]["stop_reason"],
                 "confirmation": stages["quantize"].get("confirmation"),
-                "targets": targets(cfg, metrics["embedding_bytes"] / stages["base"]["embedding_bytes"],
+                "targets": targets(cfg, memory_ratio,
                                    stages["quantize"].get("confirmation"), stages["export"].get("easy_path")),
                 "stage_seconds": timings,
                 "export": {k: v for k, v in stages["export"].items() if k != "seconds"},

@@ -25,7 +25,7 @@ from shark_torchrec.data import CONFIRM, Dataset
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.importance.significance import DropTest, PairedAUC, drop_test, paired_auc
 from shark_torchrec.train.evaluation import predict
-from shark_torchrec.train.export import load_trained_model, to_inference
+from shark_torchrec.train.export import load_trained_model
 
 SELECTION_SPLIT = "dev"  # the decision view's name for the selection split
 # quantize_embeddings' dtype per post-training tier (TorchRec maps them to FBGEMM's INT8 / INT4).
@@ -82,15 +82,16 @@ def choose_served(candidates: Sequence[Tuple[str, int, PairedAUC]], max_auc_drop
     return None, tests
 
 
-def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: Dataset, eval_batch: int,
-              final_bytes: int, max_auc_drop: float, confidence: float,
+def easy_path(base_checkpoint: str | Path, final: torch.nn.Module, final_fields: Optional[Sequence[str]], data: Dataset,
+              eval_batch: int, final_bytes: int, max_auc_drop: float, confidence: float,
               fallback_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Our compressed model beside TorchRec's post-training int8 and int4 of the base model, and
     which of them to serve.
 
     Args:
         base_checkpoint: the base fp32 model's checkpoint.
-        final_checkpoint: the compressed (pruned, mixed-precision) model's checkpoint.
+        final: the compressed (pruned, mixed-precision) model as exported (`export/model.pt`).
+        final_fields: the fields it reads (None: all of the data's).
         data: the decision-split view of the pipeline's data (`dev` the selection split,
             `confirm` the confirmation split; all fields).
         eval_batch: global batch of the evaluation (one process).
@@ -105,8 +106,9 @@ def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: D
         {"split", "rows", "selection_rows", "base", "final", "torchrec-int8", "torchrec-int4",
         "recommended", "exported_model", "exported", "exported_within_bound"}: per model its
         confirmation-split AUC, bytes, memory and paired drop from the base model with its
-        standard error (TorchRec's also their paired difference to ours, theirs - ours), and per
-        candidate its selection-split drop with, when it was tried, its stop test ("selection").
+        standard error (TorchRec's also their paired difference to ours, theirs - ours), the same
+        on test ("test", logged only), and per candidate its selection-split drop with, when it
+        was tried, its stop test ("selection").
         "recommended": the first candidate tried whose stop test passed (None: none did);
         "exported_model": the one served (ours, or the recommended TorchRec model); "exported":
         the path of a saved TorchRec model or None; "exported_within_bound": whether the served
@@ -114,18 +116,17 @@ def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: D
     """
     env = DistEnv(0, 1, torch.device("cpu"), "none")
     base, bcfg = load_trained_model(base_checkpoint)
-    final, fcfg = load_trained_model(final_checkpoint)
-    final = to_inference(final)
+    final = final.eval()
     # Each model reads its own fields (a base given by --checkpoint may itself be pruned).
     base_data = data.with_fields(list(bcfg.model.kept_fields)) if bcfg.model.kept_fields else data
-    final_data = data.with_fields(list(fcfg.model.kept_fields)) if fcfg.model.kept_fields else data
+    final_data = data.with_fields(list(final_fields)) if final_fields else data
     ebc = base.model.sparse_arch.embedding_bag_collection
     fp32_bytes = sum(c.num_embeddings * c.embedding_dim * 4 for c in ebc.embedding_bag_configs())
     quantized = {name: torchrec_quantized(base, dtype) for name, dtype in TORCHREC_POST_TRAINING.items()}
     models = {"base": (base, base_data, fp32_bytes), "final": (final, final_data, final_bytes)}
     for name, q in quantized.items():
         models[f"torchrec-{name}"] = (q, base_data, allocated_bytes(q.model.sparse_arch.embedding_bag_collection))
-    logits: Dict[str, Dict[str, torch.Tensor]] = {SELECTION_SPLIT: {}, CONFIRM: {}}
+    logits: Dict[str, Dict[str, torch.Tensor]] = {SELECTION_SPLIT: {}, CONFIRM: {}, "test": {}}
     labels: Dict[str, torch.Tensor] = {}
     for split, by_model in logits.items():
         for key, (model, model_data, _) in models.items():
@@ -143,6 +144,8 @@ def easy_path(base_checkpoint: str | Path, final_checkpoint: str | Path, data: D
         p = paired(CONFIRM, key)
         out[key] = {"auc": p.auc_a, "bytes": nbytes, "memory": nbytes / fp32_bytes, "drop": -p.difference,
                     "drop_standard_error": p.standard_error}
+        t = paired("test", key)  # logged beside the others, as every stage logs test; it decides nothing
+        out[key]["test"] = {"auc": t.auc_a, "drop": -t.difference, "drop_standard_error": t.standard_error}
         if key.startswith("torchrec-"):
             vs = paired(CONFIRM, key, "final")
             out[key].update(minus_final=vs.difference, minus_final_standard_error=vs.standard_error)
