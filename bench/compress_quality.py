@@ -92,9 +92,9 @@ def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path
                     "test_drop_se": easy[key]["test"]["drop_standard_error"], "memory": easy[key]["memory"],
                     "confirm_drop": easy[key]["drop"]}
               for key in ("base", "final", "torchrec-int4", "torchrec-int8")}
-    if table4:
-        table4_baselines(common, cfg, seed, run)
+    rows4 = table4_baselines(common, cfg, seed, run) if table4 else None
     return {
+        "table4": rows4,
         "seed": seed, "fold": fold, "seconds": seconds, "models": models, "served": easy["exported_model"],
         "served_passed_selection_test": easy["exported_within_bound"],
         "pruned_fields": metrics["pruned_fields"], "stop_reason": metrics["stop_reason"],
@@ -180,7 +180,11 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 # ------------------------------------------------------------------------ the paper's Table 4
 def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> None:
     """F-Q alone, fp16, int8 and freq from the same base checkpoint, and Permutation pruning,
-    written into the run's `baselines/` (what `shark report` shows beside the pipeline)."""
+    written into the run's `baselines/` (what `shark report` shows beside the pipeline).
+
+    Returns:
+        {row name: {"auc", "logloss", "memory"}} of the report's points and baselines (test).
+    """
     from shark_torchrec.data import open_dataset
     from shark_torchrec.precision.priority import min_budget
 
@@ -204,6 +208,24 @@ def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> None:
     if not (out / "metrics.json").is_file():
         sh("prune", *_without(common, ("--tiers", "--fallback")), "--checkpoint", base_ckpt, "--method", "permutation", "--out", str(out))
     sh("report", str(run))
+    from shark_torchrec.report import collect
+
+    info = collect(run)
+    return {p["name"]: {"auc": p["auc"], "logloss": p["logloss"], "memory": p["memory"]}
+            for p in info["points"] + info["baselines"]}
+
+
+def table4_markdown(records: list[dict]) -> str:
+    """Mean test AUC, log loss and memory per Table 4 row, and the paired difference to base."""
+    names = list(records[0]["table4"])
+    lines = ["| model | test AUC | log loss | memory (of fp32) | AUC - base, mean [95% CI] |", "|---|---|---|---|---|"]
+    for n in names:
+        rows = [r["table4"][n] for r in records if n in r["table4"]]
+        d = paired([r["table4"][n]["auc"] - r["table4"]["base (fp32)"]["auc"] for r in records if n in r["table4"]])
+        ci = f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d["n"] > 1 else f"{d['mean']:+.4f}"
+        lines.append(f"| {n} | {statistics.mean(x['auc'] for x in rows):.4f} | {statistics.mean(x['logloss'] for x in rows):.4f} | "
+                     f"{100 * statistics.mean(x['memory'] for x in rows):.1f}% | {ci} (n={d['n']}) |")
+    return "\n".join(lines) + "\n"
 
 
 def _without(args: list[str], flags) -> list[str]:
@@ -233,6 +255,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else []
+    if results and "models" not in results[0]:
+        raise SystemExit(f"{path} was written by the older Table 4 version of this script: choose another --out")
     done = {(r["seed"], r["fold"]) for r in results}
     units = [(s, f) for s in range(args.seeds) for f in (range(args.cv) if args.cv else [None])]
     for seed, fold in tqdm([u for u in units if u not in done], desc="runs"):
@@ -242,6 +266,10 @@ def main() -> None:
     command = "bench/compress_quality.py " + " ".join(argv)
     text = markdown(results, summarize(results), command)
     (out / "table.md").write_text(text)
+    if all(r.get("table4") for r in results):
+        text4 = f"`{command}`\n\n" + table4_markdown(results)
+        (out / "table4.md").write_text(text4)
+        text += "\n" + text4
     plot(results, out / "drop_vs_memory.png", f"{out.name}: test AUC drop against memory, per run")
     print(text)
 
