@@ -229,6 +229,10 @@ def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
                   f"`{Path(e['exported']).name}` (`--fallback torchrec`); `model.pt` is ours.", ""]
     elif e["exported_within_bound"]:
         lines += ["Served: ours (it passed the stop test on the selection split).", ""]
+    would = e.get("fallback_would_serve")
+    if served == "final" and would not in (None, "final") and e[would]["bytes"] < e["final"]["bytes"]:
+        lines += [f"**{SERVED_NAMES[would]} is smaller than ours and passes the same test on the selection split: "
+                  "`--fallback torchrec` serves it.**", ""]
     else:
         lines += ["**Ours failed the stop test on the selection split: its AUC drop may exceed --max-auc-drop.** "
                   "It was exported as asked; " + ("no TorchRec model passed either, so only the base model is known to "

@@ -149,3 +149,24 @@ def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path
     assert easy["final"]["bytes"] == e["inference_bytes"] and easy["exported_model"] == "final"
     assert m["targets"]["memory_ratio"] == easy["final"]["memory"] and "test" in easy["final"]
     assert "Served in int8, int4 at" in (out / "report.md").read_text()
+
+
+def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
+    """Without --fallback torchrec, a TorchRec model smaller than ours that passes the same
+    test is named, with the flag that serves it; when ours is the smaller, nothing is said."""
+    from shark_torchrec.report import _easy_path_lines
+
+    def model(nbytes, **extra):
+        return {"auc": 0.8, "bytes": nbytes, "memory": nbytes / 1000, "drop": 0.0, "drop_standard_error": 0.001,
+                "selection": {"drop": 0.0, "standard_error": 0.001, "test_index": None}, **extra}
+
+    e = {"rows": 100, "selection_rows": 100, "base": model(1000), "final": model(400),
+         "torchrec-int4": model(250, minus_final=0.0, minus_final_standard_error=0.001),
+         "torchrec-int8": model(500, minus_final=0.0, minus_final_standard_error=0.001),
+         "recommended": "final", "exported_model": "final", "exported": None, "exported_within_bound": True,
+         "fallback_would_serve": "torchrec-int4"}
+    e["final"]["selection"].update(test_index=1, upper_bound=0.001, accepted=True)
+    text = "\n".join(_easy_path_lines(e))
+    assert "**TorchRec int4 of the base is smaller than ours and passes the same test" in text and "--fallback torchrec" in text
+    e["final"]["bytes"] = 200
+    assert "is smaller than ours" not in "\n".join(_easy_path_lines(e))

@@ -110,6 +110,7 @@ def easy_path(base_checkpoint: str | Path, final: torch.nn.Module, final_fields:
         on test ("test", logged only), and per candidate its selection-split drop with, when it
         was tried, its stop test ("selection").
         "recommended": the first candidate tried whose stop test passed (None: none did);
+        "fallback_would_serve": what the choice over all three would serve (`--fallback torchrec`);
         "exported_model": the one served (ours, or the recommended TorchRec model); "exported":
         the path of a saved TorchRec model or None; "exported_within_bound": whether the served
         model passed its stop test.
@@ -154,6 +155,10 @@ def easy_path(base_checkpoint: str | Path, final: torch.nn.Module, final_fields:
     for key in CANDIDATES:
         p = paired(SELECTION_SPLIT, key)
         out[key]["selection"] = {"drop": -p.difference, "standard_error": p.standard_error, "test_index": None}
+    # What --fallback torchrec would serve (the same test over all three), for the report's
+    # advice when the flag is off; with it on, that is the choice itself.
+    out["fallback_would_serve"], _ = choose_served([(k, out[k]["bytes"], paired(SELECTION_SPLIT, k)) for k in CANDIDATES],
+                                                   max_auc_drop, confidence)
     tried = CANDIDATES if fallback_dir is not None else ("final",)
     out["recommended"], tests = choose_served([(k, out[k]["bytes"], paired(SELECTION_SPLIT, k)) for k in tried],
                                               max_auc_drop, confidence)
