@@ -137,7 +137,10 @@ def write_report(run: str | Path) -> Path:
         if st["base"].get("given_checkpoint"):
             lines += ["The base model came from `--checkpoint` (trained elsewhere): if its early stopping read dev, it read "
                       "the confirmation split too, which favours the base model in the figures below.", ""]
-        for stage, what in (("prune", "the pruned model"), ("quantize", "the final (pruned, quantized) model")):
+        regrouped = bool((info["export"] or {}).get("serving_tiers"))
+        for stage, what in (("prune", "the pruned model"),
+                            ("quantize", "the pruned, quantized model as trained (served regrouped: see below)" if regrouped
+                             else "the final (pruned, quantized) model")):
             c = st.get(stage, {}).get("confirmation")
             if c:
                 lines += [

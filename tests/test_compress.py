@@ -148,7 +148,8 @@ def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path
     easy = e["easy_path"]
     assert easy["final"]["bytes"] == e["inference_bytes"] and easy["exported_model"] == "final"
     assert m["targets"]["memory_ratio"] == easy["final"]["memory"] and "test" in easy["final"]
-    assert "Served in int8, int4 at" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Served in int8, int4 at" in report and "the pruned, quantized model as trained (served regrouped" in report
 
 
 def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
