@@ -13,7 +13,7 @@ Per run (seed s, fold f): one `shark compress` run in DIR/runs/s<s>[f<f>] (resum
 its export stage logs test figures of the base model, ours (the pruned, quantized model as
 exported) and TorchRec's int8 and int4 of the base model (`quantize_embeddings`), each paired
 against the base model (`export.json` `easy_path`), and this script reads them. "Served" is what the run exported (`export.json` `exported_model`:
-ours, or with `--fallback torchrec` a TorchRec model chosen on the selection split). Memory
+ours, or with `--fallback torchrec` a TorchRec model; `shark_torchrec/train/easy_path.py`). Memory
 is embedding bytes as allocated over the base model's fp32 bytes. Finished runs are kept in
 DIR/results.json (the script resumes); DIR/table.md and DIR/drop_vs_memory.png are rewritten.
 
@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -56,25 +55,32 @@ def sh(*args: str) -> None:
 
 def small_dev(extra: list[str], rows: int) -> list[str]:
     """`extra` with `--data csv:DIR` pointing at a copy of DIR whose dev file keeps its header and
-    first `rows` lines (made once under the system's temp folder, never in the repository; the
-    other files are links)."""
+    first `rows` lines (made once under the system's temp folder, never in the repository, in a
+    folder named by a hash of DIR's path and its dev file's size; the other files are links)."""
+    import hashlib
+
+    if "--data" not in extra or not extra[extra.index("--data") + 1].startswith("csv:"):
+        raise SystemExit("--dev-rows needs `--data csv:DIR` (as two words) after --")
     i = extra.index("--data")
-    kind, _, src = extra[i + 1].partition(":")
-    if kind != "csv":
-        raise SystemExit("--dev-rows needs --data csv:DIR")
-    src_dir = Path(src).resolve()
-    dst = Path(tempfile.gettempdir()) / "shark-bench-data" / f"{src_dir.name}-dev{rows}"
+    src_dir = Path(extra[i + 1].partition(":")[2]).resolve()
+    dev = [f for f in src_dir.iterdir() if f.stem == "dev"]
+    if len(dev) != 1:
+        raise SystemExit(f"--dev-rows: {src_dir} has no single dev file")
+    key = hashlib.sha256(f"{src_dir}|{dev[0].stat().st_size}|{rows}".encode()).hexdigest()[:12]
+    dst = Path(tempfile.gettempdir()) / "shark-bench-data" / f"{src_dir.name}-dev{rows}-{key}"
     dst.mkdir(parents=True, exist_ok=True)
     for f in src_dir.iterdir():
         target = dst / f.name
-        if f.stem == "dev":
+        if f == dev[0]:
             if not target.is_file():
                 with f.open() as inp:
-                    lines = [next(inp) for _ in range(rows + 1)]
+                    lines = [line for _, line in zip(range(rows + 1), inp)]
+                if len(lines) < rows + 1:
+                    raise SystemExit(f"--dev-rows {rows}: {f} has only {len(lines) - 1} lines after its header")
                 tmp = target.with_suffix(".tmp")
                 tmp.write_text("".join(lines))
                 tmp.replace(target)
-        elif not target.exists():
+        elif not target.is_symlink():
             target.symlink_to(f)
     return [*extra[: i + 1], f"csv:{dst}", *extra[i + 2 :]]
 
@@ -82,11 +88,10 @@ def small_dev(extra: list[str], rows: int) -> list[str]:
 def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path, table4: bool) -> dict:
     common = [*extra, "--seed", str(seed), "--no-progress"] + (["--folds", str(folds), "--fold", str(fold)] if folds else [])
     cfg = parse_cli(common, prog="compress_quality")
-    t0 = time.perf_counter()
     if not (run / "metrics.json").is_file():
         sh("compress", *common, "--out", str(run), *(["--resume"] if (run / "stages.json").is_file() else []))
-    seconds = time.perf_counter() - t0
     metrics = json.loads((run / "metrics.json").read_text())
+    seconds = sum(metrics["stage_seconds"].values())  # the pipeline's own time, resumed or not
     easy = metrics["export"]["easy_path"]
     models = {key: {"test_auc": easy[key]["test"]["auc"], "test_drop": easy[key]["test"]["drop"],
                     "test_drop_se": easy[key]["test"]["drop_standard_error"], "memory": easy[key]["memory"],
@@ -98,7 +103,7 @@ def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path
         "seed": seed, "fold": fold, "seconds": seconds, "models": models, "served": easy["exported_model"],
         "served_passed_selection_test": easy["exported_within_bound"],
         "pruned_fields": metrics["pruned_fields"], "stop_reason": metrics["stop_reason"],
-        "quant_budget": metrics["quant_budget"], "selection_rows": easy.get("selection_rows"), "confirm_rows": easy["rows"],
+        "quant_budget": metrics["quant_budget"], "choice_rows": easy.get("choice_rows"), "confirm_rows": easy["rows"],
         "max_auc_drop": cfg.prune.max_auc_drop,
     }
 
@@ -178,7 +183,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
 
 # ------------------------------------------------------------------------ the paper's Table 4
-def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> None:
+def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> dict:
     """F-Q alone, fp16, int8 and freq from the same base checkpoint, and Permutation pruning,
     written into the run's `baselines/` (what `shark report` shows beside the pipeline).
 
@@ -229,11 +234,11 @@ def table4_markdown(records: list[dict]) -> str:
 
 
 def _without(args: list[str], flags) -> list[str]:
-    """`args` minus each flag in `flags` and its values (up to the next flag)."""
+    """`args` minus each flag in `flags` and its values (up to the next flag; `--flag=value` too)."""
     out, skip = [], False
     for a in args:
         if a.startswith("--"):
-            skip = a in flags
+            skip = a.split("=", 1)[0] in flags
         if not skip:
             out.append(a)
     return out
@@ -250,6 +255,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args(own)
     if args.dev_rows:
+        if args.cv:
+            raise SystemExit("--dev-rows cuts dev, but with --cv folds are drawn from all the lines: give one of them")
         extra = small_dev(extra, args.dev_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -62,9 +62,10 @@ class DataConfig:
     """synthetic: extra noise fields after the 11 planted ones (a wider model)."""
     selection_fraction: float = 0.0
     """Set this fraction of train's lines aside (line i when i % 100 < 100 x F) as the
-    selection split that `shark prune` / `compress` decide on, with all of dev kept to confirm
-    the result; no model trains on them. 0: those commands decide on dev's even lines and
-    confirm on its odd ones. A base model for `prune --checkpoint` must be trained with the
+    selection split that `shark prune` / `compress` decide on, with dev's even lines kept to
+    choose the model to serve and its odd lines to confirm the result; no model trains on them.
+    0: those commands decide on dev's even lines, choose on lines i % 4 == 1 and confirm on
+    i % 4 == 3. A base model for `prune --checkpoint` must be trained with the
     same value (`shark train --selection-fraction F`)."""
 
 
@@ -338,11 +339,12 @@ class CompressConfig:
     leaves (the target over the memory ratio pruning left, clipped to these tiers' floor and
     to 1), model-wide. Empty: rows are served as they trained."""
     fallback: Literal["none", "torchrec"] = "none"
-    """`shark compress`: `torchrec` also tries TorchRec's post-training int4 and int8 of the base
+    """`shark compress`: `torchrec` also tries TorchRec's post-training int8 and int4 of the base
     model: the candidates, ours among them, are tried from the fewest bytes up with the stop
-    test on the selection split, and the first within --max-auc-drop is served (a TorchRec one
-    exported as export/torchrec_<int4|int8>_model.pt beside ours). `none`: ours is served and
-    tested; the comparison with TorchRec's is reported."""
+    test (ours on the choice split, TorchRec's on the selection split), and the first within
+    --max-auc-drop is served (a TorchRec one exported as export/torchrec_<int4|int8>_model.pt
+    beside ours). `none`: ours is served and tested; the comparison with TorchRec's is
+    reported."""
 
 
 @dataclass
@@ -429,7 +431,9 @@ class JobConfig:
             from shark_torchrec.modules.precision_policy import split_tiers
 
             try:
-                dataclasses.replace(policy, tiers=split_tiers(c.serve_tiers), memory_budget=1.0, budget_scope="model",
+                # As the export will build it: the quantize stage trains with shark (or freq) rows.
+                dataclasses.replace(policy, mode=q.precision if q.precision in ("shark", "freq") else "shark",
+                                    tiers=split_tiers(c.serve_tiers), memory_budget=1.0, budget_scope="model",
                                     row_fractions=None, t8=None, t16=None).resolved([m.embedding_dim])
             except ValueError as e:
                 raise ConfigError(f"compress.serve_tiers (--serve-tiers): {e}") from e

@@ -110,7 +110,7 @@ def write_report(run: str | Path) -> Path:
                     f"{t['auc_drop_upper_bound_95']:+.4f}), bound {t['max_auc_drop']}: ")
             got += "within it." if t["auc_met"] else "**over it**."
         if t.get("selection_test_passed") is False:
-            got += " The served model **failed** the stop test on the selection split."
+            got += " The served model **failed** its stop test (the choice)."
         lines += ["## Targets", "", got, ""]
     st = info["stages"]
     if "prune" in st:
@@ -199,47 +199,54 @@ def write_report(run: str | Path) -> Path:
 
 def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
     """The compressed model beside TorchRec's post-training quantization of the base model, and
-    which of them is served (chosen on the selection split)."""
+    which of them is served (the choice: ours tested on the choice split, TorchRec's on the
+    selection split; `train/easy_path.py`)."""
+    rows = e.get("choice_rows") or {}
     lines = [
         "## Against TorchRec's post-training quantization",
         "",
         f"Figures on the confirmation split ({e['rows']:,} rows, read by no decision); drops paired against the base "
-        "model (DeLong standard errors); bytes as allocated. The last column is the choice, made on the selection "
-        f"split ({e.get('selection_rows', 0):,} rows): the candidates tried from the fewest bytes up, each with the stop "
-        "test, the first that passes served.",
+        "model (DeLong standard errors); bytes as allocated. The last column is the choice: the candidates tried from "
+        "the fewest bytes up, each with the stop test, the first that passes served; ours is tested on the choice split "
+        f"({rows.get('choice', 0):,} rows, which no earlier decision read: ours was pruned and fine-tuned on the selection "
+        f"split), TorchRec's models on the selection split ({rows.get('dev', 0):,} rows).",
         "",
-        "| model | AUC | drop from base (SE) | memory (of base fp32) | minus ours (SE) | selection: drop, upper bound |",
+        "| model | AUC | drop from base (SE) | memory (of base fp32) | minus ours (SE) | choice: drop, upper bound |",
         "|---|---|---|---|---|---|",
     ]
     for key, name in (("base", "base (fp32)"), *SERVED_NAMES.items()):
         r = e[key]
         vs = f"{r['minus_final']:+.4f} ({r['minus_final_standard_error']:.4f})" if "minus_final" in r else ""
-        sel = r.get("selection") or {}
+        c = r.get("choice") or {}
         choice = ""
-        if sel.get("test_index"):
-            choice = (f"{sel['drop']:+.4f}, {sel['upper_bound']:+.4f} (test {sel['test_index']}): "
-                      + ("**passed**" if sel["accepted"] else "failed"))
-        elif sel:
-            choice = f"{sel['drop']:+.4f} (SE {sel['standard_error']:.4f}), not tried"
+        if c.get("test_index"):
+            choice = (f"{c['drop']:+.4f}, {c['upper_bound']:+.4f} (test {c['test_index']}): "
+                      + ("**passed**" if c["accepted"] else "failed"))
+        elif c:
+            choice = f"{c['drop']:+.4f} (SE {c['standard_error']:.4f}), not tried"
         lines.append(f"| {name} | {r['auc']:.4f} | {r['drop']:+.4f} ({r['drop_standard_error']:.4f}) | "
                      f"{100 * r['memory']:.1f}% | {vs} | {choice} |")
     lines.append("")
-    if "exported_model" not in e:  # a run exported before the choice existed
+    if "exported_model" not in e or "choice" not in e["final"]:  # a run exported before this choice existed
+        if e.get("torchrec_int4_no_worse_and_smaller"):
+            where = (f" It was exported as `{Path(e['exported']).name}` (`--fallback torchrec`)." if e.get("exported")
+                     else " `--fallback torchrec` exports it.")
+            lines += [f"**TorchRec's int4 of the base model is no larger and no worse than ours here: serve it.**{where}", ""]
         return lines
     served = e["exported_model"]
     if served != "final":
-        lines += [f"**Served: {SERVED_NAMES[served]}**, the fewest bytes within the bound, exported as "
-                  f"`{Path(e['exported']).name}` (`--fallback torchrec`); `model.pt` is ours.", ""]
+        lines += [f"**Served: {SERVED_NAMES[served]}**, the first, in order of fewest bytes, to pass its test; exported as "
+                  f"`{Path(e['exported']).name}` (`--fallback torchrec`). `model.pt` and the serving files are ours.", ""]
     elif e["exported_within_bound"]:
-        lines += ["Served: ours (it passed the stop test on the selection split).", ""]
+        lines += ["Served: ours (it passed the stop test on the choice split).", ""]
+    else:
+        lines += ["**Ours failed the stop test on the choice split: its AUC drop may exceed --max-auc-drop.** "
+                  "It was exported as asked; " + ("no TorchRec model passed either, so only the base model is known to "
+                  "meet the bound." if e["recommended"] is None and "upper_bound" in e["torchrec-int4"]["choice"]
+                  else "`--fallback torchrec` also tries TorchRec's int4 and int8 of the base model and serves the "
+                  "first, in order of fewest bytes, that passes."), ""]
     would = e.get("fallback_would_serve")
     if served == "final" and would not in (None, "final") and e[would]["bytes"] < e["final"]["bytes"]:
-        lines += [f"**{SERVED_NAMES[would]} is smaller than ours and passes the same test on the selection split: "
-                  "`--fallback torchrec` serves it.**", ""]
-    else:
-        lines += ["**Ours failed the stop test on the selection split: its AUC drop may exceed --max-auc-drop.** "
-                  "It was exported as asked; " + ("no TorchRec model passed either, so only the base model is known to "
-                  "meet the bound." if e["recommended"] is None and "upper_bound" in e["torchrec-int4"]["selection"]
-                  else "`--fallback torchrec` also tries TorchRec's int4 and int8 of the base model and serves the "
-                  "smallest that passes."), ""]
+        lines += [f"**{SERVED_NAMES[would]} is smaller than ours and passes the same test: `--fallback torchrec` "
+                  "serves it.**", ""]
     return lines

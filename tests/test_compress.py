@@ -36,7 +36,7 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     report = (straight / "report.md").read_text()
     for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png",
                  "The stop test: a step is kept when the one-sided upper bound", "| selection drop (SE) | drop upper bound |",
-                 "Confirmation split (1,000 rows, read by no decision), the final (pruned, quantized) model",
+                 "Confirmation split (500 rows, read by no decision), the final (pruned, quantized) model",
                  # dim 8: all-int8 rows take 0.5 of fp32, so the 0.3 target is missed, and the report says so
                  "## Targets", "target 0.3: **missed** by", "clipped up to 0.500", "so the pipeline misses --target-memory 0.3"):
         assert part in report, part
@@ -75,15 +75,19 @@ def test_bad_compress_config_is_refused_before_any_work(tmp_path):
     assert proc.returncode == 2 and "compress.quant_budget" in proc.stderr
     proc = run_shark("compress", *TINY, "--t8", "5", "--t16", "1", "--precision", "shark", "--out", str(out), check=False)
     assert proc.returncode == 2 and "t8" in proc.stderr
+    proc = run_shark("compress", *TINY, "--serve-tiers", "int4", "--out", str(out), check=False)  # one tier: no ranking
+    assert proc.returncode == 2 and "--serve-tiers" in proc.stderr
     assert not out.exists()
 
 
 def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
-    """With a quantization budget that leaves our model larger than TorchRec's int4 of the
-    base model (0.9 of fp32 at dim 8, where TorchRec's padded int4 rows take 0.5) and no
-    better, `--fallback torchrec` exports TorchRec's int4 model and the report says to serve
-    it; the saved model loads in a fresh process and scores a batch as TorchRec's own
-    quantization of the base model does."""
+    """With a quantization budget that leaves our model larger than TorchRec's int8 and int4 of
+    the base model (0.9 of fp32 at dim 8, where TorchRec pads both to 16 B rows: 0.5),
+    `--fallback torchrec` tries them from the fewest bytes up, on equal bytes int8 first, on the
+    selection split; int8 passes and is served, and the report says so; the saved model loads
+    in a fresh process and scores a batch as TorchRec's own quantization of the base model does.
+    TorchRec's drop in the choice is the paired drop on the selection split (dev's even lines);
+    ours is tested on the choice split."""
     import subprocess
     import sys
 
@@ -93,13 +97,17 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
     easy = json.loads((out / "export" / "export.json").read_text())["easy_path"]
     assert easy["torchrec-int4"]["memory"] == 0.5 and easy["torchrec-int8"]["memory"] == 0.5
-    assert easy["final"]["memory"] > 0.5 and easy["recommended"] == easy["exported_model"] == "torchrec-int4"
-    assert easy["torchrec-int4"]["selection"]["test_index"] == 1 and easy["final"]["selection"]["test_index"] is None
-    assert easy["rows"] == 1000 and easy["exported"].endswith("torchrec_int4_model.pt")
+    assert easy["final"]["memory"] > 0.5 and easy["recommended"] == easy["exported_model"] == "torchrec-int8"
+    assert easy["torchrec-int8"]["choice"]["test_index"] == 1 and easy["final"]["choice"]["test_index"] is None
+    assert easy["torchrec-int4"]["choice"]["test_index"] is None
+    assert easy["final"]["choice"]["split"] == "choice" and easy["torchrec-int8"]["choice"]["split"] == "dev"
+    assert easy["rows"] == 500 and easy["exported"].endswith("torchrec_int8_model.pt")
     targets = json.loads((out / "m.json").read_text())["targets"]
-    assert targets["served"] == "torchrec-int4" and targets["memory_ratio"] == 0.5 and targets["selection_test_passed"]
+    assert targets["served"] == "torchrec-int8" and targets["memory_ratio"] == 0.5 and targets["selection_test_passed"]
+    assert "torchrec_int8_model.pt" in (out / "export" / "README.md").read_text()
     report = (out / "report.md").read_text()
-    assert "## Against TorchRec's post-training quantization" in report and "**Served: TorchRec int4 of the base**" in report
+    assert "## Against TorchRec's post-training quantization" in report and "**Served: TorchRec int8 of the base**" in report
+    assert "failed the stop test" not in report
     script = (
         "import sys, torch, json\n"
         "from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC\n"
@@ -121,11 +129,25 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     from shark_torchrec.train.export import load_trained_model
 
     base, _ = load_trained_model(json.loads((out / "stages.json").read_text())["base"]["checkpoint"])
-    want_model = torchrec_quantized(base, torch.quint4x2)
+    want_model = torchrec_quantized(base, torch.qint8)
     b = next(iter(open_dataset(DataConfig(synthetic_train_rows=6000, synthetic_eval_rows=2000, synthetic_scale=0.02)).batches("test", 256)))
     with torch.no_grad():
         want = want_model(b)[1][1]
     assert torch.allclose(got, want, atol=1e-6)
+    # TorchRec's test read the selection split: its drop is the paired drop there, recomputed.
+    from shark_torchrec.config import parse_cli
+    from shark_torchrec.distributed.env import DistEnv
+    from shark_torchrec.importance.significance import paired_auc
+    from shark_torchrec.train.evaluation import predict
+
+    cfg = parse_cli(args, prog="test")
+    view = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
+    env = DistEnv(0, 1, torch.device("cpu"), "none")
+    with torch.no_grad():
+        mine, y = predict(want_model, view, "dev", 1024, env)
+        theirs, _ = predict(base, view, "dev", 1024, env)
+    drop = -paired_auc(mine.numpy(), theirs.numpy(), y.numpy()).difference
+    assert abs(easy["torchrec-int8"]["choice"]["drop"] - drop) < 1e-12 and easy["choice_rows"]["dev"] == y.numel()
 
 
 def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path):
@@ -147,6 +169,19 @@ def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path
     assert m["memory_ratio"] == e["inference_bytes"] / m["base_embedding_bytes"] < m["embedding_bytes"] / m["base_embedding_bytes"]
     easy = e["easy_path"]
     assert easy["final"]["bytes"] == e["inference_bytes"] and easy["exported_model"] == "final"
+    # The choice and the figures read the regrouped model as exported, not the trained one.
+    from shark_torchrec.config import parse_cli
+    from shark_torchrec.data import CONFIRM, open_dataset
+    from shark_torchrec.distributed.env import DistEnv
+    from shark_torchrec.importance.significance import paired_auc
+    from shark_torchrec.train.evaluation import predict
+
+    cfg = parse_cli(args, prog="test")
+    view = open_dataset(cfg.dataset, cfg.train.seed).decision_splits().with_fields(m["kept_fields"])
+    served = torch.load(out / "export" / "model.pt", weights_only=False)
+    with torch.no_grad():
+        logits, y = predict(served, view, CONFIRM, 1024, DistEnv(0, 1, torch.device("cpu"), "none"))
+    assert abs(paired_auc(logits.numpy(), logits.numpy(), y.numpy()).auc_a - easy["final"]["auc"]) < 1e-12
     assert m["targets"]["memory_ratio"] == easy["final"]["memory"] and "test" in easy["final"]
     report = (out / "report.md").read_text()
     assert "Served in int8, int4 at" in report and "the pruned, quantized model as trained (served regrouped" in report
@@ -159,15 +194,20 @@ def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
 
     def model(nbytes, **extra):
         return {"auc": 0.8, "bytes": nbytes, "memory": nbytes / 1000, "drop": 0.0, "drop_standard_error": 0.001,
-                "selection": {"drop": 0.0, "standard_error": 0.001, "test_index": None}, **extra}
+                "choice": {"drop": 0.0, "standard_error": 0.001, "test_index": None}, **extra}
 
-    e = {"rows": 100, "selection_rows": 100, "base": model(1000), "final": model(400),
+    e = {"rows": 100, "choice_rows": {"dev": 100, "choice": 50}, "base": model(1000), "final": model(400),
          "torchrec-int4": model(250, minus_final=0.0, minus_final_standard_error=0.001),
          "torchrec-int8": model(500, minus_final=0.0, minus_final_standard_error=0.001),
          "recommended": "final", "exported_model": "final", "exported": None, "exported_within_bound": True,
          "fallback_would_serve": "torchrec-int4"}
-    e["final"]["selection"].update(test_index=1, upper_bound=0.001, accepted=True)
+    e["final"]["choice"].update(test_index=1, upper_bound=0.001, accepted=True)
     text = "\n".join(_easy_path_lines(e))
     assert "**TorchRec int4 of the base is smaller than ours and passes the same test" in text and "--fallback torchrec" in text
+    assert "Served: ours (it passed" in text and "failed the stop test" not in text
     e["final"]["bytes"] = 200
-    assert "is smaller than ours" not in "\n".join(_easy_path_lines(e))
+    text = "\n".join(_easy_path_lines(e))
+    assert "is smaller than ours" not in text and "Served: ours (it passed" in text and "failed the stop test" not in text
+    e["final"]["choice"]["accepted"], e["exported_within_bound"], e["recommended"] = False, False, None
+    text = "\n".join(_easy_path_lines(e))
+    assert "**Ours failed the stop test" in text and "Served: ours" not in text

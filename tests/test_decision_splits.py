@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from shark_torchrec.config import DataConfig
-from shark_torchrec.data import CONFIRM, SELECTION, open_dataset
+from shark_torchrec.data import CHOICE, CONFIRM, SELECTION, open_dataset
 
 from conftest import TINY, run_shark
 
@@ -25,18 +25,22 @@ def test_file_splits_are_carved_disjoint_and_whole(tmp_path, folds):
     write_csv(tmp_path, {"train": 230, "dev": 41, "test": 17})
     plain = open_dataset(DataConfig(data=f"csv:{tmp_path}", folds=folds))
     view = plain.decision_splits()
-    # Without --selection-fraction: dev's even lines select, its odd lines confirm.
-    dev, sel, conf = (line_keys(s) for s in (plain.splits["dev"], view.splits["dev"], view.splits[CONFIRM]))
-    assert sel == dev[0::2] and conf == dev[1::2] and not set(sel) & set(conf)
+    # Without --selection-fraction: dev's even lines select, lines i % 4 == 1 choose (the model
+    # to serve) and i % 4 == 3 confirm.
+    dev, sel, choice, conf = (line_keys(s) for s in (plain.splits["dev"], view.splits["dev"], view.splits[CHOICE],
+                                                      view.splits[CONFIRM]))
+    assert sel == dev[0::2] and choice == dev[1::4] and conf == dev[3::4]
+    assert len(set(sel) | set(choice) | set(conf)) == len(dev)
     assert line_keys(view.splits["train"]) == line_keys(plain.splits["train"])
-    # --selection-fraction 0.2: lines i % 100 < 20 of train select; all of dev confirms; the
-    # models train on the rest.
+    # --selection-fraction 0.2: lines i % 100 < 20 of train select; dev's even lines choose and
+    # its odd lines confirm; the models train on the rest.
     carved = open_dataset(DataConfig(data=f"csv:{tmp_path}", folds=folds, selection_fraction=0.2))
     train = line_keys(plain.splits["train"])
     kept, chosen = line_keys(carved.splits["train"]), line_keys(carved.splits[SELECTION])
     assert chosen == [k for i, k in enumerate(train) if i % 100 < 20] and kept == [k for i, k in enumerate(train) if i % 100 >= 20]
     view = carved.decision_splits()
-    assert line_keys(view.splits["dev"]) == chosen and line_keys(view.splits[CONFIRM]) == dev
+    assert line_keys(view.splits["dev"]) == chosen
+    assert line_keys(view.splits[CHOICE]) == dev[0::2] and line_keys(view.splits[CONFIRM]) == dev[1::2]
     for name, split in {**view.splits}.items():  # counts agree with what the batches carry
         assert split.num_lines() == sum(int(b.sample_weights.sum()) for b in view.batches(name, 64)), name
     # Vocabulary from the lines models train on: a selection line's value is out of vocabulary.
@@ -59,7 +63,8 @@ def test_synthetic_splits_are_carved_from_the_same_rows():
     assert np.array_equal(rows(carved, SELECTION), train[i % 100 < 7]) and np.array_equal(rows(carved, "train"), train[i % 100 >= 7])
     view = plain.decision_splits()
     dev = rows(plain, "dev")
-    assert np.array_equal(rows(view, "dev"), dev[0::2]) and np.array_equal(rows(view, CONFIRM), dev[1::2])
+    assert np.array_equal(rows(view, "dev"), dev[0::2]) and np.array_equal(rows(view, CHOICE), dev[1::4])
+    assert np.array_equal(rows(view, CONFIRM), dev[3::4])
 
 
 def test_a_checkpoint_trained_on_the_selection_lines_is_refused(tmp_path):
@@ -76,10 +81,10 @@ def test_a_checkpoint_trained_on_the_selection_lines_is_refused(tmp_path):
 
 def test_splits_too_small_to_decide_on_are_refused_naming_the_fix():
     tiny = open_dataset(DataConfig(synthetic_train_rows=1000, synthetic_eval_rows=1, synthetic_scale=0.02))
-    with pytest.raises(Exception, match="the confirmation split is empty: dev has 1 rows.*--selection-fraction F"):
+    with pytest.raises(Exception, match="the choice split is empty: dev has 1 rows.*--selection-fraction F"):
         tiny.decision_splits()
     view = open_dataset(DataConfig(synthetic_train_rows=1000, synthetic_eval_rows=10, synthetic_scale=0.02)).decision_splits()
-    assert view.decision_splits() is view  # idempotent: dev is not halved twice
+    assert view.decision_splits() is view  # idempotent: dev is not cut twice
 
 
 def test_a_selection_split_of_one_class_is_refused_naming_it(tmp_path):

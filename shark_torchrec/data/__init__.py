@@ -12,7 +12,7 @@ from shark_torchrec.data.schema import DataError, Schema
 from shark_torchrec.data.synthetic import DENSE_NAMES, SyntheticGenerator, SyntheticSplit
 
 SPLIT_NAMES = ("train", "dev", "test")
-SELECTION, CONFIRM = "selection", "confirm"  # carved splits (see `Dataset.decision_splits`)
+SELECTION, CHOICE, CONFIRM = "selection", "choice", "confirm"  # carved splits (see `Dataset.decision_splits`)
 SELECTION_MODULUS = 100  # --selection-fraction F carves train's lines i with i % 100 < 100 F
 
 
@@ -59,20 +59,24 @@ class Dataset:
 
     def decision_splits(self) -> "Dataset":
         """The same data with the splits `shark prune` / `compress` use: `dev` is the selection
-        split every decision reads (the stop test, early stopping of fine-tuning), `confirm`
-        one no decision reads, for the final figure, and `test` as before (only logged).
-        With `--selection-fraction F` the selection split is the carved part of train and
-        `confirm` all of dev; without, dev's even lines select and its odd lines confirm.
-        Disjoint by construction: carved by line position, residues that do not overlap."""
+        split every training decision reads (the stop test, early stopping of fine-tuning),
+        `choice` one that only the choice of the model to serve reads (our compressed model
+        was early-stopped and pruned on the selection split, so its drop there is optimistic),
+        `confirm` one no decision reads, for the final figure, and `test` as before (only
+        logged). With `--selection-fraction F` the selection split is the carved part of train,
+        dev's even lines choose and its odd lines confirm; without, dev's even lines select, and
+        of its odd lines those with i % 4 == 1 choose and i % 4 == 3 confirm. Disjoint by
+        construction: carved by line position, residues that do not overlap."""
         if CONFIRM in self.splits:
-            return self  # already the decision view (a second carving would halve dev again)
+            return self  # already the decision view (a second carving would cut dev again)
         splits = dict(self.splits)
+        dev = self.splits["dev"]
         if SELECTION in splits:
-            splits["dev"], splits[CONFIRM] = splits.pop(SELECTION), self.splits["dev"]
+            splits["dev"] = splits.pop(SELECTION)
+            splits[CHOICE], splits[CONFIRM] = dev.subset(2, (0,)), dev.subset(2, (1,))
         else:
-            dev = self.splits["dev"]
-            splits["dev"], splits[CONFIRM] = dev.subset(2, (0,)), dev.subset(2, (1,))
-        for name, what in (("dev", "selection"), (CONFIRM, "confirmation")):
+            splits["dev"], splits[CHOICE], splits[CONFIRM] = dev.subset(2, (0,)), dev.subset(4, (1,)), dev.subset(4, (3,))
+        for name, what in (("dev", "selection"), (CHOICE, "choice"), (CONFIRM, "confirmation")):
             try:
                 rows = splits[name].num_lines()
             except DataError:
@@ -80,8 +84,8 @@ class Dataset:
             if rows == 0:
                 raise DataError(
                     f"the {what} split is empty: dev has {self.splits['dev'].num_lines()} rows and "
-                    f"--selection-fraction {'carves' if SELECTION in self.splits else 'is 0, so dev is halved'}; "
-                    "prune and compress need rows in both (a larger dev split, or --selection-fraction F)"
+                    f"--selection-fraction {'carves' if SELECTION in self.splits else 'is 0, so dev is cut in four'}; "
+                    "prune and compress need rows in all three (a larger dev split, or --selection-fraction F)"
                 )
         view = Dataset(self.schema, splits, self.encoder, self.truth, self.layout)
         view.full_schema, view.columns = self.full_schema, self.columns

@@ -20,11 +20,13 @@ ratio p; F-Quantization then gets the per-table budget R / p, clipped to what al
 reach and to 1 (`--quant-budget` overrides it). F-Quantization starts from the pruned model's
 weights (`--init-from`), not from scratch, and fine-tunes for `--quant-epochs`.
 
-Splits (`Dataset.decision_splits`): every decision (the base model's and fine-tunings' early
-stopping, the pruning loop's stop test) reads the selection split, dev's even lines or with
-`--selection-fraction F` a carved part of train; the final figure, the chosen model against the
-base model, comes from the confirmation split (dev's odd lines, or all of dev), which no
-decision reads (`metrics.json` `confirmation`); test is logged and drives nothing.
+Splits (`Dataset.decision_splits`): every training decision (the base model's and fine-tunings'
+early stopping, the pruning loop's stop test) reads the selection split, dev's even lines or
+with `--selection-fraction F` a carved part of train; the choice of the model to serve tests
+ours on the choice split (a quarter of dev, or dev's even lines with F), which no earlier
+decision read; the final figure, the chosen model against the base model, comes from the
+confirmation split (another quarter of dev, or dev's odd lines with F), which no decision reads
+(`metrics.json` `confirmation`); test is logged and drives nothing.
 
 Resume: a stage is recorded in stages.json only once it has finished, so `--resume` skips the
 finished stages and redoes the rest: training stages continue from their newest checkpoint
@@ -128,6 +130,10 @@ def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
         why += f"; clipped up to {floor:.3f}, these tiers' floor at dim {cfg.model.embedding_dim}"
     elif want > 1.0:
         why += "; clipped to 1"
+    top = min_budget(cfg.model.embedding_dim, min(GROUP_NAMES.index(t) for t in tiers))
+    if budget > top:
+        why += (f". All rows in {min(tiers, key=GROUP_NAMES.index)}, the most precise of these tiers, take "
+                f"{top:.3f}: that is what is served, below the budget")
     return budget, why + "."
 
 
@@ -135,7 +141,7 @@ def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str
             easy: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What the run asked and what the served model got: memory against --target-memory, and
     its AUC drop on the confirmation split against --max-auc-drop (point estimate and its
-    one-sided 95% bound), with whether it passed the stop test on the selection split.
+    one-sided 95% bound), with whether it passed its stop test in the choice of what to serve.
 
     Args:
         cfg: the run's config.
@@ -264,29 +270,55 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
             "metrics": metrics}
 
 
+EXPORT_FAILED = "export_failed_on_rank0"  # what the other ranks receive when rank 0's export raised
+
+
+def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[str, Any]:
+    serving, why = None, None
+    if cfg.compress.serve_tiers:
+        budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"])
+        serving = ServingTiers(split_tiers(cfg.compress.serve_tiers), budget, "model")
+    record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving)
+    if why:
+        record["serving_budget_reason"] = why
+    # Beside TorchRec's own post-training int8 / int4 of the base model (one process).
+    data = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
+    fallback_dir = out / "export" if cfg.compress.fallback == "torchrec" else None
+    exported = torch.load(out / "export" / "model.pt", weights_only=False)  # what is served, as export wrote it
+    easy = record["easy_path"] = easy_path(
+        stages["base"]["checkpoint"], exported, stages["prune"]["kept_fields"], data, cfg.train.eval_batch_size,
+        record["inference_bytes"], cfg.prune.max_auc_drop, cfg.prune.confidence, fallback_dir,
+    )
+    if easy["exported"]:  # the serving files are ours: say which file the choice serves instead
+        with (out / "export" / "README.md").open("a") as f:
+            f.write(f"\n## Served instead: {easy['exported_model']}\n\n`shark compress --fallback torchrec` chose "
+                    f"`{Path(easy['exported']).name}` (TorchRec's post-training quantization of the base model, "
+                    "`torch.load(path, weights_only=False)`: a DLRM that scores a batch) over the files above; "
+                    "see the run's report.md.\n")
+    (out / "export" / "export.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) -> Dict[str, Any]:
-    """Rank 0 exports the quantized model and checks it against the trained one on dev."""
+    """Rank 0 exports the quantized model, checks it against the trained one on dev and
+    chooses what to serve (`easy_path`); the other ranks wait for its record (or its error)."""
     record: Dict[str, Any] = {}
+    error: Optional[BaseException] = None
     if env.is_main:
-        serving, why = None, None
-        if cfg.compress.serve_tiers:
-            budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"])
-            serving = ServingTiers(split_tiers(cfg.compress.serve_tiers), budget, "model")
-        record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving)
-        if why:
-            record["serving_budget_reason"] = why
-        # Beside TorchRec's own post-training int8 / int4 of the base model (one process).
-        data = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
-        fallback_dir = out / "export" if cfg.compress.fallback == "torchrec" else None
-        exported = torch.load(out / "export" / "model.pt", weights_only=False)  # what is served, as export wrote it
-        record["easy_path"] = easy_path(stages["base"]["checkpoint"], exported, stages["prune"]["kept_fields"], data,
-                                        cfg.train.eval_batch_size, record["inference_bytes"], cfg.prune.max_auc_drop,
-                                        cfg.prune.confidence, fallback_dir)
-        (out / "export" / "export.json").write_text(json.dumps(record, indent=2))
+        try:
+            record = _export_on_rank0(cfg, out, stages)
+        except Exception as e:  # the other ranks wait in the broadcast below: tell them, then raise
+            if env.world_size == 1:
+                raise
+            error, record = e, {EXPORT_FAILED: f"{type(e).__name__}: {e}"}
     if env.world_size > 1:
         box = [record]
         dist.broadcast_object_list(box, src=0)
         record = box[0]
+        if EXPORT_FAILED in record:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"the export stage failed on rank 0: {record[EXPORT_FAILED]}")
     return record
 
 
@@ -342,7 +374,7 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 _record(out, stages, env)
             timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
             memory_ratio = metrics["embedding_bytes"] / stages["base"]["embedding_bytes"]
-            if cfg.compress.serve_tiers:  # served in other tiers than it trained in
+            if stages["export"].get("serving_tiers"):  # served in other tiers than it trained in
                 memory_ratio = stages["export"]["inference_bytes"] / stages["base"]["embedding_bytes"]
             metrics = {
                 **metrics,

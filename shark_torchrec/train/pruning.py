@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from shark_torchrec.config import ConfigError, JobConfig
-from shark_torchrec.data import CONFIRM, Batch, DataError, Dataset, open_dataset
+from shark_torchrec.data import CHOICE, CONFIRM, Batch, DataError, Dataset, open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.importance.scoring import FieldImportance, canonical_method, field_means, score_fields
 from shark_torchrec.importance.significance import auc_standard_error, drop_test, paired_auc
@@ -255,7 +255,10 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     confirm_logits, confirm_labels = predict(base.model, base.dataset, CONFIRM, t.eval_batch_size, env)
     base_confirm = {"logits": confirm_logits, "labels": confirm_labels}
     base_logits, dev_labels = predict(base.model, base.dataset, "dev", t.eval_batch_size, env)
-    for what, labels in (("selection", dev_labels), ("confirmation", confirm_labels)):
+    _, choice_labels = predict(base.model, base.dataset, CHOICE, t.eval_batch_size, env) if CHOICE in base.dataset.splits else (None, None)
+    for what, labels in (("selection", dev_labels), ("choice", choice_labels), ("confirmation", confirm_labels)):
+        if labels is None:
+            continue
         positives = int(labels.sum())
         if positives in (0, labels.numel()):
             raise DataError(
