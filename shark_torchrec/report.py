@@ -109,7 +109,7 @@ def write_report(run: str | Path) -> Path:
             got += (f" AUC drop on the confirmation split: {t['auc_drop']:+.4f} (95% upper bound "
                     f"{t['auc_drop_upper_bound_95']:+.4f}), bound {t['max_auc_drop']}: ")
             got += "within it." if t["auc_met"] else "**over it**."
-        if t.get("selection_test_passed") is False:
+        if t.get("choice_test_passed") is False:
             got += " The served model **failed** its stop test (the choice)."
         lines += ["## Targets", "", got, ""]
     st = info["stages"]

@@ -103,7 +103,7 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     assert easy["final"]["choice"]["split"] == "choice" and easy["torchrec-int8"]["choice"]["split"] == "dev"
     assert easy["rows"] == 500 and easy["exported"].endswith("torchrec_int8_model.pt")
     targets = json.loads((out / "m.json").read_text())["targets"]
-    assert targets["served"] == "torchrec-int8" and targets["memory_ratio"] == 0.5 and targets["selection_test_passed"]
+    assert targets["served"] == "torchrec-int8" and targets["memory_ratio"] == 0.5 and targets["choice_test_passed"]
     assert "torchrec_int8_model.pt" in (out / "export" / "README.md").read_text()
     report = (out / "report.md").read_text()
     assert "## Against TorchRec's post-training quantization" in report and "**Served: TorchRec int8 of the base**" in report
