@@ -3,14 +3,19 @@
     .venv/bin/python bench/serve_throughput.py [--scale 3] [--dim 64] [--batches 256,1024,4096] [--repeats 5]
 
 One DLRM (synthetic schema, `--scale` x the default cardinalities: scale 3 is 3.6 M rows, 0.9 GB
-at dim 64 in fp32) is served three ways, with the same dense weights and the same batches:
+at dim 64 in fp32) is served these ways, with the same dense weights and the same batches:
 - `torchrec fp32`: `quantize_embeddings(dtype=torch.float)`, TorchRec's fp32 inference module;
-- `torchrec int8`: `quantize_embeddings(dtype=torch.qint8)`, per-table int8;
-- `shark`: `MixedPrecisionInferenceEmbeddingBagCollection` exported from a
-  `MixedPrecisionEmbeddingBagCollection` at `--budget` (rows in fp32/fp16/int8 groups).
-For each batch size the three run in turns, `--repeats` rounds of `--steps` forwards after a
-warm-up; the table gives median samples/s of the whole model's forward and the ratio to fp32,
-and each module's embedding bytes.
+- `torchrec int8`, `torchrec int4`: `quantize_embeddings(dtype=torch.qint8 / torch.quint4x2)`;
+- `shark paper`: `MixedPrecisionInferenceEmbeddingBagCollection` exported from a
+  `MixedPrecisionEmbeddingBagCollection` at `--budget` in the paper's tiers (fp32/fp16/int8),
+  read by our fused op (`torch.ops.shark.mixed_lookup`);
+- `shark low`: the same at `--low-budget` in `--low-tiers` (int8/int4/int2 by default);
+- `shark paper, reference glue`: the `shark paper` module read by the op's reference (torch
+  code around FBGEMM's INT-N op: what served before the fused op).
+For each batch size the modules run in turns within each of `--repeats` rounds of `--steps`
+forwards, after a warm-up; the table gives median samples/s of the whole model's forward, and
+the ratio to TorchRec fp32 as the median (min-max) of the rounds' own ratios (each round times
+both side by side). Each module's embedding bytes as allocated (state dict) are beside it.
 """
 
 from __future__ import annotations
@@ -30,17 +35,35 @@ sys.path.insert(0, str(ROOT))
 
 from torchrec.inference.modules import quantize_embeddings  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
 
 from shark_torchrec.config import DataConfig, ModelConfig  # noqa: E402
 from shark_torchrec.data import open_dataset  # noqa: E402
+from shark_torchrec.kernels.reference import mixed_lookup_reference  # noqa: E402
 from shark_torchrec.models.dlrm import build_dlrm, table_configs  # noqa: E402
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection  # noqa: E402
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection  # noqa: E402
 from shark_torchrec.modules.precision_policy import PrecisionPolicy  # noqa: E402
+from shark_torchrec.train.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
 
 
-def state_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+class ReferenceGlue(torch.nn.Module):
+    """A `MixedPrecisionInferenceEmbeddingBagCollection` read by the fused op's reference (torch
+    around FBGEMM's INT-N op), for timing the op against what it replaced."""
+
+    def __init__(self, ebc: MixedPrecisionInferenceEmbeddingBagCollection) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        e = self.ebc
+        kjt = features.permute([features.keys().index(n) for n in e.feature_names])
+        out = mixed_lookup_reference(
+            e.weights, e._offsets, e.row_map, e.range_ends, e.range_shift, e.feature_base, e.feature_rows,
+            kjt.values(), kjt.lengths(), None, e.dim, kjt.stride(), "mean" if e.mean_pooling else "sum",
+            e.row_alignment, e.feature_names,
+        )
+        return KeyedTensor(keys=e.feature_names, length_per_key=[e.dim] * len(e.feature_names), values=out)
 
 
 def main() -> None:
@@ -48,6 +71,8 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--budget", type=float, default=0.35)
+    p.add_argument("--low-tiers", default="int8,int4,int2")
+    p.add_argument("--low-budget", type=float, default=0.125)
     p.add_argument("--batches", default="256,1024,4096")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
@@ -61,12 +86,13 @@ def main() -> None:
     tables = table_configs(schema, args.dim)
     mcfg = ModelConfig(embedding_dim=args.dim)
 
-    # Our module, materialized at the budget (groups as a fresh model starts them), then exported.
-    mp = MixedPrecisionEmbeddingBagCollection(
-        tables=tables, precision_policy=PrecisionPolicy(memory_budget=args.budget), device=torch.device("cpu")
-    )
-    shark_ebc = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(mp)
-    del mp
+    # Our modules, materialized at their budgets (groups as a fresh model starts them), then exported.
+    def ours(policy: PrecisionPolicy) -> MixedPrecisionInferenceEmbeddingBagCollection:
+        mp = MixedPrecisionEmbeddingBagCollection(tables=tables, precision_policy=policy, device=torch.device("cpu"))
+        return MixedPrecisionInferenceEmbeddingBagCollection.from_trained(mp)
+
+    shark_paper = ours(PrecisionPolicy(memory_budget=args.budget))
+    shark_low = ours(PrecisionPolicy(tiers=tuple(args.low_tiers.split(",")), memory_budget=args.low_budget))
     dense = build_dlrm(schema, mcfg, ebc=EmbeddingBagCollection(tables=tables, device=torch.device("meta")), seed=0)
 
     def with_ebc(ebc) -> torch.nn.Module:
@@ -78,9 +104,18 @@ def main() -> None:
     holder = torch.nn.Sequential(stock)
     fp32 = quantize_embeddings(holder, dtype=torch.float, inplace=False)[0]
     int8 = quantize_embeddings(holder, dtype=torch.qint8, inplace=False)[0]
+    int4 = quantize_embeddings(holder, dtype=torch.quint4x2, inplace=False)[0]
     del holder, stock
-    models = {"torchrec fp32": with_ebc(fp32), "torchrec int8": with_ebc(int8), "shark": with_ebc(shark_ebc)}
-    sizes = {"torchrec fp32": state_bytes(fp32), "torchrec int8": state_bytes(int8), "shark": shark_ebc.memory_bytes()}
+    models = {
+        "torchrec fp32": with_ebc(fp32), "torchrec int8": with_ebc(int8), "torchrec int4": with_ebc(int4),
+        "shark paper": with_ebc(shark_paper), f"shark low ({args.low_tiers} @{args.low_budget})": with_ebc(shark_low),
+        "shark paper, reference glue": with_ebc(ReferenceGlue(shark_paper)),
+    }
+    sizes = {
+        "torchrec fp32": allocated_bytes(fp32), "torchrec int8": allocated_bytes(int8), "torchrec int4": allocated_bytes(int4),
+        "shark paper": shark_paper.memory_bytes(), f"shark low ({args.low_tiers} @{args.low_budget})": shark_low.memory_bytes(),
+        "shark paper, reference glue": shark_paper.memory_bytes(),
+    }
 
     rows = []
     for bs in [int(b) for b in args.batches.split(",")]:
@@ -98,24 +133,24 @@ def main() -> None:
                     times[k].append(time.perf_counter() - t0)
         n = sum(b.labels.numel() for b in batches)
         for k in models:
-            sps = n / statistics.median(times[k])
-            rows.append({"batch": bs, "module": k, "samples_per_s": sps, "embedding_bytes": sizes[k]})
-        base = next(r["samples_per_s"] for r in rows if r["batch"] == bs and r["module"] == "torchrec fp32")
-        for r in rows:
-            if r["batch"] == bs:
-                r["vs_fp32"] = r["samples_per_s"] / base
+            ratios = [times["torchrec fp32"][i] / times[k][i] for i in range(args.repeats)]  # same round
+            rows.append({
+                "batch": bs, "module": k, "samples_per_s": n / statistics.median(times[k]), "embedding_bytes": sizes[k],
+                "vs_fp32": statistics.median(ratios), "vs_fp32_min": min(ratios), "vs_fp32_max": max(ratios),
+            })
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     total_rows = sum(c.num_embeddings for c in tables)
     lines = [
         f"`bench/serve_throughput.py --scale {args.scale} --dim {args.dim} --budget {args.budget} --batches {args.batches} --repeats {args.repeats}`"
         f" ({total_rows:,} rows, 1 process, CPU, median of {args.repeats} rounds of {args.steps} batches)",
         "",
-        "| batch | module | samples/s | vs torchrec fp32 | embedding bytes | bytes vs fp32 |",
+        "| batch | module | samples/s | vs torchrec fp32, median (min-max) of rounds | embedding bytes | bytes vs fp32 |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['batch']} | {r['module']} | {r['samples_per_s']:,.0f} | {r['vs_fp32']:.2f}x | "
+            f"| {r['batch']} | {r['module']} | {r['samples_per_s']:,.0f} | "
+            f"{r['vs_fp32']:.2f}x ({r['vs_fp32_min']:.2f}-{r['vs_fp32_max']:.2f}) | "
             f"{r['embedding_bytes']:,} | {r['embedding_bytes'] / sizes['torchrec fp32']:.3f} |"
         )
     text = "\n".join(lines) + "\n"

@@ -4,7 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 stamp=".venv/.shark-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+build_kernels() {  # our C++ ops, cached in .venv by a hash of their sources (a no-op when built)
+  .venv/bin/python -c "from shark_torchrec.kernels import build; build()"
+}
 if [ -f "$stamp" ]; then
+  build_kernels
   exit 0
 fi
 echo "setting up .venv (about a minute)..." >&2
@@ -21,3 +25,4 @@ pip_install torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchx==0.7.0 numpy pytest \
 pip_install --no-deps torchrec==1.8.0
 pip_install --no-deps -e .
 touch "$stamp"
+build_kernels

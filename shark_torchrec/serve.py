@@ -1,7 +1,9 @@
 """Serve a shark-torchrec export with torch alone: raw CSV/TSV lines in, logits out.
 
-Standalone: this file needs torch and fbgemm_gpu (importing it registers the FBGEMM lookup op
-the model calls) and the Python standard library, nothing of shark_torchrec or TorchRec. Every
+Standalone: this file needs torch, the export's kernel library (`shark_kernels.so`, loaded with
+`torch.ops.load_library`: the model's lookup op, built for the torch version `serving.json`
+names) and the Python standard library, nothing of shark_torchrec, TorchRec or FBGEMM. (An
+export of format version 1, before the library, calls FBGEMM's op instead: fbgemm_gpu then.) Every
 export directory holds a copy as `serve.py`; its source is `shark_torchrec/serve.py`, copied
 verbatim (so it must never import shark_torchrec).
 
@@ -20,6 +22,8 @@ The export directory holds (see its README.md):
 - `serving_model.pt`: TorchScript, `forward(dense [B, Nd] float32, values [nnz] int64,
   lengths [F * B] int) -> logits [B]`; bag f * B + b is field f of sample b (feature-major, as
   TorchRec's KeyedJaggedTensor lays it out), fields in `serving.json`'s "fields" order;
+- `shark_kernels.so`: the compiled lookup op (`torch.ops.shark.mixed_lookup`), for the torch
+  version in `serving.json`'s "torch";
 - `serving.json`: the fields, the raw-line layout ("parsing") and the encoding ("encoding");
 - `vocab.json` (vocabulary encoding): per field, its values in row order (value k is row k + 1).
 
@@ -50,7 +54,29 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 FORMAT = "shark-torchrec serving export"
-VERSION = 1
+VERSION = 2
+READS_VERSIONS = (1, 2)  # 1: the lookup was FBGEMM's op (no kernel library)
+
+
+def load_kernels(export_dir: Path, manifest: dict) -> None:
+    """Register the ops the scripted model calls: the export's kernel library (built for one
+    torch version, which must be this one), or FBGEMM's op for a version 1 export."""
+    library = manifest.get("kernels")
+    if library is None:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm, which a version 1 model calls)
+
+        return
+    built_for = manifest.get("torch")
+    if built_for is not None and built_for.split("+")[0] != torch.__version__.split("+")[0]:
+        raise RuntimeError(
+            f"{export_dir / library} was built for torch {built_for}; this is torch {torch.__version__}. "
+            "Serve with that torch version, or export again under this one."
+        )
+    path = export_dir / library
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the export's kernel library is missing")
+    if not hasattr(torch.ops.shark, "mixed_lookup"):
+        torch.ops.load_library(str(path))
 
 
 class ServedModel:
@@ -61,18 +87,17 @@ class ServedModel:
     """
 
     def __init__(self, export_dir: str | Path) -> None:
-        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm, which the model calls)
-
         self.export_dir = Path(export_dir)
         manifest_path = self.export_dir / "serving.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path} not found: {export_dir} is not a serving export")
         self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") not in READS_VERSIONS:
             raise ValueError(
                 f"{manifest_path}: format {self.manifest.get('format')!r} version {self.manifest.get('version')!r}, "
-                f"this recipe reads {FORMAT!r} version {VERSION}"
+                f"this recipe reads {FORMAT!r} versions {', '.join(map(str, READS_VERSIONS))}"
             )
+        load_kernels(self.export_dir, self.manifest)
         self.fields: List[str] = list(self.manifest["fields"])
         self.dense_names: List[str] = list(self.manifest["dense"])
         self.module = torch.jit.load(str(self.export_dir / self.manifest["model"]), map_location="cpu")

@@ -1,5 +1,5 @@
-"""The serving export: raw lines in, the exported model's logits out, with torch (and fbgemm_gpu)
-alone, in a process that never imports shark_torchrec."""
+"""The serving export: raw lines in, the exported model's logits out, with torch (and the export's
+kernel library) alone, in a process that never imports shark_torchrec."""
 
 import importlib.util
 import json
@@ -32,7 +32,7 @@ model = serve.load(export_dir)
 logits = model.score_file(lines_file)
 crafted = model.score_lines(json.loads(open(crafted_file).read()))
 torch.save({"logits": logits, "crafted": crafted}, out_file)
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("shark_torchrec", "torchrec"))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("shark_torchrec", "torchrec", "fbgemm_gpu"))
 assert "shark_torchrec" not in sys.modules, loaded
 print(json.dumps({"loaded": loaded, "serve_file": serve.__file__}))
 """
@@ -281,3 +281,27 @@ def test_bad_serving_input_is_named(tmp_path):
         served(torch.zeros(1, 2), torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.int32))
     with pytest.raises(Exception, match="outside its table"):
         served(torch.zeros(1, 2), torch.full((F,), 10**6, dtype=torch.int64), torch.ones(F, dtype=torch.int32))
+
+
+def test_the_export_ships_its_kernel_library_and_refuses_another_torch(frappe_export, tmp_path):
+    """The scripted model calls torch.ops.shark.mixed_lookup: the library is in the export, named
+    in serving.json with the torch version it was built for; another version is refused up front."""
+    _, _, export = frappe_export
+    manifest = json.loads((export / "serving.json").read_text())
+    assert manifest["version"] == 2 and (export / manifest["kernels"]).is_file()
+    assert manifest["torch"] == torch.__version__
+    spec = importlib.util.spec_from_file_location("export_serve", export / "serve.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    moved = tmp_path / "export"
+    moved.mkdir()
+    for f in export.iterdir():
+        if f.is_file():
+            (moved / f.name).write_bytes(f.read_bytes())
+    (moved / "serving.json").write_text(json.dumps({**manifest, "torch": "1.13.0"}))
+    with pytest.raises(RuntimeError, match=r"built for torch 1\.13\.0; this is torch"):
+        recipe.load(moved)
+    (moved / "serving.json").write_text(json.dumps(manifest))
+    (moved / manifest["kernels"]).unlink()
+    with pytest.raises(FileNotFoundError, match="kernel library is missing"):
+        recipe.load(moved)

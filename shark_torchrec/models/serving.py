@@ -1,5 +1,5 @@
 """The whole model as one TorchScript module on plain tensors, for serving without this package
-or TorchRec (torch, plus `import fbgemm_gpu` for the lookup's FBGEMM op):
+or TorchRec (torch, plus our kernel library for the lookup op, `torch.ops.load_library`):
 
     forward(dense [B, Nd] float32, values [nnz] int64, lengths [F * B] int) -> logits [B]
 
@@ -98,7 +98,7 @@ def serving_model(model: DLRMTrainModule, num_dense: int) -> torch.jit.ScriptMod
 
     Returns:
         The scripted module (`torch.jit.save` writes it; `torch.jit.load` reads it back with
-        torch and `import fbgemm_gpu`), already checked against `model` on a random batch.
+        torch and our kernel library), already checked against `model` on a random batch.
 
     Raises:
         TypeError: the model's collection is not our inference collection.

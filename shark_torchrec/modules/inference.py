@@ -5,9 +5,10 @@ It keeps what a lookup needs and nothing a trainer needs: one uint8 buffer with 
 inference table-batched-embedding tables (fp32, fp16, int8, int4 and int2 rows, integer rows
 with their fp16 scale and bias), and the row map (one int32 per row: a slot numbered across the
 group tables, whose range gives the group; dropped rows point at their table's fallback row). No scores, no optimizer
-state, no fp32 copy. A lookup is one call to FBGEMM's mixed-precision inference TBE
-(`int_nbit_split_embedding_codegen_lookup_function`, the kernel behind TorchRec's quantized
-collections), which runs the three precisions in one module on CPU and GPU; pooling is done here.
+state, no fp32 copy. A lookup is one call of our fused op `torch.ops.shark.mixed_lookup`
+(`shark_torchrec.kernels`): ids, row map, groups, dequantization and pooling in one pass per
+bag, parallel over bags. It replaced torch glue around FBGEMM's INT-N inference TBE, which is
+kept as its reference (`shark_torchrec.kernels.reference`) and agrees with it bit for bit.
 
 It stands where TorchRec's quantized `EmbeddingBagCollection` would: `forward(KJT) -> KeyedTensor`
 and `embedding_bag_configs()`, so `DLRM(embedding_bag_collection=...)` takes it. Its lookup and
@@ -19,24 +20,19 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
-from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from shark_torchrec.modules.row_groups import group_lookup
+import shark_torchrec.kernels  # noqa: F401  (loads torch.ops.shark)
 from shark_torchrec.precision.priority import GROUP_NAMES, ROW_MAP_BYTES
-
-_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
 
 class MixedPrecisionPooledLookup(nn.Module):
     """The lookup and pooling of the inference collection on plain tensors: ids and bag
     lengths in, pooled rows out. No TorchRec type appears in its methods, so a scripted copy
-    loads with torch alone (plus `import fbgemm_gpu` for the TBE op); the serving export
+    loads with torch alone (plus our kernel library, `torch.ops.load_library`); the serving export
     (`shark_torchrec.models.serving`) holds one.
 
     Args:
@@ -51,8 +47,7 @@ class MixedPrecisionPooledLookup(nn.Module):
         range_ends: int32 [5], where each stored group's numbers end; range_shift: int32 [6],
             per group (dropped last) what to subtract from a row map value to get the slot
             in the table the lookup reads (a dropped row reads the fp32 table).
-        group_offsets: byte offset of each group table in `weights` (the groups up to the
-            least precise one in use are looked up; tables beyond it are empty).
+        group_offsets: byte offset of each group table in `weights`.
         row_alignment: FBGEMM's row alignment of the buffer.
     """
 
@@ -83,20 +78,9 @@ class MixedPrecisionPooledLookup(nn.Module):
         self.register_buffer("row_map", row_map.to(torch.int32))
         self.register_buffer("range_ends", range_ends.to(torch.int32))
         self.register_buffer("range_shift", range_shift.to(torch.int32))
-        # A dropped row (group 5) is read from the fp32 table.
-        self.register_buffer("_lookup_group", torch.tensor([0, 1, 2, 3, 4, 0], dtype=torch.int64))
         self.register_buffer("feature_base", torch.tensor(feature_base, dtype=torch.int64))
         self.register_buffer("feature_rows", torch.tensor(feature_rows, dtype=torch.int64))
-        D = self.dim
-        # Only the groups up to the least precise one in use go to the TBE (3 for the paper's
-        # fp32/fp16/int8): fewer tables, fewer passes of the grouping below.
-        used = self._lookup_group[torch.bucketize(row_map, self.range_ends, right=True)] if row_map.numel() else row_map.long()
-        groups = max(int(used.max()) + 1 if row_map.numel() else 1, 1)
-        self.groups: int = groups
-        self.register_buffer("_D_offsets", torch.arange(0, groups * D + 1, D, dtype=torch.int32))
-        self.register_buffer("_tys", torch.tensor([t.as_int() for t in _TYPES[:groups]], dtype=torch.uint8))
-        self.register_buffer("_placements", torch.full((groups,), EmbeddingLocation.HOST.value, dtype=torch.int32))
-        self.register_buffer("_offsets", torch.tensor(list(group_offsets)[:groups], dtype=torch.int64))
+        self.register_buffer("_offsets", torch.tensor(list(group_offsets), dtype=torch.int64))
 
     def plain_lookup(self) -> "MixedPrecisionPooledLookup":
         """A `MixedPrecisionPooledLookup` over the same tensors (shared, not copied): this
@@ -132,80 +116,18 @@ class MixedPrecisionPooledLookup(nn.Module):
         counts = torch.bincount(groups, minlength=len(GROUP_NAMES)).tolist()
         return {f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)}
 
-    def _check_ids(self, values: torch.Tensor, per_feature: torch.Tensor) -> None:
-        limit = torch.repeat_interleave(self.feature_rows, per_feature, output_size=values.numel())
-        bad = (values < 0) | (values >= limit)
-        if bool(bad.any()):
-            at = int(torch.nonzero(bad)[0])
-            f = int(torch.searchsorted(torch.cumsum(per_feature, 0), at, right=True))
-            raise ValueError(
-                f"feature {self.feature_names[f]}: id {int(values[at])} outside its table of {int(self.feature_rows[f])} rows"
-            )
-
-    def _one_id_per_bag(self, lengths: torch.Tensor, nnz: int, bags: int) -> bool:
-        """Eager only: the fast path's data-dependent test (exported programs take the
-        general path)."""
-        return not torch.compiler.is_exporting() and nnz == bags and bool((lengths == 1).all())
-
-    def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return group_lookup(
-            self.weights, self._offsets, self._tys, self._D_offsets, self._placements,
-            self.dim, indices, offsets, self.row_alignment,
+    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
+        """`forward` with the batch size given: [B, F * dim] from feature-major bags, by our
+        fused C++ op (`torch.ops.shark.mixed_lookup`: row map, groups, dequantization and
+        pooling in one pass; its reference, the torch code around FBGEMM's INT-N op it
+        replaces, is `shark_torchrec.kernels.reference`). It scripts, and `torch.export`
+        sees it through its registered fake."""
+        return torch.ops.shark.mixed_lookup(
+            self.weights, self._offsets, self.row_map, self.range_ends, self.range_shift, self.feature_base,
+            self.feature_rows, values, lengths, None, self.dim, B, 1 if self.mean_pooling else 0,
+            self.row_alignment, "\n".join(self.feature_names),
         )
 
-    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
-        """`forward` with the batch size given: [B, F * dim] from feature-major bags."""
-        # No data-dependent shapes below, and data-dependent branches only in eager mode, so
-        # the module scripts (torch.jit.script) and exports (torch.export) as well as it runs.
-        F, D = len(self.feature_names), self.dim
-        values = values.long()
-        nnz = values.numel()
-        per_feature = lengths.view(F, B).sum(1)
-        base = torch.repeat_interleave(self.feature_base, per_feature, output_size=nnz)
-        if torch.jit.is_scripting():
-            self._check_ids(values, per_feature)
-        elif torch.compiler.is_exporting():
-            limit = torch.repeat_interleave(self.feature_rows, per_feature, output_size=nnz)
-            torch._assert_async(~((values < 0) | (values >= limit)).any(), "an id is outside its table")
-        else:
-            self._check_ids(values, per_feature)
-        rows_of = base + values
-        m = self.row_map[rows_of]
-        tier = torch.bucketize(m, self.range_ends, right=True)
-        slot = m - self.range_shift[tier]  # int32, as the offsets below
-        g = self._lookup_group[tier]
-        # Ids grouped by precision, each group in input order, by counting (no sort): dest[i]
-        # is where id i goes. The TBE then sees one sequence feature per group table, of
-        # nnz + 1 bags, group k's ids filling its first per_group[k] bags, one id each.
-        dest = torch.zeros_like(values)
-        start = torch.zeros(1, dtype=torch.int64, device=g.device)
-        counts: List[torch.Tensor] = []
-        for k in range(self.groups):
-            in_k = g == k
-            c_k = torch.cumsum(in_k, 0)
-            dest = torch.where(in_k, start + c_k - 1, dest)
-            n_k = c_k[-1:] if nnz else torch.zeros(1, dtype=torch.int64, device=g.device)
-            counts.append(n_k)
-            start = start + n_k
-        grouped = torch.empty_like(slot).index_put_((dest,), slot)
-        per_group = torch.cat(counts).to(torch.int32)
-        ends = torch.arange(1, nnz + 2, dtype=torch.int32, device=g.device)[None, :].clamp(max=per_group[:, None]) + (
-            torch.cumsum(per_group, 0, dtype=torch.int32) - per_group
-        )[:, None]
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int32, device=g.device), ends.flatten()])
-        rows = self._lookup(grouped, offsets)
-        single = False
-        if not torch.jit.is_scripting():
-            single = self._one_id_per_bag(lengths, nnz, F * B)
-        if single:
-            # One id per bag (DLRM's usual input): pooling is putting each row where its
-            # (sample, feature) goes in the [B, F * D] output; one gather does it.
-            return rows.index_select(0, dest.view(F, B).t().reshape(-1)).view(B, F * D)
-        seg = torch.repeat_interleave(torch.arange(F * B, device=values.device), lengths, output_size=nnz)
-        pooled = torch.zeros(F * B, D, dtype=rows.dtype, device=rows.device).index_add_(0, seg, rows.index_select(0, dest))
-        if self.mean_pooling:
-            pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
-        return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
 
 class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
     def __init__(

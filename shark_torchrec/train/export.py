@@ -11,7 +11,8 @@ Export directory:
     model.pt                 the inference model (torch.save of the DLRMTrainModule; needs this package)
     embedding_collection.pt  its collection, TorchScript over KJT (needs TorchRec to load)
     export.json              bytes, rows per group, the largest logit difference to the trained model on dev
-    serving_model.pt         the whole model, TorchScript on plain tensors (torch + fbgemm_gpu)
+    serving_model.pt         the whole model, TorchScript on plain tensors (torch + shark_kernels.so)
+    shark_kernels.so         our compiled lookup op, which serving_model.pt calls (for this torch version)
     serving.json             fields, raw-line layout and encoding (what serve.py reads)
     vocab.json               vocabulary encoding: per served field, its values in row order
     serve.py                 the standalone loader (a verbatim copy of shark_torchrec/serve.py)
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from shark_torchrec import kernels
 from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
 from shark_torchrec.data.schema import Schema
 from shark_torchrec.models.dlrm import DLRMTrainModule, build_dlrm, table_configs
@@ -187,6 +190,7 @@ def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
 
 
 SERVING_MODEL = "serving_model.pt"
+KERNELS_FILE = "shark_kernels.so"  # torch.ops.shark, which the serving model's lookup calls
 SERVING_MANIFEST = "serving.json"
 VOCAB_FILE = "vocab.json"
 RECIPE_FILE = "serve.py"
@@ -285,6 +289,8 @@ def write_serving_files(
     from shark_torchrec import serve as recipe
 
     scripted.save(str(out / SERVING_MODEL))
+    # The scripted lookup calls our C++ op: the library ships beside the model.
+    shutil.copyfile(kernels.load(), out / KERNELS_FILE)
     fields = list(scripted.feature_names)
     all_fields = list(data.full_schema.sparse_names)
     unknown = [f for f in fields if f not in all_fields]
@@ -298,6 +304,8 @@ def write_serving_files(
             "forward(dense [B, Nd] float32, values [nnz] int64, lengths [F * B] int) -> logits [B]; "
             "bag f * B + b is field f of sample b"
         ),
+        "kernels": KERNELS_FILE,
+        "torch": torch.__version__,
         "fields": fields,
         "dense": list(data.schema.dense_names),
         "field_rows": dict(zip(fields, scripted.lookup.feature_rows.tolist())),
@@ -342,7 +350,8 @@ def _serving_readme(manifest: Dict[str, Any]) -> str:
         )
     return f"""# Serving export (shark-torchrec)
 
-Load with torch and fbgemm_gpu only (no shark_torchrec, no TorchRec):
+Load with torch only (no shark_torchrec, no TorchRec, no FBGEMM), the torch version
+serving.json names ({manifest['torch']}):
 
     python serve.py . LINES_FILE                 # one logit per data line
 
@@ -352,14 +361,16 @@ Load with torch and fbgemm_gpu only (no shark_torchrec, no TorchRec):
 
 Or without serve.py:
 
-    import torch, fbgemm_gpu                     # fbgemm_gpu registers the lookup's op
+    import torch
+    torch.ops.load_library("shark_kernels.so")   # registers the lookup's op
     m = torch.jit.load("serving_model.pt")
     logits = m(dense, values, lengths)           # {manifest['interface']}
 
 Fields (model order): {fields}
 Dense features: {dense}
 {lines}
-Files: serving_model.pt (TorchScript), serving.json (fields, raw-line layout, encoding),
+Files: serving_model.pt (TorchScript), shark_kernels.so (its lookup op, compiled C++),
+serving.json (fields, raw-line layout, encoding),
 vocab.json (vocabulary encoding), serve.py (the loader), model.pt and embedding_collection.pt
 (the same model for shark_torchrec / TorchRec), export.json (bytes and checks).
 """

@@ -1,0 +1,188 @@
+"""Our compiled ops, `torch.ops.shark.*`, and how they are built and loaded.
+
+`mixed_lookup` is the fused lookup of rows kept in precision groups (`lookup.cpp`): ids ->
+row map -> group and slot -> the row's bytes -> dequantized, weighted, pooled into the output
+layout, in one pass per bag, parallel over bags. Its reference is `mixed_lookup_reference`
+(`shark_torchrec.kernels.reference`: the torch code around FBGEMM's INT-N inference op that
+it replaces), and the two agree bit for bit.
+
+The library is compiled once per source, torch version and flags with g++ against
+`torch/library.h` (no pybind, no ninja) into `<venv>/shark_kernels/`; `scripts/setup.sh`
+builds it, and a missing one is built on first import (about 15 s, said on stderr). A failed
+build raises `KernelBuildError` with the compiler's output: there is no silent slow path.
+The serving export copies the library next to the scripted model, and `serve.py` loads it
+with `torch.ops.load_library`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+SOURCES = [Path(__file__).with_name("lookup.cpp")]
+POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ ops did not compile or load."""
+
+
+def _flags() -> List[str]:
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
+    flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # what FBGEMM's CPU build needs anyway
+    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    lib = Path(torch.__file__).parent / "lib"
+    # libgomp resolves to torch's own copy (same soname, already loaded): one OpenMP runtime.
+    flags += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+    return flags
+
+
+def library_path() -> Path:
+    """Where the library for these sources, this torch and these flags lives (or will).
+
+    Returns:
+        `<sys.prefix>/shark_kernels/shark_kernels-<hash>.so` (inside `.venv` for the project's
+        own environment).
+    """
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(_flags()).encode())
+    return Path(sys.prefix) / "shark_kernels" / f"shark_kernels-{h.hexdigest()[:16]}.so"
+
+
+def build(quiet: bool = False) -> Path:
+    """Compile the library unless it is already there for these sources.
+
+    Args:
+        quiet: say nothing on stderr.
+
+    Returns:
+        The library's path.
+
+    Raises:
+        KernelBuildError: g++ failed or is missing (its output is in the message).
+    """
+    out = library_path()
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"shark_torchrec: compiling the C++ kernels into {out} (about 15 s, once)...", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = ["g++", *[str(s) for s in SOURCES], "-o", tmp, *_flags()]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        os.unlink(tmp)
+        raise KernelBuildError(f"building shark_torchrec's C++ kernels needs g++ on PATH: {e}") from e
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise KernelBuildError(
+            f"building shark_torchrec's C++ kernels failed (exit {res.returncode}):\n  {' '.join(cmd)}\n"
+            f"{res.stderr[-4000:]}"
+        )
+    os.replace(tmp, out)  # atomic: a concurrent process sees the whole library or none
+    for old in out.parent.glob("shark_kernels-*.so"):
+        if old != out:  # builds of earlier sources (a process that loaded one keeps its copy)
+            old.unlink(missing_ok=True)
+    return out
+
+
+_loaded: Optional[Path] = None
+
+
+def load() -> Path:
+    """Build if needed, then load the library into this process (once).
+
+    Returns:
+        The loaded library's path (what the serving export ships).
+    """
+    global _loaded
+    if _loaded is None:
+        path = build()
+        try:
+            torch.ops.load_library(str(path))
+        except OSError as e:
+            raise KernelBuildError(f"loading shark_torchrec's C++ kernels from {path} failed: {e}") from e
+        _loaded = path
+    return _loaded
+
+
+load()
+
+
+@torch.library.register_fake("shark::mixed_lookup")
+def _mixed_lookup_fake(
+    weights, group_offsets, row_map, range_ends, range_shift, feature_base, feature_rows, values, lengths,
+    per_sample_weights, dim, batch_size, pooling, row_alignment, feature_names,
+):
+    if pooling == 2:
+        return values.new_empty((values.shape[0], dim), dtype=torch.float32)
+    return values.new_empty((batch_size, feature_base.shape[0] * dim), dtype=torch.float32)
+
+
+def mixed_lookup(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    row_map: torch.Tensor,
+    range_ends: torch.Tensor,
+    range_shift: torch.Tensor,
+    feature_base: torch.Tensor,
+    feature_rows: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    dim: int,
+    batch_size: int,
+    pooling: str,
+    row_alignment: int,
+    feature_names: List[str],
+) -> torch.Tensor:
+    """Rows of the ids, read from a mixed-precision buffer and pooled per bag, in one C++ pass.
+
+    Args:
+        weights: uint8 buffer of the group tables (fp32, fp16, int8, int4, int2 rows, FBGEMM's
+            layout: an integer row is its fp16 scale and bias, then codes packed low bits first).
+        group_offsets: int64, byte offset of each group table in `weights` (as many groups as
+            the rows use; dropped rows read the fp32 table).
+        row_map: int32 per row: its slot numbered across the group tables.
+        range_ends: int32 [5], where each stored group's numbers end.
+        range_shift: int32 [6], per group (dropped last), what to subtract from a row map value
+            to get the slot in the table read.
+        feature_base: int64 [F], each feature's first row in the row map.
+        feature_rows: int64 [F], the rows of each feature's table (ids are checked against it).
+        values: [nnz] ids, feature-major bags as a KJT lays them out.
+        lengths: [F * B] ids per bag.
+        per_sample_weights: [nnz] float weights of the ids, or None.
+        dim: embedding dim.
+        batch_size: B.
+        pooling: "sum", "mean" or "none".
+        row_alignment: FBGEMM's row alignment of the buffer.
+        feature_names: names for the out-of-range error.
+
+    Returns:
+        [B, F * dim] float32 (sample b's pooled rows, feature by feature); with pooling
+        "none", [nnz, dim], one row per id.
+
+    Raises:
+        ValueError: an id outside its feature's table (naming the feature and the id).
+    """
+    return torch.ops.shark.mixed_lookup(
+        weights, group_offsets, row_map, range_ends, range_shift, feature_base, feature_rows, values, lengths,
+        per_sample_weights, dim, batch_size, POOLING_CODES[pooling], row_alignment, "\n".join(feature_names),
+    )

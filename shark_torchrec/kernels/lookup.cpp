@@ -1,0 +1,258 @@
+// Fused lookup of rows kept in precision groups (fp32, fp16, int8, int4, int2 and dropped),
+// registered as torch.ops.shark.mixed_lookup. One pass per bag: id -> row map -> group and
+// slot -> the row's bytes in its group table -> dequantized, weighted and pooled straight into
+// the output layout. The reference it is tested against is `mixed_lookup_reference` in
+// shark_torchrec/kernels/__init__.py (the torch code around FBGEMM's INT-N inference op).
+//
+// Bit-for-bit with the reference: an integer row's value is fma(scale, code, bias), as FBGEMM's
+// kernels compute it (an fp16 scale times a code of at most 8 bits is exact in fp32, so the
+// add is the one rounding either way); a weighted id's row is multiplied by its weight,
+// rounded, then added; a bag is summed in id order from zero; the mean divides at the end.
+// The build passes -ffp-contract=off so that the compiler fuses nothing else.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace shark {
+namespace {
+
+constexpr int64_t kGroups = 5;   // stored groups: fp32, fp16, int8, int4, int2
+constexpr int64_t kDropped = 5;  // a dropped row reads its table's fallback row in the fp32 table
+
+// Bytes of one row of group g (integer rows: fp16 scale and bias, then packed codes).
+int64_t row_bytes(int64_t dim, int64_t g, int64_t alignment) {
+  const int64_t raw[kGroups] = {4 * dim, 2 * dim, dim + 4, dim / 2 + 4, dim / 4 + 4};
+  return (raw[g] + alignment - 1) / alignment * alignment;
+}
+
+inline float half_to_float(const uint8_t* p) {
+  c10::Half h;
+  std::memcpy(&h, p, sizeof(h));
+  return static_cast<float>(h);
+}
+
+// acc[0:D) += w * row (w == 1 and unweighted: the row itself, no multiply).
+template <bool kWeighted>
+inline void accumulate(float* acc, const uint8_t* row, int64_t g, int64_t D, float w) {
+  switch (g) {
+    case 0: {
+      const float* r = reinterpret_cast<const float*>(row);
+      for (int64_t j = 0; j < D; ++j) {
+        float v = r[j];
+        if (kWeighted) v = v * w;
+        acc[j] = acc[j] + v;
+      }
+      break;
+    }
+    case 1: {
+      const c10::Half* r = reinterpret_cast<const c10::Half*>(row);
+      for (int64_t j = 0; j < D; ++j) {
+        float v = static_cast<float>(r[j]);
+        if (kWeighted) v = v * w;
+        acc[j] = acc[j] + v;
+      }
+      break;
+    }
+    default: {
+      const float scale = half_to_float(row);
+      const float bias = half_to_float(row + 2);
+      const uint8_t* codes = row + 4;
+      const int bits = g == 2 ? 8 : (g == 3 ? 4 : 2);
+      const int per_byte = 8 / bits;
+      const int mask = (1 << bits) - 1;
+      if (bits == 8) {
+        for (int64_t j = 0; j < D; ++j) {
+          float v = std::fma(scale, static_cast<float>(codes[j]), bias);
+          if (kWeighted) v = v * w;
+          acc[j] = acc[j] + v;
+        }
+      } else {
+        for (int64_t j = 0; j < D; ++j) {
+          const int code = (codes[j / per_byte] >> ((j % per_byte) * bits)) & mask;
+          float v = std::fma(scale, static_cast<float>(code), bias);
+          if (kWeighted) v = v * w;
+          acc[j] = acc[j] + v;
+        }
+      }
+    }
+  }
+}
+
+std::string name_of(c10::string_view names, int64_t f) {
+  // names: the features' names joined by '\n' (TorchScript passes one str).
+  int64_t at = 0;
+  size_t start = 0;
+  for (size_t i = 0; i <= names.size(); ++i) {
+    if (i == names.size() || names[i] == '\n') {
+      if (at == f) return std::string(names.substr(start, i - start));
+      ++at;
+      start = i + 1;
+    }
+  }
+  return "#" + std::to_string(f);
+}
+
+}  // namespace
+
+// See the schema in TORCH_LIBRARY below and the Python docstring of `mixed_lookup`.
+at::Tensor mixed_lookup(
+    const at::Tensor& weights,
+    const at::Tensor& group_offsets,
+    const at::Tensor& row_map,
+    const at::Tensor& range_ends,
+    const at::Tensor& range_shift,
+    const at::Tensor& feature_base,
+    const at::Tensor& feature_rows,
+    const at::Tensor& values,
+    const at::Tensor& lengths,
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t dim,
+    int64_t batch_size,
+    int64_t pooling,
+    int64_t row_alignment,
+    c10::string_view feature_names) {
+  TORCH_CHECK(weights.device().is_cpu(), "shark::mixed_lookup: CPU tensors only");
+  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous(), "weights: contiguous uint8");
+  TORCH_CHECK(row_map.scalar_type() == at::kInt, "row_map: int32");
+  TORCH_CHECK(range_ends.numel() == kGroups && range_shift.numel() == kGroups + 1, "range_ends [5], range_shift [6]");
+  TORCH_CHECK(pooling >= 0 && pooling <= 2, "pooling: 0 sum, 1 mean, 2 none");
+  const int64_t F = feature_base.numel();
+  const int64_t B = batch_size;
+  const int64_t D = dim;
+  TORCH_CHECK(feature_rows.numel() == F, "feature_rows: one per feature");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.numel() == F * B, "lengths: [", F, " features * ", B, "] expected, got ",
+              lengths.sizes());
+  const at::Tensor v = values.to(at::kLong).contiguous();
+  const at::Tensor len = lengths.to(at::kLong).contiguous();
+  const at::Tensor rmap = row_map.contiguous();
+  const at::Tensor ends_t = range_ends.to(at::kInt).contiguous();
+  const at::Tensor shift_t = range_shift.to(at::kInt).contiguous();
+  const at::Tensor base_t = feature_base.to(at::kLong).contiguous();
+  const at::Tensor rows_t = feature_rows.to(at::kLong).contiguous();
+  const at::Tensor offs_t = group_offsets.to(at::kLong).contiguous();
+  const int64_t nnz = v.numel();
+  const bool weighted = per_sample_weights.has_value() && per_sample_weights->defined();
+  at::Tensor psw;
+  if (weighted) {
+    psw = per_sample_weights->to(at::kFloat).contiguous();
+    TORCH_CHECK(psw.numel() == nnz, "per_sample_weights: one per id");
+  }
+  const int64_t used_groups = offs_t.numel();
+
+  // Bag starts (exclusive cumulative sum of the lengths).
+  std::vector<int64_t> starts(F * B + 1, 0);
+  const int64_t* lp = len.data_ptr<int64_t>();
+  for (int64_t i = 0; i < F * B; ++i) {
+    TORCH_CHECK(lp[i] >= 0, "lengths: a negative length at bag ", i);
+    starts[i + 1] = starts[i] + lp[i];
+  }
+  TORCH_CHECK(starts[F * B] == nnz, "lengths add up to ", starts[F * B], ", values has ", nnz);
+
+  at::Tensor out = pooling == 2 ? at::empty({nnz, D}, weights.options().dtype(at::kFloat))
+                                : at::empty({B, F * D}, weights.options().dtype(at::kFloat));
+  int64_t rb[kGroups];
+  for (int64_t g = 0; g < kGroups; ++g) rb[g] = row_bytes(D, g, row_alignment);
+  const uint8_t* w = weights.data_ptr<uint8_t>();
+  const int64_t wbytes = weights.numel();
+  const int32_t* ends = ends_t.data_ptr<int32_t>();
+  const int32_t* shift = shift_t.data_ptr<int32_t>();
+  const int64_t* base = base_t.data_ptr<int64_t>();
+  const int64_t* frows = rows_t.data_ptr<int64_t>();
+  const int64_t* offs = offs_t.data_ptr<int64_t>();
+  const int32_t* map = rmap.data_ptr<int32_t>();
+  const int64_t map_rows = rmap.numel();
+  const int64_t* vp = v.data_ptr<int64_t>();
+  const float* wp = weighted ? psw.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  std::atomic<bool> layout_bad{false};
+
+  // One bag a task; a bag's ids are read in order.
+  at::parallel_for(0, F * B, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc_buf(D);
+    for (int64_t bag = begin; bag < end; ++bag) {
+      const int64_t f = bag / B;
+      const int64_t b = bag % B;
+      float* acc = pooling == 2 ? nullptr : acc_buf.data();
+      if (acc) std::fill(acc, acc + D, 0.0f);
+      for (int64_t i = starts[bag]; i < starts[bag + 1]; ++i) {
+        const int64_t id = vp[i];
+        if (id < 0 || id >= frows[f]) {
+          int64_t prev = first_bad.load();
+          while (i < prev && !first_bad.compare_exchange_weak(prev, i)) {
+          }
+          continue;
+        }
+        const int64_t key = base[f] + id;
+        if (key >= map_rows) {
+          layout_bad = true;
+          continue;
+        }
+        const int32_t m = map[key];
+        int64_t g = 0;
+        while (g < kGroups && ends[g] <= m) ++g;  // bucketize(m, range_ends, right=True)
+        const int64_t slot = static_cast<int64_t>(m) - shift[g];
+        const int64_t tg = g == kDropped ? 0 : g;
+        const int64_t at = tg < used_groups ? offs[tg] + slot * rb[tg] : -1;
+        if (at < 0 || slot < 0 || at + rb[tg] > wbytes) {
+          layout_bad = true;
+          continue;
+        }
+        float* dst = acc;
+        if (pooling == 2) {
+          dst = op + i * D;
+          std::fill(dst, dst + D, 0.0f);
+        }
+        if (wp) {
+          accumulate<true>(dst, w + at, tg, D, wp[i]);
+        } else {
+          accumulate<false>(dst, w + at, tg, D, 1.0f);
+        }
+      }
+      if (pooling != 2) {
+        float* o = op + b * F * D + f * D;
+        if (pooling == 1) {
+          const float n = static_cast<float>(std::max<int64_t>(lp[bag], 1));
+          for (int64_t j = 0; j < D; ++j) o[j] = acc[j] / n;
+        } else {
+          std::copy(acc, acc + D, o);
+        }
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  if (bad != std::numeric_limits<int64_t>::max()) {
+    const int64_t f = static_cast<int64_t>(std::upper_bound(starts.begin(), starts.end(), bad) - starts.begin() - 1) / B;
+    std::ostringstream msg;
+    msg << "feature " << name_of(feature_names, f) << ": id " << vp[bad] << " outside its table of " << frows[f]
+        << " rows";
+    TORCH_CHECK_VALUE(false, msg.str());
+  }
+  TORCH_CHECK(!layout_bad.load(), "shark::mixed_lookup: a row map entry points outside the group tables");
+  return out;
+}
+
+TORCH_LIBRARY(shark, m) {
+  m.def(
+      "mixed_lookup(Tensor weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, Tensor range_shift, "
+      "Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, Tensor? per_sample_weights, "
+      "int dim, int batch_size, int pooling, int row_alignment, str feature_names) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(shark, CPU, m) {
+  m.impl("mixed_lookup", &mixed_lookup);
+}
+
+}  // namespace shark

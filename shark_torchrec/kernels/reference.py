@@ -1,0 +1,134 @@
+"""The reference of `torch.ops.shark.mixed_lookup`: torch code around FBGEMM's INT-N inference
+op (`int_nbit_split_embedding_codegen_lookup_function`), which reads fp32, fp16, int8, int4 and
+int2 rows in one call. It shares no code with the C++ kernel; tests hold the two equal, bit for
+bit, on random groups, duplicate, empty, weighted and multi-id bags.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+
+GROUP_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
+
+# FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
+assert int(PoolingMode.NONE) == 2 and SparseType.FP32.as_int() == 0
+
+
+def group_lookup(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    group_types: torch.Tensor,
+    D_offsets: torch.Tensor,
+    placements: torch.Tensor,
+    dim: int,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    row_alignment: int,
+) -> torch.Tensor:
+    """One fp32 row per index from the group tables (fp32, fp16, int8, int4, int2; as many as
+    `group_types` lists) of one uint8 buffer, through FBGEMM's mixed-precision inference TBE:
+    the tables are its sequence features, `offsets` its bags. TorchScript compiles it.
+
+    Args:
+        weights: the uint8 buffer.
+        group_offsets: int64 byte offset of each group table.
+        group_types: uint8 FBGEMM `SparseType` of each group table.
+        D_offsets: int32 [groups + 1], 0, dim, 2 * dim, ...
+        placements: int32 `EmbeddingLocation.HOST` per group table.
+        dim: embedding dim.
+        indices: slots, grouped: group k's are bags of one in feature k.
+        offsets: int32 or int64 bag offsets over the group features.
+        row_alignment: FBGEMM's row alignment of the buffer.
+
+    Returns:
+        [len(indices), dim] float32, one row per index.
+    """
+    return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
+        dev_weights=weights,
+        uvm_weights=torch.empty(0, dtype=torch.uint8),
+        weights_placements=placements,
+        weights_offsets=group_offsets,
+        weights_tys=group_types,
+        D_offsets=D_offsets,
+        total_D=(D_offsets.numel() - 1) * dim,
+        max_int2_D=dim,
+        max_int4_D=dim,
+        max_int8_D=dim,
+        max_float16_D=dim,
+        max_float32_D=dim,
+        indices=indices,
+        offsets=offsets,
+        pooling_mode=2,  # PoolingMode.NONE
+        indice_weights=None,
+        output_dtype=0,  # SparseType.FP32
+        lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
+        lxu_cache_locations=torch.empty(0, dtype=torch.int32),
+        row_alignment=row_alignment,
+        max_float8_D=0,
+        fp8_exponent_bits=-1,
+        fp8_exponent_bias=-1,
+    )
+
+
+def mixed_lookup_reference(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    row_map: torch.Tensor,
+    range_ends: torch.Tensor,
+    range_shift: torch.Tensor,
+    feature_base: torch.Tensor,
+    feature_rows: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    dim: int,
+    batch_size: int,
+    pooling: str,
+    row_alignment: int,
+    feature_names: List[str],
+) -> torch.Tensor:
+    """`shark_torchrec.kernels.mixed_lookup` in torch and FBGEMM: the same arguments, the same
+    result, the same error for an id outside its table."""
+    F, B, D = feature_base.numel(), batch_size, dim
+    values = values.long()
+    lengths = lengths.long()
+    nnz = values.numel()
+    per_feature = lengths.view(F, B).sum(1)
+    limit = torch.repeat_interleave(feature_rows, per_feature, output_size=nnz)
+    bad = (values < 0) | (values >= limit)
+    if bool(bad.any()):
+        at = int(torch.nonzero(bad)[0])
+        f = int(torch.searchsorted(torch.cumsum(per_feature, 0), at, right=True))
+        raise ValueError(f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows")
+    keys = torch.repeat_interleave(feature_base, per_feature, output_size=nnz) + values
+    m = row_map[keys]
+    g = torch.bucketize(m, range_ends, right=True)
+    slots = (m - range_shift[g]).long()
+    g = torch.where(g == len(GROUP_TYPES), torch.zeros_like(g), g)  # dropped rows read the fp32 table
+    groups = group_offsets.numel()
+    perm = torch.argsort(g, stable=True)
+    per_group = torch.bincount(g, minlength=groups)
+    bags = max(int(per_group.max()), 1) if nnz else 1
+    ends = torch.arange(1, bags + 1)[None, :].clamp(max=per_group[:, None]) + (torch.cumsum(per_group, 0) - per_group)[:, None]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), ends.flatten()])
+    rows = group_lookup(
+        weights, group_offsets.long(), torch.tensor([t.as_int() for t in GROUP_TYPES[:groups]], dtype=torch.uint8),
+        torch.arange(0, groups * D + 1, D, dtype=torch.int32), torch.full((groups,), EmbeddingLocation.HOST.value, dtype=torch.int32),
+        D, slots[perm], offsets, row_alignment,
+    )
+    per_id = torch.empty_like(rows)
+    per_id[perm] = rows
+    if per_sample_weights is not None:
+        per_id = per_id * per_sample_weights.float()[:, None]
+    if pooling == "none":
+        return per_id
+    seg = torch.repeat_interleave(torch.arange(F * B), lengths, output_size=nnz)
+    pooled = torch.zeros(F * B, D).index_add_(0, seg, per_id)
+    if pooling == "mean":
+        pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
+    return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)

@@ -1,0 +1,140 @@
+"""`torch.ops.shark.mixed_lookup` (C++) against its reference (torch around FBGEMM's INT-N op),
+bit for bit, on random group layouts: every group and dropped rows, duplicate ids, empty bags,
+multi-id bags, weighted bags, sum, mean and no pooling; and the same error for a bad id."""
+
+import pytest
+import torch
+
+from shark_torchrec.kernels import mixed_lookup
+from shark_torchrec.kernels.reference import mixed_lookup_reference
+
+BITS = {2: 8, 3: 4, 4: 2}
+
+
+def random_layout(gen, rows_per_table, dim, groups=5, fallbacks=None, alignment=1):
+    """A buffer of `groups` group tables in FBGEMM's layout with random contents, and a row map
+    that puts every row in a random group (or dropped, reading a fallback row in the fp32 table)."""
+    n = sum(rows_per_table)
+    fallbacks = len(rows_per_table) if fallbacks is None else fallbacks
+    g = torch.randint(0, groups + 1, (n,), generator=gen)  # groups, plus `groups` = dropped
+    counts = torch.bincount(g, minlength=groups + 1).tolist()
+    cap = counts[:groups]
+    cap[0] += fallbacks  # the fallback rows sit after the fp32 rows
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4)
+    rb = [(r + alignment - 1) // alignment * alignment for r in raw[:groups]]
+    offsets, at = [], 0
+    for k in range(groups):
+        offsets.append(at)
+        at += (cap[k] * rb[k] + 3) // 4 * 4
+    w = torch.zeros(at, dtype=torch.uint8)
+    for k in range(groups):
+        tab = w[offsets[k] : offsets[k] + cap[k] * rb[k]].view(cap[k], rb[k])
+        if k == 0:
+            tab[:, : 4 * dim].view(torch.float32).copy_(torch.randn(cap[k], dim, generator=gen))
+        elif k == 1:
+            tab[:, : 2 * dim].view(torch.float16).copy_(torch.randn(cap[k], dim, generator=gen).half())
+        else:
+            sb = torch.stack([torch.rand(cap[k], generator=gen) * 0.1, torch.randn(cap[k], generator=gen)], 1)
+            tab[:, :4].view(torch.float16).copy_(sb.half())
+            tab[:, 4 : 4 + dim * BITS[k] // 8] = torch.randint(0, 256, (cap[k], dim * BITS[k] // 8), generator=gen, dtype=torch.uint8)
+    # Row map numbers: group k's rows count from its range start; dropped rows from the end of
+    # the stored ranges, shifted onto fallback slots counts[0] .. counts[0] + fallbacks - 1.
+    starts = torch.tensor([0] + torch.cumsum(torch.tensor(cap), 0).tolist())
+    range_ends = starts[1:].to(torch.int32)
+    row_map = torch.empty(n, dtype=torch.int32)
+    table_of = torch.repeat_interleave(torch.arange(len(rows_per_table)), torch.tensor(rows_per_table))
+    for k in range(groups):
+        m = (g == k).nonzero().flatten()
+        row_map[m] = (starts[k] + torch.randperm(counts[k], generator=gen)).to(torch.int32)
+    dropped = (g == groups).nonzero().flatten()
+    # The dropped range starts at range_ends[-1]; value = end + table, slot = counts[0] + table.
+    row_map[dropped] = (starts[groups] + table_of[dropped]).to(torch.int32)
+    shift = [int(s) for s in starts[:groups]] + [int(starts[groups]) - counts[0]]
+    range_ends = torch.cat([range_ends, range_ends[-1:].repeat(5 - groups)])
+    shift = torch.tensor(shift[:groups] + [shift[0]] * (5 - groups) + [shift[-1]], dtype=torch.int32)
+    return w, torch.tensor(offsets, dtype=torch.int64), row_map, range_ends, shift
+
+
+def bags(gen, rows_per_table, batch, max_len, lengths=None):
+    F = len(rows_per_table)
+    if lengths is None:
+        lengths = torch.randint(0, max_len + 1, (F * batch,), generator=gen)
+    per_feature = lengths.view(F, batch).sum(1)
+    values = torch.cat([torch.randint(0, r, (int(c),), generator=gen) for r, c in zip(rows_per_table, per_feature)])
+    return values, lengths
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+@pytest.mark.parametrize("dim,alignment,groups", [(16, 1, 5), (8, 16, 5), (24, 1, 3), (8, 1, 5)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_lookup_equals_the_reference_bit_for_bit(pooling, dim, alignment, groups, weighted):
+    gen = torch.Generator().manual_seed(dim * 7 + alignment + groups)
+    tables = [37, 5, 120]
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, dim, groups, alignment=alignment)
+    base = torch.tensor([0, 37, 42, 0])  # a fourth feature shares the first table
+    rows = torch.tensor([37, 5, 120, 37])
+    feats = [37, 5, 120, 37]
+    B = 9
+    lengths = torch.randint(0, 5, (len(feats) * B,), generator=gen)
+    lengths[0], lengths[1] = 4, 0  # bag 0 repeats ids (below), bag 1 is empty
+    values, lengths = bags(gen, feats, B, max_len=4, lengths=lengths)
+    values[1] = values[0]
+    values[3] = values[0]
+    psw = torch.rand(values.numel(), generator=gen) if weighted else None
+    names = ["a", "b", "c", "d"]
+    args = (w, offsets, row_map, ends, shift, base, rows, values, lengths, psw, dim, B, pooling, alignment, names)
+    got = mixed_lookup(*args)
+    want = mixed_lookup_reference(*args)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
+    if pooling != "none":
+        assert torch.equal(got[1, :dim], torch.zeros(dim))  # the empty bag (feature 0, sample 1)
+    # Every group (and dropped rows) was read.
+    keys = torch.repeat_interleave(base, lengths.view(4, B).sum(1)) + values
+    read = torch.bucketize(row_map[keys], ends, right=True).unique().tolist()
+    assert set(read) >= set(range(groups)) | {5}, read
+
+
+def test_one_id_per_bag_and_no_ids():
+    gen = torch.Generator().manual_seed(3)
+    w, offsets, row_map, ends, shift = random_layout(gen, [50], 8)
+    base, rows = torch.tensor([0]), torch.tensor([50])
+    for B in (0, 1, 64):
+        values = torch.randint(0, 50, (B,), generator=gen)
+        lengths = torch.ones(B, dtype=torch.int32)
+        args = (w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, B, "sum", 1, ["x"])
+        assert torch.equal(mixed_lookup(*args), mixed_lookup_reference(*args))
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_an_id_outside_its_table_names_the_feature_and_id(bad):
+    gen = torch.Generator().manual_seed(4)
+    w, offsets, row_map, ends, shift = random_layout(gen, [7, 5], 8)
+    base, rows = torch.tensor([0, 7]), torch.tensor([7, 5])
+    values = torch.tensor([1, 2, 3, bad, 4])
+    lengths = torch.tensor([2, 1, 1, 1])
+    args = (w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 2, "sum", 1, ["user", "item"])
+    msg = f"feature item: id {bad} outside its table of 5 rows"
+    with pytest.raises(ValueError, match=msg):
+        mixed_lookup(*args)
+    with pytest.raises(ValueError, match=msg):
+        mixed_lookup_reference(*args)
+
+
+def test_the_op_scripts_and_has_a_fake_for_tracing():
+    @torch.jit.script
+    def scripted(w, o, m, e, s, b, r, v, l, d: int, B: int):
+        return torch.ops.shark.mixed_lookup(w, o, m, e, s, b, r, v, l, None, d, B, 0, 1, "x")
+
+    gen = torch.Generator().manual_seed(5)
+    w, offsets, row_map, ends, shift = random_layout(gen, [20], 8)
+    base, rows = torch.tensor([0]), torch.tensor([20])
+    values, lengths = bags(gen, [20], 6, 3)
+    want = mixed_lookup_reference(w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 6, "sum", 1, ["x"])
+    assert torch.equal(scripted(w, offsets, row_map, ends, shift, base, rows, values, lengths, 8, 6), want)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (w, offsets, row_map, ends, shift, base, rows, values, lengths)]
+        out = torch.ops.shark.mixed_lookup(*fake, None, 8, 6, 0, 1, "x")
+    assert out.shape == (6, 8)
