@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -29,7 +30,8 @@ namespace shark {
 namespace {
 
 constexpr int64_t kGroups = 5;   // stored groups: fp32, fp16, int8, int4, int2
-constexpr int64_t kDropped = 5;  // a dropped row reads its table's fallback row in the fp32 table
+constexpr int64_t kDropped = 5;
+constexpr int64_t kMaxDim = 4096;  // the widest row an integer group is unpacked from  // a dropped row reads its table's fallback row in the fp32 table
 
 // Bytes of one row of group g (integer rows: fp16 scale and bias, then packed codes).
 int64_t row_bytes(int64_t dim, int64_t g, int64_t alignment) {
@@ -43,50 +45,70 @@ inline float half_to_float(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
-// acc[0:D) += w * row (w == 1 and unweighted: the row itself, no multiply).
+// acc[0:D) += w * row of group G (unweighted: the row itself, no multiply). G is a template
+// argument so that every loop has constant shifts and masks and vectorizes.
+template <int G, bool kWeighted>
+inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w) {
+  if constexpr (G == 0) {
+    const float* r = reinterpret_cast<const float*>(row);
+    for (int64_t j = 0; j < D; ++j) {
+      float v = r[j];
+      if (kWeighted) v = v * w;
+      acc[j] = acc[j] + v;
+    }
+  } else if constexpr (G == 1) {
+    const c10::Half* r = reinterpret_cast<const c10::Half*>(row);
+    for (int64_t j = 0; j < D; ++j) {
+      float v = static_cast<float>(r[j]);
+      if (kWeighted) v = v * w;
+      acc[j] = acc[j] + v;
+    }
+  } else {
+    constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : 2);
+    constexpr int kPerByte = 8 / kBits;
+    constexpr int kMask = (1 << kBits) - 1;
+    const float scale = half_to_float(row);
+    const float bias = half_to_float(row + 2);
+    const uint8_t* codes = row + 4;
+    // Unpack to one code a byte first (a loop of constant shifts), then dequantize: both
+    // loops vectorize, where extracting codes inside the dequantizing loop did not.
+    uint8_t unpacked[kMaxDim];
+    const uint8_t* c = codes;
+    if constexpr (kBits == 2) {
+      // Four codes a byte: one table load a byte beats four shifts and masks.
+      static const auto kInt2Codes = [] {
+        std::array<uint32_t, 256> t{};
+        for (int b = 0; b < 256; ++b) {
+          const uint8_t four[4] = {uint8_t(b & 3), uint8_t((b >> 2) & 3), uint8_t((b >> 4) & 3), uint8_t(b >> 6)};
+          std::memcpy(&t[b], four, 4);
+        }
+        return t;
+      }();
+      for (int64_t k = 0; k < D / kPerByte; ++k) std::memcpy(unpacked + 4 * k, &kInt2Codes[codes[k]], 4);
+      c = unpacked;
+    } else if constexpr (kBits < 8) {
+      for (int64_t k = 0; k < D / kPerByte; ++k) {
+        const uint8_t byte = codes[k];
+        for (int p = 0; p < kPerByte; ++p) unpacked[k * kPerByte + p] = (byte >> (p * kBits)) & kMask;
+      }
+      c = unpacked;
+    }
+    for (int64_t j = 0; j < D; ++j) {
+      float v = std::fma(scale, static_cast<float>(c[j]), bias);
+      if (kWeighted) v = v * w;
+      acc[j] = acc[j] + v;
+    }
+  }
+}
+
 template <bool kWeighted>
 inline void accumulate(float* acc, const uint8_t* row, int64_t g, int64_t D, float w) {
   switch (g) {
-    case 0: {
-      const float* r = reinterpret_cast<const float*>(row);
-      for (int64_t j = 0; j < D; ++j) {
-        float v = r[j];
-        if (kWeighted) v = v * w;
-        acc[j] = acc[j] + v;
-      }
-      break;
-    }
-    case 1: {
-      const c10::Half* r = reinterpret_cast<const c10::Half*>(row);
-      for (int64_t j = 0; j < D; ++j) {
-        float v = static_cast<float>(r[j]);
-        if (kWeighted) v = v * w;
-        acc[j] = acc[j] + v;
-      }
-      break;
-    }
-    default: {
-      const float scale = half_to_float(row);
-      const float bias = half_to_float(row + 2);
-      const uint8_t* codes = row + 4;
-      const int bits = g == 2 ? 8 : (g == 3 ? 4 : 2);
-      const int per_byte = 8 / bits;
-      const int mask = (1 << bits) - 1;
-      if (bits == 8) {
-        for (int64_t j = 0; j < D; ++j) {
-          float v = std::fma(scale, static_cast<float>(codes[j]), bias);
-          if (kWeighted) v = v * w;
-          acc[j] = acc[j] + v;
-        }
-      } else {
-        for (int64_t j = 0; j < D; ++j) {
-          const int code = (codes[j / per_byte] >> ((j % per_byte) * bits)) & mask;
-          float v = std::fma(scale, static_cast<float>(code), bias);
-          if (kWeighted) v = v * w;
-          acc[j] = acc[j] + v;
-        }
-      }
-    }
+    case 0: accumulate_group<0, kWeighted>(acc, row, D, w); break;
+    case 1: accumulate_group<1, kWeighted>(acc, row, D, w); break;
+    case 2: accumulate_group<2, kWeighted>(acc, row, D, w); break;
+    case 3: accumulate_group<3, kWeighted>(acc, row, D, w); break;
+    default: accumulate_group<4, kWeighted>(acc, row, D, w); break;
   }
 }
 
@@ -131,6 +153,7 @@ at::Tensor mixed_lookup(
   const int64_t F = feature_base.numel();
   const int64_t B = batch_size;
   const int64_t D = dim;
+  TORCH_CHECK(D > 0 && D <= kMaxDim, "shark::mixed_lookup: dim ", D, " outside 1..", kMaxDim);
   TORCH_CHECK(feature_rows.numel() == F, "feature_rows: one per feature");
   TORCH_CHECK(lengths.dim() == 1 && lengths.numel() == F * B, "lengths: [", F, " features * ", B, "] expected, got ",
               lengths.sizes());
@@ -179,34 +202,69 @@ at::Tensor mixed_lookup(
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   std::atomic<bool> layout_bad{false};
 
-  // One bag a task; a bag's ids are read in order.
+  // Where a row key's bytes are (and its table's group), or -1 when the row map points
+  // outside the group tables.
+  auto locate = [&](int64_t key, int64_t* table_group) -> int64_t {
+    const int32_t m = map[key];
+    // bucketize(m, range_ends, right=True), without branches (the group of the next id is
+    // as good as random).
+    const int64_t g = (ends[0] <= m) + (ends[1] <= m) + (ends[2] <= m) + (ends[3] <= m) + (ends[4] <= m);
+    const int64_t slot = static_cast<int64_t>(m) - shift[g];
+    const int64_t tg = g == kDropped ? 0 : g;
+    *table_group = tg;
+    const int64_t at = tg < used_groups && slot >= 0 ? offs[tg] + slot * rb[tg] : -1;
+    return at >= 0 && at + rb[tg] <= wbytes ? at : -1;
+  };
+  // Two dependent random reads an id (the row map, then the row): prefetched ahead, the map
+  // entry kMapAhead ids ahead and the row kRowAhead ids ahead, as FBGEMM's kernels prefetch rows.
+  constexpr int64_t kMapAhead = 16;
+  constexpr int64_t kRowAhead = 8;
+
+  // A task is a run of bags; their ids are contiguous in `values`, read in order.
   at::parallel_for(0, F * B, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> acc_buf(D);
+    const int64_t i0 = starts[begin];
+    const int64_t i1 = starts[end];
+    std::vector<int64_t> keys(i1 - i0);  // row key of each id, -1 for an id outside its table
+    for (int64_t bag = begin; bag < end; ++bag) {
+      const int64_t f = bag / B;
+      for (int64_t i = starts[bag]; i < starts[bag + 1]; ++i) {
+        const int64_t id = vp[i];
+        int64_t key = -1;
+        if (id < 0 || id >= frows[f]) {
+          int64_t prev = first_bad.load();
+          while (i < prev && !first_bad.compare_exchange_weak(prev, i)) {
+          }
+        } else if (base[f] + id >= map_rows) {
+          layout_bad = true;
+        } else {
+          key = base[f] + id;
+        }
+        keys[i - i0] = key;
+      }
+    }
+    for (int64_t i = i0; i < std::min(i1, i0 + kMapAhead); ++i) {
+      if (keys[i - i0] >= 0) __builtin_prefetch(map + keys[i - i0]);
+    }
     for (int64_t bag = begin; bag < end; ++bag) {
       const int64_t f = bag / B;
       const int64_t b = bag % B;
       float* acc = pooling == 2 ? nullptr : acc_buf.data();
       if (acc) std::fill(acc, acc + D, 0.0f);
       for (int64_t i = starts[bag]; i < starts[bag + 1]; ++i) {
-        const int64_t id = vp[i];
-        if (id < 0 || id >= frows[f]) {
-          int64_t prev = first_bad.load();
-          while (i < prev && !first_bad.compare_exchange_weak(prev, i)) {
+        if (i + kMapAhead < i1 && keys[i + kMapAhead - i0] >= 0) __builtin_prefetch(map + keys[i + kMapAhead - i0]);
+        if (i + kRowAhead < i1 && keys[i + kRowAhead - i0] >= 0) {
+          int64_t tg_ahead;
+          const int64_t ahead = locate(keys[i + kRowAhead - i0], &tg_ahead);
+          if (ahead >= 0) {
+            for (int64_t o = 0; o < rb[tg_ahead]; o += 64) __builtin_prefetch(w + ahead + o);
           }
-          continue;
         }
-        const int64_t key = base[f] + id;
-        if (key >= map_rows) {
-          layout_bad = true;
-          continue;
-        }
-        const int32_t m = map[key];
-        int64_t g = 0;
-        while (g < kGroups && ends[g] <= m) ++g;  // bucketize(m, range_ends, right=True)
-        const int64_t slot = static_cast<int64_t>(m) - shift[g];
-        const int64_t tg = g == kDropped ? 0 : g;
-        const int64_t at = tg < used_groups ? offs[tg] + slot * rb[tg] : -1;
-        if (at < 0 || slot < 0 || at + rb[tg] > wbytes) {
+        const int64_t key = keys[i - i0];
+        if (key < 0) continue;
+        int64_t tg;
+        const int64_t at = locate(key, &tg);
+        if (at < 0) {
           layout_bad = true;
           continue;
         }

@@ -167,6 +167,7 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         self.table_base = torch.tensor(base, dtype=torch.int64)
         ft = torch.tensor(list(feature_tables), dtype=torch.int64)
         self.feature_base = self.table_base[ft] if len(ft) else ft  # first key of each feature's table
+        self.feature_rows = self.table_base[ft + 1] - self.feature_base if len(ft) else ft  # its table's rows here
         self._row_offset = torch.tensor([t.row_offset for t in self.tables], dtype=torch.int64)
         self._col_offset = torch.tensor([t.col_offset for t in self.tables], dtype=torch.int64)
         self._table_ids = torch.tensor([t.table_id for t in self.tables], dtype=torch.int64)

@@ -19,63 +19,15 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 import torch.distributed as dist
-from fbgemm_gpu.split_embedding_configs import SparseType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
+from shark_torchrec.kernels import POOLING_CODES
+from shark_torchrec.kernels.reference import GROUP_TYPES as _TYPES
+from shark_torchrec.kernels.reference import group_lookup
 from shark_torchrec.precision.labels import split_tagged
 
-_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 GROUPS = len(_TYPES)  # group tables in every buffer, in group-id order
-
-
-# FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
-assert int(PoolingMode.NONE) == 2 and SparseType.FP32.as_int() == 0
-
-
-def group_lookup(
-    weights: torch.Tensor,
-    group_offsets: torch.Tensor,
-    group_types: torch.Tensor,
-    D_offsets: torch.Tensor,
-    placements: torch.Tensor,
-    dim: int,
-    indices: torch.Tensor,
-    offsets: torch.Tensor,
-    row_alignment: int,
-) -> torch.Tensor:
-    """One fp32 row per index from the group tables (fp32, fp16, int8, int4, int2; as many as
-    `group_types` lists) of one uint8 buffer, through FBGEMM's mixed-precision inference TBE:
-    the tables are its sequence features, `offsets` its bags. Shared by training
-    (`RowGroupStore`) and serving (`MixedPrecisionInferenceEmbeddingBagCollection`);
-    TorchScript compiles it."""
-    return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(
-        dev_weights=weights,
-        uvm_weights=torch.empty(0, dtype=torch.uint8),
-        weights_placements=placements,
-        weights_offsets=group_offsets,
-        weights_tys=group_types,
-        D_offsets=D_offsets,
-        total_D=(D_offsets.numel() - 1) * dim,
-        max_int2_D=dim,
-        max_int4_D=dim,
-        max_int8_D=dim,
-        max_float16_D=dim,
-        max_float32_D=dim,
-        indices=indices,
-        offsets=offsets,
-        pooling_mode=2,  # PoolingMode.NONE
-        indice_weights=None,
-        output_dtype=0,  # SparseType.FP32
-        lxu_cache_weights=torch.empty(0, 0, dtype=torch.uint8),
-        lxu_cache_locations=torch.empty(0, dtype=torch.int32),
-        row_alignment=row_alignment,
-        max_float8_D=0,
-        fp8_exponent_bits=-1,
-        fp8_exponent_bias=-1,
-    )
 
 
 class _Lookup(torch.autograd.Function):
@@ -119,7 +71,36 @@ class RowLookup:
         return _Lookup.apply(self.step.anchor, self, values, lengths, weights, batch_size)
 
     def _forward(self, values, lengths, weights, B):
-        """Every id's row through one FBGEMM call, then pooling here.
+        """Every id's row, pooled: on CPU one call of our fused op (`torch.ops.shark.mixed_lookup`,
+        which agrees bit for bit with the FBGEMM path below); elsewhere FBGEMM's INT-N TBE.
+        Returns the output and what the backward needs."""
+        F = len(self.feature_names)
+        values = values.long()
+        lengths = lengths.long()
+        seg = torch.repeat_interleave(torch.arange(F * B), lengths)
+        keys = self.feature_base[seg // B] + values  # ids were checked by the collection
+        labels = None
+        psw = None
+        if weights is not None:
+            if self.label_tagged:
+                real, labels = split_tagged(weights)
+                if self.weighted:
+                    psw = real
+            elif self.weighted:
+                psw = weights
+        saved = (seg, keys, psw, labels, lengths, B)
+        if self.weights.device.type == "cpu":
+            out = torch.ops.shark.mixed_lookup(
+                self.weights, self._op_offsets, self.row_map, self._range_ends, self._range_shift, self.feature_base,
+                self.feature_rows, values, lengths, None if self.pooling == "none" else psw, self.dim, B,
+                POOLING_CODES[self.pooling], self.row_alignment, "\n".join(self.feature_names),
+            )
+            return out, saved
+        return self._forward_fbgemm(values, lengths, keys, psw, B), saved
+
+    def _forward_fbgemm(self, values, lengths, keys, psw, B):
+        """The lookup through FBGEMM's mixed-precision inference TBE, pooled here (the path on
+        GPUs, and the fused op's reference).
 
         The ids are sorted by group; the TBE sees five sequence features (one per group
         table, every id a bag of one) and returns one row per id. Pooling the rows here,
@@ -128,11 +109,7 @@ class RowLookup:
         every step, cost more than the lookup itself on CPU).
         """
         F, D = len(self.feature_names), self.dim
-        values = values.long()
-        lengths = lengths.long()
         nnz = values.numel()
-        seg = torch.repeat_interleave(torch.arange(F * B), lengths)
-        keys = self.feature_base[seg // B] + values  # ids were checked by the collection
         g, key_slots = self._decode_map(self.row_map[keys])
         g = self._lookup_groups(g)
         perm = torch.argsort(g, stable=True)
@@ -143,15 +120,6 @@ class RowLookup:
             torch.cumsum(per_group, 0) - per_group
         )[:, None]
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), ends.flatten()])
-        labels = None
-        psw = None
-        if weights is not None:
-            if self.label_tagged:
-                real, labels = split_tagged(weights)
-                if self.weighted:
-                    psw = real
-            elif self.weighted:
-                psw = weights
         rows = group_lookup(
             self.weights, self._op_offsets, self._op_tys, self._op_D_offsets, self._op_placements,
             D, key_slots[perm], offsets, self.row_alignment,
@@ -159,7 +127,7 @@ class RowLookup:
         per_id = torch.empty_like(rows)
         per_id[perm] = rows  # back to the input order
         if self.pooling == "none":
-            return per_id, (seg, keys, psw, labels, lengths, B)
+            return per_id
         if psw is not None:
             per_id = per_id * psw[:, None]
         if nnz == F * B and bool((lengths == 1).all()):
@@ -168,8 +136,7 @@ class RowLookup:
             pooled = torch.segment_reduce(per_id, "sum", lengths=lengths, axis=0, unsafe=True) if F * B else per_id.new_zeros(0, D)
         if self.pooling == "mean":
             pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
-        res = pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
-        return res, (seg, keys, psw, labels, lengths, B)
+        return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
 
     def _warn_no_labels(self) -> None:
         if self.step.warned_no_labels:
