@@ -138,3 +138,63 @@ def test_the_op_scripts_and_has_a_fake_for_tracing():
         fake = [mode.from_tensor(t) for t in (w, offsets, row_map, ends, shift, base, rows, values, lengths)]
         out = torch.ops.shark.mixed_lookup(*fake, None, 8, 6, 0, 1, "x")
     assert out.shape == (6, 8)
+
+
+def test_fused_update_equals_the_torch_update_bit_for_bit():
+    """`torch.ops.shark.update_rows_` against the store's torch update (its reference), on rows
+    in all five groups: ordinary rows, rows of fp16-subnormal values (the exact rounding rule),
+    constant rows (integer scale 0), rows beyond fp16's range (clamped), a column slice (its
+    noise starts at its global column), over several steps."""
+    import copy
+
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    dim = 16
+    tables = [LocalTable("t0", 300, dim, global_rows=300, table_id=3),
+              LocalTable("t1", 200, dim, global_rows=400, row_offset=200, col_offset=16, table_id=5)]
+    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "fp16", "int8", "int4", "int2"),
+                             row_fractions=(0.2, 0.2, 0.2, 0.2), optimizer="sgd", learning_rate=1.0).resolved([dim])
+    fused = RowGroupStore(tables, ["a", "b"], [0, 1], policy, StepCounter())
+    n = fused.num_rows
+    gen = torch.Generator().manual_seed(0)
+    fused.set_groups(torch.randint(0, 5, (n,), generator=gen).to(torch.int8))
+    values = torch.randn(n, dim, generator=gen)
+    values[:40] *= 1e-6  # fp16 subnormals
+    values[40:60] = 0.5  # constant rows
+    values[60:70] *= 1e5  # beyond fp16's range
+    fused.write_rows(torch.arange(n), values)
+    reference = copy.deepcopy(fused)
+    for step in range(1, 4):
+        keys = torch.randperm(n, generator=gen)[: n // 2]
+        grad = torch.randn(len(keys), dim, generator=gen) * 0.01
+        grad[keys < 40] *= 1e-6
+        grad[(keys >= 40) & (keys < 60)] = 0.0  # constant rows stay constant
+        scale = torch.rand(len(keys), generator=gen)
+        fused.step_rows(keys, grad, scale, step, fused=True)
+        reference.step_rows(keys, grad, scale, step, fused=False)
+        assert torch.equal(fused.weights, reference.weights), step
+    groups = fused.groups_of(torch.arange(n))
+    assert set(groups[:40].tolist()) == set(range(5))  # the subnormal rows span every group
+    assert not torch.equal(fused.read_rows(torch.arange(n)), values)  # the rows did move
+
+
+def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
+    """A dropped row has no bytes (the reference writes nothing for it); a key beyond the row
+    map is an error, not a write outside the buffer."""
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "int8", "dropped"), row_fractions=(0.3, 0.3),
+                             optimizer="sgd", learning_rate=1.0).resolved([8])
+    store = RowGroupStore([LocalTable("t", 50, 8, global_rows=50)], ["a"], [0], policy, StepCounter())
+    store.set_groups(torch.tensor([0] * 10 + [2] * 20 + [5] * 20, dtype=torch.int8))
+    before = store.weights.clone()
+    store.step_rows(torch.tensor([45]), torch.ones(1, 8), torch.ones(1), 1, fused=True)
+    assert torch.equal(store.weights, before)
+    from shark_torchrec.kernels import update_rows_
+
+    start, table = store.noise_starts(torch.tensor([0]), 1)
+    with pytest.raises(RuntimeError, match="outside the row map or the group tables"):
+        update_rows_(store.weights, store._op_offsets, store.row_map, store._range_ends, store._range_shift,
+                     torch.tensor([50]), torch.ones(1, 8), torch.ones(1), table, start, 8, 1)

@@ -1,10 +1,13 @@
 """Our compiled ops, `torch.ops.shark.*`, and how they are built and loaded.
 
-`mixed_lookup` is the fused lookup of rows kept in precision groups (`lookup.cpp`): ids ->
-row map -> group and slot -> the row's bytes -> dequantized, weighted, pooled into the output
-layout, in one pass per bag, parallel over bags. Its reference is `mixed_lookup_reference`
-(`shark_torchrec.kernels.reference`: the torch code around FBGEMM's INT-N inference op that
-it replaces), and the two agree bit for bit.
+- `mixed_lookup` is the fused lookup of rows kept in precision groups (`lookup.cpp`): ids ->
+  row map -> group and slot -> the row's bytes -> dequantized, weighted, pooled into the output
+  layout, in one pass per bag, parallel over bags. Its reference is `mixed_lookup_reference`
+  (`shark_torchrec.kernels.reference`: the torch code around FBGEMM's INT-N inference op that
+  it replaces), and the two agree bit for bit.
+- `update_rows_` is the fused row update (`update.cpp`): each touched row read from its group,
+  stepped, and written back with stochastic rounding, in place. Its reference is the torch
+  code of `RowOptimizer.apply_update` with `shark_torchrec.precision.quantize`; bit for bit too.
 
 The library is compiled once per source, torch version and flags with g++ against
 `torch/library.h` (no pybind, no ninja) into `<venv>/shark_kernels/`; `scripts/setup.sh`
@@ -27,7 +30,8 @@ from typing import List, Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name("lookup.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp")]
+HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 
 
@@ -57,7 +61,7 @@ def library_path() -> Path:
         own environment).
     """
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(_flags()).encode())
@@ -185,4 +189,50 @@ def mixed_lookup(
     return torch.ops.shark.mixed_lookup(
         weights, group_offsets, row_map, range_ends, range_shift, feature_base, feature_rows, values, lengths,
         per_sample_weights, dim, batch_size, POOLING_CODES[pooling], row_alignment, "\n".join(feature_names),
+    )
+
+
+@torch.library.register_fake("shark::update_rows_")
+def _update_rows_fake(weights, group_offsets, row_map, range_ends, range_shift, keys, row_grad, step_scale,
+                      noise_table, noise_start, dim, row_alignment):
+    return None
+
+
+def update_rows_(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    row_map: torch.Tensor,
+    range_ends: torch.Tensor,
+    range_shift: torch.Tensor,
+    keys: torch.Tensor,
+    row_grad: torch.Tensor,
+    step_scale: torch.Tensor,
+    noise_table: torch.Tensor,
+    noise_start: torch.Tensor,
+    dim: int,
+    row_alignment: int,
+) -> None:
+    """Step rows in place in their groups: new = old - row_grad * step_scale, written back exact
+    (fp32) or with stochastic rounding (fp16; integer rows requantized over the new range).
+
+    Args:
+        weights: the uint8 buffer of the group tables (as for `mixed_lookup`), updated in place.
+        group_offsets, row_map, range_ends, range_shift: the layout (as for `mixed_lookup`).
+        keys: [n] distinct row keys (row map indices); dropped rows among them are skipped
+            (they have no bytes: their gradients go to the fallback row, by the caller).
+        row_grad: [n, dim] float32 gradients.
+        step_scale: [n] float32, what each row's gradient is multiplied by (the learning rate,
+            divided by row-wise Adagrad's root for that optimizer).
+        noise_table: float32 uniform [0, 1) noise (`shark_torchrec.precision.quantize`'s table).
+        noise_start: [n] int64, where each row's `dim` noise values start in `noise_table`.
+        dim: embedding dim.
+        row_alignment: the buffer's row alignment.
+
+    Raises:
+        RuntimeError: a key outside the row map or the tables, or a noise window outside the
+            noise table.
+    """
+    torch.ops.shark.update_rows_(
+        weights, group_offsets, row_map, range_ends, range_shift, keys, row_grad, step_scale, noise_table,
+        noise_start, dim, row_alignment,
     )

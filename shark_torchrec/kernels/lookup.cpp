@@ -2,7 +2,7 @@
 // registered as torch.ops.shark.mixed_lookup. One pass per bag: id -> row map -> group and
 // slot -> the row's bytes in its group table -> dequantized, weighted and pooled straight into
 // the output layout. The reference it is tested against is `mixed_lookup_reference` in
-// shark_torchrec/kernels/__init__.py (the torch code around FBGEMM's INT-N inference op).
+// shark_torchrec/kernels/reference.py (the torch code around FBGEMM's INT-N inference op).
 //
 // Bit-for-bit with the reference: an integer row's value is fma(scale, code, bias), as FBGEMM's
 // kernels compute it (an fp16 scale times a code of at most 8 bits is exact in fp32, so the
@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "layout.h"
 
 #include <algorithm>
 #include <array>
@@ -28,22 +30,6 @@
 
 namespace shark {
 namespace {
-
-constexpr int64_t kGroups = 5;   // stored groups: fp32, fp16, int8, int4, int2
-constexpr int64_t kDropped = 5;
-constexpr int64_t kMaxDim = 4096;  // the widest row an integer group is unpacked from  // a dropped row reads its table's fallback row in the fp32 table
-
-// Bytes of one row of group g (integer rows: fp16 scale and bias, then packed codes).
-int64_t row_bytes(int64_t dim, int64_t g, int64_t alignment) {
-  const int64_t raw[kGroups] = {4 * dim, 2 * dim, dim + 4, dim / 2 + 4, dim / 4 + 4};
-  return (raw[g] + alignment - 1) / alignment * alignment;
-}
-
-inline float half_to_float(const uint8_t* p) {
-  c10::Half h;
-  std::memcpy(&h, p, sizeof(h));
-  return static_cast<float>(h);
-}
 
 // acc[0:D) += w * row of group G (unweighted: the row itself, no multiply). G is a template
 // argument so that every loop has constant shifts and masks and vectorizes.
@@ -206,9 +192,7 @@ at::Tensor mixed_lookup(
   // outside the group tables.
   auto locate = [&](int64_t key, int64_t* table_group) -> int64_t {
     const int32_t m = map[key];
-    // bucketize(m, range_ends, right=True), without branches (the group of the next id is
-    // as good as random).
-    const int64_t g = (ends[0] <= m) + (ends[1] <= m) + (ends[2] <= m) + (ends[3] <= m) + (ends[4] <= m);
+    const int64_t g = group_of(ends, m);
     const int64_t slot = static_cast<int64_t>(m) - shift[g];
     const int64_t tg = g == kDropped ? 0 : g;
     *table_group = tg;
@@ -302,7 +286,7 @@ at::Tensor mixed_lookup(
   return out;
 }
 
-TORCH_LIBRARY(shark, m) {
+TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def(
       "mixed_lookup(Tensor weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, Tensor range_shift, "
       "Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, Tensor? per_sample_weights, "

@@ -56,6 +56,7 @@ from shark_torchrec.precision.quantize import (
     requantize_with,
     round_fp16_stochastic,
     rounding_noise,
+    rounding_noise_starts,
     unpack_codes,
 )
 
@@ -294,6 +295,13 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         """Group tags as the TBE reads them: a dropped row is read from the fp32 table (its
         slot is its table's fallback row)."""
         return torch.where(g == DROPPED, torch.zeros_like(g), g) if self.has_dropped else g
+
+    def noise_starts(self, keys: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(where each row's noise window starts in the noise table, the table): the noise
+        `_noise` gives, as the fused update reads it."""
+        t = self.table_of_rows(keys)
+        rows = keys - self.table_base[t] + self._row_offset[t]
+        return rounding_noise_starts(self.policy.seed, step, self._table_ids[t], rows, self._col_offset[t])
 
     def _noise(self, keys: torch.Tensor, step: int) -> torch.Tensor:
         t = self.table_of_rows(keys)

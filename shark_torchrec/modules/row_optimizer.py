@@ -3,7 +3,8 @@
 At each step the touched rows' priorities are updated (Eq. 7, or its gradient-weighted
 variant), then the rows themselves: row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) or SGD,
 the same rule in every group, each row read from its group table, stepped in fp32 and
-written back with stochastic rounding for fp16 and integer rows. Dropped rows' gradients are
+written back with stochastic rounding for fp16 and integer rows: on CPU in one pass of our
+C++ op (`torch.ops.shark.update_rows_`), elsewhere by the torch code that is its reference. Dropped rows' gradients are
 summed into their table's fallback row, stepped at the end of the step
 (`apply_fallback_update`).
 
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+from shark_torchrec.kernels import update_rows_
 from shark_torchrec.precision.priority import DROPPED, FP32, updated
 
 
@@ -26,8 +28,9 @@ class RowOptimizer:
     """The optimizer step and Eq. 7 of a `RowGroupStore` (mixed into it; not usable alone).
 
     Reads of the store: `policy`, `step` (`value`), `has_dropped`, and its layout through
-    `groups_of`, `table_of_rows`, `grouping`, `group_view`, `_dequantize` and
-    `fallback_slot0`. Writes: `row_priority`, `row_seen_step`, `priority_seconds`,
+    `groups_of`, `table_of_rows`, `grouping`, `group_view`, `_dequantize`, `noise_starts`,
+    `fallback_slot0`, and the buffers the fused update reads (`weights`, `_op_offsets`,
+    `row_map`, `_range_ends`, `_range_shift`, `dim`, `row_alignment`). Writes: `row_priority`, `row_seen_step`, `priority_seconds`,
     `nonfinite_rows`, `momentum`, `fallback_grad`, `fallback_momentum`, and the rows'
     bytes in the group tables (through `_round_into`, with stochastic rounding, and the
     fp32 fallback rows directly).
@@ -67,6 +70,27 @@ class RowOptimizer:
         if not len(keys):
             return
         scale = self._step_scale(self.momentum, keys, row_grad)
+        self.step_rows(keys, row_grad, scale, step, fused=self.weights.device.type == "cpu")
+
+    def step_rows(self, keys: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor, step: int, fused: bool) -> None:
+        """Rows `keys` (distinct, stored) become old - row_grad * scale, written back in their
+        groups with `step`'s stochastic rounding.
+
+        Args:
+            keys: [n] row keys.
+            row_grad: [n, dim] gradients.
+            scale: [n] what each gradient is multiplied by.
+            step: the step whose rounding noise is used.
+            fused: one pass of our C++ op (`torch.ops.shark.update_rows_`, CPU); else the torch
+                code below, its reference (the two agree bit for bit).
+        """
+        if fused:
+            start, table = self.noise_starts(keys, step)
+            update_rows_(
+                self.weights, self._op_offsets, self.row_map, self._range_ends, self._range_shift, keys,
+                row_grad, scale, table, start, self.dim, self.row_alignment,
+            )
+            return
         # Group by group: read the rows, step, round back (no full-size gather and scatter).
         for grp, (pos, slots) in enumerate(self.grouping(keys)):
             if not len(pos):

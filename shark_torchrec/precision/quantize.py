@@ -51,6 +51,38 @@ def _noise_table() -> torch.Tensor:
     return _NOISE_TABLE[0]
 
 
+def rounding_noise_starts(
+    seed: int,
+    step: int,
+    tables: torch.Tensor | int,
+    rows: torch.Tensor,
+    first_cols: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's noise window starts in `noise_table()`: `rounding_noise` of a row whose
+    global columns are first_cols[i] .. first_cols[i] + D - 1 is noise_table()[start[i] : start[i] + D]
+    (D up to 8192). The fused update (`torch.ops.shark.update_rows_`) reads it so.
+
+    Args:
+        seed, step, tables, rows: as for `rounding_noise`.
+        first_cols: [n] each row's first global column.
+
+    Returns:
+        (start int64 [n], the table).
+    """
+    off = _row_offsets(seed, step, tables, rows)
+    return (off + first_cols.to(torch.int64)) & _NOISE_MASK, _noise_table()
+
+
+def _row_offsets(seed: int, step: int, tables: torch.Tensor | int, rows: torch.Tensor) -> torch.Tensor:
+    head = _mix(torch.tensor(((seed * 1_000_003 + step) * 998_244_353) % (1 << 62)))
+    t = torch.as_tensor(tables, dtype=torch.int64)
+    # Hashing is per row; per element it is one add, one mask and one gather from a fixed
+    # table of uniform numbers (hashing every element cost more than the update itself):
+    # element (row, col) reads entry (offset(row) + global col) mod 2^20.
+    r = _mix(_mix(t * _M3 + head) + rows.to(torch.int64) * _M1)
+    return (r >> 24) & _NOISE_MASK
+
+
 def rounding_noise(
     seed: int,
     step: int,
@@ -63,13 +95,7 @@ def rounding_noise(
 
     `tables` is one id or one per row; `cols` is [D] or [len(rows), D] global columns.
     """
-    head = _mix(torch.tensor(((seed * 1_000_003 + step) * 998_244_353) % (1 << 62)))
-    t = torch.as_tensor(tables, dtype=torch.int64)
-    # Hashing is per row; per element it is one add, one mask and one gather from a fixed
-    # table of uniform numbers (hashing every element cost more than the update itself):
-    # element (row, col) reads entry (offset(row) + global col) mod 2^20.
-    r = _mix(_mix(t * _M3 + head) + rows.to(torch.int64) * _M1)
-    off = (r >> 24) & _NOISE_MASK
+    off = _row_offsets(seed, step, tables, rows)
     table = _noise_table()
     if cols.dim() == 2:  # [n, D] global columns, consecutive per row: a window per row
         D = cols.shape[1]
