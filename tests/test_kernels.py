@@ -198,3 +198,31 @@ def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
     with pytest.raises(RuntimeError, match="outside the row map or the group tables"):
         update_rows_(store.weights, store._op_offsets, store.row_map, store._range_ends, store._range_shift,
                      torch.tensor([50]), torch.ones(1, 8), torch.ones(1), table, start, 8, 1)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+@pytest.mark.parametrize("weighted,labelled", [(False, True), (True, True), (True, False)])
+def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, weighted, labelled):
+    """`torch.ops.shark.row_grads` against the store's torch backward (`_row_grads_torch`):
+    multi-id, empty and repeated-row bags, over three features sharing rows."""
+    from types import SimpleNamespace
+
+    from shark_torchrec.kernels import POOLING_CODES
+    from shark_torchrec.modules.row_lookup import RowLookup
+
+    gen = torch.Generator().manual_seed(len(pooling) * 10 + weighted * 2 + labelled)
+    F, B, D = 3, 7, 8
+    lengths = torch.randint(0, 4, (F * B,), generator=gen)
+    nnz = int(lengths.sum())
+    keys = torch.randint(0, 12, (nnz,), generator=gen)  # few rows: many repeats
+    seg = torch.repeat_interleave(torch.arange(F * B), lengths)
+    grad = torch.randn(nnz, D, generator=gen) if pooling == "none" else torch.randn(B, F * D, generator=gen)
+    psw = torch.rand(nnz, generator=gen) if weighted else None
+    labels = (torch.rand(nnz, generator=gen) < 0.3).float() if labelled else None
+    order = torch.argsort(keys, stable=True)
+    _, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    store = SimpleNamespace(feature_names=["a", "b", "c"], dim=D, pooling=pooling)
+    want = RowLookup._row_grads_torch(store, grad, order, counts, seg, lengths, psw, labels, B)
+    got = torch.ops.shark.row_grads(grad, order, counts, seg, lengths, psw, labels, B, POOLING_CODES[pooling])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert int(counts.max()) > 2

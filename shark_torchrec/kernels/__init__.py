@@ -8,6 +8,9 @@
 - `update_rows_` is the fused row update (`update.cpp`): each touched row read from its group,
   stepped, and written back with stochastic rounding, in place. Its reference is the torch
   code of `RowOptimizer.apply_update` with `shark_torchrec.precision.quantize`; bit for bit too.
+- `row_grads` is the backward's per-row gradient reduction (`grads.cpp`): each distinct row's
+  gradient summed over its ids, read where they sit in the output gradient. Its reference is
+  the torch code of `RowLookup._row_grads_torch`; bit for bit too.
 
 The library is compiled once per source, torch version and flags with g++ against
 `torch/library.h` (no pybind, no ninja) into `<venv>/shark_kernels/`; `scripts/setup.sh`
@@ -30,7 +33,7 @@ from typing import List, Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "grads.cpp")]
 HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 
@@ -236,3 +239,9 @@ def update_rows_(
         weights, group_offsets, row_map, range_ends, range_shift, keys, row_grad, step_scale, noise_table,
         noise_start, dim, row_alignment,
     )
+
+
+@torch.library.register_fake("shark::row_grads")
+def _row_grads_fake(grad, order, counts, seg, lengths, per_sample_weights, labels, batch_size, pooling):
+    D = grad.shape[1] if pooling == 2 else grad.shape[1] // (lengths.shape[0] // batch_size)
+    return grad.new_empty((counts.shape[0], D)), grad.new_empty((counts.shape[0],))

@@ -153,10 +153,25 @@ class RowLookup:
     # ------------------------------------------------------------------ backward
     def _backward(self, saved, grad: torch.Tensor) -> None:
         seg, keys, psw, labels, lengths, B = saved
-        F, D = len(self.feature_names), self.dim
         # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
         order = torch.argsort(keys, stable=True)
         uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
+        if grad.device.type == "cpu":
+            row_grad, pos = torch.ops.shark.row_grads(
+                grad.float(), order, counts, seg, lengths, psw, labels, B, POOLING_CODES[self.pooling]
+            )
+        else:
+            row_grad, pos = self._row_grads_torch(grad, order, counts, seg, lengths, psw, labels, B)
+        total = counts.float()
+        if self.replicated_pg is not None:
+            uniq, row_grad, total, pos = self._sum_replicas(uniq, row_grad, total, pos)
+        self.apply_update(uniq, row_grad, total, pos)
+
+    def _row_grads_torch(self, grad, order, counts, seg, lengths, psw, labels, B):
+        """Per distinct row (in `order`'s runs of `counts`), its gradient summed over its ids and
+        its count of positive labels: the torch code of `torch.ops.shark.row_grads` (its
+        reference, and the path on other devices)."""
+        F, D = len(self.feature_names), self.dim
         if self.pooling == "none":
             per_id = grad[order]
         else:
@@ -167,13 +182,11 @@ class RowLookup:
                 per_id = per_id / lengths[s].clamp_min(1).to(per_id.dtype)[:, None]
         if psw is not None:
             per_id = per_id * psw[order][:, None]
-        run = torch.repeat_interleave(torch.arange(len(uniq)), counts)  # sorted: index_add is fast
-        row_grad = torch.zeros(len(uniq), D).index_add_(0, run, per_id.float())
-        total = counts.float()
-        pos = torch.zeros(len(uniq)).index_add_(0, run, labels[order]) if labels is not None else torch.zeros(len(uniq))
-        if self.replicated_pg is not None:
-            uniq, row_grad, total, pos = self._sum_replicas(uniq, row_grad, total, pos)
-        self.apply_update(uniq, row_grad, total, pos)
+        U = len(counts)
+        run = torch.repeat_interleave(torch.arange(U), counts)  # sorted: index_add is fast
+        row_grad = torch.zeros(U, D).index_add_(0, run, per_id.float())
+        pos = torch.zeros(U).index_add_(0, run, labels[order]) if labels is not None else torch.zeros(U)
+        return row_grad, pos
 
     def _sum_replicas(self, uniq, row_grad, total, pos):
         """Data-parallel tables: every replica sees only its own batch, so gradients and
