@@ -71,7 +71,7 @@ def main() -> None:
             results[(n, k)].append(run_once(k, n, args, Path(tmp) / f"{k.replace(',', '-')}-n{n}-r{r}"))
     print(f"batch {args.batch_size}, dim {args.embedding_dim}, scale {args.scale}, {args.steps} steps, "
           f"reassigning every {args.reassign_every} steps; medians of {args.repeats} (ratios: of the repeats' own)")
-    print(f"| ranks | tiers@budget | samples/s | fp32 samples/s | step time ratio, median (min-max) | priority % | reassign % | bytes / fp32 |")
+    print("| ranks | tiers@budget | samples/s | fp32 samples/s | step time ratio, median (min-max) | priority % | reassign % | bytes / fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     summary = []
     for n in ranks:
