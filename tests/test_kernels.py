@@ -226,3 +226,17 @@ def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, w
     got = torch.ops.shark.row_grads(grad, order, counts, seg, lengths, psw, labels, B, POOLING_CODES[pooling])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert int(counts.max()) > 2
+
+
+def test_a_failed_build_is_an_error_with_the_compiler_output(tmp_path, monkeypatch):
+    """No silent slow path: a source that does not compile raises KernelBuildError naming the
+    command and carrying g++'s message; nothing is left in the library directory."""
+    from shark_torchrec import kernels
+
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("int main() { return not_declared_here; }\n")
+    monkeypatch.setattr(kernels, "SOURCES", [broken])
+    monkeypatch.setenv("SHARK_KERNELS_DIR", str(tmp_path / "lib"))
+    with pytest.raises(kernels.KernelBuildError, match="(?s)failed.*not_declared_here"):
+        kernels.build(quiet=True)
+    assert list((tmp_path / "lib").iterdir()) == []

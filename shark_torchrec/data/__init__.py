@@ -113,12 +113,6 @@ class Dataset:
         return getattr(self.splits[split], "stats", None)
 
 
-def _encoder(cfg: DataConfig, train: FileSplit, num_fields: int):
-    if cfg.encoding == "hash":
-        return HashEncoder(cfg.hash_rows)
-    return VocabEncoder.build((cats for _, _, cats in train.parsed()), num_fields, cfg.min_count)
-
-
 def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, has_header: bool) -> Dataset:
     splits = {
         s: FileSplit(

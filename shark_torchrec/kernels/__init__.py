@@ -13,7 +13,7 @@
   the torch code of `RowLookup._row_grads_torch`; bit for bit too.
 
 The library is compiled once per source, torch version and flags with g++ against
-`torch/library.h` (no pybind, no ninja) into `<venv>/shark_kernels/`; `scripts/setup.sh`
+`torch/library.h` (no pybind, no ninja) into `<venv>/shark_kernels/` (see `library_path`); `scripts/setup.sh`
 builds it, and a missing one is built on first import (about 15 s, said on stderr). A failed
 build raises `KernelBuildError` with the compiler's output: there is no silent slow path.
 The serving export copies the library next to the scripted model, and `serve.py` loads it
@@ -60,15 +60,27 @@ def library_path() -> Path:
     """Where the library for these sources, this torch and these flags lives (or will).
 
     Returns:
-        `<sys.prefix>/shark_kernels/shark_kernels-<hash>.so` (inside `.venv` for the project's
-        own environment).
+        `<dir>/shark_kernels-<hash>.so`, dir being `$SHARK_KERNELS_DIR`, else
+        `<sys.prefix>/shark_kernels` (inside `.venv` for the project's own environment) when
+        writable, else `~/.cache/shark_torchrec/kernels`.
     """
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(_flags()).encode())
-    return Path(sys.prefix) / "shark_kernels" / f"shark_kernels-{h.hexdigest()[:16]}.so"
+    return _library_dir() / f"shark_kernels-{h.hexdigest()[:16]}.so"
+
+
+def _library_dir() -> Path:
+    """`$SHARK_KERNELS_DIR`, else `<sys.prefix>/shark_kernels` (the project's .venv) when that
+    is writable or already there, else `~/.cache/shark_torchrec/kernels` (a system Python)."""
+    if os.environ.get("SHARK_KERNELS_DIR"):
+        return Path(os.environ["SHARK_KERNELS_DIR"])
+    in_prefix = Path(sys.prefix) / "shark_kernels"
+    if in_prefix.is_dir() or os.access(sys.prefix, os.W_OK):
+        return in_prefix
+    return Path.home() / ".cache" / "shark_torchrec" / "kernels"
 
 
 def build(quiet: bool = False) -> Path:
@@ -86,7 +98,11 @@ def build(quiet: bool = False) -> Path:
     out = library_path()
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KernelBuildError(f"cannot create {out.parent} for shark_torchrec's C++ kernels ({e}): "
+                               "set SHARK_KERNELS_DIR to a writable directory") from e
     if not quiet:
         print(f"shark_torchrec: compiling the C++ kernels into {out} (about 15 s, once)...", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)

@@ -15,15 +15,12 @@ The dense-feature field is never removed: it holds no embedding memory.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 from torchrec.models.dlrm import DLRM
 
 from shark_torchrec.data.schema import Schema
-
-REMOVALS = ("slice", "constant")
-
 
 def kept_schema(schema: Schema, kept_fields: Sequence[str]) -> Schema:
     """The schema restricted to `kept_fields` (in the schema's own order)."""
@@ -95,8 +92,3 @@ class DLRMWithConstantFields(DLRM):
         embedded_sparse = self.fill_removed(self.sparse_arch(sparse_features))
         concatenated = self.inter_arch(dense_features=embedded_dense, sparse_features=embedded_sparse)
         return self.over_arch(concatenated)
-
-
-def slice_over_arch_input(state: Dict[str, torch.Tensor], key: str, columns: Sequence[int]) -> torch.Tensor:
-    """The over-arch's first weight [H, old inputs] restricted to `columns`."""
-    return state[key][:, list(columns)].clone()

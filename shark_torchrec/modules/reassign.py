@@ -112,7 +112,7 @@ def reassign_stores(
         cuts = torch.tensor([shared] * len(names), dtype=torch.int64).reshape(len(names), -1)
     else:
         cuts = kth_largest_cuts(count_at_least, budget_targets(policy, tables, names))
-    del sorted_keys
+    sorted_keys.clear()  # the sorted keys go before the new groups are made
     for s, prefix in zip(stores, prefixes):
         groups = torch.empty(s.num_rows, dtype=torch.int8)
         for i, t in enumerate(s.tables):
