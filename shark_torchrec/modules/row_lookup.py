@@ -54,7 +54,7 @@ class RowLookup:
     `warned_no_labels`, which it sets once), `row_map` with `_decode_map` and
     `_lookup_groups`, the group tables (`weights`) with the op buffers (`_op_offsets`,
     `_op_tys`, `_op_D_offsets`, `_op_placements`) and `row_alignment`; for data-parallel
-    tables `replicated_pg` and `num_rows`. It writes no store state itself: the backward
+    tables `replicated_pg`. It writes no store state itself: the backward
     ends in the store's `apply_update` (`RowOptimizer`), which updates the rows.
     """
 
@@ -191,15 +191,28 @@ class RowLookup:
     def _sum_replicas(self, uniq, row_grad, total, pos):
         """Data-parallel tables: every replica sees only its own batch, so gradients and
         counts are summed over ranks (gradients averaged, as DDP would) before anyone
-        updates; then every replica applies the same update."""
+        updates; then every replica applies the same update. Only the touched rows travel:
+        each rank gathers every rank's (row, gradient, count, positives) and sums them per row
+        in rank order, so no buffer the size of the table is made (an all-reduce of a dense
+        [rows, dim + 2] buffer did that every step)."""
         pg = self.replicated_pg
         world = dist.get_world_size(pg)
-        n = self.num_rows
-        dense = torch.zeros(n, self.dim + 2)
-        dense[uniq, : self.dim] = row_grad
-        dense[uniq, self.dim] = total
-        dense[uniq, self.dim + 1] = pos
-        dist.all_reduce(dense, group=pg)
-        touched = (dense[:, self.dim] > 0).nonzero().flatten()
-        d = dense[touched]
-        return touched, d[:, : self.dim] / world, d[:, self.dim], d[:, self.dim + 1]
+        D = self.dim
+        payload = torch.cat([row_grad, total[:, None], pos[:, None]], dim=1)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(uniq)], dtype=torch.int64), group=pg)
+        counts = [int(c) for c in sizes]
+        most = max(counts)
+        keys_pad = torch.full((most,), -1, dtype=torch.int64)
+        keys_pad[: len(uniq)] = uniq
+        payload_pad = torch.zeros(most, D + 2)
+        payload_pad[: len(uniq)] = payload
+        all_keys = [torch.empty_like(keys_pad) for _ in range(world)]
+        all_payloads = [torch.empty_like(payload_pad) for _ in range(world)]
+        dist.all_gather(all_keys, keys_pad, group=pg)
+        dist.all_gather(all_payloads, payload_pad, group=pg)
+        keys = torch.cat([k[:c] for k, c in zip(all_keys, counts)])
+        payloads = torch.cat([p[:c] for p, c in zip(all_payloads, counts)])
+        touched, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        d = torch.zeros(len(touched), D + 2).index_add_(0, inverse, payloads)
+        return touched, d[:, :D] / world, d[:, D], d[:, D + 1]
