@@ -46,6 +46,7 @@ import argparse
 import csv
 import json
 import math
+import platform
 import sys
 import zlib
 from pathlib import Path
@@ -56,6 +57,17 @@ import torch
 FORMAT = "shark-torchrec serving export"
 VERSION = 2
 READS_VERSIONS = (1, 2)  # 1: the lookup was FBGEMM's op (no kernel library)
+
+
+def _cpu_flags() -> Optional[set]:
+    """This CPU's instruction-set flags (Linux), or None where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def load_kernels(export_dir: Path, manifest: dict) -> None:
@@ -72,6 +84,14 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
             f"{export_dir / library} was built for torch {built_for}; this is torch {torch.__version__}. "
             "Serve with that torch version, or export again under this one."
         )
+    built = manifest.get("kernels_built_for") or {}
+    if built.get("machine") and built["machine"] != platform.machine():
+        raise RuntimeError(
+            f"{export_dir / library} was compiled for {built['machine']} CPUs; this one is {platform.machine()}"
+        )
+    missing = [f for f in built.get("isa", []) if _cpu_flags() is not None and f not in _cpu_flags()]
+    if missing:
+        raise RuntimeError(f"{export_dir / library} needs the CPU instructions {', '.join(missing)}, which this CPU lacks")
     path = export_dir / library
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the export's kernel library is missing")

@@ -4,6 +4,7 @@ kernel library) alone, in a process that never imports shark_torchrec."""
 import importlib.util
 import json
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -300,6 +301,11 @@ def test_the_export_ships_its_kernel_library_and_refuses_another_torch(frappe_ex
             (moved / f.name).write_bytes(f.read_bytes())
     (moved / "serving.json").write_text(json.dumps({**manifest, "torch": "1.13.0"}))
     with pytest.raises(RuntimeError, match=r"built for torch 1\.13\.0; this is torch"):
+        recipe.load(moved)
+    assert manifest["kernels_built_for"]["machine"] == platform.machine()
+    other = {**manifest, "kernels_built_for": {**manifest["kernels_built_for"], "machine": "sparc64"}}
+    (moved / "serving.json").write_text(json.dumps(other))
+    with pytest.raises(RuntimeError, match="compiled for sparc64 CPUs"):
         recipe.load(moved)
     (moved / "serving.json").write_text(json.dumps(manifest))
     (moved / manifest["kernels"]).unlink()

@@ -7,7 +7,8 @@
   it replaces), and the two agree bit for bit.
 - `update_rows_` is the fused row update (`update.cpp`): each touched row read from its group,
   stepped, and written back with stochastic rounding, in place. Its reference is the torch
-  code of `RowOptimizer.apply_update` with `shark_torchrec.precision.quantize`; bit for bit too.
+  code of `RowOptimizer.step_rows(fused=False)` with `shark_torchrec.precision.quantize`; bit
+  for bit too.
 - `row_grads` is the backward's per-row gradient reduction (`grads.cpp`): each distinct row's
   gradient summed over its ids, read where they sit in the output gradient. Its reference is
   the torch code of `RowLookup._row_grads_torch`; bit for bit too.
@@ -36,10 +37,18 @@ import torch
 SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "grads.cpp")]
 HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
+OPS = ("mixed_lookup", "update_rows_", "row_grads")  # what the library registers under torch.ops.shark
 
 
 class KernelBuildError(RuntimeError):
     """The C++ ops did not compile or load."""
+
+
+def built_for() -> dict:
+    """What a compiled library needs of the machine that loads it (the serving export records
+    it): the torch version, the CPU architecture and the instruction sets it was compiled for."""
+    isa = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
+    return {"torch": torch.__version__, "machine": platform.machine(), "isa": isa}
 
 
 def _flags() -> List[str]:
@@ -120,9 +129,8 @@ def build(quiet: bool = False) -> Path:
             f"{res.stderr[-4000:]}"
         )
     os.replace(tmp, out)  # atomic: a concurrent process sees the whole library or none
-    for old in out.parent.glob("shark_kernels-*.so"):
-        if old != out:  # builds of earlier sources (a process that loaded one keeps its copy)
-            old.unlink(missing_ok=True)
+    # Builds of other sources stay (about 200 KB each): another checkout sharing this
+    # directory, or a running process, may still use them.
     return out
 
 
@@ -137,6 +145,18 @@ def load() -> Path:
     """
     global _loaded
     if _loaded is None:
+        present = [op for op in OPS if hasattr(torch.ops.shark, op)]
+        if present:
+            # Registered already (an export's copy, loaded by its serve.py): loading a second
+            # copy would abort the process (an operator registered twice).
+            if len(present) != len(OPS):
+                raise KernelBuildError(
+                    f"another build of shark_torchrec's C++ kernels is loaded in this process (it has "
+                    f"{', '.join(present)} but not {', '.join(op for op in OPS if op not in present)}): "
+                    "import shark_torchrec before loading an export's shark_kernels.so"
+                )
+            _loaded = build(quiet=True)
+            return _loaded
         path = build()
         try:
             torch.ops.load_library(str(path))
@@ -258,6 +278,5 @@ def update_rows_(
 
 
 @torch.library.register_fake("shark::row_grads")
-def _row_grads_fake(grad, order, counts, seg, lengths, per_sample_weights, labels, batch_size, pooling):
-    D = grad.shape[1] if pooling == 2 else grad.shape[1] // (lengths.shape[0] // batch_size)
-    return grad.new_empty((counts.shape[0], D)), grad.new_empty((counts.shape[0],))
+def _row_grads_fake(grad, order, counts, seg, lengths, per_sample_weights, labels, batch_size, pooling, dim):
+    return grad.new_empty((counts.shape[0], dim)), grad.new_empty((counts.shape[0],))

@@ -4,7 +4,7 @@
 // positive labels. The ids come sorted by row (`order`, a stable argsort of their row keys,
 // and `counts`, the run length of each distinct key), so a row's ids are one run; runs are
 // reduced in parallel, each id's gradient read where it sits in the output (no gathered
-// copy). Its reference is the torch code of `RowLookup._backward_torch`; the two agree bit
+// copy). Its reference is the torch code of `RowLookup._row_grads_torch`; the two agree bit
 // for bit: a mean bag's gradient is divided by its length, then multiplied by the id's
 // weight, then added, from zero, in id order.
 
@@ -28,22 +28,26 @@ std::tuple<at::Tensor, at::Tensor> row_grads(
     const std::optional<at::Tensor>& per_sample_weights,
     const std::optional<at::Tensor>& labels,
     int64_t batch_size,
-    int64_t pooling) {
+    int64_t pooling,
+    int64_t dim) {
   TORCH_CHECK(grad.device().is_cpu(), "shark::row_grads: CPU tensors only");
   TORCH_CHECK(grad.dim() == 2, "grad: [B, F * D] (pooled) or [nnz, D]");
   TORCH_CHECK(pooling >= 0 && pooling <= 2, "pooling: 0 sum, 1 mean, 2 none");
+  TORCH_CHECK(batch_size >= 0 && dim > 0, "batch_size >= 0, dim > 0");
   const int64_t B = batch_size;
+  const int64_t D = dim;
+  const int64_t nnz = order.numel();
+  if (nnz == 0) {  // no ids (an empty batch): no rows, whatever the gradient's shape
+    TORCH_CHECK(counts.numel() == 0, "counts: no runs without ids");
+    return {at::zeros({0, D}, grad.options().dtype(at::kFloat)), at::zeros({0}, grad.options().dtype(at::kFloat))};
+  }
   const int64_t F = B > 0 ? lengths.numel() / B : 0;
   TORCH_CHECK(F * B == lengths.numel(), "lengths: [F * ", B, "] expected, got ", lengths.sizes());
-  const int64_t nnz = order.numel();
-  int64_t D;
   if (pooling == 2) {
-    TORCH_CHECK(grad.size(0) == nnz, "grad: one row per id expected, got ", grad.sizes());
-    D = grad.size(1);
+    TORCH_CHECK(grad.size(0) == nnz && grad.size(1) == D, "grad: [", nnz, ", ", D, "] expected, got ", grad.sizes());
   } else {
-    TORCH_CHECK(grad.size(0) == B && F > 0 && grad.size(1) % F == 0, "grad: [", B, ", F * D] expected, got ",
+    TORCH_CHECK(grad.size(0) == B && grad.size(1) == F * D, "grad: [", B, ", ", F * D, "] expected, got ",
                 grad.sizes());
-    D = grad.size(1) / F;
   }
   TORCH_CHECK(seg.numel() == nnz, "seg: one per id");
   const at::Tensor g = grad.to(at::kFloat).contiguous();
@@ -103,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> row_grads(
 TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def(
       "row_grads(Tensor grad, Tensor order, Tensor counts, Tensor seg, Tensor lengths, Tensor? per_sample_weights, "
-      "Tensor? labels, int batch_size, int pooling) -> (Tensor, Tensor)");
+      "Tensor? labels, int batch_size, int pooling, int dim) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {

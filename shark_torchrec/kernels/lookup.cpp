@@ -31,23 +31,24 @@
 namespace shark {
 namespace {
 
-// acc[0:D) += w * row of group G (unweighted: the row itself, no multiply). G is a template
-// argument so that every loop has constant shifts and masks and vectorizes.
-template <int G, bool kWeighted>
+// acc[0:D) += w * row of group G (unweighted: the row itself, no multiply); with kAssign,
+// acc[0:D) = w * row (an unpooled id's row: no 0 + v, which would turn -0 into +0). G is a
+// template argument so that every loop has constant shifts and masks and vectorizes.
+template <int G, bool kWeighted, bool kAssign>
 inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w) {
   if constexpr (G == 0) {
     const float* r = reinterpret_cast<const float*>(row);
     for (int64_t j = 0; j < D; ++j) {
       float v = r[j];
       if (kWeighted) v = v * w;
-      acc[j] = acc[j] + v;
+      acc[j] = kAssign ? v : acc[j] + v;
     }
   } else if constexpr (G == 1) {
     const c10::Half* r = reinterpret_cast<const c10::Half*>(row);
     for (int64_t j = 0; j < D; ++j) {
       float v = static_cast<float>(r[j]);
       if (kWeighted) v = v * w;
-      acc[j] = acc[j] + v;
+      acc[j] = kAssign ? v : acc[j] + v;
     }
   } else {
     constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : 2);
@@ -82,19 +83,19 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
     for (int64_t j = 0; j < D; ++j) {
       float v = std::fma(scale, static_cast<float>(c[j]), bias);
       if (kWeighted) v = v * w;
-      acc[j] = acc[j] + v;
+      acc[j] = kAssign ? v : acc[j] + v;
     }
   }
 }
 
-template <bool kWeighted>
+template <bool kWeighted, bool kAssign>
 inline void accumulate(float* acc, const uint8_t* row, int64_t g, int64_t D, float w) {
   switch (g) {
-    case 0: accumulate_group<0, kWeighted>(acc, row, D, w); break;
-    case 1: accumulate_group<1, kWeighted>(acc, row, D, w); break;
-    case 2: accumulate_group<2, kWeighted>(acc, row, D, w); break;
-    case 3: accumulate_group<3, kWeighted>(acc, row, D, w); break;
-    default: accumulate_group<4, kWeighted>(acc, row, D, w); break;
+    case 0: accumulate_group<0, kWeighted, kAssign>(acc, row, D, w); break;
+    case 1: accumulate_group<1, kWeighted, kAssign>(acc, row, D, w); break;
+    case 2: accumulate_group<2, kWeighted, kAssign>(acc, row, D, w); break;
+    case 3: accumulate_group<3, kWeighted, kAssign>(acc, row, D, w); break;
+    default: accumulate_group<4, kWeighted, kAssign>(acc, row, D, w); break;
   }
 }
 
@@ -139,7 +140,9 @@ at::Tensor mixed_lookup(
   const int64_t F = feature_base.numel();
   const int64_t B = batch_size;
   const int64_t D = dim;
-  TORCH_CHECK(D > 0 && D <= kMaxDim, "shark::mixed_lookup: dim ", D, " outside 1..", kMaxDim);
+  TORCH_CHECK(D > 0 && D <= kMaxDim && D % 4 == 0, "shark::mixed_lookup: dim ", D,
+              " must be a multiple of 4 (as FBGEMM's tables need) up to ", kMaxDim);
+  TORCH_CHECK(row_alignment > 0, "shark::mixed_lookup: row_alignment must be positive");
   TORCH_CHECK(feature_rows.numel() == F, "feature_rows: one per feature");
   TORCH_CHECK(lengths.dim() == 1 && lengths.numel() == F * B, "lengths: [", F, " features * ", B, "] expected, got ",
               lengths.sizes());
@@ -252,15 +255,16 @@ at::Tensor mixed_lookup(
           layout_bad = true;
           continue;
         }
-        float* dst = acc;
         if (pooling == 2) {
-          dst = op + i * D;
-          std::fill(dst, dst + D, 0.0f);
-        }
-        if (wp) {
-          accumulate<true>(dst, w + at, tg, D, wp[i]);
+          if (wp) {
+            accumulate<true, true>(op + i * D, w + at, tg, D, wp[i]);
+          } else {
+            accumulate<false, true>(op + i * D, w + at, tg, D, 1.0f);
+          }
+        } else if (wp) {
+          accumulate<true, false>(acc, w + at, tg, D, wp[i]);
         } else {
-          accumulate<false>(dst, w + at, tg, D, 1.0f);
+          accumulate<false, false>(acc, w + at, tg, D, 1.0f);
         }
       }
       if (pooling != 2) {

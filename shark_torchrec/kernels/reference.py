@@ -93,8 +93,11 @@ def mixed_lookup_reference(
     feature_names: List[str],
 ) -> torch.Tensor:
     """`shark_torchrec.kernels.mixed_lookup` in torch and FBGEMM: the same arguments, the same
-    result, the same error for an id outside its table."""
+    result, the same error for an id outside its table. It also runs where the op does not
+    (FBGEMM's op has CUDA kernels; that path is untested here, on machines without a GPU)."""
     F, B, D = feature_base.numel(), batch_size, dim
+    dev = weights.device
+    placement = EmbeddingLocation.DEVICE if dev.type == "cuda" else EmbeddingLocation.HOST
     values = values.long()
     lengths = lengths.long()
     nnz = values.numel()
@@ -114,11 +117,15 @@ def mixed_lookup_reference(
     perm = torch.argsort(g, stable=True)
     per_group = torch.bincount(g, minlength=groups)
     bags = max(int(per_group.max()), 1) if nnz else 1
-    ends = torch.arange(1, bags + 1)[None, :].clamp(max=per_group[:, None]) + (torch.cumsum(per_group, 0) - per_group)[:, None]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), ends.flatten()])
+    ends = torch.arange(1, bags + 1, device=dev)[None, :].clamp(max=per_group[:, None]) + (
+        torch.cumsum(per_group, 0) - per_group
+    )[:, None]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), ends.flatten()])
     rows = group_lookup(
-        weights, group_offsets.long(), torch.tensor([t.as_int() for t in GROUP_TYPES[:groups]], dtype=torch.uint8),
-        torch.arange(0, groups * D + 1, D, dtype=torch.int32), torch.full((groups,), EmbeddingLocation.HOST.value, dtype=torch.int32),
+        weights, group_offsets.long(),
+        torch.tensor([t.as_int() for t in GROUP_TYPES[:groups]], dtype=torch.uint8, device=dev),
+        torch.arange(0, groups * D + 1, D, dtype=torch.int32, device=dev),
+        torch.full((groups,), placement.value, dtype=torch.int32, device=dev),
         D, slots[perm], offsets, row_alignment,
     )
     per_id = torch.empty_like(rows)
@@ -127,8 +134,8 @@ def mixed_lookup_reference(
         per_id = per_id * per_sample_weights.float()[:, None]
     if pooling == "none":
         return per_id
-    seg = torch.repeat_interleave(torch.arange(F * B), lengths, output_size=nnz)
-    pooled = torch.zeros(F * B, D).index_add_(0, seg, per_id)
+    seg = torch.repeat_interleave(torch.arange(F * B, device=dev), lengths, output_size=nnz)
+    pooled = torch.zeros(F * B, D, device=dev).index_add_(0, seg, per_id)
     if pooling == "mean":
         pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
     return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)

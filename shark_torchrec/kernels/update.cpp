@@ -173,7 +173,9 @@ void update_rows_(
   TORCH_CHECK(row_map.scalar_type() == at::kInt, "row_map: int32");
   TORCH_CHECK(range_ends.numel() == kGroups && range_shift.numel() == kGroups + 1, "range_ends [5], range_shift [6]");
   const int64_t D = dim;
-  TORCH_CHECK(D > 0 && D <= kMaxDim, "shark::update_rows_: dim ", D, " outside 1..", kMaxDim);
+  TORCH_CHECK(D > 0 && D <= kMaxDim && D % 4 == 0, "shark::update_rows_: dim ", D,
+              " must be a multiple of 4 up to ", kMaxDim);
+  TORCH_CHECK(row_alignment > 0, "shark::update_rows_: row_alignment must be positive");
   const int64_t n = keys.numel();
   TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == n && row_grad.size(1) == D, "row_grad: [", n, ", ", D,
               "] expected, got ", row_grad.sizes());

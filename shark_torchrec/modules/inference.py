@@ -1,14 +1,15 @@
 """`MixedPrecisionInferenceEmbeddingBagCollection`: the serving twin of our mixed-precision
 collection.
 
-It keeps what a lookup needs and nothing a trainer needs: one uint8 buffer with three FBGEMM
-inference table-batched-embedding tables (fp32, fp16, int8, int4 and int2 rows, integer rows
-with their fp16 scale and bias), and the row map (one int32 per row: a slot numbered across the
+It keeps what a lookup needs and nothing a trainer needs: one uint8 buffer with five group
+tables in FBGEMM's inference table-batched-embedding layout (fp32, fp16, int8, int4 and int2
+rows, integer rows with their fp16 scale and bias), and the row map (one int32 per row: a slot numbered across the
 group tables, whose range gives the group; dropped rows point at their table's fallback row). No scores, no optimizer
 state, no fp32 copy. A lookup is one call of our fused op `torch.ops.shark.mixed_lookup`
 (`shark_torchrec.kernels`): ids, row map, groups, dequantization and pooling in one pass per
 bag, parallel over bags. It replaced torch glue around FBGEMM's INT-N inference TBE, which is
-kept as its reference (`shark_torchrec.kernels.reference`) and agrees with it bit for bit.
+kept as its reference (`shark_torchrec.kernels.reference`), agrees with it bit for bit, and
+serves in eager mode where the op has no kernel (off CPU; untested here, without a GPU).
 
 It stands where TorchRec's quantized `EmbeddingBagCollection` would: `forward(KJT) -> KeyedTensor`
 and `embedding_bag_configs()`, so `DLRM(embedding_bag_collection=...)` takes it. Its lookup and
@@ -26,6 +27,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import shark_torchrec.kernels  # noqa: F401  (loads torch.ops.shark)
+from shark_torchrec.kernels.reference import mixed_lookup_reference
 from shark_torchrec.precision.priority import GROUP_NAMES, ROW_MAP_BYTES
 
 
@@ -122,6 +124,13 @@ class MixedPrecisionPooledLookup(nn.Module):
         pooling in one pass; its reference, the torch code around FBGEMM's INT-N op it
         replaces, is `shark_torchrec.kernels.reference`). It scripts, and `torch.export`
         sees it through its registered fake."""
+        if not torch.jit.is_scripting() and not self.weights.is_cpu:
+            # The op has a CPU kernel only; elsewhere its reference (FBGEMM's INT-N op) serves.
+            return mixed_lookup_reference(
+                self.weights, self._offsets, self.row_map, self.range_ends, self.range_shift, self.feature_base,
+                self.feature_rows, values, lengths, None, self.dim, B, "mean" if self.mean_pooling else "sum",
+                self.row_alignment, self.feature_names,
+            )
         return torch.ops.shark.mixed_lookup(
             self.weights, self._offsets, self.row_map, self.range_ends, self.range_shift, self.feature_base,
             self.feature_rows, values, lengths, None, self.dim, B, 1 if self.mean_pooling else 0,

@@ -158,7 +158,7 @@ class RowLookup:
         uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
         if grad.device.type == "cpu":
             row_grad, pos = torch.ops.shark.row_grads(
-                grad.float(), order, counts, seg, lengths, psw, labels, B, POOLING_CODES[self.pooling]
+                grad.float(), order, counts, seg, lengths, psw, labels, B, POOLING_CODES[self.pooling], self.dim
             )
         else:
             row_grad, pos = self._row_grads_torch(grad, order, counts, seg, lengths, psw, labels, B)

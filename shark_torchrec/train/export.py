@@ -306,6 +306,7 @@ def write_serving_files(
         ),
         "kernels": KERNELS_FILE,
         "torch": torch.__version__,
+        "kernels_built_for": kernels.built_for(),  # torch version, CPU architecture, instruction sets
         "fields": fields,
         "dense": list(data.schema.dense_names),
         "field_rows": dict(zip(fields, scripted.lookup.feature_rows.tolist())),
