@@ -89,7 +89,8 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
         raise RuntimeError(
             f"{export_dir / library} was compiled for {built['machine']} CPUs; this one is {platform.machine()}"
         )
-    missing = [f for f in built.get("isa", []) if _cpu_flags() is not None and f not in _cpu_flags()]
+    cpu_flags = _cpu_flags()
+    missing = [f for f in built.get("isa", []) if cpu_flags is not None and f not in cpu_flags]
     if missing:
         raise RuntimeError(f"{export_dir / library} needs the CPU instructions {', '.join(missing)}, which this CPU lacks")
     path = export_dir / library

@@ -38,6 +38,8 @@ SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "gr
 HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 OPS = ("mixed_lookup", "update_rows_", "row_grads")  # what the library registers under torch.ops.shark
+# The instruction sets the library is compiled for (FBGEMM's CPU build needs them anyway).
+ISA = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
 
 
 class KernelBuildError(RuntimeError):
@@ -47,8 +49,7 @@ class KernelBuildError(RuntimeError):
 def built_for() -> dict:
     """What a compiled library needs of the machine that loads it (the serving export records
     it): the torch version, the CPU architecture and the instruction sets it was compiled for."""
-    isa = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
-    return {"torch": torch.__version__, "machine": platform.machine(), "isa": isa}
+    return {"torch": torch.__version__, "machine": platform.machine(), "isa": list(ISA)}
 
 
 def _flags() -> List[str]:
@@ -56,8 +57,7 @@ def _flags() -> List[str]:
 
     flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]  # what FBGEMM's CPU build needs anyway
+    flags += [f"-m{isa}" for isa in ISA]
     flags += [f"-I{p}" for p in cpp_extension.include_paths()]
     lib = Path(torch.__file__).parent / "lib"
     # libgomp resolves to torch's own copy (same soname, already loaded): one OpenMP runtime.

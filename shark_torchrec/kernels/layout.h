@@ -1,4 +1,5 @@
-// The group tables' layout, shared by the lookup (lookup.cpp) and the update (update.cpp).
+// The group tables' layout, shared by the lookup (lookup.cpp) and the update (update.cpp):
+// the constants, row sizes, fp16 reads, the group of a row map value, and `GroupTables`.
 //
 // One uint8 buffer holds a table per group: fp32, fp16, int8, int4, int2 rows, FBGEMM's
 // layout (an integer row is its fp16 scale and bias, then its codes packed low bits first).
@@ -7,6 +8,7 @@
 // fp32 table), its slot the number minus range_shift[group].
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -37,5 +39,74 @@ inline float half_to_float(const uint8_t* p) {
 inline int64_t group_of(const int32_t* ends, int32_t m) {
   return (ends[0] <= m) + (ends[1] <= m) + (ends[2] <= m) + (ends[3] <= m) + (ends[4] <= m);
 }
+
+// The group tables of one buffer as an op reads them: the arguments both ops take checked
+// once, and where a row's bytes are.
+struct GroupTables {
+  GroupTables(const char* op, const at::Tensor& weights, const at::Tensor& group_offsets, const at::Tensor& row_map,
+              const at::Tensor& range_ends, const at::Tensor& range_shift, int64_t dim, int64_t row_alignment) {
+    TORCH_CHECK(weights.device().is_cpu(), op, ": CPU tensors only");
+    TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous(), "weights: contiguous uint8");
+    TORCH_CHECK(row_map.scalar_type() == at::kInt, "row_map: int32");
+    TORCH_CHECK(range_ends.numel() == kGroups && range_shift.numel() == kGroups + 1, "range_ends [5], range_shift [6]");
+    TORCH_CHECK(dim > 0 && dim <= kMaxDim && dim % 4 == 0, op, ": dim ", dim,
+                " must be a multiple of 4 (as FBGEMM's tables need) up to ", kMaxDim);
+    TORCH_CHECK(row_alignment > 0, op, ": row_alignment must be positive");
+    ends_t_ = range_ends.to(at::kInt).contiguous();
+    shift_t_ = range_shift.to(at::kInt).contiguous();
+    offs_t_ = group_offsets.to(at::kLong).contiguous();
+    map_t_ = row_map.contiguous();
+    for (int64_t g = 0; g < kGroups; ++g) rb[g] = row_bytes(dim, g, row_alignment);
+    w = weights.data_ptr<uint8_t>();
+    wbytes = weights.numel();
+    ends_ = ends_t_.data_ptr<int32_t>();
+    shift_ = shift_t_.data_ptr<int32_t>();
+    offs_ = offs_t_.data_ptr<int64_t>();
+    used_groups_ = offs_t_.numel();
+    map = map_t_.data_ptr<int32_t>();
+    map_rows = map_t_.numel();
+  }
+
+  // Byte offset of the row a lookup reads for `key` (a dropped row reads its table's fallback
+  // row in the fp32 table), the table's group in *table_group; -1 when the row map points
+  // outside the group tables. `key` must be within the row map.
+  int64_t read_at(int64_t key, int64_t* table_group) const {
+    const int32_t m = map[key];
+    const int64_t g = group_of(ends_, m);
+    *table_group = g == kDropped ? 0 : g;
+    return slot_at(*table_group, static_cast<int64_t>(m) - shift_[g]);
+  }
+
+  // Byte offset of `key`'s own row, its group in *group: -2 for a dropped row (no bytes of
+  // its own), -1 for a key outside the row map or a row map entry outside the group tables.
+  int64_t own_at(int64_t key, int64_t* group) const {
+    if (key < 0 || key >= map_rows) return -1;
+    const int32_t m = map[key];
+    const int64_t g = group_of(ends_, m);
+    *group = g;
+    if (g == kDropped) return -2;
+    return slot_at(g, static_cast<int64_t>(m) - shift_[g]);
+  }
+
+  int64_t rb[kGroups];   // bytes of a row, per group
+  uint8_t* w;            // the buffer
+  int64_t wbytes;        // its size
+  const int32_t* map;    // the row map
+  int64_t map_rows;      // its rows
+
+ private:
+  // Byte offset of slot `slot` of group table g, or -1 outside the buffer.
+  int64_t slot_at(int64_t g, int64_t slot) const {
+    if (g >= used_groups_ || slot < 0) return -1;
+    const int64_t at = offs_[g] + slot * rb[g];
+    return at + rb[g] <= wbytes ? at : -1;
+  }
+
+  at::Tensor ends_t_, shift_t_, offs_t_, map_t_;  // the converted arguments the pointers read
+  const int32_t* ends_;
+  const int32_t* shift_;
+  const int64_t* offs_;
+  int64_t used_groups_;
+};
 
 }  // namespace shark

@@ -132,28 +132,19 @@ at::Tensor mixed_lookup(
     int64_t pooling,
     int64_t row_alignment,
     c10::string_view feature_names) {
-  TORCH_CHECK(weights.device().is_cpu(), "shark::mixed_lookup: CPU tensors only");
-  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous(), "weights: contiguous uint8");
-  TORCH_CHECK(row_map.scalar_type() == at::kInt, "row_map: int32");
-  TORCH_CHECK(range_ends.numel() == kGroups && range_shift.numel() == kGroups + 1, "range_ends [5], range_shift [6]");
+  const GroupTables t("shark::mixed_lookup", weights, group_offsets, row_map, range_ends, range_shift, dim,
+                      row_alignment);
   TORCH_CHECK(pooling >= 0 && pooling <= 2, "pooling: 0 sum, 1 mean, 2 none");
   const int64_t F = feature_base.numel();
   const int64_t B = batch_size;
   const int64_t D = dim;
-  TORCH_CHECK(D > 0 && D <= kMaxDim && D % 4 == 0, "shark::mixed_lookup: dim ", D,
-              " must be a multiple of 4 (as FBGEMM's tables need) up to ", kMaxDim);
-  TORCH_CHECK(row_alignment > 0, "shark::mixed_lookup: row_alignment must be positive");
   TORCH_CHECK(feature_rows.numel() == F, "feature_rows: one per feature");
   TORCH_CHECK(lengths.dim() == 1 && lengths.numel() == F * B, "lengths: [", F, " features * ", B, "] expected, got ",
               lengths.sizes());
   const at::Tensor v = values.to(at::kLong).contiguous();
   const at::Tensor len = lengths.to(at::kLong).contiguous();
-  const at::Tensor rmap = row_map.contiguous();
-  const at::Tensor ends_t = range_ends.to(at::kInt).contiguous();
-  const at::Tensor shift_t = range_shift.to(at::kInt).contiguous();
   const at::Tensor base_t = feature_base.to(at::kLong).contiguous();
   const at::Tensor rows_t = feature_rows.to(at::kLong).contiguous();
-  const at::Tensor offs_t = group_offsets.to(at::kLong).contiguous();
   const int64_t nnz = v.numel();
   const bool weighted = per_sample_weights.has_value() && per_sample_weights->defined();
   at::Tensor psw;
@@ -161,8 +152,6 @@ at::Tensor mixed_lookup(
     psw = per_sample_weights->to(at::kFloat).contiguous();
     TORCH_CHECK(psw.numel() == nnz, "per_sample_weights: one per id");
   }
-  const int64_t used_groups = offs_t.numel();
-
   // Bag starts (exclusive cumulative sum of the lengths).
   std::vector<int64_t> starts(F * B + 1, 0);
   const int64_t* lp = len.data_ptr<int64_t>();
@@ -174,34 +163,16 @@ at::Tensor mixed_lookup(
 
   at::Tensor out = pooling == 2 ? at::empty({nnz, D}, weights.options().dtype(at::kFloat))
                                 : at::empty({B, F * D}, weights.options().dtype(at::kFloat));
-  int64_t rb[kGroups];
-  for (int64_t g = 0; g < kGroups; ++g) rb[g] = row_bytes(D, g, row_alignment);
-  const uint8_t* w = weights.data_ptr<uint8_t>();
-  const int64_t wbytes = weights.numel();
-  const int32_t* ends = ends_t.data_ptr<int32_t>();
-  const int32_t* shift = shift_t.data_ptr<int32_t>();
   const int64_t* base = base_t.data_ptr<int64_t>();
   const int64_t* frows = rows_t.data_ptr<int64_t>();
-  const int64_t* offs = offs_t.data_ptr<int64_t>();
-  const int32_t* map = rmap.data_ptr<int32_t>();
-  const int64_t map_rows = rmap.numel();
+  const uint8_t* w = t.w;
+  const int32_t* map = t.map;
   const int64_t* vp = v.data_ptr<int64_t>();
   const float* wp = weighted ? psw.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   std::atomic<bool> layout_bad{false};
 
-  // Where a row key's bytes are (and its table's group), or -1 when the row map points
-  // outside the group tables.
-  auto locate = [&](int64_t key, int64_t* table_group) -> int64_t {
-    const int32_t m = map[key];
-    const int64_t g = group_of(ends, m);
-    const int64_t slot = static_cast<int64_t>(m) - shift[g];
-    const int64_t tg = g == kDropped ? 0 : g;
-    *table_group = tg;
-    const int64_t at = tg < used_groups && slot >= 0 ? offs[tg] + slot * rb[tg] : -1;
-    return at >= 0 && at + rb[tg] <= wbytes ? at : -1;
-  };
   // Two dependent random reads an id (the row map, then the row): prefetched ahead, the map
   // entry kMapAhead ids ahead and the row kRowAhead ids ahead, as FBGEMM's kernels prefetch rows.
   constexpr int64_t kMapAhead = 16;
@@ -222,7 +193,7 @@ at::Tensor mixed_lookup(
           int64_t prev = first_bad.load();
           while (i < prev && !first_bad.compare_exchange_weak(prev, i)) {
           }
-        } else if (base[f] + id >= map_rows) {
+        } else if (base[f] + id >= t.map_rows) {
           layout_bad = true;
         } else {
           key = base[f] + id;
@@ -242,15 +213,15 @@ at::Tensor mixed_lookup(
         if (i + kMapAhead < i1 && keys[i + kMapAhead - i0] >= 0) __builtin_prefetch(map + keys[i + kMapAhead - i0]);
         if (i + kRowAhead < i1 && keys[i + kRowAhead - i0] >= 0) {
           int64_t tg_ahead;
-          const int64_t ahead = locate(keys[i + kRowAhead - i0], &tg_ahead);
+          const int64_t ahead = t.read_at(keys[i + kRowAhead - i0], &tg_ahead);
           if (ahead >= 0) {
-            for (int64_t o = 0; o < rb[tg_ahead]; o += 64) __builtin_prefetch(w + ahead + o);
+            for (int64_t o = 0; o < t.rb[tg_ahead]; o += 64) __builtin_prefetch(w + ahead + o);
           }
         }
         const int64_t key = keys[i - i0];
         if (key < 0) continue;
         int64_t tg;
-        const int64_t at = locate(key, &tg);
+        const int64_t at = t.read_at(key, &tg);
         if (at < 0) {
           layout_bad = true;
           continue;

@@ -168,14 +168,9 @@ void update_rows_(
     const at::Tensor& noise_start,
     int64_t dim,
     int64_t row_alignment) {
-  TORCH_CHECK(weights.device().is_cpu(), "shark::update_rows_: CPU tensors only");
-  TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous(), "weights: contiguous uint8");
-  TORCH_CHECK(row_map.scalar_type() == at::kInt, "row_map: int32");
-  TORCH_CHECK(range_ends.numel() == kGroups && range_shift.numel() == kGroups + 1, "range_ends [5], range_shift [6]");
+  const GroupTables t("shark::update_rows_", weights, group_offsets, row_map, range_ends, range_shift, dim,
+                      row_alignment);
   const int64_t D = dim;
-  TORCH_CHECK(D > 0 && D <= kMaxDim && D % 4 == 0, "shark::update_rows_: dim ", D,
-              " must be a multiple of 4 up to ", kMaxDim);
-  TORCH_CHECK(row_alignment > 0, "shark::update_rows_: row_alignment must be positive");
   const int64_t n = keys.numel();
   TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == n && row_grad.size(1) == D, "row_grad: [", n, ", ", D,
               "] expected, got ", row_grad.sizes());
@@ -185,20 +180,9 @@ void update_rows_(
   const at::Tensor sc = step_scale.to(at::kFloat).contiguous();
   const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
   const at::Tensor ns = noise_start.to(at::kLong).contiguous();
-  const at::Tensor ends_t = range_ends.to(at::kInt).contiguous();
-  const at::Tensor shift_t = range_shift.to(at::kInt).contiguous();
-  const at::Tensor offs_t = group_offsets.to(at::kLong).contiguous();
-  const at::Tensor rmap = row_map.contiguous();
-  int64_t rb[kGroups];
-  for (int64_t g = 0; g < kGroups; ++g) rb[g] = row_bytes(D, g, row_alignment);
-  uint8_t* w = weights.data_ptr<uint8_t>();
-  const int64_t wbytes = weights.numel();
-  const int32_t* ends = ends_t.data_ptr<int32_t>();
-  const int32_t* shift = shift_t.data_ptr<int32_t>();
-  const int64_t* offs = offs_t.data_ptr<int64_t>();
-  const int64_t used_groups = offs_t.numel();
-  const int32_t* map = rmap.data_ptr<int32_t>();
-  const int64_t map_rows = rmap.numel();
+  uint8_t* w = t.w;
+  const int32_t* map = t.map;
+  const int64_t map_rows = t.map_rows;
   const int64_t* kp = k.data_ptr<int64_t>();
   const float* gp = gr.data_ptr<float>();
   const float* sp = sc.data_ptr<float>();
@@ -207,17 +191,6 @@ void update_rows_(
   const int64_t* nsp = ns.data_ptr<int64_t>();
   std::atomic<int64_t> bad{-1};
 
-  auto locate = [&](int64_t key, int64_t* group) -> int64_t {
-    if (key < 0 || key >= map_rows) return -1;
-    const int32_t m = map[key];
-    const int64_t g = group_of(ends, m);
-    *group = g;
-    if (g == kDropped) return -2;  // no bytes to update (the reference skips it too)
-    if (g >= used_groups) return -1;
-    const int64_t slot = static_cast<int64_t>(m) - shift[g];
-    const int64_t at = slot >= 0 ? offs[g] + slot * rb[g] : -1;
-    return at >= 0 && at + rb[g] <= wbytes ? at : -1;
-  };
   // Three random reads a row (its row map entry, its bytes, its noise window): the map entry
   // is prefetched kMapAhead rows ahead, the bytes and the noise kRowAhead rows ahead.
   constexpr int64_t kMapAhead = 16;
@@ -233,9 +206,9 @@ void update_rows_(
       }
       if (i + kRowAhead < end) {
         int64_t g_ahead;
-        const int64_t ahead = locate(kp[i + kRowAhead], &g_ahead);
+        const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
         if (ahead >= 0) {
-          for (int64_t o = 0; o < rb[g_ahead]; o += 64) __builtin_prefetch(w + ahead + o, 1);
+          for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(w + ahead + o, 1);
         }
         const int64_t noise_at = nsp[i + kRowAhead];
         if (noise_at >= 0 && noise_at + D <= noise_len) {
@@ -243,8 +216,8 @@ void update_rows_(
         }
       }
       int64_t g;
-      const int64_t at = locate(kp[i], &g);
-      if (at == -2) continue;
+      const int64_t at = t.own_at(kp[i], &g);
+      if (at == -2) continue;  // a dropped row: no bytes to update (the reference skips it too)
       if (at < 0 || nsp[i] < 0 || nsp[i] + D > noise_len) {
         bad = i;
         continue;

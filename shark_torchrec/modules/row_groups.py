@@ -296,16 +296,19 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         slot is its table's fallback row)."""
         return torch.where(g == DROPPED, torch.zeros_like(g), g) if self.has_dropped else g
 
+    def _noise_rows(self, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(local table, global row) of each row key: what its rounding noise hashes."""
+        t = self.table_of_rows(keys)
+        return t, keys - self.table_base[t] + self._row_offset[t]
+
     def noise_starts(self, keys: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(where each row's noise window starts in the noise table, the table): the noise
         `_noise` gives, as the fused update reads it."""
-        t = self.table_of_rows(keys)
-        rows = keys - self.table_base[t] + self._row_offset[t]
+        t, rows = self._noise_rows(keys)
         return rounding_noise_starts(self.policy.seed, step, self._table_ids[t], rows, self._col_offset[t])
 
     def _noise(self, keys: torch.Tensor, step: int) -> torch.Tensor:
-        t = self.table_of_rows(keys)
-        rows = keys - self.table_base[t] + self._row_offset[t]
+        t, rows = self._noise_rows(keys)
         cols = self._col_offset[t][:, None] + torch.arange(self.dim)[None, :]
         return rounding_noise(self.policy.seed, step, self._table_ids[t], rows, cols)
 
