@@ -172,10 +172,13 @@ def quantize_rows(
     top = levels(bits)
     v = values.float().clamp(-FP16_MAX, FP16_MAX)
     if v.shape[0] == 0:
-        return torch.empty(v.shape, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.float16)
+        return torch.empty(v.shape, dtype=torch.uint8, device=v.device), torch.empty(0, 2, dtype=torch.float16, device=v.device)
     lo, hi = torch.aminmax(v, dim=1)
     bias = _round_down_fp16(lo)
-    scale = _round_up_fp16((hi - bias.float()) / top)
+    # Divided by a tensor, not the number `top`: torch on CUDA divides by a Python number as a
+    # multiply by its reciprocal, a bit off at times, which made GPU results differ from CPU's
+    # (and from our kernels', which divide exactly) in a few rows in 100,000.
+    scale = _round_up_fp16((hi - bias.float()) / torch.full_like(hi, float(top)))
     s32 = scale.float()
     # An all-equal row has scale 0: multiplying by 0 sends every code to 0 (= the bias).
     inv = torch.where(s32 > 0, 1.0 / s32.clamp_min(1e-30), torch.zeros_like(s32))
@@ -215,7 +218,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if D % per_byte:
         raise ValueError(f"a {bits}-bit row packs {per_byte} values a byte: dim {D} is not a multiple of {per_byte}")
     c = codes.view(n, D // per_byte, per_byte).to(torch.int32)
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=codes.device)
     return (c << shifts).sum(dim=2).to(torch.uint8)
 
 
@@ -224,7 +227,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     n, nbytes = packed.shape
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
     c = (packed.to(torch.int32)[:, :, None] >> shifts) & levels(bits)
     return c.view(n, nbytes * (8 // bits)).to(torch.uint8)
 

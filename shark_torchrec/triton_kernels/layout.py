@@ -1,0 +1,137 @@
+"""The group tables' layout as the Triton kernels read it (the C++ twin is
+`shark_torchrec/kernels/layout.h`): one uint8 buffer holds a table per group (fp32, fp16,
+int8, int4, int2 rows in FBGEMM's layout: an integer row is its fp16 scale and bias, then its
+codes packed low bits first); the row map gives each row an int32 whose group is the number of
+range_ends at or below it (5: dropped, read from its table's fallback row in the fp32 table),
+and whose slot is the number minus range_shift[group]."""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+GROUPS = 5  # stored groups: fp32, fp16, int8, int4, int2
+DROPPED = 5
+FP16_MAX = 65504.0
+
+
+def row_bytes(dim: int, alignment: int) -> List[int]:
+    """Bytes of one row of each group at `dim`, padded to `alignment`."""
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4)
+    return [(r + alignment - 1) // alignment * alignment for r in raw]
+
+
+def check_tables(op: str, weights: torch.Tensor, group_offsets: torch.Tensor, row_map: torch.Tensor,
+                 range_ends: torch.Tensor, range_shift: torch.Tensor, dim: int, row_alignment: int) -> None:
+    """The checks the C++ ops make of the group tables, with the same words, plus the alignment
+    the kernels' fp32 and fp16 reads need, and the device."""
+    if weights.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{op}: CUDA tensors only (on CPU, the C++ op in shark_torchrec.kernels; or Triton's "
+                         f"interpreter, TRITON_INTERPRET=1 before triton is imported), got {weights.device}")
+    if weights.dtype != torch.uint8 or not weights.is_contiguous():
+        raise ValueError(f"{op}: weights must be contiguous uint8")
+    if row_map.dtype != torch.int32:
+        raise ValueError(f"{op}: row_map must be int32")
+    if range_ends.numel() != GROUPS or range_shift.numel() != GROUPS + 1:
+        raise ValueError(f"{op}: range_ends [5], range_shift [6] expected")
+    if dim <= 0 or dim % 4 or dim > 4096:
+        raise ValueError(f"{op}: dim {dim} must be a multiple of 4 (as FBGEMM's tables need) up to 4096")
+    if row_alignment <= 0:
+        raise ValueError(f"{op}: row_alignment must be positive")
+    offs = group_offsets.tolist()
+    if (len(offs) > 0 and offs[0] % 4) or (len(offs) > 1 and offs[1] % 2):
+        raise ValueError(f"{op}: the fp32 table must start at a multiple of 4 bytes and the fp16 table of 2, got {offs}")
+
+
+@triton.jit
+def group_of(m, e0, e1, e2, e3, e4):
+    """bucketize(m, range_ends, right=True): 0-4 a stored group, 5 dropped."""
+    return (
+        (e0 <= m).to(tl.int32) + (e1 <= m).to(tl.int32) + (e2 <= m).to(tl.int32)
+        + (e3 <= m).to(tl.int32) + (e4 <= m).to(tl.int32)
+    )
+
+
+@triton.jit
+def pick(g, a0, a1, a2, a3, a4):
+    """a_g (g in 0..4)."""
+    return tl.where(g == 0, a0, tl.where(g == 1, a1, tl.where(g == 2, a2, tl.where(g == 3, a3, a4))))
+
+
+@triton.jit
+def half_of_bytes(lo, hi):
+    """The fp16 whose bytes (little-endian) are lo, hi, as fp32."""
+    return (lo.to(tl.int32) | (hi.to(tl.int32) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def load_half(p, mask):
+    """The fp16s at byte addresses p (where mask), as fp32, read byte by byte: an integer row's
+    scale and bias need not be 2-byte aligned when rows are not padded."""
+    return half_of_bytes(tl.load(p, mask=mask, other=0), tl.load(p + 1, mask=mask, other=0))
+
+
+@triton.jit
+def load_half_scalar(p):
+    """The fp16 at byte address p, as fp32 (`load_half` of one unmasked address)."""
+    return half_of_bytes(tl.load(p), tl.load(p + 1))
+
+
+@triton.jit
+def store_half(p, h):
+    """Write the fp16 h at byte address p, byte by byte."""
+    b = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    tl.store(p, (b & 0xFF).to(tl.uint8))
+    tl.store(p + 1, (b >> 8).to(tl.uint8))
+
+
+@triton.jit
+def next_half(h, UP: tl.constexpr):
+    """nextafter of a finite fp16 towards +inf (UP) or -inf, as std::nextafter."""
+    b = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    zero = (b & 0x7FFF) == 0
+    negative = (b & 0x8000) != 0
+    if UP:
+        nb = tl.where(zero, 0x0001, tl.where(negative, b - 1, b + 1))
+    else:
+        nb = tl.where(zero, 0x8001, tl.where(negative, b + 1, b - 1))
+    return nb.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def clamp_fp16_range(v):
+    return tl.minimum(tl.maximum(v, -65504.0), 65504.0)
+
+
+@triton.jit
+def round_down_fp16(x):
+    h = x.to(tl.float16)
+    return tl.where(h.to(tl.float32) > x, next_half(h, False), h)
+
+
+@triton.jit
+def round_up_fp16(x):
+    h = x.to(tl.float16)
+    return tl.where(h.to(tl.float32) < x, next_half(h, True), h)
+
+
+@triton.jit
+def round_fp16_stochastic(value, noise):
+    """`shark_torchrec.precision.quantize.round_fp16_stochastic`, elementwise: noise added to
+    the 13 mantissa bits fp16 drops, then truncated; fp16 subnormals take the exact rule."""
+    v = clamp_fp16_range(value)
+    bits = v.to(tl.int32, bitcast=True)
+    r = (noise * 8192.0).to(tl.int32)
+    fast = clamp_fp16_range(((bits + r) & -8192).to(tl.float32, bitcast=True)).to(tl.float16)
+    near = v.to(tl.float16)
+    lo = tl.where(near.to(tl.float32) > v, next_half(near, False), near)
+    hi = next_half(lo, True)
+    lo32 = lo.to(tl.float32)
+    gap = hi.to(tl.float32) - lo32
+    p = tl.where(gap > 0, tl.div_rn(v - lo32, tl.where(gap > 0, gap, 1.0)), 0.0)
+    exact = tl.where(noise < p, hi, lo)
+    return tl.where((bits & 0x7FFFFFFF) < 0x38800000, exact, fast)

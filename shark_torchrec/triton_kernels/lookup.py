@@ -1,0 +1,171 @@
+"""The fused lookup in Triton: ids -> row map -> group and slot -> the row's bytes ->
+dequantized, weighted and pooled into the output layout, one program per bag. Results are
+those of `shark_torchrec.kernels.mixed_lookup` (C++, CPU) bit for bit: an integer row's value
+is scale * code + bias (the product of an fp16 scale and a code of at most 8 bits is exact in
+fp32, so this is FBGEMM's fma), a weighted id's row is multiplied by its weight and rounded,
+a bag is summed in id order from zero, and the mean divides at the end (IEEE division). The
+kernels are compiled without fp contraction so that nothing else is fused.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from shark_torchrec.triton_kernels.layout import check_tables, group_of, load_half, pick, row_bytes
+
+POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
+
+
+@triton.jit
+def _lookup_kernel(
+    w_ptr, offs_ptr, map_ptr, ends_ptr, shift_ptr, base_ptr, frows_ptr, values_ptr, starts_ptr, psw_ptr, out_ptr,
+    bad_ptr, B, F, rb0, rb1, rb2, rb3, rb4,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, POOLING: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    bag = tl.program_id(0)
+    f = bag // B
+    b = bag % B
+    start = tl.load(starts_ptr + bag)
+    end = tl.load(starts_ptr + bag + 1)
+    base = tl.load(base_ptr + f)
+    table_rows = tl.load(frows_ptr + f)
+    e0 = tl.load(ends_ptr + 0)
+    e1 = tl.load(ends_ptr + 1)
+    e2 = tl.load(ends_ptr + 2)
+    e3 = tl.load(ends_ptr + 3)
+    e4 = tl.load(ends_ptr + 4)
+    j = tl.arange(0, BLOCK_D)
+    in_row = j < D
+    ii = tl.arange(0, BLOCK_I)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # BLOCK_I ids at a time: their row map entries and rows are read together, then added to
+    # the bag one by one, in id order.
+    c = start
+    while c < end:  # (a while loop: Triton's interpreter cannot range over loaded bounds)
+        i = c + ii
+        c += BLOCK_I
+        live = i < end
+        idx = tl.load(values_ptr + i, mask=live, other=0)
+        ok = (idx >= 0) & (idx < table_rows)
+        first_bad = tl.min(tl.where(live & ~ok, i, end))
+        if first_bad < end:
+            tl.atomic_min(bad_ptr, first_bad)  # the wrapper raises, naming the first bad id
+        live = live & ok
+        key = base + idx
+        m = tl.load(map_ptr + key, mask=live, other=0)
+        g = group_of(m, e0, e1, e2, e3, e4)
+        slot = (m - tl.load(shift_ptr + g, mask=live, other=0)).to(tl.int64)
+        tg = tl.where(g == 5, 0, g)  # a dropped row reads its table's fallback row, in the fp32 table
+        row = w_ptr + tl.load(offs_ptr + tg, mask=live, other=0) + slot * pick(tg, rb0, rb1, rb2, rb3, rb4)
+        both = live[:, None] & in_row[None, :]
+        v32 = tl.load(row.to(tl.pointer_type(tl.float32))[:, None] + j[None, :], mask=both & (tg == 0)[:, None], other=0.0)
+        v16 = tl.load(row.to(tl.pointer_type(tl.float16))[:, None] + j[None, :], mask=both & (tg == 1)[:, None], other=0.0)
+        is_int = live & (tg >= 2)
+        bits = tl.where(tg == 2, 8, tl.where(tg == 3, 4, 2))
+        scale = load_half(row, is_int)
+        bias = load_half(row + 2, is_int)
+        at_bit = j[None, :] * bits[:, None]
+        byte = tl.load(row[:, None] + 4 + (at_bit >> 3), mask=both & is_int[:, None], other=0).to(tl.int32)
+        code = (byte >> (at_bit & 7)) & ((1 << bits[:, None]) - 1)
+        vint = code.to(tl.float32) * scale[:, None] + bias[:, None]
+        v = tl.where((tg == 0)[:, None], v32, tl.where((tg == 1)[:, None], v16.to(tl.float32), vint))
+        if WEIGHTED:
+            v = v * tl.load(psw_ptr + i, mask=live, other=0.0)[:, None]
+        if POOLING == 2:
+            tl.store(out_ptr + i.to(tl.int64)[:, None] * D + j[None, :], v, mask=both)
+        else:
+            for r in tl.static_range(BLOCK_I):
+                # Row r of the block, alone (adding zeros is exact): the bag's sum stays in id order.
+                acc += tl.sum(tl.where((ii == r)[:, None], v, 0.0), axis=0)
+    if POOLING != 2:
+        if POOLING == 1:
+            n = tl.maximum(end - start, 1).to(tl.float32)
+            acc = tl.div_rn(acc, tl.zeros([BLOCK_D], dtype=tl.float32) + n)
+        tl.store(out_ptr + b.to(tl.int64) * F * D + f * D + j, acc, mask=in_row)
+
+
+def mixed_lookup(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    row_map: torch.Tensor,
+    range_ends: torch.Tensor,
+    range_shift: torch.Tensor,
+    feature_base: torch.Tensor,
+    feature_rows: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    dim: int,
+    batch_size: int,
+    pooling: str,
+    row_alignment: int,
+    feature_names: List[str],
+    ids_per_block: int = 4,
+    num_warps: Optional[int] = None,
+) -> torch.Tensor:
+    """Pooled (or one row per id) fp32 embeddings of jagged ids over the group tables: the
+    arguments and result of `shark_torchrec.kernels.mixed_lookup`, on the tensors' device (CUDA;
+    CPU through Triton's interpreter).
+
+    Args:
+        weights: uint8 buffer of the group tables.
+        group_offsets: int64 byte offset of each group table (the fp32 table at a multiple of 4).
+        row_map: int32 [rows] the row map.
+        range_ends: int32 [5] where each group's numbers end.
+        range_shift: int32 [6] what a group's numbers are shifted by to give slots.
+        feature_base: int64 [F] each feature's first row in the row map.
+        feature_rows: int64 [F] each feature's table size (ids must be below it).
+        values: the ids, feature-major (all of feature 0's bags, then feature 1's ...).
+        lengths: [F * batch_size] ids per bag.
+        per_sample_weights: one weight per id, or None.
+        dim: embedding dim (a multiple of 4).
+        batch_size: bags per feature.
+        pooling: "sum", "mean" or "none".
+        row_alignment: the rows' byte alignment.
+        feature_names: for the error naming a feature and an id outside its table.
+        ids_per_block: ids whose rows one program reads at once, a power of 2 (a speed setting only).
+        num_warps: warps a program (a bag) runs on; by default one per 128 columns, at most 4.
+
+    Returns:
+        [batch_size, F * dim] float32, or [len(values), dim] with pooling "none".
+
+    Raises:
+        ValueError: an id outside its table (naming the feature and the id), or bad tables.
+    """
+    check_tables("triton mixed_lookup", weights, group_offsets, row_map, range_ends, range_shift, dim, row_alignment)
+    if ids_per_block < 1 or ids_per_block & (ids_per_block - 1):
+        raise ValueError(f"ids_per_block must be a power of 2, not {ids_per_block}")
+    if pooling not in POOLING_CODES:
+        raise ValueError(f"pooling must be one of {sorted(POOLING_CODES)}, not {pooling!r}")
+    dev = weights.device
+    F, B, D = feature_base.numel(), batch_size, dim
+    values = values.to(device=dev, dtype=torch.int64).contiguous()
+    lengths = lengths.to(device=dev, dtype=torch.int64)
+    if lengths.numel() != F * B:
+        raise ValueError(f"lengths: [{F} features * {B}] expected, got {list(lengths.shape)}")
+    nnz = values.numel()
+    starts = torch.zeros(F * B + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(lengths, 0, out=starts[1:])
+    out = torch.empty((nnz, D) if pooling == "none" else (B, F * D), dtype=torch.float32, device=dev)
+    if F * B == 0 or out.numel() == 0:
+        return out.zero_()
+    weighted = per_sample_weights is not None
+    psw = per_sample_weights.to(device=dev, dtype=torch.float32).contiguous() if weighted else out
+    feature_rows = feature_rows.to(dev, torch.int64)
+    bad = torch.full((1,), nnz, dtype=torch.int64, device=dev)
+    _lookup_kernel[(F * B,)](
+        weights, group_offsets.to(dev, torch.int64), row_map, range_ends.to(dev, torch.int32),
+        range_shift.to(dev, torch.int32), feature_base.to(dev, torch.int64), feature_rows, values, starts, psw, out,
+        bad, B, F, *row_bytes(D, row_alignment),
+        D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_I=ids_per_block, POOLING=POOLING_CODES[pooling],
+        WEIGHTED=weighted, num_warps=num_warps or max(1, min(4, D // 128)), enable_fp_fusion=False,
+    )
+    at = int(bad)  # (one sync: the error must be raised here, not found later)
+    if at < nnz:
+        f = int(torch.searchsorted(starts[B :: B], at, right=True))
+        raise ValueError(f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows")
+    return out
