@@ -1,3 +1,10 @@
+import os
+
+# Our Triton kernels run on CPU through Triton's interpreter in the tests. Triton reads this when
+# it is imported (its own library functions, tl.sum and the like, are decorated then), and other
+# tests import it indirectly (torch.export), so it is set before anything else.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import subprocess
 import sys
 import warnings

@@ -6,22 +6,21 @@ neither fbgemm_gpu nor torchrec, and `bench/gpu_kernels.py` at a tiny size (its 
 fail when a kernel is broken)."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run in the interpreter
+import pytest
+import torch
+from kernel_layouts import bags, random_layout, same_bits
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+from shark_torchrec.kernels import update_rows_ as update_rows_cpp
+from shark_torchrec.kernels.reference import mixed_lookup_reference
+from shark_torchrec.precision.quantize import rounding_noise_starts
+from shark_torchrec.triton_kernels import mixed_lookup, update_rows_
+from shark_torchrec.triton_kernels.reference import mixed_lookup_torch, update_rows_torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_layouts import bags, random_layout, same_bits  # noqa: E402
-
-from shark_torchrec.kernels import update_rows_ as update_rows_cpp  # noqa: E402
-from shark_torchrec.kernels.reference import mixed_lookup_reference  # noqa: E402
-from shark_torchrec.precision.quantize import rounding_noise_starts  # noqa: E402
-from shark_torchrec.triton_kernels import mixed_lookup, update_rows_  # noqa: E402
-from shark_torchrec.triton_kernels.reference import mixed_lookup_torch, update_rows_torch  # noqa: E402
+# tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported: the kernels run on CPU.
 
 ROOT = Path(__file__).resolve().parents[1]
 
