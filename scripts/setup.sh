@@ -21,7 +21,7 @@ pip_install --upgrade pip
 # torch 2.13.0 resolves to the CPU build on this kind of machine; fbgemm-gpu-cpu pairs with it.
 pip_install torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchx==0.7.0 numpy pytest \
   tensordict torchmetrics pyre-extensions iopath tqdm tyro tomli-w matplotlib ruff==0.17.6 \
-  triton==3.6.0  # our CUDA kernels; the tests run them on CPU through its interpreter
+  pytest-xdist==3.8.0 triton==3.6.0  # triton: our CUDA kernels (the tests run them on CPU, interpreted)
 # torchrec's metadata asks for the CUDA fbgemm-gpu (2.7 GB) which would replace fbgemm-gpu-cpu.
 pip_install --no-deps torchrec==1.8.0
 pip_install --no-deps -e .

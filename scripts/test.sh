@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check --quiet .  # the lint pyproject.toml configures
-exec .venv/bin/python -m pytest -q "$@"
+# Two test processes at a time (at most four; one per core): most tests wait on subprocesses,
+# and CI's 2 cores finish in about 10 minutes instead of 13. `-n 0` runs them in one process.
+workers=$(nproc); workers=$(( workers > 4 ? 4 : (workers < 2 ? 2 : workers) ))
+exec .venv/bin/python -m pytest -q -n "$workers" "$@"

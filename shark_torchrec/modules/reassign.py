@@ -8,6 +8,7 @@ per step (about 64 in all): no rank ever gathers another rank's scores.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,6 +31,20 @@ from shark_torchrec.precision.priority import (
 def _chunks(lo: int, hi: int):
     for a in range(lo, hi, CHUNK_ROWS):
         yield a, min(a + CHUNK_ROWS, hi)
+
+
+def _sort_in_place(keys: List[torch.Tensor]) -> None:
+    """Sort each int64 tensor in place with numpy (no second copy, no index array: torch.sort
+    makes both), several at once: numpy's sort releases the GIL, so the tables sort in as many
+    threads as torch's intra-op pool has, largest first."""
+    order = sorted(keys, key=len, reverse=True)
+    workers = min(len(order), torch.get_num_threads())
+    if workers <= 1:
+        for k in order:
+            k.numpy().sort()
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda k: k.numpy().sort(), order))
 
 
 @torch.no_grad()
@@ -92,8 +107,8 @@ def reassign_stores(
             buf = torch.empty(hi - lo, dtype=torch.int64)
             for a, b in _chunks(lo, hi):
                 buf[a - lo : b - lo] = keys_of(s, prefix + t.name, i, a, b)
-            buf.numpy().sort()  # in place: no second copy, no index array (torch.sort makes both)
             sorted_keys.append((index[prefix + t.name], buf))
+    _sort_in_place([buf for _, buf in sorted_keys])
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
