@@ -251,3 +251,31 @@ def test_a_collection_below_its_floor_is_paid_for_by_the_others_once_shared():
     assert shared.a.step_counter is shared.b.step_counter and shared.a.step_counter.value == 2
     assert all(s.step is shared.a.step_counter for m in (shared.a, shared.b) for s in m.stores)
     assert not shared.b.groups_fresh and embedding_bytes(shared) <= 0.07 * fp32
+
+
+def test_split_keys_count_as_a_sort_of_all_the_keys():
+    """Reassignment sorts only the keys of rows with a score (`split_keys`): the rows of score 0
+    come out in order, and the two runs count the keys at or above any cut as a sorted array of
+    all the keys does (chunks of rows split across the runs)."""
+    from shark_torchrec.modules import reassign
+    from shark_torchrec.precision.priority import ranking_keys
+
+    gen = torch.Generator().manual_seed(0)
+    n, lo = 2_500, 300
+    scores = torch.rand(n, generator=gen)
+    scores[torch.rand(n, generator=gen) < 0.6] = 0.0
+    scores[:40] = 0.0  # the first chunk's rows all of score 0
+    keys = ranking_keys(scores, torch.arange(n) + 7)
+    old, reassign.CHUNK_ROWS = reassign.CHUNK_ROWS, 256
+    try:
+        zeros, others = reassign.split_keys(lambda a, b: keys[a - lo : b - lo], lo, lo + n)
+    finally:
+        reassign.CHUNK_ROWS = old
+    assert torch.equal(zeros, torch.sort(keys[scores == 0]).values)  # already in order
+    others.numpy().sort()
+    everything = torch.sort(keys).values
+    cuts = torch.cat([everything[torch.randint(0, n, (50,), generator=gen)], torch.tensor([0, 1 << 32, 1 << 62])])
+    for cut in cuts:
+        want = n - int(torch.searchsorted(everything, cut))
+        got = sum(len(k) - int(torch.searchsorted(k, cut)) for k in (zeros, others))
+        assert got == want

@@ -160,3 +160,57 @@ def test_the_gpu_benchmark_runs_through_the_interpreter_and_catches_a_broken_ker
     monkeypatch.setattr(gpu_kernels, "update_rows_", off_by_a_step)
     assert gpu_kernels.main(tiny + ["--checks-only"]) == 1
     assert "DIFFERS: update" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    def one_bit_off(*args, **kwargs):
+        bits = mixed_lookup(*args, **kwargs).view(torch.int32).clone()
+        bits.view(-1)[5] ^= 1  # the last bit of one value
+        return bits.view(torch.float32)
+
+    monkeypatch.setattr(gpu_kernels, "mixed_lookup", one_bit_off)
+    assert gpu_kernels.main(tiny + ["--checks-only"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERS: lookup" in out and "DIFFERS: update" not in out
+
+
+def test_lookup_arguments_the_cpp_op_refuses_are_refused():
+    args = list(lookup_args(2, 16, 1, 5, "none", True))
+    w, offsets, row_map, ends, shift, base, rows, values, lengths, psw = args[:10]
+
+    def call(**change):
+        a = dict(zip(["weights", "group_offsets", "row_map", "range_ends", "range_shift", "feature_base",
+                      "feature_rows", "values", "lengths", "per_sample_weights"], args[:10]))
+        a.update(change)
+        return mixed_lookup(*a.values(), *args[10:])
+
+    short = lengths.clone()
+    short[2] += 1
+    with pytest.raises(ValueError, match="lengths add up to"):
+        call(lengths=short)
+    negative = lengths.clone()
+    negative[0], negative[2] = -1, negative[2] + lengths[0] + 1
+    with pytest.raises(ValueError, match="lengths: 1 negative"):
+        call(lengths=negative)
+    with pytest.raises(ValueError, match="per_sample_weights: one per id"):
+        call(per_sample_weights=psw[:-1])
+    with pytest.raises(ValueError, match="feature_rows: one per feature"):
+        call(feature_rows=rows[:-1])
+    # Rows past the end of the buffer (a row map or buffer that do not belong together): the
+    # C++ op refuses them, so does this one, without reading past the buffer.
+    with pytest.raises(ValueError, match="points outside the group tables"):
+        call(weights=w[: len(w) - 64].clone())
+    unaligned = torch.empty(len(w) + 1, dtype=torch.uint8)[1:]
+    unaligned.copy_(w)
+    with pytest.raises(ValueError, match="fp32 rows must start at multiples of 4 bytes"):
+        call(weights=unaligned)
+
+
+def test_update_refuses_rows_outside_the_buffer_and_skips_dropped_keys_before_their_noise():
+    w, (offsets, row_map, ends, shift, keys, grad, scale, table, start, dim, al) = update_case(9, 16, 1)
+    with pytest.raises(ValueError, match=r"outside the row map or the group tables"):
+        update_rows_(w[: len(w) - 64].clone(), offsets, row_map, ends, shift, keys, grad, scale, table, start, dim, al)
+    dropped = (torch.bucketize(row_map.long(), ends.long(), right=True) == 5).nonzero().flatten()[:3]
+    got = w.clone()
+    far = torch.full((3,), table.numel(), dtype=torch.long)  # a window past the table: never read
+    update_rows_(got, offsets, row_map, ends, shift, dropped, torch.ones(3, dim), torch.ones(3), table, far, dim, al)
+    assert torch.equal(got, w)

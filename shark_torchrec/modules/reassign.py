@@ -9,7 +9,7 @@ per step (about 64 in all): no rank ever gathers another rank's scores.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,33 @@ from shark_torchrec.precision.priority import (
 def _chunks(lo: int, hi: int):
     for a in range(lo, hi, CHUNK_ROWS):
         yield a, min(a + CHUNK_ROWS, hi)
+
+
+def split_keys(keys_of_rows: Callable[[int, int], torch.Tensor], lo: int, hi: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A table's ranking keys in one buffer of 8 bytes a row, as two runs: the keys of rows
+    whose score is 0 (never seen, or decayed to nothing: often most rows of a big table), in
+    ascending order already, and the others, to be sorted. A zero score's key is the complement
+    of its row, and rows come in order, so that run needs no sort; together the two runs count
+    the keys at or above any cut as a sort of all of them would.
+
+    Args:
+        keys_of_rows: the keys of store rows [a, b) (`ranking_keys`), a chunk at a time.
+        lo, hi: the table's rows in the store.
+
+    Returns:
+        (zeros, others): views of the buffer; zeros ascending, others in no order.
+    """
+    buf = torch.empty(hi - lo, dtype=torch.int64)
+    n_zero, n_other = 0, 0
+    for a, b in reversed(list(_chunks(lo, hi))):  # last rows first: the smallest zero-score keys
+        keys = keys_of_rows(a, b)
+        zero = (keys >> 32) == 0  # a score of +0.0: its bits are 0
+        zk, ok = keys[zero].flip(0), keys[~zero]
+        buf[n_zero : n_zero + len(zk)] = zk
+        n_zero += len(zk)
+        buf[len(buf) - n_other - len(ok) : len(buf) - n_other] = ok
+        n_other += len(ok)
+    return buf[:n_zero], buf[n_zero:]
 
 
 def _sort_in_place(keys: List[torch.Tensor]) -> None:
@@ -66,7 +93,7 @@ def reassign_stores(
 
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
-    sorted keys (8 bytes a row, sorted in place).
+    ranking keys (8 bytes a row, sorted in place; rows of score 0 need no sort: `split_keys`).
     """
     moved = {name: 0 for name in GROUP_NAMES}
     if policy.threshold_mode:
@@ -98,22 +125,21 @@ def reassign_stores(
             return ranking_keys(per_byte_scores(s.scores_now(a, b), full_dim[name]), rows + model_base[name])
         return ranking_keys(s.scores_now(a, b), rows)
 
-    sorted_keys: List[Tuple[int, torch.Tensor]] = []
+    sorted_keys: List[Tuple[int, torch.Tensor, torch.Tensor]] = []  # (table, keys of score 0, the others)
     for s, prefix in zip(stores, prefixes):
         for i, t in enumerate(s.tables):
             if not t.counts_once:
                 continue
             lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
-            buf = torch.empty(hi - lo, dtype=torch.int64)
-            for a, b in _chunks(lo, hi):
-                buf[a - lo : b - lo] = keys_of(s, prefix + t.name, i, a, b)
-            sorted_keys.append((index[prefix + t.name], buf))
-    _sort_in_place([buf for _, buf in sorted_keys])
+            zeros, others = split_keys(lambda a, b: keys_of(s, prefix + t.name, i, a, b), lo, hi)
+            sorted_keys.append((index[prefix + t.name], zeros, others))
+    _sort_in_place([others for _, _, others in sorted_keys])
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
-        for ti, sk in sorted_keys:
-            out[ti] += len(sk) - torch.searchsorted(sk, cuts[ti])
+        for ti, zeros, others in sorted_keys:
+            for sk in (zeros, others):
+                out[ti] += len(sk) - torch.searchsorted(sk, cuts[ti])
         if pg is not None and dist.get_world_size(pg) > 1:
             dist.all_reduce(out, group=pg)
         return out

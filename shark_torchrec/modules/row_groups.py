@@ -404,9 +404,10 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
             raise ValueError("rows can be dropped only under a policy whose tiers include 'dropped'")
         fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
         old = None if fresh else self.decoded_map()  # (groups, slots): decoded once, for all below
-        moved = {
-            GROUP_NAMES[g]: 0 if old is None else int(((groups == g) & (old[0] != g)).sum()) for g in range(len(GROUP_NAMES))
-        }
+        # Rows moved into each group: one count of the rows whose group changed.
+        into = [0] * len(GROUP_NAMES) if old is None else torch.bincount(
+            groups[groups != old[0]].long(), minlength=len(GROUP_NAMES)).tolist()
+        moved = {GROUP_NAMES[g]: into[g] for g in range(len(GROUP_NAMES))}
         if old is None:
             self._rebuild(groups, counts, None)
         elif counts == self.capacity and not self.has_dropped:

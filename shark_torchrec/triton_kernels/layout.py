@@ -42,9 +42,14 @@ def check_tables(op: str, weights: torch.Tensor, group_offsets: torch.Tensor, ro
         raise ValueError(f"{op}: dim {dim} must be a multiple of 4 (as FBGEMM's tables need) up to 4096")
     if row_alignment <= 0:
         raise ValueError(f"{op}: row_alignment must be positive")
+    if not 0 < group_offsets.numel() <= GROUPS:
+        raise ValueError(f"{op}: one to 5 group tables expected, got {group_offsets.numel()}")
+    # The kernels read fp32 and fp16 rows as such: their addresses must be aligned.
     offs = group_offsets.tolist()
-    if (len(offs) > 0 and offs[0] % 4) or (len(offs) > 1 and offs[1] % 2):
-        raise ValueError(f"{op}: the fp32 table must start at a multiple of 4 bytes and the fp16 table of 2, got {offs}")
+    rb = row_bytes(dim, row_alignment)
+    if weights.data_ptr() % 4 or offs[0] % 4 or rb[0] % 4 or (len(offs) > 1 and (offs[1] % 2 or rb[1] % 2)):
+        raise ValueError(f"{op}: fp32 rows must start at multiples of 4 bytes and fp16 rows of 2 (the buffer at "
+                         f"{weights.data_ptr() % 16} mod 16, tables at {offs}, rows of {rb[:2]} bytes)")
 
 
 @triton.jit
@@ -104,7 +109,9 @@ def next_half(h, UP: tl.constexpr):
 
 @triton.jit
 def clamp_fp16_range(v):
-    return tl.minimum(tl.maximum(v, -65504.0), 65504.0)
+    # NaN stays NaN, as std::min/max and torch.clamp keep it (tl's default returns the other operand).
+    return tl.minimum(tl.maximum(v, -65504.0, propagate_nan=tl.PropagateNan.ALL), 65504.0,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

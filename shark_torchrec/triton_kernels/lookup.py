@@ -23,7 +23,7 @@ POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 @triton.jit
 def _lookup_kernel(
     w_ptr, offs_ptr, map_ptr, ends_ptr, shift_ptr, base_ptr, frows_ptr, values_ptr, starts_ptr, psw_ptr, out_ptr,
-    bad_ptr, B, F, rb0, rb1, rb2, rb3, rb4,
+    bad_ptr, B, F, map_rows, buffer_bytes, used_groups, rb0, rb1, rb2, rb3, rb4,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, POOLING: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
     bag = tl.program_id(0)
@@ -56,11 +56,19 @@ def _lookup_kernel(
             tl.atomic_min(bad_ptr, first_bad)  # the wrapper raises, naming the first bad id
         live = live & ok
         key = base + idx
-        m = tl.load(map_ptr + key, mask=live, other=0)
+        in_map = key < map_rows
+        m = tl.load(map_ptr + key, mask=live & in_map, other=0)
         g = group_of(m, e0, e1, e2, e3, e4)
         slot = (m - tl.load(shift_ptr + g, mask=live, other=0)).to(tl.int64)
         tg = tl.where(g == 5, 0, g)  # a dropped row reads its table's fallback row, in the fp32 table
-        row = w_ptr + tl.load(offs_ptr + tg, mask=live, other=0) + slot * pick(tg, rb0, rb1, rb2, rb3, rb4)
+        rb = pick(tg, rb0, rb1, rb2, rb3, rb4)
+        at = tl.load(offs_ptr + tg, mask=live & (tg < used_groups), other=0) + slot * rb
+        # The C++ op's layout checks: the key inside the row map, the row inside the buffer.
+        fits = in_map & (tg < used_groups) & (slot >= 0) & (at + rb <= buffer_bytes)
+        if tl.max((live & ~fits).to(tl.int32)) > 0:
+            tl.atomic_max(bad_ptr + 1, 1)
+        live = live & fits
+        row = w_ptr + at
         both = live[:, None] & in_row[None, :]
         v32 = tl.load(row.to(tl.pointer_type(tl.float32))[:, None] + j[None, :], mask=both & (tg == 0)[:, None], other=0.0)
         v16 = tl.load(row.to(tl.pointer_type(tl.float16))[:, None] + j[None, :], mask=both & (tg == 1)[:, None], other=0.0)
@@ -148,24 +156,35 @@ def mixed_lookup(
     if lengths.numel() != F * B:
         raise ValueError(f"lengths: [{F} features * {B}] expected, got {list(lengths.shape)}")
     nnz = values.numel()
+    if feature_rows.numel() != F:
+        raise ValueError(f"feature_rows: one per feature ({F}) expected, got {feature_rows.numel()}")
+    weighted = per_sample_weights is not None
+    if weighted and per_sample_weights.numel() != nnz:
+        raise ValueError(f"per_sample_weights: one per id ({nnz}) expected, got {per_sample_weights.numel()}")
     starts = torch.zeros(F * B + 1, dtype=torch.int64, device=dev)
     torch.cumsum(lengths, 0, out=starts[1:])
+    total, negative = torch.stack([starts[-1], (lengths < 0).sum()]).tolist()  # one sync for both
+    if negative:
+        raise ValueError(f"lengths: {negative} negative")
+    if total != nnz:
+        raise ValueError(f"lengths add up to {total}, values has {nnz}")
     out = torch.empty((nnz, D) if pooling == "none" else (B, F * D), dtype=torch.float32, device=dev)
     if F * B == 0 or out.numel() == 0:
         return out.zero_()
-    weighted = per_sample_weights is not None
     psw = per_sample_weights.to(device=dev, dtype=torch.float32).contiguous() if weighted else out
     feature_rows = feature_rows.to(dev, torch.int64)
-    bad = torch.full((1,), nnz, dtype=torch.int64, device=dev)
+    bad = torch.tensor([nnz, 0], dtype=torch.int64, device=dev)  # the first bad id; a layout error
     _lookup_kernel[(F * B,)](
-        weights, group_offsets.to(dev, torch.int64), row_map, range_ends.to(dev, torch.int32),
+        weights, group_offsets.to(dev, torch.int64), row_map.to(dev).contiguous(), range_ends.to(dev, torch.int32),
         range_shift.to(dev, torch.int32), feature_base.to(dev, torch.int64), feature_rows, values, starts, psw, out,
-        bad, B, F, *row_bytes(D, row_alignment),
+        bad, B, F, row_map.numel(), weights.numel(), group_offsets.numel(), *row_bytes(D, row_alignment),
         D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_I=ids_per_block, POOLING=POOLING_CODES[pooling],
         WEIGHTED=weighted, num_warps=num_warps or max(1, min(4, D // 128)), enable_fp_fusion=False,
     )
-    at = int(bad)  # (one sync: the error must be raised here, not found later)
+    at, layout_bad = bad.tolist()  # (one sync: the error must be raised here, not found later)
     if at < nnz:
         f = int(torch.searchsorted(starts[B :: B], at, right=True))
         raise ValueError(f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows")
+    if layout_bad:
+        raise ValueError("triton mixed_lookup: a row map entry points outside the group tables")
     return out

@@ -64,43 +64,51 @@ def _step_int_row(row, grad_ptr, noise_ptr, step_scale, D: tl.constexpr, BLOCK_D
 @triton.jit
 def _update_kernel(
     w_ptr, offs_ptr, map_ptr, ends_ptr, shift_ptr, keys_ptr, grad_ptr, scale_ptr, noise_ptr, noise_start_ptr, bad_ptr,
-    map_rows, noise_len, rb0, rb1, rb2, rb3, rb4,
+    map_rows, noise_len, buffer_bytes, used_groups, rb0, rb1, rb2, rb3, rb4,
     D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     key = tl.load(keys_ptr + i)
-    at_noise = tl.load(noise_start_ptr + i)
-    ok = (key >= 0) & (key < map_rows) & (at_noise >= 0) & (at_noise + D <= noise_len)
-    m = tl.load(map_ptr + key, mask=ok, other=0)
+    in_map = (key >= 0) & (key < map_rows)
+    m = tl.load(map_ptr + key, mask=in_map, other=0)
     g = group_of(m, tl.load(ends_ptr + 0), tl.load(ends_ptr + 1), tl.load(ends_ptr + 2), tl.load(ends_ptr + 3),
                  tl.load(ends_ptr + 4))
-    if ok == 0:
+    if in_map == 0:
         tl.atomic_min(bad_ptr, i)  # the wrapper raises, naming the first such row
-    elif g < 5:  # a dropped row has no bytes of its own to update
+    elif g < 5:  # a dropped row has no bytes of its own to update (nor a noise window to check)
         slot = (m - tl.load(shift_ptr + g)).to(tl.int64)
-        row = w_ptr + tl.load(offs_ptr + g) + slot * pick(g, rb0, rb1, rb2, rb3, rb4)
-        grad = grad_ptr + i * D
-        noise = noise_ptr + at_noise
-        s = tl.load(scale_ptr + i)
-        if g == 0:
-            j = tl.arange(0, BLOCK_D)
-            live = j < D
-            r = row.to(tl.pointer_type(tl.float32)) + j
-            t = tl.load(grad + j, mask=live, other=0.0) * s
-            tl.store(r, tl.load(r, mask=live, other=0.0) - t, mask=live)
-        elif g == 1:
-            j = tl.arange(0, BLOCK_D)
-            live = j < D
-            r = row.to(tl.pointer_type(tl.float16)) + j
-            t = tl.load(grad + j, mask=live, other=0.0) * s
-            new = tl.load(r, mask=live, other=0.0).to(tl.float32) - t
-            tl.store(r, round_fp16_stochastic(new, tl.load(noise + j, mask=live, other=0.0)), mask=live)
-        elif g == 2:
-            _step_int_row(row, grad, noise, s, D, BLOCK_D, 8)
-        elif g == 3:
-            _step_int_row(row, grad, noise, s, D, BLOCK_D, 4)
+        rb = pick(g, rb0, rb1, rb2, rb3, rb4)
+        at = tl.load(offs_ptr + g, mask=g < used_groups, other=0) + slot * rb
+        at_noise = tl.load(noise_start_ptr + i)
+        # The C++ op's checks: the row inside the buffer, the noise window inside the table.
+        fits = (g < used_groups) & (slot >= 0) & (at + rb <= buffer_bytes) & (at_noise >= 0)
+        fits = fits & (at_noise + D <= noise_len)
+        if fits == 0:
+            tl.atomic_min(bad_ptr, i)
         else:
-            _step_int_row(row, grad, noise, s, D, BLOCK_D, 2)
+            row = w_ptr + at
+            grad = grad_ptr + i * D
+            noise = noise_ptr + at_noise
+            s = tl.load(scale_ptr + i)
+            if g == 0:
+                j = tl.arange(0, BLOCK_D)
+                live = j < D
+                r = row.to(tl.pointer_type(tl.float32)) + j
+                t = tl.load(grad + j, mask=live, other=0.0) * s
+                tl.store(r, tl.load(r, mask=live, other=0.0) - t, mask=live)
+            elif g == 1:
+                j = tl.arange(0, BLOCK_D)
+                live = j < D
+                r = row.to(tl.pointer_type(tl.float16)) + j
+                t = tl.load(grad + j, mask=live, other=0.0) * s
+                new = tl.load(r, mask=live, other=0.0).to(tl.float32) - t
+                tl.store(r, round_fp16_stochastic(new, tl.load(noise + j, mask=live, other=0.0)), mask=live)
+            elif g == 2:
+                _step_int_row(row, grad, noise, s, D, BLOCK_D, 8)
+            elif g == 3:
+                _step_int_row(row, grad, noise, s, D, BLOCK_D, 4)
+            else:
+                _step_int_row(row, grad, noise, s, D, BLOCK_D, 2)
 
 
 def update_rows_(
@@ -119,7 +127,9 @@ def update_rows_(
 ) -> None:
     """Rows `keys` (distinct) become old - row_grad * step_scale, written back in place in their
     groups with stochastic rounding: the arguments and effect of `shark_torchrec.kernels.update_rows_`.
-    Dropped rows are skipped.
+    Dropped rows are skipped. Keys must be distinct (programs would race on a row) and
+    gradients finite (what a NaN becomes in an integer row is not defined: the store skips
+    rows with non-finite gradients before it calls the op, as for the C++ op).
 
     Args:
         weights: uint8 buffer of the group tables, updated in place.
@@ -147,14 +157,14 @@ def update_rows_(
     noise_start = noise_start.to(dev, torch.int64).contiguous()
     bad = torch.full((1,), n, dtype=torch.int64, device=dev)
     _update_kernel[(n,)](
-        weights, group_offsets.to(dev, torch.int64), row_map, range_ends.to(dev, torch.int32),
+        weights, group_offsets.to(dev, torch.int64), row_map.to(dev).contiguous(), range_ends.to(dev, torch.int32),
         range_shift.to(dev, torch.int32), keys, row_grad.to(dev, torch.float32).contiguous(),
         step_scale.to(dev, torch.float32).contiguous(), noise_table.to(dev, torch.float32).contiguous(), noise_start,
-        bad, row_map.numel(), noise_table.numel(), *row_bytes(D, row_alignment),
+        bad, row_map.numel(), noise_table.numel(), weights.numel(), group_offsets.numel(), *row_bytes(D, row_alignment),
         D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=max(1, min(4, D // 128)), enable_fp_fusion=False,
     )
     at = int(bad)  # (one sync: an error must be raised here, not found later)
     if at < n:
         # Rows before it in launch order may already be written (so with the C++ op).
-        raise ValueError(f"triton update_rows_: row {at} (key {int(keys[at])}) is outside the row map, "
-                         "or its noise window is out of range")
+        raise ValueError(f"triton update_rows_: row {at} (key {int(keys[at])}) is outside the row map or the group "
+                         "tables, or its noise window is out of range")
