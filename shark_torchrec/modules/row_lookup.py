@@ -73,12 +73,10 @@ class RowLookup:
     def _forward(self, values, lengths, weights, B):
         """Every id's row, pooled: on CPU one call of our fused op (`torch.ops.shark.mixed_lookup`,
         which agrees bit for bit with the FBGEMM path below); elsewhere FBGEMM's INT-N TBE.
-        Returns the output and what the backward needs."""
-        F = len(self.feature_names)
+        Returns the output and what the backward needs (the backward works out each id's bag
+        and row key itself: an evaluation's forward, which has no backward, does not pay for them)."""
         values = values.long()
         lengths = lengths.long()
-        seg = torch.repeat_interleave(torch.arange(F * B), lengths)
-        keys = self.feature_base[seg // B] + values  # ids were checked by the collection
         labels = None
         psw = None
         if weights is not None:
@@ -88,7 +86,7 @@ class RowLookup:
                     psw = real
             elif self.weighted:
                 psw = weights
-        saved = (seg, keys, psw, labels, lengths, B)
+        saved = (values, psw, labels, lengths, B)
         if self.weights.device.type == "cpu":
             out = torch.ops.shark.mixed_lookup(
                 self.weights, self._op_offsets, self.row_map, self._range_ends, self._range_shift, self.feature_base,
@@ -96,7 +94,12 @@ class RowLookup:
                 POOLING_CODES[self.pooling], self.row_alignment, "\n".join(self.feature_names),
             )
             return out, saved
-        return self._forward_fbgemm(values, lengths, keys, psw, B), saved
+        return self._forward_fbgemm(values, lengths, self._bags_and_keys(values, lengths, B)[1], psw, B), saved
+
+    def _bags_and_keys(self, values, lengths, B):
+        """Each id's bag (feature-major) and row key (ids were checked by the collection)."""
+        seg = torch.repeat_interleave(torch.arange(len(self.feature_names) * B), lengths)
+        return seg, self.feature_base[seg // B] + values
 
     def _forward_fbgemm(self, values, lengths, keys, psw, B):
         """The lookup through FBGEMM's mixed-precision inference TBE, pooled here (the path on
@@ -152,7 +155,8 @@ class RowLookup:
 
     # ------------------------------------------------------------------ backward
     def _backward(self, saved, grad: torch.Tensor) -> None:
-        seg, keys, psw, labels, lengths, B = saved
+        values, psw, labels, lengths, B = saved
+        seg, keys = self._bags_and_keys(values, lengths, B)
         # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
         order = torch.argsort(keys, stable=True)
         uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
