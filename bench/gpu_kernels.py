@@ -48,13 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as nnf  # noqa: E402
 
+from shark_torchrec.precision.priority import GROUP_NAMES, INT_BITS  # noqa: E402
 from shark_torchrec.precision.quantize import pack_codes, quantize_rows, rounding_noise_starts  # noqa: E402
 from shark_torchrec.triton_kernels import mixed_lookup, update_rows_  # noqa: E402
 from shark_torchrec.triton_kernels.layout import row_bytes  # noqa: E402
 from shark_torchrec.triton_kernels.reference import mixed_lookup_torch, update_rows_torch  # noqa: E402
 
-TIERS = ("fp32", "fp16", "int8", "int4", "int2", "dropped")
-BITS = {2: 8, 3: 4, 4: 2}
+TIERS = GROUP_NAMES  # fp32, fp16, int8, int4, int2, dropped
 
 
 class Tables:
@@ -85,9 +85,9 @@ class Tables:
             elif k == 1:
                 tab[:, : 2 * dim].copy_(values.half().view(torch.uint8).view(cap[k], 2 * dim))
             else:
-                codes, sb = quantize_rows(values, BITS[k])
+                codes, sb = quantize_rows(values, INT_BITS[k])
                 tab[:, :4].copy_(sb.contiguous().view(torch.uint8))
-                tab[:, 4 : 4 + dim * BITS[k] // 8].copy_(pack_codes(codes, BITS[k]))
+                tab[:, 4 : 4 + dim * INT_BITS[k] // 8].copy_(pack_codes(codes, INT_BITS[k]))
         starts = [0]
         for k in range(5):
             starts.append(starts[-1] + cap[k])

@@ -3,7 +3,7 @@ map over every group and dropped rows, jagged bags, and bitwise equality."""
 
 import torch
 
-BITS = {2: 8, 3: 4, 4: 2}
+from shark_torchrec.precision.priority import INT_BITS as BITS
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -14,15 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-GROUPS = 5  # stored groups: fp32, fp16, int8, int4, int2
-DROPPED = 5
-FP16_MAX = 65504.0
+from shark_torchrec.precision.priority import DROPPED
+from shark_torchrec.precision.priority import row_bytes as group_row_bytes
+
+GROUPS = DROPPED  # stored groups: ids 0-4 (fp32, fp16, int8, int4, int2); DROPPED, 5, stores no row
 
 
 def row_bytes(dim: int, alignment: int) -> List[int]:
-    """Bytes of one row of each group at `dim`, padded to `alignment`."""
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4)
-    return [(r + alignment - 1) // alignment * alignment for r in raw]
+    """Bytes of one row of each stored group at `dim`, padded to `alignment`."""
+    return [group_row_bytes(dim, g, alignment) for g in range(GROUPS)]
 
 
 def check_tables(op: str, weights: torch.Tensor, group_offsets: torch.Tensor, row_map: torch.Tensor,

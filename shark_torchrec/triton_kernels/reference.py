@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from shark_torchrec.precision.priority import DROPPED, INT_BITS, row_bytes
 from shark_torchrec.precision.quantize import (
     dequantize_rows,
     pack_codes,
@@ -19,27 +20,20 @@ from shark_torchrec.precision.quantize import (
     unpack_codes,
 )
 
-INT_BITS = {2: 8, 3: 4, 4: 2}
-
-
-def _raw_bytes(dim: int) -> List[int]:
-    return [4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4]
-
-
 def _locate(group_offsets, row_map, range_ends, range_shift, keys, dim, row_alignment) -> Tuple[torch.Tensor, torch.Tensor]:
     """(group 0-5 of each key's row, the byte offset of its own row; a dropped row's offset is
     its table's fallback row in the fp32 table)."""
     m = row_map[keys].long()
     g = torch.bucketize(m, range_ends.to(m.device).long(), right=True)
     slot = m - range_shift.to(m.device).long()[g]
-    table_group = torch.where(g == 5, torch.zeros_like(g), g)
-    rb = torch.tensor([(r + row_alignment - 1) // row_alignment * row_alignment for r in _raw_bytes(dim)], device=m.device)
+    table_group = torch.where(g == DROPPED, torch.zeros_like(g), g)
+    rb = torch.tensor([row_bytes(dim, g, row_alignment) for g in range(DROPPED)], device=m.device)
     return g, group_offsets.to(m.device).long()[table_group] + slot * rb[table_group]
 
 
 def _decode(weights: torch.Tensor, at: torch.Tensor, group: int, dim: int) -> torch.Tensor:
     """fp32 values of the rows of one group starting at byte offsets `at`."""
-    raw = _raw_bytes(dim)[group]
+    raw = row_bytes(dim, group)  # without padding
     b = weights[at[:, None] + torch.arange(raw, device=at.device)]
     if group == 0:
         return b.view(torch.float32)
@@ -81,7 +75,7 @@ def mixed_lookup_torch(
     keys = torch.repeat_interleave(feature_base.to(dev), per_feature, output_size=nnz) + values
     g, at = _locate(group_offsets, row_map, range_ends, range_shift, keys, dim, row_alignment)
     rows = torch.empty(nnz, D, device=dev)
-    table_group = torch.where(g == 5, torch.zeros_like(g), g)
+    table_group = torch.where(g == DROPPED, torch.zeros_like(g), g)
     for k in range(group_offsets.numel()):
         sel = (table_group == k).nonzero().flatten()
         if len(sel):
