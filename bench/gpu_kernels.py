@@ -142,7 +142,8 @@ def check_small(device: str, gen: torch.Generator, values_gen: torch.Generator, 
             for weighted in (False, True):
                 psw = torch.rand(ids.numel(), generator=gen).to(device) if weighted else None
                 args = (*t.layout(), base, rows, ids, lengths.to(device), psw, dim, B, pooling, alignment, ["a", "b"])
-                if not same(mixed_lookup(*args, ids_per_block=4), mixed_lookup_torch(*args)):
+                want = mixed_lookup_torch(*args)
+                if not all(same(mixed_lookup(*args, ids_per_block=2, passes=p), want) for p in (1, 2)):
                     failures.append(f"lookup dim {dim} alignment {alignment} {pooling} weighted={weighted}")
         keys = torch.randperm(t.rows, generator=gen)[:200].to(device)
         grad = torch.randn(200, dim, generator=gen).to(device)
@@ -157,6 +158,11 @@ def check_small(device: str, gen: torch.Generator, values_gen: torch.Generator, 
         if not same(a, b):
             failures.append(f"update dim {dim} alignment {alignment}: {int((a != b).sum())} bytes differ")
     return failures
+
+
+def config_name(config: Tuple[int, int, int]) -> str:
+    """A lookup configuration's label: passes, ids a block, warps."""
+    return f"{config[2]}-pass, {config[0]} ids a block, {config[1]} warps"
 
 
 def timer(device: str) -> Callable[[Callable[[], object], int], float]:
@@ -182,8 +188,9 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--ids-per-bag", type=int, default=32)
     ap.add_argument("--zipf", type=float, default=1.05)
     ap.add_argument("--mix", default="0.05,0.15,0.30,0.30,0.15,0.05", help="shares of fp32,fp16,int8,int4,int2,dropped rows")
-    ap.add_argument("--block-ids", default="4", help="ids a lookup program reads at once; a list times each")
+    ap.add_argument("--block-ids", default="2", help="ids a lookup program reads at once; a list times each")
     ap.add_argument("--warps", default="1", help="warps a lookup program runs on; a list times each")
+    ap.add_argument("--passes", default="2", help="1: one lookup kernel; 2: locate the rows, then pool them; a list times each")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=10, help="calls per timed sample")
     ap.add_argument("--seed", type=int, default=0)
@@ -199,7 +206,8 @@ def main(argv: List[str] | None = None) -> int:
     mix = [float(x) for x in a.mix.split(",")]
     if len(mix) != 6 or abs(sum(mix) - 1) > 1e-6:
         raise SystemExit(f"--mix: six shares adding up to 1 ({', '.join(TIERS)}), got {a.mix}")
-    configs = [(int(b), int(w)) for b in a.block_ids.split(",") for w in a.warps.split(",")]
+    configs = [(int(b), int(w), int(p)) for p in a.passes.split(",") for b in a.block_ids.split(",")
+               for w in a.warps.split(",")]
     values_gen = torch.Generator(device=dev).manual_seed(a.seed)
 
     print(f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (Triton interpreter)'}, torch {torch.__version__}")
@@ -225,16 +233,16 @@ def main(argv: List[str] | None = None) -> int:
     print(f"tables built in {time.perf_counter() - t0:.1f} s: {a.rows:,} rows x {D}, "
           f"tiers {dict(zip(TIERS, tables.counts))}, {n:,} ids over {int(ids.unique().numel()):,} distinct rows")
 
-    def ours_lookup(config: Tuple[int, int]) -> torch.Tensor:
+    def ours_lookup(config: Tuple[int, int, int]) -> torch.Tensor:
         return mixed_lookup(*tables.layout(), base, frows, ids, lengths, None, D, a.bags, "sum", alignment, ["t"],
-                            ids_per_block=config[0], num_warps=config[1])
+                            ids_per_block=config[0], num_warps=config[1], passes=config[2])
 
     # Checks at full size.
     want = mixed_lookup_torch(*tables.layout(), base, frows, ids, lengths, None, D, a.bags, "sum", alignment, ["t"])
     for c in configs:
         got = ours_lookup(c)
         if not same(got, want):
-            failures.append(f"lookup at full size, {c[0]} ids a block, {c[1]} warps: {int((got != want).sum())} values differ")
+            failures.append(f"lookup at full size, {config_name(c)}: {int((got != want).sum())} values differ")
     del want, got
     keys, inverse = torch.unique(ids, return_inverse=True)
     row_grad = torch.zeros(len(keys), D, device=dev).index_add_(0, inverse, grad_out[bag_of_id])
@@ -262,7 +270,7 @@ def main(argv: List[str] | None = None) -> int:
 
     step_counter = [1]
 
-    def our_step(config: Tuple[int, int]) -> None:
+    def our_step(config: Tuple[int, int, int]) -> None:
         ours_lookup(config)
         k, inv = torch.unique(ids, return_inverse=True)
         rg = torch.zeros(len(k), D, device=dev).index_add_(0, inv, grad_out[bag_of_id])
@@ -281,8 +289,8 @@ def main(argv: List[str] | None = None) -> int:
         "torch fp16 rows + rowwise Adagrad": lambda: torch_step(table16, mom16),
     }
     for c in configs:
-        lookups[f"ours, {c[0]} ids a block, {c[1]} warps"] = lambda c=c: ours_lookup(c)
-        steps[f"ours, {c[0]} ids a block, {c[1]} warps"] = lambda c=c: our_step(c)
+        lookups[f"ours, {config_name(c)}"] = lambda c=c: ours_lookup(c)
+        steps[f"ours, {config_name(c)}"] = lambda c=c: our_step(c)
     run = timer(dev)
     times: Dict[str, Dict[str, List[float]]] = {"lookup": {k: [] for k in lookups}, "step": {k: [] for k in steps}}
     for fns, kind in ((lookups, "lookup"), (steps, "step")):

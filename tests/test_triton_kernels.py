@@ -8,6 +8,7 @@ fail when a kernel is broken)."""
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ def test_triton_lookup_equals_both_references_bit_for_bit(pooling, dim, alignmen
     args = lookup_args(dim + alignment + groups, dim, alignment, groups, pooling, weighted)
     want = mixed_lookup_reference(*args)
     assert same_bits(mixed_lookup(*args), want)
+    assert same_bits(mixed_lookup(*args, passes=2), want)
     assert same_bits(mixed_lookup_torch(*args), want)
     # Every group and dropped rows were read.
     w, offsets, row_map, ends, shift, base, rows, values, lengths = args[:9]
@@ -52,11 +54,12 @@ def test_triton_lookup_equals_both_references_bit_for_bit(pooling, dim, alignmen
     assert set(torch.bucketize(row_map[keys], ends, right=True).tolist()) >= set(range(groups)) | {5}
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("ids_per_block", [1, 2, 8])
-def test_bags_longer_than_a_block_sum_in_id_order(ids_per_block):
+def test_bags_longer_than_a_block_sum_in_id_order(ids_per_block, passes):
     args = lookup_args(5, 16, 1, 5, "sum", True, max_len=13)
     want = mixed_lookup_reference(*args)
-    assert same_bits(mixed_lookup(*args, ids_per_block=ids_per_block), want)
+    assert same_bits(mixed_lookup(*args, ids_per_block=ids_per_block, passes=passes), want)
 
 
 @pytest.mark.parametrize("bad", [-1, 5])
@@ -65,7 +68,7 @@ def test_an_id_outside_its_table_names_the_feature_and_id(bad):
     w, offsets, row_map, ends, shift = random_layout(gen, [7, 5], 8)
     args = (w, offsets, row_map, ends, shift, torch.tensor([0, 7]), torch.tensor([7, 5]),
             torch.tensor([1, 2, 3, bad, 4]), torch.tensor([2, 1, 1, 1]), None, 8, 2, "sum", 1, ["user", "item"])
-    for fn in (mixed_lookup, mixed_lookup_torch):
+    for fn in (mixed_lookup, partial(mixed_lookup, passes=2), mixed_lookup_torch):
         with pytest.raises(ValueError, match=f"feature item: id {bad} outside its table of 5 rows"):
             fn(*args)
 
@@ -177,11 +180,11 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
     args = list(lookup_args(2, 16, 1, 5, "none", True))
     w, offsets, row_map, ends, shift, base, rows, values, lengths, psw = args[:10]
 
-    def call(**change):
+    def call(passes=1, **change):
         a = dict(zip(["weights", "group_offsets", "row_map", "range_ends", "range_shift", "feature_base",
                       "feature_rows", "values", "lengths", "per_sample_weights"], args[:10]))
         a.update(change)
-        return mixed_lookup(*a.values(), *args[10:])
+        return mixed_lookup(*a.values(), *args[10:], passes=passes)
 
     short = lengths.clone()
     short[2] += 1
@@ -197,8 +200,9 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
         call(feature_rows=rows[:-1])
     # Rows past the end of the buffer (a row map or buffer that do not belong together): the
     # C++ op refuses them, so does this one, without reading past the buffer.
-    with pytest.raises(ValueError, match="points outside the group tables"):
-        call(weights=w[: len(w) - 64].clone())
+    for passes in (1, 2):
+        with pytest.raises(ValueError, match="points outside the group tables"):
+            call(weights=w[: len(w) - 64].clone(), passes=passes)
     unaligned = torch.empty(len(w) + 1, dtype=torch.uint8)[1:]
     unaligned.copy_(w)
     with pytest.raises(ValueError, match="fp32 rows must start at multiples of 4 bytes"):
