@@ -21,6 +21,23 @@ def split_passthrough(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     return argv[:i], argv[i + 1 :]
 
 
+def flags_of(command: str, args: Sequence[str]) -> List[str]:
+    """The flags in `args` (each with the values after it) that `shark COMMAND` takes: a
+    benchmark that passes one set of flags to several commands gives each its own."""
+    from shark_torchrec.config import command_fields
+
+    names = command_fields(command) | {"out"}  # --out: RunConfig.out_dir's alias
+    out: List[str] = []
+    keep = True
+    for a in args:
+        if a.startswith("--"):
+            name = a[2:].split("=")[0].replace("-", "_")
+            keep = name in names or (name.startswith("no_") and name[3:] in names)
+        if keep:
+            out.append(a)
+    return out
+
+
 def shark_train(args: Sequence[str], out: Path) -> Dict:
     """Run `shark train ARGS` in a fresh process writing into `out`; return its metrics."""
     cmd = [str(Path(sys.executable).parent / "shark"), "train", *args, "--no-progress",

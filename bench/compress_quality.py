@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import clopper_pearson, paired, split_passthrough  # noqa: E402
+from common import clopper_pearson, flags_of, paired, split_passthrough  # noqa: E402
 from shark_torchrec.config import parse_cli  # noqa: E402
 
 SHARK = str(Path(sys.executable).parent / "shark")
@@ -204,14 +204,14 @@ def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> dict:
         "int8": ["--precision", "int8"],
         "freq": ["--precision", "freq", "--memory-budget", f"{budget:.4f}"],
     }
-    train_args = _without(common, ("--epochs", "--early-stopping-patience", "--eval-every", "--tiers", "--fallback"))
+    train_args = flags_of("train", _without(common, ("--epochs", "--early-stopping-patience", "--eval-every", "--tiers")))
     for name, flags in baselines.items():
         out = run / "baselines" / name
         if not (out / "metrics.json").is_file():
             sh("train", *train_args, *finetune, *flags, "--out", str(out))
     out = run / "baselines" / "fp_permutation"
     if not (out / "metrics.json").is_file():
-        sh("prune", *_without(common, ("--tiers", "--fallback")), "--checkpoint", base_ckpt, "--method", "permutation", "--out", str(out))
+        sh("prune", *flags_of("prune", _without(common, ("--tiers",))), "--checkpoint", base_ckpt, "--method", "permutation", "--out", str(out))
     sh("report", str(run))
     from shark_torchrec.report import collect
 

@@ -20,7 +20,7 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
     config, data, checkpoint, budget or id) on any rank is one line on stderr, and None."""
     from shark_torchrec.distributed.env import launch
 
-    cfg = parse_cli(argv, prog=prog, description=doc, base=checkpoint_defaults(argv))
+    cfg = parse_cli(argv, prog=prog, description=doc, base=checkpoint_defaults(argv), command=prog.split()[-1])
     try:
         return launch(job, cfg.run.nproc, cfg)
     except (ValueError, OSError, RuntimeError) as e:

@@ -39,10 +39,10 @@ def test_validation_names_the_field():
 def test_precision_flags_are_validated():
     import pytest
 
-    from shark_torchrec.config import ConfigError, JobConfig, PrecisionConfig
+    from shark_torchrec.config import ConfigError, JobConfig, QuantConfig
 
     def check(**kw):
-        return JobConfig(quant=PrecisionConfig(**kw)).validate()
+        return JobConfig(quant=QuantConfig(**kw)).validate()
 
     check(precision="shark", memory_budget=0.5)
     check(precision="shark", row_fractions=(0.05, 0.3))
@@ -110,3 +110,36 @@ def test_flags_that_belong_together_pass():
     cfg = parse_cli(["--encoding", "hash", "--hash-size", "1000", "--folds", "5", "--fold", "4"])
     assert cfg.dataset.hash_rows == 1000 and cfg.dataset.test_fold == 4
     assert parse_cli([]).dataset.hash_rows == 100_000
+
+
+def test_each_command_takes_only_its_own_flags(tmp_path, capsys):
+    """`shark train` offers no pruning or compression flags, `shark importance` only the
+    scoring ones; a job file may still set every group, and the saved config holds them all."""
+    from shark_torchrec.cli import main
+
+    helps = {}
+    for command in ("train", "importance", "prune", "compress"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = capsys.readouterr().out
+    for flag in ("--target-memory", "--max-auc-drop", "--method", "--serve-tiers", "--quant-epochs"):
+        assert flag not in helps["train"], flag
+    assert "--method" in helps["importance"] and "--score-split" in helps["importance"]
+    assert "--target-memory" not in helps["importance"] and "--serve-tiers" not in helps["importance"]
+    assert "--target-memory" in helps["prune"] and "--serve-tiers" not in helps["prune"]
+    assert "--serve-tiers" in helps["compress"] and "--lr" in helps["compress"]
+    for command in ("train", "importance", "prune", "compress"):
+        assert "--embedding-dim" in helps[command] and "--precision" in helps[command]
+
+    with pytest.raises(SystemExit) as e:
+        parse_cli(["--target-memory", "0.3"], prog="shark train", command="train")
+    assert e.value.code == 2 and "--target-memory" in capsys.readouterr().err
+    job = tmp_path / "job.toml"
+    job.write_text("[train]\nlr = 0.05\n[prune]\ntarget_memory = 0.3\nmethod = 'permutation'\n[compress]\nquant_epochs = 3\n")
+    cfg = parse_cli(["--config", str(job), "--lr", "0.2"], prog="shark train", command="train")
+    assert (cfg.train.lr, cfg.prune.target_memory, cfg.prune.method, cfg.compress.quant_epochs) == (0.2, 0.3, "permutation", 3)
+    assert type(cfg.prune).__name__ == "PruneConfig" and type(cfg.prune) is type(JobConfig().prune)
+    cfg = parse_cli(["--config", str(job), "--method", "random"], prog="shark importance", command="importance")
+    assert (cfg.prune.method, cfg.prune.target_memory) == ("random", 0.3)
+    save_config(cfg, tmp_path / "saved.toml")
+    assert load_config(tmp_path / "saved.toml") == cfg.__class__(**{**cfg.__dict__, "config": None})

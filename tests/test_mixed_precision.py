@@ -169,12 +169,12 @@ def test_default_policy_weighs_positives_twice():
     negative one."""
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-    from shark_torchrec.config import PrecisionConfig, parse_cli
+    from shark_torchrec.config import QuantConfig, parse_cli
     from shark_torchrec.precision.labels import tag_labels
 
     policies = {
         "PrecisionPolicy()": PrecisionPolicy(),
-        "PrecisionConfig": PrecisionConfig(precision="shark").policy(0.1, 1e-8, 0),
+        "QuantConfig": QuantConfig(precision="shark").policy(0.1, 1e-8, 0),
         "cli": parse_cli(["--precision", "shark"]).quant.policy(0.1, 1e-8, 0),
     }
     table = EmbeddingBagConfig(name="t", embedding_dim=32, num_embeddings=10, feature_names=["f"])

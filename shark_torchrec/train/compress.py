@@ -47,7 +47,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from shark_torchrec.config import JobConfig, PrecisionConfig, save_config
+from shark_torchrec.config import JobConfig, QuantConfig, save_config
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.modules.precision_policy import split_tiers
@@ -176,7 +176,7 @@ def _stage_config(cfg: JobConfig, out: Path, stage: str) -> JobConfig:
 
 def run_base(cfg: JobConfig, out: Path, env: DistEnv):
     b = _stage_config(cfg, out, "base")
-    b.quant = PrecisionConfig()  # the base model is stock fp32 TorchRec
+    b.quant = QuantConfig()  # the base model is stock fp32 TorchRec
     if b.run.resume:
         b.run.checkpoint = ""  # continue the interrupted training, not the starting point
     trained = base_model(b, env)
@@ -197,7 +197,7 @@ def run_base(cfg: JobConfig, out: Path, env: DistEnv):
 
 def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, Any], base: Optional[TrainedModel]):
     p = _stage_config(cfg, out, "prune")
-    p.quant = PrecisionConfig()
+    p.quant = QuantConfig()
     p.run.resume = False
     p.run.checkpoint = base_record["checkpoint"]
     if base is None:  # resumed: the base model comes back from its checkpoint
