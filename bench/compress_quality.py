@@ -13,7 +13,7 @@ Per run (seed s, fold f): one `shark compress` run in DIR/runs/s<s>[f<f>] (resum
 its export stage logs test figures of the base model, ours (the pruned, quantized model as
 exported) and TorchRec's int8 and int4 of the base model (`quantize_embeddings`), each paired
 against the base model (`export.json` `easy_path`), and this script reads them. "Served" is what the run exported (`export.json` `exported_model`:
-ours, or with `--fallback torchrec` a TorchRec model; `shark_torchrec/train/easy_path.py`). Memory
+ours, or with `--fallback torchrec` a TorchRec model; `shark_torchrec/jobs/easy_path.py`). Memory
 is embedding bytes as allocated over the base model's fp32 bytes. Finished runs are kept in
 DIR/results.json (the script resumes); DIR/table.md and DIR/drop_vs_memory.png are rewritten.
 

@@ -289,7 +289,7 @@ class FP32Model:
         import torch
 
         from shark_torchrec.data import open_dataset
-        from shark_torchrec.train.export import load_trained_model
+        from shark_torchrec.jobs.export import load_trained_model
 
         self.model, self.cfg = load_trained_model(run_dir / "checkpoints")
         self.data = open_dataset(self.cfg.dataset, self.cfg.train.seed)
@@ -303,7 +303,7 @@ class FP32Model:
     def evaluate(self, ebc=None) -> dict:
         """Test AUC and log loss with `ebc` in place of the trained collection (same batches
         and metric code as `shark train`, one process)."""
-        from shark_torchrec.train.evaluation import binary_metrics
+        from shark_torchrec.jobs.evaluation import binary_metrics
 
         torch = self.torch
         arch = self.model.model.sparse_arch
@@ -343,7 +343,7 @@ def quantize_checked(fp: FP32Model, method: Method):
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
         rounded_row_size_in_bytes,
     )
-    from shark_torchrec.train.easy_path import allocated_bytes, quantized_collection
+    from shark_torchrec.jobs.easy_path import allocated_bytes, quantized_collection
 
     torch = fp.torch
     dtype = getattr(torch, method.qdtype)
@@ -390,7 +390,7 @@ def quantize_checked(fp: FP32Model, method: Method):
 
 def run_serve(method: Method, base: FP32Model) -> dict:
     """A trained mixed-precision model regrouped for serving (`regroup_for_serving`)."""
-    from shark_torchrec.train.export import ServingTiers, regroup_for_serving
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
 
     t0 = time.perf_counter()
     arch = base.model.model.sparse_arch

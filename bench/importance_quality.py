@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import split_passthrough  # noqa: E402
 from shark_torchrec.config import parse_cli  # noqa: E402
 from shark_torchrec.distributed.env import init_distributed  # noqa: E402
-from shark_torchrec.importance.scoring import METHODS, field_means, score_fields  # noqa: E402
-from shark_torchrec.planner.pruning import prune_tables  # noqa: E402
-from shark_torchrec.train.checkpoint import resolve_checkpoint  # noqa: E402
-from shark_torchrec.train.evaluation import evaluate  # noqa: E402
-from shark_torchrec.train.pruning import support_batches  # noqa: E402
-from shark_torchrec.train.trainer import fit, quiet_libraries, train_steps  # noqa: E402
+from shark_torchrec.importance.model_scoring import METHODS, field_means, score_fields  # noqa: E402
+from shark_torchrec.jobs.remove_tables import prune_tables  # noqa: E402
+from shark_torchrec.jobs.checkpoint import resolve_checkpoint  # noqa: E402
+from shark_torchrec.jobs.evaluation import evaluate  # noqa: E402
+from shark_torchrec.jobs.prune import support_batches  # noqa: E402
+from shark_torchrec.jobs.trainer import fit, quiet_libraries, train_steps  # noqa: E402
 
 REFERENCE = "taylor"
 

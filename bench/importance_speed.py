@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from shark_torchrec.config import JobConfig  # noqa: E402
 from shark_torchrec.distributed.env import init_distributed  # noqa: E402
-from shark_torchrec.importance.scoring import score_fields  # noqa: E402
-from shark_torchrec.train.trainer import fit, quiet_libraries  # noqa: E402
+from shark_torchrec.importance.model_scoring import score_fields  # noqa: E402
+from shark_torchrec.jobs.trainer import fit, quiet_libraries  # noqa: E402
 
 METHODS = ("taylor", "taylor-signed", "permutation")
 

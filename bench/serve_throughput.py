@@ -44,7 +44,7 @@ from shark_torchrec.models.dlrm import build_dlrm, table_configs  # noqa: E402
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection  # noqa: E402
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection  # noqa: E402
 from shark_torchrec.modules.precision_policy import PrecisionPolicy  # noqa: E402
-from shark_torchrec.train.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
+from shark_torchrec.jobs.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
 
 
 class ReferenceGlue(torch.nn.Module):

@@ -37,7 +37,7 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
     flags give), unless flags (or --config) say otherwise. Empty when no readable checkpoint is
     named (the job then reports what is wrong with it)."""
     from shark_torchrec.config import _flag_value
-    from shark_torchrec.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    from shark_torchrec.jobs.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 
     path, groups = _flag_value(argv, "--checkpoint"), ("dataset", "model", "quant")
     if not path:
@@ -54,7 +54,7 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
 def _user_error(e: BaseException) -> bool:
     """Errors that describe the user's input or files rather than a fault of ours."""
     from shark_torchrec.data.schema import DataError
-    from shark_torchrec.train.checkpoint import CheckpointError
+    from shark_torchrec.jobs.checkpoint import CheckpointError
 
     return isinstance(e, (ValueError, OSError, DataError, CheckpointError))
 
@@ -89,7 +89,7 @@ def _leave(code: int) -> int:
 
 def train_main(argv: List[str]) -> int:
     """Train DLRM under DistributedModelParallel (TorchRec planner, TrainPipelineSparseDist)."""
-    from shark_torchrec.train.trainer import train_job
+    from shark_torchrec.jobs.trainer import train_job
 
     keys = ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes")
     return _job_main("shark train", train_job, argv, train_main.__doc__ or "", keys)
@@ -97,14 +97,14 @@ def train_main(argv: List[str]) -> int:
 
 def importance_main(argv: List[str]) -> int:
     """Rank feature fields by importance (F-Permutation's Taylor score, Permutation, random)."""
-    from shark_torchrec.train.pruning import importance_job
+    from shark_torchrec.jobs.prune import importance_job
 
     return _job_main("shark importance", importance_job, argv, importance_main.__doc__ or "", ("method", "scoring_seconds", "ranking"))
 
 
 def prune_main(argv: List[str]) -> int:
     """Prune feature fields iteratively (score, remove, fine-tune, evaluate; paper Algorithm 1)."""
-    from shark_torchrec.train.pruning import prune_job
+    from shark_torchrec.jobs.prune import prune_job
 
     keys = ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason")
     return _job_main("shark prune", prune_job, argv, prune_main.__doc__ or "", keys)
@@ -112,7 +112,7 @@ def prune_main(argv: List[str]) -> int:
 
 def compress_main(argv: List[str]) -> int:
     """Compress a model: train (or --checkpoint), prune fields (F-P), quantize rows (F-Q), evaluate."""
-    from shark_torchrec.train.compress import compress_job
+    from shark_torchrec.jobs.compress import compress_job
 
     keys = ("base_test_auc", "test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields")
     return _job_main("shark compress", compress_job, argv, compress_main.__doc__ or "", keys)
@@ -157,9 +157,9 @@ def export_main(argv: List[str]) -> int:
 
     from shark_torchrec.data.schema import DataError
     from shark_torchrec.modules.precision_policy import split_tiers
-    from shark_torchrec.train.checkpoint import CheckpointError
-    from shark_torchrec.train.export import ServingTiers, export_checkpoint
-    from shark_torchrec.train.trainer import quiet_libraries
+    from shark_torchrec.jobs.checkpoint import CheckpointError
+    from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
+    from shark_torchrec.jobs.trainer import quiet_libraries
 
     quiet_libraries()
     out = Path(args.out)

@@ -1,6 +1,6 @@
 """`shark report RUN_DIR`: a markdown report of a `shark compress` run, with plots.
 
-It reads the run directory's layout (see `shark_torchrec.train.compress`) and, when present,
+It reads the run directory's layout (see `shark_torchrec.jobs.compress`) and, when present,
 `RUN_DIR/baselines/<name>/metrics.json` written by `bench/compress_quality.py` (fp16-all,
 int8-all, freq, F-Q alone, Permutation pruning), and writes `RUN_DIR/report.md` and
 `RUN_DIR/report_auc_vs_memory.png`. Memory is always embedding bytes over the base model's
@@ -200,7 +200,7 @@ def write_report(run: str | Path) -> Path:
 def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
     """The compressed model beside TorchRec's post-training quantization of the base model, and
     which of them is served (the choice: ours tested on the choice split, TorchRec's on the
-    selection split; `train/easy_path.py`)."""
+    selection split; `jobs/easy_path.py`)."""
     rows = e.get("choice_rows") or {}
     lines = [
         "## Against TorchRec's post-training quantization",
@@ -250,3 +250,58 @@ def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
         lines += [f"**{SERVED_NAMES[would]} is smaller than ours and passes the same test: `--fallback torchrec` "
                   "serves it.**", ""]
     return lines
+
+
+def plot_importance(ranking: List[Dict[str, Any]], method: str, samples: int, path: Path) -> None:
+    """Bar chart of field importances (`shark importance`'s importance.png).
+
+    Args:
+        ranking: {"field", "score"} per field, least important first.
+        method, samples: the scoring method and the samples scored, for the labels.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranking = ranking[::-1]  # most important on top
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(ranking) + 1.2))
+    ax.barh([r["field"] for r in ranking][::-1], [r["score"] for r in ranking][::-1], color="tab:blue")
+    ax.set_xlabel(f"{method} score (larger = more important)")
+    ax.set_title(f"Feature-field importance ({method}, {samples} samples)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_prune_log(rows: List[Dict[str, Any]], path: Path) -> None:
+    """Dev and test AUC against memory over the pruning loop's iterations (`shark prune`'s
+    auc_vs_memory.png), rejected removals marked.
+
+    Args:
+        rows: the loop's log rows (memory_ratio, dev_auc, test_auc, removed, accepted).
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    mem = [r["memory_ratio"] for r in rows]
+    ax.plot(mem, [r["dev_auc"] for r in rows], "o-", label="dev AUC")
+    ax.plot(mem, [r["test_auc"] for r in rows], "s--", label="test AUC")
+    for r in rows[1:]:
+        ax.annotate("-" + ",".join(r["removed"]), (r["memory_ratio"], r["dev_auc"]), fontsize=7, rotation=20)
+    rejected = [r for r in rows if not r["accepted"]]
+    if rejected:
+        ax.scatter([r["memory_ratio"] for r in rejected], [r["dev_auc"] for r in rejected], marker="x", color="red", s=80, label="rejected")
+    ax.invert_xaxis()
+    ax.set_xlabel("embedding memory / base model")
+    ax.set_ylabel("AUC")
+    ax.set_title("F-Permutation: AUC against memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

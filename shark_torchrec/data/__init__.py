@@ -8,7 +8,7 @@ from typing import Dict, Iterator, List, Optional
 from shark_torchrec.config import DataConfig
 from shark_torchrec.data.batch import Batch, make_batch
 from shark_torchrec.data.files import BadLineStats, CsvLayout, FileSplit, FoldSplit, HashEncoder, VocabEncoder
-from shark_torchrec.data.schema import DataError, Schema
+from shark_torchrec.data.schema import DataError, Schema, kept_schema
 from shark_torchrec.data.synthetic import DENSE_NAMES, SyntheticGenerator, SyntheticSplit
 
 SPLIT_NAMES = ("train", "dev", "test")
@@ -49,8 +49,6 @@ class Dataset:
     def with_fields(self, kept: List[str]) -> "Dataset":
         """The same data with only the `kept` categorical fields (a pruned model's input):
         the other columns are still read and checked, then dropped from every batch."""
-        from shark_torchrec.models.pruned import kept_schema
-
         full = self.full_schema
         view = Dataset(kept_schema(full, kept), self.splits, self.encoder, self.truth, self.layout)
         view.full_schema = full

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Sequence
 
 
 class DataError(ValueError):
@@ -29,3 +29,11 @@ class Schema:
     def table_name(feature: str) -> str:
         return f"t_{feature}"
 
+
+def kept_schema(schema: Schema, kept_fields: Sequence[str]) -> Schema:
+    """The schema restricted to `kept_fields` (in the schema's own order)."""
+    unknown = set(kept_fields) - set(schema.sparse_names)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; the model has {', '.join(schema.sparse_names)}")
+    idx = [i for i, f in enumerate(schema.sparse_names) if f in set(kept_fields)]
+    return Schema(list(schema.dense_names), [schema.sparse_names[i] for i in idx], [schema.num_embeddings[i] for i in idx])

@@ -22,7 +22,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from shark_torchrec.config import TrainConfig
 from shark_torchrec.distributed.env import DistEnv
-from shark_torchrec.memory import table_of_key
+from shark_torchrec.distributed.memory import table_of_key
 
 INIT_BLOCK_ROWS = 1 << 16
 

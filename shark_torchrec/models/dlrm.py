@@ -67,7 +67,8 @@ def build_dlrm(
 
 
 def _build_pruned(schema: Schema, cfg: ModelConfig, ebc, seed: int) -> DLRMTrainModule:
-    from shark_torchrec.models.pruned import DLRMWithConstantFields, kept_schema
+    from shark_torchrec.data.schema import kept_schema
+    from shark_torchrec.models.pruned import DLRMWithConstantFields
 
     kept = kept_schema(schema, cfg.kept_fields)
     kept_model = _build(kept, cfg, ebc, seed)

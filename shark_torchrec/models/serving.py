@@ -109,7 +109,7 @@ def serving_model(model: DLRMTrainModule, num_dense: int) -> torch.jit.ScriptMod
     if not isinstance(ebc, MixedPrecisionPooledLookup):
         raise TypeError(
             f"serving_model: the model's collection is {type(ebc).__name__}, not the inference collection "
-            "(convert it with shark_torchrec.train.export.to_inference first)"
+            "(convert it with shark_torchrec.jobs.export.to_inference first)"
         )
     lookup = ebc.plain_lookup()
     F, D = len(lookup.feature_names), lookup.dim

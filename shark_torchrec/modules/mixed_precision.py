@@ -496,7 +496,7 @@ def to_mixed_precision(module: Any, policy: Optional[PrecisionPolicy] = None, la
     """An unsharded TorchRec `EmbeddingBagCollection` / `EmbeddingCollection` with
     materialised weights, as our module: the same tables, each row rounded to nearest into its
     starting group. (For sharded models and checkpoints: `shark train --init-from CKPT`, or
-    `shark_torchrec.train.checkpoint.load_weights`.)"""
+    `shark_torchrec.jobs.checkpoint.load_weights`.)"""
     if isinstance(module, _MixedPrecisionRows):
         raise TypeError("already a mixed-precision collection")
     if isinstance(module, EmbeddingBagCollection):

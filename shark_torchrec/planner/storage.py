@@ -10,7 +10,7 @@ In budget mode a table's group counts are fixed, but which rows (and so which ro
 table-row-wise shard) hold the fp32 and fp16 ones follows the scores, so each shard is sized
 for the worst case: as many of the table's most precise rows as it can hold. Whole-table
 shards (table-wise, column-wise, data-parallel) are sized exactly: what the built store
-allocates (tests/test_planner_storage.py). With one budget for all tables of a collection
+allocates (tests/distributed/test_planner_storage.py). With one budget for all tables of a collection
 (`budget_scope="model"`) a table is sized for the most it can take: the model's budget less the
 other tables at their floor, over every model-scope collection of the model (they may share one
 budget, `share_model_budget`; `model_scope_share`). Threshold mode has no bound (every row

@@ -1,0 +1,400 @@
+"""`shark compress`: base model -> F-Permutation pruning -> F-Quantization fine-tuning.
+
+Run directory layout (`--out DIR`):
+
+    DIR/.lock              held while a `shark compress` job runs here (one for all stages)
+    DIR/stages.json        finished stages and what they produced (written atomically)
+    DIR/base/              the base model: a `shark train` run (config, metrics, checkpoints)
+    DIR/prune/             the pruning loop: prune_log.csv/json, auc_vs_memory.png, pruned/
+    DIR/quantize/          the pruned model converted to mixed precision and fine-tuned
+    DIR/export/            model.pt (the inference model, torch.save), embedding_collection.pt
+                           (its collection, torch.jit.script), export.json (bytes and checks),
+                           and what serves raw lines with torch alone: serving_model.pt,
+                           serving.json, vocab.json, serve.py, README.md (jobs/export.py)
+    DIR/metrics.json       the pipeline's figures (also --metrics-out)
+    DIR/report.md          `shark report DIR`, the last stage (with report_auc_vs_memory.png)
+
+Memory split: `--target-memory R` is the whole pipeline's target (embedding bytes over the
+base model's fp32 bytes). Pruning goes down to R as far as the AUC bound allows and leaves a
+ratio p; F-Quantization then gets the per-table budget R / p, clipped to what all-int8 rows can
+reach and to 1 (`--quant-budget` overrides it). F-Quantization starts from the pruned model's
+weights (`--init-from`), not from scratch, and fine-tunes for `--quant-epochs`.
+
+Splits (`Dataset.decision_splits`): every training decision (the base model's and fine-tunings'
+early stopping, the pruning loop's stop test) reads the selection split, dev's even lines or
+with `--selection-fraction F` a carved part of train; the choice of the model to serve tests
+ours on the choice split (a quarter of dev, or dev's even lines with F), which no earlier
+decision read; the final figure, the chosen model against the base model, comes from the
+confirmation split (another quarter of dev, or dev's odd lines with F), which no decision reads
+(`metrics.json` `confirmation`); test is logged and drives nothing.
+
+Resume: a stage is recorded in stages.json only once it has finished, so `--resume` skips the
+finished stages and redoes the rest: training stages continue from their newest checkpoint
+(bit-exact, as `shark train --resume`), an interrupted pruning loop starts over from the base
+model. Without `--resume`, a directory that already holds a pipeline is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from shark_torchrec.config import JobConfig, QuantConfig, save_config
+from shark_torchrec.data import open_dataset
+from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.modules.precision_policy import split_tiers
+from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
+from shark_torchrec.jobs.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
+from shark_torchrec.jobs.easy_path import easy_path
+from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
+from shark_torchrec.jobs.prune import base_model, confirmation_check, prune_loop, write_prune_log
+from shark_torchrec.jobs.run_dir import default_out_dir, run_dir_lock
+from shark_torchrec.jobs.trainer import (
+    TrainedModel,
+    TrainState,
+    _meta,
+    final_metrics,
+    fit,
+    quiet_libraries,
+    write_metrics,
+)
+
+log = logging.getLogger("shark")
+
+STAGES = ("base", "prune", "quantize", "export")
+STAGES_FILE = "stages.json"
+CONFIRM_BASE_FILE = "confirm_base_logits.pt"  # the base model's predictions on the confirmation split
+
+
+def read_stages(out: Path) -> Dict[str, Any]:
+    path = out / STAGES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record(out: Path, stages: Dict[str, Any], env: DistEnv) -> None:
+    if env.is_main:
+        tmp = out / f"{STAGES_FILE}.tmp"
+        tmp.write_text(json.dumps(stages, indent=2))
+        os.replace(tmp, out / STAGES_FILE)  # atomic: a stage is finished or not recorded
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def _budget_after_pruning(cfg: JobConfig, prune_ratio: float, tiers: Tuple[str, ...]) -> Tuple[float, float, float]:
+    """(budget, what the target asks, the floor of `tiers`): --target-memory over the memory
+    ratio pruning left, clipped to what all rows in the cheapest of `tiers` can reach and to 1."""
+    want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
+    floor = min_budget(cfg.model.embedding_dim, max(GROUP_NAMES.index(t) for t in tiers))
+    return min(1.0, max(want, floor)), want, floor
+
+
+def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
+    """F-Quantization's per-table budget after pruning left `prune_ratio` of the memory.
+
+    Returns:
+        (budget, why: a sentence for the report saying where it came from and what it missed).
+    """
+    if cfg.compress.quant_budget is not None:
+        return cfg.compress.quant_budget, f"Set by --quant-budget {cfg.compress.quant_budget}."
+    tiers = split_tiers(cfg.quant.tiers)  # the quantize stage ranks into these
+    budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
+    target = cfg.prune.target_memory
+    why = f"--target-memory {target} over the {prune_ratio:.3f} of memory pruning left asks {want:.3f}"
+    if want < floor:
+        why += (f"; clipped up to {floor:.3f}, the fewest bytes all-{max(tiers, key=GROUP_NAMES.index)} rows (tiers "
+                f"{', '.join(tiers)}) can reach at dim {cfg.model.embedding_dim}")
+        why += (" (for training: the export serves in --serve-tiers)" if cfg.compress.serve_tiers else
+                f", so the pipeline misses --target-memory {target}: it ends near {floor * prune_ratio:.3f} of the base model's bytes")
+    elif want > 1.0:
+        why += "; clipped to 1 (pruning alone met the target)"
+    return budget, why + "."
+
+
+def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
+    """The budget the export regroups rows to in --serve-tiers (model-wide), and why."""
+    tiers = split_tiers(cfg.compress.serve_tiers)
+    budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
+    why = (f"Served in {', '.join(tiers)} at {budget:.3f} of the pruned model's fp32 bytes (model-wide), chosen by the "
+           f"trained priorities with fitted scales: --target-memory {cfg.prune.target_memory} over the {prune_ratio:.3f} "
+           f"pruning left asks {want:.3f}")
+    if want < floor:
+        why += f"; clipped up to {floor:.3f}, these tiers' floor at dim {cfg.model.embedding_dim}"
+    elif want > 1.0:
+        why += "; clipped to 1"
+    top = min_budget(cfg.model.embedding_dim, min(GROUP_NAMES.index(t) for t in tiers))
+    if budget > top:
+        why += (f". All rows in {min(tiers, key=GROUP_NAMES.index)}, the most precise of these tiers, take "
+                f"{top:.3f}: that is what is served, below the budget")
+    return budget, why + "."
+
+
+def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str, Any]],
+            easy: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What the run asked and what the served model got: memory against --target-memory, and
+    its AUC drop on the confirmation split against --max-auc-drop (point estimate and its
+    one-sided 95% bound), with whether it passed its stop test in the choice of what to serve.
+
+    Args:
+        cfg: the run's config.
+        memory_ratio: our final model's embedding bytes over the base model's.
+        confirmation: our final model's confirmation check (`confirmation_check`), or None.
+        easy: the export's `easy_path` record; when given, the targets are the served model's
+            as exported (ours, regrouped if --serve-tiers, or TorchRec's).
+    """
+    out: Dict[str, Any] = {"target_memory": cfg.prune.target_memory, "max_auc_drop": cfg.prune.max_auc_drop,
+                           "served": "final"}
+    if easy and "exported_model" in easy:  # the served model as exported (ours regrouped, or TorchRec's)
+        served = easy[easy["exported_model"]]
+        memory_ratio = served["memory"]
+        confirmation = {"drop": served["drop"], "upper_bound_95": served["drop_upper_bound_95"]}
+        out["served"] = easy["exported_model"]
+    out.update(memory_ratio=memory_ratio, memory_met=memory_ratio <= cfg.prune.target_memory + 1e-9)
+    if confirmation:
+        out.update(auc_drop=confirmation["drop"], auc_drop_upper_bound_95=confirmation["upper_bound_95"],
+                   auc_met=confirmation["drop"] <= cfg.prune.max_auc_drop)
+    if easy and "exported_within_bound" in easy:
+        out["choice_test_passed"] = easy["exported_within_bound"]
+    return out
+
+
+def _stage_config(cfg: JobConfig, out: Path, stage: str) -> JobConfig:
+    c = copy.deepcopy(cfg)
+    c.run.out_dir = str(out / stage)
+    c.run.checkpoint_dir = ""
+    c.run.metrics_out = ""
+    c.run.resume = bool(cfg.run.resume and list_checkpoints(out / stage / "checkpoints"))
+    return c
+
+
+def run_base(cfg: JobConfig, out: Path, env: DistEnv):
+    b = _stage_config(cfg, out, "base")
+    b.quant = QuantConfig()  # the base model is stock fp32 TorchRec
+    if b.run.resume:
+        b.run.checkpoint = ""  # continue the interrupted training, not the starting point
+    trained = base_model(b, env)
+    metrics = final_metrics(b, trained)
+    if env.is_main:
+        write_metrics(b, metrics)
+    record = {
+        "checkpoint": str(resolve_checkpoint_on_rank0(b.checkpoint_dir)),
+        "test_auc": metrics["test_auc"],
+        "dev_auc": metrics["dev_auc"],
+        "embedding_bytes": metrics["embedding_bytes"],
+        # A base given by --checkpoint was trained elsewhere: its early stopping may have read
+        # the confirmation split (the report says so).
+        "given_checkpoint": str(b.run.checkpoint or ""),
+    }
+    return record, trained
+
+
+def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, Any], base: Optional[TrainedModel]):
+    p = _stage_config(cfg, out, "prune")
+    p.quant = QuantConfig()
+    p.run.resume = False
+    p.run.checkpoint = base_record["checkpoint"]
+    if base is None:  # resumed: the base model comes back from its checkpoint
+        b = copy.deepcopy(p)
+        b.run.out_dir = str(out / "prune" / "base_loaded")
+        base = base_model(b, env)
+    stage_dir = Path(p.run.out_dir)
+    accepted, rows, reason, base_metrics = prune_loop(p, env, base, stage_dir)
+    final_cfg = copy.deepcopy(accepted.cfg)
+    ckpt = save_checkpoint(stage_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
+    if env.is_main:
+        write_prune_log(rows, stage_dir)
+        torch.save(base_metrics["base_confirm"], stage_dir / CONFIRM_BASE_FILE)  # for the final model's check
+    if env.world_size > 1:
+        dist.barrier()
+    full = list(base.dataset.schema.sparse_names)
+    kept = list(accepted.dataset.schema.sparse_names)
+    last = next(r for r in reversed(rows) if r["accepted"])
+    return {
+        "checkpoint": str(ckpt),
+        "kept_fields": kept,
+        "pruned_fields": [f for f in full if f not in kept],
+        "field_removal": final_cfg.model.field_removal,
+        "memory_ratio": accepted.embedding_bytes / base_metrics["embedding_bytes"],
+        "stop_reason": reason,
+        "selection_resolution": base_metrics["resolution"],
+        "confirmation": base_metrics["confirmation"],
+        "base_confirm": str(stage_dir / CONFIRM_BASE_FILE),
+        "world_size": env.world_size,  # the order of the saved predictions (rank-interleaved)
+        "dev_auc": last["dev_auc"],
+        "test_auc": last["test_auc"],
+    }
+
+
+def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]):
+    if "base_confirm" in pruned and pruned.get("world_size", env.world_size) != env.world_size:
+        raise CheckpointError(
+            f"the prune stage of this run ran on {pruned['world_size']} processes and this one on {env.world_size}: "
+            "the confirmation check pairs predictions gathered in that order; resume with the same --nproc"
+        )
+    budget, budget_reason = quant_budget(cfg, pruned["memory_ratio"])
+    q = _stage_config(cfg, out, "quantize")
+    q.model.kept_fields = tuple(pruned["kept_fields"])
+    q.model.field_removal = pruned["field_removal"]
+    if q.quant.precision not in ("shark", "freq"):
+        q.quant.precision = "shark"
+    if q.quant.t8 is None and not q.quant.row_fractions:
+        q.quant.memory_budget = budget
+    q.train.epochs = cfg.compress.quant_epochs
+    q.run.checkpoint = ""
+    q.run.init_from = "" if q.run.resume else pruned["checkpoint"]
+    dataset = open_dataset(q.dataset, q.train.seed).decision_splits()  # early stopping reads the selection split
+    if not q.train.eval_every and cfg.compress.quant_evals_per_epoch:
+        # A base model that has seen all of train can overfit when it sees it again: watch dev
+        # within the epoch and keep the best state.
+        steps = dataset.num_batches("train", q.train.batch_size)
+        q.train.eval_every = max(1, steps // cfg.compress.quant_evals_per_epoch)
+        q.train.early_stopping_patience = q.train.early_stopping_patience or 2
+    q.validate()
+    trained = fit(q, env, dataset)
+    metrics = final_metrics(q, trained)
+    if "base_confirm" in pruned:  # (a prune stage recorded before the confirmation split has none)
+        base_confirm = torch.load(pruned["base_confirm"])
+        metrics["confirmation"] = confirmation_check(trained.model, trained.dataset, base_confirm, q.train.eval_batch_size, env)
+    if env.is_main:
+        write_metrics(q, metrics)
+    return {"checkpoint": str(resolve_checkpoint_on_rank0(q.checkpoint_dir)), "budget": budget, "budget_reason": budget_reason,
+            "metrics": metrics}
+
+
+EXPORT_FAILED = "export_failed_on_rank0"  # what the other ranks receive when rank 0's export raised
+
+
+def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[str, Any]:
+    serving, why = None, None
+    if cfg.compress.serve_tiers:
+        budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"])
+        serving = ServingTiers(split_tiers(cfg.compress.serve_tiers), budget, "model")
+    record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving)
+    if why:
+        record["serving_budget_reason"] = why
+    # Beside TorchRec's own post-training int8 / int4 of the base model (one process).
+    data = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
+    fallback_dir = out / "export" if cfg.compress.fallback == "torchrec" else None
+    exported = torch.load(out / "export" / "model.pt", weights_only=False)  # what is served, as export wrote it
+    easy = record["easy_path"] = easy_path(
+        stages["base"]["checkpoint"], exported, stages["prune"]["kept_fields"], data, cfg.train.eval_batch_size,
+        record["inference_bytes"], cfg.prune.max_auc_drop, cfg.prune.confidence, fallback_dir,
+    )
+    if easy["exported"]:  # the serving files are ours: say which file the choice serves instead
+        with (out / "export" / "README.md").open("a") as f:
+            f.write(f"\n## Served instead: {easy['exported_model']}\n\n`shark compress --fallback torchrec` chose "
+                    f"`{Path(easy['exported']).name}` (TorchRec's post-training quantization of the base model, "
+                    "`torch.load(path, weights_only=False)`: a DLRM that scores a batch) over the files above; "
+                    "see the run's report.md.\n")
+    (out / "export" / "export.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) -> Dict[str, Any]:
+    """Rank 0 exports the quantized model, checks it against the trained one on dev and
+    chooses what to serve (`easy_path`); the other ranks wait for its record (or its error)."""
+    record: Dict[str, Any] = {}
+    error: Optional[BaseException] = None
+    if env.is_main:
+        try:
+            record = _export_on_rank0(cfg, out, stages)
+        except Exception as e:  # the other ranks wait in the broadcast below: tell them, then raise
+            if env.world_size == 1:
+                raise
+            error, record = e, {EXPORT_FAILED: f"{type(e).__name__}: {e}"}
+    if env.world_size > 1:
+        box = [record]
+        dist.broadcast_object_list(box, src=0)
+        record = box[0]
+        if EXPORT_FAILED in record:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"the export stage failed on rank 0: {record[EXPORT_FAILED]}")
+    return record
+
+
+def compress_job(cfg: JobConfig) -> Dict[str, Any]:
+    """One rank of `shark compress`."""
+    quiet_libraries()
+    env = init_distributed()
+    try:
+        out = Path(default_out_dir(cfg.run, "runs/compress-%Y%m%d-%H%M%S"))
+        # One lock for the whole run directory: the stages are calls inside this job, not jobs.
+        with run_dir_lock(out, env.is_main):
+            stages = read_stages(out)
+            if stages and not cfg.run.resume:
+                raise CheckpointError(
+                    f"{out} already holds a compression run (stages {', '.join(stages)}): pass --resume to "
+                    "continue it, or choose another --out (nothing was overwritten)"
+                )
+            if env.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, out / "config.toml")
+            if env.world_size > 1:
+                dist.barrier()
+            timings: Dict[str, float] = {}
+            base = None
+            if "base" not in stages:
+                t0 = time.perf_counter()
+                stages["base"], base = run_base(cfg, out, env)
+                stages["base"]["seconds"] = time.perf_counter() - t0
+                _record(out, stages, env)
+            if "prune" not in stages:
+                t0 = time.perf_counter()
+                stages["prune"] = run_prune(cfg, out, env, stages["base"], base)
+                stages["prune"]["seconds"] = time.perf_counter() - t0
+                _record(out, stages, env)
+            del base
+            if "quantize" not in stages:
+                t0 = time.perf_counter()
+                q = run_quantize(cfg, out, env, stages["prune"])
+                stages["quantize"] = {
+                    "checkpoint": q["checkpoint"], "budget": q["budget"], "budget_reason": q["budget_reason"],
+                    "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
+                    "confirmation": q["metrics"].get("confirmation"),
+                    "seconds": time.perf_counter() - t0,
+                }
+                _record(out, stages, env)
+                metrics = q["metrics"]
+            else:
+                metrics = json.loads((out / "quantize" / "metrics.json").read_text())
+            if "export" not in stages:
+                t0 = time.perf_counter()
+                stages["export"] = run_export(cfg, out, env, stages)
+                stages["export"]["seconds"] = time.perf_counter() - t0
+                _record(out, stages, env)
+            timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
+            memory_ratio = metrics["embedding_bytes"] / stages["base"]["embedding_bytes"]
+            if stages["export"].get("serving_tiers"):  # served in other tiers than it trained in
+                memory_ratio = stages["export"]["inference_bytes"] / stages["base"]["embedding_bytes"]
+            metrics = {
+                **metrics,
+                "base_test_auc": stages["base"]["test_auc"],
+                "base_embedding_bytes": stages["base"]["embedding_bytes"],
+                "memory_ratio": memory_ratio,
+                "prune_memory_ratio": stages["prune"]["memory_ratio"],
+                "quant_budget": stages["quantize"]["budget"],
+                "kept_fields": stages["prune"]["kept_fields"],
+                "pruned_fields": stages["prune"]["pruned_fields"],
+                "stop_reason": stages["prune"]["stop_reason"],
+                "confirmation": stages["quantize"].get("confirmation"),
+                "targets": targets(cfg, memory_ratio,
+                                   stages["quantize"].get("confirmation"), stages["export"].get("easy_path")),
+                "stage_seconds": timings,
+                "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
+            }
+            if env.is_main:
+                write_metrics(cfg, metrics)
+                from shark_torchrec.report import write_report
+
+                write_report(out)
+            return metrics
+    finally:
+        shutdown_distributed()

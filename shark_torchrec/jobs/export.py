@@ -1,0 +1,368 @@
+"""From a checkpoint to models for serving: the trained model unsharded, its inference twin, and
+the export directory that serves raw lines with torch alone.
+
+The models come from the checkpoint alone (its config, table shapes and the data schema in
+`meta.json`, and the DCP tensors), so a model can be exported where the training data is not.
+The export directory (`export_checkpoint`) also needs the data: its dev split checks the export,
+and its train split gives the vocabularies (rebuilt as training built them).
+
+Export directory:
+
+    model.pt                 the inference model (torch.save of the DLRMTrainModule; needs this package)
+    embedding_collection.pt  its collection, TorchScript over KJT (needs TorchRec to load)
+    export.json              bytes, rows per group, the largest logit difference to the trained model on dev
+    serving_model.pt         the whole model, TorchScript on plain tensors (torch + shark_kernels.so)
+    shark_kernels.so         our compiled lookup op, which serving_model.pt calls (for this torch version)
+    serving.json             fields, raw-line layout and encoding (what serve.py reads)
+    vocab.json               vocabulary encoding: per served field, its values in row order
+    serve.py                 the standalone loader (a verbatim copy of shark_torchrec/serve.py)
+    README.md                how to load and call it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from shark_torchrec import kernels
+from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
+from shark_torchrec.data.schema import Schema
+from shark_torchrec.models.build import model_from_config
+from shark_torchrec.models.dlrm import DLRMTrainModule
+from shark_torchrec.models.serving import serving_model
+from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
+from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.modules.model_budget import ModelBudget
+from shark_torchrec.modules.row_groups import CHUNK_ROWS
+from shark_torchrec.precision.priority import DROPPED, INT_BITS
+from shark_torchrec.precision.quantize import fitted_scale_bias
+from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
+
+
+def load_trained_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig]:
+    """The checkpoint's model, unsharded on CPU, in eval mode."""
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    if "schema" not in meta:
+        raise CheckpointError(f"checkpoint {path} predates export support (its meta.json has no schema)")
+    cfg = config_from_dict(meta["config"], where=f"{path}/meta.json")
+    schema = Schema(**meta["schema"])
+    model = model_from_config(cfg, schema, device=torch.device("cpu"))
+    if cfg.quant.precision == "fp32":  # stock tables: materialize them on CPU to take the weights
+        model = _materialized(model)
+    state = load_full_state(path)["model"]
+    model.load_state_dict(state, strict=True)
+    return model.eval(), cfg
+
+
+def _materialized(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(m, pname, torch.nn.Parameter(torch.empty(p.shape), requires_grad=p.requires_grad))
+    return model
+
+
+def export_inference_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig]:
+    """The checkpoint's model with its mixed-precision collection replaced by
+    `MixedPrecisionInferenceEmbeddingBagCollection` (same rows, same groups, no training state)."""
+    model, cfg = load_trained_model(path)
+    if cfg.quant.precision == "fp32":
+        raise CheckpointError(
+            f"checkpoint {path} holds fp32 TorchRec tables: there are no row groups to export "
+            "(TorchRec's quantize_embeddings serves such a model)"
+        )
+    return to_inference(model), cfg
+
+
+SERVING_ROUNDING = ("nearest", "fitted")
+
+
+@dataclass(frozen=True)
+class ServingTiers:
+    """Tiers for serving chosen at export from the trained priorities: `tiers` (e.g. int8,
+    int4, int2, dropped), a `memory_budget` and its `budget_scope` (`table` or `model`), and
+    how integer rows get their scale and bias: `fitted` (the default: `fitted_scale_bias`, the
+    range refit by least squares for a smaller error per row; on frappe at 0.10 of fp32 bytes
+    +0.0010 AUC over `nearest`, bench/README.md) or `nearest` (the row's min/max range, rounded
+    to nearest, as TorchRec's post-training quantization)."""
+
+    tiers: Tuple[str, ...]
+    memory_budget: float
+    budget_scope: str = "model"
+    rounding: str = "fitted"
+
+    def __post_init__(self) -> None:
+        if self.rounding not in SERVING_ROUNDING:
+            raise ValueError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
+
+
+@torch.no_grad()
+def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[str, Any]:
+    """Put a loaded mixed-precision model's rows into other tiers for serving, in place: rows
+    ranked by the priorities they had at the end of training (the budget rule of `serving`)
+    and quantized from their trained values (`serving.rounding`), so low tiers are reached
+    without training in them. A table's fallback row (for its dropped rows) is the mean of the trained
+    values of the rows it replaces.
+
+    Args:
+        model: from `load_trained_model`, trained with `--precision shark` or `freq`.
+        serving: the tiers and the budget.
+
+    Returns:
+        {"serving_tiers", "serving_budget", "serving_budget_scope", "serving_rounding"} for the export record.
+
+    Raises:
+        CheckpointError: the model has no priorities (stock fp32 tables or a one-tier run).
+        ValueError / BudgetError: tiers or budget the policy refuses, named.
+    """
+    arch = model.model.sparse_arch
+    trained = arch.embedding_bag_collection
+    policy = getattr(trained, "precision_policy", None)
+    if not isinstance(trained, MixedPrecisionEmbeddingBagCollection) or not policy.scored:
+        raise CheckpointError("serving tiers are chosen by the trained priorities: export a model trained with --precision shark or freq")
+    new_policy = dataclasses.replace(
+        policy, tiers=tuple(serving.tiers), memory_budget=serving.memory_budget, budget_scope=serving.budget_scope,
+        row_fractions=None, t8=None, t16=None,
+    )
+    configs = trained.embedding_bag_configs()
+    ebc = MixedPrecisionEmbeddingBagCollection(tables=configs, precision_policy=new_policy, device=torch.device("cpu"))
+    state = trained.state_dict()  # trained values in their trained groups, scores, step
+    if "dropped" not in serving.tiers:
+        # Rows dropped in training load as stored rows of the cheapest serving tier, with the
+        # value they served (their fallback row's), before they are ranked again.
+        cheapest = ebc.resolved_policy().groups[-1]
+        for key, value in state.items():
+            if key.endswith(".row_group"):
+                state[key] = torch.where(value == DROPPED, torch.full_like(value, cheapest), value)
+    ebc.load_state_dict(state)
+    values = [s.read_rows(torch.arange(s.num_rows)) for s in ebc.stores]
+    if serving.budget_scope == "model":
+        # The model's only collection: its budget is the model's (no warning that it stands alone).
+        ModelBudget([("embedding_bag_collection", ebc)]).reassign()
+    else:
+        ebc.reassign()
+    for store, before in zip(ebc.stores, values):
+        if not store.has_dropped:
+            continue
+        dropped = store.row_group == DROPPED
+        for i in range(len(store.tables)):
+            lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+            mine = dropped[lo:hi]
+            if bool(mine.any()):
+                store.set_fallback_rows(i, before[lo:hi][mine].mean(dim=0))
+    if serving.rounding == "fitted":
+        for store, before in zip(ebc.stores, values):
+            groups = store.row_group
+            for g, bits in INT_BITS.items():
+                keys = (groups == g).nonzero().flatten()
+                for a in range(0, len(keys), CHUNK_ROWS):
+                    k = keys[a : a + CHUNK_ROWS]
+                    store.write_int_exact(g, k, before[k], fitted_scale_bias(before[k], bits))
+    arch.embedding_bag_collection = ebc
+    return {"serving_tiers": list(serving.tiers), "serving_budget": serving.memory_budget,
+            "serving_budget_scope": serving.budget_scope, "serving_rounding": serving.rounding}
+
+
+def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
+    """Swap a loaded mixed-precision model's collection for its inference twin, in place (the
+    training store, with its scores and optimizer state, is dropped)."""
+    sparse_arch = model.model.sparse_arch
+    sparse_arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(
+        sparse_arch.embedding_bag_collection
+    )
+    return model.eval()
+
+
+SERVING_MODEL = "serving_model.pt"
+KERNELS_FILE = "shark_kernels.so"  # torch.ops.shark, which the serving model's lookup calls
+SERVING_MANIFEST = "serving.json"
+VOCAB_FILE = "vocab.json"
+RECIPE_FILE = "serve.py"
+
+
+def export_checkpoint(
+    checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None, serving: Optional[ServingTiers] = None
+) -> Dict[str, Any]:
+    """Write the export directory of a mixed-precision checkpoint (see the module docstring).
+
+    Args:
+        checkpoint: a checkpoint (or a directory of them: the newest) of a mixed-precision model.
+        out: the export directory (created if absent; files of an earlier export are replaced).
+        base_checkpoint: the uncompressed model's checkpoint, for the figures beside it.
+        serving: tiers and budget to serve in, chosen from the trained priorities
+            (`regroup_for_serving`); None: the rows as trained.
+
+    Returns:
+        export.json's record: bytes beside the fp32 tables and beside TorchRec's per-table int8
+        (`quantize_embeddings`), rows per group, and the largest logit difference to the
+        trained model over the dev split.
+    """
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.distributed.memory import torchrec_int8_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    model, qcfg = load_trained_model(checkpoint)  # read once: logits first, then swapped in place
+    if qcfg.quant.precision == "fp32":
+        raise CheckpointError(
+            f"checkpoint {checkpoint} holds fp32 TorchRec tables: there are no row groups to export "
+            "(TorchRec's quantize_embeddings serves such a model)"
+        )
+    data = open_dataset(qcfg.dataset, qcfg.train.seed)
+    if qcfg.model.kept_fields:
+        data = data.with_fields(list(qcfg.model.kept_fields))
+
+    def dev_logits(forward):
+        with torch.no_grad():
+            return [forward(b) for b in data.batches("dev", qcfg.train.eval_batch_size)]
+
+    def largest_difference(want, got) -> float:
+        return max((w - g).abs().max().item() for w, g in zip(want, got)) if want else 0.0
+
+    regrouped: Dict[str, Any] = {}
+    if serving is not None:
+        regrouped = regroup_for_serving(model, serving)
+    want = dev_logits(lambda b: model(b)[1][1])
+    exported = to_inference(model)
+    diff = largest_difference(want, dev_logits(lambda b: exported(b)[1][1]))
+    ebc = exported.model.sparse_arch.embedding_bag_collection
+    configs = ebc.embedding_bag_configs()
+    record: Dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "inference_bytes": ebc.memory_bytes(),
+        **ebc.group_rows(),
+        "fp32_bytes": sum(c.num_embeddings * c.embedding_dim * 4 for c in configs),
+        "torchrec_int8_bytes": torchrec_int8_bytes((c.num_embeddings, c.embedding_dim) for c in configs),
+        "max_abs_logit_diff_dev": diff,
+        **regrouped,
+    }
+    if base_checkpoint:
+        shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
+        record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
+        record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(shapes.values())
+    torch.save(exported, out / "model.pt")
+    torch.jit.script(ebc).save(str(out / "embedding_collection.pt"))
+    (out / "export.json").write_text(json.dumps(record, indent=2))
+    serving = serving_model(exported, data.schema.num_dense)
+
+    def served(b):  # the scripted model on the batch's tensors, as serve.py calls it
+        return serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())
+
+    checks = {"max_abs_logit_diff_dev": largest_difference(want, dev_logits(served))}
+    write_serving_files(serving, data, qcfg.dataset, out, checks)
+    return record
+
+
+def write_serving_files(
+    scripted: torch.jit.ScriptModule,
+    data,
+    data_config: DataConfig,
+    out: Path,
+    checks: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Write what serving needs beside the model files: serving_model.pt, serving.json,
+    vocab.json (vocabulary encoding), serve.py and README.md.
+
+    Args:
+        scripted: the model as `shark_torchrec.models.serving.serving_model` scripts it.
+        data: the model's `Dataset` as training opened it (a pruned model's view of its kept
+            fields included): its layout, encoder and full field list describe raw lines.
+        data_config: the data settings it was opened with (recorded: source, min_count).
+        out: the export directory (existing).
+        checks: figures recorded in serving.json (e.g. the largest logit difference on dev).
+    """
+    from shark_torchrec import serve as recipe
+
+    scripted.save(str(out / SERVING_MODEL))
+    # The scripted lookup calls our C++ op: the library ships beside the model.
+    shutil.copyfile(kernels.load(), out / KERNELS_FILE)
+    fields = list(scripted.feature_names)
+    all_fields = list(data.full_schema.sparse_names)
+    unknown = [f for f in fields if f not in all_fields]
+    if unknown:
+        raise ValueError(f"export: model field(s) {', '.join(unknown)} are not fields of the data {data.full_schema.sparse_names}")
+    manifest: Dict[str, Any] = {
+        "format": recipe.FORMAT,
+        "version": recipe.VERSION,
+        "model": SERVING_MODEL,
+        "interface": (
+            "forward(dense [B, Nd] float32, values [nnz] int64, lengths [F * B] int) -> logits [B]; "
+            "bag f * B + b is field f of sample b"
+        ),
+        "kernels": KERNELS_FILE,
+        "torch": torch.__version__,
+        "kernels_built_for": kernels.built_for(),  # torch version, CPU architecture, instruction sets
+        "fields": fields,
+        "dense": list(data.schema.dense_names),
+        "field_rows": dict(zip(fields, scripted.lookup.feature_rows.tolist())),
+        "data": data_config.data,
+        "parsing": data.layout.describe() if data.layout is not None else None,
+        "encoding": None,
+    }
+    vocab_path = out / VOCAB_FILE
+    if data.layout is not None:
+        encoding = data.encoder.describe(all_fields)
+        if encoding["kind"] == "vocab":
+            values = encoding.pop("values")
+            vocab_path.write_text(json.dumps({f: values[f] for f in fields}))
+            encoding.update(file=VOCAB_FILE, min_count=data_config.min_count)
+        manifest["encoding"] = encoding
+    if manifest["encoding"] is None or manifest["encoding"]["kind"] != "vocab":
+        vocab_path.unlink(missing_ok=True)  # none of an earlier export's
+    manifest.update(checks or {})
+    (out / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / RECIPE_FILE).write_text(Path(recipe.__file__).read_text())
+    (out / "README.md").write_text(_serving_readme(manifest))
+
+
+def _serving_readme(manifest: Dict[str, Any]) -> str:
+    fields = ", ".join(manifest["fields"])
+    dense = ", ".join(manifest["dense"]) or "none"
+    if manifest["parsing"] is None:
+        lines = (
+            "This model was trained on synthetic data: there is no raw-line layout, so call it with\n"
+            "encoded tensors (row ids of each field; serving.json's field_rows has the table sizes).\n"
+        )
+    else:
+        p, e = manifest["parsing"], manifest["encoding"]
+        how = (
+            "vocabulary (vocab.json; row 0 for values not in it)" if e["kind"] == "vocab"
+            else f"hash (crc32 of 'field_index:value' modulo {e['size']})"
+        )
+        lines = (
+            f"Raw lines: {p['num_columns']} columns split by {p['delimiter']!r} "
+            f"({'with' if p['header'] else 'without'} a header line; the label column may be left out),\n"
+            f"categorical values encoded by {how}, exactly as training read its files.\n"
+        )
+    return f"""# Serving export (shark-torchrec)
+
+Load with torch only (no shark_torchrec, no TorchRec, no FBGEMM), the torch version
+serving.json names ({manifest['torch']}):
+
+    python serve.py . LINES_FILE                 # one logit per data line
+
+    import serve                                 # this directory on sys.path
+    model = serve.load(".")
+    logits = model.score_file("test.csv")        # or model.score_lines([...raw lines...])
+
+Or without serve.py:
+
+    import torch
+    torch.ops.load_library("shark_kernels.so")   # registers the lookup's op
+    m = torch.jit.load("serving_model.pt")
+    logits = m(dense, values, lengths)           # {manifest['interface']}
+
+Fields (model order): {fields}
+Dense features: {dense}
+{lines}
+Files: serving_model.pt (TorchScript), shark_kernels.so (its lookup op, compiled C++),
+serving.json (fields, raw-line layout, encoding),
+vocab.json (vocabulary encoding), serve.py (the loader), model.pt and embedding_collection.pt
+(the same model for shark_torchrec / TorchRec), export.json (bytes and checks).
+"""

@@ -1,0 +1,239 @@
+"""A run directory belongs to one run at a time, and a run finds out first thing whether it
+can write where it must.
+
+Lock: `OUT_DIR/.lock`, created with O_CREAT|O_EXCL by rank 0 of the job that writes into
+OUT_DIR (`shark train`, `importance`, `prune`, `compress`) and removed when the job ends, however
+it ends. It holds JSON naming its holder: host, pid, start time (UTC) and command. A second job
+into the same OUT_DIR is refused, naming the holder. A run that was killed (os._exit, SIGKILL,
+OOM) leaves its lock behind; the next job reclaims it, with a warning, when the holder was on
+this host and its pid is gone. A lock of another host is never assumed stale: its pid says
+nothing here.
+
+`shark compress` holds one lock for its run directory; its stages (`base/`, `quantize/`, ...)
+are calls of `fit` inside that job, not jobs, so they take no lock of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch.distributed as dist
+
+from shark_torchrec.jobs.checkpoint import CheckpointError, broadcast_str
+
+log = logging.getLogger("shark")
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLocked(CheckpointError):
+    """The run directory is held by another run that may still be alive."""
+
+
+def default_out_dir(run: Any, pattern: str) -> str:
+    """Give a run without `--out-dir` a new one named by the UTC time, the same on every rank.
+
+    Args:
+        run: the job's RunConfig; its `out_dir` is set in place when empty.
+        pattern: a time.strftime pattern, e.g. "runs/%Y%m%d-%H%M%S".
+
+    Returns:
+        The run directory.
+    """
+    if not run.out_dir:
+        # Every rank must agree on the name: rank 0's clock decides.
+        run.out_dir = broadcast_str(time.strftime(pattern, time.gmtime()))
+    return run.out_dir
+
+
+@contextmanager
+def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
+    """Hold OUT_DIR/.lock while the body runs (OUT_DIR is created if needed).
+
+    Only rank 0 takes the lock (under torchrun every rank writes into the same directory);
+    every rank calls this, and every rank raises when rank 0 could not take it.
+
+    Args:
+        out_dir: the job's run directory.
+        is_main: whether this process is rank 0.
+
+    Raises:
+        RunDirLocked: another run holds the directory (the message names it).
+        CheckpointError: the directory cannot be created or written.
+    """
+    lock = Path(out_dir) / LOCK_FILE
+    mine: Optional[str] = None
+    failure = ("", "")
+    if is_main:
+        try:
+            mine = _acquire(lock)
+        except CheckpointError as e:
+            failure = (type(e).__name__, str(e))
+        except OSError as e:  # reported to every rank, which would otherwise wait for rank 0
+            failure = (CheckpointError.__name__, f"cannot take {lock} ({e.strerror or e})")
+    failure = _broadcast(failure)
+    if failure[0]:
+        raise (RunDirLocked if failure[0] == RunDirLocked.__name__ else CheckpointError)(failure[1])
+    try:
+        yield
+    finally:
+        if mine is not None:
+            _release(lock, mine)
+
+
+def check_writable(dirs: Mapping[str, Path]) -> None:
+    """Refuse to start a run that could not save: create each directory and a file in it.
+
+    Permissions alone do not tell (root writes into read-only directories; a path may run
+    through a regular file), so this tries what saving will do. Every rank checks (on several
+    nodes each needs the directory), and every rank raises the first problem any rank found.
+
+    Args:
+        dirs: flag name (e.g. "--checkpoint-dir") -> the directory it names.
+
+    Raises:
+        CheckpointError: naming the flag, the directory and why it cannot be written.
+    """
+    problem = ""
+    for flag, d in dirs.items():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=d, prefix=".write-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problem = f"{flag} {d} is not writable ({e.strerror or e}): nothing was trained"
+            break
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), "")
+    if problem:
+        raise CheckpointError(problem)
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _holder_record() -> str:
+    return json.dumps(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        }
+    )
+
+
+def _describe(holder: Dict[str, Any]) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+
+
+def _acquire(lock: Path) -> str:
+    """Create `lock` holding this process's record; returns that record (to release it by)."""
+    out = lock.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--out-dir {out} cannot be created ({e.strerror or e})") from e
+    record = _holder_record()
+    # A stale lock is taken away and creation tried again; the bound only stops a livelock
+    # with runs that keep taking and leaving the directory.
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            read = _read_holder(lock)
+            if read is None:
+                continue  # its run ended between our attempt and the read: try again
+            text, holder = read
+            if not _is_stale(holder):
+                raise RunDirLocked(
+                    f"{out} is in use by another run ({_describe(holder)}): wait for it to end or choose "
+                    f"another --out-dir; if that run is gone, delete {lock}"
+                ) from None
+            log.warning("reclaiming %s from a run that is gone (%s)", lock, _describe(holder))
+            _take_away(lock, text)
+            continue
+        except OSError as e:
+            raise CheckpointError(f"--out-dir {out} is not writable ({e.strerror or e})") from e
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+        except OSError:
+            lock.unlink(missing_ok=True)  # an empty lock would block every later run
+            raise
+        return record
+    raise RunDirLocked(f"{out}: could not take {lock}, other runs keep taking it")
+
+
+def _read_holder(lock: Path) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The lock's text and record, or None when the lock is gone. A lock just created may not
+    hold its record yet (create and write are two steps), so an unreadable one is read again."""
+    for _ in range(20):
+        try:
+            text = lock.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None
+        if isinstance(holder, dict):
+            return text, holder
+        time.sleep(0.05)
+    raise RunDirLocked(f"{lock} exists but holds no run record: if no run uses {lock.parent}, delete it")
+
+
+def _is_stale(holder: Dict[str, Any]) -> bool:
+    """True when the holder ran on this host and its process is gone."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, under another user
+    return False
+
+
+def _take_away(lock: Path, stale_text: str) -> None:
+    """Remove the stale lock whose text we read, and only that one: another run may have
+    reclaimed it and written its own since we read it."""
+    aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(lock, aside)  # atomic: we now own whatever lock was there
+    except FileNotFoundError:
+        return
+    if aside.read_text() != stale_text:
+        try:
+            os.link(aside, lock)  # a live run's fresh lock: put it back
+        except OSError:
+            pass
+    aside.unlink(missing_ok=True)
+
+
+def _release(lock: Path, mine: str) -> None:
+    try:
+        if lock.read_text() == mine:
+            lock.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,122 @@
+"""The planner's storage estimate for mixed-precision tables: both collections sized by our
+bytes, and whole-table shards sized exactly as the built store allocates them."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingType
+
+from helpers import mp_workers as W
+from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
+from shark_torchrec.distributed.mixed_precision import (
+    MixedPrecisionEmbeddingBagCollectionSharder,
+    MixedPrecisionEmbeddingCollectionSharder,
+)
+from shark_torchrec.planner.storage import MixedPrecisionStorageEstimator, make_planner, shard_bytes
+
+POLICIES = {
+    "budget": {},
+    "budget_sgd": {"memory_budget": 0.4, "optimizer": "sgd"},
+    "int8": {"mode": "int8", "memory_budget": None},
+    "fp16": {"mode": "fp16", "memory_budget": None, "optimizer": "sgd"},
+}
+
+
+def sharder(sequence: bool):
+    return MixedPrecisionEmbeddingCollectionSharder() if sequence else MixedPrecisionEmbeddingBagCollectionSharder()
+
+
+def storage_by_shard(module, sequence: bool, topology: Topology, ours: bool, constraints=None) -> dict:
+    """(table, sharding type, shard index) -> the planner's DDR bytes for that shard, from
+    TorchRec's storage estimator alone or followed by ours."""
+    estimators = [EmbeddingStorageEstimator(topology=topology, constraints=constraints)]
+    if ours:
+        estimators.append(MixedPrecisionStorageEstimator(topology, constraints))
+    enumerator = EmbeddingEnumerator(topology=topology, batch_size=64, constraints=constraints, estimator=estimators)
+    out = {}
+    for option in enumerator.enumerate(module, [sharder(sequence)]):
+        for i, shard in enumerate(option.shards):
+            out[(option.name, option.sharding_type, i)] = (shard.storage.ddr, shard.size)
+    return out
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["bag", "sequence"])
+def test_both_collections_are_sized_by_our_bytes(sequence):
+    """Every shard of every sharding type: our estimator replaces the fp32 tensor bytes
+    TorchRec counted by shard_bytes(...) (the sequence collection used to keep fp32 bytes)."""
+    policy = W.policy()
+    module = W.make_module(sequence, {})
+    topology = Topology(world_size=2, compute_device="cpu")
+    stock = storage_by_shard(module, sequence, topology, ours=False)
+    ours = storage_by_shard(module, sequence, topology, ours=True)
+    assert stock.keys() == ours.keys()
+    rows = {n: r for n, r, _ in W.TABLES}
+    types = {key[1] for key in stock}
+    assert {ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value} <= types, types
+    for key, (stock_bytes, (r, c)) in stock.items():
+        name = key[0]
+        assert ours[key][0] - stock_bytes == shard_bytes(policy, name, rows[name], r, c) - r * c * 4, key
+
+
+def allocated_bytes(store) -> int:
+    """What a store really holds for its rows: the group buffer, the row map (one int32 a
+    row), the row-wise optimizer state and the priority state."""
+    tensors = (store.weights, store.row_map, store.momentum, store.row_priority, store.row_seen_step)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+@pytest.mark.parametrize("sequence", [False, True], ids=["bag", "sequence"])
+def test_whole_table_estimate_is_what_the_store_allocates(sequence, policy_name):
+    """Plan table-wise on one rank, shard with that plan: the bytes the estimator added for
+    each table's shard sum to exactly what the built stores allocate (not only a bound)."""
+    overrides = POLICIES[policy_name]
+    constraints = {n: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]) for n, _, _ in W.TABLES}
+    topology = Topology(world_size=1, compute_device="cpu")
+    module = W.make_module(sequence, overrides)
+    stock = storage_by_shard(module, sequence, topology, ours=False, constraints=constraints)
+    ours = storage_by_shard(module, sequence, topology, ours=True, constraints=constraints)
+    # TorchRec's bytes minus its fp32 tensor bytes are its input/output buffers: what is
+    # left of ours is the estimate of our tables' state.
+    estimate = {key[0]: ours[key][0] - (stock[key][0] - r * c * 4) for key, (_, (r, c)) in stock.items()}
+    assert len(estimate) == len(W.TABLES)
+
+    env = init_distributed()
+    try:
+        model = W.Wrap(W.make_module(sequence, overrides))
+        plan = make_planner(topology, constraints).plan(model, [sharder(sequence)])
+        assert {ps.sharding_type for ps in plan.plan["ebc"].values()} == {ShardingType.TABLE_WISE.value}
+        dmp = DistributedModelParallel(
+            model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=env.device, plan=plan, sharders=[sharder(sequence)]
+        )
+        stores = [store for store, _ in dmp.module.ebc.stores()]
+        assert sorted(t.name for s in stores for t in s.tables) == sorted(estimate)
+        assert sum(estimate.values()) == sum(allocated_bytes(s) for s in stores)
+    finally:
+        shutdown_distributed()
+
+
+def test_a_model_budget_sizes_tables_against_every_collection_of_the_model():
+    """Two collections with budget_scope="model" (they may share one budget): a table is sized
+    for what every model-scope table of the model leaves it, not its own collection alone."""
+    from shark_torchrec.planner.storage import model_scope_share
+
+    kw = {"memory_budget": 0.5, "budget_scope": "model", "fp32_fraction": 0.05}
+    model = W.TwoCollections(kw, device=torch.device("meta"))
+    topology = Topology(world_size=2, compute_device="cpu")
+    stock = storage_by_shard(model, False, topology, ours=False)
+    got = storage_by_shard(model, False, topology, ours=True)
+    policy = W.policy(**kw).resolved([W.DIM])
+    every = {(path, n): (rows, W.DIM) for path, names in W.SPLIT for n, rows, _ in W.TABLES if n in names}
+    alone = {k: v for k, v in every.items() if k[0] == "b"}
+    rows = dict((n, r) for n, r, _ in W.TABLES)["t2"]
+    want = shard_bytes(model_scope_share(policy, every)[("b", "t2")], "t2", rows, rows, W.DIM)
+    narrower = shard_bytes(model_scope_share(policy, alone)[("b", "t2")], "t2", rows, rows, W.DIM)
+    assert want > narrower
+    key = ("t2", ShardingType.TABLE_WISE.value, 0)
+    assert got[key][0] - stock[key][0] == want - rows * W.DIM * 4

@@ -1,0 +1,213 @@
+"""`shark compress`: stages, resume after an interruption, and config refusal."""
+
+import json
+
+import torch
+
+from conftest import TINY, run_shark
+from helpers.checks import compare_export
+from shark_torchrec.jobs.checkpoint import load_full_state
+
+ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2", "--order", "importance", "--min-saving", "0",
+        "--support-rows", "2000", "--quant-epochs", "2", "--quant-evals-per-epoch", "0", "--checkpoint-every", "10"]
+
+
+def test_compress_resumes_from_the_last_finished_stage(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_shark("compress", *ARGS, "--out", str(straight), "--metrics-out", str(straight / "m.json"))
+    m = json.loads((straight / "m.json").read_text())
+    for key in ("test_auc", "embedding_bytes", "base_test_auc", "kept_fields", "pruned_fields", "memory_ratio", "quant_budget"):
+        assert key in m, key
+    assert m["precision"] == "shark" and m["rows_int8"] > 0
+    assert len(m["pruned_fields"]) == 2 and m["memory_ratio"] < m["prune_memory_ratio"] < 1
+    for part in ("base/metrics.json", "prune/prune_log.csv", "prune/auc_vs_memory.png", "quantize/metrics.json",
+                 "export/model.pt", "export/embedding_collection.pt", "export/export.json", "stages.json",
+                 "export/serving_model.pt", "export/serving.json", "export/serve.py", "export/README.md"):
+        assert (straight / part).exists(), part
+    # The serving export of the pruned model (synthetic data: tensors in, no raw-line layout);
+    # its scripted model's dev logits are the trained model's.
+    serving = json.loads((straight / "export" / "serving.json").read_text())
+    assert serving["fields"] == m["kept_fields"] and serving["parsing"] is None
+    assert serving["max_abs_logit_diff_dev"] < 1e-5
+    # The pruned, quantized model exports to the inference module with the same logits and bytes.
+    quantized = json.loads((straight / "quantize" / "metrics.json").read_text())
+    diff, ebc = compare_export(straight / "quantize" / "checkpoints", quantized)
+    assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
+    report = (straight / "report.md").read_text()
+    for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png",
+                 "The stop test: a step is kept when the one-sided upper bound", "| selection drop (SE) | drop upper bound |",
+                 "Confirmation split (500 rows, read by no decision), the final (pruned, quantized) model",
+                 # dim 8: all-int8 rows take 0.5 of fp32, so the 0.3 target is missed, and the report says so
+                 "## Targets", "target 0.3: **missed** by", "clipped up to 0.500", "so the pipeline misses --target-memory 0.3"):
+        assert part in report, part
+    assert (straight / "report_auc_vs_memory.png").stat().st_size > 0
+    again = run_shark("report", str(straight))
+    assert "report.md" in again.stdout
+    missing = run_shark("report", str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 2 and "not a `shark compress` run directory" in missing.stderr
+    e = m["export"]
+    assert e["max_abs_logit_diff_dev"] < 1e-5 and e["inference_bytes"] == quantized["embedding_bytes"]
+    assert e["inference_bytes"] < e["fp32_bytes"] < e["base_fp32_bytes"]
+
+    # The base stage has 47 steps, so step 60 falls in the quantize stage (2 epochs, 94 steps).
+    killed = run_shark("compress", *ARGS, "--out", str(broken), "--fail-at-step", "60", check=False)
+    assert killed.returncode == 17
+    stages = json.loads((broken / "stages.json").read_text())
+    assert set(stages) == {"base", "prune"}
+    base_ckpt = stages["base"]["checkpoint"]
+    refused = run_shark("compress", *ARGS, "--out", str(broken), check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    run_shark("compress", *ARGS, "--out", str(broken), "--resume")
+    after = json.loads((broken / "stages.json").read_text())
+    assert after["base"] == stages["base"] and after["prune"] == stages["prune"]  # not redone
+    assert after["base"]["checkpoint"] == base_ckpt
+    a = load_full_state(straight / "quantize" / "checkpoints")["model"]
+    b = load_full_state(broken / "quantize" / "checkpoints")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_bad_compress_config_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    proc = run_shark("compress", *TINY, "--quant-budget", "0.2", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "compress.quant_budget" in proc.stderr
+    proc = run_shark("compress", *TINY, "--t8", "5", "--t16", "1", "--precision", "shark", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "t8" in proc.stderr
+    proc = run_shark("compress", *TINY, "--serve-tiers", "int4", "--out", str(out), check=False)  # one tier: no ranking
+    assert proc.returncode == 2 and "--serve-tiers" in proc.stderr
+    assert not out.exists()
+
+
+def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
+    """With a quantization budget that leaves our model larger than TorchRec's int8 and int4 of
+    the base model (0.9 of fp32 at dim 8, where TorchRec pads both to 16 B rows: 0.5),
+    `--fallback torchrec` tries them from the fewest bytes up, on equal bytes int8 first, on the
+    selection split; int8 passes and is served, and the report says so; the saved model loads
+    in a fresh process and scores a batch as TorchRec's own quantization of the base model does.
+    TorchRec's drop in the choice is the paired drop on the selection split (dev's even lines);
+    ours is tested on the choice split."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fb"
+    # On 2 processes: the comparison runs on rank 0 alone while rank 1 waits (it once hung there).
+    args = [*ARGS, "--max-iterations", "1", "--quant-budget", "0.9", "--quant-epochs", "1", "--fallback", "torchrec", "--nproc", "2"]
+    run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
+    easy = json.loads((out / "export" / "export.json").read_text())["easy_path"]
+    assert easy["torchrec-int4"]["memory"] == 0.5 and easy["torchrec-int8"]["memory"] == 0.5
+    assert easy["final"]["memory"] > 0.5 and easy["recommended"] == easy["exported_model"] == "torchrec-int8"
+    assert easy["torchrec-int8"]["choice"]["test_index"] == 1 and easy["final"]["choice"]["test_index"] is None
+    assert easy["torchrec-int4"]["choice"]["test_index"] is None
+    assert easy["final"]["choice"]["split"] == "choice" and easy["torchrec-int8"]["choice"]["split"] == "dev"
+    assert easy["rows"] == 500 and easy["exported"].endswith("torchrec_int8_model.pt")
+    targets = json.loads((out / "m.json").read_text())["targets"]
+    assert targets["served"] == "torchrec-int8" and targets["memory_ratio"] == 0.5 and targets["choice_test_passed"]
+    assert "torchrec_int8_model.pt" in (out / "export" / "README.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Against TorchRec's post-training quantization" in report and "**Served: TorchRec int8 of the base**" in report
+    assert "failed the stop test" not in report
+    script = (
+        "import sys, torch, json\n"
+        "from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC\n"
+        "from shark_torchrec.config import DataConfig\n"
+        "from shark_torchrec.data import open_dataset\n"
+        "m = torch.load(sys.argv[1], weights_only=False)\n"
+        "assert isinstance(m.model.sparse_arch.embedding_bag_collection, QuantEBC)\n"
+        "d = open_dataset(DataConfig(synthetic_train_rows=6000, synthetic_eval_rows=2000, synthetic_scale=0.02))\n"
+        "b = next(iter(d.batches('test', 256)))\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(m(b)[1][1].tolist()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, easy["exported"]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    from shark_torchrec.config import DataConfig
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.jobs.easy_path import torchrec_quantized
+    from shark_torchrec.jobs.export import load_trained_model
+
+    base, _ = load_trained_model(json.loads((out / "stages.json").read_text())["base"]["checkpoint"])
+    want_model = torchrec_quantized(base, torch.qint8)
+    b = next(iter(open_dataset(DataConfig(synthetic_train_rows=6000, synthetic_eval_rows=2000, synthetic_scale=0.02)).batches("test", 256)))
+    with torch.no_grad():
+        want = want_model(b)[1][1]
+    assert torch.allclose(got, want, atol=1e-6)
+    # TorchRec's test read the selection split: its drop is the paired drop there, recomputed.
+    from shark_torchrec.config import parse_cli
+    from shark_torchrec.distributed.env import DistEnv
+    from shark_torchrec.importance.significance import paired_auc
+    from shark_torchrec.jobs.evaluation import predict
+
+    cfg = parse_cli(args, prog="test")
+    view = open_dataset(cfg.dataset, cfg.train.seed).decision_splits()
+    env = DistEnv(0, 1, torch.device("cpu"), "none")
+    with torch.no_grad():
+        mine, y = predict(want_model, view, "dev", 1024, env)
+        theirs, _ = predict(base, view, "dev", 1024, env)
+    drop = -paired_auc(mine.numpy(), theirs.numpy(), y.numpy()).difference
+    assert abs(easy["torchrec-int8"]["choice"]["drop"] - drop) < 1e-12 and easy["choice_rows"]["dev"] == y.numel()
+
+
+def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path):
+    """--serve-tiers: the quantize stage trains in the paper's tiers, the export regroups the
+    rows into the serving tiers at --target-memory over what pruning left (clipped to their
+    floor), and the served model is what the choice and the targets read."""
+    from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
+
+    out = tmp_path / "serve"
+    args = [*ARGS, "--max-iterations", "1", "--quant-epochs", "1", "--serve-tiers", "int8,int4"]
+    run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
+    m = json.loads((out / "m.json").read_text())
+    stages = json.loads((out / "stages.json").read_text())
+    e = stages["export"]
+    want = max(0.3 / stages["prune"]["memory_ratio"], min_budget(8, GROUP_NAMES.index("int4")))
+    assert e["serving_tiers"] == ["int8", "int4"] and abs(e["serving_budget"] - min(1.0, want)) < 1e-12
+    assert e["rows_int4"] > 0 and e["rows_int4"] + e.get("rows_int8", 0) == m["rows_int8"] + m["rows_fp16"] + m["rows_fp32"]
+    assert e["max_abs_logit_diff_dev"] < 1e-5  # the inference module serves the regrouped rows
+    assert m["memory_ratio"] == e["inference_bytes"] / m["base_embedding_bytes"] < m["embedding_bytes"] / m["base_embedding_bytes"]
+    easy = e["easy_path"]
+    assert easy["final"]["bytes"] == e["inference_bytes"] and easy["exported_model"] == "final"
+    # The choice and the figures read the regrouped model as exported, not the trained one.
+    from shark_torchrec.config import parse_cli
+    from shark_torchrec.data import CONFIRM, open_dataset
+    from shark_torchrec.distributed.env import DistEnv
+    from shark_torchrec.importance.significance import paired_auc
+    from shark_torchrec.jobs.evaluation import predict
+
+    cfg = parse_cli(args, prog="test")
+    view = open_dataset(cfg.dataset, cfg.train.seed).decision_splits().with_fields(m["kept_fields"])
+    served = torch.load(out / "export" / "model.pt", weights_only=False)
+    with torch.no_grad():
+        logits, y = predict(served, view, CONFIRM, 1024, DistEnv(0, 1, torch.device("cpu"), "none"))
+    assert abs(paired_auc(logits.numpy(), logits.numpy(), y.numpy()).auc_a - easy["final"]["auc"]) < 1e-12
+    assert m["targets"]["memory_ratio"] == easy["final"]["memory"] and "test" in easy["final"]
+    report = (out / "report.md").read_text()
+    assert "Served in int8, int4 at" in report and "the pruned, quantized model as trained (served regrouped" in report
+
+
+def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
+    """Without --fallback torchrec, a TorchRec model smaller than ours that passes the same
+    test is named, with the flag that serves it; when ours is the smaller, nothing is said."""
+    from shark_torchrec.report import _easy_path_lines
+
+    def model(nbytes, **extra):
+        return {"auc": 0.8, "bytes": nbytes, "memory": nbytes / 1000, "drop": 0.0, "drop_standard_error": 0.001,
+                "choice": {"drop": 0.0, "standard_error": 0.001, "test_index": None}, **extra}
+
+    e = {"rows": 100, "choice_rows": {"dev": 100, "choice": 50}, "base": model(1000), "final": model(400),
+         "torchrec-int4": model(250, minus_final=0.0, minus_final_standard_error=0.001),
+         "torchrec-int8": model(500, minus_final=0.0, minus_final_standard_error=0.001),
+         "recommended": "final", "exported_model": "final", "exported": None, "exported_within_bound": True,
+         "fallback_would_serve": "torchrec-int4"}
+    e["final"]["choice"].update(test_index=1, upper_bound=0.001, accepted=True)
+    text = "\n".join(_easy_path_lines(e))
+    assert "**TorchRec int4 of the base is smaller than ours and passes the same test" in text and "--fallback torchrec" in text
+    assert "Served: ours (it passed" in text and "failed the stop test" not in text
+    e["final"]["bytes"] = 200
+    text = "\n".join(_easy_path_lines(e))
+    assert "is smaller than ours" not in text and "Served: ours (it passed" in text and "failed the stop test" not in text
+    e["final"]["choice"]["accepted"], e["exported_within_bound"], e["recommended"] = False, False, None
+    text = "\n".join(_easy_path_lines(e))
+    assert "**Ours failed the stop test" in text and "Served: ours" not in text

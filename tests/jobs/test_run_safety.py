@@ -1,0 +1,292 @@
+"""Runs that do not collide or lose work: the run-directory lock, checkpoint checksums, an
+unwritable place found before training, and where a resumed run picked up."""
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from shark_torchrec.jobs import checkpoint as ckpt_module
+from shark_torchrec.jobs.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from shark_torchrec.jobs.run_dir import _take_away
+
+from conftest import ROOT, TINY, run_shark
+
+# 3000 train rows: 24 steps an epoch. Checkpoints every 5 steps; killed after step 16, the
+# run leaves step_10 and step_15 (two are kept) and its lock.
+SMALL = [*TINY, "--synthetic-train-rows", "3000", "--checkpoint-every", "5"]
+KILL_AT = "16"
+
+
+def lock_of(out: Path) -> dict:
+    return json.loads((out / ".lock").read_text())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> Path:
+    """A `shark train` run killed hard (os._exit) after step 16: checkpoints and a stale lock."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    proc = run_shark("train", *SMALL, "--out-dir", str(out), "--fail-at-step", KILL_AT, check=False)
+    assert proc.returncode == 17
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The run-directory lock
+
+
+def test_killed_run_leaves_a_stale_lock_that_resume_reclaims(killed_run, tmp_path):
+    out = copy_of(killed_run, tmp_path)
+    holder = lock_of(out)
+    assert holder["host"] == socket.gethostname() and not pid_alive(holder["pid"])
+    proc = run_shark("train", *SMALL, "--out-dir", str(out), "--resume", "--metrics-out", str(tmp_path / "m.json"))
+    assert f"reclaiming {out / '.lock'} from a run that is gone (pid {holder['pid']} on {holder['host']}" in proc.stderr
+    # The log says where the resumed run picked up.
+    steps = json.loads((tmp_path / "m.json").read_text())["steps"]
+    assert f"resumed from {out / 'checkpoints' / 'step_00000015'} at step 15 (epoch 0, batch 15 of {steps})" in proc.stderr
+    assert not (out / ".lock").exists()  # released at the end of the run
+    # A run that fails (here: refused, its checkpoint directory is taken) releases it too.
+    refused = run_shark("train", *SMALL, "--out-dir", str(out), check=False)
+    assert refused.returncode == 2 and "already holds checkpoints" in refused.stderr
+    assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "importance", "prune", "compress"])
+def test_out_dir_of_a_live_run_is_refused(tmp_path, command):
+    out = tmp_path / "busy"
+    out.mkdir()
+    # This test's own process: alive, on this host.
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "2030-01-02T03:04:05Z", "command": "pytest"})
+    (out / ".lock").write_text(record)
+    proc = run_shark(command, *TINY, "--out-dir", str(out), check=False)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error == (
+        f"shark {command}: error: {out} is in use by another run (pid {os.getpid()} on {socket.gethostname()}, "
+        f"started 2030-01-02T03:04:05Z): wait for it to end or choose another --out-dir; if that run is gone, "
+        f"delete {out / '.lock'}"
+    )
+    assert (out / ".lock").read_text() == record  # the holder's lock is left alone
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+
+
+def test_lock_of_another_host_is_never_taken_as_stale(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a pid that is gone here, which says nothing about the other host
+    assert not pid_alive(pid)
+    (out / ".lock").write_text(json.dumps({"host": "another-host.example", "pid": pid, "started": "s"}))
+    proc = run_shark("train", *TINY, "--out-dir", str(out), check=False)
+    assert proc.returncode == 2 and f"(pid {pid} on another-host.example, started s)" in proc.stderr
+    assert lock_of(out)["host"] == "another-host.example"
+
+
+def test_second_run_cannot_mix_its_config_into_a_running_one(tmp_path):
+    """Run A trains; run B, started into A's directory while A runs (resuming from A's
+    checkpoint with another learning rate), is refused: A's config.toml and A's checkpoints
+    stay A's. Without the lock B would rewrite config.toml and save its own checkpoints there."""
+    out = tmp_path / "shared"
+    shark = Path(sys.executable).parent / "shark"
+    a_args = [*TINY, "--epochs", "50", "--checkpoint-every", "5", "--lr", "0.05"]
+    log_a = tmp_path / "a.log"
+    with open(log_a, "w") as sink:
+        first = subprocess.Popen([str(shark), "train", *a_args, "--out-dir", str(out)], cwd=ROOT, stdout=sink, stderr=sink)
+    try:
+        deadline = time.monotonic() + 300
+        while not list_checkpoints(out / "checkpoints"):
+            assert first.poll() is None, log_a.read_text()[-4000:]
+            assert time.monotonic() < deadline, "run A saved no checkpoint in 300 s"
+            time.sleep(0.5)
+        second = run_shark("train", *TINY, "--lr", "0.5", "--resume", "--max-steps", "1", "--out-dir", str(out), check=False)
+        assert first.poll() is None, "run A ended before run B was tried: the test proves nothing"
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"is in use by another run (pid {first.pid} on {socket.gethostname()}" in second.stderr
+    assert tomllib.loads((out / "config.toml").read_text())["train"]["lr"] == 0.05
+    for ckpt in list_checkpoints(out / "checkpoints"):
+        assert json.loads((ckpt / "meta.json").read_text())["config"]["train"]["lr"] == 0.05, ckpt
+
+
+def test_reclaiming_a_stale_lock_never_removes_a_fresh_one(tmp_path):
+    """Two runs may find the same stale lock; the slower one must not take away the lock the
+    faster one has just written in its place."""
+    lock = tmp_path / ".lock"
+    lock.write_text('{"pid": 2, "host": "h"}')  # the faster run's, written after we read the stale one
+    _take_away(lock, '{"pid": 1, "host": "h"}')
+    assert lock.read_text() == '{"pid": 2, "host": "h"}'
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+    _take_away(lock, '{"pid": 2, "host": "h"}')
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------
+# An unwritable place is found before training
+
+
+def unwritable(tmp_path: Path) -> Path:
+    """A directory this process cannot write into. Root writes through permissions, so as
+    root it is a path under a regular file (which no one can create); otherwise a directory
+    made read-only."""
+    if os.geteuid() == 0:
+        blocker = tmp_path / "a_regular_file"
+        blocker.write_text("")
+        return blocker / "dir"
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--checkpoint-dir"])
+def test_unwritable_directory_is_an_error_before_training(tmp_path, flag):
+    bad = unwritable(tmp_path)
+    out = bad if flag == "--out-dir" else tmp_path / "run"
+    extra = ["--checkpoint-dir", str(bad)] if flag == "--checkpoint-dir" else []
+    proc = run_shark("train", *TINY, "--out-dir", str(out), *extra, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"shark train: error: {flag} {bad} ") and ("not writable" in error or "cannot be created" in error)
+    if flag == "--checkpoint-dir":  # refused before anything was written: no config, no lock left
+        assert sorted(p.name for p in out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint checksums
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(killed_run, tmp_path):
+    out = copy_of(killed_run, tmp_path)
+    newest = out / "checkpoints" / "step_00000015"
+    data = newest / "__0_0.distcp"
+    size = data.stat().st_size
+    os.truncate(data, size // 2)
+    # Named explicitly, a corrupt checkpoint is an error naming its file.
+    proc = run_shark("train", *SMALL, "--checkpoint", str(newest), "--out-dir", str(tmp_path / "other"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"shark train: error: checkpoint {newest} is corrupt: {data} has {size // 2} bytes, {size} were written "
+        "(truncated or overwritten)"
+    )
+    # --resume takes the newest one that passes, and says which one it skipped and why.
+    proc = run_shark("train", *SMALL, "--out-dir", str(out), "--resume")
+    assert f"skipping corrupt checkpoint {newest}: {data} has {size // 2} bytes" in proc.stderr
+    assert f"resumed from {out / 'checkpoints' / 'step_00000010'} at step 10 (epoch 0," in proc.stderr
+    assert resolve_checkpoint(out / "checkpoints").name == "step_00000024"  # the run's end, valid
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """step_1 and step_2 of a small model, as a new process sees them (nothing known good)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 1))
+    opt = torch.optim.Adagrad(model.parameters())
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        model(torch.randn(4, 64)).sum().backward()
+        opt.step()
+        save_checkpoint(root, step, model, opt, {"tables": {}}, keep=3)
+    ckpt_module._checked.clear()
+    return root, model, opt
+
+
+def largest_file(ckpt: Path) -> Path:
+    return max((f for f in ckpt.iterdir() if f.name != "meta.json"), key=lambda f: f.stat().st_size)
+
+
+def flip_a_bit(f: Path) -> None:
+    with open(f, "r+b") as fh:
+        fh.seek(f.stat().st_size // 2)
+        b = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "meta"])
+def test_corrupt_newest_checkpoint_is_skipped_and_named(two_checkpoints, caplog, damage):
+    root, _, _ = two_checkpoints
+    newest = root / "step_00000002"
+    data = largest_file(newest)
+    if damage == "flip":
+        flip_a_bit(data)
+        why = f"{data} fails its CRC-32 check"
+    elif damage == "truncate":
+        os.truncate(data, data.stat().st_size - 1)
+        why = f"{data} has {data.stat().st_size} bytes, {data.stat().st_size + 1} were written"
+    elif damage == "delete":
+        data.unlink()
+        why = f"{data} is missing"
+    else:
+        (newest / "meta.json").write_text('{"step": 2, "tab')
+        why = f"{newest / 'meta.json'} cannot be read"
+    with caplog.at_level(logging.WARNING, logger="shark"):
+        assert resolve_checkpoint(root) == root / "step_00000001"
+    assert f"skipping corrupt checkpoint {newest}: {why}" in caplog.text
+    with pytest.raises(CheckpointError, match="^" + re.escape(f"checkpoint {newest} is corrupt: {why}")):
+        resolve_checkpoint(newest)
+
+
+def test_no_valid_checkpoint_is_an_error(two_checkpoints):
+    root, _, _ = two_checkpoints
+    for ckpt in list_checkpoints(root):
+        flip_a_bit(largest_file(ckpt))
+    with pytest.raises(CheckpointError, match=re.escape(f"no valid checkpoint at {root}: all 2 fail their check")):
+        resolve_checkpoint(root)
+
+
+def test_checkpoint_without_checksums_still_loads(two_checkpoints):
+    """Checkpoints saved before checksums existed load as they did, unchecked."""
+    root, model, opt = two_checkpoints
+    newest = root / "step_00000002"
+    meta = json.loads((newest / "meta.json").read_text())
+    del meta["files"]
+    (newest / "meta.json").write_text(json.dumps(meta))
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    assert resolve_checkpoint(root) == newest
+    load_checkpoint(resolve_checkpoint(newest), model, opt, {})
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_checkpoint_records_every_file_it_wrote(two_checkpoints):
+    root, _, _ = two_checkpoints
+    ckpt = root / "step_00000002"
+    files = json.loads((ckpt / "meta.json").read_text())["files"]
+    assert sorted(files) == sorted(f.name for f in ckpt.iterdir() if f.name != "meta.json")
+    assert {".metadata"} < set(files)
+    for name, entry in files.items():
+        assert entry["bytes"] == (ckpt / name).stat().st_size and len(entry["crc32"]) == 8

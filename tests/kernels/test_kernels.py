@@ -1,0 +1,279 @@
+"""`torch.ops.shark.mixed_lookup` (C++) against its reference (torch around FBGEMM's INT-N op),
+bit for bit, on random group layouts: every group and dropped rows, duplicate ids, empty bags,
+multi-id bags, weighted bags, sum, mean and no pooling; and the same error for a bad id."""
+
+import pytest
+import torch
+
+from shark_torchrec.kernels import mixed_lookup
+from shark_torchrec.kernels.reference import mixed_lookup_reference
+
+from helpers.kernel_layouts import bags, random_layout, same_bits
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+@pytest.mark.parametrize("dim,alignment,groups", [(16, 1, 5), (8, 16, 5), (24, 1, 3), (8, 1, 5)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_lookup_equals_the_reference_bit_for_bit(pooling, dim, alignment, groups, weighted):
+    gen = torch.Generator().manual_seed(dim * 7 + alignment + groups)
+    tables = [37, 5, 120]
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, dim, groups, alignment=alignment)
+    base = torch.tensor([0, 37, 42, 0])  # a fourth feature shares the first table
+    rows = torch.tensor([37, 5, 120, 37])
+    feats = [37, 5, 120, 37]
+    B = 9
+    lengths = torch.randint(0, 5, (len(feats) * B,), generator=gen)
+    lengths[0], lengths[1] = 4, 0  # bag 0 repeats ids (below), bag 1 is empty
+    values, lengths = bags(gen, feats, B, max_len=4, lengths=lengths)
+    values[1] = values[0]
+    values[3] = values[0]
+    psw = torch.rand(values.numel(), generator=gen) if weighted else None
+    names = ["a", "b", "c", "d"]
+    args = (w, offsets, row_map, ends, shift, base, rows, values, lengths, psw, dim, B, pooling, alignment, names)
+    got = mixed_lookup(*args)
+    want = mixed_lookup_reference(*args)
+    assert same_bits(got, want)
+    if pooling != "none":
+        assert torch.equal(got[1, :dim], torch.zeros(dim))  # the empty bag (feature 0, sample 1)
+    # Every group (and dropped rows) was read.
+    keys = torch.repeat_interleave(base, lengths.view(4, B).sum(1)) + values
+    read = torch.bucketize(row_map[keys], ends, right=True).unique().tolist()
+    assert set(read) >= set(range(groups)) | {5}, read
+
+
+def test_one_id_per_bag_and_no_ids():
+    gen = torch.Generator().manual_seed(3)
+    w, offsets, row_map, ends, shift = random_layout(gen, [50], 8)
+    base, rows = torch.tensor([0]), torch.tensor([50])
+    for B in (0, 1, 64):
+        values = torch.randint(0, 50, (B,), generator=gen)
+        lengths = torch.ones(B, dtype=torch.int32)
+        args = (w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, B, "sum", 1, ["x"])
+        assert same_bits(mixed_lookup(*args), mixed_lookup_reference(*args))
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_an_id_outside_its_table_names_the_feature_and_id(bad):
+    gen = torch.Generator().manual_seed(4)
+    w, offsets, row_map, ends, shift = random_layout(gen, [7, 5], 8)
+    base, rows = torch.tensor([0, 7]), torch.tensor([7, 5])
+    values = torch.tensor([1, 2, 3, bad, 4])
+    lengths = torch.tensor([2, 1, 1, 1])
+    args = (w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 2, "sum", 1, ["user", "item"])
+    msg = f"feature item: id {bad} outside its table of 5 rows"
+    with pytest.raises(ValueError, match=msg):
+        mixed_lookup(*args)
+    with pytest.raises(ValueError, match=msg):
+        mixed_lookup_reference(*args)
+
+
+def test_the_op_scripts_and_has_a_fake_for_tracing():
+    @torch.jit.script
+    def scripted(w, o, m, e, s, b, r, v, l, d: int, B: int):
+        return torch.ops.shark.mixed_lookup(w, o, m, e, s, b, r, v, l, None, d, B, 0, 1, "x")
+
+    gen = torch.Generator().manual_seed(5)
+    w, offsets, row_map, ends, shift = random_layout(gen, [20], 8)
+    base, rows = torch.tensor([0]), torch.tensor([20])
+    values, lengths = bags(gen, [20], 6, 3)
+    want = mixed_lookup_reference(w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 6, "sum", 1, ["x"])
+    assert same_bits(scripted(w, offsets, row_map, ends, shift, base, rows, values, lengths, 8, 6), want)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (w, offsets, row_map, ends, shift, base, rows, values, lengths)]
+        out = torch.ops.shark.mixed_lookup(*fake, None, 8, 6, 0, 1, "x")
+    assert out.shape == (6, 8)
+
+
+def test_fused_update_equals_the_torch_update_bit_for_bit():
+    """`torch.ops.shark.update_rows_` against the store's torch update (its reference), on rows
+    in all five groups: ordinary rows, rows of fp16-subnormal values (the exact rounding rule),
+    constant rows (integer scale 0), rows beyond fp16's range (clamped), a column slice (its
+    noise starts at its global column), over several steps."""
+    import copy
+
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    dim = 16
+    tables = [LocalTable("t0", 300, dim, global_rows=300, table_id=3),
+              LocalTable("t1", 200, dim, global_rows=400, row_offset=200, col_offset=16, table_id=5)]
+    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "fp16", "int8", "int4", "int2"),
+                             row_fractions=(0.2, 0.2, 0.2, 0.2), optimizer="sgd", learning_rate=1.0).resolved([dim])
+    fused = RowGroupStore(tables, ["a", "b"], [0, 1], policy, StepCounter())
+    n = fused.num_rows
+    gen = torch.Generator().manual_seed(0)
+    fused.set_groups(torch.randint(0, 5, (n,), generator=gen).to(torch.int8))
+    values = torch.randn(n, dim, generator=gen)
+    values[:40] *= 1e-6  # fp16 subnormals
+    values[40:60] = 0.5  # constant rows
+    values[60:70] *= 1e5  # beyond fp16's range
+    fused.write_rows(torch.arange(n), values)
+    reference = copy.deepcopy(fused)
+    for step in range(1, 4):
+        keys = torch.randperm(n, generator=gen)[: n // 2]
+        grad = torch.randn(len(keys), dim, generator=gen) * 0.01
+        grad[keys < 40] *= 1e-6
+        grad[(keys >= 40) & (keys < 60)] = 0.0  # constant rows stay constant
+        scale = torch.rand(len(keys), generator=gen)
+        fused.step_rows(keys, grad, scale, step, fused=True)
+        reference.step_rows(keys, grad, scale, step, fused=False)
+        assert torch.equal(fused.weights, reference.weights), step
+    groups = fused.groups_of(torch.arange(n))
+    assert set(groups[:40].tolist()) == set(range(5))  # the subnormal rows span every group
+    assert not torch.equal(fused.read_rows(torch.arange(n)), values)  # the rows did move
+
+
+def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
+    """A dropped row has no bytes (the reference writes nothing for it); a key beyond the row
+    map is an error, not a write outside the buffer."""
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "int8", "dropped"), row_fractions=(0.3, 0.3),
+                             optimizer="sgd", learning_rate=1.0).resolved([8])
+    store = RowGroupStore([LocalTable("t", 50, 8, global_rows=50)], ["a"], [0], policy, StepCounter())
+    store.set_groups(torch.tensor([0] * 10 + [2] * 20 + [5] * 20, dtype=torch.int8))
+    before = store.weights.clone()
+    store.step_rows(torch.tensor([45]), torch.ones(1, 8), torch.ones(1), 1, fused=True)
+    assert torch.equal(store.weights, before)
+    from shark_torchrec.kernels import update_rows_
+
+    start, table = store.noise_starts(torch.tensor([0]), 1)
+    with pytest.raises(RuntimeError, match="outside the row map or the group tables"):
+        update_rows_(store.weights, store._op_offsets, store.row_map, store._range_ends, store._range_shift,
+                     torch.tensor([50]), torch.ones(1, 8), torch.ones(1), table, start, 8, 1)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+@pytest.mark.parametrize("weighted,labelled", [(False, True), (True, True), (True, False)])
+def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, weighted, labelled):
+    """`torch.ops.shark.row_grads` against the store's torch backward (`_row_grads_torch`):
+    multi-id, empty and repeated-row bags, over three features sharing rows."""
+    from types import SimpleNamespace
+
+    from shark_torchrec.kernels import POOLING_CODES
+    from shark_torchrec.modules.row_lookup import RowLookup
+
+    gen = torch.Generator().manual_seed(len(pooling) * 10 + weighted * 2 + labelled)
+    F, B, D = 3, 7, 8
+    lengths = torch.randint(0, 4, (F * B,), generator=gen)
+    nnz = int(lengths.sum())
+    keys = torch.randint(0, 12, (nnz,), generator=gen)  # few rows: many repeats
+    seg = torch.repeat_interleave(torch.arange(F * B), lengths)
+    grad = torch.randn(nnz, D, generator=gen) if pooling == "none" else torch.randn(B, F * D, generator=gen)
+    psw = torch.rand(nnz, generator=gen) if weighted else None
+    labels = (torch.rand(nnz, generator=gen) < 0.3).float() if labelled else None
+    order = torch.argsort(keys, stable=True)
+    _, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    store = SimpleNamespace(feature_names=["a", "b", "c"], dim=D, pooling=pooling)
+    want = RowLookup._row_grads_torch(store, grad, order, counts, seg, lengths, psw, labels, B)
+    got = torch.ops.shark.row_grads(grad, order, counts, seg, lengths, psw, labels, B, POOLING_CODES[pooling], D)
+    assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])
+    assert int(counts.max()) > 2
+
+
+def test_a_failed_build_is_an_error_with_the_compiler_output(tmp_path, monkeypatch):
+    """No silent slow path: a source that does not compile raises KernelBuildError naming the
+    command and carrying g++'s message; nothing is left in the library directory."""
+    from shark_torchrec import kernels
+
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("int main() { return not_declared_here; }\n")
+    monkeypatch.setattr(kernels, "SOURCES", [broken])
+    monkeypatch.setenv("SHARK_KERNELS_DIR", str(tmp_path / "lib"))
+    with pytest.raises(kernels.KernelBuildError, match="(?s)failed.*not_declared_here"):
+        kernels.build(quiet=True)
+    assert list((tmp_path / "lib").iterdir()) == []
+
+
+def test_the_ops_agree_across_parallel_tasks():
+    """Sizes past the ops' parallel grains (64 bags, 256 rows), so that the work splits into
+    tasks: lookup, update and gradient reduction still agree bit for bit, and of two bad ids in
+    different tasks the first is named."""
+    import copy
+
+    from shark_torchrec.kernels import POOLING_CODES
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+    from shark_torchrec.modules.row_lookup import RowLookup
+    from types import SimpleNamespace
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no parallel tasks")
+    gen = torch.Generator().manual_seed(11)
+    tables, D, B = [400, 90, 700], 16, 300
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, D)
+    base, rows = torch.tensor([0, 400, 490]), torch.tensor(tables)
+    values, lengths = bags(gen, tables, B, max_len=3)
+    psw = torch.rand(values.numel(), generator=gen)
+    for pooling in ("sum", "mean", "none"):
+        args = (w, offsets, row_map, ends, shift, base, rows, values, lengths, psw, D, B, pooling, 1, ["a", "b", "c"])
+        assert same_bits(mixed_lookup(*args), mixed_lookup_reference(*args)), pooling
+    bad = values.clone()
+    first, later = int(lengths[:B].sum()) + 1, values.numel() - 2  # in feature b, and late in feature c
+    bad[first], bad[later] = 90, 700
+    with pytest.raises(ValueError, match="feature b: id 90 outside its table of 90 rows"):
+        mixed_lookup(w, offsets, row_map, ends, shift, base, rows, bad, lengths, None, D, B, "sum", 1, ["a", "b", "c"])
+
+    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "fp16", "int8", "int4", "int2"),
+                             row_fractions=(0.2, 0.2, 0.2, 0.2), optimizer="sgd", learning_rate=1.0).resolved([D])
+    fused = RowGroupStore([LocalTable("t", 3000, D, global_rows=3000)], ["f"], [0], policy, StepCounter())
+    fused.set_groups(torch.randint(0, 5, (3000,), generator=gen).to(torch.int8))
+    fused.write_rows(torch.arange(3000), torch.randn(3000, D, generator=gen))
+    reference = copy.deepcopy(fused)
+    keys = torch.randperm(3000, generator=gen)[:2000]
+    grad, scale = torch.randn(2000, D, generator=gen), torch.rand(2000, generator=gen)
+    fused.step_rows(keys, grad, scale, 1, fused=True)
+    reference.step_rows(keys, grad, scale, 1, fused=False)
+    assert torch.equal(fused.weights, reference.weights)
+
+    F = 3
+    keys = torch.randint(0, 1500, (values.numel(),), generator=gen)
+    seg = torch.repeat_interleave(torch.arange(F * B), lengths)
+    order = torch.argsort(keys, stable=True)
+    _, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    assert len(counts) > 512
+    out_grad = torch.randn(B, F * D, generator=gen)
+    store = SimpleNamespace(feature_names=["a", "b", "c"], dim=D, pooling="mean")
+    want = RowLookup._row_grads_torch(store, out_grad, order, counts, seg, lengths, psw, None, B)
+    got = torch.ops.shark.row_grads(out_grad, order, counts, seg, lengths, psw, None, B, POOLING_CODES["mean"], D)
+    assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])
+
+
+def test_an_empty_batch_trains_through_the_ops():
+    """No ids at all (batch size 0): the forward gives an empty output and the backward
+    updates nothing, as the torch path did."""
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "fp16", "int8"), row_fractions=(0.3, 0.3),
+                             optimizer="sgd", learning_rate=1.0).resolved([8])
+    store = RowGroupStore([LocalTable("t", 20, 8, global_rows=20)], ["a"], [0], policy, StepCounter())
+    store.set_groups(torch.tensor([0] * 5 + [1] * 5 + [2] * 10, dtype=torch.int8))
+    before = store.weights.clone()
+    out = store.forward(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), None, 0)
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert torch.equal(store.weights, before)
+
+
+def test_importing_after_an_export_loaded_its_library_does_not_abort(tmp_path):
+    """serve.py loads an export's copy of the library; importing shark_torchrec afterwards in the
+    same process must use it, not register the ops a second time (which aborts the process)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from shark_torchrec import kernels
+
+    copy_path = tmp_path / "shark_kernels.so"
+    shutil.copyfile(kernels.load(), copy_path)
+    script = (
+        "import torch, sys; torch.ops.load_library(sys.argv[1]); "
+        "import shark_torchrec.kernels as k; print(k.load(), torch.ops.shark.mixed_lookup)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(copy_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shark.mixed_lookup" in proc.stdout
