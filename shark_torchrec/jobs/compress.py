@@ -49,21 +49,20 @@ import torch.distributed as dist
 
 from shark_torchrec.config import JobConfig, QuantConfig, save_config
 from shark_torchrec.data import open_dataset
-from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.modules.precision_policy import split_tiers
 from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 from shark_torchrec.jobs.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
 from shark_torchrec.jobs.easy_path import easy_path
 from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
 from shark_torchrec.jobs.prune import base_model, confirmation_check, prune_loop, write_prune_log
-from shark_torchrec.jobs.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.jobs.trainer import (
     TrainedModel,
     TrainState,
     _meta,
     final_metrics,
     fit,
-    quiet_libraries,
+    job_rank,
     write_metrics,
 )
 
@@ -322,79 +321,73 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
 
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
     """One rank of `shark compress`."""
-    quiet_libraries()
-    env = init_distributed()
-    try:
-        out = Path(default_out_dir(cfg.run, "runs/compress-%Y%m%d-%H%M%S"))
-        # One lock for the whole run directory: the stages are calls inside this job, not jobs.
-        with run_dir_lock(out, env.is_main):
-            stages = read_stages(out)
-            if stages and not cfg.run.resume:
-                raise CheckpointError(
-                    f"{out} already holds a compression run (stages {', '.join(stages)}): pass --resume to "
-                    "continue it, or choose another --out (nothing was overwritten)"
-                )
-            if env.is_main:
-                out.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, out / "config.toml")
-            if env.world_size > 1:
-                dist.barrier()
-            timings: Dict[str, float] = {}
-            base = None
-            if "base" not in stages:
-                t0 = time.perf_counter()
-                stages["base"], base = run_base(cfg, out, env)
-                stages["base"]["seconds"] = time.perf_counter() - t0
-                _record(out, stages, env)
-            if "prune" not in stages:
-                t0 = time.perf_counter()
-                stages["prune"] = run_prune(cfg, out, env, stages["base"], base)
-                stages["prune"]["seconds"] = time.perf_counter() - t0
-                _record(out, stages, env)
-            del base
-            if "quantize" not in stages:
-                t0 = time.perf_counter()
-                q = run_quantize(cfg, out, env, stages["prune"])
-                stages["quantize"] = {
-                    "checkpoint": q["checkpoint"], "budget": q["budget"], "budget_reason": q["budget_reason"],
-                    "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
-                    "confirmation": q["metrics"].get("confirmation"),
-                    "seconds": time.perf_counter() - t0,
-                }
-                _record(out, stages, env)
-                metrics = q["metrics"]
-            else:
-                metrics = json.loads((out / "quantize" / "metrics.json").read_text())
-            if "export" not in stages:
-                t0 = time.perf_counter()
-                stages["export"] = run_export(cfg, out, env, stages)
-                stages["export"]["seconds"] = time.perf_counter() - t0
-                _record(out, stages, env)
-            timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
-            memory_ratio = metrics["embedding_bytes"] / stages["base"]["embedding_bytes"]
-            if stages["export"].get("serving_tiers"):  # served in other tiers than it trained in
-                memory_ratio = stages["export"]["inference_bytes"] / stages["base"]["embedding_bytes"]
-            metrics = {
-                **metrics,
-                "base_test_auc": stages["base"]["test_auc"],
-                "base_embedding_bytes": stages["base"]["embedding_bytes"],
-                "memory_ratio": memory_ratio,
-                "prune_memory_ratio": stages["prune"]["memory_ratio"],
-                "quant_budget": stages["quantize"]["budget"],
-                "kept_fields": stages["prune"]["kept_fields"],
-                "pruned_fields": stages["prune"]["pruned_fields"],
-                "stop_reason": stages["prune"]["stop_reason"],
-                "confirmation": stages["quantize"].get("confirmation"),
-                "targets": targets(cfg, memory_ratio,
-                                   stages["quantize"].get("confirmation"), stages["export"].get("easy_path")),
-                "stage_seconds": timings,
-                "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
+    # One lock for the whole run directory: the stages are calls inside this job, not jobs.
+    with job_rank(cfg, "runs/compress-%Y%m%d-%H%M%S") as (env, out):
+        stages = read_stages(out)
+        if stages and not cfg.run.resume:
+            raise CheckpointError(
+                f"{out} already holds a compression run (stages {', '.join(stages)}): pass --resume to "
+                "continue it, or choose another --out (nothing was overwritten)"
+            )
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.toml")
+        if env.world_size > 1:
+            dist.barrier()
+        timings: Dict[str, float] = {}
+        base = None
+        if "base" not in stages:
+            t0 = time.perf_counter()
+            stages["base"], base = run_base(cfg, out, env)
+            stages["base"]["seconds"] = time.perf_counter() - t0
+            _record(out, stages, env)
+        if "prune" not in stages:
+            t0 = time.perf_counter()
+            stages["prune"] = run_prune(cfg, out, env, stages["base"], base)
+            stages["prune"]["seconds"] = time.perf_counter() - t0
+            _record(out, stages, env)
+        del base
+        if "quantize" not in stages:
+            t0 = time.perf_counter()
+            q = run_quantize(cfg, out, env, stages["prune"])
+            stages["quantize"] = {
+                "checkpoint": q["checkpoint"], "budget": q["budget"], "budget_reason": q["budget_reason"],
+                "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
+                "confirmation": q["metrics"].get("confirmation"),
+                "seconds": time.perf_counter() - t0,
             }
-            if env.is_main:
-                write_metrics(cfg, metrics)
-                from shark_torchrec.report import write_report
+            _record(out, stages, env)
+            metrics = q["metrics"]
+        else:
+            metrics = json.loads((out / "quantize" / "metrics.json").read_text())
+        if "export" not in stages:
+            t0 = time.perf_counter()
+            stages["export"] = run_export(cfg, out, env, stages)
+            stages["export"]["seconds"] = time.perf_counter() - t0
+            _record(out, stages, env)
+        timings = {s: stages[s].get("seconds", 0.0) for s in STAGES}
+        memory_ratio = metrics["embedding_bytes"] / stages["base"]["embedding_bytes"]
+        if stages["export"].get("serving_tiers"):  # served in other tiers than it trained in
+            memory_ratio = stages["export"]["inference_bytes"] / stages["base"]["embedding_bytes"]
+        metrics = {
+            **metrics,
+            "base_test_auc": stages["base"]["test_auc"],
+            "base_embedding_bytes": stages["base"]["embedding_bytes"],
+            "memory_ratio": memory_ratio,
+            "prune_memory_ratio": stages["prune"]["memory_ratio"],
+            "quant_budget": stages["quantize"]["budget"],
+            "kept_fields": stages["prune"]["kept_fields"],
+            "pruned_fields": stages["prune"]["pruned_fields"],
+            "stop_reason": stages["prune"]["stop_reason"],
+            "confirmation": stages["quantize"].get("confirmation"),
+            "targets": targets(cfg, memory_ratio,
+                               stages["quantize"].get("confirmation"), stages["export"].get("easy_path")),
+            "stage_seconds": timings,
+            "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
+        }
+        if env.is_main:
+            write_metrics(cfg, metrics)
+            from shark_torchrec.report import write_report
 
-                write_report(out)
-            return metrics
-    finally:
-        shutdown_distributed()
+            write_report(out)
+        return metrics

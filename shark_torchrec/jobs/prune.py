@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from shark_torchrec.config import ConfigError, JobConfig
 from shark_torchrec.data import CHOICE, CONFIRM, Batch, DataError, Dataset, open_dataset
-from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.importance.model_scoring import FieldImportance, canonical_method, field_means, score_fields
 from shark_torchrec.importance.significance import auc_standard_error, drop_test, paired_auc
 from shark_torchrec.distributed.memory import embedding_memory
@@ -45,7 +45,6 @@ from shark_torchrec.jobs.checkpoint import (
     table_shapes,
 )
 from shark_torchrec.jobs.evaluation import binary_metrics, evaluate, predict
-from shark_torchrec.jobs.run_dir import default_out_dir, run_dir_lock
 from shark_torchrec.report import plot_importance, plot_prune_log
 from shark_torchrec.jobs.trainer import (
     TRAIN_OUT_DIR,
@@ -54,7 +53,7 @@ from shark_torchrec.jobs.trainer import (
     _meta,
     final_metrics,
     fit,
-    quiet_libraries,
+    job_rank,
     train_steps,
     write_metrics,
 )
@@ -158,19 +157,14 @@ def write_importance(imp: FieldImportance, out_dir: Path) -> None:
 
 def importance_job(cfg: JobConfig) -> Dict[str, Any]:
     """One rank of `shark importance`."""
-    quiet_libraries()
-    env = init_distributed()
-    try:
-        with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
-            trained = fit(adopt_checkpoint_model(cfg), env)  # scored on dev itself: no decision follows
-            imp = score(cfg, trained.model, trained.dataset, env)
-            metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
-            if env.is_main:
-                write_importance(imp, Path(cfg.run.out_dir))
-                write_metrics(cfg, metrics)
-        return metrics
-    finally:
-        shutdown_distributed()
+    with job_rank(cfg, TRAIN_OUT_DIR) as (env, out_dir):
+        trained = fit(adopt_checkpoint_model(cfg), env)  # scored on dev itself: no decision follows
+        imp = score(cfg, trained.model, trained.dataset, env)
+        metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
+        if env.is_main:
+            write_importance(imp, out_dir)
+            write_metrics(cfg, metrics)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,38 +363,32 @@ def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
 
 def prune_job(cfg: JobConfig) -> Dict[str, Any]:
     """One rank of `shark prune`."""
-    quiet_libraries()
-    env = init_distributed()
-    try:
-        with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
-            base = base_model(cfg, env)
-            out_dir = Path(cfg.run.out_dir)
-            accepted, rows, reason, base_metrics = prune_loop(cfg, env, base, out_dir)
-            # The pruned model, as a checkpoint any shark command can start from.
-            final_cfg = copy.deepcopy(accepted.cfg)
-            final_cfg.run.out_dir = cfg.run.out_dir
-            save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
-            trained = TrainedModel(accepted.model, accepted.optimizer, accepted.dataset, env, accepted.configs, TrainState(), base.train_seconds)
-            metrics = final_metrics(final_cfg, trained)
-            full = list(base.dataset.schema.sparse_names)
-            kept = list(accepted.dataset.schema.sparse_names)
-            metrics.update(
-                base_test_auc=base_metrics["test_auc"],
-                base_dev_auc=base_metrics["dev_auc"],
-                base_embedding_bytes=base_metrics["embedding_bytes"],
-                memory_ratio=metrics["embedding_bytes"] / base_metrics["embedding_bytes"],
-                kept_fields=kept,
-                pruned_fields=[f for f in full if f not in kept],
-                stop_reason=reason,
-                selection_resolution=base_metrics["resolution"],
-                confirmation=base_metrics["confirmation"],
-                iterations=rows,
-                method=canonical_method(cfg.prune.method),
-                field_removal=cfg.model.field_removal,
-            )
-            if env.is_main:
-                write_prune_log(rows, out_dir)
-                write_metrics(cfg, metrics)
-        return metrics
-    finally:
-        shutdown_distributed()
+    with job_rank(cfg, TRAIN_OUT_DIR) as (env, out_dir):
+        base = base_model(cfg, env)
+        accepted, rows, reason, base_metrics = prune_loop(cfg, env, base, out_dir)
+        # The pruned model, as a checkpoint any shark command can start from.
+        final_cfg = copy.deepcopy(accepted.cfg)
+        final_cfg.run.out_dir = cfg.run.out_dir
+        save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
+        trained = TrainedModel(accepted.model, accepted.optimizer, accepted.dataset, env, accepted.configs, TrainState(), base.train_seconds)
+        metrics = final_metrics(final_cfg, trained)
+        full = list(base.dataset.schema.sparse_names)
+        kept = list(accepted.dataset.schema.sparse_names)
+        metrics.update(
+            base_test_auc=base_metrics["test_auc"],
+            base_dev_auc=base_metrics["dev_auc"],
+            base_embedding_bytes=base_metrics["embedding_bytes"],
+            memory_ratio=metrics["embedding_bytes"] / base_metrics["embedding_bytes"],
+            kept_fields=kept,
+            pruned_fields=[f for f in full if f not in kept],
+            stop_reason=reason,
+            selection_resolution=base_metrics["resolution"],
+            confirmation=base_metrics["confirmation"],
+            iterations=rows,
+            method=canonical_method(cfg.prune.method),
+            field_removal=cfg.model.field_removal,
+        )
+        if env.is_main:
+            write_prune_log(rows, out_dir)
+            write_metrics(cfg, metrics)
+    return metrics

@@ -6,9 +6,10 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -350,16 +351,34 @@ def quiet_libraries() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def train_job(cfg: JobConfig) -> Dict[str, Any]:
-    """One rank of `shark train`; returns the metrics (on every rank)."""
+@contextmanager
+def job_rank(cfg: JobConfig, default_out: str) -> Iterator[Tuple[DistEnv, Path]]:
+    """What every job does first and last on each of its ranks: quiet the libraries, join the
+    process group, name the run directory (`default_out`, a strftime pattern, when `--out` is
+    not given) and hold its lock; leave the process group however the job ends.
+
+    Args:
+        cfg: the job's config (its `run.out_dir` is set when empty).
+        default_out: the run directory's pattern without `--out`.
+
+    Yields:
+        (this rank's environment, the run directory).
+    """
     quiet_libraries()
     env = init_distributed()
     try:
-        with run_dir_lock(default_out_dir(cfg.run, TRAIN_OUT_DIR), env.is_main):
-            trained = fit(cfg, env)
-            metrics = final_metrics(cfg, trained)
-            if env.is_main:
-                write_metrics(cfg, metrics)
-        return metrics
+        out = Path(default_out_dir(cfg.run, default_out))
+        with run_dir_lock(out, env.is_main):
+            yield env, out
     finally:
         shutdown_distributed()
+
+
+def train_job(cfg: JobConfig) -> Dict[str, Any]:
+    """One rank of `shark train`; returns the metrics (on every rank)."""
+    with job_rank(cfg, TRAIN_OUT_DIR) as (env, _):
+        trained = fit(cfg, env)
+        metrics = final_metrics(cfg, trained)
+        if env.is_main:
+            write_metrics(cfg, metrics)
+    return metrics
