@@ -22,7 +22,10 @@ def main() -> None:
     app = APPS / "train.py"
     if args and args[0].endswith(".py"):
         if Path(args[0]).name not in KNOWN:
-            print(f"apps/dispatch.py: unknown app {args[0]!r} (known: {', '.join('apps/' + k for k in KNOWN)})", file=sys.stderr)
+            print(
+                f"apps/dispatch.py: unknown app {args[0]!r} (known: {', '.join('apps/' + k for k in KNOWN)})",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
         app, args = APPS / Path(args[0]).name, args[1:]
     if args[:1] == ["--"]:  # `torchx run dist.ddp -j 1x2 apps/train.py -- --lr 0.05` passes the `--` on

@@ -1,6 +1,6 @@
 """Entry point for TorchX/torchrun: the same job as `shark prune`.
 
-    torchx run dist.ddp -j 1x2 --script apps/prune.py -- --data synthetic
+torchx run dist.ddp -j 1x2 --script apps/prune.py -- --data synthetic
 """
 
 import sys

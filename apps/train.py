@@ -1,6 +1,6 @@
 """Entry point for TorchX/torchrun: the same job as `shark train`.
 
-    torchx run dist.ddp -j 1x2 --script apps/train.py -- --data synthetic
+torchx run dist.ddp -j 1x2 --script apps/train.py -- --data synthetic
 """
 
 import sys

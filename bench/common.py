@@ -40,8 +40,16 @@ def flags_of(command: str, args: Sequence[str]) -> List[str]:
 
 def shark_train(args: Sequence[str], out: Path) -> Dict:
     """Run `shark train ARGS` in a fresh process writing into `out`; return its metrics."""
-    cmd = [str(Path(sys.executable).parent / "shark"), "train", *args, "--no-progress",
-           "--out-dir", str(out), "--metrics-out", str(out / "m.json")]
+    cmd = [
+        str(Path(sys.executable).parent / "shark"),
+        "train",
+        *args,
+        "--no-progress",
+        "--out-dir",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -78,6 +86,7 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 def t_quantile(p: float, df: int) -> float:
     """Student's t quantile for p in (0.5, 1), by bisection on the CDF."""
+
     def cdf(t: float) -> float:
         return 1.0 - 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
 

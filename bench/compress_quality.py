@@ -43,8 +43,12 @@ from shark_torchrec.config import parse_cli  # noqa: E402
 
 SHARK = str(Path(sys.executable).parent / "shark")
 MODELS = ("served", "final", "torchrec-int4", "torchrec-int8")
-NAMES = {"served": "served (what the run exported)", "final": "ours (F-P + F-Q)",
-         "torchrec-int4": "TorchRec int4 of the base", "torchrec-int8": "TorchRec int8 of the base"}
+NAMES = {
+    "served": "served (what the run exported)",
+    "final": "ours (F-P + F-Q)",
+    "torchrec-int4": "TorchRec int4 of the base",
+    "torchrec-int8": "TorchRec int8 of the base",
+}
 
 
 def sh(*args: str) -> None:
@@ -86,24 +90,39 @@ def small_dev(extra: list[str], rows: int) -> list[str]:
 
 
 def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path, table4: bool) -> dict:
-    common = [*extra, "--seed", str(seed), "--no-progress"] + (["--folds", str(folds), "--fold", str(fold)] if folds else [])
+    common = [*extra, "--seed", str(seed), "--no-progress"] + (
+        ["--folds", str(folds), "--fold", str(fold)] if folds else []
+    )
     cfg = parse_cli(common, prog="compress_quality")
     if not (run / "metrics.json").is_file():
         sh("compress", *common, "--out", str(run), *(["--resume"] if (run / "stages.json").is_file() else []))
     metrics = json.loads((run / "metrics.json").read_text())
     seconds = sum(metrics["stage_seconds"].values())  # the pipeline's own time, resumed or not
     easy = metrics["export"]["easy_path"]
-    models = {key: {"test_auc": easy[key]["test"]["auc"], "test_drop": easy[key]["test"]["drop"],
-                    "test_drop_se": easy[key]["test"]["drop_standard_error"], "memory": easy[key]["memory"],
-                    "confirm_drop": easy[key]["drop"]}
-              for key in ("base", "final", "torchrec-int4", "torchrec-int8")}
+    models = {
+        key: {
+            "test_auc": easy[key]["test"]["auc"],
+            "test_drop": easy[key]["test"]["drop"],
+            "test_drop_se": easy[key]["test"]["drop_standard_error"],
+            "memory": easy[key]["memory"],
+            "confirm_drop": easy[key]["drop"],
+        }
+        for key in ("base", "final", "torchrec-int4", "torchrec-int8")
+    }
     rows4 = table4_baselines(common, cfg, seed, run) if table4 else None
     return {
         "table4": rows4,
-        "seed": seed, "fold": fold, "seconds": seconds, "models": models, "served": easy["exported_model"],
+        "seed": seed,
+        "fold": fold,
+        "seconds": seconds,
+        "models": models,
+        "served": easy["exported_model"],
         "served_passed_selection_test": easy["exported_within_bound"],
-        "pruned_fields": metrics["pruned_fields"], "stop_reason": metrics["stop_reason"],
-        "quant_budget": metrics["quant_budget"], "choice_rows": easy.get("choice_rows"), "confirm_rows": easy["rows"],
+        "pruned_fields": metrics["pruned_fields"],
+        "stop_reason": metrics["stop_reason"],
+        "quant_budget": metrics["quant_budget"],
+        "choice_rows": easy.get("choice_rows"),
+        "confirm_rows": easy["rows"],
         "max_auc_drop": cfg.prune.max_auc_drop,
     }
 
@@ -118,14 +137,22 @@ def summarize(records: list[dict]) -> list[dict]:
     for key in MODELS:
         rows = [served(r, key) for r in records]
         over = sum(m["test_drop"] > bound for m in rows)
-        out.append({
-            "model": key, "n": len(rows), "over": over, "rate": over / len(rows), "rate_ci": clopper_pearson(over, len(rows)),
-            "drop": paired([m["test_drop"] for m in rows]),
-            "drop_range": (min(m["test_drop"] for m in rows), max(m["test_drop"] for m in rows)),
-            "memory": statistics.mean(m["memory"] for m in rows),
-            "memory_range": (min(m["memory"] for m in rows), max(m["memory"] for m in rows)),
-            "vs_int4": paired([m["test_auc"] - r["models"]["torchrec-int4"]["test_auc"] for m, r in zip(rows, records)]),
-        })
+        out.append(
+            {
+                "model": key,
+                "n": len(rows),
+                "over": over,
+                "rate": over / len(rows),
+                "rate_ci": clopper_pearson(over, len(rows)),
+                "drop": paired([m["test_drop"] for m in rows]),
+                "drop_range": (min(m["test_drop"] for m in rows), max(m["test_drop"] for m in rows)),
+                "memory": statistics.mean(m["memory"] for m in rows),
+                "memory_range": (min(m["memory"] for m in rows), max(m["memory"] for m in rows)),
+                "vs_int4": paired(
+                    [m["test_auc"] - r["models"]["torchrec-int4"]["test_auc"] for m, r in zip(rows, records)]
+                ),
+            }
+        )
     return out
 
 
@@ -133,29 +160,41 @@ def markdown(records: list[dict], summary: list[dict], command: str) -> str:
     bound = records[0]["max_auc_drop"]
     n = len(records)
     served_counts = {k: sum(r["served"] == k for r in records) for k in ("final", "torchrec-int4", "torchrec-int8")}
-    lines = [f"`{command}`", "",
-             f"{n} runs; bound --max-auc-drop {bound}; test rows per run: the base model's test split. "
-             "Drops are base minus model test AUC, paired per run; rates with Clopper-Pearson 95% intervals; "
-             "memory is embedding bytes as allocated over the base model's fp32 bytes.", "",
-             "| model | runs over the bound | rate [95% CI] | test AUC drop, mean [95% CI] (min, max) | "
-             "memory, mean (min, max) | AUC - TorchRec int4, mean [95% CI] |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"`{command}`",
+        "",
+        f"{n} runs; bound --max-auc-drop {bound}; test rows per run: the base model's test split. "
+        "Drops are base minus model test AUC, paired per run; rates with Clopper-Pearson 95% intervals; "
+        "memory is embedding bytes as allocated over the base model's fp32 bytes.",
+        "",
+        "| model | runs over the bound | rate [95% CI] | test AUC drop, mean [95% CI] (min, max) | "
+        "memory, mean (min, max) | AUC - TorchRec int4, mean [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in summary:
         d, v = s["drop"], s["vs_int4"]
         lines.append(
             f"| {NAMES[s['model']]} | {s['over']}/{s['n']} | {s['rate']:.2f} [{s['rate_ci'][0]:.2f}, {s['rate_ci'][1]:.2f}] | "
             f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] ({s['drop_range'][0]:+.4f}, {s['drop_range'][1]:+.4f}) | "
             f"{s['memory']:.3f} ({s['memory_range'][0]:.3f}, {s['memory_range'][1]:.3f}) | "
-            + ("" if s["model"] == "torchrec-int4" else f"{v['mean']:+.4f} [{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}]") + " |")
-    lines += ["", "Served: " + ", ".join(f"{NAMES[k]} {c}" for k, c in served_counts.items()) + ".", "",
-              "| run | fields pruned | F-Q budget | served | passed its selection test | memory saved | test AUC drop | confirm drop |",
-              "|---|---|---|---|---|---|---|---|"]
+            + ("" if s["model"] == "torchrec-int4" else f"{v['mean']:+.4f} [{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}]")
+            + " |"
+        )
+    lines += [
+        "",
+        "Served: " + ", ".join(f"{NAMES[k]} {c}" for k, c in served_counts.items()) + ".",
+        "",
+        "| run | fields pruned | F-Q budget | served | passed its selection test | memory saved | test AUC drop | confirm drop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         m = served(r, "served")
         name = f"s{r['seed']}" + (f"f{r['fold']}" if r["fold"] is not None else "")
-        lines.append(f"| {name} | {len(r['pruned_fields'])} | {r['quant_budget']:.3f} | {r['served']} | "
-                     f"{'yes' if r['served_passed_selection_test'] else 'no'} | {1 - m['memory']:.3f} | "
-                     f"{m['test_drop']:+.4f} | {m['confirm_drop']:+.4f} |")
+        lines.append(
+            f"| {name} | {len(r['pruned_fields'])} | {r['quant_budget']:.3f} | {r['served']} | "
+            f"{'yes' if r['served_passed_selection_test'] else 'no'} | {1 - m['memory']:.3f} | "
+            f"{m['test_drop']:+.4f} | {m['confirm_drop']:+.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -169,8 +208,14 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for key, marker in (("final", "o"), ("torchrec-int4", "s"), ("torchrec-int8", "^"), ("served", "x")):
         rows = [served(r, key) for r in records]
-        ax.scatter([m["memory"] for m in rows], [m["test_drop"] for m in rows], marker=marker, label=NAMES[key],
-                   s=40 if key == "served" else 25, alpha=0.8)
+        ax.scatter(
+            [m["memory"] for m in rows],
+            [m["test_drop"] for m in rows],
+            marker=marker,
+            label=NAMES[key],
+            s=40 if key == "served" else 25,
+            alpha=0.8,
+        )
     ax.axhline(bound, color="k", linestyle="--", linewidth=1, label=f"--max-auc-drop {bound}")
     ax.ticklabel_format(useOffset=False, style="plain", axis="y")
     ax.set_xlabel("embedding memory, fraction of the base model's fp32 bytes")
@@ -195,8 +240,16 @@ def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> dict:
 
     base_ckpt = json.loads((run / "stages.json").read_text())["base"]["checkpoint"]
     steps = open_dataset(cfg.dataset, seed).num_batches("train", cfg.train.batch_size)
-    finetune = ["--init-from", base_ckpt, "--epochs", str(cfg.compress.quant_epochs),
-                "--eval-every", str(max(1, steps // max(cfg.compress.quant_evals_per_epoch, 1))), "--early-stopping-patience", "2"]
+    finetune = [
+        "--init-from",
+        base_ckpt,
+        "--epochs",
+        str(cfg.compress.quant_epochs),
+        "--eval-every",
+        str(max(1, steps // max(cfg.compress.quant_evals_per_epoch, 1))),
+        "--early-stopping-patience",
+        "2",
+    ]
     budget = math.ceil(max(cfg.prune.target_memory, min_budget(cfg.model.embedding_dim)) * 1e4) / 1e4
     baselines = {
         "fq": ["--precision", "shark", "--memory-budget", f"{budget:.4f}"],
@@ -204,20 +257,33 @@ def table4_baselines(common: list[str], cfg, seed: int, run: Path) -> dict:
         "int8": ["--precision", "int8"],
         "freq": ["--precision", "freq", "--memory-budget", f"{budget:.4f}"],
     }
-    train_args = flags_of("train", _without(common, ("--epochs", "--early-stopping-patience", "--eval-every", "--tiers")))
+    train_args = flags_of(
+        "train", _without(common, ("--epochs", "--early-stopping-patience", "--eval-every", "--tiers"))
+    )
     for name, flags in baselines.items():
         out = run / "baselines" / name
         if not (out / "metrics.json").is_file():
             sh("train", *train_args, *finetune, *flags, "--out", str(out))
     out = run / "baselines" / "fp_permutation"
     if not (out / "metrics.json").is_file():
-        sh("prune", *flags_of("prune", _without(common, ("--tiers",))), "--checkpoint", base_ckpt, "--method", "permutation", "--out", str(out))
+        sh(
+            "prune",
+            *flags_of("prune", _without(common, ("--tiers",))),
+            "--checkpoint",
+            base_ckpt,
+            "--method",
+            "permutation",
+            "--out",
+            str(out),
+        )
     sh("report", str(run))
     from shark_torchrec.report import collect
 
     info = collect(run)
-    return {p["name"]: {"auc": p["auc"], "logloss": p["logloss"], "memory": p["memory"]}
-            for p in info["points"] + info["baselines"]}
+    return {
+        p["name"]: {"auc": p["auc"], "logloss": p["logloss"], "memory": p["memory"]}
+        for p in info["points"] + info["baselines"]
+    }
 
 
 def table4_markdown(records: list[dict]) -> str:
@@ -228,8 +294,10 @@ def table4_markdown(records: list[dict]) -> str:
         rows = [r["table4"][n] for r in records if n in r["table4"]]
         d = paired([r["table4"][n]["auc"] - r["table4"]["base (fp32)"]["auc"] for r in records if n in r["table4"]])
         ci = f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d["n"] > 1 else f"{d['mean']:+.4f}"
-        lines.append(f"| {n} | {statistics.mean(x['auc'] for x in rows):.4f} | {statistics.mean(x['logloss'] for x in rows):.4f} | "
-                     f"{100 * statistics.mean(x['memory'] for x in rows):.1f}% | {ci} (n={d['n']}) |")
+        lines.append(
+            f"| {n} | {statistics.mean(x['auc'] for x in rows):.4f} | {statistics.mean(x['logloss'] for x in rows):.4f} | "
+            f"{100 * statistics.mean(x['memory'] for x in rows):.1f}% | {ci} (n={d['n']}) |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -121,28 +121,50 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
     and notes on what was skipped."""
     from shark_torchrec.precision.priority import default_budget, min_budget
 
-    out: list[Method] = [Method("fp32", "train", "stock TorchRec fp32 tables (shark train --precision fp32)",
-                                ("--precision", "fp32"))]
+    out: list[Method] = [
+        Method("fp32", "train", "stock TorchRec fp32 tables (shark train --precision fp32)", ("--precision", "fp32"))
+    ]
     notes: list[str] = []
     for n in names:
         if n == "fp32":
             continue
         if n == DROP_UNSEEN:
-            out.append(Method(n, "post", "the fp32 model with every row never seen in training dropped (its lookups return the "
-                              "table's fallback row, the mean of the dropped rows) and every seen row int8 (rounded to nearest), "
-                              "served by our inference module: what dropping unseen rows alone gives", bits=8))
+            out.append(
+                Method(
+                    n,
+                    "post",
+                    "the fp32 model with every row never seen in training dropped (its lookups return the "
+                    "table's fallback row, the mean of the dropped rows) and every seen row int8 (rounded to nearest), "
+                    "served by our inference module: what dropping unseen rows alone gives",
+                    bits=8,
+                )
+            )
         elif n in POST:
             dt, bits = POST[n]
-            out.append(Method(n, "post", f"TorchRec quantize_embeddings(dtype=torch.{dt}) of the fp32 model, post-training",
-                              qdtype=dt, bits=bits))
+            out.append(
+                Method(
+                    n,
+                    "post",
+                    f"TorchRec quantize_embeddings(dtype=torch.{dt}) of the fp32 model, post-training",
+                    qdtype=dt,
+                    bits=bits,
+                )
+            )
         elif n in ("shark-paper", *SIGNAL_VARIANTS):
             # shark-paper+SIGNAL: the same with the priority signal given explicitly (+eq7: the
             # paper's, a fresh run at this commit, the paired baseline of the other signals).
             b = default_budget([dim])
             flags, what = SIGNAL_VARIANTS.get(n, ((), "Eq. 7"))
-            out.append(Method(n, "train", f"our module, fp32/fp16/int8 rows by priority ({what}), trained from the start, "
-                              f"the default budget (as each run recorded it: `budget` in results.json; {b:.2f} with this code)",
-                              ("--precision", "shark", *flags), budget=b))
+            out.append(
+                Method(
+                    n,
+                    "train",
+                    f"our module, fp32/fp16/int8 rows by priority ({what}), trained from the start, "
+                    f"the default budget (as each run recorded it: `budget` in results.json; {b:.2f} with this code)",
+                    ("--precision", "shark", *flags),
+                    budget=b,
+                )
+            )
             if n in SIGNAL_VARIANTS:
                 continue
             for b in budgets:
@@ -150,11 +172,19 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                     notes.append(f"shark-paper@{b:.2f} at dim {dim} is shark-paper (the default budget): not run twice")
                     continue
                 if b < min_budget(dim):
-                    notes.append(f"shark-paper@{b:.2f} skipped at dim {dim}: below the int8 floor {min_budget(dim):.3f}")
+                    notes.append(
+                        f"shark-paper@{b:.2f} skipped at dim {dim}: below the int8 floor {min_budget(dim):.3f}"
+                    )
                     continue
-                out.append(Method(f"shark-paper@{b:.2f}", "train",
-                                  f"our module, fp32/fp16/int8 rows by priority, trained from the start, budget {b:.2f}",
-                                  ("--precision", "shark", "--memory-budget", f"{b}"), budget=b))
+                out.append(
+                    Method(
+                        f"shark-paper@{b:.2f}",
+                        "train",
+                        f"our module, fp32/fp16/int8 rows by priority, trained from the start, budget {b:.2f}",
+                        ("--precision", "shark", "--memory-budget", f"{b}"),
+                        budget=b,
+                    )
+                )
         elif ">" in n:
             # BASE>TIER/TIER/...@BUDGET: the unit's model of BASE (a trained method with
             # priorities listed before it: shark-paper, shark:..., shark-model:...), its rows put
@@ -174,13 +204,29 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                 notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
                 continue
             rounding = "fitted" if fit else "nearest"
-            out.append(Method(n, "serve", f"the {base} model served in {'/'.join(tiers)} rows chosen by its trained priorities "
-                              f"(shark export --tiers {' '.join(tiers)} --memory-budget {b} --rounding {rounding}, "
-                              "one budget for all tables)", budget=float(b), base=base, tiers=tiers, rounding=rounding))
+            out.append(
+                Method(
+                    n,
+                    "serve",
+                    f"the {base} model served in {'/'.join(tiers)} rows chosen by its trained priorities "
+                    f"(shark export --tiers {' '.join(tiers)} --memory-budget {b} --rounding {rounding}, "
+                    "one budget for all tables)",
+                    budget=float(b),
+                    base=base,
+                    tiers=tiers,
+                    rounding=rounding,
+                )
+            )
         elif n in ("shark-int4", "shark-int2"):
             tier = n.split("-")[1]
-            out.append(Method(n, "train", f"our module, every row {tier}, trained in place from the start (stochastic rounding)",
-                              ("--precision", tier)))
+            out.append(
+                Method(
+                    n,
+                    "train",
+                    f"our module, every row {tier}, trained in place from the start (stochastic rounding)",
+                    ("--precision", tier),
+                )
+            )
         elif n.startswith(("shark:", "shark-model:")):
             # shark:TIER/TIER/...@BUDGET: rows ranked by Eq. 7 into these tiers within the budget
             # (shark-model: one budget for all tables, --budget-scope model).
@@ -195,14 +241,27 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                 notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
                 continue
             model = scope == "shark-model"
-            flags = ("--precision", "shark", "--tiers", *tiers) + (("--memory-budget", b) if b else ()) + (
-                ("--budget-scope", "model") if model else ())
-            out.append(Method(n, "train", f"our module, {'/'.join(tiers)} rows by priority (Eq. 7), trained from the start, "
-                              f"budget {b or 'default'} {'for all tables together' if model else 'per table'}", flags, budget=budget))
+            flags = (
+                ("--precision", "shark", "--tiers", *tiers)
+                + (("--memory-budget", b) if b else ())
+                + (("--budget-scope", "model") if model else ())
+            )
+            out.append(
+                Method(
+                    n,
+                    "train",
+                    f"our module, {'/'.join(tiers)} rows by priority (Eq. 7), trained from the start, "
+                    f"budget {b or 'default'} {'for all tables together' if model else 'per table'}",
+                    flags,
+                    budget=budget,
+                )
+            )
         else:
-            raise SystemExit(f"unknown method {n!r} (known: fp32, {', '.join(POST)}, {DROP_UNSEEN}, shark-paper, "
-                             f"{', '.join(SIGNAL_VARIANTS)}, shark-int4, shark-int2, shark:TIER/TIER/...@BUDGET, "
-                             "shark-model:TIER/TIER/...@BUDGET, shark-paper>TIER/TIER/...@BUDGET)")
+            raise SystemExit(
+                f"unknown method {n!r} (known: fp32, {', '.join(POST)}, {DROP_UNSEEN}, shark-paper, "
+                f"{', '.join(SIGNAL_VARIANTS)}, shark-int4, shark-int2, shark:TIER/TIER/...@BUDGET, "
+                "shark-model:TIER/TIER/...@BUDGET, shark-paper>TIER/TIER/...@BUDGET)"
+            )
     return out, notes
 
 
@@ -246,9 +305,15 @@ def shark_unpadded_bytes(metrics: dict, dim: int) -> int:
     scale and bias), plus the row map for every row."""
     from shark_torchrec.precision.priority import ROW_MAP_BYTES
 
-    per_row = {"fp32": 4 * dim, "fp16": 2 * dim, "int8": dim + 4,
-               "int4": math.ceil(dim / 2) + 4, "int2": math.ceil(dim / 4) + 4, "dropped": 0}
-    tiers = {k[len("rows_"):]: v for k, v in metrics.items() if k.startswith("rows_") and isinstance(v, int)}
+    per_row = {
+        "fp32": 4 * dim,
+        "fp16": 2 * dim,
+        "int8": dim + 4,
+        "int4": math.ceil(dim / 2) + 4,
+        "int2": math.ceil(dim / 4) + 4,
+        "dropped": 0,
+    }
+    tiers = {k[len("rows_") :]: v for k, v in metrics.items() if k.startswith("rows_") and isinstance(v, int)}
     unknown = set(tiers) - set(per_row)
     if unknown:
         raise SystemExit(f"shark_unpadded_bytes: no row size for tiers {sorted(unknown)}: add them")
@@ -271,11 +336,18 @@ def run_train(method: Method, extra: list[str], dim: int, unit: Unit, run_dir: P
     alloc = m["embedding_bytes"]
     unpadded = alloc if method.name == "fp32" else shark_unpadded_bytes(m, dim)
     rec = {
-        "test_auc": m["test_auc"], "test_logloss": m["test_logloss"], "dev_auc": m["dev_auc"],
-        "bytes_allocated": alloc, "bytes_unpadded": unpadded, "fp32_bytes": fp32_bytes,
-        "train_seconds": m["train_seconds"], "steps": m["steps"], "epochs_completed": m["epochs_completed"],
-        "rows": {k[len("rows_"):]: v for k, v in m.items() if k.startswith("rows_")},
-        "optimizer_bytes": m.get("optimizer_bytes"), "priority_bytes": m.get("priority_bytes"),
+        "test_auc": m["test_auc"],
+        "test_logloss": m["test_logloss"],
+        "dev_auc": m["dev_auc"],
+        "bytes_allocated": alloc,
+        "bytes_unpadded": unpadded,
+        "fp32_bytes": fp32_bytes,
+        "train_seconds": m["train_seconds"],
+        "steps": m["steps"],
+        "epochs_completed": m["epochs_completed"],
+        "rows": {k[len("rows_") :]: v for k, v in m.items() if k.startswith("rows_")},
+        "optimizer_bytes": m.get("optimizer_bytes"),
+        "priority_bytes": m.get("priority_bytes"),
     }
     if method.budget is not None:
         rec["budget"] = method.budget
@@ -331,8 +403,14 @@ class FP32Model:
             for f in c.feature_names:
                 keys.append(f)
                 values.append(torch.arange(c.num_embeddings, dtype=torch.long))
-                lengths.append(torch.cat([torch.ones(c.num_embeddings, dtype=torch.int32),
-                                          torch.zeros(batch - c.num_embeddings, dtype=torch.int32)]))
+                lengths.append(
+                    torch.cat(
+                        [
+                            torch.ones(c.num_embeddings, dtype=torch.int32),
+                            torch.zeros(batch - c.num_embeddings, dtype=torch.int32),
+                        ]
+                    )
+                )
         return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
@@ -343,6 +421,7 @@ def quantize_checked(fp: FP32Model, method: Method):
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
         rounded_row_size_in_bytes,
     )
+
     from shark_torchrec.jobs.easy_path import allocated_bytes, quantized_collection
 
     torch = fp.torch
@@ -358,10 +437,15 @@ def quantize_checked(fp: FP32Model, method: Method):
         w = state[f"embedding_bags.{c.name}.weight"].view(torch.uint8)  # UInt4/UInt2Tensor: the packed bytes
         row = rounded_row_size_in_bytes(c.embedding_dim, want, getattr(tbes[0], "row_alignment", 16))
         if tuple(w.shape) != (c.num_embeddings, row):
-            raise SystemExit(f"{method.name}: table {c.name} holds {tuple(w.shape)} bytes, expected ({c.num_embeddings}, {row})")
+            raise SystemExit(
+                f"{method.name}: table {c.name} holds {tuple(w.shape)} bytes, expected ({c.num_embeddings}, {row})"
+            )
     allocated = allocated_bytes(q)
-    tbe_buffer = sum(int(getattr(tbe, n).numel() * getattr(tbe, n).element_size())
-                     for tbe in tbes for n in ("weights_host", "weights_dev", "weights_uvm"))
+    tbe_buffer = sum(
+        int(getattr(tbe, n).numel() * getattr(tbe, n).element_size())
+        for tbe in tbes
+        for n in ("weights_host", "weights_dev", "weights_uvm")
+    )
     # Every row looked up once: distinct values per row and the error against the fp32 row.
     kjt = fp.every_row_kjt()
     with torch.no_grad():
@@ -376,16 +460,23 @@ def quantize_checked(fp: FP32Model, method: Method):
             # What fp16 scale and bias add to half a step: each rounded to fp16 (2^-11
             # relative, or 2^-25 absolute where the scale is subnormal, as for the tiny
             # ranges of rows a huge table never trained), the scale's error times the top code.
-            top = 2 ** method.bits - 1 if method.bits <= 8 else 1
-            fp16_err = top * torch.clamp(span / top * 2.0 ** -11, min=2.0 ** -25) + r.min(1).values.abs() * 2.0 ** -11
+            top = 2**method.bits - 1 if method.bits <= 8 else 1
+            fp16_err = top * torch.clamp(span / top * 2.0**-11, min=2.0**-25) + r.min(1).values.abs() * 2.0**-11
             rel_err = max(rel_err, float((((g - r).abs().max(1).values - fp16_err) / span).max()))
     if method.bits <= 8:
-        bound = 0.5 / (2 ** method.bits - 1)
-        if levels > 2 ** method.bits or rel_err > 1.05 * bound + 2e-3:
-            raise SystemExit(f"{method.name}: {levels} distinct values in a row (at most {2 ** method.bits}), "
-                             f"largest error beyond fp16's rounding {rel_err:.4f} of a row's range (bound {bound:.4f})")
-    return q, {"sparse_type": str(want), "max_levels_per_row": levels, "max_rel_err_beyond_fp16": rel_err,
-               "bytes_allocated": allocated, "tbe_buffer_bytes": tbe_buffer}
+        bound = 0.5 / (2**method.bits - 1)
+        if levels > 2**method.bits or rel_err > 1.05 * bound + 2e-3:
+            raise SystemExit(
+                f"{method.name}: {levels} distinct values in a row (at most {2**method.bits}), "
+                f"largest error beyond fp16's rounding {rel_err:.4f} of a row's range (bound {bound:.4f})"
+            )
+    return q, {
+        "sparse_type": str(want),
+        "max_levels_per_row": levels,
+        "max_rel_err_beyond_fp16": rel_err,
+        "bytes_allocated": allocated,
+        "tbe_buffer_bytes": tbe_buffer,
+    }
 
 
 def run_serve(method: Method, base: FP32Model) -> dict:
@@ -410,8 +501,11 @@ def served_record(model: FP32Model, ebc) -> dict:
     m = model.evaluate(ebc)
     served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
     return {
-        "test_auc": m["auc"], "test_logloss": m["logloss"], "bytes_allocated": served.memory_bytes(),
-        "bytes_unpadded": served.memory_bytes(), "fp32_bytes": sum(r * d * 4 for r, d in model.shapes),
+        "test_auc": m["auc"],
+        "test_logloss": m["logloss"],
+        "bytes_allocated": served.memory_bytes(),
+        "bytes_unpadded": served.memory_bytes(),
+        "fp32_bytes": sum(r * d * 4 for r, d in model.shapes),
         "rows": served.group_rows(),
     }
 
@@ -440,9 +534,12 @@ def run_drop_unseen(method: Method, fp: FP32Model) -> dict:
     torch = fp.torch
     t0 = time.perf_counter()
     seen = seen_rows(fp)
-    policy = PrecisionPolicy(mode="shark", tiers=("int8", "dropped"), row_fractions=(1.0,), optimizer="sgd", learning_rate=0.1, eps=1e-8)
-    ebc = MixedPrecisionEmbeddingBagCollection(tables=[dataclasses.replace(c) for c in fp.configs], precision_policy=policy,
-                                              device=torch.device("cpu"))
+    policy = PrecisionPolicy(
+        mode="shark", tiers=("int8", "dropped"), row_fractions=(1.0,), optimizer="sgd", learning_rate=0.1, eps=1e-8
+    )
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        tables=[dataclasses.replace(c) for c in fp.configs], precision_policy=policy, device=torch.device("cpu")
+    )
     state = fp.ebc.state_dict()
     weights = {c.name: state[f"embedding_bags.{c.name}.weight"].float() for c in fp.configs}
     ebc.load_state_dict({f"embedding_bags.{n}.weight": w for n, w in weights.items()}, strict=False)
@@ -469,9 +566,13 @@ def run_post(method: Method, fp: FP32Model) -> dict:
     m = fp.evaluate(q)
     fp32_bytes = sum(r * d * 4 for r, d in fp.shapes)
     return {
-        "test_auc": m["auc"], "test_logloss": m["logloss"],
-        "bytes_allocated": check.pop("bytes_allocated"), "bytes_unpadded": torchrec_unpadded_bytes(fp.shapes, method.bits),
-        "fp32_bytes": fp32_bytes, "check": check, "seconds": time.perf_counter() - t0,
+        "test_auc": m["auc"],
+        "test_logloss": m["logloss"],
+        "bytes_allocated": check.pop("bytes_allocated"),
+        "bytes_unpadded": torchrec_unpadded_bytes(fp.shapes, method.bits),
+        "fp32_bytes": fp32_bytes,
+        "check": check,
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -484,18 +585,25 @@ def summarize(records: list[dict], methods: list[Method]) -> tuple[list[dict], l
         if not rs:
             continue
         diff = paired([r["test_auc"] - base[r["unit"]]["test_auc"] for r in rs if r["unit"] in base])
-        rows.append({
-            "method": method.name, "kind": method.kind, "n": len(rs),
-            "test_auc": statistics.mean(r["test_auc"] for r in rs),
-            "test_logloss": statistics.mean(r["test_logloss"] for r in rs),
-            "alloc_ratio": statistics.mean(r["bytes_allocated"] / r["fp32_bytes"] for r in rs),
-            "unpadded_ratio": statistics.mean(r["bytes_unpadded"] / r["fp32_bytes"] for r in rs),
-            "diff": diff,
-        })
+        rows.append(
+            {
+                "method": method.name,
+                "kind": method.kind,
+                "n": len(rs),
+                "test_auc": statistics.mean(r["test_auc"] for r in rs),
+                "test_logloss": statistics.mean(r["test_logloss"] for r in rs),
+                "alloc_ratio": statistics.mean(r["bytes_allocated"] / r["fp32_bytes"] for r in rs),
+                "unpadded_ratio": statistics.mean(r["bytes_unpadded"] / r["fp32_bytes"] for r in rs),
+                "diff": diff,
+            }
+        )
     pairs = []
     for a in (m for m in methods if m.kind in ("train", "serve") and m.name != "fp32"):
         for b in (m for m in methods if m.kind == "post" and m.bits <= 8):
-            common = sorted({r["unit"] for r in records if r["method"] == a.name} & {r["unit"] for r in records if r["method"] == b.name})
+            common = sorted(
+                {r["unit"] for r in records if r["method"] == a.name}
+                & {r["unit"] for r in records if r["method"] == b.name}
+            )
             if common:
                 d = paired([by[(a.name, u)]["test_auc"] - by[(b.name, u)]["test_auc"] for u in common])
                 pairs.append({"a": a.name, "b": b.name, "diff": d})
@@ -505,9 +613,18 @@ def summarize(records: list[dict], methods: list[Method]) -> tuple[list[dict], l
         variant = a.name.split(">")[0]
         twin = a.name.replace(variant, "shark-paper+eq7", 1)
         if twin in names:
-            common = sorted({r["unit"] for r in records if r["method"] == a.name} & {r["unit"] for r in records if r["method"] == twin})
+            common = sorted(
+                {r["unit"] for r in records if r["method"] == a.name}
+                & {r["unit"] for r in records if r["method"] == twin}
+            )
             if common:
-                pairs.append({"a": a.name, "b": twin, "diff": paired([by[(a.name, u)]["test_auc"] - by[(twin, u)]["test_auc"] for u in common])})
+                pairs.append(
+                    {
+                        "a": a.name,
+                        "b": twin,
+                        "diff": paired([by[(a.name, u)]["test_auc"] - by[(twin, u)]["test_auc"] for u in common]),
+                    }
+                )
     return rows, pairs
 
 
@@ -517,15 +634,24 @@ def _ci(d: dict) -> str:
     return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
 
 
-def markdown(dim: int, rows: list[dict], pairs: list[dict], methods: list[Method], notes: list[str], command: str, data: str) -> str:
-    lines = [f"### {data}, dim {dim}", "", f"`{command}`", "",
-             "| method | bytes / fp32 (allocated) | bytes / fp32 (unpadded) | test AUC | log loss | AUC - fp32, mean [95% CI] | SE | n |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown(
+    dim: int, rows: list[dict], pairs: list[dict], methods: list[Method], notes: list[str], command: str, data: str
+) -> str:
+    lines = [
+        f"### {data}, dim {dim}",
+        "",
+        f"`{command}`",
+        "",
+        "| method | bytes / fp32 (allocated) | bytes / fp32 (unpadded) | test AUC | log loss | AUC - fp32, mean [95% CI] | SE | n |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in rows:
         d, ref = s["diff"], s["method"] == "fp32"
         diff, se = ("(reference)", "") if ref else (_ci(d), f"{d['se']:.4f}")
-        lines.append(f"| {s['method']} | {s['alloc_ratio']:.3f} | {s['unpadded_ratio']:.3f} | {s['test_auc']:.4f} | "
-                     f"{s['test_logloss']:.4f} | {diff} | {se} | {s['n']} |")
+        lines.append(
+            f"| {s['method']} | {s['alloc_ratio']:.3f} | {s['unpadded_ratio']:.3f} | {s['test_auc']:.4f} | "
+            f"{s['test_logloss']:.4f} | {diff} | {se} | {s['n']} |"
+        )
     if pairs:
         lines += ["", "| paired difference (test AUC) | mean [95% CI] | SE | n |", "|---|---|---|---|"]
         for p in pairs:
@@ -563,7 +689,9 @@ def plot(dim: int, rows: list[dict], path: Path, data: str) -> None:
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_xlabel("embedding bytes, % of fp32 (log; filled: as allocated, hollow: unpadded)")
     ax.set_ylabel("test AUC - fp32 (paired mean, 95% CI)")
-    ax.set_title(f"{data}, dim {dim}: AUC against embedding bytes (o trained, s TorchRec post-training, ^ served)", fontsize=9)
+    ax.set_title(
+        f"{data}, dim {dim}: AUC against embedding bytes (o trained, s TorchRec post-training, ^ served)", fontsize=9
+    )
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -598,9 +726,14 @@ def code_provenance() -> dict:
         return out
     try:
         git = ["git", "-C", str(pkg.parent)]
-        out["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        out["dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "--", "shark_torchrec"],
-                                           capture_output=True, text=True, check=True).stdout.strip())
+        out["commit"] = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        out["dirty"] = bool(
+            subprocess.run(
+                [*git, "status", "--porcelain", "--", "shark_torchrec"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         pass
     return out
@@ -617,11 +750,17 @@ def main() -> None:
     own, extra = split_passthrough(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--cv", type=int, default=0, help="k-fold cross-validation: every seed runs every fold (seeds x folds units)")
+    p.add_argument(
+        "--cv", type=int, default=0, help="k-fold cross-validation: every seed runs every fold (seeds x folds units)"
+    )
     p.add_argument("--dims", default="64,16")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated (default {','.join(DEFAULT_METHODS)})"
+    )
     p.add_argument("--budgets", default="", help="extra budgets for shark-paper, e.g. 0.35,0.5")
-    p.add_argument("--out", default="", help="output prefix: writes <out>_d<dim>/ (default bench/results/frontier_<data>)")
+    p.add_argument(
+        "--out", default="", help="output prefix: writes <out>_d<dim>/ (default bench/results/frontier_<data>)"
+    )
     p.add_argument("--resume", action="store_true", help="keep an earlier invocation's finished runs (same flags)")
     args = p.parse_args(own)
     data = data_name(extra)
@@ -634,7 +773,10 @@ def main() -> None:
 
     code = code_provenance()
     if code.get("dirty"):
-        tqdm.write(f"warning: {code['shark_torchrec']} differs from commit {code['commit']} (uncommitted changes)", file=sys.stderr)
+        tqdm.write(
+            f"warning: {code['shark_torchrec']} differs from commit {code['commit']} (uncommitted changes)",
+            file=sys.stderr,
+        )
     plan = {}
     for dim in dims:
         out = Path(f"{prefix}_d{dim}")
@@ -646,12 +788,17 @@ def main() -> None:
             if not args.resume:
                 raise SystemExit(f"{path} exists: pass --resume to keep its runs, or choose another --out")
             if old.get("shark_train_flags") != extra or old.get("cv") != args.cv:
-                raise SystemExit(f"{path} was written with other flags ({old.get('shark_train_flags')}, cv {old.get('cv')}): "
-                                 "its runs would not be paired with these; choose another --out")
+                raise SystemExit(
+                    f"{path} was written with other flags ({old.get('shark_train_flags')}, cv {old.get('cv')}): "
+                    "its runs would not be paired with these; choose another --out"
+                )
             records = old["records"]
             if old.get("code", {}).get("commit") != code.get("commit"):
-                tqdm.write(f"warning: {path}'s runs used shark_torchrec at {old.get('code', {}).get('commit')}, "
-                           f"this invocation {code.get('commit')}", file=sys.stderr)
+                tqdm.write(
+                    f"warning: {path}'s runs used shark_torchrec at {old.get('code', {}).get('commit')}, "
+                    f"this invocation {code.get('commit')}",
+                    file=sys.stderr,
+                )
         out.mkdir(parents=True, exist_ok=True)
         done = {(r["method"], r["unit"]) for r in records}
         todo = [(u, m) for u in all_units for m in methods if (m.name, u.key) not in done]
@@ -662,8 +809,15 @@ def main() -> None:
     start = time.perf_counter()
     with tqdm(total=total, desc="runs", file=sys.stderr) as bar:
         for dim, (out, path, methods, notes, records, todo) in plan.items():
-            meta = {"format": FORMAT, "command": command, "shark_train_flags": extra, "cv": args.cv, "dim": dim, "data": data,
-                    "code": code}
+            meta = {
+                "format": FORMAT,
+                "command": command,
+                "shark_train_flags": extra,
+                "cv": args.cv,
+                "dim": dim,
+                "data": data,
+                "code": code,
+            }
 
             def save(out=out, path=path, meta=meta, records=records, methods=methods, notes=notes, dim=dim) -> None:
                 write_json(path, {**meta, "records": records})
@@ -686,8 +840,10 @@ def main() -> None:
                             base_rec = next(r for r in records if r["method"] == method.base and r["unit"] == unit.key)
                             again = served[method.base].evaluate()
                             if abs(again["auc"] - base_rec["test_auc"]) > 1e-4:
-                                raise SystemExit(f"{method.base} {unit.key}: re-evaluated test AUC {again['auc']:.6f} is not "
-                                                 f"shark train's {base_rec['test_auc']:.6f}: the evaluations differ")
+                                raise SystemExit(
+                                    f"{method.base} {unit.key}: re-evaluated test AUC {again['auc']:.6f} is not "
+                                    f"shark train's {base_rec['test_auc']:.6f}: the evaluations differ"
+                                )
                         rec.update(run_serve(method, served[method.base]))
                     else:
                         if fp is None:
@@ -697,14 +853,19 @@ def main() -> None:
                             # Our evaluation of the loaded fp32 model against shark train's own figure.
                             fp32_rec["reevaluated_test_auc"] = again["auc"]
                             if abs(again["auc"] - fp32_rec["test_auc"]) > 1e-4:
-                                raise SystemExit(f"fp32 {unit.key}: re-evaluated test AUC {again['auc']:.6f} is not "
-                                                 f"shark train's {fp32_rec['test_auc']:.6f}: the evaluations differ")
+                                raise SystemExit(
+                                    f"fp32 {unit.key}: re-evaluated test AUC {again['auc']:.6f} is not "
+                                    f"shark train's {fp32_rec['test_auc']:.6f}: the evaluations differ"
+                                )
                         rec.update(run_post(method, fp))
                     records.append(rec)
                     save()
                     bar.update(1)
-                    tqdm.write(f"d{dim} {unit.key} {method.name}: test AUC {rec['test_auc']:.4f}, "
-                               f"bytes {rec['bytes_allocated'] / rec['fp32_bytes']:.3f} of fp32", file=sys.stderr)
+                    tqdm.write(
+                        f"d{dim} {unit.key} {method.name}: test AUC {rec['test_auc']:.4f}, "
+                        f"bytes {rec['bytes_allocated'] / rec['fp32_bytes']:.3f} of fp32",
+                        file=sys.stderr,
+                    )
             save()
             texts.append((out / "table.md").read_text())
     print("\n".join(texts))

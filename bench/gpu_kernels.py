@@ -61,8 +61,16 @@ class Tables:
     """One table's rows in group tables: row r's tier by its popularity rank (`mix`: shares of
     rows from the hottest down), values random (as trained rows: N(0, 0.1)), one fallback row."""
 
-    def __init__(self, rows: int, dim: int, mix: List[float], alignment: int, gen: torch.Generator, device: str,
-                 values_gen: torch.Generator):
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        mix: List[float],
+        alignment: int,
+        gen: torch.Generator,
+        device: str,
+        values_gen: torch.Generator,
+    ):
         self.rows, self.dim, self.alignment = rows, dim, alignment
         self.rank_of_row = torch.randperm(rows, generator=gen)
         counts = [int(x * rows) for x in mix]
@@ -152,7 +160,19 @@ def check_small(device: str, gen: torch.Generator, values_gen: torch.Generator, 
         scale = torch.rand(200, generator=gen).to(device)
         start, table = rounding_noise_starts(3, 5, 0, keys, torch.zeros_like(keys))
         a, b = t.weights.clone(), t.weights.clone()
-        rest = (t.group_offsets, t.row_map, t.range_ends, t.range_shift, keys, grad, scale, table.to(device), start.to(device), dim, alignment)
+        rest = (
+            t.group_offsets,
+            t.row_map,
+            t.range_ends,
+            t.range_shift,
+            keys,
+            grad,
+            scale,
+            table.to(device),
+            start.to(device),
+            dim,
+            alignment,
+        )
         update_rows_(a, *rest)
         update_rows_torch(b, *rest)
         if not same(a, b):
@@ -180,17 +200,23 @@ def timer(device: str) -> Callable[[Callable[[], object], int], float]:
 
 
 def main(argv: List[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--rows", type=int, default=8_000_000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--bags", type=int, default=65_536)
     ap.add_argument("--ids-per-bag", type=int, default=32)
     ap.add_argument("--zipf", type=float, default=1.05)
-    ap.add_argument("--mix", default="0.05,0.15,0.30,0.30,0.15,0.05", help="shares of fp32,fp16,int8,int4,int2,dropped rows")
+    ap.add_argument(
+        "--mix", default="0.05,0.15,0.30,0.30,0.15,0.05", help="shares of fp32,fp16,int8,int4,int2,dropped rows"
+    )
     ap.add_argument("--block-ids", default="2", help="ids a lookup program reads at once; a list times each")
     ap.add_argument("--warps", default="1", help="warps a lookup program runs on; a list times each")
-    ap.add_argument("--passes", default="2", help="1: one lookup kernel; 2: locate the rows, then pool them; a list times each")
+    ap.add_argument(
+        "--passes", default="2", help="1: one lookup kernel; 2: locate the rows, then pool them; a list times each"
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=10, help="calls per timed sample")
     ap.add_argument("--seed", type=int, default=0)
@@ -206,11 +232,17 @@ def main(argv: List[str] | None = None) -> int:
     mix = [float(x) for x in a.mix.split(",")]
     if len(mix) != 6 or abs(sum(mix) - 1) > 1e-6:
         raise SystemExit(f"--mix: six shares adding up to 1 ({', '.join(TIERS)}), got {a.mix}")
-    configs = [(int(b), int(w), int(p)) for p in a.passes.split(",") for b in a.block_ids.split(",")
-               for w in a.warps.split(",")]
+    configs = [
+        (int(b), int(w), int(p))
+        for p in a.passes.split(",")
+        for b in a.block_ids.split(",")
+        for w in a.warps.split(",")
+    ]
     values_gen = torch.Generator(device=dev).manual_seed(a.seed)
 
-    print(f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (Triton interpreter)'}, torch {torch.__version__}")
+    print(
+        f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (Triton interpreter)'}, torch {torch.__version__}"
+    )
     failures = check_small(dev, gen, values_gen, [int(d) for d in a.small_dims.split(",")])
 
     t0 = time.perf_counter()
@@ -227,15 +259,33 @@ def main(argv: List[str] | None = None) -> int:
     grad_out = torch.randn(a.bags, D, generator=values_gen, device=dev) * 0.01
     base = torch.zeros(1, dtype=torch.int64, device=dev)
     frows = torch.tensor([a.rows], device=dev)
-    noise_table = rounding_noise_starts(0, 0, 0, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))[1].to(dev)
+    noise_table = rounding_noise_starts(0, 0, 0, torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))[
+        1
+    ].to(dev)
     bag_of_id = torch.arange(a.bags, device=dev).repeat_interleave(a.ids_per_bag)
     lr, eps = 0.01, 1e-8
-    print(f"tables built in {time.perf_counter() - t0:.1f} s: {a.rows:,} rows x {D}, "
-          f"tiers {dict(zip(TIERS, tables.counts))}, {n:,} ids over {int(ids.unique().numel()):,} distinct rows")
+    print(
+        f"tables built in {time.perf_counter() - t0:.1f} s: {a.rows:,} rows x {D}, "
+        f"tiers {dict(zip(TIERS, tables.counts))}, {n:,} ids over {int(ids.unique().numel()):,} distinct rows"
+    )
 
     def ours_lookup(config: Tuple[int, int, int]) -> torch.Tensor:
-        return mixed_lookup(*tables.layout(), base, frows, ids, lengths, None, D, a.bags, "sum", alignment, ["t"],
-                            ids_per_block=config[0], num_warps=config[1], passes=config[2])
+        return mixed_lookup(
+            *tables.layout(),
+            base,
+            frows,
+            ids,
+            lengths,
+            None,
+            D,
+            a.bags,
+            "sum",
+            alignment,
+            ["t"],
+            ids_per_block=config[0],
+            num_warps=config[1],
+            passes=config[2],
+        )
 
     # Checks at full size.
     want = mixed_lookup_torch(*tables.layout(), base, frows, ids, lengths, None, D, a.bags, "sum", alignment, ["t"])
@@ -301,13 +351,22 @@ def main(argv: List[str] | None = None) -> int:
             for name, fn in fns.items():
                 times[kind][name].append(run(fn, a.inner))
 
-    result = {"args": {k: str(v) for k, v in vars(a).items()}, "failures": failures, "tiers": dict(zip(TIERS, tables.counts)),
-              "bytes": {"ours": int(tables.weights.numel() + 4 * a.rows), "fp32": 4 * a.rows * D, "fp16": 2 * a.rows * D},
-              "ms": {}, "ratios": {}}
-    print(f"\nembedding bytes: ours {result['bytes']['ours'] / result['bytes']['fp32']:.3f} of fp32 "
-          f"(rows + 4-byte row map), fp16 0.500")
+    result = {
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "failures": failures,
+        "tiers": dict(zip(TIERS, tables.counts)),
+        "bytes": {"ours": int(tables.weights.numel() + 4 * a.rows), "fp32": 4 * a.rows * D, "fp16": 2 * a.rows * D},
+        "ms": {},
+        "ratios": {},
+    }
+    print(
+        f"\nembedding bytes: ours {result['bytes']['ours'] / result['bytes']['fp32']:.3f} of fp32 "
+        f"(rows + 4-byte row map), fp16 0.500"
+    )
     for kind in ("lookup", "step"):
-        print(f"\n{kind} ({a.repeats} repeats of {a.inner} calls; median ms, ratio to torch fp32 and fp16: median [min, max] of per-repeat ratios)")
+        print(
+            f"\n{kind} ({a.repeats} repeats of {a.inner} calls; median ms, ratio to torch fp32 and fp16: median [min, max] of per-repeat ratios)"
+        )
         t = times[kind]
         names = list(t)
         result["ms"][kind] = {k: statistics.median(v) * 1e3 for k, v in t.items()}
@@ -316,7 +375,11 @@ def main(argv: List[str] | None = None) -> int:
             if name.startswith("ours"):
                 for ref, label in zip(names[:2], ("fp32", "fp16")):
                     r = [x / y for x, y in zip(t[name], t[ref])]
-                    result["ratios"][f"{kind}: {name} / {ref}"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+                    result["ratios"][f"{kind}: {name} / {ref}"] = {
+                        "median": statistics.median(r),
+                        "min": min(r),
+                        "max": max(r),
+                    }
                     line += f"   {statistics.median(r):5.2f}x [{min(r):.2f}, {max(r):.2f}] of {label}"
             print(line)
     if a.out:

@@ -32,10 +32,10 @@ from common import split_passthrough  # noqa: E402
 from shark_torchrec.config import parse_cli  # noqa: E402
 from shark_torchrec.distributed.env import init_distributed  # noqa: E402
 from shark_torchrec.importance.model_scoring import METHODS, field_means, score_fields  # noqa: E402
-from shark_torchrec.jobs.remove_tables import prune_tables  # noqa: E402
 from shark_torchrec.jobs.checkpoint import resolve_checkpoint  # noqa: E402
 from shark_torchrec.jobs.evaluation import evaluate  # noqa: E402
 from shark_torchrec.jobs.prune import support_batches  # noqa: E402
+from shark_torchrec.jobs.remove_tables import prune_tables  # noqa: E402
 from shark_torchrec.jobs.trainer import fit, quiet_libraries, train_steps  # noqa: E402
 
 REFERENCE = "taylor"
@@ -52,8 +52,17 @@ def one_seed(base_cfg, seed: int, cv: int, sizes, keep_mode: bool, removals, epo
     fields = list(base.dataset.schema.sparse_names)
     ckpt = resolve_checkpoint(Path(cfg.run.out_dir) / "checkpoints")
     test = evaluate(base.model, base.dataset, "test", cfg.train.eval_batch_size, env)
-    rows = [{"seed": seed, "method": "base", "removal": "-", "kept": len(fields), "test_auc": test["auc"],
-             "test_logloss": test["logloss"], "ranking": None}]
+    rows = [
+        {
+            "seed": seed,
+            "method": "base",
+            "removal": "-",
+            "kept": len(fields),
+            "test_auc": test["auc"],
+            "test_logloss": test["logloss"],
+            "ranking": None,
+        }
+    ]
     means = field_means(base.model, base.dataset, "dev", cfg.train.eval_batch_size, env)
     for method in METHODS:
         imp = score_fields(base.model, base.dataset, method, "dev", cfg.train.eval_batch_size, env, seed=seed)
@@ -67,7 +76,13 @@ def one_seed(base_cfg, seed: int, cv: int, sizes, keep_mode: bool, removals, epo
                 rcfg = copy.deepcopy(cfg)
                 rcfg.model.field_removal = removal
                 pruned = prune_tables(
-                    base.model, base.optimizer, rcfg, base.dataset, env, removed, ckpt,
+                    base.model,
+                    base.optimizer,
+                    rcfg,
+                    base.dataset,
+                    env,
+                    removed,
+                    ckpt,
                     {f: means[f] for f in removed},
                 )
                 # Epoch 0 is the pruned model as it is: fine-tuning must earn its place on dev.
@@ -78,12 +93,25 @@ def one_seed(base_cfg, seed: int, cv: int, sizes, keep_mode: bool, removals, epo
                     train_steps(pruned.model, pruned.optimizer, batches, env, cfg.quant.precision)
                     dev = evaluate(pruned.model, pruned.dataset, "dev", cfg.train.eval_batch_size, env)
                     if dev["auc"] > best[0]["auc"]:
-                        best = (dev, evaluate(pruned.model, pruned.dataset, "test", cfg.train.eval_batch_size, env), epoch + 1)
-                rows.append({
-                    "seed": seed, "method": method, "removal": removal, "kept": len(fields) - n_remove,
-                    "removed": removed, "test_auc": best[1]["auc"], "test_logloss": best[1]["logloss"],
-                    "dev_auc": best[0]["auc"], "best_epoch": best[2], "ranking": ranking,
-                })
+                        best = (
+                            dev,
+                            evaluate(pruned.model, pruned.dataset, "test", cfg.train.eval_batch_size, env),
+                            epoch + 1,
+                        )
+                rows.append(
+                    {
+                        "seed": seed,
+                        "method": method,
+                        "removal": removal,
+                        "kept": len(fields) - n_remove,
+                        "removed": removed,
+                        "test_auc": best[1]["auc"],
+                        "test_logloss": best[1]["logloss"],
+                        "dev_auc": best[0]["auc"],
+                        "best_epoch": best[2],
+                        "ranking": ranking,
+                    }
+                )
     return rows
 
 
@@ -91,24 +119,46 @@ def summarize(rows):
     out = []
     keys = sorted({(r["removal"], r["kept"]) for r in rows if r["method"] != "base"}, key=lambda x: (x[0], -x[1]))
     base = [r["test_auc"] for r in rows if r["method"] == "base"]
-    out.append({"removal": "-", "kept": "all", "method": "base", "auc": statistics.mean(base), "n": len(base), "diff": None})
+    out.append(
+        {"removal": "-", "kept": "all", "method": "base", "auc": statistics.mean(base), "n": len(base), "diff": None}
+    )
     for removal, kept in keys:
-        ref = {r["seed"]: r["test_auc"] for r in rows if (r["method"], r["removal"], r["kept"]) == (REFERENCE, removal, kept)}
+        ref = {
+            r["seed"]: r["test_auc"]
+            for r in rows
+            if (r["method"], r["removal"], r["kept"]) == (REFERENCE, removal, kept)
+        }
         for method in METHODS:
-            mine = {r["seed"]: r["test_auc"] for r in rows if (r["method"], r["removal"], r["kept"]) == (method, removal, kept)}
+            mine = {
+                r["seed"]: r["test_auc"]
+                for r in rows
+                if (r["method"], r["removal"], r["kept"]) == (method, removal, kept)
+            }
             if not mine:
                 continue
             diffs = [mine[s] - ref[s] for s in mine if s in ref]
-            out.append({
-                "removal": removal, "kept": kept, "method": method, "auc": statistics.mean(mine.values()), "n": len(mine),
-                "diff": (statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0) if diffs else None,
-            })
+            out.append(
+                {
+                    "removal": removal,
+                    "kept": kept,
+                    "method": method,
+                    "auc": statistics.mean(mine.values()),
+                    "n": len(mine),
+                    "diff": (statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+                    if diffs
+                    else None,
+                }
+            )
     return out
 
 
 def markdown(summary, command: str, total_fields: int) -> str:
-    lines = [f"`{command}`", "", f"| removal | kept fields (of {total_fields}) | method | test AUC (mean) | AUC - {REFERENCE} (mean ± std, paired) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"`{command}`",
+        "",
+        f"| removal | kept fields (of {total_fields}) | method | test AUC (mean) | AUC - {REFERENCE} (mean ± std, paired) |",
+        "|---|---|---|---|---|",
+    ]
     for s in summary:
         d = "" if s["diff"] is None else f"{s['diff'][0]:+.4f} ± {s['diff'][1]:.4f} (n={s['n']})"
         lines.append(f"| {s['removal']} | {s['kept']} | {s['method']} | {s['auc']:.4f} | {d} |")
@@ -131,15 +181,30 @@ def plot(summary, path: Path, removal: str) -> None:
     for ax, methods in zip(axes, (METHODS, (REFERENCE, "permutation"))):
         zoom = len(methods) == 2
         for method in methods:
-            pts = sorted((s["kept"], s["auc"], (s["diff"] or (0, 0))[1]) for s in summary if s["method"] == method and s["removal"] == removal)
+            pts = sorted(
+                (s["kept"], s["auc"], (s["diff"] or (0, 0))[1])
+                for s in summary
+                if s["method"] == method and s["removal"] == removal
+            )
             if pts:
-                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts] if zoom else None,
-                            fmt="o-", capsize=3, color=COLORS[method], label=method)
+                ax.errorbar(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    yerr=[p[2] for p in pts] if zoom else None,
+                    fmt="o-",
+                    capsize=3,
+                    color=COLORS[method],
+                    label=method,
+                )
         ax.axhline(base, color="gray", ls="--", label="all fields")
         ax.set_xlabel("fields kept")
         ax.set_ylabel("test AUC (mean over seeds)")
-        ax.set_title(f"Pruning by field ranking ({removal} removal, fine-tuned)" if not zoom else
-                     f"{REFERENCE} vs permutation (bars: std of the paired difference)", fontsize=10)
+        ax.set_title(
+            f"Pruning by field ranking ({removal} removal, fine-tuned)"
+            if not zoom
+            else f"{REFERENCE} vs permutation (bars: std of the paired difference)",
+            fontsize=10,
+        )
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,11 +234,16 @@ def main() -> None:
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     if any(r["method"] == "taylor-abs" for r in rows):  # written before the rename
-        rows = [{**r, "method": {"taylor-abs": "taylor", "taylor": "taylor-signed"}.get(r["method"], r["method"])} for r in rows]
+        rows = [
+            {**r, "method": {"taylor-abs": "taylor", "taylor": "taylor-signed"}.get(r["method"], r["method"])}
+            for r in rows
+        ]
     done = {r["seed"] for r in rows}
     seeds = range(args.cv or args.seeds)
     for seed in tqdm([s for s in seeds if s not in done], desc="seeds"):
-        rows += one_seed(cfg, seed, args.cv, sizes, bool(args.keep), removals, args.finetune_epochs, out / "runs" / f"s{seed}", env)
+        rows += one_seed(
+            cfg, seed, args.cv, sizes, bool(args.keep), removals, args.finetune_epochs, out / "runs" / f"s{seed}", env
+        )
         results_path.write_text(json.dumps(rows, indent=2))
     summary = summarize(rows)
     command = "bench/importance_quality.py " + " ".join(argv)

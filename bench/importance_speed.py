@@ -18,8 +18,8 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -73,17 +73,25 @@ def main() -> None:
                 wall[m].append(time.perf_counter() - t0)
                 seconds[m].append(r.scoring_seconds)
                 fields, samples = len(r.fields), r.samples
-        med = {m: statistics.median(s[args.warmup:]) for m, s in seconds.items()}
-        med_wall = {m: statistics.median(s[args.warmup:]) for m, s in wall.items()}
-        rows.append({
-            "dataset": name, "fields": fields, "rows": samples, "split": split,
-            "seconds": med, "all_seconds": seconds, "wall_seconds": med_wall, "all_wall_seconds": wall,
-            "permutation_over_taylor": med["permutation"] / med["taylor"],
-            "permutation_over_taylor_signed": med["permutation"] / med["taylor-signed"],
-            "permutation_over_taylor_wall": med_wall["permutation"] / med_wall["taylor"],
-            "wall_spread": {m: [min(s[args.warmup:]), max(s[args.warmup:])] for m, s in wall.items()},
-            "goal_n_over_4": fields / 4,
-        })
+        med = {m: statistics.median(s[args.warmup :]) for m, s in seconds.items()}
+        med_wall = {m: statistics.median(s[args.warmup :]) for m, s in wall.items()}
+        rows.append(
+            {
+                "dataset": name,
+                "fields": fields,
+                "rows": samples,
+                "split": split,
+                "seconds": med,
+                "all_seconds": seconds,
+                "wall_seconds": med_wall,
+                "all_wall_seconds": wall,
+                "permutation_over_taylor": med["permutation"] / med["taylor"],
+                "permutation_over_taylor_signed": med["permutation"] / med["taylor-signed"],
+                "permutation_over_taylor_wall": med_wall["permutation"] / med_wall["taylor"],
+                "wall_spread": {m: [min(s[args.warmup :]), max(s[args.warmup :])] for m, s in wall.items()},
+                "goal_n_over_4": fields / 4,
+            }
+        )
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     lines = [
         f"`bench/importance_speed.py --repeats {args.repeats} --eval-rows {args.eval_rows} --warmup {args.warmup}` (1 rank, CPU; median of "

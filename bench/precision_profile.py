@@ -51,7 +51,10 @@ def main() -> None:
     policy = PrecisionPolicy(memory_budget=0.35, optimizer="rowwise_adagrad", learning_rate=0.1).resolved([D])
     store = RowGroupStore(
         [LocalTable(f"t{i}", R, D, global_rows=R, table_id=i) for i in range(T)],
-        [f"f{i}" for i in range(T)], list(range(T)), policy, StepCounter(),
+        [f"f{i}" for i in range(T)],
+        list(range(T)),
+        policy,
+        StepCounter(),
     )
     store.set_groups(starting_groups(store, policy, {f"t{i}": (R, D) for i in range(T)}))
     ids = (torch.rand(T * B) ** 3 * R).long()  # skewed: hot rows repeat
@@ -59,7 +62,8 @@ def main() -> None:
     labels = torch.ones(T * B)
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * T,
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.1,
     )
     offsets = torch.arange(T * B + 1)
 
@@ -75,15 +79,25 @@ def main() -> None:
     def fbgemm_step():
         tbe(ids, offsets).sum().backward()
 
-    rows = {name: median_ms(fn, args.repeats) for name, fn in
-            (("ours forward", ours_fwd), ("fbgemm forward", fbgemm_fwd),
-             ("ours forward+backward", ours_step), ("fbgemm forward+backward", fbgemm_step))}
-    print(f"{T} tables x {R:,} rows, dim {D}, {T * B:,} ids ({len(torch.unique(ids)):,} distinct rows); "
-          f"groups fp32/fp16/int8 = {store.group_counts()}; medians of {args.repeats}")
+    rows = {
+        name: median_ms(fn, args.repeats)
+        for name, fn in (
+            ("ours forward", ours_fwd),
+            ("fbgemm forward", fbgemm_fwd),
+            ("ours forward+backward", ours_step),
+            ("fbgemm forward+backward", fbgemm_step),
+        )
+    }
+    print(
+        f"{T} tables x {R:,} rows, dim {D}, {T * B:,} ids ({len(torch.unique(ids)):,} distinct rows); "
+        f"groups fp32/fp16/int8 = {store.group_counts()}; medians of {args.repeats}"
+    )
     for name, ms in rows.items():
         print(f"  {name:<25} {ms:8.2f} ms")
-    print(f"  ratio ours/fbgemm: forward {rows['ours forward'] / rows['fbgemm forward']:.2f}, "
-          f"forward+backward {rows['ours forward+backward'] / rows['fbgemm forward+backward']:.2f}")
+    print(
+        f"  ratio ours/fbgemm: forward {rows['ours forward'] / rows['fbgemm forward']:.2f}, "
+        f"forward+backward {rows['ours forward+backward'] / rows['fbgemm forward+backward']:.2f}"
+    )
     with profile() as prof:
         for _ in range(5):
             ours_step()

@@ -36,9 +36,12 @@ def run(extra, method, dim, seed, budget, out: Path, cv: int = 0) -> dict:
         flags += ["--memory-budget", str(budget)]
     m = shark_train([*extra, *flags], out)
     return {
-        "method": method, "dim": dim, "seed": seed,
+        "method": method,
+        "dim": dim,
+        "seed": seed,
         "memory_ratio": m["embedding_bytes"] / m["fp32_embedding_bytes"],
-        "test_auc": m["test_auc"], "test_logloss": m["test_logloss"],
+        "test_auc": m["test_auc"],
+        "test_logloss": m["test_logloss"],
         "rows": [m["rows_fp32"], m["rows_fp16"], m["rows_int8"]],
         "train_seconds": m["train_seconds"],
     }
@@ -53,20 +56,28 @@ def summarize(rows, methods, dims):
             if not rs:
                 continue
             diffs = [r["test_auc"] - base[r["seed"]]["test_auc"] for r in rs if r["seed"] in base]
-            out.append({
-                "dim": dim, "method": method, "seeds": len(rs),
-                "memory_ratio": statistics.mean(r["memory_ratio"] for r in rs),
-                "test_auc": statistics.mean(r["test_auc"] for r in rs),
-                "test_logloss": statistics.mean(r["test_logloss"] for r in rs),
-                "auc_diff_mean": statistics.mean(diffs) if diffs else float("nan"),
-                "auc_diff_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            })
+            out.append(
+                {
+                    "dim": dim,
+                    "method": method,
+                    "seeds": len(rs),
+                    "memory_ratio": statistics.mean(r["memory_ratio"] for r in rs),
+                    "test_auc": statistics.mean(r["test_auc"] for r in rs),
+                    "test_logloss": statistics.mean(r["test_logloss"] for r in rs),
+                    "auc_diff_mean": statistics.mean(diffs) if diffs else float("nan"),
+                    "auc_diff_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                }
+            )
     return out
 
 
 def markdown(summary, command) -> str:
-    lines = [f"`{command}`", "", "| dim | method | emb. bytes / fp32 | test AUC | log loss | AUC - fp32 (mean ± std over seeds) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"`{command}`",
+        "",
+        "| dim | method | emb. bytes / fp32 | test AUC | log loss | AUC - fp32 (mean ± std over seeds) |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in summary:
         lines.append(
             f"| {s['dim']} | {s['method']} | {s['memory_ratio']:.3f} | {s['test_auc']:.4f} | {s['test_logloss']:.4f} | "
@@ -85,8 +96,15 @@ def plot(summary, path: Path) -> None:
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for dim, marker in zip(sorted({s["dim"] for s in summary}), "os^"):
         for s in (s for s in summary if s["dim"] == dim):
-            ax.errorbar(s["memory_ratio"], s["auc_diff_mean"], yerr=s["auc_diff_std"], fmt=marker, capsize=3,
-                        color=colors.get(s["method"], "k"), label=f"{s['method']} dim {dim}")
+            ax.errorbar(
+                s["memory_ratio"],
+                s["auc_diff_mean"],
+                yerr=s["auc_diff_std"],
+                fmt=marker,
+                capsize=3,
+                color=colors.get(s["method"], "k"),
+                label=f"{s['method']} dim {dim}",
+            )
     ax.legend(fontsize=7, ncol=2)
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_xlabel("embedding bytes / fp32 bytes")
@@ -104,8 +122,12 @@ def main() -> None:
     p.add_argument("--dims", default="16,64")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", type=float, default=0.35, help="memory budget of freq and shark")
-    p.add_argument("--budget-dim16", type=float, default=0.5,
-                   help="budget at dim 16, where int8 rows and the row map alone take 0.39")
+    p.add_argument(
+        "--budget-dim16",
+        type=float,
+        default=0.5,
+        help="budget at dim 16, where int8 rows and the row map alone take 0.39",
+    )
     p.add_argument("--cv", type=int, default=0, help="k-fold cross-validation: run s uses fold s (seeds = folds)")
     p.add_argument("--out", required=True)
     args = p.parse_args(own)

@@ -28,18 +28,35 @@ from common import shark_train  # noqa: E402
 
 def run_once(mix: str, nproc: int, args, out: Path) -> dict:
     cmd = [
-        "--nproc", str(nproc),
-        "--synthetic-train-rows", str(args.steps * args.batch_size),
-        "--synthetic-eval-rows", "4096", "--synthetic-scale", str(args.scale),
-        "--batch-size", str(args.batch_size), "--eval-batch-size", "4096",
-        "--embedding-dim", str(args.embedding_dim),
+        "--nproc",
+        str(nproc),
+        "--synthetic-train-rows",
+        str(args.steps * args.batch_size),
+        "--synthetic-eval-rows",
+        "4096",
+        "--synthetic-scale",
+        str(args.scale),
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-batch-size",
+        "4096",
+        "--embedding-dim",
+        str(args.embedding_dim),
     ]
     if mix == "fp32":
         cmd += ["--precision", "fp32"]
     else:
         tiers, budget = mix.split("@")
-        cmd += ["--precision", "shark", "--tiers", *tiers.split(","), "--memory-budget", budget,
-                "--reassign-every", str(args.reassign_every)]
+        cmd += [
+            "--precision",
+            "shark",
+            "--tiers",
+            *tiers.split(","),
+            "--memory-budget",
+            budget,
+            "--reassign-every",
+            str(args.reassign_every),
+        ]
     m = shark_train(cmd, out)
     return {
         "samples_per_s": m["steps"] * args.batch_size / m["train_seconds"],
@@ -69,9 +86,13 @@ def main() -> None:
         jobs = [(n, k, r) for r in range(args.repeats) for n in ranks for k in kinds]
         for n, k, r in tqdm(jobs, desc="runs"):
             results[(n, k)].append(run_once(k, n, args, Path(tmp) / f"{k.replace(',', '-')}-n{n}-r{r}"))
-    print(f"batch {args.batch_size}, dim {args.embedding_dim}, scale {args.scale}, {args.steps} steps, "
-          f"reassigning every {args.reassign_every} steps; medians of {args.repeats} (ratios: of the repeats' own)")
-    print("| ranks | tiers@budget | samples/s | fp32 samples/s | step time ratio, median (min-max) | priority % | reassign % | bytes / fp32 |")
+    print(
+        f"batch {args.batch_size}, dim {args.embedding_dim}, scale {args.scale}, {args.steps} steps, "
+        f"reassigning every {args.reassign_every} steps; medians of {args.repeats} (ratios: of the repeats' own)"
+    )
+    print(
+        "| ranks | tiers@budget | samples/s | fp32 samples/s | step time ratio, median (min-max) | priority % | reassign % | bytes / fp32 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     summary = []
     for n in ranks:
@@ -84,13 +105,28 @@ def main() -> None:
             pr = statistics.median(r["priority_seconds"] / r["train_seconds"] for r in s) * 100
             re = statistics.median(r["reassign_seconds"] / r["train_seconds"] for r in s) * 100
             mem = statistics.median(r["memory_ratio"] for r in s)
-            summary.append({"ranks": n, "mix": k, "fp32_samples_per_s": fs, "shark_samples_per_s": ss,
-                            "step_time_ratio": statistics.median(ratios), "ratio_min": min(ratios),
-                            "ratio_max": max(ratios), "priority_pct": pr, "reassign_pct": re, "memory_ratio": mem})
-            print(f"| {n} | {k} | {ss:,.0f} | {fs:,.0f} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
-                  f"| {pr:.1f} | {re:.1f} | {mem:.3f} |")
+            summary.append(
+                {
+                    "ranks": n,
+                    "mix": k,
+                    "fp32_samples_per_s": fs,
+                    "shark_samples_per_s": ss,
+                    "step_time_ratio": statistics.median(ratios),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                    "priority_pct": pr,
+                    "reassign_pct": re,
+                    "memory_ratio": mem,
+                }
+            )
+            print(
+                f"| {n} | {k} | {ss:,.0f} | {fs:,.0f} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
+                f"| {pr:.1f} | {re:.1f} | {mem:.3f} |"
+            )
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"runs": {f"{k[0]}-{k[1]}": v for k, v in results.items()}, "summary": summary}, indent=2))
+        Path(args.json_out).write_text(
+            json.dumps({"runs": {f"{k[0]}-{k[1]}": v for k, v in results.items()}, "summary": summary}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,14 @@ def main() -> None:
     args = p.parse_args()
     data = open_dataset(DataConfig(synthetic_scale=args.scale, synthetic_eval_rows=4 * args.batch), 0)
     tables = table_configs(data.schema, args.dim)
-    mp = MixedPrecisionEmbeddingBagCollection(tables=tables, precision_policy=PrecisionPolicy(memory_budget=0.35), device=torch.device("cpu"))
+    mp = MixedPrecisionEmbeddingBagCollection(
+        tables=tables, precision_policy=PrecisionPolicy(memory_budget=0.35), device=torch.device("cpu")
+    )
     ours = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(mp)
     del mp
-    fp32 = quantize_embeddings(torch.nn.Sequential(EmbeddingBagCollection(tables=tables)), dtype=torch.float, inplace=False)[0]
+    fp32 = quantize_embeddings(
+        torch.nn.Sequential(EmbeddingBagCollection(tables=tables)), dtype=torch.float, inplace=False
+    )[0]
     batches = [b.sparse_features for b in data.batches("test", args.batch)]
 
     # The exact TBE inputs our forward builds for each batch (grouped slots and offsets).
@@ -54,9 +58,10 @@ def main() -> None:
         g, slot = ours._lookup_group[tier], m - ours.range_shift[tier]
         grouped = torch.cat([slot[g == k] for k in range(3)])
         per_group = torch.stack([(g == k).sum() for k in range(3)]).to(torch.int32)
-        ends = torch.arange(1, nnz + 2, dtype=torch.int32)[None, :].clamp(max=per_group[:, None]) + (
-            torch.cumsum(per_group, 0, dtype=torch.int32) - per_group
-        )[:, None]
+        ends = (
+            torch.arange(1, nnz + 2, dtype=torch.int32)[None, :].clamp(max=per_group[:, None])
+            + (torch.cumsum(per_group, 0, dtype=torch.int32) - per_group)[:, None]
+        )
         calls.append((grouped, torch.cat([torch.zeros(1, dtype=torch.int32), ends.flatten()])))
 
     def per_batch_ms(fn) -> float:
@@ -74,8 +79,10 @@ def main() -> None:
         "ours (whole forward)": per_batch_ms(lambda: [ours(b) for b in batches]),
         "ours: the FBGEMM call alone": per_batch_ms(lambda: [ours._lookup(i, o) for i, o in calls]),
     }
-    print(f"`bench/serve_profile.py --scale {args.scale} --dim {args.dim} --batch {args.batch} --repeats {args.repeats}` "
-          f"({len(batches)} batches of {args.batch} x {len(tables)} features; ms per batch, median)\n")
+    print(
+        f"`bench/serve_profile.py --scale {args.scale} --dim {args.dim} --batch {args.batch} --repeats {args.repeats}` "
+        f"({len(batches)} batches of {args.batch} x {len(tables)} features; ms per batch, median)\n"
+    )
     for k, v in results.items():
         print(f"| {k} | {v:.3f} ms |")
 

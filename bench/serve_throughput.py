@@ -39,12 +39,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa
 
 from shark_torchrec.config import DataConfig, ModelConfig  # noqa: E402
 from shark_torchrec.data import open_dataset  # noqa: E402
+from shark_torchrec.jobs.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
 from shark_torchrec.kernels.reference import mixed_lookup_reference  # noqa: E402
 from shark_torchrec.models.dlrm import build_dlrm, table_configs  # noqa: E402
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection  # noqa: E402
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection  # noqa: E402
 from shark_torchrec.modules.precision_policy import PrecisionPolicy  # noqa: E402
-from shark_torchrec.jobs.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
 
 
 class ReferenceGlue(torch.nn.Module):
@@ -59,9 +59,21 @@ class ReferenceGlue(torch.nn.Module):
         e = self.ebc
         kjt = features.permute([features.keys().index(n) for n in e.feature_names])
         out = mixed_lookup_reference(
-            e.weights, e._offsets, e.row_map, e.range_ends, e.range_shift, e.feature_base, e.feature_rows,
-            kjt.values(), kjt.lengths(), None, e.dim, kjt.stride(), "mean" if e.mean_pooling else "sum",
-            e.row_alignment, e.feature_names,
+            e.weights,
+            e._offsets,
+            e.row_map,
+            e.range_ends,
+            e.range_shift,
+            e.feature_base,
+            e.feature_rows,
+            kjt.values(),
+            kjt.lengths(),
+            None,
+            e.dim,
+            kjt.stride(),
+            "mean" if e.mean_pooling else "sum",
+            e.row_alignment,
+            e.feature_names,
         )
         return KeyedTensor(keys=e.feature_names, length_per_key=[e.dim] * len(e.feature_names), values=out)
 
@@ -81,7 +93,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    data = open_dataset(DataConfig(synthetic_scale=args.scale, synthetic_eval_rows=max(int(b) for b in args.batches.split(",")) * 4), 0)
+    data = open_dataset(
+        DataConfig(synthetic_scale=args.scale, synthetic_eval_rows=max(int(b) for b in args.batches.split(",")) * 4), 0
+    )
     schema = data.schema
     tables = table_configs(schema, args.dim)
     mcfg = ModelConfig(embedding_dim=args.dim)
@@ -107,13 +121,19 @@ def main() -> None:
     int4 = quantize_embeddings(holder, dtype=torch.quint4x2, inplace=False)[0]
     del holder, stock
     models = {
-        "torchrec fp32": with_ebc(fp32), "torchrec int8": with_ebc(int8), "torchrec int4": with_ebc(int4),
-        "shark paper": with_ebc(shark_paper), f"shark low ({args.low_tiers} @{args.low_budget})": with_ebc(shark_low),
+        "torchrec fp32": with_ebc(fp32),
+        "torchrec int8": with_ebc(int8),
+        "torchrec int4": with_ebc(int4),
+        "shark paper": with_ebc(shark_paper),
+        f"shark low ({args.low_tiers} @{args.low_budget})": with_ebc(shark_low),
         "shark paper, reference glue": with_ebc(ReferenceGlue(shark_paper)),
     }
     sizes = {
-        "torchrec fp32": allocated_bytes(fp32), "torchrec int8": allocated_bytes(int8), "torchrec int4": allocated_bytes(int4),
-        "shark paper": shark_paper.memory_bytes(), f"shark low ({args.low_tiers} @{args.low_budget})": shark_low.memory_bytes(),
+        "torchrec fp32": allocated_bytes(fp32),
+        "torchrec int8": allocated_bytes(int8),
+        "torchrec int4": allocated_bytes(int4),
+        "shark paper": shark_paper.memory_bytes(),
+        f"shark low ({args.low_tiers} @{args.low_budget})": shark_low.memory_bytes(),
         "shark paper, reference glue": shark_paper.memory_bytes(),
     }
 
@@ -134,10 +154,17 @@ def main() -> None:
         n = sum(b.labels.numel() for b in batches)
         for k in models:
             ratios = [times["torchrec fp32"][i] / times[k][i] for i in range(args.repeats)]  # same round
-            rows.append({
-                "batch": bs, "module": k, "samples_per_s": n / statistics.median(times[k]), "embedding_bytes": sizes[k],
-                "vs_fp32": statistics.median(ratios), "vs_fp32_min": min(ratios), "vs_fp32_max": max(ratios),
-            })
+            rows.append(
+                {
+                    "batch": bs,
+                    "module": k,
+                    "samples_per_s": n / statistics.median(times[k]),
+                    "embedding_bytes": sizes[k],
+                    "vs_fp32": statistics.median(ratios),
+                    "vs_fp32_min": min(ratios),
+                    "vs_fp32_max": max(ratios),
+                }
+            )
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     total_rows = sum(c.num_embeddings for c in tables)
     lines = [

@@ -31,15 +31,26 @@ def main() -> None:
         for seed in tqdm(range(args.seeds), desc="seeds"):
             out = Path(tmp) / f"s{seed}"
             m = shark_train([*extra, "--seed", str(seed)], out)
-            rows.append({"seed": seed, "test_auc": m["test_auc"], "test_logloss": m["test_logloss"],
-                         "train_seconds": m["train_seconds"], "epochs": m["epochs_completed"]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "test_auc": m["test_auc"],
+                    "test_logloss": m["test_logloss"],
+                    "train_seconds": m["train_seconds"],
+                    "epochs": m["epochs_completed"],
+                }
+            )
     print("shark train " + " ".join(extra))
     print(f"{'seed':>4} {'test AUC':>9} {'logloss':>8} {'epochs':>6} {'train s':>8}")
     for r in rows:
-        print(f"{r['seed']:>4} {r['test_auc']:>9.4f} {r['test_logloss']:>8.4f} {r['epochs']:>6} {r['train_seconds']:>8.1f}")
+        print(
+            f"{r['seed']:>4} {r['test_auc']:>9.4f} {r['test_logloss']:>8.4f} {r['epochs']:>6} {r['train_seconds']:>8.1f}"
+        )
     for k in ("test_auc", "test_logloss"):
         v = [r[k] for r in rows]
-        print(f"{k}: mean {statistics.mean(v):.4f}  std {statistics.stdev(v) if len(v) > 1 else 0:.4f}  min {min(v):.4f}  max {max(v):.4f}")
+        print(
+            f"{k}: mean {statistics.mean(v):.4f}  std {statistics.stdev(v) if len(v) > 1 else 0:.4f}  min {min(v):.4f}  max {max(v):.4f}"
+        )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
 

@@ -24,15 +24,25 @@ from common import shark_train  # noqa: E402
 def run_once(nproc: int, repeat: int, args: argparse.Namespace, tmp: Path) -> dict:
     out = tmp / f"n{nproc}-r{repeat}"
     cmd = [
-        "--nproc", str(nproc),
-        "--synthetic-train-rows", str(args.steps * args.batch_size),
-        "--synthetic-eval-rows", "4096",
-        "--batch-size", str(args.batch_size),
-        "--eval-batch-size", "4096",
-        "--embedding-dim", str(args.embedding_dim),
+        "--nproc",
+        str(nproc),
+        "--synthetic-train-rows",
+        str(args.steps * args.batch_size),
+        "--synthetic-eval-rows",
+        "4096",
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-batch-size",
+        "4096",
+        "--embedding-dim",
+        str(args.embedding_dim),
     ]
     m = shark_train(cmd, out)
-    return {"samples_per_s": m["steps"] * args.batch_size / m["train_seconds"], "peak_rss_gib": m["peak_rss_bytes"] / 2**30, "embedding_bytes": m["embedding_bytes"]}
+    return {
+        "samples_per_s": m["steps"] * args.batch_size / m["train_seconds"],
+        "peak_rss_gib": m["peak_rss_bytes"] / 2**30,
+        "embedding_bytes": m["embedding_bytes"],
+    }
 
 
 def main() -> None:
@@ -56,11 +66,17 @@ def main() -> None:
             "peak_rss_gib_median": statistics.median(r["peak_rss_gib"] for r in rs),
         }
     emb = results[1][0]["embedding_bytes"]
-    print(f"synthetic tables: {emb / 2**20:.0f} MiB fp32 embeddings, dim {args.embedding_dim}, global batch {args.batch_size}, {args.steps} steps, {args.repeats} repeats")
+    print(
+        f"synthetic tables: {emb / 2**20:.0f} MiB fp32 embeddings, dim {args.embedding_dim}, global batch {args.batch_size}, {args.steps} steps, {args.repeats} repeats"
+    )
     print(f"{'ranks':>5} {'samples/s (median)':>20} {'all runs':>28} {'peak RSS/rank GiB':>18}")
     for nproc, s in summary.items():
-        print(f"{nproc:>5} {s['samples_per_s_median']:>20.0f} {str(s['samples_per_s_all']):>28} {s['peak_rss_gib_median']:>18.2f}")
-    print(f"2-rank / 1-rank throughput ratio: {summary[2]['samples_per_s_median'] / summary[1]['samples_per_s_median']:.2f}")
+        print(
+            f"{nproc:>5} {s['samples_per_s_median']:>20.0f} {str(s['samples_per_s_all']):>28} {s['peak_rss_gib_median']:>18.2f}"
+        )
+    print(
+        f"2-rank / 1-rank throughput ratio: {summary[2]['samples_per_s_median'] / summary[1]['samples_per_s_median']:.2f}"
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2))
 

@@ -62,7 +62,12 @@ class Batch(Pipelineable):
     labels: torch.Tensor
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(*(x.to(device=device, non_blocking=non_blocking) for x in (self.dense, self.user_features, self.history, self.labels)))
+        return Batch(
+            *(
+                x.to(device=device, non_blocking=non_blocking)
+                for x in (self.dense, self.user_features, self.history, self.labels)
+            )
+        )
 
     def record_stream(self, stream: torch.Stream) -> None:
         for x in (self.dense, self.user_features, self.history, self.labels):
@@ -101,9 +106,13 @@ class ClickModel(nn.Module):
 def make_model() -> ClickModel:
     user_tables = [
         EmbeddingBagConfig(name="user_id", embedding_dim=DIM, num_embeddings=USERS, feature_names=["user"]),
-        EmbeddingBagConfig(name="user_tags", embedding_dim=DIM, num_embeddings=TAGS, feature_names=["tags"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(
+            name="user_tags", embedding_dim=DIM, num_embeddings=TAGS, feature_names=["tags"], pooling=PoolingType.MEAN
+        ),
     ]
-    item_tables = [EmbeddingConfig(name="item_ids", embedding_dim=DIM, num_embeddings=ITEMS, feature_names=["item_seen"])]
+    item_tables = [
+        EmbeddingConfig(name="item_ids", embedding_dim=DIM, num_embeddings=ITEMS, feature_names=["item_seen"])
+    ]
     policy = PrecisionPolicy(reassign_every=10)  # SHARK: default budget for dim 16 (0.43 of fp32)
     meta = torch.device("meta")
     return ClickModel(
@@ -136,7 +145,9 @@ def batches(seed: int, rank: int, world: int):
             values=torch.cat([user[lo:hi], tags[t0:t1]]),
             lengths=torch.cat([torch.ones(local, dtype=torch.int32), tags_len[lo:hi].int()]),
         )
-        hist_kjt = KeyedJaggedTensor.from_lengths_sync(keys=["item_seen"], values=hist[h0:h1], lengths=hist_len[lo:hi].int())
+        hist_kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["item_seen"], values=hist[h0:h1], lengths=hist_len[lo:hi].int()
+        )
         yield Batch(dense[lo:hi], user_kjt, hist_kjt, labels[lo:hi])
 
 
@@ -154,7 +165,9 @@ def shard(model: nn.Module, world: int, device: torch.device) -> DistributedMode
     ]
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type))
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device, plan=plan, sharders=sharders)
+    return DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device, plan=plan, sharders=sharders
+    )
 
 
 def main() -> int:
@@ -169,7 +182,9 @@ def main() -> int:
     torch.manual_seed(0)  # the same dense weights on every rank
 
     dmp = shard(make_model(), world, device)
-    share_model_budget(dmp)  # SHARK: with budget_scope="model", one budget over both collections (here: per table, a no-op)
+    share_model_budget(
+        dmp
+    )  # SHARK: with budget_scope="model", one budget over both collections (here: per table, a no-op)
     dense_params = {k: v for k, v in dmp.named_parameters() if "head" in k}
     dense_opt = torch.optim.Adagrad(dense_params.values(), lr=0.05)
     pipeline = LabelTaggingTrainPipeline(dmp, dense_opt, device, features=["user_features", "history"])  # SHARK
@@ -203,7 +218,10 @@ def main() -> int:
     probe = next(batches(seed=2, rank=rank, world=world))
     with torch.no_grad():
         same = bool(torch.equal(dmp(probe)[1][1], fresh(probe)[1][1]))
-    trained_state, reloaded_state = dmp.fused_optimizer.state_dict()["state"], fresh.fused_optimizer.state_dict()["state"]
+    trained_state, reloaded_state = (
+        dmp.fused_optimizer.state_dict()["state"],
+        fresh.fused_optimizer.state_dict()["state"],
+    )
     momentum_equal = all(
         all(torch.equal(a, b) for a, b in zip(local_parts(value), local_parts(reloaded_state[key][name])))
         for key, entry in trained_state.items()

@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check --quiet .  # the lint pyproject.toml configures
+.venv/bin/ruff check --quiet .  # the lint and import order pyproject.toml configures
+.venv/bin/ruff format --check --quiet .  # the layout (`.venv/bin/ruff format .` writes it)
 # Two test processes at a time (at most four; one per core): most tests wait on subprocesses,
 # and CI's 2 cores finish in about 10 minutes instead of 13. `-n 0` runs them in one process.
 workers=$(nproc); workers=$(( workers > 4 ? 4 : (workers < 2 ? 2 : workers) ))

@@ -99,7 +99,13 @@ def importance_main(argv: List[str]) -> int:
     """Rank feature fields by importance (F-Permutation's Taylor score, Permutation, random)."""
     from shark_torchrec.jobs.prune import importance_job
 
-    return _job_main("shark importance", importance_job, argv, importance_main.__doc__ or "", ("method", "scoring_seconds", "ranking"))
+    return _job_main(
+        "shark importance",
+        importance_job,
+        argv,
+        importance_main.__doc__ or "",
+        ("method", "scoring_seconds", "ranking"),
+    )
 
 
 def prune_main(argv: List[str]) -> int:
@@ -114,7 +120,15 @@ def compress_main(argv: List[str]) -> int:
     """Compress a model: train (or --checkpoint), prune fields (F-P), quantize rows (F-Q), evaluate."""
     from shark_torchrec.jobs.compress import compress_job
 
-    keys = ("base_test_auc", "test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields")
+    keys = (
+        "base_test_auc",
+        "test_auc",
+        "memory_ratio",
+        "prune_memory_ratio",
+        "quant_budget",
+        "kept_fields",
+        "pruned_fields",
+    )
     return _job_main("shark compress", compress_job, argv, compress_main.__doc__ or "", keys)
 
 
@@ -139,33 +153,59 @@ def export_main(argv: List[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="shark export", description=export_main.__doc__)
     parser.add_argument("checkpoint", help="a checkpoint directory, or a directory of them (the newest is taken)")
-    parser.add_argument("--out", required=True, help="the export directory (created; one that holds files is refused unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the export files of an earlier export in --out")
-    parser.add_argument("--base-checkpoint", default="", help="the uncompressed model's checkpoint, for the bytes beside it")
-    parser.add_argument("--tiers", nargs="+", default=None,
-                        help="serve in these tiers (e.g. int8 int4 int2 dropped), rows ranked by their trained priorities "
-                             "and rounded to nearest; needs --memory-budget (default: the rows as trained)")
-    parser.add_argument("--memory-budget", type=float, default=None, help="with --tiers: embedding bytes / fp32 bytes to serve in")
-    parser.add_argument("--budget-scope", choices=("table", "model"), default="model", help="with --tiers: one budget per table or for all (default model)")
-    parser.add_argument("--rounding", choices=("fitted", "nearest"), default="fitted",
-                        help="with --tiers: integer rows' scale and bias refit by least squares for a smaller error "
-                             "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the export directory (created; one that holds files is refused unless --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the export files of an earlier export in --out"
+    )
+    parser.add_argument(
+        "--base-checkpoint", default="", help="the uncompressed model's checkpoint, for the bytes beside it"
+    )
+    parser.add_argument(
+        "--tiers",
+        nargs="+",
+        default=None,
+        help="serve in these tiers (e.g. int8 int4 int2 dropped), rows ranked by their trained priorities "
+        "and rounded to nearest; needs --memory-budget (default: the rows as trained)",
+    )
+    parser.add_argument(
+        "--memory-budget", type=float, default=None, help="with --tiers: embedding bytes / fp32 bytes to serve in"
+    )
+    parser.add_argument(
+        "--budget-scope",
+        choices=("table", "model"),
+        default="model",
+        help="with --tiers: one budget per table or for all (default model)",
+    )
+    parser.add_argument(
+        "--rounding",
+        choices=("fitted", "nearest"),
+        default="fitted",
+        help="with --tiers: integer rows' scale and bias refit by least squares for a smaller error "
+        "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings)",
+    )
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
         parser.error("--tiers and --memory-budget go together")
     from pathlib import Path
 
     from shark_torchrec.data.schema import DataError
-    from shark_torchrec.modules.precision_policy import split_tiers
     from shark_torchrec.jobs.checkpoint import CheckpointError
     from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
     from shark_torchrec.jobs.trainer import quiet_libraries
+    from shark_torchrec.modules.precision_policy import split_tiers
 
     quiet_libraries()
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        print(f"shark export: error: {out} already holds files: pass --overwrite to replace them, or choose another --out "
-              "(nothing was written)", file=sys.stderr)
+        print(
+            f"shark export: error: {out} already holds files: pass --overwrite to replace them, or choose another --out "
+            "(nothing was written)",
+            file=sys.stderr,
+        )
         return 2
     try:
         serving = None

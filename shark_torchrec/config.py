@@ -72,7 +72,6 @@ class DataConfig:
     i % 4 == 3. A base model for `prune --checkpoint` must be trained with the
     same value (`shark train --selection-fraction F`)."""
 
-
     def validate(self) -> None:
         """Checks of this group alone (JobConfig.validate calls it); ConfigError names the flag."""
         if self.folds and self.folds < 3:
@@ -285,7 +284,10 @@ class QuantConfig:
         """The quantization flags' own checks (the policy's rules, which need the model's dims
         and the optimizer, are checked across groups in `JobConfig.validate`)."""
         if self.precision not in ("shark", "freq") and (
-            self.t8 is not None or self.memory_budget is not None or self.row_fractions or self.budget_scope != "table"
+            self.t8 is not None
+            or self.memory_budget is not None
+            or self.row_fractions
+            or self.budget_scope != "table"
             or self.signal != "eq7"
         ):
             raise ConfigError(
@@ -365,7 +367,9 @@ class PruneConfig:
     def validate(self) -> None:
         p = self
         if p.rounds < 1 or p.fields_per_step < 1 or p.finetune_epochs < 0 or p.support_rows < 0 or p.max_iterations < 0:
-            raise ConfigError("prune: rounds and fields_per_step must be >= 1; finetune_epochs, support_rows and max_iterations >= 0")
+            raise ConfigError(
+                "prune: rounds and fields_per_step must be >= 1; finetune_epochs, support_rows and max_iterations >= 0"
+            )
         if not 0.0 < p.target_memory <= 1.0:
             raise ConfigError(f"prune.target_memory={p.target_memory}: a fraction of the base model's memory in (0, 1]")
         if p.max_auc_drop < 0:
@@ -452,9 +456,16 @@ class JobConfig:
 
             try:
                 # As the export will build it: the quantize stage trains with shark (or freq) rows.
-                dataclasses.replace(policy, mode=q.precision if q.precision in ("shark", "freq") else "shark",
-                                    tiers=split_tiers(c.serve_tiers), memory_budget=1.0, budget_scope="model",
-                                    row_fractions=None, t8=None, t16=None).resolved([m.embedding_dim])
+                dataclasses.replace(
+                    policy,
+                    mode=q.precision if q.precision in ("shark", "freq") else "shark",
+                    tiers=split_tiers(c.serve_tiers),
+                    memory_budget=1.0,
+                    budget_scope="model",
+                    row_fractions=None,
+                    t8=None,
+                    t16=None,
+                ).resolved([m.embedding_dim])
             except ValueError as e:
                 raise ConfigError(f"compress.serve_tiers (--serve-tiers): {e}") from e
         return self
@@ -483,9 +494,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> JobConfig:
     for section, values in raw.items():
         cls = _group_classes().get(section)
         if cls is None:
-            raise ConfigError(
-                f"{where}: unknown section [{section}] (known: {', '.join(_group_classes())})"
-            )
+            raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(_group_classes())})")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -502,9 +511,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> JobConfig:
             elif isinstance(default, float) and isinstance(value, int):
                 value = float(value)
             elif type(default) in (int, str) and not isinstance(value, type(default)):
-                raise ConfigError(
-                    f"{where}: {section}.{key} must be {type(default).__name__}, got {value!r}"
-                )
+                raise ConfigError(f"{where}: {section}.{key} must be {type(default).__name__}, got {value!r}")
             kwargs[name] = value
         groups[section] = cls(**kwargs)
     return JobConfig(**groups)
@@ -541,8 +548,7 @@ def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
     out.pop("config", None)
     # TOML has no null: unset optional fields are left out (they load back as unset).
     return {
-        s: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None}
-        for s, d in out.items()
+        s: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if v is not None} for s, d in out.items()
     }
 
 
@@ -603,7 +609,9 @@ def _command_class(command: str) -> type:
         cls = _group_classes()[name]
         if keep is not None:
             hints = typing.get_type_hints(cls, include_extras=True)
-            hidden = [(f.name, tyro.conf.Suppress[hints[f.name]], f) for f in dataclasses.fields(cls) if f.name not in keep]
+            hidden = [
+                (f.name, tyro.conf.Suppress[hints[f.name]], f) for f in dataclasses.fields(cls) if f.name not in keep
+            ]
             cls = dataclasses.make_dataclass(cls.__name__, hidden, bases=(cls,))
             cls.__module__ = __name__
         groups.append((name, cls))
@@ -615,7 +623,10 @@ def _command_class(command: str) -> type:
 
 
 def parse_cli(
-    args: Sequence[str], prog: str = "shark train", description: str = "", base: Optional[dict[str, Any]] = None,
+    args: Sequence[str],
+    prog: str = "shark train",
+    description: str = "",
+    base: Optional[dict[str, Any]] = None,
     command: str = "compress",
 ) -> JobConfig:
     """Parse a command's flags into a JobConfig.

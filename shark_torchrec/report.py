@@ -15,8 +15,11 @@ from typing import Any, Dict, List, Optional
 
 from shark_torchrec.precision.priority import GROUP_NAMES
 
-SERVED_NAMES = {"final": "ours (F-P + F-Q)", "torchrec-int8": "TorchRec int8 of the base",
-                "torchrec-int4": "TorchRec int4 of the base"}
+SERVED_NAMES = {
+    "final": "ours (F-P + F-Q)",
+    "torchrec-int8": "TorchRec int8 of the base",
+    "torchrec-int4": "TorchRec int4 of the base",
+}
 
 
 def _load(path: Path) -> Optional[Any]:
@@ -36,16 +39,35 @@ def collect(run: Path) -> Dict[str, Any]:
     if "prune" in stages:
         last = next((r for r in reversed(prune_log) if r["accepted"]), None)
         if last:
-            points.append({"name": "F-P", "auc": last["test_auc"], "logloss": last["test_logloss"], "memory": last["memory_ratio"]})
+            points.append(
+                {
+                    "name": "F-P",
+                    "auc": last["test_auc"],
+                    "logloss": last["test_logloss"],
+                    "memory": last["memory_ratio"],
+                }
+            )
     quant = _load(run / "quantize" / "metrics.json")
     if quant:
-        points.append({"name": "F-Q + F-P", "auc": quant["test_auc"], "logloss": quant["test_logloss"],
-                       "memory": quant["embedding_bytes"] / base_bytes})
+        points.append(
+            {
+                "name": "F-Q + F-P",
+                "auc": quant["test_auc"],
+                "logloss": quant["test_logloss"],
+                "memory": quant["embedding_bytes"] / base_bytes,
+            }
+        )
     baselines = []
     for path in sorted((run / "baselines").glob("*/metrics.json")):
         m = _load(path)
-        baselines.append({"name": path.parent.name, "auc": m["test_auc"], "logloss": m["test_logloss"],
-                          "memory": m["embedding_bytes"] / base_bytes})
+        baselines.append(
+            {
+                "name": path.parent.name,
+                "auc": m["test_auc"],
+                "logloss": m["test_logloss"],
+                "memory": m["embedding_bytes"] / base_bytes,
+            }
+        )
     return {
         "stages": stages,
         "points": points,
@@ -67,7 +89,9 @@ def plot(info: Dict[str, Any], path: Path) -> None:
     log = info["prune_log"]
     if log:
         ok = [r for r in log if r["accepted"]]
-        ax.plot([r["memory_ratio"] for r in ok], [r["test_auc"] for r in ok], "o-", color="tab:blue", label="F-P iterations")
+        ax.plot(
+            [r["memory_ratio"] for r in ok], [r["test_auc"] for r in ok], "o-", color="tab:blue", label="F-P iterations"
+        )
     for p in info["points"]:
         ax.scatter([p["memory"]], [p["auc"]], s=90, zorder=3, label=p["name"])
     for b in info["baselines"]:
@@ -97,8 +121,10 @@ def write_report(run: str | Path) -> Path:
     easy = (info["export"] or {}).get("easy_path") or {}
     if "exported_model" in easy and "test" in easy["final"]:
         served = easy[easy["exported_model"]]
-        lines.append(f"| **served: {SERVED_NAMES[easy['exported_model']]}**, as exported | {served['test']['auc']:.4f} | | "
-                     f"{100 * served['memory']:.1f}% |")
+        lines.append(
+            f"| **served: {SERVED_NAMES[easy['exported_model']]}**, as exported | {served['test']['auc']:.4f} | | "
+            f"{100 * served['memory']:.1f}% |"
+        )
     lines += ["", "![AUC against memory](report_auc_vs_memory.png)", ""]
     t = (_load(run / "metrics.json") or {}).get("targets")
     if t:
@@ -106,8 +132,10 @@ def write_report(run: str | Path) -> Path:
         got = who + f"Memory: {t['memory_ratio']:.3f} of the base model's bytes, target {t['target_memory']}: "
         got += "met." if t["memory_met"] else f"**missed** by {t['memory_ratio'] - t['target_memory']:.3f}."
         if "auc_drop" in t:
-            got += (f" AUC drop on the confirmation split: {t['auc_drop']:+.4f} (95% upper bound "
-                    f"{t['auc_drop_upper_bound_95']:+.4f}), bound {t['max_auc_drop']}: ")
+            got += (
+                f" AUC drop on the confirmation split: {t['auc_drop']:+.4f} (95% upper bound "
+                f"{t['auc_drop_upper_bound_95']:+.4f}), bound {t['max_auc_drop']}: "
+            )
             got += "within it." if t["auc_met"] else "**over it**."
         if t.get("choice_test_passed") is False:
             got += " The served model **failed** its stop test (the choice)."
@@ -135,12 +163,21 @@ def write_report(run: str | Path) -> Path:
             if res.get("warning"):
                 lines += [f"**Warning:** {res['warning']}.", ""]
         if st["base"].get("given_checkpoint"):
-            lines += ["The base model came from `--checkpoint` (trained elsewhere): if its early stopping read dev, it read "
-                      "the confirmation split too, which favours the base model in the figures below.", ""]
+            lines += [
+                "The base model came from `--checkpoint` (trained elsewhere): if its early stopping read dev, it read "
+                "the confirmation split too, which favours the base model in the figures below.",
+                "",
+            ]
         regrouped = bool((info["export"] or {}).get("serving_tiers"))
-        for stage, what in (("prune", "the pruned model"),
-                            ("quantize", "the pruned, quantized model as trained (served regrouped: see below)" if regrouped
-                             else "the final (pruned, quantized) model")):
+        for stage, what in (
+            ("prune", "the pruned model"),
+            (
+                "quantize",
+                "the pruned, quantized model as trained (served regrouped: see below)"
+                if regrouped
+                else "the final (pruned, quantized) model",
+            ),
+        ):
             c = st.get(stage, {}).get("confirmation")
             if c:
                 lines += [
@@ -150,23 +187,39 @@ def write_report(run: str | Path) -> Path:
                     "",
                 ]
         if info["importance"]:
-            lines += ["Field importance of the base model (least important first):", "",
-                      "| field | score |", "|---|---|"]
+            lines += [
+                "Field importance of the base model (least important first):",
+                "",
+                "| field | score |",
+                "|---|---|",
+            ]
             lines += [f"| {r['field']} | {r['score']:.6g} |" for r in info["importance"]["ranking"]]
             lines += ["", "![importance](prune/importance/importance.png)", ""]
-        lines += ["Iterations (`prune/prune_log.csv`):", "",
-                  "| iteration | removed | memory | selection AUC | selection drop (SE) | drop upper bound | test AUC | kept |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Iterations (`prune/prune_log.csv`):",
+            "",
+            "| iteration | removed | memory | selection AUC | selection drop (SE) | drop upper bound | test AUC | kept |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in info["prune_log"]:
-            drop = (f"{r['dev_auc_drop']:+.4f} ({r['dev_auc_drop_standard_error']:.4f}) | {r['dev_auc_drop_upper_bound']:+.4f}"
-                    if "dev_auc_drop" in r else " | ")
-            lines.append(f"| {r['iteration']} | {', '.join(r['removed'])} | {r['memory_ratio']:.3f} | {r['dev_auc']:.4f} | "
-                         f"{drop} | {r['test_auc']:.4f} | {'yes' if r['accepted'] else 'no'} |")
+            drop = (
+                f"{r['dev_auc_drop']:+.4f} ({r['dev_auc_drop_standard_error']:.4f}) | {r['dev_auc_drop_upper_bound']:+.4f}"
+                if "dev_auc_drop" in r
+                else " | "
+            )
+            lines.append(
+                f"| {r['iteration']} | {', '.join(r['removed'])} | {r['memory_ratio']:.3f} | {r['dev_auc']:.4f} | "
+                f"{drop} | {r['test_auc']:.4f} | {'yes' if r['accepted'] else 'no'} |"
+            )
         lines.append("")
     if "quantize" in st:
         q = st["quantize"]
-        lines += ["## F-Quantization", "", f"Per-table budget {q['budget']:.3f} of the pruned model's fp32 bytes; "
-                  f"test AUC {q['test_auc']:.4f}.", ""]
+        lines += [
+            "## F-Quantization",
+            "",
+            f"Per-table budget {q['budget']:.3f} of the pruned model's fp32 bytes; test AUC {q['test_auc']:.4f}.",
+            "",
+        ]
         why = q.get("budget_reason")
         if why:
             lines += [why, ""]
@@ -183,7 +236,9 @@ def write_report(run: str | Path) -> Path:
             f"| pruned tables, TorchRec int8 | {e['torchrec_int8_bytes']:,} |",
             f"| **exported (row groups + row map)** | **{e['inference_bytes']:,}** |",
             "",
-            "Rows: " + ", ".join(f"{e[f'rows_{g}']:,} {g}" for g in GROUP_NAMES if e.get(f"rows_{g}")) + ". Largest |logit| "
+            "Rows: "
+            + ", ".join(f"{e[f'rows_{g}']:,} {g}" for g in GROUP_NAMES if e.get(f"rows_{g}"))
+            + ". Largest |logit| "
             f"difference to the {'regrouped' if e.get('serving_tiers') else 'trained'} model over dev: {e['max_abs_logit_diff_dev']:.2e}.",
             "",
         ]
@@ -220,35 +275,56 @@ def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
         c = r.get("choice") or {}
         choice = ""
         if c.get("test_index"):
-            choice = (f"{c['drop']:+.4f}, {c['upper_bound']:+.4f} (test {c['test_index']}): "
-                      + ("**passed**" if c["accepted"] else "failed"))
+            choice = f"{c['drop']:+.4f}, {c['upper_bound']:+.4f} (test {c['test_index']}): " + (
+                "**passed**" if c["accepted"] else "failed"
+            )
         elif c:
             choice = f"{c['drop']:+.4f} (SE {c['standard_error']:.4f}), not tried"
-        lines.append(f"| {name} | {r['auc']:.4f} | {r['drop']:+.4f} ({r['drop_standard_error']:.4f}) | "
-                     f"{100 * r['memory']:.1f}% | {vs} | {choice} |")
+        lines.append(
+            f"| {name} | {r['auc']:.4f} | {r['drop']:+.4f} ({r['drop_standard_error']:.4f}) | "
+            f"{100 * r['memory']:.1f}% | {vs} | {choice} |"
+        )
     lines.append("")
     if "exported_model" not in e or "choice" not in e["final"]:  # a run exported before this choice existed
         if e.get("torchrec_int4_no_worse_and_smaller"):
-            where = (f" It was exported as `{Path(e['exported']).name}` (`--fallback torchrec`)." if e.get("exported")
-                     else " `--fallback torchrec` exports it.")
-            lines += [f"**TorchRec's int4 of the base model is no larger and no worse than ours here: serve it.**{where}", ""]
+            where = (
+                f" It was exported as `{Path(e['exported']).name}` (`--fallback torchrec`)."
+                if e.get("exported")
+                else " `--fallback torchrec` exports it."
+            )
+            lines += [
+                f"**TorchRec's int4 of the base model is no larger and no worse than ours here: serve it.**{where}",
+                "",
+            ]
         return lines
     served = e["exported_model"]
     if served != "final":
-        lines += [f"**Served: {SERVED_NAMES[served]}**, the first, in order of fewest bytes, to pass its test; exported as "
-                  f"`{Path(e['exported']).name}` (`--fallback torchrec`). `model.pt` and the serving files are ours.", ""]
+        lines += [
+            f"**Served: {SERVED_NAMES[served]}**, the first, in order of fewest bytes, to pass its test; exported as "
+            f"`{Path(e['exported']).name}` (`--fallback torchrec`). `model.pt` and the serving files are ours.",
+            "",
+        ]
     elif e["exported_within_bound"]:
         lines += ["Served: ours (it passed the stop test on the choice split).", ""]
     else:
-        lines += ["**Ours failed the stop test on the choice split: its AUC drop may exceed --max-auc-drop.** "
-                  "It was exported as asked; " + ("no TorchRec model passed either, so only the base model is known to "
-                  "meet the bound." if e["recommended"] is None and "upper_bound" in e["torchrec-int4"]["choice"]
-                  else "`--fallback torchrec` also tries TorchRec's int4 and int8 of the base model and serves the "
-                  "first, in order of fewest bytes, that passes."), ""]
+        lines += [
+            "**Ours failed the stop test on the choice split: its AUC drop may exceed --max-auc-drop.** "
+            "It was exported as asked; "
+            + (
+                "no TorchRec model passed either, so only the base model is known to meet the bound."
+                if e["recommended"] is None and "upper_bound" in e["torchrec-int4"]["choice"]
+                else "`--fallback torchrec` also tries TorchRec's int4 and int8 of the base model and serves the "
+                "first, in order of fewest bytes, that passes."
+            ),
+            "",
+        ]
     would = e.get("fallback_would_serve")
     if served == "final" and would not in (None, "final") and e[would]["bytes"] < e["final"]["bytes"]:
-        lines += [f"**{SERVED_NAMES[would]} is smaller than ours and passes the same test: `--fallback torchrec` "
-                  "serves it.**", ""]
+        lines += [
+            f"**{SERVED_NAMES[would]} is smaller than ours and passes the same test: `--fallback torchrec` "
+            "serves it.**",
+            "",
+        ]
     return lines
 
 
@@ -296,7 +372,14 @@ def plot_prune_log(rows: List[Dict[str, Any]], path: Path) -> None:
         ax.annotate("-" + ",".join(r["removed"]), (r["memory_ratio"], r["dev_auc"]), fontsize=7, rotation=20)
     rejected = [r for r in rows if not r["accepted"]]
     if rejected:
-        ax.scatter([r["memory_ratio"] for r in rejected], [r["dev_auc"] for r in rejected], marker="x", color="red", s=80, label="rejected")
+        ax.scatter(
+            [r["memory_ratio"] for r in rejected],
+            [r["dev_auc"] for r in rejected],
+            marker="x",
+            color="red",
+            s=80,
+            label="rejected",
+        )
     ax.invert_xaxis()
     ax.set_xlabel("embedding memory / base model")
     ax.set_ylabel("AUC")

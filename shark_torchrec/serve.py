@@ -92,7 +92,9 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
     cpu_flags = _cpu_flags()
     missing = [f for f in built.get("isa", []) if cpu_flags is not None and f not in cpu_flags]
     if missing:
-        raise RuntimeError(f"{export_dir / library} needs the CPU instructions {', '.join(missing)}, which this CPU lacks")
+        raise RuntimeError(
+            f"{export_dir / library} needs the CPU instructions {', '.join(missing)}, which this CPU lacks"
+        )
     path = export_dir / library
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the export's kernel library is missing")

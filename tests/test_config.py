@@ -5,7 +5,9 @@ from shark_torchrec.config import ConfigError, JobConfig, load_config, parse_cli
 
 def test_toml_defaults_and_flag_overrides(tmp_path):
     f = tmp_path / "job.toml"
-    f.write_text('[train]\nlr = 0.05\nepochs = 3\n[model]\nembedding_dim = 32\ndense_arch = [128, 64]\n[dataset]\ndata = "csv:x"\n')
+    f.write_text(
+        '[train]\nlr = 0.05\nepochs = 3\n[model]\nembedding_dim = 32\ndense_arch = [128, 64]\n[dataset]\ndata = "csv:x"\n'
+    )
     cfg = parse_cli(["--config", str(f), "--epochs", "5", "--seed", "7"])
     assert cfg.train.lr == 0.05 and cfg.train.epochs == 5 and cfg.train.seed == 7
     assert cfg.model.embedding_dim == 32 and cfg.model.dense_arch == (128, 64)
@@ -86,7 +88,10 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, named",
     [
-        (["--data", "csv:x", "--label", "click", "--categorical", "click,user"], "--categorical) names the label column 'click'"),
+        (
+            ["--data", "csv:x", "--label", "click", "--categorical", "click,user"],
+            "--categorical) names the label column 'click'",
+        ),
         (["--data", "csv:x", "--label", "click", "--dense", "click"], "--dense) names the label column 'click'"),
         (["--data", "csv:x", "--categorical", "user,user"], "--categorical) names user more than once"),
         (["--data", "csv:x", "--categorical", "user", "--dense", "user"], "--categorical and --dense"),
@@ -135,9 +140,16 @@ def test_each_command_takes_only_its_own_flags(tmp_path, capsys):
         parse_cli(["--target-memory", "0.3"], prog="shark train", command="train")
     assert e.value.code == 2 and "--target-memory" in capsys.readouterr().err
     job = tmp_path / "job.toml"
-    job.write_text("[train]\nlr = 0.05\n[prune]\ntarget_memory = 0.3\nmethod = 'permutation'\n[compress]\nquant_epochs = 3\n")
+    job.write_text(
+        "[train]\nlr = 0.05\n[prune]\ntarget_memory = 0.3\nmethod = 'permutation'\n[compress]\nquant_epochs = 3\n"
+    )
     cfg = parse_cli(["--config", str(job), "--lr", "0.2"], prog="shark train", command="train")
-    assert (cfg.train.lr, cfg.prune.target_memory, cfg.prune.method, cfg.compress.quant_epochs) == (0.2, 0.3, "permutation", 3)
+    assert (cfg.train.lr, cfg.prune.target_memory, cfg.prune.method, cfg.compress.quant_epochs) == (
+        0.2,
+        0.3,
+        "permutation",
+        3,
+    )
     assert type(cfg.prune).__name__ == "PruneConfig" and type(cfg.prune) is type(JobConfig().prune)
     cfg = parse_cli(["--config", str(job), "--method", "random"], prog="shark importance", command="importance")
     assert (cfg.prune.method, cfg.prune.target_memory) == ("random", 0.3)

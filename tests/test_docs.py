@@ -90,8 +90,12 @@ def test_documented_commands_run(doc):
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         for block in scripts:
             script = "set -euo pipefail\n" + "\n".join(shrunk(c) for c in commands(block)) + "\n"
-            proc = subprocess.run(["bash", "-c", script], cwd=where, capture_output=True, text=True, timeout=900, env=env)
-            assert proc.returncode == 0, f"{doc.name}: this block failed ({proc.returncode}):\n{script}\n{proc.stderr[-3000:]}"
+            proc = subprocess.run(
+                ["bash", "-c", script], cwd=where, capture_output=True, text=True, timeout=900, env=env
+            )
+            assert proc.returncode == 0, (
+                f"{doc.name}: this block failed ({proc.returncode}):\n{script}\n{proc.stderr[-3000:]}"
+            )
     finally:
         shutil.rmtree(where, ignore_errors=True)
 
@@ -101,7 +105,11 @@ def test_python_snippets_are_excerpts_of_tested_examples():
     known = {line.strip() for line in examples.splitlines()}
     for doc in DOCS:
         for block in blocks(doc, "python"):
-            missing = [ln for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#") and ln.strip() not in known]
+            missing = [
+                ln
+                for ln in block.splitlines()
+                if ln.strip() and not ln.strip().startswith("#") and ln.strip() not in known
+            ]
             assert not missing, f"{doc.name}: python lines not in examples/*.py (so never run): {missing}"
 
 

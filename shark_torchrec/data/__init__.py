@@ -22,8 +22,12 @@ def carve_selection(splits: Dict[str, object], fraction: float) -> Dict[str, obj
     if k == 0:
         return splits
     train = splits["train"]
-    return {**splits, "train": train.subset(SELECTION_MODULUS, range(k, SELECTION_MODULUS)),
-            SELECTION: train.subset(SELECTION_MODULUS, range(k))}
+    return {
+        **splits,
+        "train": train.subset(SELECTION_MODULUS, range(k, SELECTION_MODULUS)),
+        SELECTION: train.subset(SELECTION_MODULUS, range(k)),
+    }
+
 
 __all__ = ["Batch", "DataError", "Dataset", "Schema", "open_dataset"]
 
@@ -73,7 +77,11 @@ class Dataset:
             splits["dev"] = splits.pop(SELECTION)
             splits[CHOICE], splits[CONFIRM] = dev.subset(2, (0,)), dev.subset(2, (1,))
         else:
-            splits["dev"], splits[CHOICE], splits[CONFIRM] = dev.subset(2, (0,)), dev.subset(4, (1,)), dev.subset(4, (3,))
+            splits["dev"], splits[CHOICE], splits[CONFIRM] = (
+                dev.subset(2, (0,)),
+                dev.subset(4, (1,)),
+                dev.subset(4, (3,)),
+            )
         for name, what in (("dev", "selection"), (CHOICE, "choice"), (CONFIRM, "confirmation")):
             try:
                 rows = splits[name].num_lines()
@@ -114,8 +122,12 @@ class Dataset:
 def _from_layout(cfg: DataConfig, root: Path, layout: CsvLayout, suffix: str, has_header: bool) -> Dataset:
     splits = {
         s: FileSplit(
-            root / f"{s}{suffix}", layout.parse, has_header,
-            len(layout.dense_names), len(layout.sparse_names), cfg.strict,
+            root / f"{s}{suffix}",
+            layout.parse,
+            has_header,
+            len(layout.dense_names),
+            len(layout.sparse_names),
+            cfg.strict,
         )
         for s in SPLIT_NAMES
     }

@@ -60,9 +60,7 @@ class Batch(Pipelineable):
         kjt = self.sparse_features
         per_sample = self.labels.repeat(len(kjt.keys()))
         weights = torch.repeat_interleave(per_sample, kjt.lengths())
-        return KeyedJaggedTensor(
-            keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights
-        )
+        return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=weights)
 
 
 def make_batch(
@@ -101,4 +99,3 @@ def empty_arrays(batch_size: int, num_dense: int, num_sparse: int):
         np.zeros((batch_size, num_sparse), np.int64),
         np.zeros(batch_size, bool),
     )
-

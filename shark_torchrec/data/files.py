@@ -109,10 +109,7 @@ class CsvLayout:
         def lookup(names: Sequence[str], what: str) -> List[int]:
             missing = [n for n in names if n not in index]
             if missing:
-                raise DataError(
-                    f"{path}: {what} column(s) {', '.join(missing)} not in header "
-                    f"({', '.join(header)})"
-                )
+                raise DataError(f"{path}: {what} column(s) {', '.join(missing)} not in header ({', '.join(header)})")
             return [index[n] for n in names]
 
         (label_index,) = lookup([label], "label")
@@ -147,9 +144,13 @@ class CsvLayout:
         dense = [(1 + i, c) for i, c in enumerate(CRITEO_DENSE) if c not in drop]
         sparse = [(14 + i, c) for i, c in enumerate(CRITEO_SPARSE) if c not in drop]
         return CsvLayout(
-            "\t", CRITEO_COLUMNS, 0,
-            [c for _, c in dense], [i for i, _ in dense],
-            [c for _, c in sparse], [i for i, _ in sparse],
+            "\t",
+            CRITEO_COLUMNS,
+            0,
+            [c for _, c in dense],
+            [i for i, _ in dense],
+            [c for _, c in sparse],
+            [i for i, _ in sparse],
             log_dense=True,
         )
 
@@ -373,7 +374,9 @@ class LineSubset(FileSplit):
     split carved from another, disjoint from the subset of the other residues by construction."""
 
     def __init__(self, source: FileSplit, modulus: int, residues: Sequence[int]) -> None:
-        super().__init__(source.path, source.parse, source.has_header, source.num_dense, source.num_sparse, source.strict)
+        super().__init__(
+            source.path, source.parse, source.has_header, source.num_dense, source.num_sparse, source.strict
+        )
         self.source = source
         self.modulus = modulus
         self.residues = frozenset(residues)
@@ -382,8 +385,10 @@ class LineSubset(FileSplit):
         if self._num_lines is None:
             self._num_lines = residue_count(self.source.num_lines(), self.modulus, self.residues)
             if self._num_lines <= 0:
-                raise DataError(f"{self.source.path}: carving residues {sorted(self.residues)} of {self.modulus} "
-                                f"from {self.source.num_lines()} lines leaves none")
+                raise DataError(
+                    f"{self.source.path}: carving residues {sorted(self.residues)} of {self.modulus} "
+                    f"from {self.source.num_lines()} lines leaves none"
+                )
         return self._num_lines
 
     def _numbered_lines(self):
@@ -409,7 +414,9 @@ class FoldSplit(FileSplit):
     def num_lines(self) -> int:
         if self._num_lines is None:
             total = sum(s.num_lines() for s in self.sources)
-            self._num_lines = sum(1 for r in range(self.folds) if r in self.residues for _ in range(r, total, self.folds))
+            self._num_lines = sum(
+                1 for r in range(self.folds) if r in self.residues for _ in range(r, total, self.folds)
+            )
             if self._num_lines <= 0:
                 raise DataError(f"fold of {self.folds} over {total} lines is empty")
         return self._num_lines

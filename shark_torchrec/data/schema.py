@@ -34,6 +34,10 @@ def kept_schema(schema: Schema, kept_fields: Sequence[str]) -> Schema:
     """The schema restricted to `kept_fields` (in the schema's own order)."""
     unknown = set(kept_fields) - set(schema.sparse_names)
     if unknown:
-        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; the model has {', '.join(schema.sparse_names)}")
+        raise ValueError(
+            f"unknown field(s) {', '.join(sorted(unknown))}; the model has {', '.join(schema.sparse_names)}"
+        )
     idx = [i for i, f in enumerate(schema.sparse_names) if f in set(kept_fields)]
-    return Schema(list(schema.dense_names), [schema.sparse_names[i] for i in idx], [schema.num_embeddings[i] for i in idx])
+    return Schema(
+        list(schema.dense_names), [schema.sparse_names[i] for i in idx], [schema.num_embeddings[i] for i in idx]
+    )

@@ -61,7 +61,9 @@ LABEL_NOISE = 0.05
 def scaled_fields(scale: float, extra_noise_fields: int = 0) -> List[PlantedField]:
     """The default fields, then `extra_noise_fields` more noise fields (1,000 ids each before
     scaling): a wider model for the benchmarks whose cost grows with the field count."""
-    extra = tuple(PlantedField(f"c{len(DEFAULT_FIELDS) + 1 + k}", 1_000, "noise", 0.0) for k in range(extra_noise_fields))
+    extra = tuple(
+        PlantedField(f"c{len(DEFAULT_FIELDS) + 1 + k}", 1_000, "noise", 0.0) for k in range(extra_noise_fields)
+    )
     return [
         PlantedField(f.name, max(10, int(round(f.cardinality * scale))), f.role, f.strength)
         for f in DEFAULT_FIELDS + extra
@@ -142,8 +144,14 @@ class SyntheticSplit:
     `residues` (a split carved from another, as `files.LineSubset` carves file lines)."""
 
     def __init__(
-        self, gen: SyntheticGenerator, split: str, num_rows: int, keep: List[int], dense_keep: List[int],
-        modulus: int = 1, residues: Sequence[int] = (0,),
+        self,
+        gen: SyntheticGenerator,
+        split: str,
+        num_rows: int,
+        keep: List[int],
+        dense_keep: List[int],
+        modulus: int = 1,
+        residues: Sequence[int] = (0,),
     ) -> None:
         self.gen, self.split, self.source_rows = gen, split, num_rows
         self.keep, self.dense_keep = keep, dense_keep

@@ -60,7 +60,9 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], nproc: int, *args: Any, prefer: Tuple[Type[BaseException], ...] = (ValueError, OSError)) -> Any:
+def launch(
+    fn: Callable[..., Any], nproc: int, *args: Any, prefer: Tuple[Type[BaseException], ...] = (ValueError, OSError)
+) -> Any:
     """Run `fn(*args)` on `nproc` local ranks and return rank 0's result.
 
     nproc == 1 or an existing torchrun world runs it in this process. Otherwise it uses

@@ -82,7 +82,13 @@ def embedding_memory(
     per_table.update(mixed)
     for t, c in configs.items():
         per_table[t]["fp32_embedding_bytes"] = c.num_embeddings * c.embedding_dim * 4
-    keys = ("embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes", "priority_bytes", *(f"rows_{g}" for g in GROUP_NAMES))
+    keys = (
+        "embedding_bytes",
+        "optimizer_bytes",
+        "fp32_embedding_bytes",
+        "priority_bytes",
+        *(f"rows_{g}" for g in GROUP_NAMES),
+    )
     total = {k: sum(v.get(k, 0) for v in per_table.values()) for k in keys}
     return {**total, "tables": {t: per_table[t] for t in configs}}
 
@@ -98,4 +104,6 @@ def torchrec_int8_bytes(shapes: Iterable[Tuple[int, int]]) -> int:
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 
-    return sum(rows * rounded_row_size_in_bytes(dim, SparseType.INT8, TORCHREC_QUANT_ROW_ALIGNMENT) for rows, dim in shapes)
+    return sum(
+        rows * rounded_row_size_in_bytes(dim, SparseType.INT8, TORCHREC_QUANT_ROW_ALIGNMENT) for rows, dim in shapes
+    )

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata, TensorProperties
-from torchrec.distributed.embedding_kernel import BaseEmbedding
 from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
+from torchrec.distributed.embedding_kernel import BaseEmbedding
 from torchrec.distributed.embedding_lookup import GroupedEmbeddingsLookup, GroupedPooledEmbeddingsLookup
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, GroupedEmbeddingConfig
 from torchrec.distributed.embeddingbag import (
@@ -96,7 +96,7 @@ class MixedPrecisionEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
         tables, features, ftab = [], [], []
         for i, t in enumerate(config.embedding_tables):
             md = t.local_metadata
-            r0, c0 = (md.shard_offsets if md is not None else (0, 0))
+            r0, c0 = md.shard_offsets if md is not None else (0, 0)
             tables.append(
                 LocalTable(
                     name=t.name,
@@ -151,13 +151,17 @@ class MixedPrecisionEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
 
 
 class MixedPrecisionPooledLookup(GroupedPooledEmbeddingsLookup):
-    def __init__(self, *args: Any, policy: PrecisionPolicy, step: StepCounter, label_tagged: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, policy: PrecisionPolicy, step: StepCounter, label_tagged: bool, **kwargs: Any
+    ) -> None:
         self._mp_args = (policy, step, label_tagged)
         super().__init__(*args, **kwargs)
 
     def _create_embedding_kernel(self, config, device, pg, sharding_type, env=None) -> BaseEmbedding:
         policy, step, label_tagged = self._mp_args
-        return MixedPrecisionEmbeddingBag(config, pg, sharding_type.value if sharding_type else None, policy, step, label_tagged, device)
+        return MixedPrecisionEmbeddingBag(
+            config, pg, sharding_type.value if sharding_type else None, policy, step, label_tagged, device
+        )
 
     def flush(self) -> None:
         pass
@@ -167,7 +171,15 @@ class MixedPrecisionPooledLookup(GroupedPooledEmbeddingsLookup):
 
 
 class MixedPrecisionSequenceLookup(GroupedEmbeddingsLookup):
-    def __init__(self, *args: Any, sharding_type: str, policy: PrecisionPolicy, step: StepCounter, label_tagged: bool, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        sharding_type: str,
+        policy: PrecisionPolicy,
+        step: StepCounter,
+        label_tagged: bool,
+        **kwargs: Any,
+    ) -> None:
         self._mp_args = (sharding_type, policy, step, label_tagged)
         super().__init__(*args, **kwargs)
 
@@ -205,7 +217,9 @@ class MixedPrecisionOptimizer(KeyedOptimizer):
             key = torch.empty(0)  # the parameter's identity: no fp32 weight exists
             params[f"{module._mp_prefix}.{table}.weight"] = key
             state[key] = {f"{table}.momentum1": momentum[table]} if table in momentum else {}
-        super().__init__(params, state, [{"params": list(params.values()), "lr": module.precision_policy.learning_rate}])
+        super().__init__(
+            params, state, [{"params": list(params.values()), "lr": module.precision_policy.learning_rate}]
+        )
 
     def step(self, closure: Any = None) -> None:
         self._module.precision_policy.learning_rate = self.param_groups[0]["lr"]
@@ -237,7 +251,9 @@ class ShardedMixedPrecisionModule:
         self._pg = env.process_group
         self._table_rows = {c.name: c.num_embeddings for c in configs}
         self._feature_tables = feature_tables(configs)
-        self._slice_widths = {name: self._column_widths(name, ps) for name, ps in table_name_to_parameter_sharding.items()}
+        self._slice_widths = {
+            name: self._column_widths(name, ps) for name, ps in table_name_to_parameter_sharding.items()
+        }
         sliced = sorted(n for n, w in self._slice_widths.items() if len(w) > 1)
         if self.precision_policy.signal != "eq7" and sliced:
             # Each column slice sees only its columns' gradient: its copy of a row's score
@@ -430,6 +446,7 @@ class ShardedMixedPrecisionModule:
     def _sum_fallback_grads(self) -> None:
         """A row-split table's fallback gradient is the sum over its shards' dropped ids: every
         shard's copy of the row then takes the same step (so 1 and 2 ranks agree)."""
+
         def fill(buf, k, store, i, t):
             buf[k, : t.dim] += store.fallback_grad[i]
 
@@ -441,6 +458,7 @@ class ShardedMixedPrecisionModule:
     def _share_loaded_fallbacks(self) -> None:
         """After a load: a row-split table's fallback row (and its optimizer state) reaches
         every shard from the one at row 0, the only one the checkpoint hands it to."""
+
         def fill(buf, k, store, i, t):
             if t.row_offset == 0:
                 buf[k, : t.dim] = store.fallback_rows()[i]
@@ -482,7 +500,9 @@ class ShardedMixedPrecisionModule:
     def _through_anchor(self, out):
         zero = self.step_counter.anchor.sum()  # 0, and d zero / d anchor exists
         if isinstance(out, KeyedTensor):
-            return KeyedTensor(keys=out.keys(), length_per_key=out.length_per_key(), values=out.values() + zero, key_dim=out.key_dim())
+            return KeyedTensor(
+                keys=out.keys(), length_per_key=out.length_per_key(), values=out.values() + zero, key_dim=out.key_dim()
+            )
         if out:  # sequence collection: {feature: JaggedTensor}
             name = next(iter(out))
             jt = out[name]
@@ -545,7 +565,8 @@ class ShardedMixedPrecisionModule:
                 continue
             first = {(s.shard_offsets[0], s.shard_sizes[0]): s for s in spec.shards if s.shard_offsets[1] == 0}
             shards_md = [
-                ShardMetadata(shard_offsets=[r0], shard_sizes=[n], placement=s.placement) for (r0, n), s in sorted(first.items())
+                ShardMetadata(shard_offsets=[r0], shard_sizes=[n], placement=s.placement)
+                for (r0, n), s in sorted(first.items())
             ]
             md = ShardedTensorMetadata(
                 shards_metadata=shards_md,
@@ -553,7 +574,8 @@ class ShardedMixedPrecisionModule:
                 tensor_properties=TensorProperties(dtype=torch.float32),
             )
             shards = [
-                Shard(tensor=m, metadata=next(x for x in shards_md if x.shard_offsets[0] == t.row_offset)) for t, m in entries
+                Shard(tensor=m, metadata=next(x for x in shards_md if x.shard_offsets[0] == t.row_offset))
+                for t, m in entries
             ]
             out[table] = ShardedTensor._init_from_local_shards_and_global_metadata(
                 shards, sharded_tensor_metadata=md, process_group=self._pg
@@ -570,7 +592,11 @@ class ShardedMixedPrecisionModule:
             first = [s for s in spec.shards if s.shard_offsets[0] == 0]
             return ShardedTensorMetadata(
                 shards_metadata=[
-                    ShardMetadata(shard_offsets=[0, int(s.shard_offsets[1] * k)], shard_sizes=[1, int(s.shard_sizes[1] * k)], placement=s.placement)
+                    ShardMetadata(
+                        shard_offsets=[0, int(s.shard_offsets[1] * k)],
+                        shard_sizes=[1, int(s.shard_sizes[1] * k)],
+                        placement=s.placement,
+                    )
                     for s in first
                 ],
                 size=torch.Size([1, int(dim * k)]),
@@ -635,7 +661,9 @@ class ShardedMixedPrecisionModule:
                 )
         destination[f"{prefix}precision_step"] = torch.tensor([module.step_counter.value], dtype=torch.int64)
 
-    def _mp_load_hook(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    def _mp_load_hook(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         self.groups_fresh = False
         step_key = f"{prefix}precision_step"
         if step_key in state_dict:

@@ -58,9 +58,7 @@ def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
     return out
 
 
-def sharding_constraints(
-    tables: Iterable[str], cfg: TrainConfig
-) -> Dict[str, ParameterConstraints]:
+def sharding_constraints(tables: Iterable[str], cfg: TrainConfig) -> Dict[str, ParameterConstraints]:
     types = list(cfg.sharding_types) or [
         ShardingType.TABLE_WISE.value,
         ShardingType.ROW_WISE.value,
@@ -122,9 +120,7 @@ def _table_index(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def _init_rows(
-    seed: int, table: str, num_rows: int, dim: int, row0: int, row1: int, bound: float
-) -> torch.Tensor:
+def _init_rows(seed: int, table: str, num_rows: int, dim: int, row0: int, row1: int, bound: float) -> torch.Tensor:
     """Rows [row0, row1) of a table's initial weights, uniform(-bound, bound).
 
     Rows come in blocks drawn from generators seeded by (seed, table, block), so a shard's
@@ -191,9 +187,7 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> Combined
         ("fused", dmp.fused_optimizer),
         (
             "dense",
-            KeyedOptimizerWrapper(
-                dense, lambda p: torch.optim.Adagrad(p, lr=cfg.dense_lr, eps=cfg.eps)
-            ),
+            KeyedOptimizerWrapper(dense, lambda p: torch.optim.Adagrad(p, lr=cfg.dense_lr, eps=cfg.eps)),
         ),
     ]
     if dp_tables:
@@ -202,9 +196,11 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> Combined
                 "dp_tables",
                 KeyedOptimizerWrapper(
                     dp_tables,
-                    lambda p: torch.optim.SGD(p, lr=cfg.lr)
-                    if cfg.emb_optimizer == "sgd"
-                    else RowWiseAdagrad(p, lr=cfg.lr, eps=cfg.eps),
+                    lambda p: (
+                        torch.optim.SGD(p, lr=cfg.lr)
+                        if cfg.emb_optimizer == "sgd"
+                        else RowWiseAdagrad(p, lr=cfg.lr, eps=cfg.eps)
+                    ),
                 ),
             )
         )

@@ -42,9 +42,11 @@ def tag_batch(batch: Any, labels_of: Callable[[Any], torch.Tensor], features: Op
         The same kind of object with tagged KJTs (the original is not modified).
     """
     labels = labels_of(batch)
-    names = list(features) if features is not None else [
-        k for k, v in vars(batch).items() if isinstance(v, KeyedJaggedTensor)
-    ]
+    names = (
+        list(features)
+        if features is not None
+        else [k for k, v in vars(batch).items() if isinstance(v, KeyedJaggedTensor)]
+    )
     tagged = {name: tag_labels(getattr(batch, name), labels) for name in names}
     if dataclasses.is_dataclass(batch):
         return dataclasses.replace(batch, **tagged)

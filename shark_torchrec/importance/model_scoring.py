@@ -84,14 +84,22 @@ class FieldImportance:
         if order not in REMOVAL_ORDERS:
             raise ValueError(f"unknown removal order {order!r} (one of {', '.join(REMOVAL_ORDERS)})")
         total = sum(field_bytes.values())
-        rows = [r for r in self.ranking() if r["field"] in self.prunable
-                and field_bytes.get(r["field"], 0) >= min_saving * total and field_bytes.get(r["field"], 0) > 0]
+        rows = [
+            r
+            for r in self.ranking()
+            if r["field"] in self.prunable
+            and field_bytes.get(r["field"], 0) >= min_saving * total
+            and field_bytes.get(r["field"], 0) > 0
+        ]
         if order == "per-byte":
             # A field whose score is 0 or negative costs nothing expected to remove: the
             # largest of those go first; then the rest by score per byte (stable sort: ties
             # keep the ranking's order).
-            rows.sort(key=lambda r: (0, -field_bytes[r["field"]]) if r["score"] <= 0
-                      else (1, r["score"] / field_bytes[r["field"]]))
+            rows.sort(
+                key=lambda r: (
+                    (0, -field_bytes[r["field"]]) if r["score"] <= 0 else (1, r["score"] / field_bytes[r["field"]])
+                )
+            )
         return [r["field"] for r in rows]
 
     def mean_of(self, name: str) -> torch.Tensor:
@@ -259,7 +267,9 @@ def score_fields(
                     accumulate_gradients(abs_sums, v, g, batch.sample_weights, means)
             if len(cache) < total:
                 rest = dataset.batches(split, global_batch, env.rank, env.world_size, skip_batches=len(cache))
-                for batch in tqdm(rest, total=total - len(cache), desc="taylor scores (past the cache)", disable=not show, leave=False):
+                for batch in tqdm(
+                    rest, total=total - len(cache), desc="taylor scores (past the cache)", disable=not show, leave=False
+                ):
                     batch = batch.to(env.device)
                     with clock:
                         v, g = _vectors_and_gradients(view, batch)
@@ -304,7 +314,11 @@ def canonical_method(method: str) -> str:
 
 
 def field_means(
-    model: torch.nn.Module, dataset: Dataset, split: str = "dev", global_batch: int = 4096, env: Optional[DistEnv] = None
+    model: torch.nn.Module,
+    dataset: Dataset,
+    split: str = "dev",
+    global_batch: int = 4096,
+    env: Optional[DistEnv] = None,
 ) -> Dict[str, torch.Tensor]:
     """E[v] of every field over a split (one lookup pass, all-reduced): what `constant`
     removal feeds in place of a removed field."""

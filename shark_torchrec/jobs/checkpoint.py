@@ -156,7 +156,9 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     files = meta.get(FILES) if isinstance(meta, dict) else None
     if files is None:
         return None  # saved before checkpoints carried checksums: loads unchecked
-    if not isinstance(files, dict) or not all(isinstance(w, dict) and {"bytes", "crc32"} <= w.keys() for w in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(w, dict) and {"bytes", "crc32"} <= w.keys() for w in files.values()
+    ):
         return f"{path / META} has a malformed `{FILES}` list"
     signature = _signature(path)
     if _checked.get(str(path.absolute())) == signature:
@@ -222,7 +224,9 @@ def save_checkpoint(
     if rank == 0:
         # Every rank's files are complete (barrier): rank 0 reads them once, as they are on disk.
         files = file_checksums(tmp)
-        (tmp / META).write_text(json.dumps({META_VERSION_KEY: META_VERSION, **meta, "step": step, FILES: files}, indent=2))
+        (tmp / META).write_text(
+            json.dumps({META_VERSION_KEY: META_VERSION, **meta, "step": step, FILES: files}, indent=2)
+        )
         if final.exists():  # re-saving the same step (e.g. final save after a resume)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -306,7 +310,9 @@ def _planner_for(path: Path, state: Dict[str, Any]):
 
     saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     flat, _ = flatten_state_dict(state)
-    missing = sorted(k for k, v in flat.items() if isinstance(v, torch.Tensor) or hasattr(v, "local_shards") if k not in saved)
+    missing = sorted(
+        k for k, v in flat.items() if isinstance(v, torch.Tensor) or hasattr(v, "local_shards") if k not in saved
+    )
     if not missing:
         return DefaultLoadPlanner()
     tables = {k.rsplit(".", 2)[-2] for k in saved if k.startswith("model.") and k.endswith(".row_group")}
@@ -322,7 +328,10 @@ def saved_precision(meta: Dict[str, Any]) -> str:
 
 
 def load_weights(
-    path: Path, model: torch.nn.Module, expected_tables: Dict[str, List[int]], optimizer: Optional[torch.optim.Optimizer] = None
+    path: Path,
+    model: torch.nn.Module,
+    expected_tables: Dict[str, List[int]],
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Dict[str, Any]:
     """Load the model tensors a checkpoint has (of any precision): how a trained fp32 model
     becomes a mixed-precision one. The values of each row are rounded to nearest into its
@@ -361,7 +370,10 @@ def _load_mixed_precision_momentum(path: Path, model: torch.nn.Module, saved_met
     DCP loads are collective, so every rank loads every saved momentum vector, in the same
     order (one table at a time: 4 bytes a row), and keeps the rows its shards hold."""
     from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
-    from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
+    from shark_torchrec.modules.mixed_precision import (
+        MixedPrecisionEmbeddingBagCollection,
+        MixedPrecisionEmbeddingCollection,
+    )
 
     stores, mixed = [], False
     for m in model.modules():
@@ -431,7 +443,11 @@ def _load_same_shape(path: Path, state: Dict[str, Any], saved_meta, values: bool
     wanted, left = {}, []
     for key, value in flat.items():
         meta = saved_meta.get(key)
-        if isinstance(meta, TensorStorageMetadata) and isinstance(value, torch.Tensor) and list(meta.size) == list(value.shape):
+        if (
+            isinstance(meta, TensorStorageMetadata)
+            and isinstance(value, torch.Tensor)
+            and list(meta.size) == list(value.shape)
+        ):
             wanted[key] = value
         elif values and isinstance(meta, BytesStorageMetadata) and not isinstance(value, torch.Tensor):
             wanted[key] = value

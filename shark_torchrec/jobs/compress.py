@@ -50,9 +50,12 @@ import torch.distributed as dist
 from shark_torchrec.config import JobConfig, QuantConfig, save_config
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv
-from shark_torchrec.modules.precision_policy import split_tiers
-from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
-from shark_torchrec.jobs.checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint_on_rank0, save_checkpoint
+from shark_torchrec.jobs.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    resolve_checkpoint_on_rank0,
+    save_checkpoint,
+)
 from shark_torchrec.jobs.easy_path import easy_path
 from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
 from shark_torchrec.jobs.prune import base_model, confirmation_check, prune_loop, write_prune_log
@@ -65,6 +68,8 @@ from shark_torchrec.jobs.trainer import (
     job_rank,
     write_metrics,
 )
+from shark_torchrec.modules.precision_policy import split_tiers
+from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 
 log = logging.getLogger("shark")
 
@@ -108,10 +113,15 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     target = cfg.prune.target_memory
     why = f"--target-memory {target} over the {prune_ratio:.3f} of memory pruning left asks {want:.3f}"
     if want < floor:
-        why += (f"; clipped up to {floor:.3f}, the fewest bytes all-{max(tiers, key=GROUP_NAMES.index)} rows (tiers "
-                f"{', '.join(tiers)}) can reach at dim {cfg.model.embedding_dim}")
-        why += (" (for training: the export serves in --serve-tiers)" if cfg.compress.serve_tiers else
-                f", so the pipeline misses --target-memory {target}: it ends near {floor * prune_ratio:.3f} of the base model's bytes")
+        why += (
+            f"; clipped up to {floor:.3f}, the fewest bytes all-{max(tiers, key=GROUP_NAMES.index)} rows (tiers "
+            f"{', '.join(tiers)}) can reach at dim {cfg.model.embedding_dim}"
+        )
+        why += (
+            " (for training: the export serves in --serve-tiers)"
+            if cfg.compress.serve_tiers
+            else f", so the pipeline misses --target-memory {target}: it ends near {floor * prune_ratio:.3f} of the base model's bytes"
+        )
     elif want > 1.0:
         why += "; clipped to 1 (pruning alone met the target)"
     return budget, why + "."
@@ -121,22 +131,27 @@ def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     """The budget the export regroups rows to in --serve-tiers (model-wide), and why."""
     tiers = split_tiers(cfg.compress.serve_tiers)
     budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
-    why = (f"Served in {', '.join(tiers)} at {budget:.3f} of the pruned model's fp32 bytes (model-wide), chosen by the "
-           f"trained priorities with fitted scales: --target-memory {cfg.prune.target_memory} over the {prune_ratio:.3f} "
-           f"pruning left asks {want:.3f}")
+    why = (
+        f"Served in {', '.join(tiers)} at {budget:.3f} of the pruned model's fp32 bytes (model-wide), chosen by the "
+        f"trained priorities with fitted scales: --target-memory {cfg.prune.target_memory} over the {prune_ratio:.3f} "
+        f"pruning left asks {want:.3f}"
+    )
     if want < floor:
         why += f"; clipped up to {floor:.3f}, these tiers' floor at dim {cfg.model.embedding_dim}"
     elif want > 1.0:
         why += "; clipped to 1"
     top = min_budget(cfg.model.embedding_dim, min(GROUP_NAMES.index(t) for t in tiers))
     if budget > top:
-        why += (f". All rows in {min(tiers, key=GROUP_NAMES.index)}, the most precise of these tiers, take "
-                f"{top:.3f}: that is what is served, below the budget")
+        why += (
+            f". All rows in {min(tiers, key=GROUP_NAMES.index)}, the most precise of these tiers, take "
+            f"{top:.3f}: that is what is served, below the budget"
+        )
     return budget, why + "."
 
 
-def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str, Any]],
-            easy: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def targets(
+    cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str, Any]], easy: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
     """What the run asked and what the served model got: memory against --target-memory, and
     its AUC drop on the confirmation split against --max-auc-drop (point estimate and its
     one-sided 95% bound), with whether it passed its stop test in the choice of what to serve.
@@ -148,8 +163,11 @@ def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str
         easy: the export's `easy_path` record; when given, the targets are the served model's
             as exported (ours, regrouped if --serve-tiers, or TorchRec's).
     """
-    out: Dict[str, Any] = {"target_memory": cfg.prune.target_memory, "max_auc_drop": cfg.prune.max_auc_drop,
-                           "served": "final"}
+    out: Dict[str, Any] = {
+        "target_memory": cfg.prune.target_memory,
+        "max_auc_drop": cfg.prune.max_auc_drop,
+        "served": "final",
+    }
     if easy and "exported_model" in easy:  # the served model as exported (ours regrouped, or TorchRec's)
         served = easy[easy["exported_model"]]
         memory_ratio = served["memory"]
@@ -157,8 +175,11 @@ def targets(cfg: JobConfig, memory_ratio: float, confirmation: Optional[Dict[str
         out["served"] = easy["exported_model"]
     out.update(memory_ratio=memory_ratio, memory_met=memory_ratio <= cfg.prune.target_memory + 1e-9)
     if confirmation:
-        out.update(auc_drop=confirmation["drop"], auc_drop_upper_bound_95=confirmation["upper_bound_95"],
-                   auc_met=confirmation["drop"] <= cfg.prune.max_auc_drop)
+        out.update(
+            auc_drop=confirmation["drop"],
+            auc_drop_upper_bound_95=confirmation["upper_bound_95"],
+            auc_met=confirmation["drop"] <= cfg.prune.max_auc_drop,
+        )
     if easy and "exported_within_bound" in easy:
         out["choice_test_passed"] = easy["exported_within_bound"]
     return out
@@ -206,7 +227,14 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
     stage_dir = Path(p.run.out_dir)
     accepted, rows, reason, base_metrics = prune_loop(p, env, base, stage_dir)
     final_cfg = copy.deepcopy(accepted.cfg)
-    ckpt = save_checkpoint(stage_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
+    ckpt = save_checkpoint(
+        stage_dir / "pruned",
+        0,
+        accepted.model,
+        accepted.optimizer,
+        _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema),
+        keep=1,
+    )
     if env.is_main:
         write_prune_log(rows, stage_dir)
         torch.save(base_metrics["base_confirm"], stage_dir / CONFIRM_BASE_FILE)  # for the final model's check
@@ -260,11 +288,17 @@ def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]
     metrics = final_metrics(q, trained)
     if "base_confirm" in pruned:  # (a prune stage recorded before the confirmation split has none)
         base_confirm = torch.load(pruned["base_confirm"])
-        metrics["confirmation"] = confirmation_check(trained.model, trained.dataset, base_confirm, q.train.eval_batch_size, env)
+        metrics["confirmation"] = confirmation_check(
+            trained.model, trained.dataset, base_confirm, q.train.eval_batch_size, env
+        )
     if env.is_main:
         write_metrics(q, metrics)
-    return {"checkpoint": str(resolve_checkpoint_on_rank0(q.checkpoint_dir)), "budget": budget, "budget_reason": budget_reason,
-            "metrics": metrics}
+    return {
+        "checkpoint": str(resolve_checkpoint_on_rank0(q.checkpoint_dir)),
+        "budget": budget,
+        "budget_reason": budget_reason,
+        "metrics": metrics,
+    }
 
 
 EXPORT_FAILED = "export_failed_on_rank0"  # what the other ranks receive when rank 0's export raised
@@ -275,7 +309,9 @@ def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[
     if cfg.compress.serve_tiers:
         budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"])
         serving = ServingTiers(split_tiers(cfg.compress.serve_tiers), budget, "model")
-    record = export_checkpoint(Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving)
+    record = export_checkpoint(
+        Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving
+    )
     if why:
         record["serving_budget_reason"] = why
     # Beside TorchRec's own post-training int8 / int4 of the base model (one process).
@@ -283,15 +319,24 @@ def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[
     fallback_dir = out / "export" if cfg.compress.fallback == "torchrec" else None
     exported = torch.load(out / "export" / "model.pt", weights_only=False)  # what is served, as export wrote it
     easy = record["easy_path"] = easy_path(
-        stages["base"]["checkpoint"], exported, stages["prune"]["kept_fields"], data, cfg.train.eval_batch_size,
-        record["inference_bytes"], cfg.prune.max_auc_drop, cfg.prune.confidence, fallback_dir,
+        stages["base"]["checkpoint"],
+        exported,
+        stages["prune"]["kept_fields"],
+        data,
+        cfg.train.eval_batch_size,
+        record["inference_bytes"],
+        cfg.prune.max_auc_drop,
+        cfg.prune.confidence,
+        fallback_dir,
     )
     if easy["exported"]:  # the serving files are ours: say which file the choice serves instead
         with (out / "export" / "README.md").open("a") as f:
-            f.write(f"\n## Served instead: {easy['exported_model']}\n\n`shark compress --fallback torchrec` chose "
-                    f"`{Path(easy['exported']).name}` (TorchRec's post-training quantization of the base model, "
-                    "`torch.load(path, weights_only=False)`: a DLRM that scores a batch) over the files above; "
-                    "see the run's report.md.\n")
+            f.write(
+                f"\n## Served instead: {easy['exported_model']}\n\n`shark compress --fallback torchrec` chose "
+                f"`{Path(easy['exported']).name}` (TorchRec's post-training quantization of the base model, "
+                "`torch.load(path, weights_only=False)`: a DLRM that scores a batch) over the files above; "
+                "see the run's report.md.\n"
+            )
     (out / "export" / "export.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -351,8 +396,11 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             t0 = time.perf_counter()
             q = run_quantize(cfg, out, env, stages["prune"])
             stages["quantize"] = {
-                "checkpoint": q["checkpoint"], "budget": q["budget"], "budget_reason": q["budget_reason"],
-                "test_auc": q["metrics"]["test_auc"], "embedding_bytes": q["metrics"]["embedding_bytes"],
+                "checkpoint": q["checkpoint"],
+                "budget": q["budget"],
+                "budget_reason": q["budget_reason"],
+                "test_auc": q["metrics"]["test_auc"],
+                "embedding_bytes": q["metrics"]["embedding_bytes"],
                 "confirmation": q["metrics"].get("confirmation"),
                 "seconds": time.perf_counter() - t0,
             }
@@ -380,8 +428,9 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             "pruned_fields": stages["prune"]["pruned_fields"],
             "stop_reason": stages["prune"]["stop_reason"],
             "confirmation": stages["quantize"].get("confirmation"),
-            "targets": targets(cfg, memory_ratio,
-                               stages["quantize"].get("confirmation"), stages["export"].get("easy_path")),
+            "targets": targets(
+                cfg, memory_ratio, stages["quantize"].get("confirmation"), stages["export"].get("easy_path")
+            ),
             "stage_seconds": timings,
             "export": {k: v for k, v in stages["export"].items() if k != "seconds"},
         }

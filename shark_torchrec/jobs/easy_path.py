@@ -73,8 +73,9 @@ def allocated_bytes(module: torch.nn.Module) -> int:
 CANDIDATES = ("final", "torchrec-int8", "torchrec-int4")
 
 
-def choose_served(candidates: Sequence[Tuple[str, int, PairedAUC]], max_auc_drop: float,
-                  confidence: float) -> Tuple[Optional[str], Dict[str, DropTest]]:
+def choose_served(
+    candidates: Sequence[Tuple[str, int, PairedAUC]], max_auc_drop: float, confidence: float
+) -> Tuple[Optional[str], Dict[str, DropTest]]:
     """The model to serve: the candidates tried from the fewest bytes up (the given order on a
     tie), each with the stop test at its place in the sequence, the first that passes.
 
@@ -96,9 +97,17 @@ def choose_served(candidates: Sequence[Tuple[str, int, PairedAUC]], max_auc_drop
     return None, tests
 
 
-def easy_path(base_checkpoint: str | Path, final: torch.nn.Module, final_fields: Optional[Sequence[str]], data: Dataset,
-              eval_batch: int, final_bytes: int, max_auc_drop: float, confidence: float,
-              fallback_dir: Optional[Path] = None) -> Dict[str, Any]:
+def easy_path(
+    base_checkpoint: str | Path,
+    final: torch.nn.Module,
+    final_fields: Optional[Sequence[str]],
+    data: Dataset,
+    eval_batch: int,
+    final_bytes: int,
+    max_auc_drop: float,
+    confidence: float,
+    fallback_dir: Optional[Path] = None,
+) -> Dict[str, Any]:
     """Our compressed model beside TorchRec's post-training int8 and int4 of the base model, and
     which of them to serve.
 
@@ -155,12 +164,21 @@ def easy_path(base_checkpoint: str | Path, final: torch.nn.Module, final_fields:
     def paired(split: str, key: str, against: str = "base"):
         return paired_auc(logits[split][key].numpy(), logits[split][against].numpy(), labels[split].numpy())
 
-    out: Dict[str, Any] = {"split": CONFIRM, "rows": int(labels[CONFIRM].numel()),
-                           "choice_rows": {split: int(labels[split].numel()) for split in (SELECTION_SPLIT, CHOICE)}}
+    out: Dict[str, Any] = {
+        "split": CONFIRM,
+        "rows": int(labels[CONFIRM].numel()),
+        "choice_rows": {split: int(labels[split].numel()) for split in (SELECTION_SPLIT, CHOICE)},
+    }
     for key, (_, _, nbytes) in models.items():
         p = paired(CONFIRM, key)
-        out[key] = {"auc": p.auc_a, "bytes": nbytes, "memory": nbytes / fp32_bytes, "drop": -p.difference,
-                    "drop_standard_error": p.standard_error, "drop_upper_bound_95": p.upper_bound(Z_95)}
+        out[key] = {
+            "auc": p.auc_a,
+            "bytes": nbytes,
+            "memory": nbytes / fp32_bytes,
+            "drop": -p.difference,
+            "drop_standard_error": p.standard_error,
+            "drop_upper_bound_95": p.upper_bound(Z_95),
+        }
         t = paired("test", key)  # logged beside the others, as every stage logs test; it decides nothing
         out[key]["test"] = {"auc": t.auc_a, "drop": -t.difference, "drop_standard_error": t.standard_error}
         if key.startswith("torchrec-"):
@@ -171,15 +189,22 @@ def easy_path(base_checkpoint: str | Path, final: torch.nn.Module, final_fields:
     # standard error there as figures, not a test.
     on_choice = {key: paired(CHOICE_SPLIT[key], key) for key in CANDIDATES}
     for key, p in on_choice.items():
-        out[key]["choice"] = {"split": CHOICE_SPLIT[key], "drop": -p.difference, "standard_error": p.standard_error,
-                              "test_index": None}
+        out[key]["choice"] = {
+            "split": CHOICE_SPLIT[key],
+            "drop": -p.difference,
+            "standard_error": p.standard_error,
+            "test_index": None,
+        }
     # What --fallback torchrec would serve (the same test over all three): with the flag, the
     # choice itself; without it, the report's advice, and ours is tested alone.
-    out["fallback_would_serve"], tests = choose_served([(k, out[k]["bytes"], on_choice[k]) for k in CANDIDATES],
-                                                       max_auc_drop, confidence)
+    out["fallback_would_serve"], tests = choose_served(
+        [(k, out[k]["bytes"], on_choice[k]) for k in CANDIDATES], max_auc_drop, confidence
+    )
     out["recommended"] = out["fallback_would_serve"]
     if fallback_dir is None:
-        out["recommended"], tests = choose_served([("final", out["final"]["bytes"], on_choice["final"])], max_auc_drop, confidence)
+        out["recommended"], tests = choose_served(
+            [("final", out["final"]["bytes"], on_choice["final"])], max_auc_drop, confidence
+        )
     for index, (key, test) in enumerate(tests.items(), start=1):
         out[key]["choice"].update(test_index=index, z=test.z, upper_bound=test.upper_bound, accepted=test.accepted)
     exported, out["exported"] = "final", None

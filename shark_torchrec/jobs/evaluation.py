@@ -60,5 +60,7 @@ def predict(
     return gather_valid(torch.cat(logits), v, env.world_size), gather_valid(torch.cat(labels), v, env.world_size)
 
 
-def evaluate(model, dataset: Dataset, split: str, global_batch: int, env: DistEnv, progress: bool = False) -> Dict[str, float]:
+def evaluate(
+    model, dataset: Dataset, split: str, global_batch: int, env: DistEnv, progress: bool = False
+) -> Dict[str, float]:
     return binary_metrics(*predict(model, dataset, split, global_batch, env, progress))

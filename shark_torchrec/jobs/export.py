@@ -33,6 +33,7 @@ import torch
 from shark_torchrec import kernels
 from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
 from shark_torchrec.data.schema import Schema
+from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
 from shark_torchrec.models.build import model_from_config
 from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
@@ -42,7 +43,6 @@ from shark_torchrec.modules.model_budget import ModelBudget
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
 from shark_torchrec.precision.priority import DROPPED, INT_BITS
 from shark_torchrec.precision.quantize import fitted_scale_bias
-from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
 
 
 def load_trained_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig]:
@@ -126,10 +126,17 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
     trained = arch.embedding_bag_collection
     policy = getattr(trained, "precision_policy", None)
     if not isinstance(trained, MixedPrecisionEmbeddingBagCollection) or not policy.scored:
-        raise CheckpointError("serving tiers are chosen by the trained priorities: export a model trained with --precision shark or freq")
+        raise CheckpointError(
+            "serving tiers are chosen by the trained priorities: export a model trained with --precision shark or freq"
+        )
     new_policy = dataclasses.replace(
-        policy, tiers=tuple(serving.tiers), memory_budget=serving.memory_budget, budget_scope=serving.budget_scope,
-        row_fractions=None, t8=None, t16=None,
+        policy,
+        tiers=tuple(serving.tiers),
+        memory_budget=serving.memory_budget,
+        budget_scope=serving.budget_scope,
+        row_fractions=None,
+        t8=None,
+        t16=None,
     )
     configs = trained.embedding_bag_configs()
     ebc = MixedPrecisionEmbeddingBagCollection(tables=configs, precision_policy=new_policy, device=torch.device("cpu"))
@@ -166,8 +173,12 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
                     k = keys[a : a + CHUNK_ROWS]
                     store.write_int_exact(g, k, before[k], fitted_scale_bias(before[k], bits))
     arch.embedding_bag_collection = ebc
-    return {"serving_tiers": list(serving.tiers), "serving_budget": serving.memory_budget,
-            "serving_budget_scope": serving.budget_scope, "serving_rounding": serving.rounding}
+    return {
+        "serving_tiers": list(serving.tiers),
+        "serving_budget": serving.memory_budget,
+        "serving_budget_scope": serving.budget_scope,
+        "serving_rounding": serving.rounding,
+    }
 
 
 def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
@@ -286,7 +297,9 @@ def write_serving_files(
     all_fields = list(data.full_schema.sparse_names)
     unknown = [f for f in fields if f not in all_fields]
     if unknown:
-        raise ValueError(f"export: model field(s) {', '.join(unknown)} are not fields of the data {data.full_schema.sparse_names}")
+        raise ValueError(
+            f"export: model field(s) {', '.join(unknown)} are not fields of the data {data.full_schema.sparse_names}"
+        )
     manifest: Dict[str, Any] = {
         "format": recipe.FORMAT,
         "version": recipe.VERSION,
@@ -332,7 +345,8 @@ def _serving_readme(manifest: Dict[str, Any]) -> str:
     else:
         p, e = manifest["parsing"], manifest["encoding"]
         how = (
-            "vocabulary (vocab.json; row 0 for values not in it)" if e["kind"] == "vocab"
+            "vocabulary (vocab.json; row 0 for values not in it)"
+            if e["kind"] == "vocab"
             else f"hash (crc32 of 'field_index:value' modulo {e['size']})"
         )
         lines = (
@@ -343,7 +357,7 @@ def _serving_readme(manifest: Dict[str, Any]) -> str:
     return f"""# Serving export (shark-torchrec)
 
 Load with torch only (no shark_torchrec, no TorchRec, no FBGEMM), the torch version
-serving.json names ({manifest['torch']}):
+serving.json names ({manifest["torch"]}):
 
     python serve.py . LINES_FILE                 # one logit per data line
 
@@ -356,7 +370,7 @@ Or without serve.py:
     import torch
     torch.ops.load_library("shark_kernels.so")   # registers the lookup's op
     m = torch.jit.load("serving_model.pt")
-    logits = m(dense, values, lengths)           # {manifest['interface']}
+    logits = m(dense, values, lengths)           # {manifest["interface"]}
 
 Fields (model order): {fields}
 Dense features: {dense}

@@ -33,10 +33,9 @@ import torch.distributed as dist
 from shark_torchrec.config import ConfigError, JobConfig
 from shark_torchrec.data import CHOICE, CONFIRM, Batch, DataError, Dataset, open_dataset
 from shark_torchrec.distributed.env import DistEnv
+from shark_torchrec.distributed.memory import embedding_memory
 from shark_torchrec.importance.model_scoring import FieldImportance, canonical_method, field_means, score_fields
 from shark_torchrec.importance.significance import auc_standard_error, drop_test, paired_auc
-from shark_torchrec.distributed.memory import embedding_memory
-from shark_torchrec.jobs.remove_tables import prune_tables
 from shark_torchrec.jobs.checkpoint import (
     load_checkpoint,
     read_meta,
@@ -45,7 +44,7 @@ from shark_torchrec.jobs.checkpoint import (
     table_shapes,
 )
 from shark_torchrec.jobs.evaluation import binary_metrics, evaluate, predict
-from shark_torchrec.report import plot_importance, plot_prune_log
+from shark_torchrec.jobs.remove_tables import prune_tables
 from shark_torchrec.jobs.trainer import (
     TRAIN_OUT_DIR,
     TrainedModel,
@@ -57,6 +56,7 @@ from shark_torchrec.jobs.trainer import (
     train_steps,
     write_metrics,
 )
+from shark_torchrec.report import plot_importance, plot_prune_log
 
 log = logging.getLogger("shark")
 
@@ -109,7 +109,9 @@ def base_model(cfg: JobConfig, env: DistEnv) -> TrainedModel:
     return fit(cfg, env, open_dataset(cfg.dataset, cfg.train.seed).decision_splits())
 
 
-def confirmation_check(model, dataset: Dataset, base: Dict[str, torch.Tensor], eval_batch: int, env: DistEnv) -> Dict[str, Any]:
+def confirmation_check(
+    model, dataset: Dataset, base: Dict[str, torch.Tensor], eval_batch: int, env: DistEnv
+) -> Dict[str, Any]:
     """The final figure no decision saw: `model` against the base model on the confirmation
     split (`Dataset.decision_splits`), paired (DeLong).
 
@@ -127,15 +129,29 @@ def confirmation_check(model, dataset: Dataset, base: Dict[str, torch.Tensor], e
     if not torch.equal(labels, base["labels"]):
         raise RuntimeError("the confirmation split's labels changed order; the paired check needs the same rows")
     p = paired_auc(logits.numpy(), base["logits"].numpy(), labels.numpy())
-    return {"split": CONFIRM, "rows": int(labels.numel()), "base_auc": p.auc_b, "auc": p.auc_a, "drop": -p.difference,
-            "standard_error": p.standard_error, "upper_bound_95": p.upper_bound(NormalDist().inv_cdf(0.95))}
+    return {
+        "split": CONFIRM,
+        "rows": int(labels.numel()),
+        "base_auc": p.auc_b,
+        "auc": p.auc_a,
+        "drop": -p.difference,
+        "standard_error": p.standard_error,
+        "upper_bound_95": p.upper_bound(NormalDist().inv_cdf(0.95)),
+    }
 
 
 def score(cfg: JobConfig, trained_model, dataset: Dataset, env: DistEnv) -> FieldImportance:
     p = cfg.prune
     return score_fields(
-        trained_model, dataset, p.method, p.score_split, cfg.train.eval_batch_size, env,
-        rounds=p.rounds, seed=cfg.train.seed, progress=cfg.run.progress,
+        trained_model,
+        dataset,
+        p.method,
+        p.score_split,
+        cfg.train.eval_batch_size,
+        env,
+        rounds=p.rounds,
+        seed=cfg.train.seed,
+        progress=cfg.run.progress,
     )
 
 
@@ -207,9 +223,19 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
     best, best_epoch, best_predictions = dev, 0, predictions
     ckpt = save_checkpoint(root, 0, pruned.model, pruned.optimizer, meta, keep=1)
     for epoch in range(1, p.finetune_epochs + 1):
-        support = support_batches(pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration * 10 + epoch)
-        train_steps(pruned.model, pruned.optimizer, support, env, cfg.quant.precision, desc=f"fine-tune {iteration}.{epoch}",
-                    show=show, max_steps=t.max_steps)
+        support = support_batches(
+            pruned.dataset, p.support_rows, t.batch_size, env, seed=t.seed * 1000 + iteration * 10 + epoch
+        )
+        train_steps(
+            pruned.model,
+            pruned.optimizer,
+            support,
+            env,
+            cfg.quant.precision,
+            desc=f"fine-tune {iteration}.{epoch}",
+            show=show,
+            max_steps=t.max_steps,
+        )
         dev, predictions = on_dev()
         if dev["auc"] > best["auc"]:
             best, best_epoch, best_predictions = dev, epoch, predictions
@@ -234,7 +260,11 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     confirm_logits, confirm_labels = predict(base.model, base.dataset, CONFIRM, t.eval_batch_size, env)
     base_confirm = {"logits": confirm_logits, "labels": confirm_labels}
     base_logits, dev_labels = predict(base.model, base.dataset, "dev", t.eval_batch_size, env)
-    _, choice_labels = predict(base.model, base.dataset, CHOICE, t.eval_batch_size, env) if CHOICE in base.dataset.splits else (None, None)
+    _, choice_labels = (
+        predict(base.model, base.dataset, CHOICE, t.eval_batch_size, env)
+        if CHOICE in base.dataset.splits
+        else (None, None)
+    )
     for what, labels in (("selection", dev_labels), ("choice", choice_labels), ("confirmation", confirm_labels)):
         if labels is None:
             continue
@@ -247,8 +277,12 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     dev = binary_metrics(base_logits, dev_labels)
     test = evaluate(base.model, base.dataset, "test", t.eval_batch_size, env)
     _, dev_se = auc_standard_error(base_logits.numpy(), dev_labels.numpy())
-    resolution = {"selection_rows": int(dev_labels.numel()), "selection_auc_standard_error": dev_se, "max_auc_drop": p.max_auc_drop,
-                  "confidence": p.confidence}
+    resolution = {
+        "selection_rows": int(dev_labels.numel()),
+        "selection_auc_standard_error": dev_se,
+        "max_auc_drop": p.max_auc_drop,
+        "confidence": p.confidence,
+    }
     if dev_se > p.max_auc_drop:
         resolution["warning"] = (
             f"the selection split ({dev_labels.numel()} rows) measures AUC to a standard error of {dev_se:.4f}, larger than "
@@ -258,13 +292,32 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         if env.is_main:
             log.warning(resolution["warning"])
     base_bytes = _bytes(base.model, base.optimizer, base.configs)
-    ckpt = save_checkpoint(steps_root / "iteration_000", 0, base.model, base.optimizer, _meta(base_cfg, TrainState(), base.configs, env, base.dataset.full_schema), keep=1)
+    ckpt = save_checkpoint(
+        steps_root / "iteration_000",
+        0,
+        base.model,
+        base.optimizer,
+        _meta(base_cfg, TrainState(), base.configs, env, base.dataset.full_schema),
+        keep=1,
+    )
     accepted = Candidate(base_cfg, base.model, base.optimizer, base.configs, base.dataset, ckpt, base_bytes)
     fields = list(base.dataset.schema.sparse_names)
     log_rows: List[Dict[str, Any]] = [
-        {"iteration": 0, "removed": [], "kept": fields, "memory_ratio": 1.0, "embedding_bytes": base_bytes,
-         "dev_auc": dev["auc"], "dev_logloss": dev["logloss"], "test_auc": test["auc"],
-         "test_logloss": test["logloss"], "seconds": 0.0, "scoring_seconds": 0.0, "finetune_epochs_kept": 0, "accepted": True}
+        {
+            "iteration": 0,
+            "removed": [],
+            "kept": fields,
+            "memory_ratio": 1.0,
+            "embedding_bytes": base_bytes,
+            "dev_auc": dev["auc"],
+            "dev_logloss": dev["logloss"],
+            "test_auc": test["auc"],
+            "test_logloss": test["logloss"],
+            "seconds": 0.0,
+            "scoring_seconds": 0.0,
+            "finetune_epochs_kept": 0,
+            "accepted": True,
+        }
     ]
     base_dev_auc = dev["auc"]
     if show:
@@ -289,7 +342,9 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         start = time.perf_counter()
         if scored_for != accepted.checkpoint:  # after a rejection the model is the same: its scores too
             imp, scored_for = score(cfg, accepted.model, accepted.dataset, env), accepted.checkpoint
-        field_bytes = {f: c.num_embeddings * c.embedding_dim * 4 for c in accepted.configs.values() for f in c.feature_names}
+        field_bytes = {
+            f: c.num_embeddings * c.embedding_dim * 4 for c in accepted.configs.values() for f in c.feature_names
+        }
         candidates = [f for f in imp.removal_order(field_bytes, p.order, p.min_saving) if f not in rejected]
         removed = candidates[: min(p.fields_per_step, len(kept) - 1)]
         if iteration == 1 and env.is_main:  # the base model's ranking, for the report
@@ -305,27 +360,50 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         pruned = prune_tables(
             accepted.model, accepted.optimizer, accepted.cfg, accepted.dataset, env, removed, accepted.checkpoint, means
         )
-        dev, test, ckpt, epochs, (logits, labels) = finetune(cfg, pruned, env, steps_root / f"iteration_{iteration:03d}", iteration, show)
+        dev, test, ckpt, epochs, (logits, labels) = finetune(
+            cfg, pruned, env, steps_root / f"iteration_{iteration:03d}", iteration, show
+        )
         nbytes = _bytes(pruned.model, pruned.optimizer, pruned.configs)
         if not torch.equal(labels, dev_labels):
-            raise RuntimeError(f"iteration {iteration}: the selection split's labels changed order; the paired test needs the same rows")
-        decision = drop_test(paired_auc(logits.numpy(), base_logits.numpy(), labels.numpy()), p.max_auc_drop, p.confidence, iteration)
+            raise RuntimeError(
+                f"iteration {iteration}: the selection split's labels changed order; the paired test needs the same rows"
+            )
+        decision = drop_test(
+            paired_auc(logits.numpy(), base_logits.numpy(), labels.numpy()), p.max_auc_drop, p.confidence, iteration
+        )
         ok = decision.accepted
         row = {
-            "iteration": iteration, "removed": removed, "kept": list(pruned.dataset.schema.sparse_names),
-            "memory_ratio": nbytes / base_bytes, "embedding_bytes": nbytes,
-            "dev_auc": dev["auc"], "dev_logloss": dev["logloss"], "test_auc": test["auc"],
-            "test_logloss": test["logloss"], "dev_auc_drop": decision.drop,
-            "dev_auc_drop_standard_error": decision.standard_error, "dev_auc_drop_upper_bound": decision.upper_bound,
-            "z": decision.z, "seconds": time.perf_counter() - start,
-            "scoring_seconds": imp.scoring_seconds, "finetune_epochs_kept": epochs, "accepted": ok,
+            "iteration": iteration,
+            "removed": removed,
+            "kept": list(pruned.dataset.schema.sparse_names),
+            "memory_ratio": nbytes / base_bytes,
+            "embedding_bytes": nbytes,
+            "dev_auc": dev["auc"],
+            "dev_logloss": dev["logloss"],
+            "test_auc": test["auc"],
+            "test_logloss": test["logloss"],
+            "dev_auc_drop": decision.drop,
+            "dev_auc_drop_standard_error": decision.standard_error,
+            "dev_auc_drop_upper_bound": decision.upper_bound,
+            "z": decision.z,
+            "seconds": time.perf_counter() - start,
+            "scoring_seconds": imp.scoring_seconds,
+            "finetune_epochs_kept": epochs,
+            "accepted": ok,
         }
         log_rows.append(row)
         if show:
             log.info(
                 "iteration %d: removed %s -> memory %.3f, dev AUC %.4f (base %.4f; drop %.4f, upper bound %.4f at z %.2f), test AUC %.4f%s",
-                iteration, ",".join(removed), row["memory_ratio"], dev["auc"], base_dev_auc, decision.drop,
-                decision.upper_bound, decision.z, test["auc"],
+                iteration,
+                ",".join(removed),
+                row["memory_ratio"],
+                dev["auc"],
+                base_dev_auc,
+                decision.drop,
+                decision.upper_bound,
+                decision.z,
+                test["auc"],
                 "" if ok else f"  [the drop may exceed {p.max_auc_drop}: keeping the previous model]",
             )
         if not ok:
@@ -343,16 +421,47 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
     confirmed = confirmation_check(accepted.model, accepted.dataset, base_confirm, t.eval_batch_size, env)
     if show:
-        log.info("confirmation split (%d rows, no decision read it): AUC %.4f against the base model's %.4f, drop %.4f (SE %.4f)",
-                 confirmed["rows"], confirmed["auc"], confirmed["base_auc"], confirmed["drop"], confirmed["standard_error"])
-    return accepted, log_rows, reason, {"dev_auc": base_dev_auc, "test_auc": log_rows[0]["test_auc"], "embedding_bytes": base_bytes,
-                                        "resolution": resolution, "confirmation": confirmed, "base_confirm": base_confirm}
+        log.info(
+            "confirmation split (%d rows, no decision read it): AUC %.4f against the base model's %.4f, drop %.4f (SE %.4f)",
+            confirmed["rows"],
+            confirmed["auc"],
+            confirmed["base_auc"],
+            confirmed["drop"],
+            confirmed["standard_error"],
+        )
+    return (
+        accepted,
+        log_rows,
+        reason,
+        {
+            "dev_auc": base_dev_auc,
+            "test_auc": log_rows[0]["test_auc"],
+            "embedding_bytes": base_bytes,
+            "resolution": resolution,
+            "confirmation": confirmed,
+            "base_confirm": base_confirm,
+        },
+    )
 
 
 def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
     (out_dir / "prune_log.json").write_text(json.dumps(rows, indent=2))
-    keys = ["iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "dev_logloss", "test_logloss", "dev_auc_drop",
-            "dev_auc_drop_standard_error", "dev_auc_drop_upper_bound", "seconds", "scoring_seconds", "finetune_epochs_kept", "accepted"]
+    keys = [
+        "iteration",
+        "removed",
+        "memory_ratio",
+        "dev_auc",
+        "test_auc",
+        "dev_logloss",
+        "test_logloss",
+        "dev_auc_drop",
+        "dev_auc_drop_standard_error",
+        "dev_auc_drop_upper_bound",
+        "seconds",
+        "scoring_seconds",
+        "finetune_epochs_kept",
+        "accepted",
+    ]
     with open(out_dir / "prune_log.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)
@@ -369,8 +478,23 @@ def prune_job(cfg: JobConfig) -> Dict[str, Any]:
         # The pruned model, as a checkpoint any shark command can start from.
         final_cfg = copy.deepcopy(accepted.cfg)
         final_cfg.run.out_dir = cfg.run.out_dir
-        save_checkpoint(out_dir / "pruned", 0, accepted.model, accepted.optimizer, _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema), keep=1)
-        trained = TrainedModel(accepted.model, accepted.optimizer, accepted.dataset, env, accepted.configs, TrainState(), base.train_seconds)
+        save_checkpoint(
+            out_dir / "pruned",
+            0,
+            accepted.model,
+            accepted.optimizer,
+            _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema),
+            keep=1,
+        )
+        trained = TrainedModel(
+            accepted.model,
+            accepted.optimizer,
+            accepted.dataset,
+            env,
+            accepted.configs,
+            TrainState(),
+            base.train_seconds,
+        )
         metrics = final_metrics(final_cfg, trained)
         full = list(base.dataset.schema.sparse_names)
         kept = list(accepted.dataset.schema.sparse_names)

@@ -19,16 +19,14 @@ from tqdm import tqdm
 from shark_torchrec.config import JobConfig, config_to_dict, save_config
 from shark_torchrec.data import Dataset, open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
+from shark_torchrec.distributed.memory import embedding_memory
+from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 from shark_torchrec.distributed.sharding import (
     build_optimizer,
     embedding_configs,
     init_embedding_weights,
     shard_model,
 )
-from shark_torchrec.distributed.memory import embedding_memory
-from shark_torchrec.models.build import model_from_config
-from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
-from shark_torchrec.modules.model_budget import share_model_budget
 from shark_torchrec.distributed.train_pipeline import LabelTaggingTrainPipeline
 from shark_torchrec.jobs.checkpoint import (
     CheckpointError,
@@ -41,6 +39,8 @@ from shark_torchrec.jobs.checkpoint import (
 )
 from shark_torchrec.jobs.evaluation import evaluate
 from shark_torchrec.jobs.run_dir import check_writable, default_out_dir, run_dir_lock
+from shark_torchrec.models.build import model_from_config
+from shark_torchrec.modules.model_budget import share_model_budget
 
 log = logging.getLogger("shark")
 
@@ -168,7 +168,11 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         if env.is_main:
             log.info(
                 "resumed from %s at step %d (epoch %d, batch %d of %d)",
-                path, state.step, state.epoch, state.batch_in_epoch, steps_per_epoch,
+                path,
+                state.step,
+                state.epoch,
+                state.batch_in_epoch,
+                steps_per_epoch,
             )
     elif run.checkpoint:
         loaded_from = resolve_checkpoint_on_rank0(run.checkpoint)
@@ -184,7 +188,14 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     show = run.progress and env.is_main
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env, dataset.full_schema), run.keep_checkpoints)
+        save_checkpoint(
+            ckpt_root,
+            state.step,
+            dmp,
+            optimizer,
+            _meta(cfg, state, configs, env, dataset.full_schema),
+            run.keep_checkpoints,
+        )
 
     def dev_eval() -> bool:
         """Evaluate on dev; True when early stopping says stop."""
@@ -194,10 +205,14 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             state.best_dev_auc, state.evals_since_best = m["auc"], 0
             if t.early_stopping_patience:
                 # Early stopping returns the best model, so keep it as it is now.
-                save_checkpoint(best_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env, dataset.full_schema), keep=1)
+                save_checkpoint(
+                    best_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env, dataset.full_schema), keep=1
+                )
         else:
             state.evals_since_best += 1
-        state.history.append({"step": state.step, "epoch": state.epoch, "dev_auc": m["auc"], "dev_logloss": m["logloss"]})
+        state.history.append(
+            {"step": state.step, "epoch": state.epoch, "dev_auc": m["auc"], "dev_logloss": m["logloss"]}
+        )
         if show:
             tqdm.write(f"step {state.step}: dev auc {m['auc']:.4f} logloss {m['logloss']:.4f}")
         return bool(t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience)
@@ -211,7 +226,9 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     while not done and state.epoch < t.epochs:
         batches = dataset.batches("train", t.batch_size, env.rank, env.world_size, state.batch_in_epoch)
         pipeline = train_pipeline(dmp, optimizer, env.device, cfg.quant.precision)
-        bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"train epoch {state.epoch}", disable=not show)
+        bar = tqdm(
+            total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"train epoch {state.epoch}", disable=not show
+        )
         while True:
             if t.max_steps and state.step >= t.max_steps:
                 done = True
@@ -254,7 +271,14 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
 
 
 def train_steps(
-    model, optimizer, batches, env: DistEnv, precision: str, total: int = 0, desc: str = "train", show: bool = False,
+    model,
+    optimizer,
+    batches,
+    env: DistEnv,
+    precision: str,
+    total: int = 0,
+    desc: str = "train",
+    show: bool = False,
     max_steps: int = 0,
 ) -> int:
     """Train over `batches` (already this rank's share) with TorchRec's pipeline, for at most

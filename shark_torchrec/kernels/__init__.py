@@ -110,8 +110,10 @@ def build(quiet: bool = False) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KernelBuildError(f"cannot create {out.parent} for shark_torchrec's C++ kernels ({e}): "
-                               "set SHARK_KERNELS_DIR to a writable directory") from e
+        raise KernelBuildError(
+            f"cannot create {out.parent} for shark_torchrec's C++ kernels ({e}): "
+            "set SHARK_KERNELS_DIR to a writable directory"
+        ) from e
     if not quiet:
         print(f"shark_torchrec: compiling the C++ kernels into {out} (about 15 s, once)...", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -171,8 +173,21 @@ load()
 
 @torch.library.register_fake("shark::mixed_lookup")
 def _mixed_lookup_fake(
-    weights, group_offsets, row_map, range_ends, range_shift, feature_base, feature_rows, values, lengths,
-    per_sample_weights, dim, batch_size, pooling, row_alignment, feature_names,
+    weights,
+    group_offsets,
+    row_map,
+    range_ends,
+    range_shift,
+    feature_base,
+    feature_rows,
+    values,
+    lengths,
+    per_sample_weights,
+    dim,
+    batch_size,
+    pooling,
+    row_alignment,
+    feature_names,
 ):
     if pooling == 2:
         return values.new_empty((values.shape[0], dim), dtype=torch.float32)
@@ -226,14 +241,39 @@ def mixed_lookup(
         ValueError: an id outside its feature's table (naming the feature and the id).
     """
     return torch.ops.shark.mixed_lookup(
-        weights, group_offsets, row_map, range_ends, range_shift, feature_base, feature_rows, values, lengths,
-        per_sample_weights, dim, batch_size, POOLING_CODES[pooling], row_alignment, "\n".join(feature_names),
+        weights,
+        group_offsets,
+        row_map,
+        range_ends,
+        range_shift,
+        feature_base,
+        feature_rows,
+        values,
+        lengths,
+        per_sample_weights,
+        dim,
+        batch_size,
+        POOLING_CODES[pooling],
+        row_alignment,
+        "\n".join(feature_names),
     )
 
 
 @torch.library.register_fake("shark::update_rows_")
-def _update_rows_fake(weights, group_offsets, row_map, range_ends, range_shift, keys, row_grad, step_scale,
-                      noise_table, noise_start, dim, row_alignment):
+def _update_rows_fake(
+    weights,
+    group_offsets,
+    row_map,
+    range_ends,
+    range_shift,
+    keys,
+    row_grad,
+    step_scale,
+    noise_table,
+    noise_start,
+    dim,
+    row_alignment,
+):
     return None
 
 
@@ -272,8 +312,18 @@ def update_rows_(
             noise table.
     """
     torch.ops.shark.update_rows_(
-        weights, group_offsets, row_map, range_ends, range_shift, keys, row_grad, step_scale, noise_table,
-        noise_start, dim, row_alignment,
+        weights,
+        group_offsets,
+        row_map,
+        range_ends,
+        range_shift,
+        keys,
+        row_grad,
+        step_scale,
+        noise_table,
+        noise_start,
+        dim,
+        row_alignment,
     )
 
 

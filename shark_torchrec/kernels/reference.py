@@ -107,7 +107,9 @@ def mixed_lookup_reference(
     if bool(bad.any()):
         at = int(torch.nonzero(bad)[0])
         f = int(torch.searchsorted(torch.cumsum(per_feature, 0), at, right=True))
-        raise ValueError(f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows")
+        raise ValueError(
+            f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows"
+        )
     keys = torch.repeat_interleave(feature_base, per_feature, output_size=nnz) + values
     m = row_map[keys]
     g = torch.bucketize(m, range_ends, right=True)
@@ -117,16 +119,21 @@ def mixed_lookup_reference(
     perm = torch.argsort(g, stable=True)
     per_group = torch.bincount(g, minlength=groups)
     bags = max(int(per_group.max()), 1) if nnz else 1
-    ends = torch.arange(1, bags + 1, device=dev)[None, :].clamp(max=per_group[:, None]) + (
-        torch.cumsum(per_group, 0) - per_group
-    )[:, None]
+    ends = (
+        torch.arange(1, bags + 1, device=dev)[None, :].clamp(max=per_group[:, None])
+        + (torch.cumsum(per_group, 0) - per_group)[:, None]
+    )
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), ends.flatten()])
     rows = group_lookup(
-        weights, group_offsets.long(),
+        weights,
+        group_offsets.long(),
         torch.tensor([t.as_int() for t in GROUP_TYPES[:groups]], dtype=torch.uint8, device=dev),
         torch.arange(0, groups * D + 1, D, dtype=torch.int32, device=dev),
         torch.full((groups,), placement.value, dtype=torch.int32, device=dev),
-        D, slots[perm], offsets, row_alignment,
+        D,
+        slots[perm],
+        offsets,
+        row_alignment,
     )
     per_id = torch.empty_like(rows)
     per_id[perm] = rows

@@ -80,9 +80,7 @@ def _build_pruned(schema: Schema, cfg: ModelConfig, ebc, seed: int) -> DLRMTrain
 
 def _build(schema: Schema, cfg: ModelConfig, ebc: Optional[EmbeddingBagCollection], seed: int):
     if ebc is None:
-        ebc = EmbeddingBagCollection(
-            tables=table_configs(schema, cfg.embedding_dim), device=torch.device("meta")
-        )
+        ebc = EmbeddingBagCollection(tables=table_configs(schema, cfg.embedding_dim), device=torch.device("meta"))
     torch.manual_seed(seed)
     dense = [*cfg.dense_arch, cfg.embedding_dim]
     over = [*cfg.over_arch, 1]

@@ -81,9 +81,7 @@ class ServingDLRM(nn.Module):
             raise ValueError(f"dense of shape {list(dense.shape)}: expected [batch, {self.num_dense}]")
         B = dense.size(0)
         if lengths.dim() != 1 or lengths.numel() != self.num_fields * B:
-            raise ValueError(
-                f"lengths of shape {list(lengths.shape)}: expected [{self.num_fields} fields * batch {B}]"
-            )
+            raise ValueError(f"lengths of shape {list(lengths.shape)}: expected [{self.num_fields} fields * batch {B}]")
         pooled = self.lookup.pooled(values, lengths, B).view(B, self.num_fields, self.dim)
         return self.tower(dense.to(torch.float32), pooled)
 
@@ -117,7 +115,10 @@ def serving_model(model: DLRMTrainModule, num_dense: int) -> torch.jit.ScriptMod
     tower = copy.deepcopy(DenseTower(dlrm)).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        example = (torch.randn(TRACE_BATCH, num_dense, generator=generator), torch.randn(TRACE_BATCH, F, D, generator=generator))
+        example = (
+            torch.randn(TRACE_BATCH, num_dense, generator=generator),
+            torch.randn(TRACE_BATCH, F, D, generator=generator),
+        )
         traced = torch.jit.trace(tower, example, check_trace=False)
     scripted = torch.jit.script(ServingDLRM(lookup, traced, num_dense))
     _check_against(model, scripted, lookup, num_dense, generator)

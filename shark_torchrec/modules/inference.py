@@ -88,8 +88,16 @@ class MixedPrecisionPooledLookup(nn.Module):
         """A `MixedPrecisionPooledLookup` over the same tensors (shared, not copied): this
         module without whatever a subclass adds (the collection's KJT interface)."""
         return MixedPrecisionPooledLookup(
-            self.feature_names, self.feature_base.tolist(), self.feature_rows.tolist(), self.dim,
-            self.mean_pooling, self.weights, self.row_map, self.range_ends, self.range_shift, self._offsets.tolist(),
+            self.feature_names,
+            self.feature_base.tolist(),
+            self.feature_rows.tolist(),
+            self.dim,
+            self.mean_pooling,
+            self.weights,
+            self.row_map,
+            self.range_ends,
+            self.range_shift,
+            self._offsets.tolist(),
             self.row_alignment,
         )
 
@@ -127,14 +135,38 @@ class MixedPrecisionPooledLookup(nn.Module):
         if not torch.jit.is_scripting() and not self.weights.is_cpu:
             # The op has a CPU kernel only; elsewhere its reference (FBGEMM's INT-N op) serves.
             return mixed_lookup_reference(
-                self.weights, self._offsets, self.row_map, self.range_ends, self.range_shift, self.feature_base,
-                self.feature_rows, values, lengths, None, self.dim, B, "mean" if self.mean_pooling else "sum",
-                self.row_alignment, self.feature_names,
+                self.weights,
+                self._offsets,
+                self.row_map,
+                self.range_ends,
+                self.range_shift,
+                self.feature_base,
+                self.feature_rows,
+                values,
+                lengths,
+                None,
+                self.dim,
+                B,
+                "mean" if self.mean_pooling else "sum",
+                self.row_alignment,
+                self.feature_names,
             )
         return torch.ops.shark.mixed_lookup(
-            self.weights, self._offsets, self.row_map, self.range_ends, self.range_shift, self.feature_base,
-            self.feature_rows, values, lengths, None, self.dim, B, 1 if self.mean_pooling else 0,
-            self.row_alignment, "\n".join(self.feature_names),
+            self.weights,
+            self._offsets,
+            self.row_map,
+            self.range_ends,
+            self.range_shift,
+            self.feature_base,
+            self.feature_rows,
+            values,
+            lengths,
+            None,
+            self.dim,
+            B,
+            1 if self.mean_pooling else 0,
+            self.row_alignment,
+            "\n".join(self.feature_names),
         )
 
 
@@ -161,8 +193,17 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
         if row_map.numel() != base[-1]:
             raise ValueError(f"row map has {row_map.numel()} rows, the tables {base[-1]}")
         super().__init__(
-            [f for t in tables for f in t.feature_names], feature_base, feature_rows, dims.pop(),
-            tables[0].pooling == PoolingType.MEAN, weights, row_map, range_ends, range_shift, group_offsets, row_alignment,
+            [f for t in tables for f in t.feature_names],
+            feature_base,
+            feature_rows,
+            dims.pop(),
+            tables[0].pooling == PoolingType.MEAN,
+            weights,
+            row_map,
+            range_ends,
+            range_shift,
+            group_offsets,
+            row_alignment,
         )
         self._configs = list(tables)
 
@@ -175,8 +216,13 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
             raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
         s = stores[0]
         return cls(
-            collection.embedding_bag_configs(), s.weights.clone(), s.row_map.clone(), s._range_ends.clone(),
-            s._range_shift.clone(), list(s._offsets), s.row_alignment,
+            collection.embedding_bag_configs(),
+            s.weights.clone(),
+            s.row_map.clone(),
+            s._range_ends.clone(),
+            s._range_shift.clone(),
+            list(s._offsets),
+            s.row_alignment,
         )
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

@@ -25,19 +25,28 @@ import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
-from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.precision.budget import initial_groups, model_start_budgets, table_floor_bytes, target_counts
 from shark_torchrec.precision.priority import INT_BITS, BudgetError
 
 UNIT = 4  # columns per unit of per-row checkpoint state
-STATE_KEYS = ("weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum", "fallback", "fallback_momentum")
+STATE_KEYS = (
+    "weight",
+    "qparams",
+    "row_group",
+    "row_priority",
+    "row_seen_step",
+    "momentum",
+    "fallback",
+    "fallback_momentum",
+)
 
 
 def table_id(name: str) -> int:
@@ -113,8 +122,10 @@ def starting_groups(
                 "collections (share_model_budget), or its first reassignment will refuse the budget",
                 stacklevel=2,
             )
-            shares = {n: max(policy.memory_budget, table_floor_bytes(r, d, policy.groups) / max(r * d * 4, 1))
-                      for n, (r, d) in budget_tables.items()}
+            shares = {
+                n: max(policy.memory_budget, table_floor_bytes(r, d, policy.groups) / max(r * d * 4, 1))
+                for n, (r, d) in budget_tables.items()
+            }
     parts = []
     for t in store.tables:
         table_policy = policy
@@ -131,7 +142,9 @@ def starting_groups(
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int8)
 
 
-def pop_table_states(state_dict: Dict[str, Any], prefix: str, collection: str, tables: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+def pop_table_states(
+    state_dict: Dict[str, Any], prefix: str, collection: str, tables: Sequence[str]
+) -> Dict[str, Dict[str, Any]]:
     """Take our keys (see module doc) out of a state dict being loaded: table -> key -> value.
     A table without `weight` is an error naming it."""
     out: Dict[str, Dict[str, Any]] = {}
@@ -148,7 +161,10 @@ def pop_table_states(state_dict: Dict[str, Any], prefix: str, collection: str, t
 
 @torch.no_grad()
 def restore_store(
-    store: RowGroupStore, states: Sequence[Dict[str, torch.Tensor]], policy: PrecisionPolicy, budget_tables: Dict[str, Tuple[int, int]]
+    store: RowGroupStore,
+    states: Sequence[Dict[str, torch.Tensor]],
+    policy: PrecisionPolicy,
+    budget_tables: Dict[str, Tuple[int, int]],
 ) -> None:
     """Load one state per local table: groups from the checkpoint (or the starting groups
     when it has none, e.g. an fp32 TorchRec checkpoint), then values, scores and optimizer.
@@ -245,7 +261,10 @@ def build_stores(
             features += c.feature_names
             ftab += [i] * len(c.feature_names)
         store = RowGroupStore(
-            [LocalTable(c.name, c.num_embeddings, dim, global_rows=c.num_embeddings, table_id=table_id(c.name)) for c in cfgs],
+            [
+                LocalTable(c.name, c.num_embeddings, dim, global_rows=c.num_embeddings, table_id=table_id(c.name))
+                for c in cfgs
+            ],
             features,
             ftab,
             policy,
@@ -260,7 +279,11 @@ def build_stores(
             lo = int(store.table_base[i])
             for r0 in range(0, c.num_embeddings, 1 << 16):
                 r1 = min(r0 + (1 << 16), c.num_embeddings)
-                values = init(c.name, r0, r1) if init else (torch.rand(r1 - r0, dim) * 2 - 1) * (1.0 / c.num_embeddings) ** 0.5
+                values = (
+                    init(c.name, r0, r1)
+                    if init
+                    else (torch.rand(r1 - r0, dim) * 2 - 1) * (1.0 / c.num_embeddings) ** 0.5
+                )
                 store.write_rows(torch.arange(lo + r0, lo + r1), values)
         stores.append(store)
         store_features.append(features)
@@ -341,8 +364,14 @@ class _MixedPrecisionRows:
         """Allocate the rows on `device` for unsharded use; `init(table, row0, row1)` gives
         fp32 initial values (default: TorchRec's uniform(+-sqrt(1/rows)))."""
         self._stores, self._store_features = build_stores(
-            self._mp_configs(), self._unsharded_policy, self.step_counter, self.label_tagged,
-            self._mp_weighted(), self._sequence, device, init,
+            self._mp_configs(),
+            self._unsharded_policy,
+            self.step_counter,
+            self.label_tagged,
+            self._mp_weighted(),
+            self._sequence,
+            device,
+            init,
         )
 
     @property
@@ -501,14 +530,18 @@ def to_mixed_precision(module: Any, policy: Optional[PrecisionPolicy] = None, la
         raise TypeError("already a mixed-precision collection")
     if isinstance(module, EmbeddingBagCollection):
         configs = module.embedding_bag_configs()
-        new = MixedPrecisionEmbeddingBagCollection(configs, is_weighted=module.is_weighted(), precision_policy=policy, label_tagged=label_tagged)
+        new = MixedPrecisionEmbeddingBagCollection(
+            configs, is_weighted=module.is_weighted(), precision_policy=policy, label_tagged=label_tagged
+        )
         weights = {c.name: module.embedding_bags[c.name].weight for c in configs}
     elif isinstance(module, EmbeddingCollection):
         configs = module.embedding_configs()
         new = MixedPrecisionEmbeddingCollection(configs, precision_policy=policy, label_tagged=label_tagged)
         weights = {c.name: module.embeddings[c.name].weight for c in configs}
     else:
-        raise TypeError(f"expected a TorchRec EmbeddingBagCollection or EmbeddingCollection, got {type(module).__name__}")
+        raise TypeError(
+            f"expected a TorchRec EmbeddingBagCollection or EmbeddingCollection, got {type(module).__name__}"
+        )
     device = next(iter(weights.values())).device
     if device.type == "meta":
         raise ValueError("the collection's weights are on the meta device: nothing to convert")

@@ -78,7 +78,9 @@ class ModelBudget:
         groups = [m.budget_group() for _, m in self.members]
         sizes = {p: dist.get_world_size(g) if g is not None else 1 for (p, _), g in zip(self.members, groups)}
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"one model budget: the collections are sharded over process groups of different sizes {sizes}")
+            raise ValueError(
+                f"one model budget: the collections are sharded over process groups of different sizes {sizes}"
+            )
         steps = {p: m.step_counter.value for p, m in self.members}
         if len(set(steps.values())) > 1:
             raise ValueError(f"one model budget: the collections have trained different numbers of steps {steps}")
@@ -193,6 +195,8 @@ def reassign_collection(member: BudgetMember) -> Dict[str, int]:
             "shark_torchrec.modules.model_budget.share_model_budget(model) once the model is built",
             stacklevel=3,
         )
-    moved = reassign_stores(member.budget_stores(), policy, member.budget_tables(), member.budget_group(), member.budget_widths())
+    moved = reassign_stores(
+        member.budget_stores(), policy, member.budget_tables(), member.budget_group(), member.budget_widths()
+    )
     member.note_reassigned(moved, time.perf_counter() - t0)
     return moved

@@ -21,8 +21,15 @@ FBGEMM_DEFAULTS = {"optimizer": "sgd", "learning_rate": 0.01, "eps": 1.0e-8}
 # fused_params keys that change nothing in our update (TorchRec and FBGEMM pass them along).
 _NEUTRAL_FUSED_PARAMS = {
     "stochastic_rounding",  # our fp16/int8 rows always round stochastically
-    "output_dtype", "cache_load_factor", "cache_precision", "prefetch_pipeline", "bounds_check_mode",
-    "use_cpu", "weights_precision", "gradient_clipping", "max_gradient",
+    "output_dtype",
+    "cache_load_factor",
+    "cache_precision",
+    "prefetch_pipeline",
+    "bounds_check_mode",
+    "use_cpu",
+    "weights_precision",
+    "gradient_clipping",
+    "max_gradient",
 }
 
 
@@ -136,9 +143,14 @@ class PrecisionPolicy:
         if self.tiers and all(t == "dropped" for t in self.tiers):
             raise bad("tiers", "need a tier that stores rows besides 'dropped'")
         if self.scored and len(self.tiers) < 2:
-            raise bad("tiers", f"mode {self.mode} ranks rows into 2 or more tiers, got {tuple(self.tiers)} (one tier: mode={self.tiers[0] if self.tiers else '?'})")
+            raise bad(
+                "tiers",
+                f"mode {self.mode} ranks rows into 2 or more tiers, got {tuple(self.tiers)} (one tier: mode={self.tiers[0] if self.tiers else '?'})",
+            )
         if self.t8 is not None and tuple(sorted(self.tiers, key=GROUP_NAMES.index)) != PAPER_TIERS:
-            raise bad("t8/t16", f"threshold mode is the paper's and needs its tiers {PAPER_TIERS}, got {tuple(self.tiers)}")
+            raise bad(
+                "t8/t16", f"threshold mode is the paper's and needs its tiers {PAPER_TIERS}, got {tuple(self.tiers)}"
+            )
         if (self.t8 is None) != (self.t16 is None):
             raise bad("t8/t16", "must be given together")
         if self.t8 is not None:
@@ -151,17 +163,25 @@ class PrecisionPolicy:
                 raise bad("row_fractions", "and memory_budget exclude each other: set one of them")
             want = len(self.tiers) - 1
             if len(self.row_fractions) != want:
-                raise bad("row_fractions", f"needs {want} numbers (tiers {tuple(self.tiers)} but the last), got {list(self.row_fractions)}")
+                raise bad(
+                    "row_fractions",
+                    f"needs {want} numbers (tiers {tuple(self.tiers)} but the last), got {list(self.row_fractions)}",
+                )
             if min(self.row_fractions) < 0 or sum(self.row_fractions) > 1:
                 raise bad("row_fractions", f"need fractions >= 0 that sum to at most 1, got {self.row_fractions}")
         if self.budget_scope not in BUDGET_SCOPES:
             raise bad("budget_scope", f"must be one of {BUDGET_SCOPES}, got {self.budget_scope!r}")
         if self.budget_scope != "table" and self.scored and not self.budget_mode:
-            raise bad("budget_scope", f"{self.budget_scope!r} applies to a memory budget, not to row_fractions or t8/t16")
+            raise bad(
+                "budget_scope", f"{self.budget_scope!r} applies to a memory budget, not to row_fractions or t8/t16"
+            )
         if self.signal not in SIGNALS:
             raise bad("signal", f"must be one of {SIGNALS}, got {self.signal!r}")
         if self.signal != "eq7" and self.threshold_mode:
-            raise bad("signal", f"{self.signal!r} scores are not on Eq. 7's scale: rank them (a memory budget or row_fractions), not t8/t16")
+            raise bad(
+                "signal",
+                f"{self.signal!r} scores are not on Eq. 7's scale: rank them (a memory budget or row_fractions), not t8/t16",
+            )
         if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
             raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
         if not 0 <= self.fp32_fraction <= 1:
@@ -192,7 +212,9 @@ class PrecisionPolicy:
         dims = list(dims)
         changes: Dict[str, Any] = training_from_fused_params(fused_params or {}, self)
         if INT2 in self.groups and any(d % 8 for d in dims):
-            raise ValueError(f"precision policy: int2 rows need embedding dims that are multiples of 8, got {sorted(set(dims))}")
+            raise ValueError(
+                f"precision policy: int2 rows need embedding dims that are multiples of 8, got {sorted(set(dims))}"
+            )
         if self.budget_mode:
             cheapest = self.groups[-1]
             # The default keeps every row stored (dropping is for budgets chosen to need it).
@@ -263,7 +285,9 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
     for key in ("optimizer", "learning_rate", "eps"):
         mine, theirs = getattr(policy, key), from_fused.get(key)
         if mine is not None and theirs is not None and mine != theirs:
-            raise ValueError(f"PrecisionPolicy.{key}={mine!r} contradicts the sharder's fused_params {key}={theirs!r}: set it in one place")
+            raise ValueError(
+                f"PrecisionPolicy.{key}={mine!r} contradicts the sharder's fused_params {key}={theirs!r}: set it in one place"
+            )
         out[key] = mine if mine is not None else theirs if theirs is not None else FBGEMM_DEFAULTS[key]
     return out
 
@@ -271,7 +295,12 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
 def _optimizer_name(value: Any) -> str:
     """Our name for a TorchRec/FBGEMM optimizer (EmbOptimType or its name)."""
     name = getattr(value, "name", str(value)).upper()
-    names = {"EXACT_ROWWISE_ADAGRAD": "rowwise_adagrad", "ROWWISE_ADAGRAD": "rowwise_adagrad", "EXACT_SGD": "sgd", "SGD": "sgd"}
+    names = {
+        "EXACT_ROWWISE_ADAGRAD": "rowwise_adagrad",
+        "ROWWISE_ADAGRAD": "rowwise_adagrad",
+        "EXACT_SGD": "sgd",
+        "SGD": "sgd",
+    }
     if name.lower() in OPTIMIZERS:
         return name.lower()
     if name not in names:

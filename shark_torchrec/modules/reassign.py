@@ -147,8 +147,12 @@ def reassign_stores(
     if model_scope:
         shared = model_budget_cuts(
             lambda cut: count_at_least(torch.full((len(names), 1), cut, dtype=torch.int64))[:, 0],
-            [tables[n][0] for n in names], [widths[n] for n in names], [full_dim[n] for n in names],
-            policy.memory_budget, policy.fp32_fraction, policy.groups,
+            [tables[n][0] for n in names],
+            [widths[n] for n in names],
+            [full_dim[n] for n in names],
+            policy.memory_budget,
+            policy.fp32_fraction,
+            policy.groups,
         )
         cuts = torch.tensor([shared] * len(names), dtype=torch.int64).reshape(len(names), -1)
     else:

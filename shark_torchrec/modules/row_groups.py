@@ -336,7 +336,9 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
             return dequantize_rows(unpack_codes(codes[slots], INT_BITS[grp]), sb[slots])
         return view[slots].float()
 
-    def _round_into(self, grp: int, view, slots: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, step: Optional[int]) -> None:
+    def _round_into(
+        self, grp: int, view, slots: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, step: Optional[int]
+    ) -> None:
         """Store fp32 values into slots of a group: exact for fp32; for fp16 and integer rows
         rounded stochastically with `step`'s noise (rows `keys`), or to nearest without a step."""
         if grp == FP32:
@@ -405,8 +407,11 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
         old = None if fresh else self.decoded_map()  # (groups, slots): decoded once, for all below
         # Rows moved into each group: one count of the rows whose group changed.
-        into = [0] * len(GROUP_NAMES) if old is None else torch.bincount(
-            groups[groups != old[0]].long(), minlength=len(GROUP_NAMES)).tolist()
+        into = (
+            [0] * len(GROUP_NAMES)
+            if old is None
+            else torch.bincount(groups[groups != old[0]].long(), minlength=len(GROUP_NAMES)).tolist()
+        )
         moved = {GROUP_NAMES[g]: into[g] for g in range(len(GROUP_NAMES))}
         if old is None:
             self._rebuild(groups, counts, None)
@@ -425,7 +430,9 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         saved = []
         for g in range(GROUPS):
             rows = move[old_groups[move] == g]
-            saved.append((rows, self._raw_view(g, self.weights, self._offsets, self.capacity)[slots[rows].long()].clone()))
+            saved.append(
+                (rows, self._raw_view(g, self.weights, self._offsets, self.capacity)[slots[rows].long()].clone())
+            )
         # A row entering group g takes a slot that a row leaving g freed (as many leave as enter).
         old_slots = slots[move].clone()
         for g in range(GROUPS):
@@ -447,7 +454,9 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         codes = unpack_codes(raw[:, 4 : 4 + D * bits // 8], bits)
         return dequantize_rows(codes, raw[:, :4].contiguous().view(torch.float16))
 
-    def _rebuild(self, groups: torch.Tensor, counts: List[int], old: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _rebuild(
+        self, groups: torch.Tensor, counts: List[int], old: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         """Lay the group tables out anew for `counts`; with `old` (the row map decoded before
         the change), carry every row over from the old buffer."""
         if sum(counts) >= 1 << 31:  # the row map's int32 (checked before anything changes)
@@ -488,7 +497,9 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         self._set_map(groups, new_slots, counts)
         if T and copy and old_cap[FP32] >= T:  # the fallback rows, bytes as they were
             fp32_new = self._raw_view(FP32, new_w, offsets, counts)
-            fp32_new[fallback0 : fallback0 + T] = self._raw_view(FP32, old_w, old_off, old_cap)[old_fallback0 : old_fallback0 + T]
+            fp32_new[fallback0 : fallback0 + T] = self._raw_view(FP32, old_w, old_off, old_cap)[
+                old_fallback0 : old_fallback0 + T
+            ]
         if not copy:
             return
         for g in range(GROUPS):

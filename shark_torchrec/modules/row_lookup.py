@@ -66,7 +66,13 @@ class RowLookup:
         weights: Optional[torch.Tensor],
         batch_size: int,
     ) -> torch.Tensor:
-        if weights is None and self.label_tagged and self.policy.scored and self.training_enabled and torch.is_grad_enabled():
+        if (
+            weights is None
+            and self.label_tagged
+            and self.policy.scored
+            and self.training_enabled
+            and torch.is_grad_enabled()
+        ):
             self._warn_no_labels()  # (autograd runs _forward with grad off: checked here)
         return _Lookup.apply(self.step.anchor, self, values, lengths, weights, batch_size)
 
@@ -89,9 +95,21 @@ class RowLookup:
         saved = (values, psw, labels, lengths, B)
         if self.weights.device.type == "cpu":
             out = torch.ops.shark.mixed_lookup(
-                self.weights, self._op_offsets, self.row_map, self._range_ends, self._range_shift, self.feature_base,
-                self.feature_rows, values, lengths, None if self.pooling == "none" else psw, self.dim, B,
-                POOLING_CODES[self.pooling], self.row_alignment, "\n".join(self.feature_names),
+                self.weights,
+                self._op_offsets,
+                self.row_map,
+                self._range_ends,
+                self._range_shift,
+                self.feature_base,
+                self.feature_rows,
+                values,
+                lengths,
+                None if self.pooling == "none" else psw,
+                self.dim,
+                B,
+                POOLING_CODES[self.pooling],
+                self.row_alignment,
+                "\n".join(self.feature_names),
             )
             return out, saved
         return self._forward_fbgemm(values, lengths, self._bags_and_keys(values, lengths, B)[1], psw, B), saved
@@ -119,13 +137,21 @@ class RowLookup:
         per_group = torch.bincount(g.long(), minlength=GROUPS)
         bags = max(int(per_group.max()), 1) if nnz else 1
         # Offsets of 5 features x `bags` bags: group k's ids are its first per_group[k] bags.
-        ends = torch.arange(1, bags + 1, dtype=torch.int64)[None, :].clamp(max=per_group[:, None]) + (
-            torch.cumsum(per_group, 0) - per_group
-        )[:, None]
+        ends = (
+            torch.arange(1, bags + 1, dtype=torch.int64)[None, :].clamp(max=per_group[:, None])
+            + (torch.cumsum(per_group, 0) - per_group)[:, None]
+        )
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), ends.flatten()])
         rows = group_lookup(
-            self.weights, self._op_offsets, self._op_tys, self._op_D_offsets, self._op_placements,
-            D, key_slots[perm], offsets, self.row_alignment,
+            self.weights,
+            self._op_offsets,
+            self._op_tys,
+            self._op_D_offsets,
+            self._op_placements,
+            D,
+            key_slots[perm],
+            offsets,
+            self.row_alignment,
         )
         per_id = torch.empty_like(rows)
         per_id[perm] = rows  # back to the input order
@@ -136,7 +162,11 @@ class RowLookup:
         if nnz == F * B and bool((lengths == 1).all()):
             pooled = per_id  # one id a bag (the common DLRM case): nothing to add up
         else:
-            pooled = torch.segment_reduce(per_id, "sum", lengths=lengths, axis=0, unsafe=True) if F * B else per_id.new_zeros(0, D)
+            pooled = (
+                torch.segment_reduce(per_id, "sum", lengths=lengths, axis=0, unsafe=True)
+                if F * B
+                else per_id.new_zeros(0, D)
+            )
         if self.pooling == "mean":
             pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
         return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)

@@ -49,8 +49,13 @@ class RowOptimizer:
                 norm = torch.nan_to_num(row_grad.norm(dim=1), nan=0.0, posinf=0.0)
                 pos, neg = pos * norm, neg * norm
             self.row_priority[keys] = updated(
-                self.row_priority[keys], self.row_seen_step[keys], step, pos, neg,
-                p.effective_alpha, p.beta,
+                self.row_priority[keys],
+                self.row_seen_step[keys],
+                step,
+                pos,
+                neg,
+                p.effective_alpha,
+                p.beta,
             )
             self.row_seen_step[keys] = step
             self.priority_seconds += time.perf_counter() - t0
@@ -72,7 +77,9 @@ class RowOptimizer:
         scale = self._step_scale(self.momentum, keys, row_grad)
         self.step_rows(keys, row_grad, scale, step, fused=self.weights.device.type == "cpu")
 
-    def step_rows(self, keys: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor, step: int, fused: bool) -> None:
+    def step_rows(
+        self, keys: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor, step: int, fused: bool
+    ) -> None:
         """Rows `keys` (distinct, stored) become old - row_grad * scale, written back in their
         groups with `step`'s stochastic rounding.
 
@@ -87,8 +94,18 @@ class RowOptimizer:
         if fused:
             start, table = self.noise_starts(keys, step)
             update_rows_(
-                self.weights, self._op_offsets, self.row_map, self._range_ends, self._range_shift, keys,
-                row_grad, scale, table, start, self.dim, self.row_alignment,
+                self.weights,
+                self._op_offsets,
+                self.row_map,
+                self._range_ends,
+                self._range_shift,
+                keys,
+                row_grad,
+                scale,
+                table,
+                start,
+                self.dim,
+                self.row_alignment,
             )
             return
         # Group by group: read the rows, step, round back (no full-size gather and scatter).

@@ -24,7 +24,10 @@ from typing import Dict, List, Optional, Tuple
 
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
 
-from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
+from shark_torchrec.modules.mixed_precision import (
+    MixedPrecisionEmbeddingBagCollection,
+    MixedPrecisionEmbeddingCollection,
+)
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.budget import table_floor_bytes, target_counts
 from shark_torchrec.precision.priority import DROPPED, FP32, ROW_MAP_BYTES, GroupCounts, row_bytes
@@ -51,7 +54,9 @@ def model_scope_share(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]
     for n, (r, d) in tables.items():
         cap = policy.memory_budget * total_fp32 - (sum(floors.values()) - floors[n])
         out[n] = dataclasses.replace(
-            policy, budget_scope="table", memory_budget=min(max(cap / max(r * d * 4, 1), 1e-9), 1.5),  # 1.5: above all-fp32 plus the row map
+            policy,
+            budget_scope="table",
+            memory_budget=min(max(cap / max(r * d * 4, 1), 1e-9), 1.5),  # 1.5: above all-fp32 plus the row map
             fp32_fraction=min(1.0, policy.fp32_fraction * all_rows / max(r, 1)),
         )
     return out
@@ -88,7 +93,11 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
 
     def estimate(self, sharding_options: List[ShardingOption], sharder_data_map=None, **_: object) -> None:
         gpu = self._topology.compute_device != "cpu"
-        ours = [o for o in sharding_options if isinstance(o.module[1], (MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection))]
+        ours = [
+            o
+            for o in sharding_options
+            if isinstance(o.module[1], (MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection))
+        ]
         policies = {}
         for option in ours:
             sharder = (sharder_data_map or {}).get(option.module_type_key)
@@ -99,7 +108,8 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
         # model leaves at its floor (the collections may share one budget: share_model_budget).
         model_tables = {
             (o.module[0], o.name): (o.tensor.shape[0], o.tensor.shape[1])
-            for o in ours if policies[id(o)].budget_mode and policies[id(o)].budget_scope == "model"
+            for o in ours
+            if policies[id(o)].budget_mode and policies[id(o)].budget_scope == "model"
         }
         for option in ours:
             policy = policies[id(option)]
@@ -118,7 +128,9 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
                     shard.storage.ddr = max(shard.storage.ddr - fp32, 0) + ours
 
 
-def estimators(topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None) -> List[ShardEstimator]:
+def estimators(
+    topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None
+) -> List[ShardEstimator]:
     """TorchRec's default estimators followed by ours: pass to `EmbeddingEnumerator`."""
     from torchrec.distributed.planner.constants import DEFAULT_PERF_ESTIMATOR
     from torchrec.distributed.planner.shard_estimators import (
@@ -133,7 +145,9 @@ def estimators(topology: Topology, constraints: Optional[Dict[str, ParameterCons
     ]
 
 
-def make_planner(topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None, batch_size: Optional[int] = None):
+def make_planner(
+    topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None, batch_size: Optional[int] = None
+):
     """TorchRec's EmbeddingShardingPlanner, sizing mixed-precision tables with our bytes."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.constants import BATCH_SIZE

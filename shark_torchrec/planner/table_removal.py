@@ -43,7 +43,9 @@ def dense_state(model: torch.nn.Module, optimizer: Any) -> Dict[str, torch.Tenso
     return {k: v.detach().clone() for k, v in flat.items() if type(v) is torch.Tensor}
 
 
-def fill_dense(dmp, opt, left: List[str], old: Dict[str, torch.Tensor], fields, current, kept, cfg: JobConfig, field_means) -> None:
+def fill_dense(
+    dmp, opt, left: List[str], old: Dict[str, torch.Tensor], fields, current, kept, cfg: JobConfig, field_means
+) -> None:
     """After the kept tables were loaded into the rebuilt model `dmp` (`left`: the keys the
     checkpoint did not fill), fill what changed shape from the old model's `dense_state`: the
     over-arch input columns (slice) or the removed fields' constants, then the rest as it was."""
@@ -58,7 +60,9 @@ def fill_dense(dmp, opt, left: List[str], old: Dict[str, torch.Tensor], fields, 
             target = flat[key]
             if type(target) is not torch.Tensor:
                 continue
-            if key.endswith(OVER_ARCH_INPUT) or (key.startswith("optim.") and OVER_ARCH_INPUT[len("model."):] in key and key.endswith(".sum")):
+            if key.endswith(OVER_ARCH_INPUT) or (
+                key.startswith("optim.") and OVER_ARCH_INPUT[len("model.") :] in key and key.endswith(".sum")
+            ):
                 cols = interaction_columns(dim, current, kept)
                 target.copy_(old[key][:, cols])
                 done.add(key)

@@ -115,8 +115,14 @@ class BudgetError(ValueError):
 
 
 def budget_counts(
-    rows: int, dim: int, budget: float, fp32_fraction: float, row_alignment: int = 1, table: str = "",
-    groups: Sequence[int] = PAPER_GROUPS, reserved: float = 0.0,
+    rows: int,
+    dim: int,
+    budget: float,
+    fp32_fraction: float,
+    row_alignment: int = 1,
+    table: str = "",
+    groups: Sequence[int] = PAPER_GROUPS,
+    reserved: float = 0.0,
 ) -> GroupCounts:
     """Rows per group for a table whose embedding bytes (weights + row map) must stay within
     `budget` x its fp32 bytes: from the most precise of `groups` down, each takes as many rows
@@ -302,9 +308,15 @@ def model_budget_cuts(
         n = torch.tensor([int(r) for r in rows], dtype=torch.float64)
         fp32_total = sum(4.0 * d * int(r) for r, d in zip(rows, dims))
         map_bytes = sum(int(r) * ROW_MAP_BYTES * len(w) for r, w in zip(rows, widths))
-        kept_cost = torch.tensor([float(sum(row_bytes(x, kept, row_alignment) for x in w)) for w in widths], dtype=torch.float64)
-        top_cost = torch.tensor([float(sum(row_bytes(x, top, row_alignment) for x in w)) for w in widths], dtype=torch.float64)
-        reserved += sum(float(sum(row_bytes(x, FP32, row_alignment) for x in w)) for w in widths)  # a fallback row per table
+        kept_cost = torch.tensor(
+            [float(sum(row_bytes(x, kept, row_alignment) for x in w)) for w in widths], dtype=torch.float64
+        )
+        top_cost = torch.tensor(
+            [float(sum(row_bytes(x, top, row_alignment) for x in w)) for w in widths], dtype=torch.float64
+        )
+        reserved += sum(
+            float(sum(row_bytes(x, FP32, row_alignment) for x in w)) for w in widths
+        )  # a fallback row per table
         cap = budget * fp32_total - map_bytes - reserved
         if cap < -1e-6:
             raise BudgetError(
@@ -319,8 +331,10 @@ def model_budget_cuts(
                 if cut not in tried:
                     tried[cut] = count_at_least(cut)
                 c = tried[cut]
-                return (float(c.sum()) <= fp32_fraction * float(n.sum()) + 1e-9
-                        and float((c.to(torch.float64) * top_cost).sum()) <= max(cap, 0.0) * HEAD_MAX_BYTES_SHARE + 1e-6)
+                return (
+                    float(c.sum()) <= fp32_fraction * float(n.sum()) + 1e-9
+                    and float((c.to(torch.float64) * top_cost).sum()) <= max(cap, 0.0) * HEAD_MAX_BYTES_SHARE + 1e-6
+                )
 
             head_cut = smallest_fitting_cut(head_fits)
             head_counts = tried[head_cut]
@@ -337,8 +351,9 @@ def model_budget_cuts(
         return [head_cut] * (len(stored) - 1) + [min(smallest_fitting_cut(fits, head_cut), head_cut)]
     cheapest = groups[-1]
     n = torch.tensor([int(r) for r in rows], dtype=torch.float64)
-    cost = torch.tensor([[sliced_row_bytes(w, g, row_alignment) for g in range(len(GROUP_NAMES))] for w in widths],
-                        dtype=torch.float64).reshape(len(rows), len(GROUP_NAMES))
+    cost = torch.tensor(
+        [[sliced_row_bytes(w, g, row_alignment) for g in range(len(GROUP_NAMES))] for w in widths], dtype=torch.float64
+    ).reshape(len(rows), len(GROUP_NAMES))
     fp32_total = float((n * torch.tensor([4.0 * d for d in dims], dtype=torch.float64)).sum())
     floor = float((n * cost[:, cheapest]).sum()) if len(rows) else 0.0
     cap = budget * fp32_total - reserved

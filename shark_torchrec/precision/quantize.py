@@ -172,7 +172,9 @@ def quantize_rows(
     top = levels(bits)
     v = values.float().clamp(-FP16_MAX, FP16_MAX)
     if v.shape[0] == 0:
-        return torch.empty(v.shape, dtype=torch.uint8, device=v.device), torch.empty(0, 2, dtype=torch.float16, device=v.device)
+        return torch.empty(v.shape, dtype=torch.uint8, device=v.device), torch.empty(
+            0, 2, dtype=torch.float16, device=v.device
+        )
     lo, hi = torch.aminmax(v, dim=1)
     bias = _round_down_fp16(lo)
     # Divided by a tensor, not the number `top`: torch on CUDA divides by a Python number as a
@@ -191,9 +193,7 @@ def quantize_rows(
     return codes, torch.stack([scale, bias], dim=1)
 
 
-def quantize_rows_int8(
-    values: torch.Tensor, noise: torch.Tensor | None = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_int8(values: torch.Tensor, noise: torch.Tensor | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows` with 8 bits: (codes uint8 [n, D], scale_bias fp16 [n, 2])."""
     return quantize_rows(values, 8, noise)
 

@@ -17,8 +17,12 @@ MOVED = {
     "trainer": "trainer",
 }
 
-warnings.warn("shark_torchrec.train is now shark_torchrec.jobs (shark_torchrec.train.pruning: shark_torchrec.jobs.prune); "
-              "the old name will go", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "shark_torchrec.train is now shark_torchrec.jobs (shark_torchrec.train.pruning: shark_torchrec.jobs.prune); "
+    "the old name will go",
+    DeprecationWarning,
+    stacklevel=2,
+)
 for _old, _new in MOVED.items():
     _module = importlib.import_module(f"shark_torchrec.jobs.{_new}")
     sys.modules[f"{__name__}.{_old}"] = _module

@@ -25,13 +25,23 @@ def row_bytes(dim: int, alignment: int) -> List[int]:
     return [group_row_bytes(dim, g, alignment) for g in range(GROUPS)]
 
 
-def check_tables(op: str, weights: torch.Tensor, group_offsets: torch.Tensor, row_map: torch.Tensor,
-                 range_ends: torch.Tensor, range_shift: torch.Tensor, dim: int, row_alignment: int) -> None:
+def check_tables(
+    op: str,
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    row_map: torch.Tensor,
+    range_ends: torch.Tensor,
+    range_shift: torch.Tensor,
+    dim: int,
+    row_alignment: int,
+) -> None:
     """The checks the C++ ops make of the group tables, with the same words, plus the alignment
     the kernels' fp32 and fp16 reads need, and the device."""
     if weights.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{op}: CUDA tensors only (on CPU, the C++ op in shark_torchrec.kernels; or Triton's "
-                         f"interpreter, TRITON_INTERPRET=1 before triton is imported), got {weights.device}")
+        raise ValueError(
+            f"{op}: CUDA tensors only (on CPU, the C++ op in shark_torchrec.kernels; or Triton's "
+            f"interpreter, TRITON_INTERPRET=1 before triton is imported), got {weights.device}"
+        )
     if weights.dtype != torch.uint8 or not weights.is_contiguous():
         raise ValueError(f"{op}: weights must be contiguous uint8")
     if row_map.dtype != torch.int32:
@@ -48,16 +58,21 @@ def check_tables(op: str, weights: torch.Tensor, group_offsets: torch.Tensor, ro
     offs = group_offsets.tolist()
     rb = row_bytes(dim, row_alignment)
     if weights.data_ptr() % 4 or offs[0] % 4 or rb[0] % 4 or (len(offs) > 1 and (offs[1] % 2 or rb[1] % 2)):
-        raise ValueError(f"{op}: fp32 rows must start at multiples of 4 bytes and fp16 rows of 2 (the buffer at "
-                         f"{weights.data_ptr() % 16} mod 16, tables at {offs}, rows of {rb[:2]} bytes)")
+        raise ValueError(
+            f"{op}: fp32 rows must start at multiples of 4 bytes and fp16 rows of 2 (the buffer at "
+            f"{weights.data_ptr() % 16} mod 16, tables at {offs}, rows of {rb[:2]} bytes)"
+        )
 
 
 @triton.jit
 def group_of(m, e0, e1, e2, e3, e4):
     """bucketize(m, range_ends, right=True): 0-4 a stored group, 5 dropped."""
     return (
-        (e0 <= m).to(tl.int32) + (e1 <= m).to(tl.int32) + (e2 <= m).to(tl.int32)
-        + (e3 <= m).to(tl.int32) + (e4 <= m).to(tl.int32)
+        (e0 <= m).to(tl.int32)
+        + (e1 <= m).to(tl.int32)
+        + (e2 <= m).to(tl.int32)
+        + (e3 <= m).to(tl.int32)
+        + (e4 <= m).to(tl.int32)
     )
 
 
@@ -110,8 +125,9 @@ def next_half(h, UP: tl.constexpr):
 @triton.jit
 def clamp_fp16_range(v):
     # NaN stays NaN, as std::min/max and torch.clamp keep it (tl's default returns the other operand).
-    return tl.minimum(tl.maximum(v, -65504.0, propagate_nan=tl.PropagateNan.ALL), 65504.0,
-                      propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(
+        tl.maximum(v, -65504.0, propagate_nan=tl.PropagateNan.ALL), 65504.0, propagate_nan=tl.PropagateNan.ALL
+    )
 
 
 @triton.jit

@@ -30,9 +30,33 @@ POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 
 @triton.jit
 def _lookup_kernel(
-    w_ptr, offs_ptr, map_ptr, ends_ptr, shift_ptr, base_ptr, frows_ptr, values_ptr, starts_ptr, psw_ptr, out_ptr,
-    bad_ptr, B, F, map_rows, buffer_bytes, used_groups, rb0, rb1, rb2, rb3, rb4,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, POOLING: tl.constexpr, WEIGHTED: tl.constexpr,
+    w_ptr,
+    offs_ptr,
+    map_ptr,
+    ends_ptr,
+    shift_ptr,
+    base_ptr,
+    frows_ptr,
+    values_ptr,
+    starts_ptr,
+    psw_ptr,
+    out_ptr,
+    bad_ptr,
+    B,
+    F,
+    map_rows,
+    buffer_bytes,
+    used_groups,
+    rb0,
+    rb1,
+    rb2,
+    rb3,
+    rb4,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    POOLING: tl.constexpr,
+    WEIGHTED: tl.constexpr,
 ):
     bag = tl.program_id(0)
     f = bag // B
@@ -78,8 +102,12 @@ def _lookup_kernel(
         live = live & fits
         row = w_ptr + at
         both = live[:, None] & in_row[None, :]
-        v32 = tl.load(row.to(tl.pointer_type(tl.float32))[:, None] + j[None, :], mask=both & (tg == 0)[:, None], other=0.0)
-        v16 = tl.load(row.to(tl.pointer_type(tl.float16))[:, None] + j[None, :], mask=both & (tg == 1)[:, None], other=0.0)
+        v32 = tl.load(
+            row.to(tl.pointer_type(tl.float32))[:, None] + j[None, :], mask=both & (tg == 0)[:, None], other=0.0
+        )
+        v16 = tl.load(
+            row.to(tl.pointer_type(tl.float16))[:, None] + j[None, :], mask=both & (tg == 1)[:, None], other=0.0
+        )
         is_int = live & (tg >= 2)
         bits = tl.where(tg == 2, 8, tl.where(tg == 3, 4, 2))
         scale = load_half(row, is_int)
@@ -106,8 +134,26 @@ def _lookup_kernel(
 
 @triton.jit
 def _locate_kernel(
-    offs_ptr, map_ptr, ends_ptr, shift_ptr, base_ptr, frows_ptr, values_ptr, starts_ptr, loc_ptr, bad_ptr,
-    B, map_rows, buffer_bytes, used_groups, rb0, rb1, rb2, rb3, rb4, BLOCK_I: tl.constexpr,
+    offs_ptr,
+    map_ptr,
+    ends_ptr,
+    shift_ptr,
+    base_ptr,
+    frows_ptr,
+    values_ptr,
+    starts_ptr,
+    loc_ptr,
+    bad_ptr,
+    B,
+    map_rows,
+    buffer_bytes,
+    used_groups,
+    rb0,
+    rb1,
+    rb2,
+    rb3,
+    rb4,
+    BLOCK_I: tl.constexpr,
 ):
     """Pass 1 of the two-pass lookup, one program per bag: each id's row as one int64, its
     byte offset times 8 plus its stored group, or -1 for an id to skip (a bad id or a row
@@ -177,8 +223,18 @@ def _pooled_row(w_ptr, loc_ptr, psw_ptr, i, end, j, in_row, WEIGHTED: tl.constex
 
 @triton.jit
 def _pool_kernel(
-    w_ptr, loc_ptr, starts_ptr, psw_ptr, out_ptr, B, F,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, POOLING: tl.constexpr, WEIGHTED: tl.constexpr,
+    w_ptr,
+    loc_ptr,
+    starts_ptr,
+    psw_ptr,
+    out_ptr,
+    B,
+    F,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    POOLING: tl.constexpr,
+    WEIGHTED: tl.constexpr,
 ):
     """Pass 2 of the two-pass lookup, one program per bag: the located rows, dequantized,
     weighted and pooled in id order as in `_lookup_kernel`. The loop is unrolled BLOCK_I ids
@@ -292,11 +348,26 @@ def mixed_lookup(
     bad = torch.tensor([nnz, 0], dtype=torch.int64, device=dev)  # the first bad id; a layout error
     if passes not in (1, 2):
         raise ValueError(f"passes must be 1 or 2, not {passes}")
-    tables = (group_offsets.to(dev, torch.int64), row_map.to(dev).contiguous(), range_ends.to(dev, torch.int32),
-              range_shift.to(dev, torch.int32), feature_base.to(dev, torch.int64), feature_rows, values, starts)
+    tables = (
+        group_offsets.to(dev, torch.int64),
+        row_map.to(dev).contiguous(),
+        range_ends.to(dev, torch.int32),
+        range_shift.to(dev, torch.int32),
+        feature_base.to(dev, torch.int64),
+        feature_rows,
+        values,
+        starts,
+    )
     sizes = (row_map.numel(), weights.numel(), group_offsets.numel(), *row_bytes(D, row_alignment))
-    shape = dict(D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_I=ids_per_block, POOLING=POOLING_CODES[pooling],
-                 WEIGHTED=weighted, num_warps=num_warps or max(1, min(4, D // 128)), enable_fp_fusion=False)
+    shape = dict(
+        D=D,
+        BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_I=ids_per_block,
+        POOLING=POOLING_CODES[pooling],
+        WEIGHTED=weighted,
+        num_warps=num_warps or max(1, min(4, D // 128)),
+        enable_fp_fusion=False,
+    )
     if passes == 1:
         _lookup_kernel[(F * B,)](weights, *tables, psw, out, bad, B, F, *sizes, **shape)
     else:
@@ -305,8 +376,10 @@ def mixed_lookup(
         _pool_kernel[(F * B,)](weights, loc, starts, psw, out, B, F, **shape)
     at, layout_bad = bad.tolist()  # (one sync: the error must be raised here, not found later)
     if at < nnz:
-        f = int(torch.searchsorted(starts[B :: B], at, right=True))
-        raise ValueError(f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows")
+        f = int(torch.searchsorted(starts[B::B], at, right=True))
+        raise ValueError(
+            f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows"
+        )
     if layout_bad:
         raise ValueError("triton mixed_lookup: a row map entry points outside the group tables")
     return out

@@ -20,7 +20,10 @@ from shark_torchrec.precision.quantize import (
     unpack_codes,
 )
 
-def _locate(group_offsets, row_map, range_ends, range_shift, keys, dim, row_alignment) -> Tuple[torch.Tensor, torch.Tensor]:
+
+def _locate(
+    group_offsets, row_map, range_ends, range_shift, keys, dim, row_alignment
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(group 0-5 of each key's row, the byte offset of its own row; a dropped row's offset is
     its table's fallback row in the fp32 table)."""
     m = row_map[keys].long()
@@ -71,7 +74,9 @@ def mixed_lookup_torch(
     if bool(bad.any()):
         at = int(torch.nonzero(bad)[0])
         f = int(torch.searchsorted(torch.cumsum(per_feature, 0), at, right=True))
-        raise ValueError(f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows")
+        raise ValueError(
+            f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows"
+        )
     keys = torch.repeat_interleave(feature_base.to(dev), per_feature, output_size=nnz) + values
     g, at = _locate(group_offsets, row_map, range_ends, range_shift, keys, dim, row_alignment)
     rows = torch.empty(nnz, D, device=dev)

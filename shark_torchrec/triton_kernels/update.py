@@ -63,16 +63,41 @@ def _step_int_row(row, grad_ptr, noise_ptr, step_scale, D: tl.constexpr, BLOCK_D
 
 @triton.jit
 def _update_kernel(
-    w_ptr, offs_ptr, map_ptr, ends_ptr, shift_ptr, keys_ptr, grad_ptr, scale_ptr, noise_ptr, noise_start_ptr, bad_ptr,
-    map_rows, noise_len, buffer_bytes, used_groups, rb0, rb1, rb2, rb3, rb4,
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
+    w_ptr,
+    offs_ptr,
+    map_ptr,
+    ends_ptr,
+    shift_ptr,
+    keys_ptr,
+    grad_ptr,
+    scale_ptr,
+    noise_ptr,
+    noise_start_ptr,
+    bad_ptr,
+    map_rows,
+    noise_len,
+    buffer_bytes,
+    used_groups,
+    rb0,
+    rb1,
+    rb2,
+    rb3,
+    rb4,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     key = tl.load(keys_ptr + i)
     in_map = (key >= 0) & (key < map_rows)
     m = tl.load(map_ptr + key, mask=in_map, other=0)
-    g = group_of(m, tl.load(ends_ptr + 0), tl.load(ends_ptr + 1), tl.load(ends_ptr + 2), tl.load(ends_ptr + 3),
-                 tl.load(ends_ptr + 4))
+    g = group_of(
+        m,
+        tl.load(ends_ptr + 0),
+        tl.load(ends_ptr + 1),
+        tl.load(ends_ptr + 2),
+        tl.load(ends_ptr + 3),
+        tl.load(ends_ptr + 4),
+    )
     if in_map == 0:
         tl.atomic_min(bad_ptr, i)  # the wrapper raises, naming the first such row
     elif g < 5:  # a dropped row has no bytes of its own to update (nor a noise window to check)
@@ -149,22 +174,41 @@ def update_rows_(
     dev = weights.device
     n, D = keys.numel(), dim
     if tuple(row_grad.shape) != (n, D) or step_scale.numel() != n or noise_start.numel() != n:
-        raise ValueError(f"row_grad [{n}, {D}], step_scale [{n}] and noise_start [{n}] expected, got "
-                         f"{list(row_grad.shape)}, {list(step_scale.shape)}, {list(noise_start.shape)}")
+        raise ValueError(
+            f"row_grad [{n}, {D}], step_scale [{n}] and noise_start [{n}] expected, got "
+            f"{list(row_grad.shape)}, {list(step_scale.shape)}, {list(noise_start.shape)}"
+        )
     if n == 0:
         return
     keys = keys.to(dev, torch.int64).contiguous()
     noise_start = noise_start.to(dev, torch.int64).contiguous()
     bad = torch.full((1,), n, dtype=torch.int64, device=dev)
     _update_kernel[(n,)](
-        weights, group_offsets.to(dev, torch.int64), row_map.to(dev).contiguous(), range_ends.to(dev, torch.int32),
-        range_shift.to(dev, torch.int32), keys, row_grad.to(dev, torch.float32).contiguous(),
-        step_scale.to(dev, torch.float32).contiguous(), noise_table.to(dev, torch.float32).contiguous(), noise_start,
-        bad, row_map.numel(), noise_table.numel(), weights.numel(), group_offsets.numel(), *row_bytes(D, row_alignment),
-        D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=max(1, min(4, D // 128)), enable_fp_fusion=False,
+        weights,
+        group_offsets.to(dev, torch.int64),
+        row_map.to(dev).contiguous(),
+        range_ends.to(dev, torch.int32),
+        range_shift.to(dev, torch.int32),
+        keys,
+        row_grad.to(dev, torch.float32).contiguous(),
+        step_scale.to(dev, torch.float32).contiguous(),
+        noise_table.to(dev, torch.float32).contiguous(),
+        noise_start,
+        bad,
+        row_map.numel(),
+        noise_table.numel(),
+        weights.numel(),
+        group_offsets.numel(),
+        *row_bytes(D, row_alignment),
+        D=D,
+        BLOCK_D=triton.next_power_of_2(D),
+        num_warps=max(1, min(4, D // 128)),
+        enable_fp_fusion=False,
     )
     at = int(bad)  # (one sync: an error must be raised here, not found later)
     if at < n:
         # Rows before it in launch order may already be written (so with the C++ op).
-        raise ValueError(f"triton update_rows_: row {at} (key {int(keys[at])}) is outside the row map or the group "
-                         "tables, or its noise window is out of range")
+        raise ValueError(
+            f"triton update_rows_: row {at} (key {int(keys[at])}) is outside the row map or the group "
+            "tables, or its noise window is out of range"
+        )

@@ -1,11 +1,10 @@
 import numpy as np
-import torch
 import pytest
-
-from shark_torchrec.config import DataConfig
-from shark_torchrec.data import DataError, open_dataset
+import torch
 
 from conftest import shared_data
+from shark_torchrec.config import DataConfig
+from shark_torchrec.data import DataError, open_dataset
 
 
 def criteo_line(label="1", dense=None, cats=None):
@@ -73,15 +72,17 @@ def test_interleaved_slicing_equal_steps_with_bad_lines(tmp_path):
     assert sum(b.num_samples for b in single) == sum(b.num_samples for bs in per_rank for b in bs) == 21
     # the two ranks' batch k together hold exactly the samples of the single-process batch k
     for k, b in enumerate(single):
-        both = sorted(per_rank[0][k].labels[per_rank[0][k].sample_weights > 0].tolist()
-                      + per_rank[1][k].labels[per_rank[1][k].sample_weights > 0].tolist())
+        both = sorted(
+            per_rank[0][k].labels[per_rank[0][k].sample_weights > 0].tolist()
+            + per_rank[1][k].labels[per_rank[1][k].sample_weights > 0].tolist()
+        )
         assert both == sorted(b.labels[b.sample_weights > 0].tolist())
 
 
 def test_csv_schema_selection(tmp_path):
     root = tmp_path / "csv"
     root.mkdir()
-    text = "id,click,age,city,price,note\n1,1,30,paris,2.5,a b\n2,0,40,rome,,\"x,y\"\n3,1,30,oslo,1.0,z\n"
+    text = 'id,click,age,city,price,note\n1,1,30,paris,2.5,a b\n2,0,40,rome,,"x,y"\n3,1,30,oslo,1.0,z\n'
     for s in ("train", "dev", "test"):
         (root / f"{s}.csv").write_text(text)
     cfg = DataConfig(data=f"csv:{root}", label="click", dense="price", drop="id,note")

@@ -2,9 +2,8 @@ import json
 
 import numpy as np
 
-from shark_torchrec.data.synthetic import SyntheticGenerator
-
 from conftest import TINY, run_shark
+from shark_torchrec.data.synthetic import SyntheticGenerator
 
 
 def test_same_seed_same_data_and_streamable_ranges():

@@ -92,7 +92,11 @@ def test_whole_table_estimate_is_what_the_store_allocates(sequence, policy_name)
         plan = make_planner(topology, constraints).plan(model, [sharder(sequence)])
         assert {ps.sharding_type for ps in plan.plan["ebc"].values()} == {ShardingType.TABLE_WISE.value}
         dmp = DistributedModelParallel(
-            model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=env.device, plan=plan, sharders=[sharder(sequence)]
+            model,
+            env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            device=env.device,
+            plan=plan,
+            sharders=[sharder(sequence)],
         )
         stores = [store for store, _ in dmp.module.ebc.stores()]
         assert sorted(t.name for s in stores for t in s.tables) == sorted(estimate)

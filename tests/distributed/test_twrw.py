@@ -54,7 +54,9 @@ def test_table_row_wise_matches_the_unsharded_module(twrw):
     assert all(c > 0 for c in store.group_counts()), store.group_counts()
     for i, t in enumerate(store.tables):
         lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
-        assert (got["tables"][f"{t.name}.weight"] - store.read_rows(torch.arange(lo, hi))).abs().max() <= TOLERANCE, t.name
+        assert (got["tables"][f"{t.name}.weight"] - store.read_rows(torch.arange(lo, hi))).abs().max() <= TOLERANCE, (
+            t.name
+        )
         assert torch.equal(got["tables"][f"{t.name}.row_group"][:, 0], store.row_group[lo:hi]), t.name
         mem = got["memory"][t.name]
         assert [mem["rows_fp32"], mem["rows_fp16"], mem["rows_int8"]] == [
@@ -81,7 +83,12 @@ def test_twrw_checkpoint_reloads_sharded_and_unsharded(twrw, tmp_path):
     assert module.step_counter.value == STEPS
     again = module.state_dict()
     assert {k.rsplit(".", 1)[1] for k in state if k.startswith("embedding_bags.")} == {
-        "weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum"
+        "weight",
+        "qparams",
+        "row_group",
+        "row_priority",
+        "row_seen_step",
+        "momentum",
     }
     for key, value in state.items():
         assert torch.equal(again[key], value), key

@@ -34,10 +34,28 @@ GOLDEN_DIR = Path(__file__).parents[1] / "goldens"
 
 # Exact figures of a run (timings and RSS are not reproducible, so they are left out).
 TRAIN_KEYS = (
-    "test_auc", "test_logloss", "dev_auc", "dev_logloss", "steps", "embedding_bytes", "optimizer_bytes",
-    "priority_bytes", "fp32_embedding_bytes", "rows_fp32", "rows_fp16", "rows_int8",
+    "test_auc",
+    "test_logloss",
+    "dev_auc",
+    "dev_logloss",
+    "steps",
+    "embedding_bytes",
+    "optimizer_bytes",
+    "priority_bytes",
+    "fp32_embedding_bytes",
+    "rows_fp32",
+    "rows_fp16",
+    "rows_int8",
 )
-COMPRESS_KEYS = (*TRAIN_KEYS, "base_test_auc", "memory_ratio", "prune_memory_ratio", "quant_budget", "kept_fields", "pruned_fields")
+COMPRESS_KEYS = (
+    *TRAIN_KEYS,
+    "base_test_auc",
+    "memory_ratio",
+    "prune_memory_ratio",
+    "quant_budget",
+    "kept_fields",
+    "pruned_fields",
+)
 
 
 def cpu_signature() -> str:
@@ -48,7 +66,9 @@ def cpu_signature() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
-                flags = " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "sse", "amx"))))
+                flags = " ".join(
+                    sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "sse", "amx")))
+                )
                 break
     except OSError:
         pass
@@ -121,7 +141,10 @@ def compress_fingerprint(run_dir: Path) -> Dict[str, Any]:
         "metrics": {k: metrics[k] for k in COMPRESS_KEYS},
         "stages": {
             "base": {k: stages["base"][k] for k in ("test_auc", "dev_auc", "embedding_bytes")},
-            "prune": {k: stages["prune"][k] for k in ("kept_fields", "pruned_fields", "memory_ratio", "stop_reason", "dev_auc", "test_auc")},
+            "prune": {
+                k: stages["prune"][k]
+                for k in ("kept_fields", "pruned_fields", "memory_ratio", "stop_reason", "dev_auc", "test_auc")
+            },
             "quantize": {k: stages["quantize"][k] for k in ("budget", "test_auc", "embedding_bytes")},
         },
         "base_checkpoint": checkpoint_digest(run_dir / "base" / "checkpoints"),
@@ -134,13 +157,54 @@ FINGERPRINTS = {"train": train_fingerprint, "compress": compress_fingerprint}
 
 # The golden runs: every flag that decides a result is given (defaults may change).
 GOLDEN_TRAIN = [
-    *TINY, "--embedding-dim", "16", "--precision", "shark", "--memory-budget", "0.6", "--fp32-fraction", "0.1",
-    "--reassign-every", "10", "--lr", "0.1", "--alpha", "2.0", "--beta", "0.99", "--seed", "0",
+    *TINY,
+    "--embedding-dim",
+    "16",
+    "--precision",
+    "shark",
+    "--memory-budget",
+    "0.6",
+    "--fp32-fraction",
+    "0.1",
+    "--reassign-every",
+    "10",
+    "--lr",
+    "0.1",
+    "--alpha",
+    "2.0",
+    "--beta",
+    "0.99",
+    "--seed",
+    "0",
 ]
 GOLDEN_COMPRESS = [
-    *TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2", "--order", "per-byte", "--min-saving", "0.01",
-    "--max-rejections", "1", "--confidence", "0.95", "--support-rows", "2000",
-    "--quant-epochs", "2", "--quant-evals-per-epoch", "0", "--checkpoint-every", "10", "--lr", "0.1", "--seed", "0",
+    *TINY,
+    "--target-memory",
+    "0.3",
+    "--max-auc-drop",
+    "0.03",
+    "--max-iterations",
+    "2",
+    "--order",
+    "per-byte",
+    "--min-saving",
+    "0.01",
+    "--max-rejections",
+    "1",
+    "--confidence",
+    "0.95",
+    "--support-rows",
+    "2000",
+    "--quant-epochs",
+    "2",
+    "--quant-evals-per-epoch",
+    "0",
+    "--checkpoint-every",
+    "10",
+    "--lr",
+    "0.1",
+    "--seed",
+    "0",
 ]
 COMMANDS = {"train": ["train", *GOLDEN_TRAIN], "compress": ["compress", *GOLDEN_COMPRESS]}
 
@@ -181,7 +245,9 @@ def check(case: str, run_dir: Path) -> None:
     if problems:
         where = "" if exact else f" (captured on another CPU: {golden['cpu']}; this one: {cpu_signature()})"
         shown = "\n".join(problems[:40])
-        raise AssertionError(f"{case} differs from tests/goldens/{case}.json{where}: {len(problems)} difference(s)\n{shown}")
+        raise AssertionError(
+            f"{case} differs from tests/goldens/{case}.json{where}: {len(problems)} difference(s)\n{shown}"
+        )
 
 
 def capture(case: str, run_dir: Path) -> Path:

@@ -36,7 +36,9 @@ def random_layout(gen, rows_per_table, dim, groups=5, fallbacks=None, alignment=
         else:
             sb = torch.stack([torch.rand(cap[k], generator=gen) * 0.1, torch.randn(cap[k], generator=gen)], 1)
             tab[:, :4].view(torch.float16).copy_(sb.half())
-            tab[:, 4 : 4 + dim * BITS[k] // 8] = torch.randint(0, 256, (cap[k], dim * BITS[k] // 8), generator=gen, dtype=torch.uint8)
+            tab[:, 4 : 4 + dim * BITS[k] // 8] = torch.randint(
+                0, 256, (cap[k], dim * BITS[k] // 8), generator=gen, dtype=torch.uint8
+            )
     # Row map numbers: group k's rows count from its range start; dropped rows from the end of
     # the stored ranges, shifted onto fallback slots counts[0] .. counts[0] + fallbacks - 1.
     starts = torch.tensor([0] + torch.cumsum(torch.tensor(cap), 0).tolist())

@@ -19,7 +19,10 @@ from shark_torchrec.distributed.mixed_precision import (
     MixedPrecisionEmbeddingCollectionSharder,
     ShardedMixedPrecisionModule,
 )
-from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
+from shark_torchrec.modules.mixed_precision import (
+    MixedPrecisionEmbeddingBagCollection,
+    MixedPrecisionEmbeddingCollection,
+)
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.labels import tag_labels
 
@@ -43,7 +46,14 @@ ID_GRAD = torch.randn(7, DIM, generator=torch.Generator().manual_seed(5))
 
 
 def policy(**kw) -> PrecisionPolicy:
-    base = dict(mode="shark", memory_budget=0.6, fp32_fraction=0.1, reassign_every=1000, optimizer="rowwise_adagrad", learning_rate=0.5)
+    base = dict(
+        mode="shark",
+        memory_budget=0.6,
+        fp32_fraction=0.1,
+        reassign_every=1000,
+        optimizer="rowwise_adagrad",
+        learning_rate=0.5,
+    )
     base.update(kw)
     return PrecisionPolicy(**base)
 
@@ -130,16 +140,26 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
     env = init_distributed()
     rank, world = env.rank, env.world_size
     model = Wrap(make_module(sequence, pol_kw))
-    sharders = [MixedPrecisionEmbeddingCollectionSharder() if sequence else MixedPrecisionEmbeddingBagCollectionSharder()]
+    sharders = [
+        MixedPrecisionEmbeddingCollectionSharder() if sequence else MixedPrecisionEmbeddingBagCollectionSharder()
+    ]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"),
         constraints={
-            n: ParameterConstraints(sharding_types=[sharding_type[n] if isinstance(sharding_type, dict) else sharding_type], min_partition=8)
+            n: ParameterConstraints(
+                sharding_types=[sharding_type[n] if isinstance(sharding_type, dict) else sharding_type], min_partition=8
+            )
             for n, _, _ in TABLES
         },
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+        sharders=sharders,
+    )
     smod = dmp.module.ebc
     assert isinstance(smod, ShardedMixedPrecisionModule)
     smod.fill_rows(init_values)
@@ -176,13 +196,22 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
             state = smod.state_dict()
             dcp.load(state, checkpoint_id=save_to)
             smod.load_state_dict(state)
-            mine = [(t.name, t.row_offset, store.fallback_rows()[i].clone()) for store, _ in smod.stores() for i, t in enumerate(store.tables)]
+            mine = [
+                (t.name, t.row_offset, store.fallback_rows()[i].clone())
+                for store, _ in smod.stores()
+                for i, t in enumerate(store.tables)
+            ]
             copies = [None] * world
             dist.all_gather_object(copies, mine)
     all_widths = [None] * world
     dist.all_gather_object(all_widths, widths)
-    result = {"widths": all_widths, "outputs": outs, "tables": logical_tables(smod, smod._mp_prefix), "memory": smod.precision_memory(),
-              "fallback_copies": copies}
+    result = {
+        "widths": all_widths,
+        "outputs": outs,
+        "tables": logical_tables(smod, smod._mp_prefix),
+        "memory": smod.precision_memory(),
+        "fallback_copies": copies,
+    }
     shutdown_distributed()
     return result
 
@@ -200,8 +229,14 @@ def unsharded_run(steps: int, pol_kw: dict, sequence: bool = False, world: int =
             vec, loss = sequence_loss(out, keys, kjt, GLOBAL_BATCH)
             # Rank 0 of `world` holds the first samples of each feature: its ids, in order.
             head, _, _ = local_kjt(keys, lengths, values, labels, 0, world)
-            sel = torch.cat([torch.arange(o, o + n) for o, n in zip(
-                [0] + torch.tensor(kjt.length_per_key()).cumsum(0).tolist()[:-1], head.length_per_key())])
+            sel = torch.cat(
+                [
+                    torch.arange(o, o + n)
+                    for o, n in zip(
+                        [0] + torch.tensor(kjt.length_per_key()).cumsum(0).tolist()[:-1], head.length_per_key()
+                    )
+                ]
+            )
             outs.append(vec.detach()[sel])
         else:
             vec = torch.cat([out.to_dict()[k] for k in keys], dim=1)
@@ -221,9 +256,16 @@ def reference_math_run(steps: int, pol_kw: dict, sequence: bool = False, world: 
     ref = Reference(
         {n: init_values(n, 0, rows) for n, rows, _ in TABLES},
         [(f, n) for n, _, feats in TABLES for f in feats],
-        learning_rate=p.learning_rate, eps=p.eps, alpha=p.alpha, beta=p.beta, seed=p.seed,
-        memory_budget=p.memory_budget, fp32_fraction=p.fp32_fraction, reassign_every=p.reassign_every,
-        groups=p.groups, row_fractions=p.row_fractions,
+        learning_rate=p.learning_rate,
+        eps=p.eps,
+        alpha=p.alpha,
+        beta=p.beta,
+        seed=p.seed,
+        memory_budget=p.memory_budget,
+        fp32_fraction=p.fp32_fraction,
+        reassign_every=p.reassign_every,
+        groups=p.groups,
+        row_fractions=p.row_fractions,
     )
     head = GLOBAL_BATCH // world  # rank 0's samples
     outs = []
@@ -253,7 +295,9 @@ class TwoCollections(nn.Module):
         super().__init__()
         by_name = {c.name: c for c in tables()}
         self.a, self.b = (
-            MixedPrecisionEmbeddingBagCollection([by_name[n] for n in names], precision_policy=policy(**pol_kw), device=device)
+            MixedPrecisionEmbeddingBagCollection(
+                [by_name[n] for n in names], precision_policy=policy(**pol_kw), device=device
+            )
             for _, names in SPLIT
         )
 
@@ -287,7 +331,13 @@ def two_collection_run(sharding_type: dict, steps: int, pol_kw: dict, share: boo
         constraints={n: ParameterConstraints(sharding_types=[sharding_type[n]], min_partition=8) for n, _, _ in TABLES},
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+        sharders=sharders,
+    )
     if share:
         share_model_budget(dmp)
     mods = [dmp.module.a, dmp.module.b]
@@ -300,9 +350,13 @@ def two_collection_run(sharding_type: dict, steps: int, pol_kw: dict, share: boo
         result["tables"].update(logical_tables(m, m._mp_prefix))
         result["memory"].update(m.precision_memory())
     try:  # the gradient-weighted signal under the same plan (a column-wise table): refused
-        DistributedModelParallel(TwoCollections({**pol_kw, "signal": "eq7-grad"}, device=torch.device("meta")),
-                                 env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"),
-                                 plan=plan, sharders=sharders)
+        DistributedModelParallel(
+            TwoCollections({**pol_kw, "signal": "eq7-grad"}, device=torch.device("meta")),
+            env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            device=torch.device("cpu"),
+            plan=plan,
+            sharders=sharders,
+        )
         result["grad_signal_refusal"] = None
     except ValueError as e:
         result["grad_signal_refusal"] = str(e)

@@ -10,9 +10,9 @@ import torch
 from shark_torchrec.config import JobConfig
 from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
 from shark_torchrec.importance.model_scoring import FieldView, score_fields
-from shark_torchrec.jobs.remove_tables import prune_tables
 from shark_torchrec.jobs.checkpoint import resolve_checkpoint, save_checkpoint
 from shark_torchrec.jobs.evaluation import evaluate
+from shark_torchrec.jobs.remove_tables import prune_tables
 from shark_torchrec.jobs.trainer import fit, quiet_libraries, train_steps
 
 
@@ -72,6 +72,12 @@ def prune_and_compare(out: str, precision: str, removal: str, removed: List[str]
         batches = data.batches("train", 128, env.rank, env.world_size)
         steps = train_steps(pruned.model, pruned.optimizer, batches, env, precision)
         after = evaluate(pruned.model, data, "dev", 512, env)
-        return {"planned": planned, "max_diff": diff, "steps": steps, "auc_before": before["auc"], "auc_after": after["auc"]}
+        return {
+            "planned": planned,
+            "max_diff": diff,
+            "steps": steps,
+            "auc_before": before["auc"],
+            "auc_after": after["auc"],
+        }
     finally:
         shutdown_distributed()

@@ -24,7 +24,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from shark_torchrec.precision.priority import DROPPED, FP16, INT_BITS, PAPER_GROUPS, ROW_MAP_BYTES, budget_counts, decayed, updated
+from shark_torchrec.precision.priority import (
+    DROPPED,
+    FP16,
+    INT_BITS,
+    PAPER_GROUPS,
+    ROW_MAP_BYTES,
+    budget_counts,
+    decayed,
+    updated,
+)
 from shark_torchrec.precision.quantize import (
     dequantize_rows,
     quantize_rows,
@@ -78,7 +87,12 @@ class ReferenceTable:
         return torch.where(dropped[:, None], self.fallback.expand(self.rows, -1), self.values)
 
     def __init__(
-        self, name: str, values: torch.Tensor, budget: Optional[float], fp32_fraction: float, groups: Sequence[int],
+        self,
+        name: str,
+        values: torch.Tensor,
+        budget: Optional[float],
+        fp32_fraction: float,
+        groups: Sequence[int],
         fractions: Optional[Sequence[float]] = None,
     ) -> None:
         self.name = name
@@ -174,8 +188,13 @@ class Reference:
             touched = (seen > 0).nonzero().flatten()
             # Eq. 7: w <- (1 - beta) w + beta (alpha c_pos + c_neg), absent steps decayed lazily.
             t.score[touched] = updated(
-                t.score[touched], t.seen_step[touched], step,
-                positives[touched], seen[touched] - positives[touched], self.alpha, self.beta,
+                t.score[touched],
+                t.seen_step[touched],
+                step,
+                positives[touched],
+                seen[touched] - positives[touched],
+                self.alpha,
+                self.beta,
             )
             t.seen_step[touched] = step
             dropped = t.group[touched] == DROPPED
@@ -215,7 +234,9 @@ class Reference:
         return out
 
 
-def bag_id_grads(out_grad: torch.Tensor, lengths: Dict[str, torch.Tensor], features: List[str], dim: int) -> Dict[str, torch.Tensor]:
+def bag_id_grads(
+    out_grad: torch.Tensor, lengths: Dict[str, torch.Tensor], features: List[str], dim: int
+) -> Dict[str, torch.Tensor]:
     """Sum pooling: every id of bag (sample b, feature f) gets the bag's output gradient,
     out_grad[b, f * dim : (f + 1) * dim]."""
     out = {}
@@ -226,8 +247,12 @@ def bag_id_grads(out_grad: torch.Tensor, lengths: Dict[str, torch.Tensor], featu
 
 
 def model_budget_groups(
-    scores: Dict[str, torch.Tensor], widths: Dict[str, Sequence[int]], budget: float, fp32_fraction: float,
-    groups: Sequence[int] = PAPER_GROUPS, reserved: float = 0.0,
+    scores: Dict[str, torch.Tensor],
+    widths: Dict[str, Sequence[int]],
+    budget: float,
+    fp32_fraction: float,
+    groups: Sequence[int] = PAPER_GROUPS,
+    reserved: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """One budget over all tables, row by row: every row of every table in one list, ranked
     by score over the row's fp32 bytes (descending; ties: tables by name, then row ascending);

@@ -107,7 +107,10 @@ def twrw_run(steps: int, pol_kw: dict, save_to: str):
             for name, ps in plan.plan["ebc"].items()
         },
         "sharding_types": sorted({ps.sharding_type for ps in plan.plan["ebc"].values()}),
-        "host_group_sizes": [smod._embedding_shardings[0]._intra_pg.size(), smod._embedding_shardings[0]._cross_pg.size()],
+        "host_group_sizes": [
+            smod._embedding_shardings[0]._intra_pg.size(),
+            smod._embedding_shardings[0]._cross_pg.size(),
+        ],
     }
     local = [(t.name, t.row_offset, t.rows) for store, _ in smod.stores() for t in store.tables]
     everyone = [None] * world

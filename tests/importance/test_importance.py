@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from helpers import prune_workers as PW
 from conftest import TINY, run_shark
+from helpers import prune_workers as PW
 from shark_torchrec.config import DataConfig, ModelConfig
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import launch
+from shark_torchrec.importance.model_scoring import METHODS, FieldView, score_fields
 from shark_torchrec.importance.scores import (
     ABSOLUTE,
     SIGNED,
@@ -22,10 +23,8 @@ from shark_torchrec.importance.scores import (
     permutation_index,
     taylor_scores,
 )
-from shark_torchrec.importance.model_scoring import METHODS, FieldView, score_fields
-from shark_torchrec.models.dlrm import build_dlrm, table_configs
 from shark_torchrec.jobs.checkpoint import load_full_state
-
+from shark_torchrec.models.dlrm import build_dlrm, table_configs
 
 # --- the math, on per-sample losses linear in the field vectors (the first-order term is exact) ---
 
@@ -125,8 +124,13 @@ def test_batched_scores_equal_a_per_sample_loop():
     mean = v.mean(0)
     want_signed = (g * (mean - v)).sum(-1).mean(0)
     want_abs = (g * (mean - v)).sum(-1).abs().mean(0)
-    for method, want, cache in (("taylor-signed", want_signed, 0), ("taylor", want_abs, 1 << 30), ("taylor", want_abs, 0),
-                                ("taylor", want_abs, 60_000), ("taylor", want_abs, 20_000)):
+    for method, want, cache in (
+        ("taylor-signed", want_signed, 0),
+        ("taylor", want_abs, 1 << 30),
+        ("taylor", want_abs, 0),
+        ("taylor", want_abs, 60_000),
+        ("taylor", want_abs, 20_000),
+    ):
         got = score_fields(model, dataset, method, "dev", 128, cache_bytes=cache)
         assert got.samples == 300 and got.fields[0] == "dense_features" and len(got.fields) == 12
         torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
@@ -170,7 +174,12 @@ def test_taylor_is_the_magnitude_and_taylor_abs_its_alias():
     alias = score_fields(model, dataset, "taylor-abs", "dev", 128, cache_bytes=0)
     default = score_fields(model, dataset, split="dev", global_batch=128)
     assert METHODS == ("taylor", "taylor-signed", "permutation", "random")
-    assert (taylor.method, signed.method, alias.method, default.method) == ("taylor", "taylor-signed", "taylor", "taylor")
+    assert (taylor.method, signed.method, alias.method, default.method) == (
+        "taylor",
+        "taylor-signed",
+        "taylor",
+        "taylor",
+    )
     assert alias.scores == taylor.scores and default.scores == taylor.scores
     assert alias.to_json() == {**taylor.to_json(), "scoring_seconds": alias.scoring_seconds}
     mag, sig = torch.tensor(taylor.scores), torch.tensor(signed.scores)
@@ -216,7 +225,9 @@ def with_field_from(batch, field: str, idx: torch.Tensor):
         order = idx if key == field else torch.arange(len(jt.lengths()))
         lengths.append(jt.lengths()[order])
         values += [jt.values()[off[n] : off[n + 1]] for n in order.tolist()]
-    return replace(batch, sparse_features=KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths)))
+    return replace(
+        batch, sparse_features=KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths))
+    )
 
 
 def test_permutation_scores_are_the_mean_loss_increase_of_the_shuffles(monkeypatch):
@@ -293,8 +304,20 @@ def test_scores_agree_on_one_and_two_ranks(trained, tmp_path):
         for n in (1, 2):
             out = tmp_path / f"{method}{n}"
             run_shark(
-                "importance", *TINY, "--synthetic-train-rows", "20000", "--checkpoint", str(trained / "checkpoints"),
-                "--method", method, "--nproc", str(n), "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
+                "importance",
+                *TINY,
+                "--synthetic-train-rows",
+                "20000",
+                "--checkpoint",
+                str(trained / "checkpoints"),
+                "--method",
+                method,
+                "--nproc",
+                str(n),
+                "--out-dir",
+                str(out),
+                "--metrics-out",
+                str(out / "m.json"),
             )
             m = json.loads((out / "m.json").read_text())
             assert m["method"] == method
@@ -316,8 +339,18 @@ def test_scores_agree_on_one_and_two_ranks(trained, tmp_path):
     # the old name still runs, gives the same numbers and is recorded as `taylor`
     out = tmp_path / "alias"
     run_shark(
-        "importance", *TINY, "--synthetic-train-rows", "20000", "--checkpoint", str(trained / "checkpoints"),
-        "--method", "taylor-abs", "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
+        "importance",
+        *TINY,
+        "--synthetic-train-rows",
+        "20000",
+        "--checkpoint",
+        str(trained / "checkpoints"),
+        "--method",
+        "taylor-abs",
+        "--out-dir",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
     )
     m = json.loads((out / "m.json").read_text())
     assert m["method"] == "taylor" and {r["field"]: r["score"] for r in m["ranking"]} == scores["taylor"]
@@ -326,8 +359,16 @@ def test_scores_agree_on_one_and_two_ranks(trained, tmp_path):
 def test_noise_fields_rank_below_strong_and_medium(trained, tmp_path):
     out = tmp_path / "imp"
     proc = run_shark(
-        "importance", *TINY, "--synthetic-train-rows", "20000", "--checkpoint", str(trained / "checkpoints"),
-        "--out-dir", str(out), "--metrics-out", str(out / "m.json"),
+        "importance",
+        *TINY,
+        "--synthetic-train-rows",
+        "20000",
+        "--checkpoint",
+        str(trained / "checkpoints"),
+        "--out-dir",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
     )
     m = json.loads((out / "m.json").read_text())
     assert m["method"] == "taylor" and m["scoring_seconds"] > 0 and "ranking" in proc.stdout
@@ -375,8 +416,19 @@ def test_pruned_model_is_planned_without_its_tables_and_trains(tmp_path, precisi
 def prune_cli(tmp_path, name, *extra):
     out = tmp_path / name
     run_shark(
-        "prune", *TINY, "--synthetic-train-rows", "20000", "--epochs", "2", "--support-rows", "3000",
-        "--out-dir", str(out), "--metrics-out", str(out / "m.json"), *extra,
+        "prune",
+        *TINY,
+        "--synthetic-train-rows",
+        "20000",
+        "--epochs",
+        "2",
+        "--support-rows",
+        "3000",
+        "--out-dir",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+        *extra,
     )
     return out, json.loads((out / "m.json").read_text())
 
@@ -394,7 +446,16 @@ def test_prune_stops_at_the_target_memory(tmp_path):
         assert (out / name).exists()
     # The pruned checkpoint is a model any command starts from: score it again.
     imp = tmp_path / "again"
-    run_shark("importance", *TINY, "--checkpoint", str(out / "pruned"), "--out-dir", str(imp), "--metrics-out", str(imp / "m.json"))
+    run_shark(
+        "importance",
+        *TINY,
+        "--checkpoint",
+        str(out / "pruned"),
+        "--out-dir",
+        str(imp),
+        "--metrics-out",
+        str(imp / "m.json"),
+    )
     fields = {r["field"] for r in json.loads((imp / "m.json").read_text())["ranking"]}
     assert fields == set(m["kept_fields"]) | {"dense_features"}
 
@@ -403,8 +464,20 @@ def test_prune_stops_at_the_auc_bound_and_keeps_the_previous_model(tmp_path):
     """A bound no removal meets, with --max-rejections 2: two different candidates are tried
     from the same model (scored once), both rejected, each test at its own share of the error
     rate (z grows); then the loop stops and keeps the base model."""
-    out, m = prune_cli(tmp_path, "auc", "--target-memory", "0.01", "--max-auc-drop", "0", "--finetune-epochs", "0",
-                       "--max-rejections", "2", "--min-saving", "0")
+    out, m = prune_cli(
+        tmp_path,
+        "auc",
+        "--target-memory",
+        "0.01",
+        "--max-auc-drop",
+        "0",
+        "--finetune-epochs",
+        "0",
+        "--max-rejections",
+        "2",
+        "--min-saving",
+        "0",
+    )
     assert m["stop_reason"] == "max_auc_drop"
     rows = m["iterations"]
     assert len(rows) == 3 and rows[0]["accepted"] and not rows[1]["accepted"] and not rows[2]["accepted"]
@@ -418,7 +491,9 @@ def test_prune_stops_at_the_auc_bound_and_keeps_the_previous_model(tmp_path):
     # over the bound, and a dev split that cannot resolve the bound is reported before pruning.
     last = rows[-1]
     assert last["dev_auc_drop"] == pytest.approx(rows[0]["dev_auc"] - last["dev_auc"], abs=1e-6)
-    assert last["dev_auc_drop_upper_bound"] == pytest.approx(last["dev_auc_drop"] + last["z"] * last["dev_auc_drop_standard_error"])
+    assert last["dev_auc_drop_upper_bound"] == pytest.approx(
+        last["dev_auc_drop"] + last["z"] * last["dev_auc_drop_standard_error"]
+    )
     assert last["dev_auc_drop_upper_bound"] > 0 and last["dev_auc_drop_standard_error"] > 0
     res = m["selection_resolution"]
     assert res["selection_auc_standard_error"] > 0 and "cannot be told from noise" in res["warning"]
@@ -438,8 +513,14 @@ def test_fields_are_removed_by_importance_per_byte_and_negligible_ones_are_skipp
     tried; dense features never are."""
     from shark_torchrec.importance.model_scoring import FieldImportance
 
-    imp = FieldImportance("taylor", ["dense_features", "tiny", "huge", "strong"], [0.01, 0.01, 0.02, 0.5], 0.0, 100,
-                          prunable=["tiny", "huge", "strong"])
+    imp = FieldImportance(
+        "taylor",
+        ["dense_features", "tiny", "huge", "strong"],
+        [0.01, 0.01, 0.02, 0.5],
+        0.0,
+        100,
+        prunable=["tiny", "huge", "strong"],
+    )
     sizes = {"tiny": 4_000, "huge": 4_000_000, "strong": 400_000}
     assert imp.removal_order(sizes, "importance", 0.0) == ["tiny", "huge", "strong"]
     assert imp.removal_order(sizes, "per-byte", 0.0) == ["huge", "strong", "tiny"]
@@ -448,13 +529,18 @@ def test_fields_are_removed_by_importance_per_byte_and_negligible_ones_are_skipp
         imp.removal_order(sizes, "alphabetical")
 
 
-
 def test_fields_with_no_expected_cost_go_first_largest_first():
     """Zero or negative scores (Permutation on noise fields) cost nothing expected: the largest
     such table goes first, then the others by score per byte."""
     from shark_torchrec.importance.model_scoring import FieldImportance
 
-    imp = FieldImportance("permutation", ["small", "big", "zero", "pos"], [-0.0001, -0.001, 0.0, 0.01], 0.0, 100,
-                          prunable=["small", "big", "zero", "pos"])
+    imp = FieldImportance(
+        "permutation",
+        ["small", "big", "zero", "pos"],
+        [-0.0001, -0.001, 0.0, 0.01],
+        0.0,
+        100,
+        prunable=["small", "big", "zero", "pos"],
+    )
     sizes = {"small": 1_000, "big": 100_000_000, "zero": 50_000, "pos": 10_000_000}
     assert imp.removal_order(sizes, "per-byte", 0.0) == ["big", "zero", "small", "pos"]

@@ -136,8 +136,11 @@ def test_the_served_model_is_the_smallest_that_passes_its_test_in_the_sequence()
         return PairedAUC(0.9 - d, 0.9, -d, se)
 
     # int4 (fewest bytes) fails, ours passes at test 2, int8 (most bytes) is never tried.
-    cands = [("final", 300, drop(0.0005, 0.0005)), ("torchrec-int4", 250, drop(0.004, 0.001)),
-             ("torchrec-int8", 500, drop(0.0, 0.0001))]
+    cands = [
+        ("final", 300, drop(0.0005, 0.0005)),
+        ("torchrec-int4", 250, drop(0.004, 0.001)),
+        ("torchrec-int8", 500, drop(0.0, 0.0001)),
+    ]
     chosen, tests = choose_served(cands, max_auc_drop=0.002, confidence=0.95)
     assert chosen == "final" and list(tests) == ["torchrec-int4", "final"]
     assert tests["final"].z == drop_test(drop(0.0005, 0.0005), 0.002, 0.95, 2).z > drop_test(drop(0, 0), 0, 0.95, 1).z
@@ -146,4 +149,6 @@ def test_the_served_model_is_the_smallest_that_passes_its_test_in_the_sequence()
     assert choose_served([("final", 300, near)], 0.002, 0.95)[0] == "final"
     assert choose_served([("torchrec-int4", 250, drop(0.01, 0.001)), ("final", 300, near)], 0.002, 0.95)[0] is None
     # Ties in bytes keep the given order (ours first).
-    assert list(choose_served([("final", 250, drop(0, 0)), ("torchrec-int4", 250, drop(0, 0))], 0.002, 0.95)[1]) == ["final"]
+    assert list(choose_served([("final", 250, drop(0, 0)), ("torchrec-int4", 250, drop(0, 0))], 0.002, 0.95)[1]) == [
+        "final"
+    ]

@@ -48,8 +48,20 @@ def test_config_from_before_optional_fold_and_hash_size_loads(tmp_path):
 def test_a_checkpoint_missing_other_state_is_refused_by_name(tmp_path):
     """Only the momentum1 entries may be missing (they are in the module state); anything else
     a model holds and a checkpoint lacks is an error naming it."""
-    proc = run_shark("train", "--checkpoint", str(OLD), "--epochs", "0", "--dense-arch", "8", "8",
-                     "--no-progress", "--out", str(tmp_path / "run"), check=False)
+    proc = run_shark(
+        "train",
+        "--checkpoint",
+        str(OLD),
+        "--epochs",
+        "0",
+        "--dense-arch",
+        "8",
+        "8",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+        check=False,
+    )
     assert proc.returncode == 2 and "lacks what this model holds" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -61,13 +73,15 @@ def test_a_meta_file_of_a_newer_version_is_refused_by_name(tmp_path):
 
 def test_the_old_package_name_still_imports_with_a_warning():
     """`shark_torchrec.train` moved to `shark_torchrec.jobs` (`train.pruning` to `jobs.prune`)."""
-    code = ("import warnings\n"
-            "with warnings.catch_warnings(record=True) as seen:\n"
-            "    warnings.simplefilter('always')\n"
-            "    from shark_torchrec.train.pruning import prune_job\n"
-            "    from shark_torchrec.train.export import export_checkpoint\n"
-            "import shark_torchrec.jobs.prune, shark_torchrec.jobs.export\n"
-            "assert prune_job is shark_torchrec.jobs.prune.prune_job\n"
-            "assert export_checkpoint is shark_torchrec.jobs.export.export_checkpoint\n"
-            "assert any('shark_torchrec.train is now shark_torchrec.jobs' in str(w.message) for w in seen), seen\n")
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from shark_torchrec.train.pruning import prune_job\n"
+        "    from shark_torchrec.train.export import export_checkpoint\n"
+        "import shark_torchrec.jobs.prune, shark_torchrec.jobs.export\n"
+        "assert prune_job is shark_torchrec.jobs.prune.prune_job\n"
+        "assert export_checkpoint is shark_torchrec.jobs.export.export_checkpoint\n"
+        "assert any('shark_torchrec.train is now shark_torchrec.jobs' in str(w.message) for w in seen), seen\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -8,21 +8,59 @@ from conftest import TINY, run_shark
 from helpers.checks import compare_export
 from shark_torchrec.jobs.checkpoint import load_full_state
 
-ARGS = [*TINY, "--target-memory", "0.3", "--max-auc-drop", "0.03", "--max-iterations", "2", "--order", "importance", "--min-saving", "0",
-        "--support-rows", "2000", "--quant-epochs", "2", "--quant-evals-per-epoch", "0", "--checkpoint-every", "10"]
+ARGS = [
+    *TINY,
+    "--target-memory",
+    "0.3",
+    "--max-auc-drop",
+    "0.03",
+    "--max-iterations",
+    "2",
+    "--order",
+    "importance",
+    "--min-saving",
+    "0",
+    "--support-rows",
+    "2000",
+    "--quant-epochs",
+    "2",
+    "--quant-evals-per-epoch",
+    "0",
+    "--checkpoint-every",
+    "10",
+]
 
 
 def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_shark("compress", *ARGS, "--out", str(straight), "--metrics-out", str(straight / "m.json"))
     m = json.loads((straight / "m.json").read_text())
-    for key in ("test_auc", "embedding_bytes", "base_test_auc", "kept_fields", "pruned_fields", "memory_ratio", "quant_budget"):
+    for key in (
+        "test_auc",
+        "embedding_bytes",
+        "base_test_auc",
+        "kept_fields",
+        "pruned_fields",
+        "memory_ratio",
+        "quant_budget",
+    ):
         assert key in m, key
     assert m["precision"] == "shark" and m["rows_int8"] > 0
     assert len(m["pruned_fields"]) == 2 and m["memory_ratio"] < m["prune_memory_ratio"] < 1
-    for part in ("base/metrics.json", "prune/prune_log.csv", "prune/auc_vs_memory.png", "quantize/metrics.json",
-                 "export/model.pt", "export/embedding_collection.pt", "export/export.json", "stages.json",
-                 "export/serving_model.pt", "export/serving.json", "export/serve.py", "export/README.md"):
+    for part in (
+        "base/metrics.json",
+        "prune/prune_log.csv",
+        "prune/auc_vs_memory.png",
+        "quantize/metrics.json",
+        "export/model.pt",
+        "export/embedding_collection.pt",
+        "export/export.json",
+        "stages.json",
+        "export/serving_model.pt",
+        "export/serving.json",
+        "export/serve.py",
+        "export/README.md",
+    ):
         assert (straight / part).exists(), part
     # The serving export of the pruned model (synthetic data: tensors in, no raw-line layout);
     # its scripted model's dev logits are the trained model's.
@@ -34,11 +72,21 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     diff, ebc = compare_export(straight / "quantize" / "checkpoints", quantized)
     assert diff < 1e-5 and ebc.feature_names == m["kept_fields"]
     report = (straight / "report.md").read_text()
-    for part in ("| base (fp32) |", "| F-Q + F-P |", "Field importance", "## Inference export", "report_auc_vs_memory.png",
-                 "The stop test: a step is kept when the one-sided upper bound", "| selection drop (SE) | drop upper bound |",
-                 "Confirmation split (500 rows, read by no decision), the final (pruned, quantized) model",
-                 # dim 8: all-int8 rows take 0.5 of fp32, so the 0.3 target is missed, and the report says so
-                 "## Targets", "target 0.3: **missed** by", "clipped up to 0.500", "so the pipeline misses --target-memory 0.3"):
+    for part in (
+        "| base (fp32) |",
+        "| F-Q + F-P |",
+        "Field importance",
+        "## Inference export",
+        "report_auc_vs_memory.png",
+        "The stop test: a step is kept when the one-sided upper bound",
+        "| selection drop (SE) | drop upper bound |",
+        "Confirmation split (500 rows, read by no decision), the final (pruned, quantized) model",
+        # dim 8: all-int8 rows take 0.5 of fp32, so the 0.3 target is missed, and the report says so
+        "## Targets",
+        "target 0.3: **missed** by",
+        "clipped up to 0.500",
+        "so the pipeline misses --target-memory 0.3",
+    ):
         assert part in report, part
     assert (straight / "report_auc_vs_memory.png").stat().st_size > 0
     again = run_shark("report", str(straight))
@@ -73,7 +121,9 @@ def test_bad_compress_config_is_refused_before_any_work(tmp_path):
     out = tmp_path / "never"
     proc = run_shark("compress", *TINY, "--quant-budget", "0.2", "--out", str(out), check=False)
     assert proc.returncode == 2 and "compress.quant_budget" in proc.stderr
-    proc = run_shark("compress", *TINY, "--t8", "5", "--t16", "1", "--precision", "shark", "--out", str(out), check=False)
+    proc = run_shark(
+        "compress", *TINY, "--t8", "5", "--t16", "1", "--precision", "shark", "--out", str(out), check=False
+    )
     assert proc.returncode == 2 and "t8" in proc.stderr
     proc = run_shark("compress", *TINY, "--serve-tiers", "int4", "--out", str(out), check=False)  # one tier: no ranking
     assert proc.returncode == 2 and "--serve-tiers" in proc.stderr
@@ -93,7 +143,19 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
 
     out = tmp_path / "fb"
     # On 2 processes: the comparison runs on rank 0 alone while rank 1 waits (it once hung there).
-    args = [*ARGS, "--max-iterations", "1", "--quant-budget", "0.9", "--quant-epochs", "1", "--fallback", "torchrec", "--nproc", "2"]
+    args = [
+        *ARGS,
+        "--max-iterations",
+        "1",
+        "--quant-budget",
+        "0.9",
+        "--quant-epochs",
+        "1",
+        "--fallback",
+        "torchrec",
+        "--nproc",
+        "2",
+    ]
     run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
     easy = json.loads((out / "export" / "export.json").read_text())["easy_path"]
     assert easy["torchrec-int4"]["memory"] == 0.5 and easy["torchrec-int8"]["memory"] == 0.5
@@ -106,7 +168,10 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     assert targets["served"] == "torchrec-int8" and targets["memory_ratio"] == 0.5 and targets["choice_test_passed"]
     assert "torchrec_int8_model.pt" in (out / "export" / "README.md").read_text()
     report = (out / "report.md").read_text()
-    assert "## Against TorchRec's post-training quantization" in report and "**Served: TorchRec int8 of the base**" in report
+    assert (
+        "## Against TorchRec's post-training quantization" in report
+        and "**Served: TorchRec int8 of the base**" in report
+    )
     assert "failed the stop test" not in report
     script = (
         "import sys, torch, json\n"
@@ -130,7 +195,13 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
 
     base, _ = load_trained_model(json.loads((out / "stages.json").read_text())["base"]["checkpoint"])
     want_model = torchrec_quantized(base, torch.qint8)
-    b = next(iter(open_dataset(DataConfig(synthetic_train_rows=6000, synthetic_eval_rows=2000, synthetic_scale=0.02)).batches("test", 256)))
+    b = next(
+        iter(
+            open_dataset(DataConfig(synthetic_train_rows=6000, synthetic_eval_rows=2000, synthetic_scale=0.02)).batches(
+                "test", 256
+            )
+        )
+    )
     with torch.no_grad():
         want = want_model(b)[1][1]
     assert torch.allclose(got, want, atol=1e-6)
@@ -164,9 +235,16 @@ def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path
     e = stages["export"]
     want = max(0.3 / stages["prune"]["memory_ratio"], min_budget(8, GROUP_NAMES.index("int4")))
     assert e["serving_tiers"] == ["int8", "int4"] and abs(e["serving_budget"] - min(1.0, want)) < 1e-12
-    assert e["rows_int4"] > 0 and e["rows_int4"] + e.get("rows_int8", 0) == m["rows_int8"] + m["rows_fp16"] + m["rows_fp32"]
+    assert (
+        e["rows_int4"] > 0
+        and e["rows_int4"] + e.get("rows_int8", 0) == m["rows_int8"] + m["rows_fp16"] + m["rows_fp32"]
+    )
     assert e["max_abs_logit_diff_dev"] < 1e-5  # the inference module serves the regrouped rows
-    assert m["memory_ratio"] == e["inference_bytes"] / m["base_embedding_bytes"] < m["embedding_bytes"] / m["base_embedding_bytes"]
+    assert (
+        m["memory_ratio"]
+        == e["inference_bytes"] / m["base_embedding_bytes"]
+        < m["embedding_bytes"] / m["base_embedding_bytes"]
+    )
     easy = e["easy_path"]
     assert easy["final"]["bytes"] == e["inference_bytes"] and easy["exported_model"] == "final"
     # The choice and the figures read the regrouped model as exported, not the trained one.
@@ -193,21 +271,41 @@ def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
     from shark_torchrec.report import _easy_path_lines
 
     def model(nbytes, **extra):
-        return {"auc": 0.8, "bytes": nbytes, "memory": nbytes / 1000, "drop": 0.0, "drop_standard_error": 0.001,
-                "choice": {"drop": 0.0, "standard_error": 0.001, "test_index": None}, **extra}
+        return {
+            "auc": 0.8,
+            "bytes": nbytes,
+            "memory": nbytes / 1000,
+            "drop": 0.0,
+            "drop_standard_error": 0.001,
+            "choice": {"drop": 0.0, "standard_error": 0.001, "test_index": None},
+            **extra,
+        }
 
-    e = {"rows": 100, "choice_rows": {"dev": 100, "choice": 50}, "base": model(1000), "final": model(400),
-         "torchrec-int4": model(250, minus_final=0.0, minus_final_standard_error=0.001),
-         "torchrec-int8": model(500, minus_final=0.0, minus_final_standard_error=0.001),
-         "recommended": "final", "exported_model": "final", "exported": None, "exported_within_bound": True,
-         "fallback_would_serve": "torchrec-int4"}
+    e = {
+        "rows": 100,
+        "choice_rows": {"dev": 100, "choice": 50},
+        "base": model(1000),
+        "final": model(400),
+        "torchrec-int4": model(250, minus_final=0.0, minus_final_standard_error=0.001),
+        "torchrec-int8": model(500, minus_final=0.0, minus_final_standard_error=0.001),
+        "recommended": "final",
+        "exported_model": "final",
+        "exported": None,
+        "exported_within_bound": True,
+        "fallback_would_serve": "torchrec-int4",
+    }
     e["final"]["choice"].update(test_index=1, upper_bound=0.001, accepted=True)
     text = "\n".join(_easy_path_lines(e))
-    assert "**TorchRec int4 of the base is smaller than ours and passes the same test" in text and "--fallback torchrec" in text
+    assert (
+        "**TorchRec int4 of the base is smaller than ours and passes the same test" in text
+        and "--fallback torchrec" in text
+    )
     assert "Served: ours (it passed" in text and "failed the stop test" not in text
     e["final"]["bytes"] = 200
     text = "\n".join(_easy_path_lines(e))
-    assert "is smaller than ours" not in text and "Served: ours (it passed" in text and "failed the stop test" not in text
+    assert (
+        "is smaller than ours" not in text and "Served: ours (it passed" in text and "failed the stop test" not in text
+    )
     e["final"]["choice"]["accepted"], e["exported_within_bound"], e["recommended"] = False, False, None
     text = "\n".join(_easy_path_lines(e))
     assert "**Ours failed the stop test" in text and "Served: ours" not in text

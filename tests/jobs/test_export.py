@@ -12,12 +12,27 @@ from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state
 from shark_torchrec.jobs.export import export_inference_model, load_trained_model
 
 
-
 @pytest.fixture(scope="module")
 def shark_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("shark")
-    run_shark("train", *TINY, "--embedding-dim", "16", "--precision", "shark", "--memory-budget", "0.6", "--fp32-fraction", "0.1", "--reassign-every", "10",
-              "--out", str(out), "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "train",
+        *TINY,
+        "--embedding-dim",
+        "16",
+        "--precision",
+        "shark",
+        "--memory-budget",
+        "0.6",
+        "--fp32-fraction",
+        "0.1",
+        "--reassign-every",
+        "10",
+        "--out",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     return out, json.loads((out / "m.json").read_text())
 
 
@@ -46,12 +61,16 @@ def test_export_scripts_and_exports(shark_run):
     trained, _ = load_trained_model(out / "checkpoints")
     n = len(names) * 3
     lengths = torch.tensor([2, 0, 1] * len(names))
-    multi = KeyedJaggedTensor.from_lengths_sync(keys=names, values=torch.arange(int(lengths.sum())) % 7, lengths=lengths)
+    multi = KeyedJaggedTensor.from_lengths_sync(
+        keys=names, values=torch.arange(int(lengths.sum())) % 7, lengths=lengths
+    )
     with torch.no_grad():
         want = trained.model.sparse_arch.embedding_bag_collection(multi).values()
     torch.testing.assert_close(ebc(multi).values(), want, rtol=0, atol=1e-6)
     assert n == lengths.numel()
-    bad = KeyedJaggedTensor.from_lengths_sync(keys=names, values=torch.tensor([10**6] * len(names)), lengths=torch.ones(len(names), dtype=torch.int64))
+    bad = KeyedJaggedTensor.from_lengths_sync(
+        keys=names, values=torch.tensor([10**6] * len(names)), lengths=torch.ones(len(names), dtype=torch.int64)
+    )
     with pytest.raises(ValueError, match=f"feature {names[0]}: id 1000000 outside its table"):
         ebc(bad)
 
@@ -69,9 +88,14 @@ def test_torchrec_int8_baseline_bytes_are_what_quantize_embeddings_allocates():
 
     from shark_torchrec.distributed.memory import torchrec_int8_bytes
 
-    tables = [EmbeddingBagConfig(name=f"t{d}", embedding_dim=d, num_embeddings=50 + d, feature_names=[f"f{d}"]) for d in (16, 64)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{d}", embedding_dim=d, num_embeddings=50 + d, feature_names=[f"f{d}"])
+        for d in (16, 64)
+    ]
     for cfgs in ([tables[0]], [tables[1]]):
-        q = quantize_embeddings(torch.nn.Sequential(EmbeddingBagCollection(tables=cfgs)), dtype=torch.qint8, inplace=False)
+        q = quantize_embeddings(
+            torch.nn.Sequential(EmbeddingBagCollection(tables=cfgs)), dtype=torch.qint8, inplace=False
+        )
         allocated = sum(t.numel() * t.element_size() for t in q.state_dict().values())
         assert allocated == torchrec_int8_bytes((c.num_embeddings, c.embedding_dim) for c in cfgs)
 
@@ -82,14 +106,34 @@ def test_conversion_carries_optimizer_state_on_two_ranks(tmp_path):
     fp32, mp = tmp_path / "fp32", tmp_path / "mp"
     args = [*TINY, "--embedding-dim", "16", "--synthetic-train-rows", "3000"]
     run_shark("train", *args, "--out", str(fp32))
-    run_shark("train", *args, "--nproc", "2", "--precision", "shark", "--memory-budget", "0.6",
-              "--init-from", str(fp32 / "checkpoints"), "--epochs", "0", "--out", str(mp))
+    run_shark(
+        "train",
+        *args,
+        "--nproc",
+        "2",
+        "--precision",
+        "shark",
+        "--memory-budget",
+        "0.6",
+        "--init-from",
+        str(fp32 / "checkpoints"),
+        "--epochs",
+        "0",
+        "--out",
+        str(mp),
+    )
     a, b = load_full_state(fp32 / "checkpoints"), load_full_state(mp / "checkpoints")
     tables = [k for k in b["model"] if k.endswith(".momentum")]
     assert tables
     for key in tables:
         table = key.rsplit(".", 2)[-2]
-        old = next(v for k, s in a["optim"]["state"].items() if k.endswith(f".{table}.weight") for n, v in s.items() if n.endswith("momentum1"))
+        old = next(
+            v
+            for k, s in a["optim"]["state"].items()
+            if k.endswith(f".{table}.weight")
+            for n, v in s.items()
+            if n.endswith("momentum1")
+        )
         torch.testing.assert_close(b["model"][key], old[:, None].expand_as(b["model"][key]), rtol=0, atol=0)
     dense = [k for k in a["optim"]["state"] if ".over_arch." in k]
     assert dense
@@ -104,8 +148,8 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
     trained value (`nearest`: within half a step; `fitted`, the default: the same tiers, a
     smaller error per tier), dropped rows read their table's mean row, the bytes fit the
     budget, and the export serves exactly the regrouped model."""
-    from shark_torchrec.precision.priority import DROPPED, INT_BITS, per_byte_scores
     from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
+    from shark_torchrec.precision.priority import DROPPED, INT_BITS, per_byte_scores
 
     out, _ = shark_run
     ckpt = out / "checkpoints"
@@ -118,7 +162,9 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
     assert record["serving_budget"] == 0.14
     store = model.model.sparse_arch.embedding_bag_collection.stores[0]
     groups = store.row_group
-    assert bool((groups == DROPPED).any()) and bool((groups == 4).any())  # 0.14 is below the int2 floor (0.19 at dim 16)
+    assert bool((groups == DROPPED).any()) and bool(
+        (groups == 4).any()
+    )  # 0.14 is below the int2 floor (0.19 at dim 16)
     fp32 = sum(c.num_embeddings * c.embedding_dim * 4 for c in trained.embedding_bag_configs())
     assert sum(b["embedding_bytes"] for b in store.table_bytes()) <= 0.14 * fp32
     # Ranked by the trained priorities (per byte, as ranked: one dim here): every kept row outranks every dropped one.
@@ -129,7 +175,9 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
         m = groups == g
         if bool(m.any()):
             step = (before[m].max(1).values - before[m].min(1).values) / ((1 << bits) - 1)
-            assert ((after[m] - before[m]).abs().max(1).values <= 0.5 * step * 1.01 + 1e-3).all(), g  # to nearest (fp16 scale/bias)
+            assert ((after[m] - before[m]).abs().max(1).values <= 0.5 * step * 1.01 + 1e-3).all(), (
+                g
+            )  # to nearest (fp16 scale/bias)
     for i in range(len(store.tables)):
         lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
         mine = (groups[lo:hi] == DROPPED).nonzero().flatten() + lo
@@ -147,10 +195,27 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
     m = groups == 4
     assert float(((fitted[m] - before[m]) ** 2).sum()) < 0.9 * float(((after[m] - before[m]) ** 2).sum())  # int2
     exported = tmp_path / "served"
-    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int8", "int4", "int2", "dropped", "--memory-budget", "0.14")
+    run_shark(
+        "export",
+        str(ckpt),
+        "--out",
+        str(exported),
+        "--tiers",
+        "int8",
+        "int4",
+        "int2",
+        "dropped",
+        "--memory-budget",
+        "0.14",
+    )
     rec = json.loads((exported / "export.json").read_text())
     assert rec["max_abs_logit_diff_dev"] == 0.0 and rec["inference_bytes"] <= 0.14 * rec["fp32_bytes"]
-    assert rec["rows_dropped"] == int((groups == DROPPED).sum()) and rec["serving_tiers"] == ["int8", "int4", "int2", "dropped"]
+    assert rec["rows_dropped"] == int((groups == DROPPED).sum()) and rec["serving_tiers"] == [
+        "int8",
+        "int4",
+        "int2",
+        "dropped",
+    ]
     assert rec["serving_rounding"] == "fitted"
     bad = run_shark("export", str(ckpt), "--out", str(tmp_path / "x"), "--tiers", "int4", check=False)
     assert bad.returncode == 2 and "--tiers and --memory-budget go together" in bad.stderr

@@ -3,8 +3,8 @@ bit for bit: every checkpoint tensor, the figures, and the exported model's test
 
 import pytest
 
-from helpers import golden
 from conftest import run_shark
+from helpers import golden
 
 
 @pytest.mark.parametrize("case", sorted(golden.COMMANDS))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT, TINY, run_shark
 from shark_torchrec.jobs import checkpoint as ckpt_module
 from shark_torchrec.jobs.checkpoint import (
     CheckpointError,
@@ -25,8 +26,6 @@ from shark_torchrec.jobs.checkpoint import (
     save_checkpoint,
 )
 from shark_torchrec.jobs.run_dir import _take_away
-
-from conftest import ROOT, TINY, run_shark
 
 # 3000 train rows: 24 steps an epoch. Checkpoints every 5 steps; killed after step 16, the
 # run leaves step_10 and step_15 (two are kept) and its lock.
@@ -73,7 +72,9 @@ def test_killed_run_leaves_a_stale_lock_that_resume_reclaims(killed_run, tmp_pat
     assert f"reclaiming {out / '.lock'} from a run that is gone (pid {holder['pid']} on {holder['host']}" in proc.stderr
     # The log says where the resumed run picked up.
     steps = json.loads((tmp_path / "m.json").read_text())["steps"]
-    assert f"resumed from {out / 'checkpoints' / 'step_00000015'} at step 15 (epoch 0, batch 15 of {steps})" in proc.stderr
+    assert (
+        f"resumed from {out / 'checkpoints' / 'step_00000015'} at step 15 (epoch 0, batch 15 of {steps})" in proc.stderr
+    )
     assert not (out / ".lock").exists()  # released at the end of the run
     # A run that fails (here: refused, its checkpoint directory is taken) releases it too.
     refused = run_shark("train", *SMALL, "--out-dir", str(out), check=False)
@@ -86,7 +87,9 @@ def test_out_dir_of_a_live_run_is_refused(tmp_path, command):
     out = tmp_path / "busy"
     out.mkdir()
     # This test's own process: alive, on this host.
-    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "2030-01-02T03:04:05Z", "command": "pytest"})
+    record = json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "started": "2030-01-02T03:04:05Z", "command": "pytest"}
+    )
     (out / ".lock").write_text(record)
     proc = run_shark(command, *TINY, "--out-dir", str(out), check=False)
     assert proc.returncode == 2
@@ -121,14 +124,18 @@ def test_second_run_cannot_mix_its_config_into_a_running_one(tmp_path):
     a_args = [*TINY, "--epochs", "50", "--checkpoint-every", "5", "--lr", "0.05"]
     log_a = tmp_path / "a.log"
     with open(log_a, "w") as sink:
-        first = subprocess.Popen([str(shark), "train", *a_args, "--out-dir", str(out)], cwd=ROOT, stdout=sink, stderr=sink)
+        first = subprocess.Popen(
+            [str(shark), "train", *a_args, "--out-dir", str(out)], cwd=ROOT, stdout=sink, stderr=sink
+        )
     try:
         deadline = time.monotonic() + 300
         while not list_checkpoints(out / "checkpoints"):
             assert first.poll() is None, log_a.read_text()[-4000:]
             assert time.monotonic() < deadline, "run A saved no checkpoint in 300 s"
             time.sleep(0.5)
-        second = run_shark("train", *TINY, "--lr", "0.5", "--resume", "--max-steps", "1", "--out-dir", str(out), check=False)
+        second = run_shark(
+            "train", *TINY, "--lr", "0.5", "--resume", "--max-steps", "1", "--out-dir", str(out), check=False
+        )
         assert first.poll() is None, "run A ended before run B was tried: the test proves nothing"
     finally:
         first.kill()
@@ -178,7 +185,9 @@ def test_unwritable_directory_is_an_error_before_training(tmp_path, flag):
     proc = run_shark("train", *TINY, "--out-dir", str(out), *extra, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"shark train: error: {flag} {bad} ") and ("not writable" in error or "cannot be created" in error)
+    assert error.startswith(f"shark train: error: {flag} {bad} ") and (
+        "not writable" in error or "cannot be created" in error
+    )
     if flag == "--checkpoint-dir":  # refused before anything was written: no config, no lock left
         assert sorted(p.name for p in out.iterdir()) == []
 

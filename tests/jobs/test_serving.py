@@ -19,8 +19,8 @@ from shark_torchrec.cli import main as shark_main
 from shark_torchrec.config import JobConfig
 from shark_torchrec.data import open_dataset
 from shark_torchrec.data.batch import make_batch
-from shark_torchrec.models.serving import serving_model
 from shark_torchrec.jobs.export import export_inference_model, to_inference, write_serving_files
+from shark_torchrec.models.serving import serving_model
 
 # Runs in a fresh interpreter, outside the repository, without the repository on its path.
 FRESH_SCRIPT = """
@@ -47,8 +47,11 @@ def reader_logits(model, data, lines):
     if data.columns is not None:
         ids = ids[:, data.columns]
     batch = make_batch(
-        data.schema.sparse_names, np.array([p[0] for p in parsed], np.float32),
-        np.array([p[1] for p in parsed], np.float32).reshape(n, -1), ids, np.ones(n, bool),
+        data.schema.sparse_names,
+        np.array([p[0] for p in parsed], np.float32),
+        np.array([p[1] for p in parsed], np.float32).reshape(n, -1),
+        ids,
+        np.ones(n, bool),
     )
     with torch.no_grad():
         return model(batch)[1][1]
@@ -68,9 +71,34 @@ def frappe_export(tmp_path_factory):
     """A tiny frappe run (shark precision, rows in all three groups), exported by `shark export`."""
     frappe = shared_data("frappe")
     tmp = tmp_path_factory.mktemp("frappe")
-    run_shark("train", "--data", f"csv:{frappe}", "--label", "click", "--precision", "shark", "--memory-budget", "0.6",
-              "--fp32-fraction", "0.1", "--reassign-every", "5", "--max-steps", "20", "--batch-size", "256",
-              "--embedding-dim", "8", "--dense-arch", "16", "--over-arch", "16", "--no-progress", "--out", str(tmp / "run"))
+    run_shark(
+        "train",
+        "--data",
+        f"csv:{frappe}",
+        "--label",
+        "click",
+        "--precision",
+        "shark",
+        "--memory-budget",
+        "0.6",
+        "--fp32-fraction",
+        "0.1",
+        "--reassign-every",
+        "5",
+        "--max-steps",
+        "20",
+        "--batch-size",
+        "256",
+        "--embedding-dim",
+        "8",
+        "--dense-arch",
+        "16",
+        "--over-arch",
+        "16",
+        "--no-progress",
+        "--out",
+        str(tmp / "run"),
+    )
     assert shark_main(["export", str(tmp / "run" / "checkpoints"), "--out", str(tmp / "export")]) == 0
     return frappe, tmp / "run" / "checkpoints", tmp / "export"
 
@@ -100,8 +128,20 @@ def test_frappe_export_serves_raw_lines_in_a_fresh_process(frappe_export, tmp_pa
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-c", FRESH_SCRIPT, str(export), str(frappe / "test.csv"), str(tmp_path / "crafted.json"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            FRESH_SCRIPT,
+            str(export),
+            str(frappe / "test.csv"),
+            str(tmp_path / "crafted.json"),
+            str(tmp_path / "out.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -166,14 +206,15 @@ def _headed_csv_files(root: Path, rng: random.Random) -> None:
 def _random_inference_model(cfg: JobConfig, data):
     """A mixed-precision model of `cfg` over `data` with random weights, converted for inference
     (the export does not care whether the weights were trained)."""
-    from shark_torchrec.models.dlrm import build_dlrm, table_configs
     from shark_torchrec.data.schema import kept_schema
+    from shark_torchrec.models.dlrm import build_dlrm, table_configs
     from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 
     kept = kept_schema(data.full_schema, list(cfg.model.kept_fields) or data.full_schema.sparse_names)
     ebc = MixedPrecisionEmbeddingBagCollection(
         tables=table_configs(kept, cfg.model.embedding_dim),
-        precision_policy=cfg.quant.policy(0.1, 1e-8, 0), device=torch.device("cpu"),
+        precision_policy=cfg.quant.policy(0.1, 1e-8, 0),
+        device=torch.device("cpu"),
     )
     model = build_dlrm(data.full_schema, cfg.model, ebc=ebc, seed=0)
     if cfg.model.field_removal == "constant":
@@ -185,13 +226,25 @@ def _random_inference_model(cfg: JobConfig, data):
 CASES = {
     # Criteo TSV, hashed ids, DLRM_DCN with two fields removed and fed constants.
     "criteo-hash-dcn-constant": dict(
-        files=_criteo_files, source="criteo", encoding="hash", hash_size=97, min_count=1,
-        arch="dlrm_dcn", kept=tuple(f"C{i}" for i in range(1, 27) if i not in (3, 17)), removal="constant",
+        files=_criteo_files,
+        source="criteo",
+        encoding="hash",
+        hash_size=97,
+        min_count=1,
+        arch="dlrm_dcn",
+        kept=tuple(f"C{i}" for i in range(1, 27) if i not in (3, 17)),
+        removal="constant",
     ),
     # Headed CSV, vocabularies with min_count 2 (rare values share row 0), DLRM sliced to 1 field.
     "csv-vocab-dlrm-slice": dict(
-        files=_headed_csv_files, source="csv", encoding="vocab", hash_size=1, min_count=2,
-        arch="dlrm", kept=("city",), removal="slice",
+        files=_headed_csv_files,
+        source="csv",
+        encoding="vocab",
+        hash_size=1,
+        min_count=2,
+        arch="dlrm",
+        kept=("city",),
+        removal="slice",
     ),
 }
 
@@ -205,7 +258,11 @@ def test_served_lines_match_the_training_reader(tmp_path, case):
     cfg.dataset.data = f"{spec['source']}:{root}"
     if spec["source"] == "csv":
         cfg.dataset.label, cfg.dataset.dense, cfg.dataset.drop = "click", "price,age", "noise"
-    cfg.dataset.encoding, cfg.dataset.hash_size, cfg.dataset.min_count = spec["encoding"], spec["hash_size"], spec["min_count"]
+    cfg.dataset.encoding, cfg.dataset.hash_size, cfg.dataset.min_count = (
+        spec["encoding"],
+        spec["hash_size"],
+        spec["min_count"],
+    )
     cfg.model.arch, cfg.model.kept_fields, cfg.model.field_removal = spec["arch"], spec["kept"], spec["removal"]
     cfg.model.embedding_dim, cfg.model.dense_arch, cfg.model.over_arch = 8, (16,), (16,)
     cfg.quant.precision, cfg.quant.row_fractions = "shark", (0.3, 0.3)
@@ -250,7 +307,12 @@ def test_bad_serving_input_is_named(tmp_path):
     root = tmp_path / "data"
     _headed_csv_files(root, random.Random(0))
     cfg = JobConfig()
-    cfg.dataset.data, cfg.dataset.label, cfg.dataset.dense, cfg.dataset.drop = f"csv:{root}", "click", "price,age", "noise"
+    cfg.dataset.data, cfg.dataset.label, cfg.dataset.dense, cfg.dataset.drop = (
+        f"csv:{root}",
+        "click",
+        "price,age",
+        "noise",
+    )
     cfg.model.embedding_dim, cfg.model.dense_arch, cfg.model.over_arch = 8, (16,), (16,)
     cfg.quant.precision, cfg.quant.row_fractions = "shark", (0.3, 0.3)
     data = open_dataset(cfg.dataset)

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from shark_torchrec.jobs.checkpoint import list_checkpoints, load_full_state
-
 from conftest import TINY, run_shark
+from shark_torchrec.jobs.checkpoint import list_checkpoints, load_full_state
 
 
 def model_tensors(ckpt_dir):
@@ -19,7 +18,14 @@ def test_main_job_tiny(tmp_path):
     out = tmp_path / "run"
     proc = run_shark("train", *TINY, "--out-dir", str(out), "--metrics-out", str(tmp_path / "m.json"))
     m = json.loads((tmp_path / "m.json").read_text())
-    for key in ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes"):
+    for key in (
+        "test_auc",
+        "test_logloss",
+        "train_seconds",
+        "embedding_bytes",
+        "optimizer_bytes",
+        "fp32_embedding_bytes",
+    ):
         assert key in m, key
     assert 0.6 < m["test_auc"] <= 1.0  # the planted signal is learnable
     assert m["embedding_bytes"] == m["fp32_embedding_bytes"] > 0  # stock fp32 tables
@@ -81,14 +87,34 @@ def test_checkpoint_of_other_tables_is_refused(tmp_path):
     base = tmp_path / "base"
     run_shark("train", *TINY, "--synthetic-train-rows", "500", "--out-dir", str(base))
     proc = run_shark(
-        "train", *TINY, "--synthetic-train-rows", "500", "--drop", "c5",
-        "--checkpoint", str(base / "checkpoints"), "--out-dir", str(tmp_path / "other"), check=False,
+        "train",
+        *TINY,
+        "--synthetic-train-rows",
+        "500",
+        "--drop",
+        "c5",
+        "--checkpoint",
+        str(base / "checkpoints"),
+        "--out-dir",
+        str(tmp_path / "other"),
+        check=False,
     )
     assert proc.returncode == 2
     assert "t_c5" in proc.stderr and "not in the model" in proc.stderr
     proc = run_shark(
-        "train", *TINY, "--synthetic-train-rows", "500", "--embedding-dim", "12", "--dense-arch", "16",
-        "--checkpoint", str(base / "checkpoints"), "--out-dir", str(tmp_path / "dim"), check=False,
+        "train",
+        *TINY,
+        "--synthetic-train-rows",
+        "500",
+        "--embedding-dim",
+        "12",
+        "--dense-arch",
+        "16",
+        "--checkpoint",
+        str(base / "checkpoints"),
+        "--out-dir",
+        str(tmp_path / "dim"),
+        check=False,
     )
     assert proc.returncode == 2 and "[rows, dim]" in proc.stderr
     # a fresh run never writes over an earlier run's checkpoints
@@ -100,8 +126,21 @@ def test_checkpoint_of_other_tables_is_refused(tmp_path):
 
 def test_early_stopping_returns_the_best_dev_model(tmp_path):
     out = tmp_path / "es"
-    args = [*TINY, "--synthetic-train-rows", "4000", "--epochs", "6", "--lr", "0.5", "--dense-lr", "0.1",
-            "--eval-every", "8", "--early-stopping-patience", "2"]
+    args = [
+        *TINY,
+        "--synthetic-train-rows",
+        "4000",
+        "--epochs",
+        "6",
+        "--lr",
+        "0.5",
+        "--dense-lr",
+        "0.1",
+        "--eval-every",
+        "8",
+        "--early-stopping-patience",
+        "2",
+    ]
     run_shark("train", *args, "--out-dir", str(out), "--metrics-out", str(out / "m.json"))
     m = json.loads((out / "m.json").read_text())
     history = [h["dev_auc"] for h in m["dev_history"]]
@@ -112,8 +151,18 @@ def test_early_stopping_returns_the_best_dev_model(tmp_path):
 
 def test_dlrm_dcn_trains(tmp_path):
     out = tmp_path / "dcn"
-    run_shark("train", *TINY, "--arch", "dlrm_dcn", "--dcn-low-rank-dim", "8", "--out-dir", str(out),
-              "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "train",
+        *TINY,
+        "--arch",
+        "dlrm_dcn",
+        "--dcn-low-rank-dim",
+        "8",
+        "--out-dir",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     m = json.loads((out / "m.json").read_text())
     assert 0.6 < m["test_auc"] <= 1.0
     assert any("inter_arch.crossnet" in k for k in model_tensors(out / "checkpoints"))

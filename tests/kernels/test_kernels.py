@@ -5,10 +5,9 @@ multi-id bags, weighted bags, sum, mean and no pooling; and the same error for a
 import pytest
 import torch
 
+from helpers.kernel_layouts import bags, random_layout, same_bits
 from shark_torchrec.kernels import mixed_lookup
 from shark_torchrec.kernels.reference import mixed_lookup_reference
-
-from helpers.kernel_layouts import bags, random_layout, same_bits
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
@@ -76,7 +75,9 @@ def test_the_op_scripts_and_has_a_fake_for_tracing():
     w, offsets, row_map, ends, shift = random_layout(gen, [20], 8)
     base, rows = torch.tensor([0]), torch.tensor([20])
     values, lengths = bags(gen, [20], 6, 3)
-    want = mixed_lookup_reference(w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 6, "sum", 1, ["x"])
+    want = mixed_lookup_reference(
+        w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 6, "sum", 1, ["x"]
+    )
     assert same_bits(scripted(w, offsets, row_map, ends, shift, base, rows, values, lengths, 8, 6), want)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -97,10 +98,17 @@ def test_fused_update_equals_the_torch_update_bit_for_bit():
     from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 
     dim = 16
-    tables = [LocalTable("t0", 300, dim, global_rows=300, table_id=3),
-              LocalTable("t1", 200, dim, global_rows=400, row_offset=200, col_offset=16, table_id=5)]
-    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "fp16", "int8", "int4", "int2"),
-                             row_fractions=(0.2, 0.2, 0.2, 0.2), optimizer="sgd", learning_rate=1.0).resolved([dim])
+    tables = [
+        LocalTable("t0", 300, dim, global_rows=300, table_id=3),
+        LocalTable("t1", 200, dim, global_rows=400, row_offset=200, col_offset=16, table_id=5),
+    ]
+    policy = PrecisionPolicy(
+        mode="shark",
+        tiers=("fp32", "fp16", "int8", "int4", "int2"),
+        row_fractions=(0.2, 0.2, 0.2, 0.2),
+        optimizer="sgd",
+        learning_rate=1.0,
+    ).resolved([dim])
     fused = RowGroupStore(tables, ["a", "b"], [0, 1], policy, StepCounter())
     n = fused.num_rows
     gen = torch.Generator().manual_seed(0)
@@ -131,8 +139,9 @@ def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 
-    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "int8", "dropped"), row_fractions=(0.3, 0.3),
-                             optimizer="sgd", learning_rate=1.0).resolved([8])
+    policy = PrecisionPolicy(
+        mode="shark", tiers=("fp32", "int8", "dropped"), row_fractions=(0.3, 0.3), optimizer="sgd", learning_rate=1.0
+    ).resolved([8])
     store = RowGroupStore([LocalTable("t", 50, 8, global_rows=50)], ["a"], [0], policy, StepCounter())
     store.set_groups(torch.tensor([0] * 10 + [2] * 20 + [5] * 20, dtype=torch.int8))
     before = store.weights.clone()
@@ -142,8 +151,20 @@ def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
 
     start, table = store.noise_starts(torch.tensor([0]), 1)
     with pytest.raises(RuntimeError, match="outside the row map or the group tables"):
-        update_rows_(store.weights, store._op_offsets, store.row_map, store._range_ends, store._range_shift,
-                     torch.tensor([50]), torch.ones(1, 8), torch.ones(1), table, start, 8, 1)
+        update_rows_(
+            store.weights,
+            store._op_offsets,
+            store.row_map,
+            store._range_ends,
+            store._range_shift,
+            torch.tensor([50]),
+            torch.ones(1, 8),
+            torch.ones(1),
+            table,
+            start,
+            8,
+            1,
+        )
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
@@ -193,12 +214,12 @@ def test_the_ops_agree_across_parallel_tasks():
     tasks: lookup, update and gradient reduction still agree bit for bit, and of two bad ids in
     different tasks the first is named."""
     import copy
+    from types import SimpleNamespace
 
     from shark_torchrec.kernels import POOLING_CODES
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
     from shark_torchrec.modules.row_lookup import RowLookup
-    from types import SimpleNamespace
 
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: no parallel tasks")
@@ -217,8 +238,13 @@ def test_the_ops_agree_across_parallel_tasks():
     with pytest.raises(ValueError, match="feature b: id 90 outside its table of 90 rows"):
         mixed_lookup(w, offsets, row_map, ends, shift, base, rows, bad, lengths, None, D, B, "sum", 1, ["a", "b", "c"])
 
-    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "fp16", "int8", "int4", "int2"),
-                             row_fractions=(0.2, 0.2, 0.2, 0.2), optimizer="sgd", learning_rate=1.0).resolved([D])
+    policy = PrecisionPolicy(
+        mode="shark",
+        tiers=("fp32", "fp16", "int8", "int4", "int2"),
+        row_fractions=(0.2, 0.2, 0.2, 0.2),
+        optimizer="sgd",
+        learning_rate=1.0,
+    ).resolved([D])
     fused = RowGroupStore([LocalTable("t", 3000, D, global_rows=3000)], ["f"], [0], policy, StepCounter())
     fused.set_groups(torch.randint(0, 5, (3000,), generator=gen).to(torch.int8))
     fused.write_rows(torch.arange(3000), torch.randn(3000, D, generator=gen))
@@ -248,8 +274,9 @@ def test_an_empty_batch_trains_through_the_ops():
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 
-    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "fp16", "int8"), row_fractions=(0.3, 0.3),
-                             optimizer="sgd", learning_rate=1.0).resolved([8])
+    policy = PrecisionPolicy(
+        mode="shark", tiers=("fp32", "fp16", "int8"), row_fractions=(0.3, 0.3), optimizer="sgd", learning_rate=1.0
+    ).resolved([8])
     store = RowGroupStore([LocalTable("t", 20, 8, global_rows=20)], ["a"], [0], policy, StepCounter())
     store.set_groups(torch.tensor([0] * 5 + [1] * 5 + [2] * 10, dtype=torch.int8))
     before = store.weights.clone()

@@ -12,9 +12,9 @@ from functools import partial
 
 import pytest
 import torch
+
 from conftest import ROOT
 from helpers.kernel_layouts import bags, random_layout, same_bits
-
 from shark_torchrec.kernels import update_rows_ as update_rows_cpp
 from shark_torchrec.kernels.reference import mixed_lookup_reference
 from shark_torchrec.precision.quantize import rounding_noise_starts
@@ -22,7 +22,6 @@ from shark_torchrec.triton_kernels import mixed_lookup, update_rows_
 from shark_torchrec.triton_kernels.reference import mixed_lookup_torch, update_rows_torch
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported: the kernels run on CPU.
-
 
 
 def lookup_args(seed, dim, alignment, groups, pooling, weighted, max_len=4):
@@ -35,7 +34,23 @@ def lookup_args(seed, dim, alignment, groups, pooling, weighted, max_len=4):
     values, lengths = bags(gen, [37, 5, 120, 37], B, max_len=max_len, lengths=lengths)
     values[1] = values[0]
     psw = torch.rand(values.numel(), generator=gen) if weighted else None
-    return (w, offsets, row_map, ends, shift, base, rows, values, lengths, psw, dim, B, pooling, alignment, list("abcd"))
+    return (
+        w,
+        offsets,
+        row_map,
+        ends,
+        shift,
+        base,
+        rows,
+        values,
+        lengths,
+        psw,
+        dim,
+        B,
+        pooling,
+        alignment,
+        list("abcd"),
+    )
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
@@ -65,8 +80,23 @@ def test_bags_longer_than_a_block_sum_in_id_order(ids_per_block, passes):
 def test_an_id_outside_its_table_names_the_feature_and_id(bad):
     gen = torch.Generator().manual_seed(4)
     w, offsets, row_map, ends, shift = random_layout(gen, [7, 5], 8)
-    args = (w, offsets, row_map, ends, shift, torch.tensor([0, 7]), torch.tensor([7, 5]),
-            torch.tensor([1, 2, 3, bad, 4]), torch.tensor([2, 1, 1, 1]), None, 8, 2, "sum", 1, ["user", "item"])
+    args = (
+        w,
+        offsets,
+        row_map,
+        ends,
+        shift,
+        torch.tensor([0, 7]),
+        torch.tensor([7, 5]),
+        torch.tensor([1, 2, 3, bad, 4]),
+        torch.tensor([2, 1, 1, 1]),
+        None,
+        8,
+        2,
+        "sum",
+        1,
+        ["user", "item"],
+    )
     for fn in (mixed_lookup, partial(mixed_lookup, passes=2), mixed_lookup_torch):
         with pytest.raises(ValueError, match=f"feature item: id {bad} outside its table of 5 rows"):
             fn(*args)
@@ -104,8 +134,24 @@ def test_fp16_edge_values_round_as_the_reference():
     n = len(keys)
     view = w[int(offsets[1]) : int(offsets[1]) + (int(ends[1]) - int(ends[0])) * 16].view(-1, 16)
     view[row_map[keys].long() - int(shift[1])] = 0  # the rows become exactly -grad
-    special = torch.tensor([2**-14, 2**-14 - 2**-24, 2**-14 + 2**-24, 2**-24, 1.5 * 2**-24, -0.5 * 2**-24, 3e-8,
-                            0.0, -0.0, 1.0, 65504.0, 65520.0, 7e4, -1e9])
+    special = torch.tensor(
+        [
+            2**-14,
+            2**-14 - 2**-24,
+            2**-14 + 2**-24,
+            2**-24,
+            1.5 * 2**-24,
+            -0.5 * 2**-24,
+            3e-8,
+            0.0,
+            -0.0,
+            1.0,
+            65504.0,
+            65520.0,
+            7e4,
+            -1e9,
+        ]
+    )
     grad = -special[torch.randint(0, len(special), (n, 8), generator=gen)]
     start, table = rounding_noise_starts(1, 2, 0, keys, torch.zeros(n, dtype=torch.long))
     rest = (offsets, row_map, ends, shift, keys, grad, torch.ones(n), table, start, 8, 1)
@@ -123,24 +169,40 @@ def test_dropped_rows_are_left_alone_and_a_key_outside_the_map_is_named():
     update_rows_(got, offsets, row_map, ends, shift, dropped, torch.ones(n, 16), torch.ones(n), table, start[:n], 16, 1)
     assert torch.equal(got, w)
     with pytest.raises(ValueError, match=r"row 1 \(key 100\) is outside the row map"):
-        update_rows_(got, offsets, row_map, ends, shift, torch.tensor([0, 100]), torch.ones(2, 16), torch.ones(2),
-                     table, start[:2], 16, 1)
+        update_rows_(
+            got,
+            offsets,
+            row_map,
+            ends,
+            shift,
+            torch.tensor([0, 100]),
+            torch.ones(2, 16),
+            torch.ones(2),
+            table,
+            start[:2],
+            16,
+            1,
+        )
 
 
 def test_the_package_imports_neither_fbgemm_nor_torchrec_nor_the_cpp_library():
-    code = ("import sys, shark_torchrec.triton_kernels, shark_torchrec.triton_kernels.reference\n"
-            "bad = [m for m in ('fbgemm_gpu', 'torchrec', 'shark_torchrec.kernels') if m in sys.modules]\n"
-            "assert not bad, bad")
+    code = (
+        "import sys, shark_torchrec.triton_kernels, shark_torchrec.triton_kernels.reference\n"
+        "bad = [m for m in ('fbgemm_gpu', 'torchrec', 'shark_torchrec.kernels') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_cpu_tensors_outside_the_interpreter_are_refused():
-    code = ("import os; os.environ.pop('TRITON_INTERPRET', None)\n"
-            "import torch\nfrom shark_torchrec.triton_kernels import mixed_lookup\n"
-            "try:\n    mixed_lookup(torch.zeros(64, dtype=torch.uint8), torch.zeros(5, dtype=torch.long), "
-            "torch.zeros(1, dtype=torch.int32), torch.ones(5, dtype=torch.int32), torch.zeros(6, dtype=torch.int32), "
-            "torch.zeros(1), torch.ones(1), torch.zeros(1), torch.ones(1), None, 4, 1, 'sum', 1, ['x'])\n"
-            "except ValueError as e:\n    assert 'CUDA tensors only' in str(e), e\nelse:\n    raise SystemExit('accepted')")
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import torch\nfrom shark_torchrec.triton_kernels import mixed_lookup\n"
+        "try:\n    mixed_lookup(torch.zeros(64, dtype=torch.uint8), torch.zeros(5, dtype=torch.long), "
+        "torch.zeros(1, dtype=torch.int32), torch.ones(5, dtype=torch.int32), torch.zeros(6, dtype=torch.int32), "
+        "torch.zeros(1), torch.ones(1), torch.zeros(1), torch.ones(1), None, 4, 1, 'sum', 1, ['x'])\n"
+        "except ValueError as e:\n    assert 'CUDA tensors only' in str(e), e\nelse:\n    raise SystemExit('accepted')"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
 
@@ -149,8 +211,26 @@ def test_the_gpu_benchmark_runs_through_the_interpreter_and_catches_a_broken_ker
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_kernels
 
-    tiny = ["--device", "cpu", "--rows", "2000", "--dim", "16", "--bags", "16", "--ids-per-bag", "3",
-            "--repeats", "1", "--inner", "1", "--block-ids", "4", "--small-dims", "16"]
+    tiny = [
+        "--device",
+        "cpu",
+        "--rows",
+        "2000",
+        "--dim",
+        "16",
+        "--bags",
+        "16",
+        "--ids-per-bag",
+        "3",
+        "--repeats",
+        "1",
+        "--inner",
+        "1",
+        "--block-ids",
+        "4",
+        "--small-dims",
+        "16",
+    ]
     assert gpu_kernels.main(tiny) == 0
     out = capsys.readouterr().out
     assert "all equal, bit for bit" in out and "of fp32" in out
@@ -180,8 +260,23 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
     w, offsets, row_map, ends, shift, base, rows, values, lengths, psw = args[:10]
 
     def call(passes=1, **change):
-        a = dict(zip(["weights", "group_offsets", "row_map", "range_ends", "range_shift", "feature_base",
-                      "feature_rows", "values", "lengths", "per_sample_weights"], args[:10]))
+        a = dict(
+            zip(
+                [
+                    "weights",
+                    "group_offsets",
+                    "row_map",
+                    "range_ends",
+                    "range_shift",
+                    "feature_base",
+                    "feature_rows",
+                    "values",
+                    "lengths",
+                    "per_sample_weights",
+                ],
+                args[:10],
+            )
+        )
         a.update(change)
         return mixed_lookup(*a.values(), *args[10:], passes=passes)
 

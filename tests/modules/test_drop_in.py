@@ -17,14 +17,20 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from conftest import ROOT, TINY, run_shark
-from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection, MixedPrecisionEmbeddingCollection
+from shark_torchrec.modules.mixed_precision import (
+    MixedPrecisionEmbeddingBagCollection,
+    MixedPrecisionEmbeddingCollection,
+)
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.precision.labels import tag_labels
-from shark_torchrec.precision.priority import BudgetError, FP32, min_budget
+from shark_torchrec.precision.priority import FP32, BudgetError, min_budget
 
 
 def bag_tables(dim=16, rows=(200, 50)):
-    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"f{i}"]) for i, r in enumerate(rows)]
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=r, feature_names=[f"f{i}"])
+        for i, r in enumerate(rows)
+    ]
 
 
 def kjt(ids_per_feature, lengths=None):
@@ -42,7 +48,9 @@ def kjt(ids_per_feature, lengths=None):
 def test_default_policy_works_at_every_dim(dim, budget):
     """PrecisionPolicy() with no budget: the reachable floor for the dims plus a margin (0.35
     where int8 leaves room for it), and the bytes stay within it."""
-    ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(dim, (4000,)), device=torch.device("cpu"), precision_policy=PrecisionPolicy())
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        bag_tables(dim, (4000,)), device=torch.device("cpu"), precision_policy=PrecisionPolicy()
+    )
     store = ebc.stores[0]
     assert ebc._unsharded_policy.memory_budget == budget > min_budget(dim)
     assert store.table_bytes()[0]["embedding_bytes"] <= budget * 4000 * dim * 4
@@ -59,7 +67,18 @@ def test_every_precision_trains_with_no_other_flag(tmp_path, precision):
     """At the default dim (16), where the old default budget 0.35 was out of reach."""
     args = [a for a in TINY if a not in ("--embedding-dim", "8")]
     out = tmp_path / precision
-    run_shark("train", *args, "--synthetic-train-rows", "1000", "--precision", precision, "--out", str(out), "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "train",
+        *args,
+        "--synthetic-train-rows",
+        "1000",
+        "--precision",
+        precision,
+        "--out",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     m = json.loads((out / "m.json").read_text())
     assert m["embedding_bytes"] < m["fp32_embedding_bytes"]
     if precision in ("shark", "freq"):
@@ -70,8 +89,17 @@ def test_errors_from_spawned_ranks_are_the_one_line_of_one_rank(tmp_path):
     """A checkpoint that does not exist, found inside the ranks: the same one line, exit 2."""
     outputs = {}
     for nproc in ("1", "2"):
-        proc = run_shark("train", *TINY, "--nproc", nproc, "--checkpoint", str(tmp_path / "nowhere"),
-                         "--out", str(tmp_path / f"run{nproc}"), check=False)
+        proc = run_shark(
+            "train",
+            *TINY,
+            "--nproc",
+            nproc,
+            "--checkpoint",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / f"run{nproc}"),
+            check=False,
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("shark train: error:")]
         assert lines and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -87,7 +115,9 @@ def test_no_parameter_is_exposed():
     for module in (
         MixedPrecisionEmbeddingBagCollection(bag_tables()),
         MixedPrecisionEmbeddingBagCollection(bag_tables(), device=torch.device("cpu")),
-        MixedPrecisionEmbeddingCollection([EmbeddingConfig(name="s", embedding_dim=8, num_embeddings=30, feature_names=["q"])]),
+        MixedPrecisionEmbeddingCollection(
+            [EmbeddingConfig(name="s", embedding_dim=8, num_embeddings=30, feature_names=["q"])]
+        ),
     ):
         assert list(module.parameters()) == []
         assert not any(t.is_meta for t in module.buffers())
@@ -131,9 +161,21 @@ def _one_sgd_step(lr: float):
     init_distributed()
     try:
         ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(8, (20,)), precision_policy=PrecisionPolicy(mode="fp32"))
-        sharders = [MixedPrecisionEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})]
-        plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu")).collective_plan(ebc, sharders, dist.GroupMember.WORLD)
-        dmp = DistributedModelParallel(ebc, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan, sharders=sharders)
+        sharders = [
+            MixedPrecisionEmbeddingBagCollectionSharder(
+                fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr}
+            )
+        ]
+        plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu")).collective_plan(
+            ebc, sharders, dist.GroupMember.WORLD
+        )
+        dmp = DistributedModelParallel(
+            ebc,
+            env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            device=torch.device("cpu"),
+            plan=plan,
+            sharders=sharders,
+        )
         module = dmp.module
         module.fill_rows(lambda t, r0, r1: torch.arange(r0 * 8, r1 * 8, dtype=torch.float32).view(-1, 8) / 100)
         before = module.state_dict()["embedding_bags.t0.weight"].local_shards()[0].tensor.clone()
@@ -151,8 +193,12 @@ def _one_sgd_step(lr: float):
 def test_a_step_ends_with_the_backward_pass_and_reassigns_when_due():
     """No step() call: the counter advances once per backward (not per forward, not in eval),
     and rows are regrouped by score every reassign_every steps."""
-    policy = PrecisionPolicy(mode="shark", row_fractions=(0.01, 0.0), reassign_every=2, optimizer="sgd", learning_rate=0.1)
-    ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(16, (200,)), device=torch.device("cpu"), precision_policy=policy)
+    policy = PrecisionPolicy(
+        mode="shark", row_fractions=(0.01, 0.0), reassign_every=2, optimizer="sgd", learning_rate=0.1
+    )
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        bag_tables(16, (200,)), device=torch.device("cpu"), precision_policy=policy
+    )
     store = ebc.stores[0]
     assert store.row_group[0] == FP32 and store.row_group[150] != FP32  # before any score: lowest ids
     hot = torch.tensor([150, 150, 7])
@@ -174,7 +220,9 @@ def test_a_step_ends_with_the_backward_pass_and_reassigns_when_due():
 
 
 def test_missing_labels_warn_once_and_tagged_ones_do_not():
-    ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(), device=torch.device("cpu"), precision_policy=PrecisionPolicy(optimizer="sgd"))
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        bag_tables(), device=torch.device("cpu"), precision_policy=PrecisionPolicy(optimizer="sgd")
+    )
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         ebc(tag_labels(kjt([[1], [2]]), torch.ones(1))).values().sum().backward()
@@ -210,7 +258,11 @@ def test_own_model_example_on_two_ranks(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "default"}
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "own_model.py")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -228,9 +280,22 @@ def test_own_model_example_on_two_ranks(tmp_path):
 def test_under_torchrun_only_rank_zero_prints_the_result(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "apps" / "train.py"), *TINY,
-         "--synthetic-train-rows", "1000", "--out", str(tmp_path / "run")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "apps" / "train.py"),
+            *TINY,
+            "--synthetic-train-rows",
+            "1000",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"test_auc"') == 1, proc.stdout
@@ -240,11 +305,33 @@ def test_a_checkpoint_brings_its_data_model_and_precision(tmp_path):
     """`--checkpoint` alone is enough to score a trained model: the data, model and precision
     it was trained with are the defaults (the README's `shark importance --checkpoint` line)."""
     run = tmp_path / "run"
-    run_shark("train", *TINY, "--synthetic-train-rows", "1000", "--synthetic-scale", "0.01", "--precision", "shark",
-              "--memory-budget", "0.7", "--out", str(run))
+    run_shark(
+        "train",
+        *TINY,
+        "--synthetic-train-rows",
+        "1000",
+        "--synthetic-scale",
+        "0.01",
+        "--precision",
+        "shark",
+        "--memory-budget",
+        "0.7",
+        "--out",
+        str(run),
+    )
     out = tmp_path / "imp"
-    run_shark("importance", "--checkpoint", str(run / "checkpoints"), "--method", "permutation", "--no-progress",
-              "--out", str(out), "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "importance",
+        "--checkpoint",
+        str(run / "checkpoints"),
+        "--method",
+        "permutation",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     saved = (out / "config.toml").read_text()
     for line in ('precision = "shark"', "memory_budget = 0.7", "synthetic_scale = 0.01", "embedding_dim = 8"):
         assert line in saved, line

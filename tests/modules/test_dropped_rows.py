@@ -11,21 +11,39 @@ import warnings
 import pytest
 import torch
 
-from helpers import mp_workers as W
 from conftest import TINY, run_shark
+from helpers import mp_workers as W
+from helpers.checks import assert_follows_the_reference, check_row_map, compare_export
 from shark_torchrec.distributed.env import launch
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import DROPPED, FP32, INT8, ROW_MAP_BYTES, BudgetError, budget_counts, row_bytes
-from helpers.checks import assert_follows_the_reference, check_row_map, compare_export
 
 
 def store_of(rows=(40, 24), dim=8, **policy) -> RowGroupStore:
     tables = [LocalTable(f"t{i}", r, dim, global_rows=r, table_id=i) for i, r in enumerate(rows)]
-    kw = {"mode": "shark", "tiers": ("int8", "dropped"), "row_fractions": (0.5,), "optimizer": "sgd", "learning_rate": 1.0, **policy}
-    store = RowGroupStore(tables, [f"f{i}" for i in range(len(rows))], list(range(len(rows))), PrecisionPolicy(**kw).resolved([dim]), StepCounter())
-    g = torch.cat([torch.tensor([INT8, DROPPED], dtype=torch.int8).repeat_interleave(torch.tensor([r // 2, r - r // 2])) for r in rows])
+    kw = {
+        "mode": "shark",
+        "tiers": ("int8", "dropped"),
+        "row_fractions": (0.5,),
+        "optimizer": "sgd",
+        "learning_rate": 1.0,
+        **policy,
+    }
+    store = RowGroupStore(
+        tables,
+        [f"f{i}" for i in range(len(rows))],
+        list(range(len(rows))),
+        PrecisionPolicy(**kw).resolved([dim]),
+        StepCounter(),
+    )
+    g = torch.cat(
+        [
+            torch.tensor([INT8, DROPPED], dtype=torch.int8).repeat_interleave(torch.tensor([r // 2, r - r // 2]))
+            for r in rows
+        ]
+    )
     store.set_groups(g)
     return store
 
@@ -38,14 +56,18 @@ def test_dropped_ids_train_their_tables_fallback_row_and_come_back_from_it():
     store.write_rows(torch.arange(n), values)
     dropped = store.row_group == DROPPED
     kept_before = store.read_rows(torch.arange(n))[~dropped]
-    assert torch.equal(store.read_rows(dropped.nonzero().flatten()), torch.zeros(int(dropped.sum()), D))  # fallback starts at 0
+    assert torch.equal(
+        store.read_rows(dropped.nonzero().flatten()), torch.zeros(int(dropped.sum()), D)
+    )  # fallback starts at 0
     # One step touching dropped and stored rows of both tables.
     keys = torch.tensor([1, 25, 30, 39, 41, 60])  # t0: stored 1, dropped 25 30 39; t1 (from 40): stored 41, dropped 60
     grad = torch.randn(len(keys), D, generator=torch.Generator().manual_seed(1))
     store.apply_update(keys, grad, torch.ones(len(keys)), torch.zeros(len(keys)))
     store.apply_fallback_update()
     fallback = store.fallback_rows()
-    assert torch.allclose(fallback[0], -(grad[1] + grad[2] + grad[3]), atol=1e-6)  # SGD, lr 1: minus the summed gradient
+    assert torch.allclose(
+        fallback[0], -(grad[1] + grad[2] + grad[3]), atol=1e-6
+    )  # SGD, lr 1: minus the summed gradient
     assert torch.allclose(fallback[1], -grad[5], atol=1e-6)
     after = store.read_rows(torch.arange(n))
     assert torch.equal(after[dropped], fallback[store.table_of_rows(dropped.nonzero().flatten())])
@@ -66,7 +88,10 @@ def test_dropped_ids_train_their_tables_fallback_row_and_come_back_from_it():
     assert ((back - want).abs().max(1).values <= step + 1e-6).all()
     assert torch.equal(store.read_rows(torch.tensor([0, 2, 40])), fallback[[0, 0, 1]])
     sizes = store.table_bytes()
-    assert sizes[0]["rows_dropped"] == 20 - 2 + 2 and sizes[0]["embedding_bytes"] == 20 * row_bytes(D, INT8) + 40 * ROW_MAP_BYTES + 4 * D
+    assert (
+        sizes[0]["rows_dropped"] == 20 - 2 + 2
+        and sizes[0]["embedding_bytes"] == 20 * row_bytes(D, INT8) + 40 * ROW_MAP_BYTES + 4 * D
+    )
 
 
 def test_rows_are_dropped_only_when_the_budget_needs_it():
@@ -172,41 +197,79 @@ def test_dropped_rows_follow_the_reference_unsharded_on_two_ranks_and_through_a_
 
 def test_dropped_rows_train_export_and_serve_from_the_command_line(tmp_path):
     out = tmp_path / "drop"
-    run_shark("train", *TINY, "--synthetic-train-rows", "2000", "--embedding-dim", "16", "--precision", "shark",
-              "--tiers", "int8", "int2", "dropped", "--memory-budget", "0.15", "--budget-scope", "model", "--reassign-every", "5",
-              "--out", str(out), "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "train",
+        *TINY,
+        "--synthetic-train-rows",
+        "2000",
+        "--embedding-dim",
+        "16",
+        "--precision",
+        "shark",
+        "--tiers",
+        "int8",
+        "int2",
+        "dropped",
+        "--memory-budget",
+        "0.15",
+        "--budget-scope",
+        "model",
+        "--reassign-every",
+        "5",
+        "--out",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     m = json.loads((out / "m.json").read_text())
     assert m["rows_dropped"] > 0 and m["rows_int2"] > 0 and m["embedding_bytes"] <= 0.15 * m["fp32_embedding_bytes"]
     diff, ebc = compare_export(out / "checkpoints", m)
     assert diff < 1e-5 and ebc.group_rows()["rows_dropped"] == m["rows_dropped"]
     # Served in tiers without `dropped`: the rows dropped in training come back (as their fallback row).
     served = tmp_path / "served"
-    run_shark("export", str(out / "checkpoints"), "--out", str(served), "--tiers", "fp16", "int8", "--memory-budget", "0.5")
+    run_shark(
+        "export", str(out / "checkpoints"), "--out", str(served), "--tiers", "fp16", "int8", "--memory-budget", "0.5"
+    )
     rec = json.loads((served / "export.json").read_text())
-    assert rec["rows_dropped"] == 0 and rec["rows_fp16"] + rec["rows_int8"] == sum(v for k, v in m.items() if k.startswith("rows_"))
+    assert rec["rows_dropped"] == 0 and rec["rows_fp16"] + rec["rows_int8"] == sum(
+        v for k, v in m.items() if k.startswith("rows_")
+    )
 
 
 def test_a_model_budget_starts_small_tables_at_their_floor_paid_by_the_large_ones():
     from shark_torchrec.precision.budget import model_start_budgets
 
-    policy = PrecisionPolicy(tiers=("int8", "int2", "dropped"), memory_budget=0.1, budget_scope="model",
-                             optimizer="sgd", learning_rate=0.1).resolved([16])
+    policy = PrecisionPolicy(
+        tiers=("int8", "int2", "dropped"), memory_budget=0.1, budget_scope="model", optimizer="sgd", learning_rate=0.1
+    ).resolved([16])
     tables = {"tiny": (10, 16), "big": (5000, 16)}
     shares = model_start_budgets(policy, tables)
     fp32 = {n: r * d * 4 for n, (r, d) in tables.items()}
     assert shares["tiny"] > 0.1 > shares["big"]  # the tiny table alone could not meet 0.1
-    total = sum(budget_counts(r, d, shares[n], 0.0, groups=policy.groups).as_tuple()[g] * row_bytes(d, g)
-                for n, (r, d) in tables.items() for g in range(6)) + sum(r * ROW_MAP_BYTES + 4 * d for r, d in tables.values())
+    total = sum(
+        budget_counts(r, d, shares[n], 0.0, groups=policy.groups).as_tuple()[g] * row_bytes(d, g)
+        for n, (r, d) in tables.items()
+        for g in range(6)
+    ) + sum(r * ROW_MAP_BYTES + 4 * d for r, d in tables.values())
     assert total <= 0.1 * sum(fp32.values()) + 1e-6
     with pytest.raises(BudgetError, match="model's tables"):
-        model_start_budgets(PrecisionPolicy(tiers=("int8", "int2", "dropped"), memory_budget=0.0626, budget_scope="model",
-                                            optimizer="sgd", learning_rate=0.1).resolved([16]), tables)
+        model_start_budgets(
+            PrecisionPolicy(
+                tiers=("int8", "int2", "dropped"),
+                memory_budget=0.0626,
+                budget_scope="model",
+                optimizer="sgd",
+                learning_rate=0.1,
+            ).resolved([16]),
+            tables,
+        )
 
 
 def test_a_resumed_module_with_dropped_rows_continues_bit_for_bit():
     """State dict taken after 2 steps, loaded into a fresh module: 2 more steps give exactly
     the tensors of the module that never stopped (fallback rows and their optimizer state
     included), with rows dropped and revived at every step."""
+
     def train(module, steps):
         for step in steps:
             keys, lengths, values, labels, G = W.batch(step)

@@ -8,18 +8,31 @@ import pytest
 import torch
 
 from conftest import TINY, run_shark
+from helpers.checks import check_row_map, compare_export
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import FP16, FP32, INT2, INT4, INT8, ROW_MAP_BYTES, row_bytes
-from helpers.checks import check_row_map, compare_export
 
 ALL = ("fp32", "fp16", "int8", "int4", "int2")
 
 
 def store_of(rows=(300, 200), dim=16, **policy) -> RowGroupStore:
     tables = [LocalTable(f"t{i}", r, dim, global_rows=r, table_id=i) for i, r in enumerate(rows)]
-    kw = {"mode": "shark", "tiers": ALL, "row_fractions": (0.2, 0.2, 0.2, 0.2), "optimizer": "sgd", "learning_rate": 1.0, **policy}
-    return RowGroupStore(tables, [f"f{i}" for i in range(len(rows))], list(range(len(rows))), PrecisionPolicy(**kw).resolved([dim]), StepCounter())
+    kw = {
+        "mode": "shark",
+        "tiers": ALL,
+        "row_fractions": (0.2, 0.2, 0.2, 0.2),
+        "optimizer": "sgd",
+        "learning_rate": 1.0,
+        **policy,
+    }
+    return RowGroupStore(
+        tables,
+        [f"f{i}" for i in range(len(rows))],
+        list(range(len(rows))),
+        PrecisionPolicy(**kw).resolved([dim]),
+        StepCounter(),
+    )
 
 
 def step_of(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -36,8 +49,10 @@ def test_rows_move_between_all_five_groups_keeping_their_values():
     before = store.read_rows(torch.arange(n))
     check_row_map(store)
     for seed, same_sizes in ((2, False), (3, True)):
-        g1 = g0[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] if same_sizes else (
-            torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.int8)
+        g1 = (
+            g0[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+            if same_sizes
+            else (torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.int8))
         )
         store.set_groups(g1)
         check_row_map(store)
@@ -88,8 +103,18 @@ def test_low_bit_updates_round_stochastically(group, bits):
 @pytest.mark.parametrize("precision", ["int4", "int2"])
 def test_one_low_bit_tier_trains_and_exports_the_same_logits(tmp_path, precision):
     out = tmp_path / precision
-    run_shark("train", *TINY, "--synthetic-train-rows", "2000", "--precision", precision, "--out", str(out),
-              "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "train",
+        *TINY,
+        "--synthetic-train-rows",
+        "2000",
+        "--precision",
+        precision,
+        "--out",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     m = json.loads((out / "m.json").read_text())
     rows = sum(t["fp32_embedding_bytes"] for t in m["tables"].values()) // (8 * 4)
     assert m[f"rows_{precision}"] == rows and m["test_auc"] > 0.55
@@ -101,8 +126,29 @@ def test_one_low_bit_tier_trains_and_exports_the_same_logits(tmp_path, precision
 
 def test_rows_ranked_into_low_bit_tiers_train_and_export(tmp_path):
     out = tmp_path / "mix"
-    run_shark("train", *TINY, "--synthetic-train-rows", "2000", "--precision", "shark", "--tiers", "fp16", "int8", "int4", "int2",
-              "--row-fractions", "0.05", "0.1", "0.2", "--reassign-every", "5", "--out", str(out), "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "train",
+        *TINY,
+        "--synthetic-train-rows",
+        "2000",
+        "--precision",
+        "shark",
+        "--tiers",
+        "fp16",
+        "int8",
+        "int4",
+        "int2",
+        "--row-fractions",
+        "0.05",
+        "0.1",
+        "0.2",
+        "--reassign-every",
+        "5",
+        "--out",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     m = json.loads((out / "m.json").read_text())
     assert all(m[f"rows_{g}"] > 0 for g in ("fp16", "int8", "int4", "int2")) and m["rows_fp32"] == 0
     diff, _ = compare_export(out / "checkpoints", m)
@@ -122,12 +168,20 @@ def test_low_bit_flags_are_checked_by_name(capsys):
         with pytest.raises(SystemExit):
             parse_cli(flags)
         assert named in capsys.readouterr().err, flags
-    assert parse_cli(["--precision", "shark", "--tiers", "int4", "int2", "--memory-budget", "0.25"]).quant.tiers == ("int4", "int2")
+    assert parse_cli(["--precision", "shark", "--tiers", "int4", "int2", "--memory-budget", "0.25"]).quant.tiers == (
+        "int4",
+        "int2",
+    )
     commas = parse_cli(["--precision", "shark", "--tiers", "int4,int2", "--memory-budget", "0.25"])
     assert commas.quant.policy(0.1, 1e-8, 0).tiers == ("int4", "int2")
 
 
-LOW_BIT = {"reassign_every": 1, "tiers": ("fp16", "int8", "int4", "int2"), "memory_budget": None, "row_fractions": (0.1, 0.2, 0.3)}
+LOW_BIT = {
+    "reassign_every": 1,
+    "tiers": ("fp16", "int8", "int4", "int2"),
+    "memory_budget": None,
+    "row_fractions": (0.1, 0.2, 0.3),
+}
 
 
 def test_low_bit_rows_follow_the_reference_unsharded_and_on_two_ranks():
@@ -135,8 +189,8 @@ def test_low_bit_rows_follow_the_reference_unsharded_and_on_two_ranks():
     against the plain-torch reference (tests/helpers/reference.py: packed codes are not its business,
     the values and groups are), reassigned every step."""
     from helpers import mp_workers as W
-    from shark_torchrec.distributed.env import launch
     from helpers.checks import assert_follows_the_reference
+    from shark_torchrec.distributed.env import launch
 
     want = W.reference_math_run(3, LOW_BIT)
     tiers = (FP16, INT8, INT4, INT2)
@@ -149,11 +203,38 @@ def test_low_bit_checkpoint_moves_between_plans_and_world_sizes(tmp_path):
     every tensor identical (int4 and int2 codes restored exactly under their scale/bias)."""
     from shark_torchrec.jobs.checkpoint import load_full_state, resolve_checkpoint
 
-    flags = [*TINY, "--synthetic-train-rows", "2000", "--precision", "shark", "--tiers", "fp16", "int8", "int4", "int2",
-             "--row-fractions", "0.05", "0.1", "0.2", "--reassign-every", "5"]
+    flags = [
+        *TINY,
+        "--synthetic-train-rows",
+        "2000",
+        "--precision",
+        "shark",
+        "--tiers",
+        "fp16",
+        "int8",
+        "int4",
+        "int2",
+        "--row-fractions",
+        "0.05",
+        "0.1",
+        "0.2",
+        "--reassign-every",
+        "5",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     run_shark("train", *flags, "--nproc", "2", "--sharding-types", "row_wise", "--out", str(a))
-    run_shark("train", *flags, "--sharding-types", "table_wise", "--checkpoint", str(a / "checkpoints"), "--epochs", "0", "--out", str(b))
+    run_shark(
+        "train",
+        *flags,
+        "--sharding-types",
+        "table_wise",
+        "--checkpoint",
+        str(a / "checkpoints"),
+        "--epochs",
+        "0",
+        "--out",
+        str(b),
+    )
     sa = load_full_state(resolve_checkpoint(a / "checkpoints"))["model"]
     sb = load_full_state(resolve_checkpoint(b / "checkpoints"))["model"]
     groups = torch.cat([sa[k][:, 0] for k in sa if k.endswith(".row_group")])

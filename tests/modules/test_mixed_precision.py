@@ -6,27 +6,28 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from conftest import TINY, run_shark
 from helpers import mp_workers as W
 from helpers.checks import assert_follows_the_reference, check_row_map
-from conftest import TINY, run_shark
 from shark_torchrec.distributed.env import launch
+from shark_torchrec.jobs.checkpoint import load_full_state, resolve_checkpoint
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import FP16, FP32, INT8, ROW_MAP_BYTES, row_bytes
-from shark_torchrec.jobs.checkpoint import load_full_state, resolve_checkpoint
 
 
 def make_store(rows=(500, 300), dim=16, **policy):
     tables = [LocalTable(f"t{i}", r, dim, global_rows=r, table_id=i) for i, r in enumerate(rows)]
-    pol = PrecisionPolicy(**{"mode": "shark", "memory_budget": 0.6, "optimizer": "rowwise_adagrad", "learning_rate": 0.1, **policy}).resolved([dim])
+    pol = PrecisionPolicy(
+        **{"mode": "shark", "memory_budget": 0.6, "optimizer": "rowwise_adagrad", "learning_rate": 0.1, **policy}
+    ).resolved([dim])
     store = RowGroupStore(tables, [f"f{i}" for i in range(len(rows))], list(range(len(rows))), pol, StepCounter())
     return store
 
 
 def int8_step(values: torch.Tensor) -> torch.Tensor:
     return (values.max(dim=1).values - values.min(dim=1).values) / 255
-
 
 
 def test_reassignment_keeps_every_row_once_and_its_values():
@@ -86,7 +87,9 @@ def test_budget_mode_monotone_and_within_budget():
 
 def test_nonfinite_gradients_are_skipped():
     store = make_store()
-    store.set_groups(torch.tensor([FP32, FP16, INT8] * (store.num_rows // 3) + [INT8] * (store.num_rows % 3), dtype=torch.int8))
+    store.set_groups(
+        torch.tensor([FP32, FP16, INT8] * (store.num_rows // 3) + [INT8] * (store.num_rows % 3), dtype=torch.int8)
+    )
     store.write_rows(torch.arange(store.num_rows), torch.randn(store.num_rows, store.dim))
     keys = torch.tensor([0, 1, 2, 3])
     grad = torch.randn(4, store.dim)
@@ -138,15 +141,29 @@ def tables_dim8():
 
 
 def test_ids_outside_their_table_are_named():
-    ebc = MixedPrecisionEmbeddingBagCollection(tables_dim8(), device=torch.device("cpu"), precision_policy=PrecisionPolicy(mode="int8", memory_budget=None))
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([3, 10]), lengths=torch.tensor([1, 1], dtype=torch.int32))
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        tables_dim8(), device=torch.device("cpu"), precision_policy=PrecisionPolicy(mode="int8", memory_budget=None)
+    )
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f"], values=torch.tensor([3, 10]), lengths=torch.tensor([1, 1], dtype=torch.int32)
+    )
     with pytest.raises(IdError, match=r"feature 'f': id 10 is outside table 't' \(rows 0..9\)"):
         ebc(kjt)
     lenient = MixedPrecisionEmbeddingBagCollection(
-        tables_dim8(), device=torch.device("cpu"), precision_policy=PrecisionPolicy(mode="int8", memory_budget=None, bad_ids="row0")
+        tables_dim8(),
+        device=torch.device("cpu"),
+        precision_policy=PrecisionPolicy(mode="int8", memory_budget=None, bad_ids="row0"),
     )
-    out = lenient(KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([-4]), lengths=torch.tensor([1], dtype=torch.int32)))
-    row0 = lenient(KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([0]), lengths=torch.tensor([1], dtype=torch.int32)))
+    out = lenient(
+        KeyedJaggedTensor.from_lengths_sync(
+            keys=["f"], values=torch.tensor([-4]), lengths=torch.tensor([1], dtype=torch.int32)
+        )
+    )
+    row0 = lenient(
+        KeyedJaggedTensor.from_lengths_sync(
+            keys=["f"], values=torch.tensor([0]), lengths=torch.tensor([1], dtype=torch.int32)
+        )
+    )
     assert torch.equal(out.values(), row0.values())
 
 
@@ -167,7 +184,9 @@ def test_default_policy_weighs_positives_twice():
     table = EmbeddingBagConfig(name="t", embedding_dim=32, num_embeddings=10, feature_names=["f"])
     for name, policy in policies.items():
         ebc = MixedPrecisionEmbeddingBagCollection([table], device=torch.device("cpu"), precision_policy=policy)
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([3, 5]), lengths=torch.tensor([1, 1], dtype=torch.int32))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f"], values=torch.tensor([3, 5]), lengths=torch.tensor([1, 1], dtype=torch.int32)
+        )
         ebc(tag_labels(kjt, torch.tensor([1.0, 0.0]))).values().sum().backward()  # row 3 positive, row 5 negative
         W.end_of_step(ebc)
         scores = ebc.stores[0].scores_now()
@@ -184,7 +203,6 @@ CASES = {
     # threshold mode (budget counts depend on the slice width), within int8 steps.
     "column_wise": ({"reassign_every": 1, "optimizer": "sgd", "memory_budget": None, "t8": 0.5, "t16": 1.5}, 0.05),
 }
-
 
 
 @pytest.mark.parametrize("sequence", [False, True], ids=["bags", "sequence"])
@@ -230,7 +248,6 @@ def test_column_wise_budget_counts_each_row_once():
     `_tables_for_budget`), every slice of a row is in the same group, and the groups are the
     rule's ranking of the scores."""
     from helpers.reference import budget_groups
-
     from shark_torchrec.precision.priority import budget_counts, decayed
 
     steps, overrides = 3, {"reassign_every": 1, "memory_budget": 0.6}
@@ -245,7 +262,9 @@ def test_column_wise_budget_counts_each_row_once():
         mem = got["memory"][n]
         assert [mem["rows_fp32"], mem["rows_fp16"], mem["rows_int8"]] == list(counts.as_tuple()[:3]), n
         # The last reassignment (after the last step) ranked the scores as of that step.
-        scores = decayed(got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
+        scores = decayed(
+            got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta
+        )
         per_group = [(FP32, counts.fp32), (FP16, counts.fp16), (INT8, counts.int8)]
         assert not torch.equal(groups[:, 0], budget_groups(torch.zeros(rows), per_group)), n  # not the start
         assert torch.equal(groups[:, 0], budget_groups(scores, per_group)), n
@@ -259,12 +278,29 @@ def test_checkpoint_moves_between_plans_and_world_sizes(tmp_path):
     the logical tables (values, int8 scales, groups, scores, optimizer state) is identical."""
     a, b = tmp_path / "a", tmp_path / "b"
     run_shark("train", *SMALL, "--nproc", "2", "--sharding-types", "row_wise", "--out-dir", str(a))
-    run_shark("train", *SMALL, "--sharding-types", "table_wise", "--checkpoint", str(a / "checkpoints"),
-              "--epochs", "0", "--out-dir", str(b))
+    run_shark(
+        "train",
+        *SMALL,
+        "--sharding-types",
+        "table_wise",
+        "--checkpoint",
+        str(a / "checkpoints"),
+        "--epochs",
+        "0",
+        "--out-dir",
+        str(b),
+    )
     sa = load_full_state(resolve_checkpoint(a / "checkpoints"))["model"]
     sb = load_full_state(resolve_checkpoint(b / "checkpoints"))["model"]
     mixed = [k for k in sa if ".embedding_bags." in k]
-    assert {k.rsplit(".", 1)[1] for k in mixed} == {"weight", "qparams", "row_group", "row_priority", "row_seen_step", "momentum"}
+    assert {k.rsplit(".", 1)[1] for k in mixed} == {
+        "weight",
+        "qparams",
+        "row_group",
+        "row_priority",
+        "row_seen_step",
+        "momentum",
+    }
     groups = torch.cat([sa[k][:, 0] for k in mixed if k.endswith("row_group")])
     assert all(int((groups == g).sum()) > 0 for g in range(3))
     for k in sa:
@@ -274,7 +310,9 @@ def test_checkpoint_moves_between_plans_and_world_sizes(tmp_path):
 def test_fp32_model_converts_explicitly(tmp_path):
     fp32, mixed = tmp_path / "fp32", tmp_path / "mixed"
     run_shark("train", *TINY, "--out-dir", str(fp32))
-    refused = run_shark("train", *SMALL, "--checkpoint", str(fp32 / "checkpoints"), "--out-dir", str(mixed), check=False)
+    refused = run_shark(
+        "train", *SMALL, "--checkpoint", str(fp32 / "checkpoints"), "--out-dir", str(mixed), check=False
+    )
     assert refused.returncode == 2 and "--init-from" in refused.stderr
     run_shark("train", *SMALL, "--init-from", str(fp32 / "checkpoints"), "--epochs", "0", "--out-dir", str(mixed))
     sa = load_full_state(resolve_checkpoint(fp32 / "checkpoints"))["model"]
@@ -288,13 +326,34 @@ def test_fp32_model_converts_explicitly(tmp_path):
 
 
 def test_trains_within_half_a_point_of_fp32(tmp_path):
-    args = ["--synthetic-train-rows", "20000", "--synthetic-eval-rows", "4000", "--synthetic-scale", "0.05",
-            "--batch-size", "256", "--embedding-dim", "16", "--no-progress"]
+    args = [
+        "--synthetic-train-rows",
+        "20000",
+        "--synthetic-eval-rows",
+        "4000",
+        "--synthetic-scale",
+        "0.05",
+        "--batch-size",
+        "256",
+        "--embedding-dim",
+        "16",
+        "--no-progress",
+    ]
     auc = {}
     for precision in ("fp32", "shark"):
         out = tmp_path / precision
         extra = ["--memory-budget", "0.5", "--reassign-every", "20"] if precision == "shark" else []
-        run_shark("train", *args, "--precision", precision, *extra, "--out-dir", str(out), "--metrics-out", str(out / "m.json"))
+        run_shark(
+            "train",
+            *args,
+            "--precision",
+            precision,
+            *extra,
+            "--out-dir",
+            str(out),
+            "--metrics-out",
+            str(out / "m.json"),
+        )
         m = json.loads((out / "m.json").read_text())
         auc[precision] = m["test_auc"]
         if precision == "shark":
@@ -308,8 +367,23 @@ def test_data_parallel_placement_trains_without_nan(tmp_path):
     """Stock fp16 tables placed data-parallel go NaN (a dense optimizer's epsilon underflows
     in fp16); ours update every group with the same row-wise rule."""
     out = tmp_path / "dp"
-    run_shark("train", *TINY, "--precision", "fp16", "--nproc", "2", "--allow-data-parallel",
-              "--sharding-types", "data_parallel", "--lr", "0.5", "--out-dir", str(out), "--metrics-out", str(out / "m.json"))
+    run_shark(
+        "train",
+        *TINY,
+        "--precision",
+        "fp16",
+        "--nproc",
+        "2",
+        "--allow-data-parallel",
+        "--sharding-types",
+        "data_parallel",
+        "--lr",
+        "0.5",
+        "--out-dir",
+        str(out),
+        "--metrics-out",
+        str(out / "m.json"),
+    )
     m = json.loads((out / "m.json").read_text())
     assert m["test_auc"] == m["test_auc"] and m["test_auc"] > 0.6  # not NaN, and learned
     assert m["test_logloss"] == m["test_logloss"]
@@ -327,11 +401,16 @@ def test_planner_fits_what_fp32_cannot():
     from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
     from shark_torchrec.planner.storage import make_planner, shard_bytes
 
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=4_000_000, feature_names=[f"f{i}"]) for i in range(4)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=4_000_000, feature_names=[f"f{i}"])
+        for i in range(4)
+    ]
     fp32 = 4 * 4_000_000 * 64 * 4
     topology = lambda: Topology(world_size=2, compute_device="cpu", ddr_cap=int(fp32 * 0.45 / 2 * 2))
     with pytest.raises(PlannerError):
-        make_planner(topology()).plan(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), [EmbeddingBagCollectionSharder()])
+        make_planner(topology()).plan(
+            EmbeddingBagCollection(tables=tables, device=torch.device("meta")), [EmbeddingBagCollectionSharder()]
+        )
     policy = PrecisionPolicy(memory_budget=0.35)
     ours = MixedPrecisionEmbeddingBagCollection(tables, precision_policy=policy)
     plan = make_planner(topology()).plan(ours, [MixedPrecisionEmbeddingBagCollectionSharder()])
@@ -349,7 +428,9 @@ def test_memory_saving_is_real(tmp_path):
     from pathlib import Path
 
     probe = Path(__file__).parents[1] / "helpers" / "rss_probe.py"
-    out = subprocess.run([sys.executable, str(probe), "7800000", "64", "12"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(probe), "7800000", "64", "12"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["finite"]
@@ -385,8 +466,12 @@ def test_stock_collection_converts_in_memory():
     from shark_torchrec.modules.mixed_precision import to_mixed_precision
 
     torch.manual_seed(0)
-    stock = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=300, feature_names=["f"])])
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.randint(0, 300, (40,)), lengths=torch.full((20,), 2, dtype=torch.int32))
+    stock = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=300, feature_names=["f"])]
+    )
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f"], values=torch.randint(0, 300, (40,)), lengths=torch.full((20,), 2, dtype=torch.int32)
+    )
     want = stock(kjt).values()
     exact = to_mixed_precision(stock, PrecisionPolicy(mode="fp32", memory_budget=None))
     assert torch.allclose(exact(kjt).values(), want, atol=1e-6)
@@ -416,7 +501,10 @@ def test_sharded_checkpoint_loads_unsharded(tmp_path, sharding_type):
     again = module.state_dict()
     for n, _, _ in W.TABLES:
         for key in ("row_group", "row_priority", "row_seen_step"):
-            assert torch.equal(again[f"embedding_bags.{n}.{key}"][:, 0], state[f"embedding_bags.{n}.{key}"][:, 0]), (n, key)
+            assert torch.equal(again[f"embedding_bags.{n}.{key}"][:, 0], state[f"embedding_bags.{n}.{key}"][:, 0]), (
+                n,
+                key,
+            )
         w, want = again[f"embedding_bags.{n}.weight"], got["tables"][f"{n}.weight"]
         int8 = again[f"embedding_bags.{n}.row_group"][:, 0] == INT8
         if sharding_type == "column_wise":
@@ -436,9 +524,13 @@ def test_weighted_collection_keeps_its_weights_and_counts_labels():
     from shark_torchrec.precision.labels import tag_labels
 
     torch.manual_seed(0)
-    stock = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])], is_weighted=True)
+    stock = EmbeddingBagCollection(
+        [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50, feature_names=["f"])], is_weighted=True
+    )
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["f"], values=torch.tensor([1, 2, 3, 1]), lengths=torch.tensor([2, 2], dtype=torch.int32),
+        keys=["f"],
+        values=torch.tensor([1, 2, 3, 1]),
+        lengths=torch.tensor([2, 2], dtype=torch.int32),
         weights=torch.tensor([0.5, 2.0, -1.0, 3.0]),
     )
     ours = to_mixed_precision(stock, PrecisionPolicy(mode="shark", row_fractions=(1.0, 0.0), alpha=2.0, beta=1.0))

@@ -37,7 +37,9 @@ def cuts_for(scores, dims, budget, fp32_fraction=0.02, groups=(FP32, FP16, INT8)
     def count_at_least(cut):
         return torch.tensor([len(k) - int(torch.searchsorted(k, torch.tensor(cut))) for k in keys])
 
-    cuts = model_budget_cuts(count_at_least, [len(s) for s in scores], [(d,) for d in dims], dims, budget, fp32_fraction, groups)
+    cuts = model_budget_cuts(
+        count_at_least, [len(s) for s in scores], [(d,) for d in dims], dims, budget, fp32_fraction, groups
+    )
     out, base = [], 0
     for s, d in zip(scores, dims):
         k = ranking_keys(per_byte_scores(s, d), torch.arange(len(s)) + base)
@@ -139,7 +141,9 @@ def final_groups_and_reference(tables, steps, widths):
     for n, rows, _ in W.TABLES:
         groups = tables[f"{n}.row_group"]
         assert (groups == groups[:, :1]).all(), n  # every 4-column unit (slice) of a row alike
-        scores[n] = decayed(tables[f"{n}.row_priority"][:, 0], tables[f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta)
+        scores[n] = decayed(
+            tables[f"{n}.row_priority"][:, 0], tables[f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta
+        )
     want = model_budget_groups(scores, widths, SHARED["memory_budget"], SHARED["fp32_fraction"])
     return {n: tables[f"{n}.row_group"][:, 0] for n, _, _ in W.TABLES}, want
 
@@ -195,7 +199,9 @@ def test_collections_of_one_model_share_one_budget_unsharded():
     alone, _ = results[False]  # (model: the unshared one, last built)
     assert any(not torch.equal(alone[n], want[n]) for n, _, _ in W.TABLES)
     odd = W.TwoCollections(SHARED)
-    odd.b = MixedPrecisionEmbeddingBagCollection(W.tables()[2:], precision_policy=W.policy(**{**SHARED, "memory_budget": 0.6}))
+    odd.b = MixedPrecisionEmbeddingBagCollection(
+        W.tables()[2:], precision_policy=W.policy(**{**SHARED, "memory_budget": 0.6})
+    )
     for m in (odd.a, odd.b):
         m.materialize(torch.device("cpu"))
     with pytest.raises(ValueError, match="differ in memory_budget"):

@@ -1,6 +1,7 @@
 """The pure math of F-Quantization: quantization, stochastic rounding, priorities, budgets."""
 
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from shark_torchrec.precision.labels import split_tagged, tag_labels
 from shark_torchrec.precision.priority import (
@@ -29,7 +30,6 @@ from shark_torchrec.precision.quantize import (
     round_fp16_stochastic,
     rounding_noise,
 )
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def noise_for(step, n, d, table=7):
@@ -172,7 +172,9 @@ def test_labels_travel_in_the_weights():
     w, lab = split_tagged(tag_labels(kjt, labels).weights())
     assert lab.tolist() == [1, 0, 0, 0, 0] and (w == 1.0).all()
     weighted = KeyedJaggedTensor.from_lengths_sync(
-        keys=["a", "b"], values=torch.arange(5), lengths=torch.tensor([1, 2, 0, 2], dtype=torch.int32),
+        keys=["a", "b"],
+        values=torch.arange(5),
+        lengths=torch.tensor([1, 2, 0, 2], dtype=torch.int32),
         weights=torch.tensor([0.5, 2.0, 3.0, -1.5, 7.25]),
     )
     w, lab = split_tagged(tag_labels(weighted, torch.tensor([0.0, 1.0])).weights())
@@ -221,7 +223,10 @@ def test_packed_codes_are_what_fbgemm_reads():
         packed = pack_codes(codes, bits)
         assert packed.shape == (6, 16 * bits // 8) and torch.equal(unpack_codes(packed, bits), codes)
         tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-            [("t", 6, 16, ty, EmbeddingLocation.HOST)], device="cpu", pooling_mode=PoolingMode.NONE, row_alignment=1,
+            [("t", 6, 16, ty, EmbeddingLocation.HOST)],
+            device="cpu",
+            pooling_mode=PoolingMode.NONE,
+            row_alignment=1,
             output_dtype=SparseType.FP32,
         )
         tbe.fill_random_weights()
