@@ -199,6 +199,32 @@ def timer(device: str) -> Callable[[Callable[[], object], int], float]:
     return run
 
 
+def profile_kernels(device: str, config: Tuple[int, int, int], lookup: Callable, step: Callable, calls: int) -> Dict:
+    """Each kernel's mean time per call (torch.profiler) in `calls` lookups and steps of
+    `config`; printed, and returned as {"lookup"|"step": {kernel: ms a call}}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    out: Dict[str, Dict[str, float]] = {}
+    for kind, fn in (("lookup", lookup), ("step", step)):
+        with profile(activities=[activity]) as prof:
+            for _ in range(calls):
+                fn(config)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        rows = []
+        for e in prof.key_averages():
+            us = e.device_time_total if device == "cuda" else e.self_cpu_time_total
+            if us > 0 and (device != "cuda" or e.device_type.name == "CUDA"):
+                rows.append((us / calls / 1e3, e.key))
+        rows.sort(reverse=True)
+        out[kind] = {k: ms for ms, k in rows[:12]}
+        print(f"\nkernels of one {kind}, {config_name(config)} (ms a call, mean of {calls}; top 12):")
+        for ms, k in rows[:12]:
+            print(f"  {ms:8.4f}  {k[:90]}")
+    return out
+
+
 def main(argv: List[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,6 +248,11 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--small-dims", default="16,24,128", help="dims of the small random tables checked first")
     ap.add_argument("--checks-only", action="store_true", help="the checks against the references, no timing")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print each kernel's time (torch.profiler) in the lookup and step of the first configuration",
+    )
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -382,6 +413,8 @@ def main(argv: List[str] | None = None) -> int:
                     }
                     line += f"   {statistics.median(r):5.2f}x [{min(r):.2f}, {max(r):.2f}] of {label}"
             print(line)
+    if a.profile:
+        result["profile"] = profile_kernels(dev, configs[0], ours_lookup, our_step, a.inner)
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
     return 1 if failures else 0

@@ -231,9 +231,10 @@ def test_the_gpu_benchmark_runs_through_the_interpreter_and_catches_a_broken_ker
         "--small-dims",
         "16",
     ]
-    assert gpu_kernels.main(tiny) == 0
+    assert gpu_kernels.main(tiny + ["--profile"]) == 0
     out = capsys.readouterr().out
     assert "all equal, bit for bit" in out and "of fp32" in out
+    assert "kernels of one lookup" in out and "kernels of one step" in out
 
     def off_by_a_step(weights, *rest):
         update_rows_(weights, *rest)
