@@ -151,7 +151,7 @@ def check_small(device: str, gen: torch.Generator, values_gen: torch.Generator, 
                 psw = torch.rand(ids.numel(), generator=gen).to(device) if weighted else None
                 args = (*t.layout(), base, rows, ids, lengths.to(device), psw, dim, B, pooling, alignment, ["a", "b"])
                 want = mixed_lookup_torch(*args)
-                if not all(same(mixed_lookup(*args, ids_per_block=2, passes=p), want) for p in (1, 2)):
+                if not same(mixed_lookup(*args), want):
                     failures.append(f"lookup dim {dim} alignment {alignment} {pooling} weighted={weighted}")
         keys = torch.randperm(t.rows, generator=gen)[:200].to(device)
         grad = torch.randn(200, dim, generator=gen).to(device)
@@ -180,9 +180,9 @@ def check_small(device: str, gen: torch.Generator, values_gen: torch.Generator, 
     return failures
 
 
-def config_name(config: Tuple[int, int, int]) -> str:
-    """A lookup configuration's label: passes, ids a block, warps."""
-    return f"{config[2]}-pass, {config[0]} ids a block, {config[1]} warps"
+def config_name(config: Tuple[int, int]) -> str:
+    """A lookup configuration's label: ids a block, warps."""
+    return f"{config[0]} ids a block, {config[1]} warps"
 
 
 def timer(device: str) -> Callable[[Callable[[], object], int], float]:
@@ -199,7 +199,7 @@ def timer(device: str) -> Callable[[Callable[[], object], int], float]:
     return run
 
 
-def profile_kernels(device: str, config: Tuple[int, int, int], lookup: Callable, step: Callable, calls: int) -> Dict:
+def profile_kernels(device: str, config: Tuple[int, int], lookup: Callable, step: Callable, calls: int) -> Dict:
     """Each kernel's mean time per call (torch.profiler) in `calls` lookups and steps of
     `config`; printed, and returned as {"lookup"|"step": {kernel: ms a call}}."""
     from torch.profiler import ProfilerActivity, profile
@@ -238,11 +238,8 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument(
         "--mix", default="0.05,0.15,0.30,0.30,0.15,0.05", help="shares of fp32,fp16,int8,int4,int2,dropped rows"
     )
-    ap.add_argument("--block-ids", default="2", help="ids a lookup program reads at once; a list times each")
+    ap.add_argument("--block-ids", default="2", help="how deep the pooling loop is unrolled; a list times each")
     ap.add_argument("--warps", default="1", help="warps a lookup program runs on; a list times each")
-    ap.add_argument(
-        "--passes", default="2", help="1: one lookup kernel; 2: locate the rows, then pool them; a list times each"
-    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=10, help="calls per timed sample")
     ap.add_argument("--seed", type=int, default=0)
@@ -263,12 +260,7 @@ def main(argv: List[str] | None = None) -> int:
     mix = [float(x) for x in a.mix.split(",")]
     if len(mix) != 6 or abs(sum(mix) - 1) > 1e-6:
         raise SystemExit(f"--mix: six shares adding up to 1 ({', '.join(TIERS)}), got {a.mix}")
-    configs = [
-        (int(b), int(w), int(p))
-        for p in a.passes.split(",")
-        for b in a.block_ids.split(",")
-        for w in a.warps.split(",")
-    ]
+    configs = [(int(b), int(w)) for b in a.block_ids.split(",") for w in a.warps.split(",")]
     values_gen = torch.Generator(device=dev).manual_seed(a.seed)
 
     print(
@@ -300,7 +292,7 @@ def main(argv: List[str] | None = None) -> int:
         f"tiers {dict(zip(TIERS, tables.counts))}, {n:,} ids over {int(ids.unique().numel()):,} distinct rows"
     )
 
-    def ours_lookup(config: Tuple[int, int, int]) -> torch.Tensor:
+    def ours_lookup(config: Tuple[int, int]) -> torch.Tensor:
         return mixed_lookup(
             *tables.layout(),
             base,
@@ -315,7 +307,6 @@ def main(argv: List[str] | None = None) -> int:
             ["t"],
             ids_per_block=config[0],
             num_warps=config[1],
-            passes=config[2],
         )
 
     # Checks at full size.
@@ -351,7 +342,7 @@ def main(argv: List[str] | None = None) -> int:
 
     step_counter = [1]
 
-    def our_step(config: Tuple[int, int, int]) -> None:
+    def our_step(config: Tuple[int, int]) -> None:
         ours_lookup(config)
         k, inv = torch.unique(ids, return_inverse=True)
         rg = torch.zeros(len(k), D, device=dev).index_add_(0, inv, grad_out[bag_of_id])

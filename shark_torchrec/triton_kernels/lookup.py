@@ -1,12 +1,13 @@
-"""The fused lookup in Triton: ids -> row map -> group and slot -> the row's bytes ->
-dequantized, weighted and pooled into the output layout, one program per bag: in one kernel,
-or (the default, faster on a GPU) in two, the first locating every id's row, the second
-pooling. Results are
-those of `shark_torchrec.kernels.mixed_lookup` (C++, CPU) bit for bit: an integer row's value
-is scale * code + bias (the product of an fp16 scale and a code of at most 8 bits is exact in
-fp32, so this is FBGEMM's fma), a weighted id's row is multiplied by its weight and rounded,
-a bag is summed in id order from zero, and the mean divides at the end (IEEE division). The
-kernels are compiled without fp contraction so that nothing else is fused.
+"""The fused lookup in Triton: ids -> row map -> group and slot -> the row's bytes -> dequantized,
+weighted and pooled into the output layout, in two kernels of one program per bag: the first
+locates every id's row (its group and byte offset), the second pools the rows. (One kernel
+walking each id from id to row map to row, four dependent reads an id, was 1.9x slower on an
+H200: bench/results/gpu_kernels/two_pass.log.) Results are those of
+`shark_torchrec.kernels.mixed_lookup` (C++, CPU) bit for bit: an integer row's value is scale *
+code + bias (the product of an fp16 scale and a code of at most 8 bits is exact in fp32, so this
+is FBGEMM's fma), a weighted id's row is multiplied by its weight and rounded, a bag is summed
+in id order from zero, and the mean divides at the end (IEEE division). The kernels are compiled
+without fp contraction so that nothing else is fused.
 """
 
 from __future__ import annotations
@@ -26,110 +27,6 @@ from shark_torchrec.triton_kernels.layout import (
 )
 
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
-
-
-@triton.jit
-def _lookup_kernel(
-    w_ptr,
-    offs_ptr,
-    map_ptr,
-    ends_ptr,
-    shift_ptr,
-    base_ptr,
-    frows_ptr,
-    values_ptr,
-    starts_ptr,
-    psw_ptr,
-    out_ptr,
-    bad_ptr,
-    B,
-    F,
-    map_rows,
-    buffer_bytes,
-    used_groups,
-    rb0,
-    rb1,
-    rb2,
-    rb3,
-    rb4,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    POOLING: tl.constexpr,
-    WEIGHTED: tl.constexpr,
-):
-    bag = tl.program_id(0)
-    f = bag // B
-    b = bag % B
-    start = tl.load(starts_ptr + bag)
-    end = tl.load(starts_ptr + bag + 1)
-    base = tl.load(base_ptr + f)
-    table_rows = tl.load(frows_ptr + f)
-    e0 = tl.load(ends_ptr + 0)
-    e1 = tl.load(ends_ptr + 1)
-    e2 = tl.load(ends_ptr + 2)
-    e3 = tl.load(ends_ptr + 3)
-    e4 = tl.load(ends_ptr + 4)
-    j = tl.arange(0, BLOCK_D)
-    in_row = j < D
-    ii = tl.arange(0, BLOCK_I)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    # BLOCK_I ids at a time: their row map entries and rows are read together, then added to
-    # the bag one by one, in id order.
-    c = start
-    while c < end:  # (a while loop: Triton's interpreter cannot range over loaded bounds)
-        i = c + ii
-        c += BLOCK_I
-        live = i < end
-        idx = tl.load(values_ptr + i, mask=live, other=0)
-        ok = (idx >= 0) & (idx < table_rows)
-        first_bad = tl.min(tl.where(live & ~ok, i, end))
-        if first_bad < end:
-            tl.atomic_min(bad_ptr, first_bad)  # the wrapper raises, naming the first bad id
-        live = live & ok
-        key = base + idx
-        in_map = key < map_rows
-        m = tl.load(map_ptr + key, mask=live & in_map, other=0)
-        g = group_of(m, e0, e1, e2, e3, e4)
-        slot = (m - tl.load(shift_ptr + g, mask=live, other=0)).to(tl.int64)
-        tg = tl.where(g == 5, 0, g)  # a dropped row reads its table's fallback row, in the fp32 table
-        rb = pick(tg, rb0, rb1, rb2, rb3, rb4)
-        at = tl.load(offs_ptr + tg, mask=live & (tg < used_groups), other=0) + slot * rb
-        # The C++ op's layout checks: the key inside the row map, the row inside the buffer.
-        fits = in_map & (tg < used_groups) & (slot >= 0) & (at + rb <= buffer_bytes)
-        if tl.max((live & ~fits).to(tl.int32)) > 0:
-            tl.atomic_max(bad_ptr + 1, 1)
-        live = live & fits
-        row = w_ptr + at
-        both = live[:, None] & in_row[None, :]
-        v32 = tl.load(
-            row.to(tl.pointer_type(tl.float32))[:, None] + j[None, :], mask=both & (tg == 0)[:, None], other=0.0
-        )
-        v16 = tl.load(
-            row.to(tl.pointer_type(tl.float16))[:, None] + j[None, :], mask=both & (tg == 1)[:, None], other=0.0
-        )
-        is_int = live & (tg >= 2)
-        bits = tl.where(tg == 2, 8, tl.where(tg == 3, 4, 2))
-        scale = load_half(row, is_int)
-        bias = load_half(row + 2, is_int)
-        at_bit = j[None, :] * bits[:, None]
-        byte = tl.load(row[:, None] + 4 + (at_bit >> 3), mask=both & is_int[:, None], other=0).to(tl.int32)
-        code = (byte >> (at_bit & 7)) & ((1 << bits[:, None]) - 1)
-        vint = code.to(tl.float32) * scale[:, None] + bias[:, None]
-        v = tl.where((tg == 0)[:, None], v32, tl.where((tg == 1)[:, None], v16.to(tl.float32), vint))
-        if WEIGHTED:
-            v = v * tl.load(psw_ptr + i, mask=live, other=0.0)[:, None]
-        if POOLING == 2:
-            tl.store(out_ptr + i.to(tl.int64)[:, None] * D + j[None, :], v, mask=both)
-        else:
-            for r in tl.static_range(BLOCK_I):
-                # Row r of the block, alone (adding zeros is exact): the bag's sum stays in id order.
-                acc += tl.sum(tl.where((ii == r)[:, None], v, 0.0), axis=0)
-    if POOLING != 2:
-        if POOLING == 1:
-            n = tl.maximum(end - start, 1).to(tl.float32)
-            acc = tl.div_rn(acc, tl.zeros([BLOCK_D], dtype=tl.float32) + n)
-        tl.store(out_ptr + b.to(tl.int64) * F * D + f * D + j, acc, mask=in_row)
 
 
 @triton.jit
@@ -157,8 +54,9 @@ def _locate_kernel(
 ):
     """Pass 1 of the two-pass lookup, one program per bag: each id's row as one int64, its
     byte offset times 8 plus its stored group, or -1 for an id to skip (a bad id or a row
-    outside the tables, flagged as `_lookup_kernel` flags them). All ids are located at once,
-    so the pooling pass has one dependent read per id (the row) instead of four."""
+    outside the tables: the first such id in bad_ptr[0], a row outside the tables as
+    bad_ptr[1] = 1). All ids are located at once, so the pooling pass has one dependent read
+    per id (the row) instead of four."""
     bag = tl.program_id(0)
     f = bag // B
     start = tl.load(starts_ptr + bag)
@@ -237,7 +135,7 @@ def _pool_kernel(
     WEIGHTED: tl.constexpr,
 ):
     """Pass 2 of the two-pass lookup, one program per bag: the located rows, dequantized,
-    weighted and pooled in id order as in `_lookup_kernel`. The loop is unrolled BLOCK_I ids
+    weighted and pooled, a bag summed in id order from zero. The loop is unrolled BLOCK_I ids
     deep: their rows are independent reads, which the compiler can issue before the adds."""
     bag = tl.program_id(0)
     f = bag // B
@@ -281,7 +179,6 @@ def mixed_lookup(
     feature_names: List[str],
     ids_per_block: int = 2,
     num_warps: Optional[int] = None,
-    passes: int = 2,
 ) -> torch.Tensor:
     """Pooled (or one row per id) fp32 embeddings of jagged ids over the group tables: the
     arguments and result of `shark_torchrec.kernels.mixed_lookup`, on the tensors' device (CUDA;
@@ -303,12 +200,9 @@ def mixed_lookup(
         pooling: "sum", "mean" or "none".
         row_alignment: the rows' byte alignment.
         feature_names: for the error naming a feature and an id outside its table.
-        ids_per_block: ids whose rows one program reads at once, a power of 2 (a speed setting
-            only; with `passes` 2, how deep the pooling loop is unrolled).
+        ids_per_block: how deep the pooling loop is unrolled (ids whose rows a program reads
+            together), a power of 2 (a speed setting only).
         num_warps: warps a program (a bag) runs on; by default one per 128 columns, at most 4.
-        passes: 1: each program walks its ids from id to row map to row; 2 (the default): a
-            first kernel locates every id's row (group and byte offset), then a second pools the
-            rows (the same results; 2 was 1.9x faster on an H200, bench/results/gpu_kernels).
 
     Returns:
         [batch_size, F * dim] float32, or [len(values), dim] with pooling "none".
@@ -346,8 +240,6 @@ def mixed_lookup(
     psw = per_sample_weights.to(device=dev, dtype=torch.float32).contiguous() if weighted else out
     feature_rows = feature_rows.to(dev, torch.int64)
     bad = torch.tensor([nnz, 0], dtype=torch.int64, device=dev)  # the first bad id; a layout error
-    if passes not in (1, 2):
-        raise ValueError(f"passes must be 1 or 2, not {passes}")
     tables = (
         group_offsets.to(dev, torch.int64),
         row_map.to(dev).contiguous(),
@@ -368,12 +260,9 @@ def mixed_lookup(
         num_warps=num_warps or max(1, min(4, D // 128)),
         enable_fp_fusion=False,
     )
-    if passes == 1:
-        _lookup_kernel[(F * B,)](weights, *tables, psw, out, bad, B, F, *sizes, **shape)
-    else:
-        loc = torch.empty(nnz, dtype=torch.int64, device=dev)
-        _locate_kernel[(F * B,)](*tables, loc, bad, B, *sizes, BLOCK_I=32)
-        _pool_kernel[(F * B,)](weights, loc, starts, psw, out, B, F, **shape)
+    loc = torch.empty(nnz, dtype=torch.int64, device=dev)
+    _locate_kernel[(F * B,)](*tables, loc, bad, B, *sizes, BLOCK_I=32)
+    _pool_kernel[(F * B,)](weights, loc, starts, psw, out, B, F, **shape)
     at, layout_bad = bad.tolist()  # (one sync: the error must be raised here, not found later)
     if at < nnz:
         f = int(torch.searchsorted(starts[B::B], at, right=True))

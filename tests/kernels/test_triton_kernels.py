@@ -8,7 +8,6 @@ fail when a kernel is broken)."""
 import os
 import subprocess
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -60,7 +59,6 @@ def test_triton_lookup_equals_both_references_bit_for_bit(pooling, dim, alignmen
     args = lookup_args(dim + alignment + groups, dim, alignment, groups, pooling, weighted)
     want = mixed_lookup_reference(*args)
     assert same_bits(mixed_lookup(*args), want)
-    assert same_bits(mixed_lookup(*args, passes=2), want)
     assert same_bits(mixed_lookup_torch(*args), want)
     # Every group and dropped rows were read.
     w, offsets, row_map, ends, shift, base, rows, values, lengths = args[:9]
@@ -68,12 +66,11 @@ def test_triton_lookup_equals_both_references_bit_for_bit(pooling, dim, alignmen
     assert set(torch.bucketize(row_map[keys], ends, right=True).tolist()) >= set(range(groups)) | {5}
 
 
-@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("ids_per_block", [1, 2, 8])
-def test_bags_longer_than_a_block_sum_in_id_order(ids_per_block, passes):
+def test_bags_longer_than_a_block_sum_in_id_order(ids_per_block):
     args = lookup_args(5, 16, 1, 5, "sum", True, max_len=13)
     want = mixed_lookup_reference(*args)
-    assert same_bits(mixed_lookup(*args, ids_per_block=ids_per_block, passes=passes), want)
+    assert same_bits(mixed_lookup(*args, ids_per_block=ids_per_block), want)
 
 
 @pytest.mark.parametrize("bad", [-1, 5])
@@ -97,7 +94,7 @@ def test_an_id_outside_its_table_names_the_feature_and_id(bad):
         1,
         ["user", "item"],
     )
-    for fn in (mixed_lookup, partial(mixed_lookup, passes=2), mixed_lookup_torch):
+    for fn in (mixed_lookup, mixed_lookup_torch):
         with pytest.raises(ValueError, match=f"feature item: id {bad} outside its table of 5 rows"):
             fn(*args)
 
@@ -260,7 +257,7 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
     args = list(lookup_args(2, 16, 1, 5, "none", True))
     w, offsets, row_map, ends, shift, base, rows, values, lengths, psw = args[:10]
 
-    def call(passes=1, **change):
+    def call(**change):
         a = dict(
             zip(
                 [
@@ -279,7 +276,7 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
             )
         )
         a.update(change)
-        return mixed_lookup(*a.values(), *args[10:], passes=passes)
+        return mixed_lookup(*a.values(), *args[10:])
 
     short = lengths.clone()
     short[2] += 1
@@ -295,9 +292,8 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
         call(feature_rows=rows[:-1])
     # Rows past the end of the buffer (a row map or buffer that do not belong together): the
     # C++ op refuses them, so does this one, without reading past the buffer.
-    for passes in (1, 2):
-        with pytest.raises(ValueError, match="points outside the group tables"):
-            call(weights=w[: len(w) - 64].clone(), passes=passes)
+    with pytest.raises(ValueError, match="points outside the group tables"):
+        call(weights=w[: len(w) - 64].clone())
     unaligned = torch.empty(len(w) + 1, dtype=torch.uint8)[1:]
     unaligned.copy_(w)
     with pytest.raises(ValueError, match="fp32 rows must start at multiples of 4 bytes"):
