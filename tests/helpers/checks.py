@@ -67,3 +67,8 @@ def assert_follows_the_reference(got: dict, want: dict, tiers=(FP32, FP16, INT8)
         assert torch.equal(groups[:, 0], want["tables"][f"{n}.row_group"]), n
         assert all(int((groups[:, 0] == g).sum()) > 0 for g in tiers), n
         assert (got["tables"][f"{n}.weight"] - want["tables"][f"{n}.weight"]).abs().max() <= 1e-6, n
+
+
+def int8_step(values: torch.Tensor) -> torch.Tensor:
+    """The int8 step of each row of `values`: (max - min) / 255."""
+    return (values.max(dim=1).values - values.min(dim=1).values) / 255

@@ -1,4 +1,6 @@
-"""The mixed-precision embedding collection: store invariants, sharded equality, training."""
+"""The mixed-precision embedding collections unsharded: the row-group store's invariants (every row
+once, budgets, rounding, bad ids, non-finite gradients), the training math against the plain-
+torch reference, conversions from stock collections, real memory savings."""
 
 import json
 
@@ -6,11 +8,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from conftest import TINY, run_shark
 from helpers import mp_workers as W
-from helpers.checks import assert_follows_the_reference, check_row_map
-from shark_torchrec.distributed.env import launch
-from shark_torchrec.jobs.checkpoint import load_full_state, resolve_checkpoint
+from helpers.checks import assert_follows_the_reference, check_row_map, int8_step
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
@@ -24,10 +23,6 @@ def make_store(rows=(500, 300), dim=16, **policy):
     ).resolved([dim])
     store = RowGroupStore(tables, [f"f{i}" for i in range(len(rows))], list(range(len(rows))), pol, StepCounter())
     return store
-
-
-def int8_step(values: torch.Tensor) -> torch.Tensor:
-    return (values.max(dim=1).values - values.min(dim=1).values) / 255
 
 
 def test_reassignment_keeps_every_row_once_and_its_values():
@@ -193,231 +188,12 @@ def test_default_policy_weighs_positives_twice():
         assert scores[5] > 0 and scores[3] == 2 * scores[5], (name, scores[3].item(), scores[5].item())
 
 
-CASES = {
-    # sharding type: (policy overrides, tolerance of the comparison with the unsharded module)
-    "table_wise": ({"reassign_every": 1}, 1e-5),
-    "row_wise": ({"reassign_every": 1}, 1e-5),
-    "data_parallel": ({"reassign_every": 1}, 1e-5),
-    # Column slices quantize their own columns (other int8 blocks than the whole row) and
-    # row-wise Adagrad keeps one state per slice, as in TorchRec: compare with SGD, in
-    # threshold mode (budget counts depend on the slice width), within int8 steps.
-    "column_wise": ({"reassign_every": 1, "optimizer": "sgd", "memory_budget": None, "t8": 0.5, "t16": 1.5}, 0.05),
-}
-
-
 @pytest.mark.parametrize("sequence", [False, True], ids=["bags", "sequence"])
 def test_unsharded_module_follows_the_reference(sequence):
     """The training math (outputs, Adagrad, stochastic rounding, Eq. 7, budget reassignment)
     against a plain-torch reference that shares no code with the store."""
     overrides = {"reassign_every": 1}
     assert_follows_the_reference(W.unsharded_run(3, overrides, sequence), W.reference_math_run(3, overrides, sequence))
-
-
-@pytest.mark.parametrize("sharding_type", list(CASES))
-def test_two_ranks_match_the_unsharded_module(sharding_type):
-    """Sharded on 2 ranks: the same as the unsharded module (the same store code in another
-    layout) and, but for column-wise slices, as the plain-torch reference (the math)."""
-    overrides, tol = CASES[sharding_type]
-    steps = 3
-    got = launch(W.sharded_run, 2, sharding_type, steps, overrides)
-    ref = W.unsharded_run(steps, overrides)
-    if sharding_type != "column_wise":
-        assert_follows_the_reference(got, W.reference_math_run(steps, overrides))
-    if sharding_type == "column_wise":
-        assert got["widths"] == [[8], [8]]  # really sliced
-    for a, b in zip(got["outputs"], ref["outputs"]):
-        assert (a - b).abs().max() <= tol
-    store = ref["stores"][0]
-    counts = store.group_counts()
-    assert all(c > 0 for c in counts), counts
-    for i, t in enumerate(store.tables):
-        lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
-        want = store.read_rows(torch.arange(lo, hi))
-        assert (got["tables"][f"{t.name}.weight"] - want).abs().max() <= tol, t.name
-        assert torch.equal(got["tables"][f"{t.name}.row_group"][:, 0], store.row_group[lo:hi]), t.name
-        mem = got["memory"][t.name]
-        assert [mem["rows_fp32"], mem["rows_fp16"], mem["rows_int8"]] == [
-            int((store.row_group[lo:hi] == g).sum()) for g in range(3)
-        ]
-
-
-def test_column_wise_budget_counts_each_row_once():
-    """Budget mode on 2 column-wise slices of every table: each slice holds every row, and a
-    row is ranked once (not once per slice). Rows per group are the budget rule's counts for
-    the slice width (each slice is a table of that width with its own row map,
-    `_tables_for_budget`), every slice of a row is in the same group, and the groups are the
-    rule's ranking of the scores."""
-    from helpers.reference import budget_groups
-    from shark_torchrec.precision.priority import budget_counts, decayed
-
-    steps, overrides = 3, {"reassign_every": 1, "memory_budget": 0.6}
-    got = launch(W.sharded_run, 2, "column_wise", steps, overrides)
-    assert got["widths"] == [[8], [8]]  # really sliced
-    policy = W.policy(**overrides)
-    for n, rows, _ in W.TABLES:
-        counts = budget_counts(rows, 8, policy.memory_budget, policy.fp32_fraction)
-        groups = got["tables"][f"{n}.row_group"]
-        assert groups.shape == (rows, W.DIM // 4) and (groups == groups[:, :1]).all(), n  # slices alike
-        assert [int((groups[:, 0] == g).sum()) for g in range(3)] == list(counts.as_tuple()[:3]), n
-        mem = got["memory"][n]
-        assert [mem["rows_fp32"], mem["rows_fp16"], mem["rows_int8"]] == list(counts.as_tuple()[:3]), n
-        # The last reassignment (after the last step) ranked the scores as of that step.
-        scores = decayed(
-            got["tables"][f"{n}.row_priority"][:, 0], got["tables"][f"{n}.row_seen_step"][:, 0], steps - 1, policy.beta
-        )
-        per_group = [(FP32, counts.fp32), (FP16, counts.fp16), (INT8, counts.int8)]
-        assert not torch.equal(groups[:, 0], budget_groups(torch.zeros(rows), per_group)), n  # not the start
-        assert torch.equal(groups[:, 0], budget_groups(scores, per_group)), n
-
-
-SMALL = [*TINY, "--precision", "shark", "--memory-budget", "0.55", "--reassign-every", "10"]
-
-
-def test_checkpoint_moves_between_plans_and_world_sizes(tmp_path):
-    """Saved by 2 ranks with row-wise shards, loaded by 1 rank table-wise: every tensor of
-    the logical tables (values, int8 scales, groups, scores, optimizer state) is identical."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    run_shark("train", *SMALL, "--nproc", "2", "--sharding-types", "row_wise", "--out-dir", str(a))
-    run_shark(
-        "train",
-        *SMALL,
-        "--sharding-types",
-        "table_wise",
-        "--checkpoint",
-        str(a / "checkpoints"),
-        "--epochs",
-        "0",
-        "--out-dir",
-        str(b),
-    )
-    sa = load_full_state(resolve_checkpoint(a / "checkpoints"))["model"]
-    sb = load_full_state(resolve_checkpoint(b / "checkpoints"))["model"]
-    mixed = [k for k in sa if ".embedding_bags." in k]
-    assert {k.rsplit(".", 1)[1] for k in mixed} == {
-        "weight",
-        "qparams",
-        "row_group",
-        "row_priority",
-        "row_seen_step",
-        "momentum",
-    }
-    groups = torch.cat([sa[k][:, 0] for k in mixed if k.endswith("row_group")])
-    assert all(int((groups == g).sum()) > 0 for g in range(3))
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-
-
-def test_fp32_model_converts_explicitly(tmp_path):
-    fp32, mixed = tmp_path / "fp32", tmp_path / "mixed"
-    run_shark("train", *TINY, "--out-dir", str(fp32))
-    refused = run_shark(
-        "train", *SMALL, "--checkpoint", str(fp32 / "checkpoints"), "--out-dir", str(mixed), check=False
-    )
-    assert refused.returncode == 2 and "--init-from" in refused.stderr
-    run_shark("train", *SMALL, "--init-from", str(fp32 / "checkpoints"), "--epochs", "0", "--out-dir", str(mixed))
-    sa = load_full_state(resolve_checkpoint(fp32 / "checkpoints"))["model"]
-    sb = load_full_state(resolve_checkpoint(mixed / "checkpoints"))["model"]
-    for k in (k for k in sa if k.endswith(".weight") and ".embedding_bags." in k):
-        groups = sb[k.replace(".weight", ".row_group")][:, 0]
-        err = (sa[k] - sb[k]).abs().max(dim=1).values
-        assert (err[groups == FP32] == 0).all()
-        assert (err[groups == FP16] <= sa[k][groups == FP16].abs().max(dim=1).values * 2**-11).all()
-        assert (err[groups == INT8] <= int8_step(sa[k][groups == INT8]) * 0.51 + 1e-6).all()
-
-
-def test_trains_within_half_a_point_of_fp32(tmp_path):
-    args = [
-        "--synthetic-train-rows",
-        "20000",
-        "--synthetic-eval-rows",
-        "4000",
-        "--synthetic-scale",
-        "0.05",
-        "--batch-size",
-        "256",
-        "--embedding-dim",
-        "16",
-        "--no-progress",
-    ]
-    auc = {}
-    for precision in ("fp32", "shark"):
-        out = tmp_path / precision
-        extra = ["--memory-budget", "0.5", "--reassign-every", "20"] if precision == "shark" else []
-        run_shark(
-            "train",
-            *args,
-            "--precision",
-            precision,
-            *extra,
-            "--out-dir",
-            str(out),
-            "--metrics-out",
-            str(out / "m.json"),
-        )
-        m = json.loads((out / "m.json").read_text())
-        auc[precision] = m["test_auc"]
-        if precision == "shark":
-            assert m["embedding_bytes"] <= 0.5 * m["fp32_embedding_bytes"]
-            assert m["rows_fp32"] > 0 and m["rows_fp16"] > 0 and m["rows_int8"] > 0
-    assert auc["fp32"] > 0.7
-    assert abs(auc["shark"] - auc["fp32"]) <= 0.005, auc
-
-
-def test_data_parallel_placement_trains_without_nan(tmp_path):
-    """Stock fp16 tables placed data-parallel go NaN (a dense optimizer's epsilon underflows
-    in fp16); ours update every group with the same row-wise rule."""
-    out = tmp_path / "dp"
-    run_shark(
-        "train",
-        *TINY,
-        "--precision",
-        "fp16",
-        "--nproc",
-        "2",
-        "--allow-data-parallel",
-        "--sharding-types",
-        "data_parallel",
-        "--lr",
-        "0.5",
-        "--out-dir",
-        str(out),
-        "--metrics-out",
-        str(out / "m.json"),
-    )
-    m = json.loads((out / "m.json").read_text())
-    assert m["test_auc"] == m["test_auc"] and m["test_auc"] > 0.6  # not NaN, and learned
-    assert m["test_logloss"] == m["test_logloss"]
-
-
-def test_planner_fits_what_fp32_cannot():
-    """Memory for 0.45 of the fp32 tables: TorchRec's planner refuses the fp32 model, and
-    plans ours with our storage estimator."""
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.planner import Topology
-    from torchrec.distributed.planner.types import PlannerError
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-    from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
-    from shark_torchrec.planner.storage import make_planner, shard_bytes
-
-    tables = [
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=4_000_000, feature_names=[f"f{i}"])
-        for i in range(4)
-    ]
-    fp32 = 4 * 4_000_000 * 64 * 4
-    topology = lambda: Topology(world_size=2, compute_device="cpu", ddr_cap=int(fp32 * 0.45 / 2 * 2))
-    with pytest.raises(PlannerError):
-        make_planner(topology()).plan(
-            EmbeddingBagCollection(tables=tables, device=torch.device("meta")), [EmbeddingBagCollectionSharder()]
-        )
-    policy = PrecisionPolicy(memory_budget=0.35)
-    ours = MixedPrecisionEmbeddingBagCollection(tables, precision_policy=policy)
-    plan = make_planner(topology()).plan(ours, [MixedPrecisionEmbeddingBagCollectionSharder()])
-    assert set(plan.plan[""]) == {t.name for t in tables}
-    # The estimate is the module's own accounting: weights + row map within the budget,
-    # plus optimizer state and scores.
-    assert shard_bytes(policy, "t0", 4_000_000, 4_000_000, 64) <= (0.35 * 256 + 12) * 4_000_000
 
 
 def test_memory_saving_is_real(tmp_path):
@@ -437,26 +213,6 @@ def test_memory_saving_is_real(tmp_path):
     assert m["embedding_bytes"] <= 0.35 * m["fp32_bytes"]
     assert m["peak_rss_bytes"] < 0.8 * m["fp32_bytes"], m
     assert m["peak_rss_bytes"] - m["rss_before_bytes"] < 0.6 * m["fp32_bytes"], m
-
-
-@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise", "data_parallel", "column_wise"])
-def test_sequence_twin_two_ranks_match_the_unsharded_module(sharding_type):
-    """MixedPrecisionEmbeddingCollection (one vector per id): the same equality and
-    reassignment checks as the bag collection, and the same plain-torch reference."""
-    overrides, tol = CASES[sharding_type]
-    steps = 3
-    got = launch(W.sharded_run, 2, sharding_type, steps, overrides, True)
-    ref = W.unsharded_run(steps, overrides, True)
-    if sharding_type != "column_wise":
-        assert_follows_the_reference(got, W.reference_math_run(steps, overrides, True))
-    for a, b in zip(got["outputs"], ref["outputs"]):
-        assert a.shape == b.shape and (a - b).abs().max() <= tol
-    store = ref["stores"][0]
-    assert all(c > 0 for c in store.group_counts()), store.group_counts()
-    for i, t in enumerate(store.tables):
-        lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
-        assert (got["tables"][f"{t.name}.weight"] - store.read_rows(torch.arange(lo, hi))).abs().max() <= tol, t.name
-        assert torch.equal(got["tables"][f"{t.name}.row_group"][:, 0], store.row_group[lo:hi]), t.name
 
 
 def test_stock_collection_converts_in_memory():
@@ -479,39 +235,6 @@ def test_stock_collection_converts_in_memory():
     assert all(c > 0 for c in small.stores[0].group_counts())
     step = (stock.embedding_bags["t"].weight.max(1).values - stock.embedding_bags["t"].weight.min(1).values).max() / 255
     assert (small(kjt).values() - want).abs().max() <= 2 * step  # two ids a bag, half a step each
-
-
-@pytest.mark.parametrize("sharding_type", ["column_wise", "row_wise"])
-def test_sharded_checkpoint_loads_unsharded(tmp_path, sharding_type):
-    """Saved (DCP) by 2 ranks, loaded by the unsharded module: groups, scores and optimizer
-    state identical; values identical, or within one int8 step where column-wise shards had
-    quantized each half of a row on its own."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    overrides = {"reassign_every": 2, "memory_budget": 0.6}
-    got = launch(W.sharded_run, 2, sharding_type, 3, overrides, False, str(tmp_path / "ckpt"))
-    dcp_to_torch_save(str(tmp_path / "ckpt"), str(tmp_path / "full.pt"))
-    state = torch.load(tmp_path / "full.pt")
-    module = W.make_module(False, overrides)
-    module.materialize(torch.device("cpu"))
-    module.load_state_dict(state)
-    assert module.step_counter.value == 3
-    store = module.stores[0]
-    assert all(c > 0 for c in store.group_counts())
-    again = module.state_dict()
-    for n, _, _ in W.TABLES:
-        for key in ("row_group", "row_priority", "row_seen_step"):
-            assert torch.equal(again[f"embedding_bags.{n}.{key}"][:, 0], state[f"embedding_bags.{n}.{key}"][:, 0]), (
-                n,
-                key,
-            )
-        w, want = again[f"embedding_bags.{n}.weight"], got["tables"][f"{n}.weight"]
-        int8 = again[f"embedding_bags.{n}.row_group"][:, 0] == INT8
-        if sharding_type == "column_wise":
-            assert torch.equal(w[~int8], want[~int8])
-            assert ((w[int8] - want[int8]).abs().max(dim=1).values <= int8_step(want[int8]) + 1e-6).all()
-        else:
-            assert torch.equal(w, want)
 
 
 def test_weighted_collection_keeps_its_weights_and_counts_labels():
