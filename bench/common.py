@@ -12,6 +12,33 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (plots go to files; no display is needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_table(out: Path, lines: Sequence[str], name: str = "table.md") -> str:
+    """Write a markdown table (its lines) to OUT/NAME and print it.
+
+    Args:
+        out: the results folder.
+        lines: the table's lines, header first.
+        name: the file name.
+
+    Returns:
+        The table's text.
+    """
+    text = "\n".join(lines) + "\n"
+    (out / name).write_text(text)
+    print(text)
+    return text
+
+
 def split_passthrough(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     """(the script's own arguments, the ones after `--` for `shark train`)."""
     argv = list(argv)

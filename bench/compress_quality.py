@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import clopper_pearson, flags_of, paired, split_passthrough  # noqa: E402
+from common import clopper_pearson, flags_of, paired, pyplot, split_passthrough  # noqa: E402
 from shark_torchrec.config import parse_cli  # noqa: E402
 
 SHARK = str(Path(sys.executable).parent / "shark")
@@ -199,10 +199,7 @@ def markdown(records: list[dict], summary: list[dict], command: str) -> str:
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bound = records[0]["max_auc_drop"]
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -80,7 +80,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # shark_torchrec: the installed one, or PYTHONPATH's (code_provenance)
 
-from common import paired, shark_train, split_passthrough
+from common import paired, pyplot, shark_train, split_passthrough
 
 FORMAT = 1
 
@@ -661,10 +661,7 @@ def markdown(
 
 
 def plot(dim: int, rows: list[dict], path: Path, data: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"train": "o", "post": "s", "serve": "^"}  # trained (ours in place, fp32), TorchRec post-training, served

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import split_passthrough  # noqa: E402
+from common import pyplot, split_passthrough  # noqa: E402
 from shark_torchrec.config import parse_cli  # noqa: E402
 from shark_torchrec.distributed.env import init_distributed  # noqa: E402
 from shark_torchrec.importance.model_scoring import METHODS, field_means, score_fields  # noqa: E402
@@ -171,10 +171,7 @@ COLORS = {"taylor-signed": "tab:blue", "taylor": "tab:orange", "permutation": "t
 def plot(summary, path: Path, removal: str) -> None:
     """Left: every method. Right: taylor against permutation, zoomed, with the spread of
     their paired difference (std over seeds) as error bars on permutation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     base = next(s["auc"] for s in summary if s["method"] == "base")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import pyplot, write_table  # noqa: E402
 from shark_torchrec.config import JobConfig  # noqa: E402
 from shark_torchrec.distributed.env import init_distributed  # noqa: E402
 from shark_torchrec.importance.model_scoring import score_fields  # noqa: E402
@@ -110,17 +111,12 @@ def main() -> None:
             f"{w['permutation']:.2f} [{sp['permutation'][0]:.2f}, {sp['permutation'][1]:.2f}] | "
             f"{r['permutation_over_taylor_wall']:.2f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_table(out, lines)
     plot(rows, out / "scoring_time.png")
-    print(text)
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.27

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common import pyplot  # noqa: E402
 from shark_torchrec.precision.quantize import dequantize_rows, quantize_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +99,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for i, how in enumerate(("post-training", "in place", "in place, clipped grid")):

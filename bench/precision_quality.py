@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import shark_train, split_passthrough  # noqa: E402
+from common import pyplot, shark_train, split_passthrough  # noqa: E402
 
 METHODS = ("fp32", "fp16", "int8", "freq", "shark")
 
@@ -87,10 +87,7 @@ def markdown(summary, command) -> str:
 
 
 def plot(summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}

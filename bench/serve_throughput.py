@@ -37,6 +37,7 @@ from torchrec.inference.modules import quantize_embeddings  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
 
+from common import pyplot, write_table  # noqa: E402
 from shark_torchrec.config import DataConfig, ModelConfig  # noqa: E402
 from shark_torchrec.data import open_dataset  # noqa: E402
 from shark_torchrec.jobs.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
@@ -180,17 +181,12 @@ def main() -> None:
             f"{r['vs_fp32']:.2f}x ({r['vs_fp32_min']:.2f}-{r['vs_fp32_max']:.2f}) | "
             f"{r['embedding_bytes']:,} | {r['embedding_bytes'] / sizes['torchrec fp32']:.3f} |"
         )
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_table(out, lines)
     plot(rows, out / "serve_throughput.png")
-    print(text)
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for k in dict.fromkeys(r["module"] for r in rows):
