@@ -35,7 +35,15 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
     command started from a trained model reads the data and builds the model it was trained
     with (`--checkpoint`: in its precision too; `--init-from` converts to the precision the
     flags give), unless flags (or --config) say otherwise. Empty when no readable checkpoint is
-    named (the job then reports what is wrong with it)."""
+    named (the job then reports what is wrong with it).
+
+    Args:
+        argv: the command's flags.
+
+    Returns:
+        group -> its table in the checkpoint's saved config: `dataset`, `model` and (for
+        `--checkpoint`) `quant`.
+    """
     from shark_torchrec.config import _flag_value
     from shark_torchrec.jobs.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 
@@ -133,7 +141,15 @@ def compress_main(argv: List[str]) -> int:
 
 
 def report_main(argv: List[str]) -> int:
-    """Write RUN_DIR/report.md (tables and plots) for a `shark compress` run directory."""
+    """Write RUN_DIR/report.md (tables and plots) for a `shark compress` run directory.
+
+    Args:
+        argv: the command's arguments: the run directory alone.
+
+    Returns:
+        The exit code: 0 (the report's path printed), 2 for a usage error or a directory that
+        is not such a run (0 for -h / --help).
+    """
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: shark report RUN_DIR", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
@@ -230,6 +246,15 @@ COMMANDS: Dict[str, Callable[[List[str]], int]] = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The `shark` console command: run the subcommand `argv[0]` names on the rest of `argv`.
+
+    Args:
+        argv: the command line after `shark` (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit code: the subcommand's; without one (or with -h / --help), 0 after the list of
+        subcommands; 2 for an unknown one.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: shark {" + ",".join(COMMANDS) + "} [flags]   (shark CMD --help for flags)")

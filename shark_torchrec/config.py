@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """The `[dataset]` group: the data source, how its values become ids, and how its lines are split."""
+
     data: str = "synthetic"
     """Data source: `synthetic` (seeded generator), `criteo:DIR` (raw Criteo TSV files
     train.tsv/dev.tsv/test.tsv) or `csv:DIR` (CSV/TSV files with a header)."""
@@ -116,6 +118,7 @@ class DataConfig:
 
     @property
     def test_fold(self) -> int:
+        """The fold that is the test split with --folds (`fold`, default 0)."""
         return self.fold or 0
 
 
@@ -126,6 +129,8 @@ def _names(text: str) -> List[str]:
 
 @dataclass
 class ModelConfig:
+    """The `[model]` group: the DLRM's architecture, and the fields a pruned model keeps."""
+
     arch: Literal["dlrm", "dlrm_dcn"] = "dlrm"
     """TorchRec model: `dlrm` (dot interaction) or `dlrm_dcn` (low-rank cross net)."""
     embedding_dim: int = 16
@@ -154,6 +159,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """The `[train]` group: seed, epochs, batch sizes, optimizers, evaluation and sharding choices."""
+
     seed: int = 0
     """Seed of initialisation and synthetic data; a CPU run is deterministic given it."""
     epochs: int = 1
@@ -199,6 +206,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """The `[run]` group: processes, the run directory, checkpoints and what a run starts from."""
+
     nproc: int = 1
     """Local processes; 1 runs in-process. Ignored under torchrun/TorchX, which set the world."""
     out_dir: Annotated[str, tyro.conf.arg(aliases=("--out",))] = ""
@@ -239,6 +248,8 @@ class RunConfig:
 
 @dataclass
 class QuantConfig:
+    """The `[quant]` group: the precision of the embedding rows (F-Quantization) and how rows are ranked."""
+
     precision: Literal["fp32", "fp16", "int8", "int4", "int2", "freq", "shark"] = "fp32"
     """Embedding rows: `fp32` stock TorchRec tables (the reference); `fp16` / `int8` / `int4` /
     `int2` our mixed-precision module with every row in that group (trained in place with
@@ -296,6 +307,21 @@ class QuantConfig:
             )
 
     def policy(self, lr: float, eps: float, seed: int, optimizer: str = "rowwise_adagrad"):
+        """The `PrecisionPolicy` these flags describe, for a mixed-precision collection.
+
+        Args:
+            lr, eps: the embedding optimizer's learning rate and epsilon (`[train]` lr and eps).
+            seed: the seed of the rows' stochastic rounding noise (`[train]` seed).
+            optimizer: the embedding optimizer, `rowwise_adagrad` or `sgd` (`[train]` emb_optimizer).
+
+        Returns:
+            The policy, not yet resolved: an unset budget gets its default for the tables' dims
+            when the collection is built (`PrecisionPolicy.resolved`). The budget and row
+            fractions are passed on only with --precision shark or freq.
+
+        Raises:
+            ValueError: the policy refuses the values (`PrecisionPolicy.validate`).
+        """
         from shark_torchrec.modules.precision_policy import PrecisionPolicy, split_tiers
 
         fractions = tuple(self.row_fractions) or None
@@ -324,6 +350,8 @@ class QuantConfig:
 
 @dataclass
 class PruneConfig:
+    """The `[prune]` group: field importance and the pruning loop's steps and stop rules (F-Permutation)."""
+
     method: Literal["taylor", "taylor-signed", "taylor-abs", "permutation", "random"] = "taylor"
     """Field importance: `taylor` (F-Permutation's importance, mean |g . (E[v] - v)|; `taylor-abs`
     is an alias of it), `permutation` (shuffle one field within each batch, `rounds` times),
@@ -384,6 +412,8 @@ class PruneConfig:
 
 @dataclass
 class CompressConfig:
+    """The `[compress]` group: `shark compress`'s quantize stage, serving tiers and TorchRec fallback."""
+
     quant_budget: Optional[float] = None
     """`shark compress`: F-Quantization's per-table budget (fraction of the pruned model's fp32
     bytes). Default: target-memory / the memory ratio pruning left, clipped to what int8 can
@@ -414,6 +444,8 @@ class CompressConfig:
 
 @dataclass
 class JobConfig:
+    """A whole job's configuration: one field per TOML group, and the `--config` file it was read from."""
+
     dataset: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -472,6 +504,7 @@ class JobConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
+        """Where the run's checkpoints go: `run.checkpoint_dir`, else OUT_DIR/checkpoints."""
         return Path(self.run.checkpoint_dir or Path(self.run.out_dir) / "checkpoints")
 
 
@@ -488,7 +521,20 @@ def _group_classes() -> dict[str, type]:
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> JobConfig:
-    """Build a JobConfig from nested dicts, refusing unknown sections and fields by name."""
+    """Build a JobConfig from nested dicts, refusing unknown sections and fields by name.
+
+    Args:
+        raw: group name -> {field: value}, as a TOML file holds them (field names with `-` or `_`);
+            groups and fields left out keep their defaults.
+        where: what error messages name as the source (e.g. the file's path).
+
+    Returns:
+        The config, not validated yet (`JobConfig.validate` checks it).
+
+    Raises:
+        ConfigError: an unknown section or field, a section that is not a table, or a value of
+            the wrong type.
+    """
     raw = _upgrade(raw)
     groups = {}
     for section, values in raw.items():
@@ -533,6 +579,17 @@ def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> JobConfig:
+    """Read a job's TOML file (as `--config` or a run's saved config.toml).
+
+    Args:
+        path: the TOML file.
+
+    Returns:
+        The config (`config_from_dict`), not validated yet (`JobConfig.validate` checks it).
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML, or holds unknown groups or fields.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -544,6 +601,15 @@ def load_config(path: str | Path) -> JobConfig:
 
 
 def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
+    """A config as nested dicts, ready for TOML (what `save_config` writes and a checkpoint's
+    meta.json records).
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        group -> {field: value}: tuples as lists, unset (None) fields and `config` left out.
+    """
     out = dataclasses.asdict(cfg)
     out.pop("config", None)
     # TOML has no null: unset optional fields are left out (they load back as unset).
@@ -553,6 +619,12 @@ def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
 
 
 def save_config(cfg: JobConfig, path: str | Path) -> None:
+    """Write a config as TOML (`config_to_dict`), creating the file's directory.
+
+    Args:
+        cfg: the config.
+        path: the file to write (e.g. OUT_DIR/config.toml).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config_to_dict(cfg)))
@@ -591,7 +663,14 @@ COMMAND_FIELDS: dict[str, dict[str, Optional[frozenset[str]]]] = {
 
 def command_fields(command: str) -> set[str]:
     """The config fields (by name, e.g. `target_memory`) whose flags `command` takes, and
-    `config`; an unknown command is a KeyError."""
+    `config`; an unknown command is a KeyError.
+
+    Args:
+        command: a job command of `COMMAND_FIELDS` (`train`, `importance`, `prune`, `compress`).
+
+    Returns:
+        The field names.
+    """
     names = {"config"}
     for group, keep in COMMAND_FIELDS[command].items():
         names |= {f.name for f in dataclasses.fields(_group_classes()[group]) if keep is None or f.name in keep}

@@ -27,6 +27,19 @@ def _load(path: Path) -> Optional[Any]:
 
 
 def collect(run: Path) -> Dict[str, Any]:
+    """What the report shows, read from a `shark compress` run directory.
+
+    Args:
+        run: the run directory.
+
+    Returns:
+        {"stages", "points" (base, F-P, F-Q + F-P: name, test AUC and log loss, memory),
+        "baselines" (the same, per RUN_DIR/baselines/<name>), "prune_log", "export",
+        "importance"}; absent files read as empty or None.
+
+    Raises:
+        FileNotFoundError: the directory has no stages.json with a base stage.
+    """
     stages = _load(run / "stages.json")
     if not stages or "base" not in stages:
         raise FileNotFoundError(f"{run} is not a `shark compress` run directory (no stages.json with a base stage)")
@@ -79,6 +92,13 @@ def collect(run: Path) -> Dict[str, Any]:
 
 
 def plot(info: Dict[str, Any], path: Path) -> None:
+    """Test AUC against memory (log scale): the pruning loop's accepted iterations, the
+    pipeline's models and the baselines.
+
+    Args:
+        info: what `collect` returned.
+        path: the PNG to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,6 +131,17 @@ def plot(info: Dict[str, Any], path: Path) -> None:
 
 
 def write_report(run: str | Path) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/report_auc_vs_memory.png for a `shark compress` run.
+
+    Args:
+        run: the run directory.
+
+    Returns:
+        The report's path.
+
+    Raises:
+        FileNotFoundError: not a `shark compress` run directory (`collect`).
+    """
     run = Path(run)
     info = collect(run)
     plot(info, run / "report_auc_vs_memory.png")

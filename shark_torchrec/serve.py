@@ -72,7 +72,17 @@ def _cpu_flags() -> Optional[set]:
 
 def load_kernels(export_dir: Path, manifest: dict) -> None:
     """Register the ops the scripted model calls: the export's kernel library (built for one
-    torch version, which must be this one), or FBGEMM's op for a version 1 export."""
+    torch version, which must be this one), or FBGEMM's op for a version 1 export.
+
+    Args:
+        export_dir: the export directory.
+        manifest: its serving.json.
+
+    Raises:
+        RuntimeError: the library was built for another torch version, CPU architecture or
+            instruction sets than this machine's.
+        FileNotFoundError: the library is missing.
+    """
     library = manifest.get("kernels")
     if library is None:
         import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm, which a version 1 model calls)
@@ -283,11 +293,27 @@ class ServedModel:
 
 
 def load(export_dir: str | Path) -> ServedModel:
-    """Load an export directory (see `ServedModel`)."""
+    """Load an export directory (see `ServedModel`).
+
+    Args:
+        export_dir: the directory `shark export` or `shark compress` wrote.
+
+    Returns:
+        The served model.
+    """
     return ServedModel(export_dir)
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
+    """`python serve.py EXPORT_DIR LINES_FILE [--batch-size N] [--probabilities]`: print one
+    logit (or probability) per data line.
+
+    Args:
+        argv: the command line after the script's name (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit code: 0, or 2 after a one-line error (a missing file, a bad line or export).
+    """
     parser = argparse.ArgumentParser(description="Score raw CSV/TSV lines with a shark-torchrec export.")
     parser.add_argument("export_dir", help="the export directory (holds serving.json)")
     parser.add_argument("lines_file", help="a file in the training files' format (header, if they had one)")
@@ -296,7 +322,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     try:
         scores = load(args.export_dir).score_file(args.lines_file, args.batch_size)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: the kernel library does not fit this machine
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
     if args.probabilities:

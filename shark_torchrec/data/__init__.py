@@ -17,7 +17,17 @@ SELECTION_MODULUS = 100  # --selection-fraction F carves train's lines i with i 
 
 
 def carve_selection(splits: Dict[str, object], fraction: float) -> Dict[str, object]:
-    """`splits` with `fraction` of train's lines moved to a `selection` split (none when 0)."""
+    """`splits` with `fraction` of train's lines moved to a `selection` split (none when 0).
+
+    Args:
+        splits: split name -> split (it needs `train`, which has `subset`).
+        fraction: the share of train to carve, in hundredths: line i goes to `selection` when
+            i % 100 < 100 x fraction.
+
+    Returns:
+        A new dict: `train` without the carved lines and `selection` with them; `splits` itself
+        when nothing is carved.
+    """
     k = round(SELECTION_MODULUS * fraction)
     if k == 0:
         return splits
@@ -98,11 +108,35 @@ class Dataset:
         return view
 
     def num_batches(self, split: str, global_batch: int) -> int:
+        """Global batches that cover a split (the last one may be partial).
+
+        Args:
+            split: the split's name (`train`, `dev`, `test`, or a carved one).
+            global_batch: lines per global batch.
+
+        Returns:
+            ceil(lines / global_batch).
+        """
         return -(-self.splits[split].num_lines() // global_batch)
 
     def batches(
         self, split: str, global_batch: int, rank: int = 0, world: int = 1, skip_batches: int = 0
     ) -> Iterator[Batch]:
+        """This rank's share of each global batch of a split, in order, as `Batch`es of a fixed
+        size (global_batch / world; padding where lines were bad or the split ended).
+
+        Args:
+            split: the split's name.
+            global_batch: lines per global batch (over all ranks).
+            rank, world: this rank and the number of ranks.
+            skip_batches: global batches to skip first (a resumed epoch).
+
+        Yields:
+            Batches over this view's fields.
+
+        Raises:
+            ValueError: `global_batch` is not divisible by `world`.
+        """
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
         source = self.splits[split]
@@ -116,6 +150,14 @@ class Dataset:
             yield make_batch(self.schema.sparse_names, labels, dense, ids, valid)
 
     def bad_lines(self, split: str) -> Optional[BadLineStats]:
+        """The malformed lines this process skipped so far in a split (file splits only).
+
+        Args:
+            split: the split's name.
+
+        Returns:
+            Its counts and first examples, or None for a split without them (synthetic data).
+        """
         return getattr(self.splits[split], "stats", None)
 
 
@@ -187,6 +229,20 @@ def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def open_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """Open the data `cfg.data` names: `synthetic`, `criteo:DIR` or `csv:DIR`.
+
+    Args:
+        cfg: the `[dataset]` group.
+        seed: the synthetic generator's seed (files ignore it).
+
+    Returns:
+        The dataset: schema, splits (k folds and a carved selection split as `cfg` says) and,
+        for files, the encoder built from the train split.
+
+    Raises:
+        DataError: an unknown source, a missing directory or split file, columns the files do
+            not have, or an empty synthetic split.
+    """
     kind, _, arg = cfg.data.partition(":")
     if kind == "synthetic":
         return _synthetic(cfg, seed)

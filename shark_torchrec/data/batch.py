@@ -26,6 +26,7 @@ class Batch(Pipelineable):
     sample_weights: torch.Tensor  # [B] float32, 1 for a real sample, 0 for padding
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """The batch with every tensor moved to `device` (TorchRec's `Pipelineable`)."""
         return Batch(
             self.dense_features.to(device=device, non_blocking=non_blocking),
             self.sparse_features.to(device=device, non_blocking=non_blocking),
@@ -34,12 +35,14 @@ class Batch(Pipelineable):
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
+        """Mark every tensor as used on `stream` (TorchRec's `Pipelineable`)."""
         self.dense_features.record_stream(stream)
         self.sparse_features.record_stream(stream)
         self.labels.record_stream(stream)
         self.sample_weights.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
+        """The batch with every tensor in pinned memory (TorchRec's `Pipelineable`)."""
         return Batch(
             self.dense_features.pin_memory(),
             self.sparse_features.pin_memory(),
@@ -49,6 +52,7 @@ class Batch(Pipelineable):
 
     @property
     def num_samples(self) -> int:
+        """Real samples in the batch (padding not counted)."""
         return int(self.sample_weights.sum().item())
 
     def id_label_weights(self) -> KeyedJaggedTensor:
@@ -73,6 +77,17 @@ def make_batch(
     """Build a Batch from per-sample arrays of single-valued categorical fields.
 
     labels [B], dense [B, Nd], ids [B, Ns] (int64), valid [B] bool (False = padding).
+
+    Args:
+        keys: the categorical fields, in the order of `ids`' columns (the KJT's keys).
+        labels: [B] 0/1 labels.
+        dense: [B, Nd] dense features.
+        ids: [B, Ns] one row id per sample and field.
+        valid: [B] False for padding slots: their weight, label and dense features are 0 and
+            their bags empty.
+
+    Returns:
+        The batch.
     """
     B = labels.shape[0]
     mask = np.broadcast_to(valid[None, :], (len(keys), B))  # key-major, as KJT lays out
@@ -93,6 +108,15 @@ def make_batch(
 
 
 def empty_arrays(batch_size: int, num_dense: int, num_sparse: int):
+    """Zeroed arrays of one local batch, every slot padding until a reader fills it.
+
+    Args:
+        batch_size: slots of the local batch.
+        num_dense, num_sparse: dense and categorical columns.
+
+    Returns:
+        (labels float32 [B], dense float32 [B, Nd], ids int64 [B, Ns], valid bool [B], all False).
+    """
     return (
         np.zeros(batch_size, np.float32),
         np.zeros((batch_size, num_dense), np.float32),

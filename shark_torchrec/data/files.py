@@ -42,6 +42,12 @@ class BadLineStats:
     examples: List[str] = field(default_factory=list)
 
     def add(self, where: str, reason: str) -> None:
+        """Count one skipped line (and keep it while fewer than `max_examples` are kept).
+
+        Args:
+            where: the line, as `file:line`.
+            reason: why it was skipped.
+        """
         self.count += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(f"{where}: {reason}")
@@ -97,6 +103,23 @@ class CsvLayout:
         dense: Sequence[str],
         drop: Sequence[str],
     ) -> "CsvLayout":
+        """The layout of a headed CSV (`,`) or TSV (`.tsv`: tab) file, from its header line.
+
+        Args:
+            path: the file (its first line is the header).
+            label: the label column's name.
+            categorical: the categorical columns; empty: every column that is not the label,
+                dense or dropped.
+            dense: the numeric columns.
+            drop: columns to ignore.
+
+        Returns:
+            The layout, with the header's names.
+
+        Raises:
+            DataError: an empty file, a named column not in the header, a column given twice
+                or in two roles, or no categorical column.
+        """
         delimiter = "\t" if path.suffix == ".tsv" else ","
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             header_line = f.readline()
@@ -155,6 +178,19 @@ class CsvLayout:
         )
 
     def parse(self, line: str) -> ParsedLine:
+        """One raw line of the file.
+
+        Args:
+            line: the line (its end of line is stripped).
+
+        Returns:
+            (label 0.0 or 1.0, dense values (empty: 0; Criteo's log(1 + max(x, 0))), the
+            categorical values as stripped strings).
+
+        Raises:
+            BadLine: the wrong number of columns, a label other than 0/1, or a dense value that
+                is not a finite number.
+        """
         line = line.rstrip("\r\n")
         if self.log_dense:  # Criteo: plain tab-separated, no quoting
             cols = line.split("\t")
@@ -195,20 +231,54 @@ class Encoder:
     """Maps a categorical string of field j to a row id."""
 
     def num_embeddings(self, j: int) -> int:
+        """Rows of field j's table.
+
+        Args:
+            j: the field's index among the categorical fields.
+
+        Returns:
+            The table's rows.
+        """
         raise NotImplementedError
 
     def encode(self, j: int, value: str) -> int:
+        """The row id of a value of field j.
+
+        Args:
+            j: the field's index among the categorical fields.
+            value: the raw (stripped) value.
+
+        Returns:
+            A row of field j's table.
+        """
         raise NotImplementedError
 
 
 class HashEncoder(Encoder):
+    """Hashes each value into a table of `size` rows (every field the same size): crc32 of
+    `"{j}:{value}"` modulo `size`.
+
+    Args:
+        size: rows per table.
+    """
+
     def __init__(self, size: int) -> None:
         self.size = size
 
     def num_embeddings(self, j: int) -> int:
+        """`size`, for every field."""
         return self.size
 
     def encode(self, j: int, value: str) -> int:
+        """The value's hash row: crc32 of `"{j}:{value}"` modulo `size`.
+
+        Args:
+            j: the field's index among the categorical fields.
+            value: the raw value.
+
+        Returns:
+            A row in [0, size).
+        """
         # crc32 is stable across processes and Python versions, unlike hash().
         return zlib.crc32(f"{j}:{value}".encode()) % self.size
 
@@ -226,6 +296,17 @@ class VocabEncoder(Encoder):
 
     @staticmethod
     def build(values: Iterator[List[str]], num_fields: int, min_count: int) -> "VocabEncoder":
+        """Count the values of every field and number those kept from row 1, most frequent
+        first (ties by value).
+
+        Args:
+            values: the categorical values of each line (of the train split).
+            num_fields: the categorical fields.
+            min_count: values seen fewer times are left out (they map to row 0).
+
+        Returns:
+            The encoder.
+        """
         counters = [Counter() for _ in range(num_fields)]
         for cats in values:
             for c, v in zip(counters, cats):
@@ -237,9 +318,19 @@ class VocabEncoder(Encoder):
         return VocabEncoder(vocabs)
 
     def num_embeddings(self, j: int) -> int:
+        """Field j's vocabulary size plus the out-of-vocabulary row."""
         return len(self.vocabs[j]) + 1
 
     def encode(self, j: int, value: str) -> int:
+        """The value's row in field j's vocabulary, 0 when it is not in it.
+
+        Args:
+            j: the field's index among the categorical fields.
+            value: the raw value.
+
+        Returns:
+            Its row (0: out of vocabulary).
+        """
         return self.vocabs[j].get(value, 0)
 
     def describe(self, fields: Sequence[str]) -> Dict[str, Any]:
@@ -337,6 +428,22 @@ class FileSplit:
         world: int,
         skip_batches: int = 0,
     ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's local batches (see the module doc): global batch k is the k-th block of
+        `global_batch` lines, of which this rank parses lines rank, rank + world, ...
+
+        Args:
+            encoder: maps categorical values to row ids.
+            global_batch: lines per global batch.
+            rank, world: this rank and the number of ranks.
+            skip_batches: global batches to skip first (a resumed epoch).
+
+        Yields:
+            (labels, dense, ids, valid) arrays of global_batch / world slots (`empty_arrays`);
+            a bad line leaves its slot as padding (counted in `stats`).
+
+        Raises:
+            DataError: an empty split, or with `strict` the first bad line (naming file and line).
+        """
         from shark_torchrec.data.batch import empty_arrays
 
         self.num_lines()  # refuses an empty split before any batch is made
@@ -365,7 +472,16 @@ class FileSplit:
 
 
 def residue_count(total: int, modulus: int, residues: Sequence[int]) -> int:
-    """How many of the indices 0..total-1 have index % modulus in `residues`."""
+    """How many of the indices 0..total-1 have index % modulus in `residues`.
+
+    Args:
+        total: the number of indices.
+        modulus: the modulus.
+        residues: the residues kept (duplicates count once).
+
+    Returns:
+        The count.
+    """
     return sum(len(range(r, total, modulus)) for r in set(residues))
 
 
@@ -382,6 +498,7 @@ class LineSubset(FileSplit):
         self.residues = frozenset(residues)
 
     def num_lines(self) -> int:
+        """Lines of the source with i % modulus in `residues` (cached); DataError when none."""
         if self._num_lines is None:
             self._num_lines = residue_count(self.source.num_lines(), self.modulus, self.residues)
             if self._num_lines <= 0:
@@ -412,6 +529,7 @@ class FoldSplit(FileSplit):
         self.residues = set(residues)
 
     def num_lines(self) -> int:
+        """Lines of all the files with i % folds in `residues` (cached); DataError when none."""
         if self._num_lines is None:
             total = sum(s.num_lines() for s in self.sources)
             self._num_lines = sum(

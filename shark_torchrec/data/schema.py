@@ -12,6 +12,9 @@ class DataError(ValueError):
 
 @dataclass
 class Schema:
+    """The fields a data source gives a model: its dense columns (`dense_names`), its categorical
+    fields (`sparse_names`, one embedding table each) and each field's table size."""
+
     dense_names: List[str]
     sparse_names: List[str]
     num_embeddings: List[int]
@@ -19,19 +22,40 @@ class Schema:
 
     @property
     def num_dense(self) -> int:
+        """Dense columns."""
         return len(self.dense_names)
 
     @property
     def num_sparse(self) -> int:
+        """Categorical fields."""
         return len(self.sparse_names)
 
     @staticmethod
     def table_name(feature: str) -> str:
+        """The embedding table of a categorical field.
+
+        Args:
+            feature: the field's name.
+
+        Returns:
+            `t_<feature>`.
+        """
         return f"t_{feature}"
 
 
 def kept_schema(schema: Schema, kept_fields: Sequence[str]) -> Schema:
-    """The schema restricted to `kept_fields` (in the schema's own order)."""
+    """The schema restricted to `kept_fields` (in the schema's own order).
+
+    Args:
+        schema: the full schema.
+        kept_fields: the categorical fields to keep (any order); dense columns all stay.
+
+    Returns:
+        A new schema.
+
+    Raises:
+        ValueError: a kept field the schema does not have.
+    """
     unknown = set(kept_fields) - set(schema.sparse_names)
     if unknown:
         raise ValueError(

@@ -15,10 +15,7 @@ row range can be produced without generating what precedes it (resume is O(1)).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
@@ -30,6 +27,9 @@ SPLITS = {"train": 0, "dev": 1, "test": 2}
 
 @dataclass(frozen=True)
 class PlantedField:
+    """One categorical field of the generator: its name, table size, role (`strong`, `medium`,
+    `weak`, `interaction` or `noise`) and the strength of its effect on the click logit."""
+
     name: str
     cardinality: int
     role: str  # strong | medium | weak | interaction | noise
@@ -60,7 +60,15 @@ LABEL_NOISE = 0.05
 
 def scaled_fields(scale: float, extra_noise_fields: int = 0) -> List[PlantedField]:
     """The default fields, then `extra_noise_fields` more noise fields (1,000 ids each before
-    scaling): a wider model for the benchmarks whose cost grows with the field count."""
+    scaling): a wider model for the benchmarks whose cost grows with the field count.
+
+    Args:
+        scale: multiplies every field's cardinality (rounded, at least 10).
+        extra_noise_fields: noise fields appended after the default ones (`c12`, `c13`, ...).
+
+    Returns:
+        The fields, in order.
+    """
     extra = tuple(
         PlantedField(f"c{len(DEFAULT_FIELDS) + 1 + k}", 1_000, "noise", 0.0) for k in range(extra_noise_fields)
     )
@@ -71,6 +79,15 @@ def scaled_fields(scale: float, extra_noise_fields: int = 0) -> List[PlantedFiel
 
 
 class SyntheticGenerator:
+    """The seeded generator of the module doc: fixed id permutations, per-id effects and the
+    pair matrix drawn once from `seed`, then rows produced block by block.
+
+    Args:
+        seed: the seed of everything drawn.
+        scale: multiplies every field's cardinality (`scaled_fields`).
+        extra_noise_fields: noise fields after the default ones.
+    """
+
     def __init__(self, seed: int, scale: float = 1.0, extra_noise_fields: int = 0) -> None:
         self.seed = seed
         self.fields = scaled_fields(scale, extra_noise_fields)
@@ -88,6 +105,7 @@ class SyntheticGenerator:
         self._pair = root.standard_normal((a, b)).astype(np.float32)
 
     def card(self, name: str) -> int:
+        """The cardinality of the field called `name` (StopIteration when there is none)."""
         return next(f.cardinality for f in self.fields if f.name == name)
 
     def truth(self) -> Dict[str, object]:
@@ -102,11 +120,6 @@ class SyntheticGenerator:
             "seed": self.seed,
         }
 
-    def write_truth(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.truth(), indent=2))
-
-    @lru_cache(maxsize=4)
     def block(self, split: str, index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [index*BLOCK, (index+1)*BLOCK) of a split: labels, dense, ids."""
         rng = np.random.default_rng([self.seed, SPLITS[split], index])
@@ -131,6 +144,15 @@ class SyntheticGenerator:
         return labels, dense, ids
 
     def rows(self, split: str, start: int, stop: int):
+        """Rows [start, stop) of a split, from the blocks that hold them.
+
+        Args:
+            split: `train`, `dev` or `test`.
+            start, stop: the row range (stop > start).
+
+        Returns:
+            (labels [n], dense [n, 4], ids [n, fields]).
+        """
         first, last = start // BLOCK, (stop - 1) // BLOCK
         parts = [self.block(split, b) for b in range(first, last + 1)]
         labels, dense, ids = (np.concatenate([p[i] for p in parts]) for i in range(3))
@@ -159,6 +181,7 @@ class SyntheticSplit:
         self.n = sum(len(range(r, num_rows, modulus)) for r in self.residues)
 
     def num_lines(self) -> int:
+        """Rows of this split (after carving)."""
         return self.n
 
     def subset(self, modulus: int, residues: Sequence[int]) -> "SyntheticSplit":
@@ -179,6 +202,17 @@ class SyntheticSplit:
         return labels[pick], dense[pick], ids[pick]
 
     def local_batches(self, global_batch: int, rank: int, world: int, skip_batches: int = 0) -> Iterator:
+        """This rank's local batches, as `FileSplit.local_batches` makes them from file lines.
+
+        Args:
+            global_batch: rows per global batch.
+            rank, world: this rank and the number of ranks.
+            skip_batches: global batches to skip first.
+
+        Yields:
+            (labels, dense, ids, valid) arrays of global_batch / world slots, the kept dense
+            columns and fields only; the last batch is padded.
+        """
         local = global_batch // world
         for k in range(skip_batches, -(-self.n // global_batch)):
             start, stop = k * global_batch, min((k + 1) * global_batch, self.n)

@@ -18,6 +18,9 @@ import torch.distributed as dist
 
 @dataclass
 class DistEnv:
+    """This process's place in the job: its rank, the world size, its device and the process
+    group's backend (`none` for a one-process stand-in with no process group)."""
+
     rank: int
     world_size: int
     device: torch.device
@@ -25,10 +28,12 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that writes files and prints)."""
         return self.rank == 0
 
 
 def launched_by_torchrun() -> bool:
+    """Whether torchrun / TorchX set this process's world (WORLD_SIZE and RANK are set)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
@@ -56,6 +61,7 @@ def init_distributed() -> DistEnv:
 
 
 def shutdown_distributed() -> None:
+    """Leave the default process group, if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

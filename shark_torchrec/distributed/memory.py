@@ -14,7 +14,15 @@ from shark_torchrec.precision.priority import GROUP_NAMES
 
 
 def table_of_key(key: str, tables: Iterable[str]) -> str | None:
-    """The table a state-dict key belongs to (a dotted component equal to its name)."""
+    """The table a state-dict key belongs to (a dotted component equal to its name).
+
+    Args:
+        key: a state-dict key (`/` counts as `.`).
+        tables: the table names.
+
+    Returns:
+        The first component of `key` that is a table name, or None.
+    """
     for part in key.replace("/", ".").split("."):
         if part in tables:
             return part
@@ -54,7 +62,19 @@ def embedding_memory(
     (`optimizer_bytes`), the same tables as fp32 weights (`fp32_embedding_bytes`), and for
     mixed-precision tables the priority scores (`priority_bytes`, training-only state like
     the optimizer's) and rows per group (`rows_fp32`, `rows_fp16`, `rows_int8`, `rows_int4`,
-    `rows_int2`)."""
+    `rows_int2`).
+
+    Collective in a process group of several ranks: every rank calls it.
+
+    Args:
+        model: the (sharded) model.
+        optimizer: its optimizer (the state of stock TorchRec tables is counted from it).
+        configs: table name -> config, every table of the model.
+
+    Returns:
+        The totals over all tables, and `tables`: table -> its own figures (rows per group for
+        mixed-precision tables; stock tables report `rows_fp32`).
+    """
     from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -100,7 +120,14 @@ TORCHREC_QUANT_ROW_ALIGNMENT = 16
 
 def torchrec_int8_bytes(shapes: Iterable[Tuple[int, int]]) -> int:
     """Bytes of tables of these (rows, dim) after TorchRec's `quantize_embeddings(dtype=torch.qint8)`:
-    per row, the int8 codes plus an fp16 scale and bias, rounded up to the row alignment."""
+    per row, the int8 codes plus an fp16 scale and bias, rounded up to the row alignment.
+
+    Args:
+        shapes: (rows, dim) of each table.
+
+    Returns:
+        The bytes, summed over the tables.
+    """
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 

@@ -151,6 +151,16 @@ class MixedPrecisionEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
 
 
 class MixedPrecisionPooledLookup(GroupedPooledEmbeddingsLookup):
+    """TorchRec's pooled lookup of a sharding's grouped tables, each group's kernel a
+    `MixedPrecisionEmbeddingBag` instead of FBGEMM's.
+
+    Args:
+        *args, **kwargs: as for `GroupedPooledEmbeddingsLookup`.
+        policy: the collection's resolved policy.
+        step: the collection's step counter.
+        label_tagged: whether training batches carry labels in the ids' weights.
+    """
+
     def __init__(
         self, *args: Any, policy: PrecisionPolicy, step: StepCounter, label_tagged: bool, **kwargs: Any
     ) -> None:
@@ -171,6 +181,14 @@ class MixedPrecisionPooledLookup(GroupedPooledEmbeddingsLookup):
 
 
 class MixedPrecisionSequenceLookup(GroupedEmbeddingsLookup):
+    """The sequence twin of `MixedPrecisionPooledLookup` (one vector per id, no pooling).
+
+    Args:
+        *args, **kwargs: as for `GroupedEmbeddingsLookup`.
+        sharding_type: the sharding's type (a data-parallel group is replicated).
+        policy, step, label_tagged: as for `MixedPrecisionPooledLookup`.
+    """
+
     def __init__(
         self,
         *args: Any,
@@ -340,6 +358,7 @@ class ShardedMixedPrecisionModule:
         return tuple(by_col[c] for c in sorted(by_col))
 
     def stores(self) -> List[Tuple[RowGroupStore, str]]:
+        """Every store this rank holds (one per group of local shards), with its sharding type."""
         out = []
         for lookup, (_, st) in zip(self._lookups, self._mp_shardings()):
             for kernel in lookup._emb_modules:
@@ -360,18 +379,23 @@ class ShardedMixedPrecisionModule:
 
     # ------------------------------------------------------------------ one model budget (BudgetMember)
     def budget_policy(self) -> PrecisionPolicy:
+        """The resolved policy the rows train under (`BudgetMember`)."""
         return self.precision_policy
 
     def budget_stores(self) -> List[RowGroupStore]:
+        """This rank's stores (`BudgetMember`)."""
         return [s for s, _ in self.stores()]
 
     def budget_tables(self) -> Dict[str, Tuple[int, int]]:
+        """table -> (global rows, its narrowest column slice's width) (`BudgetMember`)."""
         return self._tables_for_budget()
 
     def budget_widths(self) -> Dict[str, Tuple[int, ...]]:
+        """table -> the widths of its column slices (`BudgetMember`)."""
         return dict(self._slice_widths)
 
     def budget_group(self) -> Optional[dist.ProcessGroup]:
+        """The process group the module is sharded over (`BudgetMember`)."""
         return self._pg
 
     def restart_groups(self, shares: Dict[str, float]) -> None:
@@ -699,11 +723,17 @@ class ShardedMixedPrecisionModule:
 
 
 class ShardedMixedPrecisionEmbeddingBagCollection(ShardedMixedPrecisionModule, ShardedEmbeddingBagCollection):
+    """`MixedPrecisionEmbeddingBagCollection` sharded by DMP: TorchRec's sharded bag collection with
+    our lookups (`MixedPrecisionEmbeddingBagCollectionSharder` builds it)."""
+
     _mp_prefix = "embedding_bags"
     _mp_sequence = False
 
 
 class ShardedMixedPrecisionEmbeddingCollection(ShardedMixedPrecisionModule, ShardedEmbeddingCollection):
+    """`MixedPrecisionEmbeddingCollection` sharded by DMP: TorchRec's sharded sequence collection with
+    our lookups (`MixedPrecisionEmbeddingCollectionSharder` builds it)."""
+
     _mp_prefix = "embeddings"
     _mp_sequence = True
 

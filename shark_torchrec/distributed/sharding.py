@@ -29,7 +29,14 @@ INIT_BLOCK_ROWS = 1 << 16
 
 def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
     """Our mixed-precision sharders and TorchRec's EBC sharder, all given the same fused_params
-    (FBGEMM's fused row-wise Adagrad or SGD at the embedding learning rate)."""
+    (FBGEMM's fused row-wise Adagrad or SGD at the embedding learning rate).
+
+    Args:
+        cfg: the `[train]` group (`emb_optimizer`, `lr`, `eps`).
+
+    Returns:
+        The sharders, ours first.
+    """
     from shark_torchrec.distributed.mixed_precision import (
         MixedPrecisionEmbeddingBagCollectionSharder,
         MixedPrecisionEmbeddingCollectionSharder,
@@ -48,7 +55,14 @@ def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
 
 
 def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
-    """Every embedding table config in an (unsharded) model, by table name."""
+    """Every embedding table config in an (unsharded) model, by table name.
+
+    Args:
+        model: the model (its collections have `embedding_bag_configs` or `embedding_configs`).
+
+    Returns:
+        table name -> its config.
+    """
     out: Dict[str, BaseEmbeddingConfig] = {}
     for m in model.modules():
         if hasattr(m, "embedding_bag_configs"):
@@ -59,6 +73,19 @@ def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
 
 
 def sharding_constraints(tables: Iterable[str], cfg: TrainConfig) -> Dict[str, ParameterConstraints]:
+    """The planner's constraints: the sharding types each table may take.
+
+    Args:
+        tables: the table names.
+        cfg: the `[train]` group: `sharding_types` (empty: all), minus data-parallel unless
+            `allow_data_parallel`.
+
+    Returns:
+        table -> its constraints (the same types for every table).
+
+    Raises:
+        ValueError: no sharding type is left.
+    """
     types = list(cfg.sharding_types) or [
         ShardingType.TABLE_WISE.value,
         ShardingType.ROW_WISE.value,
@@ -80,6 +107,18 @@ def plan_sharding(
     cfg: TrainConfig,
     sharders: Sequence[ModuleSharder[nn.Module]],
 ) -> ShardingPlan:
+    """The sharding plan of TorchRec's planner, with our storage estimator (`make_planner`), the
+    same on every rank (collective: every rank calls it).
+
+    Args:
+        model: the unsharded model.
+        env: the ranks and their device.
+        cfg: the `[train]` group (the sharding types allowed).
+        sharders: the sharders the plan is for.
+
+    Returns:
+        The plan.
+    """
     from shark_torchrec.planner.storage import make_planner
 
     # The planner's host size must be the one TorchRec's sharding reads from LOCAL_WORLD_SIZE
@@ -101,6 +140,18 @@ def shard_model(
     sharders: Optional[Sequence[ModuleSharder[nn.Module]]] = None,
     plan: Optional[ShardingPlan] = None,
 ) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    """Wrap a model in DistributedModelParallel over the default process group.
+
+    Args:
+        model: the unsharded model.
+        env: the ranks and their device.
+        cfg: the `[train]` group (sharders' optimizer, sharding types).
+        sharders: default `default_sharders(cfg)`.
+        plan: default a new plan (`plan_sharding`, collective).
+
+    Returns:
+        (the sharded model, its plan).
+    """
     sharders = list(sharders or default_sharders(cfg))
     plan = plan or plan_sharding(model, env, cfg, sharders)
     dmp = DistributedModelParallel(
@@ -138,7 +189,13 @@ def _init_rows(seed: int, table: str, num_rows: int, dim: int, row0: int, row1: 
 
 def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfig], seed: int) -> None:
     """Deterministic, sharding-independent init of every table (TorchRec's default law:
-    uniform(+-sqrt(1 / num_embeddings)))."""
+    uniform(+-sqrt(1 / num_embeddings))).
+
+    Args:
+        dmp: the sharded model; its mixed-precision modules and stock tables are written in place.
+        configs: table name -> config, every table of the model.
+        seed: the seed of the values (with the table's name and the row block).
+    """
     from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 
     def law(table: str, r0: int, r1: int) -> torch.Tensor:
@@ -179,6 +236,13 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> Combined
 
     Data-parallel tables (only when allowed) get TorchRec's RowWiseAdagrad at the embedding
     learning rate, the same rule as the fused tables, instead of the dense optimizer.
+
+    Args:
+        dmp: the sharded model.
+        cfg: the `[train]` group (`dense_lr`, `lr`, `eps`, `emb_optimizer`).
+
+    Returns:
+        The combined optimizer: `fused`, `dense` and, when there are any, `dp_tables`.
     """
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dp_tables = {k: v for k, v in params.items() if ".embedding_bags." in k}

@@ -53,6 +53,9 @@ SCORE_SPLITS = ("dev", "train")
 
 @dataclass
 class FieldImportance:
+    """The scores of one scoring run: the method, every field with its score (same order), the
+    seconds scoring took, the samples scored, and the fields below."""
+
     method: str
     fields: List[str]
     scores: List[float]
@@ -103,11 +106,23 @@ class FieldImportance:
         return [r["field"] for r in rows]
 
     def mean_of(self, name: str) -> torch.Tensor:
+        """E[v] of one field, from the scoring pass.
+
+        Args:
+            name: the field.
+
+        Returns:
+            [D] its mean vector.
+
+        Raises:
+            ValueError: the method made no lookups (`random`), so there are no means.
+        """
         if self.means is None:
             raise ValueError(f"{self.method} scores carry no field means: use field_means()")
         return self.means[self.fields.index(name)]
 
     def to_json(self) -> Dict:
+        """The method, samples, seconds and ranking, as JSON-able data (importance.json)."""
         return {
             "method": self.method,
             "samples": self.samples,
@@ -117,6 +132,17 @@ class FieldImportance:
 
 
 def find_dlrm(model: torch.nn.Module) -> DLRM:
+    """The first TorchRec DLRM (or subclass) among a model's modules.
+
+    Args:
+        model: the model (DMP-wrapped or not).
+
+    Returns:
+        The DLRM.
+
+    Raises:
+        TypeError: the model holds none.
+    """
     for m in model.modules():
         if isinstance(m, DLRM):
             return m
@@ -133,14 +159,33 @@ class FieldView:
 
     @property
     def names(self) -> List[str]:
+        """The fields scored: `dense_features` first when the data has dense features, then the
+        categorical fields in the model's order."""
         return ([DENSE_FIELD] if self.has_dense else []) + self.sparse_names
 
     def lookup(self, batch) -> torch.Tensor:
+        """The batch's field vectors: the dense arch's output, then every pooled embedding.
+
+        Args:
+            batch: a `Batch` on the model's device.
+
+        Returns:
+            [B, 1 + F, D].
+        """
         dense = self.dlrm.dense_arch(batch.dense_features)
         sparse = self.dlrm.sparse_arch(batch.sparse_features)
         return torch.cat([dense.unsqueeze(1), sparse], 1)
 
     def head(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The rest of the model on field vectors: interaction (a `constant` pruned model's
+        removed fields filled in first) and over-arch.
+
+        Args:
+            vectors: [B, 1 + F, D] as `lookup` returns them (or changed).
+
+        Returns:
+            [B] logits.
+        """
         dense, sparse = vectors[:, 0], vectors[:, 1:]
         fill = getattr(self.dlrm, "fill_removed", None)
         if fill is not None:
@@ -201,6 +246,26 @@ def score_fields(
     `method`: one of METHODS, or an alias of METHOD_ALIASES (the result names the method itself).
     `cache_bytes`: taylor keeps up to this many bytes of batches (and their field vectors)
     between its passes; when the split's batches fit, its data is read once.
+
+    Collective when `env` has several ranks: every rank calls it on its share of the data.
+
+    Args:
+        model: a trained DLRM (sharded or not); left in its training mode.
+        dataset: the data.
+        method: the scoring method (see above).
+        split: `dev` or `train`.
+        global_batch: samples per global batch.
+        env: the ranks (default: one process on CPU).
+        rounds: permutation: shuffles per field.
+        seed: random and permutation: the seed.
+        progress: show progress bars (rank 0).
+        cache_bytes: see above.
+
+    Returns:
+        The scores, with E[v] per field unless the method is `random`.
+
+    Raises:
+        ValueError: an unknown method, or a split other than dev and train.
     """
     method = canonical_method(method)
     if split not in SCORE_SPLITS:
@@ -305,7 +370,14 @@ def score_fields(
 
 
 def canonical_method(method: str) -> str:
-    """The method's own name (`taylor-abs` -> `taylor`); ValueError for an unknown one."""
+    """The method's own name (`taylor-abs` -> `taylor`); ValueError for an unknown one.
+
+    Args:
+        method: a name of METHODS or an alias of METHOD_ALIASES.
+
+    Returns:
+        The name in METHODS.
+    """
     name = METHOD_ALIASES.get(method, method)
     if name not in METHODS:
         known = ", ".join([*METHODS, *(f"{a} (= {m})" for a, m in METHOD_ALIASES.items())])
@@ -321,7 +393,18 @@ def field_means(
     env: Optional[DistEnv] = None,
 ) -> Dict[str, torch.Tensor]:
     """E[v] of every field over a split (one lookup pass, all-reduced): what `constant`
-    removal feeds in place of a removed field."""
+    removal feeds in place of a removed field.
+
+    Args:
+        model: a DLRM (sharded or not); left in its training mode.
+        dataset: the data.
+        split: the split to average over.
+        global_batch: samples per global batch.
+        env: the ranks (default: one process on CPU).
+
+    Returns:
+        field -> [D] its mean vector (`dense_features` too when the data has dense features).
+    """
     env = env or DistEnv(0, 1, torch.device("cpu"), "none")
     view = FieldView(model, has_dense=dataset.schema.num_dense > 0)
     sums = TaylorSums(1 + len(view.sparse_names), view.dlrm.sparse_arch.D)

@@ -58,6 +58,11 @@ class TaylorSums:
         return torch.cat([t.reshape(-1) for t in self._parts()])
 
     def load_flat(self, flat: torch.Tensor) -> None:
+        """Set every sum from one vector laid out as `flat()` makes it (after an all-reduce).
+
+        Args:
+            flat: the vector.
+        """
         at = 0
         for t in self._parts():
             n = t.numel()
@@ -73,7 +78,13 @@ class TaylorSums:
 
 
 def accumulate_values(sums: TaylorSums, v: torch.Tensor, weights: torch.Tensor) -> None:
-    """Lookup-only pass: add the field vectors of real samples (weight 1; padding has 0)."""
+    """Lookup-only pass: add the field vectors of real samples (weight 1; padding has 0).
+
+    Args:
+        sums: the running sums (updated in place).
+        v: [B, F, D] the batch's field vectors.
+        weights: [B] sample weights.
+    """
     # Each batch is reduced in its own dtype; the running sums are float64.
     w = weights.to(v.dtype)
     n = w.sum().double()
@@ -93,6 +104,13 @@ def accumulate_gradients(
 
     Without `means` this is the signed variant's single pass (it also collects E[v]). With
     `means` (from an earlier `accumulate_values` pass) it adds the absolute terms.
+
+    Args:
+        sums: the running sums (updated in place).
+        v: [B, F, D] the field vectors.
+        g: [B, F, D] each sample's gradient of its own loss with respect to them.
+        weights: [B] sample weights.
+        means: [F, D] E[v], or None.
     """
     w = weights.to(v.dtype)
     if means is None:
@@ -119,6 +137,14 @@ def accumulate_jagged(
     Without `means`: signed pass (sums of v, g, g.v over positions). With `means` [F, D]: the
     absolute term of each sample, |sum over its positions of g_p . (E[v] - v_p)|.
     `count_samples` adds B to the sample count (do it once per batch, not once per field).
+
+    Args:
+        sums: the running sums (updated in place).
+        index: the field's index in `sums`.
+        v, g: [P, D] the field's position vectors and their gradients.
+        lengths: [B] positions per sample.
+        means: [F, D] E[v] of every field, or None.
+        count_samples: add the batch's B samples to the count.
     """
     v64, g64 = v.to(torch.float64), g.to(torch.float64)
     if count_samples:
@@ -137,7 +163,18 @@ def accumulate_jagged(
 
 def taylor_scores(sums: TaylorSums, variant: str = SIGNED) -> torch.Tensor:
     """score(i) per field, [F] float64. `abs` (method `taylor`): the importance, larger = more
-    important. `signed` (method `taylor-signed`): the diagnostic signed mean, not a ranking."""
+    important. `signed` (method `taylor-signed`): the diagnostic signed mean, not a ranking.
+
+    Args:
+        sums: the sums over all the data (all-reduced over the ranks).
+        variant: `signed` or `abs`.
+
+    Returns:
+        [F] float64 scores.
+
+    Raises:
+        ValueError: an unknown variant.
+    """
     n = sums.samples.clamp_min(1)
     if variant == ABSOLUTE:
         return sums.sum_abs / n
@@ -147,7 +184,15 @@ def taylor_scores(sums: TaylorSums, variant: str = SIGNED) -> torch.Tensor:
 
 
 def permutation_index(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A within-batch shuffle that moves real samples among themselves (padding stays put)."""
+    """A within-batch shuffle that moves real samples among themselves (padding stays put).
+
+    Args:
+        weights: [B] sample weights (> 0: a real sample).
+        generator: the shuffle's random generator.
+
+    Returns:
+        [B] int64 indices: sample i takes the vector of sample idx[i].
+    """
     idx = torch.arange(weights.numel())
     real = torch.nonzero(weights > 0).squeeze(-1)
     idx[real] = real[torch.randperm(real.numel(), generator=generator)]
@@ -155,6 +200,14 @@ def permutation_index(weights: torch.Tensor, generator: torch.Generator) -> torc
 
 
 def rank_fields(names: Sequence[str], scores: Sequence[float]) -> List[dict]:
-    """Fields from least to most important (ties by name), each with its score."""
+    """Fields from least to most important (ties by name), each with its score.
+
+    Args:
+        names: the fields.
+        scores: their scores, in the same order.
+
+    Returns:
+        [{"field", "score"}], lowest score first.
+    """
     order = sorted(range(len(names)), key=lambda i: (float(scores[i]), names[i]))
     return [{"field": names[i], "score": float(scores[i])} for i in order]

@@ -123,7 +123,18 @@ def auc_standard_error(scores: Sequence[float], labels: Sequence[float]) -> Tupl
 def spent_alpha(confidence: float, test_index: int) -> float:
     """The error rate test `test_index` (1-based) of a sequence may spend so that all of them
     together spend at most 1 - `confidence`: alpha / (k (k + 1)), which sums to alpha over
-    k = 1, 2, ... (a Bonferroni split that needs no bound on the number of tests)."""
+    k = 1, 2, ... (a Bonferroni split that needs no bound on the number of tests).
+
+    Args:
+        confidence: the confidence over the whole sequence, in (0, 1).
+        test_index: the test's place in the sequence, from 1.
+
+    Returns:
+        The test's error rate, (1 - confidence) / (k (k + 1)).
+
+    Raises:
+        ValueError: a confidence outside (0, 1), or a test index below 1.
+    """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if test_index < 1:

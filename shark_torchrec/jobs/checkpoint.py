@@ -42,14 +42,30 @@ _READ_BLOCK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint or run directory that cannot be used as asked; the message names it and why."""
 
 
 def table_shapes(configs: Mapping[str, BaseEmbeddingConfig]) -> Dict[str, List[int]]:
+    """The tables' shapes as a checkpoint's meta.json records them.
+
+    Args:
+        configs: table name -> config.
+
+    Returns:
+        table name -> [rows, dim], by name.
+    """
     return {name: [c.num_embeddings, c.embedding_dim] for name, c in sorted(configs.items())}
 
 
 def broadcast_str(value: str) -> str:
+    """Rank 0's `value` on every rank (collective when the process group has several ranks).
+
+    Args:
+        value: this rank's string (only rank 0's is used).
+
+    Returns:
+        Rank 0's string.
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     box = [value]
@@ -58,6 +74,14 @@ def broadcast_str(value: str) -> str:
 
 
 def list_checkpoints(root: Path) -> List[Path]:
+    """The finished checkpoints in a directory (`step_N` folders holding meta.json; unchecked).
+
+    Args:
+        root: the checkpoint directory.
+
+    Returns:
+        Their folders, oldest step first (empty when `root` is not a directory).
+    """
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / META).is_file()]
@@ -211,6 +235,22 @@ def save_checkpoint(
     meta: Dict[str, Any],
     keep: int = 2,
 ) -> Path:
+    """Save the model and optimizer state as checkpoint `step_<step>` (see the module doc):
+    every rank writes its shards with DCP, then rank 0 writes meta.json with the files'
+    checksums, renames the folder into place and removes all but the newest `keep` checkpoints
+    and any stale partial folder. Collective: every rank calls it.
+
+    Args:
+        root: the checkpoint directory.
+        step: the training step the checkpoint is named by (a checkpoint of that step is replaced).
+        model, optimizer: what is saved (`model.state_dict()`, `optimizer.state_dict()`).
+        meta: what meta.json records besides its version, `step` and `files` (`_meta` of the
+            trainer: progress, table shapes, config, schema).
+        keep: how many checkpoints to keep (0: all).
+
+    Returns:
+        The checkpoint's folder.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = root / f"step_{step:08d}"
     tmp = Path(broadcast_str(str(root / f"{final.name}.partial-{uuid.uuid4().hex[:8]}")))
@@ -244,6 +284,12 @@ def read_meta(path: Path) -> Dict[str, Any]:
     """A checkpoint's meta.json, its `meta_version` filled in (1: written before the field
     existed; the layout is the same, and older entries are read as before).
 
+    Args:
+        path: a checkpoint folder.
+
+    Returns:
+        Its meta.json, as a dict.
+
     Raises:
         CheckpointError: a meta file of a newer version than this code reads.
     """
@@ -258,6 +304,16 @@ def read_meta(path: Path) -> Dict[str, Any]:
 
 
 def check_tables(path: Path, meta: Dict[str, Any], expected: Dict[str, List[int]]) -> None:
+    """Refuse a checkpoint whose tables are not the model's.
+
+    Args:
+        path: the checkpoint (for the message).
+        meta: its meta.json.
+        expected: the model's `table_shapes`.
+
+    Raises:
+        CheckpointError: naming the tables missing on either side and those of another shape.
+    """
     saved = {k: list(v) for k, v in meta.get("tables", {}).items()}
     if saved == expected:
         return
@@ -282,7 +338,24 @@ def load_checkpoint(
     precision: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Load weights (and optimizer state) in place; refuse other tables by name, and, when
-    `precision` is given, a checkpoint trained with another one."""
+    `precision` is given, a checkpoint trained with another one.
+
+    Collective: every rank calls it (DCP's load).
+
+    Args:
+        path: a checkpoint folder (already resolved and checked).
+        model: the model, loaded in place.
+        optimizer: its optimizer, loaded in place, or None.
+        expected_tables: the model's `table_shapes`.
+        precision: the model's `--precision`, or None to accept any.
+
+    Returns:
+        The checkpoint's meta.json.
+
+    Raises:
+        CheckpointError: other tables, another precision, or model or optimizer entries the
+            checkpoint lacks (nothing is loaded then).
+    """
     meta = read_meta(path)
     check_tables(path, meta, expected_tables)
     if precision is not None and saved_precision(meta) != precision:
@@ -324,6 +397,14 @@ def _planner_for(path: Path, state: Dict[str, Any]):
 
 
 def saved_precision(meta: Dict[str, Any]) -> str:
+    """The `--precision` a checkpoint was trained with.
+
+    Args:
+        meta: its meta.json.
+
+    Returns:
+        Its config's `quant.precision` (`fp32` when not recorded).
+    """
     return meta.get("config", {}).get("quant", {}).get("precision", "fp32")
 
 
@@ -340,7 +421,22 @@ def load_weights(
     With `optimizer`, its state comes along where it can: every entry of the same name and
     shape (the dense part's Adagrad state), and each mixed-precision table's row-wise Adagrad
     momentum from the fused optimizer's `momentum1` of the same table. Fine-tuning a trained
-    model with fresh Adagrad state would take full-size first steps and undo its training."""
+    model with fresh Adagrad state would take full-size first steps and undo its training.
+
+    Collective: every rank calls it (DCP's loads).
+
+    Args:
+        path: a checkpoint folder (already resolved and checked).
+        model: the model, loaded in place.
+        expected_tables: the model's `table_shapes`.
+        optimizer: the model's optimizer, or None to leave it fresh.
+
+    Returns:
+        The checkpoint's meta.json.
+
+    Raises:
+        CheckpointError: the checkpoint's tables are not the model's.
+    """
     from torch.distributed.checkpoint import FileSystemReader
 
     meta = read_meta(path)
@@ -399,7 +495,14 @@ def _load_mixed_precision_momentum(path: Path, model: torch.nn.Module, saved_met
 
 
 def load_full_state(path: str | Path) -> Dict[str, Any]:
-    """A checkpoint as plain, unsharded tensors (any process, no process group needed)."""
+    """A checkpoint as plain, unsharded tensors (any process, no process group needed).
+
+    Args:
+        path: a checkpoint folder, or a directory of them (`resolve_checkpoint`).
+
+    Returns:
+        {"model": state dict, "optim": state dict} as saved.
+    """
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -417,6 +520,16 @@ def load_matching(path: Path, model: torch.nn.Module, optimizer: Optional[torch.
 
     This is how a pruned model inherits the trained one: kept tables (weights, optimizer
     state, mixed-precision state) and dense layers whose shape did not change.
+
+    Collective: every rank calls it (DCP's load).
+
+    Args:
+        path: a checkpoint folder.
+        model: the model, loaded in place.
+        optimizer: its optimizer, loaded in place, or None.
+
+    Returns:
+        The flattened keys (`model.` / `optim.` prefixed) the checkpoint did not fill.
     """
     from torch.distributed.checkpoint import FileSystemReader
 

@@ -79,6 +79,14 @@ CONFIRM_BASE_FILE = "confirm_base_logits.pt"  # the base model's predictions on 
 
 
 def read_stages(out: Path) -> Dict[str, Any]:
+    """The stages a `shark compress` run directory has finished (its stages.json).
+
+    Args:
+        out: the run directory.
+
+    Returns:
+        stage -> its record, empty when none has finished.
+    """
     path = out / STAGES_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -102,6 +110,10 @@ def _budget_after_pruning(cfg: JobConfig, prune_ratio: float, tiers: Tuple[str, 
 
 def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     """F-Quantization's per-table budget after pruning left `prune_ratio` of the memory.
+
+    Args:
+        cfg: the run's config (`--quant-budget`, `--target-memory`, the tiers, the dim).
+        prune_ratio: the pruned model's embedding bytes over the base model's.
 
     Returns:
         (budget, why: a sentence for the report saying where it came from and what it missed).
@@ -128,7 +140,16 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
 
 
 def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
-    """The budget the export regroups rows to in --serve-tiers (model-wide), and why."""
+    """The budget the export regroups rows to in --serve-tiers (model-wide), and why.
+
+    Args:
+        cfg: the run's config (`--serve-tiers`, `--target-memory`, the dim).
+        prune_ratio: the pruned model's embedding bytes over the base model's.
+
+    Returns:
+        (budget: --target-memory over `prune_ratio`, clipped to the tiers' floor and to 1;
+        a sentence for the report saying so).
+    """
     tiers = split_tiers(cfg.compress.serve_tiers)
     budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
     why = (
@@ -195,6 +216,18 @@ def _stage_config(cfg: JobConfig, out: Path, stage: str) -> JobConfig:
 
 
 def run_base(cfg: JobConfig, out: Path, env: DistEnv):
+    """The `base` stage: train the stock fp32 model in DIR/base (or take `--checkpoint`, or
+    resume an interrupted training), on the decision splits.
+
+    Args:
+        cfg: the run's config.
+        out: the run directory.
+        env: the ranks.
+
+    Returns:
+        (the stage's record for stages.json: checkpoint, test and dev AUC, embedding bytes, the
+        given checkpoint if any; the trained model).
+    """
     b = _stage_config(cfg, out, "base")
     b.quant = QuantConfig()  # the base model is stock fp32 TorchRec
     if b.run.resume:
@@ -216,6 +249,22 @@ def run_base(cfg: JobConfig, out: Path, env: DistEnv):
 
 
 def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, Any], base: Optional[TrainedModel]):
+    """The `prune` stage: the pruning loop in DIR/prune, from the base model; the accepted
+    model is saved to DIR/prune/pruned, with its log and the base model's predictions on the
+    confirmation split.
+
+    Args:
+        cfg: the run's config.
+        out: the run directory.
+        env: the ranks.
+        base_record: the `base` stage's record (its checkpoint).
+        base: the base model as trained in this job, or None (resumed: loaded from its checkpoint).
+
+    Returns:
+        The stage's record for stages.json: the pruned checkpoint, kept and pruned fields,
+        memory ratio, stop reason, the selection split's resolution, the confirmation check and
+        the last accepted iteration's dev and test AUC.
+    """
     p = _stage_config(cfg, out, "prune")
     p.quant = QuantConfig()
     p.run.resume = False
@@ -253,13 +302,30 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
         "selection_resolution": base_metrics["resolution"],
         "confirmation": base_metrics["confirmation"],
         "base_confirm": str(stage_dir / CONFIRM_BASE_FILE),
-        "world_size": env.world_size,  # the order of the saved predictions (rank-interleaved)
+        "world_size": env.world_size,  # the order of the saved predictions (rank by rank)
         "dev_auc": last["dev_auc"],
         "test_auc": last["test_auc"],
     }
 
 
 def run_quantize(cfg: JobConfig, out: Path, env: DistEnv, pruned: Dict[str, Any]):
+    """The `quantize` stage: the pruned model converted to mixed precision (`--init-from`, at
+    `quant_budget`) and fine-tuned in DIR/quantize, then checked on the confirmation split.
+
+    Args:
+        cfg: the run's config.
+        out: the run directory.
+        env: the ranks.
+        pruned: the `prune` stage's record.
+
+    Returns:
+        {"checkpoint", "budget", "budget_reason", "metrics"} (metrics with `confirmation` when
+        the prune stage saved the base model's predictions).
+
+    Raises:
+        CheckpointError: the prune stage ran on another number of processes (its saved
+            predictions are in that order).
+    """
     if "base_confirm" in pruned and pruned.get("world_size", env.world_size) != env.world_size:
         raise CheckpointError(
             f"the prune stage of this run ran on {pruned['world_size']} processes and this one on {env.world_size}: "
@@ -343,7 +409,17 @@ def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[
 
 def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) -> Dict[str, Any]:
     """Rank 0 exports the quantized model, checks it against the trained one on dev and
-    chooses what to serve (`easy_path`); the other ranks wait for its record (or its error)."""
+    chooses what to serve (`easy_path`); the other ranks wait for its record (or its error).
+
+    Args:
+        cfg: the run's config.
+        out: the run directory (the export goes to DIR/export).
+        env: the ranks.
+        stages: the finished stages' records (base, prune, quantize).
+
+    Returns:
+        The export record (export.json), on every rank.
+    """
     record: Dict[str, Any] = {}
     error: Optional[BaseException] = None
     if env.is_main:
@@ -365,7 +441,17 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
 
 
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
-    """One rank of `shark compress`."""
+    """One rank of `shark compress`.
+
+    Args:
+        cfg: the validated config.
+
+    Returns:
+        The pipeline's metrics (also written to DIR/metrics.json), on every rank.
+
+    Raises:
+        CheckpointError: the run directory already holds a run and `--resume` was not given.
+    """
     # One lock for the whole run directory: the stages are calls inside this job, not jobs.
     with job_rank(cfg, "runs/compress-%Y%m%d-%H%M%S") as (env, out):
         stages = read_stages(out)
@@ -379,7 +465,6 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             save_config(cfg, out / "config.toml")
         if env.world_size > 1:
             dist.barrier()
-        timings: Dict[str, float] = {}
         base = None
         if "base" not in stages:
             t0 = time.perf_counter()

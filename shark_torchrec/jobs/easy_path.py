@@ -46,14 +46,30 @@ TORCHREC_POST_TRAINING = {"int8": torch.qint8, "int4": torch.quint4x2}
 
 def quantized_collection(ebc: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """TorchRec's post-training quantization of an fp32 embedding collection
-    (`quantize_embeddings`, as a TorchRec user would call it), in eval mode; `ebc` is kept."""
+    (`quantize_embeddings`, as a TorchRec user would call it), in eval mode; `ebc` is kept.
+
+    Args:
+        ebc: a materialized fp32 `EmbeddingBagCollection`.
+        dtype: `torch.qint8` (int8 rows) or `torch.quint4x2` (int4 rows).
+
+    Returns:
+        TorchRec's quantized collection.
+    """
     from torchrec.inference.modules import quantize_embeddings
 
     return quantize_embeddings(torch.nn.Sequential(ebc), dtype=dtype, inplace=False)[0].eval()
 
 
 def torchrec_quantized(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of a loaded fp32 DLRM whose embedding collection is `quantized_collection` of its own."""
+    """A copy of a loaded fp32 DLRM whose embedding collection is `quantized_collection` of its own.
+
+    Args:
+        model: a `DLRMTrainModule` as `load_trained_model` returns it (left unchanged).
+        dtype: as for `quantized_collection`.
+
+    Returns:
+        The copy.
+    """
     out = copy.deepcopy(model)
     arch = out.model.sparse_arch
     arch.embedding_bag_collection = quantized_collection(arch.embedding_bag_collection, dtype)
@@ -61,7 +77,14 @@ def torchrec_quantized(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.M
 
 
 def allocated_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a TorchRec quantized collection's state (packed codes with scales, as allocated)."""
+    """Bytes of a TorchRec quantized collection's state (packed codes with scales, as allocated).
+
+    Args:
+        module: the quantized collection.
+
+    Returns:
+        The bytes of every tensor of its state dict.
+    """
     total = 0
     for t in module.state_dict().values():
         total += t.view(torch.uint8).numel() if t.dtype == torch.uint8 else t.numel() * t.element_size()

@@ -46,7 +46,18 @@ from shark_torchrec.precision.quantize import fitted_scale_bias
 
 
 def load_trained_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig]:
-    """The checkpoint's model, unsharded on CPU, in eval mode."""
+    """The checkpoint's model, unsharded on CPU, in eval mode.
+
+    Args:
+        path: a checkpoint folder, or a directory of them (the newest that passes its check).
+
+    Returns:
+        (the model, the config it was trained with).
+
+    Raises:
+        CheckpointError: the checkpoint fails its check, or predates export support (its
+            meta.json has no schema).
+    """
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     if "schema" not in meta:
@@ -71,7 +82,17 @@ def _materialized(model: torch.nn.Module) -> torch.nn.Module:
 
 def export_inference_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig]:
     """The checkpoint's model with its mixed-precision collection replaced by
-    `MixedPrecisionInferenceEmbeddingBagCollection` (same rows, same groups, no training state)."""
+    `MixedPrecisionInferenceEmbeddingBagCollection` (same rows, same groups, no training state).
+
+    Args:
+        path: a checkpoint folder, or a directory of them.
+
+    Returns:
+        (the inference model, in eval mode; its config).
+
+    Raises:
+        CheckpointError: the checkpoint holds stock fp32 tables (no row groups).
+    """
     model, cfg = load_trained_model(path)
     if cfg.quant.precision == "fp32":
         raise CheckpointError(
@@ -183,7 +204,14 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
 
 def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
     """Swap a loaded mixed-precision model's collection for its inference twin, in place (the
-    training store, with its scores and optimizer state, is dropped)."""
+    training store, with its scores and optimizer state, is dropped).
+
+    Args:
+        model: a mixed-precision model from `load_trained_model` (or `regroup_for_serving`).
+
+    Returns:
+        The same model, in eval mode.
+    """
     sparse_arch = model.model.sparse_arch
     sparse_arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(
         sparse_arch.embedding_bag_collection

@@ -63,7 +63,18 @@ log = logging.getLogger("shark")
 
 def support_batches(dataset: Dataset, rows: int, global_batch: int, env: DistEnv, seed: int) -> Iterator[Batch]:
     """About `rows` rows of train, as whole global batches each kept with probability
-    rows / train rows. The choice is seeded, so every rank keeps the same batches."""
+    rows / train rows. The choice is seeded, so every rank keeps the same batches.
+
+    Args:
+        dataset: the data (its train split).
+        rows: about how many rows to take (at most ceil(rows / global_batch) batches).
+        global_batch: rows per global batch.
+        env: the ranks.
+        seed: the seed of the choice.
+
+    Yields:
+        This rank's share of each kept batch.
+    """
     total = dataset.splits["train"].num_lines()
     keep = min(1.0, rows / max(total, 1))
     limit = math.ceil(rows / global_batch)
@@ -79,6 +90,13 @@ def support_batches(dataset: Dataset, rows: int, global_batch: int, env: DistEnv
 
 def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
     """`--checkpoint` of a pruned model: take its kept fields and removal from its config.
+
+    Args:
+        cfg: the job's config.
+
+    Returns:
+        `cfg` itself without `--checkpoint`; else a validated copy with the checkpoint's kept
+        fields and field removal, and no training epochs (the model is taken as it is).
 
     Raises:
         ConfigError: the checkpoint was trained with another --selection-fraction (it trained
@@ -104,7 +122,15 @@ def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
 
 def base_model(cfg: JobConfig, env: DistEnv) -> TrainedModel:
     """The model to start from: `--checkpoint` if given, else one trained now, on the splits
-    decisions use (`Dataset.decision_splits`: its early stopping reads the selection split)."""
+    decisions use (`Dataset.decision_splits`: its early stopping reads the selection split).
+
+    Args:
+        cfg: the job's config.
+        env: the ranks.
+
+    Returns:
+        The model, on the decision splits' view of the data.
+    """
     cfg = adopt_checkpoint_model(cfg)
     return fit(cfg, env, open_dataset(cfg.dataset, cfg.train.seed).decision_splits())
 
@@ -141,6 +167,17 @@ def confirmation_check(
 
 
 def score(cfg: JobConfig, trained_model, dataset: Dataset, env: DistEnv) -> FieldImportance:
+    """`score_fields` with the config's method, split, rounds, seed and batch size.
+
+    Args:
+        cfg: the job's config.
+        trained_model: the model to score.
+        dataset: its data.
+        env: the ranks.
+
+    Returns:
+        The field importances.
+    """
     p = cfg.prune
     return score_fields(
         trained_model,
@@ -160,6 +197,12 @@ def score(cfg: JobConfig, trained_model, dataset: Dataset, env: DistEnv) -> Fiel
 
 
 def write_importance(imp: FieldImportance, out_dir: Path) -> None:
+    """Write importance.json, importance.csv (least important first) and importance.png.
+
+    Args:
+        imp: the scores.
+        out_dir: the directory (created).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     ranking = imp.ranking()
     (out_dir / "importance.json").write_text(json.dumps(imp.to_json(), indent=2))
@@ -172,7 +215,14 @@ def write_importance(imp: FieldImportance, out_dir: Path) -> None:
 
 
 def importance_job(cfg: JobConfig) -> Dict[str, Any]:
-    """One rank of `shark importance`."""
+    """One rank of `shark importance`.
+
+    Args:
+        cfg: the validated config.
+
+    Returns:
+        The scores as JSON-able data, with the number of fields and the split scored, on every rank.
+    """
     with job_rank(cfg, TRAIN_OUT_DIR) as (env, out_dir):
         trained = fit(adopt_checkpoint_model(cfg), env)  # scored on dev itself: no decision follows
         imp = score(cfg, trained.model, trained.dataset, env)
@@ -210,7 +260,16 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
     overfit when it sees it again, and then fine-tuning must not be kept.
 
     Returns (dev metrics, test metrics, checkpoint of the kept state, epochs kept, the kept
-    state's (logits, labels) on dev, for the paired stop test)."""
+    state's (logits, labels) on dev, for the paired stop test).
+
+    Args:
+        cfg: the job's config (`[prune]` support rows and epochs, `[train]` batch sizes).
+        pruned: the pruned model (`PrunedModel`), trained and restored in place.
+        env: the ranks.
+        root: where the kept state's checkpoints go.
+        iteration: the loop's iteration (seeds the support samples; the step meta.json records).
+        show: show progress bars.
+    """
     p, t = cfg.prune, cfg.train
     shapes = table_shapes(pruned.configs)
     meta = _meta(pruned.cfg, TrainState(step=iteration), pruned.configs, env, pruned.dataset.full_schema)
@@ -247,7 +306,23 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
 
 
 def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
-    """Algorithm 1; returns (accepted candidate, step log, stop reason, base metrics)."""
+    """Algorithm 1; returns (accepted candidate, step log, stop reason, base metrics).
+
+    Args:
+        cfg: the job's config.
+        env: the ranks.
+        base: the base model (`base_model`), on the decision splits.
+        out_dir: the stage's directory: the candidates' checkpoints go to prune_steps/, the
+            base model's ranking to importance/.
+
+    Returns:
+        (the `Candidate` kept, one log row per iteration (iteration 0: the base model), the stop
+        reason, {"dev_auc", "test_auc", "embedding_bytes", "resolution", "confirmation",
+        "base_confirm"} of the base model and the kept model's confirmation check).
+
+    Raises:
+        DataError: a decision split whose rows are all of one class (no AUC).
+    """
     p, t = cfg.prune, cfg.train
     show = cfg.run.progress and env.is_main
     steps_root = out_dir / "prune_steps"
@@ -445,6 +520,12 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
 
 
 def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
+    """Write prune_log.json, prune_log.csv and auc_vs_memory.png of the pruning loop.
+
+    Args:
+        rows: the loop's log rows (`prune_loop`).
+        out_dir: the directory (existing).
+    """
     (out_dir / "prune_log.json").write_text(json.dumps(rows, indent=2))
     keys = [
         "iteration",
@@ -471,7 +552,15 @@ def write_prune_log(rows: List[Dict[str, Any]], out_dir: Path) -> None:
 
 
 def prune_job(cfg: JobConfig) -> Dict[str, Any]:
-    """One rank of `shark prune`."""
+    """One rank of `shark prune`.
+
+    Args:
+        cfg: the validated config.
+
+    Returns:
+        The pruned model's metrics with the base model's and the loop's (also written to
+        OUT_DIR/metrics.json), on every rank.
+    """
     with job_rank(cfg, TRAIN_OUT_DIR) as (env, out_dir):
         base = base_model(cfg, env)
         accepted, rows, reason, base_metrics = prune_loop(cfg, env, base, out_dir)
@@ -510,7 +599,7 @@ def prune_job(cfg: JobConfig) -> Dict[str, Any]:
             confirmation=base_metrics["confirmation"],
             iterations=rows,
             method=canonical_method(cfg.prune.method),
-            field_removal=cfg.model.field_removal,
+            field_removal=final_cfg.model.field_removal,  # the model's (a --checkpoint's), not the flag's
         )
         if env.is_main:
             write_prune_log(rows, out_dir)

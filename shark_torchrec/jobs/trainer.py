@@ -129,7 +129,27 @@ def _meta(cfg: JobConfig, state: TrainState, configs, env: DistEnv, schema) -> D
 
 
 def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> TrainedModel:
-    """Train (or resume) a model as the config says; returns it with its state."""
+    """Train (or resume) a model as the config says; returns it with its state.
+
+    The model starts from `--checkpoint` (weights and optimizer), `--init-from` (weights
+    converted to this precision) or fresh rows; `--resume` continues this run's newest
+    checkpoint. With early stopping the best dev model is restored at the end; the final state
+    is always saved as a checkpoint. Collective: every rank calls it.
+
+    Args:
+        cfg: the job's config (`run.out_dir` is set when empty).
+        env: the ranks.
+        dataset: the data (default: `open_dataset` of the config); a view not narrowed yet is
+            narrowed to `model.kept_fields`.
+
+    Returns:
+        The trained model, its optimizer, data, table configs, progress and training seconds.
+
+    Raises:
+        ValueError: batch sizes not divisible by the number of ranks.
+        CheckpointError: the checkpoint directory holds an earlier run's checkpoints (without
+            `--resume`), a directory cannot be written, or a checkpoint does not fit the model.
+    """
     t, run = cfg.train, cfg.run
     if t.batch_size % env.world_size or t.eval_batch_size % env.world_size:
         raise ValueError(
@@ -176,14 +196,15 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             )
     elif run.checkpoint:
         loaded_from = resolve_checkpoint_on_rank0(run.checkpoint)
-        load_checkpoint(loaded_from, dmp, optimizer, shapes, cfg.quant.precision)
+        loaded_meta = load_checkpoint(loaded_from, dmp, optimizer, shapes, cfg.quant.precision)
     elif run.init_from:
         loaded_from = resolve_checkpoint_on_rank0(run.init_from)
-        load_weights(loaded_from, dmp, shapes, optimizer)
+        loaded_meta = load_weights(loaded_from, dmp, shapes, optimizer)
     elif run.resume and env.is_main:
         log.info("nothing to resume in %s: starting at step 0", ckpt_root)
     if loaded_from and env.is_main:
-        log.info("loaded %s (step %d)", loaded_from, state.step)
+        # (the checkpoint's own step: this run counts its steps from 0)
+        log.info("loaded %s (saved at step %s)", loaded_from, loaded_meta.get("step"))
 
     show = run.progress and env.is_main
 
@@ -229,18 +250,9 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         bar = tqdm(
             total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"train epoch {state.epoch}", disable=not show
         )
-        while True:
-            if t.max_steps and state.step >= t.max_steps:
-                done = True
-                break
-            try:
-                loss, *_ = pipeline.progress(batches)
-            except StopIteration:
-                break
+        for _ in pipeline_steps(pipeline, batches, bar):  # (the loop is entered below max_steps)
             state.step += 1
             state.batch_in_epoch += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if t.eval_every and state.step % t.eval_every == 0:
                 pipeline.detach()
                 stop = dev_eval()
@@ -251,6 +263,8 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
                 checkpoint()
             if run.fail_at_step and state.step == run.fail_at_step:
                 os._exit(17)  # testing aid: die as a killed job would, without cleanup
+            if t.max_steps and state.step >= t.max_steps:
+                done = True
             if done:
                 break
         pipeline.detach()
@@ -282,32 +296,77 @@ def train_steps(
     max_steps: int = 0,
 ) -> int:
     """Train over `batches` (already this rank's share) with TorchRec's pipeline, for at most
-    `max_steps` steps (0: all of them); returns the steps taken."""
+    `max_steps` steps (0: all of them); returns the steps taken.
+
+    Args:
+        model, optimizer: the sharded model and its optimizer.
+        batches: an iterator of this rank's batches.
+        env: the ranks (their device).
+        precision: the model's `--precision` (`train_pipeline`).
+        total: batches expected, for the progress bar (0: unknown).
+        desc: the progress bar's label.
+        show: show the progress bar.
+        max_steps: the most steps to take (0: no limit).
+    """
     pipeline = train_pipeline(model, optimizer, env.device, precision)
     steps = 0
     with tqdm(total=total or None, desc=desc, disable=not show, leave=False) as bar:
-        while not (max_steps and steps >= max_steps):
-            try:
-                loss, *_ = pipeline.progress(batches)
-            except StopIteration:
-                break
+        for _ in pipeline_steps(pipeline, batches, bar):
             steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if max_steps and steps >= max_steps:
+                break
     pipeline.detach()
     return steps
 
 
+def pipeline_steps(pipeline: TrainPipelineSparseDist, batches, bar: tqdm) -> Iterator[torch.Tensor]:
+    """The one training loop: step TorchRec's `pipeline` over `batches` until they run out,
+    each step shown on the progress bar; the caller stops early by leaving the loop.
+
+    Args:
+        pipeline: the train pipeline (its model and optimizer step in `progress`).
+        batches: this rank's batches.
+        bar: the progress bar to advance.
+
+    Yields:
+        Each step's loss, after the step.
+    """
+    while True:
+        try:
+            loss, *_ = pipeline.progress(batches)
+        except StopIteration:
+            return
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        yield loss
+
+
 def train_pipeline(model, optimizer, device: torch.device, precision: str) -> TrainPipelineSparseDist:
     """TorchRec's pipeline; for our mixed-precision tables the one that gives them the labels
-    (stock fp32 tables would pool with the tagged weights, so they get the plain one)."""
+    (stock fp32 tables would pool with the tagged weights, so they get the plain one).
+
+    Args:
+        model, optimizer: the sharded model and its optimizer.
+        device: the rank's device.
+        precision: the model's `--precision` (`fp32`: stock tables).
+
+    Returns:
+        The pipeline (it runs every batch, `execute_all_batches`).
+    """
     if precision == "fp32":
         return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True)
     return LabelTaggingTrainPipeline(model, optimizer, device, features=["sparse_features"], execute_all_batches=True)
 
 
 def peak_rss_bytes(env: DistEnv) -> int:
-    """The largest peak resident set size over the ranks (Linux reports KiB)."""
+    """The largest peak resident set size over the ranks (Linux reports KiB).
+
+    Args:
+        env: the ranks (collective when there are several).
+
+    Returns:
+        Bytes.
+    """
     import resource
 
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.float64)
@@ -317,6 +376,18 @@ def peak_rss_bytes(env: DistEnv) -> int:
 
 
 def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
+    """A trained model's figures (metrics.json): test and dev AUC and log loss, time and
+    steps, embedding, optimizer and priority bytes (`embedding_memory`), rows per group, the
+    mixed-precision overhead, skipped lines, world size, peak memory and the dev history.
+    Collective: every rank calls it.
+
+    Args:
+        cfg: the config it was trained with.
+        trained: what `fit` returned.
+
+    Returns:
+        The figures, on every rank.
+    """
     env, t = trained.env, cfg.train
     show = cfg.run.progress and env.is_main
     test = evaluate(trained.model, trained.dataset, "test", t.eval_batch_size, env, show)
@@ -353,6 +424,12 @@ def final_metrics(cfg: JobConfig, trained: TrainedModel) -> Dict[str, Any]:
 
 
 def write_metrics(cfg: JobConfig, metrics: Dict[str, Any]) -> None:
+    """Write metrics as JSON to OUT_DIR/metrics.json and, when given, to `--metrics-out`.
+
+    Args:
+        cfg: the job's config (`run.out_dir`, `run.metrics_out`).
+        metrics: JSON-able figures.
+    """
     text = json.dumps(metrics, indent=2)
     Path(cfg.run.out_dir, "metrics.json").write_text(text)
     if cfg.run.metrics_out:
@@ -399,7 +476,11 @@ def job_rank(cfg: JobConfig, default_out: str) -> Iterator[Tuple[DistEnv, Path]]
 
 
 def train_job(cfg: JobConfig) -> Dict[str, Any]:
-    """One rank of `shark train`; returns the metrics (on every rank)."""
+    """One rank of `shark train`; returns the metrics (on every rank).
+
+    Args:
+        cfg: the validated config.
+    """
     with job_rank(cfg, TRAIN_OUT_DIR) as (env, _):
         trained = fit(cfg, env)
         metrics = final_metrics(cfg, trained)

@@ -94,7 +94,19 @@ def mixed_lookup_reference(
 ) -> torch.Tensor:
     """`shark_torchrec.kernels.mixed_lookup` in torch and FBGEMM: the same arguments, the same
     result, the same error for an id outside its table. It also runs where the op does not
-    (FBGEMM's op has CUDA kernels; that path is untested here, on machines without a GPU)."""
+    (FBGEMM's op has CUDA kernels; that path is untested here, on machines without a GPU).
+
+    Args:
+        weights, group_offsets, row_map, range_ends, range_shift, feature_base, feature_rows,
+            values, lengths, per_sample_weights, dim, batch_size, pooling, row_alignment,
+            feature_names: as for `shark_torchrec.kernels.mixed_lookup`.
+
+    Returns:
+        [B, F * dim] float32, or [nnz, dim] with pooling "none" (as the op).
+
+    Raises:
+        ValueError: an id outside its feature's table (naming the feature and the id).
+    """
     F, B, D = feature_base.numel(), batch_size, dim
     dev = weights.device
     placement = EmbeddingLocation.DEVICE if dev.type == "cuda" else EmbeddingLocation.HOST

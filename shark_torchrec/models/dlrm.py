@@ -17,7 +17,15 @@ from shark_torchrec.data.schema import Schema
 
 
 def table_configs(schema: Schema, embedding_dim: int) -> List[EmbeddingBagConfig]:
-    """One table per categorical field, named `t_<field>`."""
+    """One table per categorical field, named `t_<field>`.
+
+    Args:
+        schema: the fields and their table sizes.
+        embedding_dim: every table's dim.
+
+    Returns:
+        The tables' configs (sum pooling), in the schema's field order.
+    """
     return [
         EmbeddingBagConfig(
             name=Schema.table_name(f),
@@ -60,6 +68,17 @@ def build_dlrm(
     Dense weights are initialised from `seed`, so every rank and every world size starts
     from the same dense model. With `cfg.kept_fields`, `schema` is still the full one and the
     model is the pruned DLRM over the kept fields (`ebc`, if given, holds only those).
+
+    Args:
+        schema: the data's full schema.
+        cfg: the `[model]` group (`arch`, layer sizes, kept fields and how removed ones left).
+        ebc: the embedding collection to use (e.g. our mixed-precision one); default: stock
+            TorchRec tables on the meta device.
+        seed: the seed of the dense weights.
+
+    Returns:
+        The DLRM (or DLRM_DCN; `DLRMWithConstantFields` for a `constant` pruned model) in a
+        `DLRMTrainModule`.
     """
     if cfg.kept_fields:
         return _build_pruned(schema, cfg, ebc, seed)

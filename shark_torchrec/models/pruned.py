@@ -26,6 +26,14 @@ def interaction_columns(dense_dim: int, fields: Sequence[str], kept: Sequence[st
 
     The output is [dense (dense_dim values), dot(i, j) for i < j over (dense, *fields)], the
     pairs in row-major upper-triangle order.
+
+    Args:
+        dense_dim: the dense vector's width (the embedding dim).
+        fields: the old model's categorical fields, in its order.
+        kept: the fields the new model keeps, in the same order.
+
+    Returns:
+        The old columns, in the new model's column order.
     """
     n = len(fields) + 1
     pair_col = {}

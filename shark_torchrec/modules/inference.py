@@ -171,6 +171,21 @@ class MixedPrecisionPooledLookup(nn.Module):
 
 
 class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
+    """The serving twin of `MixedPrecisionEmbeddingBagCollection` (see the module doc): TorchRec's
+    collection interface (`forward(KJT) -> KeyedTensor`, `embedding_bag_configs()`) over
+    `MixedPrecisionPooledLookup`. Usually built with `from_trained`.
+
+    Args:
+        tables: the tables' configs, one dim and one pooling (sum or mean) for all.
+        weights, row_map, range_ends, range_shift, group_offsets, row_alignment: the store's
+            group tables and row map (see `MixedPrecisionPooledLookup`), the tables' rows back
+            to back in `tables`' order.
+
+    Raises:
+        NotImplementedError: tables of several dims or poolings, or another pooling.
+        ValueError: the row map does not have the tables' rows.
+    """
+
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],

@@ -1,5 +1,6 @@
 """`MixedPrecisionEmbeddingBagCollection` and `MixedPrecisionEmbeddingCollection`: TorchRec's
-collections with rows kept in fp32, fp16 and int8 groups.
+collections with rows kept in fp32, fp16, int8, int4 and int2 groups, or dropped (a dropped row
+reads its table's one trained fallback row).
 
 Constructed like `EmbeddingBagCollection` (table configs) plus a `PrecisionPolicy`. The
 TorchRec parameters stay on the meta device (the planner reads their shapes); the rows live
@@ -14,7 +15,8 @@ plans): `embedding_bags.<table>.weight` fp32 [rows, D] (the dequantized rows, ma
 state dict is taken), and per 4-column unit (so that column-wise shards of any width can be
 restored): `qparams` fp16 [rows, D/2] (int8 scale and bias), `row_group` int8 [rows, D/4],
 `row_priority` fp32 and `row_seen_step` int32 [rows, D/4] (score as of the step the row was
-last seen) and `momentum` fp32 [rows, D/4]; plus `precision_step`.
+last seen) and `momentum` fp32 [rows, D/4]; `fallback` (the table's fallback row) and
+`fallback_momentum`; plus `precision_step`.
 """
 
 from __future__ import annotations
@@ -50,18 +52,46 @@ STATE_KEYS = (
 
 
 def table_id(name: str) -> int:
+    """A table's stable id for its rounding noise (the same in every process).
+
+    Args:
+        name: the table's name.
+
+    Returns:
+        crc32 of the name.
+    """
     return zlib.crc32(name.encode())
 
 
 def feature_tables(configs: Sequence[Any]) -> Dict[str, tuple]:
-    """feature -> (table name, rows) of a collection's configs."""
+    """feature -> (table name, rows) of a collection's configs.
+
+    Args:
+        configs: TorchRec table configs (`name`, `num_embeddings`, `feature_names`).
+
+    Returns:
+        feature -> (table name, rows).
+    """
     return {f: (c.name, c.num_embeddings) for c in configs for f in c.feature_names}
 
 
 def check_ids(features: KeyedJaggedTensor, tables: Dict[str, tuple], bad_ids: str) -> KeyedJaggedTensor:
     """Ids must lie in their table. Checked once, on the input's global ids (before any
     all-to-all), by the unsharded and the sharded collections alike. `bad_ids="error"`:
-    IdError naming the feature, the id and the table; `"row0"`: such ids become row 0."""
+    IdError naming the feature, the id and the table; `"row0"`: such ids become row 0.
+
+    Args:
+        features: the input's ids.
+        tables: feature -> (table name, rows) (`feature_tables`); other features are not checked.
+        bad_ids: `error` or `row0`.
+
+    Returns:
+        `features` itself when every id is in its table, else (with `row0`) a copy whose bad
+        ids are 0.
+
+    Raises:
+        IdError: with `error`, the first bad id.
+    """
     values = features.values()
     if values.numel() == 0:
         return features
@@ -146,7 +176,20 @@ def pop_table_states(
     state_dict: Dict[str, Any], prefix: str, collection: str, tables: Sequence[str]
 ) -> Dict[str, Dict[str, Any]]:
     """Take our keys (see module doc) out of a state dict being loaded: table -> key -> value.
-    A table without `weight` is an error naming it."""
+    A table without `weight` is an error naming it.
+
+    Args:
+        state_dict: the state dict being loaded; our keys are removed from it.
+        prefix: the module's prefix in it.
+        collection: `embedding_bags` or `embeddings`.
+        tables: the module's table names.
+
+    Returns:
+        table -> key (`weight`, `qparams`, ...) -> value, for the keys present.
+
+    Raises:
+        KeyError: tables without `weight`.
+    """
     out: Dict[str, Dict[str, Any]] = {}
     for table in tables:
         for key in STATE_KEYS:
@@ -168,7 +211,15 @@ def restore_store(
 ) -> None:
     """Load one state per local table: groups from the checkpoint (or the starting groups
     when it has none, e.g. an fp32 TorchRec checkpoint), then values, scores and optimizer.
-    `budget_tables`: every table of the collection -> (global rows, dim its budget uses)."""
+    `budget_tables`: every table of the collection -> (global rows, dim its budget uses).
+
+    Args:
+        store: the store to fill.
+        states: one per local table of the store, in its order: key -> this shard's block
+            (`pop_table_states`' keys).
+        policy: the collection's resolved policy.
+        budget_tables: see above.
+    """
     fallback = starting_groups(store, policy, budget_tables)
     groups = []
     for i, state in enumerate(states):
@@ -186,7 +237,16 @@ def _units(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tensor]:
-    """Checkpoint tensors of the rows of one table held by a store (see module doc)."""
+    """Checkpoint tensors of the rows of one table held by a store (see module doc).
+
+    Args:
+        store: the store.
+        index: the table's index among the store's local tables.
+
+    Returns:
+        key -> tensor: `weight`, `qparams`, `row_group`, and when the store keeps them
+        `row_priority`, `row_seen_step`, `momentum`, `fallback`, `fallback_momentum`.
+    """
     lo, hi = int(store.table_base[index]), int(store.table_base[index + 1])
     keys = torch.arange(lo, hi)
     D = store.dim
@@ -212,6 +272,15 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
 
 @torch.no_grad()
 def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Tensor]) -> None:
+    """Write one local table's checkpoint tensors into a store whose groups are already set:
+    values rounded to nearest into each row's group (integer rows with one scale and bias per
+    row get their exact codes back), then optimizer state, scores and the fallback row.
+
+    Args:
+        store: the store.
+        index: the table's index among the store's local tables.
+        state: key -> this table's block (`local_table_state`'s keys; `weight` required).
+    """
     lo, hi = int(store.table_base[index]), int(store.table_base[index + 1])
     if hi == lo:
         return
@@ -249,7 +318,21 @@ def build_stores(
     init: Optional[Callable[[str, int, int], torch.Tensor]] = None,
 ) -> tuple[List[RowGroupStore], List[List[str]]]:
     """One store per (pooling, dim) holding whole tables, filled from `init(table, r0, r1)`
-    (default: TorchRec's uniform(+-sqrt(1/rows))), a chunk of rows at a time."""
+    (default: TorchRec's uniform(+-sqrt(1/rows))), a chunk of rows at a time.
+
+    Args:
+        configs: the tables' configs.
+        policy: the collection's resolved policy.
+        step: the collection's step counter.
+        label_tagged: whether training batches carry labels in the ids' weights.
+        weighted: whether per-id weights are pooling weights.
+        sequence: a sequence collection (no pooling).
+        device: where the rows live.
+        init: fp32 initial values of rows [r0, r1) of a table.
+
+    Returns:
+        (the stores, each store's features in its input order).
+    """
     by_kind: Dict[tuple, List[Any]] = {}
     for c in configs:
         pooling = "none" if sequence else ("mean" if c.pooling == PoolingType.MEAN else "sum")
@@ -376,6 +459,7 @@ class _MixedPrecisionRows:
 
     @property
     def stores(self) -> List[RowGroupStore]:
+        """The stores of the rows (empty before `materialize`)."""
         return self._stores
 
     def _lookup_all(self, features: KeyedJaggedTensor):
@@ -428,9 +512,11 @@ class _MixedPrecisionRows:
 
     # ------------------------------------------------------------------ one model budget (BudgetMember)
     def budget_policy(self) -> PrecisionPolicy:
+        """The resolved policy the rows train under (`BudgetMember`)."""
         return self._unsharded_policy
 
     def budget_stores(self) -> List[RowGroupStore]:
+        """The stores (`BudgetMember`); RuntimeError before `materialize`."""
         if not self._stores:
             raise RuntimeError(
                 f"{type(self).__name__} holds no rows: share the model budget of the model DMP returns, "
@@ -439,12 +525,15 @@ class _MixedPrecisionRows:
         return self._stores
 
     def budget_tables(self) -> Dict[str, Tuple[int, int]]:
+        """table -> (rows, dim) (`BudgetMember`)."""
         return {c.name: (c.num_embeddings, c.embedding_dim) for c in self._mp_configs()}
 
     def budget_widths(self) -> Dict[str, Tuple[int, ...]]:
+        """table -> (dim,): one slice per table (`BudgetMember`)."""
         return {c.name: (c.embedding_dim,) for c in self._mp_configs()}
 
     def budget_group(self):
+        """None: unsharded, no process group (`BudgetMember`)."""
         return None
 
     @torch.no_grad()
@@ -455,7 +544,8 @@ class _MixedPrecisionRows:
 
 
 class MixedPrecisionEmbeddingBagCollection(_MixedPrecisionRows, EmbeddingBagCollection):
-    """Drop-in for `EmbeddingBagCollection` whose rows live in fp32/fp16/int8 groups.
+    """Drop-in for `EmbeddingBagCollection` whose rows live in precision groups (fp32, fp16,
+    int8, int4, int2, or dropped, as the policy's tiers say).
 
     `label_tagged`: training batches carry labels in the per-id weights
     (`shark_torchrec.precision.labels.tag_labels`); they count for the priorities and are
@@ -493,7 +583,7 @@ class MixedPrecisionEmbeddingBagCollection(_MixedPrecisionRows, EmbeddingBagColl
 
 class MixedPrecisionEmbeddingCollection(_MixedPrecisionRows, EmbeddingCollection):
     """Drop-in for `EmbeddingCollection` (sequence features, one vector per id) whose rows
-    live in fp32/fp16/int8 groups. Per-id weights carry only labels here (TorchRec's
+    live in the policy's precision groups. Per-id weights carry only labels here (TorchRec's
     EmbeddingCollection has no pooling weights)."""
 
     _sequence = True
@@ -525,7 +615,21 @@ def to_mixed_precision(module: Any, policy: Optional[PrecisionPolicy] = None, la
     """An unsharded TorchRec `EmbeddingBagCollection` / `EmbeddingCollection` with
     materialised weights, as our module: the same tables, each row rounded to nearest into its
     starting group. (For sharded models and checkpoints: `shark train --init-from CKPT`, or
-    `shark_torchrec.jobs.checkpoint.load_weights`.)"""
+    `shark_torchrec.jobs.checkpoint.load_weights`.)
+
+    Args:
+        module: the TorchRec collection (left unchanged).
+        policy: the new module's policy (default: `PrecisionPolicy()`).
+        label_tagged: whether training batches will carry labels in the ids' weights.
+
+    Returns:
+        A `MixedPrecisionEmbeddingBagCollection` or `MixedPrecisionEmbeddingCollection`, its
+        rows on the weights' device.
+
+    Raises:
+        TypeError: not a TorchRec collection, or already ours.
+        ValueError: the weights are on the meta device.
+    """
     if isinstance(module, _MixedPrecisionRows):
         raise TypeError("already a mixed-precision collection")
     if isinstance(module, EmbeddingBagCollection):

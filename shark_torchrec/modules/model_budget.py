@@ -39,23 +39,54 @@ class BudgetMember(Protocol):
     warned_alone: bool  # `reassign_collection` warned that a model-wide budget covers it alone
     step_counter: StepCounter
 
-    def budget_policy(self) -> PrecisionPolicy: ...
+    def budget_policy(self) -> PrecisionPolicy:
+        """The collection's resolved policy (budget, tiers, scoring rule)."""
+        ...
 
-    def budget_stores(self) -> List[RowGroupStore]: ...
+    def budget_stores(self) -> List[RowGroupStore]:
+        """The stores that hold this rank's rows of the collection."""
+        ...
 
-    def budget_tables(self) -> Dict[str, Tuple[int, int]]: ...
+    def budget_tables(self) -> Dict[str, Tuple[int, int]]:
+        """table -> (global rows, the width its per-table budget is computed at)."""
+        ...
 
-    def budget_widths(self) -> Dict[str, Tuple[int, ...]]: ...
+    def budget_widths(self) -> Dict[str, Tuple[int, ...]]:
+        """table -> the widths of its column slices (one slice of its dim unless column-wise)."""
+        ...
 
-    def budget_group(self) -> Optional[dist.ProcessGroup]: ...
+    def budget_group(self) -> Optional[dist.ProcessGroup]:
+        """The process group the collection is sharded over (None: unsharded)."""
+        ...
 
-    def restart_groups(self, shares: Dict[str, float]) -> None: ...
+    def restart_groups(self, shares: Dict[str, float]) -> None:
+        """Start the rows again at these per-table shares of the model's budget.
 
-    def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None: ...
+        Args:
+            shares: table -> its budget (fraction of its own fp32 bytes).
+        """
+        ...
 
-    def finish_step(self) -> None: ...
+    def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None:
+        """Record that the rows were regrouped.
 
-    def use_step_counter(self, counter: StepCounter) -> None: ...
+        Args:
+            moved: rows moved into each group (over every collection of the budget).
+            seconds: this collection's share of the time the regrouping took.
+        """
+        ...
+
+    def finish_step(self) -> None:
+        """The end of a training step's work that is not the rows' (the fallback rows' update)."""
+        ...
+
+    def use_step_counter(self, counter: StepCounter) -> None:
+        """Count steps with `counter` from now on (the shared budget's).
+
+        Args:
+            counter: the step counter.
+        """
+        ...
 
 
 class ModelBudget:
@@ -104,6 +135,7 @@ class ModelBudget:
         return {self._prefix(p) + n: v for p, m in self.members for n, v in m.budget_tables().items()}
 
     def widths(self) -> Dict[str, Tuple[int, ...]]:
+        """Every table under the budget, named as in `tables`: the widths of its column slices."""
         return {self._prefix(p) + n: v for p, m in self.members for n, v in m.budget_widths().items()}
 
     def restart(self) -> None:
@@ -179,6 +211,9 @@ def reassign_collection(member: BudgetMember) -> Dict[str, int]:
     model budget, every collection's under it; alone, its own tables, with a warning (once)
     when its policy asks for a model-wide budget. The collection records the moves and time
     (`note_reassigned`).
+
+    Args:
+        member: the collection (sharded or not).
 
     Returns:
         Rows moved into each group.

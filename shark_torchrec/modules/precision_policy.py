@@ -77,6 +77,9 @@ class PrecisionPolicy:
       EXACT_ROWWISE_ADAGRAD rule, or `sgd`). None: taken from the sharder's TorchRec
       `fused_params` (`optimizer` as an `EmbOptimType`, `learning_rate`, `eps`), else FBGEMM's
       defaults (EXACT_SGD, 0.01, 1e-8), as for a stock fused table.
+    seed: the seed of the stochastic rounding noise (hashed with step, table, row and column).
+    bad_ids: ids outside their table: `error` (an IdError naming the feature and the id) or
+      `row0` (they read and train row 0).
     """
 
     mode: str = "shark"
@@ -102,18 +105,22 @@ class PrecisionPolicy:
 
     @property
     def scored(self) -> bool:
+        """Whether rows are ranked into tiers by a score (`shark`, `freq`)."""
         return self.mode in ("shark", "freq")
 
     @property
     def effective_alpha(self) -> float:
+        """The weight of a positive example in the score: `alpha`, 1 for `freq`."""
         return 1.0 if self.mode == "freq" else self.alpha
 
     @property
     def threshold_mode(self) -> bool:
+        """Scored rows grouped by the thresholds t8 / t16."""
         return self.scored and self.t8 is not None
 
     @property
     def budget_mode(self) -> bool:
+        """Scored rows grouped by a memory budget (no thresholds, no row fractions)."""
         return self.scored and self.t8 is None and self.row_fractions is None
 
     @property
@@ -124,6 +131,13 @@ class PrecisionPolicy:
         return tuple(sorted(GROUP_NAMES.index(t) for t in self.tiers))
 
     def validate(self) -> None:
+        """Check the fields alone and together (the dims are checked in `resolved`); run on
+        construction.
+
+        Raises:
+            ValueError: naming the field and what it must be.
+        """
+
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"precision policy: {field} {why}")
 
@@ -231,6 +245,7 @@ class PrecisionPolicy:
 
     @property
     def is_resolved(self) -> bool:
+        """Whether the fields `resolved` decides are set (optimizer, lr, eps; in budget mode the budget)."""
         return None not in (self.optimizer, self.learning_rate, self.eps) and (
             not self.budget_mode or self.memory_budget is not None
         )

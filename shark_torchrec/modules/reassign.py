@@ -94,6 +94,17 @@ def reassign_stores(
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
     ranking keys (8 bytes a row, sorted in place; rows of score 0 need no sort: `split_keys`).
+
+    Args:
+        stores: the stores whose rows are regrouped (this rank's).
+        policy: the resolved policy (threshold or budget mode, tiers, budget).
+        tables: see above.
+        pg: the process group the tables are sharded over (None: this process only).
+        widths: see above.
+        prefixes: see above (default: no prefix).
+
+    Returns:
+        Rows moved into each group (by group name), over the stores.
     """
     moved = {name: 0 for name in GROUP_NAMES}
     if policy.threshold_mode:

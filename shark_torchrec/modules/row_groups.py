@@ -3,9 +3,9 @@
 A `RowGroupStore` is what one rank holds of a set of tables (whole tables, row ranges or
 column slices): per row a group tag and a slot (the row map), and one FBGEMM inference
 table-batched embedding buffer with five tables, one per group (empty for groups the policy
-does not use). Lookups run FBGEMM's mixed-precision forward
-(`int_nbit_split_embedding_codegen_lookup_function`, which reads fp32, fp16, int8, int4 and int2
-rows in one call). FBGEMM trains none of this, so the backward pass is ours: per-row
+does not use). Lookups read it with our fused op on CPU (`torch.ops.shark.mixed_lookup`) and
+FBGEMM's mixed-precision forward elsewhere (`int_nbit_split_embedding_codegen_lookup_function`,
+which reads fp32, fp16, int8, int4 and int2 rows in one call); the two agree bit for bit. FBGEMM trains none of this, so the backward pass is ours: per-row
 gradients, the optimizer (row-wise Adagrad or SGD, the same rule in every group), and a write
 back with stochastic rounding for fp16 and integer rows. No fp32 copy of a low-precision row
 exists outside the rows being updated at this step.
@@ -82,6 +82,7 @@ class LocalTable:
 
     @property
     def total_rows(self) -> int:
+        """The table's global rows (`rows` when `global_rows` is not given)."""
         return self.rows if self.global_rows < 0 else self.global_rows
 
 
@@ -234,6 +235,14 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
 
     # ------------------------------------------------------------------ row addressing
     def table_of_rows(self, keys: torch.Tensor) -> torch.Tensor:
+        """The local table of each row key.
+
+        Args:
+            keys: row keys in the store's row space.
+
+        Returns:
+            int64 indices into `tables`.
+        """
         return torch.searchsorted(self.table_base, keys, right=True) - 1
 
     @property

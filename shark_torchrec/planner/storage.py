@@ -64,7 +64,18 @@ def model_scope_share(policy: PrecisionPolicy, tables: Dict[str, Tuple[int, int]
 
 def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows: int, shard_cols: int) -> int:
     """Upper bound on what one shard of a table takes in training (see module doc); with a
-    model-wide budget, pass the table's policy from `model_scope_share`."""
+    model-wide budget, pass the table's policy from `model_scope_share`.
+
+    Args:
+        policy: the collection's resolved policy (or the table's, see above).
+        table: the table's name (for error messages).
+        table_rows: the table's global rows.
+        shard_rows, shard_cols: the shard's size.
+
+    Returns:
+        Bytes: weights (with scales, and the fallback row with the dropped tier), plus per row
+        the row map and, when the policy keeps them, the row-wise optimizer state and the score.
+    """
     if policy.threshold_mode:
         counts = GroupCounts(table_rows, 0, 0)
     else:
@@ -121,17 +132,25 @@ class MixedPrecisionStorageEstimator(ShardEstimator):
                     continue
                 r, c = shard.size
                 fp32 = r * c * option.tensor.element_size()
-                ours = shard_bytes(policy, option.name, rows, r, c)
+                our_bytes = shard_bytes(policy, option.name, rows, r, c)
                 if gpu:
-                    shard.storage.hbm = max(shard.storage.hbm - fp32, 0) + ours
+                    shard.storage.hbm = max(shard.storage.hbm - fp32, 0) + our_bytes
                 else:
-                    shard.storage.ddr = max(shard.storage.ddr - fp32, 0) + ours
+                    shard.storage.ddr = max(shard.storage.ddr - fp32, 0) + our_bytes
 
 
 def estimators(
     topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None
 ) -> List[ShardEstimator]:
-    """TorchRec's default estimators followed by ours: pass to `EmbeddingEnumerator`."""
+    """TorchRec's default estimators followed by ours: pass to `EmbeddingEnumerator`.
+
+    Args:
+        topology: the planner's topology.
+        constraints: the planner's constraints, if any.
+
+    Returns:
+        TorchRec's perf and storage estimators, then `MixedPrecisionStorageEstimator`.
+    """
     from torchrec.distributed.planner.constants import DEFAULT_PERF_ESTIMATOR
     from torchrec.distributed.planner.shard_estimators import (
         EmbeddingPerfEstimatorFactory,
@@ -148,7 +167,16 @@ def estimators(
 def make_planner(
     topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None, batch_size: Optional[int] = None
 ):
-    """TorchRec's EmbeddingShardingPlanner, sizing mixed-precision tables with our bytes."""
+    """TorchRec's EmbeddingShardingPlanner, sizing mixed-precision tables with our bytes.
+
+    Args:
+        topology: the ranks and their devices.
+        constraints: table -> its constraints (e.g. `sharding_constraints`), if any.
+        batch_size: the batch size the planner's estimates assume (default: TorchRec's).
+
+    Returns:
+        The planner.
+    """
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.constants import BATCH_SIZE
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator

@@ -22,7 +22,19 @@ CONSTANTS = "model.field_constants"
 
 
 def pruned_config(cfg: JobConfig, fields: Sequence[str], removed: Sequence[str]) -> JobConfig:
-    """The config of the model that keeps `fields` minus `removed` (fields in model order)."""
+    """The config of the model that keeps `fields` minus `removed` (fields in model order).
+
+    Args:
+        cfg: the current model's config.
+        fields: the current model's fields.
+        removed: the fields to remove.
+
+    Returns:
+        A validated copy of `cfg` whose `model.kept_fields` are the rest.
+
+    Raises:
+        ValueError: a removed field the model does not have, or no field left.
+    """
     unknown = set(removed) - set(fields)
     if unknown:
         raise ValueError(f"cannot remove {', '.join(sorted(unknown))}: the model's fields are {', '.join(fields)}")
@@ -36,7 +48,15 @@ def pruned_config(cfg: JobConfig, fields: Sequence[str], removed: Sequence[str])
 
 def dense_state(model: torch.nn.Module, optimizer: Any) -> Dict[str, torch.Tensor]:
     """The replicated (plain tensor) entries of model and optimizer, flattened, copied: what
-    `fill_dense` takes the dense layers from once the model is rebuilt."""
+    `fill_dense` takes the dense layers from once the model is rebuilt.
+
+    Args:
+        model: the sharded model.
+        optimizer: its optimizer.
+
+    Returns:
+        flattened key (`model.` / `optim.` prefixed) -> a copy of the tensor.
+    """
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
     flat, _ = flatten_state_dict({"model": model.state_dict(), "optim": optimizer.state_dict()})
@@ -48,7 +68,22 @@ def fill_dense(
 ) -> None:
     """After the kept tables were loaded into the rebuilt model `dmp` (`left`: the keys the
     checkpoint did not fill), fill what changed shape from the old model's `dense_state`: the
-    over-arch input columns (slice) or the removed fields' constants, then the rest as it was."""
+    over-arch input columns (slice) or the removed fields' constants, then the rest as it was.
+
+    Args:
+        dmp, opt: the rebuilt model and its optimizer, filled in place.
+        left: the flattened keys `load_matching` did not fill.
+        old: the old model's `dense_state`.
+        fields: every categorical field of the data, in order.
+        current: the old model's fields.
+        kept: the new model's fields.
+        cfg: the new model's config (its embedding dim).
+        field_means: E[v] of each field removed now (needed with `constant` removal).
+
+    Raises:
+        ValueError: a field removed by `constant` removal without its mean.
+        RuntimeError: a tensor left without a value.
+    """
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
     state = {"model": dmp.state_dict(), "optim": opt.state_dict()}

@@ -93,7 +93,17 @@ def budget_targets(policy: TierRule, tables: Dict[str, Tuple[int, int]], names: 
 def initial_groups(policy: TierRule, counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
     """Groups before any score exists. Threshold mode: every row int8 (all scores are 0 <
     t8, unless t8 = 0). Other modes: the budget rule on all-zero scores, i.e. by row id, the
-    lowest ids most precise (with vocabularies sorted by frequency, the hottest rows)."""
+    lowest ids most precise (with vocabularies sorted by frequency, the hottest rows).
+
+    Args:
+        policy: the resolved policy.
+        counts: the table's rows per group (`target_counts`).
+        row_offset: the first global row held here.
+        rows: the rows held here.
+
+    Returns:
+        int8 [rows] group ids.
+    """
     if policy.threshold_mode:
         return groups_by_threshold(torch.zeros(1), policy.t8, policy.t16).expand(rows).clone()
     return groups_by_row_id(counts, row_offset, rows)
@@ -101,7 +111,16 @@ def initial_groups(policy: TierRule, counts: GroupCounts, row_offset: int, rows:
 
 def groups_by_row_id(counts: GroupCounts, row_offset: int, rows: int) -> torch.Tensor:
     """The budget rule on all-zero scores for rows [row_offset, row_offset + rows): the
-    lowest global ids most precise (slices, no per-row temporaries)."""
+    lowest global ids most precise (slices, no per-row temporaries).
+
+    Args:
+        counts: the table's rows per group.
+        row_offset: the first global row held here.
+        rows: the rows held here.
+
+    Returns:
+        int8 [rows] group ids.
+    """
     per_group = counts.as_tuple()
     cheapest = max(g for g, n in enumerate(per_group) if n) if any(per_group) else INT8
     g = torch.full((rows,), cheapest, dtype=torch.int8)
@@ -113,7 +132,15 @@ def groups_by_row_id(counts: GroupCounts, row_offset: int, rows: int) -> torch.T
 
 def table_floor_bytes(rows: int, dim: int, groups: Sequence[int]) -> int:
     """The fewest bytes a table can take under these groups: every row in the cheapest one
-    plus the row map (with the dropped tier, the table's fp32 fallback row too)."""
+    plus the row map (with the dropped tier, the table's fp32 fallback row too).
+
+    Args:
+        rows, dim: the table's size.
+        groups: the group ids rows can be in.
+
+    Returns:
+        The bytes.
+    """
     cheapest = max(groups)
     extra = row_bytes(dim, FP32) if cheapest == DROPPED else 0
     return rows * (row_bytes(dim, cheapest) + ROW_MAP_BYTES) + extra

@@ -17,7 +17,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def tag_labels(kjt: KeyedJaggedTensor, labels: torch.Tensor) -> KeyedJaggedTensor:
-    """The KJT with each id's weight carrying its sample's label (0/1) in the lowest bit."""
+    """The KJT with each id's weight carrying its sample's label (0/1) in the lowest bit.
+
+    Args:
+        kjt: the ids (weighted or not).
+        labels: [B] the samples' labels (> 0.5 counts as positive).
+
+    Returns:
+        A new KJT: the same keys, ids and lengths, weights 1.0 (or the old weights) with the
+        lowest mantissa bit set to the label.
+    """
     per_sample = (labels > 0.5).to(torch.int32).repeat(len(kjt.keys()))
     tag = torch.repeat_interleave(per_sample, kjt.lengths())
     base = kjt.weights_or_none()
@@ -33,6 +42,13 @@ def tag_labels(kjt: KeyedJaggedTensor, labels: torch.Tensor) -> KeyedJaggedTenso
 
 
 def split_tagged(weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(per-id weights with the tag bit cleared, labels 0/1 as float32)."""
+    """(per-id weights with the tag bit cleared, labels 0/1 as float32).
+
+    Args:
+        weights: float32 weights tagged by `tag_labels`.
+
+    Returns:
+        (the weights without the tag, the labels).
+    """
     bits = weights.contiguous().view(torch.int32)
     return (bits & ~1).view(torch.float32), (bits & 1).to(torch.float32)

@@ -40,7 +40,17 @@ HEAD_MAX_BYTES_SHARE = 0.5
 
 
 def decayed(score: torch.Tensor, last_step: torch.Tensor, step: int, beta: float) -> torch.Tensor:
-    """Scores as of `step`, applying the decay of the steps since each row was last updated."""
+    """Scores as of `step`, applying the decay of the steps since each row was last updated.
+
+    Args:
+        score: the stored scores.
+        last_step: the step each was last updated at.
+        step: the step to decay to (a row updated after it is not decayed).
+        beta: Eq. 7's rate: each step keeps 1 - beta of a score.
+
+    Returns:
+        score x (1 - beta)^(step - last_step), float32.
+    """
     k = (step - last_step).clamp_min(0).to(torch.float32)
     return score * torch.pow(torch.tensor(1.0 - beta, dtype=torch.float32), k)
 
@@ -54,21 +64,49 @@ def updated(
     alpha: float,
     beta: float,
 ) -> torch.Tensor:
-    """Eq. 7 for rows present at `step` (score as of step - 1, then this step's update)."""
+    """Eq. 7 for rows present at `step` (score as of step - 1, then this step's update).
+
+    Args:
+        score, last_step: the rows' stored scores and the steps they were last updated at.
+        step: this step.
+        positives, negatives: the rows' positive and negative examples in this step's batch.
+        alpha: the weight of a positive example.
+        beta: Eq. 7's rate.
+
+    Returns:
+        The new scores (to store with `step`).
+    """
     prev = decayed(score, last_step, step - 1, beta)
     return (1.0 - beta) * prev + beta * (alpha * positives + negatives)
 
 
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     """Bytes of one row's weights in a group (integer rows carry an fp16 scale and bias, then
-    their codes packed 1, 2 or 4 to a byte; a dropped row has none)."""
+    their codes packed 1, 2 or 4 to a byte; a dropped row has none).
+
+    Args:
+        dim: the row's width.
+        group: the group id.
+        row_alignment: rows are padded to a multiple of this many bytes.
+
+    Returns:
+        The bytes.
+    """
     raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
 def min_budget(dim: int, cheapest: int = INT8) -> float:
     """The smallest budget (fraction of fp32 bytes) a table of this dim can reach: every row
-    in the cheapest group (int8 by default: codes, fp16 scale and bias) plus the row map."""
+    in the cheapest group (int8 by default: codes, fp16 scale and bias) plus the row map.
+
+    Args:
+        dim: the table's dim.
+        cheapest: the cheapest group id the rows can be in.
+
+    Returns:
+        The fraction of the table's fp32 bytes.
+    """
     return (row_bytes(dim, cheapest) + ROW_MAP_BYTES) / (4 * dim)
 
 
@@ -111,7 +149,7 @@ class GroupCounts:
 
 
 class BudgetError(ValueError):
-    pass
+    """A memory budget below what the tables can reach; the message names the budget and the floor."""
 
 
 def budget_counts(
@@ -132,6 +170,18 @@ def budget_counts(
     highest ranked rows (`HEAD_MAX_BYTES_SHARE`, at most `fp32_fraction` of them) keeps the
     most precise stored tier before anything else; rows are dropped (lowest ranked first) only when the budget cannot keep the rest in the
     cheapest stored tier. `reserved`: bytes taken off the budget before the rows share it.
+
+    Args:
+        rows, dim: the table's size.
+        budget: the fraction of its fp32 bytes its embedding bytes may take.
+        fp32_fraction: at most this fraction of the rows in fp32 (with the dropped tier, in the head).
+        row_alignment: rows are padded to a multiple of this many bytes.
+        table: the table's name (for the error message).
+        groups: the group ids rows can be in.
+        reserved: see above.
+
+    Returns:
+        Rows per group.
 
     Raises:
         BudgetError: even every row in the cheapest group does not fit.
@@ -184,7 +234,15 @@ def budget_counts(
 
 
 def groups_by_threshold(scores: torch.Tensor, t8: float, t16: float) -> torch.Tensor:
-    """Threshold mode (the paper): w < t8 -> int8, t8 <= w < t16 -> fp16, else fp32."""
+    """Threshold mode (the paper): w < t8 -> int8, t8 <= w < t16 -> fp16, else fp32.
+
+    Args:
+        scores: the rows' scores.
+        t8, t16: the thresholds.
+
+    Returns:
+        int8 group ids, the shape of `scores`.
+    """
     g = torch.full(scores.shape, FP32, dtype=torch.int8)
     g[scores < t16] = FP16
     g[scores < t8] = INT8
@@ -197,6 +255,13 @@ def ranking_keys(scores: torch.Tensor, global_rows: torch.Tensor) -> torch.Tenso
     Scores are non-negative fp32, whose bit patterns order like the values; the low 32 bits
     hold the complement of the row id so ties go to the lower row id. A larger key means a
     higher priority.
+
+    Args:
+        scores: the rows' scores (negatives count as 0).
+        global_rows: the rows' global ids (below 2^32).
+
+    Returns:
+        int64 keys.
     """
     bits = scores.clamp_min(0).contiguous().view(torch.int32).to(torch.int64)
     return (bits << 32) | (0xFFFFFFFF - global_rows.to(torch.int64))
@@ -204,7 +269,16 @@ def ranking_keys(scores: torch.Tensor, global_rows: torch.Tensor) -> torch.Tenso
 
 def groups_by_cuts(keys: torch.Tensor, cuts: Sequence[int], groups: Sequence[int] = PAPER_GROUPS) -> torch.Tensor:
     """Budget mode: keys >= cuts[0] -> groups[0] (the most precise), >= cuts[1] -> groups[1],
-    ..., else the last (cheapest) group; len(cuts) = len(groups) - 1."""
+    ..., else the last (cheapest) group; len(cuts) = len(groups) - 1.
+
+    Args:
+        keys: the rows' ranking keys (`ranking_keys`).
+        cuts: non-increasing cuts (`kth_largest_cuts`, `model_budget_cuts`).
+        groups: the group ids rows can be in.
+
+    Returns:
+        int8 group ids, the shape of `keys`.
+    """
     groups = sorted(groups)
     g = torch.full(keys.shape, groups[-1], dtype=torch.int8)
     for cut, group in reversed(list(zip(cuts, groups[:-1]))):
@@ -220,7 +294,15 @@ def kth_largest_cuts(count_at_least, targets: torch.Tensor) -> torch.Tensor:
     count_at_least(K) >= n: exactly the n rows of highest key have key >= K (keys are unique).
     Entries with n = 0 get NO_CUT. `count_at_least` maps a cut tensor of the targets' shape to
     counts of that shape (a collective over shards, in the distributed case); it is called
-    the same number of times everywhere, as the loop only reads its results."""
+    the same number of times everywhere, as the loop only reads its results.
+
+    Args:
+        count_at_least: see above.
+        targets: int64 row counts n, any shape.
+
+    Returns:
+        int64 cuts, the shape of `targets`.
+    """
     lo = torch.zeros_like(targets)
     hi = torch.full_like(targets, NO_CUT)
     for _ in range(64):
@@ -236,7 +318,15 @@ def kth_largest_cuts(count_at_least, targets: torch.Tensor) -> torch.Tensor:
 def smallest_fitting_cut(fits: Callable[[int], bool], hi: int = NO_CUT) -> int:
     """The smallest cut K in [0, hi] with `fits(K)`, for a `fits` that holds at `hi` and keeps
     holding as the cut rises (a higher cut admits fewer rows): `fits(0)`, then bisection. Its
-    calls depend only on its results, so a collective `fits` is called alike on every rank."""
+    calls depend only on its results, so a collective `fits` is called alike on every rank.
+
+    Args:
+        fits: cut -> whether the rows of key >= cut fit.
+        hi: a cut known to fit.
+
+    Returns:
+        The cut.
+    """
     if fits(0):
         return 0
     lo = 0
@@ -251,13 +341,30 @@ def smallest_fitting_cut(fits: Callable[[int], bool], hi: int = NO_CUT) -> int:
 
 def sliced_row_bytes(widths: Sequence[int], group: int, row_alignment: int = 1) -> int:
     """Bytes one row of a table costs in a group, over all its column slices (each slice a
-    row of its own width, integer slices with their own scale and bias), row map included."""
+    row of its own width, integer slices with their own scale and bias), row map included.
+
+    Args:
+        widths: the table's column-slice widths.
+        group: the group id.
+        row_alignment: rows are padded to a multiple of this many bytes.
+
+    Returns:
+        The bytes.
+    """
     return sum(row_bytes(w, group, row_alignment) + ROW_MAP_BYTES for w in widths)
 
 
 def per_byte_scores(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Priority per byte for the model-wide budget: a row's score over its fp32 bytes (4 x dim),
-    so that a row of a wide table must earn its precision with a higher score."""
+    so that a row of a wide table must earn its precision with a higher score.
+
+    Args:
+        scores: the rows' scores.
+        dim: the table's full dim.
+
+    Returns:
+        scores / (4 x dim).
+    """
     return scores / float(4 * dim)
 
 

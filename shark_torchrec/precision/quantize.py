@@ -94,6 +94,16 @@ def rounding_noise(
     (seed, step, table id, global row, global column).
 
     `tables` is one id or one per row; `cols` is [D] or [len(rows), D] global columns.
+
+    Args:
+        seed: the policy's seed.
+        step: the training step.
+        tables: see above.
+        rows: [n] global row ids.
+        cols: see above.
+
+    Returns:
+        float32 [n, D] noise.
     """
     off = _row_offsets(seed, step, tables, rows)
     table = _noise_table()
@@ -112,7 +122,15 @@ def round_fp16_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Te
     """fp32 -> fp16, rounding away from zero with probability equal to the distance to the
     fp16 value below (in magnitude) over the gap, so E[result] = value (values are clamped to
     +-65504 first). Normal range: add noise to the 13 fp32 mantissa bits fp16 drops, then
-    truncate; fp16 subnormals take the exact (slower) path."""
+    truncate; fp16 subnormals take the exact (slower) path.
+
+    Args:
+        values: fp32 values.
+        noise: uniform [0, 1) noise of the same shape (`rounding_noise`).
+
+    Returns:
+        fp16 values.
+    """
     v = values.clamp(-FP16_MAX, FP16_MAX).contiguous()
     bits = v.view(torch.int32)
     r = (noise * 8192).to(torch.int32)
@@ -144,7 +162,17 @@ def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 def levels(bits: int) -> int:
-    """The largest code of a `bits`-bit row (codes 0..levels)."""
+    """The largest code of a `bits`-bit row (codes 0..levels).
+
+    Args:
+        bits: 8, 4 or 2.
+
+    Returns:
+        2^bits - 1.
+
+    Raises:
+        ValueError: another bit width.
+    """
     if bits not in (8, 4, 2):
         raise ValueError(f"integer rows have 8, 4 or 2 bits, not {bits}")
     return (1 << bits) - 1
@@ -194,12 +222,24 @@ def quantize_rows(
 
 
 def quantize_rows_int8(values: torch.Tensor, noise: torch.Tensor | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` with 8 bits: (codes uint8 [n, D], scale_bias fp16 [n, 2])."""
+    """`quantize_rows` with 8 bits: (codes uint8 [n, D], scale_bias fp16 [n, 2]).
+
+    Args:
+        values, noise: as for `quantize_rows`.
+    """
     return quantize_rows(values, 8, noise)
 
 
 def dequantize_rows(codes: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
-    """fp32 values code * scale + bias of unpacked codes (any bit width)."""
+    """fp32 values code * scale + bias of unpacked codes (any bit width).
+
+    Args:
+        codes: [n, D] unpacked codes.
+        scale_bias: [n, 2] fp16 (scale, bias) per row.
+
+    Returns:
+        [n, D] float32.
+    """
     sb = scale_bias.float()
     return codes.float() * sb[:, :1] + sb[:, 1:2]
 
@@ -210,7 +250,18 @@ dequantize_rows_int8 = dequantize_rows
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpacked codes [n, D] -> FBGEMM's packed row bytes [n, D * bits / 8]: value j of a row
     sits in byte j * bits // 8 at bit (j * bits) % 8, low bits first (what its INT4 and INT2
-    table-batched embeddings read). D must be a multiple of 8 / bits."""
+    table-batched embeddings read). D must be a multiple of 8 / bits.
+
+    Args:
+        codes: uint8 [n, D] codes, each below 2^bits.
+        bits: 8 (returned as is), 4 or 2.
+
+    Returns:
+        uint8 [n, D * bits / 8].
+
+    Raises:
+        ValueError: D is not a multiple of 8 / bits.
+    """
     per_byte = 8 // bits
     if bits == 8:
         return codes
@@ -223,7 +274,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """FBGEMM's packed row bytes [n, B] -> unpacked codes [n, B * 8 / bits]."""
+    """FBGEMM's packed row bytes [n, B] -> unpacked codes [n, B * 8 / bits].
+
+    Args:
+        packed: uint8 [n, B] packed rows (`pack_codes`).
+        bits: 8 (returned as is), 4 or 2.
+
+    Returns:
+        uint8 codes.
+    """
     if bits == 8:
         return packed
     n, nbytes = packed.shape
@@ -234,7 +293,16 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 def requantize_with(codes_values: torch.Tensor, scale_bias: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Codes that reproduce `codes_values` (values already of the form code * scale + bias)
-    under the given scale/bias: used to restore integer rows exactly from a checkpoint."""
+    under the given scale/bias: used to restore integer rows exactly from a checkpoint.
+
+    Args:
+        codes_values: [n, D] values.
+        scale_bias: [n, 2] (scale, bias) per row; a row of scale 0 gets codes 0.
+        bits: 8, 4 or 2.
+
+    Returns:
+        uint8 [n, D] unpacked codes: each value's nearest code, clamped to 0..2^bits - 1.
+    """
     sb = scale_bias.float()
     s = sb[:, :1]
     safe = torch.where(s > 0, s, torch.ones_like(s))

@@ -21,7 +21,15 @@ GROUPS = DROPPED  # stored groups: ids 0-4 (fp32, fp16, int8, int4, int2); DROPP
 
 
 def row_bytes(dim: int, alignment: int) -> List[int]:
-    """Bytes of one row of each stored group at `dim`, padded to `alignment`."""
+    """Bytes of one row of each stored group at `dim`, padded to `alignment`.
+
+    Args:
+        dim: the embedding dim.
+        alignment: rows are padded to a multiple of this many bytes.
+
+    Returns:
+        [fp32, fp16, int8, int4, int2] row bytes.
+    """
     return [group_row_bytes(dim, g, alignment) for g in range(GROUPS)]
 
 
@@ -36,7 +44,16 @@ def check_tables(
     row_alignment: int,
 ) -> None:
     """The checks the C++ ops make of the group tables, with the same words, plus the alignment
-    the kernels' fp32 and fp16 reads need, and the device."""
+    the kernels' fp32 and fp16 reads need, and the device.
+
+    Args:
+        op: the op's name, for the messages.
+        weights, group_offsets, row_map, range_ends, range_shift, dim, row_alignment: the op's
+            arguments (as for `shark_torchrec.kernels.mixed_lookup`).
+
+    Raises:
+        ValueError: naming the op and what is wrong.
+    """
     if weights.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"{op}: CUDA tensors only (on CPU, the C++ op in shark_torchrec.kernels; or Triton's "
@@ -124,6 +141,7 @@ def next_half(h, UP: tl.constexpr):
 
 @triton.jit
 def clamp_fp16_range(v):
+    """v clamped to [-65504, 65504], the finite fp16 range."""
     # NaN stays NaN, as std::min/max and torch.clamp keep it (tl's default returns the other operand).
     return tl.minimum(
         tl.maximum(v, -65504.0, propagate_nan=tl.PropagateNan.ALL), 65504.0, propagate_nan=tl.PropagateNan.ALL
@@ -132,12 +150,14 @@ def clamp_fp16_range(v):
 
 @triton.jit
 def round_down_fp16(x):
+    """The largest fp16 at or below the fp32 x."""
     h = x.to(tl.float16)
     return tl.where(h.to(tl.float32) > x, next_half(h, False), h)
 
 
 @triton.jit
 def round_up_fp16(x):
+    """The smallest fp16 at or above the fp32 x."""
     h = x.to(tl.float16)
     return tl.where(h.to(tl.float32) < x, next_half(h, True), h)
 

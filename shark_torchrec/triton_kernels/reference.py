@@ -63,7 +63,19 @@ def mixed_lookup_torch(
     feature_names: List[str],
 ) -> torch.Tensor:
     """`shark_torchrec.triton_kernels.mixed_lookup` in plain torch: the same arguments, result
-    and error. Each bag is summed in id order, from zero."""
+    and error. Each bag is summed in id order, from zero.
+
+    Args:
+        weights, group_offsets, row_map, range_ends, range_shift, feature_base, feature_rows,
+            values, lengths, per_sample_weights, dim, batch_size, pooling, row_alignment,
+            feature_names: as for `shark_torchrec.triton_kernels.mixed_lookup`.
+
+    Returns:
+        [batch_size, F * dim] float32, or [len(values), dim] with pooling "none".
+
+    Raises:
+        ValueError: an id outside its table (naming the feature and the id).
+    """
     dev = weights.device
     F, B, D = feature_base.numel(), batch_size, dim
     values, lengths = values.to(dev).long(), lengths.to(dev).long()
@@ -120,7 +132,13 @@ def update_rows_torch(
     """`shark_torchrec.triton_kernels.update_rows_` in plain torch: rows `keys` (distinct) become
     old - row_grad * step_scale, rounded back into their groups with the noise windows
     noise_table[noise_start[i] : noise_start[i] + dim] (`round_fp16_stochastic`, `quantize_rows`).
-    Dropped rows are skipped."""
+    Dropped rows are skipped.
+
+    Args:
+        weights, group_offsets, row_map, range_ends, range_shift, keys, row_grad, step_scale,
+            noise_table, noise_start, dim, row_alignment: as for
+            `shark_torchrec.triton_kernels.update_rows_` (`weights` is updated in place).
+    """
     dev = weights.device
     D = dim
     keys = keys.to(dev).long()

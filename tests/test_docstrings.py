@@ -1,0 +1,166 @@
+"""Every public function, class and method of the package says what it is: read from the source
+with `ast` (nothing of the package is imported).
+
+- Each public module-level function and class, and each public method (properties included) of a
+  public class, has a docstring, but for the exemptions below.
+- Each public module-level function that takes arguments has an `Args:` section (Google /
+  TorchRec style), but for the exemptions below.
+"""
+
+import ast
+import re
+from pathlib import Path
+from typing import Iterator, List, Set, Tuple
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "shark_torchrec"
+
+# Methods that override a torch or TorchRec interface (nn.Module, TorchRec's sharded modules,
+# sharders, lookups, kernels, fused optimizers, the planner's estimators, the collections'
+# KJT interface): what they do is documented by the interface they implement. `validate` is the
+# config groups' own check (`JobConfig.validate` documents it).
+EXEMPT_METHODS = frozenset(
+    {
+        "forward",
+        "backward",
+        "flush",
+        "purge",
+        "step",
+        "zero_grad",
+        "shard",
+        "sharding_types",
+        "compute_kernels",
+        "module_type",
+        "sharded_module_type",
+        "input_dist",
+        "output_dist",
+        "compute_and_output_dist",
+        "init_data_parallel",
+        "reset_parameters",
+        "estimate",
+        "named_parameters_by_table",
+        "named_split_embedding_weights",
+        "embedding_bag_configs",
+        "is_weighted",
+        "fused_optimizer",
+        "config",
+        "validate",
+    }
+)
+
+# Triton kernels' helpers (`@triton.jit`, compiled from their source) are documented where it
+# helps, not required to be.
+TRITON_DIR = "triton_kernels"
+
+ARGS_SECTION = re.compile(r"^\s*Args:\s*$", re.M)
+
+Function = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _is_public(name: str) -> bool:
+    return not name.startswith("_")
+
+
+def _is_triton_jit(node: ast.AST) -> bool:
+    """Decorated with `triton.jit` (or `jit`), called or not."""
+    for dec in getattr(node, "decorator_list", []):
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        if isinstance(target, ast.Attribute) and target.attr == "jit":
+            return True
+        if isinstance(target, ast.Name) and target.id == "jit":
+            return True
+    return False
+
+
+def _help_text_functions(tree: ast.Module) -> Set[str]:
+    """Functions whose docstring the module reads as `name.__doc__`: a command's help text
+    (`shark train --help` prints it whole), which an Args section would clutter."""
+    return {
+        node.value.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr == "__doc__" and isinstance(node.value, ast.Name)
+    }
+
+
+def _has_parameters(fn: ast.AST) -> bool:
+    a = fn.args
+    return bool(a.posonlyargs or a.args or a.kwonlyargs or a.vararg or a.kwarg)
+
+
+def sources() -> Iterator[Tuple[Path, ast.Module]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path, ast.parse(path.read_text(), filename=str(path))
+
+
+def _where(path: Path, node: ast.AST, name: str) -> str:
+    return f"{path.relative_to(ROOT)}:{node.lineno} {name}"
+
+
+def undocumented() -> List[str]:
+    """file:line name of every public function, class or method without a docstring."""
+    out = []
+    for path, tree in sources():
+        triton = TRITON_DIR in path.relative_to(PACKAGE).parts
+        for node in tree.body:
+            if not isinstance(node, (*Function, ast.ClassDef)) or not _is_public(node.name):
+                continue
+            if triton and _is_triton_jit(node):
+                continue
+            if ast.get_docstring(node) is None:
+                out.append(_where(path, node, node.name))
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for member in node.body:
+                if not isinstance(member, Function) or not _is_public(member.name):
+                    continue
+                if member.name in EXEMPT_METHODS:
+                    continue
+                if ast.get_docstring(member) is None:
+                    out.append(_where(path, member, f"{node.name}.{member.name}"))
+    return out
+
+
+def missing_args_sections() -> List[str]:
+    """file:line name of every public module-level function with parameters whose docstring
+    has no `Args:` section."""
+    out = []
+    for path, tree in sources():
+        triton = TRITON_DIR in path.relative_to(PACKAGE).parts
+        help_text = _help_text_functions(tree)
+        for node in tree.body:
+            if not isinstance(node, Function) or not _is_public(node.name) or not _has_parameters(node):
+                continue
+            if (triton and _is_triton_jit(node)) or node.name in help_text:
+                continue
+            doc = ast.get_docstring(node)
+            if doc is not None and not ARGS_SECTION.search(doc):
+                out.append(_where(path, node, node.name))
+    return out
+
+
+def test_public_names_have_docstrings():
+    missing = undocumented()
+    assert not missing, "public functions, classes and methods without a docstring:\n" + "\n".join(missing)
+
+
+def test_public_functions_document_their_arguments():
+    missing = missing_args_sections()
+    assert not missing, "public functions with arguments but no `Args:` section:\n" + "\n".join(missing)
+
+
+def test_the_checks_see_what_they_look_for():
+    """The walk finds the package's files, and the exemptions name methods that exist (a name
+    no class defines any more is a stale exemption)."""
+    files = list(sources())
+    assert len(files) > 40
+    methods = {
+        member.name
+        for _, tree in files
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+        for member in node.body
+        if isinstance(member, Function)
+    }
+    stale = sorted(EXEMPT_METHODS - methods)
+    assert not stale, f"exempted methods that no class of the package defines: {stale}"
