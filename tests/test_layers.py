@@ -17,7 +17,7 @@ MAY_IMPORT = {
     "precision": set(),
     "kernels": set(),
     "triton_kernels": {"precision"},
-    "modules": {"precision", "kernels"},
+    "modules": {"precision", "kernels", "triton_kernels"},
     "config": {"precision", "modules"},
     "data": {"config"},
     "models": _BOTTOM | {"data"},

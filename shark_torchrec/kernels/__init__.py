@@ -7,7 +7,7 @@
   it replaces), and the two agree bit for bit.
 - `update_rows_` is the fused row update (`update.cpp`): each touched row read from its group,
   stepped, and written back with stochastic rounding, in place. Its reference is the torch
-  code of `RowOptimizer.step_rows(fused=False)` with `shark_torchrec.precision.quantize`; bit
+  code of `RowOptimizer.step_rows(kernels="torch")` with `shark_torchrec.precision.quantize`; bit
   for bit too.
 - `row_grads` is the backward's per-row gradient reduction (`grads.cpp`): each distinct row's
   gradient summed over its ids, read where they sit in the output gradient. Its reference is

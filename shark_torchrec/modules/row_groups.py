@@ -126,6 +126,10 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
     `RowLookup` (row_lookup.py), the optimizer with Eq. 7 from `RowOptimizer`
     (row_optimizer.py)."""
 
+    # Which kernels run the lookup and the row update (`row_lookup.kernels_for`): None picks by
+    # device (C++ on CPU, Triton on CUDA); "cpp", "triton" or "torch" forces one (tests).
+    kernels: Optional[str] = None
+
     def __init__(
         self,
         tables: Sequence[LocalTable],

@@ -46,6 +46,46 @@ class _Lookup(torch.autograd.Function):
         return (torch.zeros(0),) + (None,) * 5
 
 
+KERNELS = ("cpp", "triton", "torch")
+_warned_no_triton = False
+
+
+def kernels_for(store) -> str:
+    """Which implementation runs a store's lookup and row update.
+
+    Args:
+        store: the `RowGroupStore`; its `kernels` ("cpp", "triton" or "torch") wins when set
+            (the tests run "triton" on CPU through Triton's interpreter).
+
+    Returns:
+        "cpp" (our C++ ops) on CPU; "triton" (`shark_torchrec.triton_kernels`) on CUDA, or
+        "torch" there with a warning when triton is not installed; "torch" (the FBGEMM lookup
+        and the torch update, the ops' reference) on other devices.
+    """
+    global _warned_no_triton
+    if store.kernels is not None:
+        if store.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, not {store.kernels!r}")
+        return store.kernels
+    device = store.weights.device.type
+    if device == "cpu":
+        return "cpp"
+    if device == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            if not _warned_no_triton:
+                warnings.warn(
+                    "triton is not installed: mixed-precision rows on CUDA use FBGEMM's lookup and the "
+                    "torch update, not the fused Triton kernels (pip install triton)",
+                    stacklevel=2,
+                )
+                _warned_no_triton = True
+            return "torch"
+        return "triton"
+    return "torch"
+
+
 class RowLookup:
     """The forward and backward of a `RowGroupStore` (mixed into it; not usable alone).
 
@@ -93,7 +133,29 @@ class RowLookup:
             elif self.weighted:
                 psw = weights
         saved = (values, psw, labels, lengths, B)
-        if self.weights.device.type == "cpu":
+        kernels = kernels_for(self)
+        if kernels == "triton":
+            from shark_torchrec.triton_kernels import mixed_lookup
+
+            out = mixed_lookup(
+                self.weights,
+                self._op_offsets,
+                self.row_map,
+                self._range_ends,
+                self._range_shift,
+                self.feature_base,
+                self.feature_rows,
+                values,
+                lengths,
+                None if self.pooling == "none" else psw,
+                self.dim,
+                B,
+                self.pooling,
+                self.row_alignment,
+                list(self.feature_names),
+            )
+            return out, saved
+        if kernels == "cpp":
             out = torch.ops.shark.mixed_lookup(
                 self.weights,
                 self._op_offsets,

@@ -21,6 +21,7 @@ import time
 import torch
 
 from shark_torchrec.kernels import update_rows_
+from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.priority import DROPPED, FP32, updated
 
 
@@ -75,10 +76,10 @@ class RowOptimizer:
         if not len(keys):
             return
         scale = self._step_scale(self.momentum, keys, row_grad)
-        self.step_rows(keys, row_grad, scale, step, fused=self.weights.device.type == "cpu")
+        self.step_rows(keys, row_grad, scale, step, kernels=kernels_for(self))
 
     def step_rows(
-        self, keys: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor, step: int, fused: bool
+        self, keys: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor, step: int, kernels: str
     ) -> None:
         """Rows `keys` (distinct, stored) become old - row_grad * scale, written back in their
         groups with `step`'s stochastic rounding.
@@ -88,12 +89,22 @@ class RowOptimizer:
             row_grad: [n, dim] gradients.
             scale: [n] what each gradient is multiplied by.
             step: the step whose rounding noise is used.
-            fused: one pass of our C++ op (`torch.ops.shark.update_rows_`, CPU); else the torch
-                code below, its reference (the two agree bit for bit).
+            kernels: "cpp", one pass of our C++ op (`torch.ops.shark.update_rows_`, CPU);
+                "triton", the same in Triton (`shark_torchrec.triton_kernels.update_rows_`,
+                CUDA); "torch", the torch code below, their reference (all agree bit for bit).
         """
-        if fused:
+        if kernels in ("cpp", "triton"):
             start, table = self.noise_starts(keys, step)
-            update_rows_(
+            if kernels == "triton":
+                from shark_torchrec.triton_kernels import update_rows_ as fused_update
+
+                # The noise table once on the rows' device, not copied there at every step.
+                if getattr(self, "_device_noise", None) is None or self._device_noise.device != self.weights.device:
+                    self._device_noise = table.to(self.weights.device)
+                table = self._device_noise
+            else:
+                fused_update = update_rows_
+            fused_update(
                 self.weights,
                 self._op_offsets,
                 self.row_map,

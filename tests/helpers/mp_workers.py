@@ -216,10 +216,13 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
     return result
 
 
-def unsharded_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2):
-    """The steps of `sharded_run` on the unsharded module (whole global batches)."""
+def unsharded_run(steps: int, pol_kw: dict, sequence: bool = False, world: int = 2, kernels=None):
+    """The steps of `sharded_run` on the unsharded module (whole global batches); `kernels`
+    forces the stores' lookup and update kernels ("cpp", "triton", "torch"; None: by device)."""
     ebc = make_module(sequence, pol_kw)
     ebc.materialize(torch.device("cpu"), init=init_values)
+    for store in ebc.stores:
+        store.kernels = kernels
     outs = []
     for step in range(steps):
         keys, lengths, values, labels, G = batch(step)

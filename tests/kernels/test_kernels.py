@@ -125,8 +125,8 @@ def test_fused_update_equals_the_torch_update_bit_for_bit():
         grad[keys < 40] *= 1e-6
         grad[(keys >= 40) & (keys < 60)] = 0.0  # constant rows stay constant
         scale = torch.rand(len(keys), generator=gen)
-        fused.step_rows(keys, grad, scale, step, fused=True)
-        reference.step_rows(keys, grad, scale, step, fused=False)
+        fused.step_rows(keys, grad, scale, step, kernels="cpp")
+        reference.step_rows(keys, grad, scale, step, kernels="torch")
         assert torch.equal(fused.weights, reference.weights), step
     groups = fused.groups_of(torch.arange(n))
     assert set(groups[:40].tolist()) == set(range(5))  # the subnormal rows span every group
@@ -145,7 +145,7 @@ def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
     store = RowGroupStore([LocalTable("t", 50, 8, global_rows=50)], ["a"], [0], policy, StepCounter())
     store.set_groups(torch.tensor([0] * 10 + [2] * 20 + [5] * 20, dtype=torch.int8))
     before = store.weights.clone()
-    store.step_rows(torch.tensor([45]), torch.ones(1, 8), torch.ones(1), 1, fused=True)
+    store.step_rows(torch.tensor([45]), torch.ones(1, 8), torch.ones(1), 1, kernels="cpp")
     assert torch.equal(store.weights, before)
     from shark_torchrec.kernels import update_rows_
 
@@ -251,8 +251,8 @@ def test_the_ops_agree_across_parallel_tasks():
     reference = copy.deepcopy(fused)
     keys = torch.randperm(3000, generator=gen)[:2000]
     grad, scale = torch.randn(2000, D, generator=gen), torch.rand(2000, generator=gen)
-    fused.step_rows(keys, grad, scale, 1, fused=True)
-    reference.step_rows(keys, grad, scale, 1, fused=False)
+    fused.step_rows(keys, grad, scale, 1, kernels="cpp")
+    reference.step_rows(keys, grad, scale, 1, kernels="torch")
     assert torch.equal(fused.weights, reference.weights)
 
     F = 3

@@ -309,3 +309,49 @@ def test_update_refuses_rows_outside_the_buffer_and_skips_dropped_keys_before_th
     far = torch.full((3,), table.numel(), dtype=torch.long)  # a window past the table: never read
     update_rows_(got, offsets, row_map, ends, shift, dropped, torch.ones(3, dim), torch.ones(3), table, far, dim, al)
     assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["bags", "sequence"])
+@pytest.mark.parametrize(
+    "tiers",
+    [
+        {},
+        {
+            "tiers": ("fp32", "fp16", "int8", "int4", "int2", "dropped"),
+            "memory_budget": None,
+            "row_fractions": (0.1, 0.15, 0.2, 0.2, 0.2),
+        },
+    ],
+    ids=["paper tiers", "every tier"],
+)
+def test_the_store_trains_on_the_triton_kernels_as_on_the_cpp_ops(sequence, tiers):
+    """The collection's store with its lookup and row update on the Triton kernels (as on
+    CUDA; here through the interpreter) against the C++ ops: outputs and every table's state
+    after 3 steps with reassignment, bit for bit."""
+    from helpers import mp_workers as W
+
+    overrides = {"reassign_every": 1, **tiers}
+    got = W.unsharded_run(3, overrides, sequence, kernels="triton")
+    want = W.unsharded_run(3, overrides, sequence)
+    assert all(store.kernels == "triton" for store in got["stores"])
+    for a, b in zip(got["outputs"], want["outputs"]):
+        assert same_bits(a, b)
+    assert got["tables"].keys() == want["tables"].keys()
+    for name, value in want["tables"].items():
+        assert torch.equal(got["tables"][name], value), name
+    groups = torch.cat([s.row_group for s in want["stores"]])
+    assert len(set(groups.tolist())) >= (6 if tiers else 3)  # every tier was in use
+
+
+def test_the_kernels_follow_the_device_unless_forced():
+    from types import SimpleNamespace
+
+    from shark_torchrec.modules.row_lookup import kernels_for
+
+    def store(device="cpu", kernels=None):
+        return SimpleNamespace(weights=torch.empty(0, device=device), kernels=kernels)
+
+    assert kernels_for(store()) == "cpp" and kernels_for(store("meta")) == "torch"
+    assert kernels_for(store(kernels="triton")) == "triton"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernels_for(store(kernels="cuda"))
