@@ -12,10 +12,11 @@ of the same base model, on test (which no decision of the pipeline reads).
 Per run (seed s, fold f): one `shark compress` run in DIR/runs/s<s>[f<f>] (resumed if cut off);
 its export stage logs test figures of the base model, ours (the pruned, quantized model as
 exported) and TorchRec's int8 and int4 of the base model (`quantize_embeddings`), each paired
-against the base model (`export.json` `easy_path`), and this script reads them. "Served" is what the run exported (`export.json` `exported_model`:
-ours, or with `--fallback torchrec` a TorchRec model; `shark_torchrec/jobs/easy_path.py`). Memory
-is embedding bytes as allocated over the base model's fp32 bytes. Finished runs are kept in
-DIR/results.json (the script resumes); DIR/table.md and DIR/drop_vs_memory.png are rewritten.
+against the base model (`export.json` `easy_path`), and this script reads them. "Served" is
+what the run exported (`export.json` `exported_model`: ours, or with `--fallback torchrec` a
+TorchRec model; `shark_torchrec/jobs/easy_path.py`). Memory is embedding bytes as allocated
+over the base model's fp32 bytes. Finished runs are kept in DIR/results.json (the script
+resumes); DIR/table.md and DIR/drop_vs_memory.png are rewritten.
 
 `--table4` also writes the paper's Table 4 baselines into each run's `baselines/` (F-Q alone,
 fp16-all, int8-all, freq, Permutation pruning), as `shark report` shows them.
@@ -174,8 +175,10 @@ def markdown(records: list[dict], summary: list[dict], command: str) -> str:
     for s in summary:
         d, v = s["drop"], s["vs_int4"]
         lines.append(
-            f"| {NAMES[s['model']]} | {s['over']}/{s['n']} | {s['rate']:.2f} [{s['rate_ci'][0]:.2f}, {s['rate_ci'][1]:.2f}] | "
-            f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] ({s['drop_range'][0]:+.4f}, {s['drop_range'][1]:+.4f}) | "
+            f"| {NAMES[s['model']]} | {s['over']}/{s['n']} | "
+            f"{s['rate']:.2f} [{s['rate_ci'][0]:.2f}, {s['rate_ci'][1]:.2f}] | "
+            f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+            f"({s['drop_range'][0]:+.4f}, {s['drop_range'][1]:+.4f}) | "
             f"{s['memory']:.3f} ({s['memory_range'][0]:.3f}, {s['memory_range'][1]:.3f}) | "
             + ("" if s["model"] == "torchrec-int4" else f"{v['mean']:+.4f} [{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}]")
             + " |"
@@ -184,7 +187,8 @@ def markdown(records: list[dict], summary: list[dict], command: str) -> str:
         "",
         "Served: " + ", ".join(f"{NAMES[k]} {c}" for k, c in served_counts.items()) + ".",
         "",
-        "| run | fields pruned | F-Q budget | served | passed its selection test | memory saved | test AUC drop | confirm drop |",
+        "| run | fields pruned | F-Q budget | served | passed its selection test | memory saved | "
+        "test AUC drop | confirm drop |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -292,7 +296,8 @@ def table4_markdown(records: list[dict]) -> str:
         d = paired([r["table4"][n]["auc"] - r["table4"]["base (fp32)"]["auc"] for r in records if n in r["table4"]])
         ci = f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d["n"] > 1 else f"{d['mean']:+.4f}"
         lines.append(
-            f"| {n} | {statistics.mean(x['auc'] for x in rows):.4f} | {statistics.mean(x['logloss'] for x in rows):.4f} | "
+            f"| {n} | {statistics.mean(x['auc'] for x in rows):.4f} | "
+            f"{statistics.mean(x['logloss'] for x in rows):.4f} | "
             f"{100 * statistics.mean(x['memory'] for x in rows):.1f}% | {ci} (n={d['n']}) |"
         )
     return "\n".join(lines) + "\n"

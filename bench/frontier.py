@@ -41,9 +41,10 @@ same data splits, and the methods are paired:
 
 Bytes, two ways, as fractions of the fp32 tables' bytes (rows x dim x 4):
 - allocated: fp32 and ours, the metrics' `embedding_bytes` (for ours: weights, int8 scales and
-  biases and the row map (5 bytes a row before commit "4-byte row map", 4 after), rows padded to 1 B on CPU); TorchRec's quantized module, the
-  sum of its state-dict tensors (rows padded to 16 B by FBGEMM's row alignment). Its TBE buffer
-  also aligns each table's start (`tbe_buffer_bytes` in results.json, a few hundred bytes more).
+  biases and the row map (5 bytes a row before commit "4-byte row map", 4 after), rows padded
+  to 1 B on CPU); TorchRec's quantized module, the sum of its state-dict tensors (rows padded
+  to 16 B by FBGEMM's row alignment). Its TBE buffer also aligns each table's start
+  (`tbe_buffer_bytes` in results.json, a few hundred bytes more).
 - unpadded: codes + scales/biases (+ row map for ours), i.e. for TorchRec rows x (ceil(dim x
   bits / 8) + 4) (fp16/fp32: rows x dim x 2 or 4), for ours the sum over tiers of rows x row
   bytes plus the row map (`ROW_MAP_BYTES` of the code that ran).
@@ -642,7 +643,8 @@ def markdown(
         "",
         f"`{command}`",
         "",
-        "| method | bytes / fp32 (allocated) | bytes / fp32 (unpadded) | test AUC | log loss | AUC - fp32, mean [95% CI] | SE | n |",
+        "| method | bytes / fp32 (allocated) | bytes / fp32 (unpadded) | test AUC | log loss | "
+        "AUC - fp32, mean [95% CI] | SE | n |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in rows:

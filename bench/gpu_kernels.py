@@ -19,8 +19,9 @@ would put it.
 Before timing, it checks the kernels against their plain-torch references
 (`shark_torchrec.triton_kernels.reference`), bit for bit: small random tables for every
 pooling, weighted and unweighted bags, and several dims, then the whole lookup (in every timed
-configuration) and one whole update at the benchmark's size. Any difference exits with status 1. It prints the medians and the
-spread of the per-repeat ratios, and writes them as JSON with `--out`.
+configuration) and one whole update at the benchmark's size. Any difference exits with
+status 1. It prints the medians and the spread of the per-repeat ratios, and writes them as
+JSON with `--out`.
 
 On CPU it runs through Triton's interpreter (`TRITON_INTERPRET=1`, set by `--device cpu`) at a
 tiny size; the tests run it so.
@@ -264,7 +265,8 @@ def main(argv: List[str] | None = None) -> int:
     values_gen = torch.Generator(device=dev).manual_seed(a.seed)
 
     print(
-        f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (Triton interpreter)'}, torch {torch.__version__}"
+        f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (Triton interpreter)'}, "
+        f"torch {torch.__version__}"
     )
     failures = check_small(dev, gen, values_gen, [int(d) for d in a.small_dims.split(",")])
 
@@ -387,7 +389,8 @@ def main(argv: List[str] | None = None) -> int:
     )
     for kind in ("lookup", "step"):
         print(
-            f"\n{kind} ({a.repeats} repeats of {a.inner} calls; median ms, ratio to torch fp32 and fp16: median [min, max] of per-repeat ratios)"
+            f"\n{kind} ({a.repeats} repeats of {a.inner} calls; median ms, ratio to torch fp32 and fp16: "
+            "median [min, max] of per-repeat ratios)"
         )
         t = times[kind]
         names = list(t)

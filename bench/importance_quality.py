@@ -1,7 +1,9 @@
 """Quality of field rankings: test AUC after removing the lowest-ranked fields and fine-tuning.
 
-    .venv/bin/python bench/importance_quality.py --seeds 5 --keep 3,5,7 --out DIR -- --data csv:../shared/data/frappe --label click
-    .venv/bin/python bench/importance_quality.py --cv 5 --remove 5,10,15,20 --out DIR -- --data criteo:../shared/data/criteo_kaggle_8k
+    .venv/bin/python bench/importance_quality.py --seeds 5 --keep 3,5,7 --out DIR \\
+        -- --data csv:../shared/data/frappe --label click
+    .venv/bin/python bench/importance_quality.py --cv 5 --remove 5,10,15,20 --out DIR \\
+        -- --data criteo:../shared/data/criteo_kaggle_8k
 
 Per seed (or fold, with `--cv`): one base DLRM is trained (early stopping on dev), every method
 ranks its fields on dev, and for each method and each size the lowest-ranked fields are
@@ -156,7 +158,8 @@ def markdown(summary, command: str, total_fields: int) -> str:
     lines = [
         f"`{command}`",
         "",
-        f"| removal | kept fields (of {total_fields}) | method | test AUC (mean) | AUC - {REFERENCE} (mean ± std, paired) |",
+        f"| removal | kept fields (of {total_fields}) | method | test AUC (mean) | "
+        f"AUC - {REFERENCE} (mean ± std, paired) |",
         "|---|---|---|---|---|",
     ]
     for s in summary:

@@ -95,18 +95,19 @@ def main() -> None:
         )
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     lines = [
-        f"`bench/importance_speed.py --repeats {args.repeats} --eval-rows {args.eval_rows} --warmup {args.warmup}` (1 rank, CPU; median of "
-        f"{args.repeats} timed rounds; wall = the whole call, reading included, [min, max])",
+        f"`bench/importance_speed.py --repeats {args.repeats} --eval-rows {args.eval_rows} --warmup {args.warmup}` "
+        f"(1 rank, CPU; median of {args.repeats} timed rounds; wall = the whole call, reading included, [min, max])",
         "",
-        "| data | fields (N) | rows scored | taylor s | taylor-signed s | permutation s | perm / taylor | perm / taylor-signed | goal N/4 "
-        "| taylor wall s | permutation wall s | perm / taylor, wall |",
+        "| data | fields (N) | rows scored | taylor s | taylor-signed s | permutation s | perm / taylor "
+        "| perm / taylor-signed | goal N/4 | taylor wall s | permutation wall s | perm / taylor, wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, w, sp = r["seconds"], r["wall_seconds"], r["wall_spread"]
         lines.append(
             f"| {r['dataset']} | {r['fields']} | {r['rows']} | {s['taylor']:.3f} | {s['taylor-signed']:.3f} | "
-            f"{s['permutation']:.3f} | {r['permutation_over_taylor']:.1f}x | {r['permutation_over_taylor_signed']:.1f}x | "
+            f"{s['permutation']:.3f} | {r['permutation_over_taylor']:.1f}x | "
+            f"{r['permutation_over_taylor_signed']:.1f}x | "
             f"{r['goal_n_over_4']:.1f}x | {w['taylor']:.2f} [{sp['taylor'][0]:.2f}, {sp['taylor'][1]:.2f}] | "
             f"{w['permutation']:.2f} [{sp['permutation'][0]:.2f}, {sp['permutation'][1]:.2f}] | "
             f"{r['permutation_over_taylor_wall']:.2f}x |"

@@ -85,7 +85,8 @@ def main() -> None:
                 mse, _, _ = train(seed, bits, how, a.rows, a.dim, a.steps, a.lr, a.sigma)
                 ratios.setdefault((how, bits), []).append(float(mse / ref))
     print(
-        f"MSE to the target / fp32's, {a.seeds} seeds ({a.rows} rows x {a.dim}, {a.steps} SGD steps, lr {a.lr}, gradient noise {a.sigma})"
+        f"MSE to the target / fp32's, {a.seeds} seeds "
+        f"({a.rows} rows x {a.dim}, {a.steps} SGD steps, lr {a.lr}, gradient noise {a.sigma})"
     )
     print(f"{'method':<24} {'int8':>16} {'int4':>16} {'int2':>16}")
     rows = []

@@ -91,7 +91,8 @@ def main() -> None:
         f"reassigning every {args.reassign_every} steps; medians of {args.repeats} (ratios: of the repeats' own)"
     )
     print(
-        "| ranks | tiers@budget | samples/s | fp32 samples/s | step time ratio, median (min-max) | priority % | reassign % | bytes / fp32 |"
+        "| ranks | tiers@budget | samples/s | fp32 samples/s | step time ratio, median (min-max) | "
+        "priority % | reassign % | bytes / fp32 |"
     )
     print("|---|---|---|---|---|---|---|---|")
     summary = []
@@ -120,7 +121,8 @@ def main() -> None:
                 }
             )
             print(
-                f"| {n} | {k} | {ss:,.0f} | {fs:,.0f} | {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
+                f"| {n} | {k} | {ss:,.0f} | {fs:,.0f} | "
+                f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) "
                 f"| {pr:.1f} | {re:.1f} | {mem:.3f} |"
             )
     if args.json_out:

@@ -169,10 +169,12 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     total_rows = sum(c.num_embeddings for c in tables)
     lines = [
-        f"`bench/serve_throughput.py --scale {args.scale} --dim {args.dim} --budget {args.budget} --batches {args.batches} --repeats {args.repeats}`"
+        f"`bench/serve_throughput.py --scale {args.scale} --dim {args.dim} --budget {args.budget} "
+        f"--batches {args.batches} --repeats {args.repeats}`"
         f" ({total_rows:,} rows, 1 process, CPU, median of {args.repeats} rounds of {args.steps} batches)",
         "",
-        "| batch | module | samples/s | vs torchrec fp32, median (min-max) of rounds | embedding bytes | bytes vs fp32 |",
+        "| batch | module | samples/s | vs torchrec fp32, median (min-max) of rounds | "
+        "embedding bytes | bytes vs fp32 |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -44,12 +44,14 @@ def main() -> None:
     print(f"{'seed':>4} {'test AUC':>9} {'logloss':>8} {'epochs':>6} {'train s':>8}")
     for r in rows:
         print(
-            f"{r['seed']:>4} {r['test_auc']:>9.4f} {r['test_logloss']:>8.4f} {r['epochs']:>6} {r['train_seconds']:>8.1f}"
+            f"{r['seed']:>4} {r['test_auc']:>9.4f} {r['test_logloss']:>8.4f} "
+            f"{r['epochs']:>6} {r['train_seconds']:>8.1f}"
         )
     for k in ("test_auc", "test_logloss"):
         v = [r[k] for r in rows]
         print(
-            f"{k}: mean {statistics.mean(v):.4f}  std {statistics.stdev(v) if len(v) > 1 else 0:.4f}  min {min(v):.4f}  max {max(v):.4f}"
+            f"{k}: mean {statistics.mean(v):.4f}  std {statistics.stdev(v) if len(v) > 1 else 0:.4f}  "
+            f"min {min(v):.4f}  max {max(v):.4f}"
         )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))

@@ -67,15 +67,18 @@ def main() -> None:
         }
     emb = results[1][0]["embedding_bytes"]
     print(
-        f"synthetic tables: {emb / 2**20:.0f} MiB fp32 embeddings, dim {args.embedding_dim}, global batch {args.batch_size}, {args.steps} steps, {args.repeats} repeats"
+        f"synthetic tables: {emb / 2**20:.0f} MiB fp32 embeddings, dim {args.embedding_dim}, "
+        f"global batch {args.batch_size}, {args.steps} steps, {args.repeats} repeats"
     )
     print(f"{'ranks':>5} {'samples/s (median)':>20} {'all runs':>28} {'peak RSS/rank GiB':>18}")
     for nproc, s in summary.items():
         print(
-            f"{nproc:>5} {s['samples_per_s_median']:>20.0f} {str(s['samples_per_s_all']):>28} {s['peak_rss_gib_median']:>18.2f}"
+            f"{nproc:>5} {s['samples_per_s_median']:>20.0f} {str(s['samples_per_s_all']):>28} "
+            f"{s['peak_rss_gib_median']:>18.2f}"
         )
     print(
-        f"2-rank / 1-rank throughput ratio: {summary[2]['samples_per_s_median'] / summary[1]['samples_per_s_median']:.2f}"
+        "2-rank / 1-rank throughput ratio: "
+        f"{summary[2]['samples_per_s_median'] / summary[1]['samples_per_s_median']:.2f}"
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2))

@@ -218,8 +218,8 @@ def export_main(argv: List[str]) -> int:
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         print(
-            f"shark export: error: {out} already holds files: pass --overwrite to replace them, or choose another --out "
-            "(nothing was written)",
+            f"shark export: error: {out} already holds files: pass --overwrite to replace them, "
+            "or choose another --out (nothing was written)",
             file=sys.stderr,
         )
         return 2

@@ -184,8 +184,9 @@ def write_report(run: str | Path) -> Path:
         res = pr.get("selection_resolution")
         if res:
             lines += [
-                f"The stop test: a step is kept when the one-sided upper bound of its paired AUC drop on the selection split (DeLong's "
-                f"standard error, confidence {res['confidence']} over all steps) is within {res['max_auc_drop']}. "
+                f"The stop test: a step is kept when the one-sided upper bound of its paired AUC drop "
+                f"on the selection split (DeLong's standard error, confidence {res['confidence']} over all steps) "
+                f"is within {res['max_auc_drop']}. "
                 f"The selection split ({res.get('selection_rows', res.get('dev_rows', 0)):,} rows) measures the base "
                 f"model's AUC to a standard error of "
                 f"{res.get('selection_auc_standard_error', res.get('dev_auc_standard_error', float('nan'))):.4f}.",
@@ -229,12 +230,14 @@ def write_report(run: str | Path) -> Path:
         lines += [
             "Iterations (`prune/prune_log.csv`):",
             "",
-            "| iteration | removed | memory | selection AUC | selection drop (SE) | drop upper bound | test AUC | kept |",
+            "| iteration | removed | memory | selection AUC | selection drop (SE) | drop upper bound | "
+            "test AUC | kept |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in info["prune_log"]:
             drop = (
-                f"{r['dev_auc_drop']:+.4f} ({r['dev_auc_drop_standard_error']:.4f}) | {r['dev_auc_drop_upper_bound']:+.4f}"
+                f"{r['dev_auc_drop']:+.4f} ({r['dev_auc_drop_standard_error']:.4f}) | "
+                f"{r['dev_auc_drop_upper_bound']:+.4f}"
                 if "dev_auc_drop" in r
                 else " | "
             )
@@ -270,7 +273,8 @@ def write_report(run: str | Path) -> Path:
             "Rows: "
             + ", ".join(f"{e[f'rows_{g}']:,} {g}" for g in GROUP_NAMES if e.get(f"rows_{g}"))
             + ". Largest |logit| "
-            f"difference to the {'regrouped' if e.get('serving_tiers') else 'trained'} model over dev: {e['max_abs_logit_diff_dev']:.2e}.",
+            f"difference to the {'regrouped' if e.get('serving_tiers') else 'trained'} model over dev: "
+            f"{e['max_abs_logit_diff_dev']:.2e}.",
             "",
         ]
         if e.get("serving_budget_reason"):
@@ -292,10 +296,11 @@ def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
         "## Against TorchRec's post-training quantization",
         "",
         f"Figures on the confirmation split ({e['rows']:,} rows, read by no decision); drops paired against the base "
-        "model (DeLong standard errors); bytes as allocated. The last column is the choice: the candidates tried from "
-        "the fewest bytes up, each with the stop test, the first that passes served; ours is tested on the choice split "
-        f"({rows.get('choice', 0):,} rows, which no earlier decision read: ours was pruned and fine-tuned on the selection "
-        f"split), TorchRec's models on the selection split ({rows.get('dev', 0):,} rows).",
+        "model (DeLong standard errors); bytes as allocated. The last column is the choice: the candidates tried "
+        "from the fewest bytes up, each with the stop test, the first that passes served; ours is tested on the "
+        f"choice split ({rows.get('choice', 0):,} rows, which no earlier decision read: ours was pruned and "
+        f"fine-tuned on the selection split), TorchRec's models on the selection split "
+        f"({rows.get('dev', 0):,} rows).",
         "",
         "| model | AUC | drop from base (SE) | memory (of base fp32) | minus ours (SE) | choice: drop, upper bound |",
         "|---|---|---|---|---|---|",

@@ -6,7 +6,8 @@ from shark_torchrec.config import ConfigError, JobConfig, load_config, parse_cli
 def test_toml_defaults_and_flag_overrides(tmp_path):
     f = tmp_path / "job.toml"
     f.write_text(
-        '[train]\nlr = 0.05\nepochs = 3\n[model]\nembedding_dim = 32\ndense_arch = [128, 64]\n[dataset]\ndata = "csv:x"\n'
+        "[train]\nlr = 0.05\nepochs = 3\n[model]\nembedding_dim = 32\ndense_arch = [128, 64]\n"
+        '[dataset]\ndata = "csv:x"\n'
     )
     cfg = parse_cli(["--config", str(f), "--epochs", "5", "--seed", "7"])
     assert cfg.train.lr == 0.05 and cfg.train.epochs == 5 and cfg.train.seed == 7

@@ -132,7 +132,8 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
         why += (
             " (for training: the export serves in --serve-tiers)"
             if cfg.compress.serve_tiers
-            else f", so the pipeline misses --target-memory {target}: it ends near {floor * prune_ratio:.3f} of the base model's bytes"
+            else f", so the pipeline misses --target-memory {target}: "
+            f"it ends near {floor * prune_ratio:.3f} of the base model's bytes"
         )
     elif want > 1.0:
         why += "; clipped to 1 (pruning alone met the target)"

@@ -152,9 +152,9 @@ def easy_path(
         {"split", "rows", "choice_rows", "base", "final", "torchrec-int8", "torchrec-int4",
         "recommended", "exported_model", "exported", "exported_within_bound"}: per model its
         confirmation-split AUC, bytes, memory and paired drop from the base model with its
-        standard error and one-sided 95% upper bound (TorchRec's also their paired difference to ours, theirs - ours), the same
-        on test ("test", logged only), and per candidate its drop on its choice split with, when
-        it was tried, its stop test ("choice").
+        standard error and one-sided 95% upper bound (TorchRec's also their paired difference
+        to ours, theirs - ours), the same on test ("test", logged only), and per candidate its
+        drop on its choice split with, when it was tried, its stop test ("choice").
         "recommended": the first candidate tried whose stop test passed (None: none did);
         "fallback_would_serve": what the choice over all three would serve (`--fallback torchrec`);
         "exported_model": the one served (ours, or the recommended TorchRec model); "exported":

@@ -360,9 +360,10 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     }
     if dev_se > p.max_auc_drop:
         resolution["warning"] = (
-            f"the selection split ({dev_labels.numel()} rows) measures AUC to a standard error of {dev_se:.4f}, larger than "
-            f"--max-auc-drop {p.max_auc_drop}: a drop that small cannot be told from noise, so pruning will stop early; "
-            "a bigger selection split (--selection-fraction), or a looser bound, lets it go further"
+            f"the selection split ({dev_labels.numel()} rows) measures AUC to a standard error of {dev_se:.4f}, "
+            f"larger than --max-auc-drop {p.max_auc_drop}: a drop that small cannot be told from noise, "
+            "so pruning will stop early; a bigger selection split (--selection-fraction), or a looser bound, "
+            "lets it go further"
         )
         if env.is_main:
             log.warning(resolution["warning"])
@@ -441,7 +442,8 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         nbytes = _bytes(pruned.model, pruned.optimizer, pruned.configs)
         if not torch.equal(labels, dev_labels):
             raise RuntimeError(
-                f"iteration {iteration}: the selection split's labels changed order; the paired test needs the same rows"
+                f"iteration {iteration}: the selection split's labels changed order; "
+                "the paired test needs the same rows"
             )
         decision = drop_test(
             paired_auc(logits.numpy(), base_logits.numpy(), labels.numpy()), p.max_auc_drop, p.confidence, iteration
@@ -469,7 +471,8 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         log_rows.append(row)
         if show:
             log.info(
-                "iteration %d: removed %s -> memory %.3f, dev AUC %.4f (base %.4f; drop %.4f, upper bound %.4f at z %.2f), test AUC %.4f%s",
+                "iteration %d: removed %s -> memory %.3f, dev AUC %.4f "
+                "(base %.4f; drop %.4f, upper bound %.4f at z %.2f), test AUC %.4f%s",
                 iteration,
                 ",".join(removed),
                 row["memory_ratio"],
@@ -497,7 +500,8 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
     confirmed = confirmation_check(accepted.model, accepted.dataset, base_confirm, t.eval_batch_size, env)
     if show:
         log.info(
-            "confirmation split (%d rows, no decision read it): AUC %.4f against the base model's %.4f, drop %.4f (SE %.4f)",
+            "confirmation split (%d rows, no decision read it): AUC %.4f against the base model's %.4f, "
+            "drop %.4f (SE %.4f)",
             confirmed["rows"],
             confirmed["auc"],
             confirmed["base_auc"],

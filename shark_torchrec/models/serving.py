@@ -138,5 +138,6 @@ def _check_against(model, scripted, lookup: MixedPrecisionPooledLookup, num_dens
         got = scripted(dense, values, lengths)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=0, atol=1e-5):
         raise RuntimeError(
-            f"serving_model: the scripted model's logits {got.tolist()} differ from the model's {want.tolist()} on a check batch"
+            f"serving_model: the scripted model's logits {got.tolist()} differ from the model's {want.tolist()} "
+            "on a check batch"
         )

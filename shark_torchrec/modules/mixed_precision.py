@@ -164,8 +164,9 @@ def starting_groups(
         counts = target_counts(table_policy, t.total_rows, budget_tables[t.name][1], t.name)
         if t.total_rows and counts.dropped == t.total_rows and t.row_offset == 0 and t.col_offset == 0:
             warnings.warn(
-                f"table {t.name!r}: the memory budget {policy.memory_budget} drops every one of its {t.total_rows} rows "
-                "(each lookup returns the table's one fallback row); raise the budget to keep some",
+                f"table {t.name!r}: the memory budget {policy.memory_budget} drops every one of its "
+                f"{t.total_rows} rows (each lookup returns the table's one fallback row); "
+                "raise the budget to keep some",
                 stacklevel=2,
             )
         parts.append(initial_groups(policy, counts, t.row_offset, t.rows))

@@ -159,7 +159,8 @@ class PrecisionPolicy:
         if self.scored and len(self.tiers) < 2:
             raise bad(
                 "tiers",
-                f"mode {self.mode} ranks rows into 2 or more tiers, got {tuple(self.tiers)} (one tier: mode={self.tiers[0] if self.tiers else '?'})",
+                f"mode {self.mode} ranks rows into 2 or more tiers, got {tuple(self.tiers)} "
+                f"(one tier: mode={self.tiers[0] if self.tiers else '?'})",
             )
         if self.t8 is not None and tuple(sorted(self.tiers, key=GROUP_NAMES.index)) != PAPER_TIERS:
             raise bad(
@@ -194,7 +195,8 @@ class PrecisionPolicy:
         if self.signal != "eq7" and self.threshold_mode:
             raise bad(
                 "signal",
-                f"{self.signal!r} scores are not on Eq. 7's scale: rank them (a memory budget or row_fractions), not t8/t16",
+                f"{self.signal!r} scores are not on Eq. 7's scale: "
+                "rank them (a memory budget or row_fractions), not t8/t16",
             )
         if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
             raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
@@ -301,7 +303,8 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
         mine, theirs = getattr(policy, key), from_fused.get(key)
         if mine is not None and theirs is not None and mine != theirs:
             raise ValueError(
-                f"PrecisionPolicy.{key}={mine!r} contradicts the sharder's fused_params {key}={theirs!r}: set it in one place"
+                f"PrecisionPolicy.{key}={mine!r} contradicts the sharder's fused_params {key}={theirs!r}: "
+                "set it in one place"
             )
         out[key] = mine if mine is not None else theirs if theirs is not None else FBGEMM_DEFAULTS[key]
     return out

@@ -5,10 +5,11 @@ column slices): per row a group tag and a slot (the row map), and one FBGEMM inf
 table-batched embedding buffer with five tables, one per group (empty for groups the policy
 does not use). Lookups read it with our fused op on CPU (`torch.ops.shark.mixed_lookup`) and
 FBGEMM's mixed-precision forward elsewhere (`int_nbit_split_embedding_codegen_lookup_function`,
-which reads fp32, fp16, int8, int4 and int2 rows in one call); the two agree bit for bit. FBGEMM trains none of this, so the backward pass is ours: per-row
-gradients, the optimizer (row-wise Adagrad or SGD, the same rule in every group), and a write
-back with stochastic rounding for fp16 and integer rows. No fp32 copy of a low-precision row
-exists outside the rows being updated at this step.
+which reads fp32, fp16, int8, int4 and int2 rows in one call); the two agree bit for bit.
+FBGEMM trains none of this, so the backward pass is ours: per-row gradients, the optimizer
+(row-wise Adagrad or SGD, the same rule in every group), and a write back with stochastic
+rounding for fp16 and integer rows. No fp32 copy of a low-precision row exists outside the
+rows being updated at this step.
 
 The store has no distributed state except, for replicated (data-parallel) tables, the
 process group over which gradients and counts are summed.

@@ -2,10 +2,10 @@
 
 The forward reads every id's row from the store's group tables in one call: on CPU our fused
 op (`torch.ops.shark.mixed_lookup`), elsewhere FBGEMM's mixed-precision inference TBE
-(`group_lookup`), pooled here; the backward (`_Lookup`, an autograd Function, since FBGEMM trains none of this) turns the
-output gradient into per-row gradients, occurrence counts and positive-label counts, sums them
-over replicas for data-parallel tables, and hands them to the optimizer (`apply_update`,
-`shark_torchrec.modules.row_optimizer`).
+(`group_lookup`), pooled here; the backward (`_Lookup`, an autograd Function, since FBGEMM
+trains none of this) turns the output gradient into per-row gradients, occurrence counts and
+positive-label counts, sums them over replicas for data-parallel tables, and hands them to the
+optimizer (`apply_update`, `shark_torchrec.modules.row_optimizer`).
 
 Kept apart from the tier layout (`shark_torchrec.modules.row_groups`, which imports this module)
 so that the layout, the lookup and the row optimizer can each be read on their own. This module

@@ -31,10 +31,10 @@ class RowOptimizer:
     Reads of the store: `policy`, `step` (`value`), `has_dropped`, and its layout through
     `groups_of`, `table_of_rows`, `grouping`, `group_view`, `_dequantize`, `noise_starts`,
     `fallback_slot0`, and the buffers the fused update reads (`weights`, `_op_offsets`,
-    `row_map`, `_range_ends`, `_range_shift`, `dim`, `row_alignment`). Writes: `row_priority`, `row_seen_step`, `priority_seconds`,
-    `nonfinite_rows`, `momentum`, `fallback_grad`, `fallback_momentum`, and the rows'
-    bytes in the group tables (through `_round_into`, with stochastic rounding, and the
-    fp32 fallback rows directly).
+    `row_map`, `_range_ends`, `_range_shift`, `dim`, `row_alignment`). Writes: `row_priority`,
+    `row_seen_step`, `priority_seconds`, `nonfinite_rows`, `momentum`, `fallback_grad`,
+    `fallback_momentum`, and the rows' bytes in the group tables (through `_round_into`, with
+    stochastic rounding, and the fp32 fallback rows directly).
     """
 
     @torch.no_grad()

@@ -168,8 +168,9 @@ def budget_counts(
     With the paper's groups: up to `fp32_fraction` fp32, as many fp16 as fit, the rest int8.
     With the dropped tier, the table's fp32 fallback row is paid for first, and a head of the
     highest ranked rows (`HEAD_MAX_BYTES_SHARE`, at most `fp32_fraction` of them) keeps the
-    most precise stored tier before anything else; rows are dropped (lowest ranked first) only when the budget cannot keep the rest in the
-    cheapest stored tier. `reserved`: bytes taken off the budget before the rows share it.
+    most precise stored tier before anything else; rows are dropped (lowest ranked first) only
+    when the budget cannot keep the rest in the cheapest stored tier. `reserved`: bytes taken
+    off the budget before the rows share it.
 
     Args:
         rows, dim: the table's size.
