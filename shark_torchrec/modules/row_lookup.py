@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shark_torchrec.kernels import POOLING_CODES
+from shark_torchrec.kernels import mixed_lookup as cpp_mixed_lookup
 from shark_torchrec.kernels.reference import GROUP_TYPES as _TYPES
 from shark_torchrec.kernels.reference import group_lookup
 from shark_torchrec.precision.labels import split_tagged
@@ -134,9 +135,12 @@ class RowLookup:
                 psw = weights
         saved = (values, psw, labels, lengths, B)
         kernels = kernels_for(self)
-        if kernels == "triton":
-            from shark_torchrec.triton_kernels import mixed_lookup
-
+        if kernels in ("cpp", "triton"):
+            if kernels == "triton":
+                from shark_torchrec.triton_kernels import mixed_lookup
+            else:
+                mixed_lookup = cpp_mixed_lookup
+            # The two ops take the same arguments.
             out = mixed_lookup(
                 self.weights,
                 self._op_offsets,
@@ -153,25 +157,6 @@ class RowLookup:
                 self.pooling,
                 self.row_alignment,
                 list(self.feature_names),
-            )
-            return out, saved
-        if kernels == "cpp":
-            out = torch.ops.shark.mixed_lookup(
-                self.weights,
-                self._op_offsets,
-                self.row_map,
-                self._range_ends,
-                self._range_shift,
-                self.feature_base,
-                self.feature_rows,
-                values,
-                lengths,
-                None if self.pooling == "none" else psw,
-                self.dim,
-                B,
-                POOLING_CODES[self.pooling],
-                self.row_alignment,
-                "\n".join(self.feature_names),
             )
             return out, saved
         return self._forward_fbgemm(values, lengths, self._bags_and_keys(values, lengths, B)[1], psw, B), saved

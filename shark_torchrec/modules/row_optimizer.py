@@ -97,11 +97,6 @@ class RowOptimizer:
             start, table = self.noise_starts(keys, step)
             if kernels == "triton":
                 from shark_torchrec.triton_kernels import update_rows_ as fused_update
-
-                # The noise table once on the rows' device, not copied there at every step.
-                if getattr(self, "_device_noise", None) is None or self._device_noise.device != self.weights.device:
-                    self._device_noise = table.to(self.weights.device)
-                table = self._device_noise
             else:
                 fused_update = update_rows_
             fused_update(

@@ -38,17 +38,21 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 _NOISE_BITS = 20
 _NOISE_MASK = (1 << _NOISE_BITS) - 1
 _NOISE_TAIL = 1 << 13  # rows up to 8192 columns read a window without wrapping
-_NOISE_TABLE: list = []
+_NOISE_TABLE: dict = {}  # device -> the table there (made on CPU, copied once per device)
 
 
-def _noise_table() -> torch.Tensor:
+def _noise_table(device: torch.device | str = "cpu") -> torch.Tensor:
     """2^20 uniform [0, 1) floats from a fixed generator (the same in every process), followed
-    by a copy of its first entries so that any window of up to _NOISE_TAIL starts anywhere."""
-    if not _NOISE_TABLE:
-        g = torch.Generator().manual_seed(0x5EED5A7C)
-        t = torch.rand(1 << _NOISE_BITS, generator=g)
-        _NOISE_TABLE.append(torch.cat([t, t[:_NOISE_TAIL]]))
-    return _NOISE_TABLE[0]
+    by a copy of its first entries so that any window of up to _NOISE_TAIL starts anywhere;
+    on `device`, copied there once."""
+    device = torch.device(device)
+    if device not in _NOISE_TABLE:
+        if not _NOISE_TABLE:
+            g = torch.Generator().manual_seed(0x5EED5A7C)
+            t = torch.rand(1 << _NOISE_BITS, generator=g)
+            _NOISE_TABLE[torch.device("cpu")] = torch.cat([t, t[:_NOISE_TAIL]])
+        _NOISE_TABLE[device] = _NOISE_TABLE[torch.device("cpu")].to(device)
+    return _NOISE_TABLE[device]
 
 
 def rounding_noise_starts(
@@ -67,10 +71,10 @@ def rounding_noise_starts(
         first_cols: [n] each row's first global column.
 
     Returns:
-        (start int64 [n], the table).
+        (start int64 [n], the table, on the device of `rows`).
     """
     off = _row_offsets(seed, step, tables, rows)
-    return (off + first_cols.to(torch.int64)) & _NOISE_MASK, _noise_table()
+    return (off + first_cols.to(torch.int64)) & _NOISE_MASK, _noise_table(rows.device)
 
 
 def _row_offsets(seed: int, step: int, tables: torch.Tensor | int, rows: torch.Tensor) -> torch.Tensor:
