@@ -9,6 +9,11 @@
   stepped, and written back with stochastic rounding, in place. Its reference is the torch
   code of `RowOptimizer.step_rows(kernels="torch")` with `shark_torchrec.precision.quantize`; bit
   for bit too.
+- `update_rows_hashed_` is `update_rows_` hashing each row's rounding noise window in its
+  pass (the store's CPU path), where `update_rows_` reads windows torch hashed before it.
+- `convert_rows_` converts the rows that change group at a reassignment (`update.cpp`): each
+  decoded from its old group and rounded to nearest into its new one, in one parallel pass.
+  Its reference is the torch code of `RowGroupStore` with kernels "torch"; bit for bit too.
 - `row_grads` is the backward's per-row gradient reduction (`grads.cpp`): each distinct row's
   gradient summed over its ids, read where they sit in the output gradient. Its reference is
   the torch code of `RowLookup._row_grads_torch`; bit for bit too.
@@ -37,7 +42,13 @@ import torch
 SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "grads.cpp")]
 HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
-OPS = ("mixed_lookup", "update_rows_", "row_grads")  # what the library registers under torch.ops.shark
+OPS = (
+    "mixed_lookup",
+    "update_rows_",
+    "row_grads",
+    "convert_rows_",
+    "update_rows_hashed_",
+)  # what the library registers under torch.ops.shark
 # The instruction sets the library is compiled for (FBGEMM's CPU build needs them anyway).
 ISA = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
 
@@ -322,6 +333,116 @@ def update_rows_(
         step_scale,
         noise_table,
         noise_start,
+        dim,
+        row_alignment,
+    )
+
+
+@torch.library.register_fake("shark::convert_rows_")
+def _convert_rows_fake(dst, dst_at, dst_group, src, src_at, src_group, dim, row_alignment):
+    return None
+
+
+def convert_rows_(
+    dst: torch.Tensor,
+    dst_at: torch.Tensor,
+    dst_group: torch.Tensor,
+    src: torch.Tensor,
+    src_at: torch.Tensor,
+    src_group: torch.Tensor,
+    dim: int,
+    row_alignment: int,
+) -> None:
+    """Rows moving between groups: row i is read at byte `src_at[i]` of `src` in group
+    `src_group[i]`, decoded to fp32 and written at byte `dst_at[i]` of `dst` in group
+    `dst_group[i]`, rounded to nearest (fp16 by conversion; integer rows requantized over their
+    range, codes rounded half to even). Every row is read before any is written, so `src` may
+    be `dst` (a row entering a group takes the slot another row left).
+
+    Args:
+        dst: the uint8 buffer written (group tables as for `mixed_lookup`).
+        dst_at, dst_group: [n] int64 byte offset and group (0-4) of each row's new place.
+        src: the uint8 buffer read (`dst` itself for a move in place).
+        src_at, src_group: [n] int64 byte offset and group (0-4) of each row's old place.
+        dim: embedding dim.
+        row_alignment: both buffers' row alignment.
+
+    Raises:
+        RuntimeError: a group outside 0-4 or a row outside its buffer (nothing is written).
+    """
+    torch.ops.shark.convert_rows_(dst, dst_at, dst_group, src, src_at, src_group, dim, row_alignment)
+
+
+@torch.library.register_fake("shark::update_rows_hashed_")
+def _update_rows_hashed_fake(
+    weights,
+    group_offsets,
+    row_map,
+    range_ends,
+    range_shift,
+    keys,
+    row_grad,
+    step_scale,
+    table_base,
+    table_ids,
+    row_offset,
+    col_offset,
+    noise_head,
+    noise_table,
+    dim,
+    row_alignment,
+):
+    return None
+
+
+def update_rows_hashed_(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    row_map: torch.Tensor,
+    range_ends: torch.Tensor,
+    range_shift: torch.Tensor,
+    keys: torch.Tensor,
+    row_grad: torch.Tensor,
+    step_scale: torch.Tensor,
+    table_base: torch.Tensor,
+    table_ids: torch.Tensor,
+    row_offset: torch.Tensor,
+    col_offset: torch.Tensor,
+    noise_head: int,
+    noise_table: torch.Tensor,
+    dim: int,
+    row_alignment: int,
+) -> None:
+    """`update_rows_` that hashes each row's rounding noise window itself (the store's CPU
+    path): the hash of `rounding_noise_starts`, from the row's local table, global row and
+    first global column, computed in the pass over the rows instead of by torch before it.
+
+    Args:
+        weights, group_offsets, row_map, range_ends, range_shift, keys, row_grad, step_scale,
+            noise_table, dim, row_alignment: as for `update_rows_`.
+        table_base: int64 [T + 1], where each local table's rows start in the row map.
+        table_ids, row_offset, col_offset: int64 [T], each local table's id, first global row
+            and first global column (what the noise hashes).
+        noise_head: `shark_torchrec.precision.quantize.noise_head(seed, step)`.
+
+    Raises:
+        RuntimeError: a key outside the row map or the group tables.
+    """
+    torch.ops.shark.update_rows_hashed_(
+        weights,
+        group_offsets,
+        row_map,
+        range_ends,
+        range_shift,
+        keys,
+        row_grad,
+        step_scale,
+        table_base,
+        table_ids,
+        row_offset,
+        col_offset,
+        noise_head,
+        noise_table,
         dim,
         row_alignment,
     )

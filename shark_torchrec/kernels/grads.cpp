@@ -75,16 +75,28 @@ std::tuple<at::Tensor, at::Tensor> row_grads(
   const float* labp = labelled ? l.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
   float* posp = pos.data_ptr<float>();
+  // Pooled: bag (f, b) is output row b, columns f * D ...; unpooled: the id's own row.
+  auto grad_of = [&](int64_t i) { return pooling == 2 ? gp + i * D : gp + (sp[i] % B) * F * D + (sp[i] / B) * D; };
+  // The ids' gradients are read in row order, so at random places in the output gradient:
+  // each is prefetched kAhead ids before it is read.
+  constexpr int64_t kAhead = 8;
   at::parallel_for(0, U, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> per(D);
+    const int64_t last = start[end];
+    for (int64_t k = start[begin]; k < std::min(last, start[begin] + kAhead); ++k) {
+      for (int64_t j = 0; j < D; j += 16) __builtin_prefetch(grad_of(op[k]) + j);
+    }
     for (int64_t u = begin; u < end; ++u) {
       float* acc = outp + u * D;
       float p = 0.0f;
       for (int64_t k = start[u]; k < start[u + 1]; ++k) {
+        if (k + kAhead < last) {
+          const float* ahead = grad_of(op[k + kAhead]);
+          for (int64_t j = 0; j < D; j += 16) __builtin_prefetch(ahead + j);
+        }
         const int64_t i = op[k];
         const int64_t bag = sp[i];
-        // Pooled: bag (f, b) is output row b, columns f * D ...; unpooled: the id's own row.
-        const float* src = pooling == 2 ? gp + i * D : gp + (bag % B) * F * D + (bag / B) * D;
+        const float* src = grad_of(i);
         if (pooling == 1) {
           const float n = static_cast<float>(std::max<int64_t>(lp[bag], 1));
           for (int64_t j = 0; j < D; ++j) per[j] = src[j] / n;

@@ -44,9 +44,10 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
       acc[j] = kAssign ? v : acc[j] + v;
     }
   } else if constexpr (G == 1) {
-    const c10::Half* r = reinterpret_cast<const c10::Half*>(row);
+    float r[kMaxDim];  // converted first, eight at a time: the loop below then vectorizes
+    halves_to_floats(reinterpret_cast<const c10::Half*>(row), r, D);
     for (int64_t j = 0; j < D; ++j) {
-      float v = static_cast<float>(r[j]);
+      float v = r[j];
       if (kWeighted) v = v * w;
       acc[j] = kAssign ? v : acc[j] + v;
     }

@@ -10,6 +10,11 @@
 // `shark_torchrec.precision.quantize` (`round_fp16_stochastic`, `quantize_rows`); the two
 // agree bit for bit given the same noise (tests/test_kernels.py). The noise is the store's
 // reproducible table (`rounding_noise`): row i reads noise_table[noise_start[i] + j].
+//
+// Also here, as it shares the rounding code: torch.ops.shark.convert_rows_, the conversion of
+// rows moving between groups at a reassignment (decoded, then rounded to nearest into their
+// new group), whose reference is the torch code of `RowGroupStore` (`_move_in_place` and
+// `_rebuild` with kernels "torch").
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
 
 namespace shark {
 namespace {
@@ -51,13 +57,13 @@ inline c10::Half next_half(c10::Half h, bool up) {
 }
 
 inline c10::Half round_down_fp16(float x) {
-  const c10::Half h(x);
-  return static_cast<float>(h) > x ? next_half(h, false) : h;
+  const c10::Half h = to_half(x);
+  return to_float(h) > x ? next_half(h, false) : h;
 }
 
 inline c10::Half round_up_fp16(float x) {
-  const c10::Half h(x);
-  return static_cast<float>(h) < x ? next_half(h, true) : h;
+  const c10::Half h = to_half(x);
+  return to_float(h) < x ? next_half(h, true) : h;
 }
 
 inline float clamp_fp16_range(float v) { return std::min(std::max(v, -kFp16Max), kFp16Max); }
@@ -68,11 +74,11 @@ inline c10::Half round_fp16_stochastic(float value, float noise) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
   if ((bits & 0x7FFFFFFFu) < 0x38800000u) {  // |v| < 2^-14: an fp16 subnormal, the exact rule
-    const c10::Half near(v);
-    const c10::Half lo = static_cast<float>(near) > v ? next_half(near, false) : near;
+    const c10::Half near = to_half(v);
+    const c10::Half lo = to_float(near) > v ? next_half(near, false) : near;
     const c10::Half hi = next_half(lo, true);
-    const float lo32 = static_cast<float>(lo);
-    const float gap = static_cast<float>(hi) - lo32;
+    const float lo32 = to_float(lo);
+    const float gap = to_float(hi) - lo32;
     const float p = gap > 0 ? (v - lo32) / gap : 0.0f;
     return noise < p ? hi : lo;
   }
@@ -80,7 +86,7 @@ inline c10::Half round_fp16_stochastic(float value, float noise) {
   const uint32_t kept = (bits + r) & ~0x1FFFu;
   float f;
   std::memcpy(&f, &kept, 4);
-  return c10::Half(clamp_fp16_range(f));
+  return to_half(clamp_fp16_range(f));
 }
 
 // An integer row of group G (constant bits: every loop below vectorizes or unrolls): old
@@ -108,9 +114,9 @@ void step_int_row(uint8_t* row, int64_t D, const float* grad, float step_scale, 
     hi = std::max(hi, buf[j]);
   }
   const c10::Half new_bias = round_down_fp16(lo);
-  const float b32 = static_cast<float>(new_bias);
+  const float b32 = to_float(new_bias);
   const c10::Half new_scale = round_up_fp16((hi - b32) / static_cast<float>(kTop));
-  const float s32 = static_cast<float>(new_scale);
+  const float s32 = to_float(new_scale);
   const float inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
   for (int64_t j = 0; j < D; ++j) {
     const float x = std::floor((buf[j] - b32) * inv + noise[j]);
@@ -142,13 +148,95 @@ void step_row(uint8_t* row, int64_t g, int64_t D, const float* grad, float step_
       c10::Half* r = reinterpret_cast<c10::Half*>(row);
       for (int64_t j = 0; j < D; ++j) {
         const float t = grad[j] * step_scale;
-        r[j] = round_fp16_stochastic(static_cast<float>(r[j]) - t, noise[j]);
+        r[j] = round_fp16_stochastic(to_float(r[j]) - t, noise[j]);
       }
       break;
     }
     case 2: step_int_row<2>(row, D, grad, step_scale, noise, buf); break;
     case 3: step_int_row<3>(row, D, grad, step_scale, noise, buf); break;
     default: step_int_row<4>(row, D, grad, step_scale, noise, buf); break;
+  }
+}
+
+// One row's fp32 values from its bytes in group G (`RowGroupStore._dequantize`: an integer
+// row's code * scale + bias, exact in fp32).
+template <int G>
+void decode_row(const uint8_t* row, int64_t D, float* out) {
+  if constexpr (G == 0) {
+    std::memcpy(out, row, 4 * D);
+  } else if constexpr (G == 1) {
+    halves_to_floats(reinterpret_cast<const c10::Half*>(row), out, D);
+  } else {
+    constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : 2);
+    constexpr int kPerByte = 8 / kBits;
+    constexpr int kTop = (1 << kBits) - 1;
+    const float scale = half_to_float(row);
+    const float bias = half_to_float(row + 2);
+    const uint8_t* packed = row + 4;
+    for (int64_t k = 0; k < D / kPerByte; ++k) {
+      const uint8_t byte = packed[k];
+      for (int p = 0; p < kPerByte; ++p) {
+        out[k * kPerByte + p] = static_cast<float>((byte >> (p * kBits)) & kTop) * scale + bias;
+      }
+    }
+  }
+}
+
+// fp32 values written into a row of group G rounded to nearest (`RowGroupStore._round_into`
+// without a step: fp16 by conversion, integer rows `quantize_rows` without noise, codes
+// rounded half to even as torch.round). v is overwritten.
+template <int G>
+void encode_row_nearest(uint8_t* row, int64_t D, float* v) {
+  if constexpr (G == 0) {
+    std::memcpy(row, v, 4 * D);
+  } else if constexpr (G == 1) {
+    c10::Half* r = reinterpret_cast<c10::Half*>(row);
+    for (int64_t j = 0; j < D; ++j) r[j] = to_half(clamp_fp16_range(v[j]));
+  } else {
+    constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : 2);
+    constexpr int kPerByte = 8 / kBits;
+    constexpr float kTop = static_cast<float>((1 << kBits) - 1);
+    for (int64_t j = 0; j < D; ++j) v[j] = clamp_fp16_range(v[j]);
+    float lo = v[0], hi = v[0];
+    for (int64_t j = 1; j < D; ++j) {
+      lo = std::min(lo, v[j]);
+      hi = std::max(hi, v[j]);
+    }
+    const c10::Half bias = round_down_fp16(lo);
+    const float b32 = to_float(bias);
+    const c10::Half scale = round_up_fp16((hi - b32) / kTop);
+    const float s32 = to_float(scale);
+    const float inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
+    for (int64_t j = 0; j < D; ++j) v[j] = std::min(std::max(std::nearbyint((v[j] - b32) * inv), 0.0f), kTop);
+    std::memcpy(row, &scale, 2);
+    std::memcpy(row + 2, &bias, 2);
+    uint8_t* packed = row + 4;
+    for (int64_t k = 0; k < D / kPerByte; ++k) {
+      uint8_t byte = 0;
+      for (int p = 0; p < kPerByte; ++p) byte |= static_cast<uint8_t>(v[k * kPerByte + p]) << (p * kBits);
+      packed[k] = byte;
+    }
+  }
+}
+
+// `decode_row` / `encode_row_nearest` for a group known at run time.
+void decode_row(const uint8_t* row, int64_t g, int64_t D, float* out) {
+  switch (g) {
+    case 0: decode_row<0>(row, D, out); break;
+    case 1: decode_row<1>(row, D, out); break;
+    case 2: decode_row<2>(row, D, out); break;
+    case 3: decode_row<3>(row, D, out); break;
+    default: decode_row<4>(row, D, out); break;
+  }
+}
+
+void encode_row_nearest(uint8_t* row, int64_t g, int64_t D, float* v) {
+  switch (g) {
+    case 0: encode_row_nearest<0>(row, D, v); break;
+    case 1: encode_row_nearest<1>(row, D, v); break;
+    case 2: encode_row_nearest<2>(row, D, v); break;
+    case 3: encode_row_nearest<3>(row, D, v); break;
+    default: encode_row_nearest<4>(row, D, v); break;
   }
 }
 
@@ -229,15 +317,195 @@ void update_rows_(
               ") is outside the row map or the group tables, or its noise window is out of range");
 }
 
+// See the Python docstring of `shark_torchrec.kernels.convert_rows_`.
+void convert_rows_(
+    at::Tensor& dst,
+    const at::Tensor& dst_at,
+    const at::Tensor& dst_group,
+    const at::Tensor& src,
+    const at::Tensor& src_at,
+    const at::Tensor& src_group,
+    int64_t dim,
+    int64_t row_alignment) {
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "shark::convert_rows_: CPU tensors only");
+  TORCH_CHECK(dst.scalar_type() == at::kByte && dst.is_contiguous() && src.scalar_type() == at::kByte &&
+                  src.is_contiguous(),
+              "shark::convert_rows_: dst and src are contiguous uint8 buffers");
+  TORCH_CHECK(dim > 0 && dim <= kMaxDim && dim % 4 == 0, "shark::convert_rows_: dim ", dim,
+              " must be a multiple of 4 up to ", kMaxDim);
+  TORCH_CHECK(row_alignment > 0, "shark::convert_rows_: row_alignment must be positive");
+  const int64_t n = dst_at.numel();
+  TORCH_CHECK(dst_group.numel() == n && src_at.numel() == n && src_group.numel() == n,
+              "shark::convert_rows_: dst_at, dst_group, src_at, src_group: one per row");
+  const at::Tensor da = dst_at.to(at::kLong).contiguous(), dg = dst_group.to(at::kLong).contiguous();
+  const at::Tensor sa = src_at.to(at::kLong).contiguous(), sg = src_group.to(at::kLong).contiguous();
+  const int64_t *dap = da.data_ptr<int64_t>(), *dgp = dg.data_ptr<int64_t>();
+  const int64_t *sap = sa.data_ptr<int64_t>(), *sgp = sg.data_ptr<int64_t>();
+  int64_t rb[kGroups];
+  for (int64_t g = 0; g < kGroups; ++g) rb[g] = row_bytes(dim, g, row_alignment);
+  const int64_t dbytes = dst.numel(), sbytes = src.numel();
+  // Every row checked before any is written: a bad one leaves both buffers as they were.
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const bool ok = dgp[i] >= 0 && dgp[i] < kGroups && sgp[i] >= 0 && sgp[i] < kGroups && dap[i] >= 0 &&
+                      dap[i] + rb[dgp[i]] <= dbytes && sap[i] >= 0 && sap[i] + rb[sgp[i]] <= sbytes;
+      if (!ok) bad = i;
+    }
+  });
+  TORCH_CHECK(bad.load() < 0, "shark::convert_rows_: row ", bad.load(),
+              " has a group outside 0-4 or bytes outside its buffer");
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  uint8_t* d = dst.data_ptr<uint8_t>();
+  // In place (a row entering a group takes a slot another row left), every source row is
+  // copied aside first, in its own precision, so no write lands on a row not yet read.
+  std::vector<uint8_t> staged;
+  std::vector<int64_t> staged_at;
+  if (src.is_alias_of(dst)) {
+    staged_at.resize(n + 1, 0);
+    for (int64_t i = 0; i < n; ++i) staged_at[i + 1] = staged_at[i] + rb[sgp[i]];
+    staged.resize(staged_at[n]);
+    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) std::memcpy(staged.data() + staged_at[i], s + sap[i], rb[sgp[i]]);
+    });
+  }
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* from = staged_at.empty() ? s + sap[i] : staged.data() + staged_at[i];
+      decode_row(from, sgp[i], dim, buf.data());
+      encode_row_nearest(d + dap[i], dgp[i], dim, buf.data());
+    }
+  });
+}
+
+namespace {
+
+// splitmix64's finaliser (`shark_torchrec.precision.quantize._mix`, in unsigned arithmetic:
+// the same wrapping multiplies and logical shifts).
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+constexpr int64_t kNoiseMask = (1 << 20) - 1;  // quantize._NOISE_MASK
+
+}  // namespace
+
+// See the Python docstring of `shark_torchrec.kernels.update_rows_hashed_`.
+void update_rows_hashed_(
+    at::Tensor& weights,
+    const at::Tensor& group_offsets,
+    const at::Tensor& row_map,
+    const at::Tensor& range_ends,
+    const at::Tensor& range_shift,
+    const at::Tensor& keys,
+    const at::Tensor& row_grad,
+    const at::Tensor& step_scale,
+    const at::Tensor& table_base,
+    const at::Tensor& table_ids,
+    const at::Tensor& row_offset,
+    const at::Tensor& col_offset,
+    int64_t noise_head,
+    const at::Tensor& noise_table,
+    int64_t dim,
+    int64_t row_alignment) {
+  const GroupTables t("shark::update_rows_hashed_", weights, group_offsets, row_map, range_ends, range_shift, dim,
+                      row_alignment);
+  const int64_t D = dim;
+  const int64_t n = keys.numel();
+  TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == n && row_grad.size(1) == D, "row_grad: [", n, ", ", D,
+              "] expected, got ", row_grad.sizes());
+  TORCH_CHECK(step_scale.numel() == n, "step_scale: one per row");
+  const int64_t T = table_ids.numel();
+  TORCH_CHECK(table_base.numel() == T + 1 && row_offset.numel() == T && col_offset.numel() == T,
+              "table_base [T + 1], table_ids, row_offset, col_offset [T]");
+  const at::Tensor k = keys.to(at::kLong).contiguous();
+  const at::Tensor gr = row_grad.to(at::kFloat).contiguous();
+  const at::Tensor sc = step_scale.to(at::kFloat).contiguous();
+  const at::Tensor tb = table_base.to(at::kLong).contiguous(), ti = table_ids.to(at::kLong).contiguous();
+  const at::Tensor ro = row_offset.to(at::kLong).contiguous(), co = col_offset.to(at::kLong).contiguous();
+  const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
+  TORCH_CHECK(nt.numel() >= kNoiseMask + 1 + D, "noise_table: too short for rows of ", D);
+  uint8_t* w = t.w;
+  const int32_t* map = t.map;
+  const int64_t map_rows = t.map_rows;
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const float* gp = gr.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  const int64_t *tbp = tb.data_ptr<int64_t>(), *tip = ti.data_ptr<int64_t>();
+  const int64_t *rop = ro.data_ptr<int64_t>(), *cop = co.data_ptr<int64_t>();
+  const float* np_ = nt.data_ptr<float>();
+  std::atomic<int64_t> bad{-1};
+
+  // A row's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global
+  // row), plus the row's first global column. `key` is within the row map.
+  auto noise_start = [&](int64_t key) {
+    const int64_t tab = std::upper_bound(tbp, tbp + T + 1, key) - tbp - 1;
+    const uint64_t global_row = static_cast<uint64_t>(key - tbp[tab] + rop[tab]);
+    const uint64_t h = mix64(mix64(static_cast<uint64_t>(tip[tab]) * 0x94D049BB133111EBull +
+                                   static_cast<uint64_t>(noise_head)) +
+                             global_row * 0x9E3779B97F4A7C15ull);
+    return ((static_cast<int64_t>(h >> 24) & kNoiseMask) + cop[tab]) & kNoiseMask;
+  };
+  // As `update_rows_`: the map entry prefetched kMapAhead rows ahead, the bytes and the noise
+  // window kRowAhead rows ahead.
+  constexpr int64_t kMapAhead = 16;
+  constexpr int64_t kRowAhead = 8;
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(D);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kMapAhead < end && kp[i + kMapAhead] >= 0 && kp[i + kMapAhead] < map_rows) {
+        __builtin_prefetch(map + kp[i + kMapAhead]);
+      }
+      if (i + kRowAhead < end) {
+        int64_t g_ahead;
+        const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
+        if (ahead >= 0) {
+          for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(w + ahead + o, 1);
+          if (g_ahead > 0) {
+            const float* noise = np_ + noise_start(kp[i + kRowAhead]);
+            for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + o);
+          }
+        }
+      }
+      const int64_t key = kp[i];
+      int64_t g;
+      const int64_t at = t.own_at(key, &g);
+      if (at == -2) continue;  // a dropped row: no bytes (the caller sends its gradient to the fallback row)
+      if (at < 0) {
+        bad = i;
+        continue;
+      }
+      step_row(w + at, g, D, gp + i * D, sp[i], np_ + noise_start(key), buf.data());
+    }
+  });
+  TORCH_CHECK(bad.load() < 0, "shark::update_rows_hashed_: row ", bad.load(), " (key ",
+              kp[std::max<int64_t>(bad.load(), 0)], ") is outside the row map or the group tables");
+}
+
 TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def(
       "update_rows_(Tensor(a!) weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, "
       "Tensor range_shift, Tensor keys, Tensor row_grad, Tensor step_scale, Tensor noise_table, "
       "Tensor noise_start, int dim, int row_alignment) -> ()");
+  m.def(
+      "convert_rows_(Tensor(a!) dst, Tensor dst_at, Tensor dst_group, Tensor src, Tensor src_at, "
+      "Tensor src_group, int dim, int row_alignment) -> ()");
+  m.def(
+      "update_rows_hashed_(Tensor(a!) weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, "
+      "Tensor range_shift, Tensor keys, Tensor row_grad, Tensor step_scale, Tensor table_base, "
+      "Tensor table_ids, Tensor row_offset, Tensor col_offset, int noise_head, Tensor noise_table, int dim, "
+      "int row_alignment) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {
   m.impl("update_rows_", &update_rows_);
+  m.impl("convert_rows_", &convert_rows_);
+  m.impl("update_rows_hashed_", &update_rows_hashed_);
 }
 
 }  // namespace shark

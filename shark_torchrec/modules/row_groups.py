@@ -32,12 +32,14 @@ import torch.distributed as dist
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
 from torch import nn
 
+from shark_torchrec.kernels import convert_rows_
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_lookup import (
     _TYPES,
     GROUPS,
     RowLookup,
     group_lookup,  # noqa: F401  (re-exported: inference imports it from here)
+    kernels_for,
 )
 from shark_torchrec.modules.row_optimizer import RowOptimizer
 from shark_torchrec.precision.priority import (
@@ -436,9 +438,29 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         self._build_op_buffers()
         return moved
 
+    def _byte_offsets(self, groups: torch.Tensor, slots: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
+        """int64 byte offset of each (group, slot) in a buffer whose group tables start at `offsets`."""
+        rb = torch.tensor([self._row_bytes(g) for g in range(GROUPS)], dtype=torch.int64)
+        g = groups.long()
+        return torch.tensor(list(offsets), dtype=torch.int64)[g] + slots.long() * rb[g]
+
     def _move_in_place(self, groups: torch.Tensor, old_groups: torch.Tensor, slots: torch.Tensor) -> None:
         move = (groups != old_groups).nonzero().flatten()
         if not len(move):
+            return
+        if kernels_for(self) == "cpp":
+            # One pass of our C++ op; it reads every moving row before writing any.
+            src_group = old_groups[move]
+            src_at = self._byte_offsets(src_group, slots[move], self._offsets)
+            old_slots = slots[move].clone()
+            for g in range(GROUPS):
+                slots[move[groups[move] == g]] = old_slots[src_group == g]
+            self._set_map(groups, slots, self.capacity)
+            dst_group = groups[move]
+            dst_at = self._byte_offsets(dst_group, slots[move], self._offsets)
+            convert_rows_(
+                self.weights, dst_at, dst_group, self.weights, src_at, src_group, self.dim, self.row_alignment
+            )
             return
         # Raw bytes of the moving rows, per old group, before any slot is reused.
         saved = []
@@ -523,6 +545,23 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
                     g, old_w, old_off, old_cap
                 )[old_slots[stay].long()]
         move = (groups != old_groups).nonzero().flatten()
+        if kernels_for(self) == "cpp":
+            # One pass of our C++ op: a dropped row keeps nothing, and one revived reads its
+            # table's fallback row (its lookup slot in the fp32 table).
+            move = move[groups[move] != DROPPED]
+            src_group = self._lookup_groups(old_groups[move])
+            dst_group = groups[move]
+            convert_rows_(
+                new_w,
+                self._byte_offsets(dst_group, new_slots[move], offsets),
+                dst_group,
+                old_w,
+                self._byte_offsets(src_group, old_slots[move], old_off),
+                src_group,
+                self.dim,
+                self.row_alignment,
+            )
+            return
         for start in range(0, len(move), CHUNK_ROWS):
             keys = move[start : start + CHUNK_ROWS]
             values = self._read_from(keys, old_groups, old_slots, old_w, old_off, old_cap)

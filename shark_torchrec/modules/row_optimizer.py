@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from shark_torchrec.kernels import update_rows_
+from shark_torchrec.kernels import update_rows_hashed_
 from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.priority import DROPPED, FP32, updated
+from shark_torchrec.precision.quantize import _noise_table, noise_head
 
 
 class RowOptimizer:
@@ -49,16 +50,22 @@ class RowOptimizer:
                 # The step's occurrences weighted by how much the loss moved the row.
                 norm = torch.nan_to_num(row_grad.norm(dim=1), nan=0.0, posinf=0.0)
                 pos, neg = pos * norm, neg * norm
-            self.row_priority[keys] = updated(
-                self.row_priority[keys],
-                self.row_seen_step[keys],
-                step,
-                pos,
-                neg,
-                p.effective_alpha,
-                p.beta,
+            # index_select / index_copy_ / index_fill_ move the same values as indexing, in
+            # half the time of `x[keys]` and `x[keys] = v` here.
+            self.row_priority.index_copy_(
+                0,
+                keys,
+                updated(
+                    self.row_priority.index_select(0, keys),
+                    self.row_seen_step.index_select(0, keys),
+                    step,
+                    pos,
+                    neg,
+                    p.effective_alpha,
+                    p.beta,
+                ),
             )
-            self.row_seen_step[keys] = step
+            self.row_seen_step.index_fill_(0, keys, step)
             self.priority_seconds += time.perf_counter() - t0
         finite = torch.isfinite(row_grad.sum(dim=1))  # a NaN or inf anywhere makes the sum non-finite
         if not bool(finite.all()):
@@ -89,16 +96,34 @@ class RowOptimizer:
             row_grad: [n, dim] gradients.
             scale: [n] what each gradient is multiplied by.
             step: the step whose rounding noise is used.
-            kernels: "cpp", one pass of our C++ op (`torch.ops.shark.update_rows_`, CPU);
+            kernels: "cpp", one pass of our C++ op (`torch.ops.shark.update_rows_hashed_`, CPU);
                 "triton", the same in Triton (`shark_torchrec.triton_kernels.update_rows_`,
                 CUDA); "torch", the torch code below, their reference (all agree bit for bit).
         """
-        if kernels in ("cpp", "triton"):
+        if kernels == "cpp":  # the noise windows hashed in the op's pass
+            update_rows_hashed_(
+                self.weights,
+                self._op_offsets,
+                self.row_map,
+                self._range_ends,
+                self._range_shift,
+                keys,
+                row_grad,
+                scale,
+                self.table_base,
+                self._table_ids,
+                self._row_offset,
+                self._col_offset,
+                noise_head(self.policy.seed, step),
+                _noise_table(self.weights.device),
+                self.dim,
+                self.row_alignment,
+            )
+            return
+        if kernels == "triton":
+            from shark_torchrec.triton_kernels import update_rows_ as fused_update
+
             start, table = self.noise_starts(keys, step)
-            if kernels == "triton":
-                from shark_torchrec.triton_kernels import update_rows_ as fused_update
-            else:
-                fused_update = update_rows_
             fused_update(
                 self.weights,
                 self._op_offsets,
@@ -128,8 +153,8 @@ class RowOptimizer:
         eps)) or SGD (lr). Shared by the rows and the fallback rows."""
         p = self.policy
         if p.optimizer == "rowwise_adagrad":
-            m = momentum[index] + (grad * grad).mean(dim=1)
-            momentum[index] = m
+            m = momentum.index_select(0, index) + (grad * grad).mean(dim=1)
+            momentum.index_copy_(0, index, m)
             return p.learning_rate / (m.sqrt() + p.eps)
         return torch.full((len(index),), p.learning_rate)
 

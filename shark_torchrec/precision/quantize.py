@@ -77,8 +77,22 @@ def rounding_noise_starts(
     return (off + first_cols.to(torch.int64)) & _NOISE_MASK, _noise_table(rows.device)
 
 
+def noise_head(seed: int, step: int) -> int:
+    """The part of every row's noise hash that depends on (seed, step) only (the fused
+    row update, `torch.ops.shark.update_rows_hashed_`, hashes the rest per row).
+
+    Args:
+        seed: the policy's seed.
+        step: the training step.
+
+    Returns:
+        An int64 value.
+    """
+    return int(_mix(torch.tensor(((seed * 1_000_003 + step) * 998_244_353) % (1 << 62))))
+
+
 def _row_offsets(seed: int, step: int, tables: torch.Tensor | int, rows: torch.Tensor) -> torch.Tensor:
-    head = _mix(torch.tensor(((seed * 1_000_003 + step) * 998_244_353) % (1 << 62)))
+    head = noise_head(seed, step)
     t = torch.as_tensor(tables, dtype=torch.int64)
     # Hashing is per row; per element it is one add, one mask and one gather from a fixed
     # table of uniform numbers (hashing every element cost more than the update itself):

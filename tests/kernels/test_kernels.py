@@ -133,6 +133,125 @@ def test_fused_update_equals_the_torch_update_bit_for_bit():
     assert not torch.equal(fused.read_rows(torch.arange(n)), values)  # the rows did move
 
 
+@pytest.mark.parametrize(
+    "dim,tiers,alignment",
+    [
+        (16, ("fp32", "fp16", "int8", "int4", "int2"), 1),
+        (12, ("fp32", "fp16", "int8", "int4"), 1),  # int4 rows of 8 bytes: 2-byte words
+        (8, ("fp32", "fp16", "int8", "int4", "int2", "dropped"), 16),
+        (16, ("fp32", "int4", "dropped"), 1),
+    ],
+)
+def test_row_conversion_equals_the_torch_moves_bit_for_bit(dim, tiers, alignment):
+    """`torch.ops.shark.convert_rows_` against the store's torch moves (its reference): rows
+    moved in place (every group keeps its size) and into a rebuilt buffer (sizes change, rows
+    dropped and revived from the fallback row), on fp16 subnormals, constant rows and values
+    beyond fp16's range, four regroupings in a row."""
+    import copy
+
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+    from shark_torchrec.precision.priority import GROUP_NAMES
+
+    tables = [
+        LocalTable("t0", 300, dim, global_rows=300, table_id=3),
+        LocalTable("t1", 200, dim, global_rows=400, row_offset=200, col_offset=16, table_id=5),
+    ]
+    policy = PrecisionPolicy(mode="shark", tiers=tiers, row_fractions=(0.2,) * (len(tiers) - 1)).resolved([dim])
+    store = RowGroupStore(tables, ["a", "b"], [0, 1], policy, StepCounter())
+    store.row_alignment = alignment  # as on CUDA (16): padded rows
+    n = store.num_rows
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([GROUP_NAMES.index(t) for t in tiers], dtype=torch.int8)
+    store.set_groups(ids[torch.randint(0, len(ids), (n,), generator=gen)])
+    values = torch.randn(n, dim, generator=gen)
+    values[:40] *= 1e-6  # fp16 subnormals
+    values[40:60] = 0.5  # constant rows
+    values[60:70] *= 1e5  # beyond fp16's range
+    store.write_rows(torch.arange(n), values)
+    fused, reference = copy.deepcopy(store), copy.deepcopy(store)
+    fused.kernels, reference.kernels = "cpp", "torch"
+    for r in range(4):
+        if r % 2 == 0:  # the same sizes: moved in place
+            new = fused.groups_of(torch.arange(n))[torch.randperm(n, generator=gen)]
+        else:  # new sizes: a rebuilt buffer
+            new = ids[torch.randint(0, len(ids), (n,), generator=gen)]
+        moved = fused.set_groups(new)
+        assert moved == reference.set_groups(new)
+        assert sum(moved.values()) > n // 2
+        assert torch.equal(fused.row_map, reference.row_map)
+        assert torch.equal(fused.weights, reference.weights), r
+
+
+def test_row_conversion_checks_every_row_before_writing():
+    """A row outside its buffer or in no group is an error, and nothing is written."""
+    from shark_torchrec.kernels import convert_rows_
+
+    buf = torch.arange(64, dtype=torch.uint8)
+    before = buf.clone()
+    at, group = torch.tensor([0, 32]), torch.tensor([1, 1])
+    with pytest.raises(RuntimeError, match="bytes outside its buffer"):
+        convert_rows_(buf, torch.tensor([0, 40]), group, buf, at, group, 16, 1)  # 32 bytes from 40
+    with pytest.raises(RuntimeError, match="group outside 0-4"):
+        convert_rows_(buf, at, torch.tensor([1, 5]), buf, at, group, 16, 1)
+    assert torch.equal(buf, before)
+
+
+@pytest.mark.parametrize(
+    "optimizer,signal,tiers",
+    [
+        ("rowwise_adagrad", "eq7", ("fp32", "fp16", "int8", "int4", "int2")),
+        ("sgd", "eq7-grad", ("fp32", "fp16", "int8", "int4", "int2", "dropped")),
+        ("rowwise_adagrad", "eq7", ("fp32", "int8", "dropped")),
+    ],
+)
+def test_the_optimizer_step_on_cpu_equals_the_torch_step_bit_for_bit(optimizer, signal, tiers):
+    """The whole optimizer step of the CPU path (Eq. 7, Adagrad state, the C++ row update that
+    hashes its own noise windows) against the torch path, over five steps of two tables (one
+    a row and column slice): rows, momentum, scores, last steps, fallback gradients and the
+    count of skipped non-finite rows all equal."""
+    import copy
+
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+    from shark_torchrec.precision.priority import GROUP_NAMES
+
+    dim = 16
+    tables = [
+        LocalTable("t0", 300, dim, global_rows=300, table_id=3),
+        LocalTable("t1", 200, dim, global_rows=400, row_offset=200, col_offset=16, table_id=5),
+    ]
+    policy = PrecisionPolicy(
+        mode="shark",
+        tiers=tiers,
+        row_fractions=(0.2,) * (len(tiers) - 1),
+        optimizer=optimizer,
+        learning_rate=0.3,
+        signal=signal,
+    ).resolved([dim])
+    store = RowGroupStore(tables, ["a", "b"], [0, 1], policy, StepCounter())
+    n = store.num_rows
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([GROUP_NAMES.index(t) for t in tiers], dtype=torch.int8)
+    store.set_groups(ids[torch.randint(0, len(ids), (n,), generator=gen)])
+    store.write_rows(torch.arange(n), torch.randn(n, dim, generator=gen))
+    fused, reference = copy.deepcopy(store), copy.deepcopy(store)
+    fused.kernels, reference.kernels = "cpp", "torch"
+    for step in range(1, 6):
+        fused.step.value = reference.step.value = step
+        keys = torch.randperm(n, generator=gen)[: n // 2]
+        grad = torch.randn(len(keys), dim, generator=gen) * 0.1
+        grad[3, 2] = float("nan")  # skipped
+        total = torch.randint(1, 5, (len(keys),), generator=gen).float()
+        pos = torch.minimum(total, torch.randint(0, 3, (len(keys),), generator=gen).float())
+        fused.apply_update(keys, grad, total, pos)
+        reference.apply_update(keys, grad, total, pos)
+        for name in ("weights", "momentum", "row_priority", "row_seen_step", "fallback_grad"):
+            assert torch.equal(getattr(fused, name), getattr(reference, name)), (step, name)
+    assert fused.nonfinite_rows == reference.nonfinite_rows == 5
+    assert not torch.equal(fused.weights, store.weights)
+
+
 def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
     """A dropped row has no bytes (the reference writes nothing for it); a key beyond the row
     map is an error, not a write outside the buffer."""
