@@ -1,11 +1,15 @@
 """Where a mixed-precision lookup + update spends its time, against FBGEMM's fused fp32 TBE.
 
-    .venv/bin/python bench/precision_profile.py [--tables 11] [--rows 300000] [--repeats 15]
+    .venv/bin/python bench/precision_profile.py [--tables 11] [--rows 300000] [--repeats 7]
+        [--calls 5] [--mixes fp32,fp16,int8@0.35 int8,int4,int2@0.125] [--profile]
 
-One store of `--tables` tables (dim 64, budget 0.35: fp32, fp16 and int8 rows) and the same
-tables in FBGEMM's training TBE (row-wise Adagrad, fused), fed the same skewed ids (one id per
-feature per sample, global batch 4096). Prints medians of forward and forward+backward for
-both, measured side by side in one run, then a torch.profiler table of ours.
+One store per tier mix (`TIERS@BUDGET`; dim 64) and the same tables in FBGEMM's training TBE
+(fp32, row-wise Adagrad, fused), fed the same skewed ids (one id per feature per sample,
+global batch 4096). The store's groups come from priorities: a few steps of training on those
+ids, then a reassignment, so that hot rows sit in the precise tiers as in a run. Each repeat
+times every function `--calls` times in turn (FBGEMM, then each mix, forward then forward +
+backward), so that all see the same machine state; the ratios are the median (min-max) of the
+repeats' own ratios ours/FBGEMM. `--profile` adds a torch.profiler table of each mix's steps.
 """
 
 from __future__ import annotations
@@ -22,20 +26,45 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     SplitTableBatchedEmbeddingBagsCodegen,
 )
 from torch.profiler import profile
+from tqdm import tqdm
 
 from shark_torchrec.modules.mixed_precision import starting_groups
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.modules.reassign import reassign_stores
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+from shark_torchrec.precision.priority import GROUP_NAMES
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def mean_ms(fn, calls: int) -> float:
+    t = time.perf_counter()
+    for _ in range(calls):
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return (time.perf_counter() - t) / calls * 1e3
+
+
+def spread(xs) -> str:
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+
+def make_store(mix: str, T: int, R: int, D: int, ids, lengths, labels, B: int) -> RowGroupStore:
+    tiers, budget = mix.split("@")
+    policy = PrecisionPolicy(
+        memory_budget=float(budget), tiers=tuple(tiers.split(",")), optimizer="rowwise_adagrad", learning_rate=0.1
+    ).resolved([D])
+    tables = {f"t{i}": (R, D) for i in range(T)}
+    store = RowGroupStore(
+        [LocalTable(f"t{i}", R, D, global_rows=R, table_id=i) for i in range(T)],
+        [f"f{i}" for i in range(T)],
+        list(range(T)),
+        policy,
+        StepCounter(),
+    )
+    store.set_groups(starting_groups(store, policy, tables))
+    for _ in range(3):  # scores for the hot rows, then groups by priority
+        store(ids, lengths, labels, B).sum().backward()
+        store.step.value += 1
+    reassign_stores([store], policy, tables, None)
+    return store
 
 
 def main() -> None:
@@ -44,65 +73,70 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=300_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--mixes", nargs="+", default=["fp32,fp16,int8@0.35", "int8,int4,int2@0.125"])
+    p.add_argument("--profile", action="store_true")
     args = p.parse_args()
     T, R, D, B = args.tables, args.rows, args.dim, args.batch_size
     torch.manual_seed(0)
-    policy = PrecisionPolicy(memory_budget=0.35, optimizer="rowwise_adagrad", learning_rate=0.1).resolved([D])
-    store = RowGroupStore(
-        [LocalTable(f"t{i}", R, D, global_rows=R, table_id=i) for i in range(T)],
-        [f"f{i}" for i in range(T)],
-        list(range(T)),
-        policy,
-        StepCounter(),
-    )
-    store.set_groups(starting_groups(store, policy, {f"t{i}": (R, D) for i in range(T)}))
     ids = (torch.rand(T * B) ** 3 * R).long()  # skewed: hot rows repeat
     lengths = torch.ones(T * B, dtype=torch.int64)
-    labels = torch.ones(T * B)
+    labels = (torch.rand(T * B) < 0.3).float()
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(R, D, EmbeddingLocation.HOST, ComputeDevice.CPU)] * T,
         optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         learning_rate=0.1,
     )
     offsets = torch.arange(T * B + 1)
+    stores = {mix: make_store(mix, T, R, D, ids, lengths, labels, B) for mix in args.mixes}
 
-    def ours_fwd():
-        store(ids, lengths, labels, B)
+    def fwd(store):
+        return lambda: store(ids, lengths, labels, B)
 
-    def ours_step():
-        store(ids, lengths, labels, B).sum().backward()
+    def step(store):
+        return lambda: store(ids, lengths, labels, B).sum().backward()
 
-    def fbgemm_fwd():
-        tbe(ids, offsets)
-
-    def fbgemm_step():
-        tbe(ids, offsets).sum().backward()
-
-    rows = {
-        name: median_ms(fn, args.repeats)
-        for name, fn in (
-            ("ours forward", ours_fwd),
-            ("fbgemm forward", fbgemm_fwd),
-            ("ours forward+backward", ours_step),
-            ("fbgemm forward+backward", fbgemm_step),
-        )
+    fns = {
+        ("fbgemm", "forward"): lambda: tbe(ids, offsets),
+        ("fbgemm", "step"): lambda: tbe(ids, offsets).sum().backward(),
     }
+    for mix, store in stores.items():
+        fns[(mix, "forward")] = fwd(store)
+        fns[(mix, "step")] = step(store)
+    for fn in fns.values():  # warm up
+        fn()
+    times = {k: [] for k in fns}
+    for _ in tqdm(range(args.repeats), desc="repeats"):
+        for k, fn in fns.items():
+            times[k].append(mean_ms(fn, args.calls))
     print(
         f"{T} tables x {R:,} rows, dim {D}, {T * B:,} ids ({len(torch.unique(ids)):,} distinct rows); "
-        f"groups fp32/fp16/int8 = {store.group_counts()}; medians of {args.repeats}"
+        f"ms a call, mean of {args.calls} calls; median (min-max) of {args.repeats} interleaved repeats"
     )
-    for name, ms in rows.items():
-        print(f"  {name:<25} {ms:8.2f} ms")
     print(
-        f"  ratio ours/fbgemm: forward {rows['ours forward'] / rows['fbgemm forward']:.2f}, "
-        f"forward+backward {rows['ours forward+backward'] / rows['fbgemm forward+backward']:.2f}"
+        "| mix | rows per group | forward ms | FBGEMM forward ms | forward ratio "
+        "| step ms | FBGEMM step ms | step ratio |"
     )
-    with profile() as prof:
-        for _ in range(5):
-            ours_step()
-    print("\nours, forward+backward, 5 steps, by self CPU time:")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print("|---|---|---|---|---|---|---|---|")
+    for mix, store in stores.items():
+        counts = store.group_counts()
+        groups = ", ".join(f"{GROUP_NAMES[g]} {c:,}" for g, c in zip(store.policy.groups, counts))
+        ratio = {
+            kind: [a / b for a, b in zip(times[(mix, kind)], times[("fbgemm", kind)])] for kind in ("forward", "step")
+        }
+        print(
+            f"| {mix} | {groups} | {spread(times[(mix, 'forward')])} | {spread(times[('fbgemm', 'forward')])} | "
+            f"{spread(ratio['forward'])} | {spread(times[(mix, 'step')])} | {spread(times[('fbgemm', 'step')])} | "
+            f"{spread(ratio['step'])} |"
+        )
+    if args.profile:
+        for mix, store in stores.items():
+            with profile() as prof:
+                for _ in range(5):
+                    step(store)()
+            print(f"\n{mix}, forward+backward, 5 steps, by self CPU time:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":
