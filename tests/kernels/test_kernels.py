@@ -266,7 +266,7 @@ def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
     before = store.weights.clone()
     store.step_rows(torch.tensor([45]), torch.ones(1, 8), torch.ones(1), 1, kernels="cpp")
     assert torch.equal(store.weights, before)
-    from shark_torchrec.kernels import update_rows_
+    from shark_torchrec.kernels import update_rows_, update_rows_hashed_
 
     start, table = store.noise_starts(torch.tensor([0]), 1)
     with pytest.raises(RuntimeError, match="outside the row map or the group tables"):
@@ -284,6 +284,26 @@ def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
             8,
             1,
         )
+    with pytest.raises(RuntimeError, match="outside the row map or the group tables"):
+        update_rows_hashed_(
+            store.weights,
+            store._op_offsets,
+            store.row_map,
+            store._range_ends,
+            store._range_shift,
+            torch.tensor([50]),
+            torch.ones(1, 8),
+            torch.ones(1),
+            store.table_base,
+            store._table_ids,
+            store._row_offset,
+            store._col_offset,
+            0,
+            table,
+            8,
+            1,
+        )
+    assert torch.equal(store.weights, before)
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
