@@ -240,6 +240,52 @@ void encode_row_nearest(uint8_t* row, int64_t g, int64_t D, float* v) {
   }
 }
 
+// The pass both row updates make over distinct rows: each read from its group table, stepped
+// (new = old - grad * step_scale) and written back with the noise window at
+// noise_start(i) (-1: outside the noise table, an error). Three random reads a row (its row
+// map entry, its bytes, its noise window): the map entry is prefetched kMapAhead rows ahead,
+// the bytes and the noise kRowAhead rows ahead. A dropped row (no bytes) is skipped.
+template <typename NoiseStart>
+void step_rows_pass(const GroupTables& t, const char* op, const int64_t* kp, int64_t n, const float* gp,
+                    const float* sp, const float* noise, int64_t D, NoiseStart noise_start) {
+  constexpr int64_t kMapAhead = 16;
+  constexpr int64_t kRowAhead = 8;
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(D);
+    for (int64_t i = begin; i < std::min(end, begin + kMapAhead); ++i) {
+      if (kp[i] >= 0 && kp[i] < t.map_rows) __builtin_prefetch(t.map + kp[i]);
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kMapAhead < end && kp[i + kMapAhead] >= 0 && kp[i + kMapAhead] < t.map_rows) {
+        __builtin_prefetch(t.map + kp[i + kMapAhead]);
+      }
+      if (i + kRowAhead < end) {
+        int64_t g_ahead;
+        const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
+        if (ahead >= 0) {
+          for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(t.w + ahead + o, 1);
+          const int64_t noise_at = g_ahead > 0 ? noise_start(i + kRowAhead) : -1;  // fp32 rows read none
+          if (noise_at >= 0) {
+            for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
+          }
+        }
+      }
+      int64_t g;
+      const int64_t at = t.own_at(kp[i], &g);
+      if (at == -2) continue;  // a dropped row: no bytes to update (the reference skips it too)
+      const int64_t noise_at = at < 0 ? -1 : noise_start(i);
+      if (noise_at < 0) {
+        bad = i;
+        continue;
+      }
+      step_row(t.w + at, g, D, gp + i * D, sp[i], noise + noise_at, buf.data());
+    }
+  });
+  TORCH_CHECK(bad.load() < 0, op, ": row ", bad.load(), " (key ", kp[std::max<int64_t>(bad.load(), 0)],
+              ") is outside the row map or the group tables, or its noise window is out of range");
+}
+
 }  // namespace
 
 // See the Python docstring of `shark_torchrec.kernels.update_rows_`.
@@ -268,53 +314,12 @@ void update_rows_(
   const at::Tensor sc = step_scale.to(at::kFloat).contiguous();
   const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
   const at::Tensor ns = noise_start.to(at::kLong).contiguous();
-  uint8_t* w = t.w;
-  const int32_t* map = t.map;
-  const int64_t map_rows = t.map_rows;
-  const int64_t* kp = k.data_ptr<int64_t>();
-  const float* gp = gr.data_ptr<float>();
-  const float* sp = sc.data_ptr<float>();
-  const float* np_ = nt.data_ptr<float>();
-  const int64_t noise_len = nt.numel();
   const int64_t* nsp = ns.data_ptr<int64_t>();
-  std::atomic<int64_t> bad{-1};
-
-  // Three random reads a row (its row map entry, its bytes, its noise window): the map entry
-  // is prefetched kMapAhead rows ahead, the bytes and the noise kRowAhead rows ahead.
-  constexpr int64_t kMapAhead = 16;
-  constexpr int64_t kRowAhead = 8;
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(D);
-    for (int64_t i = begin; i < std::min(end, begin + kMapAhead); ++i) {
-      if (kp[i] >= 0 && kp[i] < map_rows) __builtin_prefetch(map + kp[i]);
-    }
-    for (int64_t i = begin; i < end; ++i) {
-      if (i + kMapAhead < end && kp[i + kMapAhead] >= 0 && kp[i + kMapAhead] < map_rows) {
-        __builtin_prefetch(map + kp[i + kMapAhead]);
-      }
-      if (i + kRowAhead < end) {
-        int64_t g_ahead;
-        const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
-        if (ahead >= 0) {
-          for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(w + ahead + o, 1);
-        }
-        const int64_t noise_at = nsp[i + kRowAhead];
-        if (noise_at >= 0 && noise_at + D <= noise_len) {
-          for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(np_ + noise_at + o);
-        }
-      }
-      int64_t g;
-      const int64_t at = t.own_at(kp[i], &g);
-      if (at == -2) continue;  // a dropped row: no bytes to update (the reference skips it too)
-      if (at < 0 || nsp[i] < 0 || nsp[i] + D > noise_len) {
-        bad = i;
-        continue;
-      }
-      step_row(w + at, g, D, gp + i * D, sp[i], np_ + nsp[i], buf.data());
-    }
-  });
-  TORCH_CHECK(bad.load() < 0, "shark::update_rows_: row ", bad.load(), " (key ", kp[std::max<int64_t>(bad.load(), 0)],
-              ") is outside the row map or the group tables, or its noise window is out of range");
+  const int64_t noise_len = nt.numel();
+  step_rows_pass(t, "shark::update_rows_", k.data_ptr<int64_t>(), n, gr.data_ptr<float>(), sc.data_ptr<float>(),
+                 nt.data_ptr<float>(), D, [&](int64_t i) {
+                   return nsp[i] >= 0 && nsp[i] + D <= noise_len ? nsp[i] : int64_t{-1};
+                 });
 }
 
 // See the Python docstring of `shark_torchrec.kernels.convert_rows_`.
@@ -430,20 +435,13 @@ void update_rows_hashed_(
   const at::Tensor ro = row_offset.to(at::kLong).contiguous(), co = col_offset.to(at::kLong).contiguous();
   const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
   TORCH_CHECK(nt.numel() >= kNoiseMask + 1 + D, "noise_table: too short for rows of ", D);
-  uint8_t* w = t.w;
-  const int32_t* map = t.map;
-  const int64_t map_rows = t.map_rows;
   const int64_t* kp = k.data_ptr<int64_t>();
-  const float* gp = gr.data_ptr<float>();
-  const float* sp = sc.data_ptr<float>();
   const int64_t *tbp = tb.data_ptr<int64_t>(), *tip = ti.data_ptr<int64_t>();
   const int64_t *rop = ro.data_ptr<int64_t>(), *cop = co.data_ptr<int64_t>();
-  const float* np_ = nt.data_ptr<float>();
-  std::atomic<int64_t> bad{-1};
-
-  // A row's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global
-  // row), plus the row's first global column. `key` is within the row map.
-  auto noise_start = [&](int64_t key) {
+  // Row i's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global
+  // row), plus the row's first global column. Called for rows within the row map only.
+  auto noise_start = [&](int64_t i) {
+    const int64_t key = kp[i];
     const int64_t tab = std::upper_bound(tbp, tbp + T + 1, key) - tbp - 1;
     const uint64_t global_row = static_cast<uint64_t>(key - tbp[tab] + rop[tab]);
     const uint64_t h = mix64(mix64(static_cast<uint64_t>(tip[tab]) * 0x94D049BB133111EBull +
@@ -451,40 +449,8 @@ void update_rows_hashed_(
                              global_row * 0x9E3779B97F4A7C15ull);
     return ((static_cast<int64_t>(h >> 24) & kNoiseMask) + cop[tab]) & kNoiseMask;
   };
-  // As `update_rows_`: the map entry prefetched kMapAhead rows ahead, the bytes and the noise
-  // window kRowAhead rows ahead.
-  constexpr int64_t kMapAhead = 16;
-  constexpr int64_t kRowAhead = 8;
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(D);
-    for (int64_t i = begin; i < end; ++i) {
-      if (i + kMapAhead < end && kp[i + kMapAhead] >= 0 && kp[i + kMapAhead] < map_rows) {
-        __builtin_prefetch(map + kp[i + kMapAhead]);
-      }
-      if (i + kRowAhead < end) {
-        int64_t g_ahead;
-        const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
-        if (ahead >= 0) {
-          for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(w + ahead + o, 1);
-          if (g_ahead > 0) {
-            const float* noise = np_ + noise_start(kp[i + kRowAhead]);
-            for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + o);
-          }
-        }
-      }
-      const int64_t key = kp[i];
-      int64_t g;
-      const int64_t at = t.own_at(key, &g);
-      if (at == -2) continue;  // a dropped row: no bytes (the caller sends its gradient to the fallback row)
-      if (at < 0) {
-        bad = i;
-        continue;
-      }
-      step_row(w + at, g, D, gp + i * D, sp[i], np_ + noise_start(key), buf.data());
-    }
-  });
-  TORCH_CHECK(bad.load() < 0, "shark::update_rows_hashed_: row ", bad.load(), " (key ",
-              kp[std::max<int64_t>(bad.load(), 0)], ") is outside the row map or the group tables");
+  step_rows_pass(t, "shark::update_rows_hashed_", kp, n, gr.data_ptr<float>(), sc.data_ptr<float>(),
+                 nt.data_ptr<float>(), D, noise_start);
 }
 
 TORCH_LIBRARY_FRAGMENT(shark, m) {
