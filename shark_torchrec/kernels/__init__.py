@@ -357,7 +357,8 @@ def convert_rows_(
     `src_group[i]`, decoded to fp32 and written at byte `dst_at[i]` of `dst` in group
     `dst_group[i]`, rounded to nearest (fp16 by conversion; integer rows requantized over their
     range, codes rounded half to even). Every row is read before any is written, so `src` may
-    be `dst` (a row entering a group takes the slot another row left).
+    be `dst` (a row entering a group takes the slot another row left). The schema does not
+    declare that alias: call it in eager mode, not inside a compiled region.
 
     Args:
         dst: the uint8 buffer written (group tables as for `mixed_lookup`).
@@ -426,7 +427,9 @@ def update_rows_hashed_(
         noise_head: `shark_torchrec.precision.quantize.noise_head(seed, step)`.
 
     Raises:
-        RuntimeError: a key outside the row map or the group tables.
+        RuntimeError: a key outside the row map or the group tables (found in the pass: the
+            other rows are stepped, as with `update_rows_`), or `table_base` not covering the
+            row map.
     """
     torch.ops.shark.update_rows_hashed_(
         weights,

@@ -32,21 +32,8 @@ inline int64_t row_bytes(int64_t dim, int64_t g, int64_t alignment) {
 
 inline int bits_of(int64_t g) { return g == 2 ? 8 : (g == 3 ? 4 : 2); }
 
-// fp16 <-> fp32, rounding to nearest even: the F16C instructions where the library is built
-// for them (c10::Half converts in software in a build like ours), else c10::Half. Both are
-// IEEE conversions, so the results are the same bits.
-#if defined(__F16C__)
-inline float to_float(c10::Half h) { return _cvtsh_ss(h.x); }
-inline c10::Half to_half(float x) {
-  return c10::Half(static_cast<unsigned short>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
-                   c10::Half::from_bits());
-}
-#else
-inline float to_float(c10::Half h) { return static_cast<float>(h); }
-inline c10::Half to_half(float x) { return c10::Half(x); }
-#endif
-
-// n fp16 values to fp32 (eight at a time with F16C).
+// n fp16 values to fp32, eight at a time with F16C (c10::Half converts one at a time, and the
+// loops that read its values did not vectorize).
 inline void halves_to_floats(const c10::Half* in, float* out, int64_t n) {
   int64_t j = 0;
 #if defined(__F16C__) && defined(__AVX__)
@@ -54,13 +41,13 @@ inline void halves_to_floats(const c10::Half* in, float* out, int64_t n) {
     _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j))));
   }
 #endif
-  for (; j < n; ++j) out[j] = to_float(in[j]);
+  for (; j < n; ++j) out[j] = static_cast<float>(in[j]);
 }
 
 inline float half_to_float(const uint8_t* p) {
   c10::Half h;
   std::memcpy(&h, p, sizeof(h));
-  return to_float(h);
+  return static_cast<float>(h);
 }
 
 // bucketize(m, range_ends, right=True), without branches (the next row's group is as good as

@@ -57,13 +57,13 @@ inline c10::Half next_half(c10::Half h, bool up) {
 }
 
 inline c10::Half round_down_fp16(float x) {
-  const c10::Half h = to_half(x);
-  return to_float(h) > x ? next_half(h, false) : h;
+  const c10::Half h(x);
+  return static_cast<float>(h) > x ? next_half(h, false) : h;
 }
 
 inline c10::Half round_up_fp16(float x) {
-  const c10::Half h = to_half(x);
-  return to_float(h) < x ? next_half(h, true) : h;
+  const c10::Half h(x);
+  return static_cast<float>(h) < x ? next_half(h, true) : h;
 }
 
 inline float clamp_fp16_range(float v) { return std::min(std::max(v, -kFp16Max), kFp16Max); }
@@ -74,11 +74,11 @@ inline c10::Half round_fp16_stochastic(float value, float noise) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
   if ((bits & 0x7FFFFFFFu) < 0x38800000u) {  // |v| < 2^-14: an fp16 subnormal, the exact rule
-    const c10::Half near = to_half(v);
-    const c10::Half lo = to_float(near) > v ? next_half(near, false) : near;
+    const c10::Half near(v);
+    const c10::Half lo = static_cast<float>(near) > v ? next_half(near, false) : near;
     const c10::Half hi = next_half(lo, true);
-    const float lo32 = to_float(lo);
-    const float gap = to_float(hi) - lo32;
+    const float lo32 = static_cast<float>(lo);
+    const float gap = static_cast<float>(hi) - lo32;
     const float p = gap > 0 ? (v - lo32) / gap : 0.0f;
     return noise < p ? hi : lo;
   }
@@ -86,50 +86,7 @@ inline c10::Half round_fp16_stochastic(float value, float noise) {
   const uint32_t kept = (bits + r) & ~0x1FFFu;
   float f;
   std::memcpy(&f, &kept, 4);
-  return to_half(clamp_fp16_range(f));
-}
-
-// The minimum and maximum of v[0:D), exactly as the sequential loop below finds them (the
-// torch reference's `aminmax` agrees with it). With AVX, eight lanes at a time: the same
-// values, as a minimum or maximum is the same number whichever order finds it, except for
-// the sign of a zero and NaN, so a row whose minimum or maximum is zero, or that holds a
-// NaN, is done again by the sequential loop. The sequential loop is a chain of dependent
-// instructions, about half the time of an integer row's update.
-inline void min_max(const float* v, int64_t D, float* lo_out, float* hi_out) {
-#if defined(__AVX__)
-  if (D % 8 == 0) {
-    __m256 lo8 = _mm256_loadu_ps(v), hi8 = lo8;
-    __m256 nan8 = _mm256_cmp_ps(lo8, lo8, _CMP_UNORD_Q);
-    for (int64_t j = 8; j < D; j += 8) {
-      const __m256 x = _mm256_loadu_ps(v + j);
-      lo8 = _mm256_min_ps(lo8, x);
-      hi8 = _mm256_max_ps(hi8, x);
-      nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    }
-    if (_mm256_movemask_ps(nan8) == 0) {
-      float los[8], his[8];
-      _mm256_storeu_ps(los, lo8);
-      _mm256_storeu_ps(his, hi8);
-      float lo = los[0], hi = his[0];
-      for (int k = 1; k < 8; ++k) {
-        lo = std::min(lo, los[k]);
-        hi = std::max(hi, his[k]);
-      }
-      if (lo != 0.0f && hi != 0.0f) {
-        *lo_out = lo;
-        *hi_out = hi;
-        return;
-      }
-    }
-  }
-#endif
-  float lo = v[0], hi = v[0];
-  for (int64_t j = 1; j < D; ++j) {
-    lo = std::min(lo, v[j]);
-    hi = std::max(hi, v[j]);
-  }
-  *lo_out = lo;
-  *hi_out = hi;
+  return c10::Half(clamp_fp16_range(f));
 }
 
 // An integer row of group G (constant bits: every loop below vectorizes or unrolls): old
@@ -151,12 +108,15 @@ void step_int_row(uint8_t* row, int64_t D, const float* grad, float step_scale, 
     const float t = grad[j] * step_scale;
     buf[j] = clamp_fp16_range(old - t);
   }
-  float lo, hi;
-  min_max(buf, D, &lo, &hi);
+  float lo = buf[0], hi = buf[0];
+  for (int64_t j = 1; j < D; ++j) {
+    lo = std::min(lo, buf[j]);
+    hi = std::max(hi, buf[j]);
+  }
   const c10::Half new_bias = round_down_fp16(lo);
-  const float b32 = to_float(new_bias);
+  const float b32 = static_cast<float>(new_bias);
   const c10::Half new_scale = round_up_fp16((hi - b32) / static_cast<float>(kTop));
-  const float s32 = to_float(new_scale);
+  const float s32 = static_cast<float>(new_scale);
   const float inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
   int64_t j = 0;
 #if defined(__AVX__)
@@ -231,7 +191,7 @@ void step_row(uint8_t* row, int64_t g, int64_t D, const float* grad, float step_
 #endif
       for (; j < D; ++j) {
         const float t = grad[j] * step_scale;
-        r[j] = round_fp16_stochastic(to_float(r[j]) - t, noise[j]);
+        r[j] = round_fp16_stochastic(static_cast<float>(r[j]) - t, noise[j]);
       }
       break;
     }
@@ -274,18 +234,21 @@ void encode_row_nearest(uint8_t* row, int64_t D, float* v) {
     std::memcpy(row, v, 4 * D);
   } else if constexpr (G == 1) {
     c10::Half* r = reinterpret_cast<c10::Half*>(row);
-    for (int64_t j = 0; j < D; ++j) r[j] = to_half(clamp_fp16_range(v[j]));
+    for (int64_t j = 0; j < D; ++j) r[j] = c10::Half(clamp_fp16_range(v[j]));
   } else {
     constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : 2);
     constexpr int kPerByte = 8 / kBits;
     constexpr float kTop = static_cast<float>((1 << kBits) - 1);
     for (int64_t j = 0; j < D; ++j) v[j] = clamp_fp16_range(v[j]);
-    float lo, hi;
-    min_max(v, D, &lo, &hi);
+    float lo = v[0], hi = v[0];
+    for (int64_t j = 1; j < D; ++j) {
+      lo = std::min(lo, v[j]);
+      hi = std::max(hi, v[j]);
+    }
     const c10::Half bias = round_down_fp16(lo);
-    const float b32 = to_float(bias);
+    const float b32 = static_cast<float>(bias);
     const c10::Half scale = round_up_fp16((hi - b32) / kTop);
-    const float s32 = to_float(scale);
+    const float s32 = static_cast<float>(scale);
     const float inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
     for (int64_t j = 0; j < D; ++j) v[j] = std::min(std::max(std::nearbyint((v[j] - b32) * inv), 0.0f), kTop);
     std::memcpy(row, &scale, 2);
@@ -434,7 +397,7 @@ void convert_rows_(
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const bool ok = dgp[i] >= 0 && dgp[i] < kGroups && sgp[i] >= 0 && sgp[i] < kGroups && dap[i] >= 0 &&
-                      dap[i] + rb[dgp[i]] <= dbytes && sap[i] >= 0 && sap[i] + rb[sgp[i]] <= sbytes;
+                      dap[i] <= dbytes - rb[dgp[i]] && sap[i] >= 0 && sap[i] <= sbytes - rb[sgp[i]];
       if (!ok) bad = i;
     }
   });
@@ -517,6 +480,8 @@ void update_rows_hashed_(
   TORCH_CHECK(nt.numel() >= kNoiseMask + 1 + D, "noise_table: too short for rows of ", D);
   const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t *tbp = tb.data_ptr<int64_t>(), *tip = ti.data_ptr<int64_t>();
+  TORCH_CHECK(T >= 1 && tbp[0] <= 0 && tbp[T] >= t.map_rows,
+              "shark::update_rows_hashed_: table_base must cover the row map's ", t.map_rows, " rows");
   const int64_t *rop = ro.data_ptr<int64_t>(), *cop = co.data_ptr<int64_t>();
   // Row i's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global
   // row), plus the row's first global column. Called for rows within the row map only.

@@ -4,9 +4,9 @@ At each step the touched rows' priorities are updated (Eq. 7, or its gradient-we
 variant), then the rows themselves: row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD) or SGD,
 the same rule in every group, each row read from its group table, stepped in fp32 and
 written back with stochastic rounding for fp16 and integer rows: on CPU in one pass of our
-C++ op (`torch.ops.shark.update_rows_`), elsewhere by the torch code that is its reference. Dropped rows' gradients are
-summed into their table's fallback row, stepped at the end of the step
-(`apply_fallback_update`).
+C++ op (`torch.ops.shark.update_rows_hashed_`), elsewhere by the torch code that is its
+reference. Dropped rows' gradients are summed into their table's fallback row, stepped at the
+end of the step (`apply_fallback_update`).
 
 Kept apart from the tier layout (`shark_torchrec.modules.row_groups`, which imports this module)
 and the lookup (`shark_torchrec.modules.row_lookup`, whose backward calls `apply_update`).

@@ -88,10 +88,10 @@ def test_the_op_scripts_and_has_a_fake_for_tracing():
 
 
 def test_fused_update_equals_the_torch_update_bit_for_bit():
-    """`torch.ops.shark.update_rows_` against the store's torch update (its reference), on rows
-    in all five groups: ordinary rows, rows of fp16-subnormal values (the exact rounding rule),
-    constant rows (integer scale 0), rows beyond fp16's range (clamped), a column slice (its
-    noise starts at its global column), over several steps."""
+    """`torch.ops.shark.update_rows_hashed_` (the store's CPU update) against the store's torch
+    update (its reference), on rows in all five groups: ordinary rows, rows of fp16-subnormal
+    values (the exact rounding rule), constant rows (integer scale 0), rows beyond fp16's range
+    (clamped), a column slice (its noise starts at its global column), over several steps."""
     import copy
 
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
