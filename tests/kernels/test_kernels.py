@@ -183,6 +183,38 @@ def test_row_conversion_equals_the_torch_moves_bit_for_bit(dim, tiers, alignment
         assert torch.equal(fused.weights, reference.weights), r
 
 
+def test_row_conversion_of_rows_whose_extreme_is_a_signed_zero():
+    """Integer rows whose minimum or maximum is zero, held as -0 and +0 in either order: the
+    scale and bias (whose sign bit follows the zero found) equal the torch reference's."""
+    import copy
+
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    dim = 16
+    policy = PrecisionPolicy(mode="shark", tiers=("fp32", "int8", "int4", "int2"), row_fractions=(0.5, 0.2, 0.2))
+    store = RowGroupStore([LocalTable("t", 8, dim, global_rows=8)], ["f"], [0], policy.resolved([dim]), StepCounter())
+    store.set_groups(torch.zeros(8, dtype=torch.int8))
+    values = torch.rand(8, dim, generator=torch.Generator().manual_seed(0)) + 0.5
+    values[0, 0], values[0, 5] = -0.0, 0.0  # the minimum is zero, -0 first
+    values[1, 0], values[1, 5] = 0.0, -0.0  # +0 first
+    values[2:4] = -values[2:4]
+    values[2, 3], values[2, 9] = 0.0, -0.0  # the maximum is zero
+    values[3, 3], values[3, 9] = -0.0, 0.0
+    store.write_rows(torch.arange(8), values)
+    fused, reference = copy.deepcopy(store), copy.deepcopy(store)
+    fused.kernels, reference.kernels = "cpp", "torch"
+    for g in (2, 3, 4):
+        new = torch.tensor([g] * 4 + [0] * 4, dtype=torch.int8)
+        fused.set_groups(new)
+        reference.set_groups(new)
+        assert torch.equal(fused.weights, reference.weights), g
+        back = torch.zeros(8, dtype=torch.int8)
+        fused.set_groups(back)
+        reference.set_groups(back)
+        assert torch.equal(fused.weights, reference.weights), g
+
+
 def test_row_conversion_checks_every_row_before_writing():
     """A row outside its buffer or in no group is an error, and nothing is written."""
     from shark_torchrec.kernels import convert_rows_
