@@ -196,11 +196,13 @@ def test_row_conversion_of_rows_whose_extreme_is_a_signed_zero():
     store = RowGroupStore([LocalTable("t", 8, dim, global_rows=8)], ["f"], [0], policy.resolved([dim]), StepCounter())
     store.set_groups(torch.zeros(8, dtype=torch.int8))
     values = torch.rand(8, dim, generator=torch.Generator().manual_seed(0)) + 0.5
-    values[0, 0], values[0, 5] = -0.0, 0.0  # the minimum is zero, -0 first
-    values[1, 0], values[1, 5] = 0.0, -0.0  # +0 first
+    # Columns 3 and 11 share a lane of an eight-wide pass: its order of the two zeros differs
+    # from the sequential loop's.
+    values[0, 3], values[0, 11] = -0.0, 0.0  # the minimum is zero, -0 first
+    values[1, 3], values[1, 11] = 0.0, -0.0  # +0 first
     values[2:4] = -values[2:4]
-    values[2, 3], values[2, 9] = 0.0, -0.0  # the maximum is zero
-    values[3, 3], values[3, 9] = -0.0, 0.0
+    values[2, 3], values[2, 11] = 0.0, -0.0  # the maximum is zero
+    values[3, 3], values[3, 11] = -0.0, 0.0
     store.write_rows(torch.arange(8), values)
     fused, reference = copy.deepcopy(store), copy.deepcopy(store)
     fused.kernels, reference.kernels = "cpp", "torch"
