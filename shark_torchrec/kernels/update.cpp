@@ -322,14 +322,28 @@ void encode_row_nearest(uint8_t* row, int64_t g, int64_t D, float* v) {
   }
 }
 
-// The pass both row updates make over distinct rows: each read from its group table, stepped
-// (new = old - grad * step_scale) and written back with the noise window at
-// noise_start(i) (-1: outside the noise table, an error). Three random reads a row (its row
-// map entry, its bytes, its noise window): the map entry is prefetched kMapAhead rows ahead,
-// the bytes and the noise kRowAhead rows ahead. A dropped row (no bytes) is skipped.
+// The pass both row updates make over distinct rows, with the arguments they share checked
+// and converted: each row read from its group table, stepped (new = old - grad * step_scale)
+// and written back with the noise window at noise_start(i, key) (-1: outside the noise
+// table, an error). Three random reads a row (its row map entry, its bytes, its noise
+// window): the map entry is prefetched kMapAhead rows ahead, the bytes and the noise kRowAhead
+// rows ahead. A dropped row (no bytes) is skipped.
 template <typename NoiseStart>
-void step_rows_pass(const GroupTables& t, const char* op, const int64_t* kp, int64_t n, const float* gp,
-                    const float* sp, const float* noise, int64_t D, NoiseStart noise_start) {
+void step_rows_pass(const GroupTables& t, const char* op, const at::Tensor& keys, const at::Tensor& row_grad,
+                    const at::Tensor& step_scale, const at::Tensor& noise_table, int64_t D,
+                    NoiseStart noise_start) {
+  const int64_t n = keys.numel();
+  TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == n && row_grad.size(1) == D, "row_grad: [", n, ", ", D,
+              "] expected, got ", row_grad.sizes());
+  TORCH_CHECK(step_scale.numel() == n, "step_scale: one per row");
+  const at::Tensor k = keys.to(at::kLong).contiguous();
+  const at::Tensor gr = row_grad.to(at::kFloat).contiguous();
+  const at::Tensor sc = step_scale.to(at::kFloat).contiguous();
+  const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const float* gp = gr.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  const float* noise = nt.data_ptr<float>();
   constexpr int64_t kMapAhead = 16;
   constexpr int64_t kRowAhead = 8;
   std::atomic<int64_t> bad{-1};
@@ -347,7 +361,7 @@ void step_rows_pass(const GroupTables& t, const char* op, const int64_t* kp, int
         const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
         if (ahead >= 0) {
           for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(t.w + ahead + o, 1);
-          const int64_t noise_at = g_ahead > 0 ? noise_start(i + kRowAhead) : -1;  // fp32 rows read none
+          const int64_t noise_at = g_ahead > 0 ? noise_start(i + kRowAhead, kp[i + kRowAhead]) : -1;  // fp32: none
           if (noise_at >= 0) {
             for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
           }
@@ -356,7 +370,7 @@ void step_rows_pass(const GroupTables& t, const char* op, const int64_t* kp, int
       int64_t g;
       const int64_t at = t.own_at(kp[i], &g);
       if (at == -2) continue;  // a dropped row: no bytes to update (the reference skips it too)
-      const int64_t noise_at = at < 0 ? -1 : noise_start(i);
+      const int64_t noise_at = at < 0 ? -1 : noise_start(i, kp[i]);
       if (noise_at < 0) {
         bad = i;
         continue;
@@ -386,22 +400,13 @@ void update_rows_(
     int64_t row_alignment) {
   const GroupTables t("shark::update_rows_", weights, group_offsets, row_map, range_ends, range_shift, dim,
                       row_alignment);
-  const int64_t D = dim;
-  const int64_t n = keys.numel();
-  TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == n && row_grad.size(1) == D, "row_grad: [", n, ", ", D,
-              "] expected, got ", row_grad.sizes());
-  TORCH_CHECK(step_scale.numel() == n && noise_start.numel() == n, "step_scale, noise_start: one per row");
-  const at::Tensor k = keys.to(at::kLong).contiguous();
-  const at::Tensor gr = row_grad.to(at::kFloat).contiguous();
-  const at::Tensor sc = step_scale.to(at::kFloat).contiguous();
-  const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
+  TORCH_CHECK(noise_start.numel() == keys.numel(), "noise_start: one per row");
   const at::Tensor ns = noise_start.to(at::kLong).contiguous();
   const int64_t* nsp = ns.data_ptr<int64_t>();
-  const int64_t noise_len = nt.numel();
-  step_rows_pass(t, "shark::update_rows_", k.data_ptr<int64_t>(), n, gr.data_ptr<float>(), sc.data_ptr<float>(),
-                 nt.data_ptr<float>(), D, [&](int64_t i) {
-                   return nsp[i] >= 0 && nsp[i] + D <= noise_len ? nsp[i] : int64_t{-1};
-                 });
+  const int64_t noise_len = noise_table.numel();
+  step_rows_pass(t, "shark::update_rows_", keys, row_grad, step_scale, noise_table, dim, [&](int64_t i, int64_t) {
+    return nsp[i] >= 0 && nsp[i] + dim <= noise_len ? nsp[i] : int64_t{-1};
+  });
 }
 
 // See the Python docstring of `shark_torchrec.kernels.convert_rows_`.
@@ -502,30 +507,19 @@ void update_rows_hashed_(
     int64_t row_alignment) {
   const GroupTables t("shark::update_rows_hashed_", weights, group_offsets, row_map, range_ends, range_shift, dim,
                       row_alignment);
-  const int64_t D = dim;
-  const int64_t n = keys.numel();
-  TORCH_CHECK(row_grad.dim() == 2 && row_grad.size(0) == n && row_grad.size(1) == D, "row_grad: [", n, ", ", D,
-              "] expected, got ", row_grad.sizes());
-  TORCH_CHECK(step_scale.numel() == n, "step_scale: one per row");
   const int64_t T = table_ids.numel();
   TORCH_CHECK(table_base.numel() == T + 1 && row_offset.numel() == T && col_offset.numel() == T,
               "table_base [T + 1], table_ids, row_offset, col_offset [T]");
-  const at::Tensor k = keys.to(at::kLong).contiguous();
-  const at::Tensor gr = row_grad.to(at::kFloat).contiguous();
-  const at::Tensor sc = step_scale.to(at::kFloat).contiguous();
+  TORCH_CHECK(noise_table.numel() >= kNoiseMask + 1 + dim, "noise_table: too short for rows of ", dim);
   const at::Tensor tb = table_base.to(at::kLong).contiguous(), ti = table_ids.to(at::kLong).contiguous();
   const at::Tensor ro = row_offset.to(at::kLong).contiguous(), co = col_offset.to(at::kLong).contiguous();
-  const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
-  TORCH_CHECK(nt.numel() >= kNoiseMask + 1 + D, "noise_table: too short for rows of ", D);
-  const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t *tbp = tb.data_ptr<int64_t>(), *tip = ti.data_ptr<int64_t>();
   TORCH_CHECK(T >= 1 && tbp[0] <= 0 && tbp[T] >= t.map_rows,
               "shark::update_rows_hashed_: table_base must cover the row map's ", t.map_rows, " rows");
   const int64_t *rop = ro.data_ptr<int64_t>(), *cop = co.data_ptr<int64_t>();
-  // Row i's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global
-  // row), plus the row's first global column. Called for rows within the row map only.
-  auto noise_start = [&](int64_t i) {
-    const int64_t key = kp[i];
+  // A row's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global row),
+  // plus the row's first global column. Called for keys within the row map only.
+  auto noise_start = [&](int64_t, int64_t key) {
     const int64_t tab = std::upper_bound(tbp, tbp + T + 1, key) - tbp - 1;
     const uint64_t global_row = static_cast<uint64_t>(key - tbp[tab] + rop[tab]);
     const uint64_t h = mix64(mix64(static_cast<uint64_t>(tip[tab]) * 0x94D049BB133111EBull +
@@ -533,8 +527,7 @@ void update_rows_hashed_(
                              global_row * 0x9E3779B97F4A7C15ull);
     return ((static_cast<int64_t>(h >> 24) & kNoiseMask) + cop[tab]) & kNoiseMask;
   };
-  step_rows_pass(t, "shark::update_rows_hashed_", kp, n, gr.data_ptr<float>(), sc.data_ptr<float>(),
-                 nt.data_ptr<float>(), D, noise_start);
+  step_rows_pass(t, "shark::update_rows_hashed_", keys, row_grad, step_scale, noise_table, dim, noise_start);
 }
 
 TORCH_LIBRARY_FRAGMENT(shark, m) {

@@ -216,6 +216,13 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         self._op_placements = torch.full((GROUPS,), EmbeddingLocation.HOST.value, dtype=torch.int32)
         self._op_offsets = torch.tensor(list(self._offsets), dtype=torch.int64)
 
+    @property
+    def op_layout(self) -> Tuple[torch.Tensor, ...]:
+        """What every fused op (lookup and update, C++ and Triton) reads of the layout, in their
+        argument order: the buffer, the group tables' byte offsets, the row map, and where each
+        group's numbers end and what to subtract from them."""
+        return self.weights, self._op_offsets, self.row_map, self._range_ends, self._range_shift
+
     def group_view(self, g: int, weights: Optional[torch.Tensor] = None, offsets=None, capacity=None):
         """Views into a group's table: fp32 [cap, D]; fp16 [cap, D]; int8 / int4 / int2
         (packed codes uint8 [cap, D * bits / 8], scale_bias fp16 [cap, 2])."""

@@ -93,8 +93,9 @@ class RowLookup:
     Reads of the store: `feature_names`, `feature_base`, `dim`, `pooling`, `label_tagged`,
     `weighted`, `policy` (`scored`), `training_enabled`, `step` (`anchor`, and
     `warned_no_labels`, which it sets once), `row_map` with `_decode_map` and
-    `_lookup_groups`, the group tables (`weights`) with the op buffers (`_op_offsets`,
-    `_op_tys`, `_op_D_offsets`, `_op_placements`) and `row_alignment`; for data-parallel
+    `_lookup_groups`, the group tables (`weights`) with the op buffers (`op_layout` for the
+    fused ops; `_op_offsets`, `_op_tys`, `_op_D_offsets`, `_op_placements` for FBGEMM's) and
+    `row_alignment`; for data-parallel
     tables `replicated_pg`. It writes no store state itself: the backward
     ends in the store's `apply_update` (`RowOptimizer`), which updates the rows.
     """
@@ -142,11 +143,7 @@ class RowLookup:
                 mixed_lookup = cpp_mixed_lookup
             # The two ops take the same arguments.
             out = mixed_lookup(
-                self.weights,
-                self._op_offsets,
-                self.row_map,
-                self._range_ends,
-                self._range_shift,
+                *self.op_layout,
                 self.feature_base,
                 self.feature_rows,
                 values,

@@ -31,8 +31,8 @@ class RowOptimizer:
 
     Reads of the store: `policy`, `step` (`value`), `has_dropped`, and its layout through
     `groups_of`, `table_of_rows`, `grouping`, `group_view`, `_dequantize`, `noise_starts`,
-    `fallback_slot0`, and the buffers the fused update reads (`weights`, `_op_offsets`,
-    `row_map`, `_range_ends`, `_range_shift`, `dim`, `row_alignment`). Writes: `row_priority`,
+    `fallback_slot0`, and the buffers the fused update reads (`op_layout`, `table_base` and the
+    tables' ids and offsets, `dim`, `row_alignment`). Writes: `row_priority`,
     `row_seen_step`, `priority_seconds`, `nonfinite_rows`, `momentum`, `fallback_grad`,
     `fallback_momentum`, and the rows' bytes in the group tables (through `_round_into`, with
     stochastic rounding, and the fp32 fallback rows directly).
@@ -102,11 +102,7 @@ class RowOptimizer:
         """
         if kernels == "cpp":  # the noise windows hashed in the op's pass
             update_rows_hashed_(
-                self.weights,
-                self._op_offsets,
-                self.row_map,
-                self._range_ends,
-                self._range_shift,
+                *self.op_layout,
                 keys,
                 row_grad,
                 scale,
@@ -124,20 +120,7 @@ class RowOptimizer:
             from shark_torchrec.triton_kernels import update_rows_ as fused_update
 
             start, table = self.noise_starts(keys, step)
-            fused_update(
-                self.weights,
-                self._op_offsets,
-                self.row_map,
-                self._range_ends,
-                self._range_shift,
-                keys,
-                row_grad,
-                scale,
-                table,
-                start,
-                self.dim,
-                self.row_alignment,
-            )
+            fused_update(*self.op_layout, keys, row_grad, scale, table, start, self.dim, self.row_alignment)
             return
         # Group by group: read the rows, step, round back (no full-size gather and scatter).
         for grp, (pos, slots) in enumerate(self.grouping(keys)):
