@@ -37,6 +37,7 @@ from torchrec.streamable import Pipelineable
 from shark_torchrec.distributed.mixed_precision import (  # SHARK: our sharders
     MixedPrecisionEmbeddingBagCollectionSharder,
     MixedPrecisionEmbeddingCollectionSharder,
+    lazy_state_dict,  # SHARK: a state dict for saving without an fp32 copy of the rows
 )
 from shark_torchrec.distributed.train_pipeline import LabelTaggingTrainPipeline  # SHARK: labels reach the rows
 from shark_torchrec.modules.mixed_precision import (  # SHARK: in place of EmbeddingBagCollection / EmbeddingCollection
@@ -206,7 +207,9 @@ def main() -> int:
     box = [ckpt]
     dist.broadcast_object_list(box, src=0)
     ckpt = box[0]
-    dcp.save({"model": dmp.state_dict(), "optim": dmp.fused_optimizer.state_dict()}, checkpoint_id=ckpt)
+    # SHARK: lazy_state_dict decodes the rows a block at a time as DCP writes them (state_dict()
+    # would hold every row in fp32 at once); load into state_dict() as usual.
+    dcp.save({"model": lazy_state_dict(dmp), "optim": dmp.fused_optimizer.state_dict()}, checkpoint_id=ckpt)
 
     fresh = shard(make_model(), world, device)
     state = {"model": fresh.state_dict(), "optim": fresh.fused_optimizer.state_dict()}

@@ -87,14 +87,17 @@ def test_documented_commands_run(doc):
         pytest.skip(f"{doc.name} quotes no bash commands")
     where = scratch_dir()
     try:
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        # A crash in native code (an abort) prints every thread's Python stack, so a rare one
+        # seen in CI says where it happened.
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
         for block in scripts:
             script = "set -euo pipefail\n" + "\n".join(shrunk(c) for c in commands(block)) + "\n"
             proc = subprocess.run(
                 ["bash", "-c", script], cwd=where, capture_output=True, text=True, timeout=900, env=env
             )
             assert proc.returncode == 0, (
-                f"{doc.name}: this block failed ({proc.returncode}):\n{script}\n{proc.stderr[-3000:]}"
+                f"{doc.name}: this block failed ({proc.returncode}):\n{script}\n"
+                f"stdout (end):\n{proc.stdout[-1500:]}\nstderr (end):\n{proc.stderr[-6000:]}"
             )
     finally:
         shutil.rmtree(where, ignore_errors=True)

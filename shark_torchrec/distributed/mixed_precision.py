@@ -34,17 +34,19 @@ from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptim
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from shark_torchrec.distributed.lazy_rows import LazyRows, block_rows, row_blocks
 from shark_torchrec.modules.mixed_precision import (
     UNIT,
     MixedPrecisionEmbeddingBagCollection,
     MixedPrecisionEmbeddingCollection,
     check_ids,
     feature_tables,
-    local_table_state,
     pop_table_states,
     restore_store,
     starting_groups,
     table_id,
+    table_state_block,
+    table_state_keys,
 )
 from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
@@ -246,6 +248,56 @@ class MixedPrecisionOptimizer(KeyedOptimizer):
         pass
 
 
+def lazy_state_dict(model: nn.Module) -> Dict[str, Any]:
+    """`model.state_dict()` for saving: the rows of every mixed-precision table come as
+    `LazyRows` blocks of about 16 MB of fp32 each, decoded from the store only when DCP writes
+    them, so a save holds the store and the blocks in flight instead of an fp32 copy of every
+    row and its state (about twice the fp32 table). Everything else is as `state_dict()` gives
+    it. Like TorchRec's own state dict, it reads the live tables: save it before training on.
+
+        dcp.save({"model": lazy_state_dict(dmp), "optim": dmp.fused_optimizer.state_dict()}, checkpoint_id=path)
+
+    It is for saving only: load into `model.state_dict()` (loading into this one is refused).
+    A checkpoint saved either way loads the same, into any plan and world size.
+
+    Args:
+        model: a model holding sharded mixed-precision collections (any other module's state is
+            taken as usual).
+
+    Returns:
+        The state dict.
+    """
+    ours = [m for m in model.modules() if isinstance(m, ShardedMixedPrecisionModule)]
+    for m in ours:
+        m.lazy_state = True
+    try:
+        return model.state_dict()
+    finally:
+        for m in ours:
+            m.lazy_state = False
+
+
+def refuse_lazy(per_table: Dict[str, Dict[str, Any]], where: str) -> None:
+    """Refuse to load from a state dict whose rows are `LazyRows` (taken by `lazy_state_dict`):
+    a `dcp.load` into it reads into temporaries, so its values are not the checkpoint's.
+
+    Args:
+        per_table: table -> key -> value, as `pop_table_states` gives them.
+        where: the collection's prefix, for the message.
+
+    Raises:
+        ValueError: naming the first lazy entry.
+    """
+    for table, state in per_table.items():
+        for key, value in state.items():
+            parts = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
+            if any(isinstance(p, LazyRows) for p in parts):
+                raise ValueError(
+                    f"{where}.{table}.{key}: this state dict came from lazy_state_dict, whose rows are read when saved "
+                    "and cannot be loaded into; load into model.state_dict() instead"
+                )
+
+
 class ShardedMixedPrecisionModule:
     """What the sharded bag and sequence collections share (put before the TorchRec base)."""
 
@@ -284,6 +336,7 @@ class ShardedMixedPrecisionModule:
         self.reassign_seconds = 0.0
         self.model_budget: Optional[ModelBudget] = None  # set by share_model_budget
         self.warned_alone = False
+        self.lazy_state = False  # set by lazy_state_dict: state-dict rows decoded when written
         self._assign_initial_groups()
         self.step_counter.on_step_end = self._end_of_step
         self._mp_optimizer = MixedPrecisionOptimizer(self)
@@ -606,11 +659,28 @@ class ShardedMixedPrecisionModule:
             )
         return out
 
-    def _state_metadata(self, table: str, key: str, dim: int) -> Optional[ShardedTensorMetadata]:
+    def _state_metadata(self, table: str, key: str, dim: int, lazy: bool = False) -> Optional[ShardedTensorMetadata]:
+        """The global layout of one state tensor of a table (None for a data-parallel table,
+        whose state is a plain tensor); `lazy` splits every shard into `block_rows(dim)` blocks
+        (as `_local_state(lazy=True)` does), and a data-parallel table's rows into blocks on
+        rank 0."""
         spec = self.module_sharding_plan[table].sharding_spec
-        if spec is None:
-            return None
         k = STATE_COLUMNS[key]
+        if spec is None and not (lazy and key not in FALLBACK_KEYS):
+            return None
+        if spec is None:
+            # Data-parallel, saved lazily: blocks of the whole table, all written by rank 0
+            # (DCP writes a plain tensor as one piece, which would decode the whole table at once).
+            per_block = block_rows(dim)
+            device = self._device.type if self._device else "cpu"
+            return ShardedTensorMetadata(
+                shards_metadata=[
+                    ShardMetadata(shard_offsets=[r0, 0], shard_sizes=[n, int(dim * k)], placement=f"rank:0/{device}")
+                    for r0, n in row_blocks(0, self._table_rows[table], per_block)
+                ],
+                size=torch.Size([self._table_rows[table], int(dim * k)]),
+                tensor_properties=TensorProperties(dtype=STATE_DTYPES[key]),
+            )
         if key in FALLBACK_KEYS:
             # One row: each column slice's piece comes from the shard at row 0 (the others hold copies).
             first = [s for s in spec.shards if s.shard_offsets[0] == 0]
@@ -626,13 +696,19 @@ class ShardedMixedPrecisionModule:
                 size=torch.Size([1, int(dim * k)]),
                 tensor_properties=TensorProperties(dtype=STATE_DTYPES[key]),
             )
+        per_block = block_rows(dim) if lazy else None
         shards = [
             ShardMetadata(
-                shard_offsets=[s.shard_offsets[0], int(s.shard_offsets[1] * k)],
-                shard_sizes=[s.shard_sizes[0], int(s.shard_sizes[1] * k)],
+                shard_offsets=[r0, int(s.shard_offsets[1] * k)],
+                shard_sizes=[n, int(s.shard_sizes[1] * k)],
                 placement=s.placement,
             )
             for s in spec.shards
+            for r0, n in (
+                row_blocks(s.shard_offsets[0], s.shard_sizes[0], per_block)
+                if per_block
+                else [(s.shard_offsets[0], s.shard_sizes[0])]
+            )
         ]
         return ShardedTensorMetadata(
             shards_metadata=shards,
@@ -640,27 +716,54 @@ class ShardedMixedPrecisionModule:
             tensor_properties=TensorProperties(dtype=STATE_DTYPES[key]),
         )
 
-    def _local_state(self) -> Dict[str, Dict[str, List[Tuple[ShardMetadata, torch.Tensor]]]]:
-        """table -> key -> [(shard metadata, local tensor)] for the shards on this rank."""
+    def _local_state(self, lazy: bool = False) -> Dict[str, Dict[str, List[Tuple[ShardMetadata, torch.Tensor]]]]:
+        """table -> key -> [(shard metadata, local tensor)] for the shards on this rank; `lazy`
+        gives the rows as `LazyRows` blocks (decoded when read), a data-parallel table's on rank
+        0 only."""
+        dims = {c.name: c.embedding_dim for c in self._mp_configs}
         out: Dict[str, Dict[str, list]] = {}
         for store, _ in self.stores():
             for i, t in enumerate(store.tables):
-                for key, tensor in local_table_state(store, i).items():
+                replicated = self.module_sharding_plan[t.name].sharding_spec is None
+                for key in table_state_keys(store):
                     k = STATE_COLUMNS[key]
                     fallback = key in FALLBACK_KEYS
                     if fallback and t.row_offset != 0:
                         continue  # a copy: the shard at row 0 writes the table's fallback row
-                    md = ShardMetadata(
-                        shard_offsets=[0 if fallback else t.row_offset, int(t.col_offset * k)],
-                        shard_sizes=[1 if fallback else t.rows, int(t.dim * k)],
-                        placement=f"rank:{dist.get_rank()}/{self._device.type if self._device else 'cpu'}",
-                    )
-                    out.setdefault(t.name, {}).setdefault(key, []).append((md, tensor))
+                    if lazy and replicated and not fallback and dist.get_rank(self._pg) != 0:
+                        continue  # rank 0 writes a data-parallel table's blocks (see _state_metadata)
+                    if fallback:
+                        blocks = [(0, 1)]
+                    elif lazy:
+                        blocks = [
+                            (r0 - t.row_offset, n)
+                            for r0, n in row_blocks(t.row_offset, t.rows, block_rows(dims[t.name]))
+                        ]
+                    else:
+                        blocks = [(0, t.rows)]
+                    for start, n in blocks:
+                        md = ShardMetadata(
+                            shard_offsets=[0 if fallback else t.row_offset + start, int(t.col_offset * k)],
+                            shard_sizes=[n, int(t.dim * k)],
+                            placement=f"rank:{dist.get_rank()}/{self._device.type if self._device else 'cpu'}",
+                        )
+                        if lazy:
+                            tensor = LazyRows(
+                                (n, int(t.dim * k)),
+                                STATE_DTYPES[key],
+                                lambda store=store, i=i, key=key, a=start, b=start + n: table_state_block(
+                                    store, i, key, a, b
+                                ),
+                            )
+                        else:
+                            tensor = table_state_block(store, i, key)
+                        out.setdefault(t.name, {}).setdefault(key, []).append((md, tensor))
         return out
 
     @staticmethod
     def _mp_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
-        local = module._local_state()
+        lazy = module.lazy_state
+        local = module._local_state(lazy)
         dims = {c.name: c.embedding_dim for c in module._mp_configs}
         keys = ["weight", "qparams", "row_group"]
         if module.precision_policy.scored:
@@ -673,7 +776,7 @@ class ShardedMixedPrecisionModule:
                 keys.append("fallback_momentum")
         for table in module._table_names:
             for key in keys:
-                md = module._state_metadata(table, key, dims[table])
+                md = module._state_metadata(table, key, dims[table], lazy)
                 entries = local.get(table, {}).get(key, [])
                 name = f"{prefix}{module._mp_prefix}.{table}.{key}"
                 if md is None:  # data-parallel: a plain, replicated tensor
@@ -688,11 +791,12 @@ class ShardedMixedPrecisionModule:
     def _mp_load_hook(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        per_table = pop_table_states(state_dict, prefix, self._mp_prefix, self._table_names)
+        refuse_lazy(per_table, f"{prefix}{self._mp_prefix}")  # before anything is changed
         self.groups_fresh = False
         step_key = f"{prefix}precision_step"
         if step_key in state_dict:
             self.step_counter.value = int(state_dict.pop(step_key)[0])
-        per_table = pop_table_states(state_dict, prefix, self._mp_prefix, self._table_names)
         tables = self._tables_for_budget()
         for store, _ in self.stores():
             states = [{k: self._local_piece(v, k, t) for k, v in per_table[t.name].items()} for t in store.tables]

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
+from shark_torchrec.distributed.mixed_precision import lazy_state_dict
+
 log = logging.getLogger("shark")
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -243,7 +245,8 @@ def save_checkpoint(
     Args:
         root: the checkpoint directory.
         step: the training step the checkpoint is named by (a checkpoint of that step is replaced).
-        model, optimizer: what is saved (`model.state_dict()`, `optimizer.state_dict()`).
+        model, optimizer: what is saved (`lazy_state_dict(model)`: mixed-precision rows decoded a
+            block at a time as they are written; `optimizer.state_dict()`).
         meta: what meta.json records besides its version, `step` and `files` (`_meta` of the
             trainer: progress, table shapes, config, schema).
         keep: how many checkpoints to keep (0: all).
@@ -258,7 +261,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+    dcp.save({"model": lazy_state_dict(model), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:

@@ -237,6 +237,71 @@ def _units(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x[:, None].expand(-1, n).contiguous() if x.dim() == 1 else x.repeat(1, n)
 
 
+def table_state_keys(store: RowGroupStore) -> List[str]:
+    """The checkpoint keys a store's tables have (see module doc): `weight`, `qparams`,
+    `row_group`, and when the store keeps them `row_priority`, `row_seen_step`, `momentum`,
+    `fallback`, `fallback_momentum`.
+
+    Args:
+        store: the store.
+
+    Returns:
+        The keys, in `STATE_KEYS`' order.
+    """
+    keys = ["weight", "qparams", "row_group"]
+    if store.row_priority.numel():
+        keys += ["row_priority", "row_seen_step"]
+    if store.momentum.numel():
+        keys.append("momentum")
+    if store.has_dropped:
+        keys.append("fallback")
+        if store.fallback_momentum.numel():
+            keys.append("fallback_momentum")
+    return keys
+
+
+def table_state_block(
+    store: RowGroupStore, index: int, key: str, start: int = 0, stop: Optional[int] = None
+) -> torch.Tensor:
+    """One checkpoint tensor of one local table, for its rows `start` to `stop` (a block of
+    rows is decoded on its own, so a checkpoint can be written a block at a time).
+
+    Args:
+        store: the store.
+        index: the table's index among the store's local tables.
+        key: one of `table_state_keys(store)`.
+        start, stop: the rows, counted from the table's first local row (stop None: to its
+            end); ignored for the one-row `fallback` keys.
+
+    Returns:
+        [stop - start, dim * columns of `key`] (a copy, except that a per-row value at dim 4
+        may be a view of the store's own).
+    """
+    lo, hi = int(store.table_base[index]), int(store.table_base[index + 1])
+    r0, r1 = lo + start, (hi if stop is None else lo + stop)
+    D = store.dim
+    if key == "weight":
+        return store.read_rows(torch.arange(r0, r1)) if r1 > r0 else torch.empty(0, D)
+    if key == "qparams":
+        return _units(store.int_scale_bias(torch.arange(r0, r1)), D)
+    if key == "row_group":
+        return _units(store.groups_of(torch.arange(r0, r1)), D)
+    # Scores as stored (as of each row's last update) with that step: decaying them here
+    # would round differently from a run that never stopped.
+    if key == "row_priority":
+        return _units(store.row_priority[r0:r1], D)
+    if key == "row_seen_step":
+        return _units(store.row_seen_step[r0:r1], D)
+    if key == "momentum":
+        return _units(store.momentum[r0:r1], D)
+    # The table's fallback row (what its dropped rows read) and its optimizer state.
+    if key == "fallback":
+        return store.fallback_rows()[index : index + 1]
+    if key == "fallback_momentum":
+        return _units(store.fallback_momentum[index : index + 1], D)
+    raise KeyError(f"no checkpoint key {key!r}")
+
+
 def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tensor]:
     """Checkpoint tensors of the rows of one table held by a store (see module doc).
 
@@ -245,30 +310,9 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
         index: the table's index among the store's local tables.
 
     Returns:
-        key -> tensor: `weight`, `qparams`, `row_group`, and when the store keeps them
-        `row_priority`, `row_seen_step`, `momentum`, `fallback`, `fallback_momentum`.
+        key -> tensor, for the keys of `table_state_keys(store)`.
     """
-    lo, hi = int(store.table_base[index]), int(store.table_base[index + 1])
-    keys = torch.arange(lo, hi)
-    D = store.dim
-    out = {
-        "weight": store.read_rows(keys) if hi > lo else torch.empty(0, D),
-        "qparams": _units(store.int_scale_bias(keys), D),
-        "row_group": _units(store.groups_of(keys), D),
-    }
-    if store.row_priority.numel():
-        # Scores as stored (as of each row's last update) with that step: decaying them here
-        # would round differently from a run that never stopped.
-        out["row_priority"] = _units(store.row_priority[lo:hi], D)
-        out["row_seen_step"] = _units(store.row_seen_step[lo:hi], D)
-    if store.momentum.numel():
-        out["momentum"] = _units(store.momentum[lo:hi], D)
-    if store.has_dropped:
-        # The table's fallback row (what its dropped rows read) and its optimizer state.
-        out["fallback"] = store.fallback_rows()[index : index + 1]
-        if store.fallback_momentum.numel():
-            out["fallback_momentum"] = _units(store.fallback_momentum[index : index + 1], D)
-    return out
+    return {key: table_state_block(store, index, key) for key in table_state_keys(store)}
 
 
 @torch.no_grad()

@@ -182,11 +182,23 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
             gathered = [torch.zeros_like(pooled) for _ in range(world)]
             dist.all_gather(gathered, pooled.detach())
             outs.append(torch.cat(gathered))
-    copies = None
+    copies = lazy_refusal = None
     if save_to:
         import torch.distributed.checkpoint as dcp
 
+        from shark_torchrec.distributed import lazy_rows
+        from shark_torchrec.distributed.mixed_precision import lazy_state_dict
+
+        # Saved twice: as the state dict gives it, and through lazy blocks of 7 rows (the
+        # caller compares the two checkpoints).
         dcp.save(smod.state_dict(), checkpoint_id=save_to)
+        lazy_rows.BLOCK_BYTES = 7 * 4 * DIM
+        dcp.save(lazy_state_dict(smod), checkpoint_id=save_to + "_lazy")
+        try:  # a lazy state dict cannot be loaded into: refused by name, nothing loaded
+            smod.load_state_dict(lazy_state_dict(smod))
+            lazy_refusal = None
+        except ValueError as e:
+            lazy_refusal = str(e)
         if any(s.has_dropped for s, _ in smod.stores()):
             # Load it back over zeroed fallback rows: each shard's copy must come back (the
             # checkpoint holds each table's fallback once, from the shard at row 0).
@@ -211,6 +223,7 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
         "tables": logical_tables(smod, smod._mp_prefix),
         "memory": smod.precision_memory(),
         "fallback_copies": copies,
+        "lazy_refusal": lazy_refusal,
     }
     shutdown_distributed()
     return result

@@ -1,0 +1,95 @@
+"""Checkpoint tensors that are decoded when they are written, not when the state dict is taken.
+
+A state dict of mixed-precision tables holds every row as fp32 (`weight`) beside per-row state
+repeated over the row's columns (`qparams`, `momentum`, ...): about twice the fp32 table, made
+at once by `state_dict()`. For saving, `LazyRows` stands in for one block of rows of one such
+tensor: a tensor with a shape and a dtype but no storage, whose values are produced (decoded from
+the store) by the first operation that reads them, and dropped with the result. DCP's writer
+reads each shard with `detach()` when it writes it, so a checkpoint written through lazy blocks
+holds only the blocks in flight beside the store.
+
+A `LazyRows` is read-only: it cannot be a destination of `dcp.load` (the load would land in a
+temporary and be lost), and the modules' load hooks refuse it by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Tuple
+
+import torch
+from torch.utils._pytree import tree_map
+
+# Rows per written block: about this many bytes of fp32 weight each (16 MB: a save of a 1 GB
+# table then held 0.08 GB beside the store, 32 MB 0.30 GB; smaller blocks mean more DCP entries).
+BLOCK_BYTES = 16 << 20
+
+
+class LazyRows(torch.Tensor):
+    """A [rows, columns] (or [rows]) CPU tensor whose values `produce()` computes when an
+    operation reads them (each read computes them anew; nothing is cached)."""
+
+    @staticmethod
+    def __new__(cls, size: Tuple[int, ...], dtype: torch.dtype, produce: Callable[[], torch.Tensor]) -> "LazyRows":
+        t = torch.Tensor._make_wrapper_subclass(cls, size, dtype=dtype, device="cpu")
+        t._produce = produce
+        return t
+
+    def __repr__(self) -> str:  # the default repr would read the values
+        return f"LazyRows(size={tuple(self.shape)}, dtype={self.dtype})"
+
+    def materialize(self) -> torch.Tensor:
+        """The values, as a plain tensor (checked against the declared shape and dtype).
+
+        Returns:
+            A new plain tensor.
+
+        Raises:
+            RuntimeError: the producer returned another shape or dtype (a bug).
+        """
+        out = self._produce()
+        if tuple(out.shape) != tuple(self.shape) or out.dtype != self.dtype:
+            raise RuntimeError(
+                f"lazy checkpoint block produced {tuple(out.shape)} {out.dtype}, "
+                f"declared {tuple(self.shape)} {self.dtype}"
+            )
+        return out
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.is_pinned.default:
+            return False  # asked while a save is planned: answering must not decode the rows
+
+        def plain(x):
+            return x.materialize() if isinstance(x, LazyRows) else x
+
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+
+def block_rows(dim: int) -> int:
+    """Rows per lazy block of a table of width `dim` (the same on every rank).
+
+    Args:
+        dim: the table's full embedding dim.
+
+    Returns:
+        At least 1.
+    """
+    return max(1, BLOCK_BYTES // (4 * max(dim, 1)))
+
+
+def row_blocks(start: int, rows: int, per_block: int) -> Iterator[Tuple[int, int]]:
+    """Split rows `start` .. `start + rows` into blocks of at most `per_block` rows.
+
+    Args:
+        start: the first row.
+        rows: how many rows (0 gives one empty block, so that an empty shard keeps its entry).
+        per_block: rows per block.
+
+    Yields:
+        (first row, rows) of each block, in order.
+    """
+    if rows == 0:
+        yield start, 0
+        return
+    for r0 in range(start, start + rows, per_block):
+        yield r0, min(per_block, start + rows - r0)
