@@ -37,7 +37,8 @@ from torchrec.streamable import Pipelineable
 from shark_torchrec.distributed.mixed_precision import (  # SHARK: our sharders
     MixedPrecisionEmbeddingBagCollectionSharder,
     MixedPrecisionEmbeddingCollectionSharder,
-    lazy_state_dict,  # SHARK: a state dict for saving without an fp32 copy of the rows
+    lazy_state_dict,  # SHARK: checkpoints without an fp32 copy of the rows
+    load_state_in_place,
 )
 from shark_torchrec.distributed.train_pipeline import LabelTaggingTrainPipeline  # SHARK: labels reach the rows
 from shark_torchrec.modules.mixed_precision import (  # SHARK: in place of EmbeddingBagCollection / EmbeddingCollection
@@ -208,14 +209,13 @@ def main() -> int:
     dist.broadcast_object_list(box, src=0)
     ckpt = box[0]
     # SHARK: lazy_state_dict decodes the rows a block at a time as DCP writes them (state_dict()
-    # would hold every row in fp32 at once); load into state_dict() as usual.
+    # would hold every row in fp32 at once).
     dcp.save({"model": lazy_state_dict(dmp), "optim": dmp.fused_optimizer.state_dict()}, checkpoint_id=ckpt)
 
     fresh = shard(make_model(), world, device)
-    state = {"model": fresh.state_dict(), "optim": fresh.fused_optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=ckpt)
-    fresh.load_state_dict(state["model"])
-    fresh.fused_optimizer.load_state_dict(state["optim"])
+    # SHARK: load_state_in_place puts each row read straight into its store (loading through
+    # fresh.state_dict() also works, but decodes every row to fp32 first).
+    load_state_in_place(fresh, lambda state: dcp.load(state, checkpoint_id=ckpt), fresh.fused_optimizer)
     dmp.eval()
     fresh.eval()
     probe = next(batches(seed=2, rank=rank, world=world))

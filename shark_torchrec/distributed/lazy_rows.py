@@ -93,3 +93,59 @@ def row_blocks(start: int, rows: int, per_block: int) -> Iterator[Tuple[int, int
         return
     for r0 in range(start, start + rows, per_block):
         yield r0, min(per_block, start + rows - r0)
+
+
+class RowSink(torch.Tensor):
+    """A write-only stand-in for one block of a state tensor, as a destination of `dcp.load`:
+    a copy into it, or into a slice of it, hands the values and their place to `deliver(offsets,
+    values)` (offsets: (row, column) within the block) instead of keeping them, so a load can put
+    each piece straight into the store. Any other operation that would read it is refused."""
+
+    @staticmethod
+    def __new__(
+        cls,
+        size: Tuple[int, ...],
+        dtype: torch.dtype,
+        deliver: Callable[[Tuple[int, int], torch.Tensor], None],
+        offsets: Tuple[int, int] = (0, 0),
+    ) -> "RowSink":
+        t = torch.Tensor._make_wrapper_subclass(cls, size, dtype=dtype, device="cpu")
+        t._deliver = deliver
+        t._offsets = offsets
+        return t
+
+    def __repr__(self) -> str:
+        return f"RowSink(size={tuple(self.shape)}, dtype={self.dtype}, offsets={self._offsets})"
+
+    def _like(self, size: Tuple[int, ...], offsets: Tuple[int, int]) -> "RowSink":
+        return RowSink(size, self.dtype, self._deliver, offsets)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        if func is aten.is_pinned.default:
+            return False
+        if func in (aten.detach.default, aten.alias.default):
+            return args[0]._like(tuple(args[0].shape), args[0]._offsets)
+        if func is aten.slice.Tensor:  # what DCP's narrow to a read item's place becomes
+            sink, dim, start, end, step = list(args) + [0, None, None, 1][len(args) - 1 :]
+            n = sink.shape[dim]
+            start = 0 if start is None else min(max(start + n if start < 0 else start, 0), n)
+            end = n if end is None else min(max(end + n if end < 0 else end, start), n)
+            if step != 1:
+                raise RuntimeError("RowSink: a strided slice is not a place rows can be loaded into")
+            size = list(sink.shape)
+            size[dim] = end - start
+            offsets = list(sink._offsets)
+            offsets[dim] += start
+            return sink._like(tuple(size), (offsets[0], offsets[1]))
+        if func is aten.copy_.default:
+            sink, src = args[0], args[1]
+            if tuple(src.shape) != tuple(sink.shape):
+                raise RuntimeError(f"RowSink: {tuple(src.shape)} copied into a place of {tuple(sink.shape)}")
+            sink._deliver(sink._offsets, src.to(sink.dtype))
+            return sink
+        raise RuntimeError(
+            f"{func} on a RowSink: it is a load destination whose values go straight into the store "
+            "(load_state_in_place), not a tensor to read"
+        )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptim
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from shark_torchrec.distributed.lazy_rows import LazyRows, block_rows, row_blocks
+from shark_torchrec.distributed.lazy_rows import LazyRows, RowSink, block_rows, row_blocks
 from shark_torchrec.modules.mixed_precision import (
     UNIT,
     MixedPrecisionEmbeddingBagCollection,
@@ -51,7 +51,7 @@ from shark_torchrec.modules.mixed_precision import (
 from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
-from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES
+from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES, INT_BITS
 
 # Column scale of each state tensor against the table's columns (see modules.mixed_precision).
 STATE_COLUMNS = {
@@ -277,6 +277,207 @@ def lazy_state_dict(model: nn.Module) -> Dict[str, Any]:
             m.lazy_state = False
 
 
+class _RowLoad:
+    """One sharded collection's load straight into its stores (`load_state_in_place`): the
+    `RowSink`s of its state dict hand every piece DCP reads to `receiver(...)`, which puts it
+    in place. The first pass reads `row_group` and `qparams` (kept as 1 and 6 bytes a row), so
+    that the second can write each block of `weight` into the rows' groups as it arrives,
+    integer rows with their saved scale and bias, exactly as `fill_table_state` does a table.
+
+    Pieces that cover a block's whole width go in at once. A piece of only some columns (a
+    checkpoint saved column-wise, loaded otherwise) waits in a buffer until its block is whole."""
+
+    FIRST = ("row_group", "qparams")
+    FIRST_SUFFIXES = (".row_group", ".qparams")
+    SECOND = ("weight", "row_priority", "row_seen_step", "momentum", "fallback", "fallback_momentum")
+
+    def __init__(self, module: "ShardedMixedPrecisionModule") -> None:
+        self.module = module
+        self.keys: Tuple[str, ...] = self.FIRST
+        self.done = False
+        self.tables = [(store, i, t) for store, _ in module.stores() for i, t in enumerate(store.tables)]
+        self.groups = {(id(s), i): torch.full((t.rows,), -1, dtype=torch.int8) for s, i, t in self.tables}
+        self.q_first = {(id(s), i): torch.zeros(t.rows, 2, dtype=torch.float16) for s, i, t in self.tables}
+        self.q_seen = {(id(s), i): torch.zeros(t.rows, dtype=torch.bool) for s, i, t in self.tables}
+        self.q_same = {(id(s), i): torch.ones(t.rows, dtype=torch.bool) for s, i, t in self.tables}
+        self.partial: Dict[Tuple[int, int, str, int], List[Any]] = {}  # waiting pieces: [buffer, elements filled]
+        self.momentum_units: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fallbacks: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+
+    def receiver(self, store: RowGroupStore, i: int, key: str, start: int):
+        """The `deliver` of the sink of rows `start`.. of local table `i`'s `key`."""
+
+        def deliver(offsets: Tuple[int, int], values: torch.Tensor) -> None:
+            self.put(store, i, key, start, start + offsets[0], offsets[1], values)
+
+        return deliver
+
+    def put(self, store, i: int, key: str, block: int, r0: int, c0: int, values: torch.Tensor) -> None:
+        """Place a piece: rows r0.. of local table i (its block starting at row `block`),
+        state columns c0.. of `key`."""
+        t = store.tables[i]
+        k = STATE_COLUMNS[key]
+        width = int(t.dim * k)
+        n = values.shape[0]
+        whole = c0 == 0 and values.shape[1] == width
+        slot = (id(store), i)
+        if key in FALLBACK_KEYS:
+            buf = self.fallbacks.setdefault(slot, {}).setdefault(key, torch.zeros(1, width))
+            buf[:, c0 : c0 + values.shape[1]] = values.float()
+            return
+        lo = int(store.table_base[i])
+        if key == "row_group":
+            self.groups[slot][r0 : r0 + n] = values[:, 0].to(torch.int8)
+        elif key == "qparams":
+            q = values.view(n, -1, 2)
+            rows = slice(r0, r0 + n)
+            same = (q == q[:, :1]).all(dim=2).all(dim=1)
+            seen = self.q_seen[slot][rows]
+            first = torch.where(seen[:, None], self.q_first[slot][rows], q[:, 0])
+            self.q_same[slot][rows] &= same & (q[:, 0] == first).all(dim=1)
+            self.q_first[slot][rows] = first
+            self.q_seen[slot][rows] = True
+        elif key in ("row_priority", "row_seen_step"):
+            if c0 == 0:  # every unit holds the row's value; the first unit's piece is read once
+                target = store.row_priority if key == "row_priority" else store.row_seen_step
+                target[lo + r0 : lo + r0 + n] = values[:, 0].to(target.dtype)
+        elif key == "momentum":
+            if whole:
+                store.momentum[lo + r0 : lo + r0 + n] = values.float().mean(dim=1)
+            else:  # the row's units wait for the rest, to be averaged as a whole row is
+                units, filled = self.momentum_units.setdefault(
+                    slot, (torch.zeros(t.rows, width), torch.zeros(t.rows, dtype=torch.int64))
+                )
+                units[r0 : r0 + n, c0 : c0 + values.shape[1]] = values.float()
+                filled[r0 : r0 + n] += values.shape[1]
+        elif key == "weight":
+            if whole:
+                self._write_weights(store, i, r0, values.float())
+                return
+            rows = t.rows if self.module.module_sharding_plan[t.name].sharding_spec is None else None
+            block_rows_here = rows if rows is not None else min(block_rows(self._dim(t.name)), t.rows - block)
+            entry = self.partial.setdefault((id(store), i, key, block), [torch.zeros(block_rows_here, width), 0])
+            entry[0][r0 - block : r0 - block + n, c0 : c0 + values.shape[1]] = values.float()
+            entry[1] += values.numel()
+            if entry[1] == entry[0].numel():
+                del self.partial[(id(store), i, key, block)]
+                self._write_weights(store, i, block, entry[0])
+
+    def _dim(self, table: str) -> int:
+        return next(c.embedding_dim for c in self.module._mp_configs if c.name == table)
+
+    def _write_weights(self, store, i: int, r0: int, values: torch.Tensor) -> None:
+        """Rows r0.. of local table i: rounded to nearest into their groups, and integer rows
+        whose saved scale and bias are one per row get their exact codes back under it."""
+        lo = int(store.table_base[i])
+        keys = torch.arange(lo + r0, lo + r0 + values.shape[0])
+        store.write_rows(keys, values)
+        slot, rows = (id(store), i), slice(r0, r0 + values.shape[0])
+        q = self.q_first[slot][rows]
+        same = self.q_seen[slot][rows] & self.q_same[slot][rows] & (q[:, 0] != 0)
+        groups = store.groups_of(keys)
+        for g in INT_BITS:
+            exact = (groups == g) & same
+            if bool(exact.any()):
+                store.write_int_exact(g, keys[exact], values[exact], q[exact])
+
+    def first_pass_done(self) -> None:
+        """Every row's group read: set each store's groups (values come in the second pass)."""
+        for store, _ in self.module.stores():
+            parts = []
+            for i, t in enumerate(store.tables):
+                g = self.groups[(id(store), i)]
+                if bool((g < 0).any()):
+                    raise ValueError(f"checkpoint load: rows of table {t.name} got no row_group")
+                parts.append(g)
+            if parts:
+                store.set_groups(torch.cat(parts))
+        self.groups.clear()
+
+    def second_pass_done(self) -> None:
+        """Apply what waited for every piece: momentum means, fallback rows; then share the
+        fallback rows as a load does."""
+        if self.partial:
+            (_, i, key, block), _ = next(iter(self.partial.items()))
+            raise ValueError(f"checkpoint load: {key} rows from {block} of a local table {i} came incomplete")
+        for store, i, t in self.tables:
+            slot = (id(store), i)
+            if slot in self.momentum_units:
+                units, filled = self.momentum_units[slot]
+                if bool((filled[filled > 0] != units.shape[1]).any()):
+                    raise ValueError(f"checkpoint load: momentum of table {t.name} came incomplete")
+                lo = int(store.table_base[i])
+                have = filled > 0
+                store.momentum[lo : lo + t.rows][have] = units[have].mean(dim=1)
+            fb = self.fallbacks.get(slot)
+            if fb and "fallback" in fb and store.has_dropped:
+                m = fb.get("fallback_momentum")
+                store.set_fallback_rows(i, fb["fallback"], None if m is None else m.mean())
+        self.module.groups_fresh = False
+        if DROPPED in self.module.precision_policy.groups:
+            self.module._share_loaded_fallbacks()
+        self.done = True
+
+
+def load_state_in_place(
+    model: nn.Module,
+    load: Callable[[Dict[str, Any]], None],
+    optimizer: Optional[Any] = None,
+    check: Optional[Callable[[Dict[str, Any]], Any]] = None,
+) -> Dict[str, Any]:
+    """Load a checkpoint with no fp32 copy of the mixed-precision rows: where `state_dict()`
+    would decode every row to fp32 to be overwritten, each row goes from the read buffer
+    straight into its store, a block at a time (`_RowLoad`). Two passes of `load`: the rows'
+    groups and integer scales first, then everything else. Any other module's state, and the
+    optimizer's, load as usual (one pass when the model has no collection of ours).
+
+    Args:
+        model: a model (its sharded mixed-precision collections load in place).
+        load: `load(state)` reads the checkpoint into `state` in place, `{"model": ...}` and, with
+            an optimizer, `"optim"` (e.g. `lambda s: dcp.load(s, checkpoint_id=path)`).
+        optimizer: the model's optimizer, loaded too, or None.
+        check: called with each pass's state before anything is read (e.g. to refuse a
+            checkpoint that lacks an entry, so that nothing is loaded then).
+
+    Returns:
+        The state `load` filled in the last pass (its model entries already applied).
+    """
+    ours = [m for m in model.modules() if isinstance(m, ShardedMixedPrecisionModule)]
+    for m in ours:
+        m.row_load = _RowLoad(m)
+    try:
+        first = {k: v for k, v in model.state_dict().items() if k.endswith(_RowLoad.FIRST_SUFFIXES) and _is_ours(v)}
+        for m in ours:
+            m.row_load.keys = _RowLoad.SECOND
+        state: Dict[str, Any] = {"model": model.state_dict()}
+        if optimizer is not None:
+            state["optim"] = optimizer.state_dict()
+        if check is not None:
+            if ours:
+                check({"model": first})
+            check(state)
+        if ours:
+            load({"model": first})
+            for m in ours:
+                m.row_load.first_pass_done()
+        load(state)
+        for m in ours:
+            m.row_load.second_pass_done()
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optim"])
+    finally:
+        for m in ours:
+            m.row_load = None
+    return state
+
+
+def _is_ours(value: Any) -> bool:
+    """A first-pass entry of a collection of ours: a sharded tensor (its shards may all be on
+    other ranks) or, for a data-parallel table, a sink."""
+    return isinstance(value, (ShardedTensor, RowSink))
+
+
 def refuse_lazy(per_table: Dict[str, Dict[str, Any]], where: str) -> None:
     """Refuse to load from a state dict whose rows are `LazyRows` (taken by `lazy_state_dict`):
     a `dcp.load` into it reads into temporaries, so its values are not the checkpoint's.
@@ -337,6 +538,7 @@ class ShardedMixedPrecisionModule:
         self.model_budget: Optional[ModelBudget] = None  # set by share_model_budget
         self.warned_alone = False
         self.lazy_state = False  # set by lazy_state_dict: state-dict rows decoded when written
+        self.row_load: Optional[_RowLoad] = None  # set by load_state_in_place: rows loaded as they are read
         self._assign_initial_groups()
         self.step_counter.on_step_end = self._end_of_step
         self._mp_optimizer = MixedPrecisionOptimizer(self)
@@ -666,7 +868,7 @@ class ShardedMixedPrecisionModule:
         rank 0."""
         spec = self.module_sharding_plan[table].sharding_spec
         k = STATE_COLUMNS[key]
-        if spec is None and not (lazy and key not in FALLBACK_KEYS):
+        if spec is None and not (lazy and key not in FALLBACK_KEYS and self.row_load is None):
             return None
         if spec is None:
             # Data-parallel, saved lazily: blocks of the whole table, all written by rank 0
@@ -730,10 +932,14 @@ class ShardedMixedPrecisionModule:
                     fallback = key in FALLBACK_KEYS
                     if fallback and t.row_offset != 0:
                         continue  # a copy: the shard at row 0 writes the table's fallback row
-                    if lazy and replicated and not fallback and dist.get_rank(self._pg) != 0:
+                    if self.row_load is not None and key not in self.row_load.keys:
+                        continue
+                    if lazy and replicated and not fallback and self.row_load is None and dist.get_rank(self._pg) != 0:
                         continue  # rank 0 writes a data-parallel table's blocks (see _state_metadata)
                     if fallback:
                         blocks = [(0, 1)]
+                    elif lazy and replicated and self.row_load is not None:
+                        blocks = [(0, t.rows)]  # loaded into a plain tensor on every rank
                     elif lazy:
                         blocks = [
                             (r0 - t.row_offset, n)
@@ -747,7 +953,13 @@ class ShardedMixedPrecisionModule:
                             shard_sizes=[n, int(t.dim * k)],
                             placement=f"rank:{dist.get_rank()}/{self._device.type if self._device else 'cpu'}",
                         )
-                        if lazy:
+                        if self.row_load is not None:
+                            tensor = RowSink(
+                                (n, int(t.dim * k)),
+                                STATE_DTYPES[key],
+                                self.row_load.receiver(store, i, key, start),
+                            )
+                        elif lazy:
                             tensor = LazyRows(
                                 (n, int(t.dim * k)),
                                 STATE_DTYPES[key],
@@ -762,7 +974,7 @@ class ShardedMixedPrecisionModule:
 
     @staticmethod
     def _mp_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
-        lazy = module.lazy_state
+        lazy = module.lazy_state or module.row_load is not None
         local = module._local_state(lazy)
         dims = {c.name: c.embedding_dim for c in module._mp_configs}
         keys = ["weight", "qparams", "row_group"]
@@ -774,6 +986,8 @@ class ShardedMixedPrecisionModule:
             keys.append("fallback")
             if module.precision_policy.optimizer == "rowwise_adagrad":
                 keys.append("fallback_momentum")
+        if module.row_load is not None:
+            keys = [k for k in keys if k in module.row_load.keys]
         for table in module._table_names:
             for key in keys:
                 md = module._state_metadata(table, key, dims[table], lazy)
@@ -786,12 +1000,20 @@ class ShardedMixedPrecisionModule:
                 destination[name] = ShardedTensor._init_from_local_shards_and_global_metadata(
                     shards, sharded_tensor_metadata=md, process_group=module._pg
                 )
-        destination[f"{prefix}precision_step"] = torch.tensor([module.step_counter.value], dtype=torch.int64)
+        if module.row_load is None or "weight" in module.row_load.keys:
+            destination[f"{prefix}precision_step"] = torch.tensor([module.step_counter.value], dtype=torch.int64)
 
     def _mp_load_hook(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         per_table = pop_table_states(state_dict, prefix, self._mp_prefix, self._table_names)
+        if self.row_load is not None and self.row_load.done:
+            # load_state_in_place has put the rows in (these entries are its sinks): only the
+            # step is left to take.
+            step_key = f"{prefix}precision_step"
+            if step_key in state_dict:
+                self.step_counter.value = int(state_dict.pop(step_key)[0])
+            return
         refuse_lazy(per_table, f"{prefix}{self._mp_prefix}")  # before anything is changed
         self.groups_fresh = False
         step_key = f"{prefix}precision_step"

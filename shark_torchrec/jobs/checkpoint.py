@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
-from shark_torchrec.distributed.mixed_precision import lazy_state_dict
+from shark_torchrec.distributed.mixed_precision import lazy_state_dict, load_state_in_place
 
 log = logging.getLogger("shark")
 
@@ -366,13 +366,13 @@ def load_checkpoint(
             f"checkpoint {path} was trained with --precision {saved_precision(meta)}, this model is "
             f"--precision {precision}: start from it with --init-from to convert (nothing was loaded)"
         )
-    state: Dict[str, Any] = {"model": model.state_dict()}
-    if optimizer is not None:
-        state["optim"] = optimizer.state_dict()
-    dcp.load(state, checkpoint_id=str(path), planner=_planner_for(path, state))
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optim"])
+    # Rows go from the read buffers straight into the stores (no fp32 state dict of them).
+    load_state_in_place(
+        model,
+        lambda state: dcp.load(state, checkpoint_id=str(path), planner=_planner_for(path, state)),
+        optimizer,
+        check=lambda state: _planner_for(path, state),
+    )
     return meta
 
 

@@ -143,11 +143,16 @@ def test_sharded_checkpoint_loads_unsharded(tmp_path, sharding_type):
     """Saved (DCP) by 2 ranks, loaded by the unsharded module: groups, scores and optimizer
     state identical; values identical, or within one int8 step where column-wise shards had
     quantized each half of a row on its own. Saved in blocks through `lazy_state_dict`, the
-    checkpoint holds the same tensors as saved from `state_dict()`."""
+    checkpoint holds the same tensors as saved from `state_dict()`; loaded by
+    `load_state_in_place` into the other plan (row-wise and column-wise swap), the model holds
+    what a load through `state_dict()` gives, bit for bit."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     overrides = {"reassign_every": 2, "memory_budget": 0.6}
-    got = launch(W.sharded_run, 2, sharding_type, 3, overrides, False, str(tmp_path / "ckpt"))
+    # Reloaded in place into the other plan: column-wise pieces into row-wise rows and back.
+    reload_as = "row_wise" if sharding_type == "column_wise" else "column_wise"
+    got = launch(W.sharded_run, 2, sharding_type, 3, overrides, False, str(tmp_path / "ckpt"), reload_as)
+    assert got["in_place_equal"]
     dcp_to_torch_save(str(tmp_path / "ckpt"), str(tmp_path / "full.pt"))
     state = torch.load(tmp_path / "full.pt")
     # The same state saved through lazy_state_dict's blocks of 7 rows is the same checkpoint.
@@ -181,10 +186,11 @@ def test_sharded_checkpoint_loads_unsharded(tmp_path, sharding_type):
 
 def test_sharded_training_and_checkpoint_hold_no_fp32_copy(tmp_path):
     """One rank, a row-wise table of ~1 GB in fp32 and a data-parallel one of ~256 MB under a
-    0.35 budget, trained 8 steps and saved through the jobs' checkpoint path: training holds no
-    fp32 copy (a data-parallel table's gradients travel as touched rows, not as a dense buffer
-    of the table: that buffer alone would be 0.2 of the fp32 bytes), and the save holds only
-    the lazy blocks in flight (from `state_dict()` it held 2.1x the fp32 bytes more)."""
+    0.35 budget, trained 8 steps, saved and loaded back through the jobs' checkpoint path:
+    training holds no fp32 copy (a data-parallel table's gradients travel as touched rows, not
+    as a dense buffer of the table: that buffer alone would be 0.2 of the fp32 bytes); the save
+    holds only the lazy blocks in flight and the load only the pieces read (through
+    `state_dict()` they held 2.1x and 4.6x the fp32 bytes more)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -202,4 +208,5 @@ def test_sharded_training_and_checkpoint_hold_no_fp32_copy(tmp_path):
     assert m["embedding_bytes"] <= 0.36 * m["fp32_bytes"], m
     assert m["peak_rss_after_train_bytes"] - m["rss_before_bytes"] < 0.6 * m["fp32_bytes"], m
     assert m["peak_rss_after_save_bytes"] - m["peak_rss_after_train_bytes"] < 0.25 * m["fp32_bytes"], m
+    assert m["peak_rss_after_load_bytes"] - m["peak_rss_after_train_bytes"] < 0.25 * m["fp32_bytes"], m
     assert m["checkpoint_bytes"] > 2 * m["fp32_bytes"]  # it did write every row and its state

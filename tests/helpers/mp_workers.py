@@ -136,9 +136,10 @@ def sequence_loss(out, keys, kjt, batch: int):
     return values, (values * ID_GRAD[ids % 7]).sum() / batch
 
 
-def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False, save_to: str = ""):
-    env = init_distributed()
-    rank, world = env.rank, env.world_size
+def sharded_model(sharding_type, pol_kw: dict, sequence: bool = False) -> DistributedModelParallel:
+    """Our collection of TABLES in a DMP, each table sharded as `sharding_type` says (one type,
+    or table -> type)."""
+    world = dist.get_world_size()
     model = Wrap(make_module(sequence, pol_kw))
     sharders = [
         MixedPrecisionEmbeddingCollectionSharder() if sequence else MixedPrecisionEmbeddingBagCollectionSharder()
@@ -153,13 +154,33 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
         },
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(
+    return DistributedModelParallel(
         model,
         env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
         device=torch.device("cpu"),
         plan=plan,
         sharders=sharders,
     )
+
+
+def local_state_equal(a, b) -> bool:
+    """Whether two models of the same plan hold the same state on this rank, bit for bit."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if sorted(sa) != sorted(sb):
+        return False
+    for k, v in sa.items():
+        w = sb[k]
+        pa = [s.tensor for s in v.local_shards()] if hasattr(v, "local_shards") else [v]
+        pb = [s.tensor for s in w.local_shards()] if hasattr(w, "local_shards") else [w]
+        if len(pa) != len(pb) or not all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(pa, pb)):
+            return False
+    return True
+
+
+def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False, save_to: str = "", reload_as=None):
+    env = init_distributed()
+    rank, world = env.rank, env.world_size
+    dmp = sharded_model(sharding_type, pol_kw, sequence)
     smod = dmp.module.ebc
     assert isinstance(smod, ShardedMixedPrecisionModule)
     smod.fill_rows(init_values)
@@ -182,7 +203,7 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
             gathered = [torch.zeros_like(pooled) for _ in range(world)]
             dist.all_gather(gathered, pooled.detach())
             outs.append(torch.cat(gathered))
-    copies = lazy_refusal = None
+    copies = lazy_refusal = in_place_equal = None
     if save_to:
         import torch.distributed.checkpoint as dcp
 
@@ -194,6 +215,19 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
         dcp.save(smod.state_dict(), checkpoint_id=save_to)
         lazy_rows.BLOCK_BYTES = 7 * 4 * DIM
         dcp.save(lazy_state_dict(smod), checkpoint_id=save_to + "_lazy")
+        if reload_as is not None:
+            # Loaded straight into the stores of a model of the plan `reload_as` (load_state_in_place,
+            # 7-row blocks), and as state_dict() loads into another: the same state.
+            from shark_torchrec.distributed.mixed_precision import load_state_in_place
+
+            in_place, through_fp32 = (sharded_model(reload_as, pol_kw, sequence).module.ebc for _ in range(2))
+            load_state_in_place(in_place, lambda st: dcp.load(st["model"], checkpoint_id=save_to + "_lazy"))
+            state = through_fp32.state_dict()
+            dcp.load(state, checkpoint_id=save_to + "_lazy")
+            through_fp32.load_state_dict(state)
+            same = [None] * world
+            dist.all_gather_object(same, local_state_equal(in_place, through_fp32))
+            in_place_equal = all(same)
         try:  # a lazy state dict cannot be loaded into: refused by name, nothing loaded
             smod.load_state_dict(lazy_state_dict(smod))
             lazy_refusal = None
@@ -224,6 +258,7 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
         "memory": smod.precision_memory(),
         "fallback_copies": copies,
         "lazy_refusal": lazy_refusal,
+        "in_place_equal": in_place_equal,
     }
     shutdown_distributed()
     return result

@@ -1,10 +1,12 @@
 """Train a one-rank sharded model (a row-wise table of ~1 GB in fp32 and a data-parallel table of
-~256 MB) under a 0.35 budget, save a checkpoint through the jobs' `save_checkpoint`, and print
-peak RSS as JSON at each stage (run as a separate process so that its peak is its own).
+~256 MB) under a 0.35 budget, save a checkpoint through the jobs' `save_checkpoint`, load it
+back through `load_checkpoint`, and print peak RSS as JSON at each stage (run as a separate
+process so that its peak is its own).
 
     python rss_probe_sharded.py BIG_ROWS REPLICATED_ROWS DIM STEPS OUT_DIR [eager]
 
-`eager` saves `model.state_dict()` instead (what the probe is there to tell apart)."""
+`eager` saves and loads through `model.state_dict()` instead (what the probe is there to tell
+apart)."""
 
 import json
 import resource
@@ -38,6 +40,14 @@ class Wrap(torch.nn.Module):
 
     def forward(self, kjt):
         return self.ebc(kjt)
+
+
+def eager_load(model, load, optimizer, check=None):
+    """The load through `state_dict()` (every row decoded to fp32 first)."""
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    load(state)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
 
 
 def main(big: int, replicated: int, dim: int, steps: int, out: str, eager: bool) -> None:
@@ -84,6 +94,10 @@ def main(big: int, replicated: int, dim: int, steps: int, out: str, eager: bool)
         checkpoint.lazy_state_dict = lambda m: m.state_dict()
     ckpt = checkpoint.save_checkpoint(Path(out), steps, dmp, dmp.fused_optimizer, {}, keep=1)
     saved = sum(p.stat().st_size for p in ckpt.iterdir())
+    after_save = rss()
+    if eager:
+        checkpoint.load_state_in_place = eager_load
+    checkpoint.load_checkpoint(ckpt, dmp, dmp.fused_optimizer, {})  # the resume path
     smod = dmp.module.ebc
     memory = smod.precision_memory()
     print(
@@ -92,7 +106,8 @@ def main(big: int, replicated: int, dim: int, steps: int, out: str, eager: bool)
                 "rss_before_bytes": before,
                 "peak_rss_after_init_bytes": after_init,
                 "peak_rss_after_train_bytes": after_train,
-                "peak_rss_after_save_bytes": rss(),
+                "peak_rss_after_save_bytes": after_save,
+                "peak_rss_after_load_bytes": rss(),
                 "fp32_bytes": (big + replicated) * dim * 4,
                 "embedding_bytes": sum(m["embedding_bytes"] for m in memory.values()),
                 "checkpoint_bytes": saved,
