@@ -17,6 +17,10 @@
 - `row_grads` is the backward's per-row gradient reduction (`grads.cpp`): each distinct row's
   gradient summed over its ids, read where they sit in the output gradient. Its reference is
   the torch code of `RowLookup._row_grads_torch`; bit for bit too.
+- `split_ranking_keys` and `groups_by_ranking` make a reassignment's ranking keys from a block
+  of scores (`ranking.cpp`): the keys split into the zero-score run and the others, and each
+  row's group under the cuts. Their references are `split_ranking_keys_torch` and
+  `groups_by_ranking_torch` (`shark_torchrec.precision.priority`); equal, key for key.
 
 The library is compiled once per source, torch version and flags with g++ against
 `torch/library.h` (no pybind, no ninja) into `<venv>/shark_kernels/` (see `library_path`); `scripts/setup.sh`
@@ -39,7 +43,7 @@ from typing import List, Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "grads.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "grads.cpp", "ranking.cpp")]
 HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 OPS = (
@@ -48,6 +52,8 @@ OPS = (
     "row_grads",
     "convert_rows_",
     "update_rows_hashed_",
+    "split_ranking_keys",
+    "groups_by_ranking",
 )  # what the library registers under torch.ops.shark
 # The instruction sets the library is compiled for (FBGEMM's CPU build needs them anyway).
 ISA = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
@@ -454,3 +460,43 @@ def update_rows_hashed_(
 @torch.library.register_fake("shark::row_grads")
 def _row_grads_fake(grad, order, counts, seg, lengths, per_sample_weights, labels, batch_size, pooling, dim):
     return grad.new_empty((counts.shape[0], dim)), grad.new_empty((counts.shape[0],))
+
+
+@torch.library.register_fake("shark::split_ranking_keys")
+def _split_ranking_keys_fake(scores, first_row, out):
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+def split_ranking_keys(scores: torch.Tensor, first_row: int, out: torch.Tensor) -> int:
+    """The ranking keys of rows `first_row`.. (`shark_torchrec.precision.priority.ranking_keys`)
+    written into `out` as two runs: the keys of +0.0 scores first, ascending, then the others in
+    row order.
+
+    Args:
+        scores: [n] float32 scores of consecutive rows.
+        first_row: the global row of the first (rows must stay below 2^32).
+        out: [n] int64, written.
+
+    Returns:
+        How many zero-score keys lead.
+    """
+    return torch.ops.shark.split_ranking_keys(scores, first_row, out)
+
+
+@torch.library.register_fake("shark::groups_by_ranking")
+def _groups_by_ranking_fake(scores, first_row, cuts, groups, out):
+    return None
+
+
+def groups_by_ranking(scores: torch.Tensor, first_row: int, cuts: List[int], groups: List[int], out: torch.Tensor):
+    """Each row's group under the cuts (`shark_torchrec.precision.priority.groups_by_cuts` of the
+    rows' ranking keys), written into `out`.
+
+    Args:
+        scores: [n] float32 scores of consecutive rows.
+        first_row: the global row of the first.
+        cuts: non-increasing key cuts, one fewer than `groups`.
+        groups: the group ids, most precise first.
+        out: [n] int8, written.
+    """
+    torch.ops.shark.groups_by_ranking(scores, first_row, list(cuts), list(groups), out)

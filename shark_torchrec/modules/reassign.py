@@ -14,17 +14,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from shark_torchrec.kernels import groups_by_ranking, split_ranking_keys
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS, RowGroupStore
+from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.budget import budget_targets
 from shark_torchrec.precision.priority import (
     GROUP_NAMES,
-    groups_by_cuts,
+    groups_by_ranking_torch,
     groups_by_threshold,
     kth_largest_cuts,
     model_budget_cuts,
     per_byte_scores,
-    ranking_keys,
+    split_ranking_keys_torch,
 )
 
 
@@ -33,7 +35,9 @@ def _chunks(lo: int, hi: int):
         yield a, min(a + CHUNK_ROWS, hi)
 
 
-def split_keys(keys_of_rows: Callable[[int, int], torch.Tensor], lo: int, hi: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def split_keys(
+    scores_of_rows: Callable[[int, int], torch.Tensor], first_row: Callable[[int], int], lo: int, hi: int, split
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """A table's ranking keys in one buffer of 8 bytes a row, as two runs: the keys of rows
     whose score is 0 (never seen, or decayed to nothing: often most rows of a big table), in
     ascending order already, and the others, to be sorted. A zero score's key is the complement
@@ -41,22 +45,25 @@ def split_keys(keys_of_rows: Callable[[int, int], torch.Tensor], lo: int, hi: in
     the keys at or above any cut as a sort of all of them would.
 
     Args:
-        keys_of_rows: the keys of store rows [a, b) (`ranking_keys`), a chunk at a time.
+        scores_of_rows: the scores of store rows [a, b), a chunk at a time.
+        first_row: the key's row (global, or model-wide) of store row a.
         lo, hi: the table's rows in the store.
+        split: `split_ranking_keys` (the C++ op) or `split_ranking_keys_torch` (its reference).
 
     Returns:
         (zeros, others): views of the buffer; zeros ascending, others in no order.
     """
     buf = torch.empty(hi - lo, dtype=torch.int64)
+    chunk = torch.empty(min(CHUNK_ROWS, hi - lo), dtype=torch.int64)
     n_zero, n_other = 0, 0
     for a, b in reversed(list(_chunks(lo, hi))):  # last rows first: the smallest zero-score keys
-        keys = keys_of_rows(a, b)
-        zero = (keys >> 32) == 0  # a score of +0.0: its bits are 0
-        zk, ok = keys[zero].flip(0), keys[~zero]
-        buf[n_zero : n_zero + len(zk)] = zk
-        n_zero += len(zk)
-        buf[len(buf) - n_other - len(ok) : len(buf) - n_other] = ok
-        n_other += len(ok)
+        out = chunk[: b - a]
+        z = split(scores_of_rows(a, b), first_row(a), out)
+        buf[n_zero : n_zero + z] = out[:z]
+        n_zero += z
+        k = b - a - z
+        buf[len(buf) - n_other - k : len(buf) - n_other] = out[z:]
+        n_other += k
     return buf[:n_zero], buf[n_zero:]
 
 
@@ -127,14 +134,18 @@ def reassign_stores(
 
     prefixes = list(prefixes) if prefixes is not None else [""] * len(stores)
 
-    def keys_of(s: RowGroupStore, name: str, i: int, a: int, b: int) -> torch.Tensor:
-        # Rows [a, b) of local table i: global row = position in the table + its row offset.
-        t = s.tables[i]
-        first = t.row_offset - int(s.table_base[i])
-        rows = torch.arange(a + first, b + first)
-        if model_scope:
-            return ranking_keys(per_byte_scores(s.scores_now(a, b), full_dim[name]), rows + model_base[name])
-        return ranking_keys(s.scores_now(a, b), rows)
+    def scores_of(s: RowGroupStore, name: str, a: int, b: int) -> torch.Tensor:
+        # Model scope ranks by score per byte (keys unique across tables by their row base).
+        scores = s.scores_now(a, b)
+        return per_byte_scores(scores, full_dim[name]) if model_scope else scores
+
+    def first_row(s: RowGroupStore, name: str, i: int, a: int) -> int:
+        # Store row a of local table i: global row = position in the table + its row offset.
+        return a - int(s.table_base[i]) + s.tables[i].row_offset + (model_base[name] if model_scope else 0)
+
+    # The keys are made by our C++ ops where the store's kernels are (CPU), else by torch.
+    split = {s: split_ranking_keys if kernels_for(s) == "cpp" else split_ranking_keys_torch for s in stores}
+    grouping = {s: groups_by_ranking if kernels_for(s) == "cpp" else groups_by_ranking_torch for s in stores}
 
     sorted_keys: List[Tuple[int, torch.Tensor, torch.Tensor]] = []  # (table, keys of score 0, the others)
     for s, prefix in zip(stores, prefixes):
@@ -142,7 +153,10 @@ def reassign_stores(
             if not t.counts_once:
                 continue
             lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
-            zeros, others = split_keys(lambda a, b: keys_of(s, prefix + t.name, i, a, b), lo, hi)
+            name = prefix + t.name
+            zeros, others = split_keys(
+                lambda a, b: scores_of(s, name, a, b), lambda a: first_row(s, name, i, a), lo, hi, split[s]
+            )
             sorted_keys.append((index[prefix + t.name], zeros, others))
     _sort_in_place([others for _, _, others in sorted_keys])
 
@@ -169,12 +183,14 @@ def reassign_stores(
     else:
         cuts = kth_largest_cuts(count_at_least, budget_targets(policy, tables, names))
     sorted_keys.clear()  # the sorted keys go before the new groups are made
+    tiers = sorted(policy.groups)
     for s, prefix in zip(stores, prefixes):
         groups = torch.empty(s.num_rows, dtype=torch.int8)
         for i, t in enumerate(s.tables):
             table_cuts = [int(x) for x in cuts[index[prefix + t.name]]]
+            name = prefix + t.name
             for a, b in _chunks(int(s.table_base[i]), int(s.table_base[i + 1])):
-                groups[a:b] = groups_by_cuts(keys_of(s, prefix + t.name, i, a, b), table_cuts, policy.groups)
+                grouping[s](scores_of(s, name, a, b), first_row(s, name, i, a), table_cuts, tiers, groups[a:b])
         for name, v in s.set_groups(groups).items():
             moved[name] += v
     return moved

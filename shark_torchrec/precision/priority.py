@@ -287,6 +287,44 @@ def groups_by_cuts(keys: torch.Tensor, cuts: Sequence[int], groups: Sequence[int
     return g
 
 
+def split_ranking_keys_torch(scores: torch.Tensor, first_row: int, out: torch.Tensor) -> int:
+    """The ranking keys of consecutive rows written into `out` as two runs: the keys of +0.0
+    scores first, ascending (the last row's first), then the others in row order. The torch
+    reference of `torch.ops.shark.split_ranking_keys`.
+
+    Args:
+        scores: [n] float32 scores of rows first_row, first_row + 1, ...
+        first_row: the global row of the first.
+        out: [n] int64, written.
+
+    Returns:
+        How many zero-score keys lead.
+    """
+    keys = ranking_keys(scores, torch.arange(first_row, first_row + len(scores), device=scores.device))
+    zero = (keys >> 32) == 0  # a score of +0.0: its bits are 0
+    zk, ok = keys[zero].flip(0), keys[~zero]
+    out[: len(zk)] = zk
+    out[len(zk) :] = ok
+    return len(zk)
+
+
+def groups_by_ranking_torch(
+    scores: torch.Tensor, first_row: int, cuts: Sequence[int], groups: Sequence[int], out: torch.Tensor
+) -> None:
+    """`groups_by_cuts` of consecutive rows' ranking keys, into `out`: the torch reference of
+    `torch.ops.shark.groups_by_ranking`.
+
+    Args:
+        scores: [n] float32 scores of rows first_row, first_row + 1, ...
+        first_row: the global row of the first.
+        cuts: non-increasing key cuts.
+        groups: the group ids rows can be in.
+        out: [n] int8, written.
+    """
+    rows = torch.arange(first_row, first_row + len(scores), device=scores.device)
+    out.copy_(groups_by_cuts(ranking_keys(scores, rows), cuts, groups))
+
+
 NO_CUT = (1 << 63) - 1  # a cut no key reaches: keys are below 2^63 - 2^32
 
 

@@ -477,3 +477,48 @@ def test_importing_after_an_export_loaded_its_library_does_not_abort(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(copy_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "shark.mixed_lookup" in proc.stdout
+
+
+def test_ranking_key_ops_equal_their_torch_references():
+    """A reassignment's keys from the C++ ops equal torch's, key for key and group for group:
+    scores of 0, -0.0, negative, NaN, tiny and large, rows up to just below 2^32, cuts at keys,
+    between them and NO_CUT, several tier sets; bad arguments are refused by name."""
+    from shark_torchrec.kernels import groups_by_ranking, split_ranking_keys
+    from shark_torchrec.precision.priority import (
+        NO_CUT,
+        groups_by_ranking_torch,
+        ranking_keys,
+        split_ranking_keys_torch,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    n = 20_000
+    scores = torch.rand(n, generator=gen) ** 6
+    kind = torch.randint(0, 8, (n,), generator=gen)
+    scores[kind == 0] = 0.0
+    scores[kind == 1] = -0.0
+    scores[kind == 2] = -torch.rand(int((kind == 2).sum()), generator=gen)
+    scores[kind == 3] = float("nan")
+    scores[kind == 4] = 1e-40  # subnormal
+    scores[kind == 5] = 3e38
+    for first in (0, 12_345, (1 << 32) - n):
+        want, got = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+        assert split_ranking_keys(scores, first, got) == split_ranking_keys_torch(scores, first, want)
+        assert torch.equal(got, want)
+        keys = ranking_keys(scores, torch.arange(first, first + n))
+        ordered = torch.sort(keys).values
+        for tiers in ([0, 1, 2], [2, 3, 4, 5], [3, 4]):
+            picks = ordered[torch.randint(0, n, (len(tiers) - 1,), generator=gen)]
+            cuts = sorted((picks + torch.randint(-1, 2, picks.shape, generator=gen)).tolist(), reverse=True)
+            for c in (cuts, [NO_CUT] * (len(tiers) - 1), [NO_CUT] + cuts[1:]):
+                want_g, got_g = torch.empty(n, dtype=torch.int8), torch.empty(n, dtype=torch.int8)
+                groups_by_ranking_torch(scores, first, c, tiers, want_g)
+                groups_by_ranking(scores, first, c, tiers, got_g)
+                assert torch.equal(got_g, want_g), (first, tiers, c)
+    out = torch.empty(n, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="rows must lie in"):
+        split_ranking_keys(scores, 1 << 32, out)
+    with pytest.raises(RuntimeError, match="one cut fewer than groups"):
+        groups_by_ranking(scores, 0, [5, 3], [0, 1], torch.empty(n, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="float32"):
+        split_ranking_keys(scores.double(), 0, out)

@@ -259,12 +259,15 @@ def test_a_collection_below_its_floor_is_paid_for_by_the_others_once_shared():
     assert not shared.b.groups_fresh and embedding_bytes(shared) <= 0.07 * fp32
 
 
-def test_split_keys_count_as_a_sort_of_all_the_keys():
+@pytest.mark.parametrize("implementation", ["cpp", "torch"])
+def test_split_keys_count_as_a_sort_of_all_the_keys(implementation):
     """Reassignment sorts only the keys of rows with a score (`split_keys`): the rows of score 0
     come out in order, and the two runs count the keys at or above any cut as a sorted array of
-    all the keys does (chunks of rows split across the runs)."""
+    all the keys does (chunks of rows split across the runs), with the C++ op and its torch
+    reference."""
+    from shark_torchrec.kernels import split_ranking_keys
     from shark_torchrec.modules import reassign
-    from shark_torchrec.precision.priority import ranking_keys
+    from shark_torchrec.precision.priority import ranking_keys, split_ranking_keys_torch
 
     gen = torch.Generator().manual_seed(0)
     n, lo = 2_500, 300
@@ -272,14 +275,18 @@ def test_split_keys_count_as_a_sort_of_all_the_keys():
     scores[torch.rand(n, generator=gen) < 0.6] = 0.0
     scores[:40] = 0.0  # the first chunk's rows all of score 0
     keys = ranking_keys(scores, torch.arange(n) + 7)
+    split = split_ranking_keys if implementation == "cpp" else split_ranking_keys_torch
     old, reassign.CHUNK_ROWS = reassign.CHUNK_ROWS, 256
     try:
-        zeros, others = reassign.split_keys(lambda a, b: keys[a - lo : b - lo], lo, lo + n)
+        zeros, others = reassign.split_keys(
+            lambda a, b: scores[a - lo : b - lo], lambda a: a - lo + 7, lo, lo + n, split
+        )
     finally:
         reassign.CHUNK_ROWS = old
     assert torch.equal(zeros, torch.sort(keys[scores == 0]).values)  # already in order
     others.numpy().sort()
     everything = torch.sort(keys).values
+    assert torch.equal(others, everything[len(zeros) :])
     cuts = torch.cat([everything[torch.randint(0, n, (50,), generator=gen)], torch.tensor([0, 1 << 32, 1 << 62])])
     for cut in cuts:
         want = n - int(torch.searchsorted(everything, cut))
