@@ -6,6 +6,7 @@ torchx run dist.ddp -j 1x2 --script apps/prune.py -- --data synthetic
 import sys
 
 from shark_torchrec.cli import prune_main
+from shark_torchrec.distributed.env import exit_without_teardown
 
 if __name__ == "__main__":
-    sys.exit(prune_main(sys.argv[1:]))
+    exit_without_teardown(prune_main(sys.argv[1:]))  # see its doc: gloo's threads at teardown

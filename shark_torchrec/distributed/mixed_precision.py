@@ -429,7 +429,10 @@ def load_state_in_place(
     would decode every row to fp32 to be overwritten, each row goes from the read buffer
     straight into its store, a block at a time (`_RowLoad`). Two passes of `load`: the rows'
     groups and integer scales first, then everything else. Any other module's state, and the
-    optimizer's, load as usual (one pass when the model has no collection of ours).
+    optimizer's, load as usual (one pass when the model has no collection of ours). The
+    checkpoint must hold our tables' state (a stock fp32 TorchRec checkpoint has no row groups:
+    load it through `state_dict()`, which starts the rows in their starting groups). DCP must
+    read with one thread (its default).
 
     Args:
         model: a model (its sharded mixed-precision collections load in place).

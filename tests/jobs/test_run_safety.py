@@ -299,3 +299,30 @@ def test_checkpoint_records_every_file_it_wrote(two_checkpoints):
     assert {".metadata"} < set(files)
     for name, entry in files.items():
         assert entry["bytes"] == (ckpt / name).stat().st_size and len(entry["crc32"]) == 8
+
+
+def test_a_torchrun_rank_exits_with_its_status_and_its_output_flushed(tmp_path):
+    """`exit_without_teardown` (what apps/*.py end with under torchrun): the status comes
+    through, and what was printed and logged is written, though Python's teardown is skipped."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "job.log"
+    script = f"""
+import logging, sys
+import torch, torch.distributed as dist
+from shark_torchrec.distributed.env import exit_without_teardown
+logging.basicConfig(filename={str(log)!r}, level=logging.INFO)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+dist.all_reduce(torch.ones(3))
+dist.destroy_process_group()
+logging.getLogger("shark").info("job done")
+sys.stdout.write("no newline at the end")
+exit_without_teardown(3)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as in a job
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout.endswith("no newline at the end")
+    assert "job done" in log.read_text()
