@@ -11,6 +11,7 @@ apart)."""
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -92,12 +93,16 @@ def main(big: int, replicated: int, dim: int, steps: int, out: str, eager: bool)
     after_train = rss()
     if eager:
         checkpoint.lazy_state_dict = lambda m: m.state_dict()
+    t0 = time.perf_counter()
     ckpt = checkpoint.save_checkpoint(Path(out), steps, dmp, dmp.fused_optimizer, {}, keep=1)
+    save_seconds = time.perf_counter() - t0
     saved = sum(p.stat().st_size for p in ckpt.iterdir())
     after_save = rss()
     if eager:
         checkpoint.load_state_in_place = eager_load
+    t0 = time.perf_counter()
     checkpoint.load_checkpoint(ckpt, dmp, dmp.fused_optimizer, {})  # the resume path
+    load_seconds = time.perf_counter() - t0
     smod = dmp.module.ebc
     memory = smod.precision_memory()
     print(
@@ -111,6 +116,8 @@ def main(big: int, replicated: int, dim: int, steps: int, out: str, eager: bool)
                 "fp32_bytes": (big + replicated) * dim * 4,
                 "embedding_bytes": sum(m["embedding_bytes"] for m in memory.values()),
                 "checkpoint_bytes": saved,
+                "save_seconds": save_seconds,
+                "load_seconds": load_seconds,
                 "sharding": {n: p.sharding_type for n, p in plan.plan["ebc"].items()},
             }
         )
