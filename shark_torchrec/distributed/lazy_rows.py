@@ -8,8 +8,8 @@ the store) by the first operation that reads them, and dropped with the result. 
 reads each shard with `detach()` when it writes it, so a checkpoint written through lazy blocks
 holds only the blocks in flight beside the store.
 
-A `LazyRows` is read-only: it cannot be a destination of `dcp.load` (the load would land in a
-temporary and be lost), and the modules' load hooks refuse it by name.
+A `LazyRows` is read-only: an operation that writes into it (as `dcp.load` would) is refused,
+and the modules' load hooks refuse it by name.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class LazyRows(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.is_pinned.default:
             return False  # asked while a save is planned: answering must not decode the rows
+        if func._schema.is_mutable:  # e.g. dcp.load's copy_: it would land in a temporary
+            raise RuntimeError(
+                f"{func} writes into a LazyRows: a state dict from lazy_state_dict is for saving; "
+                "load into model.state_dict() or with load_state_in_place"
+            )
 
         def plain(x):
             return x.materialize() if isinstance(x, LazyRows) else x

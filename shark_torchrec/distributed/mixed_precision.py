@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -249,11 +249,13 @@ class MixedPrecisionOptimizer(KeyedOptimizer):
 
 
 def lazy_state_dict(model: nn.Module) -> Dict[str, Any]:
-    """`model.state_dict()` for saving: the rows of every mixed-precision table come as
-    `LazyRows` blocks of about 16 MB of fp32 each, decoded from the store only when DCP writes
-    them, so a save holds the store and the blocks in flight instead of an fp32 copy of every
-    row and its state (about twice the fp32 table). Everything else is as `state_dict()` gives
-    it. Like TorchRec's own state dict, it reads the live tables: save it before training on.
+    """`model.state_dict()` for saving: the rows of every sharded mixed-precision table come
+    as `LazyRows` blocks of about 16 MB of fp32 each, decoded from the store only when DCP
+    writes them, so a save holds the store and the blocks in flight instead of an fp32 copy of
+    every row and its state (about twice the fp32 table). DCP's file writer keeps the last block
+    of each state tensor until its file is closed: about 33 MB a table at most. Everything else
+    (an unsharded collection too) is as `state_dict()` gives it. Like TorchRec's own state dict,
+    it reads the live tables: save it before training on.
 
         dcp.save({"model": lazy_state_dict(dmp), "optim": dmp.fused_optimizer.state_dict()}, checkpoint_id=path)
 
@@ -280,12 +282,14 @@ def lazy_state_dict(model: nn.Module) -> Dict[str, Any]:
 class _RowLoad:
     """One sharded collection's load straight into its stores (`load_state_in_place`): the
     `RowSink`s of its state dict hand every piece DCP reads to `receiver(...)`, which puts it
-    in place. The first pass reads `row_group` and `qparams` (kept as 1 and 6 bytes a row), so
+    in place. The first pass reads `row_group` and `qparams` (kept as 1 and 10 bytes a row), so
     that the second can write each block of `weight` into the rows' groups as it arrives,
     integer rows with their saved scale and bias, exactly as `fill_table_state` does a table.
 
-    Pieces that cover a block's whole width go in at once. A piece of only some columns (a
-    checkpoint saved column-wise, loaded otherwise) waits in a buffer until its block is whole."""
+    Pieces that cover a shard's whole width go in at once: DCP reads a saved chunk at a time
+    (16 MB of fp32 for a checkpoint from `lazy_state_dict`, a whole shard from `state_dict()`).
+    A piece of only some columns (a checkpoint saved column-wise, loaded otherwise) waits in a
+    buffer the size of its local table in fp32 until every column of it has come."""
 
     FIRST = ("row_group", "qparams")
     FIRST_SUFFIXES = (".row_group", ".qparams")
@@ -298,6 +302,7 @@ class _RowLoad:
         self.tables = [(store, i, t) for store, _ in module.stores() for i, t in enumerate(store.tables)]
         self.groups = {(id(s), i): torch.full((t.rows,), -1, dtype=torch.int8) for s, i, t in self.tables}
         self.q_first = {(id(s), i): torch.zeros(t.rows, 2, dtype=torch.float16) for s, i, t in self.tables}
+        self.q_ref = {(id(s), i): torch.zeros(t.rows, 2, dtype=torch.float16) for s, i, t in self.tables}
         self.q_seen = {(id(s), i): torch.zeros(t.rows, dtype=torch.bool) for s, i, t in self.tables}
         self.q_same = {(id(s), i): torch.ones(t.rows, dtype=torch.bool) for s, i, t in self.tables}
         self.partial: Dict[Tuple[int, int, str, int], List[Any]] = {}  # waiting pieces: [buffer, elements filled]
@@ -327,16 +332,22 @@ class _RowLoad:
             return
         lo = int(store.table_base[i])
         if key == "row_group":
-            self.groups[slot][r0 : r0 + n] = values[:, 0].to(torch.int8)
+            if c0 == 0:  # the first unit's, as a load through state_dict() takes
+                self.groups[slot][r0 : r0 + n] = values[:, 0].to(torch.int8)
         elif key == "qparams":
+            # Exact codes need one scale and bias over the whole row: every unit equal to the
+            # first piece's first unit (equality carries over pieces in any order); the pair
+            # kept is the row's first unit's, bit for bit, as state_dict()'s load keeps it.
             q = values.view(n, -1, 2)
             rows = slice(r0, r0 + n)
             same = (q == q[:, :1]).all(dim=2).all(dim=1)
             seen = self.q_seen[slot][rows]
-            first = torch.where(seen[:, None], self.q_first[slot][rows], q[:, 0])
-            self.q_same[slot][rows] &= same & (q[:, 0] == first).all(dim=1)
-            self.q_first[slot][rows] = first
+            ref = torch.where(seen[:, None], self.q_ref[slot][rows], q[:, 0])
+            self.q_same[slot][rows] &= same & (q[:, 0] == ref).all(dim=1)
+            self.q_ref[slot][rows] = ref
             self.q_seen[slot][rows] = True
+            if c0 == 0:
+                self.q_first[slot][rows] = q[:, 0]
         elif key in ("row_priority", "row_seen_step"):
             if c0 == 0:  # every unit holds the row's value; the first unit's piece is read once
                 target = store.row_priority if key == "row_priority" else store.row_seen_step
@@ -354,17 +365,12 @@ class _RowLoad:
             if whole:
                 self._write_weights(store, i, r0, values.float())
                 return
-            rows = t.rows if self.module.module_sharding_plan[t.name].sharding_spec is None else None
-            block_rows_here = rows if rows is not None else min(block_rows(self._dim(t.name)), t.rows - block)
-            entry = self.partial.setdefault((id(store), i, key, block), [torch.zeros(block_rows_here, width), 0])
+            entry = self.partial.setdefault((id(store), i, key, block), [torch.zeros(t.rows - block, width), 0])
             entry[0][r0 - block : r0 - block + n, c0 : c0 + values.shape[1]] = values.float()
             entry[1] += values.numel()
             if entry[1] == entry[0].numel():
                 del self.partial[(id(store), i, key, block)]
                 self._write_weights(store, i, block, entry[0])
-
-    def _dim(self, table: str) -> int:
-        return next(c.embedding_dim for c in self.module._mp_configs if c.name == table)
 
     def _write_weights(self, store, i: int, r0: int, values: torch.Tensor) -> None:
         """Rows r0.. of local table i: rounded to nearest into their groups, and integer rows
@@ -398,8 +404,9 @@ class _RowLoad:
         """Apply what waited for every piece: momentum means, fallback rows; then share the
         fallback rows as a load does."""
         if self.partial:
-            (_, i, key, block), _ = next(iter(self.partial.items()))
-            raise ValueError(f"checkpoint load: {key} rows from {block} of a local table {i} came incomplete")
+            (sid, i, key, _), _ = next(iter(self.partial.items()))
+            name = next(t.name for s, j, t in self.tables if id(s) == sid and j == i)
+            raise ValueError(f"checkpoint load: {key} of table {name} came with columns missing")
         for store, i, t in self.tables:
             slot = (id(store), i)
             if slot in self.momentum_units:
@@ -440,7 +447,9 @@ def load_state_in_place(
             an optimizer, `"optim"` (e.g. `lambda s: dcp.load(s, checkpoint_id=path)`).
         optimizer: the model's optimizer, loaded too, or None.
         check: called with each pass's state before anything is read (e.g. to refuse a
-            checkpoint that lacks an entry, so that nothing is loaded then).
+            checkpoint that lacks an entry, so that nothing is loaded then). Without it, a load
+            that fails in its second pass leaves the rows in their loaded groups with values
+            partly loaded: load again before training.
 
     Returns:
         The state `load` filled in the last pass (its model entries already applied).
@@ -481,13 +490,14 @@ def _is_ours(value: Any) -> bool:
     return isinstance(value, (ShardedTensor, RowSink))
 
 
-def refuse_lazy(per_table: Dict[str, Dict[str, Any]], where: str) -> None:
+def refuse_lazy(per_table: Dict[str, Dict[str, Any]], where: str, replicated: Sequence[str] = ()) -> None:
     """Refuse to load from a state dict whose rows are `LazyRows` (taken by `lazy_state_dict`):
     a `dcp.load` into it reads into temporaries, so its values are not the checkpoint's.
 
     Args:
         per_table: table -> key -> value, as `pop_table_states` gives them.
         where: the collection's prefix, for the message.
+        replicated: the data-parallel tables.
 
     Raises:
         ValueError: naming the first lazy entry.
@@ -495,7 +505,10 @@ def refuse_lazy(per_table: Dict[str, Dict[str, Any]], where: str) -> None:
     for table, state in per_table.items():
         for key, value in state.items():
             parts = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
-            if any(isinstance(p, LazyRows) for p in parts):
+            # A data-parallel table's state is a plain tensor, except in a lazy state dict (its
+            # blocks, on rank 0 only: other ranks hold none of them).
+            blocks_elsewhere = isinstance(value, ShardedTensor) and table in replicated
+            if blocks_elsewhere or any(isinstance(p, LazyRows) for p in parts):
                 raise ValueError(
                     f"{where}.{table}.{key}: this state dict came from lazy_state_dict, whose rows are read when saved "
                     "and cannot be loaded into; load into model.state_dict() instead"
@@ -871,7 +884,7 @@ class ShardedMixedPrecisionModule:
         rank 0."""
         spec = self.module_sharding_plan[table].sharding_spec
         k = STATE_COLUMNS[key]
-        if spec is None and not (lazy and key not in FALLBACK_KEYS and self.row_load is None):
+        if spec is None and not (lazy and key not in FALLBACK_KEYS):
             return None
         if spec is None:
             # Data-parallel, saved lazily: blocks of the whole table, all written by rank 0
@@ -924,7 +937,8 @@ class ShardedMixedPrecisionModule:
     def _local_state(self, lazy: bool = False) -> Dict[str, Dict[str, List[Tuple[ShardMetadata, torch.Tensor]]]]:
         """table -> key -> [(shard metadata, local tensor)] for the shards on this rank; `lazy`
         gives the rows as `LazyRows` blocks (decoded when read), a data-parallel table's on rank
-        0 only."""
+        0 only. While `row_load` is set, each shard is one `RowSink` (the layout of
+        `state_dict()`: DCP then reads every saved chunk once, however it was saved)."""
         dims = {c.name: c.embedding_dim for c in self._mp_configs}
         out: Dict[str, Dict[str, list]] = {}
         for store, _ in self.stores():
@@ -937,12 +951,10 @@ class ShardedMixedPrecisionModule:
                         continue  # a copy: the shard at row 0 writes the table's fallback row
                     if self.row_load is not None and key not in self.row_load.keys:
                         continue
-                    if lazy and replicated and not fallback and self.row_load is None and dist.get_rank(self._pg) != 0:
+                    if lazy and replicated and not fallback and dist.get_rank(self._pg) != 0:
                         continue  # rank 0 writes a data-parallel table's blocks (see _state_metadata)
                     if fallback:
                         blocks = [(0, 1)]
-                    elif lazy and replicated and self.row_load is not None:
-                        blocks = [(0, t.rows)]  # loaded into a plain tensor on every rank
                     elif lazy:
                         blocks = [
                             (r0 - t.row_offset, n)
@@ -977,7 +989,7 @@ class ShardedMixedPrecisionModule:
 
     @staticmethod
     def _mp_state_dict_hook(module, destination, prefix, _local_metadata) -> None:
-        lazy = module.lazy_state or module.row_load is not None
+        lazy = module.lazy_state and module.row_load is None
         local = module._local_state(lazy)
         dims = {c.name: c.embedding_dim for c in module._mp_configs}
         keys = ["weight", "qparams", "row_group"]
@@ -1017,7 +1029,8 @@ class ShardedMixedPrecisionModule:
             if step_key in state_dict:
                 self.step_counter.value = int(state_dict.pop(step_key)[0])
             return
-        refuse_lazy(per_table, f"{prefix}{self._mp_prefix}")  # before anything is changed
+        replicated = [n for n in self._table_names if self.module_sharding_plan[n].sharding_spec is None]
+        refuse_lazy(per_table, f"{prefix}{self._mp_prefix}", replicated)  # before anything is changed
         self.groups_fresh = False
         step_key = f"{prefix}precision_step"
         if step_key in state_dict:

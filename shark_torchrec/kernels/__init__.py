@@ -496,7 +496,8 @@ def groups_by_ranking(scores: torch.Tensor, first_row: int, cuts: List[int], gro
         scores: [n] float32 scores of consecutive rows.
         first_row: the global row of the first.
         cuts: non-increasing key cuts, one fewer than `groups`.
-        groups: the group ids, most precise first.
+        groups: the group ids rows can be in (sorted here: the most precise first, as
+            `groups_by_cuts` takes them).
         out: [n] int8, written.
     """
-    torch.ops.shark.groups_by_ranking(scores, first_row, list(cuts), list(groups), out)
+    torch.ops.shark.groups_by_ranking(scores, first_row, list(cuts), sorted(groups), out)

@@ -214,3 +214,30 @@ def test_sharded_training_and_checkpoint_hold_no_fp32_copy(tmp_path):
     assert m["peak_rss_after_save_bytes"] - m["peak_rss_after_train_bytes"] < 0.25 * m["fp32_bytes"], m
     assert m["peak_rss_after_load_bytes"] - m["peak_rss_after_train_bytes"] < 0.25 * m["fp32_bytes"], m
     assert m["checkpoint_bytes"] > 2 * m["fp32_bytes"]  # it did write every row and its state
+
+
+def test_lazy_rows_decode_when_read_and_refuse_writes():
+    """A `LazyRows` block decodes on each read (nothing cached, nothing on is_pinned), and a
+    write into it (what a dcp.load into a lazy state dict would do) is refused by name; a
+    `RowSink` hands what is copied into a slice of it to its receiver, with the slice's place,
+    and refuses reads."""
+    from shark_torchrec.distributed.lazy_rows import LazyRows, RowSink
+
+    calls = []
+
+    def produce():
+        calls.append(1)
+        return torch.arange(6.0).view(3, 2)
+
+    lazy = LazyRows((3, 2), torch.float32, produce)
+    assert not lazy.is_pinned() and not calls
+    assert torch.equal(lazy.detach(), torch.arange(6.0).view(3, 2)) and len(calls) == 1
+    assert float(lazy.sum()) == 15.0 and len(calls) == 2
+    with pytest.raises(RuntimeError, match="writes into a LazyRows"):
+        lazy.copy_(torch.zeros(3, 2))
+    got = []
+    sink = RowSink((4, 6), torch.float32, lambda offsets, values: got.append((offsets, values)))
+    sink.narrow(0, 1, 2).narrow(1, 2, 3).detach().copy_(torch.ones(2, 3))
+    assert got[0][0] == (1, 2) and torch.equal(got[0][1], torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="not a tensor to read"):
+        sink.sum()

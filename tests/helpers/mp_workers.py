@@ -220,13 +220,18 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
             # 7-row blocks), and as state_dict() loads into another: the same state.
             from shark_torchrec.distributed.mixed_precision import load_state_in_place
 
-            in_place, through_fp32 = (sharded_model(reload_as, pol_kw, sequence).module.ebc for _ in range(2))
+            # The checkpoint saved from state_dict() (one chunk a shard, as older checkpoints)
+            # loads in place the same way.
+            models = [sharded_model(reload_as, pol_kw, sequence).module.ebc for _ in range(3)]
+            in_place, from_eager, through_fp32 = models
             load_state_in_place(in_place, lambda st: dcp.load(st["model"], checkpoint_id=save_to + "_lazy"))
+            load_state_in_place(from_eager, lambda st: dcp.load(st["model"], checkpoint_id=save_to))
             state = through_fp32.state_dict()
             dcp.load(state, checkpoint_id=save_to + "_lazy")
             through_fp32.load_state_dict(state)
             same = [None] * world
-            dist.all_gather_object(same, local_state_equal(in_place, through_fp32))
+            mine = local_state_equal(in_place, through_fp32) and local_state_equal(from_eager, through_fp32)
+            dist.all_gather_object(same, mine)
             in_place_equal = all(same)
         try:  # a lazy state dict cannot be loaded into: refused by name, nothing loaded
             smod.load_state_dict(lazy_state_dict(smod))
