@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from shark_torchrec.distributed.env import exit_without_teardown
 from shark_torchrec.distributed.mixed_precision import (  # SHARK: our sharders
     MixedPrecisionEmbeddingBagCollectionSharder,
     MixedPrecisionEmbeddingCollectionSharder,
@@ -258,11 +258,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Leave without Python's interpreter teardown: a gloo worker thread can still be releasing
-    # a finished collective's tensors, and when that needs the GIL during teardown the process
-    # aborts ("terminate called without an active exception", after all the work is done;
-    # about once in 150 runs here, from PyTorch's ProcessGroupGloo::AsyncWork destructor).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # Output flushed, then no interpreter teardown: during it a gloo worker thread still
+    # releasing a finished collective's tensors aborts the process (see exit_without_teardown).
+    exit_without_teardown(main())

@@ -47,11 +47,12 @@ from shark_torchrec.modules.mixed_precision import (
     table_id,
     table_state_block,
     table_state_keys,
+    write_saved_rows,
 )
 from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
-from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES, INT_BITS
+from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES
 
 # Column scale of each state tensor against the table's columns (see modules.mixed_precision).
 STATE_COLUMNS = {
@@ -283,13 +284,14 @@ class _RowLoad:
     """One sharded collection's load straight into its stores (`load_state_in_place`): the
     `RowSink`s of its state dict hand every piece DCP reads to `receiver(...)`, which puts it
     in place. The first pass reads `row_group` and `qparams` (kept as 1 and 10 bytes a row), so
-    that the second can write each block of `weight` into the rows' groups as it arrives,
-    integer rows with their saved scale and bias, exactly as `fill_table_state` does a table.
+    that the second can write each piece of `weight` into the rows' groups as it arrives,
+    integer rows with their saved scale and bias (`write_saved_rows`, as `fill_table_state`).
 
     Pieces that cover a shard's whole width go in at once: DCP reads a saved chunk at a time
     (16 MB of fp32 for a checkpoint from `lazy_state_dict`, a whole shard from `state_dict()`).
     A piece of only some columns (a checkpoint saved column-wise, loaded otherwise) waits in a
-    buffer the size of its local table in fp32 until every column of it has come."""
+    buffer the size of its local table in fp32 until every column of it has come (`weight` and
+    `momentum`, whose mean is over a whole row)."""
 
     FIRST = ("row_group", "qparams")
     FIRST_SUFFIXES = (".row_group", ".qparams")
@@ -305,21 +307,19 @@ class _RowLoad:
         self.q_ref = {(id(s), i): torch.zeros(t.rows, 2, dtype=torch.float16) for s, i, t in self.tables}
         self.q_seen = {(id(s), i): torch.zeros(t.rows, dtype=torch.bool) for s, i, t in self.tables}
         self.q_same = {(id(s), i): torch.ones(t.rows, dtype=torch.bool) for s, i, t in self.tables}
-        self.partial: Dict[Tuple[int, int, str, int], List[Any]] = {}  # waiting pieces: [buffer, elements filled]
-        self.momentum_units: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.partial: Dict[Tuple[int, int, str], List[Any]] = {}  # (slot, key) -> [buffer, elements filled]
         self.fallbacks: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
 
-    def receiver(self, store: RowGroupStore, i: int, key: str, start: int):
-        """The `deliver` of the sink of rows `start`.. of local table `i`'s `key`."""
+    def receiver(self, store: RowGroupStore, i: int, key: str):
+        """The `deliver` of the sink of local table `i`'s `key` (one sink a shard)."""
 
         def deliver(offsets: Tuple[int, int], values: torch.Tensor) -> None:
-            self.put(store, i, key, start, start + offsets[0], offsets[1], values)
+            self.put(store, i, key, offsets[0], offsets[1], values)
 
         return deliver
 
-    def put(self, store, i: int, key: str, block: int, r0: int, c0: int, values: torch.Tensor) -> None:
-        """Place a piece: rows r0.. of local table i (its block starting at row `block`),
-        state columns c0.. of `key`."""
+    def put(self, store, i: int, key: str, r0: int, c0: int, values: torch.Tensor) -> None:
+        """Place a piece: rows r0.. of local table i, state columns c0.. of `key`."""
         t = store.tables[i]
         k = STATE_COLUMNS[key]
         width = int(t.dim * k)
@@ -352,40 +352,26 @@ class _RowLoad:
             if c0 == 0:  # every unit holds the row's value; the first unit's piece is read once
                 target = store.row_priority if key == "row_priority" else store.row_seen_step
                 target[lo + r0 : lo + r0 + n] = values[:, 0].to(target.dtype)
-        elif key == "momentum":
-            if whole:
-                store.momentum[lo + r0 : lo + r0 + n] = values.float().mean(dim=1)
-            else:  # the row's units wait for the rest, to be averaged as a whole row is
-                units, filled = self.momentum_units.setdefault(
-                    slot, (torch.zeros(t.rows, width), torch.zeros(t.rows, dtype=torch.int64))
+        elif key in ("weight", "momentum"):
+            if not whole:  # the table's columns wait for the rest (a momentum is a whole row's mean)
+                entry = self.partial.setdefault((*slot, key), [torch.zeros(t.rows, width), 0])
+                entry[0][r0 : r0 + n, c0 : c0 + values.shape[1]] = values.float()
+                entry[1] += values.numel()
+                if entry[1] < entry[0].numel():
+                    return
+                del self.partial[(*slot, key)]
+                r0, values = 0, entry[0]
+            if key == "momentum":
+                store.momentum[lo + r0 : lo + r0 + len(values)] = values.float().mean(dim=1)
+            else:
+                rows = slice(r0, r0 + len(values))
+                write_saved_rows(
+                    store,
+                    torch.arange(lo + r0, lo + r0 + len(values)),
+                    values.float(),
+                    self.q_first[slot][rows],
+                    self.q_seen[slot][rows] & self.q_same[slot][rows],
                 )
-                units[r0 : r0 + n, c0 : c0 + values.shape[1]] = values.float()
-                filled[r0 : r0 + n] += values.shape[1]
-        elif key == "weight":
-            if whole:
-                self._write_weights(store, i, r0, values.float())
-                return
-            entry = self.partial.setdefault((id(store), i, key, block), [torch.zeros(t.rows - block, width), 0])
-            entry[0][r0 - block : r0 - block + n, c0 : c0 + values.shape[1]] = values.float()
-            entry[1] += values.numel()
-            if entry[1] == entry[0].numel():
-                del self.partial[(id(store), i, key, block)]
-                self._write_weights(store, i, block, entry[0])
-
-    def _write_weights(self, store, i: int, r0: int, values: torch.Tensor) -> None:
-        """Rows r0.. of local table i: rounded to nearest into their groups, and integer rows
-        whose saved scale and bias are one per row get their exact codes back under it."""
-        lo = int(store.table_base[i])
-        keys = torch.arange(lo + r0, lo + r0 + values.shape[0])
-        store.write_rows(keys, values)
-        slot, rows = (id(store), i), slice(r0, r0 + values.shape[0])
-        q = self.q_first[slot][rows]
-        same = self.q_seen[slot][rows] & self.q_same[slot][rows] & (q[:, 0] != 0)
-        groups = store.groups_of(keys)
-        for g in INT_BITS:
-            exact = (groups == g) & same
-            if bool(exact.any()):
-                store.write_int_exact(g, keys[exact], values[exact], q[exact])
 
     def first_pass_done(self) -> None:
         """Every row's group read: set each store's groups (values come in the second pass)."""
@@ -401,21 +387,13 @@ class _RowLoad:
         self.groups.clear()
 
     def second_pass_done(self) -> None:
-        """Apply what waited for every piece: momentum means, fallback rows; then share the
-        fallback rows as a load does."""
+        """Apply the fallback rows (and share them as a load does), once every piece came."""
         if self.partial:
-            (sid, i, key, _), _ = next(iter(self.partial.items()))
+            (sid, i, key), _ = next(iter(self.partial.items()))
             name = next(t.name for s, j, t in self.tables if id(s) == sid and j == i)
             raise ValueError(f"checkpoint load: {key} of table {name} came with columns missing")
         for store, i, t in self.tables:
             slot = (id(store), i)
-            if slot in self.momentum_units:
-                units, filled = self.momentum_units[slot]
-                if bool((filled[filled > 0] != units.shape[1]).any()):
-                    raise ValueError(f"checkpoint load: momentum of table {t.name} came incomplete")
-                lo = int(store.table_base[i])
-                have = filled > 0
-                store.momentum[lo : lo + t.rows][have] = units[have].mean(dim=1)
             fb = self.fallbacks.get(slot)
             if fb and "fallback" in fb and store.has_dropped:
                 m = fb.get("fallback_momentum")
@@ -972,7 +950,7 @@ class ShardedMixedPrecisionModule:
                             tensor = RowSink(
                                 (n, int(t.dim * k)),
                                 STATE_DTYPES[key],
-                                self.row_load.receiver(store, i, key, start),
+                                self.row_load.receiver(store, i, key),
                             )
                         elif lazy:
                             tensor = LazyRows(

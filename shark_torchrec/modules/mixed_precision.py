@@ -316,6 +316,36 @@ def local_table_state(store: RowGroupStore, index: int) -> Dict[str, torch.Tenso
 
 
 @torch.no_grad()
+def write_saved_rows(
+    store: RowGroupStore,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale_bias: Optional[torch.Tensor],
+    one_per_row: Optional[torch.Tensor],
+) -> None:
+    """Rows read from a checkpoint, into their current groups: rounded to nearest, and integer
+    rows whose saved scale and bias are one per row (not several column slices' own) get their
+    exact codes back under it.
+
+    Args:
+        store: the store.
+        keys: [n] row keys.
+        values: [n, dim] fp32 values.
+        scale_bias: [n, 2] fp16, each row's saved scale and bias (its first unit's), or None.
+        one_per_row: [n] bool, whether every unit of the row saved that same pair, or None.
+    """
+    store.write_rows(keys, values)
+    if scale_bias is None:
+        return
+    same = one_per_row & (scale_bias[:, 0] != 0)
+    groups = store.groups_of(keys)
+    for g in INT_BITS:
+        exact = (groups == g) & same
+        if bool(exact.any()):
+            store.write_int_exact(g, keys[exact], values[exact], scale_bias[exact])
+
+
+@torch.no_grad()
 def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Tensor]) -> None:
     """Write one local table's checkpoint tensors into a store whose groups are already set:
     values rounded to nearest into each row's group (integer rows with one scale and bias per
@@ -330,18 +360,14 @@ def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Te
     if hi == lo:
         return
     keys = torch.arange(lo, hi)
-    values = state["weight"].float()
-    store.write_rows(keys, values)
-    if "qparams" in state:
-        # Integer rows whose scale/bias is one per row (not several column slices' own) get
-        # their exact codes back under it.
-        q = state["qparams"].view(hi - lo, -1, 2)
-        same = (q == q[:, :1]).all(dim=2).all(dim=1) & (q[:, 0, 0] != 0)
-        groups = store.groups_of(keys)
-        for g in INT_BITS:
-            exact = (groups == g) & same
-            if bool(exact.any()):
-                store.write_int_exact(g, keys[exact], values[exact], q[exact, 0])
+    q = state["qparams"].view(hi - lo, -1, 2) if "qparams" in state else None
+    write_saved_rows(
+        store,
+        keys,
+        state["weight"].float(),
+        None if q is None else q[:, 0],
+        None if q is None else (q == q[:, :1]).all(dim=2).all(dim=1),
+    )
     if "momentum" in state and store.momentum.numel():
         store.momentum[lo:hi] = state["momentum"].float().mean(dim=1)
     if "row_priority" in state and store.row_priority.numel():
