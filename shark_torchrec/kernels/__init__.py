@@ -21,6 +21,10 @@
   of scores (`ranking.cpp`): the keys split into the zero-score run and the others, and each
   row's group under the cuts. Their references are `split_ranking_keys_torch` and
   `groups_by_ranking_torch` (`shark_torchrec.precision.priority`); equal, key for key.
+- `changed_rows` finds the rows a reassignment moves (`ranking.cpp`): the rows whose group in
+  the row map differs from the new one, and the new groups' sizes, in one pass over the map.
+  Its reference is the torch code of `RowGroupStore.set_groups` with kernels "torch", which
+  decodes the whole map.
 
 The library is compiled once per source, torch version and flags with g++ against
 `torch/library.h` (no pybind, no ninja) into `<venv>/shark_kernels/` (see `library_path`); `scripts/setup.sh`
@@ -39,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -54,6 +58,7 @@ OPS = (
     "update_rows_hashed_",
     "split_ranking_keys",
     "groups_by_ranking",
+    "changed_rows",
 )  # what the library registers under torch.ops.shark
 # The instruction sets the library is compiled for (FBGEMM's CPU build needs them anyway).
 ISA = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
@@ -501,3 +506,30 @@ def groups_by_ranking(scores: torch.Tensor, first_row: int, cuts: List[int], gro
         out: [n] int8, written.
     """
     torch.ops.shark.groups_by_ranking(scores, first_row, list(cuts), sorted(groups), out)
+
+
+@torch.library.register_fake("shark::changed_rows")
+def _changed_rows_fake(row_map, range_ends, groups, num_groups):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return row_map.new_empty((n,), dtype=torch.int64), row_map.new_empty((num_groups,), dtype=torch.int64)
+
+
+def changed_rows(
+    row_map: torch.Tensor, range_ends: torch.Tensor, groups: torch.Tensor, num_groups: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rows whose group in a store's row map differs from `groups`, and the row count of
+    each group under `groups`, in one pass over the map (`RowGroupStore.set_groups`; its torch
+    reference decodes the whole map, `RowGroupStore.decoded_map`).
+
+    Args:
+        row_map: int32 [rows], the store's row map.
+        range_ends: int32, where each group's map values end (a value's group is the number of
+            ends at or below it).
+        groups: int8 [rows], the new groups; each must be in [0, num_groups).
+        num_groups: how many groups there are.
+
+    Returns:
+        (int64 rows that change group, ascending; int64 [num_groups] rows per new group).
+    """
+    rows, counts = torch.ops.shark.changed_rows(row_map, range_ends, groups, num_groups)
+    return rows, counts

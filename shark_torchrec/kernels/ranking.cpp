@@ -1,9 +1,10 @@
-// Ranking keys of a reassignment (`shark_torchrec.modules.reassign`), registered as
-// torch.ops.shark.split_ranking_keys and torch.ops.shark.groups_by_ranking. A row's key is
+// The ops of a reassignment (`shark_torchrec.modules.reassign`): its ranking keys, registered
+// as torch.ops.shark.split_ranking_keys and torch.ops.shark.groups_by_ranking, and the rows a
+// new grouping moves, torch.ops.shark.changed_rows. A row's key is
 // its score's fp32 bits (negative scores count as 0; -0.0 and NaN keep their bits, as torch's
 // clamp_min does) in the high 32 bits and the complement of its global row in the low 32
 // (`shark_torchrec.precision.priority.ranking_keys`): a larger key ranks higher, ties to the
-// lower row. Both ops read a block of consecutive rows' scores and make each key in
+// lower row. The two key ops read a block of consecutive rows' scores and make each key in
 // registers, where the torch code (their reference) made five int64 passes over the block.
 
 #include <ATen/ATen.h>
@@ -11,7 +12,10 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <limits>
+#include <tuple>
 #include <vector>
 
 namespace shark {
@@ -44,6 +48,10 @@ void check_block(const at::Tensor& scores, int64_t first_row) {
 // Keys of rows first_row .. first_row + n - 1 written into `out` [n] as two runs: the keys of
 // rows whose score bits are 0 (a +0.0 score) first, ascending (from the last row to the
 // first), then the others in row order. Returns how many zero keys lead.
+// One pass from the last row, without a branch on the (unpredictable) zero test: each key is
+// written at the end of both runs, the zero run growing from the front and the other from
+// the back, and only its own run's end moves on (where the two ends meet they write one slot,
+// with the one key).
 int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tensor& out) {
   check_block(scores, first_row);
   const int64_t n = scores.numel();
@@ -52,18 +60,17 @@ int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tens
               "split_ranking_keys: out must be a contiguous int64 CPU tensor of ", n, " keys");
   const float* s = scores.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
-  int64_t zeros = 0;
-  for (int64_t i = 0; i < n; ++i) zeros += score_bits(s[i]) == 0;
-  int64_t z = 0, other = zeros;
+  int64_t z = 0, back = n - 1;
   for (int64_t i = n - 1; i >= 0; --i) {
     const int32_t bits = score_bits(s[i]);
-    if (bits == 0) o[z++] = ranking_key(0, first_row + i);
+    const int64_t key = ranking_key(bits, first_row + i);
+    const int64_t zero = bits == 0;
+    o[z] = key;
+    o[back] = key;
+    z += zero;
+    back -= 1 - zero;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t bits = score_bits(s[i]);
-    if (bits != 0) o[other++] = ranking_key(bits, first_row + i);
-  }
-  return zeros;
+  return z;
 }
 
 // Groups of rows first_row .. first_row + n - 1 into `out` [n] (int8): groups[j] for the
@@ -98,14 +105,95 @@ void groups_by_ranking(const at::Tensor& scores, int64_t first_row, at::IntArray
   });
 }
 
+// The rows whose group in `row_map` differs from `groups`, ascending, and how many rows
+// `groups` puts in each of `num_groups` groups: what a reassignment's move needs, in one
+// pass over the map, where the torch code decoded every row's group and slot first. A map
+// value's group is the number of `range_ends` at or below it (`RowGroupStore._decode_map`).
+std::tuple<at::Tensor, at::Tensor> changed_rows(const at::Tensor& row_map, const at::Tensor& range_ends,
+                                                const at::Tensor& groups, int64_t num_groups) {
+  TORCH_CHECK(row_map.device().is_cpu() && row_map.scalar_type() == at::kInt && row_map.dim() == 1 &&
+                  row_map.is_contiguous(),
+              "changed_rows: row_map must be a contiguous 1-D int32 CPU tensor");
+  TORCH_CHECK(range_ends.device().is_cpu() && range_ends.scalar_type() == at::kInt && range_ends.dim() == 1 &&
+                  range_ends.is_contiguous(),
+              "changed_rows: range_ends must be a contiguous 1-D int32 CPU tensor");
+  TORCH_CHECK(groups.device().is_cpu() && groups.scalar_type() == at::kChar && groups.dim() == 1 &&
+                  groups.is_contiguous() && groups.numel() == row_map.numel(),
+              "changed_rows: groups must be a contiguous int8 CPU tensor of ", row_map.numel(), " rows");
+  TORCH_CHECK(num_groups > 0 && num_groups <= 127, "changed_rows: num_groups must be in [1, 127], got ", num_groups);
+  const int64_t n = row_map.numel();
+  const int64_t E = range_ends.numel();
+  const int32_t* map = row_map.data_ptr<int32_t>();
+  const int32_t* ends = range_ends.data_ptr<int32_t>();
+  const int8_t* grp = groups.data_ptr<int8_t>();
+  TORCH_CHECK(E <= 8, "changed_rows: at most 8 range ends, got ", E);
+  // The ends padded to 8 with a value no map entry reaches (a store holds under 2^31 - 1
+  // rows), so the group of an entry is 8 compares the compiler can vectorize.
+  int32_t ends8[8];
+  for (int64_t j = 0; j < 8; ++j) ends8[j] = j < E ? ends[j] : std::numeric_limits<int32_t>::max();
+  auto old_group = [&](int32_t m) {
+    int8_t g = 0;
+    for (int64_t j = 0; j < 8; ++j) g += ends8[j] <= m;
+    return g;
+  };
+  constexpr int64_t kBlock = 1 << 16;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  // Per block: how many rows change, and the count of every tag byte (4 interleaved
+  // histograms, so consecutive rows of one group do not wait on one counter).
+  std::vector<int64_t> changed(blocks, 0), counts(blocks * 256, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kBlock, hi = std::min(n, (b + 1) * kBlock);
+      int64_t k = 0;
+      for (int64_t i = lo; i < hi; ++i) k += old_group(map[i]) != grp[i];
+      changed[b] = k;
+      int32_t h[4][256] = {};
+      int64_t i = lo;
+      for (; i + 4 <= hi; i += 4) {
+        ++h[0][static_cast<uint8_t>(grp[i])];
+        ++h[1][static_cast<uint8_t>(grp[i + 1])];
+        ++h[2][static_cast<uint8_t>(grp[i + 2])];
+        ++h[3][static_cast<uint8_t>(grp[i + 3])];
+      }
+      for (; i < hi; ++i) ++h[0][static_cast<uint8_t>(grp[i])];
+      for (int64_t v = 0; v < 256; ++v) counts[b * 256 + v] = int64_t(h[0][v]) + h[1][v] + h[2][v] + h[3][v];
+    }
+  });
+  std::vector<int64_t> tally(256, 0);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t v = 0; v < 256; ++v) tally[v] += counts[b * 256 + v];
+  for (int64_t v = 0; v < 256; ++v) {
+    const int64_t tag = static_cast<int8_t>(static_cast<uint8_t>(v));
+    TORCH_CHECK(tally[v] == 0 || (tag >= 0 && tag < num_groups), "changed_rows: ", tally[v],
+                " rows have group ", tag, ", not in [0, ", num_groups, ")");
+  }
+  std::vector<int64_t> start(blocks + 1, 0);
+  for (int64_t b = 0; b < blocks; ++b) start[b + 1] = start[b] + changed[b];
+  at::Tensor rows = at::empty({start[blocks]}, row_map.options().dtype(at::kLong));
+  int64_t* out = rows.data_ptr<int64_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t at_ = start[b];
+      if (at_ == start[b + 1]) continue;
+      for (int64_t i = b * kBlock, end = std::min(n, (b + 1) * kBlock); i < end; ++i)
+        if (old_group(map[i]) != grp[i]) out[at_++] = i;
+    }
+  });
+  at::Tensor total = at::zeros({num_groups}, row_map.options().dtype(at::kLong));
+  int64_t* t = total.data_ptr<int64_t>();
+  for (int64_t g = 0; g < num_groups; ++g) t[g] = tally[g];
+  return {rows, total};
+}
 TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def("split_ranking_keys(Tensor scores, int first_row, Tensor(a!) out) -> int");
   m.def("groups_by_ranking(Tensor scores, int first_row, int[] cuts, int[] groups, Tensor(a!) out) -> ()");
+  m.def("changed_rows(Tensor row_map, Tensor range_ends, Tensor groups, int num_groups) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {
   m.impl("split_ranking_keys", &split_ranking_keys);
   m.impl("groups_by_ranking", &groups_by_ranking);
+  m.impl("changed_rows", &changed_rows);
 }
 
 }  // namespace shark

@@ -23,6 +23,7 @@ from shark_torchrec.precision.priority import (
     GROUP_NAMES,
     groups_by_ranking_torch,
     groups_by_threshold,
+    groups_from_sorted_keys,
     kth_largest_cuts,
     model_budget_cuts,
     per_byte_scores,
@@ -100,7 +101,8 @@ def reassign_stores(
 
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
-    ranking keys (8 bytes a row, sorted in place; rows of score 0 need no sort: `split_keys`).
+    ranking keys (8 bytes a row, sorted in place; rows of score 0 need no sort: `split_keys`),
+    from which the table's groups are then read (its keys freed as it is grouped).
 
     Args:
         stores: the stores whose rows are regrouped (this rank's).
@@ -147,7 +149,8 @@ def reassign_stores(
     split = {s: split_ranking_keys if kernels_for(s) == "cpp" else split_ranking_keys_torch for s in stores}
     grouping = {s: groups_by_ranking if kernels_for(s) == "cpp" else groups_by_ranking_torch for s in stores}
 
-    sorted_keys: List[Tuple[int, torch.Tensor, torch.Tensor]] = []  # (table, keys of score 0, the others)
+    # (store, local table, table index, keys of score 0, the others)
+    sorted_keys: List[Tuple[RowGroupStore, int, int, torch.Tensor, torch.Tensor]] = []
     for s, prefix in zip(stores, prefixes):
         for i, t in enumerate(s.tables):
             if not t.counts_once:
@@ -157,12 +160,12 @@ def reassign_stores(
             zeros, others = split_keys(
                 lambda a, b: scores_of(s, name, a, b), lambda a: first_row(s, name, i, a), lo, hi, split[s]
             )
-            sorted_keys.append((index[prefix + t.name], zeros, others))
-    _sort_in_place([others for _, _, others in sorted_keys])
+            sorted_keys.append((s, i, index[name], zeros, others))
+    _sort_in_place([others for *_, others in sorted_keys])
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
-        for ti, zeros, others in sorted_keys:
+        for _, _, ti, zeros, others in sorted_keys:
             for sk in (zeros, others):
                 out[ti] += len(sk) - torch.searchsorted(sk, cuts[ti])
         if pg is not None and dist.get_world_size(pg) > 1:
@@ -182,13 +185,26 @@ def reassign_stores(
         cuts = torch.tensor([shared] * len(names), dtype=torch.int64).reshape(len(names), -1)
     else:
         cuts = kth_largest_cuts(count_at_least, budget_targets(policy, tables, names))
-    sorted_keys.clear()  # the sorted keys go before the new groups are made
     tiers = sorted(policy.groups)
+    new_groups = {s: torch.empty(s.num_rows, dtype=torch.int8) for s in stores}
+    # A table counted here takes its groups from its sorted keys (each key holds its row); a
+    # copy counted elsewhere (a replica, a column slice) ranks its scores again, to the same groups.
+    keyed = set()
+    while sorted_keys:
+        s, i, ti, zeros, others = sorted_keys.pop()  # each table's keys freed once it is grouped
+        lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
+        table_cuts = [int(x) for x in cuts[ti]]
+        groups_from_sorted_keys(
+            (zeros, others), table_cuts, tiers, first_row(s, names[ti], i, lo), new_groups[s][lo:hi]
+        )
+        keyed.add((s, i))
     for s, prefix in zip(stores, prefixes):
-        groups = torch.empty(s.num_rows, dtype=torch.int8)
+        groups = new_groups[s]
         for i, t in enumerate(s.tables):
-            table_cuts = [int(x) for x in cuts[index[prefix + t.name]]]
+            if (s, i) in keyed:
+                continue
             name = prefix + t.name
+            table_cuts = [int(x) for x in cuts[index[name]]]
             for a, b in _chunks(int(s.table_base[i]), int(s.table_base[i + 1])):
                 grouping[s](scores_of(s, name, a, b), first_row(s, name, i, a), table_cuts, tiers, groups[a:b])
         for name, v in s.set_groups(groups).items():

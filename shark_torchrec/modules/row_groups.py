@@ -32,7 +32,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
 from torch import nn
 
-from shark_torchrec.kernels import convert_rows_
+from shark_torchrec.kernels import changed_rows, convert_rows_
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
 from shark_torchrec.modules.row_lookup import (
     _TYPES,
@@ -422,26 +422,37 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         old precision). Otherwise the buffer is rebuilt with exactly the rows each group
         needs. Returns how many rows moved into each group."""
         groups = groups.to(torch.int8)
-        counts = torch.bincount(groups.long(), minlength=len(GROUP_NAMES)).tolist()[:GROUPS]
+        fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
+        if len(groups) != self.num_rows:
+            raise ValueError(f"set_groups: expected a group for each of {self.num_rows} rows, got {len(groups)}")
+        if fresh:
+            move = None
+            sizes = torch.bincount(groups.long(), minlength=len(GROUP_NAMES))
+        elif kernels_for(self) == "cpp":  # one pass of our C++ op over the row map
+            move, sizes = changed_rows(self.row_map, self._range_ends, groups, len(GROUP_NAMES))
+        else:  # its reference: every row's group decoded
+            move = (groups != self.decoded_map()[0]).nonzero().flatten()
+            sizes = torch.bincount(groups.long(), minlength=len(GROUP_NAMES))
+        if len(sizes) != len(GROUP_NAMES):  # bincount grows past a tag above the last group
+            raise ValueError(f"set_groups: group tags must be in [0, {len(GROUP_NAMES)}), got {len(sizes) - 1}")
+        counts = sizes.tolist()[:GROUPS]
         if self.has_dropped:
             counts[FP32] += len(self.tables)  # the fallback rows
-        elif bool((groups == DROPPED).any()):
+        elif int(sizes[DROPPED]):
             raise ValueError("rows can be dropped only under a policy whose tiers include 'dropped'")
-        fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
-        old = None if fresh else self.decoded_map()  # (groups, slots): decoded once, for all below
         # Rows moved into each group: one count of the rows whose group changed.
         into = (
             [0] * len(GROUP_NAMES)
-            if old is None
-            else torch.bincount(groups[groups != old[0]].long(), minlength=len(GROUP_NAMES)).tolist()
+            if move is None
+            else torch.bincount(groups[move].long(), minlength=len(GROUP_NAMES)).tolist()
         )
         moved = {GROUP_NAMES[g]: into[g] for g in range(len(GROUP_NAMES))}
-        if old is None:
+        if move is None:
             self._rebuild(groups, counts, None)
         elif counts == self.capacity and not self.has_dropped:
-            self._move_in_place(groups, *old)
+            self._move_in_place(groups, move)
         else:
-            self._rebuild(groups, counts, old)
+            self._rebuild(groups, counts, self.decoded_map())
         self._build_op_buffers()
         return moved
 
@@ -451,36 +462,39 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         g = groups.long()
         return torch.tensor(list(offsets), dtype=torch.int64)[g] + slots.long() * rb[g]
 
-    def _move_in_place(self, groups: torch.Tensor, old_groups: torch.Tensor, slots: torch.Tensor) -> None:
-        move = (groups != old_groups).nonzero().flatten()
+    def _move_in_place(self, groups: torch.Tensor, move: torch.Tensor) -> None:
+        """Rows `move` (ascending) change group, every group keeping its size: a row entering
+        group g takes a slot a row leaving g freed (as many leave as enter). Only their map
+        entries and bytes are touched."""
         if not len(move):
             return
+        src_group, old_slots = self._decode_map(self.row_map[move])
+        dst_group = groups[move].long()
+        new_slots = torch.empty_like(old_slots)
+        for g in range(GROUPS):
+            new_slots[dst_group == g] = old_slots[src_group == g]
         if kernels_for(self) == "cpp":
             # One pass of our C++ op; it reads every moving row before writing any.
-            src_group = old_groups[move]
-            src_at = self._byte_offsets(src_group, slots[move], self._offsets)
-            old_slots = slots[move].clone()
-            for g in range(GROUPS):
-                slots[move[groups[move] == g]] = old_slots[src_group == g]
-            self._set_map(groups, slots, self.capacity)
-            dst_group = groups[move]
-            dst_at = self._byte_offsets(dst_group, slots[move], self._offsets)
+            src_at = self._byte_offsets(src_group, old_slots, self._offsets)
+            dst_at = self._byte_offsets(dst_group, new_slots, self._offsets)
+            self.row_map[move] = (new_slots + self._range_shift[dst_group]).to(torch.int32)
             convert_rows_(
-                self.weights, dst_at, dst_group, self.weights, src_at, src_group, self.dim, self.row_alignment
+                self.weights,
+                dst_at,
+                dst_group.to(torch.int8),
+                self.weights,
+                src_at,
+                src_group.to(torch.int8),
+                self.dim,
+                self.row_alignment,
             )
             return
         # Raw bytes of the moving rows, per old group, before any slot is reused.
         saved = []
         for g in range(GROUPS):
-            rows = move[old_groups[move] == g]
-            saved.append(
-                (rows, self._raw_view(g, self.weights, self._offsets, self.capacity)[slots[rows].long()].clone())
-            )
-        # A row entering group g takes a slot that a row leaving g freed (as many leave as enter).
-        old_slots = slots[move].clone()
-        for g in range(GROUPS):
-            slots[move[groups[move] == g]] = old_slots[old_groups[move] == g]
-        self._set_map(groups, slots, self.capacity)
+            m = src_group == g
+            saved.append((move[m], self._raw_view(g, self.weights, self._offsets, self.capacity)[old_slots[m]].clone()))
+        self.row_map[move] = (new_slots + self._range_shift[dst_group]).to(torch.int32)
         for g, (rows, raw) in enumerate(saved):
             for start in range(0, len(rows), CHUNK_ROWS):
                 chunk = raw[start : start + CHUNK_ROWS]

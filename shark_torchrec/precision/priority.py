@@ -325,6 +325,36 @@ def groups_by_ranking_torch(
     out.copy_(groups_by_cuts(ranking_keys(scores, rows), cuts, groups))
 
 
+def groups_from_sorted_keys(
+    runs: Sequence[torch.Tensor], cuts: Sequence[int], groups: Sequence[int], first_row: int, out: torch.Tensor
+) -> None:
+    """`groups_by_cuts` of a table's rows read off its sorted ranking keys: a key holds its
+    row, so the rows above each cut are a run's top slice, and no score is computed again.
+    Only the rows above the lowest cut are written one by one; the others take the last
+    (cheapest) group in one fill. Equal to `groups_by_cuts` of the same keys, row for row.
+
+    Args:
+        runs: the table's ranking keys, each tensor ascending (together: every row once).
+        cuts: non-increasing key cuts, one fewer than `groups`.
+        groups: the group ids rows can be in.
+        first_row: the global row (as in the keys) of `out`'s first row.
+        out: int8 [rows of the table], written.
+    """
+    groups = sorted(groups)
+    out.fill_(groups[-1])
+    if not cuts:
+        return
+    bounds = torch.tensor(list(cuts), dtype=torch.int64)
+    for keys in runs:
+        at = torch.searchsorted(keys, bounds).tolist()  # keys[at[j]:] reach cuts[j]
+        top = len(keys)
+        for j, group in enumerate(groups[:-1]):  # the most precise first: each row written once
+            if at[j] < top:
+                rows = 0xFFFFFFFF - (keys[at[j] : top] & 0xFFFFFFFF) - first_row
+                out.index_fill_(0, rows, group)
+            top = min(top, at[j])
+
+
 NO_CUT = (1 << 63) - 1  # a cut no key reaches: keys are below 2^63 - 2^32
 
 

@@ -522,3 +522,27 @@ def test_ranking_key_ops_equal_their_torch_references():
         groups_by_ranking(scores, 0, [5, 3], [0, 1], torch.empty(n, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="float32"):
         split_ranking_keys(scores.double(), 0, out)
+
+
+def test_changed_rows_equals_a_decode_of_the_row_map():
+    """The rows a new grouping moves and the new groups' sizes, from the C++ op, equal a full
+    decode of the row map (the torch reference): random maps over empty and full groups,
+    nothing moved, everything moved, a tail past a block; a tag outside the groups is refused
+    by name."""
+    from shark_torchrec.kernels import changed_rows
+
+    gen = torch.Generator().manual_seed(5)
+    for n, ends in ((200_000, [10, 30, 30, 60, 100]), (70_001, [0, 0, 50, 50, 50]), (5, [1, 2, 3, 4, 5])):
+        ends_t = torch.tensor(ends, dtype=torch.int32)
+        row_map = torch.randint(0, ends[-1] + 3, (n,), generator=gen, dtype=torch.int32)
+        old = torch.bucketize(row_map, ends_t, right=True).to(torch.int8)
+        for new in (old.clone(), (old + 1) % 6, torch.randint(0, 6, (n,), generator=gen).to(torch.int8)):
+            rows, sizes = changed_rows(row_map, ends_t, new, 6)
+            assert torch.equal(rows, (new != old).nonzero().flatten())
+            assert torch.equal(sizes, torch.bincount(new.long(), minlength=6))
+    bad = torch.zeros(5, dtype=torch.int8)
+    bad[3] = -2
+    with pytest.raises(RuntimeError, match="1 rows have group -2, not in"):
+        changed_rows(torch.zeros(5, dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32), bad, 6)
+    with pytest.raises(RuntimeError, match="int8 CPU tensor of 5 rows"):
+        changed_rows(torch.zeros(5, dtype=torch.int32), torch.tensor([1], dtype=torch.int32), bad[:4], 6)

@@ -264,10 +264,17 @@ def test_split_keys_count_as_a_sort_of_all_the_keys(implementation):
     """Reassignment sorts only the keys of rows with a score (`split_keys`): the rows of score 0
     come out in order, and the two runs count the keys at or above any cut as a sorted array of
     all the keys does (chunks of rows split across the runs), with the C++ op and its torch
-    reference."""
+    reference; the groups read off the sorted runs (`groups_from_sorted_keys`) are
+    `groups_by_cuts` of the keys."""
     from shark_torchrec.kernels import split_ranking_keys
     from shark_torchrec.modules import reassign
-    from shark_torchrec.precision.priority import ranking_keys, split_ranking_keys_torch
+    from shark_torchrec.precision.priority import (
+        NO_CUT,
+        groups_by_cuts,
+        groups_from_sorted_keys,
+        ranking_keys,
+        split_ranking_keys_torch,
+    )
 
     gen = torch.Generator().manual_seed(0)
     n, lo = 2_500, 300
@@ -292,3 +299,11 @@ def test_split_keys_count_as_a_sort_of_all_the_keys(implementation):
         want = n - int(torch.searchsorted(everything, cut))
         got = sum(len(k) - int(torch.searchsorted(k, cut)) for k in (zeros, others))
         assert got == want
+    # The groups read off the sorted runs are those of the keys under the same cuts.
+    for tiers in ([0, 1, 2], [2, 3, 4, 5], [3, 4], [2]):
+        picks = everything[torch.randint(0, n, (len(tiers) - 1,), generator=gen)]
+        cuts = sorted((picks + torch.randint(-1, 2, picks.shape, generator=gen)).tolist(), reverse=True)
+        for c in (cuts, [NO_CUT] * (len(tiers) - 1), [NO_CUT] + cuts[1:], [0] * (len(tiers) - 1)):
+            out = torch.full((n,), -1, dtype=torch.int8)
+            groups_from_sorted_keys((zeros, others), c, tiers, 7, out)
+            assert torch.equal(out, groups_by_cuts(keys, c, tiers)), (tiers, c)
