@@ -9,6 +9,9 @@
   stepped, and written back with stochastic rounding, in place. Its reference is the torch
   code of `RowOptimizer.step_rows(kernels="torch")` with `shark_torchrec.precision.quantize`; bit
   for bit too.
+- `update_priorities_` is paper Eq. 7 for a step's touched rows (`update.cpp`), in place, in one
+  op. Its reference is the torch code of `RowOptimizer.apply_update` with kernels "torch"
+  (`shark_torchrec.precision.priority.updated`); bit for bit too.
 - `update_rows_hashed_` is `update_rows_` hashing each row's rounding noise window in its
   pass (the store's CPU path), where `update_rows_` reads windows torch hashed before it.
 - `convert_rows_` converts the rows that change group at a reassignment (`update.cpp`): each
@@ -59,6 +62,7 @@ OPS = (
     "split_ranking_keys",
     "groups_by_ranking",
     "changed_rows",
+    "update_priorities_",
 )  # what the library registers under torch.ops.shark
 # The instruction sets the library is compiled for (FBGEMM's CPU build needs them anyway).
 ISA = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
@@ -533,3 +537,34 @@ def changed_rows(
     """
     rows, counts = torch.ops.shark.changed_rows(row_map, range_ends, groups, num_groups)
     return rows, counts
+
+
+@torch.library.register_fake("shark::update_priorities_")
+def _update_priorities_fake(priority, seen_step, keys, positives, negatives, step, alpha, beta):
+    return None
+
+
+def update_priorities_(
+    priority: torch.Tensor,
+    seen_step: torch.Tensor,
+    keys: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    step: int,
+    alpha: float,
+    beta: float,
+) -> None:
+    """Paper Eq. 7 for the rows `keys` at `step`, in place: each stored score decayed to the step
+    before, then (1 - beta) * it + beta * (alpha * positives + negatives), stored with `step`
+    (`shark_torchrec.precision.priority.updated`, bit for bit).
+
+    Args:
+        priority: float32 [rows], the stored scores (written).
+        seen_step: int32 [rows], the step each was last updated at (written).
+        keys: int64 [n] distinct rows.
+        positives, negatives: float32 [n], the rows' positive and negative examples this step.
+        step: this step.
+        alpha: the weight of a positive example.
+        beta: Eq. 7's rate.
+    """
+    torch.ops.shark.update_priorities_(priority, seen_step, keys, positives, negatives, step, alpha, beta)

@@ -530,6 +530,64 @@ void update_rows_hashed_(
   step_rows_pass(t, "shark::update_rows_hashed_", keys, row_grad, step_scale, noise_table, dim, noise_start);
 }
 
+// Paper Eq. 7 for the rows a step touched, in place: each row's stored score decayed to the
+// step before (times (1 - beta)^(step - 1 - last step), at least 0 steps), then
+// (1 - beta) * that + beta * (alpha * positives + negatives), stored with `step`. Equal, bit
+// for bit, to the torch code (`shark_torchrec.precision.priority.updated` between an
+// index_select and an index_copy_): the power is taken by the same torch call on the same
+// [n] tensor (torch's pow rounds its vectorized body and its scalar tail differently, so a
+// power of our own would not match), and every other step is one float operation in the
+// torch code's order. `keys` must be distinct.
+void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::Tensor& keys,
+                        const at::Tensor& positives, const at::Tensor& negatives, int64_t step, double alpha,
+                        double beta) {
+  TORCH_CHECK(priority.device().is_cpu() && priority.scalar_type() == at::kFloat && priority.dim() == 1 &&
+                  priority.is_contiguous(),
+              "update_priorities_: priority must be a contiguous 1-D float32 CPU tensor");
+  TORCH_CHECK(seen_step.device().is_cpu() && seen_step.scalar_type() == at::kInt && seen_step.dim() == 1 &&
+                  seen_step.is_contiguous() && seen_step.numel() == priority.numel(),
+              "update_priorities_: seen_step must be a contiguous int32 CPU tensor the size of priority");
+  TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.is_contiguous(),
+              "update_priorities_: keys must be a contiguous 1-D int64 CPU tensor");
+  const int64_t n = keys.numel();
+  for (const at::Tensor* t : {&positives, &negatives})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->numel() == n &&
+                    t->is_contiguous(),
+                "update_priorities_: positives and negatives must be contiguous float32 CPU tensors of ", n, " rows");
+  const int64_t rows = priority.numel();
+  const int64_t* key = keys.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(key[i] >= 0 && key[i] < rows, "update_priorities_: key ", key[i], " outside [0, ", rows, ")");
+  float* score = priority.data_ptr<float>();
+  int32_t* seen = seen_step.data_ptr<int32_t>();
+  at::Tensor old = at::empty({n}, priority.options());
+  at::Tensor steps = at::empty({n}, priority.options());
+  float* o = old.data_ptr<float>();
+  float* k = steps.data_ptr<float>();
+  const int32_t before = static_cast<int32_t>(step - 1);  // the torch code's int32 arithmetic
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      o[i] = score[key[i]];
+      const int32_t d = before - seen[key[i]];
+      k[i] = static_cast<float>(d < 0 ? 0 : d);
+    }
+  });
+  const at::Tensor decay = at::pow(at::scalar_tensor(1.0 - beta, priority.options()), steps).contiguous();
+  const float* w = decay.data_ptr<float>();
+  const float* pos = positives.data_ptr<float>();
+  const float* neg = negatives.data_ptr<float>();
+  const float keep = static_cast<float>(1.0 - beta), rate = static_cast<float>(beta), a = static_cast<float>(alpha);
+  const int32_t now = static_cast<int32_t>(step);
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float prev = o[i] * w[i];
+      const float seen_now = a * pos[i] + neg[i];
+      score[key[i]] = keep * prev + rate * seen_now;
+      seen[key[i]] = now;
+    }
+  });
+}
+
 TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def(
       "update_rows_(Tensor(a!) weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, "
@@ -543,12 +601,16 @@ TORCH_LIBRARY_FRAGMENT(shark, m) {
       "Tensor range_shift, Tensor keys, Tensor row_grad, Tensor step_scale, Tensor table_base, "
       "Tensor table_ids, Tensor row_offset, Tensor col_offset, int noise_head, Tensor noise_table, int dim, "
       "int row_alignment) -> ()");
+  m.def(
+      "update_priorities_(Tensor(a!) priority, Tensor(b!) seen_step, Tensor keys, Tensor positives, "
+      "Tensor negatives, int step, float alpha, float beta) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {
   m.impl("update_rows_", &update_rows_);
   m.impl("convert_rows_", &convert_rows_);
   m.impl("update_rows_hashed_", &update_rows_hashed_);
+  m.impl("update_priorities_", &update_priorities_);
 }
 
 }  // namespace shark

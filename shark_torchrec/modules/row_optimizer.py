@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from shark_torchrec.kernels import update_rows_hashed_
+from shark_torchrec.kernels import update_priorities_, update_rows_hashed_
 from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.priority import DROPPED, FP32, updated
 from shark_torchrec.precision.quantize import _noise_table, noise_head
@@ -50,22 +50,29 @@ class RowOptimizer:
                 # The step's occurrences weighted by how much the loss moved the row.
                 norm = torch.nan_to_num(row_grad.norm(dim=1), nan=0.0, posinf=0.0)
                 pos, neg = pos * norm, neg * norm
-            # index_select / index_copy_ / index_fill_ move the same values as indexing, in
-            # half the time of `x[keys]` and `x[keys] = v` here.
-            self.row_priority.index_copy_(
-                0,
-                keys,
-                updated(
-                    self.row_priority.index_select(0, keys),
-                    self.row_seen_step.index_select(0, keys),
-                    step,
-                    pos,
-                    neg,
-                    p.effective_alpha,
-                    p.beta,
-                ),
-            )
-            self.row_seen_step.index_fill_(0, keys, step)
+            if kernels_for(self) == "cpp":  # one op, bit for bit the torch code below
+                # (a replicated table's sums arrive as strided columns of one buffer)
+                pos, neg = pos.float().contiguous(), neg.float().contiguous()
+                update_priorities_(
+                    self.row_priority, self.row_seen_step, keys.contiguous(), pos, neg, step, p.effective_alpha, p.beta
+                )
+            else:
+                # index_select / index_copy_ / index_fill_ move the same values as indexing, in
+                # half the time of `x[keys]` and `x[keys] = v` here.
+                self.row_priority.index_copy_(
+                    0,
+                    keys,
+                    updated(
+                        self.row_priority.index_select(0, keys),
+                        self.row_seen_step.index_select(0, keys),
+                        step,
+                        pos,
+                        neg,
+                        p.effective_alpha,
+                        p.beta,
+                    ),
+                )
+                self.row_seen_step.index_fill_(0, keys, step)
             self.priority_seconds += time.perf_counter() - t0
         finite = torch.isfinite(row_grad.sum(dim=1))  # a NaN or inf anywhere makes the sum non-finite
         if not bool(finite.all()):

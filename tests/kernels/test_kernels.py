@@ -546,3 +546,45 @@ def test_changed_rows_equals_a_decode_of_the_row_map():
         changed_rows(torch.zeros(5, dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32), bad, 6)
     with pytest.raises(RuntimeError, match="int8 CPU tensor of 5 rows"):
         changed_rows(torch.zeros(5, dtype=torch.int32), torch.tensor([1], dtype=torch.int32), bad[:4], 6)
+
+
+@pytest.mark.parametrize("signal", ["eq7", "eq7-grad"])
+def test_priority_op_equals_the_torch_eq7(signal):
+    """A step's Eq. 7 update of the touched rows from our C++ op equals the torch code, bit for
+    bit, through the store's `apply_update`: touched sets of 1, 7, 33 and 70,001 rows (torch's
+    pow rounds its vectorized body and scalar tail apart, and splits 70,001 over threads),
+    scores of 0 and rows last seen long ago or after the step, several betas and alphas; a key
+    outside the table is refused by name."""
+    import copy
+
+    from shark_torchrec.kernels import update_priorities_
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    gen = torch.Generator().manual_seed(7)
+    rows, D = 150_000, 8
+    for beta, alpha in ((0.9, 1.0), (0.01, 3.0), (1e-4, 0.37)):
+        policy = PrecisionPolicy(
+            mode="shark", tiers=("fp32", "int8"), row_fractions=(0.5,), beta=beta, alpha=alpha, signal=signal
+        ).resolved([D])
+        store = RowGroupStore([LocalTable("t", rows, D, global_rows=rows)], ["f"], [0], policy, StepCounter())
+        store.set_groups(torch.zeros(rows, dtype=torch.int8))
+        store.row_priority[:] = torch.rand(rows, generator=gen) ** 3
+        store.row_priority[torch.rand(rows, generator=gen) < 0.3] = 0.0
+        store.row_seen_step[:] = torch.randint(0, 400, (rows,), generator=gen, dtype=torch.int32)
+        store.step.value = 300
+        for n in (1, 7, 33, 70_001):
+            keys = torch.randperm(rows, generator=gen)[:n]
+            grad = torch.randn(n, D, generator=gen) * 1e-3
+            pos = torch.randint(0, 5, (n,), generator=gen).float()
+            total = pos + torch.randint(0, 5, (n,), generator=gen).float()
+            fused, reference = copy.deepcopy(store), copy.deepcopy(store)
+            fused.kernels, reference.kernels = "cpp", "torch"
+            fused.apply_update(keys, grad, total, pos)
+            reference.apply_update(keys, grad, total, pos)
+            assert torch.equal(fused.row_priority, reference.row_priority), (beta, n)
+            assert torch.equal(fused.row_seen_step, reference.row_seen_step), (beta, n)
+            assert not torch.equal(fused.row_priority, store.row_priority)
+    one = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="key 5 outside"):
+        update_priorities_(torch.zeros(5), torch.zeros(5, dtype=torch.int32), torch.tensor([5]), one, one, 1, 1.0, 0.5)
