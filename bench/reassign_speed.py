@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=3_600_000)
     ap.add_argument("--seen", type=float, default=0.4)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--profile", action="store_true", help="then print a cProfile of 3 reassignments after new scores")
     ap.add_argument("--churn", type=float, default=0.02, help="share of rows given new scores before a moving case")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -63,6 +64,18 @@ def main() -> None:
             times["moves", kernels].append((time.perf_counter() - t0) * 1e3)
     store.kernels = None
     print(f"last reassignment after new scores moved {moved}")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        for _ in range(3):
+            rows = torch.randint(0, args.rows, (churn,))
+            store.row_priority[rows] = torch.rand(churn) ** 4
+            profile.enable()
+            reassign_stores([store], store.policy, tables, None)
+            profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
     for case in ("no move", "moves"):
         for kernels in ("cpp", "torch"):
             ms = times[case, kernels]
