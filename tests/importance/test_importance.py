@@ -11,8 +11,8 @@ from conftest import TINY, run_shark
 from helpers import prune_workers as PW
 from shark_torchrec.config import DataConfig, ModelConfig
 from shark_torchrec.data import open_dataset
-from shark_torchrec.distributed.env import launch
-from shark_torchrec.importance.model_scoring import METHODS, FieldView, score_fields
+from shark_torchrec.distributed.env import DistEnv, launch
+from shark_torchrec.importance.model_scoring import METHODS, FieldView, default_cache_bytes, score_fields
 from shark_torchrec.importance.scores import (
     ABSOLUTE,
     SIGNED,
@@ -136,6 +136,48 @@ def test_batched_scores_equal_a_per_sample_loop():
         torch.testing.assert_close(torch.tensor(got.scores, dtype=torch.float64), want, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="not 'test'"):
         score_fields(model, dataset, "taylor", "test")
+    # The default cache: a quarter of what the host has free, shared by its ranks.
+    one = default_cache_bytes(DistEnv(0, 1, torch.device("cpu"), "none"))
+    two = default_cache_bytes(DistEnv(0, 2, torch.device("cpu"), "gloo"))
+    assert 0 < one and abs(2 * two - one) < 0.05 * one  # (what is free moves between the reads)
+
+
+def test_scoring_head_equals_torchrec_interaction_bit_for_bit():
+    """The scoring head's own dot interaction (pairs by `index_select`) gives TorchRec's
+    `InteractionArch` logits and gradients with respect to the field vectors bit for bit; a
+    model whose interaction is another module goes through that module."""
+    model, dataset = tiny_dlrm_and_data()
+    view = FieldView(model, has_dense=True)
+    batch = next(iter(dataset.batches("dev", 128)))
+    with torch.no_grad():
+        v = view.lookup(batch)
+    dlrm = view.dlrm
+
+    def logits_and_grad(head):
+        x = v.clone().requires_grad_(True)
+        out = head(x)
+        (g,) = torch.autograd.grad((out * torch.linspace(-1, 1, len(out))).sum(), x)
+        return out.detach(), g
+
+    def torchrec_head(x):
+        inter = dlrm.inter_arch(dense_features=x[:, 0], sparse_features=x[:, 1:])
+        return dlrm.over_arch(inter).squeeze(-1)
+
+    ours, theirs = logits_and_grad(view.head), logits_and_grad(torchrec_head)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+    class OtherInteraction(torch.nn.Module):
+        def __init__(self, arch):
+            super().__init__()
+            self.arch, self.calls = arch, 0
+
+        def forward(self, dense_features, sparse_features):
+            self.calls += 1
+            return self.arch(dense_features=dense_features, sparse_features=sparse_features)
+
+    other = OtherInteraction(dlrm.inter_arch)
+    dlrm.inter_arch = other
+    assert torch.equal(logits_and_grad(view.head)[0], theirs[0]) and other.calls == 1
 
 
 def test_taylor_reads_the_data_once_when_the_split_fits_its_cache():
