@@ -68,7 +68,7 @@ def test_precision_flags_are_validated():
 def test_pruning_flags_are_validated(tmp_path, capsys):
     cfg = parse_cli(["--method", "permutation", "--rounds", "3", "--target-memory", "0.4", "--out", "x"])
     assert cfg.prune.method == "permutation" and cfg.prune.rounds == 3 and cfg.run.out_dir == "x"
-    assert cfg.prune.score_cache_gb is None and parse_cli(["--score-cache-gb", "0.5"]).prune.score_cache_gb == 0.5
+    assert cfg.prune.score_cache_gb == 1.0 and parse_cli(["--score-cache-gb", "0.5"]).prune.score_cache_gb == 0.5
     for bad, field in (
         (["--target-memory", "1.5"], "prune.target_memory"),
         (["--max-auc-drop", "-0.1"], "prune.max_auc_drop"),

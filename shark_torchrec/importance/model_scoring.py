@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchrec.distributed.comm import get_local_size
 from torchrec.models.dlrm import DLRM, InteractionArch
 from tqdm import tqdm
 
@@ -228,27 +227,6 @@ def _dot_interaction(arch: InteractionArch, dense: torch.Tensor, sparse: torch.T
     return torch.cat((dense, products.index_select(1, rows * n + cols)), dim=1)
 
 
-def default_cache_bytes(env: DistEnv) -> int:
-    """Taylor's default cache between its passes: a quarter of the memory this host has
-    available when scoring starts (Linux's MemAvailable), shared by the host's ranks; 1 GiB
-    where that cannot be read.
-
-    Args:
-        env: the ranks (their count on this host divides the share).
-
-    Returns:
-        Bytes.
-    """
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 30
-    ranks_here = get_local_size(env.world_size) if env.world_size > 1 else 1
-    return available // (4 * max(1, ranks_here))
-
-
 def _batch_bytes(batch) -> int:
     """Bytes a batch's slots take, counting one id per field and slot (dense features, ids and
     lengths, labels, weights). From the local batch's fixed size, not the ids it happens to
@@ -290,14 +268,14 @@ def score_fields(
     rounds: int = 1,
     seed: int = 0,
     progress: bool = False,
-    cache_bytes: Optional[int] = None,
+    cache_bytes: int = 1 << 30,
 ) -> FieldImportance:
     """Importance of every field of `model` on `split` (dev, or train; never test).
 
     `method`: one of METHODS, or an alias of METHOD_ALIASES (the result names the method itself).
     `cache_bytes`: taylor keeps up to this many bytes of batches (and their field vectors)
     between its passes; when the split's batches fit, its data is read once, and when their
-    vectors fit too, nothing is looked up twice. Default (None): `default_cache_bytes`.
+    vectors fit too, nothing is looked up twice.
 
     Collective when `env` has several ranks: every rank calls it on its share of the data.
 
@@ -343,8 +321,6 @@ def score_fields(
 
     dim = view.dlrm.sparse_arch.D
     sums = TaylorSums(1 + len(view.sparse_names), dim)
-    if cache_bytes is None:
-        cache_bytes = default_cache_bytes(env)
     try:
         if method == "taylor-signed":
             for batch in batches("taylor-signed scores"):

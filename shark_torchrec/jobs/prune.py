@@ -189,7 +189,7 @@ def score(cfg: JobConfig, trained_model, dataset: Dataset, env: DistEnv) -> Fiel
         rounds=p.rounds,
         seed=cfg.train.seed,
         progress=cfg.run.progress,
-        cache_bytes=None if p.score_cache_gb is None else int(p.score_cache_gb * 2**30),
+        cache_bytes=int(p.score_cache_gb * 2**30),
     )
 
 
