@@ -13,6 +13,7 @@ all.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -362,7 +363,7 @@ class PruneConfig:
     score_split: Literal["dev", "train"] = "dev"
     """Data the fields are scored on (never test)."""
     score_cache_gb: float = 1.0
-    """taylor: GB of batches and field vectors kept between its two passes, per rank (when the
+    """taylor: GiB of batches and field vectors kept between its two passes, per rank (when the
     split fits, it is read once; when its vectors fit too, nothing is looked up twice)."""
     target_memory: float = 0.5
     """Stop pruning once the embedding memory is at most this fraction of the base model's."""
@@ -405,8 +406,10 @@ class PruneConfig:
             raise ConfigError(f"prune.target_memory={p.target_memory}: a fraction of the base model's memory in (0, 1]")
         if p.max_auc_drop < 0:
             raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
-        if not p.score_cache_gb >= 0:
-            raise ConfigError(f"prune.score_cache_gb={p.score_cache_gb} (--score-cache-gb) must be >= 0")
+        if not (p.score_cache_gb >= 0 and math.isfinite(p.score_cache_gb)):
+            raise ConfigError(
+                f"prune.score_cache_gb={p.score_cache_gb} (--score-cache-gb) must be a finite number of GiB >= 0"
+            )
         if p.max_rejections < 1:
             raise ConfigError(f"prune.max_rejections={p.max_rejections} (--max-rejections) must be >= 1")
         if not 0.0 <= p.min_saving < 1.0:

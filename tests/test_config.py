@@ -74,6 +74,7 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
         (["--max-auc-drop", "-0.1"], "prune.max_auc_drop"),
         (["--confidence", "1.0"], "prune.confidence"),
         (["--score-cache-gb", "-1"], "prune.score_cache_gb"),
+        (["--score-cache-gb", "inf"], "prune.score_cache_gb"),
         (["--kept-fields", "c1", "c2", "--arch", "dlrm_dcn"], "model.field_removal=slice"),
     ):
         with pytest.raises(SystemExit):

@@ -78,6 +78,22 @@ STATE_DTYPES = {
 }
 
 
+class _ThroughAnchor(torch.autograd.Function):
+    """A module output, unchanged and not copied, made to depend on the step anchor: its
+    backward passes the output's gradient on as it is and hands the (empty) anchor an empty
+    gradient, whose arrival ends the step. (Adding `anchor.sum()` did the same with a copy of
+    the output forward and a sum of its gradient backward.)"""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.anchor_grad = anchor.new_zeros(anchor.shape)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, ctx.anchor_grad
+
+
 class MixedPrecisionEmbeddingBag(BaseEmbedding, FusedOptimizerModule):
     """The kernel of one group of local shards: forward and fused update via a RowGroupStore."""
 
@@ -771,15 +787,17 @@ class ShardedMixedPrecisionModule:
         return awaitable
 
     def _through_anchor(self, out):
-        zero = self.step_counter.anchor.sum()  # 0, and d zero / d anchor exists
+        anchor = self.step_counter.anchor
         if isinstance(out, KeyedTensor):
+            values = _ThroughAnchor.apply(out.values(), anchor)
             return KeyedTensor(
-                keys=out.keys(), length_per_key=out.length_per_key(), values=out.values() + zero, key_dim=out.key_dim()
+                keys=out.keys(), length_per_key=out.length_per_key(), values=values, key_dim=out.key_dim()
             )
         if out:  # sequence collection: {feature: JaggedTensor}
             name = next(iter(out))
             jt = out[name]
-            out[name] = JaggedTensor(values=jt.values() + zero, lengths=jt.lengths(), weights=jt.weights_or_none())
+            values = _ThroughAnchor.apply(jt.values(), anchor)
+            out[name] = JaggedTensor(values=values, lengths=jt.lengths(), weights=jt.weights_or_none())
         return out
 
     def input_dist(self, ctx, features: KeyedJaggedTensor):

@@ -209,8 +209,9 @@ def _dot_interaction(arch: InteractionArch, dense: torch.Tensor, sparse: torch.T
     `index_select` on the flattened [B, (F + 1)^2] products instead of by two index tensors:
     both directions are then plain gathers and scatters of whole columns (TorchRec's advanced
     indexing runs its backward through `index_put_` with accumulation). On 4,096 samples of 29
-    fields at dim 16 the interaction's forward and backward took 6.8 ms against 14.0 ms; the
-    scores' gradients are equal bit for bit (each pair is written once either way).
+    fields at dim 16 the interaction alone took 6.8 ms forward and backward against 14.0 ms (one
+    ad-hoc timing); the scores' gradients are equal bit for bit (each pair is written once
+    either way).
 
     Args:
         arch: the model's interaction (its `triu_indices` name the pairs).

@@ -102,7 +102,8 @@ def reassign_stores(
     Memory: scores and keys are made a chunk of rows at a time; the only full-size
     temporaries are the new group tags (1 byte a row) and, in budget mode, each table's
     ranking keys (8 bytes a row, sorted in place; rows of score 0 need no sort: `split_keys`),
-    from which the table's groups are then read (its keys freed as it is grouped).
+    from which the tables' groups are then read, one store's tags at a time (each table's keys
+    freed as it is grouped): at most the keys and one store's tags at once.
 
     Args:
         stores: the stores whose rows are regrouped (this rank's).
@@ -186,27 +187,26 @@ def reassign_stores(
     else:
         cuts = kth_largest_cuts(count_at_least, budget_targets(policy, tables, names))
     tiers = sorted(policy.groups)
-    new_groups = {s: torch.empty(s.num_rows, dtype=torch.int8) for s in stores}
     # A table counted here takes its groups from its sorted keys (each key holds its row); a
-    # copy counted elsewhere (a replica, a column slice) ranks its scores again, to the same groups.
-    keyed = set()
-    while sorted_keys:
-        s, i, ti, zeros, others = sorted_keys.pop()  # each table's keys freed once it is grouped
-        lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
-        table_cuts = [int(x) for x in cuts[ti]]
-        groups_from_sorted_keys(
-            (zeros, others), table_cuts, tiers, first_row(s, names[ti], i, lo), new_groups[s][lo:hi]
-        )
-        keyed.add((s, i))
+    # copy counted elsewhere (a replica, a column slice) ranks its scores again, to the same
+    # groups. One store's group tags at a time, each table's keys freed once it is grouped.
+    keyed = {(s, i): (ti, zeros, others) for s, i, ti, zeros, others in sorted_keys}
+    sorted_keys.clear()
     for s, prefix in zip(stores, prefixes):
-        groups = new_groups[s]
+        groups = torch.empty(s.num_rows, dtype=torch.int8)
         for i, t in enumerate(s.tables):
-            if (s, i) in keyed:
-                continue
+            lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
             name = prefix + t.name
             table_cuts = [int(x) for x in cuts[index[name]]]
-            for a, b in _chunks(int(s.table_base[i]), int(s.table_base[i + 1])):
+            if (s, i) in keyed:
+                _, zeros, others = keyed.pop((s, i))
+                first = first_row(s, name, i, lo)
+                groups_from_sorted_keys((zeros, others), table_cuts, tiers, first, groups[lo:hi])
+                del zeros, others
+                continue
+            for a, b in _chunks(lo, hi):
                 grouping[s](scores_of(s, name, a, b), first_row(s, name, i, a), table_cuts, tiers, groups[a:b])
         for name, v in s.set_groups(groups).items():
             moved[name] += v
+        del groups
     return moved

@@ -425,6 +425,12 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
         if len(groups) != self.num_rows:
             raise ValueError(f"set_groups: expected a group for each of {self.num_rows} rows, got {len(groups)}")
+        if len(groups):
+            lo, hi = torch.aminmax(groups)
+            if int(lo) < 0 or int(hi) >= len(GROUP_NAMES):
+                raise ValueError(
+                    f"set_groups: group tags must be in [0, {len(GROUP_NAMES)}), got tags from {int(lo)} to {int(hi)}"
+                )
         if fresh:
             move = None
             sizes = torch.bincount(groups.long(), minlength=len(GROUP_NAMES))
@@ -433,8 +439,6 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         else:  # its reference: every row's group decoded
             move = (groups != self.decoded_map()[0]).nonzero().flatten()
             sizes = torch.bincount(groups.long(), minlength=len(GROUP_NAMES))
-        if len(sizes) != len(GROUP_NAMES):  # bincount grows past a tag above the last group
-            raise ValueError(f"set_groups: group tags must be in [0, {len(GROUP_NAMES)}), got {len(sizes) - 1}")
         counts = sizes.tolist()[:GROUPS]
         if self.has_dropped:
             counts[FP32] += len(self.tables)  # the fallback rows

@@ -9,9 +9,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from conftest import TINY, run_shark
 from helpers import prune_workers as PW
-from shark_torchrec.config import DataConfig, ModelConfig
+from shark_torchrec.config import DataConfig, ModelConfig, parse_cli
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import launch
+from shark_torchrec.importance import model_scoring
 from shark_torchrec.importance.model_scoring import METHODS, FieldView, score_fields
 from shark_torchrec.importance.scores import (
     ABSOLUTE,
@@ -23,6 +24,7 @@ from shark_torchrec.importance.scores import (
     permutation_index,
     taylor_scores,
 )
+from shark_torchrec.jobs import prune as prune_job_module
 from shark_torchrec.jobs.checkpoint import load_full_state
 from shark_torchrec.models.dlrm import build_dlrm, table_configs
 
@@ -138,10 +140,11 @@ def test_batched_scores_equal_a_per_sample_loop():
         score_fields(model, dataset, "taylor", "test")
 
 
-def test_scoring_head_equals_torchrec_interaction_bit_for_bit():
+def test_scoring_head_equals_torchrec_interaction_bit_for_bit(monkeypatch):
     """The scoring head's own dot interaction (pairs by `index_select`) gives TorchRec's
     `InteractionArch` logits and gradients with respect to the field vectors bit for bit; a
-    model whose interaction is another module goes through that module."""
+    model whose interaction is another module goes through that module. `--score-cache-gb`
+    reaches the scoring call."""
     model, dataset = tiny_dlrm_and_data()
     view = FieldView(model, has_dense=True)
     batch = next(iter(dataset.batches("dev", 128)))
@@ -159,8 +162,18 @@ def test_scoring_head_equals_torchrec_interaction_bit_for_bit():
         inter = dlrm.inter_arch(dense_features=x[:, 0], sparse_features=x[:, 1:])
         return dlrm.over_arch(inter).squeeze(-1)
 
+    calls = []
+    own = model_scoring._dot_interaction
+    monkeypatch.setattr(model_scoring, "_dot_interaction", lambda *a: calls.append(1) or own(*a))
     ours, theirs = logits_and_grad(view.head), logits_and_grad(torchrec_head)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert calls == [1]  # the head took its own interaction
+
+    # `--score-cache-gb` reaches the scoring call.
+    seen = {}
+    monkeypatch.setattr(prune_job_module, "score_fields", lambda *a, **k: seen.update(k))
+    prune_job_module.score(parse_cli(["--score-cache-gb", "0.25"]), model, dataset, None)
+    assert seen["cache_bytes"] == 1 << 28
 
     class OtherInteraction(torch.nn.Module):
         def __init__(self, arch):

@@ -178,6 +178,14 @@ def test_row_conversion_equals_the_torch_moves_bit_for_bit(dim, tiers, alignment
             new = ids[torch.randint(0, len(ids), (n,), generator=gen)]
         moved = fused.set_groups(new)
         assert moved == reference.set_groups(new)
+        if r == 0:  # a tag outside the groups: refused by name on both paths, nothing changed
+            for store in (fused, reference):
+                for bad in (-1, len(GROUP_NAMES)):
+                    tags = new.clone()
+                    tags[7] = bad
+                    with pytest.raises(ValueError, match=f"set_groups: group tags must be in .* {bad}"):
+                        store.set_groups(tags)
+            assert torch.equal(fused.row_map, reference.row_map)
         assert sum(moved.values()) > n // 2
         assert torch.equal(fused.row_map, reference.row_map)
         assert torch.equal(fused.weights, reference.weights), r
