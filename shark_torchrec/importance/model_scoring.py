@@ -363,7 +363,7 @@ def score_fields(
                     accumulate_gradients(abs_sums, v, g, batch.sample_weights, means)
             if len(cache) < total or any(v is None for v, _ in cache):
                 log.info(
-                    "taylor: %d of %d batches and %d of their field vectors fit the scoring cache of %.2f GB; "
+                    "taylor: %d of %d batches and %d of their field vectors fit the scoring cache of %.2f GiB; "
                     "the others are read or looked up again (--score-cache-gb sets it)",
                     len(cache),
                     total,

@@ -535,8 +535,7 @@ def changed_rows(
     Returns:
         (int64 rows that change group, ascending; int64 [num_groups] rows per new group).
     """
-    rows, counts = torch.ops.shark.changed_rows(row_map, range_ends, groups, num_groups)
-    return rows, counts
+    return torch.ops.shark.changed_rows(row_map, range_ends, groups, num_groups)
 
 
 @torch.library.register_fake("shark::update_priorities_")

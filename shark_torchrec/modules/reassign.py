@@ -150,8 +150,8 @@ def reassign_stores(
     split = {s: split_ranking_keys if kernels_for(s) == "cpp" else split_ranking_keys_torch for s in stores}
     grouping = {s: groups_by_ranking if kernels_for(s) == "cpp" else groups_by_ranking_torch for s in stores}
 
-    # (store, local table, table index, keys of score 0, the others)
-    sorted_keys: List[Tuple[RowGroupStore, int, int, torch.Tensor, torch.Tensor]] = []
+    # (store, local table) -> (table index, keys of score 0, the others)
+    sorted_keys: Dict[Tuple[RowGroupStore, int], Tuple[int, torch.Tensor, torch.Tensor]] = {}
     for s, prefix in zip(stores, prefixes):
         for i, t in enumerate(s.tables):
             if not t.counts_once:
@@ -161,12 +161,12 @@ def reassign_stores(
             zeros, others = split_keys(
                 lambda a, b: scores_of(s, name, a, b), lambda a: first_row(s, name, i, a), lo, hi, split[s]
             )
-            sorted_keys.append((s, i, index[name], zeros, others))
-    _sort_in_place([others for *_, others in sorted_keys])
+            sorted_keys[s, i] = (index[name], zeros, others)
+    _sort_in_place([others for *_, others in sorted_keys.values()])
 
     def count_at_least(cuts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(cuts)
-        for _, _, ti, zeros, others in sorted_keys:
+        for ti, zeros, others in sorted_keys.values():
             for sk in (zeros, others):
                 out[ti] += len(sk) - torch.searchsorted(sk, cuts[ti])
         if pg is not None and dist.get_world_size(pg) > 1:
@@ -190,16 +190,14 @@ def reassign_stores(
     # A table counted here takes its groups from its sorted keys (each key holds its row); a
     # copy counted elsewhere (a replica, a column slice) ranks its scores again, to the same
     # groups. One store's group tags at a time, each table's keys freed once it is grouped.
-    keyed = {(s, i): (ti, zeros, others) for s, i, ti, zeros, others in sorted_keys}
-    sorted_keys.clear()
     for s, prefix in zip(stores, prefixes):
         groups = torch.empty(s.num_rows, dtype=torch.int8)
         for i, t in enumerate(s.tables):
             lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
             name = prefix + t.name
             table_cuts = [int(x) for x in cuts[index[name]]]
-            if (s, i) in keyed:
-                _, zeros, others = keyed.pop((s, i))
+            if (s, i) in sorted_keys:
+                _, zeros, others = sorted_keys.pop((s, i))
                 first = first_row(s, name, i, lo)
                 groups_from_sorted_keys((zeros, others), table_cuts, tiers, first, groups[lo:hi])
                 del zeros, others

@@ -431,13 +431,10 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
                 raise ValueError(
                     f"set_groups: group tags must be in [0, {len(GROUP_NAMES)}), got tags from {int(lo)} to {int(hi)}"
                 )
-        if fresh:
-            move = None
-            sizes = torch.bincount(groups.long(), minlength=len(GROUP_NAMES))
-        elif kernels_for(self) == "cpp":  # one pass of our C++ op over the row map
+        if not fresh and kernels_for(self) == "cpp":  # one pass of our C++ op over the row map
             move, sizes = changed_rows(self.row_map, self._range_ends, groups, len(GROUP_NAMES))
-        else:  # its reference: every row's group decoded
-            move = (groups != self.decoded_map()[0]).nonzero().flatten()
+        else:  # its reference: every row's group decoded (no rows to move in a fresh store)
+            move = None if fresh else (groups != self.decoded_map()[0]).nonzero().flatten()
             sizes = torch.bincount(groups.long(), minlength=len(GROUP_NAMES))
         counts = sizes.tolist()[:GROUPS]
         if self.has_dropped:
@@ -477,11 +474,12 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         new_slots = torch.empty_like(old_slots)
         for g in range(GROUPS):
             new_slots[dst_group == g] = old_slots[src_group == g]
+        # The rows' bytes are read by their old slots below, not through the map.
+        self.row_map[move] = (new_slots + self._range_shift[dst_group]).to(torch.int32)
         if kernels_for(self) == "cpp":
             # One pass of our C++ op; it reads every moving row before writing any.
             src_at = self._byte_offsets(src_group, old_slots, self._offsets)
             dst_at = self._byte_offsets(dst_group, new_slots, self._offsets)
-            self.row_map[move] = (new_slots + self._range_shift[dst_group]).to(torch.int32)
             convert_rows_(
                 self.weights,
                 dst_at,
@@ -498,7 +496,6 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         for g in range(GROUPS):
             m = src_group == g
             saved.append((move[m], self._raw_view(g, self.weights, self._offsets, self.capacity)[old_slots[m]].clone()))
-        self.row_map[move] = (new_slots + self._range_shift[dst_group]).to(torch.int32)
         for g, (rows, raw) in enumerate(saved):
             for start in range(0, len(rows), CHUNK_ROWS):
                 chunk = raw[start : start + CHUNK_ROWS]
