@@ -14,8 +14,14 @@ at dim 64 in fp32) is served these ways, with the same dense weights and the sam
   code around FBGEMM's INT-N op: what served before the fused op).
 For each batch size the modules run in turns within each of `--repeats` rounds of `--steps`
 forwards, after a warm-up; the table gives median samples/s of the whole model's forward, and
-the ratio to TorchRec fp32 as the median (min-max) of the rounds' own ratios (each round times
-both side by side). Each module's embedding bytes as allocated (state dict) are beside it.
+the ratio to TorchRec fp32 and to TorchRec int8 as the median (min-max) of the rounds' own
+ratios (each round times them side by side). Each module's embedding bytes as allocated (state
+dict) are beside it.
+
+In the same rounds each module's embedding collection is also timed alone on the same batches
+(`--no-lookup-alone` skips it): its share of the forward, and the ratio a module would reach
+over TorchRec fp32 if its lookup cost nothing (TorchRec fp32's forward over that forward less
+its lookup), the ceiling any embedding kernel has on this model and machine.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ def main() -> None:
     p.add_argument("--batches", default="256,1024,4096")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-lookup-alone", action="store_true", help="do not time the embedding collections alone")
     p.add_argument("--out", default=str(ROOT / "bench/results/serve"))
     args = p.parse_args()
     out = Path(args.out)
@@ -142,6 +149,7 @@ def main() -> None:
     for bs in [int(b) for b in args.batches.split(",")]:
         batches = [b for _, b in zip(range(args.steps), data.batches("test", bs))]
         times = {k: [] for k in models}
+        lookup_times = {k: [] for k in models}
         with torch.inference_mode():
             for k, m in models.items():  # warm-up
                 for b in batches[:2]:
@@ -152,20 +160,36 @@ def main() -> None:
                     for b in batches:
                         m(b)
                     times[k].append(time.perf_counter() - t0)
+                    if not args.no_lookup_alone:
+                        ebc = m.model.sparse_arch.embedding_bag_collection
+                        t0 = time.perf_counter()
+                        for b in batches:
+                            ebc(b.sparse_features)
+                        lookup_times[k].append(time.perf_counter() - t0)
         n = sum(b.labels.numel() for b in batches)
         for k in models:
-            ratios = [times["torchrec fp32"][i] / times[k][i] for i in range(args.repeats)]  # same round
-            rows.append(
-                {
-                    "batch": bs,
-                    "module": k,
-                    "samples_per_s": n / statistics.median(times[k]),
-                    "embedding_bytes": sizes[k],
-                    "vs_fp32": statistics.median(ratios),
-                    "vs_fp32_min": min(ratios),
-                    "vs_fp32_max": max(ratios),
-                }
-            )
+            row = {
+                "batch": bs,
+                "module": k,
+                "samples_per_s": n / statistics.median(times[k]),
+                "embedding_bytes": sizes[k],
+            }
+            for base, key in (("torchrec fp32", "vs_fp32"), ("torchrec int8", "vs_int8")):
+                ratios = [times[base][i] / times[k][i] for i in range(args.repeats)]  # same round
+                row.update({key: statistics.median(ratios), f"{key}_min": min(ratios), f"{key}_max": max(ratios)})
+            if lookup_times[k]:
+                share = [lookup_times[k][i] / times[k][i] for i in range(args.repeats)]
+                ceiling = [
+                    times["torchrec fp32"][i] / max(times[k][i] - lookup_times[k][i], 1e-9) for i in range(args.repeats)
+                ]
+                row.update(
+                    {
+                        "lookup_ms": statistics.median(lookup_times[k]) / len(batches) * 1e3,
+                        "lookup_share": statistics.median(share),
+                        "zero_lookup_vs_fp32": statistics.median(ceiling),
+                    }
+                )
+            rows.append(row)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     total_rows = sum(c.num_embeddings for c in tables)
     lines = [
@@ -173,14 +197,21 @@ def main() -> None:
         f"--batches {args.batches} --repeats {args.repeats}`"
         f" ({total_rows:,} rows, 1 process, CPU, median of {args.repeats} rounds of {args.steps} batches)",
         "",
-        "| batch | module | samples/s | vs torchrec fp32, median (min-max) of rounds | "
+        "| batch | module | samples/s | vs torchrec fp32, median (min-max) of rounds | vs torchrec int8 | "
+        "lookup alone, ms a batch | lookup share of forward | vs fp32 if the lookup cost nothing | "
         "embedding bytes | bytes vs fp32 |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        alone = (
+            f"{r['lookup_ms']:.2f} | {r['lookup_share']:.2f} | {r['zero_lookup_vs_fp32']:.2f}x"
+            if "lookup_ms" in r
+            else "| |"
+        )
         lines.append(
             f"| {r['batch']} | {r['module']} | {r['samples_per_s']:,.0f} | "
             f"{r['vs_fp32']:.2f}x ({r['vs_fp32_min']:.2f}-{r['vs_fp32_max']:.2f}) | "
+            f"{r['vs_int8']:.2f}x ({r['vs_int8_min']:.2f}-{r['vs_int8_max']:.2f}) | {alone} | "
             f"{r['embedding_bytes']:,} | {r['embedding_bytes'] / sizes['torchrec fp32']:.3f} |"
         )
     write_table(out, lines)
