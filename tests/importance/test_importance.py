@@ -141,10 +141,10 @@ def test_batched_scores_equal_a_per_sample_loop():
 
 
 def test_scoring_head_equals_torchrec_interaction_bit_for_bit(monkeypatch):
-    """The scoring head's own dot interaction (pairs by `index_select`) gives TorchRec's
-    `InteractionArch` logits and gradients with respect to the field vectors bit for bit; a
-    model whose interaction is another module goes through that module. `--score-cache-gb`
-    reaches the scoring call."""
+    """The scoring head's own dot interaction (pairs by `index_select`, a chunk of samples at
+    a time) gives TorchRec's `InteractionArch` logits and gradients with respect to the field
+    vectors bit for bit, over several chunks and a short last one; a model whose interaction
+    is another module goes through that module. `--score-cache-gb` reaches the scoring call."""
     model, dataset = tiny_dlrm_and_data()
     view = FieldView(model, has_dense=True)
     batch = next(iter(dataset.batches("dev", 128)))
@@ -162,12 +162,14 @@ def test_scoring_head_equals_torchrec_interaction_bit_for_bit(monkeypatch):
         inter = dlrm.inter_arch(dense_features=x[:, 0], sparse_features=x[:, 1:])
         return dlrm.over_arch(inter).squeeze(-1)
 
-    calls = []
-    own = model_scoring._dot_interaction
-    monkeypatch.setattr(model_scoring, "_dot_interaction", lambda *a: calls.append(1) or own(*a))
+    chunks = []
+    own = model_scoring._chunk_samples
+    monkeypatch.setattr(model_scoring, "_chunk_samples", lambda x: chunks.append(own(x)) or chunks[-1])
+    n = v.shape[1]
+    monkeypatch.setattr(model_scoring, "INTERACTION_CHUNK_BYTES", 4 * n * n * 50)  # 128 = 50 + 50 + 28
     ours, theirs = logits_and_grad(view.head), logits_and_grad(torchrec_head)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
-    assert calls == [1]  # the head took its own interaction
+    assert chunks == [50, 50]  # the head took its own interaction, forward and backward
 
     # `--score-cache-gb` reaches the scoring call.
     seen = {}
