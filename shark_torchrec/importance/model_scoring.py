@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torchrec.models.dlrm import DLRM, InteractionArch
+from torchrec.models.dlrm import DLRM, InteractionArch, SparseArch
 from tqdm import tqdm
 
 from shark_torchrec.data import Dataset
@@ -175,7 +175,20 @@ class FieldView:
             [B, 1 + F, D].
         """
         dense = self.dlrm.dense_arch(batch.dense_features)
-        sparse = self.dlrm.sparse_arch(batch.sparse_features)
+        arch = self.dlrm.sparse_arch
+        if type(arch) is SparseArch:
+            # TorchRec's SparseArch splits the pooled output by feature and concatenates it
+            # again: 2 of the 7 ms of a lookup of 4,096 samples of 52 fields. When the output's
+            # features come in the model's order, its values are that [B, F * D] already.
+            pooled = arch.embedding_bag_collection(batch.sparse_features)
+            if pooled.keys() == arch.sparse_feature_names and all(n == arch.D for n in pooled.length_per_key()):
+                out = dense.new_empty(dense.shape[0], 1 + arch.F, arch.D)
+                out[:, 0] = dense
+                out[:, 1:] = pooled.values().reshape(-1, arch.F, arch.D)
+                return out
+            sparse = torch.cat([pooled[name] for name in arch.sparse_feature_names], 1).reshape(-1, arch.F, arch.D)
+        else:
+            sparse = arch(batch.sparse_features)
         return torch.cat([dense.unsqueeze(1), sparse], 1)
 
     def head(self, vectors: torch.Tensor) -> torch.Tensor:

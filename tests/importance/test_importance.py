@@ -150,7 +150,10 @@ def test_scoring_head_equals_torchrec_interaction_bit_for_bit(monkeypatch):
     batch = next(iter(dataset.batches("dev", 128)))
     with torch.no_grad():
         v = view.lookup(batch)
-    dlrm = view.dlrm
+        dlrm = view.dlrm
+        dense = dlrm.dense_arch(batch.dense_features).unsqueeze(1)
+        stock = torch.cat([dense, dlrm.sparse_arch(batch.sparse_features)], 1)
+    assert torch.equal(v, stock)  # the lookup's own layout of the pooled output is TorchRec's
 
     def logits_and_grad(head):
         x = v.clone().requires_grad_(True)
