@@ -107,6 +107,9 @@ def one_run(extra: list[str], seed: int, fold: int | None, folds: int, run: Path
             "test_drop_se": easy[key]["test"]["drop_standard_error"],
             "memory": easy[key]["memory"],
             "confirm_drop": easy[key]["drop"],
+            # The choice's inputs (drop and standard error on the candidate's choice split, and
+            # its test when tried), kept so that another choice rule can be replayed on these runs.
+            "choice": easy[key].get("choice"),
         }
         for key in ("base", "final", "torchrec-int4", "torchrec-int8")
     }

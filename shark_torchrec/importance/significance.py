@@ -171,6 +171,30 @@ def drop_test(paired: PairedAUC, max_drop: float, confidence: float, test_index:
     Returns:
         `DropTest`.
     """
-    z = NormalDist().inv_cdf(1.0 - spent_alpha(confidence, test_index))
+    return _bound_test(paired, max_drop, spent_alpha(confidence, test_index))
+
+
+def chain_test(paired: PairedAUC, max_drop: float, confidence: float) -> DropTest:
+    """The stop test at the whole error rate, 1 - `confidence`: the test of one step of a
+    fixed-sequence chain (candidates tried in an order set before any data is read, stopping at
+    the first that fails). Every candidate the chain accepts before that is within `max_drop`,
+    all together, at rate at least `confidence`: no accepted candidate's true drop exceeds the
+    bound unless the first such one in the order was accepted, a single test at 1 - confidence.
+
+    Args:
+        paired: `paired_auc(candidate, base, labels)` on the candidate's split.
+        max_drop: the largest AUC drop to accept (absolute AUC).
+        confidence: over the whole chain.
+
+    Returns:
+        `DropTest`.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return _bound_test(paired, max_drop, 1.0 - confidence)
+
+
+def _bound_test(paired: PairedAUC, max_drop: float, alpha: float) -> DropTest:
+    z = NormalDist().inv_cdf(1.0 - alpha)
     upper = paired.upper_bound(z)
     return DropTest(-paired.difference, paired.standard_error, z, upper, max_drop, upper <= max_drop)

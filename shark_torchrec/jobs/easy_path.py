@@ -5,11 +5,14 @@ the choice of which to serve.
 The choice is a decision, so it reads neither the confirmation split nor test
 (`Dataset.decision_splits`): ours is tested on the choice split, which no earlier decision read,
 TorchRec's models on the selection split (`CHOICE_SPLIT` says why). With `--fallback torchrec`
-the candidates are ours and TorchRec's int8 and int4 of the base model, tried from the fewest
-bytes up, each with the pruning loop's stop test (the one-sided upper confidence bound of its
-paired AUC drop from the base model within `--max-auc-drop`, test k of the sequence at its
-share of the error rate, `spent_alpha`); the first that passes is served. Without it, ours is
-the only candidate and the test says whether it meets the bound. The figures the report gives
+the candidates are TorchRec's int8 and int4 of the base model and ours, tested in that fixed
+order (`CHAIN`: the likeliest to pass first) with the stop test (the one-sided upper confidence
+bound of the candidate's paired AUC drop from the base model within `--max-auc-drop`), each at
+the whole error rate, stopping at the first that fails (a fixed-sequence chain, `chain_test`);
+of those accepted, the one with the fewest bytes is served. Every accepted candidate is within
+the bound, all together, at the stated confidence, so the choice among them spends nothing
+more. Without the flag ours is the only candidate and the test says whether it meets the
+bound. The figures the report gives
 for every model come from the confirmation split, which no decision read, paired against the
 base model (DeLong). Bytes are as allocated: TorchRec's rows padded to its row alignment, ours
 as the inference module holds them.
@@ -26,7 +29,7 @@ import torch
 
 from shark_torchrec.data import CHOICE, CONFIRM, Dataset
 from shark_torchrec.distributed.env import DistEnv
-from shark_torchrec.importance.significance import DropTest, PairedAUC, drop_test, paired_auc
+from shark_torchrec.importance.significance import DropTest, PairedAUC, chain_test, paired_auc
 from shark_torchrec.jobs.evaluation import predict
 from shark_torchrec.jobs.export import load_trained_model
 
@@ -92,32 +95,41 @@ def allocated_bytes(module: torch.nn.Module) -> int:
 
 
 # Ours, then TorchRec's of the base model; on equal bytes (TorchRec pads int4 and int8 rows to the
-# same 16 B at small dims) this order decides: ours first, then the more accurate int8.
+# same 16 B at small dims) this order decides which accepted candidate is served: ours first,
+# then the more accurate int8.
 CANDIDATES = ("final", "torchrec-int8", "torchrec-int4")
+# The order the candidates are tested in, fixed before any data is read: the likeliest to pass
+# first (int8 of the base model loses least), ours last. A failed test ends the chain.
+CHAIN = ("torchrec-int8", "torchrec-int4", "final")
 
 
 def choose_served(
     candidates: Sequence[Tuple[str, int, PairedAUC]], max_auc_drop: float, confidence: float
 ) -> Tuple[Optional[str], Dict[str, DropTest]]:
-    """The model to serve: the candidates tried from the fewest bytes up (the given order on a
-    tie), each with the stop test at its place in the sequence, the first that passes.
+    """The model to serve: the candidates tested in the given order, each with the stop test at
+    the whole error rate (`chain_test`), until one fails; of those accepted, the one with the
+    fewest bytes (on a tie, the earliest in `CANDIDATES`, then in the given order).
 
     Args:
-        candidates: (name, bytes, `paired_auc(candidate, base, labels)` on its choice split).
+        candidates: (name, bytes, `paired_auc(candidate, base, labels)` on its choice split),
+            in the order to test them (fixed before the data is read: `CHAIN`).
         max_auc_drop: the largest AUC drop from the base model to accept.
-        confidence: over the whole sequence of tests (`drop_test`).
+        confidence: over the whole chain: every accepted candidate is within the bound, all
+            together, at least at this rate.
 
     Returns:
-        (the chosen name, None when none passed; {name: DropTest} of the tests run, in order).
+        (the chosen name, None when the first test failed; {name: DropTest} of the tests run,
+        in order).
     """
-    order = sorted(range(len(candidates)), key=lambda i: (candidates[i][1], i))
     tests: Dict[str, DropTest] = {}
-    for index, i in enumerate(order, start=1):
-        name, _, paired = candidates[i]
-        tests[name] = drop_test(paired, max_auc_drop, confidence, index)
-        if tests[name].accepted:
-            return name, tests
-    return None, tests
+    accepted = []
+    for i, (name, nbytes, paired) in enumerate(candidates):
+        tests[name] = chain_test(paired, max_auc_drop, confidence)
+        if not tests[name].accepted:
+            break
+        rank = CANDIDATES.index(name) if name in CANDIDATES else len(CANDIDATES)
+        accepted.append((nbytes, rank, i, name))
+    return (min(accepted)[3] if accepted else None), tests
 
 
 def easy_path(
@@ -143,7 +155,7 @@ def easy_path(
         eval_batch: global batch of the evaluation (one process).
         final_bytes: the compressed model's embedding bytes as served (the export's).
         max_auc_drop: the largest AUC drop from the base model a served model may have.
-        confidence: the stop test's confidence over the sequence of candidates tried.
+        confidence: the stop test's confidence over the chain of candidates tried.
         fallback_dir: with `--fallback torchrec`, where to save TorchRec's model when it is the
             one to serve (`torch.save` of the whole DLRM, `torchrec_<int4|int8>_model.pt`);
             None: ours is the only candidate.
@@ -155,7 +167,7 @@ def easy_path(
         standard error and one-sided 95% upper bound (TorchRec's also their paired difference
         to ours, theirs - ours), the same on test ("test", logged only), and per candidate its
         drop on its choice split with, when it was tried, its stop test ("choice").
-        "recommended": the first candidate tried whose stop test passed (None: none did);
+        "recommended": the accepted candidate with the fewest bytes (None: none was);
         "fallback_would_serve": what the choice over all three would serve (`--fallback torchrec`);
         "exported_model": the one served (ours, or the recommended TorchRec model); "exported":
         the path of a saved TorchRec model or None; "exported_within_bound": whether the served
@@ -207,9 +219,9 @@ def easy_path(
         if key.startswith("torchrec-"):
             vs = paired(CONFIRM, key, "final")
             out[key].update(minus_final=vs.difference, minus_final_standard_error=vs.standard_error)
-    # The choice: fewest bytes first (ours first on a tie), the first that passes, each
-    # candidate tested on its split (`CHOICE_SPLIT`). Models not tried get their drop and
-    # standard error there as figures, not a test.
+    # The choice: the candidates tested in the order of `CHAIN`, each on its split
+    # (`CHOICE_SPLIT`), until one fails; the accepted one with the fewest bytes is served.
+    # Models not tried get their drop and standard error there as figures, not a test.
     on_choice = {key: paired(CHOICE_SPLIT[key], key) for key in CANDIDATES}
     for key, p in on_choice.items():
         out[key]["choice"] = {
@@ -221,7 +233,7 @@ def easy_path(
     # What --fallback torchrec would serve (the same test over all three): with the flag, the
     # choice itself; without it, the report's advice, and ours is tested alone.
     out["fallback_would_serve"], tests = choose_served(
-        [(k, out[k]["bytes"], on_choice[k]) for k in CANDIDATES], max_auc_drop, confidence
+        [(k, out[k]["bytes"], on_choice[k]) for k in CHAIN], max_auc_drop, confidence
     )
     out["recommended"] = out["fallback_would_serve"]
     if fallback_dir is None:

@@ -126,29 +126,51 @@ def test_a_noisy_dev_split_fools_the_point_rule_but_not_the_drop_test():
     assert d.upper_bound == pytest.approx(d.drop + d.z * d.standard_error) and d.z > 2.3  # step 3 spends 0.05 / 12
 
 
-def test_the_served_model_is_the_smallest_that_passes_its_test_in_the_sequence():
-    """`choose_served` tries candidates from the fewest bytes up, test k at its share of the
-    error rate, and stops at the first that passes; none passing serves nothing."""
-    from shark_torchrec.importance.significance import PairedAUC
-    from shark_torchrec.jobs.easy_path import choose_served
+def test_the_served_model_is_the_smallest_accepted_in_a_fixed_chain():
+    """`choose_served` tests the candidates in the given order, each at the whole error rate,
+    stops at the first that fails, and serves the accepted one with the fewest bytes (ties: ours,
+    then int8); a first failure serves nothing. Over simulated chains whose every candidate sits
+    exactly at the bound, it serves one at most at the error rate; testing every candidate and
+    taking the smallest accepted would serve one about three times as often."""
+    import numpy as np
+
+    from shark_torchrec.importance.significance import PairedAUC, chain_test
+    from shark_torchrec.jobs.easy_path import CHAIN, choose_served
 
     def drop(d, se):
         return PairedAUC(0.9 - d, 0.9, -d, se)
 
-    # int4 (fewest bytes) fails, ours passes at test 2, int8 (most bytes) is never tried.
-    cands = [
-        ("final", 300, drop(0.0005, 0.0005)),
-        ("torchrec-int4", 250, drop(0.004, 0.001)),
-        ("torchrec-int8", 500, drop(0.0, 0.0001)),
-    ]
-    chosen, tests = choose_served(cands, max_auc_drop=0.002, confidence=0.95)
-    assert chosen == "final" and list(tests) == ["torchrec-int4", "final"]
-    assert tests["final"].z == drop_test(drop(0.0005, 0.0005), 0.002, 0.95, 2).z > drop_test(drop(0, 0), 0, 0.95, 1).z
-    # A drop whose bound passes as the first test but not as the second: the order matters.
-    near = drop(0.0, 0.0009)  # test 1: 1.96 * SE = 0.0018 passes; test 2: 2.39 * SE = 0.0022 does not
-    assert choose_served([("final", 300, near)], 0.002, 0.95)[0] == "final"
-    assert choose_served([("torchrec-int4", 250, drop(0.01, 0.001)), ("final", 300, near)], 0.002, 0.95)[0] is None
-    # Ties in bytes keep the given order (ours first).
-    assert list(choose_served([("final", 250, drop(0, 0)), ("torchrec-int4", 250, drop(0, 0))], 0.002, 0.95)[1]) == [
-        "final"
-    ]
+    good = drop(0.0, 0.0001)
+    assert CHAIN == ("torchrec-int8", "torchrec-int4", "final")
+    # All pass: the fewest bytes is served, whether ours or int4.
+    chain = [("torchrec-int8", 500, good), ("torchrec-int4", 250, good), ("final", 100, good)]
+    assert choose_served(chain, 0.002, 0.95)[0] == "final"
+    chain[2] = ("final", 300, good)
+    assert choose_served(chain, 0.002, 0.95)[0] == "torchrec-int4"
+    # int4 fails: the chain ends there, ours (smaller, and within the bound) is never tested.
+    chosen, tests = choose_served(
+        [("torchrec-int8", 500, good), ("torchrec-int4", 250, drop(0.004, 0.001)), ("final", 100, good)], 0.002, 0.95
+    )
+    assert chosen == "torchrec-int8" and list(tests) == ["torchrec-int8", "torchrec-int4"]
+    # The first fails: nothing is served.
+    chosen, tests = choose_served([("torchrec-int8", 500, drop(0.01, 0.001)), ("final", 100, good)], 0.002, 0.95)
+    assert chosen is None and list(tests) == ["torchrec-int8"]
+    # Each test at the whole error rate: z = 1.645 at 0.95, where the old first test used 1.96.
+    near = drop(0.0, 0.0011)  # 1.645 * SE = 0.0018 passes; 1.96 * SE = 0.0022 would not
+    chosen, tests = choose_served([("final", 300, near)], 0.002, 0.95)
+    assert chosen == "final" and tests["final"].z == pytest.approx(1.6449, abs=1e-4)
+    assert chain_test(near, 0.002, 0.95).z < drop_test(near, 0.002, 0.95, 1).z
+    # Ties in bytes: ours, then int8.
+    tie = [("torchrec-int8", 250, good), ("torchrec-int4", 250, good), ("final", 250, good)]
+    assert choose_served(tie, 0.002, 0.95)[0] == "final"
+    assert choose_served(tie[:2], 0.002, 0.95)[0] == "torchrec-int8"
+
+    # Every candidate exactly at the bound (true drop 0.002), estimates with SE 0.001.
+    rng = np.random.default_rng(0)
+    runs, se = 20_000, 0.001
+    served_chain = served_any = 0
+    for est in rng.normal(0.002, se, size=(runs, 3)):
+        cands = [(name, nbytes, drop(d, se)) for (name, nbytes), d in zip([("a", 3), ("b", 2), ("c", 1)], est)]
+        served_chain += choose_served(cands, 0.002, 0.95)[0] is not None
+        served_any += any(chain_test(p, 0.002, 0.95).accepted for _, _, p in cands)
+    assert served_chain / runs < 0.056 and served_any / runs > 0.12
