@@ -439,10 +439,10 @@ class CompressConfig:
     to 1), model-wide. Empty: rows are served as they trained."""
     fallback: Literal["none", "torchrec"] = "none"
     """`shark compress`: `torchrec` also tries TorchRec's post-training int8 and int4 of the base
-    model: TorchRec's int8, its int4, then ours are tested in that order with the stop test
-    (ours on the choice split, TorchRec's on the selection split) until one fails, and of those
-    within --max-auc-drop the one with the fewest bytes is served (a TorchRec one exported as
-    export/torchrec_<int4|int8>_model.pt beside ours). `none`: ours is served and tested; the
+    model: each is tested with the stop test (ours on the choice split, TorchRec's on the
+    selection split), int8 first and, if it passes, int4 and ours sharing the error rate (Holm),
+    and of those within --max-auc-drop the one with the fewest bytes is served (a TorchRec one
+    exported as export/torchrec_<int4|int8>_model.pt beside ours). `none`: ours is served and tested; the
     comparison with TorchRec's is reported."""
 
     def validate(self) -> None:

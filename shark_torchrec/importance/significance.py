@@ -149,7 +149,7 @@ class DropTest:
 
     drop: float  # base AUC - candidate AUC on the selection split
     standard_error: float  # DeLong's, of that paired difference
-    z: float  # the normal quantile this step uses (its share of the error rate)
+    z: float  # the normal quantile this test uses (1 - its error rate)
     upper_bound: float  # drop + z * standard_error
     max_drop: float
     accepted: bool  # upper_bound <= max_drop
@@ -171,30 +171,43 @@ def drop_test(paired: PairedAUC, max_drop: float, confidence: float, test_index:
     Returns:
         `DropTest`.
     """
-    return _bound_test(paired, max_drop, spent_alpha(confidence, test_index))
+    return bound_test(paired, max_drop, spent_alpha(confidence, test_index))
 
 
-def chain_test(paired: PairedAUC, max_drop: float, confidence: float) -> DropTest:
-    """The stop test at the whole error rate, 1 - `confidence`: the test of one step of a
-    fixed-sequence chain (candidates tried in an order set before any data is read, stopping at
-    the first that fails). Every candidate the chain accepts before that is within `max_drop`,
-    all together, at rate at least `confidence`: no accepted candidate's true drop exceeds the
-    bound unless the first such one in the order was accepted, a single test at 1 - confidence.
+def bound_test(paired: PairedAUC, max_drop: float, alpha: float) -> DropTest:
+    """The stop test at error rate `alpha`: accept when the one-sided upper confidence bound of
+    the candidate's AUC drop, at 1 - alpha, is within `max_drop`.
 
     Args:
         paired: `paired_auc(candidate, base, labels)` on the candidate's split.
         max_drop: the largest AUC drop to accept (absolute AUC).
-        confidence: over the whole chain.
+        alpha: the test's error rate, in (0, 1).
 
     Returns:
         `DropTest`.
+
+    Raises:
+        ValueError: an error rate outside (0, 1).
     """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    return _bound_test(paired, max_drop, 1.0 - confidence)
-
-
-def _bound_test(paired: PairedAUC, max_drop: float, alpha: float) -> DropTest:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     z = NormalDist().inv_cdf(1.0 - alpha)
     upper = paired.upper_bound(z)
     return DropTest(-paired.difference, paired.standard_error, z, upper, max_drop, upper <= max_drop)
+
+
+def drop_p_value(paired: PairedAUC, max_drop: float) -> float:
+    """The one-sided p-value of "the true drop exceeds `max_drop`" (normal, DeLong's standard
+    error): `bound_test` accepts at error rate alpha when it is at most alpha.
+
+    Args:
+        paired: `paired_auc(candidate, base, labels)`.
+        max_drop: the bound.
+
+    Returns:
+        The p-value in [0, 1] (0 or 1 when the standard error is 0).
+    """
+    drop = -paired.difference
+    if paired.standard_error <= 0.0:
+        return 0.0 if drop <= max_drop else 1.0
+    return 1.0 - NormalDist().cdf((max_drop - drop) / paired.standard_error)

@@ -5,14 +5,13 @@ the choice of which to serve.
 The choice is a decision, so it reads neither the confirmation split nor test
 (`Dataset.decision_splits`): ours is tested on the choice split, which no earlier decision read,
 TorchRec's models on the selection split (`CHOICE_SPLIT` says why). With `--fallback torchrec`
-the candidates are TorchRec's int8 and int4 of the base model and ours, tested in that fixed
-order (`CHAIN`: the likeliest to pass first) with the stop test (the one-sided upper confidence
-bound of the candidate's paired AUC drop from the base model within `--max-auc-drop`), each at
-the whole error rate, stopping at the first that fails (a fixed-sequence chain, `chain_test`);
-of those accepted, the one with the fewest bytes is served. Every accepted candidate is within
-the bound, all together, at the stated confidence, so the choice among them spends nothing
-more. Without the flag ours is the only candidate and the test says whether it meets the
-bound. The figures the report gives
+the candidates are TorchRec's int8 and int4 of the base model and ours, each judged by the stop
+test (the one-sided upper confidence bound of its paired AUC drop from the base model within
+`--max-auc-drop`): int8 first at the whole error rate; if it passes, int4 and ours by Holm's
+step-down (`choose_served`). Of those accepted, the one with the fewest bytes is served. Every
+accepted candidate is within the bound, all together, at the stated confidence, so the choice
+among them spends nothing more. Without the flag ours is the only candidate, tested at the
+whole rate. The figures the report gives
 for every model come from the confirmation split, which no decision read, paired against the
 base model (DeLong). Bytes are as allocated: TorchRec's rows padded to its row alignment, ours
 as the inference module holds them.
@@ -29,7 +28,7 @@ import torch
 
 from shark_torchrec.data import CHOICE, CONFIRM, Dataset
 from shark_torchrec.distributed.env import DistEnv
-from shark_torchrec.importance.significance import DropTest, PairedAUC, chain_test, paired_auc
+from shark_torchrec.importance.significance import DropTest, PairedAUC, bound_test, drop_p_value, paired_auc
 from shark_torchrec.jobs.evaluation import predict
 from shark_torchrec.jobs.export import load_trained_model
 
@@ -98,38 +97,58 @@ def allocated_bytes(module: torch.nn.Module) -> int:
 # same 16 B at small dims) this order decides which accepted candidate is served: ours first,
 # then the more accurate int8.
 CANDIDATES = ("final", "torchrec-int8", "torchrec-int4")
-# The order the candidates are tested in, fixed before any data is read: the likeliest to pass
-# first (int8 of the base model loses least), ours last. A failed test ends the chain.
-CHAIN = ("torchrec-int8", "torchrec-int4", "final")
+# The order of the tests, fixed before any data is read: TorchRec's int8 of the base model (the
+# likeliest to pass) first, at the whole error rate; if it passes, int4 and ours share the rate.
+TEST_ORDER = ("torchrec-int8", "torchrec-int4", "final")
 
 
 def choose_served(
     candidates: Sequence[Tuple[str, int, PairedAUC]], max_auc_drop: float, confidence: float
 ) -> Tuple[Optional[str], Dict[str, DropTest]]:
-    """The model to serve: the candidates tested in the given order, each with the stop test at
-    the whole error rate (`chain_test`), until one fails; of those accepted, the one with the
-    fewest bytes (on a tie, the earliest in `CANDIDATES`, then in the given order).
+    """The model to serve. The first candidate is tested at the whole error rate, alpha = 1 -
+    `confidence`; if it fails, nothing is served. If it passes, the others are tested by Holm's
+    step-down at alpha: the one with the smallest p-value (`drop_p_value`) at alpha / k, and
+    while they pass the next at alpha / (k - 1), and so on; the first to fail ends it (the rest
+    fail at that rate too). Of the accepted, the one with the fewest bytes is served (on a tie,
+    the earliest in `CANDIDATES`, then in the given order).
+
+    Every accepted candidate is within the bound, all together, at least at `confidence` (a
+    gatekeeper before a Holm family: a closed test of weighted Bonferroni tests). So neither of
+    int4 and ours blocks the other, and the choice among the accepted spends nothing.
 
     Args:
         candidates: (name, bytes, `paired_auc(candidate, base, labels)` on its choice split),
-            in the order to test them (fixed before the data is read: `CHAIN`).
+            the gatekeeper first (fixed before the data is read: `TEST_ORDER`).
         max_auc_drop: the largest AUC drop from the base model to accept.
-        confidence: over the whole chain: every accepted candidate is within the bound, all
-            together, at least at this rate.
+        confidence: over all the tests.
 
     Returns:
         (the chosen name, None when the first test failed; {name: DropTest} of the tests run,
-        in order).
+        in the order they ran).
     """
+    alpha = 1.0 - confidence
     tests: Dict[str, DropTest] = {}
     accepted = []
-    for i, (name, nbytes, paired) in enumerate(candidates):
-        tests[name] = chain_test(paired, max_auc_drop, confidence)
+
+    def rank(name: str, i: int):
+        return (CANDIDATES.index(name) if name in CANDIDATES else len(CANDIDATES), i)
+
+    name, nbytes, paired = candidates[0]
+    tests[name] = bound_test(paired, max_auc_drop, alpha)
+    if not tests[name].accepted:
+        return None, tests
+    accepted.append((nbytes, *rank(name, 0), name))
+    family = sorted(range(1, len(candidates)), key=lambda i: (drop_p_value(candidates[i][2], max_auc_drop), i))
+    for step, i in enumerate(family):
+        level = alpha / (len(family) - step)
+        name, nbytes, paired = candidates[i]
+        tests[name] = bound_test(paired, max_auc_drop, level)
         if not tests[name].accepted:
+            for j in family[step + 1 :]:
+                tests[candidates[j][0]] = bound_test(candidates[j][2], max_auc_drop, level)
             break
-        rank = CANDIDATES.index(name) if name in CANDIDATES else len(CANDIDATES)
-        accepted.append((nbytes, rank, i, name))
-    return (min(accepted)[3] if accepted else None), tests
+        accepted.append((nbytes, *rank(name, i), name))
+    return min(accepted)[-1], tests
 
 
 def easy_path(
@@ -219,9 +238,9 @@ def easy_path(
         if key.startswith("torchrec-"):
             vs = paired(CONFIRM, key, "final")
             out[key].update(minus_final=vs.difference, minus_final_standard_error=vs.standard_error)
-    # The choice: the candidates tested in the order of `CHAIN`, each on its split
-    # (`CHOICE_SPLIT`), until one fails; the accepted one with the fewest bytes is served.
-    # Models not tried get their drop and standard error there as figures, not a test.
+    # The choice (`choose_served`): TorchRec's int8 first, then int4 and ours by Holm, each on its
+    # split (`CHOICE_SPLIT`); the accepted one with the fewest bytes is served. Models not tried
+    # get their drop and standard error there as figures, not a test.
     on_choice = {key: paired(CHOICE_SPLIT[key], key) for key in CANDIDATES}
     for key, p in on_choice.items():
         out[key]["choice"] = {
@@ -233,7 +252,7 @@ def easy_path(
     # What --fallback torchrec would serve (the same test over all three): with the flag, the
     # choice itself; without it, the report's advice, and ours is tested alone.
     out["fallback_would_serve"], tests = choose_served(
-        [(k, out[k]["bytes"], on_choice[k]) for k in CHAIN], max_auc_drop, confidence
+        [(k, out[k]["bytes"], on_choice[k]) for k in TEST_ORDER], max_auc_drop, confidence
     )
     out["recommended"] = out["fallback_would_serve"]
     if fallback_dir is None:

@@ -126,40 +126,49 @@ def test_a_noisy_dev_split_fools_the_point_rule_but_not_the_drop_test():
     assert d.upper_bound == pytest.approx(d.drop + d.z * d.standard_error) and d.z > 2.3  # step 3 spends 0.05 / 12
 
 
-def test_the_served_model_is_the_smallest_accepted_in_a_fixed_chain():
-    """`choose_served` tests the candidates in the given order, each at the whole error rate,
-    stops at the first that fails, and serves the accepted one with the fewest bytes (ties: ours,
-    then int8); a first failure serves nothing. Over simulated chains whose every candidate sits
-    exactly at the bound, it serves one at most at the error rate; testing every candidate and
-    taking the smallest accepted would serve one about three times as often."""
+def test_the_served_model_is_the_smallest_accepted_after_a_gatekeeper_and_holm():
+    """`choose_served` tests the first candidate at the whole error rate (a failure serves
+    nothing), then the others by Holm's step-down (smallest p-value at alpha / k first; a failure
+    ends it), and serves the accepted one with the fewest bytes (ties: ours, then int8). Over
+    simulated choices whose every candidate sits exactly at the bound, it serves one at most at
+    the error rate; testing every candidate at the whole rate and taking the smallest accepted
+    would serve one about three times as often."""
     import numpy as np
 
-    from shark_torchrec.importance.significance import PairedAUC, chain_test
-    from shark_torchrec.jobs.easy_path import CHAIN, choose_served
+    from shark_torchrec.importance.significance import PairedAUC, bound_test, drop_p_value
+    from shark_torchrec.jobs.easy_path import TEST_ORDER, choose_served
 
     def drop(d, se):
         return PairedAUC(0.9 - d, 0.9, -d, se)
 
-    good = drop(0.0, 0.0001)
-    assert CHAIN == ("torchrec-int8", "torchrec-int4", "final")
+    good, bad = drop(0.0, 0.0001), drop(0.004, 0.001)
+    assert TEST_ORDER == ("torchrec-int8", "torchrec-int4", "final")
     # All pass: the fewest bytes is served, whether ours or int4.
-    chain = [("torchrec-int8", 500, good), ("torchrec-int4", 250, good), ("final", 100, good)]
-    assert choose_served(chain, 0.002, 0.95)[0] == "final"
-    chain[2] = ("final", 300, good)
-    assert choose_served(chain, 0.002, 0.95)[0] == "torchrec-int4"
-    # int4 fails: the chain ends there, ours (smaller, and within the bound) is never tested.
-    chosen, tests = choose_served(
-        [("torchrec-int8", 500, good), ("torchrec-int4", 250, drop(0.004, 0.001)), ("final", 100, good)], 0.002, 0.95
-    )
-    assert chosen == "torchrec-int8" and list(tests) == ["torchrec-int8", "torchrec-int4"]
-    # The first fails: nothing is served.
-    chosen, tests = choose_served([("torchrec-int8", 500, drop(0.01, 0.001)), ("final", 100, good)], 0.002, 0.95)
+    cands = [("torchrec-int8", 500, good), ("torchrec-int4", 250, good), ("final", 100, good)]
+    chosen, tests = choose_served(cands, 0.002, 0.95)
+    assert chosen == "final" and list(tests) == ["torchrec-int8", "torchrec-int4", "final"]
+    assert choose_served(cands[:2] + [("final", 300, good)], 0.002, 0.95)[0] == "torchrec-int4"
+    # int4 fails: ours is still tested and served (neither of the two blocks the other).
+    chosen, tests = choose_served([cands[0], ("torchrec-int4", 250, bad), ("final", 100, good)], 0.002, 0.95)
+    assert chosen == "final" and list(tests) == ["torchrec-int8", "final", "torchrec-int4"]
+    assert tests["final"].z == pytest.approx(1.95996, abs=1e-4)  # first of two: alpha / 2
+    assert tests["torchrec-int4"].z == pytest.approx(1.64485, abs=1e-4) and not tests["torchrec-int4"].accepted
+    # The gatekeeper fails: nothing else is tested, nothing served.
+    chosen, tests = choose_served([("torchrec-int8", 500, bad), ("final", 100, good)], 0.002, 0.95)
     assert chosen is None and list(tests) == ["torchrec-int8"]
-    # Each test at the whole error rate: z = 1.645 at 0.95, where the old first test used 1.96.
-    near = drop(0.0, 0.0011)  # 1.645 * SE = 0.0018 passes; 1.96 * SE = 0.0022 would not
+    # Holm's rates: a drop that passes at alpha but not alpha / 2 passes when tested second,
+    # after the other passed, and fails when tested first, and then so does the other.
+    near = drop(0.0, 0.0011)  # 1.645 * SE = 0.0018 passes; 1.96 * SE = 0.0022 does not
+    assert bound_test(near, 0.002, 0.05).accepted and not bound_test(near, 0.002, 0.025).accepted
+    chosen, tests = choose_served([cands[0], ("torchrec-int4", 250, near), ("final", 100, good)], 0.002, 0.95)
+    assert chosen == "final" and tests["torchrec-int4"].accepted and list(tests)[1] == "final"
+    worse = drop(0.0015, 0.001)  # p = 0.31: tested after `near`
+    assert drop_p_value(worse, 0.002) > drop_p_value(near, 0.002)
+    chosen, tests = choose_served([cands[0], ("torchrec-int4", 250, near), ("final", 100, worse)], 0.002, 0.95)
+    assert chosen == "torchrec-int8" and not tests["torchrec-int4"].accepted and not tests["final"].accepted
+    # Ours alone: one test at the whole rate.
     chosen, tests = choose_served([("final", 300, near)], 0.002, 0.95)
-    assert chosen == "final" and tests["final"].z == pytest.approx(1.6449, abs=1e-4)
-    assert chain_test(near, 0.002, 0.95).z < drop_test(near, 0.002, 0.95, 1).z
+    assert chosen == "final" and tests["final"].z == pytest.approx(1.64485, abs=1e-4)
     # Ties in bytes: ours, then int8.
     tie = [("torchrec-int8", 250, good), ("torchrec-int4", 250, good), ("final", 250, good)]
     assert choose_served(tie, 0.002, 0.95)[0] == "final"
@@ -168,9 +177,9 @@ def test_the_served_model_is_the_smallest_accepted_in_a_fixed_chain():
     # Every candidate exactly at the bound (true drop 0.002), estimates with SE 0.001.
     rng = np.random.default_rng(0)
     runs, se = 20_000, 0.001
-    served_chain = served_any = 0
+    served = served_any = 0
     for est in rng.normal(0.002, se, size=(runs, 3)):
         cands = [(name, nbytes, drop(d, se)) for (name, nbytes), d in zip([("a", 3), ("b", 2), ("c", 1)], est)]
-        served_chain += choose_served(cands, 0.002, 0.95)[0] is not None
-        served_any += any(chain_test(p, 0.002, 0.95).accepted for _, _, p in cands)
-    assert served_chain / runs < 0.056 and served_any / runs > 0.12
+        served += choose_served(cands, 0.002, 0.95)[0] is not None
+        served_any += any(bound_test(p, 0.002, 0.05).accepted for _, _, p in cands)
+    assert served / runs < 0.056 and served_any / runs > 0.12
