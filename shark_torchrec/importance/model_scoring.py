@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torchrec.models.dlrm import DLRM, InteractionArch, SparseArch
 from tqdm import tqdm
 
@@ -182,9 +183,11 @@ class FieldView:
             # features come in the model's order, its values are that [B, F * D] already.
             pooled = arch.embedding_bag_collection(batch.sparse_features)
             if pooled.keys() == arch.sparse_feature_names and all(n == arch.D for n in pooled.length_per_key()):
-                out = dense.new_empty(dense.shape[0], 1 + arch.F, arch.D)
+                values = pooled.values()
+                dtype = torch.promote_types(dense.dtype, values.dtype)  # as torch.cat would
+                out = values.new_empty(dense.shape[0], 1 + arch.F, arch.D, dtype=dtype)
                 out[:, 0] = dense
-                out[:, 1:] = pooled.values().reshape(-1, arch.F, arch.D)
+                out[:, 1:] = values.reshape(-1, arch.F, arch.D)
                 return out
             sparse = torch.cat([pooled[name] for name in arch.sparse_feature_names], 1).reshape(-1, arch.F, arch.D)
         else:
@@ -254,6 +257,7 @@ class _DotInteraction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # its backward is not itself differentiated (no double backward)
     def backward(ctx, grad: torch.Tensor):
         vectors, pairs = ctx.saved_tensors
         B, n, D = vectors.shape

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torchrec.models.dlrm import SparseArch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from conftest import TINY, run_shark
@@ -149,11 +150,13 @@ def test_scoring_head_equals_torchrec_interaction_bit_for_bit(monkeypatch):
     view = FieldView(model, has_dense=True)
     batch = next(iter(dataset.batches("dev", 128)))
     with torch.no_grad():
-        v = view.lookup(batch)
         dlrm = view.dlrm
         dense = dlrm.dense_arch(batch.dense_features).unsqueeze(1)
         stock = torch.cat([dense, dlrm.sparse_arch(batch.sparse_features)], 1)
-    assert torch.equal(v, stock)  # the lookup's own layout of the pooled output is TorchRec's
+        with monkeypatch.context() as m:  # the lookup lays out the pooled output itself
+            m.setattr(SparseArch, "forward", lambda *a, **k: pytest.fail("SparseArch.forward was called"))
+            v = view.lookup(batch)
+    assert torch.equal(v, stock)  # ... as TorchRec's SparseArch and a concatenation do
 
     def logits_and_grad(head):
         x = v.clone().requires_grad_(True)
