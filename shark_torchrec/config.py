@@ -442,8 +442,8 @@ class CompressConfig:
     model: each is tested with the stop test (ours on the choice split, TorchRec's on the
     selection split), int8 first and, if it passes, int4 and ours sharing the error rate (Holm),
     and of those within --max-auc-drop the one with the fewest bytes is served (a TorchRec one
-    exported as export/torchrec_<int4|int8>_model.pt beside ours). `none`: ours is served and tested; the
-    comparison with TorchRec's is reported."""
+    exported as export/torchrec_<int4|int8>_model.pt beside ours). `none`: ours is served and
+    tested; the comparison with TorchRec's is reported."""
 
     def validate(self) -> None:
         if self.quant_epochs < 0 or self.quant_evals_per_epoch < 0:

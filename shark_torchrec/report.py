@@ -336,6 +336,7 @@ def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
             ]
         return lines
     served = e["exported_model"]
+    would = e.get("fallback_would_serve")
     if served != "final":
         lines += [
             f"**Served: {SERVED_NAMES[served]}**, of the models that passed their tests the one with the fewest "
@@ -352,8 +353,7 @@ def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
             "asked.",
             "",
         ]
-    else:
-        would = e.get("fallback_would_serve")
+    else:  # ours failed alone (no --fallback): the advice names what the flag would serve
         lines += [
             "**Ours failed the stop test on the choice split: its AUC drop may exceed --max-auc-drop.** "
             "It was exported as asked. `--fallback torchrec` also tests TorchRec's int8 and int4 of the base "
@@ -365,8 +365,12 @@ def _easy_path_lines(e: Dict[str, Any]) -> List[str]:
             ),
             "",
         ]
-    would = e.get("fallback_would_serve")
-    if served == "final" and would not in (None, "final") and e[would]["bytes"] < e["final"]["bytes"]:
+    if (
+        served == "final"
+        and e["exported_within_bound"]
+        and would not in (None, "final")
+        and e[would]["bytes"] < e["final"]["bytes"]
+    ):
         lines += [
             f"**{SERVED_NAMES[would]} is smaller than ours and passes the same test: `--fallback torchrec` "
             "serves it.**",

@@ -11,10 +11,9 @@ test (the one-sided upper confidence bound of its paired AUC drop from the base 
 step-down (`choose_served`). Of those accepted, the one with the fewest bytes is served. Every
 accepted candidate is within the bound, all together, at the stated confidence, so the choice
 among them spends nothing more. Without the flag ours is the only candidate, tested at the
-whole rate. The figures the report gives
-for every model come from the confirmation split, which no decision read, paired against the
-base model (DeLong). Bytes are as allocated: TorchRec's rows padded to its row alignment, ours
-as the inference module holds them.
+whole rate. The figures the report gives for every model come from the confirmation split,
+which no decision read, paired against the base model (DeLong). Bytes are as allocated:
+TorchRec's rows padded to its row alignment, ours as the inference module holds them.
 """
 
 from __future__ import annotations
@@ -174,7 +173,7 @@ def easy_path(
         eval_batch: global batch of the evaluation (one process).
         final_bytes: the compressed model's embedding bytes as served (the export's).
         max_auc_drop: the largest AUC drop from the base model a served model may have.
-        confidence: the stop test's confidence over the chain of candidates tried.
+        confidence: the confidence over all the tests of the choice (`choose_served`).
         fallback_dir: with `--fallback torchrec`, where to save TorchRec's model when it is the
             one to serve (`torch.save` of the whole DLRM, `torchrec_<int4|int8>_model.pt`);
             None: ours is the only candidate.

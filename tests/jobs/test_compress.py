@@ -311,6 +311,8 @@ def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
     text = "\n".join(_easy_path_lines(e))
     assert "**Ours failed the stop test" in text and "Served: ours" not in text
     assert "here it would serve TorchRec int4" in text
+    e["final"]["bytes"] = 400  # int4 is smaller, but the advice above already names it: said once
+    assert "is smaller than ours" not in "\n".join(_easy_path_lines(e))
     e["fallback_would_serve"] = None
     assert "here TorchRec's int8, tested first, fails too" in "\n".join(_easy_path_lines(e))
     # With --fallback torchrec, int8 failed first: ours was not tested, and the report says so.
