@@ -47,7 +47,7 @@ from common import pyplot, write_table  # noqa: E402
 from shark_torchrec.config import DataConfig, ModelConfig  # noqa: E402
 from shark_torchrec.data import open_dataset  # noqa: E402
 from shark_torchrec.jobs.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
-from shark_torchrec.kernels.reference import mixed_lookup_reference  # noqa: E402
+from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference  # noqa: E402
 from shark_torchrec.models.dlrm import build_dlrm, table_configs  # noqa: E402
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection  # noqa: E402
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection  # noqa: E402
@@ -65,12 +65,13 @@ class ReferenceGlue(torch.nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         e = self.ebc
         kjt = features.permute([features.keys().index(n) for n in e.feature_names])
-        out = mixed_lookup_reference(
+        out = mixed_lookup_ranked_reference(
             e.weights,
             e._offsets,
-            e.row_map,
-            e.range_ends,
-            e.range_shift,
+            e.blocks,
+            e.code_groups,
+            e.table_starts,
+            e.table_fallback,
             e.feature_base,
             e.feature_rows,
             kjt.values(),

@@ -34,6 +34,7 @@ from shark_torchrec import kernels
 from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
 from shark_torchrec.data.schema import Schema
 from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
+from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, ranked_map_bytes_per_row
 from shark_torchrec.models.build import model_from_config
 from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
@@ -41,7 +42,7 @@ from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBag
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.modules.model_budget import ModelBudget
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
-from shark_torchrec.precision.priority import DROPPED, INT_BITS
+from shark_torchrec.precision.priority import DROPPED, INT_BITS, ROW_MAP_BYTES, BudgetError
 from shark_torchrec.precision.quantize import fitted_scale_bias
 
 
@@ -150,16 +151,16 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
         raise CheckpointError(
             "serving tiers are chosen by the trained priorities: export a model trained with --precision shark or freq"
         )
+    configs = trained.embedding_bag_configs()
     new_policy = dataclasses.replace(
         policy,
         tiers=tuple(serving.tiers),
-        memory_budget=serving.memory_budget,
+        memory_budget=serving_store_budget(serving, configs),
         budget_scope=serving.budget_scope,
         row_fractions=None,
         t8=None,
         t16=None,
     )
-    configs = trained.embedding_bag_configs()
     ebc = MixedPrecisionEmbeddingBagCollection(tables=configs, precision_policy=new_policy, device=torch.device("cpu"))
     state = trained.state_dict()  # trained values in their trained groups, scores, step
     if "dropped" not in serving.tiers:
@@ -171,11 +172,17 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
                 state[key] = torch.where(value == DROPPED, torch.full_like(value, cheapest), value)
     ebc.load_state_dict(state)
     values = [s.read_rows(torch.arange(s.num_rows)) for s in ebc.stores]
-    if serving.budget_scope == "model":
-        # The model's only collection: its budget is the model's (no warning that it stands alone).
-        ModelBudget([("embedding_bag_collection", ebc)]).reassign()
-    else:
-        ebc.reassign()
+    try:
+        if serving.budget_scope == "model":
+            # The model's only collection: its budget is the model's (no warning that it stands alone).
+            ModelBudget([("embedding_bag_collection", ebc)]).reassign()
+        else:
+            ebc.reassign()
+    except BudgetError as e:
+        raise BudgetError(
+            f"serving budget {serving.memory_budget} (with the served model's ranked row map, "
+            f"{new_policy.memory_budget:.4f} in the training store's terms): {e}"
+        ) from e
     for store, before in zip(ebc.stores, values):
         if not store.has_dropped:
             continue
@@ -200,6 +207,35 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
         "serving_budget_scope": serving.budget_scope,
         "serving_rounding": serving.rounding,
     }
+
+
+def serving_store_budget(serving: ServingTiers, configs) -> float:
+    """The budget the training store's rule must be given so that the served model, whose
+    ranked row map costs `ranked_map_bytes_per_row` where the store's costs `ROW_MAP_BYTES`, is
+    within `serving.memory_budget`: the bytes the cheaper map frees go to the rows. The map's
+    bytes are counted whole (the last block's padding, each table's start and fallback slot);
+    with one budget per table, each table is given the difference of a row of its dim.
+
+    Args:
+        serving: the serving tiers and budget.
+        configs: the tables' configs.
+
+    Returns:
+        The budget for the store's rule (a fraction of fp32 bytes, above `serving.memory_budget`).
+    """
+    stored = [t for t in serving.tiers if t != "dropped"]
+    per_row = ranked_map_bytes_per_row(len(stored), "dropped" in serving.tiers)
+    rows = sum(c.num_embeddings for c in configs)
+    fp32 = sum(c.num_embeddings * c.embedding_dim * 4 for c in configs)
+    blocks = -(-rows // BLOCK_ROWS)
+    ranked = blocks * BLOCK_ROWS * per_row + 16 * len(configs)
+    if serving.budget_scope == "model":
+        return serving.memory_budget + (rows * ROW_MAP_BYTES - ranked) / max(fp32, 1)
+    # Per table: the smallest table's share of the padding and per-table slots bounds every one.
+    worst = min(c.num_embeddings for c in configs) if configs else 1
+    dim = max(c.embedding_dim for c in configs) if configs else 1
+    spare = ROW_MAP_BYTES - per_row - (BLOCK_ROWS * per_row + 16) / max(worst, 1)
+    return serving.memory_budget + max(spare, 0.0) / (4 * dim)
 
 
 def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:

@@ -5,6 +5,10 @@
   layout, in one pass per bag, parallel over bags. Its reference is `mixed_lookup_reference`
   (`shark_torchrec.kernels.reference`: the torch code around FBGEMM's INT-N inference op that
   it replaces), and the two agree bit for bit.
+- `mixed_lookup_ranked` is the same lookup for a served store (`lookup.cpp`): rows found by the
+  ranked map, about half a byte a row in place of the row map's four (`ranked_map.py`). Its
+  reference is `mixed_lookup_ranked_reference` (the map decoded in torch, the rows read by
+  FBGEMM's INT-N op); bit for bit too.
 - `update_rows_` is the fused row update (`update.cpp`): each touched row read from its group,
   stepped, and written back with stochastic rounding, in place. Its reference is the torch
   code of `RowOptimizer.step_rows(kernels="torch")` with `shark_torchrec.precision.quantize`; bit
@@ -55,6 +59,7 @@ HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 OPS = (
     "mixed_lookup",
+    "mixed_lookup_ranked",
     "update_rows_",
     "row_grads",
     "convert_rows_",
@@ -272,6 +277,88 @@ def mixed_lookup(
         row_map,
         range_ends,
         range_shift,
+        feature_base,
+        feature_rows,
+        values,
+        lengths,
+        per_sample_weights,
+        dim,
+        batch_size,
+        POOLING_CODES[pooling],
+        row_alignment,
+        "\n".join(feature_names),
+    )
+
+
+@torch.library.register_fake("shark::mixed_lookup_ranked")
+def _mixed_lookup_ranked_fake(
+    weights,
+    group_offsets,
+    blocks,
+    code_groups,
+    table_starts,
+    table_fallback,
+    feature_base,
+    feature_rows,
+    values,
+    lengths,
+    per_sample_weights,
+    dim,
+    batch_size,
+    pooling,
+    row_alignment,
+    feature_names,
+):
+    if pooling == 2:
+        return values.new_empty((values.shape[0], dim), dtype=torch.float32)
+    return values.new_empty((batch_size, feature_base.shape[0] * dim), dtype=torch.float32)
+
+
+def mixed_lookup_ranked(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    blocks: torch.Tensor,
+    code_groups: torch.Tensor,
+    table_starts: torch.Tensor,
+    table_fallback: torch.Tensor,
+    feature_base: torch.Tensor,
+    feature_rows: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    dim: int,
+    batch_size: int,
+    pooling: str,
+    row_alignment: int,
+    feature_names: List[str],
+) -> torch.Tensor:
+    """`mixed_lookup` of a served store whose rows are found by the ranked map (about half a
+    byte a row in place of the int32 row map; `shark_torchrec.kernels.ranked_map`).
+
+    Args:
+        weights: uint8 buffer of the group tables, each holding its rows in key order
+            (`RankedLayout.weights`).
+        group_offsets: int64 [5], byte offset of each group table.
+        blocks: int32 [ceil(rows / 64), words], the ranked map's block records.
+        code_groups: int32, the group id of each code (dropped, 5, last).
+        table_starts: int64 [T], each table's first row key.
+        table_fallback: int64 [T], each table's fallback row in the fp32 table (-1: none).
+        feature_base, feature_rows, values, lengths, per_sample_weights, dim, batch_size,
+            pooling, row_alignment, feature_names: as for `mixed_lookup`.
+
+    Returns:
+        As `mixed_lookup`.
+
+    Raises:
+        ValueError: an id outside its feature's table (naming the feature and the id).
+    """
+    return torch.ops.shark.mixed_lookup_ranked(
+        weights,
+        group_offsets,
+        blocks,
+        code_groups,
+        table_starts,
+        table_fallback,
         feature_base,
         feature_rows,
         values,

@@ -3,6 +3,8 @@
 // slot -> the row's bytes in its group table -> dequantized, weighted and pooled straight into
 // the output layout. The reference it is tested against is `mixed_lookup_reference` in
 // shark_torchrec/kernels/reference.py (the torch code around FBGEMM's INT-N inference op).
+// torch.ops.shark.mixed_lookup_ranked is the same pass for a served store, whose rows are found
+// by the ranked row map (`RankedLocator` below; reference `mixed_lookup_ranked_reference`).
 //
 // Bit-for-bit with the reference: an integer row's value is fma(scale, code, bias), as FBGEMM's
 // kernels compute it (an fp16 scale times a code of at most 8 bits is exact in fp32, so the
@@ -116,25 +118,118 @@ std::string name_of(c10::string_view names, int64_t f) {
 
 }  // namespace
 
-// See the schema in TORCH_LIBRARY below and the Python docstring of `mixed_lookup`.
-at::Tensor mixed_lookup(
-    const at::Tensor& weights,
-    const at::Tensor& group_offsets,
-    const at::Tensor& row_map,
-    const at::Tensor& range_ends,
-    const at::Tensor& range_shift,
-    const at::Tensor& feature_base,
-    const at::Tensor& feature_rows,
-    const at::Tensor& values,
-    const at::Tensor& lengths,
-    const std::optional<at::Tensor>& per_sample_weights,
-    int64_t dim,
-    int64_t batch_size,
-    int64_t pooling,
-    int64_t row_alignment,
-    c10::string_view feature_names) {
-  const GroupTables t("shark::mixed_lookup", weights, group_offsets, row_map, range_ends, range_shift, dim,
-                      row_alignment);
+// Where the lookups of `mixed_lookup` find a row: the int32 row map of the training store.
+struct RowMapLocator {
+  const GroupTables& t;
+  int64_t rows() const { return t.map_rows; }
+  void prefetch(int64_t key) const { __builtin_prefetch(t.map + key); }
+  // Byte offset of the row a lookup of `key` reads, its table's group in *tg.
+  int64_t locate(int64_t key, int64_t* tg) const { return t.read_at(key, tg); }
+};
+
+// Where the lookups of `mixed_lookup_ranked` find a row: the ranked row map of the serving
+// module, about half a byte a row (`shark_torchrec/kernels/ranked_map.py` builds it and
+// documents the layout). Rows are numbered in blocks of 64 keys; a block's record holds P bit
+// planes (a row's code is its bits across the planes) and, per stored code, the slot of the
+// block's first row of that code in its group table. A stored row's slot is that base plus the
+// rows of its code before it in the block (a popcount); a dropped row (code U) reads its
+// table's fallback row in the fp32 table. Each group table holds its rows in key order.
+struct RankedLocator {
+  RankedLocator(const at::Tensor& weights, const at::Tensor& group_offsets, const at::Tensor& blocks,
+                const at::Tensor& code_groups, const at::Tensor& table_starts, const at::Tensor& table_fallback,
+                int64_t dim, int64_t row_alignment) {
+    TORCH_CHECK(weights.device().is_cpu(), "shark::mixed_lookup_ranked: CPU tensors only");
+    TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous(), "weights: contiguous uint8");
+    TORCH_CHECK(blocks.scalar_type() == at::kInt && blocks.dim() == 2, "blocks: int32 [blocks, words]");
+    TORCH_CHECK(dim > 0 && dim <= kMaxDim && dim % 4 == 0, "shark::mixed_lookup_ranked: dim ", dim,
+                " must be a multiple of 4 (as FBGEMM's tables need) up to ", kMaxDim);
+    TORCH_CHECK(row_alignment > 0, "shark::mixed_lookup_ranked: row_alignment must be positive");
+    blocks_t_ = blocks.contiguous();
+    codes_t_ = code_groups.to(at::kInt).contiguous();
+    offs_t_ = group_offsets.to(at::kLong).contiguous();
+    starts_t_ = table_starts.to(at::kLong).contiguous();
+    fallback_t_ = table_fallback.to(at::kLong).contiguous();
+    TORCH_CHECK(starts_t_.numel() == fallback_t_.numel(), "table_starts, table_fallback: one per table");
+    n_codes_ = codes_t_.numel();
+    TORCH_CHECK(n_codes_ <= kGroups + 1, "code_groups: at most ", kGroups + 1, " codes");
+    const int32_t* cg = codes_t_.data_ptr<int32_t>();
+    stored_ = n_codes_;
+    for (int64_t c = 0; c < n_codes_; ++c) {
+      TORCH_CHECK(cg[c] >= 0 && cg[c] <= kDropped, "code_groups: group ids 0..5");
+      TORCH_CHECK((cg[c] == kDropped) == (c == n_codes_ - 1 && cg[c] == kDropped),
+                  "code_groups: the dropped group only as the last code");
+      groups_[c] = cg[c];
+    }
+    if (n_codes_ > 0 && cg[n_codes_ - 1] == kDropped) stored_ = n_codes_ - 1;
+    planes_ = 0;
+    while ((int64_t{1} << planes_) < n_codes_) ++planes_;
+    words_ = blocks_t_.size(1);
+    TORCH_CHECK(words_ == 2 * planes_ + stored_, "blocks: ", 2 * planes_ + stored_, " words a block for ", n_codes_,
+                " codes, got ", words_);
+    for (int64_t g = 0; g < kGroups; ++g) rb[g] = row_bytes(dim, g, row_alignment);
+    w = weights.data_ptr<uint8_t>();
+    wbytes_ = weights.numel();
+    blocks_ = blocks_t_.data_ptr<int32_t>();
+    offs_ = offs_t_.data_ptr<int64_t>();
+    used_groups_ = offs_t_.numel();
+    starts_ = starts_t_.data_ptr<int64_t>();
+    fallback_ = fallback_t_.data_ptr<int64_t>();
+    n_tables_ = fallback_t_.numel();
+    rows_ = blocks_t_.size(0) * 64;
+  }
+
+  int64_t rows() const { return rows_; }
+  void prefetch(int64_t key) const {
+    if (words_ > 0) __builtin_prefetch(blocks_ + (key >> 6) * words_);
+  }
+  int64_t locate(int64_t key, int64_t* tg) const {
+    const int32_t* rec = blocks_ + (key >> 6) * words_;
+    const int64_t pos = key & 63;
+    uint64_t planes[3];
+    int64_t code = 0;
+    for (int64_t j = 0; j < planes_; ++j) {
+      std::memcpy(&planes[j], rec + 2 * j, 8);
+      code |= static_cast<int64_t>((planes[j] >> pos) & 1) << j;
+    }
+    if (code >= n_codes_) return -1;
+    if (code == stored_) {  // dropped: its table's fallback row in the fp32 table
+      *tg = 0;
+      const int64_t t = std::upper_bound(starts_, starts_ + n_tables_, key) - starts_ - 1;
+      return t >= 0 ? slot_at(0, fallback_[t]) : -1;
+    }
+    uint64_t same = ~uint64_t{0};  // the block's rows of this code
+    for (int64_t j = 0; j < planes_; ++j) same &= ((code >> j) & 1) ? planes[j] : ~planes[j];
+    const uint64_t before = same & ((uint64_t{1} << pos) - 1);
+    *tg = groups_[code];
+    return slot_at(*tg, static_cast<int64_t>(rec[2 * planes_ + code]) + __builtin_popcountll(before));
+  }
+
+  int64_t rb[kGroups];
+  const uint8_t* w;
+
+ private:
+  int64_t slot_at(int64_t g, int64_t slot) const {
+    if (g >= used_groups_ || slot < 0) return -1;
+    const int64_t at = offs_[g] + slot * rb[g];
+    return at + rb[g] <= wbytes_ ? at : -1;
+  }
+
+  at::Tensor blocks_t_, codes_t_, offs_t_, starts_t_, fallback_t_;
+  const int32_t* blocks_;
+  const int64_t* offs_;
+  const int64_t* starts_;
+  const int64_t* fallback_;
+  int64_t groups_[kGroups + 1];
+  int64_t n_codes_, stored_, planes_, words_, used_groups_, n_tables_, wbytes_, rows_;
+};
+
+// The lookup of both ops: ids -> (locator) -> row bytes -> dequantized, weighted, pooled.
+template <typename Locator>
+at::Tensor lookup_with(const char* op, const Locator& loc, const int64_t* rb, const uint8_t* w,
+                       const at::Tensor& weights, const at::Tensor& feature_base, const at::Tensor& feature_rows,
+                       const at::Tensor& values, const at::Tensor& lengths,
+                       const std::optional<at::Tensor>& per_sample_weights, int64_t dim, int64_t batch_size,
+                       int64_t pooling, c10::string_view feature_names) {
   TORCH_CHECK(pooling >= 0 && pooling <= 2, "pooling: 0 sum, 1 mean, 2 none");
   const int64_t F = feature_base.numel();
   const int64_t B = batch_size;
@@ -166,11 +261,10 @@ at::Tensor mixed_lookup(
                                 : at::empty({B, F * D}, weights.options().dtype(at::kFloat));
   const int64_t* base = base_t.data_ptr<int64_t>();
   const int64_t* frows = rows_t.data_ptr<int64_t>();
-  const uint8_t* w = t.w;
-  const int32_t* map = t.map;
+  const int64_t map_rows = loc.rows();
   const int64_t* vp = v.data_ptr<int64_t>();
   const float* wp = weighted ? psw.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
+  float* op_out = out.data_ptr<float>();
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   std::atomic<bool> layout_bad{false};
 
@@ -194,7 +288,7 @@ at::Tensor mixed_lookup(
           int64_t prev = first_bad.load();
           while (i < prev && !first_bad.compare_exchange_weak(prev, i)) {
           }
-        } else if (base[f] + id >= t.map_rows) {
+        } else if (base[f] + id >= map_rows) {
           layout_bad = true;
         } else {
           key = base[f] + id;
@@ -203,7 +297,7 @@ at::Tensor mixed_lookup(
       }
     }
     for (int64_t i = i0; i < std::min(i1, i0 + kMapAhead); ++i) {
-      if (keys[i - i0] >= 0) __builtin_prefetch(map + keys[i - i0]);
+      if (keys[i - i0] >= 0) loc.prefetch(keys[i - i0]);
     }
     for (int64_t bag = begin; bag < end; ++bag) {
       const int64_t f = bag / B;
@@ -211,27 +305,27 @@ at::Tensor mixed_lookup(
       float* acc = pooling == 2 ? nullptr : acc_buf.data();
       if (acc) std::fill(acc, acc + D, 0.0f);
       for (int64_t i = starts[bag]; i < starts[bag + 1]; ++i) {
-        if (i + kMapAhead < i1 && keys[i + kMapAhead - i0] >= 0) __builtin_prefetch(map + keys[i + kMapAhead - i0]);
+        if (i + kMapAhead < i1 && keys[i + kMapAhead - i0] >= 0) loc.prefetch(keys[i + kMapAhead - i0]);
         if (i + kRowAhead < i1 && keys[i + kRowAhead - i0] >= 0) {
           int64_t tg_ahead;
-          const int64_t ahead = t.read_at(keys[i + kRowAhead - i0], &tg_ahead);
+          const int64_t ahead = loc.locate(keys[i + kRowAhead - i0], &tg_ahead);
           if (ahead >= 0) {
-            for (int64_t o = 0; o < t.rb[tg_ahead]; o += 64) __builtin_prefetch(w + ahead + o);
+            for (int64_t o = 0; o < rb[tg_ahead]; o += 64) __builtin_prefetch(w + ahead + o);
           }
         }
         const int64_t key = keys[i - i0];
         if (key < 0) continue;
         int64_t tg;
-        const int64_t at = t.read_at(key, &tg);
+        const int64_t at = loc.locate(key, &tg);
         if (at < 0) {
           layout_bad = true;
           continue;
         }
         if (pooling == 2) {
           if (wp) {
-            accumulate<true, true>(op + i * D, w + at, tg, D, wp[i]);
+            accumulate<true, true>(op_out + i * D, w + at, tg, D, wp[i]);
           } else {
-            accumulate<false, true>(op + i * D, w + at, tg, D, 1.0f);
+            accumulate<false, true>(op_out + i * D, w + at, tg, D, 1.0f);
           }
         } else if (wp) {
           accumulate<true, false>(acc, w + at, tg, D, wp[i]);
@@ -240,7 +334,7 @@ at::Tensor mixed_lookup(
         }
       }
       if (pooling != 2) {
-        float* o = op + b * F * D + f * D;
+        float* o = op_out + b * F * D + f * D;
         if (pooling == 1) {
           const float n = static_cast<float>(std::max<int64_t>(lp[bag], 1));
           for (int64_t j = 0; j < D; ++j) o[j] = acc[j] / n;
@@ -258,8 +352,55 @@ at::Tensor mixed_lookup(
         << " rows";
     TORCH_CHECK_VALUE(false, msg.str());
   }
-  TORCH_CHECK(!layout_bad.load(), "shark::mixed_lookup: a row map entry points outside the group tables");
+  TORCH_CHECK(!layout_bad.load(), op, ": a row map entry points outside the group tables");
   return out;
+}
+
+// See the schema in TORCH_LIBRARY below and the Python docstring of `mixed_lookup`.
+at::Tensor mixed_lookup(
+    const at::Tensor& weights,
+    const at::Tensor& group_offsets,
+    const at::Tensor& row_map,
+    const at::Tensor& range_ends,
+    const at::Tensor& range_shift,
+    const at::Tensor& feature_base,
+    const at::Tensor& feature_rows,
+    const at::Tensor& values,
+    const at::Tensor& lengths,
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t dim,
+    int64_t batch_size,
+    int64_t pooling,
+    int64_t row_alignment,
+    c10::string_view feature_names) {
+  const GroupTables t("shark::mixed_lookup", weights, group_offsets, row_map, range_ends, range_shift, dim,
+                      row_alignment);
+  const RowMapLocator loc{t};
+  return lookup_with("shark::mixed_lookup", loc, t.rb, t.w, weights, feature_base, feature_rows, values, lengths,
+                     per_sample_weights, dim, batch_size, pooling, feature_names);
+}
+
+// See the schema in TORCH_LIBRARY below and the Python docstring of `mixed_lookup_ranked`.
+at::Tensor mixed_lookup_ranked(
+    const at::Tensor& weights,
+    const at::Tensor& group_offsets,
+    const at::Tensor& blocks,
+    const at::Tensor& code_groups,
+    const at::Tensor& table_starts,
+    const at::Tensor& table_fallback,
+    const at::Tensor& feature_base,
+    const at::Tensor& feature_rows,
+    const at::Tensor& values,
+    const at::Tensor& lengths,
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t dim,
+    int64_t batch_size,
+    int64_t pooling,
+    int64_t row_alignment,
+    c10::string_view feature_names) {
+  const RankedLocator loc(weights, group_offsets, blocks, code_groups, table_starts, table_fallback, dim, row_alignment);
+  return lookup_with("shark::mixed_lookup_ranked", loc, loc.rb, loc.w, weights, feature_base, feature_rows, values,
+                     lengths, per_sample_weights, dim, batch_size, pooling, feature_names);
 }
 
 TORCH_LIBRARY_FRAGMENT(shark, m) {
@@ -267,10 +408,16 @@ TORCH_LIBRARY_FRAGMENT(shark, m) {
       "mixed_lookup(Tensor weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, Tensor range_shift, "
       "Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, Tensor? per_sample_weights, "
       "int dim, int batch_size, int pooling, int row_alignment, str feature_names) -> Tensor");
+  m.def(
+      "mixed_lookup_ranked(Tensor weights, Tensor group_offsets, Tensor blocks, Tensor code_groups, "
+      "Tensor table_starts, Tensor table_fallback, Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, "
+      "Tensor? per_sample_weights, int dim, int batch_size, int pooling, int row_alignment, str feature_names) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {
   m.impl("mixed_lookup", &mixed_lookup);
+  m.impl("mixed_lookup_ranked", &mixed_lookup_ranked);
 }
 
 }  // namespace shark

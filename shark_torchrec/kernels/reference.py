@@ -1,6 +1,7 @@
-"""The reference of `torch.ops.shark.mixed_lookup`: torch code around FBGEMM's INT-N inference
-op (`int_nbit_split_embedding_codegen_lookup_function`), which reads fp32, fp16, int8, int4 and
-int2 rows in one call. It shares no code with the C++ kernel; tests hold the two equal, bit for
+"""The references of `torch.ops.shark.mixed_lookup` and `mixed_lookup_ranked`: torch code
+around FBGEMM's INT-N inference op (`int_nbit_split_embedding_codegen_lookup_function`), which
+reads fp32, fp16, int8, int4 and int2 rows in one call (the ranked map decoded in torch by
+`decode_ranked_map`). It shares no code with the C++ kernel; tests hold the two equal, bit for
 bit, on random groups, duplicate, empty, weighted and multi-id bags.
 """
 
@@ -12,6 +13,8 @@ import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+
+from shark_torchrec.kernels.ranked_map import decode_ranked_map
 
 GROUP_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
@@ -107,13 +110,81 @@ def mixed_lookup_reference(
     Raises:
         ValueError: an id outside its feature's table (naming the feature and the id).
     """
-    F, B, D = feature_base.numel(), batch_size, dim
-    dev = weights.device
-    placement = EmbeddingLocation.DEVICE if dev.type == "cuda" else EmbeddingLocation.HOST
+    keys = _checked_keys(feature_base, feature_rows, values, lengths, feature_names)
+    m = row_map[keys]
+    g = torch.bucketize(m, range_ends, right=True)
+    slots = (m - range_shift[g]).long()
+    return _read_and_pool(
+        weights,
+        group_offsets,
+        g,
+        slots,
+        values,
+        lengths,
+        per_sample_weights,
+        dim,
+        batch_size,
+        pooling,
+        row_alignment,
+        feature_base.numel(),
+    )
+
+
+def mixed_lookup_ranked_reference(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    blocks: torch.Tensor,
+    code_groups: torch.Tensor,
+    table_starts: torch.Tensor,
+    table_fallback: torch.Tensor,
+    feature_base: torch.Tensor,
+    feature_rows: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    dim: int,
+    batch_size: int,
+    pooling: str,
+    row_alignment: int,
+    feature_names: List[str],
+) -> torch.Tensor:
+    """`shark_torchrec.kernels.mixed_lookup_ranked` in torch and FBGEMM: the ranked map decoded
+    in torch (`decode_ranked_map`), the rows read by FBGEMM's INT-N op.
+
+    Args:
+        as for `shark_torchrec.kernels.mixed_lookup_ranked`.
+
+    Returns:
+        [B, F * dim] float32, or [nnz, dim] with pooling "none" (as the op).
+
+    Raises:
+        ValueError: an id outside its feature's table (naming the feature and the id).
+    """
+    keys = _checked_keys(feature_base, feature_rows, values, lengths, feature_names)
+    g, slots = decode_ranked_map(blocks, code_groups, table_starts, table_fallback, keys)
+    return _read_and_pool(
+        weights,
+        group_offsets,
+        g,
+        slots,
+        values,
+        lengths,
+        per_sample_weights,
+        dim,
+        batch_size,
+        pooling,
+        row_alignment,
+        feature_base.numel(),
+    )
+
+
+def _checked_keys(feature_base, feature_rows, values, lengths, feature_names) -> torch.Tensor:
+    """Each id's row key (its table's first key plus the id); an id outside its table raises."""
+    F = feature_base.numel()
     values = values.long()
     lengths = lengths.long()
     nnz = values.numel()
-    per_feature = lengths.view(F, B).sum(1)
+    per_feature = lengths.view(F, -1).sum(1) if F else lengths.new_zeros(0)
     limit = torch.repeat_interleave(feature_rows, per_feature, output_size=nnz)
     bad = (values < 0) | (values >= limit)
     if bool(bad.any()):
@@ -122,10 +193,19 @@ def mixed_lookup_reference(
         raise ValueError(
             f"feature {feature_names[f]}: id {int(values[at])} outside its table of {int(feature_rows[f])} rows"
         )
-    keys = torch.repeat_interleave(feature_base, per_feature, output_size=nnz) + values
-    m = row_map[keys]
-    g = torch.bucketize(m, range_ends, right=True)
-    slots = (m - range_shift[g]).long()
+    return torch.repeat_interleave(feature_base, per_feature, output_size=nnz) + values
+
+
+def _read_and_pool(
+    weights, group_offsets, g, slots, values, lengths, per_sample_weights, dim, batch_size, pooling, row_alignment, F
+) -> torch.Tensor:
+    """Each id's row (group g, slot; dropped rows, group 5, read the fp32 table) by FBGEMM's
+    INT-N op, weighted and pooled per bag."""
+    B, D = batch_size, dim
+    dev = weights.device
+    placement = EmbeddingLocation.DEVICE if dev.type == "cuda" else EmbeddingLocation.HOST
+    lengths = lengths.long()
+    nnz = values.numel()
     g = torch.where(g == len(GROUP_TYPES), torch.zeros_like(g), g)  # dropped rows read the fp32 table
     groups = group_offsets.numel()
     perm = torch.argsort(g, stable=True)

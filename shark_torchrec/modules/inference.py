@@ -3,13 +3,15 @@ collection.
 
 It keeps what a lookup needs and nothing a trainer needs: one uint8 buffer with five group
 tables in FBGEMM's inference table-batched-embedding layout (fp32, fp16, int8, int4 and int2
-rows, integer rows with their fp16 scale and bias), and the row map (one int32 per row: a slot numbered across the
-group tables, whose range gives the group; dropped rows point at their table's fallback row). No scores, no optimizer
-state, no fp32 copy. A lookup is one call of our fused op `torch.ops.shark.mixed_lookup`
-(`shark_torchrec.kernels`): ids, row map, groups, dequantization and pooling in one pass per
-bag, parallel over bags. It replaced torch glue around FBGEMM's INT-N inference TBE, which is
-kept as its reference (`shark_torchrec.kernels.reference`), agrees with it bit for bit, and
-serves in eager mode where the op has no kernel (off CPU; untested here, without a GPU).
+rows, integer rows with their fp16 scale and bias), each holding its rows in key order, and the
+ranked row map (`shark_torchrec.kernels.ranked_map`: a row's group in bit planes and its slot
+as its rank among its group's rows, about half a byte a row where the training store's row
+map takes four; dropped rows read their table's fallback row). No scores, no optimizer state,
+no fp32 copy. A lookup is one call of our fused op `torch.ops.shark.mixed_lookup_ranked`
+(`shark_torchrec.kernels`): ids, map, groups, dequantization and pooling in one pass per bag,
+parallel over bags. Its reference, torch around FBGEMM's INT-N inference TBE
+(`shark_torchrec.kernels.reference`), agrees with it bit for bit and serves in eager mode
+where the op has no kernel (off CPU; untested here, without a GPU).
 
 It stands where TorchRec's quantized `EmbeddingBagCollection` would: `forward(KJT) -> KeyedTensor`
 and `embedding_bag_configs()`, so `DLRM(embedding_bag_collection=...)` takes it. Its lookup and
@@ -27,8 +29,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import shark_torchrec.kernels  # noqa: F401  (loads torch.ops.shark)
-from shark_torchrec.kernels.reference import mixed_lookup_reference
-from shark_torchrec.precision.priority import GROUP_NAMES, ROW_MAP_BYTES
+from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, RankedLayout, ranked_from_row_map, ranked_group_rows
+from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
+from shark_torchrec.precision.priority import GROUP_NAMES, row_bytes
 
 
 class MixedPrecisionPooledLookup(nn.Module):
@@ -43,13 +46,12 @@ class MixedPrecisionPooledLookup(nn.Module):
         feature_rows: per feature, the rows of its table.
         dim: embedding dim of every table.
         mean_pooling: bags are averaged (else summed).
-        weights: FBGEMM's uint8 buffer of the group tables (fp32, fp16, int8, int4, int2 rows).
-        row_map: int32 per row, its slot numbered across the group tables (fp32 rows, fp16,
-            int8, int4, int2, then the fallback rows of dropped rows).
-        range_ends: int32 [5], where each stored group's numbers end; range_shift: int32 [6],
-            per group (dropped last) what to subtract from a row map value to get the slot
-            in the table the lookup reads (a dropped row reads the fp32 table).
+        weights: FBGEMM's uint8 buffer of the group tables (fp32 rows and the fallback rows of
+            dropped rows, fp16, int8, int4, int2), each table's rows in key order.
         group_offsets: byte offset of each group table in `weights`.
+        blocks, code_groups, table_starts, table_fallback: the ranked row map
+            (`shark_torchrec.kernels.ranked_map.RankedLayout`).
+        num_rows: the rows of all tables (keys 0 .. num_rows - 1).
         row_alignment: FBGEMM's row alignment of the buffer.
     """
 
@@ -61,10 +63,12 @@ class MixedPrecisionPooledLookup(nn.Module):
         dim: int,
         mean_pooling: bool,
         weights: torch.Tensor,
-        row_map: torch.Tensor,
-        range_ends: torch.Tensor,
-        range_shift: torch.Tensor,
         group_offsets: List[int],
+        blocks: torch.Tensor,
+        code_groups: torch.Tensor,
+        table_starts: torch.Tensor,
+        table_fallback: torch.Tensor,
+        num_rows: int,
         row_alignment: int = 1,
     ) -> None:
         super().__init__()
@@ -75,11 +79,13 @@ class MixedPrecisionPooledLookup(nn.Module):
         self.dim: int = dim
         self.mean_pooling: bool = mean_pooling
         self.row_alignment: int = row_alignment
+        self.num_rows: int = num_rows
         self.feature_names: List[str] = list(feature_names)
         self.register_buffer("weights", weights)
-        self.register_buffer("row_map", row_map.to(torch.int32))
-        self.register_buffer("range_ends", range_ends.to(torch.int32))
-        self.register_buffer("range_shift", range_shift.to(torch.int32))
+        self.register_buffer("blocks", blocks.to(torch.int32))
+        self.register_buffer("code_groups", code_groups.to(torch.int32))
+        self.register_buffer("table_starts", table_starts.to(torch.int64))
+        self.register_buffer("table_fallback", table_fallback.to(torch.int64))
         self.register_buffer("feature_base", torch.tensor(feature_base, dtype=torch.int64))
         self.register_buffer("feature_rows", torch.tensor(feature_rows, dtype=torch.int64))
         self.register_buffer("_offsets", torch.tensor(list(group_offsets), dtype=torch.int64))
@@ -94,10 +100,12 @@ class MixedPrecisionPooledLookup(nn.Module):
             self.dim,
             self.mean_pooling,
             self.weights,
-            self.row_map,
-            self.range_ends,
-            self.range_shift,
             self._offsets.tolist(),
+            self.blocks,
+            self.code_groups,
+            self.table_starts,
+            self.table_fallback,
+            self.num_rows,
             self.row_alignment,
         )
 
@@ -117,29 +125,35 @@ class MixedPrecisionPooledLookup(nn.Module):
         return self.pooled(values, lengths, lengths.numel() // F)
 
     def memory_bytes(self) -> int:
-        """Weights (with int8 scales and biases) plus the row map."""
-        return int(self.weights.numel() + self.row_map.numel() * ROW_MAP_BYTES)
+        """Weights (with the integer rows' scales and biases) plus the ranked row map (block
+        records and each table's start and fallback slot)."""
+        return int(
+            self.weights.numel()
+            + self.blocks.numel() * 4
+            + self.table_starts.numel() * 8
+            + self.table_fallback.numel() * 8
+        )
 
     def group_rows(self) -> Dict[str, int]:
         """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2, rows_dropped."""
-        groups = torch.bucketize(self.row_map, self.range_ends, right=True)
-        counts = torch.bincount(groups, minlength=len(GROUP_NAMES)).tolist()
+        counts = ranked_group_rows(self.blocks, self.code_groups, self.num_rows)
         return {f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)}
 
     def pooled(self, values: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """`forward` with the batch size given: [B, F * dim] from feature-major bags, by our
-        fused C++ op (`torch.ops.shark.mixed_lookup`: row map, groups, dequantization and
-        pooling in one pass; its reference, the torch code around FBGEMM's INT-N op it
-        replaces, is `shark_torchrec.kernels.reference`). It scripts, and `torch.export`
-        sees it through its registered fake."""
+        fused C++ op (`torch.ops.shark.mixed_lookup_ranked`: ranked map, groups,
+        dequantization and pooling in one pass; its reference, torch around FBGEMM's INT-N op,
+        is `shark_torchrec.kernels.reference`). It scripts, and `torch.export` sees it through
+        its registered fake."""
         if not torch.jit.is_scripting() and not self.weights.is_cpu:
             # The op has a CPU kernel only; elsewhere its reference (FBGEMM's INT-N op) serves.
-            return mixed_lookup_reference(
+            return mixed_lookup_ranked_reference(
                 self.weights,
                 self._offsets,
-                self.row_map,
-                self.range_ends,
-                self.range_shift,
+                self.blocks,
+                self.code_groups,
+                self.table_starts,
+                self.table_fallback,
                 self.feature_base,
                 self.feature_rows,
                 values,
@@ -151,12 +165,13 @@ class MixedPrecisionPooledLookup(nn.Module):
                 self.row_alignment,
                 self.feature_names,
             )
-        return torch.ops.shark.mixed_lookup(
+        return torch.ops.shark.mixed_lookup_ranked(
             self.weights,
             self._offsets,
-            self.row_map,
-            self.range_ends,
-            self.range_shift,
+            self.blocks,
+            self.code_groups,
+            self.table_starts,
+            self.table_fallback,
             self.feature_base,
             self.feature_rows,
             values,
@@ -177,25 +192,16 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
 
     Args:
         tables: the tables' configs, one dim and one pooling (sum or mean) for all.
-        weights, row_map, range_ends, range_shift, group_offsets, row_alignment: the store's
-            group tables and row map (see `MixedPrecisionPooledLookup`), the tables' rows back
-            to back in `tables`' order.
+        layout: the tables' rows back to back in `tables`' order, in group tables and the
+            ranked row map (`RankedLayout`; `from_trained` makes it from a training store).
+        row_alignment: FBGEMM's row alignment of the buffer.
 
     Raises:
         NotImplementedError: tables of several dims or poolings, or another pooling.
-        ValueError: the row map does not have the tables' rows.
+        ValueError: the map does not cover the tables' rows.
     """
 
-    def __init__(
-        self,
-        tables: List[EmbeddingBagConfig],
-        weights: torch.Tensor,
-        row_map: torch.Tensor,
-        range_ends: torch.Tensor,
-        range_shift: torch.Tensor,
-        group_offsets: List[int],
-        row_alignment: int = 1,
-    ) -> None:
+    def __init__(self, tables: List[EmbeddingBagConfig], layout: RankedLayout, row_alignment: int = 1) -> None:
         dims = {t.embedding_dim for t in tables}
         poolings = {t.pooling for t in tables}
         if len(dims) != 1 or len(poolings) != 1 or poolings.pop() not in (PoolingType.SUM, PoolingType.MEAN):
@@ -205,19 +211,27 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
             feature_base += [base[-1]] * len(t.feature_names)
             feature_rows += [t.num_embeddings] * len(t.feature_names)
             base.append(base[-1] + t.num_embeddings)
-        if row_map.numel() != base[-1]:
-            raise ValueError(f"row map has {row_map.numel()} rows, the tables {base[-1]}")
+        if (
+            layout.blocks.shape[0] != (base[-1] + BLOCK_ROWS - 1) // BLOCK_ROWS
+            or layout.table_starts.tolist() != base[:-1]
+        ):
+            raise ValueError(
+                f"the ranked map covers {layout.blocks.shape[0]} blocks of {BLOCK_ROWS} rows and tables starting at "
+                f"{layout.table_starts.tolist()}; the tables have {base[-1]} rows starting at {base[:-1]}"
+            )
         super().__init__(
             [f for t in tables for f in t.feature_names],
             feature_base,
             feature_rows,
             dims.pop(),
             tables[0].pooling == PoolingType.MEAN,
-            weights,
-            row_map,
-            range_ends,
-            range_shift,
-            group_offsets,
+            layout.weights,
+            layout.group_offsets.tolist(),
+            layout.blocks,
+            layout.code_groups,
+            layout.table_starts,
+            layout.table_fallback,
+            base[-1],
             row_alignment,
         )
         self._configs = list(tables)
@@ -225,20 +239,24 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
     @classmethod
     def from_trained(cls, collection) -> "MixedPrecisionInferenceEmbeddingBagCollection":
         """From a materialized (unsharded) `MixedPrecisionEmbeddingBagCollection`: the same
-        bytes of every row, the same groups; the training state is left behind."""
+        bytes of every row, the same groups, each group's rows put in key order under the
+        ranked map; the training state is left behind."""
         stores = collection.stores
         if len(stores) != 1:
             raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
         s = stores[0]
-        return cls(
-            collection.embedding_bag_configs(),
-            s.weights.clone(),
-            s.row_map.clone(),
-            s._range_ends.clone(),
-            s._range_shift.clone(),
-            list(s._offsets),
-            s.row_alignment,
+        weights, offsets, row_map, ends, shift = s.op_layout
+        layout = ranked_from_row_map(
+            weights,
+            offsets.tolist(),
+            list(s.capacity),
+            [row_bytes(s.dim, g, s.row_alignment) for g in range(len(GROUP_NAMES) - 1)],
+            row_map,
+            ends,
+            shift,
+            s.table_base,
         )
+        return cls(collection.embedding_bag_configs(), layout, s.row_alignment)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._configs

@@ -1,6 +1,8 @@
 """Checks several test modules share: an export against its trained model, a row-group
 store's row map, and a mixed-precision run against the plain-torch reference."""
 
+import math
+
 import torch
 
 from helpers import mp_workers as W
@@ -8,7 +10,7 @@ from shark_torchrec.data import open_dataset
 from shark_torchrec.jobs.export import export_inference_model, load_trained_model
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.row_groups import RowGroupStore
-from shark_torchrec.precision.priority import FP16, FP32, INT8
+from shark_torchrec.precision.priority import FP16, FP32, INT8, ROW_MAP_BYTES
 
 
 def compare_export(ckpt, metrics):
@@ -18,8 +20,19 @@ def compare_export(ckpt, metrics):
     exported, _ = export_inference_model(ckpt)
     ebc = exported.model.sparse_arch.embedding_bag_collection
     assert isinstance(ebc, MixedPrecisionInferenceEmbeddingBagCollection)
-    assert ebc.memory_bytes() == metrics["embedding_bytes"]
-    assert ebc.group_rows() == {k: metrics[k] for k in metrics if k.startswith("rows_")}
+    rows = {k: metrics[k] for k in metrics if k.startswith("rows_")}
+    assert ebc.group_rows() == rows
+    # The trained rows' bytes, the int32 row map (ROW_MAP_BYTES a row) swapped for the ranked
+    # map: 64-row blocks of bit planes and per-group bases, and each table's start and fallback slot.
+    n, tables = sum(rows.values()), ebc.table_starts.numel()
+    codes = sum(1 for v in rows.values() if v)
+    stored = codes - int(rows["rows_dropped"] > 0)
+    fallback_rows = int((ebc.table_fallback >= 0).sum())
+    trained_weights = metrics["embedding_bytes"] - n * ROW_MAP_BYTES
+    if rows["rows_dropped"] or trained.model.sparse_arch.embedding_bag_collection.stores[0].has_dropped:
+        trained_weights -= (tables - fallback_rows) * 4 * ebc.dim  # only tables that drop rows keep theirs
+    ranked = -(-n // 64) * (8 * math.ceil(math.log2(codes)) * (codes > 1) + 4 * stored) + 16 * tables
+    assert ebc.memory_bytes() == trained_weights + ranked
     # no training state is carried: weights, row map and lookup metadata only
     assert not [n for n, _ in ebc.named_buffers() if "momentum" in n or "priority" in n]
     data = open_dataset(cfg.dataset, cfg.train.seed)

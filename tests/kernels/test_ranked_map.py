@@ -1,0 +1,168 @@
+"""The ranked row map of served stores (`shark_torchrec.kernels.ranked_map`) and the op that
+reads it, `torch.ops.shark.mixed_lookup_ranked`: bit for bit with the int32-row-map lookup of the
+same rows and with its torch reference, on random layouts whose slots are not in key order;
+its bytes a row; the same error for a bad id."""
+
+import math
+
+import pytest
+import torch
+
+from helpers.kernel_layouts import bags, random_layout, same_bits
+from shark_torchrec.kernels import mixed_lookup, mixed_lookup_ranked
+from shark_torchrec.kernels.ranked_map import (
+    BLOCK_ROWS,
+    decode_ranked_map,
+    ranked_from_row_map,
+    ranked_map_bytes_per_row,
+)
+from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
+
+RAW = lambda dim: (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4)  # noqa: E731
+
+
+def _ranked(w, offsets, row_map, ends, shift, tables, dim, alignment=1):
+    rb = [(r + alignment - 1) // alignment * alignment for r in RAW(dim)]
+    groups = len(offsets)
+    offs = offsets.tolist() + [w.numel()] * (5 - groups)
+    cap = [
+        (offs[g + 1] - offs[g]) // rb[g] if g + 1 < groups else (w.numel() - offs[g]) // rb[g] for g in range(groups)
+    ]
+    cap += [0] * (5 - groups)
+    table_base = torch.tensor([0] + torch.cumsum(torch.tensor(tables), 0).tolist())
+    return ranked_from_row_map(w, offs, cap, rb, row_map, ends, shift, table_base)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+@pytest.mark.parametrize("dim,alignment,groups", [(16, 1, 5), (8, 16, 5), (24, 1, 3), (8, 1, 2)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ranked_lookup_equals_the_row_map_lookup_and_its_reference(pooling, dim, alignment, groups, weighted):
+    gen = torch.Generator().manual_seed(dim * 11 + alignment + groups)
+    tables = [37, 5, 300]  # 342 rows: six blocks, the last one partly filled
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, dim, groups, alignment=alignment)
+    lay = _ranked(w, offsets, row_map, ends, shift, tables, dim, alignment)
+    base, rows, feats = torch.tensor([0, 37, 42, 0]), torch.tensor([37, 5, 300, 37]), [37, 5, 300, 37]
+    B = 40
+    values, lengths = bags(gen, feats, B, max_len=5)
+    values[1] = values[0]  # a repeated id
+    psw = torch.rand(values.numel(), generator=gen) if weighted else None
+    names = ["a", "b", "c", "d"]
+    rest = (base, rows, values, lengths, psw, dim, B, pooling, alignment, names)
+    want = mixed_lookup(w, offsets, row_map, ends, shift, *rest)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    assert same_bits(mixed_lookup_ranked(*ranked, *rest), want)
+    assert same_bits(mixed_lookup_ranked_reference(*ranked, *rest), want)
+
+
+def test_every_row_decodes_to_its_group_and_its_bytes():
+    gen = torch.Generator().manual_seed(1)
+    tables, dim = [70, 1, 200], 16
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, dim)
+    lay = _ranked(w, offsets, row_map, ends, shift, tables, dim)
+    keys = torch.arange(sum(tables))
+    old_g = torch.bucketize(row_map, ends, right=True)
+    g, slots = decode_ranked_map(lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback, keys)
+    assert torch.equal(g, old_g)
+    rb = RAW(dim)
+    old_slots = row_map.long() - shift.long()[old_g]
+    for k in keys.tolist():
+        read = 0 if int(g[k]) == 5 else int(g[k])
+        new = lay.weights[int(lay.group_offsets[read]) + int(slots[k]) * rb[read] :][: rb[read]]
+        old = w[int(offsets[read]) + int(old_slots[k]) * rb[read] :][: rb[read]]
+        assert torch.equal(new, old), k
+    # Stored rows sit in key order within their group table; only tables with dropped rows keep a fallback row.
+    for grp in range(5):
+        s = slots[g == grp]
+        assert torch.equal(s, torch.arange(len(s))), grp
+    assert lay.weights.numel() <= w.numel()
+
+
+def test_its_bytes_a_row():
+    assert ranked_map_bytes_per_row(2, True) == 0.375  # int4 / int2 / dropped: 2 planes, 2 bases
+    assert ranked_map_bytes_per_row(3, False) == 0.4375  # the paper's fp32 / fp16 / int8
+    assert ranked_map_bytes_per_row(5, True) == 0.6875  # every tier
+    assert ranked_map_bytes_per_row(1, False) == 0.0625  # one tier: a base a block, no plane
+    gen = torch.Generator().manual_seed(2)
+    tables = [1000]
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, 8)
+    lay = _ranked(w, offsets, row_map, ends, shift, tables, 8)
+    assert lay.blocks.shape == (math.ceil(1000 / BLOCK_ROWS), 2 * 3 + 5)
+    assert lay.blocks.numel() * 4 == math.ceil(1000 / BLOCK_ROWS) * BLOCK_ROWS * ranked_map_bytes_per_row(5, True)
+
+
+@pytest.mark.parametrize("case", ["one group", "all dropped"])
+def test_a_single_code_needs_no_bit_plane(case):
+    gen = torch.Generator().manual_seed(3)
+    tables, dim = [130, 9], 8
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, dim)
+    old_g = torch.bucketize(row_map, ends, right=True)
+    if case == "one group":  # every row int8: the store's slots permuted
+        keep = old_g == 2
+        row_map = torch.where(keep, row_map, row_map[keep][0])
+    else:
+        table = torch.repeat_interleave(torch.arange(2), torch.tensor(tables)).to(torch.int32)
+        row_map = ends[-1] + table  # each row its own table's fallback row
+    lay = _ranked(w, offsets, row_map, ends, shift, tables, dim)
+    assert lay.blocks.shape[1] == (1 if case == "one group" else 0)
+    base, rows = torch.tensor([0, 130]), torch.tensor(tables)
+    values, lengths = bags(gen, tables, 16, max_len=3)
+    rest = (base, rows, values, lengths, None, dim, 16, "sum", 1, ["a", "b"])
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    assert same_bits(mixed_lookup_ranked(*ranked, *rest), mixed_lookup(w, offsets, row_map, ends, shift, *rest))
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_an_id_outside_its_table_names_the_feature_and_id(bad):
+    gen = torch.Generator().manual_seed(4)
+    w, offsets, row_map, ends, shift = random_layout(gen, [7, 5], 8)
+    lay = _ranked(w, offsets, row_map, ends, shift, [7, 5], 8)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    rest = (torch.tensor([0, 7]), torch.tensor([7, 5]), torch.tensor([1, 2, 3, bad, 4]), torch.tensor([2, 1, 1, 1]))
+    args = (*ranked, *rest, None, 8, 2, "sum", 1, ["user", "item"])
+    msg = f"feature item: id {bad} outside its table of 5 rows"
+    with pytest.raises(ValueError, match=msg):
+        mixed_lookup_ranked(*args)
+    with pytest.raises(ValueError, match=msg):
+        mixed_lookup_ranked_reference(*args)
+
+
+def test_a_map_that_does_not_cover_the_rows_is_refused():
+    gen = torch.Generator().manual_seed(6)
+    w, offsets, row_map, ends, shift = random_layout(gen, [64], 8)
+    lay = _ranked(w, offsets, row_map, ends, shift, [64], 8)
+    args = (torch.tensor([0]), torch.tensor([65]), torch.tensor([64]), torch.tensor([1]), None, 8, 1, "sum", 1, ["x"])
+    with pytest.raises(RuntimeError, match="points outside the group tables"):
+        mixed_lookup_ranked(
+            lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback, *args
+        )
+    with pytest.raises(RuntimeError, match="words a block"):
+        mixed_lookup_ranked(
+            lay.weights,
+            lay.group_offsets,
+            lay.blocks[:, 1:],
+            lay.code_groups,
+            lay.table_starts,
+            lay.table_fallback,
+            *args,
+        )
+
+
+def test_the_op_scripts_and_has_a_fake_for_tracing():
+    @torch.jit.script
+    def scripted(w, o, bl, c, ts, tf, b, r, v, l, d: int, B: int):
+        return torch.ops.shark.mixed_lookup_ranked(w, o, bl, c, ts, tf, b, r, v, l, None, d, B, 0, 1, "x")
+
+    gen = torch.Generator().manual_seed(5)
+    w, offsets, row_map, ends, shift = random_layout(gen, [20], 8)
+    lay = _ranked(w, offsets, row_map, ends, shift, [20], 8)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    base, rows = torch.tensor([0]), torch.tensor([20])
+    values, lengths = bags(gen, [20], 6, 3)
+    want = mixed_lookup(w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 6, "sum", 1, ["x"])
+    assert same_bits(scripted(*ranked, base, rows, values, lengths, 8, 6), want)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (*ranked, base, rows, values, lengths)]
+        out = torch.ops.shark.mixed_lookup_ranked(*fake, None, 8, 6, 0, 1, "x")
+    assert out.shape == (6, 8)
