@@ -44,7 +44,9 @@ Bytes, two ways, as fractions of the fp32 tables' bytes (rows x dim x 4):
   biases and the row map (5 bytes a row before commit "4-byte row map", 4 after), rows padded
   to 1 B on CPU); TorchRec's quantized module, the sum of its state-dict tensors (rows padded
   to 16 B by FBGEMM's row alignment). Its TBE buffer also aligns each table's start
-  (`tbe_buffer_bytes` in results.json, a few hundred bytes more).
+  (`tbe_buffer_bytes` in results.json, a few hundred bytes more). A served method (`BASE>...`)
+  is the inference module's `memory_bytes()`: since commit "ranked row map" its map is the
+  ranked one (under 0.7 bytes a row), and its budget counts it.
 - unpadded: codes + scales/biases (+ row map for ours), i.e. for TorchRec rows x (ceil(dim x
   bits / 8) + 4) (fp16/fp32: rows x dim x 2 or 4), for ours the sum over tiers of rows x row
   bytes plus the row map (`ROW_MAP_BYTES` of the code that ran).
@@ -198,11 +200,16 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             tiers = tuple(spec.split("/"))
             if not any(m.name == base for m in out):
                 raise SystemExit(f"{n}: list {base} before it in --methods (its model is the one served)")
-            from shark_torchrec.precision.priority import GROUP_NAMES
+            from shark_torchrec.kernels.ranked_map import ranked_map_bytes_per_row
+            from shark_torchrec.precision.priority import GROUP_NAMES, row_bytes
 
-            floor = min_budget(dim, max(GROUP_NAMES.index(t) for t in tiers))
+            # The served floor: every row in the cheapest tier (nothing with dropped rows), plus
+            # the served model's ranked row map.
+            stored = [t for t in tiers if t != "dropped"]
+            cheapest = 0 if "dropped" in tiers else row_bytes(dim, GROUP_NAMES.index(stored[-1]))
+            floor = (cheapest + ranked_map_bytes_per_row(len(stored), "dropped" in tiers)) / (4 * dim)
             if float(b) < floor:
-                notes.append(f"{n} skipped at dim {dim}: below the {tiers[-1]} floor {floor:.3f}")
+                notes.append(f"{n} skipped at dim {dim}: below the served {tiers[-1]} floor {floor:.3f}")
                 continue
             rounding = "fitted" if fit else "nearest"
             out.append(

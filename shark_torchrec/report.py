@@ -268,7 +268,7 @@ def write_report(run: str | Path) -> Path:
             f"| base model, TorchRec int8 (`quantize_embeddings`) | {e.get('base_torchrec_int8_bytes', 0):,} |",
             f"| pruned tables, fp32 | {e['fp32_bytes']:,} |",
             f"| pruned tables, TorchRec int8 | {e['torchrec_int8_bytes']:,} |",
-            f"| **exported (row groups + row map)** | **{e['inference_bytes']:,}** |",
+            f"| **exported (row groups + ranked row map)** | **{e['inference_bytes']:,}** |",
             "",
             "Rows: "
             + ", ".join(f"{e[f'rows_{g}']:,} {g}" for g in GROUP_NAMES if e.get(f"rows_{g}"))
