@@ -8,15 +8,19 @@ at dim 64 in fp32) is served these ways, with the same dense weights and the sam
 - `torchrec int8`, `torchrec int4`: `quantize_embeddings(dtype=torch.qint8 / torch.quint4x2)`;
 - `shark paper`: `MixedPrecisionInferenceEmbeddingBagCollection` exported from a
   `MixedPrecisionEmbeddingBagCollection` at `--budget` in the paper's tiers (fp32/fp16/int8),
-  read by our fused op (`torch.ops.shark.mixed_lookup`);
+  read by our fused op (`torch.ops.shark.mixed_lookup_ranked`, the ranked row map);
 - `shark low`: the same at `--low-budget` in `--low-tiers` (int8/int4/int2 by default);
-- `shark paper, reference glue`: the `shark paper` module read by the op's reference (torch
-  code around FBGEMM's INT-N op: what served before the fused op).
-For each batch size the modules run in turns within each of `--repeats` rounds of `--steps`
-forwards, after a warm-up; the table gives median samples/s of the whole model's forward, and
-the ratio to TorchRec fp32 and to TorchRec int8 as the median (min-max) of the rounds' own
-ratios (each round times them side by side). Each module's embedding bytes as allocated (state
-dict) are beside it.
+- with `--reference-glue`, `shark paper, reference glue`: the `shark paper` module read by the
+  op's reference (torch code around FBGEMM's INT-N op, the ranked map decoded in torch; its
+  large temporaries disturb the modules timed after it in a round);
+- with `--row-map`, `shark paper, int32 row map`: the same rows read through the training
+  store's int32 row map (`torch.ops.shark.mixed_lookup`, what served before the ranked row map);
+  results.json then gives each module's lookup time against it per round (`lookup_vs_row_map`).
+For each batch size the modules run in turns, in a shuffled order (seeded by the round), within
+each of `--repeats` rounds of `--steps` forwards, after a warm-up; the table gives median
+samples/s of the whole model's forward, and the ratio to TorchRec fp32 and to TorchRec int8 as
+the median (min-max) of the rounds' own ratios (each round times them side by side). Each
+module's embedding bytes as allocated (state dict) are beside it.
 
 In the same rounds each module's embedding collection is also timed alone on the same batches
 (`--no-lookup-alone` skips it): its share of the forward, and the ratio a module would reach
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import sys
 import time
@@ -86,6 +91,38 @@ class ReferenceGlue(torch.nn.Module):
         return KeyedTensor(keys=e.feature_names, length_per_key=[e.dim] * len(e.feature_names), values=out)
 
 
+class RowMapLookup(torch.nn.Module):
+    """A training store's rows read through its int32 row map (`torch.ops.shark.mixed_lookup`, as
+    the served model read them before the ranked row map): the same rows and bytes as `shark
+    paper` but the map, for timing the ranked map against the map it replaced."""
+
+    def __init__(self, mp: MixedPrecisionEmbeddingBagCollection) -> None:
+        super().__init__()
+        (store,) = mp.stores
+        self.layout = store.op_layout
+        self.store = store
+        self.names = [f for t in mp.embedding_bag_configs() for f in t.feature_names]
+        self.dim = store.dim
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        kjt = features.permute([features.keys().index(n) for n in self.names])
+        s = self.store
+        out = torch.ops.shark.mixed_lookup(
+            *self.layout,
+            s.feature_base,
+            s.feature_rows,
+            kjt.values(),
+            kjt.lengths(),
+            None,
+            self.dim,
+            kjt.stride(),
+            0,
+            s.row_alignment,
+            "\n".join(self.names),
+        )
+        return KeyedTensor(keys=self.names, length_per_key=[self.dim] * len(self.names), values=out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=3.0)
@@ -97,6 +134,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-lookup-alone", action="store_true", help="do not time the embedding collections alone")
+    p.add_argument(
+        "--reference-glue",
+        action="store_true",
+        help="also time the op's reference (its large temporaries disturb the modules timed after it)",
+    )
+    p.add_argument(
+        "--row-map",
+        action="store_true",
+        help="also serve `shark paper` through the training store int32 row map (mixed_lookup), beside the ranked one",
+    )
     p.add_argument("--out", default=str(ROOT / "bench/results/serve"))
     args = p.parse_args()
     out = Path(args.out)
@@ -110,11 +157,14 @@ def main() -> None:
     mcfg = ModelConfig(embedding_dim=args.dim)
 
     # Our modules, materialized at their budgets (groups as a fresh model starts them), then exported.
-    def ours(policy: PrecisionPolicy) -> MixedPrecisionInferenceEmbeddingBagCollection:
+    def ours(policy: PrecisionPolicy, keep=None) -> MixedPrecisionInferenceEmbeddingBagCollection:
         mp = MixedPrecisionEmbeddingBagCollection(tables=tables, precision_policy=policy, device=torch.device("cpu"))
+        if keep is not None:
+            keep.append(mp)
         return MixedPrecisionInferenceEmbeddingBagCollection.from_trained(mp)
 
-    shark_paper = ours(PrecisionPolicy(memory_budget=args.budget))
+    paper_store: list = []
+    shark_paper = ours(PrecisionPolicy(memory_budget=args.budget), paper_store if args.row_map else None)
     shark_low = ours(PrecisionPolicy(tiers=tuple(args.low_tiers.split(",")), memory_budget=args.low_budget))
     dense = build_dlrm(schema, mcfg, ebc=EmbeddingBagCollection(tables=tables, device=torch.device("meta")), seed=0)
 
@@ -135,8 +185,11 @@ def main() -> None:
         "torchrec int4": with_ebc(int4),
         "shark paper": with_ebc(shark_paper),
         f"shark low ({args.low_tiers} @{args.low_budget})": with_ebc(shark_low),
-        "shark paper, reference glue": with_ebc(ReferenceGlue(shark_paper)),
     }
+    if args.reference_glue:
+        models["shark paper, reference glue"] = with_ebc(ReferenceGlue(shark_paper))
+    if args.row_map:
+        models["shark paper, int32 row map"] = with_ebc(RowMapLookup(paper_store[0]))
     sizes = {
         "torchrec fp32": allocated_bytes(fp32),
         "torchrec int8": allocated_bytes(int8),
@@ -145,6 +198,16 @@ def main() -> None:
         f"shark low ({args.low_tiers} @{args.low_budget})": shark_low.memory_bytes(),
         "shark paper, reference glue": shark_paper.memory_bytes(),
     }
+    if args.row_map:
+        sizes["shark paper, int32 row map"] = sum(b["embedding_bytes"] for b in paper_store[0].stores[0].table_bytes())
+
+    if args.row_map:  # the two maps read the same rows: the same pooled values, bit for bit
+        kjt = next(iter(data.batches("test", 512))).sparse_features
+        with torch.inference_mode():
+            ranked = shark_paper(kjt).values()
+            int32 = models["shark paper, int32 row map"].model.sparse_arch.embedding_bag_collection(kjt).values()
+        if not torch.equal(ranked, int32):
+            raise SystemExit("the ranked map and the int32 row map read different rows")
 
     rows = []
     for bs in [int(b) for b in args.batches.split(",")]:
@@ -155,8 +218,13 @@ def main() -> None:
             for k, m in models.items():  # warm-up
                 for b in batches[:2]:
                     m(b)
-            for _ in range(args.repeats):
-                for k, m in models.items():
+            for r in range(args.repeats):
+                # Each round in its own order (seeded): a module timed right after another's large
+                # temporaries, or always first, would carry that position in every round.
+                order = list(models)
+                random.Random(r).shuffle(order)
+                for k in order:
+                    m = models[k]
                     t0 = time.perf_counter()
                     for b in batches:
                         m(b)
@@ -178,6 +246,16 @@ def main() -> None:
             for base, key in (("torchrec fp32", "vs_fp32"), ("torchrec int8", "vs_int8")):
                 ratios = [times[base][i] / times[k][i] for i in range(args.repeats)]  # same round
                 row.update({key: statistics.median(ratios), f"{key}_min": min(ratios), f"{key}_max": max(ratios)})
+            if lookup_times[k] and "shark paper, int32 row map" in lookup_times:
+                ratios = [
+                    lookup_times["shark paper, int32 row map"][i] / lookup_times[k][i] for i in range(args.repeats)
+                ]
+                row.update(
+                    {
+                        "lookup_vs_row_map": statistics.median(ratios),
+                        "lookup_vs_row_map_range": [min(ratios), max(ratios)],
+                    }
+                )
             if lookup_times[k]:
                 share = [lookup_times[k][i] / times[k][i] for i in range(args.repeats)]
                 ceiling = [
