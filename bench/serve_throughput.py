@@ -13,9 +13,10 @@ at dim 64 in fp32) is served these ways, with the same dense weights and the sam
 - with `--reference-glue`, `shark paper, reference glue`: the `shark paper` module read by the
   op's reference (torch code around FBGEMM's INT-N op, the ranked map decoded in torch; its
   large temporaries disturb the modules timed after it in a round);
-- with `--row-map`, `shark paper, int32 row map`: the same rows read through the training
-  store's int32 row map (`torch.ops.shark.mixed_lookup`, what served before the ranked row map);
-  results.json then gives each module's lookup time against it per round (`lookup_vs_row_map`).
+- with `--row-map`, `shark paper, int32 row map` and `shark low ..., int32 row map`: the same
+  rows read through the training store's int32 row map (`torch.ops.shark.mixed_lookup`, what
+  served before the ranked row map); results.json then gives each ranked module's lookup time
+  against its twin's per round (`lookup_vs_row_map`).
 For each batch size the modules run in turns, in a shuffled order (seeded by the round), within
 each of `--repeats` rounds of `--steps` forwards, after a warm-up; the table gives median
 samples/s of the whole model's forward, and the ratio to TorchRec fp32 and to TorchRec int8 as
@@ -142,7 +143,7 @@ def main() -> None:
     p.add_argument(
         "--row-map",
         action="store_true",
-        help="also serve `shark paper` through the training store int32 row map (mixed_lookup), beside the ranked one",
+        help="also serve our two modules' rows through the training store int32 row map (mixed_lookup)",
     )
     p.add_argument("--out", default=str(ROOT / "bench/results/serve"))
     args = p.parse_args()
@@ -163,9 +164,11 @@ def main() -> None:
             keep.append(mp)
         return MixedPrecisionInferenceEmbeddingBagCollection.from_trained(mp)
 
-    paper_store: list = []
-    shark_paper = ours(PrecisionPolicy(memory_budget=args.budget), paper_store if args.row_map else None)
-    shark_low = ours(PrecisionPolicy(tiers=tuple(args.low_tiers.split(",")), memory_budget=args.low_budget))
+    trained: list = []  # the training stores, for --row-map
+    keep = trained if args.row_map else None
+    shark_paper = ours(PrecisionPolicy(memory_budget=args.budget), keep)
+    shark_low = ours(PrecisionPolicy(tiers=tuple(args.low_tiers.split(",")), memory_budget=args.low_budget), keep)
+    low = f"shark low ({args.low_tiers} @{args.low_budget})"
     dense = build_dlrm(schema, mcfg, ebc=EmbeddingBagCollection(tables=tables, device=torch.device("meta")), seed=0)
 
     def with_ebc(ebc) -> torch.nn.Module:
@@ -184,30 +187,32 @@ def main() -> None:
         "torchrec int8": with_ebc(int8),
         "torchrec int4": with_ebc(int4),
         "shark paper": with_ebc(shark_paper),
-        f"shark low ({args.low_tiers} @{args.low_budget})": with_ebc(shark_low),
+        low: with_ebc(shark_low),
     }
     if args.reference_glue:
         models["shark paper, reference glue"] = with_ebc(ReferenceGlue(shark_paper))
+    twins = {}  # ranked module -> its int32-row-map twin
     if args.row_map:
-        models["shark paper, int32 row map"] = with_ebc(RowMapLookup(paper_store[0]))
+        for name, mp in zip(("shark paper", low), trained):
+            twins[name] = f"{name}, int32 row map"
+            models[twins[name]] = with_ebc(RowMapLookup(mp))
     sizes = {
         "torchrec fp32": allocated_bytes(fp32),
         "torchrec int8": allocated_bytes(int8),
         "torchrec int4": allocated_bytes(int4),
         "shark paper": shark_paper.memory_bytes(),
-        f"shark low ({args.low_tiers} @{args.low_budget})": shark_low.memory_bytes(),
+        low: shark_low.memory_bytes(),
         "shark paper, reference glue": shark_paper.memory_bytes(),
     }
-    if args.row_map:
-        sizes["shark paper, int32 row map"] = sum(b["embedding_bytes"] for b in paper_store[0].stores[0].table_bytes())
-
-    if args.row_map:  # the two maps read the same rows: the same pooled values, bit for bit
+    for (name, twin), mp in zip(twins.items(), trained):
+        sizes[twin] = sum(b["embedding_bytes"] for b in mp.stores[0].table_bytes())
+        # The two maps read the same rows: the same pooled values, bit for bit.
         kjt = next(iter(data.batches("test", 512))).sparse_features
         with torch.inference_mode():
-            ranked = shark_paper(kjt).values()
-            int32 = models["shark paper, int32 row map"].model.sparse_arch.embedding_bag_collection(kjt).values()
+            ranked = models[name].model.sparse_arch.embedding_bag_collection(kjt).values()
+            int32 = models[twin].model.sparse_arch.embedding_bag_collection(kjt).values()
         if not torch.equal(ranked, int32):
-            raise SystemExit("the ranked map and the int32 row map read different rows")
+            raise SystemExit(f"{name}: the ranked map and the int32 row map read different rows")
 
     rows = []
     for bs in [int(b) for b in args.batches.split(",")]:
@@ -246,10 +251,8 @@ def main() -> None:
             for base, key in (("torchrec fp32", "vs_fp32"), ("torchrec int8", "vs_int8")):
                 ratios = [times[base][i] / times[k][i] for i in range(args.repeats)]  # same round
                 row.update({key: statistics.median(ratios), f"{key}_min": min(ratios), f"{key}_max": max(ratios)})
-            if lookup_times[k] and "shark paper, int32 row map" in lookup_times:
-                ratios = [
-                    lookup_times["shark paper, int32 row map"][i] / lookup_times[k][i] for i in range(args.repeats)
-                ]
+            if lookup_times[k] and k in twins:
+                ratios = [lookup_times[twins[k]][i] / lookup_times[k][i] for i in range(args.repeats)]
                 row.update(
                     {
                         "lookup_vs_row_map": statistics.median(ratios),

@@ -280,11 +280,12 @@ at::Tensor lookup_with(const char* op, const Locator& loc, const int64_t* rb, co
 
   // Two dependent random reads an id (the row map, then the row): prefetched ahead, the map
   // entry kMapAhead ids ahead and the row kRowAhead ids ahead, as FBGEMM's kernels prefetch rows.
-  // 32 rather than 16: at batch 4096 on one thread the ranked map's lookups took 27-31 ns an id
-  // at 32 and 32 at 16 (an ad hoc micro-benchmark on this machine).
-  constexpr int64_t kMapAhead = 32;
-  constexpr int64_t kRowAhead = 8;
-  constexpr int64_t kRing = 16;  // a power of two above kRowAhead
+  // 64 and 16 rather than 16 and 8: within the whole model's forward (caches cold from the dense
+  // layers), at batch 4096 the ranked map's lookups of int8/int4/int2 rows ran at 0.6-0.8x the int32
+  // map's speed at 32 and 8, and 1.11-1.30x at 64 and 16 (bench/serve_throughput.py --row-map).
+  constexpr int64_t kMapAhead = 64;
+  constexpr int64_t kRowAhead = 16;
+  constexpr int64_t kRing = 32;  // a power of two above kRowAhead
   static_assert(kRing > kRowAhead && (kRing & (kRing - 1)) == 0, "kRing");
 
   // A task is a run of bags; their ids are contiguous in `values`, read in order.
