@@ -200,14 +200,9 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             tiers = tuple(spec.split("/"))
             if not any(m.name == base for m in out):
                 raise SystemExit(f"{n}: list {base} before it in --methods (its model is the one served)")
-            from shark_torchrec.kernels.ranked_map import ranked_map_bytes_per_row
-            from shark_torchrec.precision.priority import GROUP_NAMES, row_bytes
+            from shark_torchrec.jobs.export import served_min_budget
 
-            # The served floor: every row in the cheapest tier (nothing with dropped rows), plus
-            # the served model's ranked row map.
-            stored = [t for t in tiers if t != "dropped"]
-            cheapest = 0 if "dropped" in tiers else row_bytes(dim, GROUP_NAMES.index(stored[-1]))
-            floor = (cheapest + ranked_map_bytes_per_row(len(stored), "dropped" in tiers)) / (4 * dim)
+            floor = served_min_budget(dim, tiers)  # every row in the cheapest tier, plus the ranked map
             if float(b) < floor:
                 notes.append(f"{n} skipped at dim {dim}: below the served {tiers[-1]} floor {floor:.3f}")
                 continue

@@ -22,8 +22,8 @@ The export directory holds (see its README.md):
 - `serving_model.pt`: TorchScript, `forward(dense [B, Nd] float32, values [nnz] int64,
   lengths [F * B] int) -> logits [B]`; bag f * B + b is field f of sample b (feature-major, as
   TorchRec's KeyedJaggedTensor lays it out), fields in `serving.json`'s "fields" order;
-- `shark_kernels.so`: the compiled lookup op (`torch.ops.shark.mixed_lookup`), for the torch
-  version in `serving.json`'s "torch";
+- `shark_kernels.so`: the compiled lookup op (`torch.ops.shark.mixed_lookup_ranked`; exports
+  before the ranked row map call `mixed_lookup`), for the torch version in `serving.json`'s "torch";
 - `serving.json`: the fields, the raw-line layout ("parsing") and the encoding ("encoding");
 - `vocab.json` (vocabulary encoding): per field, its values in row order (value k is row k + 1).
 
@@ -108,8 +108,15 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
     path = export_dir / library
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the export's kernel library is missing")
-    if not hasattr(torch.ops.shark, "mixed_lookup"):
-        torch.ops.load_library(str(path))
+    if hasattr(torch.ops.shark, "mixed_lookup_ranked"):
+        return  # this library, or one as new, is loaded already
+    if hasattr(torch.ops.shark, "mixed_lookup"):
+        # An older library (before the ranked row map) is loaded: its ops cannot be registered twice.
+        raise RuntimeError(
+            "this process already loaded an older shark_kernels library without mixed_lookup_ranked; "
+            f"load {export_dir} in a fresh process"
+        )
+    torch.ops.load_library(str(path))
 
 
 class ServedModel:

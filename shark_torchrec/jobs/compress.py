@@ -57,7 +57,7 @@ from shark_torchrec.jobs.checkpoint import (
     save_checkpoint,
 )
 from shark_torchrec.jobs.easy_path import easy_path
-from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
+from shark_torchrec.jobs.export import ServingTiers, export_checkpoint, served_min_budget
 from shark_torchrec.jobs.prune import base_model, confirmation_check, prune_loop, write_prune_log
 from shark_torchrec.jobs.trainer import (
     TrainedModel,
@@ -152,7 +152,9 @@ def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
         a sentence for the report saying so).
     """
     tiers = split_tiers(cfg.compress.serve_tiers)
-    budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
+    want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
+    floor = served_min_budget(cfg.model.embedding_dim, tiers)  # the served model's, ranked row map included
+    budget = min(1.0, max(want, floor))
     why = (
         f"Served in {', '.join(tiers)} at {budget:.3f} of the pruned model's fp32 bytes (model-wide), chosen by the "
         f"trained priorities with fitted scales: --target-memory {cfg.prune.target_memory} over the {prune_ratio:.3f} "
@@ -162,7 +164,7 @@ def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
         why += f"; clipped up to {floor:.3f}, these tiers' floor at dim {cfg.model.embedding_dim}"
     elif want > 1.0:
         why += "; clipped to 1"
-    top = min_budget(cfg.model.embedding_dim, min(GROUP_NAMES.index(t) for t in tiers))
+    top = served_min_budget(cfg.model.embedding_dim, [min(tiers, key=GROUP_NAMES.index)])
     if budget > top:
         why += (
             f". All rows in {min(tiers, key=GROUP_NAMES.index)}, the most precise of these tiers, take "

@@ -41,8 +41,9 @@ from shark_torchrec.models.serving import serving_model
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.modules.model_budget import ModelBudget
+from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
-from shark_torchrec.precision.priority import DROPPED, INT_BITS, ROW_MAP_BYTES, BudgetError
+from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES, INT_BITS, ROW_MAP_BYTES, BudgetError, row_bytes
 from shark_torchrec.precision.quantize import fitted_scale_bias
 
 
@@ -152,16 +153,34 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
             "serving tiers are chosen by the trained priorities: export a model trained with --precision shark or freq"
         )
     configs = trained.embedding_bag_configs()
-    new_policy = dataclasses.replace(
-        policy,
-        tiers=tuple(serving.tiers),
-        memory_budget=serving_store_budget(serving, configs),
-        budget_scope=serving.budget_scope,
-        row_fractions=None,
-        t8=None,
-        t16=None,
-    )
-    ebc = MixedPrecisionEmbeddingBagCollection(tables=configs, precision_policy=new_policy, device=torch.device("cpu"))
+    store_budget = serving_store_budget(serving, configs)
+    floor = served_min_budget(configs[0].embedding_dim if configs else 4, serving.tiers)
+
+    def refused(e: Exception) -> BudgetError:
+        dim = configs[0].embedding_dim if configs else "?"
+        head = (
+            f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
+            f"can reach at dim {dim}: {floor:.3f} of fp32 with the ranked row map"
+            if serving.memory_budget < floor
+            else f"serving budget {serving.memory_budget} cannot be met table by table in {', '.join(serving.tiers)}"
+        )
+        return BudgetError(f"{head} (the store's rule, given {store_budget:.4f} in its own terms, said: {e})")
+
+    try:
+        new_policy = dataclasses.replace(
+            policy,
+            tiers=tuple(serving.tiers),
+            memory_budget=store_budget,
+            budget_scope=serving.budget_scope,
+            row_fractions=None,
+            t8=None,
+            t16=None,
+        )
+        ebc = MixedPrecisionEmbeddingBagCollection(
+            tables=configs, precision_policy=new_policy, device=torch.device("cpu")
+        )
+    except BudgetError as e:
+        raise refused(e) from e
     state = trained.state_dict()  # trained values in their trained groups, scores, step
     if "dropped" not in serving.tiers:
         # Rows dropped in training load as stored rows of the cheapest serving tier, with the
@@ -179,10 +198,7 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
         else:
             ebc.reassign()
     except BudgetError as e:
-        raise BudgetError(
-            f"serving budget {serving.memory_budget} (with the served model's ranked row map, "
-            f"{new_policy.memory_budget:.4f} in the training store's terms): {e}"
-        ) from e
+        raise refused(e) from e
     for store, before in zip(ebc.stores, values):
         if not store.has_dropped:
             continue
@@ -209,33 +225,59 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
     }
 
 
+def served_min_budget(dim: int, tiers) -> float:
+    """The smallest budget (fraction of fp32 bytes) a served model in these tiers can reach:
+    every row in the cheapest stored tier (nothing with the dropped tier), plus the ranked row
+    map (block padding and per-table slots aside).
+
+    Args:
+        dim: the tables' dim.
+        tiers: the serving tiers (names).
+
+    Returns:
+        The fraction.
+    """
+    stored = [t for t in tiers if t != "dropped"]
+    cheapest = 0 if "dropped" in tiers or not stored else row_bytes(dim, GROUP_NAMES.index(stored[-1]))
+    return (cheapest + ranked_map_bytes_per_row(len(stored), "dropped" in tiers)) / (4 * dim)
+
+
 def serving_store_budget(serving: ServingTiers, configs) -> float:
     """The budget the training store's rule must be given so that the served model, whose
     ranked row map costs `ranked_map_bytes_per_row` where the store's costs `ROW_MAP_BYTES`, is
     within `serving.memory_budget`: the bytes the cheaper map frees go to the rows. The map's
-    bytes are counted whole (the last block's padding, each table's start and fallback slot);
-    with one budget per table, each table is given the difference of a row of its dim.
+    bytes are counted whole (the last block's padding, each table's start and fallback slot).
+    With one budget per table, each table is given the difference a row makes at its dim, and
+    the map's fixed bytes are taken off all tables together (a tiny table's share of them would
+    otherwise cancel the difference for every table): the served model is within the budget in
+    total, each table's rows and their share of the map within it.
 
     Args:
         serving: the serving tiers and budget.
-        configs: the tables' configs.
+        configs: the tables' configs (one dim: the served module's).
 
     Returns:
-        The budget for the store's rule (a fraction of fp32 bytes, above `serving.memory_budget`).
+        The budget for the store's rule (a fraction of fp32 bytes), at most the policy's 1.5.
+
+    Raises:
+        BudgetError: the served budget cannot be met by the store's rule at all.
     """
     stored = [t for t in serving.tiers if t != "dropped"]
     per_row = ranked_map_bytes_per_row(len(stored), "dropped" in serving.tiers)
     rows = sum(c.num_embeddings for c in configs)
     fp32 = sum(c.num_embeddings * c.embedding_dim * 4 for c in configs)
-    blocks = -(-rows // BLOCK_ROWS)
-    ranked = blocks * BLOCK_ROWS * per_row + 16 * len(configs)
+    fixed = (-(-rows // BLOCK_ROWS) * BLOCK_ROWS - rows) * per_row + 16 * len(configs) + 8  # padding, slots
     if serving.budget_scope == "model":
-        return serving.memory_budget + (rows * ROW_MAP_BYTES - ranked) / max(fp32, 1)
-    # Per table: the smallest table's share of the padding and per-table slots bounds every one.
-    worst = min(c.num_embeddings for c in configs) if configs else 1
-    dim = max(c.embedding_dim for c in configs) if configs else 1
-    spare = ROW_MAP_BYTES - per_row - (BLOCK_ROWS * per_row + 16) / max(worst, 1)
-    return serving.memory_budget + max(spare, 0.0) / (4 * dim)
+        raised = serving.memory_budget + (rows * (ROW_MAP_BYTES - per_row) - fixed) / max(fp32, 1)
+    else:
+        dim = max((c.embedding_dim for c in configs), default=4)
+        raised = serving.memory_budget + (ROW_MAP_BYTES - per_row) / (4 * dim) - fixed / max(fp32, 1)
+    if raised <= 0:
+        raise BudgetError(
+            f"serving budget {serving.memory_budget} leaves nothing for the rows once the ranked row map's fixed "
+            f"bytes ({fixed:.0f}) are paid"
+        )
+    return min(raised, MAX_MEMORY_BUDGET)
 
 
 def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:

@@ -296,7 +296,7 @@ def _mixed_lookup_ranked_fake(
     group_offsets,
     blocks,
     code_groups,
-    table_starts,
+    table_base,
     table_fallback,
     feature_base,
     feature_rows,
@@ -319,7 +319,7 @@ def mixed_lookup_ranked(
     group_offsets: torch.Tensor,
     blocks: torch.Tensor,
     code_groups: torch.Tensor,
-    table_starts: torch.Tensor,
+    table_base: torch.Tensor,
     table_fallback: torch.Tensor,
     feature_base: torch.Tensor,
     feature_rows: torch.Tensor,
@@ -341,7 +341,8 @@ def mixed_lookup_ranked(
         group_offsets: int64 [5], byte offset of each group table.
         blocks: int32 [ceil(rows / 64), words], the ranked map's block records.
         code_groups: int32, the group id of each code (dropped, 5, last).
-        table_starts: int64 [T], each table's first row key.
+        table_base: int64 [T + 1], each table's first row key, then the rows (keys past them
+            are refused as a layout error).
         table_fallback: int64 [T], each table's fallback row in the fp32 table (-1: none).
         feature_base, feature_rows, values, lengths, per_sample_weights, dim, batch_size,
             pooling, row_alignment, feature_names: as for `mixed_lookup`.
@@ -357,7 +358,7 @@ def mixed_lookup_ranked(
         group_offsets,
         blocks,
         code_groups,
-        table_starts,
+        table_base,
         table_fallback,
         feature_base,
         feature_rows,

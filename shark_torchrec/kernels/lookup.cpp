@@ -135,10 +135,11 @@ struct RowMapLocator {
 // block's first row of that code in its group table. A stored row's slot is that base plus the
 // rows of its code before it in the block (a popcount); a dropped row (code U) reads its
 // table's fallback row in the fp32 table. Each group table holds its rows in key order.
+// table_base is each table's first key, then the rows (keys past it are refused).
 template <int kPlanes>
 struct RankedLocator {
   RankedLocator(const at::Tensor& weights, const at::Tensor& group_offsets, const at::Tensor& blocks,
-                const at::Tensor& code_groups, const at::Tensor& table_starts, const at::Tensor& table_fallback,
+                const at::Tensor& code_groups, const at::Tensor& table_base, const at::Tensor& table_fallback,
                 int64_t dim, int64_t row_alignment) {
     TORCH_CHECK(weights.device().is_cpu(), "shark::mixed_lookup_ranked: CPU tensors only");
     TORCH_CHECK(weights.scalar_type() == at::kByte && weights.is_contiguous(), "weights: contiguous uint8");
@@ -149,9 +150,10 @@ struct RankedLocator {
     blocks_t_ = blocks.contiguous();
     codes_t_ = code_groups.to(at::kInt).contiguous();
     offs_t_ = group_offsets.to(at::kLong).contiguous();
-    starts_t_ = table_starts.to(at::kLong).contiguous();
+    starts_t_ = table_base.to(at::kLong).contiguous();
     fallback_t_ = table_fallback.to(at::kLong).contiguous();
-    TORCH_CHECK(starts_t_.numel() == fallback_t_.numel(), "table_starts, table_fallback: one per table");
+    TORCH_CHECK(starts_t_.numel() == fallback_t_.numel() + 1, "table_base: each table's first row, then the rows; "
+                "table_fallback: one per table");
     n_codes_ = codes_t_.numel();
     TORCH_CHECK(n_codes_ <= kGroups + 1, "code_groups: at most ", kGroups + 1, " codes");
     const int32_t* cg = codes_t_.data_ptr<int32_t>();
@@ -178,7 +180,10 @@ struct RankedLocator {
     starts_ = starts_t_.data_ptr<int64_t>();
     fallback_ = fallback_t_.data_ptr<int64_t>();
     n_tables_ = fallback_t_.numel();
-    rows_ = blocks_t_.size(0) * 64;
+    for (int64_t g = 0; g < used_groups_; ++g) TORCH_CHECK(offs_[g] >= 0, "group_offsets: negative offset");
+    rows_ = starts_[n_tables_];  // the map's rows (the last block's padding is not a row)
+    TORCH_CHECK(rows_ >= 0 && rows_ <= blocks_t_.size(0) * 64, "blocks: ", blocks_t_.size(0), " blocks for ", rows_,
+                " rows");
   }
 
   int64_t rows() const { return rows_; }
@@ -340,12 +345,12 @@ at::Tensor lookup_with(const char* op, const Locator& loc, const int64_t* rb, co
         if (i + kMapAhead < i1 && keys[i + kMapAhead - i0] >= 0) loc.prefetch(keys[i + kMapAhead - i0]);
         if (i + kRowAhead < i1) locate_ahead(i + kRowAhead);
         const int64_t at = ring_at[i & (kRing - 1)];
-        const int64_t tg = ring_tg[i & (kRing - 1)];
         if (at == -2) continue;
         if (at < 0) {
           layout_bad = true;
           continue;
         }
+        const int64_t tg = ring_tg[i & (kRing - 1)];
         if (pooling == 2) {
           if (wp) {
             accumulate<true, true>(op_out + i * D, w + at, tg, D, wp[i]);
@@ -411,7 +416,7 @@ at::Tensor mixed_lookup_ranked(
     const at::Tensor& group_offsets,
     const at::Tensor& blocks,
     const at::Tensor& code_groups,
-    const at::Tensor& table_starts,
+    const at::Tensor& table_base,
     const at::Tensor& table_fallback,
     const at::Tensor& feature_base,
     const at::Tensor& feature_rows,
@@ -427,7 +432,7 @@ at::Tensor mixed_lookup_ranked(
   const int planes = codes > 4 ? 3 : (codes > 2 ? 2 : (codes > 1 ? 1 : 0));
   auto run = [&](auto planes_constant) {
     constexpr int kPlanes = decltype(planes_constant)::value;
-    const RankedLocator<kPlanes> loc(weights, group_offsets, blocks, code_groups, table_starts, table_fallback, dim,
+    const RankedLocator<kPlanes> loc(weights, group_offsets, blocks, code_groups, table_base, table_fallback, dim,
                                      row_alignment);
     return lookup_with("shark::mixed_lookup_ranked", loc, loc.rb, loc.w, weights, feature_base, feature_rows, values,
                        lengths, per_sample_weights, dim, batch_size, pooling, feature_names);
@@ -447,7 +452,7 @@ TORCH_LIBRARY_FRAGMENT(shark, m) {
       "int dim, int batch_size, int pooling, int row_alignment, str feature_names) -> Tensor");
   m.def(
       "mixed_lookup_ranked(Tensor weights, Tensor group_offsets, Tensor blocks, Tensor code_groups, "
-      "Tensor table_starts, Tensor table_fallback, Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, "
+      "Tensor table_base, Tensor table_fallback, Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, "
       "Tensor? per_sample_weights, int dim, int batch_size, int pooling, int row_alignment, str feature_names) "
       "-> Tensor");
 }

@@ -70,7 +70,7 @@ class RankedLayout:
         group_offsets: int64 [5], byte offset of each group table.
         blocks: int32 [ceil(rows / 64), 2 P + U], the block records.
         code_groups: int32 [codes], the group id of each code (dropped, 5, last if present).
-        table_starts: int64 [T], each table's first row key.
+        table_base: int64 [T + 1], each table's first row key, then the rows.
         table_fallback: int64 [T], the slot of each table's fallback row in the fp32 table (-1
             for a table without dropped rows).
     """
@@ -79,12 +79,12 @@ class RankedLayout:
     group_offsets: torch.Tensor
     blocks: torch.Tensor
     code_groups: torch.Tensor
-    table_starts: torch.Tensor
+    table_base: torch.Tensor
     table_fallback: torch.Tensor
 
     def map_bytes(self) -> int:
-        """Bytes of the map: block records and the per-table fallback slots."""
-        return int(self.blocks.numel() * 4 + self.table_fallback.numel() * 8)
+        """Bytes of the map: block records, table bases and fallback slots."""
+        return int(self.blocks.numel() * 4 + self.table_base.numel() * 8 + self.table_fallback.numel() * 8)
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -123,10 +123,10 @@ def build_ranked_layout(
     present = [g for g in range(GROUPS) if bool((groups == g).any())]
     has_dropped = bool((groups == DROPPED).any())
     code_groups = present + ([DROPPED] if has_dropped else [])
-    code_of = torch.full((DROPPED + 1,), -1, dtype=torch.int64)
-    code_of[torch.tensor(code_groups, dtype=torch.int64)] = torch.arange(len(code_groups))
+    code_of = torch.full((DROPPED + 1,), -1, dtype=torch.int8)
+    code_of[torch.tensor(code_groups, dtype=torch.int64)] = torch.arange(len(code_groups), dtype=torch.int8)
     nblocks = (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
-    codes = torch.zeros(nblocks * BLOCK_ROWS, dtype=torch.int64)  # padding rows: code 0, after every real row
+    codes = torch.zeros(nblocks * BLOCK_ROWS, dtype=torch.int8)  # padding rows: code 0, after every real row
     codes[:rows] = code_of[groups]
     by_block = codes.view(nblocks, BLOCK_ROWS)
     words: List[torch.Tensor] = [_pack_bits((by_block >> j) & 1) for j in range(planes_for(len(code_groups)))]
@@ -135,39 +135,43 @@ def build_ranked_layout(
         words.append((torch.cumsum(per_block, 0) - per_block).to(torch.int32)[:, None])
     blocks = torch.cat(words, 1) if words else torch.zeros(nblocks, 0, dtype=torch.int32)
 
-    parts: List[torch.Tensor] = []
-    offsets: List[int] = []
-    total = 0
+    # Which stored rows go where: each group's rows in key order, the fp32 table followed by one
+    # fallback row per table that drops rows (in table order).
     T = int(table_base.numel()) - 1
     table_fallback = torch.full((T,), -1, dtype=torch.int64)
+    taken: List[torch.Tensor] = []
     for g in range(GROUPS):
-        if total % 4:  # group tables start at multiples of 4 bytes, as the store's
-            parts.append(torch.zeros(4 - total % 4, dtype=torch.uint8))
-            total += 4 - total % 4
-        offsets.append(total)
-        rb = int(row_bytes[g])
-        take = [slots[groups == g]]
+        take = slots[groups == g].to(torch.int64)
         if g == 0 and has_dropped:
-            # One fallback row per table that drops rows, in table order after the fp32 rows.
             dropped_keys = (groups == DROPPED).nonzero().flatten()
-            table = torch.searchsorted(table_base, dropped_keys, right=True) - 1
-            tables = torch.unique(table)
-            first = torch.tensor([int(slots[dropped_keys[table == t][0]]) for t in tables.tolist()], dtype=torch.int64)
-            table_fallback[tables] = torch.arange(len(take[0]), len(take[0]) + len(first), dtype=torch.int64)
-            take.append(first)
-        rows_taken = torch.cat(take).to(torch.int64)
-        if rows_taken.numel():
+            table = torch.searchsorted(table_base, dropped_keys, right=True) - 1  # sorted, as the keys
+            tables, counts = torch.unique_consecutive(table, return_counts=True)
+            first = slots[dropped_keys[torch.cumsum(counts, 0) - counts]].to(torch.int64)
+            table_fallback[tables] = torch.arange(len(take), len(take) + len(first), dtype=torch.int64)
+            take = torch.cat([take, first])
+        taken.append(take)
+    # Group tables back to back, each with rows starting at a multiple of 4 bytes (as the store's).
+    offsets: List[int] = []
+    total = 0
+    for g in range(GROUPS):
+        if len(taken[g]):
+            total = (total + 3) // 4 * 4
+        offsets.append(total)
+        total += len(taken[g]) * int(row_bytes[g])
+    new_weights = torch.zeros(total, dtype=torch.uint8)
+    for g in range(GROUPS):
+        rb, n = int(row_bytes[g]), len(taken[g])
+        if n:
             cap = int(capacity[g])
             old = weights[int(group_offsets[g]) : int(group_offsets[g]) + cap * rb].view(cap, rb)
-            parts.append(old[rows_taken].flatten())
-            total += rows_taken.numel() * rb
-    new_weights = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+            dst = new_weights[offsets[g] : offsets[g] + n * rb].view(n, rb)
+            torch.index_select(old, 0, taken[g], out=dst)
     return RankedLayout(
         weights=new_weights,
         group_offsets=torch.tensor(offsets, dtype=torch.int64),
         blocks=blocks.contiguous(),
         code_groups=torch.tensor(code_groups, dtype=torch.int32),
-        table_starts=table_base[:-1].to(torch.int64).clone(),
+        table_base=table_base.to(torch.int64).clone(),
         table_fallback=table_fallback,
     )
 
@@ -175,7 +179,7 @@ def build_ranked_layout(
 def decode_ranked_map(
     blocks: torch.Tensor,
     code_groups: torch.Tensor,
-    table_starts: torch.Tensor,
+    table_base: torch.Tensor,
     table_fallback: torch.Tensor,
     keys: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +187,7 @@ def decode_ranked_map(
     what `mixed_lookup_ranked` computes for each id; it shares no code with it).
 
     Args:
-        blocks, code_groups, table_starts, table_fallback: the map (`RankedLayout`).
+        blocks, code_groups, table_base, table_fallback: the map (`RankedLayout`).
         keys: int64 row keys.
 
     Returns:
@@ -216,7 +220,7 @@ def decode_ranked_map(
     slots = base + before
     dropped = code == stored
     if bool(dropped.any()) and table_fallback.numel():
-        table = torch.searchsorted(table_starts, keys[dropped], right=True) - 1
+        table = torch.searchsorted(table_base, keys[dropped], right=True) - 1
         slots[dropped] = table_fallback[table]
     return groups, slots
 
@@ -248,7 +252,8 @@ def ranked_from_row_map(
 
 
 def ranked_group_rows(blocks: torch.Tensor, code_groups: torch.Tensor, rows: int) -> List[int]:
-    """Rows per group id (fp32, fp16, int8, int4, int2, dropped) under a ranked map.
+    """Rows per group id (fp32, fp16, int8, int4, int2, dropped) under a ranked map, from its
+    last block alone: a stored code's rows are that block's base plus its own rows of the code.
 
     Args:
         blocks, code_groups: the map.
@@ -258,11 +263,17 @@ def ranked_group_rows(blocks: torch.Tensor, code_groups: torch.Tensor, rows: int
         Six counts.
     """
     counts = [0] * (DROPPED + 1)
-    chunk = 1 << 16
-    empty = torch.zeros(0, dtype=torch.int64)
-    for a in range(0, rows, chunk):
-        keys = torch.arange(a, min(rows, a + chunk), dtype=torch.int64)
-        groups, _ = decode_ranked_map(blocks, code_groups, empty, empty, keys)
-        for g, n in enumerate(torch.bincount(groups.clamp(min=0), minlength=DROPPED + 1).tolist()):
-            counts[g] += n
+    if rows == 0:
+        return counts
+    n_codes = int(code_groups.numel())
+    P = planes_for(n_codes)
+    stored = n_codes - int(n_codes > 0 and int(code_groups[-1]) == DROPPED)
+    last = (rows - 1) // BLOCK_ROWS
+    keys = torch.arange(last * BLOCK_ROWS, rows, dtype=torch.int64)
+    empty = torch.zeros(1, dtype=torch.int64)
+    groups, _ = decode_ranked_map(blocks, code_groups, empty, empty[:0], keys)
+    for c in range(stored):
+        g = int(code_groups[c])
+        counts[g] = int(blocks[last, 2 * P + c]) + int((groups == g).sum())
+    counts[DROPPED] = rows - sum(counts)
     return counts

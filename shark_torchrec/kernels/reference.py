@@ -110,7 +110,7 @@ def mixed_lookup_reference(
     Raises:
         ValueError: an id outside its feature's table (naming the feature and the id).
     """
-    keys = _checked_keys(feature_base, feature_rows, values, lengths, feature_names)
+    keys = _checked_keys(feature_base, feature_rows, values, lengths, feature_names, batch_size)
     m = row_map[keys]
     g = torch.bucketize(m, range_ends, right=True)
     slots = (m - range_shift[g]).long()
@@ -135,7 +135,7 @@ def mixed_lookup_ranked_reference(
     group_offsets: torch.Tensor,
     blocks: torch.Tensor,
     code_groups: torch.Tensor,
-    table_starts: torch.Tensor,
+    table_base: torch.Tensor,
     table_fallback: torch.Tensor,
     feature_base: torch.Tensor,
     feature_rows: torch.Tensor,
@@ -152,16 +152,21 @@ def mixed_lookup_ranked_reference(
     in torch (`decode_ranked_map`), the rows read by FBGEMM's INT-N op.
 
     Args:
-        as for `shark_torchrec.kernels.mixed_lookup_ranked`.
+        weights, group_offsets, blocks, code_groups, table_base, table_fallback, feature_base,
+            feature_rows, values, lengths, per_sample_weights, dim, batch_size, pooling,
+            row_alignment, feature_names: as for `shark_torchrec.kernels.mixed_lookup_ranked`.
 
     Returns:
         [B, F * dim] float32, or [nnz, dim] with pooling "none" (as the op).
 
     Raises:
         ValueError: an id outside its feature's table (naming the feature and the id).
+        RuntimeError: a key beyond the map's rows (feature tables that do not match the map).
     """
-    keys = _checked_keys(feature_base, feature_rows, values, lengths, feature_names)
-    g, slots = decode_ranked_map(blocks, code_groups, table_starts, table_fallback, keys)
+    keys = _checked_keys(feature_base, feature_rows, values, lengths, feature_names, batch_size)
+    if keys.numel() and int(keys.max()) >= int(table_base[-1]):
+        raise RuntimeError("shark::mixed_lookup_ranked: a row map entry points outside the group tables")
+    g, slots = decode_ranked_map(blocks, code_groups, table_base, table_fallback, keys)
     return _read_and_pool(
         weights,
         group_offsets,
@@ -178,13 +183,13 @@ def mixed_lookup_ranked_reference(
     )
 
 
-def _checked_keys(feature_base, feature_rows, values, lengths, feature_names) -> torch.Tensor:
+def _checked_keys(feature_base, feature_rows, values, lengths, feature_names, batch_size) -> torch.Tensor:
     """Each id's row key (its table's first key plus the id); an id outside its table raises."""
     F = feature_base.numel()
     values = values.long()
     lengths = lengths.long()
     nnz = values.numel()
-    per_feature = lengths.view(F, -1).sum(1) if F else lengths.new_zeros(0)
+    per_feature = lengths.view(F, batch_size).sum(1)
     limit = torch.repeat_interleave(feature_rows, per_feature, output_size=nnz)
     bad = (values < 0) | (values >= limit)
     if bool(bad.any()):

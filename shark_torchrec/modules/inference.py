@@ -49,7 +49,7 @@ class MixedPrecisionPooledLookup(nn.Module):
         weights: FBGEMM's uint8 buffer of the group tables (fp32 rows and the fallback rows of
             dropped rows, fp16, int8, int4, int2), each table's rows in key order.
         group_offsets: byte offset of each group table in `weights`.
-        blocks, code_groups, table_starts, table_fallback: the ranked row map
+        blocks, code_groups, table_base, table_fallback: the ranked row map
             (`shark_torchrec.kernels.ranked_map.RankedLayout`).
         num_rows: the rows of all tables (keys 0 .. num_rows - 1).
         row_alignment: FBGEMM's row alignment of the buffer.
@@ -66,7 +66,7 @@ class MixedPrecisionPooledLookup(nn.Module):
         group_offsets: List[int],
         blocks: torch.Tensor,
         code_groups: torch.Tensor,
-        table_starts: torch.Tensor,
+        table_base: torch.Tensor,
         table_fallback: torch.Tensor,
         num_rows: int,
         row_alignment: int = 1,
@@ -84,11 +84,21 @@ class MixedPrecisionPooledLookup(nn.Module):
         self.register_buffer("weights", weights)
         self.register_buffer("blocks", blocks.to(torch.int32))
         self.register_buffer("code_groups", code_groups.to(torch.int32))
-        self.register_buffer("table_starts", table_starts.to(torch.int64))
+        self.register_buffer("table_base", table_base.to(torch.int64))
         self.register_buffer("table_fallback", table_fallback.to(torch.int64))
         self.register_buffer("feature_base", torch.tensor(feature_base, dtype=torch.int64))
         self.register_buffer("feature_rows", torch.tensor(feature_rows, dtype=torch.int64))
         self.register_buffer("_offsets", torch.tensor(list(group_offsets), dtype=torch.int64))
+
+    def __setstate__(self, state: Dict) -> None:
+        # A module pickled before the ranked row map (b206c29) holds the int32 row map and its
+        # rows in the store's slot order: refuse it by name rather than fail on a missing buffer.
+        if "row_map" in state.get("_buffers", {}) and "blocks" not in state.get("_buffers", {}):
+            raise RuntimeError(
+                "this inference module was saved before the ranked row map (shark-torchrec b206c29): "
+                "export it again from its checkpoint (`shark export CKPT --out DIR`)"
+            )
+        super().__setstate__(state)
 
     def plain_lookup(self) -> "MixedPrecisionPooledLookup":
         """A `MixedPrecisionPooledLookup` over the same tensors (shared, not copied): this
@@ -103,7 +113,7 @@ class MixedPrecisionPooledLookup(nn.Module):
             self._offsets.tolist(),
             self.blocks,
             self.code_groups,
-            self.table_starts,
+            self.table_base,
             self.table_fallback,
             self.num_rows,
             self.row_alignment,
@@ -130,7 +140,7 @@ class MixedPrecisionPooledLookup(nn.Module):
         return int(
             self.weights.numel()
             + self.blocks.numel() * 4
-            + self.table_starts.numel() * 8
+            + self.table_base.numel() * 8
             + self.table_fallback.numel() * 8
         )
 
@@ -152,7 +162,7 @@ class MixedPrecisionPooledLookup(nn.Module):
                 self._offsets,
                 self.blocks,
                 self.code_groups,
-                self.table_starts,
+                self.table_base,
                 self.table_fallback,
                 self.feature_base,
                 self.feature_rows,
@@ -170,7 +180,7 @@ class MixedPrecisionPooledLookup(nn.Module):
             self._offsets,
             self.blocks,
             self.code_groups,
-            self.table_starts,
+            self.table_base,
             self.table_fallback,
             self.feature_base,
             self.feature_rows,
@@ -211,13 +221,10 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
             feature_base += [base[-1]] * len(t.feature_names)
             feature_rows += [t.num_embeddings] * len(t.feature_names)
             base.append(base[-1] + t.num_embeddings)
-        if (
-            layout.blocks.shape[0] != (base[-1] + BLOCK_ROWS - 1) // BLOCK_ROWS
-            or layout.table_starts.tolist() != base[:-1]
-        ):
+        if layout.blocks.shape[0] != (base[-1] + BLOCK_ROWS - 1) // BLOCK_ROWS or layout.table_base.tolist() != base:
             raise ValueError(
-                f"the ranked map covers {layout.blocks.shape[0]} blocks of {BLOCK_ROWS} rows and tables starting at "
-                f"{layout.table_starts.tolist()}; the tables have {base[-1]} rows starting at {base[:-1]}"
+                f"the ranked map covers {layout.blocks.shape[0]} blocks of {BLOCK_ROWS} rows and tables at "
+                f"{layout.table_base.tolist()}; the tables have {base[-1]} rows at {base}"
             )
         super().__init__(
             [f for t in tables for f in t.feature_names],
@@ -229,7 +236,7 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
             layout.group_offsets.tolist(),
             layout.blocks,
             layout.code_groups,
-            layout.table_starts,
+            layout.table_base,
             layout.table_fallback,
             base[-1],
             row_alignment,

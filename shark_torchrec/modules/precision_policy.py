@@ -32,6 +32,8 @@ _NEUTRAL_FUSED_PARAMS = {
     "max_gradient",
 }
 
+MAX_MEMORY_BUDGET = 1.5  # the largest budget a policy takes (fp32 rows and their row map are 1.0625 at dim 16)
+
 
 @dataclass
 class PrecisionPolicy:
@@ -198,8 +200,8 @@ class PrecisionPolicy:
                 f"{self.signal!r} scores are not on Eq. 7's scale: "
                 "rank them (a memory budget or row_fractions), not t8/t16",
             )
-        if self.memory_budget is not None and not 0 < self.memory_budget <= 1.5:
-            raise bad("memory_budget", f"must be in (0, 1.5], got {self.memory_budget}")
+        if self.memory_budget is not None and not 0 < self.memory_budget <= MAX_MEMORY_BUDGET:
+            raise bad("memory_budget", f"must be in (0, {MAX_MEMORY_BUDGET}], got {self.memory_budget}")
         if not 0 <= self.fp32_fraction <= 1:
             raise bad("fp32_fraction", f"must be in [0, 1], got {self.fp32_fraction}")
         if not 0 < self.beta <= 1:

@@ -225,5 +225,33 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
         "dropped",
     ]
     assert rec["serving_rounding"] == "fitted"
+    from shark_torchrec.precision.priority import BudgetError
+
+    low_model, _ = load_trained_model(ckpt)
+    with pytest.raises(BudgetError, match=r"below what a served model in int4, int2 can reach at dim 16: 0\.129"):
+        regroup_for_serving(low_model, ServingTiers(("int4", "int2"), 0.1, "model"))
     bad = run_shark("export", str(ckpt), "--out", str(tmp_path / "x"), "--tiers", "int4", check=False)
     assert bad.returncode == 2 and "--tiers and --memory-budget go together" in bad.stderr
+
+
+def test_the_serving_budget_gives_the_rows_what_the_ranked_map_frees():
+    """`serving_store_budget`: model-wide, the store's rule gets the bytes the ranked map saves
+    against the int32 map, less its fixed bytes; per table, a tiny table does not cancel the
+    raise for the others; a budget near the policy's bound is clamped to it."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from shark_torchrec.jobs.export import ServingTiers, serving_store_budget
+    from shark_torchrec.kernels.ranked_map import ranked_map_bytes_per_row
+
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=16, feature_names=[f"f{i}"])
+        for i, n in enumerate((3, 6400))
+    ]
+    fp32 = 6403 * 16 * 4
+    per_row = ranked_map_bytes_per_row(2, True)
+    fixed = (6464 - 6403) * per_row + 2 * 16 + 8
+    model = serving_store_budget(ServingTiers(("int4", "int2", "dropped"), 0.1, "model"), tables)
+    assert model == pytest.approx(0.1 + (6403 * (4 - per_row) - fixed) / fp32)
+    table = serving_store_budget(ServingTiers(("int4", "int2", "dropped"), 0.1, "table"), tables)
+    assert table == pytest.approx(0.1 + (4 - per_row) / 64 - fixed / fp32) and table > 0.15
+    assert serving_store_budget(ServingTiers(("int8", "int4"), 1.49, "model"), tables) == 1.5

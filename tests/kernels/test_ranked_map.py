@@ -14,6 +14,7 @@ from shark_torchrec.kernels.ranked_map import (
     BLOCK_ROWS,
     decode_ranked_map,
     ranked_from_row_map,
+    ranked_group_rows,
     ranked_map_bytes_per_row,
 )
 from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
@@ -49,7 +50,7 @@ def test_ranked_lookup_equals_the_row_map_lookup_and_its_reference(pooling, dim,
     names = ["a", "b", "c", "d"]
     rest = (base, rows, values, lengths, psw, dim, B, pooling, alignment, names)
     want = mixed_lookup(w, offsets, row_map, ends, shift, *rest)
-    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback)
     assert same_bits(mixed_lookup_ranked(*ranked, *rest), want)
     assert same_bits(mixed_lookup_ranked_reference(*ranked, *rest), want)
 
@@ -61,7 +62,7 @@ def test_every_row_decodes_to_its_group_and_its_bytes():
     lay = _ranked(w, offsets, row_map, ends, shift, tables, dim)
     keys = torch.arange(sum(tables))
     old_g = torch.bucketize(row_map, ends, right=True)
-    g, slots = decode_ranked_map(lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback, keys)
+    g, slots = decode_ranked_map(lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback, keys)
     assert torch.equal(g, old_g)
     rb = RAW(dim)
     old_slots = row_map.long() - shift.long()[old_g]
@@ -107,7 +108,7 @@ def test_a_single_code_needs_no_bit_plane(case):
     base, rows = torch.tensor([0, 130]), torch.tensor(tables)
     values, lengths = bags(gen, tables, 16, max_len=3)
     rest = (base, rows, values, lengths, None, dim, 16, "sum", 1, ["a", "b"])
-    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback)
     assert same_bits(mixed_lookup_ranked(*ranked, *rest), mixed_lookup(w, offsets, row_map, ends, shift, *rest))
 
 
@@ -116,7 +117,7 @@ def test_an_id_outside_its_table_names_the_feature_and_id(bad):
     gen = torch.Generator().manual_seed(4)
     w, offsets, row_map, ends, shift = random_layout(gen, [7, 5], 8)
     lay = _ranked(w, offsets, row_map, ends, shift, [7, 5], 8)
-    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback)
     rest = (torch.tensor([0, 7]), torch.tensor([7, 5]), torch.tensor([1, 2, 3, bad, 4]), torch.tensor([2, 1, 1, 1]))
     args = (*ranked, *rest, None, 8, 2, "sum", 1, ["user", "item"])
     msg = f"feature item: id {bad} outside its table of 5 rows"
@@ -132,8 +133,12 @@ def test_a_map_that_does_not_cover_the_rows_is_refused():
     lay = _ranked(w, offsets, row_map, ends, shift, [64], 8)
     args = (torch.tensor([0]), torch.tensor([65]), torch.tensor([64]), torch.tensor([1]), None, 8, 1, "sum", 1, ["x"])
     with pytest.raises(RuntimeError, match="points outside the group tables"):
+        mixed_lookup_ranked_reference(
+            lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback, *args
+        )
+    with pytest.raises(RuntimeError, match="points outside the group tables"):
         mixed_lookup_ranked(
-            lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback, *args
+            lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback, *args
         )
     with pytest.raises(RuntimeError, match="words a block"):
         mixed_lookup_ranked(
@@ -141,7 +146,7 @@ def test_a_map_that_does_not_cover_the_rows_is_refused():
             lay.group_offsets,
             lay.blocks[:, 1:],
             lay.code_groups,
-            lay.table_starts,
+            lay.table_base,
             lay.table_fallback,
             *args,
         )
@@ -155,7 +160,7 @@ def test_the_op_scripts_and_has_a_fake_for_tracing():
     gen = torch.Generator().manual_seed(5)
     w, offsets, row_map, ends, shift = random_layout(gen, [20], 8)
     lay = _ranked(w, offsets, row_map, ends, shift, [20], 8)
-    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_starts, lay.table_fallback)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback)
     base, rows = torch.tensor([0]), torch.tensor([20])
     values, lengths = bags(gen, [20], 6, 3)
     want = mixed_lookup(w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, 6, "sum", 1, ["x"])
@@ -166,3 +171,20 @@ def test_the_op_scripts_and_has_a_fake_for_tracing():
         fake = [mode.from_tensor(t) for t in (*ranked, base, rows, values, lengths)]
         out = torch.ops.shark.mixed_lookup_ranked(*fake, None, 8, 6, 0, 1, "x")
     assert out.shape == (6, 8)
+
+
+@pytest.mark.parametrize("tables", [[64], [63, 1], [200, 0, 57], [130]])
+def test_rows_per_group_come_from_the_last_block(tables):
+    gen = torch.Generator().manual_seed(sum(tables))
+    w, offsets, row_map, ends, shift = random_layout(gen, tables, 8)
+    lay = _ranked(w, offsets, row_map, ends, shift, tables, 8)
+    want = torch.bincount(torch.bucketize(row_map, ends, right=True), minlength=6).tolist()
+    assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == want
+
+
+def test_a_module_saved_before_the_ranked_map_is_refused_by_name():
+    from shark_torchrec.modules.inference import MixedPrecisionPooledLookup
+
+    old = MixedPrecisionPooledLookup.__new__(MixedPrecisionPooledLookup)
+    with pytest.raises(RuntimeError, match="saved before the ranked row map"):
+        old.__setstate__({"_buffers": {"row_map": torch.zeros(3, dtype=torch.int32)}, "training": False})
