@@ -76,7 +76,7 @@ class ReferenceGlue(torch.nn.Module):
             e._offsets,
             e.blocks,
             e.code_groups,
-            e.table_starts,
+            e.table_base,
             e.table_fallback,
             e.feature_base,
             e.feature_rows,
