@@ -100,12 +100,11 @@ def _record(out: Path, stages: Dict[str, Any], env: DistEnv) -> None:
         dist.barrier()
 
 
-def _budget_after_pruning(cfg: JobConfig, prune_ratio: float, tiers: Tuple[str, ...]) -> Tuple[float, float, float]:
-    """(budget, what the target asks, the floor of `tiers`): --target-memory over the memory
-    ratio pruning left, clipped to what all rows in the cheapest of `tiers` can reach and to 1."""
+def _budget_after_pruning(cfg: JobConfig, prune_ratio: float, floor: float) -> Tuple[float, float]:
+    """(budget, what the target asks): --target-memory over the memory ratio pruning left,
+    clipped to `floor` (what all rows in the cheapest tier can reach) and to 1."""
     want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
-    floor = min_budget(cfg.model.embedding_dim, max(GROUP_NAMES.index(t) for t in tiers))
-    return min(1.0, max(want, floor)), want, floor
+    return min(1.0, max(want, floor)), want
 
 
 def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
@@ -121,7 +120,8 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     if cfg.compress.quant_budget is not None:
         return cfg.compress.quant_budget, f"Set by --quant-budget {cfg.compress.quant_budget}."
     tiers = split_tiers(cfg.quant.tiers)  # the quantize stage ranks into these
-    budget, want, floor = _budget_after_pruning(cfg, prune_ratio, tiers)
+    floor = min_budget(cfg.model.embedding_dim, max(GROUP_NAMES.index(t) for t in tiers))  # the store's
+    budget, want = _budget_after_pruning(cfg, prune_ratio, floor)
     target = cfg.prune.target_memory
     why = f"--target-memory {target} over the {prune_ratio:.3f} of memory pruning left asks {want:.3f}"
     if want < floor:
@@ -152,9 +152,8 @@ def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
         a sentence for the report saying so).
     """
     tiers = split_tiers(cfg.compress.serve_tiers)
-    want = cfg.prune.target_memory / max(prune_ratio, 1e-12)
     floor = served_min_budget(cfg.model.embedding_dim, tiers)  # the served model's, ranked row map included
-    budget = min(1.0, max(want, floor))
+    budget, want = _budget_after_pruning(cfg, prune_ratio, floor)
     why = (
         f"Served in {', '.join(tiers)} at {budget:.3f} of the pruned model's fp32 bytes (model-wide), chosen by the "
         f"trained priorities with fitted scales: --target-memory {cfg.prune.target_memory} over the {prune_ratio:.3f} "

@@ -202,6 +202,13 @@ def load() -> Path:
 load()
 
 
+def _lookup_output_like(values, feature_base, dim: int, batch_size: int, pooling: int):
+    """The output both lookups' fakes give: [nnz, dim] unpooled (pooling 2), else [B, F * dim]."""
+    if pooling == 2:
+        return values.new_empty((values.shape[0], dim), dtype=torch.float32)
+    return values.new_empty((batch_size, feature_base.shape[0] * dim), dtype=torch.float32)
+
+
 @torch.library.register_fake("shark::mixed_lookup")
 def _mixed_lookup_fake(
     weights,
@@ -220,9 +227,7 @@ def _mixed_lookup_fake(
     row_alignment,
     feature_names,
 ):
-    if pooling == 2:
-        return values.new_empty((values.shape[0], dim), dtype=torch.float32)
-    return values.new_empty((batch_size, feature_base.shape[0] * dim), dtype=torch.float32)
+    return _lookup_output_like(values, feature_base, dim, batch_size, pooling)
 
 
 def mixed_lookup(
@@ -309,9 +314,7 @@ def _mixed_lookup_ranked_fake(
     row_alignment,
     feature_names,
 ):
-    if pooling == 2:
-        return values.new_empty((values.shape[0], dim), dtype=torch.float32)
-    return values.new_empty((batch_size, feature_base.shape[0] * dim), dtype=torch.float32)
+    return _lookup_output_like(values, feature_base, dim, batch_size, pooling)
 
 
 def mixed_lookup_ranked(
