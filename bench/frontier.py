@@ -189,10 +189,11 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                     )
                 )
         elif ">" in n:
-            # BASE>TIER/TIER/...@BUDGET: the unit's model of BASE (a trained method with
-            # priorities listed before it: shark-paper, shark:..., shark-model:...), its rows put
-            # into these tiers for serving by their trained priorities (one budget for all
-            # tables), rounded to nearest: `shark export --tiers ... --memory-budget B`.
+            # BASE>TIER/TIER/...@BUDGET: the unit's model of BASE (a trained method listed
+            # before it: shark-paper, shark:..., shark-model:..., or fp32), its rows put into
+            # these tiers for serving by their trained priorities (fp32: by their occurrences in
+            # the training split), one budget for all tables, rounded to nearest:
+            # `shark export --tiers ... --memory-budget B`.
             # A trailing ~fit: integer rows' scale and bias refit by least squares (--rounding fitted).
             base, _, rest = n.partition(">")
             rest, fit, _ = rest.partition("~fit")
@@ -207,11 +208,16 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                 notes.append(f"{n} skipped at dim {dim}: below the served {tiers[-1]} floor {floor:.3f}")
                 continue
             rounding = "fitted" if fit else "nearest"
+            ranked_by = (
+                "by each row's occurrences in the training split (alpha per positive example, 1 per negative)"
+                if base == "fp32"
+                else "by its trained priorities"
+            )
             out.append(
                 Method(
                     n,
                     "serve",
-                    f"the {base} model served in {'/'.join(tiers)} rows chosen by its trained priorities "
+                    f"the {base} model served in {'/'.join(tiers)} rows chosen {ranked_by} "
                     f"(shark export --tiers {' '.join(tiers)} --memory-budget {b} --rounding {rounding}, "
                     "one budget for all tables)",
                     budget=float(b),
@@ -483,13 +489,14 @@ def quantize_checked(fp: FP32Model, method: Method):
 
 
 def run_serve(method: Method, base: FP32Model) -> dict:
-    """A trained mixed-precision model regrouped for serving (`regroup_for_serving`)."""
+    """A trained model (ours, or stock fp32 tables) regrouped for serving (`regroup_for_serving`)."""
     from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
 
     t0 = time.perf_counter()
     arch = base.model.model.sparse_arch
     try:
-        regroup_for_serving(base.model, ServingTiers(method.tiers, method.budget, "model", method.rounding))
+        serving = ServingTiers(method.tiers, method.budget, "model", method.rounding)
+        regroup_for_serving(base.model, serving, base.data)  # the data: an fp32 base's priorities
         ebc = arch.embedding_bag_collection
     finally:
         arch.embedding_bag_collection = base.ebc

@@ -185,7 +185,8 @@ def export_main(argv: List[str]) -> int:
         nargs="+",
         default=None,
         help="serve in these tiers (e.g. int8 int4 int2 dropped), rows ranked by their trained priorities "
-        "and rounded to nearest; needs --memory-budget (default: the rows as trained)",
+        "(a model of stock fp32 tables: by their occurrences in one pass of the training split) and rounded "
+        "as --rounding says; needs --memory-budget (default: the rows as trained)",
     )
     parser.add_argument(
         "--memory-budget", type=float, default=None, help="with --tiers: embedding bytes / fp32 bytes to serve in"

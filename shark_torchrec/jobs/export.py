@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shark_torchrec import kernels
 from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
@@ -41,9 +42,18 @@ from shark_torchrec.models.serving import serving_model
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
 from shark_torchrec.modules.model_budget import ModelBudget
-from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET
+from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
-from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES, INT_BITS, ROW_MAP_BYTES, BudgetError, row_bytes
+from shark_torchrec.precision.priority import (
+    DROPPED,
+    FP32,
+    GROUP_NAMES,
+    INT_BITS,
+    ROW_MAP_BYTES,
+    BudgetError,
+    add_occurrences_,
+    row_bytes,
+)
 from shark_torchrec.precision.quantize import fitted_scale_bias
 
 
@@ -127,31 +137,52 @@ class ServingTiers:
 
 
 @torch.no_grad()
-def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[str, Any]:
-    """Put a loaded mixed-precision model's rows into other tiers for serving, in place: rows
-    ranked by the priorities they had at the end of training (the budget rule of `serving`)
-    and quantized from their trained values (`serving.rounding`), so low tiers are reached
-    without training in them. A table's fallback row (for its dropped rows) is the mean of the trained
-    values of the rows it replaces.
+def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None) -> Dict[str, Any]:
+    """Put a loaded model's rows into tiers for serving, in place: rows ranked by their
+    priorities (the budget rule of `serving`) and quantized from their trained values
+    (`serving.rounding`), so low tiers are reached without training in them. A table's
+    fallback row (for its dropped rows) is the mean of the trained values of the rows it
+    replaces.
+
+    A mixed-precision model (`--precision shark` or `freq`) ranks its rows by the priorities
+    they had at the end of training. A model of stock fp32 tables (`--precision fp32`, what
+    a TorchRec user already trains) has none: its rows are ranked by `training_priorities`,
+    Eq. 7's increments summed over one pass of `data`'s training split.
 
     Args:
-        model: from `load_trained_model`, trained with `--precision shark` or `freq`.
+        model: from `load_trained_model`.
         serving: the tiers and the budget.
+        data: the model's `Dataset` (as training opened it); needed for stock fp32 tables.
 
     Returns:
-        {"serving_tiers", "serving_budget", "serving_budget_scope", "serving_rounding"} for the export record.
+        {"serving_tiers", "serving_budget", "serving_budget_scope", "serving_rounding",
+        "serving_priorities"} for the export record.
 
     Raises:
-        CheckpointError: the model has no priorities (stock fp32 tables or a one-tier run).
+        CheckpointError: the model has no priorities (a one-tier run), or stock fp32 tables
+            and no data to count them on.
         ValueError / BudgetError: tiers or budget the policy refuses, named.
     """
     arch = model.model.sparse_arch
     trained = arch.embedding_bag_collection
-    policy = getattr(trained, "precision_policy", None)
-    if not isinstance(trained, MixedPrecisionEmbeddingBagCollection) or not policy.scored:
-        raise CheckpointError(
-            "serving tiers are chosen by the trained priorities: export a model trained with --precision shark or freq"
-        )
+    if isinstance(trained, MixedPrecisionEmbeddingBagCollection):
+        policy = trained.precision_policy
+        if not policy.scored:
+            raise CheckpointError(
+                "serving tiers are chosen by priorities: a one-tier run has none "
+                "(export a model trained with --precision shark, freq or fp32)"
+            )
+        priorities = "trained"
+    elif isinstance(trained, EmbeddingBagCollection):
+        if data is None:
+            raise CheckpointError(
+                "stock fp32 tables have no trained priorities: their rows are ranked by their occurrences in the "
+                "training split, so the data is needed"
+            )
+        policy = PrecisionPolicy(mode="shark")  # Eq. 7's alpha; the store's defaults otherwise
+        priorities = "training split occurrences"
+    else:
+        raise CheckpointError(f"cannot serve a {type(trained).__name__} in tiers: not an EmbeddingBagCollection")
     configs = trained.embedding_bag_configs()
     store_budget = serving_store_budget(serving, configs)
     floor = served_min_budget(configs[0].embedding_dim if configs else 4, serving.tiers)
@@ -181,7 +212,11 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
         )
     except BudgetError as e:
         raise refused(e) from e
-    state = trained.state_dict()  # trained values in their trained groups, scores, step
+    if priorities == "trained":
+        state = trained.state_dict()  # trained values in their trained groups, scores, step
+    else:
+        counts = training_priorities(configs, data, policy.alpha)
+        state = _fp32_rows_state(ebc, trained, counts)
     if "dropped" not in serving.tiers:
         # Rows dropped in training load as stored rows of the cheapest serving tier, with the
         # value they served (their fallback row's), before they are ranked again.
@@ -222,7 +257,62 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers) -> Dict[s
         "serving_budget": serving.memory_budget,
         "serving_budget_scope": serving.budget_scope,
         "serving_rounding": serving.rounding,
+        "serving_priorities": priorities,
     }
+
+
+def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> Dict[str, torch.Tensor]:
+    """Each row's priority for serving a model that trained without priorities (stock fp32
+    tables): Eq. 7's increments summed over one pass of the training split
+    (`add_occurrences_`: alpha for a positive example's lookup, 1 for a negative one's). The
+    paper's decay is left out on purpose: after training it would rank rows by the last few
+    batches they were seen in.
+
+    Args:
+        configs: the collection's table configs (features map to tables through them).
+        data: the model's `Dataset`, its fields as training saw them.
+        alpha: the weight of a positive example.
+        batch_size: lines read at a time.
+
+    Returns:
+        table name -> float64 [rows] sums.
+
+    Raises:
+        ValueError: an id outside its table, naming the feature, the id and the table.
+    """
+    from tqdm import tqdm
+
+    table_of = {f: c for c in configs for f in c.feature_names}
+    counts = {c.name: torch.zeros(c.num_embeddings, dtype=torch.float64) for c in configs}
+    for batch in tqdm(data.batches("train", batch_size), desc="row priorities (training split)", unit="batch"):
+        kjt = batch.sparse_features
+        positive = batch.labels > 0.5
+        for f in kjt.keys():
+            c = table_of.get(f)
+            if c is None:
+                continue
+            jt = kjt[f]
+            ids = jt.values()
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= c.num_embeddings):
+                bad = int(ids[(ids < 0) | (ids >= c.num_embeddings)][0])
+                raise ValueError(f"feature {f}: id {bad} is outside table {c.name} ({c.num_embeddings} rows)")
+            add_occurrences_(counts[c.name], ids, torch.repeat_interleave(positive, jt.lengths()), alpha)
+    return counts
+
+
+def _fp32_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, fp32: EmbeddingBagCollection, counts) -> Dict:
+    """A state dict that loads stock fp32 tables into `ebc` as fp32 rows, each row's score its
+    count (as of the last step, so no decay applies when the rows are ranked)."""
+    state = ebc.state_dict()
+    weights = fp32.state_dict()
+    for c in fp32.embedding_bag_configs():
+        p = f"embedding_bags.{c.name}."
+        state[p + "weight"] = weights[p + "weight"].detach().float()
+        state[p + "row_group"] = torch.full_like(state[p + "row_group"], FP32)
+        state[p + "row_priority"] = counts[c.name].float()[:, None].expand_as(state[p + "row_priority"]).contiguous()
+        state[p + "row_seen_step"] = torch.zeros_like(state[p + "row_seen_step"])
+    state["precision_step"] = torch.ones_like(state["precision_step"])  # scores as of step 0: the rows' own
+    return state
 
 
 def served_min_budget(dim: int, tiers) -> float:
@@ -307,14 +397,15 @@ RECIPE_FILE = "serve.py"
 def export_checkpoint(
     checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None, serving: Optional[ServingTiers] = None
 ) -> Dict[str, Any]:
-    """Write the export directory of a mixed-precision checkpoint (see the module docstring).
+    """Write the export directory of a checkpoint (see the module docstring): a mixed-precision
+    model, or one of stock fp32 tables served in `serving`'s tiers.
 
     Args:
-        checkpoint: a checkpoint (or a directory of them: the newest) of a mixed-precision model.
+        checkpoint: a checkpoint (or a directory of them: the newest).
         out: the export directory (created if absent; files of an earlier export are replaced).
         base_checkpoint: the uncompressed model's checkpoint, for the figures beside it.
-        serving: tiers and budget to serve in, chosen from the trained priorities
-            (`regroup_for_serving`); None: the rows as trained.
+        serving: tiers and budget to serve in, rows ranked by their priorities
+            (`regroup_for_serving`); None: the rows as trained (refused for stock fp32 tables).
 
     Returns:
         export.json's record: bytes beside the fp32 tables and beside TorchRec's per-table int8
@@ -326,10 +417,10 @@ def export_checkpoint(
 
     out.mkdir(parents=True, exist_ok=True)
     model, qcfg = load_trained_model(checkpoint)  # read once: logits first, then swapped in place
-    if qcfg.quant.precision == "fp32":
+    if qcfg.quant.precision == "fp32" and serving is None:
         raise CheckpointError(
-            f"checkpoint {checkpoint} holds fp32 TorchRec tables: there are no row groups to export "
-            "(TorchRec's quantize_embeddings serves such a model)"
+            f"checkpoint {checkpoint} holds fp32 TorchRec tables: there are no row groups to export as trained; "
+            "give serving tiers and a budget (--tiers, --memory-budget) to serve its rows in them"
         )
     data = open_dataset(qcfg.dataset, qcfg.train.seed)
     if qcfg.model.kept_fields:
@@ -344,7 +435,7 @@ def export_checkpoint(
 
     regrouped: Dict[str, Any] = {}
     if serving is not None:
-        regrouped = regroup_for_serving(model, serving)
+        regrouped = regroup_for_serving(model, serving, data)
     want = dev_logits(lambda b: model(b)[1][1])
     exported = to_inference(model)
     diff = largest_difference(want, dev_logits(lambda b: exported(b)[1][1]))

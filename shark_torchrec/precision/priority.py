@@ -80,6 +80,25 @@ def updated(
     return (1.0 - beta) * prev + beta * (alpha * positives + negatives)
 
 
+def add_occurrences_(counts: torch.Tensor, ids: torch.Tensor, positive: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 7's increments summed without decay, in place: each lookup of a row adds `alpha` when
+    its example is positive and 1 when it is negative. Over a whole training split this ranks
+    rows by how often (and how often positively) the data uses them, the priority of rows that
+    trained without one (stock fp32 tables) when they are put into tiers for serving.
+
+    Args:
+        counts: [rows] float64, the running sums (updated in place).
+        ids: [n] the rows looked up.
+        positive: [n] bool, whether each lookup's example is positive.
+        alpha: the weight of a positive example.
+
+    Returns:
+        `counts`.
+    """
+    inc = torch.where(positive, torch.tensor(float(alpha), dtype=counts.dtype), torch.tensor(1.0, dtype=counts.dtype))
+    return counts.index_add_(0, ids.long(), inc)
+
+
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     """Bytes of one row's weights in a group (integer rows carry an fp16 scale and bias, then
     their codes packed 1, 2 or 4 to a byte; a dropped row has none).

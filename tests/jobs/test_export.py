@@ -82,6 +82,94 @@ def test_fp32_checkpoint_is_not_exported_as_mixed_precision(tmp_path):
         export_inference_model(tmp_path / "checkpoints")
 
 
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp32")
+    run_shark("train", *TINY, "--embedding-dim", "16", "--synthetic-train-rows", "2000", "--out", str(out))
+    return out
+
+
+def test_fp32_model_serves_in_tiers_ranked_by_its_training_split(fp32_run, tmp_path):
+    """A model of stock fp32 tables (what a TorchRec user trains) is served in our tiers: its
+    rows ranked by Eq. 7's increments summed over the training split (alpha per positive
+    example's lookup, 1 per negative), counted here again sample by sample in plain Python."""
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
+    from shark_torchrec.precision.priority import DROPPED, INT2, INT4
+
+    ckpt = fp32_run / "checkpoints"
+    model, cfg = load_trained_model(ckpt)
+    data = open_dataset(cfg.dataset, cfg.train.seed)
+    fp32 = model.model.sparse_arch.embedding_bag_collection
+    configs = fp32.embedding_bag_configs()
+    table_of = {f: c.name for c in configs for f in c.feature_names}
+    want = {c.name: [0.0] * c.num_embeddings for c in configs}
+    for b in data.batches("train", 97):  # another batch size: the sums do not depend on it
+        for f in b.sparse_features.keys():
+            jt = b.sparse_features[f]
+            ids, lengths = jt.values().tolist(), jt.lengths().tolist()
+            at = 0
+            for label, n in zip(b.labels.tolist(), lengths):
+                for i in ids[at : at + n]:
+                    want[table_of[f]][i] += 2.0 if label > 0.5 else 1.0
+                at += n
+    counts = training_priorities(configs, data, 2.0)
+    for c in configs:
+        assert counts[c.name].tolist() == want[c.name], c.name
+    assert sum(sum(v) for v in want.values()) > 2000
+
+    weights = {c.name: fp32.embedding_bags[c.name].weight.detach().clone() for c in configs}
+    with pytest.raises(CheckpointError, match="training split"):
+        regroup_for_serving(model, ServingTiers(("int4", "int2", "dropped"), 0.15, "model"))
+    record = regroup_for_serving(model, ServingTiers(("int4", "int2", "dropped"), 0.11, "model", "nearest"), data)
+    assert record["serving_priorities"] == "training split occurrences"
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    store = ebc.stores[0]
+    total = torch.cat([counts[t.name] for t in store.tables])  # the store's rows, table by table
+    groups = store.row_group
+    assert {int(g) for g in groups.unique()} == {INT4, INT2, DROPPED}
+    # Ranked by the counts (one dim: per byte alike): a more precise tier never holds a lower count.
+    assert float(total[groups == INT4].min()) >= float(total[groups == INT2].max())
+    assert float(total[groups == INT2].min()) >= float(total[groups == DROPPED].max())
+    before = torch.cat([weights[t.name] for t in store.tables])
+    after = store.read_rows(torch.arange(store.num_rows))
+    for g, bits in ((INT4, 4), (INT2, 2)):
+        m = groups == g
+        step = (before[m].max(1).values - before[m].min(1).values) / ((1 << bits) - 1)
+        assert ((after[m] - before[m]).abs().max(1).values <= 0.5 * step * 1.01 + 1e-3).all(), g
+    served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
+    assert served.memory_bytes() <= 0.11 * sum(c.num_embeddings * c.embedding_dim * 4 for c in configs)
+
+    exported = tmp_path / "served"
+    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int4", "int2", "--memory-budget", "0.17")
+    rec = json.loads((exported / "export.json").read_text())
+    assert rec["serving_priorities"] == "training split occurrences" and rec["serving_tiers"] == ["int4", "int2"]
+    assert rec["max_abs_logit_diff_dev"] == 0.0 and rec["inference_bytes"] <= 0.17 * rec["fp32_bytes"]
+    assert rec["rows_int4"] and rec["rows_int2"] and not rec["rows_fp32"]
+    serving = json.loads((exported / "serving.json").read_text())
+    assert serving["max_abs_logit_diff_dev"] < 1e-5  # the scripted serving model
+    bare = run_shark("export", str(ckpt), "--out", str(tmp_path / "bare"), check=False)
+    assert bare.returncode != 0 and "give serving tiers and a budget" in bare.stderr
+
+
+def test_training_priorities_name_an_id_outside_its_table():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from shark_torchrec.data.batch import Batch
+    from shark_torchrec.jobs.export import training_priorities
+
+    class OneBatch:
+        def batches(self, split, batch_size):
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                keys=["f"], values=torch.tensor([1, 5]), lengths=torch.tensor([1, 1])
+            )
+            yield Batch(torch.zeros(2, 1), kjt, torch.tensor([1.0, 0.0]), torch.ones(2))
+
+    configs = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=4, feature_names=["f"])]
+    with pytest.raises(ValueError, match=r"feature f: id 5 is outside table t \(4 rows\)"):
+        training_priorities(configs, OneBatch(), 2.0)
+
+
 def test_torchrec_int8_baseline_bytes_are_what_quantize_embeddings_allocates():
     from torchrec.inference.modules import quantize_embeddings
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
