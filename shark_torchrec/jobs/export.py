@@ -328,7 +328,8 @@ def served_min_budget(dim: int, tiers) -> float:
         The fraction.
     """
     stored = [t for t in tiers if t != "dropped"]
-    cheapest = 0 if "dropped" in tiers or not stored else row_bytes(dim, GROUP_NAMES.index(stored[-1]))
+    # The least precise stored tier, whatever order the tiers were given in (`int2 int8` too).
+    cheapest = 0 if "dropped" in tiers or not stored else row_bytes(dim, max(GROUP_NAMES.index(t) for t in stored))
     return (cheapest + ranked_map_bytes_per_row(len(stored), "dropped" in tiers)) / (4 * dim)
 
 

@@ -239,6 +239,7 @@ def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path
     # The served floor (int4 rows and the ranked map: 0.258 at dim 8) is below the target here.
     want = max(0.3 / stages["prune"]["memory_ratio"], served_min_budget(8, ["int8", "int4"]))
     assert served_min_budget(8, ["int8", "int4"]) == (8 + 0.25) / 32
+    assert served_min_budget(8, ["int4", "int8"]) == (8 + 0.25) / 32  # the cheapest tier, in any order given
     assert e["serving_tiers"] == ["int8", "int4"] and abs(e["serving_budget"] - min(1.0, want)) < 1e-12
     assert (
         e["rows_int4"] > 0
