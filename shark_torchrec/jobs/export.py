@@ -146,8 +146,9 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None
 
     A mixed-precision model (`--precision shark` or `freq`) ranks its rows by the priorities
     they had at the end of training. A model of stock fp32 tables (`--precision fp32`, what
-    a TorchRec user already trains) has none: its rows are ranked by `training_priorities`,
-    Eq. 7's increments summed over one pass of `data`'s training split.
+    a TorchRec user already trains) or a one-tier run (`--precision int8`, ...) has none: its
+    rows are ranked by `training_priorities`, Eq. 7's increments summed over one pass of
+    `data`'s training split.
 
     Args:
         model: from `load_trained_model`.
@@ -159,25 +160,19 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None
         "serving_priorities"} for the export record.
 
     Raises:
-        CheckpointError: the model has no priorities (a one-tier run), or stock fp32 tables
-            and no data to count them on.
+        CheckpointError: the model has no trained priorities and no data is given to count them on.
         ValueError / BudgetError: tiers or budget the policy refuses, named.
     """
     arch = model.model.sparse_arch
     trained = arch.embedding_bag_collection
-    if isinstance(trained, MixedPrecisionEmbeddingBagCollection):
+    if isinstance(trained, MixedPrecisionEmbeddingBagCollection) and trained.precision_policy.scored:
         policy = trained.precision_policy
-        if not policy.scored:
-            raise CheckpointError(
-                "serving tiers are chosen by priorities: a one-tier run has none "
-                "(export a model trained with --precision shark, freq or fp32)"
-            )
         priorities = "trained"
-    elif isinstance(trained, EmbeddingBagCollection):
+    elif isinstance(trained, EmbeddingBagCollection):  # stock tables, or one of our one-tier runs
         if data is None:
             raise CheckpointError(
-                "stock fp32 tables have no trained priorities: their rows are ranked by their occurrences in the "
-                "training split, so the data is needed"
+                "a model without trained priorities (stock fp32 tables, or a one-tier run) has its rows ranked by "
+                "their occurrences in the training split: the data is needed"
             )
         policy = PrecisionPolicy(mode="shark")  # Eq. 7's alpha; the store's defaults otherwise
         priorities = "training split occurrences"
@@ -216,7 +211,7 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None
         state = trained.state_dict()  # trained values in their trained groups, scores, step
     else:
         counts = training_priorities(configs, data, policy.alpha)
-        state = _fp32_rows_state(ebc, trained, counts)
+        state = _counted_rows_state(ebc, trained, counts)
     if "dropped" not in serving.tiers:
         # Rows dropped in training load as stored rows of the cheapest serving tier, with the
         # value they served (their fallback row's), before they are ranked again.
@@ -300,12 +295,13 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
     return counts
 
 
-def _fp32_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, fp32: EmbeddingBagCollection, counts) -> Dict:
-    """A state dict that loads stock fp32 tables into `ebc` as fp32 rows, each row's score its
+def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, trained: EmbeddingBagCollection, counts) -> Dict:
+    """A state dict that loads the trained tables' rows (stock tables, or a one-tier run's, as
+    their state dict gives them: fp32 values) into `ebc` as fp32 rows, each row's score its
     count (as of the last step, so no decay applies when the rows are ranked)."""
     state = ebc.state_dict()
-    weights = fp32.state_dict()
-    for c in fp32.embedding_bag_configs():
+    weights = trained.state_dict()
+    for c in trained.embedding_bag_configs():
         p = f"embedding_bags.{c.name}."
         state[p + "weight"] = weights[p + "weight"].detach().float()
         state[p + "row_group"] = torch.full_like(state[p + "row_group"], FP32)

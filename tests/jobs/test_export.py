@@ -152,6 +152,34 @@ def test_fp32_model_serves_in_tiers_ranked_by_its_training_split(fp32_run, tmp_p
     assert bare.returncode != 0 and "give serving tiers and a budget" in bare.stderr
 
 
+def test_one_tier_run_serves_in_tiers_ranked_by_its_training_split(tmp_path):
+    """A one-tier run (every row int8, no priorities) is served like stock fp32 tables: its rows,
+    as trained, ranked by their training split occurrences."""
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
+    from shark_torchrec.precision.priority import INT2, INT4
+
+    run_shark(
+        "train", *TINY, "--embedding-dim", "16", "--synthetic-train-rows", "1000", "--precision", "int8",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    model, cfg = load_trained_model(tmp_path / "checkpoints")
+    data = open_dataset(cfg.dataset, cfg.train.seed)
+    trained = model.model.sparse_arch.embedding_bag_collection
+    before = trained.stores[0].read_rows(torch.arange(trained.stores[0].num_rows))
+    counts = training_priorities(trained.embedding_bag_configs(), data, 2.0)
+    record = regroup_for_serving(model, ServingTiers(("int4", "int2"), 0.17, "model", "nearest"), data)
+    assert record["serving_priorities"] == "training split occurrences"
+    store = model.model.sparse_arch.embedding_bag_collection.stores[0]
+    total = torch.cat([counts[t.name] for t in store.tables])
+    groups = store.row_group
+    assert float(total[groups == INT4].min()) >= float(total[groups == INT2].max())
+    m = groups == INT4
+    step = (before[m].max(1).values - before[m].min(1).values) / 15
+    after = store.read_rows(torch.arange(store.num_rows))
+    assert ((after[m] - before[m]).abs().max(1).values <= 0.5 * step * 1.01 + 1e-3).all()  # from the int8 values
+
+
 def test_training_priorities_name_an_id_outside_its_table():
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
