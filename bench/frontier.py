@@ -380,6 +380,7 @@ class FP32Model:
         self.configs = self.ebc.embedding_bag_configs()
         self.shapes = [(c.num_embeddings, c.embedding_dim) for c in self.configs]
         self.torch = torch
+        self.counts = None  # training_priorities, counted once for the served points of a model without priorities
 
     def evaluate(self, ebc=None) -> dict:
         """Test AUC and log loss with `ebc` in place of the trained collection (same batches
@@ -490,13 +491,17 @@ def quantize_checked(fp: FP32Model, method: Method):
 
 def run_serve(method: Method, base: FP32Model) -> dict:
     """A trained model (ours, or stock fp32 tables) regrouped for serving (`regroup_for_serving`)."""
-    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
 
     t0 = time.perf_counter()
     arch = base.model.model.sparse_arch
     try:
         serving = ServingTiers(method.tiers, method.budget, "model", method.rounding)
-        regroup_for_serving(base.model, serving, base.data)  # the data: an fp32 base's priorities
+        if base.counts is None and not getattr(getattr(base.ebc, "precision_policy", None), "scored", False):
+            # An fp32 base has no trained priorities: one pass over its training split, shared by its served points.
+            base.counts = training_priorities(base.configs, base.data, PrecisionPolicy().alpha)
+        regroup_for_serving(base.model, serving, base.data, base.counts)
         ebc = arch.embedding_bag_collection
     finally:
         arch.embedding_bag_collection = base.ebc

@@ -28,11 +28,13 @@ quantization):
 - `int4/int2/int1`: the same with the top 2% of rows in int4 (the head `shark export` kept at
   0.08 in `frontier_rankmap_d64`).
 Bytes are counted, not allocated: rows (int4 36, int2 20, int1 12 at dim 64), the ranked map at
-(8 x planes + 4 x stored groups) / 64 a row, and one fp32 fallback row per table for
-`int2/dropped`; each budget is filled with the most int2 (int4) rows it holds (a budget below a
-mix's floor serves every row in its cheapest tier, over the budget: the table marks it).
+(8 x planes + 4 x stored groups) / 64 a row with its padding and per-table slots, as
+`serving_store_budget` counts it, and one fp32 fallback row per table for `int2/dropped` (the
+export's store reserves a little more, so it keeps a few rows fewer); each budget is filled
+with the most int2 (int4) rows it holds (a budget below a mix's floor serves every row in its
+cheapest tier, over the budget: the table marks it).
 
-Prints and writes OUT (default: the frontier folder's `served_1bit/`): results.json, table.md
+Prints and writes OUT (default: the frontier folder's `served_1bit_BASE/`): results.json, table.md
 (test AUC minus fp32 per point, with the paired 95% interval over units; against the exported
 `int2/dropped` twin and TorchRec int2 where the frontier output has them) and
 auc_vs_bytes.png.
@@ -55,7 +57,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import paired, pyplot, write_table  # noqa: E402
 from frontier import FP32Model  # noqa: E402
-from shark_torchrec.kernels.ranked_map import ranked_map_bytes_per_row  # noqa: E402
+from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, ranked_map_bytes_per_row  # noqa: E402
+from shark_torchrec.precision.priority import per_byte_scores  # noqa: E402
 from shark_torchrec.precision.quantize import fitted_scale_bias, requantize_with  # noqa: E402
 
 HEAD_FRACTION = 0.02  # int4 rows of `int4/int2/int1`
@@ -115,7 +118,10 @@ def plan(mix: str, budget: float, n: int, dim: int, tables: int) -> dict:
     tiers = mix.split("/")
     dropped = "dropped" in tiers
     stored = len(tiers) - int(dropped)
-    fixed = ranked_map_bytes_per_row(stored, dropped) * n + (tables * dim * 4 if dropped else 0)
+    per_row = ranked_map_bytes_per_row(stored, dropped)
+    # The ranked map as `serving_store_budget` counts it: its rows, the last block's padding, each
+    # table's start and fallback slot; then one fp32 fallback row per table with dropped rows.
+    fixed = per_row * (-(-n // BLOCK_ROWS) * BLOCK_ROWS) + 16 * tables + 8 + (tables * dim * 4 if dropped else 0)
     avail = budget * n * dim * 4 - fixed
     rest = 0 if dropped else rb["int1"]
     head = round(HEAD_FRACTION * n) if "int4" in tiers else 0
@@ -179,14 +185,17 @@ def evaluate_unit(run_dir: Path, fp32_base: bool, budgets: list, progress) -> di
         for store in m.ebc.stores:
             for i, t in enumerate(store.tables):
                 scores[t.name] = store.scores_now(int(store.table_base[i]), int(store.table_base[i + 1])).float()
-    # Ties (most rows' Eq. 7 scores decay to 0 under the paper's beta) break as the export's
-    # ranking keys break them: tables by name, then row, lowest first.
+    # Ranked as the export ranks them: score per byte in float32 (the division turns the
+    # smallest subnormal Eq. 7 scores into 0), ties (most rows' Eq. 7 scores decay to 0 under
+    # the paper's beta) broken as the ranking keys break them: tables by name, then row.
+    zero_rows = int(sum(int((per_byte_scores(scores[n].float(), dim) == 0).sum()) for n in names))
+    scores = {n: per_byte_scores(scores[n].float(), dim) for n in names}
     base = dict(zip(sorted(names), torch.tensor([0] + [rows[names.index(n)] for n in sorted(names)]).cumsum(0)))
     tie_order = torch.argsort(torch.cat([base[n] + torch.arange(r) for n, r in zip(names, rows)]))
     order = tie_order[torch.argsort(torch.cat([scores[n] for n in names])[tie_order], descending=True, stable=True)]
     table_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(rows))
     fp32_bytes = sum(rows) * dim * 4
-    rec = {"trained_auc": m.evaluate()["auc"], "points": {}}
+    rec = {"trained_auc": m.evaluate()["auc"], "rows": sum(rows), "zero_score_rows": zero_rows, "points": {}}
     for budget in budgets:
         for mix in MIXES:
             p = plan(mix, budget, sum(rows), dim, len(names))
@@ -264,6 +273,12 @@ def main() -> None:
             f"{ci(vs_trained)} | {cells[0]} | {cells[1]} |"
         )
         summary[key] = {"bytes": nbytes, "vs_fp32": vs_fp32, "vs_trained": vs_trained}
+    zeros = [records[u]["zero_score_rows"] for u in units]
+    lines += [
+        "",
+        f"Rows ranked with a score of 0 (tied; ordered by table name, then row): {min(zeros)}-{max(zeros)} of "
+        f"{records[units[0]]['rows']} per unit.",
+    ]
     write_table(out, lines)
 
     plt = pyplot()

@@ -137,7 +137,9 @@ class ServingTiers:
 
 
 @torch.no_grad()
-def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None) -> Dict[str, Any]:
+def regroup_for_serving(
+    model: DLRMTrainModule, serving: ServingTiers, data=None, counts: Optional[Dict[str, torch.Tensor]] = None
+) -> Dict[str, Any]:
     """Put a loaded model's rows into tiers for serving, in place: rows ranked by their
     priorities (the budget rule of `serving`) and quantized from their trained values
     (`serving.rounding`), so low tiers are reached without training in them. A table's
@@ -154,6 +156,8 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None
         model: from `load_trained_model`.
         serving: the tiers and the budget.
         data: the model's `Dataset` (as training opened it); needed for stock fp32 tables.
+        counts: `training_priorities` of this model and data, when already counted (several
+            exports of one model share them); None: counted here.
 
     Returns:
         {"serving_tiers", "serving_budget", "serving_budget_scope", "serving_rounding",
@@ -169,12 +173,13 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None
         policy = trained.precision_policy
         priorities = "trained"
     elif isinstance(trained, EmbeddingBagCollection):  # stock tables, or one of our one-tier runs
-        if data is None:
+        if data is None and counts is None:
             raise CheckpointError(
                 "a model without trained priorities (stock fp32 tables, or a one-tier run) has its rows ranked by "
                 "their occurrences in the training split: the data is needed"
             )
-        policy = PrecisionPolicy(mode="shark")  # Eq. 7's alpha; the store's defaults otherwise
+        # A one-tier run keeps its own settings (head size, bad ids, seed); stock tables take the defaults.
+        policy = getattr(trained, "precision_policy", None) or PrecisionPolicy(mode="shark")
         priorities = "training split occurrences"
     else:
         raise CheckpointError(f"cannot serve a {type(trained).__name__} in tiers: not an EmbeddingBagCollection")
@@ -195,6 +200,7 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None
     try:
         new_policy = dataclasses.replace(
             policy,
+            mode=policy.mode if priorities == "trained" else "shark",  # ranked by Eq. 7's counts
             tiers=tuple(serving.tiers),
             memory_budget=store_budget,
             budget_scope=serving.budget_scope,
@@ -210,7 +216,8 @@ def regroup_for_serving(model: DLRMTrainModule, serving: ServingTiers, data=None
     if priorities == "trained":
         state = trained.state_dict()  # trained values in their trained groups, scores, step
     else:
-        counts = training_priorities(configs, data, policy.alpha)
+        if counts is None:
+            counts = training_priorities(configs, data, policy.alpha)
         state = _counted_rows_state(ebc, trained, counts)
     if "dropped" not in serving.tiers:
         # Rows dropped in training load as stored rows of the cheapest serving tier, with the
@@ -273,14 +280,24 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
         table name -> float64 [rows] sums.
 
     Raises:
-        ValueError: an id outside its table, naming the feature, the id and the table.
+        ValueError: an id outside its table, naming the feature, the id and the table; a table
+            none of whose features the data has.
     """
     from tqdm import tqdm
 
     table_of = {f: c for c in configs for f in c.feature_names}
     counts = {c.name: torch.zeros(c.num_embeddings, dtype=torch.float64) for c in configs}
+    checked = False
     for batch in tqdm(data.batches("train", batch_size), desc="row priorities (training split)", unit="batch"):
         kjt = batch.sparse_features
+        if not checked:  # a table none of whose features the data has would rank by row id alone
+            missing = [f for f in table_of if f not in kjt.keys()]
+            if missing:
+                raise ValueError(
+                    f"counting serving priorities: the training split has no feature {', '.join(missing)} "
+                    f"(tables {', '.join(sorted({table_of[f].name for f in missing}))}); it has {kjt.keys()}"
+                )
+            checked = True
         positive = batch.labels > 0.5
         for f in kjt.keys():
             c = table_of.get(f)
@@ -290,7 +307,10 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
             ids = jt.values()
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= c.num_embeddings):
                 bad = int(ids[(ids < 0) | (ids >= c.num_embeddings)][0])
-                raise ValueError(f"feature {f}: id {bad} is outside table {c.name} ({c.num_embeddings} rows)")
+                raise ValueError(
+                    f"counting serving priorities over the training split: feature {f}: id {bad} is outside "
+                    f"table {c.name} ({c.num_embeddings} rows)"
+                )
             add_occurrences_(counts[c.name], ids, torch.repeat_interleave(positive, jt.lengths()), alpha)
     return counts
 
@@ -305,6 +325,7 @@ def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, trained: Embe
         p = f"embedding_bags.{c.name}."
         state[p + "weight"] = weights[p + "weight"].detach().float()
         state[p + "row_group"] = torch.full_like(state[p + "row_group"], FP32)
+        # float32 scores, as the store keeps them: counts past 2^24 round (ties among the hottest rows only).
         state[p + "row_priority"] = counts[c.name].float()[:, None].expand_as(state[p + "row_priority"]).contiguous()
         state[p + "row_seen_step"] = torch.zeros_like(state[p + "row_seen_step"])
     state["precision_step"] = torch.ones_like(state["precision_step"])  # scores as of step 0: the rows' own

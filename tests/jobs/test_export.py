@@ -137,8 +137,17 @@ def test_fp32_model_serves_in_tiers_ranked_by_its_training_split(fp32_run, tmp_p
         m = groups == g
         step = (before[m].max(1).values - before[m].min(1).values) / ((1 << bits) - 1)
         assert ((after[m] - before[m]).abs().max(1).values <= 0.5 * step * 1.01 + 1e-3).all(), g
+    for i in range(len(store.tables)):  # a table's dropped rows read the mean of the fp32 rows they replace
+        lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+        mine = (groups[lo:hi] == DROPPED).nonzero().flatten() + lo
+        if len(mine):
+            torch.testing.assert_close(after[mine], before[mine].mean(0).expand(len(mine), -1), rtol=0, atol=1e-6)
     served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
     assert served.memory_bytes() <= 0.11 * sum(c.num_embeddings * c.embedding_dim * 4 for c in configs)
+    # Counts given (several exports of one model share one pass): the same tiers, no data read.
+    again, _ = load_trained_model(ckpt)
+    regroup_for_serving(again, ServingTiers(("int4", "int2", "dropped"), 0.11, "model", "nearest"), counts=counts)
+    assert torch.equal(again.model.sparse_arch.embedding_bag_collection.stores[0].row_group, groups)
 
     exported = tmp_path / "served"
     run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int4", "int2", "--memory-budget", "0.17")
@@ -194,8 +203,11 @@ def test_training_priorities_name_an_id_outside_its_table():
             yield Batch(torch.zeros(2, 1), kjt, torch.tensor([1.0, 0.0]), torch.ones(2))
 
     configs = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=4, feature_names=["f"])]
-    with pytest.raises(ValueError, match=r"feature f: id 5 is outside table t \(4 rows\)"):
+    with pytest.raises(ValueError, match=r"training split: feature f: id 5 is outside table t \(4 rows\)"):
         training_priorities(configs, OneBatch(), 2.0)
+    other = [EmbeddingBagConfig(name="u", embedding_dim=8, num_embeddings=9, feature_names=["g"])]
+    with pytest.raises(ValueError, match=r"the training split has no feature g \(tables u\)"):
+        training_priorities(configs + other, OneBatch(), 2.0)
 
 
 def test_torchrec_int8_baseline_bytes_are_what_quantize_embeddings_allocates():
