@@ -418,27 +418,6 @@ class FP32Model:
                     lengths[at * n : (at + 1) * n] = 1
                     yield c, f, KeyedJaggedTensor(keys=keys, values=torch.arange(a, a + n), lengths=lengths)
 
-    def every_row_kjt(self):
-        """One bag per row of every table (shorter tables padded with empty bags)."""
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-        torch = self.torch
-        batch = max(r for r, _ in self.shapes)
-        keys, values, lengths = [], [], []
-        for c in self.configs:
-            for f in c.feature_names:
-                keys.append(f)
-                values.append(torch.arange(c.num_embeddings, dtype=torch.long))
-                lengths.append(
-                    torch.cat(
-                        [
-                            torch.ones(c.num_embeddings, dtype=torch.int32),
-                            torch.zeros(batch - c.num_embeddings, dtype=torch.int32),
-                        ]
-                    )
-                )
-        return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
-
 
 def quantize_checked(fp: FP32Model, method: Method):
     """TorchRec's post-training quantization of the fp32 collection, checked (see the module
@@ -506,16 +485,15 @@ def quantize_checked(fp: FP32Model, method: Method):
 
 def run_serve(method: Method, base: FP32Model) -> dict:
     """A trained model (ours, or stock fp32 tables) regrouped for serving (`regroup_for_serving`)."""
-    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
-    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving
 
     t0 = time.perf_counter()
     arch = base.model.model.sparse_arch
     try:
         serving = ServingTiers(method.tiers, method.budget, "model", method.rounding)
-        if base.counts is None and not getattr(getattr(base.ebc, "precision_policy", None), "scored", False):
+        if base.counts is None:
             # An fp32 base has no trained priorities: one pass over its training split, shared by its served points.
-            base.counts = training_priorities(base.configs, base.data, PrecisionPolicy().alpha)
+            base.counts = counted_priorities(base.model, base.data)
         regroup_for_serving(base.model, serving, base.data, base.counts)
         ebc = arch.embedding_bag_collection
     finally:

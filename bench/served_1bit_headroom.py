@@ -57,8 +57,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import paired, pyplot, write_table  # noqa: E402
 from frontier import FP32Model  # noqa: E402
-from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, ranked_map_bytes_per_row  # noqa: E402
-from shark_torchrec.precision.priority import per_byte_scores  # noqa: E402
+from shark_torchrec.jobs.export import counted_priorities  # noqa: E402
+from shark_torchrec.kernels.ranked_map import ranked_map_bytes  # noqa: E402
+from shark_torchrec.precision.priority import INT2, INT4, per_byte_scores, row_bytes  # noqa: E402
 from shark_torchrec.precision.quantize import fitted_scale_bias, requantize_with  # noqa: E402
 
 HEAD_FRACTION = 0.02  # int4 rows of `int4/int2/int1`
@@ -96,9 +97,9 @@ def integer(values: torch.Tensor, bits: int) -> torch.Tensor:
     return requantize_with(values, sb, bits).float() * sb[:, :1] + sb[:, 1:2]
 
 
-def row_bytes(dim: int) -> dict:
-    """Bytes of a row in each tier at `dim` (codes + fp16 scale and bias)."""
-    return {"int4": (dim + 1) // 2 + 4, "int2": (dim + 3) // 4 + 4, "int1": (dim + 7) // 8 + 4}
+def tier_row_bytes(dim: int) -> dict:
+    """Bytes of a row in each tier at `dim` (codes + fp16 scale and bias; int1 as it would be)."""
+    return {"int4": row_bytes(dim, INT4), "int2": row_bytes(dim, INT2), "int1": (dim + 7) // 8 + 4}
 
 
 def plan(mix: str, budget: float, n: int, dim: int, tables: int) -> dict:
@@ -114,14 +115,12 @@ def plan(mix: str, budget: float, n: int, dim: int, tables: int) -> dict:
     Returns:
         {"int4": rows, "int2": rows, "rest": rows, "bytes": counted bytes}.
     """
-    rb = row_bytes(dim)
+    rb = tier_row_bytes(dim)
     tiers = mix.split("/")
     dropped = "dropped" in tiers
     stored = len(tiers) - int(dropped)
-    per_row = ranked_map_bytes_per_row(stored, dropped)
-    # The ranked map as `serving_store_budget` counts it: its rows, the last block's padding, each
-    # table's start and fallback slot; then one fp32 fallback row per table with dropped rows.
-    fixed = per_row * (-(-n // BLOCK_ROWS) * BLOCK_ROWS) + 16 * tables + 8 + (tables * dim * 4 if dropped else 0)
+    # The whole ranked map, as `serving_store_budget` counts it; one fp32 fallback row per table with dropped rows.
+    fixed = ranked_map_bytes(n, tables, stored, dropped) + (tables * dim * 4 if dropped else 0)
     avail = budget * n * dim * 4 - fixed
     rest = 0 if dropped else rb["int1"]
     head = round(HEAD_FRACTION * n) if "int4" in tiers else 0
@@ -162,12 +161,9 @@ def served_values(mix: str, p: dict, values: torch.Tensor, order: torch.Tensor, 
     return out
 
 
-def evaluate_unit(run_dir: Path, fp32_base: bool, budgets: list, progress) -> dict:
+def evaluate_unit(run_dir: Path, budgets: list, progress) -> dict:
     """Test AUC of every (mix, budget) point on one trained model, and the model's own."""
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-    from shark_torchrec.jobs.export import training_priorities
-    from shark_torchrec.modules.precision_policy import PrecisionPolicy
 
     m = FP32Model(run_dir)
     names = [c.name for c in m.configs]
@@ -175,12 +171,14 @@ def evaluate_unit(run_dir: Path, fp32_base: bool, budgets: list, progress) -> di
     dim = m.configs[0].embedding_dim
     if any(c.embedding_dim != dim for c in m.configs):
         raise SystemExit(f"{run_dir}: tables of several dims; this simulation ranks one dim")
+    blocks = {c.name: [] for c in m.configs}
     with torch.no_grad():
-        pooled = m.ebc(m.every_row_kjt()).to_dict()  # one bag per row: the row as trained
-    values = torch.cat([pooled[c.feature_names[0]][: c.num_embeddings].float() for c in m.configs])
-    if fp32_base:
-        scores = training_priorities(m.configs, m.data, PrecisionPolicy().alpha)
-    else:
+        for c, f, kjt in m.row_blocks():  # one bag per row: the rows as trained
+            if f == c.feature_names[0]:
+                blocks[c.name].append(m.ebc(kjt).to_dict()[f].float())
+    values = torch.cat([torch.cat(blocks[c.name]) for c in m.configs])
+    scores = counted_priorities(m.model, m.data)  # a model without priorities: as the export counts them
+    if scores is None:
         scores = {}
         for store in m.ebc.stores:
             for i, t in enumerate(store.tables):
@@ -188,8 +186,8 @@ def evaluate_unit(run_dir: Path, fp32_base: bool, budgets: list, progress) -> di
     # Ranked as the export ranks them: score per byte in float32 (the division turns the
     # smallest subnormal Eq. 7 scores into 0), ties (most rows' Eq. 7 scores decay to 0 under
     # the paper's beta) broken as the ranking keys break them: tables by name, then row.
-    zero_rows = int(sum(int((per_byte_scores(scores[n].float(), dim) == 0).sum()) for n in names))
     scores = {n: per_byte_scores(scores[n].float(), dim) for n in names}
+    zero_rows = int(sum(int((scores[n] == 0).sum()) for n in names))
     base = dict(zip(sorted(names), torch.tensor([0] + [rows[names.index(n)] for n in sorted(names)]).cumsum(0)))
     tie_order = torch.argsort(torch.cat([base[n] + torch.arange(r) for n, r in zip(names, rows)]))
     order = tie_order[torch.argsort(torch.cat([scores[n] for n in names])[tie_order], descending=True, stable=True)]
@@ -233,7 +231,7 @@ def main() -> None:
     with tqdm(total=len(units) * len(budgets) * len(MIXES), desc="points") as progress:
         for u in units:
             run = args.frontier / "runs" / f"{args.base}-{u}"
-            records[u] = evaluate_unit(run, args.base == "fp32", budgets, progress)
+            records[u] = evaluate_unit(run, budgets, progress)
             (out / "results.json").write_text(json.dumps({"frontier": str(args.frontier), "records": records}))
 
     def ci(d: dict) -> str:

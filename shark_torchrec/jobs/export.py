@@ -35,7 +35,7 @@ from shark_torchrec import kernels
 from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
 from shark_torchrec.data.schema import Schema
 from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
-from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, ranked_map_bytes_per_row
+from shark_torchrec.kernels.ranked_map import ranked_map_bytes, ranked_map_bytes_per_row
 from shark_torchrec.models.build import model_from_config
 from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
@@ -169,20 +169,12 @@ def regroup_for_serving(
     """
     arch = model.model.sparse_arch
     trained = arch.embedding_bag_collection
-    if isinstance(trained, MixedPrecisionEmbeddingBagCollection) and trained.precision_policy.scored:
-        policy = trained.precision_policy
-        priorities = "trained"
-    elif isinstance(trained, EmbeddingBagCollection):  # stock tables, or one of our one-tier runs
-        if data is None and counts is None:
-            raise CheckpointError(
-                "a model without trained priorities (stock fp32 tables, or a one-tier run) has its rows ranked by "
-                "their occurrences in the training split: the data is needed"
-            )
-        # A one-tier run keeps its own settings (head size, bad ids, seed); stock tables take the defaults.
-        policy = getattr(trained, "precision_policy", None) or PrecisionPolicy(mode="shark")
-        priorities = "training split occurrences"
-    else:
-        raise CheckpointError(f"cannot serve a {type(trained).__name__} in tiers: not an EmbeddingBagCollection")
+    policy, priorities = _ranking_policy(trained)
+    if priorities != "trained" and data is None and counts is None:
+        raise CheckpointError(
+            "a model without trained priorities (stock fp32 tables, or a one-tier run) has its rows ranked by "
+            "their occurrences in the training split: the data is needed"
+        )
     configs = trained.embedding_bag_configs()
     store_budget = serving_store_budget(serving, configs)
     floor = served_min_budget(configs[0].embedding_dim if configs else 4, serving.tiers)
@@ -217,7 +209,7 @@ def regroup_for_serving(
         state = trained.state_dict()  # trained values in their trained groups, scores, step
     else:
         if counts is None:
-            counts = training_priorities(configs, data, policy.alpha)
+            counts = counted_priorities(model, data)
         state = _counted_rows_state(ebc, trained, counts)
     if "dropped" not in serving.tiers:
         # Rows dropped in training load as stored rows of the cheapest serving tier, with the
@@ -261,6 +253,40 @@ def regroup_for_serving(
         "serving_rounding": serving.rounding,
         "serving_priorities": priorities,
     }
+
+
+def _ranking_policy(trained: torch.nn.Module) -> Tuple[PrecisionPolicy, str]:
+    """(the policy whose settings the serving policy starts from, what ranks the rows:
+    "trained" priorities or "training split occurrences") for a loaded collection.
+
+    Raises:
+        CheckpointError: not an EmbeddingBagCollection.
+    """
+    if isinstance(trained, MixedPrecisionEmbeddingBagCollection) and trained.precision_policy.scored:
+        return trained.precision_policy, "trained"
+    if isinstance(trained, EmbeddingBagCollection):  # stock tables, or one of our one-tier runs
+        # A one-tier run keeps its own settings (head size, bad ids, seed); stock tables take the defaults.
+        return getattr(trained, "precision_policy", None) or PrecisionPolicy(mode="shark"), "training split occurrences"
+    raise CheckpointError(f"cannot serve a {type(trained).__name__} in tiers: not an EmbeddingBagCollection")
+
+
+def counted_priorities(model: DLRMTrainModule, data) -> Optional[Dict[str, torch.Tensor]]:
+    """The counts `regroup_for_serving` ranks a model's rows by when it trained without
+    priorities, to count once and pass to several of its calls (`counts`).
+
+    Args:
+        model: from `load_trained_model`.
+        data: the model's `Dataset`.
+
+    Returns:
+        `training_priorities` of the model's tables over the training split, with its policy's
+        alpha; None for a model with trained priorities (nothing to count).
+    """
+    trained = model.model.sparse_arch.embedding_bag_collection
+    policy, priorities = _ranking_policy(trained)
+    if priorities == "trained":
+        return None
+    return training_priorities(trained.embedding_bag_configs(), data, policy.alpha)
 
 
 def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> Dict[str, torch.Tensor]:
@@ -374,7 +400,8 @@ def serving_store_budget(serving: ServingTiers, configs) -> float:
     per_row = ranked_map_bytes_per_row(len(stored), "dropped" in serving.tiers)
     rows = sum(c.num_embeddings for c in configs)
     fp32 = sum(c.num_embeddings * c.embedding_dim * 4 for c in configs)
-    fixed = (-(-rows // BLOCK_ROWS) * BLOCK_ROWS - rows) * per_row + 16 * len(configs) + 8  # padding, slots
+    # What the map costs beyond its rows' share: the last block's padding, each table's slots.
+    fixed = ranked_map_bytes(rows, len(configs), len(stored), "dropped" in serving.tiers) - rows * per_row
     if serving.budget_scope == "model":
         raised = serving.memory_budget + (rows * (ROW_MAP_BYTES - per_row) - fixed) / max(fp32, 1)
     else:

@@ -60,6 +60,23 @@ def ranked_map_bytes_per_row(stored_groups: int, dropped: bool) -> float:
     return (8 * planes_for(stored_groups + int(dropped)) + 4 * stored_groups) / BLOCK_ROWS
 
 
+def ranked_map_bytes(rows: int, tables: int, stored_groups: int, dropped: bool) -> float:
+    """Bytes the whole ranked map takes, as the inference module holds it: the block records
+    of every block (the last one's padding included) and each table's start and fallback slot
+    (int64 each, the starts one longer).
+
+    Args:
+        rows: the rows of all tables.
+        tables: the tables.
+        stored_groups, dropped: as for `ranked_map_bytes_per_row`.
+
+    Returns:
+        The bytes.
+    """
+    padded = -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+    return padded * ranked_map_bytes_per_row(stored_groups, dropped) + 16 * tables + 8
+
+
 @dataclass
 class RankedLayout:
     """A served store's rows in key order per group table, and their ranked map.
