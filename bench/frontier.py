@@ -507,7 +507,11 @@ def served_record(model: FP32Model, ebc) -> dict:
     from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
 
     m = model.evaluate(ebc)
-    served = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
+    served = (  # `regroup_for_serving` with 1-bit rows gives the inference module itself
+        ebc
+        if isinstance(ebc, MixedPrecisionInferenceEmbeddingBagCollection)
+        else MixedPrecisionInferenceEmbeddingBagCollection.from_trained(ebc)
+    )
     return {
         "test_auc": m["auc"],
         "test_logloss": m["logloss"],

@@ -35,7 +35,7 @@ from shark_torchrec import kernels
 from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
 from shark_torchrec.data.schema import Schema
 from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
-from shark_torchrec.kernels.ranked_map import ranked_map_bytes, ranked_map_bytes_per_row
+from shark_torchrec.kernels.ranked_map import build_ranked_layout, ranked_map_bytes, ranked_map_bytes_per_row
 from shark_torchrec.models.build import model_from_config
 from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
@@ -46,15 +46,23 @@ from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, Precision
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
 from shark_torchrec.precision.priority import (
     DROPPED,
+    FP16,
     FP32,
-    GROUP_NAMES,
+    INT1,
     INT_BITS,
     ROW_MAP_BYTES,
+    SERVED_GROUP_NAMES,
+    SERVED_INT_BITS,
+    SERVED_PRECISION_ORDER,
     BudgetError,
     add_occurrences_,
+    one_bit_tier_counts,
+    per_byte_scores,
     row_bytes,
 )
-from shark_torchrec.precision.quantize import fitted_scale_bias
+from shark_torchrec.precision.quantize import fitted_scale_bias, pack_codes, quantize_rows, requantize_with
+
+ONE_BIT = "int1"  # the served-only tier's name (`ServingTiers`)
 
 
 def load_trained_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig]:
@@ -124,7 +132,11 @@ class ServingTiers:
     how integer rows get their scale and bias: `fitted` (the default: `fitted_scale_bias`, the
     range refit by least squares for a smaller error per row; on frappe at 0.10 of fp32 bytes
     +0.0010 AUC over `nearest`, bench/README.md) or `nearest` (the row's min/max range, rounded
-    to nearest, as TorchRec's post-training quantization)."""
+    to nearest, as TorchRec's post-training quantization).
+
+    `int1` is a tier for serving only (`regroup_for_serving`): 1-bit rows, each value one of two
+    levels, for the rows the other tiers cannot hold, where `dropped` would give them their
+    table's mean row; the two exclude each other, and int1 takes the model-wide budget."""
 
     tiers: Tuple[str, ...]
     memory_budget: float
@@ -134,6 +146,16 @@ class ServingTiers:
     def __post_init__(self) -> None:
         if self.rounding not in SERVING_ROUNDING:
             raise ValueError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
+        unknown = [t for t in self.tiers if t not in SERVED_GROUP_NAMES]
+        if unknown or len(set(self.tiers)) != len(self.tiers):
+            raise ValueError(f"serving tiers must be distinct names from {SERVED_GROUP_NAMES}, got {tuple(self.tiers)}")
+        if ONE_BIT in self.tiers and "dropped" in self.tiers:
+            raise ValueError(
+                "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, "
+                f"at {row_bytes(64, INT1)} bytes a row at dim 64); choose one, got {tuple(self.tiers)}"
+            )
+        if ONE_BIT in self.tiers and self.budget_scope != "model":
+            raise ValueError("serving tiers: int1 is planned over the whole model: --budget-scope model")
 
 
 @torch.no_grad()
@@ -175,6 +197,20 @@ def regroup_for_serving(
             "a model without trained priorities (stock fp32 tables, or a one-tier run) has its rows ranked by "
             "their occurrences in the training split: the data is needed"
         )
+    record = {
+        "serving_tiers": list(serving.tiers),
+        "serving_budget": serving.memory_budget,
+        "serving_budget_scope": serving.budget_scope,
+        "serving_rounding": serving.rounding,
+        "serving_priorities": priorities,
+    }
+    if ONE_BIT in serving.tiers:
+        if priorities != "trained" and counts is None:
+            counts = counted_priorities(model, data)
+        if _serve_with_one_bit_rows(model, serving, policy, counts):
+            return record
+        # Every row fits in the tiers above int1: their own rule, without 1-bit rows.
+        serving = dataclasses.replace(serving, tiers=tuple(t for t in serving.tiers if t != ONE_BIT))
     configs = trained.embedding_bag_configs()
     store_budget = serving_store_budget(serving, configs)
     floor = served_min_budget(configs[0].embedding_dim if configs else 4, serving.tiers)
@@ -246,13 +282,130 @@ def regroup_for_serving(
                     k = keys[a : a + CHUNK_ROWS]
                     store.write_int_exact(g, k, before[k], fitted_scale_bias(before[k], bits))
     arch.embedding_bag_collection = ebc
-    return {
-        "serving_tiers": list(serving.tiers),
-        "serving_budget": serving.memory_budget,
-        "serving_budget_scope": serving.budget_scope,
-        "serving_rounding": serving.rounding,
-        "serving_priorities": priorities,
-    }
+    return record
+
+
+def _serve_with_one_bit_rows(
+    model: DLRMTrainModule, serving: ServingTiers, policy: PrecisionPolicy, counts: Optional[Dict[str, torch.Tensor]]
+) -> bool:
+    """`regroup_for_serving` with the 1-bit tier: the rows ranked over the whole model as the
+    store's rule ranks them (score per byte, ties by table name, then row), the tiers filled
+    by `one_bit_tier_counts`, each row quantized from its trained value into its tier, and the
+    model's collection replaced by the inference module of those rows. No training store holds
+    1-bit rows, so the served layout is built here.
+
+    Args:
+        model: from `load_trained_model` (its collection is replaced, in place).
+        serving: tiers with int1, and the budget.
+        policy: the policy the rows were ranked under (its head size, `fp32_fraction`).
+        counts: `training_priorities` for a model without trained priorities, else None.
+
+    Returns:
+        False, with the model untouched, when every row fits in the tiers above int1 (serve
+        those by their own rule); True once the model serves the tiers.
+
+    Raises:
+        ValueError: tables of several dims, or a dim that is not a multiple of 8.
+        BudgetError: the budget is below every row in 1 bit plus the ranked row map.
+    """
+    arch = model.model.sparse_arch
+    trained = arch.embedding_bag_collection
+    configs = trained.embedding_bag_configs()
+    dims = sorted({c.embedding_dim for c in configs})
+    if len(dims) != 1 or dims[0] % 8:
+        raise ValueError(f"serving tier int1: tables of one dim that is a multiple of 8, got dims {dims}")
+    dim = dims[0]
+    names = [c.name for c in configs]
+    rows = [c.num_embeddings for c in configs]
+    n = sum(rows)
+    if counts is None:  # trained priorities: each row's value as it served, its score at the last step
+        values, scores = {}, {}
+        for store in trained.stores:
+            for i, t in enumerate(store.tables):
+                lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+                values[t.name] = store.read_rows(torch.arange(lo, hi))
+                scores[t.name] = store.scores_now(lo, hi).float()
+    else:
+        state = trained.state_dict()
+        values = {m: state[f"embedding_bags.{m}.weight"].detach().float() for m in names}
+        scores = {m: counts[m].float() for m in names}
+
+    tiers = sorted((SERVED_GROUP_NAMES.index(t) for t in serving.tiers), key=SERVED_PRECISION_ORDER.index)
+    map_bytes = ranked_map_bytes(n, len(configs), len(tiers), False)
+    # Less the map and up to 3 bytes before each group table (they start at multiples of 4).
+    weight_bytes = serving.memory_budget * n * dim * 4 - map_bytes - 3 * len(tiers)
+    try:
+        plan = one_bit_tier_counts(n, weight_bytes, {g: row_bytes(dim, g) for g in tiers}, tiers, policy.fp32_fraction)
+    except BudgetError as e:
+        floor = served_min_budget(dim, serving.tiers)
+        raise BudgetError(
+            f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
+            f"can reach at dim {dim}: {floor:.3f} of fp32 with the ranked row map ({e})"
+        ) from e
+    if plan is None and len(tiers) > 2:
+        return False
+    if plan is None:  # one tier above int1, and every row fits in it
+        plan = {tiers[0]: n, INT1: 0}
+
+    # The ranking: score per byte in float32, ties by table name, then row (the store's keys).
+    start = dict(zip(sorted(names), torch.tensor([0] + [rows[names.index(m)] for m in sorted(names)]).cumsum(0)))
+    by_name = torch.argsort(torch.cat([start[m] + torch.arange(r) for m, r in zip(names, rows)]))
+    score = torch.cat([per_byte_scores(scores[m], dim) for m in names])
+    order = by_name[torch.argsort(score[by_name], descending=True, stable=True)]
+    groups = torch.empty(n, dtype=torch.int64)
+    at = 0
+    for g in tiers:
+        groups[order[at : at + plan[g]]] = g
+        at += plan[g]
+
+    # Each group's rows in key order, quantized from their values, in group tables back to back.
+    value = torch.cat([values[m] for m in names])
+    rb = [row_bytes(dim, g) for g in range(len(SERVED_GROUP_NAMES))]
+    encoded, offsets, capacity, total = [], [], [], 0
+    for g in range(len(SERVED_GROUP_NAMES)):
+        keys = (groups == g).nonzero().flatten()
+        capacity.append(len(keys))
+        total = (total + 3) // 4 * 4 if len(keys) else total
+        offsets.append(total)
+        total += len(keys) * rb[g]
+        encoded.append(
+            torch.cat(
+                [
+                    _encoded_rows(value[keys[a : a + CHUNK_ROWS]], g, serving.rounding)
+                    for a in range(0, len(keys), CHUNK_ROWS)
+                ]
+            )
+            if len(keys)
+            else None
+        )
+    weights = torch.zeros(total, dtype=torch.uint8)
+    for g, e in enumerate(encoded):
+        if e is not None:
+            weights[offsets[g] : offsets[g] + e.numel()] = e.flatten()
+    slots = torch.zeros(n, dtype=torch.int64)
+    for g in range(len(SERVED_GROUP_NAMES)):
+        m = groups == g
+        slots[m] = torch.arange(int(m.sum()))
+    table_base = torch.tensor([0] + rows).cumsum(0)
+    layout = build_ranked_layout(weights, offsets, capacity, rb, groups, slots, table_base)
+    arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection(configs, layout)
+    return True
+
+
+def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tensor:
+    """fp32 rows as the bytes of a served group's rows: fp32, fp16 (nearest), or an integer row
+    (fp16 scale and bias, then the codes packed low bits first; `fitted` or `nearest` range)."""
+    if group == FP32:
+        return values.contiguous().view(torch.uint8)
+    if group == FP16:
+        return values.clamp(-65504.0, 65504.0).half().contiguous().view(torch.uint8)
+    bits = SERVED_INT_BITS[group]
+    if rounding == "fitted":
+        sb = fitted_scale_bias(values, bits)
+        codes = requantize_with(values, sb, bits)
+    else:
+        codes, sb = quantize_rows(values, bits)
+    return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, bits)], dim=1)
 
 
 def _ranking_policy(trained: torch.nn.Module) -> Tuple[PrecisionPolicy, str]:
@@ -372,7 +525,8 @@ def served_min_budget(dim: int, tiers) -> float:
     """
     stored = [t for t in tiers if t != "dropped"]
     # The least precise stored tier, whatever order the tiers were given in (`int2 int8` too).
-    cheapest = 0 if "dropped" in tiers or not stored else row_bytes(dim, max(GROUP_NAMES.index(t) for t in stored))
+    least = max((SERVED_GROUP_NAMES.index(t) for t in stored), key=SERVED_PRECISION_ORDER.index, default=FP32)
+    cheapest = 0 if "dropped" in tiers or not stored else row_bytes(dim, least)
     return (cheapest + ranked_map_bytes_per_row(len(stored), "dropped" in tiers)) / (4 * dim)
 
 
@@ -426,9 +580,11 @@ def to_inference(model: DLRMTrainModule) -> DLRMTrainModule:
         The same model, in eval mode.
     """
     sparse_arch = model.model.sparse_arch
-    sparse_arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(
-        sparse_arch.embedding_bag_collection
-    )
+    if not isinstance(sparse_arch.embedding_bag_collection, MixedPrecisionInferenceEmbeddingBagCollection):
+        # (`regroup_for_serving` with 1-bit rows already put the inference module in.)
+        sparse_arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection.from_trained(
+            sparse_arch.embedding_bag_collection
+        )
     return model.eval()
 
 

@@ -20,17 +20,20 @@
 
 namespace shark {
 
-constexpr int64_t kGroups = 5;     // stored groups: fp32, fp16, int8, int4, int2
+constexpr int64_t kGroups = 5;     // the training store's stored groups: fp32, fp16, int8, int4, int2
 constexpr int64_t kDropped = 5;    // a dropped row reads its table's fallback row in the fp32 table
+constexpr int64_t kInt1 = 6;       // 1-bit rows: served only (the export makes them), never trained
+constexpr int64_t kIds = 7;        // group ids 0..6
 constexpr int64_t kMaxDim = 4096;  // the widest row an integer group is unpacked from
 
-// Bytes of one row of group g (integer rows: fp16 scale and bias, then packed codes).
+// Bytes of one row of group g (integer rows: fp16 scale and bias, then packed codes; a dropped
+// row has none).
 inline int64_t row_bytes(int64_t dim, int64_t g, int64_t alignment) {
-  const int64_t raw[kGroups] = {4 * dim, 2 * dim, dim + 4, dim / 2 + 4, dim / 4 + 4};
+  const int64_t raw[kIds] = {4 * dim, 2 * dim, dim + 4, dim / 2 + 4, dim / 4 + 4, 0, dim / 8 + 4};
   return (raw[g] + alignment - 1) / alignment * alignment;
 }
 
-inline int bits_of(int64_t g) { return g == 2 ? 8 : (g == 3 ? 4 : 2); }
+inline int bits_of(int64_t g) { return g == 2 ? 8 : (g == 3 ? 4 : (g == 4 ? 2 : 1)); }
 
 // n fp16 values to fp32, eight at a time with F16C (c10::Half converts one at a time, and the
 // loops that read its values did not vectorize).
@@ -104,7 +107,7 @@ struct GroupTables {
     return slot_at(g, static_cast<int64_t>(m) - shift_[g]);
   }
 
-  int64_t rb[kGroups];   // bytes of a row, per group
+  int64_t rb[kIds] = {};  // bytes of a row, per group (the stored groups')
   uint8_t* w;            // the buffer
   int64_t wbytes;        // its size
   const int32_t* map;    // the row map

@@ -1,4 +1,5 @@
-// Fused lookup of rows kept in precision groups (fp32, fp16, int8, int4, int2 and dropped),
+// Fused lookup of rows kept in precision groups (fp32, fp16, int8, int4, int2 and dropped; 1-bit
+// rows too, in a served store),
 // registered as torch.ops.shark.mixed_lookup. One pass per bag: id -> row map -> group and
 // slot -> the row's bytes in its group table -> dequantized, weighted and pooled straight into
 // the output layout. The reference it is tested against is `mixed_lookup_reference` in
@@ -55,7 +56,7 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
       acc[j] = kAssign ? v : acc[j] + v;
     }
   } else {
-    constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : 2);
+    constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : (G == 4 ? 2 : 1));
     constexpr int kPerByte = 8 / kBits;
     constexpr int kMask = (1 << kBits) - 1;
     const float scale = half_to_float(row);
@@ -99,7 +100,9 @@ inline void accumulate(float* acc, const uint8_t* row, int64_t g, int64_t D, flo
     case 1: accumulate_group<1, kWeighted, kAssign>(acc, row, D, w); break;
     case 2: accumulate_group<2, kWeighted, kAssign>(acc, row, D, w); break;
     case 3: accumulate_group<3, kWeighted, kAssign>(acc, row, D, w); break;
-    default: accumulate_group<4, kWeighted, kAssign>(acc, row, D, w); break;
+    case 4: accumulate_group<4, kWeighted, kAssign>(acc, row, D, w); break;
+    // The locators hand out only the ids above (each op checks its layout's groups first).
+    default: accumulate_group<kInt1, kWeighted, kAssign>(acc, row, D, w); break;
   }
 }
 
@@ -155,15 +158,19 @@ struct RankedLocator {
     TORCH_CHECK(starts_t_.numel() == fallback_t_.numel() + 1, "table_base: each table's first row, then the rows; "
                 "table_fallback: one per table");
     n_codes_ = codes_t_.numel();
-    TORCH_CHECK(n_codes_ <= kGroups + 1, "code_groups: at most ", kGroups + 1, " codes");
+    TORCH_CHECK(n_codes_ <= kIds, "code_groups: at most ", kIds, " codes");
     const int32_t* cg = codes_t_.data_ptr<int32_t>();
     stored_ = n_codes_;
+    bool one_bit = false;
     for (int64_t c = 0; c < n_codes_; ++c) {
-      TORCH_CHECK(cg[c] >= 0 && cg[c] <= kDropped, "code_groups: group ids 0..5");
+      TORCH_CHECK(cg[c] >= 0 && cg[c] < kIds, "code_groups: group ids 0..6");
       TORCH_CHECK((cg[c] == kDropped) == (c == n_codes_ - 1 && cg[c] == kDropped),
                   "code_groups: the dropped group only as the last code");
+      one_bit = one_bit || cg[c] == kInt1;
       groups_[c] = cg[c];
     }
+    TORCH_CHECK(!one_bit || dim % 8 == 0, "shark::mixed_lookup_ranked: 1-bit rows need a dim that is a multiple of 8, got ",
+                dim);
     if (n_codes_ > 0 && cg[n_codes_ - 1] == kDropped) stored_ = n_codes_ - 1;
     planes_ = 0;
     while ((int64_t{1} << planes_) < n_codes_) ++planes_;
@@ -171,7 +178,7 @@ struct RankedLocator {
     words_ = blocks_t_.size(1);
     TORCH_CHECK(words_ == 2 * planes_ + stored_, "blocks: ", 2 * planes_ + stored_, " words a block for ", n_codes_,
                 " codes, got ", words_);
-    for (int64_t g = 0; g < kGroups; ++g) rb[g] = row_bytes(dim, g, row_alignment);
+    for (int64_t g = 0; g < kIds; ++g) rb[g] = row_bytes(dim, g, row_alignment);
     w = weights.data_ptr<uint8_t>();
     wbytes_ = weights.numel();
     blocks_ = blocks_t_.data_ptr<int32_t>();
@@ -219,7 +226,7 @@ struct RankedLocator {
     return slot_at(*tg, static_cast<int64_t>(rec[2 * kPlanes + code]) + __builtin_popcountll(before));
   }
 
-  int64_t rb[kGroups];
+  int64_t rb[kIds];
   const uint8_t* w;
 
  private:
@@ -234,7 +241,7 @@ struct RankedLocator {
   const int64_t* offs_;
   const int64_t* starts_;
   const int64_t* fallback_;
-  int64_t groups_[kGroups + 1];
+  int64_t groups_[kIds];
   int64_t n_codes_, stored_, planes_, words_, used_groups_, n_tables_, wbytes_, rows_;
 };
 

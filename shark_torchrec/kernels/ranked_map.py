@@ -14,8 +14,11 @@ across the planes, P = ceil(log2(codes))), then per stored code the slot of the 
 row of that code in its group table. So a stored row's slot is its block's base for its code
 plus a popcount of the rows of the same code before it in the block; a dropped row reads its
 table's fallback row (`table_fallback`, a slot in the fp32 table, after the fp32 rows). Bytes a
-row: (8 P + 4 U) / 64, e.g. 0.375 for int4/int2/dropped, 0.44 for fp32/fp16/int8, 0.69 with
-all five stored groups and dropped rows (`ranked_map_bytes_per_row`).
+row: (8 P + 4 U) / 64, e.g. 0.375 for int4/int2/dropped, 0.44 for fp32/fp16/int8 or
+int4/int2/int1, 0.75 with all six stored groups and dropped rows (`ranked_map_bytes_per_row`).
+
+Served rows can also be 1-bit (group `INT1`, 6: an fp16 scale and bias, then a bit a value, low
+bits first): the export puts rows there, the training store never does.
 
 `torch.ops.shark.mixed_lookup_ranked` (lookup.cpp) reads it; `decode_ranked_map` (torch) is the
 reference decoder its tests hold it to, through `mixed_lookup_ranked_reference`.
@@ -30,8 +33,10 @@ from typing import List, Sequence
 import torch
 
 BLOCK_ROWS = 64  # rows a record covers: one 64-bit word per bit plane
-GROUPS = 5  # stored groups: fp32, fp16, int8, int4, int2
+GROUPS = 5  # the training store's stored groups: fp32, fp16, int8, int4, int2
 DROPPED = 5  # the group id of a dropped row
+INT1 = 6  # the served-only 1-bit group (`shark_torchrec.precision.priority.INT1`)
+STORED = (0, 1, 2, 3, 4, INT1)  # the group ids a served module stores rows of, most precise first
 
 
 def planes_for(num_codes: int) -> int:
@@ -83,10 +88,12 @@ class RankedLayout:
 
     Attributes:
         weights: uint8 buffer of the group tables (fp32 rows then the fallback rows, fp16, int8,
-            int4, int2), FBGEMM's row layout, as the training store's buffer.
-        group_offsets: int64 [5], byte offset of each group table.
+            int4, int2, int1), FBGEMM's row layout, as the training store's buffer.
+        group_offsets: int64 [5] (by group id: 7 with 1-bit rows, the dropped id's unused),
+            byte offset of each group table.
         blocks: int32 [ceil(rows / 64), 2 P + U], the block records.
-        code_groups: int32 [codes], the group id of each code (dropped, 5, last if present).
+        code_groups: int32 [codes], the group id of each code, most precise first (dropped, 5,
+            last if present).
         table_base: int64 [T + 1], each table's first row key, then the rows.
         table_fallback: int64 [T], the slot of each table's fallback row in the fp32 table (-1
             for a table without dropped rows).
@@ -125,10 +132,11 @@ def build_ranked_layout(
 
     Args:
         weights: the store's uint8 buffer.
-        group_offsets: byte offset of each of its group tables.
-        capacity: rows of each of its group tables.
-        row_bytes: bytes of a row of each stored group (padded as the buffer's rows are).
-        groups: int64 [rows] group id of each row key (5: dropped).
+        group_offsets: byte offset of each of its group tables (by group id).
+        capacity: rows of each of its group tables (by group id).
+        row_bytes: bytes of a row of each stored group (by group id; padded as the buffer's rows
+            are). With 1-bit rows (group 6) all three are 7 long.
+        groups: int64 [rows] group id of each row key (5: dropped, 6: 1-bit).
         slots: int64 [rows] slot of each row in its group's table (a dropped row: its table's
             fallback row's slot in the fp32 table).
         table_base: int64 [T + 1], each table's first row key, then the rows.
@@ -137,10 +145,10 @@ def build_ranked_layout(
         The layout (`RankedLayout`).
     """
     rows = int(groups.numel())
-    present = [g for g in range(GROUPS) if bool((groups == g).any())]
+    present = [g for g in STORED if bool((groups == g).any())]
     has_dropped = bool((groups == DROPPED).any())
     code_groups = present + ([DROPPED] if has_dropped else [])
-    code_of = torch.full((DROPPED + 1,), -1, dtype=torch.int8)
+    code_of = torch.full((INT1 + 1,), -1, dtype=torch.int8)
     code_of[torch.tensor(code_groups, dtype=torch.int64)] = torch.arange(len(code_groups), dtype=torch.int8)
     nblocks = (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
     codes = torch.zeros(nblocks * BLOCK_ROWS, dtype=torch.int8)  # padding rows: code 0, after every real row
@@ -156,9 +164,10 @@ def build_ranked_layout(
     # fallback row per table that drops rows (in table order).
     T = int(table_base.numel()) - 1
     table_fallback = torch.full((T,), -1, dtype=torch.int64)
+    ids = list(range(GROUPS)) + ([DROPPED, INT1] if INT1 in present else [])  # the offsets' entries
     taken: List[torch.Tensor] = []
-    for g in range(GROUPS):
-        take = slots[groups == g].to(torch.int64)
+    for g in ids:
+        take = slots[groups == g].to(torch.int64) if g != DROPPED else slots[:0].to(torch.int64)
         if g == 0 and has_dropped:
             dropped_keys = (groups == DROPPED).nonzero().flatten()
             table = torch.searchsorted(table_base, dropped_keys, right=True) - 1  # sorted, as the keys
@@ -170,19 +179,19 @@ def build_ranked_layout(
     # Group tables back to back, each with rows starting at a multiple of 4 bytes (as the store's).
     offsets: List[int] = []
     total = 0
-    for g in range(GROUPS):
-        if len(taken[g]):
+    for i, g in enumerate(ids):
+        if len(taken[i]):
             total = (total + 3) // 4 * 4
         offsets.append(total)
-        total += len(taken[g]) * int(row_bytes[g])
+        total += len(taken[i]) * (int(row_bytes[g]) if g != DROPPED else 0)
     new_weights = torch.zeros(total, dtype=torch.uint8)
-    for g in range(GROUPS):
-        rb, n = int(row_bytes[g]), len(taken[g])
+    for i, g in enumerate(ids):
+        rb, n = int(row_bytes[g]) if g != DROPPED else 0, len(taken[i])
         if n:
             cap = int(capacity[g])
             old = weights[int(group_offsets[g]) : int(group_offsets[g]) + cap * rb].view(cap, rb)
-            dst = new_weights[offsets[g] : offsets[g] + n * rb].view(n, rb)
-            torch.index_select(old, 0, taken[g], out=dst)
+            dst = new_weights[offsets[i] : offsets[i] + n * rb].view(n, rb)
+            torch.index_select(old, 0, taken[i], out=dst)
     return RankedLayout(
         weights=new_weights,
         group_offsets=torch.tensor(offsets, dtype=torch.int64),
@@ -269,17 +278,17 @@ def ranked_from_row_map(
 
 
 def ranked_group_rows(blocks: torch.Tensor, code_groups: torch.Tensor, rows: int) -> List[int]:
-    """Rows per group id (fp32, fp16, int8, int4, int2, dropped) under a ranked map, from its
-    last block alone: a stored code's rows are that block's base plus its own rows of the code.
+    """Rows per group id (fp32, fp16, int8, int4, int2, dropped, int1) under a ranked map, from
+    its last block alone: a stored code's rows are that block's base plus its own rows of the code.
 
     Args:
         blocks, code_groups: the map.
         rows: the rows it covers (keys 0 .. rows - 1; the last block's padding is not counted).
 
     Returns:
-        Six counts.
+        Seven counts, by group id.
     """
-    counts = [0] * (DROPPED + 1)
+    counts = [0] * (INT1 + 1)
     if rows == 0:
         return counts
     n_codes = int(code_groups.numel())

@@ -16,6 +16,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocati
 
 from shark_torchrec.kernels.ranked_map import decode_ranked_map
 
+ONE_BIT_GROUP = 6  # served 1-bit rows (`shark_torchrec.precision.priority.INT1`): read in torch
 GROUP_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
 # FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
@@ -205,17 +206,55 @@ def _read_and_pool(
     weights, group_offsets, g, slots, values, lengths, per_sample_weights, dim, batch_size, pooling, row_alignment, F
 ) -> torch.Tensor:
     """Each id's row (group g, slot; dropped rows, group 5, read the fp32 table) by FBGEMM's
-    INT-N op, weighted and pooled per bag."""
+    INT-N op (1-bit rows, group 6, which FBGEMM does not read, in torch), weighted and pooled
+    per bag."""
     B, D = batch_size, dim
     dev = weights.device
-    placement = EmbeddingLocation.DEVICE if dev.type == "cuda" else EmbeddingLocation.HOST
     lengths = lengths.long()
     nnz = values.numel()
     g = torch.where(g == len(GROUP_TYPES), torch.zeros_like(g), g)  # dropped rows read the fp32 table
-    groups = group_offsets.numel()
+    one_bit = g == ONE_BIT_GROUP
+    if bool(one_bit.any()):
+        per_id = torch.empty(nnz, D, device=dev)
+        rest = (~one_bit).nonzero().flatten()
+        per_id[rest] = _fbgemm_rows(weights, group_offsets, g[rest], slots[rest], D, row_alignment)
+        at = one_bit.nonzero().flatten()
+        per_id[at] = _one_bit_rows(weights, int(group_offsets[ONE_BIT_GROUP]), slots[at], D, row_alignment)
+    else:
+        per_id = _fbgemm_rows(weights, group_offsets, g, slots, D, row_alignment)
+    if per_sample_weights is not None:
+        per_id = per_id * per_sample_weights.float()[:, None]
+    if pooling == "none":
+        return per_id
+    seg = torch.repeat_interleave(torch.arange(F * B, device=dev), lengths, output_size=nnz)
+    pooled = torch.zeros(F * B, D, device=dev).index_add_(0, seg, per_id)
+    if pooling == "mean":
+        pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
+    return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
+
+
+def _one_bit_rows(
+    weights: torch.Tensor, offset: int, slots: torch.Tensor, dim: int, row_alignment: int
+) -> torch.Tensor:
+    """1-bit rows read in torch: each row its fp16 scale and bias, then a bit a value, low bits
+    first; a value is bias + scale x bit (exact but for the add, as the op computes it)."""
+    rb = (dim // 8 + 4 + row_alignment - 1) // row_alignment * row_alignment
+    at = offset + slots.long()[:, None] * rb + torch.arange(4 + dim // 8, device=weights.device)[None, :]
+    raw = weights[at]
+    sb = raw[:, :4].contiguous().view(torch.float16).float()
+    bits = (raw[:, 4:].long()[:, :, None] >> torch.arange(8, device=weights.device)) & 1
+    return bits.reshape(len(slots), dim).float() * sb[:, :1] + sb[:, 1:2]
+
+
+def _fbgemm_rows(weights, group_offsets, g, slots, D: int, row_alignment: int) -> torch.Tensor:
+    """One row per (group g < 5, slot) by FBGEMM's INT-N op, in the order given."""
+    dev = weights.device
+    placement = EmbeddingLocation.DEVICE if dev.type == "cuda" else EmbeddingLocation.HOST
+    groups = min(group_offsets.numel(), len(GROUP_TYPES))
+    group_offsets = group_offsets[:groups]
     perm = torch.argsort(g, stable=True)
     per_group = torch.bincount(g, minlength=groups)
-    bags = max(int(per_group.max()), 1) if nnz else 1
+    bags = max(int(per_group.max()), 1) if g.numel() else 1
     ends = (
         torch.arange(1, bags + 1, device=dev)[None, :].clamp(max=per_group[:, None])
         + (torch.cumsum(per_group, 0) - per_group)[:, None]
@@ -234,12 +273,4 @@ def _read_and_pool(
     )
     per_id = torch.empty_like(rows)
     per_id[perm] = rows
-    if per_sample_weights is not None:
-        per_id = per_id * per_sample_weights.float()[:, None]
-    if pooling == "none":
-        return per_id
-    seg = torch.repeat_interleave(torch.arange(F * B, device=dev), lengths, output_size=nnz)
-    pooled = torch.zeros(F * B, D, device=dev).index_add_(0, seg, per_id)
-    if pooling == "mean":
-        pooled = pooled / lengths.clamp_min(1).to(pooled.dtype)[:, None]
-    return pooled.view(F, B, D).transpose(0, 1).reshape(B, F * D)
+    return per_id

@@ -3,7 +3,8 @@ collection.
 
 It keeps what a lookup needs and nothing a trainer needs: one uint8 buffer with five group
 tables in FBGEMM's inference table-batched-embedding layout (fp32, fp16, int8, int4 and int2
-rows, integer rows with their fp16 scale and bias), each holding its rows in key order, and the
+rows, integer rows with their fp16 scale and bias; a sixth of 1-bit rows, served only, when the
+export put rows there), each holding its rows in key order, and the
 ranked row map (`shark_torchrec.kernels.ranked_map`: a row's group in bit planes and its slot
 as its rank among its group's rows, about half a byte a row where the training store's row
 map takes four; dropped rows read their table's fallback row). No scores, no optimizer state,
@@ -31,7 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 import shark_torchrec.kernels  # noqa: F401  (loads torch.ops.shark)
 from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, RankedLayout, ranked_from_row_map, ranked_group_rows
 from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
-from shark_torchrec.precision.priority import GROUP_NAMES, row_bytes
+from shark_torchrec.precision.priority import GROUP_NAMES, INT1, SERVED_GROUP_NAMES, row_bytes
 
 
 class MixedPrecisionPooledLookup(nn.Module):
@@ -145,9 +146,11 @@ class MixedPrecisionPooledLookup(nn.Module):
         )
 
     def group_rows(self) -> Dict[str, int]:
-        """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2, rows_dropped."""
+        """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2, rows_dropped,
+        and rows_int1 when the module has 1-bit rows (a served-only tier, `shark export --tiers`)."""
         counts = ranked_group_rows(self.blocks, self.code_groups, self.num_rows)
-        return {f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)}
+        names = SERVED_GROUP_NAMES if counts[INT1] else GROUP_NAMES
+        return {f"rows_{name}": counts[g] for g, name in enumerate(names)}
 
     def pooled(self, values: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """`forward` with the batch size given: [B, F * dim] from feature-major bags, by our

@@ -153,6 +153,12 @@ class PrecisionPolicy:
             raise bad("eps", f"must be > 0, got {self.eps}")
         if self.bad_ids not in BAD_ID_POLICIES:
             raise bad("bad_ids", f"must be one of {BAD_ID_POLICIES}, got {self.bad_ids!r}")
+        if "int1" in self.tiers:
+            raise bad(
+                "tiers",
+                "int1 is a tier for serving only (`shark export CKPT --tiers ... int1`): rows train in "
+                f"{', '.join(GROUP_NAMES)}; got {tuple(self.tiers)}",
+            )
         unknown = [t for t in self.tiers if t not in GROUP_NAMES]
         if unknown or len(set(self.tiers)) != len(self.tiers):
             raise bad("tiers", f"must be distinct names from {GROUP_NAMES}, got {tuple(self.tiers)}")

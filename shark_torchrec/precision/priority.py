@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +26,13 @@ FP32, FP16, INT8, INT4, INT2, DROPPED = 0, 1, 2, 3, 4, 5  # group (tier) ids, fr
 GROUP_NAMES = ("fp32", "fp16", "int8", "int4", "int2", "dropped")
 PAPER_GROUPS = (FP32, FP16, INT8)  # the paper's tiers, the default
 INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
+# The 1-bit tier is served only (`shark export --tiers ... int1`): no training store holds it, so
+# it takes the next id, after `dropped`, whose id checkpoints keep. A 1-bit row keeps which of two
+# levels (its fp16 bias, bias + scale) each value is nearer to.
+INT1 = 6
+SERVED_GROUP_NAMES = GROUP_NAMES + ("int1",)  # the group ids a served module's rows can have
+SERVED_INT_BITS = {**INT_BITS, INT1: 1}
+SERVED_PRECISION_ORDER = (FP32, FP16, INT8, INT4, INT2, INT1, DROPPED)  # most precise first
 ROW_MAP_BYTES = 4  # one int32 slot per row, numbered across the group tables (the group follows from its range)
 DEFAULT_BUDGET = 0.35  # the paper tiers' default budget wherever int8 rows leave room for it (dim >= 45)
 BUDGET_MARGIN = 0.05  # the default's room above the all-int8 floor at smaller dims
@@ -101,7 +108,7 @@ def add_occurrences_(counts: torch.Tensor, ids: torch.Tensor, positive: torch.Te
 
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     """Bytes of one row's weights in a group (integer rows carry an fp16 scale and bias, then
-    their codes packed 1, 2 or 4 to a byte; a dropped row has none).
+    their codes packed 1, 2, 4 or 8 to a byte; a dropped row has none).
 
     Args:
         dim: the row's width.
@@ -111,7 +118,7 @@ def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     Returns:
         The bytes.
     """
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0)[group]
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 4)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
@@ -583,3 +590,51 @@ def model_budget_cuts(
         prev_cut, prev_counts = cut, counts
         cuts.append(cut)
     return cuts
+
+
+def one_bit_tier_counts(
+    rows: int, weight_bytes: float, cost: Dict[int, float], tiers: Sequence[int], head_fraction: float
+) -> Optional[Dict[int, int]]:
+    """Rows per served tier when the least precise tier is 1-bit (`INT1`, served only): the
+    rule of the dropped tier (`model_budget_cuts`) with the 1-bit tier where the dropped rows
+    were. The head (at most `head_fraction` of the rows and `HEAD_MAX_BYTES_SHARE` of the bytes
+    above the all-1-bit floor) takes the most precise tier, then as many rows as fit take the
+    tier just above int1, the rest int1; tiers between those two get none. Ranked rows fill the
+    tiers in rank order, so the counts are the plan.
+
+    Args:
+        rows: the rows of the model.
+        weight_bytes: the bytes the rows' weights may take (the budget less the row map).
+        cost: bytes of a row per group id in `tiers`.
+        tiers: the group ids, most precise first, `INT1` last.
+        head_fraction: the policy's `fp32_fraction`: the largest head, as a fraction of the rows.
+
+    Returns:
+        {group id: rows}, or None when every row fits in the tiers above int1 (the stored tiers'
+        own rule then applies, without 1-bit rows).
+
+    Raises:
+        BudgetError: every row in 1 bit does not fit.
+    """
+    if not tiers or tiers[-1] != INT1:
+        raise ValueError(f"one_bit_tier_counts: the last tier must be int1, got {list(tiers)}")
+    floor = rows * cost[INT1]
+    if floor > weight_bytes + 1e-6:
+        raise BudgetError(f"every row in 1 bit takes {floor:.0f} bytes, the budget leaves {weight_bytes:.0f}")
+    above = list(tiers[:-1])
+    if not above:
+        return {INT1: rows}
+    top, kept = above[0], above[-1]
+    spare = weight_bytes - floor
+    head = 0
+    if top != kept:
+        head = min(int(head_fraction * rows), int(spare * HEAD_MAX_BYTES_SHARE // (cost[top] - cost[INT1])))
+    left = spare - head * (cost[top] - cost[INT1])
+    if left >= (rows - head) * (cost[kept] - cost[INT1]) - 1e-6:
+        return None
+    k = max(0, min(rows - head, int(left // (cost[kept] - cost[INT1]))))
+    counts = {g: 0 for g in tiers}
+    counts[top] += head
+    counts[kept] += k
+    counts[INT1] = rows - head - k
+    return counts

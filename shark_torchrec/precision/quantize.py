@@ -183,7 +183,7 @@ def levels(bits: int) -> int:
     """The largest code of a `bits`-bit row (codes 0..levels).
 
     Args:
-        bits: 8, 4 or 2.
+        bits: 8, 4, 2 or 1 (1: served rows only, `shark export --tiers ... int1`).
 
     Returns:
         2^bits - 1.
@@ -191,8 +191,8 @@ def levels(bits: int) -> int:
     Raises:
         ValueError: another bit width.
     """
-    if bits not in (8, 4, 2):
-        raise ValueError(f"integer rows have 8, 4 or 2 bits, not {bits}")
+    if bits not in (8, 4, 2, 1):
+        raise ValueError(f"integer rows have 8, 4, 2 or 1 bits, not {bits}")
     return (1 << bits) - 1
 
 

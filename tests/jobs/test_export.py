@@ -161,6 +161,88 @@ def test_fp32_model_serves_in_tiers_ranked_by_its_training_split(fp32_run, tmp_p
     assert bare.returncode != 0 and "give serving tiers and a budget" in bare.stderr
 
 
+def _served_rows(ebc):
+    """Every row of a served collection by key (tables back to back): its group and its value."""
+    from shark_torchrec.kernels.ranked_map import decode_ranked_map
+
+    n = ebc.num_rows
+    keys = torch.arange(n)
+    groups, _ = decode_ranked_map(ebc.blocks, ebc.code_groups, ebc.table_base, ebc.table_fallback, keys)
+    values = torch.ops.shark.mixed_lookup_ranked(
+        ebc.weights, ebc._offsets, ebc.blocks, ebc.code_groups, ebc.table_base, ebc.table_fallback,
+        torch.tensor([0]), torch.tensor([n]), keys, torch.ones(n, dtype=torch.int64), None, ebc.dim, n, 2, 1, "all",
+    )  # fmt: skip
+    return groups, values
+
+
+def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
+    """`--tiers int4 int2 int1`: below the int2 floor the rows int2 cannot hold are served in 1
+    bit (each value the nearer of two fitted levels) instead of being dropped: ranked by the
+    training split's counts, within the budget, closer to the trained rows than their table's
+    mean row, and exported and scripted like any other tier."""
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving
+    from shark_torchrec.precision.priority import INT1, INT2, INT4, BudgetError
+    from shark_torchrec.precision.quantize import fitted_scale_bias, requantize_with
+
+    ckpt = fp32_run / "checkpoints"
+    model, cfg = load_trained_model(ckpt)
+    data = open_dataset(cfg.dataset, cfg.train.seed)
+    fp32 = model.model.sparse_arch.embedding_bag_collection
+    configs = fp32.embedding_bag_configs()
+    before = torch.cat([fp32.embedding_bags[c.name].weight.detach().clone() for c in configs])
+    counts = counted_priorities(model, data)  # as the export counts them (its alpha)
+    total = torch.cat([counts[c.name] for c in configs])
+    fp32_bytes = before.numel() * 4
+    record = regroup_for_serving(model, ServingTiers(("int4", "int2", "int1"), 0.11, "model"), data)
+    assert record["serving_tiers"] == ["int4", "int2", "int1"]
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, MixedPrecisionInferenceEmbeddingBagCollection)
+    assert 0.105 * fp32_bytes <= ebc.memory_bytes() <= 0.11 * fp32_bytes
+    rows = ebc.group_rows()
+    assert rows["rows_int1"] and rows["rows_int2"] and 0 < rows["rows_int4"] <= 0.02 * len(before)
+    groups, after = _served_rows(ebc)
+    assert {int(g) for g in groups.unique()} == {INT4, INT2, INT1}
+    # Ranked by the counts (one dim: per byte alike): a more precise tier never holds a lower count.
+    assert float(total[groups == INT4].min()) >= float(total[groups == INT2].max())
+    assert float(total[groups == INT2].min()) >= float(total[groups == INT1].max())
+    one = groups == INT1
+    sb = fitted_scale_bias(before[one], 1).float()
+    want = requantize_with(before[one], sb.half(), 1).float() * sb[:, :1] + sb[:, 1:2]
+    assert torch.equal(after[one], want)  # each value the nearer of the two fitted levels
+    assert all(len(set(r)) <= 2 for r in after[one].tolist())
+    err = ((after[one] - before[one]) ** 2).sum(1)
+    mean_err = ((before[one] - before[one].mean(1, keepdim=True)) ** 2).sum(1)
+    assert bool((err <= mean_err * 1.001 + 1e-9).all())  # never worse than one level a row
+    # Every row fits above int1: int1 is not used, and the rows are those of `int4 int2`.
+    both = []
+    for tiers in (("int4", "int2", "int1"), ("int4", "int2")):
+        m, _ = load_trained_model(ckpt)
+        regroup_for_serving(m, ServingTiers(tiers, 0.17, "model"), counts=counts)
+        both.append(
+            MixedPrecisionInferenceEmbeddingBagCollection.from_trained(m.model.sparse_arch.embedding_bag_collection)
+        )
+    assert torch.equal(both[0].weights, both[1].weights) and "rows_int1" not in both[0].group_rows()
+    low, _ = load_trained_model(ckpt)
+    with pytest.raises(BudgetError, match=r"below what a served model in int4, int2, int1 can reach at dim 16: 0\.101"):
+        regroup_for_serving(low, ServingTiers(("int4", "int2", "int1"), 0.1, "model"), counts=counts)
+    with pytest.raises(ValueError, match="int1 and dropped exclude each other"):
+        ServingTiers(("int2", "int1", "dropped"), 0.1)
+    with pytest.raises(ValueError, match="int1 is planned over the whole model"):
+        ServingTiers(("int2", "int1"), 0.1, "table")
+
+    exported = tmp_path / "served"
+    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int4", "int2", "int1", "--memory-budget", "0.11")
+    rec = json.loads((exported / "export.json").read_text())
+    assert rec["rows_int1"] == rows["rows_int1"] and rec["inference_bytes"] == ebc.memory_bytes()
+    serving = json.loads((exported / "serving.json").read_text())
+    assert serving["max_abs_logit_diff_dev"] < 1e-5  # the scripted serving model reads 1-bit rows too
+    trained_in_int1 = run_shark(
+        "train", *TINY, "--precision", "shark", "--tiers", "int2", "int1", "--out", str(tmp_path / "t"), check=False
+    )
+    assert trained_in_int1.returncode != 0 and "int1 is a tier for serving only" in trained_in_int1.stderr
+
+
 def test_one_tier_run_serves_in_tiers_ranked_by_its_training_split(tmp_path):
     """A one-tier run (every row int8, no priorities) is served like stock fp32 tables: its rows,
     as trained, ranked by their training split occurrences."""
@@ -383,3 +465,27 @@ def test_the_serving_budget_gives_the_rows_what_the_ranked_map_frees():
     table = serving_store_budget(ServingTiers(("int4", "int2", "dropped"), 0.1, "table"), tables)
     assert table == pytest.approx(0.1 + (4 - per_row) / 64 - fixed / fp32) and table > 0.15
     assert serving_store_budget(ServingTiers(("int8", "int4"), 1.49, "model"), tables) == 1.5
+
+
+def test_a_model_with_trained_priorities_serves_with_one_bit_rows(shark_run):
+    """The trained route of `--tiers ... int1`: rows ranked by their end-of-training priorities
+    (per byte, as the store ranks them), each 1-bit row from the value it served in training."""
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
+    from shark_torchrec.precision.priority import INT1, INT2, per_byte_scores
+    from shark_torchrec.precision.quantize import fitted_scale_bias, requantize_with
+
+    out, _ = shark_run
+    model, _ = load_trained_model(out / "checkpoints")
+    store = model.model.sparse_arch.embedding_bag_collection.stores[0]
+    before = store.read_rows(torch.arange(store.num_rows))
+    score = per_byte_scores(store.scores_now().float(), store.dim)
+    record = regroup_for_serving(model, ServingTiers(("int2", "int1"), 0.11, "model"))
+    assert record["serving_priorities"] == "trained"
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    groups, after = _served_rows(ebc)
+    # The store's keys are its tables back to back, as the configs list them (one store here).
+    assert ebc.memory_bytes() <= 0.11 * before.numel() * 4
+    assert float(score[groups == INT2].min()) >= float(score[groups == INT1].max())
+    one = groups == INT1
+    sb = fitted_scale_bias(before[one], 1).float()
+    assert torch.equal(after[one], requantize_with(before[one], sb.half(), 1).float() * sb[:, :1] + sb[:, 1:2])

@@ -12,6 +12,7 @@ from helpers.kernel_layouts import bags, random_layout, same_bits
 from shark_torchrec.kernels import mixed_lookup, mixed_lookup_ranked
 from shark_torchrec.kernels.ranked_map import (
     BLOCK_ROWS,
+    build_ranked_layout,
     decode_ranked_map,
     ranked_from_row_map,
     ranked_group_rows,
@@ -178,7 +179,7 @@ def test_rows_per_group_come_from_the_last_block(tables):
     gen = torch.Generator().manual_seed(sum(tables))
     w, offsets, row_map, ends, shift = random_layout(gen, tables, 8)
     lay = _ranked(w, offsets, row_map, ends, shift, tables, 8)
-    want = torch.bincount(torch.bucketize(row_map, ends, right=True), minlength=6).tolist()
+    want = torch.bincount(torch.bucketize(row_map, ends, right=True), minlength=7).tolist()
     assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == want
 
 
@@ -188,3 +189,100 @@ def test_a_module_saved_before_the_ranked_map_is_refused_by_name():
     old = MixedPrecisionPooledLookup.__new__(MixedPrecisionPooledLookup)
     with pytest.raises(RuntimeError, match="saved before the ranked row map"):
         old.__setstate__({"_buffers": {"row_map": torch.zeros(3, dtype=torch.int32)}, "training": False})
+
+
+def _one_bit_layout(gen, tables, dim, with_dropped):
+    """A served layout with 1-bit rows (group 6) among every other group: random bytes in a
+    store-like buffer whose slots are not in key order, then `build_ranked_layout`."""
+    n = sum(tables)
+    ids = [0, 1, 2, 3, 4, 6] + ([5] if with_dropped else [])
+    groups = torch.tensor(ids)[torch.randint(0, len(ids), (n,), generator=gen)]
+    groups[:3] = 6  # some 1-bit rows in every draw
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 4)
+    T = len(tables)
+    cap = [int((groups == g).sum()) for g in range(7)]
+    cap[0] += T if with_dropped else 0
+    cap[5] = 0
+    offsets, at = [], 0
+    for g in range(7):
+        offsets.append(at)
+        at += (cap[g] * raw[g] + 3) // 4 * 4
+    w = torch.zeros(at, dtype=torch.uint8)
+    for g in (0, 1, 2, 3, 4, 6):
+        tab = w[offsets[g] : offsets[g] + cap[g] * raw[g]].view(cap[g], raw[g])
+        if g == 0:
+            tab.view(torch.float32).copy_(torch.randn(cap[g], dim, generator=gen))
+        elif g == 1:
+            tab.view(torch.float16).copy_(torch.randn(cap[g], dim, generator=gen).half())
+        else:
+            sb = torch.stack([torch.rand(cap[g], generator=gen), torch.randn(cap[g], generator=gen)], 1)
+            tab[:, :4].view(torch.float16).copy_(sb.half())
+            tab[:, 4:] = torch.randint(0, 256, (cap[g], raw[g] - 4), generator=gen, dtype=torch.uint8)
+    slots = torch.zeros(n, dtype=torch.int64)
+    for g in (0, 1, 2, 3, 4, 6):
+        m = (groups == g).nonzero().flatten()
+        slots[m] = torch.randperm(len(m), generator=gen)
+    table_base = torch.tensor([0] + torch.cumsum(torch.tensor(tables), 0).tolist())
+    table_of = torch.repeat_interleave(torch.arange(T), torch.tensor(tables))
+    dropped = groups == 5
+    slots[dropped] = int((groups == 0).sum()) + table_of[dropped]  # the tables' fallback rows
+    return build_ranked_layout(w, offsets, cap, list(raw), groups, slots, table_base), w, offsets, groups, slots
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("with_dropped", [False, True])
+def test_one_bit_rows_read_as_the_reference_reads_them(pooling, weighted, with_dropped):
+    gen = torch.Generator().manual_seed(7 + 2 * weighted + with_dropped)
+    tables, dim = [37, 5, 300], 16
+    lay, w, offsets, groups, slots = _one_bit_layout(gen, tables, dim, with_dropped)
+    assert 6 in lay.code_groups.tolist() and (5 in lay.code_groups.tolist()) == with_dropped
+    assert lay.group_offsets.numel() == 7
+    base, rows, feats = torch.tensor([0, 37, 42, 0]), torch.tensor([37, 5, 300, 37]), [37, 5, 300, 37]
+    B = 40
+    values, lengths = bags(gen, feats, B, max_len=5)
+    psw = torch.rand(values.numel(), generator=gen) if weighted else None
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback)
+    rest = (base, rows, values, lengths, psw, dim, B, pooling, 1, ["a", "b", "c", "d"])
+    got = mixed_lookup_ranked(*ranked, *rest)
+    assert same_bits(got, mixed_lookup_ranked_reference(*ranked, *rest))
+    # A 1-bit row by hand, from the store-like buffer it was built from: bias + scale x bit.
+    key = int((groups == 6).nonzero()[0])
+    row = w[offsets[6] + int(slots[key]) * (dim // 8 + 4) :][: dim // 8 + 4]
+    scale, bias = row[:4].view(torch.float16).float().tolist()
+    bits = [(int(row[4 + j // 8]) >> (j % 8)) & 1 for j in range(dim)]
+    one = mixed_lookup_ranked(
+        *ranked,
+        torch.tensor([0]),
+        torch.tensor([sum(tables)]),
+        torch.tensor([key]),
+        torch.tensor([1]),
+        None,
+        dim,
+        1,
+        "none",
+        1,
+        ["k"],
+    )
+    assert one[0].tolist() == [bias + scale * b for b in bits]
+    assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == torch.bincount(groups, minlength=7).tolist()
+
+
+def test_one_bit_rows_need_a_dim_that_is_a_multiple_of_8():
+    gen = torch.Generator().manual_seed(8)
+    lay, *_ = _one_bit_layout(gen, [20], 16, False)
+    ranked = (lay.weights, lay.group_offsets, lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback)
+    with pytest.raises(RuntimeError, match="1-bit rows need a dim that is a multiple of 8"):
+        mixed_lookup_ranked(
+            *ranked,
+            torch.tensor([0]),
+            torch.tensor([20]),
+            torch.tensor([1]),
+            torch.tensor([1]),
+            None,
+            12,
+            1,
+            "sum",
+            1,
+            ["x"],
+        )

@@ -1,5 +1,6 @@
 """The pure math of F-Quantization: quantization, stochastic rounding, priorities, budgets."""
 
+import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -254,3 +255,31 @@ def test_fitted_scale_bias_never_rounds_worse_than_the_min_max_range():
         assert float(fitted[:5].max()) == 0.0
         if bits == 2:
             assert float(fitted.sum()) < 0.6 * float(plain.sum())
+
+
+def test_the_one_bit_tier_takes_the_rows_the_tiers_above_cannot_hold():
+    """`one_bit_tier_counts`: the dropped tier's rule with 1-bit rows in its place: a head in the
+    most precise tier (at most the head fraction of rows, half the spare bytes), then as many
+    rows as fit in the tier above int1, the rest int1; None when every row fits above int1;
+    a budget below all rows in 1 bit refused; more bytes never fewer rows above int1."""
+    from shark_torchrec.precision.priority import INT1, INT2, INT4, INT8, BudgetError, one_bit_tier_counts
+
+    cost = {INT8: 68, INT4: 36, INT2: 20, INT1: 12}
+    tiers = [INT4, INT2, INT1]
+    assert one_bit_tier_counts(100, 100 * 12 + 200, cost, tiers, 0.02) == {INT4: 2, INT2: 19, INT1: 79}
+    # The head is capped by half the spare bytes: 100 // 24 = 4 rows of a 10% head.
+    assert one_bit_tier_counts(100, 100 * 12 + 200, cost, tiers, 0.10) == {INT4: 4, INT2: 13, INT1: 83}
+    # A tier between the head's and the one above int1 gets none, as with dropped rows.
+    assert one_bit_tier_counts(100, 100 * 12 + 200, cost, [INT8, INT4, INT2, INT1], 0.02)[INT4] == 0
+    assert one_bit_tier_counts(100, 100 * 12 + 200, cost, [INT2, INT1], 0.02) == {INT2: 25, INT1: 75}
+    assert one_bit_tier_counts(100, 100 * 20 + 100, cost, tiers, 0.02) is None  # all fit in int4/int2
+    assert one_bit_tier_counts(100, 1200, cost, [INT1], 0.02) == {INT1: 100}
+    with pytest.raises(BudgetError, match="every row in 1 bit takes 1200 bytes, the budget leaves 1199"):
+        one_bit_tier_counts(100, 1199, cost, tiers, 0.02)
+    with pytest.raises(ValueError, match="the last tier must be int1"):
+        one_bit_tier_counts(100, 5000, cost, [INT4, INT2], 0.02)
+    above = [
+        sum(v for g, v in one_bit_tier_counts(1000, 12000 + b, cost, tiers, 0.02).items() if g != INT1)
+        for b in range(0, 7900, 50)
+    ]
+    assert above == sorted(above) and above[0] == 0 and above[-1] > 900
