@@ -205,9 +205,16 @@ def regroup_for_serving(
         "serving_priorities": priorities,
     }
     if ONE_BIT in serving.tiers:
+        # A tier the training store does not hold: the export plans the rows and builds the
+        # served layout itself.
         if priorities != "trained" and counts is None:
             counts = counted_priorities(model, data)
-        if _serve_with_one_bit_rows(model, serving, policy, counts):
+        configs, dim, value, score = _rows_and_scores(trained, counts)
+        if dim % 8:
+            raise ValueError(f"serving tier int1 needs an embedding dim that is a multiple of 8, got {dim}")
+        groups = _one_bit_groups(serving, policy, configs, score)
+        if groups is not None:
+            _install_served(model, configs, value, groups, serving.rounding)
             return record
         # Every row fits in the tiers above int1: their own rule, without 1-bit rows.
         serving = dataclasses.replace(serving, tiers=tuple(t for t in serving.tiers if t != ONE_BIT))
@@ -285,40 +292,27 @@ def regroup_for_serving(
     return record
 
 
-def _serve_with_one_bit_rows(
-    model: DLRMTrainModule, serving: ServingTiers, policy: PrecisionPolicy, counts: Optional[Dict[str, torch.Tensor]]
-) -> bool:
-    """`regroup_for_serving` with the 1-bit tier: the rows ranked over the whole model as the
-    store's rule ranks them (score per byte, ties by table name, then row), the tiers filled
-    by `one_bit_tier_counts`, each row quantized from its trained value into its tier, and the
-    model's collection replaced by the inference module of those rows. No training store holds
-    1-bit rows, so the served layout is built here.
+def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):
+    """Every row of a loaded collection and the priority it is ranked by, tables back to back
+    in the order of its configs.
 
     Args:
-        model: from `load_trained_model` (its collection is replaced, in place).
-        serving: tiers with int1, and the budget.
-        policy: the policy the rows were ranked under (its head size, `fp32_fraction`).
-        counts: `training_priorities` for a model without trained priorities, else None.
+        trained: the loaded collection (ours with trained priorities, stock tables, or a one-tier run).
+        counts: `training_priorities` for a collection without trained priorities, else None.
 
     Returns:
-        False, with the model untouched, when every row fits in the tiers above int1 (serve
-        those by their own rule); True once the model serves the tiers.
+        (configs, dim, fp32 [rows, dim] values: each row as it served in training, float32 [rows]
+        priorities: the scores at the last step, or the counts).
 
     Raises:
-        ValueError: tables of several dims, or a dim that is not a multiple of 8.
-        BudgetError: the budget is below every row in 1 bit plus the ranked row map.
+        ValueError: tables of several dims (one served module serves one dim).
     """
-    arch = model.model.sparse_arch
-    trained = arch.embedding_bag_collection
     configs = trained.embedding_bag_configs()
     dims = sorted({c.embedding_dim for c in configs})
-    if len(dims) != 1 or dims[0] % 8:
-        raise ValueError(f"serving tier int1: tables of one dim that is a multiple of 8, got dims {dims}")
-    dim = dims[0]
+    if len(dims) != 1:
+        raise ValueError(f"serving in tiers built by the export: tables of one dim, got dims {dims}")
     names = [c.name for c in configs]
-    rows = [c.num_embeddings for c in configs]
-    n = sum(rows)
-    if counts is None:  # trained priorities: each row's value as it served, its score at the last step
+    if counts is None:
         values, scores = {}, {}
         for store in trained.stores:
             for i, t in enumerate(store.tables):
@@ -329,67 +323,79 @@ def _serve_with_one_bit_rows(
         state = trained.state_dict()
         values = {m: state[f"embedding_bags.{m}.weight"].detach().float() for m in names}
         scores = {m: counts[m].float() for m in names}
+    return configs, dims[0], torch.cat([values[m] for m in names]), torch.cat([scores[m] for m in names])
 
+
+def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, score: torch.Tensor):
+    """Each row's group under the rank rule with the 1-bit tier (`one_bit_tier_counts`): rows
+    ranked over the whole model as the store's rule ranks them (score per byte, ties by table
+    name, then row); None when every row fits in the tiers above int1."""
     tiers = sorted((SERVED_GROUP_NAMES.index(t) for t in serving.tiers), key=SERVED_PRECISION_ORDER.index)
-    map_bytes = ranked_map_bytes(n, len(configs), len(tiers), False)
-    # Less the map and up to 3 bytes before each group table (they start at multiples of 4).
-    weight_bytes = serving.memory_budget * n * dim * 4 - map_bytes - 3 * len(tiers)
+    dim = configs[0].embedding_dim
+    names = [c.name for c in configs]
+    rows = [c.num_embeddings for c in configs]
+    n = sum(rows)
+    # The budget less the ranked map and up to 3 bytes before each group table (each starts at a multiple of 4).
+    weight_bytes = serving.memory_budget * n * dim * 4 - ranked_map_bytes(n, len(configs), len(tiers), False)
     try:
-        plan = one_bit_tier_counts(n, weight_bytes, {g: row_bytes(dim, g) for g in tiers}, tiers, policy.fp32_fraction)
+        plan = one_bit_tier_counts(
+            n, weight_bytes - 3 * len(tiers), {g: row_bytes(dim, g) for g in tiers}, tiers, policy.fp32_fraction
+        )
     except BudgetError as e:
-        floor = served_min_budget(dim, serving.tiers)
         raise BudgetError(
             f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
-            f"can reach at dim {dim}: {floor:.3f} of fp32 with the ranked row map ({e})"
+            f"can reach at dim {dim}: {served_min_budget(dim, serving.tiers):.3f} of fp32 with the ranked row map "
+            f"({e})"
         ) from e
     if plan is None and len(tiers) > 2:
-        return False
+        return None
     if plan is None:  # one tier above int1, and every row fits in it
         plan = {tiers[0]: n, INT1: 0}
-
-    # The ranking: score per byte in float32, ties by table name, then row (the store's keys).
     start = dict(zip(sorted(names), torch.tensor([0] + [rows[names.index(m)] for m in sorted(names)]).cumsum(0)))
     by_name = torch.argsort(torch.cat([start[m] + torch.arange(r) for m, r in zip(names, rows)]))
-    score = torch.cat([per_byte_scores(scores[m], dim) for m in names])
-    order = by_name[torch.argsort(score[by_name], descending=True, stable=True)]
+    per_byte = per_byte_scores(score, dim)
+    order = by_name[torch.argsort(per_byte[by_name], descending=True, stable=True)]
     groups = torch.empty(n, dtype=torch.int64)
     at = 0
     for g in tiers:
         groups[order[at : at + plan[g]]] = g
         at += plan[g]
+    return groups
 
-    # Each group's rows in key order, quantized from their values, in group tables back to back.
-    value = torch.cat([values[m] for m in names])
+
+def _install_served(model: DLRMTrainModule, configs, value: torch.Tensor, groups: torch.Tensor, rounding: str):
+    """Replace the model's collection by the inference module of `value`'s rows (tables back
+    to back) in `groups` (a stored group id per row), each group's rows in key order."""
+    dim = configs[0].embedding_dim
+    rows = [c.num_embeddings for c in configs]
     rb = [row_bytes(dim, g) for g in range(len(SERVED_GROUP_NAMES))]
     encoded, offsets, capacity, total = [], [], [], 0
+    slots = torch.zeros(len(groups), dtype=torch.int64)
     for g in range(len(SERVED_GROUP_NAMES)):
         keys = (groups == g).nonzero().flatten()
+        slots[keys] = torch.arange(len(keys))
         capacity.append(len(keys))
         total = (total + 3) // 4 * 4 if len(keys) else total
         offsets.append(total)
         total += len(keys) * rb[g]
-        encoded.append(
-            torch.cat(
-                [
-                    _encoded_rows(value[keys[a : a + CHUNK_ROWS]], g, serving.rounding)
-                    for a in range(0, len(keys), CHUNK_ROWS)
-                ]
-            )
-            if len(keys)
-            else None
-        )
+        parts = [_encoded_rows(value[keys[a : a + CHUNK_ROWS]], g, rounding) for a in range(0, len(keys), CHUNK_ROWS)]
+        encoded.append(torch.cat(parts) if parts else None)
     weights = torch.zeros(total, dtype=torch.uint8)
     for g, e in enumerate(encoded):
         if e is not None:
             weights[offsets[g] : offsets[g] + e.numel()] = e.flatten()
-    slots = torch.zeros(n, dtype=torch.int64)
-    for g in range(len(SERVED_GROUP_NAMES)):
-        m = groups == g
-        slots[m] = torch.arange(int(m.sum()))
-    table_base = torch.tensor([0] + rows).cumsum(0)
-    layout = build_ranked_layout(weights, offsets, capacity, rb, groups, slots, table_base)
-    arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection(configs, layout)
-    return True
+    layout = build_ranked_layout(weights, offsets, capacity, rb, groups, slots, torch.tensor([0] + rows).cumsum(0))
+    model.model.sparse_arch.embedding_bag_collection = MixedPrecisionInferenceEmbeddingBagCollection(configs, layout)
+
+
+def _integer_rows(values: torch.Tensor, group: int, rounding: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(unpacked codes, fp16 scale and bias) of fp32 rows in an integer group, the range
+    `fitted` (`fitted_scale_bias`) or `nearest` (the row's min/max)."""
+    bits = SERVED_INT_BITS[group]
+    if rounding == "fitted":
+        sb = fitted_scale_bias(values, bits)
+        return requantize_with(values, sb, bits), sb
+    return quantize_rows(values, bits)
 
 
 def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tensor:
@@ -399,13 +405,8 @@ def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tens
         return values.contiguous().view(torch.uint8)
     if group == FP16:
         return values.clamp(-65504.0, 65504.0).half().contiguous().view(torch.uint8)
-    bits = SERVED_INT_BITS[group]
-    if rounding == "fitted":
-        sb = fitted_scale_bias(values, bits)
-        codes = requantize_with(values, sb, bits)
-    else:
-        codes, sb = quantize_rows(values, bits)
-    return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, bits)], dim=1)
+    codes, sb = _integer_rows(values, group, rounding)
+    return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, SERVED_INT_BITS[group])], dim=1)
 
 
 def _ranking_policy(trained: torch.nn.Module) -> Tuple[PrecisionPolicy, str]:
