@@ -493,19 +493,24 @@ class JobConfig:
                 )
         if c.serve_tiers:
             from shark_torchrec.modules.precision_policy import split_tiers
+            from shark_torchrec.precision.priority import check_served_tiers
 
             try:
-                # As the export will build it: the quantize stage trains with shark (or freq) rows.
-                dataclasses.replace(
-                    policy,
-                    mode=q.precision if q.precision in ("shark", "freq") else "shark",
-                    tiers=split_tiers(c.serve_tiers),
-                    memory_budget=1.0,
-                    budget_scope="model",
-                    row_fractions=None,
-                    t8=None,
-                    t16=None,
-                ).resolved([m.embedding_dim])
+                serve = split_tiers(c.serve_tiers)
+                check_served_tiers(serve, m.embedding_dim)
+                stored = tuple(t for t in serve if t != "int1")  # int1 is the export's own (served only)
+                if len(stored) > 1 or "int1" not in serve:
+                    # As the export will build it: the quantize stage trains with shark (or freq) rows.
+                    dataclasses.replace(
+                        policy,
+                        mode=q.precision if q.precision in ("shark", "freq") else "shark",
+                        tiers=stored,
+                        memory_budget=1.0,
+                        budget_scope="model",
+                        row_fractions=None,
+                        t8=None,
+                        t16=None,
+                    ).resolved([m.embedding_dim])
             except ValueError as e:
                 raise ConfigError(f"compress.serve_tiers (--serve-tiers): {e}") from e
         return self

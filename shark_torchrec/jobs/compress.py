@@ -69,7 +69,7 @@ from shark_torchrec.jobs.trainer import (
     write_metrics,
 )
 from shark_torchrec.modules.precision_policy import split_tiers
-from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
+from shark_torchrec.precision.priority import GROUP_NAMES, SERVED_GROUP_NAMES, SERVED_PRECISION_ORDER, min_budget
 
 log = logging.getLogger("shark")
 
@@ -163,10 +163,11 @@ def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
         why += f"; clipped up to {floor:.3f}, these tiers' floor at dim {cfg.model.embedding_dim}"
     elif want > 1.0:
         why += "; clipped to 1"
-    top = served_min_budget(cfg.model.embedding_dim, [min(tiers, key=GROUP_NAMES.index)])
+    most_precise = min(tiers, key=lambda t: SERVED_PRECISION_ORDER.index(SERVED_GROUP_NAMES.index(t)))
+    top = served_min_budget(cfg.model.embedding_dim, [most_precise])
     if budget > top:
         why += (
-            f". All rows in {min(tiers, key=GROUP_NAMES.index)}, the most precise of these tiers, take "
+            f". All rows in {most_precise}, the most precise of these tiers, take "
             f"{top:.3f}: that is what is served, below the budget"
         )
     return budget, why + "."

@@ -56,6 +56,7 @@ from shark_torchrec.precision.priority import (
     SERVED_PRECISION_ORDER,
     BudgetError,
     add_occurrences_,
+    check_served_tiers,
     one_bit_tier_counts,
     per_byte_scores,
     row_bytes,
@@ -146,14 +147,7 @@ class ServingTiers:
     def __post_init__(self) -> None:
         if self.rounding not in SERVING_ROUNDING:
             raise ValueError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
-        unknown = [t for t in self.tiers if t not in SERVED_GROUP_NAMES]
-        if unknown or len(set(self.tiers)) != len(self.tiers):
-            raise ValueError(f"serving tiers must be distinct names from {SERVED_GROUP_NAMES}, got {tuple(self.tiers)}")
-        if ONE_BIT in self.tiers and "dropped" in self.tiers:
-            raise ValueError(
-                "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, "
-                f"at {row_bytes(64, INT1)} bytes a row at dim 64); choose one, got {tuple(self.tiers)}"
-            )
+        check_served_tiers(self.tiers)
         if ONE_BIT in self.tiers and self.budget_scope != "model":
             raise ValueError("serving tiers: int1 is planned over the whole model: --budget-scope model")
 
@@ -210,8 +204,7 @@ def regroup_for_serving(
         if priorities != "trained" and counts is None:
             counts = counted_priorities(model, data)
         configs, dim, value, score = _rows_and_scores(trained, counts)
-        if dim % 8:
-            raise ValueError(f"serving tier int1 needs an embedding dim that is a multiple of 8, got {dim}")
+        check_served_tiers(serving.tiers, dim)
         groups = _one_bit_groups(serving, policy, configs, score)
         if groups is not None:
             _install_served(model, configs, value, groups, serving.rounding)

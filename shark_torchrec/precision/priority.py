@@ -638,3 +638,27 @@ def one_bit_tier_counts(
     counts[kept] += k
     counts[INT1] = rows - head - k
     return counts
+
+
+def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
+    """Refuse serving tiers that cannot be served: names outside `SERVED_GROUP_NAMES` or given
+    twice, the 1-bit tier beside `dropped` (int1 holds the rows the other tiers cannot, which
+    dropped would otherwise take), or int1 at a dim that is not a multiple of 8.
+
+    Args:
+        tiers: the tier names.
+        dim: the tables' embedding dim, when known.
+
+    Raises:
+        ValueError: naming the problem.
+    """
+    unknown = [t for t in tiers if t not in SERVED_GROUP_NAMES]
+    if unknown or len(set(tiers)) != len(tiers):
+        raise ValueError(f"serving tiers must be distinct names from {SERVED_GROUP_NAMES}, got {tuple(tiers)}")
+    if "int1" in tiers and "dropped" in tiers:
+        raise ValueError(
+            "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, at "
+            f"{row_bytes(64, INT1)} bytes a row at dim 64); choose one, got {tuple(tiers)}"
+        )
+    if "int1" in tiers and dim is not None and dim % 8:
+        raise ValueError(f"serving tier int1 needs an embedding dim that is a multiple of 8, got {dim}")

@@ -271,6 +271,23 @@ def test_compress_serves_in_other_tiers_at_the_budget_the_target_leaves(tmp_path
     assert "Served in int8, int4 at" in report and "the pruned, quantized model as trained (served regrouped" in report
 
 
+def test_compress_serves_one_bit_rows(tmp_path):
+    """--serve-tiers int4,int2,int1: the export serves the rows the target cannot keep in int2
+    as 1-bit rows (the served-only tier), within the budget, and the figures read that model;
+    int1 beside dropped is refused before any work."""
+    out = tmp_path / "int1"
+    args = [a if a != "0.3" else "0.18" for a in ARGS]  # --target-memory: below the int2 floor (0.201 at dim 8)
+    args += ["--max-iterations", "1", "--quant-epochs", "1", "--serve-tiers", "int4,int2,int1"]
+    run_shark("compress", *args, "--out", str(out), "--metrics-out", str(out / "m.json"))
+    e = json.loads((out / "stages.json").read_text())["export"]
+    m = json.loads((out / "m.json").read_text())
+    assert e["serving_tiers"] == ["int4", "int2", "int1"] and e["rows_int1"] > 0 and e["rows_int2"] > 0
+    assert e["inference_bytes"] <= e["serving_budget"] * e["fp32_bytes"] and e["max_abs_logit_diff_dev"] < 1e-5
+    assert m["memory_ratio"] == e["inference_bytes"] / m["base_embedding_bytes"]
+    bad = run_shark("compress", *ARGS, "--serve-tiers", "int2,int1,dropped", "--out", str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and "int1 and dropped exclude each other" in bad.stderr
+
+
 def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
     """Without --fallback torchrec, a TorchRec model smaller than ours that passes the same
     test is named, with the flag that serves it; when ours is the smaller, nothing is said."""
