@@ -230,7 +230,7 @@ def export_main(argv: List[str]) -> int:
         if args.tiers is not None:
             serving = ServingTiers(split_tiers(args.tiers), args.memory_budget, args.budget_scope, args.rounding)
         record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"shark export: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": args.out, **record}, indent=2))

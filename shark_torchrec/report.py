@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from shark_torchrec.precision.priority import GROUP_NAMES
+from shark_torchrec.precision.priority import SERVED_GROUP_NAMES, SERVED_PRECISION_ORDER
 
 SERVED_NAMES = {
     "final": "ours (F-P + F-Q)",
@@ -271,7 +271,11 @@ def write_report(run: str | Path) -> Path:
             f"| **exported (row groups + ranked row map)** | **{e['inference_bytes']:,}** |",
             "",
             "Rows: "
-            + ", ".join(f"{e[f'rows_{g}']:,} {g}" for g in GROUP_NAMES if e.get(f"rows_{g}"))
+            + ", ".join(
+                f"{e[f'rows_{SERVED_GROUP_NAMES[g]}']:,} {SERVED_GROUP_NAMES[g]}"
+                for g in SERVED_PRECISION_ORDER
+                if e.get(f"rows_{SERVED_GROUP_NAMES[g]}")
+            )
             + ". Largest |logit| "
             f"difference to the {'regrouped' if e.get('serving_tiers') else 'trained'} model over dev: "
             f"{e['max_abs_logit_diff_dev']:.2e}.",

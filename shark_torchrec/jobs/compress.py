@@ -53,6 +53,8 @@ from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.jobs.checkpoint import (
     CheckpointError,
     list_checkpoints,
+    read_meta,
+    resolve_checkpoint,
     resolve_checkpoint_on_rank0,
     save_checkpoint,
 )
@@ -140,19 +142,24 @@ def quant_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
     return budget, why + "."
 
 
-def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
+def serve_budget(cfg: JobConfig, prune_ratio: float, shapes: Optional[Dict[str, Any]] = None) -> Tuple[float, str]:
     """The budget the export regroups rows to in --serve-tiers (model-wide), and why.
 
     Args:
         cfg: the run's config (`--serve-tiers`, `--target-memory`, the dim).
         prune_ratio: the pruned model's embedding bytes over the base model's.
+        shapes: the pruned model's tables, name -> (rows, dim), for the exact floor (the ranked
+            map's fixed bytes too: a budget at a row's share alone can be refused); None: a
+            row's share.
 
     Returns:
         (budget: --target-memory over `prune_ratio`, clipped to the tiers' floor and to 1;
         a sentence for the report saying so).
     """
     tiers = split_tiers(cfg.compress.serve_tiers)
-    floor = served_min_budget(cfg.model.embedding_dim, tiers)  # the served model's, ranked row map included
+    rows = sum(r for r, _ in (shapes or {}).values())
+    # The served model's floor, ranked row map included.
+    floor = served_min_budget(cfg.model.embedding_dim, tiers, rows, len(shapes or {}))
     budget, want = _budget_after_pruning(cfg, prune_ratio, floor)
     why = (
         f"Served in {', '.join(tiers)} at {budget:.3f} of the pruned model's fp32 bytes (model-wide), chosen by the "
@@ -160,7 +167,7 @@ def serve_budget(cfg: JobConfig, prune_ratio: float) -> Tuple[float, str]:
         f"pruning left asks {want:.3f}"
     )
     if want < floor:
-        why += f"; clipped up to {floor:.3f}, these tiers' floor at dim {cfg.model.embedding_dim}"
+        why += f"; clipped up to {floor:.4f}, these tiers' floor at dim {cfg.model.embedding_dim}"
     elif want > 1.0:
         why += "; clipped to 1"
     most_precise = min(tiers, key=lambda t: SERVED_PRECISION_ORDER.index(SERVED_GROUP_NAMES.index(t)))
@@ -376,7 +383,8 @@ EXPORT_FAILED = "export_failed_on_rank0"  # what the other ranks receive when ra
 def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[str, Any]:
     serving, why = None, None
     if cfg.compress.serve_tiers:
-        budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"])
+        shapes = read_meta(resolve_checkpoint(stages["quantize"]["checkpoint"]))["tables"]
+        budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"], shapes)
         serving = ServingTiers(split_tiers(cfg.compress.serve_tiers), budget, "model")
     record = export_checkpoint(
         Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving

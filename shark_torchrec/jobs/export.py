@@ -36,6 +36,7 @@ from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
 from shark_torchrec.data.schema import Schema
 from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
 from shark_torchrec.kernels.ranked_map import build_ranked_layout, ranked_map_bytes, ranked_map_bytes_per_row
+from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
 from shark_torchrec.models.build import model_from_config
 from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
@@ -201,10 +202,13 @@ def regroup_for_serving(
     if ONE_BIT in serving.tiers:
         # A tier the training store does not hold: the export plans the rows and builds the
         # served layout itself.
+        dims = sorted({c.embedding_dim for c in trained.embedding_bag_configs()})
+        if len(dims) != 1:
+            raise ValueError(f"serving tier int1: the tables of one served module have one dim, got dims {dims}")
+        check_served_tiers(serving.tiers, dims[0])  # before the pass over the training split
         if priorities != "trained" and counts is None:
             counts = counted_priorities(model, data)
         configs, dim, value, score = _rows_and_scores(trained, counts)
-        check_served_tiers(serving.tiers, dim)
         groups = _one_bit_groups(serving, policy, configs, score)
         if groups is not None:
             _install_served(model, configs, value, groups, serving.rounding)
@@ -213,13 +217,18 @@ def regroup_for_serving(
         serving = dataclasses.replace(serving, tiers=tuple(t for t in serving.tiers if t != ONE_BIT))
     configs = trained.embedding_bag_configs()
     store_budget = serving_store_budget(serving, configs)
-    floor = served_min_budget(configs[0].embedding_dim if configs else 4, serving.tiers)
+    floor = served_min_budget(
+        configs[0].embedding_dim if configs else 4,
+        serving.tiers,
+        sum(c.num_embeddings for c in configs),
+        len(configs),
+    )
 
     def refused(e: Exception) -> BudgetError:
         dim = configs[0].embedding_dim if configs else "?"
         head = (
             f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
-            f"can reach at dim {dim}: {floor:.3f} of fp32 with the ranked row map"
+            f"can reach at dim {dim}: {floor:.4f} of fp32 with the ranked row map"
             if serving.memory_budget < floor
             else f"serving budget {serving.memory_budget} cannot be met table by table in {', '.join(serving.tiers)}"
         )
@@ -295,15 +304,9 @@ def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):
 
     Returns:
         (configs, dim, fp32 [rows, dim] values: each row as it served in training, float32 [rows]
-        priorities: the scores at the last step, or the counts).
-
-    Raises:
-        ValueError: tables of several dims (one served module serves one dim).
+        priorities: the scores at the last step, or the counts). The tables have one dim.
     """
     configs = trained.embedding_bag_configs()
-    dims = sorted({c.embedding_dim for c in configs})
-    if len(dims) != 1:
-        raise ValueError(f"serving in tiers built by the export: tables of one dim, got dims {dims}")
     names = [c.name for c in configs]
     if counts is None:
         values, scores = {}, {}
@@ -316,7 +319,8 @@ def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):
         state = trained.state_dict()
         values = {m: state[f"embedding_bags.{m}.weight"].detach().float() for m in names}
         scores = {m: counts[m].float() for m in names}
-    return configs, dims[0], torch.cat([values[m] for m in names]), torch.cat([scores[m] for m in names])
+    dim = configs[0].embedding_dim
+    return configs, dim, torch.cat([values[m] for m in names]), torch.cat([scores[m] for m in names])
 
 
 def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, score: torch.Tensor):
@@ -337,7 +341,8 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
     except BudgetError as e:
         raise BudgetError(
             f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
-            f"can reach at dim {dim}: {served_min_budget(dim, serving.tiers):.3f} of fp32 with the ranked row map "
+            f"can reach at dim {dim}: {served_min_budget(dim, serving.tiers, n, len(configs)):.4f} of fp32 with the "
+            "ranked row map "
             f"({e})"
         ) from e
     if plan is None and len(tiers) > 2:
@@ -505,23 +510,33 @@ def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, trained: Embe
     return state
 
 
-def served_min_budget(dim: int, tiers) -> float:
+def served_min_budget(dim: int, tiers, rows: int = 0, tables: int = 0) -> float:
     """The smallest budget (fraction of fp32 bytes) a served model in these tiers can reach:
     every row in the cheapest stored tier (nothing with the dropped tier), plus the ranked row
-    map (block padding and per-table slots aside).
+    map. Given the model's rows and tables, the exact floor the export can meet: with the map's
+    fixed bytes (its last block's padding, each table's slots), up to 3 bytes before each group
+    table and, with dropped rows, a fallback row per table; without them, a row's share alone.
 
     Args:
         dim: the tables' dim.
         tiers: the serving tiers (names).
+        rows: the rows of all tables (0: a row's share only).
+        tables: the tables.
 
     Returns:
         The fraction.
     """
     stored = [t for t in tiers if t != "dropped"]
+    dropped = "dropped" in tiers
     # The least precise stored tier, whatever order the tiers were given in (`int2 int8` too).
     least = max((SERVED_GROUP_NAMES.index(t) for t in stored), key=SERVED_PRECISION_ORDER.index, default=FP32)
-    cheapest = 0 if "dropped" in tiers or not stored else row_bytes(dim, least)
-    return (cheapest + ranked_map_bytes_per_row(len(stored), "dropped" in tiers)) / (4 * dim)
+    cheapest = 0 if dropped or not stored else row_bytes(dim, least)
+    per_row = ranked_map_bytes_per_row(len(stored), dropped)
+    if not rows:
+        return (cheapest + per_row) / (4 * dim)
+    fixed = ranked_map_bytes(rows, tables, len(stored), dropped) - rows * per_row + 3 * len(stored)
+    fixed += tables * row_bytes(dim, FP32) if dropped else 0
+    return (rows * (cheapest + per_row) + fixed) / (rows * 4 * dim)
 
 
 def serving_store_budget(serving: ServingTiers, configs) -> float:
@@ -631,7 +646,16 @@ def export_checkpoint(
     regrouped: Dict[str, Any] = {}
     if serving is not None:
         regrouped = regroup_for_serving(model, serving, data)
-    want = dev_logits(lambda b: model(b)[1][1])
+    arch = model.model.sparse_arch
+    served = arch.embedding_bag_collection
+    if isinstance(served, MixedPrecisionInferenceEmbeddingBagCollection):
+        # 1-bit rows: no training store holds them, so the served module is checked against
+        # stock tables holding its rows as the op's torch reference decodes them.
+        arch.embedding_bag_collection = _decoded_twin(served)
+        want = dev_logits(lambda b: model(b)[1][1])
+        arch.embedding_bag_collection = served
+    else:
+        want = dev_logits(lambda b: model(b)[1][1])
     exported = to_inference(model)
     diff = largest_difference(want, dev_logits(lambda b: exported(b)[1][1]))
     ebc = exported.model.sparse_arch.embedding_bag_collection
@@ -660,6 +684,24 @@ def export_checkpoint(
     checks = {"max_abs_logit_diff_dev": largest_difference(want, dev_logits(served))}
     write_serving_files(serving, data, qcfg.dataset, out, checks)
     return record
+
+
+def _decoded_twin(served: MixedPrecisionInferenceEmbeddingBagCollection) -> EmbeddingBagCollection:
+    """A stock `EmbeddingBagCollection` of the served module's tables whose rows are the served
+    rows as `mixed_lookup_ranked_reference` (torch and FBGEMM, not our op) reads them."""
+    n = served.num_rows
+    keys = torch.arange(n)
+    rows = mixed_lookup_ranked_reference(
+        served.weights, served._offsets, served.blocks, served.code_groups, served.table_base, served.table_fallback,
+        torch.tensor([0]), torch.tensor([n]), keys, torch.ones(n, dtype=torch.int64), None, served.dim, n, "none",
+        served.row_alignment, ["rows"],
+    )  # fmt: skip
+    twin = EmbeddingBagCollection(tables=served.embedding_bag_configs(), device=torch.device("cpu"))
+    with torch.no_grad():
+        for i, c in enumerate(served.embedding_bag_configs()):
+            lo, hi = int(served.table_base[i]), int(served.table_base[i + 1])
+            twin.embedding_bags[c.name].weight.copy_(rows[lo:hi])
+    return twin
 
 
 def write_serving_files(

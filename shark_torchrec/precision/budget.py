@@ -179,5 +179,6 @@ def model_start_budgets(policy: TierRule, tables: Dict[str, Tuple[int, int]]) ->
         if floor[n] > budget:
             out[n] = floor[n]
         else:
-            out[n] = budget - (excess * room[n] / share / fp32[n] if share > 0 else 0.0)
+            # (A table without rows gives nothing and takes nothing: its share is the budget.)
+            out[n] = budget - (excess * room[n] / share / fp32[n] if share > 0 and fp32[n] > 0 else 0.0)
     return out

@@ -642,8 +642,8 @@ def one_bit_tier_counts(
 
 def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     """Refuse serving tiers that cannot be served: names outside `SERVED_GROUP_NAMES` or given
-    twice, the 1-bit tier beside `dropped` (int1 holds the rows the other tiers cannot, which
-    dropped would otherwise take), or int1 at a dim that is not a multiple of 8.
+    twice, the 1-bit tier alone or beside `dropped` (int1 holds the rows the other tiers cannot,
+    which dropped would otherwise take), or int1 at a dim that is not a multiple of 8.
 
     Args:
         tiers: the tier names.
@@ -655,6 +655,10 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     unknown = [t for t in tiers if t not in SERVED_GROUP_NAMES]
     if unknown or len(set(tiers)) != len(tiers):
         raise ValueError(f"serving tiers must be distinct names from {SERVED_GROUP_NAMES}, got {tuple(tiers)}")
+    if tuple(tiers) == ("int1",):
+        raise ValueError(
+            "serving tiers: int1 holds the rows the tiers above it cannot; give them too (e.g. int4 int2 int1)"
+        )
     if "int1" in tiers and "dropped" in tiers:
         raise ValueError(
             "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, at "

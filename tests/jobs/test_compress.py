@@ -284,6 +284,14 @@ def test_compress_serves_one_bit_rows(tmp_path):
     assert e["serving_tiers"] == ["int4", "int2", "int1"] and e["rows_int1"] > 0 and e["rows_int2"] > 0
     assert e["inference_bytes"] <= e["serving_budget"] * e["fp32_bytes"] and e["max_abs_logit_diff_dev"] < 1e-5
     assert m["memory_ratio"] == e["inference_bytes"] / m["base_embedding_bytes"]
+    assert f"{e['rows_int2']:,} int2, {e['rows_int1']:,} int1" in (out / "report.md").read_text()
+    # A target below every row in 1 bit: clipped to the exact floor, which the export meets.
+    low = tmp_path / "low"
+    args = [a if a != "0.18" else "0.05" for a in args]
+    run_shark("compress", *args, "--out", str(low), "--metrics-out", str(low / "m.json"))
+    e = json.loads((low / "stages.json").read_text())["export"]
+    assert "clipped up to" in e["serving_budget_reason"] and e["rows_int1"] > 0
+    assert e["inference_bytes"] <= e["serving_budget"] * e["fp32_bytes"]
     bad = run_shark("compress", *ARGS, "--serve-tiers", "int2,int1,dropped", "--out", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "int1 and dropped exclude each other" in bad.stderr
 

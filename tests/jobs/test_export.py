@@ -181,9 +181,9 @@ def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
     training split's counts, within the budget, closer to the trained rows than their table's
     mean row, and exported and scripted like any other tier."""
     from shark_torchrec.data import open_dataset
-    from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving
+    from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving, served_min_budget
     from shark_torchrec.precision.priority import INT1, INT2, INT4, BudgetError
-    from shark_torchrec.precision.quantize import fitted_scale_bias, requantize_with
+    from shark_torchrec.precision.quantize import dequantize_rows, fitted_scale_bias, quantize_rows, requantize_with
 
     ckpt = fp32_run / "checkpoints"
     model, cfg = load_trained_model(ckpt)
@@ -223,11 +223,33 @@ def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
             MixedPrecisionInferenceEmbeddingBagCollection.from_trained(m.model.sparse_arch.embedding_bag_collection)
         )
     assert torch.equal(both[0].weights, both[1].weights) and "rows_int1" not in both[0].group_rows()
+    # The exact floor (every row int1, the ranked map whole, each group table's alignment) is
+    # met at it, every row int1, and refused just below it, naming it.
+    tiers = ("int4", "int2", "int1")
+    floor = served_min_budget(16, tiers, len(before), len(configs))
+    assert 0.1 < floor < 0.102
+    m, _ = load_trained_model(ckpt)
+    regroup_for_serving(m, ServingTiers(tiers, floor), counts=counts)
+    at_floor = m.model.sparse_arch.embedding_bag_collection
+    assert at_floor.group_rows()["rows_int1"] == len(before) and at_floor.memory_bytes() <= floor * fp32_bytes
     low, _ = load_trained_model(ckpt)
-    with pytest.raises(BudgetError, match=r"below what a served model in int4, int2, int1 can reach at dim 16: 0\.101"):
-        regroup_for_serving(low, ServingTiers(("int4", "int2", "int1"), 0.1, "model"), counts=counts)
+    with pytest.raises(BudgetError, match=rf"in int4, int2, int1 can reach at dim 16: {floor:.4f}".replace(".", r"\.")):
+        regroup_for_serving(low, ServingTiers(tiers, floor - 1e-4), counts=counts)
+    # Two tiers that all fit above int1: every row int2, in the export's own layout.
+    m, _ = load_trained_model(ckpt)
+    regroup_for_serving(m, ServingTiers(("int2", "int1"), 0.5), counts=counts)
+    assert m.model.sparse_arch.embedding_bag_collection.group_rows()["rows_int2"] == len(before)
+    # Nearest rounding: a 1-bit row's levels are its min and max (rounded to fp16).
+    m, _ = load_trained_model(ckpt)
+    regroup_for_serving(m, ServingTiers(tiers, 0.11, "model", "nearest"), counts=counts)
+    g_near, near = _served_rows(m.model.sparse_arch.embedding_bag_collection)
+    assert torch.equal(g_near, groups)
+    codes, sb = quantize_rows(before[one], 1)
+    assert torch.equal(near[one], dequantize_rows(codes, sb))
     with pytest.raises(ValueError, match="int1 and dropped exclude each other"):
         ServingTiers(("int2", "int1", "dropped"), 0.1)
+    with pytest.raises(ValueError, match="int1 holds the rows the tiers above it cannot"):
+        ServingTiers(("int1",), 0.1)
     with pytest.raises(ValueError, match="int1 is planned over the whole model"):
         ServingTiers(("int2", "int1"), 0.1, "table")
 
@@ -237,6 +259,8 @@ def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
     assert rec["rows_int1"] == rows["rows_int1"] and rec["inference_bytes"] == ebc.memory_bytes()
     serving = json.loads((exported / "serving.json").read_text())
     assert serving["max_abs_logit_diff_dev"] < 1e-5  # the scripted serving model reads 1-bit rows too
+    # The served module against stock tables of its rows as the torch reference decodes them.
+    assert rec["max_abs_logit_diff_dev"] < 1e-5
     trained_in_int1 = run_shark(
         "train", *TINY, "--precision", "shark", "--tiers", "int2", "int1", "--out", str(tmp_path / "t"), check=False
     )
@@ -438,7 +462,7 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
     from shark_torchrec.precision.priority import BudgetError
 
     low_model, _ = load_trained_model(ckpt)
-    with pytest.raises(BudgetError, match=r"below what a served model in int4, int2 can reach at dim 16: 0\.129"):
+    with pytest.raises(BudgetError, match=r"below what a served model in int4, int2 can reach at dim 16: 0\.129\d"):
         regroup_for_serving(low_model, ServingTiers(("int4", "int2"), 0.1, "model"))
     bad = run_shark("export", str(ckpt), "--out", str(tmp_path / "x"), "--tiers", "int4", check=False)
     assert bad.returncode == 2 and "--tiers and --memory-budget go together" in bad.stderr
