@@ -252,6 +252,12 @@ def test_a_model_budget_starts_small_tables_at_their_floor_paid_by_the_large_one
         for g in range(6)
     ) + sum(r * ROW_MAP_BYTES + 4 * d for r, d in tables.values())
     assert total <= 0.1 * sum(fp32.values()) + 1e-6
+    # A table without rows takes nothing and gives nothing (it divided by its 0 fp32 bytes).
+    stored = PrecisionPolicy(
+        tiers=("int8", "int2"), memory_budget=0.2, budget_scope="model", optimizer="sgd", learning_rate=0.1
+    ).resolved([16])
+    with_empty = model_start_budgets(stored, {**tables, "empty": (0, 16)})
+    assert with_empty == {**model_start_budgets(stored, tables), "empty": 0.2}
     with pytest.raises(BudgetError, match="model's tables"):
         model_start_budgets(
             PrecisionPolicy(
