@@ -62,7 +62,7 @@ from common import paired, pyplot, write_table  # noqa: E402
 from frontier import FP32Model  # noqa: E402
 from shark_torchrec.jobs.export import counted_priorities  # noqa: E402
 from shark_torchrec.kernels.ranked_map import ranked_map_bytes  # noqa: E402
-from shark_torchrec.precision.priority import INT2, INT4, per_byte_scores, row_bytes  # noqa: E402
+from shark_torchrec.precision.priority import INT1, INT2, INT4, per_byte_scores, ranked_rows, row_bytes  # noqa: E402
 from shark_torchrec.precision.quantize import fitted_scale_bias, requantize_with  # noqa: E402
 
 HEAD_FRACTION = 0.02  # int4 rows of `int4/int2/int1`
@@ -101,8 +101,8 @@ def integer(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def tier_row_bytes(dim: int) -> dict:
-    """Bytes of a row in each tier at `dim` (codes + fp16 scale and bias; int1 as it would be)."""
-    return {"int4": row_bytes(dim, INT4), "int2": row_bytes(dim, INT2), "int1": (dim + 7) // 8 + 4}
+    """Bytes of a row in each tier at `dim` (codes + fp16 scale and bias)."""
+    return {"int4": row_bytes(dim, INT4), "int2": row_bytes(dim, INT2), "int1": row_bytes(dim, INT1)}
 
 
 def plan(mix: str, budget: float, n: int, dim: int, tables: int) -> dict:
@@ -191,9 +191,7 @@ def evaluate_unit(run_dir: Path, budgets: list, progress) -> dict:
     # the paper's beta) broken as the ranking keys break them: tables by name, then row.
     scores = {n: per_byte_scores(scores[n].float(), dim) for n in names}
     zero_rows = int(sum(int((scores[n] == 0).sum()) for n in names))
-    base = dict(zip(sorted(names), torch.tensor([0] + [rows[names.index(n)] for n in sorted(names)]).cumsum(0)))
-    tie_order = torch.argsort(torch.cat([base[n] + torch.arange(r) for n, r in zip(names, rows)]))
-    order = tie_order[torch.argsort(torch.cat([scores[n] for n in names])[tie_order], descending=True, stable=True)]
+    order = ranked_rows(torch.cat([scores[n] for n in names]), names, rows)
     table_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(rows))
     fp32_bytes = sum(rows) * dim * 4
     rec = {"trained_auc": m.evaluate()["auc"], "rows": sum(rows), "zero_score_rows": zero_rows, "points": {}}

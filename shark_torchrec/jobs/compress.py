@@ -71,7 +71,7 @@ from shark_torchrec.jobs.trainer import (
     write_metrics,
 )
 from shark_torchrec.modules.precision_policy import split_tiers
-from shark_torchrec.precision.priority import GROUP_NAMES, SERVED_GROUP_NAMES, SERVED_PRECISION_ORDER, min_budget
+from shark_torchrec.precision.priority import GROUP_NAMES, SERVED_GROUP_NAMES, by_precision, min_budget
 
 log = logging.getLogger("shark")
 
@@ -170,7 +170,7 @@ def serve_budget(cfg: JobConfig, prune_ratio: float, shapes: Optional[Dict[str, 
         why += f"; clipped up to {floor:.4f}, these tiers' floor at dim {cfg.model.embedding_dim}"
     elif want > 1.0:
         why += "; clipped to 1"
-    most_precise = min(tiers, key=lambda t: SERVED_PRECISION_ORDER.index(SERVED_GROUP_NAMES.index(t)))
+    most_precise = SERVED_GROUP_NAMES[by_precision(tiers)[0]]
     top = served_min_budget(cfg.model.embedding_dim, [most_precise])
     if budget > top:
         why += (

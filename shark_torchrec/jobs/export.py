@@ -54,17 +54,18 @@ from shark_torchrec.precision.priority import (
     ROW_MAP_BYTES,
     SERVED_GROUP_NAMES,
     SERVED_INT_BITS,
-    SERVED_PRECISION_ORDER,
     BudgetError,
     add_occurrences_,
+    by_precision,
     check_served_tiers,
     one_bit_tier_counts,
     per_byte_scores,
+    ranked_rows,
     row_bytes,
 )
 from shark_torchrec.precision.quantize import fitted_scale_bias, pack_codes, quantize_rows, requantize_with
 
-ONE_BIT = "int1"  # the served-only tier's name (`ServingTiers`)
+ONE_BIT = SERVED_GROUP_NAMES[INT1]  # the served-only tier's name (`ServingTiers`)
 
 
 def load_trained_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig]:
@@ -327,7 +328,7 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
     """Each row's group under the rank rule with the 1-bit tier (`one_bit_tier_counts`): rows
     ranked over the whole model as the store's rule ranks them (score per byte, ties by table
     name, then row); None when every row fits in the tiers above int1."""
-    tiers = sorted((SERVED_GROUP_NAMES.index(t) for t in serving.tiers), key=SERVED_PRECISION_ORDER.index)
+    tiers = by_precision(serving.tiers)
     dim = configs[0].embedding_dim
     names = [c.name for c in configs]
     rows = [c.num_embeddings for c in configs]
@@ -349,10 +350,7 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
         return None
     if plan is None:  # one tier above int1, and every row fits in it
         plan = {tiers[0]: n, INT1: 0}
-    start = dict(zip(sorted(names), torch.tensor([0] + [rows[names.index(m)] for m in sorted(names)]).cumsum(0)))
-    by_name = torch.argsort(torch.cat([start[m] + torch.arange(r) for m, r in zip(names, rows)]))
-    per_byte = per_byte_scores(score, dim)
-    order = by_name[torch.argsort(per_byte[by_name], descending=True, stable=True)]
+    order = ranked_rows(per_byte_scores(score, dim), names, rows)
     groups = torch.empty(n, dtype=torch.int64)
     at = 0
     for g in tiers:
@@ -529,8 +527,7 @@ def served_min_budget(dim: int, tiers, rows: int = 0, tables: int = 0) -> float:
     stored = [t for t in tiers if t != "dropped"]
     dropped = "dropped" in tiers
     # The least precise stored tier, whatever order the tiers were given in (`int2 int8` too).
-    least = max((SERVED_GROUP_NAMES.index(t) for t in stored), key=SERVED_PRECISION_ORDER.index, default=FP32)
-    cheapest = 0 if dropped or not stored else row_bytes(dim, least)
+    cheapest = 0 if dropped or not stored else row_bytes(dim, by_precision(stored)[-1])
     per_row = ranked_map_bytes_per_row(len(stored), dropped)
     if not rows:
         return (cheapest + per_row) / (4 * dim)

@@ -294,6 +294,41 @@ def ranking_keys(scores: torch.Tensor, global_rows: torch.Tensor) -> torch.Tenso
     return (bits << 32) | (0xFFFFFFFF - global_rows.to(torch.int64))
 
 
+def ranked_rows(scores: torch.Tensor, names: Sequence[str], rows: Sequence[int]) -> torch.Tensor:
+    """The rows of tables laid back to back (in `names`' order), highest priority first, as the
+    model-wide budget ranks them: by `ranking_keys`, the tables numbered in name order (so ties
+    go to the table first by name, then the lower row).
+
+    Args:
+        scores: [sum(rows)] the rows' scores (per byte, as the budget compares them).
+        names: the tables' names, in the order their rows are laid out.
+        rows: the tables' rows.
+
+    Returns:
+        int64 [sum(rows)] row positions.
+    """
+    size = dict(zip(names, rows))
+    first, start = 0, {}
+    for m in sorted(names):
+        start[m] = first
+        first += size[m]
+    model_rows = torch.cat([start[m] + torch.arange(size[m]) for m in names] + [torch.zeros(0, dtype=torch.int64)])
+    return torch.argsort(ranking_keys(scores, model_rows), descending=True)
+
+
+def by_precision(tiers: Iterable[str]) -> List[int]:
+    """Served tier names as group ids, most precise first (`SERVED_PRECISION_ORDER`: int1 after
+    int2, dropped last).
+
+    Args:
+        tiers: names from `SERVED_GROUP_NAMES`.
+
+    Returns:
+        The group ids.
+    """
+    return sorted((SERVED_GROUP_NAMES.index(t) for t in tiers), key=SERVED_PRECISION_ORDER.index)
+
+
 def groups_by_cuts(keys: torch.Tensor, cuts: Sequence[int], groups: Sequence[int] = PAPER_GROUPS) -> torch.Tensor:
     """Budget mode: keys >= cuts[0] -> groups[0] (the most precise), >= cuts[1] -> groups[1],
     ..., else the last (cheapest) group; len(cuts) = len(groups) - 1.
