@@ -63,7 +63,13 @@ from shark_torchrec.precision.priority import (
     ranked_rows,
     row_bytes,
 )
-from shark_torchrec.precision.quantize import fitted_scale_bias, pack_codes, quantize_rows, requantize_with
+from shark_torchrec.precision.quantize import (
+    fitted_scale_bias,
+    pack_codes,
+    quantize_rows,
+    requantize_with,
+    sign_magnitude_rows,
+)
 
 ONE_BIT = SERVED_GROUP_NAMES[INT1]  # the served-only tier's name (`ServingTiers`)
 
@@ -137,8 +143,9 @@ class ServingTiers:
     +0.0010 AUC over `nearest`, bench/README.md) or `nearest` (the row's min/max range, rounded
     to nearest, as TorchRec's post-training quantization).
 
-    `int1` is a tier for serving only (`regroup_for_serving`): 1-bit rows, each value one of two
-    levels, for the rows the other tiers cannot hold, where `dropped` would give them their
+    `int1` is a tier for serving only (`regroup_for_serving`): 1-bit rows, each value +a or -a
+    by its sign (one fp16 magnitude a row, `sign_magnitude_rows`), for the rows the other tiers
+    cannot hold, where `dropped` would give them their
     table's mean row; the two exclude each other, and int1 takes the model-wide budget."""
 
     tiers: Tuple[str, ...]
@@ -385,7 +392,7 @@ def _install_served(model: DLRMTrainModule, configs, value: torch.Tensor, groups
 
 
 def _integer_rows(values: torch.Tensor, group: int, rounding: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(unpacked codes, fp16 scale and bias) of fp32 rows in an integer group, the range
+    """(unpacked codes, fp16 scale and bias) of fp32 rows in an int8/int4/int2 group, the range
     `fitted` (`fitted_scale_bias`) or `nearest` (the row's min/max)."""
     bits = SERVED_INT_BITS[group]
     if rounding == "fitted":
@@ -395,12 +402,17 @@ def _integer_rows(values: torch.Tensor, group: int, rounding: str) -> Tuple[torc
 
 
 def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tensor:
-    """fp32 rows as the bytes of a served group's rows: fp32, fp16 (nearest), or an integer row
-    (fp16 scale and bias, then the codes packed low bits first; `fitted` or `nearest` range)."""
+    """fp32 rows as the bytes of a served group's rows: fp32, fp16 (nearest), an int8/int4/int2
+    row (fp16 scale and bias, then the codes packed low bits first; `fitted` or `nearest` range),
+    or a 1-bit row (fp16 magnitude, then a sign bit a value: `sign_magnitude_rows`, whatever
+    the rounding, since a sign has no other nearest code)."""
     if group == FP32:
         return values.contiguous().view(torch.uint8)
     if group == FP16:
         return values.clamp(-65504.0, 65504.0).half().contiguous().view(torch.uint8)
+    if group == INT1:
+        codes, magnitude = sign_magnitude_rows(values)
+        return torch.cat([magnitude.contiguous().view(torch.uint8), pack_codes(codes, 1)], dim=1)
     codes, sb = _integer_rows(values, group, rounding)
     return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, SERVED_INT_BITS[group])], dim=1)
 

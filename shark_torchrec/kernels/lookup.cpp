@@ -59,9 +59,11 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
     constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : (G == 4 ? 2 : 1));
     constexpr int kPerByte = 8 / kBits;
     constexpr int kMask = (1 << kBits) - 1;
-    const float scale = half_to_float(row);
-    const float bias = half_to_float(row + 2);
-    const uint8_t* codes = row + 4;
+    // A 1-bit row is one fp16 magnitude a and a sign bit a value: codes 0 and 1 read -a and +a,
+    // the form scale x code + bias with scale 2a and bias -a (both exact in fp32).
+    const float scale = kBits == 1 ? 2.0f * half_to_float(row) : half_to_float(row);
+    const float bias = kBits == 1 ? -half_to_float(row) : half_to_float(row + 2);
+    const uint8_t* codes = row + (kBits == 1 ? 2 : 4);
     // Unpack to one code a byte first (a loop of constant shifts), then dequantize: both
     // loops vectorize, where extracting codes inside the dequantizing loop did not.
     uint8_t unpacked[kMaxDim];

@@ -236,14 +236,14 @@ def _read_and_pool(
 def _one_bit_rows(
     weights: torch.Tensor, offset: int, slots: torch.Tensor, dim: int, row_alignment: int
 ) -> torch.Tensor:
-    """1-bit rows read in torch: each row its fp16 scale and bias, then a bit a value, low bits
-    first; a value is bias + scale x bit (exact but for the add, as the op computes it)."""
-    rb = (dim // 8 + 4 + row_alignment - 1) // row_alignment * row_alignment
-    at = offset + slots.long()[:, None] * rb + torch.arange(4 + dim // 8, device=weights.device)[None, :]
+    """1-bit rows read in torch: each row one fp16 magnitude a, then a bit a value, low bits
+    first; a value is -a + 2a x bit (exact, as the op computes it)."""
+    rb = (dim // 8 + 2 + row_alignment - 1) // row_alignment * row_alignment
+    at = offset + slots.long()[:, None] * rb + torch.arange(2 + dim // 8, device=weights.device)[None, :]
     raw = weights[at]
-    sb = raw[:, :4].contiguous().view(torch.float16).float()
-    bits = (raw[:, 4:].long()[:, :, None] >> torch.arange(8, device=weights.device)) & 1
-    return bits.reshape(len(slots), dim).float() * sb[:, :1] + sb[:, 1:2]
+    a = raw[:, :2].contiguous().view(torch.float16).float()
+    bits = (raw[:, 2:].long()[:, :, None] >> torch.arange(8, device=weights.device)) & 1
+    return bits.reshape(len(slots), dim).float() * (2 * a) - a
 
 
 def _fbgemm_rows(weights, group_offsets, g, slots, D: int, row_alignment: int) -> torch.Tensor:

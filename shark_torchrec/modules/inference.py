@@ -34,6 +34,8 @@ from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, RankedLayout, ranked_f
 from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
 from shark_torchrec.precision.priority import GROUP_NAMES, INT1, SERVED_GROUP_NAMES, row_bytes
 
+ONE_BIT_LAYOUT = 2  # the layout of 1-bit rows this module reads (see `one_bit_layout`)
+
 
 class MixedPrecisionPooledLookup(nn.Module):
     """The lookup and pooling of the inference collection on plain tensors: ids and bag
@@ -81,6 +83,9 @@ class MixedPrecisionPooledLookup(nn.Module):
         self.mean_pooling: bool = mean_pooling
         self.row_alignment: int = row_alignment
         self.num_rows: int = num_rows
+        # 2: a 1-bit row is one fp16 magnitude and a sign bit a value (1, before 2026-11-30:
+        # an fp16 scale and bias, then the bits): `__setstate__` refuses the older layout.
+        self.one_bit_layout: int = ONE_BIT_LAYOUT
         self.feature_names: List[str] = list(feature_names)
         self.register_buffer("weights", weights)
         self.register_buffer("blocks", blocks.to(torch.int32))
@@ -98,6 +103,17 @@ class MixedPrecisionPooledLookup(nn.Module):
             raise RuntimeError(
                 "this inference module was saved before the ranked row map (shark-torchrec b206c29): "
                 "export it again from its checkpoint (`shark export CKPT --out DIR`)"
+            )
+        # 1-bit rows pickled before they became sign and magnitude would be read wrongly.
+        code_groups = state.get("_buffers", {}).get("code_groups")
+        if (
+            state.get("one_bit_layout") != ONE_BIT_LAYOUT
+            and code_groups is not None
+            and bool((code_groups == INT1).any())
+        ):
+            raise RuntimeError(
+                "this inference module holds 1-bit rows in the earlier layout (an fp16 scale and bias a row): "
+                "export it again from its checkpoint (`shark export CKPT --out DIR --tiers ... int1`)"
             )
         super().__setstate__(state)
 

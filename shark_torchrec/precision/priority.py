@@ -107,8 +107,9 @@ def add_occurrences_(counts: torch.Tensor, ids: torch.Tensor, positive: torch.Te
 
 
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
-    """Bytes of one row's weights in a group (integer rows carry an fp16 scale and bias, then
-    their codes packed 1, 2, 4 or 8 to a byte; a dropped row has none).
+    """Bytes of one row's weights in a group (int8/int4/int2 rows carry an fp16 scale and bias,
+    then their codes packed 2, 4 or 8 to a byte; a 1-bit row one fp16 magnitude, then a sign bit
+    a value; a dropped row has none).
 
     Args:
         dim: the row's width.
@@ -118,7 +119,7 @@ def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     Returns:
         The bytes.
     """
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 4)[group]
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 2)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 

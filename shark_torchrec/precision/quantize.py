@@ -183,7 +183,7 @@ def levels(bits: int) -> int:
     """The largest code of a `bits`-bit row (codes 0..levels).
 
     Args:
-        bits: 8, 4, 2 or 1 (1: served rows only, `shark export --tiers ... int1`).
+        bits: 8, 4 or 2.
 
     Returns:
         2^bits - 1.
@@ -191,8 +191,8 @@ def levels(bits: int) -> int:
     Raises:
         ValueError: another bit width.
     """
-    if bits not in (8, 4, 2, 1):
-        raise ValueError(f"integer rows have 8, 4, 2 or 1 bits, not {bits}")
+    if bits not in (8, 4, 2):
+        raise ValueError(f"integer rows have 8, 4 or 2 bits, not {bits}")
     return (1 << bits) - 1
 
 
@@ -272,7 +272,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
     Args:
         codes: uint8 [n, D] codes, each below 2^bits.
-        bits: 8 (returned as is), 4 or 2.
+        bits: 8 (returned as is), 4, 2 or 1 (1-bit served rows, `sign_magnitude_rows`).
 
     Returns:
         uint8 [n, D * bits / 8].
@@ -296,7 +296,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
     Args:
         packed: uint8 [n, B] packed rows (`pack_codes`).
-        bits: 8 (returned as is), 4 or 2.
+        bits: 8 (returned as is), 4, 2 or 1.
 
     Returns:
         uint8 codes.
@@ -305,7 +305,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         return packed
     n, nbytes = packed.shape
     shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
-    c = (packed.to(torch.int32)[:, :, None] >> shifts) & levels(bits)
+    c = (packed.to(torch.int32)[:, :, None] >> shifts) & ((1 << bits) - 1)
     return c.view(n, nbytes * (8 // bits)).to(torch.uint8)
 
 
@@ -371,3 +371,22 @@ def fitted_scale_bias(values: torch.Tensor, bits: int, iterations: int = 20) -> 
         best_sb = torch.where(better[:, None], sb, best_sb)
         codes = torch.where(better[:, None], new_codes, codes)
     return best_sb.half()
+
+
+def sign_magnitude_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """1-bit rows (the served-only tier): each value becomes +a or -a by its sign, with one
+    magnitude a per row, the mean absolute value (for fixed signs the least-squares a), in fp16.
+
+    Two levels symmetric about zero cost one fp16 where a fitted pair (scale and bias) costs two,
+    and they served better on frappe at every budget measured (bench/README.md, "1-bit rows").
+
+    Args:
+        values: [n, D] fp32 rows.
+
+    Returns:
+        (codes uint8 [n, D], 1 for a value >= 0, else 0; magnitude fp16 [n, 1]): a value is served
+        as -a + 2a x code; `pack_codes(codes, 1)` packs the codes eight a byte, low bits first.
+    """
+    v = values.float().clamp(-FP16_MAX, FP16_MAX)
+    magnitude = v.abs().mean(dim=1, keepdim=True).clamp(max=FP16_MAX).half()
+    return (v >= 0).to(torch.uint8), magnitude

@@ -198,7 +198,7 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
     ids = [0, 1, 2, 3, 4, 6] + ([5] if with_dropped else [])
     groups = torch.tensor(ids)[torch.randint(0, len(ids), (n,), generator=gen)]
     groups[:3] = 6  # some 1-bit rows in every draw
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 4)
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 2)
     T = len(tables)
     cap = [int((groups == g).sum()) for g in range(7)]
     cap[0] += T if with_dropped else 0
@@ -214,6 +214,9 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
             tab.view(torch.float32).copy_(torch.randn(cap[g], dim, generator=gen))
         elif g == 1:
             tab.view(torch.float16).copy_(torch.randn(cap[g], dim, generator=gen).half())
+        elif g == 6:  # one fp16 magnitude, then a sign bit a value
+            tab[:, :2].view(torch.float16).copy_(torch.rand(cap[g], 1, generator=gen).half())
+            tab[:, 2:] = torch.randint(0, 256, (cap[g], raw[g] - 2), generator=gen, dtype=torch.uint8)
         else:
             sb = torch.stack([torch.rand(cap[g], generator=gen), torch.randn(cap[g], generator=gen)], 1)
             tab[:, :4].view(torch.float16).copy_(sb.half())
@@ -246,11 +249,13 @@ def test_one_bit_rows_read_as_the_reference_reads_them(pooling, weighted, with_d
     rest = (base, rows, values, lengths, psw, dim, B, pooling, 1, ["a", "b", "c", "d"])
     got = mixed_lookup_ranked(*ranked, *rest)
     assert same_bits(got, mixed_lookup_ranked_reference(*ranked, *rest))
-    # A 1-bit row by hand, from the store-like buffer it was built from: bias + scale x bit.
+    # A 1-bit row by hand, from the store-like buffer it was built from: +a for a set bit, -a
+    # for a clear one.
     key = int((groups == 6).nonzero()[0])
-    row = w[offsets[6] + int(slots[key]) * (dim // 8 + 4) :][: dim // 8 + 4]
-    scale, bias = row[:4].view(torch.float16).float().tolist()
-    bits = [(int(row[4 + j // 8]) >> (j % 8)) & 1 for j in range(dim)]
+    row = w[offsets[6] + int(slots[key]) * (dim // 8 + 2) :][: dim // 8 + 2]
+    (a,) = row[:2].view(torch.float16).float().tolist()
+    bits = [(int(row[2 + j // 8]) >> (j % 8)) & 1 for j in range(dim)]
+    assert 0 < a and 0 < sum(bits) < dim
     one = mixed_lookup_ranked(
         *ranked,
         torch.tensor([0]),
@@ -264,7 +269,7 @@ def test_one_bit_rows_read_as_the_reference_reads_them(pooling, weighted, with_d
         1,
         ["k"],
     )
-    assert one[0].tolist() == [bias + scale * b for b in bits]
+    assert one[0].tolist() == [a if b else -a for b in bits]
     assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == torch.bincount(groups, minlength=7).tolist()
 
 
@@ -286,3 +291,29 @@ def test_one_bit_rows_need_a_dim_that_is_a_multiple_of_8():
             1,
             ["x"],
         )
+
+
+def test_a_module_with_one_bit_rows_of_the_earlier_layout_is_refused_by_name():
+    """1-bit rows were an fp16 scale and bias a row before they became sign and magnitude: a
+    module pickled then would be read wrongly, so loading it fails by name; today's round-trips."""
+    import io
+
+    from shark_torchrec.modules.inference import MixedPrecisionPooledLookup
+
+    gen = torch.Generator().manual_seed(9)
+    lay, *_ = _one_bit_layout(gen, [20, 30], 16, False)
+    m = MixedPrecisionPooledLookup(
+        ["a", "b"], [0, 20], [20, 30], 16, False, lay.weights, lay.group_offsets.tolist(),
+        lay.blocks, lay.code_groups, lay.table_base, lay.table_fallback, 50,
+    )  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    values, lengths = torch.tensor([0, 3, 25]), torch.tensor([2, 1])
+    assert torch.equal(again(values, lengths), m(values, lengths))
+    state = dict(m.__dict__)
+    del state["one_bit_layout"]
+    old = MixedPrecisionPooledLookup.__new__(MixedPrecisionPooledLookup)
+    with pytest.raises(RuntimeError, match="1-bit rows in the earlier layout"):
+        old.__setstate__(state)
