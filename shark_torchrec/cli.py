@@ -184,8 +184,8 @@ def export_main(argv: List[str]) -> int:
         "--tiers",
         nargs="+",
         default=None,
-        help="serve in these tiers (e.g. int8 int4 int2 dropped, or int4 int2 int1: int1 is 1-bit rows, served "
-        "only, for the rows the other tiers cannot hold), rows ranked by their trained priorities "
+        help="serve in these tiers (e.g. int8 int4 int2 dropped, or int4 int2 int1: int1 is 1-bit rows, +a or -a "
+        "by each value's sign, served only, for the rows the other tiers cannot hold), rows ranked by their trained priorities "
         "(a model of stock fp32 tables: by their occurrences in one pass of the training split) and rounded "
         "as --rounding says; needs --memory-budget (default: the rows as trained)",
     )
@@ -202,8 +202,9 @@ def export_main(argv: List[str]) -> int:
         "--rounding",
         choices=("fitted", "nearest"),
         default="fitted",
-        help="with --tiers: integer rows' scale and bias refit by least squares for a smaller error "
-        "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings)",
+        help="with --tiers: int8/int4/int2 rows' scale and bias refit by least squares for a smaller error "
+        "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings); "
+        "1-bit rows are the same either way",
     )
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
