@@ -10,6 +10,10 @@ at dim 64 in fp32) is served these ways, with the same dense weights and the sam
   `MixedPrecisionEmbeddingBagCollection` at `--budget` in the paper's tiers (fp32/fp16/int8),
   read by our fused op (`torch.ops.shark.mixed_lookup_ranked`, the ranked row map);
 - `shark low`: the same at `--low-budget` in `--low-tiers` (int8/int4/int2 by default);
+- with `--served-tiers` (e.g. `int4,int1`), `shark served`: the fp32 tables put into those tiers
+  at `--served-budget` by the export (`regroup_for_serving`, rows ranked by their occurrences in
+  `--count-rows` rows of the training split), the route a model trained in fp32 serves by, and
+  the only one with 1-bit rows (which no model trains in);
 - with `--reference-glue`, `shark paper, reference glue`: the `shark paper` module read by the
   op's reference (torch code around FBGEMM's INT-N op, the ranked map decoded in torch; its
   large temporaries disturb the modules timed after it in a round);
@@ -124,6 +128,28 @@ class RowMapLookup(torch.nn.Module):
         return KeyedTensor(keys=self.names, length_per_key=[self.dim] * len(self.names), values=out)
 
 
+def served_module(stock: EmbeddingBagCollection, schema, mcfg, data, args):
+    """The stock fp32 tables served in `--served-tiers` at `--served-budget` as `shark export`
+    serves a model trained in fp32: rows ranked by their occurrences (Eq. 7's increments) in the
+    first `--count-rows` rows of the training split, then quantized and laid out by
+    `regroup_for_serving`; `stock` is left as it was (the TorchRec modules quantize it)."""
+    from itertools import islice
+
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
+
+    class FirstRows:  # the training split cut to its first rows, for counting
+        def batches(self, split, batch_size):
+            return islice(data.batches(split, batch_size), max(1, args.count_rows // batch_size))
+
+    configs = stock.embedding_bag_configs()
+    counts = training_priorities(configs, FirstRows(), PrecisionPolicy().alpha)
+    model = build_dlrm(schema, mcfg, ebc=copy.deepcopy(stock), seed=0)
+    regroup_for_serving(
+        model, ServingTiers(tuple(args.served_tiers.split(",")), args.served_budget, "model"), counts=counts
+    )
+    return model.model.sparse_arch.embedding_bag_collection
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=3.0)
@@ -131,6 +157,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.35)
     p.add_argument("--low-tiers", default="int8,int4,int2")
     p.add_argument("--low-budget", type=float, default=0.125)
+    p.add_argument("--served-tiers", default="", help="also serve the fp32 tables in these tiers (e.g. int4,int1)")
+    p.add_argument("--served-budget", type=float, default=0.06)
+    p.add_argument("--count-rows", type=int, default=1_000_000, help="training rows the served tiers are ranked on")
     p.add_argument("--batches", default="256,1024,4096")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
@@ -177,6 +206,10 @@ def main() -> None:
         return m.eval()
 
     stock = EmbeddingBagCollection(tables=tables)  # fp32 weights, from which TorchRec quantizes
+    served = None
+    if args.served_tiers:
+        served_name = f"shark served ({args.served_tiers} @{args.served_budget})"
+        served = served_module(stock, schema, mcfg, data, args)
     holder = torch.nn.Sequential(stock)
     fp32 = quantize_embeddings(holder, dtype=torch.float, inplace=False)[0]
     int8 = quantize_embeddings(holder, dtype=torch.qint8, inplace=False)[0]
@@ -189,6 +222,8 @@ def main() -> None:
         "shark paper": with_ebc(shark_paper),
         low: with_ebc(shark_low),
     }
+    if served is not None:
+        models[served_name] = with_ebc(served)
     if args.reference_glue:
         models["shark paper, reference glue"] = with_ebc(ReferenceGlue(shark_paper))
     twins = {}  # ranked module -> its int32-row-map twin
@@ -204,6 +239,8 @@ def main() -> None:
         low: shark_low.memory_bytes(),
         "shark paper, reference glue": shark_paper.memory_bytes(),
     }
+    if served is not None:
+        sizes[served_name] = served.memory_bytes()
     for (name, twin), mp in zip(twins.items(), trained):
         sizes[twin] = sum(b["embedding_bytes"] for b in mp.stores[0].table_bytes())
         # The two maps read the same rows: the same pooled values, bit for bit.
