@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shark_torchrec import kernels
@@ -194,6 +195,7 @@ def regroup_for_serving(
     """
     arch = model.model.sparse_arch
     trained = arch.embedding_bag_collection
+    _check_one_served_module(trained.embedding_bag_configs())  # before any pass over the data
     policy, priorities = _ranking_policy(trained)
     if priorities != "trained" and data is None and counts is None:
         raise CheckpointError(
@@ -210,10 +212,8 @@ def regroup_for_serving(
     if ONE_BIT in serving.tiers:
         # A tier the training store does not hold: the export plans the rows and builds the
         # served layout itself.
-        dims = sorted({c.embedding_dim for c in trained.embedding_bag_configs()})
-        if len(dims) != 1:
-            raise ValueError(f"serving tier int1: the tables of one served module have one dim, got dims {dims}")
-        check_served_tiers(serving.tiers, dims[0])  # before the pass over the training split
+        configs = trained.embedding_bag_configs()
+        check_served_tiers(serving.tiers, configs[0].embedding_dim if configs else None)  # before the pass
         if priorities != "trained" and counts is None:
             counts = counted_priorities(model, data)
         configs, dim, value, score = _rows_and_scores(trained, counts)
@@ -300,6 +300,18 @@ def regroup_for_serving(
                     store.write_int_exact(g, k, before[k], fitted_scale_bias(before[k], bits))
     arch.embedding_bag_collection = ebc
     return record
+
+
+def _check_one_served_module(configs) -> None:
+    """Refuse, naming the tables, a collection that one served module cannot hold (tables of
+    several dims or poolings, or a pooling other than sum and mean), as
+    `MixedPrecisionInferenceEmbeddingBagCollection` would, but before the rows are ranked."""
+    kinds = {(c.embedding_dim, c.pooling) for c in configs}
+    if len(kinds) > 1 or any(p not in (PoolingType.SUM, PoolingType.MEAN) for _, p in kinds):
+        tables = ", ".join(f"{c.name} (dim {c.embedding_dim}, {c.pooling.name.lower()})" for c in configs)
+        raise NotImplementedError(
+            f"serving: one module serves tables of one dim and one pooling (sum or mean), got {tables}"
+        )
 
 
 def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):

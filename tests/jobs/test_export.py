@@ -514,3 +514,33 @@ def test_a_model_with_trained_priorities_serves_with_one_bit_rows(shark_run):
     one = groups == INT1
     signs, magnitude = sign_magnitude_rows(before[one])
     assert torch.equal(after[one], torch.where(signs.bool(), magnitude.float(), -magnitude.float()))
+
+
+@pytest.mark.parametrize("tiers", [("int4", "int2"), ("int4", "int2", "int1")])
+@pytest.mark.parametrize("change", ["pooling", "dim"])
+def test_tables_one_served_module_cannot_hold_are_refused_before_ranking(fp32_run, tiers, change):
+    """A collection of tables of several poolings or dims is refused, naming every table, before
+    the pass over the training split that ranks the rows (here no data is given: that pass
+    would have been refused otherwise, for want of data)."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
+
+    model, _ = load_trained_model(fp32_run / "checkpoints")
+    configs = model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+    odd = configs[-1]
+    configs[-1] = EmbeddingBagConfig(
+        num_embeddings=odd.num_embeddings,
+        embedding_dim=odd.embedding_dim * (2 if change == "dim" else 1),
+        name=odd.name,
+        feature_names=odd.feature_names,
+        pooling=PoolingType.MEAN if change == "pooling" else odd.pooling,
+    )
+    model.model.sparse_arch.embedding_bag_collection = EmbeddingBagCollection(tables=configs)
+    want = "mean" if change == "pooling" else f"dim {odd.embedding_dim * 2}"
+    with pytest.raises(
+        NotImplementedError,
+        match=rf"one dim and one pooling .*{odd.name} \({'dim .*, mean' if change == 'pooling' else want}",
+    ):
+        regroup_for_serving(model, ServingTiers(tiers, 0.2, "model"))
