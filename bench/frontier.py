@@ -210,7 +210,7 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             rounding = "fitted" if fit else "nearest"
             ranked_by = (
                 "by each row's occurrences in the training split (alpha per positive example, 1 per negative)"
-                if base == "fp32"
+                if base in ("fp32", "shark-int4", "shark-int2", "shark-int4+sgd")  # no priorities: counted
                 else "by its trained priorities"
             )
             out.append(
@@ -226,14 +226,16 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                     rounding=rounding,
                 )
             )
-        elif n in ("shark-int4", "shark-int2"):
-            tier = n.split("-")[1]
+        elif n in ("shark-int4", "shark-int2", "shark-int4+sgd"):
+            # +sgd: the rows' optimizer is plain SGD (no state a row) instead of row-wise Adagrad.
+            tier, _, sgd = n.split("-")[1].partition("+")
             out.append(
                 Method(
                     n,
                     "train",
-                    f"our module, every row {tier}, trained in place from the start (stochastic rounding)",
-                    ("--precision", tier),
+                    f"our module, every row {tier}, trained in place from the start (stochastic rounding)"
+                    + (", SGD (--emb-optimizer sgd, no optimizer state)" if sgd else ""),
+                    ("--precision", tier) + (("--emb-optimizer", "sgd") if sgd else ()),
                 )
             )
         elif n.startswith(("shark:", "shark-model:")):
@@ -268,7 +270,7 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
         else:
             raise SystemExit(
                 f"unknown method {n!r} (known: fp32, {', '.join(POST)}, {DROP_UNSEEN}, shark-paper, "
-                f"{', '.join(SIGNAL_VARIANTS)}, shark-int4, shark-int2, shark:TIER/TIER/...@BUDGET, "
+                f"{', '.join(SIGNAL_VARIANTS)}, shark-int4, shark-int2, shark-int4+sgd, shark:TIER/TIER/...@BUDGET, "
                 "shark-model:TIER/TIER/...@BUDGET, shark-paper>TIER/TIER/...@BUDGET)"
             )
     return out, notes
