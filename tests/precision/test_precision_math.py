@@ -283,3 +283,14 @@ def test_the_one_bit_tier_takes_the_rows_the_tiers_above_cannot_hold():
         for b in range(0, 7900, 50)
     ]
     assert above == sorted(above) and above[0] == 0 and above[-1] > 900
+
+
+def test_ranked_rows_break_ties_by_table_name_then_row():
+    """Rows of equal score go to the table first by name (not first in the layout), then the
+    lower row: the order the export's 1-bit plan and the store's model budget both rely on."""
+    from shark_torchrec.precision.priority import ranked_rows
+
+    # Tables laid out b (3 rows) then a (2 rows): positions 0-2 are b's rows, 3-4 a's.
+    assert ranked_rows(torch.tensor([1.0, 2.0, 1.0, 1.0, 2.0]), ["b", "a"], [3, 2]).tolist() == [4, 1, 3, 0, 2]
+    assert ranked_rows(torch.zeros(5), ["b", "a"], [3, 2]).tolist() == [3, 4, 0, 1, 2]
+    assert ranked_rows(torch.zeros(0), [], []).tolist() == []
