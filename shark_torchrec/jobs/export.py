@@ -238,7 +238,8 @@ def regroup_for_serving(
             f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
             f"can reach at dim {dim}: {floor:.4f} of fp32 with the ranked row map"
             if serving.memory_budget < floor
-            else f"serving budget {serving.memory_budget} cannot be met table by table in {', '.join(serving.tiers)}"
+            else f"serving budget {serving.memory_budget} cannot be met "
+            f"{'table by table' if serving.budget_scope == 'table' else 'over the model'} in {', '.join(serving.tiers)}"
         )
         return BudgetError(f"{head} (the store's rule, given {store_budget:.4f} in its own terms, said: {e})")
 
