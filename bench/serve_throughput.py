@@ -313,7 +313,13 @@ def main() -> None:
     total_rows = sum(c.num_embeddings for c in tables)
     lines = [
         f"`bench/serve_throughput.py --scale {args.scale} --dim {args.dim} --budget {args.budget} "
-        f"--batches {args.batches} --repeats {args.repeats}{' --row-map' if args.row_map else ''}`"
+        f"--batches {args.batches} --repeats {args.repeats} --steps {args.steps}{' --row-map' if args.row_map else ''}"
+        + (
+            f" --served-tiers {args.served_tiers} --served-budget {args.served_budget} --count-rows {args.count_rows}"
+            if args.served_tiers
+            else ""
+        )
+        + "`"
         f" ({total_rows:,} rows, 1 process, CPU, median of {args.repeats} rounds of {args.steps} batches)",
         "",
         "| batch | module | samples/s | vs torchrec fp32, median (min-max) of rounds | vs torchrec int8 | "

@@ -64,7 +64,7 @@ from common import paired, pyplot, write_table  # noqa: E402
 from frontier import FP32Model  # noqa: E402
 from shark_torchrec.jobs.export import counted_priorities  # noqa: E402
 from shark_torchrec.kernels.ranked_map import ranked_map_bytes  # noqa: E402
-from shark_torchrec.precision.priority import INT1, INT2, INT4, per_byte_scores, ranked_rows, row_bytes  # noqa: E402
+from shark_torchrec.precision.priority import INT2, INT4, per_byte_scores, ranked_rows, row_bytes  # noqa: E402
 from shark_torchrec.precision.quantize import fitted_scale_bias, requantize_with  # noqa: E402
 
 HEAD_FRACTION = 0.02  # int4 rows of `int4/int2/int1`
@@ -103,8 +103,10 @@ def integer(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def tier_row_bytes(dim: int) -> dict:
-    """Bytes of a row in each tier at `dim` (codes + fp16 scale and bias)."""
-    return {"int4": row_bytes(dim, INT4), "int2": row_bytes(dim, INT2), "int1": row_bytes(dim, INT1)}
+    """Bytes of a row in each tier at `dim` (codes + fp16 scale and bias): the 1-bit rows as this
+    simulation made them, two fitted levels (the built tier's sign and magnitude take 2 bytes
+    less, `row_bytes(dim, INT1)`)."""
+    return {"int4": row_bytes(dim, INT4), "int2": row_bytes(dim, INT2), "int1": dim // 8 + 4}
 
 
 def plan(mix: str, budget: float, n: int, dim: int, tables: int) -> dict:

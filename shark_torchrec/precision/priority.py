@@ -27,8 +27,8 @@ GROUP_NAMES = ("fp32", "fp16", "int8", "int4", "int2", "dropped")
 PAPER_GROUPS = (FP32, FP16, INT8)  # the paper's tiers, the default
 INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 # The 1-bit tier is served only (`shark export --tiers ... int1`): no training store holds it, so
-# it takes the next id, after `dropped`, whose id checkpoints keep. A 1-bit row keeps which of two
-# levels (its fp16 bias, bias + scale) each value is nearer to.
+# it takes the next id, after `dropped`, whose id checkpoints keep. A 1-bit row keeps each value's
+# sign and one fp16 magnitude a: it serves +a or -a (`sign_magnitude_rows`).
 INT1 = 6
 SERVED_GROUP_NAMES = GROUP_NAMES + ("int1",)  # the group ids a served module's rows can have
 SERVED_INT_BITS = {**INT_BITS, INT1: 1}
