@@ -70,6 +70,18 @@ def _cpu_flags() -> Optional[set]:
     return None
 
 
+def _one_bit_rows(export_dir: Path, manifest: dict) -> int:
+    """The export's 1-bit rows: from serving.json, or (an export written before it recorded them)
+    from export.json beside it; 0 when neither says."""
+    rows = manifest.get("rows_int1")
+    if rows is None:
+        try:
+            rows = json.loads((export_dir / "export.json").read_text()).get("rows_int1", 0)
+        except (OSError, ValueError):
+            rows = 0
+    return int(rows)
+
+
 def load_kernels(export_dir: Path, manifest: dict) -> None:
     """Register the ops the scripted model calls: the export's kernel library (built for one
     torch version, which must be this one), or FBGEMM's op for a version 1 export.
@@ -109,7 +121,16 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the export's kernel library is missing")
     if hasattr(torch.ops.shark, "mixed_lookup_ranked"):
-        return  # this library, or one as new, is loaded already
+        # A library is loaded already (this one, or shark_torchrec's own): it must read this
+        # export's 1-bit rows as they were written (1: scale and bias, 2: sign and magnitude).
+        have = int(torch.ops.shark.one_bit_layout()) if hasattr(torch.ops.shark, "one_bit_layout") else 1
+        want = int(manifest.get("one_bit_layout", 1))
+        if have != want and _one_bit_rows(export_dir, manifest):
+            raise RuntimeError(
+                f"{export_dir} holds 1-bit rows in layout {want}; the shark_kernels library loaded in this "
+                f"process reads layout {have}: load {export_dir} in a fresh process"
+            )
+        return
     if hasattr(torch.ops.shark, "mixed_lookup"):
         # An older library (before the ranked row map) is loaded: its ops cannot be registered twice.
         raise RuntimeError(

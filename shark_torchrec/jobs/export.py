@@ -703,7 +703,10 @@ def export_checkpoint(
     def served(b):  # the scripted model on the batch's tensors, as serve.py calls it
         return serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())
 
-    checks = {"max_abs_logit_diff_dev": largest_difference(want, dev_logits(served))}
+    checks = {
+        "max_abs_logit_diff_dev": largest_difference(want, dev_logits(served)),
+        "rows_int1": record.get("rows_int1", 0),  # with `one_bit_layout`: what serve.py checks the library by
+    }
     write_serving_files(serving, data, qcfg.dataset, out, checks)
     return record
 
@@ -759,6 +762,7 @@ def write_serving_files(
     manifest: Dict[str, Any] = {
         "format": recipe.FORMAT,
         "version": recipe.VERSION,
+        "one_bit_layout": int(torch.ops.shark.one_bit_layout()),  # the library's, shipped beside
         "model": SERVING_MODEL,
         "interface": (
             "forward(dense [B, Nd] float32, values [nnz] int64, lengths [F * B] int) -> logits [B]; "

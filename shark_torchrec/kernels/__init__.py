@@ -58,6 +58,7 @@ SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "gr
 HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 OPS = (
+    "one_bit_layout",
     "mixed_lookup",
     "mixed_lookup_ranked",
     "update_rows_",

@@ -468,7 +468,13 @@ at::Tensor mixed_lookup_ranked(
   }
 }
 
+// The layout of 1-bit rows this library reads: 2, one fp16 magnitude and a sign bit a value
+// (1, before it: an fp16 scale and bias). A serving export records the layout it wrote, and its
+// recipe refuses to read 1-bit rows with a library of another layout already loaded.
+int64_t one_bit_layout() { return 2; }
+
 TORCH_LIBRARY_FRAGMENT(shark, m) {
+  m.def("one_bit_layout() -> int", &one_bit_layout);
   m.def(
       "mixed_lookup(Tensor weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, Tensor range_shift, "
       "Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, Tensor? per_sample_weights, "

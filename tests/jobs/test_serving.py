@@ -373,3 +373,32 @@ def test_the_export_ships_its_kernel_library_and_refuses_another_torch(frappe_ex
     (moved / manifest["kernels"]).unlink()
     with pytest.raises(FileNotFoundError, match="kernel library is missing"):
         recipe.load(moved)
+
+
+def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export, tmp_path):
+    """An export records the 1-bit row layout its library reads; loaded where a library of another
+    layout is already in the process (here shark_torchrec's own, layout 2), an export holding
+    1-bit rows in layout 1 (scale and bias, before sign and magnitude) is refused, named; one
+    without 1-bit rows, or in the same layout, loads."""
+    _, _, export = frappe_export
+    manifest = json.loads((export / "serving.json").read_text())
+    assert manifest["one_bit_layout"] == int(torch.ops.shark.one_bit_layout()) == 2
+    assert manifest["rows_int1"] == 0
+    spec = importlib.util.spec_from_file_location("export_serve_layout", export / "serve.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    moved = tmp_path / "export"
+    moved.mkdir()
+    for f in export.iterdir():
+        if f.is_file():
+            (moved / f.name).write_bytes(f.read_bytes())
+    old = {k: v for k, v in manifest.items() if k not in ("one_bit_layout", "rows_int1")}  # as written before
+    recipe.load_kernels(moved, old)  # no 1-bit rows (export.json says none): loads
+    (moved / "export.json").write_text(json.dumps({"rows_int1": 12}))
+    with pytest.raises(
+        RuntimeError, match="holds 1-bit rows in layout 1; .* reads layout 2: load .* in a fresh process"
+    ):
+        recipe.load_kernels(moved, old)
+    with pytest.raises(RuntimeError, match="holds 1-bit rows in layout 1"):
+        recipe.load_kernels(moved, {**manifest, "one_bit_layout": 1, "rows_int1": 3})
+    recipe.load_kernels(moved, {**manifest, "rows_int1": 3})  # the same layout: loads
