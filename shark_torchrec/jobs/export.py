@@ -42,7 +42,11 @@ from shark_torchrec.models.build import model_from_config
 from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
 from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
-from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+from shark_torchrec.modules.mixed_precision import (
+    MixedPrecisionEmbeddingBagCollection,
+    table_state_block,
+    table_state_keys,
+)
 from shark_torchrec.modules.model_budget import ModelBudget
 from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
@@ -273,7 +277,10 @@ def regroup_for_serving(
             if key.endswith(".row_group"):
                 state[key] = torch.where(value == DROPPED, torch.full_like(value, cheapest), value)
     ebc.load_state_dict(state)
-    values = [s.read_rows(torch.arange(s.num_rows)) for s in ebc.stores]
+    del state
+    # Each store's rows as trained, to rank from: the trained tables themselves where they are
+    # fp32 (no copy), else decoded from the store.
+    values = [_TrainedRows(s, trained if priorities != "trained" else None) for s in ebc.stores]
     try:
         if serving.budget_scope == "model":
             # The model's only collection: its budget is the model's (no warning that it stands alone).
@@ -290,7 +297,7 @@ def regroup_for_serving(
             lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
             mine = dropped[lo:hi]
             if bool(mine.any()):
-                store.set_fallback_rows(i, before[lo:hi][mine].mean(dim=0))
+                store.set_fallback_rows(i, before.table(i)[mine].mean(dim=0))
     if serving.rounding == "fitted":
         for store, before in zip(ebc.stores, values):
             groups = store.row_group
@@ -301,6 +308,33 @@ def regroup_for_serving(
                     store.write_int_exact(g, k, before[k], fitted_scale_bias(before[k], bits))
     arch.embedding_bag_collection = ebc
     return record
+
+
+class _TrainedRows:
+    """A store's rows as they trained, by row key: views of a stock collection's fp32 tables,
+    or (`stock` None) the store's rows decoded once."""
+
+    def __init__(self, store, stock: Optional[EmbeddingBagCollection]) -> None:
+        self.table_base = store.table_base.long()
+        if stock is None:
+            rows = store.read_rows(torch.arange(store.num_rows))
+            self.tables = [rows[int(a) : int(b)] for a, b in zip(self.table_base[:-1], self.table_base[1:])]
+        else:
+            weights = stock.state_dict()
+            self.tables = [weights[f"embedding_bags.{t.name}.weight"].detach().float() for t in store.tables]
+
+    def table(self, i: int) -> torch.Tensor:
+        """Table i's rows."""
+        return self.tables[i]
+
+    def __getitem__(self, keys: torch.Tensor) -> torch.Tensor:
+        """The rows of these keys (ascending), in order."""
+        table = torch.searchsorted(self.table_base, keys, right=True) - 1
+        out = torch.empty(len(keys), self.tables[0].shape[1] if self.tables else 0)
+        for i in torch.unique(table).tolist():
+            at = (table == i).nonzero().flatten()
+            out[at] = self.tables[i][keys[at] - self.table_base[i]]
+        return out
 
 
 def _check_one_served_module(configs) -> None:
@@ -519,17 +553,38 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
 def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, trained: EmbeddingBagCollection, counts) -> Dict:
     """A state dict that loads the trained tables' rows (stock tables, or a one-tier run's, as
     their state dict gives them: fp32 values) into `ebc` as fp32 rows, each row's score its
-    count (as of the last step, so no decay applies when the rows are ranked)."""
-    state = ebc.state_dict()
+    count (as of the last step, so no decay applies when the rows are ranked).
+
+    Nothing here is a copy a row: `ebc`'s state dict would decode every row to fp32 and give
+    its per-column-slice entries (scale and bias, group, score, step: about 0.8 of the fp32
+    table at dim 64), all replaced. So each entry is one row's, broadcast (`expand`) to the
+    table's rows: the trained values and counts; the fp32 group; else the fresh store's first
+    row (its scale and bias, which no fp32 row reads; its optimizer state, zero in every row
+    before training). The export's rows are bit for bit those of the full state dict."""
+    state: Dict[str, torch.Tensor] = {}
     weights = trained.state_dict()
-    for c in trained.embedding_bag_configs():
-        p = f"embedding_bags.{c.name}."
-        state[p + "weight"] = weights[p + "weight"].detach().float()
-        state[p + "row_group"] = torch.full_like(state[p + "row_group"], FP32)
-        # float32 scores, as the store keeps them: counts past 2^24 round (ties among the hottest rows only).
-        state[p + "row_priority"] = counts[c.name].float()[:, None].expand_as(state[p + "row_priority"]).contiguous()
-        state[p + "row_seen_step"] = torch.zeros_like(state[p + "row_seen_step"])
-    state["precision_step"] = torch.ones_like(state["precision_step"])  # scores as of step 0: the rows' own
+    for store in ebc.stores:
+        for i, t in enumerate(store.tables):
+            p = f"embedding_bags.{t.name}."
+            rows = int(store.table_base[i + 1] - store.table_base[i])
+            for key in table_state_keys(store):
+                if key == "weight":
+                    state[p + key] = weights[p + key].detach().float()
+                    continue
+                if key in ("fallback", "fallback_momentum"):  # one row a table
+                    state[p + key] = table_state_block(store, i, key)
+                    continue
+                first = table_state_block(store, i, key, 0, 1)
+                if key == "row_group":
+                    first = torch.full_like(first, FP32)
+                elif key == "row_priority":
+                    # float32 scores, as the store keeps them: counts past 2^24 round (ties among the hottest rows).
+                    state[p + key] = counts[t.name].float()[:, None].expand(rows, first.shape[1])
+                    continue
+                elif key == "row_seen_step":
+                    first = torch.zeros_like(first)
+                state[p + key] = first.expand(rows, *first.shape[1:])
+    state["precision_step"] = torch.ones(1, dtype=torch.int64)  # scores as of step 0: the rows' own
     return state
 
 

@@ -1,0 +1,115 @@
+"""Memory and time of putting a model's fp32 tables into serving tiers (`regroup_for_serving`,
+what `shark export CKPT --tiers ... --memory-budget B` does to a model trained in fp32).
+
+    .venv/bin/python bench/export_memory.py [--scale 3] [--points int4,int2@0.1 int4,int2,dropped@0.06 int4,int1@0.06]
+
+A DLRM's stock fp32 tables (synthetic schema, `--scale` x the default cardinalities, dim 64;
+scale 3 is 3.8 M rows, 0.98 GB) are ranked by their occurrences in the first `--count-batches`
+batches of 4,096 training rows and regrouped at each point, each point in a fresh process. A
+thread samples the process's resident memory every 5 ms while the regrouping runs; the table
+gives the peak above the resident memory just before it, as a multiple of the fp32 tables, and
+the wall time. One invocation, one process a point: the figures vary by a few tenths of the
+fp32 tables between invocations (freed memory the allocator has not returned yet counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from itertools import islice
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss() -> int:
+    """This process's resident bytes (Linux)."""
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+
+
+def one_point(scale: float, point: str, count_batches: int) -> dict:
+    """Regroup fresh fp32 tables at `point` ("tier,tier@budget") in this process and measure it."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from shark_torchrec.config import DataConfig, ModelConfig
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
+    from shark_torchrec.models.dlrm import build_dlrm, table_configs
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+
+    torch.manual_seed(0)
+    tiers, _, budget = point.partition("@")
+    data = open_dataset(DataConfig(synthetic_scale=scale), 0)
+    tables = table_configs(data.schema, 64)
+    stock = EmbeddingBagCollection(tables=tables)
+
+    class FirstBatches:  # the training split cut to its first batches, for counting
+        def batches(self, split, batch_size):
+            return islice(data.batches(split, batch_size), count_batches)
+
+    counts = training_priorities(stock.embedding_bag_configs(), FirstBatches(), PrecisionPolicy().alpha)
+    model = build_dlrm(data.schema, ModelConfig(embedding_dim=64), ebc=stock, seed=0)
+    fp32 = sum(c.num_embeddings for c in tables) * 64 * 4
+    before = rss()
+    peak, done = [before], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    regroup_for_serving(model, ServingTiers(tuple(tiers.split(",")), float(budget), "model"), counts=counts)
+    seconds = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    return {
+        "point": point,
+        "fp32_bytes": fp32,
+        "peak_above_fp32": (peak[0] - before) / fp32,
+        "seconds": seconds,
+        "rows": sum(c.num_embeddings for c in tables),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--points", nargs="+", default=["int4,int2@0.1", "int4,int2,dropped@0.06", "int4,int1@0.06"])
+    p.add_argument("--count-batches", type=int, default=50)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: one point
+    args = p.parse_args()
+    if args.one is not None:
+        print(json.dumps(one_point(args.scale, args.one, args.count_batches)))
+        return
+    rows = []
+    for point in args.points:
+        out = subprocess.run(
+            [sys.executable, __file__, "--scale", str(args.scale), "--count-batches", str(args.count_batches)]
+            + ["--one", point],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first = rows[0]
+    print(
+        f"`bench/export_memory.py --scale {args.scale} --points {' '.join(args.points)}` "
+        f"({first['rows']:,} rows, fp32 tables {first['fp32_bytes'] / 1e9:.2f} GB; one process a point)\n"
+    )
+    print("| point | peak memory above the model, x fp32 tables | seconds |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['point']} | +{r['peak_above_fp32']:.2f}x | {r['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
