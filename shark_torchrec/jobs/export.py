@@ -199,8 +199,8 @@ def regroup_for_serving(
     """
     arch = model.model.sparse_arch
     trained = arch.embedding_bag_collection
+    policy, priorities = _ranking_policy(trained)  # refuses what is not an EmbeddingBagCollection, named
     _check_one_served_module(trained.embedding_bag_configs())  # before any pass over the data
-    policy, priorities = _ranking_policy(trained)
     if priorities != "trained" and data is None and counts is None:
         raise CheckpointError(
             "a model without trained priorities (stock fp32 tables, or a one-tier run) has its rows ranked by "

@@ -544,3 +544,12 @@ def test_tables_one_served_module_cannot_hold_are_refused_before_ranking(fp32_ru
         match=rf"one dim and one pooling .*{odd.name} \({'dim .*, mean' if change == 'pooling' else want}",
     ):
         regroup_for_serving(model, ServingTiers(tiers, 0.2, "model"))
+
+
+def test_a_collection_that_is_not_an_embedding_bag_collection_is_refused_by_name(fp32_run):
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
+
+    model, _ = load_trained_model(fp32_run / "checkpoints")
+    model.model.sparse_arch.embedding_bag_collection = torch.nn.Linear(1, 1)
+    with pytest.raises(CheckpointError, match="cannot serve a Linear in tiers: not an EmbeddingBagCollection"):
+        regroup_for_serving(model, ServingTiers(("int4", "int2"), 0.2, "model"))
