@@ -346,14 +346,9 @@ def test_bad_serving_input_is_named(tmp_path):
         served(torch.zeros(1, 2), torch.full((F,), 10**6, dtype=torch.int64), torch.ones(F, dtype=torch.int32))
 
 
-def test_the_export_ships_its_kernel_library_and_refuses_another_torch(frappe_export, tmp_path):
-    """The scripted model calls torch.ops.shark.mixed_lookup: the library is in the export, named
-    in serving.json with the torch version it was built for; another version is refused up front."""
-    _, _, export = frappe_export
-    manifest = json.loads((export / "serving.json").read_text())
-    assert manifest["version"] == 2 and (export / manifest["kernels"]).is_file()
-    assert manifest["torch"] == torch.__version__
-    spec = importlib.util.spec_from_file_location("export_serve", export / "serve.py")
+def _recipe_and_copy(export: Path, tmp_path: Path, name: str):
+    """(the export's serve.py imported as module `name`, a copy of the export's files to alter)."""
+    spec = importlib.util.spec_from_file_location(name, export / "serve.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     moved = tmp_path / "export"
@@ -361,6 +356,17 @@ def test_the_export_ships_its_kernel_library_and_refuses_another_torch(frappe_ex
     for f in export.iterdir():
         if f.is_file():
             (moved / f.name).write_bytes(f.read_bytes())
+    return recipe, moved
+
+
+def test_the_export_ships_its_kernel_library_and_refuses_another_torch(frappe_export, tmp_path):
+    """The scripted model calls torch.ops.shark.mixed_lookup: the library is in the export, named
+    in serving.json with the torch version it was built for; another version is refused up front."""
+    _, _, export = frappe_export
+    manifest = json.loads((export / "serving.json").read_text())
+    assert manifest["version"] == 2 and (export / manifest["kernels"]).is_file()
+    assert manifest["torch"] == torch.__version__
+    recipe, moved = _recipe_and_copy(export, tmp_path, "export_serve")
     (moved / "serving.json").write_text(json.dumps({**manifest, "torch": "1.13.0"}))
     with pytest.raises(RuntimeError, match=r"built for torch 1\.13\.0; this is torch"):
         recipe.load(moved)
@@ -384,14 +390,7 @@ def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export,
     manifest = json.loads((export / "serving.json").read_text())
     assert manifest["one_bit_layout"] == int(torch.ops.shark.one_bit_layout()) == 2
     assert manifest["rows_int1"] == 0
-    spec = importlib.util.spec_from_file_location("export_serve_layout", export / "serve.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    moved = tmp_path / "export"
-    moved.mkdir()
-    for f in export.iterdir():
-        if f.is_file():
-            (moved / f.name).write_bytes(f.read_bytes())
+    recipe, moved = _recipe_and_copy(export, tmp_path, "export_serve_layout")
     old = {k: v for k, v in manifest.items() if k not in ("one_bit_layout", "rows_int1")}  # as written before
     recipe.load_kernels(moved, old)  # no 1-bit rows (export.json says none): loads
     (moved / "export.json").write_text(json.dumps({"rows_int1": 12}))
