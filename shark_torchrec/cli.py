@@ -226,12 +226,15 @@ def export_main(argv: List[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    created = not out.exists()
     try:
         serving = None
         if args.tiers is not None:
             serving = ServingTiers(split_tiers(args.tiers), args.memory_budget, args.budget_scope, args.rounding)
         record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving)
     except (DataError, CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty folder behind
         print(f"shark export: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": args.out, **record}, indent=2))

@@ -162,6 +162,10 @@ class ServingTiers:
         if self.rounding not in SERVING_ROUNDING:
             raise ValueError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
         check_served_tiers(self.tiers)
+        budget = self.memory_budget
+        if not 0 < budget <= 1:
+            hint = f" (for {budget:g}% give {budget / 100:g})" if 1 < budget <= 100 else ""
+            raise ValueError(f"serving budget {budget:g}: a fraction of the fp32 tables' bytes, in (0, 1]{hint}")
         if ONE_BIT in self.tiers and self.budget_scope != "model":
             raise ValueError("serving tiers: int1 is planned over the whole model: --budget-scope model")
 
@@ -866,7 +870,8 @@ def _serving_readme(manifest: Dict[str, Any]) -> str:
         )
         lines = (
             f"Raw lines: {p['num_columns']} columns split by {p['delimiter']!r} "
-            f"({'with' if p['header'] else 'without'} a header line; the label column may be left out),\n"
+            f"({'with' if p['header'] else 'without'} a header line in a file, which score_file checks; "
+            "score_lines takes data lines only; the label column may be left out),\n"
             f"categorical values encoded by {how}, exactly as training read its files.\n"
         )
     return f"""# Serving export (shark-torchrec)

@@ -160,8 +160,11 @@ class PrecisionPolicy:
                 f"{', '.join(GROUP_NAMES)}; got {tuple(self.tiers)}",
             )
         unknown = [t for t in self.tiers if t not in GROUP_NAMES]
-        if unknown or len(set(self.tiers)) != len(self.tiers):
-            raise bad("tiers", f"must be distinct names from {GROUP_NAMES}, got {tuple(self.tiers)}")
+        if unknown:
+            raise bad("tiers", f"unknown tier {', '.join(map(repr, unknown))}; the tiers are {', '.join(GROUP_NAMES)}")
+        twice = sorted({t for t in self.tiers if list(self.tiers).count(t) > 1})
+        if twice:
+            raise bad("tiers", f"{', '.join(twice)} given more than once, got {tuple(self.tiers)}")
         if self.tiers and all(t == "dropped" for t in self.tiers):
             raise bad("tiers", "need a tier that stores rows besides 'dropped'")
         if self.scored and len(self.tiers) < 2:

@@ -689,8 +689,12 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
         ValueError: naming the problem.
     """
     unknown = [t for t in tiers if t not in SERVED_GROUP_NAMES]
-    if unknown or len(set(tiers)) != len(tiers):
-        raise ValueError(f"serving tiers must be distinct names from {SERVED_GROUP_NAMES}, got {tuple(tiers)}")
+    if unknown:
+        names = ", ".join(SERVED_GROUP_NAMES)
+        raise ValueError(f"serving tiers: unknown tier {', '.join(map(repr, unknown))}; the tiers are {names}")
+    twice = sorted({t for t in tiers if list(tiers).count(t) > 1})
+    if twice:
+        raise ValueError(f"serving tiers: {', '.join(twice)} given more than once, got {tuple(tiers)}")
     if tuple(tiers) == ("int1",):
         raise ValueError(
             "serving tiers: int1 holds the rows the tiers above it cannot; give them too (e.g. int4 int2 int1)"

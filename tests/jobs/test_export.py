@@ -489,7 +489,8 @@ def test_the_serving_budget_gives_the_rows_what_the_ranked_map_frees():
     assert model == pytest.approx(0.1 + (6403 * (4 - per_row) - fixed) / fp32)
     table = serving_store_budget(ServingTiers(("int4", "int2", "dropped"), 0.1, "table"), tables)
     assert table == pytest.approx(0.1 + (4 - per_row) / 64 - fixed / fp32) and table > 0.15
-    assert serving_store_budget(ServingTiers(("int8", "int4"), 1.49, "model"), tables) == 1.5
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):  # a fraction: 1.49 never reaches the store
+        ServingTiers(("int8", "int4"), 1.49, "model")
 
 
 def test_a_model_with_trained_priorities_serves_with_one_bit_rows(shark_run):
@@ -553,3 +554,33 @@ def test_a_collection_that_is_not_an_embedding_bag_collection_is_refused_by_name
     model.model.sparse_arch.embedding_bag_collection = torch.nn.Linear(1, 1)
     with pytest.raises(CheckpointError, match="cannot serve a Linear in tiers: not an EmbeddingBagCollection"):
         regroup_for_serving(model, ServingTiers(("int4", "int2"), 0.2, "model"))
+
+
+def test_serving_tiers_and_budget_are_checked_by_name(fp32_run, tmp_path):
+    """A misspelled tier is named as unknown, a tier given twice as such; a budget outside
+    (0, 1] is refused (6 reads as 6%, with the fraction to give); a refused `shark export`
+    leaves no empty --out folder behind."""
+    from shark_torchrec.jobs.export import ServingTiers
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+
+    with pytest.raises(
+        ValueError, match=r"unknown tier 'imt1'; the tiers are fp32, fp16, int8, int4, int2, dropped, int1"
+    ):
+        ServingTiers(("int4", "imt1"), 0.06)
+    with pytest.raises(ValueError, match=r"int4 given more than once"):
+        ServingTiers(("int4", "int4", "int1"), 0.06)
+    with pytest.raises(ValueError, match=r"unknown tier 'int3'"):
+        PrecisionPolicy(tiers=("int8", "int3"))
+    with pytest.raises(ValueError, match=r"serving budget 6: a fraction .* in \(0, 1\] \(for 6% give 0\.06\)"):
+        ServingTiers(("int4", "int1"), 6)
+    with pytest.raises(ValueError, match=r"serving budget 0: a fraction"):
+        ServingTiers(("int4", "int1"), 0.0)
+    out = tmp_path / "never"
+    ckpt = str(fp32_run / "checkpoints")
+    bad = run_shark("export", ckpt, "--out", str(out), "--tiers", "int4", "int1", "--memory-budget", ".01", check=False)
+    assert bad.returncode == 2 and "can reach at dim 16" in bad.stderr and not out.exists()
+    kept = tmp_path / "own"
+    kept.mkdir()
+    tiers = ["--tiers", "int4", "imt1", "--memory-budget", ".06"]
+    bad = run_shark("export", ckpt, "--out", str(kept), *tiers, check=False)
+    assert bad.returncode == 2 and "unknown tier 'imt1'" in bad.stderr and kept.is_dir()  # the user's own folder stays
