@@ -58,7 +58,6 @@ from shark_torchrec.precision.priority import (
     INT_BITS,
     ROW_MAP_BYTES,
     SERVED_GROUP_NAMES,
-    SERVED_INT_BITS,
     BudgetError,
     add_occurrences_,
     by_precision,
@@ -445,7 +444,7 @@ def _install_served(model: DLRMTrainModule, configs, value: torch.Tensor, groups
 def _integer_rows(values: torch.Tensor, group: int, rounding: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(unpacked codes, fp16 scale and bias) of fp32 rows in an int8/int4/int2 group, the range
     `fitted` (`fitted_scale_bias`) or `nearest` (the row's min/max)."""
-    bits = SERVED_INT_BITS[group]
+    bits = INT_BITS[group]
     if rounding == "fitted":
         sb = fitted_scale_bias(values, bits)
         return requantize_with(values, sb, bits), sb
@@ -465,7 +464,7 @@ def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tens
         codes, magnitude = sign_magnitude_rows(values)
         return torch.cat([magnitude.contiguous().view(torch.uint8), pack_codes(codes, 1)], dim=1)
     codes, sb = _integer_rows(values, group, rounding)
-    return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, SERVED_INT_BITS[group])], dim=1)
+    return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, INT_BITS[group])], dim=1)
 
 
 def _ranking_policy(trained: torch.nn.Module) -> Tuple[PrecisionPolicy, str]:

@@ -6,7 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
-from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES, INT2, BudgetError, default_budget, min_budget
+from shark_torchrec.precision.priority import (
+    DROPPED,
+    GROUP_NAMES,
+    INT2,
+    BudgetError,
+    default_budget,
+    min_budget,
+    tier_names_problem,
+)
 
 MODES = ("shark", "freq", "fp32", "fp16", "int8", "int4", "int2")
 PAPER_TIERS = ("fp32", "fp16", "int8")
@@ -159,12 +167,9 @@ class PrecisionPolicy:
                 "int1 is a tier for serving only (`shark export CKPT --tiers ... int1`): rows train in "
                 f"{', '.join(GROUP_NAMES)}; got {tuple(self.tiers)}",
             )
-        unknown = [t for t in self.tiers if t not in GROUP_NAMES]
-        if unknown:
-            raise bad("tiers", f"unknown tier {', '.join(map(repr, unknown))}; the tiers are {', '.join(GROUP_NAMES)}")
-        twice = sorted({t for t in self.tiers if list(self.tiers).count(t) > 1})
-        if twice:
-            raise bad("tiers", f"{', '.join(twice)} given more than once, got {tuple(self.tiers)}")
+        problem = tier_names_problem(self.tiers, GROUP_NAMES)
+        if problem:
+            raise bad("tiers", problem)
         if self.tiers and all(t == "dropped" for t in self.tiers):
             raise bad("tiers", "need a tier that stores rows besides 'dropped'")
         if self.scored and len(self.tiers) < 2:

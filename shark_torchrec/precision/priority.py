@@ -31,7 +31,6 @@ INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 # sign and one fp16 magnitude a: it serves +a or -a (`sign_magnitude_rows`).
 INT1 = 6
 SERVED_GROUP_NAMES = GROUP_NAMES + ("int1",)  # the group ids a served module's rows can have
-SERVED_INT_BITS = {**INT_BITS, INT1: 1}
 SERVED_PRECISION_ORDER = (FP32, FP16, INT8, INT4, INT2, INT1, DROPPED)  # most precise first
 ROW_MAP_BYTES = 4  # one int32 slot per row, numbered across the group tables (the group follows from its range)
 DEFAULT_BUDGET = 0.35  # the paper tiers' default budget wherever int8 rows leave room for it (dim >= 45)
@@ -676,6 +675,25 @@ def one_bit_tier_counts(
     return counts
 
 
+def tier_names_problem(tiers: Sequence[str], known: Sequence[str]) -> Optional[str]:
+    """What is wrong with a list of tier names, or None: a name not in `known`, or one given twice.
+
+    Args:
+        tiers: the names given.
+        known: the names allowed.
+
+    Returns:
+        The problem, named, or None.
+    """
+    unknown = [t for t in tiers if t not in known]
+    if unknown:
+        return f"unknown tier {', '.join(map(repr, unknown))}; the tiers are {', '.join(known)}"
+    twice = sorted({t for t in tiers if list(tiers).count(t) > 1})
+    if twice:
+        return f"{', '.join(twice)} given more than once, got {tuple(tiers)}"
+    return None
+
+
 def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     """Refuse serving tiers that cannot be served: names outside `SERVED_GROUP_NAMES` or given
     twice, the 1-bit tier alone or beside `dropped` (int1 holds the rows the other tiers cannot,
@@ -688,13 +706,9 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     Raises:
         ValueError: naming the problem.
     """
-    unknown = [t for t in tiers if t not in SERVED_GROUP_NAMES]
-    if unknown:
-        names = ", ".join(SERVED_GROUP_NAMES)
-        raise ValueError(f"serving tiers: unknown tier {', '.join(map(repr, unknown))}; the tiers are {names}")
-    twice = sorted({t for t in tiers if list(tiers).count(t) > 1})
-    if twice:
-        raise ValueError(f"serving tiers: {', '.join(twice)} given more than once, got {tuple(tiers)}")
+    problem = tier_names_problem(tiers, SERVED_GROUP_NAMES)
+    if problem:
+        raise ValueError(f"serving tiers: {problem}")
     if tuple(tiers) == ("int1",):
         raise ValueError(
             "serving tiers: int1 holds the rows the tiers above it cannot; give them too (e.g. int4 int2 int1)"
