@@ -34,7 +34,8 @@ from shark_torchrec.kernels.ranked_map import BLOCK_ROWS, RankedLayout, ranked_f
 from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
 from shark_torchrec.precision.priority import GROUP_NAMES, INT1, SERVED_GROUP_NAMES, row_bytes
 
-ONE_BIT_LAYOUT = 2  # the layout of 1-bit rows this module reads (see `one_bit_layout`)
+# The layout of 1-bit rows this module reads: the kernel library's (`torch.ops.shark.one_bit_layout`).
+ONE_BIT_LAYOUT = int(torch.ops.shark.one_bit_layout())
 
 
 class MixedPrecisionPooledLookup(nn.Module):
