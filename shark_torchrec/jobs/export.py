@@ -266,12 +266,14 @@ def regroup_for_serving(
         )
     except BudgetError as e:
         raise refused(e) from e
+    stock = None  # the trained fp32 tables, for a collection without trained priorities
     if priorities == "trained":
         state = trained.state_dict()  # trained values in their trained groups, scores, step
     else:
         if counts is None:
             counts = counted_priorities(model, data)
-        state = _counted_rows_state(ebc, trained, counts)
+        stock = _fp32_tables(trained)
+        state = _counted_rows_state(ebc, stock, counts)
     if "dropped" not in serving.tiers:
         # Rows dropped in training load as stored rows of the cheapest serving tier, with the
         # value they served (their fallback row's), before they are ranked again.
@@ -283,7 +285,7 @@ def regroup_for_serving(
     del state
     # Each store's rows as trained, to rank from: the trained tables themselves where they are
     # fp32 (no copy), else decoded from the store.
-    values = [_TrainedRows(s, trained if priorities != "trained" else None) for s in ebc.stores]
+    values = [_TrainedRows(s, stock) for s in ebc.stores]
     try:
         if serving.budget_scope == "model":
             # The model's only collection: its budget is the model's (no warning that it stands alone).
@@ -313,18 +315,24 @@ def regroup_for_serving(
     return record
 
 
-class _TrainedRows:
-    """A store's rows as they trained, by row key: views of a stock collection's fp32 tables,
-    or (`stock` None) the store's rows decoded once."""
+def _fp32_tables(trained: EmbeddingBagCollection) -> Dict[str, torch.Tensor]:
+    """A collection without trained priorities' rows as fp32, by table name: a stock
+    collection's own weights (no copy), or a one-tier run's as its state dict decodes them."""
+    state = trained.state_dict()
+    return {c.name: state[f"embedding_bags.{c.name}.weight"].detach().float() for c in trained.embedding_bag_configs()}
 
-    def __init__(self, store, stock: Optional[EmbeddingBagCollection]) -> None:
+
+class _TrainedRows:
+    """A store's rows as they trained, by row key: the trained fp32 tables (`_fp32_tables`), or
+    (`stock` None) the store's rows decoded once."""
+
+    def __init__(self, store, stock: Optional[Dict[str, torch.Tensor]]) -> None:
         self.table_base = store.table_base.long()
         if stock is None:
             rows = store.read_rows(torch.arange(store.num_rows))
             self.tables = [rows[int(a) : int(b)] for a, b in zip(self.table_base[:-1], self.table_base[1:])]
         else:
-            weights = stock.state_dict()
-            self.tables = [weights[f"embedding_bags.{t.name}.weight"].detach().float() for t in store.tables]
+            self.tables = [stock[t.name] for t in store.tables]
 
     def table(self, i: int) -> torch.Tensor:
         """Table i's rows."""
@@ -374,8 +382,7 @@ def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):
                 values[t.name] = store.read_rows(torch.arange(lo, hi))
                 scores[t.name] = store.scores_now(lo, hi).float()
     else:
-        state = trained.state_dict()
-        values = {m: state[f"embedding_bags.{m}.weight"].detach().float() for m in names}
+        values = _fp32_tables(trained)
         scores = {m: counts[m].float() for m in names}
     dim = configs[0].embedding_dim
     return configs, dim, torch.cat([values[m] for m in names]), torch.cat([scores[m] for m in names])
@@ -553,10 +560,10 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
     return counts
 
 
-def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, trained: EmbeddingBagCollection, counts) -> Dict:
-    """A state dict that loads the trained tables' rows (stock tables, or a one-tier run's, as
-    their state dict gives them: fp32 values) into `ebc` as fp32 rows, each row's score its
-    count (as of the last step, so no decay applies when the rows are ranked).
+def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, stock: Dict[str, torch.Tensor], counts) -> Dict:
+    """A state dict that loads the trained tables' rows (`_fp32_tables`: stock tables, or a
+    one-tier run's) into `ebc` as fp32 rows, each row's score its count (as of the last step,
+    so no decay applies when the rows are ranked).
 
     Nothing here is a copy a row: `ebc`'s state dict would decode every row to fp32 and give
     its per-column-slice entries (scale and bias, group, score, step: about 0.8 of the fp32
@@ -565,14 +572,13 @@ def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, trained: Embe
     row (its scale and bias, which no fp32 row reads; its optimizer state, zero in every row
     before training). The export's rows are bit for bit those of the full state dict."""
     state: Dict[str, torch.Tensor] = {}
-    weights = trained.state_dict()
     for store in ebc.stores:
         for i, t in enumerate(store.tables):
             p = f"embedding_bags.{t.name}."
             rows = int(store.table_base[i + 1] - store.table_base[i])
             for key in table_state_keys(store):
                 if key == "weight":
-                    state[p + key] = weights[p + key].detach().float()
+                    state[p + key] = stock[t.name]
                     continue
                 if key in ("fallback", "fallback_momentum"):  # one row a table
                     state[p + key] = table_state_block(store, i, key)
