@@ -12,6 +12,20 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 
+class FirstRows:
+    """A dataset's splits cut to their first `rows` rows (whole batches, at least one): what the
+    serving benchmarks rank rows by (`training_priorities` counts over `batches`)."""
+
+    def __init__(self, data, rows: int) -> None:
+        self.data, self.rows = data, rows
+
+    def batches(self, split: str, batch_size: int):
+        """The split's first batches of `batch_size`, `rows` rows in all."""
+        from itertools import islice
+
+        return islice(self.data.batches(split, batch_size), max(1, self.rows // batch_size))
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend (plots go to files; no display is needed)."""
     import matplotlib

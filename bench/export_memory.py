@@ -4,9 +4,9 @@ what `shark export CKPT --tiers ... --memory-budget B` does to a model trained i
     .venv/bin/python bench/export_memory.py [--scale 3] [--points int4,int2@0.1 int4,int2,dropped@0.06 int4,int1@0.06]
 
 A DLRM's stock fp32 tables (synthetic schema, `--scale` x the default cardinalities, dim 64;
-scale 3 is 3.8 M rows, 0.98 GB) are ranked by their occurrences in the first `--count-batches`
-batches of 4,096 training rows and regrouped at each point, each point in a fresh process. A
-thread samples the process's resident memory every 5 ms while the regrouping runs; the table
+scale 3 is 3.8 M rows, 0.98 GB) are ranked by their occurrences in the first `--count-rows`
+training rows (204,800: 50 batches of 4,096) and regrouped at each point, each point in a
+fresh process. A thread samples the process's resident memory every 5 ms while the regrouping runs; the table
 gives the peak above the resident memory just before it, as a multiple of the fp32 tables, and
 the wall time. One invocation, one process a point: the figures vary by a few tenths of the
 fp32 tables between invocations (freed memory the allocator has not returned yet counts).
@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from itertools import islice
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +30,14 @@ def rss() -> int:
     return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
 
 
-def one_point(scale: float, point: str, count_batches: int) -> dict:
+def one_point(scale: float, point: str, count_rows: int) -> dict:
     """Regroup fresh fp32 tables at `point` ("tier,tier@budget") in this process and measure it."""
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     import torch
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+    from common import FirstRows
     from shark_torchrec.config import DataConfig, ModelConfig
     from shark_torchrec.data import open_dataset
     from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
@@ -49,11 +50,7 @@ def one_point(scale: float, point: str, count_batches: int) -> dict:
     tables = table_configs(data.schema, 64)
     stock = EmbeddingBagCollection(tables=tables)
 
-    class FirstBatches:  # the training split cut to its first batches, for counting
-        def batches(self, split, batch_size):
-            return islice(data.batches(split, batch_size), count_batches)
-
-    counts = training_priorities(stock.embedding_bag_configs(), FirstBatches(), PrecisionPolicy().alpha)
+    counts = training_priorities(stock.embedding_bag_configs(), FirstRows(data, count_rows), PrecisionPolicy().alpha)
     model = build_dlrm(data.schema, ModelConfig(embedding_dim=64), ebc=stock, seed=0)
     fp32 = sum(c.num_embeddings for c in tables) * 64 * 4
     before = rss()
@@ -84,16 +81,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--points", nargs="+", default=["int4,int2@0.1", "int4,int2,dropped@0.06", "int4,int1@0.06"])
-    p.add_argument("--count-batches", type=int, default=50)
+    p.add_argument("--count-rows", type=int, default=204_800, help="training rows the tiers are ranked on")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: one point
     args = p.parse_args()
     if args.one is not None:
-        print(json.dumps(one_point(args.scale, args.one, args.count_batches)))
+        print(json.dumps(one_point(args.scale, args.one, args.count_rows)))
         return
     rows = []
     for point in args.points:
         out = subprocess.run(
-            [sys.executable, __file__, "--scale", str(args.scale), "--count-batches", str(args.count_batches)]
+            [sys.executable, __file__, "--scale", str(args.scale), "--count-rows", str(args.count_rows)]
             + ["--one", point],
             check=True,
             capture_output=True,

@@ -53,7 +53,7 @@ from torchrec.inference.modules import quantize_embeddings  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
 
-from common import pyplot, write_table  # noqa: E402
+from common import FirstRows, pyplot, write_table  # noqa: E402
 from shark_torchrec.config import DataConfig, ModelConfig  # noqa: E402
 from shark_torchrec.data import open_dataset  # noqa: E402
 from shark_torchrec.jobs.easy_path import allocated_bytes  # noqa: E402  (packed int4 bytes, as allocated)
@@ -133,16 +133,10 @@ def served_module(stock: EmbeddingBagCollection, schema, mcfg, data, args):
     serves a model trained in fp32: rows ranked by their occurrences (Eq. 7's increments) in the
     first `--count-rows` rows of the training split, then quantized and laid out by
     `regroup_for_serving`; `stock` is left as it was (the TorchRec modules quantize it)."""
-    from itertools import islice
-
     from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
 
-    class FirstRows:  # the training split cut to its first rows, for counting
-        def batches(self, split, batch_size):
-            return islice(data.batches(split, batch_size), max(1, args.count_rows // batch_size))
-
     configs = stock.embedding_bag_configs()
-    counts = training_priorities(configs, FirstRows(), PrecisionPolicy().alpha)
+    counts = training_priorities(configs, FirstRows(data, args.count_rows), PrecisionPolicy().alpha)
     model = build_dlrm(schema, mcfg, ebc=copy.deepcopy(stock), seed=0)
     regroup_for_serving(
         model, ServingTiers(tuple(args.served_tiers.split(",")), args.served_budget, "model"), counts=counts
