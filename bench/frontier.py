@@ -311,9 +311,10 @@ def torchrec_unpadded_bytes(shapes: Sequence[tuple[int, int]], bits: int) -> int
     return sum(r * (math.ceil(d * bits / 8) + 4) for r, d in shapes)
 
 
-def shark_unpadded_bytes(metrics: dict, dim: int) -> int:
+def shark_unpadded_bytes(metrics: dict, dim: int, row_map: bool = True) -> int:
     """Our module's bytes without alignment: per tier its rows x row bytes (int8: codes + fp16
-    scale and bias), plus the row map for every row."""
+    scale and bias), plus, with `row_map`, the row map for every row (a one-tier run keeps
+    none)."""
     from shark_torchrec.precision.priority import ROW_MAP_BYTES
 
     per_row = {
@@ -329,7 +330,7 @@ def shark_unpadded_bytes(metrics: dict, dim: int) -> int:
     if unknown:
         raise SystemExit(f"shark_unpadded_bytes: no row size for tiers {sorted(unknown)}: add them")
     rows = metrics["fp32_embedding_bytes"] // (4 * dim)
-    return sum(per_row[t] * n for t, n in tiers.items()) + ROW_MAP_BYTES * rows
+    return sum(per_row[t] * n for t, n in tiers.items()) + (ROW_MAP_BYTES * rows if row_map else 0)
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -345,7 +346,9 @@ def run_train(method: Method, extra: list[str], dim: int, unit: Unit, run_dir: P
         m = shark_train(flags, run_dir)
     fp32_bytes = m["fp32_embedding_bytes"]
     alloc = m["embedding_bytes"]
-    unpadded = alloc if method.name == "fp32" else shark_unpadded_bytes(m, dim)
+    # Rows ranked into tiers (`--precision shark`) keep a row map; one tier (`--precision int4`) none.
+    precision = method.flags[method.flags.index("--precision") + 1] if "--precision" in method.flags else "shark"
+    unpadded = alloc if method.name == "fp32" else shark_unpadded_bytes(m, dim, precision in ("shark", "freq"))
     rec = {
         "test_auc": m["test_auc"],
         "test_logloss": m["test_logloss"],

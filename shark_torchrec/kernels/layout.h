@@ -5,7 +5,9 @@
 // layout (an integer row is its fp16 scale and bias, then its codes packed low bits first).
 // The row map gives each row an int32 numbered across the group tables; its group is the
 // number of range_ends at or below it (5: dropped, read from its table's fallback row in the
-// fp32 table), its slot the number minus range_shift[group].
+// fp32 table), its slot the number minus range_shift[group]. An empty row map is the identity
+// (a one-tier store keeps its rows in key order and no map): a row's number is its key, and
+// the rows are range_ends' last entry.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -82,15 +84,19 @@ struct GroupTables {
     shift_ = shift_t_.data_ptr<int32_t>();
     offs_ = offs_t_.data_ptr<int64_t>();
     used_groups_ = offs_t_.numel();
-    map = map_t_.data_ptr<int32_t>();
-    map_rows = map_t_.numel();
+    identity_ = map_t_.numel() == 0;
+    map = identity_ ? nullptr : map_t_.data_ptr<int32_t>();
+    map_rows = identity_ ? ends_[kGroups - 1] : map_t_.numel();
   }
+
+  // The row map's value for `key` (within the map).
+  int32_t map_value(int64_t key) const { return identity_ ? static_cast<int32_t>(key) : map[key]; }
 
   // Byte offset of the row a lookup reads for `key` (a dropped row reads its table's fallback
   // row in the fp32 table), the table's group in *table_group; -1 when the row map points
   // outside the group tables. `key` must be within the row map.
   int64_t read_at(int64_t key, int64_t* table_group) const {
-    const int32_t m = map[key];
+    const int32_t m = map_value(key);
     const int64_t g = group_of(ends_, m);
     *table_group = g == kDropped ? 0 : g;
     return slot_at(*table_group, static_cast<int64_t>(m) - shift_[g]);
@@ -100,7 +106,7 @@ struct GroupTables {
   // its own), -1 for a key outside the row map or a row map entry outside the group tables.
   int64_t own_at(int64_t key, int64_t* group) const {
     if (key < 0 || key >= map_rows) return -1;
-    const int32_t m = map[key];
+    const int32_t m = map_value(key);
     const int64_t g = group_of(ends_, m);
     *group = g;
     if (g == kDropped) return -2;
@@ -110,7 +116,7 @@ struct GroupTables {
   int64_t rb[kIds] = {};  // bytes of a row, per group (the stored groups')
   uint8_t* w;            // the buffer
   int64_t wbytes;        // its size
-  const int32_t* map;    // the row map
+  const int32_t* map;    // the row map (null for the identity)
   int64_t map_rows;      // its rows
 
  private:
@@ -126,6 +132,7 @@ struct GroupTables {
   const int32_t* shift_;
   const int64_t* offs_;
   int64_t used_groups_;
+  bool identity_;
 };
 
 }  // namespace shark

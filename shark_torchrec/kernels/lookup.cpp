@@ -142,7 +142,9 @@ std::string name_of(c10::string_view names, int64_t f) {
 struct RowMapLocator {
   const GroupTables& t;
   int64_t rows() const { return t.map_rows; }
-  void prefetch(int64_t key) const { __builtin_prefetch(t.map + key); }
+  void prefetch(int64_t key) const {
+    if (t.map) __builtin_prefetch(t.map + key);  // an identity map has nothing to fetch
+  }
   // Byte offset of the row a lookup of `key` reads, its table's group in *tg.
   int64_t locate(int64_t key, int64_t* tg) const { return t.read_at(key, tg); }
 };

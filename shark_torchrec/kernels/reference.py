@@ -112,7 +112,7 @@ def mixed_lookup_reference(
         ValueError: an id outside its feature's table (naming the feature and the id).
     """
     keys = _checked_keys(feature_base, feature_rows, values, lengths, feature_names, batch_size)
-    m = row_map[keys]
+    m = keys.to(torch.int32) if row_map.numel() == 0 else row_map[keys]  # empty: the identity map
     g = torch.bucketize(m, range_ends, right=True)
     slots = (m - range_shift[g]).long()
     return _read_and_pool(

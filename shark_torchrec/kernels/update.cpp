@@ -350,10 +350,10 @@ void step_rows_pass(const GroupTables& t, const char* op, const at::Tensor& keys
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(D);
     for (int64_t i = begin; i < std::min(end, begin + kMapAhead); ++i) {
-      if (kp[i] >= 0 && kp[i] < t.map_rows) __builtin_prefetch(t.map + kp[i]);
+      if (t.map && kp[i] >= 0 && kp[i] < t.map_rows) __builtin_prefetch(t.map + kp[i]);
     }
     for (int64_t i = begin; i < end; ++i) {
-      if (i + kMapAhead < end && kp[i + kMapAhead] >= 0 && kp[i + kMapAhead] < t.map_rows) {
+      if (t.map && i + kMapAhead < end && kp[i + kMapAhead] >= 0 && kp[i + kMapAhead] < t.map_rows) {
         __builtin_prefetch(t.map + kp[i + kMapAhead]);
       }
       if (i + kRowAhead < end) {

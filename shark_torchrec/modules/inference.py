@@ -272,7 +272,8 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
         if len(stores) != 1:
             raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
         s = stores[0]
-        weights, offsets, row_map, ends, shift = s.op_layout
+        weights, offsets, _, ends, shift = s.op_layout
+        row_map = s.map_values(torch.arange(s.num_rows))  # a one-tier store keeps none (the identity)
         layout = ranked_from_row_map(
             weights,
             offsets.tolist(),

@@ -184,7 +184,11 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         n = self.num_rows
         # The row map, 4 bytes a row: one int32 slot numbered across the group tables, group by
         # group (fp32 rows, fp16, int8, int4, int2, then the fallback rows that dropped rows
-        # point at), so a row's group follows from its slot's range (`_decode`).
+        # point at), so a row's group follows from its slot's range (`_decode`). A one-tier
+        # policy (`int4`, ...) keeps every row in its one group in key order: its map is the
+        # identity and is not stored (`identity_map`: an empty `row_map`, which the ops read
+        # as slot = key), so such a store costs its rows' bytes and nothing a row besides.
+        self.identity_map = False
         self.row_map = torch.zeros(n, dtype=torch.int32)
         self._range_ends = torch.zeros(GROUPS, dtype=torch.int32)  # end of each stored group's range
         self._range_shift = torch.zeros(GROUPS + 1, dtype=torch.int32)  # map value - lookup slot, per group
@@ -270,13 +274,17 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         g = torch.bucketize(m, self._range_ends, right=True)
         return g, (m - self._range_shift[g]).long()
 
+    def map_values(self, keys: torch.Tensor) -> torch.Tensor:
+        """The row map's int32 value of each row key (the key itself under an identity map)."""
+        return keys.to(torch.int32) if self.identity_map else self.row_map[keys]
+
     def groups_of(self, keys: torch.Tensor) -> torch.Tensor:
         """int8 group of each row key."""
-        return self._decode_map(self.row_map[keys])[0].to(torch.int8)
+        return self._decode_map(self.map_values(keys))[0].to(torch.int8)
 
     def slots_of(self, keys: torch.Tensor) -> torch.Tensor:
         """int64 lookup slot of each row key."""
-        return self._decode_map(self.row_map[keys])[1]
+        return self._decode_map(self.map_values(keys))[1]
 
     def decoded_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(int8 group, int32 lookup slot) of every row, decoded from the row map in one pass
@@ -284,7 +292,7 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         groups = torch.empty(self.num_rows, dtype=torch.int8)
         slots = torch.empty(self.num_rows, dtype=torch.int32)
         for a in range(0, self.num_rows, CHUNK_ROWS):
-            g, s = self._decode_map(self.row_map[a : a + CHUNK_ROWS])
+            g, s = self._decode_map(self.map_values(torch.arange(a, min(a + CHUNK_ROWS, self.num_rows))))
             groups[a : a + CHUNK_ROWS] = g
             slots[a : a + CHUNK_ROWS] = s
         return groups, slots
@@ -310,6 +318,16 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         shift[DROPPED] = int(ends[-1]) - own[FP32]  # map = ends[-1] + t, lookup slot = own fp32 + t
         self._range_ends = ends.to(torch.int32)
         self._range_shift = shift.to(torch.int32)
+        # Every row in a one-tier policy's group, laid out in key order (as `_rebuild` lays
+        # them): the map would be the identity, so none is kept. Anything else (a
+        # checkpoint's mixed groups loaded into a one-tier store) keeps a map.
+        only = self.policy.groups[0]
+        self.identity_map = not self.policy.scored and own[only] == self.num_rows and bool((groups == only).all())
+        if self.identity_map:
+            self.row_map = torch.zeros(0, dtype=torch.int32)
+            return
+        if self.row_map.numel() != self.num_rows:
+            self.row_map = torch.zeros(self.num_rows, dtype=torch.int32)
         for a in range(0, self.num_rows, CHUNK_ROWS):
             g = groups[a : a + CHUNK_ROWS].long()
             self.row_map[a : a + CHUNK_ROWS] = (slots[a : a + CHUNK_ROWS].long() + shift[g]).to(torch.int32)
@@ -340,7 +358,7 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         """[(positions in `keys`, their slots)] per stored group: one sort instead of a boolean
         mask per group and per pass. Dropped rows: with `reads`, in the fp32 group at their
         fallback slot (what a lookup returns); otherwise left out (nothing to write)."""
-        g, s = self._decode_map(self.row_map[keys])
+        g, s = self._decode_map(self.map_values(keys))
         if reads:
             g = self._lookup_groups(g)
         order = torch.argsort(g, stable=True)
@@ -397,7 +415,7 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
     def int_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
         """fp16 [n, 2] scale/bias of rows (zeros for rows not in an integer group)."""
         out = torch.zeros(len(keys), 2, dtype=torch.float16)
-        groups, slots = self._decode_map(self.row_map[keys])
+        groups, slots = self._decode_map(self.map_values(keys))
         for g in INT_BITS:
             m = groups == g
             if bool(m.any()):
@@ -431,6 +449,12 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
                 raise ValueError(
                     f"set_groups: group tags must be in [0, {len(GROUP_NAMES)}), got tags from {int(lo)} to {int(hi)}"
                 )
+        if self.identity_map and not fresh:
+            if bool((groups == self.policy.groups[0]).all()):  # nothing moves (a checkpoint of this tier)
+                return {name: 0 for name in GROUP_NAMES}
+            # A checkpoint's mixed groups: moves write map entries, so keep a map from here.
+            self.row_map = torch.arange(self.num_rows, dtype=torch.int32)
+            self.identity_map = False
         if not fresh and kernels_for(self) == "cpp":  # one pass of our C++ op over the row map
             move, sizes = changed_rows(self.row_map, self._range_ends, groups, len(GROUP_NAMES))
         else:  # its reference: every row's group decoded (no rows to move in a fresh store)
@@ -627,7 +651,7 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
                 weights += self._row_bytes(FP32)  # the table's fallback row
             out.append(
                 {
-                    "embedding_bytes": weights + t.rows * ROW_MAP_BYTES,
+                    "embedding_bytes": weights + (0 if self.identity_map else t.rows * ROW_MAP_BYTES),
                     "optimizer_bytes": (hi - lo) * 4 if self.momentum.numel() else 0,
                     "priority_bytes": (hi - lo) * 8 if self.row_priority.numel() else 0,
                     **{f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)},

@@ -92,7 +92,7 @@ class RowLookup:
 
     Reads of the store: `feature_names`, `feature_base`, `dim`, `pooling`, `label_tagged`,
     `weighted`, `policy` (`scored`), `training_enabled`, `step` (`anchor`, and
-    `warned_no_labels`, which it sets once), `row_map` with `_decode_map` and
+    `warned_no_labels`, which it sets once), `map_values` with `_decode_map` and
     `_lookup_groups`, the group tables (`weights`) with the op buffers (`op_layout` for the
     fused ops; `_op_offsets`, `_op_tys`, `_op_D_offsets`, `_op_placements` for FBGEMM's) and
     `row_alignment`; for data-parallel
@@ -175,7 +175,7 @@ class RowLookup:
         """
         F, D = len(self.feature_names), self.dim
         nnz = values.numel()
-        g, key_slots = self._decode_map(self.row_map[keys])
+        g, key_slots = self._decode_map(self.map_values(keys))
         g = self._lookup_groups(g)
         perm = torch.argsort(g, stable=True)
         per_group = torch.bincount(g.long(), minlength=GROUPS)

@@ -88,7 +88,7 @@ def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows
         left -= x
     if DROPPED in policy.groups:
         weights += row_bytes(shard_cols, FP32)  # every shard keeps its copy of the table's fallback row
-    extra = ROW_MAP_BYTES
+    extra = ROW_MAP_BYTES if policy.scored else 0  # a one-tier store keeps no row map (the identity)
     if policy.optimizer == "rowwise_adagrad":
         extra += 4
     if policy.scored:

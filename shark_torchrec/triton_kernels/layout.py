@@ -3,7 +3,7 @@
 int8, int4, int2 rows in FBGEMM's layout: an integer row is its fp16 scale and bias, then its
 codes packed low bits first); the row map gives each row an int32 whose group is the number of
 range_ends at or below it (5: dropped, read from its table's fallback row in the fp32 table),
-and whose slot is the number minus range_shift[group]."""
+and whose slot is the number minus range_shift[group]. An empty row map is the identity."""
 
 from __future__ import annotations
 
@@ -31,6 +31,17 @@ def row_bytes(dim: int, alignment: int) -> List[int]:
         [fp32, fp16, int8, int4, int2] row bytes.
     """
     return [group_row_bytes(dim, g, alignment) for g in range(GROUPS)]
+
+
+def map_argument(row_map: torch.Tensor, range_ends: torch.Tensor, dev: torch.device):
+    """What the kernels take of a row map: (the map to read, its rows, whether it is the
+    identity). An empty row map is the identity (a one-tier store keeps none): a row's number
+    is its key, the rows are range_ends' last entry, and the kernels read no map (they are
+    handed range_ends in its place, a tensor they never load)."""
+    if row_map.numel() == 0:
+        ends = range_ends.to(dev, torch.int32)
+        return ends, int(range_ends[-1]), True
+    return row_map.to(dev).contiguous(), row_map.numel(), False
 
 
 def check_tables(

@@ -22,6 +22,7 @@ from shark_torchrec.triton_kernels.layout import (
     check_tables,
     group_of,
     load_half,
+    map_argument,
     pick,
     row_bytes,
 )
@@ -51,6 +52,7 @@ def _locate_kernel(
     rb3,
     rb4,
     BLOCK_I: tl.constexpr,
+    IDENTITY: tl.constexpr,
 ):
     """Pass 1 of the two-pass lookup, one program per bag: each id's row as one int64, its
     byte offset times 8 plus its stored group, or -1 for an id to skip (a bad id or a row
@@ -82,7 +84,10 @@ def _locate_kernel(
         located = live & ok
         key = base + idx
         in_map = key < map_rows
-        m = tl.load(map_ptr + key, mask=located & in_map, other=0)
+        if IDENTITY:  # no stored map: a row's number is its key
+            m = tl.where(located & in_map, key, 0).to(tl.int32)
+        else:
+            m = tl.load(map_ptr + key, mask=located & in_map, other=0)
         g = group_of(m, e0, e1, e2, e3, e4)
         slot = (m - tl.load(shift_ptr + g, mask=located, other=0)).to(tl.int64)
         tg = tl.where(g == 5, 0, g)  # a dropped row reads its table's fallback row, in the fp32 table
@@ -240,9 +245,10 @@ def mixed_lookup(
     psw = per_sample_weights.to(device=dev, dtype=torch.float32).contiguous() if weighted else out
     feature_rows = feature_rows.to(dev, torch.int64)
     bad = torch.tensor([nnz, 0], dtype=torch.int64, device=dev)  # the first bad id; a layout error
+    map_read, map_rows, identity = map_argument(row_map, range_ends, dev)
     tables = (
         group_offsets.to(dev, torch.int64),
-        row_map.to(dev).contiguous(),
+        map_read,
         range_ends.to(dev, torch.int32),
         range_shift.to(dev, torch.int32),
         feature_base.to(dev, torch.int64),
@@ -250,7 +256,7 @@ def mixed_lookup(
         values,
         starts,
     )
-    sizes = (row_map.numel(), weights.numel(), group_offsets.numel(), *row_bytes(D, row_alignment))
+    sizes = (map_rows, weights.numel(), group_offsets.numel(), *row_bytes(D, row_alignment))
     shape = dict(
         D=D,
         BLOCK_D=triton.next_power_of_2(D),
@@ -261,7 +267,7 @@ def mixed_lookup(
         enable_fp_fusion=False,
     )
     loc = torch.empty(nnz, dtype=torch.int64, device=dev)
-    _locate_kernel[(F * B,)](*tables, loc, bad, B, *sizes, BLOCK_I=32)
+    _locate_kernel[(F * B,)](*tables, loc, bad, B, *sizes, BLOCK_I=32, IDENTITY=identity)
     _pool_kernel[(F * B,)](weights, loc, starts, psw, out, B, F, **shape)
     at, layout_bad = bad.tolist()  # (one sync: the error must be raised here, not found later)
     if at < nnz:

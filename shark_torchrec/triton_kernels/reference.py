@@ -26,7 +26,7 @@ def _locate(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(group 0-5 of each key's row, the byte offset of its own row; a dropped row's offset is
     its table's fallback row in the fp32 table)."""
-    m = row_map[keys].long()
+    m = keys.long() if row_map.numel() == 0 else row_map[keys].long()  # empty: the identity map
     g = torch.bucketize(m, range_ends.to(m.device).long(), right=True)
     slot = m - range_shift.to(m.device).long()[g]
     table_group = torch.where(g == DROPPED, torch.zeros_like(g), g)

@@ -18,6 +18,7 @@ from shark_torchrec.triton_kernels.layout import (
     clamp_fp16_range,
     group_of,
     load_half_scalar,
+    map_argument,
     pick,
     round_down_fp16,
     round_fp16_stochastic,
@@ -85,11 +86,15 @@ def _update_kernel(
     rb4,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    IDENTITY: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     key = tl.load(keys_ptr + i)
     in_map = (key >= 0) & (key < map_rows)
-    m = tl.load(map_ptr + key, mask=in_map, other=0)
+    if IDENTITY:  # no stored map: a row's number is its key
+        m = tl.where(in_map, key, 0).to(tl.int32)
+    else:
+        m = tl.load(map_ptr + key, mask=in_map, other=0)
     g = group_of(
         m,
         tl.load(ends_ptr + 0),
@@ -183,10 +188,11 @@ def update_rows_(
     keys = keys.to(dev, torch.int64).contiguous()
     noise_start = noise_start.to(dev, torch.int64).contiguous()
     bad = torch.full((1,), n, dtype=torch.int64, device=dev)
+    map_read, map_rows, identity = map_argument(row_map, range_ends, dev)
     _update_kernel[(n,)](
         weights,
         group_offsets.to(dev, torch.int64),
-        row_map.to(dev).contiguous(),
+        map_read,
         range_ends.to(dev, torch.int32),
         range_shift.to(dev, torch.int32),
         keys,
@@ -195,13 +201,14 @@ def update_rows_(
         noise_table.to(dev, torch.float32).contiguous(),
         noise_start,
         bad,
-        row_map.numel(),
+        map_rows,
         noise_table.numel(),
         weights.numel(),
         group_offsets.numel(),
         *row_bytes(D, row_alignment),
         D=D,
         BLOCK_D=triton.next_power_of_2(D),
+        IDENTITY=identity,
         num_warps=max(1, min(4, D // 128)),
         enable_fp_fusion=False,
     )

@@ -22,14 +22,15 @@ def compare_export(ckpt, metrics):
     assert isinstance(ebc, MixedPrecisionInferenceEmbeddingBagCollection)
     rows = {k: metrics[k] for k in metrics if k.startswith("rows_")}
     assert ebc.group_rows() == rows
-    # The trained rows' bytes, the int32 row map (ROW_MAP_BYTES a row) swapped for the ranked
+    # The trained rows' bytes, the int32 row map (ROW_MAP_BYTES a row; none for one tier) swapped for the ranked
     # map: 64-row blocks of bit planes and per-group bases, each table's start and fallback slot, the row count.
     n, tables = sum(rows.values()), ebc.table_fallback.numel()
     codes = sum(1 for v in rows.values() if v)
     stored = codes - int(rows["rows_dropped"] > 0)
     fallback_rows = int((ebc.table_fallback >= 0).sum())
-    trained_weights = metrics["embedding_bytes"] - n * ROW_MAP_BYTES
-    if rows["rows_dropped"] or trained.model.sparse_arch.embedding_bag_collection.stores[0].has_dropped:
+    store = trained.model.sparse_arch.embedding_bag_collection.stores[0]
+    trained_weights = metrics["embedding_bytes"] - (0 if store.identity_map else n * ROW_MAP_BYTES)
+    if rows["rows_dropped"] or store.has_dropped:
         trained_weights -= (tables - fallback_rows) * 4 * ebc.dim  # only tables that drop rows keep theirs
     ranked = -(-n // 64) * (8 * math.ceil(math.log2(codes)) * (codes > 1) + 4 * stored) + 16 * tables + 8
     assert ebc.memory_bytes() == trained_weights + ranked

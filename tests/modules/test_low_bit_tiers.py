@@ -119,7 +119,8 @@ def test_one_low_bit_tier_trains_and_exports_the_same_logits(tmp_path, precision
     rows = sum(t["fp32_embedding_bytes"] for t in m["tables"].values()) // (8 * 4)
     assert m[f"rows_{precision}"] == rows and m["test_auc"] > 0.55
     bits = 4 if precision == "int4" else 2
-    assert m["embedding_bytes"] == rows * (8 * bits // 8 + 4 + ROW_MAP_BYTES)
+    # One tier: rows in key order, no row map (`identity_map`): the rows' bytes and nothing more.
+    assert m["embedding_bytes"] == rows * (8 * bits // 8 + 4)
     diff, ebc = compare_export(out / "checkpoints", m)
     assert diff < 1e-5 and ebc.group_rows()[f"rows_{precision}"] == rows
 
