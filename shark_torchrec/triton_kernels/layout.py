@@ -34,10 +34,18 @@ def row_bytes(dim: int, alignment: int) -> List[int]:
 
 
 def map_argument(row_map: torch.Tensor, range_ends: torch.Tensor, dev: torch.device):
-    """What the kernels take of a row map: (the map to read, its rows, whether it is the
-    identity). An empty row map is the identity (a one-tier store keeps none): a row's number
-    is its key, the rows are range_ends' last entry, and the kernels read no map (they are
-    handed range_ends in its place, a tensor they never load)."""
+    """What the kernels take of a row map. An empty row map is the identity (a one-tier store
+    keeps none): a row's number is its key, the rows are range_ends' last entry, and the
+    kernels read no map (they are handed range_ends in its place, a tensor they never load).
+
+    Args:
+        row_map: the op's row map (int32, possibly empty).
+        range_ends: the op's range_ends.
+        dev: the kernels' device.
+
+    Returns:
+        (the tensor to pass as the map, the rows it covers, whether it is the identity).
+    """
     if row_map.numel() == 0:
         ends = range_ends.to(dev, torch.int32)
         return ends, int(range_ends[-1]), True
