@@ -226,16 +226,21 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
                     rounding=rounding,
                 )
             )
-        elif n in ("shark-int4", "shark-int2", "shark-int4+sgd"):
-            # +sgd: the rows' optimizer is plain SGD (no state a row) instead of row-wise Adagrad.
-            tier, _, sgd = n.split("-")[1].partition("+")
+        elif n in ("shark-int4", "shark-int2", "shark-int4+sgd", "shark-int4+bf16"):
+            # +sgd: the rows' optimizer is plain SGD (no state a row) instead of row-wise Adagrad;
+            # +bf16: row-wise Adagrad with its state a row in bf16 (2 bytes, stochastically rounded).
+            tier, _, variant = n.split("-")[1].partition("+")
+            flags = {
+                "": ((), ""),
+                "sgd": (("--emb-optimizer", "sgd"), ", SGD (--emb-optimizer sgd, no optimizer state)"),
+                "bf16": (("--emb-optimizer-state", "bf16"), ", Adagrad state in bf16 (--emb-optimizer-state bf16)"),
+            }[variant]
             out.append(
                 Method(
                     n,
                     "train",
-                    f"our module, every row {tier}, trained in place from the start (stochastic rounding)"
-                    + (", SGD (--emb-optimizer sgd, no optimizer state)" if sgd else ""),
-                    ("--precision", tier) + (("--emb-optimizer", "sgd") if sgd else ()),
+                    f"our module, every row {tier}, trained in place from the start (stochastic rounding)" + flags[1],
+                    ("--precision", tier) + flags[0],
                 )
             )
         elif n.startswith(("shark:", "shark-model:")):

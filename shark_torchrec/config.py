@@ -175,6 +175,10 @@ class TrainConfig:
     emb_optimizer: Literal["rowwise_adagrad", "sgd"] = "rowwise_adagrad"
     """Embedding optimizer (fused in the backward pass): FBGEMM's exact row-wise Adagrad or
     SGD; mixed-precision tables apply the same rule in every group."""
+    emb_optimizer_state: Literal["fp32", "bf16"] = "fp32"
+    """Row-wise Adagrad's state a row in mixed-precision tables: fp32 (4 bytes) or bf16 (2
+    bytes, summed in fp32 and stored with stochastic rounding). Not for stock fp32 tables
+    (--precision fp32) or SGD, which keep no such state here."""
     dense_lr: float = 0.01
     """Learning rate of the dense part (torch Adagrad)."""
     eps: float = 1e-8
@@ -203,6 +207,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} (--{name.replace('_', '-')}) must be > 0")
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("train.epochs and train.max_steps must be >= 0")
+        if self.emb_optimizer_state != "fp32" and self.emb_optimizer != "rowwise_adagrad":
+            raise ConfigError(
+                f"train.emb_optimizer_state={self.emb_optimizer_state} (--emb-optimizer-state) is row-wise "
+                f"Adagrad's state; --emb-optimizer {self.emb_optimizer} keeps none"
+            )
 
 
 @dataclass
@@ -307,13 +316,16 @@ class QuantConfig:
                 f"freq, not {self.precision}"
             )
 
-    def policy(self, lr: float, eps: float, seed: int, optimizer: str = "rowwise_adagrad"):
+    def policy(
+        self, lr: float, eps: float, seed: int, optimizer: str = "rowwise_adagrad", momentum_dtype: str = "fp32"
+    ):
         """The `PrecisionPolicy` these flags describe, for a mixed-precision collection.
 
         Args:
             lr, eps: the embedding optimizer's learning rate and epsilon (`[train]` lr and eps).
             seed: the seed of the rows' stochastic rounding noise (`[train]` seed).
             optimizer: the embedding optimizer, `rowwise_adagrad` or `sgd` (`[train]` emb_optimizer).
+            momentum_dtype: row-wise Adagrad's state, `fp32` or `bf16` (`[train]` emb_optimizer_state).
 
         Returns:
             The policy, not yet resolved: an unset budget gets its default for the tables' dims
@@ -344,6 +356,7 @@ class QuantConfig:
             optimizer=optimizer,
             learning_rate=lr,
             eps=eps,
+            momentum_dtype=momentum_dtype,
             seed=seed,
             bad_ids=self.bad_ids,
         )
@@ -477,10 +490,15 @@ class JobConfig:
         try:
             # The policy's own rules (tiers, fractions, thresholds, a reachable budget at this
             # dim), checked here so that a bad config stops before any work.
-            policy = q.policy(t.lr, t.eps, t.seed, t.emb_optimizer)
+            policy = q.policy(t.lr, t.eps, t.seed, t.emb_optimizer, t.emb_optimizer_state)
             policy.resolved([m.embedding_dim])
         except ValueError as e:
             raise ConfigError(f"quant: {e}") from e
+        if t.emb_optimizer_state != "fp32" and q.precision == "fp32":
+            raise ConfigError(
+                f"train.emb_optimizer_state={t.emb_optimizer_state} (--emb-optimizer-state) applies to our "
+                "mixed-precision tables; --precision fp32 trains stock TorchRec tables (fp32 state)"
+            )
         if c.quant_budget is not None:
             from shark_torchrec.precision.priority import GROUP_NAMES, min_budget
 

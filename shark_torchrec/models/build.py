@@ -33,7 +33,7 @@ def model_from_config(cfg: JobConfig, schema: Schema, device: Optional[torch.dev
         t = cfg.train
         ebc = MixedPrecisionEmbeddingBagCollection(
             tables=table_configs(kept, cfg.model.embedding_dim),
-            precision_policy=cfg.quant.policy(t.lr, t.eps, t.seed, t.emb_optimizer),
+            precision_policy=cfg.quant.policy(t.lr, t.eps, t.seed, t.emb_optimizer, t.emb_optimizer_state),
             device=device,
         )
     return build_dlrm(schema, cfg.model, ebc=ebc, seed=cfg.train.seed)

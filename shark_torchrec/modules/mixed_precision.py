@@ -292,8 +292,8 @@ def table_state_block(
         return _units(store.row_priority[r0:r1], D)
     if key == "row_seen_step":
         return _units(store.row_seen_step[r0:r1], D)
-    if key == "momentum":
-        return _units(store.momentum[r0:r1], D)
+    if key == "momentum":  # saved as fp32 whatever the store keeps (bf16 values convert exactly)
+        return _units(store.momentum[r0:r1].float(), D)
     # The table's fallback row (what its dropped rows read) and its optimizer state.
     if key == "fallback":
         return store.fallback_rows()[index : index + 1]

@@ -21,11 +21,14 @@ PAPER_TIERS = ("fp32", "fp16", "int8")
 BUDGET_SCOPES = ("table", "model")
 SIGNALS = ("eq7", "eq7-grad")
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
+# What row-wise Adagrad keeps a row in: fp32 (4 bytes, FBGEMM's default) or bf16 (2 bytes,
+# rounded stochastically; FBGEMM's `optimizer_state_dtypes={"momentum1": SparseType.BF16}`).
+MOMENTUM_DTYPES = ("fp32", "bf16")
 BAD_ID_POLICIES = ("error", "row0")
 # What FBGEMM's table-batched embeddings train with when nothing is said (its constructor's
 # defaults): a collection given no optimizer by its policy or its sharder's fused_params
 # trains as a stock fused table would.
-FBGEMM_DEFAULTS = {"optimizer": "sgd", "learning_rate": 0.01, "eps": 1.0e-8}
+FBGEMM_DEFAULTS = {"optimizer": "sgd", "learning_rate": 0.01, "eps": 1.0e-8, "momentum_dtype": "fp32"}
 # fused_params keys that change nothing in our update (TorchRec and FBGEMM pass them along).
 _NEUTRAL_FUSED_PARAMS = {
     "stochastic_rounding",  # our fp16/int8 rows always round stochastically
@@ -87,6 +90,11 @@ class PrecisionPolicy:
       EXACT_ROWWISE_ADAGRAD rule, or `sgd`). None: taken from the sharder's TorchRec
       `fused_params` (`optimizer` as an `EmbOptimType`, `learning_rate`, `eps`), else FBGEMM's
       defaults (EXACT_SGD, 0.01, 1e-8), as for a stock fused table.
+    momentum_dtype: row-wise Adagrad's state a row: `fp32` (4 bytes) or `bf16` (2 bytes: the
+      sum is taken in fp32 and stored with stochastic rounding, so increments far below the
+      sum's resolution still count in expectation; the step uses the unrounded sum). None:
+      taken from the sharder's `fused_params` (`optimizer_state_dtypes={"momentum1":
+      SparseType.BF16}`, as FBGEMM takes it), else fp32.
     seed: the seed of the stochastic rounding noise (hashed with step, table, row and column).
     bad_ids: ids outside their table: `error` (an IdError naming the feature and the id) or
       `row0` (they read and train row 0).
@@ -107,6 +115,7 @@ class PrecisionPolicy:
     optimizer: Optional[str] = None
     learning_rate: Optional[float] = None
     eps: Optional[float] = None
+    momentum_dtype: Optional[str] = None
     seed: int = 0
     bad_ids: str = "error"
 
@@ -159,6 +168,8 @@ class PrecisionPolicy:
             raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
         if self.eps is not None and not self.eps > 0:
             raise bad("eps", f"must be > 0, got {self.eps}")
+        if self.momentum_dtype is not None and self.momentum_dtype not in MOMENTUM_DTYPES:
+            raise bad("momentum_dtype", f"must be one of {MOMENTUM_DTYPES}, got {self.momentum_dtype!r}")
         if self.bad_ids not in BAD_ID_POLICIES:
             raise bad("bad_ids", f"must be one of {BAD_ID_POLICIES}, got {self.bad_ids!r}")
         if "int1" in self.tiers:
@@ -290,8 +301,9 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
         policy: fields it sets win only where fused_params say nothing or the same.
 
     Returns:
-        {"optimizer", "learning_rate", "eps"}: policy's value, else fused_params', else FBGEMM's
-        default.
+        {"optimizer", "learning_rate", "eps", "momentum_dtype"}: policy's value, else
+        fused_params' (`optimizer_state_dtypes["momentum1"]` for the last), else FBGEMM's
+        default (fp32 state).
 
     Raises:
         ValueError: an optimizer other than EXACT_ROWWISE_ADAGRAD / EXACT_SGD, a fused
@@ -307,6 +319,13 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
             from_fused[key] = float(value)
         elif key == "weight_decay" and not value:
             pass
+        elif key == "optimizer_state_dtypes":
+            states = dict(value or {})
+            other = sorted(set(states) - {"momentum1"})
+            if other:
+                unknown.append(f"optimizer_state_dtypes {other}")
+            if "momentum1" in states:
+                from_fused["momentum_dtype"] = _momentum_dtype_name(states["momentum1"])
         elif key not in _NEUTRAL_FUSED_PARAMS:
             unknown.append(key)
     if unknown:
@@ -315,7 +334,7 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
             "(they implement optimizer, learning_rate and eps)"
         )
     out = {}
-    for key in ("optimizer", "learning_rate", "eps"):
+    for key in ("optimizer", "learning_rate", "eps", "momentum_dtype"):
         mine, theirs = getattr(policy, key), from_fused.get(key)
         if mine is not None and theirs is not None and mine != theirs:
             raise ValueError(
@@ -324,6 +343,18 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
             )
         out[key] = mine if mine is not None else theirs if theirs is not None else FBGEMM_DEFAULTS[key]
     return out
+
+
+def _momentum_dtype_name(value: Any) -> str:
+    """Our name for an optimizer state dtype (SparseType, torch dtype or name)."""
+    name = str(getattr(value, "name", value)).lower().replace("torch.", "")
+    names = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+    if name not in names:
+        raise ValueError(
+            f"fused_params optimizer_state_dtypes momentum1={value} is not supported by the mixed-precision "
+            "collections (supported: FP32, BF16)"
+        )
+    return names[name]
 
 
 def _optimizer_name(value: Any) -> str:

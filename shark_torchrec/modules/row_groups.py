@@ -192,7 +192,9 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         self.row_map = torch.zeros(n, dtype=torch.int32)
         self._range_ends = torch.zeros(GROUPS, dtype=torch.int32)  # end of each stored group's range
         self._range_shift = torch.zeros(GROUPS + 1, dtype=torch.int32)  # map value - lookup slot, per group
-        self.momentum = torch.zeros(n if policy.optimizer == "rowwise_adagrad" else 0)
+        # Row-wise Adagrad's sum a row: fp32, or bf16 rounded stochastically (policy.momentum_dtype).
+        momentum_dtype = torch.bfloat16 if policy.momentum_dtype == "bf16" else torch.float32
+        self.momentum = torch.zeros(n if policy.optimizer == "rowwise_adagrad" else 0, dtype=momentum_dtype)
         scored = policy.scored
         self.row_priority = torch.zeros(n if scored else 0)
         self.row_seen_step = torch.zeros(n if scored else 0, dtype=torch.int32)
@@ -652,7 +654,7 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
             out.append(
                 {
                     "embedding_bytes": weights + (0 if self.identity_map else t.rows * ROW_MAP_BYTES),
-                    "optimizer_bytes": (hi - lo) * 4 if self.momentum.numel() else 0,
+                    "optimizer_bytes": (hi - lo) * self.momentum.element_size() if self.momentum.numel() else 0,
                     "priority_bytes": (hi - lo) * 8 if self.row_priority.numel() else 0,
                     **{f"rows_{name}": counts[g] for g, name in enumerate(GROUP_NAMES)},
                 }

@@ -23,7 +23,7 @@ import torch
 from shark_torchrec.kernels import update_priorities_, update_rows_hashed_
 from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.priority import DROPPED, FP32, updated
-from shark_torchrec.precision.quantize import _noise_table, noise_head
+from shark_torchrec.precision.quantize import _noise_table, noise_head, round_bf16_stochastic, state_noise_bits
 
 
 class RowOptimizer:
@@ -31,6 +31,7 @@ class RowOptimizer:
 
     Reads of the store: `policy`, `step` (`value`), `has_dropped`, and its layout through
     `groups_of`, `table_of_rows`, `grouping`, `group_view`, `_dequantize`, `noise_starts`,
+    `_noise_rows` (a bf16 optimizer state's rounding noise),
     `fallback_slot0`, and the buffers the fused update reads (`op_layout`, `table_base` and the
     tables' ids and offsets, `dim`, `row_alignment`). Writes: `row_priority`,
     `row_seen_step`, `priority_seconds`, `nonfinite_rows`, `momentum`, `fallback_grad`,
@@ -140,11 +141,20 @@ class RowOptimizer:
     def _step_scale(self, momentum: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """Per row, what its gradient is multiplied by in this step's update: row-wise Adagrad
         (FBGEMM's EXACT_ROWWISE_ADAGRAD: `momentum[index]` += mean(g^2), then lr / (sqrt(m) +
-        eps)) or SGD (lr). Shared by the rows and the fallback rows."""
+        eps)) or SGD (lr). Shared by the rows and the fallback rows. A bf16 state (the rows',
+        under `momentum_dtype="bf16"`; `index` then holds row keys) is summed in fp32 and
+        stored with stochastic rounding, its noise hashed from (seed, step, table, global
+        row) so that every replica and column slice of a row, and a resumed run, round alike;
+        the step uses the unrounded sum."""
         p = self.policy
         if p.optimizer == "rowwise_adagrad":
-            m = momentum.index_select(0, index) + (grad * grad).mean(dim=1)
-            momentum.index_copy_(0, index, m)
+            m = momentum.index_select(0, index).float() + (grad * grad).mean(dim=1)
+            if momentum.dtype == torch.bfloat16:
+                t, rows = self._noise_rows(index)
+                bits = state_noise_bits(p.seed, self.step.value, self._table_ids[t], rows)
+                momentum.index_copy_(0, index, round_bf16_stochastic(m, bits))
+            else:
+                momentum.index_copy_(0, index, m)
             return p.learning_rate / (m.sqrt() + p.eps)
         return torch.full((len(index),), p.learning_rate)
 

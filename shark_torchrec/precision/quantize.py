@@ -136,6 +136,47 @@ def rounding_noise(
     return table[idx]
 
 
+def state_noise_bits(seed: int, step: int, tables: torch.Tensor | int, rows: torch.Tensor) -> torch.Tensor:
+    """16 uniform random bits a row, a pure function of (seed, step, table id, global row),
+    hashed apart from the rows' own rounding noise: what rounds a row's optimizer state
+    (`round_bf16_stochastic`).
+
+    Args:
+        seed: the policy's seed.
+        step: the training step.
+        tables: one table id, or one a row.
+        rows: [n] global row ids.
+
+    Returns:
+        int32 [n] in [0, 2^16).
+    """
+    head = noise_head(seed, step)
+    t = torch.as_tensor(tables, dtype=torch.int64)
+    r = _mix(_mix(t * _M1 + head + _M3) + rows.to(torch.int64) * _M2)  # other constants than _row_offsets
+    return ((r >> 24) & 0xFFFF).to(torch.int32)
+
+
+def round_bf16_stochastic(values: torch.Tensor, noise_bits: torch.Tensor) -> torch.Tensor:
+    """Finite fp32 -> bf16, rounding up (in magnitude) with probability equal to the distance
+    to the lower neighbour: the 16 low bits of each value's fp32 pattern plus 16 random bits,
+    truncated. Unbiased within a binade, so many increments below bf16's resolution still add
+    up in expectation (rounding to nearest would drop every one of them).
+
+    Args:
+        values: finite float32 values.
+        noise_bits: int32 of the same shape, uniform in [0, 2^16) (`state_noise_bits`).
+
+    Returns:
+        bfloat16 values of the same shape.
+    """
+    bits = values.float().contiguous().view(torch.int32)
+    sign = bits & -(1 << 31)
+    magnitude = bits & 0x7FFFFFFF
+    # Below the largest finite bf16 the carry moves to the next bf16 up; at it, truncate.
+    rounded = torch.where(magnitude < 0x7F7F0000, magnitude + noise_bits, magnitude) & -(1 << 16)
+    return (rounded | sign).view(torch.float32).to(torch.bfloat16)
+
+
 def round_fp16_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """fp32 -> fp16, rounding away from zero with probability equal to the distance to the
     fp16 value below (in magnitude) over the gap, so E[result] = value (values are clamped to

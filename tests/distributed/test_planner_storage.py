@@ -23,6 +23,7 @@ POLICIES = {
     "budget": {},
     "budget_sgd": {"memory_budget": 0.4, "optimizer": "sgd"},
     "int8": {"mode": "int8", "memory_budget": None},
+    "int4_bf16_state": {"mode": "int4", "memory_budget": None, "momentum_dtype": "bf16"},  # no row map, 2-byte state
     "fp16": {"mode": "fp16", "memory_budget": None, "optimizer": "sgd"},
 }
 
@@ -65,7 +66,7 @@ def test_both_collections_are_sized_by_our_bytes(sequence):
 
 def allocated_bytes(store) -> int:
     """What a store really holds for its rows: the group buffer, the row map (one int32 a
-    row), the row-wise optimizer state and the priority state."""
+    row; none for one tier), the row-wise optimizer state and the priority state."""
     tensors = (store.weights, store.row_map, store.momentum, store.row_priority, store.row_seen_step)
     return sum(t.numel() * t.element_size() for t in tensors)
 

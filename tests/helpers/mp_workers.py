@@ -322,6 +322,7 @@ def reference_math_run(steps: int, pol_kw: dict, sequence: bool = False, world: 
         reassign_every=p.reassign_every,
         groups=p.groups,
         row_fractions=p.row_fractions,
+        momentum_dtype=p.momentum_dtype or "fp32",
     )
     head = GLOBAL_BATCH // world  # rank 0's samples
     outs = []

@@ -37,8 +37,10 @@ from shark_torchrec.precision.priority import (
 from shark_torchrec.precision.quantize import (
     dequantize_rows,
     quantize_rows,
+    round_bf16_stochastic,
     round_fp16_stochastic,
     rounding_noise,
+    state_noise_bits,
 )
 
 
@@ -140,7 +142,9 @@ class Reference:
         reassign_every: int,
         groups: Sequence[int] = PAPER_GROUPS,
         row_fractions: Optional[Sequence[float]] = None,
+        momentum_dtype: str = "fp32",
     ) -> None:
+        self.momentum_dtype = momentum_dtype
         self.tables = {
             n: ReferenceTable(n, v, memory_budget, fp32_fraction, groups, row_fractions) for n, v in tables.items()
         }
@@ -207,7 +211,11 @@ class Reference:
             # both round the same fp32 numbers and the stochastic rounding can match bit for bit.
             g = grad[touched]
             m = t.momentum[touched] + (g * g).mean(dim=1)
-            t.momentum[touched] = m
+            if self.momentum_dtype == "bf16":  # kept in bf16, rounded with the row's own 16 random bits
+                bits = state_noise_bits(self.seed, step, t.table_id, touched)
+                t.momentum[touched] = round_bf16_stochastic(m, bits).float()
+            else:
+                t.momentum[touched] = m
             new = t.values[touched] - g * (self.lr / (m.sqrt() + self.eps))[:, None]
             noise = rounding_noise(self.seed, step, t.table_id, touched, torch.arange(t.dim))
             t.values[touched] = rounded_stochastically(new, t.group[touched], noise)

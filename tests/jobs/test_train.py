@@ -37,13 +37,22 @@ def test_main_job_tiny(tmp_path):
     assert list_checkpoints(out / "checkpoints")
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "data_parallel"])
-def test_two_ranks_match_one_rank(tmp_path, sharding):
+@pytest.mark.parametrize(
+    "sharding,extra",
+    [
+        ("table_wise", []),
+        ("column_wise", []),
+        ("data_parallel", []),
+        # one tier: every row shard keeps no row map
+        ("row_wise", ["--precision", "int4"]),
+    ],
+)
+def test_two_ranks_match_one_rank(tmp_path, sharding, extra):
     """2-process DMP (gloo) over the same global batches ends where 1 process does.
 
     data_parallel tables are trained by RowWiseAdagrad (not the dense optimizer) and must
     neither diverge nor differ from the sharded rule's single-process result."""
-    args = [*TINY, "--synthetic-train-rows", "2000", "--sharding-types", sharding]
+    args = [*TINY, "--synthetic-train-rows", "2000", "--sharding-types", sharding, *extra]
     if sharding == "data_parallel":
         args.append("--allow-data-parallel")
     one, two = tmp_path / "one", tmp_path / "two"
@@ -61,10 +70,18 @@ def test_two_ranks_match_one_rank(tmp_path, sharding):
     assert ma["embedding_bytes"] == mb["embedding_bytes"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "shark"])
+RESUMED = {
+    "fp32": [],
+    "shark": ["--precision", "shark", "--memory-budget", "0.7", "--reassign-every", "5"],
+    # one tier (no row map) with a bf16 Adagrad state (stochastically rounded)
+    "int4-bf16": ["--precision", "int4", "--emb-optimizer-state", "bf16"],
+}
+
+
+@pytest.mark.parametrize("precision", list(RESUMED))
 def test_kill_and_resume_is_bit_exact(tmp_path, precision):
     """Mixed precision too: stochastic rounding noise, scores, groups and the step resume."""
-    extra = ["--precision", "shark", "--memory-budget", "0.7", "--reassign-every", "5"] if precision == "shark" else []
+    extra = RESUMED[precision]
     args = [*TINY, "--synthetic-train-rows", "3000", "--epochs", "2", "--checkpoint-every", "7", *extra]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_shark("train", *args, "--out-dir", str(straight))

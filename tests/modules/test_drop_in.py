@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -137,6 +137,14 @@ def test_fused_params_set_the_update_and_unsupported_ones_are_refused():
         policy.resolved([16], {"momentum": 0.9})
     with pytest.raises(ValueError, match="learning_rate=0.5 contradicts"):
         PrecisionPolicy(learning_rate=0.5).resolved([16], {"learning_rate": 0.1})
+    # The optimizer state's dtype, as FBGEMM takes it.
+    assert plain.momentum_dtype == "fp32"
+    half_state = {"optimizer_state_dtypes": {"momentum1": SparseType.BF16}}
+    assert policy.resolved([16], half_state).momentum_dtype == "bf16"
+    with pytest.raises(ValueError, match="momentum1=fp16 is not supported"):
+        policy.resolved([16], {"optimizer_state_dtypes": {"momentum1": SparseType.FP16}})
+    with pytest.raises(ValueError, match="momentum_dtype='fp32' contradicts"):
+        PrecisionPolicy(momentum_dtype="fp32").resolved([16], half_state)
 
 
 def test_the_sharded_update_uses_the_sharders_fused_learning_rate():
