@@ -454,6 +454,8 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         if self.identity_map and not fresh:
             if bool((groups == self.policy.groups[0]).all()):  # nothing moves (a checkpoint of this tier)
                 return {name: 0 for name in GROUP_NAMES}
+            if bool((groups == DROPPED).any()):  # refused below too; refused here before a map is made
+                raise ValueError("rows can be dropped only under a policy whose tiers include 'dropped'")
             # A checkpoint's mixed groups: moves write map entries, so keep a map from here.
             self.row_map = torch.arange(self.num_rows, dtype=torch.int32)
             self.identity_map = False

@@ -174,6 +174,7 @@ def round_bf16_stochastic(values: torch.Tensor, noise_bits: torch.Tensor) -> tor
     magnitude = bits & 0x7FFFFFFF
     # Below the largest finite bf16 the carry moves to the next bf16 up; at it, truncate.
     rounded = torch.where(magnitude < 0x7F7F0000, magnitude + noise_bits, magnitude) & -(1 << 16)
+    rounded = torch.where(magnitude > 0x7F800000, 0x7FC00000, rounded)  # a NaN stays NaN (not inf)
     return (rounded | sign).view(torch.float32).to(torch.bfloat16)
 
 

@@ -140,6 +140,11 @@ def test_mixed_groups_loaded_into_a_one_tier_store_bring_the_row_map_back():
     store = store_of(PrecisionPolicy(mode="int4", optimizer="sgd", learning_rate=0.1))
     n = store.num_rows
     store.set_groups(torch.full((n,), INT4, dtype=torch.int8))
+    refused = torch.full((n,), INT4, dtype=torch.int8)
+    refused[0] = 5  # dropped: not a tier of this policy
+    with pytest.raises(ValueError, match="rows can be dropped only"):
+        store.set_groups(refused)
+    assert store.identity_map and store.row_map.numel() == 0  # nothing changed
     values = torch.randn(n, 16, generator=torch.Generator().manual_seed(2))
     store.write_rows(torch.arange(n), values)
     before = store.read_rows(torch.arange(n))

@@ -61,5 +61,7 @@ def test_the_rounding_noise_is_a_function_of_seed_step_table_and_row():
     # Halfway between two bf16 values: rounded up for about half of the rows.
     up = round_bf16_stochastic(torch.full((1000,), 1.0 + 2**-8), a).float() > 1.0
     assert 0.4 < up.float().mean() < 0.6
-    exact = torch.tensor([0.0, 1.5, -3.0, 2.0**-130])
-    assert torch.equal(round_bf16_stochastic(exact, torch.full((4,), 0xFFFF, dtype=torch.int32)).float(), exact)
+    exact = torch.tensor([0.0, 1.5, -3.0, 2.0**-130, float("inf")])
+    assert torch.equal(round_bf16_stochastic(exact, torch.full((5,), 0xFFFF, dtype=torch.int32)).float(), exact)
+    nan = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)  # its payload in the low bits only
+    assert torch.isnan(round_bf16_stochastic(nan, torch.zeros(1, dtype=torch.int32))).all()
