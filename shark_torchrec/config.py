@@ -207,6 +207,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} (--{name.replace('_', '-')}) must be > 0")
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("train.epochs and train.max_steps must be >= 0")
+        # A TOML file's values reach here unchecked by the flags' choices: name the field.
+        for name, allowed in (("emb_optimizer", ("rowwise_adagrad", "sgd")), ("emb_optimizer_state", ("fp32", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"train.{name}={getattr(self, name)!r} (--{name.replace('_', '-')}) must be one of {allowed}"
+                )
         if self.emb_optimizer_state != "fp32" and self.emb_optimizer != "rowwise_adagrad":
             raise ConfigError(
                 f"train.emb_optimizer_state={self.emb_optimizer_state} (--emb-optimizer-state) is row-wise "

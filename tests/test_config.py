@@ -39,6 +39,16 @@ def test_validation_names_the_field():
         cfg.validate()
 
 
+def test_a_toml_files_optimizer_choices_are_named(tmp_path):
+    """Values from a TOML file bypass the flags' choices: the field and its flag are named."""
+    f = tmp_path / "job.toml"
+    for field, value in (("emb_optimizer_state", "fp16"), ("emb_optimizer", "adam")):
+        f.write_text(f'[train]\n{field} = "{value}"\n')
+        flag = field.replace("_", "-")
+        with pytest.raises(ConfigError, match=rf"train\.{field}='{value}' \(--{flag}\) must be one of"):
+            load_config(f).validate()
+
+
 def test_precision_flags_are_validated():
     import pytest
 

@@ -523,7 +523,12 @@ class ShardedMixedPrecisionModule:
         **kwargs: Any,
     ) -> None:
         # The user's policy, its unset fields taken from this sharder's TorchRec fused_params.
-        object.__setattr__(self, "precision_policy", module.resolved_policy(kwargs.get("fused_params")))
+        fused = kwargs.get("fused_params")
+        object.__setattr__(self, "precision_policy", module.resolved_policy(fused))
+        if fused and "optimizer_state_dtypes" in fused:
+            # Taken into the policy (momentum_dtype). TorchRec groups tables by a tuple of the
+            # fused_params' items, which a dict value cannot be part of.
+            kwargs["fused_params"] = {k: v for k, v in fused.items() if k != "optimizer_state_dtypes"}
         object.__setattr__(self, "step_counter", StepCounter())
         object.__setattr__(self, "_label_tagged", module.label_tagged)
         super().__init__(module, table_name_to_parameter_sharding, env, **kwargs)

@@ -339,9 +339,11 @@ def load_checkpoint(
     optimizer: Optional[torch.optim.Optimizer],
     expected_tables: Dict[str, List[int]],
     precision: Optional[str] = None,
+    optimizer_state: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Load weights (and optimizer state) in place; refuse other tables by name, and, when
-    `precision` is given, a checkpoint trained with another one.
+    `precision` is given, a checkpoint trained with another one; when `optimizer_state` is
+    given, one whose row-wise Adagrad state was kept in another dtype.
 
     Collective: every rank calls it (DCP's load).
 
@@ -351,6 +353,8 @@ def load_checkpoint(
         optimizer: its optimizer, loaded in place, or None.
         expected_tables: the model's `table_shapes`.
         precision: the model's `--precision`, or None to accept any.
+        optimizer_state: the run's `--emb-optimizer-state`, or None to accept any (a
+            continued run must keep its checkpoint's: the state would change dtype silently).
 
     Returns:
         The checkpoint's meta.json.
@@ -365,6 +369,13 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {path} was trained with --precision {saved_precision(meta)}, this model is "
             f"--precision {precision}: start from it with --init-from to convert (nothing was loaded)"
+        )
+    saved_state = meta.get("config", {}).get("train", {}).get("emb_optimizer_state", "fp32")
+    if optimizer_state is not None and saved_state != optimizer_state:
+        raise CheckpointError(
+            f"checkpoint {path} kept row-wise Adagrad's state in {saved_state}, this run asks for "
+            f"--emb-optimizer-state {optimizer_state}: continue it with --emb-optimizer-state {saved_state}, "
+            "or start from it with --checkpoint to convert (nothing was loaded)"
         )
     # Rows go from the read buffers straight into the stores (no fp32 state dict of them).
     load_state_in_place(

@@ -10,7 +10,8 @@ Export directory:
 
     model.pt                 the inference model (torch.save of the DLRMTrainModule; needs this package)
     embedding_collection.pt  its collection, TorchScript over KJT (needs TorchRec to load)
-    export.json              bytes, rows per group, the largest logit difference to the trained model on dev
+    export.json              bytes, rows per group, the largest logit difference on dev to the model served
+                             (the trained one; with serving tiers, the trained one regrouped into them)
     serving_model.pt         the whole model, TorchScript on plain tensors (torch + shark_kernels.so)
     shark_kernels.so         our compiled lookup op, which serving_model.pt calls (for this torch version)
     serving.json             fields, raw-line layout and encoding (what serve.py reads)
@@ -705,8 +706,10 @@ def export_checkpoint(
 
     Returns:
         export.json's record: bytes beside the fp32 tables and beside TorchRec's per-table int8
-        (`quantize_embeddings`), rows per group, and the largest logit difference to the
-        trained model over the dev split.
+        (`quantize_embeddings`), rows per group, and the largest logit difference over the dev
+        split to the model the export serves: the trained model, or with `serving` the trained
+        model regrouped into those tiers (a check of the export, not of what the tiers cost:
+        that is the AUC's to say).
     """
     from shark_torchrec.data import open_dataset
     from shark_torchrec.distributed.memory import torchrec_int8_bytes

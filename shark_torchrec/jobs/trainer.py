@@ -183,7 +183,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     loaded_from = None
     if run.resume and list_checkpoints(ckpt_root):
         path = resolve_checkpoint_on_rank0(ckpt_root)
-        meta = load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision)
+        meta = load_checkpoint(path, dmp, optimizer, shapes, cfg.quant.precision, t.emb_optimizer_state)
         state = TrainState(**{k: meta[k] for k in asdict(TrainState()) if k in meta})
         if env.is_main:
             log.info(

@@ -254,6 +254,11 @@ class PrecisionPolicy:
         """
         dims = list(dims)
         changes: Dict[str, Any] = training_from_fused_params(fused_params or {}, self)
+        if changes["momentum_dtype"] != "fp32" and changes["optimizer"] != "rowwise_adagrad":
+            raise ValueError(
+                f"precision policy: momentum_dtype {changes['momentum_dtype']} is row-wise Adagrad's state; "
+                f"optimizer {changes['optimizer']} keeps none"
+            )
         if INT2 in self.groups and any(d % 8 for d in dims):
             raise ValueError(
                 f"precision policy: int2 rows need embedding dims that are multiples of 8, got {sorted(set(dims))}"
@@ -323,7 +328,7 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
             states = dict(value or {})
             other = sorted(set(states) - {"momentum1"})
             if other:
-                unknown.append(f"optimizer_state_dtypes {other}")
+                unknown.append(f"optimizer_state_dtypes of {', '.join(other)}")
             if "momentum1" in states:
                 from_fused["momentum_dtype"] = _momentum_dtype_name(states["momentum1"])
         elif key not in _NEUTRAL_FUSED_PARAMS:

@@ -139,12 +139,19 @@ def test_fused_params_set_the_update_and_unsupported_ones_are_refused():
         PrecisionPolicy(learning_rate=0.5).resolved([16], {"learning_rate": 0.1})
     # The optimizer state's dtype, as FBGEMM takes it.
     assert plain.momentum_dtype == "fp32"
-    half_state = {"optimizer_state_dtypes": {"momentum1": SparseType.BF16}}
+    half_state = {
+        "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "optimizer_state_dtypes": {"momentum1": SparseType.BF16},
+    }
     assert policy.resolved([16], half_state).momentum_dtype == "bf16"
     with pytest.raises(ValueError, match="momentum1=fp16 is not supported"):
         policy.resolved([16], {"optimizer_state_dtypes": {"momentum1": SparseType.FP16}})
     with pytest.raises(ValueError, match="momentum_dtype='fp32' contradicts"):
         PrecisionPolicy(momentum_dtype="fp32").resolved([16], half_state)
+    with pytest.raises(ValueError, match="momentum_dtype bf16 is row-wise Adagrad's state; optimizer sgd keeps none"):
+        PrecisionPolicy(momentum_dtype="bf16", optimizer="sgd").resolved([16])
+    with pytest.raises(ValueError, match="optimizer_state_dtypes of momentum2"):
+        policy.resolved([16], {"optimizer_state_dtypes": {"momentum2": SparseType.BF16}})
 
 
 def test_the_sharded_update_uses_the_sharders_fused_learning_rate():
@@ -152,12 +159,27 @@ def test_the_sharded_update_uses_the_sharders_fused_learning_rate():
     gradient (the policy sets no learning rate)."""
     from shark_torchrec.distributed.env import launch
 
-    got = launch(_one_sgd_step, 1, 0.25)
+    got = launch(_one_step, 1, {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.25})
     torch.testing.assert_close(got["after"], got["before"] - 0.25 * got["grad"], rtol=0, atol=1e-6)
     assert got["policy_lr"] == 0.25
 
 
-def _one_sgd_step(lr: float):
+def test_the_sharders_fused_optimizer_state_dtype_keeps_a_bf16_state():
+    """FBGEMM's way of asking for a 2-byte optimizer state, through DMP: the rows keep bf16
+    Adagrad state (TorchRec's table grouping would not take the nested dict)."""
+    fused = {
+        "optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "learning_rate": 0.25,
+        "optimizer_state_dtypes": {"momentum1": SparseType.BF16},
+    }
+    from shark_torchrec.distributed.env import launch
+
+    got = launch(_one_step, 1, fused)
+    assert got["momentum_dtype"] == torch.bfloat16 and got["optimizer_bytes"] == 20 * 2
+    assert not torch.equal(got["after"], got["before"])  # the row trained
+
+
+def _one_step(fused_params: dict):
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -169,11 +191,7 @@ def _one_sgd_step(lr: float):
     init_distributed()
     try:
         ebc = MixedPrecisionEmbeddingBagCollection(bag_tables(8, (20,)), precision_policy=PrecisionPolicy(mode="fp32"))
-        sharders = [
-            MixedPrecisionEmbeddingBagCollectionSharder(
-                fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr}
-            )
-        ]
+        sharders = [MixedPrecisionEmbeddingBagCollectionSharder(fused_params=fused_params)]
         plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu")).collective_plan(
             ebc, sharders, dist.GroupMember.WORLD
         )
@@ -193,7 +211,15 @@ def _one_sgd_step(lr: float):
         after = module.state_dict()["embedding_bags.t0.weight"].local_shards()[0].tensor
         expect = torch.zeros(20, 8)
         expect[3] = grad[0]
-        return {"before": before, "after": after, "grad": expect, "policy_lr": module.precision_policy.learning_rate}
+        store = next(iter(module.stores()))[0]
+        return {
+            "before": before,
+            "after": after,
+            "grad": expect,
+            "policy_lr": module.precision_policy.learning_rate,
+            "momentum_dtype": store.momentum.dtype,
+            "optimizer_bytes": store.table_bytes()[0]["optimizer_bytes"],
+        }
     finally:
         shutdown_distributed()
 
