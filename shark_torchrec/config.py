@@ -18,7 +18,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, List, Literal, Optional, Sequence, Tuple
+from typing import Annotated, Any, List, Literal, Optional, Sequence, Tuple, get_args, get_type_hints
 
 import tomli_w
 import tyro
@@ -207,8 +207,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} (--{name.replace('_', '-')}) must be > 0")
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("train.epochs and train.max_steps must be >= 0")
-        # A TOML file's values reach here unchecked by the flags' choices: name the field.
-        for name, allowed in (("emb_optimizer", ("rowwise_adagrad", "sgd")), ("emb_optimizer_state", ("fp32", "bf16"))):
+        # A TOML file's values reach here unchecked by the flags' choices (the fields' Literals): name the field.
+        hints = get_type_hints(TrainConfig)
+        for name in ("emb_optimizer", "emb_optimizer_state"):
+            allowed = get_args(hints[name])
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"train.{name}={getattr(self, name)!r} (--{name.replace('_', '-')}) must be one of {allowed}"

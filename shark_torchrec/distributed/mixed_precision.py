@@ -840,10 +840,6 @@ class ShardedMixedPrecisionModule:
         return {n: {f: int(vec[i, j]) for j, f in enumerate(fields)} for i, n in enumerate(names)}
 
     # ------------------------------------------------------------------ state dict
-    def _momentum_dtype(self) -> torch.dtype:
-        """What the stores keep row-wise Adagrad's state in (the policy's `momentum_dtype`)."""
-        return torch.bfloat16 if self.precision_policy.momentum_dtype == "bf16" else torch.float32
-
     def _momentum_state(self) -> Dict[str, Any]:
         """table -> its row-wise Adagrad state as TorchRec lays out `momentum1`: a ShardedTensor
         [rows] over this rank's stores (views), or for a data-parallel table the plain tensor.
@@ -871,7 +867,7 @@ class ShardedMixedPrecisionModule:
             md = ShardedTensorMetadata(
                 shards_metadata=shards_md,
                 size=torch.Size([self._table_rows[table]]),
-                tensor_properties=TensorProperties(dtype=self._momentum_dtype()),
+                tensor_properties=TensorProperties(dtype=self.precision_policy.momentum_torch_dtype),
             )
             shards = [
                 Shard(tensor=m, metadata=next(x for x in shards_md if x.shard_offsets[0] == t.row_offset))

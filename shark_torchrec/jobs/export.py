@@ -42,7 +42,7 @@ from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
 from shark_torchrec.models.build import model_from_config
 from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
-from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection
+from shark_torchrec.modules.inference import ONE_BIT_LAYOUT, MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.mixed_precision import (
     MixedPrecisionEmbeddingBagCollection,
     table_state_block,
@@ -827,7 +827,7 @@ def write_serving_files(
     manifest: Dict[str, Any] = {
         "format": recipe.FORMAT,
         "version": recipe.VERSION,
-        "one_bit_layout": int(torch.ops.shark.one_bit_layout()),  # the library's, shipped beside
+        "one_bit_layout": ONE_BIT_LAYOUT,  # the library's, shipped beside
         "model": SERVING_MODEL,
         "interface": (
             "forward(dense [B, Nd] float32, values [nnz] int64, lengths [F * B] int) -> logits [B]; "

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+import torch
+
 from shark_torchrec.precision.priority import (
     DROPPED,
     GROUP_NAMES,
@@ -121,6 +123,11 @@ class PrecisionPolicy:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def momentum_torch_dtype(self) -> torch.dtype:
+        """The dtype row-wise Adagrad's state is kept in (`momentum_dtype`; None: fp32)."""
+        return torch.bfloat16 if self.momentum_dtype == "bf16" else torch.float32
 
     @property
     def scored(self) -> bool:

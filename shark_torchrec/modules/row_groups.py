@@ -193,8 +193,9 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         self._range_ends = torch.zeros(GROUPS, dtype=torch.int32)  # end of each stored group's range
         self._range_shift = torch.zeros(GROUPS + 1, dtype=torch.int32)  # map value - lookup slot, per group
         # Row-wise Adagrad's sum a row: fp32, or bf16 rounded stochastically (policy.momentum_dtype).
-        momentum_dtype = torch.bfloat16 if policy.momentum_dtype == "bf16" else torch.float32
-        self.momentum = torch.zeros(n if policy.optimizer == "rowwise_adagrad" else 0, dtype=momentum_dtype)
+        self.momentum = torch.zeros(
+            n if policy.optimizer == "rowwise_adagrad" else 0, dtype=policy.momentum_torch_dtype
+        )
         scored = policy.scored
         self.row_priority = torch.zeros(n if scored else 0)
         self.row_seen_step = torch.zeros(n if scored else 0, dtype=torch.int32)
@@ -294,7 +295,8 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         groups = torch.empty(self.num_rows, dtype=torch.int8)
         slots = torch.empty(self.num_rows, dtype=torch.int32)
         for a in range(0, self.num_rows, CHUNK_ROWS):
-            g, s = self._decode_map(self.map_values(torch.arange(a, min(a + CHUNK_ROWS, self.num_rows))))
+            b = min(a + CHUNK_ROWS, self.num_rows)
+            g, s = self._decode_map(torch.arange(a, b, dtype=torch.int32) if self.identity_map else self.row_map[a:b])
             groups[a : a + CHUNK_ROWS] = g
             slots[a : a + CHUNK_ROWS] = s
         return groups, slots

@@ -90,7 +90,7 @@ def shard_bytes(policy: PrecisionPolicy, table: str, table_rows: int, shard_rows
         weights += row_bytes(shard_cols, FP32)  # every shard keeps its copy of the table's fallback row
     extra = ROW_MAP_BYTES if policy.scored else 0  # a one-tier store keeps no row map (the identity)
     if policy.optimizer == "rowwise_adagrad":
-        extra += 2 if policy.momentum_dtype == "bf16" else 4
+        extra += policy.momentum_torch_dtype.itemsize
     if policy.scored:
         extra += 8
     return weights + shard_rows * extra
