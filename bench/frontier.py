@@ -101,7 +101,6 @@ class Method:
     base: str = ""  # serve: the trained method whose model is regrouped
     tiers: tuple[str, ...] = ()  # serve: the serving tiers
     rounding: str = "nearest"  # serve: integer rows' scale and bias (ServingTiers.rounding)
-    allocation: str = "rank"  # serve: which rows take which tier (ServingTiers.allocation)
 
 
 POST = {  # name: (torch dtype name, bits)
@@ -195,14 +194,9 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             # these tiers for serving by their trained priorities (fp32: by their occurrences in
             # the training split), one budget for all tables, rounded to nearest:
             # `shark export --tiers ... --memory-budget B`.
-            # A trailing ~fit: integer rows' scale and bias refit by least squares (--rounding fitted);
-            # ~err: rows given tiers by priority x squared error (--allocation error), not by rank.
+            # A trailing ~fit: integer rows' scale and bias refit by least squares (--rounding fitted).
             base, _, rest = n.partition(">")
-            rest, *suffixes = rest.split("~")
-            if set(suffixes) - {"fit", "err"} or len(set(suffixes)) < len(suffixes):
-                raise SystemExit(f"{n}: the suffixes after ~ are fit and err, each at most once")
-            fit = "fit" in suffixes
-            allocation = "error" if "err" in suffixes else "rank"
+            rest, fit, _ = rest.partition("~fit")
             spec, _, b = rest.partition("@")
             tiers = tuple(spec.split("/"))
             if not any(m.name == base for m in out):
@@ -216,23 +210,20 @@ def methods_for(names: Sequence[str], dim: int, budgets: Sequence[float]) -> tup
             rounding = "fitted" if fit else "nearest"
             ranked_by = (
                 "by each row's occurrences in the training split (alpha per positive example, 1 per negative)"
-                if base in ("fp32", "shark-int4", "shark-int2", "shark-int4+sgd", "shark-int4+bf16")  # counted
+                if base in ("fp32", "shark-int4", "shark-int2", "shark-int4+sgd")  # no priorities: counted
                 else "by its trained priorities"
             )
-            if allocation == "error":
-                ranked_by += " times each tier's squared error of the row"
             out.append(
                 Method(
                     n,
                     "serve",
                     f"the {base} model served in {'/'.join(tiers)} rows chosen {ranked_by} "
-                    f"(shark export --tiers {' '.join(tiers)} --memory-budget {b} --rounding {rounding}"
-                    f"{' --allocation error' if allocation == 'error' else ''}, one budget for all tables)",
+                    f"(shark export --tiers {' '.join(tiers)} --memory-budget {b} --rounding {rounding}, "
+                    "one budget for all tables)",
                     budget=float(b),
                     base=base,
                     tiers=tiers,
                     rounding=rounding,
-                    allocation=allocation,
                 )
             )
         elif n in ("shark-int4", "shark-int2", "shark-int4+sgd", "shark-int4+bf16"):
@@ -509,7 +500,7 @@ def run_serve(method: Method, base: FP32Model) -> dict:
     t0 = time.perf_counter()
     arch = base.model.model.sparse_arch
     try:
-        serving = ServingTiers(method.tiers, method.budget, "model", method.rounding, method.allocation)
+        serving = ServingTiers(method.tiers, method.budget, "model", method.rounding)
         if base.counts is None:
             # An fp32 base has no trained priorities: one pass over its training split, shared by its served points.
             base.counts = counted_priorities(base.model, base.data)

@@ -51,7 +51,6 @@ from shark_torchrec.modules.mixed_precision import (
 from shark_torchrec.modules.model_budget import ModelBudget
 from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS
-from shark_torchrec.precision.allocation import allocate_by_error
 from shark_torchrec.precision.priority import (
     DROPPED,
     FP16,
@@ -70,7 +69,6 @@ from shark_torchrec.precision.priority import (
     row_bytes,
 )
 from shark_torchrec.precision.quantize import (
-    dequantize_rows,
     fitted_scale_bias,
     pack_codes,
     quantize_rows,
@@ -139,7 +137,6 @@ def export_inference_model(path: str | Path) -> Tuple[DLRMTrainModule, JobConfig
 
 
 SERVING_ROUNDING = ("nearest", "fitted")
-SERVING_ALLOCATION = ("rank", "error")
 
 
 @dataclass(frozen=True)
@@ -154,25 +151,16 @@ class ServingTiers:
     `int1` is a tier for serving only (`regroup_for_serving`): 1-bit rows, each value +a or -a
     by its sign (one fp16 magnitude a row, `sign_magnitude_rows`), for the rows the other tiers
     cannot hold, where `dropped` would give them their
-    table's mean row; the two exclude each other, and int1 takes the model-wide budget.
-
-    `allocation` says which rows take which tier: `rank` (the default) fills the tiers in
-    priority order, the store's rule; `error` (`allocate_by_error`) gives each row the tier that
-    least raises the sum over rows of priority x squared error within the budget, so a row's
-    values count as well as its lookups. `error` plans over the whole model and holds no dropped
-    rows (int1 takes their place)."""
+    table's mean row; the two exclude each other, and int1 takes the model-wide budget."""
 
     tiers: Tuple[str, ...]
     memory_budget: float
     budget_scope: str = "model"
     rounding: str = "fitted"
-    allocation: str = "rank"
 
     def __post_init__(self) -> None:
         if self.rounding not in SERVING_ROUNDING:
             raise ValueError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
-        if self.allocation not in SERVING_ALLOCATION:
-            raise ValueError(f"serving allocation must be one of {SERVING_ALLOCATION}, got {self.allocation!r}")
         check_served_tiers(self.tiers)
         budget = self.memory_budget
         if not 0 < budget <= 1:
@@ -180,14 +168,6 @@ class ServingTiers:
             raise ValueError(f"serving budget {budget:g}: a fraction of the fp32 tables' bytes, in (0, 1]{hint}")
         if ONE_BIT in self.tiers and self.budget_scope != "model":
             raise ValueError("serving tiers: int1 is planned over the whole model: --budget-scope model")
-        if self.allocation == "error":
-            if self.budget_scope != "model":
-                raise ValueError("serving allocation error plans over the whole model: --budget-scope model")
-            if SERVED_GROUP_NAMES[DROPPED] in self.tiers:
-                raise ValueError(
-                    "serving allocation error gives every row a stored tier: drop `dropped` from --tiers "
-                    "(int1 holds those rows in 1 bit)"
-                )
 
 
 @torch.no_grad()
@@ -235,18 +215,8 @@ def regroup_for_serving(
         "serving_budget": serving.memory_budget,
         "serving_budget_scope": serving.budget_scope,
         "serving_rounding": serving.rounding,
-        "serving_allocation": serving.allocation,
         "serving_priorities": priorities,
     }
-    if serving.allocation == "error":
-        configs = trained.embedding_bag_configs()
-        check_served_tiers(serving.tiers, configs[0].embedding_dim if configs else None)  # before the pass
-        if priorities != "trained" and counts is None:
-            counts = counted_priorities(model, data)
-        configs, dim, value, score = _rows_and_scores(trained, counts)
-        groups = _error_groups(serving, configs, value, score)
-        _install_served(model, configs, value, groups, serving.rounding)
-        return record
     if ONE_BIT in serving.tiers:
         # A tier the training store does not hold: the export plans the rows and builds the
         # served layout itself.
@@ -452,45 +422,6 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
         groups[order[at : at + plan[g]]] = g
         at += plan[g]
     return groups
-
-
-def _error_groups(serving: ServingTiers, configs, value: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Each row's group under `allocate_by_error`: weight its priority, errors those of its
-    values served in each of `serving.tiers` (as `_install_served` will encode them), bytes the
-    budget less the ranked map and the group tables' alignment, as `_one_bit_groups` counts."""
-    tiers = sorted(by_precision(serving.tiers), key=lambda g: row_bytes(configs[0].embedding_dim, g))
-    dim = configs[0].embedding_dim
-    n = sum(c.num_embeddings for c in configs)
-    weight_bytes = serving.memory_budget * n * dim * 4 - ranked_map_bytes(n, len(configs), len(tiers), False)
-    errors = torch.empty(n, len(tiers), dtype=torch.float64)
-    for a in range(0, n, CHUNK_ROWS):
-        v = value[a : a + CHUNK_ROWS].float()
-        for j, g in enumerate(tiers):
-            errors[a : a + len(v), j] = ((_served_values(v, g, serving.rounding) - v) ** 2).sum(dim=1).double()
-    try:
-        choice = allocate_by_error(
-            score.clamp_min(0), errors, [row_bytes(dim, g) for g in tiers], weight_bytes - 3 * len(tiers)
-        )
-    except BudgetError as e:
-        raise BudgetError(
-            f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
-            f"can reach at dim {dim}: {served_min_budget(dim, serving.tiers, n, len(configs)):.4f} of fp32 with the "
-            f"ranked row map ({e})"
-        ) from e
-    return torch.tensor(tiers, dtype=torch.int64)[choice]
-
-
-def _served_values(values: torch.Tensor, group: int, rounding: str) -> torch.Tensor:
-    """fp32 rows as a served group gives them back (what `_encoded_rows` stores, decoded)."""
-    if group == FP32:
-        return values
-    if group == FP16:
-        return values.clamp(-65504.0, 65504.0).half().float()
-    if group == INT1:
-        codes, magnitude = sign_magnitude_rows(values)
-        return (codes.float() * 2.0 - 1.0) * magnitude.float()
-    codes, sb = _integer_rows(values, group, rounding)
-    return dequantize_rows(codes, sb)
 
 
 def _install_served(model: DLRMTrainModule, configs, value: torch.Tensor, groups: torch.Tensor, rounding: str):
