@@ -27,7 +27,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import PoolingType
@@ -286,7 +286,8 @@ def regroup_for_serving(
     del state
     # Each store's rows as trained, to rank from: the trained tables themselves where they are
     # fp32 (no copy), else decoded from the store.
-    values = [_TrainedRows(s, stock) for s in ebc.stores]
+    values = [_TrainedRows.of_store(s, stock) for s in ebc.stores]
+    loaded_groups = [s.row_group.clone() for s in ebc.stores]  # int8 a row
     try:
         if serving.budget_scope == "model":
             # The model's only collection: its budget is the model's (no warning that it stands alone).
@@ -295,6 +296,15 @@ def regroup_for_serving(
             ebc.reassign()
     except BudgetError as e:
         raise refused(e) from e
+    if stock is not None:
+        # The rows were loaded in their starting groups; those the reassignment moved were
+        # converted from there. Each gets its trained value again, rounded to nearest into its
+        # group (as a row loaded in fp32 and converted once would be).
+        for store, before, start in zip(ebc.stores, values, loaded_groups):
+            moved = (store.row_group != start).nonzero().flatten()
+            for a in range(0, len(moved), CHUNK_ROWS):
+                k = moved[a : a + CHUNK_ROWS]
+                store.write_rows(k, before[k])
     for store, before in zip(ebc.stores, values):
         if not store.has_dropped:
             continue
@@ -324,28 +334,50 @@ def _fp32_tables(trained: EmbeddingBagCollection) -> Dict[str, torch.Tensor]:
 
 
 class _TrainedRows:
-    """A store's rows as they trained, by row key: the trained fp32 tables (`_fp32_tables`), or
-    (`stock` None) the store's rows decoded once."""
+    """Rows as they trained, by key over tables back to back, a chunk at a time: each table
+    either a tensor of its rows (the trained fp32 tables themselves, or rows decoded once) or a
+    store it is read from on demand (`RowGroupStore.read_rows` of its keys there).
 
-    def __init__(self, store, stock: Optional[Dict[str, torch.Tensor]]) -> None:
-        self.table_base = store.table_base.long()
+    Args:
+        table_base: int64 [T + 1], the first key of each table (and the end).
+        tables: per table its rows [rows, D], or (store, first key of the table in the store).
+        dim: the rows' dim.
+    """
+
+    def __init__(self, table_base: torch.Tensor, tables: List[Any], dim: int) -> None:
+        self.table_base = table_base.long()
+        self.tables = tables
+        self.dim = dim
+
+    @classmethod
+    def of_store(cls, store, stock: Optional[Dict[str, torch.Tensor]]) -> "_TrainedRows":
+        """A store's rows: its trained fp32 tables (`_fp32_tables`, no copy) or, with `stock`
+        None, the store's rows decoded once (the store is about to change)."""
         if stock is None:
             rows = store.read_rows(torch.arange(store.num_rows))
-            self.tables = [rows[int(a) : int(b)] for a, b in zip(self.table_base[:-1], self.table_base[1:])]
+            tables = [rows[int(a) : int(b)] for a, b in zip(store.table_base[:-1], store.table_base[1:])]
         else:
-            self.tables = [stock[t.name] for t in store.tables]
+            tables = [stock[t.name] for t in store.tables]
+        return cls(store.table_base, tables, store.dim)
 
     def table(self, i: int) -> torch.Tensor:
-        """Table i's rows."""
-        return self.tables[i]
+        """Table i's rows (decoded whole for a table read from a store)."""
+        t = self.tables[i]
+        if isinstance(t, torch.Tensor):
+            return t
+        store, first = t
+        n = int(self.table_base[i + 1] - self.table_base[i])
+        return store.read_rows(torch.arange(first, first + n))
 
     def __getitem__(self, keys: torch.Tensor) -> torch.Tensor:
-        """The rows of these keys (ascending), in order."""
+        """The rows of these keys, in order."""
         table = torch.searchsorted(self.table_base, keys, right=True) - 1
-        out = torch.empty(len(keys), self.tables[0].shape[1] if self.tables else 0)
+        out = torch.empty(len(keys), self.dim)
         for i in torch.unique(table).tolist():
             at = (table == i).nonzero().flatten()
-            out[at] = self.tables[i][keys[at] - self.table_base[i]]
+            t = self.tables[i]
+            local = keys[at] - self.table_base[i]
+            out[at] = t[local] if isinstance(t, torch.Tensor) else t[0].read_rows(local + t[1])
         return out
 
 
@@ -370,23 +402,28 @@ def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):
         counts: `training_priorities` for a collection without trained priorities, else None.
 
     Returns:
-        (configs, dim, fp32 [rows, dim] values: each row as it served in training, float32 [rows]
-        priorities: the scores at the last step, or the counts). The tables have one dim.
+        (configs, dim, `_TrainedRows` of the rows as they served in training: the fp32 tables
+        themselves, or read from the collection's stores a chunk at a time, never all decoded
+        at once; float32 [rows] priorities: the scores at the last step, or the counts). The
+        tables have one dim.
     """
     configs = trained.embedding_bag_configs()
     names = [c.name for c in configs]
-    if counts is None:
-        values, scores = {}, {}
+    dim = configs[0].embedding_dim
+    tables, scores = {}, {}
+    if isinstance(trained, MixedPrecisionEmbeddingBagCollection):
         for store in trained.stores:
             for i, t in enumerate(store.tables):
                 lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
-                values[t.name] = store.read_rows(torch.arange(lo, hi))
-                scores[t.name] = store.scores_now(lo, hi).float()
+                tables[t.name] = (store, lo)
+                if counts is None:
+                    scores[t.name] = store.scores_now(lo, hi).float()
     else:
-        values = _fp32_tables(trained)
+        tables = _fp32_tables(trained)
+    if counts is not None:
         scores = {m: counts[m].float() for m in names}
-    dim = configs[0].embedding_dim
-    return configs, dim, torch.cat([values[m] for m in names]), torch.cat([scores[m] for m in names])
+    base = torch.tensor([0] + [c.num_embeddings for c in configs]).cumsum(0)
+    return configs, dim, _TrainedRows(base, [tables[m] for m in names], dim), torch.cat([scores[m] for m in names])
 
 
 def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, score: torch.Tensor):
@@ -424,9 +461,10 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
     return groups
 
 
-def _install_served(model: DLRMTrainModule, configs, value: torch.Tensor, groups: torch.Tensor, rounding: str):
+def _install_served(model: DLRMTrainModule, configs, value: "_TrainedRows", groups: torch.Tensor, rounding: str):
     """Replace the model's collection by the inference module of `value`'s rows (tables back
-    to back) in `groups` (a stored group id per row), each group's rows in key order."""
+    to back, read a chunk at a time) in `groups` (a stored group id per row), each group's rows
+    in key order."""
     dim = configs[0].embedding_dim
     rows = [c.num_embeddings for c in configs]
     rb = [row_bytes(dim, g) for g in range(len(SERVED_GROUP_NAMES))]
@@ -563,17 +601,21 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
 
 def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, stock: Dict[str, torch.Tensor], counts) -> Dict:
     """A state dict that loads the trained tables' rows (`_fp32_tables`: stock tables, or a
-    one-tier run's) into `ebc` as fp32 rows, each row's score its count (as of the last step,
-    so no decay applies when the rows are ranked).
+    one-tier run's) into `ebc` in the groups it starts in (`starting_groups`, within the
+    budget), rounded to nearest, each row's score its count (as of the last step, so no decay
+    applies when the rows are ranked).
 
     Nothing here is a copy a row: `ebc`'s state dict would decode every row to fp32 and give
     its per-column-slice entries (scale and bias, group, score, step: about 0.8 of the fp32
     table at dim 64), all replaced. So each entry is one row's, broadcast (`expand`) to the
-    table's rows: the trained values and counts; the fp32 group; else the fresh store's first
-    row (its scale and bias, which no fp32 row reads; its optimizer state, zero in every row
-    before training). The export's rows are bit for bit those of the full state dict."""
+    table's rows: the trained values and counts; else the fresh store's first row (its
+    optimizer state, zero in every row before training). The groups are the store's own, so
+    loading moves no row and the store never holds the tables in fp32; no scale and bias is
+    given, so integer rows are rounded from the values. `regroup_for_serving` writes the rows
+    that its reassignment moves again from the trained values."""
     state: Dict[str, torch.Tensor] = {}
     for store in ebc.stores:
+        start_groups = store.row_group  # decoded once a store: int8 a row
         for i, t in enumerate(store.tables):
             p = f"embedding_bags.{t.name}."
             rows = int(store.table_base[i + 1] - store.table_base[i])
@@ -584,10 +626,15 @@ def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, stock: Dict[s
                 if key in ("fallback", "fallback_momentum"):  # one row a table
                     state[p + key] = table_state_block(store, i, key)
                     continue
+                if key == "qparams":  # rounded from the values instead
+                    continue
                 first = table_state_block(store, i, key, 0, 1)
                 if key == "row_group":
-                    first = torch.full_like(first, FP32)
-                elif key == "row_priority":
+                    lo = int(store.table_base[i])
+                    start = start_groups[lo : lo + rows].to(first.dtype)
+                    state[p + key] = start[:, None].expand(rows, first.shape[1])
+                    continue
+                if key == "row_priority":
                     # float32 scores, as the store keeps them: counts past 2^24 round (ties among the hottest rows).
                     state[p + key] = counts[t.name].float()[:, None].expand(rows, first.shape[1])
                     continue

@@ -34,7 +34,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
-from shark_torchrec.modules.row_groups import IdError, LocalTable, RowGroupStore, StepCounter
+from shark_torchrec.modules.row_groups import CHUNK_ROWS, IdError, LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.budget import initial_groups, model_start_budgets, table_floor_bytes, target_counts
 from shark_torchrec.precision.priority import INT_BITS, BudgetError
 
@@ -359,15 +359,18 @@ def fill_table_state(store: RowGroupStore, index: int, state: Dict[str, torch.Te
     lo, hi = int(store.table_base[index]), int(store.table_base[index + 1])
     if hi == lo:
         return
-    keys = torch.arange(lo, hi)
     q = state["qparams"].view(hi - lo, -1, 2) if "qparams" in state else None
-    write_saved_rows(
-        store,
-        keys,
-        state["weight"].float(),
-        None if q is None else q[:, 0],
-        None if q is None else (q == q[:, :1]).all(dim=2).all(dim=1),
-    )
+    weight = state["weight"]
+    # A chunk of rows at a time: rounding a whole table at once holds several fp32 copies of it.
+    for a in range(0, hi - lo, CHUNK_ROWS):
+        b = min(a + CHUNK_ROWS, hi - lo)
+        write_saved_rows(
+            store,
+            torch.arange(lo + a, lo + b),
+            weight[a:b].float(),
+            None if q is None else q[a:b, 0],
+            None if q is None else (q[a:b] == q[a:b, :1]).all(dim=2).all(dim=1),
+        )
     if "momentum" in state and store.momentum.numel():
         store.momentum[lo:hi] = state["momentum"].float().mean(dim=1)
     if "row_priority" in state and store.row_priority.numel():

@@ -96,6 +96,7 @@ def test_fp32_model_serves_in_tiers_ranked_by_its_training_split(fp32_run, tmp_p
     from shark_torchrec.data import open_dataset
     from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, training_priorities
     from shark_torchrec.precision.priority import DROPPED, INT2, INT4
+    from shark_torchrec.precision.quantize import dequantize_rows, quantize_rows
 
     ckpt = fp32_run / "checkpoints"
     model, cfg = load_trained_model(ckpt)
@@ -137,6 +138,10 @@ def test_fp32_model_serves_in_tiers_ranked_by_its_training_split(fp32_run, tmp_p
         m = groups == g
         step = (before[m].max(1).values - before[m].min(1).values) / ((1 << bits) - 1)
         assert ((after[m] - before[m]).abs().max(1).values <= 0.5 * step * 1.01 + 1e-3).all(), g
+        # Exactly the row's own nearest quantization, though the store was filled in its starting
+        # groups and moved rows at the reassignment: the moved rows are written again from fp32.
+        codes, sb = quantize_rows(before[m], bits)
+        assert torch.equal(after[m], dequantize_rows(codes, sb)), g
     for i in range(len(store.tables)):  # a table's dropped rows read the mean of the fp32 rows they replace
         lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
         mine = (groups[lo:hi] == DROPPED).nonzero().flatten() + lo

@@ -264,3 +264,38 @@ def test_weighted_collection_keeps_its_weights_and_counts_labels():
     # beta = 1: the score is this batch's alpha * positives + negatives.
     scores = ours.stores[0].scores_now()
     assert scores[1].item() == 2.0 + 1.0 and scores[2].item() == 2.0 and scores[3].item() == 1.0
+
+
+def test_state_loads_a_chunk_of_rows_at_a_time(monkeypatch):
+    """Loading a state dict rounds rows into their groups a chunk at a time (a whole table at
+    once held several fp32 copies of it): chunks of 7 rows give the bytes of one chunk."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    import shark_torchrec.modules.mixed_precision as mp
+
+    configs = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=r, feature_names=[f"f{i}"])
+        for i, r in enumerate((90, 61))
+    ]
+
+    def collection():
+        return MixedPrecisionEmbeddingBagCollection(
+            configs, PrecisionPolicy(memory_budget=0.5, fp32_fraction=0.1), device=torch.device("cpu")
+        )
+
+    source = collection()
+    store = source.stores[0]
+    store.set_groups(torch.randint(0, 3, (store.num_rows,), generator=torch.Generator().manual_seed(0)).to(torch.int8))
+    store.write_rows(
+        torch.arange(store.num_rows), torch.randn(store.num_rows, 16, generator=torch.Generator().manual_seed(1))
+    )
+    state = source.state_dict()
+    whole = collection()
+    whole.load_state_dict(state)
+    monkeypatch.setattr(mp, "CHUNK_ROWS", 7)
+    chunked = collection()
+    chunked.load_state_dict(state)
+    keys = torch.arange(store.num_rows)
+    assert torch.equal(chunked.stores[0].row_group, store.row_group)
+    assert torch.equal(chunked.stores[0].weights, whole.stores[0].weights)
+    assert torch.equal(chunked.stores[0].read_rows(keys), store.read_rows(keys))
