@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -20,7 +21,11 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
     config, data, checkpoint, budget or id) on any rank is one line on stderr, and None."""
     from shark_torchrec.distributed.env import launch
 
-    cfg = parse_cli(argv, prog=prog, description=doc, base=checkpoint_defaults(argv), command=prog.split()[-1])
+    command = prog.split()[-1]
+    base = checkpoint_defaults(argv)
+    if command == "compress":
+        base = {**base, **resumed_run_defaults(argv)}
+    cfg = parse_cli(argv, prog=prog, description=doc, base=base, command=command)
     try:
         return launch(job, cfg.run.nproc, cfg)
     except (ValueError, OSError, RuntimeError) as e:
@@ -28,6 +33,39 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return None
+
+
+def resumed_run_defaults(argv: List[str]) -> Dict[str, dict]:
+    """`shark compress --resume --out DIR`: the settings DIR's run was started with (its
+    config.toml), as defaults, so that the resumed run needs no flag again; a flag that changes
+    one is refused by the job (`compress.resume_differences`). Empty without --resume or a
+    readable DIR/config.toml.
+
+    Args:
+        argv: the command's flags.
+
+    Returns:
+        group -> its table in the saved config, without the run's own `resume` and
+        `fail_at_step` (a testing aid that must not kill the resumed run again).
+    """
+    import tomllib
+    from pathlib import Path
+
+    from shark_torchrec.config import _flag_value
+
+    if "--resume" not in argv:
+        return {}
+    out = _flag_value(argv, "--out") or _flag_value(argv, "--out-dir")
+    if not out or not (Path(out) / "config.toml").is_file():
+        return {}
+    try:
+        saved = tomllib.loads((Path(out) / "config.toml").read_text())
+    except (OSError, ValueError):
+        return {}
+    groups = {g: dict(v) for g, v in saved.items() if isinstance(v, dict)}
+    for key in ("resume", "fail_at_step"):
+        groups.get("run", {}).pop(key, None)
+    return groups
 
 
 def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
@@ -163,6 +201,22 @@ def report_main(argv: List[str]) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    """argparse type of a budget: a float; `6%` is refused with the fraction it means."""
+    if text.strip().endswith("%"):
+        try:
+            value = float(text.strip()[:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"a fraction of the fp32 bytes, not a percentage: for {text} give {value / 100:g}"
+        )
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def export_main(argv: List[str]) -> int:
     """Export a mixed-precision checkpoint for serving (inference model, TorchScript model, vocabularies, serve.py)."""
     import argparse
@@ -190,7 +244,10 @@ def export_main(argv: List[str]) -> int:
         "split) and rounded as --rounding says; needs --memory-budget (default: the rows as trained)",
     )
     parser.add_argument(
-        "--memory-budget", type=float, default=None, help="with --tiers: embedding bytes / fp32 bytes to serve in"
+        "--memory-budget",
+        type=_fraction,
+        default=None,
+        help="with --tiers: embedding bytes / fp32 bytes to serve in (a fraction: 0.06 for 6%%)",
     )
     parser.add_argument(
         "--budget-scope",
@@ -206,9 +263,12 @@ def export_main(argv: List[str]) -> int:
         "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings); "
         "1-bit rows are the same either way",
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (the priority pass)")
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
         parser.error("--tiers and --memory-budget go together")
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
     from pathlib import Path
 
     from shark_torchrec.data.schema import DataError
@@ -219,6 +279,9 @@ def export_main(argv: List[str]) -> int:
 
     quiet_libraries()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"shark export: error: --out {out} is a file, not a directory (nothing was written)", file=sys.stderr)
+        return 2
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         print(
             f"shark export: error: {out} already holds files: pass --overwrite to replace them, "

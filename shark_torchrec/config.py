@@ -238,7 +238,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     resume: bool = False
-    """Continue from the newest checkpoint in checkpoint-dir."""
+    """Continue from the newest checkpoint in checkpoint-dir (`shark compress`: continue the run
+    in --out with the settings it was started with, which a flag may repeat but not change)."""
     checkpoint: str = ""
     """Start from a trained model: a checkpoint directory (or a directory of them)."""
     init_from: str = ""
@@ -252,16 +253,25 @@ class RunConfig:
     fail_at_step: int = 0
     """Testing aid: kill the process hard right after this training step (0: never)."""
 
-    def validate(self) -> None:
+    def validate(self, resume_keeps_checkpoint: bool = False) -> None:
+        """The run flags' own checks.
+
+        Args:
+            resume_keeps_checkpoint: `shark compress`, where `--checkpoint` is the base stage's
+                model and `--resume` continues the run that started from it.
+        """
         if self.nproc < 1:
             raise ConfigError("run.nproc must be >= 1")
         if self.checkpoint and self.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
-        if self.resume and (self.checkpoint or self.init_from):
+        if self.resume and (self.init_from or (self.checkpoint and not resume_keeps_checkpoint)):
             raise ConfigError(
                 "run.resume (--resume) continues this run's own checkpoints; run.checkpoint / run.init_from start "
                 "a new run from another one: give one of them"
             )
+
+
+DEFAULT_TIERS = ("fp32", "fp16", "int8")  # the paper's
 
 
 @dataclass
@@ -273,9 +283,10 @@ class QuantConfig:
     `int2` our mixed-precision module with every row in that group (trained in place with
     stochastic rounding); `freq` our module with rows ranked by frequency (alpha = 1); `shark`
     the full method (paper Eq. 7 priorities)."""
-    tiers: Tuple[str, ...] = ("fp32", "fp16", "int8")
-    """shark/freq: the groups rows are ranked into, from fp32 fp16 int8 int4 int2 (the
-    paper's three by default; int2 needs embedding dims that are multiples of 8)."""
+    tiers: Tuple[str, ...] = DEFAULT_TIERS
+    """shark/freq: the groups rows are ranked into, from fp32 fp16 int8 int4 int2 and dropped
+    (no stored row: it reads its table's fallback row) (the paper's three by default; int2
+    needs embedding dims that are multiples of 8)."""
     memory_budget: Optional[float] = None
     """shark/freq budget mode: embedding bytes (weights, scales, row map) at most this fraction
     of the fp32 bytes, per table (unless --t8/--t16 or --row-fractions are given). Default:
@@ -485,16 +496,28 @@ class JobConfig:
     config: Optional[str] = None
     """TOML file with the job's defaults; flags given beside it override it."""
 
-    def validate(self) -> "JobConfig":
+    def validate(self, command: str = "train") -> "JobConfig":
         """Each group's own checks, then the checks across groups (here, in one place).
+
+        Args:
+            command: the command the config runs (`COMMAND_FIELDS`): `compress` trains its
+                quantize stage with our module whatever --precision says, and keeps
+                --checkpoint (its base model) on --resume.
 
         Returns:
             self; a ConfigError names the field and its flag.
         """
-        for group in (self.dataset, self.model, self.train, self.quant, self.run, self.prune, self.compress):
+        for group in (self.dataset, self.model, self.train, self.quant, self.prune, self.compress):
             group.validate()
+        self.run.validate(resume_keeps_checkpoint=command == "compress")
         t, m, c = self.train, self.model, self.compress
         q = self.quant
+        if command != "compress" and q.precision not in ("shark", "freq") and tuple(q.tiers) != DEFAULT_TIERS:
+            raise ConfigError(
+                f"quant.tiers (--tiers {' '.join(q.tiers)}) ranks rows into groups with --precision shark or freq; "
+                f"--precision {q.precision} keeps every row "
+                + ("in stock fp32 tables" if q.precision == "fp32" else f"in {q.precision}")
+            )
         try:
             # The policy's own rules (tiers, fractions, thresholds, a reachable budget at this
             # dim), checked here so that a bad config stops before any work.
@@ -792,7 +815,7 @@ def parse_cli(
     groups = {g: _as(_group_classes()[g], getattr(parsed, g)) for g in COMMAND_FIELDS[command]}
     cfg = dataclasses.replace(default, **groups)
     try:
-        return cfg.validate()
+        return cfg.validate(command)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)

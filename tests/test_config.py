@@ -70,9 +70,13 @@ def test_precision_flags_are_validated():
         (dict(precision="shark", row_fractions=(0.6, 0.6)), "row_fractions"),
         (dict(precision="shark", memory_budget=0.0), "memory_budget"),
         (dict(precision="shark", reassign_every=0), "reassign_every"),
+        (dict(precision="int4", tiers=("int4", "int2")), "--tiers int4 int2"),  # else trained all int4, silently
+        (dict(precision="fp32", tiers=("int8", "int4")), "stock fp32 tables"),
     ):
         with pytest.raises(ConfigError, match=field):
             check(**bad)
+    # `shark compress` trains its quantize stage in our module whatever --precision says: its --tiers count.
+    JobConfig(quant=QuantConfig(tiers=("int8", "int4", "int2"))).validate("compress")
 
 
 def test_pruning_flags_are_validated(tmp_path, capsys):
@@ -120,7 +124,7 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
 )
 def test_silently_wrong_flags_are_refused_by_name(flags, named, capsys):
     with pytest.raises(SystemExit) as e:
-        parse_cli(flags)
+        parse_cli(flags, prog="shark train", command="train")
     assert e.value.code == 2
     assert named in capsys.readouterr().err
 

@@ -112,7 +112,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     found = list_checkpoints(p)
     if not found:
-        raise CheckpointError(f"no checkpoint found at {p}")
+        hint = ""
+        if (p / "checkpoints").is_dir() and list_checkpoints(p / "checkpoints"):
+            hint = f": it is a run directory, its checkpoints are in {p / 'checkpoints'}"
+        raise CheckpointError(f"no checkpoint found at {p}{hint}")
     for ckpt in reversed(found):
         problem = checkpoint_problem(ckpt)
         if not problem:

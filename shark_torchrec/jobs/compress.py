@@ -42,12 +42,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from shark_torchrec.config import JobConfig, QuantConfig, save_config
+from shark_torchrec.config import JobConfig, QuantConfig, config_to_dict, load_config, save_config
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.jobs.checkpoint import (
@@ -451,6 +451,51 @@ def run_export(cfg: JobConfig, out: Path, env: DistEnv, stages: Dict[str, Any]) 
     return record
 
 
+# Run settings a resumed run may change: where and how it reports, not what it computes.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "run.resume",
+        "run.nproc",  # the training stages reshard; the quantize stage checks its own (`run_quantize`)
+        "run.progress",
+        "run.fail_at_step",
+        "run.metrics_out",
+        "run.checkpoint_every",
+        "run.keep_checkpoints",
+        "run.out_dir",  # the directory itself, however it is spelt
+    }
+)
+_PATH_FIELDS = ("run.checkpoint", "run.init_from", "run.checkpoint_dir")
+
+
+def resume_differences(saved: JobConfig, now: JobConfig) -> List[str]:
+    """What a resumed `shark compress` would change in the settings its run was started with.
+
+    Args:
+        saved: the run's config.toml.
+        now: the resumed command's config.
+
+    Returns:
+        One line per field that differs (`group.field (--flag): X there, Y here`), outside
+        `RESUME_MAY_CHANGE`; paths compare as absolute paths.
+    """
+
+    def flat(cfg: JobConfig) -> Dict[str, Any]:
+        out = {f"{g}.{k}": v for g, fields in config_to_dict(cfg).items() for k, v in fields.items()}
+        for key in _PATH_FIELDS:
+            if out.get(key):
+                out[key] = os.path.abspath(out[key])
+        return out
+
+    a, b = flat(saved), flat(now)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_MAY_CHANGE or a.get(key) == b.get(key):
+            continue
+        flag = "--" + key.split(".", 1)[1].replace("_", "-")
+        lines.append(f"{key} ({flag}): {a.get(key, 'unset')} there, {b.get(key, 'unset')} here")
+    return lines
+
+
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
     """One rank of `shark compress`.
 
@@ -471,9 +516,19 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 f"{out} already holds a compression run (stages {', '.join(stages)}): pass --resume to "
                 "continue it, or choose another --out (nothing was overwritten)"
             )
-        if env.is_main:
+        saved = out / "config.toml"
+        if cfg.run.resume and saved.is_file():
+            changed = resume_differences(load_config(saved), cfg)
+            if changed:
+                raise CheckpointError(
+                    f"{out} was started with other settings, and --resume continues it as it was: "
+                    + "; ".join(changed)
+                    + ". Give its settings (or none: --resume --out reads them from its config.toml), or choose "
+                    "another --out (nothing was changed)"
+                )
+        elif env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.toml")
+            save_config(cfg, saved)
         if env.world_size > 1:
             dist.barrier()
         base = None

@@ -222,6 +222,7 @@ def regroup_for_serving(
         # served layout itself.
         configs = trained.embedding_bag_configs()
         check_served_tiers(serving.tiers, configs[0].embedding_dim if configs else None)  # before the pass
+        _check_one_bit_floor(serving, configs)  # before the pass too
         if priorities != "trained" and counts is None:
             counts = counted_priorities(model, data)
         configs, dim, value, score = _rows_and_scores(trained, counts)
@@ -424,6 +425,21 @@ def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):
         scores = {m: counts[m].float() for m in names}
     base = torch.tensor([0] + [c.num_embeddings for c in configs]).cumsum(0)
     return configs, dim, _TrainedRows(base, [tables[m] for m in names], dim), torch.cat([scores[m] for m in names])
+
+
+def _check_one_bit_floor(serving: ServingTiers, configs) -> None:
+    """Refuse a budget below what these tables can reach in the serving tiers (every row in
+    the cheapest, plus the ranked map: `served_min_budget`), naming the floor, before the rows
+    are counted or ranked."""
+    if not configs:
+        return
+    dim = configs[0].embedding_dim
+    floor = served_min_budget(dim, serving.tiers, sum(c.num_embeddings for c in configs), len(configs))
+    if serving.memory_budget < floor:
+        raise BudgetError(
+            f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
+            f"can reach at dim {dim}: {floor:.4f} of fp32 with the ranked row map"
+        )
 
 
 def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, score: torch.Tensor):

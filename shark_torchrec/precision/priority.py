@@ -715,8 +715,10 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
         )
     if "int1" in tiers and "dropped" in tiers:
         raise ValueError(
-            "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, at "
-            f"{row_bytes(64, INT1)} bytes a row at dim 64); choose one, got {tuple(tiers)}"
+            "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, a "
+            "sign bit a value and one fp16 magnitude a row"
+            + (f": {row_bytes(dim, INT1)} bytes a row at dim {dim}" if dim else "")
+            + f"); choose one, got {tuple(tiers)}"
         )
     if "int1" in tiers and dim is not None and dim % 8:
         raise ValueError(f"serving tier int1 needs an embedding dim that is a multiple of 8, got {dim}")

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import TINY, run_shark
@@ -351,3 +352,48 @@ def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
     e["torchrec-int8"]["choice"].update(test_index=1, upper_bound=0.01, accepted=False)
     text = "\n".join(_easy_path_lines(e))
     assert "tested first, failed its stop test, so nothing else was tested" in text and "Ours failed" not in text
+
+
+def test_resume_keeps_the_settings_the_run_started_with(tmp_path, capsys):
+    """`--resume --out DIR` reads DIR's config.toml as its defaults (the base model's
+    `--checkpoint` and the data too: no flag needs repeating), and a flag that would change a
+    setting is refused by name before anything is written."""
+    from shark_torchrec.cli import resumed_run_defaults
+    from shark_torchrec.config import load_config, parse_cli, save_config
+    from shark_torchrec.jobs.compress import resume_differences
+
+    out = tmp_path / "run"
+    started = parse_cli(
+        [
+            *TINY,
+            "--checkpoint",
+            str(tmp_path / "base"),
+            "--target-memory",
+            "0.08",
+            "--fail-at-step",
+            "5",
+            "--out",
+            str(out),
+        ],
+        prog="shark compress",
+        command="compress",
+    )
+    save_config(started, out / "config.toml")
+    (out / "stages.json").write_text(json.dumps({"base": {}, "prune": {}}))
+    argv = ["--out", str(out), "--resume"]
+    base = resumed_run_defaults(argv)
+    assert "fail_at_step" not in base["run"] and "resume" not in base["run"]
+    again = parse_cli(argv, prog="shark compress", base=base, command="compress")  # --checkpoint kept beside --resume
+    assert again.run.resume and again.run.checkpoint == started.run.checkpoint and again.run.fail_at_step == 0
+    assert resume_differences(started, again) == []
+    with pytest.raises(SystemExit):  # other commands: --checkpoint starts a new run
+        parse_cli(["--resume", "--checkpoint", "x"], prog="shark train", command="train")
+    assert "run.resume (--resume) continues this run's own checkpoints" in capsys.readouterr().err
+    changed = parse_cli([*argv, "--target-memory", "0.05"], prog="shark compress", base=base, command="compress")
+    assert resume_differences(started, changed) == ["prune.target_memory (--target-memory): 0.08 there, 0.05 here"]
+    before = (out / "config.toml").read_text()
+    refused = run_shark("compress", *argv, "--target-memory", "0.05", "--serve-tiers", "int4", "int1", check=False)
+    assert refused.returncode == 2
+    assert "prune.target_memory (--target-memory): 0.08 there, 0.05 here" in refused.stderr
+    assert "compress.serve_tiers (--serve-tiers): [] there, ['int4', 'int1'] here" in refused.stderr
+    assert (out / "config.toml").read_text() == before and load_config(out / "config.toml").run.fail_at_step == 5

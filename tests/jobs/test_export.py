@@ -589,3 +589,39 @@ def test_serving_tiers_and_budget_are_checked_by_name(fp32_run, tmp_path):
     tiers = ["--tiers", "int4", "imt1", "--memory-budget", ".06"]
     bad = run_shark("export", ckpt, "--out", str(kept), *tiers, check=False)
     assert bad.returncode == 2 and "unknown tier 'imt1'" in bad.stderr and kept.is_dir()  # the user's own folder stays
+
+
+def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
+    """An --out that is a file, a budget given as a percentage or below the tiers' floor, and a
+    run directory given for its checkpoints: each refused by name before the training split is
+    read (no priority pass: its progress bar never shows), nothing written."""
+    ckpt = fp32_run / "checkpoints"
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    tiers = ["--tiers", "int4", "int1"]
+    cases = [
+        ([str(ckpt), "--out", str(afile), *tiers, "--memory-budget", "0.1"], f"--out {afile} is a file"),
+        ([str(ckpt), "--out", str(tmp_path / "a"), *tiers, "--memory-budget", "6%"], "for 6% give 0.06"),
+        (
+            [str(ckpt), "--out", str(tmp_path / "b"), *tiers, "--memory-budget", "0.03"],
+            "serving budget 0.03 is below what a served model in int4, int1 can reach at dim 16: 0.06",
+        ),
+        (
+            [str(fp32_run), "--out", str(tmp_path / "c"), *tiers, "--memory-budget", "0.1"],
+            f"its checkpoints are in {ckpt}",
+        ),
+        (
+            [str(ckpt), "--out", str(tmp_path / "d"), "--tiers", "int4", "int1", "dropped", "--memory-budget", "0.1"],
+            "int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, a sign bit a value",
+        ),
+    ]
+    for argv, named in cases:
+        proc = run_shark("export", *argv, check=False)
+        assert proc.returncode == 2 and named in proc.stderr, (argv, proc.stderr)
+        assert "row priorities" not in proc.stderr and "Traceback" not in proc.stderr, argv
+    assert afile.read_text() == "keep me"
+    assert not any((tmp_path / d).exists() for d in "abcd")
+    quiet = run_shark(
+        "export", str(ckpt), "--out", str(tmp_path / "q"), *tiers, "--memory-budget", "0.1", "--no-progress"
+    )
+    assert "row priorities" not in quiet.stderr and (tmp_path / "q" / "export.json").is_file()
