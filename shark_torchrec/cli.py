@@ -94,7 +94,11 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
         saved = read_meta(resolve_checkpoint(path)).get("config", {})
     except (CheckpointError, OSError, ValueError):
         return {}
-    return {group: saved[group] for group in groups if isinstance(saved.get(group), dict)}
+    out = {group: dict(saved[group]) for group in groups if isinstance(saved.get(group), dict)}
+    quant = out.get("quant", {})
+    if quant.get("precision", "fp32") not in ("shark", "freq"):
+        quant.pop("tiers", None)  # never used by that run (older checkpoints may record one)
+    return out
 
 
 def _user_error(e: BaseException) -> bool:
@@ -267,8 +271,6 @@ def export_main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
         parser.error("--tiers and --memory-budget go together")
-    if args.no_progress:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
     from pathlib import Path
 
     from shark_torchrec.data.schema import DataError
@@ -294,7 +296,9 @@ def export_main(argv: List[str]) -> int:
         serving = None
         if args.tiers is not None:
             serving = ServingTiers(split_tiers(args.tiers), args.memory_budget, args.budget_scope, args.rounding)
-        record = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving)
+        record = export_checkpoint(
+            Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving, progress=not args.no_progress
+        )
     except (DataError, CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before writing anything: leave no empty folder behind

@@ -512,7 +512,9 @@ class JobConfig:
         self.run.validate(resume_keeps_checkpoint=command == "compress")
         t, m, c = self.train, self.model, self.compress
         q = self.quant
-        if command != "compress" and q.precision not in ("shark", "freq") and tuple(q.tiers) != DEFAULT_TIERS:
+        from shark_torchrec.modules.precision_policy import split_tiers
+
+        if command != "compress" and q.precision not in ("shark", "freq") and split_tiers(q.tiers) != DEFAULT_TIERS:
             raise ConfigError(
                 f"quant.tiers (--tiers {' '.join(q.tiers)}) ranks rows into groups with --precision shark or freq; "
                 f"--precision {q.precision} keeps every row "
@@ -541,7 +543,6 @@ class JobConfig:
                     f"[{floor:.3f}, 1] (all rows {GROUP_NAMES[cheapest]} plus the row map take {floor:.3f} of fp32)"
                 )
         if c.serve_tiers:
-            from shark_torchrec.modules.precision_policy import split_tiers
             from shark_torchrec.precision.priority import check_served_tiers
 
             try:

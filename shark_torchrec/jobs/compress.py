@@ -37,6 +37,7 @@ model. Without `--resume`, a directory that already holds a pipeline is refused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -60,7 +61,13 @@ from shark_torchrec.jobs.checkpoint import (
 )
 from shark_torchrec.jobs.easy_path import easy_path
 from shark_torchrec.jobs.export import ServingTiers, export_checkpoint, served_min_budget
-from shark_torchrec.jobs.prune import base_model, confirmation_check, prune_loop, write_prune_log
+from shark_torchrec.jobs.prune import (
+    adopt_checkpoint_model,
+    base_model,
+    confirmation_check,
+    prune_loop,
+    write_prune_log,
+)
 from shark_torchrec.jobs.trainer import (
     TrainedModel,
     TrainState,
@@ -241,6 +248,11 @@ def run_base(cfg: JobConfig, out: Path, env: DistEnv):
     b = _stage_config(cfg, out, "base")
     b.quant = QuantConfig()  # the base model is stock fp32 TorchRec
     if b.run.resume:
+        if b.run.checkpoint:
+            # The given model, saved in base/checkpoints before the stage was interrupted: take
+            # it as it is again (its kept fields; no epochs), not train it further.
+            given = adopt_checkpoint_model(dataclasses.replace(b, run=dataclasses.replace(b.run, resume=False)))
+            b.model, b.train.epochs = given.model, 0
         b.run.checkpoint = ""  # continue the interrupted training, not the starting point
     trained = base_model(b, env)
     metrics = final_metrics(b, trained)
@@ -387,7 +399,11 @@ def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[
         budget, why = serve_budget(cfg, stages["prune"]["memory_ratio"], shapes)
         serving = ServingTiers(split_tiers(cfg.compress.serve_tiers), budget, "model")
     record = export_checkpoint(
-        Path(stages["quantize"]["checkpoint"]), out / "export", stages["base"]["checkpoint"], serving
+        Path(stages["quantize"]["checkpoint"]),
+        out / "export",
+        stages["base"]["checkpoint"],
+        serving,
+        progress=cfg.run.progress,
     )
     if why:
         record["serving_budget_reason"] = why
@@ -464,7 +480,27 @@ RESUME_MAY_CHANGE = frozenset(
         "run.out_dir",  # the directory itself, however it is spelt
     }
 )
-_PATH_FIELDS = ("run.checkpoint", "run.init_from", "run.checkpoint_dir")
+
+
+def with_absolute_paths(cfg: JobConfig) -> JobConfig:
+    """A copy of `cfg` whose paths (`run.checkpoint`, `run.init_from`, `run.checkpoint_dir` and
+    the data's `KIND:PATH`) are absolute, as a run's config.toml keeps them: a resumed run reads
+    them from wherever it is started.
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        The copy.
+    """
+    cfg = copy.deepcopy(cfg)
+    for name in ("checkpoint", "init_from", "checkpoint_dir"):
+        if getattr(cfg.run, name):
+            setattr(cfg.run, name, os.path.abspath(getattr(cfg.run, name)))
+    kind, sep, path = cfg.dataset.data.partition(":")
+    if sep and path:
+        cfg.dataset.data = f"{kind}:{os.path.abspath(path)}"
+    return cfg
 
 
 def resume_differences(saved: JobConfig, now: JobConfig) -> List[str]:
@@ -476,15 +512,13 @@ def resume_differences(saved: JobConfig, now: JobConfig) -> List[str]:
 
     Returns:
         One line per field that differs (`group.field (--flag): X there, Y here`), outside
-        `RESUME_MAY_CHANGE`; paths compare as absolute paths.
+        `RESUME_MAY_CHANGE`; paths compare as absolute paths (relative ones against the
+        working directory: a config.toml written before they were saved absolute).
     """
 
     def flat(cfg: JobConfig) -> Dict[str, Any]:
-        out = {f"{g}.{k}": v for g, fields in config_to_dict(cfg).items() for k, v in fields.items()}
-        for key in _PATH_FIELDS:
-            if out.get(key):
-                out[key] = os.path.abspath(out[key])
-        return out
+        groups = config_to_dict(with_absolute_paths(cfg))
+        return {f"{g}.{k}": v for g, fields in groups.items() for k, v in fields.items()}
 
     a, b = flat(saved), flat(now)
     lines = []
@@ -517,7 +551,10 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 "continue it, or choose another --out (nothing was overwritten)"
             )
         saved = out / "config.toml"
-        if cfg.run.resume and saved.is_file():
+        resuming = cfg.run.resume and saved.is_file()
+        if env.world_size > 1:
+            dist.barrier()  # every rank has looked before rank 0 may write it
+        if resuming:
             changed = resume_differences(load_config(saved), cfg)
             if changed:
                 raise CheckpointError(
@@ -528,7 +565,7 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
                 )
         elif env.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, saved)
+            save_config(with_absolute_paths(cfg), saved)
         if env.world_size > 1:
             dist.barrier()
         base = None

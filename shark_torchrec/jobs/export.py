@@ -172,7 +172,11 @@ class ServingTiers:
 
 @torch.no_grad()
 def regroup_for_serving(
-    model: DLRMTrainModule, serving: ServingTiers, data=None, counts: Optional[Dict[str, torch.Tensor]] = None
+    model: DLRMTrainModule,
+    serving: ServingTiers,
+    data=None,
+    counts: Optional[Dict[str, torch.Tensor]] = None,
+    progress: bool = True,
 ) -> Dict[str, Any]:
     """Put a loaded model's rows into tiers for serving, in place: rows ranked by their
     priorities (the budget rule of `serving`) and quantized from their trained values
@@ -192,6 +196,7 @@ def regroup_for_serving(
         data: the model's `Dataset` (as training opened it); needed for stock fp32 tables.
         counts: `training_priorities` of this model and data, when already counted (several
             exports of one model share them); None: counted here.
+        progress: show the counting pass's progress bar.
 
     Returns:
         {"serving_tiers", "serving_budget", "serving_budget_scope", "serving_rounding",
@@ -224,7 +229,7 @@ def regroup_for_serving(
         check_served_tiers(serving.tiers, configs[0].embedding_dim if configs else None)  # before the pass
         _check_one_bit_floor(serving, configs)  # before the pass too
         if priorities != "trained" and counts is None:
-            counts = counted_priorities(model, data)
+            counts = counted_priorities(model, data, progress)
         configs, dim, value, score = _rows_and_scores(trained, counts)
         groups = _one_bit_groups(serving, policy, configs, score)
         if groups is not None:
@@ -273,7 +278,7 @@ def regroup_for_serving(
         state = trained.state_dict()  # trained values in their trained groups, scores, step
     else:
         if counts is None:
-            counts = counted_priorities(model, data)
+            counts = counted_priorities(model, data, progress)
         stock = _fp32_tables(trained)
         state = _counted_rows_state(ebc, stock, counts)
     if "dropped" not in serving.tiers:
@@ -285,9 +290,13 @@ def regroup_for_serving(
                 state[key] = torch.where(value == DROPPED, torch.full_like(value, cheapest), value)
     ebc.load_state_dict(state)
     del state
-    # Each store's rows as trained, to rank from: the trained tables themselves where they are
-    # fp32 (no copy), else decoded from the store.
-    values = [_TrainedRows.of_store(s, stock) for s in ebc.stores]
+    # Each store's rows as trained: the trained tables themselves where they are fp32, else read
+    # from the trained collection's stores a chunk at a time (no copy of either).
+    if stock is None:
+        source = {t.name: (ts, int(ts.table_base[i])) for ts in trained.stores for i, t in enumerate(ts.tables)}
+        values = [_TrainedRows(s.table_base, [source[t.name] for t in s.tables], s.dim) for s in ebc.stores]
+    else:
+        values = [_TrainedRows.of_store(s, stock) for s in ebc.stores]
     loaded_groups = [s.row_group.clone() for s in ebc.stores]  # int8 a row
     try:
         if serving.budget_scope == "model":
@@ -312,9 +321,9 @@ def regroup_for_serving(
         dropped = store.row_group == DROPPED
         for i in range(len(store.tables)):
             lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
-            mine = dropped[lo:hi]
-            if bool(mine.any()):
-                store.set_fallback_rows(i, before.table(i)[mine].mean(dim=0))
+            mine = dropped[lo:hi].nonzero().flatten() + lo
+            if len(mine):
+                store.set_fallback_rows(i, before.mean_of(mine))
     if serving.rounding == "fitted":
         for store, before in zip(ebc.stores, values):
             groups = store.row_group
@@ -336,8 +345,9 @@ def _fp32_tables(trained: EmbeddingBagCollection) -> Dict[str, torch.Tensor]:
 
 class _TrainedRows:
     """Rows as they trained, by key over tables back to back, a chunk at a time: each table
-    either a tensor of its rows (the trained fp32 tables themselves, or rows decoded once) or a
-    store it is read from on demand (`RowGroupStore.read_rows` of its keys there).
+    either a tensor of its rows (the trained fp32 tables themselves) or the trained store it is
+    read from on demand (`RowGroupStore.read_rows` of its keys there; a dropped row reads its
+    fallback row, the value it served).
 
     Args:
         table_base: int64 [T + 1], the first key of each table (and the end).
@@ -351,24 +361,14 @@ class _TrainedRows:
         self.dim = dim
 
     @classmethod
-    def of_store(cls, store, stock: Optional[Dict[str, torch.Tensor]]) -> "_TrainedRows":
-        """A store's rows: its trained fp32 tables (`_fp32_tables`, no copy) or, with `stock`
-        None, the store's rows decoded once (the store is about to change)."""
-        if stock is None:
-            rows = store.read_rows(torch.arange(store.num_rows))
-            tables = [rows[int(a) : int(b)] for a, b in zip(store.table_base[:-1], store.table_base[1:])]
-        else:
-            tables = [stock[t.name] for t in store.tables]
-        return cls(store.table_base, tables, store.dim)
+    def of_store(cls, store, stock: Dict[str, torch.Tensor]) -> "_TrainedRows":
+        """A store's rows from its tables' trained fp32 values (`_fp32_tables`, no copy)."""
+        return cls(store.table_base, [stock[t.name] for t in store.tables], store.dim)
 
-    def table(self, i: int) -> torch.Tensor:
-        """Table i's rows (decoded whole for a table read from a store)."""
-        t = self.tables[i]
-        if isinstance(t, torch.Tensor):
-            return t
-        store, first = t
-        n = int(self.table_base[i + 1] - self.table_base[i])
-        return store.read_rows(torch.arange(first, first + n))
+    def mean_of(self, keys: torch.Tensor) -> torch.Tensor:
+        """The mean of these rows (ascending keys of one table): gathered, then torch's mean,
+        as the fallback rows of every export so far were computed."""
+        return self[keys].mean(dim=0)
 
     def __getitem__(self, keys: torch.Tensor) -> torch.Tensor:
         """The rows of these keys, in order."""
@@ -544,13 +544,14 @@ def _ranking_policy(trained: torch.nn.Module) -> Tuple[PrecisionPolicy, str]:
     raise CheckpointError(f"cannot serve a {type(trained).__name__} in tiers: not an EmbeddingBagCollection")
 
 
-def counted_priorities(model: DLRMTrainModule, data) -> Optional[Dict[str, torch.Tensor]]:
+def counted_priorities(model: DLRMTrainModule, data, progress: bool = True) -> Optional[Dict[str, torch.Tensor]]:
     """The counts `regroup_for_serving` ranks a model's rows by when it trained without
     priorities, to count once and pass to several of its calls (`counts`).
 
     Args:
         model: from `load_trained_model`.
         data: the model's `Dataset`.
+        progress: show the pass's progress bar.
 
     Returns:
         `training_priorities` of the model's tables over the training split, with its policy's
@@ -560,10 +561,12 @@ def counted_priorities(model: DLRMTrainModule, data) -> Optional[Dict[str, torch
     policy, priorities = _ranking_policy(trained)
     if priorities == "trained":
         return None
-    return training_priorities(trained.embedding_bag_configs(), data, policy.alpha)
+    return training_priorities(trained.embedding_bag_configs(), data, policy.alpha, progress=progress)
 
 
-def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> Dict[str, torch.Tensor]:
+def training_priorities(
+    configs, data, alpha: float, batch_size: int = 4096, progress: bool = True
+) -> Dict[str, torch.Tensor]:
     """Each row's priority for serving a model that trained without priorities (stock fp32
     tables): Eq. 7's increments summed over one pass of the training split
     (`add_occurrences_`: alpha for a positive example's lookup, 1 for a negative one's). The
@@ -575,6 +578,7 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
         data: the model's `Dataset`, its fields as training saw them.
         alpha: the weight of a positive example.
         batch_size: lines read at a time.
+        progress: show a progress bar.
 
     Returns:
         table name -> float64 [rows] sums.
@@ -588,7 +592,8 @@ def training_priorities(configs, data, alpha: float, batch_size: int = 4096) -> 
     table_of = {f: c for c in configs for f in c.feature_names}
     counts = {c.name: torch.zeros(c.num_embeddings, dtype=torch.float64) for c in configs}
     checked = False
-    for batch in tqdm(data.batches("train", batch_size), desc="row priorities (training split)", unit="batch"):
+    batches = data.batches("train", batch_size)
+    for batch in tqdm(batches, desc="row priorities (training split)", unit="batch", disable=not progress):
         kjt = batch.sparse_features
         if not checked:  # a table none of whose features the data has would rank by row id alone
             missing = [f for f in table_of if f not in kjt.keys()]
@@ -755,7 +760,11 @@ RECIPE_FILE = "serve.py"
 
 
 def export_checkpoint(
-    checkpoint: Path, out: Path, base_checkpoint: Optional[str] = None, serving: Optional[ServingTiers] = None
+    checkpoint: Path,
+    out: Path,
+    base_checkpoint: Optional[str] = None,
+    serving: Optional[ServingTiers] = None,
+    progress: bool = True,
 ) -> Dict[str, Any]:
     """Write the export directory of a checkpoint (see the module docstring): a mixed-precision
     model, or one of stock fp32 tables served in `serving`'s tiers.
@@ -766,6 +775,7 @@ def export_checkpoint(
         base_checkpoint: the uncompressed model's checkpoint, for the figures beside it.
         serving: tiers and budget to serve in, rows ranked by their priorities
             (`regroup_for_serving`); None: the rows as trained (refused for stock fp32 tables).
+        progress: show the progress bar of the pass that counts rows for `serving`.
 
     Returns:
         export.json's record: bytes beside the fp32 tables and beside TorchRec's per-table int8
@@ -797,7 +807,7 @@ def export_checkpoint(
 
     regrouped: Dict[str, Any] = {}
     if serving is not None:
-        regrouped = regroup_for_serving(model, serving, data)
+        regrouped = regroup_for_serving(model, serving, data, progress=progress)
     arch = model.model.sparse_arch
     served = arch.embedding_bag_collection
     if isinstance(served, MixedPrecisionInferenceEmbeddingBagCollection):

@@ -717,7 +717,7 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
         raise ValueError(
             "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, a "
             "sign bit a value and one fp16 magnitude a row"
-            + (f": {row_bytes(dim, INT1)} bytes a row at dim {dim}" if dim else "")
+            + (f": {row_bytes(dim, INT1)} bytes a row at dim {dim}" if dim and dim % 8 == 0 else "")
             + f"); choose one, got {tuple(tiers)}"
         )
     if "int1" in tiers and dim is not None and dim % 8:

@@ -1,6 +1,7 @@
 """`shark compress`: stages, resume after an interruption, and config refusal."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -360,7 +361,7 @@ def test_resume_keeps_the_settings_the_run_started_with(tmp_path, capsys):
     setting is refused by name before anything is written."""
     from shark_torchrec.cli import resumed_run_defaults
     from shark_torchrec.config import load_config, parse_cli, save_config
-    from shark_torchrec.jobs.compress import resume_differences
+    from shark_torchrec.jobs.compress import resume_differences, with_absolute_paths
 
     out = tmp_path / "run"
     started = parse_cli(
@@ -397,3 +398,14 @@ def test_resume_keeps_the_settings_the_run_started_with(tmp_path, capsys):
     assert "prune.target_memory (--target-memory): 0.08 there, 0.05 here" in refused.stderr
     assert "compress.serve_tiers (--serve-tiers): [] there, ['int4', 'int1'] here" in refused.stderr
     assert (out / "config.toml").read_text() == before and load_config(out / "config.toml").run.fail_at_step == 5
+    # A run's config.toml keeps its paths absolute, so a resume started elsewhere reads the same
+    # files; a path spelt another way but naming the same file is no change.
+    rel = parse_cli(
+        ["--data", "csv:some/dir", "--checkpoint", "ck", "--label", "y"], prog="shark compress", command="compress"
+    )
+    absolute = with_absolute_paths(rel)
+    assert absolute.dataset.data == "csv:" + os.path.abspath("some/dir") and absolute.run.checkpoint == os.path.abspath(
+        "ck"
+    )
+    assert resume_differences(absolute, rel) == []
+    assert with_absolute_paths(started).dataset.data == "synthetic"

@@ -293,8 +293,16 @@ def test_state_loads_a_chunk_of_rows_at_a_time(monkeypatch):
     whole = collection()
     whole.load_state_dict(state)
     monkeypatch.setattr(mp, "CHUNK_ROWS", 7)
+    written, write = [], mp.write_saved_rows
+
+    def spy(store, keys, *rest):
+        written.append(keys.clone())
+        write(store, keys, *rest)
+
+    monkeypatch.setattr(mp, "write_saved_rows", spy)
     chunked = collection()
     chunked.load_state_dict(state)
+    assert max(len(k) for k in written) == 7 and torch.equal(torch.cat(written), torch.arange(151))
     keys = torch.arange(store.num_rows)
     assert torch.equal(chunked.stores[0].row_group, store.row_group)
     assert torch.equal(chunked.stores[0].weights, whole.stores[0].weights)
