@@ -409,3 +409,44 @@ def test_resume_keeps_the_settings_the_run_started_with(tmp_path, capsys):
     )
     assert resume_differences(absolute, rel) == []
     assert with_absolute_paths(started).dataset.data == "synthetic"
+
+
+def test_a_resumed_base_stage_takes_the_given_model_as_it_is(tmp_path, monkeypatch):
+    """`--checkpoint C --resume` after the base stage saved C's model in base/checkpoints but
+    before it was recorded: the stage continues from there with C's kept fields and no epochs
+    (it used to train the given model for --epochs more)."""
+    import dataclasses
+
+    import shark_torchrec.jobs.compress as compress
+    from shark_torchrec.config import parse_cli
+
+    cfg = parse_cli(
+        [*TINY, "--checkpoint", str(tmp_path / "given"), "--resume", "--epochs", "3", "--out", str(tmp_path / "run")],
+        prog="shark compress",
+        command="compress",
+    )
+    monkeypatch.setattr(compress, "list_checkpoints", lambda path: [path / "step_00000010"])
+
+    def adopt(c):  # what `adopt_checkpoint_model` reads from a pruned given checkpoint
+        assert c.run.checkpoint == cfg.run.checkpoint
+        return dataclasses.replace(
+            c,
+            model=dataclasses.replace(c.model, kept_fields=("c1", "c2")),
+            train=dataclasses.replace(c.train, epochs=0),
+        )
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def base_model(b, env):
+        seen.append(b)
+        raise Stop
+
+    monkeypatch.setattr(compress, "adopt_checkpoint_model", adopt)
+    monkeypatch.setattr(compress, "base_model", base_model)
+    with pytest.raises(Stop):
+        compress.run_base(cfg, tmp_path / "run", None)
+    b = seen[0]
+    assert b.run.resume and not b.run.checkpoint and b.train.epochs == 0 and b.model.kept_fields == ("c1", "c2")
