@@ -44,6 +44,7 @@ from shark_torchrec.models.dlrm import DLRMTrainModule
 from shark_torchrec.models.serving import serving_model
 from shark_torchrec.modules.inference import ONE_BIT_LAYOUT, MixedPrecisionInferenceEmbeddingBagCollection
 from shark_torchrec.modules.mixed_precision import (
+    UNIT,
     MixedPrecisionEmbeddingBagCollection,
     table_state_block,
     table_state_keys,
@@ -275,7 +276,7 @@ def regroup_for_serving(
         raise refused(e) from e
     stock = None  # the trained fp32 tables, for a collection without trained priorities
     if priorities == "trained":
-        state = trained.state_dict()  # trained values in their trained groups, scores, step
+        state = _trained_rows_state(trained)  # trained values in their trained groups, scores, step
     else:
         if counts is None:
             counts = counted_priorities(model, data, progress)
@@ -618,6 +619,46 @@ def training_priorities(
                 )
             add_occurrences_(counts[c.name], ids, torch.repeat_interleave(positive, jt.lengths()), alpha)
     return counts
+
+
+class _LazyTableRows:
+    """A trained table's rows as the state's `weight`, decoded a block at a time as
+    `fill_table_state` slices it (`weight[a:b]`): no fp32 copy of the table."""
+
+    def __init__(self, store, index: int) -> None:
+        self.store, self.index = store, index
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return table_state_block(self.store, self.index, "weight", rows.start or 0, rows.stop)
+
+
+def _trained_rows_state(trained: MixedPrecisionEmbeddingBagCollection) -> Dict[str, Any]:
+    """What `trained.state_dict()` gives (values in their trained groups, scale and bias,
+    scores, optimizer state, fallback rows, step), without its copies: the rows are read from
+    the trained stores a block at a time (`_LazyTableRows`), and each per-column-slice entry is
+    one row's value broadcast (`expand`) over its columns, as the state dict repeats it."""
+    state: Dict[str, Any] = {}
+    for store in trained.stores:
+        units = store.dim // UNIT
+        groups = store.row_group  # decoded once a store: int8 a row
+        for i, t in enumerate(store.tables):
+            lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+            n, p = hi - lo, f"embedding_bags.{t.name}."
+            for key in table_state_keys(store):
+                if key == "weight":
+                    state[p + key] = _LazyTableRows(store, i)
+                elif key == "qparams":
+                    state[p + key] = store.int_scale_bias(torch.arange(lo, hi))[:, None, :].expand(n, units, 2)
+                elif key == "row_group":
+                    state[p + key] = groups[lo:hi][:, None].expand(n, units)
+                elif key in ("row_priority", "row_seen_step"):
+                    state[p + key] = getattr(store, key)[lo:hi][:, None].expand(n, units)
+                elif key == "momentum":
+                    state[p + key] = store.momentum[lo:hi].float()[:, None].expand(n, units)
+                else:  # the fallback row and its state: one a table
+                    state[p + key] = table_state_block(store, i, key)
+    state["precision_step"] = torch.tensor([trained.step_counter.value], dtype=torch.int64)
+    return state
 
 
 def _counted_rows_state(ebc: MixedPrecisionEmbeddingBagCollection, stock: Dict[str, torch.Tensor], counts) -> Dict:
