@@ -625,3 +625,29 @@ def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
         "export", str(ckpt), "--out", str(tmp_path / "q"), *tiers, "--memory-budget", "0.1", "--no-progress"
     )
     assert "row priorities" not in quiet.stderr and (tmp_path / "q" / "export.json").is_file()
+
+
+def test_trained_rows_load_without_a_state_dict(shark_run):
+    """The export loads a trained model's rows from `_trained_rows_state` (rows decoded a block
+    at a time, per-row values broadcast) where it took `state_dict()`: the same store, byte for
+    byte, scores and optimizer state alike."""
+    from shark_torchrec.jobs.export import _trained_rows_state
+    from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+
+    out, _ = shark_run
+    model, _ = load_trained_model(out / "checkpoints")
+    trained = model.model.sparse_arch.embedding_bag_collection
+    assert len({int(g) for g in trained.stores[0].row_group.unique()}) == 3
+
+    def fresh():
+        return MixedPrecisionEmbeddingBagCollection(
+            trained.embedding_bag_configs(), trained.precision_policy, device=torch.device("cpu")
+        )
+
+    want, got = fresh(), fresh()
+    want.load_state_dict(trained.state_dict())
+    got.load_state_dict(_trained_rows_state(trained))
+    for a, b in zip(want.stores, got.stores):
+        for name in ("weights", "row_map", "row_priority", "row_seen_step", "momentum"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert got.step_counter.value == trained.step_counter.value > 0
