@@ -30,8 +30,9 @@ def rss() -> int:
     return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
 
 
-def one_point(scale: float, point: str, count_rows: int) -> dict:
-    """Regroup fresh fp32 tables at `point` ("tier,tier@budget") in this process and measure it."""
+def one_point(scale: float, point: str, count_rows: int, trained: bool = False) -> dict:
+    """Regroup fresh fp32 tables at `point` ("tier,tier@budget") in this process and measure it;
+    with `trained`, the tables as a model trained with priorities holds them (see `main`)."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     import torch
@@ -51,7 +52,21 @@ def one_point(scale: float, point: str, count_rows: int) -> dict:
     stock = EmbeddingBagCollection(tables=tables)
 
     counts = training_priorities(stock.embedding_bag_configs(), FirstRows(data, count_rows), PrecisionPolicy().alpha)
-    model = build_dlrm(data.schema, ModelConfig(embedding_dim=64), ebc=stock, seed=0)
+    ebc = stock
+    if trained:
+        import gc
+
+        from shark_torchrec.modules.mixed_precision import to_mixed_precision
+
+        ebc = to_mixed_precision(stock, PrecisionPolicy(mode="shark", memory_budget=0.35))
+        del stock
+        gc.collect()
+        store = ebc.stores[0]
+        store.row_priority.copy_(torch.cat([counts[t.name] for t in store.tables]).float())
+        ebc.step_counter.value = 1  # scores as of step 1, their own step 0: decayed once alike
+        ebc.reassign()  # hot rows in the precise tiers, as after training
+        counts = None
+    model = build_dlrm(data.schema, ModelConfig(embedding_dim=64), ebc=ebc, seed=0)
     fp32 = sum(c.num_embeddings for c in tables) * 64 * 4
     before = rss()
     peak, done = [before], threading.Event()
@@ -82,15 +97,22 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--points", nargs="+", default=["int4,int2@0.1", "int4,int2,dropped@0.06", "int4,int1@0.06"])
     p.add_argument("--count-rows", type=int, default=204_800, help="training rows the tiers are ranked on")
+    p.add_argument(
+        "--trained",
+        action="store_true",
+        help="the tables as a model trained with priorities: our module in the paper's tiers at 0.35, each row's "
+        "score its count, reassigned once (what `shark compress --serve-tiers` exports)",
+    )
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: one point
     args = p.parse_args()
     if args.one is not None:
-        print(json.dumps(one_point(args.scale, args.one, args.count_rows)))
+        print(json.dumps(one_point(args.scale, args.one, args.count_rows, args.trained)))
         return
     rows = []
     for point in args.points:
         out = subprocess.run(
             [sys.executable, __file__, "--scale", str(args.scale), "--count-rows", str(args.count_rows)]
+            + (["--trained"] if args.trained else [])
             + ["--one", point],
             check=True,
             capture_output=True,
@@ -99,7 +121,8 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first = rows[0]
     print(
-        f"`bench/export_memory.py --scale {args.scale} --points {' '.join(args.points)}` "
+        f"`bench/export_memory.py --scale {args.scale} --points {' '.join(args.points)}"
+        f"{' --trained' if args.trained else ''}` "
         f"({first['rows']:,} rows, fp32 tables {first['fp32_bytes'] / 1e9:.2f} GB; one process a point)\n"
     )
     print("| point | peak memory above the model, x fp32 tables | seconds |")
