@@ -35,6 +35,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.distributed.lazy_rows import LazyRows, RowSink, block_rows, row_blocks
+from shark_torchrec.modules.initial_rows import initial_rows
 from shark_torchrec.modules.mixed_precision import (
     UNIT,
     MixedPrecisionEmbeddingBagCollection,
@@ -555,6 +556,13 @@ class ShardedMixedPrecisionModule:
         self.lazy_state = False  # set by lazy_state_dict: state-dict rows decoded when written
         self.row_load: Optional[_RowLoad] = None  # set by load_state_in_place: rows loaded as they are read
         self._assign_initial_groups()
+        # The rows start as TorchRec's sharded tables do, from its default law (not zeros), and
+        # the same whatever the plan and world size (`initial_rows`, seeded by the policy's
+        # seed); `init_embedding_weights` or a checkpoint may write others.
+        seed, shapes = self.precision_policy.seed, {c.name: (c.num_embeddings, c.embedding_dim) for c in configs}
+        self.fill_rows(
+            lambda t, r0, r1: initial_rows(seed, t, shapes[t][0], shapes[t][1], r0, r1, (1.0 / shapes[t][0]) ** 0.5)
+        )
         self.step_counter.on_step_end = self._end_of_step
         self._mp_optimizer = MixedPrecisionOptimizer(self)
 

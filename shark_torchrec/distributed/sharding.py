@@ -23,8 +23,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from shark_torchrec.config import TrainConfig
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.distributed.memory import table_of_key
-
-INIT_BLOCK_ROWS = 1 << 16
+from shark_torchrec.modules.initial_rows import initial_rows
 
 
 def default_sharders(cfg: TrainConfig) -> List[ModuleSharder[nn.Module]]:
@@ -164,29 +163,6 @@ def shard_model(
     return dmp, plan
 
 
-def _table_index(name: str) -> int:
-    # A stable number per table name (not Python's salted hash).
-    import zlib
-
-    return zlib.crc32(name.encode())
-
-
-def _init_rows(seed: int, table: str, num_rows: int, dim: int, row0: int, row1: int, bound: float) -> torch.Tensor:
-    """Rows [row0, row1) of a table's initial weights, uniform(-bound, bound).
-
-    Rows come in blocks drawn from generators seeded by (seed, table, block), so a shard's
-    values do not depend on how the table was sharded or on the world size.
-    """
-    out = []
-    for b in range(row0 // INIT_BLOCK_ROWS, (row1 - 1) // INIT_BLOCK_ROWS + 1):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + _table_index(table) * 7919 + b) % (2**63))
-        lo = b * INIT_BLOCK_ROWS
-        hi = min(lo + INIT_BLOCK_ROWS, num_rows)
-        block = torch.rand((hi - lo, dim), generator=g) * (2 * bound) - bound
-        out.append(block[max(row0, lo) - lo : min(row1, hi) - lo])
-    return torch.cat(out) if out else torch.empty(0, dim)
-
-
 def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfig], seed: int) -> None:
     """Deterministic, sharding-independent init of every table (TorchRec's default law:
     uniform(+-sqrt(1 / num_embeddings))).
@@ -201,7 +177,7 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
     def law(table: str, r0: int, r1: int) -> torch.Tensor:
         cfg = configs[table]
         bound = (1.0 / cfg.num_embeddings) ** 0.5
-        return _init_rows(seed, table, cfg.num_embeddings, cfg.embedding_dim, r0, r1, bound)
+        return initial_rows(seed, table, cfg.num_embeddings, cfg.embedding_dim, r0, r1, bound)
 
     mixed = set()
     for m in dmp.modules():
@@ -225,10 +201,10 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
                     nr, nc = shard.metadata.shard_sizes
                     if nr == 0 or nc == 0:
                         continue
-                    full = _init_rows(seed, table, rows, dim, r0, r0 + nr, bound)
+                    full = initial_rows(seed, table, rows, dim, r0, r0 + nr, bound)
                     shard.tensor.copy_(full[:, c0 : c0 + nc])
             else:
-                tensor.copy_(_init_rows(seed, table, rows, dim, 0, rows, bound))
+                tensor.copy_(initial_rows(seed, table, rows, dim, 0, rows, bound))
 
 
 def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:

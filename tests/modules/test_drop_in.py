@@ -370,3 +370,45 @@ def test_a_checkpoint_brings_its_data_model_and_precision(tmp_path):
     for line in ('precision = "shark"', "memory_budget = 0.7", "synthetic_scale = 0.01", "embedding_dim = 8"):
         assert line in saved, line
     assert json.loads((out / "m.json").read_text())["method"] == "permutation"
+
+
+def test_sharded_rows_start_from_torchrecs_law_not_zeros():
+    """Right after DistributedModelParallel the rows hold TorchRec's default law (uniform within
+    +-sqrt(1 / rows)), drawn by `initial_rows` from the policy's seed, as the unsharded module
+    starts from that law too; they were all zeros unless `init_embedding_weights` was called."""
+    from shark_torchrec.distributed.env import launch
+    from shark_torchrec.modules.initial_rows import initial_rows
+
+    got = launch(_rows_after_sharding, 1, 5)
+    for name, rows in (("t0", 20), ("t1", 300)):
+        want = initial_rows(5, name, rows, 8, 0, rows, (1.0 / rows) ** 0.5)
+        assert torch.equal(got[name], want), name
+        assert got[name].abs().max() <= (1.0 / rows) ** 0.5 and got[name].std() > 0.2 * (1.0 / rows) ** 0.5
+
+
+def _rows_after_sharding(seed: int) -> dict:
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.types import ShardingEnv
+
+    from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
+    from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
+
+    init_distributed()
+    try:
+        ebc = MixedPrecisionEmbeddingBagCollection(
+            bag_tables(8, (20, 300)), precision_policy=PrecisionPolicy(mode="fp32", seed=seed)
+        )
+        sharders = [MixedPrecisionEmbeddingBagCollectionSharder()]
+        plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu")).collective_plan(
+            ebc, sharders, dist.GroupMember.WORLD
+        )
+        dmp = DistributedModelParallel(
+            ebc, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan,
+            sharders=sharders,
+        )  # fmt: skip
+        state = dmp.module.state_dict()
+        return {t: state[f"embedding_bags.{t}.weight"].local_shards()[0].tensor.clone() for t in ("t0", "t1")}
+    finally:
+        shutdown_distributed()
