@@ -354,14 +354,15 @@ class QuantConfig:
         Raises:
             ValueError: the policy refuses the values (`PrecisionPolicy.validate`).
         """
-        from shark_torchrec.modules.precision_policy import PrecisionPolicy, split_tiers
+        from shark_torchrec.modules.precision_policy import PAPER_TIERS, PrecisionPolicy, split_tiers
 
         fractions = tuple(self.row_fractions) or None
         # An unset budget gets the default for the tables' dims when the collection is built
         # (PrecisionPolicy.resolved, the one place defaults are decided).
         return PrecisionPolicy(
             mode=self.precision,
-            tiers=split_tiers(self.tiers),
+            # A one-tier run ranks no rows (`shark compress` passes its --tiers to its quantize stage).
+            tiers=split_tiers(self.tiers) if self.precision in ("shark", "freq") else PAPER_TIERS,
             memory_budget=self.memory_budget if self.precision in ("shark", "freq") else None,
             budget_scope=self.budget_scope,
             signal=self.signal,

@@ -185,9 +185,21 @@ class PrecisionPolicy:
                 "int1 is a tier for serving only (`shark export CKPT --tiers ... int1`): rows train in "
                 f"{', '.join(GROUP_NAMES)}; got {tuple(self.tiers)}",
             )
+        if isinstance(self.tiers, str):
+            raise bad(
+                "tiers",
+                f"is a sequence of tier names, e.g. ({self.tiers!r},) or split_tiers([...]); got {self.tiers!r}",
+            )
         problem = tier_names_problem(self.tiers, GROUP_NAMES)
         if problem:
             raise bad("tiers", problem)
+        if not self.scored:
+            # Ignored by a one-tier mode, which would train every row in it whatever they say.
+            keeps = f"mode {self.mode!r} keeps every row in {self.mode} (mode 'shark' or 'freq' ranks rows into tiers)"
+            if self.memory_budget is not None:
+                raise bad("memory_budget", f"{self.memory_budget} is not used: {keeps}")
+            if tuple(self.tiers) != PAPER_TIERS:
+                raise bad("tiers", f"{tuple(self.tiers)} are not used: {keeps}")
         if self.tiers and all(t == "dropped" for t in self.tiers):
             raise bad("tiers", "need a tier that stores rows besides 'dropped'")
         if self.scored and len(self.tiers) < 2:

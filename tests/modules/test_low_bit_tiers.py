@@ -3,6 +3,7 @@ values, updates round stochastically, one-tier and ranked modes train and export
 logits."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -175,6 +176,14 @@ def test_low_bit_flags_are_checked_by_name(capsys):
     )
     commas = parse_cli(["--precision", "shark", "--tiers", "int4,int2", "--memory-budget", "0.25"])
     assert commas.quant.policy(0.1, 1e-8, 0).tiers == ("int4", "int2")
+    # In Python too: what a one-tier mode would ignore is refused, naming it.
+    for kwargs, named in (
+        (dict(mode="int4", memory_budget=0.3), "memory_budget 0.3 is not used: mode 'int4' keeps every row in int4"),
+        (dict(mode="fp16", tiers=("int8", "int4")), "tiers ('int8', 'int4') are not used"),
+        (dict(mode="shark", tiers="int4"), "tiers is a sequence of tier names"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            PrecisionPolicy(**kwargs)
 
 
 LOW_BIT = {
