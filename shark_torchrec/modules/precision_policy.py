@@ -382,11 +382,14 @@ def _momentum_dtype_name(value: Any) -> str:
 
 
 def _optimizer_name(value: Any) -> str:
-    """Our name for a TorchRec/FBGEMM optimizer (EmbOptimType or its name)."""
+    """Our name for a TorchRec/FBGEMM optimizer (EmbOptimType, its name, or its value such as
+    `exact_row_wise_adagrad`)."""
     name = getattr(value, "name", str(value)).upper()
     names = {
         "EXACT_ROWWISE_ADAGRAD": "rowwise_adagrad",
+        "EXACT_ROW_WISE_ADAGRAD": "rowwise_adagrad",  # EmbOptimType.EXACT_ROWWISE_ADAGRAD.value
         "ROWWISE_ADAGRAD": "rowwise_adagrad",
+        "ROW_WISE_ADAGRAD": "rowwise_adagrad",
         "EXACT_SGD": "sgd",
         "SGD": "sgd",
     }

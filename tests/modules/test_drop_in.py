@@ -129,6 +129,8 @@ def test_fused_params_set_the_update_and_unsupported_ones_are_refused():
     assert (sgd.optimizer, sgd.learning_rate, sgd.eps) == ("sgd", 0.3, 1e-6)
     adagrad = policy.resolved([16], {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD})
     assert (adagrad.optimizer, adagrad.learning_rate) == ("rowwise_adagrad", 0.01)  # FBGEMM's default lr
+    # The enum's value as a string names it too ("exact_row_wise_adagrad", as configs spell it).
+    assert policy.resolved([16], {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD.value}).optimizer == "rowwise_adagrad"
     plain = policy.resolved([16])
     assert (plain.optimizer, plain.learning_rate, plain.eps) == ("sgd", 0.01, 1e-8)  # FBGEMM's defaults
     with pytest.raises(ValueError, match="optimizer ADAM is not supported"):
