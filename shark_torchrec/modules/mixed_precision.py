@@ -536,6 +536,19 @@ class _MixedPrecisionRows:
         """The stores of the rows (empty before `materialize`)."""
         return self._stores
 
+    def precision_memory(self) -> Dict[str, Dict[str, int]]:
+        """Per table, as the sharded module's `precision_memory()` gives it: embedding,
+        optimizer and priority bytes, and rows per group.
+
+        Returns:
+            table -> {"embedding_bytes", "optimizer_bytes", "priority_bytes", "rows_<group>"}
+            (empty before `materialize`).
+        """
+        out = {
+            t.name: {k: int(v) for k, v in b.items()} for s in self._stores for t, b in zip(s.tables, s.table_bytes())
+        }
+        return dict(sorted(out.items()))
+
     def _lookup_all(self, features: KeyedJaggedTensor):
         """[(feature names, store output)] per store."""
         if not self._stores:

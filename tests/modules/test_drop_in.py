@@ -57,6 +57,25 @@ def test_default_policy_works_at_every_dim(dim, budget):
     assert all(c > 0 for c in store.group_counts()), store.group_counts()
 
 
+def test_unsharded_precision_memory_reports_each_table():
+    """`precision_memory()` unsharded, as the sharded module reports it: every row counted once
+    in its group, the bytes within the budget."""
+    ebc = MixedPrecisionEmbeddingBagCollection(
+        bag_tables(16, (300, 200)), device=torch.device("cpu"), precision_policy=PrecisionPolicy(memory_budget=0.5)
+    )
+    report = ebc.precision_memory()
+    assert sorted(report) == ["t0", "t1"]
+    for name, rows in (("t0", 300), ("t1", 200)):
+        r = report[name]
+        assert sum(v for k, v in r.items() if k.startswith("rows_")) == rows and r["rows_int8"] > 0
+        # FBGEMM's default optimizer without fused_params is SGD: no state; Eq. 7 keeps 8 bytes a row.
+        assert (
+            r["embedding_bytes"] <= 0.5 * rows * 16 * 4
+            and r["optimizer_bytes"] == 0
+            and r["priority_bytes"] == rows * 8
+        )
+
+
 def test_explicit_budget_below_the_floor_is_refused_when_the_module_is_built():
     with pytest.raises(BudgetError, match="below what tables of dim 16 can reach: .* 0.375"):
         MixedPrecisionEmbeddingBagCollection(bag_tables(16), precision_policy=PrecisionPolicy(memory_budget=0.35))
