@@ -621,10 +621,21 @@ def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
         assert "row priorities" not in proc.stderr and "Traceback" not in proc.stderr, argv
     assert afile.read_text() == "keep me"
     assert not any((tmp_path / d).exists() for d in "abcd")
-    quiet = run_shark(
-        "export", str(ckpt), "--out", str(tmp_path / "q"), *tiers, "--memory-budget", "0.1", "--no-progress"
-    )
-    assert "row priorities" not in quiet.stderr and (tmp_path / "q" / "export.json").is_file()
+
+
+def test_the_priority_pass_shows_progress_unless_told_not_to(fp32_run, capsys):
+    """`shark export --no-progress` (and `shark compress --no-progress`) reach the pass that
+    counts a stock model's rows: its progress bar shows only with progress on."""
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.jobs.export import counted_priorities
+
+    model, cfg = load_trained_model(fp32_run / "checkpoints")
+    data = open_dataset(cfg.dataset, cfg.train.seed)
+    quiet = counted_priorities(model, data, progress=False)
+    assert "row priorities" not in capsys.readouterr().err
+    loud = counted_priorities(model, data)
+    assert "row priorities" in capsys.readouterr().err
+    assert all(torch.equal(quiet[k], loud[k]) for k in loud)
 
 
 def test_trained_rows_load_without_a_state_dict(shark_run):
