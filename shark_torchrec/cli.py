@@ -223,8 +223,6 @@ def _fraction(text: str) -> float:
 
 def export_main(argv: List[str]) -> int:
     """Export a mixed-precision checkpoint for serving (inference model, TorchScript model, vocabularies, serve.py)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="shark export", description=export_main.__doc__)
     parser.add_argument("checkpoint", help="a checkpoint directory, or a directory of them (the newest is taken)")
     parser.add_argument(

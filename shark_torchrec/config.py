@@ -271,7 +271,8 @@ class RunConfig:
             )
 
 
-DEFAULT_TIERS = ("fp32", "fp16", "int8")  # the paper's
+# The paper's tiers: `precision_policy.PAPER_TIERS`, spelt here so that this module imports no torch.
+DEFAULT_TIERS = ("fp32", "fp16", "int8")
 
 
 @dataclass

@@ -560,9 +560,7 @@ class ShardedMixedPrecisionModule:
         # the same whatever the plan and world size (`initial_rows`, seeded by the policy's
         # seed); `init_embedding_weights` or a checkpoint may write others.
         seed, shapes = self.precision_policy.seed, {c.name: (c.num_embeddings, c.embedding_dim) for c in configs}
-        self.fill_rows(
-            lambda t, r0, r1: initial_rows(seed, t, shapes[t][0], shapes[t][1], r0, r1, (1.0 / shapes[t][0]) ** 0.5)
-        )
+        self.fill_rows(lambda t, r0, r1: initial_rows(seed, t, *shapes[t], r0, r1))
         self.step_counter.on_step_end = self._end_of_step
         self._mp_optimizer = MixedPrecisionOptimizer(self)
 

@@ -176,8 +176,7 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
 
     def law(table: str, r0: int, r1: int) -> torch.Tensor:
         cfg = configs[table]
-        bound = (1.0 / cfg.num_embeddings) ** 0.5
-        return initial_rows(seed, table, cfg.num_embeddings, cfg.embedding_dim, r0, r1, bound)
+        return initial_rows(seed, table, cfg.num_embeddings, cfg.embedding_dim, r0, r1)
 
     mixed = set()
     for m in dmp.modules():
@@ -193,7 +192,6 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
             if table is None or table in mixed:
                 continue
             cfg = configs[table]
-            bound = (1.0 / cfg.num_embeddings) ** 0.5
             rows, dim = cfg.num_embeddings, cfg.embedding_dim
             if isinstance(tensor, ShardedTensor):
                 for shard in tensor.local_shards():
@@ -201,10 +199,10 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
                     nr, nc = shard.metadata.shard_sizes
                     if nr == 0 or nc == 0:
                         continue
-                    full = initial_rows(seed, table, rows, dim, r0, r0 + nr, bound)
+                    full = initial_rows(seed, table, rows, dim, r0, r0 + nr)
                     shard.tensor.copy_(full[:, c0 : c0 + nc])
             else:
-                tensor.copy_(initial_rows(seed, table, rows, dim, 0, rows, bound))
+                tensor.copy_(initial_rows(seed, table, rows, dim, 0, rows))
 
 
 def build_optimizer(dmp: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:

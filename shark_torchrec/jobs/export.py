@@ -250,8 +250,7 @@ def regroup_for_serving(
     def refused(e: Exception) -> BudgetError:
         dim = configs[0].embedding_dim if configs else "?"
         head = (
-            f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
-            f"can reach at dim {dim}: {floor:.4f} of fp32 with the ranked row map"
+            _below_floor(serving, dim, floor)
             if serving.memory_budget < floor
             else f"serving budget {serving.memory_budget} cannot be met "
             f"{'table by table' if serving.budget_scope == 'table' else 'over the model'} in {', '.join(serving.tiers)}"
@@ -294,7 +293,7 @@ def regroup_for_serving(
     # Each store's rows as trained: the trained tables themselves where they are fp32, else read
     # from the trained collection's stores a chunk at a time (no copy of either).
     if stock is None:
-        source = {t.name: (ts, int(ts.table_base[i])) for ts in trained.stores for i, t in enumerate(ts.tables)}
+        source = _store_sources(trained)
         values = [_TrainedRows(s.table_base, [source[t.name] for t in s.tables], s.dim) for s in ebc.stores]
     else:
         values = [_TrainedRows.of_store(s, stock) for s in ebc.stores]
@@ -342,6 +341,12 @@ def _fp32_tables(trained: EmbeddingBagCollection) -> Dict[str, torch.Tensor]:
     collection's own weights (no copy), or a one-tier run's as its state dict decodes them."""
     state = trained.state_dict()
     return {c.name: state[f"embedding_bags.{c.name}.weight"].detach().float() for c in trained.embedding_bag_configs()}
+
+
+def _store_sources(collection: MixedPrecisionEmbeddingBagCollection) -> Dict[str, Tuple[Any, int]]:
+    """table name -> (the store holding it, its first key there): `_TrainedRows`' way to read
+    a table from a store on demand."""
+    return {t.name: (s, int(s.table_base[i])) for s in collection.stores for i, t in enumerate(s.tables)}
 
 
 class _TrainedRows:
@@ -412,20 +417,34 @@ def _rows_and_scores(trained, counts: Optional[Dict[str, torch.Tensor]]):
     configs = trained.embedding_bag_configs()
     names = [c.name for c in configs]
     dim = configs[0].embedding_dim
-    tables, scores = {}, {}
     if isinstance(trained, MixedPrecisionEmbeddingBagCollection):
-        for store in trained.stores:
-            for i, t in enumerate(store.tables):
-                lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
-                tables[t.name] = (store, lo)
-                if counts is None:
-                    scores[t.name] = store.scores_now(lo, hi).float()
+        tables = _store_sources(trained)
     else:
         tables = _fp32_tables(trained)
     if counts is not None:
         scores = {m: counts[m].float() for m in names}
+    else:  # the trained scores, table by table from its store
+        scores = {}
+        for c in configs:
+            store, lo = tables[c.name]
+            scores[c.name] = store.scores_now(lo, lo + c.num_embeddings).float()
     base = torch.tensor([0] + [c.num_embeddings for c in configs]).cumsum(0)
     return configs, dim, _TrainedRows(base, [tables[m] for m in names], dim), torch.cat([scores[m] for m in names])
+
+
+def _below_floor(serving: ServingTiers, dim, floor: float) -> str:
+    """The refusal of a serving budget below what its tiers can reach at this dim."""
+    return (
+        f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
+        f"can reach at dim {dim}: {floor:.4f} of fp32 with the ranked row map"
+    )
+
+
+def _one_bit_floor(serving: ServingTiers, configs) -> float:
+    """What these tables can reach at least in the serving tiers (`served_min_budget`)."""
+    return served_min_budget(
+        configs[0].embedding_dim, serving.tiers, sum(c.num_embeddings for c in configs), len(configs)
+    )
 
 
 def _check_one_bit_floor(serving: ServingTiers, configs) -> None:
@@ -434,13 +453,9 @@ def _check_one_bit_floor(serving: ServingTiers, configs) -> None:
     are counted or ranked."""
     if not configs:
         return
-    dim = configs[0].embedding_dim
-    floor = served_min_budget(dim, serving.tiers, sum(c.num_embeddings for c in configs), len(configs))
+    floor = _one_bit_floor(serving, configs)
     if serving.memory_budget < floor:
-        raise BudgetError(
-            f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
-            f"can reach at dim {dim}: {floor:.4f} of fp32 with the ranked row map"
-        )
+        raise BudgetError(_below_floor(serving, configs[0].embedding_dim, floor))
 
 
 def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, score: torch.Tensor):
@@ -459,12 +474,7 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
             n, weight_bytes - 3 * len(tiers), {g: row_bytes(dim, g) for g in tiers}, tiers, policy.fp32_fraction
         )
     except BudgetError as e:
-        raise BudgetError(
-            f"serving budget {serving.memory_budget} is below what a served model in {', '.join(serving.tiers)} "
-            f"can reach at dim {dim}: {served_min_budget(dim, serving.tiers, n, len(configs)):.4f} of fp32 with the "
-            "ranked row map "
-            f"({e})"
-        ) from e
+        raise BudgetError(f"{_below_floor(serving, dim, _one_bit_floor(serving, configs))} ({e})") from e
     if plan is None and len(tiers) > 2:
         return None
     if plan is None:  # one tier above int1, and every row fits in it

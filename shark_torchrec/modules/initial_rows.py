@@ -24,8 +24,8 @@ def table_index(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def initial_rows(seed: int, table: str, num_rows: int, dim: int, row0: int, row1: int, bound: float) -> torch.Tensor:
-    """Rows [row0, row1) of a table's initial weights, uniform(-bound, bound).
+def initial_rows(seed: int, table: str, num_rows: int, dim: int, row0: int, row1: int) -> torch.Tensor:
+    """Rows [row0, row1) of a table's initial weights, uniform within +-sqrt(1 / num_rows).
 
     Args:
         seed: the run's seed.
@@ -33,11 +33,11 @@ def initial_rows(seed: int, table: str, num_rows: int, dim: int, row0: int, row1
         num_rows: the table's rows (all shards).
         dim: its full dim.
         row0, row1: the rows wanted.
-        bound: the law's half width (TorchRec's default: sqrt(1 / num_rows)).
 
     Returns:
         fp32 [row1 - row0, dim].
     """
+    bound = (1.0 / num_rows) ** 0.5
     out = []
     for b in range(row0 // INIT_BLOCK_ROWS, (row1 - 1) // INIT_BLOCK_ROWS + 1):
         g = torch.Generator().manual_seed((seed * 1_000_003 + table_index(table) * 7919 + b) % (2**63))

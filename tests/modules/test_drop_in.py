@@ -402,7 +402,7 @@ def test_sharded_rows_start_from_torchrecs_law_not_zeros():
 
     got = launch(_rows_after_sharding, 1, 5)
     for name, rows in (("t0", 20), ("t1", 300)):
-        want = initial_rows(5, name, rows, 8, 0, rows, (1.0 / rows) ** 0.5)
+        want = initial_rows(5, name, rows, 8, 0, rows)
         assert torch.equal(got[name], want), name
         assert got[name].abs().max() <= (1.0 / rows) ** 0.5 and got[name].std() > 0.2 * (1.0 / rows) ** 0.5
 
