@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional
 
-from shark_torchrec.config import parse_cli
+from shark_torchrec.config import parse_cli, percentage_hint
 
 
 def _is_main_rank() -> bool:
@@ -207,14 +207,9 @@ def report_main(argv: List[str]) -> int:
 
 def _fraction(text: str) -> float:
     """argparse type of a budget: a float; `6%` is refused with the fraction it means."""
-    if text.strip().endswith("%"):
-        try:
-            value = float(text.strip()[:-1])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        raise argparse.ArgumentTypeError(
-            f"a fraction of the fp32 bytes, not a percentage: for {text} give {value / 100:g}"
-        )
+    hint = percentage_hint("", text)
+    if hint:
+        raise argparse.ArgumentTypeError(hint)
     try:
         return float(text)
     except ValueError:

@@ -703,6 +703,52 @@ def _as(cls: Any, group: Any) -> Any:
     return cls(**{f.name: getattr(group, f.name) for f in dataclasses.fields(cls)})
 
 
+def percentage_hint(flag: str, text: str) -> Optional[str]:
+    """The error for a percentage given where a fraction is asked (`--memory-budget 6%`),
+    naming the fraction it means; None when `text` is not a percentage.
+
+    Args:
+        flag: the flag, for the message ("" where the caller names it, as argparse does).
+        text: its value as given.
+
+    Returns:
+        The message, or None.
+    """
+    text = text.strip()
+    if not text.endswith("%"):
+        return None
+    try:
+        value = float(text[:-1])
+    except ValueError:
+        return None
+    return f"{flag} {text}: a fraction, not a percentage: for {text} give {value / 100:g}".lstrip()
+
+
+def _fraction_flags() -> set[str]:
+    """The flags whose values are floats (a fraction, a rate, a threshold)."""
+    flags = set()
+    for cls in _group_classes().values():
+        for name, hint in get_type_hints(cls).items():
+            if hint is float or float in get_args(hint):
+                flags.add("--" + name.replace("_", "-"))
+    return flags
+
+
+def _refuse_percentages(args: Sequence[str]) -> None:
+    """A percentage given to a float flag is refused with the fraction it means (tyro would
+    say only that `6%` is not a float)."""
+    floats = _fraction_flags()
+    for i, a in enumerate(args):
+        flag, _, value = a.partition("=")
+        if flag not in floats:
+            continue
+        values = [value] if value else list(args[i + 1 : i + 2])
+        for v in values:
+            hint = percentage_hint(flag, v)
+            if hint:
+                raise ConfigError(hint)
+
+
 def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
     """The value of `--flag X` or `--flag=X` in args (the last one given), else None."""
     value = None
@@ -792,6 +838,7 @@ def parse_cli(
     args = list(args)
     path = _flag_value(args, "--config")
     try:
+        _refuse_percentages(args)
         raw = {g: dict(v) for g, v in (base or {}).items()}
         if path is not None:
             if not Path(path).is_file():

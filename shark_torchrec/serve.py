@@ -228,7 +228,12 @@ class ServedModel:
                 "this export has no raw-line layout (its model was trained on synthetic data): "
                 "call the model with encoded tensors instead"
             )
-        column = self._columns_of(self._split(line), where)
+        cols = self._split(line)
+        header = self.parsing["header"]
+        if header and [c.strip() for c in cols] in (header, self._header_without_label()):
+            # Its column names would be scored as values (a categorical name is just an unseen value).
+            raise ValueError(f"{where}: this is the header line, not data (score_file skips it; give data lines only)")
+        column = self._columns_of(cols, where)
         dense = []
         for d in self.parsing["dense"]:
             text = column(d["column"]).strip()
@@ -313,10 +318,12 @@ class ServedModel:
                 out.append(self.score_lines(batch, lineno, str(path)))
         return torch.cat(out) if out else torch.empty(0)
 
+    def _header_without_label(self) -> List[str]:
+        return [h for i, h in enumerate(self.parsing["header"] or []) if i != self.parsing["label_column"]]
+
     def _check_header(self, names: List[str], header: List[str], path) -> None:
         names = [n.strip() for n in names]
-        without_label = [h for i, h in enumerate(header) if i != self.parsing["label_column"]]
-        if names not in (header, without_label):
+        if names not in (header, self._header_without_label()):
             raise ValueError(f"{path}: header {names} is not the training files' {header} (with or without the label)")
 
 

@@ -120,6 +120,12 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
         (["--hash-size", "1000"], "--hash-size) only applies with --encoding hash"),
         (["--fold", "2"], "--fold) needs --folds"),
         (["--folds", "5", "--fold", "5"], "--fold) must be in [0, 5)"),
+        # a percentage where a fraction is asked: the fraction it means, not tyro's float error
+        (
+            ["--precision", "shark", "--memory-budget", "10%"],
+            "--memory-budget 10%: a fraction, not a percentage: for 10% give 0.1",
+        ),
+        (["--fp32-fraction=2%"], "--fp32-fraction 2%: a fraction, not a percentage: for 2% give 0.02"),
     ],
 )
 def test_silently_wrong_flags_are_refused_by_name(flags, named, capsys):
@@ -127,6 +133,10 @@ def test_silently_wrong_flags_are_refused_by_name(flags, named, capsys):
         parse_cli(flags, prog="shark train", command="train")
     assert e.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_a_percentage_in_a_string_flag_is_kept():
+    assert parse_cli(["--data", "csv:runs/50%"]).dataset.data == "csv:runs/50%"
 
 
 def test_flags_that_belong_together_pass():

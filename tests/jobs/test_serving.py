@@ -330,6 +330,11 @@ def test_bad_serving_input_is_named(tmp_path):
         served.score_lines(["c,1,0,z,0.5,30", "c,1"])
     with pytest.raises(ValueError, match="line 1: column price: 'cheap' is not a number"):
         served.score_lines(["c,cheap,0,z,0.5,30"])
+    # The header given as data is refused (an all-categorical header would score as values).
+    with pytest.raises(ValueError, match="line 2: this is the header line"):
+        served.score_lines(["c,1,0,z,0.5,30", "site,price,click,city,noise,age"])
+    with pytest.raises(ValueError, match="line 1: this is the header line"):
+        served.score_lines(["site, price,city,noise,age"])
     bad_header = tmp_path / "bad.csv"
     bad_header.write_text("site,cost,click,city,noise,age\nc,1,0,z,0.5,30\n")
     with pytest.raises(ValueError, match="header"):
