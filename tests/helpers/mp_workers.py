@@ -37,9 +37,13 @@ def tables(sequence: bool = False):
 
 
 def make_module(sequence: bool, pol_kw: dict):
+    """The collection of TABLES; `pol_kw` overrides the policy, and its `weighted` key (not a
+    policy field) makes the bag collection weighted (`is_weighted`)."""
+    kw = dict(pol_kw)
+    weighted = kw.pop("weighted", False)
     if sequence:
-        return MixedPrecisionEmbeddingCollection(tables(True), precision_policy=policy(**pol_kw))
-    return MixedPrecisionEmbeddingBagCollection(tables(), precision_policy=policy(**pol_kw))
+        return MixedPrecisionEmbeddingCollection(tables(True), precision_policy=policy(**kw))
+    return MixedPrecisionEmbeddingBagCollection(tables(), is_weighted=weighted, precision_policy=policy(**kw))
 
 
 ID_GRAD = torch.randn(7, DIM, generator=torch.Generator().manual_seed(5))
@@ -82,15 +86,29 @@ def batch(step: int):
     return keys, torch.stack(lengths), values, labels, G
 
 
-def local_kjt(keys, lengths, values, labels, rank: int, world: int):
+def id_weights(step: int, values):
+    """Per-id weights of `batch(step)`'s ids for a weighted collection, the same on every rank
+    (in (0.5, 1.5), so a weight that is lost or misplaced changes the output)."""
+    g = torch.Generator().manual_seed(2000 + step)
+    return [torch.rand(len(v), generator=g) + 0.5 for v in values]
+
+
+def local_kjt(keys, lengths, values, labels, rank: int, world: int, weights=None):
     B = GLOBAL_BATCH // world
     lo, hi = rank * B, (rank + 1) * B
-    vals, lens = [], []
+    vals, lens, ws = [], [], []
     for i in range(len(keys)):
         off = torch.cat([torch.zeros(1, dtype=torch.long), lengths[i].cumsum(0)])
         vals.append(values[i][off[lo] : off[hi]])
         lens.append(lengths[i][lo:hi])
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(vals), lengths=torch.cat(lens).int())
+        if weights is not None:
+            ws.append(weights[i][off[lo] : off[hi]])
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat(vals),
+        lengths=torch.cat(lens).int(),
+        weights=torch.cat(ws) if weights is not None else None,
+    )
     return tag_labels(kjt, labels[lo:hi]), lo, hi
 
 
@@ -188,7 +206,8 @@ def sharded_run(sharding_type, steps: int, pol_kw: dict, sequence: bool = False,
     outs = []
     for step in range(steps):
         keys, lengths, values, labels, G = batch(step)
-        kjt, lo, hi = local_kjt(keys, lengths, values, labels, rank, world)
+        weights = id_weights(step, values) if pol_kw.get("weighted") else None
+        kjt, lo, hi = local_kjt(keys, lengths, values, labels, rank, world, weights)
         out = dmp(kjt)
         if sequence:
             pooled, loss = sequence_loss(out, keys, kjt, hi - lo)
@@ -279,7 +298,8 @@ def unsharded_run(steps: int, pol_kw: dict, sequence: bool = False, world: int =
     outs = []
     for step in range(steps):
         keys, lengths, values, labels, G = batch(step)
-        kjt, lo, hi = local_kjt(keys, lengths, values, labels, 0, 1)
+        weights = id_weights(step, values) if pol_kw.get("weighted") else None
+        kjt, lo, hi = local_kjt(keys, lengths, values, labels, 0, 1, weights)
         out = ebc(kjt)
         if sequence:
             vec, loss = sequence_loss(out, keys, kjt, GLOBAL_BATCH)
