@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -79,8 +78,6 @@ from shark_torchrec.jobs.trainer import (
 )
 from shark_torchrec.modules.precision_policy import split_tiers
 from shark_torchrec.precision.priority import GROUP_NAMES, SERVED_GROUP_NAMES, by_precision, min_budget
-
-log = logging.getLogger("shark")
 
 STAGES = ("base", "prune", "quantize", "export")
 STAGES_FILE = "stages.json"
