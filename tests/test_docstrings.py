@@ -5,6 +5,9 @@ with `ast` (nothing of the package is imported).
   public class, has a docstring, but for the exemptions below.
 - Each public module-level function that takes arguments has an `Args:` section (Google /
   TorchRec style), but for the exemptions below.
+- Each public module-level function that returns a value (a return annotation other than
+  None, or a `return` of a value in its own body) has a `Returns:` (or, for a generator,
+  `Yields:`) section, but for context managers and the exemptions below.
 """
 
 import ast
@@ -54,6 +57,7 @@ EXEMPT_METHODS = frozenset(
 TRITON_DIR = "triton_kernels"
 
 ARGS_SECTION = re.compile(r"^\s*Args:\s*$", re.M)
+RETURNS_SECTION = re.compile(r"^\s*(Returns|Yields):\s*$", re.M)
 
 Function = (ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -139,6 +143,52 @@ def missing_args_sections() -> List[str]:
     return out
 
 
+def _returns_a_value(fn: ast.AST) -> bool:
+    """A return annotation other than None, or a `return VALUE` / `yield` in the function's
+    own body (not in functions or classes it defines)."""
+    ann = fn.returns
+    if ann is not None and not (isinstance(ann, ast.Constant) and ann.value is None):
+        return True
+    stack = list(fn.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (*Function, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Return) and node.value is not None:
+            if not (isinstance(node.value, ast.Constant) and node.value.value is None):
+                return True
+        if isinstance(node, (ast.Yield, ast.YieldFrom)):
+            return True
+        stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _is_context_manager(fn: ast.AST) -> bool:
+    return any(
+        (isinstance(d, ast.Name) and d.id == "contextmanager")
+        or (isinstance(d, ast.Attribute) and d.attr == "contextmanager")
+        for d in fn.decorator_list
+    )
+
+
+def missing_returns_sections() -> List[str]:
+    """file:line name of every public module-level function that returns a value and whose
+    docstring has no `Returns:` / `Yields:` section."""
+    out = []
+    for path, tree in sources():
+        triton = TRITON_DIR in path.relative_to(PACKAGE).parts
+        help_text = _help_text_functions(tree)
+        for node in tree.body:
+            if not isinstance(node, Function) or not _is_public(node.name) or _is_context_manager(node):
+                continue
+            if (triton and _is_triton_jit(node)) or node.name in help_text or not _returns_a_value(node):
+                continue
+            doc = ast.get_docstring(node)
+            if doc is not None and not RETURNS_SECTION.search(doc):
+                out.append(_where(path, node, node.name))
+    return out
+
+
 def test_public_names_have_docstrings():
     missing = undocumented()
     assert not missing, "public functions, classes and methods without a docstring:\n" + "\n".join(missing)
@@ -147,6 +197,22 @@ def test_public_names_have_docstrings():
 def test_public_functions_document_their_arguments():
     missing = missing_args_sections()
     assert not missing, "public functions with arguments but no `Args:` section:\n" + "\n".join(missing)
+
+
+def test_public_functions_document_what_they_return():
+    missing = missing_returns_sections()
+    assert not missing, "public functions that return a value but have no `Returns:` section:\n" + "\n".join(missing)
+
+
+def test_the_return_check_tells_values_from_none():
+    def first(src: str) -> ast.AST:
+        return ast.parse(src).body[0]
+
+    assert _returns_a_value(first("def f() -> int:\n    pass"))
+    assert _returns_a_value(first("def f():\n    if x:\n        return 1"))
+    assert _returns_a_value(first("def f():\n    yield 1"))
+    assert not _returns_a_value(first("def f() -> None:\n    return"))
+    assert not _returns_a_value(first("def f():\n    def g():\n        return 1\n    g()"))
 
 
 def test_the_checks_see_what_they_look_for():

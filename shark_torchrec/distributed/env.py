@@ -33,7 +33,11 @@ class DistEnv:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether torchrun / TorchX set this process's world (WORLD_SIZE and RANK are set)."""
+    """Whether torchrun / TorchX set this process's world.
+
+    Returns:
+        True when WORLD_SIZE and RANK are both in the environment.
+    """
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
@@ -63,6 +67,9 @@ def init_distributed() -> DistEnv:
 
     Under torchrun/TorchX the world comes from the environment; otherwise this process is a
     world of one, set up in memory (no port).
+
+    Returns:
+        This process's rank, world size and device.
     """
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"

@@ -197,6 +197,10 @@ def targets(
         confirmation: our final model's confirmation check (`confirmation_check`), or None.
         easy: the export's `easy_path` record; when given, the targets are the served model's
             as exported (ours, regrouped if --serve-tiers, or TorchRec's).
+
+    Returns:
+        The report's `targets`: both targets, which model is served, its memory ratio and
+        whether it is met, and (with a confirmation) its AUC drop, bound and whether it passed.
     """
     out: Dict[str, Any] = {
         "target_memory": cfg.prune.target_memory,

@@ -260,9 +260,6 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
     as it is (epoch 0) and after each epoch: a model that has already seen all of train can
     overfit when it sees it again, and then fine-tuning must not be kept.
 
-    Returns (dev metrics, test metrics, checkpoint of the kept state, epochs kept, the kept
-    state's (logits, labels) on dev, for the paired stop test).
-
     Args:
         cfg: the job's config (`[prune]` support rows and epochs, `[train]` batch sizes).
         pruned: the pruned model (`PrunedModel`), trained and restored in place.
@@ -270,6 +267,10 @@ def finetune(cfg: JobConfig, pruned, env: DistEnv, root: Path, iteration: int, s
         root: where the kept state's checkpoints go.
         iteration: the loop's iteration (seeds the support samples; the step meta.json records).
         show: show progress bars.
+
+    Returns:
+        (dev metrics, test metrics, checkpoint of the kept state, epochs kept, the kept
+        state's (logits, labels) on dev, for the paired stop test).
     """
     p, t = cfg.prune, cfg.train
     shapes = table_shapes(pruned.configs)

@@ -296,7 +296,7 @@ def train_steps(
     max_steps: int = 0,
 ) -> int:
     """Train over `batches` (already this rank's share) with TorchRec's pipeline, for at most
-    `max_steps` steps (0: all of them); returns the steps taken.
+    `max_steps` steps (0: all of them).
 
     Args:
         model, optimizer: the sharded model and its optimizer.
@@ -307,6 +307,9 @@ def train_steps(
         desc: the progress bar's label.
         show: show the progress bar.
         max_steps: the most steps to take (0: no limit).
+
+    Returns:
+        The steps taken.
     """
     pipeline = train_pipeline(model, optimizer, env.device, precision)
     steps = 0
@@ -476,10 +479,13 @@ def job_rank(cfg: JobConfig, default_out: str) -> Iterator[Tuple[DistEnv, Path]]
 
 
 def train_job(cfg: JobConfig) -> Dict[str, Any]:
-    """One rank of `shark train`; returns the metrics (on every rank).
+    """One rank of `shark train`.
 
     Args:
         cfg: the validated config.
+
+    Returns:
+        The run's metrics (`final_metrics`), on every rank.
     """
     with job_rank(cfg, TRAIN_OUT_DIR) as (env, _):
         trained = fit(cfg, env)

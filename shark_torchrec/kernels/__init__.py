@@ -79,8 +79,12 @@ class KernelBuildError(RuntimeError):
 
 
 def built_for() -> dict:
-    """What a compiled library needs of the machine that loads it (the serving export records
-    it): the torch version, the CPU architecture and the instruction sets it was compiled for."""
+    """What a compiled library needs of the machine that loads it (the serving export records it).
+
+    Returns:
+        {"torch": the torch version, "machine": the CPU architecture, "isa": the instruction
+        sets it was compiled for}.
+    """
     return {"torch": torch.__version__, "machine": platform.machine(), "isa": list(ISA)}
 
 

@@ -282,10 +282,13 @@ def quantize_rows(
 
 
 def quantize_rows_int8(values: torch.Tensor, noise: torch.Tensor | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_rows` with 8 bits: (codes uint8 [n, D], scale_bias fp16 [n, 2]).
+    """`quantize_rows` with 8 bits.
 
     Args:
         values, noise: as for `quantize_rows`.
+
+    Returns:
+        (codes uint8 [n, D], scale_bias fp16 [n, 2]).
     """
     return quantize_rows(values, 8, noise)
 
