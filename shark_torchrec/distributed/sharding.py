@@ -163,7 +163,9 @@ def shard_model(
     return dmp, plan
 
 
-def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfig], seed: int) -> None:
+def init_embedding_weights(
+    dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfig], seed: int, skip_fresh_mixed: bool = False
+) -> None:
     """Deterministic, sharding-independent init of every table (TorchRec's default law:
     uniform(+-sqrt(1 / num_embeddings))).
 
@@ -171,6 +173,10 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
         dmp: the sharded model; its mixed-precision modules and stock tables are written in place.
         configs: table name -> config, every table of the model.
         seed: the seed of the values (with the table's name and the row block).
+        skip_fresh_mixed: leave the mixed-precision modules whose policy's seed is `seed` as
+            they are, for a caller that knows nothing wrote them since they were built (they
+            then already hold these rows: a sharded module fills its rows from the same law at
+            construction). Writing them again took 0.5 s per 3.8 M rows at dim 64.
     """
     from shark_torchrec.distributed.mixed_precision import ShardedMixedPrecisionModule
 
@@ -181,7 +187,8 @@ def init_embedding_weights(dmp: nn.Module, configs: Dict[str, BaseEmbeddingConfi
     mixed = set()
     for m in dmp.modules():
         if isinstance(m, ShardedMixedPrecisionModule):
-            m.fill_rows(law)
+            if not (skip_fresh_mixed and m.precision_policy.seed == seed):
+                m.fill_rows(law)
             mixed.update(m._table_names)
     if len(mixed) == len(configs):
         return

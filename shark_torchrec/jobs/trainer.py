@@ -110,8 +110,10 @@ def build_sharded_model(cfg: JobConfig, dataset: Dataset, env: DistEnv):
     dmp, plan = shard_model(model, env, cfg.train)
     # --budget-scope model: one budget over every mixed-precision collection (before the rows
     # are written, so they start in the tiers the shared budget gives them).
-    share_model_budget(dmp)
-    init_embedding_weights(dmp, configs, cfg.train.seed)
+    shared = share_model_budget(dmp)
+    # Our sharded modules were filled from this law and seed when built: only a shared budget,
+    # which may have moved their rows between tiers since, makes them write it again.
+    init_embedding_weights(dmp, configs, cfg.train.seed, skip_fresh_mixed=shared is None)
     optimizer = build_optimizer(dmp, cfg.train)
     return dmp, optimizer, configs, plan
 

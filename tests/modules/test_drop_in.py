@@ -400,14 +400,26 @@ def test_sharded_rows_start_from_torchrecs_law_not_zeros():
     from shark_torchrec.distributed.env import launch
     from shark_torchrec.modules.initial_rows import initial_rows
 
-    got = launch(_rows_after_sharding, 1, 5)
+    got, again = launch(_rows_after_sharding, 1, 5, {"mode": "fp32"})
     for name, rows in (("t0", 20), ("t1", 300)):
         want = initial_rows(5, name, rows, 8, 0, rows)
         assert torch.equal(got[name], want), name
         assert got[name].abs().max() <= (1.0 / rows) ** 0.5 and got[name].std() > 0.2 * (1.0 / rows) ** 0.5
+        assert torch.equal(again[name], want), name
 
 
-def _rows_after_sharding(seed: int) -> dict:
+def test_the_job_may_skip_writing_fresh_sharded_rows_again():
+    """`init_embedding_weights` of the same seed writes what a freshly built sharded module
+    already holds, in every tier (so the trainer skips it, `skip_fresh_mixed`)."""
+    from shark_torchrec.distributed.env import launch
+
+    got, again = launch(_rows_after_sharding, 1, 5, {"mode": "shark", "row_fractions": (0.2, 0.3)})
+    for name in ("t0", "t1"):
+        assert torch.equal(got[name], again[name]), name
+
+
+def _rows_after_sharding(seed: int, policy: dict) -> tuple:
+    """(rows right after DistributedModelParallel, rows after `init_embedding_weights` of `seed`)."""
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -415,11 +427,12 @@ def _rows_after_sharding(seed: int) -> dict:
 
     from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
     from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
+    from shark_torchrec.distributed.sharding import init_embedding_weights
 
     init_distributed()
     try:
         ebc = MixedPrecisionEmbeddingBagCollection(
-            bag_tables(8, (20, 300)), precision_policy=PrecisionPolicy(mode="fp32", seed=seed)
+            bag_tables(8, (20, 300)), precision_policy=PrecisionPolicy(**policy, seed=seed)
         )
         sharders = [MixedPrecisionEmbeddingBagCollectionSharder()]
         plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu")).collective_plan(
@@ -429,7 +442,13 @@ def _rows_after_sharding(seed: int) -> dict:
             ebc, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan,
             sharders=sharders,
         )  # fmt: skip
-        state = dmp.module.state_dict()
-        return {t: state[f"embedding_bags.{t}.weight"].local_shards()[0].tensor.clone() for t in ("t0", "t1")}
+
+        def rows() -> dict:
+            state = dmp.module.state_dict()
+            return {t: state[f"embedding_bags.{t}.weight"].local_shards()[0].tensor.clone() for t in ("t0", "t1")}
+
+        built = rows()
+        init_embedding_weights(dmp, {c.name: c for c in ebc.embedding_bag_configs()}, seed)
+        return built, rows()
     finally:
         shutdown_distributed()
