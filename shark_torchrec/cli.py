@@ -23,7 +23,7 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
 
     command = prog.split()[-1]
     base = checkpoint_defaults(argv)
-    if command == "compress":
+    if command in ("train", "compress"):
         base = {**base, **resumed_run_defaults(argv)}
     cfg = parse_cli(argv, prog=prog, description=doc, base=base, command=command)
     try:
@@ -36,10 +36,11 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
 
 
 def resumed_run_defaults(argv: List[str]) -> Dict[str, dict]:
-    """`shark compress --resume --out DIR`: the settings DIR's run was started with (its
-    config.toml), as defaults, so that the resumed run needs no flag again; a flag that changes
-    one is refused by the job (`compress.resume_differences`). Empty without --resume or a
-    readable DIR/config.toml.
+    """`shark train|compress --resume --out DIR`: the settings DIR's run was started with (its
+    config.toml), as defaults, so that the resumed run needs no flag again (a resumed train run
+    forgot its data flags, found no table of the checkpoint in its synthetic model, and failed).
+    Flags still override them; in `shark compress` a flag that changes one is refused by the
+    job (`compress.resume_differences`). Empty without --resume or a readable DIR/config.toml.
 
     Args:
         argv: the command's flags.

@@ -253,18 +253,21 @@ class RunConfig:
     fail_at_step: int = 0
     """Testing aid: kill the process hard right after this training step (0: never)."""
 
-    def validate(self, resume_keeps_checkpoint: bool = False) -> None:
+    def validate(self, command: str = "train") -> None:
         """The run flags' own checks.
 
         Args:
-            resume_keeps_checkpoint: `shark compress`, where `--checkpoint` is the base stage's
-                model and `--resume` continues the run that started from it.
+            command: the command; `--resume` continues a run that started from `--checkpoint`
+                (`shark train`, `shark compress`: its base stage) or `--init-from` (`shark
+                train`), the model it starts from while the run has no checkpoint of its own;
+                elsewhere they exclude each other.
         """
         if self.nproc < 1:
             raise ConfigError("run.nproc must be >= 1")
         if self.checkpoint and self.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
-        if self.resume and (self.init_from or (self.checkpoint and not resume_keeps_checkpoint)):
+        keeps = {"train": (self.checkpoint, self.init_from), "compress": (self.checkpoint,)}.get(command, ())
+        if self.resume and (self.init_from or self.checkpoint) and not any(keeps):
             raise ConfigError(
                 "run.resume (--resume) continues this run's own checkpoints; run.checkpoint / run.init_from start "
                 "a new run from another one: give one of them"
@@ -503,15 +506,15 @@ class JobConfig:
 
         Args:
             command: the command the config runs (`COMMAND_FIELDS`): `compress` trains its
-                quantize stage with our module whatever --precision says, and keeps
-                --checkpoint (its base model) on --resume.
+                quantize stage with our module whatever --precision says; `train` and
+                `compress` keep --checkpoint (the model the run started from) on --resume.
 
         Returns:
             self; a ConfigError names the field and its flag.
         """
         for group in (self.dataset, self.model, self.train, self.quant, self.prune, self.compress):
             group.validate()
-        self.run.validate(resume_keeps_checkpoint=command == "compress")
+        self.run.validate(command)
         t, m, c = self.train, self.model, self.compress
         q = self.quant
         from shark_torchrec.modules.precision_policy import split_tiers
@@ -701,6 +704,30 @@ def _as(cls: Any, group: Any) -> Any:
     if not dataclasses.is_dataclass(cls):
         return group
     return cls(**{f.name: getattr(group, f.name) for f in dataclasses.fields(cls)})
+
+
+def with_absolute_paths(cfg: JobConfig) -> JobConfig:
+    """A copy of `cfg` whose paths (`run.checkpoint`, `run.init_from`, `run.checkpoint_dir` and
+    the data's `KIND:PATH`) are absolute, as a run's config.toml and its checkpoints keep them: a
+    resumed run, or a command given the checkpoint, reads them from wherever it is started.
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        The copy.
+    """
+    import copy
+    import os
+
+    cfg = copy.deepcopy(cfg)
+    for name in ("checkpoint", "init_from", "checkpoint_dir"):
+        if getattr(cfg.run, name):
+            setattr(cfg.run, name, os.path.abspath(getattr(cfg.run, name)))
+    kind, sep, path = cfg.dataset.data.partition(":")
+    if sep and path:
+        cfg.dataset.data = f"{kind}:{os.path.abspath(path)}"
+    return cfg
 
 
 def percentage_hint(flag: str, text: str) -> Optional[str]:

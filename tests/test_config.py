@@ -115,8 +115,6 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
         (["--data", "csv:x", "--categorical", "user", "--dense", "user"], "--categorical and --dense"),
         (["--lr", "-0.1"], "--lr) must be > 0"),
         (["--dense-lr", "0"], "--dense-lr) must be > 0"),
-        (["--resume", "--checkpoint", "ckpt"], "run.resume (--resume)"),
-        (["--resume", "--init-from", "ckpt"], "run.resume (--resume)"),
         (["--hash-size", "1000"], "--hash-size) only applies with --encoding hash"),
         (["--fold", "2"], "--fold) needs --folds"),
         (["--folds", "5", "--fold", "5"], "--fold) must be in [0, 5)"),
@@ -133,6 +131,24 @@ def test_silently_wrong_flags_are_refused_by_name(flags, named, capsys):
         parse_cli(flags, prog="shark train", command="train")
     assert e.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_resume_keeps_the_model_a_run_started_from_where_the_command_has_one(capsys):
+    """`shark train --resume` may keep the --checkpoint / --init-from its run started from (it
+    starts from them until the run has a checkpoint of its own), `shark compress` its
+    --checkpoint (the base stage); elsewhere --resume and a start point exclude each other."""
+    for flag in ("--checkpoint", "--init-from"):
+        cfg = parse_cli(["--resume", flag, "ckpt"], prog="shark train", command="train")
+        assert cfg.run.resume
+    assert parse_cli(["--resume", "--checkpoint", "ckpt"], prog="shark compress", command="compress").run.resume
+    for flags, command in (
+        (["--resume", "--init-from", "ckpt"], "compress"),
+        (["--resume", "--checkpoint", "ckpt"], "prune"),
+        (["--resume", "--checkpoint", "ckpt"], "importance"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_cli(flags, prog=f"shark {command}", command=command)
+        assert "run.resume (--resume)" in capsys.readouterr().err
 
 
 def test_a_percentage_in_a_string_flag_is_kept():

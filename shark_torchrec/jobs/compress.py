@@ -47,7 +47,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from shark_torchrec.config import JobConfig, QuantConfig, config_to_dict, load_config, save_config
+from shark_torchrec.config import (
+    JobConfig,
+    QuantConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+    with_absolute_paths,
+)
 from shark_torchrec.data import open_dataset
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.jobs.checkpoint import (
@@ -481,27 +488,6 @@ RESUME_MAY_CHANGE = frozenset(
         "run.out_dir",  # the directory itself, however it is spelt
     }
 )
-
-
-def with_absolute_paths(cfg: JobConfig) -> JobConfig:
-    """A copy of `cfg` whose paths (`run.checkpoint`, `run.init_from`, `run.checkpoint_dir` and
-    the data's `KIND:PATH`) are absolute, as a run's config.toml keeps them: a resumed run reads
-    them from wherever it is started.
-
-    Args:
-        cfg: the config.
-
-    Returns:
-        The copy.
-    """
-    cfg = copy.deepcopy(cfg)
-    for name in ("checkpoint", "init_from", "checkpoint_dir"):
-        if getattr(cfg.run, name):
-            setattr(cfg.run, name, os.path.abspath(getattr(cfg.run, name)))
-    kind, sep, path = cfg.dataset.data.partition(":")
-    if sep and path:
-        cfg.dataset.data = f"{kind}:{os.path.abspath(path)}"
-    return cfg
 
 
 def resume_differences(saved: JobConfig, now: JobConfig) -> List[str]:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from shark_torchrec.config import JobConfig, config_to_dict, save_config
+from shark_torchrec.config import JobConfig, config_to_dict, save_config, with_absolute_paths
 from shark_torchrec.data import Dataset, open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.distributed.memory import embedding_memory
@@ -125,7 +125,7 @@ def _meta(cfg: JobConfig, state: TrainState, configs, env: DistEnv, schema) -> D
         **asdict(state),
         "tables": table_shapes(configs),
         "world_size": env.world_size,
-        "config": config_to_dict(cfg),
+        "config": config_to_dict(with_absolute_paths(cfg)),
         "schema": asdict(schema),
     }
 
@@ -172,12 +172,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     out_dir = Path(run.out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.toml")
-        if dataset.truth is not None:
-            (out_dir / "synthetic_fields.json").write_text(json.dumps(dataset.truth, indent=2))
     dmp, optimizer, configs, plan = build_sharded_model(cfg, dataset, env)
-    if env.is_main:
-        (out_dir / "sharding_plan.txt").write_text(str(plan))
     shapes = table_shapes(configs)
     state = TrainState()
     best_root = ckpt_root / "best"
@@ -207,6 +202,13 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     if loaded_from and env.is_main:
         # (the checkpoint's own step: this run counts its steps from 0)
         log.info("loaded %s (saved at step %s)", loaded_from, loaded_meta.get("step"))
+    if env.is_main:
+        # The run's record, once its model and checkpoint fit each other: a resume that fails
+        # (say, with the data flags forgotten) leaves the record of the run it did not continue.
+        save_config(with_absolute_paths(cfg), out_dir / "config.toml")
+        if dataset.truth is not None:
+            (out_dir / "synthetic_fields.json").write_text(json.dumps(dataset.truth, indent=2))
+        (out_dir / "sharding_plan.txt").write_text(str(plan))
 
     show = run.progress and env.is_main
 

@@ -82,6 +82,32 @@ def test_killed_run_leaves_a_stale_lock_that_resume_reclaims(killed_run, tmp_pat
     assert not (out / ".lock").exists()
 
 
+def test_resume_reads_the_runs_settings_and_a_failed_one_rewrites_nothing(killed_run, tmp_path):
+    """`--resume --out-dir R` alone continues R with the settings in R/config.toml (before,
+    the forgotten flags fell back to their defaults: another model, refused by the checkpoint);
+    a resume the checkpoint refuses leaves R's record as it was (config.toml and the plan were
+    rewritten before the checkpoint was read)."""
+    out = copy_of(killed_run, tmp_path)
+    record = {name: (out / name).read_bytes() for name in ("config.toml", "sharding_plan.txt")}
+    refused = run_shark("train", "--out-dir", str(out), "--resume", "--embedding-dim", "24", check=False)
+    assert refused.returncode == 2 and "does not match this model" in refused.stderr, refused.stderr[-2000:]
+    assert {name: (out / name).read_bytes() for name in record} == record
+    resumed = run_shark("train", "--out-dir", str(out), "--resume", "--metrics-out", str(tmp_path / "m.json"))
+    assert f"resumed from {out / 'checkpoints' / 'step_00000015'} at step 15 (epoch 0," in resumed.stderr
+    saved = tomllib.loads((out / "config.toml").read_text())
+    assert saved["dataset"]["synthetic_train_rows"] == 3000 and saved["run"]["fail_at_step"] == 0
+
+
+def test_a_run_started_from_a_checkpoint_resumes_with_its_own_command(killed_run, tmp_path):
+    """A run started with --checkpoint and killed is continued by its command plus --resume
+    (before, --resume beside --checkpoint was refused, and without --checkpoint the run's
+    data settings were lost)."""
+    start = ["train", *SMALL, "--checkpoint", str(killed_run / "checkpoints"), "--out-dir", str(tmp_path / "b")]
+    assert run_shark(*start, "--fail-at-step", "6", check=False).returncode == 17
+    resumed = run_shark(*start, "--resume")
+    assert f"resumed from {tmp_path / 'b' / 'checkpoints' / 'step_00000005'} at step 5 (epoch 0," in resumed.stderr
+
+
 @pytest.mark.parametrize("command", ["train", "importance", "prune", "compress"])
 def test_out_dir_of_a_live_run_is_refused(tmp_path, command):
     out = tmp_path / "busy"
