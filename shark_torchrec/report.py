@@ -406,40 +406,56 @@ def plot_importance(ranking: List[Dict[str, Any]], method: str, samples: int, pa
     plt.close(fig)
 
 
-def plot_prune_log(rows: List[Dict[str, Any]], path: Path) -> None:
-    """Dev and test AUC against memory over the pruning loop's iterations (`shark prune`'s
-    auc_vs_memory.png), rejected removals marked.
+def prune_log_figure(rows: List[Dict[str, Any]]) -> Any:
+    """The figure of `plot_prune_log`: the accepted models joined into the loop's path, each
+    rejected candidate a lone marker (the loop kept the previous model, so it is no step).
 
     Args:
-        rows: the loop's log rows (memory_ratio, dev_auc, test_auc, removed, accepted).
-        path: the PNG to write.
+        rows: the loop's log rows (memory_ratio, dev_auc, test_auc, removed, accepted); the
+            first is the base model.
+
+    Returns:
+        The matplotlib figure (close it when done).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    mem = [r["memory_ratio"] for r in rows]
-    ax.plot(mem, [r["dev_auc"] for r in rows], "o-", label="dev AUC")
-    ax.plot(mem, [r["test_auc"] for r in rows], "s--", label="test AUC")
-    for r in rows[1:]:
-        ax.annotate("-" + ",".join(r["removed"]), (r["memory_ratio"], r["dev_auc"]), fontsize=7, rotation=20)
+    path = [r for r in rows if r["accepted"]]
     rejected = [r for r in rows if not r["accepted"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    mem = [r["memory_ratio"] for r in path]
+    ax.plot(mem, [r["dev_auc"] for r in path], "o-", color="tab:blue", label="dev AUC (accepted)")
+    ax.plot(mem, [r["test_auc"] for r in path], "s--", color="tab:orange", label="test AUC (accepted)")
     if rejected:
-        ax.scatter(
-            [r["memory_ratio"] for r in rejected],
-            [r["dev_auc"] for r in rejected],
-            marker="x",
-            color="red",
-            s=80,
-            label="rejected",
+        rmem = [r["memory_ratio"] for r in rejected]
+        ax.plot(rmem, [r["dev_auc"] for r in rejected], "x", ls="none", color="red", ms=9, label="dev AUC (rejected)")
+        ax.plot(
+            rmem, [r["test_auc"] for r in rejected], "+", ls="none", color="darkred", ms=9, label="test AUC (rejected)"
         )
+    for r in rows[1:]:
+        text = "-" + ",".join(r["removed"]) + ("" if r["accepted"] else " (rejected)")
+        ax.annotate(text, (r["memory_ratio"], r["dev_auc"]), fontsize=7, rotation=20)
     ax.invert_xaxis()
     ax.set_xlabel("embedding memory / base model")
     ax.set_ylabel("AUC")
     ax.set_title("F-Permutation: AUC against memory")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_prune_log(rows: List[Dict[str, Any]], path: Path) -> None:
+    """Dev and test AUC against memory over the pruning loop's iterations (`shark prune`'s
+    auc_vs_memory.png): the accepted models as the path, rejected candidates as lone markers.
+
+    Args:
+        rows: the loop's log rows (memory_ratio, dev_auc, test_auc, removed, accepted).
+        path: the PNG to write.
+    """
+    fig = prune_log_figure(rows)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -355,6 +355,47 @@ def test_the_report_says_plainly_when_torchrec_int4_would_be_served():
     assert "tested first, failed its stop test, so nothing else was tested" in text and "Ours failed" not in text
 
 
+def test_the_prune_plot_joins_only_accepted_models(tmp_path):
+    """auc_vs_memory.png: a rejected candidate (the loop kept the previous model) is a lone
+    marker, not a step of the path; the path joins the base and the accepted models only."""
+    import matplotlib.pyplot as plt
+
+    from shark_torchrec.report import plot_prune_log, prune_log_figure
+
+    def row(mem, dev, test, removed, accepted):
+        return {"memory_ratio": mem, "dev_auc": dev, "test_auc": test, "removed": removed, "accepted": accepted}
+
+    rows = [
+        row(1.0, 0.80, 0.79, [], True),
+        row(0.7, 0.23, 0.22, ["c1"], False),
+        row(0.8, 0.83, 0.82, ["c2"], True),
+        row(0.5, 0.30, 0.31, ["c3"], False),
+    ]
+    fig = prune_log_figure(rows)
+    try:
+        lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+        joined = [ln for ln in lines.values() if ln.get_linestyle() not in ("None", "none", "")]
+        assert len(joined) == 2
+        for ln in joined:
+            assert list(ln.get_xdata()) == [1.0, 0.8], ln.get_label()
+        assert list(lines["dev AUC (accepted)"].get_ydata()) == [0.80, 0.83]
+        assert list(lines["test AUC (accepted)"].get_ydata()) == [0.79, 0.82]
+        lone = lines["dev AUC (rejected)"]
+        assert lone.get_linestyle() in ("None", "none", "") and lone.get_marker() not in ("o", "s")
+        assert list(lone.get_xdata()) == [0.7, 0.5] and list(lone.get_ydata()) == [0.23, 0.30]
+        assert list(lines["test AUC (rejected)"].get_ydata()) == [0.22, 0.31]
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert "dev AUC (rejected)" in legend
+    finally:
+        plt.close(fig)
+    # No rejection: no rejected markers; the PNG is written.
+    fig = prune_log_figure([rows[0], rows[2]])
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["dev AUC (accepted)", "test AUC (accepted)"]
+    plt.close(fig)
+    plot_prune_log(rows, tmp_path / "auc_vs_memory.png")
+    assert (tmp_path / "auc_vs_memory.png").stat().st_size > 0
+
+
 def test_resume_keeps_the_settings_the_run_started_with(tmp_path, capsys):
     """`--resume --out DIR` reads DIR's config.toml as its defaults (the base model's
     `--checkpoint` and the data too: no flag needs repeating), and a flag that would change a
