@@ -2,10 +2,12 @@
 
 What changes against a stock TorchRec job is marked `# SHARK:`: the two collections are ours
 (same constructor, plus an optional PrecisionPolicy), our two sharders go in front of TorchRec's,
-and the train pipeline is `LabelTaggingTrainPipeline` (it hands each id its sample's label, which
-paper Eq. 7 weighs). The learning rate and optimizer come from the sharders' `fused_params`, as
-for stock fused tables; rows update in the backward pass and are regrouped every
-`reassign_every` steps with no call of yours; the optimizer state is in `fused_optimizer`.
+the planner is TorchRec's with our storage estimator (`make_planner`; the stock one sizes our
+tables as fp32), and the train pipeline is `LabelTaggingTrainPipeline` (it hands each id its
+sample's label, which paper Eq. 7 weighs). The learning rate and optimizer come from the
+sharders' `fused_params`, as for stock fused tables; rows update in the backward pass and are
+regrouped every `reassign_every` steps with no call of yours; the optimizer state is in
+`fused_optimizer`.
 
     torchrun --nproc_per_node 2 examples/own_model.py      # 2 ranks (gloo on CPU, NCCL on GPU)
     python examples/own_model.py                          # 1 rank
@@ -27,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import Topology
 from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -47,6 +49,7 @@ from shark_torchrec.modules.mixed_precision import (  # SHARK: in place of Embed
 )
 from shark_torchrec.modules.model_budget import share_model_budget  # SHARK: one budget over all collections
 from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.planner.storage import make_planner  # SHARK: TorchRec's planner, our tables' real bytes
 
 DIM = 16
 USERS, TAGS, ITEMS = 2000, 300, 1000
@@ -165,7 +168,7 @@ def shard(model: nn.Module, world: int, device: torch.device) -> DistributedMode
         MixedPrecisionEmbeddingCollectionSharder(fused_params=fused),
         *get_default_sharders(),
     ]
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type))
+    planner = make_planner(Topology(world_size=world, compute_device=device.type))  # SHARK: our tables' bytes
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device, plan=plan, sharders=sharders
