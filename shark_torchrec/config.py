@@ -155,7 +155,9 @@ class ModelConfig:
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
             raise ConfigError(f"model.embedding_dim={self.embedding_dim}: FBGEMM needs a positive multiple of 4")
         if self.kept_fields and self.field_removal == "slice" and self.arch != "dlrm":
-            raise ConfigError("model.field_removal=slice needs model.arch=dlrm; use constant for dlrm_dcn")
+            raise ConfigError(
+                "model.field_removal=slice (--field-removal) needs model.arch=dlrm; use constant for dlrm_dcn"
+            )
 
 
 @dataclass
@@ -435,14 +437,31 @@ class PruneConfig:
 
     def validate(self) -> None:
         p = self
-        if p.rounds < 1 or p.fields_per_step < 1 or p.finetune_epochs < 0 or p.support_rows < 0 or p.max_iterations < 0:
+        for name, least in (
+            ("rounds", 1),
+            ("fields_per_step", 1),
+            ("finetune_epochs", 0),
+            ("support_rows", 0),
+            ("max_iterations", 0),
+        ):
+            if getattr(p, name) < least:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"prune.{name}={getattr(p, name)} ({flag}) must be >= {least}")
+        if p.rounds != 1 and p.method != "permutation":
             raise ConfigError(
-                "prune: rounds and fields_per_step must be >= 1; finetune_epochs, support_rows and max_iterations >= 0"
+                f"prune.rounds={p.rounds} (--rounds) sets Permutation's shuffles per field; --method {p.method} "
+                "makes none (it would be ignored)"
             )
         if not 0.0 < p.target_memory <= 1.0:
-            raise ConfigError(f"prune.target_memory={p.target_memory}: a fraction of the base model's memory in (0, 1]")
-        if p.max_auc_drop < 0:
-            raise ConfigError(f"prune.max_auc_drop={p.max_auc_drop} must be >= 0")
+            raise ConfigError(
+                f"prune.target_memory={p.target_memory} (--target-memory): a fraction of the base model's memory "
+                "in (0, 1]"
+            )
+        if not 0.0 <= p.max_auc_drop < 0.5:
+            raise ConfigError(
+                f"prune.max_auc_drop={p.max_auc_drop} (--max-auc-drop): an absolute AUC drop in [0, 0.5), e.g. "
+                "0.001; at 0.5 or more a chance-level model would pass"
+            )
         if not (p.score_cache_gb >= 0 and math.isfinite(p.score_cache_gb)):
             raise ConfigError(
                 f"prune.score_cache_gb={p.score_cache_gb} (--score-cache-gb) must be a finite number of GiB >= 0"
@@ -519,6 +538,17 @@ class JobConfig:
         q = self.quant
         from shark_torchrec.modules.precision_policy import split_tiers
 
+        if command in ("prune", "compress") and m.field_removal == "slice" and m.arch != "dlrm":
+            # Before the base model is trained and scored: removing a field would fail there.
+            raise ConfigError(
+                f"model.field_removal=slice (--field-removal) needs model.arch=dlrm; pruning a {m.arch} model "
+                "needs --field-removal constant"
+            )
+        if command in ("prune", "compress") and self.prune.method == "taylor-signed":
+            raise ConfigError(
+                "prune.method=taylor-signed (--method) is a diagnostic (it can rank the strongest fields last), "
+                "not a ranking to prune by: use taylor (or taylor-abs), permutation or random"
+            )
         if command != "compress" and q.precision not in ("shark", "freq") and split_tiers(q.tiers) != DEFAULT_TIERS:
             raise ConfigError(
                 f"quant.tiers (--tiers {' '.join(q.tiers)}) ranks rows into groups with --precision shark or freq; "
@@ -776,6 +806,11 @@ def _refuse_percentages(args: Sequence[str]) -> None:
                 raise ConfigError(hint)
 
 
+def _given(args: Sequence[str], flag: str) -> bool:
+    """Whether `--flag` or `--flag=X` is among args."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
 def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
     """The value of `--flag X` or `--flag=X` in args (the last one given), else None."""
     value = None
@@ -866,6 +901,11 @@ def parse_cli(
     path = _flag_value(args, "--config")
     try:
         _refuse_percentages(args)
+        if command in ("importance", "prune") and _flag_value(args, "--checkpoint") and _given(args, "--epochs"):
+            raise ConfigError(
+                f"train.epochs (--epochs): {command} takes the model of --checkpoint as it is trained, so no epochs "
+                "apply" + (" (its fine-tuning after each removal is --finetune-epochs)" if command == "prune" else "")
+            )
         raw = {g: dict(v) for g, v in (base or {}).items()}
         if path is not None:
             if not Path(path).is_file():

@@ -151,6 +151,36 @@ def test_resume_keeps_the_model_a_run_started_from_where_the_command_has_one(cap
         assert "run.resume (--resume)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command, flags, named",
+    [
+        ("prune", ["--support-rows", "-5"], "prune.support_rows=-5 (--support-rows) must be >= 0"),
+        ("prune", ["--fields-per-step", "0"], "prune.fields_per_step=0 (--fields-per-step) must be >= 1"),
+        ("importance", ["--rounds", "0"], "prune.rounds=0 (--rounds) must be >= 1"),
+        ("importance", ["--method", "taylor", "--rounds", "5"], "--method taylor makes none"),
+        ("prune", ["--target-memory", "50"], "prune.target_memory=50.0 (--target-memory)"),
+        ("prune", ["--max-auc-drop", "1"], "at 0.5 or more a chance-level model would pass"),
+        ("prune", ["--method", "taylor-signed"], "taylor-signed (--method) is a diagnostic"),
+        ("compress", ["--method", "taylor-signed"], "taylor-signed (--method) is a diagnostic"),
+        ("prune", ["--arch", "dlrm_dcn"], "pruning a dlrm_dcn model needs --field-removal constant"),
+        ("prune", ["--checkpoint", "c", "--epochs", "3"], "no epochs apply (its fine-tuning"),
+        ("importance", ["--checkpoint", "c", "--epochs=3"], "train.epochs (--epochs): importance takes"),
+    ],
+)
+def test_pruning_flags_that_would_be_ignored_or_fail_late_are_refused_by_name(command, flags, named, capsys):
+    with pytest.raises(SystemExit):
+        parse_cli(flags, prog=f"shark {command}", command=command)
+    assert named in capsys.readouterr().err
+
+
+def test_the_pruning_flags_refused_above_pass_where_they_apply():
+    parse_cli(["--method", "permutation", "--rounds", "5"], prog="shark importance", command="importance")
+    parse_cli(["--arch", "dlrm_dcn", "--field-removal", "constant"], prog="shark prune", command="prune")
+    parse_cli(["--arch", "dlrm_dcn"], prog="shark train", command="train")
+    parse_cli(["--method", "taylor-signed"], prog="shark importance", command="importance")
+    parse_cli(["--epochs", "3"], prog="shark prune", command="prune")
+
+
 def test_a_percentage_in_a_string_flag_is_kept():
     assert parse_cli(["--data", "csv:runs/50%"]).dataset.data == "csv:runs/50%"
 

@@ -99,7 +99,8 @@ def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
         fields and field removal, and no training epochs (the model is taken as it is).
 
     Raises:
-        ConfigError: the checkpoint was trained with another --selection-fraction (it trained
+        ConfigError: --kept-fields names other fields than the checkpoint's model keeps, or
+            the checkpoint was trained with another --selection-fraction (it trained
             on lines the selection split now holds, or its vocabulary differs).
     """
     if not cfg.run.checkpoint:
@@ -113,8 +114,16 @@ def adopt_checkpoint_model(cfg: JobConfig) -> JobConfig:
             "lines of its vocabulary); pass the same value, or train the base model with this one"
         )
     saved = config.get("model", {})
+    kept = tuple(saved.get("kept_fields", ()))
+    if cfg.model.kept_fields and tuple(cfg.model.kept_fields) != kept:
+        raise ConfigError(
+            f"model.kept_fields (--kept-fields {' '.join(cfg.model.kept_fields)}): the model of --checkpoint "
+            f"{cfg.run.checkpoint} is taken as it is, with "
+            + (f"the fields it kept ({', '.join(kept)})" if kept else "all its fields")
+            + "; drop --kept-fields (or train a model on those fields first)"
+        )
     cfg = copy.deepcopy(cfg)
-    cfg.model.kept_fields = tuple(saved.get("kept_fields", ()))
+    cfg.model.kept_fields = kept
     cfg.model.field_removal = saved.get("field_removal", cfg.model.field_removal)
     cfg.train.epochs = 0  # a trained model: score or prune it as it is
     return cfg.validate()
@@ -398,7 +407,7 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         }
     ]
     base_dev_auc = dev["auc"]
-    if show:
+    if env.is_main:  # (the log, whatever --no-progress says: it hides progress bars only)
         log.info("base model: %d fields, dev AUC %.4f, test AUC %.4f", len(fields), dev["auc"], test["auc"])
     reason = None
     iteration = 0
@@ -428,8 +437,9 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         if iteration == 1 and env.is_main:  # the base model's ranking, for the report
             write_importance(imp, out_dir / "importance")
         if not removed:
-            # Every field left frees less than --min-saving, or was tried and rejected.
-            reason = "max_auc_drop" if rejected else "min_saving"
+            # Every field left frees less than --min-saving, or was tried and rejected (fewer
+            # rejections in a row than --max-rejections: not the drop bound's stop).
+            reason = "every_field_tried" if rejected else "min_saving"
             break
         if imp.means is None:  # random ranking: no lookups were made
             means = field_means(accepted.model, accepted.dataset, p.score_split, t.eval_batch_size, env)
@@ -471,7 +481,7 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
             "accepted": ok,
         }
         log_rows.append(row)
-        if show:
+        if env.is_main:
             log.info(
                 "iteration %d: removed %s -> memory %.3f, dev AUC %.4f "
                 "(base %.4f; drop %.4f, upper bound %.4f at z %.2f), test AUC %.4f%s",
@@ -500,7 +510,7 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
             shutil.rmtree(accepted.checkpoint.parent, ignore_errors=True)
         accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
     confirmed = confirmation_check(accepted.model, accepted.dataset, base_confirm, t.eval_batch_size, env)
-    if show:
+    if env.is_main:  # (the log, whatever --no-progress says: it hides progress bars only)
         log.info(
             "confirmation split (%d rows, no decision read it): AUC %.4f against the base model's %.4f, "
             "drop %.4f (SE %.4f)",

@@ -474,7 +474,7 @@ def test_pruned_model_is_planned_without_its_tables_and_trains(tmp_path, precisi
 
 def prune_cli(tmp_path, name, *extra):
     out = tmp_path / name
-    run_shark(
+    proc = run_shark(
         "prune",
         *TINY,
         "--synthetic-train-rows",
@@ -489,12 +489,16 @@ def prune_cli(tmp_path, name, *extra):
         str(out / "m.json"),
         *extra,
     )
+    (out / "stderr.txt").write_text(proc.stderr)
     return out, json.loads((out / "m.json").read_text())
 
 
 def test_prune_stops_at_the_target_memory(tmp_path):
-    out, m = prune_cli(tmp_path, "mem", "--target-memory", "0.9", "--max-auc-drop", "1")
+    out, m = prune_cli(tmp_path, "mem", "--target-memory", "0.9", "--max-auc-drop", "0.4")
     assert m["stop_reason"] == "target_memory"
+    # The loop logs under --no-progress too (TINY passes it; it hides progress bars only).
+    log = (out / "stderr.txt").read_text()
+    assert "base model: " in log and "iteration 1: removed " in log and "confirmation split (" in log
     rows = m["iterations"]
     assert rows[-1]["memory_ratio"] <= 0.9 < rows[-2]["memory_ratio"]
     assert m["memory_ratio"] == pytest.approx(rows[-1]["memory_ratio"])

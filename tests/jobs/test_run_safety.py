@@ -108,6 +108,18 @@ def test_a_run_started_from_a_checkpoint_resumes_with_its_own_command(killed_run
     assert f"resumed from {tmp_path / 'b' / 'checkpoints' / 'step_00000005'} at step 5 (epoch 0," in resumed.stderr
 
 
+def test_kept_fields_beside_a_checkpoint_are_refused_not_dropped(killed_run, tmp_path):
+    """`shark prune --checkpoint C --kept-fields ...` took C's model as it is and silently ran
+    on all its fields, a field that does not exist included."""
+    proc = run_shark(
+        "prune", "--checkpoint", str(killed_run / "checkpoints"), "--kept-fields", "c0", "nosuch",
+        "--out", str(tmp_path / "p"), "--no-progress", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.kept_fields (--kept-fields c0 nosuch): the model of --checkpoint" in proc.stderr
+    assert "is taken as it is, with all its fields" in proc.stderr
+
+
 @pytest.mark.parametrize("command", ["train", "importance", "prune", "compress"])
 def test_out_dir_of_a_live_run_is_refused(tmp_path, command):
     out = tmp_path / "busy"
