@@ -155,7 +155,7 @@ def importance_main(argv: List[str]) -> int:
         importance_job,
         argv,
         importance_main.__doc__ or "",
-        ("method", "scoring_seconds", "ranking"),
+        ("method", "model_dev_auc", "model_test_auc", "scoring_seconds", "ranking"),
     )
 
 
@@ -274,6 +274,11 @@ def export_main(argv: List[str]) -> int:
     from shark_torchrec.modules.precision_policy import split_tiers
 
     quiet_libraries()
+    if args.tiers is not None and len(split_tiers(args.tiers)) < 2:
+        parser.error(
+            f"--tiers ranks rows into 2 or more tiers, got {' '.join(args.tiers)} (e.g. --tiers int8 int4, or int4 "
+            "int1); every row in one tier is TorchRec's quantize_embeddings of the model"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"shark export: error: --out {out} is a file, not a directory (nothing was written)", file=sys.stderr)

@@ -231,12 +231,23 @@ def importance_job(cfg: JobConfig) -> Dict[str, Any]:
         cfg: the validated config.
 
     Returns:
-        The scores as JSON-able data, with the number of fields and the split scored, on every rank.
+        The scores as JSON-able data, with the number of fields, the split scored and the scored
+        model's dev and test AUC (how good the model the ranking comes from is), on every rank.
     """
     with job_rank(cfg, TRAIN_OUT_DIR) as (env, out_dir):
         trained = fit(adopt_checkpoint_model(cfg), env)  # scored on dev itself: no decision follows
         imp = score(cfg, trained.model, trained.dataset, env)
-        metrics = {**imp.to_json(), "fields": len(imp.fields), "score_split": cfg.prune.score_split}
+        b = cfg.train.eval_batch_size
+        dev, test = (evaluate(trained.model, trained.dataset, split, b, env) for split in ("dev", "test"))
+        if env.is_main:
+            log.info("scored model: %d fields, dev AUC %.4f, test AUC %.4f", len(imp.fields), dev["auc"], test["auc"])
+        metrics = {
+            **imp.to_json(),
+            "fields": len(imp.fields),
+            "score_split": cfg.prune.score_split,
+            "model_dev_auc": dev["auc"],
+            "model_test_auc": test["auc"],
+        }
         if env.is_main:
             write_importance(imp, out_dir)
             write_metrics(cfg, metrics)
@@ -258,6 +269,7 @@ class Candidate:
     dataset: Dataset
     checkpoint: Path
     embedding_bytes: int
+    plan: Any = None  # its sharding plan (a pruned model's; the base model's is in its run directory)
 
 
 def _bytes(model, optimizer, configs) -> int:
@@ -508,7 +520,9 @@ def prune_loop(cfg: JobConfig, env: DistEnv, base: TrainedModel, out_dir: Path):
         rejections_in_a_row = 0
         if env.is_main:  # every rank has loaded what it needed from the previous model
             shutil.rmtree(accepted.checkpoint.parent, ignore_errors=True)
-        accepted = Candidate(pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes)
+        accepted = Candidate(
+            pruned.cfg, pruned.model, pruned.optimizer, pruned.configs, pruned.dataset, ckpt, nbytes, pruned.plan
+        )
     confirmed = confirmation_check(accepted.model, accepted.dataset, base_confirm, t.eval_batch_size, env)
     if env.is_main:  # (the log, whatever --no-progress says: it hides progress bars only)
         log.info(
@@ -591,6 +605,8 @@ def prune_job(cfg: JobConfig) -> Dict[str, Any]:
             _meta(final_cfg, TrainState(), accepted.configs, env, accepted.dataset.full_schema),
             keep=1,
         )
+        if env.is_main and accepted.plan is not None:  # without the removed tables
+            (out_dir / "pruned" / "sharding_plan.txt").write_text(str(accepted.plan))
         trained = TrainedModel(
             accepted.model,
             accepted.optimizer,

@@ -1,6 +1,7 @@
 """F-Permutation: Taylor scores, the Permutation baseline, pruning and the planner hook."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -413,6 +414,9 @@ def test_scores_agree_on_one_and_two_ranks(trained, tmp_path):
     )
     m = json.loads((out / "m.json").read_text())
     assert m["method"] == "taylor" and {r["field"]: r["score"] for r in m["ranking"]} == scores["taylor"]
+    # the model the ranking comes from, evaluated: the checkpoint's own test AUC
+    trained_auc = json.loads((trained / "metrics.json").read_text())["test_auc"]
+    assert m["model_test_auc"] == pytest.approx(trained_auc, abs=1e-6) and 0.5 < m["model_dev_auc"] <= 1
 
 
 def test_noise_fields_rank_below_strong_and_medium(trained, tmp_path):
@@ -496,6 +500,11 @@ def prune_cli(tmp_path, name, *extra):
 def test_prune_stops_at_the_target_memory(tmp_path):
     out, m = prune_cli(tmp_path, "mem", "--target-memory", "0.9", "--max-auc-drop", "0.4")
     assert m["stop_reason"] == "target_memory"
+    # The pruned model's plan is written beside its checkpoint, without the removed tables.
+    plan = (out / "pruned" / "sharding_plan.txt").read_text()
+    removed = [f for r in m["iterations"][1:] if r["accepted"] for f in r["removed"]]
+    assert removed and all(not re.search(rf"\bt_{f}\b", plan) for f in removed), removed
+    assert all(re.search(rf"\bt_{f}\b", plan) for f in m["kept_fields"])
     # The loop logs under --no-progress too (TINY passes it; it hides progress bars only).
     log = (out / "stderr.txt").read_text()
     assert "base model: " in log and "iteration 1: removed " in log and "confirmation split (" in log

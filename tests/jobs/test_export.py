@@ -614,13 +614,17 @@ def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
             [str(ckpt), "--out", str(tmp_path / "d"), "--tiers", "int4", "int1", "dropped", "--memory-budget", "0.1"],
             "int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, a sign bit a value",
         ),
+        (
+            [str(ckpt), "--out", str(tmp_path / "e"), "--tiers", "int8", "--memory-budget", "0.3"],
+            "--tiers ranks rows into 2 or more tiers, got int8",
+        ),
     ]
     for argv, named in cases:
         proc = run_shark("export", *argv, check=False)
         assert proc.returncode == 2 and named in proc.stderr, (argv, proc.stderr)
         assert "row priorities" not in proc.stderr and "Traceback" not in proc.stderr, argv
     assert afile.read_text() == "keep me"
-    assert not any((tmp_path / d).exists() for d in "abcd")
+    assert not any((tmp_path / d).exists() for d in "abcde")
 
 
 def test_the_priority_pass_shows_progress_unless_told_not_to(fp32_run, capsys):
