@@ -94,8 +94,11 @@ def _flags() -> List[str]:
     flags = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off"]
     flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     flags += [f"-m{isa}" for isa in ISA]
-    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
-    lib = Path(torch.__file__).parent / "lib"
+    # Real paths: the same torch reached through a symlinked .venv (the docs test's scratch
+    # folders link it) must give the same flags, hence the same cached library, not a build
+    # per link (each of those compiled the library again, 15-45 s).
+    flags += [f"-I{Path(p).resolve()}" for p in cpp_extension.include_paths()]
+    lib = Path(torch.__file__).resolve().parent / "lib"
     # libgomp resolves to torch's own copy (same soname, already loaded): one OpenMP runtime.
     flags += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
     return flags

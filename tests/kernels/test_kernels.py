@@ -390,6 +390,27 @@ def test_a_failed_build_is_an_error_with_the_compiler_output(tmp_path, monkeypat
     assert list((tmp_path / "lib").iterdir()) == []
 
 
+def test_torch_reached_through_a_symlink_finds_the_same_library(tmp_path, monkeypatch):
+    """The cached library's name hashes the build flags, which name torch's directories: a
+    .venv reached through a symlink (the docs test's scratch folders link it) must not make
+    another name, and so another 15-45 s build, each time."""
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    from shark_torchrec import kernels
+
+    real = kernels.library_path()
+    torch_dir = Path(torch.__file__).resolve().parent
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "torch").symlink_to(torch_dir)
+    linked = tmp_path / "site" / "torch"
+    monkeypatch.setattr(torch, "__file__", str(linked / "__init__.py"))
+    monkeypatch.setattr(cpp_extension, "_TORCH_PATH", str(linked))
+    assert any(str(linked) in p for p in cpp_extension.include_paths())  # the link is what torch reports
+    assert kernels.library_path() == real
+
+
 def test_the_ops_agree_across_parallel_tasks():
     """Sizes past the ops' parallel grains (64 bags, 256 rows), so that the work splits into
     tasks: lookup, update and gradient reduction still agree bit for bit, and of two bad ids in
