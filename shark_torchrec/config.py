@@ -12,8 +12,10 @@ all.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -268,8 +270,8 @@ class RunConfig:
             raise ConfigError("run.nproc must be >= 1")
         if self.checkpoint and self.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
-        keeps = {"train": (self.checkpoint, self.init_from), "compress": (self.checkpoint,)}.get(command, ())
-        if self.resume and (self.init_from or self.checkpoint) and not any(keeps):
+        kept = {"train": ("checkpoint", "init_from"), "compress": ("checkpoint",)}.get(command, ())
+        if self.resume and any(getattr(self, n) for n in ("checkpoint", "init_from") if n not in kept):
             raise ConfigError(
                 "run.resume (--resume) continues this run's own checkpoints; run.checkpoint / run.init_from start "
                 "a new run from another one: give one of them"
@@ -747,9 +749,6 @@ def with_absolute_paths(cfg: JobConfig) -> JobConfig:
     Returns:
         The copy.
     """
-    import copy
-    import os
-
     cfg = copy.deepcopy(cfg)
     for name in ("checkpoint", "init_from", "checkpoint_dir"):
         if getattr(cfg.run, name):
@@ -804,11 +803,6 @@ def _refuse_percentages(args: Sequence[str]) -> None:
             hint = percentage_hint(flag, v)
             if hint:
                 raise ConfigError(hint)
-
-
-def _given(args: Sequence[str], flag: str) -> bool:
-    """Whether `--flag` or `--flag=X` is among args."""
-    return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
 def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
@@ -901,7 +895,7 @@ def parse_cli(
     path = _flag_value(args, "--config")
     try:
         _refuse_percentages(args)
-        if command in ("importance", "prune") and _flag_value(args, "--checkpoint") and _given(args, "--epochs"):
+        if command in ("importance", "prune") and _flag_value(args, "--checkpoint") and _flag_value(args, "--epochs"):
             raise ConfigError(
                 f"train.epochs (--epochs): {command} takes the model of --checkpoint as it is trained, so no epochs "
                 "apply" + (" (its fine-tuning after each removal is --finetune-epochs)" if command == "prune" else "")

@@ -166,8 +166,14 @@ class ServedModel:
         self.parsing = self.manifest.get("parsing")
         self._encoders: Optional[List[Callable[[str], int]]] = None
         self._columns: List[int] = []
+        # The training files' header, with and without the label column (either may head a file).
+        self._headers: Tuple[List[str], ...] = ()
         if self.parsing is not None:
             self._columns, self._encoders = self._field_encoders(self.manifest["encoding"])
+            header = self.parsing["header"]
+            if header:
+                label = self.parsing["label_column"]
+                self._headers = (header, [h for i, h in enumerate(header) if i != label])
 
     def _field_encoders(self, encoding: dict) -> Tuple[List[int], List[Callable[[str], int]]]:
         """Per served field: its column in a raw line and its value -> row id function."""
@@ -229,8 +235,7 @@ class ServedModel:
                 "call the model with encoded tensors instead"
             )
         cols = self._split(line)
-        header = self.parsing["header"]
-        if header and [c.strip() for c in cols] in (header, self._header_without_label()):
+        if self._headers and [c.strip() for c in cols] in self._headers:
             # Its column names would be scored as values (a categorical name is just an unseen value).
             raise ValueError(f"{where}: this is the header line, not data (score_file skips it; give data lines only)")
         column = self._columns_of(cols, where)
@@ -318,12 +323,9 @@ class ServedModel:
                 out.append(self.score_lines(batch, lineno, str(path)))
         return torch.cat(out) if out else torch.empty(0)
 
-    def _header_without_label(self) -> List[str]:
-        return [h for i, h in enumerate(self.parsing["header"] or []) if i != self.parsing["label_column"]]
-
     def _check_header(self, names: List[str], header: List[str], path) -> None:
         names = [n.strip() for n in names]
-        if names not in (header, self._header_without_label()):
+        if names not in self._headers:
             raise ValueError(f"{path}: header {names} is not the training files' {header} (with or without the label)")
 
 

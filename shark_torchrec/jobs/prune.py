@@ -239,8 +239,6 @@ def importance_job(cfg: JobConfig) -> Dict[str, Any]:
         imp = score(cfg, trained.model, trained.dataset, env)
         b = cfg.train.eval_batch_size
         dev, test = (evaluate(trained.model, trained.dataset, split, b, env) for split in ("dev", "test"))
-        if env.is_main:
-            log.info("scored model: %d fields, dev AUC %.4f, test AUC %.4f", len(imp.fields), dev["auc"], test["auc"])
         metrics = {
             **imp.to_json(),
             "fields": len(imp.fields),
@@ -249,6 +247,7 @@ def importance_job(cfg: JobConfig) -> Dict[str, Any]:
             "model_test_auc": test["auc"],
         }
         if env.is_main:
+            log.info("scored model: %d fields, dev AUC %.4f, test AUC %.4f", len(imp.fields), dev["auc"], test["auc"])
             write_importance(imp, out_dir)
             write_metrics(cfg, metrics)
     return metrics
