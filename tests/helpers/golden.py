@@ -3,10 +3,12 @@ for bit by later changes (refactors, new tiers, fused kernels).
 
 A golden is a JSON file in `tests/goldens/`: the run's figures (AUC, log loss, bytes, rows per
 group) and, per checkpoint tensor and for the exported model's test logits, a SHA-256 of the raw
-bytes plus float64 summaries. The tests compare hashes exactly. Floating point sums can differ
-between CPU instruction sets, so a golden also records the CPU it was captured on; on another
-kind of CPU the hashes are not comparable and the summaries are compared to 1e-4 instead (the
-test says so in its failure message).
+bytes plus float64 summaries. Floating point sums differ between CPU instruction sets (an AMD
+EPYC and an Intel Xeon with AMX give different matmul roundings, and 48 training steps carry
+them into every weight), so a golden holds one capture per kind of CPU it was recorded on, each
+with its CPU. On a recorded kind the test compares hashes exactly; on any other kind the hashes
+are not comparable and it compares the summaries of the first capture within CROSS_CPU_TOLERANCE
+instead (the failure message says which).
 
 Capture (only when a change of results is intended, and say so in the commit):
 
@@ -209,6 +211,14 @@ GOLDEN_COMPRESS = [
 COMMANDS = {"train": ["train", *GOLDEN_TRAIN], "compress": ["compress", *GOLDEN_COMPRESS]}
 
 
+# Relative tolerance of a run on an unrecorded kind of CPU: a tensor's sum and absolute sum
+# within this fraction of its absolute sum (a sum of signed values can cancel), and a figure
+# within this fraction of max(1, itself). Measured between the AMD EPYC and Intel Xeon (AMX)
+# captures: at most 5.5e-4 (train) and 1.1e-3 (compress, an optimizer state) of a tensor's
+# absolute sum, 6e-5 of a figure; a change that trains something else moves them by far more.
+CROSS_CPU_TOLERANCE = 5e-3
+
+
 def _differences(want: Any, got: Any, path: str, exact: bool, out: list) -> None:
     if isinstance(want, dict) and "sha256" in want and isinstance(got, dict):
         if exact:
@@ -216,7 +226,8 @@ def _differences(want: Any, got: Any, path: str, exact: bool, out: list) -> None
                 out.append(f"{path}: {got} != golden {want}")
         else:
             same_shape = want["shape"] == got["shape"] and want["dtype"] == got["dtype"]
-            close = all(abs(want[k] - got[k]) <= 1e-4 * max(1.0, abs(want[k])) for k in ("sum", "abs_sum"))
+            scale = max(1.0, abs(want["abs_sum"]))
+            close = all(abs(want[k] - got[k]) <= CROSS_CPU_TOLERANCE * scale for k in ("sum", "abs_sum"))
             if not (same_shape and close):
                 out.append(f"{path}: {got} vs golden {want} (summaries, other CPU)")
         return
@@ -227,23 +238,52 @@ def _differences(want: Any, got: Any, path: str, exact: bool, out: list) -> None
             else:
                 _differences(want[k], got[k], f"{path}.{k}", exact, out)
         return
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got) and not exact:
+        for i, (w, g) in enumerate(zip(want, got)):
+            _differences(w, g, f"{path}[{i}]", exact, out)
+        return
     if isinstance(want, float) and isinstance(got, float) and not exact:
-        if abs(want - got) > 1e-4 * max(1.0, abs(want)):
+        if abs(want - got) > CROSS_CPU_TOLERANCE * max(1.0, abs(want)):
             out.append(f"{path}: {got!r} != golden {want!r}")
         return
     if want != got:
         out.append(f"{path}: {got!r} != golden {want!r}")
 
 
+def _captures(case: str) -> list:
+    """The golden's captures, one a kind of CPU: [{"cpu": ..., "fingerprint": ...}, ...]."""
+    path = GOLDEN_DIR / f"{case}.json"
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    return record["captures"]
+
+
 def check(case: str, run_dir: Path) -> None:
-    """Compare a finished run with its golden; AssertionError listing every difference."""
-    golden = json.loads((GOLDEN_DIR / f"{case}.json").read_text())
+    """Compare a finished run with its golden: exactly with the capture from this kind of CPU,
+    else within CROSS_CPU_TOLERANCE of the first capture.
+
+    Args:
+        case: "train" or "compress".
+        run_dir: the finished run's --out folder.
+
+    Returns:
+        None; AssertionError listing every difference.
+    """
+    captures = _captures(case)
+    here = [c for c in captures if c["cpu"] == cpu_signature()]
+    exact = bool(here)
+    golden = here[0] if here else captures[0]
     got = json.loads(json.dumps(FINGERPRINTS[case](Path(run_dir))))  # the same float round trip
-    exact = golden["cpu"] == cpu_signature()
     problems: list = []
     _differences(golden["fingerprint"], got, case, exact, problems)
     if problems:
-        where = "" if exact else f" (captured on another CPU: {golden['cpu']}; this one: {cpu_signature()})"
+        where = (
+            ""
+            if exact
+            else f" (no capture from this CPU, {cpu_signature()}; compared within {CROSS_CPU_TOLERANCE} "
+            f"with the capture from {golden['cpu']})"
+        )
         shown = "\n".join(problems[:40])
         raise AssertionError(
             f"{case} differs from tests/goldens/{case}.json{where}: {len(problems)} difference(s)\n{shown}"
@@ -251,9 +291,21 @@ def check(case: str, run_dir: Path) -> None:
 
 
 def capture(case: str, run_dir: Path) -> Path:
+    """Record a finished run as the golden's capture for this kind of CPU (replacing an earlier
+    one from the same kind; the other kinds' captures stay).
+
+    Args:
+        case: "train" or "compress".
+        run_dir: the finished run's --out folder.
+
+    Returns:
+        The golden's path.
+    """
     GOLDEN_DIR.mkdir(exist_ok=True)
     path = GOLDEN_DIR / f"{case}.json"
-    record = {"case": case, "cpu": cpu_signature(), "fingerprint": FINGERPRINTS[case](Path(run_dir))}
+    mine = {"cpu": cpu_signature(), "fingerprint": FINGERPRINTS[case](Path(run_dir))}
+    others = [c for c in _captures(case) if c["cpu"] != mine["cpu"]]
+    record = {"case": case, "captures": [*others, mine]}
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return path
 
