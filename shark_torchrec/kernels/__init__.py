@@ -21,6 +21,10 @@
 - `convert_rows_` converts the rows that change group at a reassignment (`update.cpp`): each
   decoded from its old group and rounded to nearest into its new one, in one parallel pass.
   Its reference is the torch code of `RowGroupStore` with kernels "torch"; bit for bit too.
+- `ids_by_row` groups a batch's ids by the row they read (`grads.cpp`), the backward's first
+  step: each id's bag, a stable sort of the ids by row key (one radix sort), the distinct rows
+  and their ids' counts. Its reference is the torch code of `RowLookup._ids_by_row_torch`
+  (a stable argsort and `unique_consecutive`); equal, tensor for tensor.
 - `row_grads` is the backward's per-row gradient reduction (`grads.cpp`): each distinct row's
   gradient summed over its ids, read where they sit in the output gradient. Its reference is
   the torch code of `RowLookup._row_grads_torch`; bit for bit too.
@@ -63,6 +67,7 @@ OPS = (
     "mixed_lookup_ranked",
     "update_rows_",
     "row_grads",
+    "ids_by_row",
     "convert_rows_",
     "update_rows_hashed_",
     "split_ranking_keys",
@@ -568,6 +573,37 @@ def update_rows_hashed_(
 @torch.library.register_fake("shark::row_grads")
 def _row_grads_fake(grad, order, counts, seg, lengths, per_sample_weights, labels, batch_size, pooling, dim):
     return grad.new_empty((counts.shape[0], dim)), grad.new_empty((counts.shape[0],))
+
+
+@torch.library.register_fake("shark::ids_by_row")
+def _ids_by_row_fake(values, lengths, feature_base, batch_size):
+    distinct = torch.library.get_ctx().new_dynamic_size()
+    return (
+        values.new_empty(values.shape, dtype=torch.int64),
+        values.new_empty(values.shape, dtype=torch.int64),
+        values.new_empty((distinct,), dtype=torch.int64),
+        values.new_empty((distinct,), dtype=torch.int64),
+    )
+
+
+def ids_by_row(
+    values: torch.Tensor, lengths: torch.Tensor, feature_base: torch.Tensor, batch_size: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's ids grouped by the row they read (row key = the feature's first row + the id).
+
+    Args:
+        values: [nnz] ids, feature-major as in a KeyedJaggedTensor.
+        lengths: [F * batch_size] ids a bag.
+        feature_base: [F] int64, each feature's first row key.
+        batch_size: bags a feature.
+
+    Returns:
+        seg ([nnz] each id's bag), order ([nnz] the ids sorted by row key, stable), uniq (the
+        distinct row keys, ascending) and counts (ids a distinct row), all int64: what
+        `torch.repeat_interleave`, `torch.argsort(stable=True)` and `torch.unique_consecutive`
+        give, in one pass.
+    """
+    return torch.ops.shark.ids_by_row(values, lengths, feature_base, batch_size)
 
 
 @torch.library.register_fake("shark::split_ranking_keys")

@@ -1,3 +1,12 @@
+// The backward of a mixed-precision store's lookup, in two ops.
+//
+// torch.ops.shark.ids_by_row groups a batch's ids by the row they read: each id's bag, the
+// ids' order sorted by row key (stable: ids of one row stay in input order), the distinct
+// row keys ascending and how many ids read each. It replaces a stable argsort of the keys
+// and a unique_consecutive over them (1.3 ms of a training step for 45,000 ids) by one LSD
+// radix sort over the keys' significant bits. Its reference is the torch code of
+// `RowLookup._ids_by_row_torch`; the two give equal tensors (a stable sort is unique).
+//
 // The per-row gradient reduction of a mixed-precision store's backward, registered as
 // torch.ops.shark.row_grads: the output gradient [B, F * D] of a pooled lookup becomes one
 // gradient a distinct row (the sum over its ids, in id order), and each row's count of
@@ -14,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -116,7 +126,150 @@ std::tuple<at::Tensor, at::Tensor> row_grads(
   return {out, pos};
 }
 
+// A buffer kept between calls (one per thread), grown as needed: a fresh one of a batch's
+// size comes from mmap, and faulting its pages in cost more than the sort itself.
+template <typename T>
+T* grown(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+struct KeyAndId {
+  uint64_t key;
+  int64_t id;
+};
+
+// LSD radix sort of `a` (n items) on bits [first_bit, end_bit) of key_of(item), 11 bits a
+// pass: each pass is stable, so the whole sort is (equal keys keep their input order). All
+// passes' histograms come from one read; a pass whose digit is the same for every item is
+// skipped. The result is in `a`; `scratch` holds n items.
+template <typename T, typename KeyOf>
+void radix_sort(T* a, T* scratch, int64_t n, int first_bit, int end_bit, KeyOf key_of) {
+  constexpr int kBits = 11;
+  constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
+  if (n < 2 || end_bit <= first_bit) return;
+  const int passes = (end_bit - first_bit + kBits - 1) / kBits;
+  std::vector<int64_t> count(static_cast<size_t>(passes) << kBits, 0);
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t x = key_of(a[k]);
+    for (int p = 0; p < passes; ++p) ++count[(p << kBits) + ((x >> (first_bit + p * kBits)) & kMask)];
+  }
+  T* src = a;
+  T* dst = scratch;
+  for (int p = 0; p < passes; ++p) {
+    int64_t* c = count.data() + (p << kBits);
+    if (std::find(c, c + kMask + 1, n) != c + kMask + 1) continue;  // one digit everywhere
+    int64_t sum = 0;
+    for (uint64_t d = 0; d <= kMask; ++d) {
+      const int64_t here = c[d];
+      c[d] = sum;
+      sum += here;
+    }
+    const int shift = first_bit + p * kBits;
+    for (int64_t k = 0; k < n; ++k) dst[c[(key_of(src[k]) >> shift) & kMask]++] = src[k];
+    std::swap(src, dst);
+  }
+  if (src != a) std::copy(src, src + n, a);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ids_by_row(
+    const at::Tensor& values,
+    const at::Tensor& lengths,
+    const at::Tensor& feature_base,
+    int64_t batch_size) {
+  TORCH_CHECK(values.device().is_cpu(), "shark::ids_by_row: CPU tensors only");
+  TORCH_CHECK(batch_size >= 0, "batch_size >= 0");
+  const at::Tensor v = values.to(at::kLong).contiguous();
+  const at::Tensor len = lengths.to(at::kLong).contiguous();
+  const at::Tensor base = feature_base.to(at::kLong).contiguous();
+  const int64_t nnz = v.numel();
+  const int64_t bags = len.numel();
+  const int64_t B = batch_size;
+  TORCH_CHECK(B > 0 ? bags % B == 0 : bags == 0, "lengths: [F * ", B, "] expected, got ", lengths.sizes());
+  const int64_t F = B > 0 ? bags / B : 0;
+  TORCH_CHECK(base.numel() >= F, "feature_base: one per feature (", F, "), got ", base.numel());
+  const auto long_opts = v.options().dtype(at::kLong);
+  at::Tensor seg = at::empty({nnz}, long_opts);
+  const int64_t* vp = v.data_ptr<int64_t>();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  const int64_t* bp = base.data_ptr<int64_t>();
+  int64_t* sp = seg.data_ptr<int64_t>();
+  // Each id's bag and row key; the largest key sets how many digits the sort needs.
+  thread_local std::vector<uint64_t> key_buf, packed_buf, packed_scratch;
+  uint64_t* key = grown(key_buf, nnz);
+  int64_t at_id = 0;
+  uint64_t most = 0;
+  for (int64_t bag = 0; bag < bags; ++bag) {
+    const int64_t n = lp[bag];
+    TORCH_CHECK(n >= 0 && at_id + n <= nnz, "lengths: bag ", bag, " has ", n, " ids where ", nnz - at_id,
+                " remain");
+    for (int64_t k = at_id; k < at_id + n; ++k) sp[k] = bag;
+    at_id += n;
+  }
+  TORCH_CHECK(at_id == nnz, "lengths add up to ", at_id, ", there are ", nnz, " ids");
+  // Features are consecutive runs of B bags: each run of ids adds its feature's first row.
+  const int64_t* feature_start = nullptr;
+  std::vector<int64_t> starts(F + 1, 0);
+  for (int64_t f = 0, id = 0; f < F; ++f) {
+    starts[f] = id;
+    for (int64_t b = 0; b < B; ++b) id += lp[f * B + b];
+    starts[f + 1] = id;
+  }
+  feature_start = starts.data();
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t first_row = bp[f];
+    for (int64_t k = feature_start[f]; k < feature_start[f + 1]; ++k) {
+      const int64_t row = first_row + vp[k];
+      TORCH_CHECK(row >= 0, "shark::ids_by_row: id ", vp[k], " of bag ", sp[k], " reads row ", row, " (< 0)");
+      key[k] = static_cast<uint64_t>(row);
+      most = std::max(most, key[k]);
+    }
+  }
+  TORCH_CHECK(at_id == nnz, "lengths add up to ", at_id, ", there are ", nnz, " ids");
+  const int key_bits = most ? 64 - __builtin_clzll(most) : 0;
+  const int idx_bits = nnz > 1 ? 64 - __builtin_clzll(static_cast<uint64_t>(nnz - 1)) : 0;
+  at::Tensor order = at::empty({nnz}, long_opts);
+  int64_t* orderp = order.data_ptr<int64_t>();
+  // Sorted, key[k] becomes the k-th smallest key and orderp[k] its id.
+  if (key_bits + idx_bits <= 64) {
+    // Key and id packed in one word (key high): half the bytes moved a pass.
+    uint64_t* a = grown(packed_buf, nnz);
+    for (int64_t k = 0; k < nnz; ++k) a[k] = (key[k] << idx_bits) | static_cast<uint64_t>(k);
+    radix_sort(a, grown(packed_scratch, nnz), nnz, idx_bits, idx_bits + key_bits, [](uint64_t x) { return x; });
+    const uint64_t id_mask = idx_bits ? (uint64_t{1} << idx_bits) - 1 : 0;
+    for (int64_t k = 0; k < nnz; ++k) {
+      orderp[k] = static_cast<int64_t>(a[k] & id_mask);
+      key[k] = idx_bits ? a[k] >> idx_bits : a[k];
+    }
+  } else {
+    std::unique_ptr<KeyAndId[]> a(new KeyAndId[nnz]), tmp(new KeyAndId[nnz]);
+    for (int64_t k = 0; k < nnz; ++k) a[k] = {key[k], k};
+    radix_sort(a.get(), tmp.get(), nnz, 0, key_bits, [](const KeyAndId& x) { return x.key; });
+    for (int64_t k = 0; k < nnz; ++k) {
+      orderp[k] = a[k].id;
+      key[k] = a[k].key;
+    }
+  }
+  // Runs of equal keys: the distinct rows and their ids' counts.
+  int64_t U = 0;
+  for (int64_t k = 0; k < nnz; ++k) U += (k == 0 || key[k] != key[k - 1]);
+  at::Tensor uniq_t = at::empty({U}, long_opts);
+  at::Tensor counts_t = at::empty({U}, long_opts);
+  int64_t* up = uniq_t.data_ptr<int64_t>();
+  int64_t* cp = counts_t.data_ptr<int64_t>();
+  int64_t u = -1;
+  for (int64_t k = 0; k < nnz; ++k) {
+    if (k == 0 || key[k] != key[k - 1]) {
+      up[++u] = static_cast<int64_t>(key[k]);
+      cp[u] = 0;
+    }
+    ++cp[u];
+  }
+  return {seg, order, uniq_t, counts_t};
+}
+
 TORCH_LIBRARY_FRAGMENT(shark, m) {
+  m.def("ids_by_row(Tensor values, Tensor lengths, Tensor feature_base, int batch_size) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "row_grads(Tensor grad, Tensor order, Tensor counts, Tensor seg, Tensor lengths, Tensor? per_sample_weights, "
       "Tensor? labels, int batch_size, int pooling, int dim) -> (Tensor, Tensor)");
@@ -124,6 +277,7 @@ TORCH_LIBRARY_FRAGMENT(shark, m) {
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {
   m.impl("row_grads", &row_grads);
+  m.impl("ids_by_row", &ids_by_row);
 }
 
 }  // namespace shark

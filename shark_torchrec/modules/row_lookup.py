@@ -230,20 +230,28 @@ class RowLookup:
     # ------------------------------------------------------------------ backward
     def _backward(self, saved, grad: torch.Tensor) -> None:
         values, psw, labels, lengths, B = saved
-        seg, keys = self._bags_and_keys(values, lengths, B)
         # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
-        order = torch.argsort(keys, stable=True)
-        uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
         if grad.device.type == "cpu":
+            seg, order, uniq, counts = torch.ops.shark.ids_by_row(values, lengths, self.feature_base, B)
             row_grad, pos = torch.ops.shark.row_grads(
                 grad.float(), order, counts, seg, lengths, psw, labels, B, POOLING_CODES[self.pooling], self.dim
             )
         else:
+            seg, order, uniq, counts = self._ids_by_row_torch(values, lengths, B)
             row_grad, pos = self._row_grads_torch(grad, order, counts, seg, lengths, psw, labels, B)
         total = counts.float()
         if self.replicated_pg is not None:
             uniq, row_grad, total, pos = self._sum_replicas(uniq, row_grad, total, pos)
         self.apply_update(uniq, row_grad, total, pos)
+
+    def _ids_by_row_torch(self, values, lengths, B):
+        """Each id's bag, the ids in a stable sort by row key, the distinct keys and their ids'
+        counts: the torch code of `torch.ops.shark.ids_by_row` (its reference, and the path on
+        other devices)."""
+        seg, keys = self._bags_and_keys(values, lengths, B)
+        order = torch.argsort(keys, stable=True)
+        uniq, counts = torch.unique_consecutive(keys[order], return_counts=True)
+        return seg, order, uniq, counts
 
     def _row_grads_torch(self, grad, order, counts, seg, lengths, psw, labels, B):
         """Per distinct row (in `order`'s runs of `counts`), its gradient summed over its ids and

@@ -376,6 +376,54 @@ def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, w
     assert int(counts.max()) > 2
 
 
+@pytest.mark.parametrize(
+    "F,B,most_rows,max_len",
+    [
+        (3, 7, 12, 4),  # few rows: long runs, empty and multi-id bags
+        (4, 64, 5_000_000, 3),  # keys of 23 bits: three radix passes
+        (2, 16, 1 << 40, 2),  # keys past 32 bits
+        (3, 5, 1, 2),  # every id reads row 0 of its table
+        (3, 4, 10, 0),  # no ids at all
+        (2, 0, 10, 0),  # an empty batch
+    ],
+)
+def test_ids_by_row_equals_the_torch_grouping(F, B, most_rows, max_len):
+    """`torch.ops.shark.ids_by_row` against the store's torch grouping (`_ids_by_row_torch`: a
+    stable argsort and unique_consecutive): every tensor equal, so the ids of one row keep
+    their input order (which the gradient sums, and so the goldens, depend on)."""
+    from types import MethodType, SimpleNamespace
+
+    from shark_torchrec.kernels import ids_by_row
+    from shark_torchrec.modules.row_lookup import RowLookup
+
+    gen = torch.Generator().manual_seed(F * 1000 + B)
+    lengths = torch.randint(0, max_len + 1, (F * B,), generator=gen)
+    nnz = int(lengths.sum())
+    rows = torch.randint(1, most_rows + 1, (F,), generator=gen) if most_rows > 1 else torch.ones(F, dtype=torch.int64)
+    # Tables stacked in feature order, the last feature sharing the first's table (as shared features do).
+    feature_base = torch.cumsum(rows, 0) - rows
+    feature_base[-1] = 0
+    feature = torch.repeat_interleave(torch.arange(F * B) // max(B, 1), lengths)
+    values = (torch.rand(nnz, generator=gen, dtype=torch.float64) * rows[feature]).long()
+    store = SimpleNamespace(feature_names=[f"f{i}" for i in range(F)], feature_base=feature_base)
+    store._bags_and_keys = MethodType(RowLookup._bags_and_keys, store)
+    want = RowLookup._ids_by_row_torch(store, values, lengths, B)
+    got = ids_by_row(values, lengths, feature_base, B)
+    for name, g, w in zip(("seg", "order", "uniq", "counts"), got, want):
+        assert g.dtype == w.dtype == torch.int64 and torch.equal(g, w), name
+    if max_len and most_rows == 12:
+        assert int(want[3].max()) > 2  # rows read by several ids
+
+
+def test_ids_by_row_refuses_lengths_that_do_not_add_up():
+    from shark_torchrec.kernels import ids_by_row
+
+    with pytest.raises(RuntimeError, match="lengths"):
+        ids_by_row(torch.arange(5), torch.tensor([2, 2]), torch.tensor([0]), 2)
+    with pytest.raises(RuntimeError, match="reads row -1"):
+        ids_by_row(torch.tensor([0, -1]), torch.tensor([1, 1]), torch.tensor([0]), 2)
+
+
 def test_a_failed_build_is_an_error_with_the_compiler_output(tmp_path, monkeypatch):
     """No silent slow path: a source that does not compile raises KernelBuildError naming the
     command and carrying g++'s message; nothing is left in the library directory."""
