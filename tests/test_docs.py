@@ -12,7 +12,9 @@ So that CI stays short, a few substitutions shrink the work without changing wha
   pruning loop then fine-tunes 3 steps an iteration);
 - `torchx run ... -j NxM` runs `-j 1x2`, with the same appended flags after the app's `--`;
 - `bash scripts/setup.sh && ...` keeps what follows (CI has just run the setup), and
-  `bash scripts/test.sh` is skipped (it is this test run).
+  `bash scripts/test.sh` is skipped (it is this test run);
+- a command written differently from an earlier one of the same file but shrunk to the same
+  (`-j 1x2` and `-j 2x8`) is not run again: it would check nothing new.
 ```console and ```text blocks are not run (cluster launches, outputs). A ```python block must
 be an excerpt of a file in examples/ (every line of it appears there), which tests run.
 """
@@ -71,6 +73,16 @@ def shrunk(command: str) -> str:
     return text
 
 
+def once(command: str, first_written: dict) -> str:
+    """`shrunk(command)`, or a no-op where an earlier, differently written command of the same
+    file shrank to the same (the module doc); records the command in `first_written`."""
+    text = shrunk(command)
+    written = command.partition("  #")[0].strip()
+    if first_written.setdefault(text, written) != written:
+        return f": shrunk, this is {first_written[text]!r} again"
+    return text
+
+
 def scratch_dir() -> Path:
     """A folder beside the checkout, linked to what the commands use."""
     where = Path(tempfile.mkdtemp(prefix=".docs-run-", dir=ROOT.parent))
@@ -90,8 +102,9 @@ def test_documented_commands_run(doc):
         # A crash in native code (an abort) prints every thread's Python stack, so a rare one
         # seen in CI says where it happened.
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
+        first_written: dict = {}  # shrunk command -> the first command of this file shrunk to it
         for block in scripts:
-            script = "set -euo pipefail\n" + "\n".join(shrunk(c) for c in commands(block)) + "\n"
+            script = "set -euo pipefail\n" + "\n".join(once(c, first_written) for c in commands(block)) + "\n"
             proc = subprocess.run(
                 ["bash", "-c", script], cwd=where, capture_output=True, text=True, timeout=900, env=env
             )
@@ -125,3 +138,8 @@ def test_shrinking_keeps_the_command():
     assert shrunk("bash scripts/setup.sh && .venv/bin/shark train") == ".venv/bin/shark train" + SHRINK
     assert shrunk(".venv/bin/shark train --help") == ".venv/bin/shark train --help"
     assert shrunk(".venv/bin/shark report runs/c") == ".venv/bin/shark report runs/c"
+    seen: dict = {}
+    small = "torchx run dist.ddp -j 1x2 apps/train.py"
+    assert once(small, seen) == small + " --" + SHRINK
+    assert once("torchx run dist.ddp -j 2x8 apps/train.py", seen).startswith(": shrunk")
+    assert once(small + "  # again, written the same", seen) == small + " --" + SHRINK
