@@ -415,6 +415,21 @@ def test_ids_by_row_equals_the_torch_grouping(F, B, most_rows, max_len):
         assert int(want[3].max()) > 2  # rows read by several ids
 
 
+def test_ids_by_row_has_a_fake_for_tracing():
+    """`torch.compile` and export trace the op through its fake: ids-long bags and order, and
+    distinct rows of a size only known at run time."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    values, lengths, base = torch.tensor([3, 1, 3, 0]), torch.tensor([1, 1, 2, 0]), torch.tensor([0, 5])
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        seg, order, uniq, counts = torch.ops.shark.ids_by_row(
+            *(mode.from_tensor(t) for t in (values, lengths, base)), 2
+        )
+    assert seg.shape == order.shape == (4,) and seg.dtype == order.dtype == uniq.dtype == counts.dtype == torch.int64
+    assert uniq.shape == counts.shape and not isinstance(uniq.shape[0], int)
+
+
 def test_ids_by_row_refuses_lengths_that_do_not_add_up():
     from shark_torchrec.kernels import ids_by_row
 
