@@ -13,8 +13,10 @@ So that CI stays short, a few substitutions shrink the work without changing wha
 - `torchx run ... -j NxM` runs `-j 1x2`, with the same appended flags after the app's `--`;
 - `bash scripts/setup.sh && ...` keeps what follows (CI has just run the setup), and
   `bash scripts/test.sh` is skipped (it is this test run);
-- a command written differently from an earlier one of the same file but shrunk to the same
-  (`-j 1x2` and `-j 2x8`) is not run again: it would check nothing new.
+- a job (`torchx run`, `shark train|importance|prune|compress`) written differently from an
+  earlier one of the same file but shrunk to the same (`-j 1x2` and `-j 2x8`) is not run
+  again: it would check nothing new. (Other commands always run: each block is its own shell,
+  so a block's `source .venv/bin/activate` must run in it.)
 ```console and ```text blocks are not run (cluster launches, outputs). A ```python block must
 be an excerpt of a file in examples/ (every line of it appears there), which tests run.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -77,9 +80,11 @@ def once(command: str, first_written: dict) -> str:
     """`shrunk(command)`, or a no-op where an earlier, differently written command of the same
     file shrank to the same (the module doc); records the command in `first_written`."""
     text = shrunk(command)
+    if not (text.startswith("torchx run") or SHARK_JOB.search(text)):
+        return text
     written = command.partition("  #")[0].strip()
     if first_written.setdefault(text, written) != written:
-        return f": shrunk, this is {first_written[text]!r} again"
+        return ": shrunk, this is " + shlex.quote(first_written[text]) + " again"
     return text
 
 
@@ -143,3 +148,6 @@ def test_shrinking_keeps_the_command():
     assert once(small, seen) == small + " --" + SHRINK
     assert once("torchx run dist.ddp -j 2x8 apps/train.py", seen).startswith(": shrunk")
     assert once(small + "  # again, written the same", seen) == small + " --" + SHRINK
+    activate = "source .venv/bin/activate"
+    assert once("bash scripts/setup.sh && " + activate, seen) == activate
+    assert once(activate, seen) == activate  # not a job: a later block needs it in its own shell

@@ -579,8 +579,8 @@ def _row_grads_fake(grad, order, counts, seg, lengths, per_sample_weights, label
 def _ids_by_row_fake(values, lengths, feature_base, batch_size):
     distinct = torch.library.get_ctx().new_dynamic_size()
     return (
-        values.new_empty(values.shape, dtype=torch.int64),
-        values.new_empty(values.shape, dtype=torch.int64),
+        values.new_empty((values.numel(),), dtype=torch.int64),
+        values.new_empty((values.numel(),), dtype=torch.int64),
         values.new_empty((distinct,), dtype=torch.int64),
         values.new_empty((distinct,), dtype=torch.int64),
     )

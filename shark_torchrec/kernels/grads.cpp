@@ -23,7 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -178,7 +178,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ids_by_row(
     const at::Tensor& feature_base,
     int64_t batch_size) {
   TORCH_CHECK(values.device().is_cpu(), "shark::ids_by_row: CPU tensors only");
-  TORCH_CHECK(batch_size >= 0, "batch_size >= 0");
+  TORCH_CHECK(batch_size >= 0, "shark::ids_by_row: batch_size >= 0, got ", batch_size);
+  for (const at::Tensor* t : {&values, &lengths, &feature_base}) {
+    TORCH_CHECK(t->dim() == 1 && at::isIntegralType(t->scalar_type(), /*includeBool=*/false),
+                "shark::ids_by_row: values, lengths and feature_base are 1-D integer tensors, got ",
+                t->scalar_type(), " of shape ", t->sizes());
+  }
   const at::Tensor v = values.to(at::kLong).contiguous();
   const at::Tensor len = lengths.to(at::kLong).contiguous();
   const at::Tensor base = feature_base.to(at::kLong).contiguous();
@@ -195,37 +200,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ids_by_row(
   const int64_t* bp = base.data_ptr<int64_t>();
   int64_t* sp = seg.data_ptr<int64_t>();
   // Each id's bag and row key; the largest key sets how many digits the sort needs.
+  // (Kept per calling thread: 24 bytes an id of the largest batch it has seen.)
   thread_local std::vector<uint64_t> key_buf, packed_buf, packed_scratch;
+  thread_local std::vector<KeyAndId> pair_buf, pair_scratch;
   uint64_t* key = grown(key_buf, nnz);
   int64_t at_id = 0;
   uint64_t most = 0;
   for (int64_t bag = 0; bag < bags; ++bag) {
     const int64_t n = lp[bag];
-    TORCH_CHECK(n >= 0 && at_id + n <= nnz, "lengths: bag ", bag, " has ", n, " ids where ", nnz - at_id,
+    TORCH_CHECK(n >= 0 && n <= nnz - at_id, "lengths: bag ", bag, " has ", n, " ids where ", nnz - at_id,
                 " remain");
     for (int64_t k = at_id; k < at_id + n; ++k) sp[k] = bag;
     at_id += n;
   }
   TORCH_CHECK(at_id == nnz, "lengths add up to ", at_id, ", there are ", nnz, " ids");
   // Features are consecutive runs of B bags: each run of ids adds its feature's first row.
-  const int64_t* feature_start = nullptr;
-  std::vector<int64_t> starts(F + 1, 0);
-  for (int64_t f = 0, id = 0; f < F; ++f) {
-    starts[f] = id;
-    for (int64_t b = 0; b < B; ++b) id += lp[f * B + b];
-    starts[f + 1] = id;
-  }
-  feature_start = starts.data();
-  for (int64_t f = 0; f < F; ++f) {
+  for (int64_t f = 0, first_id = 0; f < F; ++f) {
+    const int64_t end_id = f + 1 < F ? first_id + std::accumulate(lp + f * B, lp + (f + 1) * B, int64_t{0}) : nnz;
     const int64_t first_row = bp[f];
-    for (int64_t k = feature_start[f]; k < feature_start[f + 1]; ++k) {
+    for (int64_t k = first_id; k < end_id; ++k) {
       const int64_t row = first_row + vp[k];
       TORCH_CHECK(row >= 0, "shark::ids_by_row: id ", vp[k], " of bag ", sp[k], " reads row ", row, " (< 0)");
       key[k] = static_cast<uint64_t>(row);
       most = std::max(most, key[k]);
     }
+    first_id = end_id;
   }
-  TORCH_CHECK(at_id == nnz, "lengths add up to ", at_id, ", there are ", nnz, " ids");
   const int key_bits = most ? 64 - __builtin_clzll(most) : 0;
   const int idx_bits = nnz > 1 ? 64 - __builtin_clzll(static_cast<uint64_t>(nnz - 1)) : 0;
   at::Tensor order = at::empty({nnz}, long_opts);
@@ -242,9 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ids_by_row(
       key[k] = idx_bits ? a[k] >> idx_bits : a[k];
     }
   } else {
-    std::unique_ptr<KeyAndId[]> a(new KeyAndId[nnz]), tmp(new KeyAndId[nnz]);
+    KeyAndId* a = grown(pair_buf, nnz);
     for (int64_t k = 0; k < nnz; ++k) a[k] = {key[k], k};
-    radix_sort(a.get(), tmp.get(), nnz, 0, key_bits, [](const KeyAndId& x) { return x.key; });
+    radix_sort(a, grown(pair_scratch, nnz), nnz, 0, key_bits, [](const KeyAndId& x) { return x.key; });
     for (int64_t k = 0; k < nnz; ++k) {
       orderp[k] = a[k].id;
       key[k] = a[k].key;

@@ -16,8 +16,8 @@ def test_golden_run_is_reproduced_bit_for_bit(tmp_path, case):
 def test_a_golden_from_another_cpu_tolerates_rounding_but_not_a_change():
     """On a kind of CPU with no capture, the test compares with the first capture within the
     cross-CPU tolerance: the recorded captures of two CPUs pass against each other, and the
-    same fingerprint with one weight's sums moved by 2% (a change that trains something else)
-    fails."""
+    same fingerprint with one weight's sums moved by 2%, or its dev AUC by 0.001 (changes that
+    train something else), fails."""
     import copy
     import json
 
@@ -31,5 +31,12 @@ def test_a_golden_from_another_cpu_tolerates_rounding_but_not_a_change():
         moved = copy.deepcopy(other)
         tensor = next(iter(moved["checkpoint" if case == "train" else "base_checkpoint"].values()))
         tensor["abs_sum"] *= 1.02
+        problems = []
         golden._differences(first, moved, case, False, problems)
         assert len(problems) == 1 and "other CPU" in problems[0]
+        moved = copy.deepcopy(other)
+        metrics = moved["metrics"]
+        metrics["dev_auc"] -= 0.001
+        problems = []
+        golden._differences(first, moved, case, False, problems)
+        assert len(problems) == 1 and "dev_auc" in problems[0], problems

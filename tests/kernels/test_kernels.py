@@ -382,6 +382,7 @@ def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, w
         (3, 7, 12, 4),  # few rows: long runs, empty and multi-id bags
         (4, 64, 5_000_000, 3),  # keys of 23 bits: three radix passes
         (2, 16, 1 << 40, 2),  # keys past 32 bits
+        (2, 64, 1 << 59, 2),  # key and id do not fit one word: sorted as pairs
         (3, 5, 1, 2),  # every id reads row 0 of its table
         (3, 4, 10, 0),  # no ids at all
         (2, 0, 10, 0),  # an empty batch
@@ -437,6 +438,13 @@ def test_ids_by_row_refuses_lengths_that_do_not_add_up():
         ids_by_row(torch.arange(5), torch.tensor([2, 2]), torch.tensor([0]), 2)
     with pytest.raises(RuntimeError, match="reads row -1"):
         ids_by_row(torch.tensor([0, -1]), torch.tensor([1, 1]), torch.tensor([0]), 2)
+    huge = 2**63 - 1  # a length whose sum with the ids so far overflows
+    with pytest.raises(RuntimeError, match="bag 1 has"):
+        ids_by_row(torch.tensor([0]), torch.tensor([1, huge, huge]), torch.tensor([0, 0, 0]), 1)
+    with pytest.raises(RuntimeError, match="1-D integer"):
+        ids_by_row(torch.tensor([0, 1]), torch.tensor([1.7, 1.2]), torch.tensor([0]), 2)
+    with pytest.raises(RuntimeError, match="1-D integer"):
+        ids_by_row(torch.arange(4).reshape(2, 2), torch.tensor([2, 2]), torch.tensor([0]), 2)
 
 
 def test_a_failed_build_is_an_error_with_the_compiler_output(tmp_path, monkeypatch):
