@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -206,26 +205,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ids_by_row(
   uint64_t* key = grown(key_buf, nnz);
   int64_t at_id = 0;
   uint64_t most = 0;
-  for (int64_t bag = 0; bag < bags; ++bag) {
-    const int64_t n = lp[bag];
-    TORCH_CHECK(n >= 0 && n <= nnz - at_id, "lengths: bag ", bag, " has ", n, " ids where ", nnz - at_id,
-                " remain");
-    for (int64_t k = at_id; k < at_id + n; ++k) sp[k] = bag;
-    at_id += n;
+  // Bags are feature-major, F runs of B: each bag's ids add its feature's first row.
+  for (int64_t f = 0, bag = 0; f < F; ++f) {
+    const int64_t first_row = bp[f];
+    for (int64_t b = 0; b < B; ++b, ++bag) {
+      const int64_t n = lp[bag];
+      TORCH_CHECK(n >= 0 && n <= nnz - at_id, "lengths: bag ", bag, " has ", n, " ids where ", nnz - at_id,
+                  " remain");
+      for (int64_t k = at_id; k < at_id + n; ++k) {
+        const int64_t row = first_row + vp[k];
+        TORCH_CHECK(row >= 0, "shark::ids_by_row: id ", vp[k], " of bag ", bag, " reads row ", row, " (< 0)");
+        sp[k] = bag;
+        key[k] = static_cast<uint64_t>(row);
+        most = std::max(most, key[k]);
+      }
+      at_id += n;
+    }
   }
   TORCH_CHECK(at_id == nnz, "lengths add up to ", at_id, ", there are ", nnz, " ids");
-  // Features are consecutive runs of B bags: each run of ids adds its feature's first row.
-  for (int64_t f = 0, first_id = 0; f < F; ++f) {
-    const int64_t end_id = f + 1 < F ? first_id + std::accumulate(lp + f * B, lp + (f + 1) * B, int64_t{0}) : nnz;
-    const int64_t first_row = bp[f];
-    for (int64_t k = first_id; k < end_id; ++k) {
-      const int64_t row = first_row + vp[k];
-      TORCH_CHECK(row >= 0, "shark::ids_by_row: id ", vp[k], " of bag ", sp[k], " reads row ", row, " (< 0)");
-      key[k] = static_cast<uint64_t>(row);
-      most = std::max(most, key[k]);
-    }
-    first_id = end_id;
-  }
   const int key_bits = most ? 64 - __builtin_clzll(most) : 0;
   const int idx_bits = nnz > 1 ? 64 - __builtin_clzll(static_cast<uint64_t>(nnz - 1)) : 0;
   at::Tensor order = at::empty({nnz}, long_opts);
