@@ -62,6 +62,25 @@ def exit_without_teardown(code: Optional[int]) -> None:
     os._exit(int(code or 0))
 
 
+def skip_exit_collections() -> None:
+    """Let a process whose work is done end without Python's last garbage collections.
+
+    Interpreter teardown runs several full collections over every object alive, and torch,
+    torchrec and fbgemm leave about 400,000 from their imports alone: a collection takes
+    0.23-0.26 s here and the teardown about 1.2 s, in every process (the `shark` command and
+    each rank it spawns; a two-rank run paid it three times). Objects moved to the permanent
+    generation (`gc.freeze`) are not traversed. Nothing else is skipped: `atexit` handlers run,
+    buffers are flushed and modules cleared as before, and the memory goes back to the system
+    at exit either way (Python never promised `__del__` for objects still alive at exit).
+
+    Call it only when the process is about to end: objects that exist now are never collected
+    afterwards.
+    """
+    import gc
+
+    gc.freeze()
+
+
 def init_distributed() -> DistEnv:
     """Join (or create) the default process group: NCCL on CUDA, gloo on CPU.
 
@@ -171,7 +190,8 @@ def _read_failures(folder: Path) -> List[Tuple[int, Any, str]]:
 def _catching(failures_dir: str, fn: Callable[..., Any], *args: Any) -> Any:
     """A spawned rank's entry point: a rank that raises records the exception (for `launch` to
     re-raise as it was) and then fails as before, so the launcher stops the other ranks, which
-    may be waiting for it in a collective."""
+    may be waiting for it in a collective. Either way the rank's process ends next, so its exit
+    skips the last garbage collections (`skip_exit_collections`)."""
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 (recorded whole, then re-raised)
@@ -186,3 +206,5 @@ def _catching(failures_dir: str, fn: Callable[..., Any], *args: Any) -> Any:
         tmp.write_bytes(record)
         tmp.rename(Path(failures_dir) / f"rank_{rank}.pkl")
         raise
+    finally:
+        skip_exit_collections()  # this rank's process ends once the launcher has its result
