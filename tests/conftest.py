@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,13 +26,33 @@ def shared_data(name: str) -> Path:
     return path
 
 
+_warm = None  # this pytest worker's warm `shark` process (helpers/warm_shark.py), once started
+
+
 def run_shark(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the `shark` console command of this environment."""
-    shark = Path(sys.executable).parent / "shark"
-    proc = subprocess.run([str(shark), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    """Run the `shark` console command of this environment: forked from this worker's warm
+    process (helpers/warm_shark.py: the same command without 4 s of imports), or as the console
+    script itself with SHARK_TESTS_COLD=1 or where the environment changed since that process
+    started."""
+    global _warm
+    argv = [str(Path(sys.executable).parent / "shark"), *args]
+    if os.environ.get("SHARK_TESTS_COLD") != "1" and _warm is None:
+        from helpers.warm_shark import WarmShark
+
+        _warm = WarmShark()
+    if _warm is not None and _warm.usable():
+        with tempfile.TemporaryDirectory() as out:
+            proc = _warm.run(argv, cwd, Path(out), timeout=600)
+    else:
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"shark {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _warm is not None:
+        _warm.close()
 
 
 # Small synthetic problem used by most training tests.
