@@ -4,18 +4,21 @@ A `shark` process spends about 4 s importing torch, TorchRec, FBGEMM, torchmetri
 package before it reads its first flag, and the tests run many. Each pytest worker therefore
 starts one *warm* process (this file run as a script) that imports all of that and then, for
 each command, forks a child that runs `shark_torchrec.cli.run` with the command's arguments,
-in its folder, with the caller's environment and its standard output and error in files, and
-that ends as the console script does (its `atexit` handlers, then its exit status). A fork
-shares nothing with the next command: each starts from the same just-imported state. Ranks
-that a command spawns (`--nproc 2`) start fresh interpreters, as they do from the console
-script.
+in its folder, with the caller's environment and its standard output and error in files. Its
+SystemExit (or an uncaught exception) ends the child as the interpreter ends any script: the
+same teardown as the console script's. A fork shares nothing with the next command: each
+starts from the same just-imported state. Ranks that a command spawns (`--nproc 2`) start
+fresh interpreters, as from the console script, except that multiprocessing has them import
+this file (as `__mp_main__`, which imports nothing heavy at the top) where it would import
+the console script.
 
 Where a test changed the environment after the warm process started (variables that imports
 read, say), `WarmShark.usable` is False and conftest runs the real console script instead; so
 does every command when SHARK_TESTS_COLD=1. The docs tests always run the real one.
 
-Protocol (one JSON object a line): request {"argv", "cwd", "env", "stdout", "stderr"}; the warm
-process answers {"pid"} once forked and {"returncode"} when the child has ended.
+Protocol (one JSON object a line): request {"argv", "cwd", "env", "timeout", "stdout",
+"stderr"}; the warm process answers {"pid"} once forked and {"returncode", "timed_out"} when
+the child has ended or was killed at its deadline.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -45,8 +49,15 @@ class WarmShark:
 
     def __init__(self) -> None:
         self.environment = _environment()
+        # Its own output (a crash at import, say) goes to a file the errors below quote.
+        self.log = tempfile.NamedTemporaryFile(prefix="warm-shark-", suffix=".log")
         self.process = subprocess.Popen(
-            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=self.environment
+            [sys.executable, __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            bufsize=0,
+            env=self.environment,
         )
         self.pending = b""  # read from the warm process, not yet answered
 
@@ -62,25 +73,30 @@ class WarmShark:
             argv: the command line, argv[0] the console script's path.
             cwd: the folder it runs in.
             out_dir: a folder for its standard output and error files.
-            timeout: seconds before the command (and what it spawned) is killed.
+            timeout: seconds before the command (and the ranks it spawned) is killed.
 
         Returns:
             What `subprocess.run(argv, capture_output=True, text=True)` returns.
 
         Raises:
-            subprocess.TimeoutExpired: the command ran past `timeout`.
+            subprocess.TimeoutExpired: the command ran past `timeout` (the warm process stays).
+            Anything else that stops the exchange (an interrupt, a dead warm process): raised
+            after the command and the warm process are killed, so none outlives the test.
         """
         stdout, stderr = out_dir / "stdout", out_dir / "stderr"
-        request = {"argv": argv, "cwd": str(cwd), "env": dict(os.environ), "stdout": str(stdout), "stderr": str(stderr)}
-        self.process.stdin.write((json.dumps(request) + "\n").encode())
-        pid = self._answer(60.0)["pid"]
+        request = {"argv": argv, "cwd": str(cwd), "env": dict(os.environ), "timeout": timeout}
+        request.update(stdout=str(stdout), stderr=str(stderr))
+        pid = None
         try:
-            code = self._answer(timeout)["returncode"]
-        except subprocess.TimeoutExpired:
-            os.killpg(pid, signal.SIGKILL)  # the child leads its own group: its ranks go too
-            self._answer(60.0)
-            raise subprocess.TimeoutExpired(argv, timeout) from None
-        return subprocess.CompletedProcess(argv, code, stdout.read_text(), stderr.read_text())
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            pid = self._answer(120.0)["pid"]
+            answer = self._answer(timeout + 120.0)  # the warm process keeps the deadline
+        except BaseException:
+            self._abandon(pid)
+            raise
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return subprocess.CompletedProcess(argv, answer["returncode"], stdout.read_text(), stderr.read_text())
 
     def _answer(self, timeout: float) -> dict:
         """The warm process's next line (unbuffered: `select` sees only what is unread)."""
@@ -88,61 +104,77 @@ class WarmShark:
         while b"\n" not in self.pending:
             ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise subprocess.TimeoutExpired("warm shark", timeout)
+                raise RuntimeError(f"the warm shark process did not answer in {timeout:.0f} s")
             chunk = os.read(self.process.stdout.fileno(), 4096)
             if not chunk:
-                raise RuntimeError(f"the warm shark process ended ({self.process.wait()})")
+                self.log.seek(0)
+                log = self.log.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(f"the warm shark process ended ({self.process.wait()}):\n{log}")
             self.pending += chunk
         line, _, self.pending = self.pending.partition(b"\n")
         return json.loads(line)
 
+    def _abandon(self, pid: Optional[int]) -> None:
+        """Kill the command's process group (when it was forked) and the warm process."""
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.kill()
+        self.process.wait()
+
     def close(self) -> None:
-        """End the warm process."""
+        """End the warm process (its stdin closes; no command runs between calls)."""
         if self.process.poll() is None:
             self.process.stdin.close()
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
+        self.log.close()
 
 
-def _child(request: dict) -> None:
-    """The forked command: as the console script, then `os._exit` with its status."""
-    code: Optional[int] = 1
-    try:
-        os.setpgid(0, 0)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        sys.argv = list(request["argv"])
-        from shark_torchrec.cli import run
+def _child(request: dict, protocol) -> None:
+    """The forked command: the console script's `run`, whose SystemExit (or uncaught
+    exception) ends this process as the interpreter ends any script."""
+    protocol.close()  # this copy only: the warm process keeps its own
+    os.setpgid(0, 0)  # a group of its own, so that a timeout kills the ranks it spawns too
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # sys.stdin (fd 0, nothing buffered) now reads an empty file
+    os.close(devnull)
+    sys.argv = list(request["argv"])
+    from shark_torchrec.cli import run
 
-        try:
-            run()
-            code = 0
-        except SystemExit as e:  # what the interpreter does with it
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-                code = 1
-        except BaseException:  # noqa: BLE001 (printed as an uncaught exception would be)
-            import traceback
+    run()
 
-            traceback.print_exc()
-            code = 1
-        import atexit
 
-        atexit._run_exitfuncs()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code if isinstance(code, int) else 1)
+def _wait(pid: int, deadline: float) -> dict:
+    """The forked command's answer: its exit status, or None and timed_out once it ran past
+    `deadline` (its group killed). When the tests' end closes stdin first, the command is
+    killed and the warm process ends."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return {"returncode": os.waitstatus_to_exitcode(status), "timed_out": False}
+        closed, _, _ = select.select([sys.stdin], [], [], 0.05)  # readable only at EOF here
+        if closed or time.monotonic() > deadline:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            if closed:
+                os._exit(0)
+            return {"returncode": None, "timed_out": True}
 
 
 def _serve() -> None:
@@ -157,17 +189,21 @@ def _serve() -> None:
     from shark_torchrec.kernels import load
 
     load()  # the compiled library, once, before any fork
-    protocol = sys.stdout
+    # Answers go on a private copy of stdout; what anything prints goes to stderr (the log).
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     for line in sys.stdin:
         request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
         pid = os.fork()
-        if pid == 0:
-            sys.stdin.close()
-            _child(request)
+        if pid == 0:  # a SystemExit or an exception from here ends the child, never the loop
+            _child(request, protocol)
+            os._exit(1)  # not reached: `run` always raises SystemExit
         protocol.write(json.dumps({"pid": pid}) + "\n")
         protocol.flush()
-        _, status = os.waitpid(pid, 0)
-        protocol.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+        answer = _wait(pid, time.monotonic() + request["timeout"])
+        protocol.write(json.dumps(answer) + "\n")
         protocol.flush()
 
 
