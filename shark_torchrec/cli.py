@@ -339,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run() -> None:
     """The console script: `main()`, then exit with its code, without the interpreter's last
     garbage collections (about 1.2 s a process; `skip_exit_collections` says why that is safe)."""
-    from shark_torchrec.distributed.env import skip_exit_collections
+    from shark_torchrec.distributed.process_exit import skip_exit_collections  # not env: it imports torch
 
     code = main()
     skip_exit_collections()

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 import torch
 import torch.distributed as dist
 
+from shark_torchrec.distributed.process_exit import skip_exit_collections
+
 
 @dataclass
 class DistEnv:
@@ -60,28 +62,6 @@ def exit_without_teardown(code: Optional[int]) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(int(code or 0))
-
-
-def skip_exit_collections() -> None:
-    """Let a process whose work is done end without Python's last garbage collections.
-
-    Interpreter teardown runs several full collections over every object alive, and torch,
-    torchrec and fbgemm leave about 400,000 from their imports alone: a collection takes
-    0.23-0.26 s here and the teardown about 1.2 s, in every process (the `shark` command and
-    each rank it spawns; a two-rank run paid it three times). Objects moved to the permanent
-    generation (`gc.freeze`) are not traversed. `atexit` handlers still run, the standard
-    streams and the logs are flushed and modules cleared as before, and the memory goes back
-    to the system at exit either way. What no longer runs is the finalizer (`__del__`, a
-    weakref callback) of an object caught in a reference cycle: a file left open in one would
-    lose its unflushed writes (Python never promised `__del__` at exit; our writers close their
-    files with `with`).
-
-    Call it only when the process is about to end: objects that exist now are never collected
-    afterwards.
-    """
-    import gc
-
-    gc.freeze()
 
 
 def init_distributed() -> DistEnv:
