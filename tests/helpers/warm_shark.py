@@ -117,10 +117,7 @@ class WarmShark:
     def _abandon(self, pid: Optional[int]) -> None:
         """Kill the command's process group (when it was forked) and the warm process."""
         if pid is not None:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(pid)
         self.process.kill()
         self.process.wait()
 
@@ -134,6 +131,14 @@ class WarmShark:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+def _kill_group(pid: int) -> None:
+    """Kill a forked command and the ranks it spawned (its process group), if still there."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _child(request: dict, protocol) -> None:
@@ -167,10 +172,7 @@ def _wait(pid: int, deadline: float) -> dict:
             return {"returncode": os.waitstatus_to_exitcode(status), "timed_out": False}
         closed, _, _ = select.select([sys.stdin], [], [], 0.05)  # readable only at EOF here
         if closed or time.monotonic() > deadline:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(pid)
             os.waitpid(pid, 0)
             if closed:
                 os._exit(0)
