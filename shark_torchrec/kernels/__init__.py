@@ -16,6 +16,9 @@
 - `update_priorities_` is paper Eq. 7 for a step's touched rows (`update.cpp`), in place, in one
   op. Its reference is the torch code of `RowOptimizer.apply_update` with kernels "torch"
   (`shark_torchrec.precision.priority.updated`); bit for bit too.
+- `rowwise_adagrad_scales_` is row-wise Adagrad's state update and step scale for a step's
+  touched rows (`update.cpp`), in place. Its reference is the torch code of
+  `RowOptimizer._step_scale`; bit for bit too.
 - `update_rows_hashed_` is `update_rows_` hashing each row's rounding noise window in its
   pass (the store's CPU path), where `update_rows_` reads windows torch hashed before it.
 - `convert_rows_` converts the rows that change group at a reassignment (`update.cpp`): each
@@ -74,6 +77,7 @@ OPS = (
     "groups_by_ranking",
     "changed_rows",
     "update_priorities_",
+    "rowwise_adagrad_scales_",
 )  # what the library registers under torch.ops.shark
 # The instruction sets the library is compiled for (FBGEMM's CPU build needs them anyway).
 ISA = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
@@ -702,3 +706,28 @@ def update_priorities_(
         beta: Eq. 7's rate.
     """
     torch.ops.shark.update_priorities_(priority, seen_step, keys, positives, negatives, step, alpha, beta)
+
+
+@torch.library.register_fake("shark::rowwise_adagrad_scales_")
+def _rowwise_adagrad_scales_fake(state, keys, mean_sq, learning_rate, eps):
+    return mean_sq.new_empty(mean_sq.shape)
+
+
+def rowwise_adagrad_scales_(
+    state: torch.Tensor, keys: torch.Tensor, mean_sq: torch.Tensor, learning_rate: float, eps: float
+) -> torch.Tensor:
+    """Row-wise Adagrad for the rows `keys`, in place on its state: each row's state grows by its
+    gradient's mean square, and its step scale is lr / (sqrt(state) + eps) (FBGEMM's
+    EXACT_ROWWISE_ADAGRAD; `RowOptimizer._step_scale`'s torch code, bit for bit).
+
+    Args:
+        state: float32 [rows], the rows' Adagrad state (written).
+        keys: int64 [n] distinct rows.
+        mean_sq: float32 [n], each row's gradient's mean square this step.
+        learning_rate: the learning rate.
+        eps: Adagrad's epsilon.
+
+    Returns:
+        float32 [n], what each row's gradient is multiplied by in this step's update.
+    """
+    return torch.ops.shark.rowwise_adagrad_scales_(state, keys, mean_sq, learning_rate, eps)

@@ -74,8 +74,11 @@ std::tuple<at::Tensor, at::Tensor> row_grads(
   const int64_t* cp = c.data_ptr<int64_t>();
   for (int64_t u = 0; u < U; ++u) start[u + 1] = start[u] + cp[u];
   TORCH_CHECK(start[U] == nnz, "counts add up to ", start[U], ", there are ", nnz, " ids");
-  at::Tensor out = at::zeros({U, D}, g.options());
-  at::Tensor pos = at::zeros({U}, g.options());
+  // Each output row is zeroed in the pass that sums into it, while it is in cache, rather than
+  // by a zero fill of the whole [U, D] output first (a pass of its own, 0.3 ms a step of
+  // 41,557 rows at dim 64 in bench/precision_profile.py).
+  at::Tensor out = at::empty({U, D}, g.options());
+  at::Tensor pos = at::empty({U}, g.options());
   const float* gp = g.data_ptr<float>();
   const int64_t* op = o.data_ptr<int64_t>();
   const int64_t* sp = s.data_ptr<int64_t>();
@@ -97,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor> row_grads(
     }
     for (int64_t u = begin; u < end; ++u) {
       float* acc = outp + u * D;
+      std::fill(acc, acc + D, 0.0f);  // the sum starts from +0, as the reference's zeros do
       float p = 0.0f;
       for (int64_t k = start[u]; k < start[u + 1]; ++k) {
         if (k + kAhead < last) {

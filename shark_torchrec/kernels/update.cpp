@@ -588,6 +588,50 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
   });
 }
 
+// Row-wise Adagrad's state update and step scale for the rows a step touched (FBGEMM's
+// EXACT_ROWWISE_ADAGRAD), in place on an fp32 state: m = state[key] + mean_sq, stored, and the
+// row's scale lr / (sqrt(m) + eps). Equal, bit for bit, to the torch code of
+// `RowOptimizer._step_scale` (an index_select, an add, an index_copy_, then
+// `lr / (m.sqrt() + eps)`, which torch evaluates as reciprocal(sqrt(m) + eps) * lr, each in
+// float32 with the Python floats rounded to float32 first), in two passes and torch's sqrt
+// instead of seven tensor ops. The mean of squares stays torch's (`(g * g).mean(1)`):
+// its summation order is torch's own. `keys` must be distinct.
+at::Tensor rowwise_adagrad_scales_(at::Tensor& state, const at::Tensor& keys, const at::Tensor& mean_sq,
+                                   double learning_rate, double eps) {
+  TORCH_CHECK(state.device().is_cpu() && state.scalar_type() == at::kFloat && state.dim() == 1 &&
+                  state.is_contiguous(),
+              "rowwise_adagrad_scales_: state must be a contiguous 1-D float32 CPU tensor");
+  TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.is_contiguous(),
+              "rowwise_adagrad_scales_: keys must be a contiguous 1-D int64 CPU tensor");
+  const int64_t n = keys.numel();
+  TORCH_CHECK(mean_sq.device().is_cpu() && mean_sq.scalar_type() == at::kFloat && mean_sq.dim() == 1 &&
+                  mean_sq.numel() == n && mean_sq.is_contiguous(),
+              "rowwise_adagrad_scales_: mean_sq must be a contiguous float32 CPU tensor of ", n, " rows");
+  const int64_t rows = state.numel();
+  const int64_t* key = keys.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(key[i] >= 0 && key[i] < rows, "rowwise_adagrad_scales_: key ", key[i], " outside [0, ", rows, ")");
+  at::Tensor sum = at::empty({n}, state.options());
+  float* m = state.data_ptr<float>();
+  const float* msq = mean_sq.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      sp[i] = m[key[i]] + msq[i];
+      m[key[i]] = sp[i];
+    }
+  });
+  // torch's sqrt, on a tensor like the torch code's: its vectorized sqrt is not the correctly
+  // rounded one (it differed from std::sqrt in about one value in six, tried), so ours would not match.
+  at::Tensor scale = at::sqrt(sum);
+  float* out = scale.data_ptr<float>();
+  const float lr = static_cast<float>(learning_rate), e = static_cast<float>(eps);
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) out[i] = (1.0f / (out[i] + e)) * lr;
+  });
+  return scale;
+}
+
 TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def(
       "update_rows_(Tensor(a!) weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, "
@@ -604,6 +648,7 @@ TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def(
       "update_priorities_(Tensor(a!) priority, Tensor(b!) seen_step, Tensor keys, Tensor positives, "
       "Tensor negatives, int step, float alpha, float beta) -> ()");
+  m.def("rowwise_adagrad_scales_(Tensor(a!) state, Tensor keys, Tensor mean_sq, float learning_rate, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {
@@ -611,6 +656,7 @@ TORCH_LIBRARY_IMPL(shark, CPU, m) {
   m.impl("convert_rows_", &convert_rows_);
   m.impl("update_rows_hashed_", &update_rows_hashed_);
   m.impl("update_priorities_", &update_priorities_);
+  m.impl("rowwise_adagrad_scales_", &rowwise_adagrad_scales_);
 }
 
 }  // namespace shark

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from shark_torchrec.kernels import update_priorities_, update_rows_hashed_
+from shark_torchrec.kernels import rowwise_adagrad_scales_, update_priorities_, update_rows_hashed_
 from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.priority import DROPPED, FP32, updated
 from shark_torchrec.precision.quantize import _noise_table, noise_head, round_bf16_stochastic, state_noise_bits
@@ -75,11 +75,20 @@ class RowOptimizer:
                 )
                 self.row_seen_step.index_fill_(0, keys, step)
             self.priority_seconds += time.perf_counter() - t0
-        finite = torch.isfinite(row_grad.sum(dim=1))  # a NaN or inf anywhere makes the sum non-finite
+        kernels = kernels_for(self)
+        # A NaN or inf anywhere makes a row's sum, and its mean square, non-finite. Adagrad
+        # needs the mean squares anyway, so they serve the check: they also catch a finite
+        # gradient whose square overflows (|g| above about 1e19), which would otherwise set the
+        # row's state to inf and stop the row for good.
+        adagrad = p.optimizer == "rowwise_adagrad"
+        mean_sq = (row_grad * row_grad).mean(dim=1) if adagrad else None
+        finite = torch.isfinite(mean_sq if adagrad else row_grad.sum(dim=1))
         if not bool(finite.all()):
             # A non-finite gradient would poison the row (and its int8 scale): skip it.
             self.nonfinite_rows += int((~finite).sum())
             keys, row_grad = keys[finite], row_grad[finite]
+            if adagrad:
+                mean_sq = mean_sq[finite]
         if self.has_dropped:
             dropped = self.groups_of(keys) == DROPPED
             if bool(dropped.any()):
@@ -88,10 +97,16 @@ class RowOptimizer:
                 # the shards of row-split tables).
                 self.fallback_grad.index_add_(0, self.table_of_rows(keys[dropped]), row_grad[dropped])
                 keys, row_grad = keys[~dropped], row_grad[~dropped]
+                if adagrad:
+                    mean_sq = mean_sq[~dropped]
         if not len(keys):
             return
-        scale = self._step_scale(self.momentum, keys, row_grad)
-        self.step_rows(keys, row_grad, scale, step, kernels=kernels_for(self))
+        if adagrad and kernels == "cpp" and self.momentum.dtype == torch.float32:
+            # One op for the state and the scales, bit for bit `_step_scale`'s torch code.
+            scale = rowwise_adagrad_scales_(self.momentum, keys.contiguous(), mean_sq, p.learning_rate, p.eps)
+        else:
+            scale = self._step_scale(self.momentum, keys, row_grad, mean_sq)
+        self.step_rows(keys, row_grad, scale, step, kernels=kernels)
 
     def step_rows(
         self, keys: torch.Tensor, row_grad: torch.Tensor, scale: torch.Tensor, step: int, kernels: str
@@ -138,17 +153,22 @@ class RowOptimizer:
             new = self._dequantize(grp, view, slots) - row_grad[pos] * scale[pos][:, None]
             self._round_into(grp, view, slots, new, keys[pos], step)
 
-    def _step_scale(self, momentum: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def _step_scale(
+        self, momentum: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, mean_sq: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per row, what its gradient is multiplied by in this step's update: row-wise Adagrad
         (FBGEMM's EXACT_ROWWISE_ADAGRAD: `momentum[index]` += mean(g^2), then lr / (sqrt(m) +
         eps)) or SGD (lr). Shared by the rows and the fallback rows. A bf16 state (the rows',
         under `momentum_dtype="bf16"`; `index` then holds row keys) is summed in fp32 and
         stored with stochastic rounding, its noise hashed from (seed, step, table, global
         row) so that every replica and column slice of a row, and a resumed run, round alike;
-        the step uses the unrounded sum."""
+        the step uses the unrounded sum. `mean_sq`, when given, is (grad * grad).mean(dim=1),
+        already computed (`torch.ops.shark.rowwise_adagrad_scales_` is this code's fp32 case)."""
         p = self.policy
         if p.optimizer == "rowwise_adagrad":
-            m = momentum.index_select(0, index).float() + (grad * grad).mean(dim=1)
+            if mean_sq is None:
+                mean_sq = (grad * grad).mean(dim=1)
+            m = momentum.index_select(0, index).float() + mean_sq
             if momentum.dtype == torch.bfloat16:
                 t, rows = self._noise_rows(index)
                 bits = state_noise_bits(p.seed, self.step.value, self._table_ids[t], rows)

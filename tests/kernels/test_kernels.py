@@ -688,3 +688,65 @@ def test_priority_op_equals_the_torch_eq7(signal):
     one = torch.zeros(1)
     with pytest.raises(RuntimeError, match="key 5 outside"):
         update_priorities_(torch.zeros(5), torch.zeros(5, dtype=torch.int32), torch.tensor([5]), one, one, 1, 1.0, 0.5)
+
+
+def test_adagrad_op_equals_the_torch_step_scale():
+    """Row-wise Adagrad's state update and step scales from our C++ op equal the torch code of
+    `RowOptimizer._step_scale`, bit for bit: touched sets of 1, 7, 33 and 70,001 rows (torch's
+    sqrt rounds its vectorized body apart from the correctly rounded one, and 70,001 rows are
+    split over threads), states of 0, gradients from 1e-9 to 10, several learning rates and
+    epsilons; a key outside the state is refused by name."""
+    from shark_torchrec.kernels import rowwise_adagrad_scales_
+    from shark_torchrec.modules.row_optimizer import RowOptimizer
+
+    class Policy:
+        optimizer, learning_rate, eps = "rowwise_adagrad", 0.0, 0.0
+
+    class Rows(RowOptimizer):
+        policy = Policy()
+
+    rows = Rows()
+    gen = torch.Generator().manual_seed(3)
+    size, D = 150_000, 16
+    for lr, eps in ((0.1, 1e-8), (0.0371, 1e-6), (1.3, 1e-10)):
+        Policy.learning_rate, Policy.eps = lr, eps
+        state = torch.rand(size, generator=gen) ** 4 * 1e-3
+        state[torch.rand(size, generator=gen) < 0.2] = 0.0
+        for n in (1, 7, 33, 70_001):
+            keys = torch.randperm(size, generator=gen)[:n]
+            grad = torch.randn(n, D, generator=gen) * 10 ** torch.empty(n, 1).uniform_(-9, 1, generator=gen)
+            reference_state, fused_state = state.clone(), state.clone()
+            reference = rows._step_scale(reference_state, keys, grad)
+            fused = rowwise_adagrad_scales_(fused_state, keys, (grad * grad).mean(dim=1), lr, eps)
+            assert torch.equal(fused, reference), (lr, n)
+            assert torch.equal(fused_state, reference_state), (lr, n)
+            if n > 1:  # (one row's tiny gradient may leave its state as it was)
+                assert not torch.equal(fused_state, state)
+    with pytest.raises(RuntimeError, match="key 5 outside"):
+        rowwise_adagrad_scales_(torch.zeros(5), torch.tensor([5]), torch.zeros(1), 0.1, 1e-8)
+
+
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+def test_a_gradient_whose_square_overflows_skips_the_row(kernels):
+    """Row-wise Adagrad: a finite gradient whose mean square overflows (|g| = 1e20) is skipped
+    and counted like a non-finite one, on both paths, where it would have set the row's state to
+    inf and stopped the row for good; the other rows step."""
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    policy = PrecisionPolicy(
+        mode="shark", tiers=("fp32", "int8"), row_fractions=(0.5,), optimizer="rowwise_adagrad", learning_rate=0.1
+    ).resolved([8])
+    store = RowGroupStore([LocalTable("t", 10, 8, global_rows=10)], ["f"], [0], policy, StepCounter())
+    store.set_groups(torch.zeros(10, dtype=torch.int8))
+    store.write_rows(torch.arange(10), torch.ones(10, 8))
+    store.kernels = kernels
+    store.step.value = 1
+    before = store.read_rows(torch.arange(10)).clone()
+    grad = torch.full((3, 8), 0.5)
+    grad[1, 4] = 1e20
+    store.apply_update(torch.tensor([2, 5, 7]), grad, torch.ones(3), torch.zeros(3))
+    after = store.read_rows(torch.arange(10))
+    assert store.nonfinite_rows == 1
+    assert torch.equal(after[5], before[5]) and float(store.momentum[5]) == 0.0
+    assert not torch.equal(after[2], before[2]) and bool(torch.isfinite(store.momentum).all())
