@@ -750,3 +750,18 @@ def test_a_gradient_whose_square_overflows_skips_the_row(kernels):
     assert store.nonfinite_rows == 1
     assert torch.equal(after[5], before[5]) and float(store.momentum[5]) == 0.0
     assert not torch.equal(after[2], before[2]) and bool(torch.isfinite(store.momentum).all())
+
+
+def test_mean_squares_in_blocks_equal_the_whole_expression(monkeypatch):
+    """The optimizer's mean squares, made a block of rows at a time in its scratch buffer, equal
+    (g * g).mean(dim=1) of the whole gradient bit for bit, for blocks of many rows, of one row,
+    and a last block of one row."""
+    import shark_torchrec.modules.row_optimizer as row_optimizer
+
+    rows = row_optimizer.RowOptimizer()
+    gen = torch.Generator().manual_seed(5)
+    for scratch in (1 << 20, 100, 64):
+        monkeypatch.setattr(row_optimizer, "_SQUARES_SCRATCH", scratch)
+        for n, d in ((1, 64), (7, 16), (41_557, 64), (1_001, 8), (3, 3), (0, 64), (65, 64)):
+            g = torch.randn(n, d, generator=gen) * 10 ** torch.empty(n, 1).uniform_(-9, 3, generator=gen)
+            assert torch.equal(rows._mean_squares(g), (g * g).mean(dim=1)), (scratch, n, d)
