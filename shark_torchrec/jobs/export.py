@@ -150,7 +150,7 @@ class ServingTiers:
     to nearest, as TorchRec's post-training quantization).
 
     `int1` is a tier for serving only (`regroup_for_serving`): 1-bit rows, each value +a or -a
-    by its sign (one fp16 magnitude a row, `sign_magnitude_rows`), for the rows the other tiers
+    by its sign (one magnitude a row in a byte, `sign_magnitude_rows`), for the rows the other tiers
     cannot hold, where `dropped` would give them their
     table's mean row; the two exclude each other, and int1 takes the model-wide budget."""
 
@@ -527,15 +527,15 @@ def _integer_rows(values: torch.Tensor, group: int, rounding: str) -> Tuple[torc
 def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tensor:
     """fp32 rows as the bytes of a served group's rows: fp32, fp16 (nearest), an int8/int4/int2
     row (fp16 scale and bias, then the codes packed low bits first; `fitted` or `nearest` range),
-    or a 1-bit row (fp16 magnitude, then a sign bit a value: `sign_magnitude_rows`, whatever
-    the rounding, since a sign has no other nearest code)."""
+    or a 1-bit row (a magnitude code byte, then a sign bit a value: `sign_magnitude_rows`,
+    whatever the rounding, since a sign has no other nearest code)."""
     if group == FP32:
         return values.contiguous().view(torch.uint8)
     if group == FP16:
         return values.clamp(-65504.0, 65504.0).half().contiguous().view(torch.uint8)
     if group == INT1:
         codes, magnitude = sign_magnitude_rows(values)
-        return torch.cat([magnitude.contiguous().view(torch.uint8), pack_codes(codes, 1)], dim=1)
+        return torch.cat([magnitude, pack_codes(codes, 1)], dim=1)
     codes, sb = _integer_rows(values, group, rounding)
     return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, INT_BITS[group])], dim=1)
 

@@ -66,6 +66,7 @@ HEADERS = [Path(__file__).with_name("layout.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 OPS = (
     "one_bit_layout",
+    "one_bit_magnitudes",
     "mixed_lookup",
     "mixed_lookup_ranked",
     "update_rows_",

@@ -20,6 +20,9 @@
 #include <immintrin.h>
 #endif
 
+#include <array>
+#include <cmath>
+
 namespace shark {
 
 constexpr int64_t kGroups = 5;     // the training store's stored groups: fp32, fp16, int8, int4, int2
@@ -29,10 +32,29 @@ constexpr int64_t kIds = 7;        // group ids 0..6
 constexpr int64_t kMaxDim = 4096;  // the widest row an integer group is unpacked from
 
 // Bytes of one row of group g (int8/int4/int2 rows: fp16 scale and bias, then packed codes; a
-// 1-bit row: one fp16 magnitude a, then a bit a value, +a or -a; a dropped row has none).
+// 1-bit row: one byte for its magnitude a, then a bit a value, +a or -a; a dropped row has none).
 inline int64_t row_bytes(int64_t dim, int64_t g, int64_t alignment) {
-  const int64_t raw[kIds] = {4 * dim, 2 * dim, dim + 4, dim / 2 + 4, dim / 4 + 4, 0, dim / 8 + 2};
+  const int64_t raw[kIds] = {4 * dim, 2 * dim, dim + 4, dim / 2 + 4, dim / 4 + 4, 0, dim / 8 + 1};
   return (raw[g] + alignment - 1) / alignment * alignment;
+}
+
+// A 1-bit row's magnitude from its code byte c (`shark_torchrec.precision.quantize.
+// ONE_BIT_MAGNITUDES`, the same values): 0 for c = 0, else 2^((c - 192) / 8), eighth-octave
+// steps from 2^-23.875 to 2^7.875, made as one of eight fp32 fractions 2^(r / 8) times a power
+// of two (exact), so that this library and torch hold the same bits.
+inline float one_bit_magnitude(uint8_t c) {
+  static const auto kMagnitudes = [] {
+    const float fractions[8] = {0x1p+0f,          0x1.172b84p+0f, 0x1.306fep+0f,   0x1.4bfdaep+0f,
+                                0x1.6a09e6p+0f,   0x1.8ace54p+0f, 0x1.ae89fap+0f,  0x1.d5818ep+0f};
+    std::array<float, 256> t{};
+    for (int code = 1; code < 256; ++code) {
+      const int e = code - 192;
+      const int q = e >= 0 ? e / 8 : -((-e + 7) / 8);  // floor(e / 8)
+      t[code] = std::ldexp(fractions[e - 8 * q], q);
+    }
+    return t;
+  }();
+  return kMagnitudes[c];
 }
 
 inline int bits_of(int64_t g) { return g == 2 ? 8 : (g == 3 ? 4 : (g == 4 ? 2 : 1)); }

@@ -59,11 +59,12 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
     constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : (G == 4 ? 2 : 1));
     constexpr int kPerByte = 8 / kBits;
     constexpr int kMask = (1 << kBits) - 1;
-    // A 1-bit row is one fp16 magnitude a and a sign bit a value: codes 0 and 1 read -a and +a,
-    // the form scale x code + bias with scale 2a and bias -a (both exact in fp32).
-    const float scale = kBits == 1 ? 2.0f * half_to_float(row) : half_to_float(row);
-    const float bias = kBits == 1 ? -half_to_float(row) : half_to_float(row + 2);
-    const uint8_t* codes = row + (kBits == 1 ? 2 : 4);
+    // A 1-bit row is one byte for its magnitude a (`one_bit_magnitude`) and a sign bit a value:
+    // codes 0 and 1 read -a and +a, the form scale x code + bias with scale 2a and bias -a (both
+    // exact in fp32).
+    const float scale = kBits == 1 ? 2.0f * one_bit_magnitude(row[0]) : half_to_float(row);
+    const float bias = kBits == 1 ? -one_bit_magnitude(row[0]) : half_to_float(row + 2);
+    const uint8_t* codes = row + (kBits == 1 ? 1 : 4);
     // Unpack to one code a byte first (a loop of constant shifts), then dequantize: both
     // loops vectorize, where extracting codes inside the dequantizing loop did not.
     uint8_t unpacked[kMaxDim];
@@ -470,13 +471,23 @@ at::Tensor mixed_lookup_ranked(
   }
 }
 
-// The layout of 1-bit rows this library reads: 2, one fp16 magnitude and a sign bit a value
-// (1, before it: an fp16 scale and bias). A serving export records the layout it wrote, and its
+// The layout of 1-bit rows this library reads: 3, one byte for the magnitude (an eighth-octave
+// code, `one_bit_magnitude`) and a sign bit a value (2, before it: an fp16 magnitude; 1: an
+// fp16 scale and bias). A serving export records the layout it wrote, and its
 // recipe refuses to read 1-bit rows with a library of another layout already loaded.
-int64_t one_bit_layout() { return 2; }
+int64_t one_bit_layout() { return 3; }
+
+// The 256 magnitudes a 1-bit row's code byte stands for (`one_bit_magnitude`), as a tensor: what
+// the torch reference reads them by, and what tests compare with the export's own table.
+at::Tensor one_bit_magnitudes() {
+  at::Tensor t = at::empty({256}, at::kFloat);
+  for (int c = 0; c < 256; ++c) t.data_ptr<float>()[c] = one_bit_magnitude(static_cast<uint8_t>(c));
+  return t;
+}
 
 TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def("one_bit_layout() -> int", &one_bit_layout);
+  m.def("one_bit_magnitudes() -> Tensor", &one_bit_magnitudes);
   m.def(
       "mixed_lookup(Tensor weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, Tensor range_shift, "
       "Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, Tensor? per_sample_weights, "

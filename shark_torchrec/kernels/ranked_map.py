@@ -17,8 +17,8 @@ table's fallback row (`table_fallback`, a slot in the fp32 table, after the fp32
 row: (8 P + 4 U) / 64, e.g. 0.375 for int4/int2/dropped, 0.44 for fp32/fp16/int8 or
 int4/int2/int1, 0.75 with all six stored groups and dropped rows (`ranked_map_bytes_per_row`).
 
-Served rows can also be 1-bit (group `INT1`, 6: one fp16 magnitude a, then a bit a value, low
-bits first, read as +a or -a): the export puts rows there, the training store never does.
+Served rows can also be 1-bit (group `INT1`, 6: one byte for the magnitude a, an eighth-octave
+code, then a bit a value, low bits first, read as +a or -a): the export puts rows there, the training store never does.
 
 `torch.ops.shark.mixed_lookup_ranked` (lookup.cpp) reads it; `decode_ranked_map` (torch) is the
 reference decoder its tests hold it to, through `mixed_lookup_ranked_reference`.

@@ -236,13 +236,15 @@ def _read_and_pool(
 def _one_bit_rows(
     weights: torch.Tensor, offset: int, slots: torch.Tensor, dim: int, row_alignment: int
 ) -> torch.Tensor:
-    """1-bit rows read in torch: each row one fp16 magnitude a, then a bit a value, low bits
-    first; a value is -a + 2a x bit (exact, as the op computes it)."""
-    rb = (dim // 8 + 2 + row_alignment - 1) // row_alignment * row_alignment
-    at = offset + slots.long()[:, None] * rb + torch.arange(2 + dim // 8, device=weights.device)[None, :]
+    """1-bit rows read in torch: each row one byte for its magnitude a (`ONE_BIT_MAGNITUDES`),
+    then a bit a value, low bits first; a value is -a + 2a x bit (exact, as the op computes it).
+    The magnitudes are the library's table (`torch.ops.shark.one_bit_magnitudes`), which the
+    tests hold equal to the export's (`shark_torchrec.precision.quantize.ONE_BIT_MAGNITUDES`)."""
+    rb = (dim // 8 + 1 + row_alignment - 1) // row_alignment * row_alignment
+    at = offset + slots.long()[:, None] * rb + torch.arange(1 + dim // 8, device=weights.device)[None, :]
     raw = weights[at]
-    a = raw[:, :2].contiguous().view(torch.float16).float()
-    bits = (raw[:, 2:].long()[:, :, None] >> torch.arange(8, device=weights.device)) & 1
+    a = torch.ops.shark.one_bit_magnitudes().to(weights.device)[raw[:, :1].long()]
+    bits = (raw[:, 1:].long()[:, :, None] >> torch.arange(8, device=weights.device)) & 1
     return bits.reshape(len(slots), dim).float() * (2 * a) - a
 
 

@@ -84,8 +84,9 @@ class MixedPrecisionPooledLookup(nn.Module):
         self.mean_pooling: bool = mean_pooling
         self.row_alignment: int = row_alignment
         self.num_rows: int = num_rows
-        # 2: a 1-bit row is one fp16 magnitude and a sign bit a value (1, before 2026-11-30:
-        # an fp16 scale and bias, then the bits): `__setstate__` refuses the older layout.
+        # 3: a 1-bit row is one magnitude code byte and a sign bit a value (2, before 2026-12-02:
+        # an fp16 magnitude; 1, before 2026-11-30: an fp16 scale and bias, then the bits):
+        # `__setstate__` refuses the older layouts.
         self.one_bit_layout: int = ONE_BIT_LAYOUT
         self.feature_names: List[str] = list(feature_names)
         self.register_buffer("weights", weights)
@@ -105,7 +106,8 @@ class MixedPrecisionPooledLookup(nn.Module):
                 "this inference module was saved before the ranked row map (shark-torchrec b206c29): "
                 "export it again from its checkpoint (`shark export CKPT --out DIR`)"
             )
-        # 1-bit rows pickled before they became sign and magnitude would be read wrongly.
+        # 1-bit rows pickled in an earlier layout (a scale and bias, or an fp16 magnitude, a row)
+        # would be read wrongly.
         code_groups = state.get("_buffers", {}).get("code_groups")
         if (
             state.get("one_bit_layout") != ONE_BIT_LAYOUT
@@ -113,7 +115,9 @@ class MixedPrecisionPooledLookup(nn.Module):
             and bool((code_groups == INT1).any())
         ):
             raise RuntimeError(
-                "this inference module holds 1-bit rows in the earlier layout (an fp16 scale and bias a row): "
+                f"this inference module holds 1-bit rows in the earlier layout {state.get('one_bit_layout', 1)} "
+                f"(1: an fp16 scale and bias a row; 2: an fp16 magnitude; this library reads {ONE_BIT_LAYOUT}: "
+                "a magnitude byte): "
                 "export it again from its checkpoint (`shark export CKPT --out DIR --tiers ... int1`)"
             )
         super().__setstate__(state)

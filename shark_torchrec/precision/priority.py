@@ -28,7 +28,8 @@ PAPER_GROUPS = (FP32, FP16, INT8)  # the paper's tiers, the default
 INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 # The 1-bit tier is served only (`shark export --tiers ... int1`): no training store holds it, so
 # it takes the next id, after `dropped`, whose id checkpoints keep. A 1-bit row keeps each value's
-# sign and one fp16 magnitude a: it serves +a or -a (`sign_magnitude_rows`).
+# sign and one magnitude a in a byte (an eighth-octave code): it serves +a or -a
+# (`sign_magnitude_rows`).
 INT1 = 6
 SERVED_GROUP_NAMES = GROUP_NAMES + ("int1",)  # the group ids a served module's rows can have
 SERVED_PRECISION_ORDER = (FP32, FP16, INT8, INT4, INT2, INT1, DROPPED)  # most precise first
@@ -107,8 +108,8 @@ def add_occurrences_(counts: torch.Tensor, ids: torch.Tensor, positive: torch.Te
 
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     """Bytes of one row's weights in a group (int8/int4/int2 rows carry an fp16 scale and bias,
-    then their codes packed 2, 4 or 8 to a byte; a 1-bit row one fp16 magnitude, then a sign bit
-    a value; a dropped row has none).
+    then their codes packed 2, 4 or 8 to a byte; a 1-bit row one byte for its magnitude, then a
+    sign bit a value; a dropped row has none).
 
     Args:
         dim: the row's width.
@@ -118,7 +119,7 @@ def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     Returns:
         The bytes.
     """
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 2)[group]
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
@@ -716,7 +717,7 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     if "int1" in tiers and "dropped" in tiers:
         raise ValueError(
             "serving tiers: int1 and dropped exclude each other (int1 holds the rows the other tiers cannot, a "
-            "sign bit a value and one fp16 magnitude a row"
+            "sign bit a value and one magnitude byte a row"
             + (f": {row_bytes(dim, INT1)} bytes a row at dim {dim}" if dim and dim % 8 == 0 else "")
             + f"); choose one, got {tuple(tiers)}"
         )

@@ -418,20 +418,61 @@ def fitted_scale_bias(values: torch.Tensor, bits: int, iterations: int = 20) -> 
     return best_sb.half()
 
 
+# A 1-bit row's magnitude is one byte, a code c: 0 for c = 0, else 2^((c - 192) / 8), in eighth
+# octaves (neighbours 9.05% apart, so a magnitude is kept within 4.53%) from 2^-23.875 (6.5e-8)
+# to 2^7.875 (234.8). The values are made as one of eight fp32 fractions 2^(r / 8) times a power
+# of two (exact), as the kernel library makes them (`one_bit_magnitude` in kernels/layout.h):
+# the same bits in both.
+_MAGNITUDE_FRACTIONS = (
+    1.0,
+    1.0905077457427979,
+    1.1892070770263672,
+    1.2968395948410034,
+    1.4142135381698608,
+    1.5422108173370361,
+    1.6817928552627563,
+    1.8340080976486206,
+)  # float32(2^(r / 8)), r = 0..7
+ONE_BIT_MAGNITUDES = torch.tensor(
+    [0.0] + [_MAGNITUDE_FRACTIONS[(c - 192) % 8] * 2.0 ** ((c - 192) // 8) for c in range(1, 256)],
+    dtype=torch.float32,
+)
+
+
+def magnitude_codes(magnitude: torch.Tensor) -> torch.Tensor:
+    """Each magnitude's code byte: the nearest value of `ONE_BIT_MAGNITUDES` (the lower on a tie).
+
+    Args:
+        magnitude: fp32 magnitudes, >= 0.
+
+    Returns:
+        uint8 codes of the same shape.
+    """
+    m = magnitude.float().clamp(0.0, float(ONE_BIT_MAGNITUDES[-1]))
+    table = ONE_BIT_MAGNITUDES.to(m.device)
+    above = torch.searchsorted(table, m.contiguous()).clamp(1, 255)  # first value >= m
+    below = above - 1
+    nearer_above = (table[above] - m) < (m - table[below])
+    return torch.where(nearer_above, above, below).to(torch.uint8)
+
+
 def sign_magnitude_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """1-bit rows (the served-only tier): each value becomes +a or -a by its sign, with one
-    magnitude a per row, the mean absolute value (for fixed signs the least-squares a), in fp16.
+    magnitude a per row, the mean absolute value (for fixed signs the least-squares a), kept as
+    a one-byte code (`magnitude_codes`: eighth-octave steps, kept within 4.53%).
 
-    Two levels symmetric about zero cost one fp16 where a fitted pair (scale and bias) costs two,
-    and they served better on frappe at every budget measured (bench/README.md, "1-bit rows").
+    Two levels symmetric about zero cost one magnitude where a fitted pair (scale and bias)
+    costs two, and they served better on frappe at every budget measured (bench/README.md,
+    "1-bit rows"); the magnitude in a byte rather than an fp16 leaves room for more rows in the
+    tiers above at the tightest budgets ("A 1-bit row's magnitude in a byte").
 
     Args:
         values: [n, D] fp32 rows.
 
     Returns:
-        (codes uint8 [n, D], 1 for a value >= 0, else 0; magnitude fp16 [n, 1]): a value is served
-        as -a + 2a x code; `pack_codes(codes, 1)` packs the codes eight a byte, low bits first.
+        (codes uint8 [n, D], 1 for a value >= 0, else 0; magnitude codes uint8 [n, 1]): a value
+        is served as -a + 2a x code with a = ONE_BIT_MAGNITUDES[magnitude code];
+        `pack_codes(codes, 1)` packs the codes eight a byte, low bits first.
     """
     v = values.float().clamp(-FP16_MAX, FP16_MAX)
-    magnitude = v.abs().mean(dim=1, keepdim=True).clamp(max=FP16_MAX).half()
-    return (v >= 0).to(torch.uint8), magnitude
+    return (v >= 0).to(torch.uint8), magnitude_codes(v.abs().mean(dim=1, keepdim=True))

@@ -388,21 +388,23 @@ def test_the_export_ships_its_kernel_library_and_refuses_another_torch(frappe_ex
 
 def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export, tmp_path):
     """An export records the 1-bit row layout its library reads; loaded where a library of another
-    layout is already in the process (here shark_torchrec's own, layout 2), an export holding
-    1-bit rows in layout 1 (scale and bias, before sign and magnitude) is refused, named; one
+    layout is already in the process (here shark_torchrec's own, layout 3), an export holding
+    1-bit rows in layout 1 (scale and bias) or 2 (an fp16 magnitude) is refused, named; one
     without 1-bit rows, or in the same layout, loads."""
     _, _, export = frappe_export
     manifest = json.loads((export / "serving.json").read_text())
-    assert manifest["one_bit_layout"] == int(torch.ops.shark.one_bit_layout()) == 2
+    assert manifest["one_bit_layout"] == int(torch.ops.shark.one_bit_layout()) == 3
     assert manifest["rows_int1"] == 0
     recipe, moved = _recipe_and_copy(export, tmp_path, "export_serve_layout")
     old = {k: v for k, v in manifest.items() if k not in ("one_bit_layout", "rows_int1")}  # as written before
     recipe.load_kernels(moved, old)  # no 1-bit rows (export.json says none): loads
     (moved / "export.json").write_text(json.dumps({"rows_int1": 12}))
     with pytest.raises(
-        RuntimeError, match="holds 1-bit rows in layout 1; .* reads layout 2: load .* in a fresh process"
+        RuntimeError, match="holds 1-bit rows in layout 1; .* reads layout 3: load .* in a fresh process"
     ):
         recipe.load_kernels(moved, old)
     with pytest.raises(RuntimeError, match="holds 1-bit rows in layout 1"):
         recipe.load_kernels(moved, {**manifest, "one_bit_layout": 1, "rows_int1": 3})
+    with pytest.raises(RuntimeError, match="holds 1-bit rows in layout 2"):
+        recipe.load_kernels(moved, {**manifest, "one_bit_layout": 2, "rows_int1": 3})
     recipe.load_kernels(moved, {**manifest, "rows_int1": 3})  # the same layout: loads

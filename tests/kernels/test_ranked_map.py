@@ -19,6 +19,7 @@ from shark_torchrec.kernels.ranked_map import (
     ranked_map_bytes_per_row,
 )
 from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
+from shark_torchrec.precision.quantize import ONE_BIT_MAGNITUDES
 
 RAW = lambda dim: (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4)  # noqa: E731
 
@@ -198,7 +199,7 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
     ids = [0, 1, 2, 3, 4, 6] + ([5] if with_dropped else [])
     groups = torch.tensor(ids)[torch.randint(0, len(ids), (n,), generator=gen)]
     groups[:3] = 6  # some 1-bit rows in every draw
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 2)
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1)
     T = len(tables)
     cap = [int((groups == g).sum()) for g in range(7)]
     cap[0] += T if with_dropped else 0
@@ -214,9 +215,10 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
             tab.view(torch.float32).copy_(torch.randn(cap[g], dim, generator=gen))
         elif g == 1:
             tab.view(torch.float16).copy_(torch.randn(cap[g], dim, generator=gen).half())
-        elif g == 6:  # one fp16 magnitude, then a sign bit a value
-            tab[:, :2].view(torch.float16).copy_(torch.rand(cap[g], 1, generator=gen).half())
-            tab[:, 2:] = torch.randint(0, 256, (cap[g], raw[g] - 2), generator=gen, dtype=torch.uint8)
+        elif g == 6:  # one magnitude code byte (any of the 256, 0 too), then a sign bit a value
+            tab[:, :1] = torch.randint(0, 256, (cap[g], 1), generator=gen, dtype=torch.uint8)
+            tab[:3, 0] = torch.tensor([0, 1, 255], dtype=torch.uint8)[: len(tab)]  # the ends of the code range
+            tab[:, 1:] = torch.randint(0, 256, (cap[g], raw[g] - 1), generator=gen, dtype=torch.uint8)
         else:
             sb = torch.stack([torch.rand(cap[g], generator=gen), torch.randn(cap[g], generator=gen)], 1)
             tab[:, :4].view(torch.float16).copy_(sb.half())
@@ -252,9 +254,9 @@ def test_one_bit_rows_read_as_the_reference_reads_them(pooling, weighted, with_d
     # A 1-bit row by hand, from the store-like buffer it was built from: +a for a set bit, -a
     # for a clear one.
     key = int((groups == 6).nonzero()[0])
-    row = w[offsets[6] + int(slots[key]) * (dim // 8 + 2) :][: dim // 8 + 2]
-    (a,) = row[:2].view(torch.float16).float().tolist()
-    bits = [(int(row[2 + j // 8]) >> (j % 8)) & 1 for j in range(dim)]
+    row = w[offsets[6] + int(slots[key]) * (dim // 8 + 1) :][: dim // 8 + 1]
+    (a,) = ONE_BIT_MAGNITUDES[row[:1].long()].tolist()  # the export's table, not the library's
+    bits = [(int(row[1 + j // 8]) >> (j % 8)) & 1 for j in range(dim)]
     assert 0 < a and 0 < sum(bits) < dim
     one = mixed_lookup_ranked(
         *ranked,
@@ -294,8 +296,9 @@ def test_one_bit_rows_need_a_dim_that_is_a_multiple_of_8():
 
 
 def test_a_module_with_one_bit_rows_of_the_earlier_layout_is_refused_by_name():
-    """1-bit rows were an fp16 scale and bias a row before they became sign and magnitude: a
-    module pickled then would be read wrongly, so loading it fails by name; today's round-trips."""
+    """1-bit rows were an fp16 scale and bias a row (layout 1), then a sign bit a value and an fp16
+    magnitude (2), now a magnitude byte (3): a module pickled in an earlier layout would be read
+    wrongly, so loading it fails by name; today's round-trips."""
     import io
 
     from shark_torchrec.modules.inference import MixedPrecisionPooledLookup
@@ -317,3 +320,17 @@ def test_a_module_with_one_bit_rows_of_the_earlier_layout_is_refused_by_name():
     old = MixedPrecisionPooledLookup.__new__(MixedPrecisionPooledLookup)
     with pytest.raises(RuntimeError, match="1-bit rows in the earlier layout"):
         old.__setstate__(state)
+    state["one_bit_layout"] = 2  # an fp16 magnitude a row, before the magnitude took a byte
+    with pytest.raises(RuntimeError, match="1-bit rows in the earlier layout"):
+        MixedPrecisionPooledLookup.__new__(MixedPrecisionPooledLookup).__setstate__(state)
+
+
+def test_the_library_and_the_export_hold_the_same_one_bit_magnitudes():
+    """The 256 magnitudes a 1-bit row's byte stands for, as the kernel library makes them and as
+    the export encodes by, are the same bits: 0, then 2^((c - 192) / 8) rising by an eighth of
+    an octave."""
+    table = torch.ops.shark.one_bit_magnitudes()
+    assert table.dtype == torch.float32 and torch.equal(table, ONE_BIT_MAGNITUDES)
+    assert float(table[0]) == 0.0 and float(table[192]) == 1.0 and float(table[200]) == 2.0
+    ratio = (table[2:] / table[1:-1]).double()
+    assert bool(((ratio - 2**0.125).abs() < 1e-6).all())

@@ -294,3 +294,23 @@ def test_ranked_rows_break_ties_by_table_name_then_row():
     assert ranked_rows(torch.tensor([1.0, 2.0, 1.0, 1.0, 2.0]), ["b", "a"], [3, 2]).tolist() == [4, 1, 3, 0, 2]
     assert ranked_rows(torch.zeros(5), ["b", "a"], [3, 2]).tolist() == [3, 4, 0, 1, 2]
     assert ranked_rows(torch.zeros(0), [], []).tolist() == []
+
+
+def test_one_bit_magnitude_codes_are_the_nearest_byte():
+    """A 1-bit row's magnitude is kept as the nearest of the byte's 256 values (the lower on a
+    tie): 0 for 0, the largest for anything above it, and within 4.53% (half an eighth of an
+    octave) between."""
+    from shark_torchrec.precision.quantize import ONE_BIT_MAGNITUDES, magnitude_codes, sign_magnitude_rows
+
+    gen = torch.Generator().manual_seed(0)
+    m = torch.cat(
+        [torch.tensor([0.0, 1e-30, 3e-8, 1.0, 234.0, 1e6]), 10 ** torch.empty(5000).uniform_(-7, 2.3, generator=gen)]
+    )
+    codes = magnitude_codes(m)
+    nearest = (ONE_BIT_MAGNITUDES[None, :] - m.clamp(max=float(ONE_BIT_MAGNITUDES[-1]))[:, None]).abs().argmin(1)
+    assert codes.dtype == torch.uint8 and torch.equal(codes.long(), nearest)
+    assert codes[:2].tolist() == [0, 0] and codes[3] == 192 and codes[5] == 255
+    inside = (m > 1e-7) & (m < 234.0)
+    assert bool(((ONE_BIT_MAGNITUDES[codes.long()] - m).abs()[inside] <= 0.0453 * m[inside]).all())
+    signs, mag = sign_magnitude_rows(torch.tensor([[0.5, -1.5, 0.0, -0.0]]))
+    assert signs.tolist() == [[1, 0, 1, 1]] and mag.tolist() == [[magnitude_codes(torch.tensor(0.5)).item()]]
