@@ -2,8 +2,9 @@
 
 (The tier has since been built, `shark export --tiers ... int1`; its measured points equal these
 within 0.0001: bench/README.md. The script stays as the record of the decision. The built tier
-has since become +-a by each value's sign, one fp16 magnitude a row (`sign_magnitude_rows`, 10
-bytes at dim 64), which served better; the two fitted levels simulated here are the first form.)
+has since become +-a by each value's sign, one magnitude a row (`sign_magnitude_rows`; an fp16,
+10 bytes at dim 64, then a byte, 9), which served better; the two fitted levels simulated here
+are the first form.)
 
     .venv/bin/python bench/served_1bit_headroom.py --frontier DIR [--base fp32] [--budgets 0.08,0.07,0.06,0.05]
 

@@ -34,8 +34,10 @@ def one_tier_layout(group: int, rows: int, dim: int, gen: torch.Generator):
     capacity = [0] * len(rb)
     capacity[group] = rows
     w = torch.randint(0, 256, (rows * rb[group],), dtype=torch.uint8, generator=gen)
-    head = 2 if group == INT1 else 4  # a 1-bit row: one fp16 magnitude; integer rows: scale and bias
-    w.view(rows, rb[group])[:, :head].view(torch.float16).copy_(torch.rand(rows, head // 2, generator=gen).half())
+    if group == INT1:  # a 1-bit row: one magnitude code byte (here 0.3 to 1.0), then the signs
+        w.view(rows, rb[group])[:, 0] = torch.randint(178, 193, (rows,), dtype=torch.uint8, generator=gen)
+    else:  # integer rows: fp16 scale and bias
+        w.view(rows, rb[group])[:, :4].view(torch.float16).copy_(torch.rand(rows, 2, generator=gen).half())
     groups = torch.full((rows,), group)
     return build_ranked_layout(w, [0] * len(rb), capacity, rb, groups, torch.arange(rows), torch.tensor([0, rows]))
 

@@ -122,7 +122,8 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
         raise FileNotFoundError(f"{path} not found: the export's kernel library is missing")
     if hasattr(torch.ops.shark, "mixed_lookup_ranked"):
         # A library is loaded already (this one, or shark_torchrec's own): it must read this
-        # export's 1-bit rows as they were written (1: scale and bias, 2: sign and magnitude).
+        # export's 1-bit rows as they were written (1: scale and bias, 2: sign and an fp16
+        # magnitude, 3: sign and a magnitude byte).
         have = int(torch.ops.shark.one_bit_layout()) if hasattr(torch.ops.shark, "one_bit_layout") else 1
         want = int(manifest.get("one_bit_layout", 1))
         if have != want and _one_bit_rows(export_dir, manifest):

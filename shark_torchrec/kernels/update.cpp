@@ -738,8 +738,8 @@ at::Tensor rowwise_adagrad_scales_(at::Tensor& state, const at::Tensor& keys, co
       m[key[i]] = sp[i];
     }
   });
-  // torch's sqrt, on a tensor like the torch code's: its vectorized sqrt is not the correctly
-  // rounded one (it differed from std::sqrt in about one value in six, tried), so ours would not match.
+  // torch's sqrt, on a tensor like the torch code's: torch's sqrt of a float tensor gave other
+  // bits than std::sqrt for about one value in six (tried), so ours would not match.
   at::Tensor scale = at::sqrt(sum);
   float* out = scale.data_ptr<float>();
   const float lr = static_cast<float>(learning_rate), e = static_cast<float>(eps);

@@ -13,6 +13,7 @@ reproduces the same bits.
 
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import torch
@@ -473,6 +474,23 @@ def sign_magnitude_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
         (codes uint8 [n, D], 1 for a value >= 0, else 0; magnitude codes uint8 [n, 1]): a value
         is served as -a + 2a x code with a = ONE_BIT_MAGNITUDES[magnitude code];
         `pack_codes(codes, 1)` packs the codes eight a byte, low bits first.
+
+    Raises:
+        ValueError: a row holds a NaN (it has no magnitude to keep).
+
+    Warns:
+        when rows' mean magnitudes exceed the byte's largest (234.75): they are served at it.
     """
     v = values.float().clamp(-FP16_MAX, FP16_MAX)
-    return (v >= 0).to(torch.uint8), magnitude_codes(v.abs().mean(dim=1, keepdim=True))
+    magnitude = v.abs().mean(dim=1, keepdim=True)
+    if bool(torch.isnan(magnitude).any()):
+        raise ValueError(f"1-bit rows: {int(torch.isnan(magnitude).sum())} of the rows hold a NaN")
+    top = float(ONE_BIT_MAGNITUDES[-1])
+    over = int((magnitude > top).sum())
+    if over:
+        warnings.warn(
+            f"1-bit rows: {over} rows have a mean magnitude above {top:.2f}, the largest a magnitude byte "
+            f"holds (largest here {float(magnitude.max()):.4g}): they are served at +-{top:.2f}",
+            stacklevel=2,
+        )
+    return (v >= 0).to(torch.uint8), magnitude_codes(magnitude)

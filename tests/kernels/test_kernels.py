@@ -87,36 +87,41 @@ def test_the_op_scripts_and_has_a_fake_for_tracing():
     assert out.shape == (6, 8)
 
 
-def test_fused_update_equals_the_torch_update_bit_for_bit():
+@pytest.mark.parametrize("dim", [16, 64, 12])
+def test_fused_update_equals_the_torch_update_bit_for_bit(dim):
     """`torch.ops.shark.update_rows_hashed_` (the store's CPU update) against the store's torch
     update (its reference), on rows in all five groups: ordinary rows, rows of fp16-subnormal
     values (the exact rounding rule), constant rows (integer scale 0), rows beyond fp16's range
-    (clamped), a column slice (its noise starts at its global column), over several steps."""
+    (clamped), rows whose minimum stays exactly 0 (the sequential min/max), a column slice (its
+    noise starts at its global column), over several steps; at dims of two and eight vectors of
+    eight values, and at 12 (not a multiple of 8: the scalar integer path)."""
     import copy
 
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 
-    dim = 16
+    tiers = ("fp32", "fp16", "int8", "int4", "int2")[: 5 if dim % 8 == 0 else 4]  # int2 needs 8 | dim
     tables = [
         LocalTable("t0", 300, dim, global_rows=300, table_id=3),
         LocalTable("t1", 200, dim, global_rows=400, row_offset=200, col_offset=16, table_id=5),
     ]
     policy = PrecisionPolicy(
         mode="shark",
-        tiers=("fp32", "fp16", "int8", "int4", "int2"),
-        row_fractions=(0.2, 0.2, 0.2, 0.2),
+        tiers=tiers,
+        row_fractions=(0.2,) * (len(tiers) - 1),
         optimizer="sgd",
         learning_rate=1.0,
     ).resolved([dim])
     fused = RowGroupStore(tables, ["a", "b"], [0, 1], policy, StepCounter())
     n = fused.num_rows
     gen = torch.Generator().manual_seed(0)
-    fused.set_groups(torch.randint(0, 5, (n,), generator=gen).to(torch.int8))
+    fused.set_groups(torch.randint(0, len(tiers), (n,), generator=gen).to(torch.int8))
     values = torch.randn(n, dim, generator=gen)
     values[:40] *= 1e-6  # fp16 subnormals
     values[40:60] = 0.5  # constant rows
     values[60:70] *= 1e5  # beyond fp16's range
+    values[70:90] = values[70:90].abs() + 0.5
+    values[70:90, 3] = 0.0  # a minimum of exactly 0, kept by a zero gradient there
     fused.write_rows(torch.arange(n), values)
     reference = copy.deepcopy(fused)
     for step in range(1, 4):
@@ -124,12 +129,13 @@ def test_fused_update_equals_the_torch_update_bit_for_bit():
         grad = torch.randn(len(keys), dim, generator=gen) * 0.01
         grad[keys < 40] *= 1e-6
         grad[(keys >= 40) & (keys < 60)] = 0.0  # constant rows stay constant
+        grad[(keys >= 70) & (keys < 90), 3] = 0.0
         scale = torch.rand(len(keys), generator=gen)
         fused.step_rows(keys, grad, scale, step, kernels="cpp")
         reference.step_rows(keys, grad, scale, step, kernels="torch")
         assert torch.equal(fused.weights, reference.weights), step
     groups = fused.groups_of(torch.arange(n))
-    assert set(groups[:40].tolist()) == set(range(5))  # the subnormal rows span every group
+    assert set(groups[:40].tolist()) == set(range(len(tiers)))  # the subnormal rows span every group
     assert not torch.equal(fused.read_rows(torch.arange(n)), values)  # the rows did move
 
 

@@ -314,3 +314,15 @@ def test_one_bit_magnitude_codes_are_the_nearest_byte():
     assert bool(((ONE_BIT_MAGNITUDES[codes.long()] - m).abs()[inside] <= 0.0453 * m[inside]).all())
     signs, mag = sign_magnitude_rows(torch.tensor([[0.5, -1.5, 0.0, -0.0]]))
     assert signs.tolist() == [[1, 0, 1, 1]] and mag.tolist() == [[magnitude_codes(torch.tensor(0.5)).item()]]
+
+
+def test_one_bit_rows_refuse_a_nan_and_warn_of_a_magnitude_past_the_byte():
+    """A row holding a NaN has no magnitude to keep: refused, counted; a row whose mean magnitude
+    is above the byte's largest (234.75) is served at it, with a warning that says so."""
+    from shark_torchrec.precision.quantize import ONE_BIT_MAGNITUDES, sign_magnitude_rows
+
+    with pytest.raises(ValueError, match="1 of the rows hold a NaN"):
+        sign_magnitude_rows(torch.tensor([[0.5, float("nan")], [1.0, -1.0]]))
+    with pytest.warns(UserWarning, match="1 rows have a mean magnitude above 234.75.*largest here 300"):
+        _, mag = sign_magnitude_rows(torch.tensor([[300.0, -300.0], [1.0, -1.0]]))
+    assert ONE_BIT_MAGNITUDES[mag.long()].flatten().tolist() == [float(ONE_BIT_MAGNITUDES[-1]), 1.0]
