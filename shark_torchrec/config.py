@@ -585,7 +585,7 @@ class JobConfig:
             try:
                 serve = split_tiers(c.serve_tiers)
                 check_served_tiers(serve, m.embedding_dim)
-                stored = tuple(t for t in serve if t != "int1")  # int1 is the export's own (served only)
+                stored = tuple(t for t in serve if t not in ("int1", "int4s"))  # the export's own (served only)
                 if len(stored) > 1 or "int1" not in serve:
                     # As the export will build it: the quantize stage trains with shark (or freq) rows.
                     dataclasses.replace(

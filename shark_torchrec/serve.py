@@ -56,6 +56,7 @@ import torch
 
 FORMAT = "shark-torchrec serving export"
 VERSION = 2
+SYMMETRIC_INT4_GROUP = 7  # the group id of served symmetric int4 rows (int4s): a library reads ids below `served_groups`
 READS_VERSIONS = (1, 2)  # 1: the lookup was FBGEMM's op (no kernel library)
 
 
@@ -130,6 +131,12 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
             raise RuntimeError(
                 f"{export_dir} holds 1-bit rows in layout {want}; the shark_kernels library loaded in this "
                 f"process reads layout {have}: load {export_dir} in a fresh process"
+            )
+        groups = int(torch.ops.shark.served_groups()) if hasattr(torch.ops.shark, "served_groups") else 7
+        if groups <= SYMMETRIC_INT4_GROUP and int(manifest.get("rows_int4s", 0)):
+            raise RuntimeError(
+                f"{export_dir} holds symmetric int4 rows (int4s); the shark_kernels library loaded in this "
+                f"process predates them: load {export_dir} in a fresh process"
             )
         return
     if hasattr(torch.ops.shark, "mixed_lookup"):

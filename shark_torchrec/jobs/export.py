@@ -57,6 +57,7 @@ from shark_torchrec.precision.priority import (
     FP16,
     FP32,
     INT1,
+    INT4S,
     INT_BITS,
     ROW_MAP_BYTES,
     SERVED_GROUP_NAMES,
@@ -75,6 +76,7 @@ from shark_torchrec.precision.quantize import (
     quantize_rows,
     requantize_with,
     sign_magnitude_rows,
+    symmetric_int4_rows,
 )
 
 ONE_BIT = SERVED_GROUP_NAMES[INT1]  # the served-only tier's name (`ServingTiers`)
@@ -152,7 +154,9 @@ class ServingTiers:
     `int1` is a tier for serving only (`regroup_for_serving`): 1-bit rows, each value +a or -a
     by its sign (one magnitude a row in a byte, `sign_magnitude_rows`), for the rows the other tiers
     cannot hold, where `dropped` would give them their
-    table's mean row; the two exclude each other, and int1 takes the model-wide budget."""
+    table's mean row; the two exclude each other, and int1 takes the model-wide budget.
+    `int4s`, served only too and planned with int1 below it: symmetric int4 rows with one scale
+    byte a row (`symmetric_int4_rows`), dim / 2 + 1 bytes where int4 takes dim / 2 + 4."""
 
     tiers: Tuple[str, ...]
     memory_budget: float
@@ -527,8 +531,10 @@ def _integer_rows(values: torch.Tensor, group: int, rounding: str) -> Tuple[torc
 def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tensor:
     """fp32 rows as the bytes of a served group's rows: fp32, fp16 (nearest), an int8/int4/int2
     row (fp16 scale and bias, then the codes packed low bits first; `fitted` or `nearest` range),
-    or a 1-bit row (a magnitude code byte, then a sign bit a value: `sign_magnitude_rows`,
-    whatever the rounding, since a sign has no other nearest code)."""
+    a 1-bit row (a magnitude code byte, then a sign bit a value: `sign_magnitude_rows`,
+    whatever the rounding, since a sign has no other nearest code), or a symmetric int4 row (a
+    scale code byte, then the codes two a byte: `symmetric_int4_rows`, whose scale is fitted
+    whatever the rounding)."""
     if group == FP32:
         return values.contiguous().view(torch.uint8)
     if group == FP16:
@@ -536,6 +542,9 @@ def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tens
     if group == INT1:
         codes, magnitude = sign_magnitude_rows(values)
         return torch.cat([magnitude, pack_codes(codes, 1)], dim=1)
+    if group == INT4S:
+        codes, scale = symmetric_int4_rows(values)
+        return torch.cat([scale, pack_codes(codes, 4)], dim=1)
     codes, sb = _integer_rows(values, group, rounding)
     return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, INT_BITS[group])], dim=1)
 
@@ -895,6 +904,7 @@ def export_checkpoint(
     checks = {
         "max_abs_logit_diff_dev": largest_difference(want, dev_logits(served)),
         "rows_int1": record.get("rows_int1", 0),  # with `one_bit_layout`: what serve.py checks the library by
+        "rows_int4s": record.get("rows_int4s", 0),  # with `served_groups`: likewise
     }
     write_serving_files(serving, data, qcfg.dataset, out, checks)
     return record

@@ -1,5 +1,5 @@
 // Fused lookup of rows kept in precision groups (fp32, fp16, int8, int4, int2 and dropped; 1-bit
-// rows too, in a served store),
+// and symmetric int4 rows too, in a served store),
 // registered as torch.ops.shark.mixed_lookup. One pass per bag: id -> row map -> group and
 // slot -> the row's bytes in its group table -> dequantized, weighted and pooled straight into
 // the output layout. The reference it is tested against is `mixed_lookup_reference` in
@@ -52,6 +52,21 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
     halves_to_floats(reinterpret_cast<const c10::Half*>(row), r, D);
     for (int64_t j = 0; j < D; ++j) {
       float v = r[j];
+      if (kWeighted) v = v * w;
+      acc[j] = kAssign ? v : acc[j] + v;
+    }
+  } else if constexpr (G == kInt4S) {
+    // A symmetric int4 row is one byte for its scale s (`one_bit_magnitude`), then its codes two
+    // a byte, low bits first: code c reads s x (c - 7.5), the subtraction exact, one rounding.
+    const float scale = one_bit_magnitude(row[0]);
+    const uint8_t* codes = row + 1;
+    float centred[kMaxDim];
+    for (int64_t k = 0; k < D / 2; ++k) {
+      centred[2 * k] = static_cast<float>(codes[k] & 15) - 7.5f;
+      centred[2 * k + 1] = static_cast<float>(codes[k] >> 4) - 7.5f;
+    }
+    for (int64_t j = 0; j < D; ++j) {
+      float v = scale * centred[j];
       if (kWeighted) v = v * w;
       acc[j] = kAssign ? v : acc[j] + v;
     }
@@ -118,6 +133,7 @@ inline void accumulate(float* acc, const uint8_t* row, int64_t g, int64_t D, flo
     case 2: accumulate_group<2, kWeighted, kAssign>(acc, row, D, w); break;
     case 3: accumulate_group<3, kWeighted, kAssign>(acc, row, D, w); break;
     case 4: accumulate_group<4, kWeighted, kAssign>(acc, row, D, w); break;
+    case kInt4S: accumulate_group<kInt4S, kWeighted, kAssign>(acc, row, D, w); break;
     // The locators hand out only the ids above (each op checks its layout's groups first).
     default: accumulate_group<kInt1, kWeighted, kAssign>(acc, row, D, w); break;
   }
@@ -182,7 +198,7 @@ struct RankedLocator {
     stored_ = n_codes_;
     bool one_bit = false;
     for (int64_t c = 0; c < n_codes_; ++c) {
-      TORCH_CHECK(cg[c] >= 0 && cg[c] < kIds, "code_groups: group ids 0..6");
+      TORCH_CHECK(cg[c] >= 0 && cg[c] < kIds, "code_groups: group ids 0..7");
       TORCH_CHECK((cg[c] == kDropped) == (c == n_codes_ - 1 && cg[c] == kDropped),
                   "code_groups: the dropped group only as the last code");
       one_bit = one_bit || cg[c] == kInt1;
@@ -477,6 +493,10 @@ at::Tensor mixed_lookup_ranked(
 // recipe refuses to read 1-bit rows with a library of another layout already loaded.
 int64_t one_bit_layout() { return 3; }
 
+// The group ids this library's served lookup reads: 0..7 (7, symmetric int4 rows, since that tier
+// was added). A serving recipe refuses an export with such rows when an older library is loaded.
+int64_t served_groups() { return kIds; }
+
 // The 256 magnitudes a 1-bit row's code byte stands for (`one_bit_magnitude`), as a tensor: what
 // the torch reference reads them by, and what tests compare with the export's own table.
 at::Tensor one_bit_magnitudes() {
@@ -488,6 +508,7 @@ at::Tensor one_bit_magnitudes() {
 TORCH_LIBRARY_FRAGMENT(shark, m) {
   m.def("one_bit_layout() -> int", &one_bit_layout);
   m.def("one_bit_magnitudes() -> Tensor", &one_bit_magnitudes);
+  m.def("served_groups() -> int", &served_groups);
   m.def(
       "mixed_lookup(Tensor weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, Tensor range_shift, "
       "Tensor feature_base, Tensor feature_rows, Tensor values, Tensor lengths, Tensor? per_sample_weights, "

@@ -17,6 +17,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocati
 from shark_torchrec.kernels.ranked_map import decode_ranked_map
 
 ONE_BIT_GROUP = 6  # served 1-bit rows (`shark_torchrec.precision.priority.INT1`): read in torch
+SYMMETRIC_INT4_GROUP = 7  # served symmetric int4 rows (`shark_torchrec.precision.priority.INT4S`): read in torch
 GROUP_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
 # FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
@@ -206,20 +207,26 @@ def _read_and_pool(
     weights, group_offsets, g, slots, values, lengths, per_sample_weights, dim, batch_size, pooling, row_alignment, F
 ) -> torch.Tensor:
     """Each id's row (group g, slot; dropped rows, group 5, read the fp32 table) by FBGEMM's
-    INT-N op (1-bit rows, group 6, which FBGEMM does not read, in torch), weighted and pooled
-    per bag."""
+    INT-N op (1-bit rows, group 6, and symmetric int4 rows, group 7, which FBGEMM does not read,
+    in torch), weighted and pooled per bag."""
     B, D = batch_size, dim
     dev = weights.device
     lengths = lengths.long()
     nnz = values.numel()
     g = torch.where(g == len(GROUP_TYPES), torch.zeros_like(g), g)  # dropped rows read the fp32 table
     one_bit = g == ONE_BIT_GROUP
-    if bool(one_bit.any()):
+    symmetric = g == SYMMETRIC_INT4_GROUP
+    if bool(one_bit.any()) or bool(symmetric.any()):
         per_id = torch.empty(nnz, D, device=dev)
-        rest = (~one_bit).nonzero().flatten()
+        rest = (~(one_bit | symmetric)).nonzero().flatten()
         per_id[rest] = _fbgemm_rows(weights, group_offsets, g[rest], slots[rest], D, row_alignment)
         at = one_bit.nonzero().flatten()
-        per_id[at] = _one_bit_rows(weights, int(group_offsets[ONE_BIT_GROUP]), slots[at], D, row_alignment)
+        if len(at):
+            per_id[at] = _one_bit_rows(weights, int(group_offsets[ONE_BIT_GROUP]), slots[at], D, row_alignment)
+        at = symmetric.nonzero().flatten()
+        if len(at):
+            offset = int(group_offsets[SYMMETRIC_INT4_GROUP])
+            per_id[at] = _symmetric_int4_rows(weights, offset, slots[at], D, row_alignment)
     else:
         per_id = _fbgemm_rows(weights, group_offsets, g, slots, D, row_alignment)
     if per_sample_weights is not None:
@@ -246,6 +253,20 @@ def _one_bit_rows(
     a = torch.ops.shark.one_bit_magnitudes().to(weights.device)[raw[:, :1].long()]
     bits = (raw[:, 1:].long()[:, :, None] >> torch.arange(8, device=weights.device)) & 1
     return bits.reshape(len(slots), dim).float() * (2 * a) - a
+
+
+def _symmetric_int4_rows(
+    weights: torch.Tensor, offset: int, slots: torch.Tensor, dim: int, row_alignment: int
+) -> torch.Tensor:
+    """Symmetric int4 rows read in torch: each row one byte for its scale s (the 1-bit magnitude
+    table, `torch.ops.shark.one_bit_magnitudes`), then its codes two a byte, low bits first; a
+    value is s x (code - 7.5), one rounding, as the op computes it."""
+    rb = (dim // 2 + 1 + row_alignment - 1) // row_alignment * row_alignment
+    at = offset + slots.long()[:, None] * rb + torch.arange(1 + dim // 2, device=weights.device)[None, :]
+    raw = weights[at]
+    s = torch.ops.shark.one_bit_magnitudes().to(weights.device)[raw[:, :1].long()]
+    codes = (raw[:, 1:].long()[:, :, None] >> torch.tensor([0, 4], device=weights.device)) & 15
+    return (codes.reshape(len(slots), dim).float() - 7.5) * s
 
 
 def _fbgemm_rows(weights, group_offsets, g, slots, D: int, row_alignment: int) -> torch.Tensor:

@@ -168,10 +168,14 @@ class MixedPrecisionPooledLookup(nn.Module):
 
     def group_rows(self) -> Dict[str, int]:
         """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2, rows_dropped,
-        and rows_int1 when the module has 1-bit rows (a served-only tier, `shark export --tiers`)."""
+        then rows_int1 and rows_int4s for the served-only tiers the module has rows in
+        (`shark export --tiers`)."""
         counts = ranked_group_rows(self.blocks, self.code_groups, self.num_rows)
-        names = SERVED_GROUP_NAMES if counts[INT1] else GROUP_NAMES
-        return {f"rows_{name}": counts[g] for g, name in enumerate(names)}
+        return {
+            f"rows_{name}": counts[g]
+            for g, name in enumerate(SERVED_GROUP_NAMES)
+            if g < len(GROUP_NAMES) or counts[g]
+        }
 
     def pooled(self, values: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """`forward` with the batch size given: [B, F * dim] from feature-major bags, by our

@@ -179,10 +179,12 @@ class PrecisionPolicy:
             raise bad("momentum_dtype", f"must be one of {MOMENTUM_DTYPES}, got {self.momentum_dtype!r}")
         if self.bad_ids not in BAD_ID_POLICIES:
             raise bad("bad_ids", f"must be one of {BAD_ID_POLICIES}, got {self.bad_ids!r}")
-        if "int1" in self.tiers:
+        served_only = [t for t in ("int1", "int4s") if t in self.tiers]
+        if served_only:
             raise bad(
                 "tiers",
-                "int1 is a tier for serving only (`shark export CKPT --tiers ... int1`): rows train in "
+                f"{' and '.join(served_only)} {'is a tier' if len(served_only) == 1 else 'are tiers'} for serving "
+                f"only (`shark export CKPT --tiers ... {' '.join(served_only)}`): rows train in "
                 f"{', '.join(GROUP_NAMES)}; got {tuple(self.tiers)}",
             )
         if isinstance(self.tiers, str):

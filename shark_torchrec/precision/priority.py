@@ -31,8 +31,14 @@ INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 # sign and one magnitude a in a byte (an eighth-octave code): it serves +a or -a
 # (`sign_magnitude_rows`).
 INT1 = 6
-SERVED_GROUP_NAMES = GROUP_NAMES + ("int1",)  # the group ids a served module's rows can have
-SERVED_PRECISION_ORDER = (FP32, FP16, INT8, INT4, INT2, INT1, DROPPED)  # most precise first
+# The symmetric 4-bit tier is served only too, planned with int1 below it: 4-bit codes c read as
+# s x (c - 7.5), with one scale s a row in a byte on the 1-bit magnitude grid (dim / 2 + 1 bytes
+# where int4's fp16 scale and bias take dim / 2 + 4: at dim 16, 9 bytes, not 12), fitted per row
+# (`symmetric_int4_rows`).
+INT4S = 7
+SERVED_GROUP_NAMES = GROUP_NAMES + ("int1", "int4s")  # the group ids a served module's rows can have
+SERVED_ONLY = ("int1", "int4s")  # tiers no training store holds: the export plans them (`one_bit_tier_counts`)
+SERVED_PRECISION_ORDER = (FP32, FP16, INT8, INT4, INT4S, INT2, INT1, DROPPED)  # most precise first
 ROW_MAP_BYTES = 4  # one int32 slot per row, numbered across the group tables (the group follows from its range)
 DEFAULT_BUDGET = 0.35  # the paper tiers' default budget wherever int8 rows leave room for it (dim >= 45)
 BUDGET_MARGIN = 0.05  # the default's room above the all-int8 floor at smaller dims
@@ -109,7 +115,8 @@ def add_occurrences_(counts: torch.Tensor, ids: torch.Tensor, positive: torch.Te
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     """Bytes of one row's weights in a group (int8/int4/int2 rows carry an fp16 scale and bias,
     then their codes packed 2, 4 or 8 to a byte; a 1-bit row one byte for its magnitude, then a
-    sign bit a value; a dropped row has none).
+    sign bit a value; a symmetric int4 row one byte for its scale, then its codes two a byte; a
+    dropped row has none).
 
     Args:
         dim: the row's width.
@@ -119,7 +126,7 @@ def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     Returns:
         The bytes.
     """
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1)[group]
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1, dim // 2 + 1)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
@@ -318,8 +325,8 @@ def ranked_rows(scores: torch.Tensor, names: Sequence[str], rows: Sequence[int])
 
 
 def by_precision(tiers: Iterable[str]) -> List[int]:
-    """Served tier names as group ids, most precise first (`SERVED_PRECISION_ORDER`: int1 after
-    int2, dropped last).
+    """Served tier names as group ids, most precise first (`SERVED_PRECISION_ORDER`: int4s after
+    int4, int1 after int2, dropped last).
 
     Args:
         tiers: names from `SERVED_GROUP_NAMES`.
@@ -698,7 +705,8 @@ def tier_names_problem(tiers: Sequence[str], known: Sequence[str]) -> Optional[s
 def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     """Refuse serving tiers that cannot be served: names outside `SERVED_GROUP_NAMES` or given
     twice, the 1-bit tier alone or beside `dropped` (int1 holds the rows the other tiers cannot,
-    which dropped would otherwise take), or int1 at a dim that is not a multiple of 8.
+    which dropped would otherwise take), int1 at a dim that is not a multiple of 8, or the
+    symmetric int4 tier without int1 (the export plans it with int1 below it).
 
     Args:
         tiers: the tier names.
@@ -723,3 +731,8 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
         )
     if "int1" in tiers and dim is not None and dim % 8:
         raise ValueError(f"serving tier int1 needs an embedding dim that is a multiple of 8, got {dim}")
+    if "int4s" in tiers and "int1" not in tiers:
+        raise ValueError(
+            "serving tiers: int4s (symmetric int4 rows with a one-byte scale) is planned with int1 below it; "
+            f"add int1 (e.g. int4s int1), got {tuple(tiers)}"
+        )

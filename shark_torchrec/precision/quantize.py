@@ -494,3 +494,87 @@ def sign_magnitude_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
             stacklevel=2,
         )
     return (v >= 0).to(torch.uint8), magnitude_codes(magnitude)
+
+
+SYMMETRIC_INT4_CENTRE = 7.5  # a symmetric int4 code c reads s x (c - 7.5): 16 levels, none at zero
+# Scale codes tried a row: from an octave above max|v| / 7.5 (8 steps) down to 0.27 of it (15
+# steps). On Gaussian and Student-t rows of 16 values the least-error code over all 255 lay 2
+# steps below to 6 above: a coarser grid can fall closer to a few values than a finer one.
+_SYMMETRIC_INT4_ABOVE = 8
+_SYMMETRIC_INT4_STEPS = 24
+
+
+def symmetric_int4_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 rows (the served-only `int4s` tier): each value becomes s x (c - 7.5), c a
+    4-bit code, with one scale s a row kept as a byte on the 1-bit magnitude grid
+    (`ONE_BIT_MAGNITUDES`, eighth-octave steps). The row's scale is the one of 24 grid steps,
+    from an octave above max|v| / 7.5 down to 0.27 of it (the outliers clipped to +-7.5 s),
+    whose codes (nearest, clamped to 0..15) give the least squared error; a tie keeps the
+    larger scale.
+
+    A byte for the scale where `int4` rows keep an fp16 scale and bias (dim / 2 + 1 bytes a row,
+    not dim / 2 + 4) buys a third more 4-bit rows at dim 16 under a budget shared with int1
+    rows (bench/README.md, "Symmetric int4 rows").
+
+    Args:
+        values: [n, D] fp32 rows.
+
+    Returns:
+        (codes uint8 [n, D] in 0..15; scale codes uint8 [n, 1]): a value is served as
+        ONE_BIT_MAGNITUDES[scale code] x (code - 7.5), one fp32 rounding; `pack_codes(codes, 4)`
+        packs the codes two a byte, low bits first. A row of zeros has scale code 0 (s = 0).
+
+    Raises:
+        ValueError: a row holds a NaN.
+
+    Warns:
+        when rows' largest magnitudes exceed what the largest scale reaches (7.5 x 234.75):
+        their values are clipped there.
+    """
+    v = values.float().clamp(-FP16_MAX, FP16_MAX)
+    if bool(torch.isnan(v).any()):
+        raise ValueError(f"int4s rows: {int(torch.isnan(v).any(dim=1).sum())} of the rows hold a NaN")
+    table = ONE_BIT_MAGNITUDES.to(v.device)
+    amax = v.abs().amax(dim=1, keepdim=True) if v.shape[1] else v.new_zeros(v.shape[0], 1)
+    reach = SYMMETRIC_INT4_CENTRE * float(table[-1])
+    over = int((amax > reach).sum())
+    if over:
+        warnings.warn(
+            f"int4s rows: {over} rows hold a value beyond {reach:.1f}, the largest a scale byte reaches "
+            f"(largest here {float(amax.max()):.4g}): they are clipped there",
+            stacklevel=2,
+        )
+    first = magnitude_codes(amax / SYMMETRIC_INT4_CENTRE).long() + _SYMMETRIC_INT4_ABOVE
+    best_err = best_scale = best_codes = None
+    for step in range(_SYMMETRIC_INT4_STEPS):
+        scale_code = (first - step).clamp(1, 255)
+        s = table[scale_code]
+        codes = torch.round(v / s + SYMMETRIC_INT4_CENTRE).clamp(0, 15)
+        err = (((codes - SYMMETRIC_INT4_CENTRE) * s - v) ** 2).sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale, best_codes = err, scale_code, codes
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale_code, best_scale)
+            best_codes = torch.where(better, codes, best_codes)
+    if best_err is None:  # no row
+        return torch.zeros(v.shape, dtype=torch.uint8), torch.zeros(v.shape[0], 1, dtype=torch.uint8)
+    zero = amax == 0
+    best_scale = torch.where(zero, torch.zeros_like(best_scale), best_scale)
+    best_codes = torch.where(zero, torch.zeros_like(best_codes), best_codes)
+    return best_codes.to(torch.uint8), best_scale.to(torch.uint8)
+
+
+def symmetric_int4_values(codes: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
+    """The fp32 values symmetric int4 rows serve (`symmetric_int4_rows`).
+
+    Args:
+        codes: uint8 [n, D] codes 0..15.
+        scale_codes: uint8 [n, 1] scale codes.
+
+    Returns:
+        float32 [n, D]: ONE_BIT_MAGNITUDES[scale code] x (code - 7.5).
+    """
+    s = ONE_BIT_MAGNITUDES.to(codes.device)[scale_codes.long()]
+    return (codes.float() - SYMMETRIC_INT4_CENTRE) * s

@@ -280,6 +280,57 @@ def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
     assert trained_in_int1.returncode != 0 and "int1 is a tier for serving only" in trained_in_int1.stderr
 
 
+def test_fp32_model_serves_with_symmetric_int4_rows(fp32_run, tmp_path):
+    """`--tiers int4s int1`: symmetric int4 rows (one scale byte, dim / 2 + 1 bytes) above the
+    1-bit rows: ranked by the training split's counts, each the export's fitted row
+    (`symmetric_int4_rows`) as the served lookup reads it, more of them than int4 rows under the
+    same budget, exported and scripted like any other tier; a set without int1, or training in
+    int4s, is refused by name."""
+    from shark_torchrec.data import open_dataset
+    from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.precision.priority import INT1, INT4S, row_bytes
+    from shark_torchrec.precision.quantize import symmetric_int4_rows, symmetric_int4_values
+
+    ckpt = fp32_run / "checkpoints"
+    model, cfg = load_trained_model(ckpt)
+    data = open_dataset(cfg.dataset, cfg.train.seed)
+    fp32 = model.model.sparse_arch.embedding_bag_collection
+    configs = fp32.embedding_bag_configs()
+    before = torch.cat([fp32.embedding_bags[c.name].weight.detach().clone() for c in configs])
+    counts = counted_priorities(model, data)
+    total = torch.cat([counts[c.name] for c in configs])
+    fp32_bytes = before.numel() * 4
+    assert row_bytes(16, INT4S) == 9
+    regroup_for_serving(model, ServingTiers(("int4s", "int1"), 0.11, "model"), counts=counts)
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    assert 0.105 * fp32_bytes <= ebc.memory_bytes() <= 0.11 * fp32_bytes
+    rows = ebc.group_rows()
+    assert rows["rows_int4s"] and rows["rows_int1"] and rows["rows_int4s"] + rows["rows_int1"] == len(before)
+    groups, after = _served_rows(ebc)
+    assert {int(g) for g in groups.unique()} == {INT4S, INT1}
+    assert float(total[groups == INT4S].min()) >= float(total[groups == INT1].max())
+    sym = groups == INT4S
+    assert torch.equal(after[sym], symmetric_int4_values(*symmetric_int4_rows(before[sym])))
+    # The same budget in int4 (fp16 scale and bias, 12 bytes at dim 16) holds fewer 4-bit rows.
+    m, _ = load_trained_model(ckpt)
+    regroup_for_serving(m, ServingTiers(("int4", "int1"), 0.11, "model"), counts=counts)
+    assert m.model.sparse_arch.embedding_bag_collection.group_rows()["rows_int4"] < rows["rows_int4s"]
+    with pytest.raises(ValueError, match="int4s .* is planned with int1 below it"):
+        ServingTiers(("int4s", "int2"), 0.2)
+    with pytest.raises(ValueError, match="int4s is a tier for serving only"):
+        PrecisionPolicy(mode="shark", tiers=("int4s", "int2"))
+
+    exported = tmp_path / "served"
+    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int4s", "int1", "--memory-budget", "0.11")
+    rec = json.loads((exported / "export.json").read_text())
+    assert rec["rows_int4s"] == rows["rows_int4s"] and rec["inference_bytes"] == ebc.memory_bytes()
+    serving = json.loads((exported / "serving.json").read_text())
+    assert serving["rows_int4s"] == rows["rows_int4s"]
+    assert serving["max_abs_logit_diff_dev"] < 1e-5  # the scripted serving model reads them too
+    assert rec["max_abs_logit_diff_dev"] < 1e-5  # against stock tables of the reference's rows
+
+
 def test_one_tier_run_serves_in_tiers_ranked_by_its_training_split(tmp_path):
     """A one-tier run (every row int8, no priorities) is served like stock fp32 tables: its rows,
     as trained, ranked by their training split occurrences."""

@@ -390,7 +390,8 @@ def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export,
     """An export records the 1-bit row layout its library reads; loaded where a library of another
     layout is already in the process (here shark_torchrec's own, layout 3), an export holding
     1-bit rows in layout 1 (scale and bias) or 2 (an fp16 magnitude) is refused, named; one
-    without 1-bit rows, or in the same layout, loads."""
+    without 1-bit rows, or in the same layout, loads. Likewise symmetric int4 rows where the
+    loaded library predates them."""
     _, _, export = frappe_export
     manifest = json.loads((export / "serving.json").read_text())
     assert manifest["one_bit_layout"] == int(torch.ops.shark.one_bit_layout()) == 3
@@ -408,3 +409,11 @@ def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export,
     with pytest.raises(RuntimeError, match="holds 1-bit rows in layout 2"):
         recipe.load_kernels(moved, {**manifest, "one_bit_layout": 2, "rows_int1": 3})
     recipe.load_kernels(moved, {**manifest, "rows_int1": 3})  # the same layout: loads
+    # Symmetric int4 rows (group 7): this library reads ids 0..7 and loads them; one that
+    # predates the tier (here: its group count made 7) refuses them by name.
+    assert int(torch.ops.shark.served_groups()) == 8 and manifest["rows_int4s"] == 0
+    recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})
+    recipe.SYMMETRIC_INT4_GROUP = 8  # as if the loaded library read one id fewer than the export needs
+    with pytest.raises(RuntimeError, match="holds symmetric int4 rows .* predates them: load .* in a fresh process"):
+        recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})
+    recipe.load_kernels(moved, manifest)  # none: loads

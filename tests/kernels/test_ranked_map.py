@@ -180,7 +180,7 @@ def test_rows_per_group_come_from_the_last_block(tables):
     gen = torch.Generator().manual_seed(sum(tables))
     w, offsets, row_map, ends, shift = random_layout(gen, tables, 8)
     lay = _ranked(w, offsets, row_map, ends, shift, tables, 8)
-    want = torch.bincount(torch.bucketize(row_map, ends, right=True), minlength=7).tolist()
+    want = torch.bincount(torch.bucketize(row_map, ends, right=True), minlength=8).tolist()
     assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == want
 
 
@@ -193,29 +193,33 @@ def test_a_module_saved_before_the_ranked_map_is_refused_by_name():
 
 
 def _one_bit_layout(gen, tables, dim, with_dropped):
-    """A served layout with 1-bit rows (group 6) among every other group: random bytes in a
-    store-like buffer whose slots are not in key order, then `build_ranked_layout`."""
+    """A served layout with 1-bit rows (group 6) and symmetric int4 rows (group 7) among every
+    other group: random bytes in a store-like buffer whose
+    slots are not in key order, then `build_ranked_layout`. With the dropped tier that is
+    eight codes, the most three bit planes hold."""
     n = sum(tables)
-    ids = [0, 1, 2, 3, 4, 6] + ([5] if with_dropped else [])
+    stored = [0, 1, 2, 3, 4, 6, 7]
+    ids = stored + ([5] if with_dropped else [])
     groups = torch.tensor(ids)[torch.randint(0, len(ids), (n,), generator=gen)]
     groups[:3] = 6  # some 1-bit rows in every draw
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1)
+    groups[3:6] = 7  # and some symmetric int4 rows
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1, dim // 2 + 1)
     T = len(tables)
-    cap = [int((groups == g).sum()) for g in range(7)]
+    cap = [int((groups == g).sum()) for g in range(8)]
     cap[0] += T if with_dropped else 0
     cap[5] = 0
     offsets, at = [], 0
-    for g in range(7):
+    for g in range(8):
         offsets.append(at)
         at += (cap[g] * raw[g] + 3) // 4 * 4
     w = torch.zeros(at, dtype=torch.uint8)
-    for g in (0, 1, 2, 3, 4, 6):
+    for g in stored:
         tab = w[offsets[g] : offsets[g] + cap[g] * raw[g]].view(cap[g], raw[g])
         if g == 0:
             tab.view(torch.float32).copy_(torch.randn(cap[g], dim, generator=gen))
         elif g == 1:
             tab.view(torch.float16).copy_(torch.randn(cap[g], dim, generator=gen).half())
-        elif g == 6:  # one magnitude code byte (any of the 256, 0 too), then a sign bit a value
+        elif g in (6, 7):  # one magnitude (scale) code byte (any of the 256, 0 too), then the codes
             tab[:, :1] = torch.randint(0, 256, (cap[g], 1), generator=gen, dtype=torch.uint8)
             tab[:3, 0] = torch.tensor([0, 1, 255], dtype=torch.uint8)[: len(tab)]  # the ends of the code range
             tab[:, 1:] = torch.randint(0, 256, (cap[g], raw[g] - 1), generator=gen, dtype=torch.uint8)
@@ -224,7 +228,7 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
             tab[:, :4].view(torch.float16).copy_(sb.half())
             tab[:, 4:] = torch.randint(0, 256, (cap[g], raw[g] - 4), generator=gen, dtype=torch.uint8)
     slots = torch.zeros(n, dtype=torch.int64)
-    for g in (0, 1, 2, 3, 4, 6):
+    for g in stored:
         m = (groups == g).nonzero().flatten()
         slots[m] = torch.randperm(len(m), generator=gen)
     table_base = torch.tensor([0] + torch.cumsum(torch.tensor(tables), 0).tolist())
@@ -237,12 +241,12 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("with_dropped", [False, True])
-def test_one_bit_rows_read_as_the_reference_reads_them(pooling, weighted, with_dropped):
+def test_one_bit_and_symmetric_int4_rows_read_as_the_reference_reads_them(pooling, weighted, with_dropped):
     gen = torch.Generator().manual_seed(7 + 2 * weighted + with_dropped)
     tables, dim = [37, 5, 300], 16
     lay, w, offsets, groups, slots = _one_bit_layout(gen, tables, dim, with_dropped)
-    assert 6 in lay.code_groups.tolist() and (5 in lay.code_groups.tolist()) == with_dropped
-    assert lay.group_offsets.numel() == 7
+    assert 6 in lay.code_groups.tolist() and 7 in lay.code_groups.tolist()
+    assert (5 in lay.code_groups.tolist()) == with_dropped and lay.group_offsets.numel() == 8
     base, rows, feats = torch.tensor([0, 37, 42, 0]), torch.tensor([37, 5, 300, 37]), [37, 5, 300, 37]
     B = 40
     values, lengths = bags(gen, feats, B, max_len=5)
@@ -252,8 +256,8 @@ def test_one_bit_rows_read_as_the_reference_reads_them(pooling, weighted, with_d
     got = mixed_lookup_ranked(*ranked, *rest)
     assert same_bits(got, mixed_lookup_ranked_reference(*ranked, *rest))
     # A 1-bit row by hand, from the store-like buffer it was built from: +a for a set bit, -a
-    # for a clear one.
-    key = int((groups == 6).nonzero()[0])
+    # for a clear one (a row past the first three, whose code bytes are the range's ends).
+    key = int(((groups == 6) & (slots >= 3)).nonzero()[0])
     row = w[offsets[6] + int(slots[key]) * (dim // 8 + 1) :][: dim // 8 + 1]
     (a,) = ONE_BIT_MAGNITUDES[row[:1].long()].tolist()  # the export's table, not the library's
     bits = [(int(row[1 + j // 8]) >> (j % 8)) & 1 for j in range(dim)]
@@ -272,7 +276,17 @@ def test_one_bit_rows_read_as_the_reference_reads_them(pooling, weighted, with_d
         ["k"],
     )
     assert one[0].tolist() == [a if b else -a for b in bits]
-    assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == torch.bincount(groups, minlength=7).tolist()
+    # A symmetric int4 row by hand: s x (code - 7.5), codes two a byte, low bits first.
+    key = int((groups == 7).nonzero()[0])
+    row = w[offsets[7] + int(slots[key]) * (dim // 2 + 1) :][: dim // 2 + 1]
+    (s,) = ONE_BIT_MAGNITUDES[row[:1].long()].tolist()
+    codes = [(int(row[1 + j // 2]) >> (4 * (j % 2))) & 15 for j in range(dim)]
+    one = mixed_lookup_ranked(
+        *ranked, torch.tensor([0]), torch.tensor([sum(tables)]), torch.tensor([key]), torch.tensor([1]),
+        None, dim, 1, "none", 1, ["k"],
+    )  # fmt: skip
+    assert one[0].tolist() == [float(torch.tensor(c - 7.5) * torch.tensor(s)) for c in codes]
+    assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == torch.bincount(groups, minlength=8).tolist()
 
 
 def test_one_bit_rows_need_a_dim_that_is_a_multiple_of_8():
