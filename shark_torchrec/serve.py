@@ -56,7 +56,8 @@ import torch
 
 FORMAT = "shark-torchrec serving export"
 VERSION = 2
-SYMMETRIC_INT4_GROUP = 7  # the group id of served symmetric int4 rows (int4s): a library reads ids below `served_groups`
+# The group id of served symmetric int4 rows (int4s): a library reads the ids below its `served_groups`.
+SYMMETRIC_INT4_GROUP = 7
 READS_VERSIONS = (1, 2)  # 1: the lookup was FBGEMM's op (no kernel library)
 
 

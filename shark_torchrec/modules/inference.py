@@ -172,9 +172,7 @@ class MixedPrecisionPooledLookup(nn.Module):
         (`shark export --tiers`)."""
         counts = ranked_group_rows(self.blocks, self.code_groups, self.num_rows)
         return {
-            f"rows_{name}": counts[g]
-            for g, name in enumerate(SERVED_GROUP_NAMES)
-            if g < len(GROUP_NAMES) or counts[g]
+            f"rows_{name}": counts[g] for g, name in enumerate(SERVED_GROUP_NAMES) if g < len(GROUP_NAMES) or counts[g]
         }
 
     def pooled(self, values: torch.Tensor, lengths: torch.Tensor, B: int) -> torch.Tensor:

@@ -358,7 +358,8 @@ def test_symmetric_int4_rows_take_the_best_scale_byte():
         best = torch.minimum(best, (((nearest - 7.5) * step - rows) ** 2).sum(1))
     assert torch.equal(err, best)
     zero_codes, zero_scale = symmetric_int4_rows(torch.zeros(2, 8))
-    assert zero_scale.tolist() == [[0], [0]] and torch.equal(symmetric_int4_values(zero_codes, zero_scale), torch.zeros(2, 8))
+    assert zero_scale.tolist() == [[0], [0]]
+    assert torch.equal(symmetric_int4_values(zero_codes, zero_scale), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="1 of the rows hold a NaN"):
         symmetric_int4_rows(torch.tensor([[0.5, float("nan")], [1.0, -1.0]]))
     with pytest.warns(UserWarning, match="1 rows hold a value beyond 1760.6.*largest here 5000"):
