@@ -237,8 +237,9 @@ def export_main(argv: List[str]) -> int:
         nargs="+",
         default=None,
         help="serve in these tiers (e.g. int8 int4 int2 dropped, or int4 int2 int1: int1 is 1-bit rows, +a or "
-        "-a by each value's sign, served only, for the rows the other tiers cannot hold; int4s, symmetric int4 "
-        "rows with a one-byte scale, also served only, above int1: int4s int1), rows ranked by their "
+        "-a by each value's sign, served only, for the rows the other tiers cannot hold; int4s and int2s, "
+        "symmetric int4 and int2 rows with a one-byte scale, also served only, above int1: int4s int2s int1), "
+        "rows ranked by their "
         "trained priorities (a model of stock fp32 tables: by their occurrences in one pass of the training "
         "split) and rounded as --rounding says; needs --memory-budget (default: the rows as trained)",
     )

@@ -580,12 +580,12 @@ class JobConfig:
                     f"[{floor:.3f}, 1] (all rows {GROUP_NAMES[cheapest]} plus the row map take {floor:.3f} of fp32)"
                 )
         if c.serve_tiers:
-            from shark_torchrec.precision.priority import check_served_tiers
+            from shark_torchrec.precision.priority import SERVED_ONLY, check_served_tiers
 
             try:
                 serve = split_tiers(c.serve_tiers)
                 check_served_tiers(serve, m.embedding_dim)
-                stored = tuple(t for t in serve if t not in ("int1", "int4s"))  # the export's own (served only)
+                stored = tuple(t for t in serve if t not in SERVED_ONLY)  # the export's own tiers
                 if len(stored) > 1 or "int1" not in serve:
                     # As the export will build it: the quantize stage trains with shark (or freq) rows.
                     dataclasses.replace(

@@ -56,8 +56,9 @@ import torch
 
 FORMAT = "shark-torchrec serving export"
 VERSION = 2
-# The group id of served symmetric int4 rows (int4s): a library reads the ids below its `served_groups`.
-SYMMETRIC_INT4_GROUP = 7
+# The group ids of the served symmetric rows, by the manifest's row count: a library reads the ids
+# below its `served_groups`.
+SYMMETRIC_GROUPS = {"rows_int4s": 7, "rows_int2s": 8}
 READS_VERSIONS = (1, 2)  # 1: the lookup was FBGEMM's op (no kernel library)
 
 
@@ -134,10 +135,11 @@ def load_kernels(export_dir: Path, manifest: dict) -> None:
                 f"process reads layout {have}: load {export_dir} in a fresh process"
             )
         groups = int(torch.ops.shark.served_groups()) if hasattr(torch.ops.shark, "served_groups") else 7
-        if groups <= SYMMETRIC_INT4_GROUP and int(manifest.get("rows_int4s", 0)):
+        unread = [k[5:] for k, g in SYMMETRIC_GROUPS.items() if g >= groups and int(manifest.get(k, 0))]
+        if unread:
             raise RuntimeError(
-                f"{export_dir} holds symmetric int4 rows (int4s); the shark_kernels library loaded in this "
-                f"process predates them: load {export_dir} in a fresh process"
+                f"{export_dir} holds symmetric rows ({', '.join(unread)}); the shark_kernels library loaded in "
+                f"this process predates them: load {export_dir} in a fresh process"
             )
         return
     if hasattr(torch.ops.shark, "mixed_lookup"):

@@ -57,10 +57,10 @@ from shark_torchrec.precision.priority import (
     FP16,
     FP32,
     INT1,
-    INT4S,
     INT_BITS,
     ROW_MAP_BYTES,
     SERVED_GROUP_NAMES,
+    SYMMETRIC_BITS,
     BudgetError,
     add_occurrences_,
     by_precision,
@@ -76,7 +76,7 @@ from shark_torchrec.precision.quantize import (
     quantize_rows,
     requantize_with,
     sign_magnitude_rows,
-    symmetric_int4_rows,
+    symmetric_rows,
 )
 
 ONE_BIT = SERVED_GROUP_NAMES[INT1]  # the served-only tier's name (`ServingTiers`)
@@ -155,8 +155,9 @@ class ServingTiers:
     by its sign (one magnitude a row in a byte, `sign_magnitude_rows`), for the rows the other tiers
     cannot hold, where `dropped` would give them their
     table's mean row; the two exclude each other, and int1 takes the model-wide budget.
-    `int4s`, served only too and planned with int1 below it: symmetric int4 rows with one scale
-    byte a row (`symmetric_int4_rows`), dim / 2 + 1 bytes where int4 takes dim / 2 + 4."""
+    `int4s` and `int2s`, served only too and planned with int1 below them: symmetric int4 and
+    int2 rows with one scale byte a row (`symmetric_rows`), dim / 2 + 1 and dim / 4 + 1 bytes
+    where int4 and int2 take 3 more."""
 
     tiers: Tuple[str, ...]
     memory_budget: float
@@ -465,7 +466,8 @@ def _check_one_bit_floor(serving: ServingTiers, configs) -> None:
 def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, score: torch.Tensor):
     """Each row's group under the rank rule with the 1-bit tier (`one_bit_tier_counts`): rows
     ranked over the whole model as the store's rule ranks them (score per byte, ties by table
-    name, then row); None when every row fits in the tiers above int1."""
+    name, then row); None when every row fits in the tiers above int1 and the store's own rule
+    reads them (no symmetric tier among them)."""
     tiers = by_precision(serving.tiers)
     dim = configs[0].embedding_dim
     names = [c.name for c in configs]
@@ -473,12 +475,20 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
     n = sum(rows)
     # The budget less the ranked map and up to 3 bytes before each group table (each starts at a multiple of 4).
     weight_bytes = serving.memory_budget * n * dim * 4 - ranked_map_bytes(n, len(configs), len(tiers), False)
+    cost = {g: row_bytes(dim, g) for g in tiers}
+    weight_bytes -= 3 * len(tiers)
     try:
-        plan = one_bit_tier_counts(
-            n, weight_bytes - 3 * len(tiers), {g: row_bytes(dim, g) for g in tiers}, tiers, policy.fp32_fraction
-        )
+        plan = one_bit_tier_counts(n, weight_bytes, cost, tiers, policy.fp32_fraction)
     except BudgetError as e:
         raise BudgetError(f"{_below_floor(serving, dim, _one_bit_floor(serving, configs))} ({e})") from e
+    if plan is None and any(g in SYMMETRIC_BITS for g in tiers):
+        # Every row fits above int1, and no stored rule reads the symmetric tiers: the same rule
+        # one tier up (int4s int2s int1: as many int4s rows as fit, the rest int2s), until one fits.
+        above = list(tiers[:-1])
+        while plan is None and len(above) > 1:
+            plan = one_bit_tier_counts(n, weight_bytes, cost, above, policy.fp32_fraction, cheapest=above[-1])
+            above = above[:-1]
+        plan = {g: (plan or {above[0]: n}).get(g, 0) for g in tiers}
     if plan is None and len(tiers) > 2:
         return None
     if plan is None:  # one tier above int1, and every row fits in it
@@ -532,9 +542,9 @@ def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tens
     """fp32 rows as the bytes of a served group's rows: fp32, fp16 (nearest), an int8/int4/int2
     row (fp16 scale and bias, then the codes packed low bits first; `fitted` or `nearest` range),
     a 1-bit row (a magnitude code byte, then a sign bit a value: `sign_magnitude_rows`,
-    whatever the rounding, since a sign has no other nearest code), or a symmetric int4 row (a
-    scale code byte, then the codes two a byte: `symmetric_int4_rows`, whose scale is fitted
-    whatever the rounding)."""
+    whatever the rounding, since a sign has no other nearest code), or a symmetric int4 or int2
+    row (a scale code byte, then the codes two or four a byte: `symmetric_rows`, whose scale is
+    fitted whatever the rounding)."""
     if group == FP32:
         return values.contiguous().view(torch.uint8)
     if group == FP16:
@@ -542,9 +552,9 @@ def _encoded_rows(values: torch.Tensor, group: int, rounding: str) -> torch.Tens
     if group == INT1:
         codes, magnitude = sign_magnitude_rows(values)
         return torch.cat([magnitude, pack_codes(codes, 1)], dim=1)
-    if group == INT4S:
-        codes, scale = symmetric_int4_rows(values)
-        return torch.cat([scale, pack_codes(codes, 4)], dim=1)
+    if group in SYMMETRIC_BITS:
+        codes, scale = symmetric_rows(values, SYMMETRIC_BITS[group])
+        return torch.cat([scale, pack_codes(codes, SYMMETRIC_BITS[group])], dim=1)
     codes, sb = _integer_rows(values, group, rounding)
     return torch.cat([sb.contiguous().view(torch.uint8), pack_codes(codes, INT_BITS[group])], dim=1)
 
@@ -905,6 +915,7 @@ def export_checkpoint(
         "max_abs_logit_diff_dev": largest_difference(want, dev_logits(served)),
         "rows_int1": record.get("rows_int1", 0),  # with `one_bit_layout`: what serve.py checks the library by
         "rows_int4s": record.get("rows_int4s", 0),  # with `served_groups`: likewise
+        "rows_int2s": record.get("rows_int2s", 0),
     }
     write_serving_files(serving, data, qcfg.dataset, out, checks)
     return record

@@ -29,14 +29,17 @@ constexpr int64_t kGroups = 5;     // the training store's stored groups: fp32, 
 constexpr int64_t kDropped = 5;    // a dropped row reads its table's fallback row in the fp32 table
 constexpr int64_t kInt1 = 6;       // 1-bit rows (+-a): served only (the export makes them), never trained
 constexpr int64_t kInt4S = 7;      // symmetric int4 rows (s x (c - 7.5), s a byte): served only too
-constexpr int64_t kIds = 8;        // group ids 0..7
+constexpr int64_t kInt2S = 8;      // symmetric int2 rows (s x (c - 1.5), s a byte): served only too
+constexpr int64_t kIds = 9;        // group ids 0..8
+constexpr int64_t kMaxCodes = 8;   // the most codes a ranked map holds: three bit planes
 constexpr int64_t kMaxDim = 4096;  // the widest row an integer group is unpacked from
 
 // Bytes of one row of group g (int8/int4/int2 rows: fp16 scale and bias, then packed codes; a
-// 1-bit row: one byte for its magnitude a, then a bit a value, +a or -a; a symmetric int4 row:
-// one byte for its scale s, then its codes two a byte; a dropped row has none).
+// 1-bit row: one byte for its magnitude a, then a bit a value, +a or -a; a symmetric int4 or
+// int2 row: one byte for its scale s, then its codes two or four a byte; a dropped row has none).
 inline int64_t row_bytes(int64_t dim, int64_t g, int64_t alignment) {
-  const int64_t raw[kIds] = {4 * dim, 2 * dim, dim + 4, dim / 2 + 4, dim / 4 + 4, 0, dim / 8 + 1, dim / 2 + 1};
+  const int64_t raw[kIds] = {4 * dim,     2 * dim, dim + 4,     dim / 2 + 4, dim / 4 + 4,
+                             0,           dim / 8 + 1, dim / 2 + 1, dim / 4 + 1};
   return (raw[g] + alignment - 1) / alignment * alignment;
 }
 

@@ -1,5 +1,5 @@
 // Fused lookup of rows kept in precision groups (fp32, fp16, int8, int4, int2 and dropped; 1-bit
-// and symmetric int4 rows too, in a served store),
+// and symmetric int4 and int2 rows too, in a served store),
 // registered as torch.ops.shark.mixed_lookup. One pass per bag: id -> row map -> group and
 // slot -> the row's bytes in its group table -> dequantized, weighted and pooled straight into
 // the output layout. The reference it is tested against is `mixed_lookup_reference` in
@@ -55,15 +55,21 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
       if (kWeighted) v = v * w;
       acc[j] = kAssign ? v : acc[j] + v;
     }
-  } else if constexpr (G == kInt4S) {
-    // A symmetric int4 row is one byte for its scale s (`one_bit_magnitude`), then its codes two
-    // a byte, low bits first: code c reads s x (c - 7.5), the subtraction exact, one rounding.
+  } else if constexpr (G == kInt4S || G == kInt2S) {
+    // A symmetric int4 (int2) row is one byte for its scale s (`one_bit_magnitude`), then its
+    // codes two (four) a byte, low bits first: code c reads s x (c - 7.5) (s x (c - 1.5)), the
+    // subtraction exact, one rounding.
+    constexpr int kBits = G == kInt4S ? 4 : 2;
+    constexpr int kPerByte = 8 / kBits;
+    constexpr int kMask = (1 << kBits) - 1;
+    constexpr float kCentre = kMask / 2.0f;
     const float scale = one_bit_magnitude(row[0]);
     const uint8_t* codes = row + 1;
     float centred[kMaxDim];
-    for (int64_t k = 0; k < D / 2; ++k) {
-      centred[2 * k] = static_cast<float>(codes[k] & 15) - 7.5f;
-      centred[2 * k + 1] = static_cast<float>(codes[k] >> 4) - 7.5f;
+    for (int64_t k = 0; k < D / kPerByte; ++k) {
+      for (int p = 0; p < kPerByte; ++p) {
+        centred[k * kPerByte + p] = static_cast<float>((codes[k] >> (p * kBits)) & kMask) - kCentre;
+      }
     }
     for (int64_t j = 0; j < D; ++j) {
       float v = scale * centred[j];
@@ -134,6 +140,7 @@ inline void accumulate(float* acc, const uint8_t* row, int64_t g, int64_t D, flo
     case 3: accumulate_group<3, kWeighted, kAssign>(acc, row, D, w); break;
     case 4: accumulate_group<4, kWeighted, kAssign>(acc, row, D, w); break;
     case kInt4S: accumulate_group<kInt4S, kWeighted, kAssign>(acc, row, D, w); break;
+    case kInt2S: accumulate_group<kInt2S, kWeighted, kAssign>(acc, row, D, w); break;
     // The locators hand out only the ids above (each op checks its layout's groups first).
     default: accumulate_group<kInt1, kWeighted, kAssign>(acc, row, D, w); break;
   }
@@ -193,12 +200,13 @@ struct RankedLocator {
     TORCH_CHECK(starts_t_.numel() == fallback_t_.numel() + 1, "table_base: each table's first row, then the rows; "
                 "table_fallback: one per table");
     n_codes_ = codes_t_.numel();
-    TORCH_CHECK(n_codes_ <= kIds, "code_groups: at most ", kIds, " codes");
+    TORCH_CHECK(n_codes_ <= kMaxCodes, "code_groups: at most ", kMaxCodes, " codes (three bit planes), got ",
+                n_codes_);
     const int32_t* cg = codes_t_.data_ptr<int32_t>();
     stored_ = n_codes_;
     bool one_bit = false;
     for (int64_t c = 0; c < n_codes_; ++c) {
-      TORCH_CHECK(cg[c] >= 0 && cg[c] < kIds, "code_groups: group ids 0..7");
+      TORCH_CHECK(cg[c] >= 0 && cg[c] < kIds, "code_groups: group ids 0..8");
       TORCH_CHECK((cg[c] == kDropped) == (c == n_codes_ - 1 && cg[c] == kDropped),
                   "code_groups: the dropped group only as the last code");
       one_bit = one_bit || cg[c] == kInt1;
@@ -493,8 +501,9 @@ at::Tensor mixed_lookup_ranked(
 // recipe refuses to read 1-bit rows with a library of another layout already loaded.
 int64_t one_bit_layout() { return 3; }
 
-// The group ids this library's served lookup reads: 0..7 (7, symmetric int4 rows, since that tier
-// was added). A serving recipe refuses an export with such rows when an older library is loaded.
+// The group ids this library's served lookup reads: 0..8 (7 and 8, symmetric int4 and int2 rows,
+// since those tiers were added). A serving recipe refuses an export with rows of a group the
+// library loaded in its process does not read.
 int64_t served_groups() { return kIds; }
 
 // The 256 magnitudes a 1-bit row's code byte stands for (`one_bit_magnitude`), as a tensor: what

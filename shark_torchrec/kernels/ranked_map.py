@@ -18,9 +18,10 @@ row: (8 P + 4 U) / 64, e.g. 0.375 for int4/int2/dropped, 0.44 for fp32/fp16/int8
 int4/int2/int1, 0.75 with all six stored groups and dropped rows (`ranked_map_bytes_per_row`).
 
 Served rows can also be 1-bit (group `INT1`, 6: one byte for the magnitude a, an eighth-octave
-code, then a bit a value, low bits first, read as +a or -a) or symmetric int4 (group `INT4S`, 7:
-one byte for the scale s on the same grid, then the codes two a byte, read as s x (code - 7.5)):
-the export puts rows there, the training store never does.
+code, then a bit a value, low bits first, read as +a or -a) or symmetric int4 or int2 (groups
+`INT4S`, 7, and `INT2S`, 8: one byte for the scale s on the same grid, then the codes two or
+four a byte, read as s x (code - 7.5) or s x (code - 1.5)): the export puts rows there, the
+training store never does. A map holds at most 8 codes (three bit planes).
 
 `torch.ops.shark.mixed_lookup_ranked` (lookup.cpp) reads it; `decode_ranked_map` (torch) is the
 reference decoder its tests hold it to, through `mixed_lookup_ranked_reference`.
@@ -39,7 +40,9 @@ GROUPS = 5  # the training store's stored groups: fp32, fp16, int8, int4, int2
 DROPPED = 5  # the group id of a dropped row
 INT1 = 6  # the served-only 1-bit group (`shark_torchrec.precision.priority.INT1`)
 INT4S = 7  # the served-only symmetric int4 group (`shark_torchrec.precision.priority.INT4S`)
-STORED = (0, 1, 2, 3, INT4S, 4, INT1)  # the group ids a served module stores rows of, most precise first
+INT2S = 8  # the served-only symmetric int2 group (`shark_torchrec.precision.priority.INT2S`)
+STORED = (0, 1, 2, 3, INT4S, 4, INT2S, INT1)  # the group ids a served module stores rows of, most precise first
+MAX_CODES = 8  # three bit planes: the most the lookup reads
 
 
 def planes_for(num_codes: int) -> int:
@@ -91,9 +94,10 @@ class RankedLayout:
 
     Attributes:
         weights: uint8 buffer of the group tables (fp32 rows then the fallback rows, fp16, int8,
-            int4, int2, int1, int4s), FBGEMM's row layout, as the training store's buffer.
-        group_offsets: int64 [5] (by group id: 7 with 1-bit rows, 8 with symmetric int4 rows,
-            the dropped id's unused),
+            int4, int2, int1, int4s, int2s), FBGEMM's row layout, as the training store's buffer.
+        group_offsets: int64 [5] (by group id: up to the largest served-only group present, 7
+            with 1-bit rows, 8 with symmetric int4 rows, 9 with symmetric int2 rows; the
+            dropped id's unused),
             byte offset of each group table.
         blocks: int32 [ceil(rows / 64), 2 P + U], the block records.
         code_groups: int32 [codes], the group id of each code, most precise first (dropped, 5,
@@ -139,9 +143,9 @@ def build_ranked_layout(
         group_offsets: byte offset of each of its group tables (by group id).
         capacity: rows of each of its group tables (by group id).
         row_bytes: bytes of a row of each stored group (by group id; padded as the buffer's rows
-            are). With 1-bit rows (group 6) all three are at least 7 long, with symmetric int4
-            rows (group 7) 8.
-        groups: int64 [rows] group id of each row key (5: dropped, 6: 1-bit, 7: symmetric int4).
+            are). Each is as long as the largest group id present, plus one.
+        groups: int64 [rows] group id of each row key (5: dropped, 6: 1-bit, 7 and 8: symmetric
+            int4 and int2).
         slots: int64 [rows] slot of each row in its group's table (a dropped row: its table's
             fallback row's slot in the fp32 table).
         table_base: int64 [T + 1], each table's first row key, then the rows.
@@ -153,7 +157,9 @@ def build_ranked_layout(
     present = [g for g in STORED if bool((groups == g).any())]
     has_dropped = bool((groups == DROPPED).any())
     code_groups = present + ([DROPPED] if has_dropped else [])
-    code_of = torch.full((INT4S + 1,), -1, dtype=torch.int8)
+    if len(code_groups) > MAX_CODES:
+        raise ValueError(f"a ranked map holds at most {MAX_CODES} codes (groups), got {code_groups}")
+    code_of = torch.full((INT2S + 1,), -1, dtype=torch.int8)
     code_of[torch.tensor(code_groups, dtype=torch.int64)] = torch.arange(len(code_groups), dtype=torch.int8)
     nblocks = (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
     codes = torch.zeros(nblocks * BLOCK_ROWS, dtype=torch.int8)  # padding rows: code 0, after every real row
@@ -169,10 +175,9 @@ def build_ranked_layout(
     # fallback row per table that drops rows (in table order).
     T = int(table_base.numel()) - 1
     table_fallback = torch.full((T,), -1, dtype=torch.int64)
-    # The offsets' entries, by group id: the served-only groups' only when present.
-    ids = list(range(GROUPS)) + (
-        [DROPPED, INT1, INT4S] if INT4S in present else [DROPPED, INT1] if INT1 in present else []
-    )
+    # The offsets' entries, by group id: up to the largest served-only group present.
+    last = max([g for g in (INT1, INT4S, INT2S) if g in present], default=DROPPED - 1)
+    ids = list(range(last + 1))
     taken: List[torch.Tensor] = []
     for g in ids:
         take = slots[groups == g].to(torch.int64) if g != DROPPED else slots[:0].to(torch.int64)
@@ -286,7 +291,7 @@ def ranked_from_row_map(
 
 
 def ranked_group_rows(blocks: torch.Tensor, code_groups: torch.Tensor, rows: int) -> List[int]:
-    """Rows per group id (fp32, fp16, int8, int4, int2, dropped, int1, int4s) under a ranked map, from
+    """Rows per group id (fp32, fp16, int8, int4, int2, dropped, int1, int4s, int2s) under a ranked map, from
     its last block alone: a stored code's rows are that block's base plus its own rows of the code.
 
     Args:
@@ -294,9 +299,9 @@ def ranked_group_rows(blocks: torch.Tensor, code_groups: torch.Tensor, rows: int
         rows: the rows it covers (keys 0 .. rows - 1; the last block's padding is not counted).
 
     Returns:
-        Eight counts, by group id.
+        Nine counts, by group id.
     """
-    counts = [0] * (INT4S + 1)
+    counts = [0] * (INT2S + 1)
     if rows == 0:
         return counts
     n_codes = int(code_groups.numel())

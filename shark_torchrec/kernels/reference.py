@@ -17,7 +17,9 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocati
 from shark_torchrec.kernels.ranked_map import decode_ranked_map
 
 ONE_BIT_GROUP = 6  # served 1-bit rows (`shark_torchrec.precision.priority.INT1`): read in torch
-SYMMETRIC_INT4_GROUP = 7  # served symmetric int4 rows (`shark_torchrec.precision.priority.INT4S`): read in torch
+# Served symmetric int4 and int2 rows (`shark_torchrec.precision.priority.INT4S`, `INT2S`): read
+# in torch. Group id -> bits.
+SYMMETRIC_GROUP_BITS = {7: 4, 8: 2}
 GROUP_TYPES = (SparseType.FP32, SparseType.FP16, SparseType.INT8, SparseType.INT4, SparseType.INT2)
 
 # FBGEMM's codes, written as literals in `group_lookup` (TorchScript reads no Python globals).
@@ -207,26 +209,26 @@ def _read_and_pool(
     weights, group_offsets, g, slots, values, lengths, per_sample_weights, dim, batch_size, pooling, row_alignment, F
 ) -> torch.Tensor:
     """Each id's row (group g, slot; dropped rows, group 5, read the fp32 table) by FBGEMM's
-    INT-N op (1-bit rows, group 6, and symmetric int4 rows, group 7, which FBGEMM does not read,
-    in torch), weighted and pooled per bag."""
+    INT-N op (1-bit rows, group 6, and symmetric int4 and int2 rows, groups 7 and 8, which FBGEMM
+    does not read, in torch), weighted and pooled per bag."""
     B, D = batch_size, dim
     dev = weights.device
     lengths = lengths.long()
     nnz = values.numel()
     g = torch.where(g == len(GROUP_TYPES), torch.zeros_like(g), g)  # dropped rows read the fp32 table
-    one_bit = g == ONE_BIT_GROUP
-    symmetric = g == SYMMETRIC_INT4_GROUP
-    if bool(one_bit.any()) or bool(symmetric.any()):
+    in_torch = g >= ONE_BIT_GROUP
+    if bool(in_torch.any()):
         per_id = torch.empty(nnz, D, device=dev)
-        rest = (~(one_bit | symmetric)).nonzero().flatten()
+        rest = (~in_torch).nonzero().flatten()
         per_id[rest] = _fbgemm_rows(weights, group_offsets, g[rest], slots[rest], D, row_alignment)
-        at = one_bit.nonzero().flatten()
+        at = (g == ONE_BIT_GROUP).nonzero().flatten()
         if len(at):
             per_id[at] = _one_bit_rows(weights, int(group_offsets[ONE_BIT_GROUP]), slots[at], D, row_alignment)
-        at = symmetric.nonzero().flatten()
-        if len(at):
-            offset = int(group_offsets[SYMMETRIC_INT4_GROUP])
-            per_id[at] = _symmetric_int4_rows(weights, offset, slots[at], D, row_alignment)
+        for group, bits in SYMMETRIC_GROUP_BITS.items():
+            at = (g == group).nonzero().flatten()
+            if len(at):
+                offset = int(group_offsets[group])
+                per_id[at] = _symmetric_rows(weights, offset, slots[at], D, row_alignment, bits)
     else:
         per_id = _fbgemm_rows(weights, group_offsets, g, slots, D, row_alignment)
     if per_sample_weights is not None:
@@ -255,18 +257,21 @@ def _one_bit_rows(
     return bits.reshape(len(slots), dim).float() * (2 * a) - a
 
 
-def _symmetric_int4_rows(
-    weights: torch.Tensor, offset: int, slots: torch.Tensor, dim: int, row_alignment: int
+def _symmetric_rows(
+    weights: torch.Tensor, offset: int, slots: torch.Tensor, dim: int, row_alignment: int, bits: int
 ) -> torch.Tensor:
-    """Symmetric int4 rows read in torch: each row one byte for its scale s (the 1-bit magnitude
-    table, `torch.ops.shark.one_bit_magnitudes`), then its codes two a byte, low bits first; a
-    value is s x (code - 7.5), one rounding, as the op computes it."""
-    rb = (dim // 2 + 1 + row_alignment - 1) // row_alignment * row_alignment
-    at = offset + slots.long()[:, None] * rb + torch.arange(1 + dim // 2, device=weights.device)[None, :]
+    """Symmetric int4 or int2 rows read in torch: each row one byte for its scale s (the 1-bit
+    magnitude table, `torch.ops.shark.one_bit_magnitudes`), then its codes 8 / bits a byte, low
+    bits first; a value is s x (code - (2^bits - 1) / 2), one rounding, as the op computes it."""
+    per_byte = 8 // bits
+    raw_bytes = 1 + dim // per_byte
+    rb = (raw_bytes + row_alignment - 1) // row_alignment * row_alignment
+    at = offset + slots.long()[:, None] * rb + torch.arange(raw_bytes, device=weights.device)[None, :]
     raw = weights[at]
     s = torch.ops.shark.one_bit_magnitudes().to(weights.device)[raw[:, :1].long()]
-    codes = (raw[:, 1:].long()[:, :, None] >> torch.tensor([0, 4], device=weights.device)) & 15
-    return (codes.reshape(len(slots), dim).float() - 7.5) * s
+    shifts = torch.arange(0, 8, bits, device=weights.device)
+    codes = (raw[:, 1:].long()[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return (codes.reshape(len(slots), dim).float() - ((1 << bits) - 1) / 2.0) * s
 
 
 def _fbgemm_rows(weights, group_offsets, g, slots, D: int, row_alignment: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from shark_torchrec.precision.priority import (
     DROPPED,
     GROUP_NAMES,
     INT2,
+    SERVED_ONLY,
     BudgetError,
     default_budget,
     min_budget,
@@ -179,7 +180,7 @@ class PrecisionPolicy:
             raise bad("momentum_dtype", f"must be one of {MOMENTUM_DTYPES}, got {self.momentum_dtype!r}")
         if self.bad_ids not in BAD_ID_POLICIES:
             raise bad("bad_ids", f"must be one of {BAD_ID_POLICIES}, got {self.bad_ids!r}")
-        served_only = [t for t in ("int1", "int4s") if t in self.tiers]
+        served_only = [t for t in SERVED_ONLY if t in self.tiers]
         if served_only:
             raise bad(
                 "tiers",

@@ -37,8 +37,9 @@ class RowOptimizer:
     `fallback_slot0`, and the buffers the fused update reads (`op_layout`, `table_base` and the
     tables' ids and offsets, `dim`, `row_alignment`). Writes: `row_priority`,
     `row_seen_step`, `priority_seconds`, `nonfinite_rows`, `momentum`, `fallback_grad`,
-    `fallback_momentum`, and the rows' bytes in the group tables (through `_round_into`, with
-    stochastic rounding, and the fp32 fallback rows directly).
+    `fallback_momentum`, the rows' bytes in the group tables (through `_round_into`, with
+    stochastic rounding, and the fp32 fallback rows directly), and `_squares_scratch`, the
+    scratch buffer `_mean_squares` keeps between steps (no state: never saved).
     """
 
     @torch.no_grad()

@@ -31,14 +31,16 @@ INT_BITS = {INT8: 8, INT4: 4, INT2: 2}  # integer groups: bits per value
 # sign and one magnitude a in a byte (an eighth-octave code): it serves +a or -a
 # (`sign_magnitude_rows`).
 INT1 = 6
-# The symmetric 4-bit tier is served only too, planned with int1 below it: 4-bit codes c read as
-# s x (c - 7.5), with one scale s a row in a byte on the 1-bit magnitude grid (dim / 2 + 1 bytes
-# where int4's fp16 scale and bias take dim / 2 + 4: at dim 16, 9 bytes, not 12), fitted per row
-# (`symmetric_int4_rows`).
+# The symmetric 4- and 2-bit tiers are served only too, planned with int1 below them: codes c
+# read as s x (c - 7.5) or s x (c - 1.5), with one scale s a row in a byte on the 1-bit
+# magnitude grid (dim / 2 + 1 and dim / 4 + 1 bytes where int4's and int2's fp16 scale and bias
+# take 4: at dim 16, 9 bytes, not 12; at dim 64, 17, not 20), fitted per row (`symmetric_rows`).
 INT4S = 7
-SERVED_GROUP_NAMES = GROUP_NAMES + ("int1", "int4s")  # the group ids a served module's rows can have
-SERVED_ONLY = ("int1", "int4s")  # tiers no training store holds: the export plans them (`one_bit_tier_counts`)
-SERVED_PRECISION_ORDER = (FP32, FP16, INT8, INT4, INT4S, INT2, INT1, DROPPED)  # most precise first
+INT2S = 8
+SERVED_GROUP_NAMES = GROUP_NAMES + ("int1", "int4s", "int2s")  # the group ids a served module's rows can have
+SERVED_ONLY = ("int1", "int4s", "int2s")  # tiers no training store holds: the export plans them
+SYMMETRIC_BITS = {INT4S: 4, INT2S: 2}  # the symmetric groups: bits per value
+SERVED_PRECISION_ORDER = (FP32, FP16, INT8, INT4, INT4S, INT2, INT2S, INT1, DROPPED)  # most precise first
 ROW_MAP_BYTES = 4  # one int32 slot per row, numbered across the group tables (the group follows from its range)
 DEFAULT_BUDGET = 0.35  # the paper tiers' default budget wherever int8 rows leave room for it (dim >= 45)
 BUDGET_MARGIN = 0.05  # the default's room above the all-int8 floor at smaller dims
@@ -115,8 +117,8 @@ def add_occurrences_(counts: torch.Tensor, ids: torch.Tensor, positive: torch.Te
 def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     """Bytes of one row's weights in a group (int8/int4/int2 rows carry an fp16 scale and bias,
     then their codes packed 2, 4 or 8 to a byte; a 1-bit row one byte for its magnitude, then a
-    sign bit a value; a symmetric int4 row one byte for its scale, then its codes two a byte; a
-    dropped row has none).
+    sign bit a value; a symmetric int4 or int2 row one byte for its scale, then its codes two or
+    four a byte; a dropped row has none).
 
     Args:
         dim: the row's width.
@@ -126,7 +128,7 @@ def row_bytes(dim: int, group: int, row_alignment: int = 1) -> int:
     Returns:
         The bytes.
     """
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1, dim // 2 + 1)[group]
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1, dim // 2 + 1, dim // 4 + 1)[group]
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
@@ -326,7 +328,7 @@ def ranked_rows(scores: torch.Tensor, names: Sequence[str], rows: Sequence[int])
 
 def by_precision(tiers: Iterable[str]) -> List[int]:
     """Served tier names as group ids, most precise first (`SERVED_PRECISION_ORDER`: int4s after
-    int4, int1 after int2, dropped last).
+    int4, int2s after int2, int1 after them, dropped last).
 
     Args:
         tiers: names from `SERVED_GROUP_NAMES`.
@@ -636,7 +638,12 @@ def model_budget_cuts(
 
 
 def one_bit_tier_counts(
-    rows: int, weight_bytes: float, cost: Dict[int, float], tiers: Sequence[int], head_fraction: float
+    rows: int,
+    weight_bytes: float,
+    cost: Dict[int, float],
+    tiers: Sequence[int],
+    head_fraction: float,
+    cheapest: int = INT1,
 ) -> Optional[Dict[int, int]]:
     """Rows per served tier when the least precise tier is 1-bit (`INT1`, served only): the
     rule of the dropped tier (`model_budget_cuts`) with the 1-bit tier where the dropped rows
@@ -651,35 +658,41 @@ def one_bit_tier_counts(
         cost: bytes of a row per group id in `tiers`.
         tiers: the group ids, most precise first, `INT1` last.
         head_fraction: the policy's `fp32_fraction`: the largest head, as a fraction of the rows.
+        cheapest: the group id `tiers` must end with: int1, or for a served set whose rows all
+            fit above int1 and that has no stored rule of its own (symmetric tiers), the tier
+            above it, the same rule again.
 
     Returns:
-        {group id: rows}, or None when every row fits in the tiers above int1 (the stored tiers'
-        own rule then applies, without 1-bit rows).
+        {group id: rows}, or None when every row fits in the tiers above the cheapest (the stored
+        tiers' own rule then applies, without 1-bit rows).
 
     Raises:
-        BudgetError: every row in 1 bit does not fit.
+        BudgetError: every row in the cheapest tier does not fit.
     """
-    if not tiers or tiers[-1] != INT1:
-        raise ValueError(f"one_bit_tier_counts: the last tier must be int1, got {list(tiers)}")
-    floor = rows * cost[INT1]
+    if not tiers or tiers[-1] != cheapest:
+        raise ValueError(
+            f"one_bit_tier_counts: the last tier must be {SERVED_GROUP_NAMES[cheapest]}, got {list(tiers)}"
+        )
+    floor = rows * cost[cheapest]
     if floor > weight_bytes + 1e-6:
-        raise BudgetError(f"every row in 1 bit takes {floor:.0f} bytes, the budget leaves {weight_bytes:.0f}")
+        what = "1 bit" if cheapest == INT1 else SERVED_GROUP_NAMES[cheapest]
+        raise BudgetError(f"every row in {what} takes {floor:.0f} bytes, the budget leaves {weight_bytes:.0f}")
     above = list(tiers[:-1])
     if not above:
-        return {INT1: rows}
+        return {cheapest: rows}
     top, kept = above[0], above[-1]
     spare = weight_bytes - floor
     head = 0
     if top != kept:
-        head = min(int(head_fraction * rows), int(spare * HEAD_MAX_BYTES_SHARE // (cost[top] - cost[INT1])))
-    left = spare - head * (cost[top] - cost[INT1])
-    if left >= (rows - head) * (cost[kept] - cost[INT1]) - 1e-6:
+        head = min(int(head_fraction * rows), int(spare * HEAD_MAX_BYTES_SHARE // (cost[top] - cost[cheapest])))
+    left = spare - head * (cost[top] - cost[cheapest])
+    if left >= (rows - head) * (cost[kept] - cost[cheapest]) - 1e-6:
         return None
-    k = max(0, min(rows - head, int(left // (cost[kept] - cost[INT1]))))
+    k = max(0, min(rows - head, int(left // (cost[kept] - cost[cheapest]))))
     counts = {g: 0 for g in tiers}
     counts[top] += head
     counts[kept] += k
-    counts[INT1] = rows - head - k
+    counts[cheapest] = rows - head - k
     return counts
 
 
@@ -705,8 +718,8 @@ def tier_names_problem(tiers: Sequence[str], known: Sequence[str]) -> Optional[s
 def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     """Refuse serving tiers that cannot be served: names outside `SERVED_GROUP_NAMES` or given
     twice, the 1-bit tier alone or beside `dropped` (int1 holds the rows the other tiers cannot,
-    which dropped would otherwise take), int1 at a dim that is not a multiple of 8, or the
-    symmetric int4 tier without int1 (the export plans it with int1 below it).
+    which dropped would otherwise take), int1 at a dim that is not a multiple of 8, or a
+    symmetric tier (int4s, int2s) without int1 (the export plans them with int1 below).
 
     Args:
         tiers: the tier names.
@@ -731,8 +744,10 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
         )
     if "int1" in tiers and dim is not None and dim % 8:
         raise ValueError(f"serving tier int1 needs an embedding dim that is a multiple of 8, got {dim}")
-    if "int4s" in tiers and "int1" not in tiers:
+    symmetric = [t for t in ("int4s", "int2s") if t in tiers]
+    if symmetric and "int1" not in tiers:
         raise ValueError(
-            "serving tiers: int4s (symmetric int4 rows with a one-byte scale) is planned with int1 below it; "
-            f"add int1 (e.g. int4s int1), got {tuple(tiers)}"
+            f"serving tiers: {' and '.join(symmetric)} (symmetric rows with a one-byte scale) "
+            f"{'is' if len(symmetric) == 1 else 'are'} planned with int1 below; add int1 (e.g. "
+            f"{' '.join(symmetric)} int1), got {tuple(tiers)}"
         )

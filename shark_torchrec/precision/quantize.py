@@ -496,61 +496,75 @@ def sign_magnitude_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     return (v >= 0).to(torch.uint8), magnitude_codes(magnitude)
 
 
-SYMMETRIC_INT4_CENTRE = 7.5  # a symmetric int4 code c reads s x (c - 7.5): 16 levels, none at zero
-# Scale codes tried a row: from an octave above max|v| / 7.5 (8 steps) down to 0.27 of it (15
-# steps). On Gaussian and Student-t rows of 16 values the least-error code over all 255 lay 2
-# steps below to 6 above: a coarser grid can fall closer to a few values than a finer one.
-_SYMMETRIC_INT4_ABOVE = 8
-_SYMMETRIC_INT4_STEPS = 24
+# Symmetric integer rows (the served-only `int4s` and `int2s` tiers): a code c of b bits reads
+# s x (c - (2^b - 1) / 2), levels symmetric about zero, none at it, one scale s a row as a byte
+# on the 1-bit magnitude grid. The scale codes tried a row, in eighth-octave steps from
+# `above` steps over max|v| / centre down: on Gaussian and Student-t rows (16 and 64 values) the
+# least-error code over all 255 lay from 2 below to 6 above that start for 4 bits and from 23
+# below to 8 above for 2 bits (a coarser grid can fall closer to a few values than a finer one;
+# 2 bits clip the tails hard, and a row far from zero may use only its two upper levels).
+_SYMMETRIC_SEARCH = {4: (8, 24), 2: (12, 40)}  # bits -> (steps above, steps tried)
 
 
-def symmetric_int4_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 rows (the served-only `int4s` tier): each value becomes s x (c - 7.5), c a
-    4-bit code, with one scale s a row kept as a byte on the 1-bit magnitude grid
-    (`ONE_BIT_MAGNITUDES`, eighth-octave steps). The row's scale is the one of 24 grid steps,
-    from an octave above max|v| / 7.5 down to 0.27 of it (the outliers clipped to +-7.5 s),
-    whose codes (nearest, clamped to 0..15) give the least squared error; a tie keeps the
+def symmetric_centre(bits: int) -> float:
+    """The code a symmetric row's zero sits at: (2^bits - 1) / 2 (7.5 for 4 bits, 1.5 for 2)."""
+    return ((1 << bits) - 1) / 2.0
+
+
+def symmetric_rows(values: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer rows (the served-only `int4s` and `int2s` tiers): each value becomes
+    s x (c - centre), c a code of `bits` bits and centre = (2^bits - 1) / 2, with one scale s a
+    row kept as a byte on the 1-bit magnitude grid (`ONE_BIT_MAGNITUDES`, eighth-octave steps).
+    The row's scale is the one of a window of grid steps around max|v| / centre (4 bits: 8
+    steps above it down to 15 below; 2 bits: 12 above down to 27 below, the outliers clipped to
+    +-centre x s) whose codes (nearest, clamped) give the least squared error; a tie keeps the
     larger scale.
 
-    A byte for the scale where `int4` rows keep an fp16 scale and bias (dim / 2 + 1 bytes a row,
-    not dim / 2 + 4) buys a third more 4-bit rows at dim 16 under a budget shared with int1
-    rows (bench/README.md, "Symmetric int4 rows").
+    A byte for the scale where `int4` and `int2` rows keep an fp16 scale and bias (dim / 2 + 1
+    and dim / 4 + 1 bytes a row, not + 4) leaves room for more rows in them under a budget
+    shared with int1 rows (bench/README.md, "Symmetric int4 rows", "Symmetric int2 rows").
 
     Args:
         values: [n, D] fp32 rows.
+        bits: 4 or 2.
 
     Returns:
-        (codes uint8 [n, D] in 0..15; scale codes uint8 [n, 1]): a value is served as
-        ONE_BIT_MAGNITUDES[scale code] x (code - 7.5), one fp32 rounding; `pack_codes(codes, 4)`
-        packs the codes two a byte, low bits first. A row of zeros has scale code 0 (s = 0).
+        (codes uint8 [n, D] in 0..2^bits - 1; scale codes uint8 [n, 1]): a value is served as
+        ONE_BIT_MAGNITUDES[scale code] x (code - centre), one fp32 rounding (`symmetric_values`);
+        `pack_codes(codes, bits)` packs them, low bits first. A row of zeros has scale code 0.
 
     Raises:
-        ValueError: a row holds a NaN.
+        ValueError: bits other than 4 or 2, or a row holding a NaN.
 
     Warns:
-        when rows' largest magnitudes exceed what the largest scale reaches (7.5 x 234.75):
+        when rows' largest magnitudes exceed what the largest scale reaches (centre x 234.75):
         their values are clipped there.
     """
+    if bits not in _SYMMETRIC_SEARCH:
+        raise ValueError(f"symmetric rows have 4 or 2 bits, got {bits}")
+    tier = f"int{bits}s"
+    centre, top = symmetric_centre(bits), (1 << bits) - 1
+    above, steps = _SYMMETRIC_SEARCH[bits]
     v = values.float().clamp(-FP16_MAX, FP16_MAX)
     if bool(torch.isnan(v).any()):
-        raise ValueError(f"int4s rows: {int(torch.isnan(v).any(dim=1).sum())} of the rows hold a NaN")
+        raise ValueError(f"{tier} rows: {int(torch.isnan(v).any(dim=1).sum())} of the rows hold a NaN")
     table = ONE_BIT_MAGNITUDES.to(v.device)
     amax = v.abs().amax(dim=1, keepdim=True) if v.shape[1] else v.new_zeros(v.shape[0], 1)
-    reach = SYMMETRIC_INT4_CENTRE * float(table[-1])
+    reach = centre * float(table[-1])
     over = int((amax > reach).sum())
     if over:
         warnings.warn(
-            f"int4s rows: {over} rows hold a value beyond {reach:.1f}, the largest a scale byte reaches "
+            f"{tier} rows: {over} rows hold a value beyond {reach:.1f}, the largest a scale byte reaches "
             f"(largest here {float(amax.max()):.4g}): they are clipped there",
             stacklevel=2,
         )
-    first = magnitude_codes(amax / SYMMETRIC_INT4_CENTRE).long() + _SYMMETRIC_INT4_ABOVE
+    first = magnitude_codes(amax / centre).long() + above
     best_err = best_scale = best_codes = None
-    for step in range(_SYMMETRIC_INT4_STEPS):
+    for step in range(steps):
         scale_code = (first - step).clamp(1, 255)
         s = table[scale_code]
-        codes = torch.round(v / s + SYMMETRIC_INT4_CENTRE).clamp(0, 15)
-        err = (((codes - SYMMETRIC_INT4_CENTRE) * s - v) ** 2).sum(dim=1, keepdim=True)
+        codes = torch.round(v / s + centre).clamp(0, top)
+        err = (((codes - centre) * s - v) ** 2).sum(dim=1, keepdim=True)
         if best_err is None:
             best_err, best_scale, best_codes = err, scale_code, codes
         else:
@@ -558,23 +572,22 @@ def symmetric_int4_rows(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale_code, best_scale)
             best_codes = torch.where(better, codes, best_codes)
-    if best_err is None:  # no row
-        return torch.zeros(v.shape, dtype=torch.uint8), torch.zeros(v.shape[0], 1, dtype=torch.uint8)
     zero = amax == 0
     best_scale = torch.where(zero, torch.zeros_like(best_scale), best_scale)
     best_codes = torch.where(zero, torch.zeros_like(best_codes), best_codes)
     return best_codes.to(torch.uint8), best_scale.to(torch.uint8)
 
 
-def symmetric_int4_values(codes: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
-    """The fp32 values symmetric int4 rows serve (`symmetric_int4_rows`).
+def symmetric_values(codes: torch.Tensor, scale_codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp32 values symmetric integer rows serve (`symmetric_rows`).
 
     Args:
-        codes: uint8 [n, D] codes 0..15.
+        codes: uint8 [n, D] codes.
         scale_codes: uint8 [n, 1] scale codes.
+        bits: 4 or 2.
 
     Returns:
-        float32 [n, D]: ONE_BIT_MAGNITUDES[scale code] x (code - 7.5).
+        float32 [n, D]: ONE_BIT_MAGNITUDES[scale code] x (code - (2^bits - 1) / 2).
     """
     s = ONE_BIT_MAGNITUDES.to(codes.device)[scale_codes.long()]
-    return (codes.float() - SYMMETRIC_INT4_CENTRE) * s
+    return (codes.float() - symmetric_centre(bits)) * s

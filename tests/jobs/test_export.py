@@ -280,17 +280,18 @@ def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
     assert trained_in_int1.returncode != 0 and "int1 is a tier for serving only" in trained_in_int1.stderr
 
 
-def test_fp32_model_serves_with_symmetric_int4_rows(fp32_run, tmp_path):
-    """`--tiers int4s int1`: symmetric int4 rows (one scale byte, dim / 2 + 1 bytes) above the
-    1-bit rows: ranked by the training split's counts, each the export's fitted row
-    (`symmetric_int4_rows`) as the served lookup reads it, more of them than int4 rows under the
-    same budget, exported and scripted like any other tier; a set without int1, or training in
-    int4s, is refused by name."""
+def test_fp32_model_serves_with_symmetric_rows(fp32_run, tmp_path):
+    """`--tiers int4s int1`, `int2s int1`, `int4s int2s int1`: symmetric int4 and int2 rows (one
+    scale byte, dim / 2 + 1 and dim / 4 + 1 bytes) above the 1-bit rows: ranked by the training
+    split's counts, each the export's fitted row (`symmetric_rows`) as the served lookup reads
+    it, more of them than int4 rows under the same budget, and where every row fits above int1
+    the same rule one tier up; exported and scripted like any other tier; a set without int1, or
+    training in them, is refused by name."""
     from shark_torchrec.data import open_dataset
     from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
-    from shark_torchrec.precision.priority import INT1, INT4S, row_bytes
-    from shark_torchrec.precision.quantize import symmetric_int4_rows, symmetric_int4_values
+    from shark_torchrec.precision.priority import INT1, INT2S, INT4S, row_bytes
+    from shark_torchrec.precision.quantize import symmetric_rows, symmetric_values
 
     ckpt = fp32_run / "checkpoints"
     model, cfg = load_trained_model(ckpt)
@@ -301,32 +302,47 @@ def test_fp32_model_serves_with_symmetric_int4_rows(fp32_run, tmp_path):
     counts = counted_priorities(model, data)
     total = torch.cat([counts[c.name] for c in configs])
     fp32_bytes = before.numel() * 4
-    assert row_bytes(16, INT4S) == 9
-    regroup_for_serving(model, ServingTiers(("int4s", "int1"), 0.11, "model"), counts=counts)
-    ebc = model.model.sparse_arch.embedding_bag_collection
-    assert 0.105 * fp32_bytes <= ebc.memory_bytes() <= 0.11 * fp32_bytes
-    rows = ebc.group_rows()
+    assert (row_bytes(16, INT4S), row_bytes(16, INT2S), row_bytes(64, INT2S)) == (9, 5, 17)
+
+    def served(tiers, budget):
+        m, _ = load_trained_model(ckpt)
+        regroup_for_serving(m, ServingTiers(tiers, budget, "model"), counts=counts)
+        ebc = m.model.sparse_arch.embedding_bag_collection
+        assert 0.95 * budget * fp32_bytes <= ebc.memory_bytes() <= budget * fp32_bytes
+        return ebc, ebc.group_rows(), *_served_rows(ebc)
+
+    ebc, rows, groups, after = served(("int4s", "int1"), 0.11)
     assert rows["rows_int4s"] and rows["rows_int1"] and rows["rows_int4s"] + rows["rows_int1"] == len(before)
-    groups, after = _served_rows(ebc)
     assert {int(g) for g in groups.unique()} == {INT4S, INT1}
     assert float(total[groups == INT4S].min()) >= float(total[groups == INT1].max())
     sym = groups == INT4S
-    assert torch.equal(after[sym], symmetric_int4_values(*symmetric_int4_rows(before[sym])))
+    assert torch.equal(after[sym], symmetric_values(*symmetric_rows(before[sym], 4), 4))
     # The same budget in int4 (fp16 scale and bias, 12 bytes at dim 16) holds fewer 4-bit rows.
-    m, _ = load_trained_model(ckpt)
-    regroup_for_serving(m, ServingTiers(("int4", "int1"), 0.11, "model"), counts=counts)
-    assert m.model.sparse_arch.embedding_bag_collection.group_rows()["rows_int4"] < rows["rows_int4s"]
-    with pytest.raises(ValueError, match="int4s .* is planned with int1 below it"):
+    assert served(("int4", "int1"), 0.11)[1]["rows_int4"] < rows["rows_int4s"]
+    # int2s above int1 at a budget int2s alone cannot meet (5 bytes a row; 0.06 leaves 3.8).
+    _, rows2, groups2, after2 = served(("int2s", "int1"), 0.06)
+    assert rows2["rows_int2s"] and rows2["rows_int1"]
+    assert float(total[groups2 == INT2S].min()) >= float(total[groups2 == INT1].max())
+    sym2 = groups2 == INT2S
+    assert torch.equal(after2[sym2], symmetric_values(*symmetric_rows(before[sym2], 2), 2))
+    # Every row fits above int1 at 0.11: as many int4s rows as fit over int2s, no int1.
+    _, rows3, groups3, _ = served(("int4s", "int2s", "int1"), 0.11)
+    assert rows3["rows_int4s"] and rows3["rows_int2s"] and "rows_int1" not in rows3
+    assert float(total[groups3 == INT4S].min()) >= float(total[groups3 == INT2S].max())
+    with pytest.raises(ValueError, match="int4s .* is planned with int1 below"):
         ServingTiers(("int4s", "int2"), 0.2)
-    with pytest.raises(ValueError, match="int4s is a tier for serving only"):
-        PrecisionPolicy(mode="shark", tiers=("int4s", "int2"))
+    with pytest.raises(ValueError, match="int2s .* is planned with int1 below"):
+        ServingTiers(("int4", "int2s"), 0.2)
+    with pytest.raises(ValueError, match="int4s and int2s are tiers for serving only"):
+        PrecisionPolicy(mode="shark", tiers=("int4s", "int2s"))
 
     exported = tmp_path / "served"
-    run_shark("export", str(ckpt), "--out", str(exported), "--tiers", "int4s", "int1", "--memory-budget", "0.11")
+    argv = ["--tiers", "int4s", "int2s", "int1", "--memory-budget", "0.07"]
+    run_shark("export", str(ckpt), "--out", str(exported), *argv)
     rec = json.loads((exported / "export.json").read_text())
-    assert rec["rows_int4s"] == rows["rows_int4s"] and rec["inference_bytes"] == ebc.memory_bytes()
+    assert rec["rows_int4s"] and rec["rows_int2s"] and rec["rows_int1"]
     serving = json.loads((exported / "serving.json").read_text())
-    assert serving["rows_int4s"] == rows["rows_int4s"]
+    assert (serving["rows_int4s"], serving["rows_int2s"]) == (rec["rows_int4s"], rec["rows_int2s"])
     assert serving["max_abs_logit_diff_dev"] < 1e-5  # the scripted serving model reads them too
     assert rec["max_abs_logit_diff_dev"] < 1e-5  # against stock tables of the reference's rows
 

@@ -409,11 +409,11 @@ def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export,
     with pytest.raises(RuntimeError, match="holds 1-bit rows in layout 2"):
         recipe.load_kernels(moved, {**manifest, "one_bit_layout": 2, "rows_int1": 3})
     recipe.load_kernels(moved, {**manifest, "rows_int1": 3})  # the same layout: loads
-    # Symmetric int4 rows (group 7): this library reads ids 0..7 and loads them; one that
-    # predates the tier (here: its group count made 7) refuses them by name.
-    assert int(torch.ops.shark.served_groups()) == 8 and manifest["rows_int4s"] == 0
-    recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})
-    recipe.SYMMETRIC_INT4_GROUP = 8  # as if the loaded library read one id fewer than the export needs
-    with pytest.raises(RuntimeError, match="holds symmetric int4 rows .* predates them: load .* in a fresh process"):
-        recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})
-    recipe.load_kernels(moved, manifest)  # none: loads
+    # Symmetric int4 and int2 rows (groups 7 and 8): this library reads ids 0..8 and loads them;
+    # one that predates a tier refuses its rows by name (here: the groups shifted past the library's).
+    assert int(torch.ops.shark.served_groups()) == 9 and manifest["rows_int4s"] == manifest["rows_int2s"] == 0
+    recipe.load_kernels(moved, {**manifest, "rows_int4s": 5, "rows_int2s": 2})
+    recipe.SYMMETRIC_GROUPS = {"rows_int4s": 7, "rows_int2s": 9}  # as if the library read one id fewer
+    with pytest.raises(RuntimeError, match=r"holds symmetric rows \(int2s\); .* predates them: load .* in a fresh"):
+        recipe.load_kernels(moved, {**manifest, "rows_int4s": 5, "rows_int2s": 2})
+    recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})  # no int2s rows: loads

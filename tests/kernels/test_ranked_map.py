@@ -180,7 +180,7 @@ def test_rows_per_group_come_from_the_last_block(tables):
     gen = torch.Generator().manual_seed(sum(tables))
     w, offsets, row_map, ends, shift = random_layout(gen, tables, 8)
     lay = _ranked(w, offsets, row_map, ends, shift, tables, 8)
-    want = torch.bincount(torch.bucketize(row_map, ends, right=True), minlength=8).tolist()
+    want = torch.bincount(torch.bucketize(row_map, ends, right=True), minlength=9).tolist()
     assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == want
 
 
@@ -193,23 +193,24 @@ def test_a_module_saved_before_the_ranked_map_is_refused_by_name():
 
 
 def _one_bit_layout(gen, tables, dim, with_dropped):
-    """A served layout with 1-bit rows (group 6) and symmetric int4 rows (group 7) among every
-    other group: random bytes in a store-like buffer whose
-    slots are not in key order, then `build_ranked_layout`. With the dropped tier that is
-    eight codes, the most three bit planes hold."""
+    """A served layout with 1-bit rows (group 6) and symmetric int4 and int2 rows (groups 7 and
+    8) among every other group (with dropped rows: int2 left out, eight codes either way, the
+    most three bit planes hold): random bytes in a store-like buffer whose slots are not in key
+    order, then `build_ranked_layout`."""
     n = sum(tables)
-    stored = [0, 1, 2, 3, 4, 6, 7]
+    stored = [0, 1, 2, 3, 4, 6, 7, 8] if not with_dropped else [0, 1, 2, 3, 6, 7, 8]
     ids = stored + ([5] if with_dropped else [])
     groups = torch.tensor(ids)[torch.randint(0, len(ids), (n,), generator=gen)]
     groups[:3] = 6  # some 1-bit rows in every draw
     groups[3:6] = 7  # and some symmetric int4 rows
-    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1, dim // 2 + 1)
+    groups[6:9] = 8  # and int2 rows
+    raw = (4 * dim, 2 * dim, dim + 4, dim // 2 + 4, dim // 4 + 4, 0, dim // 8 + 1, dim // 2 + 1, dim // 4 + 1)
     T = len(tables)
-    cap = [int((groups == g).sum()) for g in range(8)]
+    cap = [int((groups == g).sum()) for g in range(9)]
     cap[0] += T if with_dropped else 0
     cap[5] = 0
     offsets, at = [], 0
-    for g in range(8):
+    for g in range(9):
         offsets.append(at)
         at += (cap[g] * raw[g] + 3) // 4 * 4
     w = torch.zeros(at, dtype=torch.uint8)
@@ -219,7 +220,7 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
             tab.view(torch.float32).copy_(torch.randn(cap[g], dim, generator=gen))
         elif g == 1:
             tab.view(torch.float16).copy_(torch.randn(cap[g], dim, generator=gen).half())
-        elif g in (6, 7):  # one magnitude (scale) code byte (any of the 256, 0 too), then the codes
+        elif g in (6, 7, 8):  # one magnitude (scale) code byte (any of the 256, 0 too), then the codes
             tab[:, :1] = torch.randint(0, 256, (cap[g], 1), generator=gen, dtype=torch.uint8)
             tab[:3, 0] = torch.tensor([0, 1, 255], dtype=torch.uint8)[: len(tab)]  # the ends of the code range
             tab[:, 1:] = torch.randint(0, 256, (cap[g], raw[g] - 1), generator=gen, dtype=torch.uint8)
@@ -241,12 +242,12 @@ def _one_bit_layout(gen, tables, dim, with_dropped):
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("with_dropped", [False, True])
-def test_one_bit_and_symmetric_int4_rows_read_as_the_reference_reads_them(pooling, weighted, with_dropped):
+def test_one_bit_and_symmetric_rows_read_as_the_reference_reads_them(pooling, weighted, with_dropped):
     gen = torch.Generator().manual_seed(7 + 2 * weighted + with_dropped)
     tables, dim = [37, 5, 300], 16
     lay, w, offsets, groups, slots = _one_bit_layout(gen, tables, dim, with_dropped)
-    assert 6 in lay.code_groups.tolist() and 7 in lay.code_groups.tolist()
-    assert (5 in lay.code_groups.tolist()) == with_dropped and lay.group_offsets.numel() == 8
+    assert {6, 7, 8} <= set(lay.code_groups.tolist()) and len(lay.code_groups) == 8
+    assert (5 in lay.code_groups.tolist()) == with_dropped and lay.group_offsets.numel() == 9
     base, rows, feats = torch.tensor([0, 37, 42, 0]), torch.tensor([37, 5, 300, 37]), [37, 5, 300, 37]
     B = 40
     values, lengths = bags(gen, feats, B, max_len=5)
@@ -276,17 +277,23 @@ def test_one_bit_and_symmetric_int4_rows_read_as_the_reference_reads_them(poolin
         ["k"],
     )
     assert one[0].tolist() == [a if b else -a for b in bits]
-    # A symmetric int4 row by hand: s x (code - 7.5), codes two a byte, low bits first.
-    key = int((groups == 7).nonzero()[0])
-    row = w[offsets[7] + int(slots[key]) * (dim // 2 + 1) :][: dim // 2 + 1]
-    (s,) = ONE_BIT_MAGNITUDES[row[:1].long()].tolist()
-    codes = [(int(row[1 + j // 2]) >> (4 * (j % 2))) & 15 for j in range(dim)]
-    one = mixed_lookup_ranked(
-        *ranked, torch.tensor([0]), torch.tensor([sum(tables)]), torch.tensor([key]), torch.tensor([1]),
-        None, dim, 1, "none", 1, ["k"],
-    )  # fmt: skip
-    assert one[0].tolist() == [float(torch.tensor(c - 7.5) * torch.tensor(s)) for c in codes]
-    assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == torch.bincount(groups, minlength=8).tolist()
+    # A symmetric int4 and an int2 row by hand: s x (code - 7.5) or s x (code - 1.5), codes two or
+    # four a byte, low bits first.
+    for group, bits in ((7, 4), (8, 2)):
+        key = int(((groups == group) & (slots >= 3)).nonzero()[0])
+        rb = 1 + dim * bits // 8
+        row = w[offsets[group] + int(slots[key]) * rb :][:rb]
+        (s,) = ONE_BIT_MAGNITUDES[row[:1].long()].tolist()
+        per = 8 // bits
+        codes = [(int(row[1 + j // per]) >> (bits * (j % per))) & ((1 << bits) - 1) for j in range(dim)]
+        assert 0 < s and len(set(codes)) > 1
+        one = mixed_lookup_ranked(
+            *ranked, torch.tensor([0]), torch.tensor([sum(tables)]), torch.tensor([key]), torch.tensor([1]),
+            None, dim, 1, "none", 1, ["k"],
+        )  # fmt: skip
+        centre = ((1 << bits) - 1) / 2
+        assert one[0].tolist() == [float(torch.tensor(c - centre) * torch.tensor(s)) for c in codes]
+    assert ranked_group_rows(lay.blocks, lay.code_groups, sum(tables)) == torch.bincount(groups, minlength=9).tolist()
 
 
 def test_one_bit_rows_need_a_dim_that_is_a_multiple_of_8():
@@ -348,3 +355,21 @@ def test_the_library_and_the_export_hold_the_same_one_bit_magnitudes():
     assert float(table[0]) == 0.0 and float(table[192]) == 1.0 and float(table[200]) == 2.0
     ratio = (table[2:] / table[1:-1]).double()
     assert bool(((ratio - 2**0.125).abs() < 1e-6).all())
+
+
+def test_a_ranked_map_holds_at_most_eight_codes():
+    """Nine codes (every stored group and dropped rows) need four bit planes, which the lookup
+    does not read: the builder refuses them by name, and the op refuses a map that claims them."""
+    gen = torch.Generator().manual_seed(9)
+    lay, w, offsets, groups, slots = _one_bit_layout(gen, [40], 16, True)
+    groups = groups.clone()
+    groups[9:18] = torch.arange(9)  # every group, int2 and dropped too: nine codes
+    with pytest.raises(ValueError, match="at most 8 codes"):
+        build_ranked_layout(w, offsets, [1] * 9, [4] * 9, groups, slots, torch.tensor([0, 40]))
+    codes = torch.tensor([0, 1, 2, 3, 4, 7, 8, 6, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="at most 8 codes"):
+        mixed_lookup_ranked(
+            lay.weights, lay.group_offsets, torch.zeros(1, 8 + 8, dtype=torch.int32), codes, lay.table_base,
+            lay.table_fallback, torch.tensor([0]), torch.tensor([40]), torch.tensor([1]), torch.tensor([1]),
+            None, 16, 1, "sum", 1, ["x"],
+        )  # fmt: skip

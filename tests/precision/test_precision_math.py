@@ -328,40 +328,45 @@ def test_one_bit_rows_refuse_a_nan_and_warn_of_a_magnitude_past_the_byte():
     assert ONE_BIT_MAGNITUDES[mag.long()].flatten().tolist() == [float(ONE_BIT_MAGNITUDES[-1]), 1.0]
 
 
-def test_symmetric_int4_rows_take_the_best_scale_byte():
-    """A symmetric int4 row (tier int4s) serves s x (code - 7.5) with s a byte on the 1-bit
-    magnitude grid: on Gaussian and heavy-tailed rows its squared error is the least any of the
-    255 scale bytes gives (each with nearest codes), its codes are in 0..15, a row of zeros
-    serves zeros (scale byte 0), a NaN is refused and a value past the largest scale's reach
-    warns and is clipped there."""
-    from shark_torchrec.precision.quantize import ONE_BIT_MAGNITUDES, symmetric_int4_rows, symmetric_int4_values
+@pytest.mark.parametrize("bits", [4, 2])
+def test_symmetric_rows_take_the_best_scale_byte(bits):
+    """A symmetric row (tiers int4s, int2s) serves s x (code - centre), centre 7.5 or 1.5, with s
+    a byte on the 1-bit magnitude grid: on Gaussian, heavy-tailed and off-centre rows of 16 and
+    64 values its squared error is the least any of the 255 scale bytes gives (each with nearest
+    codes), its codes fit the bits, a row of zeros serves zeros (scale byte 0), a NaN is refused
+    and a value past the largest scale's reach warns and is clipped there."""
+    from shark_torchrec.precision.quantize import ONE_BIT_MAGNITUDES, symmetric_rows, symmetric_values
 
     gen = torch.Generator().manual_seed(3)
-    rows = torch.cat(
-        [
-            torch.randn(500, 16, generator=gen) * 0.05,
-            torch.randn(500, 16, generator=gen) * 0.01 / torch.rand(500, 16, generator=gen).clamp_min(0.05),
-            torch.randn(200, 16, generator=gen) + 3.0,  # far from zero: every level on one side
-        ]
-    )
-    codes, scale = symmetric_int4_rows(rows)
-    assert codes.dtype == scale.dtype == torch.uint8 and scale.shape == (len(rows), 1)
-    assert int(codes.max()) <= 15
-    served = symmetric_int4_values(codes, scale)
-    s = ONE_BIT_MAGNITUDES[scale.long()]
-    assert torch.equal(served, (codes.float() - 7.5) * s)  # one rounding: the kernel's product
-    err = ((served - rows) ** 2).sum(1)
-    best = torch.full_like(err, float("inf"))
-    for code in range(1, 256):
-        step = ONE_BIT_MAGNITUDES[code]
-        nearest = torch.round(rows / step + 7.5).clamp(0, 15)
-        best = torch.minimum(best, (((nearest - 7.5) * step - rows) ** 2).sum(1))
-    assert torch.equal(err, best)
-    zero_codes, zero_scale = symmetric_int4_rows(torch.zeros(2, 8))
+    top, centre = (1 << bits) - 1, ((1 << bits) - 1) / 2
+    for dim in (16, 64):
+        rows = torch.cat(
+            [
+                torch.randn(500, dim, generator=gen) * 0.05,
+                torch.randn(500, dim, generator=gen) * 0.01 / torch.rand(500, dim, generator=gen).clamp_min(0.05),
+                torch.randn(200, dim, generator=gen) + 3.0,  # far from zero: every level on one side
+            ]
+        )
+        codes, scale = symmetric_rows(rows, bits)
+        assert codes.dtype == scale.dtype == torch.uint8 and scale.shape == (len(rows), 1)
+        assert int(codes.max()) <= top
+        served = symmetric_values(codes, scale, bits)
+        assert torch.equal(served, (codes.float() - centre) * ONE_BIT_MAGNITUDES[scale.long()])  # one rounding
+        err = ((served - rows) ** 2).sum(1)
+        best = torch.full_like(err, float("inf"))
+        for code in range(1, 256):
+            step = ONE_BIT_MAGNITUDES[code]
+            nearest = torch.round(rows / step + centre).clamp(0, top)
+            best = torch.minimum(best, (((nearest - centre) * step - rows) ** 2).sum(1))
+        assert torch.equal(err, best)
+    zero_codes, zero_scale = symmetric_rows(torch.zeros(2, 8), bits)
     assert zero_scale.tolist() == [[0], [0]]
-    assert torch.equal(symmetric_int4_values(zero_codes, zero_scale), torch.zeros(2, 8))
-    with pytest.raises(ValueError, match="1 of the rows hold a NaN"):
-        symmetric_int4_rows(torch.tensor([[0.5, float("nan")], [1.0, -1.0]]))
-    with pytest.warns(UserWarning, match="1 rows hold a value beyond 1760.6.*largest here 5000"):
-        far_codes, far_scale = symmetric_int4_rows(torch.tensor([[5000.0, -1.0], [1.0, -1.0]]))
-    assert float(symmetric_int4_values(far_codes, far_scale)[0, 0]) == float(7.5 * ONE_BIT_MAGNITUDES[-1])
+    assert torch.equal(symmetric_values(zero_codes, zero_scale, bits), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=f"int{bits}s rows: 1 of the rows hold a NaN"):
+        symmetric_rows(torch.tensor([[0.5, float("nan")], [1.0, -1.0]]), bits)
+    reach = float(centre * ONE_BIT_MAGNITUDES[-1])
+    with pytest.warns(UserWarning, match=f"1 rows hold a value beyond {reach:.1f}.*largest here 5000"):
+        far_codes, far_scale = symmetric_rows(torch.tensor([[5000.0, -1.0], [1.0, -1.0]]), bits)
+    assert float(symmetric_values(far_codes, far_scale, bits)[0, 0]) == reach
+    with pytest.raises(ValueError, match="4 or 2 bits, got 3"):
+        symmetric_rows(torch.zeros(1, 8), 3)
