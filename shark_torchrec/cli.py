@@ -261,7 +261,7 @@ def export_main(argv: List[str]) -> int:
         default="fitted",
         help="with --tiers: int8/int4/int2 rows' scale and bias refit by least squares for a smaller error "
         "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings); "
-        "1-bit rows are the same either way",
+        "1-bit and symmetric (int4s, int2s) rows are the same either way (their one byte is always fitted)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the priority pass)")
     args = parser.parse_args(argv)

@@ -229,3 +229,14 @@ def test_each_command_takes_only_its_own_flags(tmp_path, capsys):
     assert (cfg.prune.method, cfg.prune.target_memory) == ("random", 0.3)
     save_config(cfg, tmp_path / "saved.toml")
     assert load_config(tmp_path / "saved.toml") == cfg.__class__(**{**cfg.__dict__, "config": None})
+
+
+def test_compress_serve_tiers_take_the_symmetric_tiers_with_int1(capsys):
+    """`shark compress --serve-tiers` takes int4s and int2s with int1 below them, and refuses them
+    without it, naming the tier, before any work."""
+    cfg = parse_cli(["--serve-tiers", "int4s,int2s,int1"], prog="shark compress", command="compress")
+    assert cfg.compress.serve_tiers == ("int4s,int2s,int1",)
+    with pytest.raises(SystemExit) as e:
+        parse_cli(["--serve-tiers", "int4s,int2"], prog="shark compress", command="compress")
+    assert e.value.code == 2
+    assert "int4s (symmetric rows with a one-byte scale) is planned with int1 below" in capsys.readouterr().err

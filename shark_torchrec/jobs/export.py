@@ -473,22 +473,28 @@ def _one_bit_groups(serving: ServingTiers, policy: PrecisionPolicy, configs, sco
     names = [c.name for c in configs]
     rows = [c.num_embeddings for c in configs]
     n = sum(rows)
-    # The budget less the ranked map and up to 3 bytes before each group table (each starts at a multiple of 4).
-    weight_bytes = serving.memory_budget * n * dim * 4 - ranked_map_bytes(n, len(configs), len(tiers), False)
     cost = {g: row_bytes(dim, g) for g in tiers}
-    weight_bytes -= 3 * len(tiers)
+
+    def weight_bytes(groups: int) -> float:
+        # The budget less the ranked map of this many groups and up to 3 bytes before each group
+        # table (each starts at a multiple of 4).
+        return serving.memory_budget * n * dim * 4 - ranked_map_bytes(n, len(configs), groups, False) - 3 * groups
+
     try:
-        plan = one_bit_tier_counts(n, weight_bytes, cost, tiers, policy.fp32_fraction)
+        plan = one_bit_tier_counts(n, weight_bytes(len(tiers)), cost, tiers, policy.fp32_fraction)
+        if plan is None and any(g in SYMMETRIC_BITS for g in tiers):
+            # Every row fits above int1, and no stored rule reads the symmetric tiers: the same
+            # rule one tier up (int4s int2s int1: as many int4s rows as fit, the rest int2s, the
+            # map one code smaller), until one fits.
+            above = list(tiers[:-1])
+            while plan is None and len(above) > 1:
+                plan = one_bit_tier_counts(
+                    n, weight_bytes(len(above)), cost, above, policy.fp32_fraction, cheapest=above[-1]
+                )
+                above = above[:-1]
+            plan = {g: (plan or {above[0]: n}).get(g, 0) for g in tiers}
     except BudgetError as e:
         raise BudgetError(f"{_below_floor(serving, dim, _one_bit_floor(serving, configs))} ({e})") from e
-    if plan is None and any(g in SYMMETRIC_BITS for g in tiers):
-        # Every row fits above int1, and no stored rule reads the symmetric tiers: the same rule
-        # one tier up (int4s int2s int1: as many int4s rows as fit, the rest int2s), until one fits.
-        above = list(tiers[:-1])
-        while plan is None and len(above) > 1:
-            plan = one_bit_tier_counts(n, weight_bytes, cost, above, policy.fp32_fraction, cheapest=above[-1])
-            above = above[:-1]
-        plan = {g: (plan or {above[0]: n}).get(g, 0) for g in tiers}
     if plan is None and len(tiers) > 2:
         return None
     if plan is None:  # one tier above int1, and every row fits in it

@@ -359,7 +359,8 @@ def mixed_lookup_ranked(
     Args:
         weights: uint8 buffer of the group tables, each holding its rows in key order
             (`RankedLayout.weights`).
-        group_offsets: int64 [5], byte offset of each group table.
+        group_offsets: int64 [5 to 9], byte offset of each group table (by group id, up to the
+            largest present: `RankedLayout.group_offsets`).
         blocks: int32 [ceil(rows / 64), words], the ranked map's block records.
         code_groups: int32, the group id of each code (dropped, 5, last).
         table_base: int64 [T + 1], each table's first row key, then the rows (keys past them

@@ -95,9 +95,9 @@ class RankedLayout:
     Attributes:
         weights: uint8 buffer of the group tables (fp32 rows then the fallback rows, fp16, int8,
             int4, int2, int1, int4s, int2s), FBGEMM's row layout, as the training store's buffer.
-        group_offsets: int64 [5] (by group id: up to the largest served-only group present, 7
-            with 1-bit rows, 8 with symmetric int4 rows, 9 with symmetric int2 rows; the
-            dropped id's unused),
+        group_offsets: int64 [5 to 9] (by group id, up to the largest group present: 7 long with
+            1-bit rows, 8 with symmetric int4 rows, 9 with symmetric int2 rows; the dropped
+            id's unused),
             byte offset of each group table.
         blocks: int32 [ceil(rows / 64), 2 P + U], the block records.
         code_groups: int32 [codes], the group id of each code, most precise first (dropped, 5,

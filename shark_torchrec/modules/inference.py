@@ -168,8 +168,8 @@ class MixedPrecisionPooledLookup(nn.Module):
 
     def group_rows(self) -> Dict[str, int]:
         """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2, rows_dropped,
-        then rows_int1 and rows_int4s for the served-only tiers the module has rows in
-        (`shark export --tiers`)."""
+        then rows_int1, rows_int4s and rows_int2s for the served-only tiers the module has rows
+        in (`shark export --tiers`)."""
         counts = ranked_group_rows(self.blocks, self.code_groups, self.num_rows)
         return {
             f"rows_{name}": counts[g] for g, name in enumerate(SERVED_GROUP_NAMES) if g < len(GROUP_NAMES) or counts[g]

@@ -182,10 +182,12 @@ class PrecisionPolicy:
             raise bad("bad_ids", f"must be one of {BAD_ID_POLICIES}, got {self.bad_ids!r}")
         served_only = [t for t in SERVED_ONLY if t in self.tiers]
         if served_only:
+            # The export's form: the symmetric tiers with int1 below them.
+            hint = " ".join([t for t in served_only if t != "int1"] + ["int1"])
             raise bad(
                 "tiers",
                 f"{' and '.join(served_only)} {'is a tier' if len(served_only) == 1 else 'are tiers'} for serving "
-                f"only (`shark export CKPT --tiers ... {' '.join(served_only)}`): rows train in "
+                f"only (`shark export CKPT --tiers ... {hint}`): rows train in "
                 f"{', '.join(GROUP_NAMES)}; got {tuple(self.tiers)}",
             )
         if isinstance(self.tiers, str):

@@ -663,8 +663,9 @@ def one_bit_tier_counts(
             above it, the same rule again.
 
     Returns:
-        {group id: rows}, or None when every row fits in the tiers above the cheapest (the stored
-        tiers' own rule then applies, without 1-bit rows).
+        {group id: rows}, or None when every row fits in the tiers above the cheapest (the
+        caller then plans them without it: the stored tiers' own rule, or for symmetric tiers
+        this rule one tier up).
 
     Raises:
         BudgetError: every row in the cheapest tier does not fit.
@@ -718,8 +719,10 @@ def tier_names_problem(tiers: Sequence[str], known: Sequence[str]) -> Optional[s
 def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
     """Refuse serving tiers that cannot be served: names outside `SERVED_GROUP_NAMES` or given
     twice, the 1-bit tier alone or beside `dropped` (int1 holds the rows the other tiers cannot,
-    which dropped would otherwise take), int1 at a dim that is not a multiple of 8, or a
-    symmetric tier (int4s, int2s) without int1 (the export plans them with int1 below).
+    which dropped would otherwise take), int1 at a dim that is not a multiple of 8, a symmetric
+    tier (int4s, int2s) without int1 (the export plans them with int1 below), or, with int1 and
+    the dim known, a tier whose row is no smaller than the more precise one's (int2 below int4s
+    at dim 8).
 
     Args:
         tiers: the tier names.
@@ -744,6 +747,17 @@ def check_served_tiers(tiers: Sequence[str], dim: Optional[int] = None) -> None:
         )
     if "int1" in tiers and dim is not None and dim % 8:
         raise ValueError(f"serving tier int1 needs an embedding dim that is a multiple of 8, got {dim}")
+    if "int1" in tiers and dim is not None:
+        # The 1-bit plan fills the tiers in precision order, each cheaper than the one above: at
+        # dim 8 an int4s row (5 bytes) is smaller than an int2 row (6), so int2 would only cost.
+        ids = by_precision(tiers)
+        for hi, lo in zip(ids, ids[1:]):
+            if row_bytes(dim, lo) >= row_bytes(dim, hi):
+                raise ValueError(
+                    f"serving tiers: at dim {dim} a {SERVED_GROUP_NAMES[lo]} row ({row_bytes(dim, lo)} bytes) is no "
+                    f"smaller than a {SERVED_GROUP_NAMES[hi]} row ({row_bytes(dim, hi)}): drop "
+                    f"{SERVED_GROUP_NAMES[lo]}, got {tuple(tiers)}"
+                )
     symmetric = [t for t in ("int4s", "int2s") if t in tiers]
     if symmetric and "int1" not in tiers:
         raise ValueError(

@@ -304,9 +304,9 @@ def test_fp32_model_serves_with_symmetric_rows(fp32_run, tmp_path):
     fp32_bytes = before.numel() * 4
     assert (row_bytes(16, INT4S), row_bytes(16, INT2S), row_bytes(64, INT2S)) == (9, 5, 17)
 
-    def served(tiers, budget):
+    def served(tiers, budget, rounding="fitted"):
         m, _ = load_trained_model(ckpt)
-        regroup_for_serving(m, ServingTiers(tiers, budget, "model"), counts=counts)
+        regroup_for_serving(m, ServingTiers(tiers, budget, "model", rounding), counts=counts)
         ebc = m.model.sparse_arch.embedding_bag_collection
         assert 0.95 * budget * fp32_bytes <= ebc.memory_bytes() <= budget * fp32_bytes
         return ebc, ebc.group_rows(), *_served_rows(ebc)
@@ -317,6 +317,7 @@ def test_fp32_model_serves_with_symmetric_rows(fp32_run, tmp_path):
     assert float(total[groups == INT4S].min()) >= float(total[groups == INT1].max())
     sym = groups == INT4S
     assert torch.equal(after[sym], symmetric_values(*symmetric_rows(before[sym], 4), 4))
+    assert torch.equal(served(("int4s", "int1"), 0.11, "nearest")[3], after)  # its scale byte is always fitted
     # The same budget in int4 (fp16 scale and bias, 12 bytes at dim 16) holds fewer 4-bit rows.
     assert served(("int4", "int1"), 0.11)[1]["rows_int4"] < rows["rows_int4s"]
     # int2s above int1 at a budget int2s alone cannot meet (5 bytes a row; 0.06 leaves 3.8).
@@ -325,9 +326,11 @@ def test_fp32_model_serves_with_symmetric_rows(fp32_run, tmp_path):
     assert float(total[groups2 == INT2S].min()) >= float(total[groups2 == INT1].max())
     sym2 = groups2 == INT2S
     assert torch.equal(after2[sym2], symmetric_values(*symmetric_rows(before[sym2], 2), 2))
-    # Every row fits above int1 at 0.11: as many int4s rows as fit over int2s, no int1.
-    _, rows3, groups3, _ = served(("int4s", "int2s", "int1"), 0.11)
+    # Every row fits above int1 at 0.11: as many int4s rows as fit over int2s, no int1, the
+    # budget spent to within one int4s row's extra bytes and the group tables' padding.
+    ebc3, rows3, groups3, _ = served(("int4s", "int2s", "int1"), 0.11)
     assert rows3["rows_int4s"] and rows3["rows_int2s"] and "rows_int1" not in rows3
+    assert 0.11 * fp32_bytes - ebc3.memory_bytes() < (9 - 5) + 2 * 3 + 1
     assert float(total[groups3 == INT4S].min()) >= float(total[groups3 == INT2S].max())
     with pytest.raises(ValueError, match="int4s .* is planned with int1 below"):
         ServingTiers(("int4s", "int2"), 0.2)

@@ -417,3 +417,20 @@ def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export,
     with pytest.raises(RuntimeError, match=r"holds symmetric rows \(int2s\); .* predates them: load .* in a fresh"):
         recipe.load_kernels(moved, {**manifest, "rows_int4s": 5, "rows_int2s": 2})
     recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})  # no int2s rows: loads
+    # A library from before both tiers has no served_groups op at all: it reads ids 0..6.
+    recipe.SYMMETRIC_GROUPS = {"rows_int4s": 7, "rows_int2s": 8}
+
+    class _OlderLibrary:  # the ops such a library registered
+        mixed_lookup_ranked = torch.ops.shark.mixed_lookup_ranked
+        one_bit_layout = torch.ops.shark.one_bit_layout
+
+    class _Torch:
+        __version__ = torch.__version__
+
+        class ops:  # noqa: N801
+            shark = _OlderLibrary
+
+    recipe.torch = _Torch
+    with pytest.raises(RuntimeError, match=r"holds symmetric rows \(int4s\); .* predates them"):
+        recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})
+    recipe.load_kernels(moved, manifest)  # no symmetric rows: loads

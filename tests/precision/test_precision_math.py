@@ -285,6 +285,36 @@ def test_the_one_bit_tier_takes_the_rows_the_tiers_above_cannot_hold():
     assert above == sorted(above) and above[0] == 0 and above[-1] > 900
 
 
+def test_the_rule_one_tier_up_and_tier_sets_whose_rows_do_not_shrink():
+    """With `cheapest=` the same rule plans a set whose least precise tier is not int1 (the
+    export's fallback for symmetric tiers when every row fits above int1): as many rows as fit in
+    the tier above it, the rest in it, its floor refused by name. A served set with int1 whose
+    less precise tier's row is no smaller than a more precise one's is refused, naming both."""
+    from shark_torchrec.precision.priority import (
+        INT1,
+        INT2,
+        INT2S,
+        INT4S,
+        BudgetError,
+        check_served_tiers,
+        one_bit_tier_counts,
+        row_bytes,
+    )
+
+    cost = {INT4S: 9, INT2S: 5, INT1: 3}
+    assert one_bit_tier_counts(100, 100 * 5 + 40, cost, [INT4S, INT2S], 0.02, cheapest=INT2S) == {INT4S: 10, INT2S: 90}
+    assert one_bit_tier_counts(100, 100 * 9, cost, [INT4S, INT2S], 0.02, cheapest=INT2S) is None
+    with pytest.raises(BudgetError, match="every row in int2s takes 500 bytes, the budget leaves 499"):
+        one_bit_tier_counts(100, 499, cost, [INT4S, INT2S], 0.02, cheapest=INT2S)
+    with pytest.raises(ValueError, match="the last tier must be int2s"):
+        one_bit_tier_counts(100, 900, cost, [INT4S, INT2S, INT1], 0.02, cheapest=INT2S)
+    assert row_bytes(8, INT4S) < row_bytes(8, INT2)  # 5 and 6 bytes at dim 8
+    with pytest.raises(ValueError, match=r"at dim 8 a int2 row \(6 bytes\) is no smaller than a int4s row \(5\)"):
+        check_served_tiers(("int4s", "int2", "int1"), 8)
+    check_served_tiers(("int4s", "int2", "int1"), 16)  # 9 and 8 bytes: served
+    check_served_tiers(("int4s", "int2s", "int1"), 8)  # 5, 3 and 2 bytes
+
+
 def test_ranked_rows_break_ties_by_table_name_then_row():
     """Rows of equal score go to the table first by name (not first in the layout), then the
     lower row: the order the export's 1-bit plan and the store's model budget both rely on."""
