@@ -507,7 +507,14 @@ _SYMMETRIC_SEARCH = {4: (8, 24), 2: (12, 40)}  # bits -> (steps above, steps tri
 
 
 def symmetric_centre(bits: int) -> float:
-    """The code a symmetric row's zero sits at: (2^bits - 1) / 2 (7.5 for 4 bits, 1.5 for 2)."""
+    """The code a symmetric row's zero sits at.
+
+    Args:
+        bits: the codes' bits.
+
+    Returns:
+        (2^bits - 1) / 2: 7.5 for 4 bits, 1.5 for 2.
+    """
     return ((1 << bits) - 1) / 2.0
 
 
