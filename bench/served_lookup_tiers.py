@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/served_lookup_tiers.py [--rows 200000] [--dim 64] [--batch 4096] [--ids 32] [--rounds 15]
 
-One table of `--rows` rows, every row in one tier (int8, int4, int2, int1), random codes and
-scales, served by `torch.ops.shark.mixed_lookup_ranked` (the inference module's op) on the same
+One table of `--rows` rows, every row in one tier (int8, int4, int4s, int2, int2s, int1),
+random codes and scales, served by `torch.ops.shark.mixed_lookup_ranked` (the inference module's op) on the same
 random ids (`--batch` bags of `--ids` ids, sum pooling). The tiers run in a shuffled order each
 round; the table prints each tier's median time an id over the rounds with its min-max, and the
-ratio of medians to int2, measured in this one run. It checks that a 1-bit row (a served-only
-tier) is read no slower than the int2 rows it replaces in the tail.
+ratio of medians to int2, measured in this one run: what a 1-bit row (a served-only tier) costs
+against the int2 rows it replaces in the tail, and a symmetric row (int4s, int2s: one scale
+byte) against its fp16-scale twin.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shark_torchrec.kernels import mixed_lookup_ranked  # noqa: E402
 from shark_torchrec.kernels.ranked_map import build_ranked_layout  # noqa: E402
-from shark_torchrec.precision.priority import INT1, INT2, INT4, INT8, SERVED_GROUP_NAMES, row_bytes  # noqa: E402
+from shark_torchrec.precision.priority import (  # noqa: E402
+    INT1,
+    INT2,
+    INT2S,
+    INT4,
+    INT4S,
+    INT8,
+    SERVED_GROUP_NAMES,
+    row_bytes,
+)
 
 
 def one_tier_layout(group: int, rows: int, dim: int, gen: torch.Generator):
@@ -34,7 +44,7 @@ def one_tier_layout(group: int, rows: int, dim: int, gen: torch.Generator):
     capacity = [0] * len(rb)
     capacity[group] = rows
     w = torch.randint(0, 256, (rows * rb[group],), dtype=torch.uint8, generator=gen)
-    if group == INT1:  # a 1-bit row: one magnitude code byte (here 0.3 to 1.0), then the signs
+    if group in (INT1, INT4S, INT2S):  # one magnitude (scale) code byte (here 0.3 to 1.0), then the codes
         w.view(rows, rb[group])[:, 0] = torch.randint(178, 193, (rows,), dtype=torch.uint8, generator=gen)
     else:  # integer rows: fp16 scale and bias
         w.view(rows, rb[group])[:, :4].view(torch.float16).copy_(torch.rand(rows, 2, generator=gen).half())
@@ -51,7 +61,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
-    tiers = {SERVED_GROUP_NAMES[g]: one_tier_layout(g, args.rows, args.dim, gen) for g in (INT8, INT4, INT2, INT1)}
+    tiers = {
+        SERVED_GROUP_NAMES[g]: one_tier_layout(g, args.rows, args.dim, gen)
+        for g in (INT8, INT4, INT4S, INT2, INT2S, INT1)
+    }
     values = torch.randint(0, args.rows, (args.batch * args.ids,), generator=gen)
     lengths = torch.full((args.batch,), args.ids)
     rest = (torch.tensor([0]), torch.tensor([args.rows]), values, lengths, None, args.dim, args.batch, "sum", 1, ["f"])

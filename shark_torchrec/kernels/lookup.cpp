@@ -35,6 +35,40 @@
 namespace shark {
 namespace {
 
+// The codes of a packed row of kBits (1, 2, 4 or 8) bits a code, low bits first, one a byte
+// in `unpacked` (D of them; an 8-bit row's codes are returned as they are). For int2 and 1-bit
+// rows a table load a byte beats its shifts and masks (one 4- or 8-byte load; the shift-and-mask
+// loop read 1-bit rows 1.5x slower an id than int2's); for int4 rows neither a 2-byte table
+// load (one invocation) nor SSE2 nibble unpacking (four invocations alternating with the loop's)
+// read faster than the loop here, within this machine's spread (bench/served_lookup_tiers.py).
+template <int kBits>
+inline const uint8_t* unpack_codes(const uint8_t* codes, int64_t D, uint8_t* unpacked) {
+  if constexpr (kBits == 8) {
+    return codes;
+  } else if constexpr (kBits == 4) {
+    for (int64_t k = 0; k < D / 2; ++k) {
+      const uint8_t byte = codes[k];
+      unpacked[2 * k] = byte & 15;
+      unpacked[2 * k + 1] = byte >> 4;
+    }
+    return unpacked;
+  } else {
+    constexpr int kPerByte = 8 / kBits;
+    using Word = std::conditional_t<kBits == 2, uint32_t, uint64_t>;
+    static const auto kCodes = [] {
+      std::array<Word, 256> t{};
+      for (int b = 0; b < 256; ++b) {
+        uint8_t each[kPerByte];
+        for (int p = 0; p < kPerByte; ++p) each[p] = uint8_t((b >> (p * kBits)) & ((1 << kBits) - 1));
+        std::memcpy(&t[b], each, kPerByte);
+      }
+      return t;
+    }();
+    for (int64_t k = 0; k < D / kPerByte; ++k) std::memcpy(unpacked + kPerByte * k, &kCodes[codes[k]], kPerByte);
+    return unpacked;
+  }
+}
+
 // acc[0:D) += w * row of group G (unweighted: the row itself, no multiply); with kAssign,
 // acc[0:D) = w * row (an unpooled id's row: no 0 + v, which would turn -0 into +0). G is a
 // template argument so that every loop has constant shifts and masks and vectorizes.
@@ -60,69 +94,26 @@ inline void accumulate_group(float* acc, const uint8_t* row, int64_t D, float w)
     // codes two (four) a byte, low bits first: code c reads s x (c - 7.5) (s x (c - 1.5)), the
     // subtraction exact, one rounding.
     constexpr int kBits = G == kInt4S ? 4 : 2;
-    constexpr int kPerByte = 8 / kBits;
-    constexpr int kMask = (1 << kBits) - 1;
-    constexpr float kCentre = kMask / 2.0f;
+    constexpr float kCentre = ((1 << kBits) - 1) / 2.0f;
     const float scale = one_bit_magnitude(row[0]);
-    const uint8_t* codes = row + 1;
-    float centred[kMaxDim];
-    for (int64_t k = 0; k < D / kPerByte; ++k) {
-      for (int p = 0; p < kPerByte; ++p) {
-        centred[k * kPerByte + p] = static_cast<float>((codes[k] >> (p * kBits)) & kMask) - kCentre;
-      }
-    }
+    uint8_t unpacked[kMaxDim];
+    const uint8_t* c = unpack_codes<kBits>(row + 1, D, unpacked);
     for (int64_t j = 0; j < D; ++j) {
-      float v = scale * centred[j];
+      float v = scale * (static_cast<float>(c[j]) - kCentre);
       if (kWeighted) v = v * w;
       acc[j] = kAssign ? v : acc[j] + v;
     }
   } else {
     constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : (G == 4 ? 2 : 1));
-    constexpr int kPerByte = 8 / kBits;
-    constexpr int kMask = (1 << kBits) - 1;
     // A 1-bit row is one byte for its magnitude a (`one_bit_magnitude`) and a sign bit a value:
     // codes 0 and 1 read -a and +a, the form scale x code + bias with scale 2a and bias -a (both
     // exact in fp32).
     const float scale = kBits == 1 ? 2.0f * one_bit_magnitude(row[0]) : half_to_float(row);
     const float bias = kBits == 1 ? -one_bit_magnitude(row[0]) : half_to_float(row + 2);
-    const uint8_t* codes = row + (kBits == 1 ? 1 : 4);
-    // Unpack to one code a byte first (a loop of constant shifts), then dequantize: both
-    // loops vectorize, where extracting codes inside the dequantizing loop did not.
+    // Unpack to one code a byte first, then dequantize: both loops vectorize, where extracting
+    // codes inside the dequantizing loop did not.
     uint8_t unpacked[kMaxDim];
-    const uint8_t* c = codes;
-    if constexpr (kBits == 2) {
-      // Four codes a byte: one table load a byte beats four shifts and masks.
-      static const auto kInt2Codes = [] {
-        std::array<uint32_t, 256> t{};
-        for (int b = 0; b < 256; ++b) {
-          const uint8_t four[4] = {uint8_t(b & 3), uint8_t((b >> 2) & 3), uint8_t((b >> 4) & 3), uint8_t(b >> 6)};
-          std::memcpy(&t[b], four, 4);
-        }
-        return t;
-      }();
-      for (int64_t k = 0; k < D / kPerByte; ++k) std::memcpy(unpacked + 4 * k, &kInt2Codes[codes[k]], 4);
-      c = unpacked;
-    } else if constexpr (kBits == 1) {
-      // Eight codes a byte: the same table load, eight bytes at a time (the shift-and-mask loop
-      // read 1-bit rows 1.5x slower an id than int2's).
-      static const auto kInt1Codes = [] {
-        std::array<uint64_t, 256> t{};
-        for (int b = 0; b < 256; ++b) {
-          uint8_t eight[8];
-          for (int p = 0; p < 8; ++p) eight[p] = uint8_t((b >> p) & 1);
-          std::memcpy(&t[b], eight, 8);
-        }
-        return t;
-      }();
-      for (int64_t k = 0; k < D / kPerByte; ++k) std::memcpy(unpacked + 8 * k, &kInt1Codes[codes[k]], 8);
-      c = unpacked;
-    } else if constexpr (kBits < 8) {
-      for (int64_t k = 0; k < D / kPerByte; ++k) {
-        const uint8_t byte = codes[k];
-        for (int p = 0; p < kPerByte; ++p) unpacked[k * kPerByte + p] = (byte >> (p * kBits)) & kMask;
-      }
-      c = unpacked;
-    }
+    const uint8_t* c = unpack_codes<kBits>(row + (kBits == 1 ? 1 : 4), D, unpacked);
     for (int64_t j = 0; j < D; ++j) {
       float v = std::fma(scale, static_cast<float>(c[j]), bias);
       if (kWeighted) v = v * w;
