@@ -477,7 +477,9 @@ void step_rows_pass(const GroupTables& t, const char* op, const at::Tensor& keys
         int64_t g_ahead;
         const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
         if (ahead >= 0) {
+          // Every cache line the row touches (its last byte too: rows are not line-aligned).
           for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(t.w + ahead + o, 1);
+          if (t.rb[g_ahead] > 0) __builtin_prefetch(t.w + ahead + t.rb[g_ahead] - 1, 1);
           const int64_t noise_at = g_ahead > 0 ? noise_start(i + kRowAhead, kp[i + kRowAhead]) : -1;  // fp32: none
           if (noise_at >= 0) {
             for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
