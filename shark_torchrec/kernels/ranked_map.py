@@ -175,9 +175,9 @@ def build_ranked_layout(
     # fallback row per table that drops rows (in table order).
     T = int(table_base.numel()) - 1
     table_fallback = torch.full((T,), -1, dtype=torch.int64)
-    # The offsets' entries, by group id: up to the largest served-only group present.
-    last = max([g for g in (INT1, INT4S, INT2S) if g in present], default=DROPPED - 1)
-    ids = list(range(last + 1))
+    # The offsets' entries, by group id: the training store's five, up to the largest served-only
+    # group present.
+    ids = list(range(max(present + [GROUPS - 1]) + 1))
     taken: List[torch.Tensor] = []
     for g in ids:
         take = slots[groups == g].to(torch.int64) if g != DROPPED else slots[:0].to(torch.int64)

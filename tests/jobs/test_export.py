@@ -180,15 +180,11 @@ def _served_rows(ebc):
     return groups, values
 
 
-def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
-    """`--tiers int4 int2 int1`: below the int2 floor the rows int2 cannot hold are served in 1
-    bit (each value +a or -a by its sign, a the row's mean magnitude) instead of being dropped: ranked by the
-    training split's counts, within the budget, closer to the trained rows than their table's
-    mean row, and exported and scripted like any other tier."""
+def _fp32_rows_and_counts(fp32_run):
+    """The fp32 run loaded: (checkpoint, model, data, configs, every row by key (tables back to
+    back), the training split's counts as the export counts them (its alpha), the same by key)."""
     from shark_torchrec.data import open_dataset
-    from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving, served_min_budget
-    from shark_torchrec.precision.priority import INT1, INT2, INT4, BudgetError
-    from shark_torchrec.precision.quantize import ONE_BIT_MAGNITUDES, sign_magnitude_rows
+    from shark_torchrec.jobs.export import counted_priorities
 
     ckpt = fp32_run / "checkpoints"
     model, cfg = load_trained_model(ckpt)
@@ -196,8 +192,20 @@ def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
     fp32 = model.model.sparse_arch.embedding_bag_collection
     configs = fp32.embedding_bag_configs()
     before = torch.cat([fp32.embedding_bags[c.name].weight.detach().clone() for c in configs])
-    counts = counted_priorities(model, data)  # as the export counts them (its alpha)
-    total = torch.cat([counts[c.name] for c in configs])
+    counts = counted_priorities(model, data)
+    return ckpt, model, data, configs, before, counts, torch.cat([counts[c.name] for c in configs])
+
+
+def test_fp32_model_serves_with_one_bit_rows(fp32_run, tmp_path):
+    """`--tiers int4 int2 int1`: below the int2 floor the rows int2 cannot hold are served in 1
+    bit (each value +a or -a by its sign, a the row's mean magnitude) instead of being dropped: ranked by the
+    training split's counts, within the budget, closer to the trained rows than their table's
+    mean row, and exported and scripted like any other tier."""
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving, served_min_budget
+    from shark_torchrec.precision.priority import INT1, INT2, INT4, BudgetError
+    from shark_torchrec.precision.quantize import ONE_BIT_MAGNITUDES, sign_magnitude_rows
+
+    ckpt, model, data, configs, before, counts, total = _fp32_rows_and_counts(fp32_run)
     fp32_bytes = before.numel() * 4
     record = regroup_for_serving(model, ServingTiers(("int4", "int2", "int1"), 0.11, "model"), data)
     assert record["serving_tiers"] == ["int4", "int2", "int1"]
@@ -287,20 +295,12 @@ def test_fp32_model_serves_with_symmetric_rows(fp32_run, tmp_path):
     it, more of them than int4 rows under the same budget, and where every row fits above int1
     the same rule one tier up; exported and scripted like any other tier; a set without int1, or
     training in them, is refused by name."""
-    from shark_torchrec.data import open_dataset
-    from shark_torchrec.jobs.export import ServingTiers, counted_priorities, regroup_for_serving
+    from shark_torchrec.jobs.export import ServingTiers, regroup_for_serving
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.precision.priority import INT1, INT2S, INT4S, row_bytes
     from shark_torchrec.precision.quantize import symmetric_rows, symmetric_values
 
-    ckpt = fp32_run / "checkpoints"
-    model, cfg = load_trained_model(ckpt)
-    data = open_dataset(cfg.dataset, cfg.train.seed)
-    fp32 = model.model.sparse_arch.embedding_bag_collection
-    configs = fp32.embedding_bag_configs()
-    before = torch.cat([fp32.embedding_bags[c.name].weight.detach().clone() for c in configs])
-    counts = counted_priorities(model, data)
-    total = torch.cat([counts[c.name] for c in configs])
+    ckpt, model, data, configs, before, counts, total = _fp32_rows_and_counts(fp32_run)
     fp32_bytes = before.numel() * 4
     assert (row_bytes(16, INT4S), row_bytes(16, INT2S), row_bytes(64, INT2S)) == (9, 5, 17)
 
