@@ -20,7 +20,15 @@
   touched rows (`update.cpp`), in place. Its reference is the torch code of
   `RowOptimizer._step_scale`; bit for bit too.
 - `update_rows_hashed_` is `update_rows_` hashing each row's rounding noise window in its
-  pass (the store's CPU path), where `update_rows_` reads windows torch hashed before it.
+  pass, where `update_rows_` reads windows torch hashed before it.
+- `row_grads_update_` is the whole backward of a store's rows after `ids_by_row`, in one
+  pass over the distinct rows (`update.cpp`; the store's CPU path where no dropped,
+  replicated or bf16-state rows need the steps apart): each row's gradient summed over its ids
+  (`row_grads`), its mean square and finiteness check, its row-wise Adagrad state and scale,
+  and its step (`update_rows_hashed_`). Its reference is the same ops' references run one
+  after the other (`RowLookup._row_grads_torch`, then `RowOptimizer.apply_update` with
+  kernels "torch"); bit for bit too. `row_mean_squares` is its mean square alone, equal to
+  torch's `(g * g).mean(dim=1)` bit for bit (`fused_backward_agrees` checks it).
 - `convert_rows_` converts the rows that change group at a reassignment (`update.cpp`): each
   decoded from its old group and rounded to nearest into its new one, in one parallel pass.
   Its reference is the torch code of `RowGroupStore` with kernels "torch"; bit for bit too.
@@ -62,7 +70,7 @@ from typing import List, Optional, Tuple
 import torch
 
 SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "grads.cpp", "ranking.cpp")]
-HEADERS = [Path(__file__).with_name("layout.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("layout.h", "grads.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 OPS = (
     "one_bit_layout",
@@ -79,6 +87,8 @@ OPS = (
     "changed_rows",
     "update_priorities_",
     "rowwise_adagrad_scales_",
+    "row_mean_squares",
+    "row_grads_update_",
 )  # what the library registers under torch.ops.shark
 # The instruction sets the library is compiled for (FBGEMM's CPU build needs them anyway).
 ISA = ["avx2", "fma", "f16c"] if platform.machine() in ("x86_64", "AMD64") else []
@@ -565,6 +575,173 @@ def update_rows_hashed_(
         keys,
         row_grad,
         step_scale,
+        table_base,
+        table_ids,
+        row_offset,
+        col_offset,
+        noise_head,
+        noise_table,
+        dim,
+        row_alignment,
+    )
+
+
+@torch.library.register_fake("shark::row_mean_squares")
+def _row_mean_squares_fake(rows):
+    return rows.new_empty((rows.shape[0],))
+
+
+def row_mean_squares(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's mean square, added in the order torch's CPU sum kernel adds a contiguous row,
+    so equal bit for bit to `(rows * rows).mean(dim=1)` where that order holds (torch 2.13).
+
+    Args:
+        rows: [n, D] float32, D >= 1.
+
+    Returns:
+        [n] float32.
+    """
+    return torch.ops.shark.row_mean_squares(rows)
+
+
+_agrees: dict = {}
+
+
+def fused_backward_agrees(dim: int) -> bool:
+    """Whether `row_grads_update_`'s mean squares equal torch's for rows of `dim` values on this
+    torch (checked once per dim, on rows whose values span 2^-30 to 2^30, where any other order
+    of the additions gives other bits for most rows).
+
+    Args:
+        dim: the row width.
+
+    Returns:
+        True when every row agreed bit for bit: the fused backward may stand in for its
+        reference; False (with a warning) when torch adds in another order.
+    """
+    if dim not in _agrees:
+        import warnings
+
+        gen = torch.Generator().manual_seed(dim)
+        rows = torch.randn(512, dim, generator=gen) * torch.exp2(
+            torch.randint(-30, 30, (512, dim), generator=gen).float()
+        )
+        ok = torch.equal(row_mean_squares(rows).view(torch.int32), (rows * rows).mean(dim=1).view(torch.int32))
+        if not ok:
+            warnings.warn(
+                f"torch {torch.__version__} sums rows of {dim} values in another order than the fused "
+                "backward (shark::row_grads_update_) was written for: the row update runs as separate "
+                "ops (same results, slower)",
+                stacklevel=2,
+            )
+        _agrees[dim] = ok
+    return _agrees[dim]
+
+
+@torch.library.register_fake("shark::row_grads_update_")
+def _row_grads_update_fake(
+    weights,
+    group_offsets,
+    row_map,
+    range_ends,
+    range_shift,
+    keys,
+    grad,
+    order,
+    counts,
+    seg,
+    lengths,
+    per_sample_weights,
+    labels,
+    batch_size,
+    pooling,
+    momentum,
+    learning_rate,
+    eps,
+    table_base,
+    table_ids,
+    row_offset,
+    col_offset,
+    noise_head,
+    noise_table,
+    dim,
+    row_alignment,
+):
+    return grad.new_empty((counts.shape[0],)), grad.new_empty((), dtype=torch.int64)
+
+
+def row_grads_update_(
+    weights: torch.Tensor,
+    group_offsets: torch.Tensor,
+    row_map: torch.Tensor,
+    range_ends: torch.Tensor,
+    range_shift: torch.Tensor,
+    keys: torch.Tensor,
+    grad: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    seg: torch.Tensor,
+    lengths: torch.Tensor,
+    per_sample_weights: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    batch_size: int,
+    pooling: int,
+    momentum: torch.Tensor,
+    learning_rate: float,
+    eps: float,
+    table_base: torch.Tensor,
+    table_ids: torch.Tensor,
+    row_offset: torch.Tensor,
+    col_offset: torch.Tensor,
+    noise_head: int,
+    noise_table: torch.Tensor,
+    dim: int,
+    row_alignment: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A step's update of every row its batch read, from the output gradient, in one pass:
+    per distinct row, its gradient summed over its ids (`row_grads`), rows whose gradient is
+    not finite (or whose mean square overflows) skipped, row-wise Adagrad's state and scale
+    (`rowwise_adagrad_scales_`; SGD: the learning rate), and the step written back with
+    stochastic rounding (`update_rows_hashed_`). No [rows, dim] gradient is made: a block of
+    rows at a time is summed into a buffer that stays in cache.
+
+    Args:
+        weights, group_offsets, row_map, range_ends, range_shift, table_base, table_ids,
+            row_offset, col_offset, noise_head, noise_table, dim, row_alignment: as for
+            `update_rows_hashed_`.
+        keys: [U] int64, the distinct row keys (`ids_by_row`'s uniq).
+        grad, order, counts, seg, lengths, per_sample_weights, labels, batch_size, pooling:
+            as for `row_grads` (pooling as `POOLING_CODES`).
+        momentum: [rows] float32 row-wise Adagrad state, updated in place; empty for SGD.
+        learning_rate, eps: the optimizer's.
+
+    Returns:
+        pos ([U] float32, each row's count of positive labels; zeros without labels) and the
+        number of rows skipped for a non-finite gradient (a 0-d int64 tensor).
+
+    Raises:
+        RuntimeError: arguments `row_grads` or `update_rows_hashed_` refuse, or a key outside
+            the Adagrad state.
+    """
+    return torch.ops.shark.row_grads_update_(
+        weights,
+        group_offsets,
+        row_map,
+        range_ends,
+        range_shift,
+        keys,
+        grad,
+        order,
+        counts,
+        seg,
+        lengths,
+        per_sample_weights,
+        labels,
+        batch_size,
+        pooling,
+        momentum,
+        learning_rate,
+        eps,
         table_base,
         table_ids,
         row_offset,

@@ -21,6 +21,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "grads.h"
 #include "layout.h"
 
 #include <algorithm>
@@ -234,15 +235,20 @@ inline void store_codes8(uint8_t* packed, int64_t j, __m256 codes) {
 // `step_int_row` for D a multiple of 8, eight values at a time throughout (the compiler left
 // the unpacking, the clamp, the packing and the float-to-code conversions scalar, and the
 // rows' min and max took a pass of their own): the same operations on the same values, each
-// rounded as there, so the same bytes. The clamp keeps std::min / std::max's operand order
-// (MAXPS(-M, v) is v < -M ? -M : v, a NaN passing through); a row whose minimum or maximum is
-// zero, or that holds a NaN, takes `min_max`'s sequential loop, as there.
+// rounded as there, so the same bytes. In three stages, so that the pass can run each stage
+// over a block of rows: a row's scale hangs on its min and max, and its codes on its scale,
+// a chain of about 90 cycles (reductions, two fp16 roundings, two divisions) that one row at
+// a time left the core waiting on (int8 rows took twice fp16 rows' time an update, 36 ns
+// against 19); rows in a block run their chains side by side.
+//
+// Stage 1: the stepped values into buf, and their min and max. The clamp keeps std::min /
+// std::max's operand order (MAXPS(-M, v) is v < -M ? -M : v, a NaN passing through); a row
+// whose minimum or maximum is zero, or that holds a NaN, takes `min_max`'s sequential loop, as
+// there.
 template <int G>
-void step_int_row_avx2(uint8_t* row, int64_t D, const float* grad, float step_scale, const float* noise,
-                       float* buf) {
-  constexpr int kBits = G == 2 ? 8 : (G == 3 ? 4 : 2);
-  constexpr int kTop = (1 << kBits) - 1;
-  uint8_t* packed = row + 4;
+void int_row_stepped_avx2(const uint8_t* row, int64_t D, const float* grad, float step_scale, float* buf, float* lo_out,
+                          float* hi_out) {
+  const uint8_t* packed = row + 4;
   const __m256 scale8 = _mm256_set1_ps(half_to_float(row)), bias8 = _mm256_set1_ps(half_to_float(row + 2));
   const __m256 step8 = _mm256_set1_ps(step_scale);
   const __m256 lo_clamp = _mm256_set1_ps(-kFp16Max), hi_clamp = _mm256_set1_ps(kFp16Max);
@@ -260,35 +266,71 @@ void step_int_row_avx2(uint8_t* row, int64_t D, const float* grad, float step_sc
     }
     nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  float lo, hi;
-  bool found = false;
   if (_mm256_movemask_ps(nan8) == 0) {
-    float los[8], his[8];
-    _mm256_storeu_ps(los, lo8);
-    _mm256_storeu_ps(his, hi8);
-    lo = los[0];
-    hi = his[0];
-    for (int k = 1; k < 8; ++k) {
-      lo = std::min(lo, los[k]);
-      hi = std::max(hi, his[k]);
+    // Lanes folded by halves: without NaN or zeros a minimum is the same number in any order.
+    __m128 lo4 = _mm_min_ps(_mm256_castps256_ps128(lo8), _mm256_extractf128_ps(lo8, 1));
+    __m128 hi4 = _mm_max_ps(_mm256_castps256_ps128(hi8), _mm256_extractf128_ps(hi8, 1));
+    lo4 = _mm_min_ps(lo4, _mm_movehl_ps(lo4, lo4));
+    hi4 = _mm_max_ps(hi4, _mm_movehl_ps(hi4, hi4));
+    lo4 = _mm_min_ss(lo4, _mm_shuffle_ps(lo4, lo4, 1));
+    hi4 = _mm_max_ss(hi4, _mm_shuffle_ps(hi4, hi4, 1));
+    const float lo = _mm_cvtss_f32(lo4), hi = _mm_cvtss_f32(hi4);
+    if (lo != 0.0f && hi != 0.0f) {
+      *lo_out = lo;
+      *hi_out = hi;
+      return;
     }
-    found = lo != 0.0f && hi != 0.0f;
   }
-  if (!found) min_max(buf, D, &lo, &hi);
-  const c10::Half new_bias = round_down_fp16(lo);
-  const float b32 = static_cast<float>(new_bias);
-  const c10::Half new_scale = round_up_fp16((hi - b32) / static_cast<float>(kTop));
-  const float s32 = static_cast<float>(new_scale);
-  const float inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
-  const __m256 b8 = _mm256_set1_ps(b32), inv8 = _mm256_set1_ps(inv);
+  min_max(buf, D, lo_out, hi_out);
+}
+
+// Stage 2: an integer row's new fp16 scale and bias from its min and max (`quantize_rows`:
+// bias rounded down, scale up), and the reciprocal its codes are made with.
+struct IntRowScale {
+  c10::Half scale, bias;
+  float bias32, inv;
+};
+
+inline IntRowScale int_row_scale(float lo, float hi, int top) {
+  IntRowScale r;
+  r.bias = round_down_fp16(lo);
+  r.bias32 = static_cast<float>(r.bias);
+  r.scale = round_up_fp16((hi - r.bias32) / static_cast<float>(top));
+  const float s32 = static_cast<float>(r.scale);
+  r.inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
+  return r;
+}
+
+// Stage 3: the codes, floor((v - bias) * inv + noise) clamped to [0, top], and the scale and
+// bias, written into the row.
+template <int G>
+void int_row_write_avx2(uint8_t* row, int64_t D, const float* buf, const IntRowScale& q, const float* noise) {
+  constexpr int kTop = (1 << (G == 2 ? 8 : (G == 3 ? 4 : 2))) - 1;
+  uint8_t* packed = row + 4;
+  const __m256 b8 = _mm256_set1_ps(q.bias32), inv8 = _mm256_set1_ps(q.inv);
   const __m256 zero8 = _mm256_setzero_ps(), top8 = _mm256_set1_ps(static_cast<float>(kTop));
   for (int64_t j = 0; j < D; j += 8) {
     const __m256 x = _mm256_floor_ps(
         _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(buf + j), b8), inv8), _mm256_loadu_ps(noise + j)));
     store_codes8<G>(packed, j, _mm256_min_ps(_mm256_max_ps(x, zero8), top8));
   }
-  std::memcpy(row, &new_scale, 2);
-  std::memcpy(row + 2, &new_bias, 2);
+  std::memcpy(row, &q.scale, 2);
+  std::memcpy(row + 2, &q.bias, 2);
+}
+
+// Stages 1 and 3 for a group known at run time.
+inline void int_row_stepped_avx2(int64_t g, const uint8_t* row, int64_t D, const float* grad, float step_scale,
+                                 float* buf, float* lo, float* hi) {
+  if (g == 2) int_row_stepped_avx2<2>(row, D, grad, step_scale, buf, lo, hi);
+  else if (g == 3) int_row_stepped_avx2<3>(row, D, grad, step_scale, buf, lo, hi);
+  else int_row_stepped_avx2<4>(row, D, grad, step_scale, buf, lo, hi);
+}
+
+inline void int_row_write_avx2(int64_t g, uint8_t* row, int64_t D, const float* buf, const IntRowScale& q,
+                               const float* noise) {
+  if (g == 2) int_row_write_avx2<2>(row, D, buf, q, noise);
+  else if (g == 3) int_row_write_avx2<3>(row, D, buf, q, noise);
+  else int_row_write_avx2<4>(row, D, buf, q, noise);
 }
 #endif
 
@@ -347,9 +389,9 @@ void step_row(uint8_t* row, int64_t g, int64_t D, const float* grad, float step_
     default:
 #if defined(__AVX2__) && defined(__FMA__)
       if (D % 8 == 0) {
-        if (g == 2) step_int_row_avx2<2>(row, D, grad, step_scale, noise, buf);
-        else if (g == 3) step_int_row_avx2<3>(row, D, grad, step_scale, noise, buf);
-        else step_int_row_avx2<4>(row, D, grad, step_scale, noise, buf);
+        float lo, hi;
+        int_row_stepped_avx2(g, row, D, grad, step_scale, buf, &lo, &hi);
+        int_row_write_avx2(g, row, D, buf, int_row_scale(lo, hi, (1 << bits_of(g)) - 1), noise);
         break;
       }
 #endif
@@ -439,12 +481,56 @@ void encode_row_nearest(uint8_t* row, int64_t g, int64_t D, float* v) {
   }
 }
 
+// Rows first ... first + n - 1 of a pass over distinct rows, in this thread: row r (key
+// keys[r]) read from its group table, stepped (new = old - grads[r * D ...] * scales[r]) and
+// written back with the noise window at noise_start(first + r, key) (-1: outside the noise
+// table, an error: *bad is set to first + r). Three random reads a row (its row map entry, its
+// bytes, its noise window): the map entry is prefetched kMapAhead rows ahead, the bytes and the
+// noise kRowAhead rows ahead. A dropped row (no bytes) is skipped, as is a row whose skip[r]
+// is set (skip may be null). buf: D floats of scratch.
+template <typename NoiseStart>
+void step_rows_range(const GroupTables& t, const int64_t* keys, const float* grads, const float* scales,
+                     const uint8_t* skip, int64_t first, int64_t n, const float* noise, int64_t D,
+                     NoiseStart noise_start, float* buf, std::atomic<int64_t>* bad) {
+  constexpr int64_t kMapAhead = 16;
+  constexpr int64_t kRowAhead = 8;
+  for (int64_t r = 0; r < std::min(n, kMapAhead); ++r) {
+    if (t.map && keys[r] >= 0 && keys[r] < t.map_rows) __builtin_prefetch(t.map + keys[r]);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    if (t.map && r + kMapAhead < n && keys[r + kMapAhead] >= 0 && keys[r + kMapAhead] < t.map_rows) {
+      __builtin_prefetch(t.map + keys[r + kMapAhead]);
+    }
+    if (r + kRowAhead < n) {
+      int64_t g_ahead;
+      const int64_t ahead = t.own_at(keys[r + kRowAhead], &g_ahead);
+      if (ahead >= 0) {
+        // Every cache line the row touches (its last byte too: rows are not line-aligned).
+        for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(t.w + ahead + o, 1);
+        if (t.rb[g_ahead] > 0) __builtin_prefetch(t.w + ahead + t.rb[g_ahead] - 1, 1);
+        const int64_t noise_at = g_ahead > 0 ? noise_start(first + r + kRowAhead, keys[r + kRowAhead]) : -1;
+        if (noise_at >= 0) {  // (fp32 rows read no noise)
+          for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
+        }
+      }
+    }
+    if (skip && skip[r]) continue;
+    int64_t g;
+    const int64_t at = t.own_at(keys[r], &g);
+    if (at == -2) continue;  // a dropped row: no bytes to update (the reference skips it too)
+    const int64_t noise_at = at < 0 ? -1 : noise_start(first + r, keys[r]);
+    if (noise_at < 0) {
+      *bad = first + r;
+      continue;
+    }
+    step_row(t.w + at, g, D, grads + r * D, scales[r], noise + noise_at, buf);
+  }
+}
+
 // The pass both row updates make over distinct rows, with the arguments they share checked
 // and converted: each row read from its group table, stepped (new = old - grad * step_scale)
-// and written back with the noise window at noise_start(i, key) (-1: outside the noise
-// table, an error). Three random reads a row (its row map entry, its bytes, its noise
-// window): the map entry is prefetched kMapAhead rows ahead, the bytes and the noise kRowAhead
-// rows ahead. A dropped row (no bytes) is skipped.
+// and written back with the noise window at noise_start(i, key) (`step_rows_range`, in
+// parallel).
 template <typename NoiseStart>
 void step_rows_pass(const GroupTables& t, const char* op, const at::Tensor& keys, const at::Tensor& row_grad,
                     const at::Tensor& step_scale, const at::Tensor& noise_table, int64_t D,
@@ -461,41 +547,11 @@ void step_rows_pass(const GroupTables& t, const char* op, const at::Tensor& keys
   const float* gp = gr.data_ptr<float>();
   const float* sp = sc.data_ptr<float>();
   const float* noise = nt.data_ptr<float>();
-  constexpr int64_t kMapAhead = 16;
-  constexpr int64_t kRowAhead = 8;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(D);
-    for (int64_t i = begin; i < std::min(end, begin + kMapAhead); ++i) {
-      if (t.map && kp[i] >= 0 && kp[i] < t.map_rows) __builtin_prefetch(t.map + kp[i]);
-    }
-    for (int64_t i = begin; i < end; ++i) {
-      if (t.map && i + kMapAhead < end && kp[i + kMapAhead] >= 0 && kp[i + kMapAhead] < t.map_rows) {
-        __builtin_prefetch(t.map + kp[i + kMapAhead]);
-      }
-      if (i + kRowAhead < end) {
-        int64_t g_ahead;
-        const int64_t ahead = t.own_at(kp[i + kRowAhead], &g_ahead);
-        if (ahead >= 0) {
-          // Every cache line the row touches (its last byte too: rows are not line-aligned).
-          for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(t.w + ahead + o, 1);
-          if (t.rb[g_ahead] > 0) __builtin_prefetch(t.w + ahead + t.rb[g_ahead] - 1, 1);
-          const int64_t noise_at = g_ahead > 0 ? noise_start(i + kRowAhead, kp[i + kRowAhead]) : -1;  // fp32: none
-          if (noise_at >= 0) {
-            for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
-          }
-        }
-      }
-      int64_t g;
-      const int64_t at = t.own_at(kp[i], &g);
-      if (at == -2) continue;  // a dropped row: no bytes to update (the reference skips it too)
-      const int64_t noise_at = at < 0 ? -1 : noise_start(i, kp[i]);
-      if (noise_at < 0) {
-        bad = i;
-        continue;
-      }
-      step_row(t.w + at, g, D, gp + i * D, sp[i], noise + noise_at, buf.data());
-    }
+    step_rows_range(t, kp + begin, gp + begin * D, sp + begin, nullptr, begin, end - begin, noise, D, noise_start,
+                    buf.data(), &bad);
   });
   TORCH_CHECK(bad.load() < 0, op, ": row ", bad.load(), " (key ", kp[std::max<int64_t>(bad.load(), 0)],
               ") is outside the row map or the group tables, or its noise window is out of range");
@@ -604,6 +660,121 @@ inline uint64_t mix64(uint64_t x) {
 
 constexpr int64_t kNoiseMask = (1 << 20) - 1;  // quantize._NOISE_MASK
 
+// A row's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global row),
+// plus the row's first global column. Built from the arguments of `update_rows_hashed_` that
+// say where a row of the store sits in its table, checked; called for keys within the row map
+// only.
+struct HashedNoise {
+  HashedNoise(const char* op, const GroupTables& t, const at::Tensor& table_base, const at::Tensor& table_ids,
+              const at::Tensor& row_offset, const at::Tensor& col_offset, int64_t noise_head,
+              const at::Tensor& noise_table, int64_t dim)
+      : head(noise_head) {
+    T = table_ids.numel();
+    TORCH_CHECK(table_base.numel() == T + 1 && row_offset.numel() == T && col_offset.numel() == T,
+                "table_base [T + 1], table_ids, row_offset, col_offset [T]");
+    TORCH_CHECK(noise_table.numel() >= kNoiseMask + 1 + dim, "noise_table: too short for rows of ", dim);
+    tb_ = table_base.to(at::kLong).contiguous();
+    ti_ = table_ids.to(at::kLong).contiguous();
+    ro_ = row_offset.to(at::kLong).contiguous();
+    co_ = col_offset.to(at::kLong).contiguous();
+    tbp = tb_.data_ptr<int64_t>();
+    tip = ti_.data_ptr<int64_t>();
+    rop = ro_.data_ptr<int64_t>();
+    cop = co_.data_ptr<int64_t>();
+    TORCH_CHECK(T >= 1 && tbp[0] <= 0 && tbp[T] >= t.map_rows, op, ": table_base must cover the row map's ",
+                t.map_rows, " rows");
+  }
+
+  int64_t operator()(int64_t, int64_t key) const {
+    const int64_t tab = std::upper_bound(tbp, tbp + T + 1, key) - tbp - 1;
+    const uint64_t global_row = static_cast<uint64_t>(key - tbp[tab] + rop[tab]);
+    const uint64_t h = mix64(mix64(static_cast<uint64_t>(tip[tab]) * 0x94D049BB133111EBull +
+                                   static_cast<uint64_t>(head)) +
+                             global_row * 0x9E3779B97F4A7C15ull);
+    return ((static_cast<int64_t>(h >> 24) & kNoiseMask) + cop[tab]) & kNoiseMask;
+  }
+
+  int64_t T, head;
+  const int64_t *tbp, *tip, *rop, *cop;
+
+ private:
+  at::Tensor tb_, ti_, ro_, co_;  // the converted arguments the pointers read
+};
+
+// torch's CPU sum of a contiguous row (`x.sum(dim=-1)` of an [n, D] float tensor, so also the
+// numerator of its `.mean(dim=-1)`), in the order its kernel adds the values
+// (`vectorized_inner_sum` and `row_sum` in ATen/native/cpu/SumKernel.cpp): vectors of 8
+// floats (single values below D = 8) into four accumulators, cascaded every 16 vectors of four
+// into three more levels; then the vectors left over, the accumulators into the first, and
+// (for vectors) the values past the last whole vector and the 8 lanes, added to a +0 in
+// order. Found by test against torch 2.13: every D from 4 to 4096 tried agreed bit for bit
+// under its DEFAULT, AVX2 and AVX512 dispatch. The store checks `row_mean_squares` against
+// torch before it uses the fused update (`fused_backward_agrees`), and the tests do.
+template <int W>
+void torch_row_sum_lanes(const float* x, int64_t size, float out[W]) {
+  constexpr int kIlp = 4, kLevels = 4;
+  const int64_t rows = size / kIlp;  // rows of kIlp items of W values
+  float acc[kLevels][kIlp][W] = {};
+  auto add_row = [&](int64_t row) {
+    for (int k = 0; k < kIlp; ++k) {
+      for (int l = 0; l < W; ++l) acc[0][k][l] = acc[0][k][l] + x[(row * kIlp + k) * W + l];
+    }
+  };
+  // torch's CeilLog2 of the rows (1 up to 2 rows)
+  const int64_t bits = rows <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(rows - 1));
+  const int64_t level_power = std::max<int64_t>(4, bits / kLevels);
+  const int64_t level_step = int64_t{1} << level_power;
+  const int64_t level_mask = level_step - 1;
+  int64_t i = 0;
+  while (i + level_step <= rows) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k) {
+        for (int l = 0; l < W; ++l) {
+          acc[j][k][l] = acc[j][k][l] + acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i) add_row(i);
+  for (int j = 1; j < kLevels; ++j) {
+    for (int k = 0; k < kIlp; ++k) {
+      for (int l = 0; l < W; ++l) acc[0][k][l] = acc[0][k][l] + acc[j][k][l];
+    }
+  }
+  for (int64_t item = rows * kIlp; item < size; ++item) {
+    for (int l = 0; l < W; ++l) acc[0][0][l] = acc[0][0][l] + x[item * W + l];
+  }
+  for (int k = 1; k < kIlp; ++k) {
+    for (int l = 0; l < W; ++l) acc[0][0][l] = acc[0][0][l] + acc[0][k][l];
+  }
+  for (int l = 0; l < W; ++l) out[l] = acc[0][0][l];
+}
+
+inline float torch_row_sum(const float* x, int64_t D) {
+  constexpr int W = 8;
+  if (D < W) {
+    float one[1];
+    torch_row_sum_lanes<1>(x, D, one);
+    return one[0];
+  }
+  const int64_t vectors = D / W;
+  float lanes[W];
+  torch_row_sum_lanes<W>(x, vectors, lanes);
+  float total = 0.0f;
+  for (int64_t k = vectors * W; k < D; ++k) total = total + x[k];
+  for (int l = 0; l < W; ++l) total = total + lanes[l];
+  return total;
+}
+
+// (g * g).mean(dim=-1) of one row as torch computes it: the squares, `torch_row_sum`, / D.
+inline float torch_row_mean_square(const float* g, int64_t D, float* squares) {
+  for (int64_t j = 0; j < D; ++j) squares[j] = g[j] * g[j];
+  return torch_row_sum(squares, D) / static_cast<float>(D);
+}
+
 }  // namespace
 
 // See the Python docstring of `shark_torchrec.kernels.update_rows_hashed_`.
@@ -624,29 +795,132 @@ void update_rows_hashed_(
     const at::Tensor& noise_table,
     int64_t dim,
     int64_t row_alignment) {
-  const GroupTables t("shark::update_rows_hashed_", weights, group_offsets, row_map, range_ends, range_shift, dim,
-                      row_alignment);
-  const int64_t T = table_ids.numel();
-  TORCH_CHECK(table_base.numel() == T + 1 && row_offset.numel() == T && col_offset.numel() == T,
-              "table_base [T + 1], table_ids, row_offset, col_offset [T]");
-  TORCH_CHECK(noise_table.numel() >= kNoiseMask + 1 + dim, "noise_table: too short for rows of ", dim);
-  const at::Tensor tb = table_base.to(at::kLong).contiguous(), ti = table_ids.to(at::kLong).contiguous();
-  const at::Tensor ro = row_offset.to(at::kLong).contiguous(), co = col_offset.to(at::kLong).contiguous();
-  const int64_t *tbp = tb.data_ptr<int64_t>(), *tip = ti.data_ptr<int64_t>();
-  TORCH_CHECK(T >= 1 && tbp[0] <= 0 && tbp[T] >= t.map_rows,
-              "shark::update_rows_hashed_: table_base must cover the row map's ", t.map_rows, " rows");
-  const int64_t *rop = ro.data_ptr<int64_t>(), *cop = co.data_ptr<int64_t>();
-  // A row's noise window (`rounding_noise_starts`): a hash of (seed, step, table, global row),
-  // plus the row's first global column. Called for keys within the row map only.
-  auto noise_start = [&](int64_t, int64_t key) {
-    const int64_t tab = std::upper_bound(tbp, tbp + T + 1, key) - tbp - 1;
-    const uint64_t global_row = static_cast<uint64_t>(key - tbp[tab] + rop[tab]);
-    const uint64_t h = mix64(mix64(static_cast<uint64_t>(tip[tab]) * 0x94D049BB133111EBull +
-                                   static_cast<uint64_t>(noise_head)) +
-                             global_row * 0x9E3779B97F4A7C15ull);
-    return ((static_cast<int64_t>(h >> 24) & kNoiseMask) + cop[tab]) & kNoiseMask;
-  };
-  step_rows_pass(t, "shark::update_rows_hashed_", keys, row_grad, step_scale, noise_table, dim, noise_start);
+  const char* op = "shark::update_rows_hashed_";
+  const GroupTables t(op, weights, group_offsets, row_map, range_ends, range_shift, dim, row_alignment);
+  const HashedNoise noise_start(op, t, table_base, table_ids, row_offset, col_offset, noise_head, noise_table, dim);
+  step_rows_pass(t, op, keys, row_grad, step_scale, noise_table, dim, noise_start);
+}
+
+// See the Python docstring of `shark_torchrec.kernels.row_mean_squares`.
+at::Tensor row_mean_squares(const at::Tensor& rows) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kFloat && rows.dim() == 2,
+              "row_mean_squares: a 2-D float32 CPU tensor");
+  const at::Tensor r = rows.contiguous();
+  const int64_t n = r.size(0), D = r.size(1);
+  TORCH_CHECK(D > 0, "row_mean_squares: rows of at least one value");
+  at::Tensor out = at::empty({n}, r.options());
+  const float* x = r.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 1024, [&](int64_t b, int64_t e) {
+    std::vector<float> squares(D);
+    for (int64_t i = b; i < e; ++i) o[i] = torch_row_mean_square(x + i * D, D, squares.data());
+  });
+  return out;
+}
+
+// See the Python docstring of `shark_torchrec.kernels.row_grads_update_`.
+std::tuple<at::Tensor, at::Tensor> row_grads_update_(
+    at::Tensor& weights,
+    const at::Tensor& group_offsets,
+    const at::Tensor& row_map,
+    const at::Tensor& range_ends,
+    const at::Tensor& range_shift,
+    const at::Tensor& keys,
+    const at::Tensor& grad,
+    const at::Tensor& order,
+    const at::Tensor& counts,
+    const at::Tensor& seg,
+    const at::Tensor& lengths,
+    const std::optional<at::Tensor>& per_sample_weights,
+    const std::optional<at::Tensor>& labels,
+    int64_t batch_size,
+    int64_t pooling,
+    at::Tensor& momentum,
+    double learning_rate,
+    double eps,
+    const at::Tensor& table_base,
+    const at::Tensor& table_ids,
+    const at::Tensor& row_offset,
+    const at::Tensor& col_offset,
+    int64_t noise_head,
+    const at::Tensor& noise_table,
+    int64_t dim,
+    int64_t row_alignment) {
+  const char* op = "shark::row_grads_update_";
+  const IdRuns runs(op, grad, order, counts, seg, lengths, per_sample_weights, labels, batch_size, pooling, dim);
+  const GroupTables t(op, weights, group_offsets, row_map, range_ends, range_shift, dim, row_alignment);
+  const HashedNoise noise_start(op, t, table_base, table_ids, row_offset, col_offset, noise_head, noise_table, dim);
+  const int64_t U = runs.U, D = dim;
+  TORCH_CHECK(keys.dim() == 1 && keys.numel() == U, op, ": keys: one per run of counts (", U, "), got ",
+              keys.sizes());
+  const bool adagrad = momentum.numel() > 0;
+  if (adagrad) {
+    TORCH_CHECK(momentum.device().is_cpu() && momentum.scalar_type() == at::kFloat && momentum.dim() == 1 &&
+                    momentum.is_contiguous(),
+                op, ": momentum must be a contiguous 1-D float32 CPU tensor (empty: SGD)");
+  }
+  const at::Tensor k = keys.to(at::kLong).contiguous();
+  const at::Tensor nt = noise_table.to(at::kFloat).contiguous();
+  const int64_t* kp = k.data_ptr<int64_t>();
+  const float* noise = nt.data_ptr<float>();
+  const int64_t state_rows = momentum.numel();
+  for (int64_t u = 0; adagrad && u < U; ++u) {
+    TORCH_CHECK(kp[u] >= 0 && kp[u] < state_rows, op, ": key ", kp[u], " outside [0, ", state_rows, ")");
+  }
+  float* m = adagrad ? momentum.data_ptr<float>() : nullptr;
+  const float lr = static_cast<float>(learning_rate), e = static_cast<float>(eps);
+  at::Tensor pos = at::empty({U}, runs.float_options());
+  float* posp = pos.data_ptr<float>();
+  std::atomic<int64_t> bad{-1}, skipped{0};
+  // Rows a block at a time: a block's gradients are summed into a buffer that stays in cache,
+  // their Adagrad sums made and their square roots taken by one torch call (torch's sqrt is
+  // not std::sqrt: see `rowwise_adagrad_scales_`), then the block's rows stepped.
+  constexpr int64_t kBlockRows = 512;
+  at::parallel_for(0, U, 256, [&](int64_t begin, int64_t end) {
+    const int64_t most = std::min(kBlockRows, end - begin);
+    std::vector<float> grads(most * D), squares(D), buf(D), sums(most), scales(most);
+    std::vector<uint8_t> skip(most);
+    const int64_t last = runs.start[end];
+    runs.prefetch_from(runs.start[begin], last);
+    int64_t skipped_here = 0;
+    for (int64_t first = begin; first < end; first += kBlockRows) {
+      const int64_t n = std::min(kBlockRows, end - first);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t u = first + r;
+        if (adagrad && u + IdRuns::kAhead < end) __builtin_prefetch(m + kp[u + IdRuns::kAhead], 1);
+        float* g = grads.data() + r * D;
+        posp[u] = runs.sum(u, g, last);
+        // A NaN or inf anywhere makes a row's sum, and its mean square, non-finite (so does a
+        // finite gradient whose square overflows): the row is skipped and counted, as
+        // `RowOptimizer.apply_update` does.
+        const float check = adagrad ? torch_row_mean_square(g, D, squares.data()) : torch_row_sum(g, D);
+        skip[r] = !std::isfinite(check);
+        if (skip[r]) {
+          ++skipped_here;
+          sums[r] = 0.0f;
+          continue;
+        }
+        if (adagrad) {
+          sums[r] = m[kp[u]] + check;
+          m[kp[u]] = sums[r];
+        }
+      }
+      if (adagrad) {
+        const at::Tensor s = at::from_blob(sums.data(), {n}, at::TensorOptions(at::kFloat));
+        at::Tensor roots = at::from_blob(scales.data(), {n}, at::TensorOptions(at::kFloat));
+        at::sqrt_out(roots, s);
+        for (int64_t r = 0; r < n; ++r) scales[r] = (1.0f / (scales[r] + e)) * lr;
+      } else {
+        std::fill(scales.begin(), scales.begin() + n, lr);
+      }
+      step_rows_range(t, kp + first, grads.data(), scales.data(), skip.data(), first, n, noise, D, noise_start,
+                      buf.data(), &bad);
+    }
+    skipped += skipped_here;
+  });
+  TORCH_CHECK(bad.load() < 0, op, ": row ", bad.load(), " (key ", kp[std::max<int64_t>(bad.load(), 0)],
+              ") is outside the row map or the group tables, or its noise window is out of range");
+  return {pos, at::scalar_tensor(static_cast<int64_t>(skipped.load()), at::kLong)};
 }
 
 // Paper Eq. 7 for the rows a step touched, in place: each row's stored score decayed to the
@@ -768,6 +1042,13 @@ TORCH_LIBRARY_FRAGMENT(shark, m) {
       "update_priorities_(Tensor(a!) priority, Tensor(b!) seen_step, Tensor keys, Tensor positives, "
       "Tensor negatives, int step, float alpha, float beta) -> ()");
   m.def("rowwise_adagrad_scales_(Tensor(a!) state, Tensor keys, Tensor mean_sq, float learning_rate, float eps) -> Tensor");
+  m.def("row_mean_squares(Tensor rows) -> Tensor");
+  m.def(
+      "row_grads_update_(Tensor(a!) weights, Tensor group_offsets, Tensor row_map, Tensor range_ends, "
+      "Tensor range_shift, Tensor keys, Tensor grad, Tensor order, Tensor counts, Tensor seg, Tensor lengths, "
+      "Tensor? per_sample_weights, Tensor? labels, int batch_size, int pooling, Tensor(b!) momentum, "
+      "float learning_rate, float eps, Tensor table_base, Tensor table_ids, Tensor row_offset, Tensor col_offset, "
+      "int noise_head, Tensor noise_table, int dim, int row_alignment) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(shark, CPU, m) {
@@ -776,6 +1057,8 @@ TORCH_LIBRARY_IMPL(shark, CPU, m) {
   m.impl("update_rows_hashed_", &update_rows_hashed_);
   m.impl("update_priorities_", &update_priorities_);
   m.impl("rowwise_adagrad_scales_", &rowwise_adagrad_scales_);
+  m.impl("row_mean_squares", &row_mean_squares);
+  m.impl("row_grads_update_", &row_grads_update_);
 }
 
 }  // namespace shark

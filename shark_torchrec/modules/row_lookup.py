@@ -97,7 +97,9 @@ class RowLookup:
     fused ops; `_op_offsets`, `_op_tys`, `_op_D_offsets`, `_op_placements` for FBGEMM's) and
     `row_alignment`; for data-parallel
     tables `replicated_pg`. It writes no store state itself: the backward
-    ends in the store's `apply_update` (`RowOptimizer`), which updates the rows.
+    ends in the store's `apply_update` (`RowOptimizer`), which updates the rows, or on CPU,
+    where the store's `can_fuse_backward()`, in its `apply_fused_update`, which sums the rows'
+    gradients too.
     """
 
     # ------------------------------------------------------------------ lookup
@@ -233,6 +235,11 @@ class RowLookup:
         # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
         if grad.device.type == "cpu":
             seg, order, uniq, counts = torch.ops.shark.ids_by_row(values, lengths, self.feature_base, B)
+            if self.replicated_pg is None and self.can_fuse_backward():
+                # One op from the output gradient to the stepped rows (bit for bit the steps
+                # below): no [rows, dim] gradient made, written and read again.
+                self.apply_fused_update(uniq, counts, grad, order, seg, lengths, psw, labels, B, self.pooling)
+                return
             row_grad, pos = torch.ops.shark.row_grads(
                 grad.float(), order, counts, seg, lengths, psw, labels, B, POOLING_CODES[self.pooling], self.dim
             )

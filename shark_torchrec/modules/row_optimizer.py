@@ -6,7 +6,10 @@ the same rule in every group, each row read from its group table, stepped in fp3
 written back with stochastic rounding for fp16 and integer rows: on CPU in one pass of our
 C++ op (`torch.ops.shark.update_rows_hashed_`), elsewhere by the torch code that is its
 reference. Dropped rows' gradients are summed into their table's fallback row, stepped at the
-end of the step (`apply_fallback_update`).
+end of the step (`apply_fallback_update`). On CPU, where no row needs those steps apart
+(`can_fuse_backward`), the lookup's backward hands the output gradient to
+`apply_fused_update` instead: the per-row gradient sums, the optimizer and the row update in
+one op (`torch.ops.shark.row_grads_update_`), then Eq. 7.
 
 Kept apart from the tier layout (`shark_torchrec.modules.row_groups`, which imports this module)
 and the lookup (`shark_torchrec.modules.row_lookup`, whose backward calls `apply_update`).
@@ -20,7 +23,14 @@ import time
 
 import torch
 
-from shark_torchrec.kernels import rowwise_adagrad_scales_, update_priorities_, update_rows_hashed_
+from shark_torchrec.kernels import (
+    POOLING_CODES,
+    fused_backward_agrees,
+    row_grads_update_,
+    rowwise_adagrad_scales_,
+    update_priorities_,
+    update_rows_hashed_,
+)
 from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.priority import DROPPED, FP32, updated
 from shark_torchrec.precision.quantize import _noise_table, noise_head, round_bf16_stochastic, state_noise_bits
@@ -110,6 +120,88 @@ class RowOptimizer:
         else:
             scale = self._step_scale(self.momentum, keys, row_grad, mean_sq)
         self.step_rows(keys, row_grad, scale, step, kernels=kernels)
+
+    def can_fuse_backward(self) -> bool:
+        """Whether this step's backward may run as one op (`apply_fused_update`).
+
+        Returns:
+            True on the C++ ops (CPU) for a store without dropped rows (their gradients go to
+            their table's fallback row), with SGD or an fp32 Adagrad state (a bf16 one is
+            rounded with noise of its own), under Eq. 7 (its gradient-weighted variant reads
+            the rows' gradient norms), and where this torch sums a row in the order the op
+            was written for (`fused_backward_agrees`). Data-parallel tables sum their
+            gradients across ranks first: the lookup does not ask for them.
+        """
+        p = self.policy
+        return (
+            kernels_for(self) == "cpp"
+            and not self.has_dropped
+            and p.signal != "eq7-grad"
+            and (p.optimizer == "sgd" or self.momentum.dtype == torch.float32)
+            and fused_backward_agrees(self.dim)
+        )
+
+    @torch.no_grad()
+    def apply_fused_update(
+        self,
+        keys: torch.Tensor,
+        counts: torch.Tensor,
+        grad: torch.Tensor,
+        order: torch.Tensor,
+        seg: torch.Tensor,
+        lengths: torch.Tensor,
+        per_sample_weights,
+        labels,
+        batch_size: int,
+        pooling: str,
+    ) -> None:
+        """The step of every row the batch read, straight from the output gradient
+        (`torch.ops.shark.row_grads_update_`), then their priorities (Eq. 7): what
+        `RowLookup._row_grads_torch` then `apply_update` do, bit for bit, without a
+        [rows, dim] gradient. Only where `can_fuse_backward()`.
+
+        Args:
+            keys, counts, order, seg: `ids_by_row`'s distinct row keys, their ids' counts, the
+                ids sorted by row and each id's bag.
+            grad: the lookup's output gradient.
+            lengths, per_sample_weights, labels, batch_size: the batch's, as the lookup saw it.
+            pooling: "sum", "mean" or "none".
+        """
+        step = self.step.value
+        p = self.policy
+        adagrad = p.optimizer == "rowwise_adagrad"
+        pos, skipped = row_grads_update_(
+            *self.op_layout,
+            keys,
+            grad,
+            order,
+            counts,
+            seg,
+            lengths,
+            per_sample_weights,
+            labels,
+            batch_size,
+            POOLING_CODES[pooling],
+            self.momentum if adagrad else torch.empty(0),
+            p.learning_rate,
+            p.eps,
+            self.table_base,
+            self._table_ids,
+            self._row_offset,
+            self._col_offset,
+            noise_head(p.seed, step),
+            _noise_table(self.weights.device),
+            self.dim,
+            self.row_alignment,
+        )
+        self.nonfinite_rows += int(skipped)
+        if p.scored and len(keys):
+            t0 = time.perf_counter()
+            neg = counts.float() - pos
+            update_priorities_(
+                self.row_priority, self.row_seen_step, keys.contiguous(), pos, neg, step, p.effective_alpha, p.beta
+            )
+            self.priority_seconds += time.perf_counter() - t0
 
     def _mean_squares(self, row_grad: torch.Tensor) -> torch.Tensor:
         """(row_grad * row_grad).mean(dim=1), bit for bit, with the squares made a block of rows

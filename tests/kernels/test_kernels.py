@@ -771,3 +771,123 @@ def test_mean_squares_in_blocks_equal_the_whole_expression(monkeypatch):
         for n, d in ((1, 64), (7, 16), (41_557, 64), (1_001, 8), (3, 3), (0, 64), (65, 64)):
             g = torch.randn(n, d, generator=gen) * 10 ** torch.empty(n, 1).uniform_(-9, 3, generator=gen)
             assert torch.equal(rows._mean_squares(g), (g * g).mean(dim=1)), (scratch, n, d)
+
+
+def _store(dim, pooling, weighted, optimizer, tiers, **policy):
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+    from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+
+    tables = [
+        LocalTable("t0", 30, dim, global_rows=30, table_id=3),
+        LocalTable("t1", 20, dim, global_rows=40, row_offset=20, col_offset=8, table_id=5),
+    ]
+    resolved = PrecisionPolicy(
+        mode="shark",
+        tiers=tiers,
+        row_fractions=(0.2,) * (len(tiers) - 1),
+        optimizer=optimizer,
+        learning_rate=0.3,
+        **policy,
+    ).resolved([dim])
+    return RowGroupStore(
+        tables, ["a", "b", "c"], [0, 1, 0], resolved, StepCounter(), pooling=pooling, weighted=weighted
+    )
+
+
+def _batch(gen, B, pooling):
+    """Three features over the two tables (a and c share t0), 0-3 ids a bag, few rows (many
+    repeats), each id's weight tagged with its sample's label (`tag_labels`' layout)."""
+    lengths = torch.randint(0, 4, (3 * B,), generator=gen)
+    rows = torch.tensor([30, 20, 30]).repeat_interleave(B)
+    values = (torch.rand(int(lengths.sum()), generator=gen) * rows.repeat_interleave(lengths)).long()
+    labels = (torch.rand(B, generator=gen) < 0.4).to(torch.int32).repeat(3).repeat_interleave(lengths)
+    weights = torch.rand(len(values), generator=gen) + 0.5
+    tagged = ((weights.view(torch.int32) & ~1) | labels).view(torch.float32)
+    return values, lengths, tagged
+
+
+@pytest.mark.parametrize(
+    "pooling,weighted,optimizer,dim",
+    [
+        ("sum", False, "rowwise_adagrad", 64),
+        ("mean", True, "rowwise_adagrad", 12),
+        ("none", False, "sgd", 4),
+        ("sum", True, "sgd", 40),
+    ],
+)
+def test_the_fused_backward_equals_the_separate_steps_bit_for_bit(monkeypatch, pooling, weighted, optimizer, dim):
+    """A store whose CPU backward runs as one op (`row_grads_update_`: row gradients, the
+    optimizer, the row update; then Eq. 7) against the same store on the torch path (each step
+    the reference of its own op): five steps of multi-id, empty and repeated-row bags over two
+    tables (one a row and column slice), labelled, one gradient a NaN and one whose square
+    overflows: outputs, rows, optimizer state, scores, last steps and skipped rows equal."""
+    import copy
+
+    from shark_torchrec.modules import row_optimizer
+    from shark_torchrec.precision.priority import GROUP_NAMES
+
+    tiers = ("fp32", "fp16", "int8", "int4", "int2")[: 5 if dim % 8 == 0 else 4]  # int2 rows need dim % 8 == 0
+    store = _store(dim, pooling, weighted, optimizer, tiers)
+    n = store.num_rows
+    gen = torch.Generator().manual_seed(dim)
+    ids = torch.tensor([GROUP_NAMES.index(t) for t in tiers], dtype=torch.int8)
+    store.set_groups(ids[torch.randint(0, len(ids), (n,), generator=gen)])
+    store.write_rows(torch.arange(n), torch.randn(n, dim, generator=gen))
+    fused, reference = copy.deepcopy(store), copy.deepcopy(store)
+    fused.kernels, reference.kernels = "cpp", "torch"
+    assert fused.can_fuse_backward() and not reference.can_fuse_backward()
+    calls = []
+    real = row_optimizer.row_grads_update_
+    monkeypatch.setattr(row_optimizer, "row_grads_update_", lambda *a: calls.append(1) or real(*a))
+    for step, B in zip(range(1, 6), (9, 16, 1, 33, 8)):  # B = 1: bags divided as integers, not by a multiply
+        fused.step.value = reference.step.value = step
+        values, lengths, tagged = _batch(gen, B, pooling)
+        outs = [s(values, lengths, tagged, B) for s in (fused, reference)]
+        assert same_bits(outs[0], outs[1]), step
+        upstream = torch.randn(outs[0].shape, generator=gen)
+        if step == 2:
+            upstream[0, 0] = float("nan")  # the rows of bag (a, 0) (or of the first id) are skipped
+            upstream[1, 1] = 1e20  # finite, but its square overflows under Adagrad
+        for s, out in zip((fused, reference), outs):
+            out.backward(upstream)
+        for name in ("weights", "momentum", "row_priority", "row_seen_step"):
+            assert torch.equal(getattr(fused, name), getattr(reference, name)), (step, name)
+    assert len(calls) == 5
+    assert fused.nonfinite_rows == reference.nonfinite_rows > 0
+    assert not torch.equal(fused.weights, store.weights)
+
+
+@pytest.mark.parametrize(
+    "tiers,policy",
+    [
+        (("fp32", "int8", "dropped"), {}),  # dropped rows' gradients go to their fallback rows
+        (("fp32", "int8"), {"signal": "eq7-grad"}),  # Eq. 7 weighted by the gradients' norms
+        (("fp32", "int8"), {"momentum_dtype": "bf16"}),  # a state rounded with its own noise
+    ],
+)
+def test_stores_that_need_the_steps_apart_do_not_fuse_them(tiers, policy):
+    """The fused backward stands in only where it equals the separate steps; elsewhere the
+    store keeps them (and trains as before: `test_the_optimizer_step_on_cpu_...`)."""
+    store = _store(16, "sum", False, "rowwise_adagrad", tiers, **policy)
+    store.kernels = "cpp"
+    assert not store.can_fuse_backward()
+    assert _store(16, "sum", False, "rowwise_adagrad", ("fp32", "int8")).can_fuse_backward()
+
+
+def test_the_fused_mean_squares_are_torchs_and_a_torch_that_adds_otherwise_is_caught(monkeypatch):
+    """`row_mean_squares` adds each row in torch's order: equal to (g * g).mean(dim=1) bit for
+    bit for every width the stores allow up to 4096, on rows spanning 2^-30 to 2^30 (where
+    another order changes most rows' last bits); a torch that adds otherwise is caught by
+    `fused_backward_agrees`, with a warning, and the store keeps the separate steps."""
+    import shark_torchrec.kernels as kernels
+
+    gen = torch.Generator().manual_seed(1)
+    for dim in (4, 8, 12, 16, 20, 28, 36, 64, 68, 100, 128, 132, 256, 520, 1024, 4096):
+        rows = torch.randn(300, dim, generator=gen) * torch.exp2(torch.randint(-30, 30, (300, dim), generator=gen))
+        assert same_bits(kernels.row_mean_squares(rows), (rows * rows).mean(dim=1)), dim
+    monkeypatch.setattr(kernels, "_agrees", {})
+    monkeypatch.setattr(kernels, "row_mean_squares", lambda rows: (rows * rows).sum(dim=1).flip(0) / rows.shape[1])
+    with pytest.warns(UserWarning, match="another order"):
+        assert not kernels.fused_backward_agrees(16)
+    store = _store(16, "sum", False, "rowwise_adagrad", ("fp32", "int8"))
+    assert not store.can_fuse_backward()
