@@ -608,9 +608,12 @@ _agrees: dict = {}
 
 
 def fused_backward_agrees(dim: int) -> bool:
-    """Whether `row_grads_update_`'s mean squares equal torch's for rows of `dim` values on this
-    torch (checked once per dim, on rows whose values span 2^-30 to 2^30, where any other order
-    of the additions gives other bits for most rows).
+    """Whether `row_grads_update_` computes what the separate steps compute on this torch:
+    its mean squares (and sums) add a row of `dim` values in torch's order (rows whose values
+    span 2^-30 to 2^29, where another order of the additions gives other bits for most rows),
+    and torch's sqrt, which the op takes over blocks of rows, gives each value the same bits
+    wherever it sits in a tensor (torch 2.13's is MKL's, not correctly rounded). Checked once
+    per dim.
 
     Args:
         dim: the row width.
@@ -627,11 +630,15 @@ def fused_backward_agrees(dim: int) -> bool:
             torch.randint(-30, 30, (512, dim), generator=gen).float()
         )
         ok = torch.equal(row_mean_squares(rows).view(torch.int32), (rows * rows).mean(dim=1).view(torch.int32))
+        sums = torch.rand(2053, generator=gen) * torch.exp2(torch.randint(-60, 60, (2053,), generator=gen).float())
+        roots = torch.sqrt(sums)
+        for start, stop in ((0, 511), (1, 2053), (7, 520), (1500, 2053), (2047, 2050)):
+            ok = ok and torch.equal(torch.sqrt(sums[start:stop].clone()), roots[start:stop])
         if not ok:
             warnings.warn(
                 f"torch {torch.__version__} sums rows of {dim} values in another order than the fused "
-                "backward (shark::row_grads_update_) was written for: the row update runs as separate "
-                "ops (same results, slower)",
+                "backward (shark::row_grads_update_) was written for, or its sqrt depends on where a value "
+                "sits: the row update runs as separate ops (same results, slower)",
                 stacklevel=2,
             )
         _agrees[dim] = ok
@@ -667,7 +674,7 @@ def _row_grads_update_fake(
     dim,
     row_alignment,
 ):
-    return grad.new_empty((counts.shape[0],)), grad.new_empty((), dtype=torch.int64)
+    return grad.new_empty((counts.shape[0],), dtype=torch.float32), grad.new_empty((), dtype=torch.int64)
 
 
 def row_grads_update_(
@@ -699,11 +706,12 @@ def row_grads_update_(
     row_alignment: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A step's update of every row its batch read, from the output gradient, in one pass:
-    per distinct row, its gradient summed over its ids (`row_grads`), rows whose gradient is
-    not finite (or whose mean square overflows) skipped, row-wise Adagrad's state and scale
-    (`rowwise_adagrad_scales_`; SGD: the learning rate), and the step written back with
-    stochastic rounding (`update_rows_hashed_`). No [rows, dim] gradient is made: a block of
-    rows at a time is summed into a buffer that stays in cache.
+    per distinct row, its gradient summed over its ids (`row_grads`); the row skipped if that
+    is not finite (under Adagrad: its mean square, so also where the square overflows; under
+    SGD: its sum); row-wise Adagrad's state and scale (`rowwise_adagrad_scales_`; SGD: the
+    learning rate); and the step written back with stochastic rounding
+    (`update_rows_hashed_`). No [rows, dim] gradient is made: a block of rows at a time is
+    summed into a buffer that stays in cache.
 
     Args:
         weights, group_offsets, row_map, range_ends, range_shift, table_base, table_ids,

@@ -23,26 +23,26 @@ struct IdRuns {
          const std::optional<at::Tensor>& labels, int64_t batch_size, int64_t pooling_code, int64_t dim)
       : B(batch_size), D(dim), pooling(pooling_code) {
     TORCH_CHECK(grad.device().is_cpu(), op, ": CPU tensors only");
-    TORCH_CHECK(grad.dim() == 2, "grad: [B, F * D] (pooled) or [nnz, D]");
-    TORCH_CHECK(pooling >= 0 && pooling <= 2, "pooling: 0 sum, 1 mean, 2 none");
-    TORCH_CHECK(batch_size >= 0 && dim > 0, "batch_size >= 0, dim > 0");
+    TORCH_CHECK(grad.dim() == 2, op, ": grad: [B, F * D] (pooled) or [nnz, D]");
+    TORCH_CHECK(pooling >= 0 && pooling <= 2, op, ": pooling: 0 sum, 1 mean, 2 none");
+    TORCH_CHECK(batch_size >= 0 && dim > 0, op, ": batch_size >= 0, dim > 0");
     nnz = order.numel();
     start.assign(1, 0);
     if (nnz == 0) {  // no ids (an empty batch): no rows, whatever the gradient's shape
-      TORCH_CHECK(counts.numel() == 0, "counts: no runs without ids");
+      TORCH_CHECK(counts.numel() == 0, op, ": counts: no runs without ids");
       U = 0;
       return;
     }
     F = B > 0 ? lengths.numel() / B : 0;
-    TORCH_CHECK(F * B == lengths.numel(), "lengths: [F * ", B, "] expected, got ", lengths.sizes());
+    TORCH_CHECK(F * B == lengths.numel(), op, ": lengths: [F * ", B, "] expected, got ", lengths.sizes());
     if (pooling == 2) {
-      TORCH_CHECK(grad.size(0) == nnz && grad.size(1) == D, "grad: [", nnz, ", ", D, "] expected, got ",
+      TORCH_CHECK(grad.size(0) == nnz && grad.size(1) == D, op, ": grad: [", nnz, ", ", D, "] expected, got ",
                   grad.sizes());
     } else {
-      TORCH_CHECK(grad.size(0) == B && grad.size(1) == F * D, "grad: [", B, ", ", F * D, "] expected, got ",
+      TORCH_CHECK(grad.size(0) == B && grad.size(1) == F * D, op, ": grad: [", B, ", ", F * D, "] expected, got ",
                   grad.sizes());
     }
-    TORCH_CHECK(seg.numel() == nnz, "seg: one per id");
+    TORCH_CHECK(seg.numel() == nnz, op, ": seg: one per id");
     g_ = grad.to(at::kFloat).contiguous();
     o_ = order.to(at::kLong).contiguous();
     c_ = counts.to(at::kLong).contiguous();
@@ -60,7 +60,7 @@ struct IdRuns {
     start.resize(U + 1);
     const int64_t* cp = c_.data_ptr<int64_t>();
     for (int64_t u = 0; u < U; ++u) start[u + 1] = start[u] + cp[u];
-    TORCH_CHECK(start[U] == nnz, "counts add up to ", start[U], ", there are ", nnz, " ids");
+    TORCH_CHECK(start[U] == nnz, op, ": counts add up to ", start[U], ", there are ", nnz, " ids");
     // bag / B by a multiply and a shift (Lemire, Kaser and Kurz, "Faster remainder by direct
     // computation", 2019: exact for 32-bit bags and B) instead of a 64-bit division an id,
     // which was most of this pass's time of its own.
@@ -135,7 +135,7 @@ struct IdRuns {
   const int64_t* lp_ = nullptr;
   const float* wp_ = nullptr;
   const float* labp_ = nullptr;
-  uint64_t by_b_ = 0;  // ceil(2^64 / B), when bags fit 32 bits
+  uint64_t by_b_ = 0;  // ceil(2^64 / B) when bags fit 32 bits and B > 1; else 0: bag / B divides
 };
 
 }  // namespace shark

@@ -481,6 +481,29 @@ void encode_row_nearest(uint8_t* row, int64_t g, int64_t D, float* v) {
   }
 }
 
+constexpr int64_t kMapAhead = 16;  // rows ahead a row map entry is prefetched
+constexpr int64_t kRowAhead = 8;   // rows ahead a row's bytes and noise window are
+
+inline void prefetch_map_entry(const GroupTables& t, int64_t key) {
+  if (t.map && key >= 0 && key < t.map_rows) __builtin_prefetch(t.map + key);
+}
+
+// Every cache line of row `key`'s bytes (its last byte too: rows are not line-aligned) and of
+// its noise window (fp32 rows read none), for its update (row i of the pass).
+template <typename NoiseStart>
+inline void prefetch_row(const GroupTables& t, int64_t key, int64_t i, const float* noise, int64_t D,
+                         const NoiseStart& noise_start) {
+  int64_t g;
+  const int64_t at = t.own_at(key, &g);
+  if (at < 0) return;
+  for (int64_t o = 0; o < t.rb[g]; o += 64) __builtin_prefetch(t.w + at + o, 1);
+  if (t.rb[g] > 0) __builtin_prefetch(t.w + at + t.rb[g] - 1, 1);
+  const int64_t noise_at = g > 0 ? noise_start(i, key) : -1;
+  if (noise_at >= 0) {
+    for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
+  }
+}
+
 // Rows first ... first + n - 1 of a pass over distinct rows, in this thread: row r (key
 // keys[r]) read from its group table, stepped (new = old - grads[r * D ...] * scales[r]) and
 // written back with the noise window at noise_start(first + r, key) (-1: outside the noise
@@ -492,28 +515,10 @@ template <typename NoiseStart>
 void step_rows_range(const GroupTables& t, const int64_t* keys, const float* grads, const float* scales,
                      const uint8_t* skip, int64_t first, int64_t n, const float* noise, int64_t D,
                      NoiseStart noise_start, float* buf, std::atomic<int64_t>* bad) {
-  constexpr int64_t kMapAhead = 16;
-  constexpr int64_t kRowAhead = 8;
-  for (int64_t r = 0; r < std::min(n, kMapAhead); ++r) {
-    if (t.map && keys[r] >= 0 && keys[r] < t.map_rows) __builtin_prefetch(t.map + keys[r]);
-  }
+  for (int64_t r = 0; r < std::min(n, kMapAhead); ++r) prefetch_map_entry(t, keys[r]);
   for (int64_t r = 0; r < n; ++r) {
-    if (t.map && r + kMapAhead < n && keys[r + kMapAhead] >= 0 && keys[r + kMapAhead] < t.map_rows) {
-      __builtin_prefetch(t.map + keys[r + kMapAhead]);
-    }
-    if (r + kRowAhead < n) {
-      int64_t g_ahead;
-      const int64_t ahead = t.own_at(keys[r + kRowAhead], &g_ahead);
-      if (ahead >= 0) {
-        // Every cache line the row touches (its last byte too: rows are not line-aligned).
-        for (int64_t o = 0; o < t.rb[g_ahead]; o += 64) __builtin_prefetch(t.w + ahead + o, 1);
-        if (t.rb[g_ahead] > 0) __builtin_prefetch(t.w + ahead + t.rb[g_ahead] - 1, 1);
-        const int64_t noise_at = g_ahead > 0 ? noise_start(first + r + kRowAhead, keys[r + kRowAhead]) : -1;
-        if (noise_at >= 0) {  // (fp32 rows read no noise)
-          for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
-        }
-      }
-    }
+    if (r + kMapAhead < n) prefetch_map_entry(t, keys[r + kMapAhead]);
+    if (r + kRowAhead < n) prefetch_row(t, keys[r + kRowAhead], first + r + kRowAhead, noise, D, noise_start);
     if (skip && skip[r]) continue;
     int64_t g;
     const int64_t at = t.own_at(keys[r], &g);
@@ -670,9 +675,9 @@ struct HashedNoise {
               const at::Tensor& noise_table, int64_t dim)
       : head(noise_head) {
     T = table_ids.numel();
-    TORCH_CHECK(table_base.numel() == T + 1 && row_offset.numel() == T && col_offset.numel() == T,
-                "table_base [T + 1], table_ids, row_offset, col_offset [T]");
-    TORCH_CHECK(noise_table.numel() >= kNoiseMask + 1 + dim, "noise_table: too short for rows of ", dim);
+    TORCH_CHECK(table_base.numel() == T + 1 && row_offset.numel() == T && col_offset.numel() == T, op,
+                ": table_base [T + 1], table_ids, row_offset, col_offset [T]");
+    TORCH_CHECK(noise_table.numel() >= kNoiseMask + 1 + dim, op, ": noise_table: too short for rows of ", dim);
     tb_ = table_base.to(at::kLong).contiguous();
     ti_ = table_ids.to(at::kLong).contiguous();
     ro_ = row_offset.to(at::kLong).contiguous();
@@ -804,10 +809,10 @@ void update_rows_hashed_(
 // See the Python docstring of `shark_torchrec.kernels.row_mean_squares`.
 at::Tensor row_mean_squares(const at::Tensor& rows) {
   TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kFloat && rows.dim() == 2,
-              "row_mean_squares: a 2-D float32 CPU tensor");
+              "shark::row_mean_squares: a 2-D float32 CPU tensor");
   const at::Tensor r = rows.contiguous();
   const int64_t n = r.size(0), D = r.size(1);
-  TORCH_CHECK(D > 0, "row_mean_squares: rows of at least one value");
+  TORCH_CHECK(D > 0, "shark::row_mean_squares: rows of at least one value");
   at::Tensor out = at::empty({n}, r.options());
   const float* x = r.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -890,9 +895,10 @@ std::tuple<at::Tensor, at::Tensor> row_grads_update_(
         if (adagrad && u + IdRuns::kAhead < end) __builtin_prefetch(m + kp[u + IdRuns::kAhead], 1);
         float* g = grads.data() + r * D;
         posp[u] = runs.sum(u, g, last);
-        // A NaN or inf anywhere makes a row's sum, and its mean square, non-finite (so does a
-        // finite gradient whose square overflows): the row is skipped and counted, as
-        // `RowOptimizer.apply_update` does.
+        // A NaN or inf anywhere makes a row's sum, and its mean square, non-finite: the row is
+        // skipped and counted, as `RowOptimizer.apply_update` does, which checks the mean
+        // square under Adagrad (so a finite gradient whose square overflows is skipped too) and
+        // the sum under SGD (so is one whose sum overflows).
         const float check = adagrad ? torch_row_mean_square(g, D, squares.data()) : torch_row_sum(g, D);
         skip[r] = !std::isfinite(check);
         if (skip[r]) {

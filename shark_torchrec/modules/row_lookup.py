@@ -96,10 +96,10 @@ class RowLookup:
     `_lookup_groups`, the group tables (`weights`) with the op buffers (`op_layout` for the
     fused ops; `_op_offsets`, `_op_tys`, `_op_D_offsets`, `_op_placements` for FBGEMM's) and
     `row_alignment`; for data-parallel
-    tables `replicated_pg`. It writes no store state itself: the backward
-    ends in the store's `apply_update` (`RowOptimizer`), which updates the rows, or on CPU,
-    where the store's `can_fuse_backward()`, in its `apply_fused_update`, which sums the rows'
-    gradients too.
+    tables `replicated_pg`. It writes no store state itself: the backward ends in the store's
+    `apply_update` (`RowOptimizer`), which updates the rows; or, on CPU where the store's
+    `can_fuse_backward()` is true, in its `apply_fused_update`, which also sums the rows'
+    gradients.
     """
 
     # ------------------------------------------------------------------ lookup
@@ -233,7 +233,7 @@ class RowLookup:
     def _backward(self, saved, grad: torch.Tensor) -> None:
         values, psw, labels, lengths, B = saved
         # Ids sorted by row: each row's gradient is then the sum of a contiguous run.
-        if grad.device.type == "cpu":
+        if grad.device.type == "cpu" and kernels_for(self) != "torch":
             seg, order, uniq, counts = torch.ops.shark.ids_by_row(values, lengths, self.feature_base, B)
             if self.replicated_pg is None and self.can_fuse_backward():
                 # One op from the output gradient to the stepped rows (bit for bit the steps

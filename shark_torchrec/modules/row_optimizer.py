@@ -12,7 +12,8 @@ end of the step (`apply_fallback_update`). On CPU, where no row needs those step
 one op (`torch.ops.shark.row_grads_update_`), then Eq. 7.
 
 Kept apart from the tier layout (`shark_torchrec.modules.row_groups`, which imports this module)
-and the lookup (`shark_torchrec.modules.row_lookup`, whose backward calls `apply_update`).
+and the lookup (`shark_torchrec.modules.row_lookup`, whose backward calls `apply_update` or
+`apply_fused_update`).
 This module imports nothing of the store: `RowOptimizer` is a mixin that reaches the store's
 state through `self`.
 """

@@ -356,7 +356,8 @@ def test_fused_update_skips_dropped_rows_and_refuses_a_key_outside_the_store():
 
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
 @pytest.mark.parametrize("weighted,labelled", [(False, True), (True, True), (True, False)])
-def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, weighted, labelled):
+@pytest.mark.parametrize("batch_size", [7, 1, 16])  # 1: bags divided as integers; 16: a power of two
+def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, weighted, labelled, batch_size):
     """`torch.ops.shark.row_grads` against the store's torch backward (`_row_grads_torch`):
     multi-id, empty and repeated-row bags, over three features sharing rows."""
     from types import SimpleNamespace
@@ -365,10 +366,10 @@ def test_row_gradient_reduction_equals_the_torch_backward_bit_for_bit(pooling, w
     from shark_torchrec.modules.row_lookup import RowLookup
 
     gen = torch.Generator().manual_seed(len(pooling) * 10 + weighted * 2 + labelled)
-    F, B, D = 3, 7, 8
-    lengths = torch.randint(0, 4, (F * B,), generator=gen)
+    F, B, D = 3, batch_size, 8
+    lengths = torch.randint(0, 4, (F * B,), generator=gen) if B > 1 else torch.randint(2, 8, (F,), generator=gen)
     nnz = int(lengths.sum())
-    keys = torch.randint(0, 12, (nnz,), generator=gen)  # few rows: many repeats
+    keys = torch.randint(0, max(2, min(12, nnz // 3)), (nnz,), generator=gen)  # few rows: many repeats
     seg = torch.repeat_interleave(torch.arange(F * B), lengths)
     grad = torch.randn(nnz, D, generator=gen) if pooling == "none" else torch.randn(B, F * D, generator=gen)
     psw = torch.rand(nnz, generator=gen) if weighted else None
@@ -773,13 +774,15 @@ def test_mean_squares_in_blocks_equal_the_whole_expression(monkeypatch):
             assert torch.equal(rows._mean_squares(g), (g * g).mean(dim=1)), (scratch, n, d)
 
 
-def _store(dim, pooling, weighted, optimizer, tiers, **policy):
+def _store(dim, pooling, weighted, optimizer, tiers, rows=(30, 20), label_tagged=True, **policy):
+    """Two tables (the second a row and column slice of its table) under three features (a and c
+    share t0)."""
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 
     tables = [
-        LocalTable("t0", 30, dim, global_rows=30, table_id=3),
-        LocalTable("t1", 20, dim, global_rows=40, row_offset=20, col_offset=8, table_id=5),
+        LocalTable("t0", rows[0], dim, global_rows=rows[0], table_id=3),
+        LocalTable("t1", rows[1], dim, global_rows=2 * rows[1], row_offset=rows[1], col_offset=8, table_id=5),
     ]
     resolved = PrecisionPolicy(
         mode="shark",
@@ -790,16 +793,23 @@ def _store(dim, pooling, weighted, optimizer, tiers, **policy):
         **policy,
     ).resolved([dim])
     return RowGroupStore(
-        tables, ["a", "b", "c"], [0, 1, 0], resolved, StepCounter(), pooling=pooling, weighted=weighted
+        tables,
+        ["a", "b", "c"],
+        [0, 1, 0],
+        resolved,
+        StepCounter(),
+        pooling=pooling,
+        weighted=weighted,
+        label_tagged=label_tagged,
     )
 
 
-def _batch(gen, B, pooling):
-    """Three features over the two tables (a and c share t0), 0-3 ids a bag, few rows (many
-    repeats), each id's weight tagged with its sample's label (`tag_labels`' layout)."""
+def _batch(gen, B, rows):
+    """0-3 ids a bag of the three features, each id's weight tagged with its sample's label
+    (`tag_labels`' layout)."""
     lengths = torch.randint(0, 4, (3 * B,), generator=gen)
-    rows = torch.tensor([30, 20, 30]).repeat_interleave(B)
-    values = (torch.rand(int(lengths.sum()), generator=gen) * rows.repeat_interleave(lengths)).long()
+    per_bag = torch.tensor([rows[0], rows[1], rows[0]]).repeat_interleave(B)
+    values = (torch.rand(int(lengths.sum()), generator=gen) * per_bag.repeat_interleave(lengths)).long()
     labels = (torch.rand(B, generator=gen) < 0.4).to(torch.int32).repeat(3).repeat_interleave(lengths)
     weights = torch.rand(len(values), generator=gen) + 0.5
     tagged = ((weights.view(torch.int32) & ~1) | labels).view(torch.float32)
@@ -807,27 +817,34 @@ def _batch(gen, B, pooling):
 
 
 @pytest.mark.parametrize(
-    "pooling,weighted,optimizer,dim",
+    "pooling,weighted,optimizer,dim,rows,batches,labelled",
     [
-        ("sum", False, "rowwise_adagrad", 64),
-        ("mean", True, "rowwise_adagrad", 12),
-        ("none", False, "sgd", 4),
-        ("sum", True, "sgd", 40),
+        ("sum", False, "rowwise_adagrad", 64, (30, 20), (9, 16, 1, 33, 8), True),
+        ("mean", True, "rowwise_adagrad", 12, (30, 20), (9, 16, 1, 33, 8), True),
+        ("none", False, "sgd", 4, (30, 20), (9, 16, 1, 33, 8), False),
+        ("sum", True, "sgd", 40, (30, 20), (9, 16, 1, 33, 8), True),
+        # thousands of distinct rows a step: both threads, several blocks of rows each
+        ("sum", True, "rowwise_adagrad", 16, (6000, 4000), (1500, 2048, 1024), True),
     ],
+    ids=["sum-adagrad-64", "mean-weighted-12", "none-sgd-4-unlabelled", "sum-weighted-sgd-40", "many-rows"],
 )
-def test_the_fused_backward_equals_the_separate_steps_bit_for_bit(monkeypatch, pooling, weighted, optimizer, dim):
+def test_the_fused_backward_equals_the_separate_steps_bit_for_bit(
+    monkeypatch, pooling, weighted, optimizer, dim, rows, batches, labelled
+):
     """A store whose CPU backward runs as one op (`row_grads_update_`: row gradients, the
-    optimizer, the row update; then Eq. 7) against the same store on the torch path (each step
-    the reference of its own op): five steps of multi-id, empty and repeated-row bags over two
-    tables (one a row and column slice), labelled, one gradient a NaN and one whose square
-    overflows: outputs, rows, optimizer state, scores, last steps and skipped rows equal."""
+    optimizer, the row update; then Eq. 7) against the same store on the torch path (the ids
+    grouped and the row gradients summed by torch, then Eq. 7, Adagrad or SGD and the row update
+    in torch: each the reference of an op): steps of multi-id, empty and repeated-row bags over
+    two tables (one a row and column slice), one gradient a NaN and one whose square overflows,
+    batches of 1 (bags divided as integers) and of powers of two: outputs, rows, optimizer
+    state, scores, last steps and skipped rows equal."""
     import copy
 
-    from shark_torchrec.modules import row_optimizer
+    from shark_torchrec.modules import row_lookup, row_optimizer
     from shark_torchrec.precision.priority import GROUP_NAMES
 
     tiers = ("fp32", "fp16", "int8", "int4", "int2")[: 5 if dim % 8 == 0 else 4]  # int2 rows need dim % 8 == 0
-    store = _store(dim, pooling, weighted, optimizer, tiers)
+    store = _store(dim, pooling, weighted, optimizer, tiers, rows=rows, label_tagged=labelled)
     n = store.num_rows
     gen = torch.Generator().manual_seed(dim)
     ids = torch.tensor([GROUP_NAMES.index(t) for t in tiers], dtype=torch.int8)
@@ -838,10 +855,15 @@ def test_the_fused_backward_equals_the_separate_steps_bit_for_bit(monkeypatch, p
     assert fused.can_fuse_backward() and not reference.can_fuse_backward()
     calls = []
     real = row_optimizer.row_grads_update_
-    monkeypatch.setattr(row_optimizer, "row_grads_update_", lambda *a: calls.append(1) or real(*a))
-    for step, B in zip(range(1, 6), (9, 16, 1, 33, 8)):  # B = 1: bags divided as integers, not by a multiply
+    monkeypatch.setattr(row_optimizer, "row_grads_update_", lambda *a: calls.append(len(a[5])) or real(*a))
+    torch_sums = []
+    real_sums = row_lookup.RowLookup._row_grads_torch
+    monkeypatch.setattr(
+        row_lookup.RowLookup, "_row_grads_torch", lambda *a: torch_sums.append(1) or real_sums(*a)
+    )
+    for step, B in enumerate(batches, start=1):
         fused.step.value = reference.step.value = step
-        values, lengths, tagged = _batch(gen, B, pooling)
+        values, lengths, tagged = _batch(gen, B, rows)
         outs = [s(values, lengths, tagged, B) for s in (fused, reference)]
         assert same_bits(outs[0], outs[1]), step
         upstream = torch.randn(outs[0].shape, generator=gen)
@@ -852,9 +874,11 @@ def test_the_fused_backward_equals_the_separate_steps_bit_for_bit(monkeypatch, p
             out.backward(upstream)
         for name in ("weights", "momentum", "row_priority", "row_seen_step"):
             assert torch.equal(getattr(fused, name), getattr(reference, name)), (step, name)
-    assert len(calls) == 5
+    assert len(calls) == len(torch_sums) == len(batches)
     assert fused.nonfinite_rows == reference.nonfinite_rows > 0
     assert not torch.equal(fused.weights, store.weights)
+    if rows[0] > 1000:
+        assert min(calls) > 2 * 512  # each thread's share spans more than one block of rows
 
 
 @pytest.mark.parametrize(
