@@ -858,9 +858,7 @@ def test_the_fused_backward_equals_the_separate_steps_bit_for_bit(
     monkeypatch.setattr(row_optimizer, "row_grads_update_", lambda *a: calls.append(len(a[5])) or real(*a))
     torch_sums = []
     real_sums = row_lookup.RowLookup._row_grads_torch
-    monkeypatch.setattr(
-        row_lookup.RowLookup, "_row_grads_torch", lambda *a: torch_sums.append(1) or real_sums(*a)
-    )
+    monkeypatch.setattr(row_lookup.RowLookup, "_row_grads_torch", lambda *a: torch_sums.append(1) or real_sums(*a))
     for step, B in enumerate(batches, start=1):
         fused.step.value = reference.step.value = step
         values, lengths, tagged = _batch(gen, B, rows)
