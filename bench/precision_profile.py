@@ -1,7 +1,7 @@
 """Where a mixed-precision lookup + update spends its time, against FBGEMM's fused fp32 TBE.
 
     .venv/bin/python bench/precision_profile.py [--tables 11] [--rows 300000] [--repeats 7]
-        [--calls 5] [--mixes fp32,fp16,int8@0.35 int8,int4,int2@0.125] [--profile]
+        [--calls 5] [--mixes fp32,fp16,int8@0.35 int8,int4,int2@0.125] [--profile] [--separate]
 
 One store per tier mix (`TIERS@BUDGET`; dim 64) and the same tables in FBGEMM's training TBE
 (fp32, row-wise Adagrad, fused), fed the same skewed ids (one id per feature per sample,
@@ -17,6 +17,11 @@ both sides also pay for `.sum()` and for making that gradient contiguous (a copy
 output, the same on both sides, which brings every ratio nearer 1); `model step` backpropagates
 a fixed contiguous random gradient of the output's shape, as a model's layers above the lookup
 hand it down, so the ratio is that of the embedding work alone.
+
+With `--separate`, each mix's model step is also timed with its backward as separate ops (the
+gradient sums, the mean squares, the Adagrad state and the row update one after the other, as
+before `torch.ops.shark.row_grads_update_`; the same store, so the same rows), in the same
+repeats: the fused backward's gain, side by side.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--mixes", nargs="+", default=["fp32,fp16,int8@0.35", "int8,int4,int2@0.125"])
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--separate", action="store_true", help="also time the model step with the backward's ops apart")
     args = p.parse_args()
     T, R, D, B = args.tables, args.rows, args.dim, args.batch_size
     torch.manual_seed(0)
@@ -108,6 +114,16 @@ def main() -> None:
     def model_step(store):
         return lambda: store(ids, lengths, labels, B).backward(upstream)
 
+    def model_step_separate(store):
+        def step():
+            store.can_fuse_backward = lambda: False  # (an instance attribute hides the method)
+            try:
+                store(ids, lengths, labels, B).backward(upstream)
+            finally:
+                del store.can_fuse_backward
+
+        return step
+
     fns = {
         ("fbgemm", "forward"): lambda: tbe(ids, offsets),
         ("fbgemm", "step"): lambda: tbe(ids, offsets).sum().backward(),
@@ -117,6 +133,8 @@ def main() -> None:
         fns[(mix, "forward")] = fwd(store)
         fns[(mix, "step")] = step(store)
         fns[(mix, "model step")] = model_step(store)
+        if args.separate:
+            fns[(mix, "model step, separate ops")] = model_step_separate(store)
     for fn in fns.values():  # warm up
         fn()
     times = {k: [] for k in fns}
@@ -145,6 +163,12 @@ def main() -> None:
             f"{spread(ratio['step'])} | {spread(times[(mix, 'model step')])} | "
             f"{spread(times[('fbgemm', 'model step')])} | {spread(ratio['model step'])} |"
         )
+    if args.separate:
+        print("\n| mix | model step ms, fused backward | model step ms, separate ops | fused / separate |")
+        print("|---|---|---|---|")
+        for mix in stores:
+            fused, apart = times[(mix, "model step")], times[(mix, "model step, separate ops")]
+            print(f"| {mix} | {spread(fused)} | {spread(apart)} | {spread([a / b for a, b in zip(fused, apart)])} |")
     if args.profile:
         for mix, store in stores.items():
             with profile() as prof:
