@@ -74,6 +74,9 @@ def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
     lock = Path(out_dir) / LOCK_FILE
     mine: Optional[str] = None
     failure = ("", "")
+    # The directories this run made and left empty (a run refused before it wrote anything)
+    # are removed at the end, so that a refusal leaves nothing behind.
+    made = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()] if is_main else []
     if is_main:
         try:
             mine = _acquire(lock)
@@ -89,6 +92,7 @@ def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
     finally:
         if mine is not None:
             _release(lock, mine)
+            _remove_if_empty(made)  # (listed deepest first)
 
 
 def check_writable(dirs: Mapping[str, Path]) -> None:
@@ -97,6 +101,8 @@ def check_writable(dirs: Mapping[str, Path]) -> None:
     Permissions alone do not tell (root writes into read-only directories; a path may run
     through a regular file), so this tries what saving will do. Every rank checks (on several
     nodes each needs the directory), and every rank raises the first problem any rank found.
+    The directories it had to create are removed again once every rank has checked (saving
+    creates them): a run refused later, on its data say, leaves none of them behind.
 
     Args:
         dirs: flag name (e.g. "--checkpoint-dir") -> the directory it names.
@@ -105,9 +111,12 @@ def check_writable(dirs: Mapping[str, Path]) -> None:
         CheckpointError: naming the flag, the directory and why it cannot be written.
     """
     problem = ""
+    made: List[Path] = []
     for flag, d in dirs.items():
         try:
+            missing = [a for a in (d, *d.parents) if not a.exists()]
             d.mkdir(parents=True, exist_ok=True)
+            made += missing
             fd, probe = tempfile.mkstemp(dir=d, prefix=".write-probe-")
             os.close(fd)
             os.unlink(probe)
@@ -118,8 +127,18 @@ def check_writable(dirs: Mapping[str, Path]) -> None:
         found: List[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(found, problem)
         problem = next((p for p in found if p), "")
+    _remove_if_empty(sorted(made, key=lambda p: len(p.parts), reverse=True))  # deepest first
     if problem:
         raise CheckpointError(problem)
+
+
+def _remove_if_empty(dirs: List[Path]) -> None:
+    """rmdir each of `dirs` in order, leaving any that holds something (or is gone)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _broadcast(value: Any) -> Any:

@@ -226,8 +226,22 @@ def test_unwritable_directory_is_an_error_before_training(tmp_path, flag):
     assert error.startswith(f"shark train: error: {flag} {bad} ") and (
         "not writable" in error or "cannot be created" in error
     )
-    if flag == "--checkpoint-dir":  # refused before anything was written: no config, no lock left
-        assert sorted(p.name for p in out.iterdir()) == []
+    if flag == "--checkpoint-dir":  # refused before anything was written: no config, no lock, no directory
+        assert not out.exists()
+
+
+def test_a_run_refused_on_its_data_leaves_no_directory_behind(tmp_path):
+    """The directories a refused run made (its run directory, their parents, the checkpoint
+    directory its write check made) are gone; a run directory that was there before stays."""
+    out = tmp_path / "new" / "parents" / "run"
+    proc = run_shark(
+        "train", "--data", f"csv:{tmp_path / 'none'}", "--label", "click", "--out-dir", str(out), check=False
+    )
+    assert proc.returncode == 2 and "not found" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    out.mkdir(parents=True)
+    run_shark("train", "--data", f"csv:{tmp_path / 'none'}", "--label", "click", "--out-dir", str(out), check=False)
+    assert out.is_dir() and sorted(p.name for p in out.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------
