@@ -863,7 +863,6 @@ def export_checkpoint(
     from shark_torchrec.data import open_dataset
     from shark_torchrec.distributed.memory import torchrec_int8_bytes
 
-    out.mkdir(parents=True, exist_ok=True)
     model, qcfg = load_trained_model(checkpoint)  # read once: logits first, then swapped in place
     if qcfg.quant.precision == "fp32" and serving is None:
         raise CheckpointError(
@@ -909,6 +908,7 @@ def export_checkpoint(
         shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
         record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
         record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(shapes.values())
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused export leaves no folder behind
     torch.save(exported, out / "model.pt")
     torch.jit.script(ebc).save(str(out / "embedding_collection.pt"))
     (out / "export.json").write_text(json.dumps(record, indent=2))

@@ -77,9 +77,15 @@ def test_export_scripts_and_exports(shark_run):
 
 
 def test_fp32_checkpoint_is_not_exported_as_mixed_precision(tmp_path):
+    """Refused by name, through the library and the command, and the command's --out is not
+    left behind as an empty folder."""
     run_shark("train", *TINY, "--synthetic-train-rows", "1000", "--out", str(tmp_path))
     with pytest.raises(CheckpointError, match="fp32 TorchRec tables"):
         export_inference_model(tmp_path / "checkpoints")
+    out = tmp_path / "served" / "here"
+    proc = run_shark("export", str(tmp_path / "checkpoints"), "--out", str(out), check=False)
+    assert proc.returncode == 2 and "fp32 TorchRec tables" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "served").exists()
 
 
 @pytest.fixture(scope="module")
