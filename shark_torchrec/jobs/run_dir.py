@@ -76,7 +76,7 @@ def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
     failure = ("", "")
     # The directories this run made and left empty (a run refused before it wrote anything)
     # are removed at the end, so that a refusal leaves nothing behind.
-    made = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()] if is_main else []
+    made = _missing_dirs(Path(out_dir)) if is_main else []
     if is_main:
         try:
             mine = _acquire(lock)
@@ -92,7 +92,7 @@ def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
     finally:
         if mine is not None:
             _release(lock, mine)
-            _remove_if_empty(made)  # (listed deepest first)
+            _remove_if_empty(made)
 
 
 def check_writable(dirs: Mapping[str, Path]) -> None:
@@ -114,7 +114,7 @@ def check_writable(dirs: Mapping[str, Path]) -> None:
     made: List[Path] = []
     for flag, d in dirs.items():
         try:
-            missing = [a for a in (d, *d.parents) if not a.exists()]
+            missing = _missing_dirs(d)
             d.mkdir(parents=True, exist_ok=True)
             made += missing
             fd, probe = tempfile.mkstemp(dir=d, prefix=".write-probe-")
@@ -130,6 +130,12 @@ def check_writable(dirs: Mapping[str, Path]) -> None:
     _remove_if_empty(sorted(made, key=lambda p: len(p.parts), reverse=True))  # deepest first
     if problem:
         raise CheckpointError(problem)
+
+
+def _missing_dirs(d: Path) -> List[Path]:
+    """`d` and those of its parents that do not exist yet, deepest first (what mkdir(parents=True)
+    would create)."""
+    return [a for a in (d, *d.parents) if not a.exists()]
 
 
 def _remove_if_empty(dirs: List[Path]) -> None:

@@ -373,13 +373,7 @@ at::Tensor lookup_with(const char* op, const Locator& loc, const int64_t* rb, co
       }
       at = loc.locate(key, &ring_tg[i & (kRing - 1)]);
       if (at >= 0) {
-        // Every cache line the row touches: rows are not line-aligned, so a 36-byte int4 row
-        // straddles two lines more often than not, and prefetching from its first byte in steps
-        // of 64 left the second line to a demand miss (random ids read int4 rows at 2.6x int8's
-        // time an id, sequential ids at 1.3x; bench/served_lookup_tiers.py).
-        const int64_t bytes = rb[ring_tg[i & (kRing - 1)]];
-        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(w + at + o);
-        if (bytes > 0) __builtin_prefetch(w + at + bytes - 1);
+        prefetch_lines<false>(w + at, rb[ring_tg[i & (kRing - 1)]]);
       }
     };
     for (int64_t i = i0; i < std::min(i1, i0 + kRowAhead); ++i) locate_ahead(i);

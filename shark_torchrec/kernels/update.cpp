@@ -135,6 +135,24 @@ inline void min_max(const float* v, int64_t D, float* lo_out, float* hi_out) {
   *hi_out = hi;
 }
 
+// An integer row's new fp16 scale and bias from its values' min and max (`quantize_rows`: bias
+// rounded down, scale up), and the reciprocal its codes are made with: the rule every integer
+// row written here follows (the stochastic update and the conversion to nearest).
+struct IntRowScale {
+  c10::Half scale, bias;
+  float bias32, inv;
+};
+
+inline IntRowScale int_row_scale(float lo, float hi, int top) {
+  IntRowScale r;
+  r.bias = round_down_fp16(lo);
+  r.bias32 = static_cast<float>(r.bias);
+  r.scale = round_up_fp16((hi - r.bias32) / static_cast<float>(top));
+  const float s32 = static_cast<float>(r.scale);
+  r.inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
+  return r;
+}
+
 // An integer row of group G (constant bits: every loop below vectorizes or unrolls): old
 // values -> stepped -> requantized with noise (`quantize_rows`) -> written back.
 template <int G>
@@ -156,11 +174,8 @@ void step_int_row(uint8_t* row, int64_t D, const float* grad, float step_scale, 
   }
   float lo, hi;
   min_max(buf, D, &lo, &hi);
-  const c10::Half new_bias = round_down_fp16(lo);
-  const float b32 = static_cast<float>(new_bias);
-  const c10::Half new_scale = round_up_fp16((hi - b32) / static_cast<float>(kTop));
-  const float s32 = static_cast<float>(new_scale);
-  const float inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
+  const IntRowScale q = int_row_scale(lo, hi, kTop);
+  const float b32 = q.bias32, inv = q.inv;
   int64_t j = 0;
 #if defined(__AVX__)
   // Eight codes at a time (the compiler leaves this loop scalar): the same operations, each
@@ -177,8 +192,8 @@ void step_int_row(uint8_t* row, int64_t D, const float* grad, float step_scale, 
     const float x = std::floor((buf[j] - b32) * inv + noise[j]);
     buf[j] = std::min(std::max(x, 0.0f), static_cast<float>(kTop));
   }
-  std::memcpy(row, &new_scale, 2);
-  std::memcpy(row + 2, &new_bias, 2);
+  std::memcpy(row, &q.scale, 2);
+  std::memcpy(row + 2, &q.bias, 2);
   for (int64_t k = 0; k < D / kPerByte; ++k) {
     uint8_t byte = 0;
     for (int p = 0; p < kPerByte; ++p) byte |= static_cast<uint8_t>(buf[k * kPerByte + p]) << (p * kBits);
@@ -235,20 +250,14 @@ inline void store_codes8(uint8_t* packed, int64_t j, __m256 codes) {
 // `step_int_row` for D a multiple of 8, eight values at a time throughout (the compiler left
 // the unpacking, the clamp, the packing and the float-to-code conversions scalar, and the
 // rows' min and max took a pass of their own): the same operations on the same values, each
-// rounded as there, so the same bytes. In three stages, so that the pass can run each stage
-// over a block of rows: a row's scale hangs on its min and max, and its codes on its scale,
-// a chain of about 90 cycles (reductions, two fp16 roundings, two divisions) that one row at
-// a time left the core waiting on (int8 rows took twice fp16 rows' time an update, 36 ns
-// against 19); rows in a block run their chains side by side.
-//
-// Stage 1: the stepped values into buf, and their min and max. The clamp keeps std::min /
-// std::max's operand order (MAXPS(-M, v) is v < -M ? -M : v, a NaN passing through); a row
-// whose minimum or maximum is zero, or that holds a NaN, takes `min_max`'s sequential loop, as
-// there.
+// rounded as there, so the same bytes. The clamp keeps std::min / std::max's operand order
+// (MAXPS(-M, v) is v < -M ? -M : v, a NaN passing through); a row whose minimum or maximum is
+// zero, or that holds a NaN, takes `min_max`'s sequential loop, as there.
 template <int G>
-void int_row_stepped_avx2(const uint8_t* row, int64_t D, const float* grad, float step_scale, float* buf, float* lo_out,
-                          float* hi_out) {
-  const uint8_t* packed = row + 4;
+void step_int_row_avx2(uint8_t* row, int64_t D, const float* grad, float step_scale, const float* noise,
+                       float* buf) {
+  constexpr int kTop = (1 << (G == 2 ? 8 : (G == 3 ? 4 : 2))) - 1;
+  uint8_t* packed = row + 4;
   const __m256 scale8 = _mm256_set1_ps(half_to_float(row)), bias8 = _mm256_set1_ps(half_to_float(row + 2));
   const __m256 step8 = _mm256_set1_ps(step_scale);
   const __m256 lo_clamp = _mm256_set1_ps(-kFp16Max), hi_clamp = _mm256_set1_ps(kFp16Max);
@@ -266,6 +275,8 @@ void int_row_stepped_avx2(const uint8_t* row, int64_t D, const float* grad, floa
     }
     nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
+  float lo, hi;
+  bool found = false;
   if (_mm256_movemask_ps(nan8) == 0) {
     // Lanes folded by halves: without NaN or zeros a minimum is the same number in any order.
     __m128 lo4 = _mm_min_ps(_mm256_castps256_ps128(lo8), _mm256_extractf128_ps(lo8, 1));
@@ -274,39 +285,12 @@ void int_row_stepped_avx2(const uint8_t* row, int64_t D, const float* grad, floa
     hi4 = _mm_max_ps(hi4, _mm_movehl_ps(hi4, hi4));
     lo4 = _mm_min_ss(lo4, _mm_shuffle_ps(lo4, lo4, 1));
     hi4 = _mm_max_ss(hi4, _mm_shuffle_ps(hi4, hi4, 1));
-    const float lo = _mm_cvtss_f32(lo4), hi = _mm_cvtss_f32(hi4);
-    if (lo != 0.0f && hi != 0.0f) {
-      *lo_out = lo;
-      *hi_out = hi;
-      return;
-    }
+    lo = _mm_cvtss_f32(lo4);
+    hi = _mm_cvtss_f32(hi4);
+    found = lo != 0.0f && hi != 0.0f;
   }
-  min_max(buf, D, lo_out, hi_out);
-}
-
-// Stage 2: an integer row's new fp16 scale and bias from its min and max (`quantize_rows`:
-// bias rounded down, scale up), and the reciprocal its codes are made with.
-struct IntRowScale {
-  c10::Half scale, bias;
-  float bias32, inv;
-};
-
-inline IntRowScale int_row_scale(float lo, float hi, int top) {
-  IntRowScale r;
-  r.bias = round_down_fp16(lo);
-  r.bias32 = static_cast<float>(r.bias);
-  r.scale = round_up_fp16((hi - r.bias32) / static_cast<float>(top));
-  const float s32 = static_cast<float>(r.scale);
-  r.inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
-  return r;
-}
-
-// Stage 3: the codes, floor((v - bias) * inv + noise) clamped to [0, top], and the scale and
-// bias, written into the row.
-template <int G>
-void int_row_write_avx2(uint8_t* row, int64_t D, const float* buf, const IntRowScale& q, const float* noise) {
-  constexpr int kTop = (1 << (G == 2 ? 8 : (G == 3 ? 4 : 2))) - 1;
-  uint8_t* packed = row + 4;
+  if (!found) min_max(buf, D, &lo, &hi);
+  const IntRowScale q = int_row_scale(lo, hi, kTop);
   const __m256 b8 = _mm256_set1_ps(q.bias32), inv8 = _mm256_set1_ps(q.inv);
   const __m256 zero8 = _mm256_setzero_ps(), top8 = _mm256_set1_ps(static_cast<float>(kTop));
   for (int64_t j = 0; j < D; j += 8) {
@@ -316,21 +300,6 @@ void int_row_write_avx2(uint8_t* row, int64_t D, const float* buf, const IntRowS
   }
   std::memcpy(row, &q.scale, 2);
   std::memcpy(row + 2, &q.bias, 2);
-}
-
-// Stages 1 and 3 for a group known at run time.
-inline void int_row_stepped_avx2(int64_t g, const uint8_t* row, int64_t D, const float* grad, float step_scale,
-                                 float* buf, float* lo, float* hi) {
-  if (g == 2) int_row_stepped_avx2<2>(row, D, grad, step_scale, buf, lo, hi);
-  else if (g == 3) int_row_stepped_avx2<3>(row, D, grad, step_scale, buf, lo, hi);
-  else int_row_stepped_avx2<4>(row, D, grad, step_scale, buf, lo, hi);
-}
-
-inline void int_row_write_avx2(int64_t g, uint8_t* row, int64_t D, const float* buf, const IntRowScale& q,
-                               const float* noise) {
-  if (g == 2) int_row_write_avx2<2>(row, D, buf, q, noise);
-  else if (g == 3) int_row_write_avx2<3>(row, D, buf, q, noise);
-  else int_row_write_avx2<4>(row, D, buf, q, noise);
 }
 #endif
 
@@ -389,9 +358,9 @@ void step_row(uint8_t* row, int64_t g, int64_t D, const float* grad, float step_
     default:
 #if defined(__AVX2__) && defined(__FMA__)
       if (D % 8 == 0) {
-        float lo, hi;
-        int_row_stepped_avx2(g, row, D, grad, step_scale, buf, &lo, &hi);
-        int_row_write_avx2(g, row, D, buf, int_row_scale(lo, hi, (1 << bits_of(g)) - 1), noise);
+        if (g == 2) step_int_row_avx2<2>(row, D, grad, step_scale, noise, buf);
+        else if (g == 3) step_int_row_avx2<3>(row, D, grad, step_scale, noise, buf);
+        else step_int_row_avx2<4>(row, D, grad, step_scale, noise, buf);
         break;
       }
 #endif
@@ -443,14 +412,10 @@ void encode_row_nearest(uint8_t* row, int64_t D, float* v) {
     for (int64_t j = 0; j < D; ++j) v[j] = clamp_fp16_range(v[j]);
     float lo, hi;
     min_max(v, D, &lo, &hi);
-    const c10::Half bias = round_down_fp16(lo);
-    const float b32 = static_cast<float>(bias);
-    const c10::Half scale = round_up_fp16((hi - b32) / kTop);
-    const float s32 = static_cast<float>(scale);
-    const float inv = s32 > 0 ? 1.0f / std::max(s32, 1e-30f) : 0.0f;
-    for (int64_t j = 0; j < D; ++j) v[j] = std::min(std::max(std::nearbyint((v[j] - b32) * inv), 0.0f), kTop);
-    std::memcpy(row, &scale, 2);
-    std::memcpy(row + 2, &bias, 2);
+    const IntRowScale q = int_row_scale(lo, hi, static_cast<int>(kTop));
+    for (int64_t j = 0; j < D; ++j) v[j] = std::min(std::max(std::nearbyint((v[j] - q.bias32) * q.inv), 0.0f), kTop);
+    std::memcpy(row, &q.scale, 2);
+    std::memcpy(row + 2, &q.bias, 2);
     uint8_t* packed = row + 4;
     for (int64_t k = 0; k < D / kPerByte; ++k) {
       uint8_t byte = 0;
@@ -488,16 +453,15 @@ inline void prefetch_map_entry(const GroupTables& t, int64_t key) {
   if (t.map && key >= 0 && key < t.map_rows) __builtin_prefetch(t.map + key);
 }
 
-// Every cache line of row `key`'s bytes (its last byte too: rows are not line-aligned) and of
-// its noise window (fp32 rows read none), for its update (row i of the pass).
+// Every cache line of row `key`'s bytes (`prefetch_lines`) and of its noise window (fp32 rows
+// read none), for its update (row i of the pass).
 template <typename NoiseStart>
 inline void prefetch_row(const GroupTables& t, int64_t key, int64_t i, const float* noise, int64_t D,
                          const NoiseStart& noise_start) {
   int64_t g;
   const int64_t at = t.own_at(key, &g);
   if (at < 0) return;
-  for (int64_t o = 0; o < t.rb[g]; o += 64) __builtin_prefetch(t.w + at + o, 1);
-  if (t.rb[g] > 0) __builtin_prefetch(t.w + at + t.rb[g] - 1, 1);
+  prefetch_lines<true>(t.w + at, t.rb[g]);
   const int64_t noise_at = g > 0 ? noise_start(i, key) : -1;
   if (noise_at >= 0) {
     for (int64_t o = 0; o < D; o += 16) __builtin_prefetch(noise + noise_at + o);
