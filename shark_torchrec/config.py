@@ -231,7 +231,8 @@ class RunConfig:
     """The `[run]` group: processes, the run directory, checkpoints and what a run starts from."""
 
     nproc: int = 1
-    """Local processes; 1 runs in-process. Ignored under torchrun/TorchX, which set the world."""
+    """Local processes; 1 runs in-process, more share out the cores unless OMP_NUM_THREADS is set.
+    Ignored under torchrun/TorchX, which set the world."""
     out_dir: Annotated[str, tyro.conf.arg(aliases=("--out",))] = ""
     """Run directory: effective config, metrics and (by default) checkpoints go here
     (default: runs/<UTC date-time>, a new one per run)."""

@@ -103,7 +103,7 @@ def launch(
 
     nproc == 1 or an existing torchrun world runs it in this process. Otherwise it uses
     torch's elastic launcher (what torchrun runs), so a spawned job and a torchrun job
-    behave the same.
+    behave the same; each spawned rank runs its share of the cores (`rank_threads`).
 
     Args:
         fn: a module-level function (spawned ranks import it).
@@ -122,6 +122,7 @@ def launch(
     """
     if nproc == 1 or launched_by_torchrun():
         return fn(*args)
+    threads = rank_threads(nproc)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -143,7 +144,7 @@ def launch(
     elastic_log.setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory() as failures_dir:
         try:
-            results: Dict[int, Any] = elastic_launch(config, _catching)(failures_dir, fn, *args)
+            results: Dict[int, Any] = elastic_launch(config, _catching)(failures_dir, threads, fn, *args)
         except ChildFailedError:
             failures = _read_failures(Path(failures_dir))
             if not failures:
@@ -158,6 +159,26 @@ def launch(
     return results[0]
 
 
+def rank_threads(nproc: int) -> Optional[int]:
+    """The intra-op threads each of `nproc` spawned ranks runs: the cores this process may use
+    shared out (at least one a rank), unless OMP_NUM_THREADS says otherwise (then None: torch
+    reads it). torch would give every rank all the cores: two ranks of two threads each on two
+    cores made `shark train --nproc 2` take 58 s where one thread a rank took 20 s. torchrun
+    sets OMP_NUM_THREADS=1 for several ranks for the same reason; a spawned job keeps the cores
+    a rank can use without waiting.
+
+    Args:
+        nproc: local ranks.
+
+    Returns:
+        Threads a rank, or None where OMP_NUM_THREADS is set.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // nproc)
+
+
 def _read_failures(folder: Path) -> List[Tuple[int, Any, str]]:
     """(rank, exception or None, traceback) of every rank that recorded its failure."""
     out = []
@@ -170,11 +191,14 @@ def _read_failures(folder: Path) -> List[Tuple[int, Any, str]]:
     return out
 
 
-def _catching(failures_dir: str, fn: Callable[..., Any], *args: Any) -> Any:
+def _catching(failures_dir: str, threads: Optional[int], fn: Callable[..., Any], *args: Any) -> Any:
     """A spawned rank's entry point: a rank that raises records the exception (for `launch` to
     re-raise as it was) and then fails as before, so the launcher stops the other ranks, which
     may be waiting for it in a collective. Either way the rank's process ends next, so its exit
-    skips the last garbage collections (`skip_exit_collections`)."""
+    skips the last garbage collections (`skip_exit_collections`). `threads`: the rank's
+    intra-op threads (`rank_threads`; None leaves torch's)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 (recorded whole, then re-raised)

@@ -127,6 +127,21 @@ def test_errors_from_spawned_ranks_are_the_one_line_of_one_rank(tmp_path):
     assert "no checkpoint found" in outputs["1"]
 
 
+def test_spawned_ranks_share_the_cores(monkeypatch):
+    """`--nproc N` ranks run the cores shared out, at least one thread a rank (torch would give
+    each rank every core: two ranks of two threads on two cores trained 3x slower), unless
+    OMP_NUM_THREADS says otherwise (then torch reads it)."""
+    from helpers.threads_worker import threads_of_rank
+    from shark_torchrec.distributed.env import launch, rank_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert rank_threads(2) == max(1, cores // 2) and rank_threads(2 * cores) == 1
+    assert launch(threads_of_rank, 2) == max(1, cores // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert rank_threads(2) is None
+
+
 # --- TorchRec semantics ---------------------------------------------------------
 
 
