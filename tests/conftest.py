@@ -12,6 +12,12 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+# scripts/test.sh runs what the tests start on one thread a process (OMP_NUM_THREADS=1); the
+# tests that run in this worker keep at least two, so that the ops split their work into
+# parallel tasks as on any multi-core machine.
+torch.set_num_threads(max(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
