@@ -123,11 +123,16 @@ def check_writable(dirs: Mapping[str, Path]) -> None:
         except OSError as e:
             problem = f"{flag} {d} is not writable ({e.strerror or e}): nothing was trained"
             break
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if several:
         found: List[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(found, problem)
         problem = next((p for p in found if p), "")
     _remove_if_empty(sorted(made, key=lambda p: len(p.parts), reverse=True))  # deepest first
+    if several:
+        # Ranks that each found a directory missing each remove it: none may go on to make it
+        # again (or write into it) while another is still removing it.
+        dist.barrier()
     if problem:
         raise CheckpointError(problem)
 

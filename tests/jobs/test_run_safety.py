@@ -244,6 +244,16 @@ def test_a_run_refused_on_its_data_leaves_no_directory_behind(tmp_path):
     assert out.is_dir() and sorted(p.name for p in out.iterdir()) == []
 
 
+def test_no_rank_makes_a_directory_again_while_another_removes_it(tmp_path):
+    """Every rank removes the directories its write check made; a rank that went on at once to
+    make one again and write into it lost its file to a slower rank's removal (once in CI:
+    `File exists: .../base`). The ranks now wait for each other's removals."""
+    from helpers.light_workers import write_after_the_write_check
+    from shark_torchrec.distributed.env import launch
+
+    assert launch(write_after_the_write_check, 2, str(tmp_path / "run"))
+
+
 # ---------------------------------------------------------------------------------------
 # Checkpoint checksums
 

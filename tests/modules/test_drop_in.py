@@ -131,7 +131,7 @@ def test_spawned_ranks_share_the_cores(monkeypatch):
     """`--nproc N` ranks run the cores shared out, at least one thread a rank (torch would give
     each rank every core: two ranks of two threads on two cores trained 3x slower), unless
     OMP_NUM_THREADS says otherwise (then torch reads it)."""
-    from helpers.threads_worker import threads_of_rank
+    from helpers.light_workers import threads_of_rank
     from shark_torchrec.distributed.env import launch, rank_threads
 
     cores = len(os.sched_getaffinity(0))
