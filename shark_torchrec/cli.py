@@ -285,6 +285,10 @@ def export_main(argv: List[str]) -> int:
     if out.exists() and not out.is_dir():
         print(f"shark export: error: --out {out} is a file, not a directory (nothing was written)", file=sys.stderr)
         return 2
+    above = next((a for a in out.parents if a.exists()), None)
+    if above is not None and not above.is_dir():
+        print(f"shark export: error: --out {out} runs through {above}, a file (nothing was written)", file=sys.stderr)
+        return 2
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         print(
             f"shark export: error: {out} already holds files: pass --overwrite to replace them, "
@@ -292,7 +296,6 @@ def export_main(argv: List[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    created = not out.exists()
     try:
         serving = None
         if args.tiers is not None:
@@ -301,8 +304,7 @@ def export_main(argv: List[str]) -> int:
             Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving, progress=not args.no_progress
         )
     except (DataError, CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # refused before writing anything: leave no empty folder behind
+        # Nothing of this export is in --out: its files go in only once all are written.
         print(f"shark export: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": args.out, **record}, indent=2))

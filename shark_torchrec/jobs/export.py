@@ -37,6 +37,7 @@ from shark_torchrec import kernels
 from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
 from shark_torchrec.data.schema import Schema
 from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
+from shark_torchrec.jobs.run_dir import staged_files
 from shark_torchrec.kernels.ranked_map import build_ranked_layout, ranked_map_bytes, ranked_map_bytes_per_row
 from shark_torchrec.kernels.reference import mixed_lookup_ranked_reference
 from shark_torchrec.models.build import model_from_config
@@ -847,7 +848,8 @@ def export_checkpoint(
 
     Args:
         checkpoint: a checkpoint (or a directory of them: the newest).
-        out: the export directory (created if absent; files of an earlier export are replaced).
+        out: the export directory (created if absent; files of an earlier export are replaced,
+            all at the end: an export that fails leaves them as they were).
         base_checkpoint: the uncompressed model's checkpoint, for the figures beside it.
         serving: tiers and budget to serve in, rows ranked by their priorities
             (`regroup_for_serving`); None: the rows as trained (refused for stock fp32 tables).
@@ -908,22 +910,24 @@ def export_checkpoint(
         shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
         record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
         record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(shapes.values())
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused export leaves no folder behind
-    torch.save(exported, out / "model.pt")
-    torch.jit.script(ebc).save(str(out / "embedding_collection.pt"))
-    (out / "export.json").write_text(json.dumps(record, indent=2))
-    serving = serving_model(exported, data.schema.num_dense)
+    # Written beside `out` and moved in once all are written: an export that fails part way
+    # leaves an earlier export in `out` whole (and no folder where there was none).
+    with staged_files(out, stale=(VOCAB_FILE,)) as staging:
+        torch.save(exported, staging / "model.pt")
+        torch.jit.script(ebc).save(str(staging / "embedding_collection.pt"))
+        (staging / "export.json").write_text(json.dumps(record, indent=2))
+        serving = serving_model(exported, data.schema.num_dense)
 
-    def served(b):  # the scripted model on the batch's tensors, as serve.py calls it
-        return serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())
+        def served(b):  # the scripted model on the batch's tensors, as serve.py calls it
+            return serving(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths())
 
-    checks = {
-        "max_abs_logit_diff_dev": largest_difference(want, dev_logits(served)),
-        "rows_int1": record.get("rows_int1", 0),  # with `one_bit_layout`: what serve.py checks the library by
-        "rows_int4s": record.get("rows_int4s", 0),  # with `served_groups`: likewise
-        "rows_int2s": record.get("rows_int2s", 0),
-    }
-    write_serving_files(serving, data, qcfg.dataset, out, checks)
+        checks = {
+            "max_abs_logit_diff_dev": largest_difference(want, dev_logits(served)),
+            "rows_int1": record.get("rows_int1", 0),  # with `one_bit_layout`: what serve.py checks the library by
+            "rows_int4s": record.get("rows_int4s", 0),  # with `served_groups`: likewise
+            "rows_int2s": record.get("rows_int2s", 0),
+        }
+        write_serving_files(serving, data, qcfg.dataset, staging, checks)
     return record
 
 
@@ -960,7 +964,8 @@ def write_serving_files(
         data: the model's `Dataset` as training opened it (a pruned model's view of its kept
             fields included): its layout, encoder and full field list describe raw lines.
         data_config: the data settings it was opened with (recorded: source, min_count).
-        out: the export directory (existing).
+        out: an existing folder holding no vocabulary file (`export_checkpoint` gives its
+            staging folder, and removes an earlier export's vocabulary when this writes none).
         checks: figures recorded in serving.json (e.g. the largest logit difference on dev).
     """
     from shark_torchrec import serve as recipe
@@ -1002,8 +1007,6 @@ def write_serving_files(
             vocab_path.write_text(json.dumps({f: values[f] for f in fields}))
             encoding.update(file=VOCAB_FILE, min_count=data_config.min_count)
         manifest["encoding"] = encoding
-    if manifest["encoding"] is None or manifest["encoding"]["kind"] != "vocab":
-        vocab_path.unlink(missing_ok=True)  # none of an earlier export's
     manifest.update(checks or {})
     (out / SERVING_MANIFEST).write_text(json.dumps(manifest, indent=2))
     (out / RECIPE_FILE).write_text(Path(recipe.__file__).read_text())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -135,6 +136,38 @@ def check_writable(dirs: Mapping[str, Path]) -> None:
         dist.barrier()
     if problem:
         raise CheckpointError(problem)
+
+
+@contextmanager
+def staged_files(out: Path, stale: Sequence[str] = ()) -> Iterator[Path]:
+    """Write a folder's files into a staging folder beside it, and move them into `out` only
+    once every one is written. A write that fails (an error, a full disk, Ctrl-C) leaves `out`
+    as it was, an earlier export's files whole, and no folder behind where there was none
+    (`out` and parents this made).
+
+    Args:
+        out: the folder the files belong in; created, with its parents, when they go in.
+        stale: names of files an earlier write may have left in `out` that this one need not
+            write (an optional vocabulary, say): removed from `out` when the files go in.
+
+    Yields:
+        An empty staging folder in `out`'s parent: write the files (not folders) there. Each
+        then replaces its namesake in `out` by a rename; other files of `out` stay.
+    """
+    made = _missing_dirs(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        out.mkdir(exist_ok=True)
+        for name in stale:
+            if not (staging / name).exists():
+                (out / name).unlink(missing_ok=True)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_if_empty(made)  # after a failure, the parents it made hold nothing
 
 
 def _missing_dirs(d: Path) -> List[Path]:

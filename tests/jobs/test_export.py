@@ -88,6 +88,40 @@ def test_fp32_checkpoint_is_not_exported_as_mixed_precision(tmp_path):
     assert not (tmp_path / "served").exists()
 
 
+def test_an_export_that_fails_part_way_leaves_the_earlier_one_whole(shark_run, tmp_path, monkeypatch):
+    """The export writes beside --out and moves its files in once all are written: one that
+    fails after its model files (its serving files here) leaves the earlier export's files as
+    they were, a vocabulary included, and no staging folder; into a new --out it leaves no
+    folder; one that succeeds replaces them and removes the earlier vocabulary it does not
+    write (synthetic data has none)."""
+    from shark_torchrec.jobs import export as export_job
+
+    ckpt = shark_run[0] / "checkpoints"
+    out = tmp_path / "served"
+    export_job.export_checkpoint(ckpt, out, progress=False)
+    written = sorted(p.name for p in out.iterdir())
+    assert "model.pt" in written and "serving.json" in written and export_job.VOCAB_FILE not in written
+    for name in [*written, export_job.VOCAB_FILE]:  # an earlier export's files, told apart by their bytes
+        (out / name).write_bytes(b"earlier " + name.encode())
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(export_job, "write_serving_files", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            export_job.export_checkpoint(ckpt, out, progress=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]  # no staging folder left
+        with pytest.raises(OSError, match="No space left"):
+            export_job.export_checkpoint(ckpt, tmp_path / "new" / "here", progress=False)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+    export_job.export_checkpoint(ckpt, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert all(not (out / name).read_bytes().startswith(b"earlier ") for name in written)
+
+
 @pytest.fixture(scope="module")
 def fp32_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp32")
@@ -676,7 +710,7 @@ def test_serving_tiers_and_budget_are_checked_by_name(fp32_run, tmp_path):
 
 
 def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
-    """An --out that is a file, a budget given as a percentage or below the tiers' floor, and a
+    """An --out that is (or runs through) a file, a budget given as a percentage or below the tiers' floor, and a
     run directory given for its checkpoints: each refused by name before the training split is
     read (no priority pass: its progress bar never shows), nothing written."""
     ckpt = fp32_run / "checkpoints"
@@ -685,6 +719,10 @@ def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
     tiers = ["--tiers", "int4", "int1"]
     cases = [
         ([str(ckpt), "--out", str(afile), *tiers, "--memory-budget", "0.1"], f"--out {afile} is a file"),
+        (
+            [str(ckpt), "--out", str(afile / "sub"), *tiers, "--memory-budget", "0.1"],
+            f"--out {afile / 'sub'} runs through {afile}, a file",
+        ),
         ([str(ckpt), "--out", str(tmp_path / "a"), *tiers, "--memory-budget", "6%"], "for 6% give 0.06"),
         (
             [str(ckpt), "--out", str(tmp_path / "b"), *tiers, "--memory-budget", "0.03"],
