@@ -40,6 +40,7 @@ class BadLineStats:
     max_examples: int = 5
     count: int = 0
     examples: List[str] = field(default_factory=list)
+    lines: int = 0  # lines read, good and bad
 
     def add(self, where: str, reason: str) -> None:
         """Count one skipped line (and keep it while fewer than `max_examples` are kept).
@@ -51,6 +52,32 @@ class BadLineStats:
         self.count += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(f"{where}: {reason}")
+
+
+# A split of which more than half the lines read are malformed is refused (once this many lines
+# were read, or at the end of a shorter pass): a wrong --label or column layout, not a few bad
+# lines to skip. Training on the rest would report figures of a handful of lines as a result.
+MOSTLY_BAD_AFTER = 1000
+
+
+def refuse_mostly_bad(where: str, bad: int, lines: int, first: str, done: bool = False) -> None:
+    """Raise when more than half of the lines read from a split are malformed (see MOSTLY_BAD_AFTER).
+
+    Args:
+        where: the split's file (or files).
+        bad: malformed lines read so far.
+        lines: lines read so far, good and bad.
+        first: the first malformed line, as `file:line: reason`.
+        done: the pass is over (a shorter file is judged then).
+
+    Raises:
+        DataError: naming the file, the counts and the first malformed line.
+    """
+    if (lines >= MOSTLY_BAD_AFTER or done) and 2 * bad > lines:
+        raise DataError(
+            f"{where}: {bad:,} of the {lines:,} lines read are malformed (first: {first}); check --label and "
+            "the columns (malformed lines are skipped only when they are few; --strict stops at the first)"
+        )
 
 
 def _parse_label(text: str) -> float:
@@ -407,18 +434,36 @@ class FileSplit:
     def _where(self, lineno) -> str:
         return f"{self.path}:{lineno}"
 
+    def describe(self) -> str:
+        """The split's file, as errors name it."""
+        return str(self.path)
+
     def subset(self, modulus: int, residues: Sequence[int]) -> "LineSubset":
         """The lines i of this split (in its order) with i % modulus in `residues`."""
         return LineSubset(self, modulus, residues)
 
     def parsed(self) -> Iterator[ParsedLine]:
-        """Every good line of the file (for vocabulary building)."""
+        """Every good line of the file (for vocabulary building).
+
+        Raises:
+            DataError: with `strict` the first bad line; more than half the lines bad
+                (`refuse_mostly_bad`).
+        """
+        lines = bad = 0
+        first = ""
         for lineno, line in self._numbered_lines():
+            lines += 1
             try:
                 yield self.parse(line)
             except BadLine as e:
                 if self.strict:
                     raise DataError(f"{self._where(lineno)}: {e}") from None
+                bad += 1
+                first = first or f"{self._where(lineno)}: {e}"
+                if lines % MOSTLY_BAD_AFTER == 0:
+                    refuse_mostly_bad(self.describe(), bad, lines, first)
+        if bad:
+            refuse_mostly_bad(self.describe(), bad, lines, first, done=True)
 
     def local_batches(
         self,
@@ -442,7 +487,8 @@ class FileSplit:
             a bad line leaves its slot as padding (counted in `stats`).
 
         Raises:
-            DataError: an empty split, or with `strict` the first bad line (naming file and line).
+            DataError: an empty split, with `strict` the first bad line (naming file and line),
+                or more than half the lines bad (`refuse_mostly_bad`).
         """
         from shark_torchrec.data.batch import empty_arrays
 
@@ -451,18 +497,24 @@ class FileSplit:
         lines = self._numbered_lines()
         if skip_batches:
             lines = itertools.islice(lines, skip_batches * global_batch, None)
+        stats = self.stats
         while True:
             block = list(itertools.islice(lines, global_batch))
             if not block:
+                if stats.count:
+                    refuse_mostly_bad(self.describe(), stats.count, stats.lines, stats.examples[0], done=True)
                 return
+            if stats.count and stats.lines >= MOSTLY_BAD_AFTER:
+                refuse_mostly_bad(self.describe(), stats.count, stats.lines, stats.examples[0])
             labels, dense, ids, valid = empty_arrays(local, self.num_dense, self.num_sparse)
             for slot, (lineno, line) in enumerate(block[rank::world]):
+                stats.lines += 1
                 try:
                     label, dense_values, cats = self.parse(line)
                 except BadLine as e:
                     if self.strict:
                         raise DataError(f"{self._where(lineno)}: {e}") from None
-                    self.stats.add(self._where(lineno), str(e))
+                    stats.add(self._where(lineno), str(e))
                     continue
                 labels[slot] = label
                 dense[slot] = dense_values
@@ -550,3 +602,7 @@ class FoldSplit(FileSplit):
     def _where(self, lineno) -> str:
         path, n = lineno
         return f"{path}:{n}"
+
+    def describe(self) -> str:
+        """The fold's files, as errors name them."""
+        return f"fold of {', '.join(str(s.path) for s in self.sources)}"

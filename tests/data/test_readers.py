@@ -57,6 +57,30 @@ def test_malformed_lines_skipped_counted_and_strict(tmp_path):
         open_dataset(DataConfig(data=f"criteo:{root}", strict=True))
 
 
+@pytest.mark.parametrize("encoding", ["vocab", "hash"])
+def test_a_split_mostly_of_malformed_lines_is_refused(tmp_path, encoding):
+    """More than half the lines malformed (a wrong --label, say) is an error naming the file
+    and the first bad line, not a skipped-lines warning beside figures of the few lines left:
+    at the vocabulary pass over train, or (hash encoding: no such pass) at the batches, once
+    1,000 lines are read or at the end of a shorter split. Half or fewer are skipped."""
+    good, bad = criteo_line(), criteo_line("7")
+    cfg = {"encoding": encoding, "hash_size": 97} if encoding == "hash" else {}
+    root = write_criteo(tmp_path / "big", [bad, good, bad] * 400)
+    with pytest.raises(
+        DataError, match=r"train\.tsv: 667 of the 1,000 lines read are malformed \(first: .*train\.tsv:1: "
+    ):
+        ds = open_dataset(DataConfig(data=f"criteo:{root}", **cfg))
+        for _ in ds.batches("train", 100):
+            pass
+    root = write_criteo(tmp_path / "small", [bad, good, bad], [good] * 2, [good] * 2)
+    with pytest.raises(DataError, match="2 of the 3 lines read are malformed"):
+        ds = open_dataset(DataConfig(data=f"criteo:{root}", **cfg))
+        list(ds.batches("train", 2))
+    root = write_criteo(tmp_path / "half", [bad, good] * 600, [good] * 2, [good] * 2)
+    ds = open_dataset(DataConfig(data=f"criteo:{root}", **cfg))
+    assert sum(b.num_samples for b in ds.batches("train", 100)) == 600 and ds.bad_lines("train").count == 600
+
+
 def test_interleaved_slicing_equal_steps_with_bad_lines(tmp_path):
     good = [criteo_line(str(i % 2)) for i in range(21)]
     # all bad lines land on rank 0's positions: ranks still see the same number of batches
