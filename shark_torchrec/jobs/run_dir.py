@@ -30,11 +30,13 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from shark_torchrec.jobs.checkpoint import CheckpointError, broadcast_str
+from shark_torchrec.jobs.checkpoint import CheckpointError, broadcast_str, list_checkpoints
 
 log = logging.getLogger("shark")
 
 LOCK_FILE = ".lock"
+# Files a job or an export writes at the top of its directory: one holding any of them holds a run.
+RUN_FILES = ("config.toml", "metrics.json", "stages.json", "export.json", "serving.json")
 
 
 class RunDirLocked(CheckpointError):
@@ -94,6 +96,28 @@ def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
         if mine is not None:
             _release(lock, mine)
             _remove_if_empty(made)
+
+
+def refuse_earlier_run(out: Path, resume: bool) -> None:
+    """Refuse a job into a directory that holds another run's files (`RUN_FILES`: a training or
+    compression run, an export) unless it resumes: it would overwrite them. (A training run
+    with checkpoints is refused later, by its checkpoints, with or without these files.)
+
+    Args:
+        out: the job's run directory.
+        resume: `--resume` was given.
+
+    Raises:
+        CheckpointError: naming the directory and the files found.
+    """
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and list_checkpoints(out / "checkpoints"):
+        found.append("checkpoints in checkpoints/")
+    if found and not resume:
+        raise CheckpointError(
+            f"{out} already holds the files of another run ({', '.join(found)}): pass --resume to continue "
+            "that run, or choose another --out (nothing was overwritten)"
+        )
 
 
 def check_writable(dirs: Mapping[str, Path]) -> None:

@@ -38,7 +38,7 @@ from shark_torchrec.jobs.checkpoint import (
     table_shapes,
 )
 from shark_torchrec.jobs.evaluation import evaluate
-from shark_torchrec.jobs.run_dir import check_writable, default_out_dir, run_dir_lock
+from shark_torchrec.jobs.run_dir import check_writable, default_out_dir, refuse_earlier_run, run_dir_lock
 from shark_torchrec.models.build import model_from_config
 from shark_torchrec.modules.model_budget import share_model_budget
 
@@ -477,6 +477,7 @@ def job_rank(cfg: JobConfig, default_out: str) -> Iterator[Tuple[DistEnv, Path]]
     try:
         out = Path(default_out_dir(cfg.run, default_out))
         with run_dir_lock(out, env.is_main):
+            refuse_earlier_run(out, cfg.run.resume)
             yield env, out
     finally:
         shutdown_distributed()

@@ -25,7 +25,7 @@ from shark_torchrec.jobs.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from shark_torchrec.jobs.run_dir import _take_away
+from shark_torchrec.jobs.run_dir import RUN_FILES, _take_away
 
 # 3000 train rows: 24 steps an epoch. Checkpoints every 5 steps; killed after step 16, the
 # run leaves step_10 and step_15 (two are kept) and its lock.
@@ -78,7 +78,7 @@ def test_killed_run_leaves_a_stale_lock_that_resume_reclaims(killed_run, tmp_pat
     assert not (out / ".lock").exists()  # released at the end of the run
     # A run that fails (here: refused, its checkpoint directory is taken) releases it too.
     refused = run_shark("train", *SMALL, "--out-dir", str(out), check=False)
-    assert refused.returncode == 2 and "already holds checkpoints" in refused.stderr
+    assert refused.returncode == 2 and "(config.toml, metrics.json, checkpoints in checkpoints/)" in refused.stderr
     assert not (out / ".lock").exists()
 
 
@@ -242,6 +242,22 @@ def test_a_run_refused_on_its_data_leaves_no_directory_behind(tmp_path):
     out.mkdir(parents=True)
     run_shark("train", "--data", f"csv:{tmp_path / 'none'}", "--label", "click", "--out-dir", str(out), check=False)
     assert out.is_dir() and sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.parametrize("found", [("stages.json", "config.toml"), ("serving.json", "export.json")])
+def test_a_job_into_another_runs_folder_is_refused(tmp_path, found):
+    """`shark train --out` a compression run's folder or an export's (no checkpoints there) is
+    refused, naming the files, and they stay as they were; with --resume it is not this check
+    that stops it."""
+    out = tmp_path / "other"
+    out.mkdir()
+    for name in found:
+        (out / name).write_text("theirs")
+    proc = run_shark("train", *TINY, "--max-steps", "2", "--out", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"already holds the files of another run ({', '.join(sorted(found, key=RUN_FILES.index))})" in proc.stderr
+    assert all((out / name).read_text() == "theirs" for name in found)
+    assert sorted(p.name for p in out.iterdir()) == sorted(found)
 
 
 def test_no_rank_makes_a_directory_again_while_another_removes_it(tmp_path):

@@ -141,7 +141,10 @@ def test_checkpoint_of_other_tables_is_refused(tmp_path):
     # a fresh run never writes over an earlier run's checkpoints
     before = sorted(p.name for p in (base / "checkpoints").iterdir())
     proc = run_shark("train", *TINY, "--synthetic-train-rows", "500", "--out-dir", str(base), check=False)
-    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "already holds the files of another run (config.toml, metrics.json, checkpoints" in proc.stderr
+    )
     assert sorted(p.name for p in (base / "checkpoints").iterdir()) == before
 
 
