@@ -541,6 +541,12 @@ class JobConfig:
         q = self.quant
         from shark_torchrec.modules.precision_policy import split_tiers
 
+        r = self.run
+        if t.epochs == 0 and not (r.checkpoint or r.init_from or r.resume):
+            raise ConfigError(
+                "train.epochs=0 (--epochs) trains nothing, so a new model would be scored untrained: give --epochs 1 "
+                "or more, or --checkpoint / --init-from to score (or convert) a trained model"
+            )
         if command in ("prune", "compress") and m.field_removal == "slice" and m.arch != "dlrm":
             # Before the base model is trained and scored: removing a field would fail there.
             raise ConfigError(
@@ -557,6 +563,15 @@ class JobConfig:
                 f"quant.tiers (--tiers {' '.join(q.tiers)}) ranks rows into groups with --precision shark or freq; "
                 f"--precision {q.precision} keeps every row "
                 + ("in stock fp32 tables" if q.precision == "fp32" else f"in {q.precision}")
+            )
+        from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET
+
+        if q.memory_budget is not None and not 0 < q.memory_budget <= MAX_MEMORY_BUDGET:
+            percent = MAX_MEMORY_BUDGET < q.memory_budget <= 100  # `--memory-budget 50` meaning 50%
+            raise ConfigError(
+                f"quant.memory_budget={q.memory_budget:g} (--memory-budget) is a fraction of the fp32 bytes, in "
+                f"(0, {MAX_MEMORY_BUDGET:g}]"
+                + (f": for {q.memory_budget:g}% give {q.memory_budget / 100:g}" if percent else "")
             )
         try:
             # The policy's own rules (tiers, fractions, thresholds, a reachable budget at this

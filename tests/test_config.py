@@ -39,6 +39,36 @@ def test_validation_names_the_field():
         cfg.validate()
 
 
+def test_zero_epochs_need_a_trained_model():
+    """--epochs 0 trains nothing: a new model would be scored untrained, so it is refused
+    unless the run starts from a trained model (to score or convert it) or resumes one."""
+    cfg = JobConfig()
+    cfg.train.epochs = 0
+    with pytest.raises(ConfigError, match=r"train\.epochs=0 \(--epochs\) trains nothing"):
+        cfg.validate()
+    for name in ("checkpoint", "init_from"):
+        given = JobConfig()
+        given.train.epochs = 0
+        setattr(given.run, name, "runs/x/checkpoints")
+        given.validate()
+    resumed = JobConfig()
+    resumed.train.epochs, resumed.run.resume = 0, True
+    resumed.validate()
+
+
+def test_a_memory_budget_out_of_range_names_its_flag():
+    """`--memory-budget 50` (meant as 50%) names the flag, the range and the fraction meant."""
+    cfg = JobConfig()
+    cfg.quant.precision, cfg.quant.memory_budget = "shark", 50.0
+    with pytest.raises(
+        ConfigError, match=r"quant\.memory_budget=50 \(--memory-budget\) .* in \(0, 1\.5\]: for 50% give 0\.5"
+    ):
+        cfg.validate()
+    cfg.quant.memory_budget = -0.1
+    with pytest.raises(ConfigError, match=r"quant\.memory_budget=-0\.1 \(--memory-budget\) .* in \(0, 1\.5\]$"):
+        cfg.validate()
+
+
 def test_a_toml_files_optimizer_choices_are_named(tmp_path):
     """Values from a TOML file bypass the flags' choices: the field and its flag are named."""
     f = tmp_path / "job.toml"
