@@ -142,7 +142,15 @@ def train_main(argv: List[str]) -> int:
     """Train DLRM under DistributedModelParallel (TorchRec planner, TrainPipelineSparseDist)."""
     from shark_torchrec.jobs.trainer import train_job
 
-    keys = ("test_auc", "test_logloss", "train_seconds", "embedding_bytes", "optimizer_bytes", "fp32_embedding_bytes")
+    keys = (
+        "out_dir",
+        "test_auc",
+        "test_logloss",
+        "train_seconds",
+        "embedding_bytes",
+        "optimizer_bytes",
+        "fp32_embedding_bytes",
+    )
     return _job_main("shark train", train_job, argv, train_main.__doc__ or "", keys)
 
 
@@ -172,6 +180,7 @@ def compress_main(argv: List[str]) -> int:
     from shark_torchrec.jobs.compress import compress_job
 
     keys = (
+        "out_dir",
         "base_test_auc",
         "test_auc",
         "memory_ratio",
@@ -179,6 +188,7 @@ def compress_main(argv: List[str]) -> int:
         "quant_budget",
         "kept_fields",
         "pruned_fields",
+        "targets",  # the served model's memory and AUC drop against --target-memory and --max-auc-drop
     )
     return _job_main("shark compress", compress_job, argv, compress_main.__doc__ or "", keys)
 

@@ -594,6 +594,7 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             memory_ratio = stages["export"]["inference_bytes"] / stages["base"]["embedding_bytes"]
         metrics = {
             **metrics,
+            "out_dir": str(out),
             "base_test_auc": stages["base"]["test_auc"],
             "base_embedding_bytes": stages["base"]["embedding_bytes"],
             "memory_ratio": memory_ratio,

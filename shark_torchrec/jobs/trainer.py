@@ -492,9 +492,9 @@ def train_job(cfg: JobConfig) -> Dict[str, Any]:
     Returns:
         The run's metrics (`final_metrics`), on every rank.
     """
-    with job_rank(cfg, TRAIN_OUT_DIR) as (env, _):
+    with job_rank(cfg, TRAIN_OUT_DIR) as (env, out):
         trained = fit(cfg, env)
-        metrics = final_metrics(cfg, trained)
+        metrics = {"out_dir": str(out), **final_metrics(cfg, trained)}  # where the run wrote, named
         if env.is_main:
             write_metrics(cfg, metrics)
     return metrics
