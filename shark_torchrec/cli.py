@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from shark_torchrec.config import parse_cli, percentage_hint
 
@@ -16,9 +16,14 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (SIGINT), as shells report it
+
+
+def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[dict], int]:
     """Parse flags, run `job` on --nproc ranks (or the torchrun world); a user error (bad
-    config, data, checkpoint, budget or id) on any rank is one line on stderr, and None."""
+    config, data, checkpoint, budget or id) on any rank is one line on stderr, and exit status
+    2; Ctrl-C is one line saying how to continue, and INTERRUPTED. Returns (metrics or None,
+    exit status)."""
     from shark_torchrec.distributed.env import launch
 
     command = prog.split()[-1]
@@ -27,12 +32,41 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Optional[dict]:
         base = {**base, **resumed_run_defaults(argv)}
     cfg = parse_cli(argv, prog=prog, description=doc, base=base, command=command)
     try:
-        return launch(job, cfg.run.nproc, cfg)
-    except (ValueError, OSError, RuntimeError) as e:
-        if not _user_error(e):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return None
+        return launch(job, cfg.run.nproc, cfg), 0
+    except BaseException as e:
+        if _interrupted(e):
+            # The checkpoints saved so far stay; a resume skips one left half-written (checksums).
+            how = (
+                f": `{prog} --resume --out {cfg.run.out_dir or 'DIR'}` continues from its newest checkpoint"
+                if command in ("train", "compress")
+                else ""
+            )
+            print(f"{prog}: interrupted{how}", file=sys.stderr)
+            return None, INTERRUPTED
+        if isinstance(e, (ValueError, OSError, RuntimeError)) and _user_error(e):
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return None, 2
+        raise
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether `e` is Ctrl-C: a KeyboardInterrupt, the launcher's SignalException for --nproc
+    ranks, or either inside what raised it (torch's distributed checkpoint wraps a rank's
+    KeyboardInterrupt in a CheckpointException, its `failures`)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, (KeyboardInterrupt, SignalException)):
+            return True
+        stack += [x.__cause__, x.__context__]
+        stack += [f[0] for f in getattr(x, "failures", {}).values() if isinstance(f, tuple) and f]
+    return False
 
 
 def resumed_run_defaults(argv: List[str]) -> Dict[str, dict]:
@@ -113,9 +147,9 @@ def _user_error(e: BaseException) -> bool:
 def _job_main(prog: str, job: Callable, argv: List[str], doc: str, keys: tuple) -> int:
     """Run a job command; on success rank 0 prints `keys` of its metrics as JSON (exit 0), a
     user error is one line on stderr (exit 2)."""
-    metrics = _run(prog, job, argv, doc)
+    metrics, status = _run(prog, job, argv, doc)
     if metrics is None:
-        return _leave(2)
+        return _leave(status)
     if _is_main_rank():
         print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     return _leave(0)

@@ -137,11 +137,17 @@ def launch(
         monitor_interval=0.2,
         start_method="spawn",
     )
-    # The agent logs each failed child as a wall of ProcessExitedException tracebacks; the
-    # failure that matters is re-raised below (with the rank's own traceback when needed).
-    elastic_log = logging.getLogger("torch.distributed.elastic")
-    level = elastic_log.level
-    elastic_log.setLevel(logging.CRITICAL)
+    # The agent logs each failed child as a wall of ProcessExitedException tracebacks, and the
+    # workers it stops (a failed rank's peers, or all on Ctrl-C) on loggers of their own level;
+    # the failure that matters is re-raised below (with the rank's own traceback when needed).
+    elastic_logs = [logging.getLogger("torch.distributed.elastic")] + [
+        logging.getLogger(name)
+        for name in list(logging.Logger.manager.loggerDict)
+        if name.startswith("torch.distributed.elastic.")
+    ]
+    levels = [logger.level for logger in elastic_logs]
+    for logger in elastic_logs:
+        logger.setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory() as failures_dir:
         try:
             results: Dict[int, Any] = elastic_launch(config, _catching)(failures_dir, threads, fn, *args)
@@ -155,7 +161,8 @@ def launch(
                 raise error from None
             raise RuntimeError(f"rank {rank} failed:\n{text}") from None
         finally:
-            elastic_log.setLevel(level)
+            for logger, level in zip(elastic_logs, levels):
+                logger.setLevel(level)
     return results[0]
 
 

@@ -404,3 +404,30 @@ exit_without_teardown(3)
     assert out.returncode == 3, out.stderr[-2000:]
     assert out.stdout.endswith("no newline at the end")
     assert "job done" in log.read_text()
+
+
+def test_ctrl_c_is_one_line_saying_how_to_continue(tmp_path):
+    """SIGINT mid-run: exit status 130 and one line naming the command that continues the run
+    (no traceback); the lock is released and the checkpoints saved so far stay."""
+    import signal
+
+    out = tmp_path / "run"
+    argv = [str(Path(sys.executable).parent / "shark"), "train", *TINY, "--epochs", "1000", "--checkpoint-every", "5"]
+    proc = subprocess.Popen(
+        [*argv, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Python turns SIGINT into KeyboardInterrupt only where SIGINT is not ignored at its start.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(out / "checkpoints") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"shark train: interrupted: `shark train --resume --out {out}` continues from its newest checkpoint"
+    )
+    assert "Traceback" not in err and not (out / ".lock").exists() and list_checkpoints(out / "checkpoints")
