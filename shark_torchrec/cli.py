@@ -377,10 +377,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: shark {" + ",".join(COMMANDS) + "} [flags]   (shark CMD --help for flags)")
+        known = argv[:1] in ([], ["-h"], ["--help"])
+        print(
+            "usage: shark {" + ",".join(COMMANDS) + "} [flags]   (shark CMD --help for flags)",
+            file=None if known else sys.stderr,
+        )
         for name, fn in COMMANDS.items():
-            print(f"  {name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+            print(f"  {name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}", file=None if known else sys.stderr)
+        if known:
+            return 0
+        import difflib
+
+        near = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        print(f"shark: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
+        return 2
     return COMMANDS[argv[0]](argv[1:])
 
 

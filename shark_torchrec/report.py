@@ -38,8 +38,10 @@ def collect(run: Path) -> Dict[str, Any]:
         "importance"}; absent files read as empty or None.
 
     Raises:
-        FileNotFoundError: the directory has no stages.json with a base stage.
+        FileNotFoundError: the directory is absent or has no stages.json with a base stage.
     """
+    if not run.exists():
+        raise FileNotFoundError(f"{run} not found")
     stages = _load(run / "stages.json")
     if not stages or "base" not in stages:
         raise FileNotFoundError(f"{run} is not a `shark compress` run directory (no stages.json with a base stage)")

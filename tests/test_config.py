@@ -270,3 +270,12 @@ def test_compress_serve_tiers_take_the_symmetric_tiers_with_int1(capsys):
         parse_cli(["--serve-tiers", "int4s,int2"], prog="shark compress", command="compress")
     assert e.value.code == 2
     assert "int4s (symmetric rows with a one-byte scale) is planned with int1 below" in capsys.readouterr().err
+
+
+def test_an_unknown_command_is_named_with_the_nearest(capsys):
+    from shark_torchrec.cli import main
+
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "shark: error: unknown command 'trian' (did you mean train?)"
+    assert main(["--help"]) == 0 and "usage: shark {train," in capsys.readouterr().out

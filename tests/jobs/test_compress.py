@@ -94,7 +94,9 @@ def test_compress_resumes_from_the_last_finished_stage(tmp_path):
     again = run_shark("report", str(straight))
     assert "report.md" in again.stdout
     missing = run_shark("report", str(tmp_path / "nowhere"), check=False)
-    assert missing.returncode == 2 and "not a `shark compress` run directory" in missing.stderr
+    assert missing.returncode == 2 and f"{tmp_path / 'nowhere'} not found" in missing.stderr
+    other = run_shark("report", str(straight / "base"), check=False)  # a run directory, not a compression run's
+    assert other.returncode == 2 and "not a `shark compress` run directory" in other.stderr
     e = m["export"]
     assert (
         e["max_abs_logit_diff_dev"] < 1e-5 and e["inference_bytes"] == ebc.memory_bytes()
