@@ -80,6 +80,9 @@ def init_distributed() -> DistEnv:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            # TorchRec's row-wise shardings ask for the ranks a host holds and warn, once a
+            # table, when no launcher said: a world of one holds one.
+            os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     rank = dist.get_rank()
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

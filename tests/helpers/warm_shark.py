@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-# Variables no import reads, which pytest and torch's elastic launcher set in a worker as it
-# runs tests (a launch from the worker itself sets the latter): the child gets their current
-# values, and a difference in them does not make the warm process's imports stale.
-IGNORED_VARIABLES = ("PYTEST_CURRENT_TEST", "TORCHELASTIC_SIGNALS_TO_HANDLE")
+# Variables no import reads, which pytest, torch's elastic launcher and a world of one
+# (`init_distributed`: LOCAL_WORLD_SIZE) set in a worker as it runs tests: the child gets their
+# current values, and a difference in them does not make the warm process's imports stale.
+IGNORED_VARIABLES = ("PYTEST_CURRENT_TEST", "TORCHELASTIC_SIGNALS_TO_HANDLE", "LOCAL_WORLD_SIZE")
 
 
 def _environment() -> Dict[str, str]:
