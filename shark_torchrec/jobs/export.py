@@ -255,10 +255,10 @@ def regroup_for_serving(
 
     def refused(e: Exception) -> BudgetError:
         dim = configs[0].embedding_dim if configs else "?"
+        if serving.memory_budget < floor:  # the served floor says it all: the store's own terms would only confuse
+            return BudgetError(_below_floor(serving, dim, floor))
         head = (
-            _below_floor(serving, dim, floor)
-            if serving.memory_budget < floor
-            else f"serving budget {serving.memory_budget} cannot be met "
+            f"serving budget {serving.memory_budget} cannot be met "
             f"{'table by table' if serving.budget_scope == 'table' else 'over the model'} in {', '.join(serving.tiers)}"
         )
         return BudgetError(f"{head} (the store's rule, given {store_budget:.4f} in its own terms, said: {e})")

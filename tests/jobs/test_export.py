@@ -728,6 +728,11 @@ def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
             [str(ckpt), "--out", str(tmp_path / "b"), *tiers, "--memory-budget", "0.03"],
             "serving budget 0.03 is below what a served model in int4, int1 can reach at dim 16: 0.05",
         ),
+        (  # one floor named, the served one (not the store's own terms beside it)
+            [str(ckpt), "--out", str(tmp_path / "f"), "--tiers", "int4", "int2", "--memory-budget", "0.1"],
+            "serving budget 0.1 is below what a served model in int4, int2 can reach at dim 16: 0.1290 of fp32 "
+            "with the ranked row map\n",
+        ),
         (
             [str(fp32_run), "--out", str(tmp_path / "c"), *tiers, "--memory-budget", "0.1"],
             f"its checkpoints are in {ckpt}",
@@ -746,7 +751,7 @@ def test_export_refuses_bad_input_before_any_work(fp32_run, tmp_path):
         assert proc.returncode == 2 and named in proc.stderr, (argv, proc.stderr)
         assert "row priorities" not in proc.stderr and "Traceback" not in proc.stderr, argv
     assert afile.read_text() == "keep me"
-    assert not any((tmp_path / d).exists() for d in "abcde")
+    assert not any((tmp_path / d).exists() for d in "abcdef")
 
 
 def test_the_priority_pass_shows_progress_unless_told_not_to(fp32_run, capsys):
