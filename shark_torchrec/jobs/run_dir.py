@@ -238,7 +238,9 @@ def _acquire(lock: Path) -> str:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"--out-dir {out} cannot be created ({e.strerror or e})") from e
+        blocker = next((a for a in (out, *out.parents) if a.exists() and not a.is_dir()), None)
+        why = f"{blocker} is a file" if blocker is not None else e.strerror or e
+        raise CheckpointError(f"--out-dir {out} cannot be created ({why})") from e
     record = _holder_record()
     # A stale lock is taken away and creation tried again; the bound only stops a livelock
     # with runs that keep taking and leaving the directory.
