@@ -340,12 +340,28 @@ def pipeline_steps(pipeline: TrainPipelineSparseDist, batches, bar: tqdm) -> Ite
     """
     while True:
         try:
-            loss, *_ = pipeline.progress(batches)
+            loss, _, _, weights = pipeline.progress(batches)  # the model output: (loss, logits, labels, weights)
         except StopIteration:
             return
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{sample_mean_loss(loss, weights):.4f}", refresh=False)
         yield loss
+
+
+def sample_mean_loss(loss: torch.Tensor, weights: torch.Tensor) -> float:
+    """A step's loss per real sample, as the progress bar shows it. The loss the model trains
+    on divides by the batch's slots, padding included (`DLRMTrainModule`), so a last, partial
+    batch of an epoch would read several times lower than the steps before it.
+
+    Args:
+        loss: the step's loss (the weighted sum over the batch's slots / their number).
+        weights: the batch's sample weights (0 for padding).
+
+    Returns:
+        The loss over the real samples (0.0 for a batch of padding only).
+    """
+    real = float(weights.sum())
+    return float(loss) * weights.numel() / real if real > 0 else 0.0
 
 
 def train_pipeline(model, optimizer, device: torch.device, precision: str) -> TrainPipelineSparseDist:

@@ -190,3 +190,15 @@ def test_dlrm_dcn_trains(tmp_path):
     m = json.loads((out / "m.json").read_text())
     assert 0.6 < m["test_auc"] <= 1.0
     assert any("inter_arch.crossnet" in k for k in model_tensors(out / "checkpoints"))
+
+
+def test_the_progress_bar_shows_the_loss_per_real_sample():
+    """The trained loss divides by the batch's slots, padding included; the bar's figure is
+    over the real samples, so an epoch's last, partial batch reads as the others do."""
+    from shark_torchrec.jobs.trainer import sample_mean_loss
+
+    per_sample = torch.tensor([0.5, 0.7, 0.9, 0.3, 0.2, 0.1, 0.4, 0.6])
+    weights = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # 3 lines, 5 slots of padding
+    trained = (per_sample * weights).sum() / weights.numel()  # as DLRMTrainModule's forward
+    assert abs(sample_mean_loss(trained, weights) - 0.7) < 1e-6 and float(trained) < 0.3
+    assert sample_mean_loss(torch.tensor(0.0), torch.zeros(4)) == 0.0
