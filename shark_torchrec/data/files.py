@@ -60,23 +60,22 @@ class BadLineStats:
 MOSTLY_BAD_AFTER = 1000
 
 
-def refuse_mostly_bad(where: str, bad: int, lines: int, first: str, done: bool = False) -> None:
+def refuse_mostly_bad(where: str, stats: BadLineStats, done: bool = False) -> None:
     """Raise when more than half of the lines read from a split are malformed (see MOSTLY_BAD_AFTER).
 
     Args:
         where: the split's file (or files).
-        bad: malformed lines read so far.
-        lines: lines read so far, good and bad.
-        first: the first malformed line, as `file:line: reason`.
+        stats: its lines read and malformed lines so far.
         done: the pass is over (a shorter file is judged then).
 
     Raises:
         DataError: naming the file, the counts and the first malformed line.
     """
+    bad, lines = stats.count, stats.lines
     if (lines >= MOSTLY_BAD_AFTER or done) and 2 * bad > lines:
         raise DataError(
-            f"{where}: {bad:,} of the {lines:,} lines read are malformed (first: {first}); check --label and "
-            "the columns (malformed lines are skipped only when they are few; --strict stops at the first)"
+            f"{where}: {bad:,} of the {lines:,} lines read are malformed (first: {stats.examples[0]}); check "
+            "--label and the columns (malformed lines are skipped only when they are few; --strict stops at the first)"
         )
 
 
@@ -449,21 +448,19 @@ class FileSplit:
             DataError: with `strict` the first bad line; more than half the lines bad
                 (`refuse_mostly_bad`).
         """
-        lines = bad = 0
-        first = ""
+        stats = BadLineStats(max_examples=1)  # this pass's own: `stats` counts the batches' lines
         for lineno, line in self._numbered_lines():
-            lines += 1
+            stats.lines += 1
             try:
                 yield self.parse(line)
             except BadLine as e:
                 if self.strict:
                     raise DataError(f"{self._where(lineno)}: {e}") from None
-                bad += 1
-                first = first or f"{self._where(lineno)}: {e}"
-                if lines % MOSTLY_BAD_AFTER == 0:
-                    refuse_mostly_bad(self.describe(), bad, lines, first)
-        if bad:
-            refuse_mostly_bad(self.describe(), bad, lines, first, done=True)
+                stats.add(self._where(lineno), str(e))
+                if stats.lines % MOSTLY_BAD_AFTER == 0:
+                    refuse_mostly_bad(self.describe(), stats)
+        if stats.count:
+            refuse_mostly_bad(self.describe(), stats, done=True)
 
     def local_batches(
         self,
@@ -502,10 +499,10 @@ class FileSplit:
             block = list(itertools.islice(lines, global_batch))
             if not block:
                 if stats.count:
-                    refuse_mostly_bad(self.describe(), stats.count, stats.lines, stats.examples[0], done=True)
+                    refuse_mostly_bad(self.describe(), stats, done=True)
                 return
-            if stats.count and stats.lines >= MOSTLY_BAD_AFTER:
-                refuse_mostly_bad(self.describe(), stats.count, stats.lines, stats.examples[0])
+            if stats.count:
+                refuse_mostly_bad(self.describe(), stats)
             labels, dense, ids, valid = empty_arrays(local, self.num_dense, self.num_sparse)
             for slot, (lineno, line) in enumerate(block[rank::world]):
                 stats.lines += 1
