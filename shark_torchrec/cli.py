@@ -43,7 +43,7 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[
             )
             print(f"{prog}: interrupted{how}", file=sys.stderr)
             return None, INTERRUPTED
-        if isinstance(e, (ValueError, OSError, RuntimeError)) and _user_error(e):
+        if _user_error(e):
             print(f"{prog}: error: {e}", file=sys.stderr)
             return None, 2
         raise
@@ -316,6 +316,7 @@ def export_main(argv: List[str]) -> int:
     from shark_torchrec.data.schema import DataError
     from shark_torchrec.jobs.checkpoint import CheckpointError
     from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
+    from shark_torchrec.jobs.run_dir import file_in_the_way
     from shark_torchrec.jobs.trainer import quiet_libraries
     from shark_torchrec.modules.precision_policy import split_tiers
 
@@ -326,12 +327,12 @@ def export_main(argv: List[str]) -> int:
             "int1); every row in one tier is TorchRec's quantize_embeddings of the model"
         )
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    blocker = file_in_the_way(out)
+    if blocker == out:
         print(f"shark export: error: --out {out} is a file, not a directory (nothing was written)", file=sys.stderr)
         return 2
-    above = next((a for a in out.parents if a.exists()), None)
-    if above is not None and not above.is_dir():
-        print(f"shark export: error: --out {out} runs through {above}, a file (nothing was written)", file=sys.stderr)
+    if blocker is not None:
+        print(f"shark export: error: --out {out} runs through {blocker}, a file (nothing was written)", file=sys.stderr)
         return 2
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         print(

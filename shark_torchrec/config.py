@@ -539,7 +539,7 @@ class JobConfig:
         self.run.validate(command)
         t, m, c = self.train, self.model, self.compress
         q = self.quant
-        from shark_torchrec.modules.precision_policy import split_tiers
+        from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, split_tiers
 
         r = self.run
         if t.epochs == 0 and not (r.checkpoint or r.init_from or r.resume):
@@ -564,8 +564,6 @@ class JobConfig:
                 f"--precision {q.precision} keeps every row "
                 + ("in stock fp32 tables" if q.precision == "fp32" else f"in {q.precision}")
             )
-        from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET
-
         if q.memory_budget is not None and not 0 < q.memory_budget <= MAX_MEMORY_BUDGET:
             percent = MAX_MEMORY_BUDGET < q.memory_budget <= 100  # `--memory-budget 50` meaning 50%
             raise ConfigError(

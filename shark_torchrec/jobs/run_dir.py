@@ -194,6 +194,19 @@ def staged_files(out: Path, stale: Sequence[str] = ()) -> Iterator[Path]:
         _remove_if_empty(made)  # after a failure, the parents it made hold nothing
 
 
+def file_in_the_way(d: Path) -> Optional[Path]:
+    """The file (not a directory) at `d` or at one of its parents, which keeps `d` from being a
+    directory; None when there is none.
+
+    Args:
+        d: a directory path.
+
+    Returns:
+        That file's path, or None.
+    """
+    return next((a for a in (d, *d.parents) if a.exists() and not a.is_dir()), None)
+
+
 def _missing_dirs(d: Path) -> List[Path]:
     """`d` and those of its parents that do not exist yet, deepest first (what mkdir(parents=True)
     would create)."""
@@ -238,7 +251,7 @@ def _acquire(lock: Path) -> str:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        blocker = next((a for a in (out, *out.parents) if a.exists() and not a.is_dir()), None)
+        blocker = file_in_the_way(out)
         why = f"{blocker} is a file" if blocker is not None else e.strerror or e
         raise CheckpointError(f"--out-dir {out} cannot be created ({why})") from e
     record = _holder_record()
