@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+import threading
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from shark_torchrec.config import parse_cli, percentage_hint
 
@@ -31,41 +34,68 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[
     if command in ("train", "compress"):
         base = {**base, **resumed_run_defaults(argv)}
     cfg = parse_cli(argv, prog=prog, description=doc, base=base, command=command)
+    with _noting_ctrl_c() as pressed:
+        try:
+            return launch(job, cfg.run.nproc, cfg), 0
+        except BaseException as e:
+            failure = e
+    if pressed or _interrupted(failure):
+        # The checkpoints saved so far stay; a resume skips one left half-written (checksums).
+        how = (
+            f": `{prog} --resume --out {cfg.run.out_dir or 'DIR'}` continues from its newest checkpoint"
+            if command in ("train", "compress")
+            else ""
+        )
+        print(f"{prog}: interrupted{how}", file=sys.stderr)
+        return None, INTERRUPTED
+    if _user_error(failure):
+        print(f"{prog}: error: {failure}", file=sys.stderr)
+        return None, 2
+    raise failure
+
+
+@contextmanager
+def _noting_ctrl_c() -> Iterator[List[int]]:
+    """Note a SIGINT (Ctrl-C) while the body runs, then raise KeyboardInterrupt as Python does.
+    What reaches the caller need not show it: an interrupt inside torch's checkpoint writer
+    comes out as CheckpointException or as a RuntimeError of its C++ stream ("unexpected
+    pos"), the KeyboardInterrupt gone. Installed only where Python's own handler is (the main
+    thread; SIGINT not ignored), and restored after.
+
+    Yields:
+        A list that holds the signal once one arrived.
+    """
+    pressed: List[int] = []
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield pressed
+        return
+
+    def note(signum, frame):
+        pressed.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
     try:
-        return launch(job, cfg.run.nproc, cfg), 0
-    except BaseException as e:
-        if _interrupted(e):
-            # The checkpoints saved so far stay; a resume skips one left half-written (checksums).
-            how = (
-                f": `{prog} --resume --out {cfg.run.out_dir or 'DIR'}` continues from its newest checkpoint"
-                if command in ("train", "compress")
-                else ""
-            )
-            print(f"{prog}: interrupted{how}", file=sys.stderr)
-            return None, INTERRUPTED
-        if _user_error(e):
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            return None, 2
-        raise
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _interrupted(e: BaseException) -> bool:
-    """Whether `e` is Ctrl-C: a KeyboardInterrupt, the launcher's SignalException for --nproc
-    ranks, or either inside what raised it (torch's distributed checkpoint wraps a rank's
-    KeyboardInterrupt in a CheckpointException, its `failures`)."""
+    """Whether `e` is, or was raised while handling, Ctrl-C where `_noting_ctrl_c` could not
+    note it: a KeyboardInterrupt, or the launcher's SignalException (it handles SIGINT itself
+    while --nproc ranks run)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
+    x: Optional[BaseException] = e
+    while x is not None and id(x) not in seen:
         seen.add(id(x))
         if isinstance(x, (KeyboardInterrupt, SignalException)):
             return True
-        stack += [x.__cause__, x.__context__]
-        stack += [f[0] for f in getattr(x, "failures", {}).values() if isinstance(f, tuple) and f]
+        x = x.__cause__ or x.__context__
     return False
 
 

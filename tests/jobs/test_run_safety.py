@@ -433,3 +433,29 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(tmp_path):
         f"shark train: interrupted: `shark train --resume --out {out}` continues from its newest checkpoint"
     )
     assert "Traceback" not in err and not (out / ".lock").exists() and list_checkpoints(out / "checkpoints")
+
+
+def test_ctrl_c_is_told_even_where_what_it_interrupted_hides_it(capsys):
+    """An interrupt inside torch's checkpoint writer comes out as a RuntimeError of its C++
+    stream, the KeyboardInterrupt gone (seen in the test above, 1 run in 10 under load): the
+    command notes the signal itself, so it still says how to continue."""
+    import signal
+
+    from shark_torchrec import cli
+
+    def job(cfg):  # Ctrl-C, then what torch's writer raised instead
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 206 vs 0")
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a command's process
+    try:
+        assert cli._run("shark train", job, ["--out", "runs/x"], "") == (None, cli.INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "shark train: interrupted: `shark train --resume --out runs/x` continues from its newest checkpoint"
+    )
