@@ -200,8 +200,10 @@ class TrainConfig:
     trained by FBGEMM's fused row-wise Adagrad. When on, data-parallel tables are trained by
     TorchRec's RowWiseAdagrad at the embedding learning rate (not by the dense optimizer)."""
     sharding_types: Tuple[str, ...] = ()
-    """Restrict the planner to these sharding types (e.g. table_wise row_wise); empty: all the
-    planner supports (minus data_parallel unless allowed)."""
+    """Restrict the planner to these sharding types (e.g. table_wise row_wise); empty: the
+    defaults, minus data_parallel unless allowed. On CPU those are the types TorchRec's own
+    EmbeddingBagCollectionSharder offers there (table_wise, column_wise, table_column_wise),
+    with row_wise and table_row_wise added only when no plan within them fits; on CUDA all."""
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:

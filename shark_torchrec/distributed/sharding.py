@@ -20,7 +20,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from shark_torchrec.config import TrainConfig
+from shark_torchrec.config import ConfigError, TrainConfig
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.distributed.memory import table_of_key
 from shark_torchrec.modules.initial_rows import initial_rows
@@ -71,33 +71,98 @@ def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
     return out
 
 
-def sharding_constraints(tables: Iterable[str], cfg: TrainConfig) -> Dict[str, ParameterConstraints]:
+# Every sharding type TorchRec offers a collection: the planner may pick any when the user names
+# none and the tables need it. On CPU the plan first keeps to the types TorchRec's own
+# EmbeddingBagCollectionSharder offers there (`_CPU_TYPES`, no row-wise ones): each sharding
+# type a plan uses is one more group with its own input and output exchange every step, which
+# TorchRec's planner does not price, and it split one small table row-wise just to even its
+# per-rank estimates out. On 2 ranks those three groups made our step 1.19-1.23x as long as
+# the plan of one type (bench/README.md).
+_ALL_TYPES = (
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+    ShardingType.TABLE_ROW_WISE.value,
+    ShardingType.DATA_PARALLEL.value,
+)
+_CPU_TYPES = (
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+    ShardingType.DATA_PARALLEL.value,
+)
+
+
+def sharding_types(cfg: TrainConfig, device_type: str, fallback: bool = False) -> List[str]:
+    """The sharding types the planner may choose from.
+
+    Args:
+        cfg: the `[train]` group: `sharding_types` (empty: the defaults), minus data-parallel
+            unless `allow_data_parallel`.
+        device_type: the planner's compute device ("cpu", "cuda").
+        fallback: the types to plan with when the defaults found no plan that fits (every
+            type TorchRec has for a collection); the same as the first list where that
+            already holds them all or the user named the types.
+
+    Returns:
+        The types, in the order ties go to the first.
+
+    Raises:
+        ConfigError: no sharding type is left.
+    """
+    if cfg.sharding_types:
+        types = list(cfg.sharding_types)
+    else:
+        types = list(_CPU_TYPES if device_type == "cpu" and not fallback else _ALL_TYPES)
+    if not cfg.allow_data_parallel:
+        types = [t for t in types if t != ShardingType.DATA_PARALLEL.value]
+    if not types:
+        raise ConfigError("no sharding type left: allow data_parallel or name a sharded type")
+    return types
+
+
+def sharding_constraints(tables: Iterable[str], types: Sequence[str]) -> Dict[str, ParameterConstraints]:
     """The planner's constraints: the sharding types each table may take.
 
     Args:
         tables: the table names.
-        cfg: the `[train]` group: `sharding_types` (empty: all), minus data-parallel unless
-            `allow_data_parallel`.
+        types: the sharding types (`sharding_types`).
 
     Returns:
         table -> its constraints (the same types for every table).
-
-    Raises:
-        ValueError: no sharding type is left.
     """
-    types = list(cfg.sharding_types) or [
-        ShardingType.TABLE_WISE.value,
-        ShardingType.ROW_WISE.value,
-        ShardingType.COLUMN_WISE.value,
-        ShardingType.TABLE_COLUMN_WISE.value,
-        ShardingType.TABLE_ROW_WISE.value,
-        ShardingType.DATA_PARALLEL.value,
-    ]
-    if not cfg.allow_data_parallel:
-        types = [t for t in types if t != ShardingType.DATA_PARALLEL.value]
-    if not types:
-        raise ValueError("no sharding type left: allow data_parallel or name a sharded type")
     return {t: ParameterConstraints(sharding_types=list(types)) for t in tables}
+
+
+def plan_on(
+    model: nn.Module, sharders: Sequence[ModuleSharder[nn.Module]], topology: Topology, cfg: TrainConfig
+) -> ShardingPlan:
+    """TorchRec's planner with our storage estimator (`make_planner`) on one process: within the
+    default sharding types, or, when no plan within them fits the topology, within all.
+
+    Args:
+        model: the unsharded model.
+        sharders: the sharders the plan is for.
+        topology: the ranks, their devices and memory.
+        cfg: the `[train]` group (the sharding types allowed).
+
+    Returns:
+        The plan.
+    """
+    from torchrec.distributed.planner.types import PlannerError
+
+    from shark_torchrec.planner.storage import make_planner
+
+    tables = embedding_configs(model)
+    first = sharding_types(cfg, topology.compute_device)
+    every = sharding_types(cfg, topology.compute_device, fallback=True)
+    try:
+        return make_planner(topology, sharding_constraints(tables, first)).plan(model, list(sharders))
+    except PlannerError:
+        if every == first:
+            raise
+    return make_planner(topology, sharding_constraints(tables, every)).plan(model, list(sharders))
 
 
 def plan_sharding(
@@ -106,8 +171,8 @@ def plan_sharding(
     cfg: TrainConfig,
     sharders: Sequence[ModuleSharder[nn.Module]],
 ) -> ShardingPlan:
-    """The sharding plan of TorchRec's planner, with our storage estimator (`make_planner`), the
-    same on every rank (collective: every rank calls it).
+    """The sharding plan (`plan_on`) of rank 0, the same on every rank (collective: every rank
+    calls it).
 
     Args:
         model: the unsharded model.
@@ -118,18 +183,15 @@ def plan_sharding(
     Returns:
         The plan.
     """
-    from shark_torchrec.planner.storage import make_planner
+    from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 
     # The planner's host size must be the one TorchRec's sharding reads from LOCAL_WORLD_SIZE
     # (table_row_wise splits a table over one host's ranks): Topology's default, the whole
     # world, would plan TwRw shards over every rank of a multi-host job. (A world of one has
     # no such variable to read: get_local_size would only warn.)
     local_world_size = get_local_size(env.world_size) if env.world_size > 1 else 1
-    planner = make_planner(
-        Topology(world_size=env.world_size, local_world_size=local_world_size, compute_device=env.device.type),
-        sharding_constraints(embedding_configs(model), cfg),
-    )
-    return planner.collective_plan(model, list(sharders), dist.GroupMember.WORLD)
+    topology = Topology(world_size=env.world_size, local_world_size=local_world_size, compute_device=env.device.type)
+    return invoke_on_rank_and_broadcast_result(dist.GroupMember.WORLD, 0, plan_on, model, list(sharders), topology, cfg)
 
 
 def shard_model(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
 
 from shark_torchrec.modules.mixed_precision import (
@@ -164,6 +165,24 @@ def estimators(
     ]
 
 
+class OrderedEmbeddingEnumerator(EmbeddingEnumerator):
+    """TorchRec's EmbeddingEnumerator, keeping the sharding types and compute kernels a
+    constraint allows in the sharder's order. TorchRec 1.8 intersects the constraint's list
+    with the sharder's as sets, so where options tie in its estimates (a table table-wise,
+    column-wise or table-column-wise in one shard, all priced alike) the one planned followed
+    the process's string hashing (PYTHONHASHSEED): runs of one config got different plans.
+    In the sharder's order the first type wins a tie (table-wise, for TorchRec's sharders and
+    ours), the same in every run."""
+
+    def _filter_sharding_types(self, name: str, allowed_sharding_types: List[str], sharder_key: str = "") -> List[str]:
+        kept = set(super()._filter_sharding_types(name, allowed_sharding_types, sharder_key))
+        return [t for t in allowed_sharding_types if t in kept]
+
+    def _filter_compute_kernels(self, name: str, allowed_compute_kernels: List[str], sharding_type: str) -> List[str]:
+        kept = set(super()._filter_compute_kernels(name, allowed_compute_kernels, sharding_type))
+        return [k for k in allowed_compute_kernels if k in kept]
+
+
 def make_planner(
     topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None, batch_size: Optional[int] = None
 ):
@@ -179,10 +198,9 @@ def make_planner(
     """
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.constants import BATCH_SIZE
-    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 
     bs = batch_size or BATCH_SIZE
-    enumerator = EmbeddingEnumerator(
+    enumerator = OrderedEmbeddingEnumerator(
         topology=topology, batch_size=bs, constraints=constraints, estimator=estimators(topology, constraints)
     )
     return EmbeddingShardingPlanner(topology=topology, batch_size=bs, enumerator=enumerator, constraints=constraints)

@@ -125,3 +125,70 @@ def test_a_model_budget_sizes_tables_against_every_collection_of_the_model():
     assert want > narrower
     key = ("t2", ShardingType.TABLE_WISE.value, 0)
     assert got[key][0] - stock[key][0] == want - rows * W.DIM * 4
+
+
+def test_the_enumerator_keeps_the_sharders_order():
+    """The types a constraint allows come in the sharder's order, whatever the order of the
+    constraint's list: TorchRec's own filter intersects them as sets, whose order followed
+    the process's string hashing, and with it which of several equally priced types a tie
+    went to (PYTHONHASHSEED changed the plan)."""
+    from shark_torchrec.planner.storage import OrderedEmbeddingEnumerator
+
+    constraints = {"t": ParameterConstraints(sharding_types=["column_wise", "table_wise", "table_column_wise"])}
+    topology = Topology(world_size=2, compute_device="cpu")
+    enumerator = OrderedEmbeddingEnumerator(topology=topology, batch_size=64, constraints=constraints)
+    for allowed in (
+        ["data_parallel", "table_wise", "column_wise", "table_column_wise"],
+        ["table_column_wise", "row_wise", "column_wise", "table_wise"],
+    ):
+        want = [t for t in allowed if t in constraints["t"].sharding_types]
+        assert enumerator._filter_sharding_types("t", allowed) == want
+        kernels = ["fused", "dense", "quant"]
+        assert enumerator._filter_compute_kernels("t", kernels, "table_wise") == ["fused", "quant"]
+        assert enumerator._filter_compute_kernels("t", kernels[::-1], "table_wise") == ["quant", "fused"]
+
+
+def bag_module(sizes, dim: int):
+    """Our bag collection of one feature per table, in the default policy."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, n in enumerate(sizes)
+    ]
+    return MixedPrecisionEmbeddingBagCollection(tables=tables, precision_policy=W.policy())
+
+
+def planned_types(module, cap: int = 0, **train) -> set:
+    """The sharding types `plan_on` gives our bag collection on 2 CPU ranks (`cap`: each
+    rank's bytes, 0 for TorchRec's default)."""
+    from shark_torchrec.config import TrainConfig
+    from shark_torchrec.distributed.sharding import plan_on
+
+    topology = Topology(world_size=2, local_world_size=2, compute_device="cpu", **({"ddr_cap": cap} if cap else {}))
+    plan = plan_on(module, [MixedPrecisionEmbeddingBagCollectionSharder()], topology, TrainConfig(**train))
+    return {ps.sharding_type for per_module in plan.plan.values() for ps in per_module.values()}
+
+
+def test_a_cpu_plan_keeps_to_one_sharding_type_where_tables_fit():
+    """Eleven tables priced alike on 2 CPU ranks: every table table-wise. With every type on
+    offer (as before), the planner split one table row-wise to even its estimates out and
+    the others went to a second type: three groups, each with its own exchanges a step."""
+    module = bag_module([100] * 11, 64)
+    assert planned_types(module) == {ShardingType.TABLE_WISE.value}
+
+
+def test_a_table_no_rank_holds_is_split_row_wise():
+    """A table of 200,000 x 32 on ranks that hold 0.8 of it, as our estimator sizes it: no
+    table-wise or column-wise plan fits (dim 32 is one column shard), so the planner is given
+    the row-wise types too, and splits it. Types the user names get no such second try."""
+    from torchrec.distributed.planner.types import PlannerError
+
+    module = bag_module([200_000], 32)
+    cap = int(0.8 * shard_bytes(W.policy().resolved([32]), "t0", 200_000, 200_000, 32))
+    assert planned_types(module, cap=cap) == {ShardingType.ROW_WISE.value}
+    assert planned_types(module, cap=10**9) == {ShardingType.TABLE_WISE.value}
+    with pytest.raises(PlannerError):
+        planned_types(module, cap=cap, sharding_types=(ShardingType.TABLE_WISE.value,))
