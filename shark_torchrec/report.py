@@ -132,6 +132,20 @@ def plot(info: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _served_auc_text(e: dict) -> str:
+    """The export's dev AUC, and with serving tiers the trained model's beside it (what the
+    tiers cost); empty for records written before the export measured them."""
+    if "dev_auc" not in e:
+        return ""
+    text = f" Dev AUC of the served model: {e['dev_auc']:.4f}"
+    if "dev_auc_trained" in e:
+        text += (
+            f"; of the model as trained, before its rows were put in these tiers: {e['dev_auc_trained']:.4f}"
+            f" (largest |logit| difference {e['max_abs_logit_diff_dev_to_trained']:.2e})"
+        )
+    return text + "."
+
+
 def write_report(run: str | Path) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/report_auc_vs_memory.png for a `shark compress` run.
 
@@ -280,7 +294,7 @@ def write_report(run: str | Path) -> Path:
             )
             + ". Largest |logit| "
             f"difference to the {'regrouped' if e.get('serving_tiers') else 'trained'} model over dev: "
-            f"{e['max_abs_logit_diff_dev']:.2e}.",
+            f"{e['max_abs_logit_diff_dev']:.2e}." + _served_auc_text(e),
             "",
         ]
         if e.get("serving_budget_reason"):

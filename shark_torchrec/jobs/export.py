@@ -859,11 +859,14 @@ def export_checkpoint(
         export.json's record: bytes beside the fp32 tables and beside TorchRec's per-table int8
         (`quantize_embeddings`), rows per group, and the largest logit difference over the dev
         split to the model the export serves: the trained model, or with `serving` the trained
-        model regrouped into those tiers (a check of the export, not of what the tiers cost:
-        that is the AUC's to say).
+        model regrouped into those tiers (a check of the export, not of what the tiers cost),
+        and the served model's dev AUC. With `serving`, also what the tiers cost: the trained
+        model's dev AUC (`dev_auc_trained`) and the largest logit difference to it
+        (`max_abs_logit_diff_dev_to_trained`).
     """
     from shark_torchrec.data import open_dataset
     from shark_torchrec.distributed.memory import torchrec_int8_bytes
+    from shark_torchrec.jobs.evaluation import binary_metrics
 
     model, qcfg = load_trained_model(checkpoint)  # read once: logits first, then swapped in place
     if qcfg.quant.precision == "fp32" and serving is None:
@@ -882,8 +885,18 @@ def export_checkpoint(
     def largest_difference(want, got) -> float:
         return max((w - g).abs().max().item() for w, g in zip(want, got)) if want else 0.0
 
+    def dev_auc(logits) -> float:
+        batches = list(data.batches("dev", qcfg.train.eval_batch_size))
+        real = [b.sample_weights > 0 for b in batches]
+        return binary_metrics(
+            torch.cat([x[r] for x, r in zip(logits, real)]), torch.cat([b.labels[r] for b, r in zip(batches, real)])
+        )["auc"]
+
     regrouped: Dict[str, Any] = {}
+    trained_logits = None
     if serving is not None:
+        # What the serving tiers cost: the model as trained, before its rows are regrouped.
+        trained_logits = dev_logits(lambda b: model(b)[1][1])
         regrouped = regroup_for_serving(model, serving, data, progress=progress)
     arch = model.model.sparse_arch
     served = arch.embedding_bag_collection
@@ -904,8 +917,14 @@ def export_checkpoint(
         "fp32_bytes": sum(c.num_embeddings * c.embedding_dim * 4 for c in configs),
         "torchrec_int8_bytes": torchrec_int8_bytes((c.num_embeddings, c.embedding_dim) for c in configs),
         "max_abs_logit_diff_dev": diff,
+        "dev_auc": dev_auc(want),
         **regrouped,
     }
+    if trained_logits is not None:
+        # max_abs_logit_diff_dev checks the export against the model it serves (here the
+        # regrouped one, so it reads 0 however coarse the tiers): these say what the tiers cost.
+        record["dev_auc_trained"] = dev_auc(trained_logits)
+        record["max_abs_logit_diff_dev_to_trained"] = largest_difference(trained_logits, want)
     if base_checkpoint:
         shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
         record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())

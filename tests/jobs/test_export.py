@@ -200,6 +200,14 @@ def test_fp32_model_serves_in_tiers_ranked_by_its_training_split(fp32_run, tmp_p
     assert rec["serving_priorities"] == "training split occurrences" and rec["serving_tiers"] == ["int4", "int2"]
     assert rec["max_abs_logit_diff_dev"] == 0.0 and rec["inference_bytes"] <= 0.17 * rec["fp32_bytes"]
     assert rec["rows_int4"] and rec["rows_int2"] and not rec["rows_fp32"]
+    # That 0 checks the export against the regrouped model; what the tiers cost is measured
+    # against the model as trained, whose dev AUC is the training run's own.
+    trained = json.loads((fp32_run / "metrics.json").read_text())
+    assert rec["dev_auc_trained"] == pytest.approx(trained["dev_auc"], abs=1e-6)
+    assert rec["max_abs_logit_diff_dev_to_trained"] > 1e-3 and rec["dev_auc"] != rec["dev_auc_trained"]
+    from shark_torchrec.report import _served_auc_text
+
+    assert f"{rec['dev_auc_trained']:.4f}" in _served_auc_text(rec)
     serving = json.loads((exported / "serving.json").read_text())
     assert serving["max_abs_logit_diff_dev"] < 1e-5  # the scripted serving model
     bare = run_shark("export", str(ckpt), "--out", str(tmp_path / "bare"), check=False)
