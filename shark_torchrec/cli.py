@@ -23,10 +23,11 @@ INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (SIGINT), as
 
 
 def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[dict], int]:
-    """Parse flags, run `job` on --nproc ranks (or the torchrun world); a user error (bad
-    config, data, checkpoint, budget or id) on any rank is one line on stderr, and exit status
-    2; Ctrl-C is one line saying how to continue, and INTERRUPTED. Returns (metrics or None,
-    exit status)."""
+    """Parse flags, run `job` on --nproc ranks (or the torchrun world); a user error
+    (`_user_error`: a bad config, data, checkpoint, budget or id, or a file system error) on
+    any rank is one line on stderr, and exit status 2; Ctrl-C is one line saying how to
+    continue, and INTERRUPTED; any other exception is ours and propagates with its traceback.
+    Returns (metrics or None, exit status)."""
     from shark_torchrec.distributed.env import launch
 
     command = prog.split()[-1]
@@ -36,7 +37,8 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[
     cfg = parse_cli(argv, prog=prog, description=doc, base=base, command=command)
     with _noting_ctrl_c() as pressed:
         try:
-            return launch(job, cfg.run.nproc, cfg), 0
+            # Of several failed ranks, one with a user error is the cause: the others saw it leave.
+            return launch(job, cfg.run.nproc, cfg, prefer=(*_user_error_types(), ValueError)), 0
         except BaseException as e:
             failure = e
     if pressed or _interrupted(failure):
@@ -166,12 +168,25 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
     return out
 
 
-def _user_error(e: BaseException) -> bool:
-    """Errors that describe the user's input or files rather than a fault of ours."""
+def _user_error_types() -> Tuple[type, ...]:
+    """The exception types that describe the user's input rather than a fault of ours: a flag
+    or config value (ConfigError), data contents (DataError), a budget (BudgetError), an id in
+    the data (IdError), a checkpoint or run directory (CheckpointError), and the file system
+    (OSError: a missing file, a permission, a full disk). Not a plain ValueError: Python and
+    torch raise those for faults of ours too ("too many values to unpack")."""
+    from shark_torchrec.config import ConfigError
     from shark_torchrec.data.schema import DataError
     from shark_torchrec.jobs.checkpoint import CheckpointError
+    from shark_torchrec.modules.row_groups import IdError
+    from shark_torchrec.precision.priority import BudgetError
 
-    return isinstance(e, (ValueError, OSError, DataError, CheckpointError))
+    return (ConfigError, DataError, BudgetError, IdError, CheckpointError, OSError)
+
+
+def _user_error(e: BaseException) -> bool:
+    """Whether `e` describes the user's input or files (`_user_error_types`): one line, exit
+    status 2. Anything else is a fault of ours, whose traceback is what to report."""
+    return isinstance(e, _user_error_types())
 
 
 def _job_main(prog: str, job: Callable, argv: List[str], doc: str, keys: tuple) -> int:
@@ -343,8 +358,6 @@ def export_main(argv: List[str]) -> int:
         parser.error("--tiers and --memory-budget go together")
     from pathlib import Path
 
-    from shark_torchrec.data.schema import DataError
-    from shark_torchrec.jobs.checkpoint import CheckpointError
     from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
     from shark_torchrec.jobs.run_dir import file_in_the_way
     from shark_torchrec.jobs.trainer import quiet_libraries
@@ -378,7 +391,10 @@ def export_main(argv: List[str]) -> int:
         record = export_checkpoint(
             Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving, progress=not args.no_progress
         )
-    except (DataError, CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
+    except Exception as e:
+        # A model the export cannot serve (tables of several dims) is named as a user error too.
+        if not (_user_error(e) or isinstance(e, NotImplementedError)):
+            raise
         # Nothing of this export is in --out: its files go in only once all are written.
         print(f"shark export: error: {e}", file=sys.stderr)
         return 2

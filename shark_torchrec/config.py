@@ -93,6 +93,8 @@ class DataConfig:
             )
         if self.synthetic_noise_fields < 0:
             raise ConfigError("dataset.synthetic_noise_fields (--synthetic-noise-fields) must be >= 0")
+        if not math.isfinite(self.synthetic_scale):  # (a table of nan or inf rows)
+            raise ConfigError(f"dataset.synthetic_scale={self.synthetic_scale} (--synthetic-scale) must be finite")
         if self.min_count < 1:
             raise ConfigError(f"dataset.min_count={self.min_count} (--min-count) must be >= 1")
         if self.hash_size is not None:
@@ -711,7 +713,7 @@ def load_config(path: str | Path) -> JobConfig:
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     return config_from_dict(raw, where=str(path))
 
@@ -922,7 +924,7 @@ def parse_cli(
                 raise ConfigError(f"config file not found: {path}")
             try:
                 from_file = tomllib.loads(Path(path).read_text())
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid TOML: {e}") from e
             for group, values in from_file.items():
                 raw[group] = {**raw.get(group, {}), **values} if isinstance(values, dict) else values

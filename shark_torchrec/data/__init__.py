@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-from shark_torchrec.config import DataConfig
+from shark_torchrec.config import ConfigError, DataConfig
 from shark_torchrec.data.batch import Batch, make_batch
 from shark_torchrec.data.files import BadLineStats, CsvLayout, FileSplit, FoldSplit, HashEncoder, VocabEncoder
 from shark_torchrec.data.schema import DataError, Schema, kept_schema
@@ -135,10 +135,10 @@ class Dataset:
             Batches over this view's fields.
 
         Raises:
-            ValueError: `global_batch` is not divisible by `world`.
+            ConfigError: `global_batch` (a batch size flag) is not divisible by `world`.
         """
         if global_batch % world:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
+            raise ConfigError(f"global batch {global_batch} is not divisible by {world} ranks")
         source = self.splits[split]
         if self.encoder is None:
             arrays = source.local_batches(global_batch, rank, world, skip_batches)
@@ -208,6 +208,8 @@ def _criteo(cfg: DataConfig, root: Path) -> Dataset:
 
 
 def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    if seed < 0:  # numpy's seed sequences take none (its error would not name the flag)
+        raise ConfigError(f"train.seed={seed} (--seed): synthetic data needs a seed >= 0")
     gen = SyntheticGenerator(seed, cfg.synthetic_scale, cfg.synthetic_noise_fields)
     drop = set(_names(cfg.drop))
     known = {f.name for f in gen.fields} | set(DENSE_NAMES)
@@ -242,6 +244,7 @@ def open_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     Raises:
         DataError: an unknown source, a missing directory or split file, columns the files do
             not have, or an empty synthetic split.
+        ConfigError: synthetic data and a negative seed.
     """
     kind, _, arg = cfg.data.partition(":")
     if kind == "synthetic":

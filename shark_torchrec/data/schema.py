@@ -54,11 +54,14 @@ def kept_schema(schema: Schema, kept_fields: Sequence[str]) -> Schema:
         A new schema.
 
     Raises:
-        ValueError: a kept field the schema does not have.
+        ConfigError: a kept field (`--kept-fields`, or a pruned checkpoint's) the schema does
+            not have.
     """
     unknown = set(kept_fields) - set(schema.sparse_names)
     if unknown:
-        raise ValueError(
+        from shark_torchrec.config import ConfigError
+
+        raise ConfigError(
             f"unknown field(s) {', '.join(sorted(unknown))}; the model has {', '.join(schema.sparse_names)}"
         )
     idx = [i for i, f in enumerate(schema.sparse_names) if f in set(kept_fields)]

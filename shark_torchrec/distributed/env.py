@@ -120,8 +120,10 @@ def launch(
         What rank 0's `fn` returned.
 
     Raises:
-        The exception a rank raised, as it raised it (so the caller reports it as on one rank);
-        RuntimeError naming the rank and carrying its traceback when it cannot be sent back.
+        The exception a rank raised, as it raised it (so the caller reports it as on one rank),
+        the rank's own traceback added as a note (shown where it propagates: the traceback of
+        the raise here says nothing of where the rank failed); RuntimeError naming the rank and
+        carrying its traceback when it cannot be sent back.
     """
     if nproc == 1 or launched_by_torchrun():
         return fn(*args)
@@ -161,6 +163,7 @@ def launch(
             preferred = [f for f in failures if isinstance(f[1], prefer)] or failures
             rank, error, text = preferred[0]
             if error is not None:
+                error.add_note(f"raised on rank {rank}:\n{text.rstrip()}")
                 raise error from None
             raise RuntimeError(f"rank {rank} failed:\n{text}") from None
         finally:

@@ -34,6 +34,7 @@ from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptim
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from shark_torchrec.config import ConfigError
 from shark_torchrec.distributed.lazy_rows import LazyRows, RowSink, block_rows, row_blocks
 from shark_torchrec.modules.initial_rows import initial_rows
 from shark_torchrec.modules.mixed_precision import (
@@ -398,6 +399,12 @@ class _RowLoad:
                 g = self.groups[(id(store), i)]
                 if bool((g < 0).any()):
                     raise ValueError(f"checkpoint load: rows of table {t.name} got no row_group")
+                if not store.has_dropped and bool((g == DROPPED).any()):
+                    # A checkpoint of a run with the dropped tier, loaded under --tiers without it.
+                    raise ConfigError(
+                        f"checkpoint load: table {t.name} has dropped rows, and rows can be dropped only under a "
+                        f"policy whose tiers include 'dropped' (tiers {tuple(self.module.precision_policy.tiers)})"
+                    )
                 parts.append(g)
             if parts:
                 store.set_groups(torch.cat(parts))
@@ -545,7 +552,7 @@ class ShardedMixedPrecisionModule:
         if self.precision_policy.signal != "eq7" and sliced:
             # Each column slice sees only its columns' gradient: its copy of a row's score
             # would differ from the other slices', and the row's slices could part tiers.
-            raise ValueError(
+            raise ConfigError(  # a flag (--signal) beside the plan's types
                 f"precision policy: signal {self.precision_policy.signal!r} needs whole rows, but tables {sliced} "
                 "are sharded by columns: use signal 'eq7' or a plan without column-wise sharding"
             )

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from torchrec.models.dlrm import DLRM, InteractionArch, SparseArch
 from tqdm import tqdm
 
+from shark_torchrec.config import ConfigError
 from shark_torchrec.data import Dataset
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.importance.scores import (
@@ -86,9 +87,12 @@ class FieldImportance:
 
         Returns:
             Field names.
+
+        Raises:
+            ConfigError: an unknown order (`--order`, which a TOML file sets unchecked).
         """
         if order not in REMOVAL_ORDERS:
-            raise ValueError(f"unknown removal order {order!r} (one of {', '.join(REMOVAL_ORDERS)})")
+            raise ConfigError(f"unknown removal order {order!r} (one of {', '.join(REMOVAL_ORDERS)})")
         total = sum(field_bytes.values())
         rows = [
             r
@@ -354,11 +358,12 @@ def score_fields(
         The scores, with E[v] per field unless the method is `random`.
 
     Raises:
-        ValueError: an unknown method, or a split other than dev and train.
+        ConfigError: an unknown method, or a split other than dev and train (`--method`,
+            `--score-split`, which a TOML file sets unchecked).
     """
     method = canonical_method(method)
     if split not in SCORE_SPLITS:
-        raise ValueError(f"fields are scored on dev or train data, not {split!r} (test is for reporting)")
+        raise ConfigError(f"fields are scored on dev or train data, not {split!r} (test is for reporting)")
     env = env or DistEnv(0, 1, torch.device("cpu"), "none")
     view = FieldView(model, has_dense=dataset.schema.num_dense > 0)
     prunable = list(view.sparse_names)
@@ -468,7 +473,7 @@ def score_fields(
 
 
 def canonical_method(method: str) -> str:
-    """The method's own name (`taylor-abs` -> `taylor`); ValueError for an unknown one.
+    """The method's own name (`taylor-abs` -> `taylor`); ConfigError for an unknown one.
 
     Args:
         method: a name of METHODS or an alias of METHOD_ALIASES.
@@ -479,7 +484,7 @@ def canonical_method(method: str) -> str:
     name = METHOD_ALIASES.get(method, method)
     if name not in METHODS:
         known = ", ".join([*METHODS, *(f"{a} (= {m})" for a, m in METHOD_ALIASES.items())])
-        raise ValueError(f"unknown importance method {method!r} (one of {known})")
+        raise ConfigError(f"unknown importance method {method!r} (one of {known})")
     return name
 
 

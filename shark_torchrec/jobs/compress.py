@@ -99,9 +99,17 @@ def read_stages(out: Path) -> Dict[str, Any]:
 
     Returns:
         stage -> its record, empty when none has finished.
+
+    Raises:
+        CheckpointError: a stages.json that is not JSON (the run directory is not one to resume).
     """
     path = out / STAGES_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # json's JSONDecodeError, or UnicodeDecodeError
+        raise CheckpointError(f"{path} cannot be read as a compression run's record ({e})") from e
 
 
 def _record(out: Path, stages: Dict[str, Any], env: DistEnv) -> None:

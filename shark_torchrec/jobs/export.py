@@ -34,8 +34,8 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from shark_torchrec import kernels
-from shark_torchrec.config import DataConfig, JobConfig, config_from_dict
-from shark_torchrec.data.schema import Schema
+from shark_torchrec.config import ConfigError, DataConfig, JobConfig, config_from_dict
+from shark_torchrec.data.schema import DataError, Schema
 from shark_torchrec.jobs.checkpoint import CheckpointError, load_full_state, read_meta, resolve_checkpoint
 from shark_torchrec.jobs.run_dir import staged_files
 from shark_torchrec.kernels.ranked_map import build_ranked_layout, ranked_map_bytes, ranked_map_bytes_per_row
@@ -52,7 +52,7 @@ from shark_torchrec.modules.mixed_precision import (
 )
 from shark_torchrec.modules.model_budget import ModelBudget
 from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, PrecisionPolicy
-from shark_torchrec.modules.row_groups import CHUNK_ROWS
+from shark_torchrec.modules.row_groups import CHUNK_ROWS, IdError
 from shark_torchrec.precision.priority import (
     DROPPED,
     FP16,
@@ -166,15 +166,25 @@ class ServingTiers:
     rounding: str = "fitted"
 
     def __post_init__(self) -> None:
+        # Settings of `shark export` (--tiers, --memory-budget, --budget-scope, --rounding) and
+        # `shark compress --serve-tiers`: ConfigError and BudgetError, the user's to fix.
         if self.rounding not in SERVING_ROUNDING:
-            raise ValueError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
-        check_served_tiers(self.tiers)
+            raise ConfigError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
+        _check_served_tiers(self.tiers)
         budget = self.memory_budget
         if not 0 < budget <= 1:
             hint = f" (for {budget:g}% give {budget / 100:g})" if 1 < budget <= 100 else ""
-            raise ValueError(f"serving budget {budget:g}: a fraction of the fp32 tables' bytes, in (0, 1]{hint}")
+            raise BudgetError(f"serving budget {budget:g}: a fraction of the fp32 tables' bytes, in (0, 1]{hint}")
         if ONE_BIT in self.tiers and self.budget_scope != "model":
-            raise ValueError("serving tiers: int1 is planned over the whole model: --budget-scope model")
+            raise ConfigError("serving tiers: int1 is planned over the whole model: --budget-scope model")
+
+
+def _check_served_tiers(tiers: Tuple[str, ...], dim: Optional[int] = None) -> None:
+    """`check_served_tiers`, its refusal (of the --tiers given) a ConfigError with its message."""
+    try:
+        check_served_tiers(tiers, dim)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @torch.no_grad()
@@ -211,7 +221,7 @@ def regroup_for_serving(
 
     Raises:
         CheckpointError: the model has no trained priorities and no data is given to count them on.
-        ValueError / BudgetError: tiers or budget the policy refuses, named.
+        ConfigError / BudgetError: tiers or budget the policy refuses, named.
     """
     arch = model.model.sparse_arch
     trained = arch.embedding_bag_collection
@@ -233,7 +243,7 @@ def regroup_for_serving(
         # A tier the training store does not hold: the export plans the rows and builds the
         # served layout itself.
         configs = trained.embedding_bag_configs()
-        check_served_tiers(serving.tiers, configs[0].embedding_dim if configs else None)  # before the pass
+        _check_served_tiers(serving.tiers, configs[0].embedding_dim if configs else None)  # before the pass
         _check_one_bit_floor(serving, configs)  # before the pass too
         if priorities != "trained" and counts is None:
             counts = counted_priorities(model, data, progress)
@@ -274,6 +284,12 @@ def regroup_for_serving(
             t8=None,
             t16=None,
         )
+        new_policy.resolved([c.embedding_dim for c in configs])  # the tiers at these dims (int2: a multiple of 8)
+    except BudgetError as e:
+        raise refused(e) from e
+    except ValueError as e:  # the policy's rules refuse the tiers given (--tiers), named
+        raise ConfigError(str(e)) from e
+    try:
         ebc = MixedPrecisionEmbeddingBagCollection(
             tables=configs, precision_policy=new_policy, device=torch.device("cpu")
         )
@@ -621,8 +637,8 @@ def training_priorities(
         table name -> float64 [rows] sums.
 
     Raises:
-        ValueError: an id outside its table, naming the feature, the id and the table; a table
-            none of whose features the data has.
+        IdError: an id outside its table, naming the feature, the id and the table.
+        DataError: a table none of whose features the data has.
     """
     from tqdm import tqdm
 
@@ -635,7 +651,7 @@ def training_priorities(
         if not checked:  # a table none of whose features the data has would rank by row id alone
             missing = [f for f in table_of if f not in kjt.keys()]
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"counting serving priorities: the training split has no feature {', '.join(missing)} "
                     f"(tables {', '.join(sorted({table_of[f].name for f in missing}))}); it has {kjt.keys()}"
                 )
@@ -649,7 +665,7 @@ def training_priorities(
             ids = jt.values()
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= c.num_embeddings):
                 bad = int(ids[(ids < 0) | (ids >= c.num_embeddings)][0])
-                raise ValueError(
+                raise IdError(
                     f"counting serving priorities over the training split: feature {f}: id {bad} is outside "
                     f"table {c.name} ({c.num_embeddings} rows)"
                 )
@@ -996,7 +1012,7 @@ def write_serving_files(
     all_fields = list(data.full_schema.sparse_names)
     unknown = [f for f in fields if f not in all_fields]
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"export: model field(s) {', '.join(unknown)} are not fields of the data {data.full_schema.sparse_names}"
         )
     manifest: Dict[str, Any] = {

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from shark_torchrec.config import JobConfig, config_to_dict, save_config, with_absolute_paths
+from shark_torchrec.config import ConfigError, JobConfig, config_to_dict, save_config, with_absolute_paths
 from shark_torchrec.data import Dataset, open_dataset
 from shark_torchrec.distributed.env import DistEnv, init_distributed, shutdown_distributed
 from shark_torchrec.distributed.memory import embedding_memory
@@ -148,13 +148,13 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         The trained model, its optimizer, data, table configs, progress and training seconds.
 
     Raises:
-        ValueError: batch sizes not divisible by the number of ranks.
+        ConfigError: batch sizes not divisible by the number of ranks.
         CheckpointError: the checkpoint directory holds an earlier run's checkpoints (without
             `--resume`), a directory cannot be written, or a checkpoint does not fit the model.
     """
     t, run = cfg.train, cfg.run
     if t.batch_size % env.world_size or t.eval_batch_size % env.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"batch sizes ({t.batch_size}, {t.eval_batch_size}) must be divisible by the {env.world_size} ranks"
         )
     default_out_dir(run, TRAIN_OUT_DIR)

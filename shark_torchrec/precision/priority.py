@@ -185,7 +185,8 @@ class GroupCounts:
 
 
 class BudgetError(ValueError):
-    """A memory budget below what the tables can reach; the message names the budget and the floor."""
+    """A memory budget below what the tables can reach (the message names the budget and the
+    floor), or outside the range a budget takes."""
 
 
 def budget_counts(

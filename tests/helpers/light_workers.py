@@ -41,3 +41,13 @@ def write_after_the_write_check(folder: str) -> bool:
     written = (d / "metrics.json").exists()
     shutdown_distributed()
     return written
+
+
+def unpack_on_rank_1() -> int:
+    """Rank 1 fails with a fault of ours (Python's own ValueError); rank 0 returns 0."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        width, depth = [1, 2, 3]
+        return width * depth
+    return 0

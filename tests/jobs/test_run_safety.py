@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_shark
+from shark_torchrec.config import ConfigError
+from shark_torchrec.data.schema import DataError
 from shark_torchrec.jobs import checkpoint as ckpt_module
 from shark_torchrec.jobs.checkpoint import (
     CheckpointError,
@@ -26,6 +28,8 @@ from shark_torchrec.jobs.checkpoint import (
     save_checkpoint,
 )
 from shark_torchrec.jobs.run_dir import RUN_FILES, _take_away
+from shark_torchrec.modules.row_groups import IdError
+from shark_torchrec.precision.priority import BudgetError
 
 # 3000 train rows: 24 steps an epoch. Checkpoints every 5 steps; killed after step 16, the
 # run leaves step_10 and step_15 (two are kept) and its lock.
@@ -459,3 +463,74 @@ def test_ctrl_c_is_told_even_where_what_it_interrupted_hides_it(capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "shark train: interrupted: `shark train --resume --out runs/x` continues from its newest checkpoint"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# What the command reports as the user's error, and what as ours
+
+
+def test_a_fault_of_ours_is_a_traceback_not_the_users_error(tmp_path, capsys):
+    """A plain ValueError inside a job (here Python's own, from an unpacking of ours) is a
+    fault of ours, not the user's input: it propagates as it was raised, and the command ends
+    with its traceback and exit status 1, never the one `error:` line that blames the input."""
+    from shark_torchrec import cli
+
+    def job(cfg):
+        width, depth = [cfg.model.embedding_dim] * 3  # a fault of ours
+        return {"size": width * depth}
+
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        cli._run("shark train", job, ["--out", "runs/x"], "")
+    assert "error:" not in capsys.readouterr().err
+    script = (
+        "import sys\n"
+        "from shark_torchrec import cli\n"
+        "from shark_torchrec.jobs import trainer\n"
+        "def job(cfg):\n"
+        "    width, depth = [cfg.model.embedding_dim] * 3\n"
+        "    return {'size': width * depth}\n"
+        "trainer.train_job = job\n"
+        "sys.exit(cli.main(['train', '--out', 'run']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" in proc.stderr and "error:" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "ValueError: too many values to unpack (expected 2)"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConfigError("train.lr=0.0 (--lr) must be > 0"),
+        DataError("train.csv:3: expected 5 columns, got 4"),
+        BudgetError("memory budget 0.1 is below what tables of dim 16 can reach"),
+        IdError("feature 'c1': id 99 is outside table 't_c1' (rows 0..9)"),
+        CheckpointError("no checkpoint found at runs/nowhere"),
+        FileNotFoundError(2, "No such file or directory", "runs/missing.csv"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_error_in_the_users_input_is_one_line_and_exit_status_2(failure, capsys):
+    """What describes the user's flags, config, data, budget, ids, checkpoints or files: one
+    line naming it, exit status 2, no traceback."""
+    from shark_torchrec import cli
+
+    def job(cfg):
+        raise failure
+
+    assert cli._run("shark train", job, ["--out", "runs/x"], "") == (None, 2)
+    assert capsys.readouterr().err.strip().splitlines() == [f"shark train: error: {failure}"]
+
+
+def test_a_fault_of_ours_on_a_spawned_rank_shows_that_ranks_traceback():
+    """Re-raised in the launching process, an exception of a spawned rank carries the rank's
+    own traceback (the launcher's says nothing of where it failed), shown where it propagates;
+    its message, what a user error's one line shows, is unchanged."""
+    from helpers.light_workers import unpack_on_rank_1
+    from shark_torchrec.distributed.env import launch
+
+    with pytest.raises(ValueError) as raised:
+        launch(unpack_on_rank_1, 2)
+    assert str(raised.value) == "too many values to unpack (expected 2)"
+    (note,) = raised.value.__notes__
+    assert note.startswith("raised on rank 1:\nTraceback") and "in unpack_on_rank_1" in note
