@@ -59,7 +59,13 @@ struct IdRuns {
     U = c_.numel();
     start.resize(U + 1);
     const int64_t* cp = c_.data_ptr<int64_t>();
-    for (int64_t u = 0; u < U; ++u) start[u + 1] = start[u] + cp[u];
+    for (int64_t u = 0; u < U; ++u) {
+      // Each row's count against the ids left (a negative count could balance a larger one
+      // and read `order` out of range).
+      TORCH_CHECK(cp[u] >= 0 && cp[u] <= nnz - start[u], op, ": row ", u, " counts ", cp[u], " ids where ",
+                  nnz - start[u], " remain");
+      start[u + 1] = start[u] + cp[u];
+    }
     TORCH_CHECK(start[U] == nnz, op, ": counts add up to ", start[U], ", there are ", nnz, " ids");
     // bag / B by a multiply and a shift (Lemire, Kaser and Kurz, "Faster remainder by direct
     // computation", 2019: exact for 32-bit bags and B) instead of a 64-bit division an id,

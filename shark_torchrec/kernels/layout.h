@@ -122,6 +122,8 @@ struct GroupTables {
     shift_ = shift_t_.data_ptr<int32_t>();
     offs_ = offs_t_.data_ptr<int64_t>();
     used_groups_ = offs_t_.numel();
+    // A negative offset could put a row at byte -2 or -1, which read as "dropped" and "outside".
+    for (int64_t g = 0; g < used_groups_; ++g) TORCH_CHECK(offs_[g] >= 0, op, ": group_offsets must be >= 0");
     identity_ = map_t_.numel() == 0;
     map = identity_ ? nullptr : map_t_.data_ptr<int32_t>();
     map_rows = identity_ ? ends_[kGroups - 1] : map_t_.numel();

@@ -309,6 +309,10 @@ at::Tensor lookup_with(const char* op, const Locator& loc, const int64_t* rb, co
   const int64_t* lp = len.data_ptr<int64_t>();
   for (int64_t i = 0; i < F * B; ++i) {
     TORCH_CHECK(lp[i] >= 0, "lengths: a negative length at bag ", i);
+    // Against what is left, not by the total alone: lengths near 2^62 wrapped the running sum
+    // to nnz and passed (found under UBSan), then the bags read past `values`.
+    TORCH_CHECK(lp[i] <= nnz - starts[i], "lengths: bag ", i, " has ", lp[i], " ids where ", nnz - starts[i],
+                " of values' ", nnz, " remain");
     starts[i + 1] = starts[i] + lp[i];
   }
   TORCH_CHECK(starts[F * B] == nnz, "lengths add up to ", starts[F * B], ", values has ", nnz);
@@ -317,6 +321,8 @@ at::Tensor lookup_with(const char* op, const Locator& loc, const int64_t* rb, co
                                 : at::empty({B, F * D}, weights.options().dtype(at::kFloat));
   const int64_t* base = base_t.data_ptr<int64_t>();
   const int64_t* frows = rows_t.data_ptr<int64_t>();
+  // A negative base made some ids' keys negative, which read as ids to skip: zeros, no error.
+  for (int64_t f = 0; f < F; ++f) TORCH_CHECK(base[f] >= 0, op, ": feature_base must be >= 0");
   const int64_t map_rows = loc.rows();
   const int64_t* vp = v.data_ptr<int64_t>();
   const float* wp = weighted ? psw.data_ptr<float>() : nullptr;

@@ -39,7 +39,7 @@ void check_block(const at::Tensor& scores, int64_t first_row) {
   TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 1,
               "ranking keys: scores must be a 1-D float32 CPU tensor");
   TORCH_CHECK(scores.is_contiguous(), "ranking keys: scores must be contiguous");
-  TORCH_CHECK(first_row >= 0 && first_row + scores.numel() <= (int64_t(1) << 32),
+  TORCH_CHECK(first_row >= 0 && first_row <= (int64_t(1) << 32) - scores.numel(),  // no overflow of the sum
               "ranking keys: rows must lie in [0, 2^32), got ", first_row, " + ", scores.numel());
 }
 

@@ -69,6 +69,11 @@ inline c10::Half round_up_fp16(float x) {
 
 inline float clamp_fp16_range(float v) { return std::min(std::max(v, -kFp16Max), kFp16Max); }
 
+// A clamped code in [0, top] as its byte. A NaN (a row already NaN: its clamp keeps it) is code
+// 0, what the plain cast gave on x86 (the vector path's max with 0 gives 0 too), without the
+// cast's undefined behaviour (UBSan's float-cast-overflow).
+inline uint8_t code_byte(float code) { return code >= 0.0f ? static_cast<uint8_t>(code) : uint8_t{0}; }
+
 // `round_fp16_stochastic` of one value.
 inline c10::Half round_fp16_stochastic(float value, float noise) {
   const float v = clamp_fp16_range(value);
@@ -196,7 +201,7 @@ void step_int_row(uint8_t* row, int64_t D, const float* grad, float step_scale, 
   std::memcpy(row + 2, &q.bias, 2);
   for (int64_t k = 0; k < D / kPerByte; ++k) {
     uint8_t byte = 0;
-    for (int p = 0; p < kPerByte; ++p) byte |= static_cast<uint8_t>(buf[k * kPerByte + p]) << (p * kBits);
+    for (int p = 0; p < kPerByte; ++p) byte |= code_byte(buf[k * kPerByte + p]) << (p * kBits);
     packed[k] = byte;
   }
 }
@@ -419,7 +424,7 @@ void encode_row_nearest(uint8_t* row, int64_t D, float* v) {
     uint8_t* packed = row + 4;
     for (int64_t k = 0; k < D / kPerByte; ++k) {
       uint8_t byte = 0;
-      for (int p = 0; p < kPerByte; ++p) byte |= static_cast<uint8_t>(v[k * kPerByte + p]) << (p * kBits);
+      for (int p = 0; p < kPerByte; ++p) byte |= code_byte(v[k * kPerByte + p]) << (p * kBits);
       packed[k] = byte;
     }
   }

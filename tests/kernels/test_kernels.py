@@ -913,3 +913,41 @@ def test_the_fused_mean_squares_are_torchs_and_a_torch_that_adds_otherwise_is_ca
         assert not kernels.fused_backward_agrees(16)
     store = _store(16, "sum", False, "rowwise_adagrad", ("fp32", "int8"))
     assert not store.can_fuse_backward()
+
+
+def test_arguments_that_defeat_a_total_are_refused_not_read_out_of_range():
+    """Found under ASan and UBSan with hand-made arguments (none of the other tests reach
+    them): lengths near 2^62 that wrapped the bags' running sum to the number of ids, a
+    negative count balanced by a larger one, a block start whose sum with its length
+    overflowed, a negative feature base or group offset. Each read memory out of range, made
+    garbage or read as a marker; each is now a clear error."""
+    from shark_torchrec.kernels import POOLING_CODES, split_ranking_keys
+
+    gen = torch.Generator().manual_seed(5)
+    w, offsets, row_map, ends, shift = random_layout(gen, [50], 8)
+    base, rows = torch.tensor([0]), torch.tensor([50])
+    values = torch.tensor([3])
+
+    def lookup(lengths, base=base, offsets=offsets):
+        B = len(lengths)
+        return mixed_lookup(w, offsets, row_map, ends, shift, base, rows, values, lengths, None, 8, B, "sum", 1, ["x"])
+
+    huge = 1 << 62
+    with pytest.raises(RuntimeError, match="bag 0 has 4611686018427387904 ids where 1"):
+        lookup(torch.tensor([huge, huge, huge, huge + 1]))  # adds up to 1 in int64
+    with pytest.raises(RuntimeError, match="feature_base must be >= 0"):
+        lookup(torch.tensor([1]), base=torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="group_offsets must be >= 0"):
+        lookup(torch.tensor([1]), offsets=offsets - offsets.max() - 1)
+    assert lookup(torch.tensor([1])).shape == (1, 8)
+
+    grad, order, seg = torch.randn(1, 8), torch.tensor([0, 1]), torch.tensor([0, 0])
+    lengths = torch.tensor([2])
+    for counts, says in (([3, -1], "row 0 counts 3 ids where 2 remain"), ([-1, 3], "row 0 counts -1 ids")):
+        with pytest.raises(RuntimeError, match=says):
+            torch.ops.shark.row_grads(
+                grad, order, torch.tensor(counts), seg, lengths, None, None, 1, POOLING_CODES["sum"], 8
+            )
+
+    with pytest.raises(RuntimeError, match="rows must lie in"):
+        split_ranking_keys(torch.rand(4), (1 << 63) - 2, torch.empty(4, dtype=torch.int64))
