@@ -234,9 +234,13 @@ def mixed_lookup(
         raise ValueError(f"per_sample_weights: one per id ({nnz}) expected, got {per_sample_weights.numel()}")
     starts = torch.zeros(F * B + 1, dtype=torch.int64, device=dev)
     torch.cumsum(lengths, 0, out=starts[1:])
-    total, negative = torch.stack([starts[-1], (lengths < 0).sum()]).tolist()  # one sync for both
+    # One sync for the three. Lengths none of them negative whose running sum turns negative
+    # overflowed int64 (near 2^62 each, they could wrap to the number of ids and pass the total).
+    total, negative, wrapped = torch.stack([starts[-1], (lengths < 0).sum(), (starts < 0).sum()]).tolist()
     if negative:
         raise ValueError(f"lengths: {negative} negative")
+    if wrapped:
+        raise ValueError("lengths: their running sum overflows int64")
     if total != nnz:
         raise ValueError(f"lengths add up to {total}, values has {nnz}")
     out = torch.empty((nnz, D) if pooling == "none" else (B, F * D), dtype=torch.float32, device=dev)

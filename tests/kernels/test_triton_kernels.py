@@ -286,6 +286,11 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
     negative[0], negative[2] = -1, negative[2] + lengths[0] + 1
     with pytest.raises(ValueError, match="lengths: 1 negative"):
         call(lengths=negative)
+    wrapping = torch.zeros(lengths.shape, dtype=torch.int64)  # adds up to the ids' count in int64
+    wrapping[:4] = torch.tensor([1 << 62] * 4)
+    wrapping[4] = len(values)
+    with pytest.raises(ValueError, match="running sum overflows"):
+        call(lengths=wrapping)
     with pytest.raises(ValueError, match="per_sample_weights: one per id"):
         call(per_sample_weights=psw[:-1])
     with pytest.raises(ValueError, match="feature_rows: one per feature"):
