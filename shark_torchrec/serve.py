@@ -299,7 +299,16 @@ class ServedModel:
             return self.module(dense, values, lengths)
 
     def score_lines(self, lines: Sequence[str], first_line: int = 1, source: Optional[str] = None) -> torch.Tensor:
-        """Logits [len(lines)] of raw data lines (label column optional)."""
+        """Logits [len(lines)] of raw data lines (label column optional).
+
+        Args:
+            lines: data lines (no header).
+            first_line: the number of the first line, for error messages.
+            source: the lines' file, for error messages (`FILE:LINE`; else `line N`).
+
+        Returns:
+            [len(lines)] float32 logits, in line order.
+        """
         return self(*self.encode_lines(lines, first_line, source))
 
     def score_file(self, path: str | Path, batch_size: int = 4096) -> torch.Tensor:

@@ -3,11 +3,13 @@ with `ast` (nothing of the package is imported).
 
 - Each public module-level function and class, and each public method (properties included) of a
   public class, has a docstring, but for the exemptions below.
-- Each public module-level function that takes arguments has an `Args:` section (Google /
-  TorchRec style), but for the exemptions below.
-- Each public module-level function that returns a value (a return annotation other than
-  None, or a `return` of a value in its own body) has a `Returns:` (or, for a generator,
-  `Yields:`) section, but for context managers and the exemptions below.
+- Each public module-level function, and each public method of a public class, that takes
+  arguments has an `Args:` section (Google / TorchRec style), but for the exemptions below. A
+  method's `self` / `cls` is not an argument; static and class methods are checked as the rest.
+- Each such function or method that returns a value (a return annotation other than None, or a
+  `return` of a value in its own body) has a `Returns:` (or, for a generator, `Yields:`)
+  section, but for context managers and the exemptions below.
+- Properties (`@property`, `@x.setter`) need only their docstring: they read as attributes.
 """
 
 import ast
@@ -52,6 +54,11 @@ EXEMPT_METHODS = frozenset(
     }
 )
 
+# TEMPORARY: files being edited elsewhere, whose methods' `Args:` / `Returns:` sections are being
+# written there; the method checks skip them until then (their functions are still checked, and
+# every method still needs its docstring). Remove this when they are documented.
+PENDING_METHOD_SECTIONS = frozenset({"shark_torchrec/data/files.py"})
+
 # Triton kernels' helpers (`@triton.jit`, compiled from their source) are documented where it
 # helps, not required to be.
 TRITON_DIR = "triton_kernels"
@@ -87,9 +94,30 @@ def _help_text_functions(tree: ast.Module) -> Set[str]:
     }
 
 
-def _has_parameters(fn: ast.AST) -> bool:
+def _decorator_names(fn: ast.AST) -> Set[str]:
+    """The last name of each decorator: `property`, `setter`, `staticmethod`, ..."""
+    names = set()
+    for dec in fn.decorator_list:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        if isinstance(target, ast.Attribute):
+            names.add(target.attr)
+        elif isinstance(target, ast.Name):
+            names.add(target.id)
+    return names
+
+
+def _is_property(fn: ast.AST) -> bool:
+    return bool(_decorator_names(fn) & {"property", "cached_property", "setter", "getter", "deleter"})
+
+
+def _has_parameters(fn: ast.AST, method: bool = False) -> bool:
+    """Takes arguments; a method's first one (`self` / `cls`) does not count, but for a static
+    method's."""
     a = fn.args
-    return bool(a.posonlyargs or a.args or a.kwonlyargs or a.vararg or a.kwarg)
+    positional = a.posonlyargs + a.args
+    if method and "staticmethod" not in _decorator_names(fn) and positional:
+        positional = positional[1:]
+    return bool(positional or a.kwonlyargs or a.vararg or a.kwarg)
 
 
 def sources() -> Iterator[Tuple[Path, ast.Module]]:
@@ -99,6 +127,32 @@ def sources() -> Iterator[Tuple[Path, ast.Module]]:
 
 def _where(path: Path, node: ast.AST, name: str) -> str:
     return f"{path.relative_to(ROOT)}:{node.lineno} {name}"
+
+
+def sectioned(path: Path, tree: ast.Module) -> Iterator[Tuple[ast.AST, str, bool]]:
+    """(node, name, is_method) of each function or method of a file the `Args:` / `Returns:`
+    checks hold: the public module-level functions and the public methods of public classes, less
+    the exemptions, triton kernels, help texts and properties."""
+    triton = TRITON_DIR in path.relative_to(PACKAGE).parts
+    pending = path.relative_to(ROOT).as_posix() in PENDING_METHOD_SECTIONS
+    help_text = _help_text_functions(tree)
+    for node in tree.body:
+        if not isinstance(node, (*Function, ast.ClassDef)) or not _is_public(node.name):
+            continue
+        if triton and _is_triton_jit(node):
+            continue
+        if isinstance(node, Function):
+            if node.name not in help_text:
+                yield node, node.name, False
+            continue
+        if pending:
+            continue
+        for member in node.body:
+            if not isinstance(member, Function) or not _is_public(member.name):
+                continue
+            if member.name in EXEMPT_METHODS or _is_property(member):
+                continue
+            yield member, f"{node.name}.{member.name}", True
 
 
 def undocumented() -> List[str]:
@@ -126,20 +180,16 @@ def undocumented() -> List[str]:
 
 
 def missing_args_sections() -> List[str]:
-    """file:line name of every public module-level function with parameters whose docstring
-    has no `Args:` section."""
+    """file:line name of every public module-level function or public method with parameters
+    whose docstring has no `Args:` section."""
     out = []
     for path, tree in sources():
-        triton = TRITON_DIR in path.relative_to(PACKAGE).parts
-        help_text = _help_text_functions(tree)
-        for node in tree.body:
-            if not isinstance(node, Function) or not _is_public(node.name) or not _has_parameters(node):
-                continue
-            if (triton and _is_triton_jit(node)) or node.name in help_text:
+        for node, name, method in sectioned(path, tree):
+            if not _has_parameters(node, method):
                 continue
             doc = ast.get_docstring(node)
             if doc is not None and not ARGS_SECTION.search(doc):
-                out.append(_where(path, node, node.name))
+                out.append(_where(path, node, name))
     return out
 
 
@@ -172,20 +222,16 @@ def _is_context_manager(fn: ast.AST) -> bool:
 
 
 def missing_returns_sections() -> List[str]:
-    """file:line name of every public module-level function that returns a value and whose
-    docstring has no `Returns:` / `Yields:` section."""
+    """file:line name of every public module-level function or public method that returns a
+    value and whose docstring has no `Returns:` / `Yields:` section."""
     out = []
     for path, tree in sources():
-        triton = TRITON_DIR in path.relative_to(PACKAGE).parts
-        help_text = _help_text_functions(tree)
-        for node in tree.body:
-            if not isinstance(node, Function) or not _is_public(node.name) or _is_context_manager(node):
-                continue
-            if (triton and _is_triton_jit(node)) or node.name in help_text or not _returns_a_value(node):
+        for node, name, _ in sectioned(path, tree):
+            if _is_context_manager(node) or not _returns_a_value(node):
                 continue
             doc = ast.get_docstring(node)
             if doc is not None and not RETURNS_SECTION.search(doc):
-                out.append(_where(path, node, node.name))
+                out.append(_where(path, node, name))
     return out
 
 
@@ -196,12 +242,14 @@ def test_public_names_have_docstrings():
 
 def test_public_functions_document_their_arguments():
     missing = missing_args_sections()
-    assert not missing, "public functions with arguments but no `Args:` section:\n" + "\n".join(missing)
+    assert not missing, "public functions and methods with arguments but no `Args:` section:\n" + "\n".join(missing)
 
 
 def test_public_functions_document_what_they_return():
     missing = missing_returns_sections()
-    assert not missing, "public functions that return a value but have no `Returns:` section:\n" + "\n".join(missing)
+    assert not missing, (
+        "public functions and methods that return a value but have no `Returns:` section:\n" + "\n".join(missing)
+    )
 
 
 def test_the_return_check_tells_values_from_none():
@@ -213,6 +261,21 @@ def test_the_return_check_tells_values_from_none():
     assert _returns_a_value(first("def f():\n    yield 1"))
     assert not _returns_a_value(first("def f() -> None:\n    return"))
     assert not _returns_a_value(first("def f():\n    def g():\n        return 1\n    g()"))
+
+
+def test_the_method_checks_leave_out_self_and_properties():
+    def first(src: str) -> ast.AST:
+        return ast.parse(src).body[0]
+
+    assert not _has_parameters(first("def m(self):\n    pass"), method=True)
+    assert not _has_parameters(first("@classmethod\ndef m(cls):\n    pass"), method=True)
+    assert _has_parameters(first("def m(self, x):\n    pass"), method=True)
+    assert _has_parameters(first("def m(self, *, x):\n    pass"), method=True)
+    assert _has_parameters(first("@staticmethod\ndef m(x):\n    pass"), method=True)
+    assert _has_parameters(first("def f(x):\n    pass"))
+    assert _is_property(first("@property\ndef p(self):\n    return 1"))
+    assert _is_property(first("@p.setter\ndef p(self, v):\n    pass"))
+    assert not _is_property(first("@torch.no_grad()\ndef m(self, x):\n    return x"))
 
 
 def test_the_checks_see_what_they_look_for():
@@ -230,3 +293,5 @@ def test_the_checks_see_what_they_look_for():
     }
     stale = sorted(EXEMPT_METHODS - methods)
     assert not stale, f"exempted methods that no class of the package defines: {stale}"
+    gone = sorted(f for f in PENDING_METHOD_SECTIONS if not (ROOT / f).is_file())
+    assert not gone, f"pending files that do not exist: {gone}"

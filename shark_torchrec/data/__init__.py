@@ -62,7 +62,14 @@ class Dataset:
 
     def with_fields(self, kept: List[str]) -> "Dataset":
         """The same data with only the `kept` categorical fields (a pruned model's input):
-        the other columns are still read and checked, then dropped from every batch."""
+        the other columns are still read and checked, then dropped from every batch.
+
+        Args:
+            kept: the categorical fields to keep (names of the full schema's fields).
+
+        Returns:
+            A new Dataset over the same splits, with the kept fields' schema and their columns.
+        """
         full = self.full_schema
         view = Dataset(kept_schema(full, kept), self.splits, self.encoder, self.truth, self.layout)
         view.full_schema = full
@@ -78,7 +85,15 @@ class Dataset:
         logged). With `--selection-fraction F` the selection split is the carved part of train,
         dev's even lines choose and its odd lines confirm; without, dev's even lines select, and
         of its odd lines those with i % 4 == 1 choose and i % 4 == 3 confirm. Disjoint by
-        construction: carved by line position, residues that do not overlap."""
+        construction: carved by line position, residues that do not overlap.
+
+        Returns:
+            A new Dataset with those splits (`train` and `test` as before); this one when it
+            already has them.
+
+        Raises:
+            DataError: the selection, choice or confirmation split is empty.
+        """
         if CONFIRM in self.splits:
             return self  # already the decision view (a second carving would cut dev again)
         splits = dict(self.splits)

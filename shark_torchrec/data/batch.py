@@ -26,7 +26,15 @@ class Batch(Pipelineable):
     sample_weights: torch.Tensor  # [B] float32, 1 for a real sample, 0 for padding
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        """The batch with every tensor moved to `device` (TorchRec's `Pipelineable`)."""
+        """The batch with every tensor moved to `device` (TorchRec's `Pipelineable`).
+
+        Args:
+            device: where the tensors go.
+            non_blocking: copy asynchronously where the source allows (pinned memory).
+
+        Returns:
+            A new Batch.
+        """
         return Batch(
             self.dense_features.to(device=device, non_blocking=non_blocking),
             self.sparse_features.to(device=device, non_blocking=non_blocking),
@@ -35,14 +43,22 @@ class Batch(Pipelineable):
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
-        """Mark every tensor as used on `stream` (TorchRec's `Pipelineable`)."""
+        """Mark every tensor as used on `stream` (TorchRec's `Pipelineable`).
+
+        Args:
+            stream: the stream that uses the batch.
+        """
         self.dense_features.record_stream(stream)
         self.sparse_features.record_stream(stream)
         self.labels.record_stream(stream)
         self.sample_weights.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
-        """The batch with every tensor in pinned memory (TorchRec's `Pipelineable`)."""
+        """The batch with every tensor in pinned memory (TorchRec's `Pipelineable`).
+
+        Returns:
+            A new Batch.
+        """
         return Batch(
             self.dense_features.pin_memory(),
             self.sparse_features.pin_memory(),
@@ -60,6 +76,9 @@ class Batch(Pipelineable):
 
         This is how a per-id label reaches the rank that owns the id's row: the weights
         travel with the ids through TorchRec's input all-to-all.
+
+        Returns:
+            A weighted KJT: the same keys, values and lengths, and float32 weights, one per id.
         """
         kjt = self.sparse_features
         per_sample = self.labels.repeat(len(kjt.keys()))

@@ -105,11 +105,23 @@ class SyntheticGenerator:
         self._pair = root.standard_normal((a, b)).astype(np.float32)
 
     def card(self, name: str) -> int:
-        """The cardinality of the field called `name` (StopIteration when there is none)."""
+        """The cardinality of the field called `name` (StopIteration when there is none).
+
+        Args:
+            name: the field's name (`c1`, `c2`, ...).
+
+        Returns:
+            Its cardinality (ids 0 .. cardinality - 1).
+        """
         return next(f.cardinality for f in self.fields if f.name == name)
 
     def truth(self) -> Dict[str, object]:
-        """Which fields are which: written beside a run so importance can be checked."""
+        """Which fields are which: written beside a run so importance can be checked.
+
+        Returns:
+            A JSON-able dict: each field (name, cardinality, role, strength), the pair and its
+            strength, the dense fields, the bias, the label noise, the Zipf exponent and the seed.
+        """
         return {
             "fields": [asdict(f) for f in self.fields],
             "pair": {"fields": list(PAIR), "strength": PAIR_STRENGTH},
@@ -121,7 +133,15 @@ class SyntheticGenerator:
         }
 
     def block(self, split: str, index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows [index*BLOCK, (index+1)*BLOCK) of a split: labels, dense, ids."""
+        """Rows [index*BLOCK, (index+1)*BLOCK) of a split: labels, dense, ids.
+
+        Args:
+            split: `train`, `dev` or `test`.
+            index: the block's index.
+
+        Returns:
+            (labels float32 [BLOCK], dense float32 [BLOCK, 4], ids int64 [BLOCK, fields]).
+        """
         rng = np.random.default_rng([self.seed, SPLITS[split], index])
         n = BLOCK
         ids = np.empty((n, len(self.fields)), np.int64)
@@ -181,11 +201,26 @@ class SyntheticSplit:
         self.n = sum(len(range(r, num_rows, modulus)) for r in self.residues)
 
     def num_lines(self) -> int:
-        """Rows of this split (after carving)."""
+        """Rows of this split (after carving).
+
+        Returns:
+            The row count.
+        """
         return self.n
 
     def subset(self, modulus: int, residues: Sequence[int]) -> "SyntheticSplit":
-        """The rows j of this split (in its order) with j % modulus in `residues`."""
+        """The rows j of this split (in its order) with j % modulus in `residues`.
+
+        Args:
+            modulus: the period of the carving.
+            residues: the residues kept.
+
+        Returns:
+            A new SyntheticSplit over the same source rows.
+
+        Raises:
+            ValueError: this split is already carved.
+        """
         if self.modulus != 1:
             raise ValueError("a carved synthetic split is not carved again")
         return SyntheticSplit(self.gen, self.split, self.source_rows, self.keep, self.dense_keep, modulus, residues)

@@ -641,7 +641,11 @@ class ShardedMixedPrecisionModule:
         return tuple(by_col[c] for c in sorted(by_col))
 
     def stores(self) -> List[Tuple[RowGroupStore, str]]:
-        """Every store this rank holds (one per group of local shards), with its sharding type."""
+        """Every store this rank holds (one per group of local shards), with its sharding type.
+
+        Returns:
+            [(store, sharding type's value)], in the order of the lookups.
+        """
         out = []
         for lookup, (_, st) in zip(self._lookups, self._mp_shardings()):
             for kernel in lookup._emb_modules:
@@ -662,33 +666,62 @@ class ShardedMixedPrecisionModule:
 
     # ------------------------------------------------------------------ one model budget (BudgetMember)
     def budget_policy(self) -> PrecisionPolicy:
-        """The resolved policy the rows train under (`BudgetMember`)."""
+        """The resolved policy the rows train under (`BudgetMember`).
+
+        Returns:
+            The module's precision policy.
+        """
         return self.precision_policy
 
     def budget_stores(self) -> List[RowGroupStore]:
-        """This rank's stores (`BudgetMember`)."""
+        """This rank's stores (`BudgetMember`).
+
+        Returns:
+            The stores of `stores()`, without their sharding types.
+        """
         return [s for s, _ in self.stores()]
 
     def budget_tables(self) -> Dict[str, Tuple[int, int]]:
-        """table -> (global rows, its narrowest column slice's width) (`BudgetMember`)."""
+        """table -> (global rows, its narrowest column slice's width) (`BudgetMember`).
+
+        Returns:
+            The dict, one entry per table of the module.
+        """
         return self._tables_for_budget()
 
     def budget_widths(self) -> Dict[str, Tuple[int, ...]]:
-        """table -> the widths of its column slices (`BudgetMember`)."""
+        """table -> the widths of its column slices (`BudgetMember`).
+
+        Returns:
+            A copy of the dict, one entry per table of the module.
+        """
         return dict(self._slice_widths)
 
     def budget_group(self) -> Optional[dist.ProcessGroup]:
-        """The process group the module is sharded over (`BudgetMember`)."""
+        """The process group the module is sharded over (`BudgetMember`).
+
+        Returns:
+            The sharding's process group.
+        """
         return self._pg
 
     def restart_groups(self, shares: Dict[str, float]) -> None:
-        """Start the rows again at these per-table shares of a model-wide budget."""
+        """Start the rows again at these per-table shares of a model-wide budget.
+
+        Args:
+            shares: table -> its budget (fraction of its own fp32 bytes).
+        """
         self._assign_initial_groups(shares)
 
     @torch.no_grad()
     def fill_rows(self, init) -> None:
         """Write initial values: `init(table, row0, row1)` returns fp32 [row1 - row0, dim] of
-        the logical table; each shard takes its block (rounded to nearest in its group)."""
+        the logical table; each shard takes its block (rounded to nearest in its group).
+
+        Args:
+            init: (table name, first row, end row) -> fp32 [rows, dim], the rows of the whole
+                table (all its columns); called for at most 65,536 rows at a time.
+        """
         for store, _ in self.stores():
             for i, t in enumerate(store.tables):
                 lo = int(store.table_base[i])
@@ -719,7 +752,11 @@ class ShardedMixedPrecisionModule:
                 store.apply_fallback_update()
 
     def use_step_counter(self, counter: StepCounter) -> None:
-        """Count steps with `counter` (a shared model budget's), in the stores too."""
+        """Count steps with `counter` (a shared model budget's), in the stores too.
+
+        Args:
+            counter: the step counter.
+        """
         object.__setattr__(self, "step_counter", counter)
         for store, _ in self.stores():
             store.step = counter
@@ -778,12 +815,21 @@ class ShardedMixedPrecisionModule:
 
     def reassign(self) -> Dict[str, int]:
         """Regroup all rows by score now (collective: every rank calls it); with a shared
-        model budget, the rows of every collection under it."""
+        model budget, the rows of every collection under it.
+
+        Returns:
+            Rows moved into each group.
+        """
         return reassign_collection(self)
 
     def note_reassigned(self, moved: Dict[str, int], seconds: float) -> None:
         """This collection's rows were regrouped (by itself, or by a shared model budget, which
-        splits its time between its collections)."""
+        splits its time between its collections).
+
+        Args:
+            moved: rows moved into each group (over every collection of the budget).
+            seconds: this collection's share of the time the regrouping took.
+        """
         self.groups_fresh = False
         self.reassign_seconds += seconds
         self.last_moved = moved
@@ -825,7 +871,12 @@ class ShardedMixedPrecisionModule:
 
     # ------------------------------------------------------------------ memory
     def overhead_seconds(self) -> Dict[str, float]:
-        """Time this rank spent on priority updates and on reassignments."""
+        """Time this rank spent on priority updates and on reassignments.
+
+        Returns:
+            {"priority_seconds": summed over this rank's stores, "reassign_seconds": this
+            collection's share of the regroupings so far}.
+        """
         return {
             "priority_seconds": sum(s.priority_seconds for s, _ in self.stores()),
             "reassign_seconds": self.reassign_seconds,
@@ -833,7 +884,12 @@ class ShardedMixedPrecisionModule:
 
     def precision_memory(self) -> Dict[str, Dict[str, int]]:
         """Per table, summed over ranks (collective): embedding/optimizer/priority bytes and
-        rows per group (rows of column-wise slices and replicas counted once)."""
+        rows per group (rows of column-wise slices and replicas counted once).
+
+        Returns:
+            table -> {"embedding_bytes", "optimizer_bytes", "priority_bytes", "rows_<group>"}, the
+            same on every rank.
+        """
         names = sorted(self._table_rows)
         fields = ("embedding_bytes", "optimizer_bytes", "priority_bytes", *(f"rows_{g}" for g in GROUP_NAMES))
         vec = torch.zeros(len(names), len(fields), dtype=torch.float64)

@@ -71,7 +71,11 @@ class FieldImportance:
     """Fields that may be removed (the categorical ones)."""
 
     def ranking(self) -> List[dict]:
-        """Fields from least to most important."""
+        """Fields from least to most important.
+
+        Returns:
+            [{"field", "score"}], lowest score first (ties by name).
+        """
         return rank_fields(self.fields, self.scores)
 
     def removal_order(self, field_bytes: Dict[str, int], order: str = "per-byte", min_saving: float = 0.0) -> List[str]:
@@ -129,7 +133,11 @@ class FieldImportance:
         return self.means[self.fields.index(name)]
 
     def to_json(self) -> Dict:
-        """The method, samples, seconds and ranking, as JSON-able data (importance.json)."""
+        """The method, samples, seconds and ranking, as JSON-able data (importance.json).
+
+        Returns:
+            {"method", "samples", "scoring_seconds", "ranking"}, the ranking as `ranking()` gives it.
+        """
         return {
             "method": self.method,
             "samples": self.samples,
@@ -221,7 +229,15 @@ class FieldView:
         return self.dlrm.over_arch(inter).squeeze(-1)
 
     def reported(self, per_field: torch.Tensor) -> torch.Tensor:
-        """Drop the dense slot when the data has no dense features (its vector is constant)."""
+        """Drop the dense slot when the data has no dense features (its vector is constant).
+
+        Args:
+            per_field: [1 + F, ...] one entry per field of `lookup`'s vectors, the dense slot first.
+
+        Returns:
+            `per_field` itself when the data has dense features, else without its first entry:
+            one entry per name of `names` either way.
+        """
         return per_field if self.has_dense else per_field[1:]
 
 

@@ -54,7 +54,11 @@ class TaylorSums:
         self.sum_v, self.sum_g, self.sum_gv, self.sum_abs = z(F, D), z(F, D), z(F), z(F)
 
     def flat(self) -> torch.Tensor:
-        """Every sum in one vector (for a single all-reduce)."""
+        """Every sum in one vector (for a single all-reduce).
+
+        Returns:
+            float64 [1 + 3F + 2 F D]: samples, positions, sum_v, sum_g, sum_gv, sum_abs.
+        """
         return torch.cat([t.reshape(-1) for t in self._parts()])
 
     def load_flat(self, flat: torch.Tensor) -> None:
@@ -73,7 +77,11 @@ class TaylorSums:
         return [self.samples.view(1), self.positions, self.sum_v, self.sum_g, self.sum_gv, self.sum_abs]
 
     def means(self) -> torch.Tensor:
-        """E[v_i], [F, D]."""
+        """E[v_i], [F, D].
+
+        Returns:
+            float64 [F, D]: sum_v over the positions seen (a field with none: zeros).
+        """
         return self.sum_v / self.positions.clamp_min(1)[:, None]
 
 

@@ -74,7 +74,14 @@ class PairedAUC:
 
     def upper_bound(self, z: float) -> float:
         """The one-sided upper confidence bound of `b - a` (how much worse `a` may be) at
-        normal quantile `z` (1.645 for 95%)."""
+        normal quantile `z` (1.645 for 95%).
+
+        Args:
+            z: the standard normal quantile of the confidence.
+
+        Returns:
+            (AUC b - AUC a) + z x standard error.
+        """
         return -self.difference + z * self.standard_error
 
 

@@ -115,7 +115,11 @@ class RankedLayout:
     table_fallback: torch.Tensor
 
     def map_bytes(self) -> int:
-        """Bytes of the map: block records, table bases and fallback slots."""
+        """Bytes of the map: block records, table bases and fallback slots.
+
+        Returns:
+            4 x block record entries + 8 x (table bases + fallback slots); the weights not counted.
+        """
         return int(self.blocks.numel() * 4 + self.table_base.numel() * 8 + self.table_fallback.numel() * 8)
 
 

@@ -82,7 +82,14 @@ class DLRMWithConstantFields(DLRM):
         self.register_buffer("field_constants", torch.zeros(len(self.removed_fields), dim))
 
     def fill_removed(self, sparse: torch.Tensor) -> torch.Tensor:
-        """[B, kept, D] -> [B, all fields, D] with the constants in the removed slots."""
+        """[B, kept, D] -> [B, all fields, D] with the constants in the removed slots.
+
+        Args:
+            sparse: [B, kept, D] pooled embeddings of the kept fields, in the kept model's order.
+
+        Returns:
+            [B, all fields, D] in the original field order.
+        """
         return fill_constant_fields(sparse, self.field_constants, self._order)
 
     def forward(self, dense_features: torch.Tensor, sparse_features) -> torch.Tensor:

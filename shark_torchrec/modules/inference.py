@@ -124,7 +124,11 @@ class MixedPrecisionPooledLookup(nn.Module):
 
     def plain_lookup(self) -> "MixedPrecisionPooledLookup":
         """A `MixedPrecisionPooledLookup` over the same tensors (shared, not copied): this
-        module without whatever a subclass adds (the collection's KJT interface)."""
+        module without whatever a subclass adds (the collection's KJT interface).
+
+        Returns:
+            The plain lookup.
+        """
         return MixedPrecisionPooledLookup(
             self.feature_names,
             self.feature_base.tolist(),
@@ -158,7 +162,11 @@ class MixedPrecisionPooledLookup(nn.Module):
 
     def memory_bytes(self) -> int:
         """Weights (with the integer rows' scales and biases) plus the ranked row map (block
-        records and each table's start and fallback slot)."""
+        records and each table's start and fallback slot).
+
+        Returns:
+            The bytes.
+        """
         return int(
             self.weights.numel()
             + self.blocks.numel() * 4
@@ -169,7 +177,11 @@ class MixedPrecisionPooledLookup(nn.Module):
     def group_rows(self) -> Dict[str, int]:
         """Rows per group: rows_fp32, rows_fp16, rows_int8, rows_int4, rows_int2, rows_dropped,
         then rows_int1, rows_int4s and rows_int2s for the served-only tiers the module has rows
-        in (`shark export --tiers`)."""
+        in (`shark export --tiers`).
+
+        Returns:
+            "rows_<group>" -> the rows in that group.
+        """
         counts = ranked_group_rows(self.blocks, self.code_groups, self.num_rows)
         return {
             f"rows_{name}": counts[g] for g, name in enumerate(SERVED_GROUP_NAMES) if g < len(GROUP_NAMES) or counts[g]
@@ -180,7 +192,16 @@ class MixedPrecisionPooledLookup(nn.Module):
         fused C++ op (`torch.ops.shark.mixed_lookup_ranked`: ranked map, groups,
         dequantization and pooling in one pass; its reference, torch around FBGEMM's INT-N op,
         is `shark_torchrec.kernels.reference`). It scripts, and `torch.export` sees it through
-        its registered fake."""
+        its registered fake.
+
+        Args:
+            values: [nnz] int ids, each within its feature's table.
+            lengths: [F * B] ids per bag; bag f * B + b is feature f of sample b.
+            B: the batch size.
+
+        Returns:
+            [B, F * dim] float32: sample b's pooled rows, feature by feature.
+        """
         if not torch.jit.is_scripting() and not self.weights.is_cpu:
             # The op has a CPU kernel only; elsewhere its reference (FBGEMM's INT-N op) serves.
             return mixed_lookup_ranked_reference(
@@ -273,7 +294,18 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
     def from_trained(cls, collection) -> "MixedPrecisionInferenceEmbeddingBagCollection":
         """From a materialized (unsharded) `MixedPrecisionEmbeddingBagCollection`: the same
         bytes of every row, the same groups, each group's rows put in key order under the
-        ranked map; the training state is left behind."""
+        ranked map; the training state is left behind.
+
+        Args:
+            collection: the trained collection, its tables in one store.
+
+        Returns:
+            The inference collection, over the collection's tables' configs.
+
+        Raises:
+            NotImplementedError: the collection's tables are not in one store (none before
+                `materialize`, several for several dims or poolings).
+        """
         stores = collection.stores
         if len(stores) != 1:
             raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")

@@ -40,23 +40,43 @@ class BudgetMember(Protocol):
     step_counter: StepCounter
 
     def budget_policy(self) -> PrecisionPolicy:
-        """The collection's resolved policy (budget, tiers, scoring rule)."""
+        """The collection's resolved policy (budget, tiers, scoring rule).
+
+        Returns:
+            The policy.
+        """
         ...
 
     def budget_stores(self) -> List[RowGroupStore]:
-        """The stores that hold this rank's rows of the collection."""
+        """The stores that hold this rank's rows of the collection.
+
+        Returns:
+            The stores.
+        """
         ...
 
     def budget_tables(self) -> Dict[str, Tuple[int, int]]:
-        """table -> (global rows, the width its per-table budget is computed at)."""
+        """table -> (global rows, the width its per-table budget is computed at).
+
+        Returns:
+            The dict, one entry per table of the collection.
+        """
         ...
 
     def budget_widths(self) -> Dict[str, Tuple[int, ...]]:
-        """table -> the widths of its column slices (one slice of its dim unless column-wise)."""
+        """table -> the widths of its column slices (one slice of its dim unless column-wise).
+
+        Returns:
+            The dict, one entry per table of the collection.
+        """
         ...
 
     def budget_group(self) -> Optional[dist.ProcessGroup]:
-        """The process group the collection is sharded over (None: unsharded)."""
+        """The process group the collection is sharded over (None: unsharded).
+
+        Returns:
+            The process group, or None.
+        """
         ...
 
     def restart_groups(self, shares: Dict[str, float]) -> None:
@@ -131,11 +151,19 @@ class ModelBudget:
         return f"{path}/"
 
     def tables(self) -> Dict[str, Tuple[int, int]]:
-        """Every table under the budget, named `<collection path>/<table>`: (global rows, width its budget uses)."""
+        """Every table under the budget, named `<collection path>/<table>`: (global rows, width its budget uses).
+
+        Returns:
+            The dict, over every collection's `budget_tables()`.
+        """
         return {self._prefix(p) + n: v for p, m in self.members for n, v in m.budget_tables().items()}
 
     def widths(self) -> Dict[str, Tuple[int, ...]]:
-        """Every table under the budget, named as in `tables`: the widths of its column slices."""
+        """Every table under the budget, named as in `tables`: the widths of its column slices.
+
+        Returns:
+            The dict, over every collection's `budget_widths()`.
+        """
         return {self._prefix(p) + n: v for p, m in self.members for n, v in m.budget_widths().items()}
 
     def restart(self) -> None:

@@ -110,7 +110,11 @@ class StepCounter:
 
     def begin(self, training: bool) -> None:
         """A forward with autograd on ran: after a training one, the next backward pass through
-        `anchor` ends a step; after an eval one it does not (its backward updates nothing)."""
+        `anchor` ends a step; after an eval one it does not (its backward updates nothing).
+
+        Args:
+            training: whether the forward was a training one.
+        """
         self._pending = training
 
     def _end_of_step(self, anchor: torch.Tensor) -> None:
@@ -232,7 +236,16 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
 
     def group_view(self, g: int, weights: Optional[torch.Tensor] = None, offsets=None, capacity=None):
         """Views into a group's table: fp32 [cap, D]; fp16 [cap, D]; int8 / int4 / int2
-        (packed codes uint8 [cap, D * bits / 8], scale_bias fp16 [cap, 2])."""
+        (packed codes uint8 [cap, D * bits / 8], scale_bias fp16 [cap, 2]).
+
+        Args:
+            g: the group (FP32 .. INT2).
+            weights, offsets, capacity: the buffer, its group tables' byte offsets and their rows
+                (default: the store's own; another layout's, to read rows from it).
+
+        Returns:
+            The fp32 or fp16 view, or (codes, scale_bias) for an integer group; views, not copies.
+        """
         w = self.weights if weights is None else weights
         off = (self._offsets if offsets is None else offsets)[g]
         cap = (self.capacity if capacity is None else capacity)[g]
@@ -278,20 +291,46 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         return g, (m - self._range_shift[g]).long()
 
     def map_values(self, keys: torch.Tensor) -> torch.Tensor:
-        """The row map's int32 value of each row key (the key itself under an identity map)."""
+        """The row map's int32 value of each row key (the key itself under an identity map).
+
+        Args:
+            keys: [n] row keys in the store's row space.
+
+        Returns:
+            int32 [n].
+        """
         return keys.to(torch.int32) if self.identity_map else self.row_map[keys]
 
     def groups_of(self, keys: torch.Tensor) -> torch.Tensor:
-        """int8 group of each row key."""
+        """int8 group of each row key.
+
+        Args:
+            keys: [n] row keys in the store's row space.
+
+        Returns:
+            int8 [n] group ids (DROPPED for a dropped row).
+        """
         return self._decode_map(self.map_values(keys))[0].to(torch.int8)
 
     def slots_of(self, keys: torch.Tensor) -> torch.Tensor:
-        """int64 lookup slot of each row key."""
+        """int64 lookup slot of each row key.
+
+        Args:
+            keys: [n] row keys in the store's row space.
+
+        Returns:
+            int64 [n] slots in their group's table (a dropped row's: its table's fallback row in
+            the fp32 table).
+        """
         return self._decode_map(self.map_values(keys))[1]
 
     def decoded_map(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(int8 group, int32 lookup slot) of every row, decoded from the row map in one pass
-        (a chunk of rows at a time)."""
+        (a chunk of rows at a time).
+
+        Returns:
+            (groups int8 [rows], slots int32 [rows]).
+        """
         groups = torch.empty(self.num_rows, dtype=torch.int8)
         slots = torch.empty(self.num_rows, dtype=torch.int32)
         for a in range(0, self.num_rows, CHUNK_ROWS):
@@ -348,7 +387,15 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
 
     def noise_starts(self, keys: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(where each row's noise window starts in the noise table, the table): the noise
-        `_noise` gives, as the fused update reads it."""
+        `_noise` gives, as the fused update reads it.
+
+        Args:
+            keys: [n] row keys in the store's row space.
+            step: the training step whose noise it is.
+
+        Returns:
+            (start int64 [n], the noise table), as `rounding_noise_starts` returns them.
+        """
         t, rows = self._noise_rows(keys)
         return rounding_noise_starts(self.policy.seed, step, self._table_ids[t], rows, self._col_offset[t])
 
@@ -361,7 +408,15 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
     def grouping(self, keys: torch.Tensor, reads: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """[(positions in `keys`, their slots)] per stored group: one sort instead of a boolean
         mask per group and per pass. Dropped rows: with `reads`, in the fp32 group at their
-        fallback slot (what a lookup returns); otherwise left out (nothing to write)."""
+        fallback slot (what a lookup returns); otherwise left out (nothing to write).
+
+        Args:
+            keys: [n] row keys in the store's row space.
+            reads: place dropped rows at their fallback slot (else leave them out).
+
+        Returns:
+            One (int64 positions, int64 slots) pair per stored group, FP32 first.
+        """
         g, s = self._decode_map(self.map_values(keys))
         if reads:
             g = self._lookup_groups(g)
@@ -401,7 +456,14 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
             sview[slots] = sb
 
     def read_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        """Dequantized fp32 values of rows (by key in the store's row space)."""
+        """Dequantized fp32 values of rows (by key in the store's row space).
+
+        Args:
+            keys: [n] row keys.
+
+        Returns:
+            fp32 [n, dim]; a dropped row's is its table's fallback row.
+        """
         out = torch.empty(len(keys), self.dim)
         for grp, (pos, slots) in enumerate(self.grouping(keys, reads=True)):
             if len(pos):
@@ -411,13 +473,26 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
     def write_rows(self, keys: torch.Tensor, values: torch.Tensor, step: Optional[int] = None) -> None:
         """Store fp32 values into rows in their current groups; with `step`, fp16 and int8
         rows are rounded stochastically with that step's noise, else to nearest. Dropped rows
-        keep nothing (their values are gone: they read the fallback row)."""
+        keep nothing (their values are gone: they read the fallback row).
+
+        Args:
+            keys: [n] row keys in the store's row space.
+            values: fp32 [n, dim] the rows' new values.
+            step: the training step whose noise rounds them (None: to nearest).
+        """
         for grp, (pos, slots) in enumerate(self.grouping(keys)):
             if len(pos):
                 self._round_into(grp, self.group_view(grp), slots, values[pos], keys[pos], step)
 
     def int_scale_bias(self, keys: torch.Tensor) -> torch.Tensor:
-        """fp16 [n, 2] scale/bias of rows (zeros for rows not in an integer group)."""
+        """fp16 [n, 2] scale/bias of rows (zeros for rows not in an integer group).
+
+        Args:
+            keys: [n] row keys in the store's row space.
+
+        Returns:
+            fp16 [n, 2].
+        """
         out = torch.zeros(len(keys), 2, dtype=torch.float16)
         groups, slots = self._decode_map(self.map_values(keys))
         for g in INT_BITS:
@@ -429,7 +504,14 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
 
     def write_int_exact(self, g: int, keys: torch.Tensor, values: torch.Tensor, scale_bias: torch.Tensor) -> None:
         """Restore rows of integer group `g` whose values are code * scale + bias under the
-        given scale/bias (from a checkpoint): their codes come back exactly."""
+        given scale/bias (from a checkpoint): their codes come back exactly.
+
+        Args:
+            g: the integer group (INT8, INT4 or INT2) the rows are in.
+            keys: [n] row keys in the store's row space.
+            values: fp32 [n, dim] the rows' values.
+            scale_bias: fp16 [n, 2] each row's scale and bias.
+        """
         s = self.slots_of(keys)
         codes, sb = self.group_view(g)
         codes[s] = pack_codes(requantize_with(values, scale_bias, INT_BITS[g]), INT_BITS[g])
@@ -442,7 +524,14 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
         its size (budget mode on whole tables) rows move in place: a row entering a group
         takes a slot freed by a row leaving it, and only the moving rows are copied (in their
         old precision). Otherwise the buffer is rebuilt with exactly the rows each group
-        needs. Returns how many rows moved into each group."""
+        needs.
+
+        Args:
+            groups: [rows] the group id of every row (converted to int8).
+
+        Returns:
+            Group name -> how many rows moved into it (every name of GROUP_NAMES).
+        """
         groups = groups.to(torch.int8)
         fresh = self.capacity == [0] * GROUPS and self.weights.numel() == 0
         if len(groups) != self.num_rows:
@@ -632,13 +721,25 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
 
     def group_counts(self) -> List[int]:
         """Rows in each of the policy's groups, most precise first (fp32, fp16, int8 for the
-        paper's tiers)."""
+        paper's tiers).
+
+        Returns:
+            One count per group of the policy, in its order.
+        """
         counts = torch.bincount(self.row_group.long(), minlength=len(GROUP_NAMES)).tolist()
         return [counts[g] for g in self.policy.groups]
 
     def scores_now(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         """Priorities of rows [lo, hi) as of the last completed step (the counter has already
-        moved past it); zeros when the policy keeps no scores."""
+        moved past it); zeros when the policy keeps no scores.
+
+        Args:
+            lo: the first row key.
+            hi: the row key after the last (None: the store's rows up to the end).
+
+        Returns:
+            float32 [hi - lo].
+        """
         hi = self.num_rows if hi is None else hi
         if not self.row_priority.numel():
             return torch.zeros(hi - lo)
@@ -647,7 +748,12 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
     # ------------------------------------------------------------------ memory
     def table_bytes(self) -> List[Dict[str, int]]:
         """Per local table: embedding bytes (weights + row map), optimizer and priority bytes.
-        Group tables are shared by the store's tables: each table is charged for its rows."""
+        Group tables are shared by the store's tables: each table is charged for its rows.
+
+        Returns:
+            One dict per local table, in `tables`' order: {"embedding_bytes", "optimizer_bytes",
+            "priority_bytes", "rows_<group>" for every group of GROUP_NAMES}.
+        """
         out = []
         for i, t in enumerate(self.tables):
             lo, hi = int(self.table_base[i]), int(self.table_base[i + 1])
@@ -667,14 +773,25 @@ class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
 
     # ------------------------------------------------------------------ fallback rows
     def fallback_rows(self) -> torch.Tensor:
-        """fp32 [local tables, dim]: every local table's fallback row (empty without the tier)."""
+        """fp32 [local tables, dim]: every local table's fallback row (empty without the tier).
+
+        Returns:
+            A copy of the rows, [0, dim] without the tier.
+        """
         if not self.has_dropped:
             return torch.zeros(0, self.dim)
         return self.group_view(FP32)[self.fallback_slot0 : self.fallback_slot0 + len(self.tables)].clone()
 
     @torch.no_grad()
     def set_fallback_rows(self, index: int, value: torch.Tensor, momentum: Optional[torch.Tensor] = None) -> None:
-        """Set local table `index`'s fallback row (and its optimizer state)."""
+        """Set local table `index`'s fallback row (and its optimizer state).
+
+        Args:
+            index: the local table (an index into `tables`).
+            value: [dim] the row.
+            momentum: its row-wise Adagrad state, a one-element tensor (None, or an optimizer
+                without it: left as it is).
+        """
         self.group_view(FP32)[self.fallback_slot0 + index] = value.float().reshape(self.dim)
         if momentum is not None and self.fallback_momentum.numel():
             self.fallback_momentum[index] = float(momentum)

@@ -55,7 +55,14 @@ class RowOptimizer:
 
     @torch.no_grad()
     def apply_update(self, keys: torch.Tensor, row_grad: torch.Tensor, total: torch.Tensor, pos: torch.Tensor) -> None:
-        """The touched rows' priorities (Eq. 7), then their optimizer step."""
+        """The touched rows' priorities (Eq. 7), then their optimizer step.
+
+        Args:
+            keys: [U] the distinct row keys the batch read.
+            row_grad: [U, dim] each row's gradient, summed over its ids.
+            total: [U] float each row's count of ids.
+            pos: [U] float each row's count of ids with a positive label.
+        """
         step = self.step.value
         p = self.policy
         if p.scored and len(keys):

@@ -175,12 +175,23 @@ class GroupCounts:
     dropped: int = 0
 
     def as_tuple(self) -> Tuple[int, ...]:
-        """Rows per group, in group-id order (fp32, fp16, int8, int4, int2, dropped)."""
+        """Rows per group, in group-id order (fp32, fp16, int8, int4, int2, dropped).
+
+        Returns:
+            The six counts.
+        """
         return (self.fp32, self.fp16, self.int8, self.int4, self.int2, self.dropped)
 
     @staticmethod
     def of(counts: Dict[int, int]) -> "GroupCounts":
-        """From {group id: rows}."""
+        """From {group id: rows}.
+
+        Args:
+            counts: group id -> rows (a group left out has none).
+
+        Returns:
+            The GroupCounts.
+        """
         return GroupCounts(*(int(counts.get(g, 0)) for g in range(len(GROUP_NAMES))))
 
 
