@@ -279,8 +279,8 @@ def report_main(argv: List[str]) -> int:
         argv: the command's arguments: the run directory alone.
 
     Returns:
-        The exit code: 0 (the report's path printed), 2 for a usage error or a directory that
-        is not such a run (0 for -h / --help).
+        The exit code: 0 (the report's path printed), 2 for a usage error, a directory that is
+        not such a run or a file of it that cannot be read (0 for -h / --help).
     """
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: shark report RUN_DIR", file=sys.stderr)
@@ -289,7 +289,11 @@ def report_main(argv: List[str]) -> int:
 
     try:
         print(write_report(argv[0]))
-    except (FileNotFoundError, KeyError) as e:
+    except Exception as e:
+        # A directory that is not a compression run's, or a file of it that cannot be read (a
+        # user error, as the jobs' are: `_user_error`); anything else is ours, with its traceback.
+        if not (_user_error(e) or isinstance(e, KeyError)):
+            raise
         print(f"shark report: error: {e}", file=sys.stderr)
         return 2
     return 0

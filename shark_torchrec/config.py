@@ -20,7 +20,19 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, List, Literal, Optional, Sequence, Tuple, get_args, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import tomli_w
 import tyro
@@ -158,6 +170,22 @@ class ModelConfig:
     def validate(self) -> None:
         if self.embedding_dim <= 0 or self.embedding_dim % 4:
             raise ConfigError(f"model.embedding_dim={self.embedding_dim}: FBGEMM needs a positive multiple of 4")
+        # Layer sizes torch or TorchRec would refuse only as the model is built (a negative size,
+        # a rank of 0), or take silently (a hidden layer of 0 units passes none of its input on).
+        for name in ("dense_arch", "over_arch"):
+            sizes = getattr(self, name)
+            if any(s < 1 for s in sizes):
+                raise ConfigError(
+                    f"model.{name}={' '.join(map(str, sizes))} (--{name.replace('_', '-')}): layer sizes must be "
+                    "positive"
+                )
+        if not self.over_arch:
+            raise ConfigError(
+                "model.over_arch (--over-arch) needs at least one hidden layer (the last, of size 1, is appended)"
+            )
+        for name in ("dcn_num_layers", "dcn_low_rank_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} (--{name.replace('_', '-')}) must be >= 1")
         if self.kept_fields and self.field_removal == "slice" and self.arch != "dlrm":
             raise ConfigError(
                 "model.field_removal=slice (--field-removal) needs model.arch=dlrm; use constant for dlrm_dcn"
@@ -215,14 +243,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} (--{name.replace('_', '-')}) must be > 0")
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("train.epochs and train.max_steps must be >= 0")
-        # A TOML file's values reach here unchecked by the flags' choices (the fields' Literals): name the field.
-        hints = get_type_hints(TrainConfig)
-        for name in ("emb_optimizer", "emb_optimizer_state"):
-            allowed = get_args(hints[name])
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"train.{name}={getattr(self, name)!r} (--{name.replace('_', '-')}) must be one of {allowed}"
-                )
+        _check_choices("train", self)  # (JobConfig.validate checks every group's, a TOML file's as it loads)
         if self.emb_optimizer_state != "fp32" and self.emb_optimizer != "rowwise_adagrad":
             raise ConfigError(
                 f"train.emb_optimizer_state={self.emb_optimizer_state} (--emb-optimizer-state) is row-wise "
@@ -538,6 +559,8 @@ class JobConfig:
         Returns:
             self; a ConfigError names the field and its flag.
         """
+        for section in _group_classes():
+            _check_choices(section, getattr(self, section))
         for group in (self.dataset, self.model, self.train, self.quant, self.prune, self.compress):
             group.validate()
         self.run.validate(command)
@@ -638,6 +661,94 @@ def _group_classes() -> dict[str, type]:
     }
 
 
+# What a TOML value of each type is called in errors.
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "true or false values", int: "integers", float: "numbers", str: "strings"}
+
+
+def _kind_of(value: Any) -> str:
+    """What a value read from TOML (or JSON) is, in the words of `_KINDS`."""
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return next((k for t, k in _KINDS.items() if type(value) is t), type(value).__name__)
+
+
+def _expected(hint: Any) -> str:
+    """What a field of type `hint` takes, for errors (`one of (...)`, `a number`, `a list of integers`)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return f"one of {args}"
+    if origin is Union:
+        return f"{_expected(next(a for a in args if a is not type(None)))} (or left out: unset)"
+    if origin is tuple:
+        return f"a list of {_PLURALS[args[0]]}"
+    return _KINDS[hint]
+
+
+def _typed(section: str, name: str, value: Any, hint: Any) -> Any:
+    """`value`, as a TOML file (or a checkpoint's saved config) gives it, checked against the
+    type of the field `section.name` (`hint`) and converted as its flag would be: an integer
+    where a number is asked becomes that float, a list where a tuple is asked that tuple.
+
+    Raises:
+        ConfigError: the value is not of the field's type (a bool is not an integer) or not one
+            of its choices (a `Literal`); the message names the field, its flag, the value and
+            what is expected.
+    """
+    origin, args = get_origin(hint), get_args(hint)
+    refused = ConfigError(f"{section}.{name}={value!r} (--{name.replace('_', '-')}) must be {_expected(hint)}")
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise refused
+        return value
+    if origin is Union:  # Optional[X]: TOML has no null, so a table leaves an unset field out
+        if value is None:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        if not _is_a(value, inner):
+            raise ConfigError(f"{refused}, not {_kind_of(value)}")
+        return float(value) if inner is float else value
+    if origin is tuple:  # Tuple[X, ...]: a TOML list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{refused}, not {_kind_of(value)}")
+        wrong = next((v for v in value if not _is_a(v, args[0])), _NOTHING)
+        if wrong is not _NOTHING:
+            raise ConfigError(f"{refused}: {wrong!r} is {_kind_of(wrong)}")
+        return tuple(float(v) for v in value) if args[0] is float else tuple(value)
+    if not _is_a(value, hint):
+        raise ConfigError(f"{refused}, not {_kind_of(value)}")
+    return float(value) if hint is float else value
+
+
+_NOTHING = object()
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """Whether `value` is a TOML value of the plain type `kind` (an integer is a number; true
+    and false are not integers)."""
+    if kind not in _KINDS:
+        raise TypeError(f"no TOML check for the field type {kind!r}")  # a field type of ours left unhandled
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _check_choices(section: str, group: Any) -> None:
+    """Refuse a choice field (a `Literal`) of `group` holding a value outside its choices, such
+    as a config built in code may (TOML values are checked as they load: `config_from_dict`).
+
+    Raises:
+        ConfigError: naming the field, its flag, the value and the choices.
+    """
+    for name, hint in get_type_hints(type(group)).items():
+        if get_origin(hint) is Literal:
+            _typed(section, name, getattr(group, name), hint)
+
+
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> JobConfig:
     """Build a JobConfig from nested dicts, refusing unknown sections and fields by name.
 
@@ -661,22 +772,16 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> JobConfig:
             raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(_group_classes())})")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        hints = get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
             name = key.replace("-", "_")
-            if name not in known:
+            if name not in hints:
                 raise ConfigError(f"{where}: unknown field {section}.{key}")
-            default = getattr(cls(), name)
-            if isinstance(default, tuple):
-                value = tuple(value)
-            elif isinstance(default, bool) and not isinstance(value, bool):
-                raise ConfigError(f"{where}: {section}.{key} must be true or false")
-            elif isinstance(default, float) and isinstance(value, int):
-                value = float(value)
-            elif type(default) in (int, str) and not isinstance(value, type(default)):
-                raise ConfigError(f"{where}: {section}.{key} must be {type(default).__name__}, got {value!r}")
-            kwargs[name] = value
+            try:
+                kwargs[name] = _typed(section, name, value, hints[name])
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
         groups[section] = cls(**kwargs)
     return JobConfig(**groups)
 

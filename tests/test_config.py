@@ -279,3 +279,112 @@ def test_an_unknown_command_is_named_with_the_nearest(capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "shark: error: unknown command 'trian' (did you mean train?)"
     assert main(["--help"]) == 0 and "usage: shark {train," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "toml, named",
+    [
+        ('[train]\nlr = "abc"\n', "train.lr='abc' (--lr) must be a number, not a string"),
+        ("[train]\nlr = true\n", "train.lr=True (--lr) must be a number, not true or false"),
+        ("[train]\nepochs = 1.5\n", "train.epochs=1.5 (--epochs) must be an integer, not a number"),
+        ("[train]\nbatch_size = true\n", "train.batch_size=True (--batch-size) must be an integer, not true or false"),
+        ("[dataset]\nstrict = 1\n", "dataset.strict=1 (--strict) must be true or false, not an integer"),
+        ('[dataset]\nlabel = ["click"]\n', "dataset.label=['click'] (--label) must be a string, not a list"),
+        (
+            '[dataset]\nencoding = "hash"\nhash_size = "big"\n',
+            "dataset.hash_size='big' (--hash-size) must be an integer (or left out: unset), not a string",
+        ),
+        ('[quant]\nmemory_budget = "half"\n', "quant.memory_budget='half' (--memory-budget) must be a number"),
+        ("[model]\nover_arch = 64\n", "model.over_arch=64 (--over-arch) must be a list of integers, not an integer"),
+        (
+            '[model]\ndense_arch = [64, "32"]\n',
+            "model.dense_arch=[64, '32'] (--dense-arch) must be a list of integers: '32'",
+        ),
+        ('[quant]\ntiers = "int8,int4"\n', "quant.tiers='int8,int4' (--tiers) must be a list of strings, not a string"),
+    ],
+)
+def test_a_toml_value_of_the_wrong_type_is_named(tmp_path, capsys, toml, named):
+    """A TOML value of the wrong type is refused as the file loads, naming the file, the field,
+    its flag, the value and the type expected (it was a TypeError traceback, or taken as it was:
+    `tiers = "int8,int4"` became a tuple of characters)."""
+    f = tmp_path / "job.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).startswith(f"{f}: {named}")
+    with pytest.raises(SystemExit) as e:
+        parse_cli(["--config", str(f)], prog="shark train", command="train")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shark train: error: {f}: {named}") and len(err.strip().splitlines()) == 1
+
+
+def test_toml_values_convert_as_their_flags_do(tmp_path):
+    """An integer where a number is asked is that number, a list where a tuple is asked that tuple."""
+    f = tmp_path / "job.toml"
+    f.write_text(
+        "[train]\nlr = 1\n[quant]\nprecision = 'shark'\nrow_fractions = [0, 0.5]\nmemory_budget = 1\n"
+        "[model]\ndense_arch = []\nover_arch = [32]\n[dataset]\nencoding = 'hash'\nhash-size = 5\n"
+    )
+    cfg = load_config(f)
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert cfg.quant.row_fractions == (0.0, 0.5) and all(type(x) is float for x in cfg.quant.row_fractions)
+    assert cfg.quant.memory_budget == 1.0 and type(cfg.quant.memory_budget) is float
+    assert cfg.model.dense_arch == () and cfg.model.over_arch == (32,) and cfg.dataset.hash_size == 5
+
+
+def test_every_choice_field_of_a_toml_file_is_checked_as_it_loads(tmp_path, capsys):
+    """A value outside a choice field's `Literal` is refused by name as the file loads, listing the
+    choices: `encoding = "hashh"` was read as vocab, `[prune] score_split = "test"` refused only
+    after the base model had trained. A config built in code is checked by `validate`."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    from shark_torchrec.config import _group_classes
+
+    f = tmp_path / "job.toml"
+    checked = 0
+    for section, cls in _group_classes().items():
+        for name, hint in get_type_hints(cls).items():
+            if get_origin(hint) is not Literal:
+                continue
+            flag = name.replace("_", "-")
+            f.write_text(f'[{section}]\n{name} = "nonesuch"\n')
+            with pytest.raises(ConfigError) as e:
+                load_config(f)
+            assert str(e.value) == f"{f}: {section}.{name}='nonesuch' (--{flag}) must be one of {get_args(hint)}"
+            cfg = JobConfig()
+            setattr(getattr(cfg, section), name, "nonesuch")
+            with pytest.raises(ConfigError, match=rf"^{section}\.{name}='nonesuch' \(--{flag}\) must be one of"):
+                cfg.validate()
+            checked += 1
+    assert checked == 13  # every choice field of every group
+    f.write_text('[dataset]\ndata = "csv:x"\nencoding = "hashh"\n')
+    with pytest.raises(SystemExit) as e:
+        parse_cli(["--config", str(f)], prog="shark train", command="train")
+    assert e.value.code == 2
+    assert f"{f}: dataset.encoding='hashh' (--encoding) must be one of ('vocab', 'hash')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--over-arch", "-1"], "model.over_arch=-1 (--over-arch): layer sizes must be positive"),
+        (["--dense-arch", "64", "0"], "model.dense_arch=64 0 (--dense-arch): layer sizes must be positive"),
+        (["--over-arch"], "model.over_arch (--over-arch) needs at least one hidden layer"),
+        (
+            ["--arch", "dlrm_dcn", "--dcn-low-rank-dim", "0"],
+            "model.dcn_low_rank_dim=0 (--dcn-low-rank-dim) must be >= 1",
+        ),
+        (["--arch", "dlrm_dcn", "--dcn-num-layers", "-2"], "model.dcn_num_layers=-2 (--dcn-num-layers) must be >= 1"),
+    ],
+)
+def test_layer_sizes_are_refused_by_flag(flags, named, capsys):
+    """Layer sizes torch or TorchRec refused only as the model was built (a RuntimeError for a
+    negative size, an AssertionError for a rank of 0), or took silently (a hidden layer of 0
+    units), are refused by flag before any work."""
+    with pytest.raises(SystemExit) as e:
+        parse_cli(flags, prog="shark train", command="train")
+    assert e.value.code == 2
+    assert f"shark train: error: {named}" in capsys.readouterr().err
+    # An empty bottom MLP is fine: its one layer, of size embedding-dim, is appended.
+    assert parse_cli(["--dense-arch"], command="train").model.dense_arch == ()

@@ -143,15 +143,19 @@ class CsvLayout:
             The layout, with the header's names.
 
         Raises:
-            DataError: an empty file, a named column not in the header, a column given twice
-                or in two roles, or no categorical column.
+            DataError: an empty file, a header line the csv module cannot read (naming the file
+                and line 1), a named column not in the header, a column given twice or in two
+                roles, or no categorical column.
         """
         delimiter = "\t" if path.suffix == ".tsv" else ","
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             header_line = f.readline()
         if not header_line.strip():
             raise DataError(f"{path}: empty file (a header line is expected)")
-        header = next(csv.reader([header_line], delimiter=delimiter))
+        try:
+            header = next(csv.reader([header_line], delimiter=delimiter))
+        except csv.Error as e:  # e.g. a column name longer than csv.field_size_limit()
+            raise DataError(f"{path}:1: the header line cannot be read (csv: {e})") from None
         header = [h.strip() for h in header]
         index = {h: i for i, h in enumerate(header)}
 
@@ -214,14 +218,18 @@ class CsvLayout:
             categorical values as stripped strings).
 
         Raises:
-            BadLine: the wrong number of columns, a label other than 0/1, or a dense value that
-                is not a finite number.
+            BadLine: a line the csv module cannot read (a field longer than
+                `csv.field_size_limit()`), the wrong number of columns, a label other than 0/1,
+                or a dense value that is not a finite number.
         """
         line = line.rstrip("\r\n")
         if self.log_dense:  # Criteo: plain tab-separated, no quoting
             cols = line.split("\t")
         else:
-            cols = next(csv.reader([line], delimiter=self.delimiter), [])
+            try:
+                cols = next(csv.reader([line], delimiter=self.delimiter), [])
+            except csv.Error as e:  # e.g. a field longer than csv.field_size_limit()
+                raise BadLine(f"the line cannot be read (csv: {e})") from None
         if len(cols) != self.num_columns:
             raise BadLine(f"expected {self.num_columns} columns, got {len(cols)}")
         label = _parse_label(cols[self.label_index])

@@ -211,3 +211,31 @@ def test_label_named_as_a_feature_is_refused_by_the_reader(tmp_path):
     for kw in ({"categorical": "click,city"}, {"dense": "click"}):
         with pytest.raises(DataError, match="label column 'click'"):
             open_dataset(DataConfig(data=f"csv:{root}", label="click", **kw))
+
+
+def test_a_line_the_csv_module_cannot_read_is_a_bad_line_named_by_file_and_line(tmp_path):
+    """A field longer than `csv.field_size_limit()` made the csv module raise `csv.Error` out of
+    the reader (a traceback). Such a line is a bad line like any other, named by file and line:
+    skipped and counted, an error with --strict; in the header it is an error naming line 1."""
+    import csv
+
+    root = tmp_path / "csv"
+    root.mkdir()
+    huge = "x" * (csv.field_size_limit() + 1)
+    good = "click,city\n1,paris\n0,rome\n1,oslo\n"
+    for s in ("train", "dev", "test"):
+        (root / f"{s}.csv").write_text(good)
+    (root / "train.csv").write_text(good + f"1,{huge}\n0,rome\n")
+    ds = open_dataset(DataConfig(data=f"csv:{root}", label="click"))  # the vocabulary pass skips it too
+    assert sum(b.num_samples for b in ds.batches("train", 8)) == 4
+    stats = ds.bad_lines("train")
+    assert stats.count == 1
+    assert stats.examples[0].endswith(
+        "train.csv:5: the line cannot be read (csv: field larger than field limit (131072))"
+    )
+    with pytest.raises(DataError, match=r"train\.csv:5: the line cannot be read \(csv: field larger than field limit"):
+        open_dataset(DataConfig(data=f"csv:{root}", label="click", strict=True))
+
+    (root / "train.csv").write_text(f"click,{huge}\n1,paris\n")
+    with pytest.raises(DataError, match=r"train\.csv:1: the header line cannot be read \(csv: field larger than"):
+        open_dataset(DataConfig(data=f"csv:{root}", label="click"))

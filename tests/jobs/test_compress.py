@@ -493,3 +493,24 @@ def test_a_resumed_base_stage_takes_the_given_model_as_it_is(tmp_path, monkeypat
         compress.run_base(cfg, tmp_path / "run", None)
     b = seen[0]
     assert b.run.resume and not b.run.checkpoint and b.train.epochs == 0 and b.model.kept_fields == ("c1", "c2")
+
+
+def test_the_report_of_a_run_with_a_file_that_is_not_json_names_the_file(tmp_path, capsys):
+    """`shark report` on a run directory one of whose JSON files is corrupt (truncated, hand-edited,
+    binary) is one line naming the file, exit status 2; it was json's traceback."""
+    from shark_torchrec.cli import main
+
+    run = tmp_path / "run"
+    (run / "base").mkdir(parents=True)
+    (run / "stages.json").write_text(json.dumps({"base": {"embedding_bytes": 100}}))
+    for name, content in (
+        ("base/metrics.json", b'{"test_auc": 0.7,'),
+        ("base/metrics.json", b"\xff\xfe\x00binary"),
+        ("stages.json", b"not json"),
+    ):
+        (run / name).write_bytes(content)
+        assert main(["report", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"shark report: error: {run / name} cannot be read as JSON (")
+        assert len(err.strip().splitlines()) == 1
+    assert not (run / "report.md").exists()
