@@ -54,11 +54,6 @@ EXEMPT_METHODS = frozenset(
     }
 )
 
-# TEMPORARY: files being edited elsewhere, whose methods' `Args:` / `Returns:` sections are being
-# written there; the method checks skip them until then (their functions are still checked, and
-# every method still needs its docstring). Remove this when they are documented.
-PENDING_METHOD_SECTIONS = frozenset({"shark_torchrec/data/files.py"})
-
 # Triton kernels' helpers (`@triton.jit`, compiled from their source) are documented where it
 # helps, not required to be.
 TRITON_DIR = "triton_kernels"
@@ -134,7 +129,6 @@ def sectioned(path: Path, tree: ast.Module) -> Iterator[Tuple[ast.AST, str, bool
     checks hold: the public module-level functions and the public methods of public classes, less
     the exemptions, triton kernels, help texts and properties."""
     triton = TRITON_DIR in path.relative_to(PACKAGE).parts
-    pending = path.relative_to(ROOT).as_posix() in PENDING_METHOD_SECTIONS
     help_text = _help_text_functions(tree)
     for node in tree.body:
         if not isinstance(node, (*Function, ast.ClassDef)) or not _is_public(node.name):
@@ -144,8 +138,6 @@ def sectioned(path: Path, tree: ast.Module) -> Iterator[Tuple[ast.AST, str, bool
         if isinstance(node, Function):
             if node.name not in help_text:
                 yield node, node.name, False
-            continue
-        if pending:
             continue
         for member in node.body:
             if not isinstance(member, Function) or not _is_public(member.name):
@@ -293,5 +285,3 @@ def test_the_checks_see_what_they_look_for():
     }
     stale = sorted(EXEMPT_METHODS - methods)
     assert not stale, f"exempted methods that no class of the package defines: {stale}"
-    gone = sorted(f for f in PENDING_METHOD_SECTIONS if not (ROOT / f).is_file())
-    assert not gone, f"pending files that do not exist: {gone}"

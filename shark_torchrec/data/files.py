@@ -190,7 +190,17 @@ class CsvLayout:
 
     @staticmethod
     def criteo(drop: Sequence[str] = ()) -> "CsvLayout":
-        """Criteo's fixed 40 columns: label, I1..I13, C1..C26 (no header)."""
+        """Criteo's fixed 40 columns: label, I1..I13, C1..C26 (no header).
+
+        Args:
+            drop: column names (I1..I13, C1..C26) left out of the fields.
+
+        Returns:
+            The layout.
+
+        Raises:
+            DataError: a name in `drop` that is no Criteo column.
+        """
         unknown = set(drop) - set(CRITEO_DENSE) - set(CRITEO_SPARSE)
         if unknown:
             raise DataError(f"--drop: unknown Criteo column(s) {', '.join(sorted(unknown))}")
@@ -300,7 +310,14 @@ class HashEncoder(Encoder):
         self.size = size
 
     def num_embeddings(self, j: int) -> int:
-        """`size`, for every field."""
+        """`size`, for every field.
+
+        Args:
+            j: the field's index among the categorical fields (every field alike).
+
+        Returns:
+            The hash table's rows.
+        """
         return self.size
 
     def encode(self, j: int, value: str) -> int:
@@ -317,8 +334,14 @@ class HashEncoder(Encoder):
         return zlib.crc32(f"{j}:{value}".encode()) % self.size
 
     def describe(self, fields: Sequence[str]) -> Dict[str, Any]:
-        """The encoding as JSON-able data (for a serving export); `fields` are ignored (one
-        rule for every field)."""
+        """The encoding as JSON-able data (for a serving export).
+
+        Args:
+            fields: ignored (one rule for every field).
+
+        Returns:
+            {"kind": "hash", "size", "rule"}: the rule as Python source.
+        """
         return {"kind": "hash", "size": self.size, "rule": "zlib.crc32(f'{field_index}:{value}'.encode()) % size"}
 
 
@@ -352,7 +375,14 @@ class VocabEncoder(Encoder):
         return VocabEncoder(vocabs)
 
     def num_embeddings(self, j: int) -> int:
-        """Field j's vocabulary size plus the out-of-vocabulary row."""
+        """Field j's vocabulary size plus the out-of-vocabulary row.
+
+        Args:
+            j: the field's index among the categorical fields.
+
+        Returns:
+            The table's rows.
+        """
         return len(self.vocabs[j]) + 1
 
     def encode(self, j: int, value: str) -> int:
@@ -413,7 +443,11 @@ class FileSplit:
         self._num_lines: Optional[int] = None
 
     def num_lines(self) -> int:
-        """Data lines in the file (a cheap byte scan, cached)."""
+        """Data lines in the file (a cheap byte scan, cached).
+
+        Returns:
+            The lines, the header not counted.
+        """
         if self._num_lines is None:
             n = 0
             last = b"\n"
@@ -442,15 +476,30 @@ class FileSplit:
         return f"{self.path}:{lineno}"
 
     def describe(self) -> str:
-        """The split's file, as errors name it."""
+        """The split's file, as errors name it.
+
+        Returns:
+            The file's path.
+        """
         return str(self.path)
 
     def subset(self, modulus: int, residues: Sequence[int]) -> "LineSubset":
-        """The lines i of this split (in its order) with i % modulus in `residues`."""
+        """The lines i of this split (in its order) with i % modulus in `residues`.
+
+        Args:
+            modulus: the number of parts the lines are dealt into.
+            residues: the parts kept.
+
+        Returns:
+            The subset, reading this split's file.
+        """
         return LineSubset(self, modulus, residues)
 
     def parsed(self) -> Iterator[ParsedLine]:
         """Every good line of the file (for vocabulary building).
+
+        Yields:
+            Each good line, parsed, in file order.
 
         Raises:
             DataError: with `strict` the first bad line; more than half the lines bad
@@ -555,7 +604,14 @@ class LineSubset(FileSplit):
         self.residues = frozenset(residues)
 
     def num_lines(self) -> int:
-        """Lines of the source with i % modulus in `residues` (cached); DataError when none."""
+        """Lines of the source with i % modulus in `residues` (cached).
+
+        Returns:
+            The lines.
+
+        Raises:
+            DataError: no line falls in the residues.
+        """
         if self._num_lines is None:
             self._num_lines = residue_count(self.source.num_lines(), self.modulus, self.residues)
             if self._num_lines <= 0:
@@ -586,7 +642,14 @@ class FoldSplit(FileSplit):
         self.residues = set(residues)
 
     def num_lines(self) -> int:
-        """Lines of all the files with i % folds in `residues` (cached); DataError when none."""
+        """Lines of all the files with i % folds in `residues` (cached).
+
+        Returns:
+            The lines.
+
+        Raises:
+            DataError: no line falls in the residues.
+        """
         if self._num_lines is None:
             total = sum(s.num_lines() for s in self.sources)
             self._num_lines = sum(
@@ -609,5 +672,9 @@ class FoldSplit(FileSplit):
         return f"{path}:{n}"
 
     def describe(self) -> str:
-        """The fold's files, as errors name them."""
+        """The fold's files, as errors name them.
+
+        Returns:
+            "fold of " and the files' paths.
+        """
         return f"fold of {', '.join(str(s.path) for s in self.sources)}"
