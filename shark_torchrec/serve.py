@@ -215,11 +215,14 @@ class ServedModel:
         raise ValueError(f"serving.json: unknown encoding kind {encoding['kind']!r}")
 
     # ------------------------------------------------------------------ raw lines
-    def _split(self, line: str) -> List[str]:
+    def _split(self, line: str, where: str = "line") -> List[str]:
         line = line.rstrip("\r\n")
         if self.parsing["quoting"] == "none":
             return line.split(self.parsing["delimiter"])
-        return next(csv.reader([line], delimiter=self.parsing["delimiter"]), [])
+        try:
+            return next(csv.reader([line], delimiter=self.parsing["delimiter"]), [])
+        except csv.Error as e:  # e.g. a field longer than csv.field_size_limit(), as training names it
+            raise ValueError(f"{where}: the line cannot be read (csv: {e})") from None
 
     def _columns_of(self, cols: List[str], where: str) -> Callable[[int], str]:
         """Column i of the training layout in `cols`, which may lack the label column."""
@@ -245,7 +248,7 @@ class ServedModel:
                 "this export has no raw-line layout (its model was trained on synthetic data): "
                 "call the model with encoded tensors instead"
             )
-        cols = self._split(line)
+        cols = self._split(line, where)
         if self._headers and [c.strip() for c in cols] in self._headers:
             # Its column names would be scored as values (a categorical name is just an unseen value).
             raise ValueError(f"{where}: this is the header line, not data (score_file skips it; give data lines only)")
@@ -330,7 +333,7 @@ class ServedModel:
             lineno = 1
             header = self.parsing and self.parsing["header"]
             if header:
-                self._check_header(self._split(f.readline()), header, path)
+                self._check_header(self._split(f.readline(), f"{path}:1"), header, path)
                 lineno = 2
             batch: List[str] = []
             for line in f:

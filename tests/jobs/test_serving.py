@@ -1,6 +1,7 @@
 """The serving export: raw lines in, the exported model's logits out, with torch (and the export's
 kernel library) alone, in a process that never imports shark_torchrec."""
 
+import csv
 import importlib.util
 import json
 import os
@@ -330,6 +331,9 @@ def test_bad_serving_input_is_named(tmp_path):
         served.score_lines(["c,1,0,z,0.5,30", "c,1"])
     with pytest.raises(ValueError, match="line 1: column price: 'cheap' is not a number"):
         served.score_lines(["c,cheap,0,z,0.5,30"])
+    huge = "x" * (csv.field_size_limit() + 1)  # a line the csv module cannot read, as training names it
+    with pytest.raises(ValueError, match=r"line 2: the line cannot be read \(csv: field larger"):
+        served.score_lines(["c,1,0,z,0.5,30", f"c,1,0,{huge},0.5,30"])
     # The header given as data is refused (an all-categorical header would score as values).
     with pytest.raises(ValueError, match="line 2: this is the header line"):
         served.score_lines(["c,1,0,z,0.5,30", "site,price,click,city,noise,age"])
