@@ -513,4 +513,12 @@ def test_the_report_of_a_run_with_a_file_that_is_not_json_names_the_file(tmp_pat
         err = capsys.readouterr().err
         assert err.startswith(f"shark report: error: {run / name} cannot be read as JSON (")
         assert len(err.strip().splitlines()) == 1
+    # JSON, but not a record of such a run: the missing key is named as such.
+    (run / "stages.json").write_text(json.dumps({"base": {"embedding_bytes": 100}}))
+    (run / "base" / "metrics.json").write_text(json.dumps({"test_auc": 0.7, "test_logloss": 0.5}))
+    (run / "quantize").mkdir()
+    (run / "quantize" / "metrics.json").write_text(json.dumps({"dev_auc": 0.7}))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "a record of the run lacks '" in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "report.md").exists()
