@@ -285,14 +285,14 @@ def report_main(argv: List[str]) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: shark report RUN_DIR", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    from shark_torchrec.report import write_report
+    from shark_torchrec.report import RecordError, write_report
 
     try:
         print(write_report(argv[0]))
     except Exception as e:
         # A directory that is not a compression run's, or a file of it that cannot be read (a
         # user error, as the jobs' are: `_user_error`); anything else is ours, with its traceback.
-        if not (_user_error(e) or isinstance(e, KeyError)):
+        if not (_user_error(e) or isinstance(e, (KeyError, RecordError))):
             raise
         if isinstance(e, KeyError):  # (its own text is the bare key: 'test_auc')
             e = f"{argv[0]}: a record of the run lacks {e} (not a `shark compress` run directory?)"

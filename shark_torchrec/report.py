@@ -22,20 +22,23 @@ SERVED_NAMES = {
 }
 
 
+class RecordError(ValueError):
+    """A record of the run directory that cannot be read (the user's to mend: `shark report`
+    prints it as one line)."""
+
+
 def _load(path: Path) -> Optional[Any]:
     """A JSON file of the run directory, None when absent.
 
     Raises:
-        CheckpointError: the file is not JSON (a truncated or hand-edited record), naming it.
+        RecordError: the file is not JSON (a truncated or hand-edited record), naming it.
     """
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except ValueError as e:  # json's JSONDecodeError, or UnicodeDecodeError
-        from shark_torchrec.jobs.checkpoint import CheckpointError  # (imports torch: only when needed)
-
-        raise CheckpointError(f"{path} cannot be read as JSON ({e})") from e
+        raise RecordError(f"{path} cannot be read as JSON ({e})") from e
 
 
 def collect(run: Path) -> Dict[str, Any]:
@@ -51,7 +54,7 @@ def collect(run: Path) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: the directory is absent or has no stages.json with a base stage.
-        CheckpointError: one of its JSON files is not JSON (`_load`).
+        RecordError: one of its JSON files is not JSON (`_load`).
     """
     if not run.exists():
         raise FileNotFoundError(f"{run} not found")
@@ -170,7 +173,7 @@ def write_report(run: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: not a `shark compress` run directory (`collect`).
-        CheckpointError: one of its JSON files is not JSON (`collect`).
+        RecordError: one of its JSON files is not JSON (`collect`).
     """
     run = Path(run)
     info = collect(run)
