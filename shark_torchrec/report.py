@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from shark_torchrec.precision.priority import SERVED_GROUP_NAMES, SERVED_PRECISION_ORDER
 
@@ -41,6 +41,27 @@ def _load(path: Path) -> Optional[Any]:
         raise RecordError(f"{path} cannot be read as JSON ({e})") from e
 
 
+_RESULT_KEYS = ("test_auc", "test_logloss")
+
+
+def _record(path: Path, keys: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """A JSON object of the run directory holding `keys` (numbers), None when the file is absent.
+
+    Raises:
+        RecordError: the file is not JSON, not an object, or lacks one of `keys` (a record
+            written part way, hand-edited, or of another command), naming it.
+    """
+    record = _load(path)
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path} is not a record of this run (a JSON object is expected)")
+    missing = [k for k in keys if not isinstance(record.get(k), (int, float))]
+    if missing:
+        raise RecordError(f"{path} lacks {', '.join(missing)} (a record written part way, or of another run?)")
+    return record
+
+
 def collect(run: Path) -> Dict[str, Any]:
     """What the report shows, read from a `shark compress` run directory.
 
@@ -54,14 +75,20 @@ def collect(run: Path) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: the directory is absent or has no stages.json with a base stage.
-        RecordError: one of its JSON files is not JSON (`_load`).
+        RecordError: one of its JSON files is not JSON or not a record the report can read (an
+            object without the results it shows), or the base stage's results are missing
+            (`_record`).
     """
     if not run.exists():
         raise FileNotFoundError(f"{run} not found")
     stages = _load(run / "stages.json")
-    if not stages or "base" not in stages:
+    if not isinstance(stages, dict) or "base" not in stages:
         raise FileNotFoundError(f"{run} is not a `shark compress` run directory (no stages.json with a base stage)")
-    base = _load(run / "base" / "metrics.json") or {}
+    if not isinstance(stages["base"], dict) or not isinstance(stages["base"].get("embedding_bytes"), (int, float)):
+        raise RecordError(f"{run / 'stages.json'}: its base stage lacks embedding_bytes")
+    base = _record(run / "base" / "metrics.json", _RESULT_KEYS)
+    if base is None:
+        raise RecordError(f"{run / 'base' / 'metrics.json'} is missing: the base stage has no results to report")
     base_bytes = stages["base"]["embedding_bytes"]
     points: List[Dict[str, Any]] = [
         {"name": "base (fp32)", "auc": base.get("test_auc"), "logloss": base.get("test_logloss"), "memory": 1.0}
@@ -78,7 +105,7 @@ def collect(run: Path) -> Dict[str, Any]:
                     "memory": last["memory_ratio"],
                 }
             )
-    quant = _load(run / "quantize" / "metrics.json")
+    quant = _record(run / "quantize" / "metrics.json", (*_RESULT_KEYS, "embedding_bytes"))
     if quant:
         points.append(
             {
@@ -90,7 +117,7 @@ def collect(run: Path) -> Dict[str, Any]:
         )
     baselines = []
     for path in sorted((run / "baselines").glob("*/metrics.json")):
-        m = _load(path)
+        m = _record(path, (*_RESULT_KEYS, "embedding_bytes"))
         baselines.append(
             {
                 "name": path.parent.name,
@@ -173,7 +200,7 @@ def write_report(run: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: not a `shark compress` run directory (`collect`).
-        RecordError: one of its JSON files is not JSON (`collect`).
+        RecordError: one of its JSON files cannot be read as a record of the run (`collect`).
     """
     run = Path(run)
     info = collect(run)

@@ -513,12 +513,22 @@ def test_the_report_of_a_run_with_a_file_that_is_not_json_names_the_file(tmp_pat
         err = capsys.readouterr().err
         assert err.startswith(f"shark report: error: {run / name} cannot be read as JSON (")
         assert len(err.strip().splitlines()) == 1
-    # JSON, but not a record of such a run: the missing key is named as such.
+    # JSON, but not a record the report can read (an AttributeError, a TypeError of a None
+    # formatted, or the bare key before): named, one line.
     (run / "stages.json").write_text(json.dumps({"base": {"embedding_bytes": 100}}))
-    (run / "base" / "metrics.json").write_text(json.dumps({"test_auc": 0.7, "test_logloss": 0.5}))
     (run / "quantize").mkdir()
-    (run / "quantize" / "metrics.json").write_text(json.dumps({"dev_auc": 0.7}))
-    assert main(["report", str(run)]) == 2
-    err = capsys.readouterr().err
-    assert "a record of the run lacks '" in err and len(err.strip().splitlines()) == 1, err
+    results = json.dumps({"test_auc": 0.7, "test_logloss": 0.5})
+    for base, quant, says in (
+        ("[1]", None, "base/metrics.json is not a record of this run"),
+        (None, None, "base/metrics.json is missing"),
+        ('{"dev_auc": 0.7}', None, "base/metrics.json lacks test_auc, test_logloss"),
+        (results, '{"dev_auc": 0.7}', "quantize/metrics.json lacks test_auc, test_logloss, embedding_bytes"),
+    ):
+        for name, content in (("base/metrics.json", base), ("quantize/metrics.json", quant)):
+            (run / name).unlink(missing_ok=True)
+            if content is not None:
+                (run / name).write_text(content)
+        assert main(["report", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "report.md").exists()
