@@ -901,12 +901,15 @@ def export_checkpoint(
     def largest_difference(want, got) -> float:
         return max((w - g).abs().max().item() for w, g in zip(want, got)) if want else 0.0
 
+    # Each dev batch's real samples (not padding) and their labels, read once for every AUC below.
+    dev_real, real_labels = [], []
+    for b in data.batches("dev", qcfg.train.eval_batch_size):
+        dev_real.append(b.sample_weights > 0)
+        real_labels.append(b.labels[dev_real[-1]])
+    dev_labels = torch.cat(real_labels)
+
     def dev_auc(logits) -> float:
-        batches = list(data.batches("dev", qcfg.train.eval_batch_size))
-        real = [b.sample_weights > 0 for b in batches]
-        return binary_metrics(
-            torch.cat([x[r] for x, r in zip(logits, real)]), torch.cat([b.labels[r] for b, r in zip(batches, real)])
-        )["auc"]
+        return binary_metrics(torch.cat([x[r] for x, r in zip(logits, dev_real)]), dev_labels)["auc"]
 
     regrouped: Dict[str, Any] = {}
     trained_logits = None
