@@ -243,7 +243,6 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} (--{name.replace('_', '-')}) must be > 0")
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("train.epochs and train.max_steps must be >= 0")
-        _check_choices("train", self)  # (JobConfig.validate checks every group's, a TOML file's as it loads)
         if self.emb_optimizer_state != "fp32" and self.emb_optimizer != "rowwise_adagrad":
             raise ConfigError(
                 f"train.emb_optimizer_state={self.emb_optimizer_state} (--emb-optimizer-state) is row-wise "
@@ -559,6 +558,8 @@ class JobConfig:
         Returns:
             self; a ConfigError names the field and its flag.
         """
+        # Every group's choices first, so the groups' own checks see valid ones (a TOML file's
+        # are checked as it loads: `config_from_dict`).
         for section in _group_classes():
             _check_choices(section, getattr(self, section))
         for group in (self.dataset, self.model, self.train, self.quant, self.prune, self.compress):
