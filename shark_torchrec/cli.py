@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from shark_torchrec.config import parse_cli, percentage_hint
@@ -22,19 +24,33 @@ def _is_main_rank() -> bool:
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (SIGINT), as shells report it
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A job function named by its module and name, imported only when it runs: the flags are
+    parsed (and `--help` printed, or a bad flag refused) without importing torch and TorchRec,
+    which took `shark train --help` about 4 s; and with `--nproc` the parent process, which
+    only launches the ranks, never imports the job (each spawned rank does, unpickling this)."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args):
+        return getattr(importlib.import_module(self.module), self.name)(*args)
+
+
 def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[dict], int]:
     """Parse flags, run `job` on --nproc ranks (or the torchrun world); a user error
     (`_user_error`: a bad config, data, checkpoint, budget or id, or a file system error) on
     any rank is one line on stderr, and exit status 2; Ctrl-C is one line saying how to
     continue, and INTERRUPTED; any other exception is ours and propagates with its traceback.
     Returns (metrics or None, exit status)."""
-    from shark_torchrec.distributed.env import launch
-
     command = prog.split()[-1]
     base = checkpoint_defaults(argv)
     if command in ("train", "compress"):
         base = {**base, **resumed_run_defaults(argv)}
     cfg = parse_cli(argv, prog=prog, description=doc, base=base, command=command)
+    from shark_torchrec.distributed.env import launch  # torch: once the flags are known good
+
     with _noting_ctrl_c() as pressed:
         try:
             # Of several failed ranks, one with a user error is the cause: the others saw it leave.
@@ -150,13 +166,13 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
         `--checkpoint`) `quant`.
     """
     from shark_torchrec.config import _flag_value
-    from shark_torchrec.jobs.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 
     path, groups = _flag_value(argv, "--checkpoint"), ("dataset", "model", "quant")
     if not path:
         path, groups = _flag_value(argv, "--init-from"), ("dataset", "model")
     if not path:
         return {}
+    from shark_torchrec.jobs.checkpoint import CheckpointError, read_meta, resolve_checkpoint  # torch
     try:
         saved = read_meta(resolve_checkpoint(path)).get("config", {})
     except (CheckpointError, OSError, ValueError):
@@ -219,8 +235,6 @@ def _leave(code: int) -> int:
 
 def train_main(argv: List[str]) -> int:
     """Train DLRM under DistributedModelParallel (TorchRec planner, TrainPipelineSparseDist)."""
-    from shark_torchrec.jobs.trainer import train_job
-
     keys = (
         "out_dir",
         "test_auc",
@@ -230,16 +244,14 @@ def train_main(argv: List[str]) -> int:
         "optimizer_bytes",
         "fp32_embedding_bytes",
     )
-    return _job_main("shark train", train_job, argv, train_main.__doc__ or "", keys)
+    return _job_main("shark train", _Job("shark_torchrec.jobs.trainer", "train_job"), argv, train_main.__doc__ or "", keys)
 
 
 def importance_main(argv: List[str]) -> int:
     """Rank feature fields by importance (F-Permutation's Taylor score, Permutation, random)."""
-    from shark_torchrec.jobs.prune import importance_job
-
     return _job_main(
         "shark importance",
-        importance_job,
+        _Job("shark_torchrec.jobs.prune", "importance_job"),
         argv,
         importance_main.__doc__ or "",
         ("method", "model_dev_auc", "model_test_auc", "scoring_seconds", "ranking"),
@@ -248,16 +260,12 @@ def importance_main(argv: List[str]) -> int:
 
 def prune_main(argv: List[str]) -> int:
     """Prune feature fields iteratively (score, remove, fine-tune, evaluate; paper Algorithm 1)."""
-    from shark_torchrec.jobs.prune import prune_job
-
     keys = ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason")
-    return _job_main("shark prune", prune_job, argv, prune_main.__doc__ or "", keys)
+    return _job_main("shark prune", _Job("shark_torchrec.jobs.prune", "prune_job"), argv, prune_main.__doc__ or "", keys)
 
 
 def compress_main(argv: List[str]) -> int:
     """Compress a model: train (or --checkpoint), prune fields (F-P), quantize rows (F-Q), evaluate."""
-    from shark_torchrec.jobs.compress import compress_job
-
     keys = (
         "out_dir",
         "base_test_auc",
@@ -269,7 +277,7 @@ def compress_main(argv: List[str]) -> int:
         "pruned_fields",
         "targets",  # the served model's memory and AUC drop against --target-memory and --max-auc-drop
     )
-    return _job_main("shark compress", compress_job, argv, compress_main.__doc__ or "", keys)
+    return _job_main("shark compress", _Job("shark_torchrec.jobs.compress", "compress_job"), argv, compress_main.__doc__ or "", keys)
 
 
 def report_main(argv: List[str]) -> int:
