@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -147,8 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ids_by_row(
       TORCH_CHECK(n >= 0 && n <= nnz - at_id, "lengths: bag ", bag, " has ", n, " ids where ", nnz - at_id,
                   " remain");
       for (int64_t k = at_id; k < at_id + n; ++k) {
-        const int64_t row = first_row + vp[k];
-        TORCH_CHECK(row >= 0, "shark::ids_by_row: id ", vp[k], " of bag ", bag, " reads row ", row, " (< 0)");
+        int64_t row = -1;
+        const bool wrapped = __builtin_add_overflow(first_row, vp[k], &row);
+        TORCH_CHECK(!wrapped && row >= 0, "shark::ids_by_row: id ", vp[k], " of bag ", bag, " reads row ",
+                    wrapped ? std::string("beyond int64") : std::to_string(row), " (feature base ", first_row, ")");
         sp[k] = bag;
         key[k] = static_cast<uint64_t>(row);
         most = std::max(most, key[k]);

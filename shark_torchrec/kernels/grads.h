@@ -67,6 +67,17 @@ struct IdRuns {
       start[u + 1] = start[u] + cp[u];
     }
     TORCH_CHECK(start[U] == nnz, op, ": counts add up to ", start[U], ", there are ", nnz, " ids");
+    TORCH_CHECK(!wp_ || w_.numel() == nnz, op, ": per_sample_weights: one per id (", nnz, "), got ", w_.numel());
+    TORCH_CHECK(!labp_ || l_.numel() == nnz, op, ": labels: one per id (", nnz, "), got ", l_.numel());
+    // Every id's place in the order and, pooled, its bag index the gradient and the lengths:
+    // values out of range read (and under a sanitizer, crashed) outside them.
+    const int64_t* ord = o_.data_ptr<int64_t>();
+    const int64_t* sg = s_.data_ptr<int64_t>();
+    for (int64_t k = 0; k < nnz; ++k) {
+      TORCH_CHECK(ord[k] >= 0 && ord[k] < nnz, op, ": order[", k, "] = ", ord[k], " is no id of ", nnz);
+      TORCH_CHECK(pooling == 2 || (sg[k] >= 0 && sg[k] < F * B), op, ": seg[", k, "] = ", sg[k], " is no bag of ",
+                  F * B);
+    }
     // bag / B by a multiply and a shift (Lemire, Kaser and Kurz, "Faster remainder by direct
     // computation", 2019: exact for 32-bit bags and B) instead of a 64-bit division an id,
     // which was most of this pass's time of its own.

@@ -355,7 +355,7 @@ at::Tensor lookup_with(const char* op, const Locator& loc, const int64_t* rb, co
           int64_t prev = first_bad.load();
           while (i < prev && !first_bad.compare_exchange_weak(prev, i)) {
           }
-        } else if (base[f] + id >= map_rows) {
+        } else if (id >= map_rows - base[f]) {  // not base + id: a huge base wrapped it negative (skipped)
           layout_bad = true;
         } else {
           key = base[f] + id;

@@ -90,8 +90,10 @@ def check_tables(
         raise ValueError(f"{op}: row_alignment must be positive")
     if not 0 < group_offsets.numel() <= GROUPS:
         raise ValueError(f"{op}: one to 5 group tables expected, got {group_offsets.numel()}")
-    # The kernels read fp32 and fp16 rows as such: their addresses must be aligned.
     offs = group_offsets.tolist()
+    if min(offs) < 0:  # a row at a negative offset would be read before the buffer
+        raise ValueError(f"{op}: group_offsets must be >= 0")
+    # The kernels read fp32 and fp16 rows as such: their addresses must be aligned.
     rb = row_bytes(dim, row_alignment)
     if weights.data_ptr() % 4 or offs[0] % 4 or rb[0] % 4 or (len(offs) > 1 and (offs[1] % 2 or rb[1] % 2)):
         raise ValueError(

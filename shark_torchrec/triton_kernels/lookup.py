@@ -83,7 +83,7 @@ def _locate_kernel(
             tl.atomic_min(bad_ptr, first_bad)
         located = live & ok
         key = base + idx
-        in_map = key < map_rows
+        in_map = idx < map_rows - base  # not key < map_rows: a huge base wraps the key negative
         if IDENTITY:  # no stored map: a row's number is its key
             m = tl.where(located & in_map, key, 0).to(tl.int32)
         else:
@@ -220,6 +220,8 @@ def mixed_lookup(
         raise ValueError(f"ids_per_block must be a power of 2, not {ids_per_block}")
     if pooling not in POOLING_CODES:
         raise ValueError(f"pooling must be one of {sorted(POOLING_CODES)}, not {pooling!r}")
+    if feature_base.numel() and int(feature_base.min()) < 0:  # keys before the row map: read out of range
+        raise ValueError("triton mixed_lookup: feature_base must be >= 0")
     dev = weights.device
     F, B, D = feature_base.numel(), batch_size, dim
     values = values.to(device=dev, dtype=torch.int64).contiguous()

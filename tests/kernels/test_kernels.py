@@ -951,3 +951,51 @@ def test_arguments_that_defeat_a_total_are_refused_not_read_out_of_range():
 
     with pytest.raises(RuntimeError, match="rows must lie in"):
         split_ranking_keys(torch.rand(4), (1 << 63) - 2, torch.empty(4, dtype=torch.int64))
+
+
+def test_ids_and_bags_out_of_range_are_refused_not_read():
+    """Found by a review after the sanitizer run: the order's and the bags' values (not only
+    their counts), the weights' and labels' lengths, and a feature base so large that base +
+    id wrapped negative (the lookup skipped such an id: zeros, no error). Each read out of
+    range (a crash, or garbage) or was silently wrong; each is now a clear error."""
+    from shark_torchrec.kernels import POOLING_CODES
+
+    gen = torch.Generator().manual_seed(5)
+    w, offsets, row_map, ends, shift = random_layout(gen, [50], 8)
+
+    def lookup(base):
+        return mixed_lookup(
+            w, offsets, row_map, ends, shift, torch.tensor([base]), torch.tensor([50]), torch.tensor([3]),
+            torch.tensor([1]), None, 8, 1, "sum", 1, ["x"],
+        )
+
+    with pytest.raises(RuntimeError, match="outside the group tables|row map"):
+        lookup((1 << 63) - 2)  # + 3 wrapped negative
+    assert lookup(0).abs().sum() > 0
+
+    grad, lengths = torch.randn(1, 8), torch.tensor([2])
+
+    def row_grads(order, seg, psw=None, labels=None, pooling="sum"):
+        return torch.ops.shark.row_grads(
+            grad, torch.tensor(order), torch.tensor([2]), torch.tensor(seg), lengths, psw, labels, 1,
+            POOLING_CODES[pooling], 8,
+        )
+
+    for order, seg, says in (
+        ([0, 3], [0, 0], r"order\[1\] = 3 is no id of 2"),
+        ([0, 1 << 40], [0, 0], "is no id of 2"),
+        ([0, 1], [0, 1 << 40], r"seg\[1\] = 1099511627776 is no bag of 1"),
+        ([0, 1], [0, 5], "is no bag of 1"),
+        ([0, 1], [-1, 0], "is no bag of 1"),
+    ):
+        for pooling in ("sum", "mean"):
+            with pytest.raises(RuntimeError, match=says):
+                row_grads(order, seg, pooling=pooling)
+    with pytest.raises(RuntimeError, match=r"per_sample_weights: one per id \(2\), got 1"):
+        row_grads([0, 1], [0, 0], psw=torch.tensor([1.0]))
+    with pytest.raises(RuntimeError, match=r"labels: one per id \(2\), got 3"):
+        row_grads([0, 1], [0, 0], labels=torch.tensor([1.0, 0.0, 1.0]))
+    assert row_grads([1, 0], [0, 0], psw=torch.tensor([1.0, 2.0]), labels=torch.tensor([1.0, 0.0]))[0].shape[0] == 1
+
+    with pytest.raises(RuntimeError, match="beyond int64"):
+        torch.ops.shark.ids_by_row(torch.tensor([5]), torch.tensor([1]), torch.tensor([(1 << 63) - 2]), 1)

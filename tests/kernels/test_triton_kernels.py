@@ -303,6 +303,14 @@ def test_lookup_arguments_the_cpp_op_refuses_are_refused():
     unaligned.copy_(w)
     with pytest.raises(ValueError, match="fp32 rows must start at multiples of 4 bytes"):
         call(weights=unaligned)
+    # A negative base read before the row map (a row of another feature, garbage, or a crash);
+    # a base so large that base + id wrapped negative passed as within the map. As the C++ op:
+    with pytest.raises(ValueError, match="feature_base must be >= 0"):
+        call(feature_base=base - base.max() - 2)
+    with pytest.raises(ValueError, match="points outside the group tables"):
+        call(feature_base=torch.full_like(base, (1 << 63) - 2))
+    with pytest.raises(ValueError, match="group_offsets must be >= 0"):
+        call(group_offsets=offsets - offsets.max() - 4)
 
 
 def test_update_refuses_rows_outside_the_buffer_and_skips_dropped_keys_before_their_noise():
