@@ -933,8 +933,16 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
   float* o = old.data_ptr<float>();
   float* k = steps.data_ptr<float>();
   const int32_t before = static_cast<int32_t>(step - 1);  // the torch code's int32 arithmetic
+  // Each row's score and step are read at random (the keys come sorted, far apart) and written
+  // back in a second pass, after the power; a step's rows outgrow the core's cache in between,
+  // so both passes prefetch them kAhead rows ahead, for writing.
+  constexpr int64_t kAhead = 16;
   at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      if (i + kAhead < e) {
+        __builtin_prefetch(score + key[i + kAhead], 1);
+        __builtin_prefetch(seen + key[i + kAhead], 1);
+      }
       o[i] = score[key[i]];
       const int32_t d = before - seen[key[i]];
       k[i] = static_cast<float>(d < 0 ? 0 : d);
@@ -948,6 +956,10 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
   const int32_t now = static_cast<int32_t>(step);
   at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      if (i + kAhead < e) {
+        __builtin_prefetch(score + key[i + kAhead], 1);
+        __builtin_prefetch(seen + key[i + kAhead], 1);
+      }
       const float prev = o[i] * w[i];
       const float seen_now = a * pos[i] + neg[i];
       score[key[i]] = keep * prev + rate * seen_now;
