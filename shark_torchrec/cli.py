@@ -54,7 +54,9 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[
     with _noting_ctrl_c() as pressed:
         try:
             # Of several failed ranks, one with a user error is the cause: the others saw it leave.
-            return launch(job, cfg.run.nproc, cfg, prefer=(*_user_error_types(), ValueError)), 0
+            # User errors first, then a ValueError, then any: tests, so that the error types
+            # (modules that import TorchRec) are imported only once a rank failed.
+            return launch(job, cfg.run.nproc, cfg, prefer=(_user_error, lambda e: isinstance(e, ValueError))), 0
         except BaseException as e:
             failure = e
     if pressed or _interrupted(failure):

@@ -10,7 +10,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -100,7 +100,10 @@ def shutdown_distributed() -> None:
 
 
 def launch(
-    fn: Callable[..., Any], nproc: int, *args: Any, prefer: Tuple[Type[BaseException], ...] = (ValueError, OSError)
+    fn: Callable[..., Any],
+    nproc: int,
+    *args: Any,
+    prefer: Sequence[Callable[[BaseException], bool]] = (lambda e: isinstance(e, (ValueError, OSError)),),
 ) -> Any:
     """Run `fn(*args)` on `nproc` local ranks and return rank 0's result.
 
@@ -112,9 +115,11 @@ def launch(
         fn: a module-level function (spawned ranks import it).
         nproc: local ranks.
         args: its arguments (picklable).
-        prefer: when ranks fail, the exception re-raised here is the first (by rank) of these
-            types, else the first of any type: a rank that failed with a user error (a bad
-            config, a bad line) is the cause, and the others only saw their peer leave.
+        prefer: when ranks fail, the exception re-raised here is the first (by rank) that the
+            first of these tests accepts, else that the second accepts, and so on, else the
+            first of any: a rank that failed with a user error (a bad config, a bad line) is
+            the cause, and the others only saw their peer leave. Tests rather than types, so
+            that the caller's error types need not be imported before a failure.
 
     Returns:
         What rank 0's `fn` returned.
@@ -160,8 +165,8 @@ def launch(
             failures = _read_failures(Path(failures_dir))
             if not failures:
                 raise
-            preferred = [f for f in failures if isinstance(f[1], prefer)] or failures
-            rank, error, text = preferred[0]
+            ranked = [next((t for t, test in enumerate(prefer) if test(f[1])), len(prefer)) for f in failures]
+            rank, error, text = failures[ranked.index(min(ranked))]
             if error is not None:
                 error.add_note(f"raised on rank {rank}:\n{text.rstrip()}")
                 raise error from None

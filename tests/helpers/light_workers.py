@@ -51,3 +51,23 @@ def unpack_on_rank_1() -> int:
         width, depth = [1, 2, 3]
         return width * depth
     return 0
+
+
+def fault_on_0_user_error_on_1(cfg) -> int:
+    """A job of both ranks failing: rank 1 with a user error (ConfigError), rank 0, once rank 1
+    is about to raise (a file in the run's --out folder says so), with a fault of ours (a
+    ValueError)."""
+    import os
+
+    from shark_torchrec.config import ConfigError
+
+    folder = Path(cfg.run.out_dir)
+    me, peer = ("rank1", "rank0") if os.environ.get("RANK") == "1" else ("rank0", "rank1")
+    if me == "rank0":
+        (folder / me).write_text("")  # rank 0 is up: rank 1 may fail (the launcher then stops rank 0)
+    while not (folder / peer).exists():
+        time.sleep(0.01)
+    if me == "rank1":
+        (folder / me).write_text("")
+        raise ConfigError("train.lr=0.0 (--lr) must be > 0")
+    raise ValueError("too many values to unpack (expected 2)")

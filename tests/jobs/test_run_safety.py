@@ -534,3 +534,16 @@ def test_a_fault_of_ours_on_a_spawned_rank_shows_that_ranks_traceback():
     assert str(raised.value) == "too many values to unpack (expected 2)"
     (note,) = raised.value.__notes__
     assert note.startswith("raised on rank 1:\nTraceback") and "in unpack_on_rank_1" in note
+
+
+def test_a_user_error_on_one_rank_outranks_a_fault_on_another(tmp_path, capsys):
+    """With several ranks failed, a user error (here rank 1's bad flag) is what the command
+    reports, before a ValueError of a lower rank (rank 0's, which the user could not act on):
+    the CLI ranks user errors first, then ValueError, then any. A flat list of types took the
+    first rank that any of them matched, and showed rank 0's traceback."""
+    from helpers.light_workers import fault_on_0_user_error_on_1
+    from shark_torchrec import cli
+
+    argv = ["--out", str(tmp_path), "--nproc", "2"]
+    assert cli._run("shark train", fault_on_0_user_error_on_1, argv, "") == (None, 2)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "shark train: error: train.lr=0.0 (--lr) must be > 0"
