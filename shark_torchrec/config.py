@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -192,6 +193,11 @@ class ModelConfig:
             )
 
 
+# The sharding types TorchRec has for an embedding collection (`torchrec.distributed.types.
+# ShardingType`'s values; named here, as this module imports no TorchRec).
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise", "data_parallel")
+
+
 @dataclass
 class TrainConfig:
     """The `[train]` group: seed, epochs, batch sizes, optimizers, evaluation and sharding choices."""
@@ -239,8 +245,19 @@ class TrainConfig:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError("train.batch_size and train.eval_batch_size must be positive")
         for name in ("lr", "dense_lr", "eps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"train.{name}={getattr(self, name)} (--{name.replace('_', '-')}) must be > 0")
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"train.{name}={value} (--{name.replace('_', '-')}) must be > 0")
+            if not math.isfinite(value):  # inf trained the rows to nan, or not at all (eps)
+                raise ConfigError(f"train.{name}={value} (--{name.replace('_', '-')}) must be finite")
+        unknown = [t for t in self.sharding_types if t not in SHARDING_TYPES]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], SHARDING_TYPES, n=1)
+            raise ConfigError(
+                f"train.sharding_types (--sharding-types): unknown {', '.join(map(repr, unknown))}"
+                + (f" (did you mean {near[0]}?)" if near else "")
+                + f"; the types are {', '.join(SHARDING_TYPES)}"
+            )
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("train.epochs and train.max_steps must be >= 0")
         if self.emb_optimizer_state != "fp32" and self.emb_optimizer != "rowwise_adagrad":

@@ -154,6 +154,14 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
             "--memory-budget 10%: a fraction, not a percentage: for 10% give 0.1",
         ),
         (["--fp32-fraction=2%"], "--fp32-fraction 2%: a fraction, not a percentage: for 2% give 0.02"),
+        # a misspelt sharding type reached TorchRec's planner as a traceback
+        (["--sharding-types", "table_wise", "tablewise"], "unknown 'tablewise' (did you mean table_wise?)"),
+        # infinities and nan passed the "> 0" and "not < 0" checks
+        (["--lr", "inf"], "train.lr=inf (--lr) must be finite"),
+        (["--dense-lr", "inf"], "(--dense-lr) must be finite"),
+        (["--eps", "inf"], "(--eps) must be finite"),
+        (["--precision", "shark", "--alpha", "nan"], "alpha must be a finite number >= 0, got nan"),
+        (["--precision", "shark", "--alpha", "inf"], "alpha must be a finite number >= 0, got inf"),
     ],
 )
 def test_silently_wrong_flags_are_refused_by_name(flags, named, capsys):

@@ -158,11 +158,28 @@ def plan_on(
     first = sharding_types(cfg, topology.compute_device)
     every = sharding_types(cfg, topology.compute_device, fallback=True)
     try:
-        return make_planner(topology, sharding_constraints(tables, first)).plan(model, list(sharders))
-    except PlannerError:
-        if every == first:
+        try:
+            return make_planner(topology, sharding_constraints(tables, first)).plan(model, list(sharders))
+        except PlannerError:
+            if every == first:
+                raise
+        return make_planner(topology, sharding_constraints(tables, every)).plan(model, list(sharders))
+    except (PlannerError, RuntimeError) as e:
+        # Types the user named that the sharders do not offer here (TorchRec's enumerator: a
+        # RuntimeError) or that no plan fits in: the flag's to change, one line.
+        if not cfg.sharding_types or not (isinstance(e, PlannerError) or "No available sharding type" in str(e)):
             raise
-    return make_planner(topology, sharding_constraints(tables, every)).plan(model, list(sharders))
+        kinds = {type(m) for m in model.modules()}  # the planner picks a module's sharder by its exact type
+        offered = [t for s in sharders if s.module_type in kinds for t in s.sharding_types(topology.compute_device)]
+        offered = sorted(set(offered), key=offered.index)
+        if isinstance(e, PlannerError):
+            reason = f"no plan fits: {str(e).strip().splitlines()[0] if str(e).strip() else 'PlannerError'}"
+        else:
+            reason = "not offered there"
+        raise ConfigError(
+            f"train.sharding_types (--sharding-types {' '.join(cfg.sharding_types)}) on "
+            f"{topology.compute_device}: {reason}; this model's sharders offer {', '.join(offered)} there"
+        ) from e
 
 
 def plan_sharding(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
@@ -255,8 +257,8 @@ class PrecisionPolicy:
             raise bad("fp32_fraction", f"must be in [0, 1], got {self.fp32_fraction}")
         if not 0 < self.beta <= 1:
             raise bad("beta", f"must be in (0, 1], got {self.beta}")
-        if self.alpha < 0:
-            raise bad("alpha", f"must be >= 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):  # nan and inf passed "not < 0"
+            raise bad("alpha", f"must be a finite number >= 0, got {self.alpha}")
         if self.reassign_every < 1:
             raise bad("reassign_every", f"must be >= 1, got {self.reassign_every}")
 

@@ -12,6 +12,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingType
 
 from helpers import mp_workers as W
+from shark_torchrec.config import ConfigError
 from shark_torchrec.distributed.env import init_distributed, shutdown_distributed
 from shark_torchrec.distributed.mixed_precision import (
     MixedPrecisionEmbeddingBagCollectionSharder,
@@ -190,5 +191,37 @@ def test_a_table_no_rank_holds_is_split_row_wise():
     cap = int(0.8 * shard_bytes(W.policy().resolved([32]), "t0", 200_000, 200_000, 32))
     assert planned_types(module, cap=cap) == {ShardingType.ROW_WISE.value}
     assert planned_types(module, cap=10**9) == {ShardingType.TABLE_WISE.value}
-    with pytest.raises(PlannerError):
+    with pytest.raises(ConfigError, match=r"--sharding-types table_wise\) on cpu: no plan fits") as e:
         planned_types(module, cap=cap, sharding_types=(ShardingType.TABLE_WISE.value,))
+    assert isinstance(e.value.__cause__, PlannerError)
+
+
+def test_named_sharding_types_no_sharder_offers_are_the_flags_error():
+    """`--sharding-types row_wise` for stock tables on CPU, where TorchRec's bag sharder offers
+    no row-wise type: one line naming the flag and what the model's sharders do offer there
+    (TorchRec's enumerator raised a RuntimeError, a traceback)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from shark_torchrec.config import TrainConfig
+    from shark_torchrec.distributed.sharding import plan_on
+
+    module = EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=10, feature_names=["f0"])],
+        device=torch.device("meta"),
+    )
+    topology = Topology(world_size=1, local_world_size=1, compute_device="cpu")
+    sharders = [EmbeddingBagCollectionSharder(), MixedPrecisionEmbeddingBagCollectionSharder()]
+    with pytest.raises(ConfigError, match=r"--sharding-types row_wise\) on cpu: not offered there; this model's sharders offer (?!.*row_wise).*table_wise"):
+        plan_on(module, sharders, topology, TrainConfig(sharding_types=("row_wise",)))
+
+
+def test_the_configs_sharding_type_names_are_torchrecs():
+    """config.SHARDING_TYPES (the names `--sharding-types` takes, checked without importing
+    TorchRec) are TorchRec's own for a collection, every one the planner may be given."""
+    from shark_torchrec.config import SHARDING_TYPES
+    from shark_torchrec.distributed import sharding
+
+    assert set(SHARDING_TYPES) == set(sharding._ALL_TYPES)
+    assert set(SHARDING_TYPES) <= {t.value for t in ShardingType}
