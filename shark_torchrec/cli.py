@@ -302,10 +302,8 @@ def report_main(argv: List[str]) -> int:
     except Exception as e:
         # A directory that is not a compression run's, or a file of it that cannot be read (a
         # user error, as the jobs' are: `_user_error`); anything else is ours, with its traceback.
-        if not (_user_error(e) or isinstance(e, (KeyError, RecordError))):
+        if not (_user_error(e) or isinstance(e, RecordError)):
             raise
-        if isinstance(e, KeyError):  # (its own text is the bare key: 'test_auc')
-            e = f"{argv[0]}: a record of the run lacks {e} (not a `shark compress` run directory?)"
         print(f"shark report: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -62,6 +62,85 @@ def _record(path: Path, keys: Sequence[str]) -> Optional[Dict[str, Any]]:
     return record
 
 
+def _need(record: Any, path: Path, what: str, keys: Sequence[str]) -> None:
+    """Refuse a part of a run's record that is no object or lacks keys the report reads.
+
+    Args:
+        record: the part (a stage, a log entry, the targets, ...).
+        path: the file it was read from, for the message.
+        what: which part of the file it is, for the message.
+        keys: the keys the report reads from it.
+
+    Raises:
+        RecordError: naming the file, the part and the keys it lacks.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: {what} is not a JSON object")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise RecordError(f"{path}: {what} lacks {', '.join(missing)} (a record written part way, or of another run?)")
+
+
+def _list_of_objects(path: Path, what: str, keys: Sequence[str]) -> Optional[List[Dict[str, Any]]]:
+    """A JSON file of the run holding a list of objects with `keys`, None when absent.
+
+    Raises:
+        RecordError: not JSON, not a list, or an entry that is no object or lacks keys.
+    """
+    entries = _load(path)
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise RecordError(f"{path} is not a record of this run (a JSON list is expected)")
+    for i, entry in enumerate(entries):
+        _need(entry, path, f"{what} {i}", keys)
+    return entries
+
+
+def _checked_records(run: Path, stages: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's records beside the stage results, each checked for the keys the report reads:
+    the pruning log, the field importance, the export record and the targets of the run's
+    metrics (None where absent).
+
+    Raises:
+        RecordError: a file that is not the JSON it should be, or a part lacking keys, named.
+    """
+    if "prune" in stages:
+        _need(stages["prune"], run / "stages.json", "the prune stage", ("pruned_fields", "stop_reason", "kept_fields"))
+    if "quantize" in stages:
+        _need(stages["quantize"], run / "stages.json", "the quantize stage", ("budget", "test_auc"))
+    log_keys = ("iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "test_logloss", "accepted")
+    prune_log = _list_of_objects(run / "prune" / "prune_log.json", "entry", log_keys)
+    importance_path = run / "prune" / "importance" / "importance.json"
+    importance = _load(importance_path)
+    if importance is not None:
+        _need(importance, importance_path, "the importance record", ("ranking",))
+        if not isinstance(importance["ranking"], list):
+            raise RecordError(f"{importance_path}: its ranking is not a list")
+        for i, r in enumerate(importance["ranking"]):
+            _need(r, importance_path, f"ranking entry {i}", ("field", "score"))
+    export_path = run / "export" / "export.json"
+    export = _load(export_path)
+    if export is not None:
+        _need(
+            export,
+            export_path,
+            "the export record",
+            ("fp32_bytes", "torchrec_int8_bytes", "inference_bytes", "max_abs_logit_diff_dev"),
+        )
+    metrics_path = run / "metrics.json"
+    metrics = _load(metrics_path)
+    if metrics is not None:
+        _need(metrics, metrics_path, "the run's metrics", ())
+        targets = metrics.get("targets")
+        if targets:
+            keys = ["memory_ratio", "target_memory", "memory_met"]
+            if isinstance(targets, dict) and "auc_drop" in targets:
+                keys += ["auc_drop_upper_bound_95", "max_auc_drop", "auc_met"]
+            _need(targets, metrics_path, "its targets", keys)
+    return {"prune_log": prune_log, "importance": importance, "export": export, "metrics": metrics}
+
+
 def collect(run: Path) -> Dict[str, Any]:
     """What the report shows, read from a `shark compress` run directory.
 
@@ -71,7 +150,7 @@ def collect(run: Path) -> Dict[str, Any]:
     Returns:
         {"stages", "points" (base, F-P, F-Q + F-P: name, test AUC and log loss, memory),
         "baselines" (the same, per RUN_DIR/baselines/<name>), "prune_log", "export",
-        "importance"}; absent files read as empty or None.
+        "importance", "metrics" (the run's own)}; absent files read as empty or None.
 
     Raises:
         FileNotFoundError: the directory is absent or has no stages.json with a base stage.
@@ -93,7 +172,8 @@ def collect(run: Path) -> Dict[str, Any]:
     points: List[Dict[str, Any]] = [
         {"name": "base (fp32)", "auc": base.get("test_auc"), "logloss": base.get("test_logloss"), "memory": 1.0}
     ]
-    prune_log = _load(run / "prune" / "prune_log.json") or []
+    records = _checked_records(run, stages)
+    prune_log = records["prune_log"] or []
     if "prune" in stages:
         last = next((r for r in reversed(prune_log) if r["accepted"]), None)
         if last:
@@ -131,8 +211,9 @@ def collect(run: Path) -> Dict[str, Any]:
         "points": points,
         "baselines": baselines,
         "prune_log": prune_log,
-        "export": _load(run / "export" / "export.json"),
-        "importance": _load(run / "prune" / "importance" / "importance.json"),
+        "export": records["export"],
+        "importance": records["importance"],
+        "metrics": records["metrics"],
     }
 
 
@@ -217,7 +298,7 @@ def write_report(run: str | Path) -> Path:
             f"{100 * served['memory']:.1f}% |"
         )
     lines += ["", "![AUC against memory](report_auc_vs_memory.png)", ""]
-    t = (_load(run / "metrics.json") or {}).get("targets")
+    t = (info["metrics"] or {}).get("targets")
     if t:
         who = "" if t.get("served", "final") == "final" else f"The served model is {SERVED_NAMES[t['served']]}. "
         got = who + f"Memory: {t['memory_ratio']:.3f} of the base model's bytes, target {t['target_memory']}: "

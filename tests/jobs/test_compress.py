@@ -532,3 +532,46 @@ def test_the_report_of_a_run_with_a_file_that_is_not_json_names_the_file(tmp_pat
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (run / "report.md").exists()
+    # The run's other records (found by a review: the export record and the run's metrics as
+    # [1] were an AttributeError's traceback), each part the report reads.
+    (run / "quantize" / "metrics.json").unlink()
+    (run / "base" / "metrics.json").write_text(results)
+    (run / "prune" / "importance").mkdir(parents=True)
+    (run / "export").mkdir()
+    entry = {"iteration": 1, "removed": ["c1"], "memory_ratio": 0.5, "dev_auc": 0.7, "test_auc": 0.7}
+    for name, content, says in (
+        ("export/export.json", "[1]", "export/export.json: the export record is not a JSON object"),
+        ("export/export.json", '{"fp32_bytes": 1}', "export/export.json: the export record lacks torchrec_int8_bytes"),
+        ("metrics.json", "[1]", "metrics.json: the run's metrics is not a JSON object"),
+        ("metrics.json", '{"targets": {"memory_ratio": 0.3}}', "metrics.json: its targets lacks target_memory, memory_met"),
+        ("prune/prune_log.json", '{"iteration": 1}', "prune/prune_log.json is not a record of this run (a JSON list"),
+        ("prune/prune_log.json", json.dumps([entry]), "prune/prune_log.json: entry 0 lacks test_logloss, accepted"),
+        ("prune/importance/importance.json", "{}", "importance.json: the importance record lacks ranking"),
+        ("prune/importance/importance.json", '{"ranking": [{"field": "c1"}]}', "ranking entry 0 lacks score"),
+    ):
+        (run / name).write_text(content)
+        assert main(["report", str(run)]) == 2, name
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        (run / name).unlink()
+    assert main(["report", str(run)]) == 0
+    capsys.readouterr()
+
+
+def test_a_fault_of_the_report_itself_is_a_traceback(tmp_path, monkeypatch):
+    """A KeyError the report raises on records it has checked is a fault of ours: a traceback,
+    not "a record of the run lacks ..." with exit status 2 as before."""
+    from shark_torchrec import report
+    from shark_torchrec.cli import main
+
+    run = tmp_path / "run"
+    (run / "base").mkdir(parents=True)
+    (run / "stages.json").write_text(json.dumps({"base": {"embedding_bytes": 100}}))
+    (run / "base" / "metrics.json").write_text(json.dumps({"test_auc": 0.7, "test_logloss": 0.5}))
+
+    def broken(info, path):
+        raise KeyError("auc")
+
+    monkeypatch.setattr(report, "plot", broken)
+    with pytest.raises(KeyError):
+        main(["report", str(run)])
