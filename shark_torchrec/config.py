@@ -616,12 +616,15 @@ class JobConfig:
                 f"(0, {MAX_MEMORY_BUDGET:g}]"
                 + (f": for {q.memory_budget:g}% give {q.memory_budget / 100:g}" if percent else "")
             )
+        from shark_torchrec.modules.precision_policy import PolicyError
+        from shark_torchrec.precision.priority import BudgetError
+
         try:
             # The policy's own rules (tiers, fractions, thresholds, a reachable budget at this
             # dim), checked here so that a bad config stops before any work.
             policy = q.policy(t.lr, t.eps, t.seed, t.emb_optimizer, t.emb_optimizer_state)
             policy.resolved([m.embedding_dim])
-        except ValueError as e:
+        except (PolicyError, BudgetError) as e:
             raise ConfigError(f"quant: {e}") from e
         if t.emb_optimizer_state != "fp32" and q.precision == "fp32":
             raise ConfigError(
@@ -641,9 +644,12 @@ class JobConfig:
         if c.serve_tiers:
             from shark_torchrec.precision.priority import SERVED_ONLY, check_served_tiers
 
+            serve = split_tiers(c.serve_tiers)
             try:
-                serve = split_tiers(c.serve_tiers)
                 check_served_tiers(serve, m.embedding_dim)
+            except ValueError as e:  # its refusals of the names (it raises nothing else)
+                raise ConfigError(f"compress.serve_tiers (--serve-tiers): {e}") from e
+            try:
                 stored = tuple(t for t in serve if t not in SERVED_ONLY)  # the export's own tiers
                 if len(stored) > 1 or "int1" not in serve:
                     # As the export will build it: the quantize stage trains with shark (or freq) rows.
@@ -657,7 +663,7 @@ class JobConfig:
                         t8=None,
                         t16=None,
                     ).resolved([m.embedding_dim])
-            except ValueError as e:
+            except (PolicyError, BudgetError) as e:
                 raise ConfigError(f"compress.serve_tiers (--serve-tiers): {e}") from e
         return self
 

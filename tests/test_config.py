@@ -418,3 +418,18 @@ def test_help_and_bad_flags_are_answered_before_torch_is_imported():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_fault_inside_the_policy_check_is_not_taken_for_the_users_error(monkeypatch):
+    """The policy's own refusals (PolicyError, BudgetError) are the flags' errors; a plain
+    ValueError raised while checking them is a fault of ours and propagates as itself (it
+    became "quant: ..." with exit status 2 when every ValueError was caught)."""
+    from shark_torchrec.modules.precision_policy import PrecisionPolicy
+
+    def broken(self, dims, fused_params=None):
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setattr(PrecisionPolicy, "resolved", broken)
+    with pytest.raises(ValueError) as e:
+        parse_cli(["--precision", "shark"], prog="shark train", command="train")
+    assert type(e.value) is ValueError

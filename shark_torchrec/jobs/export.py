@@ -51,7 +51,7 @@ from shark_torchrec.modules.mixed_precision import (
     table_state_keys,
 )
 from shark_torchrec.modules.model_budget import ModelBudget
-from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, PrecisionPolicy
+from shark_torchrec.modules.precision_policy import MAX_MEMORY_BUDGET, PolicyError, PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS, IdError
 from shark_torchrec.precision.priority import (
     DROPPED,
@@ -287,7 +287,7 @@ def regroup_for_serving(
         new_policy.resolved([c.embedding_dim for c in configs])  # the tiers at these dims (int2: a multiple of 8)
     except BudgetError as e:
         raise refused(e) from e
-    except ValueError as e:  # the policy's rules refuse the tiers given (--tiers), named
+    except PolicyError as e:  # the policy's rules refuse the tiers given (--tiers), named
         raise ConfigError(str(e)) from e
     try:
         ebc = MixedPrecisionEmbeddingBagCollection(

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -49,6 +48,12 @@ _NEUTRAL_FUSED_PARAMS = {
 }
 
 MAX_MEMORY_BUDGET = 1.5  # the largest budget a policy takes (fp32 rows and their row map are 1.0625 at dim 16)
+
+
+class PolicyError(ValueError):
+    """Fields of a precision policy (or a sharder's fused_params) that its rules refuse, named:
+    the settings' to change. A ValueError of its own, so that callers which report it as the
+    user's error do not also take Python's and torch's ValueErrors, our faults, for theirs."""
 
 
 @dataclass
@@ -164,11 +169,11 @@ class PrecisionPolicy:
         construction.
 
         Raises:
-            ValueError: naming the field and what it must be.
+            PolicyError: naming the field and what it must be.
         """
 
-        def bad(field: str, why: str) -> ValueError:
-            return ValueError(f"precision policy: {field} {why}")
+        def bad(field: str, why: str) -> PolicyError:
+            return PolicyError(f"precision policy: {field} {why}")
 
         if self.mode not in MODES:
             raise bad("mode", f"must be one of {MODES}, got {self.mode!r}")
@@ -275,18 +280,18 @@ class PrecisionPolicy:
 
         Raises:
             BudgetError: the budget is below what rows all in the cheapest tier reach at these dims.
-            ValueError: fused_params ask for an optimizer we do not implement, or contradict
+            PolicyError: fused_params ask for an optimizer we do not implement, or contradict
                 a field this policy sets.
         """
         dims = list(dims)
         changes: Dict[str, Any] = training_from_fused_params(fused_params or {}, self)
         if changes["momentum_dtype"] != "fp32" and changes["optimizer"] != "rowwise_adagrad":
-            raise ValueError(
+            raise PolicyError(
                 f"precision policy: momentum_dtype {changes['momentum_dtype']} is row-wise Adagrad's state; "
                 f"optimizer {changes['optimizer']} keeps none"
             )
         if INT2 in self.groups and any(d % 8 for d in dims):
-            raise ValueError(
+            raise PolicyError(
                 f"precision policy: int2 rows need embedding dims that are multiples of 8, got {sorted(set(dims))}"
             )
         if self.budget_mode:
@@ -337,7 +342,7 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
         default (fp32 state).
 
     Raises:
-        ValueError: an optimizer other than EXACT_ROWWISE_ADAGRAD / EXACT_SGD, a fused
+        PolicyError: an optimizer other than EXACT_ROWWISE_ADAGRAD / EXACT_SGD, a fused
             parameter that would change the update and that we do not implement (weight decay,
             momentum, ...), or a contradiction with the policy.
     """
@@ -360,7 +365,7 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
         elif key not in _NEUTRAL_FUSED_PARAMS:
             unknown.append(key)
     if unknown:
-        raise ValueError(
+        raise PolicyError(
             f"fused_params {sorted(unknown)} are not supported by the mixed-precision collections "
             "(they implement optimizer, learning_rate and eps)"
         )
@@ -368,7 +373,7 @@ def training_from_fused_params(fused_params: Mapping[str, Any], policy: Precisio
     for key in ("optimizer", "learning_rate", "eps", "momentum_dtype"):
         mine, theirs = getattr(policy, key), from_fused.get(key)
         if mine is not None and theirs is not None and mine != theirs:
-            raise ValueError(
+            raise PolicyError(
                 f"PrecisionPolicy.{key}={mine!r} contradicts the sharder's fused_params {key}={theirs!r}: "
                 "set it in one place"
             )
@@ -381,7 +386,7 @@ def _momentum_dtype_name(value: Any) -> str:
     name = str(getattr(value, "name", value)).lower().replace("torch.", "")
     names = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
     if name not in names:
-        raise ValueError(
+        raise PolicyError(
             f"fused_params optimizer_state_dtypes momentum1={value} is not supported by the mixed-precision "
             "collections (supported: FP32, BF16)"
         )
@@ -403,7 +408,7 @@ def _optimizer_name(value: Any) -> str:
     if name.lower() in OPTIMIZERS:
         return name.lower()
     if name not in names:
-        raise ValueError(
+        raise PolicyError(
             f"fused_params optimizer {name} is not supported by the mixed-precision collections "
             "(supported: EXACT_ROWWISE_ADAGRAD, EXACT_SGD)"
         )
