@@ -175,6 +175,7 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
     if not path:
         return {}
     from shark_torchrec.jobs.checkpoint import CheckpointError, read_meta, resolve_checkpoint  # torch
+
     try:
         saved = read_meta(resolve_checkpoint(path)).get("config", {})
     except (CheckpointError, OSError, ValueError):
@@ -246,7 +247,9 @@ def train_main(argv: List[str]) -> int:
         "optimizer_bytes",
         "fp32_embedding_bytes",
     )
-    return _job_main("shark train", _Job("shark_torchrec.jobs.trainer", "train_job"), argv, train_main.__doc__ or "", keys)
+    return _job_main(
+        "shark train", _Job("shark_torchrec.jobs.trainer", "train_job"), argv, train_main.__doc__ or "", keys
+    )
 
 
 def importance_main(argv: List[str]) -> int:
@@ -263,7 +266,9 @@ def importance_main(argv: List[str]) -> int:
 def prune_main(argv: List[str]) -> int:
     """Prune feature fields iteratively (score, remove, fine-tune, evaluate; paper Algorithm 1)."""
     keys = ("base_test_auc", "test_auc", "memory_ratio", "kept_fields", "pruned_fields", "stop_reason")
-    return _job_main("shark prune", _Job("shark_torchrec.jobs.prune", "prune_job"), argv, prune_main.__doc__ or "", keys)
+    return _job_main(
+        "shark prune", _Job("shark_torchrec.jobs.prune", "prune_job"), argv, prune_main.__doc__ or "", keys
+    )
 
 
 def compress_main(argv: List[str]) -> int:
@@ -279,7 +284,9 @@ def compress_main(argv: List[str]) -> int:
         "pruned_fields",
         "targets",  # the served model's memory and AUC drop against --target-memory and --max-auc-drop
     )
-    return _job_main("shark compress", _Job("shark_torchrec.jobs.compress", "compress_job"), argv, compress_main.__doc__ or "", keys)
+    return _job_main(
+        "shark compress", _Job("shark_torchrec.jobs.compress", "compress_job"), argv, compress_main.__doc__ or "", keys
+    )
 
 
 def report_main(argv: List[str]) -> int:

@@ -543,7 +543,11 @@ def test_the_report_of_a_run_with_a_file_that_is_not_json_names_the_file(tmp_pat
         ("export/export.json", "[1]", "export/export.json: the export record is not a JSON object"),
         ("export/export.json", '{"fp32_bytes": 1}', "export/export.json: the export record lacks torchrec_int8_bytes"),
         ("metrics.json", "[1]", "metrics.json: the run's metrics is not a JSON object"),
-        ("metrics.json", '{"targets": {"memory_ratio": 0.3}}', "metrics.json: its targets lacks target_memory, memory_met"),
+        (
+            "metrics.json",
+            '{"targets": {"memory_ratio": 0.3}}',
+            "metrics.json: its targets lacks target_memory, memory_met",
+        ),
         ("prune/prune_log.json", '{"iteration": 1}', "prune/prune_log.json is not a record of this run (a JSON list"),
         ("prune/prune_log.json", json.dumps([entry]), "prune/prune_log.json: entry 0 lacks test_logloss, accepted"),
         ("prune/importance/importance.json", "{}", "importance.json: the importance record lacks ranking"),

@@ -965,8 +965,21 @@ def test_ids_and_bags_out_of_range_are_refused_not_read():
 
     def lookup(base):
         return mixed_lookup(
-            w, offsets, row_map, ends, shift, torch.tensor([base]), torch.tensor([50]), torch.tensor([3]),
-            torch.tensor([1]), None, 8, 1, "sum", 1, ["x"],
+            w,
+            offsets,
+            row_map,
+            ends,
+            shift,
+            torch.tensor([base]),
+            torch.tensor([50]),
+            torch.tensor([3]),
+            torch.tensor([1]),
+            None,
+            8,
+            1,
+            "sum",
+            1,
+            ["x"],
         )
 
     with pytest.raises(RuntimeError, match="outside the group tables|row map"):
@@ -977,8 +990,16 @@ def test_ids_and_bags_out_of_range_are_refused_not_read():
 
     def row_grads(order, seg, psw=None, labels=None, pooling="sum"):
         return torch.ops.shark.row_grads(
-            grad, torch.tensor(order), torch.tensor([2]), torch.tensor(seg), lengths, psw, labels, 1,
-            POOLING_CODES[pooling], 8,
+            grad,
+            torch.tensor(order),
+            torch.tensor([2]),
+            torch.tensor(seg),
+            lengths,
+            psw,
+            labels,
+            1,
+            POOLING_CODES[pooling],
+            8,
         )
 
     for order, seg, says in (
