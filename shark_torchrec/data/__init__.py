@@ -215,6 +215,10 @@ def _csv(cfg: DataConfig, root: Path) -> Dataset:
         raise DataError(f"missing split file: {root}/train.csv (or train.tsv)")
     train = found[0]
     layout = CsvLayout.from_header(train, cfg.label, _names(cfg.categorical), _names(cfg.dense), _names(cfg.drop))
+    for split in SPLIT_NAMES:
+        other = root / f"{split}{train.suffix}"
+        if other != train and other.is_file():
+            layout.check_header(other, train)
     return _from_layout(cfg, root, layout, train.suffix, has_header=True)
 
 

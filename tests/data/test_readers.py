@@ -239,3 +239,28 @@ def test_a_line_the_csv_module_cannot_read_is_a_bad_line_named_by_file_and_line(
     (root / "train.csv").write_text(f"click,{huge}\n1,paris\n")
     with pytest.raises(DataError, match=r"train\.csv:1: the header line cannot be read \(csv: field larger than"):
         open_dataset(DataConfig(data=f"csv:{root}", label="click"))
+
+
+def test_a_split_file_with_another_header_is_refused(tmp_path):
+    """Split files are read by position: a dev file with two columns swapped trained and
+    evaluated on the wrong fields without an error (dev AUC 0.50 where 0.93 was right, on
+    frappe). Its header against train's is now an error naming both, and how they differ."""
+    root = tmp_path / "csv"
+    root.mkdir()
+    body = "1,30,paris\n0,40,rome\n"
+    (root / "train.csv").write_text("click,age,city\n" + body)
+    (root / "test.csv").write_text("click,age,city\n" + body)
+    for header, how in (
+        ("click,city,age", "the same columns in another order"),
+        ("click,age", "lacks city"),
+        ("click,age,city,town", "has town besides"),
+    ):
+        (root / "dev.csv").write_text(header + "\n" + body)
+        with pytest.raises(
+            DataError,
+            match=rf"dev\.csv: its header \({header.replace(',', ', ')}\) is not train\.csv's \(click, age, city\)"
+            + f": {how}",
+        ):
+            open_dataset(DataConfig(data=f"csv:{root}", label="click"))
+    (root / "dev.csv").write_text(" click , age,city\n" + body)  # the same names, as stripped
+    assert open_dataset(DataConfig(data=f"csv:{root}", label="click")).schema.sparse_names == ["age", "city"]
