@@ -538,7 +538,7 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
         CheckpointError: the run directory already holds a run and `--resume` was not given.
     """
     # One lock for the whole run directory: the stages are calls inside this job, not jobs.
-    with job_rank(cfg, "runs/compress-%Y%m%d-%H%M%S") as (env, out):
+    with job_rank(cfg, "runs/compress-%Y%m%d-%H%M%S", "compress") as (env, out):
         stages = read_stages(out)
         if stages and not cfg.run.resume:
             raise CheckpointError(

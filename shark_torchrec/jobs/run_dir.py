@@ -98,17 +98,42 @@ def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
             _remove_if_empty(made)
 
 
-def refuse_earlier_run(out: Path, resume: bool) -> None:
+def run_kind(out: Path) -> Optional[str]:
+    """Which command's files a run directory holds, by the files each writes: `export`
+    (export.json or serving.json), `compress` (stages.json), `train` (its metrics.json or
+    checkpoints, without stages.json), or None (none of them: a new directory, or a compression
+    run refused before its first stage).
+
+    Args:
+        out: the directory.
+
+    Returns:
+        The command's name, or None.
+    """
+    if (out / "export.json").exists() or (out / "serving.json").exists():
+        return "export"
+    if (out / "stages.json").exists():
+        return "compress"
+    if (out / "metrics.json").exists() or list_checkpoints(out / "checkpoints"):
+        return "train"
+    return None
+
+
+def refuse_earlier_run(out: Path, resume: bool, command: str = "train") -> None:
     """Refuse a job into a directory that holds another run's files (`RUN_FILES`: a training or
     compression run, an export) unless it resumes: it would overwrite them. (A training run
-    with checkpoints is refused later, by its checkpoints, with or without these files.)
+    with checkpoints is refused later, by its checkpoints, with or without these files.) A
+    resumed job is refused too where the directory holds another command's run (`run_kind`):
+    `shark train --resume` into a compression run rewrote its config and metrics (its targets
+    gone), `shark compress --resume` into a training run ran the pipeline over it.
 
     Args:
         out: the job's run directory.
         resume: `--resume` was given.
+        command: the job's command (`train`, `compress`); importance and prune runs are `train`'s kind.
 
     Raises:
-        CheckpointError: naming the directory and the files found.
+        CheckpointError: naming the directory and the files found, or the command whose run it holds.
     """
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and list_checkpoints(out / "checkpoints"):
@@ -117,6 +142,13 @@ def refuse_earlier_run(out: Path, resume: bool) -> None:
         raise CheckpointError(
             f"{out} already holds the files of another run ({', '.join(found)}): pass --resume to continue "
             "that run, or choose another --out (nothing was overwritten)"
+        )
+    kind = run_kind(out) if resume else None
+    if kind is not None and kind != command:
+        what = "an export (`shark export`), which no run resumes" if kind == "export" else f"a `shark {kind}` run"
+        how = "" if kind == "export" else f" (`shark {kind} --resume --out {out}` continues it)"
+        raise CheckpointError(
+            f"{out} holds {what}, not a `shark {command}` run{how}: choose another --out (nothing was changed)"
         )
 
 

@@ -476,7 +476,7 @@ def quiet_libraries() -> None:
 
 
 @contextmanager
-def job_rank(cfg: JobConfig, default_out: str) -> Iterator[Tuple[DistEnv, Path]]:
+def job_rank(cfg: JobConfig, default_out: str, command: str = "train") -> Iterator[Tuple[DistEnv, Path]]:
     """What every job does first and last on each of its ranks: quiet the libraries, join the
     process group, name the run directory (`default_out`, a strftime pattern, when `--out` is
     not given) and hold its lock; leave the process group however the job ends.
@@ -484,6 +484,8 @@ def job_rank(cfg: JobConfig, default_out: str) -> Iterator[Tuple[DistEnv, Path]]
     Args:
         cfg: the job's config (its `run.out_dir` is set when empty).
         default_out: the run directory's pattern without `--out`.
+        command: the job's command (`train`, `compress`): a resumed job refuses another's run
+            directory (`refuse_earlier_run`).
 
     Yields:
         (this rank's environment, the run directory).
@@ -493,7 +495,7 @@ def job_rank(cfg: JobConfig, default_out: str) -> Iterator[Tuple[DistEnv, Path]]
     try:
         out = Path(default_out_dir(cfg.run, default_out))
         with run_dir_lock(out, env.is_main):
-            refuse_earlier_run(out, cfg.run.resume)
+            refuse_earlier_run(out, cfg.run.resume, command)
             yield env, out
     finally:
         shutdown_distributed()

@@ -547,3 +547,37 @@ def test_a_user_error_on_one_rank_outranks_a_fault_on_another(tmp_path, capsys):
     argv = ["--out", str(tmp_path), "--nproc", "2"]
     assert cli._run("shark train", fault_on_0_user_error_on_1, argv, "") == (None, 2)
     assert capsys.readouterr().err.strip().splitlines()[-1] == "shark train: error: train.lr=0.0 (--lr) must be > 0"
+
+
+def test_resume_refuses_another_commands_run_directory(tmp_path):
+    """`shark train --resume` into a compression run rewrote its config and metrics (its
+    targets gone); `shark compress --resume` into a training run ran the pipeline over it; a
+    resumed train into an export folder trained into it (a newcomer's walkthrough). Each is
+    refused, naming the command whose run the directory holds; a run of the same command, a
+    compression run refused before its first stage, and a new directory still resume."""
+    from shark_torchrec.jobs.checkpoint import CheckpointError
+    from shark_torchrec.jobs.run_dir import refuse_earlier_run
+
+    def run(name, *files):
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("{}")
+        return d
+
+    compress_run = run("c", "config.toml", "stages.json", "metrics.json")
+    train_run = run("t", "config.toml", "metrics.json")
+    export_dir = run("e", "export.json")
+    with pytest.raises(
+        CheckpointError, match=r"holds a `shark compress` run, not a `shark train` run .*shark compress --resume"
+    ):
+        refuse_earlier_run(compress_run, True, "train")
+    with pytest.raises(CheckpointError, match=r"holds a `shark train` run, not a `shark compress` run"):
+        refuse_earlier_run(train_run, True, "compress")
+    for command in ("train", "compress"):
+        with pytest.raises(CheckpointError, match=r"holds an export \(`shark export`\), which no run resumes"):
+            refuse_earlier_run(export_dir, True, command)
+    refuse_earlier_run(compress_run, True, "compress")
+    refuse_earlier_run(train_run, True, "train")
+    refuse_earlier_run(run("early", "config.toml"), True, "compress")  # refused before its first stage
+    refuse_earlier_run(tmp_path / "new", True, "train")
