@@ -248,6 +248,27 @@ def _stage_config(cfg: JobConfig, out: Path, stage: str) -> JobConfig:
     return c
 
 
+def prune_stage_config(cfg: JobConfig, out: Path, base_record: Dict[str, Any]) -> JobConfig:
+    """The `prune` stage's config: the run's, starting from the base stage's checkpoint in fp32.
+
+    Args:
+        cfg: the run's config.
+        out: the run directory.
+        base_record: the `base` stage's record (its checkpoint).
+
+    Returns:
+        The stage's config. Without `--init-from` cleared, a run started with it (the base
+        stage's starting point) failed here, after the base stage had trained: the two exclude
+        each other.
+    """
+    p = _stage_config(cfg, out, "prune")
+    p.quant = QuantConfig()
+    p.run.resume = False
+    p.run.checkpoint = base_record["checkpoint"]
+    p.run.init_from = ""
+    return p
+
+
 def run_base(cfg: JobConfig, out: Path, env: DistEnv):
     """The `base` stage: train the stock fp32 model in DIR/base (or take `--checkpoint`, or
     resume an interrupted training), on the decision splits.
@@ -303,10 +324,7 @@ def run_prune(cfg: JobConfig, out: Path, env: DistEnv, base_record: Dict[str, An
         memory ratio, stop reason, the selection split's resolution, the confirmation check and
         the last accepted iteration's dev and test AUC.
     """
-    p = _stage_config(cfg, out, "prune")
-    p.quant = QuantConfig()
-    p.run.resume = False
-    p.run.checkpoint = base_record["checkpoint"]
+    p = prune_stage_config(cfg, out, base_record)
     if base is None:  # resumed: the base model comes back from its checkpoint
         b = copy.deepcopy(p)
         b.run.out_dir = str(out / "prune" / "base_loaded")

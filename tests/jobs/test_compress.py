@@ -579,3 +579,16 @@ def test_a_fault_of_the_report_itself_is_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "plot", broken)
     with pytest.raises(KeyError):
         main(["report", str(run)])
+
+
+def test_a_run_started_with_init_from_prunes_from_its_base_checkpoint(tmp_path):
+    """`shark compress --init-from CKPT` trains its base from CKPT; the prune stage then starts
+    from the base's own checkpoint. It kept --init-from beside it and failed there, after the
+    base had trained ("run.checkpoint and run.init_from exclude each other")."""
+    from shark_torchrec.config import parse_cli
+    from shark_torchrec.jobs.compress import prune_stage_config
+
+    cfg = parse_cli(["--init-from", str(tmp_path / "given"), "--out", str(tmp_path / "run")], command="compress")
+    p = prune_stage_config(cfg, tmp_path / "run", {"checkpoint": str(tmp_path / "run" / "base" / "checkpoints")})
+    assert p.run.checkpoint.endswith("base/checkpoints") and not p.run.init_from
+    p.run.validate("prune")
