@@ -409,9 +409,21 @@ def export_main(argv: List[str]) -> int:
         serving = None
         if args.tiers is not None:
             serving = ServingTiers(split_tiers(args.tiers), args.memory_budget, args.budget_scope, args.rounding)
-        record = export_checkpoint(
-            Path(args.checkpoint), Path(args.out), args.base_checkpoint or None, serving, progress=not args.no_progress
-        )
+        with _noting_ctrl_c() as pressed:
+            try:
+                record = export_checkpoint(
+                    Path(args.checkpoint),
+                    Path(args.out),
+                    args.base_checkpoint or None,
+                    serving,
+                    progress=not args.no_progress,
+                )
+            except BaseException as e:
+                if not (pressed or _interrupted(e)):
+                    raise
+                # Its files go into --out only once all are written: an earlier export there is whole.
+                print(f"shark export: interrupted: nothing was written to {args.out}", file=sys.stderr)
+                return INTERRUPTED
     except Exception as e:
         # A model the export cannot serve (tables of several dims) is named as a user error too.
         if not (_user_error(e) or isinstance(e, NotImplementedError)):

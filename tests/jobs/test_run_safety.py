@@ -581,3 +581,27 @@ def test_resume_refuses_another_commands_run_directory(tmp_path):
     refuse_earlier_run(train_run, True, "train")
     refuse_earlier_run(run("early", "config.toml"), True, "compress")  # refused before its first stage
     refuse_earlier_run(tmp_path / "new", True, "train")
+
+
+def test_ctrl_c_during_an_export_is_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `shark export` printed KeyboardInterrupt's traceback and exit status 1 where
+    train and compress say one line and exit 130 (a newcomer's walkthrough); it now says so
+    too, and that nothing went into --out (its files go in only once all are written)."""
+    import signal
+
+    from shark_torchrec import cli
+    from shark_torchrec.jobs import export
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    monkeypatch.setattr(export, "export_checkpoint", interrupted)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a command's process
+    try:
+        assert cli.main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e")]) == cli.INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"shark export: interrupted: nothing was written to {tmp_path / 'e'}"
+    ]
