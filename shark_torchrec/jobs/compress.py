@@ -543,6 +543,22 @@ def resume_differences(saved: JobConfig, now: JobConfig) -> List[str]:
     return lines
 
 
+def _forget_a_start_that_failed(out: Path, base_dir_before: bool) -> None:
+    """A new run whose base stage failed before its first checkpoint (a --checkpoint that does
+    not match the model, say): remove its config.toml and the base stage's folder (if this run
+    made it), so that the same command, mended, can run again. They were kept, and the retry
+    was refused as "another run" while `--resume` repeated the first run's settings and error.
+    A base stage that saved a checkpoint is kept: `--resume` continues it."""
+    import shutil
+
+    base = out / "base"
+    if list_checkpoints(base / "checkpoints"):
+        return
+    if base.is_dir() and not base_dir_before:
+        shutil.rmtree(base, ignore_errors=True)
+    (out / "config.toml").unlink(missing_ok=True)
+
+
 def compress_job(cfg: JobConfig) -> Dict[str, Any]:
     """One rank of `shark compress`.
 
@@ -584,7 +600,13 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
         base = None
         if "base" not in stages:
             t0 = time.perf_counter()
-            stages["base"], base = run_base(cfg, out, env)
+            base_dir_before = (out / "base").exists()
+            try:
+                stages["base"], base = run_base(cfg, out, env)
+            except BaseException:
+                if env.is_main and not resuming:
+                    _forget_a_start_that_failed(out, base_dir_before)
+                raise
             stages["base"]["seconds"] = time.perf_counter() - t0
             _record(out, stages, env)
         if "prune" not in stages:

@@ -592,3 +592,19 @@ def test_a_run_started_with_init_from_prunes_from_its_base_checkpoint(tmp_path):
     p = prune_stage_config(cfg, tmp_path / "run", {"checkpoint": str(tmp_path / "run" / "base" / "checkpoints")})
     assert p.run.checkpoint.endswith("base/checkpoints") and not p.run.init_from
     p.run.validate("prune")
+
+
+def test_a_run_whose_base_stage_fails_first_leaves_nothing_that_blocks_a_retry(tmp_path, capsys):
+    """A new compression run refused in its base stage (here a mixed-precision checkpoint
+    given as --checkpoint, which must be --init-from) kept its config.toml and base/: the
+    mended command was refused as "another run", and --resume repeated the first one's
+    settings and error (a newcomer's walkthrough). Now nothing of it stays."""
+    from pathlib import Path
+
+    from shark_torchrec.cli import main
+
+    given = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_v0_shark"
+    run = tmp_path / "run"
+    assert main(["compress", "--checkpoint", str(given), "--out", str(run), "--no-progress"]) == 2
+    assert "--init-from" in capsys.readouterr().err
+    assert not run.exists()
