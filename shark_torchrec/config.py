@@ -312,6 +312,10 @@ class RunConfig:
             raise ConfigError("run.nproc must be >= 1")
         if self.checkpoint and self.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
+        if self.resume and not (self.out_dir or self.checkpoint_dir):
+            # Without one, the run gets a new directory named by the time: nothing to resume there,
+            # and it silently started over (a newcomer's walkthrough).
+            raise ConfigError("run.resume (--resume) continues the run in --out DIR: name the run directory")
         kept = {"train": ("checkpoint", "init_from"), "compress": ("checkpoint",)}.get(command, ())
         if self.resume and any(getattr(self, n) for n in ("checkpoint", "init_from") if n not in kept):
             raise ConfigError(

@@ -52,7 +52,7 @@ def test_zero_epochs_need_a_trained_model():
         setattr(given.run, name, "runs/x/checkpoints")
         given.validate()
     resumed = JobConfig()
-    resumed.train.epochs, resumed.run.resume = 0, True
+    resumed.train.epochs, resumed.run.resume, resumed.run.out_dir = 0, True, "runs/x"
     resumed.validate()
 
 
@@ -154,6 +154,8 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
             "--memory-budget 10%: a fraction, not a percentage: for 10% give 0.1",
         ),
         (["--fp32-fraction=2%"], "--fp32-fraction 2%: a fraction, not a percentage: for 2% give 0.02"),
+        # --resume without a run directory started a new run in a new one
+        (["--resume"], "run.resume (--resume) continues the run in --out DIR"),
         # a misspelt sharding type reached TorchRec's planner as a traceback
         (["--sharding-types", "table_wise", "tablewise"], "unknown 'tablewise' (did you mean table_wise?)"),
         # infinities and nan passed the "> 0" and "not < 0" checks
@@ -176,17 +178,19 @@ def test_resume_keeps_the_model_a_run_started_from_where_the_command_has_one(cap
     starts from them until the run has a checkpoint of its own), `shark compress` its
     --checkpoint (the base stage); elsewhere --resume and a start point exclude each other."""
     for flag in ("--checkpoint", "--init-from"):
-        cfg = parse_cli(["--resume", flag, "ckpt"], prog="shark train", command="train")
+        cfg = parse_cli(["--resume", "--out", "runs/x", flag, "ckpt"], prog="shark train", command="train")
         assert cfg.run.resume
-    assert parse_cli(["--resume", "--checkpoint", "ckpt"], prog="shark compress", command="compress").run.resume
+    assert parse_cli(
+        ["--resume", "--out", "runs/x", "--checkpoint", "ckpt"], prog="shark compress", command="compress"
+    ).run.resume
     for flags, command in (
-        (["--resume", "--init-from", "ckpt"], "compress"),
-        (["--resume", "--checkpoint", "ckpt"], "prune"),
-        (["--resume", "--checkpoint", "ckpt"], "importance"),
+        (["--resume", "--out", "runs/x", "--init-from", "ckpt"], "compress"),
+        (["--resume", "--out", "runs/x", "--checkpoint", "ckpt"], "prune"),
+        (["--resume", "--out", "runs/x", "--checkpoint", "ckpt"], "importance"),
     ):
         with pytest.raises(SystemExit):
             parse_cli(flags, prog=f"shark {command}", command=command)
-        assert "run.resume (--resume)" in capsys.readouterr().err
+        assert "run.checkpoint / run.init_from start" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -431,7 +431,7 @@ def test_resume_keeps_the_settings_the_run_started_with(tmp_path, capsys):
     assert again.run.resume and again.run.checkpoint == started.run.checkpoint and again.run.fail_at_step == 0
     assert resume_differences(started, again) == []
     with pytest.raises(SystemExit):  # commands that do not resume: --checkpoint starts a new run
-        parse_cli(["--resume", "--checkpoint", "x"], prog="shark prune", command="prune")
+        parse_cli(["--resume", "--out", "runs/x", "--checkpoint", "x"], prog="shark prune", command="prune")
     assert "run.resume (--resume) continues this run's own checkpoints" in capsys.readouterr().err
     changed = parse_cli([*argv, "--target-memory", "0.05"], prog="shark compress", base=base, command="compress")
     assert resume_differences(started, changed) == ["prune.target_memory (--target-memory): 0.08 there, 0.05 here"]
