@@ -58,6 +58,9 @@ class TrainState:
     evals_since_best: int = 0
     stopped_early: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    """Seconds spent in the training loop up to this state, over every resumed part (a resumed
+    run reported only its own part: 3e-06 s for a finished run resumed)."""
 
 
 @dataclass
@@ -213,6 +216,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
     show = run.progress and env.is_main
 
     def checkpoint() -> None:
+        state.train_seconds = trained_before + time.perf_counter() - start
         save_checkpoint(
             ckpt_root,
             state.step,
@@ -230,6 +234,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             state.best_dev_auc, state.evals_since_best = m["auc"], 0
             if t.early_stopping_patience:
                 # Early stopping returns the best model, so keep it as it is now.
+                state.train_seconds = trained_before + time.perf_counter() - start
                 save_checkpoint(
                     best_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env, dataset.full_schema), keep=1
                 )
@@ -243,6 +248,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         return bool(t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience)
 
     start = time.perf_counter()
+    trained_before = state.train_seconds  # a resumed run's earlier parts
     if run.init_from and t.early_stopping_patience and state.step == 0 and not state.history:
         # A converted model is a candidate as it is: fine-tuning a trained model on data it
         # has seen can only make it worse, and early stopping then keeps the conversion.
@@ -278,7 +284,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             state.batch_in_epoch = 0
             if not t.eval_every and not done and dev_eval():
                 state.stopped_early = done = True
-    train_seconds = time.perf_counter() - start
+    train_seconds = trained_before + time.perf_counter() - start
     if t.early_stopping_patience and list_checkpoints(best_root):
         best = resolve_checkpoint_on_rank0(best_root)
         load_checkpoint(best, dmp, optimizer, shapes, cfg.quant.precision)

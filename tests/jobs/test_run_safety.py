@@ -79,6 +79,9 @@ def test_killed_run_leaves_a_stale_lock_that_resume_reclaims(killed_run, tmp_pat
     assert (
         f"resumed from {out / 'checkpoints' / 'step_00000015'} at step 15 (epoch 0, batch 15 of {steps})" in proc.stderr
     )
+    # Its training time counts the killed part too (it counted only the resumed part).
+    killed_part = json.loads((killed_run / "checkpoints" / "step_00000015" / "meta.json").read_text())["train_seconds"]
+    assert json.loads((tmp_path / "m.json").read_text())["train_seconds"] > killed_part > 0
     assert not (out / ".lock").exists()  # released at the end of the run
     # A run that fails (here: refused, its checkpoint directory is taken) releases it too.
     refused = run_shark("train", *SMALL, "--out-dir", str(out), check=False)
