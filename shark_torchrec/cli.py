@@ -380,7 +380,7 @@ def export_main(argv: List[str]) -> int:
     from pathlib import Path
 
     from shark_torchrec.jobs.export import ServingTiers, export_checkpoint
-    from shark_torchrec.jobs.run_dir import file_in_the_way
+    from shark_torchrec.jobs.run_dir import file_in_the_way, live_holder
     from shark_torchrec.jobs.trainer import quiet_libraries
     from shark_torchrec.modules.precision_policy import split_tiers
 
@@ -397,6 +397,14 @@ def export_main(argv: List[str]) -> int:
         return 2
     if blocker is not None:
         print(f"shark export: error: --out {out} runs through {blocker}, a file (nothing was written)", file=sys.stderr)
+        return 2
+    holder = live_holder(out)
+    if holder is not None:  # --overwrite included: its files would go into a live run's directory
+        print(
+            f"shark export: error: --out {out} is in use by a run ({holder}): choose another --out "
+            "(nothing was written)",
+            file=sys.stderr,
+        )
         return 2
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         print(

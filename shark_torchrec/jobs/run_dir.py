@@ -226,6 +226,28 @@ def staged_files(out: Path, stale: Sequence[str] = ()) -> Iterator[Path]:
         _remove_if_empty(made)  # after a failure, the parents it made hold nothing
 
 
+def live_holder(out: Path) -> Optional[str]:
+    """Who holds a run directory's lock while running (`run_dir_lock`), for commands that write
+    into a directory without taking it (an export): None when no lock is there or its run is gone.
+
+    Args:
+        out: the directory.
+
+    Returns:
+        The holder's description (host, pid, since), or None.
+    """
+    lock = out / LOCK_FILE
+    if not lock.is_file():
+        return None
+    try:
+        read = _read_holder(lock)
+    except RunDirLocked:  # a lock without a record: someone is writing it, or it is left over
+        return f"{lock} holds no run record"
+    if read is None or _is_stale(read[1]):
+        return None
+    return _describe(read[1])
+
+
 def file_in_the_way(d: Path) -> Optional[Path]:
     """The file (not a directory) at `d` or at one of its parents, which keeps `d` from being a
     directory; None when there is none.

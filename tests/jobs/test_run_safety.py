@@ -608,3 +608,25 @@ def test_ctrl_c_during_an_export_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"shark export: interrupted: nothing was written to {tmp_path / 'e'}"
     ]
+
+
+def test_an_export_refuses_a_directory_a_live_run_holds(tmp_path, capsys):
+    """`shark export --overwrite --out DIR` wrote its files into a training run's directory
+    while that run was writing there (a newcomer's walkthrough; train and compress refuse a
+    held directory). A live holder's directory is refused, --overwrite or not; a lock whose
+    run is gone is not in the way."""
+    from shark_torchrec.cli import main
+    from shark_torchrec.jobs import run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / run_dir.LOCK_FILE).write_text(run_dir._holder_record())  # this live process holds it
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is in use by a run (" in err and "nothing was written" in err
+    assert sorted(p.name for p in out.iterdir()) == [run_dir.LOCK_FILE, "metrics.json"]
+    gone = json.loads(run_dir._holder_record())
+    gone["pid"] = 2**22 + 12345  # no such process
+    (out / run_dir.LOCK_FILE).write_text(json.dumps(gone))
+    assert run_dir.live_holder(out) is None
