@@ -362,13 +362,13 @@ def export_main(argv: List[str]) -> int:
     parser.add_argument(
         "--budget-scope",
         choices=("table", "model"),
-        default="model",
+        default=None,
         help="with --tiers: one budget per table or for all (default model)",
     )
     parser.add_argument(
         "--rounding",
         choices=("fitted", "nearest"),
-        default="fitted",
+        default=None,
         help="with --tiers: int8/int4/int2 rows' scale and bias refit by least squares for a smaller error "
         "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings); "
         "1-bit and symmetric (int4s, int2s) rows are the same either way (their one byte is always fitted)",
@@ -377,6 +377,10 @@ def export_main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
         parser.error("--tiers and --memory-budget go together")
+    if args.tiers is None and (args.budget_scope or args.rounding):
+        # Without --tiers the rows are served as trained: these would be ignored.
+        parser.error("--budget-scope and --rounding go with --tiers (the rows are served as trained without it)")
+    args.budget_scope, args.rounding = args.budget_scope or "model", args.rounding or "fitted"
     from pathlib import Path
 
     from shark_torchrec.jobs.export import ServingTiers, export_checkpoint

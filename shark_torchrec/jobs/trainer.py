@@ -156,9 +156,14 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             `--resume`), a directory cannot be written, or a checkpoint does not fit the model.
     """
     t, run = cfg.train, cfg.run
-    if t.batch_size % env.world_size or t.eval_batch_size % env.world_size:
+    uneven = [
+        f"{flag} {size}"
+        for flag, size in (("--batch-size", t.batch_size), ("--eval-batch-size", t.eval_batch_size))
+        if size % env.world_size
+    ]
+    if uneven:
         raise ConfigError(
-            f"batch sizes ({t.batch_size}, {t.eval_batch_size}) must be divisible by the {env.world_size} ranks"
+            f"{' and '.join(uneven)} must be divisible by the {env.world_size} ranks (global batches, shared out)"
         )
     default_out_dir(run, TRAIN_OUT_DIR)
     ckpt_root = cfg.checkpoint_dir

@@ -599,6 +599,18 @@ def test_export_serves_in_lower_tiers_chosen_by_the_trained_priorities(shark_run
     assert bad.returncode == 2 and "--tiers and --memory-budget go together" in bad.stderr
 
 
+@pytest.mark.parametrize("flags", [["--rounding", "nearest"], ["--budget-scope", "table"]])
+def test_serving_flags_without_tiers_are_refused_not_ignored(flags, tmp_path, capsys):
+    """Without --tiers the rows are served as trained: --rounding and --budget-scope were
+    dropped without a word (a newcomer's walkthrough), where --memory-budget was refused."""
+    from shark_torchrec.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "x"), *flags])
+    assert e.value.code == 2
+    assert "--budget-scope and --rounding go with --tiers" in capsys.readouterr().err
+
+
 def test_the_serving_budget_gives_the_rows_what_the_ranked_map_frees():
     """`serving_store_budget`: model-wide, the store's rule gets the bytes the ranked map saves
     against the int32 map, less its fixed bytes; per table, a tiny table does not cancel the

@@ -202,3 +202,23 @@ def test_the_progress_bar_shows_the_loss_per_real_sample():
     trained = (per_sample * weights).sum() / weights.numel()  # as DLRMTrainModule's forward
     assert abs(sample_mean_loss(trained, weights) - 0.7) < 1e-6 and float(trained) < 0.3
     assert sample_mean_loss(torch.tensor(0.0), torch.zeros(4)) == 0.0
+
+
+def test_batch_sizes_that_do_not_share_out_name_their_flags():
+    """`--nproc 3` with the default batches: the error named the two numbers, not the flags
+    that set them (a newcomer's walkthrough)."""
+    import torch
+
+    from shark_torchrec.config import ConfigError, JobConfig
+    from shark_torchrec.distributed.env import DistEnv
+    from shark_torchrec.jobs.trainer import fit
+
+    cfg = JobConfig()
+    cfg.train.batch_size, cfg.train.eval_batch_size = 256, 4096
+    with pytest.raises(
+        ConfigError, match=r"^--batch-size 256 and --eval-batch-size 4096 must be divisible by the 3 ranks"
+    ):
+        fit(cfg, DistEnv(0, 3, torch.device("cpu"), "gloo"))
+    cfg.train.batch_size, cfg.train.eval_batch_size = 254, 4095
+    with pytest.raises(ConfigError, match=r"^--eval-batch-size 4095 must be divisible by the 2 ranks"):
+        fit(cfg, DistEnv(0, 2, torch.device("cpu"), "gloo"))
