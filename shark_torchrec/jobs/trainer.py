@@ -173,7 +173,10 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             "it, or choose another --out-dir / --checkpoint-dir (nothing was overwritten)"
         )
     # Before any work: a place that cannot be written would otherwise fail the first save.
-    check_writable({"--out-dir": Path(run.out_dir), "--checkpoint-dir": ckpt_root})
+    places = {"--out-dir": Path(run.out_dir), "--checkpoint-dir": ckpt_root}
+    if run.metrics_out:  # its folder too: a bad one failed only after training (File exists: ...)
+        places["--metrics-out"] = Path(run.metrics_out).parent
+    check_writable(places)
     dataset = dataset or open_dataset(cfg.dataset, t.seed)
     if cfg.model.kept_fields and dataset.columns is None:
         dataset = dataset.with_fields(list(cfg.model.kept_fields))

@@ -222,11 +222,17 @@ def unwritable(tmp_path: Path) -> Path:
     return ro
 
 
-@pytest.mark.parametrize("flag", ["--out-dir", "--checkpoint-dir"])
+@pytest.mark.parametrize("flag", ["--out-dir", "--checkpoint-dir", "--metrics-out"])
 def test_unwritable_directory_is_an_error_before_training(tmp_path, flag):
+    """(--metrics-out's folder was found only when the metrics were written, after training,
+    as an OSError not naming the flag.)"""
     bad = unwritable(tmp_path)
     out = bad if flag == "--out-dir" else tmp_path / "run"
-    extra = ["--checkpoint-dir", str(bad)] if flag == "--checkpoint-dir" else []
+    extra = {
+        "--out-dir": [],
+        "--checkpoint-dir": ["--checkpoint-dir", str(bad)],
+        "--metrics-out": ["--metrics-out", str(bad / "m.json")],
+    }[flag]
     proc = run_shark("train", *TINY, "--out-dir", str(out), *extra, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = proc.stderr.strip().splitlines()[-1]
@@ -235,7 +241,7 @@ def test_unwritable_directory_is_an_error_before_training(tmp_path, flag):
     )
     if os.geteuid() == 0 and flag == "--out-dir":  # the path runs through a file: named
         assert error.endswith(f"cannot be created ({bad.parent} is a file)"), error
-    if flag == "--checkpoint-dir":  # refused before anything was written: no config, no lock, no directory
+    if flag != "--out-dir":  # refused before anything was written: no config, no lock, no directory
         assert not out.exists()
 
 
