@@ -373,6 +373,12 @@ def export_main(argv: List[str]) -> int:
         "(fitted, the default) or from the row's min/max (nearest, as TorchRec's quantize_embeddings); "
         "1-bit and symmetric (int4s, int2s) rows are the same either way (their one byte is always fitted)",
     )
+    parser.add_argument(
+        "--data",
+        default="",
+        help="where the model's data is now (csv:DIR or criteo:DIR), when its folder moved since training "
+        "(default: where the checkpoint's run read it); the same data, checked against the model's tables",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (the priority pass)")
     args = parser.parse_args(argv)
     if (args.tiers is None) != (args.memory_budget is None):
@@ -429,6 +435,7 @@ def export_main(argv: List[str]) -> int:
                     args.base_checkpoint or None,
                     serving,
                     progress=not args.no_progress,
+                    data_source=args.data or None,
                 )
             except BaseException as e:
                 if not (pressed or _interrupted(e)):

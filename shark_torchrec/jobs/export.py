@@ -858,6 +858,7 @@ def export_checkpoint(
     base_checkpoint: Optional[str] = None,
     serving: Optional[ServingTiers] = None,
     progress: bool = True,
+    data_source: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Write the export directory of a checkpoint (see the module docstring): a mixed-precision
     model, or one of stock fp32 tables served in `serving`'s tiers.
@@ -870,6 +871,9 @@ def export_checkpoint(
         serving: tiers and budget to serve in, rows ranked by their priorities
             (`regroup_for_serving`); None: the rows as trained (refused for stock fp32 tables).
         progress: show the progress bar of the pass that counts rows for `serving`.
+        data_source: where the model's data is now (`csv:DIR`, `criteo:DIR`), when its folder
+            moved since training; None: where the checkpoint's run read it. The same data: its
+            vocabulary must give every table the rows the model has.
 
     Returns:
         export.json's record: bytes beside the fp32 tables and beside TorchRec's per-table int8
@@ -890,7 +894,20 @@ def export_checkpoint(
             f"checkpoint {checkpoint} holds fp32 TorchRec tables: there are no row groups to export as trained; "
             "give serving tiers and a budget (--tiers, --memory-budget) to serve its rows in them"
         )
+    if data_source:
+        qcfg.dataset = dataclasses.replace(qcfg.dataset, data=data_source)
     data = open_dataset(qcfg.dataset, qcfg.train.seed)
+    if data_source:
+        # Other data would give ids other rows without an error: its vocabulary must at least
+        # size every table as the model's.
+        configs = model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+        want = {f: c.num_embeddings for c in configs for f in c.feature_names}
+        have = dict(zip(data.full_schema.sparse_names, data.full_schema.num_embeddings))
+        wrong = [
+            f"field {f}: {have.get(f, 'no')} rows, the model's table {n}" for f, n in want.items() if have.get(f) != n
+        ]
+        if wrong:
+            raise DataError(f"--data {data_source}: not the data this model was trained on ({'; '.join(wrong[:3])})")
     if qcfg.model.kept_fields:
         data = data.with_fields(list(qcfg.model.kept_fields))
 

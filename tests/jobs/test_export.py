@@ -813,3 +813,43 @@ def test_trained_rows_load_without_a_state_dict(shark_run):
         for name in ("weights", "row_map", "row_priority", "row_seen_step", "momentum"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert got.step_counter.value == trained.step_counter.value > 0
+
+
+def test_a_model_whose_data_folder_moved_exports_with_data(tmp_path):
+    """A checkpoint's data folder moved: `shark export` named the old folder, and `--data`,
+    which the error named, was not a flag of export (a newcomer's walkthrough). `--data` gives
+    the new place; other data, whose vocabulary does not size the model's tables, is refused."""
+    import random
+    import shutil
+
+    def write(root, values):
+        root.mkdir()
+        rng = random.Random(0)
+        for split, n in (("train", 200), ("dev", 60), ("test", 60)):
+            lines = [f"{rng.randint(0, 1)},{rng.choice(values)},{rng.choice(values)}" for _ in range(n)]
+            (root / f"{split}.csv").write_text("click,a,b\n" + "\n".join(lines) + "\n")
+
+    old = tmp_path / "data"
+    write(old, ["x", "y", "z"])
+    data_flags = ["--label", "click", "--embedding-dim", "8", "--epochs", "1", "--batch-size", "32"]
+    run = tmp_path / "run"
+    run_shark("train", "--data", f"csv:{old}", *data_flags, "--precision", "int8", "--out", str(run))
+    new = tmp_path / "moved"
+    shutil.move(old, new)
+    lost = run_shark("export", str(run / "checkpoints"), "--out", str(tmp_path / "e0"), check=False)
+    assert lost.returncode == 2 and f"{old}" in lost.stderr
+    run_shark("export", str(run / "checkpoints"), "--out", str(tmp_path / "e1"), "--data", f"csv:{new}")
+    assert (tmp_path / "e1" / "export.json").is_file()
+    write(tmp_path / "other", ["x", "y", "z", "w", "v"])
+    other = run_shark(
+        "export",
+        str(run / "checkpoints"),
+        "--out",
+        str(tmp_path / "e2"),
+        "--data",
+        f"csv:{tmp_path / 'other'}",
+        check=False,
+    )
+    assert other.returncode == 2 and "not the data this model was trained on (field a: 6 rows, the model's table 4" in (
+        other.stderr
+    ), other.stderr[-1500:]
