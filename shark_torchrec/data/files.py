@@ -97,6 +97,25 @@ def _read_header(path: Path, delimiter: str) -> List[str]:
     return [h.strip() for h in header]
 
 
+def _no_header_hint(header: Sequence[str]) -> str:
+    """A hint for a "header" that is a line of data: most of it numbers or empty, as the first
+    line of Criteo's files (which have no header) is, read as `csv:` by mistake."""
+
+    def looks_like_data(name: str) -> bool:
+        try:
+            float(name)
+            return True
+        except ValueError:
+            return name == "" or (len(name) == 8 and all(c in "0123456789abcdef" for c in name))
+
+    if sum(map(looks_like_data, header)) * 2 > len(header):
+        return (
+            ": the first line looks like data, not a header (files without one, as Criteo's .tsv, "
+            "are read with --data criteo:DIR)"
+        )
+    return ""
+
+
 def _parse_label(text: str) -> float:
     t = text.strip()
     if t in ("0", "1"):
@@ -172,7 +191,10 @@ class CsvLayout:
         def lookup(names: Sequence[str], what: str) -> List[int]:
             missing = [n for n in names if n not in index]
             if missing:
-                raise DataError(f"{path}: {what} column(s) {', '.join(missing)} not in header ({', '.join(header)})")
+                shown = ", ".join(header) if len(header) <= 20 else ", ".join(header[:20]) + f", ... ({len(header)})"
+                raise DataError(
+                    f"{path}: {what} column(s) {', '.join(missing)} not in header ({shown}){_no_header_hint(header)}"
+                )
             return [index[n] for n in names]
 
         (label_index,) = lookup([label], "label")

@@ -264,3 +264,18 @@ def test_a_split_file_with_another_header_is_refused(tmp_path):
             open_dataset(DataConfig(data=f"csv:{root}", label="click"))
     (root / "dev.csv").write_text(" click , age,city\n" + body)  # the same names, as stripped
     assert open_dataset(DataConfig(data=f"csv:{root}", label="click")).schema.sparse_names == ["age", "city"]
+
+
+def test_criteo_files_read_as_csv_get_a_hint(tmp_path):
+    """Criteo's files have no header: read with `csv:`, their first line of 40 values was shown
+    as the header, with no word of `criteo:DIR` (a newcomer's walkthrough)."""
+    root = write_criteo(tmp_path / "c", [criteo_line()] * 3)
+    with pytest.raises(DataError, match=r"\.\.\. \(40\)\): the first line looks like data.*--data criteo:DIR"):
+        open_dataset(DataConfig(data=f"csv:{root}", label="click"))
+    root = tmp_path / "csv"
+    root.mkdir()
+    for s in ("train", "dev", "test"):
+        (root / f"{s}.csv").write_text("click,age,city\n1,30,paris\n")
+    with pytest.raises(DataError) as e:
+        open_dataset(DataConfig(data=f"csv:{root}", label="label"))
+    assert "looks like data" not in str(e.value)
