@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -254,8 +255,10 @@ def main() -> int:
     }
     if rank == 0:
         print(json.dumps(result))
-    # Both ranks done before the group goes.
+    # Both ranks done before the group goes (and before the checkpoint does).
     dist.barrier()
+    if rank == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)
     dist.destroy_process_group()
     return 0
 
