@@ -62,7 +62,7 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[
     if pressed or _interrupted(failure):
         # The checkpoints saved so far stay; a resume skips one left half-written (checksums).
         how = (
-            f": `{prog} --resume --out {cfg.run.out_dir or 'DIR'}` continues from its newest checkpoint"
+            f": `{_as_invoked(prog)} --resume --out {cfg.run.out_dir or 'DIR'}` continues from its newest checkpoint"
             if command in ("train", "compress")
             else ""
         )
@@ -72,6 +72,17 @@ def _run(prog: str, job: Callable, argv: List[str], doc: str) -> Tuple[Optional[
         print(f"{prog}: error: {failure}", file=sys.stderr)
         return None, 2
     raise failure
+
+
+def _as_invoked(prog: str) -> str:
+    """`prog` ("shark train") as the user can type it again: with the path they ran the console
+    script by (`.venv/bin/shark train`, as the README does) when `shark` is not on PATH there."""
+    import shutil
+
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) != "shark" or shutil.which("shark") == os.path.abspath(script):
+        return prog
+    return " ".join([script, *prog.split()[1:]])
 
 
 @contextmanager

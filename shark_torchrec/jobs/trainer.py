@@ -297,7 +297,9 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
         best = resolve_checkpoint_on_rank0(best_root)
         load_checkpoint(best, dmp, optimizer, shapes, cfg.quant.precision)
         if env.is_main:
-            log.info("early stopping: restored the best dev model (%s)", best.name)
+            # (Restored whether or not the run stopped early: the last model need not be the best.)
+            what = "stopped early" if state.stopped_early else "ran to its end"
+            log.info("early stopping: the run %s; restored the best dev model (%s)", what, best.name)
     checkpoint()
     return TrainedModel(dmp, optimizer, dataset, env, configs, state, train_seconds)
 

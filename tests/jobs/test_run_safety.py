@@ -442,8 +442,9 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
+    typed = "shark" if shutil.which("shark") == argv[0] else argv[0]  # as run: on PATH or by its path
     assert err.strip().splitlines()[-1] == (
-        f"shark train: interrupted: `shark train --resume --out {out}` continues from its newest checkpoint"
+        f"shark train: interrupted: `{typed} train --resume --out {out}` continues from its newest checkpoint"
     )
     assert "Traceback" not in err and not (out / ".lock").exists() and list_checkpoints(out / "checkpoints")
 
@@ -636,3 +637,16 @@ def test_an_export_refuses_a_directory_a_live_run_holds(tmp_path, capsys):
     gone["pid"] = 2**22 + 12345  # no such process
     (out / run_dir.LOCK_FILE).write_text(json.dumps(gone))
     assert run_dir.live_holder(out) is None
+
+
+def test_the_ctrl_c_hint_names_the_command_as_it_was_run(monkeypatch, tmp_path):
+    """The README runs `.venv/bin/shark`, which is not on PATH: the hint's `shark train
+    --resume ...` could not be typed as given (a newcomer's walkthrough). It now uses the path
+    the command was run by, unless that is the `shark` on PATH."""
+    from shark_torchrec import cli
+
+    script = tmp_path / ".venv" / "bin" / "shark"
+    monkeypatch.setattr(sys, "argv", [str(script), "train"])
+    assert cli._as_invoked("shark train") == f"{script} train"
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/python", "-m", "pytest"])
+    assert cli._as_invoked("shark train") == "shark train"
