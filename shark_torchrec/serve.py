@@ -381,7 +381,15 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("--probabilities", action="store_true", help="print sigmoid(logit) instead of the logit")
     args = parser.parse_args(None if argv is None else list(argv))
     try:
-        scores = load(args.export_dir).score_file(args.lines_file, args.batch_size)
+        model = load(args.export_dir)
+        instead = model.manifest.get("served_instead")
+        if instead:  # `shark compress --fallback torchrec` chose a TorchRec model over this one
+            print(
+                f"serve.py: warning: the compression run chose {instead} over this model, which did not pass its "
+                "test (README.md in this folder says how to load it); scoring this model as asked",
+                file=sys.stderr,
+            )
+        scores = model.score_file(args.lines_file, args.batch_size)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: the kernel library does not fit this machine
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2

@@ -457,6 +457,10 @@ def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[
         fallback_dir,
     )
     if easy["exported"]:  # the serving files are ours: say which file the choice serves instead
+        manifest_path = out / "export" / "serving.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["served_instead"] = Path(easy["exported"]).name  # serve.py warns with it
+        manifest_path.write_text(json.dumps(manifest, indent=2))
         with (out / "export" / "README.md").open("a") as f:
             f.write(
                 f"\n## Served instead: {easy['exported_model']}\n\n`shark compress --fallback torchrec` chose "

@@ -174,6 +174,8 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     targets = json.loads((out / "m.json").read_text())["targets"]
     assert targets["served"] == "torchrec-int8" and targets["memory_ratio"] == 0.5 and targets["choice_test_passed"]
     assert "torchrec_int8_model.pt" in (out / "export" / "README.md").read_text()
+    # serve.py, which scores ours, warns with it (it said nothing of the choice).
+    assert json.loads((out / "export" / "serving.json").read_text())["served_instead"] == "torchrec_int8_model.pt"
     report = (out / "report.md").read_text()
     assert (
         "## Against TorchRec's post-training quantization" in report

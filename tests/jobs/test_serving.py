@@ -438,3 +438,27 @@ def test_one_bit_rows_are_not_read_by_a_library_of_another_layout(frappe_export,
     with pytest.raises(RuntimeError, match=r"holds symmetric rows \(int4s\); .* predates them"):
         recipe.load_kernels(moved, {**manifest, "rows_int4s": 5})
     recipe.load_kernels(moved, manifest)  # no symmetric rows: loads
+
+
+def test_serve_py_warns_when_the_run_chose_another_model(monkeypatch, tmp_path, capsys):
+    """An export whose compression run chose TorchRec's model over it (`served_instead` in
+    serving.json): serve.py scores it as asked, and says on stderr which model was chosen
+    (a newcomer ran the shipped serve.py and got, silently, the model that failed its test)."""
+    import torch
+
+    from shark_torchrec import serve
+
+    class Exported:
+        manifest = {"served_instead": "torchrec_int8_model.pt"}
+
+        def score_file(self, path, batch_size):
+            return torch.tensor([0.5])
+
+    monkeypatch.setattr(serve, "load", lambda d: Exported())
+    assert serve.main([str(tmp_path), str(tmp_path / "lines.csv")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "0.5\n"
+    assert "serve.py: warning: the compression run chose torchrec_int8_model.pt over this model" in captured.err
+    Exported.manifest = {}
+    assert serve.main([str(tmp_path), str(tmp_path / "lines.csv")]) == 0
+    assert capsys.readouterr().err == ""
