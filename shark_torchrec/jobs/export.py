@@ -171,6 +171,9 @@ class ServingTiers:
         if self.rounding not in SERVING_ROUNDING:
             raise ConfigError(f"serving rounding must be one of {SERVING_ROUNDING}, got {self.rounding!r}")
         _check_served_tiers(self.tiers)
+        # Most precise first, however given (`--tiers int1 int4` was recorded in that order,
+        # though planned by precision).
+        object.__setattr__(self, "tiers", tuple(SERVED_GROUP_NAMES[g] for g in by_precision(self.tiers)))
         budget = self.memory_budget
         if not 0 < budget <= 1:
             hint = f" (for {budget:g}% give {budget / 100:g})" if 1 < budget <= 100 else ""
@@ -963,6 +966,18 @@ def export_checkpoint(
         record["max_abs_logit_diff_dev_to_trained"] = largest_difference(trained_logits, want)
     if base_checkpoint:
         shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
+        # The uncompressed model holds this model's tables (pruning removes some, quantizing
+        # changes none): an unrelated checkpoint's bytes were reported beside it as its base.
+        wrong = [
+            f"{c.name}: {list(shapes[c.name]) if c.name in shapes else 'absent'} there, "
+            f"{[c.num_embeddings, c.embedding_dim]} here"
+            for c in configs
+            if c.name not in shapes or list(shapes[c.name]) != [c.num_embeddings, c.embedding_dim]
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"--base-checkpoint {base_checkpoint} is not this model's uncompressed base ({'; '.join(wrong[:3])})"
+            )
         record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
         record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(shapes.values())
     # Written beside `out` and moved in once all are written: an export that fails part way

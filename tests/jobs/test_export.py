@@ -853,3 +853,35 @@ def test_a_model_whose_data_folder_moved_exports_with_data(tmp_path):
     assert other.returncode == 2 and "not the data this model was trained on (field a: 6 rows, the model's table 4" in (
         other.stderr
     ), other.stderr[-1500:]
+
+
+def test_serving_tiers_are_kept_most_precise_first():
+    """`--tiers int1 int4` was accepted and recorded in that order (a newcomer's walkthrough),
+    though the rows are planned by precision: the record now says what is served, in order."""
+    from shark_torchrec.jobs.export import ServingTiers
+
+    assert ServingTiers(("int1", "int4"), 0.1).tiers == ("int4", "int1")
+    assert ServingTiers(("int2", "int8", "dropped", "int4"), 0.2, "table").tiers == ("int8", "int4", "int2", "dropped")
+    assert ServingTiers(("int2s", "int1", "int4s"), 0.05).tiers == ("int4s", "int2s", "int1")
+
+
+def test_an_unrelated_base_checkpoint_is_refused(shark_run, tmp_path):
+    """`--base-checkpoint` is the uncompressed model, for the bytes beside the export; an
+    unrelated model's (a synthetic 81 MB one beside a frappe export, in a newcomer's
+    walkthrough) were reported as its base. Tables that are not this model's are refused."""
+    out, _ = shark_run
+    other = tmp_path / "other"
+    run_shark("train", *TINY, "--embedding-dim", "8", "--out", str(other))
+    bad = run_shark(
+        "export",
+        str(out / "checkpoints"),
+        "--out",
+        str(tmp_path / "e"),
+        "--base-checkpoint",
+        str(other / "checkpoints"),
+        check=False,
+    )
+    assert bad.returncode == 2 and "is not this model's uncompressed base (t_" in bad.stderr, bad.stderr[-2000:]
+    run_shark(
+        "export", str(out / "checkpoints"), "--out", str(tmp_path / "e2"), "--base-checkpoint", str(out / "checkpoints")
+    )
