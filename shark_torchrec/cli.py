@@ -451,8 +451,12 @@ def export_main(argv: List[str]) -> int:
             except BaseException as e:
                 if not (pressed or _interrupted(e)):
                     raise
-                # Its files go into --out only once all are written: an earlier export there is whole.
-                print(f"shark export: interrupted: nothing was written to {args.out}", file=sys.stderr)
+                # Its files go into --out only once all are written: an earlier export there stays
+                # whole (unless the interrupt came as they were being moved in, a moment's window).
+                print(
+                    f"shark export: interrupted: its files go into {args.out} only once all are written",
+                    file=sys.stderr,
+                )
                 return INTERRUPTED
     except Exception as e:
         # A model the export cannot serve (tables of several dims) is named as a user error too.

@@ -312,7 +312,8 @@ class RunConfig:
             raise ConfigError("run.nproc must be >= 1")
         if self.checkpoint and self.init_from:
             raise ConfigError("run.checkpoint and run.init_from exclude each other: give one")
-        if self.resume and not (self.out_dir or self.checkpoint_dir):
+        # (`shark compress` keeps its checkpoints in its stages' folders: --out only.)
+        if self.resume and not (self.out_dir or (self.checkpoint_dir and command != "compress")):
             # Without one, the run gets a new directory named by the time: nothing to resume there,
             # and it silently started over (a newcomer's walkthrough).
             raise ConfigError("run.resume (--resume) continues the run in --out DIR: name the run directory")

@@ -107,6 +107,21 @@ def _checked_records(run: Path, stages: Dict[str, Any]) -> Dict[str, Any]:
     """
     if "prune" in stages:
         _need(stages["prune"], run / "stages.json", "the prune stage", ("pruned_fields", "stop_reason", "kept_fields"))
+        if stages["prune"].get("selection_resolution"):
+            _need(
+                stages["prune"]["selection_resolution"],
+                run / "stages.json",
+                "the prune stage's selection_resolution",
+                ("confidence", "max_auc_drop"),
+            )
+    for stage in ("prune", "quantize"):
+        if isinstance(stages.get(stage), dict) and stages[stage].get("confirmation"):
+            _need(
+                stages[stage]["confirmation"],
+                run / "stages.json",
+                f"the {stage} stage's confirmation",
+                ("rows", "auc", "base_auc", "drop", "standard_error", "upper_bound_95"),
+            )
     if "quantize" in stages:
         _need(stages["quantize"], run / "stages.json", "the quantize stage", ("budget", "test_auc"))
     log_keys = ("iteration", "removed", "memory_ratio", "dev_auc", "test_auc", "test_logloss", "accepted")

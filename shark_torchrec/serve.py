@@ -384,9 +384,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         model = load(args.export_dir)
         instead = model.manifest.get("served_instead")
         if instead:  # `shark compress --fallback torchrec` chose a TorchRec model over this one
+            why = model.manifest.get("served_instead_why", "see the run's report")
             print(
-                f"serve.py: warning: the compression run chose {instead} over this model, which did not pass its "
-                "test (README.md in this folder says how to load it); scoring this model as asked",
+                f"serve.py: warning: the compression run chose {instead} over this model ({why}; README.md in this "
+                "folder says how to load it); scoring this model as asked",
                 file=sys.stderr,
             )
         scores = model.score_file(args.lines_file, args.batch_size)

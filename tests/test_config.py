@@ -437,3 +437,12 @@ def test_a_fault_inside_the_policy_check_is_not_taken_for_the_users_error(monkey
     with pytest.raises(ValueError) as e:
         parse_cli(["--precision", "shark"], prog="shark train", command="train")
     assert type(e.value) is ValueError
+
+
+def test_compress_resume_needs_its_run_directory_not_a_checkpoint_directory(capsys):
+    """`shark compress` keeps its checkpoints in its stages' folders and ignores
+    --checkpoint-dir: with it alone, --resume started a new time-named run."""
+    with pytest.raises(SystemExit):
+        parse_cli(["--resume", "--checkpoint-dir", "ckpts"], prog="shark compress", command="compress")
+    assert "continues the run in --out DIR" in capsys.readouterr().err
+    assert parse_cli(["--resume", "--checkpoint-dir", "ckpts"], prog="shark train", command="train").run.resume

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from shark_torchrec.config import (
+    ConfigError,
     JobConfig,
     QuantConfig,
     config_to_dict,
@@ -56,6 +57,7 @@ from shark_torchrec.config import (
     with_absolute_paths,
 )
 from shark_torchrec.data import open_dataset
+from shark_torchrec.data.schema import DataError
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.jobs.checkpoint import (
     CheckpointError,
@@ -84,7 +86,14 @@ from shark_torchrec.jobs.trainer import (
     write_metrics,
 )
 from shark_torchrec.modules.precision_policy import split_tiers
-from shark_torchrec.precision.priority import GROUP_NAMES, SERVED_GROUP_NAMES, by_precision, min_budget
+from shark_torchrec.modules.row_groups import IdError
+from shark_torchrec.precision.priority import (
+    GROUP_NAMES,
+    SERVED_GROUP_NAMES,
+    BudgetError,
+    by_precision,
+    min_budget,
+)
 
 STAGES = ("base", "prune", "quantize", "export")
 STAGES_FILE = "stages.json"
@@ -459,7 +468,13 @@ def _export_on_rank0(cfg: JobConfig, out: Path, stages: Dict[str, Any]) -> Dict[
     if easy["exported"]:  # the serving files are ours: say which file the choice serves instead
         manifest_path = out / "export" / "serving.json"
         manifest = json.loads(manifest_path.read_text())
-        manifest["served_instead"] = Path(easy["exported"]).name  # serve.py warns with it
+        manifest["served_instead"] = Path(easy["exported"]).name  # serve.py warns with it, and why:
+        ours = (easy.get("final") or {}).get("choice") or {}
+        manifest["served_instead_why"] = (
+            "smaller, and within the bound as this model is"
+            if ours.get("accepted")
+            else "this model did not pass its test"
+        )
         manifest_path.write_text(json.dumps(manifest, indent=2))
         with (out / "export" / "README.md").open("a") as f:
             f.write(
@@ -607,7 +622,9 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             base_dir_before = (out / "base").exists()
             try:
                 stages["base"], base = run_base(cfg, out, env)
-            except BaseException:
+            except (ConfigError, DataError, BudgetError, IdError, CheckpointError, OSError):
+                # Only what the user mends and runs again: after Ctrl-C or a fault of ours the
+                # run stays, for the --resume the message suggests (with its settings).
                 if env.is_main and not resuming:
                     _forget_a_start_that_failed(out, base_dir_before)
                 raise

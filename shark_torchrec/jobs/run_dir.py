@@ -100,9 +100,9 @@ def run_dir_lock(out_dir: str | Path, is_main: bool) -> Iterator[None]:
 
 def run_kind(out: Path) -> Optional[str]:
     """Which command's files a run directory holds, by the files each writes: `export`
-    (export.json or serving.json), `compress` (stages.json), `train` (its metrics.json or
-    checkpoints, without stages.json), or None (none of them: a new directory, or a compression
-    run refused before its first stage).
+    (export.json or serving.json), `compress` (stages.json, or a `base/` stage folder before
+    stages.json is first written), `train` (its metrics.json or checkpoints), or None (none of
+    them: a new directory, or a compression run refused before its first stage).
 
     Args:
         out: the directory.
@@ -112,7 +112,7 @@ def run_kind(out: Path) -> Optional[str]:
     """
     if (out / "export.json").exists() or (out / "serving.json").exists():
         return "export"
-    if (out / "stages.json").exists():
+    if (out / "stages.json").exists() or (out / "base").is_dir():  # base/: a compression run in its first stage
         return "compress"
     if (out / "metrics.json").exists() or list_checkpoints(out / "checkpoints"):
         return "train"
@@ -227,8 +227,9 @@ def staged_files(out: Path, stale: Sequence[str] = ()) -> Iterator[Path]:
 
 
 def live_holder(out: Path) -> Optional[str]:
-    """Who holds a run directory's lock while running (`run_dir_lock`), for commands that write
-    into a directory without taking it (an export): None when no lock is there or its run is gone.
+    """Who holds a run directory's lock while running (`run_dir_lock`), that directory's or a
+    parent's, for commands that write into a directory without taking it (an export): None
+    when no lock is there or its run is gone.
 
     Args:
         out: the directory.
@@ -237,15 +238,23 @@ def live_holder(out: Path) -> Optional[str]:
         The holder's description (host, pid, since), or None.
     """
     lock = out / LOCK_FILE
-    if not lock.is_file():
-        return None
-    try:
-        read = _read_holder(lock)
-    except RunDirLocked:  # a lock without a record: someone is writing it, or it is left over
-        return f"{lock} holds no run record"
-    if read is None or _is_stale(read[1]):
-        return None
-    return _describe(read[1])
+    if lock.is_file():
+        try:
+            read = _read_holder(lock)
+        except RunDirLocked:  # a lock without a record: someone is writing it, or it is left over
+            return f"{lock} holds no run record"
+        if read is not None and not _is_stale(read[1]):
+            return f"{_describe(read[1])}, holding {out}"
+    # A run's own folders too (a compression run writes RUN/export). A parent's `.lock` counts
+    # only if it holds a run's record: other tools name their lock files so too (pytest does).
+    for d in out.parents:
+        try:
+            holder = json.loads((d / LOCK_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(holder, dict) and {"host", "pid"} <= holder.keys() and not _is_stale(holder):
+            return f"{_describe(holder)}, holding {d}"
+    return None
 
 
 def file_in_the_way(d: Path) -> Optional[Path]:

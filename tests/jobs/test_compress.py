@@ -175,7 +175,14 @@ def test_compress_reports_torchrec_post_training_and_falls_back_to_it(tmp_path):
     assert targets["served"] == "torchrec-int8" and targets["memory_ratio"] == 0.5 and targets["choice_test_passed"]
     assert "torchrec_int8_model.pt" in (out / "export" / "README.md").read_text()
     # serve.py, which scores ours, warns with it (it said nothing of the choice).
-    assert json.loads((out / "export" / "serving.json").read_text())["served_instead"] == "torchrec_int8_model.pt"
+    manifest = json.loads((out / "export" / "serving.json").read_text())
+    assert manifest["served_instead"] == "torchrec_int8_model.pt"
+    # And why: the fewest bytes among the accepted are served, so ours may have passed too.
+    assert manifest["served_instead_why"] == (
+        "smaller, and within the bound as this model is"
+        if easy["final"]["choice"].get("accepted")
+        else "this model did not pass its test"
+    )
     report = (out / "report.md").read_text()
     assert (
         "## Against TorchRec's post-training quantization" in report
@@ -538,6 +545,21 @@ def test_the_report_of_a_run_with_a_file_that_is_not_json_names_the_file(tmp_pat
     # [1] were an AttributeError's traceback), each part the report reads.
     (run / "quantize" / "metrics.json").unlink()
     (run / "base" / "metrics.json").write_text(results)
+    for stages, says in (
+        (
+            {"prune": {"pruned_fields": [], "stop_reason": "x", "kept_fields": [], "selection_resolution": {"x": 1}}},
+            "the prune stage's selection_resolution lacks confidence, max_auc_drop",
+        ),
+        (
+            {"quantize": {"budget": 0.3, "test_auc": 0.7, "confirmation": {"rows": 5}}},
+            "the quantize stage's confirmation lacks auc, base_auc",
+        ),
+    ):
+        (run / "stages.json").write_text(json.dumps({"base": {"embedding_bytes": 100}, **stages}))
+        assert main(["report", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    (run / "stages.json").write_text(json.dumps({"base": {"embedding_bytes": 100}}))
     (run / "prune" / "importance").mkdir(parents=True)
     (run / "export").mkdir()
     entry = {"iteration": 1, "removed": ["c1"], "memory_ratio": 0.5, "dev_auc": 0.7, "test_auc": 0.7}
@@ -610,3 +632,27 @@ def test_a_run_whose_base_stage_fails_first_leaves_nothing_that_blocks_a_retry(t
     assert main(["compress", "--checkpoint", str(given), "--out", str(run), "--no-progress"]) == 2
     assert "--init-from" in capsys.readouterr().err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("failure", ["ctrl-c", "fault", "user"])
+def test_a_base_stage_stopped_by_ctrl_c_or_a_fault_keeps_the_run(failure, tmp_path, monkeypatch):
+    """Only a user's error in a new run's first stage clears the run away (for the mended
+    command to run again). Ctrl-C (the message suggests --resume, which reads the run's
+    config.toml) and faults of ours keep it: a review found Ctrl-C deleted the run."""
+    from shark_torchrec.config import ConfigError, parse_cli
+    from shark_torchrec.jobs import compress
+
+    raised = {"ctrl-c": KeyboardInterrupt(), "fault": RuntimeError("a fault of ours"), "user": ConfigError("bad")}[
+        failure
+    ]
+
+    def run_base(cfg, out, env):
+        (out / "base").mkdir()
+        raise raised
+
+    monkeypatch.setattr(compress, "run_base", run_base)
+    cfg = parse_cli(["--out", str(tmp_path / "run")], prog="shark compress", command="compress")
+    with pytest.raises(type(raised)):
+        compress.compress_job(cfg)
+    kept = (tmp_path / "run" / "config.toml").is_file() and (tmp_path / "run" / "base").is_dir()
+    assert kept == (failure != "user")

@@ -576,6 +576,12 @@ def test_resume_refuses_another_commands_run_directory(tmp_path):
         return d
 
     compress_run = run("c", "config.toml", "stages.json", "metrics.json")
+    (tmp_path / "c_in_base").mkdir()  # a compression run stopped in its first stage: no stages.json yet
+    (tmp_path / "c_in_base" / "config.toml").write_text("")
+    (tmp_path / "c_in_base" / "base" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"holds a `shark compress` run, not a `shark train` run"):
+        refuse_earlier_run(tmp_path / "c_in_base", True, "train")
+    refuse_earlier_run(tmp_path / "c_in_base", True, "compress")
     train_run = run("t", "config.toml", "metrics.json")
     export_dir = run("e", "export.json")
     with pytest.raises(
@@ -613,7 +619,7 @@ def test_ctrl_c_during_an_export_is_one_line(tmp_path, monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGINT, before)
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"shark export: interrupted: nothing was written to {tmp_path / 'e'}"
+        f"shark export: interrupted: its files go into {tmp_path / 'e'} only once all are written"
     ]
 
 
@@ -633,6 +639,10 @@ def test_an_export_refuses_a_directory_a_live_run_holds(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out {out} is in use by a run (" in err and "nothing was written" in err
     assert sorted(p.name for p in out.iterdir()) == [run_dir.LOCK_FILE, "metrics.json"]
+    # Its own folders too: a compression run writes RUN/export itself.
+    assert main(["export", str(tmp_path / "ckpt"), "--out", str(out / "export"), "--overwrite"]) == 2
+    assert f"holding {out}" in capsys.readouterr().err
+    assert not (out / "export").exists()
     gone = json.loads(run_dir._holder_record())
     gone["pid"] = 2**22 + 12345  # no such process
     (out / run_dir.LOCK_FILE).write_text(json.dumps(gone))
