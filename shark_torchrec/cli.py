@@ -198,25 +198,13 @@ def checkpoint_defaults(argv: List[str]) -> Dict[str, dict]:
     return out
 
 
-def _user_error_types() -> Tuple[type, ...]:
-    """The exception types that describe the user's input rather than a fault of ours: a flag
-    or config value (ConfigError), data contents (DataError), a budget (BudgetError), an id in
-    the data (IdError), a checkpoint or run directory (CheckpointError), and the file system
-    (OSError: a missing file, a permission, a full disk). Not a plain ValueError: Python and
-    torch raise those for faults of ours too ("too many values to unpack")."""
-    from shark_torchrec.config import ConfigError
-    from shark_torchrec.data.schema import DataError
-    from shark_torchrec.jobs.checkpoint import CheckpointError
-    from shark_torchrec.modules.row_groups import IdError
-    from shark_torchrec.precision.priority import BudgetError
-
-    return (ConfigError, DataError, BudgetError, IdError, CheckpointError, OSError)
-
-
 def _user_error(e: BaseException) -> bool:
-    """Whether `e` describes the user's input or files (`_user_error_types`): one line, exit
-    status 2. Anything else is a fault of ours, whose traceback is what to report."""
-    return isinstance(e, _user_error_types())
+    """Whether `e` describes the user's input or files (`jobs.user_errors.user_error_types`,
+    imported once a command failed): one line, exit status 2. Anything else is a fault of ours,
+    whose traceback is what to report."""
+    from shark_torchrec.jobs.user_errors import user_error_types
+
+    return isinstance(e, user_error_types())
 
 
 def _job_main(prog: str, job: Callable, argv: List[str], doc: str, keys: tuple) -> int:

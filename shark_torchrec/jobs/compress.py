@@ -48,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 from shark_torchrec.config import (
-    ConfigError,
     JobConfig,
     QuantConfig,
     config_to_dict,
@@ -57,7 +56,6 @@ from shark_torchrec.config import (
     with_absolute_paths,
 )
 from shark_torchrec.data import open_dataset
-from shark_torchrec.data.schema import DataError
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.jobs.checkpoint import (
     CheckpointError,
@@ -85,15 +83,9 @@ from shark_torchrec.jobs.trainer import (
     job_rank,
     write_metrics,
 )
+from shark_torchrec.jobs.user_errors import user_error_types
 from shark_torchrec.modules.precision_policy import split_tiers
-from shark_torchrec.modules.row_groups import IdError
-from shark_torchrec.precision.priority import (
-    GROUP_NAMES,
-    SERVED_GROUP_NAMES,
-    BudgetError,
-    by_precision,
-    min_budget,
-)
+from shark_torchrec.precision.priority import GROUP_NAMES, SERVED_GROUP_NAMES, by_precision, min_budget
 
 STAGES = ("base", "prune", "quantize", "export")
 STAGES_FILE = "stages.json"
@@ -622,7 +614,7 @@ def compress_job(cfg: JobConfig) -> Dict[str, Any]:
             base_dir_before = (out / "base").exists()
             try:
                 stages["base"], base = run_base(cfg, out, env)
-            except (ConfigError, DataError, BudgetError, IdError, CheckpointError, OSError):
+            except user_error_types():
                 # Only what the user mends and runs again: after Ctrl-C or a fault of ours the
                 # run stays, for the --resume the message suggests (with its settings).
                 if env.is_main and not resuming:
