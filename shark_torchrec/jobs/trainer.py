@@ -223,8 +223,12 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
 
     show = run.progress and env.is_main
 
+    def trained_seconds() -> float:
+        """The training loop's seconds so far, a resumed run's earlier parts included."""
+        return trained_before + time.perf_counter() - start
+
     def checkpoint() -> None:
-        state.train_seconds = trained_before + time.perf_counter() - start
+        state.train_seconds = trained_seconds()
         save_checkpoint(
             ckpt_root,
             state.step,
@@ -242,7 +246,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             state.best_dev_auc, state.evals_since_best = m["auc"], 0
             if t.early_stopping_patience:
                 # Early stopping returns the best model, so keep it as it is now.
-                state.train_seconds = trained_before + time.perf_counter() - start
+                state.train_seconds = trained_seconds()
                 save_checkpoint(
                     best_root, state.step, dmp, optimizer, _meta(cfg, state, configs, env, dataset.full_schema), keep=1
                 )
@@ -292,7 +296,7 @@ def fit(cfg: JobConfig, env: DistEnv, dataset: Optional[Dataset] = None) -> Trai
             state.batch_in_epoch = 0
             if not t.eval_every and not done and dev_eval():
                 state.stopped_early = done = True
-    train_seconds = trained_before + time.perf_counter() - start
+    train_seconds = trained_seconds()
     if t.early_stopping_patience and list_checkpoints(best_root):
         best = resolve_checkpoint_on_rank0(best_root)
         load_checkpoint(best, dmp, optimizer, shapes, cfg.quant.precision)
