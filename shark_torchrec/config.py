@@ -842,14 +842,22 @@ def load_config(path: str | Path) -> JobConfig:
     Raises:
         ConfigError: the file is missing or not valid TOML, or holds unknown groups or fields.
     """
+    return config_from_dict(_read_toml(path), where=str(path))
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables, as read (`--config`, a run's config.toml).
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML (a binary file too), naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return config_from_dict(raw, where=str(path))
 
 
 def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
@@ -1054,13 +1062,7 @@ def parse_cli(
             )
         raw = {g: dict(v) for g, v in (base or {}).items()}
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:
-                from_file = tomllib.loads(Path(path).read_text())
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path}: not valid TOML: {e}") from e
-            for group, values in from_file.items():
+            for group, values in _read_toml(path).items():
                 raw[group] = {**raw.get(group, {}), **values} if isinstance(values, dict) else values
         default = config_from_dict(raw, where=path or "config")
     except ConfigError as e:
