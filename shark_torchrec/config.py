@@ -194,8 +194,9 @@ class ModelConfig:
 
 
 # The sharding types TorchRec has for an embedding collection (`torchrec.distributed.types.
-# ShardingType`'s values; named here, as this module imports no TorchRec).
-SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise", "data_parallel")
+# ShardingType`'s values; named here, as this module imports no TorchRec), in the order the
+# planner is given them when it may choose any (`distributed.sharding`).
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_column_wise", "table_row_wise", "data_parallel")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from shark_torchrec.config import ConfigError, TrainConfig
+from shark_torchrec.config import SHARDING_TYPES, ConfigError, TrainConfig
 from shark_torchrec.distributed.env import DistEnv
 from shark_torchrec.distributed.memory import table_of_key
 from shark_torchrec.modules.initial_rows import initial_rows
@@ -78,14 +78,7 @@ def embedding_configs(model: nn.Module) -> Dict[str, BaseEmbeddingConfig]:
 # TorchRec's planner does not price, and it split one small table row-wise just to even its
 # per-rank estimates out. On 2 ranks those three groups made our step 1.19-1.23x as long as
 # the plan of one type (bench/README.md).
-_ALL_TYPES = (
-    ShardingType.TABLE_WISE.value,
-    ShardingType.ROW_WISE.value,
-    ShardingType.COLUMN_WISE.value,
-    ShardingType.TABLE_COLUMN_WISE.value,
-    ShardingType.TABLE_ROW_WISE.value,
-    ShardingType.DATA_PARALLEL.value,
-)
+_ALL_TYPES = SHARDING_TYPES  # (`--sharding-types` is checked against the same list)
 _CPU_TYPES = (
     ShardingType.TABLE_WISE.value,
     ShardingType.COLUMN_WISE.value,
