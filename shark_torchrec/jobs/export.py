@@ -897,14 +897,29 @@ def export_checkpoint(
             f"checkpoint {checkpoint} holds fp32 TorchRec tables: there are no row groups to export as trained; "
             "give serving tiers and a budget (--tiers, --memory-budget) to serve its rows in them"
         )
+    trained_configs = model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+    base_shapes = None
+    if base_checkpoint:  # checked before any work
+        base_shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
+        # The uncompressed model holds this model's tables (pruning removes some, quantizing
+        # changes none): an unrelated checkpoint's bytes were reported beside it as its base.
+        wrong = [
+            f"{c.name}: {list(base_shapes[c.name]) if c.name in base_shapes else 'absent'} there, "
+            f"{[c.num_embeddings, c.embedding_dim]} here"
+            for c in trained_configs
+            if c.name not in base_shapes or list(base_shapes[c.name]) != [c.num_embeddings, c.embedding_dim]
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"--base-checkpoint {base_checkpoint} is not this model's uncompressed base ({'; '.join(wrong[:3])})"
+            )
     if data_source:
         qcfg.dataset = dataclasses.replace(qcfg.dataset, data=data_source)
     data = open_dataset(qcfg.dataset, qcfg.train.seed)
     if data_source:
         # Other data would give ids other rows without an error: its vocabulary must at least
         # size every table as the model's.
-        configs = model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
-        want = {f: c.num_embeddings for c in configs for f in c.feature_names}
+        want = {f: c.num_embeddings for c in trained_configs for f in c.feature_names}
         have = dict(zip(data.full_schema.sparse_names, data.full_schema.num_embeddings))
         wrong = [
             f"field {f}: {have.get(f, 'no')} rows, the model's table {n}" for f, n in want.items() if have.get(f) != n
@@ -964,22 +979,9 @@ def export_checkpoint(
         # regrouped one, so it reads 0 however coarse the tiers): these say what the tiers cost.
         record["dev_auc_trained"] = dev_auc(trained_logits)
         record["max_abs_logit_diff_dev_to_trained"] = largest_difference(trained_logits, want)
-    if base_checkpoint:
-        shapes = read_meta(resolve_checkpoint(base_checkpoint))["tables"]
-        # The uncompressed model holds this model's tables (pruning removes some, quantizing
-        # changes none): an unrelated checkpoint's bytes were reported beside it as its base.
-        wrong = [
-            f"{c.name}: {list(shapes[c.name]) if c.name in shapes else 'absent'} there, "
-            f"{[c.num_embeddings, c.embedding_dim]} here"
-            for c in configs
-            if c.name not in shapes or list(shapes[c.name]) != [c.num_embeddings, c.embedding_dim]
-        ]
-        if wrong:
-            raise CheckpointError(
-                f"--base-checkpoint {base_checkpoint} is not this model's uncompressed base ({'; '.join(wrong[:3])})"
-            )
-        record["base_fp32_bytes"] = sum(r * d * 4 for r, d in shapes.values())
-        record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(shapes.values())
+    if base_shapes is not None:
+        record["base_fp32_bytes"] = sum(r * d * 4 for r, d in base_shapes.values())
+        record["base_torchrec_int8_bytes"] = torchrec_int8_bytes(base_shapes.values())
     # Written beside `out` and moved in once all are written: an export that fails part way
     # leaves an earlier export in `out` whole (and no folder where there was none).
     with staged_files(out, stale=(VOCAB_FILE,)) as staging:
