@@ -243,17 +243,10 @@ class CsvLayout:
         else:
             missing = [h for h in self.header if h not in header]
             extra = [h for h in header if h not in self.header]
-            how = (
-                "; ".join(
-                    part
-                    for part in (
-                        f"lacks {', '.join(missing)}" if missing else "",
-                        f"has {', '.join(extra)} besides" if extra else "",
-                    )
-                    if part
-                )
-                or "columns named twice"
+            parts = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+                [f"has {', '.join(extra)} besides"] if extra else []
             )
+            how = "; ".join(parts) or "columns named twice"
         raise DataError(
             f"{path}: its header ({', '.join(header)}) is not {first.name}'s ({', '.join(self.header)}): {how}. "
             "The split files' columns are read by position: give them the same header"
