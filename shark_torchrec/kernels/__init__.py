@@ -798,24 +798,38 @@ def ids_by_row(
 
 
 @torch.library.register_fake("shark::split_ranking_keys")
-def _split_ranking_keys_fake(scores, first_row, out):
+def _split_ranking_keys_fake(scores, first_row, out, seen_step=None, step=0, decay=None, divisor=1.0):
     return torch.library.get_ctx().new_dynamic_size()
 
 
-def split_ranking_keys(scores: torch.Tensor, first_row: int, out: torch.Tensor) -> int:
+def split_ranking_keys(
+    scores: torch.Tensor,
+    first_row: int,
+    out: torch.Tensor,
+    seen_step: Optional[torch.Tensor] = None,
+    step: int = 0,
+    decay: Optional[torch.Tensor] = None,
+    divisor: float = 1.0,
+) -> int:
     """The ranking keys of rows `first_row`.. (`shark_torchrec.precision.priority.ranking_keys`)
     written into `out` as two runs: the keys of +0.0 scores first, ascending, then the others in
     row order.
 
     Args:
-        scores: [n] float32 scores of consecutive rows.
+        scores: [n] float32 scores of consecutive rows (with `seen_step`: stored Eq. 7 scores).
         first_row: the global row of the first (rows must stay below 2^32).
         out: [n] int64, written.
+        seen_step: None, or int32 [n] the step each score was stored at: the scores are then
+            decayed to `step` first (`decayed`, bit for bit).
+        step: the step to decay to.
+        decay: with `seen_step`, `shark_torchrec.precision.priority.decay_table` of Eq. 7's
+            beta, reaching step - min(seen_step) steps.
+        divisor: the (decayed) scores are divided by it (`per_byte_scores`: 4 x dim).
 
     Returns:
         How many zero-score keys lead.
     """
-    return torch.ops.shark.split_ranking_keys(scores, first_row, out)
+    return torch.ops.shark.split_ranking_keys(scores, first_row, out, seen_step, step, decay, divisor)
 
 
 @torch.library.register_fake("shark::groups_by_ranking")
@@ -865,7 +879,7 @@ def changed_rows(
 
 
 @torch.library.register_fake("shark::update_priorities_")
-def _update_priorities_fake(priority, seen_step, keys, positives, negatives, step, alpha, beta):
+def _update_priorities_fake(priority, seen_step, keys, positives, negatives, step, alpha, beta, decay):
     return None
 
 
@@ -878,10 +892,12 @@ def update_priorities_(
     step: int,
     alpha: float,
     beta: float,
+    decay: torch.Tensor,
 ) -> None:
     """Paper Eq. 7 for the rows `keys` at `step`, in place: each stored score decayed to the step
     before, then (1 - beta) * it + beta * (alpha * positives + negatives), stored with `step`
-    (`shark_torchrec.precision.priority.updated`, bit for bit).
+    (`shark_torchrec.precision.priority.updated`, bit for bit: both read the decay factors
+    from `decay_table`).
 
     Args:
         priority: float32 [rows], the stored scores (written).
@@ -891,8 +907,10 @@ def update_priorities_(
         step: this step.
         alpha: the weight of a positive example.
         beta: Eq. 7's rate.
+        decay: `shark_torchrec.precision.priority.decay_table` of `beta`, reaching
+            step - 1 - the keys' oldest seen step.
     """
-    torch.ops.shark.update_priorities_(priority, seen_step, keys, positives, negatives, step, alpha, beta)
+    torch.ops.shark.update_priorities_(priority, seen_step, keys, positives, negatives, step, alpha, beta, decay)
 
 
 @torch.library.register_fake("shark::rowwise_adagrad_scales_")

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -48,21 +49,60 @@ void check_block(const at::Tensor& scores, int64_t first_row) {
 // Keys of rows first_row .. first_row + n - 1 written into `out` [n] as two runs: the keys of
 // rows whose score bits are 0 (a +0.0 score) first, ascending (from the last row to the
 // first), then the others in row order. Returns how many zero keys lead.
+// With `seen_step`, `scores` are stored Eq. 7 scores, each decayed to `step` first by the
+// factor decay[k] for k = step - seen step (at least 0; `decay` is `decay_table`'s, whose last
+// entry, if 0, stands for every k past it), as `shark_torchrec.precision.priority.decayed`
+// does; then divided by `divisor` if it is not 1 (`per_byte_scores`). Bit for bit the torch
+// code, one float operation each, where it made seven passes over the block.
 // One pass from the last row, without a branch on the (unpredictable) zero test: each key is
 // written at the end of both runs, the zero run growing from the front and the other from
 // the back, and only its own run's end moves on (where the two ends meet they write one slot,
 // with the one key).
-int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tensor& out) {
+int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tensor& out,
+                           const std::optional<at::Tensor>& seen_step, int64_t step,
+                           const std::optional<at::Tensor>& decay, double divisor) {
   check_block(scores, first_row);
   const int64_t n = scores.numel();
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.dim() == 1 && out.numel() == n &&
                   out.is_contiguous(),
               "split_ranking_keys: out must be a contiguous int64 CPU tensor of ", n, " keys");
+  TORCH_CHECK(seen_step.has_value() == decay.has_value(), "split_ranking_keys: seen_step and decay come together");
+  const int32_t* seen = nullptr;
+  const float* w = nullptr;
+  int64_t last = 0;
+  const int32_t to_step = static_cast<int32_t>(step);  // the torch code's int32 arithmetic
+  if (seen_step.has_value()) {
+    const at::Tensor& st = *seen_step;
+    const at::Tensor& dt = *decay;
+    TORCH_CHECK(st.device().is_cpu() && st.scalar_type() == at::kInt && st.dim() == 1 && st.numel() == n &&
+                    st.is_contiguous(),
+                "split_ranking_keys: seen_step must be a contiguous int32 CPU tensor of ", n, " rows");
+    TORCH_CHECK(dt.device().is_cpu() && dt.scalar_type() == at::kFloat && dt.dim() == 1 && dt.numel() > 0 &&
+                    dt.is_contiguous(),
+                "split_ranking_keys: decay must be a non-empty contiguous 1-D float32 CPU tensor");
+    seen = st.data_ptr<int32_t>();
+    w = dt.data_ptr<float>();
+    last = dt.numel() - 1;
+    if (w[last] != 0.0f) {  // a table that ends above 0 must reach the oldest row's steps
+      int32_t oldest = to_step;
+      for (int64_t i = 0; i < n; ++i) oldest = std::min(oldest, seen[i]);
+      TORCH_CHECK(static_cast<int64_t>(to_step) - oldest <= last, "split_ranking_keys: the decay table's ",
+                  last + 1, " factors do not reach ", static_cast<int64_t>(to_step) - oldest, " steps");
+    }
+  }
+  const float div = static_cast<float>(divisor);
+  const bool divide = div != 1.0f;
   const float* s = scores.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
   int64_t z = 0, back = n - 1;
   for (int64_t i = n - 1; i >= 0; --i) {
-    const int32_t bits = score_bits(s[i]);
+    float score = s[i];
+    if (seen != nullptr) {
+      const int32_t d = to_step - seen[i];
+      score = score * w[std::min<int64_t>(d < 0 ? 0 : d, last)];
+    }
+    if (divide) score = score / div;
+    const int32_t bits = score_bits(score);
     const int64_t key = ranking_key(bits, first_row + i);
     const int64_t zero = bits == 0;
     o[z] = key;
@@ -185,7 +225,9 @@ std::tuple<at::Tensor, at::Tensor> changed_rows(const at::Tensor& row_map, const
   return {rows, total};
 }
 TORCH_LIBRARY_FRAGMENT(shark, m) {
-  m.def("split_ranking_keys(Tensor scores, int first_row, Tensor(a!) out) -> int");
+  m.def(
+      "split_ranking_keys(Tensor scores, int first_row, Tensor(a!) out, Tensor? seen_step=None, int step=0, "
+      "Tensor? decay=None, float divisor=1.0) -> int");
   m.def("groups_by_ranking(Tensor scores, int first_row, int[] cuts, int[] groups, Tensor(a!) out) -> ()");
   m.def("changed_rows(Tensor row_map, Tensor range_ends, Tensor groups, int num_groups) -> (Tensor, Tensor)");
 }

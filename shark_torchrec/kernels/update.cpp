@@ -899,16 +899,15 @@ std::tuple<at::Tensor, at::Tensor> row_grads_update_(
 }
 
 // Paper Eq. 7 for the rows a step touched, in place: each row's stored score decayed to the
-// step before (times (1 - beta)^(step - 1 - last step), at least 0 steps), then
+// step before (times decay[k] for k = step - 1 - last step, at least 0 steps; `decay` is
+// `decay_table`'s (1 - beta)^k, whose last entry, if 0, stands for every k past it), then
 // (1 - beta) * that + beta * (alpha * positives + negatives), stored with `step`. Equal, bit
 // for bit, to the torch code (`shark_torchrec.precision.priority.updated` between an
-// index_select and an index_copy_): the power is taken by the same torch call on the same
-// [n] tensor (torch's pow rounds its vectorized body and its scalar tail differently, so a
-// power of our own would not match), and every other step is one float operation in the
-// torch code's order. `keys` must be distinct.
+// index_select and an index_copy_): the factor is the table's, and every other step is one
+// float operation in the torch code's order. `keys` must be distinct.
 void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::Tensor& keys,
                         const at::Tensor& positives, const at::Tensor& negatives, int64_t step, double alpha,
-                        double beta) {
+                        double beta, const at::Tensor& decay) {
   TORCH_CHECK(priority.device().is_cpu() && priority.scalar_type() == at::kFloat && priority.dim() == 1 &&
                   priority.is_contiguous(),
               "update_priorities_: priority must be a contiguous 1-D float32 CPU tensor");
@@ -917,6 +916,9 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
               "update_priorities_: seen_step must be a contiguous int32 CPU tensor the size of priority");
   TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.is_contiguous(),
               "update_priorities_: keys must be a contiguous 1-D int64 CPU tensor");
+  TORCH_CHECK(decay.device().is_cpu() && decay.scalar_type() == at::kFloat && decay.dim() == 1 &&
+                  decay.is_contiguous() && decay.numel() > 0,
+              "update_priorities_: decay must be a non-empty contiguous 1-D float32 CPU tensor");
   const int64_t n = keys.numel();
   for (const at::Tensor* t : {&positives, &negatives})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->numel() == n &&
@@ -926,16 +928,24 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
   const int64_t* key = keys.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(key[i] >= 0 && key[i] < rows, "update_priorities_: key ", key[i], " outside [0, ", rows, ")");
+  const float* w = decay.data_ptr<float>();
+  const int64_t last = decay.numel() - 1;
+  // A table that ends above 0 must reach the largest k: step - 1 - the smallest step stored.
+  const int32_t before = static_cast<int32_t>(step - 1);  // the torch code's int32 arithmetic
+  if (w[last] != 0.0f) {
+    int32_t oldest = before;
+    for (int64_t i = 0; i < n; ++i) oldest = std::min(oldest, seen_step.data_ptr<int32_t>()[key[i]]);
+    TORCH_CHECK(static_cast<int64_t>(before) - oldest <= last, "update_priorities_: the decay table's ",
+                last + 1, " factors do not reach ", static_cast<int64_t>(before) - oldest, " steps");
+  }
   float* score = priority.data_ptr<float>();
   int32_t* seen = seen_step.data_ptr<int32_t>();
-  at::Tensor old = at::empty({n}, priority.options());
-  at::Tensor steps = at::empty({n}, priority.options());
-  float* o = old.data_ptr<float>();
-  float* k = steps.data_ptr<float>();
-  const int32_t before = static_cast<int32_t>(step - 1);  // the torch code's int32 arithmetic
+  const float* pos = positives.data_ptr<float>();
+  const float* neg = negatives.data_ptr<float>();
+  const float keep = static_cast<float>(1.0 - beta), rate = static_cast<float>(beta), a = static_cast<float>(alpha);
+  const int32_t now = static_cast<int32_t>(step);
   // Each row's score and step are read at random (the keys come sorted, far apart) and written
-  // back in a second pass, after the power; a step's rows outgrow the core's cache in between,
-  // so both passes prefetch them kAhead rows ahead, for writing.
+  // back, so they are prefetched kAhead rows ahead, for writing.
   constexpr int64_t kAhead = 16;
   at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
@@ -943,24 +953,8 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
         __builtin_prefetch(score + key[i + kAhead], 1);
         __builtin_prefetch(seen + key[i + kAhead], 1);
       }
-      o[i] = score[key[i]];
       const int32_t d = before - seen[key[i]];
-      k[i] = static_cast<float>(d < 0 ? 0 : d);
-    }
-  });
-  const at::Tensor decay = at::pow(at::scalar_tensor(1.0 - beta, priority.options()), steps).contiguous();
-  const float* w = decay.data_ptr<float>();
-  const float* pos = positives.data_ptr<float>();
-  const float* neg = negatives.data_ptr<float>();
-  const float keep = static_cast<float>(1.0 - beta), rate = static_cast<float>(beta), a = static_cast<float>(alpha);
-  const int32_t now = static_cast<int32_t>(step);
-  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      if (i + kAhead < e) {
-        __builtin_prefetch(score + key[i + kAhead], 1);
-        __builtin_prefetch(seen + key[i + kAhead], 1);
-      }
-      const float prev = o[i] * w[i];
+      const float prev = score[key[i]] * w[std::min<int64_t>(d < 0 ? 0 : d, last)];
       const float seen_now = a * pos[i] + neg[i];
       score[key[i]] = keep * prev + rate * seen_now;
       seen[key[i]] = now;
@@ -1027,7 +1021,7 @@ TORCH_LIBRARY_FRAGMENT(shark, m) {
       "int row_alignment) -> ()");
   m.def(
       "update_priorities_(Tensor(a!) priority, Tensor(b!) seen_step, Tensor keys, Tensor positives, "
-      "Tensor negatives, int step, float alpha, float beta) -> ()");
+      "Tensor negatives, int step, float alpha, float beta, Tensor decay) -> ()");
   m.def("rowwise_adagrad_scales_(Tensor(a!) state, Tensor keys, Tensor mean_sq, float learning_rate, float eps) -> Tensor");
   m.def("row_mean_squares(Tensor rows) -> Tensor");
   m.def(

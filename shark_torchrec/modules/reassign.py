@@ -21,6 +21,7 @@ from shark_torchrec.modules.row_lookup import kernels_for
 from shark_torchrec.precision.budget import budget_targets
 from shark_torchrec.precision.priority import (
     GROUP_NAMES,
+    decay_table,
     groups_by_ranking_torch,
     groups_by_threshold,
     groups_from_sorted_keys,
@@ -37,7 +38,7 @@ def _chunks(lo: int, hi: int):
 
 
 def split_keys(
-    scores_of_rows: Callable[[int, int], torch.Tensor], first_row: Callable[[int], int], lo: int, hi: int, split
+    keys_of_block: Callable[[int, int, torch.Tensor], int], lo: int, hi: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A table's ranking keys in one buffer of 8 bytes a row, as two runs: the keys of rows
     whose score is 0 (never seen, or decayed to nothing: often most rows of a big table), in
@@ -46,10 +47,10 @@ def split_keys(
     the keys at or above any cut as a sort of all of them would.
 
     Args:
-        scores_of_rows: the scores of store rows [a, b), a chunk at a time.
-        first_row: the key's row (global, or model-wide) of store row a.
+        keys_of_block: writes the keys of store rows [a, b) into its third argument as
+            `split_ranking_keys` does (zero-score keys first, ascending), returning how many
+            are zero-score keys.
         lo, hi: the table's rows in the store.
-        split: `split_ranking_keys` (the C++ op) or `split_ranking_keys_torch` (its reference).
 
     Returns:
         (zeros, others): views of the buffer; zeros ascending, others in no order.
@@ -59,7 +60,7 @@ def split_keys(
     n_zero, n_other = 0, 0
     for a, b in reversed(list(_chunks(lo, hi))):  # last rows first: the smallest zero-score keys
         out = chunk[: b - a]
-        z = split(scores_of_rows(a, b), first_row(a), out)
+        z = keys_of_block(a, b, out)
         buf[n_zero : n_zero + z] = out[:z]
         n_zero += z
         k = b - a - z
@@ -146,8 +147,23 @@ def reassign_stores(
         # Store row a of local table i: global row = position in the table + its row offset.
         return a - int(s.table_base[i]) + s.tables[i].row_offset + (model_base[name] if model_scope else 0)
 
-    # The keys are made by our C++ ops where the store's kernels are (CPU), else by torch.
-    split = {s: split_ranking_keys if kernels_for(s) == "cpp" else split_ranking_keys_torch for s in stores}
+    def keys_of_block(s: RowGroupStore, name: str, i: int, a: int, b: int, out: torch.Tensor) -> int:
+        # The keys are made by our C++ op where the store's kernels are (CPU), which decays the
+        # stored scores (and divides them per byte) itself, as scores_of does; else by torch.
+        if kernels_for(s) != "cpp":
+            return split_ranking_keys_torch(scores_of(s, name, a, b), first_row(s, name, i, a), out)
+        if not s.row_priority.numel():  # no scores kept: all 0
+            return split_ranking_keys(s.scores_now(a, b), first_row(s, name, i, a), out)
+        return split_ranking_keys(
+            s.row_priority[a:b],
+            first_row(s, name, i, a),
+            out,
+            s.row_seen_step[a:b],
+            s.step.value - 1,  # scores as of the last completed step, as `scores_now`
+            decay_table(s.policy.beta, s.step.value),  # seen steps are >= 0: no row waits longer
+            float(4 * full_dim[name]) if model_scope else 1.0,  # `per_byte_scores`
+        )
+
     grouping = {s: groups_by_ranking if kernels_for(s) == "cpp" else groups_by_ranking_torch for s in stores}
 
     # (store, local table) -> (table index, keys of score 0, the others)
@@ -158,9 +174,7 @@ def reassign_stores(
                 continue
             lo, hi = int(s.table_base[i]), int(s.table_base[i + 1])
             name = prefix + t.name
-            zeros, others = split_keys(
-                lambda a, b: scores_of(s, name, a, b), lambda a: first_row(s, name, i, a), lo, hi, split[s]
-            )
+            zeros, others = split_keys(lambda a, b, out: keys_of_block(s, name, i, a, b, out), lo, hi)
             sorted_keys[s, i] = (index[name], zeros, others)
     _sort_in_place([others for *_, others in sorted_keys.values()])
 

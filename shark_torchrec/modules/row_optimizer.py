@@ -33,7 +33,7 @@ from shark_torchrec.kernels import (
     update_rows_hashed_,
 )
 from shark_torchrec.modules.row_lookup import kernels_for
-from shark_torchrec.precision.priority import DROPPED, FP32, updated
+from shark_torchrec.precision.priority import DROPPED, FP32, decay_table, updated
 from shark_torchrec.precision.quantize import _noise_table, noise_head, round_bf16_stochastic, state_noise_bits
 
 _SQUARES_SCRATCH = 1 << 20  # values in `_mean_squares`'s scratch buffer (4 MB in fp32)
@@ -76,7 +76,15 @@ class RowOptimizer:
                 # (a replicated table's sums arrive as strided columns of one buffer)
                 pos, neg = pos.float().contiguous(), neg.float().contiguous()
                 update_priorities_(
-                    self.row_priority, self.row_seen_step, keys.contiguous(), pos, neg, step, p.effective_alpha, p.beta
+                    self.row_priority,
+                    self.row_seen_step,
+                    keys.contiguous(),
+                    pos,
+                    neg,
+                    step,
+                    p.effective_alpha,
+                    p.beta,
+                    decay_table(p.beta, step),  # seen steps are >= 0: no row waits longer
                 )
             else:
                 # index_select / index_copy_ / index_fill_ move the same values as indexing, in
@@ -207,7 +215,15 @@ class RowOptimizer:
             t0 = time.perf_counter()
             neg = counts.float() - pos
             update_priorities_(
-                self.row_priority, self.row_seen_step, keys.contiguous(), pos, neg, step, p.effective_alpha, p.beta
+                self.row_priority,
+                self.row_seen_step,
+                keys.contiguous(),
+                pos,
+                neg,
+                step,
+                p.effective_alpha,
+                p.beta,
+                decay_table(p.beta, step),  # seen steps are >= 0: no row waits longer
             )
             self.priority_seconds += time.perf_counter() - t0
 

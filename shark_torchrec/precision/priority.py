@@ -54,6 +54,58 @@ BUDGET_MARGIN = 0.05  # the default's room above the all-int8 floor at smaller d
 HEAD_MAX_BYTES_SHARE = 0.5
 
 
+# Eq. 7's decay factors (1 - beta)^k come from a table, one per beta, of torch's pow
+# evaluated in its vectorized loop. Called on a whole tensor, torch's pow rounds the elements of
+# its vectorized loop and of the loop's scalar tail differently (for beta 0.99 the two differ at
+# k = 19), and which elements fall in a tail depends on the tensor's length and on the thread
+# count (every thread's share has one), so the same row could decay by two factors in two
+# calls. Blocks of a multiple of 64 elements (the loop's step at any vector width) below torch's
+# one-thread grain (32,768) have no tail. And a table read is a gather, where pow took about 6 ns
+# an element (Intel Xeon, two threads; a third of a reassignment's time).
+_DECAY_BLOCK = 16384
+_decay_tables: Dict[float, torch.Tensor] = {}
+
+
+def decay_table(beta: float, max_steps: int) -> torch.Tensor:
+    """(1 - beta)^k in float32 for k = 0 .. max_steps at least, or up to the first k whose
+    factor is 0 (every later factor is 0 too): one table per beta, grown as steps need it.
+
+    Args:
+        beta: Eq. 7's rate, in (0, 1].
+        max_steps: the largest k the caller will read.
+
+    Returns:
+        float32 [n]: entry k is the factor of k steps; if n <= max_steps, the last entry is 0
+        and stands for every k past it.
+    """
+    base = torch.tensor(1.0 - beta, dtype=torch.float32)
+    key = float(base)
+    table = _decay_tables.get(key, torch.empty(0))
+    while len(table) <= max_steps and not (len(table) and float(table[-1]) == 0.0):
+        k = torch.arange(len(table), len(table) + _DECAY_BLOCK, dtype=torch.float32)
+        table = torch.cat([table, torch.pow(base, k)])
+        zeros = (table == 0).nonzero()
+        if len(zeros):
+            table = table[: int(zeros[0]) + 1].clone()
+    _decay_tables[key] = table
+    return table
+
+
+def decay_factors(beta: float, steps: torch.Tensor) -> torch.Tensor:
+    """(1 - beta)^steps in float32, from `decay_table`: the same factor for the same steps
+    wherever it is read.
+
+    Args:
+        beta: Eq. 7's rate.
+        steps: integer tensor of steps since the scores were stored, >= 0.
+
+    Returns:
+        float32, the shape of `steps`.
+    """
+    table = decay_table(beta, int(steps.max()) if steps.numel() else 0).to(steps.device)
+    return table[steps.clamp_max(len(table) - 1).long()]
+
+
 def decayed(score: torch.Tensor, last_step: torch.Tensor, step: int, beta: float) -> torch.Tensor:
     """Scores as of `step`, applying the decay of the steps since each row was last updated.
 
@@ -64,10 +116,9 @@ def decayed(score: torch.Tensor, last_step: torch.Tensor, step: int, beta: float
         beta: Eq. 7's rate: each step keeps 1 - beta of a score.
 
     Returns:
-        score x (1 - beta)^(step - last_step), float32.
+        score x (1 - beta)^(step - last_step), float32 (`decay_factors`).
     """
-    k = (step - last_step).clamp_min(0).to(torch.float32)
-    return score * torch.pow(torch.tensor(1.0 - beta, dtype=torch.float32), k)
+    return score * decay_factors(beta, (step - last_step).clamp_min(0))
 
 
 def updated(

@@ -589,11 +589,16 @@ def test_importing_after_an_export_loaded_its_library_does_not_abort(tmp_path):
 def test_ranking_key_ops_equal_their_torch_references():
     """A reassignment's keys from the C++ ops equal torch's, key for key and group for group:
     scores of 0, -0.0, negative, NaN, tiny and large, rows up to just below 2^32, cuts at keys,
-    between them and NO_CUT, several tier sets; bad arguments are refused by name."""
+    between them and NO_CUT, several tier sets; stored scores decayed and divided per byte in
+    the op as `decayed` and `per_byte_scores` do, for betas whose factors underflow after 23
+    steps and after thousands; bad arguments are refused by name."""
     from shark_torchrec.kernels import groups_by_ranking, split_ranking_keys
     from shark_torchrec.precision.priority import (
         NO_CUT,
+        decay_table,
+        decayed,
         groups_by_ranking_torch,
+        per_byte_scores,
         ranking_keys,
         split_ranking_keys_torch,
     )
@@ -622,7 +627,19 @@ def test_ranking_key_ops_equal_their_torch_references():
                 groups_by_ranking_torch(scores, first, c, tiers, want_g)
                 groups_by_ranking(scores, first, c, tiers, got_g)
                 assert torch.equal(got_g, want_g), (first, tiers, c)
+    # Stored Eq. 7 scores decayed (and divided per byte) in the op: the torch code's keys.
+    stored = scores.abs().nan_to_num(0.5) * torch.rand(n, generator=gen)
+    seen = torch.randint(0, 60, (n,), generator=gen, dtype=torch.int32)
+    for beta, step, divisor in ((0.99, 40, 1.0), (0.1, 50, 256.0), (1e-3, 70_000, 64.0)):
+        decayed_scores = per_byte_scores(decayed(stored, seen, step, beta), divisor / 4)
+        for first in (0, (1 << 32) - n):
+            want, got = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+            z = split_ranking_keys(stored, first, got, seen, step, decay_table(beta, step), divisor)
+            assert z == split_ranking_keys_torch(decayed_scores, first, want), (beta, step)
+            assert torch.equal(got, want), (beta, step, divisor)
     out = torch.empty(n, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="2 factors do not reach 40 steps"):
+        torch.ops.shark.split_ranking_keys(stored, 0, out, torch.zeros(n, dtype=torch.int32), 40, torch.ones(2), 1.0)
     with pytest.raises(RuntimeError, match="rows must lie in"):
         split_ranking_keys(scores, 1 << 32, out)
     with pytest.raises(RuntimeError, match="one cut fewer than groups"):
@@ -694,7 +711,17 @@ def test_priority_op_equals_the_torch_eq7(signal):
             assert not torch.equal(fused.row_priority, store.row_priority)
     one = torch.zeros(1)
     with pytest.raises(RuntimeError, match="key 5 outside"):
-        update_priorities_(torch.zeros(5), torch.zeros(5, dtype=torch.int32), torch.tensor([5]), one, one, 1, 1.0, 0.5)
+        update_priorities_(
+            torch.zeros(5), torch.zeros(5, dtype=torch.int32), torch.tensor([5]), one, one, 1, 1.0, 0.5, torch.ones(2)
+        )
+    # The decay table must reach the oldest row's steps, unless it ends at 0 (then every later
+    # factor is 0).
+    op = torch.ops.shark.update_priorities_
+    priority, seen, ones = torch.ones(5), torch.zeros(5, dtype=torch.int32), torch.ones(1)
+    with pytest.raises(RuntimeError, match="2 factors do not reach 3 steps"):
+        op(priority, seen, torch.tensor([1]), ones, ones, 4, 1.0, 0.5, torch.tensor([1.0, 0.5]))
+    op(priority, seen, torch.tensor([1]), ones, ones, 4, 1.0, 0.5, torch.tensor([1.0, 0.0]))
+    assert priority[1].item() == 0.5 * 0.0 + 0.5 * 2.0 and seen[1].item() == 4  # decayed to 0, plus 2
 
 
 def test_adagrad_op_equals_the_torch_step_scale():

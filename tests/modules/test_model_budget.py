@@ -286,7 +286,7 @@ def test_split_keys_count_as_a_sort_of_all_the_keys(implementation):
     old, reassign.CHUNK_ROWS = reassign.CHUNK_ROWS, 256
     try:
         zeros, others = reassign.split_keys(
-            lambda a, b: scores[a - lo : b - lo], lambda a: a - lo + 7, lo, lo + n, split
+            lambda a, b, out: split(scores[a - lo : b - lo], a - lo + 7, out), lo, lo + n
         )
     finally:
         reassign.CHUNK_ROWS = old

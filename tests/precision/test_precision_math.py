@@ -13,6 +13,8 @@ from shark_torchrec.precision.priority import (
     ROW_MAP_BYTES,
     BudgetError,
     budget_counts,
+    decay_factors,
+    decay_table,
     decayed,
     groups_by_cuts,
     groups_by_threshold,
@@ -120,6 +122,36 @@ def test_lazy_decay_equals_eager_updates():
         score = updated(score, last, step, torch.tensor([pos[step]]), torch.tensor([neg[step]]), alpha, beta)
         last = torch.tensor([step], dtype=torch.int32)
     assert abs(decayed(score, last, 11, beta).item() - eager) < 1e-6
+
+
+def test_a_decay_factor_depends_on_the_steps_alone():
+    """A row decays by the same factor wherever it sits in the tensor and whatever the thread
+    count: torch's pow, called on the whole tensor, rounds the elements of its loop's scalar
+    tail (the last elements, and the end of every thread's share) apart from the rest, for beta
+    0.99 at k = 19. The factor is the vectorized loop's (a block of 64 has no tail), and the
+    table ends at its first 0, which stands for every later k."""
+    beta = 0.99
+    base = torch.tensor(1.0 - beta)
+    vectorized = torch.pow(base, torch.full((64,), 19.0))[0]
+    assert vectorized != torch.pow(base, torch.full((1,), 19.0))[0]  # the case this test is about
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for n in (1, 33, 70_001):
+                steps = torch.full((n,), 19, dtype=torch.int32)
+                assert torch.equal(decay_factors(beta, steps), vectorized.expand(n)), (n_threads, n)
+                got = decayed(torch.ones(n), torch.full((n,), 1, dtype=torch.int32), 20, beta)
+                assert torch.equal(got, vectorized.expand(n)), (n_threads, n)
+    finally:
+        torch.set_num_threads(threads)
+    table = decay_table(beta, 10**6)
+    assert len(table) < 64 and table[-1] == 0 and bool((table[:-1] > 0).all())
+    assert bool((table[1:] <= table[:-1]).all())
+    assert decay_factors(beta, torch.tensor([10**6])).item() == 0.0
+    slow = decay_table(1e-3, 40_000)  # grown past one block
+    assert len(slow) > 40_000 and torch.equal(slow[:64], torch.pow(torch.tensor(1 - 1e-3), torch.arange(64.0)))
+    assert decay_table(1.0, 5).tolist() == [1.0, 0.0]
 
 
 def test_budget_counts_fit_and_refuse_impossible_budgets():
