@@ -44,6 +44,13 @@ void check_block(const at::Tensor& scores, int64_t first_row) {
               "ranking keys: rows must lie in [0, 2^32), got ", first_row, " + ", scores.numel());
 }
 
+// Steps from `seen` to `to`, at least 0, as the torch code's int32 arithmetic gives them: its
+// subtraction wraps, where C++'s signed overflow is undefined, so the wrap is done unsigned.
+inline int64_t steps_since(int32_t to, int32_t seen) {
+  const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(to) - static_cast<uint32_t>(seen));
+  return d < 0 ? 0 : d;
+}
+
 }  // namespace
 
 // Keys of rows first_row .. first_row + n - 1 written into `out` [n] as two runs: the keys of
@@ -84,10 +91,10 @@ int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tens
     w = dt.data_ptr<float>();
     last = dt.numel() - 1;
     if (w[last] != 0.0f) {  // a table that ends above 0 must reach the oldest row's steps
-      int32_t oldest = to_step;
-      for (int64_t i = 0; i < n; ++i) oldest = std::min(oldest, seen[i]);
-      TORCH_CHECK(static_cast<int64_t>(to_step) - oldest <= last, "split_ranking_keys: the decay table's ",
-                  last + 1, " factors do not reach ", static_cast<int64_t>(to_step) - oldest, " steps");
+      int64_t longest = 0;
+      for (int64_t i = 0; i < n; ++i) longest = std::max(longest, steps_since(to_step, seen[i]));
+      TORCH_CHECK(longest <= last, "split_ranking_keys: the decay table's ", last + 1, " factors do not reach ",
+                  longest, " steps");
     }
   }
   const float div = static_cast<float>(divisor);
@@ -98,8 +105,7 @@ int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tens
   for (int64_t i = n - 1; i >= 0; --i) {
     float score = s[i];
     if (seen != nullptr) {
-      const int32_t d = to_step - seen[i];
-      score = score * w[std::min<int64_t>(d < 0 ? 0 : d, last)];
+      score = score * w[std::min(steps_since(to_step, seen[i]), last)];
     }
     if (divide) score = score / div;
     const int32_t bits = score_bits(score);

@@ -898,6 +898,15 @@ std::tuple<at::Tensor, at::Tensor> row_grads_update_(
   return {pos, at::scalar_tensor(static_cast<int64_t>(skipped.load()), at::kLong)};
 }
 
+// Steps from `seen` to `to`, at least 0, as the torch code's int32 arithmetic gives them: its
+// subtraction wraps, where C++'s signed overflow is undefined, so the wrap is done unsigned.
+namespace {
+inline int64_t steps_since(int32_t to, int32_t seen) {
+  const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(to) - static_cast<uint32_t>(seen));
+  return d < 0 ? 0 : d;
+}
+}  // namespace
+
 // Paper Eq. 7 for the rows a step touched, in place: each row's stored score decayed to the
 // step before (times decay[k] for k = step - 1 - last step, at least 0 steps; `decay` is
 // `decay_table`'s (1 - beta)^k, whose last entry, if 0, stands for every k past it), then
@@ -933,10 +942,11 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
   // A table that ends above 0 must reach the largest k: step - 1 - the smallest step stored.
   const int32_t before = static_cast<int32_t>(step - 1);  // the torch code's int32 arithmetic
   if (w[last] != 0.0f) {
-    int32_t oldest = before;
-    for (int64_t i = 0; i < n; ++i) oldest = std::min(oldest, seen_step.data_ptr<int32_t>()[key[i]]);
-    TORCH_CHECK(static_cast<int64_t>(before) - oldest <= last, "update_priorities_: the decay table's ",
-                last + 1, " factors do not reach ", static_cast<int64_t>(before) - oldest, " steps");
+    int64_t longest = 0;
+    for (int64_t i = 0; i < n; ++i)
+      longest = std::max(longest, steps_since(before, seen_step.data_ptr<int32_t>()[key[i]]));
+    TORCH_CHECK(longest <= last, "update_priorities_: the decay table's ", last + 1, " factors do not reach ",
+                longest, " steps");
   }
   float* score = priority.data_ptr<float>();
   int32_t* seen = seen_step.data_ptr<int32_t>();
@@ -953,8 +963,7 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
         __builtin_prefetch(score + key[i + kAhead], 1);
         __builtin_prefetch(seen + key[i + kAhead], 1);
       }
-      const int32_t d = before - seen[key[i]];
-      const float prev = score[key[i]] * w[std::min<int64_t>(d < 0 ? 0 : d, last)];
+      const float prev = score[key[i]] * w[std::min(steps_since(before, seen[key[i]]), last)];
       const float seen_now = a * pos[i] + neg[i];
       score[key[i]] = keep * prev + rate * seen_now;
       seen[key[i]] = now;

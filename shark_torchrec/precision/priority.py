@@ -63,32 +63,41 @@ HEAD_MAX_BYTES_SHARE = 0.5
 # one-thread grain (32,768) have no tail. And a table read is a gather, where pow took about 6 ns
 # an element (Intel Xeon, two threads; a third of a reassignment's time).
 _DECAY_BLOCK = 16384
-_decay_tables: Dict[float, torch.Tensor] = {}
+_decay_tables: Dict[Tuple[float, torch.device], torch.Tensor] = {}
 
 
-def decay_table(beta: float, max_steps: int) -> torch.Tensor:
+def decay_table(beta: float, max_steps: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """(1 - beta)^k in float32 for k = 0 .. max_steps at least, or up to the first k whose
-    factor is 0 (every later factor is 0 too): one table per beta, grown as steps need it.
+    factor is 0 (every later factor is 0 too): one table per beta (and device), grown as steps
+    need it. A beta so small that 1 - beta rounds to 1 in float32 (below about 6e-8) never
+    reaches 0: its table grows by 4 bytes a step.
 
     Args:
         beta: Eq. 7's rate, in (0, 1].
         max_steps: the largest k the caller will read.
+        device: where the table is wanted (default: CPU); it is made on the CPU.
 
     Returns:
         float32 [n]: entry k is the factor of k steps; if n <= max_steps, the last entry is 0
         and stands for every k past it.
     """
+    device = torch.device("cpu") if device is None else torch.device(device)
     base = torch.tensor(1.0 - beta, dtype=torch.float32)
-    key = float(base)
-    table = _decay_tables.get(key, torch.empty(0))
+    cpu_key = (float(base), torch.device("cpu"))
+    table = _decay_tables.get(cpu_key, torch.empty(0, dtype=torch.float32))
     while len(table) <= max_steps and not (len(table) and float(table[-1]) == 0.0):
         k = torch.arange(len(table), len(table) + _DECAY_BLOCK, dtype=torch.float32)
         table = torch.cat([table, torch.pow(base, k)])
         zeros = (table == 0).nonzero()
         if len(zeros):
             table = table[: int(zeros[0]) + 1].clone()
-    _decay_tables[key] = table
-    return table
+    _decay_tables[cpu_key] = table
+    if device.type == "cpu":
+        return table
+    key = (float(base), device)
+    if key not in _decay_tables or len(_decay_tables[key]) != len(table):  # copied again as it grows
+        _decay_tables[key] = table.to(device)
+    return _decay_tables[key]
 
 
 def decay_factors(beta: float, steps: torch.Tensor) -> torch.Tensor:
@@ -102,7 +111,7 @@ def decay_factors(beta: float, steps: torch.Tensor) -> torch.Tensor:
     Returns:
         float32, the shape of `steps`.
     """
-    table = decay_table(beta, int(steps.max()) if steps.numel() else 0).to(steps.device)
+    table = decay_table(beta, int(steps.max()) if steps.numel() else 0, steps.device)
     return table[steps.clamp_max(len(table) - 1).long()]
 
 

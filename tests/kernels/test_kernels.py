@@ -589,9 +589,10 @@ def test_importing_after_an_export_loaded_its_library_does_not_abort(tmp_path):
 def test_ranking_key_ops_equal_their_torch_references():
     """A reassignment's keys from the C++ ops equal torch's, key for key and group for group:
     scores of 0, -0.0, negative, NaN, tiny and large, rows up to just below 2^32, cuts at keys,
-    between them and NO_CUT, several tier sets; stored scores decayed and divided per byte in
-    the op as `decayed` and `per_byte_scores` do, for betas whose factors underflow after 23
-    steps and after thousands; bad arguments are refused by name."""
+    between them and NO_CUT, several tier sets; the same scores stored, decayed and divided per
+    byte in the op as `decayed` and `per_byte_scores` do, for betas whose factors underflow
+    after 23 steps and after thousands, at step 0 and with rows seen after the step; bad
+    arguments are refused by name."""
     from shark_torchrec.kernels import groups_by_ranking, split_ranking_keys
     from shark_torchrec.precision.priority import (
         NO_CUT,
@@ -627,10 +628,12 @@ def test_ranking_key_ops_equal_their_torch_references():
                 groups_by_ranking_torch(scores, first, c, tiers, want_g)
                 groups_by_ranking(scores, first, c, tiers, got_g)
                 assert torch.equal(got_g, want_g), (first, tiers, c)
-    # Stored Eq. 7 scores decayed (and divided per byte) in the op: the torch code's keys.
-    stored = scores.abs().nan_to_num(0.5) * torch.rand(n, generator=gen)
+    # Stored Eq. 7 scores decayed (and divided per byte: 4 x dim, 192 and 384 where division is
+    # not a product by the reciprocal) in the op: the torch code's keys, for the same odd scores,
+    # seen steps after the step (no decay) and step 0.
+    stored = scores * torch.rand(n, generator=gen)
     seen = torch.randint(0, 60, (n,), generator=gen, dtype=torch.int32)
-    for beta, step, divisor in ((0.99, 40, 1.0), (0.1, 50, 256.0), (1e-3, 70_000, 64.0)):
+    for beta, step, divisor in ((0.99, 40, 1.0), (0.1, 50, 192.0), (1e-3, 70_000, 384.0), (0.5, 0, 256.0)):
         decayed_scores = per_byte_scores(decayed(stored, seen, step, beta), divisor / 4)
         for first in (0, (1 << 32) - n):
             want, got = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
@@ -675,15 +678,16 @@ def test_changed_rows_equals_a_decode_of_the_row_map():
 @pytest.mark.parametrize("signal", ["eq7", "eq7-grad"])
 def test_priority_op_equals_the_torch_eq7(signal):
     """A step's Eq. 7 update of the touched rows from our C++ op equals the torch code, bit for
-    bit, through the store's `apply_update`: touched sets of 1, 7, 33 and 70,001 rows (torch's
-    pow rounds its vectorized body and scalar tail apart, and splits 70,001 over threads),
-    scores of 0 and rows last seen long ago or after the step, several betas and alphas; a key
-    outside the table is refused by name."""
+    bit, through the store's `apply_update`: touched sets of 1, 7, 33 and 70,001 rows (the op
+    splits 70,001 over threads), scores of 0 and rows last seen long ago or after the step,
+    several betas and alphas, a seen step whose distance wraps in int32 as torch's does; a key
+    outside the table, and a decay table that does not reach, are refused by name."""
     import copy
 
     from shark_torchrec.kernels import update_priorities_
     from shark_torchrec.modules.precision_policy import PrecisionPolicy
     from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
+    from shark_torchrec.precision.priority import updated
 
     gen = torch.Generator().manual_seed(7)
     rows, D = 150_000, 8
@@ -722,6 +726,11 @@ def test_priority_op_equals_the_torch_eq7(signal):
         op(priority, seen, torch.tensor([1]), ones, ones, 4, 1.0, 0.5, torch.tensor([1.0, 0.5]))
     op(priority, seen, torch.tensor([1]), ones, ones, 4, 1.0, 0.5, torch.tensor([1.0, 0.0]))
     assert priority[1].item() == 0.5 * 0.0 + 0.5 * 2.0 and seen[1].item() == 4  # decayed to 0, plus 2
+    # step - 1 - seen past 2^31 wraps negative in torch's int32 arithmetic: no decay, as there.
+    seen[2] = -(2**31) + 5
+    want = updated(priority[2:3], seen[2:3], 10, ones, ones, 1.0, 0.5)
+    op(priority, seen, torch.tensor([2]), ones, ones, 10, 1.0, 0.5, torch.tensor([1.0, 0.5]))
+    assert torch.equal(priority[2:3], want) and want.item() == 0.5 * 1.0 + 0.5 * 2.0
 
 
 def test_adagrad_op_equals_the_torch_step_scale():

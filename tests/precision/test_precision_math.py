@@ -152,6 +152,17 @@ def test_a_decay_factor_depends_on_the_steps_alone():
     slow = decay_table(1e-3, 40_000)  # grown past one block
     assert len(slow) > 40_000 and torch.equal(slow[:64], torch.pow(torch.tensor(1 - 1e-3), torch.arange(64.0)))
     assert decay_table(1.0, 5).tolist() == [1.0, 0.0]
+    # float32 whatever torch's default dtype; a device's copy follows the table as it grows.
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert decay_table(0.25, 3).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+    assert decayed(torch.ones(2), torch.zeros(2, dtype=torch.int32), 3, 0.25).dtype == torch.float32
+    meta = decay_table(2e-3, 100, torch.device("meta"))
+    assert meta.device.type == "meta" and len(meta) == len(decay_table(2e-3, 100))
+    assert len(decay_table(2e-3, 20_000, torch.device("meta"))) == len(decay_table(2e-3, 0)) > 20_000
 
 
 def test_budget_counts_fit_and_refuse_impossible_budgets():
