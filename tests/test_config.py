@@ -164,6 +164,8 @@ def test_pruning_flags_are_validated(tmp_path, capsys):
         (["--eps", "inf"], "(--eps) must be finite"),
         (["--precision", "shark", "--alpha", "nan"], "alpha must be a finite number >= 0, got nan"),
         (["--precision", "shark", "--alpha", "inf"], "alpha must be a finite number >= 0, got inf"),
+        # 1 - beta rounded to 1 in float32: Eq. 7 scores that never decay
+        (["--precision", "shark", "--beta", "1e-8"], "beta 1e-08 is too small: 1 - beta rounds to 1 in float32"),
     ],
 )
 def test_silently_wrong_flags_are_refused_by_name(flags, named, capsys):

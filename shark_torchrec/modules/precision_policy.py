@@ -262,6 +262,8 @@ class PrecisionPolicy:
             raise bad("fp32_fraction", f"must be in [0, 1], got {self.fp32_fraction}")
         if not 0 < self.beta <= 1:
             raise bad("beta", f"must be in (0, 1], got {self.beta}")
+        if float(torch.tensor(1.0 - self.beta, dtype=torch.float32)) == 1.0:  # scores are float32
+            raise bad("beta", f"{self.beta} is too small: 1 - beta rounds to 1 in float32, so scores would never decay")
         if not (math.isfinite(self.alpha) and self.alpha >= 0):  # nan and inf passed "not < 0"
             raise bad("alpha", f"must be a finite number >= 0, got {self.alpha}")
         if self.reassign_every < 1:

@@ -69,8 +69,9 @@ _decay_tables: Dict[Tuple[float, torch.device], torch.Tensor] = {}
 def decay_table(beta: float, max_steps: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """(1 - beta)^k in float32 for k = 0 .. max_steps at least, or up to the first k whose
     factor is 0 (every later factor is 0 too): one table per beta (and device), grown as steps
-    need it. A beta so small that 1 - beta rounds to 1 in float32 (below about 6e-8) never
-    reaches 0: its table grows by 4 bytes a step.
+    need it. A small beta's table is long: about 103 / beta entries before its factors reach 0
+    (10,347 for beta 0.01), 4 bytes each, made as the steps need them. (The precision policy
+    refuses a beta below about 3e-8, for which 1 - beta rounds to 1 and nothing would decay.)
 
     Args:
         beta: Eq. 7's rate, in (0, 1].
