@@ -43,6 +43,8 @@
   of scores (`ranking.cpp`): the keys split into the zero-score run and the others, and each
   row's group under the cuts. Their references are `split_ranking_keys_torch` and
   `groups_by_ranking_torch` (`shark_torchrec.precision.priority`); equal, key for key.
+  `split_ranking_keys` can take the stored Eq. 7 scores and decay them itself (from
+  `decay_table`, as `decayed` does), divided per byte for the model-wide budget.
 - `changed_rows` finds the rows a reassignment moves (`ranking.cpp`): the rows whose group in
   the row map differs from the new one, and the new groups' sizes, in one pass over the map.
   Its reference is the torch code of `RowGroupStore.set_groups` with kernels "torch", which
