@@ -42,6 +42,7 @@ from shark_torchrec.modules.mixed_precision import (
     MixedPrecisionEmbeddingBagCollection,
     MixedPrecisionEmbeddingCollection,
     check_ids,
+    check_saved_groups,
     feature_tables,
     pop_table_states,
     restore_store,
@@ -52,7 +53,7 @@ from shark_torchrec.modules.mixed_precision import (
     write_saved_rows,
 )
 from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
-from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.modules.precision_policy import PolicyError, PrecisionPolicy, training_from_fused_params
 from shark_torchrec.modules.row_groups import LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.priority import DROPPED, GROUP_NAMES
 
@@ -399,12 +400,10 @@ class _RowLoad:
                 g = self.groups[(id(store), i)]
                 if bool((g < 0).any()):
                     raise ValueError(f"checkpoint load: rows of table {t.name} got no row_group")
-                if not store.has_dropped and bool((g == DROPPED).any()):
-                    # A checkpoint of a run with the dropped tier, loaded under --tiers without it.
-                    raise ConfigError(
-                        f"checkpoint load: table {t.name} has dropped rows, and rows can be dropped only under a "
-                        f"policy whose tiers include 'dropped' (tiers {tuple(self.module.precision_policy.tiers)})"
-                    )
+                try:  # e.g. a checkpoint of a run with the dropped tier, loaded under --tiers without it
+                    check_saved_groups(t.name, g, self.module.precision_policy)
+                except PolicyError as e:
+                    raise ConfigError(str(e)) from None
                 parts.append(g)
             if parts:
                 store.set_groups(torch.cat(parts))
@@ -1157,6 +1156,15 @@ class _MixedPrecisionSharder:
     _module_cls: Type[nn.Module]
     _sharded_cls: Type[nn.Module]
     _types: Tuple[str, ...]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # fused_params our update does not implement (momentum, weight decay, another
+        # optimizer) are refused here, on every rank, where the planner met them on rank 0 alone
+        # (with `collective_plan` the other ranks then waited for its plan). A contradiction
+        # with a collection's own policy can only be seen when it is sharded.
+        if self.fused_params:
+            training_from_fused_params(self.fused_params, PrecisionPolicy())
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         return list(self._types)

@@ -313,7 +313,8 @@ def regroup_for_serving(
         for key, value in state.items():
             if key.endswith(".row_group"):
                 state[key] = torch.where(value == DROPPED, torch.full_like(value, cheapest), value)
-    ebc.load_state_dict(state)
+    with ebc.loading_any_tiers():  # the trained groups, regrouped into the serving tiers below
+        ebc.load_state_dict(state)
     del state
     # Each store's rows as trained: the trained tables themselves where they are fp32, else read
     # from the trained collection's stores a chunk at a time (no copy of either).

@@ -303,12 +303,30 @@ class MixedPrecisionInferenceEmbeddingBagCollection(MixedPrecisionPooledLookup):
             The inference collection, over the collection's tables' configs.
 
         Raises:
-            NotImplementedError: the collection's tables are not in one store (none before
-                `materialize`, several for several dims or poolings).
+            TypeError: `collection` is not an unsharded `MixedPrecisionEmbeddingBagCollection`
+                (a sharded one, a sequence collection).
+            RuntimeError: it was not materialized (it holds no rows).
+            NotImplementedError: its tables are in several stores (several dims or poolings).
         """
+        from shark_torchrec.modules.mixed_precision import MixedPrecisionEmbeddingBagCollection
+
+        if not isinstance(collection, MixedPrecisionEmbeddingBagCollection):
+            why = "load the trained state into an unsharded, materialized collection first"
+            why += " (a sharded model's checkpoint loads into one; sequence collections are not served)"
+            raise TypeError(
+                "from_trained takes an unsharded MixedPrecisionEmbeddingBagCollection, "
+                f"not {type(collection).__name__}: {why}"
+            )
         stores = collection.stores
+        if not stores:
+            raise RuntimeError(
+                "from_trained: the collection holds no rows: call materialize(device) and load the trained state first"
+            )
         if len(stores) != 1:
-            raise NotImplementedError("export needs the collection's tables in one store (one dim, one pooling)")
+            raise NotImplementedError(
+                "from_trained needs the collection's tables in one store (one dim, one pooling), "
+                f"got {len(stores)} stores"
+            )
         s = stores[0]
         weights, offsets, _, ends, shift = s.op_layout
         row_map = s.map_values(torch.arange(s.num_rows))  # a one-tier store keeps none (the identity)

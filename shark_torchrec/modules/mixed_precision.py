@@ -21,10 +21,11 @@ last seen) and `momentum` fp32 [rows, D/4]; `fallback` (the table's fallback row
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,10 +34,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from shark_torchrec.modules.model_budget import ModelBudget, reassign_collection
-from shark_torchrec.modules.precision_policy import PrecisionPolicy
+from shark_torchrec.modules.precision_policy import PolicyError, PrecisionPolicy
 from shark_torchrec.modules.row_groups import CHUNK_ROWS, IdError, LocalTable, RowGroupStore, StepCounter
 from shark_torchrec.precision.budget import initial_groups, model_start_budgets, table_floor_bytes, target_counts
-from shark_torchrec.precision.priority import INT_BITS, BudgetError
+from shark_torchrec.precision.priority import GROUP_NAMES, INT_BITS, BudgetError
 
 UNIT = 4  # columns per unit of per-row checkpoint state
 STATE_KEYS = (
@@ -204,15 +205,45 @@ def pop_table_states(
 
 
 @torch.no_grad()
+def check_saved_groups(table: str, groups: torch.Tensor, policy: PrecisionPolicy) -> None:
+    """Refuse a checkpoint whose rows sit in groups the module's policy does not keep: loaded as
+    they are, such rows would stay there (a one-tier module never regroups) and take other
+    bytes than the policy, and the planner, were sized for.
+
+    Args:
+        table: the table's name, for the message.
+        groups: the checkpoint's group of each of the table's rows here (int).
+        policy: the module's resolved policy.
+
+    Raises:
+        PolicyError: naming the table, its rows per group and the policy's tiers.
+    """
+    tags = groups.long()
+    tags = tags[(tags >= 0) & (tags < len(GROUP_NAMES))]  # other tags are refused by `set_groups`
+    counts = torch.bincount(tags, minlength=len(GROUP_NAMES)).tolist()
+    foreign = {GROUP_NAMES[g]: n for g, n in enumerate(counts) if n and g not in policy.groups}
+    if foreign:
+        kept = ", ".join(GROUP_NAMES[g] for g in policy.groups)
+        found = ", ".join(f"{n} {name}" for name, n in foreign.items())
+        raise PolicyError(
+            f"checkpoint load: table {table} has {found} rows, which this module's precision policy does not keep "
+            f"(it keeps {kept}): load it into a module with the tiers it was saved with, or convert it "
+            "(`shark train --init-from`, or export it for serving with `--tiers`)"
+        )
+
+
 def restore_store(
     store: RowGroupStore,
     states: Sequence[Dict[str, torch.Tensor]],
     policy: PrecisionPolicy,
     budget_tables: Dict[str, Tuple[int, int]],
+    any_tiers: bool = False,
 ) -> None:
     """Load one state per local table: groups from the checkpoint (or the starting groups
     when it has none, e.g. an fp32 TorchRec checkpoint), then values, scores and optimizer.
     `budget_tables`: every table of the collection -> (global rows, dim its budget uses).
+    Rows saved in tiers the policy does not keep are refused (`check_saved_groups`) unless
+    `any_tiers`.
 
     Args:
         store: the store to fill.
@@ -220,11 +251,14 @@ def restore_store(
             (`pop_table_states`' keys).
         policy: the collection's resolved policy.
         budget_tables: see above.
+        any_tiers: keep rows in tiers the policy does not keep (a caller regroups them).
     """
     fallback = starting_groups(store, policy, budget_tables)
     groups = []
     for i, state in enumerate(states):
         lo, hi = int(store.table_base[i]), int(store.table_base[i + 1])
+        if "row_group" in state and not any_tiers:
+            check_saved_groups(store.tables[i].name, state["row_group"][:, 0], policy)
         groups.append(state["row_group"][:, 0].to(torch.int8) if "row_group" in state else fallback[lo:hi])
     store.set_groups(torch.cat(groups) if groups else fallback)
     for i, state in enumerate(states):
@@ -455,6 +489,11 @@ class _MixedPrecisionRows:
 
     def _mp_init(self, policy: Optional[PrecisionPolicy], label_tagged: bool, device) -> None:
         configs = self._mp_configs()
+        if policy is not None and not isinstance(policy, PrecisionPolicy):
+            raise TypeError(
+                f"{type(self).__name__}: precision_policy must be a PrecisionPolicy, not {type(policy).__name__} "
+                "(for a dict d: PrecisionPolicy(**d))"
+            )
         # The policy as the user gave it: a sharder resolves it again with its fused_params.
         self.precision_policy = policy or PrecisionPolicy()
         # Resolved now, so that an unreachable budget is refused when the module is built.
@@ -465,6 +504,7 @@ class _MixedPrecisionRows:
         self.model_budget: Optional[ModelBudget] = None  # set by share_model_budget
         self.groups_fresh = True
         self.warned_alone = False
+        self._any_tiers_loads = False  # `loading_any_tiers`
         self._stores: List[RowGroupStore] = []
         self._store_features: List[List[str]] = []
         self._feature_tables = feature_tables(configs)
@@ -509,7 +549,21 @@ class _MixedPrecisionRows:
         states = pop_table_states(state_dict, prefix, self._mp_prefix, [c.name for c in configs])
         tables = {c.name: (c.num_embeddings, c.embedding_dim) for c in configs}
         for store in self._stores:
-            restore_store(store, [states[t.name] for t in store.tables], self._unsharded_policy, tables)
+            restore_store(
+                store, [states[t.name] for t in store.tables], self._unsharded_policy, tables, self._any_tiers_loads
+            )
+
+    @contextlib.contextmanager
+    def loading_any_tiers(self) -> Iterator[None]:
+        """Within it, `load_state_dict` keeps rows saved in tiers this collection's policy does
+        not keep (otherwise refused), for a caller that regroups them right after, as the
+        serving export does. Such rows take other bytes than the policy's until then, and
+        forever in a one-tier collection (it never regroups)."""
+        self._any_tiers_loads = True
+        try:
+            yield
+        finally:
+            self._any_tiers_loads = False
 
     def _mp_configs(self) -> List[Any]:
         raise NotImplementedError
@@ -630,6 +684,18 @@ class _MixedPrecisionRows:
             store.set_groups(starting_groups(store, self._unsharded_policy, self.budget_tables(), shares))
 
 
+def _check_config_types(module: str, tables: Sequence[Any], kind: type, other: str) -> None:
+    """Refuse a table config of the other collection's kind by name: TorchRec's own
+    constructors took an EmbeddingConfig for a bag table, or the reverse, and failed later
+    on a missing attribute, or not at all."""
+    for t in tables:
+        if not isinstance(t, kind):
+            raise TypeError(
+                f"{module}: table {getattr(t, 'name', t)!r} is a {type(t).__name__}; this collection takes "
+                f"{kind.__name__} (for the other kind, use {other})"
+            )
+
+
 class MixedPrecisionEmbeddingBagCollection(_MixedPrecisionRows, EmbeddingBagCollection):
     """Drop-in for `EmbeddingBagCollection` whose rows live in precision groups (fp32, fp16,
     int8, int4, int2, or dropped, as the policy's tiers say).
@@ -647,6 +713,7 @@ class MixedPrecisionEmbeddingBagCollection(_MixedPrecisionRows, EmbeddingBagColl
         precision_policy: Optional[PrecisionPolicy] = None,
         label_tagged: bool = True,
     ) -> None:
+        _check_config_types(type(self).__name__, tables, EmbeddingBagConfig, "MixedPrecisionEmbeddingCollection")
         EmbeddingBagCollection.__init__(self, tables=tables, is_weighted=is_weighted, device=torch.device("meta"))
         for t in tables:
             if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
@@ -683,6 +750,7 @@ class MixedPrecisionEmbeddingCollection(_MixedPrecisionRows, EmbeddingCollection
         precision_policy: Optional[PrecisionPolicy] = None,
         label_tagged: bool = True,
     ) -> None:
+        _check_config_types(type(self).__name__, tables, EmbeddingConfig, "MixedPrecisionEmbeddingBagCollection")
         EmbeddingCollection.__init__(self, tables=tables, device=torch.device("meta"))
         self._mp_init(precision_policy, label_tagged, device)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -175,6 +176,16 @@ class PrecisionPolicy:
         def bad(field: str, why: str) -> PolicyError:
             return PolicyError(f"precision policy: {field} {why}")
 
+        # Numbers given as strings (from a config file, say) failed in a comparison with
+        # Python's TypeError, which names no field. None: the fields that may be unset.
+        required = {"fp32_fraction": float, "alpha": float, "beta": float, "reassign_every": int, "seed": int}
+        optional = {"memory_budget": float, "t8": float, "t16": float, "learning_rate": float, "eps": float}
+        for field, kind in {**required, **optional}.items():
+            value = getattr(self, field)
+            if value is None and field in optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+                raise bad(field, f"must be {'an int' if kind is int else 'a number'}, got {value!r}")
         if self.mode not in MODES:
             raise bad("mode", f"must be one of {MODES}, got {self.mode!r}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:

@@ -467,3 +467,54 @@ def _rows_after_sharding(seed: int, policy: dict) -> tuple:
         return built, rows()
     finally:
         shutdown_distributed()
+
+
+def test_a_checkpoint_in_tiers_the_policy_does_not_keep_is_refused_by_name():
+    """Loaded as they were, a checkpoint's fp32 and fp16 rows sat in an int8-only collection for
+    good (a one-tier module never regroups), at 0.57 of fp32 where the policy and the planner
+    counted 0.31, with no sign. The tiers it keeps load as before."""
+    from shark_torchrec.modules.precision_policy import PolicyError
+
+    def built(policy):
+        m = MixedPrecisionEmbeddingBagCollection(bag_tables(), precision_policy=policy)
+        m.materialize(torch.device("cpu"))
+        return m
+
+    saved = built(PrecisionPolicy(memory_budget=0.9)).state_dict()
+    into = built(PrecisionPolicy(mode="int8"))
+    before = into.state_dict()
+    with pytest.raises(PolicyError, match=r"table t0 has \d+ fp32, \d+ fp16 rows, .* \(it keeps int8\)"):
+        into.load_state_dict(saved)
+    same = built(PrecisionPolicy(memory_budget=0.5))
+    same.load_state_dict(saved)
+    assert torch.equal(same.state_dict()["embedding_bags.t0.weight"], saved["embedding_bags.t0.weight"])
+    assert before.keys() == into.state_dict().keys()
+
+
+def test_arguments_of_the_wrong_kind_are_refused_by_name():
+    """A config of the other collection's kind, a policy given as a dict or with a number as a
+    string, fused_params our update does not implement (refused by the sharder itself, on
+    every rank), and serving built from what cannot be served: each names the problem, where
+    they failed on a missing attribute, in a comparison, in the planner on rank 0 alone, or
+    not at all."""
+    from shark_torchrec.distributed.mixed_precision import MixedPrecisionEmbeddingBagCollectionSharder
+    from shark_torchrec.modules.inference import MixedPrecisionInferenceEmbeddingBagCollection as Served
+    from shark_torchrec.modules.precision_policy import PolicyError
+
+    sequence = [EmbeddingConfig(name="s", embedding_dim=16, num_embeddings=10, feature_names=["f"])]
+    with pytest.raises(TypeError, match="table 's' is a EmbeddingConfig; this collection takes EmbeddingBagConfig"):
+        MixedPrecisionEmbeddingBagCollection(sequence)
+    with pytest.raises(TypeError, match="table 't0' is a EmbeddingBagConfig; this collection takes EmbeddingConfig"):
+        MixedPrecisionEmbeddingCollection(bag_tables())
+    with pytest.raises(TypeError, match="precision_policy must be a PrecisionPolicy, not dict"):
+        MixedPrecisionEmbeddingBagCollection(bag_tables(), precision_policy={"memory_budget": 0.5})
+    with pytest.raises(PolicyError, match="memory_budget must be a number, got '0.5'"):
+        PrecisionPolicy(memory_budget="0.5")
+    with pytest.raises(PolicyError, match="reassign_every must be an int, got 10.0"):
+        PrecisionPolicy(reassign_every=10.0)
+    with pytest.raises(PolicyError, match=r"fused_params \['momentum'\] are not supported"):
+        MixedPrecisionEmbeddingBagCollectionSharder(fused_params={"momentum": 0.9})
+    with pytest.raises(RuntimeError, match="holds no rows: call materialize"):
+        Served.from_trained(MixedPrecisionEmbeddingBagCollection(bag_tables()))
+    with pytest.raises(TypeError, match="not MixedPrecisionEmbeddingCollection"):
+        Served.from_trained(MixedPrecisionEmbeddingCollection(sequence))
