@@ -43,6 +43,7 @@ from shark_torchrec.distributed.mixed_precision import (  # SHARK: our sharders
     lazy_state_dict,  # SHARK: checkpoints without an fp32 copy of the rows
     load_state_in_place,
 )
+from shark_torchrec.distributed.sharding import embedding_configs, sharding_constraints
 from shark_torchrec.distributed.train_pipeline import LabelTaggingTrainPipeline  # SHARK: labels reach the rows
 from shark_torchrec.modules.mixed_precision import (  # SHARK: in place of EmbeddingBagCollection / EmbeddingCollection
     MixedPrecisionEmbeddingBagCollection,
@@ -169,7 +170,13 @@ def shard(model: nn.Module, world: int, device: torch.device) -> DistributedMode
         MixedPrecisionEmbeddingCollectionSharder(fused_params=fused),
         *get_default_sharders(),
     ]
-    planner = make_planner(Topology(world_size=world, compute_device=device.type))  # SHARK: our tables' bytes
+    # SHARK: our tables' bytes; and on CPU the sharding types TorchRec's own bag sharder offers
+    # there: offered every type, the planner may split small tables row-wise, an exchange a step
+    # it does not price (docs/f-quantization.md, "Sharding"). Here it places each collection's
+    # tables whole, on one rank each.
+    types = ["table_wise", "column_wise", "table_column_wise"] if device.type == "cpu" else None
+    constraints = sharding_constraints(embedding_configs(model), types) if types else None
+    planner = make_planner(Topology(world_size=world, compute_device=device.type), constraints)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device, plan=plan, sharders=sharders
@@ -252,6 +259,11 @@ def main() -> int:
         "reloaded_momentum_equal": momentum_equal,
         "memory_budget": dmp.module.user_tables.precision_policy.memory_budget,
         "learning_rate": dmp.module.user_tables.precision_policy.learning_rate,
+        "ranks_by_table": {
+            table: sorted({r for r in (ps.ranks or [])})
+            for module in dmp.plan.plan.values()
+            for table, ps in module.items()
+        },
     }
     if rank == 0:
         print(json.dumps(result))

@@ -23,6 +23,7 @@ inherits. `group_lookup` is importable from here as before.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -89,19 +90,43 @@ class LocalTable:
         return self.rows if self.global_rows < 0 else self.global_rows
 
 
+# Counters whose step ended in the backward pass now running, and what numbers them: their
+# `on_step_end` runs once that pass has finished, in the order the counters were made.
+_ended_counters: List["StepCounter"] = []
+_counters_made = itertools.count()
+
+
+def _run_step_ends() -> None:
+    ended = sorted(_ended_counters, key=lambda c: c.order)
+    _ended_counters.clear()
+    for counter in ended:
+        if counter.on_step_end is not None:
+            counter.on_step_end(counter.value)
+
+
 class StepCounter:
     """The training step shared by the stores of one module (rounding noise, score decay).
 
     A step ends when a backward pass through the module has updated its rows, as FBGEMM's fused
     tables update in backward. The module calls `begin()` in a training forward and makes its
     output depend on `anchor` (every store's lookup takes it as an input too); once the
-    gradients of all of them have reached it (one backward pass), the counter advances and
-    `on_step_end(new_step)` runs (the module's reassignment when it is due). No optimizer call
-    is needed, and a rank that holds no rows of the module still advances with the others.
+    gradients of all of them have reached it, the counter advances, and when that backward pass
+    has finished, `on_step_end(new_step)` runs (the module's reassignment when it is due). No
+    optimizer call is needed, and a rank that holds no rows of the module still advances with
+    the others.
+
+    Why at the end of the pass: the reassignment is collective, and the anchor's gradient is
+    complete at different points of the pass on different ranks. A rank with none of a
+    collection's rows has it right after the collection's output, before its exchange of
+    gradients (an all-to-all) that the ranks holding the rows still wait in: the ranks then met
+    in different collectives and hung (a model of two collections placed table-wise, one on
+    each rank). Run after the pass, in the order the counters were made (the same on every
+    rank), every rank's collectives come in one order.
     """
 
     def __init__(self) -> None:
         self.value = 0
+        self.order = next(_counters_made)
         self.on_step_end: Optional[Callable[[int], None]] = None
         self.warned_no_labels = False
         self._pending = False
@@ -123,8 +148,11 @@ class StepCounter:
             return
         self._pending = False
         self.value += 1
-        if self.on_step_end is not None:
-            self.on_step_end(self.value)
+        if self.on_step_end is None:
+            return
+        if not _ended_counters:  # the pass's first: run them all once it has finished
+            torch.autograd.Variable._execution_engine.queue_callback(_run_step_ends)
+        _ended_counters.append(self)
 
 
 class RowGroupStore(RowLookup, RowOptimizer, nn.Module):
