@@ -72,7 +72,7 @@ from typing import List, Optional, Tuple
 import torch
 
 SOURCES = [Path(__file__).with_name(n) for n in ("lookup.cpp", "update.cpp", "grads.cpp", "ranking.cpp")]
-HEADERS = [Path(__file__).with_name(n) for n in ("layout.h", "grads.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("layout.h", "grads.h", "decay.h")]
 POOLING_CODES = {"sum": 0, "mean": 1, "none": 2}
 OPS = (
     "one_bit_layout",

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "decay.h"
+
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
@@ -44,12 +46,6 @@ void check_block(const at::Tensor& scores, int64_t first_row) {
               "ranking keys: rows must lie in [0, 2^32), got ", first_row, " + ", scores.numel());
 }
 
-// Steps from `seen` to `to`, at least 0, as the torch code's int32 arithmetic gives them: its
-// subtraction wraps, where C++'s signed overflow is undefined, so the wrap is done unsigned.
-inline int64_t steps_since(int32_t to, int32_t seen) {
-  const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(to) - static_cast<uint32_t>(seen));
-  return d < 0 ? 0 : d;
-}
 
 }  // namespace
 
@@ -75,27 +71,16 @@ int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tens
               "split_ranking_keys: out must be a contiguous int64 CPU tensor of ", n, " keys");
   TORCH_CHECK(seen_step.has_value() == decay.has_value(), "split_ranking_keys: seen_step and decay come together");
   const int32_t* seen = nullptr;
-  const float* w = nullptr;
-  int64_t last = 0;
+  std::optional<DecayTable> factors;
   const int32_t to_step = static_cast<int32_t>(step);  // the torch code's int32 arithmetic
   if (seen_step.has_value()) {
     const at::Tensor& st = *seen_step;
-    const at::Tensor& dt = *decay;
     TORCH_CHECK(st.device().is_cpu() && st.scalar_type() == at::kInt && st.dim() == 1 && st.numel() == n &&
                     st.is_contiguous(),
                 "split_ranking_keys: seen_step must be a contiguous int32 CPU tensor of ", n, " rows");
-    TORCH_CHECK(dt.device().is_cpu() && dt.scalar_type() == at::kFloat && dt.dim() == 1 && dt.numel() > 0 &&
-                    dt.is_contiguous(),
-                "split_ranking_keys: decay must be a non-empty contiguous 1-D float32 CPU tensor");
     seen = st.data_ptr<int32_t>();
-    w = dt.data_ptr<float>();
-    last = dt.numel() - 1;
-    if (w[last] != 0.0f) {  // a table that ends above 0 must reach the oldest row's steps
-      int64_t longest = 0;
-      for (int64_t i = 0; i < n; ++i) longest = std::max(longest, steps_since(to_step, seen[i]));
-      TORCH_CHECK(longest <= last, "split_ranking_keys: the decay table's ", last + 1, " factors do not reach ",
-                  longest, " steps");
-    }
+    factors.emplace("split_ranking_keys", *decay);
+    factors->check_reaches(to_step, n, [&](int64_t i) { return seen[i]; });
   }
   const float div = static_cast<float>(divisor);
   const bool divide = div != 1.0f;
@@ -105,7 +90,7 @@ int64_t split_ranking_keys(const at::Tensor& scores, int64_t first_row, at::Tens
   for (int64_t i = n - 1; i >= 0; --i) {
     float score = s[i];
     if (seen != nullptr) {
-      score = score * w[std::min(steps_since(to_step, seen[i]), last)];
+      score = score * factors->factor(to_step, seen[i]);
     }
     if (divide) score = score / div;
     const int32_t bits = score_bits(score);

@@ -21,6 +21,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "decay.h"
 #include "grads.h"
 #include "layout.h"
 
@@ -898,15 +899,6 @@ std::tuple<at::Tensor, at::Tensor> row_grads_update_(
   return {pos, at::scalar_tensor(static_cast<int64_t>(skipped.load()), at::kLong)};
 }
 
-// Steps from `seen` to `to`, at least 0, as the torch code's int32 arithmetic gives them: its
-// subtraction wraps, where C++'s signed overflow is undefined, so the wrap is done unsigned.
-namespace {
-inline int64_t steps_since(int32_t to, int32_t seen) {
-  const int32_t d = static_cast<int32_t>(static_cast<uint32_t>(to) - static_cast<uint32_t>(seen));
-  return d < 0 ? 0 : d;
-}
-}  // namespace
-
 // Paper Eq. 7 for the rows a step touched, in place: each row's stored score decayed to the
 // step before (times decay[k] for k = step - 1 - last step, at least 0 steps; `decay` is
 // `decay_table`'s (1 - beta)^k, whose last entry, if 0, stands for every k past it), then
@@ -925,9 +917,6 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
               "update_priorities_: seen_step must be a contiguous int32 CPU tensor the size of priority");
   TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.is_contiguous(),
               "update_priorities_: keys must be a contiguous 1-D int64 CPU tensor");
-  TORCH_CHECK(decay.device().is_cpu() && decay.scalar_type() == at::kFloat && decay.dim() == 1 &&
-                  decay.is_contiguous() && decay.numel() > 0,
-              "update_priorities_: decay must be a non-empty contiguous 1-D float32 CPU tensor");
   const int64_t n = keys.numel();
   for (const at::Tensor* t : {&positives, &negatives})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->numel() == n &&
@@ -937,19 +926,11 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
   const int64_t* key = keys.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(key[i] >= 0 && key[i] < rows, "update_priorities_: key ", key[i], " outside [0, ", rows, ")");
-  const float* w = decay.data_ptr<float>();
-  const int64_t last = decay.numel() - 1;
-  // A table that ends above 0 must reach the largest k: step - 1 - the smallest step stored.
+  const DecayTable factors("update_priorities_", decay);
   const int32_t before = static_cast<int32_t>(step - 1);  // the torch code's int32 arithmetic
-  if (w[last] != 0.0f) {
-    int64_t longest = 0;
-    for (int64_t i = 0; i < n; ++i)
-      longest = std::max(longest, steps_since(before, seen_step.data_ptr<int32_t>()[key[i]]));
-    TORCH_CHECK(longest <= last, "update_priorities_: the decay table's ", last + 1, " factors do not reach ",
-                longest, " steps");
-  }
   float* score = priority.data_ptr<float>();
   int32_t* seen = seen_step.data_ptr<int32_t>();
+  factors.check_reaches(before, n, [&](int64_t i) { return seen[key[i]]; });
   const float* pos = positives.data_ptr<float>();
   const float* neg = negatives.data_ptr<float>();
   const float keep = static_cast<float>(1.0 - beta), rate = static_cast<float>(beta), a = static_cast<float>(alpha);
@@ -963,7 +944,7 @@ void update_priorities_(at::Tensor& priority, at::Tensor& seen_step, const at::T
         __builtin_prefetch(score + key[i + kAhead], 1);
         __builtin_prefetch(seen + key[i + kAhead], 1);
       }
-      const float prev = score[key[i]] * w[std::min(steps_since(before, seen[key[i]]), last)];
+      const float prev = score[key[i]] * factors.factor(before, seen[key[i]]);
       const float seen_now = a * pos[i] + neg[i];
       score[key[i]] = keep * prev + rate * seen_now;
       seen[key[i]] = now;
