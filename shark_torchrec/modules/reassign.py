@@ -147,6 +147,9 @@ def reassign_stores(
         # Store row a of local table i: global row = position in the table + its row offset.
         return a - int(s.table_base[i]) + s.tables[i].row_offset + (model_base[name] if model_scope else 0)
 
+    # Each scored store's decay factors, read by the C++ key op (seen steps are >= 0: no row waits longer).
+    decay = {s: decay_table(s.policy.beta, s.step.value) for s in stores if s.row_priority.numel()}
+
     def keys_of_block(s: RowGroupStore, name: str, i: int, a: int, b: int, out: torch.Tensor) -> int:
         # The keys are made by our C++ op where the store's kernels are (CPU), which decays the
         # stored scores (and divides them per byte) itself, as scores_of does; else by torch.
@@ -160,7 +163,7 @@ def reassign_stores(
             out,
             s.row_seen_step[a:b],
             s.step.value - 1,  # scores as of the last completed step, as `scores_now`
-            decay_table(s.policy.beta, s.step.value),  # seen steps are >= 0: no row waits longer
+            decay[s],
             float(4 * full_dim[name]) if model_scope else 1.0,  # `per_byte_scores`
         )
 

@@ -74,18 +74,7 @@ class RowOptimizer:
                 pos, neg = pos * norm, neg * norm
             if kernels_for(self) == "cpp":  # one op, bit for bit the torch code below
                 # (a replicated table's sums arrive as strided columns of one buffer)
-                pos, neg = pos.float().contiguous(), neg.float().contiguous()
-                update_priorities_(
-                    self.row_priority,
-                    self.row_seen_step,
-                    keys.contiguous(),
-                    pos,
-                    neg,
-                    step,
-                    p.effective_alpha,
-                    p.beta,
-                    decay_table(p.beta, step),  # seen steps are >= 0: no row waits longer
-                )
+                self._update_priorities_op(keys, pos.float().contiguous(), neg.float().contiguous(), step)
             else:
                 # index_select / index_copy_ / index_fill_ move the same values as indexing, in
                 # half the time of `x[keys]` and `x[keys] = v` here.
@@ -213,19 +202,16 @@ class RowOptimizer:
         self.nonfinite_rows += int(skipped)
         if p.scored and len(keys):
             t0 = time.perf_counter()
-            neg = counts.float() - pos
-            update_priorities_(
-                self.row_priority,
-                self.row_seen_step,
-                keys.contiguous(),
-                pos,
-                neg,
-                step,
-                p.effective_alpha,
-                p.beta,
-                decay_table(p.beta, step),  # seen steps are >= 0: no row waits longer
-            )
+            self._update_priorities_op(keys, pos, counts.float() - pos, step)
             self.priority_seconds += time.perf_counter() - t0
+
+    def _update_priorities_op(self, keys: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, step: int) -> None:
+        """Eq. 7 for the rows `keys` at `step` by our C++ op, in place (`update_priorities_`)."""
+        p = self.policy
+        decay = decay_table(p.beta, step)  # seen steps are >= 0: no row waits longer
+        update_priorities_(
+            self.row_priority, self.row_seen_step, keys.contiguous(), pos, neg, step, p.effective_alpha, p.beta, decay
+        )
 
     def _mean_squares(self, row_grad: torch.Tensor) -> torch.Tensor:
         """(row_grad * row_grad).mean(dim=1), bit for bit, with the squares made a block of rows

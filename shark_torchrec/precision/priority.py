@@ -88,10 +88,9 @@ def decay_table(beta: float, max_steps: int, device: Optional[torch.device] = No
     table = _decay_tables.get(cpu_key, torch.empty(0, dtype=torch.float32))
     while len(table) <= max_steps and not (len(table) and float(table[-1]) == 0.0):
         k = torch.arange(len(table), len(table) + _DECAY_BLOCK, dtype=torch.float32)
-        table = torch.cat([table, torch.pow(base, k)])
-        zeros = (table == 0).nonzero()
-        if len(zeros):
-            table = table[: int(zeros[0]) + 1].clone()
+        block = torch.pow(base, k)
+        zeros = (block == 0).nonzero()  # the earlier blocks have none
+        table = torch.cat([table, block[: int(zeros[0]) + 1] if len(zeros) else block])
     _decay_tables[cpu_key] = table
     if device.type == "cpu":
         return table
